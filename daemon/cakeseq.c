@@ -1,0 +1,166 @@
+/* cakeseq.c - one sequence's CAKE prefill state and cascading controller. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/kern.h"
+#include "cakeseq.h"
+
+struct layer_state {
+    double pref;
+    int64_t budget;
+    uint32_t prefix;  /* prefix tokens held (per kv head) */
+    float *ind;       /* [kv_heads][prefix] */
+    uint32_t *pos;    /* [kv_heads][prefix] original positions */
+};
+
+struct cakeseq {
+    struct policy_cfg cfg;
+    uint32_t kv_heads, n, S;
+    uint32_t next_layer;
+    uint32_t fallbacks;
+    struct layer_state *ls;
+    int64_t *stage;    /* [L][L] */
+    uint32_t *slots;   /* [L][kv_heads][S] eviction slots of the last call */
+    float *tmp;        /* [S] */
+};
+
+int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
+                   struct cakeseq **out, const char **why)
+{
+    const char *msg = policy_cfg_check(cfg);
+    if (!msg && kv_heads == 0)
+        msg = "kv_heads must be at least 1";
+    if (msg) {
+        if (why)
+            *why = msg;
+        return -EINVAL;
+    }
+    struct cakeseq *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    uint32_t L = cfg->layers;
+    s->cfg = *cfg, s->kv_heads = kv_heads, s->n = n;
+    s->S = n > cfg->window ? n - cfg->window : 0;
+    s->ls = calloc(L, sizeof(*s->ls));
+    s->stage = malloc(sizeof(int64_t) * L * L);
+    s->slots = malloc(sizeof(uint32_t) * ((size_t)L * kv_heads * s->S + 1));
+    s->tmp = malloc(sizeof(float) * (s->S + 1));
+    if (!s->ls || !s->stage || !s->slots || !s->tmp) {
+        cakeseq_destroy(s);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < (size_t)L * L; i++)
+        s->stage[i] = -1;
+    *out = s;
+    return 0;
+}
+
+void cakeseq_destroy(struct cakeseq *s)
+{
+    if (!s)
+        return;
+    if (s->ls)
+        for (uint32_t l = 0; l < s->cfg.layers; l++)
+            free(s->ls[l].ind), free(s->ls[l].pos);
+    free(s->ls), free(s->stage), free(s->slots), free(s->tmp);
+    free(s);
+}
+
+uint32_t cakeseq_scored_len(const struct cakeseq *s) { return s->S; }
+double cakeseq_preference(const struct cakeseq *s, uint32_t l) { return s->ls[l].pref; }
+uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t l) { return (uint32_t)s->ls[l].budget; }
+uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t l) { return s->ls[l].prefix; }
+uint32_t cakeseq_fallbacks(const struct cakeseq *s) { return s->fallbacks; }
+
+const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t g)
+{
+    return s->ls[l].pos + (size_t)g * s->ls[l].prefix;
+}
+
+const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m)
+{
+    return s->stage + (size_t)m * s->cfg.layers;
+}
+
+/* Keeps the top `keep` of layer l per kv head; records the slots and shrinks ind/pos. */
+static void evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cakeseq_evict *ev)
+{
+    struct layer_state *ls = &s->ls[l];
+    uint32_t old = ls->prefix;
+    uint32_t *slots = s->slots + (size_t)l * s->kv_heads * s->S;
+    enum kern_order order = s->cfg.mode == POLICY_FIXED ? KERN_ORDER_POSITION : KERN_ORDER_SCORE;
+    for (uint32_t g = 0; g < s->kv_heads; g++) {
+        uint32_t *sl = slots + (size_t)g * keep;
+        kern_topk(ls->ind + (size_t)g * old, old, keep, order, sl);
+    }
+    /* repack [kv_heads][old] -> [kv_heads][keep]; g's new rows never overtake its old ones */
+    for (uint32_t g = 0; g < s->kv_heads; g++) {
+        const uint32_t *sl = slots + (size_t)g * keep;
+        float *t = s->tmp;
+        kern_gather_f32(ls->ind + (size_t)g * old, sl, keep, t);
+        memcpy(ls->ind + (size_t)g * keep, t, sizeof(float) * keep);
+        uint32_t *pt = (uint32_t *)s->tmp;
+        for (uint32_t i = 0; i < keep; i++)
+            pt[i] = ls->pos[(size_t)g * old + sl[i]];
+        memcpy(ls->pos + (size_t)g * keep, pt, sizeof(uint32_t) * keep);
+    }
+    ls->prefix = keep;
+    *ev = (struct cakeseq_evict){.layer = l, .kept = keep, .old_prefix = old, .slots = slots};
+}
+
+int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
+                          struct cakeseq_evict *ev, uint32_t *n_ev)
+{
+    const struct policy_cfg *cfg = &s->cfg;
+    uint32_t L = cfg->layers, S = s->S, Hkv = s->kv_heads;
+    *n_ev = 0;
+    if (layer != s->next_layer || layer >= L)
+        return -EINVAL;
+    struct layer_state *ls = &s->ls[layer];
+    ls->pref = pref;
+    ls->budget = (int64_t)cfg->cache_size - cfg->window;
+    ls->prefix = S;
+    if (S) {
+        ls->ind = malloc(sizeof(float) * (size_t)Hkv * S);
+        ls->pos = malloc(sizeof(uint32_t) * (size_t)Hkv * S);
+        if (!ls->ind || !ls->pos)
+            return -ENOMEM;
+        memcpy(ls->ind, indicator, sizeof(float) * (size_t)Hkv * S);
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t j = 0; j < S; j++)
+                ls->pos[(size_t)g * S + j] = j;
+    }
+    s->next_layer++;
+
+    int64_t *row = s->stage + (size_t)layer * L;
+    int allocate = !policy_prefill_early_exit(cfg, s->n) && (cfg->cascading || layer == L - 1);
+    if (allocate) {
+        uint32_t m = layer + 1; /* layers 0..layer take part */
+        int64_t T = ((int64_t)cfg->cache_size - cfg->window) * L, b[POLICY_MAX_LAYERS];
+        if (cfg->mode == POLICY_PARITY) {
+            float P[POLICY_MAX_LAYERS];
+            for (uint32_t l = 0; l < m; l++)
+                P[l] = (float)s->ls[l].pref;
+            if (policy_budgets_parity(P, m, T, S, b))
+                s->fallbacks++;
+        } else {
+            double P[POLICY_MAX_LAYERS];
+            int64_t cap[POLICY_MAX_LAYERS];
+            for (uint32_t l = 0; l < m; l++)
+                P[l] = s->ls[l].pref, cap[l] = s->ls[l].prefix;
+            if (policy_budgets_fixed(P, cap, m, T, b))
+                s->fallbacks++;
+        }
+        for (uint32_t l = 0; l < m; l++) {
+            struct layer_state *x = &s->ls[l];
+            x->budget = b[l];
+            uint32_t keep = b[l] < x->prefix ? (uint32_t)b[l] : x->prefix;
+            if (keep < x->prefix || (cfg->mode == POLICY_PARITY && x->prefix))
+                evict_layer(s, l, keep, &ev[(*n_ev)++]);
+        }
+    }
+    for (uint32_t l = 0; l < L; l++)
+        row[l] = l <= layer ? s->ls[l].budget : -1;
+    return 0;
+}

@@ -1,0 +1,61 @@
+/* cakeseq.h - one sequence's CAKE state: preferences, indicators, budgets, cascading.
+ *
+ * The controller between the kernels and the policy. It owns per layer the preference
+ * P_l, the eviction indicator of the prefix tokens the layer still holds (per kv head),
+ * their original positions, and the recorded budget. It decides and selects; moving K/V
+ * is the caller's job (kern_compact_head on the slots it returns), so the same state
+ * drives contiguous buffers in tools and pool pages in the daemon.
+ *
+ * Not thread-safe: one sequence is driven by one thread at a time. */
+#ifndef CAKE_CAKESEQ_H
+#define CAKE_CAKESEQ_H
+
+#include <stdint.h>
+
+#include "policy.h"
+
+struct cakeseq;
+
+/* One eviction decided by cakeseq_prefill_layer: layer `layer` keeps `kept` prefix tokens
+ * per kv head. slots[g * kept + i] is the prefix slot (0-based, in the layer's current
+ * storage) that moves to slot i; the window (slots old_prefix .. old_prefix + w - 1)
+ * follows. slots is owned by the sequence and valid until its next call. */
+struct cakeseq_evict {
+    uint32_t layer;
+    uint32_t kept;
+    uint32_t old_prefix;
+    const uint32_t *slots;
+};
+
+/* Creates the state for a prompt of n tokens with kv_heads kv heads per layer.
+ * Returns 0, -EINVAL (with *why set to a static message) or -ENOMEM. */
+int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
+                   struct cakeseq **out, const char **why);
+void cakeseq_destroy(struct cakeseq *s);
+
+/* Scored prefix length S = n - w (0 when n <= w). */
+uint32_t cakeseq_scored_len(const struct cakeseq *s);
+
+/* Layer `layer` of the prompt was scored: its preference P_l (policy_preference of the
+ * entropy and variance sums, or the client's own) and its indicator [kv_heads][S]
+ * (copied). Layers must arrive in order 0, 1, ... Evictions to apply now
+ * are written to ev (room for L entries) and counted in *n_ev, in ascending layer order.
+ * Returns 0, -EINVAL (layer out of order), -ENOMEM. */
+int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
+                          struct cakeseq_evict *ev, uint32_t *n_ev);
+
+/* Recorded state, for inspection. budget: what the layer records (parity may record a
+ * budget above what it holds, shared/CAKE.md 2 row 4); prefix: prefix tokens held. */
+double cakeseq_preference(const struct cakeseq *s, uint32_t layer);
+uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t layer);
+uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t layer);
+/* Original positions of the held prefix tokens of (layer, g), in storage order. */
+const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t layer, uint32_t g);
+/* Budgets recorded right after layer m was scored (row m of the stage table), L entries,
+ * -1 beyond m. */
+const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m);
+/* How many times unusable preferences forced uniform budgets (fixed) or produced
+ * non-finite shares (parity). */
+uint32_t cakeseq_fallbacks(const struct cakeseq *s);
+
+#endif

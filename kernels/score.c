@@ -1,0 +1,408 @@
+/* score.c - CAKE window scoring on the CPU (see kern.h for the contract).
+ *
+ * The w x n attention block is never stored. Work is cut into items of one kv head and
+ * CHUNK key columns; each item tiles its columns TILE at a time and computes the logits
+ * of all the group's query rows against the tile (a small GEMM, keys converted once per
+ * tile). Two passes: the first finds each row's max and exp-sum (online softmax), merged
+ * across items in a fixed order; the second recomputes the logits, forms probabilities
+ * and accumulates the column statistics. Recomputing costs a second GEMM but keeps the
+ * memory at O(TILE) per thread and every core busy; results do not depend on how many
+ * threads ran (partial sums are reduced in item order). */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fastmath.h"
+#include "kern.h"
+
+#define TILE 64     /* key columns per GEMM tile: 64 x head_dim f32 stays in L1 */
+#define CHUNK 2048  /* columns per work item: enough items for many cores */
+
+#if defined(__AVX512F__)
+#define VW 16
+#define NB 4
+#else
+#define VW 8
+#define NB 2
+#endif
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+struct item {
+    uint32_t g;
+    uint32_t j0, j1;
+};
+
+/* z[r][t] = q[r] . kt[.][t] for R rows, t < TILE. */
+static void gemm_tile(const float *restrict q, uint32_t R, uint32_t d,
+                      const float *restrict kt, float *restrict z)
+{
+    for (uint32_t cb = 0; cb < TILE; cb += NB * VW) {
+        uint32_t r = 0;
+        for (; r + 4 <= R; r += 4) {
+            vf acc[4][NB];
+            memset(acc, 0, sizeof acc);
+            const float *q0 = q + (size_t)r * d;
+            for (uint32_t k = 0; k < d; k++) {
+                vf b[NB];
+                memcpy(b, kt + (size_t)k * TILE + cb, sizeof b);
+                for (int rr = 0; rr < 4; rr++) {
+                    float s = q0[(size_t)rr * d + k];
+                    for (int v = 0; v < NB; v++)
+                        acc[rr][v] += b[v] * s;
+                }
+            }
+            for (int rr = 0; rr < 4; rr++)
+                memcpy(z + (size_t)(r + rr) * TILE + cb, acc[rr], sizeof acc[rr]);
+        }
+        for (; r < R; r++) {
+            vf acc[NB];
+            memset(acc, 0, sizeof acc);
+            const float *q0 = q + (size_t)r * d;
+            for (uint32_t k = 0; k < d; k++) {
+                vf b[NB];
+                memcpy(b, kt + (size_t)k * TILE + cb, sizeof b);
+                for (int v = 0; v < NB; v++)
+                    acc[v] += b[v] * q0[k];
+            }
+            memcpy(z + (size_t)r * TILE + cb, acc, sizeof acc);
+        }
+    }
+}
+
+/* Loads keys [j, j + tj) of head g transposed into kt[d][TILE] (zero padded). */
+static void load_keys(const struct kern_kv *kv, uint32_t g, uint32_t j, uint32_t tj,
+                      float *restrict kt, float *restrict row)
+{
+    uint32_t d = kv->head_dim;
+    if (tj < TILE)
+        memset(kt, 0, sizeof(float) * d * TILE);
+    /* tiles never cross a page, so the tj rows are contiguous */
+    const void *src = kern_kv_key(kv, g, j);
+    for (uint32_t t = 0; t < tj; t++) {
+        const void *p = (const char *)src + (size_t)t * kern_kv_row_bytes(kv);
+        kern_to_f32(kv->dtype, p, row, d);
+        for (uint32_t k = 0; k < d; k++)
+            kt[(size_t)k * TILE + t] = row[k];
+    }
+}
+
+/* Next tile length from column j, bounded by end and by the page holding j. */
+static uint32_t tile_len(const struct kern_kv *kv, uint32_t j, uint32_t end)
+{
+    uint32_t tpp = kv->tokens_per_page;
+    uint32_t lim = (j / tpp + 1) * tpp;
+    if (lim > end)
+        lim = end;
+    return lim - j > TILE ? TILE : lim - j;
+}
+
+struct ctx {
+    const struct kern_score_args *a;
+    uint32_t G, R, S, n, d;
+    float scale;
+    const float *qf;     /* [Hkv][R][d] f32 */
+    float *m, *l;        /* pass 1 partials, [n_items1][R]; merged into row 0 of each g */
+    const float *rowm;   /* merged per-row max, [Hkv][R] */
+    const float *rowl;   /* merged per-row log-sum (ln l) */
+    float *ind;          /* out->indicator */
+    float *perhead;      /* parity with a half dtype: [Hkv][G][S] */
+    double *ent, *var;   /* per pass-2 item */
+};
+
+struct scratch {
+    float *kt, *z, *row;
+};
+
+static int scratch_init(struct scratch *s, uint32_t R, uint32_t d)
+{
+    s->kt = aligned_alloc(64, sizeof(float) * ((size_t)d * TILE + 16));
+    s->z = aligned_alloc(64, sizeof(float) * (size_t)R * TILE);
+    s->row = malloc(sizeof(float) * d);
+    if (!s->kt || !s->z || !s->row) {
+        free(s->kt), free(s->z), free(s->row);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+static void scratch_free(struct scratch *s)
+{
+    free(s->kt), free(s->z), free(s->row);
+}
+
+static void pass1_item(const struct ctx *c, const struct item *it, float *m, float *l,
+                       struct scratch *s)
+{
+    const struct kern_kv *kv = c->a->kv;
+    uint32_t nq = c->a->n_q;
+    for (uint32_t r = 0; r < c->R; r++)
+        m[r] = -INFINITY, l[r] = 0.0f;
+    for (uint32_t j = it->j0; j < it->j1;) {
+        uint32_t tj = tile_len(kv, j, it->j1);
+        load_keys(kv, it->g, j, tj, s->kt, s->row);
+        gemm_tile(c->qf + (size_t)it->g * c->R * c->d, c->R, c->d, s->kt, s->z);
+        for (uint32_t r = 0; r < c->R; r++) {
+            uint32_t i = r % nq;
+            uint32_t lim = c->n - nq + i + 1; /* row sees keys < lim */
+            if (j >= lim)
+                continue;
+            uint32_t te = lim - j < tj ? lim - j : tj;
+            float *zr = s->z + (size_t)r * TILE;
+            float mt = -INFINITY;
+            for (uint32_t t = 0; t < te; t++) {
+                zr[t] *= c->scale;
+                mt = zr[t] > mt ? zr[t] : mt;
+            }
+            if (mt > m[r]) {
+                l[r] *= expf(m[r] - mt);
+                m[r] = mt;
+            }
+            float mr = m[r], sum = 0.0f;
+            for (uint32_t t = 0; t < te; t++)
+                sum += fm_expf(zr[t] - mr);
+            l[r] += sum;
+        }
+        j += tj;
+    }
+}
+
+/* Column statistics of one tile for the group's heads. mode: 0 fixed/f32, 1 parity with
+ * f32 model, 2 parity with a half model dtype (rounded). */
+static inline __attribute__((always_inline)) void
+pass2_tile(const struct ctx *c, uint32_t g, uint32_t j, uint32_t tj, float *restrict z,
+           double *ent, double *var, const int mode)
+{
+    uint32_t nq = c->a->n_q, G = c->G, S = c->S;
+    enum kern_dtype dt = c->a->round_dtype;
+    const float *M = c->rowm + (size_t)g * c->R, *LL = c->rowl + (size_t)g * c->R;
+    float gamma = c->a->gamma;
+    int want_var = nq >= 2;
+    double e_sum = 0.0, v_sum = 0.0;
+
+    /* probabilities in place, entropy */
+    for (uint32_t r = 0; r < c->R; r++) {
+        float *zr = z + (size_t)r * TILE;
+        float mr = M[r], lnl = LL[r], inv = expf(-lnl);
+        float acc = 0.0f;
+        for (uint32_t t = 0; t < tj; t++) {
+            float x = zr[t] * c->scale - mr;
+            float p = fm_expf(x) * inv;
+            if (mode == 0) {
+                acc -= p * (x - lnl); /* ln p, without the reference's + 1e-10 */
+            } else {
+                if (mode == 2)
+                    p = kern_round_to(dt, p);
+                acc -= p * fm_logf(p + 1e-10f);
+            }
+            zr[t] = p;
+        }
+        for (uint32_t t = tj; t < TILE; t++)
+            zr[t] = 0.0f; /* padding columns of a short tile */
+        e_sum += acc;
+    }
+    /* per head: mean and unbiased variance over its nq rows */
+    float mean[TILE], sq[TILE];
+    for (uint32_t h = 0; h < G; h++) {
+        const float *zh = z + (size_t)h * nq * TILE;
+        for (uint32_t t = 0; t < TILE; t++)
+            mean[t] = 0.0f, sq[t] = 0.0f;
+        for (uint32_t i = 0; i < nq; i++)
+            for (uint32_t t = 0; t < TILE; t++)
+                mean[t] += zh[(size_t)i * TILE + t];
+        for (uint32_t t = 0; t < TILE; t++)
+            mean[t] /= (float)nq;
+        if (want_var) {
+            for (uint32_t i = 0; i < nq; i++)
+                for (uint32_t t = 0; t < TILE; t++) {
+                    float dlt = zh[(size_t)i * TILE + t] - mean[t];
+                    sq[t] += dlt * dlt;
+                }
+            for (uint32_t t = 0; t < TILE; t++)
+                sq[t] /= (float)(nq - 1);
+        }
+        float vs = 0.0f;
+        if (mode == 2) {
+            float *ph = c->perhead + ((size_t)g * G + h) * S + j;
+            for (uint32_t t = 0; t < tj; t++) {
+                float mu = kern_round_to(dt, mean[t]), v = kern_round_to(dt, sq[t]);
+                vs += v;
+                ph[t] = kern_round_to(dt, mu + kern_round_to(dt, gamma * v));
+            }
+        } else {
+            float *ind = c->ind + (size_t)g * S + j;
+            for (uint32_t t = 0; t < tj; t++) {
+                vs += sq[t];
+                ind[t] += mean[t] + gamma * sq[t];
+            }
+        }
+        v_sum += vs;
+    }
+    *ent += e_sum;
+    *var += v_sum;
+}
+
+static void pass2_item(const struct ctx *c, const struct item *it, double *ent, double *var,
+                       struct scratch *s)
+{
+    const struct kern_kv *kv = c->a->kv;
+    int mode = c->a->stats == KERN_STATS_FP32 ? 0 : c->a->round_dtype == KERN_F32 ? 1 : 2;
+    if (mode != 2)
+        memset(c->ind + (size_t)it->g * c->S + it->j0, 0, sizeof(float) * (it->j1 - it->j0));
+    for (uint32_t j = it->j0; j < it->j1;) {
+        uint32_t tj = tile_len(kv, j, it->j1);
+        load_keys(kv, it->g, j, tj, s->kt, s->row);
+        gemm_tile(c->qf + (size_t)it->g * c->R * c->d, c->R, c->d, s->kt, s->z);
+        if (mode == 0)
+            pass2_tile(c, it->g, j, tj, s->z, ent, var, 0);
+        else if (mode == 1)
+            pass2_tile(c, it->g, j, tj, s->z, ent, var, 1);
+        else
+            pass2_tile(c, it->g, j, tj, s->z, ent, var, 2);
+        j += tj;
+    }
+}
+
+/* In place: x[j] <- (x[j-2] + ... + x[j+2]) / 5 * post, zero padded. */
+static void pool5(float *x, uint32_t S, float post)
+{
+    float a2 = 0.0f, a1 = 0.0f; /* originals of x[j-2], x[j-1] */
+    for (uint32_t j = 0; j < S; j++) {
+        float c0 = x[j];
+        float p1 = j + 1 < S ? x[j + 1] : 0.0f, p2 = j + 2 < S ? x[j + 2] : 0.0f;
+        x[j] = (a2 + a1 + c0 + p1 + p2) / 5.0f * post;
+        a2 = a1, a1 = c0;
+    }
+}
+
+static uint32_t make_items(uint32_t Hkv, uint32_t end, struct item *out)
+{
+    uint32_t k = 0;
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t j = 0; j < end; j += CHUNK)
+            out[k++] = (struct item){g, j, j + CHUNK < end ? j + CHUNK : end};
+    return k;
+}
+
+int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out)
+{
+    const struct kern_kv *kv = a->kv;
+    if (!kv || !a->q || !out || kv->kv_heads == 0 || a->q_heads % kv->kv_heads ||
+        a->n_q == 0 || kv->head_dim == 0 || kv->tokens_per_page == 0 ||
+        a->n_q > kv->n_tokens || a->n_scored > kv->n_tokens - a->n_q ||
+        (a->n_scored && !out->indicator))
+        return -EINVAL;
+    struct ctx c = {
+        .a = a, .G = a->q_heads / kv->kv_heads, .S = a->n_scored, .n = kv->n_tokens,
+        .d = kv->head_dim, .scale = 1.0f / sqrtf((float)kv->head_dim), .ind = out->indicator,
+    };
+    c.R = c.G * a->n_q;
+    uint32_t Hkv = kv->kv_heads;
+    out->entropy = 0.0, out->variance = 0.0;
+    if (c.S == 0)
+        return 0;
+    int nt = kern_threads(a->n_threads);
+    int mode2 = a->stats == KERN_STATS_REF && a->round_dtype != KERN_F32;
+    uint32_t ni1 = Hkv * ((c.n + CHUNK - 1) / CHUNK), ni2 = Hkv * ((c.S + CHUNK - 1) / CHUNK);
+    int rc = -ENOMEM;
+
+    float *qf = malloc(sizeof(float) * (size_t)Hkv * c.R * c.d);
+    struct item *items = malloc(sizeof(*items) * (ni1 > ni2 ? ni1 : ni2));
+    float *ml = malloc(sizeof(float) * 2 * (size_t)ni1 * c.R);
+    float *rowml = malloc(sizeof(float) * 2 * (size_t)Hkv * c.R);
+    double *acc = calloc(2 * (size_t)ni2, sizeof(double));
+    float *perhead = mode2 ? malloc(sizeof(float) * (size_t)a->q_heads * c.S) : NULL;
+    if (!qf || !items || !ml || !rowml || !acc || (mode2 && !perhead))
+        goto out;
+    /* queries of head h = g*G + hl, row i -> qf[g][hl*nq + i] (the repeat_kv grouping) */
+    kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * c.d);
+    c.qf = qf, c.m = ml, c.l = ml + (size_t)ni1 * c.R, c.perhead = perhead;
+
+    make_items(Hkv, c.n, items);
+    int fail = 0;
+#pragma omp parallel num_threads(nt) if (ni1 > 1)
+    {
+        struct scratch s;
+        if (scratch_init(&s, c.R, c.d)) {
+#pragma omp atomic write
+            fail = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (uint32_t k = 0; k < ni1; k++)
+                pass1_item(&c, &items[k], c.m + (size_t)k * c.R, c.l + (size_t)k * c.R, &s);
+            scratch_free(&s);
+        }
+    }
+    if (fail)
+        goto out;
+    /* merge the per-item softmax partials in item order */
+    uint32_t per_g = ni1 / Hkv;
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t r = 0; r < c.R; r++) {
+            float M = -INFINITY;
+            for (uint32_t k = 0; k < per_g; k++)
+                M = fmaxf(M, c.m[(size_t)(g * per_g + k) * c.R + r]);
+            double L = 0.0;
+            for (uint32_t k = 0; k < per_g; k++) {
+                size_t at = (size_t)(g * per_g + k) * c.R + r;
+                if (c.l[at] > 0.0f)
+                    L += (double)c.l[at] * exp((double)c.m[at] - M);
+            }
+            rowml[(size_t)g * c.R + r] = M;
+            rowml[(size_t)Hkv * c.R + (size_t)g * c.R + r] = (float)log(L);
+        }
+    c.rowm = rowml, c.rowl = rowml + (size_t)Hkv * c.R;
+
+    make_items(Hkv, c.S, items);
+    c.ent = acc, c.var = acc + ni2;
+#pragma omp parallel num_threads(nt) if (ni2 > 1)
+    {
+        struct scratch s;
+        if (scratch_init(&s, c.R, c.d)) {
+#pragma omp atomic write
+            fail = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (uint32_t k = 0; k < ni2; k++)
+                pass2_item(&c, &items[k], &c.ent[k], &c.var[k], &s);
+            scratch_free(&s);
+        }
+    }
+    if (fail)
+        goto out;
+
+    /* pooling and the group mean */
+    if (!mode2) {
+#pragma omp parallel for num_threads(nt) if (Hkv > 1)
+        for (uint32_t g = 0; g < Hkv; g++)
+            pool5(c.ind + (size_t)g * c.S, c.S, 1.0f / (float)c.G);
+    } else {
+        enum kern_dtype dt = a->round_dtype;
+        for (uint32_t g = 0; g < Hkv; g++) {
+            float *ind = c.ind + (size_t)g * c.S;
+            memset(ind, 0, sizeof(float) * c.S);
+            for (uint32_t h = 0; h < c.G; h++) {
+                float *ph = perhead + ((size_t)g * c.G + h) * c.S;
+                pool5(ph, c.S, 1.0f);
+                for (uint32_t j = 0; j < c.S; j++)
+                    ind[j] += kern_round_to(dt, ph[j]);
+            }
+            for (uint32_t j = 0; j < c.S; j++)
+                ind[j] = kern_round_to(dt, ind[j] / (float)c.G);
+        }
+    }
+    double E = 0.0, V = 0.0;
+    for (uint32_t k = 0; k < ni2; k++)
+        E += c.ent[k], V += c.var[k];
+    if (mode2)
+        V = kern_round_to(a->round_dtype, (float)V);
+    out->entropy = E, out->variance = V;
+    rc = 0;
+out:
+    free(qf), free(items), free(ml), free(rowml), free(acc), free(perhead);
+    return rc;
+}

@@ -1,0 +1,94 @@
+/* select.c - top-k per score vector by radix select on the float bits.
+ *
+ * Scores map to unsigned keys whose order is the float order (NaN lowest). Three
+ * histogram passes (11, 11, 10 bits) find the key of the k-th largest element and how
+ * many elements equal to it are taken; one last scan emits the winners in ascending
+ * position, which is both fixed mode's storage order and the tie rule (among equal
+ * scores, lower positions win). O(n) time, no allocation for position order. */
+#include <stdlib.h>
+
+#include "kern.h"
+
+static inline uint32_t sort_key(float f)
+{
+    uint32_t u = kern_f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0; /* NaN: lowest */
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct ranked {
+    uint32_t key;
+    uint32_t pos;
+};
+
+static int by_score_then_pos(const void *a, const void *b)
+{
+    const struct ranked *x = a, *y = b;
+    if (x->key != y->key)
+        return x->key > y->key ? -1 : 1;
+    return x->pos < y->pos ? -1 : x->pos > y->pos;
+}
+
+uint32_t kern_topk(const float *score, uint32_t n, uint32_t k, enum kern_order order,
+                   uint32_t *idx)
+{
+    if (k > n)
+        k = n;
+    if (k == 0)
+        return 0;
+    /* find the threshold key: the k-th largest */
+    static const int shift[3] = {21, 10, 0};
+    static const uint32_t width[3] = {11, 11, 10};
+    uint32_t prefix = 0, prefix_mask = 0, need = k; /* need: how many still to take at/below prefix */
+    uint32_t hist[2048];
+    for (int pass = 0; pass < 3; pass++) {
+        uint32_t nb = 1u << width[pass];
+        for (uint32_t b = 0; b < nb; b++)
+            hist[b] = 0;
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t key = sort_key(score[j]);
+            if ((key & prefix_mask) == prefix)
+                hist[(key >> shift[pass]) & (nb - 1)]++;
+        }
+        uint32_t b = nb;
+        while (b-- > 0) {
+            if (hist[b] >= need)
+                break;
+            need -= hist[b];
+        }
+        prefix |= b << shift[pass];
+        prefix_mask |= (nb - 1) << shift[pass];
+    }
+    /* prefix is the threshold key; take everything above it and the first `need` equal */
+    uint32_t m = 0, ties = need;
+    for (uint32_t j = 0; j < n; j++) {
+        uint32_t key = sort_key(score[j]);
+        if (key > prefix || (key == prefix && ties && ties--))
+            idx[m++] = j;
+    }
+    if (order == KERN_ORDER_SCORE && m > 1) {
+        struct ranked *r = malloc(sizeof(*r) * m);
+        if (r) {
+            for (uint32_t i = 0; i < m; i++)
+                r[i] = (struct ranked){sort_key(score[idx[i]]), idx[i]};
+            qsort(r, m, sizeof(*r), by_score_then_pos);
+            for (uint32_t i = 0; i < m; i++)
+                idx[i] = r[i].pos;
+            free(r);
+        } else {
+            /* no memory: insertion sort keeps the contract, only slower */
+            for (uint32_t i = 1; i < m; i++) {
+                uint32_t p = idx[i], kp = sort_key(score[p]), q = i;
+                for (; q > 0; q--) {
+                    uint32_t kq = sort_key(score[idx[q - 1]]);
+                    if (kq > kp || (kq == kp && idx[q - 1] < p))
+                        break;
+                    idx[q] = idx[q - 1];
+                }
+                idx[q] = p;
+            }
+        }
+    }
+    return m;
+}
