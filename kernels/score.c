@@ -17,6 +17,11 @@
 #include <omp.h>
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16_DP 1
+#endif
+
 #include "fastmath.h"
 #include "kern.h"
 
@@ -74,6 +79,63 @@ static void gemm_tile(const float *restrict q, uint32_t R, uint32_t d,
     }
 }
 
+#ifdef HAVE_BF16_DP
+/* bf16 x bf16 -> f32 with AVX512-BF16 (vdpbf16ps: two products per lane per step), for
+ * bf16 queries and keys: the products are exact in f32, as in the f32 path. q holds R rows
+ * of d/2 bf16 pairs, kp holds [d/2][TILE] pairs. */
+static void gemm_tile_bf16(const uint32_t *restrict q, uint32_t R, uint32_t d2,
+                           const uint32_t *restrict kp, float *restrict z)
+{
+    uint32_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++)
+                acc[a][b] = _mm512_setzero_ps();
+        const uint32_t *q0 = q + (size_t)r * d2;
+        for (uint32_t k = 0; k < d2; k++) {
+            __m512bh b[4];
+            for (int v = 0; v < 4; v++)
+                b[v] = (__m512bh)_mm512_loadu_si512(kp + (size_t)k * TILE + 16 * v);
+            for (int rr = 0; rr < 4; rr++) {
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)q0[(size_t)rr * d2 + k]);
+                for (int v = 0; v < 4; v++)
+                    acc[rr][v] = _mm512_dpbf16_ps(acc[rr][v], a, b[v]);
+            }
+        }
+        for (int rr = 0; rr < 4; rr++)
+            for (int v = 0; v < 4; v++)
+                _mm512_storeu_ps(z + (size_t)(r + rr) * TILE + 16 * v, acc[rr][v]);
+    }
+    for (; r < R; r++) {
+        __m512 acc[4];
+        for (int v = 0; v < 4; v++)
+            acc[v] = _mm512_setzero_ps();
+        for (uint32_t k = 0; k < d2; k++) {
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)q[(size_t)r * d2 + k]);
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm512_dpbf16_ps(
+                    acc[v], a, (__m512bh)_mm512_loadu_si512(kp + (size_t)k * TILE + 16 * v));
+        }
+        for (int v = 0; v < 4; v++)
+            _mm512_storeu_ps(z + (size_t)r * TILE + 16 * v, acc[v]);
+    }
+}
+
+/* Loads bf16 keys [j, j + tj) of head g as [d/2][TILE] pairs (zero padded). */
+static void load_keys_bf16(const struct kern_kv *kv, uint32_t g, uint32_t j, uint32_t tj,
+                           uint32_t *restrict kp)
+{
+    uint32_t d2 = kv->head_dim / 2;
+    if (tj < TILE)
+        memset(kp, 0, sizeof(uint32_t) * d2 * TILE);
+    const uint32_t *src = kern_kv_key(kv, g, j);
+    for (uint32_t t = 0; t < tj; t++)
+        for (uint32_t k = 0; k < d2; k++)
+            kp[(size_t)k * TILE + t] = src[(size_t)t * d2 + k];
+}
+#endif
+
 /* Loads keys [j, j + tj) of head g transposed into kt[d][TILE] (zero padded). */
 static void load_keys(const struct kern_kv *kv, uint32_t g, uint32_t j, uint32_t tj,
                       float *restrict kt, float *restrict row)
@@ -106,6 +168,7 @@ struct ctx {
     uint32_t G, R, S, n, d;
     float scale;
     const float *qf;     /* [Hkv][R][d] f32 */
+    const uint32_t *qp;  /* [Hkv][R][d/2] bf16 pairs when the bf16 dot path runs, else NULL */
     float *m, *l;        /* pass 1 partials, [n_items1][R]; merged into row 0 of each g */
     const float *rowm;   /* merged per-row max, [Hkv][R] */
     const float *rowl;   /* merged per-row log-sum (ln l) */
@@ -135,6 +198,22 @@ static void scratch_free(struct scratch *s)
     free(s->kt), free(s->z), free(s->row);
 }
 
+/* z <- logits (unscaled) of the group's R rows against keys [j, j + tj) of head g. */
+static void logits_tile(const struct ctx *c, uint32_t g, uint32_t j, uint32_t tj,
+                        struct scratch *s)
+{
+#ifdef HAVE_BF16_DP
+    if (c->qp) {
+        load_keys_bf16(c->a->kv, g, j, tj, (uint32_t *)s->kt);
+        gemm_tile_bf16(c->qp + (size_t)g * c->R * (c->d / 2), c->R, c->d / 2,
+                       (const uint32_t *)s->kt, s->z);
+        return;
+    }
+#endif
+    load_keys(c->a->kv, g, j, tj, s->kt, s->row);
+    gemm_tile(c->qf + (size_t)g * c->R * c->d, c->R, c->d, s->kt, s->z);
+}
+
 static void pass1_item(const struct ctx *c, const struct item *it, float *m, float *l,
                        struct scratch *s)
 {
@@ -144,8 +223,7 @@ static void pass1_item(const struct ctx *c, const struct item *it, float *m, flo
         m[r] = -INFINITY, l[r] = 0.0f;
     for (uint32_t j = it->j0; j < it->j1;) {
         uint32_t tj = tile_len(kv, j, it->j1);
-        load_keys(kv, it->g, j, tj, s->kt, s->row);
-        gemm_tile(c->qf + (size_t)it->g * c->R * c->d, c->R, c->d, s->kt, s->z);
+        logits_tile(c, it->g, j, tj, s);
         for (uint32_t r = 0; r < c->R; r++) {
             uint32_t i = r % nq;
             uint32_t lim = c->n - nq + i + 1; /* row sees keys < lim */
@@ -255,8 +333,7 @@ static void pass2_item(const struct ctx *c, const struct item *it, double *ent, 
         memset(c->ind + (size_t)it->g * c->S + it->j0, 0, sizeof(float) * (it->j1 - it->j0));
     for (uint32_t j = it->j0; j < it->j1;) {
         uint32_t tj = tile_len(kv, j, it->j1);
-        load_keys(kv, it->g, j, tj, s->kt, s->row);
-        gemm_tile(c->qf + (size_t)it->g * c->R * c->d, c->R, c->d, s->kt, s->z);
+        logits_tile(c, it->g, j, tj, s);
         if (mode == 0)
             pass2_tile(c, it->g, j, tj, s->z, ent, var, 0);
         else if (mode == 1)
@@ -318,8 +395,13 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
     float *perhead = mode2 ? malloc(sizeof(float) * (size_t)a->q_heads * c.S) : NULL;
     if (!qf || !items || !ml || !rowml || !acc || (mode2 && !perhead))
         goto out;
+#ifdef HAVE_BF16_DP
+    if (a->q_dtype == KERN_BF16 && kv->dtype == KERN_BF16 && c.d % 2 == 0)
+        c.qp = a->q; /* [H][nq][d] bf16 is already [Hkv][R][d/2] pairs */
+#endif
     /* queries of head h = g*G + hl, row i -> qf[g][hl*nq + i] (the repeat_kv grouping) */
-    kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * c.d);
+    if (!c.qp)
+        kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * c.d);
     c.qf = qf, c.m = ml, c.l = ml + (size_t)ni1 * c.R, c.perhead = perhead;
 
     make_items(Hkv, c.n, items);

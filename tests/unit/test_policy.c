@@ -1,0 +1,144 @@
+/* Budget allocation: the reference's adjust_budgets vectors (shared/CAKE.md 1.5), parity
+ * shares, and fixed mode's capped water-filling on random inputs. */
+#include <criterion/criterion.h>
+#include <math.h>
+
+#include "policy.h"
+#include "testutil.h"
+
+static void expect(const int64_t *got, const int64_t *want, uint32_t n)
+{
+    for (uint32_t l = 0; l < n; l++)
+        cr_assert_eq(got[l], want[l], "b[%u] = %lld, want %lld", l, (long long)got[l],
+                     (long long)want[l]);
+}
+
+Test(policy, adjust_budgets_vectors_from_cake_md)
+{
+    int64_t b[4];
+    double f1[4] = {10.9, 10.9, 10.9, 10.9};
+    policy_adjust_budgets(f1, 4, 46, 1000, b);
+    expect(b, (int64_t[]){12, 12, 11, 11}, 4);
+    double f2[4] = {149.99999776, 90.00000224, 30, 30};
+    policy_adjust_budgets(f2, 4, 300, 100, b);
+    expect(b, (int64_t[]){100, 107, 47, 46}, 4);
+    /* the caller's clamp throws budget away: 293 of 300 */
+    float P[4] = {0.5f, 0.3f, 0.1f, 0.1f};
+    policy_budgets_parity(P, 4, 300, 100, b);
+    expect(b, (int64_t[]){100, 100, 47, 46}, 4);
+}
+
+Test(policy, parity_cascading_stages_are_not_monotone)
+{
+    /* P = [1, 1, 0.01, 100], T = 300, S = 200: layer 2 rises 1 -> 31 */
+    float P[4] = {1, 1, 0.01f, 100};
+    int64_t want[4][4] = {{200}, {150, 150}, {150, 149, 1}, {35, 34, 31, 200}}, b[4];
+    for (uint32_t m = 0; m < 4; m++) {
+        policy_budgets_parity(P, m + 1, 300, 200, b);
+        expect(b, want[m], m + 1);
+    }
+}
+
+Test(policy, fixed_total_is_exact_and_caps_hold)
+{
+    tu_seed();
+    for (int rep = 0; rep < 2000; rep++) {
+        uint32_t n = 1 + tu_below(64);
+        double P[64];
+        int64_t cap[64], b[64], capsum = 0;
+        for (uint32_t l = 0; l < n; l++) {
+            P[l] = tu_below(5) == 0 ? 0.0 : tu_uniform(0, 10) * pow(10, tu_uniform(-3, 3));
+            cap[l] = tu_below(4) == 0 ? 0 : tu_below(3000);
+            capsum += cap[l];
+        }
+        int64_t T = tu_below(60000);
+        policy_budgets_fixed(P, cap, n, T, b);
+        int64_t sum = 0;
+        for (uint32_t l = 0; l < n; l++) {
+            cr_assert(b[l] >= 0 && b[l] <= cap[l], "b[%u]=%lld cap %lld", l, (long long)b[l],
+                      (long long)cap[l]);
+            sum += b[l];
+        }
+        cr_assert_eq(sum, T < capsum ? T : capsum);
+    }
+}
+
+Test(policy, fixed_uncapped_is_proportional)
+{
+    tu_seed();
+    for (int rep = 0; rep < 500; rep++) {
+        uint32_t n = 1 + tu_below(40);
+        double P[40], psum = 0;
+        int64_t cap[40], b[40], T = tu_below(100000);
+        for (uint32_t l = 0; l < n; l++) {
+            P[l] = tu_uniform(0.01, 5);
+            psum += P[l];
+            cap[l] = INT64_C(1) << 40;
+        }
+        cr_assert_eq(policy_budgets_fixed(P, cap, n, T, b), 0);
+        for (uint32_t l = 0; l < n; l++) {
+            double f = P[l] / psum * (double)T;
+            cr_assert(b[l] == (int64_t)floor(f) || b[l] == (int64_t)ceil(f),
+                      "b[%u]=%lld share %.3f", l, (long long)b[l], f);
+        }
+    }
+}
+
+Test(policy, fixed_water_filling_respreads_capped_excess)
+{
+    /* one dominant layer capped at 100: the other three share the rest equally */
+    double P[4] = {100, 1, 1, 1};
+    int64_t cap[4] = {100, 1000, 1000, 1000}, b[4];
+    policy_budgets_fixed(P, cap, 4, 400, b);
+    expect(b, (int64_t[]){100, 100, 100, 100}, 4);
+    /* largest remainder, ties to the lower layer */
+    double Q[3] = {1, 1, 1};
+    int64_t cap3[3] = {50, 50, 50};
+    policy_budgets_fixed(Q, cap3, 3, 100, b);
+    expect(b, (int64_t[]){34, 33, 33}, 3);
+}
+
+Test(policy, fixed_falls_back_to_uniform_on_unusable_preferences)
+{
+    int64_t cap[3] = {100, 100, 100}, b[3];
+    double zero[3] = {0, 0, 0}, nan_[3] = {1, NAN, 1}, neg[3] = {1, -1, 1}, inf_[3] = {1, INFINITY, 1};
+    cr_assert_eq(policy_budgets_fixed(zero, cap, 3, 90, b), 1);
+    expect(b, (int64_t[]){30, 30, 30}, 3);
+    cr_assert_eq(policy_budgets_fixed(nan_, cap, 3, 90, b), 1);
+    expect(b, (int64_t[]){30, 30, 30}, 3);
+    cr_assert_eq(policy_budgets_fixed(neg, cap, 3, 90, b), 1);
+    cr_assert_eq(policy_budgets_fixed(inf_, cap, 3, 90, b), 1);
+}
+
+Test(policy, early_exit_and_decode_rules_per_mode)
+{
+    struct policy_cfg c;
+    policy_cfg_default(&c, 4, 128);
+    c.window = 32;
+    c.mode = POLICY_PARITY;
+    cr_assert(policy_prefill_early_exit(&c, 160));  /* n <= C + w */
+    cr_assert(!policy_prefill_early_exit(&c, 161));
+    cr_assert(policy_prefill_early_exit(&c, 1));    /* n <= w: nothing to score */
+    c.mode = POLICY_FIXED;
+    cr_assert(policy_prefill_early_exit(&c, 128));  /* n <= C */
+    cr_assert(!policy_prefill_early_exit(&c, 129));
+    c.decode_slack = 8;
+    cr_assert(!policy_decode_should_evict(&c, 96, 136));
+    cr_assert(policy_decode_should_evict(&c, 96, 137));
+    c.mode = POLICY_PARITY; /* parity has no slack */
+    cr_assert(policy_decode_should_evict(&c, 96, 129));
+}
+
+Test(policy, config_validation)
+{
+    struct policy_cfg c;
+    policy_cfg_default(&c, 32, 1024);
+    cr_assert_null(policy_cfg_check(&c));
+    c.cache_size = 16;
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 0, 1024);
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 4, 1024);
+    c.tau1 = 0;
+    cr_assert_not_null(policy_cfg_check(&c));
+}

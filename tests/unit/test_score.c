@@ -1,0 +1,200 @@
+/* Window scoring: kern_score_layer against the double-precision reference on fresh random
+ * inputs, every dtype combination, paged and contiguous layouts, and thread invariance. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+#include "kern.h"
+#include "testutil.h"
+
+struct layer {
+    uint32_t H, Hkv, d, n, nq, tpp, npages;
+    enum kern_dtype qt, kt;
+    void *q;
+    void **pages;
+    struct kern_kv kv;
+};
+
+/* Random layer whose keys carry structure (a sink and heavy columns) so the softmax is not
+ * flat, in the page layout with tokens_per_page tpp. */
+static void make_layer(struct layer *L, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n,
+                       uint32_t nq, uint32_t tpp, enum kern_dtype qt, enum kern_dtype kt)
+{
+    *L = (struct layer){H, Hkv, d, n, nq, tpp, (n + tpp - 1) / tpp, qt, kt, NULL, NULL, {0}};
+    size_t qn = (size_t)H * nq * d;
+    float *tmp = malloc(sizeof(float) * (qn > d ? qn : d));
+    for (size_t i = 0; i < qn; i++)
+        tmp[i] = (float)tu_uniform(-1.5, 1.5);
+    L->q = malloc(qn * kern_dtype_size(qt));
+    kern_from_f32(qt, tmp, L->q, qn);
+    L->pages = calloc(L->npages, sizeof(void *));
+    size_t page_bytes = 2 * (size_t)Hkv * tpp * d * kern_dtype_size(kt);
+    for (uint32_t p = 0; p < L->npages; p++)
+        L->pages[p] = calloc(1, page_bytes);
+    L->kv = (struct kern_kv){kt, Hkv, d, tpp, n, L->pages, page_bytes / 2};
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t t = 0; t < n; t++) {
+            double amp = (t == 0 || tu_below(17) == 0) ? 3.0 : 1.0;
+            for (uint32_t x = 0; x < d; x++)
+                tmp[x] = (float)(amp * tu_uniform(-1.0, 1.0));
+            kern_from_f32(kt, tmp, kern_kv_key(&L->kv, g, t), d);
+        }
+    free(tmp);
+}
+
+static void free_layer(struct layer *L)
+{
+    for (uint32_t p = 0; p < L->npages; p++)
+        free(L->pages[p]);
+    free(L->pages), free(L->q);
+}
+
+static void check_against_ref(struct layer *L, uint32_t S, float gamma, int threads, double tol)
+{
+    struct kern_score_args a = {
+        .q = L->q, .q_dtype = L->qt, .q_heads = L->H, .n_q = L->nq, .kv = &L->kv,
+        .n_scored = S, .gamma = gamma, .stats = KERN_STATS_FP32, .n_threads = threads,
+    };
+    float *got = malloc(sizeof(float) * L->Hkv * (S + 1)), *want = malloc(sizeof(float) * L->Hkv * (S + 1));
+    struct kern_score_out o = {.indicator = got}, r = {.indicator = want};
+    cr_assert_eq(kern_score_layer(&a, &o), 0);
+    cr_assert_eq(kern_score_layer_ref(&a, &r), 0);
+    if (S) {
+        cr_assert(fabs(o.entropy - r.entropy) <= tol * fabs(r.entropy),
+                  "entropy %.9g vs %.9g (n=%u S=%u q=%s k=%s)", o.entropy, r.entropy, L->n, S,
+                  kern_dtype_name(L->qt), kern_dtype_name(L->kt));
+        cr_assert(fabs(o.variance - r.variance) <= tol * fabs(r.variance) + 1e-30,
+                  "variance %.9g vs %.9g", o.variance, r.variance);
+    }
+    for (uint32_t g = 0; g < L->Hkv; g++) {
+        double mx = 0;
+        for (uint32_t j = 0; j < S; j++)
+            mx = fmax(mx, fabs(want[g * S + j]));
+        for (uint32_t j = 0; j < S; j++)
+            cr_assert(fabs(got[g * S + j] - want[g * S + j]) <= tol * mx,
+                      "indicator g%u j%u: %.9g vs %.9g (max %.9g, q=%s k=%s)", g, j,
+                      got[g * S + j], want[g * S + j], mx, kern_dtype_name(L->qt),
+                      kern_dtype_name(L->kt));
+    }
+    free(got), free(want);
+}
+
+Test(score, matches_double_reference_all_dtypes)
+{
+    tu_seed();
+    enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
+    for (int qi = 0; qi < 3; qi++)
+        for (int ki = 0; ki < 3; ki++) {
+            struct layer L;
+            uint32_t n = 200 + tu_below(3000), w = 1 + tu_below(32);
+            make_layer(&L, 8, 2, 64, n, w, n, ts[qi], ts[ki]);
+            check_against_ref(&L, n - w, 200.0f, 2, 2e-4);
+            free_layer(&L);
+        }
+}
+
+Test(score, paged_layout_and_odd_shapes)
+{
+    tu_seed();
+    for (int rep = 0; rep < 6; rep++) {
+        struct layer L;
+        uint32_t Hkv = 1 + tu_below(4), G = 1 + tu_below(4), d = 8 * (1 + tu_below(16));
+        uint32_t nq = 2 + tu_below(31), n = nq + 1 + tu_below(5000), tpp = 1 + tu_below(300);
+        make_layer(&L, Hkv * G, Hkv, d, n, nq, tpp, KERN_BF16, KERN_BF16);
+        check_against_ref(&L, n - nq - tu_below(1 + (n - nq) / 2), (float)tu_uniform(0, 300),
+                          1 + tu_below(3), 2e-4);
+        free_layer(&L);
+    }
+}
+
+Test(score, single_query_row_and_tiny_prompts)
+{
+    tu_seed();
+    struct layer L;
+    make_layer(&L, 4, 2, 32, 50, 1, 50, KERN_F16, KERN_F16); /* decode: one query, no var */
+    check_against_ref(&L, 40, 200.0f, 1, 2e-4);
+    free_layer(&L);
+    make_layer(&L, 4, 4, 16, 3, 2, 3, KERN_F32, KERN_F32); /* S = 1: pooling of one */
+    check_against_ref(&L, 1, 200.0f, 1, 2e-4);
+    free_layer(&L);
+    make_layer(&L, 2, 1, 16, 5, 5, 5, KERN_F32, KERN_F32); /* n = w: nothing scored */
+    check_against_ref(&L, 0, 200.0f, 1, 2e-4);
+    free_layer(&L);
+}
+
+Test(score, same_result_for_any_thread_count)
+{
+    tu_seed();
+    struct layer L;
+    make_layer(&L, 8, 4, 64, 9000, 32, 1024, KERN_BF16, KERN_BF16);
+    uint32_t S = 9000 - 32;
+    float *a1 = malloc(sizeof(float) * 4 * S), *a2 = malloc(sizeof(float) * 4 * S);
+    struct kern_score_args a = {
+        .q = L.q, .q_dtype = L.qt, .q_heads = 8, .n_q = 32, .kv = &L.kv, .n_scored = S,
+        .gamma = 200.0f, .n_threads = 1,
+    };
+    struct kern_score_out o1 = {.indicator = a1}, o2 = {.indicator = a2};
+    cr_assert_eq(kern_score_layer(&a, &o1), 0);
+    a.n_threads = 3;
+    cr_assert_eq(kern_score_layer(&a, &o2), 0);
+    cr_assert_eq(o1.entropy, o2.entropy);
+    cr_assert_eq(o1.variance, o2.variance);
+    cr_assert_eq(memcmp(a1, a2, sizeof(float) * 4 * S), 0);
+    free(a1), free(a2);
+    free_layer(&L);
+}
+
+Test(score, parity_rounding_to_half_stays_close)
+{
+    /* parity mode with a half model dtype rounds probabilities and statistics the way the
+     * reference stores them: close to the exact values at the dtype's precision, and not
+     * identical to the unrounded result */
+    tu_seed();
+    struct layer L;
+    make_layer(&L, 4, 2, 32, 700, 16, 700, KERN_F16, KERN_F16);
+    uint32_t S = 700 - 16;
+    float *x = malloc(sizeof(float) * 2 * S), *y = malloc(sizeof(float) * 2 * S);
+    struct kern_score_args a = {
+        .q = L.q, .q_dtype = L.qt, .q_heads = 4, .n_q = 16, .kv = &L.kv, .n_scored = S,
+        .gamma = 200.0f, .stats = KERN_STATS_REF, .round_dtype = KERN_F16, .n_threads = 1,
+    };
+    struct kern_score_out o = {.indicator = x}, r = {.indicator = y};
+    cr_assert_eq(kern_score_layer(&a, &o), 0);
+    cr_assert_eq(kern_score_layer_ref(&a, &r), 0);
+    cr_assert(fabs(o.entropy - r.entropy) <= 5e-3 * r.entropy);
+    cr_assert(fabs(o.variance - r.variance) <= 2e-2 * r.variance);
+    int differs = 0;
+    for (uint32_t g = 0; g < 2; g++) {
+        double mx = 0;
+        for (uint32_t j = 0; j < S; j++)
+            mx = fmax(mx, y[g * S + j]);
+        for (uint32_t j = 0; j < S; j++) {
+            cr_assert(fabs(x[g * S + j] - y[g * S + j]) <= 1e-2 * mx);
+            differs |= x[g * S + j] != y[g * S + j];
+            /* every stored value is representable in f16 */
+            cr_assert_eq(x[g * S + j], kern_round_to(KERN_F16, x[g * S + j]));
+        }
+    }
+    cr_assert(differs);
+    free(x), free(y);
+    free_layer(&L);
+}
+
+Test(score, rejects_inconsistent_arguments)
+{
+    struct layer L;
+    tu_seed();
+    make_layer(&L, 6, 4, 16, 40, 8, 40, KERN_F32, KERN_F32); /* 6 heads over 4 kv heads */
+    float ind[4 * 40];
+    struct kern_score_args a = {
+        .q = L.q, .q_dtype = L.qt, .q_heads = 6, .n_q = 8, .kv = &L.kv, .n_scored = 32,
+    };
+    struct kern_score_out o = {.indicator = ind};
+    cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    a.q_heads = 8, a.n_scored = 33; /* S > n - n_q */
+    cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    a.n_scored = 32, a.n_q = 0;
+    cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    free_layer(&L);
+}

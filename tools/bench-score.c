@@ -1,0 +1,175 @@
+/* bench-score - one layer's CAKE score + select + compact on the CPU.
+ *
+ *   bench-score [--sizes 4096,32768,131072] [--threads N] [--reps R] [--no-torch]
+ *               [--keep K] [--mode fixed|parity]
+ *
+ * Llama-3.1-8B shapes: 32 query heads, 8 kv heads, head_dim 128, window 32, bf16 keys
+ * and values. For each prompt length n it times kern_score_layer + kern_topk per kv head
+ * (keep K = 992 prefix tokens: C = 1024 with the window) + in-place compaction of K and V,
+ * and prints tokens/s (n / time). In the same run it times the same computation written in
+ * PyTorch (tools/bench_score_torch.py, the reference's code path) on the same cores and
+ * prints the ratio; without torch that column says why it is empty. Best of R runs. */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kern.h"
+
+#define H 32
+#define HKV 8
+#define D 128
+#define W 32
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static float frand(void) /* xorshift, uniform in [-1, 1) */
+{
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    return (float)((rng >> 40) * (2.0 / 16777216.0) - 1.0);
+}
+
+/* Times one layer; returns seconds (best of reps). */
+static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum kern_stats st)
+{
+    uint32_t S = n - W;
+    size_t kv_elems = (size_t)HKV * n * D;
+    uint16_t *page = malloc(kv_elems * 2 * 2); /* K then V */
+    uint16_t *pristine = malloc(kv_elems * 2 * 2);
+    uint16_t *q = malloc(sizeof(uint16_t) * H * W * D);
+    float *ind = malloc(sizeof(float) * HKV * S);
+    uint32_t *idx = malloc(sizeof(uint32_t) * S);
+    if (!page || !pristine || !q || !ind || !idx) {
+        fprintf(stderr, "bench-score: out of memory at n=%u\n", n);
+        exit(1);
+    }
+    /* keys with a little structure: a few heavy positions per head */
+    for (size_t i = 0; i < kv_elems * 2; i++)
+        pristine[i] = kern_f32_to_bf16(frand());
+    for (size_t i = 0; i < (size_t)H * W * D; i++)
+        q[i] = kern_f32_to_bf16(frand() * 2.0f);
+    void *pages[1] = {page};
+    struct kern_kv kv = {
+        .dtype = KERN_BF16, .kv_heads = HKV, .head_dim = D, .tokens_per_page = n,
+        .n_tokens = n, .pages = pages, .v_offset_bytes = kv_elems * 2,
+    };
+    double best = INFINITY;
+    for (int r = 0; r < reps; r++) {
+        memcpy(page, pristine, kv_elems * 2 * 2);
+        double t0 = now_s();
+        struct kern_score_args a = {
+            .q = q, .q_dtype = KERN_BF16, .q_heads = H, .n_q = W, .kv = &kv, .n_scored = S,
+            .gamma = 200.0f, .stats = st, .round_dtype = KERN_BF16, .n_threads = threads,
+        };
+        struct kern_score_out o = {.indicator = ind};
+        if (kern_score_layer(&a, &o)) {
+            fprintf(stderr, "bench-score: scoring failed\n");
+            exit(1);
+        }
+        for (uint32_t g = 0; g < HKV; g++) {
+            uint32_t k = kern_topk(ind + (size_t)g * S, S, keep, KERN_ORDER_POSITION, idx);
+            kern_compact_head(&kv, g, idx, k, S, W, NULL);
+        }
+        double t = now_s() - t0;
+        if (t < best)
+            best = t;
+    }
+    free(page), free(pristine), free(q), free(ind), free(idx);
+    return best;
+}
+
+/* Runs the PyTorch version; returns seconds or a negative value (reason in why). */
+static double time_torch(const char *self_dir, uint32_t n, uint32_t keep, int threads, int reps,
+                         char *why, size_t wl)
+{
+    char cmd[4096], line[512];
+    snprintf(cmd, sizeof cmd, "python3 '%s/bench_score_torch.py' --n %u --keep %u --threads %d "
+             "--reps %d 2>&1", self_dir, n, keep, threads, reps);
+    FILE *p = popen(cmd, "r");
+    if (!p) {
+        snprintf(why, wl, "cannot run python3");
+        return -1;
+    }
+    double t = -1;
+    snprintf(why, wl, "no output from bench_score_torch.py");
+    while (fgets(line, sizeof line, p)) {
+        line[strcspn(line, "\n")] = 0;
+        if (sscanf(line, "seconds %lf", &t) == 1)
+            break;
+        snprintf(why, wl, "%.200s", line);
+    }
+    pclose(p);
+    return t;
+}
+
+int main(int argc, char **argv)
+{
+    uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3, keep = 992;
+    int threads = 0, reps = 3, torch = 1;
+    enum kern_stats st = KERN_STATS_FP32;
+    static const struct option opts[] = {
+        {"sizes", required_argument, 0, 's'}, {"threads", required_argument, 0, 't'},
+        {"reps", required_argument, 0, 'r'}, {"no-torch", no_argument, 0, 'n'},
+        {"keep", required_argument, 0, 'k'}, {"mode", required_argument, 0, 'm'},
+        {0, 0, 0, 0},
+    };
+    int o;
+    while ((o = getopt_long(argc, argv, "s:t:r:nk:m:", opts, NULL)) != -1) {
+        switch (o) {
+        case 's': {
+            ns = 0;
+            for (char *t = strtok(optarg, ","); t && ns < 8; t = strtok(NULL, ","))
+                sizes[ns++] = (uint32_t)strtoul(t, NULL, 0);
+            break;
+        }
+        case 't': threads = atoi(optarg); break;
+        case 'r': reps = atoi(optarg) > 0 ? atoi(optarg) : 1; break;
+        case 'n': torch = 0; break;
+        case 'k': keep = (uint32_t)strtoul(optarg, NULL, 0); break;
+        case 'm': st = strcmp(optarg, "parity") ? KERN_STATS_FP32 : KERN_STATS_REF; break;
+        default:
+            fprintf(stderr, "usage: bench-score [--sizes N,..] [--threads N] [--reps R] "
+                            "[--no-torch] [--keep K] [--mode fixed|parity]\n");
+            return 2;
+        }
+    }
+    threads = kern_threads(threads);
+    /* the python script sits beside this program's source; the build records where */
+    const char *dir = getenv("CAKE_TOOLS_DIR") ? getenv("CAKE_TOOLS_DIR") : CAKE_TOOLS_DIR;
+    printf("bench-score: one layer, H=%d Hkv=%d d=%d w=%d bf16, keep %u, %d threads, "
+           "stats %s, best of %d\n", H, HKV, D, W, keep, threads,
+           st == KERN_STATS_FP32 ? "fixed" : "parity", reps);
+    printf("%8s %12s %14s %12s %14s %8s\n", "n", "caked_ms", "caked_tok/s", "torch_ms",
+           "torch_tok/s", "ratio");
+    for (uint32_t i = 0; i < ns; i++) {
+        uint32_t n = sizes[i];
+        if (n <= W + keep) {
+            printf("%8u skipped: n must exceed keep + window\n", n);
+            continue;
+        }
+        double t = time_layer(n, keep, threads, reps, st);
+        char why[256] = "";
+        double tt = torch ? time_torch(dir, n, keep, threads, n > 40000 ? 1 : reps, why,
+                                       sizeof why) : -1;
+        if (!torch)
+            snprintf(why, sizeof why, "--no-torch");
+        if (tt > 0)
+            printf("%8u %12.2f %14.0f %12.2f %14.0f %7.1fx\n", n, t * 1e3, n / t, tt * 1e3,
+                   n / tt, tt / t);
+        else
+            printf("%8u %12.2f %14.0f %12s %14s %8s  (torch: %s)\n", n, t * 1e3, n / t, "-",
+                   "-", "-", why);
+        fflush(stdout);
+    }
+    return 0;
+}
