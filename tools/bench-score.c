@@ -115,7 +115,7 @@ static double time_torch(const char *self_dir, uint32_t n, uint32_t keep, int th
 int main(int argc, char **argv)
 {
     uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3, keep = 992;
-    int threads = 0, reps = 3, torch = 1;
+    int threads = 0, reps = 5, torch = 1;
     enum kern_stats st = KERN_STATS_FP32;
     static const struct option opts[] = {
         {"sizes", required_argument, 0, 's'}, {"threads", required_argument, 0, 't'},
