@@ -28,14 +28,22 @@
 #define TILE 64     /* key columns per GEMM tile: 64 x head_dim f32 stays in L1 */
 #define CHUNK 2048  /* columns per work item: enough items for many cores */
 
+/* vector width in floats and vectors per register block: match the ISA, since GCC lowers
+ * wider generic vectors than the target has into slow piecewise code */
 #if defined(__AVX512F__)
 #define VW 16
 #define NB 4
-#else
+#elif defined(__AVX__)
 #define VW 8
+#define NB 2
+#else
+#define VW 4
 #define NB 2
 #endif
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+/* the same with 4-byte alignment, for loads and stores at any float address (a memcpy
+ * into a vf goes through the stack in halves and stalls store forwarding) */
+typedef float vfu __attribute__((vector_size(VW * sizeof(float)), aligned(4), may_alias));
 
 struct item {
     uint32_t g;
@@ -49,12 +57,12 @@ static void gemm_tile(const float *restrict q, uint32_t R, uint32_t d,
     for (uint32_t cb = 0; cb < TILE; cb += NB * VW) {
         uint32_t r = 0;
         for (; r + 4 <= R; r += 4) {
-            vf acc[4][NB];
-            memset(acc, 0, sizeof acc);
+            vf acc[4][NB] = {{{0}}};
             const float *q0 = q + (size_t)r * d;
             for (uint32_t k = 0; k < d; k++) {
                 vf b[NB];
-                memcpy(b, kt + (size_t)k * TILE + cb, sizeof b);
+                for (int v = 0; v < NB; v++)
+                    b[v] = *(const vfu *)(kt + (size_t)k * TILE + cb + v * VW);
                 for (int rr = 0; rr < 4; rr++) {
                     float s = q0[(size_t)rr * d + k];
                     for (int v = 0; v < NB; v++)
@@ -62,19 +70,17 @@ static void gemm_tile(const float *restrict q, uint32_t R, uint32_t d,
                 }
             }
             for (int rr = 0; rr < 4; rr++)
-                memcpy(z + (size_t)(r + rr) * TILE + cb, acc[rr], sizeof acc[rr]);
+                for (int v = 0; v < NB; v++)
+                    *(vfu *)(z + (size_t)(r + rr) * TILE + cb + v * VW) = acc[rr][v];
         }
         for (; r < R; r++) {
-            vf acc[NB];
-            memset(acc, 0, sizeof acc);
+            vf acc[NB] = {{0}};
             const float *q0 = q + (size_t)r * d;
-            for (uint32_t k = 0; k < d; k++) {
-                vf b[NB];
-                memcpy(b, kt + (size_t)k * TILE + cb, sizeof b);
+            for (uint32_t k = 0; k < d; k++)
                 for (int v = 0; v < NB; v++)
-                    acc[v] += b[v] * q0[k];
-            }
-            memcpy(z + (size_t)r * TILE + cb, acc, sizeof acc);
+                    acc[v] += *(const vfu *)(kt + (size_t)k * TILE + cb + v * VW) * q0[k];
+            for (int v = 0; v < NB; v++)
+                *(vfu *)(z + (size_t)r * TILE + cb + v * VW) = acc[v];
         }
     }
 }
