@@ -1,0 +1,26 @@
+/* evict.h - decode-phase eviction of one layer: which entries it keeps.
+ *
+ * Called once policy_decode_should_evict() says a layer holding N entries is over its
+ * budget. The last w entries (the window) are always kept; of the N - w before them the
+ * layer keeps `budget`, ranked per kv head:
+ *  - parity: the reference's CakeDecodingKVCache_LayerWise: softmax of the current query
+ *    alone over all N entries, average-pooled along storage order, mean over the GQA group;
+ *    kept in descending score order;
+ *  - fixed: mean + gamma * var over the last n_q queries (the layer's ring of recent
+ *    queries, causal), pooled by position; kept in positional order.
+ * Thread-safe (no shared state). */
+#ifndef CAKE_EVICT_H
+#define CAKE_EVICT_H
+
+#include "../kernels/kern.h"
+#include "policy.h"
+
+/* kv: the layer as held (n_tokens = N). q: [q_heads][n_q][head_dim] in q_dtype, the
+ * most recent query last (parity uses only that one). slots receives [kv_heads][kept]
+ * storage slots to keep among the first N - w, for kern_compact_head; ind is scratch of
+ * kv_heads * (N - w) floats. Returns kept (min(budget, N - w)) or -EINVAL / -ENOMEM. */
+int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const struct kern_kv *kv,
+                        const void *q, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
+                        uint32_t *slots, float *ind, int n_threads);
+
+#endif

@@ -1,0 +1,125 @@
+/* Decode-phase eviction per mode against a brute-force ranking of the double-precision
+ * scores. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+#include "evict.h"
+#include "testutil.h"
+
+struct ent {
+    double v;
+    uint32_t pos;
+};
+
+static int rank_cmp(const void *a, const void *b)
+{
+    const struct ent *x = a, *y = b;
+    if (x->v != y->v)
+        return x->v > y->v ? -1 : 1;
+    return x->pos < y->pos ? -1 : x->pos > y->pos;
+}
+
+static int u32_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void run(enum policy_mode mode)
+{
+    uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(3), H = Hkv * G, d = 32, w = 4 + tu_below(12);
+    uint32_t N = w + 20 + tu_below(400), budget = 1 + tu_below(N - w), nq = mode == POLICY_FIXED ? w : 1 + tu_below(w);
+    size_t kvn = (size_t)Hkv * N * d;
+    float *kf = malloc(sizeof(float) * 2 * kvn), *qf = malloc(sizeof(float) * H * nq * d);
+    for (size_t i = 0; i < 2 * kvn; i++)
+        kf[i] = (float)tu_uniform(-2, 2);
+    for (size_t i = 0; i < (size_t)H * nq * d; i++)
+        qf[i] = (float)tu_uniform(-2, 2);
+    void *page = kf;
+    struct kern_kv kv = {KERN_F32, Hkv, d, N, N, &page, kvn * 4};
+    struct policy_cfg cfg;
+    policy_cfg_default(&cfg, 1, w + budget);
+    cfg.mode = mode, cfg.window = w, cfg.model_dtype = KERN_F32;
+    uint32_t S = N - w;
+    uint32_t *slots = malloc(sizeof(uint32_t) * Hkv * S);
+    float *ind = malloc(sizeof(float) * Hkv * S), *ref = malloc(sizeof(float) * Hkv * S);
+    int kept = evict_decode_select(&cfg, budget, &kv, qf, KERN_F32, H, nq, slots, ind, 2);
+    cr_assert_eq(kept, (int)budget);
+    /* the expected scores: parity = last query only, mean; fixed = all nq rows, mean+g*var */
+    const float *qsel = qf;
+    float *last = NULL;
+    uint32_t rows = nq;
+    if (mode == POLICY_PARITY) {
+        last = malloc(sizeof(float) * H * d);
+        for (uint32_t h = 0; h < H; h++)
+            memcpy(last + h * d, qf + ((size_t)h * nq + nq - 1) * d, sizeof(float) * d);
+        qsel = last, rows = 1;
+    }
+    struct kern_score_args a = {
+        .q = qsel, .q_dtype = KERN_F32, .q_heads = H, .n_q = rows, .kv = &kv, .n_scored = S,
+        .gamma = mode == POLICY_PARITY ? 0.0f : cfg.gamma,
+    };
+    struct kern_score_out o = {.indicator = ref};
+    cr_assert_eq(kern_score_layer_ref(&a, &o), 0);
+    struct ent *e = malloc(sizeof(*e) * S);
+    for (uint32_t g = 0; g < Hkv; g++) {
+        double mx = 0;
+        for (uint32_t j = 0; j < S; j++)
+            e[j] = (struct ent){ref[g * S + j], j}, mx = fmax(mx, ref[g * S + j]);
+        qsort(e, S, sizeof(*e), rank_cmp);
+        const uint32_t *got = slots + g * budget;
+        uint32_t *want = malloc(sizeof(uint32_t) * budget);
+        for (uint32_t i = 0; i < budget; i++)
+            want[i] = e[i].pos;
+        if (mode == POLICY_FIXED) {
+            qsort(want, budget, sizeof(uint32_t), u32_cmp);
+            for (uint32_t i = 1; i < budget; i++)
+                cr_assert(got[i] > got[i - 1], "fixed keeps positional order");
+        } else {
+            for (uint32_t i = 1; i < budget; i++) /* parity keeps descending-score order */
+                cr_assert(ind[g * S + got[i]] <= ind[g * S + got[i - 1]]);
+            qsort(want, budget, sizeof(uint32_t), u32_cmp);
+        }
+        uint32_t *gs = malloc(sizeof(uint32_t) * budget);
+        memcpy(gs, got, sizeof(uint32_t) * budget);
+        qsort(gs, budget, sizeof(uint32_t), u32_cmp);
+        /* equal sets, except near-ties at the threshold (float vs double) */
+        double thr = e[budget - 1].v;
+        for (uint32_t i = 0; i < budget; i++)
+            if (gs[i] != want[i])
+                cr_assert(fabs(ref[g * S + gs[i]] - thr) <= 1e-5 * mx &&
+                          fabs(ref[g * S + want[i]] - thr) <= 1e-5 * mx,
+                          "head %u: kept %u, expected %u", g, gs[i], want[i]);
+        free(want), free(gs);
+    }
+    free(e), free(last), free(kf), free(qf), free(slots), free(ind), free(ref);
+}
+
+Test(evict, parity_ranks_by_the_current_query)
+{
+    tu_seed();
+    for (int rep = 0; rep < 40; rep++)
+        run(POLICY_PARITY);
+}
+
+Test(evict, fixed_ranks_by_mean_plus_variance_of_recent_queries)
+{
+    tu_seed();
+    for (int rep = 0; rep < 40; rep++)
+        run(POLICY_FIXED);
+}
+
+Test(evict, refuses_a_layer_without_candidates)
+{
+    float k[2 * 4 * 8] = {0}, q[8] = {0};
+    void *page = k;
+    struct kern_kv kv = {KERN_F32, 1, 8, 4, 4, &page, sizeof k / 2};
+    struct policy_cfg cfg;
+    policy_cfg_default(&cfg, 1, 8);
+    cfg.window = 4;
+    uint32_t slots[4];
+    float ind[4];
+    cr_assert_eq(evict_decode_select(&cfg, 2, &kv, q, KERN_F32, 1, 1, slots, ind, 1), -EINVAL);
+}
