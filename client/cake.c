@@ -1,0 +1,543 @@
+/* cake.c - libcake (see include/cake/cake.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "cake.pb-c.h"
+#include "cake/cake.h"
+#include "frame.h"
+#include "shm.h"
+
+struct cake_ctx {
+    int fd;
+    int timeout_ms;
+    char service[64];
+    char errstr[256];
+    void *(*alloc)(size_t, void *);
+    void (*release)(void *, void *);
+    void *ud;
+    uint8_t *pool;
+    size_t pool_bytes;
+    uint64_t page_bytes;
+    uint64_t next_rid;
+    cake_seq **seqs;
+    size_t n_seqs, cap_seqs;
+};
+
+struct cake_seq {
+    cake_ctx *ctx;
+    uint64_t id;
+    uint32_t tpp;
+    struct shm_desc *desc;
+    size_t v_offset;    /* page base -> V block */
+    size_t row_bytes;
+};
+
+static void *c_alloc(cake_ctx *c, size_t n) { return c->alloc(n, c->ud); }
+static void c_free(cake_ctx *c, void *p) { c->release(p, c->ud); }
+static void *default_alloc(size_t n, void *ud) { (void)ud; return malloc(n); }
+static void default_release(void *p, void *ud) { (void)ud; free(p); }
+
+static int set_err(cake_ctx *c, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->errstr, sizeof c->errstr, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int cake_create(cake_ctx **out)
+{
+    cake_ctx *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->fd = -1;
+    c->alloc = default_alloc, c->release = default_release;
+    strcpy(c->service, "default");
+    *out = c;
+    return 0;
+}
+
+int cake_set_service(cake_ctx *c, const char *name)
+{
+    size_t n = strlen(name);
+    if (n == 0 || n >= sizeof c->service)
+        return set_err(c, CAKE_EINVAL, "service name must be 1..63 characters");
+    memcpy(c->service, name, n + 1);
+    return 0;
+}
+
+int cake_set_allocator(cake_ctx *c, void *(*alloc)(size_t, void *), void (*release)(void *, void *),
+                       void *ud)
+{
+    if (!alloc || !release || c->fd >= 0)
+        return CAKE_EINVAL;
+    c->alloc = alloc, c->release = release, c->ud = ud;
+    return 0;
+}
+
+int cake_set_timeout_ms(cake_ctx *c, int ms)
+{
+    if (ms < 0)
+        return CAKE_EINVAL;
+    c->timeout_ms = ms;
+    return 0;
+}
+
+int cake_fd(const cake_ctx *c) { return c->fd; }
+const char *cake_errstr(const cake_ctx *c) { return c->errstr; }
+void *cake_pool_base(const cake_ctx *c) { return c->pool; }
+size_t cake_pool_bytes(const cake_ctx *c) { return c->pool_bytes; }
+
+static int wait_fd(cake_ctx *c, short ev)
+{
+    if (!c->timeout_ms)
+        return 0;
+    struct pollfd p = {c->fd, ev, 0};
+    int n;
+    do
+        n = poll(&p, 1, c->timeout_ms);
+    while (n < 0 && errno == EINTR);
+    if (n == 0)
+        return set_err(c, -ETIMEDOUT, "no reply from caked within %d ms", c->timeout_ms);
+    return n < 0 ? -errno : 0;
+}
+
+static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
+{
+    while (n) {
+        int rc = wait_fd(c, POLLOUT);
+        if (rc)
+            return rc;
+        ssize_t k = send(c->fd, p, n, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EPIPE || errno == ECONNRESET
+                       ? set_err(c, CAKE_ESHUTDOWN, "connection to caked closed")
+                       : -errno;
+        }
+        p += k, n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Reads exactly n bytes; an fd passed alongside lands in *fd (when fd is not NULL). */
+static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fd)
+{
+    while (n) {
+        int rc = wait_fd(c, POLLIN);
+        if (rc)
+            return rc;
+        struct iovec iov = {p, n};
+        char cbuf[CMSG_SPACE(sizeof(int))];
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                            .msg_controllen = sizeof cbuf};
+        ssize_t k = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == ECONNRESET ? set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
+                                       : -errno;
+        }
+        if (k == 0)
+            return set_err(c, CAKE_ESHUTDOWN, "caked closed the connection");
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+                int got;
+                memcpy(&got, CMSG_DATA(cm), sizeof got);
+                if (fd && *fd < 0)
+                    *fd = got;
+                else
+                    close(got); /* not asked for: never leak it */
+            }
+        p += k, n -= (size_t)k;
+    }
+    return 0;
+}
+
+static void *pc_alloc(void *ud, size_t n) { return c_alloc(ud, n); }
+static void pc_free(void *ud, void *p) { c_free(ud, p); }
+
+/* One request/reply. On success *body (ctx-allocated, *blen bytes) is the reply body to
+ * unpack, and *fd an fd that travelled with it (or -1). Error replies become their code. */
+static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t **body,
+               size_t *blen, int *fd)
+{
+    if (c->fd < 0)
+        return set_err(c, CAKE_ENOTCONN, "not connected to caked");
+    size_t len = msg ? protobuf_c_message_get_packed_size(msg) : 0;
+    if (len > FRAME_MAX_BODY)
+        return set_err(c, CAKE_ETOOBIG, "request of %zu bytes exceeds the frame cap", len);
+    uint8_t *buf = c_alloc(c, FRAME_HEADER_BYTES + len);
+    if (!buf)
+        return -ENOMEM;
+    uint64_t rid = ++c->next_rid;
+    struct frame_header h = {FRAME_MAGIC, FRAME_VERSION, type, 0, (uint32_t)len, rid};
+    frame_write_header(buf, &h);
+    if (msg)
+        protobuf_c_message_pack(msg, buf + FRAME_HEADER_BYTES);
+    int rc = send_all(c, buf, FRAME_HEADER_BYTES + len);
+    c_free(c, buf);
+    if (rc)
+        return rc;
+    if (fd)
+        *fd = -1;
+    for (;;) {
+        uint8_t hb[FRAME_HEADER_BYTES];
+        if ((rc = recv_all(c, hb, sizeof hb, fd)))
+            return rc;
+        if ((rc = frame_parse_header(hb, &h)))
+            return set_err(c, CAKE_EPROTO, "malformed reply header from caked");
+        uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
+        if (!b)
+            return -ENOMEM;
+        if ((rc = recv_all(c, b, h.body_len, fd))) {
+            c_free(c, b);
+            return rc;
+        }
+        if (h.type == MSG_ERROR) {
+            ProtobufCAllocator al = {pc_alloc, pc_free, c};
+            Cake__Error *e = cake__error__unpack(&al, h.body_len, b);
+            c_free(c, b);
+            if (!e)
+                return set_err(c, CAKE_EPROTO, "malformed error reply from caked");
+            int code = e->code < 0 ? e->code : CAKE_EPROTO;
+            set_err(c, code, "%s", e->message ? e->message : "");
+            cake__error__free_unpacked(e, &al);
+            if (h.request_id == 0 && code == CAKE_ESHUTDOWN)
+                return code; /* unsolicited: the daemon is going away */
+            if (h.request_id != rid)
+                continue;
+            return code;
+        }
+        if (h.request_id != rid || h.type != (type | FRAME_REPLY)) {
+            c_free(c, b);
+            return set_err(c, CAKE_EPROTO, "reply does not match the request");
+        }
+        *body = b, *blen = h.body_len;
+        return 0;
+    }
+}
+
+#define RPC_UNPACK(kind, var, type, msg)                                                    \
+    uint8_t *body_ = NULL;                                                                  \
+    size_t blen_ = 0;                                                                       \
+    int rc_ = rpc(c, type, msg, &body_, &blen_, NULL);                                      \
+    if (rc_)                                                                                \
+        return rc_;                                                                         \
+    ProtobufCAllocator al_ = {pc_alloc, pc_free, c};                                        \
+    __typeof__(cake__##kind##__unpack(NULL, 0, NULL)) var =                                 \
+        cake__##kind##__unpack(&al_, blen_, body_);                                         \
+    c_free(c, body_);                                                                       \
+    if (!var)                                                                               \
+        return set_err(c, CAKE_EPROTO, "malformed reply from caked");
+
+static int rpc_empty(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg)
+{
+    uint8_t *b = NULL;
+    size_t n = 0;
+    int rc = rpc(c, type, msg, &b, &n, NULL);
+    if (!rc)
+        c_free(c, b);
+    return rc;
+}
+
+int cake_connect(cake_ctx *c, const char *path, int map_pool)
+{
+    char def[108];
+    if (!path) {
+        if (cake_default_socket(def, sizeof def))
+            return set_err(c, -ENAMETOOLONG, "default socket path too long");
+        path = def;
+    }
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path)
+        return set_err(c, -ENAMETOOLONG, "socket path too long: %s", path);
+    strcpy(a.sun_path, path);
+    if (c->fd >= 0)
+        return set_err(c, CAKE_EINVAL, "already connected");
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0)
+        return -errno;
+    if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        int e = errno;
+        close(c->fd);
+        c->fd = -1;
+        return set_err(c, -e, "cannot connect to caked at %s: %s", path, strerror(e));
+    }
+    Cake__Hello m = CAKE__HELLO__INIT;
+    m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
+    uint8_t *b = NULL;
+    size_t n = 0;
+    int fd = -1;
+    int rc = rpc(c, MSG_HELLO, &m.base, &b, &n, &fd);
+    if (rc)
+        goto fail;
+    ProtobufCAllocator al = {pc_alloc, pc_free, c};
+    Cake__HelloReply *r = cake__hello_reply__unpack(&al, n, b);
+    c_free(c, b);
+    if (!r) {
+        rc = set_err(c, CAKE_EPROTO, "malformed HELLO reply");
+        goto fail;
+    }
+    c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
+    cake__hello_reply__free_unpacked(r, &al);
+    if (map_pool) {
+        if (fd < 0) {
+            rc = set_err(c, CAKE_EPROTO, "caked did not pass the pool");
+            goto fail;
+        }
+        void *p = mmap(NULL, c->pool_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            rc = set_err(c, -errno, "cannot map the pool: %s", strerror(errno));
+            goto fail;
+        }
+        c->pool = p;
+    }
+    if (fd >= 0)
+        close(fd); /* the mapping keeps the memory */
+    return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    close(c->fd);
+    c->fd = -1;
+    return rc;
+}
+
+static void seq_release(cake_ctx *c, cake_seq *s)
+{
+    for (size_t i = 0; i < c->n_seqs; i++)
+        if (c->seqs[i] == s) {
+            c->seqs[i] = c->seqs[--c->n_seqs];
+            break;
+        }
+    c_free(c, s);
+}
+
+void cake_destroy(cake_ctx *c)
+{
+    if (!c)
+        return;
+    while (c->n_seqs)
+        seq_release(c, c->seqs[0]);
+    c_free(c, c->seqs);
+    if (c->pool)
+        munmap(c->pool, c->pool_bytes);
+    if (c->fd >= 0)
+        close(c->fd);
+    free(c);
+}
+
+int cake_ping(cake_ctx *c)
+{
+    return rpc_empty(c, MSG_PING, NULL);
+}
+
+void cake_policy_default(struct cake_policy *p)
+{
+    *p = (struct cake_policy){CAKE_MODE_FIXED, 1024, 32, 1.0f, 1.0f, 200.0f, 1, 0};
+}
+
+int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
+                  uint32_t prompt_len, uint32_t max_new_tokens, cake_seq **out)
+{
+    if (!c->pool)
+        return set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
+    struct cake_policy dp;
+    if (!pol) {
+        cake_policy_default(&dp);
+        pol = &dp;
+    }
+    Cake__Policy p = CAKE__POLICY__INIT;
+    p.mode = pol->mode, p.cache_size = pol->cache_size, p.window = pol->window;
+    p.tau1 = pol->tau1, p.tau2 = pol->tau2, p.gamma = pol->gamma, p.cascading = pol->cascading != 0;
+    p.decode_slack = pol->decode_slack;
+    Cake__SeqOpen m = CAKE__SEQ_OPEN__INIT;
+    m.layers = lay->layers, m.q_heads = lay->q_heads, m.kv_heads = lay->kv_heads;
+    m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;
+    m.max_new_tokens = max_new_tokens, m.policy = &p;
+    RPC_UNPACK(seq_open_reply, r, MSG_SEQ_OPEN, &m.base);
+    cake_seq *s = c_alloc(c, sizeof(*s));
+    int rc = s ? 0 : -ENOMEM;
+    if (!rc && c->n_seqs == c->cap_seqs) {
+        size_t cap = c->cap_seqs ? c->cap_seqs * 2 : 16;
+        cake_seq **n = c_alloc(c, sizeof(*n) * cap);
+        if (!n) {
+            rc = -ENOMEM;
+        } else {
+            if (c->n_seqs)
+                memcpy(n, c->seqs, sizeof(*n) * c->n_seqs);
+            if (c->seqs)
+                c_free(c, c->seqs);
+            c->seqs = n, c->cap_seqs = cap;
+        }
+    }
+    if (!rc && (r->desc_offset + sizeof(struct shm_desc) > c->pool_bytes ||
+                r->scratch_offset + r->scratch_bytes > c->pool_bytes))
+        rc = set_err(c, CAKE_EPROTO, "descriptor outside the pool");
+    if (rc) {
+        Cake__SeqRef cl = CAKE__SEQ_REF__INIT;
+        cl.seq_id = r->seq_id;
+        if (s)
+            c_free(c, s);
+        cake__seq_open_reply__free_unpacked(r, &al_);
+        rpc_empty(c, MSG_SEQ_CLOSE, &cl.base); /* do not leave it open in caked */
+        return rc;
+    }
+    s->ctx = c, s->id = r->seq_id, s->tpp = r->tokens_per_page;
+    s->desc = (struct shm_desc *)(c->pool + r->desc_offset);
+    cake__seq_open_reply__free_unpacked(r, &al_);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    s->row_bytes = (size_t)lay->head_dim * (lay->dtype == CAKE_F32 ? 4 : 2);
+    s->v_offset = (size_t)lay->kv_heads * s->tpp * s->row_bytes;
+    c->seqs[c->n_seqs++] = s;
+    *out = s;
+    return 0;
+}
+
+int cake_seq_close(cake_seq *s)
+{
+    cake_ctx *c = s->ctx;
+    Cake__SeqRef m = CAKE__SEQ_REF__INIT;
+    m.seq_id = s->id;
+    int rc = rpc_empty(c, MSG_SEQ_CLOSE, &m.base);
+    seq_release(c, s);
+    return rc;
+}
+
+uint64_t cake_seq_id(const cake_seq *s) { return s->id; }
+uint32_t cake_seq_tokens_per_page(const cake_seq *s) { return s->tpp; }
+
+int cake_prefill_reserve(cake_seq *s, uint32_t layer)
+{
+    Cake__LayerRef m = CAKE__LAYER_REF__INIT;
+    m.seq_id = s->id, m.layer = layer;
+    int rc = rpc_empty(s->ctx, MSG_PREFILL_RESERVE, &m.base);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return rc;
+}
+
+static int prefill(cake_seq *s, uint16_t type, const ProtobufCMessage *msg, double *pref)
+{
+    cake_ctx *c = s->ctx;
+    RPC_UNPACK(prefill_reply, r, type, msg);
+    if (pref)
+        *pref = r->preference;
+    cake__prefill_reply__free_unpacked(r, &al_);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return 0;
+}
+
+int cake_prefill_observe(cake_seq *s, uint32_t layer, double *preference)
+{
+    Cake__LayerRef m = CAKE__LAYER_REF__INIT;
+    m.seq_id = s->id, m.layer = layer;
+    return prefill(s, MSG_PREFILL_OBSERVE, &m.base, preference);
+}
+
+int cake_prefill_submit(cake_seq *s, uint32_t layer, double preference)
+{
+    Cake__PrefillSubmit m = CAKE__PREFILL_SUBMIT__INIT;
+    m.seq_id = s->id, m.layer = layer, m.preference = preference;
+    return prefill(s, MSG_PREFILL_SUBMIT, &m.base, NULL);
+}
+
+int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
+{
+    uint64_t stack_ids[256], *ids = n <= 256 ? stack_ids : c_alloc(c, sizeof(uint64_t) * n);
+    if (!ids)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        if (seqs[i]->ctx != c) {
+            if (ids != stack_ids)
+                c_free(c, ids);
+            return set_err(c, CAKE_EINVAL, "sequence of another context");
+        }
+        ids[i] = seqs[i]->id;
+    }
+    Cake__DecodeStep m = CAKE__DECODE_STEP__INIT;
+    m.n_seq_ids = n, m.seq_ids = ids;
+    uint8_t *b = NULL;
+    size_t bl = 0;
+    int rc = rpc(c, MSG_DECODE_STEP, &m.base, &b, &bl, NULL);
+    if (ids != stack_ids)
+        c_free(c, ids);
+    if (!rc)
+        c_free(c, b);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return rc;
+}
+
+static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
+{
+    if (layer >= s->desc->layers || g >= s->desc->kv_heads)
+        return NULL;
+    const struct shm_layer *ly = &shm_layers(s->desc)[layer];
+    uint32_t p = t / s->tpp;
+    if (p >= ly->pages)
+        return NULL;
+    uint64_t off = shm_pages(s->desc, layer)[p];
+    if (off + s->desc->page_bytes > s->ctx->pool_bytes)
+        return NULL;
+    return s->ctx->pool + off + ((size_t)g * s->tpp + t % s->tpp) * s->row_bytes;
+}
+
+void *cake_key(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
+{
+    return kv_addr(s, layer, g, t);
+}
+
+void *cake_value(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
+{
+    uint8_t *k = kv_addr(s, layer, g, t);
+    return k ? k + s->v_offset : NULL;
+}
+
+void *cake_queries(const cake_seq *s, uint32_t layer)
+{
+    if (layer >= s->desc->layers)
+        return NULL;
+    return s->ctx->pool + s->desc->ring_offset + (uint64_t)layer * s->desc->ring_layer_bytes;
+}
+
+void *cake_decode_query(const cake_seq *s, uint32_t layer)
+{
+    uint8_t *q = cake_queries(s, layer);
+    if (!q)
+        return NULL;
+    return q + (size_t)shm_layers(s->desc)[layer].ring_next * s->row_bytes;
+}
+
+float *cake_indicator(const cake_seq *s)
+{
+    return (float *)(s->ctx->pool + s->desc->indicator_offset);
+}
+
+uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)
+{
+    return layer < s->desc->layers ? shm_layers(s->desc)[layer].tokens : 0;
+}
+
+uint32_t cake_layer_budget(const cake_seq *s, uint32_t layer)
+{
+    return layer < s->desc->layers ? shm_layers(s->desc)[layer].budget : 0;
+}
+
+const uint64_t *cake_layer_pages(const cake_seq *s, uint32_t layer, uint32_t *n)
+{
+    if (layer >= s->desc->layers)
+        return NULL;
+    *n = shm_layers(s->desc)[layer].pages;
+    return shm_pages(s->desc, layer);
+}

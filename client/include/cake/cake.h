@@ -1,0 +1,163 @@
+/* cake.h - libcake, the client library of caked (the CAKE KV-cache daemon).
+ *
+ * An engine attaches to caked over a Unix socket, opens one sequence per request, and
+ * reads and writes keys, values and queries in place in the daemon's shared pool; caked
+ * decides which tokens each layer keeps (CAKE) and compacts them inside the engine's own
+ * calls, so no engine ever reads a page while it moves.
+ *
+ * Lifecycle (as LMDB): cake_create -> cake_set_* -> cake_connect -> ... -> cake_destroy.
+ * Errors: functions return 0 (or a count) on success, -errno for system errors and
+ * CAKE_E* (a reserved negative range) for protocol errors; cake_strerror() names both and
+ * cake_errstr(ctx) holds the daemon's last message. No errno side channel.
+ * Threads: a cake_ctx and its sequences may be used by one thread at a time (calls on one
+ * context must be serialized by the caller); separate contexts are independent.
+ * The library never owns an event loop: calls block; cake_fd() can be polled.
+ * The library never links jemalloc; cake_set_allocator() hooks its heap. */
+#ifndef CAKE_CAKE_H
+#define CAKE_CAKE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define CAKE_API __attribute__((visibility("default")))
+#else
+#define CAKE_API
+#endif
+
+#define CAKE_PROTOCOL_VERSION 1
+#define CAKE_VERSION "0.1.0"
+
+/* Error codes (negative; -1..-4095 are -errno). */
+#define CAKE_EPROTO (-5001)    /* malformed or unexpected frame */
+#define CAKE_EVERSION (-5002)  /* protocol version mismatch */
+#define CAKE_EOOM (-5003)      /* pool or tenant quota exhausted */
+#define CAKE_ENOSEQ (-5004)    /* no such sequence (or not this tenant's) */
+#define CAKE_EINVAL (-5005)    /* invalid argument */
+#define CAKE_EPERM (-5006)     /* not allowed for this peer */
+#define CAKE_ESHUTDOWN (-5007) /* daemon shut down or the connection closed */
+#define CAKE_ETOOBIG (-5008)   /* request over a size limit */
+#define CAKE_ESTATE (-5009)    /* request out of order (e.g. a layer not yet reserved) */
+#define CAKE_EINTERNAL (-5010) /* daemon-side failure; see cake_errstr */
+#define CAKE_ENOTCONN (-5011)  /* context not connected */
+
+enum cake_dtype { CAKE_F32 = 0, CAKE_F16 = 1, CAKE_BF16 = 2 };
+enum cake_mode { CAKE_MODE_PARITY = 0, CAKE_MODE_FIXED = 1 };
+
+typedef struct cake_ctx cake_ctx;
+typedef struct cake_seq cake_seq;
+
+/* Text for an error code (static). */
+CAKE_API const char *cake_strerror(int err);
+
+/* Creates a context. *out owned by the caller until cake_destroy(). Returns 0 or -ENOMEM. */
+CAKE_API int cake_create(cake_ctx **out);
+/* Closes the connection, releases every sequence handle and unmaps the pool. The
+ * daemon frees everything the connection owned. NULL is a no-op. */
+CAKE_API void cake_destroy(cake_ctx *ctx);
+
+/* Before cake_connect(): the service (tenant) name to declare (1..63 printable chars;
+ * default "default"). Returns 0 or CAKE_EINVAL. The string is copied. */
+CAKE_API int cake_set_service(cake_ctx *ctx, const char *name);
+/* Before cake_connect(): heap hooks for the library's own allocations. */
+CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void *ud),
+                       void (*release)(void *ptr, void *ud), void *ud);
+/* Before cake_connect(): reply timeout (0 = wait forever; default 0). */
+CAKE_API int cake_set_timeout_ms(cake_ctx *ctx, int timeout_ms);
+
+/* Default socket path: $CAKED_SOCKET, else $XDG_RUNTIME_DIR/caked.sock, else
+ * /tmp/caked-$UID/caked.sock. Writes at most len bytes; returns 0 or -ENAMETOOLONG. */
+CAKE_API int cake_default_socket(char *buf, size_t len);
+
+/* Connects to socket_path (NULL: the default), agrees on the protocol version and, with
+ * map_pool, maps the host pool. Returns 0, -errno, CAKE_EVERSION, CAKE_EPROTO. */
+CAKE_API int cake_connect(cake_ctx *ctx, const char *socket_path, int map_pool);
+
+/* The socket (readable when a reply is waiting), for embedding in an event loop. */
+CAKE_API int cake_fd(const cake_ctx *ctx);
+/* The daemon's or library's last error message (owned by ctx; valid until the next call). */
+CAKE_API const char *cake_errstr(const cake_ctx *ctx);
+/* The mapped host pool (NULL if not mapped) and its size. */
+CAKE_API void *cake_pool_base(const cake_ctx *ctx);
+CAKE_API size_t cake_pool_bytes(const cake_ctx *ctx);
+
+/* Round trip without work (latency probes). */
+CAKE_API int cake_ping(cake_ctx *ctx);
+
+/* ---- sequences ---------------------------------------------------------- */
+
+struct cake_layout {
+    uint32_t layers;
+    uint32_t q_heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    enum cake_dtype dtype;
+};
+
+struct cake_policy {
+    enum cake_mode mode; /* default fixed */
+    uint32_t cache_size; /* C: average tokens per layer including the window (default 1024) */
+    uint32_t window;     /* w (default 32) */
+    float tau1, tau2;    /* preference exponents (default 1, 1) */
+    float gamma;         /* variance weight of the indicator (default 200) */
+    int cascading;       /* default 1 */
+    uint32_t decode_slack; /* fixed mode: evict every slack+1 steps (default 0) */
+};
+
+CAKE_API void cake_policy_default(struct cake_policy *p);
+
+/* Opens a sequence for a prompt of prompt_len tokens that may decode max_new_tokens more.
+ * *out is owned by ctx (freed by cake_seq_close or cake_destroy). Returns 0, CAKE_EINVAL,
+ * CAKE_EOOM (the descriptor and scratch area do not fit the tenant's share). */
+CAKE_API int cake_seq_open(cake_ctx *ctx, const struct cake_layout *layout,
+                  const struct cake_policy *policy, uint32_t prompt_len,
+                  uint32_t max_new_tokens, cake_seq **out);
+/* Frees the sequence in the daemon and the handle. */
+CAKE_API int cake_seq_close(cake_seq *seq);
+CAKE_API uint64_t cake_seq_id(const cake_seq *seq);
+CAKE_API uint32_t cake_seq_tokens_per_page(const cake_seq *seq);
+
+/* Prefill, per layer in order 0, 1, ...:
+ *   cake_prefill_reserve(seq, l)    pages for prompt_len tokens of layer l
+ *   write K/V at cake_key()/cake_value() and the last w queries at cake_queries()
+ *   cake_prefill_observe(seq, l, &P) caked scores the layer, allocates budgets and
+ *                                    compacts (cascading) - or, having computed the scores
+ *                                    itself, the engine writes the indicator at
+ *                                    cake_indicator() and calls cake_prefill_submit(). */
+CAKE_API int cake_prefill_reserve(cake_seq *seq, uint32_t layer);
+CAKE_API int cake_prefill_observe(cake_seq *seq, uint32_t layer, double *preference);
+CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preference);
+
+/* One decode step for n sequences of this context: evicts layers over budget, then
+ * reserves one more token in every layer of every sequence. After it returns, write the
+ * new token's K/V at slot cake_layer_tokens(seq, l) - 1 and its query at
+ * cake_decode_query(seq, l). All or nothing: CAKE_EOOM leaves every sequence as it was. */
+CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
+
+/* Addresses in the pool (valid until the next call on this sequence that may compact:
+ * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage. */
+CAKE_API void *cake_key(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
+CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
+/* Window queries of a layer, [q_heads][w][head_dim] in the sequence dtype, oldest first. */
+CAKE_API void *cake_queries(const cake_seq *seq, uint32_t layer);
+/* Where the query of the token just reserved by cake_decode_step goes, [q_heads][head_dim]
+ * with a row stride of w * head_dim elements. */
+CAKE_API void *cake_decode_query(const cake_seq *seq, uint32_t layer);
+/* Indicator area for cake_prefill_submit: [kv_heads][prompt_len - w] f32. */
+CAKE_API float *cake_indicator(const cake_seq *seq);
+
+/* Tokens the layer holds now (prefix kept + window + decoded), and its recorded budget. */
+CAKE_API uint32_t cake_layer_tokens(const cake_seq *seq, uint32_t layer);
+CAKE_API uint32_t cake_layer_budget(const cake_seq *seq, uint32_t layer);
+/* Pool offsets of the layer's pages (count via *n_pages); for engines with their own
+ * paged attention kernels. Owned by the pool mapping; valid as cake_key(). */
+CAKE_API const uint64_t *cake_layer_pages(const cake_seq *seq, uint32_t layer, uint32_t *n_pages);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,189 @@
+/* config.c - defaults, option and file parsing (see config.h). */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../client/include/cake/cake.h"
+#include "config.h"
+#include "tenant.h"
+
+int config_parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (end == s || errno || s[0] == '-')
+        return -1;
+    uint64_t mul = 1;
+    switch (toupper((unsigned char)*end)) {
+    case 'K': mul = 1ull << 10; end++; break;
+    case 'M': mul = 1ull << 20; end++; break;
+    case 'G': mul = 1ull << 30; end++; break;
+    case 'T': mul = 1ull << 40; end++; break;
+    default: break;
+    }
+    if (mul > 1 && (*end == 'i' || *end == 'I'))
+        end++;
+    if (*end == 'B' || *end == 'b')
+        end++;
+    if (*end || (v && mul > UINT64_MAX / v))
+        return -1;
+    *out = v * mul;
+    return 0;
+}
+
+void config_defaults(struct config *c)
+{
+    memset(c, 0, sizeof(*c));
+    cake_default_socket(c->srv.socket_path, sizeof c->srv.socket_path);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    uint64_t ram = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : (4ull << 30);
+    c->srv.host_pool_bytes = ram / 4 < (1ull << 30) ? ram / 4 : (1ull << 30);
+    c->srv.page_bytes = 64 << 10;
+    c->srv.io = LOOP_AUTO;
+    c->srv.workers = 0;
+    c->srv.kernel_threads = 1;
+}
+
+#define FAIL(...) (snprintf(err, (size_t)len, __VA_ARGS__), -1)
+
+int config_set(struct config *c, const char *key, const char *v, char *err, int len)
+{
+    uint64_t n;
+    if (!strcmp(key, "socket")) {
+        if (strlen(v) >= sizeof c->srv.socket_path || !v[0])
+            return FAIL("socket path too long or empty: %s", v);
+        strcpy(c->srv.socket_path, v);
+    } else if (!strcmp(key, "socket-group")) {
+        if (strlen(v) >= sizeof c->srv.socket_group)
+            return FAIL("group name too long: %s", v);
+        strcpy(c->srv.socket_group, v);
+    } else if (!strcmp(key, "host-pool")) {
+        if (config_parse_size(v, &n) || n == 0)
+            return FAIL("bad size for host-pool: %s (use e.g. 512M, 4G)", v);
+        c->srv.host_pool_bytes = n;
+    } else if (!strcmp(key, "page-size")) {
+        if (config_parse_size(v, &n) || n < 4096 || (n & (n - 1)) || n > (1ull << 30))
+            return FAIL("page-size must be a power of two from 4K to 1G: %s", v);
+        c->srv.page_bytes = n;
+    } else if (!strcmp(key, "huge-pages")) {
+        c->srv.hugepages = !strcmp(v, "1") || !strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "true");
+    } else if (!strcmp(key, "io")) {
+        if (!strcmp(v, "auto"))
+            c->srv.io = LOOP_AUTO;
+        else if (!strcmp(v, "uring") || !strcmp(v, "io_uring"))
+            c->srv.io = LOOP_URING;
+        else if (!strcmp(v, "epoll"))
+            c->srv.io = LOOP_EPOLL;
+        else
+            return FAIL("io must be uring, epoll or auto: %s", v);
+    } else if (!strcmp(key, "workers") || !strcmp(key, "kernel-threads")) {
+        char *end;
+        long x = strtol(v, &end, 10);
+        if (*end || x < 0 || x > 1024)
+            return FAIL("thread count must be 0..1024: %s", v);
+        if (key[0] == 'w')
+            c->srv.workers = (int)x;
+        else
+            c->srv.kernel_threads = (int)x;
+    } else {
+        return FAIL("unknown option: %s", key);
+    }
+    return 0;
+}
+
+static int parse_tenant(struct config *c, char *rest, char *err, int len)
+{
+    if (c->n_tenants == CONFIG_MAX_TENANTS)
+        return FAIL("more than %s tenants", "256");
+    struct tenant_cfg *t = &c->tenants[c->n_tenants];
+    memset(t, 0, sizeof(*t));
+    t->uid = -1, t->weight = 1;
+    char *save = NULL, *tok = strtok_r(rest, " \t", &save);
+    if (!tok || !tenant_name_ok(tok))
+        return FAIL("tenant needs a name of [A-Za-z0-9._-]: %s", tok ? tok : "");
+    snprintf(t->name, sizeof t->name, "%s", tok);
+    while ((tok = strtok_r(NULL, " \t", &save))) {
+        char *eq = strchr(tok, '=');
+        if (!eq)
+            return FAIL("expected key=value: %s", tok);
+        *eq = 0;
+        const char *v = eq + 1;
+        uint64_t n;
+        char *end;
+        if (!strcmp(tok, "uid")) {
+            long u = strtol(v, &end, 10);
+            if (*end || u < 0)
+                return FAIL("bad uid: %s", v);
+            t->uid = u;
+        } else if (!strcmp(tok, "weight")) {
+            long w = strtol(v, &end, 10);
+            if (*end || w < 1 || w > 1000000)
+                return FAIL("weight must be 1..1000000: %s", v);
+            t->weight = (uint32_t)w;
+        } else if (!strcmp(tok, "min") || !strcmp(tok, "max")) {
+            if (config_parse_size(v, &n))
+                return FAIL("bad size: %s", v);
+            if (tok[1] == 'i')
+                t->min_bytes = n;
+            else
+                t->max_bytes = n;
+        } else {
+            return FAIL("unknown tenant key: %s", tok);
+        }
+    }
+    if (t->max_bytes && t->min_bytes > t->max_bytes)
+        return FAIL("tenant %s: min above max", t->name);
+    c->n_tenants++;
+    return 0;
+}
+
+int config_load(struct config *c, const char *path, char *err, int len)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, (size_t)len, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[1024], msg[256];
+    int no = 0, rc = 0;
+    while (!rc && fgets(line, sizeof line, f)) {
+        no++;
+        char *p = line;
+        char *hash = strchr(p, '#');
+        if (hash)
+            *hash = 0;
+        while (isspace((unsigned char)*p))
+            p++;
+        size_t n = strlen(p);
+        while (n && isspace((unsigned char)p[n - 1]))
+            p[--n] = 0;
+        if (!*p)
+            continue;
+        if (!strncmp(p, "tenant", 6) && isspace((unsigned char)p[6])) {
+            rc = parse_tenant(c, p + 7, msg, sizeof msg);
+        } else {
+            char *eq = strchr(p, '=');
+            if (!eq) {
+                snprintf(msg, sizeof msg, "expected key = value");
+                rc = -1;
+            } else {
+                *eq = 0;
+                char *k = p, *v = eq + 1;
+                size_t kl = strlen(k);
+                while (kl && isspace((unsigned char)k[kl - 1]))
+                    k[--kl] = 0;
+                while (isspace((unsigned char)*v))
+                    v++;
+                rc = config_set(c, k, v, msg, sizeof msg);
+            }
+        }
+        if (rc)
+            snprintf(err, (size_t)len, "%s:%d: %s", path, no, msg);
+    }
+    fclose(f);
+    return rc;
+}

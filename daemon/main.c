@@ -1,0 +1,79 @@
+/* caked - the CAKE KV-cache daemon.
+ *
+ *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--huge-pages]
+ *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
+ *         [--socket-group NAME] [--config FILE] [--version] [--help]
+ *
+ * Runs in the foreground and logs to stderr (a service manager captures both). */
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "config.h"
+#include "server.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: caked [options]\n"
+            "  --socket PATH         control socket (default $XDG_RUNTIME_DIR/caked.sock,\n"
+            "                        else /tmp/caked-$UID/caked.sock)\n"
+            "  --host-pool SIZE      host pool size, e.g. 512M, 8G (default min(1G, RAM/4))\n"
+            "  --page-size SIZE      pool page size, power of two (default 64K)\n"
+            "  --huge-pages          back the pool with huge pages when the system has them\n"
+            "  --io uring|epoll|auto event loop backend (default auto: io_uring if usable)\n"
+            "  --workers N           scoring threads (default: one per core)\n"
+            "  --kernel-threads N    threads inside one scoring job (default 1)\n"
+            "  --socket-group NAME   let this group connect (socket mode 0660; default 0600)\n"
+            "  --config FILE         options and tenants (see daemon/README.md)\n"
+            "  --version, --help\n");
+}
+
+int main(int argc, char **argv)
+{
+    static struct config cfg;
+    config_defaults(&cfg);
+    static const struct option opts[] = {
+        {"socket", 1, 0, 's'}, {"host-pool", 1, 0, 'p'}, {"page-size", 1, 0, 'P'},
+        {"huge-pages", 0, 0, 'H'}, {"io", 1, 0, 'i'}, {"workers", 1, 0, 'w'},
+        {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
+        {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
+    };
+    static const char *const keys[128] = {
+        ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io",
+        ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
+    };
+    char err[512];
+    /* the config file first, so the command line overrides it */
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--config") && i + 1 < argc && config_load(&cfg, argv[i + 1], err, sizeof err)) {
+            fprintf(stderr, "caked: %s\n", err);
+            return 2;
+        }
+    int o;
+    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (o) {
+        case 'c': break;
+        case 'H': cfg.srv.hugepages = 1; break;
+        case 'V': printf("caked %s (protocol %d)\n", CAKE_VERSION, CAKE_PROTOCOL_VERSION); return 0;
+        case 'h': usage(stdout); return 0;
+        case '?': usage(stderr); return 2;
+        default:
+            if (config_set(&cfg, keys[o], optarg, err, sizeof err)) {
+                fprintf(stderr, "caked: %s\n", err);
+                return 2;
+            }
+        }
+    }
+    if (optind < argc) {
+        usage(stderr);
+        return 2;
+    }
+    struct server *s;
+    if (server_create(&cfg.srv, cfg.tenants, cfg.n_tenants, &s))
+        return 1;
+    int rc = server_run(s);
+    server_destroy(s);
+    return rc ? 1 : 0;
+}

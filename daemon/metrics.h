@@ -1,0 +1,43 @@
+/* metrics.h - daemon counters and their Prometheus text exposition (hand written, as no
+ * maintained C client is packaged). Loop thread only. */
+#ifndef CAKE_METRICS_H
+#define CAKE_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../proto/frame.h"
+
+#define METRICS_LAT_BUCKETS 13
+
+enum metrics_err {
+    ERR_PROTO, ERR_VERSION, ERR_OOM, ERR_NOSEQ, ERR_INVAL, ERR_PERM, ERR_TOOBIG, ERR_STATE,
+    ERR_INTERNAL, ERR_KINDS,
+};
+
+struct metrics {
+    uint64_t requests[MSG_TYPE_MAX + 1];
+    uint64_t errors[ERR_KINDS];
+    uint64_t lat_bucket[METRICS_LAT_BUCKETS]; /* cumulative at render time */
+    double lat_sum_s;
+    uint64_t lat_count;
+    uint64_t evictions_prefill, evictions_decode; /* layer compactions */
+    uint64_t tokens_evicted;
+    uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
+    uint64_t pref_fallbacks;
+};
+
+extern const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS];
+
+enum metrics_err metrics_err_kind(int code);
+const char *metrics_err_name(enum metrics_err e);
+void metrics_observe_latency(struct metrics *m, double seconds);
+
+/* Appends printf-formatted text to a growing buffer; returns 0 or -ENOMEM. */
+struct strbuf {
+    char *s;
+    size_t len, cap;
+};
+int strbuf_printf(struct strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif

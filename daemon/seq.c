@@ -1,0 +1,435 @@
+/* seq.c - sequences in the pool (see seq.h). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "evict.h"
+#include "seq.h"
+
+static uint64_t ring_layer_bytes(const struct seq *s)
+{
+    uint64_t b = (uint64_t)s->H * s->cfg.window * s->d * kern_dtype_size(s->dt);
+    return (b + 63) & ~UINT64_C(63);
+}
+
+static uint32_t scored_len(const struct seq *s)
+{
+    return s->n > s->cfg.window ? s->n - s->cfg.window : 0;
+}
+
+static void *scratch_ptr(const struct seq_env *e, const struct seq *s)
+{
+    return pool_ptr(e->pool, s->scratch_first);
+}
+
+static void *ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    return (uint8_t *)scratch_ptr(e, s) + (uint64_t)l * ring_layer_bytes(s);
+}
+
+static float *indicator_ptr(const struct seq_env *e, const struct seq *s)
+{
+    return (float *)((uint8_t *)scratch_ptr(e, s) + (uint64_t)s->L * ring_layer_bytes(s));
+}
+
+static void account(const struct seq_env *e, struct seq *s, int64_t pages)
+{
+    s->pages_held += pages;
+    s->tenant->used_bytes += pages * (int64_t)e->pool->page_bytes;
+}
+
+/* Publishes layer l's state to the shared descriptor. */
+static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
+{
+    struct shm_layer *sl = &shm_layers(s->desc)[l];
+    const struct seq_layer *ly = &s->layer[l];
+    uint64_t *pg = shm_pages(s->desc, l);
+    for (uint32_t i = 0; i < ly->n_pages; i++)
+        pg[i] = (uint64_t)ly->pages[i] * e->pool->page_bytes;
+    sl->tokens = ly->tokens;
+    sl->pages = ly->n_pages;
+    sl->budget = l < s->next_observe ? cakeseq_budget(s->cs, l) : 0;
+    sl->prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    sl->ring_next = s->decoded ? (v0 + s->decoded - 1) % w : 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static struct kern_kv layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
+                                 void **pages)
+{
+    const struct seq_layer *ly = &s->layer[l];
+    for (uint32_t i = 0; i < ly->n_pages; i++)
+        pages[i] = pool_ptr(e->pool, ly->pages[i]);
+    return (struct kern_kv){
+        .dtype = s->dt, .kv_heads = s->Hkv, .head_dim = s->d, .tokens_per_page = s->tpp,
+        .n_tokens = ly->tokens, .pages = pages,
+        .v_offset_bytes = (size_t)s->Hkv * s->tpp * s->d * kern_dtype_size(s->dt),
+    };
+}
+
+int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tenant *t,
+             uint64_t id, uint64_t owner, struct seq **out, const char **why)
+{
+    if (!a->layers || a->layers > SEQ_MAX_LAYERS) {
+        *why = "layers must be in 1..512";
+        return CAKE_EINVAL;
+    }
+    if (!a->q_heads || a->q_heads > SEQ_MAX_HEADS || !a->kv_heads || a->q_heads % a->kv_heads) {
+        *why = "q_heads must be a positive multiple of kv_heads (at most 1024)";
+        return CAKE_EINVAL;
+    }
+    if (!a->head_dim || a->head_dim > SEQ_MAX_HEAD_DIM || a->dtype > CAKE_BF16) {
+        *why = "head_dim must be in 1..1024 and dtype f32, f16 or bf16";
+        return CAKE_EINVAL;
+    }
+    if (!a->prompt_len || (uint64_t)a->prompt_len + a->max_new > SEQ_MAX_TOKENS) {
+        *why = "prompt_len must be >= 1 and prompt_len + max_new_tokens <= 16M";
+        return CAKE_EINVAL;
+    }
+    struct policy_cfg cfg = a->cfg;
+    cfg.layers = a->layers, cfg.model_dtype = (enum kern_dtype)a->dtype;
+    if ((*why = policy_cfg_check(&cfg)))
+        return CAKE_EINVAL;
+    uint64_t row = (uint64_t)a->head_dim * kern_dtype_size((enum kern_dtype)a->dtype);
+    uint64_t tpp = e->pool->page_bytes / (2 * a->kv_heads * row);
+    if (!tpp) {
+        *why = "one token of this layout does not fit a page: start caked with a larger --page-size";
+        return CAKE_EINVAL;
+    }
+    struct seq *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->id = id, s->owner = owner, s->tenant = t, s->L = a->layers, s->H = a->q_heads;
+    s->Hkv = a->kv_heads, s->d = a->head_dim, s->n = a->prompt_len, s->max_new = a->max_new;
+    s->dt = (enum kern_dtype)a->dtype, s->cfg = cfg, s->tpp = (uint32_t)tpp;
+    s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
+    uint64_t pb = e->pool->page_bytes;
+    uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages);
+    uint64_t scratch_bytes = (uint64_t)s->L * ring_layer_bytes(s) +
+                             (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
+    s->desc_pages = (uint32_t)((desc_bytes + pb - 1) / pb);
+    s->scratch_pages = (uint32_t)((scratch_bytes + pb - 1) / pb);
+    int rc = -ENOMEM;
+    s->layer = calloc(s->L, sizeof(*s->layer));
+    if (!s->layer)
+        goto fail;
+    for (uint32_t l = 0; l < s->L; l++)
+        if (!(s->layer[l].pages = malloc(sizeof(uint32_t) * s->max_pages)))
+            goto fail;
+    const char *cwhy = NULL;
+    if ((rc = cakeseq_create(&cfg, s->Hkv, s->n, &s->cs, &cwhy))) {
+        *why = cwhy ? cwhy : "out of memory";
+        rc = rc == -EINVAL ? CAKE_EINVAL : rc;
+        goto fail;
+    }
+    rc = CAKE_EOOM;
+    *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
+    uint64_t need = (uint64_t)(s->desc_pages + s->scratch_pages) * pb;
+    if (tenant_admit(e->tenants, t, need, (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes))
+        goto fail;
+    int64_t d0 = pool_alloc_run(e->pool, s->desc_pages);
+    if (d0 < 0) {
+        *why = "no contiguous run of pages for the sequence descriptor";
+        goto fail;
+    }
+    int64_t s0 = pool_alloc_run(e->pool, s->scratch_pages);
+    if (s0 < 0) {
+        pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
+        *why = "no contiguous run of pages for the sequence scratch area";
+        goto fail;
+    }
+    s->desc_first = (uint32_t)d0, s->scratch_first = (uint32_t)s0;
+    account(e, s, s->desc_pages + s->scratch_pages);
+    t->sequences++;
+    s->desc = pool_ptr(e->pool, s->desc_first);
+    memset(s->desc, 0, desc_bytes);
+    *s->desc = (struct shm_desc){
+        .magic = SHM_DESC_MAGIC, .version = SHM_DESC_VERSION, .seq_id = id, .layers = s->L,
+        .q_heads = s->H, .kv_heads = s->Hkv, .head_dim = s->d, .dtype = s->dt,
+        .tokens_per_page = s->tpp, .max_pages = s->max_pages, .window = cfg.window,
+        .prompt_len = s->n, .ring_offset = (uint64_t)s->scratch_first * pb,
+        .ring_layer_bytes = ring_layer_bytes(s),
+        .indicator_offset = (uint64_t)s->scratch_first * pb + (uint64_t)s->L * ring_layer_bytes(s),
+        .page_bytes = pb,
+    };
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    *out = s;
+    return 0;
+fail:
+    if (s->layer)
+        for (uint32_t l = 0; l < s->L; l++)
+            free(s->layer[l].pages);
+    free(s->layer);
+    cakeseq_destroy(s->cs);
+    free(s);
+    return rc;
+}
+
+static void free_layer_pages(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t keep)
+{
+    struct seq_layer *ly = &s->layer[l];
+    for (uint32_t i = keep; i < ly->n_pages; i++)
+        pool_free_run(e->pool, ly->pages[i], 1);
+    account(e, s, -(int64_t)(ly->n_pages - keep));
+    ly->n_pages = keep;
+}
+
+void seq_free(const struct seq_env *e, struct seq *s)
+{
+    for (uint32_t l = 0; l < s->L; l++) {
+        free_layer_pages(e, s, l, 0);
+        free(s->layer[l].pages);
+    }
+    pool_free_run(e->pool, s->desc_first, s->desc_pages);
+    pool_free_run(e->pool, s->scratch_first, s->scratch_pages);
+    account(e, s, -(int64_t)(s->desc_pages + s->scratch_pages));
+    s->tenant->sequences--;
+    free(s->layer);
+    cakeseq_destroy(s->cs);
+    free(s);
+}
+
+int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const char **why)
+{
+    if (s->busy) {
+        *why = "sequence busy";
+        return CAKE_ESTATE;
+    }
+    if (layer != s->next_reserve || layer >= s->L) {
+        *why = "layers must be reserved once each, in order";
+        return CAKE_ESTATE;
+    }
+    uint32_t need = (s->n + s->tpp - 1) / s->tpp;
+    uint64_t pb = e->pool->page_bytes;
+    if (tenant_admit(e->tenants, s->tenant, (uint64_t)need * pb,
+                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes)) {
+        *why = "layer pages exceed the tenant's share of the pool";
+        return CAKE_EOOM;
+    }
+    struct seq_layer *ly = &s->layer[layer];
+    for (uint32_t i = 0; i < need; i++) {
+        int64_t p = pool_alloc(e->pool);
+        if (p < 0) {
+            account(e, s, i);
+            ly->n_pages = i;
+            free_layer_pages(e, s, layer, 0);
+            *why = "pool exhausted";
+            return CAKE_EOOM;
+        }
+        ly->pages[i] = (uint32_t)p;
+    }
+    ly->n_pages = need;
+    ly->tokens = s->n;
+    account(e, s, need);
+    s->next_reserve++;
+    sync_layer(e, s, layer);
+    return 0;
+}
+
+int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why)
+{
+    if (s->busy) {
+        *why = "sequence busy";
+        return CAKE_ESTATE;
+    }
+    if (layer != s->next_observe || layer >= s->next_reserve) {
+        *why = "layers must be observed in order, after they are reserved";
+        return CAKE_ESTATE;
+    }
+    return 0;
+}
+
+/* Compacts layer m to the controller's decision ev (worker thread). */
+static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev)
+{
+    struct seq_layer *ly = &s->layer[ev->layer];
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    void *scratch = malloc(2 * row * (ev->kept + 1));
+    if (!pages || !scratch) {
+        free(pages), free(scratch);
+        return -ENOMEM;
+    }
+    struct kern_kv kv = layer_view(e, s, ev->layer, pages);
+    uint32_t win = ly->tokens - ev->old_prefix;
+    for (uint32_t g = 0; g < s->Hkv; g++)
+        kern_compact_head(&kv, g, ev->slots + (size_t)g * ev->kept, ev->kept, ev->old_prefix,
+                          win, scratch);
+    s->evicted_tokens += ev->old_prefix - ev->kept;
+    ly->tokens = ev->kept + win;
+    free(pages), free(scratch);
+    return 0;
+}
+
+void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                      double pref)
+{
+    uint32_t S = scored_len(s), w = s->cfg.window;
+    float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    if (!ind) {
+        s->work_rc = -ENOMEM;
+        return;
+    }
+    if (S && observe) {
+        void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
+        if (!pages) {
+            free(ind);
+            s->work_rc = -ENOMEM;
+            return;
+        }
+        struct kern_kv kv = layer_view(e, s, layer, pages);
+        struct kern_score_args a = {
+            .q = ring_ptr(e, s, layer), .q_dtype = s->dt, .q_heads = s->H, .n_q = w,
+            .kv = &kv, .n_scored = S, .gamma = s->cfg.gamma,
+            .stats = s->cfg.mode == POLICY_FIXED ? KERN_STATS_FP32 : KERN_STATS_REF,
+            .round_dtype = s->dt, .n_threads = e->threads,
+        };
+        struct kern_score_out o = {.indicator = ind};
+        s->work_rc = kern_score_layer(&a, &o);
+        free(pages);
+        pref = policy_preference(&s->cfg, o.entropy, o.variance);
+    } else if (S) {
+        /* the engine's own indicator: copied out of shared memory before use */
+        memcpy(ind, indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
+    } else if (observe) {
+        pref = 0.0;
+    }
+    s->last_pref = pref;
+    struct cakeseq_evict ev[SEQ_MAX_LAYERS];
+    uint32_t nev = 0;
+    if (!s->work_rc)
+        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, ind, ev, &nev);
+    for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
+        s->work_rc = apply_evict(e, s, &ev[i]);
+        s->ev_layers[s->n_ev++] = ev[i].layer;
+    }
+    free(ind);
+}
+
+void seq_trim_pages(const struct seq_env *e, struct seq *s)
+{
+    for (uint32_t l = 0; l < s->next_reserve; l++) {
+        uint32_t keep = (s->layer[l].tokens + s->tpp - 1) / s->tpp;
+        if (keep < s->layer[l].n_pages)
+            free_layer_pages(e, s, l, keep);
+    }
+}
+
+void seq_prefill_commit(const struct seq_env *e, struct seq *s)
+{
+    if (!s->work_rc)
+        s->next_observe++;
+    seq_trim_pages(e, s);
+    for (uint32_t l = 0; l < s->next_reserve; l++)
+        sync_layer(e, s, l);
+}
+
+int seq_decode_check(const struct seq *s, const char **why)
+{
+    if (s->busy) {
+        *why = "sequence busy";
+        return CAKE_ESTATE;
+    }
+    if (s->next_observe != s->L) {
+        *why = "decode before every layer was prefilled";
+        return CAKE_ESTATE;
+    }
+    if (s->decoded >= s->max_new) {
+        *why = "sequence reached its max_new_tokens";
+        return CAKE_ETOOBIG;
+    }
+    return 0;
+}
+
+static int layer_over(const struct seq *s, uint32_t l)
+{
+    return s->decoded > 0 &&
+           policy_decode_should_evict(&s->cfg, cakeseq_budget(s->cs, l), s->layer[l].tokens);
+}
+
+int seq_decode_needs_evict(const struct seq *s)
+{
+    for (uint32_t l = 0; l < s->L; l++)
+        if (layer_over(s, l))
+            return 1;
+    return 0;
+}
+
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    uint8_t *q = malloc(row * s->H * valid);
+    for (uint32_t l = 0; l < s->L && q && !s->work_rc; l++) {
+        if (!layer_over(s, l))
+            continue;
+        struct seq_layer *ly = &s->layer[l];
+        /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
+        const uint8_t *ring = ring_ptr(e, s, l);
+        for (uint32_t h = 0; h < s->H; h++)
+            for (uint32_t i = 0; i < valid; i++) {
+                uint32_t slot = (v0 + s->decoded - valid + i) % w;
+                memcpy(q + ((size_t)h * valid + i) * row, ring + ((size_t)h * w + slot) * row, row);
+            }
+        uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
+        uint32_t budget = cakeseq_budget(s->cs, l);
+        uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
+        float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+        void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+        void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
+        if (!slots || !ind || !pages || !scratch) {
+            s->work_rc = -ENOMEM;
+        } else {
+            struct kern_kv kv = layer_view(e, s, l, pages);
+            int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots,
+                                           ind, e->threads);
+            if (kept < 0) {
+                s->work_rc = kept;
+            } else {
+                for (uint32_t g = 0; g < s->Hkv; g++)
+                    kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
+                s->evicted_tokens += S - (uint32_t)kept;
+                ly->tokens = (uint32_t)kept + w;
+                s->ev_layers[s->n_ev++] = l;
+            }
+        }
+        free(slots), free(ind), free(pages), free(scratch);
+    }
+    if (!q)
+        s->work_rc = -ENOMEM;
+    free(q);
+}
+
+uint32_t seq_decode_pages_needed(const struct seq *s)
+{
+    uint32_t need = 0;
+    for (uint32_t l = 0; l < s->L; l++)
+        need += s->layer[l].tokens + 1 > s->layer[l].n_pages * s->tpp;
+    return need;
+}
+
+int seq_decode_reserve(const struct seq_env *e, struct seq *s)
+{
+    uint32_t need = seq_decode_pages_needed(s);
+    if (need > pool_free_pages(e->pool))
+        return CAKE_EOOM;
+    for (uint32_t l = 0; l < s->L; l++) {
+        struct seq_layer *ly = &s->layer[l];
+        if (ly->tokens + 1 > ly->n_pages * s->tpp) {
+            if (ly->n_pages == s->max_pages)
+                return CAKE_ETOOBIG; /* unreachable: decoded < max_new bounds tokens */
+            ly->pages[ly->n_pages++] = (uint32_t)pool_alloc(e->pool);
+            account(e, s, 1);
+        }
+        ly->tokens++;
+    }
+    s->decoded++;
+    for (uint32_t l = 0; l < s->L; l++)
+        sync_layer(e, s, l);
+    return 0;
+}

@@ -1,0 +1,100 @@
+/* seq.h - sequences in the pool: pages per layer, the shared descriptor, the scratch area
+ * (query rings, indicator), and the CAKE operations on them.
+ *
+ * Split by thread: seq_*_prepare and seq_*_commit run on the loop thread (they allocate
+ * and free pages and keep the accounting); seq_*_work runs on a worker and touches only
+ * the sequence's own pages and state. A sequence is busy while its work runs. */
+#ifndef CAKE_SEQ_H
+#define CAKE_SEQ_H
+
+#include <stdint.h>
+
+#include "../kernels/kern.h"
+#include "../proto/shm.h"
+#include "cakeseq.h"
+#include "policy.h"
+#include "pool.h"
+#include "tenant.h"
+
+#define SEQ_MAX_LAYERS 512
+#define SEQ_MAX_HEADS 1024
+#define SEQ_MAX_HEAD_DIM 1024
+#define SEQ_MAX_TOKENS (1u << 24) /* prompt + new tokens: 16M */
+
+struct seq_layer {
+    uint32_t *pages;     /* [max_pages] pool page indices */
+    uint32_t n_pages;
+    uint32_t tokens;
+    uint32_t ring_rows;  /* valid rows in the query ring */
+};
+
+struct seq {
+    uint64_t id;
+    uint64_t owner;          /* client id */
+    struct tenant *tenant;
+    uint32_t L, H, Hkv, d, n, max_new;
+    enum kern_dtype dt;
+    struct policy_cfg cfg;
+    uint32_t tpp, max_pages;
+    uint32_t desc_first, desc_pages, scratch_first, scratch_pages;
+    struct shm_desc *desc;
+    struct seq_layer *layer;
+    struct cakeseq *cs;
+    uint32_t next_reserve, next_observe;
+    uint32_t decoded;        /* decode tokens reserved */
+    uint64_t pages_held;     /* all pages incl. descriptor and scratch */
+    int busy;
+    int orphaned;            /* owner gone while busy: free when the work is done */
+    /* results of the last work item */
+    double last_pref;
+    uint32_t ev_layers[SEQ_MAX_LAYERS], n_ev;
+    uint32_t evicted_tokens;
+    int work_rc;
+};
+
+struct seq_env {
+    struct pool *pool;
+    struct tenants *tenants;
+    int threads; /* kernel threads per work item */
+};
+
+struct seq_open_args {
+    uint32_t layers, q_heads, kv_heads, head_dim, dtype, prompt_len, max_new;
+    struct policy_cfg cfg;
+};
+
+/* Validates and allocates descriptor + scratch. Returns 0 or CAKE_EINVAL / CAKE_EOOM /
+ * -ENOMEM with a message in *why. */
+int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tenant *t,
+             uint64_t id, uint64_t owner, struct seq **out, const char **why);
+/* Frees every page and the sequence. */
+void seq_free(const struct seq_env *e, struct seq *s);
+
+/* Pages for prompt_len tokens of the next layer. */
+int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const char **why);
+
+/* Prefill observe/submit: check (loop), work (worker), commit (loop). */
+int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why);
+void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                      double pref);
+void seq_prefill_commit(const struct seq_env *e, struct seq *s);
+
+/* Decode: does this sequence have layers to evict before the next token? */
+int seq_decode_needs_evict(const struct seq *s);
+int seq_decode_check(const struct seq *s, const char **why);
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s);
+/* After eviction: frees emptied pages (loop). */
+void seq_trim_pages(const struct seq_env *e, struct seq *s);
+/* Pages one more token in every layer needs. */
+uint32_t seq_decode_pages_needed(const struct seq *s);
+/* Reserves one token in every layer (pages must have been admitted). Returns 0 or
+ * CAKE_EOOM if the pool ran dry (nothing changed then). */
+int seq_decode_reserve(const struct seq_env *e, struct seq *s);
+
+/* Bytes the sequence holds. */
+static inline uint64_t seq_bytes(const struct seq_env *e, const struct seq *s)
+{
+    return s->pages_held * e->pool->page_bytes;
+}
+
+#endif

@@ -1,0 +1,43 @@
+/* server.h - caked: the listening socket, connections, request dispatch, shutdown.
+ *
+ * One event loop thread owns every connection, the pool allocator, tenants and the
+ * sequence table; heavy work (scoring, compaction) runs on worker threads and completes
+ * back on the loop. A connection handles one request at a time (the client library is
+ * blocking); a connection's further frames wait in its socket until the reply is out. */
+#ifndef CAKE_SERVER_H
+#define CAKE_SERVER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "loop.h"
+
+struct server_cfg {
+    char socket_path[108];
+    char socket_group[64];   /* empty: mode 0600; else owned by this group, mode 0660 */
+    uint64_t host_pool_bytes;
+    uint64_t page_bytes;
+    int hugepages;
+    enum loop_backend io;
+    int workers;             /* worker threads (<= 0: one per core) */
+    int kernel_threads;      /* OpenMP threads per scoring job (default 1: jobs run side by side) */
+};
+
+struct tenant_cfg {
+    char name[64];
+    int64_t uid;             /* -1: any */
+    uint32_t weight;
+    uint64_t min_bytes, max_bytes;
+};
+
+struct server;
+
+/* Creates the pool, loop, workers and listening socket; logs what it chose. Returns 0 or
+ * -errno / -EADDRINUSE (another caked answers on the socket). */
+int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tenants, int n_tenants,
+                  struct server **out);
+/* Runs until SIGTERM/SIGINT; then tells every client, waits for running work, frees all. */
+int server_run(struct server *s);
+void server_destroy(struct server *s);
+
+#endif

@@ -1,0 +1,114 @@
+/* tenant.c - tenants and admission (see tenant.h). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "tenant.h"
+
+int tenant_name_ok(const char *name)
+{
+    size_t n = strlen(name);
+    if (n == 0 || n > TENANT_NAME_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+static struct tenant *add(struct tenants *ts, const char *name, uint32_t uid)
+{
+    if (ts->n >= TENANT_MAX)
+        return NULL;
+    if (!ts->t) { /* allocated once: tenant pointers stay valid for the daemon's life */
+        if (!(ts->t = calloc(TENANT_MAX, sizeof(*ts->t))))
+            return NULL;
+        ts->cap = TENANT_MAX;
+    }
+    struct tenant *t = &ts->t[ts->n++];
+    memset(t, 0, sizeof(*t));
+    strncpy(t->name, name, TENANT_NAME_MAX);
+    t->uid = uid, t->weight = 1;
+    return t;
+}
+
+struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create)
+{
+    struct tenant *claim = NULL;
+    for (uint32_t i = 0; i < ts->n; i++) {
+        struct tenant *t = &ts->t[i];
+        if (strcmp(t->name, name))
+            continue;
+        if (!t->any_uid && t->uid == uid)
+            return t;
+        if (t->any_uid && !claim)
+            claim = t;
+    }
+    if (claim && create) {
+        claim->any_uid = 0, claim->uid = uid;
+        return claim;
+    }
+    return create ? add(ts, name, uid) : NULL;
+}
+
+int tenant_configure(struct tenants *ts, const char *name, int64_t uid, uint32_t weight,
+                     uint64_t min_bytes, uint64_t max_bytes)
+{
+    struct tenant *t = NULL;
+    for (uint32_t i = 0; i < ts->n && !t; i++)
+        if (!strcmp(ts->t[i].name, name) && (uid < 0 || (!ts->t[i].any_uid && ts->t[i].uid == uid)))
+            t = &ts->t[i];
+    if (!t && !(t = add(ts, name, uid < 0 ? 0 : (uint32_t)uid)))
+        return -ENOMEM;
+    if (uid < 0 && !t->clients && !t->used_bytes)
+        t->any_uid = 1;
+    t->weight = weight ? weight : 1;
+    t->min_bytes = min_bytes, t->max_bytes = max_bytes;
+    t->configured = 1;
+    return 0;
+}
+
+void tenants_fini(struct tenants *ts)
+{
+    free(ts->t);
+    memset(ts, 0, sizeof(*ts));
+}
+
+static int active(const struct tenant *t)
+{
+    return t->clients || t->used_bytes || t->configured;
+}
+
+uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+{
+    if (t->max_bytes)
+        return t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes;
+    uint64_t wsum = 0;
+    for (uint32_t i = 0; i < ts->n; i++)
+        if (active(&ts->t[i]) || &ts->t[i] == t)
+            wsum += ts->t[i].weight;
+    if (!wsum)
+        return pool_bytes;
+    return (uint64_t)((double)pool_bytes * t->weight / (double)wsum);
+}
+
+int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                 uint64_t free_bytes, uint64_t pool_bytes)
+{
+    if (t->used_bytes + bytes > tenant_cap(ts, t, pool_bytes))
+        return CAKE_EOOM;
+    uint64_t reserved = 0;
+    for (uint32_t i = 0; i < ts->n; i++) {
+        const struct tenant *o = &ts->t[i];
+        if (o != t && o->min_bytes > o->used_bytes)
+            reserved += o->min_bytes - o->used_bytes;
+    }
+    /* our own unmet minimum is ours to use, others' is not */
+    if (bytes > free_bytes || bytes > free_bytes - (reserved < free_bytes ? reserved : free_bytes))
+        return CAKE_EOOM;
+    return 0;
+}

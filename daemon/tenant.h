@@ -1,0 +1,50 @@
+/* tenant.h - tenants and admission control.
+ *
+ * A tenant is (service name declared at attach, peer uid from SO_PEERCRED). Each has a
+ * weight, a minimum and a maximum in bytes; configured tenants exist before anyone
+ * attaches. Admission: a tenant may grow to its maximum (0 = its weighted share of the
+ * pool among the tenants that are attached, hold memory or are configured), and never
+ * into other tenants' unmet minimums. Not thread-safe (event loop thread). */
+#ifndef CAKE_TENANT_H
+#define CAKE_TENANT_H
+
+#include <stdint.h>
+
+#define TENANT_NAME_MAX 63
+#define TENANT_MAX 4096 /* distinct (name, uid) pairs; attach is refused beyond it */
+
+struct tenant {
+    char name[TENANT_NAME_MAX + 1];
+    uint32_t uid;
+    int any_uid;          /* configured without a uid: the first uid to attach claims it */
+    uint32_t weight;
+    uint64_t min_bytes, max_bytes;
+    uint64_t used_bytes;
+    uint32_t sequences, clients;
+    uint64_t oom_errors;
+    int configured;
+};
+
+struct tenants {
+    struct tenant *t;
+    uint32_t n, cap;
+};
+
+/* Finds (name, uid), creating it with weight 1 when create is set. NULL on no memory or
+ * too many tenants. Pointers stay valid until tenants_fini (tenants are never removed). */
+struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create);
+/* Adds or updates a configured tenant (uid < 0: any uid). Returns 0 or -ENOMEM. */
+int tenant_configure(struct tenants *ts, const char *name, int64_t uid, uint32_t weight,
+                     uint64_t min_bytes, uint64_t max_bytes);
+void tenants_fini(struct tenants *ts);
+
+/* Effective cap of t in a pool of pool_bytes. */
+uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes);
+/* 0 if t may take `bytes` more now with free_bytes free in the pool, else CAKE_EOOM. */
+int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                 uint64_t free_bytes, uint64_t pool_bytes);
+
+/* Valid service name: 1..63 chars of [A-Za-z0-9._-]. */
+int tenant_name_ok(const char *name);
+
+#endif

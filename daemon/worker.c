@@ -1,0 +1,135 @@
+/* worker.c - a fixed pool of threads with a FIFO queue (see worker.h). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "worker.h"
+
+struct workers {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct job *head, *tail;   /* queued */
+    struct job *done;          /* completed, LIFO (reaped in any order) */
+    int efd;
+    int stop;
+    int n;
+    int pending;
+    pthread_t *th;
+};
+
+static void *main_fn(void *arg)
+{
+    struct workers *w = arg;
+    for (;;) {
+        pthread_mutex_lock(&w->mu);
+        while (!w->head && !w->stop)
+            pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->head) {
+            pthread_mutex_unlock(&w->mu);
+            return NULL;
+        }
+        struct job *j = w->head;
+        w->head = j->next;
+        if (!w->head)
+            w->tail = NULL;
+        pthread_mutex_unlock(&w->mu);
+        j->run(j);
+        pthread_mutex_lock(&w->mu);
+        j->next = w->done, w->done = j;
+        pthread_mutex_unlock(&w->mu);
+        uint64_t one = 1;
+        if (write(w->efd, &one, sizeof one) < 0) {
+            /* the counter cannot overflow in practice; the loop also polls pending */
+        }
+    }
+}
+
+int workers_start(struct workers **out, int n)
+{
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    struct workers *w = calloc(1, sizeof(*w));
+    if (!w)
+        return -ENOMEM;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->th = calloc((size_t)n, sizeof(pthread_t));
+    if (w->efd < 0 || !w->th) {
+        if (w->efd >= 0)
+            close(w->efd);
+        free(w->th), free(w);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&w->th[i], NULL, main_fn, w)) {
+            w->n = i;
+            workers_stop(w);
+            return -EAGAIN;
+        }
+        w->n = i + 1;
+    }
+    *out = w;
+    return 0;
+}
+
+void workers_stop(struct workers *w)
+{
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->stop = 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < w->n; i++)
+        pthread_join(w->th[i], NULL);
+    workers_reap(w);
+    close(w->efd);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w->th), free(w);
+}
+
+void workers_submit(struct workers *w, struct job *j)
+{
+    j->next = NULL;
+    pthread_mutex_lock(&w->mu);
+    if (w->tail)
+        w->tail->next = j;
+    else
+        w->head = j;
+    w->tail = j;
+    w->pending++;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+int workers_fd(const struct workers *w) { return w->efd; }
+int workers_pending(const struct workers *w) { return w->pending; }
+
+int workers_reap(struct workers *w)
+{
+    uint64_t v;
+    if (read(w->efd, &v, sizeof v) < 0) {
+        /* EAGAIN: nothing signalled, but check the list anyway */
+    }
+    pthread_mutex_lock(&w->mu);
+    struct job *j = w->done;
+    w->done = NULL;
+    pthread_mutex_unlock(&w->mu);
+    int n = 0;
+    while (j) {
+        struct job *next = j->next;
+        w->pending--;
+        j->done(j);
+        j = next;
+        n++;
+    }
+    return n;
+}

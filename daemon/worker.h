@@ -1,0 +1,30 @@
+/* worker.h - threads that run heavy work (scoring, compaction) off the event loop.
+ *
+ * The loop submits jobs; a worker runs job->run(job) and queues the job as done; an
+ * eventfd (watched by the loop) wakes the loop, which calls worker_reap() to run each
+ * done job's ->done(job) on the loop thread. A job must only touch what it was handed. */
+#ifndef CAKE_WORKER_H
+#define CAKE_WORKER_H
+
+struct job {
+    void (*run)(struct job *j);   /* worker thread */
+    void (*done)(struct job *j);  /* loop thread, after run */
+    struct job *next;
+};
+
+struct workers;
+
+/* n threads (<= 0: one per core, at least 1). Returns 0 or -errno. */
+int workers_start(struct workers **out, int n);
+/* Waits for running jobs, runs nothing more, joins. Queued jobs are completed (done runs
+ * in worker_reap by the caller before this, or here on the caller's thread). */
+void workers_stop(struct workers *w);
+void workers_submit(struct workers *w, struct job *j);
+/* The eventfd to watch for completions. */
+int workers_fd(const struct workers *w);
+/* Runs done() of every completed job; returns how many. */
+int workers_reap(struct workers *w);
+/* Jobs submitted and not yet reaped. */
+int workers_pending(const struct workers *w);
+
+#endif

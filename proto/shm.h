@@ -1,0 +1,53 @@
+/* shm.h - what caked writes in the shared pool for engines to read (proto/README.md).
+ *
+ * Each sequence has a descriptor (page run at desc_offset) and a scratch area (page run at
+ * scratch_offset). The daemon writes the descriptor before it replies; engines only read
+ * it. Engines write K/V, the query ring and the indicator; the daemon reads those only
+ * inside the engine's own calls. */
+#ifndef CAKE_SHM_H
+#define CAKE_SHM_H
+
+#include <stdint.h>
+
+#define SHM_DESC_MAGIC 0x51534b43u /* "CKSQ" */
+#define SHM_DESC_VERSION 1u
+
+struct shm_layer {
+    uint32_t tokens;     /* slots in use: prefix + window + decoded */
+    uint32_t pages;      /* pages holding them */
+    uint32_t budget;     /* recorded budget (scored tokens) */
+    uint32_t prefix;     /* scored-prefix tokens still held */
+    uint32_t ring_next;  /* ring row for the next decode query */
+    uint32_t reserved;
+};
+
+struct shm_desc {
+    uint32_t magic, version;
+    uint64_t seq_id;
+    uint32_t layers, q_heads, kv_heads, head_dim;
+    uint32_t dtype, tokens_per_page, max_pages, window;
+    uint32_t prompt_len, reserved;
+    uint64_t ring_offset;        /* pool offset of layer 0's query ring */
+    uint64_t ring_layer_bytes;   /* ring of one layer: [q_heads][w][head_dim] */
+    uint64_t indicator_offset;   /* pool offset of [kv_heads][S] f32 */
+    uint64_t page_bytes;
+    /* followed by struct shm_layer layer[layers], then uint64_t page[layers][max_pages] */
+};
+
+static inline struct shm_layer *shm_layers(struct shm_desc *d)
+{
+    return (struct shm_layer *)(d + 1);
+}
+
+static inline uint64_t *shm_pages(struct shm_desc *d, uint32_t layer)
+{
+    return (uint64_t *)(shm_layers(d) + d->layers) + (uint64_t)layer * d->max_pages;
+}
+
+static inline uint64_t shm_desc_bytes(uint32_t layers, uint32_t max_pages)
+{
+    return sizeof(struct shm_desc) + sizeof(struct shm_layer) * layers +
+           sizeof(uint64_t) * (uint64_t)layers * max_pages;
+}
+
+#endif
