@@ -14,6 +14,7 @@
 #include "cake.pb-c.h"
 #include "cake/cake.h"
 #include "frame.h"
+#include "internal.h"
 #include "shm.h"
 
 struct cake_ctx {
@@ -540,4 +541,22 @@ const uint64_t *cake_layer_pages(const cake_seq *s, uint32_t layer, uint32_t *n)
         return NULL;
     *n = shm_layers(s->desc)[layer].pages;
     return shm_pages(s->desc, layer);
+}
+
+/* ---- internal (see internal.h) ---- */
+
+int cake_internal_rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t **body,
+                      size_t *len)
+{
+    return rpc(c, type, msg, body, len, NULL);
+}
+
+void cake_internal_free(cake_ctx *c, void *p)
+{
+    c_free(c, p);
+}
+
+ProtobufCAllocator cake_internal_allocator(cake_ctx *c)
+{
+    return (ProtobufCAllocator){pc_alloc, pc_free, c};
 }

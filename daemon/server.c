@@ -38,6 +38,7 @@ struct client {
     struct ucred cred;
     struct tenant *tenant;
     int admin;
+    int engine;            /* mapped the pool */
     enum conn_state state;
     uint8_t hdr[FRAME_HEADER_BYTES];
     size_t got;
@@ -310,10 +311,12 @@ static void h_hello(struct server *s, struct client *c)
         reply_error(s, c, CAKE_EOOM, "too many tenants");
         return;
     }
-    c->tenant = t;
-    t->clients++;
-    c->admin = c->cred.uid == 0 || c->cred.uid == s->owner_uid;
     int want_pool = m->want_pool;
+    c->tenant = t;
+    c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
+    if (c->engine)
+        t->clients++;
+    c->admin = c->cred.uid == 0 || c->cred.uid == s->owner_uid;
     UNPACK_FREE(hello, m);
     Cake__HelloReply r = CAKE__HELLO_REPLY__INIT;
     r.protocol_version = CAKE_PROTOCOL_VERSION;
@@ -643,8 +646,9 @@ static void h_tenants(struct server *s, struct client *c)
     }
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         const struct tenant *x = &s->tenants.t[i];
-        if (!c->admin && x != c->tenant)
-            continue;
+        if ((!c->admin && x != c->tenant) ||
+            (!x->clients && !x->used_bytes && !x->configured && x != c->tenant))
+            continue; /* other tenants, and idle ones nobody configured */
         fill_tenant(s, &ts[r.n_tenants], x);
         tp[r.n_tenants] = &ts[r.n_tenants];
         r.n_tenants++;
@@ -941,7 +945,7 @@ static void client_close(struct server *s, struct client *c)
         return;
     loop_del(s->loop, c->handle);
     close(c->fd);
-    if (c->tenant)
+    if (c->tenant && c->engine)
         c->tenant->clients--;
     uint32_t freed = 0;
     for (uint32_t i = 0; i < s->n_slots; i++) {

@@ -1,0 +1,353 @@
+/* cachectl - shows and steers a running caked.
+ *
+ *   cachectl [--socket PATH] [--json] [-i SECS] COMMAND
+ *     status                 daemon, pool and counts
+ *     tenants                tenants: weight, minimum, cap, bytes used, sequences
+ *     sequences              open sequences (all of them for root and caked's owner)
+ *     seq ID                 one sequence, layer by layer: preference, budget, kept
+ *     metrics                Prometheus text
+ *     quota TENANT [--weight N] [--min SIZE] [--max SIZE]   (root or caked's owner)
+ *
+ * A human table by default; --json is the stable interface (one JSON object per
+ * command, documented in tools/README.md). -i SECS repeats the command every SECS seconds.
+ * Exit status: 0 ok, 1 error, 2 usage. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../proto/frame.h"
+#include "cake.pb-c.h"
+#include "cake/cake.h"
+#include "internal.h"
+
+static int json;
+
+static void human_bytes(uint64_t b, char *out, size_t len)
+{
+    const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)b;
+    int i = 0;
+    while (v >= 1024 && i < 4)
+        v /= 1024, i++;
+    snprintf(out, len, i ? "%.1f %s" : "%.0f %s", v, u[i]);
+}
+
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (end == s || s[0] == '-')
+        return -1;
+    uint64_t m = 1;
+    switch (*end) {
+    case 'k': case 'K': m = 1ull << 10; end++; break;
+    case 'm': case 'M': m = 1ull << 20; end++; break;
+    case 'g': case 'G': m = 1ull << 30; end++; break;
+    case 't': case 'T': m = 1ull << 40; end++; break;
+    }
+    if (*end == 'i')
+        end++;
+    if (*end == 'B')
+        end++;
+    if (*end)
+        return -1;
+    *out = v * m;
+    return 0;
+}
+
+/* One request; prints the daemon's message on error. */
+static int call(cake_ctx *c, uint16_t type, const ProtobufCMessage *m, uint8_t **b, size_t *n)
+{
+    int rc = cake_internal_rpc(c, type, m, b, n);
+    if (rc)
+        fprintf(stderr, "cachectl: %s: %s%s%s\n", frame_type_name(type), cake_strerror(rc),
+                cake_errstr(c)[0] ? ": " : "", cake_errstr(c));
+    return rc;
+}
+
+#define FETCH(kind, var, type, msg)                                                       \
+    uint8_t *b_;                                                                          \
+    size_t n_;                                                                            \
+    if (call(c, type, msg, &b_, &n_))                                                     \
+        return 1;                                                                         \
+    ProtobufCAllocator al_ = cake_internal_allocator(c);                                  \
+    __typeof__(cake__##kind##__unpack(NULL, 0, NULL)) var = cake__##kind##__unpack(&al_, n_, b_); \
+    cake_internal_free(c, b_);                                                            \
+    if (!var) {                                                                           \
+        fprintf(stderr, "cachectl: malformed reply\n");                                  \
+        return 1;                                                                         \
+    }
+
+static int cmd_status(cake_ctx *c)
+{
+    FETCH(status, s, MSG_STATUS, NULL);
+    if (json) {
+        printf("{\"version\":\"%s\",\"protocol\":%u,\"pid\":%u,\"socket\":\"%s\",\"io\":\"%s\","
+               "\"uptime_ms\":%llu,\"pool_bytes\":%llu,\"page_bytes\":%llu,\"pages_total\":%llu,"
+               "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u}\n",
+               s->daemon_version, s->protocol_version, s->pid, s->socket, s->io_backend,
+               (unsigned long long)s->uptime_ms, (unsigned long long)s->pool_bytes,
+               (unsigned long long)s->page_bytes, (unsigned long long)s->pages_total,
+               (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients);
+    } else {
+        char pb[32], pg[32], ub[32];
+        human_bytes(s->pool_bytes, pb, sizeof pb);
+        human_bytes(s->page_bytes, pg, sizeof pg);
+        human_bytes(s->pages_used * s->page_bytes, ub, sizeof ub);
+        printf("caked %s (protocol %u), pid %u, up %.1f s, %s event loop\n", s->daemon_version,
+               s->protocol_version, s->pid, s->uptime_ms / 1e3, s->io_backend);
+        printf("socket     %s\n", s->socket);
+        printf("host pool  %s in %llu pages of %s; %s used (%.1f%%)\n", pb,
+               (unsigned long long)s->pages_total, pg, ub,
+               s->pages_total ? 100.0 * s->pages_used / s->pages_total : 0.0);
+        printf("tenants    %u   sequences %u   clients %u\n", s->tenants, s->sequences, s->clients);
+    }
+    cake__status__free_unpacked(s, &al_);
+    return 0;
+}
+
+static int cmd_tenants(cake_ctx *c)
+{
+    FETCH(tenant_list, r, MSG_TENANTS, NULL);
+    if (json) {
+        printf("{\"tenants\":[");
+        for (size_t i = 0; i < r->n_tenants; i++) {
+            Cake__Tenant *t = r->tenants[i];
+            printf("%s{\"name\":\"%s\",\"uid\":%u,\"weight\":%u,\"min_bytes\":%llu,"
+                   "\"cap_bytes\":%llu,\"used_bytes\":%llu,\"sequences\":%u,\"clients\":%u,"
+                   "\"oom_errors\":%llu}", i ? "," : "", t->name, t->uid, t->weight,
+                   (unsigned long long)t->min_bytes, (unsigned long long)t->max_bytes,
+                   (unsigned long long)t->used_bytes, t->sequences, t->clients,
+                   (unsigned long long)t->oom_errors);
+        }
+        printf("]}\n");
+    } else {
+        printf("%-20s %6s %6s %11s %11s %11s %5s %7s %5s\n", "TENANT", "UID", "WEIGHT", "MIN",
+               "CAP", "USED", "SEQS", "CLIENTS", "OOM");
+        for (size_t i = 0; i < r->n_tenants; i++) {
+            Cake__Tenant *t = r->tenants[i];
+            char mn[32], cp[32], us[32];
+            human_bytes(t->min_bytes, mn, sizeof mn);
+            human_bytes(t->max_bytes, cp, sizeof cp);
+            human_bytes(t->used_bytes, us, sizeof us);
+            printf("%-20s %6u %6u %11s %11s %11s %5u %7u %5llu\n", t->name, t->uid, t->weight,
+                   mn, cp, us, t->sequences, t->clients, (unsigned long long)t->oom_errors);
+        }
+    }
+    cake__tenant_list__free_unpacked(r, &al_);
+    return 0;
+}
+
+static const char *dtype_name(uint32_t d)
+{
+    return d == 0 ? "f32" : d == 1 ? "f16" : d == 2 ? "bf16" : "?";
+}
+
+static void seq_json_head(const Cake__SeqInfo *q)
+{
+    printf("{\"id\":\"%#llx\",\"tenant\":\"%s\",\"layers\":%u,\"kv_heads\":%u,\"head_dim\":%u,"
+           "\"dtype\":\"%s\",\"prompt_len\":%u,\"prefilled_layers\":%u,\"decoded_tokens\":%u,"
+           "\"bytes\":%llu,\"mode\":\"%s\",\"cache_size\":%u", (unsigned long long)q->seq_id,
+           q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype), q->prompt_len,
+           q->prefilled_layers, q->decoded_tokens, (unsigned long long)q->bytes,
+           q->mode ? "fixed" : "parity", q->cache_size);
+}
+
+static int cmd_sequences(cake_ctx *c)
+{
+    FETCH(seq_list, r, MSG_SEQUENCES, NULL);
+    if (json) {
+        printf("{\"sequences\":[");
+        for (size_t i = 0; i < r->n_seqs; i++) {
+            printf("%s", i ? "," : "");
+            seq_json_head(r->seqs[i]);
+            printf("}");
+        }
+        printf("]}\n");
+    } else {
+        printf("%-14s %-16s %6s %8s %9s %7s %6s %6s %10s\n", "ID", "TENANT", "LAYERS", "PROMPT",
+               "PREFILLED", "DECODED", "MODE", "CACHE", "BYTES");
+        for (size_t i = 0; i < r->n_seqs; i++) {
+            Cake__SeqInfo *q = r->seqs[i];
+            char by[32];
+            human_bytes(q->bytes, by, sizeof by);
+            printf("%#-14llx %-16s %6u %8u %9u %7u %6s %6u %10s\n", (unsigned long long)q->seq_id,
+                   q->tenant, q->layers, q->prompt_len, q->prefilled_layers, q->decoded_tokens,
+                   q->mode ? "fixed" : "parity", q->cache_size, by);
+        }
+    }
+    cake__seq_list__free_unpacked(r, &al_);
+    return 0;
+}
+
+static int cmd_seq(cake_ctx *c, const char *arg)
+{
+    char *end;
+    unsigned long long id = strtoull(arg, &end, 0);
+    if (*end || end == arg) {
+        fprintf(stderr, "cachectl: bad sequence id '%s'\n", arg);
+        return 2;
+    }
+    Cake__SeqRef m = CAKE__SEQ_REF__INIT;
+    m.seq_id = id;
+    FETCH(seq_info, q, MSG_SEQ_INFO, &m.base);
+    uint32_t w_tokens = q->prompt_len; /* per-layer full cache, for the kept fraction */
+    if (json) {
+        seq_json_head(q);
+        printf(",\"layer\":[");
+        for (size_t l = 0; l < q->n_layer; l++) {
+            Cake__LayerInfo *li = q->layer[l];
+            printf("%s{\"layer\":%zu,\"preference\":%.9g,\"budget\":%u,\"prefix\":%u,\"tokens\":%u,"
+                   "\"pages\":%u}", l ? "," : "", l, li->preference, li->budget, li->prefix,
+                   li->tokens, li->pages);
+        }
+        printf("]}\n");
+    } else {
+        char by[32];
+        human_bytes(q->bytes, by, sizeof by);
+        printf("sequence %#llx of %s: %u layers, %u kv heads x %u %s, prompt %u, %u decoded, "
+               "%s mode, cache %u per layer, %s\n", (unsigned long long)q->seq_id, q->tenant,
+               q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype), q->prompt_len,
+               q->decoded_tokens, q->mode ? "fixed" : "parity", q->cache_size, by);
+        printf("%5s %12s %7s %7s %7s %6s %7s  %s\n", "LAYER", "PREFERENCE", "BUDGET", "PREFIX",
+               "TOKENS", "PAGES", "KEPT", "budget share");
+        uint32_t maxb = 1;
+        for (size_t l = 0; l < q->n_layer; l++)
+            maxb = q->layer[l]->budget > maxb ? q->layer[l]->budget : maxb;
+        for (size_t l = 0; l < q->n_layer; l++) {
+            Cake__LayerInfo *li = q->layer[l];
+            char bar[41];
+            int nb = (int)(40.0 * li->budget / maxb);
+            memset(bar, '#', (size_t)nb);
+            bar[nb] = 0;
+            if (l < q->prefilled_layers)
+                printf("%5zu %12.5g %7u %7u %7u %6u %6.1f%%  %s\n", l, li->preference, li->budget,
+                       li->prefix, li->tokens, li->pages,
+                       w_tokens ? 100.0 * li->tokens / (w_tokens + q->decoded_tokens) : 0.0, bar);
+            else
+                printf("%5zu %12s %7s %7s %7u %6u %7s\n", l, "-", "-", "-", li->tokens, li->pages, "-");
+        }
+    }
+    cake__seq_info__free_unpacked(q, &al_);
+    return 0;
+}
+
+static int cmd_metrics(cake_ctx *c)
+{
+    FETCH(metrics, r, MSG_METRICS, NULL);
+    fputs(r->text, stdout);
+    cake__metrics__free_unpacked(r, &al_);
+    return 0;
+}
+
+static int cmd_quota(cake_ctx *c, int argc, char **argv)
+{
+    Cake__SetQuota m = CAKE__SET_QUOTA__INIT;
+    if (argc < 1)
+        return 2;
+    m.tenant = argv[0];
+    for (int i = 1; i < argc; i++) {
+        uint64_t v = 0;
+        if (i + 1 >= argc)
+            return 2;
+        if (!strcmp(argv[i], "--weight")) {
+            char *end;
+            long w = strtol(argv[i + 1], &end, 10);
+            if (*end || w < 1)
+                return 2;
+            m.weight = (uint32_t)w;
+        } else if ((!strcmp(argv[i], "--min") || !strcmp(argv[i], "--max")) &&
+                   !parse_size(argv[i + 1], &v)) {
+            if (argv[i][3] == 'i')
+                m.min_bytes = v;
+            else
+                m.max_bytes = v;
+        } else {
+            return 2;
+        }
+        i++;
+    }
+    uint8_t *b;
+    size_t n;
+    if (call(c, MSG_SET_QUOTA, &m.base, &b, &n))
+        return 1;
+    cake_internal_free(c, b);
+    if (json)
+        printf("{\"ok\":true}\n");
+    else
+        printf("quota of %s set\n", m.tenant);
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: cachectl [--socket PATH] [--json] [-i SECS] "
+               "status|tenants|sequences|seq ID|metrics|quota TENANT [--weight N] [--min SIZE] [--max SIZE]\n");
+}
+
+static volatile sig_atomic_t stop;
+static void on_int(int sig) { (void)sig; stop = 1; }
+
+int main(int argc, char **argv)
+{
+    const char *sock = NULL;
+    double interval = 0;
+    static const struct option opts[] = {
+        {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    int o;
+    while ((o = getopt_long(argc, argv, "+s:ji:h", opts, NULL)) != -1) {
+        switch (o) {
+        case 's': sock = optarg; break;
+        case 'j': json = 1; break;
+        case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind >= argc) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[optind];
+    int known = !strcmp(cmd, "status") || !strcmp(cmd, "tenants") || !strcmp(cmd, "sequences") ||
+                !strcmp(cmd, "metrics") || (!strcmp(cmd, "seq") && optind + 1 < argc) ||
+                (!strcmp(cmd, "quota") && optind + 1 < argc);
+    if (!known) {
+        usage(stderr);
+        return 2;
+    }
+    cake_ctx *c;
+    if (cake_create(&c) || cake_set_service(c, "cachectl"))
+        return 1;
+    int rc = cake_connect(c, sock, 0);
+    if (rc) {
+        fprintf(stderr, "cachectl: %s\n", cake_errstr(c)[0] ? cake_errstr(c) : cake_strerror(rc));
+        cake_destroy(c);
+        return 1;
+    }
+    signal(SIGINT, on_int);
+    int tty = isatty(1);
+    do {
+        if (interval && tty && !json)
+            printf("\033[H\033[2J");
+        if (!strcmp(cmd, "status")) rc = cmd_status(c);
+        else if (!strcmp(cmd, "tenants")) rc = cmd_tenants(c);
+        else if (!strcmp(cmd, "sequences")) rc = cmd_sequences(c);
+        else if (!strcmp(cmd, "seq")) rc = cmd_seq(c, argv[optind + 1]);
+        else if (!strcmp(cmd, "metrics")) rc = cmd_metrics(c);
+        else rc = cmd_quota(c, argc - optind - 1, argv + optind + 1);
+        fflush(stdout);
+        if (rc || !interval)
+            break;
+        usleep((useconds_t)(interval * 1e6));
+    } while (!stop);
+    if (rc == 2)
+        usage(stderr);
+    cake_destroy(c);
+    return rc;
+}
