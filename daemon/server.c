@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -646,8 +647,7 @@ static void h_tenants(struct server *s, struct client *c)
     }
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         const struct tenant *x = &s->tenants.t[i];
-        if ((!c->admin && x != c->tenant) ||
-            (!x->clients && !x->used_bytes && !x->configured && x != c->tenant))
+        if ((!c->admin && x != c->tenant) || (!x->clients && !x->used_bytes && !x->configured))
             continue; /* other tenants, and idle ones nobody configured */
         fill_tenant(s, &ts[r.n_tenants], x);
         tp[r.n_tenants] = &ts[r.n_tenants];
@@ -1133,6 +1133,14 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->owner_uid = geteuid();
     s->t_start = now_s();
     s->pool.fd = -1;
+    /* block the shutdown signals before any thread exists, so every thread inherits the
+     * mask and they arrive only through the signalfd */
+    sigset_t ss;
+    sigemptyset(&ss);
+    sigaddset(&ss, SIGTERM);
+    sigaddset(&ss, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &ss, NULL);
+    signal(SIGPIPE, SIG_IGN);
     const char *why = NULL;
     int rc = pool_init(&s->pool, cfg->host_pool_bytes, cfg->page_bytes, cfg->hugepages, &why);
     if (rc) {
@@ -1154,12 +1162,6 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         goto fail;
     if ((rc = listen_on(s)))
         goto fail;
-    sigset_t ss;
-    sigemptyset(&ss);
-    sigaddset(&ss, SIGTERM);
-    sigaddset(&ss, SIGINT);
-    sigprocmask(SIG_BLOCK, &ss, NULL);
-    signal(SIGPIPE, SIG_IGN);
     s->sig_fd = signalfd(-1, &ss, SFD_NONBLOCK | SFD_CLOEXEC);
     if (s->sig_fd < 0 || loop_add(s->loop, s->sig_fd, LOOP_IN, on_signal, s, &s->sig_h) ||
         loop_add(s->loop, s->listen_fd, LOOP_IN, on_accept, s, &s->listen_h) ||
