@@ -1,0 +1,105 @@
+/* harness.c - see harness.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../proto/frame.h"
+#include "cake.pb-c.h"
+#include "cake/cake.h"
+#include "harness.h"
+#include "internal.h"
+
+int harness_start(struct harness *h, const char *const *extra)
+{
+    memset(h, 0, sizeof(*h));
+    snprintf(h->dir, sizeof h->dir, "/tmp/caked-test-XXXXXX");
+    if (!mkdtemp(h->dir))
+        return -1;
+    snprintf(h->sock, sizeof h->sock, "%s/caked.sock", h->dir);
+    snprintf(h->log, sizeof h->log, "%s/caked.log", h->dir);
+    const char *io = getenv("CAKE_TEST_IO");
+    const char *argv[32] = {CAKED_BIN, "--socket", h->sock, "--host-pool", "256M", "--workers", "2"};
+    int n = 7;
+    if (io && *io)
+        argv[n++] = "--io", argv[n++] = io;
+    for (int i = 0; extra && extra[i] && n < 30; i++)
+        argv[n++] = extra[i];
+    argv[n] = NULL;
+    h->pid = fork();
+    if (h->pid < 0)
+        return -1;
+    if (h->pid == 0) {
+        int fd = open(h->log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0)
+            dup2(fd, 2), dup2(fd, 1);
+        execv(CAKED_BIN, (char *const *)argv);
+        _exit(127);
+    }
+    for (int i = 0; i < 200; i++) {
+        cake_ctx *c;
+        cake_create(&c);
+        int rc = cake_connect(c, h->sock, 0);
+        cake_destroy(c);
+        if (rc == 0)
+            return 0;
+        int st;
+        if (waitpid(h->pid, &st, WNOHANG) == h->pid) {
+            char buf[512] = "";
+            FILE *f = fopen(h->log, "r");
+            if (f) {
+                size_t k = fread(buf, 1, sizeof buf - 1, f);
+                buf[k] = 0;
+                fclose(f);
+            }
+            if (io && !strcmp(io, "uring") && strstr(buf, "io_uring")) {
+                printf("SKIP: io_uring is not usable here: %s\n", buf);
+                exit(77);
+            }
+            fprintf(stderr, "caked exited at start: %s\n", buf);
+            return -1;
+        }
+        usleep(20000);
+    }
+    return -1;
+}
+
+int harness_stop(struct harness *h)
+{
+    int st = 0;
+    kill(h->pid, SIGTERM);
+    waitpid(h->pid, &st, 0);
+    unlink(h->log);
+    rmdir(h->dir);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+int harness_status(const struct harness *h, unsigned long long *pages_used, unsigned *seqs)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    int rc = cake_connect(c, h->sock, 0);
+    uint8_t *b;
+    size_t n;
+    if (!rc)
+        rc = cake_internal_rpc(c, MSG_STATUS, NULL, &b, &n);
+    if (!rc) {
+        ProtobufCAllocator al = cake_internal_allocator(c);
+        Cake__Status *s = cake__status__unpack(&al, n, b);
+        cake_internal_free(c, b);
+        if (s) {
+            *pages_used = s->pages_used, *seqs = s->sequences;
+            cake__status__free_unpacked(s, &al);
+        } else {
+            rc = -1;
+        }
+    }
+    cake_destroy(c);
+    return rc;
+}

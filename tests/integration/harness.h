@@ -1,0 +1,26 @@
+/* harness.h - starts a real caked on a temporary socket for integration tests.
+ *
+ * CAKED_BIN (compile-time) is the daemon; CAKE_TEST_IO (environment: uring, epoll) picks
+ * the event loop. A test that asks for io_uring where the kernel refuses it exits 77
+ * (ctest: skipped) with a message. */
+#ifndef CAKE_HARNESS_H
+#define CAKE_HARNESS_H
+
+#include <sys/types.h>
+
+struct harness {
+    pid_t pid;
+    char dir[128];
+    char sock[160];
+    char log[160];
+};
+
+/* Starts caked with extra arguments (NULL-terminated list, may be NULL); waits until it
+ * answers. Returns 0 or -1. */
+int harness_start(struct harness *h, const char *const *extra);
+/* SIGTERM and wait; returns caked's exit status (or -1 if it died by a signal). */
+int harness_stop(struct harness *h);
+/* Pages in use and open sequences, from a STATUS request. */
+int harness_status(const struct harness *h, unsigned long long *pages_used, unsigned *seqs);
+
+#endif
