@@ -1,0 +1,319 @@
+/* caked under bad input: malformed, truncated, oversize frames, unknown types, wrong ids,
+ * over-quota requests, version mismatch, another uid, SIGTERM. Each time: a clear error to
+ * that client, a counter in the metrics, and the daemon keeps serving everyone else. */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <grp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../../proto/frame.h"
+#include "cake.pb-c.h"
+#include "cake/cake.h"
+#include "harness.h"
+#include "internal.h"
+
+static int raw_connect(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+static void send_frame(int fd, uint32_t magic, uint16_t type, uint32_t len_field,
+                       const void *body, size_t body_len)
+{
+    uint8_t h[FRAME_HEADER_BYTES];
+    struct frame_header fh = {magic, FRAME_VERSION, type, 0, len_field, 42};
+    frame_write_header(h, &fh);
+    cr_assert_eq(send(fd, h, sizeof h, MSG_NOSIGNAL), (ssize_t)sizeof h);
+    if (body_len)
+        cr_assert_eq(send(fd, body, body_len, MSG_NOSIGNAL), (ssize_t)body_len);
+}
+
+/* Reads one reply; returns its type and the error code if it is an error (else 0). */
+static int read_reply(int fd, int *code, char *msg, size_t msglen)
+{
+    uint8_t h[FRAME_HEADER_BYTES];
+    ssize_t n = recv(fd, h, sizeof h, MSG_WAITALL);
+    if (n != (ssize_t)sizeof h)
+        return -1;
+    struct frame_header fh;
+    cr_assert_eq(frame_parse_header(h, &fh), 0);
+    uint8_t *b = malloc(fh.body_len + 1);
+    if (fh.body_len) /* a 0-byte MSG_WAITALL recv would wait for the timeout */
+        cr_assert_eq(recv(fd, b, fh.body_len, MSG_WAITALL), (ssize_t)fh.body_len);
+    *code = 0;
+    if (fh.type == MSG_ERROR) {
+        Cake__Error *e = cake__error__unpack(NULL, fh.body_len, b);
+        cr_assert_not_null(e);
+        *code = e->code;
+        snprintf(msg, msglen, "%s", e->message);
+        cake__error__free_unpacked(e, NULL);
+    }
+    free(b);
+    return fh.type;
+}
+
+static int is_closed(int fd)
+{
+    char c;
+    return recv(fd, &c, 1, 0) == 0;
+}
+
+static uint64_t metric(const char *sock, const char *name)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    cr_assert_eq(cake_connect(c, sock, 0), 0);
+    uint8_t *b;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(c, MSG_METRICS, NULL, &b, &n), 0);
+    ProtobufCAllocator al = cake_internal_allocator(c);
+    Cake__Metrics *m = cake__metrics__unpack(&al, n, b);
+    cake_internal_free(c, b);
+    const char *p = strstr(m->text, name);
+    cr_assert_not_null(p, "metric %s missing", name);
+    uint64_t v = strtoull(p + strlen(name) + 1, NULL, 10);
+    cake__metrics__free_unpacked(m, &al);
+    cake_destroy(c);
+    return v;
+}
+
+static cake_ctx *engine(const char *sock, const char *name)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    cake_set_service(c, name);
+    cr_assert_eq(cake_connect(c, sock, 1), 0, "%s", cake_errstr(c));
+    return c;
+}
+
+Test(safety, malformed_frames_get_errors_and_the_daemon_keeps_serving, .timeout = 60)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *bystander = engine(h.sock, "bystander");
+    int code;
+    char msg[256];
+
+    /* bad magic: error, then the stream is closed */
+    int fd = raw_connect(h.sock);
+    send_frame(fd, 0xdeadbeef, MSG_PING, 0, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_EPROTO, "%s", msg);
+    cr_assert(is_closed(fd));
+    close(fd);
+
+    /* oversize body: refused before anything is allocated */
+    fd = raw_connect(h.sock);
+    send_frame(fd, FRAME_MAGIC, MSG_HELLO, 0x7fffffff, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_ETOOBIG, "%s", msg);
+    cr_assert(is_closed(fd));
+    close(fd);
+
+    /* unknown type with a sane frame: error, body skipped, connection still usable */
+    fd = raw_connect(h.sock);
+    send_frame(fd, FRAME_MAGIC, 999, 5, "xxxxx", 5);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_EPROTO);
+    cr_assert(strstr(msg, "unknown message type"), "%s", msg);
+    send_frame(fd, FRAME_MAGIC, MSG_PING, 0, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_PING | FRAME_REPLY);
+
+    /* garbage protobuf body: error, still usable */
+    uint8_t junk[16];
+    memset(junk, 0xff, sizeof junk);
+    send_frame(fd, FRAME_MAGIC, MSG_HELLO, sizeof junk, junk, sizeof junk);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_EPROTO, "%s", msg);
+
+    /* a request before HELLO */
+    send_frame(fd, FRAME_MAGIC, MSG_STATUS, 0, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_ESTATE, "%s", msg);
+
+    /* a reply type sent as a request */
+    send_frame(fd, FRAME_MAGIC, MSG_PING | FRAME_REPLY, 0, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_EPROTO);
+    close(fd);
+
+    /* truncated frame, then the peer vanishes mid-body */
+    fd = raw_connect(h.sock);
+    send_frame(fd, FRAME_MAGIC, MSG_HELLO, 100, "abc", 3);
+    close(fd);
+
+    /* the bystander noticed nothing */
+    cr_assert_eq(cake_ping(bystander), 0);
+    cr_assert(metric(h.sock, "caked_errors_total{kind=\"protocol\"}") >= 4);
+    cr_assert(metric(h.sock, "caked_errors_total{kind=\"too_big\"}") >= 1);
+    cake_destroy(bystander);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+Test(safety, version_mismatch_is_refused_clearly, .timeout = 30)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    int fd = raw_connect(h.sock);
+    Cake__Hello m = CAKE__HELLO__INIT;
+    m.protocol_version = 99, m.service = (char *)"old-engine";
+    uint8_t buf[64];
+    size_t n = cake__hello__pack(&m, buf);
+    send_frame(fd, FRAME_MAGIC, MSG_HELLO, (uint32_t)n, buf, n);
+    int code;
+    char msg[256];
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_EVERSION);
+    cr_assert(strstr(msg, "99"), "%s", msg);
+    close(fd);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+Test(safety, wrong_ids_order_and_quota, .timeout = 60)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *a = engine(h.sock, "tenant-a"), *b = engine(h.sock, "tenant-b");
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 64;
+    cake_seq *sa;
+    cr_assert_eq(cake_seq_open(a, &lay, &pol, 1000, 16, &sa), 0, "%s", cake_errstr(a));
+    /* layers out of order, decode before prefill */
+    cr_assert_eq(cake_prefill_reserve(sa, 1), CAKE_ESTATE);
+    cr_assert_eq(cake_prefill_observe(sa, 0, NULL), CAKE_ESTATE);
+    cr_assert_eq(cake_decode_step(a, &sa, 1), CAKE_ESTATE);
+    /* a bad layout is refused with its reason */
+    struct cake_layout bad = {2, 5, 2, 64, CAKE_BF16};
+    cake_seq *sx;
+    cr_assert_eq(cake_seq_open(a, &bad, &pol, 1000, 16, &sx), CAKE_EINVAL);
+    cr_assert(strstr(cake_errstr(a), "multiple"), "%s", cake_errstr(a));
+    /* another tenant cannot touch it: its id does not exist for them */
+    Cake__SeqRef r = CAKE__SEQ_REF__INIT;
+    r.seq_id = cake_seq_id(sa);
+    uint8_t *body;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(b, MSG_SEQ_CLOSE, &r.base, &body, &n), CAKE_ENOSEQ);
+    r.seq_id = cake_seq_id(sa) ^ (1ull << 40); /* a stale generation */
+    cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_CLOSE, &r.base, &body, &n), CAKE_ENOSEQ);
+    /* a tenant capped at 1 MiB: the next layer does not fit, with a clear error */
+    Cake__SetQuota q = CAKE__SET_QUOTA__INIT;
+    q.tenant = (char *)"tenant-b", q.max_bytes = 1 << 20;
+    cr_assert_eq(cake_internal_rpc(a, MSG_SET_QUOTA, &q.base, &body, &n), 0);
+    cake_internal_free(a, body);
+    cake_seq *sb;
+    int rc = cake_seq_open(b, &lay, &pol, 20000, 16, &sb);
+    if (rc == 0)
+        rc = cake_prefill_reserve(sb, 0);
+    cr_assert_eq(rc, CAKE_EOOM, "got %d", rc);
+    cr_assert(strstr(cake_errstr(b), "share"), "%s", cake_errstr(b));
+    cr_assert(metric(h.sock, "caked_errors_total{kind=\"out_of_memory\"}") >= 1);
+    /* tenant-a is unaffected */
+    cr_assert_eq(cake_prefill_reserve(sa, 0), 0, "%s", cake_errstr(a));
+    cr_assert_eq(cake_seq_close(sa), 0);
+    cake_destroy(a), cake_destroy(b);
+    unsigned long long used;
+    unsigned seqs;
+    cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+    cr_assert_eq(used, 0);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+Test(safety, another_uid_sees_and_touches_only_its_own, .timeout = 60)
+{
+    if (geteuid() != 0) {
+        printf("SKIP: needs root to drop a child to another uid\n");
+        return;
+    }
+    struct harness h;
+    const char *extra[] = {"--socket-group", "root", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    chmod(h.dir, 0755);
+    cake_ctx *a = engine(h.sock, "shared-name");
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16};
+    cake_seq *sa;
+    cr_assert_eq(cake_seq_open(a, &lay, NULL, 500, 8, &sa), 0, "%s", cake_errstr(a));
+    uint64_t id = cake_seq_id(sa);
+    pid_t p = fork();
+    if (p == 0) {
+        /* uid 65534 in group root (may connect through the group), not an admin */
+        gid_t g = 0;
+        if (setgroups(1, &g) || setgid(0) || setuid(65534))
+            _exit(10);
+        cake_ctx *c;
+        cake_create(&c);
+        cake_set_service(c, "shared-name"); /* same name, other uid: another tenant */
+        if (cake_connect(c, h.sock, 1))
+            _exit(11);
+        Cake__SeqRef r = CAKE__SEQ_REF__INIT;
+        r.seq_id = id;
+        uint8_t *b;
+        size_t n;
+        if (cake_internal_rpc(c, MSG_SEQ_INFO, &r.base, &b, &n) != CAKE_ENOSEQ)
+            _exit(12);
+        if (cake_internal_rpc(c, MSG_SEQ_CLOSE, &r.base, &b, &n) != CAKE_ENOSEQ)
+            _exit(13);
+        if (cake_internal_rpc(c, MSG_SEQUENCES, NULL, &b, &n))
+            _exit(14);
+        ProtobufCAllocator al = cake_internal_allocator(c);
+        Cake__SeqList *l = cake__seq_list__unpack(&al, n, b);
+        if (!l || l->n_seqs != 0)
+            _exit(15);
+        Cake__SetQuota q = CAKE__SET_QUOTA__INIT;
+        q.tenant = (char *)"shared-name", q.max_bytes = 1;
+        if (cake_internal_rpc(c, MSG_SET_QUOTA, &q.base, &b, &n) != CAKE_EPERM)
+            _exit(16);
+        _exit(0);
+    }
+    int st;
+    waitpid(p, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child check %d failed", WEXITSTATUS(st));
+    /* a uid outside the group cannot connect at all (socket 0660 root:root) */
+    p = fork();
+    if (p == 0) {
+        gid_t g = 65534;
+        if (setgroups(1, &g) || setgid(65534) || setuid(65534))
+            _exit(10);
+        cake_ctx *c;
+        cake_create(&c);
+        _exit(cake_connect(c, h.sock, 0) == -EACCES ? 0 : 1);
+    }
+    waitpid(p, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "a foreign uid could connect");
+    cr_assert_eq(cake_seq_close(sa), 0); /* untouched */
+    cake_destroy(a);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+Test(safety, sigterm_gives_clients_a_clear_error, .timeout = 30)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *a = engine(h.sock, "engine");
+    cake_set_timeout_ms(a, 5000);
+    cr_assert_eq(cake_ping(a), 0);
+    kill(h.pid, SIGTERM);
+    int st;
+    waitpid(h.pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "caked did not exit cleanly on SIGTERM");
+    int rc = cake_ping(a);
+    cr_assert(rc == CAKE_ESHUTDOWN, "after shutdown: %d %s", rc, cake_errstr(a));
+    cake_destroy(a);
+    rmdir(h.dir);
+}
