@@ -42,7 +42,12 @@ struct client {
     int engine;            /* mapped the pool */
     enum conn_state state;
     uint8_t hdr[FRAME_HEADER_BYTES];
-    size_t got;
+    size_t got;            /* body bytes received */
+    uint8_t in[4096];      /* bytes read ahead of parsing */
+    size_t in_off, in_len;
+    int drained;           /* the last recv came back short: wait for the next poll event */
+    int reading;           /* inside client_read: completions must not re-enter it */
+    struct client *next_dead;
     struct frame_header h;
     uint8_t *body;
     int discard;           /* unknown type: read and drop the body, then answer */
@@ -74,6 +79,7 @@ struct server {
     struct seq_slot *slots;
     uint32_t n_slots, cap_slots, n_seqs;
     uint64_t next_client_id;
+    struct client *dead;   /* closed during this loop iteration, freed after it */
     double t_start;
     uid_t owner_uid;
     int stopping;
@@ -243,7 +249,7 @@ static void finish_request(struct server *s, struct client *c)
     c->got = 0;
     free(c->body);
     c->body = NULL;
-    if (client_flush(s, c) == 1)
+    if (client_flush(s, c) == 1 && !c->reading)
         client_read(s, c); /* frames may be waiting: the poll only reports new arrivals */
 }
 
@@ -474,7 +480,7 @@ static void start_work(struct server *s, struct client *c, uint16_t type, struct
         reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
-    w->job.run = work_run, w->job.done = work_done;
+    w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
     w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
     w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
     for (uint32_t i = 0; i < n; i++)
@@ -881,62 +887,99 @@ static void dispatch(struct server *s, struct client *c)
 
 /* ---- connections ----------------------------------------------------------- */
 
+/* Parses a complete header held in c->hdr; returns 0 to go on reading the body. */
+static int take_header(struct server *s, struct client *c)
+{
+    int rc = frame_parse_header(c->hdr, &c->h);
+    unsigned t = c->h.type & ~FRAME_REPLY;
+    if (rc == CAKE_EPROTO && c->h.magic == FRAME_MAGIC && c->h.version == FRAME_VERSION &&
+        !(c->h.flags & ~FRAME_FLAGS_KNOWN) && c->h.body_len <= FRAME_MAX_BODY &&
+        (t == 0 || t > MSG_TYPE_MAX)) {
+        c->discard = 1; /* unknown type, sane frame: skip its body, answer, go on */
+        rc = 0;
+    }
+    if (rc) {
+        c->t0 = now_s();
+        c->close_after_flush = 1;
+        reply_error(s, c, rc, rc == CAKE_ETOOBIG ? "frame body of %u bytes exceeds the cap"
+                                                 : "malformed frame header (%u)", c->h.body_len);
+        return -1;
+    }
+    c->state = C_BODY, c->got = 0;
+    if (c->h.body_len && !c->discard && !(c->body = malloc(c->h.body_len))) {
+        c->close_after_flush = 1;
+        reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads and dispatches frames until the socket is drained, a request goes to a worker,
+ * or a reply waits for the socket. Reads ahead into c->in; a short read means the socket
+ * was empty, and anything arriving later raises a new poll event. */
 static void client_read(struct server *s, struct client *c)
 {
-    while (c->state == C_HEADER || c->state == C_BODY) {
-        if (c->out) /* a reply is still going out: read on once it is sent */
-            return;
-        uint8_t *dst;
-        size_t want;
-        if (c->state == C_HEADER)
-            dst = c->hdr + c->got, want = FRAME_HEADER_BYTES - c->got;
-        else
-            dst = c->body ? c->body + c->got : NULL, want = c->h.body_len - c->got;
-        uint8_t sink[4096];
-        if (c->state == C_BODY && !dst)
-            dst = sink, want = want < sizeof sink ? want : sizeof sink;
-        ssize_t n = want ? recv(c->fd, dst, want, MSG_DONTWAIT) : 0;
-        if (want && n == 0) {
+    c->reading = 1;
+    while ((c->state == C_HEADER || c->state == C_BODY) && !c->out) {
+        size_t avail = c->in_len - c->in_off;
+        if (c->state == C_HEADER && avail >= FRAME_HEADER_BYTES) {
+            memcpy(c->hdr, c->in + c->in_off, FRAME_HEADER_BYTES);
+            c->in_off += FRAME_HEADER_BYTES;
+            if (take_header(s, c))
+                break;
+            continue;
+        }
+        if (c->state == C_BODY) {
+            size_t need = c->h.body_len - c->got;
+            if (need == 0) {
+                dispatch(s, c);
+                continue;
+            }
+            if (avail) {
+                size_t k = avail < need ? avail : need;
+                if (c->body)
+                    memcpy(c->body + c->got, c->in + c->in_off, k);
+                c->in_off += k, c->got += k;
+                continue;
+            }
+            if (c->body && need >= sizeof c->in && !c->drained) { /* large body: straight in */
+                ssize_t n = recv(c->fd, c->body + c->got, need, MSG_DONTWAIT);
+                if (n > 0) {
+                    c->got += (size_t)n;
+                    continue;
+                }
+                if (n == 0 || (errno != EAGAIN && errno != EINTR))
+                    client_close(s, c);
+                else if (errno == EAGAIN)
+                    c->drained = 1;
+                continue;
+            }
+        }
+        if (c->drained)
+            break;
+        if (c->in_off) { /* keep the partial frame at the front */
+            memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+            c->in_len -= c->in_off, c->in_off = 0;
+        }
+        size_t room = sizeof c->in - c->in_len;
+        ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+        if (n == 0) {
             client_close(s, c);
-            return;
+            break;
         }
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno != EAGAIN)
+            if (errno == EAGAIN)
+                c->drained = 1;
+            else
                 client_close(s, c);
-            return;
+            continue;
         }
-        c->got += (size_t)n;
-        if (c->state == C_HEADER) {
-            if (c->got < FRAME_HEADER_BYTES)
-                continue;
-            int rc = frame_parse_header(c->hdr, &c->h);
-            unsigned t = c->h.type & ~FRAME_REPLY;
-            if (rc == CAKE_EPROTO && c->h.magic == FRAME_MAGIC && c->h.version == FRAME_VERSION &&
-                !(c->h.flags & ~FRAME_FLAGS_KNOWN) && c->h.body_len <= FRAME_MAX_BODY &&
-                (t == 0 || t > MSG_TYPE_MAX)) {
-                c->discard = 1; /* unknown type, sane frame: skip its body, answer, go on */
-                rc = 0;
-            }
-            if (rc) {
-                c->t0 = now_s();
-                c->close_after_flush = 1;
-                reply_error(s, c, rc, rc == CAKE_ETOOBIG ? "frame body of %u bytes exceeds the cap"
-                                                         : "malformed frame header (%u)",
-                            c->h.body_len);
-                return;
-            }
-            c->state = C_BODY, c->got = 0;
-            if (c->h.body_len && !c->discard && !(c->body = malloc(c->h.body_len))) {
-                c->close_after_flush = 1;
-                reply_error(s, c, CAKE_EINTERNAL, "out of memory");
-                return;
-            }
-        }
-        if (c->state == C_BODY && c->got == c->h.body_len)
-            dispatch(s, c);
+        c->in_len += (size_t)n;
+        c->drained = (size_t)n < room;
     }
+    c->reading = 0;
 }
 
 static void client_close(struct server *s, struct client *c)
@@ -966,13 +1009,25 @@ static void client_close(struct server *s, struct client *c)
             s->clients[i] = s->clients[--s->n_clients];
             break;
         }
-    free(c->body), free(c->out), free(c);
+    /* callers up the stack may still look at c: free it after this loop iteration */
+    c->next_dead = s->dead, s->dead = c;
+}
+
+static void free_dead(struct server *s)
+{
+    while (s->dead) {
+        struct client *c = s->dead;
+        s->dead = c->next_dead;
+        free(c->body), free(c->out), free(c);
+    }
 }
 
 static void on_client(void *arg, uint32_t ev)
 {
     struct client *c = arg;
     struct server *s = c->srv;
+    if (ev & (LOOP_IN | LOOP_ERR))
+        c->drained = 0;
     if ((ev & LOOP_OUT) && c->out) {
         if (client_flush(s, c) != 1)
             return;
@@ -1187,6 +1242,7 @@ int server_run(struct server *s)
 {
     while (!s->stopping) {
         int rc = loop_wait(s->loop, 1000);
+        free_dead(s);
         if (rc < 0) {
             logmsg("event loop: %s", strerror(-rc));
             return rc;
@@ -1208,6 +1264,7 @@ int server_run(struct server *s)
             send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
         client_close(s, c);
     }
+    free_dead(s);
     while (workers_pending(s->workers))
         loop_wait(s->loop, 100);
     logmsg("stopped");
@@ -1225,6 +1282,7 @@ void server_destroy(struct server *s)
         free(s->clients[i]->body), free(s->clients[i]->out), free(s->clients[i]);
     }
     free(s->clients);
+    free_dead(s);
     for (uint32_t i = 0; i < s->n_slots; i++)
         if (s->slots[i].s)
             seq_free(&s->env, s->slots[i].s);

@@ -13,6 +13,7 @@ struct workers {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct job *head, *tail;   /* queued */
+    struct job *uhead, *utail; /* queued urgent jobs, taken first */
     struct job *done;          /* completed, LIFO (reaped in any order) */
     int efd;
     int stop;
@@ -26,16 +27,23 @@ static void *main_fn(void *arg)
     struct workers *w = arg;
     for (;;) {
         pthread_mutex_lock(&w->mu);
-        while (!w->head && !w->stop)
+        while (!w->head && !w->uhead && !w->stop)
             pthread_cond_wait(&w->cv, &w->mu);
-        if (!w->head) {
+        struct job *j;
+        if (w->uhead) {
+            j = w->uhead;
+            w->uhead = j->next;
+            if (!w->uhead)
+                w->utail = NULL;
+        } else if (w->head) {
+            j = w->head;
+            w->head = j->next;
+            if (!w->head)
+                w->tail = NULL;
+        } else {
             pthread_mutex_unlock(&w->mu);
             return NULL;
         }
-        struct job *j = w->head;
-        w->head = j->next;
-        if (!w->head)
-            w->tail = NULL;
         pthread_mutex_unlock(&w->mu);
         j->run(j);
         pthread_mutex_lock(&w->mu);
@@ -100,11 +108,12 @@ void workers_submit(struct workers *w, struct job *j)
 {
     j->next = NULL;
     pthread_mutex_lock(&w->mu);
-    if (w->tail)
-        w->tail->next = j;
+    struct job **head = j->urgent ? &w->uhead : &w->head, **tail = j->urgent ? &w->utail : &w->tail;
+    if (*tail)
+        (*tail)->next = j;
     else
-        w->head = j;
-    w->tail = j;
+        *head = j;
+    *tail = j;
     w->pending++;
     pthread_cond_signal(&w->cv);
     pthread_mutex_unlock(&w->mu);

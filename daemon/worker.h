@@ -9,6 +9,7 @@
 struct job {
     void (*run)(struct job *j);   /* worker thread */
     void (*done)(struct job *j);  /* loop thread, after run */
+    int urgent;                   /* decode steps: run before any queued prefill work */
     struct job *next;
 };
 

@@ -135,10 +135,11 @@ static void load_keys_bf16(const struct kern_kv *kv, uint32_t g, uint32_t j, uin
     uint32_t d2 = kv->head_dim / 2;
     if (tj < TILE)
         memset(kp, 0, sizeof(uint32_t) * d2 * TILE);
-    const uint32_t *src = kern_kv_key(kv, g, j);
-    for (uint32_t t = 0; t < tj; t++)
+    for (uint32_t t = 0; t < tj; t++) {
+        const uint32_t *src = kern_kv_key(kv, g, j + t); /* a tile may span pages */
         for (uint32_t k = 0; k < d2; k++)
-            kp[(size_t)k * TILE + t] = src[(size_t)t * d2 + k];
+            kp[(size_t)k * TILE + t] = src[k];
+    }
 }
 #endif
 
@@ -149,24 +150,18 @@ static void load_keys(const struct kern_kv *kv, uint32_t g, uint32_t j, uint32_t
     uint32_t d = kv->head_dim;
     if (tj < TILE)
         memset(kt, 0, sizeof(float) * d * TILE);
-    /* tiles never cross a page, so the tj rows are contiguous */
-    const void *src = kern_kv_key(kv, g, j);
-    for (uint32_t t = 0; t < tj; t++) {
-        const void *p = (const char *)src + (size_t)t * kern_kv_row_bytes(kv);
-        kern_to_f32(kv->dtype, p, row, d);
+    for (uint32_t t = 0; t < tj; t++) { /* a tile may span pages: address each row */
+        kern_to_f32(kv->dtype, kern_kv_key(kv, g, j + t), row, d);
         for (uint32_t k = 0; k < d; k++)
             kt[(size_t)k * TILE + t] = row[k];
     }
 }
 
-/* Next tile length from column j, bounded by end and by the page holding j. */
+/* Next tile length from column j, bounded by end (tiles may span pages). */
 static uint32_t tile_len(const struct kern_kv *kv, uint32_t j, uint32_t end)
 {
-    uint32_t tpp = kv->tokens_per_page;
-    uint32_t lim = (j / tpp + 1) * tpp;
-    if (lim > end)
-        lim = end;
-    return lim - j > TILE ? TILE : lim - j;
+    (void)kv;
+    return end - j > TILE ? TILE : end - j;
 }
 
 struct ctx {
