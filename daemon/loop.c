@@ -136,7 +136,14 @@ int loop_create(enum loop_backend want, struct loop **out, const char **name, co
     l->epfd = -1, l->free_head = -1;
     *why = NULL;
     if (want != LOOP_EPOLL) {
-        int rc = io_uring_queue_init(LOOP_URING_ENTRIES, &l->ring, 0);
+        /* one thread submits and reaps: let the kernel skip cross-CPU task_work IPIs where
+         * it can (5.19+), plain setup otherwise */
+        int rc = io_uring_queue_init(LOOP_URING_ENTRIES, &l->ring,
+                                     IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN);
+        if (rc == -EINVAL)
+            rc = io_uring_queue_init(LOOP_URING_ENTRIES, &l->ring, IORING_SETUP_COOP_TASKRUN);
+        if (rc == -EINVAL)
+            rc = io_uring_queue_init(LOOP_URING_ENTRIES, &l->ring, 0);
         if (rc == 0 && (rc = uring_probe(&l->ring)) != 0)
             io_uring_queue_exit(&l->ring);
         if (rc == 0) {
