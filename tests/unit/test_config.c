@@ -1,0 +1,67 @@
+/* Sizes, options and the configuration file. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "config.h"
+
+Test(config, sizes)
+{
+    uint64_t v;
+    cr_assert_eq(config_parse_size("64K", &v), 0);
+    cr_assert_eq(v, 65536);
+    cr_assert_eq(config_parse_size("1GiB", &v), 0);
+    cr_assert_eq(v, 1ull << 30);
+    cr_assert_eq(config_parse_size("512mb", &v), 0);
+    cr_assert_eq(v, 512ull << 20);
+    cr_assert_eq(config_parse_size("12345", &v), 0);
+    cr_assert_eq(v, 12345);
+    cr_assert_eq(config_parse_size("-1G", &v), -1);
+    cr_assert_eq(config_parse_size("1X", &v), -1);
+    cr_assert_eq(config_parse_size("", &v), -1);
+    cr_assert_eq(config_parse_size("99999999999T", &v), -1); /* overflow */
+}
+
+Test(config, defaults_and_options)
+{
+    static struct config c;
+    char err[256];
+    config_defaults(&c);
+    cr_assert_gt(c.srv.host_pool_bytes, 0);
+    cr_assert_leq(c.srv.host_pool_bytes, 1ull << 30);
+    cr_assert_eq(c.srv.page_bytes, 65536);
+    cr_assert(strstr(c.srv.socket_path, "caked"));
+    cr_assert_eq(config_set(&c, "io", "epoll", err, sizeof err), 0);
+    cr_assert_eq(c.srv.io, LOOP_EPOLL);
+    cr_assert_eq(config_set(&c, "page-size", "3000", err, sizeof err), -1);
+    cr_assert(strstr(err, "power of two"), "%s", err);
+    cr_assert_eq(config_set(&c, "nonsense", "1", err, sizeof err), -1);
+}
+
+Test(config, file_with_tenants_and_errors)
+{
+    char path[] = "/tmp/caked-conf-XXXXXX";
+    int fd = mkstemp(path);
+    FILE *f = fdopen(fd, "w");
+    fprintf(f, "# test\nhost-pool = 2G   # inline comment\nworkers = 3\n"
+               "tenant vllm weight=2 min=1G max=6G\ntenant batch uid=1001 max=512M\n");
+    fclose(f);
+    static struct config c;
+    char err[256] = "";
+    config_defaults(&c);
+    cr_assert_eq(config_load(&c, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(c.srv.host_pool_bytes, 2ull << 30);
+    cr_assert_eq(c.srv.workers, 3);
+    cr_assert_eq(c.n_tenants, 2);
+    cr_assert_str_eq(c.tenants[0].name, "vllm");
+    cr_assert_eq(c.tenants[0].weight, 2);
+    cr_assert_eq(c.tenants[0].min_bytes, 1ull << 30);
+    cr_assert_eq(c.tenants[1].uid, 1001);
+    f = fopen(path, "w");
+    fprintf(f, "host-pool = 1G\ntenant bad min=2G max=1G\n");
+    fclose(f);
+    config_defaults(&c);
+    cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, ":2:"), "error names the line: %s", err);
+    unlink(path);
+}
