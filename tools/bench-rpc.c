@@ -27,22 +27,10 @@
 #include <unistd.h>
 
 #include "cake/cake.h"
+#include "util.h"
 
 static char sock[128], dir[64];
 static const char *io = "auto";
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static double pct(double *v, size_t n, double p)
 {
@@ -106,7 +94,7 @@ static int rtt(int n, int reps, const char *redis_sock, double *p50, double *p99
     int fds[2];
     if (pipe(fds))
         return -1;
-    double t0 = now_s();
+    double t0 = util_now_s();
     pid_t *kids = calloc((size_t)n, sizeof(pid_t));
     for (int i = 0; i < n; i++) {
         if ((kids[i] = fork()) == 0) {
@@ -126,10 +114,10 @@ static int rtt(int n, int reps, const char *redis_sock, double *p50, double *p99
                 if (redis_sock ? redis_ping(rfd) : cake_ping(c))
                     _exit(1);
             for (int r = 0; r < reps; r++) {
-                double a = now_s();
+                double a = util_now_s();
                 if (redis_sock ? redis_ping(rfd) : cake_ping(c))
                     _exit(1);
-                lat[r] = now_s() - a;
+                lat[r] = util_now_s() - a;
             }
             size_t left = sizeof(double) * (size_t)reps;
             char *p = (char *)lat;
@@ -151,7 +139,7 @@ static int rtt(int n, int reps, const char *redis_sock, double *p50, double *p99
             break;
         got += (size_t)k;
     }
-    double wall = now_s() - t0;
+    double wall = util_now_s() - t0;
     close(fds[0]);
     int st, bad = 0;
     for (int i = 0; i < n; i++) { /* caked is our child too: wait for these only */
@@ -163,7 +151,7 @@ static int rtt(int n, int reps, const char *redis_sock, double *p50, double *p99
         free(all);
         return -1;
     }
-    qsort(all, total, sizeof(double), cmp_d);
+    qsort(all, total, sizeof(double), util_cmp_double);
     *p50 = pct(all, total, 0.5), *p99 = pct(all, total, 0.99);
     *ops = (double)total / wall;
     free(all);
@@ -235,15 +223,15 @@ static int decode_batch(int nseq, int steps, double *p50, double *p99)
         return -1;
     double *lat = malloc(sizeof(double) * (size_t)steps);
     for (int i = 0; i < steps; i++) {
-        double a = now_s();
+        double a = util_now_s();
         int rc = cake_decode_step(c, s, (size_t)nseq);
-        lat[i] = now_s() - a;
+        lat[i] = util_now_s() - a;
         if (rc) {
             fprintf(stderr, "bench-rpc: decode step: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
             return -1;
         }
     }
-    qsort(lat, (size_t)steps, sizeof(double), cmp_d);
+    qsort(lat, (size_t)steps, sizeof(double), util_cmp_double);
     *p50 = pct(lat, (size_t)steps, 0.5), *p99 = pct(lat, (size_t)steps, 0.99);
     free(lat), free(s);
     cake_destroy(c);
@@ -267,10 +255,10 @@ static int decode_beside_prefill(int with_prefill, double *p50, double *p99, dou
             if (cake_connect(c, sock, 1))
                 _exit(1);
             cake_seq *s;
-            double a = now_s();
+            double a = util_now_s();
             if (open_seqs(c, &s, 1, 32, 32768, 1024, 8, 1))
                 _exit(1);
-            double t = now_s() - a;
+            double t = util_now_s() - a;
             if (write(ready[1], &t, sizeof t) != sizeof t)
                 _exit(1);
             _exit(0);
@@ -286,13 +274,13 @@ static int decode_beside_prefill(int with_prefill, double *p50, double *p99, dou
         return -1;
     size_t cap = 1 << 20, n = 0;
     double *lat = malloc(sizeof(double) * cap);
-    double until = now_s() + 2.0;
+    double until = util_now_s() + 2.0;
     for (;;) {
-        double a = now_s();
+        double a = util_now_s();
         if (cake_decode_step(c, &s, 1))
             return -1;
-        lat[n++] = now_s() - a;
-        if (n == cap || (!with_prefill && now_s() > until))
+        lat[n++] = util_now_s() - a;
+        if (n == cap || (!with_prefill && util_now_s() > until))
             break;
         if (with_prefill) {
             int st;
@@ -309,7 +297,7 @@ static int decode_beside_prefill(int with_prefill, double *p50, double *p99, dou
     if (with_prefill && read(ready[0], prefill_s, sizeof *prefill_s) != sizeof *prefill_s)
         return -1;
     close(ready[0]), close(ready[1]);
-    qsort(lat, n, sizeof(double), cmp_d);
+    qsort(lat, n, sizeof(double), util_cmp_double);
     *p50 = pct(lat, n, 0.5), *p99 = pct(lat, n, 0.99), *mx = lat[n - 1];
     free(lat);
     cake_destroy(c);

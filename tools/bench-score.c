@@ -19,18 +19,12 @@
 #include <unistd.h>
 
 #include "kern.h"
+#include "util.h"
 
 #define H 32
 #define HKV 8
 #define D 128
 #define W 32
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static float frand(void) /* xorshift, uniform in [-1, 1) */
@@ -66,7 +60,7 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
     double best = INFINITY;
     for (int r = 0; r < reps; r++) {
         memcpy(page, pristine, kv_elems * 2 * 2);
-        double t0 = now_s();
+        double t0 = util_now_s();
         struct kern_score_args a = {
             .q = q, .q_dtype = KERN_BF16, .q_heads = H, .n_q = W, .kv = &kv, .n_scored = S,
             .gamma = 200.0f, .stats = st, .round_dtype = KERN_BF16, .n_threads = threads,
@@ -80,7 +74,7 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
             uint32_t k = kern_topk(ind + (size_t)g * S, S, keep, KERN_ORDER_POSITION, idx);
             kern_compact_head(&kv, g, idx, k, S, W, NULL);
         }
-        double t = now_s() - t0;
+        double t = util_now_s() - t0;
         if (t < best)
             best = t;
     }

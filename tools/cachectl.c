@@ -22,18 +22,9 @@
 #include "cake.pb-c.h"
 #include "cake/cake.h"
 #include "internal.h"
+#include "util.h"
 
 static int json;
-
-static void human_bytes(uint64_t b, char *out, size_t len)
-{
-    const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)b;
-    int i = 0;
-    while (v >= 1024 && i < 4)
-        v /= 1024, i++;
-    snprintf(out, len, i ? "%.1f %s" : "%.0f %s", v, u[i]);
-}
 
 static int parse_size(const char *s, uint64_t *out)
 {
@@ -94,9 +85,9 @@ static int cmd_status(cake_ctx *c)
                (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients);
     } else {
         char pb[32], pg[32], ub[32];
-        human_bytes(s->pool_bytes, pb, sizeof pb);
-        human_bytes(s->page_bytes, pg, sizeof pg);
-        human_bytes(s->pages_used * s->page_bytes, ub, sizeof ub);
+        util_human_bytes(s->pool_bytes, pb, sizeof pb);
+        util_human_bytes(s->page_bytes, pg, sizeof pg);
+        util_human_bytes(s->pages_used * s->page_bytes, ub, sizeof ub);
         printf("caked %s (protocol %u), pid %u, up %.1f s, %s event loop\n", s->daemon_version,
                s->protocol_version, s->pid, s->uptime_ms / 1e3, s->io_backend);
         printf("socket     %s\n", s->socket);
@@ -130,9 +121,9 @@ static int cmd_tenants(cake_ctx *c)
         for (size_t i = 0; i < r->n_tenants; i++) {
             Cake__Tenant *t = r->tenants[i];
             char mn[32], cp[32], us[32];
-            human_bytes(t->min_bytes, mn, sizeof mn);
-            human_bytes(t->max_bytes, cp, sizeof cp);
-            human_bytes(t->used_bytes, us, sizeof us);
+            util_human_bytes(t->min_bytes, mn, sizeof mn);
+            util_human_bytes(t->max_bytes, cp, sizeof cp);
+            util_human_bytes(t->used_bytes, us, sizeof us);
             printf("%-20s %6u %6u %11s %11s %11s %5u %7u %5llu\n", t->name, t->uid, t->weight,
                    mn, cp, us, t->sequences, t->clients, (unsigned long long)t->oom_errors);
         }
@@ -173,7 +164,7 @@ static int cmd_sequences(cake_ctx *c)
         for (size_t i = 0; i < r->n_seqs; i++) {
             Cake__SeqInfo *q = r->seqs[i];
             char by[32];
-            human_bytes(q->bytes, by, sizeof by);
+            util_human_bytes(q->bytes, by, sizeof by);
             printf("%#-14llx %-16s %6u %8u %9u %7u %6s %6u %10s\n", (unsigned long long)q->seq_id,
                    q->tenant, q->layers, q->prompt_len, q->prefilled_layers, q->decoded_tokens,
                    q->mode ? "fixed" : "parity", q->cache_size, by);
@@ -207,7 +198,7 @@ static int cmd_seq(cake_ctx *c, const char *arg)
         printf("]}\n");
     } else {
         char by[32];
-        human_bytes(q->bytes, by, sizeof by);
+        util_human_bytes(q->bytes, by, sizeof by);
         printf("sequence %#llx of %s: %u layers, %u kv heads x %u %s, prompt %u, %u decoded, "
                "%s mode, cache %u per layer, %s\n", (unsigned long long)q->seq_id, q->tenant,
                q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype), q->prompt_len,

@@ -17,13 +17,7 @@
 #include "cakeseq.h"
 #include "kern.h"
 #include "synth.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "util.h"
 
 int main(int argc, char **argv)
 {
@@ -89,7 +83,7 @@ int main(int argc, char **argv)
            "cache %u per layer (window %u), %s mode, %s\n", L, sc.q_heads, Hkv, d, n, C, w,
            policy_mode_name(mode), cascading ? "cascading" : "one-shot");
     uint64_t peak = 0;
-    double t_score = 0, t0 = now_s();
+    double t_score = 0, t0 = util_now_s();
     for (uint32_t l = 0; l < L; l++) {
         kv[l] = malloc(2 * half * sizeof(uint16_t));
         if (!kv[l]) {
@@ -107,12 +101,12 @@ int main(int argc, char **argv)
             .round_dtype = KERN_BF16, .n_threads = threads,
         };
         struct kern_score_out out = {.indicator = ind};
-        double ts = now_s();
+        double ts = util_now_s();
         if (S && kern_score_layer(&a, &out)) {
             fprintf(stderr, "cake-demo: scoring failed\n");
             return 1;
         }
-        t_score += now_s() - ts;
+        t_score += util_now_s() - ts;
         uint64_t tokens = 0;
         for (uint32_t m = 0; m <= l; m++)
             tokens += held[m];
@@ -134,7 +128,7 @@ int main(int argc, char **argv)
             held[m] = ev[e].kept + w;
         }
     }
-    double elapsed = now_s() - t0;
+    double elapsed = util_now_s() - t0;
     printf("%5s %12s %8s %9s %14s\n", "layer", "preference", "budget", "kept", "heavy kept");
     uint64_t total = 0;
     for (uint32_t l = 0; l < L; l++) {

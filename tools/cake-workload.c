@@ -21,6 +21,7 @@
 #include "cake/cake.h"
 #include "dtype.h"
 #include "synth.h"
+#include "util.h"
 
 struct opts {
     const char *socket;
@@ -29,19 +30,6 @@ struct opts {
     uint32_t cache;
     int mode;
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 #define CHECK(call)                                                                         \
     do {                                                                                    \
@@ -73,7 +61,7 @@ static int engine(const struct opts *o, int id)
     cake_seq **seqs = calloc((size_t)o->seqs, sizeof(*seqs));
     if (!k || !v || !q || !seqs)
         return 1;
-    double t0 = now_s();
+    double t0 = util_now_s();
     uint64_t held = 0;
     for (int s = 0; s < o->seqs; s++) {
         CHECK(cake_seq_open(ctx, &lay, &pol, n, (uint32_t)o->decode, &seqs[s]));
@@ -93,15 +81,15 @@ static int engine(const struct opts *o, int id)
         for (uint32_t l = 0; l < L; l++)
             held += cake_layer_tokens(seqs[s], l);
     }
-    double t_prefill = now_s() - t0;
+    double t_prefill = util_now_s() - t0;
     if (o->hold)
         sleep((unsigned)o->hold);
     double *lat = calloc((size_t)o->decode + 1, sizeof(double));
     uint16_t row[4096];
     for (int step = 0; step < o->decode; step++) {
-        double ts = now_s();
+        double ts = util_now_s();
         CHECK(cake_decode_step(ctx, seqs, (size_t)o->seqs));
-        lat[step] = now_s() - ts;
+        lat[step] = util_now_s() - ts;
         for (int s = 0; s < o->seqs; s++)
             for (uint32_t l = 0; l < L; l++) {
                 uint32_t slot = cake_layer_tokens(seqs[s], l) - 1;
@@ -116,7 +104,7 @@ static int engine(const struct opts *o, int id)
                     memcpy(qr + (size_t)h * w * d * 2, q + ((size_t)h * w + w - 1) * d, d * 2);
             }
     }
-    qsort(lat, (size_t)o->decode, sizeof(double), cmp_d);
+    qsort(lat, (size_t)o->decode, sizeof(double), util_cmp_double);
     uint64_t after = 0;
     for (int s = 0; s < o->seqs; s++)
         for (uint32_t l = 0; l < L; l++)

@@ -21,12 +21,6 @@ static int rank_cmp(const void *a, const void *b)
     return x->pos < y->pos ? -1 : x->pos > y->pos;
 }
 
-static int u32_cmp(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Top k of v (ties to lower positions), ascending. */
 static void topk_ref(const float *v, uint32_t S, uint32_t k, uint32_t *out)
 {
@@ -36,7 +30,7 @@ static void topk_ref(const float *v, uint32_t S, uint32_t k, uint32_t *out)
     qsort(e, S, sizeof(*e), rank_cmp);
     for (uint32_t i = 0; i < k; i++)
         out[i] = e[i].pos;
-    qsort(out, k, sizeof(uint32_t), u32_cmp);
+    qsort(out, k, sizeof(uint32_t), tu_cmp_u32);
     free(e);
 }
 

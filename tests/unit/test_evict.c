@@ -21,12 +21,6 @@ static int rank_cmp(const void *a, const void *b)
     return x->pos < y->pos ? -1 : x->pos > y->pos;
 }
 
-static int u32_cmp(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void run(enum policy_mode mode)
 {
     uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(3), H = Hkv * G, d = 32, w = 4 + tu_below(12);
@@ -74,17 +68,17 @@ static void run(enum policy_mode mode)
         for (uint32_t i = 0; i < budget; i++)
             want[i] = e[i].pos;
         if (mode == POLICY_FIXED) {
-            qsort(want, budget, sizeof(uint32_t), u32_cmp);
+            qsort(want, budget, sizeof(uint32_t), tu_cmp_u32);
             for (uint32_t i = 1; i < budget; i++)
                 cr_assert(got[i] > got[i - 1], "fixed keeps positional order");
         } else {
             for (uint32_t i = 1; i < budget; i++) /* parity keeps descending-score order */
                 cr_assert(ind[g * S + got[i]] <= ind[g * S + got[i - 1]]);
-            qsort(want, budget, sizeof(uint32_t), u32_cmp);
+            qsort(want, budget, sizeof(uint32_t), tu_cmp_u32);
         }
         uint32_t *gs = malloc(sizeof(uint32_t) * budget);
         memcpy(gs, got, sizeof(uint32_t) * budget);
-        qsort(gs, budget, sizeof(uint32_t), u32_cmp);
+        qsort(gs, budget, sizeof(uint32_t), tu_cmp_u32);
         /* equal sets, except near-ties at the threshold (float vs double) */
         double thr = e[budget - 1].v;
         for (uint32_t i = 0; i < budget; i++)

@@ -21,12 +21,6 @@ static int rank_cmp(const void *a, const void *b)
     return x->pos < y->pos ? -1 : x->pos > y->pos;
 }
 
-static int pos_cmp(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void check(const float *s, uint32_t n, uint32_t k)
 {
     struct ent *e = malloc(sizeof(*e) * (n + 1));
@@ -43,7 +37,7 @@ static void check(const float *s, uint32_t n, uint32_t k)
     /* position order: the same set, ascending */
     for (uint32_t i = 0; i < kk; i++)
         want[i] = e[i].pos;
-    qsort(want, kk, sizeof(uint32_t), pos_cmp);
+    qsort(want, kk, sizeof(uint32_t), tu_cmp_u32);
     cr_assert_eq(kern_topk(s, n, k, KERN_ORDER_POSITION, got), kk);
     for (uint32_t i = 0; i < kk; i++)
         cr_assert_eq(got[i], want[i], "position order: %u got %u want %u", i, got[i], want[i]);

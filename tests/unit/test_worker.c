@@ -23,6 +23,8 @@ static void run(struct job *j)
     while (t->gate && !atomic_load(t->release))
         usleep(1000);
     atomic_fetch_add(t->ran, 1);
+    if (t->order) /* run order (one worker: no race); done() order is not specified */
+        t->order[(*t->n_order)++] = t->id;
 }
 
 static void done(struct job *j)
@@ -30,8 +32,6 @@ static void done(struct job *j)
     struct tjob *t = (struct tjob *)j;
     cr_assert(pthread_equal(pthread_self(), t->owner));
     (*t->done)++;
-    if (t->order)
-        t->order[(*t->n_order)++] = t->id;
 }
 
 Test(worker, all_jobs_run_once_and_complete_on_the_loop)

@@ -38,4 +38,11 @@ static inline uint32_t tu_below(uint32_t n)
     return (uint32_t)(tu_next() % n);
 }
 
+/* qsort comparator for uint32_t, ascending */
+static inline int tu_cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 #endif
