@@ -92,6 +92,10 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     cfg.layers = a->layers, cfg.model_dtype = (enum kern_dtype)a->dtype;
     if ((*why = policy_cfg_check(&cfg)))
         return CAKE_EINVAL;
+    if (cfg.window > SEQ_MAX_WINDOW || cfg.cache_size > SEQ_MAX_TOKENS) {
+        *why = "window must be at most 4096 and cache_size at most 16M";
+        return CAKE_EINVAL;
+    }
     uint64_t row = (uint64_t)a->head_dim * kern_dtype_size((enum kern_dtype)a->dtype);
     uint64_t tpp = e->pool->page_bytes / (2 * a->kv_heads * row);
     if (!tpp) {
@@ -109,8 +113,20 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages);
     uint64_t scratch_bytes = (uint64_t)s->L * ring_layer_bytes(s) +
                              (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
-    s->desc_pages = (uint32_t)((desc_bytes + pb - 1) / pb);
-    s->scratch_pages = (uint32_t)((scratch_bytes + pb - 1) / pb);
+    uint64_t dp = (desc_bytes + pb - 1) / pb, sp = (scratch_bytes + pb - 1) / pb;
+    if (dp + sp > e->pool->pages) { /* also keeps the counts below inside 32 bits */
+        free(s);
+        *why = "the sequence's descriptor and scratch area are larger than the pool";
+        return CAKE_EOOM;
+    }
+    s->desc_pages = (uint32_t)dp, s->scratch_pages = (uint32_t)sp;
+    /* admission before any allocation: a hostile layout must not make us allocate first */
+    if (tenant_admit(e->tenants, t, (uint64_t)(s->desc_pages + s->scratch_pages) * pb,
+                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes)) {
+        free(s);
+        *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
+        return CAKE_EOOM;
+    }
     int rc = -ENOMEM;
     s->layer = calloc(s->L, sizeof(*s->layer));
     if (!s->layer)
@@ -125,10 +141,6 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         goto fail;
     }
     rc = CAKE_EOOM;
-    *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
-    uint64_t need = (uint64_t)(s->desc_pages + s->scratch_pages) * pb;
-    if (tenant_admit(e->tenants, t, need, (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes))
-        goto fail;
     int64_t d0 = pool_alloc_run(e->pool, s->desc_pages);
     if (d0 < 0) {
         *why = "no contiguous run of pages for the sequence descriptor";

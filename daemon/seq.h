@@ -20,6 +20,7 @@
 #define SEQ_MAX_HEADS 1024
 #define SEQ_MAX_HEAD_DIM 1024
 #define SEQ_MAX_TOKENS (1u << 24) /* prompt + new tokens: 16M */
+#define SEQ_MAX_WINDOW 4096u     /* the query ring is window rows per head and layer */
 
 struct seq_layer {
     uint32_t *pages;     /* [max_pages] pool page indices */
