@@ -205,7 +205,7 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert_eq(cake_seq_open(a, &bad, &pol, 1000, 16, &sx), CAKE_EINVAL);
     cr_assert(strstr(cake_errstr(a), "multiple"), "%s", cake_errstr(a));
     /* a hostile layout is refused before caked allocates for it */
-    struct cake_layout huge = {512, 1024, 1024, 1024, CAKE_F32};
+    struct cake_layout huge = {512, 1024, 8, 1024, CAKE_F32}; /* one token per page */
     struct cake_policy wide = pol;
     wide.window = 4096, wide.cache_size = 1u << 24;
     cr_assert_eq(cake_seq_open(a, &huge, &wide, (1u << 24) - 1, 1, &sx), CAKE_EOOM, "%s", cake_errstr(a));
