@@ -1,0 +1,54 @@
+/* kern_cuda.h - CAKE's GPU kernels (kernels/score.cu), callable from C.
+ *
+ * Same contracts as kern.h, on device memory, in bf16 or fp16 (f32 accumulation and
+ * statistics: fixed mode's arithmetic). Keys and values are in the pool's page layout: a
+ * layer's page p starts at base + page_off[p] (page_off lives on the device). Everything is
+ * launched on the caller's stream; nothing synchronizes except where noted. Built only
+ * when nvcc is found (CAKE_HAVE_CUDA). */
+#ifndef CAKE_KERN_CUDA_H
+#define CAKE_KERN_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct kern_cuda_kv {
+    int dtype;                 /* KERN_F16 or KERN_BF16 */
+    uint32_t kv_heads, head_dim, tokens_per_page, n_tokens;
+    uint8_t *base;             /* device */
+    const uint64_t *page_off;  /* device, one per page */
+    size_t v_offset_bytes;     /* page start -> its V block */
+};
+
+/* Workspace bytes kern_cuda_score_layer needs for these sizes. */
+size_t kern_cuda_score_workspace(uint32_t kv_heads, uint32_t q_heads, uint32_t n_q, uint32_t n_tokens,
+                                 uint32_t n_scored);
+
+/* Window scoring (kern.h's kern_score_layer with KERN_STATS_FP32). q_dev: [q_heads][n_q][d]
+ * in the keys' dtype; ind_dev: [kv_heads][n_scored] f32. head_dim must be a multiple of
+ * 16 and at most 256; q_heads / kv_heads * n_q at most 256. Synchronizes the stream to
+ * return entropy and variance (pass NULL for both to stay asynchronous). Returns 0 or
+ * -EINVAL / -EIO (CUDA error, logged). */
+int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint32_t q_heads,
+                          uint32_t n_q, uint32_t n_scored, float gamma, float *ind_dev,
+                          double *entropy, double *variance, void *ws, size_t ws_bytes,
+                          void *stream);
+
+/* Top-k of each of `rows` score rows of length n (row stride n): positions ascending, ties
+ * to the lower position (kern_topk's KERN_ORDER_POSITION). idx_dev: [rows][k]. */
+int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx_dev,
+                   void *stream);
+
+/* Compaction of every kv head: keep_dev [kv_heads][k] prefix slots (each head its own), then
+ * the window [win_start, win_start + win_len). tmp_dev: kv_heads * (k + win_len) rows of K
+ * and V (2 * kv_heads * (k + win_len) * head_dim * esize bytes). */
+int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, uint32_t k,
+                      uint32_t win_start, uint32_t win_len, void *tmp_dev, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

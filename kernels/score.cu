@@ -1,0 +1,508 @@
+// score.cu - CAKE's window scoring, top-k and compaction on the GPU (see kern_cuda.h).
+//
+// Scoring follows the CPU kernel's plan (score.c): blocks own one kv head and a chunk of
+// key columns; each 64-column tile of keys is staged in shared memory once and multiplied
+// against all G*n_q query rows of the group with tensor cores (WMMA, bf16/fp16 in, f32
+// out). Pass 1 keeps each row's running max and exp-sum; a merge kernel combines chunks;
+// pass 2 recomputes the tile and accumulates the column statistics. The w x n probability
+// block never reaches device memory. Per-block partial sums are reduced on the host in a
+// fixed order, so results are reproducible.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <stdio.h>
+#include <cub/block/block_scan.cuh>
+
+#include "dtype.h"
+#include "kern_cuda.h"
+
+using namespace nvcuda;
+
+#define TN 64          // key columns per tile
+#define CHUNK 1024     // columns per block
+#define THREADS 256
+#define MAX_R 256      // G * n_q rows per kv head
+#define MAX_D 256
+
+#define CK(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "caked cuda: %s failed at %s:%d: %s\n", #call, __FILE__,      \
+                    __LINE__, cudaGetErrorString(e_));                                    \
+            return -EIO;                                                                  \
+        }                                                                                 \
+    } while (0)
+
+#ifndef EIO
+#define EIO 5
+#endif
+#ifndef EINVAL
+#define EINVAL 22
+#endif
+
+struct params {
+    const uint8_t *base;
+    const uint64_t *page_off;
+    uint32_t tpp, n, d, G, nq, R, RP, S, hkv, chunks;
+    float scale, gamma;
+    const void *q;
+    float *m, *l;          // pass 1 partials [hkv][chunks][RP]
+    float *rowM, *rowLnL;  // merged [hkv][RP]
+    float *acc;            // raw group sums [hkv][S]
+    double *ent, *var;     // per pass-2 block
+};
+
+template <typename T> struct wtype;
+template <> struct wtype<__nv_bfloat16> { typedef __nv_bfloat16 t; };
+template <> struct wtype<__half> { typedef __half t; };
+
+__device__ __forceinline__ const uint8_t *key_row(const params &p, uint32_t g, uint32_t t)
+{
+    return p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
+}
+
+// Stages Q of group g ([R][d], rows padded to RP with zeros) in shared memory.
+template <typename T>
+__device__ void load_q(const params &p, uint32_t g, T *qs)
+{
+    const T *q = (const T *)p.q + (size_t)g * p.R * p.d;
+    for (uint32_t i = threadIdx.x; i < p.RP * p.d; i += blockDim.x) {
+        uint32_t r = i / p.d;
+        qs[i] = r < p.R ? q[i] : T(0.0f);
+    }
+}
+
+// Keys [j0, j0 + TN) of head g into ks ([TN][d]); columns at or past `end` are zeros.
+template <typename T>
+__device__ void load_k(const params &p, uint32_t g, uint32_t j0, uint32_t end, T *ks)
+{
+    uint32_t vec = p.d / 8; // 16-byte vectors per row
+    for (uint32_t i = threadIdx.x; i < TN * vec; i += blockDim.x) {
+        uint32_t c = i / vec, v = i % vec;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (j0 + c < end)
+            x = ((const uint4 *)key_row(p, g, j0 + c))[v];
+        ((uint4 *)(ks + (size_t)c * p.d))[v] = x;
+    }
+}
+
+// zs[RP][TN] = qs . ks^T with WMMA 16x16x16 tiles.
+template <typename T>
+__device__ void tile_gemm(const params &p, const T *qs, const T *ks, float *zs)
+{
+    int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    int rt = p.RP / 16, ct = TN / 16;
+    for (int t = warp; t < rt * ct; t += nwarps) {
+        int r = t / ct, c = t % ct;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (uint32_t k = 0; k < p.d; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+            wmma::load_matrix_sync(a, qs + (size_t)r * 16 * p.d + k, p.d);
+            wmma::load_matrix_sync(b, ks + (size_t)c * 16 * p.d + k, p.d);
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(zs + (size_t)r * 16 * TN + c * 16, acc, TN, wmma::mem_row_major);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) pass1(params p)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    T *qs = (T *)smem;
+    T *ks = qs + (size_t)p.RP * p.d;
+    float *zs = (float *)(ks + (size_t)TN * p.d);
+    float *rm = zs + (size_t)p.RP * TN, *rl = rm + p.RP;
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
+    uint32_t c1 = min(c0 + CHUNK, p.n);
+    load_q(p, g, qs);
+    for (uint32_t r = threadIdx.x; r < p.RP; r += blockDim.x)
+        rm[r] = -INFINITY, rl[r] = 0.0f;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
+        __syncthreads();
+        load_k(p, g, j0, c1, ks);
+        __syncthreads();
+        tile_gemm(p, qs, ks, zs);
+        __syncthreads();
+        for (uint32_t r = warp; r < p.R; r += nw) {
+            uint32_t i = r % p.nq, lim = p.n - p.nq + i + 1; // row sees keys < lim
+            float v[TN / 32], mx = -INFINITY;
+            for (int u = 0; u < TN / 32; u++) {
+                uint32_t j = j0 + lane + 32 * u;
+                v[u] = (j < c1 && j < lim) ? zs[r * TN + lane + 32 * u] * p.scale : -INFINITY;
+                mx = fmaxf(mx, v[u]);
+            }
+            for (int o = 16; o; o >>= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            if (mx == -INFINITY)
+                continue;
+            float mo = rm[r], mn = fmaxf(mo, mx), s = 0.0f;
+            for (int u = 0; u < TN / 32; u++)
+                s += v[u] == -INFINITY ? 0.0f : __expf(v[u] - mn);
+            for (int o = 16; o; o >>= 1)
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (lane == 0) {
+                rl[r] = rl[r] * (mo == -INFINITY ? 0.0f : __expf(mo - mn)) + s;
+                rm[r] = mn;
+            }
+        }
+    }
+    __syncthreads();
+    size_t at = ((size_t)g * p.chunks + blockIdx.x) * p.RP;
+    for (uint32_t r = threadIdx.x; r < p.RP; r += blockDim.x)
+        p.m[at + r] = rm[r], p.l[at + r] = rl[r];
+}
+
+__global__ void merge(params p)
+{
+    uint32_t g = blockIdx.x, r = threadIdx.x;
+    if (r >= p.R)
+        return;
+    float M = -INFINITY;
+    for (uint32_t c = 0; c < p.chunks; c++)
+        M = fmaxf(M, p.m[((size_t)g * p.chunks + c) * p.RP + r]);
+    double L = 0.0;
+    for (uint32_t c = 0; c < p.chunks; c++) {
+        size_t at = ((size_t)g * p.chunks + c) * p.RP + r;
+        if (p.l[at] > 0.0f)
+            L += (double)p.l[at] * exp((double)p.m[at] - M);
+    }
+    p.rowM[g * p.RP + r] = M;
+    p.rowLnL[g * p.RP + r] = (float)log(L);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) pass2(params p)
+{
+    extern __shared__ __align__(16) uint8_t smem[];
+    T *qs = (T *)smem;
+    T *ks = qs + (size_t)p.RP * p.d;
+    float *zs = (float *)(ks + (size_t)TN * p.d);
+    float *i0 = zs + (size_t)p.RP * TN; // [G][TN]
+    __shared__ double red_e[THREADS], red_v[THREADS];
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
+    uint32_t c1 = min(c0 + CHUNK, p.S);
+    load_q(p, g, qs);
+    const float *M = p.rowM + g * p.RP, *LL = p.rowLnL + g * p.RP;
+    double e_sum = 0.0, v_sum = 0.0;
+    for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
+        __syncthreads();
+        load_k(p, g, j0, c1, ks);
+        __syncthreads();
+        tile_gemm(p, qs, ks, zs);
+        __syncthreads();
+        // one (head, column) pair per thread and step: probabilities, then mean and var
+        for (uint32_t x = threadIdx.x; x < p.G * TN; x += blockDim.x) {
+            uint32_t h = x / TN, c = x % TN;
+            if (j0 + c >= c1) {
+                i0[x] = 0.0f;
+                continue;
+            }
+            float s = 0.0f, e = 0.0f;
+            for (uint32_t i = 0; i < p.nq; i++) {
+                uint32_t r = h * p.nq + i;
+                float xx = zs[r * TN + c] * p.scale - M[r];
+                float pr = __expf(xx - LL[r]);
+                e -= pr * (xx - LL[r]);
+                zs[r * TN + c] = pr;
+                s += pr;
+            }
+            float mean = s / p.nq, var = 0.0f;
+            if (p.nq > 1) {
+                for (uint32_t i = 0; i < p.nq; i++) {
+                    float dl = zs[(h * p.nq + i) * TN + c] - mean;
+                    var += dl * dl;
+                }
+                var /= (p.nq - 1);
+            }
+            i0[x] = mean + p.gamma * var;
+            e_sum += e, v_sum += var;
+        }
+        __syncthreads();
+        for (uint32_t c = threadIdx.x; c < TN; c += blockDim.x) {
+            if (j0 + c >= c1)
+                continue;
+            float a = 0.0f;
+            for (uint32_t h = 0; h < p.G; h++)
+                a += i0[h * TN + c];
+            p.acc[(size_t)g * p.S + j0 + c] = a;
+        }
+    }
+    red_e[threadIdx.x] = e_sum, red_v[threadIdx.x] = v_sum;
+    __syncthreads();
+    for (int o = THREADS / 2; o; o >>= 1) {
+        if (threadIdx.x < o)
+            red_e[threadIdx.x] += red_e[threadIdx.x + o], red_v[threadIdx.x] += red_v[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        size_t b = (size_t)g * gridDim.x + blockIdx.x;
+        p.ent[b] = red_e[0], p.var[b] = red_v[0];
+    }
+}
+
+// ind[g][j] = (acc[j-2] + ... + acc[j+2]) / 5 / G, zero padded.
+__global__ void pool5(const float *acc, float *ind, uint32_t S, uint32_t hkv, float post)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)hkv * S)
+        return;
+    uint32_t g = x / S, j = x % S;
+    const float *a = acc + (size_t)g * S;
+    float s = a[j];
+    if (j >= 1) s += a[j - 1];
+    if (j >= 2) s += a[j - 2];
+    if (j + 1 < S) s += a[j + 1];
+    if (j + 2 < S) s += a[j + 2];
+    ind[x] = s / 5.0f * post;
+}
+
+static uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
+
+struct ws_layout {
+    size_t m, l, rowM, rowLnL, acc, ent, var, total;
+};
+
+static ws_layout layout_ws(uint32_t hkv, uint32_t RP, uint32_t n, uint32_t S)
+{
+    ws_layout w;
+    uint32_t ch1 = div_up(n, CHUNK), ch2 = div_up(S ? S : 1, CHUNK);
+    size_t o = 0;
+    auto take = [&](size_t bytes) { size_t at = o; o += (bytes + 255) & ~(size_t)255; return at; };
+    w.m = take(sizeof(float) * hkv * ch1 * RP);
+    w.l = take(sizeof(float) * hkv * ch1 * RP);
+    w.rowM = take(sizeof(float) * hkv * RP);
+    w.rowLnL = take(sizeof(float) * hkv * RP);
+    w.acc = take(sizeof(float) * hkv * (size_t)(S ? S : 1));
+    w.ent = take(sizeof(double) * hkv * ch2);
+    w.var = take(sizeof(double) * hkv * ch2);
+    w.total = o;
+    return w;
+}
+
+extern "C" size_t kern_cuda_score_workspace(uint32_t hkv, uint32_t q_heads, uint32_t n_q,
+                                            uint32_t n, uint32_t S)
+{
+    uint32_t R = q_heads / hkv * n_q, RP = (R + 15) / 16 * 16;
+    return layout_ws(hkv, RP, n, S).total;
+}
+
+template <typename T>
+static int launch(params &p, cudaStream_t st)
+{
+    size_t sm1 = (size_t)p.RP * p.d * 2 + (size_t)TN * p.d * 2 + (size_t)p.RP * TN * 4 + 2 * p.RP * 4;
+    size_t sm2 = (size_t)p.RP * p.d * 2 + (size_t)TN * p.d * 2 + (size_t)p.RP * TN * 4 + (size_t)p.G * TN * 4;
+    CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
+    CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+    pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
+    CK(cudaGetLastError());
+    merge<<<p.hkv, p.RP, 0, st>>>(p);
+    CK(cudaGetLastError());
+    uint32_t ch2 = div_up(p.S, CHUNK);
+    pass2<T><<<dim3(ch2, p.hkv), THREADS, sm2, st>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q, uint32_t q_heads,
+                                     uint32_t n_q, uint32_t S, float gamma, float *ind,
+                                     double *entropy, double *variance, void *ws, size_t ws_bytes,
+                                     void *stream)
+{
+    if (!kv || !q || kv->kv_heads == 0 || q_heads % kv->kv_heads || n_q == 0 ||
+        kv->head_dim % 16 || kv->head_dim > MAX_D || n_q > kv->n_tokens ||
+        S > kv->n_tokens - n_q || (kv->dtype != KERN_BF16 && kv->dtype != KERN_F16))
+        return -EINVAL;
+    params p = {};
+    p.G = q_heads / kv->kv_heads, p.nq = n_q, p.R = p.G * n_q, p.RP = (p.R + 15) / 16 * 16;
+    if (p.RP > MAX_R)
+        return -EINVAL;
+    p.base = kv->base, p.page_off = kv->page_off, p.tpp = kv->tokens_per_page, p.n = kv->n_tokens;
+    p.d = kv->head_dim, p.S = S, p.hkv = kv->kv_heads, p.chunks = div_up(p.n, CHUNK);
+    p.scale = 1.0f / sqrtf((float)p.d), p.gamma = gamma, p.q = q;
+    ws_layout w = layout_ws(p.hkv, p.RP, p.n, S);
+    if (ws_bytes < w.total)
+        return -EINVAL;
+    uint8_t *b = (uint8_t *)ws;
+    p.m = (float *)(b + w.m), p.l = (float *)(b + w.l), p.rowM = (float *)(b + w.rowM);
+    p.rowLnL = (float *)(b + w.rowLnL), p.acc = (float *)(b + w.acc);
+    p.ent = (double *)(b + w.ent), p.var = (double *)(b + w.var);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (S == 0) {
+        if (entropy) *entropy = 0;
+        if (variance) *variance = 0;
+        return 0;
+    }
+    int rc = kv->dtype == KERN_BF16 ? launch<__nv_bfloat16>(p, st) : launch<__half>(p, st);
+    if (rc)
+        return rc;
+    pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);
+    CK(cudaGetLastError());
+    if (entropy || variance) {
+        uint32_t nb = p.hkv * div_up(S, CHUNK);
+        double *he = (double *)malloc(sizeof(double) * nb * 2);
+        if (!he)
+            return -EIO;
+        CK(cudaMemcpyAsync(he, p.ent, sizeof(double) * nb, cudaMemcpyDeviceToHost, st));
+        CK(cudaMemcpyAsync(he + nb, p.var, sizeof(double) * nb, cudaMemcpyDeviceToHost, st));
+        CK(cudaStreamSynchronize(st));
+        double E = 0, V = 0;
+        for (uint32_t i = 0; i < nb; i++)
+            E += he[i], V += he[nb + i];
+        free(he);
+        if (entropy) *entropy = E;
+        if (variance) *variance = V;
+    }
+    return 0;
+}
+
+// ---- top-k ---------------------------------------------------------------
+
+#define TK_THREADS 1024
+
+__device__ __forceinline__ uint32_t sort_key(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint32_t n, uint32_t k,
+                                                        uint32_t *idx)
+{
+    const float *s = score + (size_t)blockIdx.x * n;
+    uint32_t *out = idx + (size_t)blockIdx.x * k;
+    __shared__ uint32_t hist[2048];
+    __shared__ uint32_t sh_prefix, sh_mask, sh_need;
+    if (threadIdx.x == 0)
+        sh_prefix = 0, sh_mask = 0, sh_need = k;
+    const int shift[3] = {21, 10, 0};
+    const uint32_t width[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; pass++) {
+        uint32_t nb = 1u << width[pass];
+        for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
+            hist[b] = 0;
+        __syncthreads();
+        uint32_t prefix = sh_prefix, mask = sh_mask;
+        for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
+            uint32_t key = sort_key(s[j]);
+            if ((key & mask) == prefix)
+                atomicAdd(&hist[(key >> shift[pass]) & (nb - 1)], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            uint32_t need = sh_need, b = nb;
+            while (b-- > 0) {
+                if (hist[b] >= need)
+                    break;
+                need -= hist[b];
+            }
+            sh_need = need;
+            sh_prefix = prefix | (b << shift[pass]);
+            sh_mask = mask | ((nb - 1) << shift[pass]);
+        }
+        __syncthreads();
+    }
+    // emit in positional order: each thread a contiguous segment, block scans for offsets
+    uint32_t thr = sh_prefix, need = sh_need;
+    uint32_t seg = (n + blockDim.x - 1) / blockDim.x, a = threadIdx.x * seg, e = min(a + seg, n);
+    uint32_t gt = 0, eq = 0;
+    for (uint32_t j = a; j < e; j++) {
+        uint32_t key = sort_key(s[j]);
+        gt += key > thr, eq += key == thr;
+    }
+    typedef cub::BlockScan<uint32_t, TK_THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage tmp;
+    uint32_t eq_before;
+    scan_t(tmp).ExclusiveSum(eq, eq_before);
+    __syncthreads();
+    uint32_t take = eq_before >= need ? 0 : min(eq, need - eq_before);
+    uint32_t mine = gt + take, off;
+    scan_t(tmp).ExclusiveSum(mine, off);
+    for (uint32_t j = a; j < e && mine; j++) {
+        uint32_t key = sort_key(s[j]);
+        if (key > thr || (key == thr && take && take--))
+            out[off++] = j, mine--;
+    }
+}
+
+extern "C" int kern_cuda_topk(const float *score, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx,
+                              void *stream)
+{
+    if (k > n)
+        return -EINVAL;
+    if (!k || !rows)
+        return 0;
+    topk_rows<<<rows, TK_THREADS, 0, (cudaStream_t)stream>>>(score, n, k, idx);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+// ---- compaction -----------------------------------------------------------
+
+struct cparams {
+    uint8_t *base;
+    const uint64_t *page_off;
+    uint32_t tpp, d, hkv, k, win_start, win_len;
+    size_t voff, row;
+    const uint32_t *keep;
+    uint8_t *tmp;
+};
+
+__device__ __forceinline__ uint8_t *row_at(const cparams &p, uint32_t g, uint32_t t)
+{
+    return p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.row;
+}
+
+// tmp[g][i] <- K/V of the i-th kept token (gather), 16 bytes per thread
+__global__ void gather(cparams p)
+{
+    uint32_t rows = p.k + p.win_len, vec = (uint32_t)(p.row / 16);
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)p.hkv * rows * vec;
+    if (x >= total)
+        return;
+    uint32_t v = x % vec, i = (x / vec) % rows, g = x / vec / rows;
+    uint32_t src = i < p.k ? p.keep[(size_t)g * p.k + i] : p.win_start + (i - p.k);
+    const uint8_t *s = row_at(p, g, src);
+    uint8_t *t = p.tmp + ((size_t)g * rows + i) * p.row * 2;
+    ((uint4 *)t)[v] = ((const uint4 *)s)[v];
+    ((uint4 *)(t + p.row))[v] = ((const uint4 *)(s + p.voff))[v];
+}
+
+__global__ void scatter(cparams p)
+{
+    uint32_t rows = p.k + p.win_len, vec = (uint32_t)(p.row / 16);
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)p.hkv * rows * vec;
+    if (x >= total)
+        return;
+    uint32_t v = x % vec, i = (x / vec) % rows, g = x / vec / rows;
+    uint8_t *d = row_at(p, g, i);
+    const uint8_t *t = p.tmp + ((size_t)g * rows + i) * p.row * 2;
+    ((uint4 *)d)[v] = ((const uint4 *)t)[v];
+    ((uint4 *)(d + p.voff))[v] = ((const uint4 *)(t + p.row))[v];
+}
+
+extern "C" int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep, uint32_t k,
+                                 uint32_t win_start, uint32_t win_len, void *tmp, void *stream)
+{
+    size_t row = (size_t)kv->head_dim * 2;
+    if (row % 16 || win_start + win_len > kv->n_tokens || k > win_start)
+        return -EINVAL;
+    cparams p = {kv->base, kv->page_off, kv->tokens_per_page, kv->head_dim, kv->kv_heads, k,
+                 win_start, win_len, kv->v_offset_bytes, row, keep, (uint8_t *)tmp};
+    size_t total = (size_t)kv->kv_heads * (k + win_len) * (row / 16);
+    if (!total)
+        return 0;
+    cudaStream_t st = (cudaStream_t)stream;
+    gather<<<div_up(total, 256), 256, 0, st>>>(p);
+    CK(cudaGetLastError());
+    scatter<<<div_up(total, 256), 256, 0, st>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}

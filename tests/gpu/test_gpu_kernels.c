@@ -1,0 +1,150 @@
+/* GPU kernels against the C reference on fresh random inputs (bf16 and fp16, contiguous
+ * and paged layouts): scoring within tolerance of the double-precision version, top-k and
+ * compaction exactly equal to the CPU kernels on the same data. Exit 77 without a GPU. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kern.h"
+#include "kern_cuda.h"
+
+#define CK(x)                                                                              \
+    do {                                                                                   \
+        cudaError_t e_ = (x);                                                              \
+        if (e_ != cudaSuccess) {                                                           \
+            fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                       \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+static uint64_t rs;
+static double urand(void)
+{
+    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+    return (rs >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static int failures;
+#define EXPECT(c, ...) do { if (!(c)) { failures++; fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
+                     uint32_t tpp, uint32_t keep)
+{
+    uint32_t npages = (n + tpp - 1) / tpp, S = n - nq;
+    size_t page_bytes = 2 * (size_t)Hkv * tpp * d * 2, half = page_bytes / 2;
+    uint8_t *host = malloc(page_bytes * npages);
+    void **pages = malloc(sizeof(void *) * npages);
+    uint64_t *off = malloc(sizeof(uint64_t) * npages);
+    for (uint32_t p = 0; p < npages; p++) /* pages in reverse order: a real page table */
+        off[p] = (uint64_t)(npages - 1 - p) * page_bytes, pages[p] = host + off[p];
+    struct kern_kv kv = {dt, Hkv, d, tpp, n, pages, half};
+    float *row = malloc(sizeof(float) * d);
+    memset(host, 0, page_bytes * npages);
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t t = 0; t < n; t++) {
+            double amp = (t == 0 || urand() < 0.03) ? 3.0 : 1.0;
+            for (uint32_t x = 0; x < d; x++)
+                row[x] = (float)(amp * (2 * urand() - 1));
+            kern_from_f32(dt, row, kern_kv_key(&kv, g, t), d);
+            for (uint32_t x = 0; x < d; x++)
+                row[x] = (float)(2 * urand() - 1);
+            kern_from_f32(dt, row, (char *)kern_kv_key(&kv, g, t) + half, d);
+        }
+    size_t qn = (size_t)H * nq * d;
+    float *qf = malloc(sizeof(float) * qn);
+    uint16_t *q = malloc(qn * 2);
+    for (size_t i = 0; i < qn; i++)
+        qf[i] = (float)(3 * urand() - 1.5);
+    kern_from_f32(dt, qf, q, qn);
+    /* reference */
+    float *ref = malloc(sizeof(float) * Hkv * S), *got = malloc(sizeof(float) * Hkv * S);
+    struct kern_score_args a = {q, dt, H, nq, &kv, S, 200.0f, KERN_STATS_FP32, KERN_F32, 0};
+    struct kern_score_out ro = {.indicator = ref};
+    kern_score_layer_ref(&a, &ro);
+    /* device */
+    uint8_t *dbase;
+    uint64_t *doff;
+    void *dq, *ws;
+    float *dind;
+    CK(cudaMalloc((void **)&dbase, page_bytes * npages));
+    CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * npages));
+    CK(cudaMalloc(&dq, qn * 2));
+    CK(cudaMalloc((void **)&dind, sizeof(float) * Hkv * S));
+    CK(cudaMemcpy(dbase, host, page_bytes * npages, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(doff, off, sizeof(uint64_t) * npages, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dq, q, qn * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S)); /* poison: NaN everywhere */
+    size_t wsb = kern_cuda_score_workspace(Hkv, H, nq, n, S);
+    CK(cudaMalloc(&ws, wsb));
+    struct kern_cuda_kv dkv = {dt, Hkv, d, tpp, n, dbase, doff, half};
+    double E, V;
+    int rc = kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL);
+    EXPECT(rc == 0, "score rc %d", rc);
+    CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    const char *name = dt == KERN_BF16 ? "bf16" : "f16";
+    EXPECT(fabs(E - ro.entropy) <= 1e-3 * fabs(ro.entropy), "%s n=%u entropy %.9g vs %.9g", name, n, E, ro.entropy);
+    EXPECT(fabs(V - ro.variance) <= 1e-3 * fabs(ro.variance), "%s n=%u variance %.9g vs %.9g", name, n, V, ro.variance);
+    double worst = 0;
+    for (uint32_t g = 0; g < Hkv; g++) {
+        double mx = 0;
+        for (uint32_t j = 0; j < S; j++)
+            mx = fmax(mx, fabs(ref[g * S + j]));
+        for (uint32_t j = 0; j < S; j++) {
+            double e = fabs(got[g * S + j] - ref[g * S + j]) / mx;
+            worst = isnan(e) ? INFINITY : fmax(worst, e);
+        }
+    }
+    EXPECT(worst <= 1e-3, "%s n=%u indicator rel err %.3g", name, n, worst);
+    /* top-k on the GPU's own indicator: exactly the CPU's choice */
+    uint32_t *didx, *idx = malloc(sizeof(uint32_t) * Hkv * keep), *cidx = malloc(sizeof(uint32_t) * keep);
+    CK(cudaMalloc((void **)&didx, sizeof(uint32_t) * Hkv * keep));
+    EXPECT(kern_cuda_topk(dind, Hkv, S, keep, didx, NULL) == 0, "topk rc");
+    CK(cudaMemcpy(idx, didx, sizeof(uint32_t) * Hkv * keep, cudaMemcpyDeviceToHost));
+    for (uint32_t g = 0; g < Hkv; g++) {
+        kern_topk(got + (size_t)g * S, S, keep, KERN_ORDER_POSITION, cidx);
+        EXPECT(!memcmp(cidx, idx + (size_t)g * keep, sizeof(uint32_t) * keep), "%s n=%u topk head %u differs", name, n, g);
+    }
+    /* compaction: same bytes as the CPU's */
+    void *tmp;
+    CK(cudaMalloc(&tmp, 2 * (size_t)Hkv * (keep + nq) * d * 2));
+    EXPECT(kern_cuda_compact(&dkv, didx, keep, S, nq, tmp, NULL) == 0, "compact rc");
+    CK(cudaDeviceSynchronize());
+    uint8_t *back = malloc(page_bytes * npages);
+    CK(cudaMemcpy(back, dbase, page_bytes * npages, cudaMemcpyDeviceToHost));
+    for (uint32_t g = 0; g < Hkv; g++)
+        kern_compact_head(&kv, g, idx + (size_t)g * keep, keep, S, nq, NULL);
+    int same = 1;
+    for (uint32_t g = 0; g < Hkv && same; g++)
+        for (uint32_t t = 0; t < keep + nq && same; t++) {
+            size_t o = (size_t)((uint8_t *)kern_kv_key(&kv, g, t) - host);
+            same = !memcmp(back + o, host + o, d * 2) && !memcmp(back + o + half, host + o + half, d * 2);
+        }
+    EXPECT(same, "%s n=%u compaction bytes differ", name, n);
+    printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u: entropy rel %.2e, variance rel %.2e, indicator rel %.2e, "
+           "topk %s, compaction %s\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
+           fabs(V - ro.variance) / fabs(ro.variance), worst, failures ? "?" : "equal", same ? "equal" : "DIFFERS");
+    cudaFree(dbase), cudaFree(doff), cudaFree(dq), cudaFree(dind), cudaFree(ws), cudaFree(didx), cudaFree(tmp);
+    free(host), free(pages), free(off), free(row), free(qf), free(q), free(ref), free(got), free(idx), free(cidx), free(back);
+}
+
+int main(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
+    printf("seed %llu\n", (unsigned long long)rs);
+    enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
+    for (int i = 0; i < 2; i++) {
+        run_case(ts[i], 8, 2, 64, 3000 + (uint32_t)(urand() * 1000), 16, 3000 + 1000, 200);
+        run_case(ts[i], 32, 8, 128, 5000 + (uint32_t)(urand() * 3000), 32, 16, 992);
+        run_case(ts[i], 4, 4, 16, 300, 8, 7, 50);
+    }
+    printf("%s\n", failures ? "FAILED" : "all GPU kernel checks passed");
+    return failures ? 1 : 0;
+}

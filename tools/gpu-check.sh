@@ -1,0 +1,27 @@
+#!/bin/sh
+# gpu-check.sh - on a GPU machine: builds the CUDA kernels with their C reference (no other
+# dependency), runs the GPU kernel tests, compute-sanitizer memcheck and racecheck on them,
+# and the GPU benchmark. Logs go to $OUT (or ./gpu-out). Usage: sh tools/gpu-check.sh
+set -e
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out" /tmp/cakegpu
+CUDA=${CUDA_HOME:-/usr/local/cuda}
+nvcc --version | tail -n 2
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvcc -arch=sm_90 -O3 -lineinfo -std=c++17 -Ikernels -c kernels/score.cu -o /tmp/cakegpu/score.o
+CFLAGS="-O3 -march=native -fopenmp -std=gnu11 -Ikernels -Itools -I$CUDA/include"
+LIBS="/tmp/cakegpu/score.o -L$CUDA/lib64 -lcudart -lstdc++ -lm"
+KSRC="kernels/dtype.c kernels/score.c kernels/score_ref.c kernels/select.c kernels/compact.c"
+gcc $CFLAGS $KSRC tests/gpu/test_gpu_kernels.c $LIBS -o /tmp/cakegpu/test_gpu_kernels
+gcc $CFLAGS -DCAKE_TOOLS_DIR="\"$PWD/tools\"" $KSRC tools/bench-gpu.c $LIBS -o /tmp/cakegpu/bench-gpu
+echo "== GPU kernel tests"
+/tmp/cakegpu/test_gpu_kernels 2>&1 | tee "$out/test.log"
+echo "== compute-sanitizer memcheck"
+compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/cakegpu/test_gpu_kernels > "$out/memcheck.log" 2>&1 &&
+    echo "memcheck: clean" || { echo "memcheck: ERRORS"; tail -n 30 "$out/memcheck.log"; }
+echo "== compute-sanitizer racecheck"
+compute-sanitizer --tool racecheck --error-exitcode 1 /tmp/cakegpu/test_gpu_kernels > "$out/racecheck.log" 2>&1 &&
+    echo "racecheck: clean" || { echo "racecheck: ERRORS"; tail -n 30 "$out/racecheck.log"; }
+echo "== benchmark"
+/tmp/cakegpu/bench-gpu "$@" 2>&1 | tee "$out/bench.log"
