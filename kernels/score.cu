@@ -20,10 +20,12 @@
 using namespace nvcuda;
 
 #define TN 64          // key columns per tile
-#define CHUNK 1024     // columns per block
+#define CHUNK 256      // columns per block: enough blocks to fill the chip at 4K tokens
 #define THREADS 256
 #define MAX_R 256      // G * n_q rows per kv head
 #define MAX_D 256
+#define PAD 8          // halves of padding per shared row: rows no longer share banks
+#define LDZ (TN + 4)   // floats per row of the logits tile
 
 #define CK(call)                                                                          \
     do {                                                                                  \
@@ -68,9 +70,10 @@ template <typename T>
 __device__ void load_q(const params &p, uint32_t g, T *qs)
 {
     const T *q = (const T *)p.q + (size_t)g * p.R * p.d;
+    uint32_t ld = p.d + PAD;
     for (uint32_t i = threadIdx.x; i < p.RP * p.d; i += blockDim.x) {
-        uint32_t r = i / p.d;
-        qs[i] = r < p.R ? q[i] : T(0.0f);
+        uint32_t r = i / p.d, c = i % p.d;
+        qs[r * ld + c] = r < p.R ? q[i] : T(0.0f);
     }
 }
 
@@ -84,7 +87,7 @@ __device__ void load_k(const params &p, uint32_t g, uint32_t j0, uint32_t end, T
         uint4 x = make_uint4(0, 0, 0, 0);
         if (j0 + c < end)
             x = ((const uint4 *)key_row(p, g, j0 + c))[v];
-        ((uint4 *)(ks + (size_t)c * p.d))[v] = x;
+        ((uint4 *)(ks + (size_t)c * (p.d + PAD)))[v] = x;
     }
 }
 
@@ -101,11 +104,11 @@ __device__ void tile_gemm(const params &p, const T *qs, const T *ks, float *zs)
         for (uint32_t k = 0; k < p.d; k += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, qs + (size_t)r * 16 * p.d + k, p.d);
-            wmma::load_matrix_sync(b, ks + (size_t)c * 16 * p.d + k, p.d);
+            wmma::load_matrix_sync(a, qs + (size_t)r * 16 * (p.d + PAD) + k, p.d + PAD);
+            wmma::load_matrix_sync(b, ks + (size_t)c * 16 * (p.d + PAD) + k, p.d + PAD);
             wmma::mma_sync(acc, a, b, acc);
         }
-        wmma::store_matrix_sync(zs + (size_t)r * 16 * TN + c * 16, acc, TN, wmma::mem_row_major);
+        wmma::store_matrix_sync(zs + (size_t)r * 16 * LDZ + c * 16, acc, LDZ, wmma::mem_row_major);
     }
 }
 
@@ -114,9 +117,9 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     T *qs = (T *)smem;
-    T *ks = qs + (size_t)p.RP * p.d;
-    float *zs = (float *)(ks + (size_t)TN * p.d);
-    float *rm = zs + (size_t)p.RP * TN, *rl = rm + p.RP;
+    T *ks = qs + (size_t)p.RP * (p.d + PAD);
+    float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
+    float *rm = zs + (size_t)p.RP * LDZ, *rl = rm + p.RP;
     uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
     uint32_t c1 = min(c0 + CHUNK, p.n);
     load_q(p, g, qs);
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
             float v[TN / 32], mx = -INFINITY;
             for (int u = 0; u < TN / 32; u++) {
                 uint32_t j = j0 + lane + 32 * u;
-                v[u] = (j < c1 && j < lim) ? zs[r * TN + lane + 32 * u] * p.scale : -INFINITY;
+                v[u] = (j < c1 && j < lim) ? zs[r * LDZ + lane + 32 * u] * p.scale : -INFINITY;
                 mx = fmaxf(mx, v[u]);
             }
             for (int o = 16; o; o >>= 1)
@@ -146,6 +149,7 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
                 s += v[u] == -INFINITY ? 0.0f : __expf(v[u] - mn);
             for (int o = 16; o; o >>= 1)
                 s += __shfl_xor_sync(0xffffffffu, s, o);
+            __syncwarp(); /* every lane has read rm[r] before lane 0 updates it */
             if (lane == 0) {
                 rl[r] = rl[r] * (mo == -INFINITY ? 0.0f : __expf(mo - mn)) + s;
                 rm[r] = mn;
@@ -181,9 +185,9 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     T *qs = (T *)smem;
-    T *ks = qs + (size_t)p.RP * p.d;
-    float *zs = (float *)(ks + (size_t)TN * p.d);
-    float *i0 = zs + (size_t)p.RP * TN; // [G][TN]
+    T *ks = qs + (size_t)p.RP * (p.d + PAD);
+    float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
+    float *i0 = zs + (size_t)p.RP * LDZ; // [G][TN]
     __shared__ double red_e[THREADS], red_v[THREADS];
     uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
     uint32_t c1 = min(c0 + CHUNK, p.S);
@@ -206,16 +210,16 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
             float s = 0.0f, e = 0.0f;
             for (uint32_t i = 0; i < p.nq; i++) {
                 uint32_t r = h * p.nq + i;
-                float xx = zs[r * TN + c] * p.scale - M[r];
+                float xx = zs[r * LDZ + c] * p.scale - M[r];
                 float pr = __expf(xx - LL[r]);
                 e -= pr * (xx - LL[r]);
-                zs[r * TN + c] = pr;
+                zs[r * LDZ + c] = pr;
                 s += pr;
             }
             float mean = s / p.nq, var = 0.0f;
             if (p.nq > 1) {
                 for (uint32_t i = 0; i < p.nq; i++) {
-                    float dl = zs[(h * p.nq + i) * TN + c] - mean;
+                    float dl = zs[(h * p.nq + i) * LDZ + c] - mean;
                     var += dl * dl;
                 }
                 var /= (p.nq - 1);
@@ -295,8 +299,8 @@ extern "C" size_t kern_cuda_score_workspace(uint32_t hkv, uint32_t q_heads, uint
 template <typename T>
 static int launch(params &p, cudaStream_t st)
 {
-    size_t sm1 = (size_t)p.RP * p.d * 2 + (size_t)TN * p.d * 2 + (size_t)p.RP * TN * 4 + 2 * p.RP * 4;
-    size_t sm2 = (size_t)p.RP * p.d * 2 + (size_t)TN * p.d * 2 + (size_t)p.RP * TN * 4 + (size_t)p.G * TN * 4;
+    size_t tiles = (size_t)(p.RP + TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
+    size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
     CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
     CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
