@@ -20,7 +20,7 @@
 using namespace nvcuda;
 
 #define TN 64          // key columns per tile
-#define CHUNK 256      // columns per block: enough blocks to fill the chip at 4K tokens
+#define TARGET_BLOCKS 512 // blocks per pass: a few per SM, so short prompts still fill the chip
 #define THREADS 256
 #define MAX_R 256      // G * n_q rows per kv head
 #define MAX_D 256
@@ -47,7 +47,7 @@ using namespace nvcuda;
 struct params {
     const uint8_t *base;
     const uint64_t *page_off;
-    uint32_t tpp, n, d, G, nq, R, RP, S, hkv, chunks;
+    uint32_t tpp, n, d, G, nq, R, RP, S, hkv, chunks, chunk; /* chunk: columns per block */
     float scale, gamma;
     const void *q;
     float *m, *l;          // pass 1 partials [hkv][chunks][RP]
@@ -91,24 +91,52 @@ __device__ void load_k(const params &p, uint32_t g, uint32_t j0, uint32_t end, T
     }
 }
 
-// zs[RP][TN] = qs . ks^T with WMMA 16x16x16 tiles.
+// zs[RP][TN] = qs . ks^T with WMMA 16x16x16 tiles. Each warp owns row tiles and keeps
+// their Q fragments in registers across the whole chunk (loaded once by load_afrag), so a
+// tile costs only the K fragments.
+#define MAX_KF (MAX_D / 16)
 template <typename T>
-__device__ void tile_gemm(const params &p, const T *qs, const T *ks, float *zs)
+struct afrag {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f[2][MAX_KF];
+};
+
+template <typename T>
+__device__ void load_afrag(const params &p, const T *qs, afrag<T> &a)
 {
-    int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    int rt = p.RP / 16, ct = TN / 16;
-    for (int t = warp; t < rt * ct; t += nwarps) {
-        int r = t / ct, c = t % ct;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (uint32_t k = 0; k < p.d; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, qs + (size_t)r * 16 * (p.d + PAD) + k, p.d + PAD);
-            wmma::load_matrix_sync(b, ks + (size_t)c * 16 * (p.d + PAD) + k, p.d + PAD);
-            wmma::mma_sync(acc, a, b, acc);
+    int warp = threadIdx.x / 32, nwarps = blockDim.x / 32, rt = p.RP / 16;
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        int r = warp + s * nwarps;
+        if (r < rt)
+#pragma unroll
+            for (int k = 0; k < MAX_KF; k++)
+                if (k * 16 < (int)p.d)
+                    wmma::load_matrix_sync(a.f[s][k], qs + (size_t)r * 16 * (p.d + PAD) + k * 16, p.d + PAD);
+    }
+}
+
+template <typename T>
+__device__ void tile_gemm(const params &p, const afrag<T> &a, const T *ks, float *zs)
+{
+    int warp = threadIdx.x / 32, nwarps = blockDim.x / 32, rt = p.RP / 16;
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        int r = warp + s * nwarps;
+        if (r >= rt)
+            continue;
+        for (int c = 0; c < TN / 16; c++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int k = 0; k < MAX_KF; k++) {
+                if (k * 16 >= (int)p.d)
+                    break;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                wmma::load_matrix_sync(b, ks + (size_t)c * 16 * (p.d + PAD) + k * 16, p.d + PAD);
+                wmma::mma_sync(acc, a.f[s][k], b, acc);
+            }
+            wmma::store_matrix_sync(zs + (size_t)r * 16 * LDZ + c * 16, acc, LDZ, wmma::mem_row_major);
         }
-        wmma::store_matrix_sync(zs + (size_t)r * 16 * LDZ + c * 16, acc, LDZ, wmma::mem_row_major);
     }
 }
 
@@ -120,17 +148,20 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
     T *ks = qs + (size_t)p.RP * (p.d + PAD);
     float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
     float *rm = zs + (size_t)p.RP * LDZ, *rl = rm + p.RP;
-    uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
-    uint32_t c1 = min(c0 + CHUNK, p.n);
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk;
+    uint32_t c1 = min(c0 + p.chunk, p.n);
     load_q(p, g, qs);
     for (uint32_t r = threadIdx.x; r < p.RP; r += blockDim.x)
         rm[r] = -INFINITY, rl[r] = 0.0f;
+    __syncthreads();
+    afrag<T> af;
+    load_afrag(p, qs, af);
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
         __syncthreads();
         load_k(p, g, j0, c1, ks);
         __syncthreads();
-        tile_gemm(p, qs, ks, zs);
+        tile_gemm(p, af, ks, zs);
         __syncthreads();
         for (uint32_t r = warp; r < p.R; r += nw) {
             uint32_t i = r % p.nq, lim = p.n - p.nq + i + 1; // row sees keys < lim
@@ -189,16 +220,19 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
     float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
     float *i0 = zs + (size_t)p.RP * LDZ; // [G][TN]
     __shared__ double red_e[THREADS], red_v[THREADS];
-    uint32_t g = blockIdx.y, c0 = blockIdx.x * CHUNK;
-    uint32_t c1 = min(c0 + CHUNK, p.S);
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk;
+    uint32_t c1 = min(c0 + p.chunk, p.S);
     load_q(p, g, qs);
+    __syncthreads();
+    afrag<T> af;
+    load_afrag(p, qs, af);
     const float *M = p.rowM + g * p.RP, *LL = p.rowLnL + g * p.RP;
     double e_sum = 0.0, v_sum = 0.0;
     for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
         __syncthreads();
         load_k(p, g, j0, c1, ks);
         __syncthreads();
-        tile_gemm(p, qs, ks, zs);
+        tile_gemm(p, af, ks, zs);
         __syncthreads();
         // one (head, column) pair per thread and step: probabilities, then mean and var
         for (uint32_t x = threadIdx.x; x < p.G * TN; x += blockDim.x) {
@@ -268,6 +302,14 @@ __global__ void pool5(const float *acc, float *ind, uint32_t S, uint32_t hkv, fl
 
 static uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
 
+// Columns per block: long prompts get long chunks (Q is staged once per block), short ones
+// enough blocks to fill the chip.
+static uint32_t chunk_cols(uint32_t n, uint32_t hkv)
+{
+    uint32_t c = div_up(div_up((uint64_t)n * hkv, TARGET_BLOCKS), TN) * TN;
+    return c < TN ? TN : c;
+}
+
 struct ws_layout {
     size_t m, l, rowM, rowLnL, acc, ent, var, total;
 };
@@ -275,7 +317,7 @@ struct ws_layout {
 static ws_layout layout_ws(uint32_t hkv, uint32_t RP, uint32_t n, uint32_t S)
 {
     ws_layout w;
-    uint32_t ch1 = div_up(n, CHUNK), ch2 = div_up(S ? S : 1, CHUNK);
+    uint32_t ch = chunk_cols(n, hkv), ch1 = div_up(n, ch), ch2 = div_up(S ? S : 1, ch);
     size_t o = 0;
     auto take = [&](size_t bytes) { size_t at = o; o += (bytes + 255) & ~(size_t)255; return at; };
     w.m = take(sizeof(float) * hkv * ch1 * RP);
@@ -307,7 +349,7 @@ static int launch(params &p, cudaStream_t st)
     CK(cudaGetLastError());
     merge<<<p.hkv, p.RP, 0, st>>>(p);
     CK(cudaGetLastError());
-    uint32_t ch2 = div_up(p.S, CHUNK);
+    uint32_t ch2 = div_up(p.S, p.chunk);
     pass2<T><<<dim3(ch2, p.hkv), THREADS, sm2, st>>>(p);
     CK(cudaGetLastError());
     return 0;
@@ -327,7 +369,8 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
     if (p.RP > MAX_R)
         return -EINVAL;
     p.base = kv->base, p.page_off = kv->page_off, p.tpp = kv->tokens_per_page, p.n = kv->n_tokens;
-    p.d = kv->head_dim, p.S = S, p.hkv = kv->kv_heads, p.chunks = div_up(p.n, CHUNK);
+    p.d = kv->head_dim, p.S = S, p.hkv = kv->kv_heads, p.chunk = chunk_cols(p.n, p.hkv);
+    p.chunks = div_up(p.n, p.chunk);
     p.scale = 1.0f / sqrtf((float)p.d), p.gamma = gamma, p.q = q;
     ws_layout w = layout_ws(p.hkv, p.RP, p.n, S);
     if (ws_bytes < w.total)
@@ -348,7 +391,7 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
     pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);
     CK(cudaGetLastError());
     if (entropy || variance) {
-        uint32_t nb = p.hkv * div_up(S, CHUNK);
+        uint32_t nb = p.hkv * div_up(S, p.chunk);
         double *he = (double *)malloc(sizeof(double) * nb * 2);
         if (!he)
             return -EIO;
