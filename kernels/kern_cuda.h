@@ -29,7 +29,7 @@ size_t kern_cuda_score_workspace(uint32_t kv_heads, uint32_t q_heads, uint32_t n
 
 /* Window scoring (kern.h's kern_score_layer with KERN_STATS_FP32). q_dev: [q_heads][n_q][d]
  * in the keys' dtype; ind_dev: [kv_heads][n_scored] f32. head_dim must be a multiple of
- * 16 and at most 256; q_heads / kv_heads * n_q at most 256. Synchronizes the stream to
+ * 16 and at most 128; q_heads / kv_heads * n_q at most 256. Synchronizes the stream to
  * return entropy and variance (pass NULL for both to stay asynchronous). Returns 0 or
  * -EINVAL / -EIO (CUDA error, logged). */
 int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint32_t q_heads,

@@ -23,7 +23,7 @@ using namespace nvcuda;
 #define TARGET_BLOCKS 512 // blocks per pass: a few per SM, so short prompts still fill the chip
 #define THREADS 256
 #define MAX_R 256      // G * n_q rows per kv head
-#define MAX_D 256
+#define MAX_D 128      /* Q fragments live in registers: 2 x 8 of them */
 #define PAD 8          // halves of padding per shared row: rows no longer share banks
 #define LDZ (TN + 4)   // floats per row of the logits tile
 
