@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 #include <stdio.h>
 #include <cub/block/block_scan.cuh>
@@ -91,6 +92,23 @@ __device__ void load_k(const params &p, uint32_t g, uint32_t j0, uint32_t end, T
     }
 }
 
+// The same as an asynchronous copy (cp.async, 16 bytes a thread) that completes on the
+// calling thread's pipeline: the next tile streams in while this one is computed.
+template <typename T>
+__device__ void load_k_async(const params &p, uint32_t g, uint32_t j0, uint32_t end, T *ks)
+{
+    uint32_t vec = p.d / 8;
+    for (uint32_t i = threadIdx.x; i < TN * vec; i += blockDim.x) {
+        uint32_t c = i / vec, v = i % vec;
+        void *dst = (uint4 *)(ks + (size_t)c * (p.d + PAD)) + v;
+        if (j0 + c < end)
+            __pipeline_memcpy_async(dst, (const uint4 *)key_row(p, g, j0 + c) + v, 16);
+        else
+            __pipeline_memcpy_async(dst, p.base, 16, 16); /* zero fill past the end */
+    }
+    __pipeline_commit();
+}
+
 // zs[RP][TN] = qs . ks^T with WMMA 16x16x16 tiles. Each warp owns row tiles and keeps
 // their Q fragments in registers across the whole chunk (loaded once by load_afrag), so a
 // tile costs only the K fragments.
@@ -145,8 +163,8 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     T *qs = (T *)smem;
-    T *ks = qs + (size_t)p.RP * (p.d + PAD);
-    float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
+    T *kb = qs + (size_t)p.RP * (p.d + PAD); /* two K tiles: double buffered */
+    float *zs = (float *)(kb + (size_t)2 * TN * (p.d + PAD));
     float *rm = zs + (size_t)p.RP * LDZ, *rl = rm + p.RP;
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk;
     uint32_t c1 = min(c0 + p.chunk, p.n);
@@ -157,9 +175,16 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
     afrag<T> af;
     load_afrag(p, qs, af);
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
-        __syncthreads();
-        load_k(p, g, j0, c1, ks);
+    if (c0 < c1)
+        load_k_async(p, g, c0, c1, kb);
+    for (uint32_t j0 = c0, t = 0; j0 < c1; j0 += TN, t++) {
+        T *ks = kb + (size_t)(t & 1) * TN * (p.d + PAD);
+        if (j0 + TN < c1) { /* the other buffer was last read before the previous barrier */
+            load_k_async(p, g, j0 + TN, c1, kb + (size_t)((t + 1) & 1) * TN * (p.d + PAD));
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
         __syncthreads();
         tile_gemm(p, af, ks, zs);
         __syncthreads();
@@ -216,8 +241,8 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
 {
     extern __shared__ __align__(16) uint8_t smem[];
     T *qs = (T *)smem;
-    T *ks = qs + (size_t)p.RP * (p.d + PAD);
-    float *zs = (float *)(ks + (size_t)TN * (p.d + PAD));
+    T *kb = qs + (size_t)p.RP * (p.d + PAD); /* two K tiles: double buffered */
+    float *zs = (float *)(kb + (size_t)2 * TN * (p.d + PAD));
     float *i0 = zs + (size_t)p.RP * LDZ; // [G][TN]
     __shared__ double red_e[THREADS], red_v[THREADS];
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk;
@@ -228,9 +253,16 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
     load_afrag(p, qs, af);
     const float *M = p.rowM + g * p.RP, *LL = p.rowLnL + g * p.RP;
     double e_sum = 0.0, v_sum = 0.0;
-    for (uint32_t j0 = c0; j0 < c1; j0 += TN) {
-        __syncthreads();
-        load_k(p, g, j0, c1, ks);
+    if (c0 < c1)
+        load_k_async(p, g, c0, c1, kb);
+    for (uint32_t j0 = c0, t = 0; j0 < c1; j0 += TN, t++) {
+        T *ks = kb + (size_t)(t & 1) * TN * (p.d + PAD);
+        if (j0 + TN < c1) {
+            load_k_async(p, g, j0 + TN, c1, kb + (size_t)((t + 1) & 1) * TN * (p.d + PAD));
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
         __syncthreads();
         tile_gemm(p, af, ks, zs);
         __syncthreads();
@@ -341,7 +373,7 @@ extern "C" size_t kern_cuda_score_workspace(uint32_t hkv, uint32_t q_heads, uint
 template <typename T>
 static int launch(params &p, cudaStream_t st)
 {
-    size_t tiles = (size_t)(p.RP + TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
+    size_t tiles = (size_t)(p.RP + 2 * TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
     size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
     CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
     CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
