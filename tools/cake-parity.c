@@ -1,6 +1,6 @@
 /* cake-parity - replays golden cases of the CAKE reference implementation.
  *
- *   cake-parity [--mode parity|fixed] [--device cpu] [--threads N] CASE_DIR...
+ *   cake-parity [--mode parity|fixed] [--device cpu|gpu] [--threads N] CASE_DIR...
  *   cake-parity --adjust FILE
  *
  * A CASE_DIR is a case (it holds meta.txt) or a folder of cases. Tolerances are those of
@@ -12,7 +12,9 @@
  * own within the one-token rule) and kept sets. fixed mode checks the same scores, then
  * fixed mode's own guarantees on the case (budgets never rise between stages, the total
  * is min(T, sum of caps), each layer keeps exactly its budget in positional order, the
- * kept set is the top of the indicator) and prints how its budgets differ from parity's. */
+ * kept set is the top of the indicator) and prints how its budgets differ from parity's.
+ * --device gpu scores with the CUDA kernels (fixed mode's f32 statistics; the golden cases'
+ * model is f32, so both modes' scores agree with them within the same tolerance). */
 #include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
@@ -22,6 +24,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+
+#ifdef CAKE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kern_cuda.h"
+#endif
 
 #include "cakeseq.h"
 #include "golden.h"
@@ -142,6 +150,36 @@ struct scored {
     float *ind; /* [L][Hkv][S] */
 };
 
+static int use_gpu;
+
+#ifdef CAKE_HAVE_CUDA
+/* One layer scored by the CUDA kernels (keys and queries copied to the device). */
+static int score_gpu(const struct golden_case *c, uint32_t l, float *ind, double *E, double *V)
+{
+    uint32_t S = c->n - c->w;
+    size_t kbytes = (size_t)c->Hkv * c->n * c->d * 2, qbytes = (size_t)c->H * c->w * c->d * 2;
+    uint8_t *dk = NULL;
+    uint64_t *doff = NULL, zero = 0;
+    void *dq = NULL, *ws = NULL;
+    float *dind = NULL;
+    size_t wsb = kern_cuda_score_workspace(c->Hkv, c->H, c->w, c->n, S);
+    int rc = -EIO;
+    if (cudaMalloc((void **)&dk, kbytes) || cudaMalloc((void **)&doff, 8) || cudaMalloc(&dq, qbytes) ||
+        cudaMalloc((void **)&dind, sizeof(float) * c->Hkv * S + 4) || cudaMalloc(&ws, wsb) ||
+        cudaMemcpy(dk, c->k + (size_t)l * c->Hkv * c->n * c->d, kbytes, cudaMemcpyHostToDevice) ||
+        cudaMemcpy(doff, &zero, 8, cudaMemcpyHostToDevice) ||
+        cudaMemcpy(dq, c->q + (size_t)l * c->H * c->w * c->d, qbytes, cudaMemcpyHostToDevice))
+        goto out;
+    struct kern_cuda_kv kv = {KERN_BF16, c->Hkv, c->d, c->n, c->n, dk, doff, 0};
+    if ((rc = kern_cuda_score_layer(&kv, dq, c->H, c->w, S, c->gamma, dind, E, V, ws, wsb, NULL)))
+        goto out;
+    rc = cudaMemcpy(ind, dind, sizeof(float) * c->Hkv * S, cudaMemcpyDeviceToHost) ? -EIO : 0;
+out:
+    cudaFree(dk), cudaFree(doff), cudaFree(dq), cudaFree(dind), cudaFree(ws);
+    return rc;
+}
+#endif
+
 static int score_case(const struct golden_case *c, enum policy_mode mode, int threads,
                       struct scored *out, struct report *r)
 {
@@ -170,7 +208,13 @@ static int score_case(const struct golden_case *c, enum policy_mode mode, int th
         };
         float *ind = out->ind + (size_t)l * c->Hkv * S;
         struct kern_score_out o = {.indicator = ind};
-        int rc = kern_score_layer(&a, &o);
+        int rc;
+#ifdef CAKE_HAVE_CUDA
+        if (use_gpu)
+            rc = score_gpu(c, l, ind, &o.entropy, &o.variance);
+        else
+#endif
+            rc = kern_score_layer(&a, &o);
         if (rc)
             return rc;
         out->E[l] = o.entropy, out->V[l] = o.variance;
@@ -446,7 +490,7 @@ static int by_name(const struct dirent **a, const struct dirent **b)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: cake-parity [--mode parity|fixed] [--device cpu] [--threads N] CASE_DIR...\n"
+    fprintf(f, "usage: cake-parity [--mode parity|fixed] [--device cpu|gpu] [--threads N] CASE_DIR...\n"
                "       cake-parity --adjust FILE\n");
 }
 
@@ -473,9 +517,15 @@ int main(int argc, char **argv)
             break;
         }
         case 'd':
-            if (strcmp(optarg, "cpu")) {
-                fprintf(stderr, "cake-parity: device '%s' is not available in this build "
-                                "(cpu only)\n", optarg);
+            use_gpu = !strcmp(optarg, "gpu");
+#ifndef CAKE_HAVE_CUDA
+            if (use_gpu) {
+                fprintf(stderr, "cake-parity: this build has no CUDA (nvcc was not found)\n");
+                return 2;
+            }
+#endif
+            if (strcmp(optarg, "cpu") && !use_gpu) {
+                fprintf(stderr, "cake-parity: unknown device '%s' (cpu or gpu)\n", optarg);
                 return 2;
             }
             break;
