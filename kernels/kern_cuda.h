@@ -48,6 +48,20 @@ int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k
 int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, uint32_t k,
                       uint32_t win_start, uint32_t win_len, void *tmp_dev, void *stream);
 
+/* Decode attention for one new token, over many layers in one launch (split-K, flash-
+ * decoding style): for layer l and query head h (kv head h / (q_heads / kv_heads)),
+ *   out[l][h] = softmax(q[l][h] . K_l^T / sqrt(d)) V_l   over the layer's n_tokens[l] slots,
+ * K/V read from the pool's pages of each layer (page_offs[l] is a device pointer to that
+ * layer's page offsets; page_offs and n_tokens are device arrays of `layers` entries).
+ * q: [layers][q_heads][d] in dtype; out: [layers][q_heads][d] f32. head_dim 128 (or any
+ * multiple of 32 up to 256). ws: kern_cuda_attn_workspace() bytes. Asynchronous. */
+size_t kern_cuda_attn_workspace(uint32_t layers, uint32_t q_heads, uint32_t head_dim, uint32_t max_tokens);
+int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *page_offs,
+                               const uint32_t *n_tokens, uint32_t max_tokens, uint32_t layers,
+                               uint32_t q_heads, uint32_t kv_heads, uint32_t head_dim,
+                               uint32_t tokens_per_page, size_t v_offset_bytes, const void *q,
+                               float *out, void *ws, size_t ws_bytes, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

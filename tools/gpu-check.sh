@@ -9,9 +9,11 @@ mkdir -p "$out" /tmp/cakegpu
 CUDA=${CUDA_HOME:-/usr/local/cuda}
 nvcc --version | tail -n 2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-nvcc -arch=sm_90 -O3 -lineinfo -std=c++17 -Ikernels -c kernels/score.cu -o /tmp/cakegpu/score.o
+for k in score attn; do
+    nvcc -arch=sm_90 -O3 -lineinfo -std=c++17 -Ikernels -c kernels/$k.cu -o /tmp/cakegpu/$k.o
+done
 CFLAGS="-O3 -march=native -fopenmp -std=gnu11 -Ikernels -Itools -I$CUDA/include"
-LIBS="/tmp/cakegpu/score.o -L$CUDA/lib64 -lcudart -lstdc++ -lm"
+LIBS="/tmp/cakegpu/score.o /tmp/cakegpu/attn.o -L$CUDA/lib64 -lcudart -lstdc++ -lm"
 KSRC="kernels/dtype.c kernels/score.c kernels/score_ref.c kernels/select.c kernels/compact.c"
 gcc $CFLAGS $KSRC tests/gpu/test_gpu_kernels.c $LIBS -o /tmp/cakegpu/test_gpu_kernels
 gcc $CFLAGS -DCAKE_TOOLS_DIR="\"$PWD/tools\"" $KSRC tools/bench-gpu.c $LIBS -o /tmp/cakegpu/bench-gpu

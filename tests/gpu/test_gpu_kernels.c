@@ -130,6 +130,93 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     free(host), free(pages), free(off), free(row), free(qf), free(q), free(ref), free(got), free(idx), free(cidx), free(back);
 }
 
+/* Decode attention over several layers of different lengths, paged, against doubles. */
+static void run_attention(enum kern_dtype dt)
+{
+    enum { L = 3, H = 32, HKV = 8, D = 128, TPP = 16 };
+    uint32_t ntok[L] = {1 + (uint32_t)(urand() * 100), 1000 + (uint32_t)(urand() * 600), 3000};
+    size_t page_bytes = 2 * (size_t)HKV * TPP * D * 2, half = page_bytes / 2;
+    uint32_t npages[L], total = 0;
+    for (int l = 0; l < L; l++)
+        npages[l] = (ntok[l] + TPP - 1) / TPP, total += npages[l];
+    uint8_t *host = malloc(page_bytes * total);
+    uint64_t *off = malloc(sizeof(uint64_t) * total);
+    for (uint32_t p = 0; p < total; p++) /* layers' pages interleaved in reverse */
+        off[p] = (uint64_t)(total - 1 - p) * page_bytes;
+    float *row = malloc(sizeof(float) * D);
+    for (size_t i = 0; i < page_bytes * total / 2; i++) {
+        float x = (float)(2 * urand() - 1);
+        kern_from_f32(dt, &x, host + 2 * i, 1);
+    }
+    size_t qn = (size_t)L * H * D;
+    float *qf = malloc(sizeof(float) * qn), *out = malloc(sizeof(float) * qn);
+    uint16_t *q = malloc(qn * 2);
+    for (size_t i = 0; i < qn; i++)
+        qf[i] = (float)(4 * urand() - 2);
+    kern_from_f32(dt, qf, q, qn);
+    double err = 0, nrm = 0;
+    uint32_t first = 0;
+    for (int l = 0; l < L; l++) {
+        for (uint32_t h = 0; h < H; h++) {
+            uint32_t g = h / (H / HKV);
+            double *sc = malloc(sizeof(double) * ntok[l]), mx = -INFINITY, sum = 0, o[D] = {0};
+            for (uint32_t t = 0; t < ntok[l]; t++) {
+                const uint8_t *k = host + off[first + t / TPP] + ((size_t)g * TPP + t % TPP) * D * 2;
+                double dot = 0;
+                for (uint32_t x = 0; x < D; x++)
+                    dot += (double)kern_load(dt, q, ((size_t)l * H + h) * D + x) * kern_load(dt, k, x);
+                sc[t] = dot / sqrt((double)D);
+                mx = fmax(mx, sc[t]);
+            }
+            for (uint32_t t = 0; t < ntok[l]; t++) {
+                const uint8_t *v = host + off[first + t / TPP] + ((size_t)g * TPP + t % TPP) * D * 2 + half;
+                double w = exp(sc[t] - mx);
+                sum += w;
+                for (uint32_t x = 0; x < D; x++)
+                    o[x] += w * kern_load(dt, v, x);
+            }
+            for (uint32_t x = 0; x < D; x++)
+                out[((size_t)l * H + h) * D + x] = (float)(o[x] / sum);
+            free(sc);
+        }
+        first += npages[l];
+    }
+    uint8_t *dbase;
+    uint64_t *doff, *ptrs[L], **dptrs;
+    uint32_t *dn;
+    void *dq, *ws;
+    float *dout, *got = malloc(sizeof(float) * qn);
+    CK(cudaMalloc((void **)&dbase, page_bytes * total));
+    CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * total));
+    CK(cudaMemcpy(dbase, host, page_bytes * total, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(doff, off, sizeof(uint64_t) * total, cudaMemcpyHostToDevice));
+    first = 0;
+    for (int l = 0; l < L; l++)
+        ptrs[l] = doff + first, first += npages[l];
+    CK(cudaMalloc((void **)&dptrs, sizeof ptrs));
+    CK(cudaMemcpy(dptrs, ptrs, sizeof ptrs, cudaMemcpyHostToDevice));
+    CK(cudaMalloc((void **)&dn, sizeof ntok));
+    CK(cudaMemcpy(dn, ntok, sizeof ntok, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&dq, qn * 2));
+    CK(cudaMemcpy(dq, q, qn * 2, cudaMemcpyHostToDevice));
+    CK(cudaMalloc((void **)&dout, sizeof(float) * qn));
+    CK(cudaMemset(dout, 0xff, sizeof(float) * qn));
+    size_t wsb = kern_cuda_attn_workspace(L, H, D, 3000);
+    CK(cudaMalloc(&ws, wsb));
+    int rc = kern_cuda_decode_attention(dt, dbase, (const uint64_t *const *)dptrs, dn, 3000, L, H, HKV, D,
+                                        TPP, half, dq, dout, ws, wsb, NULL);
+    EXPECT(rc == 0, "attention rc %d", rc);
+    CK(cudaMemcpy(got, dout, sizeof(float) * qn, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < qn; i++)
+        err += ((double)got[i] - out[i]) * ((double)got[i] - out[i]), nrm += (double)out[i] * out[i];
+    double rel = sqrt(err / nrm);
+    EXPECT(rel <= 1e-4, "attention rel err %.3g", rel);
+    printf("%-5s decode attention, %d layers of %u/%u/%u tokens, paged: rel err %.2e\n",
+           dt == KERN_BF16 ? "bf16" : "f16", L, ntok[0], ntok[1], ntok[2], rel);
+    cudaFree(dbase), cudaFree(doff), cudaFree(dptrs), cudaFree(dn), cudaFree(dq), cudaFree(dout), cudaFree(ws);
+    free(host), free(off), free(row), free(qf), free(out), free(q), free(got);
+}
+
 int main(void)
 {
     int n = 0;
@@ -144,6 +231,7 @@ int main(void)
         run_case(ts[i], 8, 2, 64, 3000 + (uint32_t)(urand() * 1000), 16, 3000 + 1000, 200);
         run_case(ts[i], 32, 8, 128, 5000 + (uint32_t)(urand() * 3000), 32, 16, 992);
         run_case(ts[i], 4, 4, 16, 300, 8, 7, 50);
+        run_attention(ts[i]);
     }
     printf("%s\n", failures ? "FAILED" : "all GPU kernel checks passed");
     return failures ? 1 : 0;
