@@ -1,7 +1,8 @@
 #!/bin/sh
 # gpu-check.sh - on a GPU machine: builds the CUDA kernels with their C reference (no other
-# dependency), runs the GPU kernel tests, compute-sanitizer memcheck and racecheck on them,
-# and the GPU benchmark. Logs go to $OUT (or ./gpu-out). Usage: sh tools/gpu-check.sh
+# dependency), runs the GPU kernel tests, the golden replay on the GPU (cases from
+# ../shared/golden, or a copy in .golden), compute-sanitizer memcheck and racecheck, and the
+# GPU benchmark. Logs go to $OUT (or ./gpu-out). Usage: sh tools/gpu-check.sh
 set -e
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -17,8 +18,19 @@ LIBS="/tmp/cakegpu/score.o /tmp/cakegpu/attn.o -L$CUDA/lib64 -lcudart -lstdc++ -
 KSRC="kernels/dtype.c kernels/score.c kernels/score_ref.c kernels/select.c kernels/compact.c"
 gcc $CFLAGS $KSRC tests/gpu/test_gpu_kernels.c $LIBS -o /tmp/cakegpu/test_gpu_kernels
 gcc $CFLAGS -DCAKE_TOOLS_DIR="\"$PWD/tools\"" $KSRC tools/bench-gpu.c $LIBS -o /tmp/cakegpu/bench-gpu
+gcc $CFLAGS -DCAKE_HAVE_CUDA -Idaemon $KSRC daemon/policy.c daemon/cakeseq.c tools/golden.c \
+    tools/cake-parity.c $LIBS -o /tmp/cakegpu/cake-parity
 echo "== GPU kernel tests"
 /tmp/cakegpu/test_gpu_kernels 2>&1 | tee "$out/test.log"
+golden=${GOLDEN:-../shared/golden}
+[ -d "$golden" ] || golden=.golden # a copy carried to the GPU machine
+if [ -d "$golden/cake-parity" ]; then
+    echo "== cake-parity --device gpu"
+    /tmp/cakegpu/cake-parity --device gpu "$golden/cake-parity" | tail -n 3 | tee "$out/parity.log"
+    /tmp/cakegpu/cake-parity --device gpu --mode fixed "$golden/cake-parity" | tail -n 1 | tee -a "$out/parity.log"
+else
+    echo "== cake-parity --device gpu: skipped (no golden cases: copy ../shared/golden to .golden)"
+fi
 echo "== compute-sanitizer memcheck"
 compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/cakegpu/test_gpu_kernels > "$out/memcheck.log" 2>&1 &&
     echo "memcheck: clean" || { echo "memcheck: ERRORS"; tail -n 30 "$out/memcheck.log"; }
