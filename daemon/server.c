@@ -56,7 +56,6 @@ struct client {
     size_t out_len, out_off;
     int out_fd;            /* fd to pass with the pending reply, -1 none */
     double t0;             /* request start */
-    uint32_t n_seqs;
 };
 
 struct seq_slot {
@@ -375,7 +374,6 @@ static void h_seq_open(struct server *s, struct client *c)
     }
     s->slots[slot].s = q;
     s->n_seqs++;
-    c->n_seqs++;
     Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
     r.seq_id = id, r.tokens_per_page = q->tpp;
     r.desc_offset = (uint64_t)q->desc_first * s->pool.page_bytes;
@@ -609,9 +607,6 @@ static void h_seq_close(struct server *s, struct client *c)
         reply_error(s, c, CAKE_ESTATE, "sequence busy");
         return;
     }
-    struct client *owner = client_by_id(s, q->owner);
-    if (owner)
-        owner->n_seqs--;
     seq_remove(s, q);
     reply(s, c, MSG_SEQ_CLOSE, NULL, -1);
 }

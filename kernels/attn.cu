@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <errno.h>
 #include <stdio.h>
 
 #include "dtype.h"
@@ -18,12 +19,6 @@
 #define MAXG 8        // query heads per kv head
 #define MAXE 8        // head_dim / 32 elements per lane
 
-#ifndef EIO
-#define EIO 5
-#endif
-#ifndef EINVAL
-#define EINVAL 22
-#endif
 
 struct aparams {
     uint8_t *base;

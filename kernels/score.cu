@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <cuda_pipeline.h>
 #include <mma.h>
+#include <errno.h>
 #include <stdio.h>
 #include <cub/block/block_scan.cuh>
 
@@ -38,12 +39,6 @@ using namespace nvcuda;
         }                                                                                 \
     } while (0)
 
-#ifndef EIO
-#define EIO 5
-#endif
-#ifndef EINVAL
-#define EINVAL 22
-#endif
 
 struct params {
     const uint8_t *base;
@@ -78,22 +73,9 @@ __device__ void load_q(const params &p, uint32_t g, T *qs)
     }
 }
 
-// Keys [j0, j0 + TN) of head g into ks ([TN][d]); columns at or past `end` are zeros.
-template <typename T>
-__device__ void load_k(const params &p, uint32_t g, uint32_t j0, uint32_t end, T *ks)
-{
-    uint32_t vec = p.d / 8; // 16-byte vectors per row
-    for (uint32_t i = threadIdx.x; i < TN * vec; i += blockDim.x) {
-        uint32_t c = i / vec, v = i % vec;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (j0 + c < end)
-            x = ((const uint4 *)key_row(p, g, j0 + c))[v];
-        ((uint4 *)(ks + (size_t)c * (p.d + PAD)))[v] = x;
-    }
-}
-
-// The same as an asynchronous copy (cp.async, 16 bytes a thread) that completes on the
-// calling thread's pipeline: the next tile streams in while this one is computed.
+// Keys [j0, j0 + TN) of head g into ks ([TN][d + PAD]), columns at or past `end` zero, as
+// asynchronous copies (cp.async, 16 bytes a thread) committed as one group: the next tile
+// streams in while this one is computed.
 template <typename T>
 __device__ void load_k_async(const params &p, uint32_t g, uint32_t j0, uint32_t end, T *ks)
 {
@@ -107,6 +89,23 @@ __device__ void load_k_async(const params &p, uint32_t g, uint32_t j0, uint32_t 
             __pipeline_memcpy_async(dst, p.base, 16, 16); /* zero fill past the end */
     }
     __pipeline_commit();
+}
+
+// Tile t of a double-buffered walk: starts the copy of tile t + 1 into the other buffer (last
+// read before the previous barrier), waits for tile t, and returns it once every thread's
+// copies have landed.
+template <typename T>
+__device__ T *next_tile(const params &p, uint32_t g, uint32_t j0, uint32_t end, T *kb, uint32_t t)
+{
+    T *ks = kb + (size_t)(t & 1) * TN * (p.d + PAD);
+    if (j0 + TN < end) {
+        load_k_async(p, g, j0 + TN, end, kb + (size_t)((t + 1) & 1) * TN * (p.d + PAD));
+        __pipeline_wait_prior(1);
+    } else {
+        __pipeline_wait_prior(0);
+    }
+    __syncthreads();
+    return ks;
 }
 
 // zs[RP][TN] = qs . ks^T with WMMA 16x16x16 tiles. Each warp owns row tiles and keeps
@@ -178,14 +177,7 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
     if (c0 < c1)
         load_k_async(p, g, c0, c1, kb);
     for (uint32_t j0 = c0, t = 0; j0 < c1; j0 += TN, t++) {
-        T *ks = kb + (size_t)(t & 1) * TN * (p.d + PAD);
-        if (j0 + TN < c1) { /* the other buffer was last read before the previous barrier */
-            load_k_async(p, g, j0 + TN, c1, kb + (size_t)((t + 1) & 1) * TN * (p.d + PAD));
-            __pipeline_wait_prior(1);
-        } else {
-            __pipeline_wait_prior(0);
-        }
-        __syncthreads();
+        T *ks = next_tile(p, g, j0, c1, kb, t);
         tile_gemm(p, af, ks, zs);
         __syncthreads();
         for (uint32_t r = warp; r < p.R; r += nw) {
@@ -256,14 +248,7 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
     if (c0 < c1)
         load_k_async(p, g, c0, c1, kb);
     for (uint32_t j0 = c0, t = 0; j0 < c1; j0 += TN, t++) {
-        T *ks = kb + (size_t)(t & 1) * TN * (p.d + PAD);
-        if (j0 + TN < c1) {
-            load_k_async(p, g, j0 + TN, c1, kb + (size_t)((t + 1) & 1) * TN * (p.d + PAD));
-            __pipeline_wait_prior(1);
-        } else {
-            __pipeline_wait_prior(0);
-        }
-        __syncthreads();
+        T *ks = next_tile(p, g, j0, c1, kb, t);
         tile_gemm(p, af, ks, zs);
         __syncthreads();
         // one (head, column) pair per thread and step: probabilities, then mean and var

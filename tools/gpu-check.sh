@@ -37,5 +37,6 @@ compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/cakegpu/test_gpu_kerne
 echo "== compute-sanitizer racecheck"
 compute-sanitizer --tool racecheck --error-exitcode 1 /tmp/cakegpu/test_gpu_kernels > "$out/racecheck.log" 2>&1 &&
     echo "racecheck: clean" || { echo "racecheck: ERRORS"; tail -n 30 "$out/racecheck.log"; }
+[ "${NOBENCH:-0}" = 1 ] && exit 0 # NOBENCH=1: correctness only
 echo "== benchmark"
 /tmp/cakegpu/bench-gpu "$@" 2>&1 | tee "$out/bench.log"
