@@ -22,7 +22,12 @@
 using namespace nvcuda;
 
 #define TN 64          // key columns per tile
-#define TARGET_BLOCKS 512 // blocks per pass: a few per SM, so short prompts still fill the chip
+#ifndef TARGET_BLOCKS
+#define TARGET_BLOCKS 264 // blocks per pass, 2 per SM on an H100: fewer did better than 512 or 1024
+#endif
+#ifndef MIN_CHUNK
+#define MIN_CHUNK 128     // each block stages Q once: not too few columns per block
+#endif
 #define THREADS 256
 #define MAX_R 256      // G * n_q rows per kv head
 #define MAX_D 128      /* Q fragments live in registers: 2 x 8 of them */
@@ -324,7 +329,7 @@ static uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) /
 static uint32_t chunk_cols(uint32_t n, uint32_t hkv)
 {
     uint32_t c = div_up(div_up((uint64_t)n * hkv, TARGET_BLOCKS), TN) * TN;
-    return c < TN ? TN : c;
+    return c < MIN_CHUNK ? MIN_CHUNK : c;
 }
 
 struct ws_layout {
@@ -360,8 +365,15 @@ static int launch(params &p, cudaStream_t st)
 {
     size_t tiles = (size_t)(p.RP + 2 * TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
     size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
-    CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
-    CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+    static size_t set1, set2; /* raise the dynamic shared-memory limit once per size */
+    if (sm1 > set1) {
+        CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
+        set1 = sm1;
+    }
+    if (sm2 > set2) {
+        CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+        set2 = sm2;
+    }
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
     CK(cudaGetLastError());
     merge<<<p.hkv, p.RP, 0, st>>>(p);

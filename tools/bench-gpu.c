@@ -1,6 +1,6 @@
 /* bench-gpu - CAKE's GPU kernels at Llama-3.1-8B shapes, on the card this runs on.
  *
- *   bench-gpu [--sizes 4096,32768,131072] [--reps R] [--no-torch]
+ *   bench-gpu [--sizes 4096,32768,131072] [--reps R] [--no-torch] [--no-attn]
  *
  * Prints, in one run: the card and its measured device-to-device copy bandwidth (bytes read
  * plus written); per prompt length the scoring time of one layer (32 query heads, 8 kv
@@ -141,9 +141,10 @@ static double attn_us(uint32_t n, int reps)
 int main(int argc, char **argv)
 {
     uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3;
-    int reps = 20, torch = 1, o;
+    int reps = 20, torch = 1, attn = 1, o;
     static const struct option opts[] = {
-        {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {0, 0, 0, 0}};
+        {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {"no-attn", 0, 0, 'a'},
+        {0, 0, 0, 0}};
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (o == 's') {
             ns = 0;
@@ -153,8 +154,10 @@ int main(int argc, char **argv)
             reps = atoi(optarg) > 0 ? atoi(optarg) : 1;
         } else if (o == 'n') {
             torch = 0;
+        } else if (o == 'a') {
+            attn = 0;
         } else {
-            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch]\n");
+            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn]\n");
             return 2;
         }
     }
@@ -242,6 +245,8 @@ int main(int argc, char **argv)
         cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws);
         free(hk), free(hq);
     }
+    if (!attn)
+        return 0;
     /* a decode step's attention over 32 layers: full 128K cache vs CAKE at 1024 + window */
     double full = attn_us(131072, reps), cake = attn_us(1024 + W, reps);
     double data_full = 32.0 * 2 * HKV * 131072 * D * 2, data_cake = 32.0 * 2 * HKV * (1024 + W) * D * 2;
