@@ -3,7 +3,8 @@
 # Needs root (or sudo) only when something must be installed.
 set -e
 pkgs="build-essential cmake pkg-config liburing-dev libprotobuf-c-dev protobuf-c-compiler
-      libjemalloc-dev libcriterion-dev python3"
+      libjemalloc-dev libcriterion-dev python3 python3-numpy python3-venv python3-pip
+      python3-setuptools python3-wheel"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

@@ -1,0 +1,321 @@
+"""caked: Python binding of libcake (ctypes; nothing to compile at install).
+
+    import caked
+    with caked.Client(service="my-engine") as c:
+        s = c.open_sequence(layers=32, q_heads=32, kv_heads=8, head_dim=128,
+                            dtype="bf16", prompt_len=n, max_new_tokens=256)
+        for l in range(32):
+            s.reserve(l)
+            s.write_layer(l, k, v)          # [kv_heads][n][head_dim] arrays
+            s.queries(l)[:] = q_window      # zero-copy view [q_heads][w][head_dim]
+            s.observe(l)
+        s.decode_step()
+
+Views returned by queries(), decode_query(), indicator() and pages() are numpy arrays over
+the daemon's shared pool (no copy); bf16 data shows as uint16 in numpy and as
+torch.bfloat16 through torch_view(). They stay valid until the next call on that sequence that
+may compact (observe, submit, decode_step). libcake is found through $CAKE_LIB, else the
+system's library path. Errors raise CakeError subclasses carrying libcake's code.
+"""
+import ctypes
+import ctypes.util
+import os
+
+import numpy as np
+
+__all__ = ["Client", "Sequence", "CakeError", "ProtocolError", "VersionMismatch",
+           "OutOfMemory", "NoSequence", "InvalidArgument", "PermissionDenied", "Shutdown",
+           "TooBig", "StateError", "InternalError", "NotConnected"]
+
+
+class CakeError(Exception):
+    """A libcake error: .code is the C code (negative), str() the daemon's message."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class ProtocolError(CakeError): pass
+class VersionMismatch(CakeError): pass
+class OutOfMemory(CakeError): pass
+class NoSequence(CakeError): pass
+class InvalidArgument(CakeError): pass
+class PermissionDenied(CakeError): pass
+class Shutdown(CakeError): pass
+class TooBig(CakeError): pass
+class StateError(CakeError): pass
+class InternalError(CakeError): pass
+class NotConnected(CakeError): pass
+
+
+_ERRORS = {-5001: ProtocolError, -5002: VersionMismatch, -5003: OutOfMemory,
+           -5004: NoSequence, -5005: InvalidArgument, -5006: PermissionDenied,
+           -5007: Shutdown, -5008: TooBig, -5009: StateError, -5010: InternalError,
+           -5011: NotConnected}
+
+_DTYPES = {"f32": (0, np.float32), "f16": (1, np.float16), "bf16": (2, np.uint16)}
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [("layers", ctypes.c_uint32), ("q_heads", ctypes.c_uint32),
+                ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
+                ("dtype", ctypes.c_int)]
+
+
+class _Policy(ctypes.Structure):
+    _fields_ = [("mode", ctypes.c_int), ("cache_size", ctypes.c_uint32),
+                ("window", ctypes.c_uint32), ("tau1", ctypes.c_float), ("tau2", ctypes.c_float),
+                ("gamma", ctypes.c_float), ("cascading", ctypes.c_int),
+                ("decode_slack", ctypes.c_uint32)]
+
+
+def _load():
+    path = os.environ.get("CAKE_LIB") or ctypes.util.find_library("cake")
+    if not path:
+        raise OSError("libcake not found: install it or set CAKE_LIB to libcake.so")
+    lib = ctypes.CDLL(path)
+    P, U32, I, U64, SZ = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t
+    sig = {
+        "cake_strerror": (ctypes.c_char_p, [I]),
+        "cake_create": (I, [ctypes.POINTER(P)]),
+        "cake_destroy": (None, [P]),
+        "cake_set_service": (I, [P, ctypes.c_char_p]),
+        "cake_set_timeout_ms": (I, [P, I]),
+        "cake_connect": (I, [P, ctypes.c_char_p, I]),
+        "cake_fd": (I, [P]),
+        "cake_errstr": (ctypes.c_char_p, [P]),
+        "cake_pool_base": (P, [P]),
+        "cake_pool_bytes": (SZ, [P]),
+        "cake_ping": (I, [P]),
+        "cake_policy_default": (None, [ctypes.POINTER(_Policy)]),
+        "cake_seq_open": (I, [P, ctypes.POINTER(_Layout), ctypes.POINTER(_Policy), U32, U32,
+                              ctypes.POINTER(P)]),
+        "cake_seq_close": (I, [P]),
+        "cake_seq_id": (U64, [P]),
+        "cake_seq_tokens_per_page": (U32, [P]),
+        "cake_prefill_reserve": (I, [P, U32]),
+        "cake_prefill_observe": (I, [P, U32, ctypes.POINTER(ctypes.c_double)]),
+        "cake_prefill_submit": (I, [P, U32, ctypes.c_double]),
+        "cake_decode_step": (I, [P, ctypes.POINTER(P), SZ]),
+        "cake_key": (P, [P, U32, U32, U32]),
+        "cake_value": (P, [P, U32, U32, U32]),
+        "cake_queries": (P, [P, U32]),
+        "cake_decode_query": (P, [P, U32]),
+        "cake_indicator": (P, [P]),
+        "cake_layer_tokens": (U32, [P, U32]),
+        "cake_layer_budget": (U32, [P, U32]),
+        "cake_layer_pages": (ctypes.POINTER(U64), [P, U32, ctypes.POINTER(U32)]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+_lib = None
+
+
+def _L():
+    global _lib
+    if _lib is None:
+        _lib = _load()
+    return _lib
+
+
+def _check(ctx, rc):
+    if rc >= 0:
+        return rc
+    lib = _L()
+    msg = lib.cake_errstr(ctx).decode(errors="replace") if ctx else ""
+    text = msg or lib.cake_strerror(rc).decode()
+    if rc > -4096:
+        raise OSError(-rc, text)
+    raise _ERRORS.get(rc, CakeError)(rc, text)
+
+
+class Client:
+    """A connection to caked (one tenant: `service` under this process's uid)."""
+
+    def __init__(self, socket=None, service="python", map_pool=True, timeout_ms=0):
+        lib = _L()
+        self._ctx = ctypes.c_void_p()
+        _check(None, lib.cake_create(ctypes.byref(self._ctx)))
+        try:
+            _check(self._ctx, lib.cake_set_service(self._ctx, service.encode()))
+            _check(self._ctx, lib.cake_set_timeout_ms(self._ctx, timeout_ms))
+            _check(self._ctx, lib.cake_connect(self._ctx, socket.encode() if socket else None,
+                                                1 if map_pool else 0))
+        except BaseException:
+            lib.cake_destroy(self._ctx)
+            self._ctx = None
+            raise
+        self._seqs = []
+
+    def close(self):
+        if self._ctx:
+            for s in self._seqs:
+                s._handle = None
+            _L().cake_destroy(self._ctx)
+            self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def fileno(self):
+        return _L().cake_fd(self._ctx)
+
+    def ping(self):
+        _check(self._ctx, _L().cake_ping(self._ctx))
+
+    def _pool(self):
+        lib = _L()
+        base, size = lib.cake_pool_base(self._ctx), lib.cake_pool_bytes(self._ctx)
+        if not base:
+            raise InvalidArgument(-5005, "connected without the pool (map_pool=False)")
+        return base, size
+
+    def open_sequence(self, layers, q_heads, kv_heads, head_dim, prompt_len, dtype="bf16",
+                      max_new_tokens=0, mode="fixed", cache_size=1024, window=32, tau1=1.0,
+                      tau2=1.0, gamma=200.0, cascading=True, decode_slack=0):
+        if dtype not in _DTYPES:
+            raise InvalidArgument(-5005, f"dtype must be one of {sorted(_DTYPES)}")
+        if mode not in ("fixed", "parity"):
+            raise InvalidArgument(-5005, "mode must be 'fixed' or 'parity'")
+        lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0])
+        pol = _Policy(1 if mode == "fixed" else 0, cache_size, window, tau1, tau2, gamma,
+                      1 if cascading else 0, decode_slack)
+        h = ctypes.c_void_p()
+        _check(self._ctx, _L().cake_seq_open(self._ctx, ctypes.byref(lay), ctypes.byref(pol),
+                                             prompt_len, max_new_tokens, ctypes.byref(h)))
+        s = Sequence(self, h, layers, q_heads, kv_heads, head_dim, dtype, prompt_len, window)
+        self._seqs.append(s)
+        return s
+
+    def decode_step(self, seqs):
+        """One decode step for several sequences of this client at once."""
+        arr = (ctypes.c_void_p * len(seqs))(*[s._handle for s in seqs])
+        _check(self._ctx, _L().cake_decode_step(self._ctx, arr, len(seqs)))
+
+
+def _view(addr, shape, dtype, strides=None):
+    """A numpy array over `addr` in the shared pool (no copy)."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape))
+    if strides is None:
+        buf = (ctypes.c_char * (n * dt.itemsize)).from_address(addr)
+        return np.frombuffer(buf, dtype=dt).reshape(shape)
+    span = sum((s - 1) * st for s, st in zip(shape, strides)) + dt.itemsize
+    buf = (ctypes.c_char * span).from_address(addr)
+    return np.ndarray(shape, dtype=dt, buffer=buf, strides=strides)
+
+
+class Sequence:
+    """One request's KV cache in caked's pool."""
+
+    def __init__(self, client, handle, layers, q_heads, kv_heads, head_dim, dtype, prompt_len,
+                 window):
+        self._client, self._handle = client, handle
+        self.layers, self.q_heads, self.kv_heads, self.head_dim = layers, q_heads, kv_heads, head_dim
+        self.dtype, self.prompt_len, self.window = dtype, prompt_len, window
+        self._np = _DTYPES[dtype][1]
+        self.tokens_per_page = _L().cake_seq_tokens_per_page(handle)
+
+    def _ctx(self):
+        if not self._handle:
+            raise NoSequence(-5004, "sequence closed")
+        return self._client._ctx
+
+    @property
+    def id(self):
+        return _L().cake_seq_id(self._handle)
+
+    def close(self):
+        if self._handle:
+            h, self._handle = self._handle, None
+            self._client._seqs.remove(self)
+            _check(self._client._ctx, _L().cake_seq_close(h))
+
+    def reserve(self, layer):
+        _check(self._ctx(), _L().cake_prefill_reserve(self._handle, layer))
+
+    def observe(self, layer):
+        """caked scores the layer from the window queries, allocates, compacts; returns P_l."""
+        p = ctypes.c_double()
+        _check(self._ctx(), _L().cake_prefill_observe(self._handle, layer, ctypes.byref(p)))
+        return p.value
+
+    def submit(self, layer, preference):
+        """The engine's own scores: preference, and the indicator already in indicator()."""
+        _check(self._ctx(), _L().cake_prefill_submit(self._handle, layer, preference))
+
+    def decode_step(self):
+        self._client.decode_step([self])
+
+    def tokens(self, layer):
+        return _L().cake_layer_tokens(self._handle, layer)
+
+    def budget(self, layer):
+        return _L().cake_layer_budget(self._handle, layer)
+
+    def pages(self, layer):
+        """Zero-copy (K, V) views of each page: [kv_heads][tokens_per_page][head_dim]."""
+        self._ctx()
+        base, _ = self._client._pool()
+        n = ctypes.c_uint32()
+        offs = _L().cake_layer_pages(self._handle, layer, ctypes.byref(n))
+        tpp, shape = self.tokens_per_page, (self.kv_heads, self.tokens_per_page, self.head_dim)
+        half = self.kv_heads * tpp * self.head_dim * np.dtype(self._np).itemsize
+        return [(_view(base + offs[i], shape, self._np), _view(base + offs[i] + half, shape, self._np))
+                for i in range(n.value)]
+
+    def write_layer(self, layer, k, v, start=0):
+        """Copies k, v ([kv_heads][t][head_dim]) into slots start.. of the layer."""
+        k, v = np.asarray(k, dtype=self._np), np.asarray(v, dtype=self._np)
+        tpp = self.tokens_per_page
+        for i, (pk, pv) in enumerate(self.pages(layer)):
+            a, b = max(start, i * tpp), min(start + k.shape[1], (i + 1) * tpp)
+            if a < b:
+                pk[:, a - i * tpp:b - i * tpp] = k[:, a - start:b - start]
+                pv[:, a - i * tpp:b - i * tpp] = v[:, a - start:b - start]
+
+    def read_layer(self, layer):
+        """Copies of the layer's held K and V: [kv_heads][tokens(layer)][head_dim] each."""
+        n, pages = self.tokens(layer), self.pages(layer)
+        if not pages:
+            z = np.zeros((self.kv_heads, 0, self.head_dim), self._np)
+            return z, z.copy()
+        k = np.concatenate([p[0] for p in pages], axis=1)[:, :n].copy()
+        v = np.concatenate([p[1] for p in pages], axis=1)[:, :n].copy()
+        return k, v
+
+    def queries(self, layer):
+        """Zero-copy view of the layer's window queries: [q_heads][window][head_dim]."""
+        addr = _L().cake_queries(self._handle, layer)
+        return _view(addr, (self.q_heads, self.window, self.head_dim), self._np)
+
+    def decode_query(self, layer):
+        """Zero-copy view where the reserved token's query goes: [q_heads][head_dim]."""
+        addr = _L().cake_decode_query(self._handle, layer)
+        it = np.dtype(self._np).itemsize
+        return _view(addr, (self.q_heads, self.head_dim), self._np,
+                     strides=(self.window * self.head_dim * it, it))
+
+    def indicator(self):
+        """Zero-copy view of the indicator area for submit(): [kv_heads][prompt_len - window]."""
+        addr = _L().cake_indicator(self._handle)
+        S = max(self.prompt_len - self.window, 0)
+        return _view(addr, (self.kv_heads, S), np.float32)
+
+
+def torch_view(array):
+    """A torch tensor over the same memory as a view from this module (bf16 as torch.bfloat16)."""
+    import torch
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if array.dtype == np.uint16 else t

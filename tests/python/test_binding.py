@@ -1,0 +1,155 @@
+"""The Python binding against a real caked: zero-copy views, prefill (observe and submit),
+decode, typed exceptions. Needs CAKE_LIB (libcake.so) and CAKED_BIN (caked) in the
+environment; the package is imported from client/python."""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "client", "python"))
+import caked  # noqa: E402
+
+
+def bf16(x):
+    """float32 -> bf16 bits (round to nearest even), as uint16."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).astype(np.uint16)
+
+
+class Daemon:
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="caked-py-")
+        self.sock = os.path.join(self.dir, "caked.sock")
+        self.proc = subprocess.Popen([os.environ["CAKED_BIN"], "--socket", self.sock,
+                                      "--host-pool", "128M", "--workers", "2"],
+                                     stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                caked.Client(self.sock, map_pool=False).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("caked did not start")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        assert self.proc.wait(10) == 0
+        os.rmdir(self.dir) if not os.listdir(self.dir) else None
+
+
+class Binding(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon().__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.__exit__(None, None, None)
+
+    def test_prefill_observe_keeps_ordered_subsets_and_exact_totals(self):
+        rng = np.random.default_rng()
+        L, H, Hkv, D, n, C, w = 3, 8, 2, 64, 700, 96, 32
+        with caked.Client(self.d.sock, service="py-observe") as c:
+            s = c.open_sequence(L, H, Hkv, D, n, dtype="bf16", cache_size=C, window=w)
+            original = []
+            for l in range(L):
+                s.reserve(l)
+                k = bf16(rng.uniform(-1, 1, (Hkv, n, D)))
+                k[:, rng.integers(0, n - w, 20)] = bf16(rng.uniform(2, 3, (Hkv, 20, D)))
+                v = bf16(rng.uniform(-1, 1, (Hkv, n, D)))
+                s.write_layer(l, k, v)
+                q = s.queries(l)
+                self.assertEqual(q.shape, (H, w, D))
+                q[:] = bf16(rng.uniform(-1.5, 1.5, (H, w, D)))  # zero-copy into the pool
+                original.append((k, v))
+                pref = s.observe(l)
+                self.assertGreater(pref, 0)
+            self.assertEqual(sum(s.budget(l) for l in range(L)), (C - w) * L)
+            for l in range(L):
+                kk, vv = s.read_layer(l)
+                k, v = original[l]
+                self.assertEqual(kk.shape[1], s.budget(l) + w)
+                self.assertTrue((kk[:, -w:] == k[:, -w:]).all(), "the window follows the kept tokens")
+                for g in range(Hkv):  # kept rows: original rows, in positional order
+                    rows = {k[g, j].tobytes(): j for j in range(n - w)}
+                    pos = [rows[r.tobytes()] for r in kk[g, :-w]]
+                    self.assertEqual(pos, sorted(pos))
+                    self.assertTrue((vv[g, :-w] == v[g, pos]).all(), "V moved with K")
+            s.close()
+            with self.assertRaises(caked.NoSequence):
+                s.reserve(0)
+
+    def test_submit_keeps_exactly_the_engines_top_k(self):
+        rng = np.random.default_rng()
+        L, H, Hkv, D, n, C, w = 1, 4, 2, 32, 300, 64, 16
+        with caked.Client(self.d.sock, service="py-submit") as c:
+            s = c.open_sequence(L, H, Hkv, D, n, dtype="f16", cache_size=C, window=w)
+            s.reserve(0)
+            k = rng.uniform(-1, 1, (Hkv, n, D)).astype(np.float16)
+            s.write_layer(0, k, k)
+            ind = s.indicator()
+            self.assertEqual(ind.shape, (Hkv, n - w))
+            scores = rng.permutation(Hkv * (n - w)).reshape(Hkv, n - w).astype(np.float32)
+            ind[:] = scores
+            s.submit(0, 1.0)
+            kk, _ = s.read_layer(0)
+            keep = C - w
+            for g in range(Hkv):
+                want = np.sort(np.argsort(-scores[g])[:keep])
+                self.assertTrue((kk[g, :keep] == k[g, want]).all())
+
+    def test_decode_views_and_steps(self):
+        L, H, Hkv, D, n, w = 2, 4, 2, 32, 40, 16
+        with caked.Client(self.d.sock, service="py-decode") as c:
+            s = c.open_sequence(L, H, Hkv, D, n, dtype="bf16", cache_size=64, window=w,
+                                max_new_tokens=8)
+            for l in range(L):
+                s.reserve(l)
+                s.observe(l)
+            for step in range(8):
+                c.decode_step([s])
+                for l in range(L):
+                    self.assertEqual(s.tokens(l), n + step + 1)
+                    q = s.decode_query(l)
+                    self.assertEqual(q.shape, (H, D))
+                    q[:] = step  # strided view into the ring: head stride w * D
+                    t = s.tokens(l) - 1
+                    k = np.full((Hkv, 1, D), step, np.uint16)
+                    s.write_layer(l, k, k, start=t)
+                    self.assertTrue((s.read_layer(l)[0][:, t] == step).all())
+            with self.assertRaises(caked.TooBig):  # max_new_tokens reached
+                s.decode_step()
+
+    def test_typed_errors(self):
+        with caked.Client(self.d.sock, service="py-errors") as c:
+            with self.assertRaises(caked.InvalidArgument):
+                c.open_sequence(2, 5, 2, 64, 100)  # 5 heads over 2 kv heads
+            with self.assertRaises(caked.OutOfMemory) as e:
+                c.open_sequence(32, 32, 8, 128, 4_000_000, max_new_tokens=1)
+            self.assertEqual(e.exception.code, -5003)
+            s = c.open_sequence(2, 4, 2, 32, 100, cache_size=64)
+            with self.assertRaises(caked.StateError):
+                s.reserve(1)
+        with self.assertRaises(FileNotFoundError):
+            caked.Client(os.path.join(self.d.dir, "absent.sock"))
+
+    def test_torch_view_if_torch_is_installed(self):
+        try:
+            import torch
+        except ImportError:
+            self.skipTest("torch is not installed")
+        with caked.Client(self.d.sock, service="py-torch") as c:
+            s = c.open_sequence(1, 4, 2, 32, 64, dtype="bf16", cache_size=64, window=16)
+            t = caked.torch_view(s.queries(0))
+            self.assertEqual(t.dtype, torch.bfloat16)
+            t[:] = 1.5
+            self.assertTrue((s.queries(0) == bf16(1.5)).all())
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
