@@ -1,0 +1,159 @@
+/* The GPU pool across processes, as caked and an engine use it: the owner creates device
+ * memory and passes its file descriptor over a Unix socket; the other process imports and
+ * maps it, writes, and the owner reads the same bytes. Also a memfd host pool registered with
+ * CUDA in both processes. Prints attach cost (import + map) and host<->GPU bandwidth from the
+ * registered memfd. Exit 77 without a GPU. */
+#define _GNU_SOURCE
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "gpupool.h"
+
+#define POOL (64ull << 20)
+#define HOST (256ull << 20)
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void send_fds(int s, int a, int b)
+{
+    char c = 'x', cbuf[CMSG_SPACE(2 * sizeof(int))];
+    struct iovec iov = {&c, 1};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
+    int fds[2] = {a, b};
+    memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    if (sendmsg(s, &m, 0) != 1)
+        exit(2);
+}
+
+static void recv_fds(int s, int *a, int *b)
+{
+    char c, cbuf[CMSG_SPACE(2 * sizeof(int))];
+    struct iovec iov = {&c, 1};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    if (recvmsg(s, &m, 0) != 1)
+        exit(3);
+    int fds[2];
+    memcpy(fds, CMSG_DATA(CMSG_FIRSTHDR(&m)), sizeof fds);
+    *a = fds[0], *b = fds[1];
+}
+
+int main(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || !n) { /* no driver, or no GPU */
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv))
+        return 1;
+    int memfd = memfd_create("test-host-pool", MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, HOST))
+        return 1;
+    pid_t pid = fork();
+    if (pid == 0) { /* the engine: import, write a pattern, copy through the host pool */
+        close(sv[0]);
+        int gfd, hfd;
+        recv_fds(sv[1], &gfd, &hfd);
+        struct gpupool p;
+        const char *why = "";
+        double t0 = now();
+        if (gpupool_import(&p, gfd, POOL, NULL, &why)) {
+            fprintf(stderr, "import: %s\n", why);
+            _exit(4);
+        }
+        double attach = now() - t0;
+        close(gfd);
+        if (cudaMemset((void *)(uintptr_t)p.va, 0x5a, POOL) != cudaSuccess || cudaDeviceSynchronize())
+            _exit(5);
+        void *host = mmap(NULL, HOST, PROT_READ | PROT_WRITE, MAP_SHARED, hfd, 0);
+        if (host == MAP_FAILED || gpupool_register_host(host, HOST, &why)) {
+            fprintf(stderr, "register: %s\n", why);
+            _exit(6);
+        }
+        void *dev;
+        cudaMalloc(&dev, HOST);
+        memset(host, 0x33, HOST);
+        double h2d = 1e30, d2h = 1e30;
+        for (int r = 0; r < 5; r++) {
+            double a = now();
+            cudaMemcpy(dev, host, HOST, cudaMemcpyHostToDevice);
+            double b = now();
+            cudaMemcpy(host, dev, HOST, cudaMemcpyDeviceToHost);
+            double c = now();
+            h2d = b - a < h2d ? b - a : h2d, d2h = c - b < d2h ? c - b : d2h;
+        }
+        printf("engine: import + map of a %llu MiB GPU pool: %.3f ms; registered memfd: host->GPU %.1f GB/s, "
+               "GPU->host %.1f GB/s\n", (unsigned long long)(POOL >> 20), attach * 1e3,
+               HOST / h2d / 1e9, HOST / d2h / 1e9);
+        fflush(stdout);
+        char ok = 'k';
+        if (write(sv[1], &ok, 1) != 1)
+            _exit(7);
+        gpupool_unregister_host(host);
+        gpupool_destroy(&p);
+        _exit(0);
+    }
+    close(sv[1]);
+    struct gpupool p;
+    const char *why = "";
+    if (gpupool_create(&p, POOL, NULL, &why)) {
+        fprintf(stderr, "create: %s\n", why);
+        return 1;
+    }
+    void *host = mmap(NULL, HOST, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (host == MAP_FAILED || gpupool_register_host(host, HOST, &why)) {
+        fprintf(stderr, "register in the owner: %s\n", why);
+        return 1;
+    }
+    int fd;
+    if (gpupool_export(&p, &fd, &why)) {
+        fprintf(stderr, "export: %s\n", why);
+        return 1;
+    }
+    cudaMemset((void *)(uintptr_t)p.va, 0, POOL);
+    cudaDeviceSynchronize();
+    send_fds(sv[0], fd, memfd);
+    close(fd);
+    char ok;
+    int st, failures = 0;
+    if (read(sv[0], &ok, 1) != 1)
+        failures++;
+    waitpid(pid, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st)) {
+        fprintf(stderr, "FAIL: the importing process failed (%d)\n", WEXITSTATUS(st));
+        failures++;
+    }
+    unsigned char *back = malloc(POOL);
+    cudaMemcpy(back, (void *)(uintptr_t)p.va, POOL, cudaMemcpyDeviceToHost);
+    for (size_t i = 0; i < POOL && !failures; i++)
+        if (back[i] != 0x5a) {
+            fprintf(stderr, "FAIL: byte %zu is %#x, the other process wrote 0x5a\n", i, back[i]);
+            failures++;
+        }
+    if (!failures && ((unsigned char *)host)[12345] != 0x33) {
+        fprintf(stderr, "FAIL: host pool not shared\n");
+        failures++;
+    }
+    printf("owner: GPU %s, pool %llu MiB (granularity %llu KiB): %s\n", p.uuid,
+           (unsigned long long)(p.bytes >> 20), (unsigned long long)(p.granularity >> 10),
+           failures ? "FAILED" : "the other process's writes are visible");
+    free(back);
+    gpupool_unregister_host(host);
+    gpupool_destroy(&p);
+    return failures ? 1 : 0;
+}
