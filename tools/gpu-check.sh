@@ -18,7 +18,7 @@ LIBS="/tmp/cakegpu/score.o /tmp/cakegpu/attn.o -L$CUDA/lib64 -lcudart -lstdc++ -
 KSRC="kernels/dtype.c kernels/score.c kernels/score_ref.c kernels/select.c kernels/compact.c"
 gcc $CFLAGS $KSRC tests/gpu/test_gpu_kernels.c $LIBS -o /tmp/cakegpu/test_gpu_kernels
 gcc $CFLAGS -DCAKE_TOOLS_DIR="\"$PWD/tools\"" $KSRC tools/bench-gpu.c $LIBS -o /tmp/cakegpu/bench-gpu
-gcc $CFLAGS -D_GNU_SOURCE kernels/gpupool.c tests/gpu/test_gpupool.c -L$CUDA/lib64 -lcudart \
+gcc $CFLAGS kernels/gpupool.c tests/gpu/test_gpupool.c -L$CUDA/lib64 -lcudart \
     -o /tmp/cakegpu/test_gpupool
 gcc $CFLAGS -DCAKE_HAVE_CUDA -Idaemon $KSRC daemon/policy.c daemon/cakeseq.c tools/golden.c \
     tools/cake-parity.c $LIBS -o /tmp/cakegpu/cake-parity
