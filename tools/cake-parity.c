@@ -163,7 +163,9 @@ static int score_gpu(const struct golden_case *c, uint32_t l, float *ind, double
     void *dq = NULL, *ws = NULL;
     float *dind = NULL;
     size_t wsb = kern_cuda_score_workspace(c->Hkv, c->H, c->w, c->n, S);
-    int rc = -EIO;
+    int rc = -EIO, ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || !ndev)
+        return -ENODEV; /* "No such device" in the report */
     if (cudaMalloc((void **)&dk, kbytes) || cudaMalloc((void **)&doff, 8) || cudaMalloc(&dq, qbytes) ||
         cudaMalloc((void **)&dind, sizeof(float) * c->Hkv * S + 4) || cudaMalloc(&ws, wsb) ||
         cudaMemcpy(dk, c->k + (size_t)l * c->Hkv * c->n * c->d, kbytes, cudaMemcpyHostToDevice) ||
