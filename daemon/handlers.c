@@ -1,0 +1,619 @@
+/* handlers.c - what each request does (see server_int.h): parse the body with the bounded
+ * allocator, check ownership and state, act on pool, tenants and sequences, reply. Heavy work
+ * goes to the workers and replies when it completes. */
+#define _GNU_SOURCE /* struct ucred */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cake/cake.h"
+#include "frame.h"
+#include "server_int.h"
+
+/* ---- handlers -------------------------------------------------------------- */
+
+#define UNPACK(kind, var)                                                                  \
+    struct frame_alloc fa_;                                                                \
+    ProtobufCAllocator al_;                                                                \
+    frame_alloc_init(&fa_, UNPACK_LIMIT(c->h.body_len), &al_);                             \
+    __typeof__(cake__##kind##__unpack(NULL, 0, NULL)) var =                                \
+        cake__##kind##__unpack(&al_, c->h.body_len, c->body);                             \
+    if (!var) {                                                                            \
+        srv_reply_error(s, c, CAKE_EPROTO, "malformed %s body", frame_type_name(c->h.type)); \
+        return;                                                                            \
+    }
+#define UNPACK_FREE(kind, var) cake__##kind##__free_unpacked(var, &al_)
+
+static void h_hello(struct server *s, struct client *c)
+{
+    UNPACK(hello, m);
+    if (m->protocol_version != CAKE_PROTOCOL_VERSION) {
+        uint32_t v = m->protocol_version;
+        UNPACK_FREE(hello, m);
+        c->close_after_flush = 1;
+        srv_reply_error(s, c, CAKE_EVERSION, "protocol version %u not supported (caked speaks %u)",
+                    v, CAKE_PROTOCOL_VERSION);
+        return;
+    }
+    if (c->tenant) {
+        UNPACK_FREE(hello, m);
+        srv_reply_error(s, c, CAKE_ESTATE, "HELLO was already sent on this connection");
+        return;
+    }
+    const char *name = m->service && m->service[0] ? m->service : "default";
+    if (!tenant_name_ok(name)) {
+        UNPACK_FREE(hello, m);
+        srv_reply_error(s, c, CAKE_EINVAL, "service name must be 1..63 chars of [A-Za-z0-9._-]");
+        return;
+    }
+    struct tenant *t = tenant_get(&s->tenants, name, c->cred.uid, 1);
+    if (!t) {
+        UNPACK_FREE(hello, m);
+        srv_reply_error(s, c, CAKE_EOOM, "too many tenants");
+        return;
+    }
+    int want_pool = m->want_pool;
+    c->tenant = t;
+    c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
+    if (c->engine)
+        t->clients++;
+    c->admin = c->cred.uid == 0 || c->cred.uid == s->owner_uid;
+    UNPACK_FREE(hello, m);
+    Cake__HelloReply r = CAKE__HELLO_REPLY__INIT;
+    r.protocol_version = CAKE_PROTOCOL_VERSION;
+    r.client_id = c->id;
+    r.tenant = t->name;
+    r.pool_bytes = s->pool.bytes;
+    r.page_bytes = s->pool.page_bytes;
+    r.daemon_version = (char *)CAKE_VERSION;
+    r.admin = c->admin;
+    srv_reply(s, c, MSG_HELLO, &r.base, want_pool ? s->pool.fd : -1);
+}
+
+static void h_seq_open(struct server *s, struct client *c)
+{
+    UNPACK(seq_open, m);
+    struct seq_open_args a = {
+        .layers = m->layers, .q_heads = m->q_heads, .kv_heads = m->kv_heads,
+        .head_dim = m->head_dim, .dtype = m->dtype, .prompt_len = m->prompt_len,
+        .max_new = m->max_new_tokens,
+    };
+    policy_cfg_default(&a.cfg, m->layers ? m->layers : 1, 1024);
+    int bad_mode = 0;
+    if (m->policy) {
+        bad_mode = m->policy->mode > POLICY_FIXED;
+        a.cfg.mode = (enum policy_mode)m->policy->mode;
+        a.cfg.cache_size = m->policy->cache_size, a.cfg.window = m->policy->window;
+        a.cfg.tau1 = m->policy->tau1, a.cfg.tau2 = m->policy->tau2, a.cfg.gamma = m->policy->gamma;
+        a.cfg.cascading = m->policy->cascading, a.cfg.decode_slack = m->policy->decode_slack;
+    }
+    UNPACK_FREE(seq_open, m);
+    if (bad_mode) {
+        srv_reply_error(s, c, CAKE_EINVAL, "policy mode must be 0 (parity) or 1 (fixed)");
+        return;
+    }
+    uint64_t id;
+    int slot = srv_seq_new(s, &id);
+    if (slot < 0) {
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    struct seq *q;
+    const char *why = "out of memory";
+    int rc = seq_open(&s->env, &a, c->tenant, id, c->id, &q, &why);
+    if (rc) {
+        if (rc == CAKE_EOOM)
+            c->tenant->oom_errors++;
+        srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
+        return;
+    }
+    s->slots[slot].s = q;
+    s->n_seqs++;
+    Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
+    r.seq_id = id, r.tokens_per_page = q->tpp;
+    r.desc_offset = (uint64_t)q->desc_first * s->pool.page_bytes;
+    r.desc_bytes = (uint64_t)q->desc_pages * s->pool.page_bytes;
+    r.scratch_offset = (uint64_t)q->scratch_first * s->pool.page_bytes;
+    r.scratch_bytes = (uint64_t)q->scratch_pages * s->pool.page_bytes;
+    srv_reply(s, c, MSG_SEQ_OPEN, &r.base, -1);
+}
+
+static void h_reserve(struct server *s, struct client *c)
+{
+    UNPACK(layer_ref, m);
+    uint64_t id = m->seq_id;
+    uint32_t layer = m->layer;
+    UNPACK_FREE(layer_ref, m);
+    struct seq *q = srv_seq_of(s, c, id);
+    if (!q) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
+        return;
+    }
+    const char *why = "";
+    int rc = seq_reserve(&s->env, q, layer, &why);
+    if (rc) {
+        if (rc == CAKE_EOOM)
+            c->tenant->oom_errors++;
+        srv_reply_error(s, c, rc, "%s", why);
+        return;
+    }
+    srv_reply(s, c, MSG_PREFILL_RESERVE, NULL, -1);
+}
+
+static void work_run(struct job *j)
+{
+    struct work *w = (struct work *)j;
+    if (w->type == MSG_DECODE_STEP) {
+        for (uint32_t i = 0; i < w->n; i++)
+            if (seq_decode_needs_evict(w->seqs[i]))
+                seq_decode_evict_work(&w->srv->env, w->seqs[i]);
+    } else {
+        seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+    }
+}
+
+static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
+                                     uint32_t n, uint32_t evictions);
+
+static void work_done(struct job *j)
+{
+    struct work *w = (struct work *)j;
+    struct server *s = w->srv;
+    struct client *c = srv_client_by_id(s, w->client_id);
+    int rc = 0, lost = 0;
+    uint32_t evictions = 0, ev_layers[SEQ_MAX_LAYERS], n_ev = 0;
+    double pref = 0;
+    for (uint32_t i = 0; i < w->n; i++) {
+        struct seq *q = w->seqs[i];
+        q->busy = 0;
+        if (q->work_rc && !rc)
+            rc = q->work_rc;
+        if (w->type == MSG_DECODE_STEP) {
+            seq_trim_pages(&s->env, q);
+            s->m.evictions_decode += q->n_ev;
+        } else {
+            seq_prefill_commit(&s->env, q);
+            s->m.evictions_prefill += q->n_ev;
+            memcpy(ev_layers, q->ev_layers, sizeof(uint32_t) * q->n_ev);
+            n_ev = q->n_ev, pref = q->last_pref;
+        }
+        evictions += q->n_ev;
+        s->m.tokens_evicted += q->evicted_tokens;
+        q->n_ev = 0;
+        if (q->orphaned) {
+            srv_seq_remove(s, q);
+            lost = 1;
+        }
+    }
+    if (c && c->state == C_BUSY) {
+        if (rc) {
+            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s failed: %s",
+                        frame_type_name(w->type), rc < -4095 ? cake_strerror(rc) : strerror(-rc));
+        } else if (lost) {
+            srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
+        } else if (w->type == MSG_DECODE_STEP) {
+            decode_reserve_and_reply(s, c, w->seqs, w->n, evictions);
+        } else {
+            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
+            r.preference = pref;
+            r.n_evicted_layers = n_ev, r.evicted_layers = ev_layers;
+            srv_reply(s, c, w->type, &r.base, -1);
+        }
+    }
+    free(w->seqs);
+    free(w);
+}
+
+static void start_work(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
+                       uint32_t n, uint32_t layer, int observe, double pref)
+{
+    struct work *w = calloc(1, sizeof(*w));
+    if (!w) {
+        free(seqs);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
+    w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
+    w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
+    for (uint32_t i = 0; i < n; i++)
+        seqs[i]->busy = 1;
+    c->state = C_BUSY;
+    workers_submit(s->workers, &w->job);
+}
+
+static void h_prefill(struct server *s, struct client *c, int observe)
+{
+    uint64_t id;
+    uint32_t layer;
+    double pref = 0;
+    if (observe) {
+        UNPACK(layer_ref, m);
+        id = m->seq_id, layer = m->layer;
+        UNPACK_FREE(layer_ref, m);
+    } else {
+        UNPACK(prefill_submit, m);
+        id = m->seq_id, layer = m->layer, pref = m->preference;
+        UNPACK_FREE(prefill_submit, m);
+    }
+    struct seq *q = srv_seq_of(s, c, id);
+    if (!q) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
+        return;
+    }
+    const char *why = "";
+    int rc = seq_prefill_check(q, layer, &why);
+    if (rc) {
+        srv_reply_error(s, c, rc, "%s", why);
+        return;
+    }
+    struct seq **one = malloc(sizeof(*one));
+    if (!one) {
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    one[0] = q;
+    start_work(s, c, observe ? MSG_PREFILL_OBSERVE : MSG_PREFILL_SUBMIT, one, 1, layer, observe, pref);
+}
+
+static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
+                                     uint32_t n, uint32_t evictions)
+{
+    uint64_t pages = 0;
+    for (uint32_t i = 0; i < n; i++)
+        pages += seq_decode_pages_needed(seqs[i]);
+    uint64_t pb = s->pool.page_bytes;
+    if (tenant_admit(&s->tenants, c->tenant, pages * pb, (uint64_t)pool_free_pages(&s->pool) * pb,
+                     s->pool.bytes)) {
+        c->tenant->oom_errors++;
+        srv_reply_error(s, c, CAKE_EOOM, "decode step needs %llu pages beyond the tenant's share",
+                    (unsigned long long)pages);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        seq_decode_reserve(&s->env, seqs[i]); /* admitted above: cannot run dry */
+    Cake__DecodeReply r = CAKE__DECODE_REPLY__INIT;
+    r.evictions = evictions;
+    srv_reply(s, c, MSG_DECODE_STEP, &r.base, -1);
+}
+
+static void h_decode(struct server *s, struct client *c)
+{
+    UNPACK(decode_step, m);
+    size_t n = m->n_seq_ids;
+    if (n == 0 || n > SERVER_MAX_DECODE_BATCH) {
+        UNPACK_FREE(decode_step, m);
+        srv_reply_error(s, c, n ? CAKE_ETOOBIG : CAKE_EINVAL, "decode step of %zu sequences", n);
+        return;
+    }
+    struct seq **seqs = malloc(sizeof(*seqs) * n);
+    if (!seqs) {
+        UNPACK_FREE(decode_step, m);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    int need_evict = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct seq *q = srv_seq_of(s, c, m->seq_ids[i]);
+        const char *why = "";
+        int rc = q ? seq_decode_check(q, &why) : CAKE_ENOSEQ;
+        if (!rc && q->orphaned)
+            rc = CAKE_ENOSEQ;
+        if (!rc) {
+            q->busy = 1; /* marks duplicates in this batch */
+            seqs[i] = q;
+            need_evict |= seq_decode_needs_evict(q);
+        }
+        if (rc) {
+            for (size_t k = 0; k < i; k++)
+                seqs[k]->busy = 0;
+            uint64_t id = m->seq_ids[i];
+            UNPACK_FREE(decode_step, m);
+            free(seqs);
+            if (rc == CAKE_ESTATE && q && q->busy && !why[0])
+                why = "sequence listed twice";
+            srv_reply_error(s, c, rc, "sequence %#llx: %s", (unsigned long long)id,
+                        rc == CAKE_ENOSEQ ? "no such sequence" : why);
+            return;
+        }
+    }
+    UNPACK_FREE(decode_step, m);
+    for (size_t i = 0; i < n; i++)
+        seqs[i]->busy = 0;
+    if (need_evict) {
+        start_work(s, c, MSG_DECODE_STEP, seqs, (uint32_t)n, 0, 0, 0);
+        return;
+    }
+    decode_reserve_and_reply(s, c, seqs, (uint32_t)n, 0);
+    free(seqs);
+}
+
+static void h_seq_close(struct server *s, struct client *c)
+{
+    UNPACK(seq_ref, m);
+    uint64_t id = m->seq_id;
+    UNPACK_FREE(seq_ref, m);
+    struct seq *q = srv_seq_of(s, c, id);
+    if (!q || q->orphaned) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
+        return;
+    }
+    if (q->busy) {
+        srv_reply_error(s, c, CAKE_ESTATE, "sequence busy");
+        return;
+    }
+    srv_seq_remove(s, q);
+    srv_reply(s, c, MSG_SEQ_CLOSE, NULL, -1);
+}
+
+static void h_status(struct server *s, struct client *c)
+{
+    Cake__Status r = CAKE__STATUS__INIT;
+    r.daemon_version = (char *)CAKE_VERSION;
+    r.protocol_version = CAKE_PROTOCOL_VERSION;
+    r.io_backend = (char *)s->io_name;
+    r.uptime_ms = (uint64_t)((srv_now_s() - s->t_start) * 1e3);
+    r.pool_bytes = s->pool.bytes, r.page_bytes = s->pool.page_bytes;
+    r.pages_total = s->pool.pages, r.pages_used = s->pool.used;
+    r.tenants = s->tenants.n, r.sequences = s->n_seqs, r.clients = s->n_clients;
+    r.pid = (uint32_t)getpid();
+    r.socket = s->cfg.socket_path;
+    srv_reply(s, c, MSG_STATUS, &r.base, -1);
+}
+
+static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *x)
+{
+    cake__tenant__init(t);
+    t->name = (char *)x->name, t->uid = x->uid, t->weight = x->weight;
+    t->min_bytes = x->min_bytes;
+    t->max_bytes = tenant_cap(&s->tenants, x, s->pool.bytes);
+    t->used_bytes = x->used_bytes, t->sequences = x->sequences, t->clients = x->clients;
+    t->oom_errors = x->oom_errors;
+}
+
+static void h_tenants(struct server *s, struct client *c)
+{
+    Cake__TenantList r = CAKE__TENANT_LIST__INIT;
+    Cake__Tenant *ts = calloc(s->tenants.n + 1, sizeof(*ts));
+    Cake__Tenant **tp = calloc(s->tenants.n + 1, sizeof(*tp));
+    if (!ts || !tp) {
+        free(ts), free(tp);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    for (uint32_t i = 0; i < s->tenants.n; i++) {
+        const struct tenant *x = &s->tenants.t[i];
+        if ((!c->admin && x != c->tenant) || (!x->clients && !x->used_bytes && !x->configured))
+            continue; /* other tenants, and idle ones nobody configured */
+        fill_tenant(s, &ts[r.n_tenants], x);
+        tp[r.n_tenants] = &ts[r.n_tenants];
+        r.n_tenants++;
+    }
+    r.tenants = tp;
+    srv_reply(s, c, MSG_TENANTS, &r.base, -1);
+    free(ts), free(tp);
+}
+
+static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
+{
+    cake__seq_info__init(r);
+    r->seq_id = q->id, r->tenant = (char *)q->tenant->name, r->layers = q->L;
+    r->kv_heads = q->Hkv, r->head_dim = q->d, r->dtype = q->dt, r->prompt_len = q->n;
+    r->prefilled_layers = q->next_observe, r->decoded_tokens = q->decoded;
+    r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
+}
+
+static void h_sequences(struct server *s, struct client *c)
+{
+    Cake__SeqList r = CAKE__SEQ_LIST__INIT;
+    Cake__SeqInfo *v = calloc(s->n_seqs + 1, sizeof(*v));
+    Cake__SeqInfo **p = calloc(s->n_seqs + 1, sizeof(*p));
+    if (!v || !p) {
+        free(v), free(p);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    for (uint32_t i = 0; i < s->n_slots; i++) {
+        const struct seq *q = s->slots[i].s;
+        if (!q || q->orphaned || (!c->admin && q->tenant != c->tenant))
+            continue;
+        fill_seq(s, &v[r.n_seqs], q);
+        p[r.n_seqs] = &v[r.n_seqs];
+        r.n_seqs++;
+    }
+    r.seqs = p;
+    srv_reply(s, c, MSG_SEQUENCES, &r.base, -1);
+    free(v), free(p);
+}
+
+static void h_seq_info(struct server *s, struct client *c)
+{
+    UNPACK(seq_ref, m);
+    uint64_t id = m->seq_id;
+    UNPACK_FREE(seq_ref, m);
+    struct seq *q = srv_seq_find(s, id);
+    if (!q || q->orphaned || (!c->admin && q->tenant != c->tenant)) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
+        return;
+    }
+    Cake__SeqInfo r;
+    fill_seq(s, &r, q);
+    Cake__LayerInfo *li = calloc(q->L, sizeof(*li));
+    Cake__LayerInfo **lp = calloc(q->L, sizeof(*lp));
+    if (!li || !lp) {
+        free(li), free(lp);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    for (uint32_t l = 0; l < q->L; l++) {
+        cake__layer_info__init(&li[l]);
+        int done = l < q->next_observe;
+        li[l].budget = done ? cakeseq_budget(q->cs, l) : 0;
+        li[l].prefix = done ? cakeseq_prefix_len(q->cs, l) : 0;
+        li[l].tokens = q->layer[l].tokens, li[l].pages = q->layer[l].n_pages;
+        li[l].preference = done ? cakeseq_preference(q->cs, l) : 0;
+        lp[l] = &li[l];
+    }
+    r.n_layer = q->L, r.layer = lp;
+    srv_reply(s, c, MSG_SEQ_INFO, &r.base, -1);
+    free(li), free(lp);
+}
+
+static int render_metrics(struct server *s, struct strbuf *b)
+{
+    int rc = 0;
+#define P(...) rc |= strbuf_printf(b, __VA_ARGS__)
+    P("# HELP caked_pool_bytes Size of the host pool.\n# TYPE caked_pool_bytes gauge\n"
+      "caked_pool_bytes %llu\n", (unsigned long long)s->pool.bytes);
+    P("# HELP caked_pool_page_bytes Size of one pool page.\n# TYPE caked_pool_page_bytes gauge\n"
+      "caked_pool_page_bytes %llu\n", (unsigned long long)s->pool.page_bytes);
+    P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
+      "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
+      pool_free_pages(&s->pool));
+    P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
+      s->tenants.n);
+    P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",
+      s->n_seqs);
+    P("# HELP caked_clients Connected clients.\n# TYPE caked_clients gauge\ncaked_clients %u\n",
+      s->n_clients);
+    P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
+      "# TYPE caked_tenant_used_bytes gauge\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
+    P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
+      "# TYPE caked_tenant_oom_total counter\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
+    P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
+    for (unsigned t = 1; t <= MSG_TYPE_MAX; t++)
+        P("caked_requests_total{type=\"%s\"} %llu\n", frame_type_name(t),
+          (unsigned long long)s->m.requests[t]);
+    P("# HELP caked_errors_total Error replies by kind.\n# TYPE caked_errors_total counter\n");
+    for (int e = 0; e < ERR_KINDS; e++)
+        P("caked_errors_total{kind=\"%s\"} %llu\n", metrics_err_name((enum metrics_err)e),
+          (unsigned long long)s->m.errors[e]);
+    P("# HELP caked_evictions_total Layer compactions.\n# TYPE caked_evictions_total counter\n"
+      "caked_evictions_total{phase=\"prefill\"} %llu\ncaked_evictions_total{phase=\"decode\"} %llu\n",
+      (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode);
+    P("# HELP caked_evicted_tokens_total Tokens evicted (per kv head).\n"
+      "# TYPE caked_evicted_tokens_total counter\ncaked_evicted_tokens_total %llu\n",
+      (unsigned long long)s->m.tokens_evicted);
+    P("# HELP caked_clients_total Connections accepted.\n# TYPE caked_clients_total counter\n"
+      "caked_clients_total %llu\n", (unsigned long long)s->m.clients_total);
+    P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
+      "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
+      (unsigned long long)s->m.clients_killed);
+    P("# HELP caked_request_duration_seconds Request latency inside caked.\n"
+      "# TYPE caked_request_duration_seconds histogram\n");
+    uint64_t cum = 0;
+    for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
+        cum += s->m.lat_bucket[i];
+        P("caked_request_duration_seconds_bucket{le=\"%g\"} %llu\n", metrics_lat_bounds_s[i],
+          (unsigned long long)cum);
+    }
+    P("caked_request_duration_seconds_bucket{le=\"+Inf\"} %llu\n"
+      "caked_request_duration_seconds_sum %.9f\ncaked_request_duration_seconds_count %llu\n",
+      (unsigned long long)s->m.lat_count, s->m.lat_sum_s, (unsigned long long)s->m.lat_count);
+#undef P
+    return rc;
+}
+
+static void h_metrics(struct server *s, struct client *c)
+{
+    struct strbuf b = {0};
+    if (render_metrics(s, &b) || b.len + 64 > FRAME_MAX_BODY) {
+        free(b.s);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "metrics do not fit a frame");
+        return;
+    }
+    Cake__Metrics r = CAKE__METRICS__INIT;
+    r.text = b.s;
+    srv_reply(s, c, MSG_METRICS, &r.base, -1);
+    free(b.s);
+}
+
+static void h_set_quota(struct server *s, struct client *c)
+{
+    UNPACK(set_quota, m);
+    if (!c->admin) {
+        UNPACK_FREE(set_quota, m);
+        srv_reply_error(s, c, CAKE_EPERM, "setting quotas is reserved to root and caked's owner");
+        return;
+    }
+    if (!m->tenant || !tenant_name_ok(m->tenant) ||
+        (m->max_bytes && m->min_bytes > m->max_bytes) || m->min_bytes > s->pool.bytes) {
+        UNPACK_FREE(set_quota, m);
+        srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name or min > max or min > pool");
+        return;
+    }
+    uint64_t other_min = 0;
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (strcmp(s->tenants.t[i].name, m->tenant))
+            other_min += s->tenants.t[i].min_bytes;
+    if (other_min + m->min_bytes > s->pool.bytes) {
+        UNPACK_FREE(set_quota, m);
+        srv_reply_error(s, c, CAKE_EINVAL, "the tenants' minimums would exceed the pool");
+        return;
+    }
+    int found = 0;
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (!strcmp(s->tenants.t[i].name, m->tenant)) {
+            struct tenant *t = &s->tenants.t[i];
+            t->weight = m->weight ? m->weight : t->weight;
+            t->min_bytes = m->min_bytes, t->max_bytes = m->max_bytes, t->configured = 1;
+            found = 1;
+        }
+    int rc = found ? 0 : tenant_configure(&s->tenants, m->tenant, -1, m->weight, m->min_bytes,
+                                          m->max_bytes);
+    srv_log("quota for tenant %s set by uid %u: weight %u min %llu max %llu", m->tenant,
+           c->cred.uid, m->weight, (unsigned long long)m->min_bytes,
+           (unsigned long long)m->max_bytes);
+    UNPACK_FREE(set_quota, m);
+    if (rc) {
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    srv_reply(s, c, MSG_SET_QUOTA, NULL, -1);
+}
+
+void srv_dispatch(struct server *s, struct client *c)
+{
+    unsigned t = c->h.type;
+    c->t0 = srv_now_s();
+    if (c->discard) {
+        c->discard = 0;
+        srv_reply_error(s, c, CAKE_EPROTO, "unknown message type %u", t);
+        return;
+    }
+    if (t & FRAME_REPLY || t == MSG_ERROR) {
+        srv_reply_error(s, c, CAKE_EPROTO, "clients send requests, not replies (type %#x)", t);
+        return;
+    }
+    s->m.requests[t]++;
+    if (t != MSG_HELLO && t != MSG_PING && !c->tenant) {
+        srv_reply_error(s, c, CAKE_ESTATE, "send HELLO first");
+        return;
+    }
+    switch (t) {
+    case MSG_HELLO: h_hello(s, c); break;
+    case MSG_PING: srv_reply(s, c, MSG_PING, NULL, -1); break;
+    case MSG_SEQ_OPEN: h_seq_open(s, c); break;
+    case MSG_PREFILL_RESERVE: h_reserve(s, c); break;
+    case MSG_PREFILL_OBSERVE: h_prefill(s, c, 1); break;
+    case MSG_PREFILL_SUBMIT: h_prefill(s, c, 0); break;
+    case MSG_DECODE_STEP: h_decode(s, c); break;
+    case MSG_SEQ_CLOSE: h_seq_close(s, c); break;
+    case MSG_STATUS: h_status(s, c); break;
+    case MSG_TENANTS: h_tenants(s, c); break;
+    case MSG_SEQUENCES: h_sequences(s, c); break;
+    case MSG_SEQ_INFO: h_seq_info(s, c); break;
+    case MSG_METRICS: h_metrics(s, c); break;
+    case MSG_SET_QUOTA: h_set_quota(s, c); break;
+    default: srv_reply_error(s, c, CAKE_EPROTO, "unknown message type %u", t); break;
+    }
+}
+
