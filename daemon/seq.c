@@ -370,17 +370,22 @@ int seq_decode_needs_evict(const struct seq *s)
     return 0;
 }
 
-void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
+/* Evicts layer l of a decode step (one OpenMP thread per layer; layers share nothing). */
+static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t valid,
+                              uint32_t *evicted)
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
-    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
+    uint32_t budget = cakeseq_budget(s->cs, l);
     uint8_t *q = malloc(row * s->H * valid);
-    for (uint32_t l = 0; l < s->L && q && !s->work_rc; l++) {
-        if (!layer_over(s, l))
-            continue;
-        struct seq_layer *ly = &s->layer[l];
+    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
+    float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
+    int rc = -ENOMEM;
+    if (q && slots && ind && pages && scratch) {
         /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
         const uint8_t *ring = ring_ptr(e, s, l);
         for (uint32_t h = 0; h < s->H; h++)
@@ -388,33 +393,43 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
                 uint32_t slot = (v0 + s->decoded - valid + i) % w;
                 memcpy(q + ((size_t)h * valid + i) * row, ring + ((size_t)h * w + slot) * row, row);
             }
-        uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
-        uint32_t budget = cakeseq_budget(s->cs, l);
-        uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
-        float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
-        void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
-        void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
-        if (!slots || !ind || !pages || !scratch) {
-            s->work_rc = -ENOMEM;
-        } else {
-            struct kern_kv kv = layer_view(e, s, l, pages);
-            int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots,
-                                           ind, e->threads);
-            if (kept < 0) {
-                s->work_rc = kept;
-            } else {
-                for (uint32_t g = 0; g < s->Hkv; g++)
-                    kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
-                s->evicted_tokens += S - (uint32_t)kept;
-                ly->tokens = (uint32_t)kept + w;
-                s->ev_layers[s->n_ev++] = l;
-            }
+        struct kern_kv kv = layer_view(e, s, l, pages);
+        int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots, ind, 1);
+        rc = kept < 0 ? kept : 0;
+        if (!rc) {
+            for (uint32_t g = 0; g < s->Hkv; g++)
+                kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
+            *evicted = S - (uint32_t)kept;
+            ly->tokens = (uint32_t)kept + w;
         }
-        free(slots), free(ind), free(pages), free(scratch);
     }
-    if (!q)
-        s->work_rc = -ENOMEM;
-    free(q);
+    free(q), free(slots), free(ind), free(pages), free(scratch);
+    return rc;
+}
+
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+    uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
+    int rcs[SEQ_MAX_LAYERS] = {0};
+    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    for (uint32_t l = 0; l < s->L; l++)
+        if (layer_over(s, l))
+            over[nover++] = l;
+    /* a decode step waits for its evictions: spread the layers over the job's threads */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (nover > 1)
+    for (uint32_t i = 0; i < nover; i++)
+        rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
+    for (uint32_t i = 0; i < nover; i++) {
+        if (rcs[i]) {
+            if (!s->work_rc)
+                s->work_rc = rcs[i];
+            continue;
+        }
+        s->evicted_tokens += evicted[i];
+        s->ev_layers[s->n_ev++] = over[i];
+    }
 }
 
 uint32_t seq_decode_pages_needed(const struct seq *s)

@@ -56,7 +56,8 @@ struct seq {
 struct seq_env {
     struct pool *pool;
     struct tenants *tenants;
-    int threads; /* kernel threads per work item */
+    int threads;        /* kernel threads per prefill work item */
+    int decode_threads; /* threads spreading a decode step's layer evictions (<= 0: all cores) */
 };
 
 struct seq_open_args {

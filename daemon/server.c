@@ -514,7 +514,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         if ((rc = tenant_configure(&s->tenants, tcfg[i].name, tcfg[i].uid, tcfg[i].weight,
                                    tcfg[i].min_bytes, tcfg[i].max_bytes)))
             goto fail;
-    s->env = (struct seq_env){&s->pool, &s->tenants, cfg->kernel_threads > 0 ? cfg->kernel_threads : 1};
+    s->env = (struct seq_env){&s->pool, &s->tenants, cfg->kernel_threads > 0 ? cfg->kernel_threads : 1, 0};
     if ((rc = loop_create(cfg->io, &s->loop, &s->io_name, &why))) {
         srv_log("event loop: %s (%s)", why ? why : "failed", strerror(-rc));
         goto fail;
