@@ -1,0 +1,24 @@
+#!/bin/sh
+# device-build.sh - builds and tests the whole project on a GPU machine that lacks the Debian
+# build dependencies (the lent Ubuntu image): Debian 12 packages fetched beforehand with
+#   mkdir .debs && (cd .debs && apt-get download liburing2 liburing-dev libprotobuf-c1 \
+#     libprotobuf-c-dev protobuf-c-compiler libprotoc32 libprotobuf32 libjemalloc2 \
+#     libjemalloc-dev libcriterion3 libcriterion-dev libnanomsg5 libgit2-1.5 libhttp-parser2.9 \
+#     libmbedtls14 libmbedx509-1 libmbedcrypto7 libssh2-1)
+# are unpacked into a private sysroot (never into /), and the build uses it. Then runs ctest,
+# GPU tests included. Logs under $OUT.
+set -e
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+root=/tmp/sysroot
+mkdir -p "$out" "$root"
+for f in .debs/*.deb; do dpkg -x "$f" "$root"; done
+lib=$root/usr/lib/x86_64-linux-gnu
+export PKG_CONFIG_SYSROOT_DIR=$root PKG_CONFIG_PATH=$lib/pkgconfig:$root/usr/share/pkgconfig
+export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$root/usr/bin:$PATH
+export CFLAGS="-I$root/usr/include" LDFLAGS="-L$lib -Wl,-rpath,$lib"
+cmake -S . -B /tmp/devbuild -DCAKE_WERROR=ON -DPython3_EXECUTABLE=/usr/bin/python3 >"$out/cmake.log" 2>&1 ||
+    { tail -n 30 "$out/cmake.log"; exit 1; }
+cmake --build /tmp/devbuild -j16 >"$out/build.log" 2>&1 || { grep -E "error" -A3 "$out/build.log" | head -40; exit 1; }
+cd /tmp/devbuild
+ctest --output-on-failure -j8 "$@" 2>&1 | tee "$OLDPWD/$out/ctest.log" | tail -n 40
