@@ -14,7 +14,11 @@ root=/tmp/sysroot
 mkdir -p "$out" "$root"
 for f in .debs/*.deb; do dpkg -x "$f" "$root"; done
 lib=$root/usr/lib/x86_64-linux-gnu
-export PKG_CONFIG_SYSROOT_DIR=$root PKG_CONFIG_PATH=$lib/pkgconfig:$root/usr/share/pkgconfig
+# criterion.pc names private requirements (boxfort, nanomsg, ...) whose .pc files we do not
+# carry; the shared library needs none of them at link time
+mkdir -p "$root/pc"
+printf 'prefix=/usr\nlibdir=${prefix}/lib/x86_64-linux-gnu\nincludedir=${prefix}/include\nName: criterion\nDescription: criterion\nVersion: 2.4.1\nLibs: -L${libdir} -lcriterion\nCflags: -I${includedir}\n' >"$root/pc/criterion.pc"
+export PKG_CONFIG_SYSROOT_DIR=$root PKG_CONFIG_PATH=$root/pc:$lib/pkgconfig:$root/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$root/usr/bin:$PATH
 export CFLAGS="-I$root/usr/include" LDFLAGS="-L$lib -Wl,-rpath,$lib"
 cmake -S . -B /tmp/devbuild -DCAKE_WERROR=ON -DPython3_EXECUTABLE=/usr/bin/python3 >"$out/cmake.log" 2>&1 ||
