@@ -45,7 +45,8 @@ static pid_t start_caked(const char *bin)
     snprintf(sock, sizeof sock, "%s/caked.sock", dir);
     pid_t p = fork();
     if (p == 0) {
-        freopen("/dev/null", "w", stderr);
+        if (!freopen("/dev/null", "w", stderr))
+            _exit(127);
         execl(bin, bin, "--socket", sock, "--host-pool", "8G", "--io", io, NULL);
         _exit(127);
     }
