@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 root=/tmp/sysroot
 mkdir -p "$out" "$root"
+out=$(cd "$out" && pwd)
+# the golden cases: ../shared/golden here, or a carried copy in .golden
+shared=$(cd .. && pwd)/shared
+if [ ! -d "$shared/golden" ] && [ -d .golden ]; then
+    shared=/tmp/shared && mkdir -p $shared && ln -sfn "$PWD/.golden" $shared/golden
+fi
 for f in .debs/*.deb; do dpkg -x "$f" "$root"; done
 lib=$root/usr/lib/x86_64-linux-gnu
 # criterion.pc names private requirements (boxfort, nanomsg, ...) whose .pc files we do not
@@ -21,8 +27,9 @@ printf 'prefix=/usr\nlibdir=${prefix}/lib/x86_64-linux-gnu\nincludedir=${prefix}
 export PKG_CONFIG_SYSROOT_DIR=$root PKG_CONFIG_PATH=$root/pc:$lib/pkgconfig:$root/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$root/usr/bin:$PATH
 export CFLAGS="-I$root/usr/include" LDFLAGS="-L$lib -Wl,-rpath,$lib"
-cmake -S . -B /tmp/devbuild -DCAKE_WERROR=ON -DPython3_EXECUTABLE=/usr/bin/python3 >"$out/cmake.log" 2>&1 ||
+cmake -S . -B /tmp/devbuild -DCAKE_WERROR=ON -DPython3_EXECUTABLE="$(command -v python3)" \
+    -DCAKE_SHARED_DIR="$shared" >"$out/cmake.log" 2>&1 ||
     { tail -n 30 "$out/cmake.log"; exit 1; }
 cmake --build /tmp/devbuild -j16 >"$out/build.log" 2>&1 || { grep -E "error" -A3 "$out/build.log" | head -40; exit 1; }
 cd /tmp/devbuild
-ctest --output-on-failure -j8 "$@" 2>&1 | tee "$OLDPWD/$out/ctest.log" | tail -n 40
+ctest --output-on-failure -j8 "$@" 2>&1 | tee "$out/ctest.log" | tail -n 40
