@@ -15,6 +15,9 @@
 #include "cake/cake.h"
 #include "frame.h"
 #include "internal.h"
+#ifdef CAKE_HAVE_CUDA
+#include "gpupool.h"
+#endif
 #include "shm.h"
 
 struct cake_ctx {
@@ -31,6 +34,11 @@ struct cake_ctx {
     uint64_t next_rid;
     cake_seq **seqs;
     size_t n_seqs, cap_seqs;
+    char gpu_uuid[48];
+    int gpu_mapped;
+#ifdef CAKE_HAVE_CUDA
+    struct gpupool gpu;
+#endif
 };
 
 struct cake_seq {
@@ -95,6 +103,28 @@ int cake_set_timeout_ms(cake_ctx *c, int ms)
 }
 
 int cake_fd(const cake_ctx *c) { return c->fd; }
+
+uint64_t cake_gpu_pool_base(const cake_ctx *c)
+{
+#ifdef CAKE_HAVE_CUDA
+    return c->gpu_mapped ? c->gpu.va : 0;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+size_t cake_gpu_pool_bytes(const cake_ctx *c)
+{
+#ifdef CAKE_HAVE_CUDA
+    return c->gpu_mapped ? c->gpu.bytes : 0;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+const char *cake_gpu_uuid(const cake_ctx *c) { return c->gpu_uuid; }
 const char *cake_errstr(const cake_ctx *c) { return c->errstr; }
 void *cake_pool_base(const cake_ctx *c) { return c->pool; }
 size_t cake_pool_bytes(const cake_ctx *c) { return c->pool_bytes; }
@@ -132,15 +162,16 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* Reads exactly n bytes; an fd passed alongside lands in *fd (when fd is not NULL). */
-static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fd)
+/* Reads exactly n bytes; fds passed alongside land in fds[0..1] (when fds is not NULL; any
+ * other is closed at once, never leaked). */
+static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
 {
     while (n) {
         int rc = wait_fd(c, POLLIN);
         if (rc)
             return rc;
         struct iovec iov = {p, n};
-        char cbuf[CMSG_SPACE(sizeof(int))];
+        char cbuf[CMSG_SPACE(4 * sizeof(int))];
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                             .msg_controllen = sizeof cbuf};
         ssize_t k = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC);
@@ -154,12 +185,17 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fd)
             return set_err(c, CAKE_ESHUTDOWN, "caked closed the connection");
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-                int got;
-                memcpy(&got, CMSG_DATA(cm), sizeof got);
-                if (fd && *fd < 0)
-                    *fd = got;
-                else
-                    close(got); /* not asked for: never leak it */
+                size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t i = 0; i < nf; i++) {
+                    int got;
+                    memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof got);
+                    if (fds && fds[0] < 0)
+                        fds[0] = got;
+                    else if (fds && fds[1] < 0)
+                        fds[1] = got;
+                    else
+                        close(got); /* not asked for: never leak it */
+                }
             }
         p += k, n -= (size_t)k;
     }
@@ -172,7 +208,7 @@ static void pc_free(void *ud, void *p) { c_free(ud, p); }
 /* One request/reply. On success *body (ctx-allocated, *blen bytes) is the reply body to
  * unpack, and *fd an fd that travelled with it (or -1). Error replies become their code. */
 static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t **body,
-               size_t *blen, int *fd)
+               size_t *blen, int *fd)  /* fd: room for two */
 {
     if (c->fd < 0)
         return set_err(c, CAKE_ENOTCONN, "not connected to caked");
@@ -192,7 +228,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
     if (rc)
         return rc;
     if (fd)
-        *fd = -1;
+        fd[0] = fd[1] = -1;
     for (;;) {
         uint8_t hb[FRAME_HEADER_BYTES];
         if ((rc = recv_all(c, hb, sizeof hb, fd)))
@@ -280,8 +316,9 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
     uint8_t *b = NULL;
     size_t n = 0;
-    int fd = -1;
-    int rc = rpc(c, MSG_HELLO, &m.base, &b, &n, &fd);
+    int fds[2] = {-1, -1}, fd;
+    int rc = rpc(c, MSG_HELLO, &m.base, &b, &n, fds);
+    fd = fds[0];
     if (rc)
         goto fail;
     ProtobufCAllocator al = {pc_alloc, pc_free, c};
@@ -292,7 +329,27 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         goto fail;
     }
     c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
+    snprintf(c->gpu_uuid, sizeof c->gpu_uuid, "%s", r->gpu_uuid ? r->gpu_uuid : "");
+    uint64_t gpu_bytes = r->gpu_pool_bytes;
     cake__hello_reply__free_unpacked(r, &al);
+    if (fds[1] >= 0) {
+#ifdef CAKE_HAVE_CUDA
+        /* the GPU pool: mapped here when this process can use that GPU; otherwise the engine
+         * works on host memory and cake_errstr() says why */
+        const char *why = "";
+        if (gpu_bytes && gpupool_import(&c->gpu, fds[1], gpu_bytes, c->gpu_uuid, &why) == 0) {
+            c->gpu_mapped = 1;
+            if (c->pool)
+                gpupool_register_host(c->pool, c->pool_bytes, &why);
+        } else {
+            set_err(c, 0, "GPU pool not mapped: %s", why);
+        }
+#else
+        (void)gpu_bytes;
+        set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
+#endif
+        close(fds[1]);
+    }
     if (map_pool) {
         if (fd < 0) {
             rc = set_err(c, CAKE_EPROTO, "caked did not pass the pool");
@@ -311,6 +368,8 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
 fail:
     if (fd >= 0)
         close(fd);
+    if (fds[1] >= 0)
+        close(fds[1]);
     close(c->fd);
     c->fd = -1;
     return rc;
@@ -333,6 +392,13 @@ void cake_destroy(cake_ctx *c)
     while (c->n_seqs)
         seq_release(c, c->seqs[0]);
     c_free(c, c->seqs);
+#ifdef CAKE_HAVE_CUDA
+    if (c->gpu_mapped) {
+        if (c->pool)
+            gpupool_unregister_host(c->pool);
+        gpupool_destroy(&c->gpu);
+    }
+#endif
     if (c->pool)
         munmap(c->pool, c->pool_bytes);
     if (c->fd >= 0)

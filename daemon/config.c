@@ -65,6 +65,17 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n == 0)
             return FAIL("bad size for host-pool: %s (use e.g. 512M, 4G)", v);
         c->srv.host_pool_bytes = n;
+    } else if (!strcmp(key, "gpu-pool")) { /* SIZE[@GPU-UUID] */
+        char size[64];
+        const char *at = strchr(v, '@');
+        size_t sl = at ? (size_t)(at - v) : strlen(v);
+        if (sl >= sizeof size || (at && strlen(at + 1) >= sizeof c->srv.gpu_uuid))
+            return FAIL("bad gpu-pool: %s (SIZE or SIZE@GPU-UUID)", v);
+        memcpy(size, v, sl), size[sl] = 0;
+        if (config_parse_size(size, &n) || n == 0)
+            return FAIL("bad size for gpu-pool: %s", v);
+        c->srv.gpu_pool_bytes = n;
+        snprintf(c->srv.gpu_uuid, sizeof c->srv.gpu_uuid, "%s", at ? at + 1 : "");
     } else if (!strcmp(key, "page-size")) {
         if (config_parse_size(v, &n) || n < 4096 || (n & (n - 1)) || n > (1ull << 30))
             return FAIL("page-size must be a power of two from 4K to 1G: %s", v);

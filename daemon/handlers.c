@@ -69,7 +69,12 @@ static void h_hello(struct server *s, struct client *c)
     r.page_bytes = s->pool.page_bytes;
     r.daemon_version = (char *)CAKE_VERSION;
     r.admin = c->admin;
-    srv_reply(s, c, MSG_HELLO, &r.base, want_pool ? s->pool.fd : -1);
+    int fds[2] = {s->pool.fd, s->gpu_fd};
+    r.gpu_pool_bytes = want_pool && s->gpu_fd >= 0 ? s->gpu_bytes : 0;
+#ifdef CAKE_HAVE_CUDA
+    r.gpu_uuid = s->gpu_bytes ? s->gpu.uuid : (char *)"";
+#endif
+    srv_reply_fds(s, c, MSG_HELLO, &r.base, fds, want_pool ? (s->gpu_fd >= 0 ? 2 : 1) : 0);
 }
 
 static void h_seq_open(struct server *s, struct client *c)

@@ -1,6 +1,6 @@
 /* caked - the CAKE KV-cache daemon.
  *
- *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--huge-pages]
+ *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
  *         [--socket-group NAME] [--config FILE] [--version] [--help]
  *
@@ -21,6 +21,7 @@ static void usage(FILE *f)
             "                        else /tmp/caked-$UID/caked.sock)\n"
             "  --host-pool SIZE      host pool size, e.g. 512M, 8G (default min(1G, RAM/4))\n"
             "  --page-size SIZE      pool page size, power of two (default 64K)\n"
+            "  --gpu-pool SIZE[@GPU-UUID]  device memory shared with engines (CUDA VMM)\n"
             "  --huge-pages          back the pool with huge pages when the system has them\n"
             "  --io uring|epoll|auto event loop backend (default auto: io_uring if usable)\n"
             "  --workers N           scoring threads (default: one per core)\n"
@@ -36,12 +37,13 @@ int main(int argc, char **argv)
     config_defaults(&cfg);
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"host-pool", 1, 0, 'p'}, {"page-size", 1, 0, 'P'},
+        {"gpu-pool", 1, 0, 'G'},
         {"huge-pages", 0, 0, 'H'}, {"io", 1, 0, 'i'}, {"workers", 1, 0, 'w'},
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
-        ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io",
+        ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
     };
     char err[512];

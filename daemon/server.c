@@ -110,14 +110,14 @@ static int client_flush(struct server *s, struct client *c)
     while (c->out_off < c->out_len) {
         struct iovec iov = {c->out + c->out_off, c->out_len - c->out_off};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-        char cbuf[CMSG_SPACE(sizeof(int))];
-        if (c->out_fd >= 0) {
+        char cbuf[CMSG_SPACE(2 * sizeof(int))];
+        if (c->n_out_fds) {
             memset(cbuf, 0, sizeof cbuf);
-            mh.msg_control = cbuf, mh.msg_controllen = sizeof cbuf;
+            mh.msg_control = cbuf, mh.msg_controllen = CMSG_SPACE(c->n_out_fds * sizeof(int));
             struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
             cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS;
-            cm->cmsg_len = CMSG_LEN(sizeof(int));
-            memcpy(CMSG_DATA(cm), &c->out_fd, sizeof(int));
+            cm->cmsg_len = CMSG_LEN(c->n_out_fds * sizeof(int));
+            memcpy(CMSG_DATA(cm), c->out_fds, c->n_out_fds * sizeof(int));
         }
         ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
@@ -130,7 +130,7 @@ static int client_flush(struct server *s, struct client *c)
             client_close(s, c);
             return -1;
         }
-        c->out_fd = -1; /* the fd travelled with the first byte */
+        c->n_out_fds = 0; /* the fds travelled with the first byte */
         c->out_off += (size_t)n;
     }
     free(c->out);
@@ -158,7 +158,8 @@ void srv_queue_frame(struct server *s, struct client *c, uint16_t type, uint64_t
     if (msg)
         protobuf_c_message_pack(msg, buf + FRAME_HEADER_BYTES);
     free(c->out);
-    c->out = buf, c->out_len = FRAME_HEADER_BYTES + blen, c->out_off = 0, c->out_fd = fd;
+    c->out = buf, c->out_len = FRAME_HEADER_BYTES + blen, c->out_off = 0;
+    c->n_out_fds = fd >= 0, c->out_fds[0] = fd;
 }
 
 static void finish_request(struct server *s, struct client *c)
@@ -176,6 +177,15 @@ void srv_reply(struct server *s, struct client *c, uint16_t type, const Protobuf
                   int fd)
 {
     srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, fd);
+    finish_request(s, c);
+}
+
+void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
+                   const int *fds, int n_fds)
+{
+    srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, n_fds ? fds[0] : -1);
+    if (n_fds == 2)
+        c->out_fds[1] = fds[1], c->n_out_fds = 2;
     finish_request(s, c);
 }
 
@@ -376,7 +386,7 @@ static void on_accept(void *arg, uint32_t ev)
             continue;
         }
         s->clients = cs;
-        c->srv = s, c->id = ++s->next_client_id, c->fd = fd, c->cred = cred, c->out_fd = -1;
+        c->srv = s, c->id = ++s->next_client_id, c->fd = fd, c->cred = cred;
         c->state = C_HEADER;
         s->clients[s->n_clients++] = c;
         s->m.clients_total++;
@@ -510,6 +520,25 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         srv_log("host pool: %s (%s)", why, strerror(-rc));
         goto fail;
     }
+    s->gpu_fd = -1;
+    if (cfg->gpu_pool_bytes) {
+#ifdef CAKE_HAVE_CUDA
+        if ((rc = gpupool_create(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why)) ||
+            (rc = gpupool_export(&s->gpu, &s->gpu_fd, &why))) {
+            srv_log("GPU pool: %s", why);
+            goto fail;
+        }
+        s->gpu_bytes = s->gpu.bytes;
+#else
+        srv_log("GPU pool: this caked was built without CUDA (nvcc was not found)");
+        rc = -ENOTSUP;
+        goto fail;
+#endif
+    }
+#ifdef CAKE_HAVE_CUDA
+    /* where a GPU exists, register the host pool for fast copies (engines do the same) */
+    s->host_registered = gpupool_register_host(s->pool.base, s->pool.bytes, &why) == 0;
+#endif
     for (int i = 0; i < n_tenants; i++)
         if ((rc = tenant_configure(&s->tenants, tcfg[i].name, tcfg[i].uid, tcfg[i].weight,
                                    tcfg[i].min_bytes, tcfg[i].max_bytes)))
@@ -532,9 +561,15 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         rc = -EIO;
         goto fail;
     }
-    char pb[32], pg[32];
+    char pb[32], pg[32], gb[32];
     human_bytes(s->pool.bytes, pb, sizeof pb);
     human_bytes(s->pool.page_bytes, pg, sizeof pg);
+    human_bytes(s->gpu_bytes, gb, sizeof gb);
+#ifdef CAKE_HAVE_CUDA
+    if (s->gpu_bytes)
+        srv_log("GPU pool %s on %s (shared by file descriptor); host pool %s with CUDA", gb,
+                s->gpu.uuid, s->host_registered ? "registered" : "not registered");
+#endif
     srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s%s; %s event "
            "loop; %d workers", CAKE_VERSION, cfg->socket_path, cfg->socket_group[0] ? "0660" : "0600",
            pb, s->pool.pages, pg, s->pool.hugepages ? " (huge pages)" : "", s->io_name,
@@ -602,6 +637,14 @@ void server_destroy(struct server *s)
     if (s->sig_fd >= 0)
         close(s->sig_fd);
     loop_destroy(s->loop);
+#ifdef CAKE_HAVE_CUDA
+    if (s->host_registered)
+        gpupool_unregister_host(s->pool.base);
+    if (s->gpu_bytes)
+        gpupool_destroy(&s->gpu);
+#endif
+    if (s->gpu_fd >= 0)
+        close(s->gpu_fd);
     if (s->pool.base)
         pool_fini(&s->pool);
     tenants_fini(&s->tenants);

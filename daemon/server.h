@@ -16,6 +16,8 @@ struct server_cfg {
     char socket_path[108];
     char socket_group[64];   /* empty: mode 0600; else owned by this group, mode 0660 */
     uint64_t host_pool_bytes;
+    uint64_t gpu_pool_bytes; /* 0: no GPU pool */
+    char gpu_uuid[48];       /* "" : the first GPU */
     uint64_t page_bytes;
     int hugepages;
     enum loop_backend io;

@@ -13,6 +13,9 @@
 #include "server.h"
 #include "tenant.h"
 #include "worker.h"
+#ifdef CAKE_HAVE_CUDA
+#include "gpupool.h"
+#endif
 
 #define SERVER_MAX_CLIENTS 4096      /* accept() beyond this is refused and counted */
 #define SERVER_MAX_DECODE_BATCH 65536 /* sequence ids in one DECODE_STEP */
@@ -42,7 +45,8 @@ struct client {
     int close_after_flush; /* the stream is unusable after this reply */
     uint8_t *out;
     size_t out_len, out_off;
-    int out_fd;            /* fd to pass with the pending reply, -1 none */
+    int out_fds[2];        /* fds to pass with the pending reply */
+    int n_out_fds;
     double t0;             /* request start */
 };
 
@@ -56,6 +60,12 @@ struct server {
     struct loop *loop;
     const char *io_name;
     struct pool pool;
+#ifdef CAKE_HAVE_CUDA
+    struct gpupool gpu;
+#endif
+    int gpu_fd;            /* exported GPU pool, -1 none */
+    uint64_t gpu_bytes;
+    int host_registered;
     struct tenants tenants;
     struct workers *workers;
     struct metrics m;
@@ -101,6 +111,9 @@ struct client *srv_client_by_id(struct server *s, uint64_t id);
 void srv_queue_frame(struct server *s, struct client *c, uint16_t type, uint64_t rid,
                      const ProtobufCMessage *msg, int fd);
 void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg, int fd);
+/* a reply with up to two fds (HELLO: the host pool memfd, then the GPU pool) */
+void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
+                   const int *fds, int n_fds);
 void srv_reply_error(struct server *s, struct client *c, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 

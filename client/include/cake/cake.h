@@ -85,6 +85,14 @@ CAKE_API const char *cake_errstr(const cake_ctx *ctx);
 CAKE_API void *cake_pool_base(const cake_ctx *ctx);
 CAKE_API size_t cake_pool_bytes(const cake_ctx *ctx);
 
+/* The GPU pool (caked --gpu-pool) mapped in this process: its device address (0 when caked has
+ * none, this libcake was built without CUDA, or this process cannot use that GPU - then
+ * cake_errstr() says why), its size, and the GPU's UUID ("" when none). The host pool is
+ * registered with CUDA whenever the GPU pool is mapped. */
+CAKE_API uint64_t cake_gpu_pool_base(const cake_ctx *ctx);
+CAKE_API size_t cake_gpu_pool_bytes(const cake_ctx *ctx);
+CAKE_API const char *cake_gpu_uuid(const cake_ctx *ctx);
+
 /* Round trip without work (latency probes). */
 CAKE_API int cake_ping(cake_ctx *ctx);
 
