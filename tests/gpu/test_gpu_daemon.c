@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "cake/cake.h"
-#include "harness.h"
+#include "../integration/harness.h"
 
 #define OFF (1u << 20)
 #define LEN (1u << 20)
