@@ -349,6 +349,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
 #endif
         close(fds[1]);
+        fds[1] = -1; /* the fail path below must not close it again */
     }
     if (map_pool) {
         if (fd < 0) {
