@@ -35,7 +35,7 @@ struct cake_ctx {
     cake_seq **seqs;
     size_t n_seqs, cap_seqs;
     char gpu_uuid[48];
-    int gpu_mapped;
+    int gpu_mapped, host_registered;
 #ifdef CAKE_HAVE_CUDA
     struct gpupool gpu;
 #endif
@@ -338,9 +338,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
          * works on host memory and cake_errstr() says why */
         const char *why = "";
         if (gpu_bytes && gpupool_import(&c->gpu, fds[1], gpu_bytes, c->gpu_uuid, &why) == 0) {
-            c->gpu_mapped = 1;
-            if (c->pool)
-                gpupool_register_host(c->pool, c->pool_bytes, &why);
+            c->gpu_mapped = 1; /* the host pool is registered once it is mapped, below */
         } else {
             set_err(c, 0, "GPU pool not mapped: %s", why);
         }
@@ -362,6 +360,11 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
             goto fail;
         }
         c->pool = p;
+#ifdef CAKE_HAVE_CUDA
+        const char *why = "";
+        if (c->gpu_mapped && gpupool_register_host(c->pool, c->pool_bytes, &why) == 0)
+            c->host_registered = 1;
+#endif
     }
     if (fd >= 0)
         close(fd); /* the mapping keeps the memory */
@@ -394,11 +397,10 @@ void cake_destroy(cake_ctx *c)
         seq_release(c, c->seqs[0]);
     c_free(c, c->seqs);
 #ifdef CAKE_HAVE_CUDA
-    if (c->gpu_mapped) {
-        if (c->pool)
-            gpupool_unregister_host(c->pool);
+    if (c->host_registered)
+        gpupool_unregister_host(c->pool);
+    if (c->gpu_mapped)
         gpupool_destroy(&c->gpu);
-    }
 #endif
     if (c->pool)
         munmap(c->pool, c->pool_bytes);
