@@ -1,5 +1,6 @@
 /* caked --gpu-pool end to end: two engine processes attach; libcake imports the GPU pool
- * caked exported; what one engine writes into it the other reads back; caked stops cleanly.
+ * caked exported and registers the host pool with CUDA; what one engine writes into the GPU
+ * pool the other reads back; caked stops cleanly.
  * Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -39,6 +40,11 @@ static int engine(const char *sock, int writer)
     if (!base || cake_gpu_pool_bytes(c) < (64u << 20) || strncmp(cake_gpu_uuid(c), "GPU-", 4)) {
         fprintf(stderr, "GPU pool not mapped: %s\n", cake_errstr(c));
         return 3;
+    }
+    unsigned int flags;
+    if (cudaHostGetFlags(&flags, cake_pool_base(c)) != cudaSuccess) {
+        fprintf(stderr, "the host pool is not registered with CUDA\n");
+        return 7;
     }
     unsigned char *h = malloc(LEN);
     if (writer) {
