@@ -365,6 +365,11 @@ static void h_status(struct server *s, struct client *c)
     r.tenants = s->tenants.n, r.sequences = s->n_seqs, r.clients = s->n_clients;
     r.pid = (uint32_t)getpid();
     r.socket = s->cfg.socket_path;
+    r.gpu_pool_bytes = s->gpu_bytes;
+#ifdef CAKE_HAVE_CUDA
+    if (s->gpu_bytes)
+        r.gpu_uuid = s->gpu.uuid;
+#endif
     srv_reply(s, c, MSG_STATUS, &r.base, -1);
 }
 
@@ -477,6 +482,8 @@ static int render_metrics(struct server *s, struct strbuf *b)
     P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
       "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
       pool_free_pages(&s->pool));
+    P("# HELP caked_gpu_pool_bytes Size of the GPU pool (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
+      "caked_gpu_pool_bytes %llu\n", (unsigned long long)s->gpu_bytes);
     P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
       s->tenants.n);
     P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",

@@ -78,11 +78,13 @@ static int cmd_status(cake_ctx *c)
     if (json) {
         printf("{\"version\":\"%s\",\"protocol\":%u,\"pid\":%u,\"socket\":\"%s\",\"io\":\"%s\","
                "\"uptime_ms\":%llu,\"pool_bytes\":%llu,\"page_bytes\":%llu,\"pages_total\":%llu,"
-               "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u}\n",
+               "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u,"
+               "\"gpu_pool_bytes\":%llu,\"gpu_uuid\":\"%s\"}\n",
                s->daemon_version, s->protocol_version, s->pid, s->socket, s->io_backend,
                (unsigned long long)s->uptime_ms, (unsigned long long)s->pool_bytes,
                (unsigned long long)s->page_bytes, (unsigned long long)s->pages_total,
-               (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients);
+               (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients,
+               (unsigned long long)s->gpu_pool_bytes, s->gpu_uuid ? s->gpu_uuid : "");
     } else {
         char pb[32], pg[32], ub[32];
         util_human_bytes(s->pool_bytes, pb, sizeof pb);
@@ -94,6 +96,11 @@ static int cmd_status(cake_ctx *c)
         printf("host pool  %s in %llu pages of %s; %s used (%.1f%%)\n", pb,
                (unsigned long long)s->pages_total, pg, ub,
                s->pages_total ? 100.0 * s->pages_used / s->pages_total : 0.0);
+        if (s->gpu_pool_bytes) {
+            char gb[32];
+            util_human_bytes(s->gpu_pool_bytes, gb, sizeof gb);
+            printf("GPU pool   %s on %s\n", gb, s->gpu_uuid);
+        }
         printf("tenants    %u   sequences %u   clients %u\n", s->tenants, s->sequences, s->clients);
     }
     cake__status__free_unpacked(s, &al_);

@@ -32,7 +32,8 @@ done
 import json, sys
 s = json.load(sys.stdin)
 assert s["sequences"] == 2 and s["pages_used"] > 0 and s["pool_bytes"] == 256 << 20, s
-assert s["io"] in ("io_uring", "epoll"), s' || fail "status json"
+assert s["io"] in ("io_uring", "epoll"), s
+assert s["gpu_pool_bytes"] == 0 and s["gpu_uuid"] == "", s' || fail "status json"
 "$ctl" --socket "$sock" --json tenants | python3 -c '
 import json, sys
 t = {x["name"]: x for x in json.load(sys.stdin)["tenants"]}
