@@ -15,47 +15,14 @@
 #include "cake/cake.h"
 #include "frame.h"
 #include "internal.h"
-#ifdef CAKE_HAVE_CUDA
-#include "gpupool.h"
-#endif
-#include "shm.h"
-
-struct cake_ctx {
-    int fd;
-    int timeout_ms;
-    char service[64];
-    char errstr[256];
-    void *(*alloc)(size_t, void *);
-    void (*release)(void *, void *);
-    void *ud;
-    uint8_t *pool;
-    size_t pool_bytes;
-    uint64_t page_bytes;
-    uint64_t next_rid;
-    cake_seq **seqs;
-    size_t n_seqs, cap_seqs;
-    char gpu_uuid[48];
-    int gpu_mapped, host_registered;
-#ifdef CAKE_HAVE_CUDA
-    struct gpupool gpu;
-#endif
-};
-
-struct cake_seq {
-    cake_ctx *ctx;
-    uint64_t id;
-    uint32_t tpp;
-    struct shm_desc *desc;
-    size_t v_offset;    /* page base -> V block */
-    size_t row_bytes;
-};
+#include "priv.h"
 
 static void *c_alloc(cake_ctx *c, size_t n) { return c->alloc(n, c->ud); }
 static void c_free(cake_ctx *c, void *p) { c->release(p, c->ud); }
 static void *default_alloc(size_t n, void *ud) { (void)ud; return malloc(n); }
 static void default_release(void *p, void *ud) { (void)ud; free(p); }
 
-static int set_err(cake_ctx *c, int code, const char *fmt, ...)
+int cake_set_err(cake_ctx *c, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -80,7 +47,7 @@ int cake_set_service(cake_ctx *c, const char *name)
 {
     size_t n = strlen(name);
     if (n == 0 || n >= sizeof c->service)
-        return set_err(c, CAKE_EINVAL, "service name must be 1..63 characters");
+        return cake_set_err(c, CAKE_EINVAL, "service name must be 1..63 characters");
     memcpy(c->service, name, n + 1);
     return 0;
 }
@@ -139,7 +106,7 @@ static int wait_fd(cake_ctx *c, short ev)
         n = poll(&p, 1, c->timeout_ms);
     while (n < 0 && errno == EINTR);
     if (n == 0)
-        return set_err(c, -ETIMEDOUT, "no reply from caked within %d ms", c->timeout_ms);
+        return cake_set_err(c, -ETIMEDOUT, "no reply from caked within %d ms", c->timeout_ms);
     return n < 0 ? -errno : 0;
 }
 
@@ -154,7 +121,7 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
             if (errno == EINTR)
                 continue;
             return errno == EPIPE || errno == ECONNRESET
-                       ? set_err(c, CAKE_ESHUTDOWN, "connection to caked closed")
+                       ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked closed")
                        : -errno;
         }
         p += k, n -= (size_t)k;
@@ -178,11 +145,11 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
         if (k < 0) {
             if (errno == EINTR)
                 continue;
-            return errno == ECONNRESET ? set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
+            return errno == ECONNRESET ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
                                        : -errno;
         }
         if (k == 0)
-            return set_err(c, CAKE_ESHUTDOWN, "caked closed the connection");
+            return cake_set_err(c, CAKE_ESHUTDOWN, "caked closed the connection");
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -211,10 +178,10 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
                size_t *blen, int *fd)  /* fd: room for two */
 {
     if (c->fd < 0)
-        return set_err(c, CAKE_ENOTCONN, "not connected to caked");
+        return cake_set_err(c, CAKE_ENOTCONN, "not connected to caked");
     size_t len = msg ? protobuf_c_message_get_packed_size(msg) : 0;
     if (len > FRAME_MAX_BODY)
-        return set_err(c, CAKE_ETOOBIG, "request of %zu bytes exceeds the frame cap", len);
+        return cake_set_err(c, CAKE_ETOOBIG, "request of %zu bytes exceeds the frame cap", len);
     uint8_t *buf = c_alloc(c, FRAME_HEADER_BYTES + len);
     if (!buf)
         return -ENOMEM;
@@ -234,7 +201,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         if ((rc = recv_all(c, hb, sizeof hb, fd)))
             return rc;
         if ((rc = frame_parse_header(hb, &h)))
-            return set_err(c, CAKE_EPROTO, "malformed reply header from caked");
+            return cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked");
         uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
         if (!b)
             return -ENOMEM;
@@ -247,9 +214,9 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
             Cake__Error *e = cake__error__unpack(&al, h.body_len, b);
             c_free(c, b);
             if (!e)
-                return set_err(c, CAKE_EPROTO, "malformed error reply from caked");
+                return cake_set_err(c, CAKE_EPROTO, "malformed error reply from caked");
             int code = e->code < 0 ? e->code : CAKE_EPROTO;
-            set_err(c, code, "%s", e->message ? e->message : "");
+            cake_set_err(c, code, "%s", e->message ? e->message : "");
             cake__error__free_unpacked(e, &al);
             if (h.request_id == 0 && code == CAKE_ESHUTDOWN)
                 return code; /* unsolicited: the daemon is going away */
@@ -259,7 +226,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         }
         if (h.request_id != rid || h.type != (type | FRAME_REPLY)) {
             c_free(c, b);
-            return set_err(c, CAKE_EPROTO, "reply does not match the request");
+            return cake_set_err(c, CAKE_EPROTO, "reply does not match the request");
         }
         *body = b, *blen = h.body_len;
         return 0;
@@ -277,7 +244,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         cake__##kind##__unpack(&al_, blen_, body_);                                         \
     c_free(c, body_);                                                                       \
     if (!var)                                                                               \
-        return set_err(c, CAKE_EPROTO, "malformed reply from caked");
+        return cake_set_err(c, CAKE_EPROTO, "malformed reply from caked");
 
 static int rpc_empty(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg)
 {
@@ -294,15 +261,15 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     char def[108];
     if (!path) {
         if (cake_default_socket(def, sizeof def))
-            return set_err(c, -ENAMETOOLONG, "default socket path too long");
+            return cake_set_err(c, -ENAMETOOLONG, "default socket path too long");
         path = def;
     }
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof a.sun_path)
-        return set_err(c, -ENAMETOOLONG, "socket path too long: %s", path);
+        return cake_set_err(c, -ENAMETOOLONG, "socket path too long: %s", path);
     strcpy(a.sun_path, path);
     if (c->fd >= 0)
-        return set_err(c, CAKE_EINVAL, "already connected");
+        return cake_set_err(c, CAKE_EINVAL, "already connected");
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0)
         return -errno;
@@ -310,7 +277,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         int e = errno;
         close(c->fd);
         c->fd = -1;
-        return set_err(c, -e, "cannot connect to caked at %s: %s", path, strerror(e));
+        return cake_set_err(c, -e, "cannot connect to caked at %s: %s", path, strerror(e));
     }
     Cake__Hello m = CAKE__HELLO__INIT;
     m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
@@ -325,7 +292,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     Cake__HelloReply *r = cake__hello_reply__unpack(&al, n, b);
     c_free(c, b);
     if (!r) {
-        rc = set_err(c, CAKE_EPROTO, "malformed HELLO reply");
+        rc = cake_set_err(c, CAKE_EPROTO, "malformed HELLO reply");
         goto fail;
     }
     c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
@@ -340,23 +307,23 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         if (gpu_bytes && gpupool_import(&c->gpu, fds[1], gpu_bytes, c->gpu_uuid, &why) == 0) {
             c->gpu_mapped = 1; /* the host pool is registered once it is mapped, below */
         } else {
-            set_err(c, 0, "GPU pool not mapped: %s", why);
+            cake_set_err(c, 0, "GPU pool not mapped: %s", why);
         }
 #else
         (void)gpu_bytes;
-        set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
+        cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
 #endif
         close(fds[1]);
         fds[1] = -1; /* the fail path below must not close it again */
     }
     if (map_pool) {
         if (fd < 0) {
-            rc = set_err(c, CAKE_EPROTO, "caked did not pass the pool");
+            rc = cake_set_err(c, CAKE_EPROTO, "caked did not pass the pool");
             goto fail;
         }
         void *p = mmap(NULL, c->pool_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED) {
-            rc = set_err(c, -errno, "cannot map the pool: %s", strerror(errno));
+            rc = cake_set_err(c, -errno, "cannot map the pool: %s", strerror(errno));
             goto fail;
         }
         c->pool = p;
@@ -386,6 +353,7 @@ static void seq_release(cake_ctx *c, cake_seq *s)
             c->seqs[i] = c->seqs[--c->n_seqs];
             break;
         }
+    cake_gpu_seq_release(s);
     c_free(c, s);
 }
 
@@ -423,7 +391,12 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
                   uint32_t prompt_len, uint32_t max_new_tokens, cake_seq **out)
 {
     if (!c->pool)
-        return set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
+        return cake_set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
+    if (lay->placement != CAKE_PLACE_HOST && lay->placement != CAKE_PLACE_GPU)
+        return cake_set_err(c, CAKE_EINVAL, "placement must be CAKE_PLACE_HOST or CAKE_PLACE_GPU");
+    if (lay->placement == CAKE_PLACE_GPU && !c->gpu_mapped)
+        return cake_set_err(c, CAKE_EINVAL, "no GPU pool is mapped in this process "
+                                       "(cake_gpu_pool_base() is 0)");
     struct cake_policy dp;
     if (!pol) {
         cake_policy_default(&dp);
@@ -436,7 +409,7 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
     Cake__SeqOpen m = CAKE__SEQ_OPEN__INIT;
     m.layers = lay->layers, m.q_heads = lay->q_heads, m.kv_heads = lay->kv_heads;
     m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;
-    m.max_new_tokens = max_new_tokens, m.policy = &p;
+    m.max_new_tokens = max_new_tokens, m.policy = &p, m.placement = lay->placement;
     RPC_UNPACK(seq_open_reply, r, MSG_SEQ_OPEN, &m.base);
     cake_seq *s = c_alloc(c, sizeof(*s));
     int rc = s ? 0 : -ENOMEM;
@@ -455,7 +428,7 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
     }
     if (!rc && (r->desc_offset + sizeof(struct shm_desc) > c->pool_bytes ||
                 r->scratch_offset + r->scratch_bytes > c->pool_bytes))
-        rc = set_err(c, CAKE_EPROTO, "descriptor outside the pool");
+        rc = cake_set_err(c, CAKE_EPROTO, "descriptor outside the pool");
     if (rc) {
         Cake__SeqRef cl = CAKE__SEQ_REF__INIT;
         cl.seq_id = r->seq_id;
@@ -470,6 +443,11 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
     cake__seq_open_reply__free_unpacked(r, &al_);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     s->row_bytes = (size_t)lay->head_dim * (lay->dtype == CAKE_F32 ? 4 : 2);
+    s->kv_base = c->pool, s->kv_bytes = c->pool_bytes, s->gpu = NULL;
+#ifdef CAKE_HAVE_CUDA
+    if (s->desc->placement == SHM_PLACE_GPU)
+        s->kv_base = (uint8_t *)(uintptr_t)c->gpu.va, s->kv_bytes = c->gpu.bytes;
+#endif
     s->v_offset = (size_t)lay->kv_heads * s->tpp * s->row_bytes;
     c->seqs[c->n_seqs++] = s;
     *out = s;
@@ -487,6 +465,7 @@ int cake_seq_close(cake_seq *s)
 }
 
 uint64_t cake_seq_id(const cake_seq *s) { return s->id; }
+int cake_seq_on_gpu(const cake_seq *s) { return s->desc->placement == SHM_PLACE_GPU; }
 uint32_t cake_seq_tokens_per_page(const cake_seq *s) { return s->tpp; }
 
 int cake_prefill_reserve(cake_seq *s, uint32_t layer)
@@ -532,7 +511,7 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
         if (seqs[i]->ctx != c) {
             if (ids != stack_ids)
                 c_free(c, ids);
-            return set_err(c, CAKE_EINVAL, "sequence of another context");
+            return cake_set_err(c, CAKE_EINVAL, "sequence of another context");
         }
         ids[i] = seqs[i]->id;
     }
@@ -558,9 +537,9 @@ static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t 
     if (p >= ly->pages)
         return NULL;
     uint64_t off = shm_pages(s->desc, layer)[p];
-    if (off + s->desc->page_bytes > s->ctx->pool_bytes)
+    if (off + s->desc->page_bytes > s->kv_bytes)
         return NULL;
-    return s->ctx->pool + off + ((size_t)g * s->tpp + t % s->tpp) * s->row_bytes;
+    return s->kv_base + off + ((size_t)g * s->tpp + t % s->tpp) * s->row_bytes;
 }
 
 void *cake_key(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
@@ -578,7 +557,7 @@ void *cake_queries(const cake_seq *s, uint32_t layer)
 {
     if (layer >= s->desc->layers)
         return NULL;
-    return s->ctx->pool + s->desc->ring_offset + (uint64_t)layer * s->desc->ring_layer_bytes;
+    return s->kv_base + s->desc->ring_offset + (uint64_t)layer * s->desc->ring_layer_bytes;
 }
 
 void *cake_decode_query(const cake_seq *s, uint32_t layer)

@@ -83,8 +83,9 @@ static void h_seq_open(struct server *s, struct client *c)
     struct seq_open_args a = {
         .layers = m->layers, .q_heads = m->q_heads, .kv_heads = m->kv_heads,
         .head_dim = m->head_dim, .dtype = m->dtype, .prompt_len = m->prompt_len,
-        .max_new = m->max_new_tokens,
+        .max_new = m->max_new_tokens, .gpu = m->placement == 1,
     };
+    int bad_place = m->placement > 1;
     policy_cfg_default(&a.cfg, m->layers ? m->layers : 1, 1024);
     int bad_mode = 0;
     if (m->policy) {
@@ -95,8 +96,9 @@ static void h_seq_open(struct server *s, struct client *c)
         a.cfg.cascading = m->policy->cascading, a.cfg.decode_slack = m->policy->decode_slack;
     }
     UNPACK_FREE(seq_open, m);
-    if (bad_mode) {
-        srv_reply_error(s, c, CAKE_EINVAL, "policy mode must be 0 (parity) or 1 (fixed)");
+    if (bad_mode || bad_place) {
+        srv_reply_error(s, c, CAKE_EINVAL, bad_mode ? "policy mode must be 0 (parity) or 1 (fixed)"
+                                                    : "placement must be 0 (host) or 1 (GPU)");
         return;
     }
     uint64_t id;
@@ -266,15 +268,10 @@ static void h_prefill(struct server *s, struct client *c, int observe)
 static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
                                      uint32_t n, uint32_t evictions)
 {
-    uint64_t pages = 0;
-    for (uint32_t i = 0; i < n; i++)
-        pages += seq_decode_pages_needed(seqs[i]);
-    uint64_t pb = s->pool.page_bytes;
-    if (tenant_admit(&s->tenants, c->tenant, pages * pb, (uint64_t)pool_free_pages(&s->pool) * pb,
-                     s->pool.bytes)) {
+    const char *why = "";
+    if (seq_decode_admit(&s->env, c->tenant, seqs, n, &why)) {
         c->tenant->oom_errors++;
-        srv_reply_error(s, c, CAKE_EOOM, "decode step needs %llu pages beyond the tenant's share",
-                    (unsigned long long)pages);
+        srv_reply_error(s, c, CAKE_EOOM, "%s", why);
         return;
     }
     for (uint32_t i = 0; i < n; i++)
@@ -365,7 +362,7 @@ static void h_status(struct server *s, struct client *c)
     r.tenants = s->tenants.n, r.sequences = s->n_seqs, r.clients = s->n_clients;
     r.pid = (uint32_t)getpid();
     r.socket = s->cfg.socket_path;
-    r.gpu_pool_bytes = s->gpu_bytes;
+    r.gpu_pool_bytes = s->gpu_bytes, r.gpu_pages_used = s->gpu_pages.used;
 #ifdef CAKE_HAVE_CUDA
     if (s->gpu_bytes)
         r.gpu_uuid = s->gpu.uuid;
@@ -379,7 +376,8 @@ static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *
     t->name = (char *)x->name, t->uid = x->uid, t->weight = x->weight;
     t->min_bytes = x->min_bytes;
     t->max_bytes = tenant_cap(&s->tenants, x, s->pool.bytes);
-    t->used_bytes = x->used_bytes, t->sequences = x->sequences, t->clients = x->clients;
+    t->used_bytes = x->used_bytes, t->gpu_used_bytes = x->gpu_used_bytes;
+    t->sequences = x->sequences, t->clients = x->clients;
     t->oom_errors = x->oom_errors;
 }
 
@@ -395,7 +393,7 @@ static void h_tenants(struct server *s, struct client *c)
     }
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         const struct tenant *x = &s->tenants.t[i];
-        if ((!c->admin && x != c->tenant) || (!x->clients && !x->used_bytes && !x->configured))
+        if ((!c->admin && x != c->tenant) || (!x->clients && !x->used_bytes && !x->gpu_used_bytes && !x->configured))
             continue; /* other tenants, and idle ones nobody configured */
         fill_tenant(s, &ts[r.n_tenants], x);
         tp[r.n_tenants] = &ts[r.n_tenants];
@@ -412,6 +410,7 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
     r->seq_id = q->id, r->tenant = (char *)q->tenant->name, r->layers = q->L;
     r->kv_heads = q->Hkv, r->head_dim = q->d, r->dtype = q->dt, r->prompt_len = q->n;
     r->prefilled_layers = q->next_observe, r->decoded_tokens = q->decoded;
+    r->placement = q->gpu, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
 }
 
@@ -484,6 +483,9 @@ static int render_metrics(struct server *s, struct strbuf *b)
       pool_free_pages(&s->pool));
     P("# HELP caked_gpu_pool_bytes Size of the GPU pool (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
       "caked_gpu_pool_bytes %llu\n", (unsigned long long)s->gpu_bytes);
+    P("# HELP caked_gpu_pool_pages GPU pool pages by state.\n# TYPE caked_gpu_pool_pages gauge\n"
+      "caked_gpu_pool_pages{state=\"used\"} %u\ncaked_gpu_pool_pages{state=\"free\"} %u\n",
+      s->gpu_pages.used, pool_free_pages(&s->gpu_pages));
     P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
       s->tenants.n);
     P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",
@@ -495,6 +497,11 @@ static int render_metrics(struct server *s, struct strbuf *b)
     for (uint32_t i = 0; i < s->tenants.n; i++)
         P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
+    P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
+      "# TYPE caked_tenant_gpu_used_bytes gauge\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
     P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
       "# TYPE caked_tenant_oom_total counter\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)

@@ -10,19 +10,42 @@
 
 #include "pool.h"
 
-int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, const char **why)
+static int check_size(uint64_t bytes, uint64_t page_bytes, uint64_t *pages, const char **why)
 {
-    memset(p, 0, sizeof(*p));
-    p->fd = -1;
     if (page_bytes < POOL_MIN_PAGE_BYTES || (page_bytes & (page_bytes - 1))) {
         *why = "page size must be a power of two of at least 4 KiB";
         return -EINVAL;
     }
-    uint64_t pages = bytes / page_bytes;
-    if (pages == 0 || pages > POOL_MAX_PAGES) {
+    *pages = bytes / page_bytes;
+    if (*pages == 0 || *pages > POOL_MAX_PAGES) {
         *why = "pool must hold between 1 and 2^28 pages";
         return -EINVAL;
     }
+    return 0;
+}
+
+static int init_bitmap(struct pool *p, uint64_t pages, const char **why)
+{
+    p->bitmap = calloc((pages + 63) / 64, sizeof(uint64_t));
+    if (!p->bitmap) {
+        *why = "out of memory for the page bitmap";
+        return -ENOMEM;
+    }
+    /* bits past the last page are permanently in use */
+    if (pages % 64)
+        p->bitmap[pages / 64] = ~((UINT64_C(1) << (pages % 64)) - 1);
+    p->pages = (uint32_t)pages;
+    return 0;
+}
+
+int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, const char **why)
+{
+    memset(p, 0, sizeof(*p));
+    p->fd = -1;
+    uint64_t pages;
+    int rc = check_size(bytes, page_bytes, &pages, why);
+    if (rc)
+        return rc;
     bytes = pages * page_bytes;
     int fd = -1;
     if (huge) {
@@ -59,24 +82,31 @@ int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, con
         *why = "mmap of the pool failed";
         return -e;
     }
-    p->bitmap = calloc((pages + 63) / 64, sizeof(uint64_t));
-    if (!p->bitmap) {
+    if ((rc = init_bitmap(p, pages, why))) {
         munmap(base, bytes);
         close(fd);
-        *why = "out of memory for the page bitmap";
-        return -ENOMEM;
+        return rc;
     }
-    /* bits past the last page are permanently in use */
-    if (pages % 64)
-        p->bitmap[pages / 64] = ~((UINT64_C(1) << (pages % 64)) - 1);
     p->fd = fd, p->base = base, p->bytes = bytes, p->page_bytes = page_bytes;
-    p->pages = (uint32_t)pages;
+    return 0;
+}
+
+int pool_init_external(struct pool *p, void *base, uint64_t bytes, uint64_t page_bytes,
+                       const char **why)
+{
+    memset(p, 0, sizeof(*p));
+    p->fd = -1;
+    uint64_t pages;
+    int rc = check_size(bytes, page_bytes, &pages, why);
+    if (rc || (rc = init_bitmap(p, pages, why)))
+        return rc;
+    p->base = base, p->bytes = pages * page_bytes, p->page_bytes = page_bytes, p->external = 1;
     return 0;
 }
 
 void pool_fini(struct pool *p)
 {
-    if (p->base)
+    if (p->base && !p->external)
         munmap(p->base, p->bytes);
     if (p->fd >= 0)
         close(p->fd);

@@ -1,4 +1,5 @@
-/* pool.h - the host pool: one sealed memfd cut into fixed-size pages.
+/* pool.h - the host pool: one sealed memfd cut into fixed-size pages (and the same page
+ * allocator over memory owned elsewhere: the GPU pool).
  *
  * Mapped by the daemon and (fd passed once at attach) by every engine. Seals forbid
  * shrinking and growing, so no client can pull memory from under the daemon. Pages are
@@ -24,12 +25,17 @@ struct pool {
     uint64_t *bitmap; /* 1 = in use */
     uint32_t hint;    /* word to start the next search from */
     int hugepages;
+    int external;     /* base belongs to someone else (pool_init_external) */
 };
 
 /* Creates and maps the pool. bytes is rounded down to whole pages. huge: try MFD_HUGETLB
  * (falls back to normal pages; pool->hugepages says which). Returns 0 or -errno, with a
  * message in *why. */
 int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, const char **why);
+/* The page allocator alone over [base, base + bytes) owned by the caller (the GPU pool:
+ * base is a device address and is never dereferenced here). */
+int pool_init_external(struct pool *p, void *base, uint64_t bytes, uint64_t page_bytes,
+                       const char **why);
 void pool_fini(struct pool *p);
 
 /* n contiguous pages; returns the first index or -1 when no run is free. */

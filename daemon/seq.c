@@ -23,20 +23,69 @@ static void *scratch_ptr(const struct seq_env *e, const struct seq *s)
     return pool_ptr(e->pool, s->scratch_first);
 }
 
+/* Host sequences: rings then indicator in the host scratch run. GPU sequences: rings in
+ * their GPU pool run (device addresses), the indicator alone in the host scratch run. */
 static void *ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
-    return (uint8_t *)scratch_ptr(e, s) + (uint64_t)l * ring_layer_bytes(s);
+    uint8_t *base = s->gpu ? pool_ptr(e->gpu_pool, s->ring_first) : scratch_ptr(e, s);
+    return base + (uint64_t)l * ring_layer_bytes(s);
+}
+
+static uint64_t host_ring_bytes(const struct seq *s)
+{
+    return s->gpu ? 0 : (uint64_t)s->L * ring_layer_bytes(s);
 }
 
 static float *indicator_ptr(const struct seq_env *e, const struct seq *s)
 {
-    return (float *)((uint8_t *)scratch_ptr(e, s) + (uint64_t)s->L * ring_layer_bytes(s));
+    return (float *)((uint8_t *)scratch_ptr(e, s) + host_ring_bytes(s));
+}
+
+/* The pool holding the sequence's K/V pages. */
+static struct pool *kv_pool(const struct seq_env *e, const struct seq *s)
+{
+    return s->gpu ? e->gpu_pool : e->pool;
 }
 
 static void account(const struct seq_env *e, struct seq *s, int64_t pages)
 {
     s->pages_held += pages;
     s->tenant->used_bytes += pages * (int64_t)e->pool->page_bytes;
+}
+
+static void account_gpu(const struct seq_env *e, struct seq *s, int64_t pages)
+{
+    s->gpu_pages_held += pages;
+    s->tenant->gpu_used_bytes += pages * (int64_t)e->pool->page_bytes;
+}
+
+/* K/V pages: accounted to the pool they come from */
+static void account_kv(const struct seq_env *e, struct seq *s, int64_t pages)
+{
+    if (s->gpu)
+        account_gpu(e, s, pages);
+    else
+        account(e, s, pages);
+}
+
+static int admit_kv(const struct seq_env *e, const struct seq *s, uint64_t pages)
+{
+    struct pool *p = kv_pool(e, s);
+    uint64_t pb = p->page_bytes, free_b = (uint64_t)pool_free_pages(p) * pb;
+    return s->gpu ? tenant_admit_gpu(e->tenants, s->tenant, pages * pb, free_b, p->bytes)
+                  : tenant_admit(e->tenants, s->tenant, pages * pb, free_b, p->bytes);
+}
+
+/* The GPU kernels' view of layer l (GPU sequences). */
+static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    const struct seq_layer *ly = &s->layer[l];
+    return (struct gpu_layer){
+        .dtype = s->dt, .kv_heads = s->Hkv, .head_dim = s->d, .tokens_per_page = s->tpp,
+        .n_tokens = ly->tokens, .n_pages = ly->n_pages, .base = e->gpu_pool->base,
+        .page_bytes = e->gpu_pool->page_bytes, .pages = ly->pages,
+        .v_offset_bytes = (size_t)s->Hkv * s->tpp * s->d * kern_dtype_size(s->dt),
+    };
 }
 
 /* Publishes layer l's state to the shared descriptor. */
@@ -69,6 +118,24 @@ static struct kern_kv layer_view(const struct seq_env *e, const struct seq *s, u
     };
 }
 
+/* What the GPU kernels (kernels/kern_cuda.h) support; NULL when a GPU sequence can open. */
+static const char *gpu_layout_check(const struct seq_env *e, const struct seq_open_args *a,
+                                    const struct policy_cfg *cfg)
+{
+    if (!e->gpu_pool || !e->gpu)
+        return "this caked has no GPU pool (start it with --gpu-pool SIZE)";
+    if (a->dtype != KERN_F16 && a->dtype != KERN_BF16)
+        return "GPU sequences hold f16 or bf16 keys and values";
+    if (a->head_dim % 16 || a->head_dim > 128)
+        return "GPU sequences need head_dim a multiple of 16, at most 128";
+    if ((uint64_t)a->q_heads / a->kv_heads * cfg->window > 256)
+        return "GPU sequences need (q_heads / kv_heads) * window <= 256";
+    if (cfg->mode != POLICY_FIXED)
+        return "GPU sequences run fixed mode (parity mode reproduces the reference's "
+               "double-precision arithmetic on the host)";
+    return NULL;
+}
+
 int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tenant *t,
              uint64_t id, uint64_t owner, struct seq **out, const char **why)
 {
@@ -96,6 +163,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         *why = "window must be at most 4096 and cache_size at most 16M";
         return CAKE_EINVAL;
     }
+    if (a->gpu && (*why = gpu_layout_check(e, a, &cfg)))
+        return CAKE_EINVAL;
     uint64_t row = (uint64_t)a->head_dim * kern_dtype_size((enum kern_dtype)a->dtype);
     uint64_t tpp = e->pool->page_bytes / (2 * a->kv_heads * row);
     if (!tpp) {
@@ -111,18 +180,22 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
     uint64_t pb = e->pool->page_bytes;
     uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages);
-    uint64_t scratch_bytes = (uint64_t)s->L * ring_layer_bytes(s) +
-                             (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
+    s->gpu = a->gpu;
+    uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
     uint64_t dp = (desc_bytes + pb - 1) / pb, sp = (scratch_bytes + pb - 1) / pb;
-    if (dp + sp > e->pool->pages) { /* also keeps the counts below inside 32 bits */
+    uint64_t rp = s->gpu ? ((uint64_t)s->L * ring_layer_bytes(s) + pb - 1) / pb : 0;
+    if (dp + sp > e->pool->pages || (s->gpu && rp > e->gpu_pool->pages)) {
+        /* also keeps the counts below inside 32 bits */
         free(s);
         *why = "the sequence's descriptor and scratch area are larger than the pool";
         return CAKE_EOOM;
     }
-    s->desc_pages = (uint32_t)dp, s->scratch_pages = (uint32_t)sp;
+    s->desc_pages = (uint32_t)dp, s->scratch_pages = (uint32_t)sp, s->ring_pages = (uint32_t)rp;
     /* admission before any allocation: a hostile layout must not make us allocate first */
     if (tenant_admit(e->tenants, t, (uint64_t)(s->desc_pages + s->scratch_pages) * pb,
-                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes)) {
+                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes) ||
+        (s->gpu && tenant_admit_gpu(e->tenants, t, rp * pb,
+                                    (uint64_t)pool_free_pages(e->gpu_pool) * pb, e->gpu_pool->bytes))) {
         free(s);
         *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
         return CAKE_EOOM;
@@ -152,6 +225,17 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         *why = "no contiguous run of pages for the sequence scratch area";
         goto fail;
     }
+    if (s->gpu) {
+        int64_t r0 = pool_alloc_run(e->gpu_pool, s->ring_pages);
+        if (r0 < 0) {
+            pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
+            pool_free_run(e->pool, (uint32_t)s0, s->scratch_pages);
+            *why = "no contiguous run of GPU pool pages for the query rings";
+            goto fail;
+        }
+        s->ring_first = (uint32_t)r0;
+        account_gpu(e, s, s->ring_pages);
+    }
     s->desc_first = (uint32_t)d0, s->scratch_first = (uint32_t)s0;
     account(e, s, s->desc_pages + s->scratch_pages);
     t->sequences++;
@@ -161,9 +245,10 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         .magic = SHM_DESC_MAGIC, .version = SHM_DESC_VERSION, .seq_id = id, .layers = s->L,
         .q_heads = s->H, .kv_heads = s->Hkv, .head_dim = s->d, .dtype = s->dt,
         .tokens_per_page = s->tpp, .max_pages = s->max_pages, .window = cfg.window,
-        .prompt_len = s->n, .ring_offset = (uint64_t)s->scratch_first * pb,
+        .prompt_len = s->n, .placement = s->gpu ? SHM_PLACE_GPU : SHM_PLACE_HOST,
+        .ring_offset = (uint64_t)(s->gpu ? s->ring_first : s->scratch_first) * pb,
         .ring_layer_bytes = ring_layer_bytes(s),
-        .indicator_offset = (uint64_t)s->scratch_first * pb + (uint64_t)s->L * ring_layer_bytes(s),
+        .indicator_offset = (uint64_t)s->scratch_first * pb + host_ring_bytes(s),
         .page_bytes = pb,
     };
     __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -183,8 +268,8 @@ static void free_layer_pages(const struct seq_env *e, struct seq *s, uint32_t l,
 {
     struct seq_layer *ly = &s->layer[l];
     for (uint32_t i = keep; i < ly->n_pages; i++)
-        pool_free_run(e->pool, ly->pages[i], 1);
-    account(e, s, -(int64_t)(ly->n_pages - keep));
+        pool_free_run(kv_pool(e, s), ly->pages[i], 1);
+    account_kv(e, s, -(int64_t)(ly->n_pages - keep));
     ly->n_pages = keep;
 }
 
@@ -197,6 +282,10 @@ void seq_free(const struct seq_env *e, struct seq *s)
     pool_free_run(e->pool, s->desc_first, s->desc_pages);
     pool_free_run(e->pool, s->scratch_first, s->scratch_pages);
     account(e, s, -(int64_t)(s->desc_pages + s->scratch_pages));
+    if (s->gpu) {
+        pool_free_run(e->gpu_pool, s->ring_first, s->ring_pages);
+        account_gpu(e, s, -(int64_t)s->ring_pages);
+    }
     s->tenant->sequences--;
     free(s->layer);
     cakeseq_destroy(s->cs);
@@ -214,17 +303,16 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
         return CAKE_ESTATE;
     }
     uint32_t need = (s->n + s->tpp - 1) / s->tpp;
-    uint64_t pb = e->pool->page_bytes;
-    if (tenant_admit(e->tenants, s->tenant, (uint64_t)need * pb,
-                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes)) {
-        *why = "layer pages exceed the tenant's share of the pool";
+    if (admit_kv(e, s, need)) {
+        *why = s->gpu ? "layer pages exceed the tenant's share of the GPU pool"
+                      : "layer pages exceed the tenant's share of the pool";
         return CAKE_EOOM;
     }
     struct seq_layer *ly = &s->layer[layer];
     for (uint32_t i = 0; i < need; i++) {
-        int64_t p = pool_alloc(e->pool);
+        int64_t p = pool_alloc(kv_pool(e, s));
         if (p < 0) {
-            account(e, s, i);
+            account_kv(e, s, i);
             ly->n_pages = i;
             free_layer_pages(e, s, layer, 0);
             *why = "pool exhausted";
@@ -234,7 +322,7 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
     }
     ly->n_pages = need;
     ly->tokens = s->n;
-    account(e, s, need);
+    account_kv(e, s, need);
     s->next_reserve++;
     sync_layer(e, s, layer);
     return 0;
@@ -254,9 +342,20 @@ int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why)
 }
 
 /* Compacts layer m to the controller's decision ev (worker thread). */
-static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev)
+static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       struct gpuctx *gc)
 {
     struct seq_layer *ly = &s->layer[ev->layer];
+    if (s->gpu) {
+        uint32_t win = ly->tokens - ev->old_prefix;
+        struct gpu_layer gl = gpu_layer_view(e, s, ev->layer);
+        int rc = gpuctx_compact(gc, &gl, ev->slots, ev->kept, ev->old_prefix, win);
+        if (!rc) {
+            s->evicted_tokens += ev->old_prefix - ev->kept;
+            ly->tokens = ev->kept + win;
+        }
+        return rc;
+    }
     void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
     void *scratch = malloc(2 * row * (ev->kept + 1));
@@ -285,7 +384,14 @@ void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, in
         s->work_rc = -ENOMEM;
         return;
     }
-    if (S && observe) {
+    struct gpuctx *gc = s->gpu ? gpuexec_take(e->gpu) : NULL;
+    if (S && observe && s->gpu) {
+        struct gpu_layer gl = gpu_layer_view(e, s, layer);
+        double ent = 0, var = 0;
+        s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S, s->cfg.gamma, ind,
+                                  &ent, &var);
+        pref = policy_preference(&s->cfg, ent, var);
+    } else if (S && observe) {
         void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
         if (!pages) {
             free(ind);
@@ -315,9 +421,11 @@ void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, in
     if (!s->work_rc)
         s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, ind, ev, &nev);
     for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
-        s->work_rc = apply_evict(e, s, &ev[i]);
+        s->work_rc = apply_evict(e, s, &ev[i], gc);
         s->ev_layers[s->n_ev++] = ev[i].layer;
     }
+    if (gc)
+        gpuexec_put(e->gpu, gc);
     free(ind);
 }
 
@@ -407,6 +515,25 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
     return rc;
 }
 
+/* The same on the GPU: score, top-k and compaction on one stream, nothing comes back. */
+static int decode_evict_layer_gpu(const struct seq_env *e, struct seq *s, struct gpuctx *gc,
+                                  uint32_t l, uint32_t valid, uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t S = ly->tokens - w, budget = cakeseq_budget(s->cs, l);
+    uint32_t kept = budget < S ? budget : S;
+    uint32_t first = (v0 + s->decoded - valid) % w; /* oldest valid ring row */
+    struct gpu_layer gl = gpu_layer_view(e, s, l);
+    int rc = gpuctx_decode_evict(gc, &gl, ring_ptr(e, s, l), s->H, w, first, valid, s->cfg.gamma,
+                                 kept);
+    if (!rc) {
+        *evicted = S - kept;
+        ly->tokens = kept + w;
+    }
+    return rc;
+}
+
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
@@ -417,10 +544,17 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
     for (uint32_t l = 0; l < s->L; l++)
         if (layer_over(s, l))
             over[nover++] = l;
-    /* a decode step waits for its evictions: spread the layers over the job's threads */
+    if (s->gpu && nover) {
+        struct gpuctx *gc = gpuexec_take(e->gpu);
+        for (uint32_t i = 0; i < nover; i++)
+            rcs[i] = decode_evict_layer_gpu(e, s, gc, over[i], valid, &evicted[i]);
+        gpuexec_put(e->gpu, gc);
+    } else {
+        /* a decode step waits for its evictions: spread the layers over the job's threads */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (nover > 1)
-    for (uint32_t i = 0; i < nover; i++)
-        rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
+        for (uint32_t i = 0; i < nover; i++)
+            rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
+    }
     for (uint32_t i = 0; i < nover; i++) {
         if (rcs[i]) {
             if (!s->work_rc)
@@ -440,18 +574,38 @@ uint32_t seq_decode_pages_needed(const struct seq *s)
     return need;
 }
 
+int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *const *seqs,
+                     uint32_t n, const char **why)
+{
+    uint64_t host = 0, gpu = 0, pb = e->pool->page_bytes;
+    for (uint32_t i = 0; i < n; i++)
+        *(seqs[i]->gpu ? &gpu : &host) += seq_decode_pages_needed(seqs[i]);
+    if (host && tenant_admit(e->tenants, t, host * pb, (uint64_t)pool_free_pages(e->pool) * pb,
+                             e->pool->bytes)) {
+        *why = "the decode step's pages exceed the tenant's share of the pool";
+        return CAKE_EOOM;
+    }
+    if (gpu && tenant_admit_gpu(e->tenants, t, gpu * pb,
+                                (uint64_t)pool_free_pages(e->gpu_pool) * pb, e->gpu_pool->bytes)) {
+        *why = "the decode step's pages exceed the tenant's share of the GPU pool";
+        return CAKE_EOOM;
+    }
+    return 0;
+}
+
 int seq_decode_reserve(const struct seq_env *e, struct seq *s)
 {
     uint32_t need = seq_decode_pages_needed(s);
-    if (need > pool_free_pages(e->pool))
+    struct pool *p = kv_pool(e, s);
+    if (need > pool_free_pages(p))
         return CAKE_EOOM;
     for (uint32_t l = 0; l < s->L; l++) {
         struct seq_layer *ly = &s->layer[l];
         if (ly->tokens + 1 > ly->n_pages * s->tpp) {
             if (ly->n_pages == s->max_pages)
                 return CAKE_ETOOBIG; /* unreachable: decoded < max_new bounds tokens */
-            ly->pages[ly->n_pages++] = (uint32_t)pool_alloc(e->pool);
-            account(e, s, 1);
+            ly->pages[ly->n_pages++] = (uint32_t)pool_alloc(p);
+            account_kv(e, s, 1);
         }
         ly->tokens++;
     }

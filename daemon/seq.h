@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "../kernels/kern.h"
+#include "gpuexec.h"
 #include "../proto/shm.h"
 #include "cakeseq.h"
 #include "policy.h"
@@ -37,13 +38,16 @@ struct seq {
     enum kern_dtype dt;
     struct policy_cfg cfg;
     uint32_t tpp, max_pages;
+    int gpu;                 /* K/V pages and query rings in the GPU pool */
     uint32_t desc_first, desc_pages, scratch_first, scratch_pages;
+    uint32_t ring_first, ring_pages; /* GPU sequences: the query rings' run in the GPU pool */
     struct shm_desc *desc;
     struct seq_layer *layer;
     struct cakeseq *cs;
     uint32_t next_reserve, next_observe;
     uint32_t decoded;        /* decode tokens reserved */
-    uint64_t pages_held;     /* all pages incl. descriptor and scratch */
+    uint64_t pages_held;     /* host pages incl. descriptor and scratch */
+    uint64_t gpu_pages_held; /* GPU pool pages (K/V and rings) */
     int busy;
     int orphaned;            /* owner gone while busy: free when the work is done */
     /* results of the last work item */
@@ -55,6 +59,8 @@ struct seq {
 
 struct seq_env {
     struct pool *pool;
+    struct pool *gpu_pool;  /* page allocator over the GPU pool; NULL: none */
+    struct gpuexec *gpu;    /* streams and workspaces for GPU sequences */
     struct tenants *tenants;
     int threads;        /* kernel threads per prefill work item */
     int decode_threads; /* threads spreading a decode step's layer evictions (<= 0: all cores) */
@@ -62,6 +68,7 @@ struct seq_env {
 
 struct seq_open_args {
     uint32_t layers, q_heads, kv_heads, head_dim, dtype, prompt_len, max_new;
+    int gpu;                /* place K/V and queries in the GPU pool */
     struct policy_cfg cfg;
 };
 
@@ -87,16 +94,23 @@ int seq_decode_check(const struct seq *s, const char **why);
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s);
 /* After eviction: frees emptied pages (loop). */
 void seq_trim_pages(const struct seq_env *e, struct seq *s);
-/* Pages one more token in every layer needs. */
+/* Pages one more token in every layer needs (in the pool holding its K/V). */
 uint32_t seq_decode_pages_needed(const struct seq *s);
+/* Admission of one decode step of n sequences of tenant t: 0 or CAKE_EOOM with *why. */
+int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *const *seqs,
+                     uint32_t n, const char **why);
 /* Reserves one token in every layer (pages must have been admitted). Returns 0 or
  * CAKE_EOOM if the pool ran dry (nothing changed then). */
 int seq_decode_reserve(const struct seq_env *e, struct seq *s);
 
-/* Bytes the sequence holds. */
+/* Bytes the sequence holds in the host pool and in the GPU pool. */
 static inline uint64_t seq_bytes(const struct seq_env *e, const struct seq *s)
 {
     return s->pages_held * e->pool->page_bytes;
+}
+static inline uint64_t seq_gpu_bytes(const struct seq_env *e, const struct seq *s)
+{
+    return s->gpu_pages_held * e->pool->page_bytes;
 }
 
 #endif

@@ -505,7 +505,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->listen_fd = s->sig_fd = -1;
     s->owner_uid = geteuid();
     s->t_start = srv_now_s();
-    s->pool.fd = -1;
+    s->pool.fd = s->gpu_pages.fd = s->gpu_fd = -1; /* nothing to close yet */
     /* block the shutdown signals before any thread exists, so every thread inherits the
      * mask and they arrive only through the signalfd */
     sigset_t ss;
@@ -520,7 +520,6 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         srv_log("host pool: %s (%s)", why, strerror(-rc));
         goto fail;
     }
-    s->gpu_fd = -1;
     if (cfg->gpu_pool_bytes) {
 #ifdef CAKE_HAVE_CUDA
         if ((rc = gpupool_create(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why)) ||
@@ -529,6 +528,14 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             goto fail;
         }
         s->gpu_bytes = s->gpu.bytes;
+        /* the same pages and layout as the host pool: GPU sequences hold their K/V here */
+        int nw = cfg->workers > 0 ? cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
+        if ((rc = pool_init_external(&s->gpu_pages, (void *)(uintptr_t)s->gpu.va, s->gpu.bytes,
+                                     cfg->page_bytes, &why)) ||
+            (rc = gpuexec_create(&s->gpux, s->gpu.device, nw, &why))) {
+            srv_log("GPU pool: %s", why);
+            goto fail;
+        }
 #else
         srv_log("GPU pool: this caked was built without CUDA (nvcc was not found)");
         rc = -ENOTSUP;
@@ -543,7 +550,10 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         if ((rc = tenant_configure(&s->tenants, tcfg[i].name, tcfg[i].uid, tcfg[i].weight,
                                    tcfg[i].min_bytes, tcfg[i].max_bytes)))
             goto fail;
-    s->env = (struct seq_env){&s->pool, &s->tenants, cfg->kernel_threads > 0 ? cfg->kernel_threads : 1, 0};
+    s->env = (struct seq_env){
+        .pool = &s->pool, .gpu_pool = s->gpux ? &s->gpu_pages : NULL, .gpu = s->gpux,
+        .tenants = &s->tenants, .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
+    };
     if ((rc = loop_create(cfg->io, &s->loop, &s->io_name, &why))) {
         srv_log("event loop: %s (%s)", why ? why : "failed", strerror(-rc));
         goto fail;
@@ -637,6 +647,8 @@ void server_destroy(struct server *s)
     if (s->sig_fd >= 0)
         close(s->sig_fd);
     loop_destroy(s->loop);
+    gpuexec_destroy(s->gpux);
+    pool_fini(&s->gpu_pages);
 #ifdef CAKE_HAVE_CUDA
     if (s->host_registered)
         gpupool_unregister_host(s->pool.base);

@@ -65,6 +65,8 @@ struct server {
 #endif
     int gpu_fd;            /* exported GPU pool, -1 none */
     uint64_t gpu_bytes;
+    struct pool gpu_pages; /* the page allocator over the GPU pool */
+    struct gpuexec *gpux;  /* workers' CUDA streams and workspaces */
     int host_registered;
     struct tenants tenants;
     struct workers *workers;

@@ -80,13 +80,11 @@ void tenants_fini(struct tenants *ts)
 
 static int active(const struct tenant *t)
 {
-    return t->clients || t->used_bytes || t->configured;
+    return t->clients || t->used_bytes || t->gpu_used_bytes || t->configured;
 }
 
-uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+static uint64_t weighted_share(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
 {
-    if (t->max_bytes)
-        return t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes;
     uint64_t wsum = 0;
     for (uint32_t i = 0; i < ts->n; i++)
         if (active(&ts->t[i]) || &ts->t[i] == t)
@@ -94,6 +92,13 @@ uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t p
     if (!wsum)
         return pool_bytes;
     return (uint64_t)((double)pool_bytes * t->weight / (double)wsum);
+}
+
+uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+{
+    if (t->max_bytes)
+        return t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes;
+    return weighted_share(ts, t, pool_bytes);
 }
 
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
@@ -109,6 +114,14 @@ int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t byte
     }
     /* our own unmet minimum is ours to use, others' is not */
     if (bytes > free_bytes || bytes > free_bytes - (reserved < free_bytes ? reserved : free_bytes))
+        return CAKE_EOOM;
+    return 0;
+}
+
+int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                     uint64_t free_bytes, uint64_t pool_bytes)
+{
+    if (t->gpu_used_bytes + bytes > weighted_share(ts, t, pool_bytes) || bytes > free_bytes)
         return CAKE_EOOM;
     return 0;
 }

@@ -20,6 +20,7 @@ struct tenant {
     uint32_t weight;
     uint64_t min_bytes, max_bytes;
     uint64_t used_bytes;
+    uint64_t gpu_used_bytes; /* in the GPU pool (caked --gpu-pool) */
     uint32_t sequences, clients;
     uint64_t oom_errors;
     int configured;
@@ -43,6 +44,11 @@ uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t p
 /* 0 if t may take `bytes` more now with free_bytes free in the pool, else CAKE_EOOM. */
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
                  uint64_t free_bytes, uint64_t pool_bytes);
+
+/* The same for the GPU pool: t may grow to its weighted share of it (weights as above;
+ * min_bytes and max_bytes govern the host pool only). */
+int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                     uint64_t free_bytes, uint64_t pool_bytes);
 
 /* Valid service name: 1..63 chars of [A-Za-z0-9._-]. */
 int tenant_name_ok(const char *name);

@@ -7,6 +7,7 @@
 // pass 2 recomputes the tile and accumulates the column statistics. The w x n probability
 // block never reaches device memory. Per-block partial sums are reduced on the host in a
 // fixed order, so results are reproducible.
+#include <mutex>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -365,14 +366,20 @@ static int launch(params &p, cudaStream_t st)
 {
     size_t tiles = (size_t)(p.RP + 2 * TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
     size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
-    static size_t set1, set2; /* raise the dynamic shared-memory limit once per size */
-    if (sm1 > set1) {
-        CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
-        set1 = sm1;
-    }
-    if (sm2 > set2) {
-        CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
-        set2 = sm2;
+    /* raise the dynamic shared-memory limit when a larger size comes; caked's workers
+     * launch from several threads, so check and raise under a lock */
+    static std::mutex mu;
+    static size_t set1, set2;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (sm1 > set1) {
+            CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
+            set1 = sm1;
+        }
+        if (sm2 > set2) {
+            CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+            set2 = sm2;
+        }
     }
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
     CK(cudaGetLastError());

@@ -11,6 +11,8 @@
 
 #define SHM_DESC_MAGIC 0x51534b43u /* "CKSQ" */
 #define SHM_DESC_VERSION 1u
+#define SHM_PLACE_HOST 0u
+#define SHM_PLACE_GPU 1u
 
 struct shm_layer {
     uint32_t tokens;     /* slots in use: prefix + window + decoded */
@@ -26,10 +28,12 @@ struct shm_desc {
     uint64_t seq_id;
     uint32_t layers, q_heads, kv_heads, head_dim;
     uint32_t dtype, tokens_per_page, max_pages, window;
-    uint32_t prompt_len, reserved;
+    uint32_t prompt_len;
+    uint32_t placement;          /* SHM_PLACE_HOST, or SHM_PLACE_GPU: page and ring offsets
+                                    are offsets in the GPU pool */
     uint64_t ring_offset;        /* pool offset of layer 0's query ring */
     uint64_t ring_layer_bytes;   /* ring of one layer: [q_heads][w][head_dim] */
-    uint64_t indicator_offset;   /* pool offset of [kv_heads][S] f32 */
+    uint64_t indicator_offset;   /* host pool offset of [kv_heads][S] f32 (either placement) */
     uint64_t page_bytes;
     /* followed by struct shm_layer layer[layers], then uint64_t page[layers][max_pages] */
 };

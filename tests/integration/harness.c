@@ -82,6 +82,13 @@ int harness_stop(struct harness *h)
 
 int harness_status(const struct harness *h, unsigned long long *pages_used, unsigned *seqs)
 {
+    unsigned long long g;
+    return harness_status_gpu(h, pages_used, seqs, &g);
+}
+
+int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, unsigned *seqs,
+                       unsigned long long *gpu_pages_used)
+{
     cake_ctx *c;
     cake_create(&c);
     int rc = cake_connect(c, h->sock, 0);
@@ -95,6 +102,7 @@ int harness_status(const struct harness *h, unsigned long long *pages_used, unsi
         cake_internal_free(c, b);
         if (s) {
             *pages_used = s->pages_used, *seqs = s->sequences;
+            *gpu_pages_used = s->gpu_pages_used;
             cake__status__free_unpacked(s, &al);
         } else {
             rc = -1;

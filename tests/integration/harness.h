@@ -22,5 +22,8 @@ int harness_start(struct harness *h, const char *const *extra);
 int harness_stop(struct harness *h);
 /* Pages in use and open sequences, from a STATUS request. */
 int harness_status(const struct harness *h, unsigned long long *pages_used, unsigned *seqs);
+/* The same, with GPU pool pages in use (caked --gpu-pool). */
+int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, unsigned *seqs,
+                       unsigned long long *gpu_pages_used);
 
 #endif

@@ -47,6 +47,8 @@ extern "C" {
 
 enum cake_dtype { CAKE_F32 = 0, CAKE_F16 = 1, CAKE_BF16 = 2 };
 enum cake_mode { CAKE_MODE_PARITY = 0, CAKE_MODE_FIXED = 1 };
+/* Where a sequence's keys, values and window queries live. */
+enum cake_placement { CAKE_PLACE_HOST = 0, CAKE_PLACE_GPU = 1 };
 
 typedef struct cake_ctx cake_ctx;
 typedef struct cake_seq cake_seq;
@@ -104,6 +106,11 @@ struct cake_layout {
     uint32_t kv_heads;
     uint32_t head_dim;
     enum cake_dtype dtype;
+    /* CAKE_PLACE_GPU: K/V pages and query rings in caked's GPU pool (cake_gpu_pool_base()
+     * must be mapped), scored and compacted there by caked's CUDA kernels. Needs f16 or
+     * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256 and
+     * fixed mode. Zero (the default of a zeroed struct) is the host pool. */
+    enum cake_placement placement;
 };
 
 struct cake_policy {
@@ -127,6 +134,9 @@ CAKE_API int cake_seq_open(cake_ctx *ctx, const struct cake_layout *layout,
 /* Frees the sequence in the daemon and the handle. */
 CAKE_API int cake_seq_close(cake_seq *seq);
 CAKE_API uint64_t cake_seq_id(const cake_seq *seq);
+/* 1 when the sequence lives in the GPU pool: cake_key(), cake_value(), cake_queries() and
+ * cake_decode_query() then return device addresses in this process's mapping of it. */
+CAKE_API int cake_seq_on_gpu(const cake_seq *seq);
 CAKE_API uint32_t cake_seq_tokens_per_page(const cake_seq *seq);
 
 /* Prefill, per layer in order 0, 1, ...:
@@ -146,7 +156,12 @@ CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preferenc
  * cake_decode_query(seq, l). All or nothing: CAKE_EOOM leaves every sequence as it was. */
 CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
 
-/* Addresses in the pool (valid until the next call on this sequence that may compact:
+/* Ordering (GPU sequences): caked reads keys, values and queries inside observe, submit and
+ * decode_step, on its own streams, so the engine's writes must be complete when it calls
+ * them (synchronize the stream that wrote them); caked's compaction is complete when the
+ * call returns.
+ *
+ * Addresses in the pool (valid until the next call on this sequence that may compact:
  * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage. */
 CAKE_API void *cake_key(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
 CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
@@ -155,7 +170,8 @@ CAKE_API void *cake_queries(const cake_seq *seq, uint32_t layer);
 /* Where the query of the token just reserved by cake_decode_step goes, [q_heads][head_dim]
  * with a row stride of w * head_dim elements. */
 CAKE_API void *cake_decode_query(const cake_seq *seq, uint32_t layer);
-/* Indicator area for cake_prefill_submit: [kv_heads][prompt_len - w] f32. */
+/* Indicator area for cake_prefill_submit: [kv_heads][prompt_len - w] f32, in the host pool
+ * for either placement. */
 CAKE_API float *cake_indicator(const cake_seq *seq);
 
 /* Tokens the layer holds now (prefix kept + window + decoded), and its recorded budget. */
@@ -164,6 +180,17 @@ CAKE_API uint32_t cake_layer_budget(const cake_seq *seq, uint32_t layer);
 /* Pool offsets of the layer's pages (count via *n_pages); for engines with their own
  * paged attention kernels. Owned by the pool mapping; valid as cake_key(). */
 CAKE_API const uint64_t *cake_layer_pages(const cake_seq *seq, uint32_t layer, uint32_t *n_pages);
+
+/* Decode attention straight from the pool, for engines without a paged kernel of their
+ * own (GPU sequences; libcake built with CUDA): for every layer l and query head h,
+ *   out[l][h] = softmax(q[l][h] . K_l^T / sqrt(head_dim)) V_l
+ * over the layer's cake_layer_tokens(seq, l) slots - call it after writing the new token's
+ * K/V. q: device [layers][q_heads][head_dim] in the sequence's dtype; out: device
+ * [layers][q_heads][head_dim] f32; stream: a cudaStream_t (NULL: the legacy default
+ * stream). Asynchronous on that stream (split-K over every layer in one launch). Returns 0,
+ * CAKE_EINVAL (a host sequence, or an unsupported layout), -ENOTSUP (no CUDA), -ENOMEM,
+ * -EIO. */
+CAKE_API int cake_decode_attention(cake_seq *seq, const void *q, float *out, void *stream);
 
 #ifdef __cplusplus
 }

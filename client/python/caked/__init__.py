@@ -60,7 +60,7 @@ _DTYPES = {"f32": (0, np.float32), "f16": (1, np.float16), "bf16": (2, np.uint16
 class _Layout(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_uint32), ("q_heads", ctypes.c_uint32),
                 ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
-                ("dtype", ctypes.c_int)]
+                ("dtype", ctypes.c_int), ("placement", ctypes.c_int)]
 
 
 class _Policy(ctypes.Structure):
@@ -188,7 +188,7 @@ class Client:
             raise InvalidArgument(-5005, f"dtype must be one of {sorted(_DTYPES)}")
         if mode not in ("fixed", "parity"):
             raise InvalidArgument(-5005, "mode must be 'fixed' or 'parity'")
-        lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0])
+        lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0], 0)  # host pool
         pol = _Policy(1 if mode == "fixed" else 0, cache_size, window, tau1, tau2, gamma,
                       1 if cascading else 0, decode_slack)
         h = ctypes.c_void_p()

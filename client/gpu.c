@@ -1,0 +1,129 @@
+/* gpu.c - libcake's GPU path: decode attention straight from the GPU pool (cake.h). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "priv.h"
+
+#ifdef CAKE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kern.h"
+#include "kern_cuda.h"
+
+/* A sequence's buffers for cake_decode_attention: the page tables of every layer packed in
+ * pinned memory ([L] pointers, [L] token counts, [L][stride] offsets), their device copy,
+ * and the kernel's split-K workspace. `copied` marks the upload of the last call, so the
+ * next call does not overwrite the staging while the copy may still read it. */
+struct seq_gpu {
+    uint8_t *host, *dev;
+    size_t bytes;
+    float *ws;
+    size_t ws_bytes;
+    cudaEvent_t copied;
+};
+
+static size_t al(size_t x) { return (x + 255) & ~(size_t)255; }
+
+void cake_gpu_seq_release(cake_seq *s)
+{
+    struct seq_gpu *g = s->gpu;
+    if (!g)
+        return;
+    if (g->copied)
+        cudaEventDestroy(g->copied);
+    cudaFree(g->dev); /* waits for the device: no kernel of ours reads them after this */
+    cudaFree(g->ws);
+    cudaFreeHost(g->host);
+    free(g);
+    s->gpu = NULL;
+}
+
+static int grow(cake_seq *s, size_t bytes, size_t ws_bytes)
+{
+    struct seq_gpu *g = s->gpu;
+    if (!g) {
+        if (!(g = calloc(1, sizeof(*g))))
+            return -ENOMEM;
+        s->gpu = g;
+        if (cudaEventCreateWithFlags(&g->copied, cudaEventDisableTiming) != cudaSuccess)
+            return -EIO;
+    }
+    if (bytes > g->bytes) {
+        cudaEventSynchronize(g->copied);
+        cudaFree(g->dev), cudaFreeHost(g->host);
+        g->dev = g->host = NULL, g->bytes = 0;
+        bytes += bytes / 2; /* decode appends pages: leave room */
+        if (cudaMalloc((void **)&g->dev, bytes) != cudaSuccess ||
+            cudaMallocHost((void **)&g->host, bytes) != cudaSuccess)
+            return -ENOMEM;
+        g->bytes = bytes;
+    }
+    if (ws_bytes > g->ws_bytes) {
+        cudaFree(g->ws);
+        g->ws = NULL, g->ws_bytes = 0;
+        ws_bytes += ws_bytes / 2;
+        if (cudaMalloc((void **)&g->ws, ws_bytes) != cudaSuccess)
+            return -ENOMEM;
+        g->ws_bytes = ws_bytes;
+    }
+    return 0;
+}
+
+int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
+{
+    cake_ctx *c = s->ctx;
+    struct shm_desc *d = s->desc;
+    if (d->placement != SHM_PLACE_GPU)
+        return cake_set_err(c, CAKE_EINVAL, "cake_decode_attention needs a GPU sequence");
+    uint32_t L = d->layers, max_tok = 0, stride = 0;
+    struct shm_layer *ly = shm_layers(d);
+    for (uint32_t l = 0; l < L; l++) {
+        if (ly[l].pages > d->max_pages || (uint64_t)ly[l].tokens > (uint64_t)ly[l].pages * d->tokens_per_page)
+            return cake_set_err(c, CAKE_EPROTO, "layer %u's page table is inconsistent", l);
+        max_tok = ly[l].tokens > max_tok ? ly[l].tokens : max_tok;
+        stride = ly[l].pages > stride ? ly[l].pages : stride;
+    }
+    size_t o_ntok = al(sizeof(void *) * L), o_off = o_ntok + al(sizeof(uint32_t) * L);
+    size_t bytes = o_off + sizeof(uint64_t) * L * (size_t)(stride ? stride : 1);
+    size_t ws = kern_cuda_attn_workspace(L, d->q_heads, d->head_dim, max_tok);
+    int rc = grow(s, bytes, ws);
+    if (rc)
+        return cake_set_err(c, rc, "cake_decode_attention: out of memory for its buffers");
+    struct seq_gpu *g = s->gpu;
+    cudaEventSynchronize(g->copied); /* the previous call's upload has read the staging */
+    const uint64_t **ptrs = (const uint64_t **)g->host;
+    uint32_t *ntok = (uint32_t *)(g->host + o_ntok);
+    for (uint32_t l = 0; l < L; l++) {
+        uint64_t *dst = (uint64_t *)(g->host + o_off) + (size_t)l * stride;
+        memcpy(dst, shm_pages(d, l), sizeof(uint64_t) * ly[l].pages);
+        for (uint32_t i = 0; i < ly[l].pages; i++)
+            if (dst[i] + d->page_bytes > s->kv_bytes)
+                return cake_set_err(c, CAKE_EPROTO, "layer %u's page %u is outside the GPU pool", l, i);
+        ptrs[l] = (const uint64_t *)(g->dev + o_off) + (size_t)l * stride;
+        ntok[l] = ly[l].tokens;
+    }
+    cudaStream_t st = (cudaStream_t)stream;
+    if (cudaMemcpyAsync(g->dev, g->host, bytes, cudaMemcpyHostToDevice, st) != cudaSuccess ||
+        cudaEventRecord(g->copied, st) != cudaSuccess)
+        return cake_set_err(c, -EIO, "cake_decode_attention: %s", cudaGetErrorString(cudaGetLastError()));
+    rc = kern_cuda_decode_attention((int)d->dtype, s->kv_base, (const uint64_t *const *)g->dev,
+                                    (const uint32_t *)(g->dev + o_ntok), max_tok, L, d->q_heads,
+                                    d->kv_heads, d->head_dim, d->tokens_per_page, s->v_offset, q,
+                                    out, g->ws, g->ws_bytes, st);
+    if (rc == -EINVAL)
+        return cake_set_err(c, CAKE_EINVAL, "cake_decode_attention supports head_dim 32, 64, 128 "
+                                            "or 256 and at most 8 query heads per kv head");
+    return rc ? cake_set_err(c, rc, "cake_decode_attention: CUDA launch failed") : 0;
+}
+
+#else /* libcake without CUDA */
+
+void cake_gpu_seq_release(cake_seq *s) { (void)s; }
+
+int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
+{
+    (void)q, (void)out, (void)stream;
+    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
+}
+#endif

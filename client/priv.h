@@ -1,0 +1,56 @@
+/* priv.h - libcake's handles, shared by its source files (cake.c: protocol and pool;
+ * gpu.c: the GPU paths). Not installed. */
+#ifndef CAKE_PRIV_H
+#define CAKE_PRIV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cake/cake.h"
+#ifdef CAKE_HAVE_CUDA
+#include "gpupool.h"
+#endif
+#include "shm.h"
+
+struct seq_gpu;
+
+struct cake_ctx {
+    int fd;
+    int timeout_ms;
+    char service[64];
+    char errstr[256];
+    void *(*alloc)(size_t, void *);
+    void (*release)(void *, void *);
+    void *ud;
+    uint8_t *pool;
+    size_t pool_bytes;
+    uint64_t page_bytes;
+    uint64_t next_rid;
+    cake_seq **seqs;
+    size_t n_seqs, cap_seqs;
+    char gpu_uuid[48];
+    int gpu_mapped, host_registered;
+#ifdef CAKE_HAVE_CUDA
+    struct gpupool gpu;
+#endif
+};
+
+struct cake_seq {
+    cake_ctx *ctx;
+    uint64_t id;
+    uint32_t tpp;
+    struct shm_desc *desc;
+    uint8_t *kv_base;   /* the pool holding K/V and the query rings: host, or GPU (device) */
+    size_t kv_bytes;
+    size_t v_offset;    /* page base -> V block */
+    size_t row_bytes;
+    struct seq_gpu *gpu; /* cake_decode_attention's buffers (gpu.c), NULL until used */
+};
+
+/* Sets the context's error message; returns code. */
+int cake_set_err(cake_ctx *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* gpu.c: frees a sequence's GPU buffers (waits for its work in flight). */
+void cake_gpu_seq_release(cake_seq *s);
+
+#endif

@@ -1,0 +1,262 @@
+/* gpuexec.c - CUDA streams and workspaces for caked's workers (see gpuexec.h). */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpuexec.h"
+
+#ifdef CAKE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kern.h"
+#include "kern_cuda.h"
+
+struct gpuctx {
+    cudaStream_t stream;
+    uint8_t *dbuf;   /* device workspace */
+    size_t dcap;
+    uint8_t *hbuf;   /* pinned staging */
+    size_t hcap;
+    int taken;
+};
+
+struct gpuexec {
+    int device, n;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct gpuctx *ctx;
+};
+
+static size_t al(size_t x) { return (x + 255) & ~(size_t)255; }
+
+int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
+{
+    struct gpuexec *g = calloc(1, sizeof(*g));
+    if (!g || !(g->ctx = calloc((size_t)(n > 0 ? n : 1), sizeof(*g->ctx)))) {
+        free(g);
+        *why = "out of memory";
+        return -ENOMEM;
+    }
+    g->device = device, g->n = n > 0 ? n : 1;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    if (cudaSetDevice(device) != cudaSuccess) {
+        *why = "cudaSetDevice failed";
+        gpuexec_destroy(g);
+        return -EIO;
+    }
+    for (int i = 0; i < g->n; i++)
+        if (cudaStreamCreateWithFlags(&g->ctx[i].stream, cudaStreamNonBlocking) != cudaSuccess) {
+            *why = "cudaStreamCreate failed";
+            gpuexec_destroy(g);
+            return -EIO;
+        }
+    *out = g;
+    return 0;
+}
+
+void gpuexec_destroy(struct gpuexec *g)
+{
+    if (!g)
+        return;
+    cudaSetDevice(g->device);
+    for (int i = 0; i < g->n; i++) {
+        if (g->ctx[i].stream)
+            cudaStreamDestroy(g->ctx[i].stream);
+        cudaFree(g->ctx[i].dbuf);
+        cudaFreeHost(g->ctx[i].hbuf);
+    }
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+    free(g->ctx);
+    free(g);
+}
+
+struct gpuctx *gpuexec_take(struct gpuexec *g)
+{
+    pthread_mutex_lock(&g->mu);
+    struct gpuctx *c = NULL;
+    for (;;) {
+        for (int i = 0; i < g->n && !c; i++)
+            if (!g->ctx[i].taken)
+                c = &g->ctx[i];
+        if (c)
+            break;
+        pthread_cond_wait(&g->cv, &g->mu);
+    }
+    c->taken = 1;
+    pthread_mutex_unlock(&g->mu);
+    cudaSetDevice(g->device); /* per thread: the worker may be new to CUDA */
+    return c;
+}
+
+void gpuexec_put(struct gpuexec *g, struct gpuctx *c)
+{
+    pthread_mutex_lock(&g->mu);
+    c->taken = 0;
+    pthread_cond_signal(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Grows the workspaces (rarely: they keep the largest size seen). */
+static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
+{
+    if (dbytes > c->dcap) {
+        cudaFree(c->dbuf);
+        c->dbuf = NULL, c->dcap = 0;
+        size_t want = dbytes + dbytes / 4;
+        if (cudaMalloc((void **)&c->dbuf, want) != cudaSuccess)
+            return -ENOMEM;
+        c->dcap = want;
+    }
+    if (hbytes > c->hcap) {
+        cudaFreeHost(c->hbuf);
+        c->hbuf = NULL, c->hcap = 0;
+        size_t want = hbytes + hbytes / 4;
+        if (cudaMallocHost((void **)&c->hbuf, want) != cudaSuccess)
+            return -ENOMEM;
+        c->hcap = want;
+    }
+    return 0;
+}
+
+/* Uploads the page offsets to the front of dbuf; fills the kernel's view of the layer. */
+static void upload_pages(struct gpuctx *c, const struct gpu_layer *l, struct kern_cuda_kv *kv)
+{
+    uint64_t *off = (uint64_t *)c->hbuf;
+    for (uint32_t i = 0; i < l->n_pages; i++)
+        off[i] = (uint64_t)l->pages[i] * l->page_bytes;
+    cudaMemcpyAsync(c->dbuf, off, sizeof(uint64_t) * l->n_pages, cudaMemcpyHostToDevice, c->stream);
+    *kv = (struct kern_cuda_kv){
+        .dtype = l->dtype, .kv_heads = l->kv_heads, .head_dim = l->head_dim,
+        .tokens_per_page = l->tokens_per_page, .n_tokens = l->n_tokens, .base = l->base,
+        .page_off = (const uint64_t *)c->dbuf, .v_offset_bytes = l->v_offset_bytes,
+    };
+}
+
+static int finish(struct gpuctx *c, int rc)
+{
+    cudaError_t e = cudaStreamSynchronize(c->stream);
+    if (!rc && e != cudaSuccess)
+        rc = -EIO;
+    cudaGetLastError(); /* clear a sticky launch error for the next job */
+    return rc;
+}
+
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
+                 uint32_t n_q, uint32_t S, float gamma, float *ind, double *entropy,
+                 double *variance)
+{
+    size_t pg = al(sizeof(uint64_t) * l->n_pages);
+    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S));
+    size_t ib = sizeof(float) * l->kv_heads * S;
+    if (reserve(c, pg + ws + al(ib), pg + ib))
+        return -ENOMEM;
+    struct kern_cuda_kv kv;
+    upload_pages(c, l, &kv);
+    float *ind_dev = (float *)(c->dbuf + pg + ws);
+    int rc = kern_cuda_score_layer(&kv, q_dev, q_heads, n_q, S, gamma, ind_dev, entropy, variance,
+                                   c->dbuf + pg, ws, c->stream);
+    if (!rc && ib) {
+        cudaMemcpyAsync(c->hbuf + pg, ind_dev, ib, cudaMemcpyDeviceToHost, c->stream);
+        rc = finish(c, 0);
+        if (!rc)
+            memcpy(ind, c->hbuf + pg, ib);
+        return rc;
+    }
+    return finish(c, rc);
+}
+
+int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
+                   uint32_t win_start, uint32_t win_len)
+{
+    size_t pg = al(sizeof(uint64_t) * l->n_pages);
+    size_t kb = al(sizeof(uint32_t) * l->kv_heads * k);
+    size_t tb = 2 * (size_t)l->kv_heads * (k + win_len) * l->head_dim * 2;
+    if (reserve(c, pg + kb + tb, pg + kb))
+        return -ENOMEM;
+    struct kern_cuda_kv kv;
+    upload_pages(c, l, &kv);
+    memcpy(c->hbuf + pg, keep, sizeof(uint32_t) * l->kv_heads * k);
+    uint32_t *keep_dev = (uint32_t *)(c->dbuf + pg);
+    cudaMemcpyAsync(keep_dev, c->hbuf + pg, sizeof(uint32_t) * l->kv_heads * k,
+                    cudaMemcpyHostToDevice, c->stream);
+    int rc = kern_cuda_compact(&kv, keep_dev, k, win_start, win_len, c->dbuf + pg + kb, c->stream);
+    return finish(c, rc);
+}
+
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
+                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
+                        uint32_t k)
+{
+    uint32_t S = l->n_tokens - w;
+    size_t row = (size_t)l->head_dim * 2;
+    size_t pg = al(sizeof(uint64_t) * l->n_pages);
+    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S));
+    size_t ib = al(sizeof(float) * l->kv_heads * S), qb = al(row * q_heads * n_q);
+    size_t kb = al(sizeof(uint32_t) * l->kv_heads * k);
+    size_t tb = 2 * (size_t)l->kv_heads * (k + w) * row;
+    if (first >= w || n_q > w || k > S || reserve(c, pg + ws + ib + qb + kb + tb, pg))
+        return first >= w || n_q > w || k > S ? -EINVAL : -ENOMEM;
+    struct kern_cuda_kv kv;
+    upload_pages(c, l, &kv);
+    uint8_t *p = c->dbuf + pg;
+    float *ind_dev = (float *)(p + ws);
+    uint8_t *q = p + ws + ib;
+    uint32_t *keep_dev = (uint32_t *)(q + qb);
+    uint8_t *tmp = q + qb + kb;
+    /* the ring's rows, oldest first, as [q_heads][n_q][d]: at most two strided copies */
+    uint32_t a = first + n_q <= w ? n_q : w - first;
+    cudaMemcpy2DAsync(q, row * n_q, (const uint8_t *)ring_dev + first * row, row * w, row * a,
+                      q_heads, cudaMemcpyDeviceToDevice, c->stream);
+    if (a < n_q)
+        cudaMemcpy2DAsync(q + a * row, row * n_q, ring_dev, row * w, row * (n_q - a), q_heads,
+                          cudaMemcpyDeviceToDevice, c->stream);
+    int rc = kern_cuda_score_layer(&kv, q, q_heads, n_q, S, gamma, ind_dev, NULL, NULL, p, ws,
+                                   c->stream);
+    if (!rc)
+        rc = kern_cuda_topk(ind_dev, l->kv_heads, S, k, keep_dev, c->stream);
+    if (!rc)
+        rc = kern_cuda_compact(&kv, keep_dev, k, S, w, tmp, c->stream);
+    return finish(c, rc);
+}
+
+#else /* no CUDA: caked refuses GPU sequences before any of this is reached */
+
+int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
+{
+    (void)out, (void)device, (void)n;
+    *why = "built without CUDA";
+    return -ENOTSUP;
+}
+void gpuexec_destroy(struct gpuexec *g) { (void)g; }
+struct gpuctx *gpuexec_take(struct gpuexec *g)
+{
+    (void)g;
+    return NULL;
+}
+void gpuexec_put(struct gpuexec *g, struct gpuctx *c) { (void)g, (void)c; }
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
+                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind, double *entropy,
+                 double *variance)
+{
+    (void)c, (void)l, (void)q_dev, (void)q_heads, (void)n_q, (void)n_scored, (void)gamma;
+    (void)ind, (void)entropy, (void)variance;
+    return -ENOTSUP;
+}
+int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
+                   uint32_t win_start, uint32_t win_len)
+{
+    (void)c, (void)l, (void)keep, (void)k, (void)win_start, (void)win_len;
+    return -ENOTSUP;
+}
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
+                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
+                        uint32_t k)
+{
+    (void)c, (void)l, (void)ring_dev, (void)q_heads, (void)w, (void)first, (void)n_q, (void)gamma;
+    (void)k;
+    return -ENOTSUP;
+}
+#endif

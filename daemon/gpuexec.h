@@ -1,0 +1,55 @@
+/* gpuexec.h - caked's CUDA execution: streams and workspaces for worker threads, and the
+ * CAKE operations on layers whose K/V live in the GPU pool (kernels/kern_cuda.h).
+ *
+ * A worker takes a context (its own stream, device workspace and pinned staging) for the
+ * length of one job and puts it back; contexts are never shared while taken, so jobs of
+ * different sequences run on the GPU side by side. Every operation is synchronous for the
+ * calling worker (it waits on its own stream) and never touches the event loop. Without
+ * CUDA (CAKE_HAVE_CUDA unset) every function returns -ENOTSUP. */
+#ifndef CAKE_GPUEXEC_H
+#define CAKE_GPUEXEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct gpuexec;
+struct gpuctx;
+
+/* One layer in the GPU pool: pages[i] is the page index of the layer's i-th page. */
+struct gpu_layer {
+    int dtype;                   /* KERN_F16 or KERN_BF16 */
+    uint32_t kv_heads, head_dim, tokens_per_page, n_tokens, n_pages;
+    uint8_t *base;               /* device address of the GPU pool */
+    uint64_t page_bytes;
+    const uint32_t *pages;       /* host */
+    size_t v_offset_bytes;
+};
+
+/* n contexts on the CUDA device `device`. Returns 0 or -errno with a message in *why. */
+int gpuexec_create(struct gpuexec **out, int device, int n, const char **why);
+void gpuexec_destroy(struct gpuexec *g);
+/* Blocks until a context is free. */
+struct gpuctx *gpuexec_take(struct gpuexec *g);
+void gpuexec_put(struct gpuexec *g, struct gpuctx *c);
+
+/* Prefill scoring: the layer's n_scored prefix tokens against the window queries
+ * q_dev [q_heads][n_q][head_dim] (device, the layer's dtype). Writes the indicator
+ * [kv_heads][n_scored] to ind (host) and the entropy and variance sums. */
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
+                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind, double *entropy,
+                 double *variance);
+
+/* Compaction: kv head g keeps prefix slots keep[g * k .. g * k + k - 1] (host), then the
+ * window [win_start, win_start + win_len) follows. */
+int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
+                   uint32_t win_start, uint32_t win_len);
+
+/* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the
+ * n_q rows starting at ring row `first` (mod w) of ring_dev [q_heads][w][head_dim]; score
+ * the prefix (n_tokens - w slots) with them, keep the top `k` per kv head in positional
+ * order (ties to the lower position), compact behind the window. */
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
+                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
+                        uint32_t k);
+
+#endif

@@ -1,0 +1,476 @@
+/* GPU-resident sequences through caked, across processes: an engine process writes K/V and
+ * queries into caked's GPU pool, caked scores and compacts them there with its CUDA
+ * kernels, and the engine reads back the bytes it expects.
+ *
+ *  - submit: the engine's own indicator (distinct values) decides exactly which tokens
+ *    each layer keeps, so every byte of every layer is known; a host sequence fed the same
+ *    gets the same budgets and the same bytes.
+ *  - observe + decode: caked scores on the GPU; budgets and kept tokens agree with a host
+ *    sequence scored on the CPU (within float tolerance), every kept row is an original
+ *    row in positional order, the window is intact; decode steps evict on the GPU.
+ *  - cake_decode_attention against a double-precision reference over the read-back cache.
+ *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
+ *    pages gives them all back.
+ * Exit 77 without a GPU. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cake/cake.h"
+#include "dtype.h"
+#include "../integration/harness.h"
+
+enum { L = 4, H = 8, HKV = 2, D = 64, N = 600, W = 32, CACHE = 128, MAXNEW = 48 };
+enum { S = N - W, T = N + MAXNEW, ROW = D * 2 };
+
+static int fails;
+#define CHECK(cond, ...)                                  \
+    do {                                                  \
+        if (!(cond)) {                                    \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                 \
+            fprintf(stderr, "\n");                        \
+            fails++;                                      \
+        }                                                 \
+    } while (0)
+#define CU(x) CHECK((x) == cudaSuccess, "%s: %s", #x, cudaGetErrorString(cudaGetLastError()))
+
+static uint64_t mix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t rng = 12345;
+static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
+static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
+
+/* original rows: [L][HKV][T] rows of K and of V */
+static uint16_t Ko[L][HKV][T][D], Vo[L][HKV][T][D];
+
+static int has_gpu(void)
+{
+    pid_t p = fork(); /* probe in a child: a CUDA context must not cross a later fork */
+    if (p == 0) {
+        int n = 0;
+        _exit(cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? 0 : 1);
+    }
+    int st;
+    waitpid(p, &st, 0);
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+
+/* copy to or from a slot of either placement */
+static void put(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CU(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
+    else
+        memcpy(dst, src, n);
+}
+
+static void get(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CU(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost));
+    else
+        memcpy(dst, src, n);
+}
+
+static void write_token(cake_seq *s, int l, uint32_t slot, int pos)
+{
+    for (int g = 0; g < HKV; g++) {
+        put(s, cake_key(s, l, g, slot), Ko[l][g][pos], ROW);
+        put(s, cake_value(s, l, g, slot), Vo[l][g][pos], ROW);
+    }
+}
+
+/* The original position of every row of (layer, g), -1 where a row is no original one
+ * or its V does not match its K. */
+static void positions(cake_seq *s, int l, int g, int *pos, uint32_t n)
+{
+    uint16_t k[D], v[D];
+    for (uint32_t i = 0; i < n; i++) {
+        get(s, k, cake_key(s, l, g, i), ROW);
+        get(s, v, cake_value(s, l, g, i), ROW);
+        pos[i] = -1;
+        for (int t = 0; t < T && pos[i] < 0; t++)
+            if (!memcmp(k, Ko[l][g][t], ROW))
+                pos[i] = memcmp(v, Vo[l][g][t], ROW) ? -2 : t;
+    }
+}
+
+static void open_pair(cake_ctx *c, uint32_t max_new, cake_seq **gs, cake_seq **hs)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU};
+    int rc = cake_seq_open(c, &lay, &pol, N, max_new, gs);
+    CHECK(rc == 0, "GPU sequence open: %s (%s)", cake_strerror(rc), cake_errstr(c));
+    lay.placement = CAKE_PLACE_HOST;
+    rc = cake_seq_open(c, &lay, &pol, N, max_new, hs);
+    CHECK(rc == 0, "host sequence open: %s", cake_strerror(rc));
+    CHECK(cake_seq_on_gpu(*gs) && !cake_seq_on_gpu(*hs), "placements");
+}
+
+static void fill_pattern(void)
+{
+    for (int l = 0; l < L; l++)
+        for (int g = 0; g < HKV; g++)
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < D; j++) {
+                    uint64_t x = mix(((uint64_t)l << 48) | ((uint64_t)g << 40) | ((uint64_t)t << 16) | j);
+                    Ko[l][g][t][j] = (uint16_t)x, Vo[l][g][t][j] = (uint16_t)(x >> 16);
+                }
+}
+
+static void fill_random(void)
+{
+    for (int l = 0; l < L; l++)
+        for (int g = 0; g < HKV; g++)
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < D; j++) {
+                    Ko[l][g][t][j] = kern_f32_to_bf16(gauss());
+                    Vo[l][g][t][j] = kern_f32_to_bf16(gauss());
+                }
+}
+
+/* submit: the engine's indicator decides; every byte is predictable */
+static void test_submit(cake_ctx *c)
+{
+    fill_pattern();
+    cake_seq *gs, *hs;
+    open_pair(c, 0, &gs, &hs);
+    if (fails)
+        return;
+    static float ind[L][HKV][S];
+    for (int l = 0; l < L; l++) {
+        CHECK(cake_prefill_reserve(gs, l) == 0 && cake_prefill_reserve(hs, l) == 0, "reserve %d", l);
+        for (int t = 0; t < N; t++) {
+            write_token(gs, l, t, t);
+            write_token(hs, l, t, t);
+        }
+        for (int g = 0; g < HKV; g++) { /* a random permutation of 0..S-1: no ties */
+            for (int t = 0; t < S; t++)
+                ind[l][g][t] = (float)t;
+            for (int t = S - 1; t > 0; t--) {
+                int u = (int)(unif() * (t + 1));
+                float x = ind[l][g][t];
+                ind[l][g][t] = ind[l][g][u], ind[l][g][u] = x;
+            }
+        }
+        memcpy(cake_indicator(gs), ind[l], sizeof ind[l]);
+        memcpy(cake_indicator(hs), ind[l], sizeof ind[l]);
+        double pref = 0.5 + (double)(mix((uint64_t)l) % 100) / 40.0;
+        int a = cake_prefill_submit(gs, l, pref), b = cake_prefill_submit(hs, l, pref);
+        CHECK(a == 0 && b == 0, "submit %d: %s / %s (%s)", l, cake_strerror(a), cake_strerror(b),
+              cake_errstr(c));
+    }
+    int evicted = 0;
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t n = cake_layer_tokens(gs, l), k = n - W;
+        CHECK(cake_layer_budget(gs, l) == cake_layer_budget(hs, l) && n == cake_layer_tokens(hs, l),
+              "layer %d: GPU budget %u tokens %u, host %u %u", l, cake_layer_budget(gs, l), n,
+              cake_layer_budget(hs, l), cake_layer_tokens(hs, l));
+        evicted += n < N;
+        for (int g = 0; g < HKV; g++) {
+            /* expected: the k largest indicator values in positional order, then the window */
+            int want[N], got[N], hgot[N];
+            char keep[S] = {0};
+            for (uint32_t i = 0; i < k; i++) {
+                int best = -1;
+                for (int t = 0; t < S; t++)
+                    if (!keep[t] && (best < 0 || ind[l][g][t] > ind[l][g][best]))
+                        best = t;
+                keep[best] = 1;
+            }
+            uint32_t m = 0;
+            for (int t = 0; t < S; t++)
+                if (keep[t])
+                    want[m++] = t;
+            for (int t = S; t < N; t++)
+                want[m++] = t;
+            positions(gs, l, g, got, n);
+            positions(hs, l, g, hgot, n);
+            for (uint32_t i = 0; i < n; i++) {
+                CHECK(got[i] == want[i], "GPU layer %d head %d slot %u holds %d, want %d", l, g, i,
+                      got[i], want[i]);
+                CHECK(hgot[i] == want[i], "host layer %d head %d slot %u holds %d, want %d", l, g,
+                      i, hgot[i], want[i]);
+                if (fails > 8)
+                    return;
+            }
+        }
+    }
+    CHECK(evicted == L, "every layer should have been compacted (%d were)", evicted);
+    CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
+    printf("submit: %d layers compacted in the GPU pool byte for byte as predicted\n", L);
+}
+
+static double overlap(const int *a, uint32_t na, const int *b, uint32_t nb)
+{
+    uint32_t same = 0;
+    for (uint32_t i = 0; i < na; i++)
+        for (uint32_t j = 0; j < nb; j++)
+            same += a[i] == b[j];
+    return na ? (double)same / na : 1.0;
+}
+
+/* every row original, strictly increasing positions, the newest `recent` rows the newest
+ * positions */
+static void check_rows(const int *pos, uint32_t n, int newest, uint32_t recent, const char *what, int l)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        CHECK(pos[i] >= 0, "%s layer %d slot %u is not an original row (%d)", what, l, i, pos[i]);
+        CHECK(i == 0 || pos[i] > pos[i - 1], "%s layer %d: positions out of order at slot %u", what, l, i);
+    }
+    for (uint32_t i = 0; i < recent; i++)
+        CHECK(pos[n - 1 - i] == newest - (int)i, "%s layer %d: slot %u holds %d, the window wants %d",
+              what, l, n - 1 - i, pos[n - 1 - i], newest - (int)i);
+}
+
+static void write_queries(cake_seq *s, int l, const uint16_t *q /* [H][W][D] */)
+{
+    put(s, cake_queries(s, l), q, sizeof(uint16_t) * H * W * D);
+}
+
+static void test_observe_decode(cake_ctx *c)
+{
+    fill_random();
+    cake_seq *gs, *hs;
+    open_pair(c, MAXNEW, &gs, &hs);
+    if (fails)
+        return;
+    static uint16_t q[H][W][D];
+    double max_rel = 0;
+    for (int l = 0; l < L; l++) {
+        CHECK(cake_prefill_reserve(gs, l) == 0 && cake_prefill_reserve(hs, l) == 0, "reserve %d", l);
+        for (int t = 0; t < N; t++) {
+            write_token(gs, l, t, t);
+            write_token(hs, l, t, t);
+        }
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l)); /* layers differ */
+        write_queries(gs, l, &q[0][0][0]);
+        write_queries(hs, l, &q[0][0][0]);
+        double pg = 0, ph = 0;
+        int a = cake_prefill_observe(gs, l, &pg), b = cake_prefill_observe(hs, l, &ph);
+        CHECK(a == 0 && b == 0, "observe %d: %s / %s (%s)", l, cake_strerror(a), cake_strerror(b),
+              cake_errstr(c));
+        double rel = fabs(pg - ph) / (fabs(ph) + 1e-12);
+        max_rel = rel > max_rel ? rel : max_rel;
+        CHECK(rel < 1e-3, "layer %d preference: GPU %.9g, host %.9g", l, pg, ph);
+    }
+    uint32_t sum_g = 0, sum_h = 0;
+    double worst = 1;
+    static int pg[N + MAXNEW], ph[N + MAXNEW];
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t bg = cake_layer_budget(gs, l), bh = cake_layer_budget(hs, l);
+        sum_g += bg, sum_h += bh;
+        CHECK(bg + 2 >= bh && bh + 2 >= bg, "layer %d budget: GPU %u, host %u", l, bg, bh);
+        uint32_t ng = cake_layer_tokens(gs, l), nh = cake_layer_tokens(hs, l);
+        for (int g = 0; g < HKV; g++) {
+            positions(gs, l, g, pg, ng);
+            positions(hs, l, g, ph, nh);
+            check_rows(pg, ng, N - 1, W, "GPU", l);
+            double o = overlap(pg, ng - W, ph, nh - W);
+            worst = o < worst ? o : worst;
+        }
+    }
+    CHECK(sum_g == sum_h, "total budget: GPU %u, host %u", sum_g, sum_h);
+    CHECK(worst >= 0.95, "kept prefix tokens agree with the CPU's for %.1f%% only", 100 * worst);
+    printf("observe: preferences within %.2g (relative) of the CPU's, budgets sum %u, kept tokens "
+           "%.1f%% the CPU's\n", max_rel, sum_g, 100 * worst);
+
+    /* decode: both sequences in one step; the GPU one evicts on the GPU */
+    cake_seq *both[2] = {gs, hs};
+    uint16_t qd[H][D];
+    for (int step = 0; step < MAXNEW && !fails; step++) {
+        int rc = cake_decode_step(c, both, 2);
+        CHECK(rc == 0, "decode step %d: %s (%s)", step, cake_strerror(rc), cake_errstr(c));
+        for (int l = 0; l < L; l++) {
+            write_token(gs, l, cake_layer_tokens(gs, l) - 1, N + step);
+            write_token(hs, l, cake_layer_tokens(hs, l) - 1, N + step);
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < D; j++)
+                    qd[h][j] = kern_f32_to_bf16(gauss());
+            for (int h = 0; h < H; h++) { /* row stride w * d */
+                put(gs, (uint16_t *)cake_decode_query(gs, l) + (size_t)h * W * D, qd[h], ROW);
+                put(hs, (uint16_t *)cake_decode_query(hs, l) + (size_t)h * W * D, qd[h], ROW);
+            }
+        }
+    }
+    worst = 1;
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t ng = cake_layer_tokens(gs, l), nh = cake_layer_tokens(hs, l);
+        CHECK(ng <= cake_layer_budget(gs, l) + W + 1, "layer %d holds %u tokens over budget %u + w + 1",
+              l, ng, cake_layer_budget(gs, l));
+        CHECK(ng + 2 >= nh && nh + 2 >= ng, "layer %d after decode: GPU %u tokens, host %u", l, ng, nh);
+        for (int g = 0; g < HKV; g++) {
+            positions(gs, l, g, pg, ng);
+            positions(hs, l, g, ph, nh);
+            check_rows(pg, ng, T - 1, W + 1, "GPU decode", l);
+            double o = overlap(pg, ng, ph, nh);
+            worst = o < worst ? o : worst;
+        }
+    }
+    CHECK(worst >= 0.9, "after decode, kept tokens agree with the CPU's for %.1f%% only", 100 * worst);
+    printf("decode: %d steps, layers evicted on the GPU to their budgets, kept tokens %.1f%% the "
+           "CPU's\n", MAXNEW, 100 * worst);
+
+    /* decode attention straight from the GPU pool against doubles over the read-back cache */
+    static uint16_t qa[L][H][D];
+    static float out[L][H][D];
+    for (int l = 0; l < L; l++)
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < D; j++)
+                qa[l][h][j] = kern_f32_to_bf16(gauss());
+    void *q_dev = NULL;
+    float *o_dev = NULL;
+    CU(cudaMalloc(&q_dev, sizeof qa));
+    CU(cudaMalloc((void **)&o_dev, sizeof out));
+    CU(cudaMemcpy(q_dev, qa, sizeof qa, cudaMemcpyHostToDevice));
+    int rc = cake_decode_attention(gs, q_dev, o_dev, NULL);
+    CHECK(rc == 0, "cake_decode_attention: %s (%s)", cake_strerror(rc), cake_errstr(c));
+    CU(cudaMemcpy(out, o_dev, sizeof out, cudaMemcpyDeviceToHost));
+    CHECK(cake_decode_attention(hs, q_dev, o_dev, NULL) == CAKE_EINVAL, "attention on a host sequence");
+    double max_err = 0;
+    static uint16_t kr[N + MAXNEW][D], vr[N + MAXNEW][D];
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t n = cake_layer_tokens(gs, l);
+        for (int g = 0; g < HKV; g++) {
+            for (uint32_t t = 0; t < n; t++) {
+                get(gs, kr[t], cake_key(gs, l, g, t), ROW);
+                get(gs, vr[t], cake_value(gs, l, g, t), ROW);
+            }
+            for (int h = g * (H / HKV); h < (g + 1) * (H / HKV); h++) {
+                double m = -1e300, z = 0, acc[D] = {0}, sc[N + MAXNEW];
+                for (uint32_t t = 0; t < n; t++) {
+                    double dot = 0;
+                    for (int j = 0; j < D; j++)
+                        dot += (double)kern_bf16_to_f32(qa[l][h][j]) * kern_bf16_to_f32(kr[t][j]);
+                    sc[t] = dot / sqrt((double)D);
+                    m = sc[t] > m ? sc[t] : m;
+                }
+                for (uint32_t t = 0; t < n; t++) {
+                    double p = exp(sc[t] - m);
+                    z += p;
+                    for (int j = 0; j < D; j++)
+                        acc[j] += p * kern_bf16_to_f32(vr[t][j]);
+                }
+                for (int j = 0; j < D; j++) {
+                    double e = fabs(acc[j] / z - out[l][h][j]);
+                    max_err = e > max_err ? e : max_err;
+                }
+            }
+        }
+    }
+    CHECK(max_err < 2e-3, "decode attention differs from doubles by %.3g", max_err);
+    printf("attention: cake_decode_attention within %.2g of doubles over the compacted cache\n", max_err);
+    cudaFree(q_dev), cudaFree(o_dev);
+    CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
+}
+
+static void test_refusals(cake_ctx *c)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    cake_seq *s = NULL;
+    struct cake_layout f32 = {2, 4, 2, 64, CAKE_F32, CAKE_PLACE_GPU};
+    struct cake_layout odd = {2, 4, 2, 72, CAKE_BF16, CAKE_PLACE_GPU};
+    struct cake_layout ok = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU};
+    CHECK(cake_seq_open(c, &f32, &pol, 100, 0, &s) == CAKE_EINVAL, "f32 on the GPU accepted");
+    CHECK(cake_seq_open(c, &odd, &pol, 100, 0, &s) == CAKE_EINVAL, "head_dim 72 on the GPU accepted");
+    pol.mode = CAKE_MODE_PARITY;
+    CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == CAKE_EINVAL, "parity mode on the GPU accepted");
+    ok.placement = (enum cake_placement)7;
+    CHECK(cake_seq_open(c, &ok, NULL, 100, 0, &s) == CAKE_EINVAL, "placement 7 accepted");
+    printf("refusals: f32, head_dim 72, parity mode, bad placement\n");
+}
+
+static int engine(const char *sock, int crash)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    if (cake_connect(c, sock, 1) || !cake_gpu_pool_base(c)) {
+        fprintf(stderr, "connect / GPU pool: %s\n", cake_errstr(c));
+        return 2;
+    }
+    if (crash) { /* hold GPU pages, then die without a word */
+        cake_seq *gs, *hs;
+        open_pair(c, 8, &gs, &hs);
+        for (int l = 0; l < 2; l++)
+            cake_prefill_reserve(gs, l);
+        raise(SIGKILL);
+    }
+    test_refusals(c);
+    test_submit(c);
+    if (!fails)
+        test_observe_decode(c);
+    cake_destroy(c);
+    fflush(stdout); /* the engine leaves through _exit */
+    return fails ? 1 : 0;
+}
+
+static int run_engine(const char *sock, int crash)
+{
+    pid_t p = fork();
+    if (p == 0)
+        _exit(engine(sock, crash));
+    int st;
+    waitpid(p, &st, 0);
+    if (crash)
+        return WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL ? 0 : 1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
+
+int main(void)
+{
+    if (!has_gpu()) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    struct harness h;
+    const char *extra[] = {"--gpu-pool", "256M", NULL};
+    if (harness_start(&h, extra)) {
+        fprintf(stderr, "FAIL: caked did not start with a GPU pool\n");
+        return 1;
+    }
+    int rc = run_engine(h.sock, 0);
+    if (rc)
+        fprintf(stderr, "FAIL: the engine exited %d\n", rc);
+    unsigned long long used = 1, gused = 1;
+    unsigned seqs = 1;
+    for (int crash = 0; crash < 2; crash++) {
+        if (crash && run_engine(h.sock, 1)) {
+            fprintf(stderr, "FAIL: the crashing engine did not die as planned\n");
+            rc = 1;
+        }
+        for (int i = 0; i < 100; i++) { /* caked notices the hangup on its own schedule */
+            if (harness_status_gpu(&h, &used, &seqs, &gused) == 0 && !used && !gused && !seqs)
+                break;
+            usleep(20000);
+        }
+        if (used || gused || seqs) {
+            fprintf(stderr, "FAIL: after %s: %llu host pages, %llu GPU pages, %u sequences held\n",
+                    crash ? "a killed engine" : "the engine", used, gused, seqs);
+            rc = 1;
+        }
+    }
+    if (harness_stop(&h)) {
+        fprintf(stderr, "FAIL: caked did not stop cleanly\n");
+        rc = 1;
+    }
+    printf("%s\n", rc ? "FAILED" : "GPU sequences: caked scores and compacts in the GPU pool");
+    return rc ? 1 : 0;
+}
