@@ -22,7 +22,8 @@ struct cakeseq {
     struct layer_state *ls;
     int64_t *stage;    /* [L][L] */
     uint32_t *slots;   /* [L][kv_heads][S] eviction slots of the last call */
-    float *tmp;        /* [S] */
+    float *tmp;        /* [kv_heads][2 S]: each head's top-k keys, then its gathers */
+    int threads;       /* kv heads selected in parallel (cakeseq_set_threads) */
 };
 
 int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
@@ -45,7 +46,8 @@ int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
     s->ls = calloc(L, sizeof(*s->ls));
     s->stage = malloc(sizeof(int64_t) * L * L);
     s->slots = malloc(sizeof(uint32_t) * ((size_t)L * kv_heads * s->S + 1));
-    s->tmp = malloc(sizeof(float) * (s->S + 1));
+    s->tmp = malloc(sizeof(float) * (2 * (size_t)s->S * kv_heads + 1));
+    s->threads = 1;
     if (!s->ls || !s->stage || !s->slots || !s->tmp) {
         cakeseq_destroy(s);
         return -ENOMEM;
@@ -68,6 +70,7 @@ void cakeseq_destroy(struct cakeseq *s)
 }
 
 uint32_t cakeseq_scored_len(const struct cakeseq *s) { return s->S; }
+void cakeseq_set_threads(struct cakeseq *s, int n) { s->threads = n; }
 double cakeseq_preference(const struct cakeseq *s, uint32_t l) { return s->ls[l].pref; }
 uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t l) { return (uint32_t)s->ls[l].budget; }
 uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t l) { return s->ls[l].prefix; }
@@ -90,11 +93,15 @@ static void evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cak
     uint32_t old = ls->prefix;
     uint32_t *slots = s->slots + (size_t)l * s->kv_heads * s->S;
     enum kern_order order = s->cfg.mode == POLICY_FIXED ? KERN_ORDER_POSITION : KERN_ORDER_SCORE;
+    /* heads are independent: select in parallel where there is enough to do */
+#pragma omp parallel for num_threads(kern_threads(s->threads)) if (s->threads != 1 && (uint64_t)old * s->kv_heads >= 65536)
     for (uint32_t g = 0; g < s->kv_heads; g++) {
         uint32_t *sl = slots + (size_t)g * keep;
-        kern_topk(ls->ind + (size_t)g * old, old, keep, order, sl);
+        kern_topk_ws(ls->ind + (size_t)g * old, old, keep, order, sl,
+                     (uint32_t *)s->tmp + (size_t)g * 2 * s->S);
     }
-    /* repack [kv_heads][old] -> [kv_heads][keep]; g's new rows never overtake its old ones */
+    /* repack [kv_heads][old] -> [kv_heads][keep] in place: g's new rows never overtake its
+     * old ones, so heads go in order */
     for (uint32_t g = 0; g < s->kv_heads; g++) {
         const uint32_t *sl = slots + (size_t)g * keep;
         float *t = s->tmp;

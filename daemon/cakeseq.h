@@ -33,6 +33,10 @@ int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
                    struct cakeseq **out, const char **why);
 void cakeseq_destroy(struct cakeseq *s);
 
+/* Threads selecting a layer's kv heads in parallel (kern_threads() semantics: <= 0 all
+ * cores; default 1). Results do not depend on it. */
+void cakeseq_set_threads(struct cakeseq *s, int n);
+
 /* Scored prefix length S = n - w (0 when n <= w). */
 uint32_t cakeseq_scored_len(const struct cakeseq *s);
 

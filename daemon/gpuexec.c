@@ -12,8 +12,11 @@
 #include "kern.h"
 #include "kern_cuda.h"
 
+#define SUBSTREAMS 8 /* a decode step's layers run side by side on these */
+
 struct gpuctx {
     cudaStream_t stream;
+    cudaStream_t sub[SUBSTREAMS];
     uint8_t *dbuf;   /* device workspace */
     size_t dcap;
     uint8_t *hbuf;   /* pinned staging */
@@ -47,11 +50,13 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
         return -EIO;
     }
     for (int i = 0; i < g->n; i++)
-        if (cudaStreamCreateWithFlags(&g->ctx[i].stream, cudaStreamNonBlocking) != cudaSuccess) {
-            *why = "cudaStreamCreate failed";
-            gpuexec_destroy(g);
-            return -EIO;
-        }
+        for (int j = -1; j < SUBSTREAMS; j++)
+            if (cudaStreamCreateWithFlags(j < 0 ? &g->ctx[i].stream : &g->ctx[i].sub[j],
+                                          cudaStreamNonBlocking) != cudaSuccess) {
+                *why = "cudaStreamCreate failed";
+                gpuexec_destroy(g);
+                return -EIO;
+            }
     *out = g;
     return 0;
 }
@@ -64,6 +69,9 @@ void gpuexec_destroy(struct gpuexec *g)
     for (int i = 0; i < g->n; i++) {
         if (g->ctx[i].stream)
             cudaStreamDestroy(g->ctx[i].stream);
+        for (int j = 0; j < SUBSTREAMS; j++)
+            if (g->ctx[i].sub[j])
+                cudaStreamDestroy(g->ctx[i].sub[j]);
         cudaFree(g->ctx[i].dbuf);
         cudaFreeHost(g->ctx[i].hbuf);
     }
@@ -121,19 +129,27 @@ static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
     return 0;
 }
 
-/* Uploads the page offsets to the front of dbuf; fills the kernel's view of the layer. */
-static void upload_pages(struct gpuctx *c, const struct gpu_layer *l, struct kern_cuda_kv *kv)
+/* Uploads the page offsets (staged at hb, to db); fills the kernel's view of the layer. */
+static void upload_pages_at(const struct gpu_layer *l, uint8_t *hb, uint8_t *db, cudaStream_t st,
+                            struct kern_cuda_kv *kv)
 {
-    uint64_t *off = (uint64_t *)c->hbuf;
+    uint64_t *off = (uint64_t *)hb;
     for (uint32_t i = 0; i < l->n_pages; i++)
         off[i] = (uint64_t)l->pages[i] * l->page_bytes;
-    cudaMemcpyAsync(c->dbuf, off, sizeof(uint64_t) * l->n_pages, cudaMemcpyHostToDevice, c->stream);
+    cudaMemcpyAsync(db, off, sizeof(uint64_t) * l->n_pages, cudaMemcpyHostToDevice, st);
     *kv = (struct kern_cuda_kv){
         .dtype = l->dtype, .kv_heads = l->kv_heads, .head_dim = l->head_dim,
         .tokens_per_page = l->tokens_per_page, .n_tokens = l->n_tokens, .base = l->base,
-        .page_off = (const uint64_t *)c->dbuf, .v_offset_bytes = l->v_offset_bytes,
+        .page_off = (const uint64_t *)db, .v_offset_bytes = l->v_offset_bytes,
     };
 }
+
+/* The same at the front of the context's buffers, on its main stream. */
+static void upload_pages(struct gpuctx *c, const struct gpu_layer *l, struct kern_cuda_kv *kv)
+{
+    upload_pages_at(l, c->hbuf, c->dbuf, c->stream, kv);
+}
+
 
 static int finish(struct gpuctx *c, int rc)
 {
@@ -186,40 +202,81 @@ int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *
     return finish(c, rc);
 }
 
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
-                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
-                        uint32_t k)
+/* Device and staging bytes one eviction needs, and where its pieces go. */
+struct evict_plan {
+    size_t pg, ws, ib, qb, kb, tb, dev, host;
+};
+
+static struct evict_plan plan_evict(const struct gpu_evict *e)
 {
-    uint32_t S = l->n_tokens - w;
+    const struct gpu_layer *l = &e->l;
+    uint32_t S = l->n_tokens - e->w;
     size_t row = (size_t)l->head_dim * 2;
-    size_t pg = al(sizeof(uint64_t) * l->n_pages);
-    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S));
-    size_t ib = al(sizeof(float) * l->kv_heads * S), qb = al(row * q_heads * n_q);
-    size_t kb = al(sizeof(uint32_t) * l->kv_heads * k);
-    size_t tb = 2 * (size_t)l->kv_heads * (k + w) * row;
-    if (first >= w || n_q > w || k > S || reserve(c, pg + ws + ib + qb + kb + tb, pg))
-        return first >= w || n_q > w || k > S ? -EINVAL : -ENOMEM;
+    struct evict_plan p = {
+        .pg = al(sizeof(uint64_t) * l->n_pages),
+        .ws = al(kern_cuda_score_workspace(l->kv_heads, e->q_heads, e->n_q, l->n_tokens, S)),
+        .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * e->q_heads * e->n_q),
+        .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
+        .tb = al(2 * (size_t)l->kv_heads * (e->k + e->w) * row),
+    };
+    p.dev = p.pg + p.ws + p.ib + p.qb + p.kb + p.tb, p.host = p.pg;
+    return p;
+}
+
+static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint8_t *db,
+                     uint8_t *hb, cudaStream_t st)
+{
+    const struct gpu_layer *l = &e->l;
+    uint32_t S = l->n_tokens - e->w, n_q = e->n_q, w = e->w, first = e->first;
+    size_t row = (size_t)l->head_dim * 2;
     struct kern_cuda_kv kv;
-    upload_pages(c, l, &kv);
-    uint8_t *p = c->dbuf + pg;
-    float *ind_dev = (float *)(p + ws);
-    uint8_t *q = p + ws + ib;
-    uint32_t *keep_dev = (uint32_t *)(q + qb);
-    uint8_t *tmp = q + qb + kb;
+    upload_pages_at(l, hb, db, st, &kv);
+    uint8_t *ws = db + p->pg;
+    float *ind = (float *)(ws + p->ws);
+    uint8_t *q = (uint8_t *)ind + p->ib;
+    uint32_t *keep = (uint32_t *)(q + p->qb);
+    uint8_t *tmp = (uint8_t *)keep + p->kb;
     /* the ring's rows, oldest first, as [q_heads][n_q][d]: at most two strided copies */
     uint32_t a = first + n_q <= w ? n_q : w - first;
-    cudaMemcpy2DAsync(q, row * n_q, (const uint8_t *)ring_dev + first * row, row * w, row * a,
-                      q_heads, cudaMemcpyDeviceToDevice, c->stream);
+    cudaMemcpy2DAsync(q, row * n_q, (const uint8_t *)e->ring + first * row, row * w, row * a,
+                      e->q_heads, cudaMemcpyDeviceToDevice, st);
     if (a < n_q)
-        cudaMemcpy2DAsync(q + a * row, row * n_q, ring_dev, row * w, row * (n_q - a), q_heads,
-                          cudaMemcpyDeviceToDevice, c->stream);
-    int rc = kern_cuda_score_layer(&kv, q, q_heads, n_q, S, gamma, ind_dev, NULL, NULL, p, ws,
-                                   c->stream);
+        cudaMemcpy2DAsync(q + a * row, row * n_q, e->ring, row * w, row * (n_q - a), e->q_heads,
+                          cudaMemcpyDeviceToDevice, st);
+    int rc = kern_cuda_score_layer(&kv, q, e->q_heads, n_q, S, e->gamma, ind, NULL, NULL, ws,
+                                   p->ws, st);
     if (!rc)
-        rc = kern_cuda_topk(ind_dev, l->kv_heads, S, k, keep_dev, c->stream);
+        rc = kern_cuda_topk(ind, l->kv_heads, S, e->k, keep, st);
     if (!rc)
-        rc = kern_cuda_compact(&kv, keep_dev, k, S, w, tmp, c->stream);
-    return finish(c, rc);
+        rc = kern_cuda_compact(&kv, keep, e->k, S, w, tmp, st);
+    return rc;
+}
+
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    size_t dev = 0, host = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct gpu_evict *e = &ev[i];
+        if (e->l.n_tokens <= e->w || e->first >= e->w || !e->n_q || e->n_q > e->w ||
+            e->k > e->l.n_tokens - e->w)
+            return -EINVAL;
+        struct evict_plan p = plan_evict(e);
+        dev += p.dev, host += p.host;
+    }
+    if (reserve(c, dev, host))
+        return -ENOMEM;
+    int rc = 0;
+    size_t d = 0, h = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        struct evict_plan p = plan_evict(&ev[i]);
+        rc = evict_one(&ev[i], &p, c->dbuf + d, c->hbuf + h, c->sub[i % SUBSTREAMS]);
+        d += p.dev, h += p.host;
+    }
+    for (int j = 0; j < SUBSTREAMS; j++)
+        if (cudaStreamSynchronize(c->sub[j]) != cudaSuccess && !rc)
+            rc = -EIO;
+    cudaGetLastError();
+    return rc;
 }
 
 #else /* no CUDA: caked refuses GPU sequences before any of this is reached */
@@ -251,12 +308,9 @@ int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *
     (void)c, (void)l, (void)keep, (void)k, (void)win_start, (void)win_len;
     return -ENOTSUP;
 }
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
-                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
-                        uint32_t k)
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
-    (void)c, (void)l, (void)ring_dev, (void)q_heads, (void)w, (void)first, (void)n_q, (void)gamma;
-    (void)k;
+    (void)c, (void)ev, (void)n;
     return -ENOTSUP;
 }
 #endif

@@ -44,12 +44,20 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
 int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
                    uint32_t win_start, uint32_t win_len);
 
-/* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the
- * n_q rows starting at ring row `first` (mod w) of ring_dev [q_heads][w][head_dim]; score
- * the prefix (n_tokens - w slots) with them, keep the top `k` per kv head in positional
- * order (ties to the lower position), compact behind the window. */
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_layer *l, const void *ring_dev,
-                        uint32_t q_heads, uint32_t w, uint32_t first, uint32_t n_q, float gamma,
-                        uint32_t k);
+/* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
+ * rows starting at ring row `first` (mod w) of ring [q_heads][w][head_dim] (device); score
+ * the prefix (n_tokens - w slots) with them, keep the top k per kv head in positional order
+ * (ties to the lower position), compact behind the window. */
+struct gpu_evict {
+    struct gpu_layer l;
+    const void *ring;
+    uint32_t q_heads, w, first, n_q, k;
+    float gamma;
+};
+
+/* Runs n evictions (a decode step's layers) side by side on the context's streams and
+ * waits for all of them. Returns 0 or the first error (then the layers' contents are
+ * undefined: the CUDA context has failed). */
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 
 #endif

@@ -213,6 +213,9 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         rc = rc == -EINVAL ? CAKE_EINVAL : rc;
         goto fail;
     }
+    /* GPU sequences: the host's selection is what is left of a layer's time, so spread it
+     * over the cores (a decode step's layers do the same on the host path) */
+    cakeseq_set_threads(s->cs, s->gpu ? e->decode_threads : e->threads);
     rc = CAKE_EOOM;
     int64_t d0 = pool_alloc_run(e->pool, s->desc_pages);
     if (d0 < 0) {
@@ -515,22 +518,31 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
     return rc;
 }
 
-/* The same on the GPU: score, top-k and compaction on one stream, nothing comes back. */
-static int decode_evict_layer_gpu(const struct seq_env *e, struct seq *s, struct gpuctx *gc,
-                                  uint32_t l, uint32_t valid, uint32_t *evicted)
+/* The same on the GPU for every layer over budget at once: score, top-k and compaction on
+ * the context's streams, layers side by side, nothing comes back to the host. */
+static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                            uint32_t nover, uint32_t valid, uint32_t *evicted)
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    struct seq_layer *ly = &s->layer[l];
-    uint32_t S = ly->tokens - w, budget = cakeseq_budget(s->cs, l);
-    uint32_t kept = budget < S ? budget : S;
-    uint32_t first = (v0 + s->decoded - valid) % w; /* oldest valid ring row */
-    struct gpu_layer gl = gpu_layer_view(e, s, l);
-    int rc = gpuctx_decode_evict(gc, &gl, ring_ptr(e, s, l), s->H, w, first, valid, s->cfg.gamma,
-                                 kept);
-    if (!rc) {
-        *evicted = S - kept;
-        ly->tokens = kept + w;
+    struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
+    if (!ev)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < nover; i++) {
+        uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
+        ev[i] = (struct gpu_evict){
+            .l = gpu_layer_view(e, s, l), .ring = ring_ptr(e, s, l), .q_heads = s->H, .w = w,
+            .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
+            .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
+        };
     }
+    struct gpuctx *gc = gpuexec_take(e->gpu);
+    int rc = gpuctx_decode_evict(gc, ev, nover);
+    gpuexec_put(e->gpu, gc);
+    for (uint32_t i = 0; i < nover && !rc; i++) {
+        evicted[i] = s->layer[over[i]].tokens - w - ev[i].k;
+        s->layer[over[i]].tokens = ev[i].k + w;
+    }
+    free(ev);
     return rc;
 }
 
@@ -545,10 +557,9 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
         if (layer_over(s, l))
             over[nover++] = l;
     if (s->gpu && nover) {
-        struct gpuctx *gc = gpuexec_take(e->gpu);
+        int rc = decode_evict_gpu(e, s, over, nover, valid, evicted);
         for (uint32_t i = 0; i < nover; i++)
-            rcs[i] = decode_evict_layer_gpu(e, s, gc, over[i], valid, &evicted[i]);
-        gpuexec_put(e->gpu, gc);
+            rcs[i] = rc;
     } else {
         /* a decode step waits for its evictions: spread the layers over the job's threads */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (nover > 1)

@@ -98,6 +98,9 @@ enum kern_order {
 };
 uint32_t kern_topk(const float *score, uint32_t n, uint32_t k, enum kern_order order,
                    uint32_t *idx);
+/* The same with the caller's scratch of 2 * n uint32 (kern_topk allocates it per call). */
+uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_order order,
+                      uint32_t *idx, uint32_t *scratch);
 
 /* Compaction of one kv head of a layer in place.
  * Token positions keep[0..k) of the prefix move to slots 0..k-1 and the window tokens

@@ -4,7 +4,8 @@
  * histogram passes (11, 11, 10 bits) find the key of the k-th largest element and how
  * many elements equal to it are taken; one last scan emits the winners in ascending
  * position, which is both fixed mode's storage order and the tie rule (among equal
- * scores, lower positions win). O(n) time, no allocation for position order. */
+ * scores, lower positions win). O(n) time: the keys are computed once, and each pass after
+ * the first scans only the elements left in the chosen bucket. */
 #include <stdlib.h>
 
 #include "kern.h"
@@ -30,27 +31,24 @@ static int by_score_then_pos(const void *a, const void *b)
     return x->pos < y->pos ? -1 : x->pos > y->pos;
 }
 
-uint32_t kern_topk(const float *score, uint32_t n, uint32_t k, enum kern_order order,
-                   uint32_t *idx)
+/* The threshold key (the k-th largest of keys[0..n)) and how many elements equal to it are
+ * taken. Three histogram passes of 11, 11 and 10 bits; each pass after the first scans only
+ * the previous pass's bucket, gathered into cand (room for n keys). */
+static uint32_t threshold(const uint32_t *keys, uint32_t n, uint32_t k, uint32_t *cand,
+                          uint32_t *need_out)
 {
-    if (k > n)
-        k = n;
-    if (k == 0)
-        return 0;
-    /* find the threshold key: the k-th largest */
     static const int shift[3] = {21, 10, 0};
     static const uint32_t width[3] = {11, 11, 10};
-    uint32_t prefix = 0, prefix_mask = 0, need = k; /* need: how many still to take at/below prefix */
+    uint32_t prefix = 0, need = k; /* need: how many still to take at/below prefix */
     uint32_t hist[2048];
+    const uint32_t *src = keys;
+    uint32_t m = n;
     for (int pass = 0; pass < 3; pass++) {
         uint32_t nb = 1u << width[pass];
         for (uint32_t b = 0; b < nb; b++)
             hist[b] = 0;
-        for (uint32_t j = 0; j < n; j++) {
-            uint32_t key = sort_key(score[j]);
-            if ((key & prefix_mask) == prefix)
-                hist[(key >> shift[pass]) & (nb - 1)]++;
-        }
+        for (uint32_t j = 0; j < m; j++)
+            hist[(src[j] >> shift[pass]) & (nb - 1)]++;
         uint32_t b = nb;
         while (b-- > 0) {
             if (hist[b] >= need)
@@ -58,12 +56,71 @@ uint32_t kern_topk(const float *score, uint32_t n, uint32_t k, enum kern_order o
             need -= hist[b];
         }
         prefix |= b << shift[pass];
-        prefix_mask |= (nb - 1) << shift[pass];
+        if (pass < 2) { /* keep the bucket's keys for the next pass (in place after the first) */
+            uint32_t c = 0;
+            for (uint32_t j = 0; j < m; j++)
+                if (((src[j] >> shift[pass]) & (nb - 1)) == b)
+                    cand[c++] = src[j];
+            src = cand, m = c;
+        }
+    }
+    *need_out = need;
+    return prefix;
+}
+
+uint32_t kern_topk(const float *score, uint32_t n, uint32_t k, enum kern_order order,
+                   uint32_t *idx)
+{
+    if (k == 0 || n == 0)
+        return 0;
+    uint32_t *scratch = malloc(sizeof(uint32_t) * 2 * (size_t)n);
+    uint32_t m = kern_topk_ws(score, n, k, order, idx, scratch);
+    free(scratch);
+    return m;
+}
+
+uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_order order,
+                      uint32_t *idx, uint32_t *scratch)
+{
+    if (k > n)
+        k = n;
+    if (k == 0)
+        return 0;
+    /* keys once, then the threshold: the k-th largest key */
+    uint32_t *keys = scratch;
+    uint32_t prefix, need;
+    if (keys) {
+        for (uint32_t j = 0; j < n; j++)
+            keys[j] = sort_key(score[j]);
+        prefix = threshold(keys, n, k, keys + n, &need);
+    } else { /* no memory: the same passes over the scores, slower */
+        static const int shift[3] = {21, 10, 0};
+        static const uint32_t width[3] = {11, 11, 10};
+        uint32_t mask = 0, hist[2048];
+        prefix = 0, need = k;
+        for (int pass = 0; pass < 3; pass++) {
+            uint32_t nb = 1u << width[pass];
+            for (uint32_t b = 0; b < nb; b++)
+                hist[b] = 0;
+            for (uint32_t j = 0; j < n; j++) {
+                uint32_t key = sort_key(score[j]);
+                if ((key & mask) == prefix)
+                    hist[(key >> shift[pass]) & (nb - 1)]++;
+            }
+            uint32_t b = nb;
+            while (b-- > 0) {
+                if (hist[b] >= need)
+                    break;
+                need -= hist[b];
+            }
+            prefix |= b << shift[pass];
+            mask |= (nb - 1) << shift[pass];
+        }
     }
     /* prefix is the threshold key; take everything above it and the first `need` equal */
     uint32_t m = 0, ties = need;
     for (uint32_t j = 0; j < n; j++) {
-        uint32_t key = sort_key(score[j]);
+        uint32_t key = keys ? keys[j] : sort_key(score[j]);
         if (key > prefix || (key == prefix && ties && ties--))
             idx[m++] = j;
     }

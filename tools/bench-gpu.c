@@ -1,15 +1,26 @@
 /* bench-gpu - CAKE's GPU kernels at Llama-3.1-8B shapes, on the card this runs on.
  *
- *   bench-gpu [--sizes 4096,32768,131072] [--reps R] [--no-torch] [--no-attn]
+ *   bench-gpu [--sizes 4096,32768,131072] [--reps R] [--no-torch] [--no-attn] [--no-caked]
  *
  * Prints, in one run: the card and its measured device-to-device copy bandwidth (bytes read
  * plus written); per prompt length the scoring time of one layer (32 query heads, 8 kv
  * heads, head_dim 128, window 32, bf16) against the floor (the layer's key bytes read once at
  * that bandwidth) and against the same scoring in PyTorch on the same GPU
  * (tools/bench_score_torch.py --device cuda); and score + select (992 kept per kv head) +
- * compact. Median of R runs timed with CUDA events. */
+ * compact. Median of R runs timed with CUDA events. Then a decode step's attention over 32
+ * layers (full cache vs CAKE, and torch SDPA), and, through a caked started with a GPU pool
+ * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
+ * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
+ * a GPU-resident sequence of 32 layers: prefill observe per layer as the engine sees it (round
+ * trip: score, select, compact in caked), decode steps that evict every layer on the GPU, and
+ * cake_decode_attention over the compacted cache. */
 #include <cuda_runtime.h>
 #include <getopt.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cake/cake.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +43,12 @@
             exit(1);                                                                       \
         }                                                                                  \
     } while (0)
+
+static double dmedian(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(double), util_cmp_double);
+    return v[n / 2];
+}
 
 static float median(float *v, int n)
 {
@@ -138,12 +155,204 @@ static double attn_us(uint32_t n, int reps)
     return median(t, reps) * 1e3;
 }
 
+
+/* ---- through caked ------------------------------------------------------------------ */
+
+static char cdir[64], csock[128];
+
+static pid_t start_caked(const char *gpu_pool)
+{
+    snprintf(cdir, sizeof cdir, "/tmp/bench-gpu-XXXXXX");
+    if (!mkdtemp(cdir))
+        return -1;
+    snprintf(csock, sizeof csock, "%s/caked.sock", cdir);
+    pid_t p = fork();
+    if (p == 0) { /* exec at once: nothing of this process's CUDA state is used */
+        if (!freopen("/dev/null", "w", stderr))
+            _exit(127);
+        execl(CAKED_BIN, CAKED_BIN, "--socket", csock, "--host-pool", "2G", "--gpu-pool", gpu_pool,
+              NULL);
+        _exit(127);
+    }
+    for (int i = 0; i < 500; i++) {
+        cake_ctx *c;
+        cake_create(&c);
+        int rc = cake_connect(c, csock, 0);
+        cake_destroy(c);
+        if (!rc)
+            return p;
+        usleep(20000);
+    }
+    kill(p, SIGKILL);
+    return -1;
+}
+
+static void stop_caked(pid_t p)
+{
+    kill(p, SIGTERM);
+    waitpid(p, NULL, 0);
+    rmdir(cdir);
+}
+
+static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
+{
+    const uint32_t L = 32, steps = 32;
+    pid_t pid = start_caked("10G");
+    if (pid < 0) {
+        printf("through caked: could not start %s with a GPU pool\n", CAKED_BIN);
+        return 1;
+    }
+    double at[16];
+    int na = reps < 16 ? reps : 16;
+    cake_ctx *c = NULL;
+    for (int r = 0; r < na; r++) { /* attach: the last context stays connected */
+        if (c)
+            cake_destroy(c);
+        cake_create(&c);
+        double t0 = util_now_s();
+        int rc = cake_connect(c, csock, 1);
+        at[r] = (util_now_s() - t0) * 1e3;
+        if (rc || !cake_gpu_pool_base(c)) {
+            printf("through caked: attach failed: %s\n", cake_errstr(c));
+            stop_caked(pid);
+            return 1;
+        }
+    }
+    printf("through caked (%s, GPU pool %.0f GiB on %s):\n", CAKED_BIN,
+           cake_gpu_pool_bytes(c) / 1073741824.0, cake_gpu_uuid(c));
+    printf("  attach (connect + GPU pool import + map + host pool registration): %.2f ms median of %d\n",
+           dmedian(at, na), na);
+    /* host <-> GPU between the registered host pool and the GPU pool (no sequence is open
+     * yet: this caked's pools are ours alone) */
+    size_t bb = 256u << 20;
+    uint8_t *hp = (uint8_t *)cake_pool_base(c) + (1u << 30), *gp = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c) + (8ull << 30);
+    double h2d[8], d2h[8];
+    for (int r = -1; r < 8; r++) {
+        double t0 = util_now_s();
+        CK(cudaMemcpy(gp, hp, bb, cudaMemcpyHostToDevice));
+        double t1 = util_now_s();
+        CK(cudaMemcpy(hp, gp, bb, cudaMemcpyDeviceToHost));
+        double t2 = util_now_s();
+        if (r >= 0)
+            h2d[r] = bb / (t1 - t0) / 1e9, d2h[r] = bb / (t2 - t1) / 1e9;
+    }
+    printf("  registered host pool <-> GPU pool, 256 MiB copies: H2D %.1f GB/s, D2H %.1f GB/s\n",
+           dmedian(h2d, 8), dmedian(d2h, 8));
+
+    /* a GPU sequence at Llama-3.1-8B shapes */
+    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU};
+    struct cake_policy pol;
+    cake_policy_default(&pol); /* fixed mode, cache 1024, window 32 */
+    cake_seq *s;
+    int rc = cake_seq_open(c, &lay, &pol, n, steps + 1, &s);
+    if (rc) {
+        printf("through caked: open: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        stop_caked(pid);
+        return 1;
+    }
+    uint32_t tpp = cake_seq_tokens_per_page(s);
+    size_t page_kv = (size_t)tpp * HKV * D * 2 * 2; /* K block then V block */
+    uint8_t *base = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c);
+    void *qsrc;
+    CK(cudaMalloc(&qsrc, (size_t)H * W * D * 2));
+    CK(cudaMemcpy(qsrc, rnd, (size_t)H * W * D * 2, cudaMemcpyHostToDevice));
+    uint8_t *src; /* random K/V to copy into the pages */
+    CK(cudaMalloc((void **)&src, rnd_bytes));
+    CK(cudaMemcpy(src, rnd, rnd_bytes, cudaMemcpyHostToDevice));
+    double obs[64];
+    for (uint32_t l = 0; l < L; l++) {
+        if ((rc = cake_prefill_reserve(s, l)))
+            break;
+        uint32_t np;
+        const uint64_t *pg = cake_layer_pages(s, l, &np);
+        for (uint32_t i = 0; i < np; i++)
+            CK(cudaMemcpyAsync(base + pg[i], src + (i * page_kv) % (rnd_bytes - page_kv), page_kv,
+                               cudaMemcpyDeviceToDevice, 0));
+        CK(cudaMemcpyAsync(cake_queries(s, l), qsrc, (size_t)H * W * D * 2, cudaMemcpyDeviceToDevice, 0));
+        CK(cudaStreamSynchronize(0)); /* the ordering contract: writes complete, then call */
+        double t0 = util_now_s();
+        rc = cake_prefill_observe(s, l, NULL);
+        obs[l] = (util_now_s() - t0) * 1e6;
+        if (rc)
+            break;
+    }
+    if (rc) {
+        printf("through caked: prefill: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        stop_caked(pid);
+        return 1;
+    }
+    double obs_sorted[64];
+    memcpy(obs_sorted, obs, sizeof(double) * L);
+    printf("  GPU sequence, %u layers x %u tokens: prefill observe round trip per layer %.1f us median "
+           "(layer 0 %.1f us, layer %u %.1f us)\n", L, n, dmedian(obs_sorted, (int)L), obs[0], L - 1,
+           obs[L - 1]);
+    double dec[64];
+    cake_seq *one[1] = {s};
+    uint32_t t_before = cake_layer_tokens(s, 0);
+    for (uint32_t st = 0; st < steps; st++) {
+        /* the new token's K/V and query (stream-ordered, then synchronized) */
+        double t0 = util_now_s();
+        rc = cake_decode_step(c, one, 1);
+        dec[st] = (util_now_s() - t0) * 1e6;
+        if (rc)
+            break;
+        for (uint32_t l = 0; l < L; l++) {
+            uint32_t slot = cake_layer_tokens(s, l) - 1;
+            for (uint32_t g = 0; g < HKV; g++) {
+                CK(cudaMemcpyAsync(cake_key(s, l, g, slot), src + g * 256, D * 2, cudaMemcpyDeviceToDevice, 0));
+                CK(cudaMemcpyAsync(cake_value(s, l, g, slot), src + g * 512, D * 2, cudaMemcpyDeviceToDevice, 0));
+            }
+            CK(cudaMemcpy2DAsync(cake_decode_query(s, l), (size_t)W * D * 2, qsrc, D * 2, D * 2, H,
+                                 cudaMemcpyDeviceToDevice, 0));
+        }
+        CK(cudaStreamSynchronize(0));
+    }
+    if (rc) {
+        printf("through caked: decode: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        stop_caked(pid);
+        return 1;
+    }
+    printf("  decode step with every layer evicting on the GPU (%u -> %u tokens in layer 0): %.1f us "
+           "median of %u\n", t_before, cake_layer_tokens(s, 0), dmedian(dec + 1, (int)steps - 1), steps - 1);
+    void *qa;
+    float *out;
+    CK(cudaMalloc(&qa, (size_t)L * H * D * 2));
+    CK(cudaMalloc((void **)&out, sizeof(float) * L * H * D));
+    CK(cudaMemcpy(qa, rnd, (size_t)L * H * D * 2, cudaMemcpyHostToDevice));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    float ta[64];
+    int nr = reps < 64 ? reps : 64;
+    for (int r = -3; r < nr; r++) {
+        cudaEventRecord(e0, 0);
+        if ((rc = cake_decode_attention(s, qa, out, NULL)))
+            break;
+        cudaEventRecord(e1, 0);
+        CK(cudaEventSynchronize(e1));
+        if (r >= 0)
+            cudaEventElapsedTime(&ta[r], e0, e1);
+    }
+    if (rc)
+        printf("  cake_decode_attention: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+    else
+        printf("  cake_decode_attention over the compacted cache (%u tokens in layer 0, page tables "
+               "uploaded each call): %.1f us\n", cake_layer_tokens(s, 0), median(ta, nr) * 1e3);
+    cudaFree(qa), cudaFree(out), cudaFree(src), cudaFree(qsrc);
+    cake_seq_close(s);
+    cake_destroy(c);
+    stop_caked(pid);
+    return 0;
+}
+
+static void attention(double bw, int reps, int torch);
+
 int main(int argc, char **argv)
 {
     uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3;
-    int reps = 20, torch = 1, attn = 1, o;
+    int reps = 20, torch = 1, attn = 1, caked = 1, o;
     static const struct option opts[] = {
         {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {"no-attn", 0, 0, 'a'},
+        {"no-caked", 0, 0, 'c'},
         {0, 0, 0, 0}};
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (o == 's') {
@@ -156,8 +365,10 @@ int main(int argc, char **argv)
             torch = 0;
         } else if (o == 'a') {
             attn = 0;
+        } else if (o == 'c') {
+            caked = 0;
         } else {
-            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn]\n");
+            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn] [--no-caked]\n");
             return 2;
         }
     }
@@ -245,8 +456,24 @@ int main(int argc, char **argv)
         cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws);
         free(hk), free(hq);
     }
-    if (!attn)
-        return 0;
+    if (attn)
+        attention(bw, reps, torch);
+    if (caked) {
+        size_t rb = 64u << 20; /* random bf16 for the sequence's pages */
+        uint16_t *rnd = malloc(rb);
+        uint64_t seed = 0x2545f4914f6cdd1dull;
+        for (size_t i = 0; i < rb / 2; i++) {
+            seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+            rnd[i] = kern_f32_to_bf16((float)((seed >> 40) * (2.0 / 16777216.0) - 1.0));
+        }
+        caked_section(32768, reps, rnd, rb);
+        free(rnd);
+    }
+    return 0;
+}
+
+static void attention(double bw, int reps, int torch)
+{
     /* a decode step's attention over 32 layers: full 128K cache vs CAKE at 1024 + window */
     double full = attn_us(131072, reps), cake = attn_us(1024 + W, reps);
     double data_full = 32.0 * 2 * HKV * 131072 * D * 2, data_cake = 32.0 * 2 * HKV * (1024 + W) * D * 2;
@@ -260,5 +487,4 @@ int main(int argc, char **argv)
         printf("  torch SDPA, full cache, 32 calls: %7.1f us   torch full / CAKE = %.1fx\n", sd * 1e3, sd * 1e3 / cake);
     else
         printf("  torch SDPA: %s\n", why);
-    return 0;
 }

@@ -1,7 +1,8 @@
 /* harness.h - starts a real caked on a temporary socket for integration tests.
  *
  * CAKED_BIN (compile-time) is the daemon; CAKE_TEST_IO (environment: uring, epoll) picks
- * the event loop. A test that asks for io_uring where the kernel refuses it exits 77
+ * the event loop; CAKE_TEST_CAKED_WRAP (environment) a command to run caked under
+ * (compute-sanitizer, valgrind). A test that asks for io_uring where the kernel refuses it exits 77
  * (ctest: skipped) with a message. */
 #ifndef CAKE_HARNESS_H
 #define CAKE_HARNESS_H
