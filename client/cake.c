@@ -298,7 +298,23 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
     snprintf(c->gpu_uuid, sizeof c->gpu_uuid, "%s", r->gpu_uuid ? r->gpu_uuid : "");
     uint64_t gpu_bytes = r->gpu_pool_bytes;
+    unsigned char ipc[64];
+    int legacy = r->gpu_ipc_handle.len == sizeof ipc;
+    if (legacy)
+        memcpy(ipc, r->gpu_ipc_handle.data, sizeof ipc);
     cake__hello_reply__free_unpacked(r, &al);
+#ifdef CAKE_HAVE_CUDA
+    if (legacy && gpu_bytes && map_pool) { /* caked shares the GPU pool by a legacy IPC handle */
+        const char *why = "";
+        if (gpupool_import_legacy(&c->gpu, ipc, gpu_bytes, c->gpu_uuid, &why) == 0)
+            c->gpu_mapped = 1;
+        else
+            cake_set_err(c, 0, "GPU pool not mapped: %s", why);
+    }
+#else
+    if (legacy && gpu_bytes && map_pool)
+        cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
+#endif
     if (fds[1] >= 0) {
 #ifdef CAKE_HAVE_CUDA
         /* the GPU pool: mapped here when this process can use that GPU; otherwise the engine

@@ -76,6 +76,10 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
             return FAIL("bad size for gpu-pool: %s", v);
         c->srv.gpu_pool_bytes = n;
         snprintf(c->srv.gpu_uuid, sizeof c->srv.gpu_uuid, "%s", at ? at + 1 : "");
+    } else if (!strcmp(key, "gpu-ipc")) { /* auto | legacy */
+        if (strcmp(v, "auto") && strcmp(v, "legacy"))
+            return FAIL("gpu-ipc must be auto or legacy: %s", v);
+        c->srv.gpu_ipc_legacy = !strcmp(v, "legacy");
     } else if (!strcmp(key, "page-size")) {
         if (config_parse_size(v, &n) || n < 4096 || (n & (n - 1)) || n > (1ull << 30))
             return FAIL("page-size must be a power of two from 4K to 1G: %s", v);

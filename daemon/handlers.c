@@ -70,9 +70,11 @@ static void h_hello(struct server *s, struct client *c)
     r.daemon_version = (char *)CAKE_VERSION;
     r.admin = c->admin;
     int fds[2] = {s->pool.fd, s->gpu_fd};
-    r.gpu_pool_bytes = want_pool && s->gpu_fd >= 0 ? s->gpu_bytes : 0;
+    r.gpu_pool_bytes = want_pool ? s->gpu_bytes : 0;
 #ifdef CAKE_HAVE_CUDA
     r.gpu_uuid = s->gpu_bytes ? s->gpu.uuid : (char *)"";
+    if (want_pool && s->gpu_bytes && s->gpu.legacy) /* no fd: the handle travels in the reply */
+        r.gpu_ipc_handle = (ProtobufCBinaryData){sizeof s->gpu.ipc, s->gpu.ipc};
 #endif
     srv_reply_fds(s, c, MSG_HELLO, &r.base, fds, want_pool ? (s->gpu_fd >= 0 ? 2 : 1) : 0);
 }

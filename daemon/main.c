@@ -1,6 +1,6 @@
 /* caked - the CAKE KV-cache daemon.
  *
- *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--huge-pages]
+ *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--gpu-ipc auto|legacy] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
  *         [--socket-group NAME] [--config FILE] [--version] [--help]
  *
@@ -22,6 +22,7 @@ static void usage(FILE *f)
             "  --host-pool SIZE      host pool size, e.g. 512M, 8G (default min(1G, RAM/4))\n"
             "  --page-size SIZE      pool page size, power of two (default 64K)\n"
             "  --gpu-pool SIZE[@GPU-UUID]  device memory shared with engines (CUDA VMM)\n"
+            "  --gpu-ipc auto|legacy  share it by VMM fd (auto: legacy CUDA IPC where refused)\n"
             "  --huge-pages          back the pool with huge pages when the system has them\n"
             "  --io uring|epoll|auto event loop backend (default auto: io_uring if usable)\n"
             "  --workers N           scoring threads (default: one per core)\n"
@@ -37,13 +38,13 @@ int main(int argc, char **argv)
     config_defaults(&cfg);
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"host-pool", 1, 0, 'p'}, {"page-size", 1, 0, 'P'},
-        {"gpu-pool", 1, 0, 'G'},
+        {"gpu-pool", 1, 0, 'G'}, {"gpu-ipc", 1, 0, 'I'},
         {"huge-pages", 0, 0, 'H'}, {"io", 1, 0, 'i'}, {"workers", 1, 0, 'w'},
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
-        ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool",
+        ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
     };
     char err[512];

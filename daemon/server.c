@@ -522,8 +522,16 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     }
     if (cfg->gpu_pool_bytes) {
 #ifdef CAKE_HAVE_CUDA
-        if ((rc = gpupool_create(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why)) ||
-            (rc = gpupool_export(&s->gpu, &s->gpu_fd, &why))) {
+        rc = cfg->gpu_ipc_legacy ? -ENOTSUP
+                                 : gpupool_create(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why);
+        if (!rc && (rc = gpupool_export(&s->gpu, &s->gpu_fd, &why)))
+            gpupool_destroy(&s->gpu);
+        if (rc == -ENOTSUP) { /* VMM export refused (or not wanted): the legacy IPC handle */
+            if (!cfg->gpu_ipc_legacy)
+                srv_log("GPU pool: %s; falling back to a legacy CUDA IPC handle", why);
+            rc = gpupool_create_legacy(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why);
+        }
+        if (rc) {
             srv_log("GPU pool: %s", why);
             goto fail;
         }

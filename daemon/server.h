@@ -18,6 +18,8 @@ struct server_cfg {
     uint64_t host_pool_bytes;
     uint64_t gpu_pool_bytes; /* 0: no GPU pool */
     char gpu_uuid[48];       /* "" : the first GPU */
+    int gpu_ipc_legacy;      /* share the GPU pool by a legacy CUDA IPC handle (else VMM fd,
+                                falling back to legacy where export is refused) */
     uint64_t page_bytes;
     int hugepages;
     enum loop_backend io;

@@ -185,8 +185,59 @@ int gpupool_import(struct gpupool *p, int fd, uint64_t bytes, const char *uuid, 
     return 0;
 }
 
+int gpupool_create_legacy(struct gpupool *p, uint64_t bytes, const char *uuid, const char **why)
+{
+    memset(p, 0, sizeof(*p));
+    p->bytes = bytes;
+    int rc = setup(p, uuid, why);
+    if (rc)
+        return rc;
+    void *d = NULL;
+    cudaIpcMemHandle_t h;
+    if (cudaMalloc(&d, p->bytes) != cudaSuccess) {
+        *why = "cudaMalloc of the GPU pool failed";
+        return -ENOMEM;
+    }
+    if (cudaIpcGetMemHandle(&h, d) != cudaSuccess) {
+        cudaFree(d);
+        *why = "cudaIpcGetMemHandle failed";
+        return -ENOTSUP;
+    }
+    memcpy(p->ipc, &h, sizeof p->ipc);
+    p->va = (uint64_t)(uintptr_t)d, p->legacy = 1;
+    return 0;
+}
+
+int gpupool_import_legacy(struct gpupool *p, const void *ipc, uint64_t bytes, const char *uuid,
+                          const char **why)
+{
+    memset(p, 0, sizeof(*p));
+    p->bytes = bytes;
+    int rc = find_device(uuid, &p->device, p->uuid, why);
+    if (rc)
+        return rc;
+    cudaIpcMemHandle_t h;
+    memcpy(&h, ipc, sizeof h);
+    void *d = NULL;
+    if (cudaSetDevice(p->device) != cudaSuccess ||
+        cudaIpcOpenMemHandle(&d, h, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess) {
+        *why = "cudaIpcOpenMemHandle failed";
+        return -EIO;
+    }
+    p->va = (uint64_t)(uintptr_t)d, p->legacy = 2;
+    return 0;
+}
+
 void gpupool_destroy(struct gpupool *p)
 {
+    if (p->legacy) {
+        if (p->legacy == 1)
+            cudaFree((void *)(uintptr_t)p->va);
+        else
+            cudaIpcCloseMemHandle((void *)(uintptr_t)p->va);
+        memset(p, 0, sizeof(*p));
+        return;
+    }
     if (p->va) {
         drv.cuMemUnmap(p->va, p->bytes);
         drv.cuMemAddressFree(p->va, p->bytes);

@@ -22,6 +22,8 @@ struct gpupool {
     uint64_t granularity;
     unsigned long long handle; /* CUmemGenericAllocationHandle */
     uint64_t va;               /* CUdeviceptr where it is mapped in this process */
+    int legacy;                /* 1: cudaMalloc'd and shared by a legacy IPC handle, 2: opened from one */
+    unsigned char ipc[64];     /* cudaIpcMemHandle_t of a legacy pool */
 };
 
 /* Creates and maps `bytes` on the GPU named by uuid (NULL or "": device 0). Returns 0 or a
@@ -31,6 +33,11 @@ int gpupool_create(struct gpupool *p, uint64_t bytes, const char *uuid, const ch
 int gpupool_export(const struct gpupool *p, int *fd, const char **why);
 /* Imports an exported pool on this process's view of the GPU named by uuid. */
 int gpupool_import(struct gpupool *p, int fd, uint64_t bytes, const char *uuid, const char **why);
+/* The fallback where VMM export is refused: cudaMalloc'd memory shared by a legacy CUDA IPC
+ * handle (pool->ipc, 64 bytes, travels in the HELLO reply instead of an fd). */
+int gpupool_create_legacy(struct gpupool *p, uint64_t bytes, const char *uuid, const char **why);
+int gpupool_import_legacy(struct gpupool *p, const void *ipc, uint64_t bytes, const char *uuid,
+                          const char **why);
 void gpupool_destroy(struct gpupool *p);
 
 /* Registers a host range (the memfd pool's mapping) with CUDA for fast copies; returns 0,

@@ -60,6 +60,7 @@ static int engine(const char *sock, int writer)
                 return 6;
             }
         printf("reader: the writer's bytes are in the GPU pool on %s\n", cake_gpu_uuid(c));
+        fflush(stdout);
     }
     free(h);
     cake_destroy(c);
@@ -72,13 +73,18 @@ int main(void)
         printf("SKIP: no CUDA device\n");
         return 77;
     }
+    int rc = 0;
+    /* the VMM file descriptor, then the legacy CUDA IPC handle (the fallback where export is
+     * refused, forced here) */
+    for (int legacy = 0; legacy < 2; legacy++) {
     struct harness h;
-    const char *extra[] = {"--gpu-pool", "64M", NULL};
+    const char *extra[] = {"--gpu-pool", "64M", legacy ? "--gpu-ipc" : NULL, "legacy", NULL};
     if (harness_start(&h, extra)) {
         fprintf(stderr, "FAIL: caked did not start with a GPU pool\n");
         return 1;
     }
-    int rc = 0;
+    printf("%s:\n", legacy ? "legacy CUDA IPC handle" : "CUDA VMM file descriptor");
+    fflush(stdout);
     for (int writer = 1; writer >= 0; writer--) {
         pid_t p = fork();
         if (p == 0)
@@ -93,6 +99,7 @@ int main(void)
     if (harness_stop(&h)) {
         fprintf(stderr, "FAIL: caked did not stop cleanly\n");
         rc = 1;
+    }
     }
     printf("%s\n", rc ? "FAILED" : "GPU pool shared through caked");
     return rc;
