@@ -400,7 +400,8 @@ int cake_ping(cake_ctx *c)
 
 void cake_policy_default(struct cake_policy *p)
 {
-    *p = (struct cake_policy){CAKE_MODE_FIXED, 1024, 32, 1.0f, 1.0f, 200.0f, 1, 0};
+    *p = (struct cake_policy){.mode = CAKE_MODE_FIXED, .cache_size = 1024, .window = 32,
+                              .tau1 = 1.0f, .tau2 = 1.0f, .gamma = 200.0f, .cascading = 1};
 }
 
 int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
@@ -422,6 +423,9 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
     p.mode = pol->mode, p.cache_size = pol->cache_size, p.window = pol->window;
     p.tau1 = pol->tau1, p.tau2 = pol->tau2, p.gamma = pol->gamma, p.cascading = pol->cascading != 0;
     p.decode_slack = pol->decode_slack;
+    p.kind = pol->kind, p.alloc = pol->alloc, p.indicator = pol->indicator, p.pool = pol->pool;
+    p.pool_kernel = pol->pool_kernel, p.decode = pol->decode, p.sinks = pol->sinks;
+    p.pyramid_beta = pol->pyramid_beta, p.ada_alpha = pol->ada_alpha;
     Cake__SeqOpen m = CAKE__SEQ_OPEN__INIT;
     m.layers = lay->layers, m.q_heads = lay->q_heads, m.kv_heads = lay->kv_heads;
     m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;

@@ -81,13 +81,18 @@ const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t 
     return s->ls[l].pos + (size_t)g * s->ls[l].prefix;
 }
 
+const float *cakeseq_indicator(const struct cakeseq *s, uint32_t l, uint32_t g)
+{
+    return s->ls[l].ind + (size_t)g * s->ls[l].prefix;
+}
+
 const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m)
 {
     return s->stage + (size_t)m * s->cfg.layers;
 }
 
 /* Keeps the top `keep` of layer l per kv head; records the slots and shrinks ind/pos. */
-static void evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cakeseq_evict *ev)
+static int evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cakeseq_evict *ev)
 {
     struct layer_state *ls = &s->ls[l];
     uint32_t old = ls->prefix;
@@ -114,6 +119,7 @@ static void evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cak
     }
     ls->prefix = keep;
     *ev = (struct cakeseq_evict){.layer = l, .kept = keep, .old_prefix = old, .slots = slots};
+    return 0;
 }
 
 int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
@@ -141,6 +147,23 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
     s->next_layer++;
 
     int64_t *row = s->stage + (size_t)layer * L;
+    int64_t sb[POLICY_MAX_LAYERS];
+    if (policy_budgets_static(cfg, S, sb)) {
+        /* budgets known up front (uniform, pyramid, none): each layer is cut to its own as
+         * soon as it is scored, whatever cascading says (memory only ever shrinks) */
+        if (cfg->alloc == POLICY_ALLOC_NONE)
+            ls->budget = S;
+        else if (!policy_prefill_early_exit(cfg, s->n))
+            ls->budget = sb[layer];
+        if (ls->budget < ls->prefix) {
+            int rc = evict_layer(s, layer, (uint32_t)ls->budget, &ev[(*n_ev)++]);
+            if (rc)
+                return rc;
+        }
+        for (uint32_t l = 0; l < L; l++)
+            row[l] = l <= layer ? s->ls[l].budget : -1;
+        return 0;
+    }
     int allocate = !policy_prefill_early_exit(cfg, s->n) && (cfg->cascading || layer == L - 1);
     if (allocate) {
         uint32_t m = layer + 1; /* layers 0..layer take part */
@@ -163,8 +186,11 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
             struct layer_state *x = &s->ls[l];
             x->budget = b[l];
             uint32_t keep = b[l] < x->prefix ? (uint32_t)b[l] : x->prefix;
-            if (keep < x->prefix || (cfg->mode == POLICY_PARITY && x->prefix))
-                evict_layer(s, l, keep, &ev[(*n_ev)++]);
+            if (keep < x->prefix || (cfg->mode == POLICY_PARITY && x->prefix)) {
+                int rc = evict_layer(s, l, keep, &ev[(*n_ev)++]);
+                if (rc)
+                    return rc;
+            }
         }
     }
     for (uint32_t l = 0; l < L; l++)

@@ -55,6 +55,8 @@ uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t layer);
 uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t layer);
 /* Original positions of the held prefix tokens of (layer, g), in storage order. */
 const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t layer, uint32_t g);
+/* The indicator of the held prefix tokens of (layer, g), in storage order (prefix_len). */
+const float *cakeseq_indicator(const struct cakeseq *s, uint32_t layer, uint32_t g);
 /* Budgets recorded right after layer m was scored (row m of the stage table), L entries,
  * -1 beyond m. */
 const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m);

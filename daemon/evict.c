@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "evict.h"
+#include "indicator.h"
 
 int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const struct kern_kv *kv,
                         const void *q, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
@@ -31,8 +32,13 @@ int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const str
             a.q = last;
         }
     }
-    struct kern_score_out o = {.indicator = ind};
-    int rc = kern_score_layer(&a, &o);
+    int rc;
+    if (cfg->mode == POLICY_PARITY) {
+        struct kern_score_out o = {.indicator = ind};
+        rc = kern_score_layer(&a, &o);
+    } else { /* the policy's indicator over the ring */
+        rc = indicator_layer(cfg, kv, q, q_dtype, q_heads, n_q, S, n_threads, ind, NULL, NULL);
+    }
     free(last);
     if (rc)
         return rc;

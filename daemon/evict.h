@@ -6,8 +6,9 @@
  *  - parity: the reference's CakeDecodingKVCache_LayerWise: softmax of the current query
  *    alone over all N entries, average-pooled along storage order, mean over the GQA group;
  *    kept in descending score order;
- *  - fixed: mean + gamma * var over the last n_q queries (the layer's ring of recent
- *    queries, causal), pooled by position; kept in positional order.
+ *  - fixed: the policy's indicator (indicator.h; CAKE: mean + gamma * var) over the last
+ *    n_q queries (the layer's ring of recent queries, causal), pooled by position; kept in
+ *    positional order.
  * Thread-safe (no shared state). */
 #ifndef CAKE_EVICT_H
 #define CAKE_EVICT_H

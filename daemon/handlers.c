@@ -96,6 +96,15 @@ static void h_seq_open(struct server *s, struct client *c)
         a.cfg.cache_size = m->policy->cache_size, a.cfg.window = m->policy->window;
         a.cfg.tau1 = m->policy->tau1, a.cfg.tau2 = m->policy->tau2, a.cfg.gamma = m->policy->gamma;
         a.cfg.cascading = m->policy->cascading, a.cfg.decode_slack = m->policy->decode_slack;
+        /* out-of-range values are refused by policy_cfg_check with the reason */
+        a.cfg.kind = (enum policy_kind)m->policy->kind;
+        a.cfg.alloc = (enum policy_alloc)m->policy->alloc;
+        a.cfg.indicator = (enum policy_ind)m->policy->indicator;
+        a.cfg.pool = (enum policy_pool)m->policy->pool;
+        a.cfg.pool_kernel = m->policy->pool_kernel;
+        a.cfg.decode = (enum policy_decode)m->policy->decode;
+        a.cfg.sinks = m->policy->sinks;
+        a.cfg.pyramid_beta = m->policy->pyramid_beta, a.cfg.ada_alpha = m->policy->ada_alpha;
     }
     UNPACK_FREE(seq_open, m);
     if (bad_mode || bad_place) {
@@ -414,6 +423,7 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
     r->prefilled_layers = q->next_observe, r->decoded_tokens = q->decoded;
     r->placement = q->gpu, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
+    r->policy = (char *)policy_kind_name(q->cfg.kind);
 }
 
 static void h_sequences(struct server *s, struct client *c)

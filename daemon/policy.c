@@ -1,4 +1,5 @@
 /* policy.c - layer-budget allocation (see policy.h). */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,8 +16,85 @@ void policy_cfg_default(struct policy_cfg *cfg, uint32_t layers, uint32_t cache_
     };
 }
 
-const char *policy_cfg_check(const struct policy_cfg *cfg)
+void policy_cfg_resolve(struct policy_cfg *cfg)
 {
+    static const struct {
+        enum policy_alloc alloc;
+        enum policy_ind ind;
+        enum policy_pool pool;
+        uint32_t kernel;
+        enum policy_decode decode;
+    } kd[POLICY_KIND_COUNT] = {
+        [POLICY_CAKE] = {POLICY_ALLOC_PREFERENCE, POLICY_IND_MEAN_VAR, POLICY_POOL_AVG, 5,
+                         POLICY_DECODE_EVICT},
+        [POLICY_FULL] = {POLICY_ALLOC_NONE, POLICY_IND_MEAN, POLICY_POOL_NONE, 1,
+                         POLICY_DECODE_PREFILL_ONLY},
+        [POLICY_STREAMING] = {POLICY_ALLOC_UNIFORM, POLICY_IND_POSITION, POLICY_POOL_NONE, 1,
+                              POLICY_DECODE_EVICT},
+        [POLICY_H2O] = {POLICY_ALLOC_UNIFORM, POLICY_IND_MEAN, POLICY_POOL_NONE, 1,
+                        POLICY_DECODE_EVICT},
+        [POLICY_TOVA] = {POLICY_ALLOC_UNIFORM, POLICY_IND_LAST, POLICY_POOL_NONE, 1,
+                         POLICY_DECODE_EVICT},
+        [POLICY_SNAPKV] = {POLICY_ALLOC_UNIFORM, POLICY_IND_MEAN, POLICY_POOL_MAX, 7,
+                           POLICY_DECODE_PREFILL_ONLY},
+        [POLICY_PYRAMIDKV] = {POLICY_ALLOC_PYRAMID, POLICY_IND_MEAN, POLICY_POOL_MAX, 7,
+                              POLICY_DECODE_PREFILL_ONLY},
+        [POLICY_ADAKV] = {POLICY_ALLOC_UNIFORM, POLICY_IND_MEAN, POLICY_POOL_MAX, 7,
+                          POLICY_DECODE_PREFILL_ONLY},
+    };
+    if ((unsigned)cfg->kind >= POLICY_KIND_COUNT)
+        return; /* policy_cfg_check says so */
+    if (!cfg->alloc)
+        cfg->alloc = kd[cfg->kind].alloc;
+    if (!cfg->indicator)
+        cfg->indicator = kd[cfg->kind].ind;
+    if (!cfg->pool)
+        cfg->pool = kd[cfg->kind].pool;
+    if (!cfg->pool_kernel)
+        cfg->pool_kernel = cfg->pool == kd[cfg->kind].pool ? kd[cfg->kind].kernel
+                         : cfg->pool == POLICY_POOL_NONE  ? 1 : 5;
+    if (!cfg->decode)
+        cfg->decode = kd[cfg->kind].decode;
+    if (!cfg->sinks)
+        cfg->sinks = 4;
+    if (cfg->pyramid_beta == 0.0f)
+        cfg->pyramid_beta = 20.0f;
+    if (cfg->ada_alpha == 0.0f)
+        cfg->ada_alpha = 0.2f;
+    if (cfg->kind == POLICY_ADAKV)
+        cfg->per_head_budgets = 1;
+    if (cfg->kind == POLICY_TOVA)
+        cfg->shared_heads = 1;
+    if (cfg->kind == POLICY_H2O)
+        cfg->accumulate = 1;
+}
+
+const char *policy_cfg_check(const struct policy_cfg *in)
+{
+    struct policy_cfg r = *in, *cfg = &r;
+    if ((unsigned)cfg->kind >= POLICY_KIND_COUNT)
+        return "unknown policy kind";
+    policy_cfg_resolve(cfg);
+    if (cfg->alloc > POLICY_ALLOC_NONE)
+        return "unknown allocation";
+    if (cfg->indicator > POLICY_IND_POSITION)
+        return "unknown indicator";
+    if (cfg->pool > POLICY_POOL_NONE || cfg->pool_kernel % 2 == 0 || cfg->pool_kernel > 255)
+        return "pooling must be avg, max or none with an odd kernel up to 255";
+    if (cfg->decode > POLICY_DECODE_PREFILL_ONLY)
+        return "unknown decode behaviour";
+    if (cfg->mode == POLICY_PARITY &&
+        (cfg->kind != POLICY_CAKE || cfg->alloc != POLICY_ALLOC_PREFERENCE ||
+         cfg->indicator != POLICY_IND_MEAN_VAR || cfg->pool != POLICY_POOL_AVG ||
+         cfg->pool_kernel != 5 || cfg->decode != POLICY_DECODE_EVICT))
+        return "parity mode reproduces CAKE's reference only: use fixed mode for baselines "
+               "and ablations";
+    if (!(cfg->pyramid_beta >= 1.0f) || !isfinite(cfg->pyramid_beta))
+        return "pyramid_beta must be at least 1";
+    if (!(cfg->ada_alpha <= 1.0f) || !isfinite(cfg->ada_alpha))
+        return "ada_alpha must be at most 1 (negative: no floor)";
+    if (cfg->per_head_budgets && (cfg->shared_heads || cfg->decode == POLICY_DECODE_EVICT))
+        return "per-head budgets (Ada-KV) need prefill-only decoding and per-head token sets";
     if (cfg->mode != POLICY_PARITY && cfg->mode != POLICY_FIXED)
         return "unknown policy mode";
     if (cfg->layers == 0 || cfg->layers > POLICY_MAX_LAYERS)
@@ -30,6 +108,130 @@ const char *policy_cfg_check(const struct policy_cfg *cfg)
     if (!(cfg->gamma >= 0.0f) || !isfinite(cfg->gamma))
         return "gamma must be finite and >= 0";
     return NULL;
+}
+
+static const char *const kind_names[POLICY_KIND_COUNT] = {
+    "cake", "full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "adakv",
+};
+static const char *const alloc_names[] = {"default", "preference", "uniform", "pyramid", "none"};
+static const char *const ind_names[] = {"default", "mean+var", "mean", "var", "last", "position"};
+
+static int name_parse(const char *const *names, int n, const char *s)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcasecmp(s, names[i]))
+            return i;
+    return -1;
+}
+
+const char *policy_kind_name(enum policy_kind k)
+{
+    return (unsigned)k < POLICY_KIND_COUNT ? kind_names[k] : "?";
+}
+int policy_kind_parse(const char *s) { return name_parse(kind_names, POLICY_KIND_COUNT, s); }
+const char *policy_alloc_name(enum policy_alloc a)
+{
+    return (unsigned)a <= POLICY_ALLOC_NONE ? alloc_names[a] : "?";
+}
+int policy_alloc_parse(const char *s) { return name_parse(alloc_names, 5, s); }
+const char *policy_ind_name(enum policy_ind i)
+{
+    return (unsigned)i <= POLICY_IND_POSITION ? ind_names[i] : "?";
+}
+int policy_ind_parse(const char *s) { return name_parse(ind_names, 6, s); }
+
+int policy_budgets_static(const struct policy_cfg *cfg, int64_t S, int64_t *b)
+{
+    uint32_t L = cfg->layers;
+    int64_t avg = (int64_t)cfg->cache_size - cfg->window;
+    switch (cfg->alloc) {
+    case POLICY_ALLOC_NONE:
+        for (uint32_t l = 0; l < L; l++)
+            b[l] = S;
+        return 1;
+    case POLICY_ALLOC_UNIFORM:
+        for (uint32_t l = 0; l < L; l++)
+            b[l] = avg < S ? avg : S;
+        return 1;
+    case POLICY_ALLOC_PYRAMID: {
+        /* PyramidKV (KVCache-Factory @5a1f543): min = avg // beta, max = 2 avg - min; if max
+         * reaches S: max = S, min = 2 avg - max; step = (max - min) // (L - 1); layer l gets
+         * max - l * step. Below 2 avg scored tokens it is uniform (SnapKV). */
+        if (S < 2 * avg || L == 1)
+            goto uniform;
+        int64_t mn = (int64_t)floor((double)avg / cfg->pyramid_beta), mx = 2 * avg - mn;
+        if (mx >= S)
+            mx = S, mn = 2 * avg - mx;
+        int64_t step = (mx - mn) / (int64_t)(L - 1);
+        for (uint32_t l = 0; l < L; l++) {
+            b[l] = mx - (int64_t)l * step;
+            b[l] = b[l] < 0 ? 0 : b[l] > S ? S : b[l];
+        }
+        return 1;
+    }
+    default:
+        return 0;
+    }
+uniform:
+    for (uint32_t l = 0; l < L; l++)
+        b[l] = avg < S ? avg : S;
+    return 1;
+}
+
+struct head_score {
+    float v;
+    uint32_t at; /* g * S + j */
+};
+
+static int head_score_cmp(const void *x, const void *y)
+{
+    const struct head_score *a = x, *b = y;
+    if (a->v != b->v)
+        return a->v > b->v ? -1 : 1;
+    return a->at < b->at ? -1 : a->at > b->at;
+}
+
+int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t kv_heads,
+                        uint32_t S, uint32_t B, uint32_t *bg)
+{
+    uint64_t total = (uint64_t)kv_heads * (B < S ? B : S), all = (uint64_t)kv_heads * S;
+    struct head_score *hs = malloc(sizeof(*hs) * (all + 1));
+    if (!hs)
+        return -ENOMEM;
+    for (uint64_t i = 0; i < all; i++)
+        hs[i] = (struct head_score){isnan(ind[i]) ? -INFINITY : ind[i], (uint32_t)i};
+    qsort(hs, all, sizeof(*hs), head_score_cmp);
+    uint32_t cnt[POLICY_MAX_HEADS] = {0};
+    for (uint64_t i = 0; i < total; i++)
+        cnt[hs[i].at / S]++;
+    free(hs);
+    double alpha = cfg->ada_alpha < 0.0f ? 0.0 : cfg->ada_alpha;
+    double floor_share = floor(alpha * (double)(B < S ? B : S));
+    int64_t got = 0;
+    for (uint32_t g = 0; g < kv_heads; g++) {
+        double x = floor((double)cnt[g] * (1.0 - alpha) + floor_share + 0.5);
+        bg[g] = x > S ? S : (uint32_t)x;
+        got += bg[g];
+    }
+    /* rounding may miss the total by a few: give or take from the heads with the most or
+     * fewest, lowest index first, within [0, S] */
+    while ((uint64_t)got < total) {
+        uint32_t best = UINT32_MAX;
+        for (uint32_t g = 0; g < kv_heads; g++)
+            if (bg[g] < S && (best == UINT32_MAX || cnt[g] > cnt[best]))
+                best = g;
+        if (best == UINT32_MAX)
+            break;
+        bg[best]++, got++;
+    }
+    while ((uint64_t)got > total) {
+        uint32_t best = UINT32_MAX;
+        for (uint32_t g = 0; g < kv_heads; g++)
+            if (bg[g] > 0 && (best == UINT32_MAX || cnt[g] < cnt[best]))
+                best = g;
+        bg[best]--, got--;
+    }
+    return 0;
 }
 
 const char *policy_mode_name(enum policy_mode m)
@@ -237,6 +439,8 @@ int policy_prefill_early_exit(const struct policy_cfg *cfg, uint32_t n)
 
 int policy_decode_should_evict(const struct policy_cfg *cfg, uint32_t budget, uint32_t held)
 {
+    if (cfg->decode == POLICY_DECODE_PREFILL_ONLY || cfg->alloc == POLICY_ALLOC_NONE)
+        return 0;
     uint64_t lim = (uint64_t)budget + cfg->window;
     if (cfg->mode == POLICY_FIXED)
         lim += cfg->decode_slack;

@@ -6,6 +6,7 @@
 #include "cake/cake.h"
 #include "evict.h"
 #include "seq.h"
+#include "indicator.h"
 
 static uint64_t ring_layer_bytes(const struct seq *s)
 {
@@ -133,6 +134,11 @@ static const char *gpu_layout_check(const struct seq_env *e, const struct seq_op
     if (cfg->mode != POLICY_FIXED)
         return "GPU sequences run fixed mode (parity mode reproduces the reference's "
                "double-precision arithmetic on the host)";
+    if (cfg->kind != POLICY_CAKE || cfg->alloc != POLICY_ALLOC_PREFERENCE ||
+        cfg->indicator != POLICY_IND_MEAN_VAR || cfg->pool != POLICY_POOL_AVG ||
+        cfg->pool_kernel != 5 || cfg->decode != POLICY_DECODE_EVICT)
+        return "GPU sequences run CAKE; the baseline policies and ablations run on host "
+               "sequences";
     return NULL;
 }
 
@@ -159,6 +165,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     cfg.layers = a->layers, cfg.model_dtype = (enum kern_dtype)a->dtype;
     if ((*why = policy_cfg_check(&cfg)))
         return CAKE_EINVAL;
+    policy_cfg_resolve(&cfg);
     if (cfg.window > SEQ_MAX_WINDOW || cfg.cache_size > SEQ_MAX_TOKENS) {
         *why = "window must be at most 4096 and cache_size at most 16M";
         return CAKE_EINVAL;
@@ -281,6 +288,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     for (uint32_t l = 0; l < s->L; l++) {
         free_layer_pages(e, s, l, 0);
         free(s->layer[l].pages);
+        free(s->layer[l].acc);
     }
     pool_free_run(e->pool, s->desc_first, s->desc_pages);
     pool_free_run(e->pool, s->scratch_first, s->scratch_pages);
@@ -402,16 +410,11 @@ void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, in
             return;
         }
         struct kern_kv kv = layer_view(e, s, layer, pages);
-        struct kern_score_args a = {
-            .q = ring_ptr(e, s, layer), .q_dtype = s->dt, .q_heads = s->H, .n_q = w,
-            .kv = &kv, .n_scored = S, .gamma = s->cfg.gamma,
-            .stats = s->cfg.mode == POLICY_FIXED ? KERN_STATS_FP32 : KERN_STATS_REF,
-            .round_dtype = s->dt, .n_threads = e->threads,
-        };
-        struct kern_score_out o = {.indicator = ind};
-        s->work_rc = kern_score_layer(&a, &o);
+        double ent = 0, var = 0;
+        s->work_rc = indicator_layer(&s->cfg, &kv, ring_ptr(e, s, layer), s->dt, s->H, w, S,
+                                     e->threads, ind, &ent, &var);
         free(pages);
-        pref = policy_preference(&s->cfg, o.entropy, o.variance);
+        pref = policy_preference(&s->cfg, ent, var);
     } else if (S) {
         /* the engine's own indicator: copied out of shared memory before use */
         memcpy(ind, indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
@@ -475,6 +478,8 @@ static int layer_over(const struct seq *s, uint32_t l)
 
 int seq_decode_needs_evict(const struct seq *s)
 {
+    if (s->cfg.accumulate && s->decoded > 0)
+        return 1; /* H2O adds every step's attention, evicting or not */
     for (uint32_t l = 0; l < s->L; l++)
         if (layer_over(s, l))
             return 1;
@@ -546,8 +551,97 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     return rc;
 }
 
+/* H2O's decode step for layer l: the newest query's attention (group mean) is added to
+ * every held token's accumulated score, then an over-budget layer keeps the top `budget`
+ * of its first N - w by that score (positional order) and the window. */
+static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
+                            uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, Hkv = s->Hkv;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t N = ly->tokens;
+    *evicted = 0;
+    if (!ly->acc) { /* first step: the prefill's window sums for the kept prefix */
+        uint32_t cap = N + (s->max_new - s->decoded) + 1, P = cakeseq_prefix_len(s->cs, l);
+        if (!(ly->acc = calloc((size_t)Hkv * cap, sizeof(float))))
+            return -ENOMEM;
+        ly->acc_cap = cap;
+        uint32_t nw = s->n < w ? s->n : w;
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t j = 0; j < P && j < N; j++)
+                ly->acc[(size_t)g * cap + j] = cakeseq_indicator(s->cs, l, g)[j] * (float)nw;
+    }
+    if (N < 2 || N > ly->acc_cap)
+        return N > ly->acc_cap ? -EINVAL : 0;
+    uint32_t cap = ly->acc_cap, S1 = N - 1;
+    uint8_t *q = malloc(row * s->H);
+    float *ind = malloc(sizeof(float) * ((size_t)Hkv * S1 + 1));
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    int rc = -ENOMEM;
+    if (!q || !ind || !pages)
+        goto out;
+    const uint8_t *ring = ring_ptr(e, s, l);
+    uint32_t newest = (v0 + s->decoded - 1) % w;
+    for (uint32_t h = 0; h < s->H; h++)
+        memcpy(q + h * row, ring + ((size_t)h * w + newest) * row, row);
+    struct kern_kv kv = layer_view(e, s, l, pages);
+    struct kern_score_args a = {
+        .q = q, .q_dtype = s->dt, .q_heads = s->H, .n_q = 1, .kv = &kv, .n_scored = S1,
+        .stats = KERN_STATS_FP32, .n_threads = 1, .pool = KERN_POOL_NONE,
+    };
+    struct kern_score_out o = {.indicator = ind};
+    if ((rc = kern_score_layer(&a, &o)))
+        goto out; /* the newest token's attention to itself is not counted */
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t j = 0; j < S1; j++)
+            ly->acc[(size_t)g * cap + j] += ind[(size_t)g * S1 + j];
+    uint32_t budget = cakeseq_budget(s->cs, l);
+    if (!policy_decode_should_evict(&s->cfg, budget, N))
+        goto out;
+    uint32_t S = N - w, kept = budget < S ? budget : S;
+    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)Hkv * kept + 1));
+    void *scratch = malloc(2 * row * kept + 1);
+    rc = -ENOMEM;
+    if (slots && scratch) {
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t *sl = slots + (size_t)g * kept;
+            float *ag = ly->acc + (size_t)g * cap;
+            kern_topk(ag, S, kept, KERN_ORDER_POSITION, sl);
+            kern_compact_head(&kv, g, sl, kept, S, w, scratch);
+            kern_gather_f32(ag, sl, kept, ag); /* ascending: in place */
+            memmove(ag + kept, ag + S, sizeof(float) * w);
+            memset(ag + kept + w, 0, sizeof(float) * (cap - kept - w));
+        }
+        *evicted = S - kept;
+        ly->tokens = kept + w;
+        rc = 0;
+    }
+    free(slots), free(scratch);
+out:
+    free(q), free(ind), free(pages);
+    return rc;
+}
+
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
 {
+    if (s->cfg.accumulate) {
+        uint32_t evicted[SEQ_MAX_LAYERS] = {0};
+        int rcs[SEQ_MAX_LAYERS] = {0};
+        s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (s->L > 1)
+        for (uint32_t l = 0; l < s->L; l++)
+            rcs[l] = decode_h2o_layer(e, s, l, &evicted[l]);
+        for (uint32_t l = 0; l < s->L; l++) {
+            if (rcs[l] && !s->work_rc)
+                s->work_rc = rcs[l];
+            if (evicted[l]) {
+                s->evicted_tokens += evicted[l];
+                s->ev_layers[s->n_ev++] = l;
+            }
+        }
+        return;
+    }
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
     uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};

@@ -28,6 +28,8 @@ struct seq_layer {
     uint32_t n_pages;
     uint32_t tokens;
     uint32_t ring_rows;  /* valid rows in the query ring */
+    float *acc;          /* H2O: accumulated attention per [kv_head][slot], acc_cap slots */
+    uint32_t acc_cap;
 };
 
 struct seq {

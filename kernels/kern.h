@@ -48,6 +48,13 @@ enum kern_stats {
     KERN_STATS_REF = 1,  /* parity mode: as the reference, rounded to round_dtype */
 };
 
+/* Pooling of the indicator along the key axis (per query head, before the group mean). */
+enum kern_pool {
+    KERN_POOL_AVG = 0,  /* sum of the pool_kernel neighbours / pool_kernel, zero padded (CAKE) */
+    KERN_POOL_MAX = 1,  /* max over the neighbours inside [0, S) (torch max_pool1d, same pad) */
+    KERN_POOL_NONE = 2,
+};
+
 /* Window scoring of one layer.
  *
  * q holds the last n_q queries of every query head, [q_heads][n_q][head_dim] in q_dtype,
@@ -59,6 +66,9 @@ enum kern_stats {
  *   I0[h,j]   = mean_i A[h,i,j] + gamma * var_i A[h,i,j]   (var term only when n_q >= 2)
  *   indicator[g,j] = mean over the group's heads of avgpool5(I0[h,.])[j]
  *                    (zero padding outside [0,S), always divided by 5)
+ * The zero defaults of var_only, pool and pool_kernel give that, CAKE's indicator; the
+ * baseline policies change them: var_only makes I0 = var_i A alone, pool and pool_kernel
+ * (odd, 0 meaning 5) pick the pooling. Entropy and variance do not depend on them.
  * Requirements: q_heads % kv_heads == 0, n_q >= 1, S <= n - n_q.
  * The result does not depend on n_threads (fixed reduction order). */
 struct kern_score_args {
@@ -72,6 +82,9 @@ struct kern_score_args {
     enum kern_stats stats;
     enum kern_dtype round_dtype; /* KERN_STATS_REF only: the model dtype */
     int n_threads;
+    int var_only;
+    enum kern_pool pool;
+    uint32_t pool_kernel;
 };
 
 struct kern_score_out {

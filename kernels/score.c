@@ -45,6 +45,15 @@ typedef float vf __attribute__((vector_size(VW * sizeof(float))));
  * into a vf goes through the stack in halves and stalls store forwarding) */
 typedef float vfu __attribute__((vector_size(VW * sizeof(float)), aligned(4), may_alias));
 
+static inline int omp_thread(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 struct item {
     uint32_t g;
     uint32_t j0, j1;
@@ -174,7 +183,9 @@ struct ctx {
     const float *rowm;   /* merged per-row max, [Hkv][R] */
     const float *rowl;   /* merged per-row log-sum (ln l) */
     float *ind;          /* out->indicator */
-    float *perhead;      /* parity with a half dtype: [Hkv][G][S] */
+    float *perhead;      /* parity with a half dtype, or max pooling: [Hkv][G][S] */
+    int per_head;        /* statistics go to perhead (pooled per head afterwards) */
+    float mw, gw;        /* I0 = mw * mean + gw * var */
     double *ent, *var;   /* per pass-2 item */
 };
 
@@ -259,7 +270,7 @@ pass2_tile(const struct ctx *c, uint32_t g, uint32_t j, uint32_t tj, float *rest
     uint32_t nq = c->a->n_q, G = c->G, S = c->S;
     enum kern_dtype dt = c->a->round_dtype;
     const float *M = c->rowm + (size_t)g * c->R, *LL = c->rowl + (size_t)g * c->R;
-    float gamma = c->a->gamma;
+    float mw = c->mw, gw = c->gw;
     int want_var = nq >= 2;
     double e_sum = 0.0, v_sum = 0.0;
 
@@ -310,13 +321,19 @@ pass2_tile(const struct ctx *c, uint32_t g, uint32_t j, uint32_t tj, float *rest
             for (uint32_t t = 0; t < tj; t++) {
                 float mu = kern_round_to(dt, mean[t]), v = kern_round_to(dt, sq[t]);
                 vs += v;
-                ph[t] = kern_round_to(dt, mu + kern_round_to(dt, gamma * v));
+                ph[t] = kern_round_to(dt, mw * mu + kern_round_to(dt, gw * v));
+            }
+        } else if (c->per_head) {
+            float *ph = c->perhead + ((size_t)g * G + h) * S + j;
+            for (uint32_t t = 0; t < tj; t++) {
+                vs += sq[t];
+                ph[t] = mw * mean[t] + gw * sq[t];
             }
         } else {
             float *ind = c->ind + (size_t)g * S + j;
             for (uint32_t t = 0; t < tj; t++) {
                 vs += sq[t];
-                ind[t] += mean[t] + gamma * sq[t];
+                ind[t] += mw * mean[t] + gw * sq[t];
             }
         }
         v_sum += vs;
@@ -330,7 +347,7 @@ static void pass2_item(const struct ctx *c, const struct item *it, double *ent, 
 {
     const struct kern_kv *kv = c->a->kv;
     int mode = c->a->stats == KERN_STATS_FP32 ? 0 : c->a->round_dtype == KERN_F32 ? 1 : 2;
-    if (mode != 2)
+    if (mode != 2 && !c->per_head)
         memset(c->ind + (size_t)it->g * c->S + it->j0, 0, sizeof(float) * (it->j1 - it->j0));
     for (uint32_t j = it->j0; j < it->j1;) {
         uint32_t tj = tile_len(kv, j, it->j1);
@@ -345,15 +362,52 @@ static void pass2_item(const struct ctx *c, const struct item *it, double *ent, 
     }
 }
 
-/* In place: x[j] <- (x[j-2] + ... + x[j+2]) / 5 * post, zero padded. */
-static void pool5(float *x, uint32_t S, float post)
+/* In place: x[j] <- (x[j-r] + ... + x[j+r]) / (2r+1) * post, zero padded. */
+static void pool_avg(float *x, uint32_t S, uint32_t r, float post, float *tmp)
 {
-    float a2 = 0.0f, a1 = 0.0f; /* originals of x[j-2], x[j-1] */
+    if (r == 2) { /* CAKE's: no scratch, the common case */
+        float a2 = 0.0f, a1 = 0.0f; /* originals of x[j-2], x[j-1] */
+        for (uint32_t j = 0; j < S; j++) {
+            float c0 = x[j];
+            float p1 = j + 1 < S ? x[j + 1] : 0.0f, p2 = j + 2 < S ? x[j + 2] : 0.0f;
+            x[j] = (a2 + a1 + c0 + p1 + p2) / 5.0f * post;
+            a2 = a1, a1 = c0;
+        }
+        return;
+    }
+    memcpy(tmp, x, sizeof(float) * S);
     for (uint32_t j = 0; j < S; j++) {
-        float c0 = x[j];
-        float p1 = j + 1 < S ? x[j + 1] : 0.0f, p2 = j + 2 < S ? x[j + 2] : 0.0f;
-        x[j] = (a2 + a1 + c0 + p1 + p2) / 5.0f * post;
-        a2 = a1, a1 = c0;
+        float acc = 0.0f;
+        uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
+        for (uint32_t t = lo; t <= hi; t++)
+            acc += tmp[t];
+        x[j] = acc / (float)(2 * r + 1) * post;
+    }
+}
+
+/* In place: x[j] <- max(x[j-r .. j+r] inside [0, S)). */
+static void pool_max(float *x, uint32_t S, uint32_t r, float *tmp)
+{
+    memcpy(tmp, x, sizeof(float) * S);
+    for (uint32_t j = 0; j < S; j++) {
+        uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
+        float m = tmp[lo];
+        for (uint32_t t = lo + 1; t <= hi; t++)
+            m = tmp[t] > m ? tmp[t] : m;
+        x[j] = m;
+    }
+}
+
+static void pool_row(enum kern_pool p, float *x, uint32_t S, uint32_t r, float post, float *tmp)
+{
+    if (p == KERN_POOL_AVG) {
+        pool_avg(x, S, r, post, tmp);
+    } else {
+        if (p == KERN_POOL_MAX)
+            pool_max(x, S, r, tmp);
+        if (post != 1.0f)
+            for (uint32_t j = 0; j < S; j++)
+                x[j] *= post;
     }
 }
 
@@ -372,8 +426,10 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
     if (!kv || !a->q || !out || kv->kv_heads == 0 || a->q_heads % kv->kv_heads ||
         a->n_q == 0 || kv->head_dim == 0 || kv->tokens_per_page == 0 ||
         a->n_q > kv->n_tokens || a->n_scored > kv->n_tokens - a->n_q ||
-        (a->n_scored && !out->indicator))
+        (a->n_scored && !out->indicator) || a->pool > KERN_POOL_NONE ||
+        (a->pool_kernel && a->pool_kernel % 2 == 0))
         return -EINVAL;
+    uint32_t pr = a->pool_kernel ? a->pool_kernel / 2 : 2; /* pooling radius */
     struct ctx c = {
         .a = a, .G = a->q_heads / kv->kv_heads, .S = a->n_scored, .n = kv->n_tokens,
         .d = kv->head_dim, .scale = 1.0f / sqrtf((float)kv->head_dim), .ind = out->indicator,
@@ -385,6 +441,8 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
         return 0;
     int nt = kern_threads(a->n_threads);
     int mode2 = a->stats == KERN_STATS_REF && a->round_dtype != KERN_F32;
+    c.per_head = !mode2 && a->pool == KERN_POOL_MAX; /* max does not commute with the mean */
+    c.mw = a->var_only ? 0.0f : 1.0f, c.gw = a->var_only ? 1.0f : a->gamma;
     uint32_t ni1 = Hkv * ((c.n + CHUNK - 1) / CHUNK), ni2 = Hkv * ((c.S + CHUNK - 1) / CHUNK);
     int rc = -ENOMEM;
 
@@ -393,8 +451,10 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
     float *ml = malloc(sizeof(float) * 2 * (size_t)ni1 * c.R);
     float *rowml = malloc(sizeof(float) * 2 * (size_t)Hkv * c.R);
     double *acc = calloc(2 * (size_t)ni2, sizeof(double));
-    float *perhead = mode2 ? malloc(sizeof(float) * (size_t)a->q_heads * c.S) : NULL;
-    if (!qf || !items || !ml || !rowml || !acc || (mode2 && !perhead))
+    int ph = mode2 || c.per_head;
+    float *perhead = ph ? malloc(sizeof(float) * (size_t)a->q_heads * c.S) : NULL;
+    float *ptmp = malloc(sizeof(float) * ((size_t)kern_threads(a->n_threads) * c.S + 1));
+    if (!qf || !items || !ml || !rowml || !acc || (ph && !perhead) || !ptmp)
         goto out;
 #ifdef HAVE_BF16_DP
     if (a->q_dtype == KERN_BF16 && kv->dtype == KERN_BF16 && c.d % 2 == 0)
@@ -459,20 +519,35 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
         goto out;
 
     /* pooling and the group mean */
-    if (!mode2) {
+    if (!ph) { /* the group's heads were summed: pool the sum (linear) */
 #pragma omp parallel for num_threads(nt) if (Hkv > 1)
         for (uint32_t g = 0; g < Hkv; g++)
-            pool5(c.ind + (size_t)g * c.S, c.S, 1.0f / (float)c.G);
+            pool_row(a->pool, c.ind + (size_t)g * c.S, c.S, pr, 1.0f / (float)c.G,
+                     ptmp + (size_t)omp_thread() * c.S);
+    } else if (!mode2) {
+#pragma omp parallel for num_threads(nt) if (Hkv > 1)
+        for (uint32_t g = 0; g < Hkv; g++) {
+            float *ind = c.ind + (size_t)g * c.S;
+            memset(ind, 0, sizeof(float) * c.S);
+            for (uint32_t h = 0; h < c.G; h++) {
+                float *x = perhead + ((size_t)g * c.G + h) * c.S;
+                pool_row(a->pool, x, c.S, pr, 1.0f, ptmp + (size_t)omp_thread() * c.S);
+                for (uint32_t j = 0; j < c.S; j++)
+                    ind[j] += x[j];
+            }
+            for (uint32_t j = 0; j < c.S; j++)
+                ind[j] /= (float)c.G;
+        }
     } else {
         enum kern_dtype dt = a->round_dtype;
         for (uint32_t g = 0; g < Hkv; g++) {
             float *ind = c.ind + (size_t)g * c.S;
             memset(ind, 0, sizeof(float) * c.S);
             for (uint32_t h = 0; h < c.G; h++) {
-                float *ph = perhead + ((size_t)g * c.G + h) * c.S;
-                pool5(ph, c.S, 1.0f);
+                float *x = perhead + ((size_t)g * c.G + h) * c.S;
+                pool_row(a->pool, x, c.S, pr, 1.0f, ptmp);
                 for (uint32_t j = 0; j < c.S; j++)
-                    ind[j] += kern_round_to(dt, ph[j]);
+                    ind[j] += kern_round_to(dt, x[j]);
             }
             for (uint32_t j = 0; j < c.S; j++)
                 ind[j] = kern_round_to(dt, ind[j] / (float)c.G);
@@ -486,6 +561,6 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
     out->entropy = E, out->variance = V;
     rc = 0;
 out:
-    free(qf), free(items), free(ml), free(rowml), free(acc), free(perhead);
+    free(qf), free(items), free(ml), free(rowml), free(acc), free(perhead), free(ptmp);
     return rc;
 }

@@ -65,16 +65,19 @@ int kern_score_layer_ref(const struct kern_score_args *a, struct kern_score_out 
                 var /= nq - 1;
             }
             V += var;
-            i0[j] = mean + (double)a->gamma * var;
+            i0[j] = a->var_only ? var : mean + (double)a->gamma * var;
         }
+        int64_t r = a->pool_kernel ? a->pool_kernel / 2 : 2;
         for (uint32_t j = 0; j < S; j++) {
-            double s = 0.0;
-            for (int o = -2; o <= 2; o++) {
+            double s = 0.0, m = -INFINITY;
+            for (int64_t o = -r; o <= r; o++) {
                 int64_t jj = (int64_t)j + o;
                 if (jj >= 0 && jj < S)
-                    s += i0[jj];
+                    s += i0[jj], m = i0[jj] > m ? i0[jj] : m;
             }
-            ind[(size_t)g * S + j] += s / 5.0 / G;
+            double p = a->pool == KERN_POOL_AVG ? s / (double)(2 * r + 1)
+                     : a->pool == KERN_POOL_MAX ? m : i0[j];
+            ind[(size_t)g * S + j] += p / G;
         }
     }
     for (size_t x = 0; x < (size_t)kv->kv_heads * S; x++)

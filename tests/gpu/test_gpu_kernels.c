@@ -61,7 +61,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     kern_from_f32(dt, qf, q, qn);
     /* reference */
     float *ref = malloc(sizeof(float) * Hkv * S), *got = malloc(sizeof(float) * Hkv * S);
-    struct kern_score_args a = {q, dt, H, nq, &kv, S, 200.0f, KERN_STATS_FP32, KERN_F32, 0};
+    struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = nq, .kv = &kv,
+                                .n_scored = S, .gamma = 200.0f, .stats = KERN_STATS_FP32};
     struct kern_score_out ro = {.indicator = ref};
     kern_score_layer_ref(&a, &ro);
     /* device */

@@ -50,11 +50,13 @@ static void free_layer(struct layer *L)
     free(L->pages), free(L->q);
 }
 
-static void check_against_ref(struct layer *L, uint32_t S, float gamma, int threads, double tol)
+static void check_args(struct layer *L, uint32_t S, float gamma, int threads, double tol,
+                       int var_only, enum kern_pool pool, uint32_t pool_kernel)
 {
     struct kern_score_args a = {
         .q = L->q, .q_dtype = L->qt, .q_heads = L->H, .n_q = L->nq, .kv = &L->kv,
         .n_scored = S, .gamma = gamma, .stats = KERN_STATS_FP32, .n_threads = threads,
+        .var_only = var_only, .pool = pool, .pool_kernel = pool_kernel,
     };
     float *got = malloc(sizeof(float) * L->Hkv * (S + 1)), *want = malloc(sizeof(float) * L->Hkv * (S + 1));
     struct kern_score_out o = {.indicator = got}, r = {.indicator = want};
@@ -78,6 +80,40 @@ static void check_against_ref(struct layer *L, uint32_t S, float gamma, int thre
                       kern_dtype_name(L->kt));
     }
     free(got), free(want);
+}
+
+static void check_against_ref(struct layer *L, uint32_t S, float gamma, int threads, double tol)
+{
+    check_args(L, S, gamma, threads, tol, 0, KERN_POOL_AVG, 0);
+}
+
+/* The baseline policies' indicators: mean alone (gamma 0), variance alone, max / avg / no
+ * pooling with other kernel sizes, every one against the reference, GQA groups of 1..4. */
+Test(score, indicator_variants_match_reference)
+{
+    tu_seed();
+    enum kern_pool pools[3] = {KERN_POOL_AVG, KERN_POOL_MAX, KERN_POOL_NONE};
+    for (int rep = 0; rep < 9; rep++) {
+        struct layer L;
+        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 2 + tu_below(20);
+        uint32_t n = nq + 20 + tu_below(3000), k = 1 + 2 * tu_below(5);
+        make_layer(&L, Hkv * G, Hkv, 32, n, nq, 1 + tu_below(200), KERN_BF16, KERN_BF16);
+        int var_only = rep % 3 == 2;
+        float gamma = rep % 3 == 0 ? 0.0f : 200.0f;
+        check_args(&L, n - nq, gamma, 1 + tu_below(3), 2e-4, var_only, pools[rep / 3], k);
+        free_layer(&L);
+    }
+    /* an even kernel or an unknown pooling is refused */
+    struct layer L;
+    make_layer(&L, 2, 1, 16, 40, 4, 40, KERN_F32, KERN_F32);
+    float ind[64];
+    struct kern_score_args a = {.q = L.q, .q_dtype = L.qt, .q_heads = 2, .n_q = 4, .kv = &L.kv,
+                                .n_scored = 36, .pool_kernel = 4};
+    struct kern_score_out o = {.indicator = ind};
+    cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    a.pool_kernel = 3, a.pool = (enum kern_pool)7;
+    cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    free_layer(&L);
 }
 
 Test(score, matches_double_reference_all_dtypes)

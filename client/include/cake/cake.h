@@ -113,6 +113,35 @@ struct cake_layout {
     enum cake_placement placement;
 };
 
+/* Eviction policies (daemon/README.md "Policies" documents each one's parameters and how
+ * it differs from its original code). Every kind uses the same window w and the same total
+ * (cache_size - w) * layers, so comparisons are fair. */
+enum cake_policy_kind {
+    CAKE_POLICY_CAKE = 0,        /* CAKE: preference-sliced layer budgets, mean + gamma * var */
+    CAKE_POLICY_FULL = 1,        /* keep everything */
+    CAKE_POLICY_STREAMINGLLM = 2,/* `sinks` first tokens + the most recent */
+    CAKE_POLICY_H2O = 3,         /* attention accumulated over the window and every decode query */
+    CAKE_POLICY_TOVA = 4,        /* the newest query's attention, one token set per layer */
+    CAKE_POLICY_SNAPKV = 5,      /* the window's attention, max-pooled (7), prefill only */
+    CAKE_POLICY_PYRAMIDKV = 6,   /* SnapKV's scores, budgets falling with depth (beta 20) */
+    CAKE_POLICY_ADAKV = 7,       /* SnapKV's scores, per-head budgets in a layer (alpha 0.2) */
+};
+/* Components a kind sets; 0 means the kind's own (the paper's ablations override them). */
+enum cake_alloc {
+    CAKE_ALLOC_DEFAULT = 0, CAKE_ALLOC_PREFERENCE = 1, CAKE_ALLOC_UNIFORM = 2,
+    CAKE_ALLOC_PYRAMID = 3, CAKE_ALLOC_NONE = 4,
+};
+enum cake_indicator {
+    CAKE_IND_DEFAULT = 0, CAKE_IND_MEAN_VAR = 1, CAKE_IND_MEAN = 2, CAKE_IND_VAR = 3,
+    CAKE_IND_LAST = 4, CAKE_IND_POSITION = 5,
+};
+enum cake_pool { CAKE_POOL_DEFAULT = 0, CAKE_POOL_AVG = 1, CAKE_POOL_MAX = 2, CAKE_POOL_NONE = 3 };
+enum cake_decode {
+    CAKE_DECODE_DEFAULT = 0,
+    CAKE_DECODE_EVICT = 1,        /* every layer held at its budget + w while decoding */
+    CAKE_DECODE_PREFILL_ONLY = 2, /* the prompt is compressed once; decoded tokens add up */
+};
+
 struct cake_policy {
     enum cake_mode mode; /* default fixed */
     uint32_t cache_size; /* C: average tokens per layer including the window (default 1024) */
@@ -121,6 +150,15 @@ struct cake_policy {
     float gamma;         /* variance weight of the indicator (default 200) */
     int cascading;       /* default 1 */
     uint32_t decode_slack; /* fixed mode: evict every slack+1 steps (default 0) */
+    enum cake_policy_kind kind; /* default CAKE_POLICY_CAKE; baselines need fixed mode */
+    enum cake_alloc alloc;      /* 0: the kind's */
+    enum cake_indicator indicator;
+    enum cake_pool pool;
+    uint32_t pool_kernel;       /* odd; 0: the kind's (5 CAKE, 7 SnapKV family) */
+    enum cake_decode decode;
+    uint32_t sinks;             /* StreamingLLM (0: 4) */
+    float pyramid_beta;         /* PyramidKV (0: 20) */
+    float ada_alpha;            /* Ada-KV floor share (0: 0.2; negative: none) */
 };
 
 CAKE_API void cake_policy_default(struct cake_policy *p);

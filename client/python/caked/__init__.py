@@ -67,7 +67,26 @@ class _Policy(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_int), ("cache_size", ctypes.c_uint32),
                 ("window", ctypes.c_uint32), ("tau1", ctypes.c_float), ("tau2", ctypes.c_float),
                 ("gamma", ctypes.c_float), ("cascading", ctypes.c_int),
-                ("decode_slack", ctypes.c_uint32)]
+                ("decode_slack", ctypes.c_uint32), ("kind", ctypes.c_int),
+                ("alloc", ctypes.c_int), ("indicator", ctypes.c_int), ("pool", ctypes.c_int),
+                ("pool_kernel", ctypes.c_uint32), ("decode", ctypes.c_int),
+                ("sinks", ctypes.c_uint32), ("pyramid_beta", ctypes.c_float),
+                ("ada_alpha", ctypes.c_float)]
+
+
+# names of cake.h's policy enums (0 is always "the kind's own")
+POLICIES = ("cake", "full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "adakv")
+_ALLOCS = {None: 0, "preference": 1, "uniform": 2, "pyramid": 3, "none": 4}
+_INDICATORS = {None: 0, "mean+var": 1, "mean": 2, "var": 3, "last": 4, "position": 5}
+_POOLS = {None: 0, "avg": 1, "max": 2, "none": 3}
+_DECODES = {None: 0, "evict": 1, "prefill-only": 2}
+
+
+def _enum(table, value, what):
+    if value not in table:
+        raise InvalidArgument(-5005, f"{what} must be one of "
+                              f"{sorted(k for k in table if k is not None)}")
+    return table[value]
 
 
 def _load():
@@ -183,14 +202,25 @@ class Client:
 
     def open_sequence(self, layers, q_heads, kv_heads, head_dim, prompt_len, dtype="bf16",
                       max_new_tokens=0, mode="fixed", cache_size=1024, window=32, tau1=1.0,
-                      tau2=1.0, gamma=200.0, cascading=True, decode_slack=0):
+                      tau2=1.0, gamma=200.0, cascading=True, decode_slack=0, policy="cake",
+                      alloc=None, indicator=None, pool=None, pool_kernel=0, decode=None,
+                      sinks=0, pyramid_beta=0.0, ada_alpha=0.0):
+        """Opens a sequence. `policy` is one of POLICIES; alloc ("preference", "uniform",
+        "pyramid", "none"), indicator ("mean+var", "mean", "var", "last", "position"), pool
+        ("avg", "max", "none"), decode ("evict", "prefill-only") override the kind's own
+        components (the paper's ablations); None keeps them."""
         if dtype not in _DTYPES:
             raise InvalidArgument(-5005, f"dtype must be one of {sorted(_DTYPES)}")
         if mode not in ("fixed", "parity"):
             raise InvalidArgument(-5005, "mode must be 'fixed' or 'parity'")
         lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0], 0)  # host pool
+        if policy not in POLICIES:
+            raise InvalidArgument(-5005, f"policy must be one of {list(POLICIES)}")
         pol = _Policy(1 if mode == "fixed" else 0, cache_size, window, tau1, tau2, gamma,
-                      1 if cascading else 0, decode_slack)
+                      1 if cascading else 0, decode_slack, POLICIES.index(policy),
+                      _enum(_ALLOCS, alloc, "alloc"), _enum(_INDICATORS, indicator, "indicator"),
+                      _enum(_POOLS, pool, "pool"), pool_kernel, _enum(_DECODES, decode, "decode"),
+                      sinks, pyramid_beta, ada_alpha)
         h = ctypes.c_void_p()
         _check(self._ctx, _L().cake_seq_open(self._ctx, ctypes.byref(lay), ctypes.byref(pol),
                                              prompt_len, max_new_tokens, ctypes.byref(h)))
