@@ -446,9 +446,16 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
             c->seqs = n, c->cap_seqs = cap;
         }
     }
-    if (!rc && (r->desc_offset + sizeof(struct shm_desc) > c->pool_bytes ||
+    if (!rc && (r->desc_offset + r->desc_bytes > c->pool_bytes ||
+                r->desc_bytes < shm_desc_bytes(lay->layers, 0, lay->kv_heads) ||
                 r->scratch_offset + r->scratch_bytes > c->pool_bytes))
         rc = cake_set_err(c, CAKE_EPROTO, "descriptor outside the pool");
+    if (!rc) {
+        const struct shm_desc *d = (const struct shm_desc *)(c->pool + r->desc_offset);
+        if (d->magic != SHM_DESC_MAGIC || d->version != SHM_DESC_VERSION ||
+            r->desc_bytes < shm_desc_bytes(d->layers, d->max_pages, d->kv_heads))
+            rc = cake_set_err(c, CAKE_EVERSION, "sequence descriptor of another layout version");
+    }
     if (rc) {
         Cake__SeqRef cl = CAKE__SEQ_REF__INIT;
         cl.seq_id = r->seq_id;
@@ -601,6 +608,19 @@ uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)
 uint32_t cake_layer_budget(const cake_seq *s, uint32_t layer)
 {
     return layer < s->desc->layers ? shm_layers(s->desc)[layer].budget : 0;
+}
+
+uint32_t cake_head_holes(const cake_seq *s, uint32_t layer, uint32_t kv_head, uint32_t *first)
+{
+    if (layer >= s->desc->layers || kv_head >= s->desc->kv_heads)
+        return 0;
+    const struct shm_layer *ly = &shm_layers(s->desc)[layer];
+    uint32_t kept = shm_head_kept(s->desc, layer)[kv_head];
+    if (!ly->holes || kept >= ly->prefix)
+        return 0;
+    if (first)
+        *first = kept;
+    return ly->prefix - kept;
 }
 
 const uint64_t *cake_layer_pages(const cake_seq *s, uint32_t layer, uint32_t *n)

@@ -1,5 +1,6 @@
 /* cakeseq.c - one sequence's CAKE prefill state and cascading controller. */
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,7 @@ struct layer_state {
     int64_t budget;
     uint32_t prefix;  /* prefix tokens held (per kv head) */
     float *ind;       /* [kv_heads][prefix] */
+    uint32_t *head_kept; /* Ada-KV: [kv_heads] tokens per head (the rest are holes) */
     uint32_t *pos;    /* [kv_heads][prefix] original positions */
 };
 
@@ -64,7 +66,7 @@ void cakeseq_destroy(struct cakeseq *s)
         return;
     if (s->ls)
         for (uint32_t l = 0; l < s->cfg.layers; l++)
-            free(s->ls[l].ind), free(s->ls[l].pos);
+            free(s->ls[l].ind), free(s->ls[l].pos), free(s->ls[l].head_kept);
     free(s->ls), free(s->stage), free(s->slots), free(s->tmp);
     free(s);
 }
@@ -81,6 +83,11 @@ const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t 
     return s->ls[l].pos + (size_t)g * s->ls[l].prefix;
 }
 
+const uint32_t *cakeseq_head_kept(const struct cakeseq *s, uint32_t l)
+{
+    return s->ls[l].head_kept;
+}
+
 const float *cakeseq_indicator(const struct cakeseq *s, uint32_t l, uint32_t g)
 {
     return s->ls[l].ind + (size_t)g * s->ls[l].prefix;
@@ -91,34 +98,59 @@ const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m)
     return s->stage + (size_t)m * s->cfg.layers;
 }
 
-/* Keeps the top `keep` of layer l per kv head; records the slots and shrinks ind/pos. */
+/* Keeps the top `keep` of layer l per kv head (Ada-KV: `keep` on average, per-head counts
+ * from policy_head_budgets); records the slots and shrinks ind/pos. */
 static int evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cakeseq_evict *ev)
 {
     struct layer_state *ls = &s->ls[l];
-    uint32_t old = ls->prefix;
-    uint32_t *slots = s->slots + (size_t)l * s->kv_heads * s->S;
+    uint32_t old = ls->prefix, Hkv = s->kv_heads;
+    uint32_t *slots = s->slots + (size_t)l * Hkv * s->S;
     enum kern_order order = s->cfg.mode == POLICY_FIXED ? KERN_ORDER_POSITION : KERN_ORDER_SCORE;
+    uint32_t *hk = NULL, kmax = keep;
+    if (s->cfg.per_head_budgets && keep < old) {
+        if (!(hk = ls->head_kept = malloc(sizeof(uint32_t) * Hkv)))
+            return -ENOMEM;
+        int rc = policy_head_budgets(&s->cfg, ls->ind, Hkv, old, keep, hk);
+        if (rc)
+            return rc;
+        kmax = 0;
+        for (uint32_t g = 0; g < Hkv; g++)
+            kmax = hk[g] > kmax ? hk[g] : kmax;
+    }
     /* heads are independent: select in parallel where there is enough to do */
-#pragma omp parallel for num_threads(kern_threads(s->threads)) if (s->threads != 1 && (uint64_t)old * s->kv_heads >= 65536)
-    for (uint32_t g = 0; g < s->kv_heads; g++) {
-        uint32_t *sl = slots + (size_t)g * keep;
-        kern_topk_ws(ls->ind + (size_t)g * old, old, keep, order, sl,
-                     (uint32_t *)s->tmp + (size_t)g * 2 * s->S);
+#pragma omp parallel for num_threads(kern_threads(s->threads)) if (s->threads != 1 && (uint64_t)old * Hkv >= 65536)
+    for (uint32_t g = 0; g < Hkv; g++) {
+        uint32_t *sl = slots + (size_t)g * kmax, k = hk ? hk[g] : keep;
+        uint32_t *scr = (uint32_t *)s->tmp + (size_t)g * 2 * s->S;
+        kern_topk_ws(ls->ind + (size_t)g * old, old, k, order, sl, scr);
+        if (k < kmax) { /* holes: filled with the first unchosen slots (masked by readers) */
+            uint8_t *taken = (uint8_t *)scr;
+            memset(taken, 0, old);
+            for (uint32_t i = 0; i < k; i++)
+                taken[sl[i]] = 1;
+            for (uint32_t j = 0, f = k; f < kmax; j++)
+                if (!taken[j])
+                    sl[f++] = j;
+        }
     }
-    /* repack [kv_heads][old] -> [kv_heads][keep] in place: g's new rows never overtake its
+    /* repack [kv_heads][old] -> [kv_heads][kmax] in place: g's new rows never overtake its
      * old ones, so heads go in order */
-    for (uint32_t g = 0; g < s->kv_heads; g++) {
-        const uint32_t *sl = slots + (size_t)g * keep;
+    for (uint32_t g = 0; g < Hkv; g++) {
+        const uint32_t *sl = slots + (size_t)g * kmax;
         float *t = s->tmp;
-        kern_gather_f32(ls->ind + (size_t)g * old, sl, keep, t);
-        memcpy(ls->ind + (size_t)g * keep, t, sizeof(float) * keep);
+        kern_gather_f32(ls->ind + (size_t)g * old, sl, kmax, t);
+        if (hk)
+            for (uint32_t i = hk[g]; i < kmax; i++)
+                t[i] = -INFINITY; /* holes */
+        memcpy(ls->ind + (size_t)g * kmax, t, sizeof(float) * kmax);
         uint32_t *pt = (uint32_t *)s->tmp;
-        for (uint32_t i = 0; i < keep; i++)
+        for (uint32_t i = 0; i < kmax; i++)
             pt[i] = ls->pos[(size_t)g * old + sl[i]];
-        memcpy(ls->pos + (size_t)g * keep, pt, sizeof(uint32_t) * keep);
+        memcpy(ls->pos + (size_t)g * kmax, pt, sizeof(uint32_t) * kmax);
     }
-    ls->prefix = keep;
-    *ev = (struct cakeseq_evict){.layer = l, .kept = keep, .old_prefix = old, .slots = slots};
+    ls->prefix = kmax;
+    *ev = (struct cakeseq_evict){.layer = l, .kept = kmax, .old_prefix = old, .slots = slots,
+                                 .head_kept = hk};
     return 0;
 }
 

@@ -25,6 +25,9 @@ struct cakeseq_evict {
     uint32_t kept;
     uint32_t old_prefix;
     const uint32_t *slots;
+    const uint32_t *head_kept; /* per-head budgets (Ada-KV): head g's first head_kept[g]
+                                  slots are tokens, the rest of its `kept` are holes (slots
+                                  lists fillers there); NULL: every head keeps `kept` */
 };
 
 /* Creates the state for a prompt of n tokens with kv_heads kv heads per layer.
@@ -55,6 +58,9 @@ uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t layer);
 uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t layer);
 /* Original positions of the held prefix tokens of (layer, g), in storage order. */
 const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t layer, uint32_t g);
+/* Ada-KV: tokens each kv head of the layer keeps in its prefix slots (the rest of
+ * prefix_len are holes), or NULL when every head keeps prefix_len. */
+const uint32_t *cakeseq_head_kept(const struct cakeseq *s, uint32_t layer);
 /* The indicator of the held prefix tokens of (layer, g), in storage order (prefix_len). */
 const float *cakeseq_indicator(const struct cakeseq *s, uint32_t layer, uint32_t g);
 /* Budgets recorded right after layer m was scored (row m of the stage table), L entries,

@@ -93,8 +93,11 @@ const char *policy_cfg_check(const struct policy_cfg *in)
         return "pyramid_beta must be at least 1";
     if (!(cfg->ada_alpha <= 1.0f) || !isfinite(cfg->ada_alpha))
         return "ada_alpha must be at most 1 (negative: no floor)";
-    if (cfg->per_head_budgets && (cfg->shared_heads || cfg->decode == POLICY_DECODE_EVICT))
-        return "per-head budgets (Ada-KV) need prefill-only decoding and per-head token sets";
+    if (cfg->per_head_budgets &&
+        (cfg->shared_heads || cfg->decode == POLICY_DECODE_EVICT ||
+         cfg->alloc == POLICY_ALLOC_PREFERENCE))
+        return "per-head budgets (Ada-KV) need prefill-only decoding, per-head token sets and "
+               "static layer budgets (uniform or pyramid)";
     if (cfg->mode != POLICY_PARITY && cfg->mode != POLICY_FIXED)
         return "unknown policy mode";
     if (cfg->layers == 0 || cfg->layers > POLICY_MAX_LAYERS)

@@ -101,6 +101,11 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
     sl->pages = ly->n_pages;
     sl->budget = l < s->next_observe ? cakeseq_budget(s->cs, l) : 0;
     sl->prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
+    const uint32_t *hk = l < s->next_observe ? cakeseq_head_kept(s->cs, l) : NULL;
+    uint32_t *dk = shm_head_kept(s->desc, l);
+    for (uint32_t g = 0; g < s->Hkv; g++)
+        dk[g] = hk ? hk[g] : sl->prefix;
+    sl->holes = hk != NULL;
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     sl->ring_next = s->decoded ? (v0 + s->decoded - 1) % w : 0;
     __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -186,7 +191,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->dt = (enum kern_dtype)a->dtype, s->cfg = cfg, s->tpp = (uint32_t)tpp;
     s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
     uint64_t pb = e->pool->page_bytes;
-    uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages);
+    uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages, s->Hkv);
     s->gpu = a->gpu;
     uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
     uint64_t dp = (desc_bytes + pb - 1) / pb, sp = (scratch_bytes + pb - 1) / pb;

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define SHM_DESC_MAGIC 0x51534b43u /* "CKSQ" */
-#define SHM_DESC_VERSION 1u
+#define SHM_DESC_VERSION 2u
 #define SHM_PLACE_HOST 0u
 #define SHM_PLACE_GPU 1u
 
@@ -20,7 +20,8 @@ struct shm_layer {
     uint32_t budget;     /* recorded budget (scored tokens) */
     uint32_t prefix;     /* scored-prefix tokens still held */
     uint32_t ring_next;  /* ring row for the next decode query */
-    uint32_t reserved;
+    uint32_t holes;      /* 1: heads keep different counts (Ada-KV): head g's prefix slots
+                            [head_kept[layer][g], prefix) hold no token and must be masked */
 };
 
 struct shm_desc {
@@ -35,7 +36,8 @@ struct shm_desc {
     uint64_t ring_layer_bytes;   /* ring of one layer: [q_heads][w][head_dim] */
     uint64_t indicator_offset;   /* host pool offset of [kv_heads][S] f32 (either placement) */
     uint64_t page_bytes;
-    /* followed by struct shm_layer layer[layers], then uint64_t page[layers][max_pages] */
+    /* followed by struct shm_layer layer[layers], then uint64_t page[layers][max_pages],
+     * then uint32_t head_kept[layers][kv_heads] */
 };
 
 static inline struct shm_layer *shm_layers(struct shm_desc *d)
@@ -48,10 +50,15 @@ static inline uint64_t *shm_pages(struct shm_desc *d, uint32_t layer)
     return (uint64_t *)(shm_layers(d) + d->layers) + (uint64_t)layer * d->max_pages;
 }
 
-static inline uint64_t shm_desc_bytes(uint32_t layers, uint32_t max_pages)
+static inline uint32_t *shm_head_kept(struct shm_desc *d, uint32_t layer)
+{
+    return (uint32_t *)shm_pages(d, d->layers) + (uint64_t)layer * d->kv_heads;
+}
+static inline uint64_t shm_desc_bytes(uint32_t layers, uint32_t max_pages, uint32_t kv_heads)
 {
     return sizeof(struct shm_desc) + sizeof(struct shm_layer) * layers +
-           sizeof(uint64_t) * (uint64_t)layers * max_pages;
+           sizeof(uint64_t) * (uint64_t)layers * max_pages +
+           sizeof(uint32_t) * (uint64_t)layers * kv_heads;
 }
 
 #endif

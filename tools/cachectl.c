@@ -144,14 +144,19 @@ static const char *dtype_name(uint32_t d)
     return d == 0 ? "f32" : d == 1 ? "f16" : d == 2 ? "bf16" : "?";
 }
 
+static const char *policy_of(const Cake__SeqInfo *q)
+{
+    return q->policy && *q->policy ? q->policy : "cake";
+}
+
 static void seq_json_head(const Cake__SeqInfo *q)
 {
     printf("{\"id\":\"%#llx\",\"tenant\":\"%s\",\"layers\":%u,\"kv_heads\":%u,\"head_dim\":%u,"
            "\"dtype\":\"%s\",\"prompt_len\":%u,\"prefilled_layers\":%u,\"decoded_tokens\":%u,"
-           "\"bytes\":%llu,\"mode\":\"%s\",\"cache_size\":%u", (unsigned long long)q->seq_id,
-           q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype), q->prompt_len,
-           q->prefilled_layers, q->decoded_tokens, (unsigned long long)q->bytes,
-           q->mode ? "fixed" : "parity", q->cache_size);
+           "\"bytes\":%llu,\"mode\":\"%s\",\"policy\":\"%s\",\"cache_size\":%u",
+           (unsigned long long)q->seq_id, q->tenant, q->layers, q->kv_heads, q->head_dim,
+           dtype_name(q->dtype), q->prompt_len, q->prefilled_layers, q->decoded_tokens,
+           (unsigned long long)q->bytes, q->mode ? "fixed" : "parity", policy_of(q), q->cache_size);
 }
 
 static int cmd_sequences(cake_ctx *c)
@@ -166,15 +171,16 @@ static int cmd_sequences(cake_ctx *c)
         }
         printf("]}\n");
     } else {
-        printf("%-14s %-16s %6s %8s %9s %7s %6s %6s %10s\n", "ID", "TENANT", "LAYERS", "PROMPT",
-               "PREFILLED", "DECODED", "MODE", "CACHE", "BYTES");
+        printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %10s\n", "ID", "TENANT", "LAYERS",
+               "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "BYTES");
         for (size_t i = 0; i < r->n_seqs; i++) {
             Cake__SeqInfo *q = r->seqs[i];
             char by[32];
             util_human_bytes(q->bytes, by, sizeof by);
-            printf("%#-14llx %-16s %6u %8u %9u %7u %6s %6u %10s\n", (unsigned long long)q->seq_id,
-                   q->tenant, q->layers, q->prompt_len, q->prefilled_layers, q->decoded_tokens,
-                   q->mode ? "fixed" : "parity", q->cache_size, by);
+            printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %10s\n",
+                   (unsigned long long)q->seq_id, q->tenant, q->layers, q->prompt_len,
+                   q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
+                   policy_of(q), q->cache_size, by);
         }
     }
     cake__seq_list__free_unpacked(r, &al_);
@@ -207,9 +213,10 @@ static int cmd_seq(cake_ctx *c, const char *arg)
         char by[32];
         util_human_bytes(q->bytes, by, sizeof by);
         printf("sequence %#llx of %s: %u layers, %u kv heads x %u %s, prompt %u, %u decoded, "
-               "%s mode, cache %u per layer, %s\n", (unsigned long long)q->seq_id, q->tenant,
-               q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype), q->prompt_len,
-               q->decoded_tokens, q->mode ? "fixed" : "parity", q->cache_size, by);
+               "%s mode, policy %s, cache %u per layer, %s\n", (unsigned long long)q->seq_id,
+               q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype),
+               q->prompt_len, q->decoded_tokens, q->mode ? "fixed" : "parity", policy_of(q),
+               q->cache_size, by);
         printf("%5s %12s %7s %7s %7s %6s %7s  %s\n", "LAYER", "PREFERENCE", "BUDGET", "PREFIX",
                "TOKENS", "PAGES", "KEPT", "budget share");
         uint32_t maxb = 1;

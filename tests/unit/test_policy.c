@@ -2,6 +2,7 @@
  * shares, and fixed mode's capped water-filling on random inputs. */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <string.h>
 
 #include "policy.h"
 #include "testutil.h"
@@ -141,4 +142,92 @@ Test(policy, config_validation)
     policy_cfg_default(&c, 4, 1024);
     c.tau1 = 0;
     cr_assert_not_null(policy_cfg_check(&c));
+}
+
+/* Every kind resolves to its documented components; ablation overrides stay; bad
+ * combinations are refused with a reason. */
+Test(policy, kinds_resolve_and_validate)
+{
+    struct policy_cfg c;
+    for (int k = 0; k < POLICY_KIND_COUNT; k++) {
+        policy_cfg_default(&c, 8, 256);
+        c.kind = (enum policy_kind)k;
+        cr_assert_null(policy_cfg_check(&c), "%s: %s", policy_kind_name(c.kind), policy_cfg_check(&c));
+        policy_cfg_resolve(&c);
+        cr_assert_neq(c.alloc, POLICY_ALLOC_DEFAULT);
+        cr_assert_neq(c.indicator, POLICY_IND_DEFAULT);
+        cr_assert_eq(c.pool_kernel % 2, 1);
+        cr_assert_eq(policy_kind_parse(policy_kind_name(c.kind)), k);
+        struct policy_cfg again = c;
+        policy_cfg_resolve(&again);
+        cr_assert_eq(memcmp(&again, &c, sizeof(c)), 0, "resolve is idempotent");
+    }
+    policy_cfg_default(&c, 8, 256);
+    c.kind = POLICY_CAKE, c.alloc = POLICY_ALLOC_PYRAMID, c.indicator = POLICY_IND_VAR;
+    policy_cfg_resolve(&c);
+    cr_assert_eq(c.alloc, POLICY_ALLOC_PYRAMID);
+    cr_assert_eq(c.indicator, POLICY_IND_VAR);
+    cr_assert_eq(c.pool, POLICY_POOL_AVG);
+    cr_assert_eq(c.pool_kernel, 5);
+    policy_cfg_default(&c, 8, 256);
+    c.kind = POLICY_SNAPKV, c.mode = POLICY_PARITY;
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 8, 256);
+    c.kind = POLICY_ADAKV, c.alloc = POLICY_ALLOC_PREFERENCE;
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 8, 256);
+    c.kind = (enum policy_kind)99;
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 8, 256);
+    c.pool_kernel = 4;
+    cr_assert_not_null(policy_cfg_check(&c));
+    cr_assert_eq(policy_kind_parse("nope"), -1);
+}
+
+/* PyramidKV's arithmetic: the shared test vector below follows KVCache-Factory's formula by
+ * hand (avg 96, beta 20: min 4, max 188, step 26 over 8 layers). */
+Test(policy, pyramid_and_uniform_budgets)
+{
+    struct policy_cfg c;
+    policy_cfg_default(&c, 8, 128);
+    c.window = 32, c.alloc = POLICY_ALLOC_PYRAMID, c.pyramid_beta = 20.0f;
+    int64_t b[8], want[8] = {188, 162, 136, 110, 84, 58, 32, 6};
+    cr_assert(policy_budgets_static(&c, 10000, b));
+    for (int l = 0; l < 8; l++)
+        cr_assert_eq(b[l], want[l], "layer %d: %lld", l, (long long)b[l]);
+    cr_assert(policy_budgets_static(&c, 150, b)); /* S < 2 avg: uniform */
+    for (int l = 0; l < 8; l++)
+        cr_assert_eq(b[l], 96);
+    cr_assert(policy_budgets_static(&c, 100, b) && b[0] == 96);
+    c.alloc = POLICY_ALLOC_NONE;
+    cr_assert(policy_budgets_static(&c, 777, b) && b[7] == 777);
+    c.alloc = POLICY_ALLOC_PREFERENCE;
+    cr_assert_eq(policy_budgets_static(&c, 777, b), 0);
+}
+
+/* Ada-KV: budgets sum to heads * B, each within [0, S], and a head holding most of the
+ * layer's top scores gets more than one holding none (but at least the floor). */
+Test(policy, ada_head_budgets)
+{
+    struct policy_cfg c;
+    policy_cfg_default(&c, 1, 64);
+    c.kind = POLICY_ADAKV;
+    policy_cfg_resolve(&c);
+    enum { HK = 4, SS = 200 };
+    float ind[HK * SS];
+    for (int g = 0; g < HK; g++)
+        for (int j = 0; j < SS; j++)
+            ind[g * SS + j] = g == 1 ? 1.0f + (float)j : g == 2 ? 0.5f : 0.001f * (float)j;
+    uint32_t bg[HK];
+    cr_assert_eq(policy_head_budgets(&c, ind, HK, SS, 32, bg), 0);
+    uint32_t sum = 0;
+    for (int g = 0; g < HK; g++)
+    {
+        sum += bg[g];
+        cr_assert_leq(bg[g], SS);
+    }
+    cr_assert_eq(sum, HK * 32);
+    cr_assert_gt(bg[1], bg[0]);
+    cr_assert_geq(bg[0], 6); /* floor(0.2 * 32) */
+    cr_assert_geq(bg[3], 6);
 }

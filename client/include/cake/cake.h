@@ -215,6 +215,11 @@ CAKE_API float *cake_indicator(const cake_seq *seq);
 /* Tokens the layer holds now (prefix kept + window + decoded), and its recorded budget. */
 CAKE_API uint32_t cake_layer_tokens(const cake_seq *seq, uint32_t layer);
 CAKE_API uint32_t cake_layer_budget(const cake_seq *seq, uint32_t layer);
+/* Per-head budgets (CAKE_POLICY_ADAKV) leave holes: kv head `kv_head` of the layer holds no
+ * token in the `count` slots from *first, which attention must mask (the returned count; 0
+ * when the head has none, as under every other policy; *first is then untouched). */
+CAKE_API uint32_t cake_head_holes(const cake_seq *seq, uint32_t layer, uint32_t kv_head,
+                                  uint32_t *first);
 /* Pool offsets of the layer's pages (count via *n_pages); for engines with their own
  * paged attention kernels. Owned by the pool mapping; valid as cake_key(). */
 CAKE_API const uint64_t *cake_layer_pages(const cake_seq *seq, uint32_t layer, uint32_t *n_pages);

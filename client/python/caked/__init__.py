@@ -124,6 +124,7 @@ def _load():
         "cake_indicator": (P, [P]),
         "cake_layer_tokens": (U32, [P, U32]),
         "cake_layer_budget": (U32, [P, U32]),
+        "cake_head_holes": (U32, [P, U32, U32, ctypes.POINTER(U32)]),
         "cake_layer_pages": (ctypes.POINTER(U64), [P, U32, ctypes.POINTER(U32)]),
     }
     for name, (res, args) in sig.items():
@@ -293,6 +294,16 @@ class Sequence:
 
     def budget(self, layer):
         return _L().cake_layer_budget(self._handle, layer)
+
+    def holes(self, layer):
+        """Per kv head, (first, count) of slots holding no token (Ada-KV's per-head budgets;
+        (0, 0) under every other policy): attention must mask them."""
+        out = []
+        for g in range(self.kv_heads):
+            first = ctypes.c_uint32(0)
+            cnt = _L().cake_head_holes(self._handle, layer, g, ctypes.byref(first))
+            out.append((first.value if cnt else 0, cnt))
+        return out
 
     def pages(self, layer):
         """Zero-copy (K, V) views of each page: [kv_heads][tokens_per_page][head_dim]."""
