@@ -1,0 +1,124 @@
+"""caked.hf.CakedCache under transformers' generate on CPU: with the full policy, or a budget
+above the prompt length, logits equal transformers' own cache; every policy runs generate
+with its K/V in caked's pool and holds what its budgets say. A small random Llama (GQA x2)
+is built in process; the real TinyStories model is used too when ../shared is beside the
+clone. Needs CAKE_LIB and CAKED_BIN, torch and transformers (tools/pydeps.sh)."""
+import os
+import sys
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_binding import Daemon, caked  # noqa: E402
+
+try:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError as e:  # ctest reports exit 77 as skipped (tools/test.sh installs them)
+    print(f"skipped: {e} (tools/pydeps.sh installs torch and transformers)")
+    sys.exit(77)
+
+import caked.hf  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared")
+TINY = os.path.join(SHARED, "models", "tinystories-656k")
+NEW = 24
+
+
+def generate(model, ids, cache=None, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, cache=cache, **kw)
+
+
+class HFCache(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon().__enter__()
+        torch.manual_seed(1234 + os.getpid())
+        cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=1024)
+        cls.cfg = cfg
+        cls.model = caked.hf.enable(LlamaForCausalLM(cfg).eval())
+        cls.ids = torch.randint(3, cfg.vocab_size, (1, 150))
+        cls.ref = generate(cls.model, cls.ids)  # transformers' DynamicCache
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.__exit__(None, None, None)
+
+    def assert_same_logits(self, out, ref, tol=1e-5):
+        self.assertTrue(torch.equal(out.sequences, ref.sequences))
+        for a, b in zip(out.logits, ref.logits):
+            self.assertLessEqual((a - b).abs().max().item(), tol)
+
+    def test_full_policy_equals_transformers_cache(self):
+        with caked.Client(self.d.sock, service="hf-full") as c:
+            cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
+            out = generate(self.model, self.ids, cache)
+            self.assert_same_logits(out, self.ref)
+            # the K/V were in caked: every layer holds prompt + decoded tokens
+            self.assertEqual(cache.layer_tokens(), [150 + NEW - 1] * 3)
+
+    def test_budget_above_prompt_equals_transformers_cache(self):
+        with caked.Client(self.d.sock, service="hf-cake") as c:
+            for pol in ("cake", "snapkv", "h2o"):
+                cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy=pol,
+                                            cache_size=150 + NEW + 8, window=16)
+                out = generate(self.model, self.ids, cache)
+                self.assert_same_logits(out, self.ref)
+
+    def test_every_policy_evicts_and_generates(self):
+        C, w = 64, 16
+        with caked.Client(self.d.sock, service="hf-policies") as c:
+            for pol in caked.POLICIES:
+                with self.subTest(policy=pol):
+                    cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy=pol,
+                                                cache_size=C, window=w)
+                    out = generate(self.model, self.ids, cache)
+                    self.assertEqual(out.sequences.shape[1], 150 + NEW)
+                    held = cache.layer_tokens()
+                    budgets = [cache.seq.budget(l) for l in range(3)]
+                    if pol == "full":
+                        self.assertEqual(held, [150 + NEW - 1] * 3)
+                    elif pol in ("snapkv", "pyramidkv", "adakv"):  # prefill only
+                        self.assertTrue(all(h >= b + w + NEW - 1 for h, b in zip(held, budgets)))
+                    else:  # held at the budget + window (+ the slot of the last token)
+                        self.assertEqual(held, [b + w + 1 for b in budgets])
+                    if pol != "full":
+                        self.assertLess(sum(held), 3 * (150 + NEW - 1))
+                        diff = max((a - b).abs().max().item()
+                                   for a, b in zip(out.logits, self.ref.logits))
+                        self.assertGreater(diff, 0.0, "eviction changed nothing")
+                    cache.close()
+
+    def test_deprecated_past_key_values_argument_and_errors(self):
+        with caked.Client(self.d.sock, service="hf-args") as c:
+            cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
+            with torch.no_grad():
+                out = self.model.generate(self.ids, past_key_values=cache, max_new_tokens=NEW,
+                                          do_sample=False, output_logits=True,
+                                          return_dict_in_generate=True)
+            self.assert_same_logits(out, self.ref)
+            cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
+            with self.assertRaises(caked.InvalidArgument), torch.no_grad():
+                self.model(self.ids.repeat(2, 1), cache=cache, use_cache=True)
+            # the model still works with transformers' own cache afterwards
+            self.assert_same_logits(generate(self.model, self.ids), self.ref)
+
+    @unittest.skipUnless(os.path.isdir(TINY), "needs ../shared/models beside the clone")
+    def test_tinystories_full_policy_is_exact(self):
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+        caked.hf.enable(m)
+        ids = torch.tensor([[1] + list(np.random.default_rng().integers(3, 2000, 300))])
+        ref = generate(m, ids)
+        with caked.Client(self.d.sock, service="hf-tiny") as c:
+            cache = caked.hf.CakedCache(c, m.config, max_new_tokens=NEW, policy="full")
+            self.assert_same_logits(generate(m, ids, cache), ref)
+
+
+if __name__ == "__main__":
+    unittest.main()
