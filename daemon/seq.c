@@ -304,6 +304,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     }
     s->tenant->sequences--;
     free(s->layer);
+    free(s->pend_ind);
     cakeseq_destroy(s->cs);
     free(s);
 }
@@ -390,36 +391,35 @@ static int apply_evict(const struct seq_env *e, struct seq *s, const struct cake
     return 0;
 }
 
-void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
-                      double pref)
+void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                       double pref)
 {
     uint32_t S = scored_len(s), w = s->cfg.window;
-    float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
-    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    free(s->pend_ind);
+    float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0, s->pend_ent = 0, s->pend_var = 0;
     if (!ind) {
         s->work_rc = -ENOMEM;
         return;
     }
-    struct gpuctx *gc = s->gpu ? gpuexec_take(e->gpu) : NULL;
     if (S && observe && s->gpu) {
+        struct gpuctx *gc = gpuexec_take(e->gpu);
         struct gpu_layer gl = gpu_layer_view(e, s, layer);
-        double ent = 0, var = 0;
         s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S, s->cfg.gamma, ind,
-                                  &ent, &var);
-        pref = policy_preference(&s->cfg, ent, var);
+                                  &s->pend_ent, &s->pend_var);
+        gpuexec_put(e->gpu, gc);
+        pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
     } else if (S && observe) {
         void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
         if (!pages) {
-            free(ind);
             s->work_rc = -ENOMEM;
             return;
         }
         struct kern_kv kv = layer_view(e, s, layer, pages);
-        double ent = 0, var = 0;
         s->work_rc = indicator_layer(&s->cfg, &kv, ring_ptr(e, s, layer), s->dt, s->H, w, S,
-                                     e->threads, ind, &ent, &var);
+                                     e->threads, ind, &s->pend_ent, &s->pend_var);
         free(pages);
-        pref = policy_preference(&s->cfg, ent, var);
+        pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
     } else if (S) {
         /* the engine's own indicator: copied out of shared memory before use */
         memcpy(ind, indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
@@ -427,17 +427,31 @@ void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, in
         pref = 0.0;
     }
     s->last_pref = pref;
+}
+
+void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref)
+{
     struct cakeseq_evict ev[SEQ_MAX_LAYERS];
     uint32_t nev = 0;
+    s->last_pref = pref;
     if (!s->work_rc)
-        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, ind, ev, &nev);
+        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->pend_ind, ev, &nev);
+    struct gpuctx *gc = s->gpu && nev ? gpuexec_take(e->gpu) : NULL;
     for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
         s->work_rc = apply_evict(e, s, &ev[i], gc);
         s->ev_layers[s->n_ev++] = ev[i].layer;
     }
     if (gc)
         gpuexec_put(e->gpu, gc);
-    free(ind);
+    free(s->pend_ind);
+    s->pend_ind = NULL;
+}
+
+void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                      double pref)
+{
+    seq_prefill_score(e, s, layer, observe, pref);
+    seq_prefill_apply(e, s, layer, s->last_pref);
 }
 
 void seq_trim_pages(const struct seq_env *e, struct seq *s)

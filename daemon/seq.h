@@ -32,6 +32,8 @@ struct seq_layer {
     uint32_t acc_cap;
 };
 
+struct shard_group;
+
 struct seq {
     uint64_t id;
     uint64_t owner;          /* client id */
@@ -57,6 +59,12 @@ struct seq {
     uint32_t ev_layers[SEQ_MAX_LAYERS], n_ev;
     uint32_t evicted_tokens;
     int work_rc;
+    /* tensor parallel: this sequence is shard `shard` of a group (server-side state) */
+    struct shard_group *group;
+    uint32_t shard;
+    /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply) */
+    float *pend_ind;
+    double pend_ent, pend_var;
 };
 
 struct seq_env {
@@ -88,6 +96,12 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
 int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why);
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
                       double pref);
+/* The same in two halves, for shard groups: score (indicator kept in the sequence, the
+ * entropy and variance sums in pend_ent / pend_var, last_pref the shard's own preference),
+ * then allocate with the group's preference and evict. */
+void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                       double pref);
+void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref);
 void seq_prefill_commit(const struct seq_env *e, struct seq *s);
 
 /* Decode: does this sequence have layers to evict before the next token? */
