@@ -404,8 +404,29 @@ void cake_policy_default(struct cake_policy *p)
                               .tau1 = 1.0f, .tau2 = 1.0f, .gamma = 200.0f, .cascading = 1};
 }
 
+static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
+                    uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
+                    uint32_t shard, cake_seq **out);
+
 int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
                   uint32_t prompt_len, uint32_t max_new_tokens, cake_seq **out)
+{
+    return seq_open(c, lay, pol, prompt_len, max_new_tokens, 0, 0, 0, out);
+}
+
+int cake_seq_open_shard(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
+                        uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group,
+                        uint32_t shards, uint32_t shard, cake_seq **out)
+{
+    if (!group || shards < 2 || shard >= shards)
+        return cake_set_err(c, CAKE_EINVAL, "a shard needs a nonzero group key, shards >= 2 "
+                                            "and shard < shards");
+    return seq_open(c, lay, pol, prompt_len, max_new_tokens, group, shards, shard, out);
+}
+
+static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
+                    uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
+                    uint32_t shard, cake_seq **out)
 {
     if (!c->pool)
         return cake_set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
@@ -430,6 +451,7 @@ int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_
     m.layers = lay->layers, m.q_heads = lay->q_heads, m.kv_heads = lay->kv_heads;
     m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;
     m.max_new_tokens = max_new_tokens, m.policy = &p, m.placement = lay->placement;
+    m.shard_group = group, m.shards = shards, m.shard = shard;
     RPC_UNPACK(seq_open_reply, r, MSG_SEQ_OPEN, &m.base);
     cake_seq *s = c_alloc(c, sizeof(*s));
     int rc = s ? 0 : -ENOMEM;

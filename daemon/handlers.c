@@ -4,6 +4,7 @@
 #define _GNU_SOURCE /* struct ucred */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -88,6 +89,8 @@ static void h_seq_open(struct server *s, struct client *c)
         .max_new = m->max_new_tokens, .gpu = m->placement == 1,
     };
     int bad_place = m->placement > 1;
+    uint64_t gkey = m->shard_group;
+    uint32_t shards = m->shards > 1 ? m->shards : 0, shard = m->shard;
     policy_cfg_default(&a.cfg, m->layers ? m->layers : 1, 1024);
     int bad_mode = 0;
     if (m->policy) {
@@ -112,6 +115,19 @@ static void h_seq_open(struct server *s, struct client *c)
                                                     : "placement must be 0 (host) or 1 (GPU)");
         return;
     }
+    struct shard_group *g = NULL;
+    if (shards) {
+        if (!gkey) {
+            srv_reply_error(s, c, CAKE_EINVAL, "a sharded sequence needs a nonzero group key");
+            return;
+        }
+        g = shard_find(s->groups, c->tenant, gkey);
+        const char *bad = shard_join_check(g, &a, shards, shard);
+        if (bad) {
+            srv_reply_error(s, c, CAKE_EINVAL, "%s", bad);
+            return;
+        }
+    }
     uint64_t id;
     int slot = srv_seq_new(s, &id);
     if (slot < 0) {
@@ -121,6 +137,19 @@ static void h_seq_open(struct server *s, struct client *c)
     struct seq *q;
     const char *why = "out of memory";
     int rc = seq_open(&s->env, &a, c->tenant, id, c->id, &q, &why);
+    if (!rc && shards && !g) {
+        if (!(g = calloc(1, sizeof(*g)))) {
+            seq_free(&s->env, q);
+            rc = CAKE_EINTERNAL, why = "out of memory";
+        } else {
+            g->key = gkey, g->tenant = c->tenant, g->n = shards;
+            g->next = s->groups, s->groups = g;
+        }
+    }
+    if (!rc && g) {
+        g->member[shard] = q, g->joined++;
+        q->group = g, q->shard = shard;
+    }
     if (rc) {
         if (rc == CAKE_EOOM)
             c->tenant->oom_errors++;
@@ -167,9 +196,92 @@ static void work_run(struct job *j)
         for (uint32_t i = 0; i < w->n; i++)
             if (seq_decode_needs_evict(w->seqs[i]))
                 seq_decode_evict_work(&w->srv->env, w->seqs[i]);
+    } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
+        seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+    } else if (w->phase == 2) {
+        for (uint32_t i = 0; i < w->n; i++)
+            seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
     } else {
         seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
     }
+}
+
+static void work_done(struct job *j);
+
+/* A shard scored its layer (phase 1): wait for the others; the last one starts phase 2. */
+static void shard_arrived(struct server *s, struct work *w, struct client *c)
+{
+    struct seq *q = w->seqs[0];
+    struct shard_group *g = q->group;
+    if (q->work_rc) { /* the layer cannot be allocated without this shard */
+        char why[128];
+        snprintf(why, sizeof why, "shard %u failed to score layer %u: %s", q->shard, w->layer,
+                 q->work_rc < -4095 ? cake_strerror(q->work_rc) : strerror(-q->work_rc));
+        if (c && c->state == C_BUSY)
+            srv_reply_error(s, c, CAKE_EINTERNAL, "%s", why);
+        srv_seq_remove(s, q);
+        return;
+    }
+    g->arrived++;
+    g->observed += w->observe != 0;
+    g->ent += q->pend_ent, g->var += q->pend_var, g->pref_sum += q->last_pref;
+    g->waiting[q->shard] = w->client_id;
+    if (g->arrived < g->n)
+        return;
+    struct seq **all = malloc(sizeof(*all) * g->n);
+    if (!all) {
+        srv_group_end(s, g, "out of memory");
+        return;
+    }
+    memcpy(all, g->member, sizeof(*all) * g->n);
+    double pref = shard_preference(g, &q->cfg);
+    g->arrived = g->observed = 0, g->ent = g->var = g->pref_sum = 0;
+    struct work *w2 = calloc(1, sizeof(*w2));
+    if (!w2) {
+        free(all);
+        srv_group_end(s, g, "out of memory");
+        return;
+    }
+    w2->job.run = work_run, w2->job.done = work_done;
+    w2->srv = s, w2->type = w->type, w2->seqs = all, w2->n = g->n, w2->layer = w->layer;
+    w2->pref = pref, w2->phase = 2, w2->group = g;
+    for (uint32_t i = 0; i < g->n; i++)
+        all[i]->busy = 1;
+    workers_submit(s->workers, &w2->job);
+}
+
+/* Phase 2 done: every shard allocated from the same preference; reply to every rank. */
+static void group_done(struct server *s, struct work *w)
+{
+    struct shard_group *g = w->group;
+    struct seq *orphan = NULL;
+    for (uint32_t i = 0; i < w->n; i++) {
+        struct seq *q = w->seqs[i];
+        q->busy = 0;
+        seq_prefill_commit(&s->env, q);
+        s->m.evictions_prefill += q->n_ev;
+        s->m.tokens_evicted += q->evicted_tokens;
+        struct client *c = srv_client_by_id(s, g->waiting[i]);
+        g->waiting[i] = 0;
+        if (q->orphaned)
+            orphan = q;
+        if (!c || c->state != C_BUSY)
+            ;
+        else if (q->work_rc)
+            srv_reply_error(s, c, q->work_rc < -4095 ? q->work_rc : CAKE_EINTERNAL,
+                            "%s failed: %s", frame_type_name(w->type),
+                            q->work_rc < -4095 ? cake_strerror(q->work_rc)
+                                               : strerror(-q->work_rc));
+        else {
+            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
+            r.preference = w->pref;
+            r.n_evicted_layers = q->n_ev, r.evicted_layers = q->ev_layers;
+            srv_reply(s, c, w->type, &r.base, -1);
+        }
+        q->n_ev = 0;
+    }
+    if (orphan) /* a rank died meanwhile: the whole group goes */
+        srv_seq_remove(s, orphan);
 }
 
 static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
@@ -180,6 +292,26 @@ static void work_done(struct job *j)
     struct work *w = (struct work *)j;
     struct server *s = w->srv;
     struct client *c = srv_client_by_id(s, w->client_id);
+    if (w->phase == 2) {
+        group_done(s, w);
+        free(w->seqs);
+        free(w);
+        return;
+    }
+    if (w->phase == 1) {
+        struct seq *q = w->seqs[0];
+        q->busy = 0;
+        if (q->orphaned || !q->group) { /* its owner or its group went meanwhile */
+            if (c && c->state == C_BUSY)
+                srv_reply_error(s, c, CAKE_ENOSEQ, "the shard's group ended meanwhile");
+            srv_seq_remove(s, q);
+        } else {
+            shard_arrived(s, w, c);
+        }
+        free(w->seqs);
+        free(w);
+        return;
+    }
     int rc = 0, lost = 0;
     uint32_t evictions = 0, ev_layers[SEQ_MAX_LAYERS], n_ev = 0;
     double pref = 0;
@@ -236,6 +368,7 @@ static void start_work(struct server *s, struct client *c, uint16_t type, struct
     w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
     w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
     w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
+    w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1;
     c->state = C_BUSY;
@@ -357,7 +490,23 @@ static void h_seq_close(struct server *s, struct client *c)
         srv_reply_error(s, c, CAKE_ESTATE, "sequence busy");
         return;
     }
-    srv_seq_remove(s, q);
+    struct shard_group *g = q->group;
+    int done = 1; /* the group's prefill is over: a rank may leave before the others */
+    for (uint32_t i = 0; g && i < g->n; i++) {
+        const struct seq *mb = g->member[i];
+        if (mb && mb != q && mb->next_observe < mb->L)
+            done = 0;
+    }
+    if (g && done) {
+        g->member[q->shard] = NULL;
+        q->group = NULL;
+        int left = 0;
+        for (uint32_t i = 0; i < g->n; i++)
+            left |= g->member[i] != NULL;
+        if (!left)
+            srv_group_end(s, g, "every shard closed");
+    }
+    srv_seq_remove(s, q); /* mid-prefill, closing a shard ends its group */
     srv_reply(s, c, MSG_SEQ_CLOSE, NULL, -1);
 }
 
@@ -424,6 +573,8 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
     r->placement = q->gpu, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
     r->policy = (char *)policy_kind_name(q->cfg.kind);
+    if (q->group)
+        r->shard_group = q->group->key, r->shards = q->group->n, r->shard = q->shard;
 }
 
 static void h_sequences(struct server *s, struct client *c)

@@ -73,11 +73,50 @@ struct seq *srv_seq_find(struct server *s, uint64_t id)
     return s->slots[i].s;
 }
 
-void srv_seq_remove(struct server *s, struct seq *q)
+static void seq_remove_one(struct server *s, struct seq *q)
 {
     s->slots[(uint32_t)q->id - 1].s = NULL;
     s->n_seqs--;
     seq_free(&s->env, q);
+}
+
+void srv_group_end(struct server *s, struct shard_group *g, const char *why)
+{
+    for (struct shard_group **pp = &s->groups; *pp; pp = &(*pp)->next)
+        if (*pp == g) {
+            *pp = g->next;
+            break;
+        }
+    for (uint32_t i = 0; i < g->n; i++) {
+        struct seq *m = g->member[i];
+        if (g->waiting[i]) { /* a rank waiting at the layer barrier */
+            struct client *c = srv_client_by_id(s, g->waiting[i]);
+            if (c && c->state == C_BUSY)
+                srv_reply_error(s, c, CAKE_ENOSEQ, "shard group ended: %s", why);
+        }
+        if (!m)
+            continue;
+        m->group = NULL;
+        if (m->busy)
+            m->orphaned = 1; /* its work finishes first, then it is freed */
+        else
+            seq_remove_one(s, m);
+    }
+    free(g);
+}
+
+void srv_seq_remove(struct server *s, struct seq *q)
+{
+    if (q->group) {
+        char why[96];
+        snprintf(why, sizeof why, "shard %u was closed or its owner exited", q->shard);
+        struct shard_group *g = q->group;
+        g->member[q->shard] = NULL; /* freed below, whatever its state */
+        g->waiting[q->shard] = 0;
+        q->group = NULL;
+        srv_group_end(s, g, why);
+    }
+    seq_remove_one(s, q);
 }
 
 /* A sequence the client may touch: its own tenant's. */
@@ -648,6 +687,11 @@ void server_destroy(struct server *s)
         if (s->slots[i].s)
             seq_free(&s->env, s->slots[i].s);
     free(s->slots);
+    while (s->groups) {
+        struct shard_group *g = s->groups;
+        s->groups = g->next;
+        free(g);
+    }
     if (s->listen_fd >= 0) {
         close(s->listen_fd);
         unlink(s->cfg.socket_path);

@@ -10,6 +10,7 @@
 #include "metrics.h"
 #include "pool.h"
 #include "seq.h"
+#include "shard.h"
 #include "server.h"
 #include "tenant.h"
 #include "worker.h"
@@ -82,6 +83,7 @@ struct server {
     double t_start;
     uid_t owner_uid;
     int stopping;
+    struct shard_group *groups; /* tensor-parallel shard groups (shard.h) */
 };
 
 /* A job in flight: prefill observe/submit of one sequence, or the evictions of a decode
@@ -97,6 +99,10 @@ struct work {
     double pref;
     struct seq **seqs;
     uint32_t n;
+    /* shard groups: phase 1 scores one shard; phase 2 allocates and evicts every shard of
+     * `group` with the group's preference (seqs = the members) */
+    int phase;
+    struct shard_group *group;
 };
 
 double srv_now_s(void);
@@ -105,7 +111,9 @@ void srv_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* sequence table: ids are slot + generation, so a stale id never names a newer sequence */
 int srv_seq_new(struct server *s, uint64_t *id);
 struct seq *srv_seq_find(struct server *s, uint64_t id);
+/* Frees q; when q is a shard, its whole group (waiting ranks get CAKE_ENOSEQ with why). */
 void srv_seq_remove(struct server *s, struct seq *q);
+void srv_group_end(struct server *s, struct shard_group *g, const char *why);
 struct seq *srv_seq_of(struct server *s, struct client *c, uint64_t id); /* own tenant's only */
 struct client *srv_client_by_id(struct server *s, uint64_t id);
 

@@ -169,6 +169,22 @@ CAKE_API void cake_policy_default(struct cake_policy *p);
 CAKE_API int cake_seq_open(cake_ctx *ctx, const struct cake_layout *layout,
                   const struct cake_policy *policy, uint32_t prompt_len,
                   uint32_t max_new_tokens, cake_seq **out);
+/* Tensor parallel: one logical sequence split by kv heads over `shards` ranks (processes,
+ * usually one per GPU). Every rank opens its shard with the same nonzero `group` key (the
+ * engine's choice, unique per live request within the service) and its rank `shard`, with
+ * its own kv_heads / q_heads and the same everything else. The shards share one CAKE
+ * allocation: cake_prefill_observe() of layer l returns on every rank once all ranks have
+ * scored layer l, with the layer's preference combined from all heads, so every rank
+ * records the same budgets; each rank keeps its own heads' top tokens (no K/V crosses
+ * ranks). With cake_prefill_submit() the group's preference is the mean of the ranks'.
+ * Decode is per rank. The group lives and dies together: closing a shard or the death of any
+ * rank frees every shard (the others' calls then fail with CAKE_ENOSEQ, a rank waiting at a
+ * layer included). Returns as cake_seq_open(), or CAKE_EINVAL when the shard does not match
+ * the group. */
+CAKE_API int cake_seq_open_shard(cake_ctx *ctx, const struct cake_layout *layout,
+                                 const struct cake_policy *policy, uint32_t prompt_len,
+                                 uint32_t max_new_tokens, uint64_t group, uint32_t shards,
+                                 uint32_t shard, cake_seq **out);
 /* Frees the sequence in the daemon and the handle. */
 CAKE_API int cake_seq_close(cake_seq *seq);
 CAKE_API uint64_t cake_seq_id(const cake_seq *seq);

@@ -110,6 +110,8 @@ def _load():
         "cake_policy_default": (None, [ctypes.POINTER(_Policy)]),
         "cake_seq_open": (I, [P, ctypes.POINTER(_Layout), ctypes.POINTER(_Policy), U32, U32,
                               ctypes.POINTER(P)]),
+        "cake_seq_open_shard": (I, [P, ctypes.POINTER(_Layout), ctypes.POINTER(_Policy), U32,
+                                    U32, U64, U32, U32, ctypes.POINTER(P)]),
         "cake_seq_close": (I, [P]),
         "cake_seq_id": (U64, [P]),
         "cake_seq_tokens_per_page": (U32, [P]),
@@ -205,11 +207,13 @@ class Client:
                       max_new_tokens=0, mode="fixed", cache_size=1024, window=32, tau1=1.0,
                       tau2=1.0, gamma=200.0, cascading=True, decode_slack=0, policy="cake",
                       alloc=None, indicator=None, pool=None, pool_kernel=0, decode=None,
-                      sinks=0, pyramid_beta=0.0, ada_alpha=0.0):
+                      sinks=0, pyramid_beta=0.0, ada_alpha=0.0, shard_group=0, shards=0,
+                      shard=0):
         """Opens a sequence. `policy` is one of POLICIES; alloc ("preference", "uniform",
         "pyramid", "none"), indicator ("mean+var", "mean", "var", "last", "position"), pool
         ("avg", "max", "none"), decode ("evict", "prefill-only") override the kind's own
-        components (the paper's ablations); None keeps them."""
+        components (the paper's ablations); None keeps them. shard_group, shards, shard: one
+        shard of a tensor-parallel sequence (cake_seq_open_shard)."""
         if dtype not in _DTYPES:
             raise InvalidArgument(-5005, f"dtype must be one of {sorted(_DTYPES)}")
         if mode not in ("fixed", "parity"):
@@ -223,8 +227,13 @@ class Client:
                       _enum(_POOLS, pool, "pool"), pool_kernel, _enum(_DECODES, decode, "decode"),
                       sinks, pyramid_beta, ada_alpha)
         h = ctypes.c_void_p()
-        _check(self._ctx, _L().cake_seq_open(self._ctx, ctypes.byref(lay), ctypes.byref(pol),
-                                             prompt_len, max_new_tokens, ctypes.byref(h)))
+        if shards:
+            _check(self._ctx, _L().cake_seq_open_shard(
+                self._ctx, ctypes.byref(lay), ctypes.byref(pol), prompt_len, max_new_tokens,
+                shard_group, shards, shard, ctypes.byref(h)))
+        else:
+            _check(self._ctx, _L().cake_seq_open(self._ctx, ctypes.byref(lay), ctypes.byref(pol),
+                                                 prompt_len, max_new_tokens, ctypes.byref(h)))
         s = Sequence(self, h, layers, q_heads, kv_heads, head_dim, dtype, prompt_len, window)
         self._seqs.append(s)
         return s
