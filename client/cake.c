@@ -61,6 +61,18 @@ int cake_set_allocator(cake_ctx *c, void *(*alloc)(size_t, void *), void (*relea
     return 0;
 }
 
+int cake_set_gpus(cake_ctx *c, const char *uuids)
+{
+    if (c->fd >= 0)
+        return cake_set_err(c, CAKE_EINVAL, "cake_set_gpus() goes before cake_connect()");
+    if (!uuids)
+        uuids = "";
+    if (strlen(uuids) >= sizeof c->gpu_filter)
+        return cake_set_err(c, CAKE_EINVAL, "GPU list too long");
+    snprintf(c->gpu_filter, sizeof c->gpu_filter, "%s", uuids);
+    return 0;
+}
+
 int cake_set_timeout_ms(cake_ctx *c, int ms)
 {
     if (ms < 0)
@@ -71,27 +83,36 @@ int cake_set_timeout_ms(cake_ctx *c, int ms)
 
 int cake_fd(const cake_ctx *c) { return c->fd; }
 
-uint64_t cake_gpu_pool_base(const cake_ctx *c)
+uint32_t cake_gpu_count(const cake_ctx *c) { return c->n_gpus; }
+
+const char *cake_gpu_uuid_at(const cake_ctx *c, uint32_t i)
+{
+    return i < c->n_gpus ? c->gpus[i].uuid : NULL;
+}
+
+uint64_t cake_gpu_pool_base_at(const cake_ctx *c, uint32_t i)
 {
 #ifdef CAKE_HAVE_CUDA
-    return c->gpu_mapped ? c->gpu.va : 0;
+    return i < c->n_gpus && c->gpus[i].mapped ? c->gpus[i].gpu.va : 0;
 #else
-    (void)c;
+    (void)c, (void)i;
     return 0;
 #endif
 }
 
-size_t cake_gpu_pool_bytes(const cake_ctx *c)
+size_t cake_gpu_pool_bytes_at(const cake_ctx *c, uint32_t i)
 {
 #ifdef CAKE_HAVE_CUDA
-    return c->gpu_mapped ? c->gpu.bytes : 0;
+    return i < c->n_gpus && c->gpus[i].mapped ? c->gpus[i].gpu.bytes : 0;
 #else
-    (void)c;
+    (void)c, (void)i;
     return 0;
 #endif
 }
 
-const char *cake_gpu_uuid(const cake_ctx *c) { return c->gpu_uuid; }
+uint64_t cake_gpu_pool_base(const cake_ctx *c) { return cake_gpu_pool_base_at(c, 0); }
+size_t cake_gpu_pool_bytes(const cake_ctx *c) { return cake_gpu_pool_bytes_at(c, 0); }
+const char *cake_gpu_uuid(const cake_ctx *c) { return c->n_gpus ? c->gpus[0].uuid : ""; }
 const char *cake_errstr(const cake_ctx *c) { return c->errstr; }
 void *cake_pool_base(const cake_ctx *c) { return c->pool; }
 size_t cake_pool_bytes(const cake_ctx *c) { return c->pool_bytes; }
@@ -129,8 +150,9 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* Reads exactly n bytes; fds passed alongside land in fds[0..1] (when fds is not NULL; any
- * other is closed at once, never leaked). */
+/* Reads exactly n bytes; fds passed alongside land in the free (-1) slots of
+ * fds[0 .. 1 + CAKE_MAX_GPUS) (when fds is not NULL; any other is closed at once, never
+ * leaked). */
 static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
 {
     while (n) {
@@ -138,7 +160,7 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
         if (rc)
             return rc;
         struct iovec iov = {p, n};
-        char cbuf[CMSG_SPACE(4 * sizeof(int))];
+        char cbuf[CMSG_SPACE((2 + CAKE_MAX_GPUS) * sizeof(int))];
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                             .msg_controllen = sizeof cbuf};
         ssize_t k = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC);
@@ -154,12 +176,12 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (size_t i = 0; i < nf; i++) {
-                    int got;
+                    int got, j = 0;
                     memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof got);
-                    if (fds && fds[0] < 0)
-                        fds[0] = got;
-                    else if (fds && fds[1] < 0)
-                        fds[1] = got;
+                    while (fds && j < 1 + CAKE_MAX_GPUS && fds[j] >= 0)
+                        j++;
+                    if (fds && j < 1 + CAKE_MAX_GPUS)
+                        fds[j] = got;
                     else
                         close(got); /* not asked for: never leak it */
                 }
@@ -283,7 +305,9 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
     uint8_t *b = NULL;
     size_t n = 0;
-    int fds[2] = {-1, -1}, fd;
+    int fds[1 + CAKE_MAX_GPUS], fd;
+    for (int i = 0; i < 1 + CAKE_MAX_GPUS; i++)
+        fds[i] = -1;
     int rc = rpc(c, MSG_HELLO, &m.base, &b, &n, fds);
     fd = fds[0];
     if (rc)
@@ -296,42 +320,41 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         goto fail;
     }
     c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
-    snprintf(c->gpu_uuid, sizeof c->gpu_uuid, "%s", r->gpu_uuid ? r->gpu_uuid : "");
-    uint64_t gpu_bytes = r->gpu_pool_bytes;
-    unsigned char ipc[64];
-    int legacy = r->gpu_ipc_handle.len == sizeof ipc;
-    if (legacy)
-        memcpy(ipc, r->gpu_ipc_handle.data, sizeof ipc);
-    cake__hello_reply__free_unpacked(r, &al);
+    /* each GPU pool: mapped here when this process can use that GPU (and the engine did not
+     * restrict it with cake_set_gpus()); otherwise cake_errstr() says why */
+    int next_fd = 1;
+    c->n_gpus = 0;
+    for (size_t i = 0; i < r->n_gpus && i < CAKE_MAX_GPUS; i++) {
+        const Cake__GpuPool *g = r->gpus[i];
+        struct cake_gpu *cg = &c->gpus[c->n_gpus++];
+        snprintf(cg->uuid, sizeof cg->uuid, "%s", g->uuid ? g->uuid : "");
+        cg->bytes = g->bytes;
+        int legacy = g->ipc_handle.len > 0;
+        int gfd = legacy ? -1 : next_fd < 1 + CAKE_MAX_GPUS ? fds[next_fd++] : -1;
+        int wanted = !c->gpu_filter[0] || strstr(c->gpu_filter, cg->uuid) != NULL;
 #ifdef CAKE_HAVE_CUDA
-    if (legacy && gpu_bytes && map_pool) { /* caked shares the GPU pool by a legacy IPC handle */
         const char *why = "";
-        if (gpupool_import_legacy(&c->gpu, ipc, gpu_bytes, c->gpu_uuid, &why) == 0)
-            c->gpu_mapped = 1;
-        else
-            cake_set_err(c, 0, "GPU pool not mapped: %s", why);
-    }
-#else
-    if (legacy && gpu_bytes && map_pool)
-        cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
-#endif
-    if (fds[1] >= 0) {
-#ifdef CAKE_HAVE_CUDA
-        /* the GPU pool: mapped here when this process can use that GPU; otherwise the engine
-         * works on host memory and cake_errstr() says why */
-        const char *why = "";
-        if (gpu_bytes && gpupool_import(&c->gpu, fds[1], gpu_bytes, c->gpu_uuid, &why) == 0) {
-            c->gpu_mapped = 1; /* the host pool is registered once it is mapped, below */
-        } else {
-            cake_set_err(c, 0, "GPU pool not mapped: %s", why);
+        if (wanted && map_pool && legacy && g->ipc_handle.len == sizeof cg->gpu.ipc) {
+            if (gpupool_import_legacy(&cg->gpu, g->ipc_handle.data, cg->bytes, cg->uuid, &why) == 0)
+                cg->mapped = 1;
+            else
+                cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid, why);
+        } else if (wanted && gfd >= 0) {
+            if (gpupool_import(&cg->gpu, gfd, cg->bytes, cg->uuid, &why) == 0)
+                cg->mapped = 1; /* the host pool is registered once it is mapped, below */
+            else
+                cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid, why);
         }
 #else
-        (void)gpu_bytes;
-        cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
+        if (wanted && map_pool)
+            cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
 #endif
-        close(fds[1]);
-        fds[1] = -1; /* the fail path below must not close it again */
+        if (gfd >= 0) {
+            close(gfd);
+            fds[next_fd - 1] = -1; /* the fail path below must not close it again */
+        }
     }
+    cake__hello_reply__free_unpacked(r, &al);
     if (map_pool) {
         if (fd < 0) {
             rc = cake_set_err(c, CAKE_EPROTO, "caked did not pass the pool");
@@ -345,7 +368,10 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         c->pool = p;
 #ifdef CAKE_HAVE_CUDA
         const char *why = "";
-        if (c->gpu_mapped && gpupool_register_host(c->pool, c->pool_bytes, &why) == 0)
+        int any = 0;
+        for (uint32_t i = 0; i < c->n_gpus; i++)
+            any |= c->gpus[i].mapped;
+        if (any && gpupool_register_host(c->pool, c->pool_bytes, &why) == 0)
             c->host_registered = 1;
 #endif
     }
@@ -353,10 +379,9 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         close(fd); /* the mapping keeps the memory */
     return 0;
 fail:
-    if (fd >= 0)
-        close(fd);
-    if (fds[1] >= 0)
-        close(fds[1]);
+    for (int i = 0; i < 1 + CAKE_MAX_GPUS; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
     close(c->fd);
     c->fd = -1;
     return rc;
@@ -383,8 +408,9 @@ void cake_destroy(cake_ctx *c)
 #ifdef CAKE_HAVE_CUDA
     if (c->host_registered)
         gpupool_unregister_host(c->pool);
-    if (c->gpu_mapped)
-        gpupool_destroy(&c->gpu);
+    for (uint32_t i = 0; i < c->n_gpus; i++)
+        if (c->gpus[i].mapped)
+            gpupool_destroy(&c->gpus[i].gpu);
 #endif
     if (c->pool)
         munmap(c->pool, c->pool_bytes);
@@ -432,9 +458,10 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         return cake_set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
     if (lay->placement != CAKE_PLACE_HOST && lay->placement != CAKE_PLACE_GPU)
         return cake_set_err(c, CAKE_EINVAL, "placement must be CAKE_PLACE_HOST or CAKE_PLACE_GPU");
-    if (lay->placement == CAKE_PLACE_GPU && !c->gpu_mapped)
-        return cake_set_err(c, CAKE_EINVAL, "no GPU pool is mapped in this process "
-                                       "(cake_gpu_pool_base() is 0)");
+    if (lay->placement == CAKE_PLACE_GPU &&
+        (lay->gpu >= c->n_gpus || !c->gpus[lay->gpu].mapped))
+        return cake_set_err(c, CAKE_EINVAL, "that GPU pool is not mapped in this process "
+                                       "(cake_gpu_pool_base_at() is 0)");
     struct cake_policy dp;
     if (!pol) {
         cake_policy_default(&dp);
@@ -452,6 +479,8 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
     m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;
     m.max_new_tokens = max_new_tokens, m.policy = &p, m.placement = lay->placement;
     m.shard_group = group, m.shards = shards, m.shard = shard;
+    if (lay->placement == CAKE_PLACE_GPU)
+        m.gpu_uuid = c->gpus[lay->gpu].uuid;
     RPC_UNPACK(seq_open_reply, r, MSG_SEQ_OPEN, &m.base);
     cake_seq *s = c_alloc(c, sizeof(*s));
     int rc = s ? 0 : -ENOMEM;
@@ -495,7 +524,8 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
     s->kv_base = c->pool, s->kv_bytes = c->pool_bytes, s->gpu = NULL;
 #ifdef CAKE_HAVE_CUDA
     if (s->desc->placement == SHM_PLACE_GPU)
-        s->kv_base = (uint8_t *)(uintptr_t)c->gpu.va, s->kv_bytes = c->gpu.bytes;
+        s->kv_base = (uint8_t *)(uintptr_t)c->gpus[lay->gpu].gpu.va,
+        s->kv_bytes = c->gpus[lay->gpu].gpu.bytes;
 #endif
     s->v_offset = (size_t)lay->kv_heads * s->tpp * s->row_bytes;
     c->seqs[c->n_seqs++] = s;

@@ -14,6 +14,8 @@
 
 struct seq_gpu;
 
+#define CAKE_MAX_GPUS 8
+
 struct cake_ctx {
     int fd;
     int timeout_ms;
@@ -28,11 +30,17 @@ struct cake_ctx {
     uint64_t next_rid;
     cake_seq **seqs;
     size_t n_seqs, cap_seqs;
-    char gpu_uuid[48];
-    int gpu_mapped, host_registered;
+    struct cake_gpu {       /* caked's GPU pools, in its order */
+        char uuid[48];
+        uint64_t bytes;
+        int mapped;         /* this process could map it */
 #ifdef CAKE_HAVE_CUDA
-    struct gpupool gpu;
+        struct gpupool gpu;
 #endif
+    } gpus[CAKE_MAX_GPUS];
+    uint32_t n_gpus;
+    char gpu_filter[512];   /* cake_set_gpus(): UUIDs to map; "" all this process can */
+    int host_registered;
 };
 
 struct cake_seq {

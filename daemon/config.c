@@ -69,13 +69,16 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         char size[64];
         const char *at = strchr(v, '@');
         size_t sl = at ? (size_t)(at - v) : strlen(v);
-        if (sl >= sizeof size || (at && strlen(at + 1) >= sizeof c->srv.gpu_uuid))
+        if (sl >= sizeof size || (at && strlen(at + 1) >= sizeof c->srv.gpu[0].uuid))
             return FAIL("bad gpu-pool: %s (SIZE or SIZE@GPU-UUID)", v);
+        if (c->srv.n_gpus == SERVER_MAX_GPUS)
+            return FAIL("at most %d gpu-pool entries", SERVER_MAX_GPUS);
         memcpy(size, v, sl), size[sl] = 0;
         if (config_parse_size(size, &n) || n == 0)
             return FAIL("bad size for gpu-pool: %s", v);
-        c->srv.gpu_pool_bytes = n;
-        snprintf(c->srv.gpu_uuid, sizeof c->srv.gpu_uuid, "%s", at ? at + 1 : "");
+        struct server_gpu_cfg *g = &c->srv.gpu[c->srv.n_gpus++];
+        g->bytes = n;
+        snprintf(g->uuid, sizeof g->uuid, "%s", at ? at + 1 : "");
     } else if (!strcmp(key, "gpu-ipc")) { /* auto | legacy */
         if (strcmp(v, "auto") && strcmp(v, "legacy"))
             return FAIL("gpu-ipc must be auto or legacy: %s", v);

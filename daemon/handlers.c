@@ -70,14 +70,27 @@ static void h_hello(struct server *s, struct client *c)
     r.page_bytes = s->pool.page_bytes;
     r.daemon_version = (char *)CAKE_VERSION;
     r.admin = c->admin;
-    int fds[2] = {s->pool.fd, s->gpu_fd};
-    r.gpu_pool_bytes = want_pool ? s->gpu_bytes : 0;
+    int fds[1 + SERVER_MAX_GPUS] = {s->pool.fd};
+    int nfd = 1;
+    Cake__GpuPool gp[SERVER_MAX_GPUS], *gpp[SERVER_MAX_GPUS];
+    for (uint32_t i = 0; i < s->n_gpus && want_pool; i++) {
+        struct srv_gpu *g = &s->gpus[i];
+        gp[i] = (Cake__GpuPool)CAKE__GPU_POOL__INIT;
+        gp[i].uuid = g->uuid, gp[i].bytes = g->bytes;
 #ifdef CAKE_HAVE_CUDA
-    r.gpu_uuid = s->gpu_bytes ? s->gpu.uuid : (char *)"";
-    if (want_pool && s->gpu_bytes && s->gpu.legacy) /* no fd: the handle travels in the reply */
-        r.gpu_ipc_handle = (ProtobufCBinaryData){sizeof s->gpu.ipc, s->gpu.ipc};
+        if (g->gpu.legacy) /* no fd: the handle travels in the reply */
+            gp[i].ipc_handle = (ProtobufCBinaryData){sizeof g->gpu.ipc, g->gpu.ipc};
 #endif
-    srv_reply_fds(s, c, MSG_HELLO, &r.base, fds, want_pool ? (s->gpu_fd >= 0 ? 2 : 1) : 0);
+        if (g->fd >= 0)
+            fds[nfd++] = g->fd;
+        gpp[i] = &gp[i];
+    }
+    if (want_pool && s->n_gpus) {
+        r.n_gpus = s->n_gpus, r.gpus = gpp;
+        r.gpu_pool_bytes = gp[0].bytes, r.gpu_uuid = gp[0].uuid;
+        r.gpu_ipc_handle = gp[0].ipc_handle;
+    }
+    srv_reply_fds(s, c, MSG_HELLO, &r.base, fds, want_pool ? nfd : 0);
 }
 
 static void h_seq_open(struct server *s, struct client *c)
@@ -88,6 +101,13 @@ static void h_seq_open(struct server *s, struct client *c)
         .head_dim = m->head_dim, .dtype = m->dtype, .prompt_len = m->prompt_len,
         .max_new = m->max_new_tokens, .gpu = m->placement == 1,
     };
+    int bad_gpu = 0;
+    if (a.gpu && m->gpu_uuid && m->gpu_uuid[0]) { /* which GPU pool ("" : the first) */
+        bad_gpu = 1;
+        for (uint32_t i = 0; i < s->n_gpus; i++)
+            if (!strcmp(s->gpus[i].uuid, m->gpu_uuid))
+                a.gpu_dev = i, bad_gpu = 0;
+    }
     int bad_place = m->placement > 1;
     uint64_t gkey = m->shard_group;
     uint32_t shards = m->shards > 1 ? m->shards : 0, shard = m->shard;
@@ -110,6 +130,10 @@ static void h_seq_open(struct server *s, struct client *c)
         a.cfg.pyramid_beta = m->policy->pyramid_beta, a.cfg.ada_alpha = m->policy->ada_alpha;
     }
     UNPACK_FREE(seq_open, m);
+    if (bad_gpu) {
+        srv_reply_error(s, c, CAKE_EINVAL, "caked has no GPU pool on that GPU");
+        return;
+    }
     if (bad_mode || bad_place) {
         srv_reply_error(s, c, CAKE_EINVAL, bad_mode ? "policy mode must be 0 (parity) or 1 (fixed)"
                                                     : "placement must be 0 (host) or 1 (GPU)");
@@ -522,11 +546,17 @@ static void h_status(struct server *s, struct client *c)
     r.tenants = s->tenants.n, r.sequences = s->n_seqs, r.clients = s->n_clients;
     r.pid = (uint32_t)getpid();
     r.socket = s->cfg.socket_path;
-    r.gpu_pool_bytes = s->gpu_bytes, r.gpu_pages_used = s->gpu_pages.used;
-#ifdef CAKE_HAVE_CUDA
-    if (s->gpu_bytes)
-        r.gpu_uuid = s->gpu.uuid;
-#endif
+    Cake__GpuPool gp[SERVER_MAX_GPUS], *gpp[SERVER_MAX_GPUS];
+    for (uint32_t i = 0; i < s->n_gpus; i++) {
+        gp[i] = (Cake__GpuPool)CAKE__GPU_POOL__INIT;
+        gp[i].uuid = s->gpus[i].uuid, gp[i].bytes = s->gpus[i].bytes;
+        gp[i].pages_used = s->gpus[i].pages.used;
+        r.gpu_pool_bytes += gp[i].bytes, r.gpu_pages_used += gp[i].pages_used;
+        gpp[i] = &gp[i];
+    }
+    r.n_gpus = s->n_gpus, r.gpus = gpp;
+    if (s->n_gpus)
+        r.gpu_uuid = s->gpus[0].uuid;
     srv_reply(s, c, MSG_STATUS, &r.base, -1);
 }
 
@@ -571,6 +601,8 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
     r->kv_heads = q->Hkv, r->head_dim = q->d, r->dtype = q->dt, r->prompt_len = q->n;
     r->prefilled_layers = q->next_observe, r->decoded_tokens = q->decoded;
     r->placement = q->gpu, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
+    if (q->gpu)
+        r->gpu_uuid = s->gpus[q->gpu_dev].uuid;
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
     r->policy = (char *)policy_kind_name(q->cfg.kind);
     if (q->group)
@@ -644,11 +676,16 @@ static int render_metrics(struct server *s, struct strbuf *b)
     P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
       "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
       pool_free_pages(&s->pool));
-    P("# HELP caked_gpu_pool_bytes Size of the GPU pool (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
-      "caked_gpu_pool_bytes %llu\n", (unsigned long long)s->gpu_bytes);
-    P("# HELP caked_gpu_pool_pages GPU pool pages by state.\n# TYPE caked_gpu_pool_pages gauge\n"
-      "caked_gpu_pool_pages{state=\"used\"} %u\ncaked_gpu_pool_pages{state=\"free\"} %u\n",
-      s->gpu_pages.used, pool_free_pages(&s->gpu_pages));
+    uint64_t gbytes = 0;
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        gbytes += s->gpus[i].bytes;
+    P("# HELP caked_gpu_pool_bytes Size of the GPU pools (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
+      "caked_gpu_pool_bytes %llu\n", (unsigned long long)gbytes);
+    P("# HELP caked_gpu_pool_pages GPU pool pages by GPU and state.\n# TYPE caked_gpu_pool_pages gauge\n");
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        P("caked_gpu_pool_pages{gpu=\"%s\",state=\"used\"} %u\n"
+          "caked_gpu_pool_pages{gpu=\"%s\",state=\"free\"} %u\n", s->gpus[i].uuid,
+          s->gpus[i].pages.used, s->gpus[i].uuid, pool_free_pages(&s->gpus[i].pages));
     P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
       s->tenants.n);
     P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",

@@ -8,6 +8,10 @@
 #include "seq.h"
 #include "indicator.h"
 
+/* the GPU pool and execution contexts of a GPU sequence's device */
+#define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
+#define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
+
 static uint64_t ring_layer_bytes(const struct seq *s)
 {
     uint64_t b = (uint64_t)s->H * s->cfg.window * s->d * kern_dtype_size(s->dt);
@@ -28,7 +32,7 @@ static void *scratch_ptr(const struct seq_env *e, const struct seq *s)
  * their GPU pool run (device addresses), the indicator alone in the host scratch run. */
 static void *ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
-    uint8_t *base = s->gpu ? pool_ptr(e->gpu_pool, s->ring_first) : scratch_ptr(e, s);
+    uint8_t *base = s->gpu ? pool_ptr(GPOOL(e, s), s->ring_first) : scratch_ptr(e, s);
     return base + (uint64_t)l * ring_layer_bytes(s);
 }
 
@@ -45,7 +49,7 @@ static float *indicator_ptr(const struct seq_env *e, const struct seq *s)
 /* The pool holding the sequence's K/V pages. */
 static struct pool *kv_pool(const struct seq_env *e, const struct seq *s)
 {
-    return s->gpu ? e->gpu_pool : e->pool;
+    return s->gpu ? GPOOL(e, s) : e->pool;
 }
 
 static void account(const struct seq_env *e, struct seq *s, int64_t pages)
@@ -83,8 +87,8 @@ static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq
     const struct seq_layer *ly = &s->layer[l];
     return (struct gpu_layer){
         .dtype = s->dt, .kv_heads = s->Hkv, .head_dim = s->d, .tokens_per_page = s->tpp,
-        .n_tokens = ly->tokens, .n_pages = ly->n_pages, .base = e->gpu_pool->base,
-        .page_bytes = e->gpu_pool->page_bytes, .pages = ly->pages,
+        .n_tokens = ly->tokens, .n_pages = ly->n_pages, .base = GPOOL(e, s)->base,
+        .page_bytes = GPOOL(e, s)->page_bytes, .pages = ly->pages,
         .v_offset_bytes = (size_t)s->Hkv * s->tpp * s->d * kern_dtype_size(s->dt),
     };
 }
@@ -128,8 +132,10 @@ static struct kern_kv layer_view(const struct seq_env *e, const struct seq *s, u
 static const char *gpu_layout_check(const struct seq_env *e, const struct seq_open_args *a,
                                     const struct policy_cfg *cfg)
 {
-    if (!e->gpu_pool || !e->gpu)
+    if (!e->n_gpus)
         return "this caked has no GPU pool (start it with --gpu-pool SIZE)";
+    if (a->gpu_dev >= e->n_gpus)
+        return "no GPU pool on that GPU";
     if (a->dtype != KERN_F16 && a->dtype != KERN_BF16)
         return "GPU sequences hold f16 or bf16 keys and values";
     if (a->head_dim % 16 || a->head_dim > 128)
@@ -192,11 +198,11 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
     uint64_t pb = e->pool->page_bytes;
     uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages, s->Hkv);
-    s->gpu = a->gpu;
+    s->gpu = a->gpu, s->gpu_dev = a->gpu ? a->gpu_dev : 0;
     uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
     uint64_t dp = (desc_bytes + pb - 1) / pb, sp = (scratch_bytes + pb - 1) / pb;
     uint64_t rp = s->gpu ? ((uint64_t)s->L * ring_layer_bytes(s) + pb - 1) / pb : 0;
-    if (dp + sp > e->pool->pages || (s->gpu && rp > e->gpu_pool->pages)) {
+    if (dp + sp > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
         /* also keeps the counts below inside 32 bits */
         free(s);
         *why = "the sequence's descriptor and scratch area are larger than the pool";
@@ -207,7 +213,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     if (tenant_admit(e->tenants, t, (uint64_t)(s->desc_pages + s->scratch_pages) * pb,
                      (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes) ||
         (s->gpu && tenant_admit_gpu(e->tenants, t, rp * pb,
-                                    (uint64_t)pool_free_pages(e->gpu_pool) * pb, e->gpu_pool->bytes))) {
+                                    (uint64_t)pool_free_pages(GPOOL(e, s)) * pb, GPOOL(e, s)->bytes))) {
         free(s);
         *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
         return CAKE_EOOM;
@@ -241,7 +247,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         goto fail;
     }
     if (s->gpu) {
-        int64_t r0 = pool_alloc_run(e->gpu_pool, s->ring_pages);
+        int64_t r0 = pool_alloc_run(GPOOL(e, s), s->ring_pages);
         if (r0 < 0) {
             pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
             pool_free_run(e->pool, (uint32_t)s0, s->scratch_pages);
@@ -299,7 +305,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     pool_free_run(e->pool, s->scratch_first, s->scratch_pages);
     account(e, s, -(int64_t)(s->desc_pages + s->scratch_pages));
     if (s->gpu) {
-        pool_free_run(e->gpu_pool, s->ring_first, s->ring_pages);
+        pool_free_run(GPOOL(e, s), s->ring_first, s->ring_pages);
         account_gpu(e, s, -(int64_t)s->ring_pages);
     }
     s->tenant->sequences--;
@@ -403,11 +409,11 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
         return;
     }
     if (S && observe && s->gpu) {
-        struct gpuctx *gc = gpuexec_take(e->gpu);
+        struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
         struct gpu_layer gl = gpu_layer_view(e, s, layer);
         s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S, s->cfg.gamma, ind,
                                   &s->pend_ent, &s->pend_var);
-        gpuexec_put(e->gpu, gc);
+        gpuexec_put(GEXEC(e, s), gc);
         pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
     } else if (S && observe) {
         void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
@@ -436,13 +442,13 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     s->last_pref = pref;
     if (!s->work_rc)
         s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->pend_ind, ev, &nev);
-    struct gpuctx *gc = s->gpu && nev ? gpuexec_take(e->gpu) : NULL;
+    struct gpuctx *gc = s->gpu && nev ? gpuexec_take(GEXEC(e, s)) : NULL;
     for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
         s->work_rc = apply_evict(e, s, &ev[i], gc);
         s->ev_layers[s->n_ev++] = ev[i].layer;
     }
     if (gc)
-        gpuexec_put(e->gpu, gc);
+        gpuexec_put(GEXEC(e, s), gc);
     free(s->pend_ind);
     s->pend_ind = NULL;
 }
@@ -559,9 +565,9 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
             .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
         };
     }
-    struct gpuctx *gc = gpuexec_take(e->gpu);
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
-    gpuexec_put(e->gpu, gc);
+    gpuexec_put(GEXEC(e, s), gc);
     for (uint32_t i = 0; i < nover && !rc; i++) {
         evicted[i] = s->layer[over[i]].tokens - w - ev[i].k;
         s->layer[over[i]].tokens = ev[i].k + w;
@@ -701,19 +707,21 @@ uint32_t seq_decode_pages_needed(const struct seq *s)
 int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *const *seqs,
                      uint32_t n, const char **why)
 {
-    uint64_t host = 0, gpu = 0, pb = e->pool->page_bytes;
+    uint64_t host = 0, gpu[SEQ_MAX_GPUS] = {0}, pb = e->pool->page_bytes;
     for (uint32_t i = 0; i < n; i++)
-        *(seqs[i]->gpu ? &gpu : &host) += seq_decode_pages_needed(seqs[i]);
+        *(seqs[i]->gpu ? &gpu[seqs[i]->gpu_dev] : &host) += seq_decode_pages_needed(seqs[i]);
     if (host && tenant_admit(e->tenants, t, host * pb, (uint64_t)pool_free_pages(e->pool) * pb,
                              e->pool->bytes)) {
         *why = "the decode step's pages exceed the tenant's share of the pool";
         return CAKE_EOOM;
     }
-    if (gpu && tenant_admit_gpu(e->tenants, t, gpu * pb,
-                                (uint64_t)pool_free_pages(e->gpu_pool) * pb, e->gpu_pool->bytes)) {
-        *why = "the decode step's pages exceed the tenant's share of the GPU pool";
-        return CAKE_EOOM;
-    }
+    for (uint32_t d = 0; d < e->n_gpus; d++)
+        if (gpu[d] && tenant_admit_gpu(e->tenants, t, gpu[d] * pb,
+                                       (uint64_t)pool_free_pages(e->gpu_pools[d]) * pb,
+                                       e->gpu_pools[d]->bytes)) {
+            *why = "the decode step's pages exceed the tenant's share of the GPU pool";
+            return CAKE_EOOM;
+        }
     return 0;
 }
 

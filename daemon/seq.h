@@ -22,6 +22,7 @@
 #define SEQ_MAX_HEAD_DIM 1024
 #define SEQ_MAX_TOKENS (1u << 24) /* prompt + new tokens: 16M */
 #define SEQ_MAX_WINDOW 4096u     /* the query ring is window rows per head and layer */
+#define SEQ_MAX_GPUS 8           /* GPU pools (one per GPU) */
 
 struct seq_layer {
     uint32_t *pages;     /* [max_pages] pool page indices */
@@ -42,7 +43,8 @@ struct seq {
     enum kern_dtype dt;
     struct policy_cfg cfg;
     uint32_t tpp, max_pages;
-    int gpu;                 /* K/V pages and query rings in the GPU pool */
+    int gpu;                 /* K/V pages and query rings in a GPU pool */
+    uint32_t gpu_dev;        /* which one (seq_env.gpu_pools) */
     uint32_t desc_first, desc_pages, scratch_first, scratch_pages;
     uint32_t ring_first, ring_pages; /* GPU sequences: the query rings' run in the GPU pool */
     struct shm_desc *desc;
@@ -69,8 +71,9 @@ struct seq {
 
 struct seq_env {
     struct pool *pool;
-    struct pool *gpu_pool;  /* page allocator over the GPU pool; NULL: none */
-    struct gpuexec *gpu;    /* streams and workspaces for GPU sequences */
+    struct pool *gpu_pools[SEQ_MAX_GPUS]; /* page allocators over the GPU pools */
+    struct gpuexec *gpus[SEQ_MAX_GPUS];   /* streams and workspaces on each GPU */
+    uint32_t n_gpus;
     struct tenants *tenants;
     int threads;        /* kernel threads per prefill work item */
     int decode_threads; /* threads spreading a decode step's layer evictions (<= 0: all cores) */
@@ -78,7 +81,8 @@ struct seq_env {
 
 struct seq_open_args {
     uint32_t layers, q_heads, kv_heads, head_dim, dtype, prompt_len, max_new;
-    int gpu;                /* place K/V and queries in the GPU pool */
+    int gpu;                /* place K/V and queries in a GPU pool */
+    uint32_t gpu_dev;       /* which (index into seq_env.gpu_pools) */
     struct policy_cfg cfg;
 };
 

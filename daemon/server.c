@@ -149,7 +149,7 @@ static int client_flush(struct server *s, struct client *c)
     while (c->out_off < c->out_len) {
         struct iovec iov = {c->out + c->out_off, c->out_len - c->out_off};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-        char cbuf[CMSG_SPACE(2 * sizeof(int))];
+        char cbuf[CMSG_SPACE((1 + SERVER_MAX_GPUS) * sizeof(int))];
         if (c->n_out_fds) {
             memset(cbuf, 0, sizeof cbuf);
             mh.msg_control = cbuf, mh.msg_controllen = CMSG_SPACE(c->n_out_fds * sizeof(int));
@@ -223,8 +223,8 @@ void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const Prot
                    const int *fds, int n_fds)
 {
     srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, n_fds ? fds[0] : -1);
-    if (n_fds == 2)
-        c->out_fds[1] = fds[1], c->n_out_fds = 2;
+    for (int i = 1; i < n_fds && i < 1 + SERVER_MAX_GPUS; i++)
+        c->out_fds[i] = fds[i], c->n_out_fds = i + 1;
     finish_request(s, c);
 }
 
@@ -544,7 +544,9 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->listen_fd = s->sig_fd = -1;
     s->owner_uid = geteuid();
     s->t_start = srv_now_s();
-    s->pool.fd = s->gpu_pages.fd = s->gpu_fd = -1; /* nothing to close yet */
+    s->pool.fd = -1; /* nothing to close yet */
+    for (uint32_t i = 0; i < SERVER_MAX_GPUS; i++)
+        s->gpus[i].fd = s->gpus[i].pages.fd = -1;
     /* block the shutdown signals before any thread exists, so every thread inherits the
      * mask and they arrive only through the signalfd */
     sigset_t ss;
@@ -559,31 +561,41 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         srv_log("host pool: %s (%s)", why, strerror(-rc));
         goto fail;
     }
-    if (cfg->gpu_pool_bytes) {
+    for (uint32_t i = 0; i < cfg->n_gpus; i++) {
+        struct srv_gpu *g = &s->gpus[i];
+        const struct server_gpu_cfg *gc = &cfg->gpu[i];
 #ifdef CAKE_HAVE_CUDA
-        rc = cfg->gpu_ipc_legacy ? -ENOTSUP
-                                 : gpupool_create(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why);
-        if (!rc && (rc = gpupool_export(&s->gpu, &s->gpu_fd, &why)))
-            gpupool_destroy(&s->gpu);
+        rc = cfg->gpu_ipc_legacy ? -ENOTSUP : gpupool_create(&g->gpu, gc->bytes, gc->uuid, &why);
+        if (!rc && (rc = gpupool_export(&g->gpu, &g->fd, &why)))
+            gpupool_destroy(&g->gpu);
         if (rc == -ENOTSUP) { /* VMM export refused (or not wanted): the legacy IPC handle */
             if (!cfg->gpu_ipc_legacy)
                 srv_log("GPU pool: %s; falling back to a legacy CUDA IPC handle", why);
-            rc = gpupool_create_legacy(&s->gpu, cfg->gpu_pool_bytes, cfg->gpu_uuid, &why);
+            rc = gpupool_create_legacy(&g->gpu, gc->bytes, gc->uuid, &why);
         }
         if (rc) {
-            srv_log("GPU pool: %s", why);
+            srv_log("GPU pool %u: %s", i, why);
             goto fail;
         }
-        s->gpu_bytes = s->gpu.bytes;
+        s->n_gpus = i + 1;
+        g->bytes = g->gpu.bytes;
+        snprintf(g->uuid, sizeof g->uuid, "%s", g->gpu.uuid);
+        for (uint32_t j = 0; j < i; j++)
+            if (!strcmp(s->gpus[j].uuid, g->uuid)) {
+                srv_log("GPU pool %u: %s already has a pool", i, g->uuid);
+                rc = -EINVAL;
+                goto fail;
+            }
         /* the same pages and layout as the host pool: GPU sequences hold their K/V here */
         int nw = cfg->workers > 0 ? cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
-        if ((rc = pool_init_external(&s->gpu_pages, (void *)(uintptr_t)s->gpu.va, s->gpu.bytes,
+        if ((rc = pool_init_external(&g->pages, (void *)(uintptr_t)g->gpu.va, g->gpu.bytes,
                                      cfg->page_bytes, &why)) ||
-            (rc = gpuexec_create(&s->gpux, s->gpu.device, nw, &why))) {
-            srv_log("GPU pool: %s", why);
+            (rc = gpuexec_create(&g->x, g->gpu.device, nw, &why))) {
+            srv_log("GPU pool %u: %s", i, why);
             goto fail;
         }
 #else
+        (void)g, (void)gc;
         srv_log("GPU pool: this caked was built without CUDA (nvcc was not found)");
         rc = -ENOTSUP;
         goto fail;
@@ -598,9 +610,11 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
                                    tcfg[i].min_bytes, tcfg[i].max_bytes)))
             goto fail;
     s->env = (struct seq_env){
-        .pool = &s->pool, .gpu_pool = s->gpux ? &s->gpu_pages : NULL, .gpu = s->gpux,
-        .tenants = &s->tenants, .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
+        .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
+        .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
     };
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        s->env.gpu_pools[i] = &s->gpus[i].pages, s->env.gpus[i] = s->gpus[i].x;
     if ((rc = loop_create(cfg->io, &s->loop, &s->io_name, &why))) {
         srv_log("event loop: %s (%s)", why ? why : "failed", strerror(-rc));
         goto fail;
@@ -621,12 +635,12 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     char pb[32], pg[32], gb[32];
     human_bytes(s->pool.bytes, pb, sizeof pb);
     human_bytes(s->pool.page_bytes, pg, sizeof pg);
-    human_bytes(s->gpu_bytes, gb, sizeof gb);
-#ifdef CAKE_HAVE_CUDA
-    if (s->gpu_bytes)
-        srv_log("GPU pool %s on %s (shared by file descriptor); host pool %s with CUDA", gb,
-                s->gpu.uuid, s->host_registered ? "registered" : "not registered");
-#endif
+    for (uint32_t i = 0; i < s->n_gpus; i++) {
+        human_bytes(s->gpus[i].bytes, gb, sizeof gb);
+        srv_log("GPU pool %u: %s on %s (shared by %s); host pool %s with CUDA", i, gb,
+                s->gpus[i].uuid, s->gpus[i].fd >= 0 ? "file descriptor" : "legacy IPC handle",
+                s->host_registered ? "registered" : "not registered");
+    }
     srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s%s; %s event "
            "loop; %d workers", CAKE_VERSION, cfg->socket_path, cfg->socket_group[0] ? "0660" : "0600",
            pb, s->pool.pages, pg, s->pool.hugepages ? " (huge pages)" : "", s->io_name,
@@ -699,16 +713,21 @@ void server_destroy(struct server *s)
     if (s->sig_fd >= 0)
         close(s->sig_fd);
     loop_destroy(s->loop);
-    gpuexec_destroy(s->gpux);
-    pool_fini(&s->gpu_pages);
+    for (uint32_t i = 0; i < SERVER_MAX_GPUS; i++) {
+        struct srv_gpu *g = &s->gpus[i];
+        gpuexec_destroy(g->x);
+        pool_fini(&g->pages);
+#ifdef CAKE_HAVE_CUDA
+        if (i < s->n_gpus)
+            gpupool_destroy(&g->gpu);
+#endif
+        if (g->fd >= 0)
+            close(g->fd);
+    }
 #ifdef CAKE_HAVE_CUDA
     if (s->host_registered)
         gpupool_unregister_host(s->pool.base);
-    if (s->gpu_bytes)
-        gpupool_destroy(&s->gpu);
 #endif
-    if (s->gpu_fd >= 0)
-        close(s->gpu_fd);
     if (s->pool.base)
         pool_fini(&s->pool);
     tenants_fini(&s->tenants);

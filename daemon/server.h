@@ -12,12 +12,17 @@
 
 #include "loop.h"
 
+#define SERVER_MAX_GPUS 8
+
 struct server_cfg {
     char socket_path[108];
     char socket_group[64];   /* empty: mode 0600; else owned by this group, mode 0660 */
     uint64_t host_pool_bytes;
-    uint64_t gpu_pool_bytes; /* 0: no GPU pool */
-    char gpu_uuid[48];       /* "" : the first GPU */
+    struct server_gpu_cfg {  /* one GPU pool per GPU (--gpu-pool repeated) */
+        uint64_t bytes;
+        char uuid[48];       /* "" : the first GPU */
+    } gpu[SERVER_MAX_GPUS];
+    uint32_t n_gpus;
     int gpu_ipc_legacy;      /* share the GPU pool by a legacy CUDA IPC handle (else VMM fd,
                                 falling back to legacy where export is refused) */
     uint64_t page_bytes;

@@ -46,7 +46,7 @@ struct client {
     int close_after_flush; /* the stream is unusable after this reply */
     uint8_t *out;
     size_t out_len, out_off;
-    int out_fds[2];        /* fds to pass with the pending reply */
+    int out_fds[1 + SERVER_MAX_GPUS]; /* fds to pass with the pending reply */
     int n_out_fds;
     double t0;             /* request start */
 };
@@ -61,13 +61,17 @@ struct server {
     struct loop *loop;
     const char *io_name;
     struct pool pool;
+    struct srv_gpu {       /* one per --gpu-pool */
 #ifdef CAKE_HAVE_CUDA
-    struct gpupool gpu;
+        struct gpupool gpu;
 #endif
-    int gpu_fd;            /* exported GPU pool, -1 none */
-    uint64_t gpu_bytes;
-    struct pool gpu_pages; /* the page allocator over the GPU pool */
-    struct gpuexec *gpux;  /* workers' CUDA streams and workspaces */
+        char uuid[48];
+        int fd;            /* exported GPU pool, -1 none (legacy IPC) */
+        uint64_t bytes;
+        struct pool pages; /* the page allocator over the GPU pool */
+        struct gpuexec *x; /* workers' CUDA streams and workspaces on that GPU */
+    } gpus[SERVER_MAX_GPUS];
+    uint32_t n_gpus;
     int host_registered;
     struct tenants tenants;
     struct workers *workers;
@@ -121,7 +125,7 @@ struct client *srv_client_by_id(struct server *s, uint64_t id);
 void srv_queue_frame(struct server *s, struct client *c, uint16_t type, uint64_t rid,
                      const ProtobufCMessage *msg, int fd);
 void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg, int fd);
-/* a reply with up to two fds (HELLO: the host pool memfd, then the GPU pool) */
+/* a reply with fds (HELLO: the host pool memfd, then each GPU pool shared by fd) */
 void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
                    const int *fds, int n_fds);
 void srv_reply_error(struct server *s, struct client *c, int code, const char *fmt, ...)

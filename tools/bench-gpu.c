@@ -240,7 +240,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
            dmedian(h2d, 8), dmedian(d2h, 8));
 
     /* a GPU sequence at Llama-3.1-8B shapes */
-    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU};
+    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU, 0};
     struct cake_policy pol;
     cake_policy_default(&pol); /* fixed mode, cache 1024, window 32 */
     cake_seq *s;

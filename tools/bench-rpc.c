@@ -192,7 +192,7 @@ static void redis_stop(void)
 static int open_seqs(cake_ctx *c, cake_seq **s, int n, uint32_t layers, uint32_t prompt,
                      uint32_t cache, uint32_t max_new, int observe)
 {
-    struct cake_layout lay = {layers, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout lay = {layers, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = cache;

@@ -79,12 +79,17 @@ static int cmd_status(cake_ctx *c)
         printf("{\"version\":\"%s\",\"protocol\":%u,\"pid\":%u,\"socket\":\"%s\",\"io\":\"%s\","
                "\"uptime_ms\":%llu,\"pool_bytes\":%llu,\"page_bytes\":%llu,\"pages_total\":%llu,"
                "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u,"
-               "\"gpu_pool_bytes\":%llu,\"gpu_uuid\":\"%s\"}\n",
+               "\"gpu_pool_bytes\":%llu,\"gpu_uuid\":\"%s\",\"gpus\":[",
                s->daemon_version, s->protocol_version, s->pid, s->socket, s->io_backend,
                (unsigned long long)s->uptime_ms, (unsigned long long)s->pool_bytes,
                (unsigned long long)s->page_bytes, (unsigned long long)s->pages_total,
                (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients,
                (unsigned long long)s->gpu_pool_bytes, s->gpu_uuid ? s->gpu_uuid : "");
+        for (size_t i = 0; i < s->n_gpus; i++)
+            printf("%s{\"uuid\":\"%s\",\"bytes\":%llu,\"pages_used\":%llu}", i ? "," : "",
+                   s->gpus[i]->uuid, (unsigned long long)s->gpus[i]->bytes,
+                   (unsigned long long)s->gpus[i]->pages_used);
+        printf("]}\n");
     } else {
         char pb[32], pg[32], ub[32];
         util_human_bytes(s->pool_bytes, pb, sizeof pb);
@@ -96,10 +101,11 @@ static int cmd_status(cake_ctx *c)
         printf("host pool  %s in %llu pages of %s; %s used (%.1f%%)\n", pb,
                (unsigned long long)s->pages_total, pg, ub,
                s->pages_total ? 100.0 * s->pages_used / s->pages_total : 0.0);
-        if (s->gpu_pool_bytes) {
-            char gb[32];
-            util_human_bytes(s->gpu_pool_bytes, gb, sizeof gb);
-            printf("GPU pool   %s on %s\n", gb, s->gpu_uuid);
+        for (size_t i = 0; i < s->n_gpus; i++) {
+            char gb[32], gu[32];
+            util_human_bytes(s->gpus[i]->bytes, gb, sizeof gb);
+            util_human_bytes(s->gpus[i]->pages_used * s->page_bytes, gu, sizeof gu);
+            printf("GPU pool   %s on %s; %s used\n", gb, s->gpus[i]->uuid, gu);
         }
         printf("tenants    %u   sequences %u   clients %u\n", s->tenants, s->sequences, s->clients);
     }

@@ -112,7 +112,7 @@ static void open_pair(cake_ctx *c, uint32_t max_new, cake_seq **gs, cake_seq **h
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = CACHE, pol.window = W;
-    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU};
+    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU, 0};
     int rc = cake_seq_open(c, &lay, &pol, N, max_new, gs);
     CHECK(rc == 0, "GPU sequence open: %s (%s)", cake_strerror(rc), cake_errstr(c));
     lay.placement = CAKE_PLACE_HOST;
@@ -386,9 +386,9 @@ static void test_refusals(cake_ctx *c)
     struct cake_policy pol;
     cake_policy_default(&pol);
     cake_seq *s = NULL;
-    struct cake_layout f32 = {2, 4, 2, 64, CAKE_F32, CAKE_PLACE_GPU};
-    struct cake_layout odd = {2, 4, 2, 72, CAKE_BF16, CAKE_PLACE_GPU};
-    struct cake_layout ok = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU};
+    struct cake_layout f32 = {2, 4, 2, 64, CAKE_F32, CAKE_PLACE_GPU, 0};
+    struct cake_layout odd = {2, 4, 2, 72, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout ok = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU, 0};
     CHECK(cake_seq_open(c, &f32, &pol, 100, 0, &s) == CAKE_EINVAL, "f32 on the GPU accepted");
     CHECK(cake_seq_open(c, &odd, &pol, 100, 0, &s) == CAKE_EINVAL, "head_dim 72 on the GPU accepted");
     pol.mode = CAKE_MODE_PARITY;

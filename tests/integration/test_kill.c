@@ -24,7 +24,7 @@ static void victim(const char *sock, unsigned seed)
     cake_set_service(c, name);
     if (cake_connect(c, sock, 1))
         _exit(1);
-    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64 + (uint32_t)(rand() % 64), pol.window = 16;
@@ -58,7 +58,7 @@ static int bystander(const char *sock, int cycles)
     cake_set_service(c, "bystander");
     if (cake_connect(c, sock, 1))
         return 1;
-    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 96, pol.window = 16;

@@ -189,7 +189,7 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     struct harness h;
     cr_assert_eq(harness_start(&h, NULL), 0);
     cake_ctx *a = engine(h.sock, "tenant-a"), *b = engine(h.sock, "tenant-b");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64;
@@ -200,12 +200,12 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert_eq(cake_prefill_observe(sa, 0, NULL), CAKE_ESTATE);
     cr_assert_eq(cake_decode_step(a, &sa, 1), CAKE_ESTATE);
     /* a bad layout is refused with its reason */
-    struct cake_layout bad = {2, 5, 2, 64, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout bad = {2, 5, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
     cake_seq *sx;
     cr_assert_eq(cake_seq_open(a, &bad, &pol, 1000, 16, &sx), CAKE_EINVAL);
     cr_assert(strstr(cake_errstr(a), "multiple"), "%s", cake_errstr(a));
     /* a hostile layout is refused before caked allocates for it */
-    struct cake_layout huge = {512, 1024, 8, 1024, CAKE_F32, CAKE_PLACE_HOST}; /* one token per page */
+    struct cake_layout huge = {512, 1024, 8, 1024, CAKE_F32, CAKE_PLACE_HOST, 0}; /* one token per page */
     struct cake_policy wide = pol;
     wide.window = 4096, wide.cache_size = 1u << 24;
     cr_assert_eq(cake_seq_open(a, &huge, &wide, (1u << 24) - 1, 1, &sx), CAKE_EOOM, "%s", cake_errstr(a));
@@ -267,7 +267,7 @@ Test(safety, another_uid_sees_and_touches_only_its_own, .timeout = 60)
     cr_assert_eq(harness_start(&h, extra), 0);
     chmod(h.dir, 0755);
     cake_ctx *a = engine(h.sock, "shared-name");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST};
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
     cake_seq *sa;
     cr_assert_eq(cake_seq_open(a, &lay, NULL, 500, 8, &sa), 0, "%s", cake_errstr(a));
     uint64_t id = cake_seq_id(sa);

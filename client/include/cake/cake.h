@@ -68,6 +68,11 @@ CAKE_API int cake_set_service(cake_ctx *ctx, const char *name);
 /* Before cake_connect(): heap hooks for the library's own allocations. */
 CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void *ud),
                        void (*release)(void *ptr, void *ud), void *ud);
+/* Before cake_connect(): the GPUs whose pools this process maps, as a comma-separated list of
+ * UUIDs ("GPU-..."); NULL or "" (the default): every pool on a GPU this process can use
+ * (e.g. a tensor-parallel rank with CUDA_VISIBLE_DEVICES set maps its own GPU's only).
+ * Returns 0 or CAKE_EINVAL. */
+CAKE_API int cake_set_gpus(cake_ctx *ctx, const char *uuids);
 /* Before cake_connect(): reply timeout (0 = wait forever; default 0). */
 CAKE_API int cake_set_timeout_ms(cake_ctx *ctx, int timeout_ms);
 
@@ -87,10 +92,16 @@ CAKE_API const char *cake_errstr(const cake_ctx *ctx);
 CAKE_API void *cake_pool_base(const cake_ctx *ctx);
 CAKE_API size_t cake_pool_bytes(const cake_ctx *ctx);
 
-/* The GPU pool (caked --gpu-pool) mapped in this process: its device address (0 when caked has
- * none, this libcake was built without CUDA, or this process cannot use that GPU - then
- * cake_errstr() says why), its size, and the GPU's UUID ("" when none). The host pool is
- * registered with CUDA whenever the GPU pool is mapped. */
+/* caked's GPU pools (caked --gpu-pool, one per GPU), in caked's order: how many, each one's
+ * GPU UUID (NULL past the end), and its device address and size in this process (0 when
+ * not mapped here: this libcake was built without CUDA, this process cannot use that GPU,
+ * or cake_set_gpus() left it out - cake_errstr() says why). The host pool is registered with
+ * CUDA whenever a GPU pool is mapped. */
+CAKE_API uint32_t cake_gpu_count(const cake_ctx *ctx);
+CAKE_API const char *cake_gpu_uuid_at(const cake_ctx *ctx, uint32_t i);
+CAKE_API uint64_t cake_gpu_pool_base_at(const cake_ctx *ctx, uint32_t i);
+CAKE_API size_t cake_gpu_pool_bytes_at(const cake_ctx *ctx, uint32_t i);
+/* The same for the first GPU pool ("" UUID when caked has none). */
 CAKE_API uint64_t cake_gpu_pool_base(const cake_ctx *ctx);
 CAKE_API size_t cake_gpu_pool_bytes(const cake_ctx *ctx);
 CAKE_API const char *cake_gpu_uuid(const cake_ctx *ctx);
@@ -111,6 +122,7 @@ struct cake_layout {
      * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256 and
      * fixed mode. Zero (the default of a zeroed struct) is the host pool. */
     enum cake_placement placement;
+    uint32_t gpu; /* CAKE_PLACE_GPU: which of caked's GPU pools (cake_gpu_uuid_at); 0 first */
 };
 
 /* Eviction policies (daemon/README.md "Policies" documents each one's parameters and how

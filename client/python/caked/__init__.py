@@ -60,7 +60,7 @@ _DTYPES = {"f32": (0, np.float32), "f16": (1, np.float16), "bf16": (2, np.uint16
 class _Layout(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_uint32), ("q_heads", ctypes.c_uint32),
                 ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
-                ("dtype", ctypes.c_int), ("placement", ctypes.c_int)]
+                ("dtype", ctypes.c_int), ("placement", ctypes.c_int), ("gpu", ctypes.c_uint32)]
 
 
 class _Policy(ctypes.Structure):
