@@ -366,19 +366,25 @@ static int launch(params &p, cudaStream_t st)
 {
     size_t tiles = (size_t)(p.RP + 2 * TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
     size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
-    /* raise the dynamic shared-memory limit when a larger size comes; caked's workers
-     * launch from several threads, so check and raise under a lock */
+    /* raise the dynamic shared-memory limit when a larger size comes; the attribute is per
+     * device (caked may drive several GPUs) and caked's workers launch from several
+     * threads, so track it per device and raise it under a lock */
+    enum { MAX_DEV = 64 };
     static std::mutex mu;
-    static size_t set1, set2;
+    static size_t set1[MAX_DEV], set2[MAX_DEV];
+    int dev = 0;
+    CK(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= MAX_DEV)
+        return -EINVAL;
     {
         std::lock_guard<std::mutex> lock(mu);
-        if (sm1 > set1) {
+        if (sm1 > set1[dev]) {
             CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
-            set1 = sm1;
+            set1[dev] = sm1;
         }
-        if (sm2 > set2) {
+        if (sm2 > set2[dev]) {
             CK(cudaFuncSetAttribute(pass2<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
-            set2 = sm2;
+            set2[dev] = sm2;
         }
     }
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);

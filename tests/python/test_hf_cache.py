@@ -29,7 +29,8 @@ NEW = 24
 def generate(model, ids, cache=None, **kw):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, cache=cache, **kw)
+                              return_dict_in_generate=True,
+                              **({caked.hf.cache_kwarg(model): cache} if cache else {}), **kw)
 
 
 class HFCache(unittest.TestCase):
@@ -94,7 +95,7 @@ class HFCache(unittest.TestCase):
                         self.assertGreater(diff, 0.0, "eviction changed nothing")
                     cache.close()
 
-    def test_deprecated_past_key_values_argument_and_errors(self):
+    def test_past_key_values_argument_and_errors(self):
         with caked.Client(self.d.sock, service="hf-args") as c:
             cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
             with torch.no_grad():
@@ -104,7 +105,8 @@ class HFCache(unittest.TestCase):
             self.assert_same_logits(out, self.ref)
             cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
             with self.assertRaises(caked.InvalidArgument), torch.no_grad():
-                self.model(self.ids.repeat(2, 1), cache=cache, use_cache=True)
+                self.model(self.ids.repeat(2, 1), use_cache=True,
+                           **{caked.hf.cache_kwarg(self.model): cache})
             # the model still works with transformers' own cache afterwards
             self.assert_same_logits(generate(self.model, self.ids), self.ref)
 

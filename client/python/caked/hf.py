@@ -21,6 +21,7 @@ does); host sequences (the pool is CPU memory: with a CUDA model, K/V are copied
 The "caked" attention falls back to SDPA for any forward not driven by a CakedCache, so an
 enabled model still runs with transformers' own caches.
 """
+import inspect
 import threading
 
 import numpy as np
@@ -216,6 +217,13 @@ def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
         cache._after_decode_attention(l, query)
     return out.transpose(1, 2).contiguous(), None
+
+
+def cache_kwarg(model):
+    """The name under which `model` (and generate) take a cache: "cache" in transformers
+    5.x, "past_key_values" before (5.x still accepts it, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def enable(model):
