@@ -199,12 +199,48 @@ static int rank(const char *sock, const char *uuid, int visible, int g0, int nh,
     return fails ? 1 : 0;
 }
 
+/* A process seeing both GPUs maps both pools, or only the one cake_set_gpus() names. */
+static int attach_filter(const char *sock, const char *want)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    if (want)
+        CHECK(cake_set_gpus(c, want) == 0, "cake_set_gpus");
+    if (cake_connect(c, sock, 1)) {
+        fprintf(stderr, "connect: %s\n", cake_errstr(c));
+        return 2;
+    }
+    CHECK(cake_set_gpus(c, "") == CAKE_EINVAL, "cake_set_gpus after connect accepted");
+    for (uint32_t i = 0; i < cake_gpu_count(c); i++) {
+        int mapped = cake_gpu_pool_base_at(c, i) != 0;
+        int expect = !want || !strcmp(cake_gpu_uuid_at(c, i), want);
+        CHECK(mapped == expect, "pool %u (%s): mapped %d, expected %d", i, cake_gpu_uuid_at(c, i),
+              mapped, expect);
+    }
+    CHECK(cake_gpu_count(c) == 2, "%u pools listed", cake_gpu_count(c));
+    cake_destroy(c);
+    fflush(stdout);
+    return fails ? 1 : 0;
+}
+
+static int run_child(int (*fn)(const char *, const char *), const char *sock, const char *want)
+{
+    fflush(stdout); /* the child must not print the parent's buffered lines again */
+    pid_t p = fork();
+    if (p == 0)
+        _exit(fn(sock, want));
+    int st;
+    waitpid(p, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
+
 static pid_t spawn(const char *sock, const char *uuid, int visible, int g0, int nh, int shard,
                    int crash, int *rfd)
 {
     int pfd[2];
     if (pipe(pfd))
         return -1;
+    fflush(stdout);
     pid_t p = fork();
     if (p == 0) {
         close(pfd[0]);
@@ -245,6 +281,10 @@ int main(void)
         fprintf(stderr, "FAIL: caked did not start with two GPU pools\n");
         return 1;
     }
+    CHECK(run_child(attach_filter, h.sock, NULL) == 0, "both GPUs visible: both pools mapped");
+    CHECK(run_child(attach_filter, h.sock, uuid[1]) == 0, "cake_set_gpus: only the named pool");
+    printf("attach: a process seeing both GPUs maps both pools; cake_set_gpus(%s) maps that one\n",
+           uuid[1]);
     static struct result ref, r0, r1;
     int fd, fa, fb;
     pid_t p = spawn(h.sock, uuid[0], 0, 0, HKV, -1, 0, &fd); /* all heads, one process */
