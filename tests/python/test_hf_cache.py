@@ -28,7 +28,8 @@ NEW = 24
 
 def generate(model, ids, cache=None, **kw):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True,
+        return model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                              output_logits=True,
                               return_dict_in_generate=True,
                               **({caked.hf.cache_kwarg(model): cache} if cache else {}), **kw)
 
@@ -100,7 +101,7 @@ class HFCache(unittest.TestCase):
             cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
             with torch.no_grad():
                 out = self.model.generate(self.ids, past_key_values=cache, max_new_tokens=NEW,
-                                          do_sample=False, output_logits=True,
+                                          min_new_tokens=NEW, do_sample=False, output_logits=True,
                                           return_dict_in_generate=True)
             self.assert_same_logits(out, self.ref)
             cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
