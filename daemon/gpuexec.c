@@ -184,22 +184,45 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
     return finish(c, rc);
 }
 
-int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
-                   uint32_t win_start, uint32_t win_len)
+/* Device and staging bytes of one compaction: page offsets, keep list, gather scratch. */
+static void plan_compact(const struct gpu_compact *j, size_t *pg, size_t *kb, size_t *tb)
 {
-    size_t pg = al(sizeof(uint64_t) * l->n_pages);
-    size_t kb = al(sizeof(uint32_t) * l->kv_heads * k);
-    size_t tb = 2 * (size_t)l->kv_heads * (k + win_len) * l->head_dim * 2;
-    if (reserve(c, pg + kb + tb, pg + kb))
+    const struct gpu_layer *l = &j->l;
+    *pg = al(sizeof(uint64_t) * l->n_pages);
+    *kb = al(sizeof(uint32_t) * l->kv_heads * j->k);
+    *tb = al(2 * (size_t)l->kv_heads * (j->k + j->win_len) * l->head_dim * 2);
+}
+
+int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n)
+{
+    size_t dev = 0, host = 0, pg, kb, tb;
+    for (uint32_t i = 0; i < n; i++) {
+        plan_compact(&jobs[i], &pg, &kb, &tb);
+        dev += pg + kb + tb, host += pg + kb;
+    }
+    if (reserve(c, dev, host))
         return -ENOMEM;
-    struct kern_cuda_kv kv;
-    upload_pages(c, l, &kv);
-    memcpy(c->hbuf + pg, keep, sizeof(uint32_t) * l->kv_heads * k);
-    uint32_t *keep_dev = (uint32_t *)(c->dbuf + pg);
-    cudaMemcpyAsync(keep_dev, c->hbuf + pg, sizeof(uint32_t) * l->kv_heads * k,
-                    cudaMemcpyHostToDevice, c->stream);
-    int rc = kern_cuda_compact(&kv, keep_dev, k, win_start, win_len, c->dbuf + pg + kb, c->stream);
-    return finish(c, rc);
+    int rc = 0;
+    size_t d = 0, h = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        const struct gpu_compact *j = &jobs[i];
+        cudaStream_t st = c->sub[i % SUBSTREAMS];
+        plan_compact(j, &pg, &kb, &tb);
+        struct kern_cuda_kv kv;
+        upload_pages_at(&j->l, c->hbuf + h, c->dbuf + d, st, &kv);
+        size_t keep_b = sizeof(uint32_t) * j->l.kv_heads * j->k;
+        memcpy(c->hbuf + h + pg, j->keep, keep_b);
+        uint32_t *keep_dev = (uint32_t *)(c->dbuf + d + pg);
+        cudaMemcpyAsync(keep_dev, c->hbuf + h + pg, keep_b, cudaMemcpyHostToDevice, st);
+        rc = kern_cuda_compact(&kv, keep_dev, j->k, j->win_start, j->win_len,
+                               c->dbuf + d + pg + kb, st);
+        d += pg + kb + tb, h += pg + kb;
+    }
+    for (int s = 0; s < SUBSTREAMS; s++)
+        if (cudaStreamSynchronize(c->sub[s]) != cudaSuccess && !rc)
+            rc = -EIO;
+    cudaGetLastError();
+    return rc;
 }
 
 /* Device and staging bytes one eviction needs, and where its pieces go. */
@@ -302,10 +325,9 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
     (void)ind, (void)entropy, (void)variance;
     return -ENOTSUP;
 }
-int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
-                   uint32_t win_start, uint32_t win_len)
+int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n)
 {
-    (void)c, (void)l, (void)keep, (void)k, (void)win_start, (void)win_len;
+    (void)c, (void)jobs, (void)n;
     return -ENOTSUP;
 }
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)

@@ -39,10 +39,15 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
                  uint32_t n_q, uint32_t n_scored, float gamma, float *ind, double *entropy,
                  double *variance);
 
-/* Compaction: kv head g keeps prefix slots keep[g * k .. g * k + k - 1] (host), then the
- * window [win_start, win_start + win_len) follows. */
-int gpuctx_compact(struct gpuctx *c, const struct gpu_layer *l, const uint32_t *keep, uint32_t k,
-                   uint32_t win_start, uint32_t win_len);
+/* Compactions of several layers (a cascading stage's) side by side on the context's streams,
+ * one wait for all: kv head g of a layer keeps prefix slots keep[g * k .. g * k + k - 1], then
+ * the window [win_start, win_start + win_len) follows. Returns 0 or the first error. */
+struct gpu_compact {
+    struct gpu_layer l;
+    const uint32_t *keep; /* host, [kv_heads][k] */
+    uint32_t k, win_start, win_len;
+};
+int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n);
 
 /* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
  * rows starting at ring row `first` (mod w) of ring [q_heads][w][head_dim] (device); score

@@ -365,20 +365,10 @@ int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why)
 }
 
 /* Compacts layer m to the controller's decision ev (worker thread). */
-static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
-                       struct gpuctx *gc)
+/* Compaction of a host sequence's layer on the CPU (GPU sequences: gpuctx_compact_many). */
+static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev)
 {
     struct seq_layer *ly = &s->layer[ev->layer];
-    if (s->gpu) {
-        uint32_t win = ly->tokens - ev->old_prefix;
-        struct gpu_layer gl = gpu_layer_view(e, s, ev->layer);
-        int rc = gpuctx_compact(gc, &gl, ev->slots, ev->kept, ev->old_prefix, win);
-        if (!rc) {
-            s->evicted_tokens += ev->old_prefix - ev->kept;
-            ly->tokens = ev->kept + win;
-        }
-        return rc;
-    }
     void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
     void *scratch = malloc(2 * row * (ev->kept + 1));
@@ -442,13 +432,32 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     s->last_pref = pref;
     if (!s->work_rc)
         s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->pend_ind, ev, &nev);
-    struct gpuctx *gc = s->gpu && nev ? gpuexec_take(GEXEC(e, s)) : NULL;
-    for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
-        s->work_rc = apply_evict(e, s, &ev[i], gc);
+    if (s->gpu && nev && !s->work_rc) {
+        /* a cascading stage re-compacts every earlier layer whose budget shrank: all of them
+         * side by side on the GPU, one wait */
+        struct gpu_compact jobs[SEQ_MAX_LAYERS];
+        for (uint32_t i = 0; i < nev; i++) {
+            struct seq_layer *ly = &s->layer[ev[i].layer];
+            jobs[i] = (struct gpu_compact){
+                .l = gpu_layer_view(e, s, ev[i].layer), .keep = ev[i].slots, .k = ev[i].kept,
+                .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
+            };
+        }
+        struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+        s->work_rc = gpuctx_compact_many(gc, jobs, nev);
+        gpuexec_put(GEXEC(e, s), gc);
+        for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
+            struct seq_layer *ly = &s->layer[ev[i].layer];
+            uint32_t win = ly->tokens - ev[i].old_prefix;
+            s->evicted_tokens += ev[i].old_prefix - ev[i].kept;
+            ly->tokens = ev[i].kept + win;
+            s->ev_layers[s->n_ev++] = ev[i].layer;
+        }
+    }
+    for (uint32_t i = 0; i < nev && !s->work_rc && !s->gpu; i++) {
+        s->work_rc = apply_evict(e, s, &ev[i]);
         s->ev_layers[s->n_ev++] = ev[i].layer;
     }
-    if (gc)
-        gpuexec_put(GEXEC(e, s), gc);
     free(s->pend_ind);
     s->pend_ind = NULL;
 }
