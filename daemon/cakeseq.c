@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../kernels/kern.h"
 #include "cakeseq.h"
 
@@ -24,7 +28,7 @@ struct cakeseq {
     struct layer_state *ls;
     int64_t *stage;    /* [L][L] */
     uint32_t *slots;   /* [L][kv_heads][S] eviction slots of the last call */
-    float *tmp;        /* [kv_heads][2 S]: each head's top-k keys, then its gathers */
+    uint32_t *ltmp;    /* [L][2 S]: selection scratch, one row per thread (at most L threads) */
     int threads;       /* kv heads selected in parallel (cakeseq_set_threads) */
 };
 
@@ -48,9 +52,9 @@ int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
     s->ls = calloc(L, sizeof(*s->ls));
     s->stage = malloc(sizeof(int64_t) * L * L);
     s->slots = malloc(sizeof(uint32_t) * ((size_t)L * kv_heads * s->S + 1));
-    s->tmp = malloc(sizeof(float) * (2 * (size_t)s->S * kv_heads + 1));
+    s->ltmp = malloc(sizeof(uint32_t) * (2 * (size_t)s->S * L + 1));
     s->threads = 1;
-    if (!s->ls || !s->stage || !s->slots || !s->tmp) {
+    if (!s->ls || !s->stage || !s->slots || !s->ltmp) {
         cakeseq_destroy(s);
         return -ENOMEM;
     }
@@ -67,7 +71,7 @@ void cakeseq_destroy(struct cakeseq *s)
     if (s->ls)
         for (uint32_t l = 0; l < s->cfg.layers; l++)
             free(s->ls[l].ind), free(s->ls[l].pos), free(s->ls[l].head_kept);
-    free(s->ls), free(s->stage), free(s->slots), free(s->tmp);
+    free(s->ls), free(s->stage), free(s->slots), free(s->ltmp);
     free(s);
 }
 
@@ -98,59 +102,109 @@ const int64_t *cakeseq_stage_budgets(const struct cakeseq *s, uint32_t m)
     return s->stage + (size_t)m * s->cfg.layers;
 }
 
-/* Keeps the top `keep` of layer l per kv head (Ada-KV: `keep` on average, per-head counts
- * from policy_head_budgets); records the slots and shrinks ind/pos. */
-static int evict_layer(struct cakeseq *s, uint32_t l, uint32_t keep, struct cakeseq_evict *ev)
+/* Evictions: layer l keeps the top `keep` of its prefix per kv head (Ada-KV: `keep` on
+ * average, per-head counts from policy_head_budgets). In three steps so that a stage's
+ * layers and heads all select side by side: plan (per-head counts, the largest kmax), select
+ * (per layer and head, into the layer's slots), repack (per layer: indicator and positions
+ * follow their tokens). */
+struct evict_job {
+    uint32_t l, keep, old, kmax;
+    uint32_t *hk; /* Ada-KV per-head counts, else NULL */
+};
+
+static int evict_plan(struct cakeseq *s, struct evict_job *j)
 {
-    struct layer_state *ls = &s->ls[l];
-    uint32_t old = ls->prefix, Hkv = s->kv_heads;
-    uint32_t *slots = s->slots + (size_t)l * Hkv * s->S;
-    enum kern_order order = s->cfg.mode == POLICY_FIXED ? KERN_ORDER_POSITION : KERN_ORDER_SCORE;
-    uint32_t *hk = NULL, kmax = keep;
-    if (s->cfg.per_head_budgets && keep < old) {
-        if (!(hk = ls->head_kept = malloc(sizeof(uint32_t) * Hkv)))
+    struct layer_state *ls = &s->ls[j->l];
+    uint32_t Hkv = s->kv_heads;
+    j->old = ls->prefix, j->kmax = j->keep, j->hk = NULL;
+    if (s->cfg.per_head_budgets && j->keep < j->old) {
+        free(ls->head_kept);
+        if (!(j->hk = ls->head_kept = malloc(sizeof(uint32_t) * Hkv)))
             return -ENOMEM;
-        int rc = policy_head_budgets(&s->cfg, ls->ind, Hkv, old, keep, hk);
+        int rc = policy_head_budgets(&s->cfg, ls->ind, Hkv, j->old, j->keep, j->hk);
         if (rc)
             return rc;
-        kmax = 0;
+        j->kmax = 0;
         for (uint32_t g = 0; g < Hkv; g++)
-            kmax = hk[g] > kmax ? hk[g] : kmax;
+            j->kmax = j->hk[g] > j->kmax ? j->hk[g] : j->kmax;
     }
-    /* heads are independent: select in parallel where there is enough to do */
-#pragma omp parallel for num_threads(kern_threads(s->threads)) if (s->threads != 1 && (uint64_t)old * Hkv >= 65536)
-    for (uint32_t g = 0; g < Hkv; g++) {
-        uint32_t *sl = slots + (size_t)g * kmax, k = hk ? hk[g] : keep;
-        uint32_t *scr = (uint32_t *)s->tmp + (size_t)g * 2 * s->S;
-        kern_topk_ws(ls->ind + (size_t)g * old, old, k, order, sl, scr);
-        if (k < kmax) { /* holes: filled with the first unchosen slots (masked by readers) */
-            uint8_t *taken = (uint8_t *)scr;
-            memset(taken, 0, old);
-            for (uint32_t i = 0; i < k; i++)
-                taken[sl[i]] = 1;
-            for (uint32_t j = 0, f = k; f < kmax; j++)
-                if (!taken[j])
-                    sl[f++] = j;
-        }
+    return 0;
+}
+
+/* scr: 2 * S uint32 of scratch. */
+static void evict_select(struct cakeseq *s, const struct evict_job *j, uint32_t g, uint32_t *scr)
+{
+    const struct layer_state *ls = &s->ls[j->l];
+    enum kern_order order = s->cfg.mode == POLICY_FIXED ? KERN_ORDER_POSITION : KERN_ORDER_SCORE;
+    uint32_t *sl = s->slots + (size_t)j->l * s->kv_heads * s->S + (size_t)g * j->kmax;
+    uint32_t k = j->hk ? j->hk[g] : j->keep, old = j->old;
+    kern_topk_ws(ls->ind + (size_t)g * old, old, k, order, sl, scr);
+    if (k < j->kmax) { /* holes: filled with the first unchosen slots (masked by readers) */
+        uint8_t *taken = (uint8_t *)scr;
+        memset(taken, 0, old);
+        for (uint32_t i = 0; i < k; i++)
+            taken[sl[i]] = 1;
+        for (uint32_t x = 0, f = k; f < j->kmax; x++)
+            if (!taken[x])
+                sl[f++] = x;
     }
-    /* repack [kv_heads][old] -> [kv_heads][kmax] in place: g's new rows never overtake its
-     * old ones, so heads go in order */
-    for (uint32_t g = 0; g < Hkv; g++) {
+}
+
+/* tmp: S uint32 of scratch. */
+static void evict_repack(struct cakeseq *s, const struct evict_job *j, uint32_t *tmp,
+                         struct cakeseq_evict *ev)
+{
+    struct layer_state *ls = &s->ls[j->l];
+    uint32_t *slots = s->slots + (size_t)j->l * s->kv_heads * s->S, old = j->old, kmax = j->kmax;
+    /* [kv_heads][old] -> [kv_heads][kmax] in place: g's new rows never overtake its old
+     * ones, so heads go in order */
+    for (uint32_t g = 0; g < s->kv_heads; g++) {
         const uint32_t *sl = slots + (size_t)g * kmax;
-        float *t = s->tmp;
+        float *t = (float *)tmp;
         kern_gather_f32(ls->ind + (size_t)g * old, sl, kmax, t);
-        if (hk)
-            for (uint32_t i = hk[g]; i < kmax; i++)
+        if (j->hk)
+            for (uint32_t i = j->hk[g]; i < kmax; i++)
                 t[i] = -INFINITY; /* holes */
         memcpy(ls->ind + (size_t)g * kmax, t, sizeof(float) * kmax);
-        uint32_t *pt = (uint32_t *)s->tmp;
         for (uint32_t i = 0; i < kmax; i++)
-            pt[i] = ls->pos[(size_t)g * old + sl[i]];
-        memcpy(ls->pos + (size_t)g * kmax, pt, sizeof(uint32_t) * kmax);
+            tmp[i] = ls->pos[(size_t)g * old + sl[i]];
+        memcpy(ls->pos + (size_t)g * kmax, tmp, sizeof(uint32_t) * kmax);
     }
     ls->prefix = kmax;
-    *ev = (struct cakeseq_evict){.layer = l, .kept = kmax, .old_prefix = old, .slots = slots,
-                                 .head_kept = hk};
+    *ev = (struct cakeseq_evict){.layer = j->l, .kept = kmax, .old_prefix = old, .slots = slots,
+                                 .head_kept = j->hk};
+}
+
+/* Runs the n evictions; every (layer, kv head) selects side by side where there is enough
+ * work. ev receives them in the jobs' order. */
+static int evict_layers(struct cakeseq *s, struct evict_job *jobs, uint32_t n,
+                        struct cakeseq_evict *ev)
+{
+    uint64_t work = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int rc = evict_plan(s, &jobs[i]);
+        if (rc)
+            return rc;
+        work += jobs[i].old;
+    }
+    uint32_t Hkv = s->kv_heads, pairs = n * Hkv;
+    int nth = s->threads == 1 || work * Hkv < 65536 ? 1 : kern_threads(s->threads);
+    if (nth > (int)s->cfg.layers)
+        nth = (int)s->cfg.layers; /* one scratch row of ltmp per thread */
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+#ifdef _OPENMP
+        uint32_t *scr = s->ltmp + (size_t)omp_get_thread_num() * 2 * s->S;
+#else
+        uint32_t *scr = s->ltmp;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (uint32_t p = 0; p < pairs; p++)
+            evict_select(s, &jobs[p / Hkv], p % Hkv, scr);
+#pragma omp for schedule(dynamic, 1)
+        for (uint32_t i = 0; i < n; i++)
+            evict_repack(s, &jobs[i], scr, &ev[i]);
+    }
     return 0;
 }
 
@@ -188,9 +242,11 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
         else if (!policy_prefill_early_exit(cfg, s->n))
             ls->budget = sb[layer];
         if (ls->budget < ls->prefix) {
-            int rc = evict_layer(s, layer, (uint32_t)ls->budget, &ev[(*n_ev)++]);
+            struct evict_job j = {.l = layer, .keep = (uint32_t)ls->budget};
+            int rc = evict_layers(s, &j, 1, ev);
             if (rc)
                 return rc;
+            *n_ev = 1;
         }
         for (uint32_t l = 0; l < L; l++)
             row[l] = l <= layer ? s->ls[l].budget : -1;
@@ -214,16 +270,21 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
             if (policy_budgets_fixed(P, cap, m, T, b))
                 s->fallbacks++;
         }
+        struct evict_job jobs[POLICY_MAX_LAYERS];
+        uint32_t nt = 0;
         for (uint32_t l = 0; l < m; l++) {
             struct layer_state *x = &s->ls[l];
             x->budget = b[l];
             uint32_t keep = b[l] < x->prefix ? (uint32_t)b[l] : x->prefix;
-            if (keep < x->prefix || (cfg->mode == POLICY_PARITY && x->prefix)) {
-                int rc = evict_layer(s, l, keep, &ev[(*n_ev)++]);
-                if (rc)
-                    return rc;
-            }
+            if (keep < x->prefix || (cfg->mode == POLICY_PARITY && x->prefix))
+                jobs[nt++] = (struct evict_job){.l = l, .keep = keep};
         }
+        /* a stage re-selects every earlier layer whose budget shrank: layers and heads are
+         * independent, so they all go side by side */
+        int rc = evict_layers(s, jobs, nt, ev);
+        if (rc)
+            return rc;
+        *n_ev = nt;
     }
     for (uint32_t l = 0; l < L; l++)
         row[l] = l <= layer ? s->ls[l].budget : -1;

@@ -1,12 +1,21 @@
 /* seq.c - sequences in the pool (see seq.h). */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 #include "cake/cake.h"
 #include "evict.h"
 #include "seq.h"
 #include "indicator.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 /* the GPU pool and execution contexts of a GPU sequence's device */
 #define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
@@ -391,6 +400,7 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
                        double pref)
 {
     uint32_t S = scored_len(s), w = s->cfg.window;
+    double t0 = e->trace ? now_s() : 0;
     free(s->pend_ind);
     float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
     s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0, s->pend_ent = 0, s->pend_var = 0;
@@ -423,6 +433,8 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
         pref = 0.0;
     }
     s->last_pref = pref;
+    if (e->trace)
+        s->t_score = now_s() - t0;
 }
 
 void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref)
@@ -430,8 +442,10 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     struct cakeseq_evict ev[SEQ_MAX_LAYERS];
     uint32_t nev = 0;
     s->last_pref = pref;
+    double t0 = e->trace ? now_s() : 0;
     if (!s->work_rc)
         s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->pend_ind, ev, &nev);
+    double t1 = e->trace ? now_s() : 0;
     if (s->gpu && nev && !s->work_rc) {
         /* a cascading stage re-compacts every earlier layer whose budget shrank: all of them
          * side by side on the GPU, one wait */
@@ -460,6 +474,15 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     }
     free(s->pend_ind);
     s->pend_ind = NULL;
+    if (e->trace) {
+        uint64_t moved = 0;
+        for (uint32_t i = 0; i < nev; i++)
+            moved += ev[i].kept;
+        fprintf(stderr, "caked trace: seq %#llx layer %u: score %.0f us, select %.0f us, "
+                "compact %.0f us (%u layers, %llu tokens per head kept)\n",
+                (unsigned long long)s->id, layer, s->t_score * 1e6, (t1 - t0) * 1e6,
+                (now_s() - t1) * 1e6, nev, (unsigned long long)moved);
+    }
 }
 
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,

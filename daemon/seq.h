@@ -67,6 +67,7 @@ struct seq {
     /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply) */
     float *pend_ind;
     double pend_ent, pend_var;
+    double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
 };
 
 struct seq_env {
@@ -77,6 +78,7 @@ struct seq_env {
     struct tenants *tenants;
     int threads;        /* kernel threads per prefill work item */
     int decode_threads; /* threads spreading a decode step's layer evictions (<= 0: all cores) */
+    int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */
 };
 
 struct seq_open_args {

@@ -611,6 +611,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             goto fail;
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
+        .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
     };
     for (uint32_t i = 0; i < s->n_gpus; i++)

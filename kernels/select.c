@@ -40,15 +40,34 @@ static uint32_t threshold(const uint32_t *keys, uint32_t n, uint32_t k, uint32_t
     static const int shift[3] = {21, 10, 0};
     static const uint32_t width[3] = {11, 11, 10};
     uint32_t prefix = 0, need = k; /* need: how many still to take at/below prefix */
-    uint32_t hist[2048];
+    uint32_t hist[2048], h4[4][2048];
     const uint32_t *src = keys;
     uint32_t m = n;
     for (int pass = 0; pass < 3; pass++) {
-        uint32_t nb = 1u << width[pass];
-        for (uint32_t b = 0; b < nb; b++)
-            hist[b] = 0;
-        for (uint32_t j = 0; j < m; j++)
-            hist[(src[j] >> shift[pass]) & (nb - 1)]++;
+        uint32_t nb = 1u << width[pass], sh = (uint32_t)shift[pass];
+        if (m >= 8192) {
+            /* real scores crowd into a few buckets (a handful of exponents): four histograms
+             * side by side keep repeated increments of one bucket from queueing on each other */
+            for (int c = 0; c < 4; c++)
+                for (uint32_t b = 0; b < nb; b++)
+                    h4[c][b] = 0;
+            uint32_t j = 0;
+            for (; j + 4 <= m; j += 4) {
+                h4[0][(src[j] >> sh) & (nb - 1)]++;
+                h4[1][(src[j + 1] >> sh) & (nb - 1)]++;
+                h4[2][(src[j + 2] >> sh) & (nb - 1)]++;
+                h4[3][(src[j + 3] >> sh) & (nb - 1)]++;
+            }
+            for (; j < m; j++)
+                h4[0][(src[j] >> sh) & (nb - 1)]++;
+            for (uint32_t b = 0; b < nb; b++)
+                hist[b] = h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
+        } else {
+            for (uint32_t b = 0; b < nb; b++)
+                hist[b] = 0;
+            for (uint32_t j = 0; j < m; j++)
+                hist[(src[j] >> sh) & (nb - 1)]++;
+        }
         uint32_t b = nb;
         while (b-- > 0) {
             if (hist[b] >= need)
@@ -58,9 +77,10 @@ static uint32_t threshold(const uint32_t *keys, uint32_t n, uint32_t k, uint32_t
         prefix |= b << shift[pass];
         if (pass < 2) { /* keep the bucket's keys for the next pass (in place after the first) */
             uint32_t c = 0;
-            for (uint32_t j = 0; j < m; j++)
-                if (((src[j] >> shift[pass]) & (nb - 1)) == b)
-                    cand[c++] = src[j];
+            for (uint32_t j = 0; j < m; j++) { /* branch-free: the test is a coin toss */
+                cand[c] = src[j];
+                c += ((src[j] >> shift[pass]) & (nb - 1)) == b;
+            }
             src = cand, m = c;
         }
     }
@@ -117,12 +137,22 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
             mask |= (nb - 1) << shift[pass];
         }
     }
-    /* prefix is the threshold key; take everything above it and the first `need` equal */
+    /* prefix is the threshold key; take everything above it and the first `need` equal
+     * (branch-free where the keys are at hand: whether a key is taken is unpredictable) */
     uint32_t m = 0, ties = need;
-    for (uint32_t j = 0; j < n; j++) {
-        uint32_t key = keys ? keys[j] : sort_key(score[j]);
-        if (key > prefix || (key == prefix && ties && ties--))
-            idx[m++] = j;
+    if (keys) {
+        for (uint32_t j = 0; j < n && m < k; j++) {
+            uint32_t key = keys[j], eq = (key == prefix) & (ties > 0);
+            idx[m] = j;
+            m += (key > prefix) | eq;
+            ties -= eq;
+        }
+    } else {
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t key = sort_key(score[j]);
+            if (key > prefix || (key == prefix && ties && ties--))
+                idx[m++] = j;
+        }
     }
     if (order == KERN_ORDER_SCORE && m > 1) {
         struct ranked *r = malloc(sizeof(*r) * m);

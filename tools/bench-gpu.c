@@ -168,7 +168,8 @@ static pid_t start_caked(const char *gpu_pool)
     snprintf(csock, sizeof csock, "%s/caked.sock", cdir);
     pid_t p = fork();
     if (p == 0) { /* exec at once: nothing of this process's CUDA state is used */
-        if (!freopen("/dev/null", "w", stderr))
+        const char *log = getenv("BENCH_CAKED_LOG"); /* caked's stderr (e.g. CAKED_TRACE) */
+        if (!freopen(log ? log : "/dev/null", "w", stderr))
             _exit(127);
         execl(CAKED_BIN, CAKED_BIN, "--socket", csock, "--host-pool", "2G", "--gpu-pool", gpu_pool,
               NULL);
