@@ -147,6 +147,10 @@ static void h_seq_open(struct server *s, struct client *c)
         }
         g = shard_find(s->groups, c->tenant, gkey);
         const char *bad = shard_join_check(g, &a, shards, shard);
+        for (uint32_t i = 0; g && !bad && i < g->n; i++)
+            if (g->member[i] && g->member[i]->owner == c->id)
+                bad = "each shard of a group needs its own connection (a layer's barrier would "
+                      "wait on the connection itself)";
         if (bad) {
             srv_reply_error(s, c, CAKE_EINVAL, "%s", bad);
             return;

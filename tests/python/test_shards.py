@@ -121,17 +121,23 @@ class Shards(unittest.TestCase):
                              ref["decode"][l], f"layer {l} after decode")
 
     def test_mismatched_shards_are_refused(self):
-        with caked.Client(self.d.sock, service="tp-bad") as c:
+        with caked.Client(self.d.sock, service="tp-bad") as c, \
+                caked.Client(self.d.sock, service="tp-bad") as c2:
             self.open(c, 2, shard_group=7, shards=2, shard=0)
+            with self.assertRaises(caked.InvalidArgument) as e:  # two shards, one connection
+                self.open(c, 2, shard_group=7, shards=2, shard=1)
+            self.assertIn("own connection", str(e.exception))
             with self.assertRaises(caked.InvalidArgument):  # same rank twice
-                self.open(c, 2, shard_group=7, shards=2, shard=0)
+                self.open(c2, 2, shard_group=7, shards=2, shard=0)
             with self.assertRaises(caked.InvalidArgument):  # another group size
-                self.open(c, 2, shard_group=7, shards=3, shard=1)
-            with self.assertRaises(caked.InvalidArgument):  # another prompt
-                c.open_sequence(L, 4, 2, D, N + 1, dtype="f32", cache_size=C, window=W,
-                                shard_group=7, shards=2, shard=1)
+                self.open(c2, 2, shard_group=7, shards=3, shard=1)
+            with self.assertRaises(caked.InvalidArgument) as e:  # another prompt
+                c2.open_sequence(L, 4, 2, D, N + 1, dtype="f32", cache_size=C, window=W,
+                                 shard_group=7, shards=2, shard=1)
+            self.assertIn("same layers, prompt", str(e.exception))
             with self.assertRaises(caked.InvalidArgument):
-                self.open(c, 2, shard_group=0, shards=2, shard=1)
+                self.open(c2, 2, shard_group=0, shards=2, shard=1)
+            self.open(c2, 2, shard_group=7, shards=2, shard=1)  # the right one joins
 
     def sequences(self):
         r = subprocess.run([os.environ["CACHECTL_BIN"], "--socket", self.d.sock, "--json",

@@ -184,7 +184,8 @@ CAKE_API int cake_seq_open(cake_ctx *ctx, const struct cake_layout *layout,
 /* Tensor parallel: one logical sequence split by kv heads over `shards` ranks (processes,
  * usually one per GPU). Every rank opens its shard with the same nonzero `group` key (the
  * engine's choice, unique per live request within the service) and its rank `shard`, with
- * its own kv_heads / q_heads and the same everything else. The shards share one CAKE
+ * its own kv_heads / q_heads and the same everything else, each on its own cake_ctx (a
+ * layer's observe blocks its connection until every rank has scored the layer). The shards share one CAKE
  * allocation: cake_prefill_observe() of layer l returns on every rank once all ranks have
  * scored layer l, with the layer's preference combined from all heads, so every rank
  * records the same budgets; each rank keeps its own heads' top tokens (no K/V crosses
