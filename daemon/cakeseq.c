@@ -87,6 +87,24 @@ const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t 
     return s->ls[l].pos + (size_t)g * s->ls[l].prefix;
 }
 
+void cakeseq_prefill_done(struct cakeseq *s)
+{
+    free(s->slots), free(s->ltmp);
+    s->slots = NULL, s->ltmp = NULL;
+    for (uint32_t l = 0; l < s->cfg.layers; l++) {
+        struct layer_state *ls = &s->ls[l];
+        size_t n = (size_t)s->kv_heads * ls->prefix;
+        if (!ls->ind || !n)
+            continue;
+        float *ind = realloc(ls->ind, sizeof(float) * n); /* shrinking: NULL only if odd */
+        uint32_t *pos = realloc(ls->pos, sizeof(uint32_t) * n);
+        if (ind)
+            ls->ind = ind;
+        if (pos)
+            ls->pos = pos;
+    }
+}
+
 const uint32_t *cakeseq_head_kept(const struct cakeseq *s, uint32_t l)
 {
     return s->ls[l].head_kept;
@@ -214,7 +232,7 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
     const struct policy_cfg *cfg = &s->cfg;
     uint32_t L = cfg->layers, S = s->S, Hkv = s->kv_heads;
     *n_ev = 0;
-    if (layer != s->next_layer || layer >= L)
+    if (layer != s->next_layer || layer >= L || !s->slots)
         return -EINVAL;
     struct layer_state *ls = &s->ls[layer];
     ls->pref = pref;

@@ -51,6 +51,12 @@ uint32_t cakeseq_scored_len(const struct cakeseq *s);
 int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
                           struct cakeseq_evict *ev, uint32_t *n_ev);
 
+/* The prompt's last layer was applied: frees the selection buffers (eviction slots and
+ * scratch, O(L * kv_heads * S)) and trims each layer's indicator and positions to the tokens
+ * it holds, so a long-lived sequence keeps O(held tokens). Inspection keeps working;
+ * cakeseq_prefill_layer then returns -EINVAL. */
+void cakeseq_prefill_done(struct cakeseq *s);
+
 /* Recorded state, for inspection. budget: what the layer records (parity may record a
  * budget above what it holds, shared/CAKE.md 2 row 4); prefix: prefix tokens held. */
 double cakeseq_preference(const struct cakeseq *s, uint32_t layer);

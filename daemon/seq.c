@@ -474,6 +474,8 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     }
     free(s->pend_ind);
     s->pend_ind = NULL;
+    if (!s->work_rc && layer == s->L - 1)
+        cakeseq_prefill_done(s->cs); /* the selection buffers are done with */
     if (e->trace) {
         uint64_t moved = 0;
         for (uint32_t i = 0; i < nev; i++)
