@@ -25,6 +25,7 @@ struct cakeseq {
     uint32_t kv_heads, n, S;
     uint32_t next_layer;
     uint32_t fallbacks;
+    int external;      /* the caller selects (indicator NULL): counts only */
     struct layer_state *ls;
     int64_t *stage;    /* [L][L] */
     uint32_t *slots;   /* [L][kv_heads][S] eviction slots of the last call */
@@ -84,6 +85,8 @@ uint32_t cakeseq_fallbacks(const struct cakeseq *s) { return s->fallbacks; }
 
 const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t g)
 {
+    if (!s->ls[l].pos)
+        return NULL;
     return s->ls[l].pos + (size_t)g * s->ls[l].prefix;
 }
 
@@ -112,6 +115,8 @@ const uint32_t *cakeseq_head_kept(const struct cakeseq *s, uint32_t l)
 
 const float *cakeseq_indicator(const struct cakeseq *s, uint32_t l, uint32_t g)
 {
+    if (!s->ls[l].ind)
+        return NULL;
     return s->ls[l].ind + (size_t)g * s->ls[l].prefix;
 }
 
@@ -135,7 +140,7 @@ static int evict_plan(struct cakeseq *s, struct evict_job *j)
     struct layer_state *ls = &s->ls[j->l];
     uint32_t Hkv = s->kv_heads;
     j->old = ls->prefix, j->kmax = j->keep, j->hk = NULL;
-    if (s->cfg.per_head_budgets && j->keep < j->old) {
+    if (s->cfg.per_head_budgets && j->keep < j->old && !s->external) {
         free(ls->head_kept);
         if (!(j->hk = ls->head_kept = malloc(sizeof(uint32_t) * Hkv)))
             return -ENOMEM;
@@ -205,6 +210,14 @@ static int evict_layers(struct cakeseq *s, struct evict_job *jobs, uint32_t n,
             return rc;
         work += jobs[i].old;
     }
+    if (s->external) { /* the caller selects: counts only */
+        for (uint32_t i = 0; i < n; i++) {
+            s->ls[jobs[i].l].prefix = jobs[i].kmax;
+            ev[i] = (struct cakeseq_evict){.layer = jobs[i].l, .kept = jobs[i].kmax,
+                                           .old_prefix = jobs[i].old};
+        }
+        return 0;
+    }
     uint32_t Hkv = s->kv_heads, pairs = n * Hkv;
     int nth = s->threads == 1 || work * Hkv < 65536 ? 1 : kern_threads(s->threads);
     if (nth > (int)s->cfg.layers)
@@ -234,11 +247,16 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
     *n_ev = 0;
     if (layer != s->next_layer || layer >= L || !s->slots)
         return -EINVAL;
+    if (layer == 0)
+        s->external = !indicator;
+    if ((indicator == NULL) != s->external || (s->external && (cfg->mode != POLICY_FIXED ||
+                                                      cfg->per_head_budgets)))
+        return -EINVAL;
     struct layer_state *ls = &s->ls[layer];
     ls->pref = pref;
     ls->budget = (int64_t)cfg->cache_size - cfg->window;
     ls->prefix = S;
-    if (S) {
+    if (S && !s->external) {
         ls->ind = malloc(sizeof(float) * (size_t)Hkv * S);
         ls->pos = malloc(sizeof(uint32_t) * (size_t)Hkv * S);
         if (!ls->ind || !ls->pos)

@@ -47,7 +47,10 @@ uint32_t cakeseq_scored_len(const struct cakeseq *s);
  * entropy and variance sums, or the client's own) and its indicator [kv_heads][S]
  * (copied). Layers must arrive in order 0, 1, ... Evictions to apply now
  * are written to ev (room for L entries) and counted in *n_ev, in ascending layer order.
- * Returns 0, -EINVAL (layer out of order), -ENOMEM. */
+ * indicator NULL (from layer 0 on, fixed mode, no per-head budgets): the caller keeps the
+ * indicators and selects itself (GPU sequences select on the GPU); evictions then carry the
+ * counts only (slots NULL) and positions / indicators are not kept here.
+ * Returns 0, -EINVAL (layer out of order, or NULL after a non-NULL), -ENOMEM. */
 int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
                           struct cakeseq_evict *ev, uint32_t *n_ev);
 

@@ -161,62 +161,91 @@ static int finish(struct gpuctx *c, int rc)
 }
 
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
-                 uint32_t n_q, uint32_t S, float gamma, float *ind, double *entropy,
+                 uint32_t n_q, uint32_t S, float gamma, float *ind_dev, double *entropy,
                  double *variance)
 {
     size_t pg = al(sizeof(uint64_t) * l->n_pages);
     size_t ws = al(kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S));
-    size_t ib = sizeof(float) * l->kv_heads * S;
-    if (reserve(c, pg + ws + al(ib), pg + ib))
+    if (reserve(c, pg + ws, pg))
         return -ENOMEM;
     struct kern_cuda_kv kv;
     upload_pages(c, l, &kv);
-    float *ind_dev = (float *)(c->dbuf + pg + ws);
     int rc = kern_cuda_score_layer(&kv, q_dev, q_heads, n_q, S, gamma, ind_dev, entropy, variance,
                                    c->dbuf + pg, ws, c->stream);
-    if (!rc && ib) {
-        cudaMemcpyAsync(c->hbuf + pg, ind_dev, ib, cudaMemcpyDeviceToHost, c->stream);
-        rc = finish(c, 0);
-        if (!rc)
-            memcpy(ind, c->hbuf + pg, ib);
-        return rc;
-    }
     return finish(c, rc);
 }
 
-/* Device and staging bytes of one compaction: page offsets, keep list, gather scratch. */
-static void plan_compact(const struct gpu_compact *j, size_t *pg, size_t *kb, size_t *tb)
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes)
+{
+    cudaError_t e = cudaMemcpyAsync(dst_dev, src, bytes, cudaMemcpyHostToDevice, c->stream);
+    return finish(c, e == cudaSuccess ? 0 : -EIO);
+}
+
+int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
+{
+    /* stream-ordered: freeing it later (gpuexec_dev_free, from any thread) never waits for
+     * the device */
+    if (cudaMallocAsync(p, bytes, c->stream) != cudaSuccess) {
+        cudaGetLastError();
+        *p = NULL;
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+void gpuexec_dev_free(struct gpuexec *g, void *p)
+{
+    if (!p)
+        return;
+    cudaSetDevice(g->device);
+    cudaFreeAsync(p, 0); /* the legacy stream: ours are non-blocking, so nothing waits */
+}
+
+/* Device and staging bytes of one selection + compaction: page offsets, keep lists, the
+ * compaction's scratch, the indicator's gather. */
+static void plan_select(const struct gpu_select *j, size_t *pg, size_t *kb, size_t *tb,
+                        size_t *gb)
 {
     const struct gpu_layer *l = &j->l;
     *pg = al(sizeof(uint64_t) * l->n_pages);
     *kb = al(sizeof(uint32_t) * l->kv_heads * j->k);
     *tb = al(2 * (size_t)l->kv_heads * (j->k + j->win_len) * l->head_dim * 2);
+    *gb = al(sizeof(float) * l->kv_heads * j->k);
 }
 
-int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n)
+int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
-    size_t dev = 0, host = 0, pg, kb, tb;
+    size_t dev = 0, host = 0, pg, kb, tb, gb;
     for (uint32_t i = 0; i < n; i++) {
-        plan_compact(&jobs[i], &pg, &kb, &tb);
-        dev += pg + kb + tb, host += pg + kb;
+        if (jobs[i].k > jobs[i].old || jobs[i].win_start != jobs[i].old)
+            return -EINVAL;
+        plan_select(&jobs[i], &pg, &kb, &tb, &gb);
+        dev += pg + kb + tb + gb, host += pg;
     }
     if (reserve(c, dev, host))
         return -ENOMEM;
     int rc = 0;
     size_t d = 0, h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
-        const struct gpu_compact *j = &jobs[i];
+        const struct gpu_select *j = &jobs[i];
         cudaStream_t st = c->sub[i % SUBSTREAMS];
-        plan_compact(j, &pg, &kb, &tb);
+        uint32_t hkv = j->l.kv_heads;
+        plan_select(j, &pg, &kb, &tb, &gb);
         struct kern_cuda_kv kv;
         upload_pages_at(&j->l, c->hbuf + h, c->dbuf + d, st, &kv);
-        size_t keep_b = sizeof(uint32_t) * j->l.kv_heads * j->k;
-        memcpy(c->hbuf + h + pg, j->keep, keep_b);
-        uint32_t *keep_dev = (uint32_t *)(c->dbuf + d + pg);
-        cudaMemcpyAsync(keep_dev, c->hbuf + h + pg, keep_b, cudaMemcpyHostToDevice, st);
-        rc = kern_cuda_compact(&kv, keep_dev, j->k, j->win_start, j->win_len,
-                               c->dbuf + d + pg + kb, st);
-        d += pg + kb + tb, h += pg + kb;
+        uint32_t *keep = (uint32_t *)(c->dbuf + d + pg);
+        float *gat = (float *)(c->dbuf + d + pg + kb + tb);
+        rc = kern_cuda_topk(j->ind_dev, hkv, j->old, j->k, keep, st);
+        if (!rc)
+            rc = kern_cuda_compact(&kv, keep, j->k, j->win_start, j->win_len, c->dbuf + d + pg + kb,
+                                   st);
+        if (!rc) /* the indicator follows its tokens: [kv_heads][k] at the front */
+            rc = kern_cuda_gather_rows_f32(j->ind_dev, hkv, j->old, keep, j->k, gat, st);
+        if (!rc && j->k &&
+            cudaMemcpyAsync(j->ind_dev, gat, sizeof(float) * hkv * j->k, cudaMemcpyDeviceToDevice,
+                            st) != cudaSuccess)
+            rc = -EIO;
+        d += pg + kb + tb + gb, h += pg;
     }
     for (int s = 0; s < SUBSTREAMS; s++)
         if (cudaStreamSynchronize(c->sub[s]) != cudaSuccess && !rc)
@@ -325,11 +354,23 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
     (void)ind, (void)entropy, (void)variance;
     return -ENOTSUP;
 }
-int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n)
+int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
     (void)c, (void)jobs, (void)n;
     return -ENOTSUP;
 }
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes)
+{
+    (void)c, (void)dst_dev, (void)src, (void)bytes;
+    return -ENOTSUP;
+}
+int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
+{
+    (void)c, (void)bytes;
+    *p = NULL;
+    return -ENOTSUP;
+}
+void gpuexec_dev_free(struct gpuexec *g, void *p) { (void)g, (void)p; }
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     (void)c, (void)ev, (void)n;

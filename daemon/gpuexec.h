@@ -34,20 +34,29 @@ void gpuexec_put(struct gpuexec *g, struct gpuctx *c);
 
 /* Prefill scoring: the layer's n_scored prefix tokens against the window queries
  * q_dev [q_heads][n_q][head_dim] (device, the layer's dtype). Writes the indicator
- * [kv_heads][n_scored] to ind (host) and the entropy and variance sums. */
+ * [kv_heads][n_scored] to ind_dev (device) and the entropy and variance sums. */
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
-                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind, double *entropy,
+                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind_dev, double *entropy,
                  double *variance);
 
-/* Compactions of several layers (a cascading stage's) side by side on the context's streams,
- * one wait for all: kv head g of a layer keeps prefix slots keep[g * k .. g * k + k - 1], then
- * the window [win_start, win_start + win_len) follows. Returns 0 or the first error. */
-struct gpu_compact {
+/* A cascading stage's evictions, all on the GPU, layers side by side on the context's
+ * streams, one wait: each layer's indicator ind_dev ([kv_heads][old], device) picks the top
+ * k per kv head (positional order, ties to the lower position), the K/V compact behind them
+ * with the window [win_start = old, + win_len) after, and the indicator follows its tokens
+ * ([kv_heads][k] at ind_dev). Returns 0 or the first error. */
+struct gpu_select {
     struct gpu_layer l;
-    const uint32_t *keep; /* host, [kv_heads][k] */
-    uint32_t k, win_start, win_len;
+    float *ind_dev;
+    uint32_t old, k, win_start, win_len;
 };
-int gpuctx_compact_many(struct gpuctx *c, const struct gpu_compact *jobs, uint32_t n);
+int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
+
+/* Host (registered) -> device copy on the context's stream, waited for. */
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes);
+/* Device memory for a sequence's prefill indicators, stream-ordered on this context;
+ * gpuexec_dev_free (any thread, NULL ok) never waits for the device. */
+int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);
+void gpuexec_dev_free(struct gpuexec *g, void *p);
 
 /* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
  * rows starting at ring row `first` (mod w) of ring [q_heads][w][head_dim] (device); score

@@ -320,6 +320,8 @@ void seq_free(const struct seq_env *e, struct seq *s)
     s->tenant->sequences--;
     free(s->layer);
     free(s->pend_ind);
+    if (s->gpu)
+        gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
     cakeseq_destroy(s->cs);
     free(s);
 }
@@ -401,21 +403,39 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
 {
     uint32_t S = scored_len(s), w = s->cfg.window;
     double t0 = e->trace ? now_s() : 0;
-    free(s->pend_ind);
-    float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
     s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0, s->pend_ent = 0, s->pend_var = 0;
+    free(s->pend_ind);
+    s->pend_ind = NULL;
+    if (s->gpu) { /* the indicator stays on the GPU, where the selection runs */
+        if (S) {
+            size_t ib = sizeof(float) * (size_t)s->Hkv * S;
+            struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+            if (!s->ind_dev)
+                s->work_rc = gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
+            float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
+            if (!s->work_rc && observe) {
+                struct gpu_layer gl = gpu_layer_view(e, s, layer);
+                s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S,
+                                          s->cfg.gamma, dst, &s->pend_ent, &s->pend_var);
+                pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
+            } else if (!s->work_rc) { /* the engine's own, from the host pool (registered) */
+                s->work_rc = gpuctx_copy_h2d(gc, dst, indicator_ptr(e, s), ib);
+            }
+            gpuexec_put(GEXEC(e, s), gc);
+        } else if (observe) {
+            pref = 0.0;
+        }
+        s->last_pref = pref;
+        if (e->trace)
+            s->t_score = now_s() - t0;
+        return;
+    }
+    float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
     if (!ind) {
         s->work_rc = -ENOMEM;
         return;
     }
-    if (S && observe && s->gpu) {
-        struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-        struct gpu_layer gl = gpu_layer_view(e, s, layer);
-        s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S, s->cfg.gamma, ind,
-                                  &s->pend_ent, &s->pend_var);
-        gpuexec_put(GEXEC(e, s), gc);
-        pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
-    } else if (S && observe) {
+    if (S && observe) {
         void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
         if (!pages) {
             s->work_rc = -ENOMEM;
@@ -443,22 +463,26 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     uint32_t nev = 0;
     s->last_pref = pref;
     double t0 = e->trace ? now_s() : 0;
-    if (!s->work_rc)
-        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->pend_ind, ev, &nev);
+    if (!s->work_rc) /* GPU sequences: budgets here, selection on the GPU (NULL indicator) */
+        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->gpu ? NULL : s->pend_ind, ev,
+                                           &nev);
     double t1 = e->trace ? now_s() : 0;
     if (s->gpu && nev && !s->work_rc) {
         /* a cascading stage re-compacts every earlier layer whose budget shrank: all of them
          * side by side on the GPU, one wait */
-        struct gpu_compact jobs[SEQ_MAX_LAYERS];
+        struct gpu_select jobs[SEQ_MAX_LAYERS];
+        uint32_t S = scored_len(s);
         for (uint32_t i = 0; i < nev; i++) {
             struct seq_layer *ly = &s->layer[ev[i].layer];
-            jobs[i] = (struct gpu_compact){
-                .l = gpu_layer_view(e, s, ev[i].layer), .keep = ev[i].slots, .k = ev[i].kept,
+            jobs[i] = (struct gpu_select){
+                .l = gpu_layer_view(e, s, ev[i].layer),
+                .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
+                .old = ev[i].old_prefix, .k = ev[i].kept,
                 .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
             };
         }
         struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-        s->work_rc = gpuctx_compact_many(gc, jobs, nev);
+        s->work_rc = gpuctx_select_compact_many(gc, jobs, nev);
         gpuexec_put(GEXEC(e, s), gc);
         for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
             struct seq_layer *ly = &s->layer[ev[i].layer];
@@ -474,8 +498,13 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     }
     free(s->pend_ind);
     s->pend_ind = NULL;
-    if (!s->work_rc && layer == s->L - 1)
-        cakeseq_prefill_done(s->cs); /* the selection buffers are done with */
+    if (!s->work_rc && layer == s->L - 1) { /* the selection buffers are done with */
+        cakeseq_prefill_done(s->cs);
+        if (s->gpu) {
+            gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
+            s->ind_dev = NULL;
+        }
+    }
     if (e->trace) {
         uint64_t moved = 0;
         for (uint32_t i = 0; i < nev; i++)

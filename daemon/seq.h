@@ -66,6 +66,8 @@ struct seq {
     uint32_t shard;
     /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply) */
     float *pend_ind;
+    float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
+                                the GPU (selection happens there); NULL otherwise */
     double pend_ent, pend_var;
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
 };

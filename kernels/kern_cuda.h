@@ -42,6 +42,11 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
 int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx_dev,
                    void *stream);
 
+/* out[r][i] = in[r][keep[r][i]] for rows r < rows, i < k (in: row stride n_in; keep, out: row
+ * stride k): a score vector following the tokens a top-k kept. out must not overlap in. */
+int kern_cuda_gather_rows_f32(const float *in_dev, uint32_t rows, uint32_t n_in,
+                              const uint32_t *keep_dev, uint32_t k, float *out_dev, void *stream);
+
 /* Compaction of every kv head: keep_dev [kv_heads][k] prefix slots (each head its own), then
  * the window [win_start, win_start + win_len). tmp_dev: kv_heads * (k + win_len) rows of K
  * and V (2 * kv_heads * (k + win_len) * head_dim * esize bytes). */

@@ -595,3 +595,30 @@ extern "C" int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *
     CK(cudaGetLastError());
     return 0;
 }
+
+// ---- a score vector following its tokens ------------------------------------
+
+__global__ void gather_rows_f32(const float *in, uint32_t n_in, const uint32_t *keep, uint32_t k,
+                                uint32_t rows, float *out)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)rows * k)
+        return;
+    uint32_t r = (uint32_t)(x / k);
+    out[x] = in[(size_t)r * n_in + keep[x]];
+}
+
+extern "C" int kern_cuda_gather_rows_f32(const float *in, uint32_t rows, uint32_t n_in,
+                                         const uint32_t *keep, uint32_t k, float *out,
+                                         void *stream)
+{
+    if (k > n_in)
+        return -EINVAL;
+    size_t total = (size_t)rows * k;
+    if (!total)
+        return 0;
+    gather_rows_f32<<<div_up(total, 256), 256, 0, (cudaStream_t)stream>>>(in, n_in, keep, k, rows,
+                                                                          out);
+    CK(cudaGetLastError());
+    return 0;
+}

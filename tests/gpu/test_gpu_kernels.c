@@ -108,6 +108,16 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
         kern_topk(got + (size_t)g * S, S, keep, KERN_ORDER_POSITION, cidx);
         EXPECT(!memcmp(cidx, idx + (size_t)g * keep, sizeof(uint32_t) * keep), "%s n=%u topk head %u differs", name, n, g);
     }
+    /* the indicator following its kept tokens: the CPU's gather */
+    float *dgat, *gat = malloc(sizeof(float) * Hkv * keep), *cgat = malloc(sizeof(float) * keep);
+    CK(cudaMalloc((void **)&dgat, sizeof(float) * Hkv * keep));
+    EXPECT(kern_cuda_gather_rows_f32(dind, Hkv, S, didx, keep, dgat, NULL) == 0, "gather rc");
+    CK(cudaMemcpy(gat, dgat, sizeof(float) * Hkv * keep, cudaMemcpyDeviceToHost));
+    for (uint32_t g = 0; g < Hkv; g++) {
+        kern_gather_f32(got + (size_t)g * S, idx + (size_t)g * keep, keep, cgat);
+        EXPECT(!memcmp(cgat, gat + (size_t)g * keep, sizeof(float) * keep), "%s n=%u gather head %u differs", name, n, g);
+    }
+    cudaFree(dgat), free(gat), free(cgat);
     /* compaction: same bytes as the CPU's */
     void *tmp;
     CK(cudaMalloc(&tmp, 2 * (size_t)Hkv * (keep + nq) * d * 2));

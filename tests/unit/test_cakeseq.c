@@ -221,3 +221,60 @@ Test(cakeseq, fixed_zero_preferences_fall_back_and_count)
     cr_assert_eq(cakeseq_budget(s, 1), 32);
     cakeseq_destroy(s);
 }
+
+/* The caller-selects mode (GPU sequences): the same budgets, stages and kept counts as with
+ * the indicators, evictions with counts only; mixing the modes is refused. */
+Test(cakeseq, external_selection_matches_counts)
+{
+    tu_seed();
+    for (int rep = 0; rep < 50; rep++) {
+        uint32_t L = 1 + tu_below(12), Hkv = 1 + tu_below(4), w = 4 + tu_below(8);
+        uint32_t C = w + 1 + tu_below(60), n = C + 1 + tu_below(300);
+        struct policy_cfg cfg;
+        policy_cfg_default(&cfg, L, C);
+        cfg.window = w, cfg.cascading = rep % 3 != 0;
+        struct cakeseq *a, *b;
+        const char *why;
+        cr_assert_eq(cakeseq_create(&cfg, Hkv, n, &a, &why), 0);
+        cr_assert_eq(cakeseq_create(&cfg, Hkv, n, &b, &why), 0);
+        uint32_t S = cakeseq_scored_len(a);
+        float *ind = malloc(sizeof(float) * Hkv * S);
+        struct cakeseq_evict ea[16], eb[16];
+        for (uint32_t l = 0; l < L; l++) {
+            for (uint32_t i = 0; i < Hkv * S; i++)
+                ind[i] = (float)tu_uniform(0, 1);
+            double P = tu_uniform(0.01, 3);
+            uint32_t na, nb;
+            cr_assert_eq(cakeseq_prefill_layer(a, l, P, ind, ea, &na), 0);
+            cr_assert_eq(cakeseq_prefill_layer(b, l, P, NULL, eb, &nb), 0);
+            cr_assert_eq(na, nb);
+            for (uint32_t e = 0; e < na; e++) {
+                cr_assert_eq(ea[e].layer, eb[e].layer);
+                cr_assert_eq(ea[e].kept, eb[e].kept);
+                cr_assert_eq(ea[e].old_prefix, eb[e].old_prefix);
+                cr_assert_null(eb[e].slots);
+            }
+        }
+        for (uint32_t l = 0; l < L; l++) {
+            cr_assert_eq(cakeseq_budget(a, l), cakeseq_budget(b, l));
+            cr_assert_eq(cakeseq_prefix_len(a, l), cakeseq_prefix_len(b, l));
+            cr_assert_null(cakeseq_positions(b, l, 0));
+        }
+        free(ind);
+        cakeseq_destroy(a), cakeseq_destroy(b);
+    }
+    /* NULL after an indicator (or the reverse) is refused */
+    struct policy_cfg cfg;
+    policy_cfg_default(&cfg, 2, 16);
+    cfg.window = 4;
+    struct cakeseq *s;
+    const char *why;
+    cr_assert_eq(cakeseq_create(&cfg, 1, 40, &s, &why), 0);
+    float *ind = calloc(36, sizeof(float));
+    struct cakeseq_evict ev[2];
+    uint32_t nev;
+    cr_assert_eq(cakeseq_prefill_layer(s, 0, 1.0, ind, ev, &nev), 0);
+    cr_assert_eq(cakeseq_prefill_layer(s, 1, 1.0, NULL, ev, &nev), -EINVAL);
+    free(ind);
+    cakeseq_destroy(s);
+}
