@@ -163,6 +163,11 @@ static void seq_json_head(const Cake__SeqInfo *q)
            (unsigned long long)q->seq_id, q->tenant, q->layers, q->kv_heads, q->head_dim,
            dtype_name(q->dtype), q->prompt_len, q->prefilled_layers, q->decoded_tokens,
            (unsigned long long)q->bytes, q->mode ? "fixed" : "parity", policy_of(q), q->cache_size);
+    if (q->shards)
+        printf(",\"shard_group\":\"%#llx\",\"shards\":%u,\"shard\":%u",
+               (unsigned long long)q->shard_group, q->shards, q->shard);
+    if (q->gpu_uuid && q->gpu_uuid[0])
+        printf(",\"gpu_uuid\":\"%s\"", q->gpu_uuid);
 }
 
 static int cmd_sequences(cake_ctx *c)
@@ -223,6 +228,11 @@ static int cmd_seq(cake_ctx *c, const char *arg)
                q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype),
                q->prompt_len, q->decoded_tokens, q->mode ? "fixed" : "parity", policy_of(q),
                q->cache_size, by);
+        if (q->shards)
+            printf("shard %u of %u in group %#llx\n", q->shard, q->shards,
+                   (unsigned long long)q->shard_group);
+        if (q->gpu_uuid && q->gpu_uuid[0])
+            printf("on %s\n", q->gpu_uuid);
         printf("%5s %12s %7s %7s %7s %6s %7s  %s\n", "LAYER", "PREFERENCE", "BUDGET", "PREFIX",
                "TOKENS", "PAGES", "KEPT", "budget share");
         uint32_t maxb = 1;

@@ -160,7 +160,10 @@ time.sleep(600)
             self.assertEqual(child.stdout.readline().strip(), "open")
             with caked.Client(self.d.sock, service="tp-kill") as c:
                 s = self.open(c, 2, shard_group=99, shards=2, shard=0)
-                self.assertEqual(len([q for q in self.sequences() if q["tenant"] == "tp-kill"]), 2)
+                mine = [q for q in self.sequences() if q["tenant"] == "tp-kill"]
+                self.assertEqual(len(mine), 2)
+                self.assertEqual(sorted((q["shards"], q["shard"], q["shard_group"]) for q in mine),
+                                 [(2, 0, "0x63"), (2, 1, "0x63")])  # cachectl shows the group
                 k, v, q = data[0]
                 s.reserve(0)
                 s.write_layer(0, k[:2], v[:2])
