@@ -216,22 +216,31 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
         p.m[at + r] = rm[r], p.l[at + r] = rl[r];
 }
 
+// One warp per (group, row): the lanes split the chunks, then reduce (a thread walking all
+// chunks alone waited on one load after another).
 __global__ void merge(params p)
 {
-    uint32_t g = blockIdx.x, r = threadIdx.x;
-    if (r >= p.R)
-        return;
+    uint32_t w = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    uint32_t g = w / p.RP, r = w % p.RP;
+    if (g >= p.hkv || r >= p.R)
+        return; /* whole warps leave together: w is uniform across the warp */
     float M = -INFINITY;
-    for (uint32_t c = 0; c < p.chunks; c++)
+    for (uint32_t c = lane; c < p.chunks; c += 32)
         M = fmaxf(M, p.m[((size_t)g * p.chunks + c) * p.RP + r]);
+    for (int o = 16; o; o >>= 1)
+        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
     double L = 0.0;
-    for (uint32_t c = 0; c < p.chunks; c++) {
+    for (uint32_t c = lane; c < p.chunks; c += 32) {
         size_t at = ((size_t)g * p.chunks + c) * p.RP + r;
         if (p.l[at] > 0.0f)
             L += (double)p.l[at] * exp((double)p.m[at] - M);
     }
-    p.rowM[g * p.RP + r] = M;
-    p.rowLnL[g * p.RP + r] = (float)log(L);
+    for (int o = 16; o; o >>= 1)
+        L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (lane == 0) {
+        p.rowM[g * p.RP + r] = M;
+        p.rowLnL[g * p.RP + r] = (float)log(L);
+    }
 }
 
 template <typename T>
@@ -389,7 +398,7 @@ static int launch(params &p, cudaStream_t st)
     }
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
     CK(cudaGetLastError());
-    merge<<<p.hkv, p.RP, 0, st>>>(p);
+    merge<<<div_up((uint64_t)p.hkv * p.RP * 32, 256), 256, 0, st>>>(p);
     CK(cudaGetLastError());
     uint32_t ch2 = div_up(p.S, p.chunk);
     pass2<T><<<dim3(ch2, p.hkv), THREADS, sm2, st>>>(p);
@@ -479,10 +488,19 @@ __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint
             hist[b] = 0;
         __syncthreads();
         uint32_t prefix = sh_prefix, mask = sh_mask;
-        for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
-            uint32_t key = sort_key(s[j]);
-            if ((key & mask) == prefix)
-                atomicAdd(&hist[(key >> shift[pass]) & (nb - 1)], 1u);
+        /* scores crowd into a few buckets: lanes of a warp with the same bucket add once
+         * (warp-aggregated atomics), or the shared-memory atomics queue up */
+        uint32_t lane = threadIdx.x % 32;
+        for (uint32_t j0 = threadIdx.x - lane; j0 < n; j0 += blockDim.x) {
+            uint32_t j = j0 + lane, bin = 0xffffffffu;
+            if (j < n) {
+                uint32_t key = sort_key(s[j]);
+                if ((key & mask) == prefix)
+                    bin = (key >> shift[pass]) & (nb - 1);
+            }
+            uint32_t peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+                atomicAdd(&hist[bin], (uint32_t)__popc(peers));
         }
         __syncthreads();
         if (threadIdx.x == 0) {
