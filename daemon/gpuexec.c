@@ -210,7 +210,7 @@ static void plan_select(const struct gpu_select *j, size_t *pg, size_t *kb, size
     *pg = al(sizeof(uint64_t) * l->n_pages);
     *kb = al(sizeof(uint32_t) * l->kv_heads * j->k);
     *tb = al(2 * (size_t)l->kv_heads * (j->k + j->win_len) * l->head_dim * 2);
-    *gb = al(sizeof(float) * l->kv_heads * j->k);
+    *gb = al(sizeof(float) * l->kv_heads * j->k) + al(kern_cuda_topk_workspace(l->kv_heads, j->old));
 }
 
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
@@ -235,7 +235,9 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         upload_pages_at(&j->l, c->hbuf + h, c->dbuf + d, st, &kv);
         uint32_t *keep = (uint32_t *)(c->dbuf + d + pg);
         float *gat = (float *)(c->dbuf + d + pg + kb + tb);
-        rc = kern_cuda_topk(j->ind_dev, hkv, j->old, j->k, keep, st);
+        size_t gat_b = al(sizeof(float) * hkv * j->k);
+        rc = kern_cuda_topk_ws(j->ind_dev, hkv, j->old, j->k, keep, (uint8_t *)gat + gat_b,
+                               gb - gat_b, st);
         if (!rc)
             rc = kern_cuda_compact(&kv, keep, j->k, j->win_start, j->win_len, c->dbuf + d + pg + kb,
                                    st);
@@ -256,7 +258,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
 
 /* Device and staging bytes one eviction needs, and where its pieces go. */
 struct evict_plan {
-    size_t pg, ws, ib, qb, kb, tb, dev, host;
+    size_t pg, ws, ib, qb, kb, tb, xb, dev, host;
 };
 
 static struct evict_plan plan_evict(const struct gpu_evict *e)
@@ -270,8 +272,9 @@ static struct evict_plan plan_evict(const struct gpu_evict *e)
         .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * e->q_heads * e->n_q),
         .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
         .tb = al(2 * (size_t)l->kv_heads * (e->k + e->w) * row),
+        .xb = al(kern_cuda_topk_workspace(l->kv_heads, S)),
     };
-    p.dev = p.pg + p.ws + p.ib + p.qb + p.kb + p.tb, p.host = p.pg;
+    p.dev = p.pg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg;
     return p;
 }
 
@@ -298,7 +301,7 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     int rc = kern_cuda_score_layer(&kv, q, e->q_heads, n_q, S, e->gamma, ind, NULL, NULL, ws,
                                    p->ws, st);
     if (!rc)
-        rc = kern_cuda_topk(ind, l->kv_heads, S, e->k, keep, st);
+        rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)
         rc = kern_cuda_compact(&kv, keep, e->k, S, w, tmp, st);
     return rc;

@@ -42,6 +42,13 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
 int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx_dev,
                    void *stream);
 
+/* The same over many blocks per row (rows of thousands of keys would keep a few SMs busy):
+ * ws of kern_cuda_topk_workspace(rows, n) bytes; without it (or for short rows) it is
+ * kern_cuda_topk. Same result. */
+size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n);
+int kern_cuda_topk_ws(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k,
+                      uint32_t *idx_dev, void *ws, size_t ws_bytes, void *stream);
+
 /* out[r][i] = in[r][keep[r][i]] for rows r < rows, i < k (in: row stride n_in; keep, out: row
  * stride k): a score vector following the tokens a top-k kept. out must not overlap in. */
 int kern_cuda_gather_rows_f32(const float *in_dev, uint32_t rows, uint32_t n_in,

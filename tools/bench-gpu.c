@@ -404,7 +404,7 @@ int main(int argc, char **argv)
         }
         uint8_t *page;
         uint64_t *off, zero = 0;
-        void *q, *ws, *tmp;
+        void *q, *ws, *tmp, *tws;
         float *ind;
         uint32_t *idx;
         CK(cudaMalloc((void **)&page, half * 2));
@@ -413,6 +413,8 @@ int main(int argc, char **argv)
         CK(cudaMalloc((void **)&ind, sizeof(float) * HKV * S));
         CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * KEEP));
         CK(cudaMalloc(&tmp, 2 * (size_t)HKV * (KEEP + W) * D * 2));
+        size_t twsb = kern_cuda_topk_workspace(HKV, S);
+        CK(cudaMalloc(&tws, twsb));
         CK(cudaMemcpy(page, hk, half, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(page + half, hk, half, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(off, &zero, sizeof zero, cudaMemcpyHostToDevice));
@@ -434,7 +436,7 @@ int main(int argc, char **argv)
             kv.n_tokens = n;
             cudaEventRecord(e0, 0);
             kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL);
-            kern_cuda_topk(ind, HKV, S, KEEP, idx, NULL);
+            kern_cuda_topk_ws(ind, HKV, S, KEEP, idx, tws, twsb, NULL);
             kern_cuda_compact(&kv, idx, KEEP, S, W, tmp, NULL);
             cudaEventRecord(e1, 0);
             CK(cudaEventSynchronize(e1));
@@ -454,7 +456,7 @@ int main(int argc, char **argv)
             printf("%8u %10.1f %10.1f %7.2fx %10s %8s %14.1f %7.2fx  (torch: %s)\n", n, ms * 1e3,
                    floor_us, ms * 1e3 / floor_us, "-", "-", ms2 * 1e3, ms2 * 1e3 / floor_us, why);
         fflush(stdout);
-        cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws);
+        cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws), cudaFree(tws);
         free(hk), free(hq);
     }
     if (attn)

@@ -141,6 +141,40 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     free(host), free(pages), free(off), free(row), free(qf), free(q), free(ref), free(got), free(idx), free(cidx), free(back);
 }
 
+/* The many-blocks top-k against the CPU's, on long rows with many ties (quantized scores)
+ * and k from 1 to n. */
+static void run_topk_many(void)
+{
+    for (int rep = 0; rep < 6; rep++) {
+        uint32_t rows = 1 + (uint32_t)(urand() * 8), n = 4097 + (uint32_t)(urand() * 70000);
+        uint32_t k = rep == 0 ? n : rep == 1 ? 1 : 1 + (uint32_t)(urand() * (n - 1));
+        int levels = rep % 2 ? 40 : 1 << 20;
+        float *s = malloc(sizeof(float) * rows * n);
+        for (size_t i = 0; i < (size_t)rows * n; i++)
+            s[i] = (float)(floor(urand() * levels) / levels * 1e-3);
+        float *ds;
+        uint32_t *didx, *idx = malloc(sizeof(uint32_t) * rows * k), *cidx = malloc(sizeof(uint32_t) * k);
+        size_t wsb = kern_cuda_topk_workspace(rows, n);
+        void *ws;
+        CK(cudaMalloc((void **)&ds, sizeof(float) * rows * n));
+        CK(cudaMalloc((void **)&didx, sizeof(uint32_t) * rows * k));
+        CK(cudaMalloc(&ws, wsb));
+        CK(cudaMemcpy(ds, s, sizeof(float) * rows * n, cudaMemcpyHostToDevice));
+        EXPECT(kern_cuda_topk_ws(ds, rows, n, k, didx, ws, wsb, NULL) == 0, "topk_ws rc");
+        CK(cudaMemcpy(idx, didx, sizeof(uint32_t) * rows * k, cudaMemcpyDeviceToHost));
+        int same = 1;
+        for (uint32_t r = 0; r < rows; r++) {
+            kern_topk(s + (size_t)r * n, n, k, KERN_ORDER_POSITION, cidx);
+            same &= !memcmp(cidx, idx + (size_t)r * k, sizeof(uint32_t) * k);
+        }
+        EXPECT(same, "many-block top-k differs from the CPU's: rows %u n %u k %u levels %d", rows,
+               n, k, levels);
+        printf("top-k over blocks: rows %u n %u k %u (%s ties): %s\n", rows, n, k,
+               levels < 100 ? "many" : "few", same ? "equal" : "DIFFERS");
+        cudaFree(ds), cudaFree(didx), cudaFree(ws), free(s), free(idx), free(cidx);
+    }
+}
+
 /* Decode attention over several layers of different lengths, paged, against doubles. */
 static void run_attention(enum kern_dtype dt)
 {
@@ -244,6 +278,7 @@ int main(void)
         run_case(ts[i], 4, 4, 16, 300, 8, 7, 50);
         run_attention(ts[i]);
     }
+    run_topk_many();
     printf("%s\n", failures ? "FAILED" : "all GPU kernel checks passed");
     return failures ? 1 : 0;
 }
