@@ -40,34 +40,15 @@ static uint32_t threshold(const uint32_t *keys, uint32_t n, uint32_t k, uint32_t
     static const int shift[3] = {21, 10, 0};
     static const uint32_t width[3] = {11, 11, 10};
     uint32_t prefix = 0, need = k; /* need: how many still to take at/below prefix */
-    uint32_t hist[2048], h4[4][2048];
+    uint32_t hist[2048];
     const uint32_t *src = keys;
     uint32_t m = n;
     for (int pass = 0; pass < 3; pass++) {
         uint32_t nb = 1u << width[pass], sh = (uint32_t)shift[pass];
-        if (m >= 8192) {
-            /* real scores crowd into a few buckets (a handful of exponents): four histograms
-             * side by side keep repeated increments of one bucket from queueing on each other */
-            for (int c = 0; c < 4; c++)
-                for (uint32_t b = 0; b < nb; b++)
-                    h4[c][b] = 0;
-            uint32_t j = 0;
-            for (; j + 4 <= m; j += 4) {
-                h4[0][(src[j] >> sh) & (nb - 1)]++;
-                h4[1][(src[j + 1] >> sh) & (nb - 1)]++;
-                h4[2][(src[j + 2] >> sh) & (nb - 1)]++;
-                h4[3][(src[j + 3] >> sh) & (nb - 1)]++;
-            }
-            for (; j < m; j++)
-                h4[0][(src[j] >> sh) & (nb - 1)]++;
-            for (uint32_t b = 0; b < nb; b++)
-                hist[b] = h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
-        } else {
-            for (uint32_t b = 0; b < nb; b++)
-                hist[b] = 0;
-            for (uint32_t j = 0; j < m; j++)
-                hist[(src[j] >> sh) & (nb - 1)]++;
-        }
+        for (uint32_t b = 0; b < nb; b++)
+            hist[b] = 0;
+        for (uint32_t j = 0; j < m; j++)
+            hist[(src[j] >> sh) & (nb - 1)]++;
         uint32_t b = nb;
         while (b-- > 0) {
             if (hist[b] >= need)
