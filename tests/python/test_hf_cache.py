@@ -64,6 +64,19 @@ class HFCache(unittest.TestCase):
             # the K/V were in caked: every layer holds prompt + decoded tokens
             self.assertEqual(cache.layer_tokens(), [150 + NEW - 1] * 3)
 
+    def test_half_precision_models(self):
+        """bf16 and fp16 models keep their K/V in bf16 / f16 sequences, exactly."""
+        with caked.Client(self.d.sock, service="hf-half") as c:
+            for dt in (torch.bfloat16, torch.float16):
+                m = caked.hf.enable(LlamaForCausalLM(self.cfg).to(dt).eval())
+                m.load_state_dict(self.model.state_dict())
+                ref = generate(m, self.ids)
+                cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
+                self.assertEqual(self.assert_same_logits(generate(m, self.ids, cache), ref, 0.0),
+                                 None)
+                self.assertEqual(cache.seq.dtype, {torch.bfloat16: "bf16", torch.float16: "f16"}[dt])
+                cache.close()
+
     def test_budget_above_prompt_equals_transformers_cache(self):
         with caked.Client(self.d.sock, service="hf-cake") as c:
             for pol in ("cake", "snapkv", "h2o"):
