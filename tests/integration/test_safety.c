@@ -3,6 +3,7 @@
  * that client, a counter in the metrics, and the daemon keeps serving everyone else. */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
+#include <math.h>
 #include <errno.h>
 #include <grp.h>
 #include <signal.h>
@@ -225,6 +226,36 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert(strstr(cake_errstr(a), "--gpu-pool"), "%s", cake_errstr(a));
     raw.placement = 9;
     cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL);
+    /* hostile policy, shard and GPU fields: each refused with its reason, nothing allocated */
+    Cake__Policy rp = CAKE__POLICY__INIT;
+    rp.mode = 1, rp.cache_size = 64, rp.window = 32, rp.tau1 = 1, rp.tau2 = 1, rp.gamma = 200;
+    raw.placement = 0, raw.policy = &rp;
+    struct { uint32_t kind, alloc, ind, pool, kernel, decode; float beta, alpha; const char *why; } hp[] = {
+        {99, 0, 0, 0, 0, 0, 0, 0, "kind"},         {0, 77, 0, 0, 0, 0, 0, 0, "allocation"},
+        {0, 0, 66, 0, 0, 0, 0, 0, "indicator"},    {0, 0, 0, 9, 0, 0, 0, 0, "pooling"},
+        {0, 0, 0, 0, 4, 0, 0, 0, "pooling"},       {0, 0, 0, 0, 0, 5, 0, 0, "decode"},
+        {6, 0, 0, 0, 0, 0, NAN, 0, "beta"},        {7, 0, 0, 0, 0, 0, 0, INFINITY, "alpha"},
+        {7, 0, 0, 0, 0, 1, 0, 0, "per-head"},
+    };
+    for (size_t i = 0; i < sizeof hp / sizeof hp[0]; i++) {
+        rp.kind = hp[i].kind, rp.alloc = hp[i].alloc, rp.indicator = hp[i].ind;
+        rp.pool = hp[i].pool, rp.pool_kernel = hp[i].kernel, rp.decode = hp[i].decode;
+        rp.pyramid_beta = hp[i].beta, rp.ada_alpha = hp[i].alpha;
+        cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL, "case %zu", i);
+        cr_assert(strstr(cake_errstr(a), hp[i].why), "case %zu: %s", i, cake_errstr(a));
+    }
+    rp = (Cake__Policy)CAKE__POLICY__INIT;
+    rp.mode = 1, rp.cache_size = 64, rp.window = 32, rp.tau1 = 1, rp.tau2 = 1, rp.gamma = 200;
+    raw.shards = 1000, raw.shard = 0, raw.shard_group = 5;
+    cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL);
+    raw.shards = 2, raw.shard = 2;
+    cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL);
+    raw.shard = 0, raw.shard_group = 0;
+    cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL);
+    raw.shards = 0, raw.placement = 1, raw.gpu_uuid = (char *)"GPU-nope";
+    cr_assert_eq(cake_internal_rpc(a, MSG_SEQ_OPEN, &raw.base, &rb, &rn), CAKE_EINVAL);
+    raw.placement = 0, raw.gpu_uuid = NULL;
+    cr_assert_eq(cake_set_gpus(a, "GPU-x"), CAKE_EINVAL, "cake_set_gpus after connect");
     /* another tenant cannot touch it: its id does not exist for them */
     Cake__SeqRef r = CAKE__SEQ_REF__INIT;
     r.seq_id = cake_seq_id(sa);
