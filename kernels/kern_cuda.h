@@ -37,6 +37,12 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
                           double *entropy, double *variance, void *ws, size_t ws_bytes,
                           void *stream);
 
+/* Scoring runs on mma.sync passes with the keys as rows where head_dim is 64 or 128 and the
+ * padded window rows fit (score_mma.cu), else on the WMMA passes; nonzero forces the WMMA
+ * passes everywhere (for tests and benchmarks that compare the two). Process-wide; returns
+ * the previous setting. */
+int kern_cuda_score_set_wmma(int on);
+
 /* Top-k of each of `rows` score rows of length n (row stride n): positions ascending, ties
  * to the lower position (kern_topk's KERN_ORDER_POSITION). idx_dev: [rows][k]. */
 int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx_dev,

@@ -7,6 +7,7 @@
 // pass 2 recomputes the tile and accumulates the column statistics. The w x n probability
 // block never reaches device memory. Per-block partial sums are reduced on the host in a
 // fixed order, so results are reproducible.
+#include <atomic>
 #include <mutex>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,6 +21,7 @@
 
 #include "dtype.h"
 #include "kern_cuda.h"
+#include "score_mma.h"
 
 using namespace nvcuda;
 
@@ -30,6 +32,7 @@ using namespace nvcuda;
 #ifndef MIN_CHUNK
 #define MIN_CHUNK 128     // each block stages Q once: not too few columns per block
 #endif
+#define CHUNK_ALIGN 128 // a multiple of either kernel's tile of keys
 #define THREADS 256
 #define MAX_R 256      // G * n_q rows per kv head
 #define MAX_D 128      /* Q fragments live in registers: 2 x 8 of them */
@@ -219,30 +222,48 @@ __global__ void __launch_bounds__(THREADS) pass1(params p)
 
 // One warp per (group, row): the lanes split the chunks, then reduce (a thread walking all
 // chunks alone waited on one load after another).
-__global__ void merge(params p)
+__global__ void merge(const float *pm, const float *pl, float *rowM, float *rowLnL, uint32_t hkv,
+                      uint32_t chunks, uint32_t R, uint32_t RP)
 {
     uint32_t w = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
-    uint32_t g = w / p.RP, r = w % p.RP;
-    if (g >= p.hkv || r >= p.R)
+    uint32_t g = w / RP, r = w % RP;
+    if (g >= hkv || r >= R)
         return; /* whole warps leave together: w is uniform across the warp */
     float M = -INFINITY;
-    for (uint32_t c = lane; c < p.chunks; c += 32)
-        M = fmaxf(M, p.m[((size_t)g * p.chunks + c) * p.RP + r]);
+    for (uint32_t c = lane; c < chunks; c += 32)
+        M = fmaxf(M, pm[((size_t)g * chunks + c) * RP + r]);
     for (int o = 16; o; o >>= 1)
         M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
     double L = 0.0;
-    for (uint32_t c = lane; c < p.chunks; c += 32) {
-        size_t at = ((size_t)g * p.chunks + c) * p.RP + r;
-        if (p.l[at] > 0.0f)
-            L += (double)p.l[at] * exp((double)p.m[at] - M);
+    for (uint32_t c = lane; c < chunks; c += 32) {
+        size_t at = ((size_t)g * chunks + c) * RP + r;
+        if (pl[at] > 0.0f)
+            L += (double)pl[at] * exp((double)pm[at] - M);
     }
     for (int o = 16; o; o >>= 1)
         L += __shfl_xor_sync(0xffffffffu, L, o);
     if (lane == 0) {
-        p.rowM[g * p.RP + r] = M;
-        p.rowLnL[g * p.RP + r] = (float)log(L);
+        rowM[g * RP + r] = M;
+        rowLnL[g * RP + r] = (float)log(L);
     }
 }
+
+static uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
+
+int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint32_t hkv,
+                uint32_t chunks, uint32_t R, uint32_t RP, void *stream)
+{
+    merge<<<div_up((uint64_t)hkv * RP * 32, 256), 256, 0, (cudaStream_t)stream>>>(m, l, rowM, rowLnL, hkv,
+                                                                                  chunks, R, RP);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+/* raising a kernel's dynamic shared-memory limit: the attribute is per device (caked may
+ * drive several GPUs) and caked's workers launch from several threads */
+static std::mutex attr_mu;
+score_attr_lock::score_attr_lock() { attr_mu.lock(); }
+score_attr_lock::~score_attr_lock() { attr_mu.unlock(); }
 
 template <typename T>
 __global__ void __launch_bounds__(THREADS) pass2(params p)
@@ -333,13 +354,11 @@ __global__ void pool5(const float *acc, float *ind, uint32_t S, uint32_t hkv, fl
     ind[x] = s / 5.0f * post;
 }
 
-static uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
-
 // Columns per block: long prompts get long chunks (Q is staged once per block), short ones
 // enough blocks to fill the chip.
 static uint32_t chunk_cols(uint32_t n, uint32_t hkv)
 {
-    uint32_t c = div_up(div_up((uint64_t)n * hkv, TARGET_BLOCKS), TN) * TN;
+    uint32_t c = div_up(div_up((uint64_t)n * hkv, TARGET_BLOCKS), CHUNK_ALIGN) * CHUNK_ALIGN;
     return c < MIN_CHUNK ? MIN_CHUNK : c;
 }
 
@@ -368,26 +387,26 @@ extern "C" size_t kern_cuda_score_workspace(uint32_t hkv, uint32_t q_heads, uint
                                             uint32_t n, uint32_t S)
 {
     uint32_t R = q_heads / hkv * n_q, RP = (R + 15) / 16 * 16;
-    return layout_ws(hkv, RP, n, S).total;
+    uint32_t mr = hkv ? score_mma_rows(q_heads / hkv, n_q, 128) : 0; /* padding: same for d = 64 */
+    return layout_ws(hkv, RP > mr ? RP : mr, n, S).total;
 }
+
+static std::atomic<int> force_wmma;
+
+extern "C" int kern_cuda_score_set_wmma(int on) { return force_wmma.exchange(on ? 1 : 0); }
 
 template <typename T>
 static int launch(params &p, cudaStream_t st)
 {
     size_t tiles = (size_t)(p.RP + 2 * TN) * (p.d + PAD) * 2 + (size_t)p.RP * LDZ * 4;
     size_t sm1 = tiles + 2 * p.RP * 4, sm2 = tiles + (size_t)p.G * TN * 4;
-    /* raise the dynamic shared-memory limit when a larger size comes; the attribute is per
-     * device (caked may drive several GPUs) and caked's workers launch from several
-     * threads, so track it per device and raise it under a lock */
-    enum { MAX_DEV = 64 };
-    static std::mutex mu;
-    static size_t set1[MAX_DEV], set2[MAX_DEV];
+    static size_t set1[SCORE_MAX_DEV], set2[SCORE_MAX_DEV];
     int dev = 0;
     CK(cudaGetDevice(&dev));
-    if (dev < 0 || dev >= MAX_DEV)
+    if (dev < 0 || dev >= SCORE_MAX_DEV)
         return -EINVAL;
     {
-        std::lock_guard<std::mutex> lock(mu);
+        score_attr_lock lock;
         if (sm1 > set1[dev]) {
             CK(cudaFuncSetAttribute(pass1<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
             set1[dev] = sm1;
@@ -399,8 +418,9 @@ static int launch(params &p, cudaStream_t st)
     }
     pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
     CK(cudaGetLastError());
-    merge<<<div_up((uint64_t)p.hkv * p.RP * 32, 256), 256, 0, st>>>(p);
-    CK(cudaGetLastError());
+    int rc = score_merge(p.m, p.l, p.rowM, p.rowLnL, p.hkv, p.chunks, p.R, p.RP, st);
+    if (rc)
+        return rc;
     uint32_t ch2 = div_up(p.S, p.chunk);
     pass2<T><<<dim3(ch2, p.hkv), THREADS, sm2, st>>>(p);
     CK(cudaGetLastError());
@@ -437,7 +457,26 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
         if (variance) *variance = 0;
         return 0;
     }
-    int rc = kv->dtype == KERN_BF16 ? launch<__nv_bfloat16>(p, st) : launch<__half>(p, st);
+    uint32_t mrows = force_wmma.load() ? 0 : score_mma_rows(p.G, n_q, p.d);
+    int rc;
+    if (mrows) { /* the mma.sync passes: their own (padded) row layout in the same workspace */
+        score_mma_args a = {};
+        a.base = p.base, a.page_off = p.page_off, a.tpp = p.tpp, a.n = p.n, a.d = p.d, a.G = p.G;
+        a.nq = n_q, a.S = S, a.hkv = p.hkv, a.chunk = p.chunk, a.chunks1 = p.chunks;
+        a.chunks2 = div_up(S, p.chunk), a.gamma = gamma, a.bf16 = kv->dtype == KERN_BF16;
+        a.q = q, a.acc = p.acc, a.ent = p.ent, a.var = p.var, a.stream = stream;
+        ws_layout wm = layout_ws(p.hkv, mrows, p.n, S);
+        if (ws_bytes < wm.total)
+            return -EINVAL;
+        a.m = (float *)(b + wm.m), a.l = (float *)(b + wm.l), a.rowM = (float *)(b + wm.rowM);
+        a.rowLnL = (float *)(b + wm.rowLnL), a.acc = (float *)(b + wm.acc);
+        a.ent = (double *)(b + wm.ent), a.var = (double *)(b + wm.var);
+        CK(cudaGetDevice(&a.dev));
+        rc = score_mma_run(a);
+        p.acc = a.acc, p.ent = a.ent, p.var = a.var;
+    } else {
+        rc = kv->dtype == KERN_BF16 ? launch<__nv_bfloat16>(p, st) : launch<__half>(p, st);
+    }
     if (rc)
         return rc;
     pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);

@@ -6,8 +6,9 @@
  * plus written); per prompt length the scoring time of one layer (32 query heads, 8 kv
  * heads, head_dim 128, window 32, bf16) against the floor (the layer's key bytes read once at
  * that bandwidth) and against the same scoring in PyTorch on the same GPU
- * (tools/bench_score_torch.py --device cuda); and score + select (992 kept per kv head) +
- * compact. Median of R runs timed with CUDA events. Then a decode step's attention over 32
+ * (tools/bench_score_torch.py --device cuda) and against the WMMA scoring passes caked used
+ * before (wmma_us: kern_cuda_score_set_wmma, same inputs); and score + select (992 kept per
+ * kv head) + compact. Median of R runs timed with CUDA events. Then a decode step's attention over 32
  * layers (full cache vs CAKE, and torch SDPA), and, through a caked started with a GPU pool
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
  * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
@@ -385,8 +386,8 @@ int main(int argc, char **argv)
            prop.multiProcessorCount, bw / 1e12);
     printf("one layer: H=%d Hkv=%d d=%d w=%d bf16; median of %d; floor = key bytes / copy bandwidth\n",
            H, HKV, D, W, reps);
-    printf("%8s %10s %10s %8s %10s %8s %14s %8s\n", "n", "score_us", "floor_us", "x_floor",
-           "torch_us", "speedup", "s+sel+cmp_us", "x_floor");
+    printf("%8s %10s %10s %8s %10s %8s %9s %7s %14s %8s\n", "n", "score_us", "floor_us", "x_floor",
+           "torch_us", "speedup", "wmma_us", "x_wmma", "s+sel+cmp_us", "x_floor");
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
     for (uint32_t si = 0; si < ns; si++) {
@@ -422,7 +423,18 @@ int main(int argc, char **argv)
         size_t wsb = kern_cuda_score_workspace(HKV, H, W, n, S);
         CK(cudaMalloc(&ws, wsb));
         struct kern_cuda_kv kv = {KERN_BF16, HKV, D, n, n, page, off, half};
-        float t[64], t2[64];
+        float t[64], t2[64], t3[64];
+        kern_cuda_score_set_wmma(1);
+        for (int r = -3; r < reps; r++) {
+            cudaEventRecord(e0, 0);
+            if (kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL))
+                return 1;
+            cudaEventRecord(e1, 0);
+            CK(cudaEventSynchronize(e1));
+            if (r >= 0)
+                cudaEventElapsedTime(&t3[r], e0, e1);
+        }
+        kern_cuda_score_set_wmma(0);
         for (int r = -3; r < reps; r++) {
             cudaEventRecord(e0, 0);
             if (kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL))
@@ -446,15 +458,16 @@ int main(int argc, char **argv)
         }
         /* the floor: the layer's key bytes read once at the rate the copy moved bytes
          * (read + write counted), which is what the memory sustains */
-        double ms = median(t, reps), ms2 = median(t2, reps), floor_us = (double)half / bw * 1e6;
+        double ms = median(t, reps), ms2 = median(t2, reps), ms3 = median(t3, reps);
+        double floor_us = (double)half / bw * 1e6;
         char why[160] = "--no-torch";
         double tms = torch ? torch_ms(n, "score", why, sizeof why) : -1;
         if (tms > 0)
-            printf("%8u %10.1f %10.1f %7.2fx %10.1f %7.1fx %14.1f %7.2fx\n", n, ms * 1e3, floor_us,
-                   ms * 1e3 / floor_us, tms * 1e3, tms / ms, ms2 * 1e3, ms2 * 1e3 / floor_us);
+            printf("%8u %10.1f %10.1f %7.2fx %10.1f %7.1fx %9.1f %6.2fx %14.1f %7.2fx\n", n, ms * 1e3, floor_us,
+                   ms * 1e3 / floor_us, tms * 1e3, tms / ms, ms3 * 1e3, ms3 / ms, ms2 * 1e3, ms2 * 1e3 / floor_us);
         else
-            printf("%8u %10.1f %10.1f %7.2fx %10s %8s %14.1f %7.2fx  (torch: %s)\n", n, ms * 1e3,
-                   floor_us, ms * 1e3 / floor_us, "-", "-", ms2 * 1e3, ms2 * 1e3 / floor_us, why);
+            printf("%8u %10.1f %10.1f %7.2fx %10s %8s %9.1f %6.2fx %14.1f %7.2fx  (torch: %s)\n", n, ms * 1e3,
+                   floor_us, ms * 1e3 / floor_us, "-", "-", ms3 * 1e3, ms3 / ms, ms2 * 1e3, ms2 * 1e3 / floor_us, why);
         fflush(stdout);
         cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws), cudaFree(tws);
         free(hk), free(hq);

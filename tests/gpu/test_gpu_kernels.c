@@ -1,6 +1,9 @@
 /* GPU kernels against the C reference on fresh random inputs (bf16 and fp16, contiguous
- * and paged layouts): scoring within tolerance of the double-precision version, top-k and
- * compaction exactly equal to the CPU kernels on the same data. Exit 77 without a GPU. */
+ * and paged layouts): scoring within tolerance of the double-precision version (both
+ * scoring kernels: the mma.sync passes over every group shape they take - one to eight
+ * slices of query columns, padded windows, heads over two slices - and the WMMA passes,
+ * forced, on the same inputs), the same bytes on a second run, top-k and compaction exactly
+ * equal to the CPU kernels on the same data. Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -29,6 +32,22 @@ static double urand(void)
 
 static int failures;
 #define EXPECT(c, ...) do { if (!(c)) { failures++; fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+/* worst |got - ref| over the rows, each relative to its row's largest |ref| (NaN: infinite) */
+static double rel_err(const float *ref, const float *got, uint32_t rows, uint32_t S)
+{
+    double worst = 0;
+    for (uint32_t g = 0; g < rows; g++) {
+        double mx = 0;
+        for (uint32_t j = 0; j < S; j++)
+            mx = fmax(mx, fabs(ref[g * S + j]));
+        for (uint32_t j = 0; j < S; j++) {
+            double e = fabs(got[g * S + j] - ref[g * S + j]) / mx;
+            worst = isnan(e) ? INFINITY : fmax(worst, e);
+        }
+    }
+    return worst;
+}
 
 static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
                      uint32_t tpp, uint32_t keep)
@@ -81,24 +100,31 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     size_t wsb = kern_cuda_score_workspace(Hkv, H, nq, n, S);
     CK(cudaMalloc(&ws, wsb));
     struct kern_cuda_kv dkv = {dt, Hkv, d, tpp, n, dbase, doff, half};
-    double E, V;
-    int rc = kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL);
-    EXPECT(rc == 0, "score rc %d", rc);
-    CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    double E, V, E2, V2;
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
-    EXPECT(fabs(E - ro.entropy) <= 1e-3 * fabs(ro.entropy), "%s n=%u entropy %.9g vs %.9g", name, n, E, ro.entropy);
-    EXPECT(fabs(V - ro.variance) <= 1e-3 * fabs(ro.variance), "%s n=%u variance %.9g vs %.9g", name, n, V, ro.variance);
-    double worst = 0;
-    for (uint32_t g = 0; g < Hkv; g++) {
-        double mx = 0;
-        for (uint32_t j = 0; j < S; j++)
-            mx = fmax(mx, fabs(ref[g * S + j]));
-        for (uint32_t j = 0; j < S; j++) {
-            double e = fabs(got[g * S + j] - ref[g * S + j]) / mx;
-            worst = isnan(e) ? INFINITY : fmax(worst, e);
-        }
+    for (int wmma = 1; wmma >= 0; wmma--) { /* the WMMA passes, then the default */
+        kern_cuda_score_set_wmma(wmma);
+        int rc = kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL);
+        EXPECT(rc == 0, "score rc %d", rc);
+        CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+        EXPECT(fabs(E - ro.entropy) <= 1e-3 * fabs(ro.entropy), "%s n=%u wmma=%d entropy %.9g vs %.9g", name, n,
+               wmma, E, ro.entropy);
+        EXPECT(fabs(V - ro.variance) <= 1e-3 * fabs(ro.variance), "%s n=%u wmma=%d variance %.9g vs %.9g", name,
+               n, wmma, V, ro.variance);
+        double worst = rel_err(ref, got, Hkv, S);
+        EXPECT(worst <= 1e-3, "%s n=%u wmma=%d indicator rel err %.3g", name, n, wmma, worst);
+        if (wmma)
+            printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u, WMMA passes: entropy rel %.2e, variance rel %.2e, "
+                   "indicator rel %.2e\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
+                   fabs(V - ro.variance) / fabs(ro.variance), worst);
     }
-    EXPECT(worst <= 1e-3, "%s n=%u indicator rel err %.3g", name, n, worst);
+    /* reproducible: a second run gives the same bytes */
+    float *again = malloc(sizeof(float) * Hkv * S);
+    EXPECT(kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E2, &V2, ws, wsb, NULL) == 0, "score rc");
+    CK(cudaMemcpy(again, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    EXPECT(!memcmp(again, got, sizeof(float) * Hkv * S) && E == E2 && V == V2, "%s n=%u second run differs", name, n);
+    free(again);
+    double worst = rel_err(ref, got, Hkv, S); /* the default kernel's, checked above */
     /* top-k on the GPU's own indicator: exactly the CPU's choice */
     uint32_t *didx, *idx = malloc(sizeof(uint32_t) * Hkv * keep), *cidx = malloc(sizeof(uint32_t) * keep);
     CK(cudaMalloc((void **)&didx, sizeof(uint32_t) * Hkv * keep));
@@ -275,7 +301,12 @@ int main(void)
     for (int i = 0; i < 2; i++) {
         run_case(ts[i], 8, 2, 64, 3000 + (uint32_t)(urand() * 1000), 16, 3000 + 1000, 200);
         run_case(ts[i], 32, 8, 128, 5000 + (uint32_t)(urand() * 3000), 32, 16, 992);
-        run_case(ts[i], 4, 4, 16, 300, 8, 7, 50);
+        run_case(ts[i], 4, 4, 16, 300, 8, 7, 50);      /* WMMA only: head_dim 16 */
+        run_case(ts[i], 8, 8, 128, 1500 + (uint32_t)(urand() * 1000), 32, 7, 300);   /* G=1: one slice */
+        run_case(ts[i], 32, 4, 128, 3000 + (uint32_t)(urand() * 1000), 32, 512, 500); /* G=8: eight */
+        run_case(ts[i], 12, 2, 128, 2500 + (uint32_t)(urand() * 500), 24, 16, 400);  /* window 24, padded */
+        run_case(ts[i], 4, 2, 64, 2000 + (uint32_t)(urand() * 500), 64, 33, 300);    /* a head over 2 slices */
+        run_case(ts[i], 16, 2, 128, 1500 + (uint32_t)(urand() * 500), 4, 64, 200);   /* window 4: 4 heads a slice */
         run_attention(ts[i]);
     }
     run_topk_many();

@@ -1,0 +1,477 @@
+// score_mma.cu - CAKE's window scoring on mma.sync with the keys as rows (see score_mma.h).
+//
+// The product is taken as K . Q^T: a 16-key m-tile of the keys (staged in shared memory by a
+// 3-stage cp.async pipeline, read with ldmatrix) times the group's queries, whose fragments
+// stay in registers for the whole block. In that orientation a thread's accumulators hold 2
+// keys x 8 query columns, so
+//  - pass 1 (each query's max and exp-sum over the keys) is a running max/sum per thread and
+//    column, with no per-tile reductions: lanes and warps combine once, at the end;
+//  - pass 2 (per key: the sum and sum of squares of its probabilities over the window
+//    queries of each head) reduces along the thread's own registers and one quad.
+// Exponentials are base 2 with the scale folded into one FMA. Pass 2 walks its chunk
+// backwards: the tail pass 1 read last is still in L2. Per-block partial sums are reduced
+// in a fixed order, so results are reproducible run to run.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+
+#include "score_mma.h"
+
+namespace {
+
+constexpr int THREADS = 256, TK = 128, STAGES = 3;
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+struct mparams {
+    const uint8_t *base;
+    const uint64_t *page_off;
+    uint32_t tpp, tpp_mul, tpp_shr; // tokens per page and its fast divisor
+    uint32_t n, wb, d, G, nq, nqp, Rp, hps, sph, S, chunk, chunks1; // wb = n - nq
+    float scale, c2, gamma;         // c2 = scale * log2(e)
+    const void *q;
+    float *m, *l;                   // pass 1: [hkv][chunks1][Rp]
+    const float *rowM, *rowLnL;     // merged: [hkv][Rp]
+    float *acc;                     // [hkv][S]
+    double *ent, *var;              // [hkv][chunks2]
+};
+
+__device__ __forceinline__ float ex2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int KS> struct shape {
+    static constexpr int LDK = KS * 16 + 8; // halves per staged key row (+8: no bank conflicts)
+    static constexpr int D8 = KS * 2;       // 16-byte pieces per key row
+    static constexpr int RSTEP = THREADS / D8;
+    static constexpr size_t STAGE_BYTES = (size_t)TK * LDK * 2;
+};
+
+// Column c of the padded query space: head c / nqp, window query c % nqp (padding past nq).
+__device__ __forceinline__ bool col_valid(const mparams &p, uint32_t c)
+{
+    return c < p.Rp && c % p.nqp < p.nq;
+}
+
+// The B fragments (Q^T) of the warp's 32 query columns, all k steps: 4 n-tiles x KS x 2.
+template <typename T, int KS>
+__device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_t lane, uint32_t (&bq)[4][KS][2])
+{
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        uint32_t c = slice * 32 + t * 8 + lane / 4;
+        bool ok = col_valid(p, c);
+        uint32_t r = c / p.nqp * p.nq + c % p.nqp;
+        const T *row = (const T *)p.q + ((size_t)g * p.G * p.nq + (ok ? r : 0)) * p.d;
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            bq[t][k][0] = ok ? *(const uint32_t *)(row + k * 16 + 2 * (lane % 4)) : 0u;
+            bq[t][k][1] = ok ? *(const uint32_t *)(row + k * 16 + 8 + 2 * (lane % 4)) : 0u;
+        }
+    }
+}
+
+// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled). Each
+// thread copies one 16-byte piece of every RSTEP-th row; the page of a row follows from
+// the previous one without a division.
+template <int KS>
+__device__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
+{
+    using sh = shape<KS>;
+    uint32_t v = threadIdx.x % sh::D8, r = threadIdx.x / sh::D8, j = j0 + r;
+    uint32_t pg = __umulhi(j, p.tpp_mul) >> p.tpp_shr;
+    if (p.tpp == 1)
+        pg = j;
+    uint32_t w = j - pg * p.tpp;
+    size_t row_bytes = (size_t)p.d * 2;
+#pragma unroll
+    for (int u = 0; u < TK / sh::RSTEP; u++, r += sh::RSTEP, j += sh::RSTEP) {
+        bool ok = j < end;
+        const uint8_t *src = p.base;
+        if (ok)
+            src = p.base + p.page_off[pg] + ((size_t)g * p.tpp + w) * row_bytes + v * 16;
+        cp_async16(stage + ((size_t)r * sh::LDK + v * 8) * 2, src, ok);
+        w += sh::RSTEP;
+        while (w >= p.tpp)
+            w -= p.tpp, pg++;
+    }
+}
+
+// acc[t] = keys[16 rows] . Q^T[n-tile t] over all k.
+template <typename T, int KS>
+__device__ __forceinline__ void mma_tile(const uint8_t *rows, const uint32_t (&bq)[4][KS][2], float (&acc)[4][4], uint32_t lane)
+{
+    using sh = shape<KS>;
+    const uint8_t *ap = rows + ((size_t)(lane % 16) * sh::LDK + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int t = 0; t < 4; t++)
+        acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KS; k++) {
+        uint32_t a[4];
+        ldmatrix_x4(a, ap + k * 32);
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+            mma16816<T>(acc[t], a, bq[t][k]);
+    }
+}
+
+__device__ __forceinline__ float rescale(float s, float m_old, float m_new, float c2)
+{
+    return m_old == -INFINITY ? 0.0f : s * ex2((m_old - m_new) * c2);
+}
+
+template <typename T, int KS, int NSP>
+__global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
+{
+    using sh = shape<KS>;
+    constexpr int KW = 8 / NSP; // warps sharing a slice of 32 query columns
+    extern __shared__ uint4 smem4[];
+    uint8_t *smem = (uint8_t *)smem4;
+    uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.n);
+    uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // rows below clean: no mask
+    uint32_t bq[4][KS][2];
+    load_bfrag<T, KS>(p, g, slice, lane, bq);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < (int)nt)
+            load_tile<KS>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    float mx[8], sm[8];
+#pragma unroll
+    for (int c = 0; c < 8; c++)
+        mx[c] = -INFINITY, sm[c] = 0.0f;
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (k + STAGES - 1 < nt)
+            load_tile<KS>(p, g, c0 + (k + STAGES - 1) * TK, c1, smem + ((k + STAGES - 1) % STAGES) * sh::STAGE_BYTES);
+        cp_async_commit();
+        const uint8_t *st = smem + (k % STAGES) * sh::STAGE_BYTES;
+        uint32_t j0 = c0 + k * TK;
+        bool full = j0 + TK <= clean;
+        for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
+            float acc[4][4];
+            mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
+            if (!full) { // past the chunk, or window keys a query must not see
+                uint32_t ja = j0 + mt * 16 + lane / 4;
+#pragma unroll
+                for (int t = 0; t < 4; t++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        uint32_t j = ja + (e / 2) * 8, c = slice * 32 + t * 8 + 2 * (lane % 4) + e % 2;
+                        uint32_t i = c % p.nqp; // window query i sees keys up to n - nq + i
+                        if (j >= c1 || j > p.wb + i)
+                            acc[t][e] = -INFINITY;
+                    }
+            }
+#pragma unroll
+            for (int t = 0; t < 4; t++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int c = t * 2 + e;
+                    float v0 = acc[t][e], v1 = acc[t][e + 2], tm = fmaxf(v0, v1);
+                    if (tm > mx[c]) {
+                        sm[c] = rescale(sm[c], mx[c], tm, p.c2);
+                        mx[c] = tm;
+                    }
+                    if (mx[c] != -INFINITY) {
+                        float b = mx[c] * p.c2;
+                        sm[c] += ex2(fmaf(v0, p.c2, -b)) + ex2(fmaf(v1, p.c2, -b));
+                    }
+                }
+        }
+    }
+    cp_async_wait<0>();
+    // lanes with the same lane % 4 hold the same columns; then the KW warps of a slice
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            float mo = __shfl_xor_sync(0xffffffffu, mx[c], o), so = __shfl_xor_sync(0xffffffffu, sm[c], o);
+            float mn = fmaxf(mx[c], mo);
+            sm[c] = rescale(sm[c], mx[c], mn, p.c2) + rescale(so, mo, mn, p.c2);
+            mx[c] = mn;
+        }
+    __syncthreads(); // every warp is done with the stages: reuse them
+    float *rm = (float *)smem, *rl = rm + KW * NSP * 32;
+    if (lane < 4)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            uint32_t col = slice * 32 + (c / 2) * 8 + 2 * lane + c % 2;
+            rm[kw * NSP * 32 + col] = mx[c], rl[kw * NSP * 32 + col] = sm[c];
+        }
+    __syncthreads();
+    for (uint32_t col = threadIdx.x; col < p.Rp; col += THREADS) {
+        float M = -INFINITY, L = 0.0f;
+        for (int w = 0; w < KW; w++) {
+            float mo = rm[w * NSP * 32 + col], mn = fmaxf(M, mo);
+            L = rescale(L, M, mn, p.c2) + rescale(rl[w * NSP * 32 + col], mo, mn, p.c2);
+            M = mn;
+        }
+        size_t at = ((size_t)g * p.chunks1 + blockIdx.x) * p.Rp + col;
+        bool ok = col_valid(p, col) && M != -INFINITY;
+        p.m[at] = ok ? M * p.scale : -INFINITY; // natural-log units, as merge reads them
+        p.l[at] = ok ? L : 0.0f;
+    }
+}
+
+template <typename T, int KS, int NSP>
+__global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
+{
+    using sh = shape<KS>;
+    constexpr int KW = 8 / NSP;
+    const uint32_t SEG = NSP * p.hps; // (slice, head within slice) partial sums per key
+    extern __shared__ uint4 smem4[];
+    uint8_t *smem = (uint8_t *)smem4;
+    float *part = (float *)(smem + STAGES * sh::STAGE_BYTES); // [2][TK][SEG][2]
+    __shared__ double red_e[THREADS], red_v[THREADS];
+    uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
+    uint32_t nt = (c1 - c0 + TK - 1) / TK;
+    uint32_t bq[4][KS][2];
+    load_bfrag<T, KS>(p, g, slice, lane, bq);
+    float B2[8]; // log2 of each column's normalizer, prescaled; padding gets no probability
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+        uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+        B2[c] = col_valid(p, col) ? (p.rowM[g * p.Rp + col] + p.rowLnL[g * p.Rp + col]) * LOG2E : 1e30f;
+    }
+    // backwards: tile of step k is nt - 1 - k
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < (int)nt)
+            load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    float ent = 0.0f;
+    double e_sum = 0.0, v_sum = 0.0;
+    const float inq = 1.0f / p.nq, inq1 = p.nq > 1 ? 1.0f / (p.nq - 1) : 0.0f;
+    // Per key of a finished step: each head's mean and unbiased variance over its queries.
+    auto finish = [&](uint32_t k) {
+        uint32_t j = c0 + (nt - 1 - k) * TK + threadIdx.x;
+        if (threadIdx.x >= TK || j >= c1)
+            return;
+        const float *pp = part + ((size_t)(k & 1) * TK + threadIdx.x) * SEG * 2;
+        float I = 0.0f;
+        for (uint32_t h = 0; h < p.G; h++) {
+            float s1 = 0.0f, s2 = 0.0f;
+            for (uint32_t u = 0; u < p.sph; u++) { // nqp <= 32: segment h; else sph of them
+                uint32_t seg = h * p.sph + u;
+                s1 += pp[seg * 2], s2 += pp[seg * 2 + 1];
+            }
+            float mean = s1 * inq, var = fmaxf(0.0f, (s2 - s1 * mean) * inq1);
+            I += mean + p.gamma * var;
+            v_sum += var;
+        }
+        p.acc[(size_t)g * p.S + j] = I;
+    };
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (k + STAGES - 1 < nt)
+            load_tile<KS>(p, g, c0 + (nt - 1 - (k + STAGES - 1)) * TK, c1,
+                          smem + ((k + STAGES - 1) % STAGES) * sh::STAGE_BYTES);
+        cp_async_commit();
+        if (k)
+            finish(k - 1);
+        const uint8_t *st = smem + (k % STAGES) * sh::STAGE_BYTES;
+        uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        float *pk = part + (size_t)(k & 1) * TK * SEG * 2;
+        for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
+            float acc[4][4];
+            mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
+#pragma unroll
+            for (int e2 = 0; e2 < 2; e2++) { // the thread's two keys
+                uint32_t row = mt * 16 + lane / 4 + e2 * 8;
+                float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4], a2[4];
+#pragma unroll
+                for (int t = 0; t < 4; t++) {
+                    a1[t] = a2[t] = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        float x = fmaf(acc[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]);
+                        float pr = ex2(x) * live;
+                        a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent = fmaf(pr, x, ent);
+                    }
+                }
+                // the 4 n-tiles hold hps heads (hps = 32 / nqp, or 1): sum each one's, then the quad
+#pragma unroll
+                for (int hs = 0; hs < 4; hs++) {
+                    if (hs >= (int)p.hps)
+                        break;
+                    float v1 = 0.0f, v2 = 0.0f;
+#pragma unroll
+                    for (int t = 0; t < 4; t++)
+                        if (t * (int)p.hps / 4 == hs)
+                            v1 += a1[t], v2 += a2[t];
+                    v1 += __shfl_xor_sync(0xffffffffu, v1, 1), v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
+                    v1 += __shfl_xor_sync(0xffffffffu, v1, 2), v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
+                    if (lane % 4 == 0) {
+                        float *q = pk + ((size_t)row * SEG + slice * p.hps + hs) * 2;
+                        q[0] = v1, q[1] = v2;
+                    }
+                }
+            }
+        }
+        e_sum += ent, ent = 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (nt)
+        finish(nt - 1);
+    red_e[threadIdx.x] = -LN2 * e_sum, red_v[threadIdx.x] = v_sum;
+    __syncthreads();
+    for (int o = THREADS / 2; o; o >>= 1) {
+        if ((int)threadIdx.x < o)
+            red_e[threadIdx.x] += red_e[threadIdx.x + o], red_v[threadIdx.x] += red_v[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        size_t b = (size_t)g * gridDim.x + blockIdx.x;
+        p.ent[b] = red_e[0], p.var[b] = red_v[0];
+    }
+}
+
+#define CK(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "caked cuda: %s failed at %s:%d: %s\n", #call, __FILE__,      \
+                    __LINE__, cudaGetErrorString(e_));                                    \
+            return -EIO;                                                                  \
+        }                                                                                 \
+    } while (0)
+
+template <typename T, int KS, int NSP>
+int launch(mparams &p, const score_mma_args &a)
+{
+    using sh = shape<KS>;
+    size_t sm1 = STAGES * sh::STAGE_BYTES;
+    size_t sm2 = sm1 + (size_t)2 * TK * NSP * p.hps * 2 * sizeof(float);
+    /* per device: caked drives several GPUs from several threads (score.cu keeps the lock) */
+    static size_t set1[SCORE_MAX_DEV], set2[SCORE_MAX_DEV];
+    if (a.dev < 0 || a.dev >= SCORE_MAX_DEV)
+        return -EINVAL;
+    {
+        score_attr_lock lock;
+        if (sm1 > set1[a.dev]) {
+            CK(cudaFuncSetAttribute(mpass1<T, KS, NSP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
+            set1[a.dev] = sm1;
+        }
+        if (sm2 > set2[a.dev]) {
+            CK(cudaFuncSetAttribute(mpass2<T, KS, NSP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
+            set2[a.dev] = sm2;
+        }
+    }
+    cudaStream_t st = (cudaStream_t)a.stream;
+    mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
+    CK(cudaGetLastError());
+    int rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
+    if (rc)
+        return rc;
+    mpass2<T, KS, NSP><<<dim3(a.chunks2, a.hkv), THREADS, sm2, st>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+template <typename T, int KS>
+int launch_ns(mparams &p, const score_mma_args &a, uint32_t nsp)
+{
+    switch (nsp) {
+    case 1: return launch<T, KS, 1>(p, a);
+    case 2: return launch<T, KS, 2>(p, a);
+    case 4: return launch<T, KS, 4>(p, a);
+    default: return launch<T, KS, 8>(p, a);
+    }
+}
+
+} // namespace
+
+// Query columns padded per head to nqp: 8, 16 or 32 (a divisor of a warp's 32 columns) or
+// a multiple of 32, so no n-tile mixes heads.
+static uint32_t pad_nq(uint32_t nq)
+{
+    uint32_t n8 = (nq + 7) / 8 * 8;
+    if (n8 <= 32)
+        return 32 % n8 ? 32 : n8;
+    return (nq + 31) / 32 * 32;
+}
+
+uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d)
+{
+    if (d != 64 && d != 128)
+        return 0;
+    uint32_t rp = G * pad_nq(nq);
+    return rp <= 256 ? rp : 0;
+}
+
+int score_mma_run(const score_mma_args &a)
+{
+    mparams p = {};
+    p.base = a.base, p.page_off = a.page_off, p.tpp = a.tpp;
+    if (a.tpp == 0)
+        return -EINVAL;
+    uint32_t lg = 0;
+    while ((1ull << lg) < a.tpp)
+        lg++;
+    p.tpp_mul = a.tpp == 1 ? 0u : (uint32_t)(((1ull << (31 + lg)) + a.tpp - 1) / a.tpp);
+    p.tpp_shr = a.tpp == 1 ? 0u : lg - 1;
+    p.n = a.n, p.wb = a.n - a.nq, p.d = a.d, p.G = a.G, p.nq = a.nq, p.nqp = pad_nq(a.nq), p.Rp = p.G * p.nqp;
+    p.hps = p.nqp < 32 ? 32 / p.nqp : 1, p.sph = p.nqp > 32 ? p.nqp / 32 : 1;
+    p.S = a.S, p.chunk = a.chunk, p.chunks1 = a.chunks1;
+    p.scale = 1.0f / sqrtf((float)a.d), p.c2 = p.scale * LOG2E, p.gamma = a.gamma;
+    p.q = a.q, p.m = a.m, p.l = a.l, p.rowM = a.rowM, p.rowLnL = a.rowLnL, p.acc = a.acc;
+    p.ent = a.ent, p.var = a.var;
+    if (p.Rp != score_mma_rows(a.G, a.nq, a.d) || a.chunk % TK)
+        return -EINVAL;
+    uint32_t ns = (p.Rp + 31) / 32, nsp = ns <= 1 ? 1 : ns <= 2 ? 2 : ns <= 4 ? 4 : 8;
+    bool bf = a.bf16;
+    if (a.d == 128)
+        return bf ? launch_ns<__nv_bfloat16, 8>(p, a, nsp) : launch_ns<__half, 8>(p, a, nsp);
+    return bf ? launch_ns<__nv_bfloat16, 4>(p, a, nsp) : launch_ns<__half, 4>(p, a, nsp);
+}

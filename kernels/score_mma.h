@@ -1,0 +1,45 @@
+/* score_mma.h - internal to the CUDA kernels: the mma.sync scoring passes (score_mma.cu)
+ * that kern_cuda_score_layer (score.cu) runs for the shapes they cover, and what the two
+ * files share. C++ only. */
+#ifndef CAKE_SCORE_MMA_H
+#define CAKE_SCORE_MMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SCORE_MAX_DEV 64
+
+struct score_mma_args {
+    const uint8_t *base;
+    const uint64_t *page_off;
+    uint32_t tpp, n, d, G, nq, S, hkv, chunk, chunks1, chunks2;
+    float gamma;
+    int bf16, dev;
+    const void *q;
+    float *m, *l;          /* pass 1 partials [hkv][chunks1][score_mma_rows()] */
+    float *rowM, *rowLnL;  /* merged [hkv][score_mma_rows()] */
+    float *acc;            /* [hkv][S]: sum over the group's heads of mean + gamma * var */
+    double *ent, *var;     /* [hkv][chunks2] */
+    void *stream;
+};
+
+/* Query rows per kv head these kernels use (each head's window padded), or 0 where they do
+ * not apply (head_dim other than 64 or 128, more than 256 padded rows). */
+uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d);
+
+/* Pass 1, merge, pass 2 on the stream; chunk a multiple of 128. 0, -EINVAL or -EIO. */
+int score_mma_run(const score_mma_args &a);
+
+/* score.cu: merges pass 1's per-chunk (max, exp-sum) of rows r < R into each row's max and
+ * log-normalizer (row stride RP); and the lock under which kernels' shared-memory limits
+ * are raised. */
+int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint32_t hkv,
+                uint32_t chunks, uint32_t R, uint32_t RP, void *stream);
+struct score_attr_lock {
+    score_attr_lock();
+    ~score_attr_lock();
+    score_attr_lock(const score_attr_lock &) = delete;
+    score_attr_lock &operator=(const score_attr_lock &) = delete;
+};
+
+#endif
