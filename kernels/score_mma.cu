@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <type_traits>
 
 #include "score_mma.h"
 
@@ -158,9 +159,10 @@ __device__ __forceinline__ void mma_tile(const uint8_t *rows, const uint32_t (&b
     }
 }
 
-__device__ __forceinline__ float rescale(float s, float m_old, float m_new, float c2)
+// an exp-sum relative to base b (log2 units) made relative to base nb >= b
+__device__ __forceinline__ float rebase(float s, float b, float nb)
 {
-    return m_old == -INFINITY ? 0.0f : s * ex2((m_old - m_new) * c2);
+    return b == -INFINITY ? 0.0f : s * ex2(b - nb);
 }
 
 template <typename T, int KS, int NSP>
@@ -181,10 +183,12 @@ __global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
             load_tile<KS>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
         cp_async_commit();
     }
-    float mx[8], sm[8];
+    // Per column: b = the exponent base (a running max in log2 units, raised only when a
+    // value passes it by more than 8: terms stay below 2^8) and the exp-sum relative to it.
+    float b[8], sm[8];
 #pragma unroll
     for (int c = 0; c < 8; c++)
-        mx[c] = -INFINITY, sm[c] = 0.0f;
+        b[c] = -INFINITY, sm[c] = 0.0f;
     for (uint32_t k = 0; k < nt; k++) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
@@ -197,33 +201,42 @@ __global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
         for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
             float acc[4][4];
             mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
-            if (!full) { // past the chunk, or window keys a query must not see
-                uint32_t ja = j0 + mt * 16 + lane / 4;
+            if (full) { // straight-line: one vote decides whether any base must rise
+                bool up = false;
 #pragma unroll
-                for (int t = 0; t < 4; t++)
+                for (int c = 0; c < 8; c++)
+                    up |= fmaf(fmaxf(acc[c / 2][c % 2], acc[c / 2][c % 2 + 2]), p.c2, -b[c]) > 8.0f;
+                if (__any_sync(0xffffffffu, up))
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        uint32_t j = ja + (e / 2) * 8, c = slice * 32 + t * 8 + 2 * (lane % 4) + e % 2;
-                        uint32_t i = c % p.nqp; // window query i sees keys up to n - nq + i
-                        if (j >= c1 || j > p.wb + i)
-                            acc[t][e] = -INFINITY;
+                    for (int c = 0; c < 8; c++) {
+                        float nb = fmaxf(b[c], fmaxf(acc[c / 2][c % 2], acc[c / 2][c % 2 + 2]) * p.c2);
+                        sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - nb);
+                        b[c] = nb;
                     }
-            }
 #pragma unroll
-            for (int t = 0; t < 4; t++)
+                for (int c = 0; c < 8; c++)
+                    sm[c] += ex2(fmaf(acc[c / 2][c % 2], p.c2, -b[c])) + ex2(fmaf(acc[c / 2][c % 2 + 2], p.c2, -b[c]));
+                continue;
+            }
+            // past the chunk, or window keys a query must not see
+            uint32_t ja = j0 + mt * 16 + lane / 4;
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+                uint32_t i = col % p.nqp; // window query i sees keys up to n - nq + i
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    int c = t * 2 + e;
-                    float v0 = acc[t][e], v1 = acc[t][e + 2], tm = fmaxf(v0, v1);
-                    if (tm > mx[c]) {
-                        sm[c] = rescale(sm[c], mx[c], tm, p.c2);
-                        mx[c] = tm;
+                    uint32_t j = ja + e * 8;
+                    float v = acc[c / 2][c % 2 + 2 * e];
+                    if (j >= c1 || j > p.wb + i)
+                        continue;
+                    if (v * p.c2 > b[c]) {
+                        sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - v * p.c2);
+                        b[c] = v * p.c2;
                     }
-                    if (mx[c] != -INFINITY) {
-                        float b = mx[c] * p.c2;
-                        sm[c] += ex2(fmaf(v0, p.c2, -b)) + ex2(fmaf(v1, p.c2, -b));
-                    }
+                    sm[c] += ex2(fmaf(v, p.c2, -b[c]));
                 }
+            }
         }
     }
     cp_async_wait<0>();
@@ -232,30 +245,30 @@ __global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
     for (int o = 4; o < 32; o <<= 1)
 #pragma unroll
         for (int c = 0; c < 8; c++) {
-            float mo = __shfl_xor_sync(0xffffffffu, mx[c], o), so = __shfl_xor_sync(0xffffffffu, sm[c], o);
-            float mn = fmaxf(mx[c], mo);
-            sm[c] = rescale(sm[c], mx[c], mn, p.c2) + rescale(so, mo, mn, p.c2);
-            mx[c] = mn;
+            float bo = __shfl_xor_sync(0xffffffffu, b[c], o), so = __shfl_xor_sync(0xffffffffu, sm[c], o);
+            float nb = fmaxf(b[c], bo);
+            sm[c] = rebase(sm[c], b[c], nb) + rebase(so, bo, nb);
+            b[c] = nb;
         }
     __syncthreads(); // every warp is done with the stages: reuse them
-    float *rm = (float *)smem, *rl = rm + KW * NSP * 32;
+    float *rb = (float *)smem, *rl = rb + KW * NSP * 32;
     if (lane < 4)
 #pragma unroll
         for (int c = 0; c < 8; c++) {
             uint32_t col = slice * 32 + (c / 2) * 8 + 2 * lane + c % 2;
-            rm[kw * NSP * 32 + col] = mx[c], rl[kw * NSP * 32 + col] = sm[c];
+            rb[kw * NSP * 32 + col] = b[c], rl[kw * NSP * 32 + col] = sm[c];
         }
     __syncthreads();
     for (uint32_t col = threadIdx.x; col < p.Rp; col += THREADS) {
-        float M = -INFINITY, L = 0.0f;
+        float B = -INFINITY, L = 0.0f;
         for (int w = 0; w < KW; w++) {
-            float mo = rm[w * NSP * 32 + col], mn = fmaxf(M, mo);
-            L = rescale(L, M, mn, p.c2) + rescale(rl[w * NSP * 32 + col], mo, mn, p.c2);
-            M = mn;
+            float bo = rb[w * NSP * 32 + col], nb = fmaxf(B, bo);
+            L = rebase(L, B, nb) + rebase(rl[w * NSP * 32 + col], bo, nb);
+            B = nb;
         }
         size_t at = ((size_t)g * p.chunks1 + blockIdx.x) * p.Rp + col;
-        bool ok = col_valid(p, col) && M != -INFINITY;
-        p.m[at] = ok ? M * p.scale : -INFINITY; // natural-log units, as merge reads them
+        bool ok = col_valid(p, col) && B != -INFINITY;
+        p.m[at] = ok ? B * LN2 : -INFINITY; // natural-log units of the scaled logits, as merge reads them
         p.l[at] = ok ? L : 0.0f;
     }
 }
@@ -269,7 +282,6 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
     extern __shared__ uint4 smem4[];
     uint8_t *smem = (uint8_t *)smem4;
     float *part = (float *)(smem + STAGES * sh::STAGE_BYTES); // [2][TK][SEG][2]
-    __shared__ double red_e[THREADS], red_v[THREADS];
     uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
     uint32_t nt = (c1 - c0 + TK - 1) / TK;
@@ -321,42 +333,51 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
             finish(k - 1);
         const uint8_t *st = smem + (k % STAGES) * sh::STAGE_BYTES;
         uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        bool full = j0 + TK <= c1;
         float *pk = part + (size_t)(k & 1) * TK * SEG * 2;
         for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
             float acc[4][4];
             mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
+            // the thread's two keys; a tail tile's rows past the chunk count nothing
+            auto epilogue = [&](auto tail) {
 #pragma unroll
-            for (int e2 = 0; e2 < 2; e2++) { // the thread's two keys
-                uint32_t row = mt * 16 + lane / 4 + e2 * 8;
-                float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4], a2[4];
+                for (int e2 = 0; e2 < 2; e2++) {
+                    uint32_t row = mt * 16 + lane / 4 + e2 * 8;
+                    float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4], a2[4];
 #pragma unroll
-                for (int t = 0; t < 4; t++) {
-                    a1[t] = a2[t] = 0.0f;
+                    for (int t = 0; t < 4; t++) {
+                        a1[t] = a2[t] = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        float x = fmaf(acc[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]);
-                        float pr = ex2(x) * live;
-                        a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent = fmaf(pr, x, ent);
+                        for (int e = 0; e < 2; e++) {
+                            float x = fmaf(acc[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
+                            if (decltype(tail)::value)
+                                pr *= live;
+                            a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent = fmaf(pr, x, ent);
+                        }
+                    }
+                    // the 4 n-tiles hold hps heads (hps = 32 / nqp, or 1): each one's sums, then the quad's
+#pragma unroll
+                    for (int hs = 0; hs < 4; hs++) {
+                        if (hs >= (int)p.hps)
+                            break;
+                        float v1 = 0.0f, v2 = 0.0f;
+#pragma unroll
+                        for (int t = 0; t < 4; t++)
+                            if (t * (int)p.hps / 4 == hs)
+                                v1 += a1[t], v2 += a2[t];
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 1), v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 2), v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
+                        if (lane % 4 == 0) {
+                            float *q = pk + ((size_t)row * SEG + slice * p.hps + hs) * 2;
+                            q[0] = v1, q[1] = v2;
+                        }
                     }
                 }
-                // the 4 n-tiles hold hps heads (hps = 32 / nqp, or 1): sum each one's, then the quad
-#pragma unroll
-                for (int hs = 0; hs < 4; hs++) {
-                    if (hs >= (int)p.hps)
-                        break;
-                    float v1 = 0.0f, v2 = 0.0f;
-#pragma unroll
-                    for (int t = 0; t < 4; t++)
-                        if (t * (int)p.hps / 4 == hs)
-                            v1 += a1[t], v2 += a2[t];
-                    v1 += __shfl_xor_sync(0xffffffffu, v1, 1), v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
-                    v1 += __shfl_xor_sync(0xffffffffu, v1, 2), v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
-                    if (lane % 4 == 0) {
-                        float *q = pk + ((size_t)row * SEG + slice * p.hps + hs) * 2;
-                        q[0] = v1, q[1] = v2;
-                    }
-                }
-            }
+            };
+            if (full)
+                epilogue(std::false_type());
+            else
+                epilogue(std::true_type());
         }
         e_sum += ent, ent = 0.0f;
     }
@@ -364,6 +385,7 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
     __syncthreads();
     if (nt)
         finish(nt - 1);
+    double *red_e = (double *)smem, *red_v = red_e + THREADS; // the stages are free
     red_e[threadIdx.x] = -LN2 * e_sum, red_v[threadIdx.x] = v_sum;
     __syncthreads();
     for (int o = THREADS / 2; o; o >>= 1) {
