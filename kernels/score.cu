@@ -473,7 +473,7 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
         a.ent = (double *)(b + wm.ent), a.var = (double *)(b + wm.var);
         CK(cudaGetDevice(&a.dev));
         rc = score_mma_run(a);
-        p.acc = a.acc, p.ent = a.ent, p.var = a.var;
+        p.acc = a.acc, p.ent = a.ent, p.var = a.var, p.chunk = a.chunk; /* the blocks it ran */
     } else {
         rc = kv->dtype == KERN_BF16 ? launch<__nv_bfloat16>(p, st) : launch<__half>(p, st);
     }

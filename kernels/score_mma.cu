@@ -23,7 +23,13 @@
 
 namespace {
 
-constexpr int THREADS = 256, TK = 128, STAGES = 3;
+#ifndef SCORE_MMA_BPS
+#define SCORE_MMA_BPS 2 // blocks per SM (the registers a thread may use follow)
+#endif
+#ifndef SCORE_MMA_NM
+#define SCORE_MMA_NM 1  // m-tiles a warp multiplies side by side (2: same speed on the H200, spills)
+#endif
+constexpr int THREADS = 256, TK = 128, STAGES = SCORE_MMA_BPS == 1 ? 4 : 3;
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 struct mparams {
@@ -140,22 +146,32 @@ __device__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t en
     }
 }
 
-// acc[t] = keys[16 rows] . Q^T[n-tile t] over all k.
-template <typename T, int KS>
-__device__ __forceinline__ void mma_tile(const uint8_t *rows, const uint32_t (&bq)[4][KS][2], float (&acc)[4][4], uint32_t lane)
+// acc[i][t] = keys[m-tile mt0 + i * mstep] . Q^T[n-tile t] over all k: NM m-tiles side by side
+// (independent accumulator chains for the tensor pipe).
+template <typename T, int KS, int NM>
+__device__ __forceinline__ void mma_tiles(const uint8_t *st, uint32_t mt0, uint32_t mstep, const uint32_t (&bq)[4][KS][2],
+                                          float (&acc)[NM][4][4], uint32_t lane)
 {
     using sh = shape<KS>;
-    const uint8_t *ap = rows + ((size_t)(lane % 16) * sh::LDK + (lane / 16) * 8) * 2;
+    const uint8_t *ap[NM];
 #pragma unroll
-    for (int t = 0; t < 4; t++)
-        acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
-#pragma unroll
-    for (int k = 0; k < KS; k++) {
-        uint32_t a[4];
-        ldmatrix_x4(a, ap + k * 32);
+    for (int i = 0; i < NM; i++) {
+        ap[i] = st + ((size_t)((mt0 + i * mstep) * 16 + lane % 16) * sh::LDK + (lane / 16) * 8) * 2;
 #pragma unroll
         for (int t = 0; t < 4; t++)
-            mma16816<T>(acc[t], a, bq[t][k]);
+            acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < KS; k++) {
+        uint32_t a[NM][4];
+#pragma unroll
+        for (int i = 0; i < NM; i++)
+            ldmatrix_x4(a[i], ap[i] + k * 32);
+#pragma unroll
+        for (int i = 0; i < NM; i++)
+#pragma unroll
+            for (int t = 0; t < 4; t++)
+                mma16816<T>(acc[i][t], a[i], bq[t][k]);
     }
 }
 
@@ -166,10 +182,11 @@ __device__ __forceinline__ float rebase(float s, float b, float nb)
 }
 
 template <typename T, int KS, int NSP>
-__global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
+__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP; // warps sharing a slice of 32 query columns
+    constexpr int NM = NSP >= 2 ? SCORE_MMA_NM : 1; // m-tiles multiplied side by side
     extern __shared__ uint4 smem4[];
     uint8_t *smem = (uint8_t *)smem4;
     uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
@@ -198,43 +215,58 @@ __global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
         const uint8_t *st = smem + (k % STAGES) * sh::STAGE_BYTES;
         uint32_t j0 = c0 + k * TK;
         bool full = j0 + TK <= clean;
-        for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
-            float acc[4][4];
-            mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
+        // the warp's NSP m-tiles of the stage, NM at a time
+        for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            float acc[NM][4][4];
+            mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
             if (full) { // straight-line: one vote decides whether any base must rise
                 bool up = false;
+                float tm[8];
 #pragma unroll
-                for (int c = 0; c < 8; c++)
-                    up |= fmaf(fmaxf(acc[c / 2][c % 2], acc[c / 2][c % 2 + 2]), p.c2, -b[c]) > 8.0f;
+                for (int c = 0; c < 8; c++) {
+                    tm[c] = -INFINITY;
+#pragma unroll
+                    for (int i = 0; i < NM; i++)
+                        tm[c] = fmaxf(tm[c], fmaxf(acc[i][c / 2][c % 2], acc[i][c / 2][c % 2 + 2]));
+                    up |= fmaf(tm[c], p.c2, -b[c]) > 8.0f;
+                }
                 if (__any_sync(0xffffffffu, up))
 #pragma unroll
                     for (int c = 0; c < 8; c++) {
-                        float nb = fmaxf(b[c], fmaxf(acc[c / 2][c % 2], acc[c / 2][c % 2 + 2]) * p.c2);
+                        float nb = fmaxf(b[c], tm[c] * p.c2);
                         sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - nb);
                         b[c] = nb;
                     }
 #pragma unroll
-                for (int c = 0; c < 8; c++)
-                    sm[c] += ex2(fmaf(acc[c / 2][c % 2], p.c2, -b[c])) + ex2(fmaf(acc[c / 2][c % 2 + 2], p.c2, -b[c]));
+                for (int c = 0; c < 8; c++) {
+                    float s2 = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < NM; i++)
+                        s2 += ex2(fmaf(acc[i][c / 2][c % 2], p.c2, -b[c])) + ex2(fmaf(acc[i][c / 2][c % 2 + 2], p.c2, -b[c]));
+                    sm[c] += s2;
+                }
                 continue;
             }
             // past the chunk, or window keys a query must not see
-            uint32_t ja = j0 + mt * 16 + lane / 4;
 #pragma unroll
-            for (int c = 0; c < 8; c++) {
-                uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
-                uint32_t i = col % p.nqp; // window query i sees keys up to n - nq + i
+            for (int mi = 0; mi < NM; mi++) {
+                uint32_t ja = j0 + (kw + (u + mi) * KW) * 16 + lane / 4;
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    uint32_t j = ja + e * 8;
-                    float v = acc[c / 2][c % 2 + 2 * e];
-                    if (j >= c1 || j > p.wb + i)
-                        continue;
-                    if (v * p.c2 > b[c]) {
-                        sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - v * p.c2);
-                        b[c] = v * p.c2;
+                for (int c = 0; c < 8; c++) {
+                    uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+                    uint32_t i = col % p.nqp; // window query i sees keys up to n - nq + i
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        uint32_t j = ja + e * 8;
+                        float v = acc[mi][c / 2][c % 2 + 2 * e];
+                        if (j >= c1 || j > p.wb + i)
+                            continue;
+                        if (v * p.c2 > b[c]) {
+                            sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - v * p.c2);
+                            b[c] = v * p.c2;
+                        }
+                        sm[c] += ex2(fmaf(v, p.c2, -b[c]));
                     }
-                    sm[c] += ex2(fmaf(v, p.c2, -b[c]));
                 }
             }
         }
@@ -274,10 +306,11 @@ __global__ void __launch_bounds__(THREADS, 2) mpass1(mparams p)
 }
 
 template <typename T, int KS, int NSP>
-__global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
+__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP;
+    constexpr int NM = NSP >= 2 ? SCORE_MMA_NM : 1;
     const uint32_t SEG = NSP * p.hps; // (slice, head within slice) partial sums per key
     extern __shared__ uint4 smem4[];
     uint8_t *smem = (uint8_t *)smem4;
@@ -300,7 +333,7 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
             load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
         cp_async_commit();
     }
-    float ent = 0.0f;
+    float ent[NM * 2] = {}; // one chain per key the thread holds
     double e_sum = 0.0, v_sum = 0.0;
     const float inq = 1.0f / p.nq, inq1 = p.nq > 1 ? 1.0f / (p.nq - 1) : 0.0f;
     // Per key of a finished step: each head's mean and unbiased variance over its queries.
@@ -335,24 +368,25 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
         uint32_t j0 = c0 + (nt - 1 - k) * TK;
         bool full = j0 + TK <= c1;
         float *pk = part + (size_t)(k & 1) * TK * SEG * 2;
-        for (uint32_t mt = kw; mt < TK / 16; mt += KW) {
-            float acc[4][4];
-            mma_tile<T, KS>(st + (size_t)mt * 16 * sh::LDK * 2, bq, acc, lane);
-            // the thread's two keys; a tail tile's rows past the chunk count nothing
+        for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            float acc[NM][4][4];
+            mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
+            // the thread's two keys of each m-tile; a tail tile's rows past the chunk count nothing
             auto epilogue = [&](auto tail) {
 #pragma unroll
-                for (int e2 = 0; e2 < 2; e2++) {
-                    uint32_t row = mt * 16 + lane / 4 + e2 * 8;
+                for (int i2 = 0; i2 < NM * 2; i2++) {
+                    int mi = i2 / 2, e2 = i2 % 2;
+                    uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
                     float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4], a2[4];
 #pragma unroll
                     for (int t = 0; t < 4; t++) {
                         a1[t] = a2[t] = 0.0f;
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
-                            float x = fmaf(acc[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
+                            float x = fmaf(acc[mi][t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
                             if (decltype(tail)::value)
                                 pr *= live;
-                            a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent = fmaf(pr, x, ent);
+                            a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent[i2] = fmaf(pr, x, ent[i2]);
                         }
                     }
                     // the 4 n-tiles hold hps heads (hps = 32 / nqp, or 1): each one's sums, then the quad's
@@ -379,7 +413,9 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2(mparams p)
             else
                 epilogue(std::true_type());
         }
-        e_sum += ent, ent = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NM * 2; i++)
+            e_sum += ent[i], ent[i] = 0.0f;
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -472,8 +508,25 @@ uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d)
     return rp <= 256 ? rp : 0;
 }
 
-int score_mma_run(const score_mma_args &a)
+// One wave of blocks (or the caller's chunk, if longer): blocks of a kv head split its keys.
+static uint32_t block_chunk(int dev, uint32_t n, uint32_t hkv, uint32_t at_least)
 {
+    static int sms[SCORE_MAX_DEV];
+    if (!sms[dev] && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        sms[dev] = 0;
+    uint32_t slots = (uint32_t)sms[dev] * SCORE_MMA_BPS;
+    uint32_t per = sms[dev] > 0 && slots >= hkv ? slots / hkv : 1;
+    uint32_t c = (n + per - 1) / per;
+    c = (c + TK - 1) / TK * TK;
+    return c > at_least ? c : at_least;
+}
+
+int score_mma_run(score_mma_args &a)
+{
+    if (a.dev < 0 || a.dev >= SCORE_MAX_DEV || a.chunk % TK || !a.chunk)
+        return -EINVAL;
+    a.chunk = block_chunk(a.dev, a.n, a.hkv, a.chunk);
+    a.chunks1 = (a.n + a.chunk - 1) / a.chunk, a.chunks2 = (a.S + a.chunk - 1) / a.chunk;
     mparams p = {};
     p.base = a.base, p.page_off = a.page_off, p.tpp = a.tpp;
     if (a.tpp == 0)
@@ -489,7 +542,7 @@ int score_mma_run(const score_mma_args &a)
     p.scale = 1.0f / sqrtf((float)a.d), p.c2 = p.scale * LOG2E, p.gamma = a.gamma;
     p.q = a.q, p.m = a.m, p.l = a.l, p.rowM = a.rowM, p.rowLnL = a.rowLnL, p.acc = a.acc;
     p.ent = a.ent, p.var = a.var;
-    if (p.Rp != score_mma_rows(a.G, a.nq, a.d) || a.chunk % TK)
+    if (p.Rp != score_mma_rows(a.G, a.nq, a.d))
         return -EINVAL;
     uint32_t ns = (p.Rp + 31) / 32, nsp = ns <= 1 ? 1 : ns <= 2 ? 2 : ns <= 4 ? 4 : 8;
     bool bf = a.bf16;

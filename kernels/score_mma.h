@@ -12,7 +12,7 @@
 struct score_mma_args {
     const uint8_t *base;
     const uint64_t *page_off;
-    uint32_t tpp, n, d, G, nq, S, hkv, chunk, chunks1, chunks2;
+    uint32_t tpp, n, d, G, nq, S, hkv, chunk, chunks1, chunks2; /* chunk: keys per block */
     float gamma;
     int bf16, dev;
     const void *q;
@@ -27,8 +27,10 @@ struct score_mma_args {
  * not apply (head_dim other than 64 or 128, more than 256 padded rows). */
 uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d);
 
-/* Pass 1, merge, pass 2 on the stream; chunk a multiple of 128. 0, -EINVAL or -EIO. */
-int score_mma_run(const score_mma_args &a);
+/* Pass 1, merge, pass 2 on the stream. chunk (a multiple of 128) is the shortest chunk the
+ * workspace allows; returns with chunk, chunks1, chunks2 as used (the blocks' partials in
+ * ent and var: hkv * chunks2). 0, -EINVAL or -EIO. */
+int score_mma_run(score_mma_args &a);
 
 /* score.cu: merges pass 1's per-chunk (max, exp-sum) of rows r < R into each row's max and
  * log-normalizer (row stride RP); and the lock under which kernels' shared-memory limits
