@@ -336,6 +336,10 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
     float ent[NM * 2] = {}; // one chain per key the thread holds
     double e_sum = 0.0, v_sum = 0.0;
     const float inq = 1.0f / p.nq, inq1 = p.nq > 1 ? 1.0f / (p.nq - 1) : 0.0f;
+    // queries in a segment: the head's window when it fits the slice, else 32 (only a head's
+    // last segment may hold fewer, and it is the one that gets padding)
+    uint32_t seg_q = p.nqp <= 32 ? p.nq : (slice % p.sph == p.sph - 1 ? p.nq - (p.sph - 1) * 32 : 32);
+    const float nseg_inv = 1.0f / seg_q;
     // Per key of a finished step: each head's mean and unbiased variance over its queries.
     auto finish = [&](uint32_t k) {
         uint32_t j = c0 + (nt - 1 - k) * TK + threadIdx.x;
@@ -344,12 +348,18 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
         const float *pp = part + ((size_t)(k & 1) * TK + threadIdx.x) * SEG * 2;
         float I = 0.0f;
         for (uint32_t h = 0; h < p.G; h++) {
-            float s1 = 0.0f, s2 = 0.0f;
-            for (uint32_t u = 0; u < p.sph; u++) { // nqp <= 32: segment h; else sph of them
-                uint32_t seg = h * p.sph + u;
-                s1 += pp[seg * 2], s2 += pp[seg * 2 + 1];
+            // nqp <= 32: segment h is the head; else sph segments of 32 queries (the last may
+            // hold fewer): deviations about the head's mean from each segment's (Chan et al.)
+            float s1 = 0.0f, m2 = 0.0f;
+            for (uint32_t u = 0; u < p.sph; u++)
+                s1 += pp[(h * p.sph + u) * 2];
+            float mean = s1 * inq;
+            for (uint32_t u = 0; u < p.sph; u++) {
+                const float *q = pp + (h * p.sph + u) * 2;
+                float nu = p.sph == 1 ? (float)p.nq : (float)min(32u, p.nq - u * 32), dm = q[0] / nu - mean;
+                m2 += q[1] + nu * dm * dm;
             }
-            float mean = s1 * inq, var = fmaxf(0.0f, (s2 - s1 * mean) * inq1);
+            float var = m2 * inq1;
             I += mean + p.gamma * var;
             v_sum += var;
         }
@@ -372,24 +382,29 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
             float acc[NM][4][4];
             mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
             // the thread's two keys of each m-tile; a tail tile's rows past the chunk count nothing
-            auto epilogue = [&](auto tail) {
+            // Per key and segment (a head's window queries within the slice): the sum of the
+            // probabilities and, about the segment's own mean, the sum of squared deviations
+            // (two passes over registers: sums of squares cancel at peaked attention).
+            auto epilogue = [&](auto tail, auto padded) {
 #pragma unroll
                 for (int i2 = 0; i2 < NM * 2; i2++) {
                     int mi = i2 / 2, e2 = i2 % 2;
                     uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
-                    float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4], a2[4];
+                    float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4];
+                    float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
 #pragma unroll
                     for (int t = 0; t < 4; t++) {
-                        a1[t] = a2[t] = 0.0f;
+                        a1[t] = 0.0f;
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
-                            float x = fmaf(acc[mi][t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
+                            float x = fmaf(pv[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
                             if (decltype(tail)::value)
                                 pr *= live;
-                            a1[t] += pr, a2[t] = fmaf(pr, pr, a2[t]), ent[i2] = fmaf(pr, x, ent[i2]);
+                            pv[t][e2 * 2 + e] = pr;
+                            a1[t] += pr, ent[i2] = fmaf(pr, x, ent[i2]);
                         }
                     }
-                    // the 4 n-tiles hold hps heads (hps = 32 / nqp, or 1): each one's sums, then the quad's
+                    // the 4 n-tiles hold hps segments (hps = 32 / nqp, or 1): each one's sum, then the quad's
 #pragma unroll
                     for (int hs = 0; hs < 4; hs++) {
                         if (hs >= (int)p.hps)
@@ -398,9 +413,24 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 #pragma unroll
                         for (int t = 0; t < 4; t++)
                             if (t * (int)p.hps / 4 == hs)
-                                v1 += a1[t], v2 += a2[t];
-                        v1 += __shfl_xor_sync(0xffffffffu, v1, 1), v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
-                        v1 += __shfl_xor_sync(0xffffffffu, v1, 2), v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
+                                v1 += a1[t];
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
+                        float mean = v1 * nseg_inv;
+#pragma unroll
+                        for (int t = 0; t < 4; t++)
+                            if (t * (int)p.hps / 4 == hs)
+#pragma unroll
+                                for (int e = 0; e < 2; e++) {
+                                    float dl = pv[t][e2 * 2 + e] - mean;
+                                    if (decltype(padded)::value) { // padding columns are no queries
+                                        uint32_t col = slice * 32 + t * 8 + 2 * (lane % 4) + e;
+                                        dl = col % p.nqp < p.nq ? dl : 0.0f;
+                                    }
+                                    v2 = fmaf(dl, dl, v2);
+                                }
+                        v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
+                        v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
                         if (lane % 4 == 0) {
                             float *q = pk + ((size_t)row * SEG + slice * p.hps + hs) * 2;
                             q[0] = v1, q[1] = v2;
@@ -408,10 +438,17 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
                     }
                 }
             };
+            if (p.nq != p.nqp) {
+                if (full)
+                    epilogue(std::false_type(), std::true_type());
+                else
+                    epilogue(std::true_type(), std::true_type());
+                continue;
+            }
             if (full)
-                epilogue(std::false_type());
+                epilogue(std::false_type(), std::false_type());
             else
-                epilogue(std::true_type());
+                epilogue(std::true_type(), std::false_type());
         }
 #pragma unroll
         for (int i = 0; i < NM * 2; i++)

@@ -107,9 +107,10 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
         int rc = kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL);
         EXPECT(rc == 0, "score rc %d", rc);
         CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
-        EXPECT(fabs(E - ro.entropy) <= 1e-3 * fabs(ro.entropy), "%s n=%u wmma=%d entropy %.9g vs %.9g", name, n,
+        /* cake-parity's rule for the layer statistics (they set the budgets): 1e-4 */
+        EXPECT(fabs(E - ro.entropy) <= 1e-4 * fabs(ro.entropy), "%s n=%u wmma=%d entropy %.9g vs %.9g", name, n,
                wmma, E, ro.entropy);
-        EXPECT(fabs(V - ro.variance) <= 1e-3 * fabs(ro.variance), "%s n=%u wmma=%d variance %.9g vs %.9g", name,
+        EXPECT(fabs(V - ro.variance) <= 1e-4 * fabs(ro.variance), "%s n=%u wmma=%d variance %.9g vs %.9g", name,
                n, wmma, V, ro.variance);
         double worst = rel_err(ref, got, Hkv, S);
         EXPECT(worst <= 1e-3, "%s n=%u wmma=%d indicator rel err %.3g", name, n, wmma, worst);
@@ -307,6 +308,8 @@ int main(void)
         run_case(ts[i], 12, 2, 128, 2500 + (uint32_t)(urand() * 500), 24, 16, 400);  /* window 24, padded */
         run_case(ts[i], 4, 2, 64, 2000 + (uint32_t)(urand() * 500), 64, 33, 300);    /* a head over 2 slices */
         run_case(ts[i], 16, 2, 128, 1500 + (uint32_t)(urand() * 500), 4, 64, 200);   /* window 4: 4 heads a slice */
+        run_case(ts[i], 1, 1, 64, 28, 8, 5, 10); /* short prompt: peaked attention, variance from cancellation */
+        run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
         run_attention(ts[i]);
     }
     run_topk_many();
