@@ -1,6 +1,8 @@
 // score.cu - CAKE's window scoring, top-k and compaction on the GPU (see kern_cuda.h).
 //
-// Scoring follows the CPU kernel's plan (score.c): blocks own one kv head and a chunk of
+// kern_cuda_score_layer runs the mma.sync passes of score_mma.cu where they apply (head_dim
+// 64 or 128: every model we target), faster 1.8-3.3x on an H200; the WMMA passes here take
+// every other shape. They follow the CPU kernel's plan (score.c): blocks own one kv head and a chunk of
 // key columns; each 64-column tile of keys is staged in shared memory once and multiplied
 // against all G*n_q query rows of the group with tensor cores (WMMA, bf16/fp16 in, f32
 // out). Pass 1 keeps each row's running max and exp-sum; a merge kernel combines chunks;
