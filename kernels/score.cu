@@ -520,6 +520,8 @@ __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint
     uint32_t *out = idx + (size_t)blockIdx.x * k;
     __shared__ uint32_t hist[2048];
     __shared__ uint32_t sh_prefix, sh_mask, sh_need;
+    typedef cub::BlockScan<uint32_t, TK_THREADS> pick_scan_t;
+    __shared__ typename pick_scan_t::TempStorage pick_tmp;
     if (threadIdx.x == 0)
         sh_prefix = 0, sh_mask = 0, sh_need = k;
     const int shift[3] = {21, 10, 0};
@@ -545,16 +547,21 @@ __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint
                 atomicAdd(&hist[bin], (uint32_t)__popc(peers));
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            uint32_t need = sh_need, b = nb;
-            while (b-- > 0) {
-                if (hist[b] >= need)
-                    break;
-                need -= hist[b];
+        /* the bucket holding the need-th largest key: counts from the top bucket down, summed
+         * by a block scan (thread 0 walking 2048 buckets alone took most of the launch) */
+        uint32_t need = sh_need, x[2], cum[2];
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = threadIdx.x * 2 + i;
+            x[i] = r < nb ? hist[nb - 1 - r] : 0;
+        }
+        pick_scan_t(pick_tmp).InclusiveSum(x, cum);
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = threadIdx.x * 2 + i;
+            if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
+                sh_need = need - (cum[i] - x[i]);
+                sh_prefix = prefix | ((nb - 1 - r) << shift[pass]);
+                sh_mask = mask | ((nb - 1) << shift[pass]);
             }
-            sh_need = need;
-            sh_prefix = prefix | (b << shift[pass]);
-            sh_mask = mask | ((nb - 1) << shift[pass]);
         }
         __syncthreads();
     }
