@@ -305,13 +305,15 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
     }
 }
 
-template <typename T, int KS, int NSP>
+// HPS: heads a slice's 32 columns hold (32 / nqp, or 1), known when compiled so that the
+// segment sums unroll into straight-line code
+template <typename T, int KS, int NSP, int HPS>
 __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP;
     constexpr int NM = NSP >= 2 ? SCORE_MMA_NM : 1;
-    const uint32_t SEG = NSP * p.hps; // (slice, head within slice) partial sums per key
+    constexpr uint32_t SEG = NSP * HPS; // (slice, head within slice) partial sums per key
     extern __shared__ uint4 smem4[];
     uint8_t *smem = (uint8_t *)smem4;
     float *part = (float *)(smem + STAGES * sh::STAGE_BYTES); // [2][TK][SEG][2]
@@ -321,10 +323,13 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
     uint32_t bq[4][KS][2];
     load_bfrag<T, KS>(p, g, slice, lane, bq);
     float B2[8]; // log2 of each column's normalizer, prescaled; padding gets no probability
+    uint32_t vbits = 0; // which of the thread's 8 columns are queries
 #pragma unroll
     for (int c = 0; c < 8; c++) {
         uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
-        B2[c] = col_valid(p, col) ? (p.rowM[g * p.Rp + col] + p.rowLnL[g * p.Rp + col]) * LOG2E : 1e30f;
+        bool ok = col_valid(p, col);
+        B2[c] = ok ? (p.rowM[g * p.Rp + col] + p.rowLnL[g * p.Rp + col]) * LOG2E : 1e30f;
+        vbits |= (uint32_t)ok << c;
     }
     // backwards: tile of step k is nt - 1 - k
 #pragma unroll
@@ -404,35 +409,31 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
                             a1[t] += pr, ent[i2] = fmaf(pr, x, ent[i2]);
                         }
                     }
-                    // the 4 n-tiles hold hps segments (hps = 32 / nqp, or 1): each one's sum, then the quad's
+                    // the 4 n-tiles hold HPS segments: each one's sum, then the quad's
 #pragma unroll
-                    for (int hs = 0; hs < 4; hs++) {
-                        if (hs >= (int)p.hps)
-                            break;
+                    for (int hs = 0; hs < HPS; hs++) {
                         float v1 = 0.0f, v2 = 0.0f;
 #pragma unroll
                         for (int t = 0; t < 4; t++)
-                            if (t * (int)p.hps / 4 == hs)
+                            if (t * HPS / 4 == hs)
                                 v1 += a1[t];
                         v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
                         v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
                         float mean = v1 * nseg_inv;
 #pragma unroll
                         for (int t = 0; t < 4; t++)
-                            if (t * (int)p.hps / 4 == hs)
+                            if (t * HPS / 4 == hs)
 #pragma unroll
                                 for (int e = 0; e < 2; e++) {
                                     float dl = pv[t][e2 * 2 + e] - mean;
-                                    if (decltype(padded)::value) { // padding columns are no queries
-                                        uint32_t col = slice * 32 + t * 8 + 2 * (lane % 4) + e;
-                                        dl = col % p.nqp < p.nq ? dl : 0.0f;
-                                    }
+                                    if (decltype(padded)::value) // padding columns are no queries
+                                        dl = (vbits >> (t * 2 + e)) & 1 ? dl : 0.0f;
                                     v2 = fmaf(dl, dl, v2);
                                 }
                         v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
                         v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
                         if (lane % 4 == 0) {
-                            float *q = pk + ((size_t)row * SEG + slice * p.hps + hs) * 2;
+                            float *q = pk + ((size_t)row * SEG + slice * HPS + hs) * 2;
                             q[0] = v1, q[1] = v2;
                         }
                     }
@@ -482,36 +483,50 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
         }                                                                                 \
     } while (0)
 
+// Raises a kernel's dynamic shared-memory limit on this device when a larger size comes
+// (per kernel and device: caked drives several GPUs from several threads; score.cu keeps
+// the lock).
+template <typename K>
+int smem_limit(K kernel, size_t (&set)[SCORE_MAX_DEV], int dev, size_t bytes)
+{
+    score_attr_lock lock;
+    if (bytes > set[dev]) {
+        CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+        set[dev] = bytes;
+    }
+    return 0;
+}
+
+template <typename T, int KS, int NSP, int HPS>
+int launch_pass2(mparams &p, const score_mma_args &a)
+{
+    static size_t set[SCORE_MAX_DEV];
+    size_t bytes = STAGES * shape<KS>::STAGE_BYTES + (size_t)2 * TK * NSP * HPS * 2 * sizeof(float);
+    if (int rc = smem_limit(mpass2<T, KS, NSP, HPS>, set, a.dev, bytes))
+        return rc;
+    mpass2<T, KS, NSP, HPS><<<dim3(a.chunks2, a.hkv), THREADS, bytes, (cudaStream_t)a.stream>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}
+
 template <typename T, int KS, int NSP>
 int launch(mparams &p, const score_mma_args &a)
 {
-    using sh = shape<KS>;
-    size_t sm1 = STAGES * sh::STAGE_BYTES;
-    size_t sm2 = sm1 + (size_t)2 * TK * NSP * p.hps * 2 * sizeof(float);
-    /* per device: caked drives several GPUs from several threads (score.cu keeps the lock) */
-    static size_t set1[SCORE_MAX_DEV], set2[SCORE_MAX_DEV];
+    static size_t set1[SCORE_MAX_DEV];
+    size_t sm1 = STAGES * shape<KS>::STAGE_BYTES;
     if (a.dev < 0 || a.dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    {
-        score_attr_lock lock;
-        if (sm1 > set1[a.dev]) {
-            CK(cudaFuncSetAttribute(mpass1<T, KS, NSP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm1));
-            set1[a.dev] = sm1;
-        }
-        if (sm2 > set2[a.dev]) {
-            CK(cudaFuncSetAttribute(mpass2<T, KS, NSP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm2));
-            set2[a.dev] = sm2;
-        }
-    }
+    if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1))
+        return rc;
     cudaStream_t st = (cudaStream_t)a.stream;
     mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
     CK(cudaGetLastError());
     int rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     if (rc)
         return rc;
-    mpass2<T, KS, NSP><<<dim3(a.chunks2, a.hkv), THREADS, sm2, st>>>(p);
-    CK(cudaGetLastError());
-    return 0;
+    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a)
+         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a)
+                      : launch_pass2<T, KS, NSP, 4>(p, a);
 }
 
 template <typename T, int KS>
