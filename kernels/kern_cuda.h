@@ -1,4 +1,4 @@
-/* kern_cuda.h - CAKE's GPU kernels (kernels/score.cu), callable from C.
+/* kern_cuda.h - CAKE's GPU kernels (the .cu files beside it), callable from C.
  *
  * Same contracts as kern.h, on device memory, in bf16 or fp16 (f32 accumulation and
  * statistics: fixed mode's arithmetic). Keys and values are in the pool's page layout: a

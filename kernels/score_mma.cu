@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <type_traits>
 
+#include "cuda_internal.h"
 #include "score_mma.h"
 
 namespace {
@@ -473,15 +474,6 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
     }
 }
 
-#define CK(call)                                                                          \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "caked cuda: %s failed at %s:%d: %s\n", #call, __FILE__,      \
-                    __LINE__, cudaGetErrorString(e_));                                    \
-            return -EIO;                                                                  \
-        }                                                                                 \
-    } while (0)
 
 // Raises a kernel's dynamic shared-memory limit on this device when a larger size comes
 // (per kernel and device: caked drives several GPUs from several threads; score.cu keeps

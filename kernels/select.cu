@@ -1,0 +1,330 @@
+// select.cu - top-k on the GPU (one block per row, or many blocks per row for long rows)
+// and a score vector following the tokens a top-k kept (see kern_cuda.h).
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "cuda_internal.h"
+#include "kern_cuda.h"
+
+// ---- top-k ---------------------------------------------------------------
+
+#define TK_THREADS 1024
+
+__device__ __forceinline__ uint32_t sort_key(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint32_t n, uint32_t k,
+                                                        uint32_t *idx)
+{
+    const float *s = score + (size_t)blockIdx.x * n;
+    uint32_t *out = idx + (size_t)blockIdx.x * k;
+    __shared__ uint32_t hist[2048];
+    __shared__ uint32_t sh_prefix, sh_mask, sh_need;
+    typedef cub::BlockScan<uint32_t, TK_THREADS> pick_scan_t;
+    __shared__ typename pick_scan_t::TempStorage pick_tmp;
+    if (threadIdx.x == 0)
+        sh_prefix = 0, sh_mask = 0, sh_need = k;
+    const int shift[3] = {21, 10, 0};
+    const uint32_t width[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; pass++) {
+        uint32_t nb = 1u << width[pass];
+        for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
+            hist[b] = 0;
+        __syncthreads();
+        uint32_t prefix = sh_prefix, mask = sh_mask;
+        /* scores crowd into a few buckets: lanes of a warp with the same bucket add once
+         * (warp-aggregated atomics), or the shared-memory atomics queue up */
+        uint32_t lane = threadIdx.x % 32;
+        for (uint32_t j0 = threadIdx.x - lane; j0 < n; j0 += blockDim.x) {
+            uint32_t j = j0 + lane, bin = 0xffffffffu;
+            if (j < n) {
+                uint32_t key = sort_key(s[j]);
+                if ((key & mask) == prefix)
+                    bin = (key >> shift[pass]) & (nb - 1);
+            }
+            uint32_t peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+                atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+        }
+        __syncthreads();
+        /* the bucket holding the need-th largest key: counts from the top bucket down, summed
+         * by a block scan (thread 0 walking 2048 buckets alone took most of the launch) */
+        uint32_t need = sh_need, x[2], cum[2];
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = threadIdx.x * 2 + i;
+            x[i] = r < nb ? hist[nb - 1 - r] : 0;
+        }
+        pick_scan_t(pick_tmp).InclusiveSum(x, cum);
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = threadIdx.x * 2 + i;
+            if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
+                sh_need = need - (cum[i] - x[i]);
+                sh_prefix = prefix | ((nb - 1 - r) << shift[pass]);
+                sh_mask = mask | ((nb - 1) << shift[pass]);
+            }
+        }
+        __syncthreads();
+    }
+    // emit in positional order: each thread a contiguous segment, block scans for offsets
+    uint32_t thr = sh_prefix, need = sh_need;
+    uint32_t seg = (n + blockDim.x - 1) / blockDim.x, a = threadIdx.x * seg, e = min(a + seg, n);
+    uint32_t gt = 0, eq = 0;
+    for (uint32_t j = a; j < e; j++) {
+        uint32_t key = sort_key(s[j]);
+        gt += key > thr, eq += key == thr;
+    }
+    typedef cub::BlockScan<uint32_t, TK_THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage tmp;
+    uint32_t eq_before;
+    scan_t(tmp).ExclusiveSum(eq, eq_before);
+    __syncthreads();
+    uint32_t take = eq_before >= need ? 0 : min(eq, need - eq_before);
+    uint32_t mine = gt + take, off;
+    scan_t(tmp).ExclusiveSum(mine, off);
+    for (uint32_t j = a; j < e && mine; j++) {
+        uint32_t key = sort_key(s[j]);
+        if (key > thr || (key == thr && take && take--))
+            out[off++] = j, mine--;
+    }
+}
+
+extern "C" int kern_cuda_topk(const float *score, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx,
+                              void *stream)
+{
+    if (k > n)
+        return -EINVAL;
+    if (!k || !rows)
+        return 0;
+    topk_rows<<<rows, TK_THREADS, 0, (cudaStream_t)stream>>>(score, n, k, idx);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+// ---- a score vector following its tokens ------------------------------------
+
+__global__ void gather_rows_f32(const float *in, uint32_t n_in, const uint32_t *keep, uint32_t k,
+                                uint32_t rows, float *out)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)rows * k)
+        return;
+    uint32_t r = (uint32_t)(x / k);
+    out[x] = in[(size_t)r * n_in + keep[x]];
+}
+
+extern "C" int kern_cuda_gather_rows_f32(const float *in, uint32_t rows, uint32_t n_in,
+                                         const uint32_t *keep, uint32_t k, float *out,
+                                         void *stream)
+{
+    if (k > n_in)
+        return -EINVAL;
+    size_t total = (size_t)rows * k;
+    if (!total)
+        return 0;
+    gather_rows_f32<<<div_up(total, 256), 256, 0, (cudaStream_t)stream>>>(in, n_in, keep, k, rows,
+                                                                          out);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+// ---- top-k over many blocks per row -----------------------------------------
+//
+// topk_rows gives a row one block: 8 rows of 32K keep 8 SMs busy. Here every row is cut into
+// segments of TKM_SEG keys, one block each: three histogram passes (a block's shared histogram,
+// added to the row's global one; then one warp per row picks the bucket), a count of each
+// segment's keys above / at the threshold, and the emit, each block at the offset the counts of
+// the segments before it give. Same result as topk_rows (positions ascending, ties to the lower
+// position).
+
+#define TKM_THREADS 256
+#define TKM_SEG 4096
+
+struct tkm_state {
+    uint32_t prefix, mask, need;
+};
+
+__global__ void __launch_bounds__(TKM_THREADS)
+tkm_hist(const float *score, uint32_t n, const tkm_state *st, uint32_t *ghist, int pass)
+{
+    const int shift[3] = {21, 10, 0};
+    const uint32_t width[3] = {11, 11, 10};
+    uint32_t row = blockIdx.y, nb = 1u << width[pass];
+    __shared__ uint32_t hist[2048];
+    for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
+        hist[b] = 0;
+    __syncthreads();
+    const float *s = score + (size_t)row * n;
+    uint32_t prefix = st[row].prefix, mask = st[row].mask, lane = threadIdx.x % 32;
+    uint32_t a = blockIdx.x * TKM_SEG, e = min(a + TKM_SEG, n);
+    for (uint32_t j0 = a + threadIdx.x - lane; j0 < e; j0 += blockDim.x) {
+        uint32_t j = j0 + lane, bin = 0xffffffffu;
+        if (j < e) {
+            uint32_t key = sort_key(s[j]);
+            if ((key & mask) == prefix)
+                bin = (key >> shift[pass]) & (nb - 1);
+        }
+        uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+            atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+    }
+    __syncthreads();
+    uint32_t *g = ghist + (size_t)row * 2048;
+    for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
+        if (hist[b])
+            atomicAdd(&g[b], hist[b]);
+}
+
+// One warp per row: the bucket holding the need-th largest key, from the top; then the
+// histogram is cleared for the next pass.
+__global__ void tkm_pick(tkm_state *st, uint32_t *ghist, uint32_t rows, int pass)
+{
+    const int shift[3] = {21, 10, 0};
+    const uint32_t width[3] = {11, 11, 10};
+    uint32_t row = blockIdx.x, lane = threadIdx.x;
+    if (row >= rows)
+        return;
+    uint32_t nb = 1u << width[pass], per = nb / 32;
+    uint32_t *h = ghist + (size_t)row * 2048;
+    uint32_t hi = nb - lane * per; /* lane owns bins [hi - per, hi): lane 0 the top */
+    uint32_t mine = 0;
+    for (uint32_t b = hi - per; b < hi; b++)
+        mine += h[b];
+    uint32_t incl = mine; /* keys in lanes 0..lane (the top down to this lane's bins) */
+    for (int o = 1; o < 32; o <<= 1) {
+        uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= (uint32_t)o)
+            incl += v;
+    }
+    uint32_t need = st[row].need, excl = incl - mine;
+    uint32_t hit = __ballot_sync(0xffffffffu, incl >= need && excl < need);
+    uint32_t owner = hit ? (uint32_t)(__ffs(hit) - 1) : 31;
+    if (lane == owner) {
+        uint32_t left = need - excl, b = hi;
+        while (b-- > hi - per) {
+            if (h[b] >= left)
+                break;
+            left -= h[b];
+        }
+        st[row].need = left;
+        st[row].prefix |= b << shift[pass];
+        st[row].mask |= (nb - 1) << shift[pass];
+    }
+    __syncwarp();
+    for (uint32_t b = hi - per; b < hi; b++)
+        h[b] = 0;
+}
+
+// Keys above the threshold and equal to it, per segment: cnt[row][seg] = {gt, eq}.
+__global__ void __launch_bounds__(TKM_THREADS)
+tkm_count(const float *score, uint32_t n, const tkm_state *st, uint2 *cnt, uint32_t segs)
+{
+    uint32_t row = blockIdx.y, thr = st[row].prefix;
+    const float *s = score + (size_t)row * n;
+    uint32_t a = blockIdx.x * TKM_SEG, e = min(a + TKM_SEG, n), gt = 0, eq = 0;
+    for (uint32_t j = a + threadIdx.x; j < e; j += blockDim.x) {
+        uint32_t key = sort_key(s[j]);
+        gt += key > thr, eq += key == thr;
+    }
+    typedef cub::BlockReduce<uint32_t, TKM_THREADS> red_t;
+    __shared__ typename red_t::TempStorage t1, t2;
+    uint32_t G = red_t(t1).Sum(gt), E = red_t(t2).Sum(eq);
+    if (threadIdx.x == 0)
+        cnt[(size_t)row * segs + blockIdx.x] = make_uint2(G, E);
+}
+
+__global__ void __launch_bounds__(TKM_THREADS)
+tkm_emit(const float *score, uint32_t n, uint32_t k, const tkm_state *st, const uint2 *cnt,
+         uint32_t segs, uint32_t *idx)
+{
+    uint32_t row = blockIdx.y, thr = st[row].prefix, need = st[row].need;
+    const float *s = score + (size_t)row * n;
+    uint32_t *out = idx + (size_t)row * k;
+    __shared__ uint32_t sh_off, sh_take;
+    if (threadIdx.x == 0) { /* where this segment's winners go, and how many ties it takes */
+        uint32_t off = 0, eq_before = 0;
+        for (uint32_t b = 0; b < blockIdx.x; b++) {
+            uint2 c = cnt[(size_t)row * segs + b];
+            uint32_t t = eq_before >= need ? 0 : min(c.y, need - eq_before);
+            off += c.x + t, eq_before += c.y;
+        }
+        uint2 c = cnt[(size_t)row * segs + blockIdx.x];
+        sh_off = off;
+        sh_take = eq_before >= need ? 0 : min(c.y, need - eq_before);
+    }
+    __syncthreads();
+    /* inside the segment: each thread a contiguous run, a block scan for offsets */
+    uint32_t a0 = blockIdx.x * TKM_SEG, e0 = min(a0 + TKM_SEG, n);
+    uint32_t seg = (e0 - a0 + blockDim.x - 1) / blockDim.x, a = a0 + threadIdx.x * seg;
+    uint32_t e = min(a + seg, e0), gt = 0, eq = 0;
+    for (uint32_t j = a; j < e; j++) {
+        uint32_t key = sort_key(s[j]);
+        gt += key > thr, eq += key == thr;
+    }
+    typedef cub::BlockScan<uint32_t, TKM_THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage tmp;
+    uint32_t eq_before;
+    scan_t(tmp).ExclusiveSum(eq, eq_before);
+    __syncthreads();
+    uint32_t take = eq_before >= sh_take ? 0 : min(eq, sh_take - eq_before);
+    uint32_t mine = gt + take, off;
+    scan_t(tmp).ExclusiveSum(mine, off);
+    off += sh_off;
+    for (uint32_t j = a; j < e && mine; j++) {
+        uint32_t key = sort_key(s[j]);
+        if (key > thr || (key == thr && take && take--))
+            out[off++] = j, mine--;
+    }
+}
+
+__global__ void tkm_set_need(tkm_state *st, uint32_t rows, uint32_t k)
+{
+    uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < rows)
+        st[r].need = k;
+}
+
+extern "C" size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n)
+{
+    uint32_t segs = div_up(n ? n : 1, TKM_SEG);
+    return (size_t)rows * (sizeof(tkm_state) + 2048 * sizeof(uint32_t) + segs * sizeof(uint2)) + 256;
+}
+
+extern "C" int kern_cuda_topk_ws(const float *score, uint32_t rows, uint32_t n, uint32_t k,
+                                 uint32_t *idx, void *ws, size_t ws_bytes, void *stream)
+{
+    if (k > n)
+        return -EINVAL;
+    if (!k || !rows)
+        return 0;
+    if (n <= TKM_SEG || !ws || ws_bytes < kern_cuda_topk_workspace(rows, n))
+        return kern_cuda_topk(score, rows, n, k, idx, stream); /* one block per row is enough */
+    cudaStream_t st = (cudaStream_t)stream;
+    uint32_t segs = div_up(n, TKM_SEG);
+    uint32_t *hist = (uint32_t *)ws;
+    tkm_state *state = (tkm_state *)(hist + (size_t)rows * 2048);
+    uint2 *cnt = (uint2 *)(((uintptr_t)(state + rows) + 15) & ~(uintptr_t)15);
+    CK(cudaMemsetAsync(hist, 0, sizeof(uint32_t) * rows * 2048, st));
+    CK(cudaMemsetAsync(state, 0, sizeof(tkm_state) * rows, st));
+    tkm_set_need<<<div_up(rows, 128), 128, 0, st>>>(state, rows, k);
+    CK(cudaGetLastError());
+    for (int pass = 0; pass < 3; pass++) {
+        tkm_hist<<<dim3(segs, rows), TKM_THREADS, 0, st>>>(score, n, state, hist, pass);
+        CK(cudaGetLastError());
+        tkm_pick<<<rows, 32, 0, st>>>(state, hist, rows, pass);
+        CK(cudaGetLastError());
+    }
+    tkm_count<<<dim3(segs, rows), TKM_THREADS, 0, st>>>(score, n, state, cnt, segs);
+    CK(cudaGetLastError());
+    tkm_emit<<<dim3(segs, rows), TKM_THREADS, 0, st>>>(score, n, k, state, cnt, segs, idx);
+    CK(cudaGetLastError());
+    return 0;
+}
