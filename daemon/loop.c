@@ -70,14 +70,23 @@ static int arm(struct loop *l, int h)
     return 0;
 }
 
-static int disarm(struct loop *l, int h)
+/* Cancels the poll armed as (h, gen). IORING_OP_POLL_REMOVE fails with -EALREADY when the
+ * poll's wakeup is being processed at that moment (a client writing while caked drops it),
+ * which left the poll armed, holding the closed socket open: its peer never saw EOF. An
+ * ASYNC_CANCEL marks the poll cancelled even then. */
+static int cancel_poll(struct loop *l, uint64_t target)
 {
     struct io_uring_sqe *sqe = get_sqe(l);
     if (!sqe)
         return -EBUSY;
-    io_uring_prep_poll_remove(sqe, ud(h, l->s[h].gen, 0));
-    io_uring_sqe_set_data64(sqe, ud(h, l->s[h].gen, 1));
+    io_uring_prep_cancel64(sqe, target, 0);
+    io_uring_sqe_set_data64(sqe, target | (UINT64_C(1) << 63));
     return 0;
+}
+
+static int disarm(struct loop *l, int h)
+{
+    return cancel_poll(l, ud(h, l->s[h].gen, 0));
 }
 
 /* A multishot poll on an eventfd must report two separate writes. */
@@ -87,7 +96,7 @@ static int uring_probe(struct io_uring *ring)
     if (!pr)
         return -ENOSYS;
     int ok = io_uring_opcode_supported(pr, IORING_OP_POLL_ADD) &&
-             io_uring_opcode_supported(pr, IORING_OP_POLL_REMOVE);
+             io_uring_opcode_supported(pr, IORING_OP_ASYNC_CANCEL);
     io_uring_free_probe(pr);
     if (!ok)
         return -ENOSYS;
@@ -117,7 +126,7 @@ static int uring_probe(struct io_uring *ring)
             rc = rc ? rc : 0;
     }
     sqe = io_uring_get_sqe(ring);
-    io_uring_prep_poll_remove(sqe, 1);
+    io_uring_prep_cancel64(sqe, 1, 0);
     io_uring_sqe_set_data64(sqe, 2);
     io_uring_submit(ring);
     struct io_uring_cqe *cqe;
@@ -294,8 +303,13 @@ int loop_wait(struct loop *l, int timeout_ms)
     io_uring_cq_advance(&l->ring, (unsigned)nb);
     for (int i = 0; i < nb; i++) {
         int h;
-        if (batch[i].u >> 63 || !current(l, batch[i].u, &h))
-            continue; /* a removal's own completion, or a stale watch */
+        if (batch[i].u >> 63) { /* a cancellation's own completion */
+            if (batch[i].res == -EALREADY) /* the poll is still armed: again */
+                cancel_poll(l, batch[i].u & ~(UINT64_C(1) << 63));
+            continue;
+        }
+        if (!current(l, batch[i].u, &h))
+            continue; /* a stale watch */
         if (batch[i].res < 0 || !(batch[i].flags & IORING_CQE_F_MORE)) {
             /* the multishot poll ended (-ECANCELED, overflow, ...): re-arm, then report
              * what we have so nothing is missed */

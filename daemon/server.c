@@ -344,6 +344,9 @@ static void client_close(struct server *s, struct client *c)
     if (c->state == C_CLOSED)
         return;
     loop_del(s->loop, c->handle);
+    /* the peer sees EOF now, whatever else may still hold the socket for a moment (a poll
+     * being cancelled in the io_uring) */
+    shutdown(c->fd, SHUT_RDWR);
     close(c->fd);
     if (c->tenant && c->engine)
         c->tenant->clients--;
