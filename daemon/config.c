@@ -139,7 +139,7 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             t->uid = u;
         } else if (!strcmp(tok, "weight")) {
             long w = strtol(v, &end, 10);
-            if (*end || w < 1 || w > 1000000)
+            if (*end || w < 1 || w > TENANT_MAX_WEIGHT)
                 return FAIL("weight must be 1..1000000: %s", v);
             t->weight = (uint32_t)w;
         } else if (!strcmp(tok, "min") || !strcmp(tok, "max")) {

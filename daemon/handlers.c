@@ -773,6 +773,11 @@ static void h_set_quota(struct server *s, struct client *c)
         srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name or min > max or min > pool");
         return;
     }
+    if (m->weight > TENANT_MAX_WEIGHT) {
+        UNPACK_FREE(set_quota, m);
+        srv_reply_error(s, c, CAKE_EINVAL, "weight must be 1..1000000 (0 keeps the current one)");
+        return;
+    }
     uint64_t other_min = 0;
     for (uint32_t i = 0; i < s->tenants.n; i++)
         if (strcmp(s->tenants.t[i].name, m->tenant))

@@ -96,9 +96,10 @@ static uint64_t weighted_share(const struct tenants *ts, const struct tenant *t,
 
 uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
 {
-    if (t->max_bytes)
-        return t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes;
-    return weighted_share(ts, t, pool_bytes);
+    uint64_t cap = t->max_bytes ? (t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes)
+                                : weighted_share(ts, t, pool_bytes);
+    /* a minimum is guaranteed whatever the others' weights (SET_QUOTA keeps min <= pool) */
+    return cap > t->min_bytes ? cap : t->min_bytes;
 }
 
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,

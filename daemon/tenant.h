@@ -3,8 +3,8 @@
  * A tenant is (service name declared at attach, peer uid from SO_PEERCRED). Each has a
  * weight, a minimum and a maximum in bytes; configured tenants exist before anyone
  * attaches. Admission: a tenant may grow to its maximum (0 = its weighted share of the
- * pool among the tenants that are attached, hold memory or are configured), and never
- * into other tenants' unmet minimums. Not thread-safe (event loop thread). */
+ * pool among the tenants that are attached, hold memory or are configured), always to its
+ * minimum, and never into other tenants' unmet minimums. Not thread-safe (event loop thread). */
 #ifndef CAKE_TENANT_H
 #define CAKE_TENANT_H
 
@@ -12,6 +12,7 @@
 
 #define TENANT_NAME_MAX 63
 #define TENANT_MAX 4096 /* distinct (name, uid) pairs; attach is refused beyond it */
+#define TENANT_MAX_WEIGHT 1000000u
 
 struct tenant {
     char name[TENANT_NAME_MAX + 1];
@@ -39,7 +40,8 @@ int tenant_configure(struct tenants *ts, const char *name, int64_t uid, uint32_t
                      uint64_t min_bytes, uint64_t max_bytes);
 void tenants_fini(struct tenants *ts);
 
-/* Effective cap of t in a pool of pool_bytes. */
+/* Effective cap of t in a pool of pool_bytes: its maximum or weighted share, at least its
+ * minimum. */
 uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes);
 /* 0 if t may take `bytes` more now with free_bytes free in the pool, else CAKE_EOOM. */
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,

@@ -276,6 +276,10 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert_eq(rc, CAKE_EOOM, "got %d", rc);
     cr_assert(strstr(cake_errstr(b), "share"), "%s", cake_errstr(b));
     cr_assert(metric(h.sock, "caked_errors_total{kind=\"out_of_memory\"}") >= 1);
+    /* weights as the configuration takes them: 1..1000000 (0 keeps the current one) */
+    q.weight = 1000001;
+    cr_assert_eq(cake_internal_rpc(a, MSG_SET_QUOTA, &q.base, &body, &n), CAKE_EINVAL);
+    cr_assert(strstr(cake_errstr(a), "weight"), "%s", cake_errstr(a));
     /* tenant-a is unaffected */
     cr_assert_eq(cake_prefill_reserve(sa, 0), 0, "%s", cake_errstr(a));
     cr_assert_eq(cake_seq_close(sa), 0);

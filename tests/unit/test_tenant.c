@@ -56,5 +56,10 @@ Test(tenant, admission_caps_shares_and_minimums)
     cr_assert_eq(tenant_admit(&ts, b, 40 * MB, 80 * MB, pool), 0);
     /* never more than is free */
     cr_assert_eq(tenant_admit(&ts, b, 11 * MB, 10 * MB, pool), CAKE_EOOM);
+    /* a minimum holds however heavy the others' weights: b's share is 10 MB, its minimum 40 */
+    a->max_bytes = 0, a->weight = 9, b->weight = 1, b->used_bytes = 0;
+    cr_assert_eq(tenant_cap(&ts, b, pool), 40 * MB);
+    cr_assert_eq(tenant_admit(&ts, b, 40 * MB, 80 * MB, pool), 0);
+    cr_assert_eq(tenant_admit(&ts, b, 41 * MB, 80 * MB, pool), CAKE_EOOM);
     tenants_fini(&ts);
 }
