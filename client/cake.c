@@ -450,6 +450,50 @@ int cake_seq_open_shard(cake_ctx *c, const struct cake_layout *lay, const struct
     return seq_open(c, lay, pol, prompt_len, max_new_tokens, group, shards, shard, out);
 }
 
+static size_t seq_row_bytes(const struct shm_desc *d)
+{
+    return (size_t)d->head_dim * (d->dtype == CAKE_F32 ? 4 : 2);
+}
+
+/* The pool holding a sequence's K/V pages and query rings: the host pool or a GPU pool. */
+static void kv_pool_of(const cake_ctx *c, const struct cake_layout *lay, uint8_t **base,
+                       size_t *bytes)
+{
+    *base = c->pool, *bytes = c->pool_bytes;
+#ifdef CAKE_HAVE_CUDA
+    if (lay->placement == CAKE_PLACE_GPU)
+        *base = (uint8_t *)(uintptr_t)c->gpus[lay->gpu].gpu.va, *bytes = c->gpus[lay->gpu].gpu.bytes;
+#else
+    (void)lay;
+#endif
+}
+
+/* The descriptor caked wrote at open describes what was asked for, and everything it locates
+ * (itself, the query rings, the indicator, a page's K and V blocks) lies inside its pool. */
+static int desc_sane(const cake_ctx *c, const struct shm_desc *d, const Cake__SeqOpenReply *r,
+                     const struct cake_layout *lay, uint32_t prompt_len)
+{
+    uint8_t *kv_base;
+    size_t kv_bytes;
+    kv_pool_of(c, lay, &kv_base, &kv_bytes);
+    uint32_t want_place = lay->placement == CAKE_PLACE_GPU ? SHM_PLACE_GPU : SHM_PLACE_HOST;
+    if (d->layers != lay->layers || d->q_heads != lay->q_heads || d->kv_heads != lay->kv_heads ||
+        d->head_dim != lay->head_dim || d->dtype != (uint32_t)lay->dtype ||
+        d->tokens_per_page != r->tokens_per_page || !d->tokens_per_page ||
+        d->prompt_len != prompt_len || d->placement != want_place ||
+        d->page_bytes != c->page_bytes || d->seq_id != r->seq_id)
+        return 0;
+    size_t row = seq_row_bytes(d);
+    uint64_t ind = d->prompt_len > d->window ? d->prompt_len - d->window : 0;
+    return r->desc_bytes >= shm_desc_bytes(d->layers, d->max_pages, d->kv_heads) &&
+           2 * (uint64_t)d->kv_heads * d->tokens_per_page * row <= d->page_bytes &&
+           d->ring_layer_bytes >= (uint64_t)d->q_heads * d->window * row &&
+           d->ring_offset <= kv_bytes &&
+           (uint64_t)d->layers * d->ring_layer_bytes <= kv_bytes - d->ring_offset &&
+           d->indicator_offset <= c->pool_bytes &&
+           ind * d->kv_heads * sizeof(float) <= c->pool_bytes - d->indicator_offset;
+}
+
 static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
                     uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                     uint32_t shard, cake_seq **out)
@@ -501,11 +545,15 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
                 r->desc_bytes < shm_desc_bytes(lay->layers, 0, lay->kv_heads) ||
                 r->scratch_offset + r->scratch_bytes > c->pool_bytes))
         rc = cake_set_err(c, CAKE_EPROTO, "descriptor outside the pool");
+    struct shm_desc hdr;
     if (!rc) {
-        const struct shm_desc *d = (const struct shm_desc *)(c->pool + r->desc_offset);
-        if (d->magic != SHM_DESC_MAGIC || d->version != SHM_DESC_VERSION ||
-            r->desc_bytes < shm_desc_bytes(d->layers, d->max_pages, d->kv_heads))
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        memcpy(&hdr, c->pool + r->desc_offset, sizeof hdr);
+        if (hdr.magic != SHM_DESC_MAGIC || hdr.version != SHM_DESC_VERSION)
             rc = cake_set_err(c, CAKE_EVERSION, "sequence descriptor of another layout version");
+        else if (!desc_sane(c, &hdr, r, lay, prompt_len))
+            rc = cake_set_err(c, CAKE_EPROTO, "sequence descriptor inconsistent with the "
+                                              "sequence opened or outside the pool");
     }
     if (rc) {
         Cake__SeqRef cl = CAKE__SEQ_REF__INIT;
@@ -516,18 +564,13 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         rpc_empty(c, MSG_SEQ_CLOSE, &cl.base); /* do not leave it open in caked */
         return rc;
     }
-    s->ctx = c, s->id = r->seq_id, s->tpp = r->tokens_per_page;
+    s->ctx = c, s->id = r->seq_id, s->tpp = hdr.tokens_per_page, s->hdr = hdr;
     s->desc = (struct shm_desc *)(c->pool + r->desc_offset);
     cake__seq_open_reply__free_unpacked(r, &al_);
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    s->row_bytes = (size_t)lay->head_dim * (lay->dtype == CAKE_F32 ? 4 : 2);
-    s->kv_base = c->pool, s->kv_bytes = c->pool_bytes, s->gpu = NULL;
-#ifdef CAKE_HAVE_CUDA
-    if (s->desc->placement == SHM_PLACE_GPU)
-        s->kv_base = (uint8_t *)(uintptr_t)c->gpus[lay->gpu].gpu.va,
-        s->kv_bytes = c->gpus[lay->gpu].gpu.bytes;
-#endif
-    s->v_offset = (size_t)lay->kv_heads * s->tpp * s->row_bytes;
+    s->row_bytes = seq_row_bytes(&hdr);
+    kv_pool_of(c, lay, &s->kv_base, &s->kv_bytes);
+    s->gpu = NULL;
+    s->v_offset = (size_t)hdr.kv_heads * hdr.tokens_per_page * s->row_bytes;
     c->seqs[c->n_seqs++] = s;
     *out = s;
     return 0;
@@ -544,7 +587,7 @@ int cake_seq_close(cake_seq *s)
 }
 
 uint64_t cake_seq_id(const cake_seq *s) { return s->id; }
-int cake_seq_on_gpu(const cake_seq *s) { return s->desc->placement == SHM_PLACE_GPU; }
+int cake_seq_on_gpu(const cake_seq *s) { return s->hdr.placement == SHM_PLACE_GPU; }
 uint32_t cake_seq_tokens_per_page(const cake_seq *s) { return s->tpp; }
 
 int cake_prefill_reserve(cake_seq *s, uint32_t layer)
@@ -609,14 +652,13 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
 
 static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
 {
-    if (layer >= s->desc->layers || g >= s->desc->kv_heads)
+    if (layer >= s->hdr.layers || g >= s->hdr.kv_heads)
         return NULL;
-    const struct shm_layer *ly = &shm_layers(s->desc)[layer];
     uint32_t p = t / s->tpp;
-    if (p >= ly->pages)
+    if (p >= seq_npages(s, layer))
         return NULL;
-    uint64_t off = shm_pages(s->desc, layer)[p];
-    if (off + s->desc->page_bytes > s->kv_bytes)
+    uint64_t off = seq_pages(s, layer)[p];
+    if (off > s->kv_bytes || s->kv_bytes - off < s->hdr.page_bytes)
         return NULL;
     return s->kv_base + off + ((size_t)g * s->tpp + t % s->tpp) * s->row_bytes;
 }
@@ -634,9 +676,9 @@ void *cake_value(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
 
 void *cake_queries(const cake_seq *s, uint32_t layer)
 {
-    if (layer >= s->desc->layers)
+    if (layer >= s->hdr.layers)
         return NULL;
-    return s->kv_base + s->desc->ring_offset + (uint64_t)layer * s->desc->ring_layer_bytes;
+    return s->kv_base + s->hdr.ring_offset + (uint64_t)layer * s->hdr.ring_layer_bytes;
 }
 
 void *cake_decode_query(const cake_seq *s, uint32_t layer)
@@ -644,43 +686,50 @@ void *cake_decode_query(const cake_seq *s, uint32_t layer)
     uint8_t *q = cake_queries(s, layer);
     if (!q)
         return NULL;
-    return q + (size_t)shm_layers(s->desc)[layer].ring_next * s->row_bytes;
+    uint32_t row = seq_layer(s, layer)->ring_next;
+    return row < s->hdr.window ? q + (size_t)row * s->row_bytes : NULL;
 }
 
 float *cake_indicator(const cake_seq *s)
 {
-    return (float *)(s->ctx->pool + s->desc->indicator_offset);
+    return (float *)(s->ctx->pool + s->hdr.indicator_offset);
 }
 
 uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)
 {
-    return layer < s->desc->layers ? shm_layers(s->desc)[layer].tokens : 0;
+    if (layer >= s->hdr.layers)
+        return 0;
+    uint32_t t = seq_layer(s, layer)->tokens;
+    uint64_t cap = (uint64_t)seq_npages(s, layer) * s->tpp;
+    return t < cap ? t : (uint32_t)cap;
 }
 
 uint32_t cake_layer_budget(const cake_seq *s, uint32_t layer)
 {
-    return layer < s->desc->layers ? shm_layers(s->desc)[layer].budget : 0;
+    return layer < s->hdr.layers ? seq_layer(s, layer)->budget : 0;
 }
 
 uint32_t cake_head_holes(const cake_seq *s, uint32_t layer, uint32_t kv_head, uint32_t *first)
 {
-    if (layer >= s->desc->layers || kv_head >= s->desc->kv_heads)
+    if (layer >= s->hdr.layers || kv_head >= s->hdr.kv_heads)
         return 0;
-    const struct shm_layer *ly = &shm_layers(s->desc)[layer];
-    uint32_t kept = shm_head_kept(s->desc, layer)[kv_head];
-    if (!ly->holes || kept >= ly->prefix)
+    const volatile struct shm_layer *ly = seq_layer(s, layer);
+    const volatile uint32_t *head_kept =
+        shm_head_kept(s->desc, s->hdr.layers, s->hdr.max_pages, s->hdr.kv_heads, layer);
+    uint32_t kept = head_kept[kv_head], prefix = ly->prefix;
+    if (!ly->holes || kept >= prefix)
         return 0;
     if (first)
         *first = kept;
-    return ly->prefix - kept;
+    return prefix - kept;
 }
 
 const uint64_t *cake_layer_pages(const cake_seq *s, uint32_t layer, uint32_t *n)
 {
-    if (layer >= s->desc->layers)
+    if (layer >= s->hdr.layers)
         return NULL;
-    *n = shm_layers(s->desc)[layer].pages;
-    return shm_pages(s->desc, layer);
+    *n = seq_npages(s, layer);
+    return (const uint64_t *)seq_pages(s, layer);
 }
 
 /* ---- internal (see internal.h) ---- */

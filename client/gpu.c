@@ -73,16 +73,16 @@ static int grow(cake_seq *s, size_t bytes, size_t ws_bytes)
 int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
 {
     cake_ctx *c = s->ctx;
-    struct shm_desc *d = s->desc;
+    const struct shm_desc *d = &s->hdr; /* geometry as checked at open */
     if (d->placement != SHM_PLACE_GPU)
         return cake_set_err(c, CAKE_EINVAL, "cake_decode_attention needs a GPU sequence");
     uint32_t L = d->layers, max_tok = 0, stride = 0;
-    struct shm_layer *ly = shm_layers(d);
     for (uint32_t l = 0; l < L; l++) {
-        if (ly[l].pages > d->max_pages || (uint64_t)ly[l].tokens > (uint64_t)ly[l].pages * d->tokens_per_page)
+        uint32_t pages = seq_layer(s, l)->pages, tokens = seq_layer(s, l)->tokens;
+        if (pages > d->max_pages || (uint64_t)tokens > (uint64_t)pages * d->tokens_per_page)
             return cake_set_err(c, CAKE_EPROTO, "layer %u's page table is inconsistent", l);
-        max_tok = ly[l].tokens > max_tok ? ly[l].tokens : max_tok;
-        stride = ly[l].pages > stride ? ly[l].pages : stride;
+        max_tok = tokens > max_tok ? tokens : max_tok;
+        stride = pages > stride ? pages : stride;
     }
     size_t o_ntok = al(sizeof(void *) * L), o_off = o_ntok + al(sizeof(uint32_t) * L);
     size_t bytes = o_off + sizeof(uint64_t) * L * (size_t)(stride ? stride : 1);
@@ -95,13 +95,21 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
     const uint64_t **ptrs = (const uint64_t **)g->host;
     uint32_t *ntok = (uint32_t *)(g->host + o_ntok);
     for (uint32_t l = 0; l < L; l++) {
+        /* read once: another writer of the pool cannot make the counts disagree with what
+         * was checked above */
+        uint32_t pages = seq_npages(s, l), tokens = seq_layer(s, l)->tokens;
+        if (pages > stride || (uint64_t)tokens > (uint64_t)pages * d->tokens_per_page ||
+            tokens > max_tok)
+            return cake_set_err(c, CAKE_EPROTO, "layer %u's page table changed during the call", l);
         uint64_t *dst = (uint64_t *)(g->host + o_off) + (size_t)l * stride;
-        memcpy(dst, shm_pages(d, l), sizeof(uint64_t) * ly[l].pages);
-        for (uint32_t i = 0; i < ly[l].pages; i++)
-            if (dst[i] + d->page_bytes > s->kv_bytes)
+        const volatile uint64_t *src = seq_pages(s, l);
+        for (uint32_t i = 0; i < pages; i++) {
+            dst[i] = src[i];
+            if (dst[i] > s->kv_bytes || s->kv_bytes - dst[i] < d->page_bytes)
                 return cake_set_err(c, CAKE_EPROTO, "layer %u's page %u is outside the GPU pool", l, i);
+        }
         ptrs[l] = (const uint64_t *)(g->dev + o_off) + (size_t)l * stride;
-        ntok[l] = ly[l].tokens;
+        ntok[l] = tokens;
     }
     cudaStream_t st = (cudaStream_t)stream;
     if (cudaMemcpyAsync(g->dev, g->host, bytes, cudaMemcpyHostToDevice, st) != cudaSuccess ||

@@ -47,6 +47,11 @@ struct cake_seq {
     cake_ctx *ctx;
     uint64_t id;
     uint32_t tpp;
+    /* The descriptor lives in the shared pool, where any client of the socket can write and
+     * where it is stale once caked has ended the sequence. Its fixed fields are copied and
+     * checked at open (hdr); every address libcake hands out is computed from hdr, and the
+     * mutable fields read from desc (page counts and offsets, ring row) are bounded by it. */
+    struct shm_desc hdr;
     struct shm_desc *desc;
     uint8_t *kv_base;   /* the pool holding K/V and the query rings: host, or GPU (device) */
     size_t kv_bytes;
@@ -54,6 +59,24 @@ struct cake_seq {
     size_t row_bytes;
     struct seq_gpu *gpu; /* cake_decode_attention's buffers (gpu.c), NULL until used */
 };
+
+/* Layer l's entry in the shared descriptor, located by the copy taken at open. */
+static inline const volatile struct shm_layer *seq_layer(const cake_seq *s, uint32_t l)
+{
+    return shm_layers(s->desc) + l;
+}
+
+static inline const volatile uint64_t *seq_pages(const cake_seq *s, uint32_t l)
+{
+    return shm_pages(s->desc, s->hdr.layers, s->hdr.max_pages, l);
+}
+
+/* Pages of layer l, never more than the page table holds. */
+static inline uint32_t seq_npages(const cake_seq *s, uint32_t l)
+{
+    uint32_t n = seq_layer(s, l)->pages;
+    return n < s->hdr.max_pages ? n : s->hdr.max_pages;
+}
 
 /* Sets the context's error message; returns code. */
 int cake_set_err(cake_ctx *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

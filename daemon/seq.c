@@ -107,7 +107,7 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
 {
     struct shm_layer *sl = &shm_layers(s->desc)[l];
     const struct seq_layer *ly = &s->layer[l];
-    uint64_t *pg = shm_pages(s->desc, l);
+    uint64_t *pg = shm_pages(s->desc, s->L, s->max_pages, l);
     for (uint32_t i = 0; i < ly->n_pages; i++)
         pg[i] = (uint64_t)ly->pages[i] * e->pool->page_bytes;
     sl->tokens = ly->tokens;
@@ -115,7 +115,7 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
     sl->budget = l < s->next_observe ? cakeseq_budget(s->cs, l) : 0;
     sl->prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
     const uint32_t *hk = l < s->next_observe ? cakeseq_head_kept(s->cs, l) : NULL;
-    uint32_t *dk = shm_head_kept(s->desc, l);
+    uint32_t *dk = shm_head_kept(s->desc, s->L, s->max_pages, s->Hkv, l);
     for (uint32_t g = 0; g < s->Hkv; g++)
         dk[g] = hk ? hk[g] : sl->prefix;
     sl->holes = hk != NULL;

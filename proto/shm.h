@@ -45,15 +45,21 @@ static inline struct shm_layer *shm_layers(struct shm_desc *d)
     return (struct shm_layer *)(d + 1);
 }
 
-static inline uint64_t *shm_pages(struct shm_desc *d, uint32_t layer)
+/* The page table and head_kept arrays are located from the geometry of the writer's or
+ * reader's own copy (layers, max_pages, kv_heads as opened), never from the descriptor's
+ * fields: the pool is writable by every client of the socket. */
+static inline uint64_t *shm_pages(struct shm_desc *d, uint32_t layers, uint32_t max_pages,
+                                  uint32_t layer)
 {
-    return (uint64_t *)(shm_layers(d) + d->layers) + (uint64_t)layer * d->max_pages;
+    return (uint64_t *)(shm_layers(d) + layers) + (uint64_t)layer * max_pages;
 }
 
-static inline uint32_t *shm_head_kept(struct shm_desc *d, uint32_t layer)
+static inline uint32_t *shm_head_kept(struct shm_desc *d, uint32_t layers, uint32_t max_pages,
+                                      uint32_t kv_heads, uint32_t layer)
 {
-    return (uint32_t *)shm_pages(d, d->layers) + (uint64_t)layer * d->kv_heads;
+    return (uint32_t *)shm_pages(d, layers, max_pages, layers) + (uint64_t)layer * kv_heads;
 }
+
 static inline uint64_t shm_desc_bytes(uint32_t layers, uint32_t max_pages, uint32_t kv_heads)
 {
     return sizeof(struct shm_desc) + sizeof(struct shm_layer) * layers +

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "../../proto/frame.h"
+#include "../../proto/shm.h"
 #include "cake.pb-c.h"
 #include "cake/cake.h"
 #include "harness.h"
@@ -284,6 +285,79 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert_eq(cake_prefill_reserve(sa, 0), 0, "%s", cake_errstr(a));
     cr_assert_eq(cake_seq_close(sa), 0);
     cake_destroy(a), cake_destroy(b);
+    unsigned long long used;
+    unsigned seqs;
+    cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+    cr_assert_eq(used, 0);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+/* p lies inside the pool with room for `bytes` after it, or is NULL */
+static int in_pool_or_null(const cake_ctx *c, const void *p, size_t bytes)
+{
+    const uint8_t *b = cake_pool_base(c), *q = p;
+    return !p || (q >= b && (size_t)(q - b) + bytes <= cake_pool_bytes(c));
+}
+
+/* Any client of the socket can write anywhere in the pool (the socket's permissions are the
+ * boundary), and a sequence's descriptor is stale once caked has ended it: libcake computes
+ * every address from what it checked at open, so garbage there yields NULL or an address
+ * inside the pool, never a crash; caked, which never reads the descriptor, is unaffected. */
+Test(safety, a_scribbled_descriptor_cannot_send_libcake_outside_the_pool, .timeout = 60)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *c = engine(h.sock, "scribbler");
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 64, pol.window = 8;
+    cake_seq *s;
+    const uint32_t n = 500;
+    cr_assert_eq(cake_seq_open(c, &lay, &pol, n, 8, &s), 0, "%s", cake_errstr(c));
+    cr_assert_eq(cake_prefill_reserve(s, 0), 0);
+    /* find the descriptor the way any other client could: by its magic and id */
+    uint8_t *pool = cake_pool_base(c);
+    struct shm_desc *d = NULL;
+    for (size_t off = 0; off + sizeof(*d) <= cake_pool_bytes(c); off += 4096) {
+        struct shm_desc *x = (struct shm_desc *)(pool + off);
+        if (x->magic == SHM_DESC_MAGIC && x->seq_id == cake_seq_id(s)) {
+            d = x;
+            break;
+        }
+    }
+    cr_assert_not_null(d);
+    size_t row = 64 * 2;
+    srand(7);
+    for (int round = 0; round < 50; round++) {
+        /* garbage over the header, the layer entries and the page table */
+        uint32_t *w = (uint32_t *)d;
+        size_t words = (sizeof(*d) + 2 * sizeof(struct shm_layer) + 64 * 8) / 4;
+        for (size_t i = 0; i < words; i++)
+            w[i] = round % 3 == 0 ? 0xffffffffu : round % 3 == 1 ? (uint32_t)rand()
+                                                               : (uint32_t)rand() % 4096;
+        for (uint32_t l = 0; l < 3; l++) {
+            uint32_t tokens = cake_layer_tokens(s, l);
+            cr_assert_leq(tokens, (uint64_t)n + 64);
+            for (uint32_t g = 0; g < 3; g++)
+                for (uint32_t t = 0; t < n + 600; t += 37) {
+                    cr_assert(in_pool_or_null(c, cake_key(s, l, g, t), row));
+                    cr_assert(in_pool_or_null(c, cake_value(s, l, g, t), row));
+                }
+            cr_assert(in_pool_or_null(c, cake_queries(s, l), 4 * 8 * row));
+            cr_assert(in_pool_or_null(c, cake_decode_query(s, l), row));
+            uint32_t np = 0, first = 0;
+            const uint64_t *pg = cake_layer_pages(s, l, &np);
+            cr_assert(in_pool_or_null(c, pg, np * sizeof(uint64_t)));
+            cake_head_holes(s, l, 0, &first);
+        }
+        cr_assert(in_pool_or_null(c, cake_indicator(s), 2 * (n - 8) * sizeof(float)));
+    }
+    /* caked answers as before; its replies rewrite the layer entries */
+    cr_assert_eq(cake_prefill_observe(s, 0, NULL), 0, "%s", cake_errstr(c));
+    cr_assert_neq(cake_key(s, 0, 1, cake_layer_tokens(s, 0) - 1), NULL);
+    cr_assert_eq(cake_seq_close(s), 0);
+    cake_destroy(c);
     unsigned long long used;
     unsigned seqs;
     cr_assert_eq(harness_status(&h, &used, &seqs), 0);
