@@ -39,15 +39,17 @@ static uint64_t ud(int slot, uint32_t gen, int removal)
            ((uint64_t)(removal != 0) << 63);
 }
 
+/* The peer's half-close (RDHUP) is watched with input only: with nothing watched, only an
+ * error or a full hang-up is reported (epoll and poll always report those). */
 static uint32_t to_poll(uint32_t ev)
 {
-    return (ev & LOOP_IN ? POLLIN : 0) | (ev & LOOP_OUT ? POLLOUT : 0);
+    return (ev & LOOP_IN ? POLLIN | POLLRDHUP : 0) | (ev & LOOP_OUT ? POLLOUT : 0);
 }
 
 static uint32_t from_poll(uint32_t m)
 {
     return (m & POLLIN ? LOOP_IN : 0) | (m & POLLOUT ? LOOP_OUT : 0) |
-           (m & (POLLERR | POLLHUP | POLLRDHUP) ? LOOP_ERR : 0);
+           (m & (POLLERR | POLLHUP | POLLRDHUP) ? LOOP_ERR : 0) | (m & POLLHUP ? LOOP_HUP : 0);
 }
 
 static struct io_uring_sqe *get_sqe(struct loop *l)
@@ -65,7 +67,7 @@ static int arm(struct loop *l, int h)
     struct io_uring_sqe *sqe = get_sqe(l);
     if (!sqe)
         return -EBUSY;
-    io_uring_prep_poll_multishot(sqe, l->s[h].fd, to_poll(l->s[h].events) | POLLRDHUP);
+    io_uring_prep_poll_multishot(sqe, l->s[h].fd, to_poll(l->s[h].events));
     io_uring_sqe_set_data64(sqe, ud(h, l->s[h].gen, 0));
     return 0;
 }
@@ -217,7 +219,7 @@ int loop_add(struct loop *l, int fd, uint32_t events, loop_fn fn, void *arg, int
     if (l->kind == LOOP_URING) {
         rc = arm(l, h);
     } else {
-        struct epoll_event ev = {.events = to_poll(events) | EPOLLRDHUP, .data.u64 = ud(h, s->gen, 0)};
+        struct epoll_event ev = {.events = to_poll(events), .data.u64 = ud(h, s->gen, 0)};
         rc = epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
     }
     if (rc) {
@@ -242,7 +244,7 @@ int loop_set(struct loop *l, int h, uint32_t events)
         s->gen++; /* the old poll's last CQE (-ECANCELED) is now stale */
         return rc ? rc : arm(l, h);
     }
-    struct epoll_event ev = {.events = to_poll(events) | EPOLLRDHUP, .data.u64 = ud(h, s->gen, 0)};
+    struct epoll_event ev = {.events = to_poll(events), .data.u64 = ud(h, s->gen, 0)};
     return epoll_ctl(l->epfd, EPOLL_CTL_MOD, s->fd, &ev) < 0 ? -errno : 0;
 }
 

@@ -16,6 +16,8 @@ enum loop_backend { LOOP_AUTO = 0, LOOP_URING = 1, LOOP_EPOLL = 2 };
 #define LOOP_IN 0x1u
 #define LOOP_OUT 0x4u
 #define LOOP_ERR 0x8u /* error or hang-up: the callback should read to find out */
+#define LOOP_HUP 0x10u /* with LOOP_ERR: the peer closed its end entirely (nothing it is sent
+                          can reach it); reported even when no event is watched */
 
 typedef void (*loop_fn)(void *arg, uint32_t events);
 

@@ -386,6 +386,17 @@ static void on_client(void *arg, uint32_t ev)
 {
     struct client *c = arg;
     struct server *s = c->srv;
+    if (c->state == C_BUSY) {
+        /* Its request is at a worker or waiting at a shard barrier, which may never fill.
+         * A peer gone entirely can take no reply: drop it now (sequences in work are freed
+         * when their work is done, a barrier's group ends). Anything else waits for the
+         * reply, unwatched meanwhile: a level-triggered poll would report it in a loop. */
+        if (ev & LOOP_HUP)
+            client_close(s, c);
+        else if (ev & (LOOP_IN | LOOP_ERR))
+            loop_set(s->loop, c->handle, 0);
+        return;
+    }
     if (ev & (LOOP_IN | LOOP_ERR))
         c->drained = 0;
     if ((ev & LOOP_OUT) && c->out) {

@@ -1,7 +1,8 @@
 """Tensor-parallel shard groups on host sequences: two ranks, each holding half the kv heads of
 one logical sequence, end with identical per-layer budgets and with the kept tokens of a
 single-process run over all heads (prefill and decode); killing one rank frees both shards,
-and a rank waiting at a layer's barrier gets an error instead of hanging. Needs CAKE_LIB,
+a rank waiting at a layer's barrier gets an error instead of hanging, and a rank that dies
+while waiting there is dropped at once. Needs CAKE_LIB,
 CAKED_BIN and CACHECTL_BIN."""
 import json
 import os
@@ -178,6 +179,40 @@ time.sleep(600)
                     s.decode_step()
                 left = [q for q in self.sequences() if q["tenant"] == "tp-kill"]
                 self.assertEqual(left, [], "both shards freed")
+        finally:
+            child.kill()
+            child.wait()
+
+    def test_a_rank_killed_while_waiting_at_a_barrier_is_dropped_at_once(self):
+        """The rank waiting for its group (whose other rank never comes) dies: caked notices
+        the hang-up although that connection's request is still open, ends the group and
+        frees the shard, instead of holding it until a barrier that never fills."""
+        child = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "..", "..", "client", "python")!r})
+import numpy as np
+import caked
+c = caked.Client({self.d.sock!r}, service="tp-wait")
+s = c.open_sequence({L}, {G * 2}, 2, {D}, {N}, dtype="f32", cache_size={C}, window={W},
+                    max_new_tokens={STEPS + 1}, shard_group=5, shards=2, shard=0)
+s.reserve(0)
+s.queries(0)[:] = np.ones(s.queries(0).shape, np.float32)
+print("waiting", flush=True)
+s.observe(0)  # shard 1 never joins
+"""], stdout=subprocess.PIPE, text=True)
+        try:
+            self.assertEqual(child.stdout.readline().strip(), "waiting")
+            time.sleep(0.3)  # at the barrier by now
+            self.assertEqual(len([q for q in self.sequences() if q["tenant"] == "tp-wait"]), 1)
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            left = None
+            for _ in range(100):
+                left = [q for q in self.sequences() if q["tenant"] == "tp-wait"]
+                if not left:
+                    break
+                time.sleep(0.05)
+            self.assertEqual(left, [], "the dead rank's shard is freed")
         finally:
             child.kill()
             child.wait()
