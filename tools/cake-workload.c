@@ -7,10 +7,12 @@
  * Forks P engines (tenants engine-0 .. engine-P-1). Each opens S sequences, prefills
  * synthetic prompts with structured attention layer by layer (reserve, write K/V and the
  * window queries into the pool, observe: caked scores, allocates and compacts), holds for
- * SECS seconds (so cachectl can look), then decodes T steps of all its sequences at once
- * and closes them. Prints one line per engine; exit status 0 only if every engine
+ * SECS seconds (so cachectl can look; SIGUSR1 to cake-workload ends the hold early), then
+ * decodes T steps of all its sequences at once and closes them. Prints one line per engine; exit status 0 only if every engine
  * succeeded. */
+#include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +42,13 @@ struct opts {
             return 1;                                                                       \
         }                                                                                   \
     } while (0)
+
+static volatile sig_atomic_t hold_over;
+static void end_hold(int sig)
+{
+    (void)sig;
+    hold_over = 1;
+}
 
 static int engine(const struct opts *o, int id)
 {
@@ -82,8 +91,8 @@ static int engine(const struct opts *o, int id)
             held += cake_layer_tokens(seqs[s], l);
     }
     double t_prefill = util_now_s() - t0;
-    if (o->hold)
-        sleep((unsigned)o->hold);
+    for (time_t end = time(NULL) + o->hold; !hold_over && time(NULL) < end;)
+        sleep(1); /* SIGUSR1 cuts it short */
     double *lat = calloc((size_t)o->decode + 1, sizeof(double));
     uint16_t row[4096];
     for (int step = 0; step < o->decode; step++) {
@@ -162,7 +171,10 @@ int main(int argc, char **argv)
            "prompt %u, cache %u per layer, %d decode steps\n", o.engines, o.seqs, o.sc.layers,
            o.sc.q_heads, o.sc.kv_heads, o.sc.head_dim, o.sc.n, o.cache, o.decode);
     fflush(stdout);
-    for (int i = 0; i < o.engines; i++) {
+    struct sigaction sa = {.sa_handler = end_hold}; /* no SA_RESTART: wait() returns */
+    sigaction(SIGUSR1, &sa, NULL);
+    pid_t *kids = calloc((size_t)o.engines, sizeof(*kids));
+    for (int i = 0; kids && i < o.engines; i++) {
         pid_t p = fork();
         if (p == 0)
             _exit(engine(&o, i));
@@ -170,10 +182,22 @@ int main(int argc, char **argv)
             perror("fork");
             return 1;
         }
+        kids[i] = p;
     }
-    int failed = 0, st;
-    while (wait(&st) > 0)
-        failed += !WIFEXITED(st) || WEXITSTATUS(st);
+    int failed = 0, st, forwarded = 0;
+    for (;;) {
+        if (hold_over && !forwarded) { /* pass the end of the hold on to every engine */
+            for (int i = 0; i < o.engines; i++)
+                kill(kids[i], SIGUSR1);
+            forwarded = 1;
+        }
+        pid_t p = wait(&st);
+        if (p > 0)
+            failed += !WIFEXITED(st) || WEXITSTATUS(st);
+        else if (errno != EINTR)
+            break;
+    }
+    free(kids);
     if (failed)
         fprintf(stderr, "cake-workload: %d engines failed\n", failed);
     return failed ? 1 : 0;

@@ -22,7 +22,7 @@ until "$B/tools/cachectl" status >/dev/null 2>&1; do
     sleep 0.1
 done
 "$B/tools/cake-workload" --engines 3 --seqs 2 --layers 16 --prompt 8192 --cache 512 \
-    --decode 64 --hold 3 "$@" &
+    --decode 64 --hold 120 "$@" & # held until cachectl has looked (SIGUSR1 below)
 wl_pid=$!
 # wait until every engine has prefilled, then look
 i=0
@@ -42,6 +42,7 @@ first=$("$B/tools/cachectl" sequences | awk 'NR == 2 { print $1 }')
 echo
 [ -n "$first" ] && "$B/tools/cachectl" seq "$first"
 echo
+kill -USR1 $wl_pid 2>/dev/null # the engines decode and close
 wait $wl_pid
 status=$?
 kill -TERM $caked_pid

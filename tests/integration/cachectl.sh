@@ -7,7 +7,8 @@ set -u
 caked=$1 ctl=$2 workload=$3
 dir=$(mktemp -d /tmp/cachectl-test-XXXXXX)
 sock=$dir/caked.sock
-fail() { echo "FAIL: $*"; kill "$cpid" 2>/dev/null; rm -rf "$dir"; exit 1; }
+wpid=""
+fail() { echo "FAIL: $*"; kill $wpid "$cpid" 2>/dev/null; rm -rf "$dir"; exit 1; }
 printf 'host-pool = 256M\nworkers = 2\ntenant reserved weight=3 min=32M max=100M\n' >"$dir/caked.conf"
 "$caked" --socket "$sock" --config "$dir/caked.conf" >"$dir/log" 2>&1 &
 cpid=$!
@@ -16,7 +17,7 @@ until "$ctl" --socket "$sock" status >/dev/null 2>&1; do
     i=$((i + 1)); [ $i -gt 100 ] && fail "caked did not start: $(cat "$dir/log")"; sleep 0.05
 done
 "$workload" --socket "$sock" --engines 2 --seqs 1 --layers 4 --prompt 2048 --cache 128 \
-    --decode 4 --hold 4 >"$dir/wl" 2>&1 &
+    --decode 4 --hold 300 >"$dir/wl" 2>&1 &  # held until SIGUSR1 below, however slow this machine
 wpid=$!
 # wait until both sequences are prefilled
 i=0
@@ -66,6 +67,7 @@ assert t["engine-0"]["cap_bytes"] == 64 << 20, t["engine-0"]' || fail "quota not
 "$ctl" --socket "$sock" seq 0x12345 >/dev/null 2>&1; [ $? = 1 ] || fail "unknown sequence must exit 1"
 "$ctl" --socket "$sock" frobnicate >/dev/null 2>&1; [ $? = 2 ] || fail "bad usage must exit 2"
 "$ctl" --socket "$dir/nothing.sock" status >/dev/null 2>&1; [ $? = 1 ] || fail "no daemon must exit 1"
+kill -USR1 $wpid # end the hold: the engines decode and close
 wait $wpid || fail "workload failed: $(cat "$dir/wl")"
 kill -TERM $cpid
 wait $cpid || fail "caked did not exit cleanly"
