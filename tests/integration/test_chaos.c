@@ -1,5 +1,5 @@
 /* Random clients against one caked. Engines call libcake with random (often invalid)
- * layouts, policies and orders, fill their own K/V, query rings, indicators and sequence
+ * layouts, policies and orders, open tensor-parallel shards of groups that rarely fill, fill their own K/V, query rings, indicators and sequence
  * descriptors with random bytes (NaN, Inf, huge), send requests of every type with random bodies and other tenants'
  * ids, write raw bytes, truncated and oversize frames, floods they never read, stray file
  * descriptors, and die mid-call. Beside them a well-behaved engine checks that every call it
@@ -419,6 +419,7 @@ static cake_ctx *chaos_connect(struct rng *r, const char *sock)
     char name[32];
     snprintf(name, sizeof name, "chaos-%u", below(r, 3));
     cake_set_service(c, name);
+    cake_set_timeout_ms(c, 2000); /* a shard group missing a rank waits at its barrier */
     if (cake_connect(c, sock, 1)) {
         cake_destroy(c);
         return NULL;
@@ -426,7 +427,7 @@ static cake_ctx *chaos_connect(struct rng *r, const char *sock)
     return c;
 }
 
-static int dead(int rc) { return rc == CAKE_ESHUTDOWN || rc == CAKE_ENOTCONN; }
+static int dead(int rc) { return rc == CAKE_ESHUTDOWN || rc == CAKE_ENOTCONN || rc == -ETIMEDOUT; }
 
 /* Prefills the sequence's next layer, mostly as an engine would (reserve, write, observe or
  * submit), sometimes a random layer or a step left out. Returns the last call's code. */
@@ -466,8 +467,15 @@ static int chaos_engine(const char *sock, uint64_t seed, uint64_t foreign)
                 random_layout(&r, &q->lay), random_policy(&r, &p);
                 q->n = chance(&r, 80) ? below(&r, 3000) : u32_any(&r);
                 q->w = p.window, q->next = 0;
-                rc = cake_seq_open(c, &q->lay, &p, q->n,
-                                   chance(&r, 80) ? below(&r, 64) : u32_any(&r), &q->s);
+                uint32_t max_new = chance(&r, 80) ? below(&r, 64) : u32_any(&r);
+                if (chance(&r, 20)) { /* a tensor-parallel shard, its group shared across
+                                       * clients of the same tenant, often incomplete */
+                    uint32_t shards = 2u << below(&r, 2);
+                    rc = cake_seq_open_shard(c, &q->lay, &p, q->n, max_new, 1 + below(&r, 3),
+                                             shards, below(&r, shards + 1), &q->s);
+                } else {
+                    rc = cake_seq_open(c, &q->lay, &p, q->n, max_new, &q->s);
+                }
                 if (rc)
                     q->s = NULL;
             }
@@ -520,7 +528,8 @@ static int chaos_engine(const char *sock, uint64_t seed, uint64_t foreign)
             rc = cake_ping(c);
         }
         if (dead(rc) || (chance(&r, 5) && dead(cake_ping(c)))) {
-            /* caked closed the connection (a protocol error of ours): start over */
+            /* caked closed the connection (a protocol error of ours), or a reply is overdue
+             * (a shard barrier that will not fill): start over */
             cake_destroy(c);
             memset(seqs, 0, sizeof seqs);
             if (!(c = chaos_connect(&r, sock)))
