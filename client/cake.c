@@ -131,19 +131,35 @@ static int wait_fd(cake_ctx *c, short ev)
     return n < 0 ? -errno : 0;
 }
 
+/* A frame cut off midway (a timeout, a signal-free error) leaves the stream unreadable in
+ * both directions: the connection is dropped, later calls return CAKE_ENOTCONN. */
+static int drop_conn(cake_ctx *c, int rc)
+{
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    if (rc == -ETIMEDOUT)
+        cake_set_err(c, rc, "no reply from caked within %d ms, midway through a frame: "
+                            "connection dropped", c->timeout_ms);
+    return rc;
+}
+
 static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
 {
+    size_t n0 = n;
     while (n) {
         int rc = wait_fd(c, POLLOUT);
         if (rc)
-            return rc;
+            return n == n0 ? rc : drop_conn(c, rc);
         ssize_t k = send(c->fd, p, n, MSG_NOSIGNAL);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
-            return errno == EPIPE || errno == ECONNRESET
-                       ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked closed")
-                       : -errno;
+            rc = errno == EPIPE || errno == ECONNRESET
+                     ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked closed")
+                     : -errno;
+            return n == n0 ? rc : drop_conn(c, rc);
         }
         p += k, n -= (size_t)k;
     }
@@ -152,13 +168,15 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
 
 /* Reads exactly n bytes; fds passed alongside land in the free (-1) slots of
  * fds[0 .. 1 + CAKE_MAX_GPUS) (when fds is not NULL; any other is closed at once, never
- * leaked). */
-static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
+ * leaked). mid: these bytes continue a frame already begun. A failure midway through a
+ * frame drops the connection. */
+static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds, int mid)
 {
+    size_t n0 = n;
     while (n) {
         int rc = wait_fd(c, POLLIN);
         if (rc)
-            return rc;
+            return mid || n != n0 ? drop_conn(c, rc) : rc;
         struct iovec iov = {p, n};
         char cbuf[CMSG_SPACE((2 + CAKE_MAX_GPUS) * sizeof(int))];
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
@@ -167,11 +185,12 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds)
         if (k < 0) {
             if (errno == EINTR)
                 continue;
-            return errno == ECONNRESET ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
-                                       : -errno;
+            rc = errno == ECONNRESET ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
+                                     : -errno;
+            return mid || n != n0 ? drop_conn(c, rc) : rc;
         }
         if (k == 0)
-            return cake_set_err(c, CAKE_ESHUTDOWN, "caked closed the connection");
+            return drop_conn(c, cake_set_err(c, CAKE_ESHUTDOWN, "caked closed the connection"));
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -220,14 +239,14 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         fd[0] = fd[1] = -1;
     for (;;) {
         uint8_t hb[FRAME_HEADER_BYTES];
-        if ((rc = recv_all(c, hb, sizeof hb, fd)))
+        if ((rc = recv_all(c, hb, sizeof hb, fd, 0)))
             return rc;
         if ((rc = frame_parse_header(hb, &h)))
-            return cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked");
+            return drop_conn(c, cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked"));
         uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
         if (!b)
             return -ENOMEM;
-        if ((rc = recv_all(c, b, h.body_len, fd))) {
+        if ((rc = recv_all(c, b, h.body_len, fd, 1))) {
             c_free(c, b);
             return rc;
         }
@@ -245,6 +264,10 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
             if (h.request_id != rid)
                 continue;
             return code;
+        }
+        if (h.request_id < rid && h.request_id != 0) {
+            c_free(c, b); /* the late reply to a request that timed out: skip it */
+            continue;
         }
         if (h.request_id != rid || h.type != (type | FRAME_REPLY)) {
             c_free(c, b);

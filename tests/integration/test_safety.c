@@ -365,6 +365,40 @@ Test(safety, a_scribbled_descriptor_cannot_send_libcake_outside_the_pool, .timeo
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* A call that times out (a shard at a barrier whose other rank is late) leaves the
+ * connection usable: the reply that arrives afterwards is skipped by the next call. */
+Test(safety, a_reply_after_its_timeout_is_skipped, .timeout = 60)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *a, *b;
+    cake_create(&a);
+    cake_set_service(a, "tp");
+    cake_set_timeout_ms(a, 300);
+    cr_assert_eq(cake_connect(a, h.sock, 1), 0, "%s", cake_errstr(a));
+    b = engine(h.sock, "tp");
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 64, pol.window = 8;
+    cake_seq *sa, *sb;
+    cr_assert_eq(cake_seq_open_shard(a, &lay, &pol, 300, 4, 42, 2, 0, &sa), 0, "%s",
+                 cake_errstr(a));
+    cr_assert_eq(cake_seq_open_shard(b, &lay, &pol, 300, 4, 42, 2, 1, &sb), 0, "%s",
+                 cake_errstr(b));
+    cr_assert_eq(cake_prefill_reserve(sa, 0), 0);
+    cr_assert_eq(cake_prefill_observe(sa, 0, NULL), -ETIMEDOUT, "rank 1 has not come yet");
+    cr_assert_eq(cake_prefill_reserve(sb, 0), 0);
+    cr_assert_eq(cake_prefill_observe(sb, 0, NULL), 0, "%s", cake_errstr(b));
+    /* the barrier filled: a's reply is on its way; the next call skips it */
+    cr_assert_eq(cake_ping(a), 0, "%s", cake_errstr(a));
+    cr_assert_eq(cake_layer_budget(sa, 0), cake_layer_budget(sb, 0));
+    cr_assert_eq(cake_prefill_reserve(sa, 1), 0, "%s", cake_errstr(a));
+    cr_assert_eq(cake_seq_close(sa), 0);
+    cake_destroy(a), cake_destroy(b);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
 Test(safety, another_uid_sees_and_touches_only_its_own, .timeout = 60)
 {
     if (geteuid() != 0) {

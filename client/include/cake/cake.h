@@ -73,7 +73,10 @@ CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void 
  * (e.g. a tensor-parallel rank with CUDA_VISIBLE_DEVICES set maps its own GPU's only).
  * Returns 0 or CAKE_EINVAL. */
 CAKE_API int cake_set_gpus(cake_ctx *ctx, const char *uuids);
-/* Before cake_connect(): reply timeout (0 = wait forever; default 0). */
+/* Before cake_connect(): reply timeout (0 = wait forever; default 0). A call that times out
+ * returns -ETIMEDOUT; caked may still carry out the request (a shard waiting at its barrier
+ * completes when the other ranks arrive), and the late reply is skipped by the next call. A
+ * timeout midway through a frame drops the connection (later calls: CAKE_ENOTCONN). */
 CAKE_API int cake_set_timeout_ms(cake_ctx *ctx, int timeout_ms);
 
 /* Default socket path: $CAKED_SOCKET, else $XDG_RUNTIME_DIR/caked.sock, else
