@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -36,6 +37,8 @@ int harness_start(struct harness *h, const char *const *extra)
     if (h->pid < 0)
         return -1;
     if (h->pid == 0) {
+        /* a test that dies or times out takes its caked along (no daemons left spinning) */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
         int fd = open(h->log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
         if (fd >= 0)
             dup2(fd, 2), dup2(fd, 1);
