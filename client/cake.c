@@ -233,14 +233,18 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         protobuf_c_message_pack(msg, buf + FRAME_HEADER_BYTES);
     int rc = send_all(c, buf, FRAME_HEADER_BYTES + len);
     c_free(c, buf);
-    if (rc)
+    /* caked closed the connection before our request: what it said first (an unsolicited
+     * error, e.g. a refused connection's reason) is still there to read */
+    int unsent = rc == CAKE_ESHUTDOWN && c->fd >= 0;
+    if (rc && !unsent)
         return rc;
     if (fd)
         fd[0] = fd[1] = -1;
     for (;;) {
         uint8_t hb[FRAME_HEADER_BYTES];
         if ((rc = recv_all(c, hb, sizeof hb, fd, 0)))
-            return rc;
+            return unsent ? drop_conn(c, cake_set_err(c, CAKE_ESHUTDOWN,
+                                                      "connection to caked closed")) : rc;
         if ((rc = frame_parse_header(hb, &h)))
             return drop_conn(c, cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked"));
         uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
@@ -259,11 +263,15 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
             int code = e->code < 0 ? e->code : CAKE_EPROTO;
             cake_set_err(c, code, "%s", e->message ? e->message : "");
             cake__error__free_unpacked(e, &al);
-            if (h.request_id == 0 && code == CAKE_ESHUTDOWN)
-                return code; /* unsolicited: the daemon is going away */
-            if (h.request_id != rid)
+            if (h.request_id == 0) /* unsolicited: caked is dropping this connection */
+                return drop_conn(c, code);
+            if (h.request_id != rid || unsent)
                 continue;
             return code;
+        }
+        if (unsent) { /* a reply to an earlier request; ours never went out */
+            c_free(c, b);
+            continue;
         }
         if (h.request_id < rid && h.request_id != 0) {
             c_free(c, b); /* the late reply to a request that timed out: skip it */

@@ -727,6 +727,9 @@ static int render_metrics(struct server *s, struct strbuf *b)
       (unsigned long long)s->m.tokens_evicted);
     P("# HELP caked_clients_total Connections accepted.\n# TYPE caked_clients_total counter\n"
       "caked_clients_total %llu\n", (unsigned long long)s->m.clients_total);
+    P("# HELP caked_clients_refused_total Connections closed at once: over the client or file "
+      "descriptor limit.\n# TYPE caked_clients_refused_total counter\n"
+      "caked_clients_refused_total %llu\n", (unsigned long long)s->m.clients_refused);
     P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
       "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
       (unsigned long long)s->m.clients_killed);

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -407,6 +408,35 @@ static void on_client(void *arg, uint32_t ev)
         srv_client_read(s, c);
 }
 
+/* A connection refused at once: an unsolicited error frame (request id 0) tells the peer
+ * why, then the close; logged at most once a second. */
+static void refuse(struct server *s, int fd, const char *why)
+{
+    Cake__Error e = CAKE__ERROR__INIT;
+    e.code = s->stopping ? CAKE_ESHUTDOWN : CAKE_EOOM;
+    char text[160];
+    snprintf(text, sizeof text, "caked refused the connection: %s", why);
+    e.message = text;
+    uint8_t buf[FRAME_HEADER_BYTES + 256];
+    size_t n = cake__error__get_packed_size(&e);
+    if (n <= sizeof buf - FRAME_HEADER_BYTES) {
+        struct frame_header h = {FRAME_MAGIC, FRAME_VERSION, MSG_ERROR, 0, (uint32_t)n, 0};
+        frame_write_header(buf, &h);
+        cake__error__pack(&e, buf + FRAME_HEADER_BYTES);
+        if (send(fd, buf, FRAME_HEADER_BYTES + n, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+            /* the peer may be gone already; the close says enough */
+        }
+    }
+    close(fd);
+    s->m.clients_refused++;
+    double now = srv_now_s();
+    if (now - s->t_refuse_log >= 1.0) {
+        s->t_refuse_log = now;
+        srv_log("refusing connections: %s (%llu so far)", why,
+                (unsigned long long)s->m.clients_refused);
+    }
+}
+
 static void on_accept(void *arg, uint32_t ev)
 {
     struct server *s = arg;
@@ -416,6 +446,20 @@ static void on_accept(void *arg, uint32_t ev)
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
+            if ((errno == EMFILE || errno == ENFILE) && s->spare_fd >= 0) {
+                /* out of fds: the connection would wait in the backlog forever (and a
+                 * level-triggered poll would report it in a loop); free the spare to take
+                 * it and close it, then hold the spare again */
+                close(s->spare_fd);
+                fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+                int e = errno;
+                s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                errno = e;
+                if (fd >= 0) {
+                    refuse(s, fd, "out of file descriptors (raise LimitNOFILE / ulimit -n)");
+                    continue;
+                }
+            }
             if (errno != EAGAIN)
                 srv_log("accept: %s", strerror(errno));
             return;
@@ -423,8 +467,11 @@ static void on_accept(void *arg, uint32_t ev)
         struct ucred cred;
         socklen_t cl = sizeof cred;
         struct client *c = NULL;
-        if (s->n_clients >= SERVER_MAX_CLIENTS || s->stopping ||
-            getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0 ||
+        if (s->n_clients >= s->max_clients || s->stopping) {
+            refuse(s, fd, s->stopping ? "shutting down" : "at the client limit");
+            continue;
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0 ||
             !(c = calloc(1, sizeof(*c)))) {
             close(fd);
             s->m.errors[ERR_INTERNAL]++;
@@ -464,6 +511,29 @@ static void on_signal(void *arg, uint32_t ev)
             srv_log("%s: shutting down", strsignal((int)si.ssi_signo));
         s->stopping = 1;
     }
+}
+
+/* Raises the soft fd limit to the hard one (as Redis does) and fits the client limit under
+ * it, keeping room for the pool, GPU pools, the loop and a reserve; holds a spare fd for
+ * refusing connections when out of fds anyway. */
+static void fd_limits(struct server *s)
+{
+    struct rlimit rl;
+    s->max_clients = SERVER_MAX_CLIENTS;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        if (rl.rlim_cur < rl.rlim_max) {
+            rlim_t want = rl.rlim_max == RLIM_INFINITY ? SERVER_MAX_CLIENTS + 256 : rl.rlim_max;
+            struct rlimit up = {want, rl.rlim_max};
+            if (want > rl.rlim_cur && setrlimit(RLIMIT_NOFILE, &up) == 0)
+                rl.rlim_cur = want;
+        }
+        if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < SERVER_MAX_CLIENTS + 64) {
+            s->max_clients = rl.rlim_cur > 96 ? (uint32_t)rl.rlim_cur - 64 : 32;
+            srv_log("file descriptor limit %llu: at most %u clients (raise LimitNOFILE / ulimit -n "
+                    "for more)", (unsigned long long)rl.rlim_cur, s->max_clients);
+        }
+    }
+    s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
 /* Refuses to start over a live daemon; removes a stale socket file. */
@@ -555,7 +625,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     if (!s)
         return -ENOMEM;
     s->cfg = *cfg;
-    s->listen_fd = s->sig_fd = -1;
+    s->listen_fd = s->sig_fd = s->spare_fd = -1;
     s->owner_uid = geteuid();
     s->t_start = srv_now_s();
     s->pool.fd = -1; /* nothing to close yet */
@@ -638,6 +708,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         srv_log("%s; using epoll", why);
     if ((rc = workers_start(&s->workers, cfg->workers)))
         goto fail;
+    fd_limits(s);
     if ((rc = listen_on(s)))
         goto fail;
     s->sig_fd = signalfd(-1, &ss, SFD_NONBLOCK | SFD_CLOEXEC);
@@ -727,6 +798,8 @@ void server_destroy(struct server *s)
     }
     if (s->sig_fd >= 0)
         close(s->sig_fd);
+    if (s->spare_fd >= 0)
+        close(s->spare_fd);
     loop_destroy(s->loop);
     for (uint32_t i = 0; i < SERVER_MAX_GPUS; i++) {
         struct srv_gpu *g = &s->gpus[i];

@@ -78,6 +78,9 @@ struct server {
     struct metrics m;
     struct seq_env env;
     int listen_fd, listen_h, sig_fd, sig_h, work_h;
+    int spare_fd;          /* held open to accept-and-close a connection when out of fds */
+    uint32_t max_clients;  /* SERVER_MAX_CLIENTS, or less where the fd limit is lower */
+    double t_refuse_log;   /* last time a refusal was logged (at most once a second) */
     struct client **clients;
     uint32_t n_clients;
     struct seq_slot *slots;

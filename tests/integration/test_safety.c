@@ -3,6 +3,7 @@
  * that client, a counter in the metrics, and the daemon keeps serving everyone else. */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <math.h>
 #include <errno.h>
 #include <grp.h>
@@ -396,6 +397,80 @@ Test(safety, a_reply_after_its_timeout_is_skipped, .timeout = 60)
     cr_assert_eq(cake_prefill_reserve(sa, 1), 0, "%s", cake_errstr(a));
     cr_assert_eq(cake_seq_close(sa), 0);
     cake_destroy(a), cake_destroy(b);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+static int count_fds(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+    DIR *d = opendir(path);
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
+
+/* the soft limit only: raising it back needs no privilege */
+static void set_fd_limit(pid_t pid, int n)
+{
+    char cmd[96];
+    snprintf(cmd, sizeof cmd, "prlimit --pid %d --nofile=%d:100", (int)pid, n);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+}
+
+/* Over the client limit (fitted under the fd limit) and out of file descriptors, a new
+ * connection gets a clear error at once, never waits in the backlog; everyone else goes on. */
+Test(safety, client_and_fd_limits_refuse_clearly, .timeout = 60)
+{
+    if (system("prlimit --version >/dev/null 2>&1")) {
+        printf("SKIP: no prlimit (util-linux)\n");
+        return;
+    }
+    struct harness h;
+    setenv("CAKE_TEST_CAKED_WRAP", "prlimit --nofile=100:100", 1);
+    int rc = harness_start(&h, NULL);
+    unsetenv("CAKE_TEST_CAKED_WRAP");
+    cr_assert_eq(rc, 0);
+    cake_ctx *c[40];
+    int ok = 0, refused = 0;
+    for (int i = 0; i < 40; i++) {
+        cake_create(&c[i]);
+        cake_set_timeout_ms(c[i], 5000);
+        int r = cake_connect(c[i], h.sock, 1);
+        if (r == 0) {
+            ok++;
+        } else {
+            cr_assert_eq(r, CAKE_EOOM, "connection %d: %d %s", i, r, cake_errstr(c[i]));
+            cr_assert(strstr(cake_errstr(c[i]), "client limit"), "%s", cake_errstr(c[i]));
+            refused++;
+        }
+    }
+    cr_assert_eq(ok, 100 - 64, "the limit of 100 fds leaves 64 for the rest: %d clients", ok);
+    cr_assert_eq(refused, 40 - ok);
+    cr_assert_eq(cake_ping(c[0]), 0, "%s", cake_errstr(c[0]));
+    for (int i = 0; i < 40; i++)
+        cake_destroy(c[i]);
+    /* now out of fds (the limit lowered under what caked holds): refused, not stuck */
+    cake_ctx *by = engine(h.sock, "bystander");
+    int held = 0;
+    for (int i = 0; i < 50 && (held = count_fds(h.pid)) > 20; i++)
+        usleep(20000); /* the closed connections go */
+    set_fd_limit(h.pid, held);
+    cake_ctx *x;
+    cake_create(&x);
+    cake_set_timeout_ms(x, 5000);
+    rc = cake_connect(x, h.sock, 1);
+    cr_assert_eq(rc, CAKE_EOOM, "%d %s", rc, cake_errstr(x));
+    cr_assert(strstr(cake_errstr(x), "file descriptors"), "%s", cake_errstr(x));
+    cake_destroy(x);
+    cr_assert_eq(cake_ping(by), 0, "%s", cake_errstr(by));
+    set_fd_limit(h.pid, 100);
+    cake_ctx *y = engine(h.sock, "after");
+    cr_assert(metric(h.sock, "\ncaked_clients_refused_total") >= 5);
+    cake_destroy(y), cake_destroy(by);
     cr_assert_eq(harness_stop(&h), 0);
 }
 
