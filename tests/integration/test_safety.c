@@ -400,16 +400,23 @@ Test(safety, a_reply_after_its_timeout_is_skipped, .timeout = 60)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
-static int count_fds(pid_t pid)
+/* The lowest fd number free in pid: a soft limit there makes its next accept fail (EMFILE). */
+static int lowest_free_fd(pid_t pid)
 {
     char path[64];
+    uint8_t used[1024] = {0};
     snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
     DIR *d = opendir(path);
-    int n = 0;
-    for (struct dirent *e; d && (e = readdir(d));)
-        n += e->d_name[0] != '.';
+    for (struct dirent *e; d && (e = readdir(d));) {
+        int n = atoi(e->d_name);
+        if (e->d_name[0] != '.' && n >= 0 && n < 1024)
+            used[n] = 1;
+    }
     if (d)
         closedir(d);
+    int n = 0;
+    while (n < 1024 && used[n])
+        n++;
     return n;
 }
 
@@ -455,10 +462,14 @@ Test(safety, client_and_fd_limits_refuse_clearly, .timeout = 60)
         cake_destroy(c[i]);
     /* now out of fds (the limit lowered under what caked holds): refused, not stuck */
     cake_ctx *by = engine(h.sock, "bystander");
-    int held = 0;
-    for (int i = 0; i < 50 && (held = count_fds(h.pid)) > 20; i++)
-        usleep(20000); /* the closed connections go */
-    set_fd_limit(h.pid, held);
+    int free_fd = lowest_free_fd(h.pid), same = 0;
+    for (int i = 0; i < 250 && same < 10; i++) { /* until the closed connections are gone */
+        usleep(20000);
+        int now = lowest_free_fd(h.pid);
+        same = now == free_fd ? same + 1 : 0;
+        free_fd = now;
+    }
+    set_fd_limit(h.pid, free_fd);
     cake_ctx *x;
     cake_create(&x);
     cake_set_timeout_ms(x, 5000);
