@@ -460,8 +460,10 @@ static void on_accept(void *arg, uint32_t ev)
                     continue;
                 }
             }
-            if (errno != EAGAIN)
+            if (errno != EAGAIN && srv_now_s() - s->t_refuse_log >= 1.0) { /* once a second */
+                s->t_refuse_log = srv_now_s();
                 srv_log("accept: %s", strerror(errno));
+            }
             return;
         }
         struct ucred cred;
