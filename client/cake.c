@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -37,6 +39,7 @@ int cake_create(cake_ctx **out)
     if (!c)
         return -ENOMEM;
     c->fd = -1;
+    c->server_uid = -1;
     c->alloc = default_alloc, c->release = default_release;
     strcpy(c->service, "default");
     *out = c;
@@ -45,6 +48,8 @@ int cake_create(cake_ctx **out)
 
 int cake_set_service(cake_ctx *c, const char *name)
 {
+    if (c->fd >= 0)
+        return cake_set_err(c, CAKE_EINVAL, "cake_set_service() goes before cake_connect()");
     size_t n = strlen(name);
     if (n == 0 || n >= sizeof c->service)
         return cake_set_err(c, CAKE_EINVAL, "service name must be 1..63 characters");
@@ -70,6 +75,23 @@ int cake_set_gpus(cake_ctx *c, const char *uuids)
     if (strlen(uuids) >= sizeof c->gpu_filter)
         return cake_set_err(c, CAKE_EINVAL, "GPU list too long");
     snprintf(c->gpu_filter, sizeof c->gpu_filter, "%s", uuids);
+    return 0;
+}
+
+int cake_set_server_uid(cake_ctx *c, long uid)
+{
+    if (c->fd >= 0 || uid < -1 || uid > (long)UINT32_MAX - 1)
+        return cake_set_err(c, CAKE_EINVAL, "cake_set_server_uid() takes -1 or a uid, before "
+                                            "cake_connect()");
+    c->server_uid = uid;
+    return 0;
+}
+
+int cake_set_admin(cake_ctx *c, int admin)
+{
+    if (c->fd >= 0)
+        return cake_set_err(c, CAKE_EINVAL, "cake_set_admin() goes before cake_connect()");
+    c->want_admin = admin != 0;
     return 0;
 }
 
@@ -166,11 +188,10 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* Reads exactly n bytes; fds passed alongside land in the free (-1) slots of
- * fds[0 .. 1 + CAKE_MAX_GPUS) (when fds is not NULL; any other is closed at once, never
- * leaked). mid: these bytes continue a frame already begun. A failure midway through a
- * frame drops the connection. */
-static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds, int mid)
+/* Reads exactly n bytes; fds passed alongside are queued in c->fdq, in order (any beyond
+ * its room are closed at once, never leaked). mid: these bytes continue a frame already
+ * begun. A failure midway through a frame drops the connection. */
+static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int mid)
 {
     size_t n0 = n;
     while (n) {
@@ -178,7 +199,7 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds, int mid)
         if (rc)
             return mid || n != n0 ? drop_conn(c, rc) : rc;
         struct iovec iov = {p, n};
-        char cbuf[CMSG_SPACE((2 + CAKE_MAX_GPUS) * sizeof(int))];
+        char cbuf[CMSG_SPACE(253 * sizeof(int))];
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                             .msg_controllen = sizeof cbuf};
         ssize_t k = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC);
@@ -195,14 +216,12 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds, int mid)
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (size_t i = 0; i < nf; i++) {
-                    int got, j = 0;
+                    int got;
                     memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof got);
-                    while (fds && j < 1 + CAKE_MAX_GPUS && fds[j] >= 0)
-                        j++;
-                    if (fds && j < 1 + CAKE_MAX_GPUS)
-                        fds[j] = got;
+                    if (c->n_fdq < CAKE_MAX_FDQ)
+                        c->fdq[c->n_fdq++] = got;
                     else
-                        close(got); /* not asked for: never leak it */
+                        close(got);
                 }
             }
         p += k, n -= (size_t)k;
@@ -210,13 +229,33 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int *fds, int mid)
     return 0;
 }
 
+/* The next queued fd, or -1. */
+static int fdq_pop(cake_ctx *c)
+{
+    if (!c->n_fdq)
+        return -1;
+    int fd = c->fdq[0];
+    memmove(c->fdq, c->fdq + 1, sizeof(int) * (size_t)--c->n_fdq);
+    return fd;
+}
+
+static void fdq_clear(cake_ctx *c)
+{
+    while (c->n_fdq)
+        close(fdq_pop(c));
+}
+
 static void *pc_alloc(void *ud, size_t n) { return c_alloc(ud, n); }
 static void pc_free(void *ud, void *p) { c_free(ud, p); }
 
+static void apply_map(cake_ctx *c, const uint8_t *b, size_t len);
+static void conn_release(cake_ctx *c);
+
 /* One request/reply. On success *body (ctx-allocated, *blen bytes) is the reply body to
- * unpack, and *fd an fd that travelled with it (or -1). Error replies become their code. */
+ * unpack. MAP frames ahead of the reply are applied on the way. Error replies become their
+ * code. */
 static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t **body,
-               size_t *blen, int *fd)  /* fd: room for two */
+               size_t *blen)
 {
     if (c->fd < 0)
         return cake_set_err(c, CAKE_ENOTCONN, "not connected to caked");
@@ -238,11 +277,9 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
     int unsent = rc == CAKE_ESHUTDOWN && c->fd >= 0;
     if (rc && !unsent)
         return rc;
-    if (fd)
-        fd[0] = fd[1] = -1;
     for (;;) {
         uint8_t hb[FRAME_HEADER_BYTES];
-        if ((rc = recv_all(c, hb, sizeof hb, fd, 0)))
+        if ((rc = recv_all(c, hb, sizeof hb, 0)))
             return unsent ? drop_conn(c, cake_set_err(c, CAKE_ESHUTDOWN,
                                                       "connection to caked closed")) : rc;
         if ((rc = frame_parse_header(hb, &h)))
@@ -250,10 +287,18 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
         if (!b)
             return -ENOMEM;
-        if ((rc = recv_all(c, b, h.body_len, fd, 1))) {
+        if ((rc = recv_all(c, b, h.body_len, 1))) {
             c_free(c, b);
             return rc;
         }
+        if (h.type == (MSG_MAP | FRAME_REPLY)) { /* segments gained or lost, then the reply */
+            if (h.request_id == rid && !unsent)
+                apply_map(c, b, h.body_len);
+            c_free(c, b);
+            fdq_clear(c);
+            continue;
+        }
+        fdq_clear(c); /* no other frame carries fds */
         if (h.type == MSG_ERROR) {
             ProtobufCAllocator al = {pc_alloc, pc_free, c};
             Cake__Error *e = cake__error__unpack(&al, h.body_len, b);
@@ -289,7 +334,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
 #define RPC_UNPACK(kind, var, type, msg)                                                    \
     uint8_t *body_ = NULL;                                                                  \
     size_t blen_ = 0;                                                                       \
-    int rc_ = rpc(c, type, msg, &body_, &blen_, NULL);                                      \
+    int rc_ = rpc(c, type, msg, &body_, &blen_);                                      \
     if (rc_)                                                                                \
         return rc_;                                                                         \
     ProtobufCAllocator al_ = {pc_alloc, pc_free, c};                                        \
@@ -303,10 +348,173 @@ static int rpc_empty(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg)
 {
     uint8_t *b = NULL;
     size_t n = 0;
-    int rc = rpc(c, type, msg, &b, &n, NULL);
+    int rc = rpc(c, type, msg, &b, &n);
     if (!rc)
         c_free(c, b);
     return rc;
+}
+
+/* ---- the pools: reserved ranges, tenant segments mapped into them ---------- */
+
+#ifdef CAKE_HAVE_CUDA
+static int any_gpu_mapped(const cake_ctx *c)
+{
+    for (uint32_t i = 0; i < c->n_gpus; i++)
+        if (c->gpus[i].mapped)
+            return 1;
+    return 0;
+}
+#endif
+
+static uint64_t host_seg_len(const cake_ctx *c, uint32_t i)
+{
+    uint64_t off = (uint64_t)i * c->seg_bytes;
+    return c->pool_bytes - off < c->seg_bytes ? c->pool_bytes - off : c->seg_bytes;
+}
+
+/* Host segment i back to reserved address space (its memory was the tenant's; now none). */
+static void host_seg_unmap(cake_ctx *c, uint32_t i)
+{
+    if (!c->seg_gen[i])
+        return;
+    uint8_t *at = c->pool + (uint64_t)i * c->seg_bytes;
+#ifdef CAKE_HAVE_CUDA
+    if (c->host_registered)
+        gpupool_unregister_host(at);
+#endif
+    mmap(at, host_seg_len(c, i), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+         -1, 0);
+    c->seg_gen[i] = 0;
+}
+
+/* Maps the memfd caked passed as host segment i, after checking what the kernel can prove:
+ * a sealed shared-memory file (it can never shrink under us: no SIGBUS) at least as large as
+ * the segment. Returns 0 or an error (the segment stays unmapped). */
+static int host_seg_map(cake_ctx *c, uint32_t i, int fd, uint32_t gen)
+{
+    uint64_t len = host_seg_len(c, i);
+    struct stat st;
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < len || seals < 0 ||
+        !(seals & F_SEAL_SHRINK))
+        return cake_set_err(c, CAKE_EPROTO, "caked passed segment %u as something other than a "
+                                            "sealed memfd of its size: not mapped", i);
+    host_seg_unmap(c, i);
+    uint8_t *at = c->pool + (uint64_t)i * c->seg_bytes;
+    if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        int e = errno;
+        mmap(at, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        return cake_set_err(c, -e, "cannot map pool segment %u: %s", i, strerror(e));
+    }
+    c->seg_gen[i] = gen ? gen : 1;
+#ifdef CAKE_HAVE_CUDA
+    const char *why = "";
+    if (c->host_registered)
+        gpupool_register_host(at, len, &why);
+#endif
+    return 0;
+}
+
+/* Does host segment i hold the descriptor of a sequence open here? (caked never takes a
+ * segment back while its tenant has pages in it; a server that does is not believed.) */
+static int seg_holds_desc(const cake_ctx *c, uint32_t i)
+{
+    for (size_t k = 0; k < c->n_seqs; k++)
+        if ((uint64_t)((uint8_t *)c->seqs[k]->desc - c->pool) / c->seg_bytes == i)
+            return 1;
+    return 0;
+}
+
+/* A MAP frame: segments of this client's tenant to map (one fd each, queued in order) or to
+ * drop. Entries that do not describe a segment of a pool we reserved are skipped, their fd
+ * closed: addresses there then read as outside the pool (NULL), never as memory. */
+static void apply_map(cake_ctx *c, const uint8_t *b, size_t len)
+{
+    ProtobufCAllocator al = {pc_alloc, pc_free, c};
+    Cake__SegmentMap *m = cake__segment_map__unpack(&al, len, b);
+    if (!m) {
+        cake_set_err(c, CAKE_EPROTO, "malformed MAP frame from caked");
+        return;
+    }
+    for (size_t k = 0; k < m->n_segments; k++) {
+        const Cake__Segment *e = m->segments[k];
+        int fd = e->revoke ? -1 : fdq_pop(c);
+        if (!e->revoke && fd < 0) {
+            cake_set_err(c, CAKE_EPROTO, "MAP frame without the segment's fd");
+            continue;
+        }
+        if (e->pool == 0) {
+            int ok = c->pool && e->index < c->n_segs &&
+                     e->offset == (uint64_t)e->index * c->seg_bytes &&
+                     e->bytes == host_seg_len(c, e->index);
+            if (!ok)
+                cake_set_err(c, CAKE_EPROTO, "MAP entry outside the host pool: skipped");
+            else if (e->revoke && !seg_holds_desc(c, e->index))
+                host_seg_unmap(c, e->index);
+            else if (e->revoke)
+                cake_set_err(c, CAKE_EPROTO, "caked revoked a segment holding an open "
+                                             "sequence's descriptor: kept");
+            else
+                host_seg_map(c, e->index, fd, e->gen);
+        } else {
+            uint32_t g = e->pool - 1;
+#ifdef CAKE_HAVE_CUDA
+            struct cake_gpu *cg = g < c->n_gpus ? &c->gpus[g] : NULL;
+            int ok = cg && cg->mapped && !cg->legacy && e->index < cg->gpu.n_segs &&
+                     e->offset == (uint64_t)e->index * cg->gpu.seg_bytes &&
+                     e->bytes == gpupool_seg_len(&cg->gpu, e->index);
+            const char *why = "";
+            if (!ok)
+                ; /* a GPU this process does not map (or a bad entry) */
+            else if (e->revoke)
+                gpupool_seg_drop(&cg->gpu, e->index);
+            else if (gpupool_seg_import(&cg->gpu, e->index, fd, &why))
+                cake_set_err(c, 0, "GPU pool segment %u not mapped: %s", e->index, why);
+#else
+            (void)g;
+#endif
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    cake__segment_map__free_unpacked(m, &al);
+}
+
+int cake_pool_mapped(const cake_ctx *c, const void *addr, size_t len)
+{
+    const uint8_t *a = addr;
+    if (!c->pool || !a || a < c->pool || (size_t)(a - c->pool) > c->pool_bytes ||
+        len > c->pool_bytes - (size_t)(a - c->pool))
+        return 0;
+    uint64_t off = (uint64_t)(a - c->pool);
+    uint64_t last = len ? off + len - 1 : off;
+    for (uint64_t i = off / c->seg_bytes; i <= last / c->seg_bytes; i++)
+        if (i >= c->n_segs || !c->seg_gen[i])
+            return 0;
+    return 1;
+}
+
+/* The server's uid, as the kernel recorded it when caked called listen(). */
+static int check_server(cake_ctx *c, const char *path)
+{
+    struct ucred cr;
+    socklen_t cl = sizeof cr;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) < 0)
+        return cake_set_err(c, -errno, "cannot read the credentials of %s: %s", path,
+                            strerror(errno));
+    uid_t me = geteuid();
+    int ok = c->server_uid >= 0 ? cr.uid == (uid_t)c->server_uid : cr.uid == 0 || cr.uid == me;
+    if (!ok) {
+        char want[64];
+        if (c->server_uid >= 0)
+            snprintf(want, sizeof want, "uid %ld", c->server_uid);
+        else
+            snprintf(want, sizeof want, "root or uid %u", (unsigned)me);
+        return cake_set_err(c, CAKE_EPERM, "the server at %s runs as uid %u, not %s: refusing "
+                            "to talk to it (cake_set_server_uid() names caked's uid)", path,
+                            (unsigned)cr.uid, want);
+    }
+    return 0;
 }
 
 int cake_connect(cake_ctx *c, const char *path, int map_pool)
@@ -321,26 +529,36 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     if (strlen(path) >= sizeof a.sun_path)
         return cake_set_err(c, -ENAMETOOLONG, "socket path too long: %s", path);
     strcpy(a.sun_path, path);
-    if (c->fd >= 0)
-        return cake_set_err(c, CAKE_EINVAL, "already connected");
+    if (c->fd >= 0) { /* still connected, unless caked is gone (then connect afresh) */
+        struct pollfd pf = {c->fd, POLLIN, 0};
+        char x;
+        if (poll(&pf, 1, 0) == 0 || (!(pf.revents & (POLLHUP | POLLERR)) &&
+                                     recv(c->fd, &x, 1, MSG_PEEK | MSG_DONTWAIT) != 0))
+            return cake_set_err(c, CAKE_EINVAL, "already connected");
+    }
+    /* a new connection starts with no sequence and no segment: handles of the old one end */
+    conn_release(c);
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0)
         return -errno;
+    int rc;
     if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0) {
         int e = errno;
         close(c->fd);
         c->fd = -1;
         return cake_set_err(c, -e, "cannot connect to caked at %s: %s", path, strerror(e));
     }
+    if ((rc = check_server(c, path))) {
+        close(c->fd);
+        c->fd = -1;
+        return rc;
+    }
     Cake__Hello m = CAKE__HELLO__INIT;
     m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
+    m.admin = c->want_admin;
     uint8_t *b = NULL;
     size_t n = 0;
-    int fds[1 + CAKE_MAX_GPUS], fd;
-    for (int i = 0; i < 1 + CAKE_MAX_GPUS; i++)
-        fds[i] = -1;
-    int rc = rpc(c, MSG_HELLO, &m.base, &b, &n, fds);
-    fd = fds[0];
+    rc = rpc(c, MSG_HELLO, &m.base, &b, &n);
     if (rc)
         goto fail;
     ProtobufCAllocator al = {pc_alloc, pc_free, c};
@@ -350,70 +568,72 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         rc = cake_set_err(c, CAKE_EPROTO, "malformed HELLO reply");
         goto fail;
     }
-    c->pool_bytes = r->pool_bytes, c->page_bytes = r->page_bytes;
-    /* each GPU pool: mapped here when this process can use that GPU (and the engine did not
+    /* sizes from the server are checked before anything is reserved by them */
+    uint64_t pb = r->page_bytes, sb = r->segment_bytes, bytes = r->pool_bytes;
+    if (map_pool && (pb < 4096 || (pb & (pb - 1)) || sb < pb || (sb & (sb - 1)) || !bytes ||
+                     bytes % pb || bytes > (UINT64_C(1) << 46) || (bytes + sb - 1) / sb > 65536)) {
+        cake__hello_reply__free_unpacked(r, &al);
+        rc = cake_set_err(c, CAKE_EPROTO, "caked described an impossible pool (%llu bytes, "
+                          "pages of %llu, segments of %llu)", (unsigned long long)bytes,
+                          (unsigned long long)pb, (unsigned long long)sb);
+        goto fail;
+    }
+    c->pool_bytes = bytes, c->page_bytes = pb, c->seg_bytes = sb;
+    /* each GPU pool: reserved here when this process can use that GPU (and the engine did not
      * restrict it with cake_set_gpus()); otherwise cake_errstr() says why */
-    int next_fd = 1;
     c->n_gpus = 0;
     for (size_t i = 0; i < r->n_gpus && i < CAKE_MAX_GPUS; i++) {
         const Cake__GpuPool *g = r->gpus[i];
         struct cake_gpu *cg = &c->gpus[c->n_gpus++];
         snprintf(cg->uuid, sizeof cg->uuid, "%s", g->uuid ? g->uuid : "");
         cg->bytes = g->bytes;
-        int legacy = g->ipc_handle.len > 0;
-        int gfd = legacy ? -1 : next_fd < 1 + CAKE_MAX_GPUS ? fds[next_fd++] : -1;
+        cg->legacy = g->ipc_handle.len > 0;
         int wanted = !c->gpu_filter[0] || strstr(c->gpu_filter, cg->uuid) != NULL;
 #ifdef CAKE_HAVE_CUDA
         const char *why = "";
-        if (wanted && map_pool && legacy && g->ipc_handle.len == sizeof cg->gpu.ipc) {
-            if (gpupool_import_legacy(&cg->gpu, g->ipc_handle.data, cg->bytes, cg->uuid, &why) == 0)
+        if (!wanted || !map_pool) {
+        } else if (cg->legacy) {
+            if (g->ipc_handle.len == sizeof cg->gpu.ipc &&
+                gpupool_import_legacy(&cg->gpu, g->ipc_handle.data, cg->bytes, cg->uuid, &why) == 0)
                 cg->mapped = 1;
             else
                 cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid, why);
-        } else if (wanted && gfd >= 0) {
-            if (gpupool_import(&cg->gpu, gfd, cg->bytes, cg->uuid, &why) == 0)
-                cg->mapped = 1; /* the host pool is registered once it is mapped, below */
-            else
-                cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid, why);
+        } else if (gpupool_create(&cg->gpu, cg->bytes, g->segment_bytes, cg->uuid, &why) == 0 &&
+                   cg->gpu.bytes == cg->bytes) {
+            cg->mapped = 1; /* segments arrive in MAP frames */
+        } else {
+            gpupool_destroy(&cg->gpu);
+            cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid,
+                         why[0] ? why : "its size is not a multiple of the granularity");
         }
 #else
         if (wanted && map_pool)
             cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
 #endif
-        if (gfd >= 0) {
-            close(gfd);
-            fds[next_fd - 1] = -1; /* the fail path below must not close it again */
-        }
     }
     cake__hello_reply__free_unpacked(r, &al);
     if (map_pool) {
-        if (fd < 0) {
-            rc = cake_set_err(c, CAKE_EPROTO, "caked did not pass the pool");
-            goto fail;
-        }
-        void *p = mmap(NULL, c->pool_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        c->n_segs = (uint32_t)((c->pool_bytes + c->seg_bytes - 1) / c->seg_bytes);
+        c->seg_gen = c_alloc(c, sizeof(uint32_t) * c->n_segs);
+        void *p = c->seg_gen ? mmap(NULL, c->pool_bytes, PROT_NONE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+                             : MAP_FAILED;
         if (p == MAP_FAILED) {
-            rc = cake_set_err(c, -errno, "cannot map the pool: %s", strerror(errno));
+            rc = cake_set_err(c, c->seg_gen ? -errno : -ENOMEM, "cannot reserve the pool's "
+                              "address range: %s", strerror(c->seg_gen ? errno : ENOMEM));
             goto fail;
         }
+        memset(c->seg_gen, 0, sizeof(uint32_t) * c->n_segs);
         c->pool = p;
 #ifdef CAKE_HAVE_CUDA
-        const char *why = "";
-        int any = 0;
-        for (uint32_t i = 0; i < c->n_gpus; i++)
-            any |= c->gpus[i].mapped;
-        if (any && gpupool_register_host(c->pool, c->pool_bytes, &why) == 0)
-            c->host_registered = 1;
+        c->host_registered = any_gpu_mapped(c); /* each segment as it is mapped */
 #endif
     }
-    if (fd >= 0)
-        close(fd); /* the mapping keeps the memory */
     return 0;
 fail:
-    for (int i = 0; i < 1 + CAKE_MAX_GPUS; i++)
-        if (fds[i] >= 0)
-            close(fds[i]);
-    close(c->fd);
+    fdq_clear(c);
+    if (c->fd >= 0)
+        close(c->fd);
     c->fd = -1;
     return rc;
 }
@@ -429,24 +649,37 @@ static void seq_release(cake_ctx *c, cake_seq *s)
     c_free(c, s);
 }
 
-void cake_destroy(cake_ctx *c)
+/* Everything a connection had: sequence handles, segments, the reserved ranges. */
+static void conn_release(cake_ctx *c)
 {
-    if (!c)
-        return;
     while (c->n_seqs)
         seq_release(c, c->seqs[0]);
-    c_free(c, c->seqs);
+    for (uint32_t i = 0; c->pool && i < c->n_segs; i++)
+        host_seg_unmap(c, i);
 #ifdef CAKE_HAVE_CUDA
-    if (c->host_registered)
-        gpupool_unregister_host(c->pool);
     for (uint32_t i = 0; i < c->n_gpus; i++)
         if (c->gpus[i].mapped)
             gpupool_destroy(&c->gpus[i].gpu);
 #endif
+    memset(c->gpus, 0, sizeof c->gpus);
+    c->n_gpus = 0, c->host_registered = 0;
     if (c->pool)
         munmap(c->pool, c->pool_bytes);
+    if (c->seg_gen)
+        c_free(c, c->seg_gen);
+    c->pool = NULL, c->seg_gen = NULL, c->n_segs = 0;
+    fdq_clear(c);
     if (c->fd >= 0)
         close(c->fd);
+    c->fd = -1;
+}
+
+void cake_destroy(cake_ctx *c)
+{
+    if (!c)
+        return;
+    conn_release(c);
+    c_free(c, c->seqs);
     free(c);
 }
 
@@ -572,10 +805,14 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
             c->seqs = n, c->cap_seqs = cap;
         }
     }
-    if (!rc && (r->desc_offset + r->desc_bytes > c->pool_bytes ||
+    if (!rc && (r->desc_offset > c->pool_bytes || r->desc_bytes > c->pool_bytes - r->desc_offset ||
                 r->desc_bytes < shm_desc_bytes(lay->layers, 0, lay->kv_heads) ||
-                r->scratch_offset + r->scratch_bytes > c->pool_bytes))
-        rc = cake_set_err(c, CAKE_EPROTO, "descriptor outside the pool");
+                r->scratch_offset > c->pool_bytes ||
+                r->scratch_bytes > c->pool_bytes - r->scratch_offset ||
+                !cake_pool_mapped(c, c->pool + r->desc_offset, r->desc_bytes) ||
+                !cake_pool_mapped(c, c->pool + r->scratch_offset, r->scratch_bytes)))
+        rc = cake_set_err(c, CAKE_EPROTO, "descriptor or scratch area outside this tenant's "
+                                          "mapped segments");
     struct shm_desc hdr;
     if (!rc) {
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -596,6 +833,7 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         return rc;
     }
     s->ctx = c, s->id = r->seq_id, s->tpp = hdr.tokens_per_page, s->hdr = hdr;
+    s->gpu_index = lay->placement == CAKE_PLACE_GPU ? lay->gpu : 0;
     s->desc = (struct shm_desc *)(c->pool + r->desc_offset);
     cake__seq_open_reply__free_unpacked(r, &al_);
     s->row_bytes = seq_row_bytes(&hdr);
@@ -672,13 +910,35 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
     m.n_seq_ids = n, m.seq_ids = ids;
     uint8_t *b = NULL;
     size_t bl = 0;
-    int rc = rpc(c, MSG_DECODE_STEP, &m.base, &b, &bl, NULL);
+    int rc = rpc(c, MSG_DECODE_STEP, &m.base, &b, &bl);
     if (ids != stack_ids)
         c_free(c, ids);
     if (!rc)
         c_free(c, b);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return rc;
+}
+
+/* Is [off, off + len) of the sequence's K/V pool (host or GPU) mapped in this process? */
+static int kv_mapped(const cake_seq *s, uint64_t off, uint64_t len)
+{
+    const cake_ctx *c = s->ctx;
+    if (s->hdr.placement != SHM_PLACE_GPU)
+        return cake_pool_mapped(c, c->pool + off, len);
+#ifdef CAKE_HAVE_CUDA
+    const struct gpupool *g = &c->gpus[s->gpu_index].gpu;
+    if (g->legacy)
+        return off <= g->bytes && len <= g->bytes - off;
+    if (off > g->bytes || len > g->bytes - off || !g->seg)
+        return 0;
+    uint64_t last = len ? off + len - 1 : off;
+    for (uint64_t i = off / g->seg_bytes; i <= last / g->seg_bytes; i++)
+        if (i >= g->n_segs || !g->seg[i])
+            return 0;
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
@@ -689,7 +949,7 @@ static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t 
     if (p >= seq_npages(s, layer))
         return NULL;
     uint64_t off = seq_pages(s, layer)[p];
-    if (off > s->kv_bytes || s->kv_bytes - off < s->hdr.page_bytes)
+    if (off > s->kv_bytes || s->kv_bytes - off < s->hdr.page_bytes || !kv_mapped(s, off, s->hdr.page_bytes))
         return NULL;
     return s->kv_base + off + ((size_t)g * s->tpp + t % s->tpp) * s->row_bytes;
 }
@@ -709,7 +969,10 @@ void *cake_queries(const cake_seq *s, uint32_t layer)
 {
     if (layer >= s->hdr.layers)
         return NULL;
-    return s->kv_base + s->hdr.ring_offset + (uint64_t)layer * s->hdr.ring_layer_bytes;
+    uint64_t off = s->hdr.ring_offset + (uint64_t)layer * s->hdr.ring_layer_bytes;
+    if (!kv_mapped(s, off, s->hdr.ring_layer_bytes))
+        return NULL;
+    return s->kv_base + off;
 }
 
 void *cake_decode_query(const cake_seq *s, uint32_t layer)
@@ -723,7 +986,9 @@ void *cake_decode_query(const cake_seq *s, uint32_t layer)
 
 float *cake_indicator(const cake_seq *s)
 {
-    return (float *)(s->ctx->pool + s->hdr.indicator_offset);
+    uint8_t *p = s->ctx->pool + s->hdr.indicator_offset;
+    uint64_t n = s->hdr.prompt_len > s->hdr.window ? s->hdr.prompt_len - s->hdr.window : 0;
+    return cake_pool_mapped(s->ctx, p, n * s->hdr.kv_heads * sizeof(float)) ? (float *)p : NULL;
 }
 
 uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)
@@ -768,7 +1033,7 @@ const uint64_t *cake_layer_pages(const cake_seq *s, uint32_t layer, uint32_t *n)
 int cake_internal_rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t **body,
                       size_t *len)
 {
-    return rpc(c, type, msg, body, len, NULL);
+    return rpc(c, type, msg, body, len);
 }
 
 void cake_internal_free(cake_ctx *c, void *p)

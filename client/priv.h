@@ -15,6 +15,7 @@
 struct seq_gpu;
 
 #define CAKE_MAX_GPUS 8
+#define CAKE_MAX_FDQ 256 /* fds received and not yet consumed (a MAP frame carries at most 64) */
 
 struct cake_ctx {
     int fd;
@@ -24,16 +25,24 @@ struct cake_ctx {
     void *(*alloc)(size_t, void *);
     void (*release)(void *, void *);
     void *ud;
-    uint8_t *pool;
+    long server_uid;        /* cake_set_server_uid (-1: root or our own) */
+    int want_admin;
+    uint8_t *pool;          /* the host pool's reserved range; tenant segments mapped in it */
     size_t pool_bytes;
     uint64_t page_bytes;
+    uint64_t seg_bytes;
+    uint32_t n_segs;
+    uint32_t *seg_gen;      /* per host segment: the generation mapped, 0 none */
+    int fdq[CAKE_MAX_FDQ];  /* fds that arrived with frames, in order */
+    int n_fdq;
     uint64_t next_rid;
     cake_seq **seqs;
     size_t n_seqs, cap_seqs;
     struct cake_gpu {       /* caked's GPU pools, in its order */
         char uuid[48];
         uint64_t bytes;
-        int mapped;         /* this process could map it */
+        int mapped;         /* this process could map it (its range is reserved) */
+        int legacy;         /* one IPC handle for the whole pool (no segments) */
 #ifdef CAKE_HAVE_CUDA
         struct gpupool gpu;
 #endif
@@ -53,6 +62,7 @@ struct cake_seq {
      * mutable fields read from desc (page counts and offsets, ring row) are bounded by it. */
     struct shm_desc hdr;
     struct shm_desc *desc;
+    uint32_t gpu_index; /* GPU sequences: which of ctx->gpus */
     uint8_t *kv_base;   /* the pool holding K/V and the query rings: host, or GPU (device) */
     size_t kv_bytes;
     size_t v_offset;    /* page base -> V block */

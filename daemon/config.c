@@ -1,5 +1,6 @@
 /* config.c - defaults, option and file parsing (see config.h). */
 #include <ctype.h>
+#include <pwd.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,10 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (strlen(v) >= sizeof c->srv.socket_path || !v[0])
             return FAIL("socket path too long or empty: %s", v);
         strcpy(c->srv.socket_path, v);
+    } else if (!strcmp(key, "admin-group")) {
+        if (strlen(v) >= sizeof c->srv.admin_group)
+            return FAIL("admin group name too long: %s", v);
+        strcpy(c->srv.admin_group, v);
     } else if (!strcmp(key, "socket-group")) {
         if (strlen(v) >= sizeof c->srv.socket_group)
             return FAIL("group name too long: %s", v);
@@ -87,6 +92,10 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n < 4096 || (n & (n - 1)) || n > (1ull << 30))
             return FAIL("page-size must be a power of two from 4K to 1G: %s", v);
         c->srv.page_bytes = n;
+    } else if (!strcmp(key, "segment-size")) {
+        if (config_parse_size(v, &n) || n < (4u << 20) || (n & (n - 1)) || n > (1ull << 40))
+            return FAIL("segment-size must be a power of two of at least 4M: %s", v);
+        c->srv.segment_bytes = n;
     } else if (!strcmp(key, "huge-pages")) {
         c->srv.hugepages = !strcmp(v, "1") || !strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "true");
     } else if (!strcmp(key, "io")) {
@@ -119,7 +128,7 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
         return FAIL("more than %s tenants", "256");
     struct tenant_cfg *t = &c->tenants[c->n_tenants];
     memset(t, 0, sizeof(*t));
-    t->uid = -1, t->weight = 1;
+    t->weight = 1;
     char *save = NULL, *tok = strtok_r(rest, " \t", &save);
     if (!tok || !tenant_name_ok(tok))
         return FAIL("tenant needs a name of [A-Za-z0-9._-]: %s", tok ? tok : "");
@@ -132,11 +141,28 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
         const char *v = eq + 1;
         uint64_t n;
         char *end;
-        if (!strcmp(tok, "uid")) {
-            long u = strtol(v, &end, 10);
-            if (*end || u < 0)
-                return FAIL("bad uid: %s", v);
-            t->uid = u;
+        if (!strcmp(tok, "uid") || !strcmp(tok, "uids")) {
+            /* uid=1001,1002 or user names: the uids allowed to be this tenant */
+            char list[256];
+            snprintf(list, sizeof list, "%s", v);
+            char *s2 = NULL;
+            for (char *u = strtok_r(list, ",", &s2); u; u = strtok_r(NULL, ",", &s2)) {
+                if (t->n_uids == TENANT_MAX_UIDS)
+                    return FAIL("tenant %s: at most 16 uids", t->name);
+                long id = strtol(u, &end, 10);
+                if (*end || !*u) {
+                    struct passwd pw, *pp = NULL;
+                    char buf[1024];
+                    if (getpwnam_r(u, &pw, buf, sizeof buf, &pp) || !pp)
+                        return FAIL("no such user: %s", u);
+                    id = (long)pw.pw_uid;
+                } else if (id < 0 || id > UINT32_MAX - 1) {
+                    return FAIL("bad uid: %s", u);
+                }
+                t->uids[t->n_uids++] = (uint32_t)id;
+            }
+            if (!t->n_uids)
+                return FAIL("tenant %s: empty uid list", t->name);
         } else if (!strcmp(tok, "weight")) {
             long w = strtol(v, &end, 10);
             if (*end || w < 1 || w > TENANT_MAX_WEIGHT)

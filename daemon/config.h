@@ -22,7 +22,8 @@ int config_parse_size(const char *s, uint64_t *out);
 void config_defaults(struct config *c);
 
 /* Reads FILE: "key = value" lines (socket, socket-group, host-pool, page-size, huge-pages,
- * io, workers, kernel-threads) and "tenant NAME [uid=N] [weight=N] [min=SIZE] [max=SIZE]";
+ * io, workers, kernel-threads, admin-group, segment-size) and "tenant NAME [uid=UID,...]
+ * [weight=N] [min=SIZE] [max=SIZE]" (uid: numbers or user names, default caked's own uid);
  * '#' comments. Returns 0 or -1 with "file:line: message" in err. */
 int config_load(struct config *c, const char *path, char *err, int errlen);
 

@@ -27,6 +27,26 @@
     }
 #define UNPACK_FREE(kind, var) cake__##kind##__free_unpacked(var, &al_)
 
+/* May this peer administer (quotas, other tenants' details)? root, caked's own uid, and
+ * members of --admin-group (primary or supplementary group, as the kernel reports them). */
+static int admin_right(const struct server *s, const struct client *c)
+{
+    if (c->cred.uid == 0 || c->cred.uid == s->owner_uid)
+        return 1;
+    if (s->admin_gid == (gid_t)-1)
+        return 0;
+    if (c->cred.gid == s->admin_gid)
+        return 1;
+    gid_t g[256];
+    socklen_t len = sizeof g;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_PEERGROUPS, g, &len) < 0)
+        return 0;
+    for (size_t i = 0; i < len / sizeof(gid_t); i++)
+        if (g[i] == s->admin_gid)
+            return 1;
+    return 0;
+}
+
 static void h_hello(struct server *s, struct client *c)
 {
     UNPACK(hello, m);
@@ -49,40 +69,59 @@ static void h_hello(struct server *s, struct client *c)
         srv_reply_error(s, c, CAKE_EINVAL, "service name must be 1..63 chars of [A-Za-z0-9._-]");
         return;
     }
-    struct tenant *t = tenant_get(&s->tenants, name, c->cred.uid, 1);
+    int err = 0;
+    struct tenant *t = tenant_get(&s->tenants, name, c->cred.uid, 1, &err);
     if (!t) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "%s", name);
         UNPACK_FREE(hello, m);
-        srv_reply_error(s, c, CAKE_EOOM, "too many tenants");
+        if (err == -EPERM)
+            srv_reply_error(s, c, CAKE_EPERM, "service %s is configured for other uids than %u",
+                            msg, (unsigned)c->cred.uid);
+        else
+            srv_reply_error(s, c, CAKE_EOOM, "too many tenants");
         return;
     }
     int want_pool = m->want_pool;
+    /* administration is asked for (cachectl does, engines do not) and granted by right */
+    c->admin = m->admin && admin_right(s, c);
+    UNPACK_FREE(hello, m);
+    if (want_pool) { /* an engine: it will be sent its tenant's segments (srv_queue_maps) */
+        for (uint32_t k = 0; k < 1 + s->n_gpus; k++) {
+            const struct pool *p = k ? &s->gpus[k - 1].pages : &s->pool;
+#ifdef CAKE_HAVE_CUDA
+            if (k && s->gpus[k - 1].gpu.legacy)
+                continue; /* one handle for the whole pool, in this reply */
+#endif
+            if (!(c->seg_sent[k] = calloc(p->n_segs, sizeof(uint32_t)))) {
+                srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+                return;
+            }
+            c->seg_epoch[k] = UINT64_MAX;
+        }
+    }
     c->tenant = t;
     c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
     if (c->engine)
         t->clients++;
-    c->admin = c->cred.uid == 0 || c->cred.uid == s->owner_uid;
-    UNPACK_FREE(hello, m);
     Cake__HelloReply r = CAKE__HELLO_REPLY__INIT;
     r.protocol_version = CAKE_PROTOCOL_VERSION;
     r.client_id = c->id;
     r.tenant = t->name;
     r.pool_bytes = s->pool.bytes;
     r.page_bytes = s->pool.page_bytes;
+    r.segment_bytes = s->pool.seg_bytes;
     r.daemon_version = (char *)CAKE_VERSION;
     r.admin = c->admin;
-    int fds[1 + SERVER_MAX_GPUS] = {s->pool.fd};
-    int nfd = 1;
     Cake__GpuPool gp[SERVER_MAX_GPUS], *gpp[SERVER_MAX_GPUS];
     for (uint32_t i = 0; i < s->n_gpus && want_pool; i++) {
         struct srv_gpu *g = &s->gpus[i];
         gp[i] = (Cake__GpuPool)CAKE__GPU_POOL__INIT;
-        gp[i].uuid = g->uuid, gp[i].bytes = g->bytes;
+        gp[i].uuid = g->uuid, gp[i].bytes = g->bytes, gp[i].segment_bytes = g->pages.seg_bytes;
 #ifdef CAKE_HAVE_CUDA
-        if (g->gpu.legacy) /* no fd: the handle travels in the reply */
+        if (g->gpu.legacy) /* no segments: the whole pool's handle travels in the reply */
             gp[i].ipc_handle = (ProtobufCBinaryData){sizeof g->gpu.ipc, g->gpu.ipc};
 #endif
-        if (g->fd >= 0)
-            fds[nfd++] = g->fd;
         gpp[i] = &gp[i];
     }
     if (want_pool && s->n_gpus) {
@@ -90,7 +129,7 @@ static void h_hello(struct server *s, struct client *c)
         r.gpu_pool_bytes = gp[0].bytes, r.gpu_uuid = gp[0].uuid;
         r.gpu_ipc_handle = gp[0].ipc_handle;
     }
-    srv_reply_fds(s, c, MSG_HELLO, &r.base, fds, want_pool ? nfd : 0);
+    srv_reply(s, c, MSG_HELLO, &r.base);
 }
 
 static void h_seq_open(struct server *s, struct client *c)
@@ -192,7 +231,7 @@ static void h_seq_open(struct server *s, struct client *c)
     r.desc_bytes = (uint64_t)q->desc_pages * s->pool.page_bytes;
     r.scratch_offset = (uint64_t)q->scratch_first * s->pool.page_bytes;
     r.scratch_bytes = (uint64_t)q->scratch_pages * s->pool.page_bytes;
-    srv_reply(s, c, MSG_SEQ_OPEN, &r.base, -1);
+    srv_reply(s, c, MSG_SEQ_OPEN, &r.base);
 }
 
 static void h_reserve(struct server *s, struct client *c)
@@ -214,7 +253,7 @@ static void h_reserve(struct server *s, struct client *c)
         srv_reply_error(s, c, rc, "%s", why);
         return;
     }
-    srv_reply(s, c, MSG_PREFILL_RESERVE, NULL, -1);
+    srv_reply(s, c, MSG_PREFILL_RESERVE, NULL);
 }
 
 static void work_run(struct job *j)
@@ -304,7 +343,7 @@ static void group_done(struct server *s, struct work *w)
             Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
             r.preference = w->pref;
             r.n_evicted_layers = q->n_ev, r.evicted_layers = q->ev_layers;
-            srv_reply(s, c, w->type, &r.base, -1);
+            srv_reply(s, c, w->type, &r.base);
         }
         q->n_ev = 0;
     }
@@ -377,7 +416,7 @@ static void work_done(struct job *j)
             Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
             r.preference = pref;
             r.n_evicted_layers = n_ev, r.evicted_layers = ev_layers;
-            srv_reply(s, c, w->type, &r.base, -1);
+            srv_reply(s, c, w->type, &r.base);
         }
     }
     free(w->seqs);
@@ -450,7 +489,7 @@ static void decode_reserve_and_reply(struct server *s, struct client *c, struct 
         seq_decode_reserve(&s->env, seqs[i]); /* admitted above: cannot run dry */
     Cake__DecodeReply r = CAKE__DECODE_REPLY__INIT;
     r.evictions = evictions;
-    srv_reply(s, c, MSG_DECODE_STEP, &r.base, -1);
+    srv_reply(s, c, MSG_DECODE_STEP, &r.base);
 }
 
 static void h_decode(struct server *s, struct client *c)
@@ -535,7 +574,7 @@ static void h_seq_close(struct server *s, struct client *c)
             srv_group_end(s, g, "every shard closed");
     }
     srv_seq_remove(s, q); /* mid-prefill, closing a shard ends its group */
-    srv_reply(s, c, MSG_SEQ_CLOSE, NULL, -1);
+    srv_reply(s, c, MSG_SEQ_CLOSE, NULL);
 }
 
 static void h_status(struct server *s, struct client *c)
@@ -561,7 +600,7 @@ static void h_status(struct server *s, struct client *c)
     r.n_gpus = s->n_gpus, r.gpus = gpp;
     if (s->n_gpus)
         r.gpu_uuid = s->gpus[0].uuid;
-    srv_reply(s, c, MSG_STATUS, &r.base, -1);
+    srv_reply(s, c, MSG_STATUS, &r.base);
 }
 
 static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *x)
@@ -594,7 +633,7 @@ static void h_tenants(struct server *s, struct client *c)
         r.n_tenants++;
     }
     r.tenants = tp;
-    srv_reply(s, c, MSG_TENANTS, &r.base, -1);
+    srv_reply(s, c, MSG_TENANTS, &r.base);
     free(ts), free(tp);
 }
 
@@ -632,7 +671,7 @@ static void h_sequences(struct server *s, struct client *c)
         r.n_seqs++;
     }
     r.seqs = p;
-    srv_reply(s, c, MSG_SEQUENCES, &r.base, -1);
+    srv_reply(s, c, MSG_SEQUENCES, &r.base);
     free(v), free(p);
 }
 
@@ -665,11 +704,12 @@ static void h_seq_info(struct server *s, struct client *c)
         lp[l] = &li[l];
     }
     r.n_layer = q->L, r.layer = lp;
-    srv_reply(s, c, MSG_SEQ_INFO, &r.base, -1);
+    srv_reply(s, c, MSG_SEQ_INFO, &r.base);
     free(li), free(lp);
 }
 
-static int render_metrics(struct server *s, struct strbuf *b)
+/* Prometheus text; per-tenant series only of c's own tenant unless c administers. */
+static int render_metrics(struct server *s, const struct client *c, struct strbuf *b)
 {
     int rc = 0;
 #define P(...) rc |= strbuf_printf(b, __VA_ARGS__)
@@ -699,16 +739,19 @@ static int render_metrics(struct server *s, struct strbuf *b)
     P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
       "# TYPE caked_tenant_used_bytes gauge\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (c->admin || &s->tenants.t[i] == c->tenant)
         P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
     P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
       "# TYPE caked_tenant_gpu_used_bytes gauge\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (c->admin || &s->tenants.t[i] == c->tenant)
         P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
     P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
       "# TYPE caked_tenant_oom_total counter\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (c->admin || &s->tenants.t[i] == c->tenant)
         P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
     P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
@@ -751,64 +794,84 @@ static int render_metrics(struct server *s, struct strbuf *b)
 static void h_metrics(struct server *s, struct client *c)
 {
     struct strbuf b = {0};
-    if (render_metrics(s, &b) || b.len + 64 > FRAME_MAX_BODY) {
+    if (render_metrics(s, c, &b) || b.len + 64 > FRAME_MAX_BODY) {
         free(b.s);
         srv_reply_error(s, c, CAKE_EINTERNAL, "metrics do not fit a frame");
         return;
     }
     Cake__Metrics r = CAKE__METRICS__INIT;
     r.text = b.s;
-    srv_reply(s, c, MSG_METRICS, &r.base, -1);
+    srv_reply(s, c, MSG_METRICS, &r.base);
     free(b.s);
 }
 
+/* Sets the fields given (has_*) of one existing tenant; the sum of every tenant's minimum
+ * stays within the pool. */
 static void h_set_quota(struct server *s, struct client *c)
 {
     UNPACK(set_quota, m);
+    char name[TENANT_NAME_MAX + 1] = "";
+    if (m->tenant)
+        snprintf(name, sizeof name, "%s", m->tenant);
+    int has_uid = m->has_uid, has_w = m->has_weight || m->weight;
+    int has_min = m->has_min || m->min_bytes, has_max = m->has_max || m->max_bytes;
+    uint32_t uid = m->uid, weight = m->weight;
+    uint64_t min = m->min_bytes, max = m->max_bytes;
+    UNPACK_FREE(set_quota, m);
     if (!c->admin) {
-        UNPACK_FREE(set_quota, m);
-        srv_reply_error(s, c, CAKE_EPERM, "setting quotas is reserved to root and caked's owner");
+        srv_reply_error(s, c, CAKE_EPERM, "setting quotas is reserved to root, caked's uid %u%s "
+                        "(and asked for at attach, as cachectl does)", (unsigned)s->owner_uid,
+                        s->admin_gid != (gid_t)-1 ? ", the members of --admin-group" : "");
         return;
     }
-    if (!m->tenant || !tenant_name_ok(m->tenant) ||
-        (m->max_bytes && m->min_bytes > m->max_bytes) || m->min_bytes > s->pool.bytes) {
-        UNPACK_FREE(set_quota, m);
-        srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name or min > max or min > pool");
+    if (!tenant_name_ok(name)) {
+        srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name");
         return;
     }
-    if (m->weight > TENANT_MAX_WEIGHT) {
-        UNPACK_FREE(set_quota, m);
-        srv_reply_error(s, c, CAKE_EINVAL, "weight must be 1..1000000 (0 keeps the current one)");
+    if (has_w && (weight < 1 || weight > TENANT_MAX_WEIGHT)) {
+        srv_reply_error(s, c, CAKE_EINVAL, "weight must be 1..1000000");
+        return;
+    }
+    struct tenant *t = NULL;
+    uint32_t found = 0;
+    for (uint32_t i = 0; i < s->tenants.n; i++) {
+        struct tenant *x = &s->tenants.t[i];
+        if (!strcmp(x->name, name) && (!has_uid || tenant_has_uid(x, uid)))
+            t = x, found++;
+    }
+    if (!found) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no tenant %s%s (tenants are configured in caked.conf "
+                        "or made by an engine's attach)", name, has_uid ? " with that uid" : "");
+        return;
+    }
+    if (found > 1) {
+        srv_reply_error(s, c, CAKE_EINVAL, "%u tenants are named %s (one per uid): name the uid",
+                        found, name);
+        return;
+    }
+    uint64_t nmin = has_min ? min : t->min_bytes, nmax = has_max ? max : t->max_bytes;
+    if (nmax && nmin > nmax) {
+        srv_reply_error(s, c, CAKE_EINVAL, "minimum %llu above maximum %llu",
+                        (unsigned long long)nmin, (unsigned long long)nmax);
         return;
     }
     uint64_t other_min = 0;
     for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (strcmp(s->tenants.t[i].name, m->tenant))
+        if (&s->tenants.t[i] != t)
             other_min += s->tenants.t[i].min_bytes;
-    if (other_min + m->min_bytes > s->pool.bytes) {
-        UNPACK_FREE(set_quota, m);
-        srv_reply_error(s, c, CAKE_EINVAL, "the tenants' minimums would exceed the pool");
+    if (nmin > s->pool.bytes || other_min + nmin > s->pool.bytes) {
+        srv_reply_error(s, c, CAKE_EINVAL, "the tenants' minimums would sum to %llu bytes, over "
+                        "the pool's %llu", (unsigned long long)(other_min + nmin),
+                        (unsigned long long)s->pool.bytes);
         return;
     }
-    int found = 0;
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (!strcmp(s->tenants.t[i].name, m->tenant)) {
-            struct tenant *t = &s->tenants.t[i];
-            t->weight = m->weight ? m->weight : t->weight;
-            t->min_bytes = m->min_bytes, t->max_bytes = m->max_bytes, t->configured = 1;
-            found = 1;
-        }
-    int rc = found ? 0 : tenant_configure(&s->tenants, m->tenant, -1, m->weight, m->min_bytes,
-                                          m->max_bytes);
-    srv_log("quota for tenant %s set by uid %u: weight %u min %llu max %llu", m->tenant,
-           c->cred.uid, m->weight, (unsigned long long)m->min_bytes,
-           (unsigned long long)m->max_bytes);
-    UNPACK_FREE(set_quota, m);
-    if (rc) {
-        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
-        return;
-    }
-    srv_reply(s, c, MSG_SET_QUOTA, NULL, -1);
+    if (has_w)
+        t->weight = weight;
+    t->min_bytes = nmin, t->max_bytes = nmax;
+    srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu", t->name,
+            t->uid, c->cred.uid, t->weight, (unsigned long long)t->min_bytes,
+            (unsigned long long)t->max_bytes);
+    srv_reply(s, c, MSG_SET_QUOTA, NULL);
 }
 
 void srv_dispatch(struct server *s, struct client *c)
@@ -825,13 +888,15 @@ void srv_dispatch(struct server *s, struct client *c)
         return;
     }
     s->m.requests[t]++;
+    /* the client called again: pages ended by others' actions may go (srv_quarantine) */
+    srv_release_quarantine(s, c->id);
     if (t != MSG_HELLO && t != MSG_PING && !c->tenant) {
         srv_reply_error(s, c, CAKE_ESTATE, "send HELLO first");
         return;
     }
     switch (t) {
     case MSG_HELLO: h_hello(s, c); break;
-    case MSG_PING: srv_reply(s, c, MSG_PING, NULL, -1); break;
+    case MSG_PING: srv_reply(s, c, MSG_PING, NULL); break;
     case MSG_SEQ_OPEN: h_seq_open(s, c); break;
     case MSG_PREFILL_RESERVE: h_reserve(s, c); break;
     case MSG_PREFILL_OBSERVE: h_prefill(s, c, 1); break;
@@ -844,6 +909,7 @@ void srv_dispatch(struct server *s, struct client *c)
     case MSG_SEQ_INFO: h_seq_info(s, c); break;
     case MSG_METRICS: h_metrics(s, c); break;
     case MSG_SET_QUOTA: h_set_quota(s, c); break;
+    case MSG_MAP: srv_reply_error(s, c, CAKE_EPROTO, "MAP frames come from caked only"); break;
     default: srv_reply_error(s, c, CAKE_EPROTO, "unknown message type %u", t); break;
     }
 }

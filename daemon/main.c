@@ -2,7 +2,8 @@
  *
  *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--gpu-ipc auto|legacy] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
- *         [--socket-group NAME] [--config FILE] [--version] [--help]
+ *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--config FILE]
+ *         [--version] [--help]
  *
  * Runs in the foreground and logs to stderr (a service manager captures both). */
 #include <getopt.h>
@@ -22,12 +23,17 @@ static void usage(FILE *f)
             "  --host-pool SIZE      host pool size, e.g. 512M, 8G (default min(1G, RAM/4))\n"
             "  --page-size SIZE      pool page size, power of two (default 64K)\n"
             "  --gpu-pool SIZE[@GPU-UUID]  device memory shared with engines (CUDA VMM)\n"
-            "  --gpu-ipc auto|legacy  share it by VMM fd (auto: legacy CUDA IPC where refused)\n"
+            "  --gpu-ipc auto|legacy  share it by VMM fds, per tenant (legacy: one CUDA IPC handle\n"
+            "                        that every engine maps: no isolation between tenants)\n"
             "  --huge-pages          back the pool with huge pages when the system has them\n"
             "  --io uring|epoll|auto event loop backend (default auto: io_uring if usable)\n"
             "  --workers N           scoring threads (default: one per core)\n"
             "  --kernel-threads N    threads inside one scoring job (default 1)\n"
             "  --socket-group NAME   let this group connect (socket mode 0660; default 0600)\n"
+            "  --admin-group NAME    members may administer (quotas, every tenant's details);\n"
+            "                        root and caked's own uid always may\n"
+            "  --segment-size SIZE   pool segment: the unit of memory a tenant maps (default\n"
+            "                        4M, larger for pools over 4G: at most 1024 segments)\n"
             "  --config FILE         options and tenants (see daemon/README.md)\n"
             "  --version, --help\n");
 }
@@ -41,11 +47,13 @@ int main(int argc, char **argv)
         {"gpu-pool", 1, 0, 'G'}, {"gpu-ipc", 1, 0, 'I'},
         {"huge-pages", 0, 0, 'H'}, {"io", 1, 0, 'i'}, {"workers", 1, 0, 'w'},
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
+        {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
         ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
+        ['A'] = "admin-group", ['S'] = "segment-size",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

@@ -1,7 +1,8 @@
-/* pool.c - sealed memfd and its page allocator (see pool.h). */
+/* pool.c - the segmented page pool (see pool.h). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <linux/memfd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,7 +11,16 @@
 
 #include "pool.h"
 
-static int check_size(uint64_t bytes, uint64_t page_bytes, uint64_t *pages, const char **why)
+uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes)
+{
+    uint64_t s = POOL_MIN_SEG_BYTES;
+    while (s < 64 * page_bytes || (bytes + s - 1) / s > POOL_MAX_SEGS)
+        s *= 2;
+    return s;
+}
+
+static int check_size(uint64_t bytes, uint64_t page_bytes, uint64_t *seg_bytes, uint64_t *pages,
+                      const char **why)
 {
     if (page_bytes < POOL_MIN_PAGE_BYTES || (page_bytes & (page_bytes - 1))) {
         *why = "page size must be a power of two of at least 4 KiB";
@@ -21,98 +31,179 @@ static int check_size(uint64_t bytes, uint64_t page_bytes, uint64_t *pages, cons
         *why = "pool must hold between 1 and 2^28 pages";
         return -EINVAL;
     }
+    if (!*seg_bytes)
+        *seg_bytes = pool_default_seg_bytes(bytes, page_bytes);
+    /* whole bitmap words per segment: a word never spans two owners */
+    if ((*seg_bytes & (*seg_bytes - 1)) || *seg_bytes < 64 * page_bytes ||
+        *seg_bytes < POOL_MIN_SEG_BYTES) {
+        *why = "segment size must be a power of two of at least 4 MiB and 64 pages";
+        return -EINVAL;
+    }
+    if ((*pages * page_bytes + *seg_bytes - 1) / *seg_bytes > 65536) {
+        *why = "pool must hold at most 65536 segments";
+        return -EINVAL;
+    }
     return 0;
 }
 
-static int init_bitmap(struct pool *p, uint64_t pages, const char **why)
+static int init_common(struct pool *p, uint64_t pages, uint64_t page_bytes, uint64_t seg_bytes,
+                       const char **why)
 {
+    p->page_bytes = page_bytes, p->seg_bytes = seg_bytes;
+    p->seg_pages = (uint32_t)(seg_bytes / page_bytes);
+    p->pages = (uint32_t)pages;
+    p->bytes = pages * page_bytes;
+    p->n_segs = (uint32_t)((pages + p->seg_pages - 1) / p->seg_pages);
     p->bitmap = calloc((pages + 63) / 64, sizeof(uint64_t));
-    if (!p->bitmap) {
+    p->seg = calloc(p->n_segs, sizeof(*p->seg));
+    if (!p->bitmap || !p->seg) {
         *why = "out of memory for the page bitmap";
         return -ENOMEM;
     }
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        p->seg[i].fd = -1;
     /* bits past the last page are permanently in use */
     if (pages % 64)
         p->bitmap[pages / 64] = ~((UINT64_C(1) << (pages % 64)) - 1);
-    p->pages = (uint32_t)pages;
     return 0;
 }
 
-int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, const char **why)
+int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, uint64_t seg_bytes, int huge,
+              const char **why)
 {
     memset(p, 0, sizeof(*p));
-    p->fd = -1;
     uint64_t pages;
-    int rc = check_size(bytes, page_bytes, &pages, why);
+    int rc = check_size(bytes, page_bytes, &seg_bytes, &pages, why);
     if (rc)
         return rc;
-    bytes = pages * page_bytes;
-    int fd = -1;
-    if (huge) {
-        fd = memfd_create("caked-pool", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
-        if (fd >= 0 && ftruncate(fd, (off_t)bytes) < 0) {
-            close(fd);
-            fd = -1;
-        }
-        p->hugepages = fd >= 0;
-    }
-    if (fd < 0) {
-        fd = memfd_create("caked-pool", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0) {
-            *why = "memfd_create failed";
-            return -errno;
-        }
-        if (ftruncate(fd, (off_t)bytes) < 0) {
-            int e = errno;
-            close(fd);
-            *why = "ftruncate of the pool memfd failed";
-            return -e;
-        }
-    }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        int e = errno;
-        close(fd);
-        *why = "sealing the pool memfd failed";
-        return -e;
-    }
-    void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) {
-        int e = errno;
-        close(fd);
-        *why = "mmap of the pool failed";
-        return -e;
-    }
-    if ((rc = init_bitmap(p, pages, why))) {
-        munmap(base, bytes);
-        close(fd);
+    if ((rc = init_common(p, pages, page_bytes, seg_bytes, why))) {
+        pool_fini(p);
         return rc;
     }
-    p->fd = fd, p->base = base, p->bytes = bytes, p->page_bytes = page_bytes;
+    /* the whole range is reserved now (no memory behind it), segments are mapped into it */
+    void *base = mmap(NULL, p->bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) {
+        rc = -errno;
+        pool_fini(p);
+        *why = "cannot reserve the pool's address range";
+        return rc;
+    }
+    p->base = base;
+    p->hugepages = huge; /* tried per segment; cleared at the first refusal */
     return 0;
 }
 
 int pool_init_external(struct pool *p, void *base, uint64_t bytes, uint64_t page_bytes,
-                       const char **why)
+                       uint64_t seg_bytes, const struct pool_ops *ops, const char **why)
 {
     memset(p, 0, sizeof(*p));
-    p->fd = -1;
     uint64_t pages;
-    int rc = check_size(bytes, page_bytes, &pages, why);
-    if (rc || (rc = init_bitmap(p, pages, why)))
+    int rc = check_size(bytes, page_bytes, &seg_bytes, &pages, why);
+    if (rc || (rc = init_common(p, pages, page_bytes, seg_bytes, why))) {
+        pool_fini(p);
         return rc;
-    p->base = base, p->bytes = pages * page_bytes, p->page_bytes = page_bytes, p->external = 1;
+    }
+    p->base = base, p->external = 1;
+    if (ops)
+        p->ops = *ops;
     return 0;
+}
+
+void pool_set_ops(struct pool *p, const struct pool_ops *ops)
+{
+    p->ops = *ops;
 }
 
 void pool_fini(struct pool *p)
 {
+    for (uint32_t i = 0; p->seg && i < p->n_segs; i++) {
+        if (p->seg[i].fd >= 0 && p->ops.mapped)
+            p->ops.mapped(p->ops.ud, p, i, 0);
+        if (p->seg[i].fd >= 0)
+            close(p->seg[i].fd);
+    }
     if (p->base && !p->external)
         munmap(p->base, p->bytes);
-    if (p->fd >= 0)
-        close(p->fd);
     free(p->bitmap);
+    free(p->seg);
     memset(p, 0, sizeof(*p));
-    p->fd = -1;
+}
+
+static uint64_t seg_len(const struct pool *p, uint32_t i)
+{
+    return (uint64_t)pool_seg_pages(p, i) * p->page_bytes;
+}
+
+/* Host pools: a new sealed memfd mapped over segment i; the old one's pages are punched
+ * out (a previous owner's process that still maps it reads zeros, and what it writes there
+ * lands in memory no one else maps). */
+static int fresh_memfd(struct pool *p, uint32_t i, const char **why)
+{
+    uint64_t len = seg_len(p, i);
+    int fd = -1;
+    if (p->hugepages) {
+        fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
+        if (fd >= 0 && ftruncate(fd, (off_t)len) < 0) {
+            close(fd);
+            fd = -1;
+        }
+        if (fd < 0)
+            p->hugepages = 0;
+    }
+    if (fd < 0 && (fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+        *why = "memfd_create failed";
+        return -errno;
+    }
+    int rc = 0;
+    if (ftruncate(fd, (off_t)len) < 0) {
+        rc = -errno, *why = "ftruncate of a pool segment failed";
+    } else if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        rc = -errno, *why = "sealing a pool segment failed";
+    } else {
+        uint8_t *at = p->base + (uint64_t)i * p->seg_bytes;
+        if (p->seg[i].fd >= 0 && p->ops.mapped)
+            p->ops.mapped(p->ops.ud, p, i, 0);
+        if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+            rc = -errno, *why = "mmap of a pool segment failed";
+            /* the old mapping is gone: keep the range reserved, the segment unusable */
+            mmap(at, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+            if (p->seg[i].fd >= 0) {
+                close(p->seg[i].fd);
+                p->seg[i].fd = -1;
+            }
+        }
+    }
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    if (p->seg[i].fd >= 0) {
+        fallocate(p->seg[i].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len);
+        close(p->seg[i].fd);
+    }
+    p->seg[i].fd = fd;
+    if (p->ops.mapped)
+        p->ops.mapped(p->ops.ud, p, i, 1);
+    return 0;
+}
+
+/* Gives segment i (empty) to owner, with fresh memory unless it already was owner's. */
+static int claim(struct pool *p, uint32_t i, uint32_t owner)
+{
+    struct pool_seg *g = &p->seg[i];
+    int have = p->external ? g->gen != 0 : g->fd >= 0;
+    if (g->owner == owner && have)
+        return 0;
+    const char *why = NULL;
+    int rc = p->external ? p->ops.fresh(p->ops.ud, p, i, &why) : fresh_memfd(p, i, &why);
+    if (rc)
+        return rc;
+    if (have)
+        p->recycled++;
+    g->owner = owner;
+    g->gen++;
+    p->epoch++;
+    return 0;
 }
 
 static int bit(const struct pool *p, uint32_t i)
@@ -127,45 +218,93 @@ static void set_run(struct pool *p, uint32_t first, uint32_t n, int v)
             p->bitmap[i / 64] |= UINT64_C(1) << (i % 64);
         else
             p->bitmap[i / 64] &= ~(UINT64_C(1) << (i % 64));
+        p->seg[i / p->seg_pages].used += v ? 1 : (uint32_t)-1;
     }
 }
 
-int64_t pool_alloc(struct pool *p)
+/* A free page of segment i (which has one), taken. */
+static int64_t take_in(struct pool *p, uint32_t i)
 {
-    uint32_t words = (p->pages + 63) / 64;
-    for (uint32_t k = 0; k < words; k++) {
-        uint32_t w = (p->hint + k) % words;
+    uint32_t w0 = i * p->seg_pages / 64, w1 = (i * p->seg_pages + pool_seg_pages(p, i) + 63) / 64;
+    for (uint32_t w = w0; w < w1; w++)
         if (p->bitmap[w] != UINT64_MAX) {
-            uint32_t b = (uint32_t)__builtin_ctzll(~p->bitmap[w]);
-            p->bitmap[w] |= UINT64_C(1) << b;
+            uint32_t page = w * 64 + (uint32_t)__builtin_ctzll(~p->bitmap[w]);
+            set_run(p, page, 1, 1);
             p->used++;
-            p->hint = w;
-            return (int64_t)w * 64 + b;
+            p->hint = i;
+            return page;
         }
-    }
     return -1;
 }
 
-int64_t pool_alloc_run(struct pool *p, uint32_t n)
+static int has_room(const struct pool *p, uint32_t i)
 {
-    if (n == 0 || n > p->pages - p->used)
+    return p->seg[i].used < pool_seg_pages(p, i);
+}
+
+int64_t pool_alloc(struct pool *p, uint32_t owner)
+{
+    if (!owner || p->used == p->pages)
         return -1;
-    if (n == 1)
-        return pool_alloc(p);
+    if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && has_room(p, p->hint))
+        return take_in(p, p->hint);
+    /* its own segments first, then one never given out, then another owner's empty one */
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && has_room(p, i))
+            return take_in(p, i);
+    for (int pass = 0; pass < 2; pass++)
+        for (uint32_t i = 0; i < p->n_segs; i++)
+            if (!p->seg[i].used && (pass || !p->seg[i].owner) && claim(p, i, owner) == 0)
+                return take_in(p, i);
+    return -1;
+}
+
+/* Can owner's run use segment i? own: only its own segments. */
+static int usable(const struct pool *p, uint32_t i, uint32_t owner, int own)
+{
+    return p->seg[i].owner == owner || (!own && !p->seg[i].used);
+}
+
+static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int own)
+{
     uint32_t run = 0;
     for (uint32_t i = 0; i < p->pages; i++) {
+        if (!(i % p->seg_pages) && !usable(p, i / p->seg_pages, owner, own)) {
+            run = 0;
+            i += p->seg_pages - 1;
+            continue;
+        }
         if (!(i % 64) && p->bitmap[i / 64] == UINT64_MAX) { /* skip full words */
             run = 0;
             i += 63;
             continue;
         }
         run = bit(p, i) ? 0 : run + 1;
-        if (run == n) {
-            uint32_t first = i + 1 - n;
-            set_run(p, first, n, 1);
-            p->used += n;
-            return first;
-        }
+        if (run == n)
+            return i + 1 - n;
+    }
+    return -1;
+}
+
+int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner)
+{
+    if (!owner || n == 0 || n > p->pages - p->used)
+        return -1;
+    if (n == 1)
+        return pool_alloc(p, owner);
+    for (int own = 1; own >= 0; own--) {
+        int64_t first = find_run(p, n, owner, own);
+        if (first < 0)
+            continue;
+        uint32_t s0 = pool_seg_of(p, (uint32_t)first), s1 = pool_seg_of(p, (uint32_t)first + n - 1);
+        int ok = 1;
+        for (uint32_t i = s0; i <= s1 && ok; i++)
+            ok = claim(p, i, owner) == 0;
+        if (!ok)
+            return -1;
+        set_run(p, (uint32_t)first, n, 1);
+        p->used += n;
+        return first;
     }
     return -1;
 }
@@ -174,8 +313,25 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
 {
     set_run(p, first, n, 0);
     p->used -= n;
-    p->hint = first / 64;
     /* No MADV_REMOVE here: punching holes page by page cost the event loop ~0.5 s when a
      * 32K-token layer was compacted (measured with bench-rpc). Like any fixed-size cache,
-     * the pool keeps touched pages resident; size it with --host-pool. */
+     * the pool keeps touched pages resident; size it with --host-pool. A segment's memory is
+     * punched out when it changes owner. */
+}
+
+uint64_t pool_avail(const struct pool *p, uint32_t owner)
+{
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner || !p->seg[i].used)
+            n += pool_seg_pages(p, i) - p->seg[i].used;
+    return n;
+}
+
+uint32_t pool_owned_segs(const struct pool *p, uint32_t owner)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        n += p->seg[i].owner == owner;
+    return n;
 }

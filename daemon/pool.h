@@ -1,11 +1,17 @@
-/* pool.h - the host pool: one sealed memfd cut into fixed-size pages (and the same page
- * allocator over memory owned elsewhere: the GPU pool).
+/* pool.h - a pool of fixed-size pages cut into segments, each segment owned by at most one
+ * tenant at a time: the host pool (each segment its own sealed memfd) and, with memory owned
+ * elsewhere, the GPU pools (each segment its own CUDA VMM allocation, made by a callback).
  *
- * Mapped by the daemon and (fd passed once at attach) by every engine. Seals forbid
- * shrinking and growing, so no client can pull memory from under the daemon. Pages are
- * handed out as indices (offset = index * page_bytes) by a bitmap allocator that can also
- * find contiguous runs (descriptors, scratch areas). Not thread-safe: the event loop
- * thread owns allocation; workers only touch pages of a sequence they were handed. */
+ * Why segments: a client maps only the segments of its own tenant (their fds travel to it
+ * one by one), so no client can read or write another tenant's K/V or descriptors. A page
+ * is handed only to its segment's owner; a segment changes owner only when it is empty, and
+ * then gets fresh memory first (a new memfd or allocation; the old memfd's pages are punched
+ * out), so whatever the previous owner's processes still map is never the next owner's.
+ *
+ * Every segment lives at base + index * seg_bytes in the daemon's address space (and at the
+ * same offset in each client's reservation), so a page is still `base + index * page_bytes`
+ * and offsets mean the same in every process. Not thread-safe: the event loop thread owns
+ * allocation; workers only touch pages of a sequence they were handed. */
 #ifndef CAKE_POOL_H
 #define CAKE_POOL_H
 
@@ -13,36 +19,75 @@
 #include <stdint.h>
 
 #define POOL_MIN_PAGE_BYTES 4096u
-#define POOL_MAX_PAGES (1u << 28) /* 2^28 pages: bitmaps stay under 32 MiB */
+#define POOL_MAX_PAGES (1u << 28)     /* 2^28 pages: bitmaps stay under 32 MiB */
+#define POOL_MIN_SEG_BYTES (4u << 20) /* a multiple of every GPU's VMM granularity (2 MiB) */
+#define POOL_MAX_SEGS 1024u           /* the default segment size grows with the pool to stay under */
+
+struct pool;
+
+/* Where segment memory comes from, for pools whose memory is not a memfd of ours (GPU). */
+struct pool_ops {
+    /* Gives segment i fresh memory at base + i * seg_bytes (replacing any it had, whose
+     * old contents no mapping of the new memory may see). 0 or -errno with *why. */
+    int (*fresh)(void *ud, struct pool *p, uint32_t i, const char **why);
+    /* Host pools: called after segment i was (re)mapped in this process, so that a caller
+     * can register it (cudaHostRegister); mapped = 0 just before it is unmapped. */
+    void (*mapped)(void *ud, struct pool *p, uint32_t i, int mapped);
+    void *ud;
+};
+
+struct pool_seg {
+    uint32_t owner; /* tenant id (tenant.h), 0 = never given out */
+    uint32_t used;  /* pages in use */
+    uint32_t gen;   /* bumped each time the segment gets fresh memory: clients remap on change */
+    int fd;         /* host pools: its memfd, -1 before its first owner */
+    uint32_t ext;   /* external pools: the callback's handle slot (free for its use) */
+};
 
 struct pool {
-    int fd;
     uint8_t *base;
     uint64_t bytes;
     uint64_t page_bytes;
     uint32_t pages;
     uint32_t used;
     uint64_t *bitmap; /* 1 = in use */
-    uint32_t hint;    /* word to start the next search from */
+    uint64_t seg_bytes;
+    uint32_t seg_pages, n_segs;
+    struct pool_seg *seg;
+    uint32_t hint;    /* the segment the last allocation came from */
     int hugepages;
     int external;     /* base belongs to someone else (pool_init_external) */
+    struct pool_ops ops;
+    uint64_t recycled; /* segments given fresh memory for a new owner */
+    uint64_t epoch;    /* bumped whenever a segment changes owner or memory */
 };
 
-/* Creates and maps the pool. bytes is rounded down to whole pages. huge: try MFD_HUGETLB
- * (falls back to normal pages; pool->hugepages says which). Returns 0 or -errno, with a
- * message in *why. */
-int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, int huge, const char **why);
-/* The page allocator alone over [base, base + bytes) owned by the caller (the GPU pool:
- * base is a device address and is never dereferenced here). */
+/* Reserves the pool's address range; segments get memory when first given out. bytes is
+ * rounded down to whole pages; seg_bytes 0 picks the default (pool_default_seg_bytes). huge:
+ * MFD_HUGETLB segments (falls back to normal pages; pool->hugepages says which). Returns 0 or
+ * -errno with a message in *why. */
+int pool_init(struct pool *p, uint64_t bytes, uint64_t page_bytes, uint64_t seg_bytes, int huge,
+              const char **why);
+/* The page allocator alone over [base, base + bytes), whose segments' memory ops->fresh
+ * provides (the GPU pool: base is a device address and is never dereferenced here). */
 int pool_init_external(struct pool *p, void *base, uint64_t bytes, uint64_t page_bytes,
-                       const char **why);
+                       uint64_t seg_bytes, const struct pool_ops *ops, const char **why);
 void pool_fini(struct pool *p);
+/* The default segment size of a pool of `bytes`: a power of two of at least 4 MiB and 64
+ * pages, large enough that the pool has at most POOL_MAX_SEGS segments. */
+uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes);
+/* Sets the hooks of a host pool (before any segment is given out). */
+void pool_set_ops(struct pool *p, const struct pool_ops *ops);
 
-/* n contiguous pages; returns the first index or -1 when no run is free. */
-int64_t pool_alloc_run(struct pool *p, uint32_t n);
-/* One page; returns its index or -1. */
-int64_t pool_alloc(struct pool *p);
+/* One page for `owner` (nonzero); returns its index or -1. */
+int64_t pool_alloc(struct pool *p, uint32_t owner);
+/* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
+int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
+/* Pages owner could be given now: free pages of its segments and every empty segment. */
+uint64_t pool_avail(const struct pool *p, uint32_t owner);
+/* Segments owner holds (with or without pages in use). */
+uint32_t pool_owned_segs(const struct pool *p, uint32_t owner);
 
 static inline void *pool_ptr(const struct pool *p, uint32_t page)
 {
@@ -52,6 +97,18 @@ static inline void *pool_ptr(const struct pool *p, uint32_t page)
 static inline uint32_t pool_free_pages(const struct pool *p)
 {
     return p->pages - p->used;
+}
+
+static inline uint32_t pool_seg_of(const struct pool *p, uint32_t page)
+{
+    return page / p->seg_pages;
+}
+
+/* Pages in segment i (the last one may be short). */
+static inline uint32_t pool_seg_pages(const struct pool *p, uint32_t i)
+{
+    uint32_t first = i * p->seg_pages;
+    return p->pages - first < p->seg_pages ? p->pages - first : p->seg_pages;
 }
 
 #endif

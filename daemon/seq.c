@@ -85,7 +85,7 @@ static void account_kv(const struct seq_env *e, struct seq *s, int64_t pages)
 static int admit_kv(const struct seq_env *e, const struct seq *s, uint64_t pages)
 {
     struct pool *p = kv_pool(e, s);
-    uint64_t pb = p->page_bytes, free_b = (uint64_t)pool_free_pages(p) * pb;
+    uint64_t pb = p->page_bytes, free_b = pool_avail(p, s->tenant->id) * pb;
     return s->gpu ? tenant_admit_gpu(e->tenants, s->tenant, pages * pb, free_b, p->bytes)
                   : tenant_admit(e->tenants, s->tenant, pages * pb, free_b, p->bytes);
 }
@@ -220,9 +220,9 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->desc_pages = (uint32_t)dp, s->scratch_pages = (uint32_t)sp, s->ring_pages = (uint32_t)rp;
     /* admission before any allocation: a hostile layout must not make us allocate first */
     if (tenant_admit(e->tenants, t, (uint64_t)(s->desc_pages + s->scratch_pages) * pb,
-                     (uint64_t)pool_free_pages(e->pool) * pb, e->pool->bytes) ||
+                     pool_avail(e->pool, t->id) * pb, e->pool->bytes) ||
         (s->gpu && tenant_admit_gpu(e->tenants, t, rp * pb,
-                                    (uint64_t)pool_free_pages(GPOOL(e, s)) * pb, GPOOL(e, s)->bytes))) {
+                                    pool_avail(GPOOL(e, s), t->id) * pb, GPOOL(e, s)->bytes))) {
         free(s);
         *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
         return CAKE_EOOM;
@@ -244,19 +244,19 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
      * over the cores (a decode step's layers do the same on the host path) */
     cakeseq_set_threads(s->cs, s->gpu ? e->decode_threads : e->threads);
     rc = CAKE_EOOM;
-    int64_t d0 = pool_alloc_run(e->pool, s->desc_pages);
+    int64_t d0 = pool_alloc_run(e->pool, s->desc_pages, t->id);
     if (d0 < 0) {
         *why = "no contiguous run of pages for the sequence descriptor";
         goto fail;
     }
-    int64_t s0 = pool_alloc_run(e->pool, s->scratch_pages);
+    int64_t s0 = pool_alloc_run(e->pool, s->scratch_pages, t->id);
     if (s0 < 0) {
         pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
         *why = "no contiguous run of pages for the sequence scratch area";
         goto fail;
     }
     if (s->gpu) {
-        int64_t r0 = pool_alloc_run(GPOOL(e, s), s->ring_pages);
+        int64_t r0 = pool_alloc_run(GPOOL(e, s), s->ring_pages, t->id);
         if (r0 < 0) {
             pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
             pool_free_run(e->pool, (uint32_t)s0, s->scratch_pages);
@@ -344,7 +344,7 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
     }
     struct seq_layer *ly = &s->layer[layer];
     for (uint32_t i = 0; i < need; i++) {
-        int64_t p = pool_alloc(kv_pool(e, s));
+        int64_t p = pool_alloc(kv_pool(e, s), s->tenant->id);
         if (p < 0) {
             account_kv(e, s, i);
             ly->n_pages = i;
@@ -773,14 +773,14 @@ int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *cons
     uint64_t host = 0, gpu[SEQ_MAX_GPUS] = {0}, pb = e->pool->page_bytes;
     for (uint32_t i = 0; i < n; i++)
         *(seqs[i]->gpu ? &gpu[seqs[i]->gpu_dev] : &host) += seq_decode_pages_needed(seqs[i]);
-    if (host && tenant_admit(e->tenants, t, host * pb, (uint64_t)pool_free_pages(e->pool) * pb,
+    if (host && tenant_admit(e->tenants, t, host * pb, pool_avail(e->pool, t->id) * pb,
                              e->pool->bytes)) {
         *why = "the decode step's pages exceed the tenant's share of the pool";
         return CAKE_EOOM;
     }
     for (uint32_t d = 0; d < e->n_gpus; d++)
         if (gpu[d] && tenant_admit_gpu(e->tenants, t, gpu[d] * pb,
-                                       (uint64_t)pool_free_pages(e->gpu_pools[d]) * pb,
+                                       pool_avail(e->gpu_pools[d], t->id) * pb,
                                        e->gpu_pools[d]->bytes)) {
             *why = "the decode step's pages exceed the tenant's share of the GPU pool";
             return CAKE_EOOM;
@@ -792,18 +792,34 @@ int seq_decode_reserve(const struct seq_env *e, struct seq *s)
 {
     uint32_t need = seq_decode_pages_needed(s);
     struct pool *p = kv_pool(e, s);
-    if (need > pool_free_pages(p))
+    if (need > pool_avail(p, s->tenant->id))
         return CAKE_EOOM;
+    uint32_t stack[64], *got = need <= 64 ? stack : malloc(sizeof(uint32_t) * need);
+    if (!got)
+        return CAKE_EOOM;
+    for (uint32_t i = 0; i < need; i++) { /* all pages first: nothing changes on failure */
+        int64_t pg = pool_alloc(p, s->tenant->id);
+        if (pg < 0) {
+            for (uint32_t k = 0; k < i; k++)
+                pool_free_run(p, got[k], 1);
+            if (got != stack)
+                free(got);
+            return CAKE_EOOM;
+        }
+        got[i] = (uint32_t)pg;
+    }
+    uint32_t used = 0;
     for (uint32_t l = 0; l < s->L; l++) {
         struct seq_layer *ly = &s->layer[l];
         if (ly->tokens + 1 > ly->n_pages * s->tpp) {
-            if (ly->n_pages == s->max_pages)
-                return CAKE_ETOOBIG; /* unreachable: decoded < max_new bounds tokens */
-            ly->pages[ly->n_pages++] = (uint32_t)pool_alloc(p);
+            /* decoded < max_new bounds tokens, so max_pages has room */
+            ly->pages[ly->n_pages++] = got[used++];
             account_kv(e, s, 1);
         }
         ly->tokens++;
     }
+    if (got != stack)
+        free(got);
     s->decoded++;
     for (uint32_t l = 0; l < s->L; l++)
         sync_layer(e, s, l);

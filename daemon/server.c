@@ -100,10 +100,33 @@ void srv_group_end(struct server *s, struct shard_group *g, const char *why)
         m->group = NULL;
         if (m->busy)
             m->orphaned = 1; /* its work finishes first, then it is freed */
+        else if (srv_client_by_id(s, m->owner))
+            srv_quarantine(s, m); /* its owner may be writing its pages right now */
         else
             seq_remove_one(s, m);
     }
     free(g);
+}
+
+void srv_quarantine(struct server *s, struct seq *q)
+{
+    s->slots[(uint32_t)q->id - 1].s = NULL;
+    s->n_seqs--;
+    q->next_q = s->quarantine, s->quarantine = q;
+}
+
+/* Frees what was quarantined for client id (it called again, or is gone). */
+void srv_release_quarantine(struct server *s, uint64_t id)
+{
+    for (struct seq **pp = &s->quarantine; *pp;) {
+        struct seq *q = *pp;
+        if (q->owner == id) {
+            *pp = q->next_q;
+            seq_free(&s->env, q);
+        } else {
+            pp = &q->next_q;
+        }
+    }
 }
 
 void srv_seq_remove(struct server *s, struct seq *q)
@@ -120,11 +143,12 @@ void srv_seq_remove(struct server *s, struct seq *q)
     seq_remove_one(s, q);
 }
 
-/* A sequence the client may touch: its own tenant's. */
+/* A sequence the client may act on: one it opened on this connection. (Administrators and
+ * other connections of its tenant may look at it, never act on it.) */
 struct seq *srv_seq_of(struct server *s, struct client *c, uint64_t id)
 {
     struct seq *q = srv_seq_find(s, id);
-    return q && q->tenant == c->tenant ? q : NULL;
+    return q && q->owner == c->id ? q : NULL;
 }
 
 struct client *srv_client_by_id(struct server *s, uint64_t id)
@@ -144,20 +168,45 @@ static void watch_out(struct server *s, struct client *c, int on)
     loop_set(s->loop, c->handle, LOOP_IN | (on ? LOOP_OUT : 0));
 }
 
-/* Sends what is pending; returns 1 when everything is out, 0 to wait, -1 when closed. */
+/* Drops what is queued for c (closing fds that did not go). */
+static void out_reset(struct client *c)
+{
+    for (uint32_t i = c->out_fds_next; i < c->n_out_fds; i++)
+        for (int k = 0; k < c->out_fds[i].n; k++)
+            close(c->out_fds[i].fd[k]);
+    free(c->out), free(c->out_fds);
+    c->out = NULL, c->out_fds = NULL;
+    c->out_len = c->out_off = 0;
+    c->n_out_fds = c->out_fds_next = 0;
+}
+
+/* Sends what is pending; returns 1 when everything is out, 0 to wait, -1 when closed. Each
+ * group of fds goes with the first byte of its frame, alone in its sendmsg. */
 static int client_flush(struct server *s, struct client *c)
 {
     while (c->out_off < c->out_len) {
-        struct iovec iov = {c->out + c->out_off, c->out_len - c->out_off};
+        size_t end = c->out_len;
+        struct out_fds *f = NULL;
+        if (c->out_fds_next < c->n_out_fds) {
+            struct out_fds *m = &c->out_fds[c->out_fds_next];
+            if (m->off == c->out_off) {
+                f = m;
+                if (c->out_fds_next + 1 < c->n_out_fds)
+                    end = c->out_fds[c->out_fds_next + 1].off;
+            } else {
+                end = m->off;
+            }
+        }
+        struct iovec iov = {c->out + c->out_off, end - c->out_off};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-        char cbuf[CMSG_SPACE((1 + SERVER_MAX_GPUS) * sizeof(int))];
-        if (c->n_out_fds) {
+        char cbuf[CMSG_SPACE(SERVER_MAP_FDS * sizeof(int))];
+        if (f && f->n) {
             memset(cbuf, 0, sizeof cbuf);
-            mh.msg_control = cbuf, mh.msg_controllen = CMSG_SPACE(c->n_out_fds * sizeof(int));
+            mh.msg_control = cbuf, mh.msg_controllen = CMSG_SPACE(f->n * sizeof(int));
             struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
             cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS;
-            cm->cmsg_len = CMSG_LEN(c->n_out_fds * sizeof(int));
-            memcpy(CMSG_DATA(cm), c->out_fds, c->n_out_fds * sizeof(int));
+            cm->cmsg_len = CMSG_LEN(f->n * sizeof(int));
+            memcpy(CMSG_DATA(cm), f->fd, f->n * sizeof(int));
         }
         ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
@@ -170,11 +219,15 @@ static int client_flush(struct server *s, struct client *c)
             client_close(s, c);
             return -1;
         }
-        c->n_out_fds = 0; /* the fds travelled with the first byte */
+        if (f) { /* the fds travelled with the first byte */
+            for (int k = 0; k < f->n; k++)
+                close(f->fd[k]);
+            f->n = 0;
+            c->out_fds_next++;
+        }
         c->out_off += (size_t)n;
     }
-    free(c->out);
-    c->out = NULL, c->out_len = c->out_off = 0;
+    out_reset(c);
     watch_out(s, c, 0);
     if (c->close_after_flush) {
         client_close(s, c);
@@ -184,22 +237,112 @@ static int client_flush(struct server *s, struct client *c)
 }
 
 void srv_queue_frame(struct server *s, struct client *c, uint16_t type, uint64_t rid,
-                        const ProtobufCMessage *msg, int fd)
+                     const ProtobufCMessage *msg, const int *fds, int n)
 {
+    (void)s;
     size_t blen = msg ? protobuf_c_message_get_packed_size(msg) : 0;
-    uint8_t *buf = malloc(FRAME_HEADER_BYTES + blen);
-    if (!buf) {
+    uint8_t *buf = realloc(c->out, c->out_len + FRAME_HEADER_BYTES + blen);
+    struct out_fds *of = n ? realloc(c->out_fds, sizeof(*of) * (c->n_out_fds + 1)) : NULL;
+    if (buf)
+        c->out = buf;
+    if (of)
+        c->out_fds = of;
+    if (!buf || (n && !of)) {
+        for (int k = 0; k < n; k++)
+            close(fds[k]);
         c->close_after_flush = 1;
         return;
     }
-    struct frame_header h = {FRAME_MAGIC, FRAME_VERSION, type, fd >= 0 ? FRAME_FLAG_FDS : 0,
+    struct frame_header h = {FRAME_MAGIC, FRAME_VERSION, type, n ? FRAME_FLAG_FDS : 0,
                              (uint32_t)blen, rid};
+    buf += c->out_len;
     frame_write_header(buf, &h);
     if (msg)
         protobuf_c_message_pack(msg, buf + FRAME_HEADER_BYTES);
-    free(c->out);
-    c->out = buf, c->out_len = FRAME_HEADER_BYTES + blen, c->out_off = 0;
-    c->n_out_fds = fd >= 0, c->out_fds[0] = fd;
+    if (n) {
+        struct out_fds *m = &c->out_fds[c->n_out_fds++];
+        m->off = c->out_len, m->n = n;
+        memcpy(m->fd, fds, n * sizeof(int));
+    }
+    c->out_len += FRAME_HEADER_BYTES + blen;
+}
+
+/* A MAP frame of the n entries collected in seg (fds[k] for the k-th mapped one). */
+static void queue_map(struct server *s, struct client *c, Cake__Segment *seg, int n, int *fds,
+                      int nfd)
+{
+    Cake__Segment *p[SERVER_MAP_FDS];
+    for (int i = 0; i < n; i++)
+        p[i] = &seg[i];
+    Cake__SegmentMap m = CAKE__SEGMENT_MAP__INIT;
+    m.n_segments = (size_t)n, m.segments = p;
+    srv_queue_frame(s, c, MSG_MAP | FRAME_REPLY, c->h.request_id, &m.base, fds, nfd);
+}
+
+/* The pool of index k (0: host, 1 + i: GPU i). */
+static struct pool *pool_k(struct server *s, uint32_t k)
+{
+    return k == 0 ? &s->pool : &s->gpus[k - 1].pages;
+}
+
+/* An fd of segment i of pool k to send (owned by the caller), or -errno. */
+static int seg_fd(struct server *s, uint32_t k, uint32_t i)
+{
+    struct pool *p = pool_k(s, k);
+    if (k == 0) {
+        int fd = fcntl(p->seg[i].fd, F_DUPFD_CLOEXEC, 0);
+        return fd < 0 ? -errno : fd;
+    }
+#ifdef CAKE_HAVE_CUDA
+    return srv_gpu_seg_export(s, k - 1, i);
+#else
+    return -ENOTSUP;
+#endif
+}
+
+/* Tells an engine which segments its tenant gained (with their fds) or lost since its last
+ * reply: MAP frames ahead of the reply. The pools' claim counters let a reply skip the scan
+ * when no segment changed hands anywhere. */
+static void srv_queue_maps(struct server *s, struct client *c)
+{
+    if (!c->engine || !c->tenant || c->h.type == MSG_HELLO)
+        return;
+    uint32_t np = 1 + s->n_gpus;
+    for (uint32_t k = 0; k < np; k++) {
+        struct pool *p = pool_k(s, k);
+        if (!c->seg_sent[k] || c->seg_epoch[k] == p->epoch)
+            continue;
+        c->seg_epoch[k] = p->epoch;
+        Cake__Segment seg[SERVER_MAP_FDS];
+        int fds[SERVER_MAP_FDS], n = 0, nfd = 0;
+        for (uint32_t i = 0; i < p->n_segs; i++) {
+            const struct pool_seg *g = &p->seg[i];
+            int mine = g->owner == c->tenant->id && g->gen;
+            if (mine ? c->seg_sent[k][i] == g->gen : !c->seg_sent[k][i])
+                continue;
+            int fd = -1;
+            if (mine && (fd = seg_fd(s, k, i)) < 0) {
+                srv_log("segment %u of pool %u: cannot pass it to client %llu: %s", i, k,
+                        (unsigned long long)c->id, strerror(-fd));
+                continue; /* libcake reports addresses there as outside the pool */
+            }
+            cake__segment__init(&seg[n]);
+            seg[n].pool = k, seg[n].index = i, seg[n].gen = mine ? g->gen : 0;
+            seg[n].offset = (uint64_t)i * p->seg_bytes;
+            seg[n].bytes = (uint64_t)pool_seg_pages(p, i) * p->page_bytes;
+            seg[n].revoke = !mine;
+            n++;
+            if (mine)
+                fds[nfd++] = fd;
+            c->seg_sent[k][i] = mine ? g->gen : 0;
+            if (n == SERVER_MAP_FDS) {
+                queue_map(s, c, seg, n, fds, nfd);
+                n = nfd = 0;
+            }
+        }
+        if (n)
+            queue_map(s, c, seg, n, fds, nfd);
+    }
 }
 
 static void finish_request(struct server *s, struct client *c)
@@ -213,19 +356,10 @@ static void finish_request(struct server *s, struct client *c)
         srv_client_read(s, c); /* frames may be waiting: the poll only reports new arrivals */
 }
 
-void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
-                  int fd)
+void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg)
 {
-    srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, fd);
-    finish_request(s, c);
-}
-
-void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
-                   const int *fds, int n_fds)
-{
-    srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, n_fds ? fds[0] : -1);
-    for (int i = 1; i < n_fds && i < 1 + SERVER_MAX_GPUS; i++)
-        c->out_fds[i] = fds[i], c->n_out_fds = i + 1;
+    srv_queue_maps(s, c);
+    srv_queue_frame(s, c, type | FRAME_REPLY, c->h.request_id, msg, NULL, 0);
     finish_request(s, c);
 }
 
@@ -239,7 +373,8 @@ void srv_reply_error(struct server *s, struct client *c, int code, const char *f
     s->m.errors[metrics_err_kind(code)]++;
     Cake__Error e = CAKE__ERROR__INIT;
     e.code = code, e.message = text;
-    srv_queue_frame(s, c, MSG_ERROR, c->h.request_id, &e.base, -1);
+    srv_queue_maps(s, c);
+    srv_queue_frame(s, c, MSG_ERROR, c->h.request_id, &e.base, NULL, 0);
     finish_request(s, c);
 }
 
@@ -364,6 +499,7 @@ static void client_close(struct server *s, struct client *c)
     }
     if (freed)
         s->m.clients_killed++;
+    srv_release_quarantine(s, c->id);
     c->state = C_CLOSED;
     for (uint32_t i = 0; i < s->n_clients; i++)
         if (s->clients[i] == c) {
@@ -374,12 +510,20 @@ static void client_close(struct server *s, struct client *c)
     c->next_dead = s->dead, s->dead = c;
 }
 
+static void client_free(struct client *c)
+{
+    out_reset(c);
+    for (uint32_t k = 0; k < SERVER_POOLS; k++)
+        free(c->seg_sent[k]);
+    free(c->body), free(c);
+}
+
 static void free_dead(struct server *s)
 {
     while (s->dead) {
         struct client *c = s->dead;
         s->dead = c->next_dead;
-        free(c->body), free(c->out), free(c);
+        client_free(c);
     }
 }
 
@@ -538,73 +682,13 @@ static void fd_limits(struct server *s)
     s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
-/* Refuses to start over a live daemon; removes a stale socket file. */
-static int claim_socket_path(const char *path)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-    int rc = connect(fd, (struct sockaddr *)&a, sizeof a);
-    int e = errno;
-    close(fd);
-    if (rc == 0)
-        return -EADDRINUSE;
-    if (e == ECONNREFUSED)
-        unlink(path);
-    return 0;
-}
-
-static int make_socket_dir(const char *path)
-{
-    char dir[108];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash || slash == dir)
-        return 0;
-    *slash = 0;
-    struct stat st;
-    if (stat(dir, &st) == 0)
-        return 0;
-    return mkdir(dir, 0700) < 0 && errno != EEXIST ? -errno : 0;
-}
-
 static int listen_on(struct server *s)
 {
-    const char *path = s->cfg.socket_path;
-    int rc = make_socket_dir(path);
-    if (rc) {
-        srv_log("cannot create the directory of %s: %s", path, strerror(-rc));
-        return rc;
-    }
-    if ((rc = claim_socket_path(path))) {
-        srv_log("another caked is listening on %s", path);
-        return rc;
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-    mode_t old = umask(0177); /* the socket is born 0600: no window where others connect */
-    rc = bind(fd, (struct sockaddr *)&a, sizeof a);
-    umask(old);
-    if (rc < 0 || listen(fd, 512) < 0) {
-        rc = -errno;
-        srv_log("cannot listen on %s: %s", path, strerror(-rc));
-        close(fd);
-        return rc;
-    }
-    if (s->cfg.socket_group[0]) {
-        struct group *g = getgrnam(s->cfg.socket_group);
-        if (!g || chown(path, (uid_t)-1, g->gr_gid) < 0 || chmod(path, 0660) < 0) {
-            srv_log("cannot give socket group %s access: %s", s->cfg.socket_group,
-                   g ? strerror(errno) : "no such group");
-            close(fd);
-            unlink(path);
-            return -EINVAL;
-        }
+    char why[512];
+    int fd = sockpath_listen(&s->sp, s->cfg.socket_path, s->cfg.socket_group, why, sizeof why);
+    if (fd < 0) {
+        srv_log("%s", why);
+        return fd;
     }
     s->listen_fd = fd;
     return 0;
@@ -620,6 +704,36 @@ static void human_bytes(uint64_t b, char *out, size_t len)
     snprintf(out, len, "%.4g %s", v, u[i]);
 }
 
+#ifdef CAKE_HAVE_CUDA
+/* pool_ops of a GPU pool: a segment's fresh allocation (a legacy pool has its memory) */
+static int srv_gpu_seg_fresh(void *ud, struct pool *p, uint32_t i, const char **why)
+{
+    struct srv_gpu *g = ud;
+    (void)p;
+    return g->gpu.legacy ? 0 : gpupool_seg_fresh(&g->gpu, i, why);
+}
+
+int srv_gpu_seg_export(struct server *s, uint32_t gpu, uint32_t i)
+{
+    const char *why = NULL;
+    int fd = -1;
+    int rc = gpupool_seg_export(&s->gpus[gpu].gpu, i, &fd, &why);
+    return rc ? rc : fd;
+}
+
+/* pool_ops of the host pool: each segment registered with CUDA while mapped */
+static void srv_host_seg_mapped(void *ud, struct pool *p, uint32_t i, int mapped)
+{
+    (void)ud;
+    void *at = p->base + (uint64_t)i * p->seg_bytes;
+    const char *why = NULL;
+    if (mapped)
+        gpupool_register_host(at, (size_t)pool_seg_pages(p, i) * p->page_bytes, &why);
+    else
+        gpupool_unregister_host(at);
+}
+#endif
+
 int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, int n_tenants,
                   struct server **out)
 {
@@ -630,9 +744,16 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->listen_fd = s->sig_fd = s->spare_fd = -1;
     s->owner_uid = geteuid();
     s->t_start = srv_now_s();
-    s->pool.fd = -1; /* nothing to close yet */
-    for (uint32_t i = 0; i < SERVER_MAX_GPUS; i++)
-        s->gpus[i].fd = s->gpus[i].pages.fd = -1;
+    s->admin_gid = (gid_t)-1;
+    if (cfg->admin_group[0]) {
+        struct group *g = getgrnam(cfg->admin_group);
+        if (!g) {
+            srv_log("admin group %s: no such group", cfg->admin_group);
+            free(s);
+            return -EINVAL;
+        }
+        s->admin_gid = g->gr_gid;
+    }
     /* block the shutdown signals before any thread exists, so every thread inherits the
      * mask and they arrive only through the signalfd */
     sigset_t ss;
@@ -642,7 +763,8 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     pthread_sigmask(SIG_BLOCK, &ss, NULL);
     signal(SIGPIPE, SIG_IGN);
     const char *why = NULL;
-    int rc = pool_init(&s->pool, cfg->host_pool_bytes, cfg->page_bytes, cfg->hugepages, &why);
+    int rc = pool_init(&s->pool, cfg->host_pool_bytes, cfg->page_bytes, cfg->segment_bytes,
+                       cfg->hugepages, &why);
     if (rc) {
         srv_log("host pool: %s (%s)", why, strerror(-rc));
         goto fail;
@@ -651,16 +773,20 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         struct srv_gpu *g = &s->gpus[i];
         const struct server_gpu_cfg *gc = &cfg->gpu[i];
 #ifdef CAKE_HAVE_CUDA
-        rc = cfg->gpu_ipc_legacy ? -ENOTSUP : gpupool_create(&g->gpu, gc->bytes, gc->uuid, &why);
-        if (!rc && (rc = gpupool_export(&g->gpu, &g->fd, &why)))
-            gpupool_destroy(&g->gpu);
-        if (rc == -ENOTSUP) { /* VMM export refused (or not wanted): the legacy IPC handle */
-            if (!cfg->gpu_ipc_legacy)
-                srv_log("GPU pool: %s; falling back to a legacy CUDA IPC handle", why);
+        /* VMM: one allocation per segment, each tenant's passed to its engines alone;
+         * legacy IPC (asked for explicitly): one allocation every engine maps */
+        uint64_t gran = 0, seg = 0;
+        if (cfg->gpu_ipc_legacy) {
             rc = gpupool_create_legacy(&g->gpu, gc->bytes, gc->uuid, &why);
+        } else if (!(rc = gpupool_granularity(gc->uuid, &gran, &why))) {
+            uint64_t bytes = (gc->bytes + gran - 1) / gran * gran;
+            seg = cfg->segment_bytes ? cfg->segment_bytes : pool_default_seg_bytes(bytes, cfg->page_bytes);
+            rc = gpupool_create(&g->gpu, bytes, seg, gc->uuid, &why);
         }
         if (rc) {
-            srv_log("GPU pool %u: %s", i, why);
+            srv_log("GPU pool %u: %s%s", i, why, rc == -ENOTSUP && !cfg->gpu_ipc_legacy
+                    ? " (--gpu-ipc legacy shares one CUDA IPC handle instead, without isolating "
+                      "tenants)" : "");
             goto fail;
         }
         s->n_gpus = i + 1;
@@ -674,8 +800,10 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             }
         /* the same pages and layout as the host pool: GPU sequences hold their K/V here */
         int nw = cfg->workers > 0 ? cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN);
+        struct pool_ops ops = {.fresh = srv_gpu_seg_fresh, .ud = g};
         if ((rc = pool_init_external(&g->pages, (void *)(uintptr_t)g->gpu.va, g->gpu.bytes,
-                                     cfg->page_bytes, &why)) ||
+                                     cfg->page_bytes, g->gpu.legacy ? g->gpu.bytes : seg, &ops,
+                                     &why)) ||
             (rc = gpuexec_create(&g->x, g->gpu.device, nw, &why))) {
             srv_log("GPU pool %u: %s", i, why);
             goto fail;
@@ -688,13 +816,23 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
 #endif
     }
 #ifdef CAKE_HAVE_CUDA
-    /* where a GPU exists, register the host pool for fast copies (engines do the same) */
-    s->host_registered = gpupool_register_host(s->pool.base, s->pool.bytes, &why) == 0;
+    /* where a GPU exists, each host segment is registered for fast copies as it is mapped
+     * (engines do the same) */
+    if (s->n_gpus) {
+        struct pool_ops ops = {.mapped = srv_host_seg_mapped, .ud = s};
+        pool_set_ops(&s->pool, &ops);
+        s->host_registered = 1;
+    }
 #endif
-    for (int i = 0; i < n_tenants; i++)
-        if ((rc = tenant_configure(&s->tenants, tcfg[i].name, tcfg[i].uid, tcfg[i].weight,
-                                   tcfg[i].min_bytes, tcfg[i].max_bytes)))
+    for (int i = 0; i < n_tenants; i++) {
+        uint32_t own = (uint32_t)s->owner_uid;
+        const uint32_t *uids = tcfg[i].n_uids ? tcfg[i].uids : &own;
+        if ((rc = tenant_configure(&s->tenants, tcfg[i].name, uids, tcfg[i].n_uids ? tcfg[i].n_uids : 1,
+                                   tcfg[i].weight, tcfg[i].min_bytes, tcfg[i].max_bytes))) {
+            srv_log("tenant %s: %s", tcfg[i].name, strerror(-rc));
             goto fail;
+        }
+    }
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
@@ -726,12 +864,16 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     for (uint32_t i = 0; i < s->n_gpus; i++) {
         human_bytes(s->gpus[i].bytes, gb, sizeof gb);
         srv_log("GPU pool %u: %s on %s (shared by %s); host pool %s with CUDA", i, gb,
-                s->gpus[i].uuid, s->gpus[i].fd >= 0 ? "file descriptor" : "legacy IPC handle",
+                s->gpus[i].uuid, s->gpus[i].gpu.legacy ? "one legacy IPC handle, every tenant"
+                                                       : "file descriptors per segment and tenant",
                 s->host_registered ? "registered" : "not registered");
     }
-    srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s%s; %s event "
-           "loop; %d workers", CAKE_VERSION, cfg->socket_path, cfg->socket_group[0] ? "0660" : "0600",
-           pb, s->pool.pages, pg, s->pool.hugepages ? " (huge pages)" : "", s->io_name,
+    char sb[32];
+    human_bytes(s->pool.seg_bytes, sb, sizeof sb);
+    srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s, segments of %s%s; "
+           "%s event loop; %d workers", CAKE_VERSION, cfg->socket_path,
+           cfg->socket_group[0] ? "0660" : "0600", pb, s->pool.pages, pg, sb,
+           s->pool.hugepages ? " (huge pages)" : "", s->io_name,
            cfg->workers > 0 ? cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN));
     *out = s;
     return 0;
@@ -754,14 +896,13 @@ int server_run(struct server *s)
     loop_del(s->loop, s->listen_h);
     close(s->listen_fd);
     s->listen_fd = -1;
-    unlink(s->cfg.socket_path);
+    sockpath_unlink(&s->sp);
     while (s->n_clients) {
         struct client *c = s->clients[0];
         Cake__Error e = CAKE__ERROR__INIT;
         e.code = CAKE_ESHUTDOWN, e.message = (char *)"caked is shutting down";
-        free(c->out);
-        c->out = NULL;
-        srv_queue_frame(s, c, MSG_ERROR, 0, &e.base, -1);
+        out_reset(c);
+        srv_queue_frame(s, c, MSG_ERROR, 0, &e.base, NULL, 0);
         if (c->out)
             send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
         client_close(s, c);
@@ -781,7 +922,7 @@ void server_destroy(struct server *s)
         workers_stop(s->workers);
     for (uint32_t i = 0; i < s->n_clients; i++) {
         close(s->clients[i]->fd);
-        free(s->clients[i]->body), free(s->clients[i]->out), free(s->clients[i]);
+        client_free(s->clients[i]);
     }
     free(s->clients);
     free_dead(s);
@@ -796,7 +937,12 @@ void server_destroy(struct server *s)
     }
     if (s->listen_fd >= 0) {
         close(s->listen_fd);
-        unlink(s->cfg.socket_path);
+        sockpath_unlink(&s->sp);
+    }
+    while (s->quarantine) {
+        struct seq *q = s->quarantine;
+        s->quarantine = q->next_q;
+        seq_free(&s->env, q);
     }
     if (s->sig_fd >= 0)
         close(s->sig_fd);
@@ -811,15 +957,8 @@ void server_destroy(struct server *s)
         if (i < s->n_gpus)
             gpupool_destroy(&g->gpu);
 #endif
-        if (g->fd >= 0)
-            close(g->fd);
     }
-#ifdef CAKE_HAVE_CUDA
-    if (s->host_registered)
-        gpupool_unregister_host(s->pool.base);
-#endif
-    if (s->pool.base)
-        pool_fini(&s->pool);
+    pool_fini(&s->pool); /* unregisters its segments (srv_host_seg_mapped) */
     tenants_fini(&s->tenants);
     free(s);
 }

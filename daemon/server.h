@@ -17,6 +17,8 @@
 struct server_cfg {
     char socket_path[108];
     char socket_group[64];   /* empty: mode 0600; else owned by this group, mode 0660 */
+    char admin_group[64];    /* members may administer (besides root and caked's uid) */
+    uint64_t segment_bytes;  /* pool segment size (0: pool_default_seg_bytes) */
     uint64_t host_pool_bytes;
     struct server_gpu_cfg {  /* one GPU pool per GPU (--gpu-pool repeated) */
         uint64_t bytes;
@@ -34,7 +36,8 @@ struct server_cfg {
 
 struct tenant_cfg {
     char name[64];
-    int64_t uid;             /* -1: any */
+    uint32_t uids[16];       /* the uids that may be this tenant (TENANT_MAX_UIDS) */
+    uint32_t n_uids;         /* 0: caked's own uid */
     uint32_t weight;
     uint64_t min_bytes, max_bytes;
 };

@@ -12,6 +12,7 @@
 #include "seq.h"
 #include "shard.h"
 #include "server.h"
+#include "sockpath.h"
 #include "tenant.h"
 #include "worker.h"
 #ifdef CAKE_HAVE_CUDA
@@ -21,6 +22,15 @@
 #define SERVER_MAX_CLIENTS 4096      /* accept() beyond this is refused and counted */
 #define SERVER_MAX_DECODE_BATCH 65536 /* sequence ids in one DECODE_STEP */
 #define UNPACK_LIMIT(len) ((size_t)(len) * 8 + 65536) /* bound on unpacker heap per body */
+#define SERVER_MAP_FDS 64            /* segment fds in one MAP frame (SCM_MAX_FD is 253) */
+#define SERVER_POOLS (1 + SERVER_MAX_GPUS) /* the host pool, then one per GPU */
+
+/* File descriptors travelling with the output byte at `off` (owned: closed once sent). */
+struct out_fds {
+    size_t off;
+    int n;
+    int fd[SERVER_MAP_FDS];
+};
 
 enum conn_state { C_HEADER, C_BODY, C_BUSY, C_CLOSED };
 
@@ -30,8 +40,12 @@ struct client {
     int fd, handle;
     struct ucred cred;
     struct tenant *tenant;
-    int admin;
-    int engine;            /* mapped the pool */
+    int admin;             /* asked for administration at HELLO and has the right */
+    int engine;            /* maps its tenant's pool segments */
+    /* the generation of each pool segment this engine was sent (0: none), and the pools'
+     * claim counters when last compared (a reply skips the scan while they are unchanged) */
+    uint32_t *seg_sent[SERVER_POOLS];
+    uint64_t seg_epoch[SERVER_POOLS];
     enum conn_state state;
     uint8_t hdr[FRAME_HEADER_BYTES];
     size_t got;            /* body bytes received */
@@ -44,10 +58,10 @@ struct client {
     uint8_t *body;
     int discard;           /* unknown type: read and drop the body, then answer */
     int close_after_flush; /* the stream is unusable after this reply */
-    uint8_t *out;
+    uint8_t *out;          /* frames queued: MAP frames, then the reply */
     size_t out_len, out_off;
-    int out_fds[1 + SERVER_MAX_GPUS]; /* fds to pass with the pending reply */
-    int n_out_fds;
+    struct out_fds *out_fds; /* in order of off */
+    uint32_t n_out_fds, out_fds_next;
     double t0;             /* request start */
 };
 
@@ -66,7 +80,6 @@ struct server {
         struct gpupool gpu;
 #endif
         char uuid[48];
-        int fd;            /* exported GPU pool, -1 none (legacy IPC) */
         uint64_t bytes;
         struct pool pages; /* the page allocator over the GPU pool */
         struct gpuexec *x; /* workers' CUDA streams and workspaces on that GPU */
@@ -89,6 +102,10 @@ struct server {
     struct client *dead;   /* closed during this loop iteration, freed after it */
     double t_start;
     uid_t owner_uid;
+    gid_t admin_gid;       /* --admin-group, (gid_t)-1 none */
+    struct sockpath sp;    /* the socket bound (removed at exit only if still ours) */
+    struct seq *quarantine; /* ended by another client's action, pages held until the
+                               owner's next request or disconnect (seq->next_q) */
     int stopping;
     struct shard_group *groups; /* tensor-parallel shard groups (shard.h) */
 };
@@ -124,15 +141,24 @@ void srv_group_end(struct server *s, struct shard_group *g, const char *why);
 struct seq *srv_seq_of(struct server *s, struct client *c, uint64_t id); /* own tenant's only */
 struct client *srv_client_by_id(struct server *s, uint64_t id);
 
-/* replies: queue one frame (fd >= 0 travels with it), then finish the request */
+/* replies: queue one frame (the n fds, owned, travel with it), then finish the request.
+ * A reply to an engine is preceded by MAP frames for the segments its tenant gained or
+ * lost since its last reply (srv_queue_maps). */
 void srv_queue_frame(struct server *s, struct client *c, uint16_t type, uint64_t rid,
-                     const ProtobufCMessage *msg, int fd);
-void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg, int fd);
-/* a reply with fds (HELLO: the host pool memfd, then each GPU pool shared by fd) */
-void srv_reply_fds(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg,
-                   const int *fds, int n_fds);
+                     const ProtobufCMessage *msg, const int *fds, int n);
+void srv_reply(struct server *s, struct client *c, uint16_t type, const ProtobufCMessage *msg);
+/* Removes q from the sequence table now; its pages are freed when its owner next calls or
+ * disconnects (it may still be writing them: the header's contract). */
+void srv_quarantine(struct server *s, struct seq *q);
 void srv_reply_error(struct server *s, struct client *c, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+#ifdef CAKE_HAVE_CUDA
+/* An fd of segment i of GPU pool gpu for a client (the caller closes it), or -errno. */
+int srv_gpu_seg_export(struct server *s, uint32_t gpu, uint32_t i);
+#endif
+/* Frees the sequences quarantined for client id (srv_quarantine). */
+void srv_release_quarantine(struct server *s, uint64_t id);
 
 /* handlers.c: runs the request in c->h / c->body */
 void srv_dispatch(struct server *s, struct client *c);

@@ -22,6 +22,7 @@ int tenant_name_ok(const char *name)
 
 static struct tenant *add(struct tenants *ts, const char *name, uint32_t uid)
 {
+    /* a tenant's index (its id - 1) never changes: the array is allocated once */
     if (ts->n >= TENANT_MAX)
         return NULL;
     if (!ts->t) { /* allocated once: tenant pointers stay valid for the daemon's life */
@@ -31,41 +32,60 @@ static struct tenant *add(struct tenants *ts, const char *name, uint32_t uid)
     }
     struct tenant *t = &ts->t[ts->n++];
     memset(t, 0, sizeof(*t));
+    t->id = ts->n;
     strncpy(t->name, name, TENANT_NAME_MAX);
-    t->uid = uid, t->weight = 1;
+    t->uid = uid, t->uids[0] = uid, t->n_uids = 1, t->weight = 1;
     return t;
 }
 
-struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create)
+int tenant_has_uid(const struct tenant *t, uint32_t uid)
 {
-    struct tenant *claim = NULL;
+    for (uint32_t i = 0; i < t->n_uids; i++)
+        if (t->uids[i] == uid)
+            return 1;
+    return 0;
+}
+
+struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create,
+                          int *err)
+{
+    int configured_elsewhere = 0;
     for (uint32_t i = 0; i < ts->n; i++) {
         struct tenant *t = &ts->t[i];
         if (strcmp(t->name, name))
             continue;
-        if (!t->any_uid && t->uid == uid)
+        if (tenant_has_uid(t, uid))
             return t;
-        if (t->any_uid && !claim)
-            claim = t;
+        configured_elsewhere |= t->configured;
     }
-    if (claim && create) {
-        claim->any_uid = 0, claim->uid = uid;
-        return claim;
+    if (configured_elsewhere) {
+        *err = -EPERM;
+        return NULL;
     }
-    return create ? add(ts, name, uid) : NULL;
+    struct tenant *t = create ? add(ts, name, uid) : NULL;
+    if (!t)
+        *err = -ENOMEM;
+    return t;
 }
 
-int tenant_configure(struct tenants *ts, const char *name, int64_t uid, uint32_t weight,
-                     uint64_t min_bytes, uint64_t max_bytes)
+int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
+                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes)
 {
+    if (!n || n > TENANT_MAX_UIDS)
+        return -EINVAL;
     struct tenant *t = NULL;
     for (uint32_t i = 0; i < ts->n && !t; i++)
-        if (!strcmp(ts->t[i].name, name) && (uid < 0 || (!ts->t[i].any_uid && ts->t[i].uid == uid)))
+        if (!strcmp(ts->t[i].name, name) && (ts->t[i].configured || tenant_has_uid(&ts->t[i], uids[0])))
             t = &ts->t[i];
-    if (!t && !(t = add(ts, name, uid < 0 ? 0 : (uint32_t)uid)))
+    /* a uid already attached under this name as a tenant of its own would then have two */
+    for (uint32_t i = 0; i < ts->n; i++)
+        for (uint32_t k = 0; k < n; k++)
+            if (&ts->t[i] != t && !strcmp(ts->t[i].name, name) && tenant_has_uid(&ts->t[i], uids[k]))
+                return -EEXIST;
+    if (!t && !(t = add(ts, name, uids[0])))
         return -ENOMEM;
-    if (uid < 0 && !t->clients && !t->used_bytes)
-        t->any_uid = 1;
+    memcpy(t->uids, uids, n * sizeof(*uids));
+    t->n_uids = n, t->uid = uids[0];
     t->weight = weight ? weight : 1;
     t->min_bytes = min_bytes, t->max_bytes = max_bytes;
     t->configured = 1;

@@ -1,6 +1,9 @@
 /* tenant.h - tenants and admission control.
  *
- * A tenant is (service name declared at attach, peer uid from SO_PEERCRED). Each has a
+ * A tenant is a service name declared at attach together with the uid(s) allowed to be it
+ * (the peer uid from SO_PEERCRED, which the kernel proves): a configured tenant names its
+ * uids (default: caked's own), and another uid declaring that name is refused; an
+ * unconfigured name becomes the tenant (name, that uid) at its first attach. Each has a
  * weight, a minimum and a maximum in bytes; configured tenants exist before anyone
  * attaches. Admission: a tenant may grow to its maximum (0 = its weighted share of the
  * pool among the tenants that are attached, hold memory or are configured), always to its
@@ -13,11 +16,13 @@
 #define TENANT_NAME_MAX 63
 #define TENANT_MAX 4096 /* distinct (name, uid) pairs; attach is refused beyond it */
 #define TENANT_MAX_WEIGHT 1000000u
+#define TENANT_MAX_UIDS 16
 
 struct tenant {
+    uint32_t id;          /* 1 + its index: the owner of its pool segments (pool.h) */
     char name[TENANT_NAME_MAX + 1];
-    uint32_t uid;
-    int any_uid;          /* configured without a uid: the first uid to attach claims it */
+    uint32_t uid;         /* the first of uids (what listings show) */
+    uint32_t uids[TENANT_MAX_UIDS], n_uids;
     uint32_t weight;
     uint64_t min_bytes, max_bytes;
     uint64_t used_bytes;
@@ -32,12 +37,19 @@ struct tenants {
     uint32_t n, cap;
 };
 
-/* Finds (name, uid), creating it with weight 1 when create is set. NULL on no memory or
- * too many tenants. Pointers stay valid until tenants_fini (tenants are never removed). */
-struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create);
-/* Adds or updates a configured tenant (uid < 0: any uid). Returns 0 or -ENOMEM. */
-int tenant_configure(struct tenants *ts, const char *name, int64_t uid, uint32_t weight,
-                     uint64_t min_bytes, uint64_t max_bytes);
+/* The tenant uid may be under the name: the configured one listing uid, else (name, uid),
+ * created with weight 1 when create is set. NULL with *why: the name is configured for other
+ * uids (-EPERM), or no memory / too many tenants (-ENOMEM). Pointers stay valid until
+ * tenants_fini (tenants are never removed). */
+struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, int create,
+                          int *err);
+/* Adds or updates the configured tenant `name` that the n uids (1..TENANT_MAX_UIDS) may be.
+ * Returns 0, -ENOMEM, or -EEXIST when one of the uids already attached under that name as a
+ * tenant of its own (its memory is accounted there). */
+int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
+                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes);
+/* Does t admit uid? */
+int tenant_has_uid(const struct tenant *t, uint32_t uid);
 void tenants_fini(struct tenants *ts);
 
 /* Effective cap of t in a pool of pool_bytes: its maximum or weighted share, at least its

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "gpupool.h"
@@ -89,24 +90,13 @@ static int find_device(const char *uuid, int *dev, char *name, const char **why)
     return -ENODEV;
 }
 
-static int reserve_and_map(struct gpupool *p, const char **why)
+static void alloc_prop(CUmemAllocationProp *prop, int device)
 {
-    CUdeviceptr va;
-    CU(drv.cuMemAddressReserve(&va, p->bytes, 0, 0, 0), "cuMemAddressReserve");
-    CUresult r = drv.cuMemMap(va, p->bytes, 0, (CUmemGenericAllocationHandle)p->handle, 0);
-    if (r != CUDA_SUCCESS) {
-        drv.cuMemAddressFree(va, p->bytes);
-        return fail(r, "cuMemMap", why);
-    }
-    CUmemAccessDesc acc = {{CU_MEM_LOCATION_TYPE_DEVICE, p->device}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    r = drv.cuMemSetAccess(va, p->bytes, &acc, 1);
-    if (r != CUDA_SUCCESS) {
-        drv.cuMemUnmap(va, p->bytes);
-        drv.cuMemAddressFree(va, p->bytes);
-        return fail(r, "cuMemSetAccess", why);
-    }
-    p->va = va;
-    return 0;
+    memset(prop, 0, sizeof(*prop));
+    prop->type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop->location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop->location.id = device;
+    prop->requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
 }
 
 static int setup(struct gpupool *p, const char *uuid, const char **why)
@@ -119,11 +109,8 @@ static int setup(struct gpupool *p, const char *uuid, const char **why)
         *why = "cannot make a CUDA context on that GPU";
         return -EIO;
     }
-    CUmemAllocationProp prop = {0};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = p->device;
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    CUmemAllocationProp prop;
+    alloc_prop(&prop, p->device);
     size_t g = 0;
     CU(drv.cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM), "granularity");
     p->granularity = g;
@@ -131,58 +118,123 @@ static int setup(struct gpupool *p, const char *uuid, const char **why)
     return 0;
 }
 
-int gpupool_create(struct gpupool *p, uint64_t bytes, const char *uuid, const char **why)
+int gpupool_granularity(const char *uuid, uint64_t *g, const char **why)
+{
+    struct gpupool p;
+    memset(&p, 0, sizeof p);
+    int rc = setup(&p, uuid, why);
+    *g = p.granularity;
+    return rc;
+}
+
+int gpupool_create(struct gpupool *p, uint64_t bytes, uint64_t seg_bytes, const char *uuid,
+                   const char **why)
 {
     memset(p, 0, sizeof(*p));
     p->bytes = bytes;
     int rc = setup(p, uuid, why);
     if (rc)
         return rc;
-    CUmemAllocationProp prop = {0};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = p->device;
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-    CUmemGenericAllocationHandle h;
-    CU(drv.cuMemCreate(&h, p->bytes, &prop, 0), "cuMemCreate");
-    p->handle = h;
-    if ((rc = reserve_and_map(p, why))) {
-        drv.cuMemRelease(h);
-        return rc;
+    if (!seg_bytes || seg_bytes % p->granularity) {
+        *why = "GPU pool segments must be a multiple of the allocation granularity";
+        return -EINVAL;
     }
+    p->seg_bytes = seg_bytes;
+    p->n_segs = (uint32_t)((p->bytes + seg_bytes - 1) / seg_bytes);
+    if (!(p->seg = calloc(p->n_segs, sizeof(*p->seg)))) {
+        *why = "out of memory";
+        return -ENOMEM;
+    }
+    CUdeviceptr va;
+    CUresult r = drv.cuMemAddressReserve(&va, p->bytes, 0, 0, 0);
+    if (r != CUDA_SUCCESS) {
+        free(p->seg);
+        p->seg = NULL;
+        return fail(r, "cuMemAddressReserve", why);
+    }
+    p->va = va;
     return 0;
 }
 
-int gpupool_export(const struct gpupool *p, int *fd, const char **why)
+uint64_t gpupool_seg_len(const struct gpupool *p, uint32_t i)
 {
+    uint64_t off = (uint64_t)i * p->seg_bytes;
+    return p->bytes - off < p->seg_bytes ? p->bytes - off : p->seg_bytes;
+}
+
+/* Maps handle h as segment i of this process's range, readable and writable by its GPU. */
+static int map_seg(struct gpupool *p, uint32_t i, CUmemGenericAllocationHandle h, const char **why)
+{
+    CUdeviceptr at = p->va + (uint64_t)i * p->seg_bytes;
+    uint64_t len = gpupool_seg_len(p, i);
+    CU(drv.cuMemMap(at, len, 0, h, 0), "cuMemMap");
+    CUmemAccessDesc acc = {{CU_MEM_LOCATION_TYPE_DEVICE, p->device}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    CUresult r = drv.cuMemSetAccess(at, len, &acc, 1);
+    if (r != CUDA_SUCCESS) {
+        drv.cuMemUnmap(at, len);
+        return fail(r, "cuMemSetAccess", why);
+    }
+    p->seg[i] = h;
+    return 0;
+}
+
+void gpupool_seg_drop(struct gpupool *p, uint32_t i)
+{
+    if (!p->seg || i >= p->n_segs || !p->seg[i])
+        return;
+    /* an empty segment: no kernel of caked's reads it; an engine's own kernels over pages
+     * it no longer holds are its bug */
+    drv.cuMemUnmap(p->va + (uint64_t)i * p->seg_bytes, gpupool_seg_len(p, i));
+    drv.cuMemRelease((CUmemGenericAllocationHandle)p->seg[i]);
+    p->seg[i] = 0;
+}
+
+int gpupool_seg_fresh(struct gpupool *p, uint32_t i, const char **why)
+{
+    if (i >= p->n_segs) {
+        *why = "no such GPU pool segment";
+        return -EINVAL;
+    }
+    gpupool_seg_drop(p, i);
+    CUmemAllocationProp prop;
+    alloc_prop(&prop, p->device);
+    CUmemGenericAllocationHandle h;
+    CU(drv.cuMemCreate(&h, gpupool_seg_len(p, i), &prop, 0), "cuMemCreate");
+    int rc = map_seg(p, i, h, why);
+    if (rc)
+        drv.cuMemRelease(h);
+    return rc;
+}
+
+int gpupool_seg_export(const struct gpupool *p, uint32_t i, int *fd, const char **why)
+{
+    if (i >= p->n_segs || !p->seg[i]) {
+        *why = "GPU pool segment has no memory";
+        return -EINVAL;
+    }
     int out = -1;
-    CU(drv.cuMemExportToShareableHandle(&out, (CUmemGenericAllocationHandle)p->handle,
-                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+    CU(drv.cuMemExportToShareableHandle(&out, (CUmemGenericAllocationHandle)p->seg[i],
+                                        CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
        "cuMemExportToShareableHandle");
     *fd = out;
     return 0;
 }
 
-int gpupool_import(struct gpupool *p, int fd, uint64_t bytes, const char *uuid, const char **why)
+int gpupool_seg_import(struct gpupool *p, uint32_t i, int fd, const char **why)
 {
-    memset(p, 0, sizeof(*p));
-    p->bytes = bytes;
-    int rc = setup(p, uuid, why);
-    if (rc)
-        return rc;
-    if (p->bytes != bytes) {
-        *why = "pool size is not a multiple of the allocation granularity";
+    if (i >= p->n_segs) {
+        *why = "no such GPU pool segment";
         return -EINVAL;
     }
+    gpupool_seg_drop(p, i);
     CUmemGenericAllocationHandle h;
-    CU(drv.cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+    CU(drv.cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd,
+                                          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
        "cuMemImportFromShareableHandle");
-    p->handle = h;
-    if ((rc = reserve_and_map(p, why))) {
+    int rc = map_seg(p, i, h, why);
+    if (rc)
         drv.cuMemRelease(h);
-        return rc;
-    }
-    return 0;
+    return rc;
 }
 
 int gpupool_create_legacy(struct gpupool *p, uint64_t bytes, const char *uuid, const char **why)
@@ -238,12 +290,11 @@ void gpupool_destroy(struct gpupool *p)
         memset(p, 0, sizeof(*p));
         return;
     }
-    if (p->va) {
-        drv.cuMemUnmap(p->va, p->bytes);
+    for (uint32_t i = 0; p->seg && i < p->n_segs; i++)
+        gpupool_seg_drop(p, i);
+    if (p->va)
         drv.cuMemAddressFree(p->va, p->bytes);
-    }
-    if (p->handle)
-        drv.cuMemRelease((CUmemGenericAllocationHandle)p->handle);
+    free(p->seg);
     memset(p, 0, sizeof(*p));
 }
 

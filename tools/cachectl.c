@@ -1,12 +1,14 @@
 /* cachectl - shows and steers a running caked.
  *
- *   cachectl [--socket PATH] [--json] [-i SECS] COMMAND
+ *   cachectl [--socket PATH] [--server-uid UID] [--json] [-i SECS] COMMAND
  *     status                 daemon, pool and counts
  *     tenants                tenants: weight, minimum, cap, bytes used, sequences
- *     sequences              open sequences (all of them for root and caked's owner)
+ *     sequences              open sequences (every tenant's for administrators: root,
+ *                            caked's uid, --admin-group; else the caller's tenant's)
  *     seq ID                 one sequence, layer by layer: preference, budget, kept
  *     metrics                Prometheus text
- *     quota TENANT [--weight N] [--min SIZE] [--max SIZE]   (root or caked's owner)
+ *     quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE]   (administrators;
+ *                            changes only the values given)
  *
  * A human table by default; --json is the stable interface (one JSON object per
  * command, documented in tools/README.md). -i SECS repeats the command every SECS seconds.
@@ -274,18 +276,21 @@ static int cmd_quota(cake_ctx *c, int argc, char **argv)
         uint64_t v = 0;
         if (i + 1 >= argc)
             return 2;
-        if (!strcmp(argv[i], "--weight")) {
+        if (!strcmp(argv[i], "--weight") || !strcmp(argv[i], "--uid")) {
             char *end;
             long w = strtol(argv[i + 1], &end, 10);
-            if (*end || w < 1)
+            if (*end || w < 0 || w > (long)UINT32_MAX - 1)
                 return 2;
-            m.weight = (uint32_t)w;
+            if (argv[i][2] == 'w')
+                m.weight = (uint32_t)w, m.has_weight = 1;
+            else
+                m.uid = (uint32_t)w, m.has_uid = 1;
         } else if ((!strcmp(argv[i], "--min") || !strcmp(argv[i], "--max")) &&
                    !parse_size(argv[i + 1], &v)) {
             if (argv[i][3] == 'i')
-                m.min_bytes = v;
+                m.min_bytes = v, m.has_min = 1;
             else
-                m.max_bytes = v;
+                m.max_bytes = v, m.has_max = 1;
         } else {
             return 2;
         }
@@ -305,8 +310,8 @@ static int cmd_quota(cake_ctx *c, int argc, char **argv)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: cachectl [--socket PATH] [--json] [-i SECS] "
-               "status|tenants|sequences|seq ID|metrics|quota TENANT [--weight N] [--min SIZE] [--max SIZE]\n");
+    fprintf(f, "usage: cachectl [--socket PATH] [--server-uid UID] [--json] [-i SECS] "
+               "status|tenants|sequences|seq ID|metrics|quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE]\n");
 }
 
 static volatile sig_atomic_t stop;
@@ -316,8 +321,10 @@ int main(int argc, char **argv)
 {
     const char *sock = NULL;
     double interval = 0;
+    long server_uid = -2; /* libcake's default: root or our own uid */
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
+        {"server-uid", 1, 0, 'u'},
         {0, 0, 0, 0},
     };
     int o;
@@ -327,6 +334,12 @@ int main(int argc, char **argv)
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
         case 'h': usage(stdout); return 0;
+        case 'u': {
+            char *end;
+            server_uid = strtol(optarg, &end, 10);
+            if (*end || server_uid < 0) { usage(stderr); return 2; }
+            break;
+        }
         default: usage(stderr); return 2;
         }
     }
@@ -343,7 +356,10 @@ int main(int argc, char **argv)
         return 2;
     }
     cake_ctx *c;
-    if (cake_create(&c) || cake_set_service(c, "cachectl"))
+    /* administration is asked for: granted to root, caked's uid and --admin-group, others
+     * see their own tenant */
+    if (cake_create(&c) || cake_set_service(c, "cachectl") || cake_set_admin(c, 1) ||
+        (server_uid != -2 && cake_set_server_uid(c, server_uid)))
         return 1;
     int rc = cake_connect(c, sock, 0);
     if (rc) {

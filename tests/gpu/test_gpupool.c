@@ -1,8 +1,11 @@
-/* The GPU pool across processes, as caked and an engine use it: the owner creates device
- * memory and passes its file descriptor over a Unix socket; the other process imports and
- * maps it, writes, and the owner reads the same bytes. Also a memfd host pool registered with
- * CUDA in both processes. Prints attach cost (import + map) and host<->GPU bandwidth from the
- * registered memfd. Exit 77 without a GPU. */
+/* The GPU pool across processes, as caked and an engine use it: the owner reserves the
+ * pool's range, gives each segment memory and passes the segments' file descriptors over a
+ * Unix socket; the other process reserves a range of the same size, maps each segment at its
+ * offset, writes, and the owner reads the same bytes. Then the owner gives one segment fresh
+ * memory (a new owner's), writes it, and the other process, still mapping the old one, must
+ * not see those bytes. Also a memfd host pool registered with CUDA in both processes. Prints
+ * attach cost (import + map) and host<->GPU bandwidth from the registered memfd. Exit 77
+ * without a GPU. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -20,6 +23,8 @@
 #include "gpupool.h"
 
 #define POOL (64ull << 20)
+#define SEG (4ull << 20)
+#define NSEG ((int)(POOL / SEG))
 #define HOST (256ull << 20)
 
 static double now(void)
@@ -29,29 +34,27 @@ static double now(void)
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static void send_fds(int s, int a, int b)
+static void send_fds(int s, const int *fds, int n)
 {
-    char c = 'x', cbuf[CMSG_SPACE(2 * sizeof(int))];
+    char c = 'x', cbuf[CMSG_SPACE(32 * sizeof(int))];
     struct iovec iov = {&c, 1};
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                       .msg_controllen = CMSG_SPACE(n * sizeof(int))};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
-    cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
-    int fds[2] = {a, b};
-    memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    cm->cmsg_level = SOL_SOCKET, cm->cmsg_type = SCM_RIGHTS, cm->cmsg_len = CMSG_LEN(n * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, n * sizeof(int));
     if (sendmsg(s, &m, 0) != 1)
         exit(2);
 }
 
-static void recv_fds(int s, int *a, int *b)
+static void recv_fds(int s, int *fds, int n)
 {
-    char c, cbuf[CMSG_SPACE(2 * sizeof(int))];
+    char c, cbuf[CMSG_SPACE(32 * sizeof(int))];
     struct iovec iov = {&c, 1};
     struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
     if (recvmsg(s, &m, 0) != 1)
         exit(3);
-    int fds[2];
-    memcpy(fds, CMSG_DATA(CMSG_FIRSTHDR(&m)), sizeof fds);
-    *a = fds[0], *b = fds[1];
+    memcpy(fds, CMSG_DATA(CMSG_FIRSTHDR(&m)), n * sizeof(int));
 }
 
 int main(void)
@@ -67,20 +70,27 @@ int main(void)
     pid_t pid = fork();
     if (pid == 0) { /* the engine: import, write a pattern, copy through the host pool */
         close(sv[0]);
-        int gfd, hfd;
-        recv_fds(sv[1], &gfd, &hfd);
+        int fds[NSEG + 1];
+        recv_fds(sv[1], fds, NSEG + 1);
+        int hfd = fds[NSEG];
         struct gpupool p;
         const char *why = "";
         double tc = now();
         if (cudaFree(0) != cudaSuccess) /* the process's CUDA context, made once at attach */
             _exit(4);
         double ctx = now() - tc, t0 = now();
-        if (gpupool_import(&p, gfd, POOL, NULL, &why)) {
-            fprintf(stderr, "import: %s\n", why);
+        if (gpupool_create(&p, POOL, SEG, NULL, &why)) {
+            fprintf(stderr, "reserve: %s\n", why);
             _exit(4);
         }
+        for (int i = 0; i < NSEG; i++) {
+            if (gpupool_seg_import(&p, (uint32_t)i, fds[i], &why)) {
+                fprintf(stderr, "import: %s\n", why);
+                _exit(4);
+            }
+            close(fds[i]);
+        }
         double attach = now() - t0;
-        close(gfd);
         if (cudaMemset((void *)(uintptr_t)p.va, 0x5a, POOL) != cudaSuccess || cudaDeviceSynchronize())
             _exit(5);
         void *host = mmap(NULL, HOST, PROT_READ | PROT_WRITE, MAP_SHARED, hfd, 0);
@@ -100,13 +110,27 @@ int main(void)
             double c = now();
             h2d = b - a < h2d ? b - a : h2d, d2h = c - b < d2h ? c - b : d2h;
         }
-        printf("engine: CUDA context %.1f ms, then import + map of a %llu MiB GPU pool %.3f ms; "
-               "registered memfd: host->GPU %.1f GB/s, GPU->host %.1f GB/s\n", ctx * 1e3,
-               (unsigned long long)(POOL >> 20), attach * 1e3, HOST / h2d / 1e9, HOST / d2h / 1e9);
+        printf("engine: CUDA context %.1f ms, then import + map of a %llu MiB GPU pool in %d "
+               "segments %.3f ms; registered memfd: host->GPU %.1f GB/s, GPU->host %.1f GB/s\n",
+               ctx * 1e3, (unsigned long long)(POOL >> 20), NSEG, attach * 1e3, HOST / h2d / 1e9,
+               HOST / d2h / 1e9);
         fflush(stdout);
         char ok = 'k';
         if (write(sv[1], &ok, 1) != 1)
             _exit(7);
+        /* the owner gave segment 3 fresh memory and wrote 0x77 there: our old mapping of
+         * segment 3 must still read our own 0x5a */
+        if (read(sv[1], &ok, 1) != 1)
+            _exit(8);
+        unsigned char probe[256];
+        cudaMemcpy(probe, (void *)(uintptr_t)(p.va + 3 * SEG + 4096), sizeof probe,
+                   cudaMemcpyDeviceToHost);
+        for (size_t i = 0; i < sizeof probe; i++)
+            if (probe[i] != 0x5a) {
+                fprintf(stderr, "FAIL: a recycled segment's new memory is visible to the old "
+                                "owner (byte %#x)\n", probe[i]);
+                _exit(9);
+            }
         gpupool_unregister_host(host);
         gpupool_destroy(&p);
         _exit(0);
@@ -121,35 +145,47 @@ int main(void)
     }
     struct gpupool p;
     const char *why = "";
-    if (gpupool_create(&p, POOL, NULL, &why)) {
+    int fds[NSEG + 1];
+    if (gpupool_create(&p, POOL, SEG, NULL, &why)) {
         fprintf(stderr, "create: %s\n", why);
         return 1;
     }
+    for (int i = 0; i < NSEG; i++)
+        if (gpupool_seg_fresh(&p, (uint32_t)i, &why) || gpupool_seg_export(&p, (uint32_t)i, &fds[i], &why)) {
+            fprintf(stderr, "segment %d: %s\n", i, why);
+            return 1;
+        }
+    fds[NSEG] = memfd;
     void *host = mmap(NULL, HOST, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (host == MAP_FAILED || gpupool_register_host(host, HOST, &why)) {
         fprintf(stderr, "register in the owner: %s\n", why);
         return 1;
     }
-    int fd;
-    if (gpupool_export(&p, &fd, &why)) {
-        fprintf(stderr, "export: %s\n", why);
-        return 1;
-    }
     cudaMemset((void *)(uintptr_t)p.va, 0, POOL);
     cudaDeviceSynchronize();
-    send_fds(sv[0], fd, memfd);
-    close(fd);
+    send_fds(sv[0], fds, NSEG + 1);
+    for (int i = 0; i < NSEG; i++)
+        close(fds[i]);
     char ok;
     int st, failures = 0;
     if (read(sv[0], &ok, 1) != 1)
+        failures++;
+    unsigned char *back = malloc(POOL);
+    cudaMemcpy(back, (void *)(uintptr_t)p.va, POOL, cudaMemcpyDeviceToHost);
+    /* segment 3 to a new owner: fresh memory, written; the other process must not see it */
+    if (gpupool_seg_fresh(&p, 3, &why) ||
+        cudaMemset((void *)(uintptr_t)(p.va + 3 * SEG), 0x77, SEG) != cudaSuccess ||
+        cudaDeviceSynchronize() != cudaSuccess) {
+        fprintf(stderr, "FAIL: fresh segment: %s\n", why);
+        failures++;
+    }
+    if (write(sv[0], &ok, 1) != 1)
         failures++;
     waitpid(pid, &st, 0);
     if (!WIFEXITED(st) || WEXITSTATUS(st)) {
         fprintf(stderr, "FAIL: the importing process failed (%d)\n", WEXITSTATUS(st));
         failures++;
     }
-    unsigned char *back = malloc(POOL);
-    cudaMemcpy(back, (void *)(uintptr_t)p.va, POOL, cudaMemcpyDeviceToHost);
     for (size_t i = 0; i < POOL && !failures; i++)
         if (back[i] != 0x5a) {
             fprintf(stderr, "FAIL: byte %zu is %#x, the other process wrote 0x5a\n", i, back[i]);
@@ -159,8 +195,8 @@ int main(void)
         fprintf(stderr, "FAIL: host pool not shared\n");
         failures++;
     }
-    printf("owner: GPU %s, pool %llu MiB (granularity %llu KiB): %s\n", p.uuid,
-           (unsigned long long)(p.bytes >> 20), (unsigned long long)(p.granularity >> 10),
+    printf("owner: GPU %s, pool %llu MiB in %d segments (granularity %llu KiB): %s\n", p.uuid,
+           (unsigned long long)(p.bytes >> 20), NSEG, (unsigned long long)(p.granularity >> 10),
            failures ? "FAILED" : "the other process's writes are visible");
     free(back);
     gpupool_unregister_host(host);

@@ -23,7 +23,8 @@ int harness_start(struct harness *h, const char *const *extra)
     snprintf(h->dir, sizeof h->dir, "/tmp/caked-test-XXXXXX");
     if (!mkdtemp(h->dir))
         return -1;
-    snprintf(h->sock, sizeof h->sock, "%s/caked.sock", h->dir);
+    /* in a directory caked creates itself (0700, or 0710 for its --socket-group) */
+    snprintf(h->sock, sizeof h->sock, "%s/run/caked.sock", h->dir);
     snprintf(h->log, sizeof h->log, "%s/caked.log", h->dir);
     const char *io = getenv("CAKE_TEST_IO");
     const char *argv[32] = {CAKED_BIN, "--socket", h->sock, "--host-pool", "256M", "--workers", "2"};

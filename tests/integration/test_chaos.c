@@ -338,6 +338,8 @@ static void scribble_desc(struct rng *r, cake_ctx *c, struct cseq *q)
     uint8_t *pool = cake_pool_base(c);
     for (size_t off = 0; off + 1024 <= cake_pool_bytes(c); off += 4096) {
         struct shm_desc *d = (struct shm_desc *)(pool + off);
+        if (!cake_pool_mapped(c, d, 1024))
+            continue; /* only its own tenant's segments are mapped here */
         if (d->magic == SHM_DESC_MAGIC && d->seq_id == cake_seq_id(q->s)) {
             scribble(r, d, 1024); /* the run holding it is at least one page */
             return;

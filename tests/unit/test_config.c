@@ -44,7 +44,7 @@ Test(config, file_with_tenants_and_errors)
     int fd = mkstemp(path);
     FILE *f = fdopen(fd, "w");
     fprintf(f, "# test\nhost-pool = 2G   # inline comment\nworkers = 3\n"
-               "tenant vllm weight=2 min=1G max=6G\ntenant batch uid=1001 max=512M\n");
+               "tenant vllm weight=2 min=1G max=6G\ntenant batch uid=1001,root,1003 max=512M\n");
     fclose(f);
     static struct config c;
     char err[256] = "";
@@ -56,7 +56,17 @@ Test(config, file_with_tenants_and_errors)
     cr_assert_str_eq(c.tenants[0].name, "vllm");
     cr_assert_eq(c.tenants[0].weight, 2);
     cr_assert_eq(c.tenants[0].min_bytes, 1ull << 30);
-    cr_assert_eq(c.tenants[1].uid, 1001);
+    cr_assert_eq(c.tenants[0].n_uids, 0, "no uid given: caked's own (server_create)");
+    cr_assert_eq(c.tenants[1].n_uids, 3);
+    cr_assert_eq(c.tenants[1].uids[0], 1001);
+    cr_assert_eq(c.tenants[1].uids[1], 0, "user names resolve");
+    cr_assert_eq(c.tenants[1].uids[2], 1003);
+    f = fopen(path, "w");
+    fprintf(f, "tenant t uid=no-such-user-here\n");
+    fclose(f);
+    config_defaults(&c);
+    cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "no such user"), "%s", err);
     f = fopen(path, "w");
     fprintf(f, "host-pool = 1G\ntenant bad min=2G max=1G\n");
     fclose(f);

@@ -10,26 +10,40 @@
 #include "pool.h"
 #include "testutil.h"
 
-Test(pool, sealed_against_resizing)
+#define MB (1u << 20)
+
+Test(pool, segments_are_sealed_memfds_given_out_on_first_use)
 {
     struct pool p;
     const char *why = NULL;
-    cr_assert_eq(pool_init(&p, 1 << 20, 65536, 0, &why), 0, "%s", why ? why : "");
-    cr_assert_eq(p.pages, 16);
-    /* what a client receives: the same fd; neither shrinking nor growing is allowed */
-    cr_assert_eq(ftruncate(p.fd, 4096), -1);
+    cr_assert_eq(pool_init(&p, 32 * MB, 65536, 0, 0, &why), 0, "%s", why ? why : "");
+    cr_assert_eq(p.pages, 512);
+    cr_assert_eq(p.seg_bytes, 4 * MB);
+    cr_assert_eq(p.n_segs, 8);
+    for (uint32_t i = 0; i < p.n_segs; i++)
+        cr_assert_eq(p.seg[i].fd, -1, "no memory before a segment has an owner");
+    int64_t pg = pool_alloc(&p, 1);
+    cr_assert_geq(pg, 0);
+    uint32_t sg = pool_seg_of(&p, (uint32_t)pg);
+    int fd = p.seg[sg].fd;
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(p.seg[sg].owner, 1);
+    /* what a client receives: that fd; neither shrinking nor growing is allowed */
+    cr_assert_eq(ftruncate(fd, 4096), -1);
     cr_assert_eq(errno, EPERM);
-    cr_assert_eq(ftruncate(p.fd, 1 << 22), -1);
+    cr_assert_eq(ftruncate(fd, 8 * MB), -1);
     cr_assert_eq(errno, EPERM);
-    cr_assert_eq(fcntl(p.fd, F_ADD_SEALS, F_SEAL_WRITE), -1); /* seals are sealed */
-    int seals = fcntl(p.fd, F_GET_SEALS);
+    cr_assert_eq(fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE), -1); /* seals are sealed */
+    int seals = fcntl(fd, F_GET_SEALS);
     cr_assert(seals & F_SEAL_SHRINK && seals & F_SEAL_GROW && seals & F_SEAL_SEAL);
-    /* a second mapping sees the daemon's writes */
-    void *m = mmap(NULL, p.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, p.fd, 0);
+    /* a second mapping sees the daemon's writes at the same offset in the segment */
+    uint8_t *m = mmap(NULL, p.seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     cr_assert_neq(m, MAP_FAILED);
-    memcpy(pool_ptr(&p, 3), "cake", 4);
-    cr_assert_eq(memcmp((char *)m + 3 * 65536, "cake", 4), 0);
-    munmap(m, p.bytes);
+    memcpy(pool_ptr(&p, (uint32_t)pg), "cake", 4);
+    cr_assert_eq(memcmp(m + ((uint64_t)pg * 65536 - (uint64_t)sg * p.seg_bytes), "cake", 4), 0);
+    munmap(m, p.seg_bytes);
+    /* the rest of the range holds no memory (a client reserving it the same way would fault) */
+    cr_assert_eq(pool_owned_segs(&p, 1), 1);
     pool_fini(&p);
 }
 
@@ -37,8 +51,52 @@ Test(pool, rejects_bad_sizes)
 {
     struct pool p;
     const char *why;
-    cr_assert_eq(pool_init(&p, 1 << 20, 3000, 0, &why), -EINVAL);
-    cr_assert_eq(pool_init(&p, 1000, 4096, 0, &why), -EINVAL);
+    cr_assert_eq(pool_init(&p, 1 << 20, 3000, 0, 0, &why), -EINVAL);
+    cr_assert_eq(pool_init(&p, 1000, 4096, 0, 0, &why), -EINVAL);
+    cr_assert_eq(pool_init(&p, 32 * MB, 65536, 3 * MB, 0, &why), -EINVAL); /* not a power of two */
+    cr_assert_eq(pool_init(&p, 32 * MB, 1 * MB, 4 * MB, 0, &why), -EINVAL); /* under 64 pages */
+}
+
+Test(pool, default_segments_stay_under_the_cap)
+{
+    cr_assert_eq(pool_default_seg_bytes(1ull << 30, 65536), 4 * MB);
+    uint64_t s = pool_default_seg_bytes(100ull << 30, 65536);
+    cr_assert_leq((100ull << 30) / s, POOL_MAX_SEGS);
+    cr_assert_eq(s & (s - 1), 0);
+    cr_assert_geq(pool_default_seg_bytes(1ull << 30, 1 * MB), 64 * MB); /* 64 pages at least */
+}
+
+/* An empty segment that changes owner gets a new memfd: the old owner's mapping (a client
+ * that still maps it) neither sees the new owner's data nor keeps the old data. */
+Test(pool, a_segment_changing_owner_gets_fresh_memory)
+{
+    struct pool p;
+    const char *why;
+    cr_assert_eq(pool_init(&p, 4 * MB, 65536, 0, 0, &why), 0); /* one segment */
+    int64_t a = pool_alloc(&p, 1);
+    cr_assert_eq(a, 0);
+    memcpy(pool_ptr(&p, 0), "secret of 1", 12);
+    uint8_t *old = mmap(NULL, 4 * MB, PROT_READ | PROT_WRITE, MAP_SHARED, p.seg[0].fd, 0);
+    cr_assert_neq(old, MAP_FAILED);
+    cr_assert_eq(pool_alloc(&p, 2), -1, "a segment in use is never another owner's");
+    pool_free_run(&p, 0, 1);
+    uint32_t gen = p.seg[0].gen;
+    /* owner 1 takes it back cheaply: same memory, same generation */
+    cr_assert_eq(pool_alloc(&p, 1), 0);
+    cr_assert_eq(p.seg[0].gen, gen);
+    pool_free_run(&p, 0, 1);
+    int64_t b = pool_alloc(&p, 2);
+    cr_assert_eq(b, 0);
+    cr_assert_eq(p.seg[0].owner, 2);
+    cr_assert_gt(p.seg[0].gen, gen);
+    cr_assert_eq(p.recycled, 1);
+    cr_assert_eq(memcmp(pool_ptr(&p, 0), "\0\0\0\0\0\0", 6), 0, "fresh memory starts zeroed");
+    memcpy(pool_ptr(&p, 0), "secret of 2", 12);
+    cr_assert_eq(memcmp(old, "\0\0\0\0\0\0", 6), 0, "the old owner's data was punched out");
+    memcpy(old, "scribble", 8); /* the old owner writes where it still maps */
+    cr_assert_eq(memcmp(pool_ptr(&p, 0), "secret of 2", 12), 0, "and it lands in no one's page");
+    munmap(old, 4 * MB);
+    pool_fini(&p);
 }
 
 Test(pool, allocator_matches_a_model)
@@ -47,10 +105,14 @@ Test(pool, allocator_matches_a_model)
     struct pool p;
     const char *why;
     uint32_t N = 1000; /* not a multiple of 64: the tail bits must never be handed out */
-    cr_assert_eq(pool_init(&p, (uint64_t)N * 4096, 4096, 0, &why), 0);
+    cr_assert_eq(pool_init(&p, (uint64_t)N * 4096, 4096, 4 * MB / 8, 0, &why), -EINVAL);
+    /* 4 KiB pages, 4 MiB segments: 1024 pages each; use 16 KiB pages for 4 segments */
+    N = 900;
+    cr_assert_eq(pool_init(&p, (uint64_t)N * 16384, 16384, 0, 0, &why), 0, "%s", why);
+    cr_assert_eq(p.seg_pages, 256);
     uint8_t *owned = calloc(N, 1);
     uint32_t used = 0;
-    struct { uint32_t first, n; } runs[4096];
+    struct { uint32_t first, n, owner; } runs[4096];
     uint32_t nr = 0;
     for (int step = 0; step < 20000; step++) {
         if (nr && (tu_below(2) || nr == 4096)) {
@@ -61,25 +123,36 @@ Test(pool, allocator_matches_a_model)
             used -= runs[i].n;
             runs[i] = runs[--nr];
         } else {
-            uint32_t n = 1 + tu_below(tu_below(4) ? 3 : 40);
-            int64_t f = pool_alloc_run(&p, n);
+            uint32_t n = 1 + tu_below(tu_below(4) ? 3 : 40), who = 1 + tu_below(3);
+            int64_t f = pool_alloc_run(&p, n, who);
             if (f < 0) {
-                /* refused: then no free run of n pages may exist */
+                /* refused: then no free run of n pages lies in segments who may use (its
+                 * own, or empty ones) */
                 uint32_t run = 0, best = 0;
-                for (uint32_t k = 0; k < N; k++)
-                    run = owned[k] ? 0 : run + 1, best = run > best ? run : best;
+                for (uint32_t k = 0; k < N; k++) {
+                    uint32_t sg = k / p.seg_pages;
+                    int ok = !owned[k] && (owned[k] == 0) &&
+                             (p.seg[sg].owner == who || p.seg[sg].used == 0);
+                    run = ok ? run + 1 : 0, best = run > best ? run : best;
+                }
                 cr_assert_lt(best, n, "a run of %u was free but refused", n);
                 continue;
             }
             cr_assert(f >= 0 && f + n <= N);
             for (uint32_t k = 0; k < n; k++) {
                 cr_assert_eq(owned[f + k], 0, "page %u handed out twice", (uint32_t)f + k);
-                owned[f + k] = 1;
+                cr_assert_eq(p.seg[(f + k) / p.seg_pages].owner, who,
+                             "page %u is in another owner's segment", (uint32_t)f + k);
+                owned[f + k] = (uint8_t)who;
             }
-            runs[nr].first = (uint32_t)f, runs[nr].n = n, nr++;
+            runs[nr].first = (uint32_t)f, runs[nr].n = n, runs[nr].owner = who, nr++;
             used += n;
         }
         cr_assert_eq(p.used, used);
+        /* every page in use lies in its user's segment */
+        for (uint32_t k = 0; k < N; k += 7)
+            if (owned[k])
+                cr_assert_eq(p.seg[k / p.seg_pages].owner, owned[k]);
     }
     free(owned);
     pool_fini(&p);

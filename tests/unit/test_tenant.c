@@ -1,5 +1,6 @@
 /* Tenants: identity by (name, uid), caps, weighted shares, minimums. */
 #include <criterion/criterion.h>
+#include <errno.h>
 
 #include "cake/cake.h"
 #include "tenant.h"
@@ -9,16 +10,38 @@
 Test(tenant, identity_is_name_and_uid)
 {
     struct tenants ts = {0};
-    struct tenant *a = tenant_get(&ts, "svc", 1000, 1), *b = tenant_get(&ts, "svc", 1001, 1);
+    int err = 0;
+    struct tenant *a = tenant_get(&ts, "svc", 1000, 1, &err), *b = tenant_get(&ts, "svc", 1001, 1, &err);
     cr_assert_neq(a, b);
-    cr_assert_eq(tenant_get(&ts, "svc", 1000, 0), a);
-    cr_assert_null(tenant_get(&ts, "other", 1000, 0));
-    /* configured without a uid: claimed by the first uid that attaches */
-    cr_assert_eq(tenant_configure(&ts, "batch", -1, 3, 0, 10 * MB), 0);
-    struct tenant *c = tenant_get(&ts, "batch", 42, 1);
+    cr_assert_neq(a->id, b->id);
+    cr_assert_eq(tenant_get(&ts, "svc", 1000, 0, &err), a);
+    cr_assert_null(tenant_get(&ts, "other", 1000, 0, &err));
+    tenants_fini(&ts);
+}
+
+/* A configured tenant names the uids that may be it: any other uid declaring the name is
+ * refused (it was claimed by whichever uid attached first). */
+Test(tenant, a_configured_name_admits_only_its_uids)
+{
+    struct tenants ts = {0};
+    int err = 0;
+    uint32_t uids[] = {42, 44};
+    cr_assert_eq(tenant_configure(&ts, "batch", uids, 2, 3, 0, 10 * MB), 0);
+    struct tenant *c = tenant_get(&ts, "batch", 42, 1, &err);
+    cr_assert_not_null(c);
     cr_assert_eq(c->weight, 3);
-    cr_assert_eq(c->uid, 42);
-    cr_assert_neq(tenant_get(&ts, "batch", 43, 1), c);
+    cr_assert_eq(tenant_get(&ts, "batch", 44, 1, &err), c, "both uids are the one tenant");
+    cr_assert_null(tenant_get(&ts, "batch", 43, 1, &err));
+    cr_assert_eq(err, -EPERM);
+    /* a uid already attached under a name as its own tenant cannot be folded into another */
+    struct tenant *x = tenant_get(&ts, "web", 7, 1, &err);
+    cr_assert_not_null(x);
+    uint32_t other[] = {8, 7};
+    cr_assert_eq(tenant_configure(&ts, "web", other, 2, 1, 0, 0), -EEXIST);
+    uint32_t same[] = {7};
+    cr_assert_eq(tenant_configure(&ts, "web", same, 1, 5, 0, 0), 0);
+    cr_assert_eq(x->weight, 5);
+    cr_assert(x->configured);
     tenants_fini(&ts);
 }
 
@@ -34,8 +57,9 @@ Test(tenant, names)
 Test(tenant, admission_caps_shares_and_minimums)
 {
     struct tenants ts = {0};
+    int err = 0;
     uint64_t pool = 100 * MB;
-    struct tenant *a = tenant_get(&ts, "a", 1, 1), *b = tenant_get(&ts, "b", 1, 1);
+    struct tenant *a = tenant_get(&ts, "a", 1, 1, &err), *b = tenant_get(&ts, "b", 1, 1, &err);
     a->clients = b->clients = 1;
     /* equal weights: half the pool each */
     cr_assert_eq(tenant_cap(&ts, a, pool), 50 * MB);

@@ -29,7 +29,7 @@ extern "C" {
 #define CAKE_API
 #endif
 
-#define CAKE_PROTOCOL_VERSION 1
+#define CAKE_PROTOCOL_VERSION 2 /* 2: per-tenant pool segments (MAP frames) */
 #define CAKE_VERSION "0.1.0"
 
 /* Error codes (negative; -1..-4095 are -errno). */
@@ -78,22 +78,38 @@ CAKE_API int cake_set_gpus(cake_ctx *ctx, const char *uuids);
  * completes when the other ranks arrive), and the late reply is skipped by the next call. A
  * timeout midway through a frame drops the connection (later calls: CAKE_ENOTCONN). */
 CAKE_API int cake_set_timeout_ms(cake_ctx *ctx, int timeout_ms);
+/* Before cake_connect(): the uid caked must run as. cake_connect() reads the listening
+ * server's uid from the kernel (SO_PEERCRED) before it sends anything, and refuses any other
+ * with CAKE_EPERM: a socket path some other user took over never sees HELLO. -1 (the
+ * default): root or this process's own uid. Returns 0 or CAKE_EINVAL. */
+CAKE_API int cake_set_server_uid(cake_ctx *ctx, long uid);
+/* Before cake_connect(): ask for administration on this connection (quotas, every tenant's
+ * details; granted to root, caked's own uid and --admin-group members, otherwise the
+ * connection sees its own tenant only). Engines need not. Returns 0 or CAKE_EINVAL. */
+CAKE_API int cake_set_admin(cake_ctx *ctx, int admin);
 
 /* Default socket path: $CAKED_SOCKET, else $XDG_RUNTIME_DIR/caked.sock, else
  * /tmp/caked-$UID/caked.sock. Writes at most len bytes; returns 0 or -ENAMETOOLONG. */
 CAKE_API int cake_default_socket(char *buf, size_t len);
 
-/* Connects to socket_path (NULL: the default), agrees on the protocol version and, with
- * map_pool, maps the host pool. Returns 0, -errno, CAKE_EVERSION, CAKE_EPROTO. */
+/* Connects to socket_path (NULL: the default), checks the server's uid
+ * (cake_set_server_uid), agrees on the protocol version and, with map_pool, reserves the
+ * pools' address ranges: the segments of this client's tenant are mapped into them as caked
+ * passes them (with the replies that follow), and no other tenant's memory ever is. Returns
+ * 0, -errno, CAKE_EPERM, CAKE_EVERSION, CAKE_EPROTO, CAKE_EINVAL (already connected). */
 CAKE_API int cake_connect(cake_ctx *ctx, const char *socket_path, int map_pool);
 
 /* The socket (readable when a reply is waiting), for embedding in an event loop. */
 CAKE_API int cake_fd(const cake_ctx *ctx);
 /* The daemon's or library's last error message (owned by ctx; valid until the next call). */
 CAKE_API const char *cake_errstr(const cake_ctx *ctx);
-/* The mapped host pool (NULL if not mapped) and its size. */
+/* The host pool's address range in this process (NULL if not mapped) and its size. Only
+ * the segments of this client's tenant are mapped in it (cake_pool_mapped); the rest is
+ * reserved address space that faults if touched. Offsets caked gives are from this base. */
 CAKE_API void *cake_pool_base(const cake_ctx *ctx);
 CAKE_API size_t cake_pool_bytes(const cake_ctx *ctx);
+/* 1 if [addr, addr + len) lies in host pool segments mapped in this process, else 0. */
+CAKE_API int cake_pool_mapped(const cake_ctx *ctx, const void *addr, size_t len);
 
 /* caked's GPU pools (caked --gpu-pool, one per GPU), in caked's order: how many, each one's
  * GPU UUID (NULL past the end), and its device address and size in this process (0 when
