@@ -25,6 +25,9 @@ int harness_start(struct harness *h, const char *const *extra)
         return -1;
     /* in a directory caked creates itself (0700, or 0710 for its --socket-group) */
     snprintf(h->sock, sizeof h->sock, "%s/run/caked.sock", h->dir);
+    for (int i = 0; extra && extra[i] && extra[i + 1]; i++) /* the test's own --socket wins */
+        if (!strcmp(extra[i], "--socket"))
+            snprintf(h->sock, sizeof h->sock, "%s", extra[i + 1]);
     snprintf(h->log, sizeof h->log, "%s/caked.log", h->dir);
     const char *io = getenv("CAKE_TEST_IO");
     const char *argv[32] = {CAKED_BIN, "--socket", h->sock, "--host-pool", "256M", "--workers", "2"};
@@ -85,6 +88,11 @@ int harness_start(struct harness *h, const char *const *extra)
     return -1;
 }
 
+const char *harness_caked_bin(void)
+{
+    return CAKED_BIN;
+}
+
 int harness_stop(struct harness *h)
 {
     int st = 0;
@@ -104,6 +112,10 @@ int harness_stop(struct harness *h)
     kill(child > 0 ? child : h->pid, SIGTERM);
     waitpid(h->pid, &st, 0);
     unlink(h->log);
+    unlink(h->sock); /* gone already unless caked died */
+    char run[200];
+    snprintf(run, sizeof run, "%s/run", h->dir);
+    rmdir(run);
     rmdir(h->dir);
     if (wrapped) /* the wrapper's own report (its log) is the verdict on how caked ran */
         return 0;

@@ -19,6 +19,8 @@ struct harness {
 /* Starts caked with extra arguments (NULL-terminated list, may be NULL); waits until it
  * answers. Returns 0 or -1. */
 int harness_start(struct harness *h, const char *const *extra);
+/* The caked binary under test. */
+const char *harness_caked_bin(void);
 /* SIGTERM and wait; returns caked's exit status (or -1 if it died by a signal). */
 int harness_stop(struct harness *h);
 /* Pages in use and open sequences, from a STATUS request. */
