@@ -56,7 +56,9 @@ static int init_common(struct pool *p, uint64_t pages, uint64_t page_bytes, uint
     p->n_segs = (uint32_t)((pages + p->seg_pages - 1) / p->seg_pages);
     p->bitmap = calloc((pages + 63) / 64, sizeof(uint64_t));
     p->seg = calloc(p->n_segs, sizeof(*p->seg));
-    if (!p->bitmap || !p->seg) {
+    p->owned_free = calloc(POOL_MAX_OWNERS + 1, sizeof(uint64_t));
+    p->empty_pages = pages;
+    if (!p->bitmap || !p->seg || !p->owned_free) {
         *why = "out of memory for the page bitmap";
         return -ENOMEM;
     }
@@ -126,6 +128,7 @@ void pool_fini(struct pool *p)
         munmap(p->base, p->bytes);
     free(p->bitmap);
     free(p->seg);
+    free(p->owned_free);
     memset(p, 0, sizeof(*p));
 }
 
@@ -211,6 +214,20 @@ static int bit(const struct pool *p, uint32_t i)
     return (int)((p->bitmap[i / 64] >> (i % 64)) & 1);
 }
 
+/* Segment i's use changes by d pages: the counts pool_avail reads follow. */
+static void seg_use(struct pool *p, uint32_t i, int64_t d)
+{
+    struct pool_seg *g = &p->seg[i];
+    uint64_t sp = pool_seg_pages(p, i);
+    uint64_t *of = &p->owned_free[g->owner];
+    if (g->used == 0) /* was empty: now owned and in use */
+        p->empty_pages -= sp, *of += sp;
+    g->used = (uint32_t)((int64_t)g->used + d);
+    *of -= (uint64_t)d; /* d > 0 takes free pages, d < 0 returns them */
+    if (g->used == 0)
+        p->empty_pages += sp, *of -= sp;
+}
+
 static void set_run(struct pool *p, uint32_t first, uint32_t n, int v)
 {
     for (uint32_t i = first; i < first + n; i++) {
@@ -218,7 +235,13 @@ static void set_run(struct pool *p, uint32_t first, uint32_t n, int v)
             p->bitmap[i / 64] |= UINT64_C(1) << (i % 64);
         else
             p->bitmap[i / 64] &= ~(UINT64_C(1) << (i % 64));
-        p->seg[i / p->seg_pages].used += v ? 1 : (uint32_t)-1;
+    }
+    /* per segment touched */
+    for (uint32_t i = first; i < first + n;) {
+        uint32_t sg = i / p->seg_pages, end = (sg + 1) * p->seg_pages;
+        uint32_t k = (end < first + n ? end : first + n) - i;
+        seg_use(p, sg, v ? (int64_t)k : -(int64_t)k);
+        i += k;
     }
 }
 
@@ -244,13 +267,17 @@ static int has_room(const struct pool *p, uint32_t i)
 
 int64_t pool_alloc(struct pool *p, uint32_t owner)
 {
-    if (!owner || p->used == p->pages)
+    if (!owner || owner > POOL_MAX_OWNERS || p->used == p->pages)
         return -1;
     if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && has_room(p, p->hint))
         return take_in(p, p->hint);
-    /* its own segments first, then one never given out, then another owner's empty one */
-    for (uint32_t i = 0; i < p->n_segs; i++)
-        if (p->seg[i].owner == owner && has_room(p, i))
+    /* its own segments in use first, then one never given out, then an empty one (its
+     * own, or another owner's, which gets fresh memory) */
+    for (uint32_t i = 0; p->owned_free[owner] && i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i))
+            return take_in(p, i);
+    for (uint32_t i = 0; i < p->n_segs; i++) /* its own empty ones cost nothing */
+        if (p->seg[i].owner == owner && !p->seg[i].used)
             return take_in(p, i);
     for (int pass = 0; pass < 2; pass++)
         for (uint32_t i = 0; i < p->n_segs; i++)
@@ -288,7 +315,7 @@ static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int own)
 
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner)
 {
-    if (!owner || n == 0 || n > p->pages - p->used)
+    if (!owner || owner > POOL_MAX_OWNERS || n == 0 || n > p->pages - p->used)
         return -1;
     if (n == 1)
         return pool_alloc(p, owner);
@@ -321,11 +348,7 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
 
 uint64_t pool_avail(const struct pool *p, uint32_t owner)
 {
-    uint64_t n = 0;
-    for (uint32_t i = 0; i < p->n_segs; i++)
-        if (p->seg[i].owner == owner || !p->seg[i].used)
-            n += pool_seg_pages(p, i) - p->seg[i].used;
-    return n;
+    return owner && owner <= POOL_MAX_OWNERS ? p->empty_pages + p->owned_free[owner] : 0;
 }
 
 uint32_t pool_owned_segs(const struct pool *p, uint32_t owner)

@@ -22,6 +22,7 @@
 #define POOL_MAX_PAGES (1u << 28)     /* 2^28 pages: bitmaps stay under 32 MiB */
 #define POOL_MIN_SEG_BYTES (4u << 20) /* a multiple of every GPU's VMM granularity (2 MiB) */
 #define POOL_MAX_SEGS 1024u           /* the default segment size grows with the pool to stay under */
+#define POOL_MAX_OWNERS 4096u         /* owner ids are 1..POOL_MAX_OWNERS (tenant ids) */
 
 struct pool;
 
@@ -55,6 +56,8 @@ struct pool {
     uint32_t seg_pages, n_segs;
     struct pool_seg *seg;
     uint32_t hint;    /* the segment the last allocation came from */
+    uint64_t empty_pages;  /* pages of segments with none in use (anyone's to take) */
+    uint64_t *owned_free;  /* [owner]: free pages in the owner's segments that are in use */
     int hugepages;
     int external;     /* base belongs to someone else (pool_init_external) */
     struct pool_ops ops;
@@ -79,12 +82,13 @@ uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes);
 /* Sets the hooks of a host pool (before any segment is given out). */
 void pool_set_ops(struct pool *p, const struct pool_ops *ops);
 
-/* One page for `owner` (nonzero); returns its index or -1. */
+/* One page for `owner` (1..POOL_MAX_OWNERS); returns its index or -1. */
 int64_t pool_alloc(struct pool *p, uint32_t owner);
 /* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
-/* Pages owner could be given now: free pages of its segments and every empty segment. */
+/* Pages owner could be given now: free pages of its segments and every empty segment
+ * (constant time: kept as pages come and go). */
 uint64_t pool_avail(const struct pool *p, uint32_t owner);
 /* Segments owner holds (with or without pages in use). */
 uint32_t pool_owned_segs(const struct pool *p, uint32_t owner);

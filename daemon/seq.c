@@ -17,6 +17,8 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+_Static_assert(TENANT_MAX <= POOL_MAX_OWNERS, "tenant ids own pool segments");
+
 /* the GPU pool and execution contexts of a GPU sequence's device */
 #define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
 #define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
