@@ -919,26 +919,36 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
     return rc;
 }
 
+int cake_gpu_pool_mapped(const cake_ctx *c, uint32_t i, uint64_t off, size_t len)
+{
+#ifdef CAKE_HAVE_CUDA
+    if (i >= c->n_gpus || !c->gpus[i].mapped)
+        return 0;
+    const struct gpupool *g = &c->gpus[i].gpu;
+    if (off > g->bytes || len > g->bytes - off)
+        return 0;
+    if (g->legacy)
+        return 1;
+    if (!g->seg)
+        return 0;
+    uint64_t last = len ? off + len - 1 : off;
+    for (uint64_t k = off / g->seg_bytes; k <= last / g->seg_bytes; k++)
+        if (k >= g->n_segs || !g->seg[k])
+            return 0;
+    return 1;
+#else
+    (void)c, (void)i, (void)off, (void)len;
+    return 0;
+#endif
+}
+
 /* Is [off, off + len) of the sequence's K/V pool (host or GPU) mapped in this process? */
 static int kv_mapped(const cake_seq *s, uint64_t off, uint64_t len)
 {
     const cake_ctx *c = s->ctx;
     if (s->hdr.placement != SHM_PLACE_GPU)
         return cake_pool_mapped(c, c->pool + off, len);
-#ifdef CAKE_HAVE_CUDA
-    const struct gpupool *g = &c->gpus[s->gpu_index].gpu;
-    if (g->legacy)
-        return off <= g->bytes && len <= g->bytes - off;
-    if (off > g->bytes || len > g->bytes - off || !g->seg)
-        return 0;
-    uint64_t last = len ? off + len - 1 : off;
-    for (uint64_t i = off / g->seg_bytes; i <= last / g->seg_bytes; i++)
-        if (i >= g->n_segs || !g->seg[i])
-            return 0;
-    return 1;
-#else
-    return 0;
-#endif
+    return cake_gpu_pool_mapped(c, s->gpu_index, off, len);
 }
 
 static uint8_t *kv_addr(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)

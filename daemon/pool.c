@@ -137,6 +137,12 @@ static uint64_t seg_len(const struct pool *p, uint32_t i)
     return (uint64_t)pool_seg_pages(p, i) * p->page_bytes;
 }
 
+void pool_retire_fd(int fd, uint64_t bytes)
+{
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)bytes);
+    close(fd);
+}
+
 /* Host pools: a new sealed memfd mapped over segment i; the old one's pages are punched
  * out (a previous owner's process that still maps it reads zeros, and what it writes there
  * lands in memory no one else maps). */
@@ -181,8 +187,10 @@ static int fresh_memfd(struct pool *p, uint32_t i, const char **why)
         return rc;
     }
     if (p->seg[i].fd >= 0) {
-        fallocate(p->seg[i].fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len);
-        close(p->seg[i].fd);
+        if (p->ops.retire)
+            p->ops.retire(p->ops.ud, p->seg[i].fd, len);
+        else
+            pool_retire_fd(p->seg[i].fd, len);
     }
     p->seg[i].fd = fd;
     if (p->ops.mapped)

@@ -34,6 +34,9 @@ struct pool_ops {
     /* Host pools: called after segment i was (re)mapped in this process, so that a caller
      * can register it (cudaHostRegister); mapped = 0 just before it is unmapped. */
     void (*mapped)(void *ud, struct pool *p, uint32_t i, int mapped);
+    /* Host pools: takes a replaced segment's old memfd (already unmapped here) to punch out
+     * its pages and close it off the caller's thread; NULL: done inline. */
+    void (*retire)(void *ud, int fd, uint64_t bytes);
     void *ud;
 };
 
@@ -79,6 +82,8 @@ void pool_fini(struct pool *p);
 /* The default segment size of a pool of `bytes`: a power of two of at least 4 MiB and 64
  * pages, large enough that the pool has at most POOL_MAX_SEGS segments. */
 uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes);
+/* Punches out a retired segment memfd's pages and closes it (any thread). */
+void pool_retire_fd(int fd, uint64_t bytes);
 /* Sets the hooks of a host pool (before any segment is given out). */
 void pool_set_ops(struct pool *p, const struct pool_ops *ops);
 

@@ -704,6 +704,38 @@ static void human_bytes(uint64_t b, char *out, size_t len)
     snprintf(out, len, "%.4g %s", v, u[i]);
 }
 
+/* pool_ops of the host pool: a replaced segment's old memfd is punched out and closed by a
+ * worker (freeing 8 MiB of resident pages takes ~1 ms: the loop must not wait for it) */
+struct retire_job {
+    struct job job;
+    int fd;
+    uint64_t bytes;
+};
+
+static void retire_run(struct job *j)
+{
+    struct retire_job *r = (struct retire_job *)j;
+    pool_retire_fd(r->fd, r->bytes);
+}
+
+static void retire_done(struct job *j)
+{
+    free(j);
+}
+
+static void srv_retire_seg(void *ud, int fd, uint64_t bytes)
+{
+    struct server *s = ud;
+    struct retire_job *r = calloc(1, sizeof(*r));
+    if (!r || !s->workers) {
+        free(r);
+        pool_retire_fd(fd, bytes);
+        return;
+    }
+    r->job.run = retire_run, r->job.done = retire_done, r->fd = fd, r->bytes = bytes;
+    workers_submit(s->workers, &r->job);
+}
+
 #ifdef CAKE_HAVE_CUDA
 /* pool_ops of a GPU pool: a segment's fresh allocation (a legacy pool has its memory) */
 static int srv_gpu_seg_fresh(void *ud, struct pool *p, uint32_t i, const char **why)
@@ -815,15 +847,16 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         goto fail;
 #endif
     }
+    struct pool_ops hops = {.retire = srv_retire_seg, .ud = s};
 #ifdef CAKE_HAVE_CUDA
     /* where a GPU exists, each host segment is registered for fast copies as it is mapped
      * (engines do the same) */
     if (s->n_gpus) {
-        struct pool_ops ops = {.mapped = srv_host_seg_mapped, .ud = s};
-        pool_set_ops(&s->pool, &ops);
+        hops.mapped = srv_host_seg_mapped;
         s->host_registered = 1;
     }
 #endif
+    pool_set_ops(&s->pool, &hops);
     for (int i = 0; i < n_tenants; i++) {
         uint32_t own = (uint32_t)s->owner_uid;
         const uint32_t *uids = tcfg[i].n_uids ? tcfg[i].uids : &own;

@@ -1,6 +1,7 @@
-/* caked --gpu-pool end to end: two engine processes attach; libcake imports the GPU pool
- * caked exported and registers the host pool with CUDA; what one engine writes into the GPU
- * pool the other reads back; caked stops cleanly.
+/* caked --gpu-pool end to end: engine processes attach; libcake maps the GPU pool segments
+ * of its tenant and registers its host segments with CUDA; what one engine writes into its
+ * GPU pages another process of its tenant reads back, while another tenant does not even
+ * map them (legacy IPC excepted); caked stops cleanly.
  * Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -27,11 +28,17 @@ static int has_gpu(void)
     return WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
-static int engine(const char *sock, int writer)
+enum role { WRITER, READER, OTHER };
+
+/* WRITER (service "svc") opens a GPU sequence and writes 0x42 over its first page; READER,
+ * another process of the same tenant, reads those bytes where the page table said; OTHER,
+ * another tenant, must not have that memory mapped at all (VMM: segments per tenant), except
+ * with --gpu-ipc legacy, which maps the whole pool in every engine. */
+static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io)
 {
     cake_ctx *c;
     cake_create(&c);
-    cake_set_service(c, writer ? "writer" : "reader");
+    cake_set_service(c, role == OTHER ? "other" : "svc");
     if (cake_connect(c, sock, 1)) {
         fprintf(stderr, "connect: %s\n", cake_errstr(c));
         return 2;
@@ -41,27 +48,53 @@ static int engine(const char *sock, int writer)
         fprintf(stderr, "GPU pool not mapped: %s\n", cake_errstr(c));
         return 3;
     }
-    unsigned int flags;
-    if (cudaHostGetFlags(&flags, cake_pool_base(c)) != cudaSuccess) {
-        fprintf(stderr, "the host pool is not registered with CUDA\n");
-        return 7;
-    }
+    if (cake_ping(c)) /* any reply brings the tenant's segments */
+        return 8;
     unsigned char *h = malloc(LEN);
-    if (writer) {
-        if (cudaMemset((void *)(uintptr_t)(base + OFF), 0x42, LEN) != cudaSuccess ||
+    if (role == WRITER) {
+        struct cake_layout lay = {1, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU, 0};
+        cake_seq *s;
+        if (cake_seq_open(c, &lay, NULL, 4096, 8, &s) || cake_prefill_reserve(s, 0)) {
+            fprintf(stderr, "open: %s\n", cake_errstr(c));
+            return 9;
+        }
+        uint32_t np;
+        const uint64_t *pg = cake_layer_pages(s, 0, &np);
+        unsigned int flags;
+        if (cudaHostGetFlags(&flags, (void *)pg) != cudaSuccess) {
+            fprintf(stderr, "the host pool's segments are not registered with CUDA\n");
+            return 7;
+        }
+        *off_io = pg[0];
+        if (!cake_gpu_pool_mapped(c, 0, pg[0], LEN) ||
+            cudaMemset((void *)(uintptr_t)(base + pg[0]), 0x42, LEN) != cudaSuccess ||
             cudaDeviceSynchronize() != cudaSuccess) /* the ordering contract: sync, then tell */
             return 4;
-    } else {
-        if (cudaMemcpy(h, (void *)(uintptr_t)(base + OFF), LEN, cudaMemcpyDeviceToHost) != cudaSuccess)
+        /* exits with the sequence open: caked frees it, the tenant keeps the segment */
+    } else if (role == READER) {
+        if (!cake_gpu_pool_mapped(c, 0, *off_io, LEN)) {
+            fprintf(stderr, "the tenant's segment is not mapped in its second process\n");
+            return 10;
+        }
+        if (cudaMemcpy(h, (void *)(uintptr_t)(base + *off_io), LEN, cudaMemcpyDeviceToHost) != cudaSuccess)
             return 5;
         for (unsigned i = 0; i < LEN; i++)
             if (h[i] != 0x42) {
                 fprintf(stderr, "byte %u is %#x, the writer wrote 0x42\n", i, h[i]);
                 return 6;
             }
-        printf("reader: the writer's bytes are in the GPU pool on %s\n", cake_gpu_uuid(c));
-        fflush(stdout);
+        printf("reader: the writer's bytes are in its tenant's GPU segment on %s\n", cake_gpu_uuid(c));
+    } else {
+        int mapped = cake_gpu_pool_mapped(c, 0, *off_io, 1);
+        if (mapped != legacy) {
+            fprintf(stderr, "another tenant %s the writer's GPU memory\n",
+                    mapped ? "maps" : "does not map (legacy IPC maps all)");
+            return 11;
+        }
+        printf("other tenant: the writer's GPU segment is %s\n",
+               mapped ? "mapped (legacy IPC: one handle for everyone)" : "not mapped here");
     }
+    fflush(stdout);
     free(h);
     cake_destroy(c);
     return 0;
@@ -85,22 +118,33 @@ int main(void)
     }
     printf("%s:\n", legacy ? "legacy CUDA IPC handle" : "CUDA VMM file descriptor");
     fflush(stdout);
-    for (int writer = 1; writer >= 0; writer--) {
+    int pfd[2];
+    if (pipe(pfd))
+        return 1;
+    uint64_t off = 0;
+    for (int role = WRITER; role <= OTHER; role++) {
         pid_t p = fork();
-        if (p == 0)
-            _exit(engine(h.sock, writer));
+        if (p == 0) {
+            int r = engine(h.sock, (enum role)role, legacy, &off);
+            if (role == WRITER && write(pfd[1], &off, sizeof off) != sizeof off)
+                r = 12;
+            _exit(r);
+        }
         int st;
         waitpid(p, &st, 0);
+        if (role == WRITER && read(pfd[0], &off, sizeof off) != sizeof off)
+            rc = 1;
         if (!WIFEXITED(st) || WEXITSTATUS(st)) {
-            fprintf(stderr, "FAIL: %s exited %d\n", writer ? "writer" : "reader", WEXITSTATUS(st));
+            fprintf(stderr, "FAIL: engine %d exited %d\n", role, WEXITSTATUS(st));
             rc = 1;
         }
     }
+    close(pfd[0]), close(pfd[1]);
     if (harness_stop(&h)) {
         fprintf(stderr, "FAIL: caked did not stop cleanly\n");
         rc = 1;
     }
     }
-    printf("%s\n", rc ? "FAILED" : "GPU pool shared through caked");
+    printf("%s\n", rc ? "FAILED" : "GPU pool shared through caked, per tenant");
     return rc;
 }

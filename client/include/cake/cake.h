@@ -120,6 +120,9 @@ CAKE_API uint32_t cake_gpu_count(const cake_ctx *ctx);
 CAKE_API const char *cake_gpu_uuid_at(const cake_ctx *ctx, uint32_t i);
 CAKE_API uint64_t cake_gpu_pool_base_at(const cake_ctx *ctx, uint32_t i);
 CAKE_API size_t cake_gpu_pool_bytes_at(const cake_ctx *ctx, uint32_t i);
+/* 1 if [offset, offset + len) of GPU pool i is mapped in this process (its tenant's
+ * segments; a legacy-IPC pool is mapped whole), else 0. */
+CAKE_API int cake_gpu_pool_mapped(const cake_ctx *ctx, uint32_t i, uint64_t offset, size_t len);
 /* The same for the first GPU pool ("" UUID when caked has none). */
 CAKE_API uint64_t cake_gpu_pool_base(const cake_ctx *ctx);
 CAKE_API size_t cake_gpu_pool_bytes(const cake_ctx *ctx);
