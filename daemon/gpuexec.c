@@ -175,9 +175,18 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev,
     return finish(c, rc);
 }
 
-int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes)
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
+                    const void *base, size_t seg_bytes)
 {
-    cudaError_t e = cudaMemcpyAsync(dst_dev, src, bytes, cudaMemcpyHostToDevice, c->stream);
+    cudaError_t e = cudaSuccess;
+    const uint8_t *p = src;
+    uint8_t *d = dst_dev;
+    while (bytes && e == cudaSuccess) {
+        size_t into = (size_t)(p - (const uint8_t *)base) % seg_bytes, k = seg_bytes - into;
+        k = k < bytes ? k : bytes;
+        e = cudaMemcpyAsync(d, p, k, cudaMemcpyHostToDevice, c->stream);
+        p += k, d += k, bytes -= k;
+    }
     return finish(c, e == cudaSuccess ? 0 : -EIO);
 }
 

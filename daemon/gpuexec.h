@@ -52,7 +52,11 @@ struct gpu_select {
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
 /* Host (registered) -> device copy on the context's stream, waited for. */
-int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes);
+/* Copies host memory of the host pool to the device, in pieces that never cross a segment
+ * boundary (base + k * seg_bytes): each host segment is registered with CUDA on its own, and
+ * one copy over two registrations is refused. */
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
+                    const void *base, size_t seg_bytes);
 /* Device memory for a sequence's prefill indicators, stream-ordered on this context;
  * gpuexec_dev_free (any thread, NULL ok) never waits for the device. */
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);

@@ -421,7 +421,8 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
                                           s->cfg.gamma, dst, &s->pend_ent, &s->pend_var);
                 pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
             } else if (!s->work_rc) { /* the engine's own, from the host pool (registered) */
-                s->work_rc = gpuctx_copy_h2d(gc, dst, indicator_ptr(e, s), ib);
+                s->work_rc = gpuctx_copy_h2d(gc, dst, indicator_ptr(e, s), ib, e->pool->base,
+                                             e->pool->seg_bytes);
             }
             gpuexec_put(GEXEC(e, s), gc);
         } else if (observe) {

@@ -234,7 +234,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     cake_policy_default(&fp);
     fp.kind = CAKE_POLICY_FULL;
     cake_seq *hs = NULL, *gs = NULL;
-    uint32_t big = 65536; /* 256 MiB of K/V per layer */
+    uint32_t big = 131072; /* 512 MiB of K/V per layer: 256 MiB aligned inside it */
     fp.kind = CAKE_POLICY_FULL;
     int crc = cake_seq_open(c, &hl, &fp, big, 1, &hs);
     if (!crc)
@@ -247,19 +247,27 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     uint32_t hn = 0, gn = 0;
     const uint64_t *hpg = crc ? NULL : cake_layer_pages(hs, 0, &hn);
     const uint64_t *gpg = crc ? NULL : cake_layer_pages(gs, 0, &gn);
-    if (crc || !hn || !gn || !cake_pool_mapped(c, (uint8_t *)cake_pool_base(c) + hpg[0], bb) ||
-        !cake_gpu_pool_mapped(c, 0, gpg[0], bb)) {
+    const size_t ck = 4u << 20; /* copies of 4 MiB at 4 MiB boundaries: see below */
+    uint64_t hoff = crc ? 0 : (hpg[0] + ck - 1) / ck * ck, goff = crc ? 0 : (gpg[0] + ck - 1) / ck * ck;
+    if (crc || !hn || !gn || !cake_pool_mapped(c, (uint8_t *)cake_pool_base(c) + hoff, bb) ||
+        !cake_gpu_pool_mapped(c, 0, goff, bb)) {
         printf("through caked: no 256 MiB run for the copies: %s\n", crc ? cake_errstr(c) : "");
         stop_caked(pid);
         return 1;
     }
-    uint8_t *hp = (uint8_t *)cake_pool_base(c) + hpg[0], *gp = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c) + gpg[0];
+    uint8_t *hp = (uint8_t *)cake_pool_base(c) + hoff, *gp = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c) + goff;
+    /* one copy per 4 MiB (segments are multiples of it, and each host segment is registered
+     * with CUDA on its own: a copy must not span two) */
     double h2d[8], d2h[8];
     for (int r = -1; r < 8; r++) {
         double t0 = util_now_s();
-        CK(cudaMemcpy(gp, hp, bb, cudaMemcpyHostToDevice));
+        for (size_t x = 0; x < bb; x += ck)
+            CK(cudaMemcpyAsync(gp + x, hp + x, ck, cudaMemcpyHostToDevice, 0));
+        CK(cudaStreamSynchronize(0));
         double t1 = util_now_s();
-        CK(cudaMemcpy(hp, gp, bb, cudaMemcpyDeviceToHost));
+        for (size_t x = 0; x < bb; x += ck)
+            CK(cudaMemcpyAsync(hp + x, gp + x, ck, cudaMemcpyDeviceToHost, 0));
+        CK(cudaStreamSynchronize(0));
         double t2 = util_now_s();
         if (r >= 0)
             h2d[r] = bb / (t1 - t0) / 1e9, d2h[r] = bb / (t2 - t1) / 1e9;

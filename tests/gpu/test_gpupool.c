@@ -195,6 +195,24 @@ int main(void)
         fprintf(stderr, "FAIL: host pool not shared\n");
         failures++;
     }
+    /* host segments are registered one by one (caked and libcake do): does one copy over two
+     * registrations work? (caked splits its copies at segment boundaries either way) */
+    uint8_t *two = mmap(NULL, 2 * SEG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    void *dtwo = NULL;
+    if (two != MAP_FAILED && gpupool_register_host(two, SEG, &why) == 0 &&
+        gpupool_register_host(two + SEG, SEG, &why) == 0 && cudaMalloc(&dtwo, 2 * SEG) == cudaSuccess) {
+        cudaError_t e1 = cudaMemcpy(dtwo, two, 2 * SEG, cudaMemcpyHostToDevice);
+        cudaGetLastError();
+        cudaError_t e2 = cudaMemcpy(dtwo, two, SEG, cudaMemcpyHostToDevice);
+        cudaError_t e3 = cudaMemcpy((uint8_t *)dtwo + SEG, two + SEG, SEG, cudaMemcpyHostToDevice);
+        printf("one copy over two host registrations: %s; a copy per registration: %s\n",
+               e1 == cudaSuccess ? "works" : cudaGetErrorString(e1),
+               e2 == cudaSuccess && e3 == cudaSuccess ? "works" : "FAILS");
+        if (e2 != cudaSuccess || e3 != cudaSuccess)
+            failures++;
+        gpupool_unregister_host(two), gpupool_unregister_host(two + SEG);
+        cudaFree(dtwo);
+    }
     printf("owner: GPU %s, pool %llu MiB in %d segments (granularity %llu KiB): %s\n", p.uuid,
            (unsigned long long)(p.bytes >> 20), NSEG, (unsigned long long)(p.granularity >> 10),
            failures ? "FAILED" : "the other process's writes are visible");
