@@ -371,9 +371,10 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     (void)c, (void)jobs, (void)n;
     return -ENOTSUP;
 }
-int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes)
+int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
+                    const void *base, size_t seg_bytes)
 {
-    (void)c, (void)dst_dev, (void)src, (void)bytes;
+    (void)c, (void)dst_dev, (void)src, (void)bytes, (void)base, (void)seg_bytes;
     return -ENOTSUP;
 }
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)

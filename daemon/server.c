@@ -894,13 +894,17 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     char pb[32], pg[32], gb[32];
     human_bytes(s->pool.bytes, pb, sizeof pb);
     human_bytes(s->pool.page_bytes, pg, sizeof pg);
+#ifdef CAKE_HAVE_CUDA
     for (uint32_t i = 0; i < s->n_gpus; i++) {
         human_bytes(s->gpus[i].bytes, gb, sizeof gb);
-        srv_log("GPU pool %u: %s on %s (shared by %s); host pool %s with CUDA", i, gb,
+        srv_log("GPU pool %u: %s on %s (shared by %s); host segments %s with CUDA", i, gb,
                 s->gpus[i].uuid, s->gpus[i].gpu.legacy ? "one legacy IPC handle, every tenant"
                                                        : "file descriptors per segment and tenant",
                 s->host_registered ? "registered" : "not registered");
     }
+#else
+    (void)gb;
+#endif
     char sb[32];
     human_bytes(s->pool.seg_bytes, sb, sizeof sb);
     srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s, segments of %s%s; "

@@ -345,16 +345,23 @@ static int grow_layer(cake_ctx *c, cake_seq **s, double *reserve_s, double *writ
     return rc;
 }
 
+/* A new context of service prefix-i (not connected). */
+static cake_ctx *tenant_ctx(const char *prefix, int i)
+{
+    cake_ctx *c;
+    cake_create(&c);
+    char name[32];
+    snprintf(name, sizeof name, "%s-%d", prefix, i);
+    cake_set_service(c, name);
+    return c;
+}
+
 static int isolation_costs(void)
 {
     enum { N = 40 };
     double att[N], open1[N];
     for (int i = 0; i < N; i++) {
-        cake_ctx *c;
-        cake_create(&c);
-        char name[32];
-        snprintf(name, sizeof name, "attach-%d", i);
-        cake_set_service(c, name);
+        cake_ctx *c = tenant_ctx("attach", i);
         double a = util_now_s();
         int rc = cake_connect(c, sock, 1);
         double b = util_now_s();
@@ -376,11 +383,7 @@ static int isolation_costs(void)
     enum { G = 96 };
     double res[G], wr[G];
     for (int i = 0; i < G; i++) {
-        cake_ctx *c;
-        cake_create(&c);
-        char name[32];
-        snprintf(name, sizeof name, "grow-%d", i);
-        cake_set_service(c, name);
+        cake_ctx *c = tenant_ctx("grow", i);
         cake_seq *s;
         if (cake_connect(c, sock, 1) || grow_layer(c, &s, &res[i], &wr[i]))
             return -1;

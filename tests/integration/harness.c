@@ -88,6 +88,21 @@ int harness_start(struct harness *h, const char *const *extra)
     return -1;
 }
 
+cake_ctx *harness_client(const char *sock, const char *service, int map_pool, int admin)
+{
+    cake_ctx *c;
+    if (cake_create(&c))
+        return NULL;
+    cake_set_service(c, service);
+    cake_set_admin(c, admin);
+    if (cake_connect(c, sock, map_pool)) {
+        fprintf(stderr, "%s: %s\n", service, cake_errstr(c));
+        cake_destroy(c);
+        return NULL;
+    }
+    return c;
+}
+
 const char *harness_caked_bin(void)
 {
     return CAKED_BIN;

@@ -19,6 +19,10 @@ struct harness {
 /* Starts caked with extra arguments (NULL-terminated list, may be NULL); waits until it
  * answers. Returns 0 or -1. */
 int harness_start(struct harness *h, const char *const *extra);
+/* A connected client of the given service (map_pool: an engine; admin: asks for
+ * administration), or NULL with the reason on stderr. */
+struct cake_ctx;
+struct cake_ctx *harness_client(const char *sock, const char *service, int map_pool, int admin);
 /* The caked binary under test. */
 const char *harness_caked_bin(void);
 /* SIGTERM and wait; returns caked's exit status (or -1 if it died by a signal). */

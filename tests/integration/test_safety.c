@@ -97,21 +97,16 @@ static uint64_t metric(const char *sock, const char *name)
 
 static cake_ctx *engine(const char *sock, const char *name)
 {
-    cake_ctx *c;
-    cake_create(&c);
-    cake_set_service(c, name);
-    cr_assert_eq(cake_connect(c, sock, 1), 0, "%s", cake_errstr(c));
+    cake_ctx *c = harness_client(sock, name, 1, 0);
+    cr_assert_not_null(c);
     return c;
 }
 
 /* A control connection that asks for administration (as cachectl does). */
 static cake_ctx *admin(const char *sock)
 {
-    cake_ctx *c;
-    cake_create(&c);
-    cake_set_service(c, "cachectl");
-    cake_set_admin(c, 1);
-    cr_assert_eq(cake_connect(c, sock, 0), 0, "%s", cake_errstr(c));
+    cake_ctx *c = harness_client(sock, "cachectl", 0, 1);
+    cr_assert_not_null(c);
     return c;
 }
 

@@ -37,20 +37,15 @@ static void need_root(void)
 
 static cake_ctx *engine(const char *sock, const char *name)
 {
-    cake_ctx *c;
-    cake_create(&c);
-    cake_set_service(c, name);
-    cr_assert_eq(cake_connect(c, sock, 1), 0, "%s", cake_errstr(c));
+    cake_ctx *c = harness_client(sock, name, 1, 0);
+    cr_assert_not_null(c);
     return c;
 }
 
 static cake_ctx *control(const char *sock, int admin)
 {
-    cake_ctx *c;
-    cake_create(&c);
-    cake_set_service(c, "cachectl");
-    cake_set_admin(c, admin);
-    cr_assert_eq(cake_connect(c, sock, 0), 0, "%s", cake_errstr(c));
+    cake_ctx *c = harness_client(sock, "cachectl", 0, admin);
+    cr_assert_not_null(c);
     return c;
 }
 

@@ -138,6 +138,14 @@ class Binding(unittest.TestCase):
         with self.assertRaises(FileNotFoundError):
             caked.Client(os.path.join(self.d.dir, "absent.sock"))
 
+    def test_server_uid_and_admin(self):
+        # caked runs as this process's uid: naming another uid as caked's refuses it unheard
+        with self.assertRaises(caked.PermissionDenied) as e:
+            caked.Client(self.d.sock, service="py-uid", server_uid=os.geteuid() + 1)
+        self.assertIn("runs as uid", str(e.exception))
+        with caked.Client(self.d.sock, service="py-uid", server_uid=os.geteuid()) as c:
+            c.ping()
+
     def test_torch_view_if_torch_is_installed(self):
         try:
             import torch

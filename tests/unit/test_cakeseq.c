@@ -111,8 +111,8 @@ static void run_fixed(int cascading)
             cr_assert_eq(k, S);
         for (uint32_t g = 0; g < Hkv; g++) {
             topk_ref(ind + ((size_t)l * Hkv + g) * S, S, k, want);
-            cr_assert_eq(memcmp(cakeseq_positions(s, l, g), want, sizeof(uint32_t) * k), 0,
-                         "layer %u head %u: kept set or order differs", l, g);
+            cr_assert(k == 0 || !memcmp(cakeseq_positions(s, l, g), want, sizeof(uint32_t) * k),
+                      "layer %u head %u: kept set or order differs", l, g);
         }
     }
     free(want), free(ind);

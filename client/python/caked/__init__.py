@@ -101,6 +101,9 @@ def _load():
         "cake_destroy": (None, [P]),
         "cake_set_service": (I, [P, ctypes.c_char_p]),
         "cake_set_timeout_ms": (I, [P, I]),
+        "cake_set_server_uid": (I, [P, ctypes.c_long]),
+        "cake_set_admin": (I, [P, I]),
+        "cake_pool_mapped": (I, [P, P, SZ]),
         "cake_connect": (I, [P, ctypes.c_char_p, I]),
         "cake_fd": (I, [P]),
         "cake_errstr": (ctypes.c_char_p, [P]),
@@ -159,13 +162,21 @@ def _check(ctx, rc):
 class Client:
     """A connection to caked (one tenant: `service` under this process's uid)."""
 
-    def __init__(self, socket=None, service="python", map_pool=True, timeout_ms=0):
+    def __init__(self, socket=None, service="python", map_pool=True, timeout_ms=0,
+                 server_uid=None, admin=False):
+        """server_uid: the uid caked must run as (default: root or this process's own; any
+        other server is refused before anything is sent). admin: ask for administration
+        (granted to root, caked's uid and --admin-group members)."""
         lib = _L()
         self._ctx = ctypes.c_void_p()
         _check(None, lib.cake_create(ctypes.byref(self._ctx)))
         try:
             _check(self._ctx, lib.cake_set_service(self._ctx, service.encode()))
             _check(self._ctx, lib.cake_set_timeout_ms(self._ctx, timeout_ms))
+            if server_uid is not None:
+                _check(self._ctx, lib.cake_set_server_uid(self._ctx, int(server_uid)))
+            if admin:
+                _check(self._ctx, lib.cake_set_admin(self._ctx, 1))
             _check(self._ctx, lib.cake_connect(self._ctx, socket.encode() if socket else None,
                                                 1 if map_pool else 0))
         except BaseException:
