@@ -470,7 +470,10 @@ void srv_client_read(struct server *s, struct client *c)
             continue;
         }
         c->in_len += (size_t)n;
-        c->drained = (size_t)n < room;
+        /* a short read drained the socket, unless the peer has hung up: then read on to the
+         * end of file (io_uring reports the hang-up once; if it came with the last bytes,
+         * no later wakeup would tell us) */
+        c->drained = (size_t)n < room && !c->rdhup;
     }
     c->reading = 0;
 }
@@ -544,6 +547,8 @@ static void on_client(void *arg, uint32_t ev)
     }
     if (ev & (LOOP_IN | LOOP_ERR))
         c->drained = 0;
+    if (ev & LOOP_ERR)
+        c->rdhup = 1;
     if ((ev & LOOP_OUT) && c->out) {
         if (client_flush(s, c) != 1)
             return;

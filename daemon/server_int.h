@@ -52,6 +52,7 @@ struct client {
     uint8_t in[4096];      /* bytes read ahead of parsing */
     size_t in_off, in_len;
     int drained;           /* the last recv came back short: wait for the next poll event */
+    int rdhup;             /* the peer hung up (or erred): read to the end, whatever comes short */
     int reading;           /* inside client_read: completions must not re-enter it */
     struct client *next_dead;
     struct frame_header h;

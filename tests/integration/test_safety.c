@@ -567,6 +567,72 @@ Test(safety, another_uid_sees_and_touches_only_its_own, .timeout = 60)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* A client that sends part of a frame and hangs up at once (both in one wakeup) is noticed:
+ * io_uring reports the hang-up once, with the bytes, and caked used to stop reading at the
+ * short read and keep the connection, its sequences and pages forever. */
+Test(safety, a_partial_frame_then_hang_up_frees_everything, .timeout = 60)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    for (int i = 0; i < 100; i++) {
+        pid_t p = fork();
+        if (p == 0) {
+            cake_ctx *c = harness_client(h.sock, "half", 1, 0);
+            struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            cake_seq *s;
+            if (!c || cake_seq_open(c, &lay, NULL, 300, 8, &s) || cake_prefill_reserve(s, 0))
+                _exit(1);
+            uint8_t part[FRAME_HEADER_BYTES] = {0x43, 0x41, 0x4b, 0x45, 1, 0, 2, 0};
+            if (send(cake_fd(c), part, 10 + i % 13, MSG_NOSIGNAL) < 0)
+                _exit(2);
+            _exit(0); /* the close follows the bytes at once */
+        }
+        int st;
+        waitpid(p, &st, 0);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+    unsigned long long used = 1;
+    unsigned seqs = 1;
+    for (int i = 0; i < 250 && (used || seqs); i++) {
+        cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+        if (used || seqs)
+            usleep(20000);
+    }
+    cr_assert_eq(seqs, 0, "%u sequences of hung-up clients kept", seqs);
+    cr_assert_eq(used, 0, "%llu pages of hung-up clients kept", used);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+/* caked killed and restarted: the same context connects again (libcake used to keep the
+ * dead fd and answer "already connected" under io_uring), with none of the old handles. */
+Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)
+{
+    char d[] = "/tmp/caked-restart-XXXXXX", sock[128];
+    cr_assert_not_null(mkdtemp(d));
+    snprintf(sock, sizeof sock, "%s/caked.sock", d);
+    const char *extra[] = {"--socket", sock, NULL};
+    struct harness h1, h2;
+    cr_assert_eq(harness_start(&h1, extra), 0);
+    cake_ctx *c = harness_client(sock, "again", 1, 0);
+    cr_assert_not_null(c);
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    cake_seq *s;
+    cr_assert_eq(cake_seq_open(c, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(c));
+    kill(h1.pid, SIGKILL);
+    waitpid(h1.pid, NULL, 0);
+    cr_assert_eq(harness_start(&h2, extra), 0); /* replaces the stale socket */
+    cr_assert_eq(cake_connect(c, sock, 1), 0, "%s", cake_errstr(c));
+    cr_assert_eq(cake_ping(c), 0);
+    cr_assert_eq(cake_seq_open(c, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(c));
+    cr_assert_eq(cake_prefill_reserve(s, 0), 0, "%s", cake_errstr(c));
+    cake_destroy(c);
+    cr_assert_eq(harness_stop(&h2), 0);
+    unlink(h1.log);
+    char run[200];
+    snprintf(run, sizeof run, "%s/run", h1.dir);
+    rmdir(run), rmdir(h1.dir), rmdir(d);
+}
+
 Test(safety, sigterm_gives_clients_a_clear_error, .timeout = 30)
 {
     struct harness h;
