@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../client/include/cake/cake.h"
@@ -188,14 +189,25 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
 int config_load(struct config *c, const char *path, char *err, int len)
 {
     FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(err, (size_t)len, "%s: %s", path, strerror(errno));
+    struct stat st;
+    if (!f || fstat(fileno(f), &st) < 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, (size_t)len, "%s: %s", path, f ? "not a regular file" : strerror(errno));
+        if (f)
+            fclose(f);
         return -1;
     }
     char line[1024], msg[256];
     int no = 0, rc = 0;
     while (!rc && fgets(line, sizeof line, f)) {
         no++;
+        size_t ll = strlen(line);
+        if (ll == sizeof line - 1 && line[ll - 1] != '\n' && !feof(f)) {
+            /* never parse the tail of a long line (a comment's) as options */
+            snprintf(err, (size_t)len, "%s:%d: line longer than %zu bytes", path, no,
+                     sizeof line - 2);
+            fclose(f);
+            return -1;
+        }
         char *p = line;
         char *hash = strchr(p, '#');
         if (hash)

@@ -57,11 +57,15 @@ int main(int argc, char **argv)
     };
     char err[512];
     /* the config file first, so the command line overrides it */
-    for (int i = 1; i < argc; i++)
-        if (!strcmp(argv[i], "--config") && i + 1 < argc && config_load(&cfg, argv[i + 1], err, sizeof err)) {
+    for (int i = 1; i < argc; i++) {
+        const char *file = !strcmp(argv[i], "--config") && i + 1 < argc ? argv[i + 1]
+                           : !strncmp(argv[i], "--config=", 9)          ? argv[i] + 9
+                                                                        : NULL;
+        if (file && config_load(&cfg, file, err, sizeof err)) {
             fprintf(stderr, "caked: %s\n", err);
             return 2;
         }
+    }
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {

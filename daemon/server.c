@@ -862,6 +862,16 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     }
 #endif
     pool_set_ops(&s->pool, &hops);
+    uint64_t min_sum = 0;
+    for (int i = 0; i < n_tenants; i++)
+        min_sum += tcfg[i].min_bytes;
+    if (min_sum > s->pool.bytes) {
+        srv_log("the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
+                "else could open anything (lower min= or raise --host-pool)",
+                (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
+        rc = -EINVAL;
+        goto fail;
+    }
     for (int i = 0; i < n_tenants; i++) {
         uint32_t own = (uint32_t)s->owner_uid;
         const uint32_t *uids = tcfg[i].n_uids ? tcfg[i].uids : &own;

@@ -127,6 +127,27 @@ Test(trust, caked_refuses_a_socket_directory_it_does_not_own, .timeout = 60)
     rmdir(d2), rmdir(up), rmdir(d), rmdir(top);
 }
 
+/* Quotas that add up: minimums over the pool would leave no one else anything; caked
+ * refuses to start and names the numbers (it started, and refused every other open). */
+Test(trust, minimums_over_the_pool_are_refused_at_start, .timeout = 60)
+{
+    char d[] = "/tmp/caked-trust-XXXXXX", sock[128], conf[160], log[2048];
+    cr_assert_not_null(mkdtemp(d));
+    snprintf(sock, sizeof sock, "%s/caked.sock", d);
+    snprintf(conf, sizeof conf, "--config=%s/caked.conf", d);
+    FILE *f = fopen(conf + 9, "w");
+    fprintf(f, "tenant a min=10M\ntenant b uid=4242 min=10M\n");
+    fclose(f);
+    cr_assert_eq(caked_refuses(sock, conf, log, sizeof log), 1); /* a 16M pool */
+    cr_assert(strstr(log, "minimums sum to 20971520 bytes"), "%s", log);
+    f = fopen(conf + 9, "w");
+    fprintf(f, "tenant a min=1T\n");
+    fclose(f);
+    cr_assert_eq(caked_refuses(sock, conf, log, sizeof log), 1);
+    cr_assert(strstr(log, "over the host pool"), "%s", log);
+    unlink(conf + 9), rmdir(d);
+}
+
 /* 1. caked removes only a stale socket of its own: a regular file, a symbolic link (to a
  * file root owns) or another uid's socket at the path are refused and left as they were. */
 Test(trust, caked_removes_nothing_but_its_own_stale_socket, .timeout = 60)

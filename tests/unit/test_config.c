@@ -73,5 +73,20 @@ Test(config, file_with_tenants_and_errors)
     config_defaults(&c);
     cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
     cr_assert(strstr(err, ":2:"), "error names the line: %s", err);
+    /* a comment line over the buffer: an error, never its tail parsed as options */
+    f = fopen(path, "w");
+    fputs("# ", f);
+    for (int i = 0; i < 1100; i++)
+        fputc('x', f);
+    fputs(" host-pool = 8M\n", f);
+    fclose(f);
+    config_defaults(&c);
+    uint64_t before = c.srv.host_pool_bytes;
+    cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, ":1: line longer"), "%s", err);
+    cr_assert_eq(c.srv.host_pool_bytes, before);
     unlink(path);
+    /* a directory is not a configuration */
+    cr_assert_eq(config_load(&c, "/tmp", err, sizeof err), -1);
+    cr_assert(strstr(err, "not a regular file"), "%s", err);
 }
