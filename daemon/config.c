@@ -93,6 +93,18 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n < 4096 || (n & (n - 1)) || n > (1ull << 30))
             return FAIL("page-size must be a power of two from 4K to 1G: %s", v);
         c->srv.page_bytes = n;
+    } else if (!strcmp(key, "max-clients-per-uid")) {
+        char *end;
+        long x = strtol(v, &end, 10);
+        if (*end || x < 1 || x > 1000000)
+            return FAIL("max-clients-per-uid must be 1..1000000: %s", v);
+        c->srv.max_per_uid = (uint32_t)x;
+    } else if (!strcmp(key, "hello-timeout")) {
+        char *end;
+        double x = strtod(v, &end);
+        if (*end || !(x >= 0.1 && x <= 3600))
+            return FAIL("hello-timeout must be 0.1..3600 seconds: %s", v);
+        c->srv.hello_timeout_s = x;
     } else if (!strcmp(key, "segment-size")) {
         if (config_parse_size(v, &n) || n < (4u << 20) || (n & (n - 1)) || n > (1ull << 40))
             return FAIL("segment-size must be a power of two of at least 4M: %s", v);

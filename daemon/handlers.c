@@ -101,6 +101,7 @@ static void h_hello(struct server *s, struct client *c)
         }
     }
     c->tenant = t;
+    t->conns++;
     c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
     if (c->engine)
         t->clients++;
@@ -586,7 +587,7 @@ static void h_status(struct server *s, struct client *c)
     r.uptime_ms = (uint64_t)((srv_now_s() - s->t_start) * 1e3);
     r.pool_bytes = s->pool.bytes, r.page_bytes = s->pool.page_bytes;
     r.pages_total = s->pool.pages, r.pages_used = s->pool.used;
-    r.tenants = s->tenants.n, r.sequences = s->n_seqs, r.clients = s->n_clients;
+    r.tenants = s->tenants.live, r.sequences = s->n_seqs, r.clients = s->n_clients;
     r.pid = (uint32_t)getpid();
     r.socket = s->cfg.socket_path;
     Cake__GpuPool gp[SERVER_MAX_GPUS], *gpp[SERVER_MAX_GPUS];
@@ -731,7 +732,7 @@ static int render_metrics(struct server *s, const struct client *c, struct strbu
           "caked_gpu_pool_pages{gpu=\"%s\",state=\"free\"} %u\n", s->gpus[i].uuid,
           s->gpus[i].pages.used, s->gpus[i].uuid, pool_free_pages(&s->gpus[i].pages));
     P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
-      s->tenants.n);
+      s->tenants.live);
     P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",
       s->n_seqs);
     P("# HELP caked_clients Connected clients.\n# TYPE caked_clients gauge\ncaked_clients %u\n",
@@ -739,19 +740,19 @@ static int render_metrics(struct server *s, const struct client *c, struct strbu
     P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
       "# TYPE caked_tenant_used_bytes gauge\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (c->admin || &s->tenants.t[i] == c->tenant)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
         P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
     P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
       "# TYPE caked_tenant_gpu_used_bytes gauge\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (c->admin || &s->tenants.t[i] == c->tenant)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
         P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
     P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
       "# TYPE caked_tenant_oom_total counter\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (c->admin || &s->tenants.t[i] == c->tenant)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
         P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
     P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
@@ -868,6 +869,7 @@ static void h_set_quota(struct server *s, struct client *c)
     if (has_w)
         t->weight = weight;
     t->min_bytes = nmin, t->max_bytes = nmax;
+    t->configured = 1; /* kept while caked runs, even when idle */
     srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu", t->name,
             t->uid, c->cred.uid, t->weight, (unsigned long long)t->min_bytes,
             (unsigned long long)t->max_bytes);

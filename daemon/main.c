@@ -3,6 +3,7 @@
  *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--gpu-ipc auto|legacy] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
  *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--config FILE]
+ *         [--max-clients-per-uid N] [--hello-timeout SECS]
  *         [--version] [--help]
  *
  * Runs in the foreground and logs to stderr (a service manager captures both). */
@@ -34,6 +35,9 @@ static void usage(FILE *f)
             "                        root and caked's own uid always may\n"
             "  --segment-size SIZE   pool segment: the unit of memory a tenant maps (default\n"
             "                        4M, larger for pools over 4G: at most 1024 segments)\n"
+            "  --max-clients-per-uid N  connections a uid other than root and caked's may hold\n"
+            "                        (default: half the client limit)\n"
+            "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
             "  --config FILE         options and tenants (see daemon/README.md)\n"
             "  --version, --help\n");
 }
@@ -48,12 +52,14 @@ int main(int argc, char **argv)
         {"huge-pages", 0, 0, 'H'}, {"io", 1, 0, 'i'}, {"workers", 1, 0, 'w'},
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
+        {"max-clients-per-uid", 1, 0, 'U'}, {"hello-timeout", 1, 0, 'T'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
         ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
-        ['A'] = "admin-group", ['S'] = "segment-size",
+        ['A'] = "admin-group", ['S'] = "segment-size", ['U'] = "max-clients-per-uid",
+        ['T'] = "hello-timeout",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

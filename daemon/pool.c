@@ -359,6 +359,15 @@ uint64_t pool_avail(const struct pool *p, uint32_t owner)
     return owner && owner <= POOL_MAX_OWNERS ? p->empty_pages + p->owned_free[owner] : 0;
 }
 
+void pool_release_owner(struct pool *p, uint32_t owner)
+{
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && !p->seg[i].used) {
+            p->seg[i].owner = 0; /* claim() sees memory of another: fresh memory first */
+            p->epoch++;
+        }
+}
+
 uint32_t pool_owned_segs(const struct pool *p, uint32_t owner)
 {
     uint32_t n = 0;

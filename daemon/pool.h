@@ -95,6 +95,9 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
 /* Pages owner could be given now: free pages of its segments and every empty segment
  * (constant time: kept as pages come and go). */
 uint64_t pool_avail(const struct pool *p, uint32_t owner);
+/* owner is gone: its segments (all empty) belong to no one; whoever takes one next gets it
+ * with fresh memory. */
+void pool_release_owner(struct pool *p, uint32_t owner);
 /* Segments owner holds (with or without pages in use). */
 uint32_t pool_owned_segs(const struct pool *p, uint32_t owner);
 

@@ -76,9 +76,11 @@ struct seq *srv_seq_find(struct server *s, uint64_t id)
 
 static void seq_remove_one(struct server *s, struct seq *q)
 {
+    struct tenant *t = q->tenant;
     s->slots[(uint32_t)q->id - 1].s = NULL;
     s->n_seqs--;
     seq_free(&s->env, q);
+    srv_tenant_gc(s, t); /* its last sequence, its owner gone */
 }
 
 void srv_group_end(struct server *s, struct shard_group *g, const char *why)
@@ -108,6 +110,16 @@ void srv_group_end(struct server *s, struct shard_group *g, const char *why)
     free(g);
 }
 
+void srv_tenant_gc(struct server *s, struct tenant *t)
+{
+    if (!t || !tenant_idle(t))
+        return;
+    pool_release_owner(&s->pool, t->id);
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        pool_release_owner(&s->gpus[i].pages, t->id);
+    tenant_release(&s->tenants, t);
+}
+
 void srv_quarantine(struct server *s, struct seq *q)
 {
     s->slots[(uint32_t)q->id - 1].s = NULL;
@@ -121,8 +133,10 @@ void srv_release_quarantine(struct server *s, uint64_t id)
     for (struct seq **pp = &s->quarantine; *pp;) {
         struct seq *q = *pp;
         if (q->owner == id) {
+            struct tenant *t = q->tenant;
             *pp = q->next_q;
             seq_free(&s->env, q);
+            srv_tenant_gc(s, t);
         } else {
             pp = &q->next_q;
         }
@@ -398,6 +412,14 @@ static int take_header(struct server *s, struct client *c)
                                                  : "malformed frame header (%u)", c->h.body_len);
         return -1;
     }
+    if (!c->tenant && c->h.body_len > SERVER_PREHELLO_MAX_BODY) {
+        /* nothing large is held for a client that has not said who it is */
+        c->t0 = srv_now_s();
+        c->close_after_flush = 1;
+        srv_reply_error(s, c, CAKE_ETOOBIG, "a frame of %u bytes before HELLO (at most %u)",
+                        c->h.body_len, SERVER_PREHELLO_MAX_BODY);
+        return -1;
+    }
     c->state = C_BODY, c->got = 0;
     if (c->h.body_len && !c->discard && !(c->body = malloc(c->h.body_len))) {
         c->close_after_flush = 1;
@@ -489,6 +511,8 @@ static void client_close(struct server *s, struct client *c)
     close(c->fd);
     if (c->tenant && c->engine)
         c->tenant->clients--;
+    if (c->tenant)
+        c->tenant->conns--;
     uint32_t freed = 0;
     for (uint32_t i = 0; i < s->n_slots; i++) {
         struct seq *q = s->slots[i].s;
@@ -503,6 +527,7 @@ static void client_close(struct server *s, struct client *c)
     if (freed)
         s->m.clients_killed++;
     srv_release_quarantine(s, c->id);
+    srv_tenant_gc(s, c->tenant); /* a one-shot name leaves nothing behind */
     c->state = C_CLOSED;
     for (uint32_t i = 0; i < s->n_clients; i++)
         if (s->clients[i] == c) {
@@ -622,8 +647,23 @@ static void on_accept(void *arg, uint32_t ev)
             refuse(s, fd, s->stopping ? "shutting down" : "at the client limit");
             continue;
         }
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0 ||
-            !(c = calloc(1, sizeof(*c)))) {
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0) {
+            close(fd);
+            s->m.errors[ERR_INTERNAL]++;
+            continue;
+        }
+        /* other uids (caked's own and root administer it) may not take every slot */
+        uint32_t mine = 0;
+        for (uint32_t i = 0; cred.uid != 0 && cred.uid != s->owner_uid && i < s->n_clients; i++)
+            mine += s->clients[i]->cred.uid == cred.uid;
+        if (cred.uid != 0 && cred.uid != s->owner_uid && mine >= s->max_per_uid) {
+            char why[96];
+            snprintf(why, sizeof why, "uid %u holds %u connections, its limit "
+                     "(--max-clients-per-uid)", (unsigned)cred.uid, mine);
+            refuse(s, fd, why);
+            continue;
+        }
+        if (!(c = calloc(1, sizeof(*c)))) {
             close(fd);
             s->m.errors[ERR_INTERNAL]++;
             continue;
@@ -639,6 +679,7 @@ static void on_accept(void *arg, uint32_t ev)
         s->clients = cs;
         c->srv = s, c->id = ++s->next_client_id, c->fd = fd, c->cred = cred;
         c->state = C_HEADER;
+        c->t_accept = srv_now_s();
         s->clients[s->n_clients++] = c;
         s->m.clients_total++;
         srv_client_read(s, c); /* data may have arrived before the watch */
@@ -685,6 +726,11 @@ static void fd_limits(struct server *s)
         }
     }
     s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    s->max_per_uid = s->cfg.max_per_uid ? s->cfg.max_per_uid : s->max_clients / 2;
+    if (s->max_per_uid > s->max_clients)
+        s->max_per_uid = s->max_clients;
+    if (!s->cfg.hello_timeout_s)
+        s->cfg.hello_timeout_s = 5.0;
 }
 
 static int listen_on(struct server *s)
@@ -934,10 +980,36 @@ fail:
     return rc;
 }
 
+/* Closes connections that have not sent HELLO in time (each says why first): idle sockets
+ * must not hold the client slots engines need. At most once a quarter second. */
+static void sweep_hello(struct server *s)
+{
+    double now = srv_now_s();
+    if (now - s->t_sweep < 0.25)
+        return;
+    s->t_sweep = now;
+    for (uint32_t i = 0; i < s->n_clients;) {
+        struct client *c = s->clients[i];
+        if (c->tenant || c->state == C_BUSY || now - c->t_accept < s->cfg.hello_timeout_s) {
+            i++;
+            continue;
+        }
+        Cake__Error e = CAKE__ERROR__INIT;
+        e.code = CAKE_ESTATE, e.message = (char *)"no HELLO in time: connection closed";
+        out_reset(c); /* whatever it left unread goes */
+        srv_queue_frame(s, c, MSG_ERROR, 0, &e.base, NULL, 0);
+        if (c->out)
+            send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        s->m.clients_refused++;
+        client_close(s, c); /* swaps the last client into slot i */
+    }
+}
+
 int server_run(struct server *s)
 {
     while (!s->stopping) {
-        int rc = loop_wait(s->loop, 1000);
+        int rc = loop_wait(s->loop, 250);
+        sweep_hello(s);
         free_dead(s);
         if (rc < 0) {
             srv_log("event loop: %s", strerror(-rc));

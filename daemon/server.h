@@ -32,6 +32,8 @@ struct server_cfg {
     enum loop_backend io;
     int workers;             /* worker threads (<= 0: one per core) */
     int kernel_threads;      /* OpenMP threads per scoring job (default 1: jobs run side by side) */
+    uint32_t max_per_uid;    /* connections one uid may hold (0: half the client limit) */
+    double hello_timeout_s;  /* a connection must send HELLO within this (default 5 s) */
 };
 
 struct tenant_cfg {

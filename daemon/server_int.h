@@ -21,6 +21,7 @@
 
 #define SERVER_MAX_CLIENTS 4096      /* accept() beyond this is refused and counted */
 #define SERVER_MAX_DECODE_BATCH 65536 /* sequence ids in one DECODE_STEP */
+#define SERVER_PREHELLO_MAX_BODY 4096 /* a frame before HELLO (HELLO, PING) is small */
 #define UNPACK_LIMIT(len) ((size_t)(len) * 8 + 65536) /* bound on unpacker heap per body */
 #define SERVER_MAP_FDS 64            /* segment fds in one MAP frame (SCM_MAX_FD is 253) */
 #define SERVER_POOLS (1 + SERVER_MAX_GPUS) /* the host pool, then one per GPU */
@@ -64,6 +65,7 @@ struct client {
     struct out_fds *out_fds; /* in order of off */
     uint32_t n_out_fds, out_fds_next;
     double t0;             /* request start */
+    double t_accept;       /* when it connected: HELLO is due within hello_timeout_s */
 };
 
 struct seq_slot {
@@ -94,6 +96,8 @@ struct server {
     int listen_fd, listen_h, sig_fd, sig_h, work_h;
     int spare_fd;          /* held open to accept-and-close a connection when out of fds */
     uint32_t max_clients;  /* SERVER_MAX_CLIENTS, or less where the fd limit is lower */
+    uint32_t max_per_uid;  /* connections one uid may hold (--max-clients-per-uid) */
+    double t_sweep;        /* last look for connections overdue for HELLO */
     double t_refuse_log;   /* last time a refusal was logged (at most once a second) */
     struct client **clients;
     uint32_t n_clients;
@@ -158,6 +162,8 @@ void srv_reply_error(struct server *s, struct client *c, int code, const char *f
 /* An fd of segment i of GPU pool gpu for a client (the caller closes it), or -errno. */
 int srv_gpu_seg_export(struct server *s, uint32_t gpu, uint32_t i);
 #endif
+/* Forgets t (and frees its empty segments) when nothing holds it any more. */
+void srv_tenant_gc(struct server *s, struct tenant *t);
 /* Frees the sequences quarantined for client id (srv_quarantine). */
 void srv_release_quarantine(struct server *s, uint64_t id);
 

@@ -23,19 +23,37 @@ int tenant_name_ok(const char *name)
 static struct tenant *add(struct tenants *ts, const char *name, uint32_t uid)
 {
     /* a tenant's index (its id - 1) never changes: the array is allocated once */
-    if (ts->n >= TENANT_MAX)
-        return NULL;
     if (!ts->t) { /* allocated once: tenant pointers stay valid for the daemon's life */
         if (!(ts->t = calloc(TENANT_MAX, sizeof(*ts->t))))
             return NULL;
         ts->cap = TENANT_MAX;
     }
-    struct tenant *t = &ts->t[ts->n++];
+    uint32_t i = 0;
+    while (i < ts->n && ts->t[i].in_use) /* a slot released earlier, else a new one */
+        i++;
+    if (i == TENANT_MAX)
+        return NULL;
+    if (i == ts->n)
+        ts->n++;
+    struct tenant *t = &ts->t[i];
     memset(t, 0, sizeof(*t));
-    t->id = ts->n;
+    t->id = i + 1, t->in_use = 1;
+    ts->live++;
     strncpy(t->name, name, TENANT_NAME_MAX);
     t->uid = uid, t->uids[0] = uid, t->n_uids = 1, t->weight = 1;
     return t;
+}
+
+int tenant_idle(const struct tenant *t)
+{
+    return t->in_use && !t->configured && !t->conns && !t->clients && !t->sequences &&
+           !t->used_bytes && !t->gpu_used_bytes;
+}
+
+void tenant_release(struct tenants *ts, struct tenant *t)
+{
+    memset(t, 0, sizeof(*t)); /* name "" never matches a lookup */
+    ts->live--;
 }
 
 int tenant_has_uid(const struct tenant *t, uint32_t uid)

@@ -27,14 +27,17 @@ struct tenant {
     uint64_t min_bytes, max_bytes;
     uint64_t used_bytes;
     uint64_t gpu_used_bytes; /* in the GPU pool (caked --gpu-pool) */
-    uint32_t sequences, clients;
+    uint32_t sequences, clients; /* clients: engines (they count toward shares) */
+    uint32_t conns;       /* every connection attached as this tenant, cachectl included */
+    int in_use;           /* 0: a free slot (tenant_release), reused by the next new tenant */
     uint64_t oom_errors;
     int configured;
 };
 
 struct tenants {
     struct tenant *t;
-    uint32_t n, cap;
+    uint32_t n, cap; /* slots used so far (some may be free again), allocated */
+    uint32_t live;   /* tenants in use */
 };
 
 /* The tenant uid may be under the name: the configured one listing uid, else (name, uid),
@@ -48,6 +51,11 @@ struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, in
  * tenant of its own (its memory is accounted there). */
 int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
                      uint32_t weight, uint64_t min_bytes, uint64_t max_bytes);
+/* Forgets t if nothing holds it any more (not configured; no connection, sequence or
+ * memory). Returns 1 if it was released: its id may name another tenant later, so the
+ * caller first gives up whatever the id owned (pool segments). */
+int tenant_idle(const struct tenant *t);
+void tenant_release(struct tenants *ts, struct tenant *t);
 /* Does t admit uid? */
 int tenant_has_uid(const struct tenant *t, uint32_t uid);
 void tenants_fini(struct tenants *ts);

@@ -603,6 +603,107 @@ Test(safety, a_partial_frame_then_hang_up_frees_everything, .timeout = 60)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* Clients that never become engines hold nothing for long: a body before HELLO is at most
+ * 4 KiB (a 1 MiB one was held); a connection that sends no HELLO in time is closed (4096
+ * idle ones locked every engine out); a uid other than root and caked's holds at most its
+ * share of the connections; a one-shot service name leaves no tenant behind (4093 of them
+ * filled the tenant table for good). */
+static unsigned status_tenants(const char *sock)
+{
+    cake_ctx *c = harness_client(sock, "cachectl", 0, 1);
+    cr_assert_not_null(c);
+    uint8_t *b;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(c, MSG_STATUS, NULL, &b, &n), 0);
+    ProtobufCAllocator al = cake_internal_allocator(c);
+    Cake__Status *st = cake__status__unpack(&al, n, b);
+    cake_internal_free(c, b);
+    unsigned t = st->tenants;
+    cake__status__free_unpacked(st, &al);
+    cake_destroy(c);
+    return t;
+}
+
+Test(safety, clients_that_never_become_engines_hold_nothing_for_long, .timeout = 90)
+{
+    struct harness h;
+    const char *extra[] = {"--hello-timeout", "0.5", "--max-clients-per-uid", "4",
+                           "--socket-group", "root", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    chmod(h.dir, 0755);
+    int code;
+    char msg[256];
+    /* a large body before HELLO: refused at its header, the connection closed */
+    int fd = raw_connect(h.sock);
+    send_frame(fd, FRAME_MAGIC, MSG_HELLO, 1u << 20, NULL, 0);
+    cr_assert_eq(read_reply(fd, &code, msg, sizeof msg), MSG_ERROR);
+    cr_assert_eq(code, CAKE_ETOOBIG, "%s", msg);
+    cr_assert(strstr(msg, "before HELLO"), "%s", msg);
+    cr_assert(is_closed(fd));
+    close(fd);
+    /* idle connections are closed once HELLO is overdue, with the reason */
+    int idle[64];
+    for (int i = 0; i < 64; i++)
+        idle[i] = raw_connect(h.sock);
+    usleep(1200000);
+    for (int i = 0; i < 64; i++) {
+        cr_assert_eq(read_reply(idle[i], &code, msg, sizeof msg), MSG_ERROR, "idle %d", i);
+        cr_assert(strstr(msg, "no HELLO"), "%s", msg);
+        cr_assert(is_closed(idle[i]));
+        close(idle[i]);
+    }
+    cake_ctx *e = engine(h.sock, "after-idle");
+    cr_assert_eq(cake_ping(e), 0);
+    /* another uid (admitted through the group) holds at most 4 connections */
+    pid_t p = fork();
+    if (p == 0) {
+        gid_t g = 0;
+        if (setgroups(1, &g) || setgid(0) || setuid(65534))
+            _exit(10);
+        cake_ctx *c[5];
+        for (int i = 0; i < 4; i++)
+            if (!(c[i] = harness_client(h.sock, "nobody", 1, 0)))
+                _exit(11);
+        cake_create(&c[4]);
+        if (cake_connect(c[4], h.sock, 1) != CAKE_EOOM || !strstr(cake_errstr(c[4]), "its limit"))
+            _exit(12);
+        _exit(0);
+    }
+    int st;
+    waitpid(p, &st, 0);
+    if (geteuid() == 0)
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "per-uid check %d", WEXITSTATUS(st));
+    cake_ctx *r[8]; /* root (like caked's own uid) is not limited */
+    for (int i = 0; i < 8; i++)
+        r[i] = engine(h.sock, "root-many");
+    for (int i = 0; i < 8; i++)
+        cake_destroy(r[i]);
+    /* one-shot names come and go */
+    unsigned base = status_tenants(h.sock);
+    for (int i = 0; i < 300; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "once-%d", i);
+        cake_ctx *c = harness_client(h.sock, name, i % 2, 0);
+        cr_assert_not_null(c);
+        if (i % 2) { /* an engine with a sequence: its segment goes back too */
+            struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            cake_seq *s;
+            cr_assert_eq(cake_seq_open(c, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(c));
+            cr_assert_eq(cake_prefill_reserve(s, 0), 0, "%s", cake_errstr(c));
+        }
+        cake_destroy(c);
+    }
+    unsigned after = base + 1;
+    for (int i = 0; i < 100 && after > base; i++) {
+        after = status_tenants(h.sock);
+        if (after > base)
+            usleep(20000);
+    }
+    cr_assert_eq(after, base, "one-shot tenants left behind: %u, was %u", after, base);
+    cake_destroy(e);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
 /* caked killed and restarted: the same context connects again (libcake used to keep the
  * dead fd and answer "already connected" under io_uring), with none of the old handles. */
 Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)
