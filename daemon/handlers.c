@@ -390,6 +390,7 @@ static void work_done(struct job *j)
             rc = q->work_rc;
         if (w->type == MSG_DECODE_STEP) {
             seq_trim_pages(&s->env, q);
+            seq_publish(&s->env, q); /* even if the step's reserve is refused below */
             s->m.evictions_decode += q->n_ev;
         } else {
             seq_prefill_commit(&s->env, q);
@@ -695,13 +696,11 @@ static void h_seq_info(struct server *s, struct client *c)
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
-    for (uint32_t l = 0; l < q->L; l++) {
+    for (uint32_t l = 0; l < q->L; l++) { /* what was published: a job may be running */
         cake__layer_info__init(&li[l]);
-        int done = l < q->next_observe;
-        li[l].budget = done ? cakeseq_budget(q->cs, l) : 0;
-        li[l].prefix = done ? cakeseq_prefix_len(q->cs, l) : 0;
-        li[l].tokens = q->layer[l].tokens, li[l].pages = q->layer[l].n_pages;
-        li[l].preference = done ? cakeseq_preference(q->cs, l) : 0;
+        li[l].budget = q->pub[l].budget, li[l].prefix = q->pub[l].prefix;
+        li[l].tokens = q->pub[l].tokens, li[l].pages = q->pub[l].pages;
+        li[l].preference = q->pub[l].preference;
         lp[l] = &li[l];
     }
     r.n_layer = q->L, r.layer = lp;

@@ -123,7 +123,17 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
     sl->holes = hk != NULL;
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     sl->ring_next = s->decoded ? (v0 + s->decoded - 1) % w : 0;
+    s->pub[l] = (struct seq_layer_pub){
+        .budget = sl->budget, .prefix = sl->prefix, .tokens = ly->tokens, .pages = ly->n_pages,
+        .preference = l < s->next_observe ? cakeseq_preference(s->cs, l) : 0,
+    };
     __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+void seq_publish(const struct seq_env *e, struct seq *s)
+{
+    for (uint32_t l = 0; l < s->next_reserve; l++)
+        sync_layer(e, s, l);
 }
 
 static struct kern_kv layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
@@ -231,7 +241,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     }
     int rc = -ENOMEM;
     s->layer = calloc(s->L, sizeof(*s->layer));
-    if (!s->layer)
+    s->pub = calloc(s->L, sizeof(*s->pub));
+    if (!s->layer || !s->pub)
         goto fail;
     for (uint32_t l = 0; l < s->L; l++)
         if (!(s->layer[l].pages = malloc(sizeof(uint32_t) * s->max_pages)))
@@ -291,6 +302,7 @@ fail:
         for (uint32_t l = 0; l < s->L; l++)
             free(s->layer[l].pages);
     free(s->layer);
+    free(s->pub);
     cakeseq_destroy(s->cs);
     free(s);
     return rc;
@@ -321,6 +333,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     }
     s->tenant->sequences--;
     free(s->layer);
+    free(s->pub);
     free(s->pend_ind);
     if (s->gpu)
         gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
@@ -540,8 +553,7 @@ void seq_prefill_commit(const struct seq_env *e, struct seq *s)
     if (!s->work_rc)
         s->next_observe++;
     seq_trim_pages(e, s);
-    for (uint32_t l = 0; l < s->next_reserve; l++)
-        sync_layer(e, s, l);
+    seq_publish(e, s);
 }
 
 int seq_decode_check(const struct seq *s, const char **why)

@@ -35,6 +35,14 @@ struct seq_layer {
 
 struct shard_group;
 
+/* What the loop may show of a layer (cachectl seq ID) at any time: copied when the layer is
+ * published to the descriptor (sync_layer), i.e. only after a job has committed, never read
+ * from state a worker may be writing. */
+struct seq_layer_pub {
+    uint32_t budget, prefix, tokens, pages;
+    double preference;
+};
+
 struct seq {
     uint64_t id;
     uint64_t owner;          /* client id */
@@ -49,6 +57,7 @@ struct seq {
     uint32_t ring_first, ring_pages; /* GPU sequences: the query rings' run in the GPU pool */
     struct shm_desc *desc;
     struct seq_layer *layer;
+    struct seq_layer_pub *pub; /* [L]: loop thread only (see struct seq_layer_pub) */
     struct cakeseq *cs;
     uint32_t next_reserve, next_observe;
     uint32_t decoded;        /* decode tokens reserved */
@@ -119,6 +128,8 @@ int seq_decode_check(const struct seq *s, const char **why);
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s);
 /* After eviction: frees emptied pages (loop). */
 void seq_trim_pages(const struct seq_env *e, struct seq *s);
+/* Publishes every reserved layer to the descriptor and `pub` (loop, after a job). */
+void seq_publish(const struct seq_env *e, struct seq *s);
 /* Pages one more token in every layer needs (in the pool holding its K/V). */
 uint32_t seq_decode_pages_needed(const struct seq *s);
 /* Admission of one decode step of n sequences of tenant t: 0 or CAKE_EOOM with *why. */

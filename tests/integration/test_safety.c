@@ -7,6 +7,7 @@
 #include <math.h>
 #include <errno.h>
 #include <grp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -701,6 +702,86 @@ Test(safety, clients_that_never_become_engines_hold_nothing_for_long, .timeout =
     }
     cr_assert_eq(after, base, "one-shot tenants left behind: %u, was %u", after, base);
     cake_destroy(e);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
+/* cachectl seq ID while a worker scores and compacts the sequence: the loop answers from
+ * what the last job published (never from state a worker is writing: ThreadSanitizer caught
+ * it at once), so every answer is consistent. Run under the TSan caked (tests/README.md). */
+struct watch {
+    const char *sock;
+    uint64_t id;
+    uint32_t n, tpp;
+    volatile int stop;
+    int answers, bad;
+};
+
+static void *watch_seq(void *arg)
+{
+    struct watch *w = arg;
+    cake_ctx *c = harness_client(w->sock, "cachectl", 0, 1);
+    if (!c)
+        return NULL;
+    ProtobufCAllocator al = cake_internal_allocator(c);
+    Cake__SeqRef r = CAKE__SEQ_REF__INIT;
+    r.seq_id = w->id;
+    while (!w->stop) {
+        uint8_t *b;
+        size_t n;
+        if (cake_internal_rpc(c, MSG_SEQ_INFO, &r.base, &b, &n))
+            continue;
+        Cake__SeqInfo *si = cake__seq_info__unpack(&al, n, b);
+        cake_internal_free(c, b);
+        for (size_t l = 0; si && l < si->n_layer; l++) {
+            const Cake__LayerInfo *li = si->layer[l];
+            if (li->tokens > w->n || (uint64_t)li->pages * w->tpp < li->tokens ||
+                li->prefix > li->tokens)
+                w->bad++;
+        }
+        w->answers++;
+        if (si)
+            cake__seq_info__free_unpacked(si, &al);
+    }
+    cake_destroy(c);
+    return NULL;
+}
+
+Test(safety, seq_info_during_prefill_shows_only_committed_state, .timeout = 120)
+{
+    struct harness h;
+    cr_assert_eq(harness_start(&h, NULL), 0);
+    cake_ctx *c = engine(h.sock, "watched");
+    struct cake_layout lay = {8, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 256, pol.window = 16;
+    const uint32_t n = 8192;
+    cake_seq *s;
+    cr_assert_eq(cake_seq_open(c, &lay, &pol, n, 16, &s), 0, "%s", cake_errstr(c));
+    struct watch w = {h.sock, cake_seq_id(s), n, cake_seq_tokens_per_page(s), 0, 0, 0};
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, watch_seq, &w), 0);
+    srand(5);
+    for (uint32_t l = 0; l < lay.layers; l++) {
+        cr_assert_eq(cake_prefill_reserve(s, l), 0, "%s", cake_errstr(c));
+        for (uint32_t g = 0; g < 2; g++)
+            for (uint32_t t = 0; t < n; t++) {
+                uint16_t *k = cake_key(s, l, g, t), *v = cake_value(s, l, g, t);
+                for (int i = 0; i < 64; i++)
+                    k[i] = (uint16_t)(0x3c00 + rand() % 512), v[i] = (uint16_t)(0x3c00 + rand() % 512);
+            }
+        uint16_t *q = cake_queries(s, l);
+        for (int i = 0; i < 8 * 16 * 64; i++)
+            q[i] = (uint16_t)(0x3c00 + rand() % 512);
+        cr_assert_eq(cake_prefill_observe(s, l, NULL), 0, "%s", cake_errstr(c));
+    }
+    for (int i = 0; i < 8; i++)
+        cr_assert_eq(cake_decode_step(c, &s, 1), 0, "%s", cake_errstr(c));
+    w.stop = 1;
+    pthread_join(th, NULL);
+    cr_assert_gt(w.answers, 0);
+    cr_assert_eq(w.bad, 0, "%d inconsistent answers of %d", w.bad, w.answers);
+    cake_destroy(c);
     cr_assert_eq(harness_stop(&h), 0);
 }
 
