@@ -654,20 +654,33 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
         r->shard_group = q->group->key, r->shards = q->group->n, r->shard = q->shard;
 }
 
+/* One page of the sequences the client may see, from slot `after` on; a page stays well
+ * inside a frame (40,000 sequences overflowed one reply). */
+#define SEQ_PAGE 2048
 static void h_sequences(struct server *s, struct client *c)
 {
+    uint64_t after = 0;
+    if (c->h.body_len) {
+        UNPACK(list_page, m);
+        after = m->after;
+        UNPACK_FREE(list_page, m);
+    }
     Cake__SeqList r = CAKE__SEQ_LIST__INIT;
-    Cake__SeqInfo *v = calloc(s->n_seqs + 1, sizeof(*v));
-    Cake__SeqInfo **p = calloc(s->n_seqs + 1, sizeof(*p));
+    Cake__SeqInfo *v = calloc(SEQ_PAGE, sizeof(*v));
+    Cake__SeqInfo **p = calloc(SEQ_PAGE, sizeof(*p));
     if (!v || !p) {
         free(v), free(p);
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
-    for (uint32_t i = 0; i < s->n_slots; i++) {
+    for (uint64_t i = after; i < s->n_slots; i++) {
         const struct seq *q = s->slots[i].s;
         if (!q || q->orphaned || (!c->admin && q->tenant != c->tenant))
             continue;
+        if (r.n_seqs == SEQ_PAGE) {
+            r.more = 1, r.next = i;
+            break;
+        }
         fill_seq(s, &v[r.n_seqs], q);
         p[r.n_seqs] = &v[r.n_seqs];
         r.n_seqs++;
@@ -791,18 +804,40 @@ static int render_metrics(struct server *s, const struct client *c, struct strbu
     return rc;
 }
 
+/* The metrics text from the requested offset, at most METRICS_PAGE bytes of it per reply. */
+#define METRICS_PAGE (512u << 10)
 static void h_metrics(struct server *s, struct client *c)
 {
+    uint64_t off = 0;
+    if (c->h.body_len) {
+        UNPACK(list_page, m);
+        off = m->offset;
+        UNPACK_FREE(list_page, m);
+    }
     struct strbuf b = {0};
-    if (render_metrics(s, c, &b) || b.len + 64 > FRAME_MAX_BODY) {
+    if (render_metrics(s, c, &b)) {
         free(b.s);
-        srv_reply_error(s, c, CAKE_EINTERNAL, "metrics do not fit a frame");
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory for the metrics");
         return;
     }
+    if (off > b.len) {
+        free(b.s);
+        srv_reply_error(s, c, CAKE_EINVAL, "offset %llu beyond the metrics' %zu bytes",
+                        (unsigned long long)off, b.len);
+        return;
+    }
+    size_t n = b.len - off < METRICS_PAGE ? b.len - off : METRICS_PAGE;
+    char *text = malloc(n + 1);
+    if (!text) {
+        free(b.s);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    memcpy(text, b.s + off, n), text[n] = 0;
     Cake__Metrics r = CAKE__METRICS__INIT;
-    r.text = b.s;
+    r.text = text, r.total = b.len;
     srv_reply(s, c, MSG_METRICS, &r.base);
-    free(b.s);
+    free(text), free(b.s);
 }
 
 /* Sets the fields given (has_*) of one existing tenant; the sum of every tenant's minimum

@@ -1,6 +1,6 @@
 /* cachectl - shows and steers a running caked.
  *
- *   cachectl [--socket PATH] [--server-uid UID] [--json] [-i SECS] COMMAND
+ *   cachectl [--socket PATH] [--server-uid UID] [--timeout SECS] [--json] [-i SECS] COMMAND
  *     status                 daemon, pool and counts
  *     tenants                tenants: weight, minimum, cap, bytes used, sequences
  *     sequences              open sequences (every tenant's for administrators: root,
@@ -12,6 +12,7 @@
  *
  * A human table by default; --json is the stable interface (one JSON object per
  * command, documented in tools/README.md). -i SECS repeats the command every SECS seconds.
+ * --timeout SECS bounds the wait for each reply (default 5; 0 waits forever).
  * Exit status: 0 ok, 1 error, 2 usage. */
 #include <getopt.h>
 #include <signal.h>
@@ -174,29 +175,37 @@ static void seq_json_head(const Cake__SeqInfo *q)
 
 static int cmd_sequences(cake_ctx *c)
 {
-    FETCH(seq_list, r, MSG_SEQUENCES, NULL);
-    if (json) {
+    Cake__ListPage pg = CAKE__LIST_PAGE__INIT;
+    int first = 1, more = 1;
+    if (json)
         printf("{\"sequences\":[");
-        for (size_t i = 0; i < r->n_seqs; i++) {
-            printf("%s", i ? "," : "");
-            seq_json_head(r->seqs[i]);
-            printf("}");
-        }
-        printf("]}\n");
-    } else {
+    else
         printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %10s\n", "ID", "TENANT", "LAYERS",
                "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "BYTES");
+    while (more) { /* page by page: a long list does not fit one reply */
+        FETCH(seq_list, r, MSG_SEQUENCES, &pg.base);
         for (size_t i = 0; i < r->n_seqs; i++) {
             Cake__SeqInfo *q = r->seqs[i];
-            char by[32];
-            util_human_bytes(q->bytes, by, sizeof by);
-            printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %10s\n",
-                   (unsigned long long)q->seq_id, q->tenant, q->layers, q->prompt_len,
-                   q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
-                   policy_of(q), q->cache_size, by);
+            if (json) {
+                printf("%s", first ? "" : ",");
+                seq_json_head(q);
+                printf("}");
+            } else {
+                char by[32];
+                util_human_bytes(q->bytes, by, sizeof by);
+                printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %10s\n",
+                       (unsigned long long)q->seq_id, q->tenant, q->layers, q->prompt_len,
+                       q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
+                       policy_of(q), q->cache_size, by);
+            }
+            first = 0;
         }
+        more = r->more && r->next > pg.after;
+        pg.after = r->next;
+        cake__seq_list__free_unpacked(r, &al_);
     }
-    cake__seq_list__free_unpacked(r, &al_);
+    if (json)
+        printf("]}\n");
     return 0;
 }
 
@@ -260,10 +269,17 @@ static int cmd_seq(cake_ctx *c, const char *arg)
 
 static int cmd_metrics(cake_ctx *c)
 {
-    FETCH(metrics, r, MSG_METRICS, NULL);
-    fputs(r->text, stdout);
-    cake__metrics__free_unpacked(r, &al_);
-    return 0;
+    Cake__ListPage pg = CAKE__LIST_PAGE__INIT;
+    for (;;) { /* page by page: the text may be larger than one reply */
+        FETCH(metrics, r, MSG_METRICS, &pg.base);
+        size_t n = strlen(r->text);
+        fputs(r->text, stdout);
+        pg.offset += n;
+        int done = !n || pg.offset >= r->total;
+        cake__metrics__free_unpacked(r, &al_);
+        if (done)
+            return 0;
+    }
 }
 
 static int cmd_quota(cake_ctx *c, int argc, char **argv)
@@ -310,7 +326,7 @@ static int cmd_quota(cake_ctx *c, int argc, char **argv)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: cachectl [--socket PATH] [--server-uid UID] [--json] [-i SECS] "
+    fprintf(f, "usage: cachectl [--socket PATH] [--server-uid UID] [--timeout SECS] [--json] [-i SECS] "
                "status|tenants|sequences|seq ID|metrics|quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE]\n");
 }
 
@@ -322,9 +338,10 @@ int main(int argc, char **argv)
     const char *sock = NULL;
     double interval = 0;
     long server_uid = -2; /* libcake's default: root or our own uid */
+    double timeout = 5.0;
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
-        {"server-uid", 1, 0, 'u'},
+        {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'},
         {0, 0, 0, 0},
     };
     int o;
@@ -334,6 +351,7 @@ int main(int argc, char **argv)
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
         case 'h': usage(stdout); return 0;
+        case 't': timeout = atof(optarg); if (timeout < 0) { usage(stderr); return 2; } break;
         case 'u': {
             char *end;
             server_uid = strtol(optarg, &end, 10);
@@ -359,6 +377,7 @@ int main(int argc, char **argv)
     /* administration is asked for: granted to root, caked's uid and --admin-group, others
      * see their own tenant */
     if (cake_create(&c) || cake_set_service(c, "cachectl") || cake_set_admin(c, 1) ||
+        cake_set_timeout_ms(c, (int)(timeout * 1000)) ||
         (server_uid != -2 && cake_set_server_uid(c, server_uid)))
         return 1;
     int rc = cake_connect(c, sock, 0);

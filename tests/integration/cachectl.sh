@@ -67,9 +67,21 @@ assert t["engine-0"]["cap_bytes"] == 64 << 20, t["engine-0"]' || fail "quota not
 "$ctl" --socket "$sock" seq 0x12345 >/dev/null 2>&1; [ $? = 1 ] || fail "unknown sequence must exit 1"
 "$ctl" --socket "$sock" frobnicate >/dev/null 2>&1; [ $? = 2 ] || fail "bad usage must exit 2"
 "$ctl" --socket "$dir/nothing.sock" status >/dev/null 2>&1; [ $? = 1 ] || fail "no daemon must exit 1"
+# a server that never answers: cachectl gives up after --timeout (it used to wait forever)
+python3 -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4)
+c, _ = s.accept(); time.sleep(30)' "$dir/mute.sock" &
+mpid=$!
+i=0; until [ -S "$dir/mute.sock" ]; do i=$((i + 1)); [ $i -gt 100 ] && fail "mute server"; sleep 0.05; done
+t0=$(date +%s)
+out=$(timeout 20 "$ctl" --socket "$dir/mute.sock" --timeout 1 status 2>&1); rc=$?
+kill $mpid 2>/dev/null
+[ $rc = 1 ] && [ $(( $(date +%s) - t0 )) -le 5 ] || fail "a mute server must time out: rc $rc, $out"
+echo "$out" | grep -q "no reply" || fail "timeout message: $out"
 kill -USR1 $wpid # end the hold: the engines decode and close
 wait $wpid || fail "workload failed: $(cat "$dir/wl")"
 kill -TERM $cpid
 wait $cpid || fail "caked did not exit cleanly"
 rm -rf "$dir"
-echo "cachectl: status, tenants, sequences, seq, metrics, quota and exit codes ok"
+echo "cachectl: status, tenants, sequences, seq, metrics, quota, timeout and exit codes ok"

@@ -785,6 +785,57 @@ Test(safety, seq_info_during_prefill_shows_only_committed_state, .timeout = 120)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* Replies over the frame cap: 40,000 sequences' SEQUENCES and the metrics come in pages
+ * (the list overflowed one reply: cachectl failed with "malformed reply header"). */
+Test(safety, long_lists_come_in_pages, .timeout = 120)
+{
+    struct harness h;
+    const char *extra[] = {"--host-pool", "512M", "--page-size", "4K", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    cake_ctx *c = engine(h.sock, "many");
+    struct cake_layout lay = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 8, pol.window = 4;
+    enum { N = 40000 };
+    static cake_seq *s[N];
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(cake_seq_open(c, &lay, &pol, 8, 1, &s[i]), 0, "seq %d: %s", i, cake_errstr(c));
+    cake_ctx *a = harness_client(h.sock, "cachectl", 0, 1);
+    cr_assert_not_null(a);
+    ProtobufCAllocator al = cake_internal_allocator(a);
+    Cake__ListPage pg = CAKE__LIST_PAGE__INIT;
+    size_t total = 0;
+    int pages = 0, more = 1;
+    while (more) {
+        uint8_t *b;
+        size_t n;
+        cr_assert_eq(cake_internal_rpc(a, MSG_SEQUENCES, &pg.base, &b, &n), 0, "%s", cake_errstr(a));
+        cr_assert_leq(n, FRAME_MAX_BODY);
+        Cake__SeqList *l = cake__seq_list__unpack(&al, n, b);
+        cake_internal_free(a, b);
+        cr_assert_not_null(l);
+        total += l->n_seqs, pages++;
+        more = l->more, pg.after = l->next;
+        cake__seq_list__free_unpacked(l, &al);
+    }
+    cr_assert_eq(total, N, "%zu sequences listed in %d pages", total, pages);
+    cr_assert_gt(pages, 1);
+    /* the metrics text likewise, by offset, ends where it says */
+    Cake__ListPage mp = CAKE__LIST_PAGE__INIT;
+    uint8_t *b;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(a, MSG_METRICS, &mp.base, &b, &n), 0);
+    Cake__Metrics *m = cake__metrics__unpack(&al, n, b);
+    cake_internal_free(a, b);
+    cr_assert(m && strlen(m->text) == m->total && strstr(m->text, "caked_sequences 40000"));
+    cake__metrics__free_unpacked(m, &al);
+    mp.offset = 1u << 30;
+    cr_assert_eq(cake_internal_rpc(a, MSG_METRICS, &mp.base, &b, &n), CAKE_EINVAL);
+    cake_destroy(a), cake_destroy(c);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
 /* caked killed and restarted: the same context connects again (libcake used to keep the
  * dead fd and answer "already connected" under io_uring), with none of the old handles. */
 Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)

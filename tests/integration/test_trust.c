@@ -512,9 +512,11 @@ Test(trust, identities_are_proven_and_administration_is_a_right, .timeout = 60)
     /* an administrator sees every tenant and sets quotas, touching only the fields given */
     cake_ctx *adm = control(h.sock, 1);
     cr_assert_eq(cake_internal_rpc(adm, MSG_SET_QUOTA, &q.base, &body, &n), 0, "%s", cake_errstr(adm));
+    cake_internal_free(adm, body);
     cr_assert_eq(cake_internal_rpc(adm, MSG_TENANTS, NULL, &body, &n), 0);
     ProtobufCAllocator al = cake_internal_allocator(adm);
     Cake__TenantList *tl = cake__tenant_list__unpack(&al, n, body);
+    cake_internal_free(adm, body);
     cr_assert_not_null(tl);
     int seen = 0;
     for (size_t i = 0; i < tl->n_tenants; i++)
@@ -524,6 +526,7 @@ Test(trust, identities_are_proven_and_administration_is_a_right, .timeout = 60)
             cr_assert_eq(tl->tenants[i]->max_bytes, 65536);
         }
     cr_assert(seen);
+    cake__tenant_list__free_unpacked(tl, &al);
     cake_destroy(adm), cake_destroy(twin);
     cr_assert_eq(cake_seq_close(s), 0);
     cake_destroy(a);
