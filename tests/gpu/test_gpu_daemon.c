@@ -30,6 +30,10 @@ static int has_gpu(void)
 
 enum role { WRITER, READER, OTHER };
 
+/* the writer tells the page offset on up[1], then stays attached (its tenant with it: a tenant
+ * no process holds is forgotten and its memory recycled) until a byte arrives on down[0] */
+static int up[2], down[2];
+
 /* WRITER (service "svc") opens a GPU sequence and writes 0x42 over its first page; READER,
  * another process of the same tenant, reads those bytes where the page table said; OTHER,
  * another tenant, must not have that memory mapped at all (VMM: segments per tenant), except
@@ -70,7 +74,9 @@ static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io
             cudaMemset((void *)(uintptr_t)(base + pg[0]), 0x42, LEN) != cudaSuccess ||
             cudaDeviceSynchronize() != cudaSuccess) /* the ordering contract: sync, then tell */
             return 4;
-        /* exits with the sequence open: caked frees it, the tenant keeps the segment */
+        char x;
+        if (write(up[1], off_io, sizeof *off_io) != sizeof *off_io || read(down[0], &x, 1) != 1)
+            return 12;
     } else if (role == READER) {
         if (!cake_gpu_pool_mapped(c, 0, *off_io, LEN)) {
             fprintf(stderr, "the tenant's segment is not mapped in its second process\n");
@@ -118,28 +124,36 @@ int main(void)
     }
     printf("%s:\n", legacy ? "legacy CUDA IPC handle" : "CUDA VMM file descriptor");
     fflush(stdout);
-    int pfd[2];
-    if (pipe(pfd))
+    if (pipe(up) || pipe(down))
         return 1;
     uint64_t off = 0;
+    pid_t writer = 0;
     for (int role = WRITER; role <= OTHER; role++) {
         pid_t p = fork();
-        if (p == 0) {
-            int r = engine(h.sock, (enum role)role, legacy, &off);
-            if (role == WRITER && write(pfd[1], &off, sizeof off) != sizeof off)
-                r = 12;
-            _exit(r);
+        if (p == 0)
+            _exit(engine(h.sock, (enum role)role, legacy, &off));
+        int st = 0;
+        if (role == WRITER) {
+            writer = p;
+            close(up[1]); /* a writer that dies early ends the read below */
+            up[1] = -1;
+            if (read(up[0], &off, sizeof off) != sizeof off)
+                rc = 1;
+            continue;
         }
-        int st;
         waitpid(p, &st, 0);
-        if (role == WRITER && read(pfd[0], &off, sizeof off) != sizeof off)
-            rc = 1;
         if (!WIFEXITED(st) || WEXITSTATUS(st)) {
             fprintf(stderr, "FAIL: engine %d exited %d\n", role, WEXITSTATUS(st));
             rc = 1;
         }
     }
-    close(pfd[0]), close(pfd[1]);
+    int wst;
+    if (write(down[1], "x", 1) != 1 || waitpid(writer, &wst, 0) != writer || !WIFEXITED(wst) ||
+        WEXITSTATUS(wst)) {
+        fprintf(stderr, "FAIL: the writer\n");
+        rc = 1;
+    }
+    close(up[0]), close(down[0]), close(down[1]);
     if (harness_stop(&h)) {
         fprintf(stderr, "FAIL: caked did not stop cleanly\n");
         rc = 1;
