@@ -257,19 +257,31 @@ static void h_reserve(struct server *s, struct client *c)
     srv_reply(s, c, MSG_PREFILL_RESERVE, NULL);
 }
 
+/* A sequence whose owner went away while its work waited: nothing more is done for it
+ * (the layer it is in finishes; the next one does not begin). */
+static int cancelled(struct seq *q)
+{
+    if (!__atomic_load_n(&q->cancel, __ATOMIC_RELAXED))
+        return 0;
+    q->work_rc = -ECANCELED, q->n_ev = 0, q->evicted_tokens = 0;
+    return 1;
+}
+
 static void work_run(struct job *j)
 {
     struct work *w = (struct work *)j;
     if (w->type == MSG_DECODE_STEP) {
         for (uint32_t i = 0; i < w->n; i++)
-            if (seq_decode_needs_evict(w->seqs[i]))
+            if (!cancelled(w->seqs[i]) && seq_decode_needs_evict(w->seqs[i]))
                 seq_decode_evict_work(&w->srv->env, w->seqs[i]);
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
-        seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+        if (!cancelled(w->seqs[0]))
+            seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
     } else if (w->phase == 2) {
         for (uint32_t i = 0; i < w->n; i++)
-            seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
-    } else {
+            if (!cancelled(w->seqs[i]))
+                seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
+    } else if (!cancelled(w->seqs[0])) {
         seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
     }
 }
@@ -311,6 +323,7 @@ static void shard_arrived(struct server *s, struct work *w, struct client *c)
         return;
     }
     w2->job.run = work_run, w2->job.done = work_done;
+    w2->job.owner = g->tenant->id, w2->job.weight = g->tenant->weight;
     w2->srv = s, w2->type = w->type, w2->seqs = all, w2->n = g->n, w2->layer = w->layer;
     w2->pref = pref, w2->phase = 2, w2->group = g;
     for (uint32_t i = 0; i < g->n; i++)
@@ -359,6 +372,8 @@ static void work_done(struct job *j)
 {
     struct work *w = (struct work *)j;
     struct server *s = w->srv;
+    for (uint32_t i = 0; i < w->n; i++)
+        s->m.jobs_cancelled += w->seqs[i]->work_rc == -ECANCELED;
     struct client *c = srv_client_by_id(s, w->client_id);
     if (w->phase == 2) {
         group_done(s, w);
@@ -435,6 +450,7 @@ static void start_work(struct server *s, struct client *c, uint16_t type, struct
         return;
     }
     w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
+    w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight; /* shared by weight */
     w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
     w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
     w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
@@ -786,6 +802,9 @@ static int render_metrics(struct server *s, const struct client *c, struct strbu
     P("# HELP caked_clients_refused_total Connections closed at once: over the client or file "
       "descriptor limit.\n# TYPE caked_clients_refused_total counter\n"
       "caked_clients_refused_total %llu\n", (unsigned long long)s->m.clients_refused);
+    P("# HELP caked_work_cancelled_total Layers not worked on because their client was gone.\n"
+      "# TYPE caked_work_cancelled_total counter\ncaked_work_cancelled_total %llu\n",
+      (unsigned long long)s->m.jobs_cancelled);
     P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
       "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
       (unsigned long long)s->m.clients_killed);

@@ -24,6 +24,7 @@ struct metrics {
     uint64_t evictions_prefill, evictions_decode; /* layer compactions */
     uint64_t tokens_evicted;
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
+    uint64_t jobs_cancelled;                      /* sequences' work skipped: owner gone */
     uint64_t clients_refused;                     /* over the client or fd limit */
     uint64_t pref_fallbacks;
 };

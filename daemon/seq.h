@@ -65,6 +65,7 @@ struct seq {
     uint64_t gpu_pages_held; /* GPU pool pages (K/V and rings) */
     int busy;
     int orphaned;            /* owner gone while busy: free when the work is done */
+    int cancel;              /* the same, for the job (atomic): skip the layers not begun */
     struct seq *next_q;      /* in the server's quarantine (server_int.h) */
     /* results of the last work item */
     double last_pref;

@@ -101,7 +101,7 @@ void srv_group_end(struct server *s, struct shard_group *g, const char *why)
             continue;
         m->group = NULL;
         if (m->busy)
-            m->orphaned = 1; /* its work finishes first, then it is freed */
+            m->orphaned = 1, __atomic_store_n(&m->cancel, 1, __ATOMIC_RELAXED); /* freed after */
         else if (srv_client_by_id(s, m->owner))
             srv_quarantine(s, m); /* its owner may be writing its pages right now */
         else
@@ -520,7 +520,7 @@ static void client_close(struct server *s, struct client *c)
             continue;
         freed++;
         if (q->busy)
-            q->orphaned = 1; /* its work finishes first, then it is freed */
+            q->orphaned = 1, __atomic_store_n(&q->cancel, 1, __ATOMIC_RELAXED); /* freed after */
         else
             srv_seq_remove(s, q);
     }

@@ -1,4 +1,5 @@
-/* worker.c - a fixed pool of threads with a FIFO queue (see worker.h). */
+/* worker.c - a fixed pool of threads, urgent jobs first, the rest weighted-fair between
+ * owners (see worker.h). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -9,18 +10,42 @@
 
 #include "worker.h"
 
+#define WORKER_OWNERS 4097 /* owner ids 0..4096 (tenant ids) */
+
 struct workers {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct job *head, *tail;   /* queued */
     struct job *uhead, *utail; /* queued urgent jobs, taken first */
     struct job *done;          /* completed, LIFO (reaped in any order) */
+    double vnow;               /* virtual time of the last job given out */
+    double *vt;                /* [WORKER_OWNERS]: each owner's virtual time */
+    uint32_t *queued;          /* [WORKER_OWNERS]: its jobs waiting */
     int efd;
     int stop;
     int n;
     int pending;
     pthread_t *th;
 };
+
+/* The first queued job of the backlogged owner with the lowest virtual time (w->mu held). */
+static struct job *take_fair(struct workers *w)
+{
+    struct job *best = NULL, *bprev = NULL, *prev = NULL;
+    for (struct job *j = w->head; j; prev = j, j = j->next)
+        if (!best || w->vt[j->owner] < w->vt[best->owner])
+            best = j, bprev = prev;
+    if (bprev)
+        bprev->next = best->next;
+    else
+        w->head = best->next;
+    if (w->tail == best)
+        w->tail = bprev;
+    w->vnow = w->vt[best->owner];
+    w->vt[best->owner] += 1.0 / (best->weight ? best->weight : 1);
+    w->queued[best->owner]--;
+    return best;
+}
 
 static void *main_fn(void *arg)
 {
@@ -36,10 +61,7 @@ static void *main_fn(void *arg)
             if (!w->uhead)
                 w->utail = NULL;
         } else if (w->head) {
-            j = w->head;
-            w->head = j->next;
-            if (!w->head)
-                w->tail = NULL;
+            j = take_fair(w);
         } else {
             pthread_mutex_unlock(&w->mu);
             return NULL;
@@ -69,10 +91,12 @@ int workers_start(struct workers **out, int n)
     pthread_cond_init(&w->cv, NULL);
     w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     w->th = calloc((size_t)n, sizeof(pthread_t));
-    if (w->efd < 0 || !w->th) {
+    w->vt = calloc(WORKER_OWNERS, sizeof(double));
+    w->queued = calloc(WORKER_OWNERS, sizeof(uint32_t));
+    if (w->efd < 0 || !w->th || !w->vt || !w->queued) {
         if (w->efd >= 0)
             close(w->efd);
-        free(w->th), free(w);
+        free(w->th), free(w->vt), free(w->queued), free(w);
         return -ENOMEM;
     }
     for (int i = 0; i < n; i++) {
@@ -101,13 +125,17 @@ void workers_stop(struct workers *w)
     close(w->efd);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
-    free(w->th), free(w);
+    free(w->th), free(w->vt), free(w->queued), free(w);
 }
 
 void workers_submit(struct workers *w, struct job *j)
 {
     j->next = NULL;
+    if (j->owner >= WORKER_OWNERS)
+        j->owner = 0;
     pthread_mutex_lock(&w->mu);
+    if (!j->urgent && !w->queued[j->owner]++ && w->vt[j->owner] < w->vnow)
+        w->vt[j->owner] = w->vnow; /* back from idle: no credit saved up */
     struct job **head = j->urgent ? &w->uhead : &w->head, **tail = j->urgent ? &w->utail : &w->tail;
     if (*tail)
         (*tail)->next = j;

@@ -2,14 +2,23 @@
  *
  * The loop submits jobs; a worker runs job->run(job) and queues the job as done; an
  * eventfd (watched by the loop) wakes the loop, which calls worker_reap() to run each
- * done job's ->done(job) on the loop thread. A job must only touch what it was handed. */
+ * done job's ->done(job) on the loop thread. A job must only touch what it was handed.
+ *
+ * Order: urgent jobs (decode steps) first; the others are shared between owners (tenants)
+ * by weight, start-time fair queuing: each owner's virtual time advances by 1/weight per job
+ * it is given, the backlogged owner with the lowest goes next, FIFO within an owner, and an
+ * owner that was idle starts at the current virtual time (no credit saved up). */
 #ifndef CAKE_WORKER_H
 #define CAKE_WORKER_H
+
+#include <stdint.h>
 
 struct job {
     void (*run)(struct job *j);   /* worker thread */
     void (*done)(struct job *j);  /* loop thread, after run */
     int urgent;                   /* decode steps: run before any queued prefill work */
+    uint32_t owner;               /* whose work (tenant id; 0 = caked's own) */
+    uint32_t weight;              /* the owner's share (0 = 1) */
     struct job *next;
 };
 

@@ -2,7 +2,7 @@
 # sanitize.sh [--long] - the C tests under AddressSanitizer + UndefinedBehaviorSanitizer, and
 # caked under ThreadSanitizer while the integration tests drive it. CI runs it after
 # tools/test.sh (which built build/); --long adds 200 chaos rounds per event loop under
-# ASan and, with clang, 300 s of the frame fuzzer. Builds in /tmp/cake-asan, /tmp/cake-tsan.
+# ASan and, with clang, 300 s of the frame fuzzer. Builds in build/asan, build/tsan (inside the ignored build/).
 # Exit status 0 only if every test passed and TSan reported nothing.
 set -e
 cd "$(dirname "$0")/.."
@@ -12,20 +12,20 @@ long=0
 jobs=$(nproc)
 
 echo "== ASan + UBSan: building"
-cmake -S . -B /tmp/cake-asan -DCAKE_SANITIZE=address -DCAKE_CUDA=OFF -DCAKE_WERROR=ON >/dev/null
-cmake --build /tmp/cake-asan -j"$jobs" >/tmp/cake-asan.log 2>&1 || { tail -n 30 /tmp/cake-asan.log; exit 1; }
+cmake -S . -B build/asan -DCAKE_SANITIZE=address -DCAKE_CUDA=OFF -DCAKE_WERROR=ON >/dev/null
+cmake --build build/asan -j"$jobs" >build/asan.log 2>&1 || { tail -n 30 build/asan.log; exit 1; }
 echo "== ASan + UBSan: unit and integration tests (tests and caked instrumented)"
-(cd /tmp/cake-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+(cd build/asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
     ctest --output-on-failure -j"$jobs" -R "unit|integration|fuzz|client")
 
 # Criterion cannot run under TSan (its arena collides with TSan's shadow memory): the normal
 # build's tests drive a TSan caked instead (CAKE_TEST_CAKED_WRAP runs it in their caked's place)
 echo "== TSan: building caked"
-cmake -S . -B /tmp/cake-tsan -DCAKE_SANITIZE=thread -DCAKE_CUDA=OFF >/dev/null
-cmake --build /tmp/cake-tsan -j"$jobs" --target caked >/tmp/cake-tsan.log 2>&1 || { tail -n 30 /tmp/cake-tsan.log; exit 1; }
-logs=$(mktemp -d /tmp/cake-tsan-logs.XXXXXX)
+cmake -S . -B build/tsan -DCAKE_SANITIZE=thread -DCAKE_CUDA=OFF >/dev/null
+cmake --build build/tsan -j"$jobs" --target caked >build/tsan.log 2>&1 || { tail -n 30 build/tsan.log; exit 1; }
+logs=$(mktemp -d "$root/build/tsan-logs.XXXXXX")
 wrap=$logs/wrap.sh
-printf '#!/bin/sh\nshift\nexec /tmp/cake-tsan/daemon/caked "$@"\n' >"$wrap"
+printf '#!/bin/sh\nshift\nexec '"$root"'/build/tsan/daemon/caked "$@"\n' >"$wrap"
 chmod +x "$wrap"
 echo "== TSan: caked under the integration tests"
 # OMP_NUM_THREADS=1: libgomp is not instrumented, TSan would report every OpenMP region;
@@ -44,13 +44,13 @@ rm -rf "$logs"
 if [ $long = 1 ]; then
     for io in uring epoll; do
         echo "== ASan: 200 chaos rounds ($io)"
-        CAKE_CHAOS_ROUNDS=200 CAKE_TEST_IO=$io /tmp/cake-asan/tests/test_chaos --jobs 1
+        CAKE_CHAOS_ROUNDS=200 CAKE_TEST_IO=$io build/asan/tests/test_chaos --jobs 1
     done
     if command -v clang >/dev/null; then
         echo "== libFuzzer: the frame decoder, 300 s"
-        CC=clang cmake -S . -B /tmp/cake-fuzz -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF >/dev/null
-        cmake --build /tmp/cake-fuzz -j"$jobs" --target fuzz_frame >/dev/null
-        mkdir -p /tmp/cake-fuzz/corpus && cp "$root"/tests/fuzz/corpus/frame/* /tmp/cake-fuzz/corpus/
-        /tmp/cake-fuzz/tests/fuzz_frame -max_total_time=300 /tmp/cake-fuzz/corpus
+        CC=clang cmake -S . -B build/fuzz -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF >/dev/null
+        cmake --build build/fuzz -j"$jobs" --target fuzz_frame >/dev/null
+        mkdir -p build/fuzz/corpus && cp "$root"/tests/fuzz/corpus/frame/* build/fuzz/corpus/
+        build/fuzz/tests/fuzz_frame -max_total_time=300 build/fuzz/corpus
     fi
 fi

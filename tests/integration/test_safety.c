@@ -836,6 +836,54 @@ Test(safety, long_lists_come_in_pages, .timeout = 120)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* Work whose client is gone is not done: 8 engines each ask caked to score a large layer and
+ * hang up at once; with one worker, the layers still queued when their client left are
+ * skipped (a departed tenant's work held every worker for 20 s while another waited), and
+ * everything comes back. */
+Test(safety, work_of_departed_clients_is_cancelled, .timeout = 120)
+{
+    struct harness h;
+    const char *extra[] = {"--workers", "1", "--host-pool", "1G", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    for (int i = 0; i < 8; i++) {
+        pid_t p = fork();
+        if (p == 0) {
+            cake_ctx *c = harness_client(h.sock, "leaver", 1, 0);
+            struct cake_layout lay = {1, 32, 2, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            cake_seq *s;
+            if (!c || cake_seq_open(c, &lay, NULL, 32768, 8, &s) || cake_prefill_reserve(s, 0))
+                _exit(1);
+            Cake__LayerRef m = CAKE__LAYER_REF__INIT;
+            m.seq_id = cake_seq_id(s), m.layer = 0;
+            uint8_t buf[FRAME_HEADER_BYTES + 64];
+            size_t n = cake__layer_ref__get_packed_size(&m);
+            struct frame_header fh = {FRAME_MAGIC, FRAME_VERSION, MSG_PREFILL_OBSERVE, 0, (uint32_t)n, 999};
+            frame_write_header(buf, &fh);
+            cake__layer_ref__pack(&m, buf + FRAME_HEADER_BYTES);
+            if (send(cake_fd(c), buf, FRAME_HEADER_BYTES + n, MSG_NOSIGNAL) < 0)
+                _exit(2);
+            _exit(0); /* gone before the reply */
+        }
+        int st;
+        waitpid(p, &st, 0);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+    unsigned long long used = 1;
+    unsigned seqs = 1;
+    for (int i = 0; i < 500 && (used || seqs); i++) {
+        cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+        if (used || seqs)
+            usleep(20000);
+    }
+    cr_assert_eq(used + seqs, 0, "%llu pages, %u sequences left", used, seqs);
+    uint64_t cancelled = metric(h.sock, "\ncaked_work_cancelled_total");
+    cr_assert_geq(cancelled, 5, "only %llu of 8 layers skipped", (unsigned long long)cancelled);
+    cake_ctx *b = engine(h.sock, "after");
+    cr_assert_eq(cake_ping(b), 0);
+    cake_destroy(b);
+    cr_assert_eq(harness_stop(&h), 0);
+}
+
 /* caked killed and restarted: the same context connects again (libcake used to keep the
  * dead fd and answer "already connected" under io_uring), with none of the old handles. */
 Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)

@@ -1,4 +1,5 @@
-/* Worker threads: every job runs once, done() on the caller's thread, urgent first. */
+/* Worker threads: every job runs once, done() on the caller's thread, urgent first, the
+ * rest shared between owners by weight. */
 #include <criterion/criterion.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -15,11 +16,14 @@ struct tjob {
     int *order, *n_order;
     int gate; /* blocks the worker until released */
     atomic_int *release;
+    atomic_int *started; /* set when a gate job holds the worker */
 };
 
 static void run(struct job *j)
 {
     struct tjob *t = (struct tjob *)j;
+    if (t->gate && t->started)
+        atomic_store(t->started, 1);
     while (t->gate && !atomic_load(t->release))
         usleep(1000);
     atomic_fetch_add(t->ran, 1);
@@ -42,7 +46,8 @@ Test(worker, all_jobs_run_once_and_complete_on_the_loop)
     int dn = 0;
     struct tjob jobs[500];
     for (int i = 0; i < 500; i++) {
-        jobs[i] = (struct tjob){{run, done, i % 7 == 0, NULL}, i, &ran, &dn, pthread_self(), NULL, NULL, 0, &release};
+        jobs[i] = (struct tjob){.j = {.run = run, .done = done, .urgent = i % 7 == 0, .owner = (uint32_t)(i % 5)},
+                                .id = i, .ran = &ran, .done = &dn, .owner = pthread_self(), .release = &release};
         workers_submit(w, &jobs[i].j);
     }
     while (dn < 500)
@@ -56,13 +61,19 @@ Test(worker, urgent_jobs_overtake_queued_ones)
 {
     struct workers *w;
     cr_assert_eq(workers_start(&w, 1), 0);
-    atomic_int ran = 0, release = 0;
+    atomic_int ran = 0, release = 0, started = 0;
     int dn = 0, order[4], n = 0;
-    struct tjob blocker = {{run, done, 0, NULL}, 0, &ran, &dn, pthread_self(), order, &n, 1, &release};
-    struct tjob slow = {{run, done, 0, NULL}, 1, &ran, &dn, pthread_self(), order, &n, 0, &release};
-    struct tjob fast = {{run, done, 1, NULL}, 2, &ran, &dn, pthread_self(), order, &n, 0, &release};
+    struct tjob blocker = {.j = {.run = run, .done = done}, .id = 0, .ran = &ran, .done = &dn,
+                           .owner = pthread_self(), .order = order, .n_order = &n, .gate = 1,
+                           .release = &release, .started = &started};
+    struct tjob slow = {.j = {.run = run, .done = done}, .id = 1, .ran = &ran, .done = &dn,
+                        .owner = pthread_self(), .order = order, .n_order = &n, .release = &release};
+    struct tjob fast = {.j = {.run = run, .done = done, .urgent = 1}, .id = 2, .ran = &ran,
+                        .done = &dn, .owner = pthread_self(), .order = order, .n_order = &n,
+                        .release = &release};
     workers_submit(w, &blocker.j); /* occupies the only worker */
-    usleep(20000);
+    while (!atomic_load(&started))
+        usleep(100);
     workers_submit(w, &slow.j);
     workers_submit(w, &fast.j);
     atomic_store(&release, 1);
@@ -71,5 +82,58 @@ Test(worker, urgent_jobs_overtake_queued_ones)
     cr_assert_eq(order[0], 0);
     cr_assert_eq(order[1], 2, "the urgent job should run before the queued one");
     cr_assert_eq(order[2], 1);
+    workers_stop(w);
+}
+
+/* Owners share the workers by weight: with one worker held, owner 1 (weight 1) queues 12 jobs
+ * first, then owner 2 (weight 1) 6 and owner 3 (weight 3) 12; once released, every prefix
+ * of the run order gives each owner still waiting a share of the jobs run proportional to its
+ * weight, within one job (FIFO would run all of owner 1's first). An owner that was idle gets
+ * no credit for it. */
+Test(worker, owners_share_by_weight)
+{
+    struct workers *w;
+    cr_assert_eq(workers_start(&w, 1), 0);
+    atomic_int ran = 0, release = 0, started = 0;
+    int dn = 0, order[64], n = 0;
+    struct tjob gate = {.j = {.run = run, .done = done}, .id = -1, .ran = &ran, .done = &dn,
+                        .owner = pthread_self(), .gate = 1, .release = &release, .started = &started};
+    workers_submit(w, &gate.j);
+    while (!atomic_load(&started))
+        usleep(100);
+    struct tjob jobs[30];
+    uint32_t owner_of[30], weight[4] = {0, 1, 1, 3};
+    for (int i = 0; i < 30; i++) {
+        owner_of[i] = i < 12 ? 1 : i < 18 ? 2 : 3;
+        jobs[i] = (struct tjob){.j = {.run = run, .done = done, .owner = owner_of[i],
+                                      .weight = weight[owner_of[i]]},
+                                .id = i, .ran = &ran, .done = &dn, .owner = pthread_self(),
+                                .order = order, .n_order = &n, .release = &release};
+        workers_submit(w, &jobs[i].j);
+    }
+    atomic_store(&release, 1);
+    while (dn < 31)
+        workers_reap(w);
+    cr_assert_eq(n, 30);
+    int served[4] = {0}, left[4] = {0, 12, 6, 12};
+    for (int k = 0; k < n; k++) {
+        uint32_t o = owner_of[order[k]];
+        served[o]++, left[o]--;
+        for (uint32_t a = 1; a <= 3; a++)
+            for (uint32_t b = 1; b <= 3; b++)
+                if (left[a] && left[b]) /* both still backlogged */
+                    cr_assert_leq((double)served[a] / weight[a], (double)served[b] / weight[b] + 1.0,
+                                  "after %d jobs: owner %u served %d, owner %u served %d", k + 1, a,
+                                  served[a], b, served[b]);
+        if (k == 9) /* before any owner ran dry: 10 jobs in shares 1:1:3 */
+            cr_assert(served[3] >= 5 && served[1] >= 1 && served[2] >= 1, "%d %d %d", served[1],
+                      served[2], served[3]);
+    }
+    /* jobs of one owner keep their order */
+    for (int k = 1, last[4] = {-1, -1, -1, -1}; k <= n; k++) {
+        int id = order[k - 1];
+        cr_assert_gt(id, last[owner_of[id]]);
+        last[owner_of[id]] = id;
+    }
     workers_stop(w);
 }
