@@ -36,10 +36,8 @@ static struct loop *make_loop(enum loop_backend b)
     struct loop *l;
     const char *name, *why;
     int rc = loop_create(b, &l, &name, &why);
-    if (b == LOOP_URING && rc) {
-        printf("SKIP: io_uring unavailable: %s\n", why ? why : "");
-        return NULL;
-    }
+    if (b == LOOP_URING && rc)
+        cr_skip_test("io_uring unavailable: %s", why ? why : "");
     cr_assert_eq(rc, 0);
     return l;
 }
