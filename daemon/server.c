@@ -580,6 +580,10 @@ static void on_client(void *arg, uint32_t ev)
     }
     if (ev & (LOOP_IN | LOOP_ERR | LOOP_OUT))
         srv_client_read(s, c);
+    /* a peer gone entirely whose last frame started work: io_uring reported the hang-up with
+     * that frame, once, so this is the moment to act on it (its work is skipped) */
+    if ((ev & LOOP_HUP) && c->state == C_BUSY)
+        client_close(s, c);
 }
 
 /* A connection refused at once: an unsolicited error frame (request id 0) tells the peer
