@@ -208,6 +208,15 @@ int config_load(struct config *c, const char *path, char *err, int len)
             fclose(f);
         return -1;
     }
+    /* who may write it decides tenants, uids and the socket: root or caked's uid only */
+    if ((st.st_uid != 0 && st.st_uid != geteuid()) || (st.st_mode & S_IWOTH) ||
+        ((st.st_mode & S_IWGRP) && st.st_gid != 0 && st.st_gid != getegid())) {
+        snprintf(err, (size_t)len, "%s: owned by uid %u with mode %04o: only root or caked's uid "
+                 "may be able to change it (chown, chmod go-w)", path, (unsigned)st.st_uid,
+                 (unsigned)(st.st_mode & 07777));
+        fclose(f);
+        return -1;
+    }
     char line[1024], msg[256];
     int no = 0, rc = 0;
     while (!rc && fgets(line, sizeof line, f)) {

@@ -1,5 +1,6 @@
 /* Sizes, options and the configuration file. */
 #include <criterion/criterion.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -85,6 +86,21 @@ Test(config, file_with_tenants_and_errors)
     cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
     cr_assert(strstr(err, ":1: line longer"), "%s", err);
     cr_assert_eq(c.srv.host_pool_bytes, before);
+    /* a configuration another user can change is refused (it names uids and the socket) */
+    f = fopen(path, "w");
+    fputs("host-pool = 64M\n", f);
+    fclose(f);
+    chmod(path, 0666);
+    cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "mode 0666"), "%s", err);
+    chmod(path, 0644);
+    if (geteuid() == 0) {
+        cr_assert_eq(chown(path, 65534, (gid_t)-1), 0);
+        cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+        cr_assert(strstr(err, "uid 65534"), "%s", err);
+        cr_assert_eq(chown(path, 0, (gid_t)-1), 0);
+    }
+    cr_assert_eq(config_load(&c, path, err, sizeof err), 0, "%s", err);
     unlink(path);
     /* a directory is not a configuration */
     cr_assert_eq(config_load(&c, "/tmp", err, sizeof err), -1);
