@@ -762,6 +762,8 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
                     uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                     uint32_t shard, cake_seq **out)
 {
+    if (c->fd < 0)
+        return cake_set_err(c, CAKE_ENOTCONN, "not connected to caked");
     if (!c->pool)
         return cake_set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
     if (lay->placement != CAKE_PLACE_HOST && lay->placement != CAKE_PLACE_GPU)

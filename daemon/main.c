@@ -39,7 +39,7 @@ static void usage(FILE *f)
             "                        (default: half the client limit)\n"
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
             "  --config FILE         options and tenants (see daemon/README.md)\n"
-            "  --version, --help\n");
+            "  -V, --version, -h, --help\n");
 }
 
 int main(int argc, char **argv)
@@ -73,7 +73,7 @@ int main(int argc, char **argv)
         }
     }
     int o;
-    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "hV", opts, NULL)) != -1) {
         switch (o) {
         case 'c': break;
         case 'H': cfg.srv.hugepages = 1; break;

@@ -341,16 +341,17 @@ int main(int argc, char **argv)
     double timeout = 5.0;
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
-        {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'},
+        {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'}, {"version", 0, 0, 'V'},
         {0, 0, 0, 0},
     };
     int o;
-    while ((o = getopt_long(argc, argv, "+s:ji:h", opts, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "+s:ji:hV", opts, NULL)) != -1) {
         switch (o) {
         case 's': sock = optarg; break;
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
         case 'h': usage(stdout); return 0;
+        case 'V': printf("cachectl %s (protocol %d)\n", CAKE_VERSION, CAKE_PROTOCOL_VERSION); return 0;
         case 't': timeout = atof(optarg); if (timeout < 0) { usage(stderr); return 2; } break;
         case 'u': {
             char *end;

@@ -66,6 +66,8 @@ t = {x["name"]: x for x in json.load(sys.stdin)["tenants"]}
 assert t["engine-0"]["cap_bytes"] == 64 << 20, t["engine-0"]' || fail "quota not applied"
 "$ctl" --socket "$sock" seq 0x12345 >/dev/null 2>&1; [ $? = 1 ] || fail "unknown sequence must exit 1"
 "$ctl" --socket "$sock" frobnicate >/dev/null 2>&1; [ $? = 2 ] || fail "bad usage must exit 2"
+"$ctl" -V | grep -q "^cachectl .* (protocol" || fail "cachectl -V"
+"$caked" -V | grep -q "^caked .* (protocol" || fail "caked -V"
 "$ctl" --socket "$dir/nothing.sock" status >/dev/null 2>&1; [ $? = 1 ] || fail "no daemon must exit 1"
 # a server that never answers: cachectl gives up after --timeout (it used to wait forever)
 python3 -c '

@@ -211,6 +211,16 @@ Test(safety, version_mismatch_is_refused_clearly, .timeout = 30)
     cr_assert_eq(code, CAKE_EVERSION);
     cr_assert(strstr(msg, "99"), "%s", msg);
     close(fd);
+    /* misuse of a context is an error of its own kind: a sequence before connecting, or the
+     * service named after it */
+    cake_ctx *c;
+    cake_create(&c);
+    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    cake_seq *s;
+    cr_assert_eq(cake_seq_open(c, &lay, NULL, 100, 8, &s), CAKE_ENOTCONN);
+    cr_assert_eq(cake_connect(c, h.sock, 1), 0, "%s", cake_errstr(c));
+    cr_assert_eq(cake_set_service(c, "late"), CAKE_EINVAL);
+    cake_destroy(c);
     cr_assert_eq(harness_stop(&h), 0);
 }
 

@@ -63,7 +63,8 @@ CAKE_API int cake_create(cake_ctx **out);
 CAKE_API void cake_destroy(cake_ctx *ctx);
 
 /* Before cake_connect(): the service (tenant) name to declare (1..63 printable chars;
- * default "default"). Returns 0 or CAKE_EINVAL. The string is copied. */
+ * default "default"). Returns 0 or CAKE_EINVAL (also after connecting). The string is
+ * copied. */
 CAKE_API int cake_set_service(cake_ctx *ctx, const char *name);
 /* Before cake_connect(): heap hooks for the library's own allocations. */
 CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void *ud),
@@ -198,8 +199,10 @@ struct cake_policy {
 CAKE_API void cake_policy_default(struct cake_policy *p);
 
 /* Opens a sequence for a prompt of prompt_len tokens that may decode max_new_tokens more.
- * *out is owned by ctx (freed by cake_seq_close or cake_destroy). Returns 0, CAKE_EINVAL,
- * CAKE_EOOM (the descriptor and scratch area do not fit the tenant's share). */
+ * *out is owned by ctx (freed by cake_seq_close or cake_destroy: a handle is not to be used
+ * after either, which libcake does not check). Returns 0, CAKE_ENOTCONN (not connected),
+ * CAKE_EINVAL, CAKE_EOOM (the descriptor and scratch area do not fit the tenant's share),
+ * CAKE_EPROTO (what caked passed for it is not in this tenant's mapped segments). */
 CAKE_API int cake_seq_open(cake_ctx *ctx, const struct cake_layout *layout,
                   const struct cake_policy *policy, uint32_t prompt_len,
                   uint32_t max_new_tokens, cake_seq **out);
