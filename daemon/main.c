@@ -9,6 +9,7 @@
  * Runs in the foreground and logs to stderr (a service manager captures both). */
 #include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cake/cake.h"
@@ -71,6 +72,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "caked: %s\n", err);
             return 2;
         }
+        if (file && !realpath(file, cfg.srv.config_path)) /* read again on SIGHUP */
+            snprintf(cfg.srv.config_path, sizeof cfg.srv.config_path, "%s", file);
     }
     int o;
     while ((o = getopt_long(argc, argv, "hV", opts, NULL)) != -1) {

@@ -20,6 +20,7 @@
 
 #include "cake/cake.h"
 #include "frame.h"
+#include "config.h"
 #include "server_int.h"
 
 double srv_now_s(void)
@@ -697,12 +698,85 @@ static void on_work(void *arg, uint32_t ev)
     workers_reap(s->workers);
 }
 
+/* Applies the configured tenants (weights, minimums, maximums, uids); 0, or -EINVAL with
+ * the reason logged and nothing changed. Tenants configured before and absent now become
+ * ordinary ones (weight 1, no minimum or maximum) and are forgotten once idle. */
+static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
+{
+    uint64_t min_sum = 0;
+    for (int i = 0; i < n; i++)
+        min_sum += tc[i].min_bytes;
+    if (min_sum > s->pool.bytes) {
+        srv_log("the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
+                "else could open anything (lower min= or raise --host-pool)",
+                (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
+        return -EINVAL;
+    }
+    for (int i = 0; i < n; i++) { /* all or nothing */
+        uint32_t own = (uint32_t)s->owner_uid;
+        int rc = tenant_configure_check(&s->tenants, tc[i].name, tc[i].n_uids ? tc[i].uids : &own,
+                                        tc[i].n_uids ? tc[i].n_uids : 1);
+        if (rc) {
+            srv_log("tenant %s: %s", tc[i].name, rc == -EEXIST
+                    ? "one of its uids is attached under that name as a tenant of its own"
+                    : strerror(-rc));
+            return rc;
+        }
+    }
+    for (uint32_t k = 0; k < s->tenants.n; k++) {
+        struct tenant *t = &s->tenants.t[k];
+        int still = 0;
+        for (int i = 0; i < n && !still; i++)
+            still = !strcmp(tc[i].name, t->name);
+        if (t->in_use && t->configured && !still) {
+            t->configured = 0, t->weight = 1, t->min_bytes = t->max_bytes = 0;
+            srv_tenant_gc(s, t);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        uint32_t own = (uint32_t)s->owner_uid;
+        const uint32_t *uids = tc[i].n_uids ? tc[i].uids : &own;
+        int rc = tenant_configure(&s->tenants, tc[i].name, uids, tc[i].n_uids ? tc[i].n_uids : 1,
+                                  tc[i].weight, tc[i].min_bytes, tc[i].max_bytes);
+        if (rc) {
+            srv_log("tenant %s: %s", tc[i].name, rc == -EEXIST
+                    ? "one of its uids is attached under that name as a tenant of its own"
+                    : strerror(-rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* SIGHUP: the tenants and quotas of --config again (the rest needs a restart). */
+static void reload(struct server *s)
+{
+    if (!s->cfg.config_path[0]) {
+        srv_log("SIGHUP: no --config to read again; nothing changed");
+        return;
+    }
+    static struct config c; /* large: not on the loop's stack */
+    char err[512];
+    config_defaults(&c);
+    if (config_load(&c, s->cfg.config_path, err, sizeof err)) {
+        srv_log("SIGHUP: %s; nothing changed", err);
+        return;
+    }
+    if (apply_tenants(s, c.tenants, c.n_tenants) == 0)
+        srv_log("SIGHUP: %d tenants from %s (quotas set with cachectl on them are replaced; "
+                "other options apply at restart)", c.n_tenants, s->cfg.config_path);
+}
+
 static void on_signal(void *arg, uint32_t ev)
 {
     struct server *s = arg;
     struct signalfd_siginfo si;
     (void)ev;
     while (read(s->sig_fd, &si, sizeof si) == sizeof si) {
+        if (si.ssi_signo == SIGHUP) {
+            reload(s);
+            continue;
+        }
         if (!s->stopping)
             srv_log("%s: shutting down", strsignal((int)si.ssi_signo));
         s->stopping = 1;
@@ -847,6 +921,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     sigemptyset(&ss);
     sigaddset(&ss, SIGTERM);
     sigaddset(&ss, SIGINT);
+    sigaddset(&ss, SIGHUP); /* reload, never the default (death with a stale socket) */
     pthread_sigmask(SIG_BLOCK, &ss, NULL);
     signal(SIGPIPE, SIG_IGN);
     const char *why = NULL;
@@ -912,25 +987,8 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     }
 #endif
     pool_set_ops(&s->pool, &hops);
-    uint64_t min_sum = 0;
-    for (int i = 0; i < n_tenants; i++)
-        min_sum += tcfg[i].min_bytes;
-    if (min_sum > s->pool.bytes) {
-        srv_log("the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
-                "else could open anything (lower min= or raise --host-pool)",
-                (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
-        rc = -EINVAL;
+    if ((rc = apply_tenants(s, tcfg, n_tenants)))
         goto fail;
-    }
-    for (int i = 0; i < n_tenants; i++) {
-        uint32_t own = (uint32_t)s->owner_uid;
-        const uint32_t *uids = tcfg[i].n_uids ? tcfg[i].uids : &own;
-        if ((rc = tenant_configure(&s->tenants, tcfg[i].name, uids, tcfg[i].n_uids ? tcfg[i].n_uids : 1,
-                                   tcfg[i].weight, tcfg[i].min_bytes, tcfg[i].max_bytes))) {
-            srv_log("tenant %s: %s", tcfg[i].name, strerror(-rc));
-            goto fail;
-        }
-    }
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),

@@ -86,20 +86,34 @@ struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, in
     return t;
 }
 
-int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
-                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes)
+static struct tenant *configured_slot(struct tenants *ts, const char *name, uint32_t uid0)
+{
+    for (uint32_t i = 0; i < ts->n; i++)
+        if (!strcmp(ts->t[i].name, name) && (ts->t[i].configured || tenant_has_uid(&ts->t[i], uid0)))
+            return &ts->t[i];
+    return NULL;
+}
+
+int tenant_configure_check(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n)
 {
     if (!n || n > TENANT_MAX_UIDS)
         return -EINVAL;
-    struct tenant *t = NULL;
-    for (uint32_t i = 0; i < ts->n && !t; i++)
-        if (!strcmp(ts->t[i].name, name) && (ts->t[i].configured || tenant_has_uid(&ts->t[i], uids[0])))
-            t = &ts->t[i];
+    struct tenant *t = configured_slot(ts, name, uids[0]);
     /* a uid already attached under this name as a tenant of its own would then have two */
     for (uint32_t i = 0; i < ts->n; i++)
         for (uint32_t k = 0; k < n; k++)
             if (&ts->t[i] != t && !strcmp(ts->t[i].name, name) && tenant_has_uid(&ts->t[i], uids[k]))
                 return -EEXIST;
+    return 0;
+}
+
+int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
+                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes)
+{
+    int rc = tenant_configure_check(ts, name, uids, n);
+    if (rc)
+        return rc;
+    struct tenant *t = configured_slot(ts, name, uids[0]);
     if (!t && !(t = add(ts, name, uids[0])))
         return -ENOMEM;
     memcpy(t->uids, uids, n * sizeof(*uids));

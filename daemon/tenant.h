@@ -56,6 +56,8 @@ int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids,
  * caller first gives up whatever the id owned (pool segments). */
 int tenant_idle(const struct tenant *t);
 void tenant_release(struct tenants *ts, struct tenant *t);
+/* Would tenant_configure succeed? (0, -EINVAL, -EEXIST; nothing changes) */
+int tenant_configure_check(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n);
 /* Does t admit uid? */
 int tenant_has_uid(const struct tenant *t, uint32_t uid);
 void tenants_fini(struct tenants *ts);

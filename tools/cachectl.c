@@ -320,7 +320,8 @@ static int cmd_quota(cake_ctx *c, int argc, char **argv)
     if (json)
         printf("{\"ok\":true}\n");
     else
-        printf("quota of %s set\n", m.tenant);
+        printf("quota of %s set (runtime only: a restart or SIGHUP applies caked's --config "
+               "again)\n", m.tenant);
     return 0;
 }
 

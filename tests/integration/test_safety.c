@@ -926,6 +926,64 @@ Test(safety, work_of_departed_clients_is_cancelled, .timeout = 120)
     cr_assert_eq(harness_stop(&h), 0);
 }
 
+/* SIGHUP reads the configuration's tenants again (it killed caked, leaving its socket);
+ * a bad file changes nothing; engines keep working throughout. */
+static int tenant_weight(const char *sock, const char *name)
+{
+    cake_ctx *c = harness_client(sock, "cachectl", 0, 1);
+    cr_assert_not_null(c);
+    uint8_t *b;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(c, MSG_TENANTS, NULL, &b, &n), 0);
+    ProtobufCAllocator al = cake_internal_allocator(c);
+    Cake__TenantList *tl = cake__tenant_list__unpack(&al, n, b);
+    cake_internal_free(c, b);
+    int w = -1;
+    for (size_t i = 0; tl && i < tl->n_tenants; i++)
+        if (!strcmp(tl->tenants[i]->name, name))
+            w = (int)tl->tenants[i]->weight;
+    cake__tenant_list__free_unpacked(tl, &al);
+    cake_destroy(c);
+    return w;
+}
+
+Test(safety, sighup_reloads_tenants_and_keeps_serving, .timeout = 60)
+{
+    char conf[] = "/tmp/caked-hup-XXXXXX";
+    int fd = mkstemp(conf);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    fprintf(f, "tenant hup weight=2\ntenant gone weight=7\n");
+    fclose(f);
+    struct harness h;
+    const char *extra[] = {"--config", conf, NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    cake_ctx *e = engine(h.sock, "hup");
+    cr_assert_eq(tenant_weight(h.sock, "hup"), 2);
+    cr_assert_eq(tenant_weight(h.sock, "gone"), 7);
+    f = fopen(conf, "w");
+    fprintf(f, "tenant hup weight=5 min=1M\n");
+    fclose(f);
+    kill(h.pid, SIGHUP);
+    int w = 0;
+    for (int i = 0; i < 100 && (w = tenant_weight(h.sock, "hup")) != 5; i++)
+        usleep(20000);
+    cr_assert_eq(w, 5, "SIGHUP did not apply the new weight");
+    cr_assert_eq(tenant_weight(h.sock, "gone"), -1, "a tenant no longer configured, idle, is gone");
+    cr_assert_eq(cake_ping(e), 0, "%s", cake_errstr(e));
+    /* a broken file: logged, nothing changes */
+    f = fopen(conf, "w");
+    fprintf(f, "tenant hup wieght=9\n");
+    fclose(f);
+    kill(h.pid, SIGHUP);
+    usleep(200000);
+    cr_assert_eq(tenant_weight(h.sock, "hup"), 5);
+    cr_assert_eq(cake_ping(e), 0, "%s", cake_errstr(e));
+    cake_destroy(e);
+    cr_assert_eq(harness_stop(&h), 0);
+    unlink(conf);
+}
+
 /* caked killed and restarted: the same context connects again (libcake used to keep the
  * dead fd and answer "already connected" under io_uring), with none of the old handles. */
 Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)
