@@ -1,6 +1,8 @@
-/* handlers.c - what each request does (see server_int.h): parse the body with the bounded
- * allocator, check ownership and state, act on pool, tenants and sequences, reply. Heavy work
- * goes to the workers and replies when it completes. */
+/* handlers.c - what each request does (see server_int.h): one table names each request's
+ * body message, handler and rights (HELLO first, administrators only); the dispatcher checks
+ * them, unpacks the body once with the bounded allocator and frees it after the handler.
+ * Handlers check ownership and state, act on pool, tenants and sequences, and reply; heavy
+ * work goes to the workers and replies when it completes. */
 #define _GNU_SOURCE /* struct ucred */
 #include <errno.h>
 #include <stdarg.h>
@@ -15,17 +17,6 @@
 
 /* ---- handlers -------------------------------------------------------------- */
 
-#define UNPACK(kind, var)                                                                  \
-    struct frame_alloc fa_;                                                                \
-    ProtobufCAllocator al_;                                                                \
-    frame_alloc_init(&fa_, UNPACK_LIMIT(c->h.body_len), &al_);                             \
-    __typeof__(cake__##kind##__unpack(NULL, 0, NULL)) var =                                \
-        cake__##kind##__unpack(&al_, c->h.body_len, c->body);                             \
-    if (!var) {                                                                            \
-        srv_reply_error(s, c, CAKE_EPROTO, "malformed %s body", frame_type_name(c->h.type)); \
-        return;                                                                            \
-    }
-#define UNPACK_FREE(kind, var) cake__##kind##__free_unpacked(var, &al_)
 
 /* May this peer administer (quotas, other tenants' details)? root, caked's own uid, and
  * members of --admin-group (primary or supplementary group, as the kernel reports them). */
@@ -47,37 +38,31 @@ static int admin_right(const struct server *s, const struct client *c)
     return 0;
 }
 
-static void h_hello(struct server *s, struct client *c)
+static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(hello, m);
+    const Cake__Hello *m = (const Cake__Hello *)msg;
     if (m->protocol_version != CAKE_PROTOCOL_VERSION) {
         uint32_t v = m->protocol_version;
-        UNPACK_FREE(hello, m);
         c->close_after_flush = 1;
         srv_reply_error(s, c, CAKE_EVERSION, "protocol version %u not supported (caked speaks %u)",
                     v, CAKE_PROTOCOL_VERSION);
         return;
     }
     if (c->tenant) {
-        UNPACK_FREE(hello, m);
         srv_reply_error(s, c, CAKE_ESTATE, "HELLO was already sent on this connection");
         return;
     }
     const char *name = m->service && m->service[0] ? m->service : "default";
     if (!tenant_name_ok(name)) {
-        UNPACK_FREE(hello, m);
         srv_reply_error(s, c, CAKE_EINVAL, "service name must be 1..63 chars of [A-Za-z0-9._-]");
         return;
     }
     int err = 0;
     struct tenant *t = tenant_get(&s->tenants, name, c->cred.uid, 1, &err);
     if (!t) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "%s", name);
-        UNPACK_FREE(hello, m);
         if (err == -EPERM)
             srv_reply_error(s, c, CAKE_EPERM, "service %s is configured for other uids than %u",
-                            msg, (unsigned)c->cred.uid);
+                            name, (unsigned)c->cred.uid);
         else
             srv_reply_error(s, c, CAKE_EOOM, "too many tenants");
         return;
@@ -85,7 +70,6 @@ static void h_hello(struct server *s, struct client *c)
     int want_pool = m->want_pool;
     /* administration is asked for (cachectl does, engines do not) and granted by right */
     c->admin = m->admin && admin_right(s, c);
-    UNPACK_FREE(hello, m);
     if (want_pool) { /* an engine: it will be sent its tenant's segments (srv_queue_maps) */
         for (uint32_t k = 0; k < 1 + s->n_gpus; k++) {
             const struct pool *p = k ? &s->gpus[k - 1].pages : &s->pool;
@@ -133,9 +117,9 @@ static void h_hello(struct server *s, struct client *c)
     srv_reply(s, c, MSG_HELLO, &r.base);
 }
 
-static void h_seq_open(struct server *s, struct client *c)
+static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(seq_open, m);
+    const Cake__SeqOpen *m = (const Cake__SeqOpen *)msg;
     struct seq_open_args a = {
         .layers = m->layers, .q_heads = m->q_heads, .kv_heads = m->kv_heads,
         .head_dim = m->head_dim, .dtype = m->dtype, .prompt_len = m->prompt_len,
@@ -169,7 +153,6 @@ static void h_seq_open(struct server *s, struct client *c)
         a.cfg.sinks = m->policy->sinks;
         a.cfg.pyramid_beta = m->policy->pyramid_beta, a.cfg.ada_alpha = m->policy->ada_alpha;
     }
-    UNPACK_FREE(seq_open, m);
     if (bad_gpu) {
         srv_reply_error(s, c, CAKE_EINVAL, "caked has no GPU pool on that GPU");
         return;
@@ -235,12 +218,11 @@ static void h_seq_open(struct server *s, struct client *c)
     srv_reply(s, c, MSG_SEQ_OPEN, &r.base);
 }
 
-static void h_reserve(struct server *s, struct client *c)
+static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(layer_ref, m);
+    const Cake__LayerRef *m = (const Cake__LayerRef *)msg;
     uint64_t id = m->seq_id;
     uint32_t layer = m->layer;
-    UNPACK_FREE(layer_ref, m);
     struct seq *q = srv_seq_of(s, c, id);
     if (!q) {
         srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
@@ -460,19 +442,17 @@ static void start_work(struct server *s, struct client *c, uint16_t type, struct
     workers_submit(s->workers, &w->job);
 }
 
-static void h_prefill(struct server *s, struct client *c, int observe)
+static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage *msg, int observe)
 {
     uint64_t id;
     uint32_t layer;
     double pref = 0;
     if (observe) {
-        UNPACK(layer_ref, m);
+        const Cake__LayerRef *m = (const Cake__LayerRef *)msg;
         id = m->seq_id, layer = m->layer;
-        UNPACK_FREE(layer_ref, m);
     } else {
-        UNPACK(prefill_submit, m);
+        const Cake__PrefillSubmit *m = (const Cake__PrefillSubmit *)msg;
         id = m->seq_id, layer = m->layer, pref = m->preference;
-        UNPACK_FREE(prefill_submit, m);
     }
     struct seq *q = srv_seq_of(s, c, id);
     if (!q) {
@@ -510,18 +490,16 @@ static void decode_reserve_and_reply(struct server *s, struct client *c, struct 
     srv_reply(s, c, MSG_DECODE_STEP, &r.base);
 }
 
-static void h_decode(struct server *s, struct client *c)
+static void h_decode(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(decode_step, m);
+    const Cake__DecodeStep *m = (const Cake__DecodeStep *)msg;
     size_t n = m->n_seq_ids;
     if (n == 0 || n > SERVER_MAX_DECODE_BATCH) {
-        UNPACK_FREE(decode_step, m);
         srv_reply_error(s, c, n ? CAKE_ETOOBIG : CAKE_EINVAL, "decode step of %zu sequences", n);
         return;
     }
     struct seq **seqs = malloc(sizeof(*seqs) * n);
     if (!seqs) {
-        UNPACK_FREE(decode_step, m);
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
@@ -541,7 +519,6 @@ static void h_decode(struct server *s, struct client *c)
             for (size_t k = 0; k < i; k++)
                 seqs[k]->busy = 0;
             uint64_t id = m->seq_ids[i];
-            UNPACK_FREE(decode_step, m);
             free(seqs);
             if (rc == CAKE_ESTATE && q && q->busy && !why[0])
                 why = "sequence listed twice";
@@ -550,7 +527,6 @@ static void h_decode(struct server *s, struct client *c)
             return;
         }
     }
-    UNPACK_FREE(decode_step, m);
     for (size_t i = 0; i < n; i++)
         seqs[i]->busy = 0;
     if (need_evict) {
@@ -561,11 +537,10 @@ static void h_decode(struct server *s, struct client *c)
     free(seqs);
 }
 
-static void h_seq_close(struct server *s, struct client *c)
+static void h_seq_close(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(seq_ref, m);
+    const Cake__SeqRef *m = (const Cake__SeqRef *)msg;
     uint64_t id = m->seq_id;
-    UNPACK_FREE(seq_ref, m);
     struct seq *q = srv_seq_of(s, c, id);
     if (!q || q->orphaned) {
         srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
@@ -595,7 +570,7 @@ static void h_seq_close(struct server *s, struct client *c)
     srv_reply(s, c, MSG_SEQ_CLOSE, NULL);
 }
 
-static void h_status(struct server *s, struct client *c)
+static void h_status(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
     Cake__Status r = CAKE__STATUS__INIT;
     r.daemon_version = (char *)CAKE_VERSION;
@@ -632,7 +607,7 @@ static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *
     t->oom_errors = x->oom_errors;
 }
 
-static void h_tenants(struct server *s, struct client *c)
+static void h_tenants(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
     Cake__TenantList r = CAKE__TENANT_LIST__INIT;
     Cake__Tenant *ts = calloc(s->tenants.n + 1, sizeof(*ts));
@@ -673,14 +648,9 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
 /* One page of the sequences the client may see, from slot `after` on; a page stays well
  * inside a frame (40,000 sequences overflowed one reply). */
 #define SEQ_PAGE 2048
-static void h_sequences(struct server *s, struct client *c)
+static void h_sequences(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    uint64_t after = 0;
-    if (c->h.body_len) {
-        UNPACK(list_page, m);
-        after = m->after;
-        UNPACK_FREE(list_page, m);
-    }
+    uint64_t after = ((const Cake__ListPage *)msg)->after; /* empty body: 0 */
     Cake__SeqList r = CAKE__SEQ_LIST__INIT;
     Cake__SeqInfo *v = calloc(SEQ_PAGE, sizeof(*v));
     Cake__SeqInfo **p = calloc(SEQ_PAGE, sizeof(*p));
@@ -706,11 +676,10 @@ static void h_sequences(struct server *s, struct client *c)
     free(v), free(p);
 }
 
-static void h_seq_info(struct server *s, struct client *c)
+static void h_seq_info(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(seq_ref, m);
+    const Cake__SeqRef *m = (const Cake__SeqRef *)msg;
     uint64_t id = m->seq_id;
-    UNPACK_FREE(seq_ref, m);
     struct seq *q = srv_seq_find(s, id);
     if (!q || q->orphaned || (!c->admin && q->tenant != c->tenant)) {
         srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)id);
@@ -825,14 +794,9 @@ static int render_metrics(struct server *s, const struct client *c, struct strbu
 
 /* The metrics text from the requested offset, at most METRICS_PAGE bytes of it per reply. */
 #define METRICS_PAGE (512u << 10)
-static void h_metrics(struct server *s, struct client *c)
+static void h_metrics(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    uint64_t off = 0;
-    if (c->h.body_len) {
-        UNPACK(list_page, m);
-        off = m->offset;
-        UNPACK_FREE(list_page, m);
-    }
+    uint64_t off = ((const Cake__ListPage *)msg)->offset; /* empty body: 0 */
     struct strbuf b = {0};
     if (render_metrics(s, c, &b)) {
         free(b.s);
@@ -861,9 +825,9 @@ static void h_metrics(struct server *s, struct client *c)
 
 /* Sets the fields given (has_*) of one existing tenant; the sum of every tenant's minimum
  * stays within the pool. */
-static void h_set_quota(struct server *s, struct client *c)
+static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    UNPACK(set_quota, m);
+    const Cake__SetQuota *m = (const Cake__SetQuota *)msg;
     char name[TENANT_NAME_MAX + 1] = "";
     if (m->tenant)
         snprintf(name, sizeof name, "%s", m->tenant);
@@ -871,13 +835,6 @@ static void h_set_quota(struct server *s, struct client *c)
     int has_min = m->has_min || m->min_bytes, has_max = m->has_max || m->max_bytes;
     uint32_t uid = m->uid, weight = m->weight;
     uint64_t min = m->min_bytes, max = m->max_bytes;
-    UNPACK_FREE(set_quota, m);
-    if (!c->admin) {
-        srv_reply_error(s, c, CAKE_EPERM, "setting quotas is reserved to root, caked's uid %u%s "
-                        "(and asked for at attach, as cachectl does)", (unsigned)s->owner_uid,
-                        s->admin_gid != (gid_t)-1 ? ", the members of --admin-group" : "");
-        return;
-    }
     if (!tenant_name_ok(name)) {
         srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name");
         return;
@@ -929,6 +886,53 @@ static void h_set_quota(struct server *s, struct client *c)
     srv_reply(s, c, MSG_SET_QUOTA, NULL);
 }
 
+static void h_ping(struct server *s, struct client *c, const ProtobufCMessage *msg)
+{
+    (void)msg;
+    srv_reply(s, c, MSG_PING, NULL);
+}
+
+static void h_observe(struct server *s, struct client *c, const ProtobufCMessage *msg)
+{
+    h_prefill(s, c, msg, 1);
+}
+
+static void h_submit(struct server *s, struct client *c, const ProtobufCMessage *msg)
+{
+    h_prefill(s, c, msg, 0);
+}
+
+/* Who may send a request, and in what state. */
+enum {
+    H_ANON = 1,  /* allowed before HELLO */
+    H_ADMIN = 2, /* administrators only (asked for at HELLO and granted by right) */
+};
+
+/* Every request: its body's message (NULL: the body is ignored), its handler, its rights.
+ * The dispatcher unpacks the body once, with the bounded allocator, and frees it after the
+ * handler returns: a handler copies what it keeps. */
+static const struct {
+    const ProtobufCMessageDescriptor *body;
+    void (*fn)(struct server *s, struct client *c, const ProtobufCMessage *m);
+    unsigned flags;
+} handlers[MSG_TYPE_MAX + 1] = {
+    [MSG_HELLO] = {&cake__hello__descriptor, h_hello, H_ANON},
+    [MSG_SEQ_OPEN] = {&cake__seq_open__descriptor, h_seq_open, 0},
+    [MSG_PREFILL_RESERVE] = {&cake__layer_ref__descriptor, h_reserve, 0},
+    [MSG_PREFILL_OBSERVE] = {&cake__layer_ref__descriptor, h_observe, 0},
+    [MSG_PREFILL_SUBMIT] = {&cake__prefill_submit__descriptor, h_submit, 0},
+    [MSG_DECODE_STEP] = {&cake__decode_step__descriptor, h_decode, 0},
+    [MSG_SEQ_CLOSE] = {&cake__seq_ref__descriptor, h_seq_close, 0},
+    [MSG_STATUS] = {NULL, h_status, 0},
+    [MSG_TENANTS] = {NULL, h_tenants, 0},
+    [MSG_SEQUENCES] = {&cake__list_page__descriptor, h_sequences, 0},
+    [MSG_SEQ_INFO] = {&cake__seq_ref__descriptor, h_seq_info, 0},
+    [MSG_METRICS] = {&cake__list_page__descriptor, h_metrics, 0},
+    [MSG_SET_QUOTA] = {&cake__set_quota__descriptor, h_set_quota, H_ADMIN},
+    [MSG_PING] = {NULL, h_ping, H_ANON},
+    /* MSG_MAP: caked -> engine only, no handler */
+};
+
 void srv_dispatch(struct server *s, struct client *c)
 {
     unsigned t = c->h.type;
@@ -945,27 +949,36 @@ void srv_dispatch(struct server *s, struct client *c)
     s->m.requests[t]++;
     /* the client called again: pages ended by others' actions may go (srv_quarantine) */
     srv_release_quarantine(s, c->id);
-    if (t != MSG_HELLO && t != MSG_PING && !c->tenant) {
+    if (t > MSG_TYPE_MAX || !handlers[t].fn) {
+        srv_reply_error(s, c, CAKE_EPROTO, t == MSG_MAP ? "MAP frames come from caked only"
+                                                        : "unknown message type %u", t);
+        return;
+    }
+    unsigned flags = handlers[t].flags;
+    if (!(flags & H_ANON) && !c->tenant) {
         srv_reply_error(s, c, CAKE_ESTATE, "send HELLO first");
         return;
     }
-    switch (t) {
-    case MSG_HELLO: h_hello(s, c); break;
-    case MSG_PING: srv_reply(s, c, MSG_PING, NULL); break;
-    case MSG_SEQ_OPEN: h_seq_open(s, c); break;
-    case MSG_PREFILL_RESERVE: h_reserve(s, c); break;
-    case MSG_PREFILL_OBSERVE: h_prefill(s, c, 1); break;
-    case MSG_PREFILL_SUBMIT: h_prefill(s, c, 0); break;
-    case MSG_DECODE_STEP: h_decode(s, c); break;
-    case MSG_SEQ_CLOSE: h_seq_close(s, c); break;
-    case MSG_STATUS: h_status(s, c); break;
-    case MSG_TENANTS: h_tenants(s, c); break;
-    case MSG_SEQUENCES: h_sequences(s, c); break;
-    case MSG_SEQ_INFO: h_seq_info(s, c); break;
-    case MSG_METRICS: h_metrics(s, c); break;
-    case MSG_SET_QUOTA: h_set_quota(s, c); break;
-    case MSG_MAP: srv_reply_error(s, c, CAKE_EPROTO, "MAP frames come from caked only"); break;
-    default: srv_reply_error(s, c, CAKE_EPROTO, "unknown message type %u", t); break;
+    if ((flags & H_ADMIN) && !c->admin) {
+        srv_reply_error(s, c, CAKE_EPERM, "%s is reserved to administrators: root, caked's uid "
+                        "%u%s, asking for it at attach (as cachectl does)", frame_type_name(t),
+                        (unsigned)s->owner_uid,
+                        s->admin_gid != (gid_t)-1 ? ", the members of --admin-group" : "");
+        return;
     }
+    ProtobufCMessage *m = NULL;
+    struct frame_alloc fa;
+    ProtobufCAllocator al;
+    if (handlers[t].body) {
+        frame_alloc_init(&fa, UNPACK_LIMIT(c->h.body_len), &al);
+        m = protobuf_c_message_unpack(handlers[t].body, &al, c->h.body_len, c->body);
+        if (!m) {
+            srv_reply_error(s, c, CAKE_EPROTO, "malformed %s body", frame_type_name(t));
+            return;
+        }
+    }
+    handlers[t].fn(s, c, m);
+    if (m)
+        protobuf_c_message_free_unpacked(m, &al);
 }
 
