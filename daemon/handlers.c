@@ -18,6 +18,29 @@
 /* ---- handlers -------------------------------------------------------------- */
 
 
+/* The wire carries libcake's enum values (cake.h), which SEQ_OPEN casts to the daemon's
+ * (policy.h): one set of numbers, checked here where they meet. */
+#define SAME(a, b) _Static_assert((int)(a) == (int)(b), #a " differs from " #b)
+SAME(CAKE_MODE_PARITY, POLICY_PARITY); SAME(CAKE_MODE_FIXED, POLICY_FIXED);
+SAME(CAKE_POLICY_CAKE, POLICY_CAKE); SAME(CAKE_POLICY_FULL, POLICY_FULL);
+SAME(CAKE_POLICY_STREAMINGLLM, POLICY_STREAMING); SAME(CAKE_POLICY_H2O, POLICY_H2O);
+SAME(CAKE_POLICY_TOVA, POLICY_TOVA); SAME(CAKE_POLICY_SNAPKV, POLICY_SNAPKV);
+SAME(CAKE_POLICY_PYRAMIDKV, POLICY_PYRAMIDKV); SAME(CAKE_POLICY_ADAKV, POLICY_ADAKV);
+SAME(CAKE_ALLOC_DEFAULT, POLICY_ALLOC_DEFAULT); SAME(CAKE_ALLOC_PREFERENCE, POLICY_ALLOC_PREFERENCE);
+SAME(CAKE_ALLOC_UNIFORM, POLICY_ALLOC_UNIFORM); SAME(CAKE_ALLOC_PYRAMID, POLICY_ALLOC_PYRAMID);
+SAME(CAKE_ALLOC_NONE, POLICY_ALLOC_NONE);
+SAME(CAKE_IND_DEFAULT, POLICY_IND_DEFAULT); SAME(CAKE_IND_MEAN_VAR, POLICY_IND_MEAN_VAR);
+SAME(CAKE_IND_MEAN, POLICY_IND_MEAN); SAME(CAKE_IND_VAR, POLICY_IND_VAR);
+SAME(CAKE_IND_LAST, POLICY_IND_LAST); SAME(CAKE_IND_POSITION, POLICY_IND_POSITION);
+SAME(CAKE_POOL_DEFAULT, POLICY_POOL_DEFAULT); SAME(CAKE_POOL_AVG, POLICY_POOL_AVG);
+SAME(CAKE_POOL_MAX, POLICY_POOL_MAX); SAME(CAKE_POOL_NONE, POLICY_POOL_NONE);
+SAME(CAKE_DECODE_DEFAULT, POLICY_DECODE_DEFAULT); SAME(CAKE_DECODE_EVICT, POLICY_DECODE_EVICT);
+SAME(CAKE_DECODE_PREFILL_ONLY, POLICY_DECODE_PREFILL_ONLY);
+SAME(CAKE_F32, KERN_F32); SAME(CAKE_F16, KERN_F16); SAME(CAKE_BF16, KERN_BF16);
+SAME(SERVER_MAX_GPUS, SEQ_MAX_GPUS);
+_Static_assert(SEQ_MAX_LAYERS <= POLICY_MAX_LAYERS, "a sequence's layers fit the policy's");
+#undef SAME
+
 /* May this peer administer (quotas, other tenants' details)? root, caked's own uid, and
  * members of --admin-group (primary or supplementary group, as the kernel reports them). */
 static int admin_right(const struct server *s, const struct client *c)
@@ -579,7 +602,9 @@ static void h_status(struct server *s, struct client *c, const ProtobufCMessage 
     r.uptime_ms = (uint64_t)((srv_now_s() - s->t_start) * 1e3);
     r.pool_bytes = s->pool.bytes, r.page_bytes = s->pool.page_bytes;
     r.pages_total = s->pool.pages, r.pages_used = s->pool.used;
-    r.tenants = s->tenants.live, r.sequences = s->n_seqs, r.clients = s->n_clients;
+    for (uint32_t i = 0; i < s->tenants.n; i++) /* the ones TENANTS lists */
+        r.tenants += tenant_listed(&s->tenants.t[i]);
+    r.sequences = s->n_seqs, r.clients = s->n_clients;
     r.pid = (uint32_t)getpid();
     r.socket = s->cfg.socket_path;
     Cake__GpuPool gp[SERVER_MAX_GPUS], *gpp[SERVER_MAX_GPUS];
@@ -619,7 +644,7 @@ static void h_tenants(struct server *s, struct client *c, const ProtobufCMessage
     }
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         const struct tenant *x = &s->tenants.t[i];
-        if ((!c->admin && x != c->tenant) || (!x->clients && !x->used_bytes && !x->gpu_used_bytes && !x->configured))
+        if ((!c->admin && x != c->tenant) || !tenant_listed(x))
             continue; /* other tenants, and idle ones nobody configured */
         fill_tenant(s, &ts[r.n_tenants], x);
         tp[r.n_tenants] = &ts[r.n_tenants];

@@ -26,7 +26,6 @@ struct metrics {
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
     uint64_t jobs_cancelled;                      /* sequences' work skipped: owner gone */
     uint64_t clients_refused;                     /* over the client or fd limit */
-    uint64_t pref_fallbacks;
 };
 
 extern const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS];

@@ -44,6 +44,11 @@ static struct tenant *add(struct tenants *ts, const char *name, uint32_t uid)
     return t;
 }
 
+int tenant_listed(const struct tenant *t)
+{
+    return t->in_use && (t->clients || t->used_bytes || t->gpu_used_bytes || t->configured);
+}
+
 int tenant_idle(const struct tenant *t)
 {
     return t->in_use && !t->configured && !t->conns && !t->clients && !t->sequences &&

@@ -56,6 +56,9 @@ int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids,
  * caller first gives up whatever the id owned (pool segments). */
 int tenant_idle(const struct tenant *t);
 void tenant_release(struct tenants *ts, struct tenant *t);
+/* Is t worth listing (TENANTS, STATUS): an engine attached, memory held, or configured?
+ * (Control connections such as cachectl's make a tenant, but not one to show.) */
+int tenant_listed(const struct tenant *t);
 /* Would tenant_configure succeed? (0, -EINVAL, -EEXIST; nothing changes) */
 int tenant_configure_check(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n);
 /* Does t admit uid? */

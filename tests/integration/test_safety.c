@@ -107,13 +107,14 @@ static unsigned status_field(const char *sock, int tenants)
     ProtobufCAllocator al = cake_internal_allocator(c);
     Cake__Status *st = cake__status__unpack(&al, n, b);
     cake_internal_free(c, b);
-    unsigned t = tenants ? st->tenants : st->clients;
+    unsigned t = tenants ? st->tenants : st->clients; /* tenants: those TENANTS lists */
     cake__status__free_unpacked(st, &al);
     cake_destroy(c);
     return t;
 }
 
-static unsigned status_tenants(const char *sock) { return status_field(sock, 1); }
+/* every tenant caked holds, listed or not (the gauge counts them all) */
+static unsigned status_tenants(const char *sock) { return (unsigned)metric(sock, "\ncaked_tenants"); }
 static unsigned status_clients(const char *sock) { return status_field(sock, 0); }
 
 static cake_ctx *engine(const char *sock, const char *name)
