@@ -797,10 +797,14 @@ static void fd_limits(struct server *s)
             if (want > rl.rlim_cur && setrlimit(RLIMIT_NOFILE, &up) == 0)
                 rl.rlim_cur = want;
         }
-        if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < SERVER_MAX_CLIENTS + 64) {
-            s->max_clients = rl.rlim_cur > 96 ? (uint32_t)rl.rlim_cur - 64 : 32;
-            srv_log("file descriptor limit %llu: at most %u clients (raise LimitNOFILE / ulimit -n "
-                    "for more)", (unsigned long long)rl.rlim_cur, s->max_clients);
+        /* besides clients: 64 for caked itself, and one memfd per host pool segment */
+        rlim_t reserve = 64 + (rlim_t)s->pool.n_segs;
+        if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < SERVER_MAX_CLIENTS + reserve) {
+            s->max_clients = rl.rlim_cur > reserve + 32 ? (uint32_t)(rl.rlim_cur - reserve) : 32;
+            srv_log("file descriptor limit %llu: at most %u clients (%llu kept for caked and its "
+                    "%u pool segments; raise LimitNOFILE / ulimit -n for more)",
+                    (unsigned long long)rl.rlim_cur, s->max_clients, (unsigned long long)reserve,
+                    s->pool.n_segs);
         }
     }
     s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
