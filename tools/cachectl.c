@@ -282,35 +282,36 @@ static int cmd_metrics(cake_ctx *c)
     }
 }
 
-static int cmd_quota(cake_ctx *c, int argc, char **argv)
+/* quota's values, from the command line (options go anywhere: before or after the command) */
+static const char *q_uid, *q_weight, *q_min, *q_max;
+
+static int cmd_quota(cake_ctx *c, const char *tenant)
 {
     Cake__SetQuota m = CAKE__SET_QUOTA__INIT;
-    if (argc < 1)
-        return 2;
-    m.tenant = argv[0];
-    for (int i = 1; i < argc; i++) {
-        uint64_t v = 0;
-        if (i + 1 >= argc)
+    m.tenant = (char *)tenant;
+    const char *num[2] = {q_weight, q_uid};
+    for (int k = 0; k < 2; k++) {
+        if (!num[k])
+            continue;
+        char *end;
+        long w = strtol(num[k], &end, 10);
+        if (*end || !*num[k] || w < 0 || w > (long)UINT32_MAX - 1)
             return 2;
-        if (!strcmp(argv[i], "--weight") || !strcmp(argv[i], "--uid")) {
-            char *end;
-            long w = strtol(argv[i + 1], &end, 10);
-            if (*end || w < 0 || w > (long)UINT32_MAX - 1)
-                return 2;
-            if (argv[i][2] == 'w')
-                m.weight = (uint32_t)w, m.has_weight = 1;
-            else
-                m.uid = (uint32_t)w, m.has_uid = 1;
-        } else if ((!strcmp(argv[i], "--min") || !strcmp(argv[i], "--max")) &&
-                   !parse_size(argv[i + 1], &v)) {
-            if (argv[i][3] == 'i')
-                m.min_bytes = v, m.has_min = 1;
-            else
-                m.max_bytes = v, m.has_max = 1;
-        } else {
+        if (k == 0)
+            m.weight = (uint32_t)w, m.has_weight = 1;
+        else
+            m.uid = (uint32_t)w, m.has_uid = 1;
+    }
+    uint64_t v;
+    if (q_min) {
+        if (parse_size(q_min, &v))
             return 2;
-        }
-        i++;
+        m.min_bytes = v, m.has_min = 1;
+    }
+    if (q_max) {
+        if (parse_size(q_max, &v))
+            return 2;
+        m.max_bytes = v, m.has_max = 1;
     }
     uint8_t *b;
     size_t n;
@@ -343,11 +344,17 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
         {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'}, {"version", 0, 0, 'V'},
+        {"uid", 1, 0, 'U'}, {"weight", 1, 0, 'W'}, {"min", 1, 0, 'm'}, {"max", 1, 0, 'M'},
         {0, 0, 0, 0},
     };
     int o;
-    while ((o = getopt_long(argc, argv, "+s:ji:hV", opts, NULL)) != -1) {
+    /* options anywhere ("status --json" as well as "--json status") */
+    while ((o = getopt_long(argc, argv, "s:ji:hV", opts, NULL)) != -1) {
         switch (o) {
+        case 'U': q_uid = optarg; break;
+        case 'W': q_weight = optarg; break;
+        case 'm': q_min = optarg; break;
+        case 'M': q_max = optarg; break;
         case 's': sock = optarg; break;
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
@@ -368,10 +375,12 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *cmd = argv[optind];
-    int known = !strcmp(cmd, "status") || !strcmp(cmd, "tenants") || !strcmp(cmd, "sequences") ||
-                !strcmp(cmd, "metrics") || (!strcmp(cmd, "seq") && optind + 1 < argc) ||
-                (!strcmp(cmd, "quota") && optind + 1 < argc);
-    if (!known) {
+    int args = argc - optind - 1; /* words after the command */
+    int known = ((!strcmp(cmd, "status") || !strcmp(cmd, "tenants") || !strcmp(cmd, "sequences") ||
+                  !strcmp(cmd, "metrics")) && args == 0) ||
+                ((!strcmp(cmd, "seq") || !strcmp(cmd, "quota")) && args == 1);
+    int quota_opts = q_uid || q_weight || q_min || q_max;
+    if (!known || (quota_opts && strcmp(cmd, "quota"))) { /* nothing is silently ignored */
         usage(stderr);
         return 2;
     }
@@ -398,7 +407,7 @@ int main(int argc, char **argv)
         else if (!strcmp(cmd, "sequences")) rc = cmd_sequences(c);
         else if (!strcmp(cmd, "seq")) rc = cmd_seq(c, argv[optind + 1]);
         else if (!strcmp(cmd, "metrics")) rc = cmd_metrics(c);
-        else rc = cmd_quota(c, argc - optind - 1, argv + optind + 1);
+        else rc = cmd_quota(c, argv[optind + 1]);
         fflush(stdout);
         if (rc || !interval)
             break;

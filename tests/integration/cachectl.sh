@@ -70,6 +70,11 @@ assert t["engine-0"]["cap_bytes"] == 64 << 20, t["engine-0"]' || fail "quota not
 "$ctl" --socket "$sock" seq 0x12345 >/dev/null 2>&1; [ $? = 1 ] || fail "unknown sequence must exit 1"
 "$ctl" --socket "$sock" frobnicate >/dev/null 2>&1; [ $? = 2 ] || fail "bad usage must exit 2"
 "$ctl" -V | grep -q "^cachectl .* (protocol" || fail "cachectl -V"
+# options go before or after the command, and nothing is silently ignored
+"$ctl" status --json --socket "$sock" | python3 -c 'import json, sys; json.load(sys.stdin)' \
+    || fail "status --json after the command"
+"$ctl" --socket "$sock" status extra >/dev/null 2>&1; [ $? = 2 ] || fail "an extra word must exit 2"
+"$ctl" --socket "$sock" status --weight 3 >/dev/null 2>&1; [ $? = 2 ] || fail "quota options elsewhere must exit 2"
 "$caked" -V | grep -q "^caked .* (protocol" || fail "caked -V"
 "$ctl" --socket "$dir/nothing.sock" status >/dev/null 2>&1; [ $? = 1 ] || fail "no daemon must exit 1"
 # a server that never answers: cachectl gives up after --timeout (it used to wait forever)
