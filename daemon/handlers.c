@@ -852,19 +852,15 @@ static void h_metrics(struct server *s, struct client *c, const ProtobufCMessage
  * stays within the pool. */
 static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
-    const Cake__SetQuota *m = (const Cake__SetQuota *)msg;
-    char name[TENANT_NAME_MAX + 1] = "";
-    if (m->tenant)
-        snprintf(name, sizeof name, "%s", m->tenant);
-    int has_uid = m->has_uid, has_w = m->has_weight || m->weight;
-    int has_min = m->has_min || m->min_bytes, has_max = m->has_max || m->max_bytes;
-    uint32_t uid = m->uid, weight = m->weight;
-    uint64_t min = m->min_bytes, max = m->max_bytes;
+    const Cake__SetQuota *m = (const Cake__SetQuota *)msg; /* freed by the dispatcher */
+    const char *name = m->tenant ? m->tenant : "";
+    int has_w = m->has_weight || m->weight, has_min = m->has_min || m->min_bytes;
+    int has_max = m->has_max || m->max_bytes;
     if (!tenant_name_ok(name)) {
         srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name");
         return;
     }
-    if (has_w && (weight < 1 || weight > TENANT_MAX_WEIGHT)) {
+    if (has_w && (m->weight < 1 || m->weight > TENANT_MAX_WEIGHT)) {
         srv_reply_error(s, c, CAKE_EINVAL, "weight must be 1..1000000");
         return;
     }
@@ -872,12 +868,12 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
     uint32_t found = 0;
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         struct tenant *x = &s->tenants.t[i];
-        if (!strcmp(x->name, name) && (!has_uid || tenant_has_uid(x, uid)))
+        if (!strcmp(x->name, name) && (!m->has_uid || tenant_has_uid(x, m->uid)))
             t = x, found++;
     }
     if (!found) {
         srv_reply_error(s, c, CAKE_ENOSEQ, "no tenant %s%s (tenants are configured in caked.conf "
-                        "or made by an engine's attach)", name, has_uid ? " with that uid" : "");
+                        "or made by an engine's attach)", name, m->has_uid ? " with that uid" : "");
         return;
     }
     if (found > 1) {
@@ -885,7 +881,7 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
                         found, name);
         return;
     }
-    uint64_t nmin = has_min ? min : t->min_bytes, nmax = has_max ? max : t->max_bytes;
+    uint64_t nmin = has_min ? m->min_bytes : t->min_bytes, nmax = has_max ? m->max_bytes : t->max_bytes;
     if (nmax && nmin > nmax) {
         srv_reply_error(s, c, CAKE_EINVAL, "minimum %llu above maximum %llu",
                         (unsigned long long)nmin, (unsigned long long)nmax);
@@ -902,7 +898,7 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
         return;
     }
     if (has_w)
-        t->weight = weight;
+        t->weight = m->weight;
     t->min_bytes = nmin, t->max_bytes = nmax;
     t->configured = 1; /* kept while caked runs, even when idle */
     srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu", t->name,

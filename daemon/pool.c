@@ -143,55 +143,70 @@ void pool_retire_fd(int fd, uint64_t bytes)
     close(fd);
 }
 
+/* A memfd of len bytes (huge pages while the system gives them), or -errno. */
+static int new_memfd(struct pool *p, uint64_t len)
+{
+    if (p->hugepages) {
+        int fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
+        if (fd >= 0 && ftruncate(fd, (off_t)len) == 0)
+            return fd;
+        if (fd >= 0)
+            close(fd);
+        p->hugepages = 0;
+    }
+    int fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0 || ftruncate(fd, (off_t)len) < 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+/* Segment i's memfd goes: its pages are punched out and it is closed (by ops.retire's
+ * thread if there is one). */
+static void retire_seg_fd(struct pool *p, uint32_t i)
+{
+    if (p->seg[i].fd < 0)
+        return;
+    if (p->ops.retire)
+        p->ops.retire(p->ops.ud, p->seg[i].fd, seg_len(p, i));
+    else
+        pool_retire_fd(p->seg[i].fd, seg_len(p, i));
+    p->seg[i].fd = -1;
+}
+
 /* Host pools: a new sealed memfd mapped over segment i; the old one's pages are punched
  * out (a previous owner's process that still maps it reads zeros, and what it writes there
  * lands in memory no one else maps). */
 static int fresh_memfd(struct pool *p, uint32_t i, const char **why)
 {
     uint64_t len = seg_len(p, i);
-    int fd = -1;
-    if (p->hugepages) {
-        fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
-        if (fd >= 0 && ftruncate(fd, (off_t)len) < 0) {
-            close(fd);
-            fd = -1;
-        }
-        if (fd < 0)
-            p->hugepages = 0;
+    int fd = new_memfd(p, len);
+    if (fd < 0) {
+        *why = "cannot make a pool segment's memfd";
+        return fd;
     }
-    if (fd < 0 && (fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
-        *why = "memfd_create failed";
-        return -errno;
-    }
-    int rc = 0;
-    if (ftruncate(fd, (off_t)len) < 0) {
-        rc = -errno, *why = "ftruncate of a pool segment failed";
-    } else if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        rc = -errno, *why = "sealing a pool segment failed";
-    } else {
-        uint8_t *at = p->base + (uint64_t)i * p->seg_bytes;
-        if (p->seg[i].fd >= 0 && p->ops.mapped)
-            p->ops.mapped(p->ops.ud, p, i, 0);
-        if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
-            rc = -errno, *why = "mmap of a pool segment failed";
-            /* the old mapping is gone: keep the range reserved, the segment unusable */
-            mmap(at, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-            if (p->seg[i].fd >= 0) {
-                close(p->seg[i].fd);
-                p->seg[i].fd = -1;
-            }
-        }
-    }
-    if (rc) {
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int e = errno;
         close(fd);
-        return rc;
+        *why = "sealing a pool segment failed";
+        return -e;
     }
-    if (p->seg[i].fd >= 0) {
-        if (p->ops.retire)
-            p->ops.retire(p->ops.ud, p->seg[i].fd, len);
-        else
-            pool_retire_fd(p->seg[i].fd, len);
+    uint8_t *at = p->base + (uint64_t)i * p->seg_bytes;
+    if (p->seg[i].fd >= 0 && p->ops.mapped)
+        p->ops.mapped(p->ops.ud, p, i, 0);
+    if (mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        int e = errno;
+        /* the old mapping is gone too: the range stays reserved, the segment unusable */
+        mmap(at, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        retire_seg_fd(p, i);
+        close(fd);
+        *why = "mmap of a pool segment failed";
+        return -e;
     }
+    retire_seg_fd(p, i);
     p->seg[i].fd = fd;
     if (p->ops.mapped)
         p->ops.mapped(p->ops.ud, p, i, 1);

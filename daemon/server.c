@@ -712,10 +712,10 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
                 (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
         return -EINVAL;
     }
-    for (int i = 0; i < n; i++) { /* all or nothing */
-        uint32_t own = (uint32_t)s->owner_uid;
-        int rc = tenant_configure_check(&s->tenants, tc[i].name, tc[i].n_uids ? tc[i].uids : &own,
-                                        tc[i].n_uids ? tc[i].n_uids : 1);
+    const uint32_t own = (uint32_t)s->owner_uid; /* a tenant naming no uid: caked's own */
+#define UIDS(t) ((t)->n_uids ? (t)->uids : &own), ((t)->n_uids ? (t)->n_uids : 1)
+    for (int i = 0; i < n; i++) { /* all or nothing: check every one first */
+        int rc = tenant_configure_check(&s->tenants, tc[i].name, UIDS(&tc[i]));
         if (rc) {
             srv_log("tenant %s: %s", tc[i].name, rc == -EEXIST
                     ? "one of its uids is attached under that name as a tenant of its own"
@@ -733,18 +733,15 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
             srv_tenant_gc(s, t);
         }
     }
-    for (int i = 0; i < n; i++) {
-        uint32_t own = (uint32_t)s->owner_uid;
-        const uint32_t *uids = tc[i].n_uids ? tc[i].uids : &own;
-        int rc = tenant_configure(&s->tenants, tc[i].name, uids, tc[i].n_uids ? tc[i].n_uids : 1,
-                                  tc[i].weight, tc[i].min_bytes, tc[i].max_bytes);
+    for (int i = 0; i < n; i++) { /* checked above: only memory can fail now */
+        int rc = tenant_configure(&s->tenants, tc[i].name, UIDS(&tc[i]), tc[i].weight,
+                                  tc[i].min_bytes, tc[i].max_bytes);
         if (rc) {
-            srv_log("tenant %s: %s", tc[i].name, rc == -EEXIST
-                    ? "one of its uids is attached under that name as a tenant of its own"
-                    : strerror(-rc));
+            srv_log("tenant %s: %s", tc[i].name, strerror(-rc));
             return rc;
         }
     }
+#undef UIDS
     return 0;
 }
 

@@ -27,8 +27,9 @@ static int fail(char *why, size_t len, int rc, const char *fmt, ...)
 }
 
 /* Every directory from / down to dir (resolved) is root's or ours, and writable by others
- * only when sticky; dir itself is ours and writable by no one else. */
-static int dirs_safe(const char *dir, uid_t me, char *why, size_t len)
+ * only when sticky; dir itself is ours and writable by no one else (above: dir is only
+ * above the socket, held to the rule for those). */
+static int dirs_safe(const char *dir, uid_t me, int above, char *why, size_t len)
 {
     char real[PATH_MAX];
     if (!realpath(dir, real))
@@ -46,7 +47,7 @@ static int dirs_safe(const char *dir, uid_t me, char *why, size_t len)
         struct stat st;
         if (lstat(cur, &st) < 0)
             return fail(why, len, -errno, "%s: %s", cur, strerror(errno));
-        int last = k == n;
+        int last = k == n && !above;
         if (last) {
             if (st.st_uid != me)
                 return fail(why, len, -EPERM,
@@ -109,12 +110,21 @@ int sockpath_listen(struct sockpath *sp, const char *path, const char *group, ch
     if (!name[0] || !strcmp(name, ".") || !strcmp(name, ".."))
         return fail(why, why_len, -EINVAL, "socket path must name a file: %s", path);
     uid_t me = geteuid();
-    /* a missing last directory is ours to create; its parent must be safe first */
+    /* a missing last directory is ours to create, in a parent no one else can tamper with */
     struct stat st;
     if (lstat(dir, &st) < 0) {
         if (errno != ENOENT)
             return fail(why, why_len, -errno, "socket directory %s: %s", dir, strerror(errno));
-        /* the directories above it are checked with it once it exists (dirs_safe) */
+        char parent[108];
+        snprintf(parent, sizeof parent, "%s", dir);
+        char *ps = strrchr(parent, '/');
+        if (ps)
+            *(ps == parent ? ps + 1 : ps) = 0;
+        else
+            strcpy(parent, ".");
+        int rc = dirs_safe(parent, me, 1, why, why_len);
+        if (rc)
+            return rc;
         if (mkdir(dir, 0700) < 0 && errno != EEXIST)
             return fail(why, why_len, -errno, "cannot create the socket directory %s: %s", dir,
                         strerror(errno));
@@ -130,7 +140,7 @@ int sockpath_listen(struct sockpath *sp, const char *path, const char *group, ch
         }
         close(dfd);
     }
-    int rc = dirs_safe(dir, me, why, why_len);
+    int rc = dirs_safe(dir, me, 0, why, why_len);
     if (rc)
         return rc;
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -124,6 +124,13 @@ Test(trust, caked_refuses_a_socket_directory_it_does_not_own, .timeout = 60)
     snprintf(sock2, sizeof sock2, "%s/caked.sock", d2);
     cr_assert_eq(caked_refuses(sock2, "--io=epoll", log, sizeof log), 1);
     cr_assert(strstr(log, "above the socket"), "%s", log);
+    /* a directory caked would create there: refused before anything is made in it */
+    char d3[200], sock3[240];
+    snprintf(d3, sizeof d3, "%s/new", up);
+    snprintf(sock3, sizeof sock3, "%s/caked.sock", d3);
+    cr_assert_eq(caked_refuses(sock3, "--io=epoll", log, sizeof log), 1);
+    cr_assert(strstr(log, "above the socket"), "%s", log);
+    cr_assert_neq(lstat(d3, &st), 0, "caked made a directory in another user's");
     rmdir(d2), rmdir(up), rmdir(d), rmdir(top);
 }
 
