@@ -415,13 +415,14 @@ static int host_seg_map(cake_ctx *c, uint32_t i, int fd, uint32_t gen)
     return 0;
 }
 
-/* Does host segment i hold the descriptor of a sequence open here? (caked never takes a
- * segment back while its tenant has pages in it; a server that does is not believed.) */
+/* Does host segment i hold a page of the window of a sequence open here? (caked never takes
+ * a segment back while its tenant has pages in it; a server that does is not believed.) */
 static int seg_holds_desc(const cake_ctx *c, uint32_t i)
 {
     for (size_t k = 0; k < c->n_seqs; k++)
-        if ((uint64_t)((uint8_t *)c->seqs[k]->desc - c->pool) / c->seg_bytes == i)
-            return 1;
+        for (uint32_t j = 0; j < c->seqs[k]->win_n; j++)
+            if (c->seqs[k]->win_pages[j] / (c->seg_bytes / c->page_bytes) == i)
+                return 1;
     return 0;
 }
 
@@ -646,6 +647,10 @@ static void seq_release(cake_ctx *c, cake_seq *s)
             break;
         }
     cake_gpu_seq_release(s);
+    if (s->win_stitched)
+        munmap(s->win, s->win_bytes);
+    if (s->win_pages)
+        c_free(c, s->win_pages);
     c_free(c, s);
 }
 
@@ -733,29 +738,76 @@ static void kv_pool_of(const cake_ctx *c, const struct cake_layout *lay, uint8_t
 }
 
 /* The descriptor caked wrote at open describes what was asked for, and everything it locates
- * (itself, the query rings, the indicator, a page's K and V blocks) lies inside its pool. */
+ * in the window (itself, the host query rings, the indicator) lies inside it. */
 static int desc_sane(const cake_ctx *c, const struct shm_desc *d, const Cake__SeqOpenReply *r,
-                     const struct cake_layout *lay, uint32_t prompt_len)
+                     const struct cake_layout *lay, uint32_t prompt_len, uint64_t win_bytes)
 {
-    uint8_t *kv_base;
-    size_t kv_bytes;
-    kv_pool_of(c, lay, &kv_base, &kv_bytes);
     uint32_t want_place = lay->placement == CAKE_PLACE_GPU ? SHM_PLACE_GPU : SHM_PLACE_HOST;
     if (d->layers != lay->layers || d->q_heads != lay->q_heads || d->kv_heads != lay->kv_heads ||
         d->head_dim != lay->head_dim || d->dtype != (uint32_t)lay->dtype ||
         d->tokens_per_page != r->tokens_per_page || !d->tokens_per_page ||
         d->prompt_len != prompt_len || d->placement != want_place ||
-        d->page_bytes != c->page_bytes || d->seq_id != r->seq_id)
+        d->page_bytes != c->page_bytes || d->seq_id != r->seq_id || !d->window)
         return 0;
     size_t row = seq_row_bytes(d);
     uint64_t ind = d->prompt_len > d->window ? d->prompt_len - d->window : 0;
-    return r->desc_bytes >= shm_desc_bytes(d->layers, d->max_pages, d->kv_heads) &&
-           2 * (uint64_t)d->kv_heads * d->tokens_per_page * row <= d->page_bytes &&
-           d->ring_layer_bytes >= (uint64_t)d->q_heads * d->window * row &&
-           d->ring_offset <= kv_bytes &&
-           (uint64_t)d->layers * d->ring_layer_bytes <= kv_bytes - d->ring_offset &&
-           d->indicator_offset <= c->pool_bytes &&
-           ind * d->kv_heads * sizeof(float) <= c->pool_bytes - d->indicator_offset;
+    uint32_t rp = want_place == SHM_PLACE_GPU
+                      ? shm_ring_geom(d->q_heads, d->window, row, d->page_bytes).pages : 0;
+    if (d->ring_pages != rp || (want_place == SHM_PLACE_GPU && !rp) ||
+        r->desc_bytes < shm_desc_bytes(d->layers, d->max_pages, d->kv_heads, rp) ||
+        2 * (uint64_t)d->kv_heads * d->tokens_per_page * row > d->page_bytes ||
+        d->indicator_offset > win_bytes ||
+        ind * d->kv_heads * sizeof(float) > win_bytes - d->indicator_offset)
+        return 0;
+    return want_place == SHM_PLACE_GPU ||
+           (d->ring_layer_bytes >= (uint64_t)d->q_heads * d->window * row &&
+            d->ring_layer_bytes <= win_bytes && d->ring_offset <= win_bytes &&
+            d->layers <= (win_bytes - d->ring_offset) / d->ring_layer_bytes);
+}
+
+/* The window: the pages caked listed, each in a mapped segment of ours, as one range (the
+ * pool's own when they are one run). Returns 0 or an error. */
+static int map_window(cake_ctx *c, cake_seq *s, const Cake__SeqOpenReply *r)
+{
+    uint64_t pb = c->page_bytes, n = r->n_window_pages;
+    if (!n || r->desc_bytes + r->scratch_bytes != n * pb || n > c->pool_bytes / pb ||
+        !(s->win_pages = c_alloc(c, sizeof(uint32_t) * n)))
+        return cake_set_err(c, CAKE_EPROTO, "sequence window inconsistent with its size");
+    s->win_n = (uint32_t)n, s->win_bytes = n * pb;
+    memcpy(s->win_pages, r->window_pages, sizeof(uint32_t) * n);
+    int run = 1;
+    for (uint64_t i = 0; i < n; i++) {
+        if ((uint64_t)r->window_pages[i] >= c->pool_bytes / pb ||
+            !cake_pool_mapped(c, c->pool + (uint64_t)r->window_pages[i] * pb, pb))
+            return cake_set_err(c, CAKE_EPROTO, "sequence window outside this tenant's mapped "
+                                                "segments");
+        run &= r->window_pages[i] == r->window_pages[0] + i;
+    }
+    if (run) {
+        s->win = c->pool + (uint64_t)r->window_pages[0] * pb;
+        return 0;
+    }
+    uint8_t *w = mmap(NULL, s->win_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+    if (w == MAP_FAILED)
+        return cake_set_err(c, -errno, "cannot reserve a sequence window");
+    /* each run of pages inside one segment mapped again (mremap of old size 0: the same
+     * shared pages), side by side */
+    uint64_t seg_pages = c->seg_bytes / pb;
+    for (uint64_t i = 0; i < n;) {
+        uint64_t k = 1, p0 = r->window_pages[i];
+        while (i + k < n && r->window_pages[i + k] == p0 + k && (p0 + k) / seg_pages == p0 / seg_pages)
+            k++;
+        void *at = w + i * pb;
+        if (mremap(c->pool + p0 * pb, 0, k * pb, MREMAP_MAYMOVE | MREMAP_FIXED, at) != at) {
+            int e = errno;
+            munmap(w, s->win_bytes);
+            return cake_set_err(c, -e, "cannot map a sequence window: %s", strerror(e));
+        }
+        i += k;
+    }
+    s->win = w, s->win_stitched = 1;
+    return 0;
 }
 
 static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
@@ -807,36 +859,41 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
             c->seqs = n, c->cap_seqs = cap;
         }
     }
-    if (!rc && (r->desc_offset > c->pool_bytes || r->desc_bytes > c->pool_bytes - r->desc_offset ||
-                r->desc_bytes < shm_desc_bytes(lay->layers, 0, lay->kv_heads) ||
-                r->scratch_offset > c->pool_bytes ||
-                r->scratch_bytes > c->pool_bytes - r->scratch_offset ||
-                !cake_pool_mapped(c, c->pool + r->desc_offset, r->desc_bytes) ||
-                !cake_pool_mapped(c, c->pool + r->scratch_offset, r->scratch_bytes)))
-        rc = cake_set_err(c, CAKE_EPROTO, "descriptor or scratch area outside this tenant's "
-                                          "mapped segments");
+    if (!rc) {
+        memset(s, 0, sizeof(*s));
+        rc = map_window(c, s, r);
+    }
     struct shm_desc hdr;
+    if (!rc && r->desc_bytes < sizeof hdr)
+        rc = cake_set_err(c, CAKE_EPROTO, "sequence descriptor shorter than its header");
     if (!rc) {
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        memcpy(&hdr, c->pool + r->desc_offset, sizeof hdr);
+        memcpy(&hdr, s->win, sizeof hdr);
         if (hdr.magic != SHM_DESC_MAGIC || hdr.version != SHM_DESC_VERSION)
             rc = cake_set_err(c, CAKE_EVERSION, "sequence descriptor of another layout version");
-        else if (!desc_sane(c, &hdr, r, lay, prompt_len))
+        else if (!desc_sane(c, &hdr, r, lay, prompt_len, s->win_bytes))
             rc = cake_set_err(c, CAKE_EPROTO, "sequence descriptor inconsistent with the "
                                               "sequence opened or outside the pool");
     }
     if (rc) {
         Cake__SeqRef cl = CAKE__SEQ_REF__INIT;
         cl.seq_id = r->seq_id;
-        if (s)
+        if (s) {
+            if (s->win_stitched)
+                munmap(s->win, s->win_bytes);
+            if (s->win_pages)
+                c_free(c, s->win_pages);
             c_free(c, s);
+        }
         cake__seq_open_reply__free_unpacked(r, &al_);
         rpc_empty(c, MSG_SEQ_CLOSE, &cl.base); /* do not leave it open in caked */
         return rc;
     }
     s->ctx = c, s->id = r->seq_id, s->tpp = hdr.tokens_per_page, s->hdr = hdr;
     s->gpu_index = lay->placement == CAKE_PLACE_GPU ? lay->gpu : 0;
-    s->desc = (struct shm_desc *)(c->pool + r->desc_offset);
+    s->desc = (struct shm_desc *)s->win;
+    if (hdr.placement == SHM_PLACE_GPU)
+        s->ring = shm_ring_geom(hdr.q_heads, hdr.window, seq_row_bytes(&hdr), hdr.page_bytes);
     cake__seq_open_reply__free_unpacked(r, &al_);
     s->row_bytes = seq_row_bytes(&hdr);
     kv_pool_of(c, lay, &s->kv_base, &s->kv_bytes);
@@ -979,28 +1036,85 @@ void *cake_value(const cake_seq *s, uint32_t layer, uint32_t g, uint32_t t)
 
 void *cake_queries(const cake_seq *s, uint32_t layer)
 {
+    if (layer >= s->hdr.layers || s->hdr.placement != SHM_PLACE_HOST)
+        return NULL;
+    return s->win + s->hdr.ring_offset + (uint64_t)layer * s->hdr.ring_layer_bytes;
+}
+
+uint32_t cake_decode_slot(const cake_seq *s, uint32_t layer)
+{
     if (layer >= s->hdr.layers)
-        return NULL;
-    uint64_t off = s->hdr.ring_offset + (uint64_t)layer * s->hdr.ring_layer_bytes;
-    if (!kv_mapped(s, off, s->hdr.ring_layer_bytes))
-        return NULL;
-    return s->kv_base + off;
+        return UINT32_MAX;
+    uint32_t row = seq_layer(s, layer)->ring_next;
+    return row < s->hdr.window ? row : UINT32_MAX;
 }
 
 void *cake_decode_query(const cake_seq *s, uint32_t layer)
 {
     uint8_t *q = cake_queries(s, layer);
-    if (!q)
+    uint32_t row = cake_decode_slot(s, layer);
+    return q && row != UINT32_MAX ? q + (size_t)row * s->row_bytes : NULL;
+}
+
+uint8_t *cake_ring_row(const cake_seq *s, uint32_t layer, uint32_t h, uint32_t slot)
+{
+    if (layer >= s->hdr.layers || h >= s->hdr.q_heads || slot >= s->hdr.window)
         return NULL;
-    uint32_t row = seq_layer(s, layer)->ring_next;
-    return row < s->hdr.window ? q + (size_t)row * s->row_bytes : NULL;
+    if (s->hdr.placement == SHM_PLACE_HOST)
+        return (uint8_t *)cake_queries(s, layer) + ((size_t)h * s->hdr.window + slot) * s->row_bytes;
+    uint32_t pg;
+    uint64_t at = shm_ring_at(&s->ring, s->hdr.window, s->row_bytes, h, slot, &pg);
+    if (pg >= s->ring.pages)
+        return NULL;
+    uint64_t off = seq_ring_pages(s, layer)[pg];
+    if (off > s->kv_bytes || s->kv_bytes - off < s->hdr.page_bytes ||
+        !kv_mapped(s, off, s->hdr.page_bytes))
+        return NULL;
+    return s->kv_base + off + at;
+}
+
+void *cake_query_row(const cake_seq *s, uint32_t layer, uint32_t q_head, uint32_t slot)
+{
+    return cake_ring_row(s, layer, q_head, slot);
+}
+
+/* Rows [0, n) of each head of src to ring slots slot0.. of the layer. */
+static int put_rows(cake_seq *s, uint32_t layer, const uint8_t *src, size_t head_stride,
+                    uint32_t n, uint32_t slot0, void *stream)
+{
+    if (layer >= s->hdr.layers || !src || slot0 + (uint64_t)n > s->hdr.window)
+        return cake_set_err(s->ctx, CAKE_EINVAL, "no such layer, no queries or more rows than "
+                                                 "the window");
+    if (s->hdr.placement == SHM_PLACE_GPU)
+        return cake_gpu_put_rows(s, layer, src, head_stride, n, slot0, stream);
+    (void)stream;
+    uint8_t *ring = cake_queries(s, layer);
+    for (uint32_t h = 0; h < s->hdr.q_heads; h++)
+        memcpy(ring + ((size_t)h * s->hdr.window + slot0) * s->row_bytes, src + h * head_stride,
+               (size_t)n * s->row_bytes);
+    return 0;
+}
+
+int cake_put_queries(cake_seq *s, uint32_t layer, const void *q, uint32_t n, void *stream)
+{
+    if (!n)
+        return cake_set_err(s->ctx, CAKE_EINVAL, "no queries");
+    uint32_t m = n < s->hdr.window ? n : s->hdr.window; /* the last w rows of each head */
+    const uint8_t *src = q ? (const uint8_t *)q + (size_t)(n - m) * s->row_bytes : NULL;
+    return put_rows(s, layer, src, (size_t)n * s->row_bytes, m, 0, stream);
+}
+
+int cake_put_decode_query(cake_seq *s, uint32_t layer, const void *q, void *stream)
+{
+    uint32_t slot = cake_decode_slot(s, layer);
+    if (slot == UINT32_MAX)
+        return cake_set_err(s->ctx, CAKE_EINVAL, "no such layer or no decode token reserved");
+    return put_rows(s, layer, q, s->row_bytes, 1, slot, stream);
 }
 
 float *cake_indicator(const cake_seq *s)
 {
-    uint8_t *p = s->ctx->pool + s->hdr.indicator_offset;
-    uint64_t n = s->hdr.prompt_len > s->hdr.window ? s->hdr.prompt_len - s->hdr.window : 0;
-    return cake_pool_mapped(s->ctx, p, n * s->hdr.kv_heads * sizeof(float)) ? (float *)p : NULL;
+    return (float *)(s->win + s->hdr.indicator_offset); /* bounded at open (desc_sane) */
 }
 
 uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)

@@ -1,4 +1,5 @@
-/* gpu.c - libcake's GPU path: decode attention straight from the GPU pool (cake.h). */
+/* gpu.c - libcake's GPU path: queries into the paged rings and decode attention straight
+ * from the GPU pool (cake.h). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,9 +126,54 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
     return rc ? cake_set_err(c, rc, "cake_decode_attention: CUDA launch failed") : 0;
 }
 
+int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_stride,
+                      uint32_t n, uint32_t slot0, void *stream)
+{
+    cake_ctx *c = s->ctx;
+    const struct shm_ring *g = &s->ring;
+    size_t row = s->row_bytes, w = s->hdr.window;
+    cudaStream_t st = (cudaStream_t)stream;
+    if (!n)
+        return 0;
+    cudaError_t e = cudaSuccess;
+    if (g->pages_per_head == 1) { /* heads_per_page whole heads a page: one strided copy each */
+        for (uint32_t h0 = 0; h0 < s->hdr.q_heads && e == cudaSuccess; h0 += g->heads_per_page) {
+            uint32_t nh = s->hdr.q_heads - h0 < g->heads_per_page ? s->hdr.q_heads - h0
+                                                                   : g->heads_per_page;
+            uint8_t *dst = cake_ring_row(s, l, h0, slot0);
+            if (!dst)
+                return cake_set_err(c, CAKE_EPROTO, "layer %u's query ring is outside this "
+                                                    "process's mapping of the GPU pool", l);
+            e = cudaMemcpy2DAsync(dst, w * row, src + h0 * head_stride, head_stride, n * row, nh,
+                                  cudaMemcpyDefault, st);
+        }
+    } else { /* a head over several pages: one copy per page it touches */
+        for (uint32_t h = 0; h < s->hdr.q_heads && e == cudaSuccess; h++)
+            for (uint32_t i = 0; i < n && e == cudaSuccess;) {
+                uint32_t slot = slot0 + i, k = g->rows_per_page - slot % g->rows_per_page;
+                k = k < n - i ? k : n - i;
+                uint8_t *dst = cake_ring_row(s, l, h, slot);
+                if (!dst)
+                    return cake_set_err(c, CAKE_EPROTO, "layer %u's query ring is outside this "
+                                                        "process's mapping of the GPU pool", l);
+                e = cudaMemcpyAsync(dst, src + h * head_stride + i * row, k * row,
+                                    cudaMemcpyDefault, st);
+                i += k;
+            }
+    }
+    return e == cudaSuccess ? 0 : cake_set_err(c, -EIO, "queries: %s", cudaGetErrorString(e));
+}
+
 #else /* libcake without CUDA */
 
 void cake_gpu_seq_release(cake_seq *s) { (void)s; }
+
+int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_stride,
+                      uint32_t n, uint32_t slot0, void *stream)
+{
+    (void)l, (void)src, (void)head_stride, (void)n, (void)slot0, (void)stream;
+    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
+}
 
 int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
 {

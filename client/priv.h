@@ -61,7 +61,14 @@ struct cake_seq {
      * checked at open (hdr); every address libcake hands out is computed from hdr, and the
      * mutable fields read from desc (page counts and offsets, ring row) are bounded by it. */
     struct shm_desc hdr;
-    struct shm_desc *desc;
+    struct shm_desc *desc;  /* = win */
+    /* The window (shm.h): host pool pages win_pages[win_n] mapped side by side at win (our
+     * own mapping when stitched, else the pool's range: one run of pages). */
+    uint8_t *win;
+    size_t win_bytes;
+    uint32_t *win_pages, win_n;
+    int win_stitched;
+    struct shm_ring ring;   /* GPU sequences: the query rings' page geometry */
     uint32_t gpu_index; /* GPU sequences: which of ctx->gpus */
     uint8_t *kv_base;   /* the pool holding K/V and the query rings: host, or GPU (device) */
     size_t kv_bytes;
@@ -93,5 +100,20 @@ int cake_set_err(cake_ctx *c, int code, const char *fmt, ...) __attribute__((for
 
 /* gpu.c: frees a sequence's GPU buffers (waits for its work in flight). */
 void cake_gpu_seq_release(cake_seq *s);
+
+/* Layer l's ring table (GPU sequences): ring.pages offsets in the GPU pool. */
+static inline const volatile uint64_t *seq_ring_pages(const cake_seq *s, uint32_t l)
+{
+    return shm_ring_pages(s->desc, s->hdr.layers, s->hdr.max_pages, s->hdr.kv_heads,
+                          s->ring.pages, l);
+}
+
+/* cake.c: the address of ring row `slot` of query head h in layer l (host or device), or
+ * NULL when it is not in a mapped segment of this process. */
+uint8_t *cake_ring_row(const cake_seq *s, uint32_t l, uint32_t h, uint32_t slot);
+/* gpu.c: writes rows [0, n) of each head (src + h * head_stride + i * row_bytes, host or
+ * device memory) to ring slots slot0 + i of layer l, asynchronously on stream. */
+int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_stride,
+                      uint32_t n, uint32_t slot0, void *stream);
 
 #endif

@@ -160,18 +160,36 @@ static int finish(struct gpuctx *c, int rc)
     return rc;
 }
 
-int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
-                 uint32_t n_q, uint32_t S, float gamma, float *ind_dev, double *entropy,
-                 double *variance)
+/* Uploads the ring's page offsets (staged at hb, to db) and gathers its rows first..
+ * first + n_q (mod w), oldest first, into q [q_heads][n_q][d]. */
+static int gather_ring(const struct gpu_ring *r, size_t row, uint32_t first, uint32_t n_q,
+                       uint8_t *hb, uint8_t *db, void *q, cudaStream_t st)
 {
-    size_t pg = al(sizeof(uint64_t) * l->n_pages);
-    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S));
-    if (reserve(c, pg + ws, pg))
+    uint64_t *off = (uint64_t *)hb;
+    for (uint32_t i = 0; i < r->n_pages; i++)
+        off[i] = (uint64_t)r->pages[i] * r->page_bytes;
+    cudaMemcpyAsync(db, off, sizeof(uint64_t) * r->n_pages, cudaMemcpyHostToDevice, st);
+    return kern_cuda_ring_gather(q, r->base, (const uint64_t *)db, r->q_heads, r->w, (uint32_t)row,
+                                 r->rows_per_page, r->heads_per_page, r->pages_per_head, first,
+                                 n_q, st);
+}
+
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                 uint32_t S, float gamma, float *ind_dev, double *entropy, double *variance)
+{
+    size_t row = (size_t)l->head_dim * 2;
+    size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
+    size_t qb = al(row * r->q_heads * r->w);
+    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, r->q_heads, r->w, l->n_tokens, S));
+    if (reserve(c, pg + rg + qb + ws, pg + rg))
         return -ENOMEM;
     struct kern_cuda_kv kv;
     upload_pages(c, l, &kv);
-    int rc = kern_cuda_score_layer(&kv, q_dev, q_heads, n_q, S, gamma, ind_dev, entropy, variance,
-                                   c->dbuf + pg, ws, c->stream);
+    uint8_t *q = c->dbuf + pg + rg;
+    int rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
+    if (!rc)
+        rc = kern_cuda_score_layer(&kv, q, r->q_heads, r->w, S, gamma, ind_dev, entropy, variance,
+                                   q + qb, ws, c->stream);
     return finish(c, rc);
 }
 
@@ -267,23 +285,24 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
 
 /* Device and staging bytes one eviction needs, and where its pieces go. */
 struct evict_plan {
-    size_t pg, ws, ib, qb, kb, tb, xb, dev, host;
+    size_t pg, rg, ws, ib, qb, kb, tb, xb, dev, host;
 };
 
 static struct evict_plan plan_evict(const struct gpu_evict *e)
 {
     const struct gpu_layer *l = &e->l;
-    uint32_t S = l->n_tokens - e->w;
+    const struct gpu_ring *r = &e->ring;
+    uint32_t S = l->n_tokens - r->w;
     size_t row = (size_t)l->head_dim * 2;
     struct evict_plan p = {
-        .pg = al(sizeof(uint64_t) * l->n_pages),
-        .ws = al(kern_cuda_score_workspace(l->kv_heads, e->q_heads, e->n_q, l->n_tokens, S)),
-        .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * e->q_heads * e->n_q),
+        .pg = al(sizeof(uint64_t) * l->n_pages), .rg = al(sizeof(uint64_t) * r->n_pages),
+        .ws = al(kern_cuda_score_workspace(l->kv_heads, r->q_heads, e->n_q, l->n_tokens, S)),
+        .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * r->q_heads * e->n_q),
         .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
-        .tb = al(2 * (size_t)l->kv_heads * (e->k + e->w) * row),
+        .tb = al(2 * (size_t)l->kv_heads * (e->k + r->w) * row),
         .xb = al(kern_cuda_topk_workspace(l->kv_heads, S)),
     };
-    p.dev = p.pg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg;
+    p.dev = p.pg + p.rg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg + p.rg;
     return p;
 }
 
@@ -291,24 +310,20 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
                      uint8_t *hb, cudaStream_t st)
 {
     const struct gpu_layer *l = &e->l;
-    uint32_t S = l->n_tokens - e->w, n_q = e->n_q, w = e->w, first = e->first;
+    uint32_t w = e->ring.w, S = l->n_tokens - w;
     size_t row = (size_t)l->head_dim * 2;
     struct kern_cuda_kv kv;
     upload_pages_at(l, hb, db, st, &kv);
-    uint8_t *ws = db + p->pg;
+    uint8_t *ws = db + p->pg + p->rg;
     float *ind = (float *)(ws + p->ws);
     uint8_t *q = (uint8_t *)ind + p->ib;
     uint32_t *keep = (uint32_t *)(q + p->qb);
     uint8_t *tmp = (uint8_t *)keep + p->kb;
-    /* the ring's rows, oldest first, as [q_heads][n_q][d]: at most two strided copies */
-    uint32_t a = first + n_q <= w ? n_q : w - first;
-    cudaMemcpy2DAsync(q, row * n_q, (const uint8_t *)e->ring + first * row, row * w, row * a,
-                      e->q_heads, cudaMemcpyDeviceToDevice, st);
-    if (a < n_q)
-        cudaMemcpy2DAsync(q + a * row, row * n_q, e->ring, row * w, row * (n_q - a), e->q_heads,
-                          cudaMemcpyDeviceToDevice, st);
-    int rc = kern_cuda_score_layer(&kv, q, e->q_heads, n_q, S, e->gamma, ind, NULL, NULL, ws,
-                                   p->ws, st);
+    /* the ring's rows, oldest first, as [q_heads][n_q][d] */
+    int rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
+    if (!rc)
+        rc = kern_cuda_score_layer(&kv, q, e->ring.q_heads, e->n_q, S, e->gamma, ind, NULL, NULL,
+                                   ws, p->ws, st);
     if (!rc)
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)
@@ -321,8 +336,9 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     size_t dev = 0, host = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];
-        if (e->l.n_tokens <= e->w || e->first >= e->w || !e->n_q || e->n_q > e->w ||
-            e->k > e->l.n_tokens - e->w)
+        uint32_t w = e->ring.w;
+        if (e->l.n_tokens <= w || e->first >= w || !e->n_q || e->n_q > w ||
+            e->k > e->l.n_tokens - w)
             return -EINVAL;
         struct evict_plan p = plan_evict(e);
         dev += p.dev, host += p.host;
@@ -358,11 +374,10 @@ struct gpuctx *gpuexec_take(struct gpuexec *g)
     return NULL;
 }
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c) { (void)g, (void)c; }
-int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
-                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind, double *entropy,
-                 double *variance)
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                 uint32_t n_scored, float gamma, float *ind, double *entropy, double *variance)
 {
-    (void)c, (void)l, (void)q_dev, (void)q_heads, (void)n_q, (void)n_scored, (void)gamma;
+    (void)c, (void)l, (void)r, (void)n_scored, (void)gamma;
     (void)ind, (void)entropy, (void)variance;
     return -ENOTSUP;
 }

@@ -32,11 +32,20 @@ void gpuexec_destroy(struct gpuexec *g);
 struct gpuctx *gpuexec_take(struct gpuexec *g);
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c);
 
-/* Prefill scoring: the layer's n_scored prefix tokens against the window queries
- * q_dev [q_heads][n_q][head_dim] (device, the layer's dtype). Writes the indicator
- * [kv_heads][n_scored] to ind_dev (device) and the entropy and variance sums. */
-int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const void *q_dev, uint32_t q_heads,
-                 uint32_t n_q, uint32_t n_scored, float gamma, float *ind_dev, double *entropy,
+/* One layer's query ring in the GPU pool (proto/shm.h's shm_ring): page i of it is page
+ * index pages[i] of the pool at base; rows are [q_heads][w] of the layer's dtype. */
+struct gpu_ring {
+    uint8_t *base;               /* device address of the GPU pool */
+    uint64_t page_bytes;
+    const uint32_t *pages;       /* host */
+    uint32_t n_pages, q_heads, w, rows_per_page, heads_per_page, pages_per_head;
+};
+
+/* Prefill scoring: the layer's n_scored prefix tokens against the window queries in the
+ * ring (all w rows, oldest first from row 0). Writes the indicator [kv_heads][n_scored] to
+ * ind_dev (device) and the entropy and variance sums. */
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *ring,
+                 uint32_t n_scored, float gamma, float *ind_dev, double *entropy,
                  double *variance);
 
 /* A cascading stage's evictions, all on the GPU, layers side by side on the context's
@@ -63,13 +72,13 @@ int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);
 void gpuexec_dev_free(struct gpuexec *g, void *p);
 
 /* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
- * rows starting at ring row `first` (mod w) of ring [q_heads][w][head_dim] (device); score
- * the prefix (n_tokens - w slots) with them, keep the top k per kv head in positional order
- * (ties to the lower position), compact behind the window. */
+ * rows starting at ring row `first` (mod w); score the prefix (n_tokens - w slots) with
+ * them, keep the top k per kv head in positional order (ties to the lower position),
+ * compact behind the window. */
 struct gpu_evict {
     struct gpu_layer l;
-    const void *ring;
-    uint32_t q_heads, w, first, n_q, k;
+    struct gpu_ring ring;
+    uint32_t first, n_q, k;
     float gamma;
 };
 

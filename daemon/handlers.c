@@ -234,10 +234,9 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
     s->n_seqs++;
     Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
     r.seq_id = id, r.tokens_per_page = q->tpp;
-    r.desc_offset = (uint64_t)q->desc_first * s->pool.page_bytes;
-    r.desc_bytes = (uint64_t)q->desc_pages * s->pool.page_bytes;
-    r.scratch_offset = (uint64_t)q->scratch_first * s->pool.page_bytes;
-    r.scratch_bytes = (uint64_t)q->scratch_pages * s->pool.page_bytes;
+    r.desc_bytes = q->desc_bytes;
+    r.scratch_bytes = (uint64_t)q->win_n * s->pool.page_bytes - q->desc_bytes;
+    r.n_window_pages = q->win_n, r.window_pages = q->win_pages;
     srv_reply(s, c, MSG_SEQ_OPEN, &r.base);
 }
 

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "pool.h"
@@ -148,8 +149,11 @@ static int new_memfd(struct pool *p, uint64_t len)
 {
     if (p->hugepages) {
         int fd = memfd_create("caked-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
-        if (fd >= 0 && ftruncate(fd, (off_t)len) == 0)
+        struct stat st;
+        if (fd >= 0 && ftruncate(fd, (off_t)len) == 0 && fstat(fd, &st) == 0) {
+            p->huge_bytes = (uint64_t)st.st_blksize;
             return fd;
+        }
         if (fd >= 0)
             close(fd);
         p->hugepages = 0;
@@ -367,6 +371,89 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
      * 32K-token layer was compacted (measured with bench-rpc). Like any fixed-size cache,
      * the pool keeps touched pages resident; size it with --host-pool. A segment's memory is
      * punched out when it changes owner. */
+}
+
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, uint32_t *out)
+{
+    int64_t first = pool_alloc_run(p, n, owner);
+    if (first >= 0) {
+        for (uint32_t i = 0; i < n; i++)
+            out[i] = (uint32_t)first + i;
+        return 0;
+    }
+    if (!owner || owner > POOL_MAX_OWNERS || n > p->pages - p->used ||
+        n > pool_avail(p, owner))
+        return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t pg = pool_alloc(p, owner);
+        if (pg < 0) {
+            pool_free_list(p, out, i);
+            return -1;
+        }
+        out[i] = (uint32_t)pg;
+    }
+    return 0;
+}
+
+void pool_free_list(struct pool *p, const uint32_t *pages, uint32_t n)
+{
+    for (uint32_t i = 0; i < n;) {
+        uint32_t k = 1;
+        while (i + k < n && pages[i + k] == pages[i] + k)
+            k++;
+        pool_free_run(p, pages[i], k);
+        i += k;
+    }
+}
+
+int pool_can_window(const struct pool *p)
+{
+    /* a window maps pages one by one: huge-page memory maps only in whole huge pages */
+    return !p->external && (!p->hugepages || (p->huge_bytes && p->page_bytes % p->huge_bytes == 0));
+}
+
+/* Is pages[0..n) one run of consecutive pages? */
+static int one_run(const uint32_t *pages, uint32_t n)
+{
+    for (uint32_t i = 1; i < n; i++)
+        if (pages[i] != pages[0] + i)
+            return 0;
+    return 1;
+}
+
+void *pool_window(const struct pool *p, const uint32_t *pages, uint32_t n, int *stitched)
+{
+    *stitched = 0;
+    if (!n)
+        return NULL;
+    if (one_run(pages, n))
+        return pool_ptr(p, pages[0]);
+    size_t len = (size_t)n * p->page_bytes;
+    uint8_t *w = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (w == MAP_FAILED)
+        return NULL;
+    /* a second mapping of the same shared pages (mremap of old size 0), run by run: a run
+     * stays inside one segment, whose memfd is one mapping here */
+    for (uint32_t i = 0; i < n;) {
+        uint32_t k = 1, sg = pool_seg_of(p, pages[i]);
+        while (i + k < n && pages[i + k] == pages[i] + k && pool_seg_of(p, pages[i + k]) == sg)
+            k++;
+        void *at = w + (size_t)i * p->page_bytes;
+        if (mremap(pool_ptr(p, pages[i]), 0, (size_t)k * p->page_bytes, MREMAP_MAYMOVE | MREMAP_FIXED,
+                   at) != at) {
+            munmap(w, len);
+            return NULL;
+        }
+        i += k;
+    }
+    *stitched = 1;
+    return w;
+}
+
+void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched)
+{
+    if (stitched && w)
+        munmap(w, (size_t)n * p->page_bytes);
 }
 
 uint64_t pool_avail(const struct pool *p, uint32_t owner)

@@ -62,6 +62,7 @@ struct pool {
     uint64_t empty_pages;  /* pages of segments with none in use (anyone's to take) */
     uint64_t *owned_free;  /* [owner]: free pages in the owner's segments that are in use */
     int hugepages;
+    uint64_t huge_bytes; /* the huge page size of the segments' memfds (hugepages) */
     int external;     /* base belongs to someone else (pool_init_external) */
     struct pool_ops ops;
     uint64_t recycled; /* segments given fresh memory for a new owner */
@@ -92,6 +93,20 @@ int64_t pool_alloc(struct pool *p, uint32_t owner);
 /* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
+/* n pages for owner, anywhere: one run if there is one, else any free pages it may have
+ * (all or nothing) into out[n]. 0 or -1. Pages need not be contiguous: a structure that
+ * wants to read as one range maps them side by side (pool_window); the GPU pool's are
+ * reached through page tables. */
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, uint32_t *out);
+void pool_free_list(struct pool *p, const uint32_t *pages, uint32_t n);
+/* Can pool_window map scattered pages (a host pool whose pages map one by one)? Not
+ * huge-page segments with pages smaller than a huge page: a window then needs one run. */
+int pool_can_window(const struct pool *p);
+/* Host pools: pages[0..n) as one contiguous range of this process: the pool's own range
+ * when they are one run (*stitched = 0), else a new range where each page is mapped again,
+ * in order (*stitched = 1). NULL when the mapping fails. */
+void *pool_window(const struct pool *p, const uint32_t *pages, uint32_t n, int *stitched);
+void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched);
 /* Pages owner could be given now: free pages of its segments and every empty segment
  * (constant time: kept as pages come and go). */
 uint64_t pool_avail(const struct pool *p, uint32_t owner);

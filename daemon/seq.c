@@ -36,15 +36,15 @@ static uint32_t scored_len(const struct seq *s)
 
 static void *scratch_ptr(const struct seq_env *e, const struct seq *s)
 {
-    return pool_ptr(e->pool, s->scratch_first);
+    (void)e;
+    return s->win + s->desc_bytes;
 }
 
-/* Host sequences: rings then indicator in the host scratch run. GPU sequences: rings in
- * their GPU pool run (device addresses), the indicator alone in the host scratch run. */
+/* Host sequences: rings then indicator in the scratch area. GPU sequences: the indicator
+ * alone there; their rings are pages of the GPU pool (gpu_ring_view). */
 static void *ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
-    uint8_t *base = s->gpu ? pool_ptr(GPOOL(e, s), s->ring_first) : scratch_ptr(e, s);
-    return base + (uint64_t)l * ring_layer_bytes(s);
+    return (uint8_t *)scratch_ptr(e, s) + (uint64_t)l * ring_layer_bytes(s);
 }
 
 static uint64_t host_ring_bytes(const struct seq *s)
@@ -55,6 +55,39 @@ static uint64_t host_ring_bytes(const struct seq *s)
 static float *indicator_ptr(const struct seq_env *e, const struct seq *s)
 {
     return (float *)((uint8_t *)scratch_ptr(e, s) + host_ring_bytes(s));
+}
+
+/* The GPU kernels' view of layer l's query ring (GPU sequences). */
+static struct gpu_ring gpu_ring_view(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    return (struct gpu_ring){
+        .base = GPOOL(e, s)->base, .page_bytes = GPOOL(e, s)->page_bytes,
+        .pages = s->ring_pg + (size_t)l * s->ring.pages, .n_pages = s->ring.pages,
+        .q_heads = s->H, .w = s->cfg.window, .rows_per_page = s->ring.rows_per_page,
+        .heads_per_page = s->ring.heads_per_page, .pages_per_head = s->ring.pages_per_head,
+    };
+}
+
+/* GPU sequences: the engine's indicator (in the window) to the device, page run by page
+ * run of the host pool (each registered with CUDA as part of its segment). */
+static int indicator_to_gpu(const struct seq_env *e, const struct seq *s, struct gpuctx *gc,
+                            float *dst, size_t bytes)
+{
+    uint64_t pb = e->pool->page_bytes;
+    uint64_t off = (uint8_t *)indicator_ptr(e, s) - s->win;
+    uint8_t *d = (uint8_t *)dst;
+    int rc = 0;
+    while (bytes && !rc) {
+        uint32_t i = (uint32_t)(off / pb), k = 1;
+        while (i + k < s->win_n && s->win_pages[i + k] == s->win_pages[i] + k)
+            k++;
+        size_t into = off % pb, n = (size_t)k * pb - into;
+        n = n < bytes ? n : bytes;
+        rc = gpuctx_copy_h2d(gc, d, (uint8_t *)pool_ptr(e->pool, s->win_pages[i]) + into, n,
+                             e->pool->base, e->pool->seg_bytes);
+        off += n, d += n, bytes -= n;
+    }
+    return rc;
 }
 
 /* The pool holding the sequence's K/V pages. */
@@ -218,21 +251,30 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->dt = (enum kern_dtype)a->dtype, s->cfg = cfg, s->tpp = (uint32_t)tpp;
     s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
     uint64_t pb = e->pool->page_bytes;
-    uint64_t desc_bytes = shm_desc_bytes(s->L, s->max_pages, s->Hkv);
     s->gpu = a->gpu, s->gpu_dev = a->gpu ? a->gpu_dev : 0;
+    if (s->gpu)
+        s->ring = shm_ring_geom(s->H, cfg.window, row, pb); /* row <= pb: a token fits a page */
+    /* descriptor and scratch area share the window's pages (a small sequence takes one) */
+    uint64_t desc_bytes = (shm_desc_bytes(s->L, s->max_pages, s->Hkv, s->ring.pages) + 63) & ~63ull;
     uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
-    uint64_t dp = (desc_bytes + pb - 1) / pb, sp = (scratch_bytes + pb - 1) / pb;
-    uint64_t rp = s->gpu ? ((uint64_t)s->L * ring_layer_bytes(s) + pb - 1) / pb : 0;
-    if (dp + sp > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
+    uint64_t win_n = (desc_bytes + scratch_bytes + pb - 1) / pb;
+    uint64_t rp = (uint64_t)s->L * s->ring.pages;
+    if (win_n > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
         /* also keeps the counts below inside 32 bits */
         free(s);
         *why = "the sequence's descriptor and scratch area are larger than the pool";
         return CAKE_EOOM;
     }
-    s->desc_pages = (uint32_t)dp, s->scratch_pages = (uint32_t)sp, s->ring_pages = (uint32_t)rp;
+    if (win_n > SEQ_MAX_WINDOW_PAGES) { /* their list travels in the SEQ_OPEN reply */
+        free(s);
+        *why = "the sequence's descriptor and scratch area exceed 65536 pages: start caked "
+               "with a larger --page-size";
+        return CAKE_EINVAL;
+    }
+    s->desc_bytes = desc_bytes, s->win_n = (uint32_t)win_n;
     /* admission before any allocation: a hostile layout must not make us allocate first */
-    if (tenant_admit(e->tenants, t, (uint64_t)(s->desc_pages + s->scratch_pages) * pb,
-                     pool_avail(e->pool, t->id) * pb, e->pool->bytes) ||
+    if (tenant_admit(e->tenants, t, (uint64_t)s->win_n * pb, pool_avail(e->pool, t->id) * pb,
+                     e->pool->bytes) ||
         (s->gpu && tenant_admit_gpu(e->tenants, t, rp * pb,
                                     pool_avail(GPOOL(e, s), t->id) * pb, GPOOL(e, s)->bytes))) {
         free(s);
@@ -242,7 +284,9 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     int rc = -ENOMEM;
     s->layer = calloc(s->L, sizeof(*s->layer));
     s->pub = calloc(s->L, sizeof(*s->pub));
-    if (!s->layer || !s->pub)
+    s->win_pages = malloc(sizeof(uint32_t) * s->win_n);
+    s->ring_pg = malloc(sizeof(uint32_t) * (rp + 1));
+    if (!s->layer || !s->pub || !s->win_pages || !s->ring_pg)
         goto fail;
     for (uint32_t l = 0; l < s->L; l++)
         if (!(s->layer[l].pages = malloc(sizeof(uint32_t) * s->max_pages)))
@@ -257,43 +301,53 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
      * over the cores (a decode step's layers do the same on the host path) */
     cakeseq_set_threads(s->cs, s->gpu ? e->decode_threads : e->threads);
     rc = CAKE_EOOM;
-    int64_t d0 = pool_alloc_run(e->pool, s->desc_pages, t->id);
-    if (d0 < 0) {
-        *why = "no contiguous run of pages for the sequence descriptor";
+    /* no contiguous run needed: the window maps scattered pages side by side (except in
+     * huge-page segments with smaller pages, where it must be one run) */
+    int64_t first = pool_can_window(e->pool) ? -1 : pool_alloc_run(e->pool, s->win_n, t->id);
+    if (first >= 0)
+        for (uint32_t i = 0; i < s->win_n; i++)
+            s->win_pages[i] = (uint32_t)first + i;
+    if (first < 0 && (!pool_can_window(e->pool) ||
+                      pool_alloc_list(e->pool, s->win_n, t->id, s->win_pages))) {
+        *why = pool_can_window(e->pool)
+                   ? "no free pages for the sequence descriptor and scratch area"
+                   : "no contiguous run of pages for the sequence descriptor and scratch area "
+                     "(huge-page segments with pages smaller than a huge page)";
         goto fail;
     }
-    int64_t s0 = pool_alloc_run(e->pool, s->scratch_pages, t->id);
-    if (s0 < 0) {
-        pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
-        *why = "no contiguous run of pages for the sequence scratch area";
+    if (!(s->win = pool_window(e->pool, s->win_pages, s->win_n, &s->win_stitched))) {
+        pool_free_list(e->pool, s->win_pages, s->win_n);
+        *why = "cannot map the sequence's descriptor and scratch pages";
+        rc = -ENOMEM;
         goto fail;
     }
-    if (s->gpu) {
-        int64_t r0 = pool_alloc_run(GPOOL(e, s), s->ring_pages, t->id);
-        if (r0 < 0) {
-            pool_free_run(e->pool, (uint32_t)d0, s->desc_pages);
-            pool_free_run(e->pool, (uint32_t)s0, s->scratch_pages);
-            *why = "no contiguous run of GPU pool pages for the query rings";
-            goto fail;
-        }
-        s->ring_first = (uint32_t)r0;
-        account_gpu(e, s, s->ring_pages);
+    if (s->gpu && pool_alloc_list(GPOOL(e, s), (uint32_t)rp, t->id, s->ring_pg)) {
+        pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
+        pool_free_list(e->pool, s->win_pages, s->win_n);
+        *why = "no free GPU pool pages for the query rings";
+        goto fail;
     }
-    s->desc_first = (uint32_t)d0, s->scratch_first = (uint32_t)s0;
-    account(e, s, s->desc_pages + s->scratch_pages);
+    if (s->gpu)
+        account_gpu(e, s, (int64_t)rp);
+    account(e, s, s->win_n);
     t->sequences++;
-    s->desc = pool_ptr(e->pool, s->desc_first);
+    s->desc = (struct shm_desc *)s->win;
     memset(s->desc, 0, desc_bytes);
     *s->desc = (struct shm_desc){
         .magic = SHM_DESC_MAGIC, .version = SHM_DESC_VERSION, .seq_id = id, .layers = s->L,
         .q_heads = s->H, .kv_heads = s->Hkv, .head_dim = s->d, .dtype = s->dt,
         .tokens_per_page = s->tpp, .max_pages = s->max_pages, .window = cfg.window,
         .prompt_len = s->n, .placement = s->gpu ? SHM_PLACE_GPU : SHM_PLACE_HOST,
-        .ring_offset = (uint64_t)(s->gpu ? s->ring_first : s->scratch_first) * pb,
-        .ring_layer_bytes = ring_layer_bytes(s),
-        .indicator_offset = (uint64_t)s->scratch_first * pb + host_ring_bytes(s),
-        .page_bytes = pb,
+        .ring_offset = s->gpu ? 0 : desc_bytes,
+        .ring_layer_bytes = s->gpu ? 0 : ring_layer_bytes(s),
+        .indicator_offset = desc_bytes + host_ring_bytes(s),
+        .page_bytes = pb, .ring_pages = s->ring.pages,
     };
+    for (uint32_t l = 0; l < s->L && s->gpu; l++) {
+        uint64_t *rt = shm_ring_pages(s->desc, s->L, s->max_pages, s->Hkv, s->ring.pages, l);
+        for (uint32_t i = 0; i < s->ring.pages; i++)
+            rt[i] = (uint64_t)s->ring_pg[(size_t)l * s->ring.pages + i] * pb;
+    }
     __atomic_thread_fence(__ATOMIC_RELEASE);
     *out = s;
     return 0;
@@ -303,6 +357,8 @@ fail:
             free(s->layer[l].pages);
     free(s->layer);
     free(s->pub);
+    free(s->win_pages);
+    free(s->ring_pg);
     cakeseq_destroy(s->cs);
     free(s);
     return rc;
@@ -324,13 +380,15 @@ void seq_free(const struct seq_env *e, struct seq *s)
         free(s->layer[l].pages);
         free(s->layer[l].acc);
     }
-    pool_free_run(e->pool, s->desc_first, s->desc_pages);
-    pool_free_run(e->pool, s->scratch_first, s->scratch_pages);
-    account(e, s, -(int64_t)(s->desc_pages + s->scratch_pages));
+    pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
+    pool_free_list(e->pool, s->win_pages, s->win_n);
+    account(e, s, -(int64_t)s->win_n);
     if (s->gpu) {
-        pool_free_run(GPOOL(e, s), s->ring_first, s->ring_pages);
-        account_gpu(e, s, -(int64_t)s->ring_pages);
+        pool_free_list(GPOOL(e, s), s->ring_pg, s->L * s->ring.pages);
+        account_gpu(e, s, -(int64_t)s->L * s->ring.pages);
     }
+    free(s->win_pages);
+    free(s->ring_pg);
     s->tenant->sequences--;
     free(s->layer);
     free(s->pub);
@@ -430,12 +488,12 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
             float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
             if (!s->work_rc && observe) {
                 struct gpu_layer gl = gpu_layer_view(e, s, layer);
-                s->work_rc = gpuctx_score(gc, &gl, ring_ptr(e, s, layer), s->H, w, S,
-                                          s->cfg.gamma, dst, &s->pend_ent, &s->pend_var);
+                struct gpu_ring gr = gpu_ring_view(e, s, layer);
+                s->work_rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &s->pend_ent,
+                                          &s->pend_var);
                 pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
             } else if (!s->work_rc) { /* the engine's own, from the host pool (registered) */
-                s->work_rc = gpuctx_copy_h2d(gc, dst, indicator_ptr(e, s), ib, e->pool->base,
-                                             e->pool->seg_bytes);
+                s->work_rc = indicator_to_gpu(e, s, gc, dst, ib);
             }
             gpuexec_put(GEXEC(e, s), gc);
         } else if (observe) {
@@ -638,7 +696,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     for (uint32_t i = 0; i < nover; i++) {
         uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
         ev[i] = (struct gpu_evict){
-            .l = gpu_layer_view(e, s, l), .ring = ring_ptr(e, s, l), .q_heads = s->H, .w = w,
+            .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
         };

@@ -1,5 +1,7 @@
 /* seq.h - sequences in the pool: pages per layer, the shared descriptor, the scratch area
- * (query rings, indicator), and the CAKE operations on them.
+ * (query rings, indicator), and the CAKE operations on them. No structure of a sequence
+ * needs contiguous pages: K/V and GPU rings are paged, the descriptor and scratch area are
+ * pages mapped side by side (pool_window).
  *
  * Split by thread: seq_*_prepare and seq_*_commit run on the loop thread (they allocate
  * and free pages and keep the accounting); seq_*_work runs on a worker and touches only
@@ -23,6 +25,7 @@
 #define SEQ_MAX_TOKENS (1u << 24) /* prompt + new tokens: 16M */
 #define SEQ_MAX_WINDOW 4096u     /* the query ring is window rows per head and layer */
 #define SEQ_MAX_GPUS 8           /* GPU pools (one per GPU) */
+#define SEQ_MAX_WINDOW_PAGES 65536u /* descriptor + scratch pages (listed in the open reply) */
 
 struct seq_layer {
     uint32_t *pages;     /* [max_pages] pool page indices */
@@ -53,9 +56,16 @@ struct seq {
     uint32_t tpp, max_pages;
     int gpu;                 /* K/V pages and query rings in a GPU pool */
     uint32_t gpu_dev;        /* which one (seq_env.gpu_pools) */
-    uint32_t desc_first, desc_pages, scratch_first, scratch_pages;
-    uint32_t ring_first, ring_pages; /* GPU sequences: the query rings' run in the GPU pool */
-    struct shm_desc *desc;
+    /* The window (proto/shm.h): host pool pages win_pages[win_n] mapped side by side at win:
+     * the descriptor in its first desc_bytes (64-aligned), then the scratch area. */
+    uint32_t *win_pages, win_n;
+    uint64_t desc_bytes;
+    uint8_t *win;
+    int win_stitched;
+    /* GPU sequences: the query rings, ring_pg[L][ring.pages] pages of the GPU pool */
+    uint32_t *ring_pg;
+    struct shm_ring ring;
+    struct shm_desc *desc;   /* = win */
     struct seq_layer *layer;
     struct seq_layer_pub *pub; /* [L]: loop thread only (see struct seq_layer_pub) */
     struct cakeseq *cs;

@@ -66,6 +66,15 @@ int kern_cuda_gather_rows_f32(const float *in_dev, uint32_t rows, uint32_t n_in,
 int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, uint32_t k,
                       uint32_t win_start, uint32_t win_len, void *tmp_dev, void *stream);
 
+/* A layer's query ring in pool pages (proto/shm.h's shm_ring: heads_per_page whole heads per
+ * page when pages_per_head is 1, else pages_per_head pages of rows_per_page rows per head;
+ * page p at base + page_off[p], page_off on the device) gathered into dst [q_heads][n_q]
+ * [row_bytes]: row i of head h is the ring's row (first + i) mod w. Asynchronous. */
+int kern_cuda_ring_gather(void *dst, const uint8_t *base, const uint64_t *page_off,
+                          uint32_t q_heads, uint32_t w, uint32_t row_bytes,
+                          uint32_t rows_per_page, uint32_t heads_per_page,
+                          uint32_t pages_per_head, uint32_t first, uint32_t n_q, void *stream);
+
 /* Decode attention for one new token, over many layers in one launch (split-K, flash-
  * decoding style): for layer l and query head h (kv head h / (q_heads / kv_heads)),
  *   out[l][h] = softmax(q[l][h] . K_l^T / sqrt(d)) V_l   over the layer's n_tokens[l] slots,

@@ -305,7 +305,8 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
         for (uint32_t i = 0; i < np; i++)
             CK(cudaMemcpyAsync(base + pg[i], src + (i * page_kv) % (rnd_bytes - page_kv), page_kv,
                                cudaMemcpyDeviceToDevice, 0));
-        CK(cudaMemcpyAsync(cake_queries(s, l), qsrc, (size_t)H * W * D * 2, cudaMemcpyDeviceToDevice, 0));
+        if ((rc = cake_put_queries(s, l, qsrc, W, NULL)))
+            break;
         CK(cudaStreamSynchronize(0)); /* the ordering contract: writes complete, then call */
         double t0 = util_now_s();
         rc = cake_prefill_observe(s, l, NULL);
@@ -339,10 +340,12 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
                 CK(cudaMemcpyAsync(cake_key(s, l, g, slot), src + g * 256, D * 2, cudaMemcpyDeviceToDevice, 0));
                 CK(cudaMemcpyAsync(cake_value(s, l, g, slot), src + g * 512, D * 2, cudaMemcpyDeviceToDevice, 0));
             }
-            CK(cudaMemcpy2DAsync(cake_decode_query(s, l), (size_t)W * D * 2, qsrc, D * 2, D * 2, H,
-                                 cudaMemcpyDeviceToDevice, 0));
+            if ((rc = cake_put_decode_query(s, l, qsrc, NULL)))
+                break;
         }
         CK(cudaStreamSynchronize(0));
+        if (rc)
+            break;
     }
     if (rc) {
         printf("through caked: decode: %s (%s)\n", cake_strerror(rc), cake_errstr(c));

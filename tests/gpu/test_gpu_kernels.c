@@ -13,6 +13,7 @@
 
 #include "kern.h"
 #include "kern_cuda.h"
+#include "../../proto/shm.h"
 
 #define CK(x)                                                                              \
     do {                                                                                   \
@@ -290,6 +291,60 @@ static void run_attention(enum kern_dtype dt)
     free(host), free(off), free(row), free(qf), free(out), free(q), free(got);
 }
 
+/* The paged query ring (shm_ring) gathered oldest first, against the host's reading of the
+ * same layout: pages scattered over a buffer in random order, random geometry (whole heads
+ * a page, or a head over several pages; rows a multiple of 16 bytes or not), random start
+ * and length; every byte equal. */
+static void run_ring_gather(void)
+{
+    for (int round = 0; round < 40; round++) {
+        uint32_t H = 1 + (uint32_t)(urand() * 40), w = 1 + (uint32_t)(urand() * 300);
+        uint32_t row = 2 * (1 + (uint32_t)(urand() * 130)); /* 2..262 bytes */
+        uint64_t pb = round % 2 ? 4096 : 65536;
+        struct shm_ring g = shm_ring_geom(H, w, row, pb);
+        uint32_t P = g.pages + 3, first = (uint32_t)(urand() * w);
+        uint32_t nq = 1 + (uint32_t)(urand() * w);
+        uint8_t *host = malloc(pb * P), *want = malloc((size_t)H * nq * row + 1);
+        uint8_t *got = malloc((size_t)H * nq * row + 1);
+        uint64_t *off = malloc(sizeof(uint64_t) * g.pages);
+        uint32_t *perm = malloc(sizeof(uint32_t) * P);
+        for (uint32_t i = 0; i < P; i++)
+            perm[i] = i;
+        for (uint32_t i = P - 1; i > 0; i--) {
+            uint32_t j = (uint32_t)(urand() * (i + 1)), t = perm[i];
+            perm[i] = perm[j], perm[j] = t;
+        }
+        for (uint32_t i = 0; i < g.pages; i++)
+            off[i] = perm[i] * pb;
+        for (size_t i = 0; i < pb * P; i++)
+            host[i] = (uint8_t)(urand() * 256);
+        for (uint32_t h = 0; h < H; h++)
+            for (uint32_t i = 0; i < nq; i++) {
+                uint32_t pg, slot = (first + i) % w;
+                uint64_t at = shm_ring_at(&g, w, row, h, slot, &pg);
+                memcpy(want + ((size_t)h * nq + i) * row, host + off[pg] + at, row);
+            }
+        uint8_t *dbase, *ddst;
+        uint64_t *doff;
+        CK(cudaMalloc((void **)&dbase, pb * P));
+        CK(cudaMalloc((void **)&ddst, (size_t)H * nq * row + 1));
+        CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * g.pages));
+        CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(doff, off, sizeof(uint64_t) * g.pages, cudaMemcpyHostToDevice));
+        int rc = kern_cuda_ring_gather(ddst, dbase, doff, H, w, row, g.rows_per_page,
+                                       g.heads_per_page, g.pages_per_head, first, nq, NULL);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(got, ddst, (size_t)H * nq * row, cudaMemcpyDeviceToHost));
+        EXPECT(rc == 0 && !memcmp(got, want, (size_t)H * nq * row),
+               "ring gather H %u w %u row %u page %llu (%u pages, %u heads/page, %u pages/head) "
+               "first %u n %u: rc %d, rows differ", H, w, row, (unsigned long long)pb, g.pages,
+               g.heads_per_page, g.pages_per_head, first, nq, rc);
+        cudaFree(dbase), cudaFree(ddst), cudaFree(doff);
+        free(host), free(want), free(got), free(off), free(perm);
+    }
+    printf("ring gather: 40 random paged rings equal to the host's reading\n");
+}
+
 int main(void)
 {
     int n = 0;
@@ -317,6 +372,7 @@ int main(void)
         run_attention(ts[i]);
     }
     run_topk_many();
+    run_ring_gather();
     printf("%s\n", failures ? "FAILED" : "all GPU kernel checks passed");
     return failures ? 1 : 0;
 }

@@ -29,6 +29,7 @@ enum { L = 4, H = 8, HKV = 2, D = 64, N = 600, W = 32, CACHE = 128, MAXNEW = 48 
 enum { S = N - W, T = N + MAXNEW, ROW = D * 2 };
 
 static int fails;
+static int scattered; /* the GPU pool's free pages are scattered (fragment_gpu_pool) */
 #define CHECK(cond, ...)                                  \
     do {                                                  \
         if (!(cond)) {                                    \
@@ -239,7 +240,10 @@ static void check_rows(const int *pos, uint32_t n, int newest, uint32_t recent, 
 
 static void write_queries(cake_seq *s, int l, const uint16_t *q /* [H][W][D] */)
 {
-    put(s, cake_queries(s, l), q, sizeof(uint16_t) * H * W * D);
+    int rc = cake_put_queries(s, l, q, W, NULL);
+    CHECK(rc == 0, "queries of layer %d: %s", l, cake_strerror(rc));
+    if (cake_seq_on_gpu(s))
+        CU(cudaDeviceSynchronize());
 }
 
 static void test_observe_decode(cake_ctx *c)
@@ -249,6 +253,13 @@ static void test_observe_decode(cake_ctx *c)
     open_pair(c, MAXNEW, &gs, &hs);
     if (fails)
         return;
+    if (scattered) { /* the rings really are pages apart (in a one-run ring they follow) */
+        int apart = 0;
+        for (int l = 1; l < L; l++)
+            apart |= (uint8_t *)cake_query_row(gs, l, 0, 0) - (uint8_t *)cake_query_row(gs, l - 1, 0, 0) !=
+                     65536;
+        CHECK(apart, "the GPU rings are one run of pages in a fragmented pool");
+    }
     static uint16_t q[H][W][D];
     double max_rel = 0;
     for (int l = 0; l < L; l++) {
@@ -304,10 +315,9 @@ static void test_observe_decode(cake_ctx *c)
             for (int h = 0; h < H; h++)
                 for (int j = 0; j < D; j++)
                     qd[h][j] = kern_f32_to_bf16(gauss());
-            for (int h = 0; h < H; h++) { /* row stride w * d */
-                put(gs, (uint16_t *)cake_decode_query(gs, l) + (size_t)h * W * D, qd[h], ROW);
-                put(hs, (uint16_t *)cake_decode_query(hs, l) + (size_t)h * W * D, qd[h], ROW);
-            }
+            CHECK(cake_put_decode_query(gs, l, qd, NULL) == 0, "decode query %d", l);
+            CHECK(cake_put_decode_query(hs, l, qd, NULL) == 0, "decode query %d", l);
+            CU(cudaDeviceSynchronize());
         }
     }
     worst = 1;
@@ -398,6 +408,27 @@ static void test_refusals(cake_ctx *c)
     printf("refusals: f32, head_dim 72, parity mode, bad placement\n");
 }
 
+/* Fills the GPU pool with one-page sequences until it refuses, then closes every other:
+ * free GPU pages remain, no two adjacent. Returns how many were opened (the odd ones stay
+ * open in f). */
+static uint32_t fragment_gpu_pool(cake_ctx *c, cake_seq **f, uint32_t cap)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 8, pol.window = 4;
+    struct cake_layout tiny = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    uint32_t n = 0;
+    int rc = 0;
+    while (n < cap && !(rc = cake_seq_open(c, &tiny, &pol, 8, 0, &f[n])))
+        n++;
+    CHECK(rc == CAKE_EOOM && n > 64, "filling the GPU pool: %u sequences, then %s", n,
+          cake_strerror(rc));
+    for (uint32_t i = 0; i < n; i += 2)
+        CHECK(cake_seq_close(f[i]) == 0, "close filler %u", i);
+    printf("GPU pool fragmented: %u one-page sequences, every other one closed\n", n);
+    return n;
+}
+
 static int engine(const char *sock, int crash)
 {
     cake_ctx *c;
@@ -417,6 +448,14 @@ static int engine(const char *sock, int crash)
     test_submit(c);
     if (!fails)
         test_observe_decode(c);
+    if (!fails) { /* again with the GPU pool's free pages scattered: paged rings */
+        static cake_seq *f[8192];
+        uint32_t nf = fragment_gpu_pool(c, f, 8192);
+        scattered = 1;
+        test_observe_decode(c);
+        for (uint32_t i = 1; i < nf; i += 2)
+            CHECK(cake_seq_close(f[i]) == 0, "close filler %u", i);
+    }
     cake_destroy(c);
     fflush(stdout); /* the engine leaves through _exit */
     return fails ? 1 : 0;

@@ -161,8 +161,7 @@ static int rank(const char *sock, const char *uuid, int visible, int g0, int nh,
                 CU(cudaMemcpy(cake_key(s, l, g, t), Ko[l][g0 + g][t], ROW, cudaMemcpyHostToDevice));
                 CU(cudaMemcpy(cake_value(s, l, g, t), Vo[l][g0 + g][t], ROW, cudaMemcpyHostToDevice));
             }
-        CU(cudaMemcpy(cake_queries(s, l), Qo[l][g0 * G], (size_t)nh * G * W * ROW,
-                      cudaMemcpyHostToDevice));
+        CHECK(cake_put_queries(s, l, Qo[l][g0 * G], W, NULL) == 0, "queries %d", l);
         CU(cudaDeviceSynchronize());
         if (crash && l == 0) {
             sleep(1); /* the other rank has joined and waits for this one at layer 0 */

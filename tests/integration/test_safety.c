@@ -1031,3 +1031,118 @@ Test(safety, sigterm_gives_clients_a_clear_error, .timeout = 30)
     cake_destroy(a);
     rmdir(h.dir);
 }
+
+/* Fragmentation: no structure of a sequence needs contiguous pages. A pool of 1024 pages is
+ * filled with one-page sequences and every other one closed, leaving 512 free pages, no two
+ * adjacent; a Llama-3-8B-shaped sequence (32 layers, 32 query heads, 8 kv heads, d 128: 130
+ * pages of descriptor and query rings) then opens, prefills and decodes exactly as the same
+ * sequence did in the empty pool (it was refused: "no contiguous run of pages for the
+ * sequence scratch area"). */
+static uint16_t frag_val(uint32_t a, uint32_t b, uint32_t c, uint32_t d)
+{
+    uint32_t x = a * 0x9e3779b1u ^ b * 0x85ebca77u ^ c * 0xc2b2ae3du ^ d * 0x27d4eb2fu;
+    x ^= x >> 15, x *= 0x2c1b3c6du, x ^= x >> 12;
+    return (uint16_t)(0x3800 + x % 2048); /* bf16 in [0.25, 1) and its neighbours */
+}
+
+/* Prefills and decodes a sequence of deterministic K/V and queries; returns a hash of
+ * every layer's kept keys and values and token counts. */
+static uint64_t frag_run(cake_ctx *c, cake_seq *s, uint32_t L, uint32_t H, uint32_t Hkv,
+                         uint32_t n, uint32_t w, uint32_t steps)
+{
+    const uint32_t D = 128;
+    static uint16_t q[32 * 128 * 128];
+    for (uint32_t l = 0; l < L; l++) {
+        cr_assert_eq(cake_prefill_reserve(s, l), 0, "layer %u: %s", l, cake_errstr(c));
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t t = 0; t < n; t++) {
+                uint16_t *k = cake_key(s, l, g, t), *v = cake_value(s, l, g, t);
+                cr_assert(k && v);
+                for (uint32_t i = 0; i < D; i++)
+                    k[i] = frag_val(l, g, t, i), v[i] = frag_val(l + 100, g, t, i);
+            }
+        for (uint32_t h = 0; h < H; h++)
+            for (uint32_t t = 0; t < n; t++)
+                for (uint32_t i = 0; i < D; i++)
+                    q[((size_t)h * n + t) * D + i] = frag_val(l + 200, h, t, i);
+        cr_assert_eq(cake_put_queries(s, l, q, n, NULL), 0, "%s", cake_errstr(c));
+        cr_assert_eq(cake_prefill_observe(s, l, NULL), 0, "layer %u: %s", l, cake_errstr(c));
+    }
+    for (uint32_t st = 0; st < steps; st++) {
+        cr_assert_eq(cake_decode_step(c, &s, 1), 0, "%s", cake_errstr(c));
+        for (uint32_t l = 0; l < L; l++) {
+            uint32_t t = cake_layer_tokens(s, l) - 1;
+            for (uint32_t g = 0; g < Hkv; g++) {
+                uint16_t *k = cake_key(s, l, g, t), *v = cake_value(s, l, g, t);
+                for (uint32_t i = 0; i < D; i++)
+                    k[i] = frag_val(l + 300, g, n + st, i), v[i] = frag_val(l + 400, g, n + st, i);
+            }
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t i = 0; i < D; i++)
+                    q[(size_t)h * D + i] = frag_val(l + 500, h, n + st, i);
+            cr_assert_eq(cake_put_decode_query(s, l, q, NULL), 0, "%s", cake_errstr(c));
+        }
+    }
+    cr_assert_eq(cake_decode_step(c, &s, 1), 0, "%s", cake_errstr(c)); /* evicts by those */
+    uint64_t hash = 1469598103934665603ull;
+    for (uint32_t l = 0; l < L; l++) {
+        uint32_t tokens = cake_layer_tokens(s, l);
+        hash = (hash ^ tokens) * 1099511628211ull;
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t t = 0; t + 1 < tokens; t++) { /* the newest slot is not written */
+                const uint8_t *k = cake_key(s, l, g, t), *v = cake_value(s, l, g, t);
+                for (uint32_t i = 0; i < 2 * D; i++)
+                    hash = (hash ^ k[i] ^ ((uint64_t)v[i] << 8)) * 1099511628211ull;
+            }
+    }
+    (void)w;
+    return hash;
+}
+
+Test(safety, fragmented_pool_still_opens_what_fits, .timeout = 120)
+{
+    struct harness h;
+    const char *extra[] = {"--host-pool", "64M", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    cake_ctx *c = engine(h.sock, "frag");
+    struct cake_layout big = {32, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 64, pol.window = 32;
+    const uint32_t n = 128, steps = 4;
+    cake_seq *s;
+    /* the reference: the same sequence in the empty pool (its window one run of pages) */
+    cr_assert_eq(cake_seq_open(c, &big, &pol, n, steps + 1, &s), 0, "%s", cake_errstr(c));
+    const uint8_t *pool = cake_pool_base(c), *q0 = cake_queries(s, 0);
+    cr_assert(q0 >= pool && q0 < pool + cake_pool_bytes(c));
+    uint64_t want = frag_run(c, s, 32, 32, 8, n, 32, steps);
+    cr_assert_eq(cake_seq_close(s), 0);
+    /* every page taken by one-page sequences, then every other one given back */
+    struct cake_layout tiny = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy tp;
+    cake_policy_default(&tp);
+    tp.cache_size = 8, tp.window = 4;
+    static cake_seq *f[1024];
+    int nf = 0;
+    while (nf < 1024 && cake_seq_open(c, &tiny, &tp, 8, 1, &f[nf]) == 0)
+        nf++;
+    cr_assert_eq(nf, 1024, "the pool holds 1024 one-page sequences (%d)", nf);
+    for (int i = 0; i < nf; i += 2)
+        cr_assert_eq(cake_seq_close(f[i]), 0);
+    unsigned long long used;
+    unsigned seqs;
+    cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+    cr_assert_eq(used, 512);
+    cr_assert_eq(cake_seq_open(c, &big, &pol, n, steps + 1, &s), 0, "%s", cake_errstr(c));
+    q0 = cake_queries(s, 0);
+    cr_assert(q0 < pool || q0 >= pool + cake_pool_bytes(c), "the window is pages mapped side by side");
+    uint64_t got = frag_run(c, s, 32, 32, 8, n, 32, steps);
+    cr_assert_eq(got, want, "the fragmented pool's sequence computed something else");
+    cr_assert_eq(cake_seq_close(s), 0);
+    for (int i = 1; i < nf; i += 2)
+        cr_assert_eq(cake_seq_close(f[i]), 0);
+    cr_assert_eq(harness_status(&h, &used, &seqs), 0);
+    cr_assert_eq(used, 0);
+    cake_destroy(c);
+    cr_assert_eq(harness_stop(&h), 0);
+}

@@ -670,7 +670,7 @@ static uint64_t get_frame(int fd, uint16_t *type)
 }
 
 /* Serves one client on l: HELLO with the given pool, then answers SEQ_OPEN with a MAP of
- * segment 0 carrying seg_fd (claimed to be 4 MiB) and a descriptor at offset 0. */
+ * segment 0 carrying seg_fd (claimed to be 4 MiB) and a window of pages 0 and 1. */
 static void fake_server(int l, uint64_t pool_bytes, uint64_t seg_bytes, int seg_fd)
 {
     int c = accept(l, NULL, NULL);
@@ -693,8 +693,9 @@ static void fake_server(int l, uint64_t pool_bytes, uint64_t seg_bytes, int seg_
         sm.n_segments = 1, sm.segments = &sp;
         put_frame(c, MSG_MAP | FRAME_REPLY, rid, &sm.base, &seg_fd, 1);
         Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
-        r.seq_id = 1, r.tokens_per_page = 64, r.desc_offset = 0, r.desc_bytes = 65536;
-        r.scratch_offset = 65536, r.scratch_bytes = 65536;
+        uint32_t win[2] = {0, 1};
+        r.seq_id = 1, r.tokens_per_page = 64, r.desc_bytes = 65536, r.scratch_bytes = 65536;
+        r.n_window_pages = 2, r.window_pages = win;
         put_frame(c, MSG_SEQ_OPEN | FRAME_REPLY, rid, &r.base, NULL, 0);
     }
 }

@@ -29,7 +29,7 @@ extern "C" {
 #define CAKE_API
 #endif
 
-#define CAKE_PROTOCOL_VERSION 2 /* 2: per-tenant pool segments (MAP frames) */
+#define CAKE_PROTOCOL_VERSION 3 /* 2: per-tenant pool segments (MAP frames); 3: paged windows and GPU rings */
 #define CAKE_VERSION "0.1.0"
 
 /* Error codes (negative; -1..-4095 are -errno). */
@@ -226,14 +226,14 @@ CAKE_API int cake_seq_open_shard(cake_ctx *ctx, const struct cake_layout *layout
 /* Frees the sequence in the daemon and the handle. */
 CAKE_API int cake_seq_close(cake_seq *seq);
 CAKE_API uint64_t cake_seq_id(const cake_seq *seq);
-/* 1 when the sequence lives in the GPU pool: cake_key(), cake_value(), cake_queries() and
- * cake_decode_query() then return device addresses in this process's mapping of it. */
+/* 1 when the sequence lives in the GPU pool: cake_key(), cake_value() and cake_query_row()
+ * then return device addresses in this process's mapping of it. */
 CAKE_API int cake_seq_on_gpu(const cake_seq *seq);
 CAKE_API uint32_t cake_seq_tokens_per_page(const cake_seq *seq);
 
 /* Prefill, per layer in order 0, 1, ...:
  *   cake_prefill_reserve(seq, l)    pages for prompt_len tokens of layer l
- *   write K/V at cake_key()/cake_value() and the last w queries at cake_queries()
+ *   write K/V at cake_key()/cake_value() and the last w queries (cake_put_queries())
  *   cake_prefill_observe(seq, l, &P) caked scores the layer, allocates budgets and
  *                                    compacts (cascading) - or, having computed the scores
  *                                    itself, the engine writes the indicator at
@@ -244,8 +244,8 @@ CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preferenc
 
 /* One decode step for n sequences of this context: evicts layers over budget, then
  * reserves one more token in every layer of every sequence. After it returns, write the
- * new token's K/V at slot cake_layer_tokens(seq, l) - 1 and its query at
- * cake_decode_query(seq, l). All or nothing: CAKE_EOOM leaves every sequence as it was. */
+ * new token's K/V at slot cake_layer_tokens(seq, l) - 1 and its query with
+ * cake_put_decode_query(seq, l, ...). All or nothing: CAKE_EOOM leaves every sequence as it was. */
 CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
 
 /* Ordering (GPU sequences): caked reads keys, values and queries inside observe, submit and
@@ -257,10 +257,31 @@ CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
  * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage. */
 CAKE_API void *cake_key(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
 CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
-/* Window queries of a layer, [q_heads][w][head_dim] in the sequence dtype, oldest first. */
+/* Window queries. Each layer has a ring of w rows per query head (w = the policy's window),
+ * in the sequence dtype: at prefill the layer's last w queries, oldest first from slot 0; at
+ * decode the new token's query goes to slot cake_decode_slot(). Either placement:
+ *   cake_put_queries(seq, l, q, n, stream)   q [q_heads][n][head_dim]: the last min(n, w)
+ *                                            rows of each head to slots 0..
+ *   cake_put_decode_query(seq, l, q, stream) q [q_heads][head_dim] to slot cake_decode_slot()
+ * q may be host or device memory; for GPU sequences the copies are queued on stream (a
+ * cudaStream_t, NULL: the legacy default stream) and must be complete before the next
+ * observe or decode_step (the ordering below). Return 0, CAKE_EINVAL (no such layer, no
+ * decode token reserved, NULL q or n == 0), CAKE_EPROTO (a ring page outside this process's
+ * mapping), -ENOTSUP (a GPU sequence, libcake without CUDA) or -EIO (CUDA refused). */
+CAKE_API int cake_put_queries(cake_seq *seq, uint32_t layer, const void *q, uint32_t n,
+                              void *stream);
+CAKE_API int cake_put_decode_query(cake_seq *seq, uint32_t layer, const void *q, void *stream);
+/* The ring slot of the query of the token cake_decode_step reserved last (UINT32_MAX: no
+ * such layer). */
+CAKE_API uint32_t cake_decode_slot(const cake_seq *seq, uint32_t layer);
+/* One ring row (head q_head, slot), host or device address; NULL when out of range. GPU rings
+ * are paged (no two rows of different pages need be adjacent): write rows one by one here,
+ * or through cake_put_queries. */
+CAKE_API void *cake_query_row(const cake_seq *seq, uint32_t layer, uint32_t q_head, uint32_t slot);
+/* Host sequences: a layer's whole ring, [q_heads][w][head_dim] contiguous (NULL for GPU
+ * sequences, whose rings are paged), and the decode query's row of head 0 in it (head h's
+ * is w * head_dim elements further). */
 CAKE_API void *cake_queries(const cake_seq *seq, uint32_t layer);
-/* Where the query of the token just reserved by cake_decode_step goes, [q_heads][head_dim]
- * with a row stride of w * head_dim elements. */
 CAKE_API void *cake_decode_query(const cake_seq *seq, uint32_t layer);
 /* Indicator area for cake_prefill_submit: [kv_heads][prompt_len - w] f32, in the host pool
  * for either placement. */
