@@ -10,8 +10,35 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../proto/frame.h"
+#include "cake.pb-c.h"
 #include "cake/cake.h"
 #include "harness.h"
+#include "internal.h"
+
+/* Pool bytes the victims' tenants hold now (caked's metrics, read as an administrator). */
+static unsigned long long victims_bytes(const char *sock)
+{
+    cake_ctx *a = harness_client(sock, "cachectl", 0, 1);
+    cr_assert_not_null(a);
+    uint8_t *b;
+    size_t n;
+    cr_assert_eq(cake_internal_rpc(a, MSG_METRICS, NULL, &b, &n), 0, "%s", cake_errstr(a));
+    ProtobufCAllocator al = cake_internal_allocator(a);
+    Cake__Metrics *m = cake__metrics__unpack(&al, n, b);
+    cake_internal_free(a, b);
+    cr_assert_not_null(m);
+    unsigned long long sum = 0;
+    const char *key = "caked_tenant_used_bytes{tenant=\"victim-";
+    for (const char *p = strstr(m->text, key); p; p = strstr(p + 1, key)) {
+        const char *v = strchr(p, '}');
+        cr_assert_not_null(v);
+        sum += strtoull(v + 1, NULL, 10);
+    }
+    cake__metrics__free_unpacked(m, &al);
+    cake_destroy(a);
+    return sum;
+}
 
 /* Opens sequences, prefills and decodes forever (until killed). */
 static void victim(const char *sock, unsigned seed)
@@ -97,13 +124,14 @@ Test(kill, random_sigkill_returns_every_page, .timeout = 180)
     if (by == 0)
         _exit(bystander(h.sock, 40));
     srand((unsigned)time(NULL));
-    int kills = 0;
+    int kills = 0, held = 0;
     for (int round = 0; round < 12; round++) {
         pid_t v[4];
         for (int i = 0; i < 4; i++)
             if ((v[i] = fork()) == 0)
                 victim(h.sock, (unsigned)(round * 4 + i + rand()));
         usleep(50000 + (useconds_t)(rand() % 400000)); /* somewhere mid-work */
+        held += victims_bytes(h.sock) > 0; /* what the kills below must give back */
         for (int i = 0; i < 4; i++) {
             kill(v[i], SIGKILL);
             waitpid(v[i], NULL, 0);
@@ -120,7 +148,9 @@ Test(kill, random_sigkill_returns_every_page, .timeout = 180)
         if (used != base)
             usleep(50000);
     }
+    cr_assert_geq(held, 6, "the victims held pages when killed in only %d rounds of 12", held);
     cr_assert_eq(used, base, "after %d kills: %llu pages in use, baseline %llu", kills, used, base);
+    cr_assert_eq(victims_bytes(h.sock), 0);
     cr_assert_eq(seqs, 0);
     cr_assert_eq(harness_stop(&h), 0);
 }

@@ -98,7 +98,7 @@ static void run_fixed(int cascading)
                     cr_assert(ev[e].slots[g * ev[e].kept + i] > ev[e].slots[g * ev[e].kept + i - 1]);
     }
     uint32_t *want = malloc(sizeof(uint32_t) * (S + 1));
-    if (rand() % 2) { /* the daemon frees the selection buffers after the last layer */
+    if (tu_below(2)) { /* the daemon frees the selection buffers after the last layer */
         cakeseq_prefill_done(s);
         uint32_t nev2;
         cr_assert_eq(cakeseq_prefill_layer(s, L, 1.0, ind, ev, &nev2), -EINVAL);
