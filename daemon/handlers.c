@@ -2,7 +2,8 @@
  * body message, handler and rights (HELLO first, administrators only); the dispatcher checks
  * them, unpacks the body once with the bounded allocator and frees it after the handler.
  * Handlers check ownership and state, act on pool, tenants and sequences, and reply; heavy
- * work goes to the workers and replies when it completes. */
+ * work goes to the workers (work.c) and replies when it completes; the metrics text is
+ * metrics.c's. */
 #define _GNU_SOURCE /* struct ucred */
 #include <errno.h>
 #include <stdarg.h>
@@ -261,209 +262,6 @@ static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage
     srv_reply(s, c, MSG_PREFILL_RESERVE, NULL);
 }
 
-/* A sequence whose owner went away while its work waited: nothing more is done for it
- * (the layer it is in finishes; the next one does not begin). */
-static int cancelled(struct seq *q)
-{
-    if (!__atomic_load_n(&q->cancel, __ATOMIC_RELAXED))
-        return 0;
-    q->work_rc = -ECANCELED, q->n_ev = 0, q->evicted_tokens = 0;
-    return 1;
-}
-
-static void work_run(struct job *j)
-{
-    struct work *w = (struct work *)j;
-    if (w->type == MSG_DECODE_STEP) {
-        for (uint32_t i = 0; i < w->n; i++)
-            if (!cancelled(w->seqs[i]) && seq_decode_needs_evict(w->seqs[i]))
-                seq_decode_evict_work(&w->srv->env, w->seqs[i]);
-    } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
-        if (!cancelled(w->seqs[0]))
-            seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
-    } else if (w->phase == 2) {
-        for (uint32_t i = 0; i < w->n; i++)
-            if (!cancelled(w->seqs[i]))
-                seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
-    } else if (!cancelled(w->seqs[0])) {
-        seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
-    }
-}
-
-static void work_done(struct job *j);
-
-/* A shard scored its layer (phase 1): wait for the others; the last one starts phase 2. */
-static void shard_arrived(struct server *s, struct work *w, struct client *c)
-{
-    struct seq *q = w->seqs[0];
-    struct shard_group *g = q->group;
-    if (q->work_rc) { /* the layer cannot be allocated without this shard */
-        char why[128];
-        snprintf(why, sizeof why, "shard %u failed to score layer %u: %s", q->shard, w->layer,
-                 q->work_rc < -4095 ? cake_strerror(q->work_rc) : strerror(-q->work_rc));
-        if (c && c->state == C_BUSY)
-            srv_reply_error(s, c, CAKE_EINTERNAL, "%s", why);
-        srv_seq_remove(s, q);
-        return;
-    }
-    g->arrived++;
-    g->observed += w->observe != 0;
-    g->ent += q->pend_ent, g->var += q->pend_var, g->pref_sum += q->last_pref;
-    g->waiting[q->shard] = w->client_id;
-    if (g->arrived < g->n)
-        return;
-    struct seq **all = malloc(sizeof(*all) * g->n);
-    if (!all) {
-        srv_group_end(s, g, "out of memory");
-        return;
-    }
-    memcpy(all, g->member, sizeof(*all) * g->n);
-    double pref = shard_preference(g, &q->cfg);
-    g->arrived = g->observed = 0, g->ent = g->var = g->pref_sum = 0;
-    struct work *w2 = calloc(1, sizeof(*w2));
-    if (!w2) {
-        free(all);
-        srv_group_end(s, g, "out of memory");
-        return;
-    }
-    w2->job.run = work_run, w2->job.done = work_done;
-    w2->job.owner = g->tenant->id, w2->job.weight = g->tenant->weight;
-    w2->srv = s, w2->type = w->type, w2->seqs = all, w2->n = g->n, w2->layer = w->layer;
-    w2->pref = pref, w2->phase = 2, w2->group = g;
-    for (uint32_t i = 0; i < g->n; i++)
-        all[i]->busy = 1;
-    workers_submit(s->workers, &w2->job);
-}
-
-/* Phase 2 done: every shard allocated from the same preference; reply to every rank. */
-static void group_done(struct server *s, struct work *w)
-{
-    struct shard_group *g = w->group;
-    struct seq *orphan = NULL;
-    for (uint32_t i = 0; i < w->n; i++) {
-        struct seq *q = w->seqs[i];
-        q->busy = 0;
-        seq_prefill_commit(&s->env, q);
-        s->m.evictions_prefill += q->n_ev;
-        s->m.tokens_evicted += q->evicted_tokens;
-        struct client *c = srv_client_by_id(s, g->waiting[i]);
-        g->waiting[i] = 0;
-        if (q->orphaned)
-            orphan = q;
-        if (!c || c->state != C_BUSY)
-            ;
-        else if (q->work_rc)
-            srv_reply_error(s, c, q->work_rc < -4095 ? q->work_rc : CAKE_EINTERNAL,
-                            "%s failed: %s", frame_type_name(w->type),
-                            q->work_rc < -4095 ? cake_strerror(q->work_rc)
-                                               : strerror(-q->work_rc));
-        else {
-            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
-            r.preference = w->pref;
-            r.n_evicted_layers = q->n_ev, r.evicted_layers = q->ev_layers;
-            srv_reply(s, c, w->type, &r.base);
-        }
-        q->n_ev = 0;
-    }
-    if (orphan) /* a rank died meanwhile: the whole group goes */
-        srv_seq_remove(s, orphan);
-}
-
-static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
-                                     uint32_t n, uint32_t evictions);
-
-static void work_done(struct job *j)
-{
-    struct work *w = (struct work *)j;
-    struct server *s = w->srv;
-    for (uint32_t i = 0; i < w->n; i++)
-        s->m.jobs_cancelled += w->seqs[i]->work_rc == -ECANCELED;
-    struct client *c = srv_client_by_id(s, w->client_id);
-    if (w->phase == 2) {
-        group_done(s, w);
-        free(w->seqs);
-        free(w);
-        return;
-    }
-    if (w->phase == 1) {
-        struct seq *q = w->seqs[0];
-        q->busy = 0;
-        if (q->orphaned || !q->group) { /* its owner or its group went meanwhile */
-            if (c && c->state == C_BUSY)
-                srv_reply_error(s, c, CAKE_ENOSEQ, "the shard's group ended meanwhile");
-            srv_seq_remove(s, q);
-        } else {
-            shard_arrived(s, w, c);
-        }
-        free(w->seqs);
-        free(w);
-        return;
-    }
-    int rc = 0, lost = 0;
-    uint32_t evictions = 0, ev_layers[SEQ_MAX_LAYERS], n_ev = 0;
-    double pref = 0;
-    for (uint32_t i = 0; i < w->n; i++) {
-        struct seq *q = w->seqs[i];
-        q->busy = 0;
-        if (q->work_rc && !rc)
-            rc = q->work_rc;
-        if (w->type == MSG_DECODE_STEP) {
-            seq_trim_pages(&s->env, q);
-            seq_publish(&s->env, q); /* even if the step's reserve is refused below */
-            s->m.evictions_decode += q->n_ev;
-        } else {
-            seq_prefill_commit(&s->env, q);
-            s->m.evictions_prefill += q->n_ev;
-            memcpy(ev_layers, q->ev_layers, sizeof(uint32_t) * q->n_ev);
-            n_ev = q->n_ev, pref = q->last_pref;
-        }
-        evictions += q->n_ev;
-        s->m.tokens_evicted += q->evicted_tokens;
-        q->n_ev = 0;
-        if (q->orphaned) {
-            srv_seq_remove(s, q);
-            lost = 1;
-        }
-    }
-    if (c && c->state == C_BUSY) {
-        if (rc) {
-            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s failed: %s",
-                        frame_type_name(w->type), rc < -4095 ? cake_strerror(rc) : strerror(-rc));
-        } else if (lost) {
-            srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
-        } else if (w->type == MSG_DECODE_STEP) {
-            decode_reserve_and_reply(s, c, w->seqs, w->n, evictions);
-        } else {
-            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
-            r.preference = pref;
-            r.n_evicted_layers = n_ev, r.evicted_layers = ev_layers;
-            srv_reply(s, c, w->type, &r.base);
-        }
-    }
-    free(w->seqs);
-    free(w);
-}
-
-static void start_work(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
-                       uint32_t n, uint32_t layer, int observe, double pref)
-{
-    struct work *w = calloc(1, sizeof(*w));
-    if (!w) {
-        free(seqs);
-        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
-        return;
-    }
-    w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
-    w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight; /* shared by weight */
-    w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
-    w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
-    w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
-    for (uint32_t i = 0; i < n; i++)
-        seqs[i]->busy = 1;
-    c->state = C_BUSY;
-    workers_submit(s->workers, &w->job);
-}
-
 static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage *msg, int observe)
 {
     uint64_t id;
@@ -493,23 +291,7 @@ static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage
         return;
     }
     one[0] = q;
-    start_work(s, c, observe ? MSG_PREFILL_OBSERVE : MSG_PREFILL_SUBMIT, one, 1, layer, observe, pref);
-}
-
-static void decode_reserve_and_reply(struct server *s, struct client *c, struct seq **seqs,
-                                     uint32_t n, uint32_t evictions)
-{
-    const char *why = "";
-    if (seq_decode_admit(&s->env, c->tenant, seqs, n, &why)) {
-        c->tenant->oom_errors++;
-        srv_reply_error(s, c, CAKE_EOOM, "%s", why);
-        return;
-    }
-    for (uint32_t i = 0; i < n; i++)
-        seq_decode_reserve(&s->env, seqs[i]); /* admitted above: cannot run dry */
-    Cake__DecodeReply r = CAKE__DECODE_REPLY__INIT;
-    r.evictions = evictions;
-    srv_reply(s, c, MSG_DECODE_STEP, &r.base);
+    work_start(s, c, observe ? MSG_PREFILL_OBSERVE : MSG_PREFILL_SUBMIT, one, 1, layer, observe, pref);
 }
 
 static void h_decode(struct server *s, struct client *c, const ProtobufCMessage *msg)
@@ -552,10 +334,10 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
     for (size_t i = 0; i < n; i++)
         seqs[i]->busy = 0;
     if (need_evict) {
-        start_work(s, c, MSG_DECODE_STEP, seqs, (uint32_t)n, 0, 0, 0);
+        work_start(s, c, MSG_DECODE_STEP, seqs, (uint32_t)n, 0, 0, 0);
         return;
     }
-    decode_reserve_and_reply(s, c, seqs, (uint32_t)n, 0);
+    work_decode_reply(s, c, seqs, (uint32_t)n, 0);
     free(seqs);
 }
 
@@ -730,99 +512,14 @@ static void h_seq_info(struct server *s, struct client *c, const ProtobufCMessag
     free(li), free(lp);
 }
 
-/* Prometheus text; per-tenant series only of c's own tenant unless c administers. */
-static int render_metrics(struct server *s, const struct client *c, struct strbuf *b)
-{
-    int rc = 0;
-#define P(...) rc |= strbuf_printf(b, __VA_ARGS__)
-    P("# HELP caked_pool_bytes Size of the host pool.\n# TYPE caked_pool_bytes gauge\n"
-      "caked_pool_bytes %llu\n", (unsigned long long)s->pool.bytes);
-    P("# HELP caked_pool_page_bytes Size of one pool page.\n# TYPE caked_pool_page_bytes gauge\n"
-      "caked_pool_page_bytes %llu\n", (unsigned long long)s->pool.page_bytes);
-    P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
-      "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
-      pool_free_pages(&s->pool));
-    uint64_t gbytes = 0;
-    for (uint32_t i = 0; i < s->n_gpus; i++)
-        gbytes += s->gpus[i].bytes;
-    P("# HELP caked_gpu_pool_bytes Size of the GPU pools (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
-      "caked_gpu_pool_bytes %llu\n", (unsigned long long)gbytes);
-    P("# HELP caked_gpu_pool_pages GPU pool pages by GPU and state.\n# TYPE caked_gpu_pool_pages gauge\n");
-    for (uint32_t i = 0; i < s->n_gpus; i++)
-        P("caked_gpu_pool_pages{gpu=\"%s\",state=\"used\"} %u\n"
-          "caked_gpu_pool_pages{gpu=\"%s\",state=\"free\"} %u\n", s->gpus[i].uuid,
-          s->gpus[i].pages.used, s->gpus[i].uuid, pool_free_pages(&s->gpus[i].pages));
-    P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
-      s->tenants.live);
-    P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",
-      s->n_seqs);
-    P("# HELP caked_clients Connected clients.\n# TYPE caked_clients gauge\ncaked_clients %u\n",
-      s->n_clients);
-    P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
-      "# TYPE caked_tenant_used_bytes gauge\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
-    P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
-      "# TYPE caked_tenant_gpu_used_bytes gauge\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
-    P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
-      "# TYPE caked_tenant_oom_total counter\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
-    P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
-    for (unsigned t = 1; t <= MSG_TYPE_MAX; t++)
-        P("caked_requests_total{type=\"%s\"} %llu\n", frame_type_name(t),
-          (unsigned long long)s->m.requests[t]);
-    P("# HELP caked_errors_total Error replies by kind.\n# TYPE caked_errors_total counter\n");
-    for (int e = 0; e < ERR_KINDS; e++)
-        P("caked_errors_total{kind=\"%s\"} %llu\n", metrics_err_name((enum metrics_err)e),
-          (unsigned long long)s->m.errors[e]);
-    P("# HELP caked_evictions_total Layer compactions.\n# TYPE caked_evictions_total counter\n"
-      "caked_evictions_total{phase=\"prefill\"} %llu\ncaked_evictions_total{phase=\"decode\"} %llu\n",
-      (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode);
-    P("# HELP caked_evicted_tokens_total Tokens evicted (per kv head).\n"
-      "# TYPE caked_evicted_tokens_total counter\ncaked_evicted_tokens_total %llu\n",
-      (unsigned long long)s->m.tokens_evicted);
-    P("# HELP caked_clients_total Connections accepted.\n# TYPE caked_clients_total counter\n"
-      "caked_clients_total %llu\n", (unsigned long long)s->m.clients_total);
-    P("# HELP caked_clients_refused_total Connections closed at once: over the client or file "
-      "descriptor limit.\n# TYPE caked_clients_refused_total counter\n"
-      "caked_clients_refused_total %llu\n", (unsigned long long)s->m.clients_refused);
-    P("# HELP caked_work_cancelled_total Layers not worked on because their client was gone.\n"
-      "# TYPE caked_work_cancelled_total counter\ncaked_work_cancelled_total %llu\n",
-      (unsigned long long)s->m.jobs_cancelled);
-    P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
-      "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
-      (unsigned long long)s->m.clients_killed);
-    P("# HELP caked_request_duration_seconds Request latency inside caked.\n"
-      "# TYPE caked_request_duration_seconds histogram\n");
-    uint64_t cum = 0;
-    for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
-        cum += s->m.lat_bucket[i];
-        P("caked_request_duration_seconds_bucket{le=\"%g\"} %llu\n", metrics_lat_bounds_s[i],
-          (unsigned long long)cum);
-    }
-    P("caked_request_duration_seconds_bucket{le=\"+Inf\"} %llu\n"
-      "caked_request_duration_seconds_sum %.9f\ncaked_request_duration_seconds_count %llu\n",
-      (unsigned long long)s->m.lat_count, s->m.lat_sum_s, (unsigned long long)s->m.lat_count);
-#undef P
-    return rc;
-}
-
 /* The metrics text from the requested offset, at most METRICS_PAGE bytes of it per reply. */
 #define METRICS_PAGE (512u << 10)
+
 static void h_metrics(struct server *s, struct client *c, const ProtobufCMessage *msg)
 {
     uint64_t off = ((const Cake__ListPage *)msg)->offset; /* empty body: 0 */
     struct strbuf b = {0};
-    if (render_metrics(s, c, &b)) {
+    if (metrics_render(s, c, &b)) {
         free(b.s);
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory for the metrics");
         return;

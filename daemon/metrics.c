@@ -1,4 +1,6 @@
-/* metrics.c - counters and text helpers (see metrics.h). */
+/* metrics.c - counters, text helpers and the Prometheus text of the server's state (see
+ * metrics.h). */
+#define _GNU_SOURCE /* struct ucred (server_int.h) */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -6,6 +8,7 @@
 
 #include "cake/cake.h"
 #include "metrics.h"
+#include "server_int.h"
 
 const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS] = {
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 50e-3, 250e-3, 1.0, 5.0,
@@ -68,4 +71,90 @@ int strbuf_printf(struct strbuf *b, const char *fmt, ...)
             return -ENOMEM;
         b->s = s, b->cap = cap;
     }
+}
+
+/* Prometheus text; per-tenant series only of c's own tenant unless c administers. */
+int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
+{
+    int rc = 0;
+#define P(...) rc |= strbuf_printf(b, __VA_ARGS__)
+    P("# HELP caked_pool_bytes Size of the host pool.\n# TYPE caked_pool_bytes gauge\n"
+      "caked_pool_bytes %llu\n", (unsigned long long)s->pool.bytes);
+    P("# HELP caked_pool_page_bytes Size of one pool page.\n# TYPE caked_pool_page_bytes gauge\n"
+      "caked_pool_page_bytes %llu\n", (unsigned long long)s->pool.page_bytes);
+    P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
+      "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
+      pool_free_pages(&s->pool));
+    uint64_t gbytes = 0;
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        gbytes += s->gpus[i].bytes;
+    P("# HELP caked_gpu_pool_bytes Size of the GPU pools (0: none).\n# TYPE caked_gpu_pool_bytes gauge\n"
+      "caked_gpu_pool_bytes %llu\n", (unsigned long long)gbytes);
+    P("# HELP caked_gpu_pool_pages GPU pool pages by GPU and state.\n# TYPE caked_gpu_pool_pages gauge\n");
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        P("caked_gpu_pool_pages{gpu=\"%s\",state=\"used\"} %u\n"
+          "caked_gpu_pool_pages{gpu=\"%s\",state=\"free\"} %u\n", s->gpus[i].uuid,
+          s->gpus[i].pages.used, s->gpus[i].uuid, pool_free_pages(&s->gpus[i].pages));
+    P("# HELP caked_tenants Known tenants.\n# TYPE caked_tenants gauge\ncaked_tenants %u\n",
+      s->tenants.live);
+    P("# HELP caked_sequences Open sequences.\n# TYPE caked_sequences gauge\ncaked_sequences %u\n",
+      s->n_seqs);
+    P("# HELP caked_clients Connected clients.\n# TYPE caked_clients gauge\ncaked_clients %u\n",
+      s->n_clients);
+    P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
+      "# TYPE caked_tenant_used_bytes gauge\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
+        P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
+    P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
+      "# TYPE caked_tenant_gpu_used_bytes gauge\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
+        P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
+    P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
+      "# TYPE caked_tenant_oom_total counter\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
+        P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
+    P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
+    for (unsigned t = 1; t <= MSG_TYPE_MAX; t++)
+        P("caked_requests_total{type=\"%s\"} %llu\n", frame_type_name(t),
+          (unsigned long long)s->m.requests[t]);
+    P("# HELP caked_errors_total Error replies by kind.\n# TYPE caked_errors_total counter\n");
+    for (int e = 0; e < ERR_KINDS; e++)
+        P("caked_errors_total{kind=\"%s\"} %llu\n", metrics_err_name((enum metrics_err)e),
+          (unsigned long long)s->m.errors[e]);
+    P("# HELP caked_evictions_total Layer compactions.\n# TYPE caked_evictions_total counter\n"
+      "caked_evictions_total{phase=\"prefill\"} %llu\ncaked_evictions_total{phase=\"decode\"} %llu\n",
+      (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode);
+    P("# HELP caked_evicted_tokens_total Tokens evicted (per kv head).\n"
+      "# TYPE caked_evicted_tokens_total counter\ncaked_evicted_tokens_total %llu\n",
+      (unsigned long long)s->m.tokens_evicted);
+    P("# HELP caked_clients_total Connections accepted.\n# TYPE caked_clients_total counter\n"
+      "caked_clients_total %llu\n", (unsigned long long)s->m.clients_total);
+    P("# HELP caked_clients_refused_total Connections closed at once: over the client or file "
+      "descriptor limit.\n# TYPE caked_clients_refused_total counter\n"
+      "caked_clients_refused_total %llu\n", (unsigned long long)s->m.clients_refused);
+    P("# HELP caked_work_cancelled_total Layers not worked on because their client was gone.\n"
+      "# TYPE caked_work_cancelled_total counter\ncaked_work_cancelled_total %llu\n",
+      (unsigned long long)s->m.jobs_cancelled);
+    P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
+      "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
+      (unsigned long long)s->m.clients_killed);
+    P("# HELP caked_request_duration_seconds Request latency inside caked.\n"
+      "# TYPE caked_request_duration_seconds histogram\n");
+    uint64_t cum = 0;
+    for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
+        cum += s->m.lat_bucket[i];
+        P("caked_request_duration_seconds_bucket{le=\"%g\"} %llu\n", metrics_lat_bounds_s[i],
+          (unsigned long long)cum);
+    }
+    P("caked_request_duration_seconds_bucket{le=\"+Inf\"} %llu\n"
+      "caked_request_duration_seconds_sum %.9f\ncaked_request_duration_seconds_count %llu\n",
+      (unsigned long long)s->m.lat_count, s->m.lat_sum_s, (unsigned long long)s->m.lat_count);
+#undef P
+    return rc;
 }

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "pool.h"
 
 uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes)
@@ -249,6 +250,7 @@ static void seg_use(struct pool *p, uint32_t i, int64_t d)
     uint64_t *of = &p->owned_free[g->owner];
     if (g->used == 0) /* was empty: now owned and in use */
         p->empty_pages -= sp, *of += sp;
+    CAKE_CHECK((int64_t)g->used + d >= 0 && (int64_t)g->used + d <= (int64_t)sp && g->owner);
     g->used = (uint32_t)((int64_t)g->used + d);
     *of -= (uint64_t)d; /* d > 0 takes free pages, d < 0 returns them */
     if (g->used == 0)
@@ -257,7 +259,9 @@ static void seg_use(struct pool *p, uint32_t i, int64_t d)
 
 static void set_run(struct pool *p, uint32_t first, uint32_t n, int v)
 {
+    CAKE_CHECK(first <= p->pages && n <= p->pages - first);
     for (uint32_t i = first; i < first + n; i++) {
+        CAKE_CHECK(bit(p, i) != v); /* a page taken twice or freed twice */
         if (v)
             p->bitmap[i / 64] |= UINT64_C(1) << (i % 64);
         else

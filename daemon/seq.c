@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cake/cake.h"
+#include "check.h"
 #include "evict.h"
 #include "seq.h"
 #include "indicator.h"
@@ -98,14 +99,16 @@ static struct pool *kv_pool(const struct seq_env *e, const struct seq *s)
 
 static void account(const struct seq_env *e, struct seq *s, int64_t pages)
 {
-    s->pages_held += pages;
-    s->tenant->used_bytes += pages * (int64_t)e->pool->page_bytes;
+    CAKE_CHECK(pages >= 0 || s->pages_held >= (uint64_t)-pages);
+    s->pages_held += (uint64_t)pages;
+    tenant_charge(s->tenant, pages * (int64_t)e->pool->page_bytes);
 }
 
 static void account_gpu(const struct seq_env *e, struct seq *s, int64_t pages)
 {
-    s->gpu_pages_held += pages;
-    s->tenant->gpu_used_bytes += pages * (int64_t)e->pool->page_bytes;
+    CAKE_CHECK(pages >= 0 || s->gpu_pages_held >= (uint64_t)-pages);
+    s->gpu_pages_held += (uint64_t)pages;
+    tenant_charge_gpu(s->tenant, pages * (int64_t)e->pool->page_bytes);
 }
 
 /* K/V pages: accounted to the pool they come from */
@@ -299,7 +302,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     }
     /* GPU sequences: the host's selection is what is left of a layer's time, so spread it
      * over the cores (a decode step's layers do the same on the host path) */
-    cakeseq_set_threads(s->cs, s->gpu ? e->decode_threads : e->threads);
+    cakeseq_set_threads(s->cs, s->gpu ? 0 : e->threads); /* 0: all cores */
     rc = CAKE_EOOM;
     /* no contiguous run needed: the window maps scattered pages side by side (except in
      * huge-page segments with smaller pages, where it must be one run) */
@@ -790,7 +793,7 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
         uint32_t evicted[SEQ_MAX_LAYERS] = {0};
         int rcs[SEQ_MAX_LAYERS] = {0};
         s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (s->L > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (s->L > 1)
         for (uint32_t l = 0; l < s->L; l++)
             rcs[l] = decode_h2o_layer(e, s, l, &evicted[l]);
         for (uint32_t l = 0; l < s->L; l++) {
@@ -817,7 +820,7 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
             rcs[i] = rc;
     } else {
         /* a decode step waits for its evictions: spread the layers over the job's threads */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(e->decode_threads)) if (nover > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (nover > 1)
         for (uint32_t i = 0; i < nover; i++)
             rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
     }

@@ -99,8 +99,8 @@ struct seq_env {
     struct gpuexec *gpus[SEQ_MAX_GPUS];   /* streams and workspaces on each GPU */
     uint32_t n_gpus;
     struct tenants *tenants;
-    int threads;        /* kernel threads per prefill work item */
-    int decode_threads; /* threads spreading a decode step's layer evictions (<= 0: all cores) */
+    int threads;        /* kernel threads per prefill work item (a decode step's layer
+                           evictions, and GPU sequences' selections, spread over all cores) */
     int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */
 };
 

@@ -169,6 +169,23 @@ void srv_release_quarantine(struct server *s, uint64_t id);
 
 /* handlers.c: runs the request in c->h / c->body */
 void srv_dispatch(struct server *s, struct client *c);
+
+/* work.c: a request's job on the workers (c waits, C_BUSY; seqs, allocated, pass to the
+ * job); the decode step's reserve and reply once evictions are done; phase 2 of a shard
+ * group's layer (0 or -ENOMEM). */
+void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs, uint32_t n,
+                uint32_t layer, int observe, double pref);
+void work_decode_reply(struct server *s, struct client *c, struct seq **seqs, uint32_t n,
+                       uint32_t evictions);
+int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
+                     uint32_t layer, double pref);
+/* shard.c: a shard's scoring job completed (c: its client, if still there); a group's
+ * phase 2 completed (replies to every rank). */
+void shard_arrive(struct server *s, struct work *w, struct client *c);
+void shard_group_done(struct server *s, struct work *w);
+/* metrics.c: Prometheus text; per-tenant series only of c's own tenant unless c
+ * administers. 0 or -ENOMEM. */
+int metrics_render(struct server *s, const struct client *c, struct strbuf *b);
 /* server.c: reads and dispatches frames until the socket is drained or a request waits */
 void srv_client_read(struct server *s, struct client *c);
 

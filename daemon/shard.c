@@ -1,6 +1,13 @@
-/* shard.c - shard group bookkeeping (see shard.h). */
+/* shard.c - shard groups (see shard.h): their bookkeeping, and the barrier where a layer's
+ * shards meet (work.c calls it when a shard's scoring job completes). */
+#define _GNU_SOURCE /* struct ucred (server_int.h) */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "cake/cake.h"
+#include "frame.h"
+#include "server_int.h"
 #include "shard.h"
 
 struct shard_group *shard_find(struct shard_group *list, const struct tenant *t, uint64_t key)
@@ -58,4 +65,74 @@ double shard_preference(const struct shard_group *g, const struct policy_cfg *cf
     if (g->observed == g->arrived)
         return policy_preference(cfg, g->ent, g->var);
     return g->arrived ? g->pref_sum / g->arrived : 0.0;
+}
+
+/* ---- the barrier (loop thread) ------------------------------------------------ */
+
+/* A shard scored its layer (phase 1): wait for the others; the last one starts phase 2. */
+void shard_arrive(struct server *s, struct work *w, struct client *c)
+{
+    struct seq *q = w->seqs[0];
+    struct shard_group *g = q->group;
+    if (q->work_rc) { /* the layer cannot be allocated without this shard */
+        char why[128];
+        snprintf(why, sizeof why, "shard %u failed to score layer %u: %s", q->shard, w->layer,
+                 q->work_rc < -4095 ? cake_strerror(q->work_rc) : strerror(-q->work_rc));
+        if (c && c->state == C_BUSY)
+            srv_reply_error(s, c, CAKE_EINTERNAL, "%s", why);
+        srv_seq_remove(s, q);
+        return;
+    }
+    g->arrived++;
+    g->observed += w->observe != 0;
+    g->ent += q->pend_ent, g->var += q->pend_var, g->pref_sum += q->last_pref;
+    g->waiting[q->shard] = w->client_id;
+    if (g->arrived < g->n)
+        return;
+    struct seq **all = malloc(sizeof(*all) * g->n);
+    if (!all) {
+        srv_group_end(s, g, "out of memory");
+        return;
+    }
+    memcpy(all, g->member, sizeof(*all) * g->n);
+    double pref = shard_preference(g, &q->cfg);
+    g->arrived = g->observed = 0, g->ent = g->var = g->pref_sum = 0;
+    if (work_start_group(s, g, all, w->type, w->layer, pref)) {
+        free(all);
+        srv_group_end(s, g, "out of memory");
+    }
+}
+
+/* Phase 2 done: every shard allocated from the same preference; reply to every rank. */
+void shard_group_done(struct server *s, struct work *w)
+{
+    struct shard_group *g = w->group;
+    struct seq *orphan = NULL;
+    for (uint32_t i = 0; i < w->n; i++) {
+        struct seq *q = w->seqs[i];
+        q->busy = 0;
+        seq_prefill_commit(&s->env, q);
+        s->m.evictions_prefill += q->n_ev;
+        s->m.tokens_evicted += q->evicted_tokens;
+        struct client *c = srv_client_by_id(s, g->waiting[i]);
+        g->waiting[i] = 0;
+        if (q->orphaned)
+            orphan = q;
+        if (!c || c->state != C_BUSY)
+            ;
+        else if (q->work_rc)
+            srv_reply_error(s, c, q->work_rc < -4095 ? q->work_rc : CAKE_EINTERNAL,
+                            "%s failed: %s", frame_type_name(w->type),
+                            q->work_rc < -4095 ? cake_strerror(q->work_rc)
+                                               : strerror(-q->work_rc));
+        else {
+            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
+            r.preference = w->pref;
+            r.n_evicted_layers = q->n_ev, r.evicted_layers = q->ev_layers;
+            srv_reply(s, c, w->type, &r.base);
+        }
+        q->n_ev = 0;
+    }
+    if (orphan) /* a rank died meanwhile: the whole group goes */
+        srv_seq_remove(s, orphan);
 }

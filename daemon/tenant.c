@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cake/cake.h"
+#include "check.h"
 #include "tenant.h"
 
 int tenant_name_ok(const char *name)
@@ -183,3 +184,12 @@ int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t 
         return CAKE_EOOM;
     return 0;
 }
+
+static void charge(uint64_t *held, int64_t bytes)
+{
+    CAKE_CHECK(bytes >= 0 || *held >= (uint64_t)-bytes);
+    *held += (uint64_t)bytes;
+}
+
+void tenant_charge(struct tenant *t, int64_t bytes) { charge(&t->used_bytes, bytes); }
+void tenant_charge_gpu(struct tenant *t, int64_t bytes) { charge(&t->gpu_used_bytes, bytes); }

@@ -25,6 +25,8 @@ struct tenant {
     uint32_t uids[TENANT_MAX_UIDS], n_uids;
     uint32_t weight;
     uint64_t min_bytes, max_bytes;
+    /* accounting: changed only through tenant_charge / tenant_charge_gpu / the sequence
+     * counts below, by the event loop thread */
     uint64_t used_bytes;
     uint64_t gpu_used_bytes; /* in the GPU pool (caked --gpu-pool) */
     uint32_t sequences, clients; /* clients: engines (they count toward shares) */
@@ -79,5 +81,10 @@ int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t 
 
 /* Valid service name: 1..63 chars of [A-Za-z0-9._-]. */
 int tenant_name_ok(const char *name);
+
+/* Pool bytes taken (bytes > 0) or given back (< 0) by one of t's sequences, host pool or
+ * GPU pool; giving back more than t holds is a broken invariant (CAKE_CHECK). */
+void tenant_charge(struct tenant *t, int64_t bytes);
+void tenant_charge_gpu(struct tenant *t, int64_t bytes);
 
 #endif

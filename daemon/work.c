@@ -1,0 +1,169 @@
+/* work.c - requests that run on the workers (prefill observe/submit, decode steps): a job
+ * per request, its run on a worker (each sequence's layers, skipped once its owner is gone),
+ * and its completion on the loop (commit, accounting, the reply). Shard groups' two phases
+ * meet at shard.c's barrier. See server_int.h for who owns what while a job runs. */
+#define _GNU_SOURCE /* struct ucred (server_int.h) */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "frame.h"
+#include "server_int.h"
+
+static void work_done(struct job *j);
+
+/* A sequence whose owner went away while its work waited: nothing more is done for it
+ * (the layer it is in finishes; the next one does not begin). */
+static int cancelled(struct seq *q)
+{
+    if (!__atomic_load_n(&q->cancel, __ATOMIC_RELAXED))
+        return 0;
+    q->work_rc = -ECANCELED, q->n_ev = 0, q->evicted_tokens = 0;
+    return 1;
+}
+
+static void work_run(struct job *j)
+{
+    struct work *w = (struct work *)j;
+    if (w->type == MSG_DECODE_STEP) {
+        for (uint32_t i = 0; i < w->n; i++)
+            if (!cancelled(w->seqs[i]) && seq_decode_needs_evict(w->seqs[i]))
+                seq_decode_evict_work(&w->srv->env, w->seqs[i]);
+    } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
+        if (!cancelled(w->seqs[0]))
+            seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+    } else if (w->phase == 2) {
+        for (uint32_t i = 0; i < w->n; i++)
+            if (!cancelled(w->seqs[i]))
+                seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
+    } else if (!cancelled(w->seqs[0])) {
+        seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+    }
+}
+
+static void work_done(struct job *j)
+{
+    struct work *w = (struct work *)j;
+    struct server *s = w->srv;
+    for (uint32_t i = 0; i < w->n; i++)
+        s->m.jobs_cancelled += w->seqs[i]->work_rc == -ECANCELED;
+    struct client *c = srv_client_by_id(s, w->client_id);
+    if (w->phase == 2) {
+        shard_group_done(s, w);
+        free(w->seqs);
+        free(w);
+        return;
+    }
+    if (w->phase == 1) {
+        struct seq *q = w->seqs[0];
+        q->busy = 0;
+        if (q->orphaned || !q->group) { /* its owner or its group went meanwhile */
+            if (c && c->state == C_BUSY)
+                srv_reply_error(s, c, CAKE_ENOSEQ, "the shard's group ended meanwhile");
+            srv_seq_remove(s, q);
+        } else {
+            shard_arrive(s, w, c);
+        }
+        free(w->seqs);
+        free(w);
+        return;
+    }
+    int rc = 0, lost = 0;
+    uint32_t evictions = 0, ev_layers[SEQ_MAX_LAYERS], n_ev = 0;
+    double pref = 0;
+    for (uint32_t i = 0; i < w->n; i++) {
+        struct seq *q = w->seqs[i];
+        q->busy = 0;
+        if (q->work_rc && !rc)
+            rc = q->work_rc;
+        if (w->type == MSG_DECODE_STEP) {
+            seq_trim_pages(&s->env, q);
+            seq_publish(&s->env, q); /* even if the step's reserve is refused below */
+            s->m.evictions_decode += q->n_ev;
+        } else {
+            seq_prefill_commit(&s->env, q);
+            s->m.evictions_prefill += q->n_ev;
+            memcpy(ev_layers, q->ev_layers, sizeof(uint32_t) * q->n_ev);
+            n_ev = q->n_ev, pref = q->last_pref;
+        }
+        evictions += q->n_ev;
+        s->m.tokens_evicted += q->evicted_tokens;
+        q->n_ev = 0;
+        if (q->orphaned) {
+            srv_seq_remove(s, q);
+            lost = 1;
+        }
+    }
+    if (c && c->state == C_BUSY) {
+        if (rc) {
+            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s failed: %s",
+                        frame_type_name(w->type), rc < -4095 ? cake_strerror(rc) : strerror(-rc));
+        } else if (lost) {
+            srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
+        } else if (w->type == MSG_DECODE_STEP) {
+            work_decode_reply(s, c, w->seqs, w->n, evictions);
+        } else {
+            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
+            r.preference = pref;
+            r.n_evicted_layers = n_ev, r.evicted_layers = ev_layers;
+            srv_reply(s, c, w->type, &r.base);
+        }
+    }
+    free(w->seqs);
+    free(w);
+}
+
+void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
+                       uint32_t n, uint32_t layer, int observe, double pref)
+{
+    struct work *w = calloc(1, sizeof(*w));
+    if (!w) {
+        free(seqs);
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
+    w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight; /* shared by weight */
+    w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
+    w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
+    w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
+    for (uint32_t i = 0; i < n; i++)
+        seqs[i]->busy = 1;
+    c->state = C_BUSY;
+    workers_submit(s->workers, &w->job);
+}
+
+void work_decode_reply(struct server *s, struct client *c, struct seq **seqs,
+                                     uint32_t n, uint32_t evictions)
+{
+    const char *why = "";
+    if (seq_decode_admit(&s->env, c->tenant, seqs, n, &why)) {
+        c->tenant->oom_errors++;
+        srv_reply_error(s, c, CAKE_EOOM, "%s", why);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        seq_decode_reserve(&s->env, seqs[i]); /* admitted above: cannot run dry */
+    Cake__DecodeReply r = CAKE__DECODE_REPLY__INIT;
+    r.evictions = evictions;
+    srv_reply(s, c, MSG_DECODE_STEP, &r.base);
+}
+
+/* Phase 2 of a shard group's layer: every shard allocates and evicts with pref. */
+int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
+                     uint32_t layer, double pref)
+{
+    struct work *w = calloc(1, sizeof(*w));
+    if (!w)
+        return -ENOMEM;
+    w->job.run = work_run, w->job.done = work_done;
+    w->job.owner = g->tenant->id, w->job.weight = g->tenant->weight;
+    w->srv = s, w->type = type, w->seqs = all, w->n = g->n, w->layer = layer;
+    w->pref = pref, w->phase = 2, w->group = g;
+    for (uint32_t i = 0; i < g->n; i++)
+        all[i]->busy = 1;
+    workers_submit(s->workers, &w->job);
+    return 0;
+}
