@@ -845,6 +845,8 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         m.gpu_uuid = c->gpus[lay->gpu].uuid;
     RPC_UNPACK(seq_open_reply, r, MSG_SEQ_OPEN, &m.base);
     cake_seq *s = c_alloc(c, sizeof(*s));
+    if (s)
+        memset(s, 0, sizeof(*s)); /* the error path below reads its window fields */
     int rc = s ? 0 : -ENOMEM;
     if (!rc && c->n_seqs == c->cap_seqs) {
         size_t cap = c->cap_seqs ? c->cap_seqs * 2 : 16;
@@ -859,10 +861,8 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
             c->seqs = n, c->cap_seqs = cap;
         }
     }
-    if (!rc) {
-        memset(s, 0, sizeof(*s));
+    if (!rc)
         rc = map_window(c, s, r);
-    }
     struct shm_desc hdr;
     if (!rc && r->desc_bytes < sizeof hdr)
         rc = cake_set_err(c, CAKE_EPROTO, "sequence descriptor shorter than its header");
