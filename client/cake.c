@@ -41,6 +41,8 @@ int cake_create(cake_ctx **out)
     c->fd = -1;
     c->server_uid = -1;
     c->alloc = default_alloc, c->release = default_release;
+    frame_reader_init(&c->rd, FRAME_MAX_BODY);
+    frame_reader_set_alloc(&c->rd, default_alloc, default_release, NULL);
     strcpy(c->service, "default");
     *out = c;
     return 0;
@@ -63,6 +65,8 @@ int cake_set_allocator(cake_ctx *c, void *(*alloc)(size_t, void *), void (*relea
     if (!alloc || !release || c->fd >= 0)
         return CAKE_EINVAL;
     c->alloc = alloc, c->release = release, c->ud = ud;
+    frame_reader_free(&c->rd); /* empty: nothing read while not connected */
+    frame_reader_set_alloc(&c->rd, alloc, release, ud);
     return 0;
 }
 
@@ -155,12 +159,16 @@ static int wait_fd(cake_ctx *c, short ev)
 
 /* A frame cut off midway (a timeout, a signal-free error) leaves the stream unreadable in
  * both directions: the connection is dropped, later calls return CAKE_ENOTCONN. */
+static void fdg_clear(cake_ctx *c);
+
 static int drop_conn(cake_ctx *c, int rc)
 {
     if (c->fd >= 0) {
         close(c->fd);
         c->fd = -1;
     }
+    frame_reader_free(&c->rd);
+    fdg_clear(c);
     if (rc == -ETIMEDOUT)
         cake_set_err(c, rc, "no reply from caked within %d ms, midway through a frame: "
                             "connection dropped", c->timeout_ms);
@@ -188,17 +196,48 @@ static int send_all(cake_ctx *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* Reads exactly n bytes; fds passed alongside are queued in c->fdq, in order (any beyond
- * its room are closed at once, never leaked). mid: these bytes continue a frame already
- * begun. A failure midway through a frame drops the connection. */
-static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int mid)
+/* Closes the fds of every group and forgets them. */
+static void fdg_clear(cake_ctx *c)
 {
-    size_t n0 = n;
-    while (n) {
+    for (int g = 0; g < c->n_fdg; g++)
+        for (int i = 0; i < c->fdg[g].n; i++)
+            close(c->fdg[g].fd[i]);
+    c->n_fdg = 0;
+}
+
+/* The fds of the frame starting at stream offset `at` that carries FRAME_FLAG_FDS: the first
+ * group whose read reached past `at` (groups that ended before it belonged to frames
+ * already passed: closed). Copied to *out (n fds, owned by the caller); 0 when none came. */
+static int fdg_take(cake_ctx *c, uint64_t at, int *out)
+{
+    while (c->n_fdg && c->fdg[0].end <= at) {
+        for (int i = 0; i < c->fdg[0].n; i++)
+            close(c->fdg[0].fd[i]);
+        memmove(c->fdg, c->fdg + 1, sizeof(c->fdg[0]) * (size_t)--c->n_fdg);
+    }
+    if (!c->n_fdg)
+        return 0;
+    int n = c->fdg[0].n;
+    memcpy(out, c->fdg[0].fd, sizeof(int) * (size_t)n);
+    memmove(c->fdg, c->fdg + 1, sizeof(c->fdg[0]) * (size_t)--c->n_fdg);
+    return n;
+}
+
+/* One read into the frame reader; fds passed alongside become a group (any beyond its room
+ * are closed at once, never leaked). A failure midway through a frame drops the
+ * connection. */
+static int recv_more(cake_ctx *c)
+{
+    int mid = frame_reader_pending(&c->rd) != 0;
+    for (;;) {
         int rc = wait_fd(c, POLLIN);
         if (rc)
-            return mid || n != n0 ? drop_conn(c, rc) : rc;
-        struct iovec iov = {p, n};
+            return mid ? drop_conn(c, rc) : rc;
+        size_t room;
+        uint8_t *p = frame_reader_space(&c->rd, &room);
+        if (!p)
+            return cake_set_err(c, -ENOMEM, "out of memory for a reply");
+        struct iovec iov = {p, room};
         char cbuf[CMSG_SPACE(253 * sizeof(int))];
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                             .msg_controllen = sizeof cbuf};
@@ -208,47 +247,51 @@ static int recv_all(cake_ctx *c, uint8_t *p, size_t n, int mid)
                 continue;
             rc = errno == ECONNRESET ? cake_set_err(c, CAKE_ESHUTDOWN, "connection to caked reset")
                                      : -errno;
-            return mid || n != n0 ? drop_conn(c, rc) : rc;
+            return mid ? drop_conn(c, rc) : rc;
         }
         if (k == 0)
             return drop_conn(c, cake_set_err(c, CAKE_ESHUTDOWN, "caked closed the connection"));
+        frame_reader_wrote(&c->rd, (size_t)k);
+        struct cake_fdgroup *g = c->n_fdg < CAKE_FD_GROUPS ? &c->fdg[c->n_fdg] : NULL;
+        if (g)
+            g->n = 0, g->end = frame_reader_end(&c->rd);
         for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
                 size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (size_t i = 0; i < nf; i++) {
                     int got;
                     memcpy(&got, CMSG_DATA(cm) + i * sizeof(int), sizeof got);
-                    if (c->n_fdq < CAKE_MAX_FDQ)
-                        c->fdq[c->n_fdq++] = got;
+                    if (g && g->n < CAKE_FD_GROUP_MAX)
+                        g->fd[g->n++] = got;
                     else
                         close(got);
                 }
             }
-        p += k, n -= (size_t)k;
+        if (g && g->n)
+            c->n_fdg++;
+        return 0;
     }
-    return 0;
 }
 
-/* The next queued fd, or -1. */
-static int fdq_pop(cake_ctx *c)
+/* The next frame from caked (*at: its stream offset; *body valid until the next read). */
+static int next_frame(cake_ctx *c, struct frame_header *h, const uint8_t **body, uint64_t *at)
 {
-    if (!c->n_fdq)
-        return -1;
-    int fd = c->fdq[0];
-    memmove(c->fdq, c->fdq + 1, sizeof(int) * (size_t)--c->n_fdq);
-    return fd;
-}
-
-static void fdq_clear(cake_ctx *c)
-{
-    while (c->n_fdq)
-        close(fdq_pop(c));
+    for (;;) {
+        *at = frame_reader_pos(&c->rd);
+        int rc = frame_reader_next(&c->rd, h, body);
+        if (rc == 1)
+            return 0;
+        if (rc < 0)
+            return drop_conn(c, cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked"));
+        if ((rc = recv_more(c)))
+            return rc;
+    }
 }
 
 static void *pc_alloc(void *ud, size_t n) { return c_alloc(ud, n); }
 static void pc_free(void *ud, void *p) { c_free(ud, p); }
 
-static void apply_map(cake_ctx *c, const uint8_t *b, size_t len);
+static void apply_map(cake_ctx *c, const uint8_t *b, size_t len, const int *fds, int nfd);
 static void conn_release(cake_ctx *c);
 
 /* One request/reply. On success *body (ctx-allocated, *blen bytes) is the reply body to
@@ -278,31 +321,24 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
     if (rc && !unsent)
         return rc;
     for (;;) {
-        uint8_t hb[FRAME_HEADER_BYTES];
-        if ((rc = recv_all(c, hb, sizeof hb, 0)))
+        const uint8_t *fb;
+        uint64_t at;
+        if ((rc = next_frame(c, &h, &fb, &at)))
             return unsent ? drop_conn(c, cake_set_err(c, CAKE_ESHUTDOWN,
                                                       "connection to caked closed")) : rc;
-        if ((rc = frame_parse_header(hb, &h)))
-            return drop_conn(c, cake_set_err(c, CAKE_EPROTO, "malformed reply header from caked"));
-        uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
-        if (!b)
-            return -ENOMEM;
-        if ((rc = recv_all(c, b, h.body_len, 1))) {
-            c_free(c, b);
-            return rc;
-        }
+        int fds[CAKE_FD_GROUP_MAX], nfd = h.flags & FRAME_FLAG_FDS ? fdg_take(c, at, fds) : 0;
         if (h.type == (MSG_MAP | FRAME_REPLY)) { /* segments gained or lost, then the reply */
             if (h.request_id == rid && !unsent)
-                apply_map(c, b, h.body_len);
-            c_free(c, b);
-            fdq_clear(c);
+                apply_map(c, fb, h.body_len, fds, nfd);
+            for (int i = 0; i < nfd; i++)
+                close(fds[i]);
             continue;
         }
-        fdq_clear(c); /* no other frame carries fds */
+        for (int i = 0; i < nfd; i++) /* no other frame carries fds */
+            close(fds[i]);
         if (h.type == MSG_ERROR) {
             ProtobufCAllocator al = {pc_alloc, pc_free, c};
-            Cake__Error *e = cake__error__unpack(&al, h.body_len, b);
-            c_free(c, b);
+            Cake__Error *e = cake__error__unpack(&al, h.body_len, fb);
             if (!e)
                 return cake_set_err(c, CAKE_EPROTO, "malformed error reply from caked");
             int code = e->code < 0 ? e->code : CAKE_EPROTO;
@@ -314,18 +350,16 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
                 continue;
             return code;
         }
-        if (unsent) { /* a reply to an earlier request; ours never went out */
-            c_free(c, b);
+        if (unsent) /* a reply to an earlier request; ours never went out */
             continue;
-        }
-        if (h.request_id < rid && h.request_id != 0) {
-            c_free(c, b); /* the late reply to a request that timed out: skip it */
-            continue;
-        }
-        if (h.request_id != rid || h.type != (type | FRAME_REPLY)) {
-            c_free(c, b);
+        if (h.request_id < rid && h.request_id != 0)
+            continue; /* the late reply to a request that timed out: skip it */
+        if (h.request_id != rid || h.type != (type | FRAME_REPLY))
             return cake_set_err(c, CAKE_EPROTO, "reply does not match the request");
-        }
+        uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
+        if (!b)
+            return -ENOMEM;
+        memcpy(b, fb, h.body_len);
         *body = b, *blen = h.body_len;
         return 0;
     }
@@ -429,8 +463,9 @@ static int seg_holds_desc(const cake_ctx *c, uint32_t i)
 /* A MAP frame: segments of this client's tenant to map (one fd each, queued in order) or to
  * drop. Entries that do not describe a segment of a pool we reserved are skipped, their fd
  * closed: addresses there then read as outside the pool (NULL), never as memory. */
-static void apply_map(cake_ctx *c, const uint8_t *b, size_t len)
+static void apply_map(cake_ctx *c, const uint8_t *b, size_t len, const int *fds, int nfd)
 {
+    int next_fd = 0;
     ProtobufCAllocator al = {pc_alloc, pc_free, c};
     Cake__SegmentMap *m = cake__segment_map__unpack(&al, len, b);
     if (!m) {
@@ -439,7 +474,7 @@ static void apply_map(cake_ctx *c, const uint8_t *b, size_t len)
     }
     for (size_t k = 0; k < m->n_segments; k++) {
         const Cake__Segment *e = m->segments[k];
-        int fd = e->revoke ? -1 : fdq_pop(c);
+        int fd = e->revoke || next_fd >= nfd ? -1 : dup(fds[next_fd++]);
         if (!e->revoke && fd < 0) {
             cake_set_err(c, CAKE_EPROTO, "MAP frame without the segment's fd");
             continue;
@@ -632,7 +667,8 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     }
     return 0;
 fail:
-    fdq_clear(c);
+    fdg_clear(c);
+    frame_reader_free(&c->rd);
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -673,7 +709,8 @@ static void conn_release(cake_ctx *c)
     if (c->seg_gen)
         c_free(c, c->seg_gen);
     c->pool = NULL, c->seg_gen = NULL, c->n_segs = 0;
-    fdq_clear(c);
+    fdg_clear(c);
+    frame_reader_free(&c->rd);
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;

@@ -10,12 +10,14 @@
 #ifdef CAKE_HAVE_CUDA
 #include "gpupool.h"
 #endif
+#include "reader.h"
 #include "shm.h"
 
 struct seq_gpu;
 
 #define CAKE_MAX_GPUS 8
-#define CAKE_MAX_FDQ 256 /* fds received and not yet consumed (a MAP frame carries at most 64) */
+#define CAKE_FD_GROUPS 4 /* fd groups received and not yet taken by their frames */
+#define CAKE_FD_GROUP_MAX 64 /* fds one frame carries at most (caked's SERVER_MAP_FDS) */
 
 struct cake_ctx {
     int fd;
@@ -33,8 +35,16 @@ struct cake_ctx {
     uint64_t seg_bytes;
     uint32_t n_segs;
     uint32_t *seg_gen;      /* per host segment: the generation mapped, 0 none */
-    int fdq[CAKE_MAX_FDQ];  /* fds that arrived with frames, in order */
-    int n_fdq;
+    struct frame_reader rd; /* replies as they arrive (proto/reader.h) */
+    /* fds that arrived, one group per read that brought them (a frame's fds travel with
+     * its first byte, alone in their sendmsg): taken in order by the frames that carry
+     * FRAME_FLAG_FDS; `end` is the stream offset where that read ended */
+    struct cake_fdgroup {
+        uint64_t end;
+        int n;
+        int fd[CAKE_FD_GROUP_MAX];
+    } fdg[CAKE_FD_GROUPS];
+    int n_fdg;
     uint64_t next_rid;
     cake_seq **seqs;
     size_t n_seqs, cap_seqs;

@@ -654,23 +654,18 @@ void srv_dispatch(struct server *s, struct client *c)
 {
     unsigned t = c->h.type;
     c->t0 = srv_now_s();
-    if (c->discard) {
-        c->discard = 0;
-        srv_reply_error(s, c, CAKE_EPROTO, "unknown message type %u", t);
-        return;
-    }
     if (t & FRAME_REPLY || t == MSG_ERROR) {
         srv_reply_error(s, c, CAKE_EPROTO, "clients send requests, not replies (type %#x)", t);
+        return;
+    }
+    if (t > MSG_TYPE_MAX || !handlers[t].fn) { /* the stream stays in step: answer, go on */
+        srv_reply_error(s, c, CAKE_EPROTO, t == MSG_MAP ? "MAP frames come from caked only"
+                                                        : "unknown message type %u", t);
         return;
     }
     s->m.requests[t]++;
     /* the client called again: pages ended by others' actions may go (srv_quarantine) */
     srv_release_quarantine(s, c->id);
-    if (t > MSG_TYPE_MAX || !handlers[t].fn) {
-        srv_reply_error(s, c, CAKE_EPROTO, t == MSG_MAP ? "MAP frames come from caked only"
-                                                        : "unknown message type %u", t);
-        return;
-    }
     unsigned flags = handlers[t].flags;
     if (!(flags & H_ANON) && !c->tenant) {
         srv_reply_error(s, c, CAKE_ESTATE, "send HELLO first");

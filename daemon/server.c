@@ -363,9 +363,7 @@ static void srv_queue_maps(struct server *s, struct client *c)
 static void finish_request(struct server *s, struct client *c)
 {
     metrics_observe_latency(&s->m, srv_now_s() - c->t0);
-    c->state = C_HEADER;
-    c->got = 0;
-    free(c->body);
+    c->state = C_IDLE;
     c->body = NULL;
     if (client_flush(s, c) == 1 && !c->reading)
         srv_client_read(s, c); /* frames may be waiting: the poll only reports new arrivals */
@@ -395,90 +393,50 @@ void srv_reply_error(struct server *s, struct client *c, int code, const char *f
 
 /* ---- connections ----------------------------------------------------------- */
 
-/* Parses a complete header held in c->hdr; returns 0 to go on reading the body. */
-static int take_header(struct server *s, struct client *c)
+/* The reader refused the stream (rc): say why, then close. */
+static void bad_frame(struct server *s, struct client *c, int rc)
 {
-    int rc = frame_parse_header(c->hdr, &c->h);
-    unsigned t = c->h.type & ~FRAME_REPLY;
-    if (rc == CAKE_EPROTO && c->h.magic == FRAME_MAGIC && c->h.version == FRAME_VERSION &&
-        !(c->h.flags & ~FRAME_FLAGS_KNOWN) && c->h.body_len <= FRAME_MAX_BODY &&
-        (t == 0 || t > MSG_TYPE_MAX)) {
-        c->discard = 1; /* unknown type, sane frame: skip its body, answer, go on */
-        rc = 0;
-    }
-    if (rc) {
-        c->t0 = srv_now_s();
-        c->close_after_flush = 1;
-        srv_reply_error(s, c, rc, rc == CAKE_ETOOBIG ? "frame body of %u bytes exceeds the cap"
-                                                 : "malformed frame header (%u)", c->h.body_len);
-        return -1;
-    }
-    if (!c->tenant && c->h.body_len > SERVER_PREHELLO_MAX_BODY) {
+    c->h = c->rd.bad;
+    c->t0 = srv_now_s();
+    c->close_after_flush = 1;
+    if (rc == CAKE_ETOOBIG && !c->tenant)
         /* nothing large is held for a client that has not said who it is */
-        c->t0 = srv_now_s();
-        c->close_after_flush = 1;
         srv_reply_error(s, c, CAKE_ETOOBIG, "a frame of %u bytes before HELLO (at most %u)",
                         c->h.body_len, SERVER_PREHELLO_MAX_BODY);
-        return -1;
-    }
-    c->state = C_BODY, c->got = 0;
-    if (c->h.body_len && !c->discard && !(c->body = malloc(c->h.body_len))) {
-        c->close_after_flush = 1;
-        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
-        return -1;
-    }
-    return 0;
+    else if (rc == CAKE_ETOOBIG)
+        srv_reply_error(s, c, rc, "frame body of %u bytes exceeds the cap", c->h.body_len);
+    else
+        srv_reply_error(s, c, rc, "malformed frame header (%u)", c->h.body_len);
 }
 
 /* Reads and dispatches frames until the socket is drained, a request goes to a worker,
- * or a reply waits for the socket. Reads ahead into c->in; a short read means the socket
- * was empty, and anything arriving later raises a new poll event. */
+ * or a reply waits for the socket. A short read means the socket was empty, and anything
+ * arriving later raises a new poll event. */
 void srv_client_read(struct server *s, struct client *c)
 {
     c->reading = 1;
-    while ((c->state == C_HEADER || c->state == C_BODY) && !c->out) {
-        size_t avail = c->in_len - c->in_off;
-        if (c->state == C_HEADER && avail >= FRAME_HEADER_BYTES) {
-            memcpy(c->hdr, c->in + c->in_off, FRAME_HEADER_BYTES);
-            c->in_off += FRAME_HEADER_BYTES;
-            if (take_header(s, c))
-                break;
+    while (c->state == C_IDLE && !c->out) {
+        c->rd.max_body = c->tenant ? FRAME_MAX_BODY : SERVER_PREHELLO_MAX_BODY;
+        int rc = frame_reader_next(&c->rd, &c->h, &c->body);
+        if (rc == 1) {
+            srv_dispatch(s, c);
             continue;
         }
-        if (c->state == C_BODY) {
-            size_t need = c->h.body_len - c->got;
-            if (need == 0) {
-                srv_dispatch(s, c);
-                continue;
-            }
-            if (avail) {
-                size_t k = avail < need ? avail : need;
-                if (c->body)
-                    memcpy(c->body + c->got, c->in + c->in_off, k);
-                c->in_off += k, c->got += k;
-                continue;
-            }
-            if (c->body && need >= sizeof c->in && !c->drained) { /* large body: straight in */
-                ssize_t n = recv(c->fd, c->body + c->got, need, MSG_DONTWAIT);
-                if (n > 0) {
-                    c->got += (size_t)n;
-                    continue;
-                }
-                if (n == 0 || (errno != EAGAIN && errno != EINTR))
-                    client_close(s, c);
-                else if (errno == EAGAIN)
-                    c->drained = 1;
-                continue;
-            }
+        if (rc < 0) {
+            bad_frame(s, c, rc);
+            break;
         }
         if (c->drained)
             break;
-        if (c->in_off) { /* keep the partial frame at the front */
-            memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
-            c->in_len -= c->in_off, c->in_off = 0;
+        size_t room;
+        uint8_t *p = frame_reader_space(&c->rd, &room);
+        if (!p) {
+            c->t0 = srv_now_s();
+            c->close_after_flush = 1;
+            srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+            break;
         }
-        size_t room = sizeof c->in - c->in_len;
-        ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+        ssize_t n = recv(c->fd, p, room, MSG_DONTWAIT);
         if (n == 0) {
             client_close(s, c);
             break;
@@ -492,7 +450,7 @@ void srv_client_read(struct server *s, struct client *c)
                 client_close(s, c);
             continue;
         }
-        c->in_len += (size_t)n;
+        frame_reader_wrote(&c->rd, (size_t)n);
         /* a short read drained the socket, unless the peer has hung up: then read on to the
          * end of file (io_uring reports the hang-up once; if it came with the last bytes,
          * no later wakeup would tell us) */
@@ -544,7 +502,8 @@ static void client_free(struct client *c)
     out_reset(c);
     for (uint32_t k = 0; k < SERVER_POOLS; k++)
         free(c->seg_sent[k]);
-    free(c->body), free(c);
+    frame_reader_free(&c->rd);
+    free(c);
 }
 
 static void free_dead(struct server *s)
@@ -683,7 +642,8 @@ static void on_accept(void *arg, uint32_t ev)
         }
         s->clients = cs;
         c->srv = s, c->id = ++s->next_client_id, c->fd = fd, c->cred = cred;
-        c->state = C_HEADER;
+        c->state = C_IDLE;
+        frame_reader_init(&c->rd, SERVER_PREHELLO_MAX_BODY);
         c->t_accept = srv_now_s();
         s->clients[s->n_clients++] = c;
         s->m.clients_total++;

@@ -9,6 +9,7 @@
 #include "cake.pb-c.h"
 #include "metrics.h"
 #include "pool.h"
+#include "reader.h"
 #include "seq.h"
 #include "shard.h"
 #include "server.h"
@@ -33,7 +34,7 @@ struct out_fds {
     int fd[SERVER_MAP_FDS];
 };
 
-enum conn_state { C_HEADER, C_BODY, C_BUSY, C_CLOSED };
+enum conn_state { C_IDLE, C_BUSY, C_CLOSED }; /* idle: reading requests */
 
 struct client {
     struct server *srv;
@@ -48,17 +49,13 @@ struct client {
     uint32_t *seg_sent[SERVER_POOLS];
     uint64_t seg_epoch[SERVER_POOLS];
     enum conn_state state;
-    uint8_t hdr[FRAME_HEADER_BYTES];
-    size_t got;            /* body bytes received */
-    uint8_t in[4096];      /* bytes read ahead of parsing */
-    size_t in_off, in_len;
+    struct frame_reader rd; /* what has arrived of the next frames (proto/reader.h) */
     int drained;           /* the last recv came back short: wait for the next poll event */
     int rdhup;             /* the peer hung up (or erred): read to the end, whatever comes short */
     int reading;           /* inside client_read: completions must not re-enter it */
     struct client *next_dead;
-    struct frame_header h;
-    uint8_t *body;
-    int discard;           /* unknown type: read and drop the body, then answer */
+    struct frame_header h; /* the request being served */
+    const uint8_t *body;   /* its body, in rd, while it is dispatched */
     int close_after_flush; /* the stream is unusable after this reply */
     uint8_t *out;          /* frames queued: MAP frames, then the reply */
     size_t out_len, out_off;

@@ -23,7 +23,7 @@ void frame_write_header(uint8_t out[FRAME_HEADER_BYTES], const struct frame_head
     put64(out + 16, h->request_id);
 }
 
-int frame_parse_header(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header *h)
+int frame_parse_header_any(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header *h)
 {
     h->magic = get32(in);
     h->version = get16(in + 4);
@@ -33,12 +33,18 @@ int frame_parse_header(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header
     h->request_id = get64(in + 16);
     if (h->magic != FRAME_MAGIC || h->version != FRAME_VERSION || (h->flags & ~FRAME_FLAGS_KNOWN))
         return CAKE_EPROTO;
-    unsigned t = h->type & ~FRAME_REPLY;
-    if (t != MSG_ERROR && (t == 0 || t > MSG_TYPE_MAX))
-        return CAKE_EPROTO;
     if (h->body_len > FRAME_MAX_BODY)
         return CAKE_ETOOBIG;
     return 0;
+}
+
+int frame_parse_header(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header *h)
+{
+    int rc = frame_parse_header_any(in, h);
+    unsigned t = h->type & ~FRAME_REPLY;
+    if (!rc && t != MSG_ERROR && (t == 0 || t > MSG_TYPE_MAX))
+        return CAKE_EPROTO;
+    return rc;
 }
 
 const char *frame_type_name(unsigned type)

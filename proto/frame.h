@@ -55,6 +55,9 @@ void frame_write_header(uint8_t out[FRAME_HEADER_BYTES], const struct frame_head
 /* Decodes and validates a header. Returns 0, or a negative CAKE_E* code:
  * CAKE_EPROTO (bad magic, version, flags or type), CAKE_ETOOBIG (body over the cap). */
 int frame_parse_header(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header *h);
+/* The same without judging the type (frame_reader: an unknown type is the receiver's to
+ * answer, the stream stays in step). */
+int frame_parse_header_any(const uint8_t in[FRAME_HEADER_BYTES], struct frame_header *h);
 
 const char *frame_type_name(unsigned type);
 

@@ -2,7 +2,7 @@
 # sanitize.sh [--long] - the C tests under AddressSanitizer + UndefinedBehaviorSanitizer, and
 # caked under ThreadSanitizer while the integration tests drive it. CI runs it after
 # tools/test.sh (which built build/); --long adds 200 chaos rounds per event loop under
-# ASan and, with clang, 300 s of the frame fuzzer. Builds in build/asan, build/tsan (inside the ignored build/).
+# ASan and, with clang, 300 s each of the frame and server fuzzers. Builds in build/asan, build/tsan (inside the ignored build/).
 # Exit status 0 only if every test passed and TSan reported nothing.
 set -e
 cd "$(dirname "$0")/.."
@@ -47,10 +47,12 @@ if [ $long = 1 ]; then
         CAKE_CHAOS_ROUNDS=200 CAKE_TEST_IO=$io build/asan/tests/test_chaos --jobs 1
     done
     if command -v clang >/dev/null; then
-        echo "== libFuzzer: the frame decoder, 300 s"
         CC=clang cmake -S . -B build/fuzz -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF >/dev/null
-        cmake --build build/fuzz -j"$jobs" --target fuzz_frame >/dev/null
-        mkdir -p build/fuzz/corpus && cp "$root"/tests/fuzz/corpus/frame/* build/fuzz/corpus/
-        build/fuzz/tests/fuzz_frame -max_total_time=300 build/fuzz/corpus
+        cmake --build build/fuzz -j"$jobs" --target fuzz_frame fuzz_server >/dev/null
+        for t in frame server; do
+            echo "== libFuzzer: $t, 300 s"
+            mkdir -p build/fuzz/corpus-$t && cp "$root"/tests/fuzz/corpus/$t/* build/fuzz/corpus-$t/
+            build/fuzz/tests/fuzz_$t -max_total_time=300 -timeout=30 build/fuzz/corpus-$t
+        done
     fi
 fi
