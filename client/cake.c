@@ -118,22 +118,12 @@ const char *cake_gpu_uuid_at(const cake_ctx *c, uint32_t i)
 
 uint64_t cake_gpu_pool_base_at(const cake_ctx *c, uint32_t i)
 {
-#ifdef CAKE_HAVE_CUDA
     return i < c->n_gpus && c->gpus[i].mapped ? c->gpus[i].gpu.va : 0;
-#else
-    (void)c, (void)i;
-    return 0;
-#endif
 }
 
 size_t cake_gpu_pool_bytes_at(const cake_ctx *c, uint32_t i)
 {
-#ifdef CAKE_HAVE_CUDA
     return i < c->n_gpus && c->gpus[i].mapped ? c->gpus[i].gpu.bytes : 0;
-#else
-    (void)c, (void)i;
-    return 0;
-#endif
 }
 
 uint64_t cake_gpu_pool_base(const cake_ctx *c) { return cake_gpu_pool_base_at(c, 0); }
@@ -390,7 +380,6 @@ static int rpc_empty(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg)
 
 /* ---- the pools: reserved ranges, tenant segments mapped into them ---------- */
 
-#ifdef CAKE_HAVE_CUDA
 static int any_gpu_mapped(const cake_ctx *c)
 {
     for (uint32_t i = 0; i < c->n_gpus; i++)
@@ -398,7 +387,6 @@ static int any_gpu_mapped(const cake_ctx *c)
             return 1;
     return 0;
 }
-#endif
 
 static uint64_t host_seg_len(const cake_ctx *c, uint32_t i)
 {
@@ -412,10 +400,8 @@ static void host_seg_unmap(cake_ctx *c, uint32_t i)
     if (!c->seg_gen[i])
         return;
     uint8_t *at = c->pool + (uint64_t)i * c->seg_bytes;
-#ifdef CAKE_HAVE_CUDA
     if (c->host_registered)
         gpupool_unregister_host(at);
-#endif
     mmap(at, host_seg_len(c, i), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
          -1, 0);
     c->seg_gen[i] = 0;
@@ -441,11 +427,9 @@ static int host_seg_map(cake_ctx *c, uint32_t i, int fd, uint32_t gen)
         return cake_set_err(c, -e, "cannot map pool segment %u: %s", i, strerror(e));
     }
     c->seg_gen[i] = gen ? gen : 1;
-#ifdef CAKE_HAVE_CUDA
     const char *why = "";
     if (c->host_registered)
         gpupool_register_host(at, len, &why);
-#endif
     return 0;
 }
 
@@ -494,7 +478,6 @@ static void apply_map(cake_ctx *c, const uint8_t *b, size_t len, const int *fds,
                 host_seg_map(c, e->index, fd, e->gen);
         } else {
             uint32_t g = e->pool - 1;
-#ifdef CAKE_HAVE_CUDA
             struct cake_gpu *cg = g < c->n_gpus ? &c->gpus[g] : NULL;
             int ok = cg && cg->mapped && !cg->legacy && e->index < cg->gpu.n_segs &&
                      e->offset == (uint64_t)e->index * cg->gpu.seg_bytes &&
@@ -506,9 +489,6 @@ static void apply_map(cake_ctx *c, const uint8_t *b, size_t len, const int *fds,
                 gpupool_seg_drop(&cg->gpu, e->index);
             else if (gpupool_seg_import(&cg->gpu, e->index, fd, &why))
                 cake_set_err(c, 0, "GPU pool segment %u not mapped: %s", e->index, why);
-#else
-            (void)g;
-#endif
         }
         if (fd >= 0)
             close(fd);
@@ -625,7 +605,6 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         cg->bytes = g->bytes;
         cg->legacy = g->ipc_handle.len > 0;
         int wanted = !c->gpu_filter[0] || strstr(c->gpu_filter, cg->uuid) != NULL;
-#ifdef CAKE_HAVE_CUDA
         const char *why = "";
         if (!wanted || !map_pool) {
         } else if (cg->legacy) {
@@ -642,10 +621,6 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
             cake_set_err(c, 0, "GPU pool %s not mapped: %s", cg->uuid,
                          why[0] ? why : "its size is not a multiple of the granularity");
         }
-#else
-        if (wanted && map_pool)
-            cake_set_err(c, 0, "GPU pool not mapped: this libcake was built without CUDA");
-#endif
     }
     cake__hello_reply__free_unpacked(r, &al);
     if (map_pool) {
@@ -661,9 +636,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
         }
         memset(c->seg_gen, 0, sizeof(uint32_t) * c->n_segs);
         c->pool = p;
-#ifdef CAKE_HAVE_CUDA
         c->host_registered = any_gpu_mapped(c); /* each segment as it is mapped */
-#endif
     }
     return 0;
 fail:
@@ -697,11 +670,9 @@ static void conn_release(cake_ctx *c)
         seq_release(c, c->seqs[0]);
     for (uint32_t i = 0; c->pool && i < c->n_segs; i++)
         host_seg_unmap(c, i);
-#ifdef CAKE_HAVE_CUDA
     for (uint32_t i = 0; i < c->n_gpus; i++)
         if (c->gpus[i].mapped)
             gpupool_destroy(&c->gpus[i].gpu);
-#endif
     memset(c->gpus, 0, sizeof c->gpus);
     c->n_gpus = 0, c->host_registered = 0;
     if (c->pool)
@@ -766,12 +737,8 @@ static void kv_pool_of(const cake_ctx *c, const struct cake_layout *lay, uint8_t
                        size_t *bytes)
 {
     *base = c->pool, *bytes = c->pool_bytes;
-#ifdef CAKE_HAVE_CUDA
     if (lay->placement == CAKE_PLACE_GPU)
         *base = (uint8_t *)(uintptr_t)c->gpus[lay->gpu].gpu.va, *bytes = c->gpus[lay->gpu].gpu.bytes;
-#else
-    (void)lay;
-#endif
 }
 
 /* The descriptor caked wrote at open describes what was asked for, and everything it locates
@@ -1017,7 +984,6 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
 
 int cake_gpu_pool_mapped(const cake_ctx *c, uint32_t i, uint64_t off, size_t len)
 {
-#ifdef CAKE_HAVE_CUDA
     if (i >= c->n_gpus || !c->gpus[i].mapped)
         return 0;
     const struct gpupool *g = &c->gpus[i].gpu;
@@ -1032,10 +998,6 @@ int cake_gpu_pool_mapped(const cake_ctx *c, uint32_t i, uint64_t off, size_t len
         if (k >= g->n_segs || !g->seg[k])
             return 0;
     return 1;
-#else
-    (void)c, (void)i, (void)off, (void)len;
-    return 0;
-#endif
 }
 
 /* Is [off, off + len) of the sequence's K/V pool (host or GPU) mapped in this process? */

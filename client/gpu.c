@@ -1,13 +1,12 @@
 /* gpu.c - libcake's GPU path: queries into the paged rings and decode attention straight
- * from the GPU pool (cake.h). */
+ * from the GPU pool (cake.h). Built with CUDA; gpu_stub.c stands in without. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "priv.h"
-
-#ifdef CAKE_HAVE_CUDA
 #include <cuda_runtime.h>
+
+#include "priv.h"
 
 #include "kern.h"
 #include "kern_cuda.h"
@@ -163,21 +162,3 @@ int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_s
     }
     return e == cudaSuccess ? 0 : cake_set_err(c, -EIO, "queries: %s", cudaGetErrorString(e));
 }
-
-#else /* libcake without CUDA */
-
-void cake_gpu_seq_release(cake_seq *s) { (void)s; }
-
-int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_stride,
-                      uint32_t n, uint32_t slot0, void *stream)
-{
-    (void)l, (void)src, (void)head_stride, (void)n, (void)slot0, (void)stream;
-    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
-}
-
-int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
-{
-    (void)q, (void)out, (void)stream;
-    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
-}
-#endif

@@ -7,9 +7,7 @@
 #include <stdint.h>
 
 #include "cake/cake.h"
-#ifdef CAKE_HAVE_CUDA
 #include "gpupool.h"
-#endif
 #include "reader.h"
 #include "shm.h"
 
@@ -53,9 +51,7 @@ struct cake_ctx {
         uint64_t bytes;
         int mapped;         /* this process could map it (its range is reserved) */
         int legacy;         /* one IPC handle for the whole pool (no segments) */
-#ifdef CAKE_HAVE_CUDA
         struct gpupool gpu;
-#endif
     } gpus[CAKE_MAX_GPUS];
     uint32_t n_gpus;
     char gpu_filter[512];   /* cake_set_gpus(): UUIDs to map; "" all this process can */

@@ -1,14 +1,13 @@
-/* gpuexec.c - CUDA streams and workspaces for caked's workers (see gpuexec.h). */
+/* gpuexec.c - CUDA streams and workspaces for caked's workers (see gpuexec.h; without CUDA,
+ * gpuexec_stub.c is built instead). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "gpuexec.h"
-
-#ifdef CAKE_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "gpuexec.h"
 #include "kern.h"
 #include "kern_cuda.h"
 
@@ -358,50 +357,3 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     cudaGetLastError();
     return rc;
 }
-
-#else /* no CUDA: caked refuses GPU sequences before any of this is reached */
-
-int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
-{
-    (void)out, (void)device, (void)n;
-    *why = "built without CUDA";
-    return -ENOTSUP;
-}
-void gpuexec_destroy(struct gpuexec *g) { (void)g; }
-struct gpuctx *gpuexec_take(struct gpuexec *g)
-{
-    (void)g;
-    return NULL;
-}
-void gpuexec_put(struct gpuexec *g, struct gpuctx *c) { (void)g, (void)c; }
-int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
-                 uint32_t n_scored, float gamma, float *ind, double *entropy, double *variance)
-{
-    (void)c, (void)l, (void)r, (void)n_scored, (void)gamma;
-    (void)ind, (void)entropy, (void)variance;
-    return -ENOTSUP;
-}
-int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
-{
-    (void)c, (void)jobs, (void)n;
-    return -ENOTSUP;
-}
-int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
-                    const void *base, size_t seg_bytes)
-{
-    (void)c, (void)dst_dev, (void)src, (void)bytes, (void)base, (void)seg_bytes;
-    return -ENOTSUP;
-}
-int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
-{
-    (void)c, (void)bytes;
-    *p = NULL;
-    return -ENOTSUP;
-}
-void gpuexec_dev_free(struct gpuexec *g, void *p) { (void)g, (void)p; }
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
-{
-    (void)c, (void)ev, (void)n;
-    return -ENOTSUP;
-}
-#endif

@@ -5,7 +5,7 @@
  * length of one job and puts it back; contexts are never shared while taken, so jobs of
  * different sequences run on the GPU side by side. Every operation is synchronous for the
  * calling worker (it waits on its own stream) and never touches the event loop. Without
- * CUDA (CAKE_HAVE_CUDA unset) every function returns -ENOTSUP. */
+ * CUDA, gpuexec_stub.c stands in: every function returns -ENOTSUP. */
 #ifndef CAKE_GPUEXEC_H
 #define CAKE_GPUEXEC_H
 

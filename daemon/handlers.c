@@ -97,10 +97,8 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
     if (want_pool) { /* an engine: it will be sent its tenant's segments (srv_queue_maps) */
         for (uint32_t k = 0; k < 1 + s->n_gpus; k++) {
             const struct pool *p = k ? &s->gpus[k - 1].pages : &s->pool;
-#ifdef CAKE_HAVE_CUDA
             if (k && s->gpus[k - 1].gpu.legacy)
                 continue; /* one handle for the whole pool, in this reply */
-#endif
             if (!(c->seg_sent[k] = calloc(p->n_segs, sizeof(uint32_t)))) {
                 srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
                 return;
@@ -127,10 +125,8 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
         struct srv_gpu *g = &s->gpus[i];
         gp[i] = (Cake__GpuPool)CAKE__GPU_POOL__INIT;
         gp[i].uuid = g->uuid, gp[i].bytes = g->bytes, gp[i].segment_bytes = g->pages.seg_bytes;
-#ifdef CAKE_HAVE_CUDA
         if (g->gpu.legacy) /* no segments: the whole pool's handle travels in the reply */
             gp[i].ipc_handle = (ProtobufCBinaryData){sizeof g->gpu.ipc, g->gpu.ipc};
-#endif
         gpp[i] = &gp[i];
     }
     if (want_pool && s->n_gpus) {

@@ -308,11 +308,7 @@ static int seg_fd(struct server *s, uint32_t k, uint32_t i)
         int fd = fcntl(p->seg[i].fd, F_DUPFD_CLOEXEC, 0);
         return fd < 0 ? -errno : fd;
     }
-#ifdef CAKE_HAVE_CUDA
     return srv_gpu_seg_export(s, k - 1, i);
-#else
-    return -ENOTSUP;
-#endif
 }
 
 /* Tells an engine which segments its tenant gained (with their fds) or lost since its last
@@ -826,7 +822,6 @@ static void srv_retire_seg(void *ud, int fd, uint64_t bytes)
     workers_submit(s->workers, &r->job);
 }
 
-#ifdef CAKE_HAVE_CUDA
 /* pool_ops of a GPU pool: a segment's fresh allocation (a legacy pool has its memory) */
 static int srv_gpu_seg_fresh(void *ud, struct pool *p, uint32_t i, const char **why)
 {
@@ -854,7 +849,6 @@ static void srv_host_seg_mapped(void *ud, struct pool *p, uint32_t i, int mapped
     else
         gpupool_unregister_host(at);
 }
-#endif
 
 int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, int n_tenants,
                   struct server **out)
@@ -895,7 +889,6 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     for (uint32_t i = 0; i < cfg->n_gpus; i++) {
         struct srv_gpu *g = &s->gpus[i];
         const struct server_gpu_cfg *gc = &cfg->gpu[i];
-#ifdef CAKE_HAVE_CUDA
         /* VMM: one allocation per segment, each tenant's passed to its engines alone;
          * legacy IPC (asked for explicitly): one allocation every engine maps */
         uint64_t gran = 0, seg = 0;
@@ -931,22 +924,14 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             srv_log("GPU pool %u: %s", i, why);
             goto fail;
         }
-#else
-        (void)g, (void)gc;
-        srv_log("GPU pool: this caked was built without CUDA (nvcc was not found)");
-        rc = -ENOTSUP;
-        goto fail;
-#endif
     }
     struct pool_ops hops = {.retire = srv_retire_seg, .ud = s};
-#ifdef CAKE_HAVE_CUDA
     /* where a GPU exists, each host segment is registered for fast copies as it is mapped
      * (engines do the same) */
     if (s->n_gpus) {
         hops.mapped = srv_host_seg_mapped;
         s->host_registered = 1;
     }
-#endif
     pool_set_ops(&s->pool, &hops);
     if ((rc = apply_tenants(s, tcfg, n_tenants)))
         goto fail;
@@ -978,7 +963,6 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     char pb[32], pg[32], gb[32];
     human_bytes(s->pool.bytes, pb, sizeof pb);
     human_bytes(s->pool.page_bytes, pg, sizeof pg);
-#ifdef CAKE_HAVE_CUDA
     for (uint32_t i = 0; i < s->n_gpus; i++) {
         human_bytes(s->gpus[i].bytes, gb, sizeof gb);
         srv_log("GPU pool %u: %s on %s (shared by %s); host segments %s with CUDA", i, gb,
@@ -986,9 +970,6 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
                                                        : "file descriptors per segment and tenant",
                 s->host_registered ? "registered" : "not registered");
     }
-#else
-    (void)gb;
-#endif
     char sb[32];
     human_bytes(s->pool.seg_bytes, sb, sizeof sb);
     srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s, segments of %s%s; "
@@ -1100,10 +1081,8 @@ void server_destroy(struct server *s)
         struct srv_gpu *g = &s->gpus[i];
         gpuexec_destroy(g->x);
         pool_fini(&g->pages);
-#ifdef CAKE_HAVE_CUDA
         if (i < s->n_gpus)
             gpupool_destroy(&g->gpu);
-#endif
     }
     pool_fini(&s->pool); /* unregisters its segments (srv_host_seg_mapped) */
     tenants_fini(&s->tenants);

@@ -16,9 +16,7 @@
 #include "sockpath.h"
 #include "tenant.h"
 #include "worker.h"
-#ifdef CAKE_HAVE_CUDA
 #include "gpupool.h"
-#endif
 
 #define SERVER_MAX_CLIENTS 4096      /* accept() beyond this is refused and counted */
 #define SERVER_MAX_DECODE_BATCH 65536 /* sequence ids in one DECODE_STEP */
@@ -76,9 +74,7 @@ struct server {
     const char *io_name;
     struct pool pool;
     struct srv_gpu {       /* one per --gpu-pool */
-#ifdef CAKE_HAVE_CUDA
         struct gpupool gpu;
-#endif
         char uuid[48];
         uint64_t bytes;
         struct pool pages; /* the page allocator over the GPU pool */
@@ -155,10 +151,8 @@ void srv_quarantine(struct server *s, struct seq *q);
 void srv_reply_error(struct server *s, struct client *c, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-#ifdef CAKE_HAVE_CUDA
 /* An fd of segment i of GPU pool gpu for a client (the caller closes it), or -errno. */
 int srv_gpu_seg_export(struct server *s, uint32_t gpu, uint32_t i);
-#endif
 /* Forgets t (and frees its empty segments) when nothing holds it any more. */
 void srv_tenant_gc(struct server *s, struct tenant *t);
 /* Frees the sequences quarantined for client id (srv_quarantine). */
