@@ -158,6 +158,18 @@ void srv_tenant_gc(struct server *s, struct tenant *t);
 /* Frees the sequences quarantined for client id (srv_quarantine). */
 void srv_release_quarantine(struct server *s, uint64_t id);
 
+/* conn.c: closing a connection (its sequences go, its work is cancelled), freeing closed
+ * ones, accepting new ones (the listening socket's loop callback) */
+void srv_client_close(struct server *s, struct client *c);
+void srv_client_free(struct client *c);
+void srv_free_dead(struct server *s);
+void srv_on_accept(void *arg, uint32_t ev);
+/* closes the connections that have not sent HELLO within hello_timeout_s */
+void srv_sweep_hello(struct server *s);
+/* an unsolicited error frame (request id 0) saying why, sent if the socket takes it, then
+ * the close */
+void srv_client_goodbye(struct server *s, struct client *c, int code, const char *why);
+
 /* handlers.c: runs the request in c->h / c->body */
 void srv_dispatch(struct server *s, struct client *c);
 
