@@ -453,7 +453,8 @@ int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why)
 
 /* Compacts layer m to the controller's decision ev (worker thread). */
 /* Compaction of a host sequence's layer on the CPU (GPU sequences: gpuctx_compact_many). */
-static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev)
+static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       struct seq_result *r)
 {
     struct seq_layer *ly = &s->layer[ev->layer];
     void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
@@ -468,18 +469,18 @@ static int apply_evict(const struct seq_env *e, struct seq *s, const struct cake
     for (uint32_t g = 0; g < s->Hkv; g++)
         kern_compact_head(&kv, g, ev->slots + (size_t)g * ev->kept, ev->kept, ev->old_prefix,
                           win, scratch);
-    s->evicted_tokens += ev->old_prefix - ev->kept;
+    r->evicted_tokens += ev->old_prefix - ev->kept;
     ly->tokens = ev->kept + win;
     free(pages), free(scratch);
     return 0;
 }
 
 void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
-                       double pref)
+                       double pref, struct seq_result *r)
 {
     uint32_t S = scored_len(s), w = s->cfg.window;
     double t0 = e->trace ? now_s() : 0;
-    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0, s->pend_ent = 0, s->pend_var = 0;
+    *r = (struct seq_result){0};
     free(s->pend_ind);
     s->pend_ind = NULL;
     if (s->gpu) { /* the indicator stays on the GPU, where the selection runs */
@@ -487,64 +488,65 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
             size_t ib = sizeof(float) * (size_t)s->Hkv * S;
             struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
             if (!s->ind_dev)
-                s->work_rc = gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
+                r->rc = gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
             float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
-            if (!s->work_rc && observe) {
+            if (!r->rc && observe) {
                 struct gpu_layer gl = gpu_layer_view(e, s, layer);
                 struct gpu_ring gr = gpu_ring_view(e, s, layer);
-                s->work_rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &s->pend_ent,
-                                          &s->pend_var);
-                pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
-            } else if (!s->work_rc) { /* the engine's own, from the host pool (registered) */
-                s->work_rc = indicator_to_gpu(e, s, gc, dst, ib);
+                r->rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &r->ent,
+                                          &r->var);
+                pref = policy_preference(&s->cfg, r->ent, r->var);
+            } else if (!r->rc) { /* the engine's own, from the host pool (registered) */
+                r->rc = indicator_to_gpu(e, s, gc, dst, ib);
             }
             gpuexec_put(GEXEC(e, s), gc);
         } else if (observe) {
             pref = 0.0;
         }
-        s->last_pref = pref;
+        r->pref = pref;
         if (e->trace)
             s->t_score = now_s() - t0;
         return;
     }
     float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
     if (!ind) {
-        s->work_rc = -ENOMEM;
+        r->rc = -ENOMEM;
         return;
     }
     if (S && observe) {
         void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
         if (!pages) {
-            s->work_rc = -ENOMEM;
+            r->rc = -ENOMEM;
             return;
         }
         struct kern_kv kv = layer_view(e, s, layer, pages);
-        s->work_rc = indicator_layer(&s->cfg, &kv, ring_ptr(e, s, layer), s->dt, s->H, w, S,
-                                     e->threads, ind, &s->pend_ent, &s->pend_var);
+        r->rc = indicator_layer(&s->cfg, &kv, ring_ptr(e, s, layer), s->dt, s->H, w, S,
+                                     e->threads, ind, &r->ent, &r->var);
         free(pages);
-        pref = policy_preference(&s->cfg, s->pend_ent, s->pend_var);
+        pref = policy_preference(&s->cfg, r->ent, r->var);
     } else if (S) {
         /* the engine's own indicator: copied out of shared memory before use */
         memcpy(ind, indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
     } else if (observe) {
         pref = 0.0;
     }
-    s->last_pref = pref;
+    r->pref = pref;
     if (e->trace)
         s->t_score = now_s() - t0;
 }
 
-void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref)
+void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
+                       struct seq_result *r)
 {
     struct cakeseq_evict ev[SEQ_MAX_LAYERS];
     uint32_t nev = 0;
-    s->last_pref = pref;
+    r->pref = pref;
     double t0 = e->trace ? now_s() : 0;
-    if (!s->work_rc) /* GPU sequences: budgets here, selection on the GPU (NULL indicator) */
-        s->work_rc = cakeseq_prefill_layer(s->cs, layer, pref, s->gpu ? NULL : s->pend_ind, ev,
+    if (!r->rc) /* GPU sequences: budgets here, selection on the GPU (NULL indicator) */
+        r->rc = cakeseq_prefill_layer(s->cs, layer, pref, s->gpu ? NULL : s->pend_ind, ev,
                                            &nev);
     double t1 = e->trace ? now_s() : 0;
-    if (s->gpu && nev && !s->work_rc) {
+    if (s->gpu && nev && !r->rc) {
         /* a cascading stage re-compacts every earlier layer whose budget shrank: all of them
          * side by side on the GPU, one wait */
         struct gpu_select jobs[SEQ_MAX_LAYERS];
@@ -559,23 +561,23 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
             };
         }
         struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-        s->work_rc = gpuctx_select_compact_many(gc, jobs, nev);
+        r->rc = gpuctx_select_compact_many(gc, jobs, nev);
         gpuexec_put(GEXEC(e, s), gc);
-        for (uint32_t i = 0; i < nev && !s->work_rc; i++) {
+        for (uint32_t i = 0; i < nev && !r->rc; i++) {
             struct seq_layer *ly = &s->layer[ev[i].layer];
             uint32_t win = ly->tokens - ev[i].old_prefix;
-            s->evicted_tokens += ev[i].old_prefix - ev[i].kept;
+            r->evicted_tokens += ev[i].old_prefix - ev[i].kept;
             ly->tokens = ev[i].kept + win;
-            s->ev_layers[s->n_ev++] = ev[i].layer;
+            r->ev_layers[r->n_ev++] = ev[i].layer;
         }
     }
-    for (uint32_t i = 0; i < nev && !s->work_rc && !s->gpu; i++) {
-        s->work_rc = apply_evict(e, s, &ev[i]);
-        s->ev_layers[s->n_ev++] = ev[i].layer;
+    for (uint32_t i = 0; i < nev && !r->rc && !s->gpu; i++) {
+        r->rc = apply_evict(e, s, &ev[i], r);
+        r->ev_layers[r->n_ev++] = ev[i].layer;
     }
     free(s->pend_ind);
     s->pend_ind = NULL;
-    if (!s->work_rc && layer == s->L - 1) { /* the selection buffers are done with */
+    if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
         if (s->gpu) {
             gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
@@ -594,10 +596,10 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
 }
 
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
-                      double pref)
+                      double pref, struct seq_result *r)
 {
-    seq_prefill_score(e, s, layer, observe, pref);
-    seq_prefill_apply(e, s, layer, s->last_pref);
+    seq_prefill_score(e, s, layer, observe, pref, r);
+    seq_prefill_apply(e, s, layer, r->pref, r);
 }
 
 void seq_trim_pages(const struct seq_env *e, struct seq *s)
@@ -609,9 +611,9 @@ void seq_trim_pages(const struct seq_env *e, struct seq *s)
     }
 }
 
-void seq_prefill_commit(const struct seq_env *e, struct seq *s)
+void seq_prefill_commit(const struct seq_env *e, struct seq *s, const struct seq_result *r)
 {
-    if (!s->work_rc)
+    if (!r->rc)
         s->next_observe++;
     seq_trim_pages(e, s);
     seq_publish(e, s);
@@ -787,21 +789,21 @@ out:
     return rc;
 }
 
-void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
 {
     if (s->cfg.accumulate) {
         uint32_t evicted[SEQ_MAX_LAYERS] = {0};
         int rcs[SEQ_MAX_LAYERS] = {0};
-        s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+        *r = (struct seq_result){0};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (s->L > 1)
         for (uint32_t l = 0; l < s->L; l++)
             rcs[l] = decode_h2o_layer(e, s, l, &evicted[l]);
         for (uint32_t l = 0; l < s->L; l++) {
-            if (rcs[l] && !s->work_rc)
-                s->work_rc = rcs[l];
+            if (rcs[l] && !r->rc)
+                r->rc = rcs[l];
             if (evicted[l]) {
-                s->evicted_tokens += evicted[l];
-                s->ev_layers[s->n_ev++] = l;
+                r->evicted_tokens += evicted[l];
+                r->ev_layers[r->n_ev++] = l;
             }
         }
         return;
@@ -810,7 +812,7 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
     uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
     uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
     int rcs[SEQ_MAX_LAYERS] = {0};
-    s->n_ev = 0, s->evicted_tokens = 0, s->work_rc = 0;
+    *r = (struct seq_result){0};
     for (uint32_t l = 0; l < s->L; l++)
         if (layer_over(s, l))
             over[nover++] = l;
@@ -826,12 +828,12 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s)
     }
     for (uint32_t i = 0; i < nover; i++) {
         if (rcs[i]) {
-            if (!s->work_rc)
-                s->work_rc = rcs[i];
+            if (!r->rc)
+                r->rc = rcs[i];
             continue;
         }
-        s->evicted_tokens += evicted[i];
-        s->ev_layers[s->n_ev++] = over[i];
+        r->evicted_tokens += evicted[i];
+        r->ev_layers[r->n_ev++] = over[i];
     }
 }
 

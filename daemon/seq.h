@@ -3,9 +3,12 @@
  * needs contiguous pages: K/V and GPU rings are paged, the descriptor and scratch area are
  * pages mapped side by side (pool_window).
  *
- * Split by thread: seq_*_prepare and seq_*_commit run on the loop thread (they allocate
- * and free pages and keep the accounting); seq_*_work runs on a worker and touches only
- * the sequence's own pages and state. A sequence is busy while its work runs. */
+ * Ownership: the event loop thread owns a sequence, its pages and its accounting; while a
+ * job has it (busy) a worker runs seq_prefill_work/score/apply or seq_decode_evict_work on
+ * the sequence's own pages and per-layer state, writing what it did to the job's
+ * struct seq_result, and the loop touches nothing of it but `cancel` (atomic) until the job
+ * completes; then the loop commits (seq_prefill_commit, seq_trim_pages, seq_publish) and
+ * reads the result. What other requests show (SEQ_INFO) is `pub`, written at commit. */
 #ifndef CAKE_SEQ_H
 #define CAKE_SEQ_H
 
@@ -77,20 +80,25 @@ struct seq {
     int orphaned;            /* owner gone while busy: free when the work is done */
     int cancel;              /* the same, for the job (atomic): skip the layers not begun */
     struct seq *next_q;      /* in the server's quarantine (server_int.h) */
-    /* results of the last work item */
-    double last_pref;
-    uint32_t ev_layers[SEQ_MAX_LAYERS], n_ev;
-    uint32_t evicted_tokens;
-    int work_rc;
     /* tensor parallel: this sequence is shard `shard` of a group (server-side state) */
     struct shard_group *group;
     uint32_t shard;
-    /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply) */
+    /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply; a shard
+     * group's two jobs): the worker of the job that has the sequence owns them */
     float *pend_ind;
     float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
                                 the GPU (selection happens there); NULL otherwise */
-    double pend_ent, pend_var;
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
+};
+
+/* What one job did to one sequence. The job owns it: the worker running the job writes it,
+ * the loop reads it when the job completes (never the sequence's state for that). */
+struct seq_result {
+    int rc;                  /* 0, -errno or a CAKE_E* code; -ECANCELED: skipped */
+    double pref;             /* prefill: the layer's preference (observed, or the engine's) */
+    double ent, var;         /* prefill: the layer's entropy and variance sums (shard groups) */
+    uint32_t ev_layers[SEQ_MAX_LAYERS], n_ev; /* layers compacted */
+    uint32_t evicted_tokens;
 };
 
 struct seq_env {
@@ -124,19 +132,21 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
 /* Prefill observe/submit: check (loop), work (worker), commit (loop). */
 int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why);
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
-                      double pref);
+                      double pref, struct seq_result *r);
 /* The same in two halves, for shard groups: score (indicator kept in the sequence, the
- * entropy and variance sums in pend_ent / pend_var, last_pref the shard's own preference),
- * then allocate with the group's preference and evict. */
+ * entropy and variance sums and the shard's own preference in *r), then allocate with the
+ * group's preference and evict (*r: a fresh result). */
 void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
-                       double pref);
-void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref);
-void seq_prefill_commit(const struct seq_env *e, struct seq *s);
+                       double pref, struct seq_result *r);
+void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
+                       struct seq_result *r);
+/* After the job (loop): the layer counts as observed unless r->rc. */
+void seq_prefill_commit(const struct seq_env *e, struct seq *s, const struct seq_result *r);
 
 /* Decode: does this sequence have layers to evict before the next token? */
 int seq_decode_needs_evict(const struct seq *s);
 int seq_decode_check(const struct seq *s, const char **why);
-void seq_decode_evict_work(const struct seq_env *e, struct seq *s);
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
 /* After eviction: frees emptied pages (loop). */
 void seq_trim_pages(const struct seq_env *e, struct seq *s);
 /* Publishes every reserved layer to the descriptor and `pub` (loop, after a job). */

@@ -120,6 +120,7 @@ struct work {
     int observe;
     double pref;
     struct seq **seqs;
+    struct seq_result *res; /* [n]: what the job did to each (written by its worker) */
     uint32_t n;
     /* shard groups: phase 1 scores one shard; phase 2 allocates and evicts every shard of
      * `group` with the group's preference (seqs = the members) */
@@ -182,6 +183,7 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs, ui
                        uint32_t evictions);
 int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
                      uint32_t layer, double pref);
+void work_free(struct work *w);
 /* shard.c: a shard's scoring job completed (c: its client, if still there); a group's
  * phase 2 completed (replies to every rank). */
 void shard_arrive(struct server *s, struct work *w, struct client *c);

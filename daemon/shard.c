@@ -74,10 +74,11 @@ void shard_arrive(struct server *s, struct work *w, struct client *c)
 {
     struct seq *q = w->seqs[0];
     struct shard_group *g = q->group;
-    if (q->work_rc) { /* the layer cannot be allocated without this shard */
+    const struct seq_result *r = &w->res[0];
+    if (r->rc) { /* the layer cannot be allocated without this shard */
         char why[128];
         snprintf(why, sizeof why, "shard %u failed to score layer %u: %s", q->shard, w->layer,
-                 q->work_rc < -4095 ? cake_strerror(q->work_rc) : strerror(-q->work_rc));
+                 r->rc < -4095 ? cake_strerror(r->rc) : strerror(-r->rc));
         if (c && c->state == C_BUSY)
             srv_reply_error(s, c, CAKE_EINTERNAL, "%s", why);
         srv_seq_remove(s, q);
@@ -85,7 +86,7 @@ void shard_arrive(struct server *s, struct work *w, struct client *c)
     }
     g->arrived++;
     g->observed += w->observe != 0;
-    g->ent += q->pend_ent, g->var += q->pend_var, g->pref_sum += q->last_pref;
+    g->ent += r->ent, g->var += r->var, g->pref_sum += r->pref;
     g->waiting[q->shard] = w->client_id;
     if (g->arrived < g->n)
         return;
@@ -110,28 +111,27 @@ void shard_group_done(struct server *s, struct work *w)
     struct seq *orphan = NULL;
     for (uint32_t i = 0; i < w->n; i++) {
         struct seq *q = w->seqs[i];
+        const struct seq_result *r = &w->res[i];
         q->busy = 0;
-        seq_prefill_commit(&s->env, q);
-        s->m.evictions_prefill += q->n_ev;
-        s->m.tokens_evicted += q->evicted_tokens;
+        seq_prefill_commit(&s->env, q, r);
+        s->m.evictions_prefill += r->n_ev;
+        s->m.tokens_evicted += r->evicted_tokens;
         struct client *c = srv_client_by_id(s, g->waiting[i]);
         g->waiting[i] = 0;
         if (q->orphaned)
             orphan = q;
         if (!c || c->state != C_BUSY)
             ;
-        else if (q->work_rc)
-            srv_reply_error(s, c, q->work_rc < -4095 ? q->work_rc : CAKE_EINTERNAL,
-                            "%s failed: %s", frame_type_name(w->type),
-                            q->work_rc < -4095 ? cake_strerror(q->work_rc)
-                                               : strerror(-q->work_rc));
+        else if (r->rc)
+            srv_reply_error(s, c, r->rc < -4095 ? r->rc : CAKE_EINTERNAL, "%s failed: %s",
+                            frame_type_name(w->type),
+                            r->rc < -4095 ? cake_strerror(r->rc) : strerror(-r->rc));
         else {
-            Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
-            r.preference = w->pref;
-            r.n_evicted_layers = q->n_ev, r.evicted_layers = q->ev_layers;
-            srv_reply(s, c, w->type, &r.base);
+            Cake__PrefillReply pr = CAKE__PREFILL_REPLY__INIT;
+            pr.preference = w->pref;
+            pr.n_evicted_layers = r->n_ev, pr.evicted_layers = (uint32_t *)r->ev_layers;
+            srv_reply(s, c, w->type, &pr.base);
         }
-        q->n_ev = 0;
     }
     if (orphan) /* a rank died meanwhile: the whole group goes */
         srv_seq_remove(s, orphan);

@@ -16,31 +16,51 @@ static void work_done(struct job *j);
 
 /* A sequence whose owner went away while its work waited: nothing more is done for it
  * (the layer it is in finishes; the next one does not begin). */
-static int cancelled(struct seq *q)
+static int cancelled(struct seq *q, struct seq_result *r)
 {
     if (!__atomic_load_n(&q->cancel, __ATOMIC_RELAXED))
         return 0;
-    q->work_rc = -ECANCELED, q->n_ev = 0, q->evicted_tokens = 0;
+    *r = (struct seq_result){.rc = -ECANCELED};
     return 1;
 }
 
 static void work_run(struct job *j)
 {
     struct work *w = (struct work *)j;
+    const struct seq_env *e = &w->srv->env;
     if (w->type == MSG_DECODE_STEP) {
         for (uint32_t i = 0; i < w->n; i++)
-            if (!cancelled(w->seqs[i]) && seq_decode_needs_evict(w->seqs[i]))
-                seq_decode_evict_work(&w->srv->env, w->seqs[i]);
+            if (!cancelled(w->seqs[i], &w->res[i]) && seq_decode_needs_evict(w->seqs[i]))
+                seq_decode_evict_work(e, w->seqs[i], &w->res[i]);
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
-        if (!cancelled(w->seqs[0]))
-            seq_prefill_score(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+        if (!cancelled(w->seqs[0], &w->res[0]))
+            seq_prefill_score(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
     } else if (w->phase == 2) {
         for (uint32_t i = 0; i < w->n; i++)
-            if (!cancelled(w->seqs[i]))
-                seq_prefill_apply(&w->srv->env, w->seqs[i], w->layer, w->pref);
-    } else if (!cancelled(w->seqs[0])) {
-        seq_prefill_work(&w->srv->env, w->seqs[0], w->layer, w->observe, w->pref);
+            if (!cancelled(w->seqs[i], &w->res[i]))
+                seq_prefill_apply(e, w->seqs[i], w->layer, w->pref, &w->res[i]);
+    } else if (!cancelled(w->seqs[0], &w->res[0])) {
+        seq_prefill_work(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
     }
+}
+
+/* A job for the n sequences seqs (taken over: freed with the job), its results zeroed. */
+static struct work *work_new(struct server *s, struct seq **seqs, uint32_t n)
+{
+    struct work *w = calloc(1, sizeof(*w));
+    struct seq_result *res = calloc(n, sizeof(*res));
+    if (!w || !res) {
+        free(w), free(res);
+        return NULL;
+    }
+    w->job.run = work_run, w->job.done = work_done;
+    w->srv = s, w->seqs = seqs, w->res = res, w->n = n;
+    return w;
+}
+
+void work_free(struct work *w)
+{
+    free(w->seqs), free(w->res), free(w);
 }
 
 static void work_done(struct job *j)
@@ -48,12 +68,11 @@ static void work_done(struct job *j)
     struct work *w = (struct work *)j;
     struct server *s = w->srv;
     for (uint32_t i = 0; i < w->n; i++)
-        s->m.jobs_cancelled += w->seqs[i]->work_rc == -ECANCELED;
+        s->m.jobs_cancelled += w->res[i].rc == -ECANCELED;
     struct client *c = srv_client_by_id(s, w->client_id);
     if (w->phase == 2) {
         shard_group_done(s, w);
-        free(w->seqs);
-        free(w);
+        work_free(w);
         return;
     }
     if (w->phase == 1) {
@@ -66,8 +85,7 @@ static void work_done(struct job *j)
         } else {
             shard_arrive(s, w, c);
         }
-        free(w->seqs);
-        free(w);
+        work_free(w);
         return;
     }
     int rc = 0, lost = 0;
@@ -75,22 +93,22 @@ static void work_done(struct job *j)
     double pref = 0;
     for (uint32_t i = 0; i < w->n; i++) {
         struct seq *q = w->seqs[i];
+        const struct seq_result *r = &w->res[i];
         q->busy = 0;
-        if (q->work_rc && !rc)
-            rc = q->work_rc;
+        if (r->rc && !rc)
+            rc = r->rc;
         if (w->type == MSG_DECODE_STEP) {
             seq_trim_pages(&s->env, q);
             seq_publish(&s->env, q); /* even if the step's reserve is refused below */
-            s->m.evictions_decode += q->n_ev;
+            s->m.evictions_decode += r->n_ev;
         } else {
-            seq_prefill_commit(&s->env, q);
-            s->m.evictions_prefill += q->n_ev;
-            memcpy(ev_layers, q->ev_layers, sizeof(uint32_t) * q->n_ev);
-            n_ev = q->n_ev, pref = q->last_pref;
+            seq_prefill_commit(&s->env, q, r);
+            s->m.evictions_prefill += r->n_ev;
+            memcpy(ev_layers, r->ev_layers, sizeof(uint32_t) * r->n_ev);
+            n_ev = r->n_ev, pref = r->pref;
         }
-        evictions += q->n_ev;
-        s->m.tokens_evicted += q->evicted_tokens;
-        q->n_ev = 0;
+        evictions += r->n_ev;
+        s->m.tokens_evicted += r->evicted_tokens;
         if (q->orphaned) {
             srv_seq_remove(s, q);
             lost = 1;
@@ -111,23 +129,22 @@ static void work_done(struct job *j)
             srv_reply(s, c, w->type, &r.base);
         }
     }
-    free(w->seqs);
-    free(w);
+    work_free(w);
 }
 
 void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
                        uint32_t n, uint32_t layer, int observe, double pref)
 {
-    struct work *w = calloc(1, sizeof(*w));
+    struct work *w = work_new(s, seqs, n);
     if (!w) {
         free(seqs);
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
-    w->job.run = work_run, w->job.done = work_done, w->job.urgent = type == MSG_DECODE_STEP;
+    w->job.urgent = type == MSG_DECODE_STEP;
     w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight; /* shared by weight */
-    w->srv = s, w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
-    w->seqs = seqs, w->n = n, w->layer = layer, w->observe = observe, w->pref = pref;
+    w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
+    w->layer = layer, w->observe = observe, w->pref = pref;
     w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1;
@@ -155,13 +172,11 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs,
 int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
                      uint32_t layer, double pref)
 {
-    struct work *w = calloc(1, sizeof(*w));
+    struct work *w = work_new(s, all, g->n);
     if (!w)
         return -ENOMEM;
-    w->job.run = work_run, w->job.done = work_done;
     w->job.owner = g->tenant->id, w->job.weight = g->tenant->weight;
-    w->srv = s, w->type = type, w->seqs = all, w->n = g->n, w->layer = layer;
-    w->pref = pref, w->phase = 2, w->group = g;
+    w->type = type, w->layer = layer, w->pref = pref, w->phase = 2, w->group = g;
     for (uint32_t i = 0; i < g->n; i++)
         all[i]->busy = 1;
     workers_submit(s->workers, &w->job);
