@@ -65,6 +65,15 @@ int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
     return 0;
 }
 
+uint64_t cakeseq_heap_bytes(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n)
+{
+    uint64_t L = cfg->layers, S = n > cfg->window ? n - cfg->window : 0;
+    return sizeof(struct cakeseq) + L * sizeof(struct layer_state) + 8 * L * L +
+           4 * (L * kv_heads * S + 1) + 4 * (2 * S * L + 1) /* slots, ltmp */
+           + L * kv_heads * S * (4 + 4) /* each layer's indicator and positions */
+           + 4 * L * kv_heads;           /* head_kept */
+}
+
 void cakeseq_destroy(struct cakeseq *s)
 {
     if (!s)

@@ -30,6 +30,9 @@ struct cakeseq_evict {
                                   lists fillers there); NULL: every head keeps `kept` */
 };
 
+/* Bytes of memory the state for such a prompt may hold at most (what caked charges a
+ * sequence for: tenant_admit_heap). */
+uint64_t cakeseq_heap_bytes(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n);
 /* Creates the state for a prompt of n tokens with kv_heads kv heads per layer.
  * Returns 0, -EINVAL (with *why set to a static message) or -ENOMEM. */
 int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,

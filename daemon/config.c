@@ -71,6 +71,10 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n == 0)
             return FAIL("bad size for host-pool: %s (use e.g. 512M, 4G)", v);
         c->srv.host_pool_bytes = n;
+    } else if (!strcmp(key, "heap-limit")) {
+        if (config_parse_size(v, &n) || n == 0)
+            return FAIL("bad size for heap-limit: %s (use e.g. 512M, 4G)", v);
+        c->srv.heap_limit_bytes = n;
     } else if (!strcmp(key, "gpu-pool")) { /* SIZE[@GPU-UUID] */
         char size[64];
         const char *at = strchr(v, '@');

@@ -2,7 +2,8 @@
  *
  *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--gpu-ipc auto|legacy] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
- *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--config FILE]
+ *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--heap-limit SIZE]
+ *         [--config FILE]
  *         [--max-clients-per-uid N] [--hello-timeout SECS]
  *         [--version] [--help]
  *
@@ -24,6 +25,8 @@ static void usage(FILE *f)
             "                        else /tmp/caked-$UID/caked.sock)\n"
             "  --host-pool SIZE      host pool size, e.g. 512M, 8G (default min(1G, RAM/4))\n"
             "  --page-size SIZE      pool page size, power of two (default 64K)\n"
+            "  --heap-limit SIZE     caked's own memory for sequences (indicators, selection\n"
+            "                        buffers), shared by tenants by weight (default: host pool)\n"
             "  --gpu-pool SIZE[@GPU-UUID]  device memory shared with engines (CUDA VMM)\n"
             "  --gpu-ipc auto|legacy  share it by VMM fds, per tenant (legacy: one CUDA IPC handle\n"
             "                        that every engine maps: no isolation between tenants)\n"
@@ -54,13 +57,14 @@ int main(int argc, char **argv)
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
         {"max-clients-per-uid", 1, 0, 'U'}, {"hello-timeout", 1, 0, 'T'},
+        {"heap-limit", 1, 0, 'L'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
         ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
         ['A'] = "admin-group", ['S'] = "segment-size", ['U'] = "max-clients-per-uid",
-        ['T'] = "hello-timeout",
+        ['T'] = "hello-timeout", ['L'] = "heap-limit",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

@@ -107,6 +107,16 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
         if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
         P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
           s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
+    P("# HELP caked_heap_bytes caked's own memory for sequences, charged at open (--heap-limit).\n"
+      "# TYPE caked_heap_bytes gauge\n"
+      "caked_heap_bytes{state=\"used\"} %llu\ncaked_heap_bytes{state=\"limit\"} %llu\n",
+      (unsigned long long)s->heap_used, (unsigned long long)s->env.heap_limit);
+    P("# HELP caked_tenant_heap_bytes caked's own memory for each tenant's sequences.\n"
+      "# TYPE caked_tenant_heap_bytes gauge\n");
+    for (uint32_t i = 0; i < s->tenants.n; i++)
+        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
+            P("caked_tenant_heap_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
+              s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].heap_bytes);
     P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
       "# TYPE caked_tenant_gpu_used_bytes gauge\n");
     for (uint32_t i = 0; i < s->tenants.n; i++)

@@ -284,6 +284,21 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         *why = "the sequence's descriptor and scratch area exceed the tenant's share of the pool";
         return CAKE_EOOM;
     }
+    /* caked's own memory for it, bounded like its pages (tenant_admit_heap) */
+    uint64_t S = scored_len(s);
+    s->heap_bytes = cakeseq_heap_bytes(&cfg, s->Hkv, s->n) +
+                    (uint64_t)s->L * (sizeof(*s->layer) + sizeof(*s->pub) + 4ull * s->max_pages) +
+                    4ull * (win_n + rp + 1) + 4ull * s->Hkv * S /* pending indicator */ +
+                    (s->gpu ? 4ull * s->L * s->Hkv * S : 0) /* the GPU's indicators */ +
+                    (cfg.accumulate ? 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1) : 0);
+    if (tenant_admit_heap(e->tenants, t, s->heap_bytes,
+                          e->heap_limit - (*e->heap_used < e->heap_limit ? *e->heap_used : e->heap_limit),
+                          e->heap_limit)) {
+        free(s);
+        *why = "caked's working memory for this sequence (indicators, selection buffers) exceeds "
+               "the tenant's share of --heap-limit";
+        return CAKE_EOOM;
+    }
     int rc = -ENOMEM;
     s->layer = calloc(s->L, sizeof(*s->layer));
     s->pub = calloc(s->L, sizeof(*s->pub));
@@ -333,6 +348,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     if (s->gpu)
         account_gpu(e, s, (int64_t)rp);
     account(e, s, s->win_n);
+    tenant_charge_heap(t, (int64_t)s->heap_bytes);
+    *e->heap_used += s->heap_bytes;
     t->sequences++;
     s->desc = (struct shm_desc *)s->win;
     memset(s->desc, 0, desc_bytes);
@@ -392,6 +409,9 @@ void seq_free(const struct seq_env *e, struct seq *s)
     }
     free(s->win_pages);
     free(s->ring_pg);
+    tenant_charge_heap(s->tenant, -(int64_t)s->heap_bytes);
+    CAKE_CHECK(*e->heap_used >= s->heap_bytes);
+    *e->heap_used -= s->heap_bytes;
     s->tenant->sequences--;
     free(s->layer);
     free(s->pub);

@@ -75,6 +75,7 @@ struct seq {
     uint32_t next_reserve, next_observe;
     uint32_t decoded;        /* decode tokens reserved */
     uint64_t pages_held;     /* host pages incl. descriptor and scratch */
+    uint64_t heap_bytes;     /* caked's own memory held for it (charged at open: seq_heap) */
     uint64_t gpu_pages_held; /* GPU pool pages (K/V and rings) */
     int busy;
     int orphaned;            /* owner gone while busy: free when the work is done */
@@ -107,6 +108,8 @@ struct seq_env {
     struct gpuexec *gpus[SEQ_MAX_GPUS];   /* streams and workspaces on each GPU */
     uint32_t n_gpus;
     struct tenants *tenants;
+    uint64_t heap_limit;  /* caked's own memory for all sequences (--heap-limit) */
+    uint64_t *heap_used;  /* ... charged so far (the server's counter; loop thread) */
     int threads;        /* kernel threads per prefill work item (a decode step's layer
                            evictions, and GPU sequences' selections, spread over all cores) */
     int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */

@@ -338,6 +338,8 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
+        .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
+        .heap_used = &s->heap_used,
     };
     for (uint32_t i = 0; i < s->n_gpus; i++)
         s->env.gpu_pools[i] = &s->gpus[i].pages, s->env.gpus[i] = s->gpus[i].x;

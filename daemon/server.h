@@ -21,6 +21,7 @@ struct server_cfg {
     char config_path[4096];  /* --config: read again on SIGHUP (tenants and quotas) */
     uint64_t segment_bytes;  /* pool segment size (0: pool_default_seg_bytes) */
     uint64_t host_pool_bytes;
+    uint64_t heap_limit_bytes; /* caked's own memory for sequences (0: the host pool's size) */
     struct server_gpu_cfg {  /* one GPU pool per GPU (--gpu-pool repeated) */
         uint64_t bytes;
         char uuid[48];       /* "" : the first GPU */

@@ -73,6 +73,7 @@ struct server {
     struct loop *loop;
     const char *io_name;
     struct pool pool;
+    uint64_t heap_used;    /* caked's own memory charged to sequences (seq_env.heap_used) */
     struct srv_gpu {       /* one per --gpu-pool */
         struct gpupool gpu;
         char uuid[48];

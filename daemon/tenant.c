@@ -53,7 +53,7 @@ int tenant_listed(const struct tenant *t)
 int tenant_idle(const struct tenant *t)
 {
     return t->in_use && !t->configured && !t->conns && !t->clients && !t->sequences &&
-           !t->used_bytes && !t->gpu_used_bytes;
+           !t->used_bytes && !t->gpu_used_bytes && !t->heap_bytes;
 }
 
 void tenant_release(struct tenants *ts, struct tenant *t)
@@ -138,7 +138,7 @@ void tenants_fini(struct tenants *ts)
 
 static int active(const struct tenant *t)
 {
-    return t->clients || t->used_bytes || t->gpu_used_bytes || t->configured;
+    return t->clients || t->used_bytes || t->gpu_used_bytes || t->heap_bytes || t->configured;
 }
 
 static uint64_t weighted_share(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
@@ -193,3 +193,12 @@ static void charge(uint64_t *held, int64_t bytes)
 
 void tenant_charge(struct tenant *t, int64_t bytes) { charge(&t->used_bytes, bytes); }
 void tenant_charge_gpu(struct tenant *t, int64_t bytes) { charge(&t->gpu_used_bytes, bytes); }
+void tenant_charge_heap(struct tenant *t, int64_t bytes) { charge(&t->heap_bytes, bytes); }
+
+int tenant_admit_heap(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                      uint64_t heap_free, uint64_t heap_limit)
+{
+    if (bytes > heap_free || t->heap_bytes + bytes > weighted_share(ts, t, heap_limit))
+        return CAKE_EOOM;
+    return 0;
+}

@@ -29,6 +29,7 @@ struct tenant {
      * counts below, by the event loop thread */
     uint64_t used_bytes;
     uint64_t gpu_used_bytes; /* in the GPU pool (caked --gpu-pool) */
+    uint64_t heap_bytes;     /* caked's own memory for its sequences (tenant_admit_heap) */
     uint32_t sequences, clients; /* clients: engines (they count toward shares) */
     uint32_t conns;       /* every connection attached as this tenant, cachectl included */
     int in_use;           /* 0: a free slot (tenant_release), reused by the next new tenant */
@@ -86,5 +87,11 @@ int tenant_name_ok(const char *name);
  * GPU pool; giving back more than t holds is a broken invariant (CAKE_CHECK). */
 void tenant_charge(struct tenant *t, int64_t bytes);
 void tenant_charge_gpu(struct tenant *t, int64_t bytes);
+void tenant_charge_heap(struct tenant *t, int64_t bytes);
+/* caked's own memory for t's sequences (indicators, selection buffers, page tables: host and
+ * GPU alike) is bounded like pages: at most t's weighted share of heap_limit, and never more
+ * than is left of it (heap_free). 0 or CAKE_EOOM. */
+int tenant_admit_heap(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                      uint64_t heap_free, uint64_t heap_limit);
 
 #endif

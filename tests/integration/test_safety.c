@@ -1146,3 +1146,41 @@ Test(safety, fragmented_pool_still_opens_what_fits, .timeout = 120)
     cake_destroy(c);
     cr_assert_eq(harness_stop(&h), 0);
 }
+
+/* caked's own memory for a sequence (indicators, selection buffers, page tables) is charged
+ * at open and bounded like pages: a sequence needing more than the tenant's weighted share
+ * of --heap-limit is refused with the reason (a few opens of long prompts could otherwise
+ * make caked allocate gigabytes its pool never sees), and it all comes back at close. */
+Test(safety, caked_s_own_memory_for_sequences_is_bounded, .timeout = 60)
+{
+    struct harness h;
+    const char *extra[] = {"--host-pool", "64M", "--heap-limit", "8M", NULL};
+    cr_assert_eq(harness_start(&h, extra), 0);
+    cake_ctx *a = engine(h.sock, "heap-a");
+    struct cake_layout lay = {32, 8, 8, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 256;
+    cake_seq *s1, *s2, *s3;
+    /* 32 layers x 8 kv heads x 4064 scored tokens of indicators and positions: ~12.5 MB */
+    int rc = cake_seq_open(a, &lay, &pol, 4096, 8, &s1);
+    cr_assert_eq(rc, CAKE_EOOM, "%s", cake_strerror(rc));
+    cr_assert(strstr(cake_errstr(a), "heap-limit"), "%s", cake_errstr(a));
+    cr_assert_eq(metric(h.sock, "caked_heap_bytes{state=\"used\"}"), 0);
+    /* ~3 MB each: one fits the tenant's share, and with a second tenant attached (half of
+     * 8 MiB each) a second one does not, while the other tenant can still open its own */
+    cr_assert_eq(cake_seq_open(a, &lay, &pol, 1024, 8, &s1), 0, "%s", cake_errstr(a));
+    uint64_t one = metric(h.sock, "caked_heap_bytes{state=\"used\"}");
+    cr_assert_gt(one, 2u << 20);
+    cr_assert_lt(one, 4u << 20);
+    cake_ctx *b = engine(h.sock, "heap-b");
+    rc = cake_seq_open(a, &lay, &pol, 1024, 8, &s2);
+    cr_assert_eq(rc, CAKE_EOOM, "a second sequence over the tenant's share: %s", cake_strerror(rc));
+    cr_assert_eq(cake_seq_open(b, &lay, &pol, 1024, 8, &s3), 0, "%s", cake_errstr(b));
+    cr_assert_eq(metric(h.sock, "caked_heap_bytes{state=\"used\"}"), 2 * one);
+    cr_assert_eq(cake_seq_close(s1), 0);
+    cr_assert_eq(cake_seq_close(s3), 0);
+    cr_assert_eq(metric(h.sock, "caked_heap_bytes{state=\"used\"}"), 0);
+    cake_destroy(a), cake_destroy(b);
+    cr_assert_eq(harness_stop(&h), 0);
+}
