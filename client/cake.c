@@ -63,7 +63,8 @@ int cake_set_allocator(cake_ctx *c, void *(*alloc)(size_t, void *), void (*relea
                        void *ud)
 {
     if (!alloc || !release || c->fd >= 0)
-        return CAKE_EINVAL;
+        return cake_set_err(c, CAKE_EINVAL, !alloc || !release ? "cake_set_allocator needs both "
+                            "hooks" : "cake_set_allocator after cake_connect");
     c->alloc = alloc, c->release = release, c->ud = ud;
     frame_reader_free(&c->rd); /* empty: nothing read while not connected */
     frame_reader_set_alloc(&c->rd, alloc, release, ud);
@@ -102,7 +103,7 @@ int cake_set_admin(cake_ctx *c, int admin)
 int cake_set_timeout_ms(cake_ctx *c, int ms)
 {
     if (ms < 0)
-        return CAKE_EINVAL;
+        return cake_set_err(c, CAKE_EINVAL, "a negative timeout");
     c->timeout_ms = ms;
     return 0;
 }
@@ -126,9 +127,6 @@ size_t cake_gpu_pool_bytes_at(const cake_ctx *c, uint32_t i)
     return i < c->n_gpus && c->gpus[i].mapped ? c->gpus[i].gpu.bytes : 0;
 }
 
-uint64_t cake_gpu_pool_base(const cake_ctx *c) { return cake_gpu_pool_base_at(c, 0); }
-size_t cake_gpu_pool_bytes(const cake_ctx *c) { return cake_gpu_pool_bytes_at(c, 0); }
-const char *cake_gpu_uuid(const cake_ctx *c) { return c->n_gpus ? c->gpus[0].uuid : ""; }
 const char *cake_errstr(const cake_ctx *c) { return c->errstr; }
 void *cake_pool_base(const cake_ctx *c) { return c->pool; }
 size_t cake_pool_bytes(const cake_ctx *c) { return c->pool_bytes; }
@@ -297,7 +295,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
         return cake_set_err(c, CAKE_ETOOBIG, "request of %zu bytes exceeds the frame cap", len);
     uint8_t *buf = c_alloc(c, FRAME_HEADER_BYTES + len);
     if (!buf)
-        return -ENOMEM;
+        return cake_set_err(c, -ENOMEM, "out of memory for a request");
     uint64_t rid = ++c->next_rid;
     struct frame_header h = {FRAME_MAGIC, FRAME_VERSION, type, 0, (uint32_t)len, rid};
     frame_write_header(buf, &h);
@@ -348,7 +346,7 @@ static int rpc(cake_ctx *c, uint16_t type, const ProtobufCMessage *msg, uint8_t 
             return cake_set_err(c, CAKE_EPROTO, "reply does not match the request");
         uint8_t *b = c_alloc(c, h.body_len ? h.body_len : 1);
         if (!b)
-            return -ENOMEM;
+            return cake_set_err(c, -ENOMEM, "out of memory for a reply");
         memcpy(b, fb, h.body_len);
         *body = b, *blen = h.body_len;
         return 0;
@@ -556,7 +554,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     conn_release(c);
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0)
-        return -errno;
+        return cake_set_err(c, -errno, "socket: %s", strerror(errno));
     int rc;
     if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0) {
         int e = errno;
@@ -814,6 +812,18 @@ static int map_window(cake_ctx *c, cake_seq *s, const Cake__SeqOpenReply *r)
     return 0;
 }
 
+_Static_assert(sizeof(struct cake_layout) == 64, "cake_layout is part of the ABI");
+_Static_assert(sizeof(struct cake_policy) == 128, "cake_policy is part of the ABI");
+
+static int zeroed(const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    for (size_t i = 0; i < n; i++)
+        if (b[i])
+            return 0;
+    return 1;
+}
+
 static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
                     uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                     uint32_t shard, cake_seq **out)
@@ -822,6 +832,10 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         return cake_set_err(c, CAKE_ENOTCONN, "not connected to caked");
     if (!c->pool)
         return cake_set_err(c, CAKE_EINVAL, "connect with map_pool to open sequences");
+    if (!zeroed(lay->reserved, sizeof lay->reserved) ||
+        (pol && !zeroed(pol->reserved, sizeof pol->reserved)))
+        return cake_set_err(c, CAKE_EINVAL, "the reserved words of cake_layout and cake_policy "
+                                            "must be zero");
     if (lay->placement != CAKE_PLACE_HOST && lay->placement != CAKE_PLACE_GPU)
         return cake_set_err(c, CAKE_EINVAL, "placement must be CAKE_PLACE_HOST or CAKE_PLACE_GPU");
     if (lay->placement == CAKE_PLACE_GPU &&
@@ -851,12 +865,12 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
     cake_seq *s = c_alloc(c, sizeof(*s));
     if (s)
         memset(s, 0, sizeof(*s)); /* the error path below reads its window fields */
-    int rc = s ? 0 : -ENOMEM;
+    int rc = s ? 0 : cake_set_err(c, -ENOMEM, "out of memory for a sequence handle");
     if (!rc && c->n_seqs == c->cap_seqs) {
         size_t cap = c->cap_seqs ? c->cap_seqs * 2 : 16;
         cake_seq **n = c_alloc(c, sizeof(*n) * cap);
         if (!n) {
-            rc = -ENOMEM;
+            rc = cake_set_err(c, -ENOMEM, "out of memory for the sequence table");
         } else {
             if (c->n_seqs)
                 memcpy(n, c->seqs, sizeof(*n) * c->n_seqs);
@@ -960,7 +974,7 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
 {
     uint64_t stack_ids[256], *ids = n <= 256 ? stack_ids : c_alloc(c, sizeof(uint64_t) * n);
     if (!ids)
-        return -ENOMEM;
+        return cake_set_err(c, -ENOMEM, "out of memory for %zu sequence ids", n);
     for (size_t i = 0; i < n; i++) {
         if (seqs[i]->ctx != c) {
             if (ids != stack_ids)

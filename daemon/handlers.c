@@ -129,11 +129,8 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
             gp[i].ipc_handle = (ProtobufCBinaryData){sizeof g->gpu.ipc, g->gpu.ipc};
         gpp[i] = &gp[i];
     }
-    if (want_pool && s->n_gpus) {
+    if (want_pool && s->n_gpus)
         r.n_gpus = s->n_gpus, r.gpus = gpp;
-        r.gpu_pool_bytes = gp[0].bytes, r.gpu_uuid = gp[0].uuid;
-        r.gpu_ipc_handle = gp[0].ipc_handle;
-    }
     srv_reply(s, c, MSG_HELLO, &r.base);
 }
 
@@ -393,8 +390,6 @@ static void h_status(struct server *s, struct client *c, const ProtobufCMessage 
         gpp[i] = &gp[i];
     }
     r.n_gpus = s->n_gpus, r.gpus = gpp;
-    if (s->n_gpus)
-        r.gpu_uuid = s->gpus[0].uuid;
     srv_reply(s, c, MSG_STATUS, &r.base);
 }
 

@@ -214,22 +214,24 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
         double t0 = util_now_s();
         int rc = cake_connect(c, csock, 1);
         at[r] = (util_now_s() - t0) * 1e3;
-        if (rc || !cake_gpu_pool_base(c)) {
+        if (rc || !cake_gpu_pool_base_at(c, 0)) {
             printf("through caked: attach failed: %s\n", cake_errstr(c));
             stop_caked(pid);
             return 1;
         }
     }
     printf("through caked (%s, GPU pool %.0f GiB on %s):\n", CAKED_BIN,
-           cake_gpu_pool_bytes(c) / 1073741824.0, cake_gpu_uuid(c));
+           cake_gpu_pool_bytes_at(c, 0) / 1073741824.0, cake_gpu_uuid_at(c, 0));
     printf("  attach (connect + GPU pool range reservation; segments map as they are used): %.2f ms median of %d\n",
            dmedian(at, na), na);
     /* host <-> GPU between a host sequence's pages and a GPU sequence's (each tenant maps
      * only its own segments, which fresh pools hand out in order: the layers' pages are
      * contiguous, checked below) */
     size_t bb = 256u << 20;
-    struct cake_layout hl = {1, H, HKV, D, CAKE_BF16, CAKE_PLACE_HOST, 0};
-    struct cake_layout gl = {1, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout hl = {.layers = 1, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                             .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
+    struct cake_layout gl = {.layers = 1, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                             .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     struct cake_policy fp;
     cake_policy_default(&fp);
     fp.kind = CAKE_POLICY_FULL;
@@ -255,7 +257,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
         stop_caked(pid);
         return 1;
     }
-    uint8_t *hp = (uint8_t *)cake_pool_base(c) + hoff, *gp = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c) + goff;
+    uint8_t *hp = (uint8_t *)cake_pool_base(c) + hoff, *gp = (uint8_t *)(uintptr_t)cake_gpu_pool_base_at(c, 0) + goff;
     /* one copy per 4 MiB (segments are multiples of it, and each host segment is registered
      * with CUDA on its own: a copy must not span two) */
     double h2d[8], d2h[8];
@@ -277,7 +279,8 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     cake_seq_close(hs), cake_seq_close(gs);
 
     /* a GPU sequence at Llama-3.1-8B shapes */
-    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     struct cake_policy pol;
     cake_policy_default(&pol); /* fixed mode, cache 1024, window 32 */
     cake_seq *s;
@@ -289,7 +292,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     }
     uint32_t tpp = cake_seq_tokens_per_page(s);
     size_t page_kv = (size_t)tpp * HKV * D * 2 * 2; /* K block then V block */
-    uint8_t *base = (uint8_t *)(uintptr_t)cake_gpu_pool_base(c);
+    uint8_t *base = (uint8_t *)(uintptr_t)cake_gpu_pool_base_at(c, 0);
     void *qsrc;
     CK(cudaMalloc(&qsrc, (size_t)H * W * D * 2));
     CK(cudaMemcpy(qsrc, rnd, (size_t)H * W * D * 2, cudaMemcpyHostToDevice));

@@ -198,7 +198,8 @@ static void redis_stop(void)
 static int open_seqs(cake_ctx *c, cake_seq **s, int n, uint32_t layers, uint32_t prompt,
                      uint32_t cache, uint32_t max_new, int observe)
 {
-    struct cake_layout lay = {layers, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = layers, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = cache;
@@ -321,7 +322,8 @@ static double median(double *v, int n)
  * fresh memory are part of what a tenant pays). */
 static int grow_layer(cake_ctx *c, cake_seq **s, double *reserve_s, double *write_s)
 {
-    struct cake_layout lay = {1, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 1, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.kind = CAKE_POLICY_FULL;
@@ -365,7 +367,8 @@ static int isolation_costs(void)
         double a = util_now_s();
         int rc = cake_connect(c, sock, 1);
         double b = util_now_s();
-        struct cake_layout lay = {32, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+        struct cake_layout lay = {.layers = 32, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+                                  .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
         cake_seq *s;
         if (!rc)
             rc = cake_seq_open(c, &lay, NULL, 1024, 64, &s);

@@ -82,12 +82,12 @@ static int cmd_status(cake_ctx *c)
         printf("{\"version\":\"%s\",\"protocol\":%u,\"pid\":%u,\"socket\":\"%s\",\"io\":\"%s\","
                "\"uptime_ms\":%llu,\"pool_bytes\":%llu,\"page_bytes\":%llu,\"pages_total\":%llu,"
                "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u,"
-               "\"gpu_pool_bytes\":%llu,\"gpu_uuid\":\"%s\",\"gpus\":[",
+               "\"gpu_pool_bytes\":%llu,\"gpus\":[",
                s->daemon_version, s->protocol_version, s->pid, s->socket, s->io_backend,
                (unsigned long long)s->uptime_ms, (unsigned long long)s->pool_bytes,
                (unsigned long long)s->page_bytes, (unsigned long long)s->pages_total,
                (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients,
-               (unsigned long long)s->gpu_pool_bytes, s->gpu_uuid ? s->gpu_uuid : "");
+               (unsigned long long)s->gpu_pool_bytes);
         for (size_t i = 0; i < s->n_gpus; i++)
             printf("%s{\"uuid\":\"%s\",\"bytes\":%llu,\"pages_used\":%llu}", i ? "," : "",
                    s->gpus[i]->uuid, (unsigned long long)s->gpus[i]->bytes,

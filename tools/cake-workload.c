@@ -61,7 +61,8 @@ static int engine(const struct opts *o, int id)
     CHECK(cake_connect(ctx, o->socket, 1));
     struct synth_cfg sc = o->sc;
     uint32_t L = sc.layers, H = sc.q_heads, Hkv = sc.kv_heads, d = sc.head_dim, n = sc.n, w = sc.window;
-    struct cake_layout lay = {L, H, Hkv, d, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = Hkv, .head_dim = d,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.mode = (enum cake_mode)o->mode, pol.cache_size = o->cache, pol.window = w;

@@ -47,8 +47,8 @@ static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io
         fprintf(stderr, "connect: %s\n", cake_errstr(c));
         return 2;
     }
-    uint64_t base = cake_gpu_pool_base(c);
-    if (!base || cake_gpu_pool_bytes(c) < (64u << 20) || strncmp(cake_gpu_uuid(c), "GPU-", 4)) {
+    uint64_t base = cake_gpu_pool_base_at(c, 0);
+    if (!base || cake_gpu_pool_bytes_at(c, 0) < (64u << 20) || strncmp(cake_gpu_uuid_at(c, 0), "GPU-", 4)) {
         fprintf(stderr, "GPU pool not mapped: %s\n", cake_errstr(c));
         return 3;
     }
@@ -56,7 +56,8 @@ static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io
         return 8;
     unsigned char *h = malloc(LEN);
     if (role == WRITER) {
-        struct cake_layout lay = {1, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU, 0};
+        struct cake_layout lay = {.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                                  .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
         cake_seq *s;
         if (cake_seq_open(c, &lay, NULL, 4096, 8, &s) || cake_prefill_reserve(s, 0)) {
             fprintf(stderr, "open: %s\n", cake_errstr(c));
@@ -89,7 +90,7 @@ static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io
                 fprintf(stderr, "byte %u is %#x, the writer wrote 0x42\n", i, h[i]);
                 return 6;
             }
-        printf("reader: the writer's bytes are in its tenant's GPU segment on %s\n", cake_gpu_uuid(c));
+        printf("reader: the writer's bytes are in its tenant's GPU segment on %s\n", cake_gpu_uuid_at(c, 0));
     } else {
         int mapped = cake_gpu_pool_mapped(c, 0, *off_io, 1);
         if (mapped != legacy) {

@@ -113,7 +113,8 @@ static void open_pair(cake_ctx *c, uint32_t max_new, cake_seq **gs, cake_seq **h
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = CACHE, pol.window = W;
-    struct cake_layout lay = {L, H, HKV, D, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     int rc = cake_seq_open(c, &lay, &pol, N, max_new, gs);
     CHECK(rc == 0, "GPU sequence open: %s (%s)", cake_strerror(rc), cake_errstr(c));
     lay.placement = CAKE_PLACE_HOST;
@@ -396,9 +397,12 @@ static void test_refusals(cake_ctx *c)
     struct cake_policy pol;
     cake_policy_default(&pol);
     cake_seq *s = NULL;
-    struct cake_layout f32 = {2, 4, 2, 64, CAKE_F32, CAKE_PLACE_GPU, 0};
-    struct cake_layout odd = {2, 4, 2, 72, CAKE_BF16, CAKE_PLACE_GPU, 0};
-    struct cake_layout ok = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout f32 = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_F32, .placement = CAKE_PLACE_GPU};
+    struct cake_layout odd = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 72,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    struct cake_layout ok = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                             .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     CHECK(cake_seq_open(c, &f32, &pol, 100, 0, &s) == CAKE_EINVAL, "f32 on the GPU accepted");
     CHECK(cake_seq_open(c, &odd, &pol, 100, 0, &s) == CAKE_EINVAL, "head_dim 72 on the GPU accepted");
     pol.mode = CAKE_MODE_PARITY;
@@ -416,7 +420,8 @@ static uint32_t fragment_gpu_pool(cake_ctx *c, cake_seq **f, uint32_t cap)
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 8, pol.window = 4;
-    struct cake_layout tiny = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_GPU, 0};
+    struct cake_layout tiny = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
+                               .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     uint32_t n = 0;
     int rc = 0;
     while (n < cap && !(rc = cake_seq_open(c, &tiny, &pol, 8, 0, &f[n])))
@@ -433,7 +438,7 @@ static int engine(const char *sock, int crash)
 {
     cake_ctx *c;
     cake_create(&c);
-    if (cake_connect(c, sock, 1) || !cake_gpu_pool_base(c)) {
+    if (cake_connect(c, sock, 1) || !cake_gpu_pool_base_at(c, 0)) {
         fprintf(stderr, "connect / GPU pool: %s\n", cake_errstr(c));
         return 2;
     }

@@ -144,8 +144,8 @@ static int rank(const char *sock, const char *uuid, int visible, int g0, int nh,
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = CACHE, pol.window = W;
-    struct cake_layout lay = {L, (uint32_t)(nh * G), (uint32_t)nh, D, CAKE_BF16, CAKE_PLACE_GPU,
-                              (uint32_t)gi};
+    struct cake_layout lay = {.layers = L, .q_heads = (uint32_t)(nh * G), .kv_heads = (uint32_t)nh, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU, .gpu = (uint32_t)gi};
     cake_seq *s;
     int rc = shard >= 0 ? cake_seq_open_shard(c, &lay, &pol, N, 0, 0x7E57, 2, (uint32_t)shard, &s)
                         : cake_seq_open(c, &lay, &pol, N, 0, &s);

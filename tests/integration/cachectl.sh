@@ -34,7 +34,7 @@ import json, sys
 s = json.load(sys.stdin)
 assert s["sequences"] == 2 and s["pages_used"] > 0 and s["pool_bytes"] == 256 << 20, s
 assert s["io"] in ("io_uring", "epoll"), s
-assert s["gpu_pool_bytes"] == 0 and s["gpu_uuid"] == "", s' || fail "status json"
+assert s["gpu_pool_bytes"] == 0 and s["gpus"] == [] and "gpu_uuid" not in s, s' || fail "status json"
 nt=$("$ctl" --socket "$sock" --json tenants | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["tenants"]))')
 ns=$("$ctl" --socket "$sock" --json status | python3 -c 'import json, sys; print(json.load(sys.stdin)["tenants"])')
 [ "$nt" = "$ns" ] || fail "status counts $ns tenants, tenants lists $nt"

@@ -194,7 +194,8 @@ static int bystander(const char *sock, int stop, uint64_t seed)
         return 1;
     }
     fcntl(stop, F_SETFL, O_NONBLOCK);
-    struct cake_layout lay = {BY_L, BY_H, BY_HKV, BY_D, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = BY_L, .q_heads = BY_H, .kv_heads = BY_HKV, .head_dim = BY_D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 96, pol.window = BY_W;
@@ -713,7 +714,8 @@ Test(chaos, random_clients_harm_no_one, .timeout = 600)
     cake_create(&probe);
     cake_set_service(probe, "bystander");
     cr_assert_eq(cake_connect(probe, h.sock, 1), 0);
-    struct cake_layout lay = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     cake_seq *ps;

@@ -61,7 +61,8 @@ static int engine(const char *sock, int mode, int submit, uint64_t seed)
     snprintf(name, sizeof name, "engine-%llu", (unsigned long long)seed);
     OK(cake_set_service(ctx, name));
     OK(cake_connect(ctx, sock, 1));
-    struct cake_layout lay = {m.L, m.H, m.Hkv, m.d, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = m.L, .q_heads = m.H, .kv_heads = m.Hkv, .head_dim = m.d,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.mode = (enum cake_mode)mode, pol.cache_size = C, pol.window = m.w;

@@ -51,7 +51,8 @@ static void victim(const char *sock, unsigned seed)
     cake_set_service(c, name);
     if (cake_connect(c, sock, 1))
         _exit(1);
-    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 4, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64 + (uint32_t)(rand() % 64), pol.window = 16;
@@ -85,7 +86,8 @@ static int bystander(const char *sock, int cycles)
     cake_set_service(c, "bystander");
     if (cake_connect(c, sock, 1))
         return 1;
-    struct cake_layout lay = {4, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 4, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 96, pol.window = 16;

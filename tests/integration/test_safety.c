@@ -216,7 +216,8 @@ Test(safety, version_mismatch_is_refused_clearly, .timeout = 30)
      * service named after it */
     cake_ctx *c;
     cake_create(&c);
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     cake_seq *s;
     cr_assert_eq(cake_seq_open(c, &lay, NULL, 100, 8, &s), CAKE_ENOTCONN);
     cr_assert_eq(cake_connect(c, h.sock, 1), 0, "%s", cake_errstr(c));
@@ -230,7 +231,8 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     struct harness h;
     cr_assert_eq(harness_start(&h, NULL), 0);
     cake_ctx *a = engine(h.sock, "tenant-a"), *b = engine(h.sock, "tenant-b");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64;
@@ -241,12 +243,14 @@ Test(safety, wrong_ids_order_and_quota, .timeout = 60)
     cr_assert_eq(cake_prefill_observe(sa, 0, NULL), CAKE_ESTATE);
     cr_assert_eq(cake_decode_step(a, &sa, 1), CAKE_ESTATE);
     /* a bad layout is refused with its reason */
-    struct cake_layout bad = {2, 5, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout bad = {.layers = 2, .q_heads = 5, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     cake_seq *sx;
     cr_assert_eq(cake_seq_open(a, &bad, &pol, 1000, 16, &sx), CAKE_EINVAL);
     cr_assert(strstr(cake_errstr(a), "multiple"), "%s", cake_errstr(a));
     /* a hostile layout is refused before caked allocates for it */
-    struct cake_layout huge = {512, 1024, 8, 1024, CAKE_F32, CAKE_PLACE_HOST, 0}; /* one token per page */
+    struct cake_layout huge = {.layers = 512, .q_heads = 1024, .kv_heads = 8, .head_dim = 1024,
+                               .dtype = CAKE_F32, .placement = CAKE_PLACE_HOST}; /* one token per page */
     struct cake_policy wide = pol;
     wide.window = 4096, wide.cache_size = 1u << 24;
     cr_assert_eq(cake_seq_open(a, &huge, &wide, (1u << 24) - 1, 1, &sx), CAKE_EOOM, "%s", cake_errstr(a));
@@ -355,7 +359,8 @@ Test(safety, a_scribbled_descriptor_cannot_send_libcake_outside_the_pool, .timeo
     struct harness h;
     cr_assert_eq(harness_start(&h, NULL), 0);
     cake_ctx *c = engine(h.sock, "scribbler");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64, pol.window = 8;
@@ -426,7 +431,8 @@ Test(safety, a_reply_after_its_timeout_is_skipped, .timeout = 60)
     cake_set_timeout_ms(a, 300);
     cr_assert_eq(cake_connect(a, h.sock, 1), 0, "%s", cake_errstr(a));
     b = engine(h.sock, "tp");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64, pol.window = 8;
@@ -554,7 +560,8 @@ Test(safety, another_uid_sees_and_touches_only_its_own, .timeout = 60)
     cr_assert_eq(harness_start(&h, extra), 0);
     chmod(h.dir, 0755); /* caked made run/ 0710 for group root; the test's own dir opens up */
     cake_ctx *a = engine(h.sock, "shared-name");
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     cake_seq *sa;
     cr_assert_eq(cake_seq_open(a, &lay, NULL, 500, 8, &sa), 0, "%s", cake_errstr(a));
     uint64_t id = cake_seq_id(sa);
@@ -620,7 +627,8 @@ Test(safety, a_partial_frame_then_hang_up_frees_everything, .timeout = 60)
         pid_t p = fork();
         if (p == 0) {
             cake_ctx *c = harness_client(h.sock, "half", 1, 0);
-            struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                                      .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
             cake_seq *s;
             if (!c || cake_seq_open(c, &lay, NULL, 300, 8, &s) || cake_prefill_reserve(s, 0))
                 _exit(1);
@@ -713,7 +721,8 @@ Test(safety, clients_that_never_become_engines_hold_nothing_for_long, .timeout =
         cake_ctx *c = harness_client(h.sock, name, i % 2, 0);
         cr_assert_not_null(c);
         if (i % 2) { /* an engine with a sequence: its segment goes back too */
-            struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                                      .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
             cake_seq *s;
             cr_assert_eq(cake_seq_open(c, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(c));
             cr_assert_eq(cake_prefill_reserve(s, 0), 0, "%s", cake_errstr(c));
@@ -777,7 +786,8 @@ Test(safety, seq_info_during_prefill_shows_only_committed_state, .timeout = 120)
     struct harness h;
     cr_assert_eq(harness_start(&h, NULL), 0);
     cake_ctx *c = engine(h.sock, "watched");
-    struct cake_layout lay = {8, 8, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 8, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 256, pol.window = 16;
@@ -819,7 +829,8 @@ Test(safety, long_lists_come_in_pages, .timeout = 120)
     const char *extra[] = {"--host-pool", "512M", "--page-size", "4K", NULL};
     cr_assert_eq(harness_start(&h, extra), 0);
     cake_ctx *c = engine(h.sock, "many");
-    struct cake_layout lay = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 8, pol.window = 4;
@@ -879,7 +890,8 @@ Test(safety, work_of_departed_clients_is_cancelled, .timeout = 120)
         pid_t p = fork();
         if (p == 0) {
             cake_ctx *c = harness_client(h.sock, "leaver", 1, 0);
-            struct cake_layout lay = {1, 32, 2, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+            struct cake_layout lay = {.layers = 1, .q_heads = 32, .kv_heads = 2, .head_dim = 128,
+                                      .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
             cake_seq *s;
             if (!c || cake_seq_open(c, &lay, NULL, 32768, 8, &s) || cake_prefill_reserve(s, 0))
                 _exit(1);
@@ -997,7 +1009,8 @@ Test(safety, a_context_reconnects_after_caked_restarts, .timeout = 60)
     cr_assert_eq(harness_start(&h1, extra), 0);
     cake_ctx *c = harness_client(sock, "again", 1, 0);
     cr_assert_not_null(c);
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     cake_seq *s;
     cr_assert_eq(cake_seq_open(c, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(c));
     kill(h1.pid, SIGKILL);
@@ -1105,7 +1118,8 @@ Test(safety, fragmented_pool_still_opens_what_fits, .timeout = 120)
     const char *extra[] = {"--host-pool", "64M", NULL};
     cr_assert_eq(harness_start(&h, extra), 0);
     cake_ctx *c = engine(h.sock, "frag");
-    struct cake_layout big = {32, 32, 8, 128, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout big = {.layers = 32, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64, pol.window = 32;
@@ -1118,7 +1132,8 @@ Test(safety, fragmented_pool_still_opens_what_fits, .timeout = 120)
     uint64_t want = frag_run(c, s, 32, 32, 8, n, 32, steps);
     cr_assert_eq(cake_seq_close(s), 0);
     /* every page taken by one-page sequences, then every other one given back */
-    struct cake_layout tiny = {1, 1, 1, 16, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout tiny = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
+                               .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy tp;
     cake_policy_default(&tp);
     tp.cache_size = 8, tp.window = 4;
@@ -1157,7 +1172,8 @@ Test(safety, caked_s_own_memory_for_sequences_is_bounded, .timeout = 60)
     const char *extra[] = {"--host-pool", "64M", "--heap-limit", "8M", NULL};
     cr_assert_eq(harness_start(&h, extra), 0);
     cake_ctx *a = engine(h.sock, "heap-a");
-    struct cake_layout lay = {32, 8, 8, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 32, .q_heads = 8, .kv_heads = 8, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 256;

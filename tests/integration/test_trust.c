@@ -360,7 +360,8 @@ static size_t count_mapped_bytes(cake_ctx *c, uint8_t v, size_t *mapped)
 static void attack(const char *sock, uid_t as_uid, const char *victim_name)
 {
     cake_ctx *v = engine(sock, victim_name);
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.kind = CAKE_POLICY_FULL;
@@ -464,7 +465,8 @@ Test(trust, identities_are_proven_and_administration_is_a_right, .timeout = 60)
     cr_assert_eq(harness_start(&h, extra), 0);
     chmod(h.dir, 0755);
     cake_ctx *a = engine(h.sock, "rooted"); /* root may be "rooted" (caked's own uid) */
-    struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     cake_seq *s;
     cr_assert_eq(cake_seq_open(a, &lay, NULL, 300, 8, &s), 0, "%s", cake_errstr(a));
     /* the same uid, the same service name, another connection: cannot act on it */
@@ -549,7 +551,8 @@ Test(trust, pages_a_client_may_still_write_are_not_reused_before_its_next_call, 
     struct harness h;
     const char *extra[] = {"--host-pool", "32M", NULL};
     cr_assert_eq(harness_start(&h, extra), 0);
-    struct cake_layout lay = {1, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+    struct cake_layout lay = {.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     struct cake_policy pol;
     cake_policy_default(&pol);
     pol.cache_size = 64, pol.window = 8;
@@ -722,7 +725,8 @@ static int fake_and_open(uint64_t pool_bytes, uint64_t seg_bytes, int seg_fd, in
     cake_set_timeout_ms(c, 3000);
     int rc = *connect_rc = cake_connect(c, sock, 1);
     if (!rc) {
-        struct cake_layout lay = {2, 4, 2, 64, CAKE_BF16, CAKE_PLACE_HOST, 0};
+        struct cake_layout lay = {.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                                  .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
         cake_seq *s = NULL;
         rc = cake_seq_open(c, &lay, NULL, 500, 8, &s);
         /* whatever happened, no address libcake gives may fault */

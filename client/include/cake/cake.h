@@ -66,7 +66,8 @@ CAKE_API void cake_destroy(cake_ctx *ctx);
  * default "default"). Returns 0 or CAKE_EINVAL (also after connecting). The string is
  * copied. */
 CAKE_API int cake_set_service(cake_ctx *ctx, const char *name);
-/* Before cake_connect(): heap hooks for the library's own allocations. */
+/* Before cake_connect(): heap hooks for the library's own allocations (reply buffers,
+ * sequence handles). Returns 0 or CAKE_EINVAL (a NULL hook, or already connected). */
 CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void *ud),
                        void (*release)(void *ptr, void *ud), void *ud);
 /* Before cake_connect(): the GPUs whose pools this process maps, as a comma-separated list of
@@ -74,7 +75,8 @@ CAKE_API int cake_set_allocator(cake_ctx *ctx, void *(*alloc)(size_t size, void 
  * (e.g. a tensor-parallel rank with CUDA_VISIBLE_DEVICES set maps its own GPU's only).
  * Returns 0 or CAKE_EINVAL. */
 CAKE_API int cake_set_gpus(cake_ctx *ctx, const char *uuids);
-/* Before cake_connect(): reply timeout (0 = wait forever; default 0). A call that times out
+/* Before cake_connect(): reply timeout (0 = wait forever; default 0; negative: CAKE_EINVAL,
+ * else 0). A call that times out
  * returns -ETIMEDOUT; caked may still carry out the request (a shard waiting at its barrier
  * completes when the other ranks arrive), and the late reply is skipped by the next call. A
  * timeout midway through a frame drops the connection (later calls: CAKE_ENOTCONN). */
@@ -124,28 +126,30 @@ CAKE_API size_t cake_gpu_pool_bytes_at(const cake_ctx *ctx, uint32_t i);
 /* 1 if [offset, offset + len) of GPU pool i is mapped in this process (its tenant's
  * segments; a legacy-IPC pool is mapped whole), else 0. */
 CAKE_API int cake_gpu_pool_mapped(const cake_ctx *ctx, uint32_t i, uint64_t offset, size_t len);
-/* The same for the first GPU pool ("" UUID when caked has none). */
-CAKE_API uint64_t cake_gpu_pool_base(const cake_ctx *ctx);
-CAKE_API size_t cake_gpu_pool_bytes(const cake_ctx *ctx);
-CAKE_API const char *cake_gpu_uuid(const cake_ctx *ctx);
 
-/* Round trip without work (latency probes). */
+/* Round trip without work (latency probes). Returns 0, CAKE_ENOTCONN, -ETIMEDOUT,
+ * CAKE_ESHUTDOWN (caked went away) or -errno. */
 CAKE_API int cake_ping(cake_ctx *ctx);
 
 /* ---- sequences ---------------------------------------------------------- */
 
+/* The public structs keep room to grow (as io_uring_params does): their reserved words must
+ * be zero, which a designated initializer, a zeroed struct or cake_policy_default() give;
+ * a later libcake gives them meanings whose zero is today's behaviour. Their sizes are part
+ * of the ABI (64 and 128 bytes). */
 struct cake_layout {
     uint32_t layers;
     uint32_t q_heads;
     uint32_t kv_heads;
     uint32_t head_dim;
     enum cake_dtype dtype;
-    /* CAKE_PLACE_GPU: K/V pages and query rings in caked's GPU pool (cake_gpu_pool_base()
+    /* CAKE_PLACE_GPU: K/V pages and query rings in caked's GPU pool (cake_gpu_pool_base_at()
      * must be mapped), scored and compacted there by caked's CUDA kernels. Needs f16 or
      * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256 and
      * fixed mode. Zero (the default of a zeroed struct) is the host pool. */
     enum cake_placement placement;
     uint32_t gpu; /* CAKE_PLACE_GPU: which of caked's GPU pools (cake_gpu_uuid_at); 0 first */
+    uint32_t reserved[9];
 };
 
 /* Eviction policies (daemon/README.md "Policies" documents each one's parameters and how
@@ -194,6 +198,7 @@ struct cake_policy {
     uint32_t sinks;             /* StreamingLLM (0: 4) */
     float pyramid_beta;         /* PyramidKV (0: 20) */
     float ada_alpha;            /* Ada-KV floor share (0: 0.2; negative: none) */
+    uint32_t reserved[15];
 };
 
 CAKE_API void cake_policy_default(struct cake_policy *p);
@@ -223,7 +228,9 @@ CAKE_API int cake_seq_open_shard(cake_ctx *ctx, const struct cake_layout *layout
                                  const struct cake_policy *policy, uint32_t prompt_len,
                                  uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                                  uint32_t shard, cake_seq **out);
-/* Frees the sequence in the daemon and the handle. */
+/* Frees the sequence in the daemon and the handle (whatever caked answers: the handle is
+ * gone after this call). Returns 0, CAKE_ENOSEQ (caked had already ended it: its shard
+ * group ended, or caked restarted), CAKE_ENOTCONN, -ETIMEDOUT or -errno. */
 CAKE_API int cake_seq_close(cake_seq *seq);
 CAKE_API uint64_t cake_seq_id(const cake_seq *seq);
 /* 1 when the sequence lives in the GPU pool: cake_key(), cake_value() and cake_query_row()
@@ -238,6 +245,11 @@ CAKE_API uint32_t cake_seq_tokens_per_page(const cake_seq *seq);
  *                                    compacts (cascading) - or, having computed the scores
  *                                    itself, the engine writes the indicator at
  *                                    cake_indicator() and calls cake_prefill_submit(). */
+/* Each returns 0, CAKE_ESTATE (a layer out of order: reserve each once, in order, then
+ * observe or submit it), CAKE_EOOM (reserve: the layer's pages do not fit the tenant's share
+ * or the pool), CAKE_ENOSEQ (the sequence is gone: closed, or its shard group ended),
+ * CAKE_EINTERNAL (caked's scoring failed; cake_errstr() says how), CAKE_ENOTCONN,
+ * -ETIMEDOUT or -errno. *preference (observe, may be NULL): the layer's preference score. */
 CAKE_API int cake_prefill_reserve(cake_seq *seq, uint32_t layer);
 CAKE_API int cake_prefill_observe(cake_seq *seq, uint32_t layer, double *preference);
 CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preference);
@@ -245,7 +257,10 @@ CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preferenc
 /* One decode step for n sequences of this context: evicts layers over budget, then
  * reserves one more token in every layer of every sequence. After it returns, write the
  * new token's K/V at slot cake_layer_tokens(seq, l) - 1 and its query with
- * cake_put_decode_query(seq, l, ...). All or nothing: CAKE_EOOM leaves every sequence as it was. */
+ * cake_put_decode_query(seq, l, ...). All or nothing: CAKE_EOOM leaves every sequence as it
+ * was. Returns 0, CAKE_EOOM, CAKE_ESTATE (a sequence not fully prefilled, or listed twice),
+ * CAKE_ETOOBIG (a sequence reached its max_new_tokens), CAKE_EINVAL (n == 0), CAKE_ENOSEQ,
+ * CAKE_EINTERNAL, CAKE_ENOTCONN, -ETIMEDOUT, -ENOMEM or -errno. */
 CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
 
 /* Ordering (GPU sequences): caked reads keys, values and queries inside observe, submit and
@@ -254,7 +269,8 @@ CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
  * call returns.
  *
  * Addresses in the pool (valid until the next call on this sequence that may compact:
- * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage. */
+ * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage.
+ * NULL when out of range or not in a segment mapped in this process. */
 CAKE_API void *cake_key(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
 CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
 /* Window queries. Each layer has a ring of w rows per query head (w = the policy's window),

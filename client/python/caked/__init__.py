@@ -60,7 +60,8 @@ _DTYPES = {"f32": (0, np.float32), "f16": (1, np.float16), "bf16": (2, np.uint16
 class _Layout(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_uint32), ("q_heads", ctypes.c_uint32),
                 ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
-                ("dtype", ctypes.c_int), ("placement", ctypes.c_int), ("gpu", ctypes.c_uint32)]
+                ("dtype", ctypes.c_int), ("placement", ctypes.c_int), ("gpu", ctypes.c_uint32),
+                ("reserved", ctypes.c_uint32 * 9)]
 
 
 class _Policy(ctypes.Structure):
@@ -71,7 +72,7 @@ class _Policy(ctypes.Structure):
                 ("alloc", ctypes.c_int), ("indicator", ctypes.c_int), ("pool", ctypes.c_int),
                 ("pool_kernel", ctypes.c_uint32), ("decode", ctypes.c_int),
                 ("sinks", ctypes.c_uint32), ("pyramid_beta", ctypes.c_float),
-                ("ada_alpha", ctypes.c_float)]
+                ("ada_alpha", ctypes.c_float), ("reserved", ctypes.c_uint32 * 15)]
 
 
 # names of cake.h's policy enums (0 is always "the kind's own")
