@@ -7,13 +7,14 @@
 #include <stdint.h>
 
 #include "cake/cake.h"
+#include "frame.h"
 #include "gpupool.h"
 #include "reader.h"
 #include "shm.h"
 
 struct seq_gpu;
 
-#define CAKE_MAX_GPUS 8
+#define CAKE_MAX_GPUS FRAME_MAX_GPUS /* proto/frame.h: the wire's limit */
 #define CAKE_FD_GROUPS 4 /* fd groups received and not yet taken by their frames */
 #define CAKE_FD_GROUP_MAX 64 /* fds one frame carries at most (caked's SERVER_MAP_FDS) */
 

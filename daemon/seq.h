@@ -16,6 +16,7 @@
 
 #include "../kernels/kern.h"
 #include "gpuexec.h"
+#include "../proto/frame.h"
 #include "../proto/shm.h"
 #include "cakeseq.h"
 #include "policy.h"
@@ -27,7 +28,7 @@
 #define SEQ_MAX_HEAD_DIM 1024
 #define SEQ_MAX_TOKENS (1u << 24) /* prompt + new tokens: 16M */
 #define SEQ_MAX_WINDOW 4096u     /* the query ring is window rows per head and layer */
-#define SEQ_MAX_GPUS 8           /* GPU pools (one per GPU) */
+#define SEQ_MAX_GPUS FRAME_MAX_GPUS /* GPU pools (one per GPU): the wire's limit */
 #define SEQ_MAX_WINDOW_PAGES 65536u /* descriptor + scratch pages (listed in the open reply) */
 
 struct seq_layer {

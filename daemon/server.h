@@ -10,9 +10,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "../proto/frame.h"
 #include "loop.h"
 
-#define SERVER_MAX_GPUS 8
+#define SERVER_MAX_GPUS FRAME_MAX_GPUS /* proto/frame.h: the wire's limit */
 
 struct server_cfg {
     char socket_path[108];

@@ -16,6 +16,7 @@
  * memory. The largest legitimate body is a DECODE_STEP of a few thousand sequence ids
  * or a metrics dump. */
 #define FRAME_MAX_BODY (1u << 20)
+#define FRAME_MAX_GPUS 8u       /* GPU pools one caked serves (HELLO lists at most these) */
 #define FRAME_FLAG_FDS 0x1u     /* an SCM_RIGHTS fd travels with this frame */
 #define FRAME_FLAGS_KNOWN FRAME_FLAG_FDS
 
