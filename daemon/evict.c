@@ -48,3 +48,19 @@ int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const str
         kern_topk(ind + (size_t)g * S, S, kept, order, slots + (size_t)g * kept);
     return (int)kept;
 }
+
+void evict_h2o_add(float *acc, uint32_t cap, const float *ind, uint32_t kv_heads, uint32_t n)
+{
+    for (uint32_t g = 0; g < kv_heads; g++)
+        for (uint32_t j = 0; j < n; j++)
+            acc[(size_t)g * cap + j] += ind[(size_t)g * n + j];
+}
+
+void evict_h2o_keep(float *acc_g, uint32_t cap, uint32_t S, uint32_t w, uint32_t kept,
+                    uint32_t *slots)
+{
+    kern_topk(acc_g, S, kept, KERN_ORDER_POSITION, slots);
+    kern_gather_f32(acc_g, slots, kept, acc_g); /* ascending: in place */
+    memmove(acc_g + kept, acc_g + S, sizeof(float) * w);
+    memset(acc_g + kept + w, 0, sizeof(float) * (cap - kept - w));
+}

@@ -24,4 +24,14 @@ int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const str
                         const void *q, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
                         uint32_t *slots, float *ind, int n_threads);
 
+/* H2O's decode rule (accumulating kinds): acc [kv_heads][cap] holds each held token's
+ * attention accumulated over the window and every decode query. evict_h2o_add adds the
+ * newest query's, ind [kv_heads][n] over the first n tokens. evict_h2o_keep picks head g's
+ * top `kept` of its first S tokens by acc (positional order, ties to the lower position) into
+ * slots, and makes acc_g follow the tokens compaction will keep: those, then the w window
+ * entries that followed S, zeros after. */
+void evict_h2o_add(float *acc, uint32_t cap, const float *ind, uint32_t kv_heads, uint32_t n);
+void evict_h2o_keep(float *acc_g, uint32_t cap, uint32_t S, uint32_t w, uint32_t kept,
+                    uint32_t *slots);
+
 #endif

@@ -8,10 +8,10 @@
 #include "cake/cake.h"
 #include "check.h"
 #include "evict.h"
-#include "seq.h"
+#include "seq_int.h"
 #include "indicator.h"
 
-static double now_s(void)
+double seq_now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -20,9 +20,6 @@ static double now_s(void)
 
 _Static_assert(TENANT_MAX <= POOL_MAX_OWNERS, "tenant ids own pool segments");
 
-/* the GPU pool and execution contexts of a GPU sequence's device */
-#define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
-#define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
 
 static uint64_t ring_layer_bytes(const struct seq *s)
 {
@@ -30,7 +27,7 @@ static uint64_t ring_layer_bytes(const struct seq *s)
     return (b + 63) & ~UINT64_C(63);
 }
 
-static uint32_t scored_len(const struct seq *s)
+uint32_t seq_scored_len(const struct seq *s)
 {
     return s->n > s->cfg.window ? s->n - s->cfg.window : 0;
 }
@@ -43,7 +40,7 @@ static void *scratch_ptr(const struct seq_env *e, const struct seq *s)
 
 /* Host sequences: rings then indicator in the scratch area. GPU sequences: the indicator
  * alone there; their rings are pages of the GPU pool (gpu_ring_view). */
-static void *ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
+void *seq_ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
     return (uint8_t *)scratch_ptr(e, s) + (uint64_t)l * ring_layer_bytes(s);
 }
@@ -53,43 +50,12 @@ static uint64_t host_ring_bytes(const struct seq *s)
     return s->gpu ? 0 : (uint64_t)s->L * ring_layer_bytes(s);
 }
 
-static float *indicator_ptr(const struct seq_env *e, const struct seq *s)
+float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s)
 {
     return (float *)((uint8_t *)scratch_ptr(e, s) + host_ring_bytes(s));
 }
 
-/* The GPU kernels' view of layer l's query ring (GPU sequences). */
-static struct gpu_ring gpu_ring_view(const struct seq_env *e, const struct seq *s, uint32_t l)
-{
-    return (struct gpu_ring){
-        .base = GPOOL(e, s)->base, .page_bytes = GPOOL(e, s)->page_bytes,
-        .pages = s->ring_pg + (size_t)l * s->ring.pages, .n_pages = s->ring.pages,
-        .q_heads = s->H, .w = s->cfg.window, .rows_per_page = s->ring.rows_per_page,
-        .heads_per_page = s->ring.heads_per_page, .pages_per_head = s->ring.pages_per_head,
-    };
-}
 
-/* GPU sequences: the engine's indicator (in the window) to the device, page run by page
- * run of the host pool (each registered with CUDA as part of its segment). */
-static int indicator_to_gpu(const struct seq_env *e, const struct seq *s, struct gpuctx *gc,
-                            float *dst, size_t bytes)
-{
-    uint64_t pb = e->pool->page_bytes;
-    uint64_t off = (uint8_t *)indicator_ptr(e, s) - s->win;
-    uint8_t *d = (uint8_t *)dst;
-    int rc = 0;
-    while (bytes && !rc) {
-        uint32_t i = (uint32_t)(off / pb), k = 1;
-        while (i + k < s->win_n && s->win_pages[i + k] == s->win_pages[i] + k)
-            k++;
-        size_t into = off % pb, n = (size_t)k * pb - into;
-        n = n < bytes ? n : bytes;
-        rc = gpuctx_copy_h2d(gc, d, (uint8_t *)pool_ptr(e->pool, s->win_pages[i]) + into, n,
-                             e->pool->base, e->pool->seg_bytes);
-        off += n, d += n, bytes -= n;
-    }
-    return rc;
-}
 
 /* The pool holding the sequence's K/V pages. */
 static struct pool *kv_pool(const struct seq_env *e, const struct seq *s)
@@ -128,17 +94,6 @@ static int admit_kv(const struct seq_env *e, const struct seq *s, uint64_t pages
                   : tenant_admit(e->tenants, s->tenant, pages * pb, free_b, p->bytes);
 }
 
-/* The GPU kernels' view of layer l (GPU sequences). */
-static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l)
-{
-    const struct seq_layer *ly = &s->layer[l];
-    return (struct gpu_layer){
-        .dtype = s->dt, .kv_heads = s->Hkv, .head_dim = s->d, .tokens_per_page = s->tpp,
-        .n_tokens = ly->tokens, .n_pages = ly->n_pages, .base = GPOOL(e, s)->base,
-        .page_bytes = GPOOL(e, s)->page_bytes, .pages = ly->pages,
-        .v_offset_bytes = (size_t)s->Hkv * s->tpp * s->d * kern_dtype_size(s->dt),
-    };
-}
 
 /* Publishes layer l's state to the shared descriptor. */
 static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
@@ -172,8 +127,8 @@ void seq_publish(const struct seq_env *e, struct seq *s)
         sync_layer(e, s, l);
 }
 
-static struct kern_kv layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
-                                 void **pages)
+struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
+                              void **pages)
 {
     const struct seq_layer *ly = &s->layer[l];
     for (uint32_t i = 0; i < ly->n_pages; i++)
@@ -259,7 +214,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         s->ring = shm_ring_geom(s->H, cfg.window, row, pb); /* row <= pb: a token fits a page */
     /* descriptor and scratch area share the window's pages (a small sequence takes one) */
     uint64_t desc_bytes = (shm_desc_bytes(s->L, s->max_pages, s->Hkv, s->ring.pages) + 63) & ~63ull;
-    uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * scored_len(s) * sizeof(float);
+    uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * seq_scored_len(s) * sizeof(float);
     uint64_t win_n = (desc_bytes + scratch_bytes + pb - 1) / pb;
     uint64_t rp = (uint64_t)s->L * s->ring.pages;
     if (win_n > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
@@ -285,7 +240,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         return CAKE_EOOM;
     }
     /* caked's own memory for it, bounded like its pages (tenant_admit_heap) */
-    uint64_t S = scored_len(s);
+    uint64_t S = seq_scored_len(s);
     s->heap_bytes = cakeseq_heap_bytes(&cfg, s->Hkv, s->n) +
                     (uint64_t)s->L * (sizeof(*s->layer) + sizeof(*s->pub) + 4ull * s->max_pages) +
                     4ull * (win_n + rp + 1) + 4ull * s->Hkv * S /* pending indicator */ +
@@ -416,8 +371,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     free(s->layer);
     free(s->pub);
     free(s->pend_ind);
-    if (s->gpu)
-        gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
+    seq_exec(s)->prefill_done(e, s); /* what the executor kept for the prefill */
     cakeseq_destroy(s->cs);
     free(s);
 }
@@ -471,88 +425,21 @@ int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why)
     return 0;
 }
 
-/* Compacts layer m to the controller's decision ev (worker thread). */
-/* Compaction of a host sequence's layer on the CPU (GPU sequences: gpuctx_compact_many). */
-static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
-                       struct seq_result *r)
-{
-    struct seq_layer *ly = &s->layer[ev->layer];
-    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
-    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
-    void *scratch = malloc(2 * row * (ev->kept + 1));
-    if (!pages || !scratch) {
-        free(pages), free(scratch);
-        return -ENOMEM;
-    }
-    struct kern_kv kv = layer_view(e, s, ev->layer, pages);
-    uint32_t win = ly->tokens - ev->old_prefix;
-    for (uint32_t g = 0; g < s->Hkv; g++)
-        kern_compact_head(&kv, g, ev->slots + (size_t)g * ev->kept, ev->kept, ev->old_prefix,
-                          win, scratch);
-    r->evicted_tokens += ev->old_prefix - ev->kept;
-    ly->tokens = ev->kept + win;
-    free(pages), free(scratch);
-    return 0;
-}
 
 void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
                        double pref, struct seq_result *r)
 {
-    uint32_t S = scored_len(s), w = s->cfg.window;
-    double t0 = e->trace ? now_s() : 0;
+    uint32_t S = seq_scored_len(s);
+    double t0 = e->trace ? seq_now_s() : 0;
     *r = (struct seq_result){0};
     free(s->pend_ind);
     s->pend_ind = NULL;
-    if (s->gpu) { /* the indicator stays on the GPU, where the selection runs */
-        if (S) {
-            size_t ib = sizeof(float) * (size_t)s->Hkv * S;
-            struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-            if (!s->ind_dev)
-                r->rc = gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
-            float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
-            if (!r->rc && observe) {
-                struct gpu_layer gl = gpu_layer_view(e, s, layer);
-                struct gpu_ring gr = gpu_ring_view(e, s, layer);
-                r->rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &r->ent,
-                                          &r->var);
-                pref = policy_preference(&s->cfg, r->ent, r->var);
-            } else if (!r->rc) { /* the engine's own, from the host pool (registered) */
-                r->rc = indicator_to_gpu(e, s, gc, dst, ib);
-            }
-            gpuexec_put(GEXEC(e, s), gc);
-        } else if (observe) {
-            pref = 0.0;
-        }
-        r->pref = pref;
-        if (e->trace)
-            s->t_score = now_s() - t0;
-        return;
-    }
-    float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
-    if (!ind) {
-        r->rc = -ENOMEM;
-        return;
-    }
-    if (S && observe) {
-        void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
-        if (!pages) {
-            r->rc = -ENOMEM;
-            return;
-        }
-        struct kern_kv kv = layer_view(e, s, layer, pages);
-        r->rc = indicator_layer(&s->cfg, &kv, ring_ptr(e, s, layer), s->dt, s->H, w, S,
-                                     e->threads, ind, &r->ent, &r->var);
-        free(pages);
-        pref = policy_preference(&s->cfg, r->ent, r->var);
-    } else if (S) {
-        /* the engine's own indicator: copied out of shared memory before use */
-        memcpy(ind, indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
-    } else if (observe) {
-        pref = 0.0;
-    }
+    r->rc = seq_exec(s)->score(e, s, layer, observe, r);
+    if (observe) /* the layer's preference from its entropy and variance (none to score: 0) */
+        pref = S ? policy_preference(&s->cfg, r->ent, r->var) : 0.0;
     r->pref = pref;
     if (e->trace)
-        s->t_score = now_s() - t0;
+        s->t_score = seq_now_s() - t0;
 }
 
 void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
@@ -560,49 +447,19 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
 {
     struct cakeseq_evict ev[SEQ_MAX_LAYERS];
     uint32_t nev = 0;
+    const struct seq_exec *x = seq_exec(s);
     r->pref = pref;
-    double t0 = e->trace ? now_s() : 0;
-    if (!r->rc) /* GPU sequences: budgets here, selection on the GPU (NULL indicator) */
-        r->rc = cakeseq_prefill_layer(s->cs, layer, pref, s->gpu ? NULL : s->pend_ind, ev,
-                                           &nev);
-    double t1 = e->trace ? now_s() : 0;
-    if (s->gpu && nev && !r->rc) {
-        /* a cascading stage re-compacts every earlier layer whose budget shrank: all of them
-         * side by side on the GPU, one wait */
-        struct gpu_select jobs[SEQ_MAX_LAYERS];
-        uint32_t S = scored_len(s);
-        for (uint32_t i = 0; i < nev; i++) {
-            struct seq_layer *ly = &s->layer[ev[i].layer];
-            jobs[i] = (struct gpu_select){
-                .l = gpu_layer_view(e, s, ev[i].layer),
-                .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
-                .old = ev[i].old_prefix, .k = ev[i].kept,
-                .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            };
-        }
-        struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-        r->rc = gpuctx_select_compact_many(gc, jobs, nev);
-        gpuexec_put(GEXEC(e, s), gc);
-        for (uint32_t i = 0; i < nev && !r->rc; i++) {
-            struct seq_layer *ly = &s->layer[ev[i].layer];
-            uint32_t win = ly->tokens - ev[i].old_prefix;
-            r->evicted_tokens += ev[i].old_prefix - ev[i].kept;
-            ly->tokens = ev[i].kept + win;
-            r->ev_layers[r->n_ev++] = ev[i].layer;
-        }
-    }
-    for (uint32_t i = 0; i < nev && !r->rc && !s->gpu; i++) {
-        r->rc = apply_evict(e, s, &ev[i], r);
-        r->ev_layers[r->n_ev++] = ev[i].layer;
-    }
+    double t0 = e->trace ? seq_now_s() : 0;
+    if (!r->rc) /* budgets; the kept set too where the indicator is on the host */
+        r->rc = cakeseq_prefill_layer(s->cs, layer, pref, x->selection(s), ev, &nev);
+    double t1 = e->trace ? seq_now_s() : 0;
+    if (!r->rc && nev) /* a cascading stage re-compacts every earlier layer whose budget shrank */
+        r->rc = x->compact(e, s, ev, nev, r);
     free(s->pend_ind);
     s->pend_ind = NULL;
     if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
-        if (s->gpu) {
-            gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
-            s->ind_dev = NULL;
-        }
+        x->prefill_done(e, s);
     }
     if (e->trace) {
         uint64_t moved = 0;
@@ -611,7 +468,7 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
         fprintf(stderr, "caked trace: seq %#llx layer %u: score %.0f us, select %.0f us, "
                 "compact %.0f us (%u layers, %llu tokens per head kept)\n",
                 (unsigned long long)s->id, layer, s->t_score * 1e6, (t1 - t0) * 1e6,
-                (now_s() - t1) * 1e6, nev, (unsigned long long)moved);
+                (seq_now_s() - t1) * 1e6, nev, (unsigned long long)moved);
     }
 }
 
@@ -672,179 +529,26 @@ int seq_decode_needs_evict(const struct seq *s)
     return 0;
 }
 
-/* Evicts layer l of a decode step (one OpenMP thread per layer; layers share nothing). */
-static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t valid,
-                              uint32_t *evicted)
-{
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
-    struct seq_layer *ly = &s->layer[l];
-    uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
-    uint32_t budget = cakeseq_budget(s->cs, l);
-    uint8_t *q = malloc(row * s->H * valid);
-    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
-    float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
-    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
-    void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
-    int rc = -ENOMEM;
-    if (q && slots && ind && pages && scratch) {
-        /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
-        const uint8_t *ring = ring_ptr(e, s, l);
-        for (uint32_t h = 0; h < s->H; h++)
-            for (uint32_t i = 0; i < valid; i++) {
-                uint32_t slot = (v0 + s->decoded - valid + i) % w;
-                memcpy(q + ((size_t)h * valid + i) * row, ring + ((size_t)h * w + slot) * row, row);
-            }
-        struct kern_kv kv = layer_view(e, s, l, pages);
-        int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots, ind, 1);
-        rc = kept < 0 ? kept : 0;
-        if (!rc) {
-            for (uint32_t g = 0; g < s->Hkv; g++)
-                kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
-            *evicted = S - (uint32_t)kept;
-            ly->tokens = (uint32_t)kept + w;
-        }
-    }
-    free(q), free(slots), free(ind), free(pages), free(scratch);
-    return rc;
-}
 
-/* The same on the GPU for every layer over budget at once: score, top-k and compaction on
- * the context's streams, layers side by side, nothing comes back to the host. */
-static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
-                            uint32_t nover, uint32_t valid, uint32_t *evicted)
-{
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
-    if (!ev)
-        return -ENOMEM;
-    for (uint32_t i = 0; i < nover; i++) {
-        uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
-        ev[i] = (struct gpu_evict){
-            .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
-            .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
-            .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
-        };
-    }
-    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-    int rc = gpuctx_decode_evict(gc, ev, nover);
-    gpuexec_put(GEXEC(e, s), gc);
-    for (uint32_t i = 0; i < nover && !rc; i++) {
-        evicted[i] = s->layer[over[i]].tokens - w - ev[i].k;
-        s->layer[over[i]].tokens = ev[i].k + w;
-    }
-    free(ev);
-    return rc;
-}
 
-/* H2O's decode step for layer l: the newest query's attention (group mean) is added to
- * every held token's accumulated score, then an over-budget layer keeps the top `budget`
- * of its first N - w by that score (positional order) and the window. */
-static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
-                            uint32_t *evicted)
-{
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, Hkv = s->Hkv;
-    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
-    struct seq_layer *ly = &s->layer[l];
-    uint32_t N = ly->tokens;
-    *evicted = 0;
-    if (!ly->acc) { /* first step: the prefill's window sums for the kept prefix */
-        uint32_t cap = N + (s->max_new - s->decoded) + 1, P = cakeseq_prefix_len(s->cs, l);
-        if (!(ly->acc = calloc((size_t)Hkv * cap, sizeof(float))))
-            return -ENOMEM;
-        ly->acc_cap = cap;
-        uint32_t nw = s->n < w ? s->n : w;
-        for (uint32_t g = 0; g < Hkv; g++)
-            for (uint32_t j = 0; j < P && j < N; j++)
-                ly->acc[(size_t)g * cap + j] = cakeseq_indicator(s->cs, l, g)[j] * (float)nw;
-    }
-    if (N < 2 || N > ly->acc_cap)
-        return N > ly->acc_cap ? -EINVAL : 0;
-    uint32_t cap = ly->acc_cap, S1 = N - 1;
-    uint8_t *q = malloc(row * s->H);
-    float *ind = malloc(sizeof(float) * ((size_t)Hkv * S1 + 1));
-    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
-    int rc = -ENOMEM;
-    if (!q || !ind || !pages)
-        goto out;
-    const uint8_t *ring = ring_ptr(e, s, l);
-    uint32_t newest = (v0 + s->decoded - 1) % w;
-    for (uint32_t h = 0; h < s->H; h++)
-        memcpy(q + h * row, ring + ((size_t)h * w + newest) * row, row);
-    struct kern_kv kv = layer_view(e, s, l, pages);
-    struct kern_score_args a = {
-        .q = q, .q_dtype = s->dt, .q_heads = s->H, .n_q = 1, .kv = &kv, .n_scored = S1,
-        .stats = KERN_STATS_FP32, .n_threads = 1, .pool = KERN_POOL_NONE,
-    };
-    struct kern_score_out o = {.indicator = ind};
-    if ((rc = kern_score_layer(&a, &o)))
-        goto out; /* the newest token's attention to itself is not counted */
-    for (uint32_t g = 0; g < Hkv; g++)
-        for (uint32_t j = 0; j < S1; j++)
-            ly->acc[(size_t)g * cap + j] += ind[(size_t)g * S1 + j];
-    uint32_t budget = cakeseq_budget(s->cs, l);
-    if (!policy_decode_should_evict(&s->cfg, budget, N))
-        goto out;
-    uint32_t S = N - w, kept = budget < S ? budget : S;
-    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)Hkv * kept + 1));
-    void *scratch = malloc(2 * row * kept + 1);
-    rc = -ENOMEM;
-    if (slots && scratch) {
-        for (uint32_t g = 0; g < Hkv; g++) {
-            uint32_t *sl = slots + (size_t)g * kept;
-            float *ag = ly->acc + (size_t)g * cap;
-            kern_topk(ag, S, kept, KERN_ORDER_POSITION, sl);
-            kern_compact_head(&kv, g, sl, kept, S, w, scratch);
-            kern_gather_f32(ag, sl, kept, ag); /* ascending: in place */
-            memmove(ag + kept, ag + S, sizeof(float) * w);
-            memset(ag + kept + w, 0, sizeof(float) * (cap - kept - w));
-        }
-        *evicted = S - kept;
-        ly->tokens = kept + w;
-        rc = 0;
-    }
-    free(slots), free(scratch);
-out:
-    free(q), free(ind), free(pages);
-    return rc;
-}
 
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
 {
-    if (s->cfg.accumulate) {
-        uint32_t evicted[SEQ_MAX_LAYERS] = {0};
-        int rcs[SEQ_MAX_LAYERS] = {0};
-        *r = (struct seq_result){0};
-#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (s->L > 1)
-        for (uint32_t l = 0; l < s->L; l++)
-            rcs[l] = decode_h2o_layer(e, s, l, &evicted[l]);
-        for (uint32_t l = 0; l < s->L; l++) {
-            if (rcs[l] && !r->rc)
-                r->rc = rcs[l];
-            if (evicted[l]) {
-                r->evicted_tokens += evicted[l];
-                r->ev_layers[r->n_ev++] = l;
-            }
-        }
-        return;
-    }
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
     uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
     int rcs[SEQ_MAX_LAYERS] = {0};
     *r = (struct seq_result){0};
-    for (uint32_t l = 0; l < s->L; l++)
-        if (layer_over(s, l))
+    if (s->cfg.accumulate) { /* H2O (host sequences): every layer adds the step's attention */
+        for (uint32_t l = 0; l < s->L; l++)
             over[nover++] = l;
-    if (s->gpu && nover) {
-        int rc = decode_evict_gpu(e, s, over, nover, valid, evicted);
-        for (uint32_t i = 0; i < nover; i++)
-            rcs[i] = rc;
+        seq_host_h2o_step(e, s, evicted, rcs);
     } else {
-        /* a decode step waits for its evictions: spread the layers over the job's threads */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (nover > 1)
-        for (uint32_t i = 0; i < nover; i++)
-            rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
+        uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+        uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+        for (uint32_t l = 0; l < s->L; l++)
+            if (layer_over(s, l))
+                over[nover++] = l;
+        if (nover)
+            seq_exec(s)->decode_evict(e, s, over, nover, valid, evicted, rcs);
     }
     for (uint32_t i = 0; i < nover; i++) {
         if (rcs[i]) {
@@ -852,8 +556,10 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
                 r->rc = rcs[i];
             continue;
         }
-        r->evicted_tokens += evicted[i];
-        r->ev_layers[r->n_ev++] = over[i];
+        if (evicted[i] || !s->cfg.accumulate) {
+            r->evicted_tokens += evicted[i];
+            r->ev_layers[r->n_ev++] = over[i];
+        }
     }
 }
 

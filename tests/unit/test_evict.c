@@ -3,6 +3,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "evict.h"
@@ -116,4 +117,54 @@ Test(evict, refuses_a_layer_without_candidates)
     uint32_t slots[4];
     float ind[4];
     cr_assert_eq(evict_decode_select(&cfg, 2, &kv, q, KERN_F32, 1, 1, slots, ind, 1), -EINVAL);
+}
+
+/* H2O's rule against a brute-force ranking: accumulated scores added, the top `kept` of the
+ * first S by score in positional order (ties to the lower position), and the scores follow
+ * the kept tokens, then the window's, zeros after. */
+Test(evict, h2o_keeps_the_top_accumulated_and_the_scores_follow)
+{
+    tu_seed();
+    for (int round = 0; round < 200; round++) {
+        uint32_t Hkv = 1 + tu_below(4), w = 1 + tu_below(8), S = 1 + tu_below(300);
+        uint32_t n = S + w - 1, cap = S + w + tu_below(5), kept = 1 + tu_below(S);
+        float *acc = calloc((size_t)Hkv * cap, sizeof(float)), *ind = malloc(sizeof(float) * Hkv * n);
+        float *want = malloc(sizeof(float) * Hkv * cap);
+        for (uint32_t i = 0; i < Hkv * cap; i++)
+            acc[i] = (float)tu_below(round % 2 ? 4 : 1000); /* few values: many ties */
+        for (uint32_t i = 0; i < Hkv * n; i++)
+            ind[i] = (float)tu_below(round % 2 ? 3 : 1000);
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t j = 0; j < cap; j++)
+                want[g * cap + j] = acc[g * cap + j] + (j < n ? ind[g * n + j] : 0.0f);
+        evict_h2o_add(acc, cap, ind, Hkv, n);
+        for (uint32_t i = 0; i < Hkv * cap; i++)
+            cr_assert_eq(acc[i], want[i]);
+        for (uint32_t g = 0; g < Hkv; g++) {
+            float *a = want + (size_t)g * cap;
+            /* brute force: a token stays if fewer than `kept` beat it (higher, or equal and
+             * earlier) */
+            uint32_t ref[512], nr = 0;
+            for (uint32_t j = 0; j < S; j++) {
+                uint32_t beat = 0;
+                for (uint32_t k = 0; k < S; k++)
+                    beat += a[k] > a[j] || (a[k] == a[j] && k < j);
+                if (beat < kept)
+                    ref[nr++] = j;
+            }
+            cr_assert_eq(nr, kept);
+            uint32_t slots[512];
+            float *ag = acc + (size_t)g * cap;
+            evict_h2o_keep(ag, cap, S, w, kept, slots);
+            for (uint32_t i = 0; i < kept; i++) {
+                cr_assert_eq(slots[i], ref[i], "round %d head %u: slot %u", round, g, i);
+                cr_assert_eq(ag[i], a[ref[i]]);
+            }
+            for (uint32_t i = 0; i < w; i++)
+                cr_assert_eq(ag[kept + i], a[S + i]);
+            for (uint32_t i = kept + w; i < cap; i++)
+                cr_assert_eq(ag[i], 0.0f);
+        }
+        free(acc), free(ind), free(want);
+    }
 }

@@ -1,0 +1,157 @@
+/* seq_gpu.c - the GPU executor (seq_int.h): a GPU sequence's layers scored, selected and
+ * compacted by the CUDA kernels (through gpuexec) over its GPU pool pages; the indicators
+ * stay in device memory during the prefill. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "seq_int.h"
+
+/* The GPU kernels' view of layer l (GPU sequences). */
+static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    const struct seq_layer *ly = &s->layer[l];
+    return (struct gpu_layer){
+        .dtype = s->dt, .kv_heads = s->Hkv, .head_dim = s->d, .tokens_per_page = s->tpp,
+        .n_tokens = ly->tokens, .n_pages = ly->n_pages, .base = GPOOL(e, s)->base,
+        .page_bytes = GPOOL(e, s)->page_bytes, .pages = ly->pages,
+        .v_offset_bytes = (size_t)s->Hkv * s->tpp * s->d * kern_dtype_size(s->dt),
+    };
+}
+
+/* The GPU kernels' view of layer l's query ring (GPU sequences). */
+static struct gpu_ring gpu_ring_view(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    return (struct gpu_ring){
+        .base = GPOOL(e, s)->base, .page_bytes = GPOOL(e, s)->page_bytes,
+        .pages = s->ring_pg + (size_t)l * s->ring.pages, .n_pages = s->ring.pages,
+        .q_heads = s->H, .w = s->cfg.window, .rows_per_page = s->ring.rows_per_page,
+        .heads_per_page = s->ring.heads_per_page, .pages_per_head = s->ring.pages_per_head,
+    };
+}
+
+/* GPU sequences: the engine's indicator (in the window) to the device, page run by page
+ * run of the host pool (each registered with CUDA as part of its segment). */
+static int indicator_to_gpu(const struct seq_env *e, const struct seq *s, struct gpuctx *gc,
+                            float *dst, size_t bytes)
+{
+    uint64_t pb = e->pool->page_bytes;
+    uint64_t off = (uint8_t *)seq_indicator_ptr(e, s) - s->win;
+    uint8_t *d = (uint8_t *)dst;
+    int rc = 0;
+    while (bytes && !rc) {
+        uint32_t i = (uint32_t)(off / pb), k = 1;
+        while (i + k < s->win_n && s->win_pages[i + k] == s->win_pages[i] + k)
+            k++;
+        size_t into = off % pb, n = (size_t)k * pb - into;
+        n = n < bytes ? n : bytes;
+        rc = gpuctx_copy_h2d(gc, d, (uint8_t *)pool_ptr(e->pool, s->win_pages[i]) + into, n,
+                             e->pool->base, e->pool->seg_bytes);
+        off += n, d += n, bytes -= n;
+    }
+    return rc;
+}
+
+static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                     struct seq_result *r)
+{
+    uint32_t S = seq_scored_len(s);
+    if (!S)
+        return 0;
+    size_t ib = sizeof(float) * (size_t)s->Hkv * S;
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    int rc = s->ind_dev ? 0 : gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
+    float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
+    if (!rc && observe) {
+        struct gpu_layer gl = gpu_layer_view(e, s, layer);
+        struct gpu_ring gr = gpu_ring_view(e, s, layer);
+        rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &r->ent, &r->var);
+    } else if (!rc) { /* the engine's own, from the host pool (registered) */
+        rc = indicator_to_gpu(e, s, gc, dst, ib);
+    }
+    gpuexec_put(GEXEC(e, s), gc);
+    return rc;
+}
+
+static const float *gpu_selection(const struct seq *s)
+{
+    (void)s;
+    return NULL; /* budgets on the host, the kept sets on the GPU (gpu_compact) */
+}
+
+/* Every layer of a cascading stage side by side on the GPU: top-k, compaction and the
+ * indicator's gather, one wait. */
+static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       uint32_t n, struct seq_result *r)
+{
+    struct gpu_select jobs[SEQ_MAX_LAYERS];
+    uint32_t S = seq_scored_len(s);
+    for (uint32_t i = 0; i < n; i++) {
+        struct seq_layer *ly = &s->layer[ev[i].layer];
+        jobs[i] = (struct gpu_select){
+            .l = gpu_layer_view(e, s, ev[i].layer),
+            .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
+            .old = ev[i].old_prefix, .k = ev[i].kept,
+            .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
+        };
+    }
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    int rc = gpuctx_select_compact_many(gc, jobs, n);
+    gpuexec_put(GEXEC(e, s), gc);
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        struct seq_layer *ly = &s->layer[ev[i].layer];
+        uint32_t win = ly->tokens - ev[i].old_prefix;
+        r->evicted_tokens += ev[i].old_prefix - ev[i].kept;
+        ly->tokens = ev[i].kept + win;
+        r->ev_layers[r->n_ev++] = ev[i].layer;
+    }
+    return rc;
+}
+
+static void gpu_prefill_done(const struct seq_env *e, struct seq *s)
+{
+    gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
+    s->ind_dev = NULL;
+}
+
+/* The same on the GPU for every layer over budget at once: score, top-k and compaction on
+ * the context's streams, layers side by side, nothing comes back to the host. */
+static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                            uint32_t nover, uint32_t valid, uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
+    if (!ev)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < nover; i++) {
+        uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
+        ev[i] = (struct gpu_evict){
+            .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
+            .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
+            .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
+        };
+    }
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    int rc = gpuctx_decode_evict(gc, ev, nover);
+    gpuexec_put(GEXEC(e, s), gc);
+    for (uint32_t i = 0; i < nover && !rc; i++) {
+        evicted[i] = s->layer[over[i]].tokens - w - ev[i].k;
+        s->layer[over[i]].tokens = ev[i].k + w;
+    }
+    free(ev);
+    return rc;
+}
+
+static void gpu_decode_evict(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                             uint32_t n, uint32_t valid, uint32_t *evicted, int *rcs)
+{
+    int rc = decode_evict_gpu(e, s, over, n, valid, evicted);
+    for (uint32_t i = 0; i < n; i++)
+        rcs[i] = rc;
+}
+
+const struct seq_exec seq_exec_gpu = {
+    .score = gpu_score, .selection = gpu_selection, .compact = gpu_compact,
+    .prefill_done = gpu_prefill_done, .decode_evict = gpu_decode_evict,
+};

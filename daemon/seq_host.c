@@ -1,0 +1,200 @@
+/* seq_host.c - the host executor (seq_int.h): a host sequence's layers scored, selected and
+ * compacted by the CPU kernels over its host pool pages; H2O's decode step. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "evict.h"
+#include "indicator.h"
+#include "seq_int.h"
+
+static int host_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                      struct seq_result *r)
+{
+    uint32_t S = seq_scored_len(s);
+    float *ind = s->pend_ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    if (!ind)
+        return -ENOMEM;
+    if (S && observe) {
+        void **pages = malloc(sizeof(void *) * (s->layer[layer].n_pages + 1));
+        if (!pages)
+            return -ENOMEM;
+        struct kern_kv kv = seq_layer_view(e, s, layer, pages);
+        int rc = indicator_layer(&s->cfg, &kv, seq_ring_ptr(e, s, layer), s->dt, s->H,
+                                 s->cfg.window, S, e->threads, ind, &r->ent, &r->var);
+        free(pages);
+        return rc;
+    }
+    if (S) /* the engine's own indicator: copied out of shared memory before use */
+        memcpy(ind, seq_indicator_ptr(e, s), sizeof(float) * (size_t)s->Hkv * S);
+    return 0;
+}
+
+static const float *host_selection(const struct seq *s)
+{
+    return s->pend_ind;
+}
+
+/* Compaction of a host sequence's layer on the CPU (GPU sequences: gpuctx_compact_many). */
+static int apply_evict(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       struct seq_result *r)
+{
+    struct seq_layer *ly = &s->layer[ev->layer];
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    void *scratch = malloc(2 * row * (ev->kept + 1));
+    if (!pages || !scratch) {
+        free(pages), free(scratch);
+        return -ENOMEM;
+    }
+    struct kern_kv kv = seq_layer_view(e, s, ev->layer, pages);
+    uint32_t win = ly->tokens - ev->old_prefix;
+    for (uint32_t g = 0; g < s->Hkv; g++)
+        kern_compact_head(&kv, g, ev->slots + (size_t)g * ev->kept, ev->kept, ev->old_prefix,
+                          win, scratch);
+    r->evicted_tokens += ev->old_prefix - ev->kept;
+    ly->tokens = ev->kept + win;
+    free(pages), free(scratch);
+    return 0;
+}
+
+static int host_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                        uint32_t n, struct seq_result *r)
+{
+    int rc = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        rc = apply_evict(e, s, &ev[i], r);
+        r->ev_layers[r->n_ev++] = ev[i].layer;
+    }
+    return rc;
+}
+
+static void host_prefill_done(const struct seq_env *e, struct seq *s)
+{
+    (void)e, (void)s; /* the pending indicator is seq.c's to free */
+}
+
+/* Evicts layer l of a decode step (one OpenMP thread per layer; layers share nothing). */
+static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t valid,
+                              uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
+    uint32_t budget = cakeseq_budget(s->cs, l);
+    uint8_t *q = malloc(row * s->H * valid);
+    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
+    float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
+    int rc = -ENOMEM;
+    if (q && slots && ind && pages && scratch) {
+        /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
+        const uint8_t *ring = seq_ring_ptr(e, s, l);
+        for (uint32_t h = 0; h < s->H; h++)
+            for (uint32_t i = 0; i < valid; i++) {
+                uint32_t slot = (v0 + s->decoded - valid + i) % w;
+                memcpy(q + ((size_t)h * valid + i) * row, ring + ((size_t)h * w + slot) * row, row);
+            }
+        struct kern_kv kv = seq_layer_view(e, s, l, pages);
+        int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots, ind, 1);
+        rc = kept < 0 ? kept : 0;
+        if (!rc) {
+            for (uint32_t g = 0; g < s->Hkv; g++)
+                kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
+            *evicted = S - (uint32_t)kept;
+            ly->tokens = (uint32_t)kept + w;
+        }
+    }
+    free(q), free(slots), free(ind), free(pages), free(scratch);
+    return rc;
+}
+
+static void host_decode_evict(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                              uint32_t n, uint32_t valid, uint32_t *evicted, int *rcs)
+{
+    /* a decode step waits for its evictions: spread the layers over the job's threads */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (n > 1)
+    for (uint32_t i = 0; i < n; i++)
+        rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
+}
+
+/* H2O's decode step for layer l: the newest query's attention (group mean) is added to
+ * every held token's accumulated score, then an over-budget layer keeps the top `budget`
+ * of its first N - w by that score (positional order) and the window. */
+static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
+                            uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, Hkv = s->Hkv;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t N = ly->tokens;
+    *evicted = 0;
+    if (!ly->acc) { /* first step: the prefill's window sums for the kept prefix */
+        uint32_t cap = N + (s->max_new - s->decoded) + 1, P = cakeseq_prefix_len(s->cs, l);
+        if (!(ly->acc = calloc((size_t)Hkv * cap, sizeof(float))))
+            return -ENOMEM;
+        ly->acc_cap = cap;
+        uint32_t nw = s->n < w ? s->n : w;
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t j = 0; j < P && j < N; j++)
+                ly->acc[(size_t)g * cap + j] = cakeseq_indicator(s->cs, l, g)[j] * (float)nw;
+    }
+    if (N < 2 || N > ly->acc_cap)
+        return N > ly->acc_cap ? -EINVAL : 0;
+    uint32_t cap = ly->acc_cap, S1 = N - 1;
+    uint8_t *q = malloc(row * s->H);
+    float *ind = malloc(sizeof(float) * ((size_t)Hkv * S1 + 1));
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    int rc = -ENOMEM;
+    if (!q || !ind || !pages)
+        goto out;
+    const uint8_t *ring = seq_ring_ptr(e, s, l);
+    uint32_t newest = (v0 + s->decoded - 1) % w;
+    for (uint32_t h = 0; h < s->H; h++)
+        memcpy(q + h * row, ring + ((size_t)h * w + newest) * row, row);
+    struct kern_kv kv = seq_layer_view(e, s, l, pages);
+    struct kern_score_args a = {
+        .q = q, .q_dtype = s->dt, .q_heads = s->H, .n_q = 1, .kv = &kv, .n_scored = S1,
+        .stats = KERN_STATS_FP32, .n_threads = 1, .pool = KERN_POOL_NONE,
+    };
+    struct kern_score_out o = {.indicator = ind};
+    if ((rc = kern_score_layer(&a, &o)))
+        goto out; /* the newest token's attention to itself is not counted */
+    evict_h2o_add(ly->acc, cap, ind, Hkv, S1);
+    uint32_t budget = cakeseq_budget(s->cs, l);
+    if (!policy_decode_should_evict(&s->cfg, budget, N))
+        goto out;
+    uint32_t S = N - w, kept = budget < S ? budget : S;
+    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)Hkv * kept + 1));
+    void *scratch = malloc(2 * row * kept + 1);
+    rc = -ENOMEM;
+    if (slots && scratch) {
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t *sl = slots + (size_t)g * kept;
+            evict_h2o_keep(ly->acc + (size_t)g * cap, cap, S, w, kept, sl);
+            kern_compact_head(&kv, g, sl, kept, S, w, scratch);
+        }
+        *evicted = S - kept;
+        ly->tokens = kept + w;
+        rc = 0;
+    }
+    free(slots), free(scratch);
+out:
+    free(q), free(ind), free(pages);
+    return rc;
+}
+
+void seq_host_h2o_step(const struct seq_env *e, struct seq *s, uint32_t *evicted, int *rcs)
+{
+#pragma omp parallel for schedule(dynamic, 1) num_threads(kern_threads(0)) if (s->L > 1)
+    for (uint32_t l = 0; l < s->L; l++)
+        rcs[l] = decode_h2o_layer(e, s, l, &evicted[l]);
+}
+
+const struct seq_exec seq_exec_host = {
+    .score = host_score, .selection = host_selection, .compact = host_compact,
+    .prefill_done = host_prefill_done, .decode_evict = host_decode_evict,
+};

@@ -1,0 +1,60 @@
+/* seq_int.h - what seq.c shares with its two executors: where a sequence's pieces are, and
+ * the executor interface. The sequence (its pages, accounting, descriptor, window) is
+ * seq.c's; how its layers are scored, selected and compacted is an executor's: seq_host.c
+ * (the CPU kernels over host pool pages) or seq_gpu.c (the CUDA kernels over GPU pool pages,
+ * through gpuexec). Executors run on the worker that has the sequence (seq.h's ownership
+ * rule). Not for the rest of the daemon. */
+#ifndef CAKE_SEQ_INT_H
+#define CAKE_SEQ_INT_H
+
+#include "seq.h"
+
+/* the GPU pool and execution contexts of a GPU sequence's device */
+#define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
+#define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
+
+double seq_now_s(void);
+/* Prompt tokens before the window (the scored prefix). */
+uint32_t seq_scored_len(const struct seq *s);
+/* Host sequences: layer l's query ring [q_heads][w][head_dim] in the window. */
+void *seq_ring_ptr(const struct seq_env *e, const struct seq *s, uint32_t l);
+/* The engine's indicator [kv_heads][S] in the window (either placement). */
+float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s);
+/* Host sequences: the CPU kernels' view of layer l (pages[] filled, n_pages + 1 of room). */
+struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
+                              void **pages);
+
+struct seq_exec {
+    /* Prefill: the layer's indicator where its selection will run - scored from the window
+     * queries (observe: the entropy and variance sums in r->ent, r->var) or the engine's
+     * own - kept in the sequence until compact. 0 or -errno. */
+    int (*score)(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
+                 struct seq_result *r);
+    /* The indicator cakeseq selects the kept tokens from (host), or NULL: cakeseq gives
+     * counts only and compact selects (on the GPU). */
+    const float *(*selection)(const struct seq *s);
+    /* The controller's decisions ev[n] (a cascading stage): each layer compacted to them
+     * (r: tokens evicted, layers compacted). 0 or -errno. */
+    int (*compact)(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                   uint32_t n, struct seq_result *r);
+    /* Prefill done (or the sequence freed): what score kept goes. */
+    void (*prefill_done)(const struct seq_env *e, struct seq *s);
+    /* Decode: layers over[n] over budget, scored by the ring's `valid` newest rows, evicted
+     * to their budgets: tokens evicted in evicted[i], 0 or -errno in rcs[i]. */
+    void (*decode_evict)(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                         uint32_t n, uint32_t valid, uint32_t *evicted, int *rcs);
+};
+
+extern const struct seq_exec seq_exec_host, seq_exec_gpu;
+
+static inline const struct seq_exec *seq_exec(const struct seq *s)
+{
+    return s->gpu ? &seq_exec_gpu : &seq_exec_host;
+}
+
+/* H2O's decode step (host sequences): every layer adds the newest query's attention to its
+ * tokens' accumulated scores and, over budget, keeps the top by them; per layer evicted[l],
+ * rcs[l]. */
+void seq_host_h2o_step(const struct seq_env *e, struct seq *s, uint32_t *evicted, int *rcs);
+
+#endif
