@@ -1,0 +1,253 @@
+/* Sequences (seq.c with the host executor), shard group bookkeeping (shard.c) and the
+ * metrics' pieces (metrics.c), without a server: a sequence over a real pool opens, reserves,
+ * prefills and decodes; its window is one run or pages mapped side by side, and reads the
+ * same either way; every page, byte of caked's own memory and tenant charge comes back. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "metrics.h"
+#include "seq.h"
+#include "shard.h"
+#include "testutil.h"
+
+struct fixture {
+    struct pool pool;
+    struct tenants ts;
+    struct tenant *t;
+    uint64_t heap_used;
+    struct seq_env env;
+};
+
+static void setup(struct fixture *f, uint64_t pool_bytes)
+{
+    memset(f, 0, sizeof(*f));
+    const char *why = NULL;
+    cr_assert_eq(pool_init(&f->pool, pool_bytes, 64 << 10, 0, 0, &why), 0, "%s", why);
+    int err = 0;
+    cr_assert_not_null(f->t = tenant_get(&f->ts, "unit", 1000, 1, &err));
+    f->env = (struct seq_env){.pool = &f->pool, .tenants = &f->ts, .threads = 1,
+                              .heap_limit = pool_bytes, .heap_used = &f->heap_used};
+}
+
+static void teardown(struct fixture *f)
+{
+    tenants_fini(&f->ts);
+    pool_fini(&f->pool);
+}
+
+static struct seq_open_args args(uint32_t L, uint32_t H, uint32_t Hkv, uint32_t n)
+{
+    struct seq_open_args a = {.layers = L, .q_heads = H, .kv_heads = Hkv, .head_dim = 64,
+                              .dtype = KERN_BF16, .prompt_len = n, .max_new = 8};
+    policy_cfg_default(&a.cfg, L, 96);
+    a.cfg.mode = POLICY_FIXED, a.cfg.window = 8;
+    return a;
+}
+
+/* Opens, prefills with deterministic K/V and queries, decodes `steps`; returns a hash of
+ * what every layer keeps. */
+static uint64_t run(struct fixture *f, struct seq *s, uint32_t steps)
+{
+    const char *why = "";
+    size_t row = 64 * 2;
+    for (uint32_t l = 0; l < s->L; l++) {
+        cr_assert_eq(seq_reserve(&f->env, s, l, &why), 0, "%s", why);
+        for (uint32_t p = 0; p < s->layer[l].n_pages; p++) {
+            uint16_t *pg = pool_ptr(&f->pool, s->layer[l].pages[p]);
+            for (size_t i = 0; i < f->pool.page_bytes / 2; i++)
+                pg[i] = (uint16_t)(0x3c00 + ((l * 7919u + p * 104729u + i * 31u) % 1021));
+        }
+        /* the host ring is where the descriptor says, inside the window */
+        uint16_t *q = (uint16_t *)((uint8_t *)s->desc + s->desc->ring_offset +
+                                   (uint64_t)l * s->desc->ring_layer_bytes);
+        for (size_t i = 0; i < (size_t)s->H * s->cfg.window * 64; i++)
+            q[i] = (uint16_t)(0x3c00 + ((l * 31u + i * 17u) % 997));
+        cr_assert_eq(seq_prefill_check(s, l, &why), 0, "%s", why);
+        struct seq_result r;
+        seq_prefill_work(&f->env, s, l, 1, 0, &r);
+        cr_assert_eq(r.rc, 0, "layer %u: %d", l, r.rc);
+        seq_prefill_commit(&f->env, s, &r);
+        cr_assert_eq(s->pub[l].tokens, s->layer[l].tokens, "published at commit");
+    }
+    for (uint32_t st = 0; st < steps; st++) {
+        cr_assert_eq(seq_decode_check(s, &why), 0, "%s", why);
+        struct seq_result r = {0};
+        if (seq_decode_needs_evict(s))
+            seq_decode_evict_work(&f->env, s, &r);
+        cr_assert_eq(r.rc, 0);
+        seq_trim_pages(&f->env, s);
+        struct seq *one[1] = {s};
+        cr_assert_eq(seq_decode_admit(&f->env, s->tenant, one, 1, &why), 0, "%s", why);
+        cr_assert_eq(seq_decode_reserve(&f->env, s), 0);
+        seq_publish(&f->env, s);
+        for (uint32_t l = 0; l < s->L; l++) { /* the new token's K and V, every kv head */
+            uint32_t t = s->layer[l].tokens - 1;
+            uint8_t *pg = pool_ptr(&f->pool, s->layer[l].pages[t / s->tpp]);
+            for (uint32_t g = 0; g < s->Hkv; g++) {
+                uint16_t *k = (uint16_t *)(pg + ((size_t)g * s->tpp + t % s->tpp) * row);
+                uint16_t *v = (uint16_t *)((uint8_t *)k + (size_t)s->Hkv * s->tpp * row);
+                for (uint32_t i = 0; i < 64; i++)
+                    k[i] = (uint16_t)(0x3c00 + (st * 13u + g * 7u + i) % 1019),
+                    v[i] = (uint16_t)(0x3c00 + (st * 17u + g * 5u + i) % 1013);
+            }
+        }
+    }
+    uint64_t h = 1469598103934665603ull;
+    for (uint32_t l = 0; l < s->L; l++) {
+        h = (h ^ s->layer[l].tokens) * 1099511628211ull;
+        void *pages[64];
+        struct kern_kv kv = {.dtype = KERN_BF16, .kv_heads = s->Hkv, .head_dim = 64,
+                             .tokens_per_page = s->tpp, .n_tokens = s->layer[l].tokens,
+                             .pages = pages};
+        for (uint32_t p = 0; p < s->layer[l].n_pages; p++)
+            pages[p] = pool_ptr(&f->pool, s->layer[l].pages[p]);
+        for (uint32_t g = 0; g < s->Hkv; g++)
+            for (uint32_t t = 0; t + 1 < kv.n_tokens; t++) {
+                const uint8_t *k = (const uint8_t *)pages[t / s->tpp] +
+                                   ((size_t)g * s->tpp + t % s->tpp) * row;
+                for (size_t i = 0; i < row; i++)
+                    h = (h ^ k[i]) * 1099511628211ull;
+            }
+    }
+    return h;
+}
+
+Test(seq, a_host_sequence_gives_back_everything_it_took)
+{
+    struct fixture f;
+    setup(&f, 64u << 20);
+    struct seq_open_args a = args(4, 8, 2, 600);
+    struct seq *s;
+    const char *why = "";
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), 0, "%s", why);
+    cr_assert_eq(s->desc->magic, SHM_DESC_MAGIC);
+    cr_assert_eq(s->desc->layers, 4);
+    cr_assert_gt(f.heap_used, 0);
+    cr_assert_eq(f.t->heap_bytes, f.heap_used);
+    run(&f, s, 8); /* max_new 8 */
+    cr_assert_gt(f.t->used_bytes, 0);
+    seq_free(&f.env, s);
+    cr_assert_eq(f.pool.used, 0, "pages left: %u", f.pool.used);
+    cr_assert_eq(f.t->used_bytes, 0);
+    cr_assert_eq(f.t->heap_bytes, 0);
+    cr_assert_eq(f.heap_used, 0);
+    cr_assert_eq(f.t->sequences, 0);
+    teardown(&f);
+}
+
+/* The same sequence in an empty pool (its window one run) and in one whose free pages are
+ * scattered (pages mapped side by side) keeps the same tokens. */
+Test(seq, a_scattered_window_reads_as_one_run)
+{
+    struct fixture f;
+    setup(&f, 32u << 20);
+    struct seq_open_args a = args(8, 32, 8, 300);
+    struct seq *s;
+    const char *why = "";
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), 0, "%s", why);
+    cr_assert_eq(s->win_stitched, 0);
+    cr_assert_gt(s->win_n, 1);
+    uint64_t want = run(&f, s, 6);
+    seq_free(&f.env, s);
+    /* every page taken, then every other one given back: no two free pages adjacent */
+    uint32_t n = f.pool.pages, *all = malloc(sizeof(uint32_t) * n), *held = malloc(sizeof(uint32_t) * n);
+    uint32_t na = 0, nh = 0;
+    for (int64_t p; (p = pool_alloc(&f.pool, f.t->id)) >= 0;)
+        all[na++] = (uint32_t)p;
+    cr_assert_eq(na, n);
+    for (uint32_t i = 0; i < na; i++)
+        if (all[i] % 2)
+            held[nh++] = all[i];
+        else
+            pool_free_run(&f.pool, all[i], 1);
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 2, 1, &s, &why), 0, "%s", why);
+    cr_assert_eq(s->win_stitched, 1, "scattered pages are mapped side by side");
+    cr_assert_eq(run(&f, s, 6), want);
+    seq_free(&f.env, s);
+    pool_free_list(&f.pool, held, nh);
+    cr_assert_eq(f.pool.used, 0);
+    free(held), free(all);
+    teardown(&f);
+}
+
+Test(seq, refusals_say_why_and_take_nothing)
+{
+    struct fixture f;
+    setup(&f, 8u << 20);
+    struct seq *s;
+    const char *why = "";
+    struct seq_open_args a = args(4, 6, 4, 100); /* q_heads not a multiple of kv_heads */
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), CAKE_EINVAL);
+    cr_assert(strstr(why, "multiple"), "%s", why);
+    a = args(32, 32, 8, 60000); /* caked's own memory: ~190 MB over an 8 MiB limit */
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), CAKE_EOOM);
+    cr_assert(strstr(why, "heap-limit"), "%s", why);
+    a = args(2, 4, 2, 100);
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), 0, "%s", why);
+    cr_assert_eq(seq_prefill_check(s, 1, &why), CAKE_ESTATE); /* layer 0 first */
+    cr_assert_eq(seq_decode_check(s, &why), CAKE_ESTATE);     /* not prefilled */
+    seq_free(&f.env, s);
+    cr_assert_eq(f.pool.used, 0);
+    cr_assert_eq(f.heap_used, 0);
+    teardown(&f);
+}
+
+Test(shard, join_rules_and_the_group_preference)
+{
+    struct shard_group g = {.key = 7, .n = 2};
+    struct seq_open_args a = args(4, 8, 2, 100);
+    cr_assert_null(shard_join_check(NULL, &a, 2, 1));
+    cr_assert_not_null(shard_join_check(NULL, &a, 65, 0));
+    cr_assert_not_null(shard_join_check(NULL, &a, 2, 2));
+    cr_assert_not_null(shard_join_check(&g, &a, 3, 0), "another number of shards");
+    struct seq first = {.L = 4, .H = 8, .Hkv = 2, .d = 64, .n = 100, .max_new = 8,
+                        .dt = KERN_BF16};
+    first.cfg = a.cfg;
+    first.cfg.layers = 4, first.cfg.model_dtype = KERN_BF16;
+    policy_cfg_resolve(&first.cfg);
+    g.member[0] = &first;
+    cr_assert_not_null(shard_join_check(&g, &a, 2, 0), "that shard is open");
+    cr_assert_null(shard_join_check(&g, &a, 2, 1), "the same layout and policy");
+    struct seq_open_args b = a;
+    b.prompt_len = 101;
+    cr_assert_not_null(shard_join_check(&g, &b, 2, 1), "another prompt");
+    b = a, b.cfg.cache_size = 128;
+    cr_assert_not_null(shard_join_check(&g, &b, 2, 1), "another policy");
+    first.next_observe = 1;
+    cr_assert_not_null(shard_join_check(&g, &a, 2, 1), "the prefill has started");
+    struct shard_group h = {.n = 2, .arrived = 2, .observed = 2, .ent = 3, .var = 0.5};
+    cr_assert_float_eq(shard_preference(&h, &first.cfg), policy_preference(&first.cfg, 3, 0.5), 1e-12);
+    h.observed = 1, h.pref_sum = 3.0; /* one shard submitted its own: the mean */
+    cr_assert_float_eq(shard_preference(&h, &first.cfg), 1.5, 1e-12);
+    struct shard_group *list = &h;
+    h.key = 9, h.tenant = NULL, h.next = &g;
+    cr_assert_eq(shard_find(list, NULL, 7), &g);
+    cr_assert_null(shard_find(list, NULL, 8));
+}
+
+Test(metrics, latency_buckets_error_kinds_and_text)
+{
+    struct metrics m = {0};
+    metrics_observe_latency(&m, 30e-6);
+    metrics_observe_latency(&m, 2.0);
+    metrics_observe_latency(&m, 100.0);
+    cr_assert_eq(m.lat_count, 3);
+    cr_assert_float_eq(m.lat_sum_s, 30e-6 + 2.0 + 100.0, 1e-9);
+    uint64_t total = 0;
+    for (int i = 0; i < METRICS_LAT_BUCKETS; i++)
+        total += m.lat_bucket[i];
+    cr_assert_eq(total, 2, "the 100 s one is only in +Inf");
+    cr_assert_eq(m.lat_bucket[2], 1, "30 us falls in the <= 50 us bucket");
+    cr_assert_eq(metrics_err_kind(CAKE_EOOM), ERR_OOM);
+    cr_assert_eq(metrics_err_kind(CAKE_EPERM), ERR_PERM);
+    cr_assert_eq(metrics_err_kind(-ENOMEM), ERR_INTERNAL);
+    cr_assert_str_eq(metrics_err_name(ERR_NOSEQ), "no_sequence");
+    struct strbuf b = {0};
+    for (int i = 0; i < 10000; i++)
+        cr_assert_eq(strbuf_printf(&b, "line %d\n", i), 0);
+    cr_assert(strstr(b.s, "line 9999\n") && b.len == strlen(b.s));
+    free(b.s);
+}
