@@ -1,4 +1,5 @@
-/* server.h - caked: the listening socket, connections, request dispatch, shutdown.
+/* server.h - caked's server as main.c sees it: create, run until a signal stops it, destroy
+ * (server_int.h maps the files behind it).
  *
  * One event loop thread owns every connection, the pool allocator, tenants and the
  * sequence table; heavy work (scoring, compaction) runs on worker threads and completes

@@ -1,5 +1,12 @@
-/* server_int.h - caked's server internals shared by server.c (connections, lifecycle) and
- * handlers.c (what each request does). Not installed; loop thread only. */
+/* server_int.h - caked's server internals, shared by the files of the server: server.c
+ * (lifecycle), conn.c (connections), seqtab.c (sequence table), handlers.c (the dispatch
+ * table and what each request does), work.c (requests run on the workers), shard.c (shard
+ * groups' barrier) and metrics.c (the Prometheus text). A request's path, top-down: conn.c
+ * reads a frame (proto/reader.h) -> handlers.c's srv_dispatch checks rights, unpacks, calls
+ * the handler -> the handler acts on tenants, the pool and sequences (seq.h), or hands a
+ * prefill layer or decode step to work.c -> a worker runs seq.c, whose executor
+ * (seq_host.c, seq_gpu.c) calls the kernels -> work.c's completion commits on the loop and
+ * replies through conn.c. Not installed; loop thread only. */
 #ifndef CAKE_SERVER_INT_H
 #define CAKE_SERVER_INT_H
 
