@@ -314,10 +314,8 @@ void srv_client_close(struct server *s, struct client *c)
      * being cancelled in the io_uring) */
     shutdown(c->fd, SHUT_RDWR);
     close(c->fd);
-    if (c->tenant && c->engine)
-        c->tenant->clients--;
     if (c->tenant)
-        c->tenant->conns--;
+        tenant_attach(c->tenant, c->engine, -1);
     uint32_t freed = 0;
     for (uint32_t i = 0; i < s->n_slots; i++) {
         struct seq *q = s->slots[i].s;

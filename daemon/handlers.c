@@ -107,10 +107,8 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
         }
     }
     c->tenant = t;
-    t->conns++;
     c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
-    if (c->engine)
-        t->clients++;
+    tenant_attach(t, c->engine, +1);
     Cake__HelloReply r = CAKE__HELLO_REPLY__INIT;
     r.protocol_version = CAKE_PROTOCOL_VERSION;
     r.client_id = c->id;
@@ -220,7 +218,7 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
     }
     if (rc) {
         if (rc == CAKE_EOOM)
-            c->tenant->oom_errors++;
+            tenant_oom(c->tenant);
         srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
         return;
     }
@@ -248,7 +246,7 @@ static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage
     int rc = seq_reserve(&s->env, q, layer, &why);
     if (rc) {
         if (rc == CAKE_EOOM)
-            c->tenant->oom_errors++;
+            tenant_oom(c->tenant);
         srv_reply_error(s, c, rc, "%s", why);
         return;
     }

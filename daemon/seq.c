@@ -305,7 +305,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     account(e, s, s->win_n);
     tenant_charge_heap(t, (int64_t)s->heap_bytes);
     *e->heap_used += s->heap_bytes;
-    t->sequences++;
+    tenant_count_seq(t, +1);
     s->desc = (struct shm_desc *)s->win;
     memset(s->desc, 0, desc_bytes);
     *s->desc = (struct shm_desc){
@@ -367,7 +367,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     tenant_charge_heap(s->tenant, -(int64_t)s->heap_bytes);
     CAKE_CHECK(*e->heap_used >= s->heap_bytes);
     *e->heap_used -= s->heap_bytes;
-    s->tenant->sequences--;
+    tenant_count_seq(s->tenant, -1);
     free(s->layer);
     free(s->pub);
     free(s->pend_ind);

@@ -202,3 +202,19 @@ int tenant_admit_heap(const struct tenants *ts, const struct tenant *t, uint64_t
         return CAKE_EOOM;
     return 0;
 }
+
+static void count(uint32_t *n, int d)
+{
+    CAKE_CHECK(d >= 0 || *n > 0);
+    *n = (uint32_t)((int64_t)*n + d);
+}
+
+void tenant_attach(struct tenant *t, int engine, int d)
+{
+    count(&t->conns, d);
+    if (engine)
+        count(&t->clients, d);
+}
+
+void tenant_count_seq(struct tenant *t, int d) { count(&t->sequences, d); }
+void tenant_oom(struct tenant *t) { t->oom_errors++; }

@@ -25,8 +25,8 @@ struct tenant {
     uint32_t uids[TENANT_MAX_UIDS], n_uids;
     uint32_t weight;
     uint64_t min_bytes, max_bytes;
-    /* accounting: changed only through tenant_charge / tenant_charge_gpu / the sequence
-     * counts below, by the event loop thread */
+    /* accounting: changed only through the tenant_* functions below (tenant.c), by the
+     * event loop thread */
     uint64_t used_bytes;
     uint64_t gpu_used_bytes; /* in the GPU pool (caked --gpu-pool) */
     uint64_t heap_bytes;     /* caked's own memory for its sequences (tenant_admit_heap) */
@@ -88,6 +88,11 @@ int tenant_name_ok(const char *name);
 void tenant_charge(struct tenant *t, int64_t bytes);
 void tenant_charge_gpu(struct tenant *t, int64_t bytes);
 void tenant_charge_heap(struct tenant *t, int64_t bytes);
+/* A connection attached as t (engine: it maps the pool and counts toward fair shares), or
+ * left (d = -1); a sequence opened or freed; a refusal for lack of memory. */
+void tenant_attach(struct tenant *t, int engine, int d);
+void tenant_count_seq(struct tenant *t, int d);
+void tenant_oom(struct tenant *t);
 /* caked's own memory for t's sequences (indicators, selection buffers, page tables: host and
  * GPU alike) is bounded like pages: at most t's weighted share of heap_limit, and never more
  * than is left of it (heap_free). 0 or CAKE_EOOM. */
