@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
+
 #include "cake/cake.h"
 #include "frame.h"
 #include "config.h"
@@ -114,9 +116,11 @@ static void reload(struct server *s)
         srv_log("SIGHUP: %s; nothing changed", err);
         return;
     }
+    sd_notify(0, "RELOADING=1");
     if (apply_tenants(s, c.tenants, c.n_tenants) == 0)
         srv_log("SIGHUP: %d tenants from %s (quotas set with cachectl on them are replaced; "
                 "other options apply at restart)", c.n_tenants, s->cfg.config_path);
+    sd_notify(0, "READY=1");
 }
 
 static void on_signal(void *arg, uint32_t ev)
@@ -129,8 +133,10 @@ static void on_signal(void *arg, uint32_t ev)
             reload(s);
             continue;
         }
-        if (!s->stopping)
+        if (!s->stopping) {
             srv_log("%s: shutting down", strsignal((int)si.ssi_signo));
+            sd_notify(0, "STOPPING=1");
+        }
         s->stopping = 1;
     }
 }
@@ -167,8 +173,38 @@ static void fd_limits(struct server *s)
         s->cfg.hello_timeout_s = 5.0;
 }
 
+/* Socket activation (systemd's caked.socket): the one listening Unix stream socket passed as
+ * fd 3 is served as it is (its path, modes and owner are the unit's; caked never removes it).
+ * 1 when used, 0 when none was passed, -EINVAL when what was passed is not one such socket. */
+static int listen_passed(struct server *s)
+{
+    int n = sd_listen_fds(1);
+    if (n <= 0)
+        return 0;
+    if (n != 1 || sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0) {
+        srv_log("socket activation passed %d fds: caked serves exactly one listening Unix stream "
+                "socket", n);
+        for (int i = 0; i < n; i++)
+            close(SD_LISTEN_FDS_START + i);
+        return -EINVAL;
+    }
+    int fd = SD_LISTEN_FDS_START;
+    struct sockaddr_un a;
+    socklen_t len = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &len) == 0 && a.sun_path[0])
+        snprintf(s->cfg.socket_path, sizeof s->cfg.socket_path, "%s", a.sun_path);
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    s->listen_fd = fd;
+    s->activated = 1;
+    return 1;
+}
+
 static int listen_on(struct server *s)
 {
+    int rc = listen_passed(s);
+    if (rc)
+        return rc < 0 ? rc : 0;
     char why[512];
     int fd = sockpath_listen(&s->sp, s->cfg.socket_path, s->cfg.socket_group, why, sizeof why);
     if (fd < 0) {
@@ -375,9 +411,10 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     }
     char sb[32];
     human_bytes(s->pool.seg_bytes, sb, sizeof sb);
-    srv_log("caked %s listening on %s (mode %s); host pool %s in %u pages of %s, segments of %s%s; "
-           "%s event loop; %d workers", CAKE_VERSION, cfg->socket_path,
-           cfg->socket_group[0] ? "0660" : "0600", pb, s->pool.pages, pg, sb,
+    srv_log("caked %s listening on %s (%s); host pool %s in %u pages of %s, segments of %s%s; "
+           "%s event loop; %d workers", CAKE_VERSION, s->cfg.socket_path,
+           s->activated ? "passed by systemd" : cfg->socket_group[0] ? "mode 0660" : "mode 0600",
+           pb, s->pool.pages, pg, sb,
            s->pool.hugepages ? " (huge pages)" : "", s->io_name,
            cfg->workers > 0 ? cfg->workers : (int)sysconf(_SC_NPROCESSORS_ONLN));
     *out = s;
@@ -390,6 +427,9 @@ fail:
 
 int server_run(struct server *s)
 {
+    /* systemd (Type=notify): serving from now on */
+    sd_notifyf(0, "READY=1\nSTATUS=listening on %s\nMAINPID=%lu", s->cfg.socket_path,
+               (unsigned long)getpid());
     while (!s->stopping) {
         int rc = loop_wait(s->loop, 250);
         srv_sweep_hello(s);

@@ -81,6 +81,7 @@ struct server {
     const char *io_name;
     struct pool pool;
     uint64_t heap_used;    /* caked's own memory charged to sequences (seq_env.heap_used) */
+    int activated;         /* the listening socket was passed by systemd (never removed) */
     struct srv_gpu {       /* one per --gpu-pool */
         struct gpupool gpu;
         char uuid[48];

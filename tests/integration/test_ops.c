@@ -1,0 +1,125 @@
+/* caked as a systemd service: readiness, reload and stopping told to the service manager
+ * (sd_notify: READY=1 with the socket in STATUS, RELOADING=1 then READY=1 on SIGHUP,
+ * STOPPING=1 on SIGTERM), and socket activation (the listening socket passed as fd 3 is
+ * served, its path reported, and never removed: it is the socket unit's). */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cake/cake.h"
+#include "harness.h"
+
+/* The next notification on the datagram socket fd (within 10 s), or "" */
+static void next_note(int fd, char *buf, size_t len)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    buf[0] = 0;
+    if (poll(&p, 1, 10000) == 1) {
+        ssize_t n = recv(fd, buf, len - 1, 0);
+        buf[n > 0 ? n : 0] = 0;
+    }
+}
+
+Test(ops, tells_systemd_ready_reloading_and_stopping, .timeout = 60)
+{
+    char dir[] = "/tmp/caked-notify-XXXXXX", path[64], conf[64];
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/notify", dir);
+    snprintf(conf, sizeof conf, "%s/caked.conf", dir);
+    FILE *f = fopen(conf, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "tenant svc weight=2\n");
+    fclose(f);
+    chmod(conf, 0600);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    setenv("NOTIFY_SOCKET", path, 1);
+    struct harness h;
+    const char *extra[] = {"--config", conf, NULL};
+    int started = harness_start(&h, extra);
+    unsetenv("NOTIFY_SOCKET");
+    cr_assert_eq(started, 0);
+    char note[512];
+    next_note(fd, note, sizeof note);
+    cr_assert(strstr(note, "READY=1"), "first notification: %s", note);
+    cr_assert(strstr(note, "STATUS=listening on ") && strstr(note, h.sock), "%s", note);
+    char pid[32];
+    snprintf(pid, sizeof pid, "MAINPID=%d", (int)h.pid);
+    cr_assert(strstr(note, pid), "%s (want %s)", note, pid);
+    kill(h.pid, SIGHUP);
+    next_note(fd, note, sizeof note);
+    cr_assert(strstr(note, "RELOADING=1"), "on SIGHUP: %s", note);
+    next_note(fd, note, sizeof note);
+    cr_assert(strstr(note, "READY=1"), "after the reload: %s", note);
+    kill(h.pid, SIGTERM);
+    next_note(fd, note, sizeof note);
+    cr_assert(strstr(note, "STOPPING=1"), "on SIGTERM: %s", note);
+    cr_assert_eq(harness_stop(&h), 0);
+    close(fd);
+    unlink(path), unlink(conf), rmdir(dir);
+}
+
+Test(ops, serves_the_socket_systemd_passes, .timeout = 60)
+{
+    char dir[] = "/tmp/caked-activate-XXXXXX", path[64], unused[64];
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/caked.sock", dir);
+    snprintf(unused, sizeof unused, "%s/never/caked.sock", dir);
+    int l = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(l, 16), 0);
+    pid_t p = fork();
+    if (p == 0) { /* as systemd does: the socket at fd 3, LISTEN_PID the service's own */
+        if (dup2(l, 3) < 0)
+            _exit(126);
+        char pidv[32];
+        snprintf(pidv, sizeof pidv, "%d", (int)getpid());
+        setenv("LISTEN_FDS", "1", 1), setenv("LISTEN_PID", pidv, 1);
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 2);
+        execl(harness_caked_bin(), harness_caked_bin(), "--socket", unused, "--host-pool", "64M",
+              "--workers", "1", (char *)NULL);
+        _exit(127);
+    }
+    close(l);
+    cake_ctx *c = NULL;
+    int rc = -1;
+    for (int i = 0; i < 200 && rc; i++) {
+        cake_destroy(c);
+        cake_create(&c);
+        if ((rc = cake_connect(c, path, 1)))
+            usleep(20000);
+    }
+    cr_assert_eq(rc, 0, "caked did not serve the passed socket: %s", cake_errstr(c));
+    cr_assert_eq(cake_ping(c), 0);
+    struct cake_layout lay = {.layers = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 64,
+                              .dtype = CAKE_BF16};
+    cake_seq *s;
+    cr_assert_eq(cake_seq_open(c, &lay, NULL, 100, 0, &s), 0, "%s", cake_errstr(c));
+    cr_assert_eq(cake_seq_close(s), 0);
+    cake_destroy(c);
+    struct stat st;
+    cr_assert_neq(stat(unused, &st), 0, "--socket was ignored: the unit's socket is served");
+    kill(p, SIGTERM);
+    int ws;
+    cr_assert_eq(waitpid(p, &ws, 0), p);
+    cr_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "caked exited %d", ws);
+    cr_assert_eq(stat(path, &st), 0, "the socket unit's socket is not caked's to remove");
+    cr_assert(S_ISSOCK(st.st_mode));
+    unlink(path), rmdir(dir);
+}
