@@ -19,6 +19,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <jansson.h>
 #include <unistd.h>
 
 #include "../proto/frame.h"
@@ -75,24 +77,52 @@ static int call(cake_ctx *c, uint16_t type, const ProtobufCMessage *m, uint8_t *
         return 1;                                                                         \
     }
 
+/* --json: one JSON document per command, built and escaped by jansson; keys in the order
+ * they were set. */
+static void json_out(json_t *v)
+{
+    char *t = json_dumps(v, JSON_PRESERVE_ORDER | JSON_COMPACT);
+    if (t)
+        puts(t);
+    free(t);
+    json_decref(v);
+}
+
+static json_t *ju(unsigned long long v) { return json_integer((json_int_t)v); }
+
+static json_t *hex_id(unsigned long long v)
+{
+    char b[32];
+    snprintf(b, sizeof b, "%#llx", v);
+    return json_string(b);
+}
+
 static int cmd_status(cake_ctx *c)
 {
     FETCH(status, s, MSG_STATUS, NULL);
     if (json) {
-        printf("{\"version\":\"%s\",\"protocol\":%u,\"pid\":%u,\"socket\":\"%s\",\"io\":\"%s\","
-               "\"uptime_ms\":%llu,\"pool_bytes\":%llu,\"page_bytes\":%llu,\"pages_total\":%llu,"
-               "\"pages_used\":%llu,\"tenants\":%u,\"sequences\":%u,\"clients\":%u,"
-               "\"gpu_pool_bytes\":%llu,\"gpus\":[",
-               s->daemon_version, s->protocol_version, s->pid, s->socket, s->io_backend,
-               (unsigned long long)s->uptime_ms, (unsigned long long)s->pool_bytes,
-               (unsigned long long)s->page_bytes, (unsigned long long)s->pages_total,
-               (unsigned long long)s->pages_used, s->tenants, s->sequences, s->clients,
-               (unsigned long long)s->gpu_pool_bytes);
+        json_t *gpus = json_array();
         for (size_t i = 0; i < s->n_gpus; i++)
-            printf("%s{\"uuid\":\"%s\",\"bytes\":%llu,\"pages_used\":%llu}", i ? "," : "",
-                   s->gpus[i]->uuid, (unsigned long long)s->gpus[i]->bytes,
-                   (unsigned long long)s->gpus[i]->pages_used);
-        printf("]}\n");
+            json_array_append_new(gpus, json_pack("{s:s, s:o, s:o}", "uuid", s->gpus[i]->uuid,
+                                                  "bytes", ju(s->gpus[i]->bytes), "pages_used",
+                                                  ju(s->gpus[i]->pages_used)));
+        json_t *o = json_object();
+        json_object_set_new(o, "version", json_string(s->daemon_version));
+        json_object_set_new(o, "protocol", ju(s->protocol_version));
+        json_object_set_new(o, "pid", ju(s->pid));
+        json_object_set_new(o, "socket", json_string(s->socket));
+        json_object_set_new(o, "io", json_string(s->io_backend));
+        json_object_set_new(o, "uptime_ms", ju(s->uptime_ms));
+        json_object_set_new(o, "pool_bytes", ju(s->pool_bytes));
+        json_object_set_new(o, "page_bytes", ju(s->page_bytes));
+        json_object_set_new(o, "pages_total", ju(s->pages_total));
+        json_object_set_new(o, "pages_used", ju(s->pages_used));
+        json_object_set_new(o, "tenants", ju(s->tenants));
+        json_object_set_new(o, "sequences", ju(s->sequences));
+        json_object_set_new(o, "clients", ju(s->clients));
+        json_object_set_new(o, "gpu_pool_bytes", ju(s->gpu_pool_bytes));
+        json_object_set_new(o, "gpus", gpus);
+        json_out(o);
     } else {
         char pb[32], pg[32], ub[32];
         util_human_bytes(s->pool_bytes, pb, sizeof pb);
@@ -120,17 +150,22 @@ static int cmd_tenants(cake_ctx *c)
 {
     FETCH(tenant_list, r, MSG_TENANTS, NULL);
     if (json) {
-        printf("{\"tenants\":[");
+        json_t *a = json_array();
         for (size_t i = 0; i < r->n_tenants; i++) {
             Cake__Tenant *t = r->tenants[i];
-            printf("%s{\"name\":\"%s\",\"uid\":%u,\"weight\":%u,\"min_bytes\":%llu,"
-                   "\"cap_bytes\":%llu,\"used_bytes\":%llu,\"sequences\":%u,\"clients\":%u,"
-                   "\"oom_errors\":%llu}", i ? "," : "", t->name, t->uid, t->weight,
-                   (unsigned long long)t->min_bytes, (unsigned long long)t->max_bytes,
-                   (unsigned long long)t->used_bytes, t->sequences, t->clients,
-                   (unsigned long long)t->oom_errors);
+            json_t *o = json_object();
+            json_object_set_new(o, "name", json_string(t->name));
+            json_object_set_new(o, "uid", ju(t->uid));
+            json_object_set_new(o, "weight", ju(t->weight));
+            json_object_set_new(o, "min_bytes", ju(t->min_bytes));
+            json_object_set_new(o, "cap_bytes", ju(t->max_bytes));
+            json_object_set_new(o, "used_bytes", ju(t->used_bytes));
+            json_object_set_new(o, "sequences", ju(t->sequences));
+            json_object_set_new(o, "clients", ju(t->clients));
+            json_object_set_new(o, "oom_errors", ju(t->oom_errors));
+            json_array_append_new(a, o);
         }
-        printf("]}\n");
+        json_out(json_pack("{s:o}", "tenants", a));
     } else {
         printf("%-20s %6s %6s %11s %11s %11s %5s %7s %5s\n", "TENANT", "UID", "WEIGHT", "MIN",
                "CAP", "USED", "SEQS", "CLIENTS", "OOM");
@@ -158,28 +193,38 @@ static const char *policy_of(const Cake__SeqInfo *q)
     return q->policy && *q->policy ? q->policy : "cake";
 }
 
-static void seq_json_head(const Cake__SeqInfo *q)
+static json_t *seq_json(const Cake__SeqInfo *q)
 {
-    printf("{\"id\":\"%#llx\",\"tenant\":\"%s\",\"layers\":%u,\"kv_heads\":%u,\"head_dim\":%u,"
-           "\"dtype\":\"%s\",\"prompt_len\":%u,\"prefilled_layers\":%u,\"decoded_tokens\":%u,"
-           "\"bytes\":%llu,\"mode\":\"%s\",\"policy\":\"%s\",\"cache_size\":%u",
-           (unsigned long long)q->seq_id, q->tenant, q->layers, q->kv_heads, q->head_dim,
-           dtype_name(q->dtype), q->prompt_len, q->prefilled_layers, q->decoded_tokens,
-           (unsigned long long)q->bytes, q->mode ? "fixed" : "parity", policy_of(q), q->cache_size);
-    if (q->shards)
-        printf(",\"shard_group\":\"%#llx\",\"shards\":%u,\"shard\":%u",
-               (unsigned long long)q->shard_group, q->shards, q->shard);
+    json_t *o = json_object();
+    json_object_set_new(o, "id", hex_id(q->seq_id));
+    json_object_set_new(o, "tenant", json_string(q->tenant));
+    json_object_set_new(o, "layers", ju(q->layers));
+    json_object_set_new(o, "kv_heads", ju(q->kv_heads));
+    json_object_set_new(o, "head_dim", ju(q->head_dim));
+    json_object_set_new(o, "dtype", json_string(dtype_name(q->dtype)));
+    json_object_set_new(o, "prompt_len", ju(q->prompt_len));
+    json_object_set_new(o, "prefilled_layers", ju(q->prefilled_layers));
+    json_object_set_new(o, "decoded_tokens", ju(q->decoded_tokens));
+    json_object_set_new(o, "bytes", ju(q->bytes));
+    json_object_set_new(o, "mode", json_string(q->mode ? "fixed" : "parity"));
+    json_object_set_new(o, "policy", json_string(policy_of(q)));
+    json_object_set_new(o, "cache_size", ju(q->cache_size));
+    if (q->shards) {
+        json_object_set_new(o, "shard_group", hex_id(q->shard_group));
+        json_object_set_new(o, "shards", ju(q->shards));
+        json_object_set_new(o, "shard", ju(q->shard));
+    }
     if (q->gpu_uuid && q->gpu_uuid[0])
-        printf(",\"gpu_uuid\":\"%s\"", q->gpu_uuid);
+        json_object_set_new(o, "gpu_uuid", json_string(q->gpu_uuid));
+    return o;
 }
 
 static int cmd_sequences(cake_ctx *c)
 {
     Cake__ListPage pg = CAKE__LIST_PAGE__INIT;
-    int first = 1, more = 1;
-    if (json)
-        printf("{\"sequences\":[");
-    else
+    int more = 1;
+    json_t *all = json ? json_array() : NULL;
+    if (!json)
         printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %10s\n", "ID", "TENANT", "LAYERS",
                "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "BYTES");
     while (more) { /* page by page: a long list does not fit one reply */
@@ -187,9 +232,7 @@ static int cmd_sequences(cake_ctx *c)
         for (size_t i = 0; i < r->n_seqs; i++) {
             Cake__SeqInfo *q = r->seqs[i];
             if (json) {
-                printf("%s", first ? "" : ",");
-                seq_json_head(q);
-                printf("}");
+                json_array_append_new(all, seq_json(q));
             } else {
                 char by[32];
                 util_human_bytes(q->bytes, by, sizeof by);
@@ -198,14 +241,13 @@ static int cmd_sequences(cake_ctx *c)
                        q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
                        policy_of(q), q->cache_size, by);
             }
-            first = 0;
         }
         more = r->more && r->next > pg.after;
         pg.after = r->next;
         cake__seq_list__free_unpacked(r, &al_);
     }
     if (json)
-        printf("]}\n");
+        json_out(json_pack("{s:o}", "sequences", all));
     return 0;
 }
 
@@ -222,15 +264,17 @@ static int cmd_seq(cake_ctx *c, const char *arg)
     FETCH(seq_info, q, MSG_SEQ_INFO, &m.base);
     uint32_t w_tokens = q->prompt_len; /* per-layer full cache, for the kept fraction */
     if (json) {
-        seq_json_head(q);
-        printf(",\"layer\":[");
+        json_t *o = seq_json(q), *layers = json_array();
         for (size_t l = 0; l < q->n_layer; l++) {
             Cake__LayerInfo *li = q->layer[l];
-            printf("%s{\"layer\":%zu,\"preference\":%.9g,\"budget\":%u,\"prefix\":%u,\"tokens\":%u,"
-                   "\"pages\":%u}", l ? "," : "", l, li->preference, li->budget, li->prefix,
-                   li->tokens, li->pages);
+            json_array_append_new(layers, json_pack("{s:o, s:f, s:o, s:o, s:o, s:o}", "layer",
+                                                    ju(l), "preference", li->preference,
+                                                    "budget", ju(li->budget), "prefix",
+                                                    ju(li->prefix), "tokens", ju(li->tokens),
+                                                    "pages", ju(li->pages)));
         }
-        printf("]}\n");
+        json_object_set_new(o, "layer", layers);
+        json_out(o);
     } else {
         char by[32];
         util_human_bytes(q->bytes, by, sizeof by);
@@ -267,19 +311,101 @@ static int cmd_seq(cake_ctx *c, const char *arg)
     return 0;
 }
 
+/* One Prometheus sample line `name{label="value",...} number` as JSON; NULL if it is not one. */
+static json_t *sample_json(const char *line)
+{
+    const char *p = line;
+    size_t n = strcspn(p, "{ ");
+    if (!n)
+        return NULL;
+    json_t *o = json_object(), *labels = json_object();
+    json_object_set_new(o, "name", json_stringn(p, n));
+    p += n;
+    if (*p == '{') {
+        p++;
+        while (*p && *p != '}') {
+            size_t k = strcspn(p, "=");
+            if (!p[k] || p[k + 1] != '"')
+                goto bad;
+            char key[128], val[512];
+            size_t kl = k < sizeof key - 1 ? k : sizeof key - 1, vl = 0;
+            memcpy(key, p, kl), key[kl] = 0;
+            p += k + 2;
+            for (; *p && *p != '"'; p++) { /* the exposition format's escapes: \\ \" \n */
+                char ch = *p;
+                if (ch == '\\' && p[1])
+                    ch = *++p == 'n' ? '\n' : *p;
+                if (vl < sizeof val - 1)
+                    val[vl++] = ch;
+            }
+            if (*p != '"')
+                goto bad;
+            val[vl] = 0;
+            json_object_set_new(labels, key, json_string(val));
+            p++;
+            if (*p == ',')
+                p++;
+        }
+        if (*p != '}')
+            goto bad;
+        p++;
+    }
+    char *end;
+    double v = strtod(p, &end);
+    if (end == p)
+        goto bad;
+    json_object_set_new(o, "labels", labels);
+    json_object_set_new(o, "value", json_real(v));
+    return o;
+bad:
+    json_decref(labels), json_decref(o);
+    return NULL;
+}
+
 static int cmd_metrics(cake_ctx *c)
 {
     Cake__ListPage pg = CAKE__LIST_PAGE__INIT;
+    char *text = NULL;
+    size_t len = 0;
     for (;;) { /* page by page: the text may be larger than one reply */
         FETCH(metrics, r, MSG_METRICS, &pg.base);
         size_t n = strlen(r->text);
-        fputs(r->text, stdout);
+        if (json) {
+            char *t = realloc(text, len + n + 1);
+            if (!t) {
+                free(text);
+                cake__metrics__free_unpacked(r, &al_);
+                fprintf(stderr, "cachectl: out of memory\n");
+                return 1;
+            }
+            memcpy(t + len, r->text, n + 1);
+            text = t, len += n;
+        } else {
+            fputs(r->text, stdout);
+        }
         pg.offset += n;
         int done = !n || pg.offset >= r->total;
         cake__metrics__free_unpacked(r, &al_);
         if (done)
-            return 0;
+            break;
     }
+    if (!json)
+        return 0;
+    /* {"types": {name: type}, "samples": [{name, labels, value}]} */
+    json_t *types = json_object(), *samples = json_array();
+    for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        char name[128], type[32];
+        if (sscanf(line, "# TYPE %127s %31s", name, type) == 2)
+            json_object_set_new(types, name, json_string(type));
+        else if (line[0] != '#') {
+            json_t *o = sample_json(line);
+            if (o)
+                json_array_append_new(samples, o);
+        }
+    }
+    free(text);
+    json_out(json_pack("{s:o, s:o}", "types", types, "samples", samples));
+    return 0;
 }
 
 /* quota's values, from the command line (options go anywhere: before or after the command) */
@@ -319,7 +445,7 @@ static int cmd_quota(cake_ctx *c, const char *tenant)
         return 1;
     cake_internal_free(c, b);
     if (json)
-        printf("{\"ok\":true}\n");
+        json_out(json_pack("{s:b}", "ok", 1));
     else
         printf("quota of %s set (runtime only: a restart or SIGHUP applies caked's --config "
                "again)\n", m.tenant);

@@ -5,7 +5,8 @@
 # quota changes a tenant's cap; exit status 0 ok, 1 error, 2 usage.
 set -u
 caked=$1 ctl=$2 workload=$3
-dir=$(mktemp -d /tmp/cachectl-test-XXXXXX)
+# a path with a quote and a backslash in it: --json must escape it (printf-made JSON did not)
+dir=$(mktemp -d '/tmp/cachectl "q\-XXXXXX')
 sock=$dir/caked.sock
 wpid=""
 fail() { echo "FAIL: $*"; kill $wpid "$cpid" 2>/dev/null; rm -rf "$dir"; exit 1; }
@@ -34,7 +35,8 @@ import json, sys
 s = json.load(sys.stdin)
 assert s["sequences"] == 2 and s["pages_used"] > 0 and s["pool_bytes"] == 256 << 20, s
 assert s["io"] in ("io_uring", "epoll"), s
-assert s["gpu_pool_bytes"] == 0 and s["gpus"] == [] and "gpu_uuid" not in s, s' || fail "status json"
+assert s["gpu_pool_bytes"] == 0 and s["gpus"] == [] and "gpu_uuid" not in s, s
+assert s["socket"] == sys.argv[1], (s["socket"], sys.argv[1])' "$sock" || fail "status json"
 nt=$("$ctl" --socket "$sock" --json tenants | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["tenants"]))')
 ns=$("$ctl" --socket "$sock" --json status | python3 -c 'import json, sys; print(json.load(sys.stdin)["tenants"])')
 [ "$nt" = "$ns" ] || fail "status counts $ns tenants, tenants lists $nt"
@@ -62,6 +64,14 @@ assert all(l["prefix"] == l["budget"] and l["tokens"] == l["budget"] + 32 for l 
 "$ctl" --socket "$sock" tenants | grep -q "engine-1" || fail "tenants table"
 "$ctl" --socket "$sock" metrics | grep -q '^caked_requests_total{type="prefill_observe"} [1-9]' \
     || fail "metrics"
+"$ctl" --socket "$sock" --json metrics | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+assert m["types"]["caked_pool_bytes"] == "gauge" and m["types"]["caked_requests_total"] == "counter", m["types"]
+obs = [x for x in m["samples"] if x["name"] == "caked_requests_total" and x["labels"].get("type") == "prefill_observe"]
+assert len(obs) == 1 and obs[0]["value"] >= 1, obs
+pool = [x for x in m["samples"] if x["name"] == "caked_pool_bytes"]
+assert pool and pool[0]["value"] == 256 << 20 and pool[0]["labels"] == {}, pool' || fail "metrics json"
 "$ctl" --socket "$sock" quota engine-0 --max 64M >/dev/null || fail "quota"
 "$ctl" --socket "$sock" --json tenants | python3 -c '
 import json, sys
@@ -94,4 +104,4 @@ wait $wpid || fail "workload failed: $(cat "$dir/wl")"
 kill -TERM $cpid
 wait $cpid || fail "caked did not exit cleanly"
 rm -rf "$dir"
-echo "cachectl: status, tenants, sequences, seq, metrics, quota, timeout and exit codes ok"
+echo "cachectl: status, tenants, sequences, seq, metrics (and their --json, by a JSON parser, with a quote in the socket path), quota, timeout and exit codes ok"
