@@ -1,6 +1,7 @@
 #!/bin/sh
 # packaging.sh BUILD [units] - `cmake --install` puts caked, cachectl, libcake, its header and
-# cake.pc, the systemd units and the sysusers file where a system looks for them; with
+# cake.pc, the systemd units and the sysusers file where a system looks for them, and an
+# engine built with `pkg-config --cflags --libs cake` against that prefix starts; with
 # "units", systemd-analyze verifies the installed units (exit 77, skipped, without it).
 set -e
 build=$1
@@ -14,6 +15,27 @@ done
 grep -q '^Type=notify$' "$root/lib/systemd/system/caked.service" || { echo "FAIL: not Type=notify"; exit 1; }
 grep -q '^ListenStream=/run/caked/caked.sock$' "$root/lib/systemd/system/caked.socket" ||
     { echo "FAIL: the socket unit listens elsewhere"; exit 1; }
+# a program built with pkg-config against the installed prefix starts (it did not find
+# libcake.so.0 where ldconfig had not been run: cake.pc carries the rpath)
+cat >"$root/engine.c" <<'C'
+#include <stdio.h>
+#include <cake/cake.h>
+int main(void)
+{
+    cake_ctx *c;
+    if (cake_create(&c))
+        return 1;
+    int rc = cake_connect(c, "/nonexistent/caked.sock", 0);
+    printf("engine linked against the installed libcake: connect says %s\n", cake_strerror(rc));
+    cake_destroy(c);
+    return rc ? 0 : 1;
+}
+C
+PKG_CONFIG_PATH="$root/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+export PKG_CONFIG_PATH
+# shellcheck disable=SC2046
+${CC:-cc} "$root/engine.c" -o "$root/engine" $(pkg-config --cflags --libs cake)
+env -u LD_LIBRARY_PATH "$root/engine" || { echo "FAIL: an engine built with pkg-config does not start"; exit 1; }
 echo "installed: caked, cachectl, libcake, cake.h, cake.pc, caked.service, caked.socket, sysusers"
 [ "$2" = units ] || exit 0
 if ! command -v systemd-analyze >/dev/null; then
