@@ -16,7 +16,7 @@ cmake -S . -B build/asan -DCAKE_SANITIZE=address -DCAKE_CUDA=OFF -DCAKE_WERROR=O
 cmake --build build/asan -j"$jobs" >build/asan.log 2>&1 || { tail -n 30 build/asan.log; exit 1; }
 echo "== ASan + UBSan: unit and integration tests (tests and caked instrumented)"
 (cd build/asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
-    ctest --output-on-failure -j"$jobs" -R "unit|integration|fuzz|client")
+    ctest --output-on-failure -j"$jobs" -R "^(unit|integration|fuzz|client)\.")
 
 # Criterion cannot run under TSan (its arena collides with TSan's shadow memory): the normal
 # build's tests drive a TSan caked instead (CAKE_TEST_CAKED_WRAP runs it in their caked's place)
@@ -32,7 +32,7 @@ echo "== TSan: caked under the integration tests"
 # integration.daemon compares preferences bit for bit with an in-process core that sums in
 # another order at another thread count (the ASan run covers it)
 (cd build && OMP_NUM_THREADS=1 CAKE_TEST_CAKED_WRAP="$wrap" TSAN_OPTIONS="log_path=$logs/caked" \
-    ctest --output-on-failure -j"$jobs" -R integration -E integration.daemon)
+    ctest --output-on-failure -j"$jobs" -R "^integration\." -E "^integration\.daemon")
 if ls "$logs"/caked.* >/dev/null 2>&1; then
     echo "TSan reported:"
     cat "$logs"/caked.*
