@@ -42,8 +42,9 @@ static void usage(FILE *f)
             "  --max-clients-per-uid N  connections a uid other than root and caked's may hold\n"
             "                        (default: half the client limit)\n"
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
-            "  --config FILE         options and tenants (see daemon/README.md)\n"
-            "  -V, --version, -h, --help\n");
+            "  --config FILE         options and tenants (caked.conf(5))\n"
+            "  -V, --version, -h, --help\n"
+            "man caked, man caked.conf, man cachectl\n");
 }
 
 int main(int argc, char **argv)

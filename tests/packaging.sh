@@ -9,7 +9,8 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 cmake --install "$build" --prefix "$root" >/dev/null
 for f in bin/caked bin/cachectl lib/libcake.so include/cake/cake.h lib/pkgconfig/cake.pc \
-         lib/systemd/system/caked.service lib/systemd/system/caked.socket lib/sysusers.d/caked.conf; do
+         lib/systemd/system/caked.service lib/systemd/system/caked.socket lib/sysusers.d/caked.conf \
+         share/man/man8/caked.8 share/man/man5/caked.conf.5 share/man/man1/cachectl.1; do
     [ -e "$root/$f" ] || { echo "FAIL: $f not installed"; exit 1; }
 done
 grep -q '^Type=notify$' "$root/lib/systemd/system/caked.service" || { echo "FAIL: not Type=notify"; exit 1; }
@@ -36,7 +37,7 @@ export PKG_CONFIG_PATH
 # shellcheck disable=SC2046
 ${CC:-cc} "$root/engine.c" -o "$root/engine" $(pkg-config --cflags --libs cake)
 env -u LD_LIBRARY_PATH "$root/engine" || { echo "FAIL: an engine built with pkg-config does not start"; exit 1; }
-echo "installed: caked, cachectl, libcake, cake.h, cake.pc, caked.service, caked.socket, sysusers"
+echo "installed: caked, cachectl, libcake, cake.h, cake.pc, caked.service, caked.socket, sysusers, man pages"
 [ "$2" = units ] || exit 0
 if ! command -v systemd-analyze >/dev/null; then
     echo "SKIP: systemd-analyze not found: the units are not verified"
