@@ -71,6 +71,14 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n == 0)
             return FAIL("bad size for host-pool: %s (use e.g. 512M, 4G)", v);
         c->srv.host_pool_bytes = n;
+    } else if (!strcmp(key, "log-level")) {
+        static const char *const lv[] = {"error", "warning", "info", "debug"};
+        int k = 0;
+        while (k < 4 && strcmp(v, lv[k]))
+            k++;
+        if (k == 4)
+            return FAIL("log-level must be error, warning, info or debug: %s", v);
+        c->srv.log_level = k + 1;
     } else if (!strcmp(key, "heap-limit")) {
         if (config_parse_size(v, &n) || n == 0)
             return FAIL("bad size for heap-limit: %s (use e.g. 512M, 4G)", v);

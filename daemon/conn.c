@@ -329,6 +329,10 @@ void srv_client_close(struct server *s, struct client *c)
     }
     if (freed)
         s->m.clients_killed++;
+    if (c->tenant) /* (before the tenant may be forgotten below); cachectl's at debug level */
+        srv_logl(c->engine ? SRV_LOG_INFO : SRV_LOG_DEBUG,
+                 "client %llu of tenant %s left%s: %u sequence%s freed", (unsigned long long)c->id,
+                 c->tenant->name, s->stopping ? " (shutdown)" : "", freed, freed == 1 ? "" : "s");
     srv_release_quarantine(s, c->id);
     srv_tenant_gc(s, c->tenant); /* a one-shot name leaves nothing behind */
     c->state = C_CLOSED;
@@ -524,4 +528,20 @@ void srv_client_goodbye(struct server *s, struct client *c, int code, const char
     if (c->out) /* best effort: it may not read it */
         send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
     srv_client_close(s, c);
+}
+
+void srv_oom(struct server *s, struct client *c, const char *why)
+{
+    struct tenant *t = c->tenant;
+    tenant_oom(t);
+    double now = srv_now_s();
+    if (now - t->t_oom_log < 1.0)
+        return; /* counted; the next line says how many went unlogged */
+    uint64_t unlogged = t->oom_errors - t->oom_logged - 1;
+    srv_logl(SRV_LOG_WARNING, "tenant %s: out of memory (CAKE_EOOM) for client %llu: %s",
+             t->name, (unsigned long long)c->id, why);
+    if (unlogged)
+        srv_logl(SRV_LOG_WARNING, "tenant %s: %llu more refusals in the second before, not logged",
+                 t->name, (unsigned long long)unlogged);
+    t->t_oom_log = now, t->oom_logged = t->oom_errors;
 }

@@ -109,6 +109,10 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
     c->tenant = t;
     c->engine = want_pool; /* control clients (cachectl) do not count toward fair shares */
     tenant_attach(t, c->engine, +1);
+    srv_logl(c->engine ? SRV_LOG_INFO : SRV_LOG_DEBUG, /* cachectl's: debug */
+             "client %llu attached: tenant %s (uid %u, pid %d), %s%s", (unsigned long long)c->id,
+             t->name, (unsigned)c->cred.uid, (int)c->cred.pid, c->engine ? "engine" : "control",
+             c->admin ? ", administrator" : "");
     Cake__HelloReply r = CAKE__HELLO_REPLY__INIT;
     r.protocol_version = CAKE_PROTOCOL_VERSION;
     r.client_id = c->id;
@@ -218,7 +222,7 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
     }
     if (rc) {
         if (rc == CAKE_EOOM)
-            tenant_oom(c->tenant);
+            srv_oom(s, c, why);
         srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
         return;
     }
@@ -246,7 +250,7 @@ static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage
     int rc = seq_reserve(&s->env, q, layer, &why);
     if (rc) {
         if (rc == CAKE_EOOM)
-            tenant_oom(c->tenant);
+            srv_oom(s, c, why);
         srv_reply_error(s, c, rc, "%s", why);
         return;
     }

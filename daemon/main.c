@@ -42,6 +42,8 @@ static void usage(FILE *f)
             "  --max-clients-per-uid N  connections a uid other than root and caked's may hold\n"
             "                        (default: half the client limit)\n"
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
+            "  --log-level LEVEL     error, warning, info (default: attaches, departures,\n"
+            "                        refusals) or debug\n"
             "  --config FILE         options and tenants (caked.conf(5))\n"
             "  -V, --version, -h, --help\n"
             "man caked, man caked.conf, man cachectl\n");
@@ -58,14 +60,14 @@ int main(int argc, char **argv)
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
         {"max-clients-per-uid", 1, 0, 'U'}, {"hello-timeout", 1, 0, 'T'},
-        {"heap-limit", 1, 0, 'L'},
+        {"heap-limit", 1, 0, 'L'}, {"log-level", 1, 0, 'l'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
         ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
         ['A'] = "admin-group", ['S'] = "segment-size", ['U'] = "max-clients-per-uid",
-        ['T'] = "hello-timeout", ['L'] = "heap-limit",
+        ['T'] = "hello-timeout", ['L'] = "heap-limit", ['l'] = "log-level",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

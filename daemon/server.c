@@ -33,18 +33,37 @@ double srv_now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-void srv_log(const char *fmt, ...)
+/* --log-level: lines above it are not written (error 0, warning 1, info 2, debug 3) */
+static int log_level = SRV_LOG_INFO;
+
+static void vlog(int level, const char *fmt, va_list ap)
 {
+    static const char *const tag[] = {"error: ", "warning: ", "", ""};
+    if (level > log_level)
+        return;
     char ts[32];
     time_t t = time(NULL);
     struct tm tm;
     localtime_r(&t, &tm);
     strftime(ts, sizeof ts, "%Y-%m-%d %H:%M:%S", &tm);
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s caked[%d]: ", ts, (int)getpid());
+    fprintf(stderr, "%s caked[%d]: %s", ts, (int)getpid(), tag[level]);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+}
+
+void srv_log(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(SRV_LOG_INFO, fmt, ap);
+    va_end(ap);
+}
+
+void srv_logl(int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(level, fmt, ap);
     va_end(ap);
 }
 
@@ -64,7 +83,7 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
     for (int i = 0; i < n; i++)
         min_sum += tc[i].min_bytes;
     if (min_sum > s->pool.bytes) {
-        srv_log("the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
+        srv_logl(SRV_LOG_ERROR, "the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
                 "else could open anything (lower min= or raise --host-pool)",
                 (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
         return -EINVAL;
@@ -74,7 +93,7 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
     for (int i = 0; i < n; i++) { /* all or nothing: check every one first */
         int rc = tenant_configure_check(&s->tenants, tc[i].name, UIDS(&tc[i]));
         if (rc) {
-            srv_log("tenant %s: %s", tc[i].name, rc == -EEXIST
+            srv_logl(SRV_LOG_ERROR, "tenant %s: %s", tc[i].name, rc == -EEXIST
                     ? "one of its uids is attached under that name as a tenant of its own"
                     : strerror(-rc));
             return rc;
@@ -94,7 +113,7 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
         int rc = tenant_configure(&s->tenants, tc[i].name, UIDS(&tc[i]), tc[i].weight,
                                   tc[i].min_bytes, tc[i].max_bytes);
         if (rc) {
-            srv_log("tenant %s: %s", tc[i].name, strerror(-rc));
+            srv_logl(SRV_LOG_ERROR, "tenant %s: %s", tc[i].name, strerror(-rc));
             return rc;
         }
     }
@@ -113,7 +132,7 @@ static void reload(struct server *s)
     char err[512];
     config_defaults(&c);
     if (config_load(&c, s->cfg.config_path, err, sizeof err)) {
-        srv_log("SIGHUP: %s; nothing changed", err);
+        srv_logl(SRV_LOG_WARNING, "SIGHUP: %s; nothing changed", err);
         return;
     }
     sd_notify(0, "RELOADING=1");
@@ -182,7 +201,7 @@ static int listen_passed(struct server *s)
     if (n <= 0)
         return 0;
     if (n != 1 || sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) <= 0) {
-        srv_log("socket activation passed %d fds: caked serves exactly one listening Unix stream "
+        srv_logl(SRV_LOG_ERROR, "socket activation passed %d fds: caked serves exactly one listening Unix stream "
                 "socket", n);
         for (int i = 0; i < n; i++)
             close(SD_LISTEN_FDS_START + i);
@@ -208,7 +227,7 @@ static int listen_on(struct server *s)
     char why[512];
     int fd = sockpath_listen(&s->sp, s->cfg.socket_path, s->cfg.socket_group, why, sizeof why);
     if (fd < 0) {
-        srv_log("%s", why);
+        srv_logl(SRV_LOG_ERROR, "%s", why);
         return fd;
     }
     s->listen_fd = fd;
@@ -292,6 +311,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     if (!s)
         return -ENOMEM;
     s->cfg = *cfg;
+    log_level = cfg->log_level ? cfg->log_level - 1 : SRV_LOG_INFO; /* 0: the default */
     s->listen_fd = s->sig_fd = s->spare_fd = -1;
     s->owner_uid = geteuid();
     s->t_start = srv_now_s();
@@ -299,7 +319,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     if (cfg->admin_group[0]) {
         struct group *g = getgrnam(cfg->admin_group);
         if (!g) {
-            srv_log("admin group %s: no such group", cfg->admin_group);
+            srv_logl(SRV_LOG_ERROR, "admin group %s: no such group", cfg->admin_group);
             free(s);
             return -EINVAL;
         }
@@ -318,7 +338,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     int rc = pool_init(&s->pool, cfg->host_pool_bytes, cfg->page_bytes, cfg->segment_bytes,
                        cfg->hugepages, &why);
     if (rc) {
-        srv_log("host pool: %s (%s)", why, strerror(-rc));
+        srv_logl(SRV_LOG_ERROR, "host pool: %s (%s)", why, strerror(-rc));
         goto fail;
     }
     for (uint32_t i = 0; i < cfg->n_gpus; i++) {
@@ -335,7 +355,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             rc = gpupool_create(&g->gpu, bytes, seg, gc->uuid, &why);
         }
         if (rc) {
-            srv_log("GPU pool %u: %s%s", i, why, rc == -ENOTSUP && !cfg->gpu_ipc_legacy
+            srv_logl(SRV_LOG_ERROR, "GPU pool %u: %s%s", i, why, rc == -ENOTSUP && !cfg->gpu_ipc_legacy
                     ? " (--gpu-ipc legacy shares one CUDA IPC handle instead, without isolating "
                       "tenants)" : "");
             goto fail;
@@ -347,7 +367,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         g->uuid[sizeof g->uuid - 1] = 0;
         for (uint32_t j = 0; j < i; j++)
             if (!strcmp(s->gpus[j].uuid, g->uuid)) {
-                srv_log("GPU pool %u: %s already has a pool", i, g->uuid);
+                srv_logl(SRV_LOG_ERROR, "GPU pool %u: %s already has a pool", i, g->uuid);
                 rc = -EINVAL;
                 goto fail;
             }
@@ -358,7 +378,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
                                      cfg->page_bytes, g->gpu.legacy ? g->gpu.bytes : seg, &ops,
                                      &why)) ||
             (rc = gpuexec_create(&g->x, g->gpu.device, nw, &why))) {
-            srv_log("GPU pool %u: %s", i, why);
+            srv_logl(SRV_LOG_ERROR, "GPU pool %u: %s", i, why);
             goto fail;
         }
     }
@@ -382,7 +402,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     for (uint32_t i = 0; i < s->n_gpus; i++)
         s->env.gpu_pools[i] = &s->gpus[i].pages, s->env.gpus[i] = s->gpus[i].x;
     if ((rc = loop_create(cfg->io, &s->loop, &s->io_name, &why))) {
-        srv_log("event loop: %s (%s)", why ? why : "failed", strerror(-rc));
+        srv_logl(SRV_LOG_ERROR, "event loop: %s (%s)", why ? why : "failed", strerror(-rc));
         goto fail;
     }
     if (why)
@@ -435,7 +455,7 @@ int server_run(struct server *s)
         srv_sweep_hello(s);
         srv_free_dead(s);
         if (rc < 0) {
-            srv_log("event loop: %s", strerror(-rc));
+            srv_logl(SRV_LOG_ERROR, "event loop: %s", strerror(-rc));
             return rc;
         }
     }

@@ -38,6 +38,7 @@ struct server_cfg {
     int kernel_threads;      /* OpenMP threads per scoring job (default 1: jobs run side by side) */
     uint32_t max_per_uid;    /* connections one uid may hold (0: half the client limit) */
     double hello_timeout_s;  /* a connection must send HELLO within this (default 5 s) */
+    int log_level;           /* 1 + SRV_LOG_* (error, warning, info, debug); 0: info */
 };
 
 struct tenant_cfg {

@@ -138,7 +138,14 @@ struct work {
 };
 
 double srv_now_s(void);
+/* The log (standard error, a timestamp and caked[pid] first): srv_log at info level,
+ * srv_logl at the level given; lines above --log-level are dropped. */
+enum { SRV_LOG_ERROR, SRV_LOG_WARNING, SRV_LOG_INFO, SRV_LOG_DEBUG };
 void srv_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void srv_logl(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A refusal for lack of memory (CAKE_EOOM) for c's tenant: counted, and logged at warning
+ * level at most once a second per tenant (with how many went unlogged). */
+void srv_oom(struct server *s, struct client *c, const char *why);
 
 /* sequence table: ids are slot + generation, so a stale id never names a newer sequence */
 int srv_seq_new(struct server *s, uint64_t *id);

@@ -34,6 +34,8 @@ struct tenant {
     uint32_t conns;       /* every connection attached as this tenant, cachectl included */
     int in_use;           /* 0: a free slot (tenant_release), reused by the next new tenant */
     uint64_t oom_errors;
+    uint64_t oom_logged;  /* oom_errors when a refusal was last logged (srv_oom) */
+    double t_oom_log;     /* and when */
     int configured;
 };
 

@@ -157,7 +157,7 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs,
 {
     const char *why = "";
     if (seq_decode_admit(&s->env, c->tenant, seqs, n, &why)) {
-        tenant_oom(c->tenant);
+        srv_oom(s, c, why);
         srv_reply_error(s, c, CAKE_EOOM, "%s", why);
         return;
     }

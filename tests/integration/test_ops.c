@@ -123,3 +123,63 @@ Test(ops, serves_the_socket_systemd_passes, .timeout = 60)
     cr_assert(S_ISSOCK(st.st_mode));
     unlink(path), rmdir(dir);
 }
+
+/* What operators look for, logged once each: an engine attaching (tenant, uid, pid) and
+ * leaving (sequences freed); refusals for lack of memory at warning level, at most one line a
+ * second per tenant, the next one saying how many went unlogged; --log-level filters. */
+static int count_lines(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    char line[1024];
+    int n = 0;
+    while (f && fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    if (f)
+        fclose(f);
+    return n;
+}
+
+static void refuse_many(const char *sock)
+{
+    cake_ctx *c = harness_client(sock, "logger", 1, 0);
+    cr_assert_not_null(c);
+    struct cake_layout big = {.layers = 32, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+                              .dtype = CAKE_BF16}; /* 8 MiB of query rings: over the 8 MiB pool */
+    cake_seq *s;
+    for (int i = 0; i < 20; i++)
+        cr_assert_eq(cake_seq_open(c, &big, NULL, 4096, 0, &s), CAKE_EOOM);
+    usleep(1100000);
+    cr_assert_eq(cake_seq_open(c, &big, NULL, 4096, 0, &s), CAKE_EOOM);
+    cake_destroy(c);
+}
+
+Test(ops, logs_attaches_departures_and_refusals_once_a_second, .timeout = 60)
+{
+    static const char *const levels[] = {NULL, "warning", "error"};
+    for (int k = 0; k < 3; k++) {
+        struct harness h;
+        const char *extra[] = {"--host-pool", "8M", levels[k] ? "--log-level" : NULL, levels[k], NULL};
+        cr_assert_eq(harness_start(&h, extra), 0);
+        refuse_many(h.sock);
+        for (int i = 0; i < 100 && k == 0 && !count_lines(h.log, "of tenant logger left"); i++)
+            usleep(20000); /* caked notices the departure on its own schedule */
+        usleep(100000);
+        int attached = count_lines(h.log, "attached: tenant logger (uid");
+        int left = count_lines(h.log, "of tenant logger left: 0 sequences freed");
+        int oom = count_lines(h.log, "warning: tenant logger: out of memory (CAKE_EOOM)");
+        int more = count_lines(h.log, "tenant logger: 19 more refusals in the second before");
+        if (k == 0) {
+            cr_assert_eq(attached, 1, "info: the engine's attach, once");
+            cr_assert_eq(left, 1, "info: its departure, once");
+        } else {
+            cr_assert_eq(attached + left, 0, "%s: no info lines", levels[k]);
+        }
+        if (k < 2) {
+            cr_assert_eq(oom, 2, "21 refusals in two bursts a second apart: two lines (%d)", oom);
+            cr_assert_eq(more, 1, "and how many went unlogged");
+        } else {
+            cr_assert_eq(oom + more, 0, "error level: no warnings");
+        }
+        cr_assert_eq(harness_stop(&h), 0);
+    }
+}
