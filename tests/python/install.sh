@@ -31,9 +31,13 @@ trap 'rm -rf "$venv"' EXIT
 # where the Python is itself a virtual environment (the GPU image), see its packages too
 "$py" -c 'import site; print("\n".join(site.getsitepackages()))' \
     >"$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/parent.pth"
+tracked() { git -C "$src" status --porcelain --untracked-files=no -- client/python 2>/dev/null || true; }
+before=$(tracked)
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install -q --disable-pip-version-check $pipflags \
     "$src/client/python"
+# installing from the tree leaves its tracked files as they were (egg-info is not tracked)
+[ "$(tracked)" = "$before" ] || { echo "FAIL: pip install changed tracked files: $(tracked)"; exit 1; }
 cd "$venv"
 CAKE_LIB=$lib "$venv/bin/python" -c '
 import caked, os

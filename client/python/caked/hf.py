@@ -5,7 +5,7 @@
     with caked.Client() as client:
         cache = caked.hf.CakedCache(client, model.config, max_new_tokens=64,
                                     policy="snapkv", cache_size=128)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # or cache=cache
+        out = model.generate(ids, cache=cache, max_new_tokens=64)  # transformers < 5: past_key_values=
 
 Prefill (the whole prompt in one forward) writes each layer's keys, values and last `window`
 queries into the pool; the layer's attention runs over the full prompt (exact, as CAKE's
