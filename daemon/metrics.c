@@ -2,6 +2,7 @@
  * metrics.h). */
 #define _GNU_SOURCE /* struct ucred (server_int.h) */
 #include <errno.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,6 +75,21 @@ int strbuf_printf(struct strbuf *b, const char *fmt, ...)
 }
 
 /* Prometheus text; per-tenant series only of c's own tenant unless c administers. */
+/* One per-tenant series of a uint64_t field of struct tenant (at `field`): c's own tenant's
+ * only unless c administers. */
+static int tenant_series(const struct server *s, const struct client *c, struct strbuf *b,
+                         const char *name, const char *type, const char *help, size_t field)
+{
+    int rc = strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    for (uint32_t i = 0; i < s->tenants.n; i++) {
+        const struct tenant *t = &s->tenants.t[i];
+        if (t->in_use && (c->admin || t == c->tenant))
+            rc |= strbuf_printf(b, "%s{tenant=\"%s\",uid=\"%u\"} %llu\n", name, t->name, t->uid,
+                                (unsigned long long)*(const uint64_t *)((const char *)t + field));
+    }
+    return rc;
+}
+
 int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
 {
     int rc = 0;
@@ -101,34 +117,21 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       s->n_seqs);
     P("# HELP caked_clients Connected clients.\n# TYPE caked_clients gauge\ncaked_clients %u\n",
       s->n_clients);
-    P("# HELP caked_tenant_used_bytes Pool bytes held by each tenant.\n"
-      "# TYPE caked_tenant_used_bytes gauge\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].used_bytes);
+    rc |= tenant_series(s, c, b, "caked_tenant_used_bytes", "gauge",
+                        "Pool bytes held by each tenant.", offsetof(struct tenant, used_bytes));
     P("# HELP caked_heap_bytes caked's own memory for sequences, charged at open (--heap-limit).\n"
       "# TYPE caked_heap_bytes gauge\n"
       "caked_heap_bytes{state=\"used\"} %llu\ncaked_heap_bytes{state=\"limit\"} %llu\n",
       (unsigned long long)s->heap_used, (unsigned long long)s->env.heap_limit);
-    P("# HELP caked_tenant_heap_bytes caked's own memory for each tenant's sequences.\n"
-      "# TYPE caked_tenant_heap_bytes gauge\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-            P("caked_tenant_heap_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-              s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].heap_bytes);
-    P("# HELP caked_tenant_gpu_used_bytes GPU pool bytes held by each tenant.\n"
-      "# TYPE caked_tenant_gpu_used_bytes gauge\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_gpu_used_bytes{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].gpu_used_bytes);
-    P("# HELP caked_tenant_oom_total Requests refused for lack of memory, per tenant.\n"
-      "# TYPE caked_tenant_oom_total counter\n");
-    for (uint32_t i = 0; i < s->tenants.n; i++)
-        if (s->tenants.t[i].in_use && (c->admin || &s->tenants.t[i] == c->tenant))
-        P("caked_tenant_oom_total{tenant=\"%s\",uid=\"%u\"} %llu\n", s->tenants.t[i].name,
-          s->tenants.t[i].uid, (unsigned long long)s->tenants.t[i].oom_errors);
+    rc |= tenant_series(s, c, b, "caked_tenant_heap_bytes", "gauge",
+                        "caked's own memory for each tenant's sequences.",
+                        offsetof(struct tenant, heap_bytes));
+    rc |= tenant_series(s, c, b, "caked_tenant_gpu_used_bytes", "gauge",
+                        "GPU pool bytes held by each tenant.",
+                        offsetof(struct tenant, gpu_used_bytes));
+    rc |= tenant_series(s, c, b, "caked_tenant_oom_total", "counter",
+                        "Requests refused for lack of memory, per tenant.",
+                        offsetof(struct tenant, oom_errors));
     P("# HELP caked_requests_total Requests by type.\n# TYPE caked_requests_total counter\n");
     for (unsigned t = 1; t <= MSG_TYPE_MAX; t++)
         P("caked_requests_total{type=\"%s\"} %llu\n", frame_type_name(t),
