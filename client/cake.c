@@ -18,6 +18,7 @@
 #include "frame.h"
 #include "internal.h"
 #include "priv.h"
+#include "window.h"
 
 static void *c_alloc(cake_ctx *c, size_t n) { return c->alloc(n, c->ud); }
 static void c_free(cake_ctx *c, void *p) { c->release(p, c->ud); }
@@ -777,38 +778,14 @@ static int map_window(cake_ctx *c, cake_seq *s, const Cake__SeqOpenReply *r)
         return cake_set_err(c, CAKE_EPROTO, "sequence window inconsistent with its size");
     s->win_n = (uint32_t)n, s->win_bytes = n * pb;
     memcpy(s->win_pages, r->window_pages, sizeof(uint32_t) * n);
-    int run = 1;
-    for (uint64_t i = 0; i < n; i++) {
+    for (uint64_t i = 0; i < n; i++)
         if ((uint64_t)r->window_pages[i] >= c->pool_bytes / pb ||
             !cake_pool_mapped(c, c->pool + (uint64_t)r->window_pages[i] * pb, pb))
             return cake_set_err(c, CAKE_EPROTO, "sequence window outside this tenant's mapped "
                                                 "segments");
-        run &= r->window_pages[i] == r->window_pages[0] + i;
-    }
-    if (run) {
-        s->win = c->pool + (uint64_t)r->window_pages[0] * pb;
-        return 0;
-    }
-    uint8_t *w = mmap(NULL, s->win_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
-    if (w == MAP_FAILED)
-        return cake_set_err(c, -errno, "cannot reserve a sequence window");
-    /* each run of pages inside one segment mapped again (mremap of old size 0: the same
-     * shared pages), side by side */
-    uint64_t seg_pages = c->seg_bytes / pb;
-    for (uint64_t i = 0; i < n;) {
-        uint64_t k = 1, p0 = r->window_pages[i];
-        while (i + k < n && r->window_pages[i + k] == p0 + k && (p0 + k) / seg_pages == p0 / seg_pages)
-            k++;
-        void *at = w + i * pb;
-        if (mremap(c->pool + p0 * pb, 0, k * pb, MREMAP_MAYMOVE | MREMAP_FIXED, at) != at) {
-            int e = errno;
-            munmap(w, s->win_bytes);
-            return cake_set_err(c, -e, "cannot map a sequence window: %s", strerror(e));
-        }
-        i += k;
-    }
-    s->win = w, s->win_stitched = 1;
+    if (!(s->win = window_map(c->pool, s->win_pages, s->win_n, pb, c->seg_bytes / pb,
+                              &s->win_stitched)))
+        return cake_set_err(c, -errno, "cannot map a sequence window: %s", strerror(errno));
     return 0;
 }
 

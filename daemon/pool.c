@@ -12,6 +12,7 @@
 
 #include "check.h"
 #include "pool.h"
+#include "window.h"
 
 uint64_t pool_default_seg_bytes(uint64_t bytes, uint64_t page_bytes)
 {
@@ -377,7 +378,7 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
      * punched out when it changes owner. */
 }
 
-int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, uint32_t *out)
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int scatter, uint32_t *out)
 {
     int64_t first = pool_alloc_run(p, n, owner);
     if (first >= 0) {
@@ -385,7 +386,7 @@ int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, uint32_t *out)
             out[i] = (uint32_t)first + i;
         return 0;
     }
-    if (!owner || owner > POOL_MAX_OWNERS || n > p->pages - p->used ||
+    if (!scatter || !owner || owner > POOL_MAX_OWNERS || n > p->pages - p->used ||
         n > pool_avail(p, owner))
         return -1;
     for (uint32_t i = 0; i < n; i++) {
@@ -416,42 +417,9 @@ int pool_can_window(const struct pool *p)
     return !p->external && (!p->hugepages || (p->huge_bytes && p->page_bytes % p->huge_bytes == 0));
 }
 
-/* Is pages[0..n) one run of consecutive pages? */
-static int one_run(const uint32_t *pages, uint32_t n)
-{
-    for (uint32_t i = 1; i < n; i++)
-        if (pages[i] != pages[0] + i)
-            return 0;
-    return 1;
-}
-
 void *pool_window(const struct pool *p, const uint32_t *pages, uint32_t n, int *stitched)
 {
-    *stitched = 0;
-    if (!n)
-        return NULL;
-    if (one_run(pages, n))
-        return pool_ptr(p, pages[0]);
-    size_t len = (size_t)n * p->page_bytes;
-    uint8_t *w = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (w == MAP_FAILED)
-        return NULL;
-    /* a second mapping of the same shared pages (mremap of old size 0), run by run: a run
-     * stays inside one segment, whose memfd is one mapping here */
-    for (uint32_t i = 0; i < n;) {
-        uint32_t k = 1, sg = pool_seg_of(p, pages[i]);
-        while (i + k < n && pages[i + k] == pages[i] + k && pool_seg_of(p, pages[i + k]) == sg)
-            k++;
-        void *at = w + (size_t)i * p->page_bytes;
-        if (mremap(pool_ptr(p, pages[i]), 0, (size_t)k * p->page_bytes, MREMAP_MAYMOVE | MREMAP_FIXED,
-                   at) != at) {
-            munmap(w, len);
-            return NULL;
-        }
-        i += k;
-    }
-    *stitched = 1;
-    return w;
+    return window_map(p->base, pages, n, p->page_bytes, p->seg_pages, stitched);
 }
 
 void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched)

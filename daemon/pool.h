@@ -93,18 +93,18 @@ int64_t pool_alloc(struct pool *p, uint32_t owner);
 /* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
-/* n pages for owner, anywhere: one run if there is one, else any free pages it may have
+/* n pages for owner: one run if there is one, else (scatter) any free pages it may have
  * (all or nothing) into out[n]. 0 or -1. Pages need not be contiguous: a structure that
  * wants to read as one range maps them side by side (pool_window); the GPU pool's are
  * reached through page tables. */
-int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, uint32_t *out);
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int scatter, uint32_t *out);
 void pool_free_list(struct pool *p, const uint32_t *pages, uint32_t n);
 /* Can pool_window map scattered pages (a host pool whose pages map one by one)? Not
  * huge-page segments with pages smaller than a huge page: a window then needs one run. */
 int pool_can_window(const struct pool *p);
-/* Host pools: pages[0..n) as one contiguous range of this process: the pool's own range
- * when they are one run (*stitched = 0), else a new range where each page is mapped again,
- * in order (*stitched = 1). NULL when the mapping fails. */
+/* Host pools: pages[0..n) as one contiguous range of this process (proto/window.h's
+ * window_map over the pool's mapping; *stitched = 1 when it is a new range). NULL when the
+ * mapping fails. */
 void *pool_window(const struct pool *p, const uint32_t *pages, uint32_t n, int *stitched);
 void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched);
 /* Pages owner could be given now: free pages of its segments and every empty segment

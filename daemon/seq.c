@@ -276,16 +276,11 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     rc = CAKE_EOOM;
     /* no contiguous run needed: the window maps scattered pages side by side (except in
      * huge-page segments with smaller pages, where it must be one run) */
-    int64_t first = pool_can_window(e->pool) ? -1 : pool_alloc_run(e->pool, s->win_n, t->id);
-    if (first >= 0)
-        for (uint32_t i = 0; i < s->win_n; i++)
-            s->win_pages[i] = (uint32_t)first + i;
-    if (first < 0 && (!pool_can_window(e->pool) ||
-                      pool_alloc_list(e->pool, s->win_n, t->id, s->win_pages))) {
-        *why = pool_can_window(e->pool)
-                   ? "no free pages for the sequence descriptor and scratch area"
-                   : "no contiguous run of pages for the sequence descriptor and scratch area "
-                     "(huge-page segments with pages smaller than a huge page)";
+    int scatter = pool_can_window(e->pool);
+    if (pool_alloc_list(e->pool, s->win_n, t->id, scatter, s->win_pages)) {
+        *why = scatter ? "no free pages for the sequence descriptor and scratch area"
+                       : "no contiguous run of pages for the sequence descriptor and scratch "
+                         "area (huge-page segments with pages smaller than a huge page)";
         goto fail;
     }
     if (!(s->win = pool_window(e->pool, s->win_pages, s->win_n, &s->win_stitched))) {
@@ -294,7 +289,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         rc = -ENOMEM;
         goto fail;
     }
-    if (s->gpu && pool_alloc_list(GPOOL(e, s), (uint32_t)rp, t->id, s->ring_pg)) {
+    if (s->gpu && pool_alloc_list(GPOOL(e, s), (uint32_t)rp, t->id, 1, s->ring_pg)) {
         pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
         pool_free_list(e->pool, s->win_pages, s->win_n);
         *why = "no free GPU pool pages for the query rings";
