@@ -10,6 +10,7 @@
 
 #include "../client/include/cake/cake.h"
 #include "config.h"
+#include "http.h"
 #include "tenant.h"
 
 int config_parse_size(const char *s, uint64_t *out)
@@ -71,6 +72,12 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (config_parse_size(v, &n) || n == 0)
             return FAIL("bad size for host-pool: %s (use e.g. 512M, 4G)", v);
         c->srv.host_pool_bytes = n;
+    } else if (!strcmp(key, "metrics-listen")) {
+        char host[256], port[16];
+        if (strlen(v) >= sizeof c->srv.metrics_listen ||
+            http_parse_listen(v, host, sizeof host, port, sizeof port))
+            return FAIL("metrics-listen must be PORT, HOST:PORT, [IPV6]:PORT or *:PORT: %s", v);
+        strcpy(c->srv.metrics_listen, v);
     } else if (!strcmp(key, "log-level")) {
         static const char *const lv[] = {"error", "warning", "info", "debug"};
         int k = 0;

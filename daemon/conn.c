@@ -208,7 +208,7 @@ static void srv_queue_maps(struct server *s, struct client *c)
 
 static void finish_request(struct server *s, struct client *c)
 {
-    metrics_observe_latency(&s->m, srv_now_s() - c->t0);
+    metrics_observe_latency(&s->m, c->h.type, srv_now_s() - c->t0);
     c->state = C_IDLE;
     c->body = NULL;
     if (client_flush(s, c) == 1 && !c->reading)

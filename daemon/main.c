@@ -3,7 +3,7 @@
  *   caked [--socket PATH] [--host-pool SIZE] [--page-size SIZE] [--gpu-pool SIZE[@UUID]] [--gpu-ipc auto|legacy] [--huge-pages]
  *         [--io uring|epoll|auto] [--workers N] [--kernel-threads N]
  *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--heap-limit SIZE]
- *         [--config FILE]
+ *         [--metrics-listen [HOST:]PORT] [--config FILE]
  *         [--max-clients-per-uid N] [--hello-timeout SECS]
  *         [--version] [--help]
  *
@@ -44,6 +44,8 @@ static void usage(FILE *f)
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
             "  --log-level LEVEL     error, warning, info (default: attaches, departures,\n"
             "                        refusals) or debug\n"
+            "  --metrics-listen [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics\n"
+            "                        (HOST default 127.0.0.1; * every address; default off)\n"
             "  --config FILE         options and tenants (caked.conf(5))\n"
             "  -V, --version, -h, --help\n"
             "man caked, man caked.conf, man cachectl\n");
@@ -60,14 +62,14 @@ int main(int argc, char **argv)
         {"kernel-threads", 1, 0, 'k'}, {"socket-group", 1, 0, 'g'}, {"config", 1, 0, 'c'},
         {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
         {"max-clients-per-uid", 1, 0, 'U'}, {"hello-timeout", 1, 0, 'T'},
-        {"heap-limit", 1, 0, 'L'}, {"log-level", 1, 0, 'l'},
+        {"heap-limit", 1, 0, 'L'}, {"log-level", 1, 0, 'l'}, {"metrics-listen", 1, 0, 'M'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
         ['s'] = "socket", ['p'] = "host-pool", ['P'] = "page-size", ['i'] = "io", ['G'] = "gpu-pool", ['I'] = "gpu-ipc",
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
         ['A'] = "admin-group", ['S'] = "segment-size", ['U'] = "max-clients-per-uid",
-        ['T'] = "hello-timeout", ['L'] = "heap-limit", ['l'] = "log-level",
+        ['T'] = "hello-timeout", ['L'] = "heap-limit", ['l'] = "log-level", ['M'] = "metrics-listen",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

@@ -39,15 +39,16 @@ const char *metrics_err_name(enum metrics_err e)
     return n[e];
 }
 
-void metrics_observe_latency(struct metrics *m, double s)
+void metrics_observe_latency(struct metrics *m, unsigned type, double s)
 {
+    struct metrics_lat *h = &m->lat[type <= MSG_TYPE_MAX ? type : 0];
     for (int i = 0; i < METRICS_LAT_BUCKETS; i++)
         if (s <= metrics_lat_bounds_s[i]) {
-            m->lat_bucket[i]++;
+            h->bucket[i]++;
             break;
         }
-    m->lat_sum_s += s;
-    m->lat_count++;
+    h->sum_s += s;
+    h->count++;
 }
 
 int strbuf_printf(struct strbuf *b, const char *fmt, ...)
@@ -74,7 +75,6 @@ int strbuf_printf(struct strbuf *b, const char *fmt, ...)
     }
 }
 
-/* Prometheus text; per-tenant series only of c's own tenant unless c administers. */
 /* One per-tenant series of a uint64_t field of struct tenant (at `field`): c's own tenant's
  * only unless c administers. */
 static int tenant_series(const struct server *s, const struct client *c, struct strbuf *b,
@@ -83,7 +83,7 @@ static int tenant_series(const struct server *s, const struct client *c, struct 
     int rc = strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
     for (uint32_t i = 0; i < s->tenants.n; i++) {
         const struct tenant *t = &s->tenants.t[i];
-        if (t->in_use && (c->admin || t == c->tenant))
+        if (t->in_use && (!c || c->admin || t == c->tenant))
             rc |= strbuf_printf(b, "%s{tenant=\"%s\",uid=\"%u\"} %llu\n", name, t->name, t->uid,
                                 (unsigned long long)*(const uint64_t *)((const char *)t + field));
     }
@@ -157,17 +157,25 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
     P("# HELP caked_clients_lost_total Clients that disconnected while holding sequences.\n"
       "# TYPE caked_clients_lost_total counter\ncaked_clients_lost_total %llu\n",
       (unsigned long long)s->m.clients_killed);
-    P("# HELP caked_request_duration_seconds Request latency inside caked.\n"
+    P("# HELP caked_request_duration_seconds Request latency inside caked, by request type "
+      "(from the whole request read to the reply queued).\n"
       "# TYPE caked_request_duration_seconds histogram\n");
-    uint64_t cum = 0;
-    for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
-        cum += s->m.lat_bucket[i];
-        P("caked_request_duration_seconds_bucket{le=\"%g\"} %llu\n", metrics_lat_bounds_s[i],
-          (unsigned long long)cum);
+    for (unsigned t = 0; t <= MSG_TYPE_MAX; t++) {
+        const struct metrics_lat *h = &s->m.lat[t];
+        const char *type = t ? frame_type_name(t) : "unknown";
+        if (t == MSG_MAP || (!t && !h->count))
+            continue; /* MAP is never a request; unknown types only once seen */
+        uint64_t cum = 0;
+        for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
+            cum += h->bucket[i];
+            P("caked_request_duration_seconds_bucket{type=\"%s\",le=\"%g\"} %llu\n", type,
+              metrics_lat_bounds_s[i], (unsigned long long)cum);
+        }
+        P("caked_request_duration_seconds_bucket{type=\"%s\",le=\"+Inf\"} %llu\n"
+          "caked_request_duration_seconds_sum{type=\"%s\"} %.9f\n"
+          "caked_request_duration_seconds_count{type=\"%s\"} %llu\n",
+          type, (unsigned long long)h->count, type, h->sum_s, type, (unsigned long long)h->count);
     }
-    P("caked_request_duration_seconds_bucket{le=\"+Inf\"} %llu\n"
-      "caked_request_duration_seconds_sum %.9f\ncaked_request_duration_seconds_count %llu\n",
-      (unsigned long long)s->m.lat_count, s->m.lat_sum_s, (unsigned long long)s->m.lat_count);
 #undef P
     return rc;
 }

@@ -18,9 +18,11 @@ enum metrics_err {
 struct metrics {
     uint64_t requests[MSG_TYPE_MAX + 1];
     uint64_t errors[ERR_KINDS];
-    uint64_t lat_bucket[METRICS_LAT_BUCKETS]; /* cumulative at render time */
-    double lat_sum_s;
-    uint64_t lat_count;
+    struct metrics_lat {                          /* per request type (0: unknown types) */
+        uint64_t bucket[METRICS_LAT_BUCKETS];     /* cumulative at render time */
+        double sum_s;
+        uint64_t count;
+    } lat[MSG_TYPE_MAX + 1];
     uint64_t evictions_prefill, evictions_decode; /* layer compactions */
     uint64_t tokens_evicted;
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
@@ -32,7 +34,8 @@ extern const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS];
 
 enum metrics_err metrics_err_kind(int code);
 const char *metrics_err_name(enum metrics_err e);
-void metrics_observe_latency(struct metrics *m, double seconds);
+/* One request of `type` (any value; unknown types count as 0) took `seconds`. */
+void metrics_observe_latency(struct metrics *m, unsigned type, double seconds);
 
 /* Appends printf-formatted text to a growing buffer; returns 0 or -ENOMEM. */
 struct strbuf {

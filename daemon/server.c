@@ -24,6 +24,7 @@
 #include "cake/cake.h"
 #include "frame.h"
 #include "config.h"
+#include "http.h"
 #include "server_int.h"
 
 double srv_now_s(void)
@@ -419,6 +420,13 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         rc = -EIO;
         goto fail;
     }
+    if (cfg->metrics_listen[0]) {
+        char err[512];
+        if ((rc = http_start(s, cfg->metrics_listen, &s->http, err, sizeof err))) {
+            srv_logl(SRV_LOG_ERROR, "%s", err);
+            goto fail;
+        }
+    }
     char pb[32], pg[32], gb[32];
     human_bytes(s->pool.bytes, pb, sizeof pb);
     human_bytes(s->pool.page_bytes, pg, sizeof pg);
@@ -452,6 +460,7 @@ int server_run(struct server *s)
                (unsigned long)getpid());
     while (!s->stopping) {
         int rc = loop_wait(s->loop, 250);
+        http_run(s->http); /* its timeouts */
         srv_sweep_hello(s);
         srv_free_dead(s);
         if (rc < 0) {
@@ -460,6 +469,8 @@ int server_run(struct server *s)
         }
     }
     /* tell every client, stop accepting, let running work finish */
+    http_stop(s->http);
+    s->http = NULL;
     loop_del(s->loop, s->listen_h);
     close(s->listen_fd);
     s->listen_fd = -1;
@@ -504,6 +515,7 @@ void server_destroy(struct server *s)
         s->quarantine = q->next_q;
         seq_free(&s->env, q);
     }
+    http_stop(s->http);
     if (s->sig_fd >= 0)
         close(s->sig_fd);
     if (s->spare_fd >= 0)

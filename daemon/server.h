@@ -21,6 +21,7 @@ struct server_cfg {
     char socket_group[64];   /* empty: mode 0600; else owned by this group, mode 0660 */
     char admin_group[64];    /* members may administer (besides root and caked's uid) */
     char config_path[4096];  /* --config: read again on SIGHUP (tenants and quotas) */
+    char metrics_listen[272]; /* [HOST:]PORT for GET /metrics over HTTP; "" off (http.h) */
     uint64_t segment_bytes;  /* pool segment size (0: pool_default_seg_bytes) */
     uint64_t host_pool_bytes;
     uint64_t heap_limit_bytes; /* caked's own memory for sequences (0: the host pool's size) */

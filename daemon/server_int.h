@@ -111,6 +111,7 @@ struct server {
     uid_t owner_uid;
     gid_t admin_gid;       /* --admin-group, (gid_t)-1 none */
     struct sockpath sp;    /* the socket bound (removed at exit only if still ours) */
+    struct http *http;     /* --metrics-listen (NULL: off) */
     struct seq *quarantine; /* ended by another client's action, pages held until the
                                owner's next request or disconnect (seq->next_q) */
     int stopping;

@@ -2,9 +2,9 @@
 # deps.sh - installs the Debian 12 packages caked builds and tests with, if any is missing.
 # Needs root (or sudo) only when something must be installed.
 set -e
-pkgs="build-essential cmake pkg-config liburing-dev libprotobuf-c-dev protobuf-c-compiler libsystemd-dev libjansson-dev
+pkgs="build-essential cmake pkg-config liburing-dev libprotobuf-c-dev protobuf-c-compiler libsystemd-dev libjansson-dev libmicrohttpd-dev
       libjemalloc-dev libcriterion-dev python3 python3-numpy python3-venv python3-pip
-      python3-setuptools python3-wheel"
+      python3-setuptools python3-wheel curl"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

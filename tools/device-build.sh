@@ -4,7 +4,8 @@
 #   mkdir .debs && (cd .debs && apt-get download liburing2 liburing-dev libprotobuf-c1 \
 #     libprotobuf-c-dev protobuf-c-compiler libprotoc32 libprotobuf32 libjemalloc2 \
 #     libjemalloc-dev libcriterion3 libcriterion-dev libnanomsg5 libgit2-1.5 libhttp-parser2.9 \
-#     libmbedtls14 libmbedx509-1 libmbedcrypto7 libssh2-1 libsystemd-dev libsystemd0 libjansson-dev libjansson4)
+#     libmbedtls14 libmbedx509-1 libmbedcrypto7 libssh2-1 libsystemd-dev libsystemd0 libjansson-dev libjansson4 \
+#     libmicrohttpd12 libmicrohttpd-dev)
 # are unpacked into a private sysroot (never into /), and the build uses it. Then runs ctest,
 # GPU tests included. Logs under $OUT.
 set -e

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "http.h"
 
 Test(config, sizes)
 {
@@ -37,6 +38,34 @@ Test(config, defaults_and_options)
     cr_assert_eq(config_set(&c, "page-size", "3000", err, sizeof err), -1);
     cr_assert(strstr(err, "power of two"), "%s", err);
     cr_assert_eq(config_set(&c, "nonsense", "1", err, sizeof err), -1);
+    cr_assert_eq(c.srv.metrics_listen[0], 0, "no HTTP unless asked");
+}
+
+Test(config, metrics_listen_addresses)
+{
+    static const struct { const char *spec, *host, *port; } ok[] = {
+        {"9464", "127.0.0.1", "9464"}, {"0.0.0.0:80", "0.0.0.0", "80"},
+        {"*:9464", "", "9464"}, {"[::1]:9464", "::1", "9464"},
+        {"metrics.local:0", "metrics.local", "0"},
+    };
+    char host[256], port[16], err[256];
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        cr_assert_eq(http_parse_listen(ok[i].spec, host, sizeof host, port, sizeof port), 0,
+                     "%s", ok[i].spec);
+        cr_assert_str_eq(host, ok[i].host, "%s", ok[i].spec);
+        cr_assert_str_eq(port, ok[i].port, "%s", ok[i].spec);
+    }
+    static const char *const bad[] = {"", "x", ":80", "::1:80", "[::1]", "h:65536", "h:-1",
+                                      "h:80x", "[]:80"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        cr_assert_eq(http_parse_listen(bad[i], host, sizeof host, port, sizeof port), -1,
+                     "%s", bad[i]);
+    static struct config c;
+    config_defaults(&c);
+    cr_assert_eq(config_set(&c, "metrics-listen", "::1:80", err, sizeof err), -1);
+    cr_assert(strstr(err, "metrics-listen"), "%s", err);
+    cr_assert_eq(config_set(&c, "metrics-listen", "127.0.0.1:9464", err, sizeof err), 0);
+    cr_assert_str_eq(c.srv.metrics_listen, "127.0.0.1:9464");
 }
 
 Test(config, file_with_tenants_and_errors)

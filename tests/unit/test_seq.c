@@ -231,16 +231,22 @@ Test(shard, join_rules_and_the_group_preference)
 Test(metrics, latency_buckets_error_kinds_and_text)
 {
     struct metrics m = {0};
-    metrics_observe_latency(&m, 30e-6);
-    metrics_observe_latency(&m, 2.0);
-    metrics_observe_latency(&m, 100.0);
-    cr_assert_eq(m.lat_count, 3);
-    cr_assert_float_eq(m.lat_sum_s, 30e-6 + 2.0 + 100.0, 1e-9);
+    metrics_observe_latency(&m, MSG_DECODE_STEP, 30e-6);
+    metrics_observe_latency(&m, MSG_DECODE_STEP, 2.0);
+    metrics_observe_latency(&m, MSG_DECODE_STEP, 100.0);
+    metrics_observe_latency(&m, MSG_PING, 1e-6);
+    metrics_observe_latency(&m, 0x7123, 1e-6); /* not a type: counted as unknown (0) */
+    const struct metrics_lat *d = &m.lat[MSG_DECODE_STEP];
+    cr_assert_eq(d->count, 3, "each type its own histogram");
+    cr_assert_eq(m.lat[MSG_PING].count, 1);
+    cr_assert_eq(m.lat[0].count, 1);
+    cr_assert_float_eq(d->sum_s, 30e-6 + 2.0 + 100.0, 1e-9);
     uint64_t total = 0;
     for (int i = 0; i < METRICS_LAT_BUCKETS; i++)
-        total += m.lat_bucket[i];
+        total += d->bucket[i];
     cr_assert_eq(total, 2, "the 100 s one is only in +Inf");
-    cr_assert_eq(m.lat_bucket[2], 1, "30 us falls in the <= 50 us bucket");
+    cr_assert_eq(d->bucket[2], 1, "30 us falls in the <= 50 us bucket");
+    cr_assert_eq(m.lat[MSG_PING].bucket[0], 1);
     cr_assert_eq(metrics_err_kind(CAKE_EOOM), ERR_OOM);
     cr_assert_eq(metrics_err_kind(CAKE_EPERM), ERR_PERM);
     cr_assert_eq(metrics_err_kind(-ENOMEM), ERR_INTERNAL);
