@@ -913,6 +913,35 @@ uint64_t cake_seq_id(const cake_seq *s) { return s->id; }
 int cake_seq_on_gpu(const cake_seq *s) { return s->hdr.placement == SHM_PLACE_GPU; }
 uint32_t cake_seq_tokens_per_page(const cake_seq *s) { return s->tpp; }
 
+int cake_kept_positions(cake_seq *s, uint32_t layer, uint32_t kv_head, uint32_t *pos, size_t cap,
+                        uint32_t *n_tokens)
+{
+    cake_ctx *c = s->ctx;
+    if (!pos && cap)
+        return cake_set_err(c, CAKE_EINVAL, "no buffer for %zu positions", cap);
+    size_t got = 0;
+    for (;;) { /* a page per round trip, until cap or the layer's end */
+        Cake__PositionsRequest m = CAKE__POSITIONS_REQUEST__INIT;
+        m.seq_id = s->id, m.layer = layer, m.kv_head = kv_head, m.from = (uint32_t)got;
+        m.max = cap - got > UINT32_MAX ? UINT32_MAX : (uint32_t)(cap - got);
+        RPC_UNPACK(positions, r, MSG_POSITIONS, &m.base);
+        size_t want = r->tokens < cap ? r->tokens : cap, n = r->n_position;
+        if (n > want - got || (n == 0 && got < want)) {
+            cake__positions__free_unpacked(r, &al_);
+            return cake_set_err(c, CAKE_EPROTO, "caked sent %zu positions from slot %zu of %zu",
+                                n, got, want);
+        }
+        if (n)
+            memcpy(pos + got, r->position, sizeof(uint32_t) * n);
+        got += n;
+        if (n_tokens)
+            *n_tokens = r->tokens;
+        cake__positions__free_unpacked(r, &al_);
+        if (got >= want)
+            return 0;
+    }
+}
+
 int cake_prefill_reserve(cake_seq *s, uint32_t layer)
 {
     Cake__LayerRef m = CAKE__LAYER_REF__INIT;

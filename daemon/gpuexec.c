@@ -246,7 +246,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         if (jobs[i].k > jobs[i].old || jobs[i].win_start != jobs[i].old)
             return -EINVAL;
         plan_select(&jobs[i], &pg, &kb, &tb, &gb);
-        dev += pg + kb + tb + gb, host += pg;
+        dev += pg + kb + tb + gb, host += pg + kb;
     }
     if (reserve(c, dev, host))
         return -ENOMEM;
@@ -273,12 +273,22 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             cudaMemcpyAsync(j->ind_dev, gat, sizeof(float) * hkv * j->k, cudaMemcpyDeviceToDevice,
                             st) != cudaSuccess)
             rc = -EIO;
-        d += pg + kb + tb + gb, h += pg;
+        if (!rc && j->k && /* the kept slots, for the sequence's positions */
+            cudaMemcpyAsync(c->hbuf + h + pg, keep, sizeof(uint32_t) * hkv * j->k,
+                            cudaMemcpyDeviceToHost, st) != cudaSuccess)
+            rc = -EIO;
+        d += pg + kb + tb + gb, h += pg + kb;
     }
     for (int s = 0; s < SUBSTREAMS; s++)
         if (cudaStreamSynchronize(c->sub[s]) != cudaSuccess && !rc)
             rc = -EIO;
     cudaGetLastError();
+    h = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        plan_select(&jobs[i], &pg, &kb, &tb, &gb);
+        memcpy(jobs[i].keep, c->hbuf + h + pg, sizeof(uint32_t) * jobs[i].l.kv_heads * jobs[i].k);
+        h += pg + kb;
+    }
     return rc;
 }
 
@@ -301,7 +311,7 @@ static struct evict_plan plan_evict(const struct gpu_evict *e)
         .tb = al(2 * (size_t)l->kv_heads * (e->k + r->w) * row),
         .xb = al(kern_cuda_topk_workspace(l->kv_heads, S)),
     };
-    p.dev = p.pg + p.rg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg + p.rg;
+    p.dev = p.pg + p.rg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg + p.rg + p.kb;
     return p;
 }
 
@@ -327,6 +337,10 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)
         rc = kern_cuda_compact(&kv, keep, e->k, S, w, tmp, st);
+    if (!rc && e->k && /* the kept slots, for the sequence's positions: after p->pg + p->rg */
+        cudaMemcpyAsync(hb + p->pg + p->rg, keep, sizeof(uint32_t) * l->kv_heads * e->k,
+                        cudaMemcpyDeviceToHost, st) != cudaSuccess)
+        rc = -EIO;
     return rc;
 }
 
@@ -355,5 +369,11 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         if (cudaStreamSynchronize(c->sub[j]) != cudaSuccess && !rc)
             rc = -EIO;
     cudaGetLastError();
+    h = 0;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        struct evict_plan p = plan_evict(&ev[i]);
+        memcpy(ev[i].keep, c->hbuf + h + p.pg + p.rg, sizeof(uint32_t) * ev[i].l.kv_heads * ev[i].k);
+        h += p.host;
+    }
     return rc;
 }

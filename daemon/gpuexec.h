@@ -52,11 +52,13 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
  * streams, one wait: each layer's indicator ind_dev ([kv_heads][old], device) picks the top
  * k per kv head (positional order, ties to the lower position), the K/V compact behind them
  * with the window [win_start = old, + win_len) after, and the indicator follows its tokens
- * ([kv_heads][k] at ind_dev). Returns 0 or the first error. */
+ * ([kv_heads][k] at ind_dev); the kept slots come back in keep. Returns 0 or the first
+ * error. */
 struct gpu_select {
     struct gpu_layer l;
     float *ind_dev;
     uint32_t old, k, win_start, win_len;
+    uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
 };
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
@@ -80,6 +82,7 @@ struct gpu_evict {
     struct gpu_ring ring;
     uint32_t first, n_q, k;
     float gamma;
+    uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
 };
 
 /* Runs n evictions (a decode step's layers) side by side on the context's streams and

@@ -505,6 +505,44 @@ static void h_seq_info(struct server *s, struct client *c, const ProtobufCMessag
     free(li), free(lp);
 }
 
+/* Original positions of a layer's slots, at most POSITIONS_PAGE per reply (a frame holds
+ * them: each at most 5 bytes). */
+#define POSITIONS_PAGE 65536u
+
+static void h_positions(struct server *s, struct client *c, const ProtobufCMessage *msg)
+{
+    const Cake__PositionsRequest *m = (const Cake__PositionsRequest *)msg;
+    struct seq *q = srv_seq_of(s, c, m->seq_id);
+    if (!q) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)m->seq_id);
+        return;
+    }
+    if (q->busy) {
+        srv_reply_error(s, c, CAKE_ESTATE, "sequence busy");
+        return;
+    }
+    if (m->layer >= q->L || m->kv_head >= q->Hkv || m->from > q->layer[m->layer].tokens) {
+        srv_reply_error(s, c, CAKE_EINVAL, "layer %u, kv head %u, slot %u: the sequence has %u "
+                        "layers of %u kv heads%s", m->layer, m->kv_head, m->from, q->L, q->Hkv,
+                        m->layer < q->L ? " and fewer slots" : "");
+        return;
+    }
+    uint32_t tokens = q->layer[m->layer].tokens, n = tokens - m->from;
+    n = n < POSITIONS_PAGE ? n : POSITIONS_PAGE;
+    n = n < m->max ? n : m->max;
+    uint32_t *pos = malloc(sizeof(uint32_t) * ((size_t)n + 1));
+    if (!pos) {
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return;
+    }
+    Cake__Positions r = CAKE__POSITIONS__INIT;
+    r.tokens = tokens;
+    r.n_position = seq_positions(q, m->layer, m->kv_head, m->from, n, pos);
+    r.position = pos;
+    srv_reply(s, c, MSG_POSITIONS, &r.base);
+    free(pos);
+}
+
 /* The metrics text from the requested offset, at most METRICS_PAGE bytes of it per reply. */
 #define METRICS_PAGE (512u << 10)
 
@@ -640,6 +678,7 @@ static const struct {
     [MSG_METRICS] = {&cake__list_page__descriptor, h_metrics, 0},
     [MSG_SET_QUOTA] = {&cake__set_quota__descriptor, h_set_quota, H_ADMIN},
     [MSG_PING] = {NULL, h_ping, H_ANON},
+    [MSG_POSITIONS] = {&cake__positions_request__descriptor, h_positions, 0},
     /* MSG_MAP: caked -> engine only, no handler */
 };
 

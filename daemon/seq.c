@@ -95,6 +95,65 @@ static int admit_kv(const struct seq_env *e, const struct seq *s, uint64_t pages
 }
 
 
+/* Bytes the positions of every layer may take (seq_positions_compact): a layer holds at
+ * most the prompt and its decoded tokens (per-head budgets can put most of a layer's total
+ * in one head, so no tighter bound holds for every policy). */
+static uint64_t seq_positions_bound(const struct seq *s)
+{
+    return 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1);
+}
+
+int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
+                          uint32_t k, uint32_t old, uint32_t win)
+{
+    if (!ly->pos) { /* first compaction: slot i held position i */
+        uint32_t cap = k + win + (s->max_new - s->decoded) + 1;
+        if (!(ly->pos = malloc(sizeof(uint32_t) * (size_t)s->Hkv * cap)))
+            return -ENOMEM;
+        ly->pos_cap = cap;
+        for (uint32_t g = 0; g < s->Hkv; g++) {
+            uint32_t *p = ly->pos + (size_t)g * cap;
+            for (uint32_t j = 0; j < k; j++)
+                p[j] = keep[(size_t)g * k + j];
+            for (uint32_t j = 0; j < win; j++)
+                p[k + j] = old + j;
+        }
+        return 0;
+    }
+    CAKE_CHECK(k + win <= ly->pos_cap && old + win <= ly->pos_cap);
+    uint32_t *tmp = malloc(sizeof(uint32_t) * ((size_t)k + 1)); /* keep may be in any order */
+    if (!tmp)
+        return -ENOMEM;
+    for (uint32_t g = 0; g < s->Hkv; g++) {
+        uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+        for (uint32_t j = 0; j < k; j++)
+            tmp[j] = p[keep[(size_t)g * k + j]];
+        memcpy(p, tmp, sizeof(uint32_t) * k);
+        memmove(p + k, p + old, sizeof(uint32_t) * win);
+    }
+    free(tmp);
+    return 0;
+}
+
+uint32_t seq_positions(const struct seq *s, uint32_t l, uint32_t g, uint32_t from, uint32_t n,
+                       uint32_t *out)
+{
+    if (l >= s->L || g >= s->Hkv || from >= s->layer[l].tokens)
+        return 0;
+    const struct seq_layer *ly = &s->layer[l];
+    if (n > ly->tokens - from)
+        n = ly->tokens - from;
+    const uint32_t *hk = l < s->next_observe ? cakeseq_head_kept(s->cs, l) : NULL;
+    uint32_t prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot = from + i;
+        out[i] = hk && slot >= hk[g] && slot < prefix ? SEQ_NO_POSITION
+                 : ly->pos                           ? ly->pos[(size_t)g * ly->pos_cap + slot]
+                                                     : slot;
+    }
+    return n;
+}
+
 /* Publishes layer l's state to the shared descriptor. */
 static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
 {
@@ -245,7 +304,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
                     (uint64_t)s->L * (sizeof(*s->layer) + sizeof(*s->pub) + 4ull * s->max_pages) +
                     4ull * (win_n + rp + 1) + 4ull * s->Hkv * S /* pending indicator */ +
                     (s->gpu ? 4ull * s->L * s->Hkv * S : 0) /* the GPU's indicators */ +
-                    (cfg.accumulate ? 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1) : 0);
+                    (cfg.accumulate ? 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1) : 0) +
+                    seq_positions_bound(s);
     if (tenant_admit_heap(e->tenants, t, s->heap_bytes,
                           e->heap_limit - (*e->heap_used < e->heap_limit ? *e->heap_used : e->heap_limit),
                           e->heap_limit)) {
@@ -349,6 +409,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
         free_layer_pages(e, s, l, 0);
         free(s->layer[l].pages);
         free(s->layer[l].acc);
+        free(s->layer[l].pos);
     }
     pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
     pool_free_list(e->pool, s->win_pages, s->win_n);
@@ -615,6 +676,9 @@ int seq_decode_reserve(const struct seq_env *e, struct seq *s)
             ly->pages[ly->n_pages++] = got[used++];
             account_kv(e, s, 1);
         }
+        if (ly->pos) /* room for every decode token: seq_positions_compact */
+            for (uint32_t g = 0; g < s->Hkv; g++)
+                ly->pos[(size_t)g * ly->pos_cap + ly->tokens] = s->n + s->decoded;
         ly->tokens++;
     }
     if (got != stack)

@@ -38,6 +38,9 @@ struct seq_layer {
     uint32_t ring_rows;  /* valid rows in the query ring */
     float *acc;          /* H2O: accumulated attention per [kv_head][slot], acc_cap slots */
     uint32_t acc_cap;
+    uint32_t *pos;       /* original position of each slot, [kv_head][pos_cap]; NULL until
+                            the layer is first compacted: slot i holds position i */
+    uint32_t pos_cap;
 };
 
 struct shard_group;
@@ -129,6 +132,14 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
              uint64_t id, uint64_t owner, struct seq **out, const char **why);
 /* Frees every page and the sequence. */
 void seq_free(const struct seq_env *e, struct seq *s);
+
+/* Original positions (prompt index, or prompt_len + t for the t-th decoded token) of the
+ * slots [from, from + n) of layer l's kv head g, into out; a hole (Ada-KV's per-head
+ * budgets) reads SEQ_NO_POSITION. The loop thread, while no job has the sequence. Returns
+ * the slots copied (fewer than n past the layer's tokens). */
+#define SEQ_NO_POSITION UINT32_MAX
+uint32_t seq_positions(const struct seq *s, uint32_t l, uint32_t g, uint32_t from, uint32_t n,
+                       uint32_t *out);
 
 /* Pages for prompt_len tokens of the next layer. */
 int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const char **why);

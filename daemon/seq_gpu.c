@@ -87,14 +87,22 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
 {
     struct gpu_select jobs[SEQ_MAX_LAYERS];
     uint32_t S = seq_scored_len(s);
-    for (uint32_t i = 0; i < n; i++) {
+    size_t keep_n = 0;
+    for (uint32_t i = 0; i < n; i++)
+        keep_n += (size_t)s->Hkv * ev[i].kept;
+    uint32_t *keep = malloc(sizeof(uint32_t) * (keep_n + 1)); /* the kept slots come back */
+    if (!keep)
+        return -ENOMEM;
+    for (uint32_t i = 0, at = 0; i < n; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
+            .keep = keep + at,
         };
+        at += s->Hkv * ev[i].kept;
     }
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_select_compact_many(gc, jobs, n);
@@ -105,7 +113,9 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
         r->evicted_tokens += ev[i].old_prefix - ev[i].kept;
         ly->tokens = ev[i].kept + win;
         r->ev_layers[r->n_ev++] = ev[i].layer;
+        rc = seq_positions_compact(s, ly, jobs[i].keep, ev[i].kept, ev[i].old_prefix, win);
     }
+    free(keep);
     return rc;
 }
 
@@ -122,24 +132,35 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
-    if (!ev)
+    size_t keep_n = 0;
+    for (uint32_t i = 0; i < nover; i++)
+        keep_n += (size_t)s->Hkv * (s->layer[over[i]].tokens - w);
+    uint32_t *keep = malloc(sizeof(uint32_t) * (keep_n + 1)); /* the kept slots come back */
+    if (!ev || !keep) {
+        free(ev), free(keep);
         return -ENOMEM;
-    for (uint32_t i = 0; i < nover; i++) {
+    }
+    for (uint32_t i = 0, at = 0; i < nover; i++) {
         uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
         ev[i] = (struct gpu_evict){
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
+            .keep = keep + at,
         };
+        at += s->Hkv * ev[i].k;
     }
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
     gpuexec_put(GEXEC(e, s), gc);
     for (uint32_t i = 0; i < nover && !rc; i++) {
-        evicted[i] = s->layer[over[i]].tokens - w - ev[i].k;
-        s->layer[over[i]].tokens = ev[i].k + w;
+        struct seq_layer *ly = &s->layer[over[i]];
+        uint32_t S = ly->tokens - w;
+        evicted[i] = S - ev[i].k;
+        ly->tokens = ev[i].k + w;
+        rc = seq_positions_compact(s, ly, ev[i].keep, ev[i].k, S, w);
     }
-    free(ev);
+    free(ev), free(keep);
     return rc;
 }
 

@@ -56,7 +56,7 @@ static int apply_evict(const struct seq_env *e, struct seq *s, const struct cake
     r->evicted_tokens += ev->old_prefix - ev->kept;
     ly->tokens = ev->kept + win;
     free(pages), free(scratch);
-    return 0;
+    return seq_positions_compact(s, ly, ev->slots, ev->kept, ev->old_prefix, win);
 }
 
 static int host_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
@@ -106,6 +106,7 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
                 kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
             *evicted = S - (uint32_t)kept;
             ly->tokens = (uint32_t)kept + w;
+            rc = seq_positions_compact(s, ly, slots, (uint32_t)kept, S, w);
         }
     }
     free(q), free(slots), free(ind), free(pages), free(scratch);
@@ -179,7 +180,7 @@ static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
         }
         *evicted = S - kept;
         ly->tokens = kept + w;
-        rc = 0;
+        rc = seq_positions_compact(s, ly, slots, kept, S, w);
     }
     free(slots), free(scratch);
 out:

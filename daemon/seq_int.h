@@ -24,6 +24,12 @@ float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s);
 struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
                               void **pages);
 
+/* Executors, after compacting layer l: per kv head g, the slots keep[g * k .. + k) of the
+ * first `old` (ascending) now lead, the `win` slots from `old` follow them; the layer's
+ * positions follow its tokens. 0 or -ENOMEM (charged at open: seq_open's heap bound). */
+int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
+                          uint32_t k, uint32_t old, uint32_t win);
+
 struct seq_exec {
     /* Prefill: the layer's indicator where its selection will run - scored from the window
      * queries (observe: the entropy and variance sums in r->ent, r->var) or the engine's

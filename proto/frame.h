@@ -37,7 +37,8 @@ enum frame_type {
     MSG_SET_QUOTA = 13,
     MSG_PING = 14,
     MSG_MAP = 15,     /* caked -> engine only: segments gained or lost, ahead of a reply */
-    MSG_TYPE_MAX = 15,
+    MSG_POSITIONS = 16,
+    MSG_TYPE_MAX = 16,
     MSG_ERROR = 0x7fff,
 };
 #define FRAME_REPLY 0x8000u

@@ -108,6 +108,20 @@ static void positions(cake_seq *s, int l, int g, int *pos, uint32_t n)
     }
 }
 
+/* caked's own account of the original positions (cake_kept_positions) equals what the
+ * bytes say, slot for slot. */
+static void check_told(cake_seq *s, int l, int g, const int *pos, uint32_t n, const char *what)
+{
+    static uint32_t told[N + MAXNEW];
+    uint32_t tokens = 0;
+    int rc = cake_kept_positions(s, l, g, told, N + MAXNEW, &tokens);
+    CHECK(rc == 0 && tokens == n, "%s layer %d head %d positions: %s, %u tokens (want %u)", what,
+          l, g, cake_strerror(rc), tokens, n);
+    for (uint32_t i = 0; i < n && !fails; i++)
+        CHECK(pos[i] >= 0 && told[i] == (uint32_t)pos[i], "%s layer %d head %d slot %u: caked "
+              "says position %u, the bytes %d", what, l, g, i, told[i], pos[i]);
+}
+
 static void open_pair(cake_ctx *c, uint32_t max_new, cake_seq **gs, cake_seq **hs)
 {
     struct cake_policy pol;
@@ -294,6 +308,8 @@ static void test_observe_decode(cake_ctx *c)
         for (int g = 0; g < HKV; g++) {
             positions(gs, l, g, pg, ng);
             positions(hs, l, g, ph, nh);
+            check_told(gs, l, g, pg, ng, "GPU observe");
+            check_told(hs, l, g, ph, nh, "host observe");
             check_rows(pg, ng, N - 1, W, "GPU", l);
             double o = overlap(pg, ng - W, ph, nh - W);
             worst = o < worst ? o : worst;
@@ -330,6 +346,8 @@ static void test_observe_decode(cake_ctx *c)
         for (int g = 0; g < HKV; g++) {
             positions(gs, l, g, pg, ng);
             positions(hs, l, g, ph, nh);
+            check_told(gs, l, g, pg, ng, "GPU decode");
+            check_told(hs, l, g, ph, nh, "host decode");
             check_rows(pg, ng, T - 1, W + 1, "GPU decode", l);
             double o = overlap(pg, ng, ph, nh);
             worst = o < worst ? o : worst;

@@ -1178,21 +1178,22 @@ Test(safety, caked_s_own_memory_for_sequences_is_bounded, .timeout = 60)
     cake_policy_default(&pol);
     pol.cache_size = 256;
     cake_seq *s1, *s2, *s3;
-    /* 32 layers x 8 kv heads x 4064 scored tokens of indicators and positions: ~12.5 MB */
+    /* 32 layers x 8 kv heads x 4064 scored tokens of indicators and positions, and the
+     * positions of every slot caked follows (cake_kept_positions): ~16.7 MB */
     int rc = cake_seq_open(a, &lay, &pol, 4096, 8, &s1);
     cr_assert_eq(rc, CAKE_EOOM, "%s", cake_strerror(rc));
     cr_assert(strstr(cake_errstr(a), "heap-limit"), "%s", cake_errstr(a));
     cr_assert_eq(metric(h.sock, "caked_heap_bytes{state=\"used\"}"), 0);
     /* ~3 MB each: one fits the tenant's share, and with a second tenant attached (half of
      * 8 MiB each) a second one does not, while the other tenant can still open its own */
-    cr_assert_eq(cake_seq_open(a, &lay, &pol, 1024, 8, &s1), 0, "%s", cake_errstr(a));
+    cr_assert_eq(cake_seq_open(a, &lay, &pol, 768, 8, &s1), 0, "%s", cake_errstr(a));
     uint64_t one = metric(h.sock, "caked_heap_bytes{state=\"used\"}");
     cr_assert_gt(one, 2u << 20);
     cr_assert_lt(one, 4u << 20);
     cake_ctx *b = engine(h.sock, "heap-b");
-    rc = cake_seq_open(a, &lay, &pol, 1024, 8, &s2);
+    rc = cake_seq_open(a, &lay, &pol, 768, 8, &s2);
     cr_assert_eq(rc, CAKE_EOOM, "a second sequence over the tenant's share: %s", cake_strerror(rc));
-    cr_assert_eq(cake_seq_open(b, &lay, &pol, 1024, 8, &s3), 0, "%s", cake_errstr(b));
+    cr_assert_eq(cake_seq_open(b, &lay, &pol, 768, 8, &s3), 0, "%s", cake_errstr(b));
     cr_assert_eq(metric(h.sock, "caked_heap_bytes{state=\"used\"}"), 2 * one);
     cr_assert_eq(cake_seq_close(s1), 0);
     cr_assert_eq(cake_seq_close(s3), 0);

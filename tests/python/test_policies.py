@@ -97,14 +97,26 @@ class Policies(unittest.TestCase):
             data.append((k, v, q))
         return s, data
 
-    @staticmethod
-    def positions(s, l, k_orig):
-        """Original positions of the held slots, per kv head (-1 for holes)."""
+    def positions(self, s, l, k_orig, written=None):
+        """Original positions of the held slots, per kv head (-1 for holes), found by
+        matching each slot's key with the keys written; caked's own account
+        (Sequence.kept_positions) must agree on every slot of the first `written` (default
+        all: a decode step's reserved slot holds no key yet) and mark the holes."""
         k, _ = s.read_layer(l)
+        holes = s.holes(l)
         out = []
         for g in range(HKV):
             rows = {k_orig[g, j].tobytes(): j for j in range(k_orig.shape[1])}
-            out.append([rows.get(k[g, t].tobytes(), -1) for t in range(k.shape[1])])
+            found = [rows.get(k[g, t].tobytes(), -1) for t in range(k.shape[1])]
+            told = s.kept_positions(l, g)
+            self.assertEqual(len(told), k.shape[1], "caked's positions cover the layer")
+            first, count = holes[g]
+            for t in range(written if written is not None else len(found)):
+                if first <= t < first + count:
+                    self.assertEqual(told[t], caked.NO_POSITION, f"layer {l} head {g} hole {t}")
+                else:
+                    self.assertEqual(told[t], found[t], f"layer {l} head {g} slot {t}")
+            out.append(found)
         return out
 
     def check_prefill(self, s, data, how, pooling, ksz, budgets, shared=False, streaming=False):
@@ -217,7 +229,7 @@ class Policies(unittest.TestCase):
                         s.decode_step()
                         for l in range(L):
                             t = s.tokens(l)
-                            got = self.positions(s, l, keys[l])
+                            got = self.positions(s, l, keys[l], t - 1)
                             for g in range(HKV):
                                 P = held[l][g]
                                 want = self.expect(pol, P, keys[l], newest_q[l], g,

@@ -229,7 +229,7 @@ CAKE_API int cake_seq_open_shard(cake_ctx *ctx, const struct cake_layout *layout
                                  uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                                  uint32_t shard, cake_seq **out);
 /* Frees the sequence in the daemon and the handle (whatever caked answers: the handle is
- * gone after this call). Returns 0, CAKE_ENOSEQ (caked had already ended it: its shard
+ * gone after this call, and using it again is undefined - unchecked, like free()). Returns 0, CAKE_ENOSEQ (caked had already ended it: its shard
  * group ended, or caked restarted), CAKE_ENOTCONN, -ETIMEDOUT or -errno. */
 CAKE_API int cake_seq_close(cake_seq *seq);
 CAKE_API uint64_t cake_seq_id(const cake_seq *seq);
@@ -311,6 +311,17 @@ CAKE_API uint32_t cake_layer_budget(const cake_seq *seq, uint32_t layer);
  * when the head has none, as under every other policy; *first is then untouched). */
 CAKE_API uint32_t cake_head_holes(const cake_seq *seq, uint32_t layer, uint32_t kv_head,
                                   uint32_t *first);
+/* Which original positions a layer kept: pos[i] is the position of the token in slot i of
+ * kv head `kv_head` (the prompt's tokens are 0 .. prompt_len - 1, the t-th decoded token
+ * prompt_len + t; CAKE_NO_POSITION marks a hole, see cake_head_holes), for the first
+ * min(cap, tokens) slots; *n_tokens (may be NULL) receives the layer's token count, which
+ * may exceed cap (call again with room for it). caked follows every compaction, on host
+ * and GPU sequences alike; this asks it (a round trip, more for over 65,536 slots). Returns
+ * 0, CAKE_ENOSEQ, CAKE_EINVAL (layer or head out of range, pos NULL with cap > 0),
+ * CAKE_ESTATE (the sequence is busy in another call). */
+#define CAKE_NO_POSITION 0xffffffffu
+CAKE_API int cake_kept_positions(cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t *pos,
+                                 size_t cap, uint32_t *n_tokens);
 /* Pool offsets of the layer's pages (count via *n_pages); for engines with their own
  * paged attention kernels. Owned by the pool mapping; valid as cake_key(). */
 CAKE_API const uint64_t *cake_layer_pages(const cake_seq *seq, uint32_t layer, uint32_t *n_pages);

@@ -76,6 +76,7 @@ class _Policy(ctypes.Structure):
 
 
 # names of cake.h's policy enums (0 is always "the kind's own")
+NO_POSITION = 0xFFFFFFFF  # Sequence.kept_positions: a hole (CAKE_NO_POSITION)
 POLICIES = ("cake", "full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "adakv")
 _ALLOCS = {None: 0, "preference": 1, "uniform": 2, "pyramid": 3, "none": 4}
 _INDICATORS = {None: 0, "mean+var": 1, "mean": 2, "var": 3, "last": 4, "position": 5}
@@ -132,6 +133,7 @@ def _load():
         "cake_layer_budget": (U32, [P, U32]),
         "cake_head_holes": (U32, [P, U32, U32, ctypes.POINTER(U32)]),
         "cake_layer_pages": (ctypes.POINTER(U64), [P, U32, ctypes.POINTER(U32)]),
+        "cake_kept_positions": (I, [P, U32, U32, ctypes.POINTER(U32), SZ, ctypes.POINTER(U32)]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -325,6 +327,20 @@ class Sequence:
             cnt = _L().cake_head_holes(self._handle, layer, g, ctypes.byref(first))
             out.append((first.value if cnt else 0, cnt))
         return out
+
+    def kept_positions(self, layer, kv_head):
+        """Original positions of the tokens in the layer's slots for kv head `kv_head`, in
+        slot order (numpy uint32: prompt tokens 0 .. prompt_len - 1, the t-th decoded token
+        prompt_len + t, NO_POSITION for a hole). Asks caked (a round trip)."""
+        ctx, n = self._ctx(), ctypes.c_uint32()
+        out = np.empty(max(self.tokens(layer), 1), np.uint32)
+        while True:
+            ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+            _check(ctx, _L().cake_kept_positions(self._handle, layer, kv_head, ptr, out.size,
+                                                 ctypes.byref(n)))
+            if n.value <= out.size:
+                return out[:n.value].copy()
+            out = np.empty(n.value, np.uint32)
 
     def pages(self, layer):
         """Zero-copy (K, V) views of each page: [kv_heads][tokens_per_page][head_dim]."""
