@@ -4,7 +4,7 @@
 set -e
 pkgs="build-essential cmake pkg-config liburing-dev libprotobuf-c-dev protobuf-c-compiler libsystemd-dev libjansson-dev libmicrohttpd-dev
       libjemalloc-dev libcriterion-dev python3 python3-numpy python3-venv python3-pip
-      python3-setuptools python3-wheel curl"
+      python3-setuptools python3-wheel curl dpkg-dev"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
