@@ -15,7 +15,7 @@ Views returned by queries(), decode_query(), indicator() and pages() are numpy a
 the daemon's shared pool (no copy); bf16 data shows as uint16 in numpy and as
 torch.bfloat16 through torch_view(). They stay valid until the next call on that sequence that
 may compact (observe, submit, decode_step). libcake is found through $CAKE_LIB, else the
-system's library path. Errors raise CakeError subclasses carrying libcake's code.
+copy the wheel carries (caked/_lib), else the system's library path. Errors raise CakeError subclasses carrying libcake's code.
 """
 import ctypes
 import ctypes.util
@@ -92,9 +92,12 @@ def _enum(table, value, what):
 
 
 def _load():
-    path = os.environ.get("CAKE_LIB") or ctypes.util.find_library("cake")
+    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib", "libcake.so.0")
+    path = (os.environ.get("CAKE_LIB") or (packaged if os.path.exists(packaged) else None)
+            or ctypes.util.find_library("cake"))
     if not path:
-        raise OSError("libcake not found: install it or set CAKE_LIB to libcake.so")
+        raise OSError("libcake not found: install the wheel, install libcake, or set CAKE_LIB "
+                      "to libcake.so")
     lib = ctypes.CDLL(path)
     P, U32, I, U64, SZ = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t
     sig = {
