@@ -942,13 +942,22 @@ int cake_kept_positions(cake_seq *s, uint32_t layer, uint32_t kv_head, uint32_t 
     }
 }
 
+int cake_seq_page_layout(const cake_seq *s, uint64_t *page_bytes, uint64_t *v_offset)
+{
+    if (page_bytes)
+        *page_bytes = s->hdr.page_bytes;
+    if (v_offset)
+        *v_offset = s->v_offset;
+    return 0;
+}
+
 int cake_prefill_reserve(cake_seq *s, uint32_t layer)
 {
     Cake__LayerRef m = CAKE__LAYER_REF__INIT;
     m.seq_id = s->id, m.layer = layer;
     int rc = rpc_empty(s->ctx, MSG_PREFILL_RESERVE, &m.base);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return rc;
+    return rc ? rc : cake_gpu_tables_refresh(&s, 1);
 }
 
 static int prefill(cake_seq *s, uint16_t type, const ProtobufCMessage *msg, double *pref)
@@ -959,7 +968,7 @@ static int prefill(cake_seq *s, uint16_t type, const ProtobufCMessage *msg, doub
         *pref = r->preference;
     cake__prefill_reply__free_unpacked(r, &al_);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return 0;
+    return cake_gpu_tables_refresh(&s, 1);
 }
 
 int cake_prefill_observe(cake_seq *s, uint32_t layer, double *preference)
@@ -999,7 +1008,7 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
     if (!rc)
         c_free(c, b);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return rc;
+    return rc ? rc : cake_gpu_tables_refresh(seqs, n);
 }
 
 int cake_gpu_pool_mapped(const cake_ctx *c, uint32_t i, uint64_t off, size_t len)

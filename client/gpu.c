@@ -1,5 +1,6 @@
-/* gpu.c - libcake's GPU path: queries into the paged rings and decode attention straight
- * from the GPU pool (cake.h). Built with CUDA; gpu_stub.c stands in without. */
+/* gpu.c - libcake's GPU path: queries into the paged rings, the device page tables, decode
+ * attention straight from the GPU pool - all layers of one sequence, or one layer of a batch
+ * (cake.h). Built with CUDA; gpu_stub.c stands in without. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,11 @@ struct seq_gpu {
     float *ws;
     size_t ws_bytes;
     cudaEvent_t copied;
+    /* the device page tables (cake_device_tables): int32 tokens[L], then pages[L][max_pages]
+     * page indices; tab_host is their pinned shadow (what the device holds), refreshed on
+     * tab_stream after every call that may change them */
+    int32_t *tab_dev, *tab_host;
+    cudaStream_t tab_stream;
 };
 
 static size_t al(size_t x) { return (x + 255) & ~(size_t)255; }
@@ -35,20 +41,29 @@ void cake_gpu_seq_release(cake_seq *s)
     cudaFree(g->dev); /* waits for the device: no kernel of ours reads them after this */
     cudaFree(g->ws);
     cudaFreeHost(g->host);
+    cudaFree(g->tab_dev);
+    cudaFreeHost(g->tab_host);
+    if (g->tab_stream)
+        cudaStreamDestroy(g->tab_stream);
     free(g);
     s->gpu = NULL;
 }
 
+static struct seq_gpu *seq_gpu_of(cake_seq *s)
+{
+    if (!s->gpu && (s->gpu = calloc(1, sizeof(*s->gpu))) &&
+        cudaEventCreateWithFlags(&s->gpu->copied, cudaEventDisableTiming) != cudaSuccess) {
+        free(s->gpu);
+        s->gpu = NULL;
+    }
+    return s->gpu;
+}
+
 static int grow(cake_seq *s, size_t bytes, size_t ws_bytes)
 {
-    struct seq_gpu *g = s->gpu;
-    if (!g) {
-        if (!(g = calloc(1, sizeof(*g))))
-            return -ENOMEM;
-        s->gpu = g;
-        if (cudaEventCreateWithFlags(&g->copied, cudaEventDisableTiming) != cudaSuccess)
-            return -EIO;
-    }
+    struct seq_gpu *g = seq_gpu_of(s);
+    if (!g)
+        return -ENOMEM;
     if (bytes > g->bytes) {
         cudaEventSynchronize(g->copied);
         cudaFree(g->dev), cudaFreeHost(g->host);
@@ -161,4 +176,229 @@ int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_s
             }
     }
     return e == cudaSuccess ? 0 : cake_set_err(c, -EIO, "queries: %s", cudaGetErrorString(e));
+}
+
+/* ---- device page tables ---------------------------------------------------- */
+
+/* The CUDA device of the sequence's GPU pool made current; the previous one in *prev. */
+static int on_device(const cake_seq *s, int *prev)
+{
+    cudaGetDevice(prev);
+    return cudaSetDevice(s->ctx->gpus[s->gpu_index].gpu.device) == cudaSuccess ? 0 : -EIO;
+}
+
+/* Layer l's count and page indices from the descriptor into the shadow (tokens at t, the
+ * page row at row); the pages that differ from what the device holds are [*lo, *hi).
+ * CAKE_EPROTO where the descriptor disagrees with the pool (the count then -1: the
+ * kernels give that layer NaN rather than read outside the pool). */
+static int shadow_layer(const cake_seq *s, uint32_t l, int32_t *t, int32_t *row, uint32_t *lo,
+                        uint32_t *hi)
+{
+    uint32_t pages = seq_npages(s, l), tokens = seq_layer(s, l)->tokens;
+    const volatile uint64_t *src = seq_pages(s, l);
+    uint64_t pb = s->hdr.page_bytes;
+    int rc = (uint64_t)tokens > (uint64_t)pages * s->tpp ? CAKE_EPROTO : 0;
+    *lo = pages, *hi = 0;
+    for (uint32_t i = 0; i < pages; i++) {
+        uint64_t off = src[i];
+        int32_t idx = off % pb || off >= s->kv_bytes || s->kv_bytes - off < pb ||
+                              off / pb > INT32_MAX ? -1 : (int32_t)(off / pb);
+        rc = idx < 0 ? CAKE_EPROTO : rc;
+        if (row[i] != idx) {
+            row[i] = idx;
+            *lo = i < *lo ? i : *lo, *hi = i + 1;
+        }
+    }
+    *t = rc ? -1 : (int32_t)tokens;
+    return rc;
+}
+
+/* Copies what changed of s's tables to the device on its table stream (not waited for). */
+static int tables_push(cake_seq *s, int full)
+{
+    struct seq_gpu *g = s->gpu;
+    uint32_t L = s->hdr.layers, mp = s->hdr.max_pages;
+    int rc = 0;
+    cudaError_t e = cudaSuccess;
+    for (uint32_t l = 0; l < L; l++) {
+        uint32_t lo, hi;
+        int32_t *row = g->tab_host + L + (size_t)l * mp;
+        int r = shadow_layer(s, l, &g->tab_host[l], row, &lo, &hi);
+        rc = rc ? rc : r;
+        if (full)
+            lo = 0, hi = mp;
+        if (lo < hi && e == cudaSuccess)
+            e = cudaMemcpyAsync(g->tab_dev + L + (size_t)l * mp + lo, row + lo,
+                                sizeof(int32_t) * (hi - lo), cudaMemcpyHostToDevice, g->tab_stream);
+    }
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(g->tab_dev, g->tab_host, sizeof(int32_t) * L, cudaMemcpyHostToDevice,
+                            g->tab_stream);
+    if (e != cudaSuccess)
+        return cake_set_err(s->ctx, -EIO, "device page tables: %s", cudaGetErrorString(e));
+    return rc ? cake_set_err(s->ctx, rc, "a layer's page table disagrees with the GPU pool") : 0;
+}
+
+int cake_gpu_tables_refresh(cake_seq *const *seqs, size_t n)
+{
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) /* every copy queued, then every stream waited for */
+        if (seqs[i]->gpu && seqs[i]->gpu->tab_dev) {
+            int r = tables_push(seqs[i], 0);
+            rc = rc ? rc : r;
+        }
+    for (size_t i = 0; i < n; i++)
+        if (seqs[i]->gpu && seqs[i]->gpu->tab_dev &&
+            cudaStreamSynchronize(seqs[i]->gpu->tab_stream) != cudaSuccess && !rc)
+            rc = cake_set_err(seqs[i]->ctx, -EIO, "device page tables: %s",
+                              cudaGetErrorString(cudaGetLastError()));
+    return rc;
+}
+
+int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **pages,
+                       uint32_t *max_pages)
+{
+    cake_ctx *c = s->ctx;
+    if (s->hdr.placement != SHM_PLACE_GPU)
+        return cake_set_err(c, CAKE_EINVAL, "device page tables are for GPU sequences");
+    struct seq_gpu *g = seq_gpu_of(s);
+    if (!g)
+        return cake_set_err(c, -ENOMEM, "out of memory");
+    if (!g->tab_dev) {
+        size_t n = (size_t)s->hdr.layers * (1 + (size_t)s->hdr.max_pages);
+        int prev, rc = on_device(s, &prev);
+        if (!rc && (cudaStreamCreateWithFlags(&g->tab_stream, cudaStreamNonBlocking) != cudaSuccess ||
+                    cudaMalloc((void **)&g->tab_dev, sizeof(int32_t) * n) != cudaSuccess ||
+                    cudaMallocHost((void **)&g->tab_host, sizeof(int32_t) * n) != cudaSuccess))
+            rc = -ENOMEM;
+        cudaSetDevice(prev);
+        if (rc) {
+            cudaFree(g->tab_dev), cudaFreeHost(g->tab_host);
+            g->tab_dev = g->tab_host = NULL;
+            return cake_set_err(c, rc, "device page tables: no device memory for them");
+        }
+        memset(g->tab_host, 0xff, sizeof(int32_t) * n); /* pages past a layer's end: -1 */
+        if ((rc = tables_push(s, 1)) || (rc = cake_gpu_tables_refresh(&s, 1)))
+            return rc;
+    }
+    if (tokens)
+        *tokens = g->tab_dev;
+    if (pages)
+        *pages = g->tab_dev + s->hdr.layers;
+    if (max_pages)
+        *max_pages = s->hdr.max_pages;
+    return 0;
+}
+
+/* ---- one layer of a batch ---------------------------------------------------- */
+
+struct cake_batch {
+    cake_ctx *ctx;
+    cake_seq **seqs;
+    uint32_t n, layers, capacity; /* capacity: the most tokens a sequence's pages hold */
+    int device;
+    struct kern_cuda_paged pk;
+    const int32_t **ptrs;         /* device [layers][2][n]: page rows, then counts */
+    float *ws;
+    size_t ws_bytes;
+};
+
+int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch **out)
+{
+    *out = NULL;
+    if (!n || n > UINT32_MAX / 2)
+        return cake_set_err(c, CAKE_EINVAL, "a batch holds 1 or more sequences");
+    const cake_seq *s0 = seqs[0];
+    const struct shm_desc *d0 = &s0->hdr;
+    uint32_t cap_pages = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct shm_desc *d = &seqs[i]->hdr;
+        if (seqs[i]->ctx != c || d->placement != SHM_PLACE_GPU ||
+            seqs[i]->gpu_index != s0->gpu_index)
+            return cake_set_err(c, CAKE_EINVAL, "a batch is of this context's GPU sequences "
+                                                "on one GPU (sequence %zu is not)", i);
+        if (d->layers != d0->layers || d->q_heads != d0->q_heads || d->kv_heads != d0->kv_heads ||
+            d->head_dim != d0->head_dim || d->dtype != d0->dtype ||
+            d->tokens_per_page != d0->tokens_per_page || d->page_bytes != d0->page_bytes ||
+            seqs[i]->v_offset != s0->v_offset)
+            return cake_set_err(c, CAKE_EINVAL, "sequence %zu's layout differs from the first's", i);
+        cap_pages = d->max_pages > cap_pages ? d->max_pages : cap_pages;
+    }
+    cake_batch *b = calloc(1, sizeof(*b));
+    if (!b || !(b->seqs = malloc(sizeof(*b->seqs) * n))) {
+        free(b);
+        return cake_set_err(c, -ENOMEM, "out of memory");
+    }
+    memcpy(b->seqs, seqs, sizeof(*seqs) * n);
+    b->ctx = c, b->n = (uint32_t)n, b->layers = d0->layers;
+    b->capacity = cap_pages * s0->tpp;
+    b->device = c->gpus[s0->gpu_index].gpu.device;
+    b->pk = (struct kern_cuda_paged){
+        .dtype = (int)d0->dtype, .q_heads = d0->q_heads, .kv_heads = d0->kv_heads,
+        .head_dim = d0->head_dim, .tokens_per_page = s0->tpp, .max_pages = cap_pages,
+        .base = s0->kv_base, .page_bytes = d0->page_bytes,
+        .pool_pages = s0->kv_bytes / d0->page_bytes, .v_offset_bytes = s0->v_offset,
+    };
+    size_t np = (size_t)b->layers * 2 * n;
+    const int32_t **host = malloc(sizeof(*host) * np);
+    int rc = host ? 0 : -ENOMEM;
+    for (size_t i = 0; i < n && !rc; i++) {
+        const int32_t *tok, *pg;
+        uint32_t mp;
+        if ((rc = cake_device_tables(seqs[i], &tok, &pg, &mp)))
+            break;
+        for (uint32_t l = 0; l < b->layers; l++) {
+            host[((size_t)l * 2) * n + i] = pg + (size_t)l * mp;
+            host[((size_t)l * 2 + 1) * n + i] = tok + l;
+        }
+    }
+    int prev;
+    cudaGetDevice(&prev);
+    b->ws_bytes = kern_cuda_paged_decode_workspace(b->n, d0->q_heads, d0->head_dim, b->capacity);
+    if (!rc && (cudaSetDevice(b->device) != cudaSuccess ||
+                cudaMalloc((void **)&b->ptrs, sizeof(*host) * np) != cudaSuccess ||
+                cudaMemcpy(b->ptrs, host, sizeof(*host) * np, cudaMemcpyHostToDevice) != cudaSuccess ||
+                cudaMalloc((void **)&b->ws, b->ws_bytes) != cudaSuccess))
+        rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace");
+    cudaSetDevice(prev);
+    free(host);
+    if (rc) {
+        cake_batch_destroy(b);
+        return rc;
+    }
+    *out = b;
+    return 0;
+}
+
+void cake_batch_destroy(cake_batch *b)
+{
+    if (!b)
+        return;
+    cudaFree(b->ptrs); /* waits for the device */
+    cudaFree(b->ws);
+    free(b->seqs);
+    free(b);
+}
+
+int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out,
+                         uint32_t max_tokens, void *stream)
+{
+    cake_ctx *c = b->ctx;
+    if (layer >= b->layers)
+        return cake_set_err(c, CAKE_EINVAL, "layer %u of %u", layer, b->layers);
+    if (!max_tokens) /* the counts now (the next call's may differ: not for a graph) */
+        for (uint32_t i = 0; i < b->n; i++) {
+            uint32_t t = cake_layer_tokens(b->seqs[i], layer);
+            max_tokens = t > max_tokens ? t : max_tokens;
+        }
+    if (max_tokens > b->capacity)
+        return cake_set_err(c, CAKE_EINVAL, "max_tokens %u exceeds what the sequences' pages "
+                                            "hold (%u)", max_tokens, b->capacity);
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 2 * b->n;
+    int rc = kern_cuda_paged_decode(&b->pk, pg, pg + b->n, b->n, max_tokens ? max_tokens : 1, q,
+                                    out, b->ws, b->ws_bytes, stream);
+    if (rc == -EINVAL)
+        return cake_set_err(c, CAKE_EINVAL, "batched decode attention supports head_dim 32, 64, "
+                                            "128 or 256 and at most 8 query heads per kv head");
+    return rc ? cake_set_err(c, rc, "batched decode attention: CUDA launch failed") : 0;
 }

@@ -18,3 +18,32 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
     (void)q, (void)out, (void)stream;
     return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
 }
+
+int cake_gpu_tables_refresh(cake_seq *const *seqs, size_t n)
+{
+    (void)seqs, (void)n;
+    return 0; /* no sequence has device tables */
+}
+
+int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **pages,
+                       uint32_t *max_pages)
+{
+    (void)tokens, (void)pages, (void)max_pages;
+    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
+}
+
+int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch **out)
+{
+    (void)seqs, (void)n;
+    *out = NULL;
+    return cake_set_err(c, -ENOTSUP, "this libcake was built without CUDA");
+}
+
+int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out,
+                         uint32_t max_tokens, void *stream)
+{
+    (void)b, (void)layer, (void)q, (void)out, (void)max_tokens, (void)stream;
+    return -ENOTSUP; /* never reached: no batch is ever made */
+}
+
+void cake_batch_destroy(cake_batch *b) { (void)b; }

@@ -107,6 +107,9 @@ int cake_set_err(cake_ctx *c, int code, const char *fmt, ...) __attribute__((for
 
 /* gpu.c: frees a sequence's GPU buffers (waits for its work in flight). */
 void cake_gpu_seq_release(cake_seq *s);
+/* gpu.c: brings the device page tables (cake_device_tables) of those of seqs[n] that have
+ * them up to date with their descriptors, and waits for the copies. 0 or an error. */
+int cake_gpu_tables_refresh(cake_seq *const *seqs, size_t n);
 
 /* Layer l's ring table (GPU sequences): ring.pages offsets in the GPU pool. */
 static inline const volatile uint64_t *seq_ring_pages(const cake_seq *s, uint32_t l)

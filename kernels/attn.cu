@@ -35,36 +35,37 @@ struct aparams {
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 
-template <typename T, int E>
-__global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
+// One block's share of split-K decode attention: the tokens [t0, t1) of kv head g, its
+// group's G query heads (qb: their rows, d apart), K of token t at row_at(t) and V voff
+// bytes after it; writes each head's partial (acc[d], max, sum) to part_at(h).
+template <typename T, int E, typename RowAt, typename PartAt>
+__device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, const T *qb, uint32_t G,
+                                              uint32_t d, float scale, size_t voff,
+                                              RowAt row_at, PartAt part_at)
 {
-    uint32_t split = blockIdx.x, g = blockIdx.y, l = blockIdx.z;
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    uint32_t n = p.ntok[l], t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
     __shared__ float sm_m[AW][MAXG], sm_l[AW][MAXG], sm_acc[AW][MAXG][MAXE * 32];
     float q[MAXG][E], m[MAXG], s[MAXG], acc[MAXG][E];
-    const T *qb = (const T *)p.q + ((size_t)l * p.H + g * p.G) * p.d;
 #pragma unroll
     for (int h = 0; h < MAXG; h++) {
         m[h] = -INFINITY, s[h] = 0.0f;
 #pragma unroll
         for (int e = 0; e < E; e++) {
             acc[h][e] = 0.0f;
-            q[h][e] = h < (int)p.G ? to_f(qb[(size_t)h * p.d + lane * E + e]) * p.scale : 0.0f;
+            q[h][e] = h < (int)G ? to_f(qb[(size_t)h * d + lane * E + e]) * scale : 0.0f;
         }
     }
-    const uint64_t *po = p.page_offs[l];
     uint32_t per = (SPLIT + AW - 1) / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
     for (uint32_t t = w0; t < w1; t++) {
-        const T *k = (const T *)(p.base + po[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.row);
-        const T *v = (const T *)((const uint8_t *)k + p.voff);
+        const T *k = (const T *)row_at(t);
+        const T *v = (const T *)((const uint8_t *)k + voff);
         float kf[E], vf[E];
 #pragma unroll
         for (int e = 0; e < E; e++)
             kf[e] = to_f(k[lane * E + e]), vf[e] = to_f(v[lane * E + e]);
 #pragma unroll
         for (int h = 0; h < MAXG; h++) {
-            if (h >= (int)p.G)
+            if (h >= (int)G)
                 break;
             float dot = 0.0f;
 #pragma unroll
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
     }
 #pragma unroll
     for (int h = 0; h < MAXG; h++) { /* constant indices: the arrays stay in registers */
-        if (h >= (int)p.G)
+        if (h >= (int)G)
             break;
         if (lane == 0)
             sm_m[warp][h] = m[h], sm_l[warp][h] = s[h];
@@ -93,8 +94,8 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
     }
     __syncthreads();
     // merge the warps: thread x handles (head, dim) pairs
-    for (uint32_t x = threadIdx.x; x < p.G * p.d; x += blockDim.x) {
-        uint32_t h = x / p.d, e = x % p.d;
+    for (uint32_t x = threadIdx.x; x < G * d; x += blockDim.x) {
+        uint32_t h = x / d, e = x % d;
         float M = -INFINITY;
         for (int w = 0; w < AW; w++)
             M = fmaxf(M, sm_m[w][h]);
@@ -103,11 +104,42 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
             float c = sm_m[w][h] == -INFINITY ? 0.0f : __expf(sm_m[w][h] - M);
             S += sm_l[w][h] * c, A += sm_acc[w][h][e] * c;
         }
-        float *dst = p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
+        float *dst = part_at(h);
         dst[e] = A;
         if (e == 0)
-            dst[p.d] = M, dst[p.d + 1] = S;
+            dst[d] = M, dst[d + 1] = S;
     }
+}
+
+// The splits' partials of one (row, head) merged: element e of the output.
+__device__ __forceinline__ float merge_splits(const float *part, uint32_t used, uint32_t d,
+                                              uint32_t e)
+{
+    float M = -INFINITY;
+    for (uint32_t s = 0; s < used; s++)
+        M = fmaxf(M, part[(size_t)s * (d + 2) + d]);
+    float S = 0.0f, A = 0.0f;
+    for (uint32_t s = 0; s < used; s++) {
+        const float *ps = part + (size_t)s * (d + 2);
+        float c = ps[d] == -INFINITY ? 0.0f : __expf(ps[d] - M);
+        S += ps[d + 1] * c, A += ps[e] * c;
+    }
+    return S > 0.0f ? A / S : 0.0f;
+}
+
+template <typename T, int E>
+__global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
+{
+    uint32_t split = blockIdx.x, g = blockIdx.y, l = blockIdx.z;
+    uint32_t n = p.ntok[l], t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
+    const T *qb = (const T *)p.q + ((size_t)l * p.H + g * p.G) * p.d;
+    const uint64_t *po = p.page_offs[l];
+    split_partial<T, E>(
+        t0, t1, qb, p.G, p.d, p.scale, p.voff,
+        [&](uint32_t t) { return p.base + po[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.row; },
+        [&](uint32_t h) {
+            return p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
+        });
 }
 
 __global__ void attn_merge(aparams p)
@@ -115,18 +147,123 @@ __global__ void attn_merge(aparams p)
     uint32_t lh = blockIdx.x, l = lh / p.H; // one block per (layer, head)
     uint32_t n = p.ntok[l], used = (n + SPLIT - 1) / SPLIT;
     const float *part = p.part + (size_t)lh * p.splits * (p.d + 2);
-    for (uint32_t e = threadIdx.x; e < p.d; e += blockDim.x) {
-        float M = -INFINITY;
-        for (uint32_t s = 0; s < used; s++)
-            M = fmaxf(M, part[(size_t)s * (p.d + 2) + p.d]);
-        float S = 0.0f, A = 0.0f;
-        for (uint32_t s = 0; s < used; s++) {
-            const float *ps = part + (size_t)s * (p.d + 2);
-            float c = ps[p.d] == -INFINITY ? 0.0f : __expf(ps[p.d] - M);
-            S += ps[p.d + 1] * c, A += ps[e] * c;
-        }
-        p.out[(size_t)lh * p.d + e] = S > 0.0f ? A / S : 0.0f;
+    for (uint32_t e = threadIdx.x; e < p.d; e += blockDim.x)
+        p.out[(size_t)lh * p.d + e] = merge_splits(part, used, p.d, e);
+}
+
+// ---- one layer of a batch of sequences (kern_cuda_paged_decode) ----
+
+struct bparams {
+    uint8_t *base;
+    uint64_t page_bytes, pool_pages;
+    const int32_t *const *pages; // [B] device pointers: each sequence's page indices
+    const int32_t *const *ntok;  // [B] device pointers: its token count
+    uint32_t B, H, hkv, G, d, tpp, splits, max_pages, max_tokens;
+    size_t voff, row;
+    const void *q;               // [B][H][d]
+    void *out;                   // [B][H][d], the same dtype
+    float *part;                 // [B][H][splits][d + 2]
+    float scale;
+};
+
+// A sequence's count, or UINT32_MAX where its table cannot be trusted (more tokens than
+// its pages hold or the launch was sized for): its rows come out NaN.
+__device__ __forceinline__ uint32_t batch_tokens(const bparams &p, uint32_t b)
+{
+    int32_t n = *p.ntok[b];
+    return n < 0 || (uint64_t)n > (uint64_t)p.max_pages * p.tpp || (uint32_t)n > p.max_tokens
+               ? UINT32_MAX
+               : (uint32_t)n;
+}
+
+template <typename T, int E>
+__global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
+{
+    uint32_t split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    uint32_t n = batch_tokens(p, b);
+    if (n == UINT32_MAX || (split && split * SPLIT >= n))
+        return; // the merge uses only the splits that hold tokens
+    uint32_t t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
+    const int32_t *pg = p.pages[b];
+    // every page this block reads lies in the pool, or the row is NaN (the merge sees it)
+    int bad = 0;
+    for (uint32_t i = t0 / p.tpp + threadIdx.x; t1 > t0 && i <= (t1 - 1) / p.tpp; i += blockDim.x)
+        bad |= pg[i] < 0 || (uint64_t)pg[i] >= p.pool_pages;
+    float *rowpart = p.part + ((size_t)b * p.H + g * p.G) * p.splits * (p.d + 2);
+    if (__syncthreads_or(bad)) {
+        for (uint32_t h = threadIdx.x; h < p.G; h += blockDim.x)
+            rowpart[((size_t)h * p.splits + split) * (p.d + 2) + p.d] = NAN;
+        return;
     }
+    const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
+    split_partial<T, E>(
+        t0, t1, qb, p.G, p.d, p.scale, p.voff,
+        [&](uint32_t t) {
+            return p.base + (uint64_t)pg[t / p.tpp] * p.page_bytes +
+                   ((size_t)g * p.tpp + t % p.tpp) * p.row;
+        },
+        [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); });
+}
+
+__device__ __forceinline__ void store(__nv_bfloat16 *o, float x) { *o = __float2bfloat16(x); }
+__device__ __forceinline__ void store(__half *o, float x) { *o = __float2half(x); }
+
+template <typename T>
+__global__ void battn_merge(bparams p)
+{
+    uint32_t bh = blockIdx.x, b = bh / p.H; // one block per (sequence, head)
+    uint32_t n = batch_tokens(p, b), used = n == UINT32_MAX ? 0 : (n + SPLIT - 1) / SPLIT;
+    const float *part = p.part + (size_t)bh * p.splits * (p.d + 2);
+    int bad = n == UINT32_MAX;
+    for (uint32_t s = 0; s < used; s++)
+        bad |= isnan(part[(size_t)s * (p.d + 2) + p.d]);
+    for (uint32_t e = threadIdx.x; e < p.d; e += blockDim.x)
+        store((T *)p.out + (size_t)bh * p.d + e, bad ? NAN : merge_splits(part, used, p.d, e));
+}
+
+extern "C" size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads,
+                                                   uint32_t head_dim, uint32_t max_tokens)
+{
+    uint32_t splits = (max_tokens + SPLIT - 1) / SPLIT;
+    return sizeof(float) * (size_t)batch * q_heads * (splits ? splits : 1) * (head_dim + 2);
+}
+
+extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
+                                      const int32_t *const *n_tokens, uint32_t batch,
+                                      uint32_t max_tokens, const void *q, void *out, void *ws,
+                                      size_t ws_bytes, void *stream)
+{
+    uint32_t H = pk->q_heads, hkv = pk->kv_heads, d = pk->head_dim;
+    if (!hkv || H % hkv || H / hkv > MAXG || (d != 32 && d != 64 && d != 128 && d != 256) ||
+        (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16) || !batch || !max_tokens ||
+        ws_bytes < kern_cuda_paged_decode_workspace(batch, H, d, max_tokens))
+        return -EINVAL;
+    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, batch, H, hkv, H / hkv,
+                 d, pk->tokens_per_page, (max_tokens + SPLIT - 1) / SPLIT, pk->max_pages,
+                 max_tokens, pk->v_offset_bytes, (size_t)d * 2, q, out, (float *)ws, 1.0f / sqrtf((float)d)};
+    cudaStream_t st = (cudaStream_t)stream;
+    dim3 grid(p.splits, hkv, batch);
+#define BATTN(T)                                                                           \
+    do {                                                                                   \
+        switch (d / 32) {                                                                  \
+        case 1: battn_split<T, 1><<<grid, AW * 32, 0, st>>>(p); break;                     \
+        case 2: battn_split<T, 2><<<grid, AW * 32, 0, st>>>(p); break;                     \
+        case 4: battn_split<T, 4><<<grid, AW * 32, 0, st>>>(p); break;                     \
+        default: battn_split<T, 8><<<grid, AW * 32, 0, st>>>(p); break;                    \
+        }                                                                                  \
+        battn_merge<T><<<batch * H, 128, 0, st>>>(p);                                      \
+    } while (0)
+    if (pk->dtype == KERN_BF16)
+        BATTN(__nv_bfloat16);
+    else
+        BATTN(__half);
+#undef BATTN
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        fprintf(stderr, "caked cuda: paged decode attention: %s\n", cudaGetErrorString(e));
+        return -EIO;
+    }
+    return 0;
 }
 
 extern "C" size_t kern_cuda_attn_workspace(uint32_t L, uint32_t H, uint32_t d, uint32_t max_tokens)

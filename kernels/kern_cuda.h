@@ -89,6 +89,30 @@ int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *
                                uint32_t tokens_per_page, size_t v_offset_bytes, const void *q,
                                float *out, void *ws, size_t ws_bytes, void *stream);
 
+/* One layer's decode attention for a batch of sequences in one launch (graph capturable):
+ * for sequence b and query head h (kv head h / (q_heads / kv_heads)),
+ *   out[b][h] = softmax(q[b][h] . K_b^T / sqrt(d)) V_b   over its *n_tokens[b] slots,
+ * slot t of sequence b in pool page pages[b][t / tokens_per_page] (a page index: the page
+ * is at base + index * page_bytes, K as [kv_heads][tokens_per_page][d], V v_offset_bytes
+ * after it - FlashInfer's HND layout). pages and n_tokens are device arrays of `batch`
+ * device pointers, read by the kernel (the tables may change between launches, the arrays
+ * not). q, out: [batch][q_heads][d] in dtype. max_tokens bounds every count (it sizes the
+ * grid); a count above it or above max_pages pages, or a page index outside the pool's
+ * pool_pages, makes that sequence's rows NaN. ws: kern_cuda_paged_decode_workspace() bytes.
+ * Asynchronous; 0 or -EINVAL / -EIO. */
+struct kern_cuda_paged {
+    int dtype;
+    uint32_t q_heads, kv_heads, head_dim, tokens_per_page, max_pages;
+    uint8_t *base;
+    uint64_t page_bytes, pool_pages;
+    size_t v_offset_bytes;
+};
+size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads, uint32_t head_dim,
+                                        uint32_t max_tokens);
+int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
+                           const int32_t *const *n_tokens, uint32_t batch, uint32_t max_tokens,
+                           const void *q, void *out, void *ws, size_t ws_bytes, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,6 +9,8 @@
  *    sequence scored on the CPU (within float tolerance), every kept row is an original
  *    row in positional order, the window is intact; decode steps evict on the GPU.
  *  - cake_decode_attention against a double-precision reference over the read-back cache.
+ *  - kept positions: caked's account equals the bytes' (GPU and host).
+ *  - a batch: device page tables, one launch per layer, a CUDA graph (test_batch).
  *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
  *    pages gives them all back.
  * Exit 77 without a GPU. */
@@ -261,6 +263,38 @@ static void write_queries(cake_seq *s, int l, const uint16_t *q /* [H][W][D] */)
         CU(cudaDeviceSynchronize());
 }
 
+/* Decode attention in doubles over layer l of s as read back from the pool (cake_key,
+ * cake_value): q [H][D] bf16 -> ref [H][D]. */
+static void ref_attention(cake_seq *s, int l, const uint16_t *q, double ref[H][D])
+{
+    static uint16_t kr[N + MAXNEW][D], vr[N + MAXNEW][D];
+    uint32_t n = cake_layer_tokens(s, l);
+    for (int g = 0; g < HKV; g++) {
+        for (uint32_t t = 0; t < n; t++) {
+            get(s, kr[t], cake_key(s, l, g, t), ROW);
+            get(s, vr[t], cake_value(s, l, g, t), ROW);
+        }
+        for (int h = g * (H / HKV); h < (g + 1) * (H / HKV); h++) {
+            double m = -1e300, z = 0, acc[D] = {0}, sc[N + MAXNEW];
+            for (uint32_t t = 0; t < n; t++) {
+                double dot = 0;
+                for (int j = 0; j < D; j++)
+                    dot += (double)kern_bf16_to_f32(q[h * D + j]) * kern_bf16_to_f32(kr[t][j]);
+                sc[t] = dot / sqrt((double)D);
+                m = sc[t] > m ? sc[t] : m;
+            }
+            for (uint32_t t = 0; t < n; t++) {
+                double p = exp(sc[t] - m);
+                z += p;
+                for (int j = 0; j < D; j++)
+                    acc[j] += p * kern_bf16_to_f32(vr[t][j]);
+            }
+            for (int j = 0; j < D; j++)
+                ref[h][j] = acc[j] / z;
+        }
+    }
+}
+
 static void test_observe_decode(cake_ctx *c)
 {
     fill_random();
@@ -374,40 +408,161 @@ static void test_observe_decode(cake_ctx *c)
     CU(cudaMemcpy(out, o_dev, sizeof out, cudaMemcpyDeviceToHost));
     CHECK(cake_decode_attention(hs, q_dev, o_dev, NULL) == CAKE_EINVAL, "attention on a host sequence");
     double max_err = 0;
-    static uint16_t kr[N + MAXNEW][D], vr[N + MAXNEW][D];
     for (int l = 0; l < L && !fails; l++) {
-        uint32_t n = cake_layer_tokens(gs, l);
-        for (int g = 0; g < HKV; g++) {
-            for (uint32_t t = 0; t < n; t++) {
-                get(gs, kr[t], cake_key(gs, l, g, t), ROW);
-                get(gs, vr[t], cake_value(gs, l, g, t), ROW);
+        static double ref[H][D];
+        ref_attention(gs, l, &qa[l][0][0], ref);
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < D; j++) {
+                double e = fabs(ref[h][j] - out[l][h][j]);
+                max_err = e > max_err ? e : max_err;
             }
-            for (int h = g * (H / HKV); h < (g + 1) * (H / HKV); h++) {
-                double m = -1e300, z = 0, acc[D] = {0}, sc[N + MAXNEW];
-                for (uint32_t t = 0; t < n; t++) {
-                    double dot = 0;
-                    for (int j = 0; j < D; j++)
-                        dot += (double)kern_bf16_to_f32(qa[l][h][j]) * kern_bf16_to_f32(kr[t][j]);
-                    sc[t] = dot / sqrt((double)D);
-                    m = sc[t] > m ? sc[t] : m;
-                }
-                for (uint32_t t = 0; t < n; t++) {
-                    double p = exp(sc[t] - m);
-                    z += p;
-                    for (int j = 0; j < D; j++)
-                        acc[j] += p * kern_bf16_to_f32(vr[t][j]);
-                }
-                for (int j = 0; j < D; j++) {
-                    double e = fabs(acc[j] / z - out[l][h][j]);
-                    max_err = e > max_err ? e : max_err;
-                }
-            }
-        }
     }
     CHECK(max_err < 2e-3, "decode attention differs from doubles by %.3g", max_err);
     printf("attention: cake_decode_attention within %.2g of doubles over the compacted cache\n", max_err);
     cudaFree(q_dev), cudaFree(o_dev);
     CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
+}
+
+/* A batch of GPU sequences of different lengths: the device page tables equal the
+ * descriptors' after prefill and after decode steps; one launch per layer gives every
+ * sequence the doubles' attention over its read-back cache; a CUDA graph captured once
+ * replays correctly after caked compacted and libcake refreshed the tables; a sequence over
+ * max_tokens gets NaN rows and the others are untouched. */
+enum { NB = 3 };
+
+static void check_tables(cake_seq *s, const char *when)
+{
+    const int32_t *tok_d, *pg_d;
+    uint32_t mp = 0;
+    int rc = cake_device_tables(s, &tok_d, &pg_d, &mp);
+    CHECK(rc == 0, "device tables: %s", cake_strerror(rc));
+    if (rc)
+        return;
+    int32_t tok[L];
+    int32_t *pg = malloc(sizeof(int32_t) * L * mp);
+    CU(cudaMemcpy(tok, tok_d, sizeof tok, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(pg, pg_d, sizeof(int32_t) * L * mp, cudaMemcpyDeviceToHost));
+    uint64_t pb = 0, vo = 0;
+    cake_seq_page_layout(s, &pb, &vo);
+    CHECK(vo == (uint64_t)HKV * cake_seq_tokens_per_page(s) * ROW, "V follows K: HND pages");
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t np = 0;
+        const uint64_t *off = cake_layer_pages(s, l, &np);
+        CHECK(tok[l] == (int32_t)cake_layer_tokens(s, l), "%s: layer %d device count %d, "
+              "descriptor %u", when, l, tok[l], cake_layer_tokens(s, l));
+        for (uint32_t i = 0; i < np; i++)
+            CHECK((uint64_t)pg[l * mp + i] * pb == off[i], "%s: layer %d page %u: device %d, "
+                  "offset %llu", when, l, i, pg[l * mp + i], (unsigned long long)off[i]);
+    }
+    free(pg);
+}
+
+static void test_batch(cake_ctx *c)
+{
+    fill_random();
+    static const uint32_t len[NB] = {N, N / 2 + 7, 200};
+    cake_seq *b[NB];
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    static uint16_t q[H][W][D];
+    for (int i = 0; i < NB && !fails; i++) {
+        int rc = cake_seq_open(c, &lay, &pol, len[i], 4, &b[i]);
+        CHECK(rc == 0, "batch sequence %d: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
+        if (rc)
+            return;
+        for (int l = 0; l < L; l++) {
+            CHECK(cake_prefill_reserve(b[i], l) == 0, "reserve");
+            if (l == 0) /* tables made mid-prefill follow the rest */
+                check_tables(b[i], "first reserve");
+            for (uint32_t t = 0; t < len[i]; t++)
+                write_token(b[i], l, t, (int)t);
+            for (int h = 0; h < H; h++)
+                for (int k = 0; k < W; k++)
+                    for (int j = 0; j < D; j++)
+                        q[h][k][j] = kern_f32_to_bf16(gauss());
+            write_queries(b[i], l, &q[0][0][0]);
+            CHECK(cake_prefill_observe(b[i], l, NULL) == 0, "observe: %s", cake_errstr(c));
+        }
+        check_tables(b[i], "prefill");
+    }
+    cake_batch *bt = NULL;
+    int rc = cake_batch_create(c, b, NB, &bt);
+    CHECK(rc == 0, "cake_batch_create: %s (%s)", cake_strerror(rc), cake_errstr(c));
+    if (rc)
+        return;
+    static uint16_t qb[NB][H][D], ob[NB][H][D], og[L][NB][H][D];
+    void *q_dev, *o_dev, *g_dev;
+    CU(cudaMalloc(&q_dev, sizeof qb));
+    CU(cudaMalloc(&o_dev, sizeof ob));
+    CU(cudaMalloc(&g_dev, sizeof og));
+    cudaStream_t st;
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    /* captured once, before the decode steps; replayed after them */
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    for (int l = 0; l < L; l++)
+        CHECK(cake_batch_attention(bt, l, q_dev, (uint16_t *)g_dev + (size_t)l * NB * H * D,
+                                   N + 4, st) == 0, "captured attention of layer %d", l);
+    CU(cudaStreamEndCapture(st, &graph));
+    CU(cudaGraphInstantiate(&exec, graph, 0));
+    double max_err = 0;
+    for (int step = 0; step < 3 && !fails; step++) {
+        CHECK(cake_decode_step(c, b, NB) == 0, "decode step: %s", cake_errstr(c));
+        for (int i = 0; i < NB; i++)
+            for (int l = 0; l < L; l++)
+                write_token(b[i], l, cake_layer_tokens(b[i], l) - 1, N + step);
+        for (int i = 0; i < NB; i++)
+            check_tables(b[i], "decode");
+        for (int i = 0; i < NB; i++)
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < D; j++)
+                    qb[i][h][j] = kern_f32_to_bf16(gauss());
+        CU(cudaMemcpy(q_dev, qb, sizeof qb, cudaMemcpyHostToDevice));
+        CU(cudaGraphLaunch(exec, st));
+        for (int l = 0; l < L && !fails; l++) {
+            CHECK(cake_batch_attention(bt, l, q_dev, o_dev, 0, st) == 0, "attention: %s",
+                  cake_errstr(c));
+            CU(cudaStreamSynchronize(st));
+            CU(cudaMemcpy(ob, o_dev, sizeof ob, cudaMemcpyDeviceToHost));
+            CU(cudaMemcpy(og[l], (uint16_t *)g_dev + (size_t)l * NB * H * D, sizeof ob,
+                          cudaMemcpyDeviceToHost));
+            CHECK(!memcmp(ob, og[l], sizeof ob), "step %d layer %d: the graph's replay differs "
+                  "from a direct call", step, l);
+            for (int i = 0; i < NB; i++) {
+                static double ref[H][D];
+                ref_attention(b[i], l, &qb[i][0][0], ref);
+                for (int h = 0; h < H; h++)
+                    for (int j = 0; j < D; j++) {
+                        double e = fabs(ref[h][j] - kern_bf16_to_f32(ob[i][h][j]));
+                        max_err = e > max_err ? e : max_err;
+                    }
+            }
+        }
+    }
+    CHECK(max_err < 1.5e-2, "batched attention differs from doubles by %.3g", max_err);
+    /* a bound below the longest sequence: its rows NaN, the others as before */
+    uint32_t t0 = cake_layer_tokens(b[0], 0), t2 = cake_layer_tokens(b[2], 0);
+    CHECK(t2 < t0, "the batch's lengths differ (%u, %u)", t0, t2);
+    CHECK(cake_batch_attention(bt, 0, q_dev, o_dev, t0 - 1, st) == 0, "bounded attention");
+    CU(cudaStreamSynchronize(st));
+    static uint16_t on[NB][H][D];
+    CU(cudaMemcpy(on, o_dev, sizeof on, cudaMemcpyDeviceToHost));
+    CHECK(isnan(kern_bf16_to_f32(on[0][0][0])), "a sequence over max_tokens is not NaN");
+    CHECK(!isnan(kern_bf16_to_f32(on[2][0][0])) && !memcmp(on[2], og[0][2], sizeof on[2]),
+          "the others differ under a smaller bound");
+    CHECK(cake_batch_attention(bt, L, q_dev, o_dev, 0, st) == CAKE_EINVAL, "layer out of range");
+    printf("batch: %d GPU sequences (%u, %u, %u prompt tokens), device tables equal the "
+           "descriptors, one launch per layer within %.2g of doubles, a CUDA graph replays "
+           "after caked compacted\n", NB, len[0], len[1], len[2], max_err);
+    cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(st);
+    cudaFree(q_dev), cudaFree(o_dev), cudaFree(g_dev);
+    cake_batch_destroy(bt);
+    for (int i = 0; i < NB; i++)
+        CHECK(cake_seq_close(b[i]) == 0, "close");
 }
 
 static void test_refusals(cake_ctx *c)
@@ -471,6 +626,8 @@ static int engine(const char *sock, int crash)
     test_submit(c);
     if (!fails)
         test_observe_decode(c);
+    if (!fails)
+        test_batch(c);
     if (!fails) { /* again with the GPU pool's free pages scattered: paged rings */
         static cake_seq *f[8192];
         uint32_t nf = fragment_gpu_pool(c, f, 8192);

@@ -326,6 +326,42 @@ CAKE_API int cake_kept_positions(cake_seq *seq, uint32_t layer, uint32_t kv_head
  * paged attention kernels. Owned by the pool mapping; valid as cake_key(). */
 CAKE_API const uint64_t *cake_layer_pages(const cake_seq *seq, uint32_t layer, uint32_t *n_pages);
 
+/* The page layout, either placement: a page holds K then V of tokens_per_page tokens, each
+ * [kv_heads][tokens_per_page][head_dim] in the dtype, V v_offset bytes after the page's
+ * start; pages are page_bytes apart (page index i at the pool's base + i * page_bytes). With
+ * v_offset = kv_heads * tokens_per_page * head_dim * element size - what caked makes - a
+ * page is FlashInfer's HND page [2][kv_heads][page_size][head_dim]. Returns 0. */
+CAKE_API int cake_seq_page_layout(const cake_seq *seq, uint64_t *page_bytes, uint64_t *v_offset);
+
+/* Device page tables (GPU sequences; libcake with CUDA): int32 arrays in device memory of
+ * the sequence's GPU, tokens[layers] (each layer's count) and pages[layers][max_pages] (its
+ * pages' indices in the GPU pool, see cake_seq_page_layout), kept up to date by libcake
+ * before every call that changes them returns (reserve, observe, submit, decode step: only
+ * what changed is copied). Their addresses stay fixed for the sequence's life, so kernels
+ * and CUDA graphs read them with no upload of their own. Made on the first call. Returns 0,
+ * CAKE_EINVAL (a host sequence), -ENOMEM, -ENOTSUP (no CUDA). */
+CAKE_API int cake_device_tables(cake_seq *seq, const int32_t **tokens, const int32_t **pages,
+                                uint32_t *max_pages);
+
+/* One layer's decode attention for a batch of GPU sequences in one launch, for engines
+ * without paged kernels of their own. A batch is sequences of one context and one GPU with
+ * the same layout; it reads their device page tables, so one made for a set of sequences
+ * serves every step (and can be captured in a CUDA graph). For sequence b, query head h:
+ *   out[b][h] = softmax(q[b][h] . K^T / sqrt(head_dim)) V  over its layer's tokens
+ * (call it after the new token's K/V are written); q, out: device [n][q_heads][head_dim] in
+ * the sequences' dtype. max_tokens bounds every sequence's count and sizes the launch (0:
+ * the counts now, read on the host - not for a graph); a sequence over it gets NaN rows.
+ * Asynchronous on stream (a cudaStream_t; NULL the legacy stream). Ada-KV's holes are not
+ * masked. A batch must be destroyed before any of its sequences is closed (unchecked).
+ * Returns 0, CAKE_EINVAL (mixed sequences or layouts, head_dim other than 32, 64, 128, 256,
+ * more than 8 query heads per kv head, max_tokens over what their pages hold), -ENOMEM,
+ * -ENOTSUP (no CUDA), -EIO. */
+typedef struct cake_batch cake_batch;
+CAKE_API int cake_batch_create(cake_ctx *ctx, cake_seq *const *seqs, size_t n, cake_batch **out);
+CAKE_API int cake_batch_attention(cake_batch *batch, uint32_t layer, const void *q, void *out,
+                                  uint32_t max_tokens, void *stream);
+CAKE_API void cake_batch_destroy(cake_batch *batch);
+
 /* Decode attention straight from the pool, for engines without a paged kernel of their
  * own (GPU sequences; libcake built with CUDA): for every layer l and query head h,
  *   out[l][h] = softmax(q[l][h] . K_l^T / sqrt(head_dim)) V_l

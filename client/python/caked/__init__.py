@@ -137,6 +137,18 @@ def _load():
         "cake_head_holes": (U32, [P, U32, U32, ctypes.POINTER(U32)]),
         "cake_layer_pages": (ctypes.POINTER(U64), [P, U32, ctypes.POINTER(U32)]),
         "cake_kept_positions": (I, [P, U32, U32, ctypes.POINTER(U32), SZ, ctypes.POINTER(U32)]),
+        "cake_seq_on_gpu": (I, [P]),
+        "cake_seq_page_layout": (I, [P, ctypes.POINTER(U64), ctypes.POINTER(U64)]),
+        "cake_put_queries": (I, [P, U32, P, U32, P]),
+        "cake_put_decode_query": (I, [P, U32, P, P]),
+        "cake_gpu_count": (U32, [P]),
+        "cake_gpu_uuid_at": (ctypes.c_char_p, [P, U32]),
+        "cake_gpu_pool_base_at": (U64, [P, U32]),
+        "cake_gpu_pool_bytes_at": (SZ, [P, U32]),
+        "cake_device_tables": (I, [P, ctypes.POINTER(P), ctypes.POINTER(P), ctypes.POINTER(U32)]),
+        "cake_batch_create": (I, [P, ctypes.POINTER(P), SZ, ctypes.POINTER(P)]),
+        "cake_batch_attention": (I, [P, U32, P, P, U32, P]),
+        "cake_batch_destroy": (None, [P]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -225,17 +237,22 @@ class Client:
                       tau2=1.0, gamma=200.0, cascading=True, decode_slack=0, policy="cake",
                       alloc=None, indicator=None, pool=None, pool_kernel=0, decode=None,
                       sinks=0, pyramid_beta=0.0, ada_alpha=0.0, shard_group=0, shards=0,
-                      shard=0):
+                      shard=0, placement="host", gpu=0):
         """Opens a sequence. `policy` is one of POLICIES; alloc ("preference", "uniform",
         "pyramid", "none"), indicator ("mean+var", "mean", "var", "last", "position"), pool
         ("avg", "max", "none"), decode ("evict", "prefill-only") override the kind's own
         components (the paper's ablations); None keeps them. shard_group, shards, shard: one
-        shard of a tensor-parallel sequence (cake_seq_open_shard)."""
+        shard of a tensor-parallel sequence (cake_seq_open_shard). placement="gpu" puts K/V
+        and the query rings in caked's GPU pool number `gpu` (caked.gpu works on them as
+        torch tensors)."""
         if dtype not in _DTYPES:
             raise InvalidArgument(-5005, f"dtype must be one of {sorted(_DTYPES)}")
         if mode not in ("fixed", "parity"):
             raise InvalidArgument(-5005, "mode must be 'fixed' or 'parity'")
-        lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0], 0)  # host pool
+        if placement not in ("host", "gpu"):
+            raise InvalidArgument(-5005, "placement must be 'host' or 'gpu'")
+        lay = _Layout(layers, q_heads, kv_heads, head_dim, _DTYPES[dtype][0],
+                      1 if placement == "gpu" else 0, gpu)
         if policy not in POLICIES:
             raise InvalidArgument(-5005, f"policy must be one of {list(POLICIES)}")
         pol = _Policy(1 if mode == "fixed" else 0, cache_size, window, tau1, tau2, gamma,
@@ -252,6 +269,7 @@ class Client:
             _check(self._ctx, _L().cake_seq_open(self._ctx, ctypes.byref(lay), ctypes.byref(pol),
                                                  prompt_len, max_new_tokens, ctypes.byref(h)))
         s = Sequence(self, h, layers, q_heads, kv_heads, head_dim, dtype, prompt_len, window)
+        s.gpu = gpu if placement == "gpu" else None
         self._seqs.append(s)
         return s
 
@@ -292,6 +310,10 @@ class Sequence:
     @property
     def id(self):
         return _L().cake_seq_id(self._handle)
+
+    @property
+    def on_gpu(self):
+        return bool(_L().cake_seq_on_gpu(self._handle))
 
     def close(self):
         if self._handle:
