@@ -25,6 +25,8 @@ lib=$root/usr/lib/x86_64-linux-gnu
 # carry; the shared library needs none of them at link time
 mkdir -p "$root/pc"
 printf 'prefix=/usr\nlibdir=${prefix}/lib/x86_64-linux-gnu\nincludedir=${prefix}/include\nName: criterion\nDescription: criterion\nVersion: 2.4.1\nLibs: -L${libdir} -lcriterion\nCflags: -I${includedir}\n' >"$root/pc/criterion.pc"
+# the same for libmicrohttpd (its .pc requires gnutls.pc; the shared library finds gnutls itself)
+printf 'prefix=/usr\nlibdir=${prefix}/lib/x86_64-linux-gnu\nincludedir=${prefix}/include\nName: libmicrohttpd\nDescription: libmicrohttpd\nVersion: 0.9.75\nLibs: -L${libdir} -lmicrohttpd\nCflags: -I${includedir}\n' >"$root/pc/libmicrohttpd.pc"
 export PKG_CONFIG_SYSROOT_DIR=$root PKG_CONFIG_PATH=$root/pc:$lib/pkgconfig:$root/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$root/usr/bin:$PATH
 export CFLAGS="-I$root/usr/include" LDFLAGS="-L$lib -Wl,-rpath,$lib"
