@@ -402,3 +402,12 @@ int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out
                                             "128 or 256 and at most 8 query heads per kv head");
     return rc ? cake_set_err(c, rc, "batched decode attention: CUDA launch failed") : 0;
 }
+
+int cake_batch_append(cake_batch *b, uint32_t layer, const void *k, const void *v, void *stream)
+{
+    if (layer >= b->layers)
+        return cake_set_err(b->ctx, CAKE_EINVAL, "layer %u of %u", layer, b->layers);
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 2 * b->n;
+    int rc = kern_cuda_paged_append(&b->pk, pg, pg + b->n, b->n, k, v, stream);
+    return rc ? cake_set_err(b->ctx, rc, "batched K/V append: CUDA launch failed") : 0;
+}

@@ -47,3 +47,9 @@ int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out
 }
 
 void cake_batch_destroy(cake_batch *b) { (void)b; }
+
+int cake_batch_append(cake_batch *b, uint32_t layer, const void *k, const void *v, void *stream)
+{
+    (void)b, (void)layer, (void)k, (void)v, (void)stream;
+    return -ENOTSUP; /* never reached: no batch is ever made */
+}

@@ -266,6 +266,52 @@ extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const in
     return 0;
 }
 
+// The newest token's K and V of each sequence of a batch into its reserved slot (count - 1)
+// of its pages: one block per (sequence, kv head); a sequence whose table cannot be trusted
+// is left alone (its attention rows come out NaN anyway).
+template <typename T>
+__global__ void bappend(bparams p, const T *k, const T *v)
+{
+    uint32_t b = blockIdx.x, g = blockIdx.y;
+    uint32_t n = batch_tokens(p, b);
+    if (n == UINT32_MAX || n == 0)
+        return;
+    int32_t idx = p.pages[b][(n - 1) / p.tpp];
+    if (idx < 0 || (uint64_t)idx >= p.pool_pages)
+        return;
+    T *dst = (T *)(p.base + (uint64_t)idx * p.page_bytes +
+                   ((size_t)g * p.tpp + (n - 1) % p.tpp) * p.row);
+    T *dv = (T *)((uint8_t *)dst + p.voff);
+    size_t src = ((size_t)b * p.hkv + g) * p.d;
+    for (uint32_t e = threadIdx.x; e < p.d; e += blockDim.x)
+        dst[e] = k[src + e], dv[e] = v[src + e];
+}
+
+extern "C" int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *const *pages,
+                                      const int32_t *const *n_tokens, uint32_t batch,
+                                      const void *k, const void *v, void *stream)
+{
+    if (!batch || !pk->kv_heads || (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16))
+        return -EINVAL;
+    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, batch, pk->q_heads,
+                 pk->kv_heads, 1, pk->head_dim, pk->tokens_per_page, 1, pk->max_pages,
+                 pk->max_pages * pk->tokens_per_page, pk->v_offset_bytes,
+                 (size_t)pk->head_dim * 2, NULL, NULL, NULL, 0.0f};
+    cudaStream_t st = (cudaStream_t)stream;
+    dim3 grid(batch, pk->kv_heads);
+    if (pk->dtype == KERN_BF16)
+        bappend<__nv_bfloat16><<<grid, 128, 0, st>>>(p, (const __nv_bfloat16 *)k,
+                                                      (const __nv_bfloat16 *)v);
+    else
+        bappend<__half><<<grid, 128, 0, st>>>(p, (const __half *)k, (const __half *)v);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        fprintf(stderr, "caked cuda: paged append: %s\n", cudaGetErrorString(e));
+        return -EIO;
+    }
+    return 0;
+}
+
 extern "C" size_t kern_cuda_attn_workspace(uint32_t L, uint32_t H, uint32_t d, uint32_t max_tokens)
 {
     uint32_t splits = (max_tokens + SPLIT - 1) / SPLIT;

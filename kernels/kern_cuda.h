@@ -112,6 +112,12 @@ size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads, uint32
 int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
                            const int32_t *const *n_tokens, uint32_t batch, uint32_t max_tokens,
                            const void *q, void *out, void *ws, size_t ws_bytes, void *stream);
+/* The same tables: k, v [batch][kv_heads][d] (dtype) into each sequence's newest slot
+ * (*n_tokens[b] - 1). A sequence whose count or page is out of bounds is skipped.
+ * Asynchronous; 0 or -EINVAL / -EIO. */
+int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *const *pages,
+                           const int32_t *const *n_tokens, uint32_t batch, const void *k,
+                           const void *v, void *stream);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,8 @@
  *    row in positional order, the window is intact; decode steps evict on the GPU.
  *  - cake_decode_attention against a double-precision reference over the read-back cache.
  *  - kept positions: caked's account equals the bytes' (GPU and host).
- *  - a batch: device page tables, one launch per layer, a CUDA graph (test_batch).
+ *  - a batch: device page tables, K/V appended and attention in one launch per layer, a
+ *    CUDA graph (test_batch).
  *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
  *    pages gives them all back.
  * Exit 77 without a GPU. */
@@ -512,9 +513,28 @@ static void test_batch(cake_ctx *c)
     double max_err = 0;
     for (int step = 0; step < 3 && !fails; step++) {
         CHECK(cake_decode_step(c, b, NB) == 0, "decode step: %s", cake_errstr(c));
-        for (int i = 0; i < NB; i++)
-            for (int l = 0; l < L; l++)
+        for (int i = 0; i < NB; i++) /* layer 0 through cake_batch_append, one launch */
+            for (int l = 1; l < L; l++)
                 write_token(b[i], l, cake_layer_tokens(b[i], l) - 1, N + step);
+        static uint16_t ka[NB][HKV][D], va[NB][HKV][D], got[D];
+        for (int i = 0; i < NB; i++)
+            for (int g = 0; g < HKV; g++)
+                memcpy(ka[i][g], Ko[0][g][N + step], ROW), memcpy(va[i][g], Vo[0][g][N + step], ROW);
+        void *kv_dev;
+        CU(cudaMalloc(&kv_dev, 2 * sizeof ka));
+        CU(cudaMemcpy(kv_dev, ka, sizeof ka, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy((uint8_t *)kv_dev + sizeof ka, va, sizeof va, cudaMemcpyHostToDevice));
+        CHECK(cake_batch_append(bt, 0, kv_dev, (uint8_t *)kv_dev + sizeof ka, st) == 0, "append");
+        CU(cudaStreamSynchronize(st));
+        cudaFree(kv_dev);
+        for (int i = 0; i < NB; i++)
+            for (int g = 0; g < HKV; g++) {
+                uint32_t t = cake_layer_tokens(b[i], 0) - 1;
+                get(b[i], got, cake_key(b[i], 0, g, t), ROW);
+                CHECK(!memcmp(got, Ko[0][g][N + step], ROW), "appended K of sequence %d head %d", i, g);
+                get(b[i], got, cake_value(b[i], 0, g, t), ROW);
+                CHECK(!memcmp(got, Vo[0][g][N + step], ROW), "appended V of sequence %d head %d", i, g);
+            }
         for (int i = 0; i < NB; i++)
             check_tables(b[i], "decode");
         for (int i = 0; i < NB; i++)

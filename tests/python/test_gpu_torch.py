@@ -142,5 +142,82 @@ class GpuTorch(unittest.TestCase):
             s.close()
 
 
+class GpuHFCache(unittest.TestCase):
+    """caked.hf.CakedCache on GPU sequences under generate (a small random fp16 Llama on the
+    GPU): the full policy gives transformers' own greedy tokens; ragged prompts in one batch
+    give each row what it gives alone; nothing of the cache is on the host."""
+
+    @classmethod
+    def setUpClass(cls):
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError:
+            raise unittest.SkipTest("transformers is not installed")
+        import caked.hf
+        cls.hf = caked.hf
+        GpuTorch.setUpClass.__func__(cls)
+        torch.manual_seed(7)
+        cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512,
+                          num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                          max_position_embeddings=2048)
+        cls.cfg = cfg
+        cls.model = caked.hf.enable(LlamaForCausalLM(cfg).to("cuda", torch.float16).eval())
+
+    @classmethod
+    def tearDownClass(cls):
+        GpuTorch.tearDownClass.__func__(cls)
+
+    def same_up_to_ties(self, got, got_logits, want, want_logits, row, what, tie=0.05):
+        """got's tokens equal want's, or first differ where want's top two logits were within
+        `tie` (fp16 arithmetic of a different batch shape may break a near tie either way)."""
+        for step in range(want.shape[-1]):
+            if got[step] != want[step]:
+                top = want_logits[step][0].float().topk(2).values
+                self.assertLess((top[0] - top[1]).item(), tie, f"{what}: step {step} is no tie")
+                return
+            self.assertLess((got_logits[step][row] - want_logits[step][0]).abs().max().item(),
+                            0.1, f"{what}: step {step} logits")
+
+    def generate(self, ids, cache=None, **kw):
+        with torch.no_grad():
+            return self.model.generate(ids, max_new_tokens=16, min_new_tokens=16,
+                                       do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True,
+                                       **({self.hf.cache_kwarg(self.model): cache} if cache else {}),
+                                       **kw)
+
+    def test_full_policy_and_batches_on_the_gpu(self):
+        lens = (700, 333, 512)
+        rows = [torch.randint(3, 320, (1, n), device="cuda") for n in lens]
+        ids = torch.zeros(len(lens), max(lens), dtype=torch.long, device="cuda")
+        am = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, max(lens) - r.shape[1]:], am[b, max(lens) - r.shape[1]:] = r[0], 1
+        ref = self.generate(rows[0])
+        cache = self.hf.CakedCache(self.c, self.cfg, max_new_tokens=16, policy="full")
+        out = self.generate(rows[0], cache)
+        self.assertIsNotNone(cache.gpu, "auto placement chose the GPU pool")
+        self.assertTrue(cache.seq.on_gpu)
+        worst = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
+        self.same_up_to_ties(out.sequences[0, lens[0]:], out.logits, ref.sequences[0, lens[0]:],
+                             ref.logits, 0, "full policy against transformers' cache")
+        cache.close()
+        cache = self.hf.CakedCache(self.c, self.cfg, max_new_tokens=16, policy="cake",
+                                   cache_size=128, window=16)
+        out = self.generate(ids, cache, attention_mask=am, pad_token_id=0)
+        self.assertEqual(len(cache.seqs), 3)
+        self.assertTrue(all(t <= 128 + 16 for t in cache.layer_tokens(0)))
+        cache.close()
+        for b, r in enumerate(rows):
+            one = self.hf.CakedCache(self.c, self.cfg, max_new_tokens=16, policy="cake",
+                                     cache_size=128, window=16)
+            alone = self.generate(r, one)
+            one.close()
+            self.same_up_to_ties(out.sequences[b, max(lens):], out.logits,
+                                 alone.sequences[0, lens[b]:], alone.logits, b, f"row {b}")
+        print(f"CakedCache on GPU sequences: full policy = transformers' tokens (logits within "
+              f"{worst:.3g}), 3 ragged rows = each alone under CAKE (up to near ties)")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -117,12 +117,53 @@ class HFCache(unittest.TestCase):
                                           min_new_tokens=NEW, do_sample=False, output_logits=True,
                                           return_dict_in_generate=True)
             self.assert_same_logits(out, self.ref)
+            with self.assertRaises(caked.InvalidArgument):
+                cache.crop(10)
             cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
-            with self.assertRaises(caked.InvalidArgument), torch.no_grad():
-                self.model(self.ids.repeat(2, 1), use_cache=True,
-                           **{caked.hf.cache_kwarg(self.model): cache})
+            kw = {caked.hf.cache_kwarg(self.model): cache}
+            with torch.no_grad():
+                self.model(self.ids, use_cache=True, **kw)
+                with self.assertRaises(caked.StateError):  # two tokens after the prompt
+                    self.model(self.ids[:, :2], use_cache=True, **kw)
+            cache.close()
+            with self.assertRaises(caked.InvalidArgument):
+                caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, placement="disk")
             # the model still works with transformers' own cache afterwards
             self.assert_same_logits(generate(self.model, self.ids), self.ref)
+
+    def test_batch_rows_equal_batch_one(self):
+        """Ragged prompts, left-padded in one batch: each row's tokens and logits are what
+        that prompt gives alone (full policy: what transformers' own batched cache gives;
+        CAKE and SnapKV: what the same cache gives at batch size 1)."""
+        lens = (150, 97, 123)
+        rows = [self.ids[:, :n] for n in lens]
+        ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        am = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, max(lens) - r.shape[1]:], am[b, max(lens) - r.shape[1]:] = r[0], 1
+        with caked.Client(self.d.sock, service="hf-batch") as c:
+            ref = generate(self.model, ids, attention_mask=am, pad_token_id=0)
+            cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy="full")
+            self.assert_same_logits(generate(self.model, ids, cache, attention_mask=am,
+                                             pad_token_id=0), ref)
+            self.assertEqual([len(cache.seqs), cache.layer_tokens(1)[0]],
+                             [3, lens[1] + NEW - 1], "one sequence per row, padding left out")
+            cache.close()
+            for pol in ("cake", "snapkv"):
+                cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy=pol,
+                                            cache_size=48, window=8)
+                out = generate(self.model, ids, cache, attention_mask=am, pad_token_id=0)
+                cache.close()
+                for b, r in enumerate(rows):
+                    one = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy=pol,
+                                              cache_size=48, window=8)
+                    alone = generate(self.model, r, one)
+                    one.close()
+                    self.assertTrue(torch.equal(out.sequences[b, max(lens):],
+                                                alone.sequences[0, r.shape[1]:]), f"{pol} row {b}")
+                    for x, y in zip(out.logits, alone.logits):
+                        self.assertLessEqual((x[b] - y[0]).abs().max().item(), 1e-4,
+                                             f"{pol} row {b}")
 
     @unittest.skipUnless(os.path.isdir(TINY), "needs ../shared/models beside the clone")
     def test_tinystories_full_policy_is_exact(self):

@@ -361,6 +361,11 @@ CAKE_API int cake_batch_create(cake_ctx *ctx, cake_seq *const *seqs, size_t n, c
 CAKE_API int cake_batch_attention(cake_batch *batch, uint32_t layer, const void *q, void *out,
                                   uint32_t max_tokens, void *stream);
 CAKE_API void cake_batch_destroy(cake_batch *batch);
+/* Each sequence's newest token (after a decode step: its slot cake_layer_tokens() - 1) K
+ * and V from device k, v [n][kv_heads][head_dim] (the dtype) into its pages, one launch for
+ * the batch; asynchronous on stream, graph capturable. Returns 0, CAKE_EINVAL, -EIO. */
+CAKE_API int cake_batch_append(cake_batch *batch, uint32_t layer, const void *k, const void *v,
+                               void *stream);
 
 /* Decode attention straight from the pool, for engines without a paged kernel of their
  * own (GPU sequences; libcake built with CUDA): for every layer l and query head h,

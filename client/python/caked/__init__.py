@@ -149,6 +149,7 @@ def _load():
         "cake_batch_create": (I, [P, ctypes.POINTER(P), SZ, ctypes.POINTER(P)]),
         "cake_batch_attention": (I, [P, U32, P, P, U32, P]),
         "cake_batch_destroy": (None, [P]),
+        "cake_batch_append": (I, [P, U32, P, P, P]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

@@ -146,6 +146,14 @@ class Batch:
             max_tokens, _stream()))
         return out
 
+    def append(self, layer, k, v):
+        """k, v [n][kv_heads][head_dim]: each sequence's newest token (after a decode step)
+        into its reserved slot, one launch, on torch's current stream."""
+        k, v = k.contiguous(), v.contiguous()
+        _check(self._client._ctx, _L().cake_batch_append(
+            self._h, layer, ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
+            _stream()))
+
     def close(self):
         if self._h:
             _L().cake_batch_destroy(self._h)

@@ -7,21 +7,29 @@
                                     policy="snapkv", cache_size=128)
         out = model.generate(ids, cache=cache, max_new_tokens=64)  # transformers < 5: past_key_values=
 
-Prefill (the whole prompt in one forward) writes each layer's keys, values and last `window`
-queries into the pool; the layer's attention runs over the full prompt (exact, as CAKE's
-reference does), then caked scores the layer and evicts under the sequence's policy
-(cascading: the pool never holds more than the budget plus one layer). Each decode step asks
+One caked sequence per row of the batch. Prefill (the whole prompt in one forward) runs the
+model's own attention over the whole prompt (exact, as CAKE's reference does, with the
+batch's padding mask), then writes each row's real tokens' keys and values and its last
+`window` queries into the pool, and caked scores the layer and evicts under the policy
+(cascading: the pool never holds more than the budgets plus one layer). Each decode step asks
 caked for the step first (it evicts what the policy says, using the queries of the steps
-before), writes the new token's K/V and query, and attends over what the layer holds. Positions
-stay absolute (RoPE is applied before the cache sees keys), so `get_seq_length()` counts tokens
-seen, not tokens held.
+before; one request for the whole batch), writes the new token's K/V and query, and attends
+over what each row's layer holds. Positions stay absolute (RoPE is applied before the cache
+sees keys), so `get_seq_length()` counts positions seen, not tokens held.
 
-Limits: batch size 1, the prompt in one forward, then one token per forward (what generate
-does); host sequences (the pool is CPU memory: with a CUDA model, K/V are copied in and out).
-The "caked" attention falls back to SDPA for any forward not driven by a CakedCache, so an
-enabled model still runs with transformers' own caches.
+Placement: with a CUDA model in f16/bf16 and a caked GPU pool on its GPU ("auto", the
+default, or placement="gpu"), the sequences live in the GPU pool: K/V are written into the
+pages by torch's indexing at prefill and by one kernel per layer at decode, the window
+queries go into the rings on the device, caked scores and compacts on the GPU, and decode
+attention is one launch per layer for the batch (caked.gpu.Batch) - no K/V crosses to the
+host. Otherwise (placement="host") the pool is host memory and K/V are copied in and out.
+
+Limits: the prompt in one forward, then one token per forward (what generate does); no beam
+search or cropping. The "caked" attention falls back to SDPA for any forward not driven by a
+CakedCache, so an enabled model still runs with transformers' own caches.
 """
 import inspect
+import math
 import threading
 
 import numpy as np
@@ -32,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import InvalidArgument, StateError, torch_view
+from . import InvalidArgument, StateError, torch_view, _L
 
 _TORCH_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _active = threading.local()  # the cache layer whose attention runs next on this thread
@@ -44,6 +52,18 @@ def _np_of(t):
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+def _gpu_pool_of(client, device):
+    """The index of the client's GPU pool on torch device `device`, or None."""
+    if device.type != "cuda":
+        return None
+    uuid = "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+    for i in range(_L().cake_gpu_count(client._ctx)):
+        if _L().cake_gpu_uuid_at(client._ctx, i).decode() == uuid and \
+                _L().cake_gpu_pool_base_at(client._ctx, i):
+            return i
+    return None
 
 
 class CakedLayer(CacheLayerMixin):
@@ -64,14 +84,10 @@ class CakedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         c = self.cache
-        if key_states.shape[0] != 1:
-            raise InvalidArgument(-5005, "CakedCache holds one sequence: batch size 1")
-        q_len = key_states.shape[-2]
-        if c.seq is None or (self.layer >= c.prefilled and c.decoded == 0):
-            k, v = c._prefill(self.layer, key_states, value_states)
-            _active.state = (c, self.layer, "prefill")
-            return k, v
-        if q_len != 1:
+        if not c.seqs or (self.layer >= c.prefilled and c.decoded == 0):
+            _active.state = (c, self.layer, "prefill")  # written after its attention
+            return key_states, value_states  # the prompt attends to every prompt token
+        if key_states.shape[-2] != 1:
             raise StateError(-5009, "after the prompt, CakedCache takes one token per forward")
         k, v = c._decode(self.layer, key_states, value_states)
         _active.state = (c, self.layer, "decode")
@@ -91,77 +107,149 @@ class CakedLayer(CacheLayerMixin):
 
 
 class CakedCache(Cache):
-    """A transformers Cache backed by a caked sequence under any policy (caked.POLICIES).
+    """A transformers Cache backed by caked sequences (one per row) under any policy.
 
     client: a connected caked.Client (map_pool=True). config: the model's config.
-    max_new_tokens: tokens generate may add after the prompt (the sequence's decode room).
-    Policy keywords go to Client.open_sequence (policy, cache_size, window, gamma, alloc,
-    indicator, ...)."""
+    max_new_tokens: tokens generate may add after the prompt (each sequence's decode room).
+    placement: "auto" (the GPU pool where the model's device has one and its dtype is f16 or
+    bf16), "gpu" or "host". Policy keywords go to Client.open_sequence (policy, cache_size,
+    window, gamma, alloc, indicator, ...)."""
 
-    def __init__(self, client, config, max_new_tokens, **policy):
+    def __init__(self, client, config, max_new_tokens, placement="auto", **policy):
         cfg = config.get_text_config(decoder=True)
-        self.client, self.max_new = client, max_new_tokens
+        if placement not in ("auto", "gpu", "host"):
+            raise InvalidArgument(-5005, "placement must be 'auto', 'gpu' or 'host'")
+        self.client, self.max_new, self.placement = client, max_new_tokens, placement
         self.n_layers = cfg.num_hidden_layers
         self.q_heads = cfg.num_attention_heads
         self.policy = dict(policy)
-        self.seq, self.prefilled, self.decoded, self.seen = None, 0, 0, 0
+        self.seqs, self.real, self.batch, self.gpu = [], [], None, None
+        self.prefilled, self.decoded, self.seen = 0, 0, 0
+        self._masks = {}
         super().__init__(layers=[CakedLayer(self, l) for l in range(self.n_layers)])
 
-    # -- what the layers call ------------------------------------------------------------
-    def _prefill(self, l, k, v):
-        n = k.shape[-2]
-        if self.seq is None:
+    @property
+    def seq(self):
+        """The first row's sequence (the only one at batch size 1), or None."""
+        return self.seqs[0] if self.seqs else None
+
+    # -- prefill, from the attention hook (which has the padding mask) -------------------
+    def _open(self, key, mask):
+        B, n = key.shape[0], key.shape[-2]
+        dt = _TORCH_DTYPES.get(key.dtype)
+        if dt is None:
+            raise InvalidArgument(-5005, f"unsupported dtype {key.dtype}")
+        pool = _gpu_pool_of(self.client, key.device) if dt != "f32" else None
+        if self.placement == "gpu" and pool is None:
+            raise InvalidArgument(-5005, "placement='gpu' needs an f16/bf16 model on a GPU "
+                                         "where caked has a GPU pool")
+        self.gpu = pool if self.placement != "host" else None
+        for b in range(B):  # the row's real tokens: those the last query attends to
+            if mask is None:
+                idx = torch.arange(n, device=key.device)
+            else:
+                m = mask[b, 0, -1, :n]
+                idx = (m if m.dtype == torch.bool else m == 0).nonzero().squeeze(1)
+            self.real.append(idx)
+            kw = dict(placement="gpu", gpu=self.gpu) if self.gpu is not None else {}
+            self.seqs.append(self.client.open_sequence(
+                self.n_layers, self.q_heads, key.shape[1], key.shape[-1], len(idx), dtype=dt,
+                max_new_tokens=self.max_new, **self.policy, **kw))
+
+    def _prefill(self, l, query, key, value, mask):
+        if not self.seqs:
             if l != 0:
                 raise StateError(-5009, "prefill must start at layer 0")
-            dt = _TORCH_DTYPES.get(k.dtype)
-            if dt is None:
-                raise InvalidArgument(-5005, f"unsupported dtype {k.dtype}")
-            self.seq = self.client.open_sequence(
-                self.n_layers, self.q_heads, k.shape[1], k.shape[-1], n, dtype=dt,
-                max_new_tokens=self.max_new, **self.policy)
+            self._open(key, mask)
         if l != self.prefilled:
             raise StateError(-5009, f"prefill of layer {l} out of order")
-        self.seq.reserve(l)
-        self.seq.write_layer(l, _np_of(k[0]), _np_of(v[0]))
-        if l == self.n_layers - 1:
-            self.seen = n
-        return k, v  # the prompt attends to every prompt token
-
-    def _after_prefill_attention(self, l, query):
-        w = self.seq.window
-        q = _np_of(query[0, :, -w:])  # [H][<=w][d], oldest first
-        self.seq.queries(l)[:, w - q.shape[1]:] = q
-        self.seq.observe(l)
+        for b, s in enumerate(self.seqs):
+            i = self.real[b]
+            w = s.window
+            s.reserve(l)
+            if self.gpu is not None:
+                from . import gpu as cg
+                cg.write_kv(s, l, key[b][:, i], value[b][:, i])
+                cg.put_queries(s, l, query[b][:, i[-w:]])
+            else:
+                s.write_layer(l, _np_of(key[b][:, i]), _np_of(value[b][:, i]))
+                q = _np_of(query[b][:, i[-w:]])  # [H][<=w][d], oldest first
+                s.queries(l)[:, w - q.shape[1]:] = q
+        if self.gpu is not None:  # caked reads what torch's stream wrote
+            torch.cuda.current_stream(key.device).synchronize()
+        for s in self.seqs:
+            s.observe(l)
         self.prefilled += 1
+        if l == self.n_layers - 1:
+            self.seen = key.shape[-2]
 
+    # -- decode --------------------------------------------------------------------------
     def _decode(self, l, k, v):
-        s = self.seq
         if l == 0:
             if self.prefilled != self.n_layers:
                 raise StateError(-5009, "decode before the prompt was prefilled")
-            s.decode_step()  # evicts by the steps before, reserves this token's slot
+            if k.shape[0] != len(self.seqs):
+                raise InvalidArgument(-5005, "the batch changed size after the prompt")
+            self.client.decode_step(self.seqs)  # evicts by the steps before, reserves a slot
             self.decoded += 1
             self.seen += 1
-        t = s.tokens(l)
-        s.write_layer(l, _np_of(k[0]), _np_of(v[0]), start=t - 1)
-        hk, hv = s.read_layer(l)
-        dev = k.device
-        to_t = (lambda a: torch_view(a)) if s.dtype == "bf16" else torch.from_numpy
-        return to_t(hk).unsqueeze(0).to(dev), to_t(hv).unsqueeze(0).to(dev)
+        if self.gpu is not None:
+            if self.batch is None:
+                from . import gpu as cg
+                self.batch = cg.Batch(self.client, self.seqs)
+            self.batch.append(l, k[:, :, 0], v[:, :, 0])
+            return k, v  # attention reads the pages (the hook), not these
+        held = []
+        for b, s in enumerate(self.seqs):
+            t = s.tokens(l)
+            s.write_layer(l, _np_of(k[b]), _np_of(v[b]), start=t - 1)
+            hk, hv = s.read_layer(l)
+            to_t = torch_view if s.dtype == "bf16" else torch.from_numpy
+            held.append((to_t(hk), to_t(hv), self._hole_mask(s, l, hk.shape[1])))
+        T = max(h[0].shape[1] for h in held)
+        K = k.new_zeros(len(held), k.shape[1], T, k.shape[-1])
+        V = torch.zeros_like(K)
+        mask = torch.zeros(len(held), self.q_heads, 1, T, dtype=torch.bool, device=k.device)
+        for b, (hk, hv, hm) in enumerate(held):
+            n = hk.shape[1]
+            K[b, :, :n], V[b, :, :n] = hk.to(k.device), hv.to(k.device)
+            mask[b, :, 0, :n] = True if hm is None else hm.to(k.device)
+        self._masks[l] = None if len(held) == 1 and bool(mask.all()) else mask
+        return K, V
+
+    def _decode_attention(self, l, query, key, value, scaling):
+        if self.gpu is not None:
+            d = query.shape[-1]
+            q = query[:, :, 0]
+            if scaling is not None and not math.isclose(scaling, d ** -0.5, rel_tol=1e-6):
+                q = q * (scaling * math.sqrt(d))  # the kernel scales by 1/sqrt(d)
+            out = self.batch.attention(l, q.to(key.dtype))  # [B][H][d]
+            return out.unsqueeze(1)
+        g = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(g, dim=1) if g > 1 else key
+        v = value.repeat_interleave(g, dim=1) if g > 1 else value
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self._masks.get(l),
+                                             scale=scaling)
+        return out.transpose(1, 2).contiguous()
 
     def _after_decode_attention(self, l, query):
-        self.seq.decode_query(l)[:] = _np_of(query[0, :, -1])
+        for b, s in enumerate(self.seqs):
+            if self.gpu is not None:
+                from . import gpu as cg
+                cg.put_decode_query(s, l, query[b, :, -1])
+            else:
+                s.decode_query(l)[:] = _np_of(query[b, :, -1])
 
-    def _hole_mask(self, l, n, device):
-        """[1, H, 1, n] bool (True: attend) when the layer has Ada-KV holes, else None."""
-        holes = self.seq.holes(l)
+    def _hole_mask(self, s, l, n):
+        """[H, n] bool (True: attend) when the layer has Ada-KV holes, else None."""
+        holes = s.holes(l)
         if not any(c for _, c in holes):
             return None
         g = self.q_heads // len(holes)
-        m = torch.ones(1, self.q_heads, 1, n, dtype=torch.bool, device=device)
+        m = torch.ones(self.q_heads, n, dtype=torch.bool)
         for kvh, (first, cnt) in enumerate(holes):
             if cnt:
-                m[0, kvh * g:(kvh + 1) * g, 0, first:first + cnt] = False
+                m[kvh * g:(kvh + 1) * g, first:first + cnt] = False
         return m
 
     # -- Cache API -----------------------------------------------------------------------
@@ -174,22 +262,25 @@ class CakedCache(Cache):
     def get_max_length(self, layer_idx=None):
         return -1
 
-    def layer_tokens(self):
-        """Tokens each layer holds now (kept + window + decoded)."""
-        return [self.seq.tokens(l) for l in range(self.n_layers)] if self.seq else []
+    def layer_tokens(self, row=0):
+        """Tokens each layer of a row's sequence holds now (kept + window + decoded)."""
+        return [self.seqs[row].tokens(l) for l in range(self.n_layers)] if self.seqs else []
 
     def reset(self):
         self.close()
         self.prefilled = self.decoded = self.seen = 0
 
     def close(self):
-        """Frees the sequence in caked (also done when the client closes)."""
-        if self.seq is not None:
-            self.seq.close()
-            self.seq = None
+        """Frees the sequences in caked (also done when the client closes)."""
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
+        for s in self.seqs:
+            s.close()
+        self.seqs, self.real, self._masks, self.gpu = [], [], {}, None
 
     def reorder_cache(self, beam_idx):
-        raise InvalidArgument(-5005, "CakedCache holds one sequence: no beam search")
+        raise InvalidArgument(-5005, "CakedCache cannot reorder rows: no beam search")
 
     def crop(self, max_length):
         raise InvalidArgument(-5005, "CakedCache cannot crop (assisted decoding)")
@@ -197,26 +288,24 @@ class CakedCache(Cache):
 
 def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                     is_causal=None, **kwargs):
-    """The "caked" attention: exact attention over what the CakedCache returned, then the
-    queries go to caked. Any other forward goes to transformers' SDPA."""
+    """The "caked" attention: the model's own attention over the prompt (then the layer goes
+    to caked), or attention over what the CakedCache holds at decode (then the query goes to
+    caked). Any other forward goes to transformers' SDPA."""
     state = getattr(_active, "state", None)
     if state is None or state[1] != getattr(module, "layer_idx", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     _active.state = None
     cache, l, phase = state
-    g = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(g, dim=1) if g > 1 else key
-    v = value.repeat_interleave(g, dim=1) if g > 1 else value
     if phase == "prefill":
-        out = F.scaled_dot_product_attention(query, k, v, is_causal=query.shape[-2] > 1,
-                                             scale=scaling)
-        cache._after_prefill_attention(l, query)
-    else:
-        mask = cache._hole_mask(l, k.shape[-2], query.device)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-        cache._after_decode_attention(l, query)
-    return out.transpose(1, 2).contiguous(), None
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                        dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                        **kwargs)
+        cache._prefill(l, query, key, value, attention_mask)
+        return out, None
+    out = cache._decode_attention(l, query, key, value, scaling)
+    cache._after_decode_attention(l, query)
+    return out, None
 
 
 def cache_kwarg(model):
