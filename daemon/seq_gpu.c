@@ -9,6 +9,12 @@
 #include "seq_int.h"
 
 /* The GPU kernels' view of layer l (GPU sequences). */
+/* The indicator's gamma on the GPU: mean + gamma * var, or the mean alone (the ablation). */
+static float gpu_gamma(const struct seq *s)
+{
+    return s->cfg.indicator == POLICY_IND_MEAN ? 0.0f : s->cfg.gamma;
+}
+
 static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
     const struct seq_layer *ly = &s->layer[l];
@@ -66,7 +72,7 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     if (!rc && observe) {
         struct gpu_layer gl = gpu_layer_view(e, s, layer);
         struct gpu_ring gr = gpu_ring_view(e, s, layer);
-        rc = gpuctx_score(gc, &gl, &gr, S, s->cfg.gamma, dst, &r->ent, &r->var);
+        rc = gpuctx_score(gc, &gl, &gr, S, gpu_gamma(s), dst, &r->ent, &r->var);
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
@@ -145,7 +151,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         ev[i] = (struct gpu_evict){
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
-            .n_q = valid, .k = budget < S ? budget : S, .gamma = s->cfg.gamma,
+            .n_q = valid, .k = budget < S ? budget : S, .gamma = gpu_gamma(s),
             .keep = keep + at,
         };
         at += s->Hkv * ev[i].k;

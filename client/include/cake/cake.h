@@ -145,8 +145,9 @@ struct cake_layout {
     enum cake_dtype dtype;
     /* CAKE_PLACE_GPU: K/V pages and query rings in caked's GPU pool (cake_gpu_pool_base_at()
      * must be mapped), scored and compacted there by caked's CUDA kernels. Needs f16 or
-     * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256 and
-     * fixed mode. Zero (the default of a zeroed struct) is the host pool. */
+     * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256,
+     * fixed mode, and CAKE (its ablations of allocation and the mean indicator included) or
+     * the full policy. Zero (the default of a zeroed struct) is the host pool. */
     enum cake_placement placement;
     uint32_t gpu; /* CAKE_PLACE_GPU: which of caked's GPU pools (cake_gpu_uuid_at); 0 first */
     uint32_t reserved[9];
