@@ -200,19 +200,20 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             if (*end || w < 1 || w > TENANT_MAX_WEIGHT)
                 return FAIL("weight must be 1..1000000: %s", v);
             t->weight = (uint32_t)w;
-        } else if (!strcmp(tok, "min") || !strcmp(tok, "max")) {
+        } else if (!strcmp(tok, "min") || !strcmp(tok, "max") || !strcmp(tok, "gpu-min") ||
+                   !strcmp(tok, "gpu-max")) {
             if (config_parse_size(v, &n))
                 return FAIL("bad size: %s", v);
-            if (tok[1] == 'i')
-                t->min_bytes = n;
-            else
-                t->max_bytes = n;
+            uint64_t *f[4] = {&t->min_bytes, &t->max_bytes, &t->gpu_min_bytes, &t->gpu_max_bytes};
+            *f[(tok[0] == 'g') * 2 + (tok[strlen(tok) - 2] == 'a')] = n;
         } else {
             return FAIL("unknown tenant key: %s", tok);
         }
     }
     if (t->max_bytes && t->min_bytes > t->max_bytes)
         return FAIL("tenant %s: min above max", t->name);
+    if (t->gpu_max_bytes && t->gpu_min_bytes > t->gpu_max_bytes)
+        return FAIL("tenant %s: gpu-min above gpu-max", t->name);
     c->n_tenants++;
     return 0;
 }

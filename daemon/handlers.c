@@ -402,6 +402,8 @@ static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *
     t->min_bytes = x->min_bytes;
     t->max_bytes = tenant_cap(&s->tenants, x, s->pool.bytes);
     t->used_bytes = x->used_bytes, t->gpu_used_bytes = x->gpu_used_bytes;
+    t->gpu_min_bytes = x->gpu_min_bytes;
+    t->gpu_cap_bytes = srv_gpu_bytes(s) ? tenant_cap_gpu(&s->tenants, x, srv_gpu_bytes(s)) : 0;
     t->sequences = x->sequences, t->clients = x->clients;
     t->oom_errors = x->oom_errors;
 }
@@ -614,23 +616,39 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
                         (unsigned long long)nmin, (unsigned long long)nmax);
         return;
     }
-    uint64_t other_min = 0;
+    int has_gmin = m->has_gpu_min || m->gpu_min_bytes, has_gmax = m->has_gpu_max || m->gpu_max_bytes;
+    uint64_t gmin = has_gmin ? m->gpu_min_bytes : t->gpu_min_bytes;
+    uint64_t gmax = has_gmax ? m->gpu_max_bytes : t->gpu_max_bytes;
+    if (gmax && gmin > gmax) {
+        srv_reply_error(s, c, CAKE_EINVAL, "GPU minimum %llu above GPU maximum %llu",
+                        (unsigned long long)gmin, (unsigned long long)gmax);
+        return;
+    }
+    uint64_t other_min = 0, other_gmin = 0, gpu_bytes = srv_gpu_bytes(s);
     for (uint32_t i = 0; i < s->tenants.n; i++)
         if (&s->tenants.t[i] != t)
-            other_min += s->tenants.t[i].min_bytes;
+            other_min += s->tenants.t[i].min_bytes, other_gmin += s->tenants.t[i].gpu_min_bytes;
     if (nmin > s->pool.bytes || other_min + nmin > s->pool.bytes) {
         srv_reply_error(s, c, CAKE_EINVAL, "the tenants' minimums would sum to %llu bytes, over "
                         "the pool's %llu", (unsigned long long)(other_min + nmin),
                         (unsigned long long)s->pool.bytes);
         return;
     }
+    if (gmin > gpu_bytes || other_gmin + gmin > gpu_bytes) {
+        srv_reply_error(s, c, CAKE_EINVAL, "the tenants' GPU minimums would sum to %llu bytes, "
+                        "over the GPU pools' %llu", (unsigned long long)(other_gmin + gmin),
+                        (unsigned long long)gpu_bytes);
+        return;
+    }
     if (has_w)
         t->weight = m->weight;
     t->min_bytes = nmin, t->max_bytes = nmax;
+    t->gpu_min_bytes = gmin, t->gpu_max_bytes = gmax;
     t->configured = 1; /* kept while caked runs, even when idle */
-    srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu", t->name,
-            t->uid, c->cred.uid, t->weight, (unsigned long long)t->min_bytes,
-            (unsigned long long)t->max_bytes);
+    srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu gpu-min "
+            "%llu gpu-max %llu", t->name, t->uid, c->cred.uid, t->weight,
+            (unsigned long long)t->min_bytes, (unsigned long long)t->max_bytes,
+            (unsigned long long)t->gpu_min_bytes, (unsigned long long)t->gpu_max_bytes);
     srv_reply(s, c, MSG_SET_QUOTA, NULL);
 }
 

@@ -75,18 +75,32 @@ static void on_work(void *arg, uint32_t ev)
     workers_reap(s->workers);
 }
 
+uint64_t srv_gpu_bytes(const struct server *s)
+{
+    uint64_t b = 0;
+    for (uint32_t i = 0; i < s->n_gpus; i++)
+        b += s->gpus[i].bytes;
+    return b;
+}
+
 /* Applies the configured tenants (weights, minimums, maximums, uids); 0, or -EINVAL with
  * the reason logged and nothing changed. Tenants configured before and absent now become
  * ordinary ones (weight 1, no minimum or maximum) and are forgotten once idle. */
 static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
 {
-    uint64_t min_sum = 0;
+    uint64_t min_sum = 0, gmin_sum = 0;
     for (int i = 0; i < n; i++)
-        min_sum += tc[i].min_bytes;
+        min_sum += tc[i].min_bytes, gmin_sum += tc[i].gpu_min_bytes;
     if (min_sum > s->pool.bytes) {
         srv_logl(SRV_LOG_ERROR, "the tenants' minimums sum to %llu bytes, over the host pool's %llu: no one "
                 "else could open anything (lower min= or raise --host-pool)",
                 (unsigned long long)min_sum, (unsigned long long)s->pool.bytes);
+        return -EINVAL;
+    }
+    if (gmin_sum > srv_gpu_bytes(s)) {
+        srv_logl(SRV_LOG_ERROR, "the tenants' GPU minimums sum to %llu bytes, over the GPU pools' "
+                 "%llu (lower gpu-min= or raise --gpu-pool)", (unsigned long long)gmin_sum,
+                 (unsigned long long)srv_gpu_bytes(s));
         return -EINVAL;
     }
     const uint32_t own = (uint32_t)s->owner_uid; /* a tenant naming no uid: caked's own */
@@ -107,12 +121,14 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
             still = !strcmp(tc[i].name, t->name);
         if (t->in_use && t->configured && !still) {
             t->configured = 0, t->weight = 1, t->min_bytes = t->max_bytes = 0;
+            t->gpu_min_bytes = t->gpu_max_bytes = 0;
             srv_tenant_gc(s, t);
         }
     }
     for (int i = 0; i < n; i++) { /* checked above: only memory can fail now */
-        int rc = tenant_configure(&s->tenants, tc[i].name, UIDS(&tc[i]), tc[i].weight,
-                                  tc[i].min_bytes, tc[i].max_bytes);
+        struct tenant_quota q = {tc[i].weight, tc[i].min_bytes, tc[i].max_bytes,
+                                 tc[i].gpu_min_bytes, tc[i].gpu_max_bytes};
+        int rc = tenant_configure(&s->tenants, tc[i].name, UIDS(&tc[i]), &q);
         if (rc) {
             srv_logl(SRV_LOG_ERROR, "tenant %s: %s", tc[i].name, strerror(-rc));
             return rc;

@@ -47,7 +47,8 @@ struct tenant_cfg {
     uint32_t uids[16];       /* the uids that may be this tenant (TENANT_MAX_UIDS) */
     uint32_t n_uids;         /* 0: caked's own uid */
     uint32_t weight;
-    uint64_t min_bytes, max_bytes;
+    uint64_t min_bytes, max_bytes;         /* host pool */
+    uint64_t gpu_min_bytes, gpu_max_bytes; /* GPU pools (gpu-min=, gpu-max=) */
 };
 
 struct server;

@@ -139,6 +139,8 @@ struct work {
 };
 
 double srv_now_s(void);
+/* The GPU pools' bytes, all together (0: none). */
+uint64_t srv_gpu_bytes(const struct server *s);
 /* The log (standard error, a timestamp and caked[pid] first): srv_log at info level,
  * srv_logl at the level given; lines above --log-level are dropped. */
 enum { SRV_LOG_ERROR, SRV_LOG_WARNING, SRV_LOG_INFO, SRV_LOG_DEBUG };

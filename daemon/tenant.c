@@ -114,7 +114,7 @@ int tenant_configure_check(struct tenants *ts, const char *name, const uint32_t 
 }
 
 int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
-                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes)
+                     const struct tenant_quota *q)
 {
     int rc = tenant_configure_check(ts, name, uids, n);
     if (rc)
@@ -124,8 +124,9 @@ int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids,
         return -ENOMEM;
     memcpy(t->uids, uids, n * sizeof(*uids));
     t->n_uids = n, t->uid = uids[0];
-    t->weight = weight ? weight : 1;
-    t->min_bytes = min_bytes, t->max_bytes = max_bytes;
+    t->weight = q->weight ? q->weight : 1;
+    t->min_bytes = q->min_bytes, t->max_bytes = q->max_bytes;
+    t->gpu_min_bytes = q->gpu_min_bytes, t->gpu_max_bytes = q->gpu_max_bytes;
     t->configured = 1;
     return 0;
 }
@@ -152,24 +153,40 @@ static uint64_t weighted_share(const struct tenants *ts, const struct tenant *t,
     return (uint64_t)((double)pool_bytes * t->weight / (double)wsum);
 }
 
-uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+/* A tenant's holding in one kind of pool and its bounds there. */
+struct held {
+    uint64_t used, min, max;
+};
+
+static struct held host_held(const struct tenant *t)
 {
-    uint64_t cap = t->max_bytes ? (t->max_bytes < pool_bytes ? t->max_bytes : pool_bytes)
-                                : weighted_share(ts, t, pool_bytes);
-    /* a minimum is guaranteed whatever the others' weights (SET_QUOTA keeps min <= pool) */
-    return cap > t->min_bytes ? cap : t->min_bytes;
+    return (struct held){t->used_bytes, t->min_bytes, t->max_bytes};
 }
 
-int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
-                 uint64_t free_bytes, uint64_t pool_bytes)
+static struct held gpu_held(const struct tenant *t)
 {
-    if (t->used_bytes + bytes > tenant_cap(ts, t, pool_bytes))
+    return (struct held){t->gpu_used_bytes, t->gpu_min_bytes, t->gpu_max_bytes};
+}
+
+static uint64_t cap_of(const struct tenants *ts, const struct tenant *t, struct held h,
+                       uint64_t pool_bytes)
+{
+    uint64_t cap = h.max ? (h.max < pool_bytes ? h.max : pool_bytes)
+                         : weighted_share(ts, t, pool_bytes);
+    /* a minimum is guaranteed whatever the others' weights (SET_QUOTA keeps min <= pool) */
+    return cap > h.min ? cap : h.min;
+}
+
+static int admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                 uint64_t free_bytes, uint64_t pool_bytes, struct held (*of)(const struct tenant *))
+{
+    if (of(t).used + bytes > cap_of(ts, t, of(t), pool_bytes))
         return CAKE_EOOM;
     uint64_t reserved = 0;
     for (uint32_t i = 0; i < ts->n; i++) {
-        const struct tenant *o = &ts->t[i];
-        if (o != t && o->min_bytes > o->used_bytes)
-            reserved += o->min_bytes - o->used_bytes;
+        struct held o = of(&ts->t[i]);
+        if (&ts->t[i] != t && o.min > o.used)
+            reserved += o.min - o.used;
     }
     /* our own unmet minimum is ours to use, others' is not */
     if (bytes > free_bytes || bytes > free_bytes - (reserved < free_bytes ? reserved : free_bytes))
@@ -177,12 +194,26 @@ int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t byte
     return 0;
 }
 
+uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+{
+    return cap_of(ts, t, host_held(t), pool_bytes);
+}
+
+uint64_t tenant_cap_gpu(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)
+{
+    return cap_of(ts, t, gpu_held(t), pool_bytes);
+}
+
+int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                 uint64_t free_bytes, uint64_t pool_bytes)
+{
+    return admit(ts, t, bytes, free_bytes, pool_bytes, host_held);
+}
+
 int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
                      uint64_t free_bytes, uint64_t pool_bytes)
 {
-    if (t->gpu_used_bytes + bytes > weighted_share(ts, t, pool_bytes) || bytes > free_bytes)
-        return CAKE_EOOM;
-    return 0;
+    return admit(ts, t, bytes, free_bytes, pool_bytes, gpu_held);
 }
 
 static void charge(uint64_t *held, int64_t bytes)

@@ -24,7 +24,8 @@ struct tenant {
     uint32_t uid;         /* the first of uids (what listings show) */
     uint32_t uids[TENANT_MAX_UIDS], n_uids;
     uint32_t weight;
-    uint64_t min_bytes, max_bytes;
+    uint64_t min_bytes, max_bytes;         /* host pool */
+    uint64_t gpu_min_bytes, gpu_max_bytes; /* GPU pools, all together (0 max: the share) */
     /* accounting: changed only through the tenant_* functions below (tenant.c), by the
      * event loop thread */
     uint64_t used_bytes;
@@ -54,8 +55,12 @@ struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, in
 /* Adds or updates the configured tenant `name` that the n uids (1..TENANT_MAX_UIDS) may be.
  * Returns 0, -ENOMEM, or -EEXIST when one of the uids already attached under that name as a
  * tenant of its own (its memory is accounted there). */
+struct tenant_quota {
+    uint32_t weight;
+    uint64_t min_bytes, max_bytes, gpu_min_bytes, gpu_max_bytes;
+};
 int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
-                     uint32_t weight, uint64_t min_bytes, uint64_t max_bytes);
+                     const struct tenant_quota *q);
 /* Forgets t if nothing holds it any more (not configured; no connection, sequence or
  * memory). Returns 1 if it was released: its id may name another tenant later, so the
  * caller first gives up whatever the id owned (pool segments). */
@@ -77,8 +82,10 @@ uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t p
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
                  uint64_t free_bytes, uint64_t pool_bytes);
 
-/* The same for the GPU pool: t may grow to its weighted share of it (weights as above;
- * min_bytes and max_bytes govern the host pool only). */
+/* The same for the GPU pools (pool_bytes and free_bytes: the pool asked; a tenant's GPU use
+ * is counted over every GPU pool): t may grow to gpu_max_bytes or else its weighted share, always to gpu_min_bytes,
+ * never into other tenants' unmet GPU minimums. */
+uint64_t tenant_cap_gpu(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes);
 int tenant_admit_gpu(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
                      uint64_t free_bytes, uint64_t pool_bytes);
 

@@ -163,20 +163,28 @@ static int cmd_tenants(cake_ctx *c)
             json_object_set_new(o, "sequences", ju(t->sequences));
             json_object_set_new(o, "clients", ju(t->clients));
             json_object_set_new(o, "oom_errors", ju(t->oom_errors));
+            json_object_set_new(o, "gpu_used_bytes", ju(t->gpu_used_bytes));
+            json_object_set_new(o, "gpu_min_bytes", ju(t->gpu_min_bytes));
+            json_object_set_new(o, "gpu_cap_bytes", ju(t->gpu_cap_bytes));
             json_array_append_new(a, o);
         }
         json_out(json_pack("{s:o}", "tenants", a));
     } else {
-        printf("%-20s %6s %6s %11s %11s %11s %5s %7s %5s\n", "TENANT", "UID", "WEIGHT", "MIN",
-               "CAP", "USED", "SEQS", "CLIENTS", "OOM");
+        printf("%-20s %6s %6s %11s %11s %11s %11s %11s %5s %7s %5s\n", "TENANT", "UID", "WEIGHT",
+               "MIN", "CAP", "USED", "GPU CAP", "GPU USED", "SEQS", "CLIENTS", "OOM");
         for (size_t i = 0; i < r->n_tenants; i++) {
             Cake__Tenant *t = r->tenants[i];
-            char mn[32], cp[32], us[32];
+            char mn[32], cp[32], us[32], gc[32] = "-", gu[32] = "-";
             util_human_bytes(t->min_bytes, mn, sizeof mn);
             util_human_bytes(t->max_bytes, cp, sizeof cp);
             util_human_bytes(t->used_bytes, us, sizeof us);
-            printf("%-20s %6u %6u %11s %11s %11s %5u %7u %5llu\n", t->name, t->uid, t->weight,
-                   mn, cp, us, t->sequences, t->clients, (unsigned long long)t->oom_errors);
+            if (t->gpu_cap_bytes) {
+                util_human_bytes(t->gpu_cap_bytes, gc, sizeof gc);
+                util_human_bytes(t->gpu_used_bytes, gu, sizeof gu);
+            }
+            printf("%-20s %6u %6u %11s %11s %11s %11s %11s %5u %7u %5llu\n", t->name, t->uid,
+                   t->weight, mn, cp, us, gc, gu, t->sequences, t->clients,
+                   (unsigned long long)t->oom_errors);
         }
     }
     cake__tenant_list__free_unpacked(r, &al_);
@@ -409,7 +417,7 @@ static int cmd_metrics(cake_ctx *c)
 }
 
 /* quota's values, from the command line (options go anywhere: before or after the command) */
-static const char *q_uid, *q_weight, *q_min, *q_max;
+static const char *q_uid, *q_weight, *q_min, *q_max, *q_gmin, *q_gmax;
 
 static int cmd_quota(cake_ctx *c, const char *tenant)
 {
@@ -439,6 +447,16 @@ static int cmd_quota(cake_ctx *c, const char *tenant)
             return 2;
         m.max_bytes = v, m.has_max = 1;
     }
+    if (q_gmin) {
+        if (parse_size(q_gmin, &v))
+            return 2;
+        m.gpu_min_bytes = v, m.has_gpu_min = 1;
+    }
+    if (q_gmax) {
+        if (parse_size(q_gmax, &v))
+            return 2;
+        m.gpu_max_bytes = v, m.has_gpu_max = 1;
+    }
     uint8_t *b;
     size_t n;
     if (call(c, MSG_SET_QUOTA, &m.base, &b, &n))
@@ -455,7 +473,8 @@ static int cmd_quota(cake_ctx *c, const char *tenant)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: cachectl [--socket PATH] [--server-uid UID] [--timeout SECS] [--json] [-i SECS] "
-               "status|tenants|sequences|seq ID|metrics|quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE]\n");
+               "status|tenants|sequences|seq ID|metrics|quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE] "
+               "[--gpu-min SIZE] [--gpu-max SIZE]\n");
 }
 
 static volatile sig_atomic_t stop;
@@ -471,7 +490,7 @@ int main(int argc, char **argv)
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
         {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'}, {"version", 0, 0, 'V'},
         {"uid", 1, 0, 'U'}, {"weight", 1, 0, 'W'}, {"min", 1, 0, 'm'}, {"max", 1, 0, 'M'},
-        {0, 0, 0, 0},
+        {"gpu-min", 1, 0, 'g'}, {"gpu-max", 1, 0, 'G'}, {0, 0, 0, 0},
     };
     int o;
     /* options anywhere ("status --json" as well as "--json status") */
@@ -481,6 +500,8 @@ int main(int argc, char **argv)
         case 'W': q_weight = optarg; break;
         case 'm': q_min = optarg; break;
         case 'M': q_max = optarg; break;
+        case 'g': q_gmin = optarg; break;
+        case 'G': q_gmax = optarg; break;
         case 's': sock = optarg; break;
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
@@ -505,7 +526,7 @@ int main(int argc, char **argv)
     int known = ((!strcmp(cmd, "status") || !strcmp(cmd, "tenants") || !strcmp(cmd, "sequences") ||
                   !strcmp(cmd, "metrics")) && args == 0) ||
                 ((!strcmp(cmd, "seq") || !strcmp(cmd, "quota")) && args == 1);
-    int quota_opts = q_uid || q_weight || q_min || q_max;
+    int quota_opts = q_uid || q_weight || q_min || q_max || q_gmin || q_gmax;
     if (!known || (quota_opts && strcmp(cmd, "quota"))) { /* nothing is silently ignored */
         usage(stderr);
         return 2;

@@ -77,6 +77,15 @@ assert pool and pool[0]["value"] == 256 << 20 and pool[0]["labels"] == {}, pool'
 import json, sys
 t = {x["name"]: x for x in json.load(sys.stdin)["tenants"]}
 assert t["engine-0"]["cap_bytes"] == 64 << 20, t["engine-0"]' || fail "quota not applied"
+# GPU quotas: without a GPU pool no GPU minimum can be guaranteed (refused with the reason)
+"$ctl" --socket "$sock" quota engine-0 --gpu-min 1M >/dev/null 2>"$dir/err"; [ $? = 1 ] &&
+    grep -q "GPU" "$dir/err" || fail "a GPU minimum without GPU pools: $(cat "$dir/err")"
+"$ctl" --socket "$sock" quota engine-0 --gpu-max 1G >/dev/null || fail "gpu-max"
+"$ctl" --socket "$sock" --json tenants | python3 -c '
+import json, sys
+t = {x["name"]: x for x in json.load(sys.stdin)["tenants"]}
+assert t["engine-0"]["gpu_cap_bytes"] == 0 and t["engine-0"]["gpu_used_bytes"] == 0, t' ||
+    fail "tenants --json GPU fields"
 "$ctl" --socket "$sock" seq 0x12345 >/dev/null 2>&1; [ $? = 1 ] || fail "unknown sequence must exit 1"
 "$ctl" --socket "$sock" frobnicate >/dev/null 2>&1; [ $? = 2 ] || fail "bad usage must exit 2"
 "$ctl" -V | grep -q "^cachectl .* (protocol" || fail "cachectl -V"

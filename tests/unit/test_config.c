@@ -74,7 +74,8 @@ Test(config, file_with_tenants_and_errors)
     int fd = mkstemp(path);
     FILE *f = fdopen(fd, "w");
     fprintf(f, "# test\nhost-pool = 2G   # inline comment\nworkers = 3\n"
-               "tenant vllm weight=2 min=1G max=6G\ntenant batch uid=1001,root,1003 max=512M\n");
+               "tenant vllm weight=2 min=1G max=6G gpu-min=8G gpu-max=40G\n"
+               "tenant batch uid=1001,root,1003 max=512M\n");
     fclose(f);
     static struct config c;
     char err[256] = "";
@@ -86,6 +87,10 @@ Test(config, file_with_tenants_and_errors)
     cr_assert_str_eq(c.tenants[0].name, "vllm");
     cr_assert_eq(c.tenants[0].weight, 2);
     cr_assert_eq(c.tenants[0].min_bytes, 1ull << 30);
+    cr_assert_eq(c.tenants[0].max_bytes, 6ull << 30);
+    cr_assert_eq(c.tenants[0].gpu_min_bytes, 8ull << 30);
+    cr_assert_eq(c.tenants[0].gpu_max_bytes, 40ull << 30);
+    cr_assert_eq(c.tenants[1].gpu_max_bytes, 0, "no gpu-max: the weighted share");
     cr_assert_eq(c.tenants[0].n_uids, 0, "no uid given: caked's own (server_create)");
     cr_assert_eq(c.tenants[1].n_uids, 3);
     cr_assert_eq(c.tenants[1].uids[0], 1001);

@@ -26,7 +26,8 @@ Test(tenant, a_configured_name_admits_only_its_uids)
     struct tenants ts = {0};
     int err = 0;
     uint32_t uids[] = {42, 44};
-    cr_assert_eq(tenant_configure(&ts, "batch", uids, 2, 3, 0, 10 * MB), 0);
+    struct tenant_quota q = {.weight = 3, .max_bytes = 10 * MB};
+    cr_assert_eq(tenant_configure(&ts, "batch", uids, 2, &q), 0);
     struct tenant *c = tenant_get(&ts, "batch", 42, 1, &err);
     cr_assert_not_null(c);
     cr_assert_eq(c->weight, 3);
@@ -37,9 +38,10 @@ Test(tenant, a_configured_name_admits_only_its_uids)
     struct tenant *x = tenant_get(&ts, "web", 7, 1, &err);
     cr_assert_not_null(x);
     uint32_t other[] = {8, 7};
-    cr_assert_eq(tenant_configure(&ts, "web", other, 2, 1, 0, 0), -EEXIST);
+    struct tenant_quota one = {.weight = 1}, five = {.weight = 5};
+    cr_assert_eq(tenant_configure(&ts, "web", other, 2, &one), -EEXIST);
     uint32_t same[] = {7};
-    cr_assert_eq(tenant_configure(&ts, "web", same, 1, 5, 0, 0), 0);
+    cr_assert_eq(tenant_configure(&ts, "web", same, 1, &five), 0);
     cr_assert_eq(x->weight, 5);
     cr_assert(x->configured);
     tenants_fini(&ts);
@@ -85,5 +87,44 @@ Test(tenant, admission_caps_shares_and_minimums)
     cr_assert_eq(tenant_cap(&ts, b, pool), 40 * MB);
     cr_assert_eq(tenant_admit(&ts, b, 40 * MB, 80 * MB, pool), 0);
     cr_assert_eq(tenant_admit(&ts, b, 41 * MB, 80 * MB, pool), CAKE_EOOM);
+    tenants_fini(&ts);
+}
+
+/* The GPU pools have their own guarantees and caps (gpu-min, gpu-max), weighted shares
+ * otherwise, and a tenant never takes another's unmet GPU minimum; host and GPU accounting
+ * do not mix. */
+Test(tenant, gpu_admission_has_its_own_minimums_and_caps)
+{
+    struct tenants ts = {0};
+    uint32_t ua[] = {1}, ub[] = {2}, uc[] = {3};
+    struct tenant_quota qa = {.weight = 1, .gpu_max_bytes = 30 * MB},
+                        qb = {.weight = 3, .gpu_min_bytes = 40 * MB}, qc = {.weight = 1};
+    cr_assert_eq(tenant_configure(&ts, "a", ua, 1, &qa), 0);
+    cr_assert_eq(tenant_configure(&ts, "b", ub, 1, &qb), 0);
+    cr_assert_eq(tenant_configure(&ts, "c", uc, 1, &qc), 0);
+    int err;
+    struct tenant *a = tenant_get(&ts, "a", 1, 0, &err), *b = tenant_get(&ts, "b", 2, 0, &err),
+                  *c = tenant_get(&ts, "c", 3, 0, &err);
+    const uint64_t pool = 100 * MB;
+    cr_assert_eq(tenant_cap_gpu(&ts, a, pool), 30 * MB, "gpu-max caps");
+    cr_assert_eq(tenant_cap_gpu(&ts, b, pool), 60 * MB, "weight 3 of 5");
+    cr_assert_eq(tenant_cap_gpu(&ts, c, pool), 20 * MB, "weight 1 of 5");
+    cr_assert_eq(tenant_admit_gpu(&ts, a, 31 * MB, pool, pool), CAKE_EOOM, "over gpu-max");
+    cr_assert_eq(tenant_admit_gpu(&ts, a, 30 * MB, pool, pool), 0);
+    tenant_charge_gpu(a, 30 * MB);
+    /* 70 MB free, 40 MB of it b's unmet minimum: c may take 20 (its share), not 31 */
+    cr_assert_eq(tenant_admit_gpu(&ts, c, 20 * MB, 70 * MB, pool), 0);
+    tenant_charge_gpu(c, 20 * MB);
+    cr_assert_eq(tenant_admit_gpu(&ts, c, 1 * MB, 50 * MB, pool), CAKE_EOOM, "over its share");
+    qc.weight = 10; /* even with a larger share, c cannot reach into b's minimum */
+    cr_assert_eq(tenant_configure(&ts, "c", uc, 1, &qc), 0);
+    cr_assert_eq(tenant_admit_gpu(&ts, c, 11 * MB, 50 * MB, pool), CAKE_EOOM, "b's minimum");
+    cr_assert_eq(tenant_admit_gpu(&ts, c, 10 * MB, 50 * MB, pool), 0);
+    cr_assert_eq(tenant_admit_gpu(&ts, b, 40 * MB, 50 * MB, pool), 0, "b's own minimum");
+    /* the host pool is not the GPU's: b's GPU minimum reserves nothing there */
+    cr_assert_eq(tenant_admit(&ts, c, 70 * MB, 70 * MB, pool), 0);
+    cr_assert_eq(tenant_admit_gpu(&ts, c, 70 * MB, 70 * MB, pool), CAKE_EOOM);
+    tenant_charge_gpu(a, -(int64_t)(30 * MB));
+    tenant_charge_gpu(c, -(int64_t)(20 * MB));
     tenants_fini(&ts);
 }
