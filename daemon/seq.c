@@ -680,9 +680,11 @@ int seq_decode_reserve(const struct seq_env *e, struct seq *s)
             ly->pages[ly->n_pages++] = got[used++];
             account_kv(e, s, 1);
         }
-        if (ly->pos) /* room for every decode token: seq_positions_compact */
+        if (ly->pos) { /* room for every decode token: seq_positions_compact */
+            CAKE_CHECK(ly->tokens < ly->pos_cap);
             for (uint32_t g = 0; g < s->Hkv; g++)
                 ly->pos[(size_t)g * ly->pos_cap + ly->tokens] = s->n + s->decoded;
+        }
         ly->tokens++;
     }
     if (got != stack)

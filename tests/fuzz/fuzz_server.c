@@ -225,7 +225,16 @@ static int structured(struct conn *c, const uint8_t *p, size_t n)
     case 7: {
         Cake__SetQuota m = CAKE__SET_QUOTA__INIT;
         m.tenant = (char *)"fuzz", m.has_weight = 1, m.weight = u32(p, n, 3);
+        m.has_gpu_min = u32(p, n, 4) & 1, m.gpu_min_bytes = (uint64_t)u32(p, n, 5) << 10;
+        m.has_gpu_max = u32(p, n, 6) & 1, m.gpu_max_bytes = (uint64_t)u32(p, n, 7) << 10;
         return send_msg(c, MSG_SET_QUOTA, &m.base) || await(c, MSG_SET_QUOTA);
+    }
+    case 8: {
+        Cake__PositionsRequest m = CAKE__POSITIONS_REQUEST__INIT;
+        m.seq_id = id, m.layer = layer, m.kv_head = u32(p, n, 3) % 5;
+        m.from = u32(p, n, 4) % 3 ? u32(p, n, 5) % 64 : u32(p, n, 5);
+        m.max = u32(p, n, 6) % 4 ? u32(p, n, 7) % 100 : u32(p, n, 7);
+        return send_msg(c, MSG_POSITIONS, &m.base) || await(c, MSG_POSITIONS);
     }
     default: {
         uint16_t t = u32(p, n, 3) % 3 == 0 ? MSG_STATUS : u32(p, n, 3) % 3 == 1 ? MSG_TENANTS : MSG_PING;
