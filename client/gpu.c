@@ -70,16 +70,20 @@ static int grow(cake_seq *s, size_t bytes, size_t ws_bytes)
         g->dev = g->host = NULL, g->bytes = 0;
         bytes += bytes / 2; /* decode appends pages: leave room */
         if (cudaMalloc((void **)&g->dev, bytes) != cudaSuccess ||
-            cudaMallocHost((void **)&g->host, bytes) != cudaSuccess)
+            cudaMallocHost((void **)&g->host, bytes) != cudaSuccess) {
+            cudaGetLastError(); /* not sticky: the next launch's check must not see it */
             return -ENOMEM;
+        }
         g->bytes = bytes;
     }
     if (ws_bytes > g->ws_bytes) {
         cudaFree(g->ws);
         g->ws = NULL, g->ws_bytes = 0;
         ws_bytes += ws_bytes / 2;
-        if (cudaMalloc((void **)&g->ws, ws_bytes) != cudaSuccess)
+        if (cudaMalloc((void **)&g->ws, ws_bytes) != cudaSuccess) {
+            cudaGetLastError();
             return -ENOMEM;
+        }
         g->ws_bytes = ws_bytes;
     }
     return 0;
@@ -271,6 +275,7 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
                     cudaMalloc((void **)&g->tab_dev, sizeof(int32_t) * n) != cudaSuccess ||
                     cudaMallocHost((void **)&g->tab_host, sizeof(int32_t) * n) != cudaSuccess))
             rc = -ENOMEM;
+        cudaGetLastError();
         cudaSetDevice(prev);
         if (rc) {
             cudaFree(g->tab_dev), cudaFreeHost(g->tab_host);
@@ -359,7 +364,8 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
                 cudaMalloc((void **)&b->ptrs, sizeof(*host) * np) != cudaSuccess ||
                 cudaMemcpy(b->ptrs, host, sizeof(*host) * np, cudaMemcpyHostToDevice) != cudaSuccess ||
                 cudaMalloc((void **)&b->ws, b->ws_bytes) != cudaSuccess))
-        rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace");
+        rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace"),
+        cudaGetLastError();
     cudaSetDevice(prev);
     free(host);
     if (rc) {

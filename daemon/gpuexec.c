@@ -113,16 +113,20 @@ static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
         cudaFree(c->dbuf);
         c->dbuf = NULL, c->dcap = 0;
         size_t want = dbytes + dbytes / 4;
-        if (cudaMalloc((void **)&c->dbuf, want) != cudaSuccess)
+        if (cudaMalloc((void **)&c->dbuf, want) != cudaSuccess) {
+            cudaGetLastError(); /* not sticky: the next launch's check must not see it */
             return -ENOMEM;
+        }
         c->dcap = want;
     }
     if (hbytes > c->hcap) {
         cudaFreeHost(c->hbuf);
         c->hbuf = NULL, c->hcap = 0;
         size_t want = hbytes + hbytes / 4;
-        if (cudaMallocHost((void **)&c->hbuf, want) != cudaSuccess)
+        if (cudaMallocHost((void **)&c->hbuf, want) != cudaSuccess) {
+            cudaGetLastError();
             return -ENOMEM;
+        }
         c->hcap = want;
     }
     return 0;

@@ -115,7 +115,11 @@ static void work_done(struct job *j)
         }
     }
     if (c && c->state == C_BUSY) {
-        if (rc) {
+        if (rc == -ENOMEM) { /* its own heap, or a GPU another process has filled */
+            srv_oom(s, c, "no memory for the work (caked's own, or on the GPU)");
+            srv_reply_error(s, c, CAKE_EOOM, "%s: caked has no memory for the work now (its own, "
+                            "or on the GPU)", frame_type_name(w->type));
+        } else if (rc) {
             srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s failed: %s",
                         frame_type_name(w->type), rc < -4095 ? cake_strerror(rc) : strerror(-rc));
         } else if (lost) {
