@@ -165,6 +165,43 @@ class HFCache(unittest.TestCase):
                         self.assertLessEqual((x[b] - y[0]).abs().max().item(), 1e-4,
                                              f"{pol} row {b}")
 
+    def test_record_once_replay_for_every_policy(self):
+        """A prompt recorded once (caked.hf.record) and replayed into a cache of each
+        policy (CakedCache.replay, no forward of the model) keeps, layer by layer and head by
+        head, the tokens a fresh prefill through the model keeps, and continues to the same
+        logits; the full policy's replay continues as transformers' own cache does; a replay
+        is deterministic."""
+        n = self.ids.shape[1]
+        rec = caked.hf.record(self.model, self.ids, window=8)
+        self.assertLessEqual((rec.logits - self.ref.logits[0][0]).abs().max().item(), 1e-5)
+        gold = self.ref.sequences[0, n:n + 8]  # teacher forcing: transformers' greedy tokens
+        kw = caked.hf.cache_kwarg(self.model)
+        with caked.Client(self.d.sock, service="hf-replay") as c:
+            for pol, extra in (("full", dict(window=8)), ("cake", dict(cache_size=48, window=8)),
+                               ("snapkv", dict(cache_size=48, window=8)),
+                               ("pyramidkv", dict(cache_size=48, window=8))):
+                fresh = caked.hf.CakedCache(c, self.cfg, max_new_tokens=NEW, policy=pol, **extra)
+                with torch.no_grad():
+                    self.model(self.ids, use_cache=True, **{kw: fresh})
+                rep = caked.hf.CakedCache.replay(c, self.cfg, rec, NEW, policy=pol, **extra)
+                for l in range(self.cfg.num_hidden_layers):
+                    for g in range(self.cfg.num_key_value_heads):
+                        self.assertTrue(np.array_equal(fresh.seq.kept_positions(l, g),
+                                                       rep.seq.kept_positions(l, g)),
+                                        f"{pol} layer {l} head {g}")
+                a, b = caked.hf.decode(self.model, fresh, gold), caked.hf.decode(self.model, rep, gold)
+                self.assertLessEqual((a - b).abs().max().item(), 1e-5, pol)
+                if pol == "full":  # the model's own cache: logits of the same continuation
+                    for i in range(len(gold)):
+                        self.assertLessEqual((b[i] - self.ref.logits[i + 1][0]).abs().max().item(),
+                                             1e-4, f"full replay step {i}")
+                again = caked.hf.CakedCache.replay(c, self.cfg, rec, NEW, policy=pol, **extra)
+                self.assertTrue(torch.equal(caked.hf.decode(self.model, again, gold), b), pol)
+                for x in (fresh, rep, again):
+                    x.close()
+            with self.assertRaises(caked.InvalidArgument):  # window 32 from 8 recorded rows
+                caked.hf.CakedCache.replay(c, self.cfg, rec, NEW, policy="cake", cache_size=48)
+
     @unittest.skipUnless(os.path.isdir(TINY), "needs ../shared/models beside the clone")
     def test_tinystories_full_policy_is_exact(self):
         from transformers import AutoModelForCausalLM

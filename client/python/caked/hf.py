@@ -161,27 +161,52 @@ class CakedCache(Cache):
             if l != 0:
                 raise StateError(-5009, "prefill must start at layer 0")
             self._open(key, mask)
+        w = self.seqs[0].window
+        rows = [(key[b][:, i], value[b][:, i], query[b][:, i[-w:]])
+                for b, i in enumerate(self.real)]
+        self._prefill_rows(l, rows, key.shape[-2])
+
+    def _prefill_rows(self, l, rows, seen):
+        """Layer l of every row: (keys, values [kv_heads][n][d], queries [H][>= 1][d], the
+        last `window` of them used) into its sequence, then caked scores and evicts."""
         if l != self.prefilled:
             raise StateError(-5009, f"prefill of layer {l} out of order")
-        for b, s in enumerate(self.seqs):
-            i = self.real[b]
+        for s, (k, v, q) in zip(self.seqs, rows):
             w = s.window
             s.reserve(l)
             if self.gpu is not None:
                 from . import gpu as cg
-                cg.write_kv(s, l, key[b][:, i], value[b][:, i])
-                cg.put_queries(s, l, query[b][:, i[-w:]])
+                cg.write_kv(s, l, k, v)
+                cg.put_queries(s, l, q[:, -w:])
             else:
-                s.write_layer(l, _np_of(key[b][:, i]), _np_of(value[b][:, i]))
-                q = _np_of(query[b][:, i[-w:]])  # [H][<=w][d], oldest first
-                s.queries(l)[:, w - q.shape[1]:] = q
+                s.write_layer(l, _np_of(k), _np_of(v))
+                qn = _np_of(q[:, -w:])  # [H][<=w][d], oldest first
+                s.queries(l)[:, w - qn.shape[1]:] = qn
         if self.gpu is not None:  # caked reads what torch's stream wrote
-            torch.cuda.current_stream(key.device).synchronize()
+            torch.cuda.current_stream(rows[0][0].device).synchronize()
         for s in self.seqs:
             s.observe(l)
         self.prefilled += 1
         if l == self.n_layers - 1:
-            self.seen = key.shape[-2]
+            self.seen = seen
+
+    @classmethod
+    def replay(cls, client, config, rec, max_new_tokens, placement="auto", **policy):
+        """A cache prefilled from a Record (record()) with no forward of the model: every
+        layer's recorded keys, values and last queries go to caked, which scores and evicts
+        under this cache's policy as if the prompt had just run. Exact: each policy's
+        prefill attends to the whole prompt, which the record did."""
+        cache = cls(client, config, max_new_tokens, placement=placement, **policy)
+        if len(rec.keys) != cache.n_layers:
+            raise InvalidArgument(-5005, "the record is of another model")
+        w, kept = policy.get("window", 32), rec.queries[0].shape[1]
+        if w > kept and rec.n > kept:
+            raise InvalidArgument(-5005, f"the record kept {kept} queries; the policy's "
+                                         f"window needs {w}")
+        cache._open(rec.keys[0].unsqueeze(0), None)
+        for l in range(cache.n_layers):
+            cache._prefill_rows(l, [(rec.keys[l], rec.values[l], rec.queries[l])], rec.n)
+        return cache
 
     # -- decode --------------------------------------------------------------------------
     def _decode(self, l, k, v):
@@ -286,6 +311,57 @@ class CakedCache(Cache):
         raise InvalidArgument(-5005, "CakedCache cannot crop (assisted decoding)")
 
 
+class Record:
+    """One prompt run once (record()): each layer's keys and values as the model caches them
+    (after RoPE), [kv_heads][n][head_dim], its last `window` queries [q_heads][w][head_dim],
+    and the logits after the prompt. CakedCache.replay() prefills a cache of any policy
+    from it without running the model again."""
+
+    def __init__(self, keys, values, queries, logits):
+        self.keys, self.values, self.queries, self.logits = keys, values, queries, logits
+        self.n = keys[0].shape[1]
+
+
+def record(model, ids, window=32):
+    """Runs the prompt ids [1][n] through `model` (enabled: caked.hf.enable) once with
+    transformers' own cache and returns its Record."""
+    from transformers import DynamicCache
+
+    class _Recorder(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.rec_k[layer_idx] = key_states[0].detach().clone()
+            self.rec_v[layer_idx] = value_states[0].detach().clone()
+            _active.state = (self, layer_idx, "record")
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    if ids.shape[0] != 1:
+        raise InvalidArgument(-5005, "record() takes one prompt")
+    cache = _Recorder()
+    cache.rec_k, cache.rec_v, cache.rec_q, cache.window = {}, {}, {}, window
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    L = len(cache.rec_k)
+    if len(cache.rec_q) != L:
+        raise StateError(-5009, "no queries were recorded: call caked.hf.enable(model) first")
+    return Record([cache.rec_k[l] for l in range(L)], [cache.rec_v[l] for l in range(L)],
+                  [cache.rec_q[l] for l in range(L)], out.logits[0, -1].detach())
+
+
+def decode(model, cache, tokens):
+    """Feeds tokens [n] one at a time after what `cache` holds (positions go on from
+    cache.get_seq_length()); returns the logits after each, [n][vocab] (teacher forcing)."""
+    kw = {cache_kwarg(model): cache}
+    out = []
+    with torch.no_grad():
+        for t in tokens.tolist():
+            pos = cache.get_seq_length()
+            dev = model.device
+            r = model(torch.tensor([[t]], device=dev), use_cache=True,
+                      cache_position=torch.tensor([pos], device=dev), **kw)
+            out.append(r.logits[0, -1])
+    return torch.stack(out)
+
+
 def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                     is_causal=None, **kwargs):
     """The "caked" attention: the model's own attention over the prompt (then the layer goes
@@ -297,6 +373,12 @@ def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scal
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     _active.state = None
     cache, l, phase = state
+    if phase == "record":
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                        dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                        **kwargs)
+        cache.rec_q[l] = query[0, :, -cache.window:].detach().clone()
+        return out, None
     if phase == "prefill":
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
                                         dropout=dropout, scaling=scaling, is_causal=is_causal,
