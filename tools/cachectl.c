@@ -436,26 +436,16 @@ static int cmd_quota(cake_ctx *c, const char *tenant)
         else
             m.uid = (uint32_t)w, m.has_uid = 1;
     }
-    uint64_t v;
-    if (q_min) {
-        if (parse_size(q_min, &v))
+    const struct { const char *arg; uint64_t *v; protobuf_c_boolean *has; } sizes[] = {
+        {q_min, &m.min_bytes, &m.has_min}, {q_max, &m.max_bytes, &m.has_max},
+        {q_gmin, &m.gpu_min_bytes, &m.has_gpu_min}, {q_gmax, &m.gpu_max_bytes, &m.has_gpu_max},
+    };
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        if (!sizes[k].arg)
+            continue;
+        if (parse_size(sizes[k].arg, sizes[k].v))
             return 2;
-        m.min_bytes = v, m.has_min = 1;
-    }
-    if (q_max) {
-        if (parse_size(q_max, &v))
-            return 2;
-        m.max_bytes = v, m.has_max = 1;
-    }
-    if (q_gmin) {
-        if (parse_size(q_gmin, &v))
-            return 2;
-        m.gpu_min_bytes = v, m.has_gpu_min = 1;
-    }
-    if (q_gmax) {
-        if (parse_size(q_gmax, &v))
-            return 2;
-        m.gpu_max_bytes = v, m.has_gpu_max = 1;
+        *sizes[k].has = 1;
     }
     uint8_t *b;
     size_t n;

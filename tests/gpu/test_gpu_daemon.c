@@ -12,21 +12,11 @@
 
 #include "cake/cake.h"
 #include "../integration/harness.h"
+#include "gputest.h"
 
 #define OFF (1u << 20)
 #define LEN (1u << 20)
 
-static int has_gpu(void)
-{
-    pid_t p = fork(); /* probe in a child: a CUDA context must not cross a later fork */
-    if (p == 0) {
-        int n = 0;
-        _exit(cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? 0 : 1);
-    }
-    int st;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
-}
 
 enum role { WRITER, READER, OTHER };
 
@@ -109,7 +99,7 @@ static int engine(const char *sock, enum role role, int legacy, uint64_t *off_io
 
 int main(void)
 {
-    if (!has_gpu()) {
+    if (!gputest_has_gpu()) {
         printf("SKIP: no CUDA device\n");
         return 77;
     }

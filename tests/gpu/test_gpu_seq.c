@@ -27,6 +27,7 @@
 #include "cake/cake.h"
 #include "dtype.h"
 #include "../integration/harness.h"
+#include "gputest.h"
 
 enum { L = 4, H = 8, HKV = 2, D = 64, N = 600, W = 32, CACHE = 128, MAXNEW = 48 };
 enum { S = N - W, T = N + MAXNEW, ROW = D * 2 };
@@ -59,17 +60,6 @@ static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(
 /* original rows: [L][HKV][T] rows of K and of V */
 static uint16_t Ko[L][HKV][T][D], Vo[L][HKV][T][D];
 
-static int has_gpu(void)
-{
-    pid_t p = fork(); /* probe in a child: a CUDA context must not cross a later fork */
-    if (p == 0) {
-        int n = 0;
-        _exit(cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? 0 : 1);
-    }
-    int st;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
-}
 
 /* copy to or from a slot of either placement */
 static void put(cake_seq *s, void *dst, const void *src, size_t n)
@@ -680,7 +670,7 @@ static int run_engine(const char *sock, int crash)
 
 int main(void)
 {
-    if (!has_gpu()) {
+    if (!gputest_has_gpu()) {
         printf("SKIP: no CUDA device\n");
         return 77;
     }

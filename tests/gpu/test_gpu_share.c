@@ -18,20 +18,10 @@
 #include "frame.h"
 #include "internal.h"
 #include "../integration/harness.h"
+#include "gputest.h"
 
 #define MB (1ull << 20)
 
-static int has_gpu(void)
-{
-    pid_t p = fork(); /* probe in a child: a CUDA context must not cross a later fork */
-    if (p == 0) {
-        int n = 0;
-        _exit(cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? 0 : 1);
-    }
-    int st;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
-}
 
 /* An engine of `service`: GPU sequences (2 MiB of K/V each) until refused; tells how many
  * on `up`, then holds them until a byte arrives on `down`. Exit 0, or 1 with the reason. */
@@ -128,7 +118,7 @@ static int gpu_of(const char *sock, const char *name, uint64_t *used, uint64_t *
 
 int main(void)
 {
-    if (!has_gpu()) {
+    if (!gputest_has_gpu()) {
         printf("SKIP: no CUDA device\n");
         return 77;
     }
