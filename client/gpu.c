@@ -363,9 +363,10 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
     if (!rc && (cudaSetDevice(b->device) != cudaSuccess ||
                 cudaMalloc((void **)&b->ptrs, sizeof(*host) * np) != cudaSuccess ||
                 cudaMemcpy(b->ptrs, host, sizeof(*host) * np, cudaMemcpyHostToDevice) != cudaSuccess ||
-                cudaMalloc((void **)&b->ws, b->ws_bytes) != cudaSuccess))
-        rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace"),
-        cudaGetLastError();
+                cudaMalloc((void **)&b->ws, b->ws_bytes) != cudaSuccess)) {
+        cudaGetLastError(); /* not sticky: the next launch's check must not see it */
+        rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace");
+    }
     cudaSetDevice(prev);
     free(host);
     if (rc) {

@@ -53,6 +53,16 @@ void config_defaults(struct config *c)
 
 #define FAIL(...) (snprintf(err, (size_t)len, __VA_ARGS__), -1)
 
+/* The tenant field a size key sets (min, max, gpu-min, gpu-max), or NULL. */
+static uint64_t *size_key(struct tenant_cfg *t, const char *key)
+{
+    return !strcmp(key, "min")       ? &t->min_bytes
+           : !strcmp(key, "max")     ? &t->max_bytes
+           : !strcmp(key, "gpu-min") ? &t->gpu_min_bytes
+           : !strcmp(key, "gpu-max") ? &t->gpu_max_bytes
+                                     : NULL;
+}
+
 int config_set(struct config *c, const char *key, const char *v, char *err, int len)
 {
     uint64_t n;
@@ -171,7 +181,6 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             return FAIL("expected key=value: %s", tok);
         *eq = 0;
         const char *v = eq + 1;
-        uint64_t n;
         char *end;
         if (!strcmp(tok, "uid") || !strcmp(tok, "uids")) {
             /* uid=1001,1002 or user names: the uids allowed to be this tenant */
@@ -200,12 +209,9 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             if (*end || w < 1 || w > TENANT_MAX_WEIGHT)
                 return FAIL("weight must be 1..1000000: %s", v);
             t->weight = (uint32_t)w;
-        } else if (!strcmp(tok, "min") || !strcmp(tok, "max") || !strcmp(tok, "gpu-min") ||
-                   !strcmp(tok, "gpu-max")) {
-            if (config_parse_size(v, &n))
+        } else if (size_key(t, tok)) { /* min, max, gpu-min, gpu-max */
+            if (config_parse_size(v, size_key(t, tok)))
                 return FAIL("bad size: %s", v);
-            uint64_t *f[4] = {&t->min_bytes, &t->max_bytes, &t->gpu_min_bytes, &t->gpu_max_bytes};
-            *f[(tok[0] == 'g') * 2 + (tok[strlen(tok) - 2] == 'a')] = n;
         } else {
             return FAIL("unknown tenant key: %s", tok);
         }
