@@ -101,6 +101,14 @@ int cake_set_admin(cake_ctx *c, int admin)
     return 0;
 }
 
+int cake_set_shrink_idle(cake_ctx *c, int allow)
+{
+    if (c->fd >= 0)
+        return cake_set_err(c, CAKE_EINVAL, "cake_set_shrink_idle() goes before cake_connect()");
+    c->shrink_idle = allow != 0;
+    return 0;
+}
+
 int cake_set_timeout_ms(cake_ctx *c, int ms)
 {
     if (ms < 0)
@@ -570,6 +578,7 @@ int cake_connect(cake_ctx *c, const char *path, int map_pool)
     }
     Cake__Hello m = CAKE__HELLO__INIT;
     m.protocol_version = CAKE_PROTOCOL_VERSION, m.service = c->service, m.want_pool = map_pool != 0;
+    m.shrink_idle = c->shrink_idle;
     m.admin = c->want_admin;
     uint8_t *b = NULL;
     size_t n = 0;
@@ -1157,6 +1166,11 @@ uint32_t cake_layer_tokens(const cake_seq *s, uint32_t layer)
 uint32_t cake_layer_budget(const cake_seq *s, uint32_t layer)
 {
     return layer < s->hdr.layers ? seq_layer(s, layer)->budget : 0;
+}
+
+uint32_t cake_seq_reslices(const cake_seq *s)
+{
+    return ((const volatile struct shm_desc *)s->desc)->reslices;
 }
 
 uint32_t cake_head_holes(const cake_seq *s, uint32_t layer, uint32_t kv_head, uint32_t *first)

@@ -28,6 +28,7 @@ struct cake_ctx {
     void *ud;
     long server_uid;        /* cake_set_server_uid (-1: root or our own) */
     int want_admin;
+    int shrink_idle;        /* cake_set_shrink_idle */
     uint8_t *pool;          /* the host pool's reserved range; tenant segments mapped in it */
     size_t pool_bytes;
     uint64_t page_bytes;

@@ -25,6 +25,7 @@ struct cakeseq {
     uint32_t kv_heads, n, S;
     uint32_t next_layer;
     uint32_t fallbacks;
+    int64_t total;     /* the whole model's prefix budget: (C - w) L unless lowered (pressure) */
     int external;      /* the caller selects (indicator NULL): counts only */
     struct layer_state *ls;
     int64_t *stage;    /* [L][L] */
@@ -55,6 +56,7 @@ int cakeseq_create(const struct policy_cfg *cfg, uint32_t kv_heads, uint32_t n,
     s->slots = malloc(sizeof(uint32_t) * ((size_t)L * kv_heads * s->S + 1));
     s->ltmp = malloc(sizeof(uint32_t) * (2 * (size_t)s->S * L + 1));
     s->threads = 1;
+    s->total = ((int64_t)cfg->cache_size - cfg->window) * L;
     if (!s->ls || !s->stage || !s->slots || !s->ltmp) {
         cakeseq_destroy(s);
         return -ENOMEM;
@@ -91,6 +93,12 @@ double cakeseq_preference(const struct cakeseq *s, uint32_t l) { return s->ls[l]
 uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t l) { return (uint32_t)s->ls[l].budget; }
 uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t l) { return s->ls[l].prefix; }
 uint32_t cakeseq_fallbacks(const struct cakeseq *s) { return s->fallbacks; }
+
+void cakeseq_lower_budget(struct cakeseq *s, uint32_t l, uint32_t budget)
+{
+    if ((int64_t)budget < s->ls[l].budget)
+        s->ls[l].budget = budget;
+}
 
 const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t l, uint32_t g)
 {
@@ -300,7 +308,7 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
     int allocate = !policy_prefill_early_exit(cfg, s->n) && (cfg->cascading || layer == L - 1);
     if (allocate) {
         uint32_t m = layer + 1; /* layers 0..layer take part */
-        int64_t T = ((int64_t)cfg->cache_size - cfg->window) * L, b[POLICY_MAX_LAYERS];
+        int64_t T = s->total, b[POLICY_MAX_LAYERS];
         if (cfg->mode == POLICY_PARITY) {
             float P[POLICY_MAX_LAYERS];
             for (uint32_t l = 0; l < m; l++)
@@ -334,4 +342,56 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
     for (uint32_t l = 0; l < L; l++)
         row[l] = l <= layer ? s->ls[l].budget : -1;
     return 0;
+}
+
+int cakeseq_can_restage(const struct cakeseq *s)
+{
+    const struct policy_cfg *c = &s->cfg;
+    return s->slots && s->next_layer > 0 && s->next_layer < c->layers && c->mode == POLICY_FIXED &&
+           c->alloc == POLICY_ALLOC_PREFERENCE && c->cascading && !c->per_head_budgets &&
+           !policy_prefill_early_exit(c, s->n);
+}
+
+int64_t cakeseq_total(const struct cakeseq *s) { return s->total; }
+
+void cakeseq_lower_total(struct cakeseq *s, int64_t T)
+{
+    if (T < s->total)
+        s->total = T;
+}
+
+/* The stage's budgets of layers 0 .. next_layer - 1 at total T (policy_budgets_fixed). */
+static void stage_budgets(const struct cakeseq *s, int64_t T, int64_t *b)
+{
+    double P[POLICY_MAX_LAYERS];
+    int64_t cap[POLICY_MAX_LAYERS];
+    for (uint32_t l = 0; l < s->next_layer; l++)
+        P[l] = s->ls[l].pref, cap[l] = s->ls[l].prefix;
+    policy_budgets_fixed(P, cap, s->next_layer, T, b);
+}
+
+void cakeseq_restage_preview(const struct cakeseq *s, int64_t T, int64_t *b)
+{
+    stage_budgets(s, T < s->total ? T : s->total, b);
+}
+
+int cakeseq_restage(struct cakeseq *s, struct cakeseq_evict *ev, uint32_t *n_ev)
+{
+    *n_ev = 0;
+    if (!cakeseq_can_restage(s))
+        return -EINVAL;
+    int64_t b[POLICY_MAX_LAYERS];
+    stage_budgets(s, s->total, b);
+    struct evict_job jobs[POLICY_MAX_LAYERS];
+    uint32_t nt = 0;
+    for (uint32_t l = 0; l < s->next_layer; l++) {
+        struct layer_state *x = &s->ls[l];
+        x->budget = b[l];
+        if ((uint64_t)b[l] < x->prefix)
+            jobs[nt++] = (struct evict_job){.l = l, .keep = (uint32_t)b[l]};
+    }
+    int rc = evict_layers(s, jobs, nt, ev);
+    if (!rc)
+        *n_ev = nt;
+    return rc;
 }

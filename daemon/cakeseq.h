@@ -68,6 +68,22 @@ void cakeseq_prefill_done(struct cakeseq *s);
 double cakeseq_preference(const struct cakeseq *s, uint32_t layer);
 uint32_t cakeseq_budget(const struct cakeseq *s, uint32_t layer);
 uint32_t cakeseq_prefix_len(const struct cakeseq *s, uint32_t layer);
+/* Pressure (caked's re-slicing): layer l's recorded budget becomes min(budget, recorded);
+ * the next eviction of the layer keeps that many. */
+void cakeseq_lower_budget(struct cakeseq *s, uint32_t l, uint32_t budget);
+/* Pressure during the prompt (fixed mode, CAKE's preference allocation, cascading, while
+ * the prompt's layers arrive): the whole model's total T = (C - w) L can be lowered. Can
+ * it now? */
+int cakeseq_can_restage(const struct cakeseq *s);
+int64_t cakeseq_total(const struct cakeseq *s);
+/* The total becomes min(T, total): the cascade's next stage allocates from it. */
+void cakeseq_lower_total(struct cakeseq *s, int64_t T);
+/* The budgets layers 0 .. scored - 1 would get at total min(T, current) - the cascade's
+ * rule - into b (nothing changes). */
+void cakeseq_restage_preview(const struct cakeseq *s, int64_t T, int64_t *b);
+/* Re-selects the scored layers now at the total, as the cascade's next stage would
+ * (evictions into ev, room for L). 0, -EINVAL (not now), -ENOMEM. */
+int cakeseq_restage(struct cakeseq *s, struct cakeseq_evict *ev, uint32_t *n_ev);
 /* Original positions of the held prefix tokens of (layer, g), in storage order. */
 const uint32_t *cakeseq_positions(const struct cakeseq *s, uint32_t layer, uint32_t g);
 /* Ada-KV: tokens each kv head of the layer keeps in its prefix slots (the rest of

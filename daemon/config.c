@@ -11,6 +11,7 @@
 #include "../client/include/cake/cake.h"
 #include "config.h"
 #include "http.h"
+#include "pressure.h"
 #include "tenant.h"
 
 int config_parse_size(const char *s, uint64_t *out)
@@ -49,6 +50,9 @@ void config_defaults(struct config *c)
     c->srv.io = LOOP_AUTO;
     c->srv.workers = 0;
     c->srv.kernel_threads = 1;
+    c->srv.pressure = PRESSURE_RESLICE;
+    c->srv.pressure_wait_s = 5.0;
+    c->srv.min_tokens = 64;
 }
 
 #define FAIL(...) (snprintf(err, (size_t)len, __VA_ARGS__), -1)
@@ -134,6 +138,23 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
         if (*end || !(x >= 0.1 && x <= 3600))
             return FAIL("hello-timeout must be 0.1..3600 seconds: %s", v);
         c->srv.hello_timeout_s = x;
+    } else if (!strcmp(key, "pressure")) {
+        int m = pressure_mode_parse(v);
+        if (m <= 0)
+            return FAIL("pressure must be reslice or refuse: %s", v);
+        c->srv.pressure = m;
+    } else if (!strcmp(key, "pressure-wait")) {
+        char *end;
+        double x = strtod(v, &end);
+        if (end == v || *end || !(x >= 0 && x <= 3600))
+            return FAIL("pressure-wait must be 0..3600 seconds: %s", v);
+        c->srv.pressure_wait_s = x;
+    } else if (!strcmp(key, "min-tokens")) {
+        char *end;
+        long x = strtol(v, &end, 10);
+        if (end == v || *end || x < 1 || x > (1L << 24))
+            return FAIL("min-tokens must be 1..16777216: %s", v);
+        c->srv.min_tokens = (uint32_t)x;
     } else if (!strcmp(key, "segment-size")) {
         if (config_parse_size(v, &n) || n < (4u << 20) || (n & (n - 1)) || n > (1ull << 40))
             return FAIL("segment-size must be a power of two of at least 4M: %s", v);
@@ -209,6 +230,14 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             if (*end || w < 1 || w > TENANT_MAX_WEIGHT)
                 return FAIL("weight must be 1..1000000: %s", v);
             t->weight = (uint32_t)w;
+        } else if (!strcmp(tok, "pressure")) {
+            if ((t->pressure = pressure_mode_parse(v)) <= 0)
+                return FAIL("tenant %s: pressure must be reslice or refuse: %s", t->name, v);
+        } else if (!strcmp(tok, "min-tokens")) {
+            long x = strtol(v, &end, 10);
+            if (end == v || *end || x < 1 || x > (1L << 24))
+                return FAIL("tenant %s: min-tokens must be 1..16777216: %s", t->name, v);
+            t->min_tokens = (uint32_t)x;
         } else if (size_key(t, tok)) { /* min, max, gpu-min, gpu-max */
             if (config_parse_size(v, size_key(t, tok)))
                 return FAIL("bad size: %s", v);

@@ -15,6 +15,7 @@
 
 #include "cake/cake.h"
 #include "frame.h"
+#include "pressure.h"
 #include "server_int.h"
 
 struct client *srv_client_by_id(struct server *s, uint64_t id)
@@ -334,6 +335,7 @@ void srv_client_close(struct server *s, struct client *c)
                  "client %llu of tenant %s left%s: %u sequence%s freed", (unsigned long long)c->id,
                  c->tenant->name, s->stopping ? " (shutdown)" : "", freed, freed == 1 ? "" : "s");
     srv_release_quarantine(s, c->id);
+    pressure_forget(s, c->id);
     srv_tenant_gc(s, c->tenant); /* a one-shot name leaves nothing behind */
     c->state = C_CLOSED;
     for (uint32_t i = 0; i < s->n_clients; i++)

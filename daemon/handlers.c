@@ -14,6 +14,7 @@
 
 #include "cake/cake.h"
 #include "frame.h"
+#include "pressure.h"
 #include "server_int.h"
 
 /* ---- handlers -------------------------------------------------------------- */
@@ -92,6 +93,7 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
         return;
     }
     int want_pool = m->want_pool;
+    c->shrink_idle = want_pool && m->shrink_idle;
     /* administration is asked for (cachectl does, engines do not) and granted by right */
     c->admin = m->admin && admin_right(s, c);
     if (want_pool) { /* an engine: it will be sent its tenant's segments (srv_queue_maps) */
@@ -134,6 +136,19 @@ static void h_hello(struct server *s, struct client *c, const ProtobufCMessage *
     if (want_pool && s->n_gpus)
         r.n_gpus = s->n_gpus, r.gpus = gpp;
     srv_reply(s, c, MSG_HELLO, &r.base);
+}
+
+/* A sequence opened into table slot `slot`: it is in the table, the client told. */
+static void open_reply(struct server *s, struct client *c, int slot, struct seq *q)
+{
+    s->slots[slot].s = q;
+    s->n_seqs++;
+    Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
+    r.seq_id = q->id, r.tokens_per_page = q->tpp;
+    r.desc_bytes = q->desc_bytes;
+    r.scratch_bytes = (uint64_t)q->win_n * s->pool.page_bytes - q->desc_bytes;
+    r.n_window_pages = q->win_n, r.window_pages = q->win_pages;
+    srv_reply(s, c, MSG_SEQ_OPEN, &r.base);
 }
 
 static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessage *msg)
@@ -198,6 +213,17 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
             return;
         }
     }
+    if (!shards) {
+        const char *why = "out of memory";
+        int rc = srv_seq_open(s, c, &a, &why);
+        if (rc == CAKE_EOOM && pressure_wait_open(s, c, &a, why))
+            return; /* waits for room (pressure.h) */
+        if (rc == CAKE_EOOM)
+            srv_oom(s, c, why);
+        if (rc)
+            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
+        return;
+    }
     uint64_t id;
     int slot = srv_seq_new(s, &id);
     if (slot < 0) {
@@ -226,14 +252,24 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
         srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
         return;
     }
-    s->slots[slot].s = q;
-    s->n_seqs++;
-    Cake__SeqOpenReply r = CAKE__SEQ_OPEN_REPLY__INIT;
-    r.seq_id = id, r.tokens_per_page = q->tpp;
-    r.desc_bytes = q->desc_bytes;
-    r.scratch_bytes = (uint64_t)q->win_n * s->pool.page_bytes - q->desc_bytes;
-    r.n_window_pages = q->win_n, r.window_pages = q->win_pages;
-    srv_reply(s, c, MSG_SEQ_OPEN, &r.base);
+    open_reply(s, c, slot, q);
+}
+
+int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,
+                 const char **why)
+{
+    uint64_t id;
+    int slot = srv_seq_new(s, &id);
+    if (slot < 0) {
+        *why = "out of memory";
+        return CAKE_EINTERNAL;
+    }
+    struct seq *q;
+    int rc = seq_open(&s->env, a, c->tenant, id, c->id, &q, why);
+    if (rc)
+        return rc;
+    open_reply(s, c, slot, q);
+    return 0;
 }
 
 static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage *msg)
@@ -248,6 +284,8 @@ static void h_reserve(struct server *s, struct client *c, const ProtobufCMessage
     }
     const char *why = "";
     int rc = seq_reserve(&s->env, q, layer, &why);
+    if (rc == CAKE_EOOM && pressure_wait_reserve(s, c, q, layer, why))
+        return; /* waits for room (pressure.h) */
     if (rc) {
         if (rc == CAKE_EOOM)
             srv_oom(s, c, why);
@@ -406,6 +444,11 @@ static void fill_tenant(struct server *s, Cake__Tenant *t, const struct tenant *
     t->gpu_cap_bytes = srv_gpu_bytes(s) ? tenant_cap_gpu(&s->tenants, x, srv_gpu_bytes(s)) : 0;
     t->sequences = x->sequences, t->clients = x->clients;
     t->oom_errors = x->oom_errors;
+    int mode = x->pressure ? x->pressure : s->cfg.pressure;
+    t->pressure = (char *)pressure_mode_name(mode);
+    t->min_tokens = x->min_tokens ? x->min_tokens : s->cfg.min_tokens;
+    t->reslices = x->reslices, t->reslice_tokens = x->rs_tokens;
+    t->waits_granted = x->waits_granted, t->waits_refused = x->waits_refused;
 }
 
 static void h_tenants(struct server *s, struct client *c, const ProtobufCMessage *msg)
@@ -442,6 +485,13 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
         r->gpu_uuid = s->gpus[q->gpu_dev].uuid;
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
     r->policy = (char *)policy_kind_name(q->cfg.kind);
+    r->effective_cache = q->cfg.cache_size, r->reslices = q->reslices;
+    if (q->next_observe == q->L && q->cfg.alloc != POLICY_ALLOC_NONE) {
+        uint64_t b = 0; /* what the published budgets hold (pub: safe while a job runs) */
+        for (uint32_t l = 0; l < q->L; l++)
+            b += q->pub[l].budget;
+        r->effective_cache = (uint32_t)(b / q->L) + q->cfg.window;
+    }
     if (q->group)
         r->shard_group = q->group->key, r->shards = q->group->n, r->shard = q->shard;
 }

@@ -5,6 +5,7 @@
  *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--heap-limit SIZE]
  *         [--metrics-listen [HOST:]PORT] [--config FILE]
  *         [--max-clients-per-uid N] [--hello-timeout SECS]
+ *         [--pressure reslice|refuse] [--pressure-wait SECS] [--min-tokens N]
  *         [--version] [--help]
  *
  * Runs in the foreground and logs to stderr (a service manager captures both). */
@@ -42,6 +43,11 @@ static void usage(FILE *f)
             "  --max-clients-per-uid N  connections a uid other than root and caked's may hold\n"
             "                        (default: half the client limit)\n"
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
+            "  --pressure reslice|refuse  when a request's pages do not fit: lower the budgets\n"
+            "                        of the tenant's running sequences by CAKE's own scores and\n"
+            "                        let it wait for the room (default reslice), or refuse\n"
+            "  --pressure-wait SECS  how long a request may wait for room (default 5)\n"
+            "  --min-tokens N        no re-slice leaves a layer fewer tokens (default 64)\n"
             "  --log-level LEVEL     error, warning, info (default: attaches, departures,\n"
             "                        refusals) or debug\n"
             "  --metrics-listen [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics\n"
@@ -63,6 +69,7 @@ int main(int argc, char **argv)
         {"admin-group", 1, 0, 'A'}, {"segment-size", 1, 0, 'S'},
         {"max-clients-per-uid", 1, 0, 'U'}, {"hello-timeout", 1, 0, 'T'},
         {"heap-limit", 1, 0, 'L'}, {"log-level", 1, 0, 'l'}, {"metrics-listen", 1, 0, 'M'},
+        {"pressure", 1, 0, 'R'}, {"pressure-wait", 1, 0, 'W'}, {"min-tokens", 1, 0, 'm'},
         {"version", 0, 0, 'V'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0},
     };
     static const char *const keys[128] = {
@@ -70,6 +77,7 @@ int main(int argc, char **argv)
         ['w'] = "workers", ['k'] = "kernel-threads", ['g'] = "socket-group",
         ['A'] = "admin-group", ['S'] = "segment-size", ['U'] = "max-clients-per-uid",
         ['T'] = "hello-timeout", ['L'] = "heap-limit", ['l'] = "log-level", ['M'] = "metrics-listen",
+        ['R'] = "pressure", ['W'] = "pressure-wait", ['m'] = "min-tokens",
     };
     char err[512];
     /* the config file first, so the command line overrides it */

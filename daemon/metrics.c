@@ -141,8 +141,29 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
         P("caked_errors_total{kind=\"%s\"} %llu\n", metrics_err_name((enum metrics_err)e),
           (unsigned long long)s->m.errors[e]);
     P("# HELP caked_evictions_total Layer compactions.\n# TYPE caked_evictions_total counter\n"
-      "caked_evictions_total{phase=\"prefill\"} %llu\ncaked_evictions_total{phase=\"decode\"} %llu\n",
-      (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode);
+      "caked_evictions_total{phase=\"prefill\"} %llu\ncaked_evictions_total{phase=\"decode\"} %llu\n"
+      "caked_evictions_total{phase=\"reslice\"} %llu\n",
+      (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode,
+      (unsigned long long)s->m.evictions_reslice);
+    P("# HELP caked_reslices_total Sequences whose budgets were lowered to make room.\n"
+      "# TYPE caked_reslices_total counter\ncaked_reslices_total %llu\n"
+      "# HELP caked_reslice_tokens_total Layer tokens given up by re-slices (sum over layers).\n"
+      "# TYPE caked_reslice_tokens_total counter\ncaked_reslice_tokens_total %llu\n",
+      (unsigned long long)s->m.reslices, (unsigned long long)s->m.reslice_tokens);
+    P("# HELP caked_pressure_waits_total Requests that did not fit and waited for room, by "
+      "outcome (granted: a refusal avoided).\n# TYPE caked_pressure_waits_total counter\n"
+      "caked_pressure_waits_total{outcome=\"granted\"} %llu\n"
+      "caked_pressure_waits_total{outcome=\"refused\"} %llu\n"
+      "# HELP caked_pressure_waiting Requests waiting for room now.\n"
+      "# TYPE caked_pressure_waiting gauge\ncaked_pressure_waiting %u\n",
+      (unsigned long long)s->m.waits_granted, (unsigned long long)s->m.waits_refused,
+      s->n_waiting);
+    rc |= tenant_series(s, c, b, "caked_tenant_reslices_total", "counter",
+                        "Sequences of each tenant re-sliced to make room.",
+                        offsetof(struct tenant, reslices));
+    rc |= tenant_series(s, c, b, "caked_tenant_reslice_tokens_total", "counter",
+                        "Layer tokens each tenant's sequences gave up to re-slices.",
+                        offsetof(struct tenant, rs_tokens));
     P("# HELP caked_evicted_tokens_total Tokens evicted (per kv head).\n"
       "# TYPE caked_evicted_tokens_total counter\ncaked_evicted_tokens_total %llu\n",
       (unsigned long long)s->m.tokens_evicted);

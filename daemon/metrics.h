@@ -28,6 +28,10 @@ struct metrics {
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
     uint64_t jobs_cancelled;                      /* sequences' work skipped: owner gone */
     uint64_t clients_refused;                     /* over the client or fd limit */
+    /* pressure (pressure.h) */
+    uint64_t reslices, reslice_tokens;            /* sequences' budgets lowered; tokens given up */
+    uint64_t evictions_reslice;                   /* layers compacted by re-slice jobs */
+    uint64_t waits_granted, waits_refused;        /* requests that waited for room */
 };
 
 extern const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS];

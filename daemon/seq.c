@@ -182,6 +182,7 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
 
 void seq_publish(const struct seq_env *e, struct seq *s)
 {
+    s->desc->reslices = s->reslices;
     for (uint32_t l = 0; l < s->next_reserve; l++)
         sync_layer(e, s, l);
 }
@@ -228,6 +229,47 @@ static const char *gpu_layout_check(const struct seq_env *e, const struct seq_op
     return NULL;
 }
 
+/* Where a sequence of this layout (cfg resolved, tpp tokens per page) keeps its pieces. */
+struct geom {
+    uint32_t max_pages;
+    struct shm_ring ring;
+    uint64_t desc_bytes, win_n, rp; /* descriptor; window pages (host); ring pages (GPU) */
+};
+
+static struct geom geometry(const struct seq_env *e, const struct seq_open_args *a,
+                            const struct policy_cfg *cfg, uint64_t tpp)
+{
+    struct geom g = {0};
+    uint64_t pb = e->pool->page_bytes;
+    uint64_t row = (uint64_t)a->head_dim * kern_dtype_size((enum kern_dtype)a->dtype);
+    g.max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
+    if (a->gpu)
+        g.ring = shm_ring_geom(a->q_heads, cfg->window, row, pb); /* row <= pb: a token fits a page */
+    /* descriptor and scratch area share the window's pages (a small sequence takes one);
+     * host sequences' rings, then the indicator, in the scratch area */
+    g.desc_bytes = (shm_desc_bytes(a->layers, g.max_pages, a->kv_heads, g.ring.pages) + 63) & ~63ull;
+    uint64_t ring_layer = ((uint64_t)a->q_heads * cfg->window * row + 63) & ~UINT64_C(63);
+    uint64_t S = a->prompt_len > cfg->window ? a->prompt_len - cfg->window : 0;
+    uint64_t scratch = (a->gpu ? 0 : (uint64_t)a->layers * ring_layer) + (uint64_t)a->kv_heads * S * 4;
+    g.win_n = (g.desc_bytes + scratch + pb - 1) / pb;
+    g.rp = (uint64_t)a->layers * g.ring.pages;
+    return g;
+}
+
+void seq_open_pages(const struct seq_env *e, const struct seq_open_args *a, uint64_t *host,
+                    uint64_t *gpu)
+{
+    struct policy_cfg cfg = a->cfg;
+    cfg.layers = a->layers;
+    policy_cfg_resolve(&cfg);
+    uint64_t row = (uint64_t)a->head_dim * kern_dtype_size((enum kern_dtype)a->dtype);
+    uint64_t tpp = a->kv_heads && row ? e->pool->page_bytes / (2 * a->kv_heads * row) : 0;
+    if (!tpp || !a->layers || !a->q_heads)
+        return;
+    struct geom g = geometry(e, a, &cfg, tpp);
+    *host += g.win_n, *gpu += g.rp;
+}
+
 int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tenant *t,
              uint64_t id, uint64_t owner, struct seq **out, const char **why)
 {
@@ -270,16 +312,14 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->id = id, s->owner = owner, s->tenant = t, s->L = a->layers, s->H = a->q_heads;
     s->Hkv = a->kv_heads, s->d = a->head_dim, s->n = a->prompt_len, s->max_new = a->max_new;
     s->dt = (enum kern_dtype)a->dtype, s->cfg = cfg, s->tpp = (uint32_t)tpp;
-    s->max_pages = (uint32_t)(((uint64_t)a->prompt_len + a->max_new + tpp - 1) / tpp);
+    struct geom geo = geometry(e, a, &cfg, tpp);
+    s->max_pages = geo.max_pages;
     uint64_t pb = e->pool->page_bytes;
     s->gpu = a->gpu, s->gpu_dev = a->gpu ? a->gpu_dev : 0;
-    if (s->gpu)
-        s->ring = shm_ring_geom(s->H, cfg.window, row, pb); /* row <= pb: a token fits a page */
-    /* descriptor and scratch area share the window's pages (a small sequence takes one) */
-    uint64_t desc_bytes = (shm_desc_bytes(s->L, s->max_pages, s->Hkv, s->ring.pages) + 63) & ~63ull;
-    uint64_t scratch_bytes = host_ring_bytes(s) + (uint64_t)s->Hkv * seq_scored_len(s) * sizeof(float);
-    uint64_t win_n = (desc_bytes + scratch_bytes + pb - 1) / pb;
-    uint64_t rp = (uint64_t)s->L * s->ring.pages;
+    s->ring = geo.ring;
+    uint64_t desc_bytes = geo.desc_bytes, win_n = geo.win_n, rp = geo.rp;
+    CAKE_CHECK(geo.desc_bytes + host_ring_bytes(s) + (uint64_t)s->Hkv * seq_scored_len(s) * 4 <=
+               win_n * pb);
     if (win_n > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
         /* also keeps the counts below inside 32 bits */
         free(s);
@@ -517,6 +557,8 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
         r->rc = x->compact(e, s, ev, nev, r);
     free(s->pend_ind);
     s->pend_ind = NULL;
+    if (!r->rc && s->cfg.cascading)
+        s->rs_pending = 0; /* this stage re-selected every layer at the (lowered) total */
     if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
         x->prefill_done(e, s);
@@ -573,15 +615,23 @@ int seq_decode_check(const struct seq *s, const char **why)
     return 0;
 }
 
+/* A re-slice lowered the layer's budget below what it holds (applied at its next eviction,
+ * whatever the decode rule and slack). */
+int seq_layer_resliced(const struct seq *s, uint32_t l)
+{
+    return s->rs_pending && s->layer[l].tokens > (uint64_t)cakeseq_budget(s->cs, l) + s->cfg.window;
+}
+
 static int layer_over(const struct seq *s, uint32_t l)
 {
-    return s->decoded > 0 &&
-           policy_decode_should_evict(&s->cfg, cakeseq_budget(s->cs, l), s->layer[l].tokens);
+    return seq_layer_resliced(s, l) ||
+           (s->decoded > 0 &&
+            policy_decode_should_evict(&s->cfg, cakeseq_budget(s->cs, l), s->layer[l].tokens));
 }
 
 int seq_decode_needs_evict(const struct seq *s)
 {
-    if (s->cfg.accumulate && s->decoded > 0)
+    if (s->cfg.accumulate && (s->decoded > 0 || s->rs_pending))
         return 1; /* H2O adds every step's attention, evicting or not */
     for (uint32_t l = 0; l < s->L; l++)
         if (layer_over(s, l))
@@ -621,6 +671,8 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
             r->ev_layers[r->n_ev++] = over[i];
         }
     }
+    if (!r->rc)
+        s->rs_pending = 0; /* a re-slice's budgets are held now */
 }
 
 uint32_t seq_decode_pages_needed(const struct seq *s)
@@ -693,4 +745,172 @@ int seq_decode_reserve(const struct seq_env *e, struct seq *s)
     for (uint32_t l = 0; l < s->L; l++)
         sync_layer(e, s, l);
     return 0;
+}
+
+/* ---- pressure: re-slicing (pressure.c decides, these act on one sequence) ---------- */
+
+/* During the prompt a sequence is re-sliced through the cascade's total (cakeseq_restage);
+ * once prefilled, layer by layer through its budgets and the decode rule. */
+static int mid_prompt(const struct seq *s)
+{
+    return s->next_observe < s->L;
+}
+
+int seq_reslice_ok(const struct seq *s)
+{
+    if (s->busy || s->orphaned || s->group)
+        return 0;
+    if (mid_prompt(s))
+        return s->next_observe > 0 && cakeseq_can_restage(s->cs);
+    return s->cfg.alloc != POLICY_ALLOC_NONE;
+}
+
+/* The prefix tokens layer l holds within its budget: what a cut starts from. */
+static uint32_t held_prefix(const struct seq *s, uint32_t l)
+{
+    uint32_t w = s->cfg.window, t = s->layer[l].tokens, b = cakeseq_budget(s->cs, l);
+    uint32_t h = t > w ? t - w : 0;
+    return b < h ? b : h;
+}
+
+static uint32_t floor_of(const struct seq *s, uint32_t min_tokens)
+{
+    return min_tokens > s->cfg.window ? min_tokens - s->cfg.window : 0;
+}
+
+static uint32_t floor_prefix(const struct seq *s, uint32_t l, uint32_t min_tokens)
+{
+    uint32_t f = floor_of(s, min_tokens), h = held_prefix(s, l);
+    return f < h ? f : h;
+}
+
+uint64_t seq_reslice_room(const struct seq *s, uint32_t min_tokens, uint64_t *floor)
+{
+    uint64_t t = 0, f = 0;
+    if (mid_prompt(s)) { /* the whole model's total; its floor: every layer's */
+        int64_t T = cakeseq_total(s->cs);
+        t = T > 0 ? (uint64_t)T : 0;
+        f = (uint64_t)floor_of(s, min_tokens) * s->L;
+        *floor = f < t ? f : t;
+        return t;
+    }
+    for (uint32_t l = 0; l < s->L; l++)
+        t += held_prefix(s, l), f += floor_prefix(s, l, min_tokens);
+    *floor = f;
+    return t;
+}
+
+void seq_reslice_budgets(const struct seq *s, uint32_t min_tokens, uint64_t total, uint32_t *b)
+{
+    if (mid_prompt(s)) { /* the scored layers at the cascade's rule; the rest untouched */
+        int64_t sb[SEQ_MAX_LAYERS];
+        cakeseq_restage_preview(s->cs, (int64_t)total, sb);
+        for (uint32_t l = 0; l < s->L; l++)
+            b[l] = l < s->next_observe ? (uint32_t)sb[l] : UINT32_MAX;
+        return;
+    }
+    double P[SEQ_MAX_LAYERS];
+    int64_t cap[SEQ_MAX_LAYERS], give[SEQ_MAX_LAYERS];
+    uint64_t fl = 0;
+    int pref = s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
+    for (uint32_t l = 0; l < s->L; l++) {
+        uint32_t h = held_prefix(s, l), f = floor_prefix(s, l, min_tokens);
+        b[l] = f, fl += f, cap[l] = h - f;
+        /* CAKE's own rule at a smaller total (its preferences); other allocations keep
+         * their shape (weights = what each layer holds) */
+        P[l] = pref ? cakeseq_preference(s->cs, l) : (double)h;
+    }
+    if (total <= fl)
+        return;
+    policy_budgets_fixed(P, cap, s->L, (int64_t)(total - fl), give);
+    for (uint32_t l = 0; l < s->L; l++)
+        b[l] += (uint32_t)give[l];
+}
+
+uint64_t seq_reslice_pages_freed(const struct seq *s, const uint32_t *b)
+{
+    int64_t freed = 0;
+    /* a prefilled sequence may be evicted by its decode step, which then adds a token to
+     * every layer (a page more where that crosses one) */
+    uint32_t step = !mid_prompt(s) && s->decoded < s->max_new;
+    for (uint32_t l = 0; l < s->L; l++) {
+        if (b[l] == UINT32_MAX)
+            continue;
+        const struct seq_layer *ly = &s->layer[l];
+        uint64_t keep = (uint64_t)b[l] + s->cfg.window;
+        uint64_t t = (ly->tokens < keep ? ly->tokens : keep) + step;
+        freed += (int64_t)ly->n_pages - (int64_t)((t + s->tpp - 1) / s->tpp);
+    }
+    return freed > 0 ? (uint64_t)freed : 0;
+}
+
+uint64_t seq_reslice_commit(const struct seq_env *e, struct seq *s, uint64_t total,
+                            const uint32_t *b)
+{
+    uint64_t given = 0;
+    if (mid_prompt(s)) {
+        int64_t T = cakeseq_total(s->cs);
+        if ((int64_t)total >= T)
+            return 0;
+        given = (uint64_t)T - total;
+        cakeseq_lower_total(s->cs, (int64_t)total);
+        for (uint32_t l = 0; l < s->next_observe; l++)
+            if (s->layer[l].tokens > (uint64_t)b[l] + s->cfg.window)
+                s->rs_pending = 1; /* re-staged by the next job (a re-slice, or its observe) */
+    } else {
+        for (uint32_t l = 0; l < s->L; l++) {
+            uint32_t h = held_prefix(s, l);
+            if (b[l] >= h)
+                continue;
+            given += h - b[l];
+            cakeseq_lower_budget(s->cs, l, b[l]);
+            if (s->layer[l].tokens > (uint64_t)b[l] + s->cfg.window)
+                s->rs_pending = 1; /* evicted by the next job that has the sequence */
+        }
+    }
+    if (given) {
+        s->reslices++, s->rs_tokens += given;
+        seq_publish(e, s); /* the budgets engines read (cake_layer_budget) */
+    }
+    return given;
+}
+
+void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
+{
+    uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
+    int rcs[SEQ_MAX_LAYERS] = {0};
+    *r = (struct seq_result){0};
+    if (mid_prompt(s)) { /* the cascade's stage again, at the lowered total */
+        struct cakeseq_evict ev[SEQ_MAX_LAYERS];
+        uint32_t nev = 0;
+        r->rc = cakeseq_restage(s->cs, ev, &nev);
+        if (!r->rc && nev)
+            r->rc = seq_exec(s)->compact(e, s, ev, nev, r);
+        if (!r->rc)
+            s->rs_pending = 0;
+        return;
+    }
+    for (uint32_t l = 0; l < s->L; l++)
+        if (seq_layer_resliced(s, l))
+            over[nover++] = l;
+    if (!nover)
+        return;
+    if (s->cfg.accumulate) { /* H2O: by the attention accumulated so far, nothing added */
+        for (uint32_t i = 0; i < nover; i++)
+            rcs[i] = seq_host_h2o_trim(e, s, over[i], &evicted[i]);
+    } else {
+        uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+        uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+        seq_exec(s)->decode_evict(e, s, over, nover, valid, evicted, rcs);
+    }
+    for (uint32_t i = 0; i < nover; i++) {
+        if (rcs[i] && !r->rc)
+            r->rc = rcs[i];
+        if (!rcs[i]) {
+            r->evicted_tokens += evicted[i];
+            r->ev_layers[r->n_ev++] = over[i];
+        }
+    }
+    if (!r->rc)
+        s->rs_pending = 0;
 }

@@ -94,6 +94,14 @@ struct seq {
     float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
                                 the GPU (selection happens there); NULL otherwise */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
+    /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
+     * job that has the sequence (its decode step, or a re-slice job) - set by the loop,
+     * cleared by that job's worker; the pages that eviction is expected to free (loop) */
+    int rs_pending;
+    uint64_t rs_expect;
+    uint32_t reslices;       /* times its budgets were lowered */
+    uint32_t rs_told;        /* ... when its last decode step replied */
+    uint64_t rs_tokens;      /* layer tokens given up in all (sum over layers) */
 };
 
 /* What one job did to one sequence. The job owns it: the worker running the job writes it,
@@ -130,6 +138,10 @@ struct seq_open_args {
  * -ENOMEM with a message in *why. */
 int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tenant *t,
              uint64_t id, uint64_t owner, struct seq **out, const char **why);
+/* Pages such a sequence takes at open: host pool (descriptor and scratch area) and GPU pool
+ * (query rings), added to *host and *gpu (nothing for a layout seq_open refuses). */
+void seq_open_pages(const struct seq_env *e, const struct seq_open_args *a, uint64_t *host,
+                    uint64_t *gpu);
 /* Frees every page and the sequence. */
 void seq_free(const struct seq_env *e, struct seq *s);
 
@@ -174,6 +186,37 @@ int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *cons
 /* Reserves one token in every layer (pages must have been admitted). Returns 0 or
  * CAKE_EOOM if the pool ran dry (nothing changed then). */
 int seq_decode_reserve(const struct seq_env *e, struct seq *s);
+
+/* Pressure: re-slicing a sequence (pressure.c decides whom and how far; loop thread but
+ * seq_reslice_work). A sequence can be re-sliced when it is idle and not a shard, and
+ * - prefilled: its policy keeps a budget; per layer it holds a prefix within its budget
+ *   and has a floor (min_tokens minus the window, at most what it holds), and a cut lowers
+ *   the layers' budgets, evicted by the decode rule;
+ * - during its prompt (CAKE, fixed mode, cascading, a layer scored): a cut lowers the whole
+ *   model's total (C - w) L that the cascade splits (floor: min_tokens minus the window in
+ *   every layer), and the scored layers are re-selected as the cascade's next stage would. */
+int seq_reslice_ok(const struct seq *s);
+/* The prefix tokens it holds or may hold (returned: prefilled, the held prefixes; during
+ * the prompt, the total) and its floor (*floor). */
+uint64_t seq_reslice_room(const struct seq *s, uint32_t min_tokens, uint64_t *floor);
+/* Layer budgets b[L] for a total of `total` (floor .. room): prefilled, each layer's floor,
+ * then the rest split as the policy splits its cache - CAKE by its layers' preferences
+ * (capped water-filling), other allocations in proportion to what each layer holds - never
+ * above what a layer holds; during the prompt, the cascade's budgets of the scored layers
+ * (UINT32_MAX for the others). */
+void seq_reslice_budgets(const struct seq *s, uint32_t min_tokens, uint64_t total, uint32_t *b);
+/* Pages the sequence's K/V would give back at budgets b. */
+uint64_t seq_reslice_pages_freed(const struct seq *s, const uint32_t *b);
+/* Lowers the budgets to b (during the prompt: the total to `total`) and publishes them;
+ * the layers over them are evicted by the sequence's next job (rs_pending: a re-slice job,
+ * its decode step, or its next observe). Returns the tokens given up. */
+uint64_t seq_reslice_commit(const struct seq_env *e, struct seq *s, uint64_t total,
+                            const uint32_t *b);
+/* A re-slice job (worker): every layer over its budget + window keeps the top `budget` of
+ * its prefix by the policy's decode rule (the ring's window queries; H2O: its accumulated
+ * scores) and its window - what a decode step would keep at that budget. */
+void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
+int seq_layer_resliced(const struct seq *s, uint32_t l);
 
 /* Bytes the sequence holds in the host pool and in the GPU pool. */
 static inline uint64_t seq_bytes(const struct seq_env *e, const struct seq *s)

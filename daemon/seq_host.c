@@ -122,6 +122,62 @@ static void host_decode_evict(const struct seq_env *e, struct seq *s, const uint
         rcs[i] = decode_evict_layer(e, s, over[i], valid, &evicted[i]);
 }
 
+/* H2O's accumulated scores of layer l, made at its first decode step (or re-slice) from the
+ * prefill's window sums of the kept prefix. 0 or -ENOMEM. */
+static int h2o_acc(struct seq *s, uint32_t l)
+{
+    struct seq_layer *ly = &s->layer[l];
+    if (ly->acc)
+        return 0;
+    uint32_t w = s->cfg.window, N = ly->tokens, Hkv = s->Hkv;
+    uint32_t cap = N + (s->max_new - s->decoded) + 1, P = cakeseq_prefix_len(s->cs, l);
+    if (!(ly->acc = calloc((size_t)Hkv * cap, sizeof(float))))
+        return -ENOMEM;
+    ly->acc_cap = cap;
+    uint32_t nw = s->n < w ? s->n : w;
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t j = 0; j < P && j < N; j++)
+            ly->acc[(size_t)g * cap + j] = cakeseq_indicator(s->cs, l, g)[j] * (float)nw;
+    return 0;
+}
+
+/* Layer l (N tokens, over budget + w) keeps the top `budget` of its first N - w by the
+ * accumulated scores (positional order) and the window. */
+static int h2o_keep(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t *evicted)
+{
+    uint32_t w = s->cfg.window, Hkv = s->Hkv;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    struct seq_layer *ly = &s->layer[l];
+    uint32_t N = ly->tokens, cap = ly->acc_cap, budget = cakeseq_budget(s->cs, l);
+    uint32_t S = N - w, kept = budget < S ? budget : S;
+    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)Hkv * kept + 1));
+    void *scratch = malloc(2 * row * kept + 1);
+    void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
+    int rc = -ENOMEM;
+    if (slots && scratch && pages) {
+        struct kern_kv kv = seq_layer_view(e, s, l, pages);
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t *sl = slots + (size_t)g * kept;
+            evict_h2o_keep(ly->acc + (size_t)g * cap, cap, S, w, kept, sl);
+            kern_compact_head(&kv, g, sl, kept, S, w, scratch);
+        }
+        *evicted = S - kept;
+        ly->tokens = kept + w;
+        rc = seq_positions_compact(s, ly, slots, kept, S, w);
+    }
+    free(slots), free(scratch), free(pages);
+    return rc;
+}
+
+int seq_host_h2o_trim(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t *evicted)
+{
+    *evicted = 0;
+    int rc = h2o_acc(s, l);
+    if (rc || !seq_layer_resliced(s, l))
+        return rc;
+    return s->layer[l].tokens > s->layer[l].acc_cap ? -EINVAL : h2o_keep(e, s, l, evicted);
+}
+
 /* H2O's decode step for layer l: the newest query's attention (group mean) is added to
  * every held token's accumulated score, then an over-budget layer keeps the top `budget`
  * of its first N - w by that score (positional order) and the window. */
@@ -133,23 +189,18 @@ static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
     struct seq_layer *ly = &s->layer[l];
     uint32_t N = ly->tokens;
     *evicted = 0;
-    if (!ly->acc) { /* first step: the prefill's window sums for the kept prefix */
-        uint32_t cap = N + (s->max_new - s->decoded) + 1, P = cakeseq_prefix_len(s->cs, l);
-        if (!(ly->acc = calloc((size_t)Hkv * cap, sizeof(float))))
-            return -ENOMEM;
-        ly->acc_cap = cap;
-        uint32_t nw = s->n < w ? s->n : w;
-        for (uint32_t g = 0; g < Hkv; g++)
-            for (uint32_t j = 0; j < P && j < N; j++)
-                ly->acc[(size_t)g * cap + j] = cakeseq_indicator(s->cs, l, g)[j] * (float)nw;
-    }
+    int rc = h2o_acc(s, l);
+    if (rc)
+        return rc;
+    if (s->decoded == 0) /* a re-slice before the first token: nothing to add yet */
+        return seq_layer_resliced(s, l) ? h2o_keep(e, s, l, evicted) : 0;
     if (N < 2 || N > ly->acc_cap)
         return N > ly->acc_cap ? -EINVAL : 0;
     uint32_t cap = ly->acc_cap, S1 = N - 1;
     uint8_t *q = malloc(row * s->H);
     float *ind = malloc(sizeof(float) * ((size_t)Hkv * S1 + 1));
     void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
-    int rc = -ENOMEM;
+    rc = -ENOMEM;
     if (!q || !ind || !pages)
         goto out;
     const uint8_t *ring = seq_ring_ptr(e, s, l);
@@ -165,24 +216,9 @@ static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
     if ((rc = kern_score_layer(&a, &o)))
         goto out; /* the newest token's attention to itself is not counted */
     evict_h2o_add(ly->acc, cap, ind, Hkv, S1);
-    uint32_t budget = cakeseq_budget(s->cs, l);
-    if (!policy_decode_should_evict(&s->cfg, budget, N))
-        goto out;
-    uint32_t S = N - w, kept = budget < S ? budget : S;
-    uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)Hkv * kept + 1));
-    void *scratch = malloc(2 * row * kept + 1);
-    rc = -ENOMEM;
-    if (slots && scratch) {
-        for (uint32_t g = 0; g < Hkv; g++) {
-            uint32_t *sl = slots + (size_t)g * kept;
-            evict_h2o_keep(ly->acc + (size_t)g * cap, cap, S, w, kept, sl);
-            kern_compact_head(&kv, g, sl, kept, S, w, scratch);
-        }
-        *evicted = S - kept;
-        ly->tokens = kept + w;
-        rc = seq_positions_compact(s, ly, slots, kept, S, w);
-    }
-    free(slots), free(scratch);
+    if (policy_decode_should_evict(&s->cfg, cakeseq_budget(s->cs, l), N) ||
+        seq_layer_resliced(s, l))
+        rc = h2o_keep(e, s, l, evicted);
 out:
     free(q), free(ind), free(pages);
     return rc;

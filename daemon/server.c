@@ -25,6 +25,7 @@
 #include "frame.h"
 #include "config.h"
 #include "http.h"
+#include "pressure.h"
 #include "server_int.h"
 
 double srv_now_s(void)
@@ -122,12 +123,14 @@ static int apply_tenants(struct server *s, const struct tenant_cfg *tc, int n)
         if (t->in_use && t->configured && !still) {
             t->configured = 0, t->weight = 1, t->min_bytes = t->max_bytes = 0;
             t->gpu_min_bytes = t->gpu_max_bytes = 0;
+            t->pressure = 0, t->min_tokens = 0;
             srv_tenant_gc(s, t);
         }
     }
     for (int i = 0; i < n; i++) { /* checked above: only memory can fail now */
         struct tenant_quota q = {tc[i].weight, tc[i].min_bytes, tc[i].max_bytes,
-                                 tc[i].gpu_min_bytes, tc[i].gpu_max_bytes};
+                                 tc[i].gpu_min_bytes, tc[i].gpu_max_bytes, tc[i].pressure,
+                                 tc[i].min_tokens};
         int rc = tenant_configure(&s->tenants, tc[i].name, UIDS(&tc[i]), &q);
         if (rc) {
             srv_logl(SRV_LOG_ERROR, "tenant %s: %s", tc[i].name, strerror(-rc));
@@ -477,6 +480,7 @@ int server_run(struct server *s)
     while (!s->stopping) {
         int rc = loop_wait(s->loop, 250);
         http_run(s->http); /* its timeouts */
+        pressure_poll(s);   /* requests waiting for room: retried, or out of time */
         srv_sweep_hello(s);
         srv_free_dead(s);
         if (rc < 0) {

@@ -40,6 +40,9 @@ struct server_cfg {
     uint32_t max_per_uid;    /* connections one uid may hold (0: half the client limit) */
     double hello_timeout_s;  /* a connection must send HELLO within this (default 5 s) */
     int log_level;           /* 1 + SRV_LOG_* (error, warning, info, debug); 0: info */
+    int pressure;            /* enum pressure_mode for tenants that set none (0: reslice) */
+    double pressure_wait_s;  /* how long a request waits for room (default 5 s; 0: never) */
+    uint32_t min_tokens;     /* floor of a layer under re-slicing (default 64) */
 };
 
 struct tenant_cfg {
@@ -49,6 +52,8 @@ struct tenant_cfg {
     uint32_t weight;
     uint64_t min_bytes, max_bytes;         /* host pool */
     uint64_t gpu_min_bytes, gpu_max_bytes; /* GPU pools (gpu-min=, gpu-max=) */
+    int pressure;            /* pressure=reslice|refuse (0: caked's --pressure) */
+    uint32_t min_tokens;     /* min-tokens= (0: caked's --min-tokens) */
 };
 
 struct server;

@@ -31,6 +31,7 @@
 #define UNPACK_LIMIT(len) ((size_t)(len) * 8 + 65536) /* bound on unpacker heap per body */
 #define SERVER_MAP_FDS 64            /* segment fds in one MAP frame (SCM_MAX_FD is 253) */
 #define SERVER_POOLS (1 + SERVER_MAX_GPUS) /* the host pool, then one per GPU */
+#define MSG_RESLICE 0x7fff /* a job's type, never a frame's: a re-slice (pressure.h) */
 
 /* File descriptors travelling with the output byte at `off` (owned: closed once sent). */
 struct out_fds {
@@ -66,6 +67,8 @@ struct client {
     size_t out_len, out_off;
     struct out_fds *out_fds; /* in order of off */
     uint32_t n_out_fds, out_fds_next;
+    int shrink_idle;       /* HELLO: its idle sequences may be compacted inside its calls */
+    uint32_t rs_jobs;      /* re-slice jobs on its sequences in flight (its reply waits) */
     double t0;             /* request start */
     double t_accept;       /* when it connected: HELLO is due within hello_timeout_s */
 };
@@ -116,6 +119,9 @@ struct server {
                                owner's next request or disconnect (seq->next_q) */
     int stopping;
     struct shard_group *groups; /* tensor-parallel shard groups (shard.h) */
+    struct waiter *waiters;  /* requests waiting for room, in arrival order (pressure.c) */
+    uint32_t n_waiting;
+    int polling;             /* inside pressure_poll */
 };
 
 /* A job in flight: prefill observe/submit of one sequence, or the evictions of a decode
@@ -202,6 +208,12 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs, ui
                        uint32_t evictions);
 int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
                      uint32_t layer, double pref);
+/* A re-slice job over seqs (taken over) of client c's tenant: c's reply waits for it. */
+void work_start_reslice(struct server *s, struct client *c, struct seq **seqs, uint32_t n);
+/* handlers.c: opens an unsharded sequence for c and replies; or returns CAKE_EINVAL,
+ * CAKE_EOOM, ... with *why (no reply). */
+int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,
+                 const char **why);
 void work_free(struct work *w);
 /* shard.c: a shard's scoring job completed (c: its client, if still there); a group's
  * phase 2 completed (replies to every rank). */

@@ -127,6 +127,7 @@ int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids,
     t->weight = q->weight ? q->weight : 1;
     t->min_bytes = q->min_bytes, t->max_bytes = q->max_bytes;
     t->gpu_min_bytes = q->gpu_min_bytes, t->gpu_max_bytes = q->gpu_max_bytes;
+    t->pressure = q->pressure, t->min_tokens = q->min_tokens;
     t->configured = 1;
     return 0;
 }
@@ -177,21 +178,34 @@ static uint64_t cap_of(const struct tenants *ts, const struct tenant *t, struct 
     return cap > h.min ? cap : h.min;
 }
 
-static int admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
-                 uint64_t free_bytes, uint64_t pool_bytes, struct held (*of)(const struct tenant *))
+/* What t may take: up to its cap, and of the free bytes what others' unmet minimums leave
+ * (our own unmet minimum is ours to use, others' is not). */
+static uint64_t room(const struct tenants *ts, const struct tenant *t, uint64_t free_bytes,
+                     uint64_t pool_bytes, struct held (*of)(const struct tenant *), int *own_bound)
 {
-    if (of(t).used + bytes > cap_of(ts, t, of(t), pool_bytes))
-        return CAKE_EOOM;
-    uint64_t reserved = 0;
+    uint64_t cap = cap_of(ts, t, of(t), pool_bytes), used = of(t).used;
+    uint64_t mine = used < cap ? cap - used : 0, reserved = 0;
     for (uint32_t i = 0; i < ts->n; i++) {
         struct held o = of(&ts->t[i]);
         if (&ts->t[i] != t && o.min > o.used)
             reserved += o.min - o.used;
     }
-    /* our own unmet minimum is ours to use, others' is not */
-    if (bytes > free_bytes || bytes > free_bytes - (reserved < free_bytes ? reserved : free_bytes))
-        return CAKE_EOOM;
-    return 0;
+    uint64_t pool = free_bytes - (reserved < free_bytes ? reserved : free_bytes);
+    if (own_bound)
+        *own_bound = mine <= pool;
+    return mine < pool ? mine : pool;
+}
+
+static int admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
+                 uint64_t free_bytes, uint64_t pool_bytes, struct held (*of)(const struct tenant *))
+{
+    return bytes > room(ts, t, free_bytes, pool_bytes, of, NULL) ? CAKE_EOOM : 0;
+}
+
+uint64_t tenant_room(const struct tenants *ts, const struct tenant *t, int gpu, uint64_t free_bytes,
+                     uint64_t pool_bytes, int *own_bound)
+{
+    return room(ts, t, free_bytes, pool_bytes, gpu ? gpu_held : host_held, own_bound);
 }
 
 uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes)

@@ -38,6 +38,12 @@ struct tenant {
     uint64_t oom_logged;  /* oom_errors when a refusal was last logged (srv_oom) */
     double t_oom_log;     /* and when */
     int configured;
+    /* under pressure (pressure.h): enum pressure_mode (0: caked's --pressure) and the
+     * tokens per layer no re-slice goes below (0: caked's --min-tokens) */
+    int pressure;
+    uint32_t min_tokens;
+    uint64_t reslices, rs_tokens;        /* sequences re-sliced, layer tokens given up */
+    uint64_t waits_granted, waits_refused; /* requests that waited for room, and the outcome */
 };
 
 struct tenants {
@@ -58,6 +64,8 @@ struct tenant *tenant_get(struct tenants *ts, const char *name, uint32_t uid, in
 struct tenant_quota {
     uint32_t weight;
     uint64_t min_bytes, max_bytes, gpu_min_bytes, gpu_max_bytes;
+    int pressure;         /* enum pressure_mode, 0: caked's */
+    uint32_t min_tokens;  /* 0: caked's */
 };
 int tenant_configure(struct tenants *ts, const char *name, const uint32_t *uids, uint32_t n,
                      const struct tenant_quota *q);
@@ -78,6 +86,10 @@ void tenants_fini(struct tenants *ts);
 /* Effective cap of t in a pool of pool_bytes: its maximum or weighted share, at least its
  * minimum. */
 uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes);
+/* Bytes t may take now with free_bytes free in the pool (gpu: in a GPU pool): admission
+ * is bytes <= tenant_room. *own_bound: its cap (not the pool) is what limits it. */
+uint64_t tenant_room(const struct tenants *ts, const struct tenant *t, int gpu, uint64_t free_bytes,
+                     uint64_t pool_bytes, int *own_bound);
 /* 0 if t may take `bytes` more now with free_bytes free in the pool, else CAKE_EOOM. */
 int tenant_admit(const struct tenants *ts, const struct tenant *t, uint64_t bytes,
                  uint64_t free_bytes, uint64_t pool_bytes);

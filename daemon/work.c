@@ -10,6 +10,7 @@
 
 #include "cake/cake.h"
 #include "frame.h"
+#include "pressure.h"
 #include "server_int.h"
 
 static void work_done(struct job *j);
@@ -28,7 +29,11 @@ static void work_run(struct job *j)
 {
     struct work *w = (struct work *)j;
     const struct seq_env *e = &w->srv->env;
-    if (w->type == MSG_DECODE_STEP) {
+    if (w->type == MSG_RESLICE) {
+        for (uint32_t i = 0; i < w->n; i++)
+            if (!cancelled(w->seqs[i], &w->res[i]))
+                seq_reslice_work(e, w->seqs[i], &w->res[i]);
+    } else if (w->type == MSG_DECODE_STEP) {
         for (uint32_t i = 0; i < w->n; i++)
             if (!cancelled(w->seqs[i], &w->res[i]) && seq_decode_needs_evict(w->seqs[i]))
                 seq_decode_evict_work(e, w->seqs[i], &w->res[i]);
@@ -69,6 +74,10 @@ static void work_done(struct job *j)
     struct server *s = w->srv;
     for (uint32_t i = 0; i < w->n; i++)
         s->m.jobs_cancelled += w->res[i].rc == -ECANCELED;
+    if (w->type == MSG_RESLICE) {
+        pressure_job_done(s, w);
+        return;
+    }
     struct client *c = srv_client_by_id(s, w->client_id);
     if (w->phase == 2) {
         shard_group_done(s, w);
@@ -100,6 +109,8 @@ static void work_done(struct job *j)
         if (w->type == MSG_DECODE_STEP) {
             seq_trim_pages(&s->env, q);
             seq_publish(&s->env, q); /* even if the step's reserve is refused below */
+            if (!q->rs_pending)
+                q->rs_expect = 0; /* a re-slice's room has come */
             s->m.evictions_decode += r->n_ev;
         } else {
             seq_prefill_commit(&s->env, q, r);
@@ -134,6 +145,7 @@ static void work_done(struct job *j)
         }
     }
     work_free(w);
+    pressure_poll(s); /* pages may have come back */
 }
 
 void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
@@ -161,14 +173,20 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs,
 {
     const char *why = "";
     if (seq_decode_admit(&s->env, c->tenant, seqs, n, &why)) {
+        if (pressure_wait_decode(s, c, seqs, n, evictions, why))
+            return; /* waits for room (pressure.h) */
         srv_oom(s, c, why);
         srv_reply_error(s, c, CAKE_EOOM, "%s", why);
         return;
     }
-    for (uint32_t i = 0; i < n; i++)
+    uint32_t resliced = 0;
+    for (uint32_t i = 0; i < n; i++) {
         seq_decode_reserve(&s->env, seqs[i]); /* admitted above: cannot run dry */
+        resliced += seqs[i]->rs_told != seqs[i]->reslices;
+        seqs[i]->rs_told = seqs[i]->reslices;
+    }
     Cake__DecodeReply r = CAKE__DECODE_REPLY__INIT;
-    r.evictions = evictions;
+    r.evictions = evictions, r.resliced = resliced;
     srv_reply(s, c, MSG_DECODE_STEP, &r.base);
 }
 
@@ -185,4 +203,20 @@ int work_start_group(struct server *s, struct shard_group *g, struct seq **all, 
         all[i]->busy = 1;
     workers_submit(s->workers, &w->job);
     return 0;
+}
+
+void work_start_reslice(struct server *s, struct client *c, struct seq **seqs, uint32_t n)
+{
+    struct work *w = work_new(s, seqs, n);
+    if (!w) {
+        free(seqs); /* their next decode steps evict to the lowered budgets instead */
+        return;
+    }
+    w->job.urgent = 1; /* a request waits for it */
+    w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight;
+    w->client_id = c->id, w->type = MSG_RESLICE;
+    for (uint32_t i = 0; i < n; i++)
+        seqs[i]->busy = 1;
+    c->rs_jobs++;
+    workers_submit(s->workers, &w->job);
 }

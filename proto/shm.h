@@ -39,7 +39,8 @@ struct shm_desc {
     uint64_t indicator_offset;   /* window offset of [kv_heads][S] f32 (either placement) */
     uint64_t page_bytes;
     uint32_t ring_pages;         /* GPU: pages of one layer's ring (shm_ring_geom); host: 0 */
-    uint32_t reserved;
+    uint32_t reslices;           /* times caked lowered the budgets to make room (pressure);
+                                    protocol 3 called it reserved (always 0 then) */
     /* followed by struct shm_layer layer[layers], uint64_t page[layers][max_pages],
      * uint32_t head_kept[layers][kv_heads], then (8-aligned) uint64_t
      * ring_page[layers][ring_pages] */

@@ -166,12 +166,19 @@ static int cmd_tenants(cake_ctx *c)
             json_object_set_new(o, "gpu_used_bytes", ju(t->gpu_used_bytes));
             json_object_set_new(o, "gpu_min_bytes", ju(t->gpu_min_bytes));
             json_object_set_new(o, "gpu_cap_bytes", ju(t->gpu_cap_bytes));
+            json_object_set_new(o, "pressure", json_string(t->pressure ? t->pressure : ""));
+            json_object_set_new(o, "min_tokens", ju(t->min_tokens));
+            json_object_set_new(o, "reslices", ju(t->reslices));
+            json_object_set_new(o, "reslice_tokens", ju(t->reslice_tokens));
+            json_object_set_new(o, "waits_granted", ju(t->waits_granted));
+            json_object_set_new(o, "waits_refused", ju(t->waits_refused));
             json_array_append_new(a, o);
         }
         json_out(json_pack("{s:o}", "tenants", a));
     } else {
-        printf("%-20s %6s %6s %11s %11s %11s %11s %11s %5s %7s %5s\n", "TENANT", "UID", "WEIGHT",
-               "MIN", "CAP", "USED", "GPU CAP", "GPU USED", "SEQS", "CLIENTS", "OOM");
+        printf("%-20s %6s %6s %11s %11s %11s %11s %11s %5s %7s %5s %-8s %8s %7s\n", "TENANT",
+               "UID", "WEIGHT", "MIN", "CAP", "USED", "GPU CAP", "GPU USED", "SEQS", "CLIENTS",
+               "OOM", "PRESSURE", "RESLICES", "WAITED");
         for (size_t i = 0; i < r->n_tenants; i++) {
             Cake__Tenant *t = r->tenants[i];
             char mn[32], cp[32], us[32], gc[32] = "-", gu[32] = "-";
@@ -182,9 +189,11 @@ static int cmd_tenants(cake_ctx *c)
                 util_human_bytes(t->gpu_cap_bytes, gc, sizeof gc);
                 util_human_bytes(t->gpu_used_bytes, gu, sizeof gu);
             }
-            printf("%-20s %6u %6u %11s %11s %11s %11s %11s %5u %7u %5llu\n", t->name, t->uid,
-                   t->weight, mn, cp, us, gc, gu, t->sequences, t->clients,
-                   (unsigned long long)t->oom_errors);
+            printf("%-20s %6u %6u %11s %11s %11s %11s %11s %5u %7u %5llu %-8s %8llu %7llu\n",
+                   t->name, t->uid, t->weight, mn, cp, us, gc, gu, t->sequences, t->clients,
+                   (unsigned long long)t->oom_errors, t->pressure ? t->pressure : "",
+                   (unsigned long long)t->reslices,
+                   (unsigned long long)(t->waits_granted + t->waits_refused));
         }
     }
     cake__tenant_list__free_unpacked(r, &al_);
@@ -217,6 +226,9 @@ static json_t *seq_json(const Cake__SeqInfo *q)
     json_object_set_new(o, "mode", json_string(q->mode ? "fixed" : "parity"));
     json_object_set_new(o, "policy", json_string(policy_of(q)));
     json_object_set_new(o, "cache_size", ju(q->cache_size));
+    json_object_set_new(o, "effective_cache", ju(q->effective_cache ? q->effective_cache
+                                                                    : q->cache_size));
+    json_object_set_new(o, "reslices", ju(q->reslices));
     if (q->shards) {
         json_object_set_new(o, "shard_group", hex_id(q->shard_group));
         json_object_set_new(o, "shards", ju(q->shards));
@@ -233,8 +245,8 @@ static int cmd_sequences(cake_ctx *c)
     int more = 1;
     json_t *all = json ? json_array() : NULL;
     if (!json)
-        printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %10s\n", "ID", "TENANT", "LAYERS",
-               "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "BYTES");
+        printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %6s %10s\n", "ID", "TENANT", "LAYERS",
+               "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "NOW", "BYTES");
     while (more) { /* page by page: a long list does not fit one reply */
         FETCH(seq_list, r, MSG_SEQUENCES, &pg.base);
         for (size_t i = 0; i < r->n_seqs; i++) {
@@ -244,10 +256,11 @@ static int cmd_sequences(cake_ctx *c)
             } else {
                 char by[32];
                 util_human_bytes(q->bytes, by, sizeof by);
-                printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %10s\n",
+                printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %6u %10s\n",
                        (unsigned long long)q->seq_id, q->tenant, q->layers, q->prompt_len,
                        q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
-                       policy_of(q), q->cache_size, by);
+                       policy_of(q), q->cache_size,
+                       q->effective_cache ? q->effective_cache : q->cache_size, by);
             }
         }
         more = r->more && r->next > pg.after;
@@ -291,6 +304,9 @@ static int cmd_seq(cake_ctx *c, const char *arg)
                q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype),
                q->prompt_len, q->decoded_tokens, q->mode ? "fixed" : "parity", policy_of(q),
                q->cache_size, by);
+        if (q->reslices)
+            printf("re-sliced %u times to make room: %u tokens per layer now\n", q->reslices,
+                   q->effective_cache);
         if (q->shards)
             printf("shard %u of %u in group %#llx\n", q->shard, q->shards,
                    (unsigned long long)q->shard_group);

@@ -3,13 +3,16 @@
  *   cake-workload [--socket PATH] [--engines P] [--seqs S] [--layers L] [--heads H]
  *                 [--kv-heads K] [--head-dim D] [--prompt N] [--cache C] [--window W]
  *                 [--decode T] [--mode fixed|parity] [--hold SECS] [--seed X]
+ *                 [--no-shrink-idle]
  *
  * Forks P engines (tenants engine-0 .. engine-P-1). Each opens S sequences, prefills
  * synthetic prompts with structured attention layer by layer (reserve, write K/V and the
  * window queries into the pool, observe: caked scores, allocates and compacts), holds for
  * SECS seconds (so cachectl can look; SIGUSR1 to cake-workload ends the hold early), then
- * decodes T steps of all its sequences at once and closes them. Prints one line per engine; exit status 0 only if every engine
- * succeeded. */
+ * decodes T steps of all its sequences at once and closes them. Prints one line per engine
+ * (with how often caked re-sliced its sequences to make room); exit status 0 only if every
+ * engine succeeded. Engines let caked shrink their idle sequences inside their calls
+ * (cake_set_shrink_idle) unless --no-shrink-idle. */
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -27,7 +30,7 @@
 
 struct opts {
     const char *socket;
-    int engines, seqs, decode, hold;
+    int engines, seqs, decode, hold, no_shrink;
     struct synth_cfg sc;
     uint32_t cache;
     int mode;
@@ -58,6 +61,7 @@ static int engine(const struct opts *o, int id)
     if (cake_create(&ctx))
         return 1;
     CHECK(cake_set_service(ctx, name));
+    CHECK(cake_set_shrink_idle(ctx, !o->no_shrink));
     CHECK(cake_connect(ctx, o->socket, 1));
     struct synth_cfg sc = o->sc;
     uint32_t L = sc.layers, H = sc.q_heads, Hkv = sc.kv_heads, d = sc.head_dim, n = sc.n, w = sc.window;
@@ -116,17 +120,20 @@ static int engine(const struct opts *o, int id)
     }
     qsort(lat, (size_t)o->decode, sizeof(double), util_cmp_double);
     uint64_t after = 0;
-    for (int s = 0; s < o->seqs; s++)
+    uint32_t reslices = 0;
+    for (int s = 0; s < o->seqs; s++) {
+        reslices += cake_seq_reslices(seqs[s]);
         for (uint32_t l = 0; l < L; l++)
             after += cake_layer_tokens(seqs[s], l);
+    }
     for (int s = 0; s < o->seqs; s++)
         CHECK(cake_seq_close(seqs[s]));
     printf("engine-%d: %d sequences x %u layers x %u tokens prefilled in %.2f s; held %.1f%% "
            "of the full cache after prefill; %d decode steps, p50 %.0f us, max %.0f us; "
-           "%.1f%% held after decode\n", id, o->seqs, L, n, t_prefill,
+           "%.1f%% held after decode; re-sliced %u times\n", id, o->seqs, L, n, t_prefill,
            100.0 * held / ((double)o->seqs * L * n), o->decode,
            o->decode ? lat[o->decode / 2] * 1e6 : 0.0, o->decode ? lat[o->decode - 1] * 1e6 : 0.0,
-           100.0 * after / ((double)o->seqs * L * (n + o->decode)));
+           100.0 * after / ((double)o->seqs * L * (n + o->decode)), reslices);
     fflush(stdout);
     free(lat), free(k), free(v), free(q), free(seqs);
     cake_destroy(ctx);
@@ -135,12 +142,13 @@ static int engine(const struct opts *o, int id)
 
 int main(int argc, char **argv)
 {
-    struct opts o = {NULL, 3, 2, 64, 0, {8, 8, 2, 64, 4096, 32, 1}, 256, CAKE_MODE_FIXED};
+    struct opts o = {NULL, 3, 2, 64, 0, 0, {8, 8, 2, 64, 4096, 32, 1}, 256, CAKE_MODE_FIXED};
     static const struct option lo[] = {
         {"socket", 1, 0, 's'}, {"engines", 1, 0, 'e'}, {"seqs", 1, 0, 'S'}, {"layers", 1, 0, 'L'},
         {"heads", 1, 0, 'H'}, {"kv-heads", 1, 0, 'K'}, {"head-dim", 1, 0, 'D'},
         {"prompt", 1, 0, 'n'}, {"cache", 1, 0, 'C'}, {"window", 1, 0, 'w'},
         {"decode", 1, 0, 'T'}, {"mode", 1, 0, 'm'}, {"hold", 1, 0, 'h'}, {"seed", 1, 0, 'x'},
+        {"no-shrink-idle", 0, 0, 'N'},
         {0, 0, 0, 0},
     };
     int c;
@@ -160,6 +168,7 @@ int main(int argc, char **argv)
         case 'm': o.mode = strcmp(optarg, "parity") ? CAKE_MODE_FIXED : CAKE_MODE_PARITY; break;
         case 'h': o.hold = atoi(optarg); break;
         case 'x': o.sc.seed = strtoull(optarg, NULL, 0); break;
+        case 'N': o.no_shrink = 1; break;
         default: fprintf(stderr, "cake-workload: see the top of tools/cake-workload.c\n"); return 2;
         }
     }

@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "pressure.h"
 
 Test(config, sizes)
 {
@@ -39,6 +40,22 @@ Test(config, defaults_and_options)
     cr_assert(strstr(err, "power of two"), "%s", err);
     cr_assert_eq(config_set(&c, "nonsense", "1", err, sizeof err), -1);
     cr_assert_eq(c.srv.metrics_listen[0], 0, "no HTTP unless asked");
+    /* under pressure: re-slicing with a 5 s wait and 64-token floors unless told */
+    cr_assert_eq(c.srv.pressure, PRESSURE_RESLICE);
+    cr_assert_float_eq(c.srv.pressure_wait_s, 5.0, 1e-12);
+    cr_assert_eq(c.srv.min_tokens, 64);
+    cr_assert_eq(config_set(&c, "pressure", "refuse", err, sizeof err), 0);
+    cr_assert_eq(c.srv.pressure, PRESSURE_REFUSE);
+    cr_assert_eq(config_set(&c, "pressure", "park", err, sizeof err), -1);
+    cr_assert(strstr(err, "reslice or refuse"), "%s", err);
+    cr_assert_eq(config_set(&c, "pressure-wait", "0.25", err, sizeof err), 0);
+    cr_assert_float_eq(c.srv.pressure_wait_s, 0.25, 1e-12);
+    cr_assert_eq(config_set(&c, "pressure-wait", "-1", err, sizeof err), -1);
+    cr_assert_eq(config_set(&c, "pressure-wait", "", err, sizeof err), -1);
+    cr_assert_eq(config_set(&c, "min-tokens", "0", err, sizeof err), -1);
+    cr_assert_eq(config_set(&c, "min-tokens", "12x", err, sizeof err), -1);
+    cr_assert_eq(config_set(&c, "min-tokens", "256", err, sizeof err), 0);
+    cr_assert_eq(c.srv.min_tokens, 256);
 }
 
 Test(config, metrics_listen_addresses)
@@ -75,7 +92,7 @@ Test(config, file_with_tenants_and_errors)
     FILE *f = fdopen(fd, "w");
     fprintf(f, "# test\nhost-pool = 2G   # inline comment\nworkers = 3\n"
                "tenant vllm weight=2 min=1G max=6G gpu-min=8G gpu-max=40G\n"
-               "tenant batch uid=1001,root,1003 max=512M\n");
+               "tenant batch uid=1001,root,1003 max=512M pressure=refuse min-tokens=128\n");
     fclose(f);
     static struct config c;
     char err[256] = "";
@@ -96,6 +113,15 @@ Test(config, file_with_tenants_and_errors)
     cr_assert_eq(c.tenants[1].uids[0], 1001);
     cr_assert_eq(c.tenants[1].uids[1], 0, "user names resolve");
     cr_assert_eq(c.tenants[1].uids[2], 1003);
+    cr_assert_eq(c.tenants[0].pressure, 0, "caked's --pressure");
+    cr_assert_eq(c.tenants[1].pressure, PRESSURE_REFUSE);
+    cr_assert_eq(c.tenants[1].min_tokens, 128);
+    f = fopen(path, "w");
+    fprintf(f, "tenant t pressure=sometimes\n");
+    fclose(f);
+    config_defaults(&c);
+    cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "reslice or refuse"), "%s", err);
     f = fopen(path, "w");
     fprintf(f, "tenant t uid=no-such-user-here\n");
     fclose(f);

@@ -128,3 +128,39 @@ Test(tenant, gpu_admission_has_its_own_minimums_and_caps)
     tenant_charge_gpu(c, -(int64_t)(20 * MB));
     tenants_fini(&ts);
 }
+
+/* tenant_room is what admission compares with (bytes fit exactly when bytes <= room), and
+ * says which bound binds: the tenant's own cap, or the pool (what others' unmet minimums
+ * leave of it) - pressure.c takes room from the tenant's own sequences in either case. */
+Test(tenant, room_is_admission_and_names_its_bound)
+{
+    struct tenants ts = {0};
+    int err = 0, own = -1;
+    uint32_t u[] = {1};
+    struct tenant_quota q = {.weight = 1, .max_bytes = 40 * MB};
+    cr_assert_eq(tenant_configure(&ts, "capped", u, 1, &q), 0);
+    struct tenant *a = tenant_get(&ts, "capped", 1, 1, &err);
+    uint32_t v[] = {2};
+    struct tenant_quota m = {.weight = 1, .min_bytes = 30 * MB};
+    cr_assert_eq(tenant_configure(&ts, "reserved", v, 1, &m), 0);
+    uint64_t pool = 100 * MB;
+    tenant_charge(a, 25 * MB);
+    /* free 100 - 25 = 75, of which 30 are the other's minimum: 45 left; a's cap leaves 15 */
+    cr_assert_eq(tenant_room(&ts, a, 0, 75 * MB, pool, &own), 15 * MB);
+    cr_assert_eq(own, 1, "its own cap binds");
+    cr_assert_eq(tenant_admit(&ts, a, 15 * MB, 75 * MB, pool), 0);
+    cr_assert_eq(tenant_admit(&ts, a, 15 * MB + 1, 75 * MB, pool), CAKE_EOOM);
+    /* with 40 free the others' minimum leaves 10: the pool binds */
+    cr_assert_eq(tenant_room(&ts, a, 0, 40 * MB, pool, &own), 10 * MB);
+    cr_assert_eq(own, 0, "the pool binds");
+    cr_assert_eq(tenant_admit(&ts, a, 10 * MB + 1, 40 * MB, pool), CAKE_EOOM);
+    /* over its cap (a lowered maximum): no room, never a wrapped-around one */
+    tenant_charge(a, 20 * MB);
+    cr_assert_eq(tenant_room(&ts, a, 0, 75 * MB, pool, NULL), 0);
+    /* the GPU pools have their own bounds */
+    cr_assert_eq(tenant_room(&ts, a, 1, 75 * MB, pool, &own), 50 * MB,
+                 "no GPU maximum: its weighted share (two configured tenants of weight 1)");
+    cr_assert_eq(own, 1);
+    tenant_charge(a, -45 * (int64_t)MB);
+    tenants_fini(&ts);
+}

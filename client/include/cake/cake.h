@@ -90,6 +90,17 @@ CAKE_API int cake_set_server_uid(cake_ctx *ctx, long uid);
  * details; granted to root, caked's own uid and --admin-group members, otherwise the
  * connection sees its own tenant only). Engines need not. Returns 0 or CAKE_EINVAL. */
 CAKE_API int cake_set_admin(cake_ctx *ctx, int admin);
+/* Before cake_connect(): under memory pressure (caked's --pressure reslice, the default),
+ * let caked compact this context's idle sequences inside any of its calls, not only inside
+ * calls on those sequences. A call that waits for room (a reserve, an open or a decode step
+ * that does not fit the tenant's share) then gets it from the context's own other
+ * sequences at once, by their lowered budgets (cake_layer_budget, cake_seq_reslices); without
+ * it they give it back at their own next decode step, which a context that prefills before
+ * it decodes never reaches while it waits. The price: with it set, the addresses of every
+ * sequence of the context (cake_key, cake_layer_pages, ...) are valid only until the
+ * context's next call, and every write to any of them must be complete (GPU: synchronized)
+ * before the context calls caked. Default 0. Returns 0 or CAKE_EINVAL. */
+CAKE_API int cake_set_shrink_idle(cake_ctx *ctx, int allow);
 
 /* Default socket path: $CAKED_SOCKET, else $XDG_RUNTIME_DIR/caked.sock, else
  * /tmp/caked-$UID/caked.sock. Writes at most len bytes; returns 0 or -ENAMETOOLONG. */
@@ -248,7 +259,8 @@ CAKE_API uint32_t cake_seq_tokens_per_page(const cake_seq *seq);
  *                                    cake_indicator() and calls cake_prefill_submit(). */
 /* Each returns 0, CAKE_ESTATE (a layer out of order: reserve each once, in order, then
  * observe or submit it), CAKE_EOOM (reserve: the layer's pages do not fit the tenant's share
- * or the pool), CAKE_ENOSEQ (the sequence is gone: closed, or its shard group ended),
+ * or the pool, and caked could not make the room by re-slicing the tenant's sequences within
+ * --pressure-wait: a reserve, an open or a decode step that does not fit may wait that long), CAKE_ENOSEQ (the sequence is gone: closed, or its shard group ended),
  * CAKE_EINTERNAL (caked's scoring failed; cake_errstr() says how), CAKE_ENOTCONN,
  * -ETIMEDOUT or -errno. *preference (observe, may be NULL): the layer's preference score. */
 CAKE_API int cake_prefill_reserve(cake_seq *seq, uint32_t layer);
@@ -270,7 +282,9 @@ CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
  * call returns.
  *
  * Addresses in the pool (valid until the next call on this sequence that may compact:
- * observe, submit, decode_step). head is a kv head; token a slot in the layer's storage.
+ * observe, submit, decode_step, and under memory pressure reserve, which may re-slice the
+ * layers already observed; with cake_set_shrink_idle, until the context's next call). head
+ * is a kv head; token a slot in the layer's storage.
  * NULL when out of range or not in a segment mapped in this process. */
 CAKE_API void *cake_key(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
 CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t token);
@@ -307,6 +321,10 @@ CAKE_API float *cake_indicator(const cake_seq *seq);
 /* Tokens the layer holds now (prefix kept + window + decoded), and its recorded budget. */
 CAKE_API uint32_t cake_layer_tokens(const cake_seq *seq, uint32_t layer);
 CAKE_API uint32_t cake_layer_budget(const cake_seq *seq, uint32_t layer);
+/* Times caked lowered the sequence's budgets to make room under pressure (re-slicing: the
+ * layers keep the top of what they held by the policy's own ranking; their token counts and
+ * budgets above show the result). 0 if never. */
+CAKE_API uint32_t cake_seq_reslices(const cake_seq *seq);
 /* Per-head budgets (CAKE_POLICY_ADAKV) leave holes: kv head `kv_head` of the layer holds no
  * token in the `count` slots from *first, which attention must mask (the returned count; 0
  * when the head has none, as under every other policy; *first is then untouched). */

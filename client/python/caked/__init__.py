@@ -108,6 +108,8 @@ def _load():
         "cake_set_timeout_ms": (I, [P, I]),
         "cake_set_server_uid": (I, [P, ctypes.c_long]),
         "cake_set_admin": (I, [P, I]),
+        "cake_set_shrink_idle": (I, [P, I]),
+        "cake_seq_reslices": (U32, [P]),
         "cake_pool_mapped": (I, [P, P, SZ]),
         "cake_connect": (I, [P, ctypes.c_char_p, I]),
         "cake_fd": (I, [P]),
@@ -182,10 +184,12 @@ class Client:
     """A connection to caked (one tenant: `service` under this process's uid)."""
 
     def __init__(self, socket=None, service="python", map_pool=True, timeout_ms=0,
-                 server_uid=None, admin=False):
+                 server_uid=None, admin=False, shrink_idle=False):
         """server_uid: the uid caked must run as (default: root or this process's own; any
         other server is refused before anything is sent). admin: ask for administration
-        (granted to root, caked's uid and --admin-group members)."""
+        (granted to root, caked's uid and --admin-group members). shrink_idle: under memory
+        pressure caked may compact this client's idle sequences inside any of its calls
+        (cake_set_shrink_idle: arrays over their pages are then valid until the next call)."""
         lib = _L()
         self._ctx = ctypes.c_void_p()
         _check(None, lib.cake_create(ctypes.byref(self._ctx)))
@@ -196,6 +200,8 @@ class Client:
                 _check(self._ctx, lib.cake_set_server_uid(self._ctx, int(server_uid)))
             if admin:
                 _check(self._ctx, lib.cake_set_admin(self._ctx, 1))
+            if shrink_idle:
+                _check(self._ctx, lib.cake_set_shrink_idle(self._ctx, 1))
             _check(self._ctx, lib.cake_connect(self._ctx, socket.encode() if socket else None,
                                                 1 if map_pool else 0))
         except BaseException:
@@ -343,6 +349,10 @@ class Sequence:
 
     def budget(self, layer):
         return _L().cake_layer_budget(self._handle, layer)
+
+    def reslices(self):
+        """Times caked lowered this sequence's budgets to make room (pressure)."""
+        return _L().cake_seq_reslices(self._handle)
 
     def holes(self, layer):
         """Per kv head, (first, count) of slots holding no token (Ada-KV's per-head budgets;

@@ -1,0 +1,433 @@
+/* pressure.c - making room instead of refusing (see pressure.h): the requests waiting for
+ * room, the plan that lowers a tenant's budgets, and the re-slice jobs that apply it. */
+#define _GNU_SOURCE /* struct ucred (server_int.h) */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "frame.h"
+#include "pressure.h"
+#include "server_int.h"
+
+const char *pressure_mode_name(int m)
+{
+    return m == PRESSURE_REFUSE ? "refuse" : "reslice";
+}
+
+int pressure_mode_parse(const char *s)
+{
+    return !strcmp(s, "reslice") ? PRESSURE_RESLICE : !strcmp(s, "refuse") ? PRESSURE_REFUSE : -1;
+}
+
+/* A request waiting for room. Sequences are named by id (looked up again at each retry:
+ * nothing here points at a sequence that may go meanwhile). */
+struct waiter {
+    struct waiter *next;
+    uint64_t client_id;
+    uint16_t type;           /* MSG_SEQ_OPEN, MSG_PREFILL_RESERVE or MSG_DECODE_STEP */
+    double t0, deadline;
+    struct seq_open_args a;  /* open */
+    uint64_t seq_id;         /* reserve */
+    uint32_t layer;
+    uint64_t *ids;           /* decode step: its sequences */
+    uint32_t n, evictions;
+    char why[200];           /* the refusal it waits to overcome */
+};
+
+static int mode_of(const struct server *s, const struct tenant *t)
+{
+    return t->pressure ? t->pressure : s->cfg.pressure ? s->cfg.pressure : PRESSURE_RESLICE;
+}
+
+static uint32_t min_tokens_of(const struct server *s, const struct tenant *t)
+{
+    return t->min_tokens ? t->min_tokens : s->cfg.min_tokens ? s->cfg.min_tokens : 64;
+}
+
+static struct pool *pool_of(struct server *s, int gpu, uint32_t dev)
+{
+    return gpu ? &s->gpus[dev].pages : &s->pool;
+}
+
+/* Pages tenant t lacks for `need` more pages in that pool (0: it fits now). */
+static uint64_t shortfall(struct server *s, const struct tenant *t, int gpu, uint32_t dev,
+                          uint64_t need, int *own_bound)
+{
+    struct pool *p = pool_of(s, gpu, dev);
+    uint64_t pb = p->page_bytes;
+    uint64_t room = tenant_room(&s->tenants, t, gpu, pool_avail(p, t->id) * pb, p->bytes, own_bound);
+    uint64_t want = need * pb;
+    return want > room ? (want - room + pb - 1) / pb : 0;
+}
+
+static int in_pool(const struct seq *q, int gpu, uint32_t dev)
+{
+    return q->gpu ? gpu && q->gpu_dev == dev : !gpu;
+}
+
+/* ---- the plan ------------------------------------------------------------------ */
+
+struct cand {
+    struct seq *q;
+    uint64_t held, floor;   /* prefix tokens over all layers, and their floors */
+    int now;                /* its engine is in this call: compacted at once */
+};
+
+/* Each candidate's total after cutting a fraction f / 4096 of what it may give; the pages
+ * all of them would give back then (b: scratch for one sequence's budgets). */
+static uint64_t freed_at(const struct cand *c, uint32_t n, uint32_t f, uint32_t mt, uint32_t *b,
+                         int now_only)
+{
+    uint64_t pages = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (now_only && !c[i].now)
+            continue;
+        uint64_t give = (c[i].held - c[i].floor) * f / 4096;
+        if (!give)
+            continue;
+        seq_reslice_budgets(c[i].q, mt, c[i].held - give, b);
+        pages += seq_reslice_pages_freed(c[i].q, b);
+    }
+    return pages;
+}
+
+static int in_batch(uint64_t id, const uint64_t *ids, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (ids[i] == id)
+            return 1;
+    return 0;
+}
+
+/* Lowers the budgets of c's tenant's sequences in the pool so that they give back `short_`
+ * pages more than re-slices already under way will: the sequences in c's call (the batch
+ * ids, and with shrink_idle all of c's idle ones) first, then the others of the tenant, by
+ * the same fraction of what each may give above its floors. Those in the call are
+ * compacted by a re-slice job now. Returns 1 if the room is on its way, 0 if even the
+ * floors would not make it (nothing is changed then). */
+static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint64_t short_,
+                const uint64_t *batch, uint32_t nb)
+{
+    struct tenant *t = c->tenant;
+    uint64_t pending = 0;
+    uint32_t n = 0, mt = min_tokens_of(s, t);
+    for (uint32_t i = 0; i < s->n_slots; i++) {
+        struct seq *q = s->slots[i].s;
+        if (q && q->tenant == t && in_pool(q, gpu, dev))
+            pending += q->rs_expect, n++;
+    }
+    if (pending >= short_)
+        return 1;
+    /* a page to spare per sequence of the tenant: what a step or a rounding may take back */
+    uint64_t need = short_ - pending + n;
+    struct cand *cd = calloc(n + 1, sizeof(*cd));
+    uint32_t *b = malloc(sizeof(uint32_t) * SEQ_MAX_LAYERS);
+    if (!cd || !b) {
+        free(cd), free(b);
+        return 0;
+    }
+    uint32_t nc = 0;
+    for (uint32_t i = 0; i < s->n_slots; i++) {
+        struct seq *q = s->slots[i].s;
+        if (!q || q->tenant != t || !in_pool(q, gpu, dev) || !seq_reslice_ok(q) || q->rs_pending)
+            continue;
+        struct cand x = {.q = q};
+        x.held = seq_reslice_room(q, mt, &x.floor);
+        if (x.held <= x.floor)
+            continue;
+        x.now = in_batch(q->id, batch, nb) || (q->owner == c->id && c->shrink_idle);
+        if (q->owner == c->id && !x.now)
+            continue; /* its engine waits in this call: its next step cannot come meanwhile */
+        cd[nc++] = x;
+    }
+    int ok = 0;
+    for (int now_only = 1; now_only >= 0 && !ok; now_only--) {
+        if (freed_at(cd, nc, 4096, mt, b, now_only) < need)
+            continue;
+        uint32_t lo = 1, hi = 4096; /* the least fraction that makes the room */
+        while (lo < hi) {
+            uint32_t mid = (lo + hi) / 2;
+            if (freed_at(cd, nc, mid, mt, b, now_only) >= need)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        struct seq **job = malloc(sizeof(*job) * (nc + 1));
+        uint32_t nj = 0;
+        for (uint32_t i = 0; job && i < nc; i++) {
+            struct cand *x = &cd[i];
+            uint64_t give = (x->held - x->floor) * lo / 4096;
+            if ((now_only && !x->now) || !give)
+                continue;
+            seq_reslice_budgets(x->q, mt, x->held - give, b);
+            x->q->rs_expect = seq_reslice_pages_freed(x->q, b);
+            uint64_t tokens = seq_reslice_commit(&s->env, x->q, x->held - give, b);
+            t->reslices++, t->rs_tokens += tokens;
+            s->m.reslices++, s->m.reslice_tokens += tokens;
+            if (x->now && x->q->rs_pending)
+                job[nj++] = x->q;
+        }
+        srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s lacks %llu pages (%llu coming): %u%% of what "
+                 "%u sequences may give, %u of them now", t->name, (unsigned long long)short_,
+                 (unsigned long long)pending, (unsigned)(lo * 100 / 4096), nc, nj);
+        if (!job) /* no memory for the job's list: the budgets wait for the next steps */
+            ok = 1;
+        else if (nj)
+            work_start_reslice(s, c, job, nj);
+        else
+            free(job);
+        ok = 1;
+    }
+    free(cd), free(b);
+    return ok;
+}
+
+/* ---- re-slice jobs ---------------------------------------------------------------- */
+
+void pressure_job_done(struct server *s, struct work *w)
+{
+    for (uint32_t i = 0; i < w->n; i++) {
+        struct seq *q = w->seqs[i];
+        q->busy = 0;
+        seq_trim_pages(&s->env, q);
+        seq_publish(&s->env, q);
+        if (!q->rs_pending)
+            q->rs_expect = 0;
+        s->m.evictions_reslice += w->res[i].n_ev;
+        s->m.tokens_evicted += w->res[i].evicted_tokens;
+        if (q->orphaned)
+            srv_seq_remove(s, q);
+    }
+    struct client *c = srv_client_by_id(s, w->client_id);
+    if (c && c->rs_jobs)
+        c->rs_jobs--;
+    work_free(w);
+    pressure_poll(s);
+}
+
+/* ---- waiting ---------------------------------------------------------------------- */
+
+static struct waiter *waiter_new(struct server *s, struct client *c, uint16_t type, const char *why)
+{
+    struct waiter *x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->client_id = c->id, x->type = type;
+    x->t0 = srv_now_s(), x->deadline = x->t0 + s->cfg.pressure_wait_s;
+    snprintf(x->why, sizeof x->why, "%s", why);
+    return x;
+}
+
+static void enqueue(struct server *s, struct waiter *x)
+{
+    struct waiter **pp = &s->waiters;
+    while (*pp)
+        pp = &(*pp)->next;
+    *pp = x;
+    s->n_waiting++;
+}
+
+static void waiter_free(struct waiter *x)
+{
+    free(x->ids);
+    free(x);
+}
+
+/* Does the request fit now? If not, plan (again) for what it lacks: 1 room is coming or
+ * may come, 0 it cannot. *fits: it fits now. */
+static int make_room(struct server *s, struct client *c, const struct waiter *x, int *fits)
+{
+    uint64_t host = 0, gpu[SERVER_MAX_GPUS] = {0};
+    *fits = 0;
+    if (x->type == MSG_SEQ_OPEN) {
+        seq_open_pages(&s->env, &x->a, &host, &gpu[x->a.gpu_dev]);
+    } else if (x->type == MSG_PREFILL_RESERVE) {
+        struct seq *q = srv_seq_of(s, c, x->seq_id);
+        if (!q)
+            return 0;
+        *(q->gpu ? &gpu[q->gpu_dev] : &host) += ((uint64_t)q->n + q->tpp - 1) / q->tpp;
+    } else {
+        for (uint32_t i = 0; i < x->n; i++) {
+            struct seq *q = srv_seq_of(s, c, x->ids[i]);
+            if (!q)
+                return 0;
+            *(q->gpu ? &gpu[q->gpu_dev] : &host) += seq_decode_pages_needed(q);
+        }
+    }
+    int all_fit = 1, coming = 1;
+    for (uint32_t p = 0; p <= s->n_gpus; p++) {
+        int g = p > 0;
+        uint32_t dev = g ? p - 1 : 0;
+        uint64_t need = g ? gpu[dev] : host;
+        int own = 0;
+        uint64_t sh = need ? shortfall(s, c->tenant, g, dev, need, &own) : 0;
+        if (!sh)
+            continue;
+        all_fit = 0;
+        /* what the tenant's own sequences cannot give, others' endings may (pool-bound) */
+        /* in this call: a decode step's sequences, a reserve's own (its earlier layers) */
+        int one = x->type == MSG_PREFILL_RESERVE;
+        if (!plan(s, c, g, dev, sh, one ? &x->seq_id : x->ids, one ? 1 : x->n) && own)
+            coming = 0;
+    }
+    *fits = all_fit;
+    return all_fit || coming;
+}
+
+static int wait_for_room(struct server *s, struct client *c, struct waiter *x)
+{
+    int fits;
+    /* fitting already: the refusal was not about pages (caked's heap, a fragmented pool) */
+    if (mode_of(s, c->tenant) == PRESSURE_REFUSE || s->cfg.pressure_wait_s <= 0 || s->stopping ||
+        !make_room(s, c, x, &fits) || fits) {
+        waiter_free(x);
+        return 0;
+    }
+    enqueue(s, x);
+    if (c->state != C_BUSY)
+        c->state = C_BUSY; /* the handler returns without a reply: the request waits */
+    return 1;
+}
+
+int pressure_wait_open(struct server *s, struct client *c, const struct seq_open_args *a,
+                       const char *why)
+{
+    struct waiter *x = waiter_new(s, c, MSG_SEQ_OPEN, why);
+    if (!x)
+        return 0;
+    x->a = *a;
+    return wait_for_room(s, c, x);
+}
+
+int pressure_wait_reserve(struct server *s, struct client *c, struct seq *q, uint32_t layer,
+                          const char *why)
+{
+    struct waiter *x = waiter_new(s, c, MSG_PREFILL_RESERVE, why);
+    if (!x)
+        return 0;
+    x->seq_id = q->id, x->layer = layer;
+    return wait_for_room(s, c, x);
+}
+
+int pressure_wait_decode(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
+                         uint32_t evictions, const char *why)
+{
+    struct waiter *x = waiter_new(s, c, MSG_DECODE_STEP, why);
+    if (!x || !(x->ids = malloc(sizeof(uint64_t) * n))) {
+        free(x);
+        return 0;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        x->ids[i] = seqs[i]->id;
+    x->n = n, x->evictions = evictions;
+    return wait_for_room(s, c, x);
+}
+
+/* Tries x's request again: 1 done (replied, success or an error other than lack of room),
+ * 0 still short of room. */
+static int retry(struct server *s, struct client *c, struct waiter *x)
+{
+    const char *why = "";
+    if (x->type == MSG_SEQ_OPEN) {
+        int rc = srv_seq_open(s, c, &x->a, &why);
+        if (rc == CAKE_EOOM)
+            return 0;
+        if (rc)
+            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
+        return 1;
+    }
+    if (x->type == MSG_PREFILL_RESERVE) {
+        struct seq *q = srv_seq_of(s, c, x->seq_id);
+        int rc = q ? seq_reserve(&s->env, q, x->layer, &why) : CAKE_ENOSEQ;
+        if (rc == CAKE_EOOM)
+            return 0;
+        if (rc)
+            srv_reply_error(s, c, rc, "%s", q ? why : "the sequence is gone");
+        else
+            srv_reply(s, c, MSG_PREFILL_RESERVE, NULL);
+        return 1;
+    }
+    struct seq **seqs = malloc(sizeof(*seqs) * x->n);
+    if (!seqs) {
+        srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
+        return 1;
+    }
+    for (uint32_t i = 0; i < x->n; i++) {
+        int rc = (seqs[i] = srv_seq_of(s, c, x->ids[i])) ? seq_decode_check(seqs[i], &why)
+                                                         : CAKE_ENOSEQ;
+        if (rc) {
+            srv_reply_error(s, c, rc, "sequence %#llx: %s", (unsigned long long)x->ids[i],
+                            rc == CAKE_ENOSEQ ? "no such sequence" : why);
+            free(seqs);
+            return 1;
+        }
+    }
+    int rc = seq_decode_admit(&s->env, c->tenant, seqs, x->n, &why);
+    if (!rc)
+        work_decode_reply(s, c, seqs, x->n, x->evictions);
+    free(seqs);
+    return !rc;
+}
+
+void pressure_poll(struct server *s)
+{
+    if (!s->waiters || s->polling)
+        return;
+    /* a reply may read and dispatch the client's next requests (which may wait, or close
+     * clients): the list is taken off first, and what still waits goes back ahead of
+     * whatever came meanwhile */
+    s->polling = 1;
+    double now = srv_now_s();
+    struct waiter *list = s->waiters, *keep = NULL, **kt = &keep;
+    s->waiters = NULL;
+    while (list) {
+        struct waiter *x = list;
+        list = x->next, x->next = NULL;
+        struct client *c = srv_client_by_id(s, x->client_id);
+        int done = 0;
+        if (!c || c->state == C_CLOSED) {
+            done = 1;
+        } else if (!c->rs_jobs) { /* its own re-slice must finish before it may go on */
+            int fits = 0;
+            if (retry(s, c, x)) {
+                done = 1;
+                c->tenant->waits_granted++, s->m.waits_granted++;
+            } else if (now >= x->deadline || s->stopping || !make_room(s, c, x, &fits) || fits) {
+                srv_oom(s, c, x->why);
+                srv_reply_error(s, c, CAKE_EOOM, "%s (waited %.1f s for room)", x->why, now - x->t0);
+                c->tenant->waits_refused++, s->m.waits_refused++;
+                done = 1;
+            }
+        }
+        if (done) {
+            s->n_waiting--;
+            waiter_free(x);
+        } else {
+            *kt = x, kt = &x->next;
+        }
+    }
+    *kt = s->waiters;
+    s->waiters = keep;
+    s->polling = 0;
+}
+
+void pressure_forget(struct server *s, uint64_t client_id)
+{
+    for (struct waiter **pp = &s->waiters; *pp;) {
+        struct waiter *x = *pp;
+        if (x->client_id == client_id) {
+            *pp = x->next;
+            s->n_waiting--;
+            waiter_free(x);
+        } else {
+            pp = &x->next;
+        }
+    }
+}
+
+uint32_t pressure_waiting(const struct server *s)
+{
+    return s->n_waiting;
+}

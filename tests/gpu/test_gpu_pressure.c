@@ -1,0 +1,294 @@
+/* Pressure on the GPU pool (daemon/pressure.h): caked makes room by re-slicing GPU sequences
+ * with its CUDA kernels, and every byte left is where caked says it is.
+ *
+ *  - a prefilled GPU sequence gives room to a full-cache prompt that does not fit beside it
+ *    (its engine lets caked shrink its idle sequences): every layer keeps a subset of what
+ *    it held, at most its lowered budget plus the window, the window intact, the K/V bytes
+ *    of every slot the original row caked's account names; a host twin fed the same K/V and
+ *    queries, re-sliced under the same pressure in the host pool, keeps the same tokens up
+ *    to its budget (the pools' other pages differ a little) and float rounding: top-k sets
+ *    are nested, so the shorter prefix lies inside the longer;
+ *  - a GPU prompt that does not fit alone completes: the cascade's total comes down, each
+ *    layer holds its budget plus the window, bytes and account agree.
+ * Exit 77 without a GPU. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cake/cake.h"
+#include "dtype.h"
+#include "../integration/harness.h"
+#include "gputest.h"
+
+enum { L = 4, H = 8, HKV = 2, D = 64, W = 32, ROW = D * 2, NMAX = 12288 };
+
+static int fails;
+static cake_ctx *ctx_now; /* for cake_errstr in messages */
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (!(cond)) {                                           \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fprintf(stderr, "\n");                               \
+            fails++;                                             \
+        }                                                        \
+    } while (0)
+
+static uint64_t mix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t rng = 777;
+static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
+static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
+
+/* the K/V rows written: distinct random bf16 rows, [L][HKV][NMAX][D]; and the queries */
+static uint16_t (*Ko)[HKV][NMAX][D], (*Vo)[HKV][NMAX][D];
+static uint16_t Q[L][H][W][D];
+
+static void fill(void)
+{
+    for (int l = 0; l < L; l++) {
+        for (int g = 0; g < HKV; g++)
+            for (int t = 0; t < NMAX; t++)
+                for (int j = 0; j < D; j++) {
+                    Ko[l][g][t][j] = kern_f32_to_bf16(gauss() * (t % 97 == 0 ? 3.0f : 1.0f));
+                    Vo[l][g][t][j] = kern_f32_to_bf16(gauss());
+                }
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    Q[l][h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
+    }
+}
+
+static void put(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice) == cudaSuccess, "H2D");
+    else
+        memcpy(dst, src, n);
+}
+
+static void get(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost) == cudaSuccess, "D2H");
+    else
+        memcpy(dst, src, n);
+}
+
+static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int full)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = cache, pol.window = W;
+    if (full)
+        pol.kind = CAKE_POLICY_FULL;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16,
+                              .placement = gpu ? CAKE_PLACE_GPU : CAKE_PLACE_HOST};
+    cake_seq *s = NULL;
+    int rc = cake_seq_open(c, &lay, &pol, n, 4, &s);
+    CHECK(rc == 0, "open (%s, n %u): %s (%s)", gpu ? "GPU" : "host", n, cake_strerror(rc),
+          cake_errstr(c));
+    return s;
+}
+
+static void prefill(cake_seq *s, uint32_t n)
+{
+    for (int l = 0; l < L && !fails; l++) {
+        int rc = cake_prefill_reserve(s, l);
+        CHECK(rc == 0, "reserve %d: %s (%s)", l, cake_strerror(rc), cake_errstr(ctx_now));
+        if (rc)
+            return;
+        for (int g = 0; g < HKV; g++) { /* each head's rows are one run of slots per page */
+            for (uint32_t t = 0; t < n; t++) {
+                put(s, cake_key(s, l, g, t), Ko[l][g][t], ROW);
+                put(s, cake_value(s, l, g, t), Vo[l][g][t], ROW);
+            }
+        }
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                put(s, cake_query_row(s, l, h, i), Q[l][h][i], ROW);
+        double p;
+        rc = cake_prefill_observe(s, l, &p);
+        CHECK(rc == 0, "observe %d: %s (%s)", l, cake_strerror(rc), cake_errstr(ctx_now));
+    }
+}
+
+/* caked's account of layer l, head g (pos[tokens]) checked against the bytes of every slot. */
+static uint32_t account(cake_seq *s, int l, int g, uint32_t *pos)
+{
+    uint32_t n = 0;
+    int rc = cake_kept_positions(s, l, g, pos, NMAX, &n);
+    CHECK(rc == 0, "positions: %s", cake_strerror(rc));
+    uint16_t k[D], v[D];
+    for (uint32_t i = 0; i < n && !fails; i++) {
+        get(s, k, cake_key(s, l, g, i), ROW);
+        get(s, v, cake_value(s, l, g, i), ROW);
+        CHECK(pos[i] < NMAX && !memcmp(k, Ko[l][g][pos[i]], ROW) && !memcmp(v, Vo[l][g][pos[i]], ROW),
+              "layer %d head %d slot %u: the bytes are not position %u's", l, g, i, pos[i]);
+    }
+    return n;
+}
+
+static int subset(const uint32_t *a, uint32_t na, const uint32_t *b, uint32_t nb)
+{
+    for (uint32_t i = 0, j = 0; i < na; i++) { /* both ascending */
+        while (j < nb && b[j] < a[i])
+            j++;
+        if (j == nb || b[j] != a[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* Tokens two ascending position lists share, over the shorter one (top-k sets at two
+ * budgets are nested: the smaller inside the larger). */
+static double overlap(const uint32_t *a, uint32_t na, const uint32_t *b, uint32_t nb)
+{
+    uint32_t same = 0, n = na < nb ? na : nb;
+    for (uint32_t i = 0, j = 0; i < na && j < nb;) {
+        if (a[i] == b[j])
+            same++, i++, j++;
+        else if (a[i] < b[j])
+            i++;
+        else
+            j++;
+    }
+    return n ? (double)same / n : 1;
+}
+
+static uint32_t before[L][HKV][NMAX], after_[L][HKV][NMAX], twin[L][HKV][NMAX];
+static uint32_t nbefore[L][HKV];
+
+/* A gives room to F (full cache) in the pool its placement uses; returns A's budgets. */
+static void give_room(const char *sock, int gpu, uint32_t (*got)[HKV][NMAX], uint32_t *budgets,
+                      uint32_t *reslices)
+{
+    cake_ctx *c = harness_client(sock, gpu ? "gpu-svc" : "host-svc", 1, 0);
+    CHECK(c != NULL, "connect");
+    if (!c)
+        return;
+    cake_destroy(c); /* again, with shrink_idle (harness_client connects at once) */
+    CHECK(cake_create(&c) == 0 && cake_set_service(c, gpu ? "gpu-svc" : "host-svc") == 0 &&
+              cake_set_shrink_idle(c, 1) == 0 && cake_connect(c, sock, 1) == 0,
+          "connect with shrink_idle: %s", cake_errstr(c));
+    ctx_now = c;
+    cake_seq *a = open_seq(c, gpu, 4096, 2048, 0);
+    if (!fails)
+        prefill(a, 4096);
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++)
+            nbefore[l][g] = account(a, l, g, before[l][g]);
+    cake_seq *f = fails ? NULL : open_seq(c, gpu, 4096, 4096, 1);
+    if (f)
+        prefill(f, 4096);
+    *reslices = fails ? 0 : cake_seq_reslices(a);
+    for (int l = 0; l < L && !fails; l++) {
+        budgets[l] = cake_layer_budget(a, l);
+        uint32_t n = cake_layer_tokens(a, l);
+        CHECK(n <= budgets[l] + W, "%s layer %d: %u tokens over budget %u + w", gpu ? "GPU" : "host",
+              l, n, budgets[l]);
+        for (int g = 0; g < HKV; g++) {
+            uint32_t m = account(a, l, g, got[l][g]);
+            CHECK(m == n, "layer %d head %d: account %u, tokens %u", l, g, m, n);
+            CHECK(subset(got[l][g], m, before[l][g], nbefore[l][g]), "layer %d head %d: a token "
+                  "it had not kept", l, g);
+            CHECK(!memcmp(got[l][g] + m - W, before[l][g] + nbefore[l][g] - W, 4 * W),
+                  "layer %d head %d: the window moved", l, g);
+        }
+    }
+    cake_destroy(c);
+}
+
+static void test_prefilled_gives_room(const char *gsock, const char *hsock)
+{
+    uint32_t bg[L], bh[L], rg = 0, rh = 0;
+    give_room(gsock, 1, after_, bg, &rg);
+    CHECK(rg >= 1, "the GPU sequence was not re-sliced");
+    give_room(hsock, 0, twin, bh, &rh);
+    CHECK(rh >= 1, "the host twin was not re-sliced");
+    double worst = 1;
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) { /* the prefixes: tokens - w slots */
+            uint32_t ng = bg[l], nh = bh[l];
+            double o = overlap(after_[l][g], ng, twin[l][g], nh);
+            worst = o < worst ? o : worst;
+        }
+    CHECK(worst >= 0.95, "GPU and host re-slices keep different tokens: overlap %.3f", worst);
+    printf("prefilled GPU sequence re-sliced %u times (host twin %u); budgets GPU %u %u %u %u, "
+           "host %u %u %u %u; kept prefixes vs the host's: overlap >= %.3f\n", rg, rh, bg[0],
+           bg[1], bg[2], bg[3], bh[0], bh[1], bh[2], bh[3], worst);
+}
+
+static void test_prompt_restaged(const char *gsock)
+{
+    cake_ctx *c = harness_client(gsock, "gpu-prompt", 1, 0);
+    CHECK(c != NULL, "connect");
+    if (!c)
+        return;
+    ctx_now = c;
+    uint32_t n = NMAX, C = 8192;
+    cake_seq *s = open_seq(c, 1, n, C, 0);
+    if (!fails)
+        prefill(s, n); /* layer 0 alone keeps 12256 tokens of a total of 32640 */
+    uint64_t total = 0;
+    static uint32_t pos[NMAX];
+    for (int l = 0; l < L && !fails; l++) {
+        uint32_t b = cake_layer_budget(s, l), t = cake_layer_tokens(s, l);
+        total += b;
+        CHECK(t == b + W, "layer %d: %u tokens, budget %u", l, t, b);
+        for (int g = 0; g < HKV; g++) {
+            uint32_t m = account(s, l, g, pos);
+            for (uint32_t i = 1; i < m; i++)
+                CHECK(pos[i] > pos[i - 1], "layer %d head %d: positions out of order", l, g);
+            CHECK(m >= W && pos[m - W] == n - W, "layer %d head %d: the window", l, g);
+        }
+    }
+    CHECK(!fails && cake_seq_reslices(s) >= 1, "the prompt was not re-sliced");
+    CHECK(total < (uint64_t)(C - W) * L, "total %llu not below %u", (unsigned long long)total,
+          (C - W) * L);
+    printf("GPU prompt of %u tokens in a pool too small for it: re-sliced %u times, %llu of %u "
+           "tokens kept\n", n, cake_seq_reslices(s), (unsigned long long)total, (C - W) * L);
+    cake_destroy(c);
+}
+
+int main(void)
+{
+    if (!gputest_has_gpu()) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    Ko = malloc(sizeof(*Ko) * L), Vo = malloc(sizeof(*Vo) * L);
+    if (!Ko || !Vo)
+        return 1;
+    fill();
+    /* 64 KiB pages hold 128 tokens of a layer: A (4096 tokens, cache 2048) ~68 pages, the
+     * full-cache prompt 132; a 12 MiB GPU pool holds 192. The host caked the same. */
+    struct harness g, h;
+    const char *gx[] = {"--gpu-pool", "12M", "--segment-size", "4M", NULL};
+    const char *hx[] = {"--host-pool", "12M", "--segment-size", "4M", NULL};
+    if (harness_start(&g, gx) || harness_start(&h, hx)) {
+        fprintf(stderr, "FAIL: caked did not start\n");
+        return 1;
+    }
+    test_prefilled_gives_room(g.sock, h.sock);
+    if (!fails)
+        test_prompt_restaged(g.sock);
+    if (harness_stop(&g) || harness_stop(&h)) {
+        fprintf(stderr, "FAIL: caked did not stop cleanly\n");
+        fails++;
+    }
+    printf("%s\n", fails ? "FAILED" : "GPU pressure: re-slices on the GPU keep what caked says");
+    return fails ? 1 : 0;
+}

@@ -1,0 +1,259 @@
+"""Under pressure caked makes room instead of refusing (daemon/pressure.h): a request whose
+pages do not fit waits while caked lowers the budgets of its tenant's running sequences
+(re-slicing), checked against the numpy reference of test_policies.py:
+
+- a prefilled sequence gives room: what each layer keeps afterwards is a subset of what it
+  kept, and the top of the decode rule's indicator (the ring's window queries over the held
+  keys) at the new budget; the window stays; caked's positions follow;
+- a sequence in its prompt that does not fit alone completes: the cascade's total is lowered
+  and every layer keeps the top of its prompt indicator at its (smaller) budget;
+- another client's sequence is re-sliced by its own next decode step, never between its
+  calls (the waiting request completes right after that step);
+- pressure=refuse, the floors (--min-tokens) and the wait's end refuse as before, and change
+  nothing; another tenant's sequences are never touched;
+- metrics and cachectl's listings count what happened.
+K/V are f32 so caked's scores and the reference's agree to rounding. Needs CAKE_LIB,
+CAKED_BIN and CACHECTL_BIN."""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_binding import caked  # noqa: E402
+from test_policies import H, HKV, D, W, L, window_attention, indicator, assert_topk  # noqa: E402
+
+
+class Daemon:
+    """caked with a small pool of 4 KiB pages (tokens of these f32 layouts: 16 per page)."""
+
+    def __init__(self, pool="8M", *args):
+        self.args = ["--host-pool", pool, "--page-size", "4K", "--workers", "2", "--log-level", "debug", *args]
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="caked-pressure-")
+        self.sock = os.path.join(self.dir, "caked.sock")
+        self.log = open(os.path.join(self.dir, "log"), "w+")
+        self.proc = subprocess.Popen([os.environ["CAKED_BIN"], "--socket", self.sock, *self.args],
+                                     stderr=self.log)
+        for _ in range(200):
+            try:
+                caked.Client(self.sock, map_pool=False).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("caked did not start")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        assert self.proc.wait(10) == 0
+        self.log.close()
+        if os.environ.get("KEEP_LOG"):  # a debugging aid: caked's log (debug level)
+            with open(os.path.join(self.dir, "log")) as f:
+                print(f.read()[-4000:])
+        for f in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, f))
+        os.rmdir(self.dir)
+
+    def cachectl(self, *args):
+        return subprocess.run([os.environ["CACHECTL_BIN"], "--socket", self.sock, *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    def metrics(self):
+        text = self.cachectl("metrics")
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^(caked_[a-z_]+(?:\{[^}]*\})?) (\S+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+
+def prefill(s, n, rng, layers=L):
+    """Random f32 K/V (a sink at 0) and window queries into every layer; returns them."""
+    data = []
+    for l in range(layers):
+        k = rng.standard_normal((HKV, n, D)).astype(np.float32)
+        k[:, 0] *= 4
+        v = rng.standard_normal((HKV, n, D)).astype(np.float32)
+        q = rng.standard_normal((H, W, D)).astype(np.float32)
+        s.reserve(l)
+        s.write_layer(l, k, v)
+        s.queries(l)[:] = q
+        s.observe(l)
+        data.append((k, v, q))
+    return data
+
+
+def held(s, l):
+    return [list(s.kept_positions(l, g)) for g in range(HKV)]
+
+
+class Pressure(unittest.TestCase):
+    def check_resliced(self, s, data, before, budgets_before):
+        """Every layer of s: budget no higher, positions a subset of `before`, the window
+        kept, the prefix the top of the decode rule's indicator at the new budget."""
+        shrunk = 0
+        for l, (k, v, q) in enumerate(data):
+            b, b0 = s.budget(l), budgets_before[l]
+            self.assertLessEqual(b, b0, f"layer {l}: a re-slice never raises a budget")
+            shrunk += b < b0
+            self.assertEqual(s.tokens(l), min(b, len(before[l][0]) - W) + W)
+            got = held(s, l)
+            kk, _ = s.read_layer(l)
+            for g in range(HKV):
+                P, G = before[l][g], got[g]
+                self.assertTrue(set(G) <= set(P), f"layer {l} head {g}: kept a token it had not")
+                self.assertEqual(G[-W:], P[-W:], f"layer {l} head {g}: the window stays")
+                for t, p in enumerate(G):  # caked's positions follow its keys
+                    np.testing.assert_array_equal(kk[g, t], k[g, p])
+                if len(G) == len(P):
+                    continue
+                # the reference: the ring's W queries over the held keys (storage order)
+                Kh = np.stack([k[x][P_] for x, P_ in enumerate(before[l])])
+                A = window_attention(q, Kh)
+                ind = indicator(A, len(P) - W, "mean+var", "avg", 5)
+                assert_topk(self, [P.index(p) for p in G[:-W]], ind[g], b,
+                            f"layer {l} head {g}")
+        return shrunk
+
+    def test_prefilled_sequence_makes_room_by_its_own_ranking(self):
+        rng = np.random.default_rng()
+        with Daemon("8M") as d, caked.Client(d.sock, service="svc", shrink_idle=True) as c:
+            a = c.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3000, window=W,
+                                max_new_tokens=4)
+            da = prefill(a, 4096, rng)
+            before = [held(a, l) for l in range(L)]
+            b0 = [a.budget(l) for l in range(L)]
+            self.assertEqual(a.reslices(), 0)
+            # a full-cache prompt of 8192 tokens does not fit beside it: a gives room
+            f = c.open_sequence(L, H, HKV, D, 8192, dtype="f32", policy="full",
+                                 window=W)
+            prefill(f, 8192, rng)
+            self.assertGreaterEqual(a.reslices(), 1)
+            self.assertGreater(self.check_resliced(a, da, before, b0), 0)
+            for l in range(L):
+                self.assertEqual(f.tokens(l), 8192)
+            # a still decodes: its next step keeps the lowered budgets
+            a.decode_step()
+            for l in range(L):
+                self.assertLessEqual(a.tokens(l), a.budget(l) + W + 1)
+            m = d.metrics()
+            self.assertGreaterEqual(m["caked_reslices_total"], 1)
+            self.assertGreater(m["caked_reslice_tokens_total"], 0)
+            self.assertGreaterEqual(m['caked_pressure_waits_total{outcome="granted"}'], 1)
+            self.assertEqual(m['caked_pressure_waits_total{outcome="refused"}'], 0)
+            self.assertGreaterEqual(m['caked_evictions_total{phase="reslice"}'], 1)
+            seqs = json.loads(d.cachectl("--json", "sequences"))["sequences"]
+            info = [x for x in seqs if int(x["id"], 16) == a.id][0]
+            self.assertLess(info["effective_cache"], 3000)
+            self.assertEqual(info["cache_size"], 3000)
+            self.assertEqual(info["reslices"], a.reslices())
+
+    def test_prompt_that_does_not_fit_alone_completes(self):
+        rng = np.random.default_rng()
+        n, C = 8192, 4096
+        with Daemon("4M") as d, caked.Client(d.sock, service="svc") as c:
+            s = c.open_sequence(L, H, HKV, D, n, dtype="f32", cache_size=C, window=W)
+            data = prefill(s, n, rng)  # layer 0 alone holds 8184 of 12264 tokens: no room
+            self.assertGreaterEqual(s.reslices(), 1)
+            total = sum(s.budget(l) for l in range(L))
+            self.assertLess(total, (C - W) * L)
+            for l, (k, v, q) in enumerate(data):
+                b = s.budget(l)
+                self.assertEqual(s.tokens(l), b + W)
+                ind = indicator(window_attention(q, k), n - W, "mean+var", "avg", 5)
+                for g in range(HKV):
+                    pos = list(s.kept_positions(l, g))
+                    self.assertEqual(pos[b:], list(range(n - W, n)))
+                    assert_topk(self, pos[:b], ind[g], b, f"layer {l} head {g}")
+
+    def test_another_clients_sequence_gives_room_at_its_own_step(self):
+        rng = np.random.default_rng()
+        with Daemon("8M") as d, caked.Client(d.sock, service="svc") as ca, \
+                caked.Client(d.sock, service="svc") as cb:
+            a = ca.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3000, window=W,
+                                 max_new_tokens=4)
+            da = prefill(a, 4096, rng)
+            before = [held(a, l) for l in range(L)]
+            b0 = [a.budget(l) for l in range(L)]
+            f = cb.open_sequence(L, H, HKV, D, 8192, dtype="f32", policy="full",
+                                 window=W)
+            done, err = threading.Event(), []
+
+            def other():
+                try:
+                    prefill(f, 8192, np.random.default_rng())
+                except Exception as e:  # noqa: BLE001
+                    err.append(e)
+                done.set()
+            t = threading.Thread(target=other)
+            t.start()
+            # a's budgets come down while its pages stay where they are until it calls
+            for _ in range(200):
+                if a.reslices():
+                    break
+                time.sleep(0.01)
+            self.assertGreaterEqual(a.reslices(), 1)
+            self.assertLess(sum(a.budget(l) for l in range(L)), sum(b0))
+            time.sleep(0.3)
+            self.assertFalse(done.is_set(), "the request waits for a's step")
+            self.assertEqual(held(a, 0), before[0], "nothing moved between a's calls")
+            a.decode_step()  # a's own call: evicted to its lowered budgets
+            self.assertTrue(done.wait(10))
+            t.join()
+            self.assertEqual(err, [])
+            for l in range(L):
+                self.assertLessEqual(a.tokens(l), a.budget(l) + W + 1)
+                got = held(a, l)
+                for g in range(HKV):
+                    self.assertTrue(set(got[g][:-1]) <= set(before[l][g]))
+
+    def test_refuse_floors_and_the_wait_change_nothing(self):
+        rng = np.random.default_rng()
+        for args, why in ((["--pressure", "refuse"], "refuse"),
+                          (["--min-tokens", "4100"], "floors"),  # every layer at its floor
+                          (["--pressure-wait", "0.5"], "wait")):
+            with self.subTest(why=why), Daemon("8M", *args) as d, \
+                    caked.Client(d.sock, service="svc", shrink_idle=why != "wait") as c, \
+                    caked.Client(d.sock, service="svc") as c2, \
+                    caked.Client(d.sock, service="other") as co:
+                o = co.open_sequence(L, H, HKV, D, 1024, dtype="f32", cache_size=512, window=W)
+                prefill(o, 1024, rng)
+                ob = [o.budget(l) for l in range(L)]
+                a = c.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3000, window=W)
+                prefill(a, 4096, rng)
+                before = [held(a, l) for l in range(L)]
+                b0 = [a.budget(l) for l in range(L)]
+                f = (c2 if why == "wait" else c).open_sequence(L, H, HKV, D, 8192, dtype="f32",
+                                                              policy="full", window=W)
+                t0 = time.monotonic()
+                with self.assertRaises(caked.OutOfMemory) as cm:
+                    prefill(f, 8192, rng)
+                waited = time.monotonic() - t0
+                if why == "wait":  # a's client never calls: the wait runs out
+                    self.assertIn("waited", str(cm.exception))
+                    self.assertGreaterEqual(waited, 0.4)
+                else:
+                    self.assertEqual(a.reslices(), 0)
+                    self.assertEqual([a.budget(l) for l in range(L)], b0)
+                    self.assertLess(waited, 0.4)
+                self.assertEqual([held(a, l) for l in range(L)], before, "a's tokens stay")
+                self.assertEqual(o.reslices(), 0, "another tenant is never cut")
+                self.assertEqual([o.budget(l) for l in range(L)], ob)
+                m = d.metrics()
+                if why == "wait":
+                    self.assertGreaterEqual(m['caked_pressure_waits_total{outcome="refused"}'], 1)
+                else:
+                    self.assertEqual(m["caked_reslices_total"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
