@@ -718,11 +718,14 @@ void cake_policy_default(struct cake_policy *p)
 static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
                     uint32_t prompt_len, uint32_t max_new_tokens, uint64_t group, uint32_t shards,
                     uint32_t shard, cake_seq **out);
+static int refresh_resliced(cake_ctx *c);
 
 int cake_seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
                   uint32_t prompt_len, uint32_t max_new_tokens, cake_seq **out)
 {
-    return seq_open(c, lay, pol, prompt_len, max_new_tokens, 0, 0, 0, out);
+    int rc = seq_open(c, lay, pol, prompt_len, max_new_tokens, 0, 0, 0, out);
+    refresh_resliced(c); /* another sequence's tables: a failure there is that one's EIO */
+    return rc;
 }
 
 int cake_seq_open_shard(cake_ctx *c, const struct cake_layout *lay, const struct cake_policy *pol,
@@ -960,13 +963,34 @@ int cake_seq_page_layout(const cake_seq *s, uint64_t *page_bytes, uint64_t *v_of
     return 0;
 }
 
+/* With shrink_idle a call may have re-sliced any sequence of the context (a reserve, an
+ * open or a decode step that waited for room): the device tables of those whose
+ * descriptor's re-slice count moved are brought up to date too. */
+static int refresh_resliced(cake_ctx *c)
+{
+    int rc = 0;
+    for (size_t i = 0; c->shrink_idle && i < c->n_seqs; i++) {
+        cake_seq *s = c->seqs[i];
+        uint32_t n = cake_seq_reslices(s);
+        if (n != s->reslices_seen) {
+            s->reslices_seen = n;
+            int r = cake_gpu_tables_refresh(&s, 1);
+            rc = rc ? rc : r;
+        }
+    }
+    return rc;
+}
+
 int cake_prefill_reserve(cake_seq *s, uint32_t layer)
 {
     Cake__LayerRef m = CAKE__LAYER_REF__INIT;
     m.seq_id = s->id, m.layer = layer;
     int rc = rpc_empty(s->ctx, MSG_PREFILL_RESERVE, &m.base);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return rc ? rc : cake_gpu_tables_refresh(&s, 1);
+    if (!rc)
+        rc = cake_gpu_tables_refresh(&s, 1);
+    int r = refresh_resliced(s->ctx);
+    return rc ? rc : r;
 }
 
 static int prefill(cake_seq *s, uint16_t type, const ProtobufCMessage *msg, double *pref)
@@ -1017,7 +1041,10 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
     if (!rc)
         c_free(c, b);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    return rc ? rc : cake_gpu_tables_refresh(seqs, n);
+    if (!rc)
+        rc = cake_gpu_tables_refresh(seqs, n);
+    int r = refresh_resliced(c);
+    return rc ? rc : r;
 }
 
 int cake_gpu_pool_mapped(const cake_ctx *c, uint32_t i, uint64_t off, size_t len)

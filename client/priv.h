@@ -83,6 +83,7 @@ struct cake_seq {
     size_t v_offset;    /* page base -> V block */
     size_t row_bytes;
     struct seq_gpu *gpu; /* cake_decode_attention's buffers (gpu.c), NULL until used */
+    uint32_t reslices_seen; /* the descriptor's re-slice count its device tables reflect */
 };
 
 /* Layer l's entry in the shared descriptor, located by the copy taken at open. */

@@ -7,7 +7,8 @@
  *    of every slot the original row caked's account names; a host twin fed the same K/V and
  *    queries, re-sliced under the same pressure in the host pool, keeps the same tokens up
  *    to its budget (the pools' other pages differ a little) and float rounding: top-k sets
- *    are nested, so the shorter prefix lies inside the longer;
+ *    are nested, so the shorter prefix lies inside the longer; the idle sequence's device
+ *    page tables follow its re-slice;
  *  - a GPU prompt that does not fit alone completes: the cascade's total comes down, each
  *    layer holds its budget plus the window, bytes and account agree.
  * Exit 77 without a GPU. */
@@ -190,10 +191,21 @@ static void give_room(const char *sock, int gpu, uint32_t (*got)[HKV][NMAX], uin
     for (int l = 0; l < L && !fails; l++)
         for (int g = 0; g < HKV; g++)
             nbefore[l][g] = account(a, l, g, before[l][g]);
+    const int32_t *tok_dev = NULL, *pg_dev = NULL;
+    uint32_t mp = 0;
+    if (gpu && !fails) /* device tables made now: libcake must follow the re-slice */
+        CHECK(cake_device_tables(a, &tok_dev, &pg_dev, &mp) == 0, "device tables");
     cake_seq *f = fails ? NULL : open_seq(c, gpu, 4096, 4096, 1);
     if (f)
         prefill(f, 4096);
     *reslices = fails ? 0 : cake_seq_reslices(a);
+    if (tok_dev && !fails) { /* a was idle while it shrank: its tables still say what it holds */
+        int32_t t[L];
+        CHECK(cudaMemcpy(t, tok_dev, sizeof t, cudaMemcpyDeviceToHost) == cudaSuccess, "D2H");
+        for (int l = 0; l < L; l++)
+            CHECK((uint32_t)t[l] == cake_layer_tokens(a, l), "layer %d: device table says %d "
+                  "tokens, the descriptor %u", l, t[l], cake_layer_tokens(a, l));
+    }
     for (int l = 0; l < L && !fails; l++) {
         budgets[l] = cake_layer_budget(a, l);
         uint32_t n = cake_layer_tokens(a, l);
