@@ -203,9 +203,13 @@ class CakedCache(Cache):
         if w > kept and rec.n > kept:
             raise InvalidArgument(-5005, f"the record kept {kept} queries; the policy's "
                                          f"window needs {w}")
-        cache._open(rec.keys[0].unsqueeze(0), None)
-        for l in range(cache.n_layers):
-            cache._prefill_rows(l, [(rec.keys[l], rec.values[l], rec.queries[l])], rec.n)
+        try:
+            cache._open(rec.keys[0].unsqueeze(0), None)
+            for l in range(cache.n_layers):
+                cache._prefill_rows(l, [(rec.keys[l], rec.values[l], rec.queries[l])], rec.n)
+        except BaseException:
+            cache.close()  # a refusal midway (OutOfMemory) leaves nothing open in caked
+            raise
         return cache
 
     # -- decode --------------------------------------------------------------------------
