@@ -921,6 +921,20 @@ int cake_seq_close(cake_seq *s)
     return rc;
 }
 
+int cake_seq_park(cake_seq *s, int park)
+{
+    Cake__Park m = CAKE__PARK__INIT;
+    m.seq_id = s->id, m.restore = !park;
+    int rc = rpc_empty(s->ctx, MSG_PARK, &m.base);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return rc ? rc : cake_gpu_tables_refresh(&s, 1);
+}
+
+int cake_seq_parked(const cake_seq *s)
+{
+    return ((const volatile struct shm_desc *)s->desc)->placement == SHM_PLACE_PARKED;
+}
+
 uint64_t cake_seq_id(const cake_seq *s) { return s->id; }
 int cake_seq_on_gpu(const cake_seq *s) { return s->hdr.placement == SHM_PLACE_GPU; }
 uint32_t cake_seq_tokens_per_page(const cake_seq *s) { return s->tpp; }

@@ -141,7 +141,7 @@ int config_set(struct config *c, const char *key, const char *v, char *err, int 
     } else if (!strcmp(key, "pressure")) {
         int m = pressure_mode_parse(v);
         if (m <= 0)
-            return FAIL("pressure must be reslice or refuse: %s", v);
+            return FAIL("pressure must be reslice, park or refuse: %s", v);
         c->srv.pressure = m;
     } else if (!strcmp(key, "pressure-wait")) {
         char *end;
@@ -232,7 +232,7 @@ static int parse_tenant(struct config *c, char *rest, char *err, int len)
             t->weight = (uint32_t)w;
         } else if (!strcmp(tok, "pressure")) {
             if ((t->pressure = pressure_mode_parse(v)) <= 0)
-                return FAIL("tenant %s: pressure must be reslice or refuse: %s", t->name, v);
+                return FAIL("tenant %s: pressure must be reslice, park or refuse: %s", t->name, v);
         } else if (!strcmp(tok, "min-tokens")) {
             long x = strtol(v, &end, 10);
             if (end == v || *end || x < 1 || x > (1L << 24))

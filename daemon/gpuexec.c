@@ -211,6 +211,18 @@ int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t byt
     return finish(c, e == cudaSuccess ? 0 : -EIO);
 }
 
+int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
+                      const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host)
+{
+    cudaError_t e = cudaSuccess;
+    for (uint32_t i = 0; i < n && e == cudaSuccess; i++) { /* a page never crosses a segment */
+        uint8_t *d = dev_base + (uint64_t)dev[i] * page_bytes, *h = host_base + (uint64_t)host[i] * page_bytes;
+        e = to_host ? cudaMemcpyAsync(h, d, page_bytes, cudaMemcpyDeviceToHost, c->stream)
+                    : cudaMemcpyAsync(d, h, page_bytes, cudaMemcpyHostToDevice, c->stream);
+    }
+    return finish(c, e == cudaSuccess ? 0 : -EIO);
+}
+
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
 {
     /* stream-ordered: freeing it later (gpuexec_dev_free, from any thread) never waits for

@@ -68,6 +68,11 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
  * one copy over two registrations is refused. */
 int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
                     const void *base, size_t seg_bytes);
+/* Parking: n whole pages between the GPU pool (page dev[i] at dev_base) and the host pool
+ * (page host[i] at host_base), page_bytes each; to_host: device -> host, else back. On the
+ * context's stream, waited for. 0 or -EIO. */
+int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
+                      const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host);
 /* Device memory for a sequence's prefill indicators, stream-ordered on this context;
  * gpuexec_dev_free (any thread, NULL ok) never waits for the device. */
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);

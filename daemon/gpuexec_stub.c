@@ -36,6 +36,13 @@ int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t byt
     (void)c, (void)dst_dev, (void)src, (void)bytes, (void)base, (void)seg_bytes;
     return -ENOTSUP;
 }
+int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
+                      const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host)
+{
+    (void)c, (void)dev_base, (void)dev, (void)host_base, (void)host, (void)n, (void)page_bytes;
+    (void)to_host;
+    return -ENOTSUP;
+}
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
 {
     (void)c, (void)bytes;

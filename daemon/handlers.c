@@ -366,12 +366,62 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
     }
     for (size_t i = 0; i < n; i++)
         seqs[i]->busy = 0;
+    /* parked sequences come back to the GPU first, inside this step's job */
+    for (size_t i = 0; i < n; i++) {
+        if (!seqs[i]->parked)
+            continue;
+        const char *why = "";
+        int rc = seq_move_prepare(&s->env, seqs[i], 0, &why);
+        if (rc) {
+            struct seq_result undo = {.rc = -ECANCELED};
+            for (size_t k = 0; k < i; k++)
+                if (seqs[k]->moving)
+                    seq_move_commit(&s->env, seqs[k], &undo);
+            if (rc == CAKE_EOOM)
+                srv_oom(s, c, why);
+            srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "sequence %#llx: %s",
+                            (unsigned long long)seqs[i]->id, why);
+            free(seqs);
+            return;
+        }
+        need_evict = 1;
+    }
     if (need_evict) {
         work_start(s, c, MSG_DECODE_STEP, seqs, (uint32_t)n, 0, 0, 0);
         return;
     }
     work_decode_reply(s, c, seqs, (uint32_t)n, 0);
     free(seqs);
+}
+
+static void h_park(struct server *s, struct client *c, const ProtobufCMessage *msg)
+{
+    const Cake__Park *m = (const Cake__Park *)msg;
+    struct seq *q = srv_seq_of(s, c, m->seq_id);
+    if (!q || q->orphaned) {
+        srv_reply_error(s, c, CAKE_ENOSEQ, "no sequence %#llx", (unsigned long long)m->seq_id);
+        return;
+    }
+    if (q->gpu && !q->busy && !q->moving && q->parked == !m->restore) {
+        srv_reply(s, c, MSG_PARK, NULL); /* already where it was asked to be */
+        return;
+    }
+    const char *why = "";
+    int rc = seq_move_prepare(&s->env, q, !m->restore, &why);
+    struct seq **one = rc ? NULL : malloc(sizeof(*one));
+    if (!rc && !one) {
+        struct seq_result undo = {.rc = -ENOMEM};
+        seq_move_commit(&s->env, q, &undo);
+        rc = CAKE_EINTERNAL, why = "out of memory";
+    }
+    if (rc) {
+        if (rc == CAKE_EOOM)
+            srv_oom(s, c, why);
+        srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "%s", why);
+        return;
+    }
+    one[0] = q;
+    work_start(s, c, MSG_PARK, one, 1, 0, 0, 0);
 }
 
 static void h_seq_close(struct server *s, struct client *c, const ProtobufCMessage *msg)
@@ -480,7 +530,7 @@ static void fill_seq(struct server *s, Cake__SeqInfo *r, const struct seq *q)
     r->seq_id = q->id, r->tenant = (char *)q->tenant->name, r->layers = q->L;
     r->kv_heads = q->Hkv, r->head_dim = q->d, r->dtype = q->dt, r->prompt_len = q->n;
     r->prefilled_layers = q->next_observe, r->decoded_tokens = q->decoded;
-    r->placement = q->gpu, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
+    r->placement = q->gpu ? (q->parked ? 2 : 1) : 0, r->gpu_bytes = seq_gpu_bytes(&s->env, q);
     if (q->gpu)
         r->gpu_uuid = s->gpus[q->gpu_dev].uuid;
     r->bytes = seq_bytes(&s->env, q), r->mode = q->cfg.mode, r->cache_size = q->cfg.cache_size;
@@ -747,6 +797,7 @@ static const struct {
     [MSG_SET_QUOTA] = {&cake__set_quota__descriptor, h_set_quota, H_ADMIN},
     [MSG_PING] = {NULL, h_ping, H_ANON},
     [MSG_POSITIONS] = {&cake__positions_request__descriptor, h_positions, 0},
+    [MSG_PARK] = {&cake__park__descriptor, h_park, 0},
     /* MSG_MAP: caked -> engine only, no handler */
 };
 

@@ -13,12 +13,15 @@
 
 const char *pressure_mode_name(int m)
 {
-    return m == PRESSURE_REFUSE ? "refuse" : "reslice";
+    return m == PRESSURE_REFUSE ? "refuse" : m == PRESSURE_PARK ? "park" : "reslice";
 }
 
 int pressure_mode_parse(const char *s)
 {
-    return !strcmp(s, "reslice") ? PRESSURE_RESLICE : !strcmp(s, "refuse") ? PRESSURE_REFUSE : -1;
+    return !strcmp(s, "reslice") ? PRESSURE_RESLICE
+           : !strcmp(s, "refuse") ? PRESSURE_REFUSE
+           : !strcmp(s, "park")   ? PRESSURE_PARK
+                                  : -1;
 }
 
 /* A request waiting for room. Sequences are named by id (looked up again at each retry:
@@ -101,6 +104,49 @@ static int in_batch(uint64_t id, const uint64_t *ids, uint32_t n)
     return 0;
 }
 
+static int by_use(const void *a, const void *b)
+{
+    double x = (*(struct seq *const *)a)->t_used, y = (*(struct seq *const *)b)->t_used;
+    return x < y ? -1 : x > y;
+}
+
+/* Parking (pressure=park, short of GPU pages): the tenant's GPU sequences that c's call has
+ * in hand (its idle ones, with shrink_idle), least recently used first, go to the host pool
+ * until their pages cover `need`. Returns the GPU pages that will come back. */
+static uint64_t park_some(struct server *s, struct client *c, uint32_t dev, uint64_t need,
+                          const uint64_t *batch, uint32_t nb)
+{
+    if (!c->shrink_idle)
+        return 0;
+    struct seq **cand = malloc(sizeof(*cand) * (s->n_seqs + 1));
+    uint32_t n = 0;
+    for (uint32_t i = 0; cand && i < s->n_slots; i++) {
+        struct seq *q = s->slots[i].s;
+        if (q && q->owner == c->id && q->gpu && q->gpu_dev == dev && !q->parked && !q->moving &&
+            !q->busy && !q->orphaned && !q->group && q->next_observe == q->L &&
+            !in_batch(q->id, batch, nb) && n < s->n_seqs)
+            cand[n++] = q;
+    }
+    qsort(cand, n, sizeof(*cand), by_use);
+    uint64_t got = 0;
+    uint32_t nj = 0;
+    for (uint32_t i = 0; i < n && got < need; i++) {
+        const char *why;
+        if (seq_move_prepare(&s->env, cand[i], 1, &why))
+            break; /* the host pool has no room either */
+        cand[i]->rs_expect = seq_kv_pages(cand[i]);
+        got += cand[i]->rs_expect;
+        cand[nj++] = cand[i];
+    }
+    srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s lacks %llu GPU pages: parking %u sequences "
+             "(%llu pages)", c->tenant->name, (unsigned long long)need, nj, (unsigned long long)got);
+    if (nj)
+        work_start_pressure(s, c, MSG_PARK, cand, nj);
+    else
+        free(cand);
+    return got;
+}
+
 /* Lowers the budgets of c's tenant's sequences in the pool so that they give back `short_`
  * pages more than re-slices already under way will: the sequences in c's call (the batch
  * ids, and with shrink_idle all of c's idle ones) first, then the others of the tenant, by
@@ -120,6 +166,11 @@ static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint6
     }
     if (pending >= short_)
         return 1;
+    if (gpu && mode_of(s, t) == PRESSURE_PARK) { /* idle sequences to the host first */
+        pending += park_some(s, c, dev, short_ - pending, batch, nb);
+        if (pending >= short_)
+            return 1;
+    }
     /* a page to spare per sequence of the tenant: what a step or a rounding may take back */
     uint64_t need = short_ - pending + n;
     struct cand *cd = calloc(n + 1, sizeof(*cd));
@@ -175,7 +226,7 @@ static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint6
         if (!job) /* no memory for the job's list: the budgets wait for the next steps */
             ok = 1;
         else if (nj)
-            work_start_reslice(s, c, job, nj);
+            work_start_pressure(s, c, MSG_RESLICE, job, nj);
         else
             free(job);
         ok = 1;
@@ -191,9 +242,11 @@ void pressure_job_done(struct server *s, struct work *w)
     for (uint32_t i = 0; i < w->n; i++) {
         struct seq *q = w->seqs[i];
         q->busy = 0;
+        if (w->type == MSG_PARK)
+            seq_move_commit(&s->env, q, &w->res[i]);
         seq_trim_pages(&s->env, q);
         seq_publish(&s->env, q);
-        if (!q->rs_pending)
+        if (!q->rs_pending || w->type == MSG_PARK)
             q->rs_expect = 0;
         s->m.evictions_reslice += w->res[i].n_ev;
         s->m.tokens_evicted += w->res[i].evicted_tokens;

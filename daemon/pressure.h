@@ -22,7 +22,13 @@
 
 #include <stdint.h>
 
-enum pressure_mode { PRESSURE_DEFAULT = 0, PRESSURE_RESLICE = 1, PRESSURE_REFUSE = 2 };
+enum pressure_mode {
+    PRESSURE_DEFAULT = 0,
+    PRESSURE_RESLICE = 1,
+    PRESSURE_REFUSE = 2,
+    PRESSURE_PARK = 3, /* short of GPU pool pages: park idle GPU sequences in the host pool
+                          first (least recently used first), then re-slice */
+};
 
 const char *pressure_mode_name(int m);
 int pressure_mode_parse(const char *s); /* -1 if unknown */

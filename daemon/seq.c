@@ -57,10 +57,10 @@ float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s)
 
 
 
-/* The pool holding the sequence's K/V pages. */
+/* The pool holding the sequence's K/V pages (a parked GPU sequence's are in the host's). */
 static struct pool *kv_pool(const struct seq_env *e, const struct seq *s)
 {
-    return s->gpu ? GPOOL(e, s) : e->pool;
+    return s->gpu && !s->parked ? GPOOL(e, s) : e->pool;
 }
 
 static void account(const struct seq_env *e, struct seq *s, int64_t pages)
@@ -80,7 +80,7 @@ static void account_gpu(const struct seq_env *e, struct seq *s, int64_t pages)
 /* K/V pages: accounted to the pool they come from */
 static void account_kv(const struct seq_env *e, struct seq *s, int64_t pages)
 {
-    if (s->gpu)
+    if (s->gpu && !s->parked)
         account_gpu(e, s, pages);
     else
         account(e, s, pages);
@@ -90,7 +90,7 @@ static int admit_kv(const struct seq_env *e, const struct seq *s, uint64_t pages
 {
     struct pool *p = kv_pool(e, s);
     uint64_t pb = p->page_bytes, free_b = pool_avail(p, s->tenant->id) * pb;
-    return s->gpu ? tenant_admit_gpu(e->tenants, s->tenant, pages * pb, free_b, p->bytes)
+    return s->gpu && !s->parked ? tenant_admit_gpu(e->tenants, s->tenant, pages * pb, free_b, p->bytes)
                   : tenant_admit(e->tenants, s->tenant, pages * pb, free_b, p->bytes);
 }
 
@@ -160,10 +160,11 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
     struct shm_layer *sl = &shm_layers(s->desc)[l];
     const struct seq_layer *ly = &s->layer[l];
     uint64_t *pg = shm_pages(s->desc, s->L, s->max_pages, l);
-    for (uint32_t i = 0; i < ly->n_pages; i++)
+    uint32_t shown = s->parked ? 0 : ly->n_pages; /* parked: no page an engine could use */
+    for (uint32_t i = 0; i < shown; i++)
         pg[i] = (uint64_t)ly->pages[i] * e->pool->page_bytes;
     sl->tokens = ly->tokens;
-    sl->pages = ly->n_pages;
+    sl->pages = shown;
     sl->budget = l < s->next_observe ? cakeseq_budget(s->cs, l) : 0;
     sl->prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
     const uint32_t *hk = l < s->next_observe ? cakeseq_head_kept(s->cs, l) : NULL;
@@ -183,6 +184,8 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
 void seq_publish(const struct seq_env *e, struct seq *s)
 {
     s->desc->reslices = s->reslices;
+    if (s->gpu) /* engines see a parked sequence as such (cake_seq_parked) */
+        s->desc->placement = s->parked ? SHM_PLACE_PARKED : SHM_PLACE_GPU;
     for (uint32_t l = 0; l < s->next_reserve; l++)
         sync_layer(e, s, l);
 }
@@ -464,6 +467,8 @@ void seq_free(const struct seq_env *e, struct seq *s)
     }
     free(s->win_pages);
     free(s->ring_pg);
+    CAKE_CHECK(!s->moving); /* a move is committed (its pages given back) before a free */
+    free(s->mv);
     tenant_charge_heap(s->tenant, -(int64_t)s->heap_bytes);
     CAKE_CHECK(*e->heap_used >= s->heap_bytes);
     *e->heap_used -= s->heap_bytes;
@@ -758,7 +763,7 @@ static int mid_prompt(const struct seq *s)
 
 int seq_reslice_ok(const struct seq *s)
 {
-    if (s->busy || s->orphaned || s->group)
+    if (s->busy || s->orphaned || s->group || s->parked || s->moving)
         return 0;
     if (mid_prompt(s))
         return s->next_observe > 0 && cakeseq_can_restage(s->cs);
@@ -913,4 +918,103 @@ void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result 
     }
     if (!r->rc)
         s->rs_pending = 0;
+}
+
+/* ---- parking ----------------------------------------------------------------------- */
+
+uint64_t seq_kv_pages(const struct seq *s)
+{
+    uint64_t n = 0;
+    for (uint32_t l = 0; l < s->L; l++)
+        n += s->layer[l].n_pages;
+    return n;
+}
+
+int seq_move_prepare(const struct seq_env *e, struct seq *s, int park, const char **why)
+{
+    if (!s->gpu || s->group || s->next_observe != s->L || s->moving || s->busy) {
+        *why = !s->gpu ? "only GPU sequences park (host sequences are in host memory already)"
+               : s->group ? "a shard of a group does not park alone"
+               : s->busy || s->moving ? "sequence busy"
+                                      : "a sequence parks once its prompt is prefilled";
+        return s->gpu && !s->group ? CAKE_ESTATE : CAKE_EINVAL;
+    }
+    struct pool *to = park ? e->pool : GPOOL(e, s);
+    uint64_t n = seq_kv_pages(s), pb = to->page_bytes;
+    int bad = park ? tenant_admit(e->tenants, s->tenant, n * pb, pool_avail(to, s->tenant->id) * pb,
+                                  to->bytes)
+                   : tenant_admit_gpu(e->tenants, s->tenant, n * pb,
+                                      pool_avail(to, s->tenant->id) * pb, to->bytes);
+    if (bad) {
+        *why = park ? "parking it: its pages exceed the tenant's share of the host pool"
+                    : "restoring the parked sequence: its pages exceed the tenant's share of the "
+                      "GPU pool";
+        return CAKE_EOOM;
+    }
+    if (!s->mv && !(s->mv = malloc(sizeof(uint32_t) * ((size_t)s->L * s->max_pages + 1)))) {
+        *why = "out of memory";
+        return -ENOMEM;
+    }
+    for (uint32_t l = 0; l < s->L; l++) {
+        uint32_t *m = s->mv + (size_t)l * s->max_pages;
+        if (pool_alloc_list(to, s->layer[l].n_pages, s->tenant->id, 1, m)) {
+            for (uint32_t k = 0; k < l; k++)
+                pool_free_list(to, s->mv + (size_t)k * s->max_pages, s->layer[k].n_pages);
+            *why = park ? "no free host pool pages to park it" : "no free GPU pool pages to restore it";
+            return CAKE_EOOM;
+        }
+    }
+    if (park)
+        account(e, s, (int64_t)n);
+    else
+        account_gpu(e, s, (int64_t)n);
+    s->moving = park ? 1 : 2;
+    return 0;
+}
+
+void seq_move_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
+{
+    *r = (struct seq_result){0};
+    int park = s->moving == 1;
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    uint64_t pb = e->pool->page_bytes;
+    for (uint32_t l = 0; l < s->L && !r->rc; l++) {
+        const uint32_t *src = s->layer[l].pages, *dst = s->mv + (size_t)l * s->max_pages;
+        uint32_t n = s->layer[l].n_pages;
+        r->rc = park ? gpuctx_copy_pages(gc, GPOOL(e, s)->base, src, e->pool->base, dst, n, pb, 1)
+                     : gpuctx_copy_pages(gc, GPOOL(e, s)->base, dst, e->pool->base, src, n, pb, 0);
+    }
+    gpuexec_put(GEXEC(e, s), gc);
+    if (r->rc)
+        return;
+    for (uint32_t l = 0; l < s->L; l++) { /* the layers name the new pages, mv the old */
+        uint32_t *p = s->layer[l].pages, *m = s->mv + (size_t)l * s->max_pages;
+        for (uint32_t i = 0; i < s->layer[l].n_pages; i++) {
+            uint32_t t = p[i];
+            p[i] = m[i], m[i] = t;
+        }
+    }
+    s->parked = park;
+}
+
+void seq_move_commit(const struct seq_env *e, struct seq *s, const struct seq_result *r)
+{
+    /* mv holds the pages to give back: the old ones after a move, the new ones after a
+     * failure; they are in the pool the sequence is not in now */
+    int done = !r->rc;
+    struct pool *p = done ? (s->parked ? GPOOL(e, s) : e->pool) /* where it was */
+                          : (s->moving == 1 ? e->pool : GPOOL(e, s)); /* where it was going */
+    uint64_t n = seq_kv_pages(s);
+    for (uint32_t l = 0; l < s->L; l++)
+        pool_free_list(p, s->mv + (size_t)l * s->max_pages, s->layer[l].n_pages);
+    if (p == e->pool)
+        account(e, s, -(int64_t)n);
+    else
+        account_gpu(e, s, -(int64_t)n);
+    if (done && s->parked)
+        s->parks++;
+    s->moving = 0;
+    free(s->mv);
+    s->mv = NULL;
+    seq_publish(e, s);
 }

@@ -99,6 +99,13 @@ struct seq {
      * cleared by that job's worker; the pages that eviction is expected to free (loop) */
     int rs_pending;
     uint64_t rs_expect;
+    /* parking (GPU sequences): while parked the layers' K/V pages are host pool pages (the
+     * query rings stay in the GPU pool); while a job moves them (moving: 1 to the host, 2
+     * back), mv holds the other pool's pages, [L][max_pages] like the layers' own */
+    int parked, moving;
+    uint32_t *mv;
+    uint32_t parks;          /* times parked */
+    double t_used;           /* when a call last had it (the loop's clock: parking's order) */
     uint32_t reslices;       /* times its budgets were lowered */
     uint32_t rs_told;        /* ... when its last decode step replied */
     uint64_t rs_tokens;      /* layer tokens given up in all (sum over layers) */
@@ -217,6 +224,17 @@ uint64_t seq_reslice_commit(const struct seq_env *e, struct seq *s, uint64_t tot
  * scores) and its window - what a decode step would keep at that budget. */
 void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
 int seq_layer_resliced(const struct seq *s, uint32_t l);
+
+/* Parking a GPU sequence (prefilled, idle) in the host pool and restoring it: prepare
+ * (loop: admission and the other pool's pages; 0 or CAKE_EOOM / CAKE_EINVAL with *why),
+ * work (the job's worker: copies every layer's pages, then the sequence's layers name the
+ * new ones and `parked` flips; r->rc), commit (loop: the pages it left go back, or on
+ * failure the ones it took; published: a parked sequence shows engines no pages). */
+int seq_move_prepare(const struct seq_env *e, struct seq *s, int park, const char **why);
+void seq_move_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
+void seq_move_commit(const struct seq_env *e, struct seq *s, const struct seq_result *r);
+/* GPU pool pages a parked sequence's restore takes (its K/V pages). */
+uint64_t seq_kv_pages(const struct seq *s);
 
 /* Bytes the sequence holds in the host pool and in the GPU pool. */
 static inline uint64_t seq_bytes(const struct seq_env *e, const struct seq *s)

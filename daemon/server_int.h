@@ -142,6 +142,7 @@ struct work {
      * `group` with the group's preference (seqs = the members) */
     int phase;
     struct shard_group *group;
+    int pressure;      /* made by pressure.c to make room (pressure_job_done completes it) */
 };
 
 double srv_now_s(void);
@@ -208,8 +209,10 @@ void work_decode_reply(struct server *s, struct client *c, struct seq **seqs, ui
                        uint32_t evictions);
 int work_start_group(struct server *s, struct shard_group *g, struct seq **all, uint16_t type,
                      uint32_t layer, double pref);
-/* A re-slice job over seqs (taken over) of client c's tenant: c's reply waits for it. */
-void work_start_reslice(struct server *s, struct client *c, struct seq **seqs, uint32_t n);
+/* A job making room (pressure.c) over seqs (taken over) of client c's tenant: a re-slice
+ * (MSG_RESLICE) or parking (MSG_PARK, each prepared: seq_move_prepare); c's reply waits. */
+void work_start_pressure(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
+                         uint32_t n);
 /* handlers.c: opens an unsharded sequence for c and replies; or returns CAKE_EINVAL,
  * CAKE_EOOM, ... with *why (no reply). */
 int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,

@@ -33,10 +33,18 @@ static void work_run(struct job *j)
         for (uint32_t i = 0; i < w->n; i++)
             if (!cancelled(w->seqs[i], &w->res[i]))
                 seq_reslice_work(e, w->seqs[i], &w->res[i]);
-    } else if (w->type == MSG_DECODE_STEP) {
+    } else if (w->type == MSG_PARK) { /* a move is never skipped: its commit needs its result */
         for (uint32_t i = 0; i < w->n; i++)
-            if (!cancelled(w->seqs[i], &w->res[i]) && seq_decode_needs_evict(w->seqs[i]))
-                seq_decode_evict_work(e, w->seqs[i], &w->res[i]);
+            seq_move_work(e, w->seqs[i], &w->res[i]);
+    } else if (w->type == MSG_DECODE_STEP) {
+        for (uint32_t i = 0; i < w->n; i++) {
+            struct seq *q = w->seqs[i];
+            /* a parked sequence comes back first (its commit reads q->parked) */
+            if (q->moving && (seq_move_work(e, q, &w->res[i]), w->res[i].rc))
+                continue;
+            if (!cancelled(q, &w->res[i]) && seq_decode_needs_evict(q))
+                seq_decode_evict_work(e, q, &w->res[i]);
+        }
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
         if (!cancelled(w->seqs[0], &w->res[0]))
             seq_prefill_score(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
@@ -74,7 +82,7 @@ static void work_done(struct job *j)
     struct server *s = w->srv;
     for (uint32_t i = 0; i < w->n; i++)
         s->m.jobs_cancelled += w->res[i].rc == -ECANCELED;
-    if (w->type == MSG_RESLICE) {
+    if (w->pressure) {
         pressure_job_done(s, w);
         return;
     }
@@ -106,7 +114,13 @@ static void work_done(struct job *j)
         q->busy = 0;
         if (r->rc && !rc)
             rc = r->rc;
-        if (w->type == MSG_DECODE_STEP) {
+        if (w->type == MSG_PARK) {
+            seq_move_commit(&s->env, q, r);
+        } else if (w->type == MSG_DECODE_STEP) {
+            if (q->moving) { /* a restore: done when it is no longer parked */
+                struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
+                seq_move_commit(&s->env, q, &mr);
+            }
             seq_trim_pages(&s->env, q);
             seq_publish(&s->env, q); /* even if the step's reserve is refused below */
             if (!q->rs_pending)
@@ -137,6 +151,8 @@ static void work_done(struct job *j)
             srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
         } else if (w->type == MSG_DECODE_STEP) {
             work_decode_reply(s, c, w->seqs, w->n, evictions);
+        } else if (w->type == MSG_PARK) {
+            srv_reply(s, c, MSG_PARK, NULL);
         } else {
             Cake__PrefillReply r = CAKE__PREFILL_REPLY__INIT;
             r.preference = pref;
@@ -162,8 +178,9 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
     w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
     w->layer = layer, w->observe = observe, w->pref = pref;
     w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
+    double now = srv_now_s();
     for (uint32_t i = 0; i < n; i++)
-        seqs[i]->busy = 1;
+        seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
     workers_submit(s->workers, &w->job);
 }
@@ -205,7 +222,8 @@ int work_start_group(struct server *s, struct shard_group *g, struct seq **all, 
     return 0;
 }
 
-void work_start_reslice(struct server *s, struct client *c, struct seq **seqs, uint32_t n)
+void work_start_pressure(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
+                         uint32_t n)
 {
     struct work *w = work_new(s, seqs, n);
     if (!w) {
@@ -214,7 +232,7 @@ void work_start_reslice(struct server *s, struct client *c, struct seq **seqs, u
     }
     w->job.urgent = 1; /* a request waits for it */
     w->job.owner = c->tenant->id, w->job.weight = c->tenant->weight;
-    w->client_id = c->id, w->type = MSG_RESLICE;
+    w->client_id = c->id, w->type = type, w->pressure = 1;
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1;
     c->rs_jobs++;

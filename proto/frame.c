@@ -52,7 +52,7 @@ const char *frame_type_name(unsigned type)
     static const char *const names[] = {
         "?", "hello", "seq_open", "prefill_reserve", "prefill_observe", "prefill_submit",
         "decode_step", "seq_close", "status", "tenants", "sequences", "seq_info", "metrics",
-        "set_quota", "ping", "map", "positions",
+        "set_quota", "ping", "map", "positions", "park",
     };
     _Static_assert(sizeof names / sizeof names[0] == MSG_TYPE_MAX + 1, "a name per type");
     type &= ~FRAME_REPLY;

@@ -38,7 +38,8 @@ enum frame_type {
     MSG_PING = 14,
     MSG_MAP = 15,     /* caked -> engine only: segments gained or lost, ahead of a reply */
     MSG_POSITIONS = 16,
-    MSG_TYPE_MAX = 16,
+    MSG_PARK = 17,
+    MSG_TYPE_MAX = 17,
     MSG_ERROR = 0x7fff,
 };
 #define FRAME_REPLY 0x8000u

@@ -15,6 +15,8 @@
 #define SHM_DESC_VERSION 3u
 #define SHM_PLACE_HOST 0u
 #define SHM_PLACE_GPU 1u
+#define SHM_PLACE_PARKED 2u /* a GPU sequence parked in the host pool (descriptor only: the
+                               layers show no pages until it is restored) */
 
 struct shm_layer {
     uint32_t tokens;     /* slots in use: prefix + window + decoded */

@@ -10,7 +10,10 @@
  *    are nested, so the shorter prefix lies inside the longer; the idle sequence's device
  *    page tables follow its re-slice;
  *  - a GPU prompt that does not fit alone completes: the cascade's total comes down, each
- *    layer holds its budget plus the window, bytes and account agree.
+ *    layer holds its budget plus the window, bytes and account agree;
+ *  - parking: a GPU sequence parked in the host pool gives its GPU pages back and shows
+ *    none; restored (on request, or by its next decode step) it holds the same tokens byte
+ *    for byte; under pressure=park caked parks the idle sequence instead of re-slicing it.
  * Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -275,6 +278,100 @@ static void test_prompt_restaged(const char *gsock)
     cake_destroy(c);
 }
 
+/* Every layer's positions and bytes (account) equal what was recorded in want[][]. */
+static void same_as(cake_seq *s, uint32_t (*want)[HKV][NMAX], uint32_t (*nwant)[HKV], const char *what)
+{
+    static uint32_t pos[NMAX];
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            uint32_t n = account(s, l, g, pos);
+            CHECK(n == nwant[l][g] && !memcmp(pos, want[l][g], 4 * n), "%s: layer %d head %d "
+                  "holds other tokens (%u, had %u)", what, l, g, n, nwant[l][g]);
+        }
+}
+
+/* Parking: on request (and back on request or by a decode step), and by caked under
+ * pressure=park; every token comes back byte for byte, the GPU pages go and return. */
+static void test_park(const char *sock, const struct harness *hp, const char *psock)
+{
+    cake_ctx *c = harness_client(sock, "park-svc", 1, 0);
+    CHECK(c != NULL, "connect");
+    if (!c)
+        return;
+    ctx_now = c;
+    cake_seq *a = open_seq(c, 1, 4096, 2048, 0);
+    if (!fails)
+        prefill(a, 4096);
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++)
+            nbefore[l][g] = account(a, l, g, before[l][g]);
+    unsigned long long used0 = 0, gused0 = 0, used1 = 0, gused1 = 0;
+    unsigned seqs = 0;
+    CHECK(harness_status_gpu(hp, &used0, &seqs, &gused0) == 0, "status");
+    int rc = cake_seq_park(a, 1);
+    CHECK(rc == 0 && cake_seq_parked(a), "park: %s (%s)", cake_strerror(rc), cake_errstr(c));
+    CHECK(cake_layer_tokens(a, 0) == 0 && !cake_key(a, 0, 0, 0), "a parked sequence shows pages");
+    CHECK(harness_status_gpu(hp, &used1, &seqs, &gused1) == 0, "status");
+    CHECK(gused1 < gused0 && used1 > used0, "parking moved no pages: GPU %llu -> %llu, host %llu "
+          "-> %llu", gused0, gused1, used0, used1);
+    CHECK(cake_seq_park(a, 1) == 0, "parking a parked sequence is a no-op");
+    rc = cake_seq_park(a, 0);
+    CHECK(rc == 0 && !cake_seq_parked(a), "restore: %s (%s)", cake_strerror(rc), cake_errstr(c));
+    same_as(a, before, nbefore, "parked and restored");
+    CHECK(cake_seq_park(a, 1) == 0 && cake_seq_parked(a), "park again");
+    rc = cake_decode_step(c, &a, 1); /* brings it back by itself */
+    CHECK(rc == 0 && !cake_seq_parked(a), "decode of a parked sequence: %s (%s)", cake_strerror(rc),
+          cake_errstr(c));
+    for (int l = 0; l < L && !fails; l++) /* the new token (position 4096) into its slot */
+        for (int g = 0; g < HKV; g++) {
+            uint32_t slot = cake_layer_tokens(a, l) - 1;
+            put(a, cake_key(a, l, g, slot), Ko[l][g][4096], ROW);
+            put(a, cake_value(a, l, g, slot), Vo[l][g][4096], ROW);
+        }
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            static uint32_t pos[NMAX];
+            uint32_t n = account(a, l, g, pos);
+            CHECK(n == nbefore[l][g] + 1 && !memcmp(pos, before[l][g], 4 * (n - 1)),
+                  "layer %d head %d after the restoring step", l, g);
+        }
+    cake_seq *h = NULL;
+    struct cake_layout lay = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 8, pol.window = 4;
+    CHECK(cake_seq_open(c, &lay, &pol, 8, 0, &h) == 0 && cake_seq_park(h, 1) == CAKE_EINVAL,
+          "a host sequence does not park");
+    cake_destroy(c);
+    printf("parking: on request and back (by request and by a decode step), byte for byte; "
+           "GPU pool pages %llu -> %llu while parked, host %llu -> %llu\n", gused0, gused1, used0,
+           used1);
+
+    /* pressure=park: the full-cache prompt's room comes from parking the idle sequence */
+    CHECK(cake_create(&c) == 0 && cake_set_service(c, "park-svc") == 0 &&
+              cake_set_shrink_idle(c, 1) == 0 && cake_connect(c, psock, 1) == 0,
+          "connect: %s", cake_errstr(c));
+    ctx_now = c;
+    a = open_seq(c, 1, 4096, 2048, 0);
+    if (!fails)
+        prefill(a, 4096);
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++)
+            nbefore[l][g] = account(a, l, g, before[l][g]);
+    cake_seq *f = fails ? NULL : open_seq(c, 1, 4096, 4096, 1);
+    if (f)
+        prefill(f, 4096);
+    CHECK(!fails && cake_seq_parked(a) && cake_seq_reslices(a) == 0, "pressure=park: parked %d, "
+          "re-sliced %u", cake_seq_parked(a), cake_seq_reslices(a));
+    if (f)
+        CHECK(cake_seq_close(f) == 0, "close");
+    CHECK(cake_seq_park(a, 0) == 0, "restore after the pressure: %s", cake_errstr(c));
+    same_as(a, before, nbefore, "parked by caked and restored");
+    cake_destroy(c);
+    printf("pressure=park: the idle GPU sequence parked (not re-sliced) and came back byte for byte\n");
+}
+
 int main(void)
 {
     if (!gputest_has_gpu()) {
@@ -287,17 +384,20 @@ int main(void)
     fill();
     /* 64 KiB pages hold 128 tokens of a layer: A (4096 tokens, cache 2048) ~68 pages, the
      * full-cache prompt 132; a 12 MiB GPU pool holds 192. The host caked the same. */
-    struct harness g, h;
+    struct harness g, h, p;
     const char *gx[] = {"--gpu-pool", "12M", "--segment-size", "4M", NULL};
     const char *hx[] = {"--host-pool", "12M", "--segment-size", "4M", NULL};
-    if (harness_start(&g, gx) || harness_start(&h, hx)) {
+    const char *px[] = {"--gpu-pool", "12M", "--segment-size", "4M", "--pressure", "park", NULL};
+    if (harness_start(&g, gx) || harness_start(&h, hx) || harness_start(&p, px)) {
         fprintf(stderr, "FAIL: caked did not start\n");
         return 1;
     }
     test_prefilled_gives_room(g.sock, h.sock);
     if (!fails)
         test_prompt_restaged(g.sock);
-    if (harness_stop(&g) || harness_stop(&h)) {
+    if (!fails)
+        test_park(g.sock, &g, p.sock);
+    if (harness_stop(&g) || harness_stop(&h) || harness_stop(&p)) {
         fprintf(stderr, "FAIL: caked did not stop cleanly\n");
         fails++;
     }

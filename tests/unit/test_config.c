@@ -46,8 +46,10 @@ Test(config, defaults_and_options)
     cr_assert_eq(c.srv.min_tokens, 64);
     cr_assert_eq(config_set(&c, "pressure", "refuse", err, sizeof err), 0);
     cr_assert_eq(c.srv.pressure, PRESSURE_REFUSE);
-    cr_assert_eq(config_set(&c, "pressure", "park", err, sizeof err), -1);
-    cr_assert(strstr(err, "reslice or refuse"), "%s", err);
+    cr_assert_eq(config_set(&c, "pressure", "park", err, sizeof err), 0);
+    cr_assert_eq(c.srv.pressure, PRESSURE_PARK);
+    cr_assert_eq(config_set(&c, "pressure", "shrink", err, sizeof err), -1);
+    cr_assert(strstr(err, "reslice, park or refuse"), "%s", err);
     cr_assert_eq(config_set(&c, "pressure-wait", "0.25", err, sizeof err), 0);
     cr_assert_float_eq(c.srv.pressure_wait_s, 0.25, 1e-12);
     cr_assert_eq(config_set(&c, "pressure-wait", "-1", err, sizeof err), -1);
@@ -121,7 +123,7 @@ Test(config, file_with_tenants_and_errors)
     fclose(f);
     config_defaults(&c);
     cr_assert_eq(config_load(&c, path, err, sizeof err), -1);
-    cr_assert(strstr(err, "reslice or refuse"), "%s", err);
+    cr_assert(strstr(err, "reslice, park or refuse"), "%s", err);
     f = fopen(path, "w");
     fprintf(f, "tenant t uid=no-such-user-here\n");
     fclose(f);

@@ -276,6 +276,19 @@ CAKE_API int cake_prefill_submit(cake_seq *seq, uint32_t layer, double preferenc
  * CAKE_EINTERNAL, CAKE_ENOTCONN, -ETIMEDOUT, -ENOMEM or -errno. */
 CAKE_API int cake_decode_step(cake_ctx *ctx, cake_seq *const *seqs, size_t n);
 
+/* Parking a GPU sequence (prefilled) between uses, e.g. a conversation waiting for its
+ * user: park != 0 moves its K/V pages to the host pool and gives its GPU pages back (its
+ * query rings stay); park == 0 brings it back (a decode step on a parked sequence does so
+ * by itself). While parked its layers show no pages (cake_layer_tokens and cake_key say
+ * nothing is there: do not touch it); cake_kept_positions still answers. Under pressure
+ * caked parks such sequences itself where the tenant's mode is park and the context allows it
+ * (cake_set_shrink_idle). Returns 0 (also when it already is where asked), CAKE_EINVAL (a
+ * host sequence, a shard), CAKE_ESTATE (busy, or its prompt not prefilled), CAKE_EOOM (no
+ * room in the pool it goes to), CAKE_ENOSEQ, -EIO. */
+CAKE_API int cake_seq_park(cake_seq *seq, int park);
+/* 1 while the sequence is parked in the host pool (by cake_seq_park or by caked), else 0. */
+CAKE_API int cake_seq_parked(const cake_seq *seq);
+
 /* Ordering (GPU sequences): caked reads keys, values and queries inside observe, submit and
  * decode_step, on its own streams, so the engine's writes must be complete when it calls
  * them (synchronize the stream that wrote them); caked's compaction is complete when the

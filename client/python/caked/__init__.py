@@ -110,6 +110,8 @@ def _load():
         "cake_set_admin": (I, [P, I]),
         "cake_set_shrink_idle": (I, [P, I]),
         "cake_seq_reslices": (U32, [P]),
+        "cake_seq_park": (I, [P, I]),
+        "cake_seq_parked": (I, [P]),
         "cake_pool_mapped": (I, [P, P, SZ]),
         "cake_connect": (I, [P, ctypes.c_char_p, I]),
         "cake_fd": (I, [P]),
@@ -353,6 +355,14 @@ class Sequence:
     def reslices(self):
         """Times caked lowered this sequence's budgets to make room (pressure)."""
         return _L().cake_seq_reslices(self._handle)
+
+    def park(self, park=True):
+        """A GPU sequence's K/V to the host pool (park=False: back to the GPU; a decode step
+        brings a parked sequence back by itself). Views of its pages are stale after either."""
+        _check(self._ctx(), _L().cake_seq_park(self._handle, 1 if park else 0))
+
+    def parked(self):
+        return bool(_L().cake_seq_parked(self._handle))
 
     def holes(self, layer):
         """Per kv head, (first, count) of slots holding no token (Ada-KV's per-head budgets;
