@@ -5,7 +5,7 @@
  *         [--socket-group NAME] [--admin-group NAME] [--segment-size SIZE] [--heap-limit SIZE]
  *         [--metrics-listen [HOST:]PORT] [--config FILE]
  *         [--max-clients-per-uid N] [--hello-timeout SECS]
- *         [--pressure reslice|refuse] [--pressure-wait SECS] [--min-tokens N]
+ *         [--pressure reslice|park|refuse] [--pressure-wait SECS] [--min-tokens N]
  *         [--version] [--help]
  *
  * Runs in the foreground and logs to stderr (a service manager captures both). */
@@ -43,9 +43,10 @@ static void usage(FILE *f)
             "  --max-clients-per-uid N  connections a uid other than root and caked's may hold\n"
             "                        (default: half the client limit)\n"
             "  --hello-timeout SECS  a connection that has not sent HELLO by then is closed (5)\n"
-            "  --pressure reslice|refuse  when a request's pages do not fit: lower the budgets\n"
-            "                        of the tenant's running sequences by CAKE's own scores and\n"
-            "                        let it wait for the room (default reslice), or refuse\n"
+            "  --pressure reslice|park|refuse  when a request's pages do not fit: lower the\n"
+            "                        budgets of the tenant's running sequences by CAKE's own\n"
+            "                        scores and let it wait for the room (default reslice),\n"
+            "                        park idle GPU sequences in host memory first, or refuse\n"
             "  --pressure-wait SECS  how long a request may wait for room (default 5)\n"
             "  --min-tokens N        no re-slice leaves a layer fewer tokens (default 64)\n"
             "  --log-level LEVEL     error, warning, info (default: attaches, departures,\n"

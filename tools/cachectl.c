@@ -210,6 +210,12 @@ static const char *policy_of(const Cake__SeqInfo *q)
     return q->policy && *q->policy ? q->policy : "cake";
 }
 
+/* Where a sequence's K/V live (SeqInfo.placement). */
+static const char *place_name(uint32_t p)
+{
+    return p == 0 ? "host" : p == 1 ? "gpu" : p == 2 ? "parked" : "?";
+}
+
 static json_t *seq_json(const Cake__SeqInfo *q)
 {
     json_t *o = json_object();
@@ -236,6 +242,7 @@ static json_t *seq_json(const Cake__SeqInfo *q)
     }
     if (q->gpu_uuid && q->gpu_uuid[0])
         json_object_set_new(o, "gpu_uuid", json_string(q->gpu_uuid));
+    json_object_set_new(o, "placement", json_string(place_name(q->placement)));
     return o;
 }
 
@@ -245,8 +252,9 @@ static int cmd_sequences(cake_ctx *c)
     int more = 1;
     json_t *all = json ? json_array() : NULL;
     if (!json)
-        printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %6s %10s\n", "ID", "TENANT", "LAYERS",
-               "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "NOW", "BYTES");
+        printf("%-14s %-16s %6s %8s %9s %7s %6s %-12s %6s %6s %-6s %10s\n", "ID", "TENANT",
+               "LAYERS", "PROMPT", "PREFILLED", "DECODED", "MODE", "POLICY", "CACHE", "NOW", "WHERE",
+               "BYTES");
     while (more) { /* page by page: a long list does not fit one reply */
         FETCH(seq_list, r, MSG_SEQUENCES, &pg.base);
         for (size_t i = 0; i < r->n_seqs; i++) {
@@ -256,11 +264,12 @@ static int cmd_sequences(cake_ctx *c)
             } else {
                 char by[32];
                 util_human_bytes(q->bytes, by, sizeof by);
-                printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %6u %10s\n",
+                printf("%#-14llx %-16s %6u %8u %9u %7u %6s %-12s %6u %6u %-6s %10s\n",
                        (unsigned long long)q->seq_id, q->tenant, q->layers, q->prompt_len,
                        q->prefilled_layers, q->decoded_tokens, q->mode ? "fixed" : "parity",
                        policy_of(q), q->cache_size,
-                       q->effective_cache ? q->effective_cache : q->cache_size, by);
+                       q->effective_cache ? q->effective_cache : q->cache_size,
+                       place_name(q->placement), by);
             }
         }
         more = r->more && r->next > pg.after;
@@ -311,7 +320,7 @@ static int cmd_seq(cake_ctx *c, const char *arg)
             printf("shard %u of %u in group %#llx\n", q->shard, q->shards,
                    (unsigned long long)q->shard_group);
         if (q->gpu_uuid && q->gpu_uuid[0])
-            printf("on %s\n", q->gpu_uuid);
+            printf("on %s%s\n", q->gpu_uuid, q->placement == 2 ? ", parked in host memory" : "");
         printf("%5s %12s %7s %7s %7s %6s %7s  %s\n", "LAYER", "PREFERENCE", "BUDGET", "PREFIX",
                "TOKENS", "PAGES", "KEPT", "budget share");
         uint32_t maxb = 1;

@@ -156,6 +156,17 @@ class Pressure(unittest.TestCase):
             self.assertLess(info["effective_cache"], 3000)
             self.assertEqual(info["cache_size"], 3000)
             self.assertEqual(info["reslices"], a.reslices())
+            self.assertEqual(info["placement"], "host")
+            ten = json.loads(d.cachectl("--json", "tenants"))["tenants"]
+            svc = [t for t in ten if t["name"] == "svc"][0]
+            self.assertEqual(svc["pressure"], "reslice")
+            self.assertEqual(svc["min_tokens"], 64)
+            self.assertGreaterEqual(svc["reslices"], 1)
+            self.assertGreater(svc["reslice_tokens"], 0)
+            self.assertGreaterEqual(svc["waits_granted"], 1)
+            self.assertIn("NOW", d.cachectl("sequences"))
+            with self.assertRaises(caked.InvalidArgument):  # host sequences do not park
+                a.park()
 
     def test_prompt_that_does_not_fit_alone_completes(self):
         rng = np.random.default_rng()
