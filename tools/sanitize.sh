@@ -17,6 +17,17 @@ cmake --build build/asan -j"$jobs" >build/asan.log 2>&1 || { tail -n 30 build/as
 echo "== ASan + UBSan: unit and integration tests (tests and caked instrumented)"
 (cd build/asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
     ctest --output-on-failure -j"$jobs" -R "^(unit|integration|fuzz|client)\.")
+# requests waiting for room, re-slice jobs, parking's refusals: the Python test drives an
+# instrumented caked (a report makes caked exit non-zero, which the test asserts)
+py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build/CMakeCache.txt)
+pressure() { # pressure CAKED: python.pressure against that caked
+    CAKE_LIB=$root/build/client/libcake.so CAKED_BIN=$1 CACHECTL_BIN=$root/build/tools/cachectl \
+        "$py" "$root/tests/python/test_pressure.py"
+}
+if [ -n "$py" ]; then
+    echo "== ASan + UBSan: caked under pressure (tests/python/test_pressure.py)"
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 pressure "$root/build/asan/daemon/caked"
+fi
 
 # Criterion cannot run under TSan (its arena collides with TSan's shadow memory): the normal
 # build's tests drive a TSan caked instead (CAKE_TEST_CAKED_WRAP runs it in their caked's place)
@@ -33,6 +44,10 @@ echo "== TSan: caked under the integration tests"
 # another order at another thread count (the ASan run covers it)
 (cd build && OMP_NUM_THREADS=1 CAKE_TEST_CAKED_WRAP="$wrap" TSAN_OPTIONS="log_path=$logs/caked" \
     ctest --output-on-failure -j"$jobs" -R "^integration\." -E "^integration\.daemon")
+if [ -n "$py" ]; then
+    echo "== TSan: caked under pressure"
+    OMP_NUM_THREADS=1 TSAN_OPTIONS="log_path=$logs/caked" pressure "$root/build/tsan/daemon/caked"
+fi
 if ls "$logs"/caked.* >/dev/null 2>&1; then
     echo "TSan reported:"
     cat "$logs"/caked.*
