@@ -684,7 +684,17 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
     const Cake__SetQuota *m = (const Cake__SetQuota *)msg; /* freed by the dispatcher */
     const char *name = m->tenant ? m->tenant : "";
     int has_w = m->has_weight || m->weight, has_min = m->has_min || m->min_bytes;
-    int has_max = m->has_max || m->max_bytes;
+    int has_max = m->has_max || m->max_bytes, has_mt = m->has_min_tokens || m->min_tokens;
+    const char *pm = m->pressure ? m->pressure : "";
+    int mode = !*pm ? -2 : !strcmp(pm, "default") ? 0 : pressure_mode_parse(pm);
+    if (mode == -1) {
+        srv_reply_error(s, c, CAKE_EINVAL, "pressure must be reslice, park, refuse or default");
+        return;
+    }
+    if (has_mt && m->min_tokens > (1u << 24)) {
+        srv_reply_error(s, c, CAKE_EINVAL, "min-tokens must be at most 16777216");
+        return;
+    }
     if (!tenant_name_ok(name)) {
         srv_reply_error(s, c, CAKE_EINVAL, "bad tenant name");
         return;
@@ -744,11 +754,17 @@ static void h_set_quota(struct server *s, struct client *c, const ProtobufCMessa
         t->weight = m->weight;
     t->min_bytes = nmin, t->max_bytes = nmax;
     t->gpu_min_bytes = gmin, t->gpu_max_bytes = gmax;
+    if (mode != -2)
+        t->pressure = mode;
+    if (has_mt)
+        t->min_tokens = m->min_tokens;
     t->configured = 1; /* kept while caked runs, even when idle */
     srv_log("quota for tenant %s (uid %u) set by uid %u: weight %u min %llu max %llu gpu-min "
-            "%llu gpu-max %llu", t->name, t->uid, c->cred.uid, t->weight,
+            "%llu gpu-max %llu pressure %s min-tokens %u", t->name, t->uid, c->cred.uid, t->weight,
             (unsigned long long)t->min_bytes, (unsigned long long)t->max_bytes,
-            (unsigned long long)t->gpu_min_bytes, (unsigned long long)t->gpu_max_bytes);
+            (unsigned long long)t->gpu_min_bytes, (unsigned long long)t->gpu_max_bytes,
+            pressure_mode_name(t->pressure ? t->pressure : s->cfg.pressure),
+            t->min_tokens ? t->min_tokens : s->cfg.min_tokens);
     srv_reply(s, c, MSG_SET_QUOTA, NULL);
 }
 

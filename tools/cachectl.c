@@ -442,14 +442,14 @@ static int cmd_metrics(cake_ctx *c)
 }
 
 /* quota's values, from the command line (options go anywhere: before or after the command) */
-static const char *q_uid, *q_weight, *q_min, *q_max, *q_gmin, *q_gmax;
+static const char *q_uid, *q_weight, *q_min, *q_max, *q_gmin, *q_gmax, *q_pressure, *q_mintok;
 
 static int cmd_quota(cake_ctx *c, const char *tenant)
 {
     Cake__SetQuota m = CAKE__SET_QUOTA__INIT;
     m.tenant = (char *)tenant;
-    const char *num[2] = {q_weight, q_uid};
-    for (int k = 0; k < 2; k++) {
+    const char *num[3] = {q_weight, q_uid, q_mintok};
+    for (int k = 0; k < 3; k++) {
         if (!num[k])
             continue;
         char *end;
@@ -458,9 +458,12 @@ static int cmd_quota(cake_ctx *c, const char *tenant)
             return 2;
         if (k == 0)
             m.weight = (uint32_t)w, m.has_weight = 1;
-        else
+        else if (k == 1)
             m.uid = (uint32_t)w, m.has_uid = 1;
+        else
+            m.min_tokens = (uint32_t)w, m.has_min_tokens = 1;
     }
+    m.pressure = (char *)(q_pressure ? q_pressure : "");
     const struct { const char *arg; uint64_t *v; protobuf_c_boolean *has; } sizes[] = {
         {q_min, &m.min_bytes, &m.has_min}, {q_max, &m.max_bytes, &m.has_max},
         {q_gmin, &m.gpu_min_bytes, &m.has_gpu_min}, {q_gmax, &m.gpu_max_bytes, &m.has_gpu_max},
@@ -489,7 +492,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: cachectl [--socket PATH] [--server-uid UID] [--timeout SECS] [--json] [-i SECS] "
                "status|tenants|sequences|seq ID|metrics|quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE] "
-               "[--gpu-min SIZE] [--gpu-max SIZE]\n");
+               "[--gpu-min SIZE] [--gpu-max SIZE] [--pressure reslice|park|refuse|default] "
+               "[--min-tokens N]\n");
 }
 
 static volatile sig_atomic_t stop;
@@ -505,7 +509,8 @@ int main(int argc, char **argv)
         {"socket", 1, 0, 's'}, {"json", 0, 0, 'j'}, {"interval", 1, 0, 'i'}, {"help", 0, 0, 'h'},
         {"server-uid", 1, 0, 'u'}, {"timeout", 1, 0, 't'}, {"version", 0, 0, 'V'},
         {"uid", 1, 0, 'U'}, {"weight", 1, 0, 'W'}, {"min", 1, 0, 'm'}, {"max", 1, 0, 'M'},
-        {"gpu-min", 1, 0, 'g'}, {"gpu-max", 1, 0, 'G'}, {0, 0, 0, 0},
+        {"gpu-min", 1, 0, 'g'}, {"gpu-max", 1, 0, 'G'}, {"pressure", 1, 0, 'P'},
+        {"min-tokens", 1, 0, 'T'}, {0, 0, 0, 0},
     };
     int o;
     /* options anywhere ("status --json" as well as "--json status") */
@@ -517,6 +522,8 @@ int main(int argc, char **argv)
         case 'M': q_max = optarg; break;
         case 'g': q_gmin = optarg; break;
         case 'G': q_gmax = optarg; break;
+        case 'P': q_pressure = optarg; break;
+        case 'T': q_mintok = optarg; break;
         case 's': sock = optarg; break;
         case 'j': json = 1; break;
         case 'i': interval = atof(optarg); if (interval <= 0) { usage(stderr); return 2; } break;
@@ -541,7 +548,7 @@ int main(int argc, char **argv)
     int known = ((!strcmp(cmd, "status") || !strcmp(cmd, "tenants") || !strcmp(cmd, "sequences") ||
                   !strcmp(cmd, "metrics")) && args == 0) ||
                 ((!strcmp(cmd, "seq") || !strcmp(cmd, "quota")) && args == 1);
-    int quota_opts = q_uid || q_weight || q_min || q_max || q_gmin || q_gmax;
+    int quota_opts = q_uid || q_weight || q_min || q_max || q_gmin || q_gmax || q_pressure || q_mintok;
     if (!known || (quota_opts && strcmp(cmd, "quota"))) { /* nothing is silently ignored */
         usage(stderr);
         return 2;

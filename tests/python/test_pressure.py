@@ -167,6 +167,19 @@ class Pressure(unittest.TestCase):
             self.assertIn("NOW", d.cachectl("sequences"))
             with self.assertRaises(caked.InvalidArgument):  # host sequences do not park
                 a.park()
+            # steered live: cachectl quota --pressure / --min-tokens
+            d.cachectl("quota", "svc", "--pressure", "refuse", "--min-tokens", "128")
+            svc = [t for t in json.loads(d.cachectl("--json", "tenants"))["tenants"]
+                   if t["name"] == "svc"][0]
+            self.assertEqual((svc["pressure"], svc["min_tokens"]), ("refuse", 128))
+            bad = subprocess.run([os.environ["CACHECTL_BIN"], "--socket", d.sock, "quota", "svc",
+                                  "--pressure", "sometimes"], capture_output=True, text=True)
+            self.assertNotEqual(bad.returncode, 0)
+            self.assertIn("reslice, park, refuse or default", bad.stderr)
+            d.cachectl("quota", "svc", "--pressure", "default", "--min-tokens", "0")
+            svc = [t for t in json.loads(d.cachectl("--json", "tenants"))["tenants"]
+                   if t["name"] == "svc"][0]
+            self.assertEqual((svc["pressure"], svc["min_tokens"]), ("reslice", 64))
 
     def test_prompt_that_does_not_fit_alone_completes(self):
         rng = np.random.default_rng()
