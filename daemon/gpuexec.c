@@ -177,13 +177,53 @@ static int gather_ring(const struct gpu_ring *r, size_t row, uint32_t first, uin
                                  n_q, st);
 }
 
+/* The indicator of the layer in kv by rk, from the gathered window rows q ([q_heads][n_q],
+ * the newest last); the statistics too when asked (the full window's, as CAKE's preference
+ * takes them, whatever rk ranks by). */
+static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t q_heads,
+                      uint32_t n_q, uint32_t S, const struct gpu_rank *rk, float *ind,
+                      double *entropy, double *variance, void *ws, size_t wsb, cudaStream_t st)
+{
+    int rc = 0;
+    if ((rk->last || rk->position) && (entropy || variance)) /* the statistics alone */
+        rc = kern_cuda_score_layer(kv, q, q_heads, n_q, S, rk->gamma, ind, entropy, variance, ws,
+                                   wsb, st);
+    if (!rc && rk->position)
+        return kern_cuda_position_indicator(ind, kv->kv_heads, S, rk->sinks, st);
+    if (!rc && rk->last) { /* the newest query of every head alone: row n_q - 1 */
+        size_t row = (size_t)kv->head_dim * 2;
+        uint8_t *one = (uint8_t *)ws + kern_cuda_score_workspace(kv->kv_heads, q_heads, n_q,
+                                                                  kv->n_tokens, S);
+        for (uint32_t h = 0; h < q_heads && !rc; h++)
+            rc = cudaMemcpyAsync(one + h * row, q + ((size_t)h * n_q + n_q - 1) * row, row,
+                                 cudaMemcpyDeviceToDevice, st) == cudaSuccess ? 0 : -EIO;
+        if (!rc)
+            rc = kern_cuda_score_layer_pool(kv, one, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
+                                            NULL, NULL, ws, wsb, st);
+    } else if (!rc && !rk->position) {
+        rc = kern_cuda_score_layer_pool(kv, q, q_heads, n_q, S, rk->gamma, rk->pool, rk->radius,
+                                        ind, entropy, variance, ws, wsb, st);
+    }
+    if (!rc && rk->shared)
+        rc = kern_cuda_rows_mean(ind, kv->kv_heads, S, st);
+    return rc;
+}
+
+/* Workspace for rank_layer: the scoring's, then one row per head (TOVA's newest query). */
+static size_t rank_ws(const struct gpu_layer *l, uint32_t q_heads, uint32_t n_q, uint32_t S)
+{
+    return kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S) +
+           (size_t)q_heads * l->head_dim * 2;
+}
+
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
-                 uint32_t S, float gamma, float *ind_dev, double *entropy, double *variance)
+                 uint32_t S, const struct gpu_rank *rk, float *ind_dev, double *entropy,
+                 double *variance)
 {
     size_t row = (size_t)l->head_dim * 2;
     size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
     size_t qb = al(row * r->q_heads * r->w);
-    size_t ws = al(kern_cuda_score_workspace(l->kv_heads, r->q_heads, r->w, l->n_tokens, S));
+    size_t ws = al(rank_ws(l, r->q_heads, r->w, S));
     if (reserve(c, pg + rg + qb + ws, pg + rg))
         return -ENOMEM;
     struct kern_cuda_kv kv;
@@ -191,8 +231,8 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
     uint8_t *q = c->dbuf + pg + rg;
     int rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
     if (!rc)
-        rc = kern_cuda_score_layer(&kv, q, r->q_heads, r->w, S, gamma, ind_dev, entropy, variance,
-                                   q + qb, ws, c->stream);
+        rc = rank_layer(&kv, q, r->q_heads, r->w, S, rk, ind_dev, entropy, variance, q + qb, ws,
+                        c->stream);
     return finish(c, rc);
 }
 
@@ -321,7 +361,7 @@ static struct evict_plan plan_evict(const struct gpu_evict *e)
     size_t row = (size_t)l->head_dim * 2;
     struct evict_plan p = {
         .pg = al(sizeof(uint64_t) * l->n_pages), .rg = al(sizeof(uint64_t) * r->n_pages),
-        .ws = al(kern_cuda_score_workspace(l->kv_heads, r->q_heads, e->n_q, l->n_tokens, S)),
+        .ws = al(rank_ws(l, r->q_heads, e->n_q, S)),
         .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * r->q_heads * e->n_q),
         .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
         .tb = al(2 * (size_t)l->kv_heads * (e->k + r->w) * row),
@@ -347,8 +387,7 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     /* the ring's rows, oldest first, as [q_heads][n_q][d] */
     int rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
     if (!rc)
-        rc = kern_cuda_score_layer(&kv, q, e->ring.q_heads, e->n_q, S, e->gamma, ind, NULL, NULL,
-                                   ws, p->ws, st);
+        rc = rank_layer(&kv, q, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, NULL, ws, p->ws, st);
     if (!rc)
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)

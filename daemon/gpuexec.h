@@ -41,11 +41,25 @@ struct gpu_ring {
     uint32_t n_pages, q_heads, w, rows_per_page, heads_per_page, pages_per_head;
 };
 
+/* How a layer's tokens are ranked on the GPU: the indicators of policy.h the kernels cover
+ * (indicator.c's, for CAKE, SnapKV, PyramidKV, TOVA, StreamingLLM and the ablations but the
+ * variance alone). */
+struct gpu_rank {
+    float gamma;      /* mean + gamma * var of the window's attention */
+    int pool;         /* kern.h's KERN_POOL_AVG, _MAX or _NONE */
+    uint32_t radius;  /* pooling over [j - radius, j + radius] */
+    int last;         /* the newest query alone (TOVA) */
+    int position;     /* no scoring: the sinks, then the most recent (StreamingLLM) */
+    uint32_t sinks;
+    int shared;       /* one ranking for every kv head, their mean (TOVA) */
+};
+
 /* Prefill scoring: the layer's n_scored prefix tokens against the window queries in the
- * ring (all w rows, oldest first from row 0). Writes the indicator [kv_heads][n_scored] to
- * ind_dev (device) and the entropy and variance sums. */
+ * ring (all w rows, oldest first from row 0), ranked by rk. Writes the indicator
+ * [kv_heads][n_scored] to ind_dev (device) and, when asked (non-NULL), the entropy and
+ * variance sums of the window's attention (CAKE's preference, whatever rk ranks by). */
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *ring,
-                 uint32_t n_scored, float gamma, float *ind_dev, double *entropy,
+                 uint32_t n_scored, const struct gpu_rank *rk, float *ind_dev, double *entropy,
                  double *variance);
 
 /* A cascading stage's evictions, all on the GPU, layers side by side on the context's
@@ -80,13 +94,13 @@ void gpuexec_dev_free(struct gpuexec *g, void *p);
 
 /* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
  * rows starting at ring row `first` (mod w); score the prefix (n_tokens - w slots) with
- * them, keep the top k per kv head in positional order (ties to the lower position),
- * compact behind the window. */
+ * them (rk: TOVA the newest alone), keep the top k per kv head in positional order (ties to
+ * the lower position), compact behind the window. */
 struct gpu_evict {
     struct gpu_layer l;
     struct gpu_ring ring;
     uint32_t first, n_q, k;
-    float gamma;
+    struct gpu_rank rk;
     uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
 };
 

@@ -8,13 +8,22 @@
 #include "cake/cake.h"
 #include "seq_int.h"
 
-/* The GPU kernels' view of layer l (GPU sequences). */
-/* The indicator's gamma on the GPU: mean + gamma * var, or the mean alone (the ablation). */
-static float gpu_gamma(const struct seq *s)
+/* How the policy ranks a layer's tokens, for the GPU kernels (indicator.c's rules). */
+static struct gpu_rank gpu_rank_of(const struct seq *s)
 {
-    return s->cfg.indicator == POLICY_IND_MEAN ? 0.0f : s->cfg.gamma;
+    const struct policy_cfg *c = &s->cfg;
+    return (struct gpu_rank){
+        .gamma = c->indicator == POLICY_IND_MEAN || c->indicator == POLICY_IND_LAST ? 0.0f : c->gamma,
+        .pool = c->pool == POLICY_POOL_MAX    ? KERN_POOL_MAX
+                : c->pool == POLICY_POOL_NONE ? KERN_POOL_NONE
+                                              : KERN_POOL_AVG,
+        .radius = (c->pool_kernel ? c->pool_kernel : 5) / 2,
+        .last = c->indicator == POLICY_IND_LAST, .position = c->indicator == POLICY_IND_POSITION,
+        .sinks = c->sinks, .shared = c->shared_heads,
+    };
 }
 
+/* The GPU kernels' view of layer l (GPU sequences). */
 static struct gpu_layer gpu_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
     const struct seq_layer *ly = &s->layer[l];
@@ -72,7 +81,10 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     if (!rc && observe) {
         struct gpu_layer gl = gpu_layer_view(e, s, layer);
         struct gpu_ring gr = gpu_ring_view(e, s, layer);
-        rc = gpuctx_score(gc, &gl, &gr, S, gpu_gamma(s), dst, &r->ent, &r->var);
+        struct gpu_rank rk = gpu_rank_of(s);
+        /* the window's statistics where indicator.c takes them (the preference) */
+        int stats = !(rk.last || rk.position) || s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
+        rc = gpuctx_score(gc, &gl, &gr, S, &rk, dst, stats ? &r->ent : NULL, stats ? &r->var : NULL);
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
@@ -151,7 +163,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         ev[i] = (struct gpu_evict){
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
-            .n_q = valid, .k = budget < S ? budget : S, .gamma = gpu_gamma(s),
+            .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
             .keep = keep + at,
         };
         at += s->Hkv * ev[i].k;

@@ -37,6 +37,20 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
                           double *entropy, double *variance, void *ws, size_t ws_bytes,
                           void *stream);
 
+/* The same with any of kern.h's poolings (kern_pool: KERN_POOL_AVG, _MAX or _NONE, over
+ * [j - radius, j + radius]): what the baselines' indicators need (SnapKV's max over 7). */
+int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev, uint32_t q_heads,
+                               uint32_t n_q, uint32_t n_scored, float gamma, int pool,
+                               uint32_t radius, float *ind_dev, double *entropy, double *variance,
+                               void *ws, size_t ws_bytes, void *stream);
+/* ind [rows][n]: every column becomes its mean over the rows (one ranking for every kv head:
+ * TOVA), the mean taken in double. Asynchronous. */
+int kern_cuda_rows_mean(float *ind_dev, uint32_t rows, uint32_t n, void *stream);
+/* ind [rows][n] = FLT_MAX for the first `sinks` columns, else the column's index
+ * (StreamingLLM: the sinks, then the most recent). Asynchronous. */
+int kern_cuda_position_indicator(float *ind_dev, uint32_t rows, uint32_t n, uint32_t sinks,
+                                 void *stream);
+
 /* Scoring runs on mma.sync passes with the keys as rows where head_dim is 64 or 128 and the
  * padded window rows fit (score_mma.cu), else on the WMMA passes; nonzero forces the WMMA
  * passes everywhere (for tests and benchmarks that compare the two). Process-wide; returns

@@ -21,6 +21,7 @@
 #include <stdio.h>
 
 #include "dtype.h"
+#include "kern.h"
 #include "kern_cuda.h"
 #include "cuda_internal.h"
 #include "score_mma.h"
@@ -341,6 +342,80 @@ __global__ void pool5(const float *acc, float *ind, uint32_t S, uint32_t hkv, fl
     ind[x] = s / 5.0f * post;
 }
 
+// The other poolings (kern.h's kern_pool): average over [j-r, j+r] (zero padded, / (2r+1)),
+// max over it inside [0, S), or none; then * post (the group mean).
+__global__ void pool_any(const float *acc, float *ind, uint32_t S, uint32_t hkv, float post,
+                         int kind, uint32_t r)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)hkv * S)
+        return;
+    uint32_t g = x / S, j = x % S;
+    const float *a = acc + (size_t)g * S;
+    uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
+    float v;
+    if (kind == KERN_POOL_AVG) {
+        v = 0.0f;
+        for (uint32_t t = lo; t <= hi; t++)
+            v += a[t];
+        v /= (float)(2 * r + 1);
+    } else if (kind == KERN_POOL_MAX) {
+        v = a[lo];
+        for (uint32_t t = lo + 1; t <= hi; t++)
+            v = a[t] > v ? a[t] : v;
+    } else {
+        v = a[j];
+    }
+    ind[x] = v * post;
+}
+
+// One ranking for every row (TOVA): each column's mean over the rows, in double as the C
+// reference (indicator.c) takes it.
+__global__ void rows_mean(float *ind, uint32_t rows, uint32_t n)
+{
+    size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n)
+        return;
+    double m = 0.0;
+    for (uint32_t g = 0; g < rows; g++)
+        m += ind[(size_t)g * n + j];
+    float v = (float)(m / rows);
+    for (uint32_t g = 0; g < rows; g++)
+        ind[(size_t)g * n + j] = v;
+}
+
+// StreamingLLM: the first `sinks` positions, then the most recent.
+__global__ void position_ind(float *ind, uint32_t rows, uint32_t n, uint32_t sinks)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)rows * n)
+        return;
+    uint32_t j = x % n;
+    ind[x] = j < sinks ? 3.402823466e38f : (float)j;
+}
+
+extern "C" int kern_cuda_rows_mean(float *ind, uint32_t rows, uint32_t n, void *stream)
+{
+    if (!ind || !rows)
+        return -EINVAL;
+    if (n && rows > 1)
+        rows_mean<<<div_up(n, 256), 256, 0, (cudaStream_t)stream>>>(ind, rows, n);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+extern "C" int kern_cuda_position_indicator(float *ind, uint32_t rows, uint32_t n, uint32_t sinks,
+                                            void *stream)
+{
+    if (!ind || !rows)
+        return -EINVAL;
+    if (n)
+        position_ind<<<div_up((size_t)rows * n, 256), 256, 0, (cudaStream_t)stream>>>(ind, rows, n,
+                                                                                     sinks);
+    CK(cudaGetLastError());
+    return 0;
+}
+
 // Columns per block: long prompts get long chunks (Q is staged once per block), short ones
 // enough blocks to fill the chip.
 static uint32_t chunk_cols(uint32_t n, uint32_t hkv)
@@ -419,6 +494,17 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
                                      double *entropy, double *variance, void *ws, size_t ws_bytes,
                                      void *stream)
 {
+    return kern_cuda_score_layer_pool(kv, q, q_heads, n_q, S, gamma, KERN_POOL_AVG, 2, ind,
+                                      entropy, variance, ws, ws_bytes, stream);
+}
+
+extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q,
+                                          uint32_t q_heads, uint32_t n_q, uint32_t S, float gamma,
+                                          int pool, uint32_t radius, float *ind, double *entropy,
+                                          double *variance, void *ws, size_t ws_bytes, void *stream)
+{
+    if (pool < KERN_POOL_AVG || pool > KERN_POOL_NONE || radius > 1024)
+        return -EINVAL;
     if (!kv || !q || kv->kv_heads == 0 || q_heads % kv->kv_heads || n_q == 0 ||
         kv->head_dim % 16 || kv->head_dim > MAX_D || n_q > kv->n_tokens ||
         S > kv->n_tokens - n_q || (kv->dtype != KERN_BF16 && kv->dtype != KERN_F16))
@@ -466,7 +552,11 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
     }
     if (rc)
         return rc;
-    pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);
+    if (pool == KERN_POOL_AVG && radius == 2) /* CAKE's */
+        pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);
+    else
+        pool_any<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G,
+                                                                 pool, radius);
     CK(cudaGetLastError());
     if (entropy || variance) {
         uint32_t nb = p.hkv * div_up(S, p.chunk);

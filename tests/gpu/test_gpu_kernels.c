@@ -5,6 +5,7 @@
  * forced, on the same inputs), the same bytes on a second run, top-k and compaction exactly
  * equal to the CPU kernels on the same data. Exit 77 without a GPU. */
 #include <cuda_runtime.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,6 +122,47 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                    "indicator rel %.2e\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
                    fabs(V - ro.variance) / fabs(ro.variance), worst);
     }
+    /* the baselines' indicators: other poolings (SnapKV's max over 7, none, a wider average),
+     * the mean alone (gamma 0), each against the double reference; then one ranking for every
+     * kv head (TOVA) and StreamingLLM's positions against the C code's */
+    static const struct { int pool; uint32_t k; float gamma; } pv[] = {
+        {KERN_POOL_MAX, 7, 0.0f}, {KERN_POOL_NONE, 1, 0.0f}, {KERN_POOL_AVG, 7, 200.0f},
+        {KERN_POOL_MAX, 3, 200.0f},
+    };
+    for (size_t v = 0; v < sizeof pv / sizeof pv[0]; v++) {
+        struct kern_score_args b = a;
+        b.pool = (enum kern_pool)pv[v].pool, b.pool_kernel = pv[v].k, b.gamma = pv[v].gamma;
+        kern_score_layer_ref(&b, &ro);
+        EXPECT(kern_cuda_score_layer_pool(&dkv, dq, H, nq, S, pv[v].gamma, pv[v].pool, pv[v].k / 2,
+                                          dind, NULL, NULL, ws, wsb, NULL) == 0, "pool rc");
+        CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+        double e = rel_err(ref, got, Hkv, S);
+        EXPECT(e <= 1e-3, "%s n=%u pool %d/%u gamma %g: indicator rel err %.3g", name, n,
+               pv[v].pool, pv[v].k, pv[v].gamma, e);
+    }
+    CK(cudaMemcpy(ref, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    for (uint32_t j = 0; j < S; j++) { /* indicator.c's shared_heads */
+        double m = 0;
+        for (uint32_t g = 0; g < Hkv; g++)
+            m += ref[(size_t)g * S + j];
+        for (uint32_t g = 0; g < Hkv; g++)
+            ref[(size_t)g * S + j] = (float)(m / Hkv);
+    }
+    EXPECT(kern_cuda_rows_mean(dind, Hkv, S, NULL) == 0, "rows mean rc");
+    CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    EXPECT(!memcmp(ref, got, sizeof(float) * Hkv * S), "%s n=%u rows mean differs", name, n);
+    uint32_t sinks = 1 + (uint32_t)(urand() * 8);
+    EXPECT(kern_cuda_position_indicator(dind, Hkv, S, sinks, NULL) == 0, "position rc");
+    CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    int pos_ok = 1;
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t j = 0; j < S; j++)
+            pos_ok &= got[(size_t)g * S + j] == (j < sinks ? FLT_MAX : (float)j);
+    EXPECT(pos_ok, "%s n=%u position indicator differs", name, n);
+    /* back to CAKE's indicator for what follows */
+    kern_score_layer_ref(&a, &ro);
+    EXPECT(kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL) == 0, "rc");
+    CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
     /* reproducible: a second run gives the same bytes */
     float *again = malloc(sizeof(float) * Hkv * S);
     EXPECT(kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E2, &V2, ws, wsb, NULL) == 0, "score rc");

@@ -1,0 +1,253 @@
+/* Every policy GPU sequences run (StreamingLLM, TOVA, SnapKV and PyramidKV evicting while
+ * decoding, CAKE with SnapKV's pooling and with the mean alone) against a host twin fed the
+ * same keys, values and queries: the same budgets, the same tokens kept after the prompt and
+ * after every decode step (up to near-ties of the float scores: StreamingLLM's positions
+ * exactly; TOVA one token set for every kv head), the bytes where caked's account says, the
+ * window intact. Exit 77 without a GPU. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cake/cake.h"
+#include "dtype.h"
+#include "../integration/harness.h"
+#include "gputest.h"
+
+enum { L = 3, H = 8, HKV = 2, D = 64, N = 900, W = 16, C = 160, STEPS = 6, T = N + STEPS };
+enum { ROW = D * 2 };
+
+static int fails;
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (!(cond)) {                                           \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fprintf(stderr, "\n");                               \
+            fails++;                                             \
+        }                                                        \
+    } while (0)
+
+static uint64_t mix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+static uint64_t rng = 4242;
+static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
+static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
+
+static uint16_t Ko[L][HKV][T][D], Vo[L][HKV][T][D], Q[L][H][W][D], Qd[STEPS][L][H][D];
+
+static void fill(void)
+{
+    for (int l = 0; l < L; l++) {
+        for (int g = 0; g < HKV; g++)
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < D; j++) { /* a few loud keys: the rankings have a head */
+                    Ko[l][g][t][j] = kern_f32_to_bf16(gauss() * (mix(t * 31 + l) % 23 == 0 ? 2.5f : 1.0f));
+                    Vo[l][g][t][j] = kern_f32_to_bf16(gauss());
+                }
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    Q[l][h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + 0.5f * l));
+        for (int s = 0; s < STEPS; s++)
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < D; j++)
+                    Qd[s][l][h][j] = kern_f32_to_bf16(gauss() * (1.0f + 0.5f * l));
+    }
+}
+
+static void put(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice) == cudaSuccess, "H2D");
+    else
+        memcpy(dst, src, n);
+}
+
+static void get(cake_seq *s, void *dst, const void *src, size_t n)
+{
+    if (cake_seq_on_gpu(s))
+        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost) == cudaSuccess, "D2H");
+    else
+        memcpy(dst, src, n);
+}
+
+/* caked's positions of (l, g) checked against the bytes; returns the count */
+static uint32_t account(cake_seq *s, int l, int g, uint32_t *pos)
+{
+    uint32_t n = 0;
+    CHECK(cake_kept_positions(s, l, g, pos, T, &n) == 0, "positions");
+    uint16_t k[D], v[D];
+    for (uint32_t i = 0; i < n && !fails; i++) {
+        get(s, k, cake_key(s, l, g, i), ROW);
+        get(s, v, cake_value(s, l, g, i), ROW);
+        CHECK(pos[i] < T && !memcmp(k, Ko[l][g][pos[i]], ROW) && !memcmp(v, Vo[l][g][pos[i]], ROW),
+              "layer %d head %d slot %u: not position %u's bytes", l, g, i, pos[i]);
+    }
+    return n;
+}
+
+/* |a & b| / n over two ascending position lists of n */
+static double overlap(const uint32_t *a, const uint32_t *b, uint32_t n)
+{
+    uint32_t same = 0;
+    for (uint32_t i = 0, j = 0; i < n && j < n;) {
+        if (a[i] == b[j])
+            same++, i++, j++;
+        else if (a[i] < b[j])
+            i++;
+        else
+            j++;
+    }
+    return n ? (double)same / n : 1.0;
+}
+
+struct pcase {
+    const char *name;
+    enum cake_policy_kind kind;
+    enum cake_indicator ind;
+    enum cake_pool pool;
+    uint32_t pool_kernel;
+    enum cake_decode decode;
+    int exact; /* no float ranking: the same tokens, exactly */
+};
+
+static cake_seq *open_one(cake_ctx *c, const struct pcase *pc, int gpu)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = C, pol.window = W, pol.kind = pc->kind, pol.indicator = pc->ind;
+    pol.pool = pc->pool, pol.pool_kernel = pc->pool_kernel, pol.decode = pc->decode;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = gpu ? CAKE_PLACE_GPU : CAKE_PLACE_HOST};
+    cake_seq *s = NULL;
+    int rc = cake_seq_open(c, &lay, &pol, N, STEPS, &s);
+    CHECK(rc == 0, "%s: open (%s): %s (%s)", pc->name, gpu ? "GPU" : "host", cake_strerror(rc),
+          cake_errstr(c));
+    return s;
+}
+
+/* GPU against host, every layer and head: equal counts, kept sets within near-ties */
+static double compare(const struct pcase *pc, cake_seq *gs, cake_seq *hs, const char *when)
+{
+    static uint32_t pg[T], ph[T], p0[T];
+    double worst = 1;
+    for (int l = 0; l < L && !fails; l++) {
+        CHECK(cake_layer_budget(gs, l) == cake_layer_budget(hs, l), "%s %s layer %d: budget GPU %u, "
+              "host %u", pc->name, when, l, cake_layer_budget(gs, l), cake_layer_budget(hs, l));
+        for (int g = 0; g < HKV && !fails; g++) {
+            uint32_t ng = account(gs, l, g, pg), nh = account(hs, l, g, ph);
+            CHECK(ng == nh, "%s %s layer %d head %d: GPU holds %u, host %u", pc->name, when, l, g,
+                  ng, nh);
+            if (ng != nh)
+                return 0;
+            double o = overlap(pg, ph, ng);
+            worst = o < worst ? o : worst;
+            if (pc->exact)
+                CHECK(!memcmp(pg, ph, 4 * ng), "%s %s layer %d head %d: not the same tokens",
+                      pc->name, when, l, g);
+            if (pc->kind == CAKE_POLICY_TOVA && g == 0)
+                memcpy(p0, pg, 4 * ng);
+            else if (pc->kind == CAKE_POLICY_TOVA)
+                CHECK(!memcmp(p0, pg, 4 * ng), "%s %s layer %d: kv heads keep different sets",
+                      pc->name, when, l);
+        }
+    }
+    CHECK(worst >= 0.97, "%s %s: GPU and host keep different tokens (overlap %.3f)", pc->name,
+          when, worst);
+    return worst;
+}
+
+static void run(cake_ctx *c, const struct pcase *pc)
+{
+    cake_seq *gs = open_one(c, pc, 1), *hs = open_one(c, pc, 0);
+    if (fails)
+        return;
+    cake_seq *both[2] = {gs, hs};
+    for (int l = 0; l < L && !fails; l++) {
+        for (int k = 0; k < 2; k++) {
+            cake_seq *s = both[k];
+            CHECK(cake_prefill_reserve(s, l) == 0, "reserve");
+            for (int g = 0; g < HKV; g++)
+                for (int t = 0; t < N; t++) {
+                    put(s, cake_key(s, l, g, t), Ko[l][g][t], ROW);
+                    put(s, cake_value(s, l, g, t), Vo[l][g][t], ROW);
+                }
+            for (int h = 0; h < H; h++)
+                for (int i = 0; i < W; i++)
+                    put(s, cake_query_row(s, l, h, i), Q[l][h][i], ROW);
+        }
+        double pg = 0, ph = 0;
+        int a = cake_prefill_observe(gs, l, &pg), b = cake_prefill_observe(hs, l, &ph);
+        CHECK(a == 0 && b == 0, "%s observe %d: %s / %s (%s)", pc->name, l, cake_strerror(a),
+              cake_strerror(b), cake_errstr(c));
+    }
+    double worst = compare(pc, gs, hs, "after the prompt");
+    for (int st = 0; st < STEPS && !fails; st++) {
+        for (int k = 0; k < 2 && !fails; k++) {
+            cake_seq *s = both[k];
+            CHECK(cake_decode_step(c, &s, 1) == 0, "%s step %d: %s", pc->name, st, cake_errstr(c));
+            for (int l = 0; l < L && !fails; l++) {
+                uint32_t slot = cake_layer_tokens(s, l) - 1;
+                for (int g = 0; g < HKV; g++) {
+                    put(s, cake_key(s, l, g, slot), Ko[l][g][N + st], ROW);
+                    put(s, cake_value(s, l, g, slot), Vo[l][g][N + st], ROW);
+                }
+                CHECK(cake_put_decode_query(s, l, Qd[st][l], NULL) == 0, "decode query");
+            }
+        }
+        if (cudaDeviceSynchronize() != cudaSuccess)
+            fails++;
+        char when[32];
+        snprintf(when, sizeof when, "after step %d", st);
+        double o = compare(pc, gs, hs, when);
+        worst = o < worst ? o : worst;
+    }
+    printf("%-22s GPU = host: budgets equal, kept sets overlap >= %.3f%s, through %d decode steps\n",
+           pc->name, worst, pc->exact ? " (exact)" : "", STEPS);
+    cake_seq_close(gs), cake_seq_close(hs);
+}
+
+int main(void)
+{
+    if (!gputest_has_gpu()) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    fill();
+    struct harness h;
+    const char *extra[] = {"--gpu-pool", "256M", NULL};
+    if (harness_start(&h, extra)) {
+        fprintf(stderr, "FAIL: caked did not start with a GPU pool\n");
+        return 1;
+    }
+    cake_ctx *c = harness_client(h.sock, "policies", 1, 0);
+    if (!c || !cake_gpu_pool_base_at(c, 0)) {
+        fprintf(stderr, "FAIL: connect / GPU pool\n");
+        return 1;
+    }
+    static const struct pcase cases[] = {
+        {"streamingllm", CAKE_POLICY_STREAMINGLLM, 0, 0, 0, 0, 1},
+        {"tova", CAKE_POLICY_TOVA, 0, 0, 0, 0, 0},
+        {"snapkv (decode evict)", CAKE_POLICY_SNAPKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
+        {"pyramidkv (evict)", CAKE_POLICY_PYRAMIDKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
+        {"cake pool=max7", CAKE_POLICY_CAKE, 0, CAKE_POOL_MAX, 7, 0, 0},
+        {"cake ind=mean", CAKE_POLICY_CAKE, CAKE_IND_MEAN, 0, 0, 0, 0},
+        {"cake ind=last", CAKE_POLICY_CAKE, CAKE_IND_LAST, CAKE_POOL_NONE, 0, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !fails; i++)
+        run(c, &cases[i]);
+    cake_destroy(c);
+    if (harness_stop(&h)) {
+        fprintf(stderr, "FAIL: caked did not stop cleanly\n");
+        fails++;
+    }
+    printf("%s\n", fails ? "FAILED" : "GPU policies: every one keeps what the host keeps");
+    return fails ? 1 : 0;
+}
