@@ -190,16 +190,18 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t 
                                    wsb, st);
     if (!rc && rk->position)
         return kern_cuda_position_indicator(ind, kv->kv_heads, S, rk->sinks, st);
+    size_t row = (size_t)kv->head_dim * 2;
+    uint8_t *one = (uint8_t *)ws + al(kern_cuda_score_pool_workspace(kv->kv_heads, q_heads, n_q,
+                                                                     kv->n_tokens, S, rk->pool));
     if (!rc && rk->last) { /* the newest query of every head alone: row n_q - 1 */
-        size_t row = (size_t)kv->head_dim * 2;
-        uint8_t *one = (uint8_t *)ws + kern_cuda_score_workspace(kv->kv_heads, q_heads, n_q,
-                                                                  kv->n_tokens, S);
         for (uint32_t h = 0; h < q_heads && !rc; h++)
             rc = cudaMemcpyAsync(one + h * row, q + ((size_t)h * n_q + n_q - 1) * row, row,
                                  cudaMemcpyDeviceToDevice, st) == cudaSuccess ? 0 : -EIO;
-        if (!rc)
-            rc = kern_cuda_score_layer_pool(kv, one, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
-                                            NULL, NULL, ws, wsb, st);
+        q = one, n_q = 1;
+    }
+    if (!rc && rk->last) {
+        rc = kern_cuda_score_layer_pool(kv, q, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
+                                        NULL, NULL, ws, wsb, st);
     } else if (!rc && !rk->position) {
         rc = kern_cuda_score_layer_pool(kv, q, q_heads, n_q, S, rk->gamma, rk->pool, rk->radius,
                                         ind, entropy, variance, ws, wsb, st);
@@ -209,10 +211,12 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t 
     return rc;
 }
 
-/* Workspace for rank_layer: the scoring's, then one row per head (TOVA's newest query). */
-static size_t rank_ws(const struct gpu_layer *l, uint32_t q_heads, uint32_t n_q, uint32_t S)
+/* Workspace for rank_layer: the scoring's (its pooling's), then one row per head (TOVA's
+ * newest query). */
+static size_t rank_ws(const struct gpu_layer *l, uint32_t q_heads, uint32_t n_q, uint32_t S,
+                      int pool)
 {
-    return kern_cuda_score_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S) +
+    return al(kern_cuda_score_pool_workspace(l->kv_heads, q_heads, n_q, l->n_tokens, S, pool)) +
            (size_t)q_heads * l->head_dim * 2;
 }
 
@@ -223,7 +227,7 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
     size_t row = (size_t)l->head_dim * 2;
     size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
     size_t qb = al(row * r->q_heads * r->w);
-    size_t ws = al(rank_ws(l, r->q_heads, r->w, S));
+    size_t ws = al(rank_ws(l, r->q_heads, r->w, S, rk->pool));
     if (reserve(c, pg + rg + qb + ws, pg + rg))
         return -ENOMEM;
     struct kern_cuda_kv kv;
@@ -361,7 +365,7 @@ static struct evict_plan plan_evict(const struct gpu_evict *e)
     size_t row = (size_t)l->head_dim * 2;
     struct evict_plan p = {
         .pg = al(sizeof(uint64_t) * l->n_pages), .rg = al(sizeof(uint64_t) * r->n_pages),
-        .ws = al(rank_ws(l, r->q_heads, e->n_q, S)),
+        .ws = al(rank_ws(l, r->q_heads, e->n_q, S, e->rk.pool)),
         .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * r->q_heads * e->n_q),
         .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
         .tb = al(2 * (size_t)l->kv_heads * (e->k + r->w) * row),

@@ -38,11 +38,18 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
                           void *stream);
 
 /* The same with any of kern.h's poolings (kern_pool: KERN_POOL_AVG, _MAX or _NONE, over
- * [j - radius, j + radius]): what the baselines' indicators need (SnapKV's max over 7). */
+ * [j - radius, j + radius]), each query head's scores pooled, then the group mean, as the
+ * reference does (the max, which does not commute with the mean, runs one query head of
+ * every group at a time). ws_bytes: kern_cuda_score_pool_workspace. */
+size_t kern_cuda_score_pool_workspace(uint32_t kv_heads, uint32_t q_heads, uint32_t n_q,
+                                      uint32_t n_tokens, uint32_t n_scored, int pool);
 int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev, uint32_t q_heads,
                                uint32_t n_q, uint32_t n_scored, float gamma, int pool,
                                uint32_t radius, float *ind_dev, double *entropy, double *variance,
                                void *ws, size_t ws_bytes, void *stream);
+/* dst[i] = (first ? 0 : dst[i]) + scale * src[i], i < n. Asynchronous. */
+int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
+                         void *stream);
 /* ind [rows][n]: every column becomes its mean over the rows (one ranking for every kv head:
  * TOVA), the mean taken in double. Asynchronous. */
 int kern_cuda_rows_mean(float *ind_dev, uint32_t rows, uint32_t n, void *stream);

@@ -394,6 +394,24 @@ __global__ void position_ind(float *ind, uint32_t rows, uint32_t n, uint32_t sin
     ind[x] = j < sinks ? 3.402823466e38f : (float)j;
 }
 
+__global__ void accumulate(float *dst, const float *src, size_t n, float scale, int first)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x < n)
+        dst[x] = (first ? 0.0f : dst[x]) + src[x] * scale;
+}
+
+extern "C" int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
+                                    void *stream)
+{
+    if (!dst || !src)
+        return -EINVAL;
+    if (n)
+        accumulate<<<div_up(n, 256), 256, 0, (cudaStream_t)stream>>>(dst, src, n, scale, first);
+    CK(cudaGetLastError());
+    return 0;
+}
+
 extern "C" int kern_cuda_rows_mean(float *ind, uint32_t rows, uint32_t n, void *stream)
 {
     if (!ind || !rows)
@@ -453,6 +471,19 @@ extern "C" size_t kern_cuda_score_workspace(uint32_t hkv, uint32_t q_heads, uint
     return layout_ws(hkv, RP > mr ? RP : mr, n, S).total;
 }
 
+extern "C" size_t kern_cuda_score_pool_workspace(uint32_t hkv, uint32_t q_heads, uint32_t n_q,
+                                                 uint32_t n, uint32_t S, int pool)
+{
+    size_t w = kern_cuda_score_workspace(hkv, q_heads, n_q, n, S);
+    if (pool != KERN_POOL_MAX || !hkv || q_heads <= hkv)
+        return w;
+    /* one query head of every group at a time: its workspace, its rows, its pooled scores */
+    size_t base = (kern_cuda_score_workspace(hkv, hkv, n_q, n, S) + 255) & ~(size_t)255;
+    size_t qb = ((size_t)hkv * n_q * MAX_D * 2 + 255) & ~(size_t)255;
+    size_t m = base + qb + sizeof(float) * hkv * S;
+    return m > w ? m : w;
+}
+
 static std::atomic<int> force_wmma;
 
 extern "C" int kern_cuda_score_set_wmma(int on) { return force_wmma.exchange(on ? 1 : 0); }
@@ -505,6 +536,41 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
 {
     if (pool < KERN_POOL_AVG || pool > KERN_POOL_NONE || radius > 1024)
         return -EINVAL;
+    if (pool == KERN_POOL_MAX && kv && kv->kv_heads && q_heads > kv->kv_heads &&
+        q_heads % kv->kv_heads == 0) {
+        /* the reference pools each query head, then takes the group mean: the max does not
+         * commute with the mean, so one query head of every group at a time ([kv_heads][n_q]
+         * rows gathered from q), pooled, added up / G (the workspace's tail holds both) */
+        uint32_t hkv = kv->kv_heads, G = q_heads / hkv;
+        size_t row = (size_t)kv->head_dim * 2, base = kern_cuda_score_workspace(hkv, hkv, n_q, kv->n_tokens, S);
+        base = (base + 255) & ~(size_t)255;
+        size_t qb = ((size_t)hkv * n_q * row + 255) & ~(size_t)255;
+        if (ws_bytes < base + qb + sizeof(float) * hkv * S || !q || !ind)
+            return -EINVAL;
+        uint8_t *qi = (uint8_t *)ws + base;
+        float *part = (float *)(qi + qb);
+        cudaStream_t st = (cudaStream_t)stream;
+        double e = 0, v = 0;
+        int rc = 0;
+        for (uint32_t i = 0; i < G && !rc; i++) {
+            double ei = 0, vi = 0;
+            if (cudaMemcpy2DAsync(qi, n_q * row, (const uint8_t *)q + (size_t)i * n_q * row,
+                                  (size_t)G * n_q * row, n_q * row, hkv, cudaMemcpyDeviceToDevice,
+                                  st) != cudaSuccess)
+                return -EIO;
+            rc = kern_cuda_score_layer_pool(kv, qi, hkv, n_q, S, gamma, pool, radius, part,
+                                            entropy ? &ei : NULL, variance ? &vi : NULL, ws, base,
+                                            stream);
+            if (!rc)
+                rc = kern_cuda_accumulate(ind, part, (size_t)hkv * S, 1.0f / G, i == 0, stream);
+            e += ei, v += vi;
+        }
+        if (entropy)
+            *entropy = e;
+        if (variance)
+            *variance = v;
+        return rc;
+    }
     if (!kv || !q || kv->kv_heads == 0 || q_heads % kv->kv_heads || n_q == 0 ||
         kv->head_dim % 16 || kv->head_dim > MAX_D || n_q > kv->n_tokens ||
         S > kv->n_tokens - n_q || (kv->dtype != KERN_BF16 && kv->dtype != KERN_F16))

@@ -129,17 +129,21 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
         {KERN_POOL_MAX, 7, 0.0f}, {KERN_POOL_NONE, 1, 0.0f}, {KERN_POOL_AVG, 7, 200.0f},
         {KERN_POOL_MAX, 3, 200.0f},
     };
+    void *pws;
+    size_t pwsb = kern_cuda_score_pool_workspace(Hkv, H, nq, n, S, KERN_POOL_MAX);
+    CK(cudaMalloc(&pws, pwsb));
     for (size_t v = 0; v < sizeof pv / sizeof pv[0]; v++) {
         struct kern_score_args b = a;
         b.pool = (enum kern_pool)pv[v].pool, b.pool_kernel = pv[v].k, b.gamma = pv[v].gamma;
         kern_score_layer_ref(&b, &ro);
         EXPECT(kern_cuda_score_layer_pool(&dkv, dq, H, nq, S, pv[v].gamma, pv[v].pool, pv[v].k / 2,
-                                          dind, NULL, NULL, ws, wsb, NULL) == 0, "pool rc");
+                                          dind, NULL, NULL, pws, pwsb, NULL) == 0, "pool rc");
         CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
         double e = rel_err(ref, got, Hkv, S);
         EXPECT(e <= 1e-3, "%s n=%u pool %d/%u gamma %g: indicator rel err %.3g", name, n,
                pv[v].pool, pv[v].k, pv[v].gamma, e);
     }
+    cudaFree(pws);
     CK(cudaMemcpy(ref, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
     for (uint32_t j = 0; j < S; j++) { /* indicator.c's shared_heads */
         double m = 0;
