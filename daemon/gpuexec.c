@@ -436,3 +436,75 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     }
     return rc;
 }
+
+/* ---- H2O ---------------------------------------------------------------------------- */
+
+int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src, uint32_t rows,
+                    uint32_t n, float scale)
+{
+    int rc = cudaMemsetAsync(acc, 0, sizeof(float) * rows * cap, c->stream) == cudaSuccess ? 0 : -EIO;
+    for (uint32_t g = 0; g < rows && !rc && n; g++)
+        rc = kern_cuda_accumulate(acc + (size_t)g * cap, src + (size_t)g * n, n, scale, 0, c->stream);
+    return finish(c, rc);
+}
+
+int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j)
+{
+    const struct gpu_layer *l = &j->l;
+    const struct gpu_ring *r = &j->ring;
+    uint32_t hkv = l->kv_heads, N = l->n_tokens, w = r->w, S1 = N - 1, S = N - w;
+    int evict = j->k != UINT32_MAX;
+    if (N < 2 || N > j->cap || (evict && (N <= w || j->k > S)))
+        return -EINVAL;
+    uint32_t k = evict ? j->k : 0;
+    size_t row = (size_t)l->head_dim * 2, F = sizeof(float), cp = F * j->cap;
+    size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
+    size_t qb = al(row * r->q_heads), ws = al(rank_ws(l, r->q_heads, 1, S1, KERN_POOL_NONE));
+    size_t ib = al(F * hkv * S1), tb = al(F * hkv * (S + 1)), kb = al(sizeof(uint32_t) * hkv * (k + 1));
+    size_t xb = al(kern_cuda_topk_workspace(hkv, S + 1)), cb = al(2 * (size_t)hkv * (k + w) * row);
+    size_t gb = al(F * hkv * (k + 1)), wb = al(F * hkv * w);
+    size_t dev = pg + rg + qb + ws + ib + tb + kb + xb + cb + gb + wb;
+    if (reserve(c, dev, pg + rg + kb))
+        return -ENOMEM;
+    struct kern_cuda_kv kv;
+    upload_pages(c, l, &kv);
+    uint8_t *d = c->dbuf + pg + rg, *q = d;
+    float *ind = (float *)(d + qb + ws), *tmp = (float *)((uint8_t *)ind + ib);
+    uint32_t *keep = (uint32_t *)((uint8_t *)tmp + tb);
+    uint8_t *xw = (uint8_t *)keep + kb, *ctmp = xw + xb;
+    float *gat = (float *)(ctmp + cb), *win = (float *)((uint8_t *)gat + gb);
+    cudaStream_t st = c->stream;
+    int rc = 0;
+    if (j->add) { /* the newest query's attention, its own column not counted */
+        rc = gather_ring(r, row, j->newest, 1, c->hbuf + pg, c->dbuf + pg, q, st);
+        if (!rc)
+            rc = kern_cuda_score_layer_pool(&kv, q, r->q_heads, 1, S1, 0.0f, KERN_POOL_NONE, 0, ind,
+                                            NULL, NULL, q + qb, ws, st);
+        for (uint32_t g = 0; g < hkv && !rc; g++)
+            rc = kern_cuda_accumulate(j->acc + (size_t)g * j->cap, ind + (size_t)g * S1, S1, 1.0f, 0, st);
+    }
+#define CU2(x) (rc = rc ? rc : ((x) == cudaSuccess ? 0 : -EIO))
+    if (evict && !rc) {
+        CU2(cudaMemcpy2DAsync(tmp, F * S, j->acc, cp, F * S, hkv, cudaMemcpyDeviceToDevice, st));
+        if (!rc)
+            rc = kern_cuda_topk_ws(tmp, hkv, S, k, keep, xw, xb, st);
+        if (!rc)
+            rc = kern_cuda_compact(&kv, keep, k, S, w, ctmp, st);
+        if (!rc && k)
+            rc = kern_cuda_gather_rows_f32(tmp, hkv, S, keep, k, gat, st);
+        CU2(cudaMemcpy2DAsync(win, F * w, j->acc + S, cp, F * w, hkv, cudaMemcpyDeviceToDevice, st));
+        if (k)
+            CU2(cudaMemcpy2DAsync(j->acc, cp, gat, F * k, F * k, hkv, cudaMemcpyDeviceToDevice, st));
+        CU2(cudaMemcpy2DAsync(j->acc + k, cp, win, F * w, F * w, hkv, cudaMemcpyDeviceToDevice, st));
+        if (j->cap > k + w)
+            CU2(cudaMemset2DAsync(j->acc + k + w, cp, 0, F * (j->cap - k - w), hkv, st));
+        if (k)
+            CU2(cudaMemcpyAsync(c->hbuf + pg + rg, keep, sizeof(uint32_t) * hkv * k,
+                                cudaMemcpyDeviceToHost, st));
+    }
+#undef CU2
+    rc = finish(c, rc);
+    if (!rc && evict && k)
+        memcpy(j->keep, c->hbuf + pg + rg, sizeof(uint32_t) * hkv * k);
+    return rc;
+}

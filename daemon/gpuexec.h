@@ -104,6 +104,24 @@ struct gpu_evict {
     uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
 };
 
+/* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's
+ * row `newest` (group mean, no pooling) over the first n_tokens - 1 slots (add: a decode
+ * step; not a re-slice), then, with k != UINT32_MAX, the first n_tokens - w slots keep their
+ * top k by acc (positional order, ties to the lower position), K/V and acc compacted behind
+ * the window, acc's tail zeroed; the kept slots to keep (host [kv_heads][k]). Waited for. */
+struct gpu_h2o {
+    struct gpu_layer l;
+    struct gpu_ring ring;
+    uint32_t newest, k, cap;
+    int add;
+    float *acc;
+    uint32_t *keep;
+};
+int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j);
+/* acc [rows][cap] = scale * src [rows][n] (device, src rows n apart), zero beyond n. */
+int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src, uint32_t rows,
+                    uint32_t n, float scale);
+
 /* Runs n evictions (a decode step's layers) side by side on the context's streams and
  * waits for all of them. Returns 0 or the first error (then the layers' contents are
  * undefined: the CUDA context has failed). */

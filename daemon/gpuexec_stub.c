@@ -55,3 +55,14 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     (void)c, (void)ev, (void)n;
     return -ENOTSUP;
 }
+int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j)
+{
+    (void)c, (void)j;
+    return -ENOTSUP;
+}
+int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src, uint32_t rows,
+                    uint32_t n, float scale)
+{
+    (void)c, (void)acc, (void)cap, (void)src, (void)rows, (void)n, (void)scale;
+    return -ENOTSUP;
+}

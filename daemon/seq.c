@@ -224,11 +224,10 @@ static const char *gpu_layout_check(const struct seq_env *e, const struct seq_op
      * the variance alone, any pooling, one token set per kv head or one for all (TOVA):
      * seq_gpu.c's gpu_rank_of */
     int keeps_all = cfg->alloc == POLICY_ALLOC_NONE;
-    if (cfg->per_head_budgets || cfg->accumulate ||
+    if (cfg->per_head_budgets ||
         (!keeps_all && (cfg->indicator == POLICY_IND_VAR || cfg->pool_kernel > 63)))
-        return "GPU sequences run every policy but H2O (accumulated scores) and Ada-KV "
-               "(per-head budgets), and every CAKE ablation but the variance-alone indicator; "
-               "those run on host sequences";
+        return "GPU sequences run every policy but Ada-KV (per-head budgets), and every CAKE "
+               "ablation but the variance-alone indicator; those run on host sequences";
     return NULL;
 }
 
@@ -477,6 +476,10 @@ void seq_free(const struct seq_env *e, struct seq *s)
     free(s->pub);
     free(s->pend_ind);
     seq_exec(s)->prefill_done(e, s); /* what the executor kept for the prefill */
+    if (s->gpu) { /* H2O's, which outlive the prefill */
+        gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
+        gpuexec_dev_free(GEXEC(e, s), s->acc_dev);
+    }
     cakeseq_destroy(s->cs);
     free(s);
 }
@@ -652,10 +655,13 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
     uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
     int rcs[SEQ_MAX_LAYERS] = {0};
     *r = (struct seq_result){0};
-    if (s->cfg.accumulate) { /* H2O (host sequences): every layer adds the step's attention */
+    if (s->cfg.accumulate) { /* H2O: every layer adds the step's attention */
         for (uint32_t l = 0; l < s->L; l++)
             over[nover++] = l;
-        seq_host_h2o_step(e, s, evicted, rcs);
+        if (s->gpu)
+            seq_gpu_h2o(e, s, s->decoded > 0, evicted, rcs);
+        else
+            seq_host_h2o_step(e, s, evicted, rcs);
     } else {
         uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
         uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
@@ -900,7 +906,13 @@ void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result 
             over[nover++] = l;
     if (!nover)
         return;
-    if (s->cfg.accumulate) { /* H2O: by the attention accumulated so far, nothing added */
+    if (s->cfg.accumulate && s->gpu) { /* H2O: by the scores accumulated so far, nothing added */
+        uint32_t ev_all[SEQ_MAX_LAYERS];
+        int rc_all[SEQ_MAX_LAYERS];
+        seq_gpu_h2o(e, s, 0, ev_all, rc_all);
+        for (uint32_t i = 0; i < nover; i++)
+            evicted[i] = ev_all[over[i]], rcs[i] = rc_all[over[i]];
+    } else if (s->cfg.accumulate) {
         for (uint32_t i = 0; i < nover; i++)
             rcs[i] = seq_host_h2o_trim(e, s, over[i], &evicted[i]);
     } else {

@@ -92,7 +92,9 @@ struct seq {
      * group's two jobs): the worker of the job that has the sequence owns them */
     float *pend_ind;
     float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
-                                the GPU (selection happens there); NULL otherwise */
+                                the GPU (selection happens there); NULL otherwise (H2O keeps
+                                them until its first decode step) */
+    float *acc_dev;          /* H2O on the GPU: [L][kv_heads][n + max_new + 1] accumulated scores */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
     /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
      * job that has the sequence (its decode step, or a re-slice job) - set by the loop,

@@ -139,8 +139,53 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
 
 static void gpu_prefill_done(const struct seq_env *e, struct seq *s)
 {
+    if (s->cfg.accumulate && !s->acc_dev)
+        return; /* H2O's scores start from the kept indicators (seq_gpu_h2o); seq_free frees */
     gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
     s->ind_dev = NULL;
+}
+
+void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evicted, int *rcs)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, Hkv = s->Hkv, S0 = seq_scored_len(s);
+    uint32_t cap = s->n + s->max_new + 1; /* a layer holds at most the prompt and its tokens */
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    uint32_t *keep = malloc(sizeof(uint32_t) * ((size_t)Hkv * cap + 1));
+    int rc = keep ? 0 : -ENOMEM;
+    if (!rc && !s->acc_dev) { /* the first step: the prompt's window sums of the kept prefix */
+        rc = gpuctx_dev_alloc(gc, (void **)&s->acc_dev, sizeof(float) * s->L * Hkv * cap);
+        for (uint32_t l = 0; l < s->L && !rc; l++) {
+            uint32_t P = cakeseq_prefix_len(s->cs, l);
+            P = P < s->layer[l].tokens ? P : s->layer[l].tokens;
+            rc = gpuctx_h2o_init(gc, s->acc_dev + (size_t)l * Hkv * cap, cap,
+                                 s->ind_dev ? s->ind_dev + (size_t)l * Hkv * S0 : NULL, Hkv,
+                                 s->ind_dev ? P : 0, (float)v0);
+        }
+        if (!rc) {
+            gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
+            s->ind_dev = NULL;
+        }
+    }
+    for (uint32_t l = 0; l < s->L; l++) {
+        struct seq_layer *ly = &s->layer[l];
+        uint32_t N = ly->tokens, budget = cakeseq_budget(s->cs, l), S = N > w ? N - w : 0;
+        int over = policy_decode_should_evict(&s->cfg, budget, N) || seq_layer_resliced(s, l);
+        evicted[l] = 0, rcs[l] = rc;
+        if (rc || (!add && !over) || N < 2)
+            continue;
+        struct gpu_h2o j = {
+            .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
+            .newest = (v0 + s->decoded - 1) % w, .k = over ? (budget < S ? budget : S) : UINT32_MAX,
+            .cap = cap, .add = add, .acc = s->acc_dev + (size_t)l * Hkv * cap, .keep = keep,
+        };
+        if ((rcs[l] = gpuctx_h2o(gc, &j)) || !over)
+            continue;
+        evicted[l] = S - j.k;
+        ly->tokens = j.k + w;
+        rcs[l] = seq_positions_compact(s, ly, keep, j.k, S, w);
+    }
+    gpuexec_put(GEXEC(e, s), gc);
+    free(keep);
 }
 
 /* The same on the GPU for every layer over budget at once: score, top-k and compaction on

@@ -62,6 +62,10 @@ static inline const struct seq_exec *seq_exec(const struct seq *s)
  * tokens' accumulated scores and, over budget, keeps the top by them; per layer evicted[l],
  * rcs[l]. */
 void seq_host_h2o_step(const struct seq_env *e, struct seq *s, uint32_t *evicted, int *rcs);
+/* H2O on a GPU sequence, every layer: (add: a decode step) each adds the newest query's
+ * attention to its tokens' scores on the device, then an over-budget (or re-sliced) layer
+ * keeps its top by them; per layer evicted[l], rcs[l]. */
+void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evicted, int *rcs);
 /* H2O's re-slice of layer l: over its lowered budget, keeps the top by the scores
  * accumulated so far (nothing added). 0 or -errno. */
 int seq_host_h2o_trim(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t *evicted);

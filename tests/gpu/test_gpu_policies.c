@@ -1,5 +1,5 @@
-/* Every policy GPU sequences run (StreamingLLM, TOVA, SnapKV and PyramidKV evicting while
- * decoding, CAKE with SnapKV's pooling and with the mean alone) against a host twin fed the
+/* Every policy GPU sequences run (StreamingLLM, TOVA, H2O, SnapKV and PyramidKV evicting
+ * while decoding, CAKE with SnapKV's pooling, the mean alone and the last query) against a host twin fed the
  * same keys, values and queries: the same budgets, the same tokens kept after the prompt and
  * after every decode step (up to near-ties of the float scores: StreamingLLM's positions
  * exactly; TOVA one token set for every kv head), the bytes where caked's account says, the
@@ -235,6 +235,7 @@ int main(void)
     static const struct pcase cases[] = {
         {"streamingllm", CAKE_POLICY_STREAMINGLLM, 0, 0, 0, 0, 1},
         {"tova", CAKE_POLICY_TOVA, 0, 0, 0, 0, 0},
+        {"h2o", CAKE_POLICY_H2O, 0, 0, 0, 0, 0},
         {"snapkv (decode evict)", CAKE_POLICY_SNAPKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
         {"pyramidkv (evict)", CAKE_POLICY_PYRAMIDKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
         {"cake pool=max7", CAKE_POLICY_CAKE, 0, CAKE_POOL_MAX, 7, 0, 0},
