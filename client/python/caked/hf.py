@@ -348,7 +348,8 @@ def record(model, ids, window=32):
     if len(cache.rec_q) != L:
         raise StateError(-5009, "no queries were recorded: call caked.hf.enable(model) first")
     return Record([cache.rec_k[l] for l in range(L)], [cache.rec_v[l] for l in range(L)],
-                  [cache.rec_q[l] for l in range(L)], out.logits[0, -1].detach())
+                  [cache.rec_q[l] for l in range(L)],
+                  out.logits[0, -1].detach().clone())  # a copy: a view keeps every position's
 
 
 def decode(model, cache, tokens):
