@@ -30,29 +30,7 @@
 
 enum { L = 4, H = 8, HKV = 2, D = 64, W = 32, ROW = D * 2, NMAX = 12288 };
 
-static int fails;
 static cake_ctx *ctx_now; /* for cake_errstr in messages */
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        if (!(cond)) {                                           \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                        \
-            fprintf(stderr, "\n");                               \
-            fails++;                                             \
-        }                                                        \
-    } while (0)
-
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t rng = 777;
-static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
-static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
 
 /* the K/V rows written: distinct random bf16 rows, [L][HKV][NMAX][D]; and the queries */
 static uint16_t (*Ko)[HKV][NMAX][D], (*Vo)[HKV][NMAX][D];
@@ -72,22 +50,6 @@ static void fill(void)
                 for (int j = 0; j < D; j++)
                     Q[l][h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
     }
-}
-
-static void put(cake_seq *s, void *dst, const void *src, size_t n)
-{
-    if (cake_seq_on_gpu(s))
-        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice) == cudaSuccess, "H2D");
-    else
-        memcpy(dst, src, n);
-}
-
-static void get(cake_seq *s, void *dst, const void *src, size_t n)
-{
-    if (cake_seq_on_gpu(s))
-        CHECK(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost) == cudaSuccess, "D2H");
-    else
-        memcpy(dst, src, n);
 }
 
 static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int full)
@@ -154,22 +116,6 @@ static int subset(const uint32_t *a, uint32_t na, const uint32_t *b, uint32_t nb
             return 0;
     }
     return 1;
-}
-
-/* Tokens two ascending position lists share, over the shorter one (top-k sets at two
- * budgets are nested: the smaller inside the larger). */
-static double overlap(const uint32_t *a, uint32_t na, const uint32_t *b, uint32_t nb)
-{
-    uint32_t same = 0, n = na < nb ? na : nb;
-    for (uint32_t i = 0, j = 0; i < na && j < nb;) {
-        if (a[i] == b[j])
-            same++, i++, j++;
-        else if (a[i] < b[j])
-            i++;
-        else
-            j++;
-    }
-    return n ? (double)same / n : 1;
 }
 
 static uint32_t before[L][HKV][NMAX], after_[L][HKV][NMAX], twin[L][HKV][NMAX];
@@ -374,6 +320,7 @@ static void test_park(const char *sock, const struct harness *hp, const char *ps
 
 int main(void)
 {
+    rng = 777;
     if (!gputest_has_gpu()) {
         printf("SKIP: no CUDA device\n");
         return 77;

@@ -32,51 +32,10 @@
 enum { L = 4, H = 8, HKV = 2, D = 64, N = 600, W = 32, CACHE = 128, MAXNEW = 48 };
 enum { S = N - W, T = N + MAXNEW, ROW = D * 2 };
 
-static int fails;
 static int scattered; /* the GPU pool's free pages are scattered (fragment_gpu_pool) */
-#define CHECK(cond, ...)                                  \
-    do {                                                  \
-        if (!(cond)) {                                    \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                 \
-            fprintf(stderr, "\n");                        \
-            fails++;                                      \
-        }                                                 \
-    } while (0)
-#define CU(x) CHECK((x) == cudaSuccess, "%s: %s", #x, cudaGetErrorString(cudaGetLastError()))
-
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t rng = 12345;
-static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
-static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
 
 /* original rows: [L][HKV][T] rows of K and of V */
 static uint16_t Ko[L][HKV][T][D], Vo[L][HKV][T][D];
-
-
-/* copy to or from a slot of either placement */
-static void put(cake_seq *s, void *dst, const void *src, size_t n)
-{
-    if (cake_seq_on_gpu(s))
-        CU(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice));
-    else
-        memcpy(dst, src, n);
-}
-
-static void get(cake_seq *s, void *dst, const void *src, size_t n)
-{
-    if (cake_seq_on_gpu(s))
-        CU(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost));
-    else
-        memcpy(dst, src, n);
-}
 
 static void write_token(cake_seq *s, int l, uint32_t slot, int pos)
 {
@@ -224,7 +183,8 @@ static void test_submit(cake_ctx *c)
     printf("submit: %d layers compacted in the GPU pool byte for byte as predicted\n", L);
 }
 
-static double overlap(const int *a, uint32_t na, const int *b, uint32_t nb)
+/* the share of a's entries found in b, in any order (positions may be -1) */
+static double overlap_any(const int *a, uint32_t na, const int *b, uint32_t nb)
 {
     uint32_t same = 0;
     for (uint32_t i = 0; i < na; i++)
@@ -336,7 +296,7 @@ static void test_observe_decode(cake_ctx *c)
             check_told(gs, l, g, pg, ng, "GPU observe");
             check_told(hs, l, g, ph, nh, "host observe");
             check_rows(pg, ng, N - 1, W, "GPU", l);
-            double o = overlap(pg, ng - W, ph, nh - W);
+            double o = overlap_any(pg, ng - W, ph, nh - W);
             worst = o < worst ? o : worst;
         }
     }
@@ -374,7 +334,7 @@ static void test_observe_decode(cake_ctx *c)
             check_told(gs, l, g, pg, ng, "GPU decode");
             check_told(hs, l, g, ph, nh, "host decode");
             check_rows(pg, ng, T - 1, W + 1, "GPU decode", l);
-            double o = overlap(pg, ng, ph, nh);
+            double o = overlap_any(pg, ng, ph, nh);
             worst = o < worst ? o : worst;
         }
     }

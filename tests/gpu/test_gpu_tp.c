@@ -20,21 +20,10 @@
 #include "cake/cake.h"
 #include "dtype.h"
 #include "../integration/harness.h"
+#include "gputest.h"
 
 enum { L = 4, H = 8, HKV = 4, G = H / HKV, D = 64, N = 700, W = 32, CACHE = 128 };
 enum { ROW = D * 2, HALF = HKV / 2 };
-
-static int fails;
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-            fails++;                                                       \
-        }                                                                  \
-    } while (0)
-#define CU(x) CHECK((x) == cudaSuccess, "%s: %s", #x, cudaGetErrorString(cudaGetLastError()))
 
 static uint16_t Ko[L][HKV][N][D], Vo[L][HKV][N][D], Qo[L][H][W][D];
 
@@ -43,17 +32,6 @@ struct result {
     uint32_t budget[L], tokens[L];
     int pos[L][HKV][N];
 };
-
-static uint64_t rng = 777;
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-static double unif(void) { return (double)((rng = mix(rng)) >> 11) / 9007199254740992.0; }
-static float gauss(void) { return (float)(sqrt(-2 * log(unif() + 1e-300)) * cos(6.283185307 * unif())); }
 
 static void fill(void)
 {
@@ -265,6 +243,7 @@ static int collect(pid_t p, int fd, struct result *r)
 
 int main(void)
 {
+    rng = 777;
     char uuid[2][48];
     if (!probe(uuid)) {
         printf("SKIP: needs two CUDA devices\n");

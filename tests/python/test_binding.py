@@ -22,12 +22,18 @@ def bf16(x):
 
 
 class Daemon:
+    """A private caked (args: more options, which win over the defaults); its log in
+    self.log when log is set (else discarded)."""
+
+    def __init__(self, *args, log=None):
+        self.args, self.log = list(args), log
+
     def __enter__(self):
         self.dir = tempfile.mkdtemp(prefix="caked-py-")
         self.sock = os.path.join(self.dir, "caked.sock")
         self.proc = subprocess.Popen([os.environ["CAKED_BIN"], "--socket", self.sock,
-                                      "--host-pool", "128M", "--workers", "2"],
-                                     stderr=subprocess.DEVNULL)
+                                      "--host-pool", "128M", "--workers", "2", *self.args],
+                                     stderr=self.log or subprocess.DEVNULL)
         for _ in range(200):
             try:
                 caked.Client(self.sock, map_pool=False).close()

@@ -27,40 +27,26 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import test_binding  # noqa: E402
 from test_binding import caked  # noqa: E402
 from test_policies import H, HKV, D, W, L, window_attention, indicator, assert_topk  # noqa: E402
 
 
-class Daemon:
-    """caked with a small pool of 4 KiB pages (tokens of these f32 layouts: 16 per page)."""
+class Daemon(test_binding.Daemon):
+    """caked with a small pool of 4 KiB pages (tokens of these f32 layouts: 16 per page), its
+    log kept for KEEP_LOG=1 (debug level: what each re-slice decided)."""
 
     def __init__(self, pool="8M", *args):
-        self.args = ["--host-pool", pool, "--page-size", "4K", "--workers", "2", "--log-level", "debug", *args]
-
-    def __enter__(self):
-        self.dir = tempfile.mkdtemp(prefix="caked-pressure-")
-        self.sock = os.path.join(self.dir, "caked.sock")
-        self.log = open(os.path.join(self.dir, "log"), "w+")
-        self.proc = subprocess.Popen([os.environ["CAKED_BIN"], "--socket", self.sock, *self.args],
-                                     stderr=self.log)
-        for _ in range(200):
-            try:
-                caked.Client(self.sock, map_pool=False).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("caked did not start")
+        self.logf = tempfile.TemporaryFile("w+")
+        super().__init__("--host-pool", pool, "--page-size", "4K", "--log-level", "debug", *args,
+                         log=self.logf)
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        assert self.proc.wait(10) == 0
-        self.log.close()
-        if os.environ.get("KEEP_LOG"):  # a debugging aid: caked's log (debug level)
-            with open(os.path.join(self.dir, "log")) as f:
-                print(f.read()[-4000:])
-        for f in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, f))
-        os.rmdir(self.dir)
+        super().__exit__(*exc)
+        if os.environ.get("KEEP_LOG"):  # a debugging aid
+            self.logf.seek(0)
+            print(self.logf.read()[-4000:])
+        self.logf.close()
 
     def cachectl(self, *args):
         return subprocess.run([os.environ["CACHECTL_BIN"], "--socket", self.sock, *args],
