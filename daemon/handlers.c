@@ -335,6 +335,11 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
         srv_reply_error(s, c, n ? CAKE_ETOOBIG : CAKE_EINVAL, "decode step of %zu sequences", n);
         return;
     }
+    srv_decode(s, c, m->seq_ids, n);
+}
+
+void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n)
+{
     struct seq **seqs = malloc(sizeof(*seqs) * n);
     if (!seqs) {
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
@@ -342,7 +347,7 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
     }
     int need_evict = 0;
     for (size_t i = 0; i < n; i++) {
-        struct seq *q = srv_seq_of(s, c, m->seq_ids[i]);
+        struct seq *q = srv_seq_of(s, c, ids[i]);
         const char *why = "";
         int rc = q ? seq_decode_check(q, &why) : CAKE_ENOSEQ;
         if (!rc && q->orphaned)
@@ -355,7 +360,7 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
         if (rc) {
             for (size_t k = 0; k < i; k++)
                 seqs[k]->busy = 0;
-            uint64_t id = m->seq_ids[i];
+            uint64_t id = ids[i];
             free(seqs);
             if (rc == CAKE_ESTATE && q && q->busy && !why[0])
                 why = "sequence listed twice";
@@ -377,6 +382,10 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
             for (size_t k = 0; k < i; k++)
                 if (seqs[k]->moving)
                     seq_move_commit(&s->env, seqs[k], &undo);
+            if (rc == CAKE_EOOM && pressure_wait_restore(s, c, seqs, (uint32_t)n, why)) {
+                free(seqs);
+                return; /* waits for GPU room (pressure.h) */
+            }
             if (rc == CAKE_EOOM)
                 srv_oom(s, c, why);
             srv_reply_error(s, c, rc < -4095 ? rc : CAKE_EINTERNAL, "sequence %#llx: %s",

@@ -36,6 +36,7 @@ struct waiter {
     uint32_t layer;
     uint64_t *ids;           /* decode step: its sequences */
     uint32_t n, evictions;
+    int restore;             /* decode step: its parked sequences must come back first */
     char why[200];           /* the refusal it waits to overcome */
 };
 
@@ -306,7 +307,10 @@ static int make_room(struct server *s, struct client *c, const struct waiter *x,
             struct seq *q = srv_seq_of(s, c, x->ids[i]);
             if (!q)
                 return 0;
-            *(q->gpu ? &gpu[q->gpu_dev] : &host) += seq_decode_pages_needed(q);
+            if (x->restore && q->parked) /* its K/V pages back on its GPU */
+                gpu[q->gpu_dev] += seq_kv_pages(q);
+            else if (!x->restore)
+                *(q->gpu ? &gpu[q->gpu_dev] : &host) += seq_decode_pages_needed(q);
         }
     }
     int all_fit = 1, coming = 1;
@@ -364,8 +368,8 @@ int pressure_wait_reserve(struct server *s, struct client *c, struct seq *q, uin
     return wait_for_room(s, c, x);
 }
 
-int pressure_wait_decode(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
-                         uint32_t evictions, const char *why)
+static int wait_decode(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
+                       uint32_t evictions, int restore, const char *why)
 {
     struct waiter *x = waiter_new(s, c, MSG_DECODE_STEP, why);
     if (!x || !(x->ids = malloc(sizeof(uint64_t) * n))) {
@@ -374,8 +378,20 @@ int pressure_wait_decode(struct server *s, struct client *c, struct seq *const *
     }
     for (uint32_t i = 0; i < n; i++)
         x->ids[i] = seqs[i]->id;
-    x->n = n, x->evictions = evictions;
+    x->n = n, x->evictions = evictions, x->restore = restore;
     return wait_for_room(s, c, x);
+}
+
+int pressure_wait_decode(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
+                         uint32_t evictions, const char *why)
+{
+    return wait_decode(s, c, seqs, n, evictions, 0, why);
+}
+
+int pressure_wait_restore(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
+                          const char *why)
+{
+    return wait_decode(s, c, seqs, n, 0, 1, why);
 }
 
 /* Tries x's request again: 1 done (replied, success or an error other than lack of room),
@@ -400,6 +416,13 @@ static int retry(struct server *s, struct client *c, struct waiter *x)
             srv_reply_error(s, c, rc, "%s", q ? why : "the sequence is gone");
         else
             srv_reply(s, c, MSG_PREFILL_RESERVE, NULL);
+        return 1;
+    }
+    if (x->restore) { /* room for the parked ones now: the step starts again */
+        int fits = 0;
+        if (!make_room(s, c, x, &fits) || !fits)
+            return 0;
+        srv_decode(s, c, x->ids, x->n);
         return 1;
     }
     struct seq **seqs = malloc(sizeof(*seqs) * x->n);

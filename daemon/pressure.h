@@ -48,6 +48,10 @@ int pressure_wait_reserve(struct server *s, struct client *c, struct seq *q, uin
                           const char *why);
 int pressure_wait_decode(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
                          uint32_t evictions, const char *why);
+/* A decode step whose parked sequences do not fit back on the GPU: waits for that room (its
+ * retry starts the step again: srv_decode). */
+int pressure_wait_restore(struct server *s, struct client *c, struct seq *const *seqs, uint32_t n,
+                          const char *why);
 /* Retries the waiting requests in arrival order and refuses those whose time ran out (after
  * every job and every turn of the loop; cheap with none waiting). */
 void pressure_poll(struct server *s);

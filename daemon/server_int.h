@@ -217,6 +217,9 @@ void work_start_pressure(struct server *s, struct client *c, uint16_t type, stru
  * CAKE_EOOM, ... with *why (no reply). */
 int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,
                  const char **why);
+/* A decode step of c's sequences ids[n] (parked ones restored first): replied, waiting, or
+ * handed to a job. */
+void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n);
 void work_free(struct work *w);
 /* shard.c: a shard's scoring job completed (c: its client, if still there); a group's
  * phase 2 completed (replies to every rank). */

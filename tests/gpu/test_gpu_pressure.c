@@ -310,12 +310,27 @@ static void test_park(const char *sock, const struct harness *hp, const char *ps
         prefill(f, 4096);
     CHECK(!fails && cake_seq_parked(a) && cake_seq_reslices(a) == 0, "pressure=park: parked %d, "
           "re-sliced %u", cake_seq_parked(a), cake_seq_reslices(a));
-    if (f)
-        CHECK(cake_seq_close(f) == 0, "close");
-    CHECK(cake_seq_park(a, 0) == 0, "restore after the pressure: %s", cake_errstr(c));
-    same_as(a, before, nbefore, "parked by caked and restored");
+    /* a's next step needs its GPU room back while f holds it: f, idle now, is parked */
+    int rc2 = fails ? -1 : cake_decode_step(c, &a, 1);
+    CHECK(rc2 == 0 && !cake_seq_parked(a) && cake_seq_parked(f), "a's step under pressure=park: "
+          "%s (%s), a parked %d, f parked %d", cake_strerror(rc2), cake_errstr(c),
+          cake_seq_parked(a), cake_seq_parked(f));
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            uint32_t slot = cake_layer_tokens(a, l) - 1;
+            put(a, cake_key(a, l, g, slot), Ko[l][g][4096], ROW);
+            put(a, cake_value(a, l, g, slot), Vo[l][g][4096], ROW);
+        }
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            static uint32_t pos[NMAX];
+            uint32_t n = account(a, l, g, pos);
+            CHECK(n == nbefore[l][g] + 1 && !memcmp(pos, before[l][g], 4 * (n - 1)),
+                  "layer %d head %d: parked by caked, back by its step", l, g);
+        }
     cake_destroy(c);
-    printf("pressure=park: the idle GPU sequence parked (not re-sliced) and came back byte for byte\n");
+    printf("pressure=park: the idle GPU sequence parked (not re-sliced), and back for its next "
+           "step byte for byte by parking the other\n");
 }
 
 int main(void)
