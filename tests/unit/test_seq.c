@@ -47,13 +47,11 @@ static struct seq_open_args args(uint32_t L, uint32_t H, uint32_t Hkv, uint32_t 
     return a;
 }
 
-/* Opens, prefills with deterministic K/V and queries, decodes `steps`; returns a hash of
- * what every layer keeps. */
-static uint64_t run(struct fixture *f, struct seq *s, uint32_t steps)
+/* Reserves, fills with deterministic K/V and queries, and observes layer l. */
+static void prefill_layer(struct fixture *f, struct seq *s, uint32_t l)
 {
     const char *why = "";
-    size_t row = 64 * 2;
-    for (uint32_t l = 0; l < s->L; l++) {
+    {
         cr_assert_eq(seq_reserve(&f->env, s, l, &why), 0, "%s", why);
         for (uint32_t p = 0; p < s->layer[l].n_pages; p++) {
             uint16_t *pg = pool_ptr(&f->pool, s->layer[l].pages[p]);
@@ -72,6 +70,16 @@ static uint64_t run(struct fixture *f, struct seq *s, uint32_t steps)
         seq_prefill_commit(&f->env, s, &r);
         cr_assert_eq(s->pub[l].tokens, s->layer[l].tokens, "published at commit");
     }
+}
+
+/* Opens, prefills with deterministic K/V and queries, decodes `steps`; returns a hash of
+ * what every layer keeps. */
+static uint64_t run(struct fixture *f, struct seq *s, uint32_t steps)
+{
+    const char *why = "";
+    size_t row = 64 * 2;
+    for (uint32_t l = 0; l < s->L; l++)
+        prefill_layer(f, s, l);
     for (uint32_t st = 0; st < steps; st++) {
         cr_assert_eq(seq_decode_check(s, &why), 0, "%s", why);
         struct seq_result r = {0};
@@ -256,4 +264,109 @@ Test(metrics, latency_buckets_error_kinds_and_text)
         cr_assert_eq(strbuf_printf(&b, "line %d\n", i), 0);
     cr_assert(strstr(b.s, "line 9999\n") && b.len == strlen(b.s));
     free(b.s);
+}
+
+/* Pressure (seq.h's re-slicing): a prefilled sequence's budgets at a smaller total keep the
+ * floors and what each layer holds as bounds, add up to the total, follow the preferences;
+ * the re-slice job keeps a subset of each layer's tokens at exactly its budget plus the
+ * window and gives back at least the pages it said. During the prompt, the cascade's total
+ * comes down and every later layer is allocated from it. */
+static uint64_t kv_pages(const struct seq *s)
+{
+    uint64_t n = 0;
+    for (uint32_t l = 0; l < s->L; l++)
+        n += s->layer[l].n_pages;
+    return n;
+}
+
+Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
+{
+    struct fixture f;
+    setup(&f, 64u << 20);
+    struct seq_open_args a = args(6, 4, 2, 2000);
+    a.cfg.cache_size = 600;
+    struct seq *s;
+    const char *why = "";
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), 0, "%s", why);
+    run(&f, s, 0);
+    uint32_t L = s->L, w = s->cfg.window, mt = 24, fl = mt - w, held[6], before[6][2][2048], nb[6];
+    uint64_t want_room = 0, want_floor = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        held[l] = s->layer[l].tokens - w;
+        want_room += held[l], want_floor += held[l] < fl ? held[l] : fl;
+        for (uint32_t g = 0; g < 2; g++)
+            nb[l] = seq_positions(s, l, g, 0, 2048, before[l][g]);
+    }
+    uint64_t floor = 0, room = seq_reslice_room(s, mt, &floor);
+    cr_assert_eq(room, want_room);
+    cr_assert_eq(floor, want_floor);
+    cr_assert(seq_reslice_ok(s));
+    uint64_t total = floor + (room - floor) / 3;
+    uint32_t b[6];
+    seq_reslice_budgets(s, mt, total, b);
+    uint64_t sum = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        cr_assert_leq(b[l], held[l], "layer %u over what it holds", l);
+        cr_assert_geq(b[l], held[l] < fl ? held[l] : fl, "layer %u under its floor", l);
+        sum += b[l];
+    }
+    cr_assert_eq(sum, total, "the total exactly");
+    for (uint32_t i = 0; i < L; i++) /* capped water-filling by preference above the floors */
+        for (uint32_t j = 0; j < L; j++)
+            if (cakeseq_preference(s->cs, i) > cakeseq_preference(s->cs, j) && b[i] < held[i])
+                cr_assert_geq(b[i] - fl + 1, b[j] - fl, "layers %u and %u against preferences", i, j);
+    uint64_t said = seq_reslice_pages_freed(s, b), had = kv_pages(s);
+    cr_assert_gt(seq_reslice_commit(&f.env, s, total, b), 0);
+    cr_assert(s->rs_pending);
+    cr_assert_eq(s->reslices, 1);
+    struct seq_result r;
+    seq_reslice_work(&f.env, s, &r);
+    cr_assert_eq(r.rc, 0);
+    cr_assert(!s->rs_pending);
+    seq_trim_pages(&f.env, s);
+    cr_assert_geq(had - kv_pages(s), said, "gave back %llu pages, said %llu",
+                  (unsigned long long)(had - kv_pages(s)), (unsigned long long)said);
+    for (uint32_t l = 0; l < L; l++) {
+        cr_assert_eq(s->layer[l].tokens, b[l] + w, "layer %u", l);
+        cr_assert_eq(cakeseq_budget(s->cs, l), b[l]);
+        for (uint32_t g = 0; g < 2; g++) {
+            uint32_t now[2048], n = seq_positions(s, l, g, 0, 2048, now), k = 0;
+            cr_assert_eq(n, b[l] + w);
+            for (uint32_t i = 0; i < n; i++) { /* in order, and among what it held */
+                while (k < nb[l] && before[l][g][k] != now[i])
+                    k++;
+                cr_assert_lt(k, nb[l], "layer %u head %u: position %u was not kept", l, g, now[i]);
+            }
+            cr_assert_eq(memcmp(now + b[l], before[l][g] + nb[l] - w, 4 * w), 0, "the window");
+        }
+    }
+    seq_free(&f.env, s);
+
+    /* during the prompt: half the layers scored, then the total lowered */
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 2, 1, &s, &why), 0, "%s", why);
+    for (uint32_t l = 0; l < 3; l++)
+        prefill_layer(&f, s, l);
+    cr_assert(seq_reslice_ok(s));
+    room = seq_reslice_room(s, mt, &floor);
+    cr_assert_eq(room, (uint64_t)(600 - w) * L, "the whole model's total");
+    cr_assert_eq(floor, (uint64_t)fl * L);
+    total = room / 2;
+    seq_reslice_budgets(s, mt, total, b);
+    for (uint32_t l = 3; l < L; l++)
+        cr_assert_eq(b[l], UINT32_MAX, "layer %u is not scored yet", l);
+    cr_assert_eq(seq_reslice_commit(&f.env, s, total, b), room - total);
+    seq_reslice_work(&f.env, s, &r);
+    cr_assert_eq(r.rc, 0);
+    seq_trim_pages(&f.env, s);
+    for (uint32_t l = 0; l < 3; l++)
+        cr_assert_eq(s->layer[l].tokens, b[l] + w, "re-staged layer %u", l);
+    for (uint32_t l = 3; l < L; l++)
+        prefill_layer(&f, s, l);
+    sum = 0;
+    for (uint32_t l = 0; l < L; l++)
+        sum += cakeseq_budget(s->cs, l);
+    cr_assert_eq(sum, total, "every layer allocated from the lowered total");
+    seq_free(&f.env, s);
+    cr_assert_eq(f.pool.used, 0);
+    teardown(&f);
 }
