@@ -236,6 +236,26 @@ static void same_as(cake_seq *s, uint32_t (*want)[HKV][NMAX], uint32_t (*nwant)[
         }
 }
 
+/* After a decode step of a (prompt of 4096, prefilled, nothing evicted): the new token
+ * (position 4096) written into its slot, every layer holds what it held before the step
+ * and that token, byte for byte. */
+static void after_step(cake_seq *a, const char *what)
+{
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            uint32_t slot = cake_layer_tokens(a, l) - 1;
+            put(a, cake_key(a, l, g, slot), Ko[l][g][4096], ROW);
+            put(a, cake_value(a, l, g, slot), Vo[l][g][4096], ROW);
+        }
+    for (int l = 0; l < L && !fails; l++)
+        for (int g = 0; g < HKV; g++) {
+            static uint32_t pos[NMAX];
+            uint32_t n = account(a, l, g, pos);
+            CHECK(n == nbefore[l][g] + 1 && !memcmp(pos, before[l][g], 4 * (n - 1)),
+                  "%s: layer %d head %d", what, l, g);
+        }
+}
+
 /* Parking: on request (and back on request or by a decode step), and by caked under
  * pressure=park; every token comes back byte for byte, the GPU pages go and return. */
 static void test_park(const char *sock, const struct harness *hp, const char *psock)
@@ -268,19 +288,7 @@ static void test_park(const char *sock, const struct harness *hp, const char *ps
     rc = cake_decode_step(c, &a, 1); /* brings it back by itself */
     CHECK(rc == 0 && !cake_seq_parked(a), "decode of a parked sequence: %s (%s)", cake_strerror(rc),
           cake_errstr(c));
-    for (int l = 0; l < L && !fails; l++) /* the new token (position 4096) into its slot */
-        for (int g = 0; g < HKV; g++) {
-            uint32_t slot = cake_layer_tokens(a, l) - 1;
-            put(a, cake_key(a, l, g, slot), Ko[l][g][4096], ROW);
-            put(a, cake_value(a, l, g, slot), Vo[l][g][4096], ROW);
-        }
-    for (int l = 0; l < L && !fails; l++)
-        for (int g = 0; g < HKV; g++) {
-            static uint32_t pos[NMAX];
-            uint32_t n = account(a, l, g, pos);
-            CHECK(n == nbefore[l][g] + 1 && !memcmp(pos, before[l][g], 4 * (n - 1)),
-                  "layer %d head %d after the restoring step", l, g);
-        }
+    after_step(a, "after the restoring step");
     cake_seq *h = NULL;
     struct cake_layout lay = {.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 16,
                               .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
@@ -315,19 +323,7 @@ static void test_park(const char *sock, const struct harness *hp, const char *ps
     CHECK(rc2 == 0 && !cake_seq_parked(a) && cake_seq_parked(f), "a's step under pressure=park: "
           "%s (%s), a parked %d, f parked %d", cake_strerror(rc2), cake_errstr(c),
           cake_seq_parked(a), cake_seq_parked(f));
-    for (int l = 0; l < L && !fails; l++)
-        for (int g = 0; g < HKV; g++) {
-            uint32_t slot = cake_layer_tokens(a, l) - 1;
-            put(a, cake_key(a, l, g, slot), Ko[l][g][4096], ROW);
-            put(a, cake_value(a, l, g, slot), Vo[l][g][4096], ROW);
-        }
-    for (int l = 0; l < L && !fails; l++)
-        for (int g = 0; g < HKV; g++) {
-            static uint32_t pos[NMAX];
-            uint32_t n = account(a, l, g, pos);
-            CHECK(n == nbefore[l][g] + 1 && !memcmp(pos, before[l][g], 4 * (n - 1)),
-                  "layer %d head %d: parked by caked, back by its step", l, g);
-        }
+    after_step(a, "parked by caked, back by its step");
     cake_destroy(c);
     printf("pressure=park: the idle GPU sequence parked (not re-sliced), and back for its next "
            "step byte for byte by parking the other\n");
