@@ -3,10 +3,11 @@
  * over a real connection. Each input is a list of records [op][len lo][len hi][payload]:
  *   op % 4 == 0   the payload as raw bytes (the stream may go out of step: caked must close)
  *   op % 4 == 1   one frame: type from the payload's first two bytes, the rest its body
- *   op % 4 == 2   a request of type op / 4 % 15 + 1 with the payload as its protobuf body
+ *   op % 4 == 2   a request of type op / 4 % MSG_TYPE_MAX + 1 with the payload as its
+ *                 protobuf body
  *   op % 4 == 3   a well-formed request built from the payload (open, reserve, observe,
- *                 submit, decode, close, info, list, quota, status), on the sequences this
- *                 connection opened
+ *                 submit, decode, close, info, list, quota, positions, park, status), on the
+ *                 sequences this connection opened
  * after a HELLO as an engine. Each request waits for its reply (MAP frames and their fds
  * skipped). Then the connection closes and every page must come back to the pool. Built as
  * a libFuzzer binary with -DCAKE_FUZZ=ON (clang); its corpus is replayed as a test. */
@@ -171,7 +172,7 @@ static int structured(struct conn *c, const uint8_t *p, size_t n)
     int k = c->n_seqs < 8 ? c->n_seqs : 8;
     uint64_t id = k ? c->seqs[(c->n_seqs - 1 - (int)(u32(p, n, 1) % (uint32_t)k)) % 8] : u32(p, n, 1);
     uint32_t layer = u32(p, n, 2) % 5;
-    switch (u32(p, n, 0) % 10) {
+    switch (u32(p, n, 0) % 11) {
     case 0: {
         Cake__Policy pol = CAKE__POLICY__INIT;
         pol.mode = u32(p, n, 3) % 3, pol.cache_size = 8 + u32(p, n, 4) * 4;
@@ -227,6 +228,9 @@ static int structured(struct conn *c, const uint8_t *p, size_t n)
         m.tenant = (char *)"fuzz", m.has_weight = 1, m.weight = u32(p, n, 3);
         m.has_gpu_min = u32(p, n, 4) & 1, m.gpu_min_bytes = (uint64_t)u32(p, n, 5) << 10;
         m.has_gpu_max = u32(p, n, 6) & 1, m.gpu_max_bytes = (uint64_t)u32(p, n, 7) << 10;
+        static char *const modes[] = {"", "reslice", "park", "refuse", "default", "bogus"};
+        m.pressure = modes[u32(p, n, 8) % 6];
+        m.has_min_tokens = u32(p, n, 9) & 1, m.min_tokens = u32(p, n, 10);
         return send_msg(c, MSG_SET_QUOTA, &m.base) || await(c, MSG_SET_QUOTA);
     }
     case 8: {
@@ -235,6 +239,11 @@ static int structured(struct conn *c, const uint8_t *p, size_t n)
         m.from = u32(p, n, 4) % 3 ? u32(p, n, 5) % 64 : u32(p, n, 5);
         m.max = u32(p, n, 6) % 4 ? u32(p, n, 7) % 100 : u32(p, n, 7);
         return send_msg(c, MSG_POSITIONS, &m.base) || await(c, MSG_POSITIONS);
+    }
+    case 9: {
+        Cake__Park m = CAKE__PARK__INIT;
+        m.seq_id = id, m.restore = u32(p, n, 3) & 1;
+        return send_msg(c, MSG_PARK, &m.base) || await(c, MSG_PARK);
     }
     default: {
         uint16_t t = u32(p, n, 3) % 3 == 0 ? MSG_STATUS : u32(p, n, 3) % 3 == 1 ? MSG_TENANTS : MSG_PING;
@@ -280,7 +289,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    await(&c, 0);
             break;
         case 2:
-            dead = send_frame(&c, (uint16_t)(op / 4 % 15 + 1), p, len) || await(&c, 0);
+            dead = send_frame(&c, (uint16_t)(op / 4 % MSG_TYPE_MAX + 1), p, len) || await(&c, 0);
             break;
         default:
             dead = structured(&c, p, len);

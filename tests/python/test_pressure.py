@@ -226,6 +226,52 @@ class Pressure(unittest.TestCase):
                 for g in range(HKV):
                     self.assertTrue(set(got[g][:-1]) <= set(before[l][g]))
 
+    def test_an_engine_killed_while_it_waits_harms_no_one(self):
+        """An engine process waiting for room is SIGKILLed: its wait and its sequences go,
+        caked serves on, the sequence it waited on is untouched."""
+        rng = np.random.default_rng()
+        script = (
+            "import os, sys, numpy as np\n"
+            "sys.path.insert(0, %r)\n"
+            "from test_binding import caked\n"
+            "c = caked.Client(%r, service='svc')\n"
+            "f = c.open_sequence(3, 4, 2, 16, 8192, dtype='f32', policy='full', window=8)\n"
+            "z = np.zeros((2, 8192, 16), np.float32)\n"
+            "for l in range(3):\n"
+            "    print('reserving', l, flush=True)\n"
+            "    f.reserve(l)\n"
+            "    f.write_layer(l, z, z)\n"
+            "    f.observe(l)\n"
+            "print('done', flush=True)\n")
+        with Daemon("8M") as d, caked.Client(d.sock, service="svc") as ca:
+            a = ca.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3000, window=W,
+                                 max_new_tokens=4)
+            prefill(a, 4096, rng)
+            before = [held(a, l) for l in range(L)]
+            eng = subprocess.Popen([sys.executable, "-c", script % (os.path.dirname(__file__),
+                                                                      d.sock)],
+                                   stdout=subprocess.DEVNULL)
+            waiting = 0
+            for _ in range(300):  # until caked counts its request as waiting
+                waiting = d.metrics().get("caked_pressure_waiting", 0)
+                if waiting:
+                    break
+                time.sleep(0.02)
+            self.assertEqual(waiting, 1, "the engine's reserve waits for a's step")
+            eng.kill()
+            eng.wait(10)
+            for _ in range(300):
+                m = d.metrics()
+                if not m["caked_pressure_waiting"] and m["caked_sequences"] == 1:
+                    break
+                time.sleep(0.02)
+            self.assertEqual(m["caked_pressure_waiting"], 0, "the wait went with the engine")
+            self.assertEqual(m["caked_sequences"], 1, "its sequence went too")
+            self.assertEqual([held(a, l) for l in range(L)], before, "a is untouched by it")
+            a.decode_step()  # and caked serves on: a's step evicts to its lowered budgets
+            for l in range(L):
+                self.assertLessEqual(a.tokens(l), a.budget(l) + W + 1)
+
     def test_refuse_floors_and_the_wait_change_nothing(self):
         rng = np.random.default_rng()
         for args, why in ((["--pressure", "refuse"], "refuse"),
