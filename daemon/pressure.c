@@ -502,8 +502,3 @@ void pressure_forget(struct server *s, uint64_t client_id)
         }
     }
 }
-
-uint32_t pressure_waiting(const struct server *s)
-{
-    return s->n_waiting;
-}

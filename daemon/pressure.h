@@ -59,7 +59,5 @@ void pressure_poll(struct server *s);
 void pressure_forget(struct server *s, uint64_t client_id);
 /* A re-slice job completed (work.c): its sequences are committed. */
 void pressure_job_done(struct server *s, struct work *w);
-/* Requests waiting now. */
-uint32_t pressure_waiting(const struct server *s);
 
 #endif
