@@ -75,7 +75,8 @@ def main():
         lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(gold)), torch.tensor(gold)].sum()
         got = [float(r["logp"]) for r in a if r["row"] == "full" and r["sample"] == str(i)][0]
         assert abs(got - lp.item()) < 1e-3, (i, got, lp.item())
-    print("cake-eval: deterministic; the full policy through caked gives transformers' "
+    print("cake-eval: one process and two workers give the same numbers, --from-csv the same "
+          "table; the full policy through caked gives transformers' "
           "log-probabilities; every row holds its budget")
 
 
