@@ -267,6 +267,17 @@ int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, 
     return finish(c, e == cudaSuccess ? 0 : -EIO);
 }
 
+int gpuctx_copy_pages_d2d(struct gpuctx *c, uint8_t *base, const uint32_t *src, const uint32_t *dst,
+                          uint32_t n, uint64_t page_bytes)
+{
+    cudaError_t e = cudaSuccess;
+    for (uint32_t i = 0; i < n && e == cudaSuccess; i++)
+        if (src[i] != dst[i])
+            e = cudaMemcpyAsync(base + (uint64_t)dst[i] * page_bytes, base + (uint64_t)src[i] * page_bytes,
+                                page_bytes, cudaMemcpyDeviceToDevice, c->stream);
+    return finish(c, e == cudaSuccess ? 0 : -EIO);
+}
+
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
 {
     /* stream-ordered: freeing it later (gpuexec_dev_free, from any thread) never waits for

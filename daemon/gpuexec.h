@@ -87,6 +87,10 @@ int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t byt
  * context's stream, waited for. 0 or -EIO. */
 int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
                       const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host);
+/* Relocation: page src[i] to page dst[i] of one GPU pool (at base) for every i where they
+ * differ, page_bytes each; on the context's stream, waited for. 0 or -EIO. */
+int gpuctx_copy_pages_d2d(struct gpuctx *c, uint8_t *base, const uint32_t *src, const uint32_t *dst,
+                          uint32_t n, uint64_t page_bytes);
 /* Device memory for a sequence's prefill indicators, stream-ordered on this context;
  * gpuexec_dev_free (any thread, NULL ok) never waits for the device. */
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);

@@ -37,6 +37,12 @@ int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t byt
     (void)c, (void)dst_dev, (void)src, (void)bytes, (void)base, (void)seg_bytes;
     return -ENOTSUP;
 }
+int gpuctx_copy_pages_d2d(struct gpuctx *c, uint8_t *base, const uint32_t *src, const uint32_t *dst,
+                          uint32_t n, uint64_t page_bytes)
+{
+    (void)c, (void)base, (void)src, (void)dst, (void)n, (void)page_bytes;
+    return -ENOTSUP;
+}
 int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
                       const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host)
 {

@@ -324,6 +324,8 @@ static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage
         return;
     }
     one[0] = q;
+    if (!q->group) /* pages in segments drained for another tenant move in this job */
+        seq_reloc_prepare(&s->env, q);
     work_start(s, c, observe ? MSG_PREFILL_OBSERVE : MSG_PREFILL_SUBMIT, one, 1, layer, observe, pref);
 }
 
@@ -395,6 +397,10 @@ void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t 
         }
         need_evict = 1;
     }
+    /* pages in segments drained for another tenant (pressure.h) move inside this step's job */
+    for (size_t i = 0; i < n; i++)
+        if (!seqs[i]->moving && seq_reloc_prepare(&s->env, seqs[i]))
+            need_evict = 1;
     if (need_evict) {
         work_start(s, c, MSG_DECODE_STEP, seqs, (uint32_t)n, 0, 0, 0);
         return;

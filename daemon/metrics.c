@@ -158,6 +158,15 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "# TYPE caked_pressure_waiting gauge\ncaked_pressure_waiting %u\n",
       (unsigned long long)s->m.waits_granted, (unsigned long long)s->m.waits_refused,
       s->n_waiting);
+    P("# HELP caked_pages_drained_total Pool pages of segments drained from one tenant for "
+      "another under pressure.\n# TYPE caked_pages_drained_total counter\n"
+      "caked_pages_drained_total %llu\n"
+      "# HELP caked_pages_relocated_total K/V pages moved out of draining segments.\n"
+      "# TYPE caked_pages_relocated_total counter\ncaked_pages_relocated_total %llu\n",
+      (unsigned long long)s->m.pages_drained, (unsigned long long)s->m.pages_relocated);
+    rc |= tenant_series(s, c, b, "caked_tenant_drained_pages_total", "counter",
+                        "Pool pages of each tenant's segments drained for other tenants.",
+                        offsetof(struct tenant, drained));
     rc |= tenant_series(s, c, b, "caked_tenant_reslices_total", "counter",
                         "Sequences of each tenant re-sliced to make room.",
                         offsetof(struct tenant, reslices));

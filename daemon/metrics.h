@@ -32,6 +32,8 @@ struct metrics {
     uint64_t reslices, reslice_tokens;            /* sequences' budgets lowered; tokens given up */
     uint64_t evictions_reslice;                   /* layers compacted by re-slice jobs */
     uint64_t waits_granted, waits_refused;        /* requests that waited for room */
+    uint64_t pages_drained, pages_relocated;      /* segments' pages drained for another tenant;
+                                                     K/V pages moved out of them */
 };
 
 extern const double metrics_lat_bounds_s[METRICS_LAT_BUCKETS];

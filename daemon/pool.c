@@ -60,8 +60,9 @@ static int init_common(struct pool *p, uint64_t pages, uint64_t page_bytes, uint
     p->bitmap = calloc((pages + 63) / 64, sizeof(uint64_t));
     p->seg = calloc(p->n_segs, sizeof(*p->seg));
     p->owned_free = calloc(POOL_MAX_OWNERS + 1, sizeof(uint64_t));
+    p->promised_to = calloc(POOL_MAX_OWNERS + 1, sizeof(uint64_t));
     p->empty_pages = pages;
-    if (!p->bitmap || !p->seg || !p->owned_free) {
+    if (!p->bitmap || !p->seg || !p->owned_free || !p->promised_to) {
         *why = "out of memory for the page bitmap";
         return -ENOMEM;
     }
@@ -132,6 +133,7 @@ void pool_fini(struct pool *p)
     free(p->bitmap);
     free(p->seg);
     free(p->owned_free);
+    free(p->promised_to);
     memset(p, 0, sizeof(*p));
 }
 
@@ -219,10 +221,23 @@ static int fresh_memfd(struct pool *p, uint32_t i, const char **why)
     return 0;
 }
 
+/* An empty segment's promise (to g->drain) is withdrawn or kept. */
+static void unpromise(struct pool *p, uint32_t i)
+{
+    struct pool_seg *g = &p->seg[i];
+    uint64_t sp = pool_seg_pages(p, i);
+    CAKE_CHECK(g->drain && !g->used && p->promised >= sp && p->promised_to[g->drain] >= sp);
+    p->promised -= sp, p->promised_to[g->drain] -= sp;
+    g->drain = 0;
+}
+
 /* Gives segment i (empty) to owner, with fresh memory unless it already was owner's. */
 static int claim(struct pool *p, uint32_t i, uint32_t owner)
 {
     struct pool_seg *g = &p->seg[i];
+    CAKE_CHECK(!g->drain || g->drain == owner);
+    if (g->drain) /* promised to owner: it takes it now */
+        unpromise(p, i);
     int have = p->external ? g->gen != 0 : g->fd >= 0;
     if (g->owner == owner && have)
         return 0;
@@ -243,19 +258,28 @@ static int bit(const struct pool *p, uint32_t i)
     return (int)((p->bitmap[i / 64] >> (i % 64)) & 1);
 }
 
-/* Segment i's use changes by d pages: the counts pool_avail reads follow. */
+/* Segment i's use changes by d pages: the counts pool_avail reads follow. A draining
+ * segment's free pages are not its owner's; once empty it is promised to its beneficiary. */
 static void seg_use(struct pool *p, uint32_t i, int64_t d)
 {
     struct pool_seg *g = &p->seg[i];
     uint64_t sp = pool_seg_pages(p, i);
     uint64_t *of = &p->owned_free[g->owner];
+    CAKE_CHECK(!(g->used == 0 && g->drain)); /* a promised segment is claimed first */
     if (g->used == 0) /* was empty: now owned and in use */
         p->empty_pages -= sp, *of += sp;
     CAKE_CHECK((int64_t)g->used + d >= 0 && (int64_t)g->used + d <= (int64_t)sp && g->owner);
     g->used = (uint32_t)((int64_t)g->used + d);
-    *of -= (uint64_t)d; /* d > 0 takes free pages, d < 0 returns them */
-    if (g->used == 0)
-        p->empty_pages += sp, *of -= sp;
+    if (!g->drain)
+        *of -= (uint64_t)d; /* d > 0 takes free pages, d < 0 returns them */
+    if (g->used == 0) {
+        p->empty_pages += sp;
+        if (!g->drain)
+            *of -= sp;
+        else
+            p->promised += sp, p->promised_to[g->drain] += sp, p->draining--;
+        CAKE_CHECK(!g->pinned);
+    }
 }
 
 static void set_run(struct pool *p, uint32_t first, uint32_t n, int v)
@@ -294,7 +318,13 @@ static int64_t take_in(struct pool *p, uint32_t i)
 
 static int has_room(const struct pool *p, uint32_t i)
 {
-    return p->seg[i].used < pool_seg_pages(p, i);
+    return p->seg[i].used < pool_seg_pages(p, i) && !p->seg[i].drain;
+}
+
+/* May owner take empty segment i? Not one promised to another. */
+static int takeable(const struct pool *p, uint32_t i, uint32_t owner)
+{
+    return !p->seg[i].used && (!p->seg[i].drain || p->seg[i].drain == owner);
 }
 
 int64_t pool_alloc(struct pool *p, uint32_t owner)
@@ -309,19 +339,31 @@ int64_t pool_alloc(struct pool *p, uint32_t owner)
         if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i))
             return take_in(p, i);
     for (uint32_t i = 0; i < p->n_segs; i++) /* its own empty ones cost nothing */
-        if (p->seg[i].owner == owner && !p->seg[i].used)
+        if (p->seg[i].owner == owner && !p->seg[i].used && !p->seg[i].drain)
             return take_in(p, i);
     for (int pass = 0; pass < 2; pass++)
         for (uint32_t i = 0; i < p->n_segs; i++)
-            if (!p->seg[i].used && (pass || !p->seg[i].owner) && claim(p, i, owner) == 0)
+            if (takeable(p, i, owner) && (pass || !p->seg[i].owner) && claim(p, i, owner) == 0)
                 return take_in(p, i);
+    return -1;
+}
+
+int64_t pool_alloc_in(struct pool *p, uint32_t owner)
+{
+    if (!owner || owner > POOL_MAX_OWNERS || !p->owned_free[owner])
+        return -1;
+    if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && has_room(p, p->hint))
+        return take_in(p, p->hint);
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i))
+            return take_in(p, i);
     return -1;
 }
 
 /* Can owner's run use segment i? own: only its own segments. */
 static int usable(const struct pool *p, uint32_t i, uint32_t owner, int own)
 {
-    return p->seg[i].owner == owner || (!own && !p->seg[i].used);
+    return (p->seg[i].owner == owner && !p->seg[i].drain) || (!own && takeable(p, i, owner));
 }
 
 static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int own)
@@ -430,11 +472,83 @@ void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched)
 
 uint64_t pool_avail(const struct pool *p, uint32_t owner)
 {
-    return owner && owner <= POOL_MAX_OWNERS ? p->empty_pages + p->owned_free[owner] : 0;
+    if (!owner || owner > POOL_MAX_OWNERS)
+        return 0;
+    return p->empty_pages - p->promised + p->promised_to[owner] + p->owned_free[owner];
+}
+
+void pool_pin(struct pool *p, const uint32_t *pages, uint32_t n, int d)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        struct pool_seg *g = &p->seg[pool_seg_of(p, pages[i])];
+        CAKE_CHECK(d > 0 ? g->pinned < g->used : g->pinned > 0);
+        g->pinned += d > 0 ? 1u : (uint32_t)-1;
+    }
+}
+
+/* Marks segment i (in use) draining for `to`. */
+static void drain_seg(struct pool *p, uint32_t i, uint32_t to)
+{
+    struct pool_seg *g = &p->seg[i];
+    CAKE_CHECK(g->used && !g->drain && !g->pinned && g->owner != to);
+    p->owned_free[g->owner] -= pool_seg_pages(p, i) - g->used;
+    g->drain = to;
+    p->draining++;
+}
+
+uint64_t pool_drain(struct pool *p, uint32_t owner, uint32_t to, uint64_t want, uint64_t most,
+                    uint64_t *moving)
+{
+    uint64_t got = 0;
+    *moving = 0;
+    if (!owner || !to || owner == to || owner > POOL_MAX_OWNERS || to > POOL_MAX_OWNERS)
+        return 0;
+    while (got < want) { /* the emptiest of its segments that may drain, one at a time */
+        uint32_t best = UINT32_MAX;
+        for (uint32_t i = 0; i < p->n_segs; i++) {
+            const struct pool_seg *g = &p->seg[i];
+            if (g->owner == owner && g->used && !g->drain && !g->pinned &&
+                (best == UINT32_MAX || g->used < p->seg[best].used))
+                best = i;
+        }
+        if (best == UINT32_MAX || got + pool_seg_pages(p, best) > most)
+            break;
+        got += pool_seg_pages(p, best);
+        *moving += p->seg[best].used;
+        drain_seg(p, best, to);
+    }
+    return got;
+}
+
+void pool_undrain(struct pool *p, uint32_t to)
+{
+    for (uint32_t i = 0; i < p->n_segs; i++) {
+        struct pool_seg *g = &p->seg[i];
+        if (!g->drain || (to && g->drain != to))
+            continue;
+        if (g->used) {
+            p->owned_free[g->owner] += pool_seg_pages(p, i) - g->used;
+            g->drain = 0;
+            p->draining--;
+        } else {
+            unpromise(p, i);
+        }
+    }
+}
+
+uint64_t pool_owned_pages(const struct pool *p, uint32_t owner, uint64_t *used)
+{
+    uint64_t n = 0;
+    *used = 0;
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && p->seg[i].used && !p->seg[i].drain)
+            n += pool_seg_pages(p, i), *used += p->seg[i].used;
+    return n;
 }
 
 void pool_release_owner(struct pool *p, uint32_t owner)
 {
+    pool_undrain(p, owner); /* what was promised to it */
     for (uint32_t i = 0; i < p->n_segs; i++)
         if (p->seg[i].owner == owner && !p->seg[i].used) {
             p->seg[i].owner = 0; /* claim() sees memory of another: fresh memory first */

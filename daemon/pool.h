@@ -10,7 +10,15 @@
  *
  * Every segment lives at base + index * seg_bytes in the daemon's address space (and at the
  * same offset in each client's reservation), so a page is still `base + index * page_bytes`
- * and offsets mean the same in every process. Not thread-safe: the event loop thread owns
+ * and offsets mean the same in every process.
+ *
+ * Draining (cross-tenant pressure): a segment of one owner can be marked draining for
+ * another (the beneficiary): its owner gets no new page there, its free pages stop counting
+ * as the owner's, its pages in use are moved out by their sequences' next jobs, and once it
+ * is empty it is promised to the beneficiary (no one else may take it) until the
+ * beneficiary takes it or the promise is withdrawn (pool_undrain). Pages that cannot move
+ * (a sequence's descriptor and query rings: engines keep their addresses) are pinned
+ * (pool_pin), and a segment with a pinned page is never drained. Not thread-safe: the event loop thread owns
  * allocation; workers only touch pages of a sequence they were handed. */
 #ifndef CAKE_POOL_H
 #define CAKE_POOL_H
@@ -46,6 +54,8 @@ struct pool_seg {
     uint32_t gen;   /* bumped each time the segment gets fresh memory: clients remap on change */
     int fd;         /* host pools: its memfd, -1 before its first owner */
     uint32_t ext;   /* external pools: the callback's handle slot (free for its use) */
+    uint32_t pinned; /* pages in use that never move (pool_pin) */
+    uint32_t drain;  /* 0, or the owner it is drained for (see Draining above) */
 };
 
 struct pool {
@@ -60,7 +70,11 @@ struct pool {
     struct pool_seg *seg;
     uint32_t hint;    /* the segment the last allocation came from */
     uint64_t empty_pages;  /* pages of segments with none in use (anyone's to take) */
-    uint64_t *owned_free;  /* [owner]: free pages in the owner's segments that are in use */
+    uint64_t *owned_free;  /* [owner]: free pages in the owner's segments that are in use
+                              (not draining) */
+    uint64_t promised;     /* pages of empty segments promised to a beneficiary */
+    uint64_t *promised_to; /* [owner]: ... to that one */
+    uint32_t draining;     /* segments draining with pages still in use */
     int hugepages;
     uint64_t huge_bytes; /* the huge page size of the segments' memfds (hugepages) */
     int external;     /* base belongs to someone else (pool_init_external) */
@@ -90,6 +104,9 @@ void pool_set_ops(struct pool *p, const struct pool_ops *ops);
 
 /* One page for `owner` (1..POOL_MAX_OWNERS); returns its index or -1. */
 int64_t pool_alloc(struct pool *p, uint32_t owner);
+/* The same from owner's segments in use only (never an empty segment): where a draining
+ * segment's pages move. */
+int64_t pool_alloc_in(struct pool *p, uint32_t owner);
 /* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
@@ -110,6 +127,22 @@ void pool_window_drop(const struct pool *p, void *w, uint32_t n, int stitched);
 /* Pages owner could be given now: free pages of its segments and every empty segment
  * (constant time: kept as pages come and go). */
 uint64_t pool_avail(const struct pool *p, uint32_t owner);
+/* Pages pages[0..n) never move (+1) or may again (-1; before they are freed): a segment
+ * holding one is never drained. */
+void pool_pin(struct pool *p, const uint32_t *pages, uint32_t n, int d);
+/* Marks owner's segments draining for `to` (!= owner), those with the fewest pages in use
+ * first (none pinned or draining already), until they hold at least `want` pages, as long as
+ * their pages together hold at most `most`: returns the pages of the segments marked (0
+ * when none fits). Their pages in use (*moving) must then move to owner's other segments. */
+uint64_t pool_drain(struct pool *p, uint32_t owner, uint32_t to, uint64_t want, uint64_t most,
+                    uint64_t *moving);
+/* Withdraws every drain and promise made for `to` (0: for anyone). */
+void pool_undrain(struct pool *p, uint32_t to);
+/* Is page in a draining segment? */
+static inline int pool_page_draining(const struct pool *p, uint32_t page);
+/* Pages in owner's segments (in use, not draining), and of them in use: a tenant's footprint
+ * in segments (*used may be 0). */
+uint64_t pool_owned_pages(const struct pool *p, uint32_t owner, uint64_t *used);
 /* owner is gone: its segments (all empty) belong to no one; whoever takes one next gets it
  * with fresh memory. */
 void pool_release_owner(struct pool *p, uint32_t owner);
@@ -129,6 +162,11 @@ static inline uint32_t pool_free_pages(const struct pool *p)
 static inline uint32_t pool_seg_of(const struct pool *p, uint32_t page)
 {
     return page / p->seg_pages;
+}
+
+static inline int pool_page_draining(const struct pool *p, uint32_t page)
+{
+    return p->seg[page / p->seg_pages].drain != 0;
 }
 
 /* Pages in segment i (the last one may be short). */

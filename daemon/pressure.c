@@ -29,6 +29,7 @@ int pressure_mode_parse(const char *s)
 struct waiter {
     struct waiter *next;
     uint64_t client_id;
+    uint32_t tenant_id;      /* its client's: what other tenants drain for (plan_others) */
     uint16_t type;           /* MSG_SEQ_OPEN, MSG_PREFILL_RESERVE or MSG_DECODE_STEP */
     double t0, deadline;
     struct seq_open_args a;  /* open */
@@ -135,7 +136,7 @@ static uint64_t park_some(struct server *s, struct client *c, uint32_t dev, uint
         const char *why;
         if (seq_move_prepare(&s->env, cand[i], 1, &why))
             break; /* the host pool has no room either */
-        cand[i]->rs_expect = seq_kv_pages(cand[i]);
+        seq_expect(&s->env, cand[i], seq_kv_pages(cand[i]), 1);
         got += cand[i]->rs_expect;
         cand[nj++] = cand[i];
     }
@@ -148,32 +149,21 @@ static uint64_t park_some(struct server *s, struct client *c, uint32_t dev, uint
     return got;
 }
 
-/* Lowers the budgets of c's tenant's sequences in the pool so that they give back `short_`
- * pages more than re-slices already under way will: the sequences in c's call (the batch
- * ids, and with shrink_idle all of c's idle ones) first, then the others of the tenant, by
- * the same fraction of what each may give above its floors. Those in the call are
- * compacted by a re-slice job now. Returns 1 if the room is on its way, 0 if even the
- * floors would not make it (nothing is changed then). */
-static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint64_t short_,
-                const uint64_t *batch, uint32_t nb)
+/* Lowers the budgets of tenant t's sequences in the pool so that they give back `need`
+ * pages, by the same fraction of what each may give above its floors. With a client c (the
+ * requester, t its tenant) the sequences in c's call (the batch ids, and with shrink_idle
+ * all of c's idle ones) are cut first and compacted by a re-slice job now; without (another
+ * tenant giving room: none of its engines is in this call) every cut waits for the
+ * sequence's own next job. Returns 1 if the room is on its way, 0 if even the floors would
+ * not make it (nothing is changed then). */
+static int cut(struct server *s, struct client *c, struct tenant *t, int gpu, uint32_t dev,
+               uint64_t need, const uint64_t *batch, uint32_t nb)
 {
-    struct tenant *t = c->tenant;
-    uint64_t pending = 0;
     uint32_t n = 0, mt = min_tokens_of(s, t);
     for (uint32_t i = 0; i < s->n_slots; i++) {
         struct seq *q = s->slots[i].s;
-        if (q && q->tenant == t && in_pool(q, gpu, dev))
-            pending += q->rs_expect, n++;
+        n += q && q->tenant == t && in_pool(q, gpu, dev);
     }
-    if (pending >= short_)
-        return 1;
-    if (gpu && mode_of(s, t) == PRESSURE_PARK) { /* idle sequences to the host first */
-        pending += park_some(s, c, dev, short_ - pending, batch, nb);
-        if (pending >= short_)
-            return 1;
-    }
-    /* a page to spare per sequence of the tenant: what a step or a rounding may take back */
-    uint64_t need = short_ - pending + n;
     struct cand *cd = calloc(n + 1, sizeof(*cd));
     uint32_t *b = malloc(sizeof(uint32_t) * SEQ_MAX_LAYERS);
     if (!cd || !b) {
@@ -181,7 +171,7 @@ static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint6
         return 0;
     }
     uint32_t nc = 0;
-    for (uint32_t i = 0; i < s->n_slots; i++) {
+    for (uint32_t i = 0; i < s->n_slots && nc < n; i++) {
         struct seq *q = s->slots[i].s;
         if (!q || q->tenant != t || !in_pool(q, gpu, dev) || !seq_reslice_ok(q) || q->rs_pending)
             continue;
@@ -189,13 +179,15 @@ static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint6
         x.held = seq_reslice_room(q, mt, &x.floor);
         if (x.held <= x.floor)
             continue;
-        x.now = in_batch(q->id, batch, nb) || (q->owner == c->id && c->shrink_idle);
-        if (q->owner == c->id && !x.now)
-            continue; /* its engine waits in this call: its next step cannot come meanwhile */
+        if (c) {
+            x.now = in_batch(q->id, batch, nb) || (q->owner == c->id && c->shrink_idle);
+            if (q->owner == c->id && !x.now)
+                continue; /* its engine waits in this call: its next step cannot come meanwhile */
+        }
         cd[nc++] = x;
     }
     int ok = 0;
-    for (int now_only = 1; now_only >= 0 && !ok; now_only--) {
+    for (int now_only = c != NULL; now_only >= 0 && !ok; now_only--) {
         if (freed_at(cd, nc, 4096, mt, b, now_only) < need)
             continue;
         uint32_t lo = 1, hi = 4096; /* the least fraction that makes the room */
@@ -214,26 +206,138 @@ static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint6
             if ((now_only && !x->now) || !give)
                 continue;
             seq_reslice_budgets(x->q, mt, x->held - give, b);
-            x->q->rs_expect = seq_reslice_pages_freed(x->q, b);
+            seq_expect(&s->env, x->q, seq_reslice_pages_freed(x->q, b), x->q->gpu && !x->q->parked);
             uint64_t tokens = seq_reslice_commit(&s->env, x->q, x->held - give, b);
             t->reslices++, t->rs_tokens += tokens;
             s->m.reslices++, s->m.reslice_tokens += tokens;
             if (x->now && x->q->rs_pending)
                 job[nj++] = x->q;
         }
-        srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s lacks %llu pages (%llu coming): %u%% of what "
-                 "%u sequences may give, %u of them now", t->name, (unsigned long long)short_,
-                 (unsigned long long)pending, (unsigned)(lo * 100 / 4096), nc, nj);
-        if (!job) /* no memory for the job's list: the budgets wait for the next steps */
-            ok = 1;
-        else if (nj)
+        srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s gives %llu pages%s: %u%% of what %u "
+                 "sequences may give, %u of them now", t->name, (unsigned long long)need,
+                 c ? "" : " to another", (unsigned)(lo * 100 / 4096), nc, nj);
+        if (c && nj)
             work_start_pressure(s, c, MSG_RESLICE, job, nj);
         else
             free(job);
-        ok = 1;
+        ok = 1; /* without memory for the job's list the budgets wait for the next steps */
     }
     free(cd), free(b);
     return ok;
+}
+
+/* c's tenant lacks `short_` pages of the pool and its own sequences must give them: what
+ * re-slices under way will give counts, then parking (pressure=park), then a cut. */
+static int plan(struct server *s, struct client *c, int gpu, uint32_t dev, uint64_t short_,
+                const uint64_t *batch, uint32_t nb)
+{
+    struct tenant *t = c->tenant;
+    uint64_t pending = 0, n = 0;
+    for (uint32_t i = 0; i < s->n_slots; i++) {
+        struct seq *q = s->slots[i].s;
+        if (!q || q->tenant != t || !in_pool(q, gpu, dev))
+            continue;
+        n++;
+        /* c's own sequences outside this call cannot step while it waits */
+        if (q->owner != c->id || c->shrink_idle || in_batch(q->id, batch, nb))
+            pending += q->rs_expect;
+    }
+    if (pending >= short_)
+        return 1;
+    if (gpu && mode_of(s, t) == PRESSURE_PARK) { /* idle sequences to the host first */
+        pending += park_some(s, c, dev, short_ - pending, batch, nb);
+        if (pending >= short_)
+            return 1;
+    }
+    /* a page to spare per sequence of the tenant: what a step or a rounding may take back */
+    return cut(s, c, t, gpu, dev, short_ - pending + n, batch, nb);
+}
+
+/* Pages of the pool's segments drained for owner `to`: promised (empty) or still draining. */
+static uint64_t drained_for(const struct pool *p, uint32_t to)
+{
+    uint64_t n = p->promised_to[to];
+    for (uint32_t i = 0; p->draining && i < p->n_segs; i++)
+        if (p->seg[i].drain == to && p->seg[i].used)
+            n += pool_seg_pages(p, i);
+    return n;
+}
+
+/* c's tenant lacks `short_` pages of the pool although it is within its own share: other
+ * tenants give them, those holding more than their share (their cap: maximum or weighted
+ * share, at least their minimum) or free pages in their segments, each in proportion to
+ * what it holds beyond that. A donor's least used segments are drained for the requester
+ * (pool_drain: promised to it once empty) and its budgets lowered so that its sequences fit
+ * in its other segments, a page per sequence to spare; its sequences move and shrink at
+ * their own next jobs (never between their engine's calls). Returns the pages on their way
+ * (drained before, and now). */
+static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_t dev,
+                            uint64_t short_)
+{
+    struct pool *p = pool_of(s, gpu, dev);
+    struct tenant *t = c->tenant;
+    uint64_t coming = drained_for(p, t->id);
+    if (coming >= short_ || mode_of(s, t) == PRESSURE_REFUSE)
+        return coming;
+    uint64_t need = short_ - coming, total = 0, pb = p->page_bytes;
+    struct tenants *ts = &s->tenants;
+    uint64_t *give = calloc(ts->n + 1, sizeof(*give)), *excess = calloc(ts->n + 1, sizeof(*excess));
+    if (!give || !excess) {
+        free(give), free(excess);
+        return coming;
+    }
+    for (uint32_t k = 0; k < ts->n; k++) {
+        struct tenant *d = &ts->t[k];
+        if (!d->in_use || d == t)
+            continue;
+        uint64_t used, owned = pool_owned_pages(p, d->id, &used);
+        uint64_t cap = (gpu ? tenant_cap_gpu(ts, d, p->bytes) : tenant_cap(ts, d, p->bytes)) / pb;
+        excess[k] = used > cap ? used - cap : 0;
+        give[k] = owned - used + excess[k];
+        total += give[k];
+    }
+    for (uint32_t k = 0; k < ts->n && total; k++) {
+        struct tenant *d = &ts->t[k];
+        if (!give[k])
+            continue;
+        uint64_t want = (need * give[k] + total - 1) / total; /* its part, rounded up */
+        uint64_t used, owned = pool_owned_pages(p, d->id, &used), free_in = owned - used;
+        uint64_t nseq = 0, room = 0, fl;
+        for (uint32_t i = 0; i < s->n_slots; i++) {
+            struct seq *q = s->slots[i].s;
+            if (!q || q->tenant != d || !in_pool(q, gpu, dev))
+                continue;
+            nseq++;
+            if (seq_reslice_ok(q) && !q->rs_pending) { /* pages a cut could free at most */
+                uint32_t b[SEQ_MAX_LAYERS];
+                uint64_t h = seq_reslice_room(q, min_tokens_of(s, d), &fl);
+                if (h > fl) {
+                    seq_reslice_budgets(q, min_tokens_of(s, d), fl, b);
+                    room += seq_reslice_pages_freed(q, b);
+                }
+            }
+        }
+        uint64_t cut_max = mode_of(s, d) == PRESSURE_REFUSE ? 0 /* its budgets are its own */
+                           : excess[k] < room ? excess[k] : room;
+        if (free_in + cut_max <= nseq)
+            continue;
+        uint64_t moving, got = pool_drain(p, d->id, t->id, want, free_in + cut_max - nseq, &moving);
+        if (!got)
+            continue;
+        uint64_t cut_pages = got + nseq > free_in ? got + nseq - free_in : 0;
+        if (cut_pages && !cut(s, NULL, d, gpu, dev, cut_pages, NULL, 0)) {
+            pool_undrain(p, t->id); /* its floors would not make it after all */
+            break;
+        }
+        srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s lacks %llu pages: %llu drained from tenant "
+                 "%s (%llu pages to move, %llu given up)", t->name, (unsigned long long)need,
+                 (unsigned long long)got, d->name, (unsigned long long)moving,
+                 (unsigned long long)cut_pages);
+        d->drained += got, s->m.pages_drained += got;
+        coming += got;
+    }
+    free(give), free(excess);
+    return coming;
 }
 
 /* ---- re-slice jobs ---------------------------------------------------------------- */
@@ -248,7 +352,7 @@ void pressure_job_done(struct server *s, struct work *w)
         seq_trim_pages(&s->env, q);
         seq_publish(&s->env, q);
         if (!q->rs_pending || w->type == MSG_PARK)
-            q->rs_expect = 0;
+            seq_expect(&s->env, q, 0, 0);
         s->m.evictions_reslice += w->res[i].n_ev;
         s->m.tokens_evicted += w->res[i].evicted_tokens;
         if (q->orphaned)
@@ -268,7 +372,7 @@ static struct waiter *waiter_new(struct server *s, struct client *c, uint16_t ty
     struct waiter *x = calloc(1, sizeof(*x));
     if (!x)
         return NULL;
-    x->client_id = c->id, x->type = type;
+    x->client_id = c->id, x->tenant_id = c->tenant->id, x->type = type;
     x->t0 = srv_now_s(), x->deadline = x->t0 + s->cfg.pressure_wait_s;
     snprintf(x->why, sizeof x->why, "%s", why);
     return x;
@@ -323,6 +427,13 @@ static int make_room(struct server *s, struct client *c, const struct waiter *x,
         if (!sh)
             continue;
         all_fit = 0;
+        /* within its share, the pool is what binds: tenants beyond theirs give first */
+        if (!own) {
+            uint64_t others = plan_others(s, c, g, dev, sh);
+            if (others >= sh)
+                continue;
+            sh -= others;
+        }
         /* what the tenant's own sequences cannot give, others' endings may (pool-bound) */
         /* in this call: a decode step's sequences, a reserve's own (its earlier layers) */
         int one = x->type == MSG_PREFILL_RESERVE;
@@ -447,9 +558,29 @@ static int retry(struct server *s, struct client *c, struct waiter *x)
     return !rc;
 }
 
+/* Segments drained for a tenant none of whose requests waits any more go back to their
+ * owners (still in use) or to anyone (empty). */
+static void undrain_idle(struct server *s)
+{
+    for (uint32_t k = 0; k <= s->n_gpus; k++) {
+        struct pool *p = pool_of(s, k > 0, k ? k - 1 : 0);
+        for (uint32_t i = 0; (p->draining || p->promised) && i < p->n_segs; i++) {
+            uint32_t to = p->seg[i].drain;
+            struct waiter *x = s->waiters;
+            while (to && x && x->tenant_id != to)
+                x = x->next;
+            if (to && !x)
+                pool_undrain(p, to);
+        }
+    }
+}
+
 void pressure_poll(struct server *s)
 {
-    if (!s->waiters || s->polling)
+    if (s->polling)
+        return;
+    undrain_idle(s);
+    if (!s->waiters)
         return;
     /* a reply may read and dispatch the client's next requests (which may wait, or close
      * clients): the list is taken off first, and what still waits goes back ahead of
@@ -487,6 +618,7 @@ void pressure_poll(struct server *s)
     *kt = s->waiters;
     s->waiters = keep;
     s->polling = 0;
+    undrain_idle(s);
 }
 
 void pressure_forget(struct server *s, uint64_t client_id)

@@ -5,10 +5,12 @@
  * as before, only when even the floors (--min-tokens per layer) would not make the room,
  * when the wait runs out, or when the tenant's pressure mode is refuse.
  *
- * Whose sequences: the requesting tenant's own. Pages freed by another tenant stay in that
- * tenant's pool segments (pool.h: a segment changes owner only when empty), so cutting
- * other tenants would not give this one a page; their pages come back as their sequences
- * end, which a waiting request also waits for.
+ * Whose sequences: short of its own cap, the requesting tenant's own. Within its share but
+ * short of pool pages, other tenants' first: those beyond their share (or holding free pages
+ * in their segments) have their least used segments drained for the requester (pool.h) and
+ * their budgets lowered so that their sequences fit in their other segments; their pages
+ * move out at their own next jobs (seq_reloc_*), and each segment, once empty, is promised
+ * to the requester. Drains are withdrawn when the requester no longer waits.
  *
  * When a sequence is compacted: only while its engine is inside a call, so no engine reads
  * or writes a page while it moves (cake.h): sequences of the requesting decode step at

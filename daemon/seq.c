@@ -401,8 +401,12 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         *why = "no free GPU pool pages for the query rings";
         goto fail;
     }
-    if (s->gpu)
+    /* engines keep the addresses of these: their segments never drain (pool.h) */
+    pool_pin(e->pool, s->win_pages, s->win_n, 1);
+    if (s->gpu) {
+        pool_pin(GPOOL(e, s), s->ring_pg, (uint32_t)rp, 1);
         account_gpu(e, s, (int64_t)rp);
+    }
     account(e, s, s->win_n);
     tenant_charge_heap(t, (int64_t)s->heap_bytes);
     *e->heap_used += s->heap_bytes;
@@ -458,15 +462,18 @@ void seq_free(const struct seq_env *e, struct seq *s)
         free(s->layer[l].pos);
     }
     pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
+    pool_pin(e->pool, s->win_pages, s->win_n, -1);
     pool_free_list(e->pool, s->win_pages, s->win_n);
     account(e, s, -(int64_t)s->win_n);
     if (s->gpu) {
+        pool_pin(GPOOL(e, s), s->ring_pg, s->L * s->ring.pages, -1);
         pool_free_list(GPOOL(e, s), s->ring_pg, s->L * s->ring.pages);
         account_gpu(e, s, -(int64_t)s->L * s->ring.pages);
     }
     free(s->win_pages);
     free(s->ring_pg);
-    CAKE_CHECK(!s->moving); /* a move is committed (its pages given back) before a free */
+    CAKE_CHECK(!s->moving && !s->reloc); /* committed (pages given back) before a free */
+    seq_expect(e, s, 0, 0);
     free(s->mv);
     tenant_charge_heap(s->tenant, -(int64_t)s->heap_bytes);
     CAKE_CHECK(*e->heap_used >= s->heap_bytes);
@@ -1029,4 +1036,104 @@ void seq_move_commit(const struct seq_env *e, struct seq *s, const struct seq_re
     free(s->mv);
     s->mv = NULL;
     seq_publish(e, s);
+}
+
+void seq_expect(const struct seq_env *e, struct seq *s, uint64_t pages, int gpu)
+{
+    int64_t pb = (int64_t)e->pool->page_bytes;
+    if (s->rs_expect)
+        tenant_giving(s->tenant, s->rs_expect_gpu, -(int64_t)s->rs_expect * pb);
+    s->rs_expect = pages, s->rs_expect_gpu = gpu;
+    if (pages)
+        tenant_giving(s->tenant, gpu, (int64_t)pages * pb);
+}
+
+/* ---- relocation ---------------------------------------------------------------------- */
+
+uint32_t seq_reloc_prepare(const struct seq_env *e, struct seq *s)
+{
+    struct pool *p = kv_pool(e, s);
+    if (!p->draining || s->busy || s->moving || s->parked || s->reloc)
+        return 0;
+    uint32_t n = 0, full = 0;
+    for (uint32_t l = 0; l < s->next_reserve && !n; l++)
+        for (uint32_t i = 0; i < s->layer[l].n_pages && !n; i++)
+            n = pool_page_draining(p, s->layer[l].pages[i]);
+    if (!n || (!s->mv && !(s->mv = malloc(sizeof(uint32_t) * ((size_t)s->L * s->max_pages + 1)))))
+        return 0;
+    n = 0;
+    for (uint32_t l = 0; l < s->next_reserve; l++) {
+        const uint32_t *pg = s->layer[l].pages;
+        uint32_t *m = s->mv + (size_t)l * s->max_pages;
+        for (uint32_t i = 0; i < s->layer[l].n_pages; i++) {
+            int64_t to = -1;
+            if (!full && pool_page_draining(p, pg[i]) && (to = pool_alloc_in(p, s->tenant->id)) < 0)
+                full = 1; /* the rest at its next job, when eviction made room */
+            m[i] = to < 0 ? pg[i] : (uint32_t)to;
+            n += to >= 0;
+        }
+    }
+    if (!n) {
+        free(s->mv);
+        s->mv = NULL;
+        return 0;
+    }
+    account_kv(e, s, n); /* held by both until the commit */
+    s->reloc = 1;
+    return n;
+}
+
+void seq_reloc_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
+{
+    if (r->rc)
+        return;
+    struct pool *p = kv_pool(e, s);
+    uint64_t pb = p->page_bytes;
+    struct gpuctx *gc = s->gpu ? gpuexec_take(GEXEC(e, s)) : NULL;
+    for (uint32_t l = 0; l < s->next_reserve && !r->rc; l++) {
+        struct seq_layer *ly = &s->layer[l];
+        const uint32_t *m = s->mv + (size_t)l * s->max_pages;
+        uint32_t keep = (ly->tokens + s->tpp - 1) / s->tpp; /* the pages still in use */
+        keep = keep < ly->n_pages ? keep : ly->n_pages;
+        if (gc) {
+            r->rc = gpuctx_copy_pages_d2d(gc, p->base, ly->pages, m, keep, pb);
+        } else {
+            for (uint32_t i = 0; i < keep; i++)
+                if (m[i] != ly->pages[i])
+                    memcpy(pool_ptr(p, m[i]), pool_ptr(p, ly->pages[i]), pb);
+        }
+    }
+    if (gc)
+        gpuexec_put(GEXEC(e, s), gc);
+    if (r->rc)
+        return;
+    for (uint32_t l = 0; l < s->next_reserve; l++) { /* the layers name the new pages */
+        uint32_t *pg = s->layer[l].pages, *m = s->mv + (size_t)l * s->max_pages;
+        for (uint32_t i = 0; i < s->layer[l].n_pages; i++) {
+            uint32_t t = pg[i];
+            pg[i] = m[i], m[i] = t;
+        }
+    }
+    s->reloc = 2; /* moved */
+}
+
+uint64_t seq_reloc_commit(const struct seq_env *e, struct seq *s)
+{
+    if (!s->reloc)
+        return 0;
+    struct pool *p = kv_pool(e, s);
+    uint64_t n = 0;
+    for (uint32_t l = 0; l < s->next_reserve; l++) {
+        const uint32_t *pg = s->layer[l].pages, *m = s->mv + (size_t)l * s->max_pages;
+        for (uint32_t i = 0; i < s->layer[l].n_pages; i++)
+            if (m[i] != pg[i]) /* moved: the old page; not moved (a failure): the new one */
+                pool_free_run(p, m[i], 1), n++;
+    }
+    account_kv(e, s, -(int64_t)n);
+    n = s->reloc == 2 ? n : 0;
+    s->relocated += n;
+    s->reloc = 0;
+    free(s->mv);
+    s->mv = NULL;
+    return n;
 }

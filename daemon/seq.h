@@ -100,12 +100,18 @@ struct seq {
      * job that has the sequence (its decode step, or a re-slice job) - set by the loop,
      * cleared by that job's worker; the pages that eviction is expected to free (loop) */
     int rs_pending;
-    uint64_t rs_expect;
+    uint64_t rs_expect;      /* (seq_expect) */
+    int rs_expect_gpu;       /* ... in its GPU pool (else the host's) */
     /* parking (GPU sequences): while parked the layers' K/V pages are host pool pages (the
      * query rings stay in the GPU pool); while a job moves them (moving: 1 to the host, 2
      * back), mv holds the other pool's pages, [L][max_pages] like the layers' own */
     int parked, moving;
     uint32_t *mv;
+    /* relocation (cross-tenant pressure): mv holds, for each K/V page, the page it moves to
+     * (itself where it stays); set (1) by seq_reloc_prepare, 2 once the job moved them,
+     * until seq_reloc_commit */
+    int reloc;
+    uint64_t relocated;      /* pages moved out of draining segments, in all */
     uint32_t parks;          /* times parked */
     double t_used;           /* when a call last had it (the loop's clock: parking's order) */
     uint32_t reslices;       /* times its budgets were lowered */
@@ -235,6 +241,22 @@ int seq_layer_resliced(const struct seq *s, uint32_t l);
 int seq_move_prepare(const struct seq_env *e, struct seq *s, int park, const char **why);
 void seq_move_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
 void seq_move_commit(const struct seq_env *e, struct seq *s, const struct seq_result *r);
+/* Relocation: K/V pages in segments drained for another tenant (pool.h) move to the
+ * tenant's other segments, inside a job that has the sequence for its engine's call (its
+ * decode step or prefill layer): prepare (loop: new pages for as many of them as the
+ * tenant's segments in use have room, the lowest first - the ones a compaction keeps;
+ * returns how many, 0: nothing to do now), work (the job's worker, after its eviction:
+ * copies the pages the layer still uses and names the new ones; r->rc), commit (loop: the
+ * pages left behind go back - or on failure the new ones - and returns how many moved). */
+uint32_t seq_reloc_prepare(const struct seq_env *e, struct seq *s);
+void seq_reloc_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
+uint64_t seq_reloc_commit(const struct seq_env *e, struct seq *s); /* pages moved */
+
+/* The pages the sequence is now expected to give back (a re-slice's eviction, a park), in
+ * its GPU pool or the host's; 0 when they came or are no longer owed. Its tenant's
+ * admission counts them as given (tenant_giving). */
+void seq_expect(const struct seq_env *e, struct seq *s, uint64_t pages, int gpu);
+
 /* GPU pool pages a parked sequence's restore takes (its K/V pages). */
 uint64_t seq_kv_pages(const struct seq *s);
 

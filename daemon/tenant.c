@@ -156,17 +156,17 @@ static uint64_t weighted_share(const struct tenants *ts, const struct tenant *t,
 
 /* A tenant's holding in one kind of pool and its bounds there. */
 struct held {
-    uint64_t used, min, max;
+    uint64_t used, min, max, giving;
 };
 
 static struct held host_held(const struct tenant *t)
 {
-    return (struct held){t->used_bytes, t->min_bytes, t->max_bytes};
+    return (struct held){t->used_bytes, t->min_bytes, t->max_bytes, t->giving_bytes};
 }
 
 static struct held gpu_held(const struct tenant *t)
 {
-    return (struct held){t->gpu_used_bytes, t->gpu_min_bytes, t->gpu_max_bytes};
+    return (struct held){t->gpu_used_bytes, t->gpu_min_bytes, t->gpu_max_bytes, t->gpu_giving_bytes};
 }
 
 static uint64_t cap_of(const struct tenants *ts, const struct tenant *t, struct held h,
@@ -183,7 +183,9 @@ static uint64_t cap_of(const struct tenants *ts, const struct tenant *t, struct 
 static uint64_t room(const struct tenants *ts, const struct tenant *t, uint64_t free_bytes,
                      uint64_t pool_bytes, struct held (*of)(const struct tenant *), int *own_bound)
 {
-    uint64_t cap = cap_of(ts, t, of(t), pool_bytes), used = of(t).used;
+    struct held h = of(t);
+    uint64_t cap = cap_of(ts, t, h, pool_bytes);
+    uint64_t used = h.used - (h.giving < h.used ? h.giving : h.used); /* owed counts as given */
     uint64_t mine = used < cap ? cap - used : 0, reserved = 0;
     for (uint32_t i = 0; i < ts->n; i++) {
         struct held o = of(&ts->t[i]);
@@ -234,6 +236,11 @@ static void charge(uint64_t *held, int64_t bytes)
 {
     CAKE_CHECK(bytes >= 0 || *held >= (uint64_t)-bytes);
     *held += (uint64_t)bytes;
+}
+
+void tenant_giving(struct tenant *t, int gpu, int64_t bytes)
+{
+    charge(gpu ? &t->gpu_giving_bytes : &t->giving_bytes, bytes);
 }
 
 void tenant_charge(struct tenant *t, int64_t bytes) { charge(&t->used_bytes, bytes); }

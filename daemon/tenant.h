@@ -44,6 +44,10 @@ struct tenant {
     uint32_t min_tokens;
     uint64_t reslices, rs_tokens;        /* sequences re-sliced, layer tokens given up */
     uint64_t waits_granted, waits_refused; /* requests that waited for room, and the outcome */
+    uint64_t drained;     /* pool pages of its segments drained for other tenants */
+    /* pages its sequences were asked to give back (re-slices, parking) and have not yet
+     * (seq_expect): admission counts them as given, its cap binds what it keeps */
+    uint64_t giving_bytes, gpu_giving_bytes;
 };
 
 struct tenants {
@@ -87,7 +91,8 @@ void tenants_fini(struct tenants *ts);
  * minimum. */
 uint64_t tenant_cap(const struct tenants *ts, const struct tenant *t, uint64_t pool_bytes);
 /* Bytes t may take now with free_bytes free in the pool (gpu: in a GPU pool): admission
- * is bytes <= tenant_room. *own_bound: its cap (not the pool) is what limits it. */
+ * is bytes <= tenant_room. What its sequences owe (giving_bytes) counts as given: a tenant
+ * whose share shrank still steps while its cuts come in. *own_bound: its cap (not the pool) is what limits it. */
 uint64_t tenant_room(const struct tenants *ts, const struct tenant *t, int gpu, uint64_t free_bytes,
                      uint64_t pool_bytes, int *own_bound);
 /* 0 if t may take `bytes` more now with free_bytes free in the pool, else CAKE_EOOM. */
@@ -109,6 +114,8 @@ int tenant_name_ok(const char *name);
 void tenant_charge(struct tenant *t, int64_t bytes);
 void tenant_charge_gpu(struct tenant *t, int64_t bytes);
 void tenant_charge_heap(struct tenant *t, int64_t bytes);
+/* Bytes t's sequences have been asked to give back (> 0) or gave / no longer owe (< 0). */
+void tenant_giving(struct tenant *t, int gpu, int64_t bytes);
 /* A connection attached as t (engine: it maps the pool and counts toward fair shares), or
  * left (d = -1); a sequence opened or freed; a refusal for lack of memory. */
 void tenant_attach(struct tenant *t, int engine, int d);

@@ -44,6 +44,8 @@ static void work_run(struct job *j)
                 continue;
             if (!cancelled(q, &w->res[i]) && seq_decode_needs_evict(q))
                 seq_decode_evict_work(e, q, &w->res[i]);
+            if (q->reloc) /* after the eviction: only what stays moves */
+                seq_reloc_work(e, q, &w->res[i]);
         }
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
         if (!cancelled(w->seqs[0], &w->res[0]))
@@ -55,6 +57,10 @@ static void work_run(struct job *j)
     } else if (!cancelled(w->seqs[0], &w->res[0])) {
         seq_prefill_work(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
     }
+    if (w->type == MSG_PREFILL_OBSERVE || w->type == MSG_PREFILL_SUBMIT)
+        for (uint32_t i = 0; i < w->n; i++)
+            if (w->seqs[i]->reloc)
+                seq_reloc_work(e, w->seqs[i], &w->res[i]);
 }
 
 /* A job for the n sequences seqs (taken over: freed with the job), its results zeroed. */
@@ -121,13 +127,17 @@ static void work_done(struct job *j)
                 struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
                 seq_move_commit(&s->env, q, &mr);
             }
+            s->m.pages_relocated += seq_reloc_commit(&s->env, q);
             seq_trim_pages(&s->env, q);
             seq_publish(&s->env, q); /* even if the step's reserve is refused below */
             if (!q->rs_pending)
-                q->rs_expect = 0; /* a re-slice's room has come */
+                seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
             s->m.evictions_decode += r->n_ev;
         } else {
+            s->m.pages_relocated += seq_reloc_commit(&s->env, q);
             seq_prefill_commit(&s->env, q, r);
+            if (!q->rs_pending)
+                seq_expect(&s->env, q, 0, 0); /* its cascade re-selected at the lowered total */
             s->m.evictions_prefill += r->n_ev;
             memcpy(ev_layers, r->ev_layers, sizeof(uint32_t) * r->n_ev);
             n_ev = r->n_ev, pref = r->pref;

@@ -13,10 +13,15 @@
  *    layer holds its budget plus the window, bytes and account agree;
  *  - parking: a GPU sequence parked in the host pool gives its GPU pages back and shows
  *    none; restored (on request, or by its next decode step) it holds the same tokens byte
- *    for byte; under pressure=park caked parks the idle sequence instead of re-slicing it.
+ *    for byte; under pressure=park caked parks the idle sequence instead of re-slicing it;
+ *  - another tenant beyond its share gives room: a GPU prompt within its own share waits while
+ *    caked drains the other's least used GPU segment for it; the other's sequences shrink and
+ *    move (device to device) at their own decode steps, and every slot of both tenants holds
+ *    the bytes of the position caked names (cachectl's metrics count the pages moved).
  * Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -329,6 +334,131 @@ static void test_park(const char *sock, const struct harness *hp, const char *ps
            "step byte for byte by parking the other\n");
 }
 
+/* The small tenant's prompt, on its own thread: it waits for the big tenant's steps. */
+struct small_run {
+    const char *sock;
+    int rc, done;
+};
+
+static void *small_prompt(void *arg)
+{
+    struct small_run *r = arg;
+    cake_ctx *c = NULL;
+    if (cake_create(&c) || cake_set_service(c, "gsmall") || cake_connect(c, r->sock, 1)) {
+        r->rc = -1;
+        goto out;
+    }
+    cake_seq *f = open_seq(c, 1, 4096, 4096, 1);
+    for (int l = 0; l < L && f && !r->rc; l++) {
+        if ((r->rc = cake_prefill_reserve(f, l)))
+            break;
+        for (int g = 0; g < HKV; g++)
+            for (uint32_t t = 0; t < 4096; t++) {
+                put(f, cake_key(f, l, g, t), Ko[l][g][t], ROW);
+                put(f, cake_value(f, l, g, t), Vo[l][g][t], ROW);
+            }
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                put(f, cake_query_row(f, l, h, i), Q[l][h][i], ROW);
+        double pr;
+        r->rc = cake_prefill_observe(f, l, &pr);
+    }
+    static uint32_t pos[NMAX];
+    for (int l = 0; l < L && !r->rc; l++)
+        for (int g = 0; g < HKV; g++)
+            CHECK(account(f, l, g, pos) == 4096, "the small tenant's layer %d head %d", l, g);
+out:
+    if (r->rc)
+        fprintf(stderr, "small tenant: %s (%s)\n", cake_strerror(r->rc), c ? cake_errstr(c) : "");
+    cake_destroy(c);
+    __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* A metric of caked's (cachectl metrics), or -1. */
+static double metric(const char *sock, const char *name)
+{
+    const char *ctl = getenv("CACHECTL_BIN");
+    char cmd[1024], line[512];
+    double v = -1;
+    if (!ctl)
+        return -1;
+    snprintf(cmd, sizeof cmd, "%s --socket %s metrics", ctl, sock);
+    FILE *f = popen(cmd, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, name, strlen(name)) && line[strlen(name)] == ' ')
+            v = atof(line + strlen(name) + 1);
+    if (f)
+        pclose(f);
+    return v;
+}
+
+/* Three GPU sequences of "gbig" fill the pool alone; "gsmall" attaches (big's share halves)
+ * and prefills a full-cache prompt that fits only in a segment of big's. */
+static void test_cross_tenant(const char *sock)
+{
+    enum { NB = 3 };
+    cake_ctx *c = NULL;
+    CHECK(cake_create(&c) == 0 && cake_set_service(c, "gbig") == 0 && cake_connect(c, sock, 1) == 0,
+          "connect: %s", cake_errstr(c));
+    ctx_now = c;
+    cake_seq *a[NB] = {0};
+    static uint32_t bpos[NB][L][HKV][NMAX], nb[NB][L][HKV];
+    for (int i = 0; i < NB && !fails; i++) {
+        a[i] = open_seq(c, 1, 4096, 3800, 0);
+        if (fails)
+            break;
+        prefill(a[i], 4096);
+        for (int l = 0; l < L && !fails; l++)
+            for (int g = 0; g < HKV; g++)
+                nb[i][l][g] = account(a[i], l, g, bpos[i][l][g]);
+    }
+    struct small_run r = {.sock = sock};
+    pthread_t th;
+    int started = !fails && pthread_create(&th, NULL, small_prompt, &r) == 0;
+    CHECK(fails || started, "thread");
+    uint32_t rs = 0;
+    for (int k = 0; k < 300 && started && !rs; k++) {
+        for (int i = 0; i < NB; i++)
+            rs += cake_seq_reslices(a[i]);
+        if (!rs)
+            usleep(10000);
+    }
+    CHECK(!started || rs > 0, "the big tenant's budgets were not lowered");
+    CHECK(!started || !__atomic_load_n(&r.done, __ATOMIC_ACQUIRE), "the prompt did not wait");
+    int steps = 0;
+    for (; started && !fails && steps < 30 && !__atomic_load_n(&r.done, __ATOMIC_ACQUIRE); steps++)
+        for (int i = 0; i < NB && !fails; i++) {
+            int rc = cake_decode_step(c, &a[i], 1);
+            CHECK(rc == 0, "big's step %d: %s (%s)", steps, cake_strerror(rc), cake_errstr(c));
+            for (int l = 0; l < L && !rc; l++) /* the step's token: position 4096 + step */
+                for (int g = 0; g < HKV; g++) {
+                    uint32_t slot = cake_layer_tokens(a[i], l) - 1;
+                    put(a[i], cake_key(a[i], l, g, slot), Ko[l][g][4096 + steps], ROW);
+                    put(a[i], cake_value(a[i], l, g, slot), Vo[l][g][4096 + steps], ROW);
+                }
+        }
+    if (started)
+        pthread_join(th, NULL);
+    CHECK(!started || r.rc == 0, "the small tenant's prompt failed");
+    static uint32_t pos[NMAX];
+    for (int i = 0; i < NB && !fails; i++)
+        for (int l = 0; l < L && !fails; l++)
+            for (int g = 0; g < HKV; g++) {
+                uint32_t n = account(a[i], l, g, pos), m = 0; /* every slot's bytes */
+                while (m < n && pos[m] < 4096)
+                    m++;
+                CHECK(subset(pos, m, bpos[i][l][g], nb[i][l][g]), "big %d layer %d head %d: a "
+                      "token it had not kept", i, l, g);
+            }
+    double moved = metric(sock, "caked_pages_relocated_total");
+    CHECK(moved != 0, "no page was relocated (%.0f)", moved);
+    cake_destroy(c);
+    printf("cross-tenant: the small tenant's prompt completed after %d steps of the big one; "
+           "%.0f GPU pages moved device to device, every slot's bytes where caked says\n",
+           steps, moved);
+}
+
 int main(void)
 {
     rng = 777;
@@ -349,6 +479,17 @@ int main(void)
     if (harness_start(&g, gx) || harness_start(&h, hx) || harness_start(&p, px)) {
         fprintf(stderr, "FAIL: caked did not start\n");
         return 1;
+    }
+    struct harness x;
+    const char *xx[] = {"--gpu-pool", "32M", "--segment-size", "4M", NULL};
+    if (harness_start(&x, xx)) {
+        fprintf(stderr, "FAIL: caked did not start\n");
+        return 1;
+    }
+    test_cross_tenant(x.sock);
+    if (harness_stop(&x)) {
+        fprintf(stderr, "FAIL: caked did not stop cleanly\n");
+        fails++;
     }
     test_prefilled_gives_room(g.sock, h.sock);
     if (!fails)

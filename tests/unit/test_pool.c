@@ -164,3 +164,77 @@ Test(pool, allocator_matches_a_model)
     free(owned);
     pool_fini(&p);
 }
+
+/* pool_avail's answer from the segments themselves (the model pool.h describes). */
+static uint64_t avail_model(const struct pool *p, uint32_t owner)
+{
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < p->n_segs; i++) {
+        const struct pool_seg *g = &p->seg[i];
+        uint64_t sp = pool_seg_pages(p, i);
+        if (!g->used)
+            n += !g->drain || g->drain == owner ? sp : 0;
+        else if (g->owner == owner && !g->drain)
+            n += sp - g->used;
+    }
+    return n;
+}
+
+/* Draining a segment of owner 1 for owner 2: 1 gets no page there (nor counts its free
+ * ones), the segment never drains while a page of it is pinned, once empty it is 2's alone
+ * (3 cannot take it, 2 can, with fresh memory), and undraining gives everything back. */
+Test(pool, a_draining_segment_empties_for_its_beneficiary_alone)
+{
+    struct pool p;
+    const char *why;
+    cr_assert_eq(pool_init(&p, 16 * MB, 65536, 0, 0, &why), 0); /* 4 segments of 64 pages */
+    uint32_t a[64 * 3];
+    cr_assert_eq(pool_alloc_list(&p, 64 * 3, 1, 1, a), 0); /* owner 1 fills three segments */
+    /* free some pages: 40 in segment 0, 10 in segment 1, none in 2 */
+    pool_free_list(&p, a, 40);
+    pool_free_list(&p, a + 64, 10);
+    pool_pin(&p, a + 128, 1, 1); /* segment 2 holds a page that never moves */
+    cr_assert_eq(pool_avail(&p, 1), 40 + 10 + 64);
+    uint64_t moving;
+    cr_assert_eq(pool_drain(&p, 1, 2, 1, 10, &moving), 0, "a segment is more than `most`");
+    /* the emptiest first: segment 0 (24 in use), then 1; never 2 (pinned) */
+    cr_assert_eq(pool_drain(&p, 1, 2, 100, 1000, &moving), 128);
+    cr_assert_eq(moving, 24 + 54);
+    cr_assert_eq(p.seg[0].drain, 2);
+    cr_assert_eq(p.seg[1].drain, 2);
+    cr_assert_eq(p.seg[2].drain, 0);
+    cr_assert_eq(p.draining, 2);
+    for (uint32_t o = 1; o <= 3; o++)
+        cr_assert_eq(pool_avail(&p, o), avail_model(&p, o), "owner %u", o);
+    cr_assert_eq(pool_avail(&p, 1), 64, "1's free pages in draining segments are not its own");
+    cr_assert(pool_page_draining(&p, a[50]));
+    cr_assert(!pool_page_draining(&p, a[130]));
+    /* 1 allocates only outside them: the empty segment 3 */
+    int64_t x = pool_alloc(&p, 1);
+    cr_assert_eq(pool_seg_of(&p, (uint32_t)x), 3);
+    cr_assert_eq(pool_alloc_in(&p, 1), 3 * 64 + 1, "its segments in use: 3 now, never 0 or 1");
+    pool_free_run(&p, 3 * 64 + 1, 1);
+    /* 1's pages leave segment 0: empty, it is promised to 2 */
+    pool_free_list(&p, a + 40, 24);
+    cr_assert_eq(p.draining, 1);
+    cr_assert_eq(p.promised, 64);
+    for (uint32_t o = 1; o <= 3; o++)
+        cr_assert_eq(pool_avail(&p, o), avail_model(&p, o), "owner %u", o);
+    uint32_t b[64];
+    cr_assert_eq(pool_alloc_list(&p, 64, 3, 1, b), -1, "3 cannot take 2's promised segment");
+    uint32_t gen = p.seg[0].gen;
+    cr_assert_eq(pool_alloc_run(&p, 64, 2), 0, "2 takes it whole");
+    cr_assert_eq(p.seg[0].owner, 2);
+    cr_assert_gt(p.seg[0].gen, gen, "with fresh memory");
+    cr_assert_eq(p.seg[0].drain, 0);
+    cr_assert_eq(p.promised, 0);
+    /* withdrawn: segment 1 is 1's again, its free pages too */
+    pool_undrain(&p, 2);
+    cr_assert_eq(p.draining, 0);
+    cr_assert_eq(p.seg[1].drain, 0);
+    for (uint32_t o = 1; o <= 3; o++)
+        cr_assert_eq(pool_avail(&p, o), avail_model(&p, o), "owner %u", o);
+    cr_assert_eq(pool_avail(&p, 1), 10 + 63);
+    pool_pin(&p, a + 128, 1, -1);
+    pool_fini(&p);
+}
