@@ -57,7 +57,8 @@ static void fill(void)
     }
 }
 
-static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int full)
+static cake_seq *open_seq_new(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int full,
+                              uint32_t max_new)
 {
     struct cake_policy pol;
     cake_policy_default(&pol);
@@ -68,10 +69,15 @@ static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int 
                               .dtype = CAKE_BF16,
                               .placement = gpu ? CAKE_PLACE_GPU : CAKE_PLACE_HOST};
     cake_seq *s = NULL;
-    int rc = cake_seq_open(c, &lay, &pol, n, 4, &s);
+    int rc = cake_seq_open(c, &lay, &pol, n, max_new, &s);
     CHECK(rc == 0, "open (%s, n %u): %s (%s)", gpu ? "GPU" : "host", n, cake_strerror(rc),
           cake_errstr(c));
     return s;
+}
+
+static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int full)
+{
+    return open_seq_new(c, gpu, n, cache, full, 4);
 }
 
 static void prefill(cake_seq *s, uint32_t n)
@@ -405,7 +411,7 @@ static void test_cross_tenant(const char *sock)
     cake_seq *a[NB] = {0};
     static uint32_t bpos[NB][L][HKV][NMAX], nb[NB][L][HKV];
     for (int i = 0; i < NB && !fails; i++) {
-        a[i] = open_seq(c, 1, 4096, 3800, 0);
+        a[i] = open_seq_new(c, 1, 4096, 3800, 0, 64);
         if (fails)
             break;
         prefill(a[i], 4096);
@@ -427,7 +433,7 @@ static void test_cross_tenant(const char *sock)
     CHECK(!started || rs > 0, "the big tenant's budgets were not lowered");
     CHECK(!started || !__atomic_load_n(&r.done, __ATOMIC_ACQUIRE), "the prompt did not wait");
     int steps = 0;
-    for (; started && !fails && steps < 30 && !__atomic_load_n(&r.done, __ATOMIC_ACQUIRE); steps++)
+    for (; started && !fails && steps < 60 && !__atomic_load_n(&r.done, __ATOMIC_ACQUIRE); steps++)
         for (int i = 0; i < NB && !fails; i++) {
             int rc = cake_decode_step(c, &a[i], 1);
             CHECK(rc == 0, "big's step %d: %s (%s)", steps, cake_strerror(rc), cake_errstr(c));
