@@ -178,7 +178,13 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
                        uint32_t n, uint32_t layer, int observe, double pref)
 {
     struct work *w = work_new(s, seqs, n);
-    if (!w) {
+    if (!w) { /* what was prepared for the job goes back: a restore's pages, a relocation's */
+        struct seq_result undo = {.rc = -ECANCELED};
+        for (uint32_t i = 0; i < n; i++) {
+            if (seqs[i]->moving)
+                seq_move_commit(&s->env, seqs[i], &undo);
+            seq_reloc_commit(&s->env, seqs[i]);
+        }
         free(seqs);
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
