@@ -347,12 +347,7 @@ void pressure_job_done(struct server *s, struct work *w)
     for (uint32_t i = 0; i < w->n; i++) {
         struct seq *q = w->seqs[i];
         q->busy = 0;
-        if (w->type == MSG_PARK)
-            seq_move_commit(&s->env, q, &w->res[i]);
-        seq_trim_pages(&s->env, q);
-        seq_publish(&s->env, q);
-        if (!q->rs_pending || w->type == MSG_PARK)
-            seq_expect(&s->env, q, 0, 0);
+        work_commit_seq(s, q, &w->res[i], w->type == MSG_PARK);
         s->m.evictions_reslice += w->res[i].n_ev;
         s->m.tokens_evicted += w->res[i].evicted_tokens;
         if (q->orphaned)

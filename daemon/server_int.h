@@ -221,6 +221,10 @@ int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args 
  * handed to a job. */
 void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n);
 void work_free(struct work *w);
+/* After a job that evicted or moved q's pages (loop): a restore's or a park's move (r) and a
+ * relocation committed, the pages it emptied given back, the descriptor published, a
+ * re-slice's expected pages no longer owed once evicted (or always: settled). */
+void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r, int settled);
 /* shard.c: a shard's scoring job completed (c: its client, if still there); a group's
  * phase 2 completed (replies to every rank). */
 void shard_arrive(struct server *s, struct work *w, struct client *c);

@@ -123,15 +123,10 @@ static void work_done(struct job *j)
         if (w->type == MSG_PARK) {
             seq_move_commit(&s->env, q, r);
         } else if (w->type == MSG_DECODE_STEP) {
-            if (q->moving) { /* a restore: done when it is no longer parked */
-                struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
-                seq_move_commit(&s->env, q, &mr);
-            }
-            s->m.pages_relocated += seq_reloc_commit(&s->env, q);
-            seq_trim_pages(&s->env, q);
-            seq_publish(&s->env, q); /* even if the step's reserve is refused below */
-            if (!q->rs_pending)
-                seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
+            /* a restore is done when it is no longer parked; published even if the step's
+             * reserve is refused below */
+            struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
+            work_commit_seq(s, q, &mr, 0);
             s->m.evictions_decode += r->n_ev;
         } else {
             s->m.pages_relocated += seq_reloc_commit(&s->env, q);
@@ -172,6 +167,17 @@ static void work_done(struct job *j)
     }
     work_free(w);
     pressure_poll(s); /* pages may have come back */
+}
+
+void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r, int settled)
+{
+    if (q->moving)
+        seq_move_commit(&s->env, q, r);
+    s->m.pages_relocated += seq_reloc_commit(&s->env, q);
+    seq_trim_pages(&s->env, q);
+    seq_publish(&s->env, q);
+    if (!q->rs_pending || settled)
+        seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
 }
 
 void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
