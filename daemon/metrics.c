@@ -101,6 +101,11 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
     P("# HELP caked_pool_pages Pool pages by state.\n# TYPE caked_pool_pages gauge\n"
       "caked_pool_pages{state=\"used\"} %u\ncaked_pool_pages{state=\"free\"} %u\n", s->pool.used,
       pool_free_pages(&s->pool));
+    P("# HELP caked_pool_draining_segments Host pool segments draining for another tenant.\n"
+      "# TYPE caked_pool_draining_segments gauge\ncaked_pool_draining_segments %u\n"
+      "# HELP caked_pool_promised_pages Host pool pages of emptied segments promised to a "
+      "waiting tenant.\n# TYPE caked_pool_promised_pages gauge\ncaked_pool_promised_pages %llu\n",
+      s->pool.draining, (unsigned long long)s->pool.promised);
     uint64_t gbytes = 0;
     for (uint32_t i = 0; i < s->n_gpus; i++)
         gbytes += s->gpus[i].bytes;

@@ -10,7 +10,8 @@ pages do not fit waits while caked lowers the budgets of its tenant's running se
 - another client's sequence is re-sliced by its own next decode step, never between its
   calls (the waiting request completes right after that step);
 - another tenant holding more than its share gives room: its least used segments drain
-  for the requester, its sequences shrink and move at their own steps, byte for byte;
+  for the requester, its sequences shrink and move at their own steps, byte for byte; a
+  drain is withdrawn when its request stops waiting;
 - pressure=refuse, the floors (--min-tokens) and the wait's end refuse as before, and change
   nothing; another tenant within its share is never touched;
 - metrics and cachectl's listings count what happened.
@@ -82,6 +83,19 @@ def prefill(s, n, rng, layers=L):
 
 def held(s, l):
     return [list(s.kept_positions(l, g)) for g in range(HKV)]
+
+
+def fill_big(c, rng):
+    """Eight sequences of 4096 tokens kept at 3900 (~23 of a 32 MiB pool: all of it is the
+    tenant's share while it is alone); their data and kept positions."""
+    seqs, data, before = [], [], []
+    for _ in range(8):
+        a = c.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3900, window=W,
+                            max_new_tokens=64)
+        data.append(prefill(a, 4096, rng))
+        before.append([held(a, l) for l in range(L)])
+        seqs.append(a)
+    return seqs, data, before
 
 
 class Pressure(unittest.TestCase):
@@ -237,14 +251,7 @@ class Pressure(unittest.TestCase):
         segments that were the first tenant's (fresh memory)."""
         rng = np.random.default_rng()
         with Daemon("32M") as d, caked.Client(d.sock, service="big") as cb:
-            seqs, data, before, b0 = [], [], [], []
-            for _ in range(8):  # ~21 of 32 MiB: all of the pool is big's share while alone
-                a = cb.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3900, window=W,
-                                     max_new_tokens=64)
-                data.append(prefill(a, 4096, rng))
-                before.append([held(a, l) for l in range(L)])
-                b0.append([a.budget(l) for l in range(L)])
-                seqs.append(a)
+            seqs, data, before = fill_big(cb, rng)
             with caked.Client(d.sock, service="small") as cs:  # now big's share is half
                 f = cs.open_sequence(L, H, HKV, D, 12288, dtype="f32", policy="full", window=W)
                 done, err, fdata = threading.Event(), [], []
@@ -300,6 +307,34 @@ class Pressure(unittest.TestCase):
                     self.assertGreaterEqual(m['caked_pressure_waits_total{outcome="granted"}'], 1)
                 finally:  # a failure above must not close small's client under its thread
                     t.join(30)
+
+    def test_a_drain_is_withdrawn_when_its_request_stops_waiting(self):
+        """The tenant beyond its share never steps: the other's prompt is refused when its wait
+        runs out, and the drain made for it is withdrawn (no segment left draining or
+        promised); the first tenant's sequences still decode, their K/V where caked says."""
+        rng = np.random.default_rng()
+        with Daemon("32M", "--pressure-wait", "0.5") as d, \
+                caked.Client(d.sock, service="big") as cb:
+            seqs, data, before = fill_big(cb, rng)
+            with caked.Client(d.sock, service="small") as cs:
+                f = cs.open_sequence(L, H, HKV, D, 12288, dtype="f32", policy="full", window=W)
+                with self.assertRaises(caked.OutOfMemory) as cm:
+                    prefill(f, 12288, rng)
+                self.assertIn("waited", str(cm.exception))
+                m = d.metrics()
+                self.assertGreater(m["caked_pages_drained_total"], 0, "a drain was made")
+                self.assertEqual(m["caked_pool_draining_segments"], 0, "and withdrawn")
+                self.assertEqual(m["caked_pool_promised_pages"], 0)
+                self.assertEqual(m["caked_pages_relocated_total"], 0, "nothing moved meanwhile")
+                self.assertEqual([held(a, 0) for a in seqs], [x[0] for x in before])
+            for a, da in zip(seqs, data):  # big steps on: evicted to its lowered budgets
+                a.decode_step()
+                for l, (k, v, _) in enumerate(da):
+                    kk, _ = a.read_layer(l)
+                    for g, got in enumerate(held(a, l)):
+                        for i, p in enumerate(got):
+                            if p < 4096:
+                                np.testing.assert_array_equal(kk[g, i], k[g, p])
 
     def test_an_engine_killed_while_it_waits_harms_no_one(self):
         """An engine process waiting for room is SIGKILLed: its wait and its sequences go,
