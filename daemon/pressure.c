@@ -200,7 +200,7 @@ static int cut(struct server *s, struct client *c, struct tenant *t, int gpu, ui
         }
         struct seq **job = malloc(sizeof(*job) * (nc + 1));
         uint32_t nj = 0;
-        for (uint32_t i = 0; job && i < nc; i++) {
+        for (uint32_t i = 0; i < nc; i++) {
             struct cand *x = &cd[i];
             uint64_t give = (x->held - x->floor) * lo / 4096;
             if ((now_only && !x->now) || !give)
@@ -210,7 +210,7 @@ static int cut(struct server *s, struct client *c, struct tenant *t, int gpu, ui
             uint64_t tokens = seq_reslice_commit(&s->env, x->q, x->held - give, b);
             t->reslices++, t->rs_tokens += tokens;
             s->m.reslices++, s->m.reslice_tokens += tokens;
-            if (x->now && x->q->rs_pending)
+            if (job && x->now && x->q->rs_pending)
                 job[nj++] = x->q;
         }
         srv_logl(SRV_LOG_DEBUG, "pressure: tenant %s gives %llu pages%s: %u%% of what %u "
