@@ -80,13 +80,15 @@ static cake_seq *open_seq(cake_ctx *c, int gpu, uint32_t n, uint32_t cache, int 
     return open_seq_new(c, gpu, n, cache, full, 4);
 }
 
-static void prefill(cake_seq *s, uint32_t n)
+/* Reserves, writes and observes every layer of s (n tokens of Ko/Vo, the queries Q):
+ * 0 or the first failing call's code, with which layer and call in *what. */
+static int prefill_rc(cake_seq *s, uint32_t n, int *layer, const char **what)
 {
-    for (int l = 0; l < L && !fails; l++) {
+    for (int l = 0; l < L; l++) {
+        *layer = l, *what = "reserve";
         int rc = cake_prefill_reserve(s, l);
-        CHECK(rc == 0, "reserve %d: %s (%s)", l, cake_strerror(rc), cake_errstr(ctx_now));
         if (rc)
-            return;
+            return rc;
         for (int g = 0; g < HKV; g++) { /* each head's rows are one run of slots per page */
             for (uint32_t t = 0; t < n; t++) {
                 put(s, cake_key(s, l, g, t), Ko[l][g][t], ROW);
@@ -97,9 +99,19 @@ static void prefill(cake_seq *s, uint32_t n)
             for (int i = 0; i < W; i++)
                 put(s, cake_query_row(s, l, h, i), Q[l][h][i], ROW);
         double p;
-        rc = cake_prefill_observe(s, l, &p);
-        CHECK(rc == 0, "observe %d: %s (%s)", l, cake_strerror(rc), cake_errstr(ctx_now));
+        *what = "observe";
+        if ((rc = cake_prefill_observe(s, l, &p)))
+            return rc;
     }
+    return 0;
+}
+
+static void prefill(cake_seq *s, uint32_t n)
+{
+    int l;
+    const char *what;
+    int rc = fails ? 0 : prefill_rc(s, n, &l, &what);
+    CHECK(rc == 0, "%s %d: %s (%s)", what, l, cake_strerror(rc), cake_errstr(ctx_now));
 }
 
 /* caked's account of layer l, head g (pos[tokens]) checked against the bytes of every slot. */
@@ -355,20 +367,9 @@ static void *small_prompt(void *arg)
         goto out;
     }
     cake_seq *f = open_seq(c, 1, 4096, 4096, 1);
-    for (int l = 0; l < L && f && !r->rc; l++) {
-        if ((r->rc = cake_prefill_reserve(f, l)))
-            break;
-        for (int g = 0; g < HKV; g++)
-            for (uint32_t t = 0; t < 4096; t++) {
-                put(f, cake_key(f, l, g, t), Ko[l][g][t], ROW);
-                put(f, cake_value(f, l, g, t), Vo[l][g][t], ROW);
-            }
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < W; i++)
-                put(f, cake_query_row(f, l, h, i), Q[l][h][i], ROW);
-        double pr;
-        r->rc = cake_prefill_observe(f, l, &pr);
-    }
+    int layer;
+    const char *what;
+    r->rc = f ? prefill_rc(f, 4096, &layer, &what) : -1;
     static uint32_t pos[NMAX];
     for (int l = 0; l < L && !r->rc; l++)
         for (int g = 0; g < HKV; g++)
