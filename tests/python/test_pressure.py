@@ -11,7 +11,7 @@ pages do not fit waits while caked lowers the budgets of its tenant's running se
   calls (the waiting request completes right after that step);
 - another tenant holding more than its share gives room: its least used segments drain
   for the requester, its sequences shrink and move at their own steps, byte for byte; a
-  drain is withdrawn when its request stops waiting;
+  drain is withdrawn when its request stops waiting; a tenant in refuse mode is not cut;
 - pressure=refuse, the floors (--min-tokens) and the wait's end refuse as before, and change
   nothing; another tenant within its share is never touched;
 - metrics and cachectl's listings count what happened.
@@ -335,6 +335,25 @@ class Pressure(unittest.TestCase):
                         for i, p in enumerate(got):
                             if p < 4096:
                                 np.testing.assert_array_equal(kk[g, i], k[g, p])
+
+    def test_a_tenant_in_refuse_mode_keeps_its_budgets(self):
+        """pressure=refuse for the tenant beyond its share: its budgets are its own, so the
+        other's prompt (which only a cut could make room for) is refused when its wait runs
+        out, and nothing of the first tenant was lowered."""
+        rng = np.random.default_rng()
+        with Daemon("32M", "--pressure-wait", "0.5") as d, \
+                caked.Client(d.sock, service="big") as cb:
+            seqs, _, before = fill_big(cb, rng)
+            b0 = [[a.budget(l) for l in range(L)] for a in seqs]
+            d.cachectl("quota", "big", "--pressure", "refuse")
+            with caked.Client(d.sock, service="small") as cs:
+                f = cs.open_sequence(L, H, HKV, D, 12288, dtype="f32", policy="full", window=W)
+                with self.assertRaises(caked.OutOfMemory):
+                    prefill(f, 12288, rng)
+            self.assertEqual([a.reslices() for a in seqs], [0] * len(seqs))
+            self.assertEqual([[a.budget(l) for l in range(L)] for a in seqs], b0)
+            self.assertEqual([held(a, 0) for a in seqs], [x[0] for x in before])
+            self.assertEqual(d.metrics()["caked_pool_draining_segments"], 0)
 
     def test_an_engine_killed_while_it_waits_harms_no_one(self):
         """An engine process waiting for room is SIGKILLed: its wait and its sequences go,
