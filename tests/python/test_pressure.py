@@ -85,14 +85,18 @@ def held(s, l):
     return [list(s.kept_positions(l, g)) for g in range(HKV)]
 
 
+BIG = 8192  # fill_big's prompts
+
+
 def fill_big(c, rng):
-    """Eight sequences of 4096 tokens kept at 3900 (~23 of a 32 MiB pool: all of it is the
-    tenant's share while it is alone); their data and kept positions."""
+    """Four sequences of 8192 tokens kept at 7800 (~23 of a 32 MiB pool of 4 MiB segments:
+    all of it is the tenant's share while it is alone; their descriptors, which never move,
+    sit in at most four of its six segments); their data and kept positions."""
     seqs, data, before = [], [], []
-    for _ in range(8):
-        a = c.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3900, window=W,
+    for _ in range(4):
+        a = c.open_sequence(L, H, HKV, D, BIG, dtype="f32", cache_size=7800, window=W,
                             max_new_tokens=64)
-        data.append(prefill(a, 4096, rng))
+        data.append(prefill(a, BIG, rng))
         before.append([held(a, l) for l in range(L)])
         seqs.append(a)
     return seqs, data, before
@@ -290,7 +294,7 @@ class Pressure(unittest.TestCase):
                             self.assertLessEqual(a.tokens(l), a.budget(l) + W + steps)
                             kk, vv = a.read_layer(l)
                             for g, got in enumerate(held(a, l)):
-                                P = [p for p in got if p < 4096]  # the prompt's (decoded: unwritten)
+                                P = [p for p in got if p < BIG]  # the prompt's (decoded: unwritten)
                                 self.assertTrue(set(P) <= set(bf[l][g]), "a re-slice keeps a subset")
                                 for i, p in enumerate(P):  # moved pages hold the same K/V
                                     np.testing.assert_array_equal(kk[g, i], k[g, p])
@@ -333,7 +337,7 @@ class Pressure(unittest.TestCase):
                     kk, _ = a.read_layer(l)
                     for g, got in enumerate(held(a, l)):
                         for i, p in enumerate(got):
-                            if p < 4096:
+                            if p < BIG:
                                 np.testing.assert_array_equal(kk[g, i], k[g, p])
 
     def test_a_tenant_in_refuse_mode_keeps_its_budgets(self):
