@@ -56,7 +56,9 @@ static struct pool *pool_of(struct server *s, int gpu, uint32_t dev)
     return gpu ? &s->gpus[dev].pages : &s->pool;
 }
 
-/* Pages tenant t lacks for `need` more pages in that pool (0: it fits now). */
+/* Pages tenant t lacks for `need` more pages in that pool (0: it fits now). Bound by its
+ * own cap, what it holds beyond the cap (its share shrank as others came) is lacking too:
+ * one cut gives it all, not a page per request. */
 static uint64_t shortfall(struct server *s, const struct tenant *t, int gpu, uint32_t dev,
                           uint64_t need, int *own_bound)
 {
@@ -64,6 +66,13 @@ static uint64_t shortfall(struct server *s, const struct tenant *t, int gpu, uin
     uint64_t pb = p->page_bytes;
     uint64_t room = tenant_room(&s->tenants, t, gpu, pool_avail(p, t->id) * pb, p->bytes, own_bound);
     uint64_t want = need * pb;
+    if (*own_bound && want > room) {
+        uint64_t cap = gpu ? tenant_cap_gpu(&s->tenants, t, p->bytes) : tenant_cap(&s->tenants, t, p->bytes);
+        uint64_t used = gpu ? t->gpu_used_bytes : t->used_bytes;
+        uint64_t giving = gpu ? t->gpu_giving_bytes : t->giving_bytes;
+        used = used > giving ? used - giving : 0;
+        want += used > cap ? used - cap : 0;
+    }
     return want > room ? (want - room + pb - 1) / pb : 0;
 }
 
@@ -334,6 +343,7 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
                  (unsigned long long)got, d->name, (unsigned long long)moving,
                  (unsigned long long)cut_pages);
         d->drained += got, s->m.pages_drained += got;
+        t->drain_until = srv_now_s() + s->cfg.pressure_wait_s;
         coming += got;
     }
     free(give), free(excess);
@@ -553,10 +563,12 @@ static int retry(struct server *s, struct client *c, struct waiter *x)
     return !rc;
 }
 
-/* Segments drained for a tenant none of whose requests waits any more go back to their
- * owners (still in use) or to anyone (empty). */
+/* Segments drained for a tenant none of whose requests waits any more, and none for a
+ * --pressure-wait since the drain (a prompt's next layer asks soon after the last), go
+ * back to their owners (still in use) or to anyone (empty). */
 static void undrain_idle(struct server *s)
 {
+    double now = -1;
     for (uint32_t k = 0; k <= s->n_gpus; k++) {
         struct pool *p = pool_of(s, k > 0, k ? k - 1 : 0);
         for (uint32_t i = 0; (p->draining || p->promised) && i < p->n_segs; i++) {
@@ -564,7 +576,12 @@ static void undrain_idle(struct server *s)
             struct waiter *x = s->waiters;
             while (to && x && x->tenant_id != to)
                 x = x->next;
-            if (to && !x)
+            if (!to || x)
+                continue;
+            if (now < 0)
+                now = srv_now_s();
+            const struct tenant *t = to <= s->tenants.n ? &s->tenants.t[to - 1] : NULL;
+            if (!t || !t->in_use || now >= t->drain_until)
                 pool_undrain(p, to);
         }
     }

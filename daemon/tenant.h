@@ -45,6 +45,7 @@ struct tenant {
     uint64_t reslices, rs_tokens;        /* sequences re-sliced, layer tokens given up */
     uint64_t waits_granted, waits_refused; /* requests that waited for room, and the outcome */
     uint64_t drained;     /* pool pages of its segments drained for other tenants */
+    double drain_until;   /* segments drained for it are kept until then (pressure.c) */
     /* pages its sequences were asked to give back (re-slices, parking) and have not yet
      * (seq_expect): admission counts them as given, its cap binds what it keeps */
     uint64_t giving_bytes, gpu_giving_bytes;

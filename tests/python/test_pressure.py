@@ -95,7 +95,7 @@ def fill_big(c, rng):
     seqs, data, before = [], [], []
     for _ in range(4):
         a = c.open_sequence(L, H, HKV, D, BIG, dtype="f32", cache_size=7800, window=W,
-                            max_new_tokens=64)
+                            max_new_tokens=1024)
         data.append(prefill(a, BIG, rng))
         before.append([held(a, l) for l in range(L)])
         seqs.append(a)
@@ -277,11 +277,14 @@ class Pressure(unittest.TestCase):
                     self.assertFalse(done.is_set(), "the prompt waits for big's steps")
                     self.assertEqual([held(a, 0) for a in seqs], [x[0] for x in before],
                                      "nothing moved between big's calls")
-                    steps = 0
-                    while not done.is_set() and steps < 40:  # big's engine keeps decoding
+                    steps, t_end = 0, time.monotonic() + 60
+                    # big's engine keeps decoding (at its pace: the prompt's later layers may
+                    # need more of big's segments, drained after its earlier steps)
+                    while not done.is_set() and time.monotonic() < t_end and steps < 1000:
                         for a in seqs:
                             a.decode_step()
                         steps += 1
+                        time.sleep(0.01)
                     self.assertTrue(done.wait(10), "the prompt completes")
                     t.join()
                     self.assertEqual(err, [])
