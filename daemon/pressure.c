@@ -290,11 +290,11 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
         return coming;
     uint64_t need = short_ - coming, total = 0, pb = p->page_bytes;
     struct tenants *ts = &s->tenants;
-    uint64_t *give = calloc(ts->n + 1, sizeof(*give)), *excess = calloc(ts->n + 1, sizeof(*excess));
-    if (!give || !excess) {
-        free(give), free(excess);
+    /* per tenant slot: what it may give, of it beyond its cap, and its free pages */
+    uint64_t *give = calloc(3 * ((size_t)ts->n + 1), sizeof(*give));
+    if (!give)
         return coming;
-    }
+    uint64_t *excess = give + ts->n + 1, *free_of = excess + ts->n + 1;
     for (uint32_t k = 0; k < ts->n; k++) {
         struct tenant *d = &ts->t[k];
         if (!d->in_use || d == t)
@@ -302,7 +302,8 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
         uint64_t used, owned = pool_owned_pages(p, d->id, &used);
         uint64_t cap = (gpu ? tenant_cap_gpu(ts, d, p->bytes) : tenant_cap(ts, d, p->bytes)) / pb;
         excess[k] = used > cap ? used - cap : 0;
-        give[k] = owned - used + excess[k];
+        free_of[k] = owned - used;
+        give[k] = free_of[k] + excess[k];
         total += give[k];
     }
     for (uint32_t k = 0; k < ts->n && total; k++) {
@@ -310,8 +311,7 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
         if (!give[k])
             continue;
         uint64_t want = (need * give[k] + total - 1) / total; /* its part, rounded up */
-        uint64_t used, owned = pool_owned_pages(p, d->id, &used), free_in = owned - used;
-        uint64_t nseq = 0, room = 0, fl;
+        uint64_t free_in = free_of[k], nseq = 0, room = 0, fl;
         for (uint32_t i = 0; i < s->n_slots; i++) {
             struct seq *q = s->slots[i].s;
             if (!q || q->tenant != d || !in_pool(q, gpu, dev))
@@ -346,7 +346,7 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
         t->drain_until = srv_now_s() + s->cfg.pressure_wait_s;
         coming += got;
     }
-    free(give), free(excess);
+    free(give);
     return coming;
 }
 

@@ -1131,7 +1131,6 @@ uint64_t seq_reloc_commit(const struct seq_env *e, struct seq *s)
     }
     account_kv(e, s, -(int64_t)n);
     n = s->reloc == 2 ? n : 0;
-    s->relocated += n;
     s->reloc = 0;
     free(s->mv);
     s->mv = NULL;

@@ -111,7 +111,6 @@ struct seq {
      * (itself where it stays); set (1) by seq_reloc_prepare, 2 once the job moved them,
      * until seq_reloc_commit */
     int reloc;
-    uint64_t relocated;      /* pages moved out of draining segments, in all */
     uint32_t parks;          /* times parked */
     double t_used;           /* when a call last had it (the loop's clock: parking's order) */
     uint32_t reslices;       /* times its budgets were lowered */
