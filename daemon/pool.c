@@ -327,17 +327,53 @@ static int takeable(const struct pool *p, uint32_t i, uint32_t owner)
     return !p->seg[i].used && (!p->seg[i].drain || p->seg[i].drain == owner);
 }
 
-int64_t pool_alloc(struct pool *p, uint32_t owner)
+/* Placement of pinned pages (those that never move, pool_pin) and of pages that move: the
+ * fewer segments hold a pinned page, the more of a tenant can drain for another (Draining,
+ * pool.h). Pinned pages crowd the segments that already hold one, then take an empty
+ * segment rather than one whose pages move; pages that move keep out of segments holding
+ * pinned pages, except for what is beyond a reserve (an eighth of the segment) kept for the
+ * next pinned pages, rather than take another segment: a tenant with one sequence still
+ * fits in one segment. In the end (no empty segment left) each takes what is left: no page
+ * is ever refused for its placement. */
+#define PIN_RESERVE(p) ((p)->seg_pages / 8)
+
+/* From which pass may a page of this kind go to owner's segment i (in use)? 0 first, 1 next;
+ * empty segments are pass 2; 3 last. */
+static int fit(const struct pool *p, uint32_t i, int pinned)
+{
+    const struct pool_seg *g = &p->seg[i];
+    if (pinned) /* rather an empty segment than one whose pages move */
+        return g->pinned ? 0 : 3;
+    if (!g->pinned)
+        return 0;
+    return pool_seg_pages(p, i) - g->used > PIN_RESERVE(p) ? 1 : 3;
+}
+
+/* A free page of owner's segments in use that fit the kind at `pass`, or -1. */
+static int64_t take_own(struct pool *p, uint32_t owner, int pinned, int pass)
+{
+    if (!p->owned_free[owner])
+        return -1;
+    if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && p->seg[p->hint].used &&
+        has_room(p, p->hint) && fit(p, p->hint, pinned) <= pass)
+        return take_in(p, p->hint);
+    for (uint32_t i = 0; i < p->n_segs; i++)
+        if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i) &&
+            fit(p, i, pinned) <= pass)
+            return take_in(p, i);
+    return -1;
+}
+
+static int64_t alloc1(struct pool *p, uint32_t owner, int pinned)
 {
     if (!owner || owner > POOL_MAX_OWNERS || p->used == p->pages)
         return -1;
-    if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && has_room(p, p->hint))
-        return take_in(p, p->hint);
-    /* its own segments in use first, then one never given out, then an empty one (its
-     * own, or another owner's, which gets fresh memory) */
-    for (uint32_t i = 0; p->owned_free[owner] && i < p->n_segs; i++)
-        if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i))
-            return take_in(p, i);
+    /* its own segments in use by fit (passes 0 and 1), then one of its own empty ones, then
+     * one never given out, then another owner's empty one (which gets fresh memory), and
+     * last whatever is left in its own (pass 3) */
+    int64_t pg;
+    if ((pg = take_own(p, owner, pinned, 0)) >= 0 || (pg = take_own(p, owner, pinned, 1)) >= 0)
+        return pg;
     for (uint32_t i = 0; i < p->n_segs; i++) /* its own empty ones cost nothing */
         if (p->seg[i].owner == owner && !p->seg[i].used && !p->seg[i].drain)
             return take_in(p, i);
@@ -345,32 +381,39 @@ int64_t pool_alloc(struct pool *p, uint32_t owner)
         for (uint32_t i = 0; i < p->n_segs; i++)
             if (takeable(p, i, owner) && (pass || !p->seg[i].owner) && claim(p, i, owner) == 0)
                 return take_in(p, i);
-    return -1;
+    return take_own(p, owner, pinned, 3);
+}
+
+int64_t pool_alloc(struct pool *p, uint32_t owner)
+{
+    return alloc1(p, owner, 0);
 }
 
 int64_t pool_alloc_in(struct pool *p, uint32_t owner)
 {
-    if (!owner || owner > POOL_MAX_OWNERS || !p->owned_free[owner])
+    if (!owner || owner > POOL_MAX_OWNERS)
         return -1;
-    if (p->hint < p->n_segs && p->seg[p->hint].owner == owner && has_room(p, p->hint))
-        return take_in(p, p->hint);
-    for (uint32_t i = 0; i < p->n_segs; i++)
-        if (p->seg[i].owner == owner && p->seg[i].used && has_room(p, i))
-            return take_in(p, i);
-    return -1;
+    int64_t pg = take_own(p, owner, 0, 0);
+    return pg >= 0 ? pg : take_own(p, owner, 0, 3);
 }
 
-/* Can owner's run use segment i? own: only its own segments. */
-static int usable(const struct pool *p, uint32_t i, uint32_t owner, int own)
+/* Can owner's run use segment i in pass `mode` (0-3)? The passes of alloc1: its own in use
+ * by fit, empty ones (its own or ones it may take) from 2. */
+static int usable(const struct pool *p, uint32_t i, uint32_t owner, int mode, int pinned)
 {
-    return (p->seg[i].owner == owner && !p->seg[i].drain) || (!own && takeable(p, i, owner));
+    const struct pool_seg *g = &p->seg[i];
+    if (g->owner == owner && !g->drain && g->used)
+        return mode >= fit(p, i, pinned);
+    if (g->owner == owner && !g->drain)
+        return mode >= 2;
+    return mode >= 2 && takeable(p, i, owner);
 }
 
-static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int own)
+static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int mode, int pinned)
 {
     uint32_t run = 0;
     for (uint32_t i = 0; i < p->pages; i++) {
-        if (!(i % p->seg_pages) && !usable(p, i / p->seg_pages, owner, own)) {
+        if (!(i % p->seg_pages) && !usable(p, i / p->seg_pages, owner, mode, pinned)) {
             run = 0;
             i += p->seg_pages - 1;
             continue;
@@ -387,14 +430,14 @@ static int64_t find_run(struct pool *p, uint32_t n, uint32_t owner, int own)
     return -1;
 }
 
-int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner)
+static int64_t alloc_run(struct pool *p, uint32_t n, uint32_t owner, int pinned)
 {
     if (!owner || owner > POOL_MAX_OWNERS || n == 0 || n > p->pages - p->used)
         return -1;
     if (n == 1)
-        return pool_alloc(p, owner);
-    for (int own = 1; own >= 0; own--) {
-        int64_t first = find_run(p, n, owner, own);
+        return alloc1(p, owner, pinned);
+    for (int mode = 0; mode <= 3; mode++) {
+        int64_t first = find_run(p, n, owner, mode, pinned);
         if (first < 0)
             continue;
         uint32_t s0 = pool_seg_of(p, (uint32_t)first), s1 = pool_seg_of(p, (uint32_t)first + n - 1);
@@ -410,6 +453,11 @@ int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner)
     return -1;
 }
 
+int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner)
+{
+    return alloc_run(p, n, owner, 0);
+}
+
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
 {
     set_run(p, first, n, 0);
@@ -420,9 +468,10 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n)
      * punched out when it changes owner. */
 }
 
-int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int scatter, uint32_t *out)
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int flags, uint32_t *out)
 {
-    int64_t first = pool_alloc_run(p, n, owner);
+    int pinned = !!(flags & POOL_PINNED), scatter = !!(flags & POOL_SCATTER);
+    int64_t first = alloc_run(p, n, owner, pinned);
     if (first >= 0) {
         for (uint32_t i = 0; i < n; i++)
             out[i] = (uint32_t)first + i;
@@ -432,7 +481,7 @@ int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int scatter, uin
         n > pool_avail(p, owner))
         return -1;
     for (uint32_t i = 0; i < n; i++) {
-        int64_t pg = pool_alloc(p, owner);
+        int64_t pg = alloc1(p, owner, pinned);
         if (pg < 0) {
             pool_free_list(p, out, i);
             return -1;

@@ -110,11 +110,16 @@ int64_t pool_alloc_in(struct pool *p, uint32_t owner);
 /* n contiguous pages for owner (they may span several of its segments); the first index or -1. */
 int64_t pool_alloc_run(struct pool *p, uint32_t n, uint32_t owner);
 void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
-/* n pages for owner: one run if there is one, else (scatter) any free pages it may have
- * (all or nothing) into out[n]. 0 or -1. Pages need not be contiguous: a structure that
+#define POOL_SCATTER 1 /* pool_alloc_list: any free pages if there is no run */
+#define POOL_PINNED 2  /* pool_alloc_list: pages that will be pinned (pool_pin), placed with
+                          the owner's other pinned pages */
+/* n pages for owner: one run if there is one, else (flags & POOL_SCATTER) any free pages it
+ * may have (all or nothing) into out[n]. 0 or -1. Pages that move (the default) keep out of
+ * segments holding pinned pages while there is room elsewhere, and pinned pages crowd into
+ * them: the fewer segments a pinned page holds, the more of a tenant can drain. Pages need not be contiguous: a structure that
  * wants to read as one range maps them side by side (pool_window); the GPU pool's are
  * reached through page tables. */
-int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int scatter, uint32_t *out);
+int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int flags, uint32_t *out);
 void pool_free_list(struct pool *p, const uint32_t *pages, uint32_t n);
 /* Can pool_window map scattered pages (a host pool whose pages map one by one)? Not
  * huge-page segments with pages smaller than a huge page: a window then needs one run. */

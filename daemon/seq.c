@@ -383,7 +383,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     /* no contiguous run needed: the window maps scattered pages side by side (except in
      * huge-page segments with smaller pages, where it must be one run) */
     int scatter = pool_can_window(e->pool);
-    if (pool_alloc_list(e->pool, s->win_n, t->id, scatter, s->win_pages)) {
+    if (pool_alloc_list(e->pool, s->win_n, t->id, POOL_PINNED | (scatter ? POOL_SCATTER : 0),
+                        s->win_pages)) {
         *why = scatter ? "no free pages for the sequence descriptor and scratch area"
                        : "no contiguous run of pages for the sequence descriptor and scratch "
                          "area (huge-page segments with pages smaller than a huge page)";
@@ -395,7 +396,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
         rc = -ENOMEM;
         goto fail;
     }
-    if (s->gpu && pool_alloc_list(GPOOL(e, s), (uint32_t)rp, t->id, 1, s->ring_pg)) {
+    if (s->gpu &&
+        pool_alloc_list(GPOOL(e, s), (uint32_t)rp, t->id, POOL_PINNED | POOL_SCATTER, s->ring_pg)) {
         pool_window_drop(e->pool, s->win, s->win_n, s->win_stitched);
         pool_free_list(e->pool, s->win_pages, s->win_n);
         *why = "no free GPU pool pages for the query rings";
@@ -976,7 +978,7 @@ int seq_move_prepare(const struct seq_env *e, struct seq *s, int park, const cha
     }
     for (uint32_t l = 0; l < s->L; l++) {
         uint32_t *m = s->mv + (size_t)l * s->max_pages;
-        if (pool_alloc_list(to, s->layer[l].n_pages, s->tenant->id, 1, m)) {
+        if (pool_alloc_list(to, s->layer[l].n_pages, s->tenant->id, POOL_SCATTER, m)) {
             for (uint32_t k = 0; k < l; k++)
                 pool_free_list(to, s->mv + (size_t)k * s->max_pages, s->layer[k].n_pages);
             *why = park ? "no free host pool pages to park it" : "no free GPU pool pages to restore it";

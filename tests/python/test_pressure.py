@@ -88,15 +88,16 @@ def held(s, l):
 BIG = 8192  # fill_big's prompts
 
 
-def fill_big(c, rng):
-    """Four sequences of 8192 tokens kept at 7800 (~23 of a 32 MiB pool of 4 MiB segments:
-    all of it is the tenant's share while it is alone; their descriptors, which never move,
-    sit in at most four of its six segments); their data and kept positions."""
+def fill_big(c, rng, n=4, tokens=BIG):
+    """n sequences of `tokens` tokens kept at 95% (four of 8192: ~23 of a 32 MiB pool of 4 MiB
+    segments, all of it the tenant's share while it is alone); their data and kept positions.
+    Their descriptors never move: caked places them together (pool.h), so eight sequences of
+    4096 leave as many segments free to drain as four of 8192."""
     seqs, data, before = [], [], []
-    for _ in range(4):
-        a = c.open_sequence(L, H, HKV, D, BIG, dtype="f32", cache_size=7800, window=W,
-                            max_new_tokens=1024)
-        data.append(prefill(a, BIG, rng))
+    for _ in range(n):
+        a = c.open_sequence(L, H, HKV, D, tokens, dtype="f32", cache_size=tokens * 95 // 100,
+                            window=W, max_new_tokens=1024)
+        data.append(prefill(a, tokens, rng))
         before.append([held(a, l) for l in range(L)])
         seqs.append(a)
     return seqs, data, before
@@ -322,7 +323,7 @@ class Pressure(unittest.TestCase):
         rng = np.random.default_rng()
         with Daemon("32M", "--pressure-wait", "0.5") as d, \
                 caked.Client(d.sock, service="big") as cb:
-            seqs, data, before = fill_big(cb, rng)
+            seqs, data, before = fill_big(cb, rng, 8, BIG // 2)  # eight descriptors
             with caked.Client(d.sock, service="small") as cs:
                 f = cs.open_sequence(L, H, HKV, D, 12288, dtype="f32", policy="full", window=W)
                 with self.assertRaises(caked.OutOfMemory) as cm:
@@ -340,7 +341,7 @@ class Pressure(unittest.TestCase):
                     kk, _ = a.read_layer(l)
                     for g, got in enumerate(held(a, l)):
                         for i, p in enumerate(got):
-                            if p < BIG:
+                            if p < BIG // 2:
                                 np.testing.assert_array_equal(kk[g, i], k[g, p])
 
     def test_a_tenant_in_refuse_mode_keeps_its_budgets(self):

@@ -112,11 +112,16 @@ Test(pool, allocator_matches_a_model)
     cr_assert_eq(p.seg_pages, 256);
     uint8_t *owned = calloc(N, 1);
     uint32_t used = 0;
-    struct { uint32_t first, n, owner; } runs[4096];
+    struct { uint32_t first, n, owner; int pinned; } runs[4096];
     uint32_t nr = 0;
     for (int step = 0; step < 20000; step++) {
         if (nr && (tu_below(2) || nr == 4096)) {
             uint32_t i = tu_below(nr);
+            if (runs[i].pinned)
+                for (uint32_t k = 0; k < runs[i].n; k++) {
+                    uint32_t pg = runs[i].first + k;
+                    pool_pin(&p, &pg, 1, -1);
+                }
             pool_free_run(&p, runs[i].first, runs[i].n);
             for (uint32_t k = 0; k < runs[i].n; k++)
                 owned[runs[i].first + k] = 0;
@@ -124,7 +129,11 @@ Test(pool, allocator_matches_a_model)
             runs[i] = runs[--nr];
         } else {
             uint32_t n = 1 + tu_below(tu_below(4) ? 3 : 40), who = 1 + tu_below(3);
-            int64_t f = pool_alloc_run(&p, n, who);
+            int pinned = !tu_below(4);
+            uint32_t list[40];
+            int64_t f = !pinned ? pool_alloc_run(&p, n, who) /* placed with pinned pages: */
+                        : pool_alloc_list(&p, n, who, POOL_PINNED, list) ? -1 /* one run, */
+                        : (int64_t)list[0];                               /* same refusals */
             if (f < 0) {
                 /* refused: then no free run of n pages lies in segments who may use (its
                  * own, or empty ones) */
@@ -144,7 +153,13 @@ Test(pool, allocator_matches_a_model)
                              "page %u is in another owner's segment", (uint32_t)f + k);
                 owned[f + k] = (uint8_t)who;
             }
-            runs[nr].first = (uint32_t)f, runs[nr].n = n, runs[nr].owner = who, nr++;
+            if (pinned)
+                for (uint32_t k = 0; k < n; k++) {
+                    uint32_t pg = (uint32_t)f + k;
+                    pool_pin(&p, &pg, 1, 1);
+                }
+            runs[nr].first = (uint32_t)f, runs[nr].n = n, runs[nr].owner = who;
+            runs[nr].pinned = pinned, nr++;
             used += n;
         }
         cr_assert_eq(p.used, used);
@@ -162,6 +177,40 @@ Test(pool, allocator_matches_a_model)
                 cr_assert_eq(p.seg[k / p.seg_pages].owner, owned[k]);
     }
     free(owned);
+    pool_fini(&p);
+}
+
+/* Sequences open and fill one after another (a descriptor's pinned pages, then its K/V):
+ * the pinned pages share one segment (pages that move leave it a reserve of an eighth), so
+ * every other segment can drain; and pages that move still fill the pinned segment's room
+ * once the rest of the pool is full. */
+Test(pool, pinned_pages_crowd_one_segment)
+{
+    struct pool p;
+    const char *why;
+    cr_assert_eq(pool_init(&p, 64 * MB, 16384, 0, 0, &why), 0); /* 16 segments of 256 pages */
+    cr_assert_eq(p.n_segs, 16);
+    for (int seq = 0; seq < 8; seq++) {
+        uint32_t d[3];
+        cr_assert_eq(pool_alloc_list(&p, 3, 1, POOL_PINNED | POOL_SCATTER, d), 0);
+        pool_pin(&p, d, 3, 1);
+        for (int k = 0; k < 400; k++)
+            cr_assert_geq(pool_alloc(&p, 1), 0);
+    }
+    uint32_t pinned_segs = 0, pinned_seg = 0;
+    for (uint32_t i = 0; i < p.n_segs; i++)
+        if (p.seg[i].pinned)
+            pinned_segs++, pinned_seg = i;
+    cr_assert_eq(pinned_segs, 1, "8 descriptors in %u segments", pinned_segs);
+    uint64_t moving, in_use = p.used, in_pinned = p.seg[pinned_seg].used;
+    cr_assert_eq(pool_drain(&p, 1, 2, UINT64_MAX, UINT64_MAX, &moving),
+                 (uint64_t)256 * (pool_owned_segs(&p, 1) - 1), "all but the pinned segment");
+    cr_assert_eq(moving, in_use - in_pinned);
+    pool_undrain(&p, 2);
+    /* the rest of the pool, then the pinned segment's reserve */
+    while (pool_alloc(&p, 1) >= 0)
+        ;
+    cr_assert_eq(p.used, p.pages, "every page given out");
     pool_fini(&p);
 }
 
@@ -189,7 +238,7 @@ Test(pool, a_draining_segment_empties_for_its_beneficiary_alone)
     const char *why;
     cr_assert_eq(pool_init(&p, 16 * MB, 65536, 0, 0, &why), 0); /* 4 segments of 64 pages */
     uint32_t a[64 * 3];
-    cr_assert_eq(pool_alloc_list(&p, 64 * 3, 1, 1, a), 0); /* owner 1 fills three segments */
+    cr_assert_eq(pool_alloc_list(&p, 64 * 3, 1, POOL_SCATTER, a), 0); /* owner 1 fills three segments */
     /* free some pages: 40 in segment 0, 10 in segment 1, none in 2 */
     pool_free_list(&p, a, 40);
     pool_free_list(&p, a + 64, 10);
@@ -221,7 +270,7 @@ Test(pool, a_draining_segment_empties_for_its_beneficiary_alone)
     for (uint32_t o = 1; o <= 3; o++)
         cr_assert_eq(pool_avail(&p, o), avail_model(&p, o), "owner %u", o);
     uint32_t b[64];
-    cr_assert_eq(pool_alloc_list(&p, 64, 3, 1, b), -1, "3 cannot take 2's promised segment");
+    cr_assert_eq(pool_alloc_list(&p, 64, 3, POOL_SCATTER, b), -1, "3 cannot take 2's promised segment");
     uint32_t gen = p.seg[0].gen;
     cr_assert_eq(pool_alloc_run(&p, 64, 2), 0, "2 takes it whole");
     cr_assert_eq(p.seg[0].owner, 2);
