@@ -200,10 +200,10 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t 
         q = one, n_q = 1;
     }
     if (!rc && rk->last) {
-        rc = kern_cuda_score_layer_pool(kv, q, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
+        rc = kern_cuda_score_layer_pool(kv, q, NULL, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
                                         NULL, NULL, ws, wsb, st);
     } else if (!rc && !rk->position) {
-        rc = kern_cuda_score_layer_pool(kv, q, q_heads, n_q, S, rk->gamma, rk->pool, rk->radius,
+        rc = kern_cuda_score_layer_pool(kv, q, NULL, q_heads, n_q, S, rk->gamma, rk->pool, rk->radius,
                                         ind, entropy, variance, ws, wsb, st);
     }
     if (!rc && rk->shared)
@@ -489,7 +489,7 @@ int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j)
     if (j->add) { /* the newest query's attention, its own column not counted */
         rc = gather_ring(r, row, j->newest, 1, c->hbuf + pg, c->dbuf + pg, q, st);
         if (!rc)
-            rc = kern_cuda_score_layer_pool(&kv, q, r->q_heads, 1, S1, 0.0f, KERN_POOL_NONE, 0, ind,
+            rc = kern_cuda_score_layer_pool(&kv, q, NULL, r->q_heads, 1, S1, 0.0f, KERN_POOL_NONE, 0, ind,
                                             NULL, NULL, q + qb, ws, st);
         for (uint32_t g = 0; g < hkv && !rc; g++)
             rc = kern_cuda_accumulate(j->acc + (size_t)g * j->cap, ind + (size_t)g * S1, S1, 1.0f, 0, st);

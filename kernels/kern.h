@@ -69,6 +69,11 @@ enum kern_pool {
  * The zero defaults of var_only, pool and pool_kernel give that, CAKE's indicator; the
  * baseline policies change them: var_only makes I0 = var_i A alone, pool and pool_kernel
  * (odd, 0 meaning 5) pick the pooling. Entropy and variance do not depend on them.
+ * lse (optional, [q_heads][n_q] f32): each window query row's log-sum-exp, ln sum_j
+ * exp(q.k_j / sqrt(head_dim)) over the keys the row sees, as an engine's own attention over
+ * the prompt returns it (FlashAttention's softmax_lse): the softmax then needs no pass of its
+ * own over the keys (one pass instead of two). The rows' probabilities are exp(logit - lse)
+ * as given: an lse that is not the row's normalizer gives an indicator that is not CAKE's.
  * Requirements: q_heads % kv_heads == 0, n_q >= 1, S <= n - n_q.
  * The result does not depend on n_threads (fixed reduction order). */
 struct kern_score_args {
@@ -85,6 +90,7 @@ struct kern_score_args {
     int var_only;
     enum kern_pool pool;
     uint32_t pool_kernel;
+    const float *lse; /* NULL: computed (the first pass) */
 };
 
 struct kern_score_out {

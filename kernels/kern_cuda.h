@@ -40,13 +40,16 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
 /* The same with any of kern.h's poolings (kern_pool: KERN_POOL_AVG, _MAX or _NONE, over
  * [j - radius, j + radius]), each query head's scores pooled, then the group mean, as the
  * reference does (the max, which does not commute with the mean, runs one query head of
- * every group at a time). ws_bytes: kern_cuda_score_pool_workspace. */
+ * every group at a time). ws_bytes: kern_cuda_score_pool_workspace. lse_dev (NULL: computed
+ * by a first pass over the keys): each window row's log-sum-exp, [q_heads][n_q] f32 on the
+ * device (kern.h's kern_score_args.lse): one pass over the keys instead of two. */
 size_t kern_cuda_score_pool_workspace(uint32_t kv_heads, uint32_t q_heads, uint32_t n_q,
                                       uint32_t n_tokens, uint32_t n_scored, int pool);
-int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev, uint32_t q_heads,
-                               uint32_t n_q, uint32_t n_scored, float gamma, int pool,
-                               uint32_t radius, float *ind_dev, double *entropy, double *variance,
-                               void *ws, size_t ws_bytes, void *stream);
+int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev,
+                               const float *lse_dev, uint32_t q_heads, uint32_t n_q,
+                               uint32_t n_scored, float gamma, int pool, uint32_t radius,
+                               float *ind_dev, double *entropy, double *variance, void *ws,
+                               size_t ws_bytes, void *stream);
 /* dst[i] = (first ? 0 : dst[i]) + scale * src[i], i < n. Asynchronous. */
 int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
                          void *stream);

@@ -420,6 +420,48 @@ static uint32_t make_items(uint32_t Hkv, uint32_t end, struct item *out)
     return k;
 }
 
+/* Pass 1: each window row's max and log-normalizer over the keys it sees, rowml[g][r] and
+ * rowml[Hkv][g][r] (ni1 items of CHUNK keys per kv head, merged in item order). 0 or
+ * -ENOMEM. */
+static int softmax_rows(struct ctx *c, struct item *items, uint32_t ni1, int nt, float *rowml)
+{
+    uint32_t Hkv = c->a->kv->kv_heads;
+    int fail = 0;
+    make_items(Hkv, c->n, items);
+#pragma omp parallel num_threads(nt) if (ni1 > 1)
+    {
+        struct scratch s;
+        if (scratch_init(&s, c->R, c->d)) {
+#pragma omp atomic write
+            fail = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (uint32_t k = 0; k < ni1; k++)
+                pass1_item(c, &items[k], c->m + (size_t)k * c->R, c->l + (size_t)k * c->R, &s);
+            scratch_free(&s);
+        }
+    }
+    if (fail)
+        return -ENOMEM;
+    /* merge the per-item softmax partials in item order */
+    uint32_t per_g = ni1 / Hkv;
+    for (uint32_t g = 0; g < Hkv; g++)
+        for (uint32_t r = 0; r < c->R; r++) {
+            float M = -INFINITY;
+            for (uint32_t k = 0; k < per_g; k++)
+                M = fmaxf(M, c->m[(size_t)(g * per_g + k) * c->R + r]);
+            double L = 0.0;
+            for (uint32_t k = 0; k < per_g; k++) {
+                size_t at = (size_t)(g * per_g + k) * c->R + r;
+                if (c->l[at] > 0.0f)
+                    L += (double)c->l[at] * exp((double)c->m[at] - M);
+            }
+            rowml[(size_t)g * c->R + r] = M;
+            rowml[(size_t)Hkv * c->R + (size_t)g * c->R + r] = (float)log(L);
+        }
+    return 0;
+}
+
 int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out)
 {
     const struct kern_kv *kv = a->kv;
@@ -447,8 +489,10 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
     int rc = -ENOMEM;
 
     float *qf = malloc(sizeof(float) * (size_t)Hkv * c.R * c.d);
+    if (a->lse) /* the engine's normalizers: no first pass */
+        ni1 = 0;
     struct item *items = malloc(sizeof(*items) * (ni1 > ni2 ? ni1 : ni2));
-    float *ml = malloc(sizeof(float) * 2 * (size_t)ni1 * c.R);
+    float *ml = malloc(sizeof(float) * 2 * ((size_t)ni1 * c.R + 1));
     float *rowml = malloc(sizeof(float) * 2 * (size_t)Hkv * c.R);
     double *acc = calloc(2 * (size_t)ni2, sizeof(double));
     int ph = mode2 || c.per_head;
@@ -465,39 +509,13 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
         kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * c.d);
     c.qf = qf, c.m = ml, c.l = ml + (size_t)ni1 * c.R, c.perhead = perhead;
 
-    make_items(Hkv, c.n, items);
     int fail = 0;
-#pragma omp parallel num_threads(nt) if (ni1 > 1)
-    {
-        struct scratch s;
-        if (scratch_init(&s, c.R, c.d)) {
-#pragma omp atomic write
-            fail = 1;
-        } else {
-#pragma omp for schedule(dynamic, 1)
-            for (uint32_t k = 0; k < ni1; k++)
-                pass1_item(&c, &items[k], c.m + (size_t)k * c.R, c.l + (size_t)k * c.R, &s);
-            scratch_free(&s);
-        }
-    }
-    if (fail)
+    if (a->lse) { /* [q_heads][n_q] is [Hkv][R]: row r = hl * nq + i of group g (as qf) */
+        memcpy(rowml, a->lse, sizeof(float) * (size_t)Hkv * c.R);
+        memset(rowml + (size_t)Hkv * c.R, 0, sizeof(float) * (size_t)Hkv * c.R);
+    } else if (softmax_rows(&c, items, ni1, nt, rowml)) {
         goto out;
-    /* merge the per-item softmax partials in item order */
-    uint32_t per_g = ni1 / Hkv;
-    for (uint32_t g = 0; g < Hkv; g++)
-        for (uint32_t r = 0; r < c.R; r++) {
-            float M = -INFINITY;
-            for (uint32_t k = 0; k < per_g; k++)
-                M = fmaxf(M, c.m[(size_t)(g * per_g + k) * c.R + r]);
-            double L = 0.0;
-            for (uint32_t k = 0; k < per_g; k++) {
-                size_t at = (size_t)(g * per_g + k) * c.R + r;
-                if (c.l[at] > 0.0f)
-                    L += (double)c.l[at] * exp((double)c.m[at] - M);
-            }
-            rowml[(size_t)g * c.R + r] = M;
-            rowml[(size_t)Hkv * c.R + (size_t)g * c.R + r] = (float)log(L);
-        }
+    }
     c.rowm = rowml, c.rowl = rowml + (size_t)Hkv * c.R;
 
     make_items(Hkv, c.S, items);

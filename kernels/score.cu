@@ -54,6 +54,7 @@ struct params {
     float *rowM, *rowLnL;  // merged [hkv][RP]
     float *acc;            // raw group sums [hkv][S]
     double *ent, *var;     // per pass-2 block
+    const float *lse;      // the engine's row log-sum-exps [q_heads][nq], or NULL
 };
 
 __device__ __forceinline__ const uint8_t *key_row(const params &p, uint32_t g, uint32_t t)
@@ -243,6 +244,29 @@ int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint
 {
     merge<<<div_up((uint64_t)hkv * RP * 32, 256), 256, 0, (cudaStream_t)stream>>>(m, l, rowM, rowLnL, hkv,
                                                                                   chunks, R, RP);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+// The engine's log-sum-exp of each window row as the merged (max, log-normalizer) pair the
+// second pass reads: max = lse, ln l = 0. Row c of kv head g is query head g * G + c / nqp,
+// window row c % nqp (padding rows get 0: no probability is taken from them).
+__global__ void lse_rows(const float *lse, float *rowM, float *rowLnL, uint32_t hkv, uint32_t G,
+                         uint32_t nq, uint32_t nqp, uint32_t RP)
+{
+    uint32_t x = blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= hkv * RP)
+        return;
+    uint32_t g = x / RP, c = x % RP, h = c / nqp, i = c % nqp;
+    rowM[x] = h < G && i < nq ? lse[((size_t)g * G + h) * nq + i] : 0.0f;
+    rowLnL[x] = 0.0f;
+}
+
+int score_lse_rows(const float *lse, float *rowM, float *rowLnL, uint32_t hkv, uint32_t G,
+                   uint32_t nq, uint32_t nqp, uint32_t RP, void *stream)
+{
+    lse_rows<<<div_up((uint64_t)hkv * RP, 256), 256, 0, (cudaStream_t)stream>>>(lse, rowM, rowLnL, hkv,
+                                                                               G, nq, nqp, RP);
     CK(cudaGetLastError());
     return 0;
 }
@@ -480,7 +504,7 @@ extern "C" size_t kern_cuda_score_pool_workspace(uint32_t hkv, uint32_t q_heads,
     /* one query head of every group at a time: its workspace, its rows, its pooled scores */
     size_t base = (kern_cuda_score_workspace(hkv, hkv, n_q, n, S) + 255) & ~(size_t)255;
     size_t qb = ((size_t)hkv * n_q * MAX_D * 2 + 255) & ~(size_t)255;
-    size_t m = base + qb + sizeof(float) * hkv * S;
+    size_t m = base + qb + ((sizeof(float) * hkv * S + 255) & ~(size_t)255) + sizeof(float) * hkv * n_q;
     return m > w ? m : w;
 }
 
@@ -509,9 +533,14 @@ static int launch(params &p, cudaStream_t st)
             set2[dev] = sm2;
         }
     }
-    pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
-    CK(cudaGetLastError());
-    int rc = score_merge(p.m, p.l, p.rowM, p.rowLnL, p.hkv, p.chunks, p.R, p.RP, st);
+    int rc;
+    if (p.lse) { /* the engine's normalizers: no first pass */
+        rc = score_lse_rows(p.lse, p.rowM, p.rowLnL, p.hkv, p.G, p.nq, p.nq, p.RP, st);
+    } else {
+        pass1<T><<<dim3(p.chunks, p.hkv), THREADS, sm1, st>>>(p);
+        CK(cudaGetLastError());
+        rc = score_merge(p.m, p.l, p.rowM, p.rowLnL, p.hkv, p.chunks, p.R, p.RP, st);
+    }
     if (rc)
         return rc;
     uint32_t ch2 = div_up(p.S, p.chunk);
@@ -525,12 +554,13 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
                                      double *entropy, double *variance, void *ws, size_t ws_bytes,
                                      void *stream)
 {
-    return kern_cuda_score_layer_pool(kv, q, q_heads, n_q, S, gamma, KERN_POOL_AVG, 2, ind,
+    return kern_cuda_score_layer_pool(kv, q, NULL, q_heads, n_q, S, gamma, KERN_POOL_AVG, 2, ind,
                                       entropy, variance, ws, ws_bytes, stream);
 }
 
 extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q,
-                                          uint32_t q_heads, uint32_t n_q, uint32_t S, float gamma,
+                                          const float *lse, uint32_t q_heads, uint32_t n_q,
+                                          uint32_t S, float gamma,
                                           int pool, uint32_t radius, float *ind, double *entropy,
                                           double *variance, void *ws, size_t ws_bytes, void *stream)
 {
@@ -545,10 +575,11 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
         size_t row = (size_t)kv->head_dim * 2, base = kern_cuda_score_workspace(hkv, hkv, n_q, kv->n_tokens, S);
         base = (base + 255) & ~(size_t)255;
         size_t qb = ((size_t)hkv * n_q * row + 255) & ~(size_t)255;
-        if (ws_bytes < base + qb + sizeof(float) * hkv * S || !q || !ind)
+        size_t pb = (sizeof(float) * hkv * S + 255) & ~(size_t)255;
+        if (ws_bytes < base + qb + pb + sizeof(float) * hkv * n_q || !q || !ind)
             return -EINVAL;
         uint8_t *qi = (uint8_t *)ws + base;
-        float *part = (float *)(qi + qb);
+        float *part = (float *)(qi + qb), *li = lse ? (float *)(qi + qb + pb) : NULL;
         cudaStream_t st = (cudaStream_t)stream;
         double e = 0, v = 0;
         int rc = 0;
@@ -558,7 +589,10 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
                                   (size_t)G * n_q * row, n_q * row, hkv, cudaMemcpyDeviceToDevice,
                                   st) != cudaSuccess)
                 return -EIO;
-            rc = kern_cuda_score_layer_pool(kv, qi, hkv, n_q, S, gamma, pool, radius, part,
+            if (lse && cudaMemcpy2DAsync(li, n_q * 4, lse + (size_t)i * n_q, (size_t)G * n_q * 4,
+                                         n_q * 4, hkv, cudaMemcpyDeviceToDevice, st) != cudaSuccess)
+                return -EIO;
+            rc = kern_cuda_score_layer_pool(kv, qi, li, hkv, n_q, S, gamma, pool, radius, part,
                                             entropy ? &ei : NULL, variance ? &vi : NULL, ws, base,
                                             stream);
             if (!rc)
@@ -582,7 +616,7 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
     p.base = kv->base, p.page_off = kv->page_off, p.tpp = kv->tokens_per_page, p.n = kv->n_tokens;
     p.d = kv->head_dim, p.S = S, p.hkv = kv->kv_heads, p.chunk = chunk_cols(p.n, p.hkv);
     p.chunks = div_up(p.n, p.chunk);
-    p.scale = 1.0f / sqrtf((float)p.d), p.gamma = gamma, p.q = q;
+    p.scale = 1.0f / sqrtf((float)p.d), p.gamma = gamma, p.q = q, p.lse = lse;
     ws_layout w = layout_ws(p.hkv, p.RP, p.n, S);
     if (ws_bytes < w.total)
         return -EINVAL;
@@ -603,7 +637,7 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
         a.base = p.base, a.page_off = p.page_off, a.tpp = p.tpp, a.n = p.n, a.d = p.d, a.G = p.G;
         a.nq = n_q, a.S = S, a.hkv = p.hkv, a.chunk = p.chunk, a.chunks1 = p.chunks;
         a.chunks2 = div_up(S, p.chunk), a.gamma = gamma, a.bf16 = kv->dtype == KERN_BF16;
-        a.q = q, a.acc = p.acc, a.ent = p.ent, a.var = p.var, a.stream = stream;
+        a.q = q, a.lse = lse, a.acc = p.acc, a.ent = p.ent, a.var = p.var, a.stream = stream;
         ws_layout wm = layout_ws(p.hkv, mrows, p.n, S);
         if (ws_bytes < wm.total)
             return -EINVAL;

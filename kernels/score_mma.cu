@@ -511,9 +511,14 @@ int launch(mparams &p, const score_mma_args &a)
     if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1))
         return rc;
     cudaStream_t st = (cudaStream_t)a.stream;
-    mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
-    CK(cudaGetLastError());
-    int rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
+    int rc;
+    if (a.lse) { /* the engine's normalizers: one pass over the keys */
+        rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
+    } else {
+        mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
+        CK(cudaGetLastError());
+        rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
+    }
     if (rc)
         return rc;
     return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a)

@@ -16,6 +16,7 @@ struct score_mma_args {
     float gamma;
     int bf16, dev;
     const void *q;
+    const float *lse;      /* the engine's row log-sum-exps [G * hkv][nq], or NULL: pass 1 */
     float *m, *l;          /* pass 1 partials [hkv][chunks1][score_mma_rows()] */
     float *rowM, *rowLnL;  /* merged [hkv][score_mma_rows()] */
     float *acc;            /* [hkv][S]: sum over the group's heads of mean + gamma * var */
@@ -27,7 +28,7 @@ struct score_mma_args {
  * not apply (head_dim other than 64 or 128, more than 256 padded rows). */
 uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d);
 
-/* Pass 1, merge, pass 2 on the stream. chunk (a multiple of 128) is the shortest chunk the
+/* Pass 1 and merge (or, with lse, its rows alone), pass 2 on the stream. chunk (a multiple of 128) is the shortest chunk the
  * workspace allows; returns with chunk, chunks1, chunks2 as used (the blocks' partials in
  * ent and var: hkv * chunks2). 0, -EINVAL or -EIO. */
 int score_mma_run(score_mma_args &a);
@@ -37,6 +38,10 @@ int score_mma_run(score_mma_args &a);
  * are raised. */
 int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint32_t hkv,
                 uint32_t chunks, uint32_t R, uint32_t RP, void *stream);
+/* score.cu: the engine's log-sum-exps lse [hkv * G][nq] as merged rows (row c of kv head g:
+ * head c / nqp, window row c % nqp; rows beyond get 0), in place of pass 1 and the merge. */
+int score_lse_rows(const float *lse, float *rowM, float *rowLnL, uint32_t hkv, uint32_t G,
+                   uint32_t nq, uint32_t nqp, uint32_t RP, void *stream);
 struct score_attr_lock {
     score_attr_lock();
     ~score_attr_lock();

@@ -2,7 +2,8 @@
  * and paged layouts): scoring within tolerance of the double-precision version (both
  * scoring kernels: the mma.sync passes over every group shape they take - one to eight
  * slices of query columns, padded windows, heads over two slices - and the WMMA passes,
- * forced, on the same inputs), the same bytes on a second run, top-k and compaction exactly
+ * forced, on the same inputs; each also in one pass with the engine's log-sum-exps), the same
+ * bytes on a second run, top-k and compaction exactly
  * equal to the CPU kernels on the same data. Exit 77 without a GPU. */
 #include <cuda_runtime.h>
 #include <float.h>
@@ -50,6 +51,34 @@ static double rel_err(const float *ref, const float *got, uint32_t rows, uint32_
         }
     }
     return worst;
+}
+
+/* Each window row's log-sum-exp [H][nq] in double from the layer's own bytes (what an
+ * engine's attention returns), apart from every kernel. */
+static float *host_lse(const struct kern_kv *kv, const void *q, enum kern_dtype dt, uint32_t H,
+                       uint32_t nq)
+{
+    uint32_t n = kv->n_tokens, d = kv->head_dim, G = H / kv->kv_heads;
+    float *lse = malloc(sizeof(float) * H * nq);
+    double *z = malloc(sizeof(double) * n);
+    for (uint32_t h = 0; h < H; h++)
+        for (uint32_t i = 0; i < nq; i++) {
+            uint32_t lim = n - nq + i + 1;
+            double mx = -INFINITY, sum = 0;
+            for (uint32_t j = 0; j < lim; j++) {
+                const void *kp = kern_kv_key(kv, h / G, j);
+                double dot = 0;
+                for (uint32_t x = 0; x < d; x++)
+                    dot += (double)kern_load(dt, q, ((size_t)h * nq + i) * d + x) *
+                           (double)kern_load(dt, kp, x);
+                z[j] = dot / sqrt((double)d), mx = fmax(mx, z[j]);
+            }
+            for (uint32_t j = 0; j < lim; j++)
+                sum += exp(z[j] - mx);
+            lse[h * nq + i] = (float)(mx + log(sum));
+        }
+    free(z);
+    return lse;
 }
 
 static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
@@ -122,6 +151,40 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                    "indicator rel %.2e\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
                    fabs(V - ro.variance) / fabs(ro.variance), worst);
     }
+    /* one pass with the engine's log-sum-exps (computed apart, in double): both kernels,
+     * CAKE's pooling and SnapKV's max over 7 (one query head of a group at a time) */
+    float *lse = host_lse(&kv, q, dt, H, nq), *dlse;
+    CK(cudaMalloc((void **)&dlse, sizeof(float) * H * nq));
+    CK(cudaMemcpy(dlse, lse, sizeof(float) * H * nq, cudaMemcpyHostToDevice));
+    {
+        size_t lwsb = kern_cuda_score_pool_workspace(Hkv, H, nq, n, S, KERN_POOL_MAX);
+        void *lws;
+        CK(cudaMalloc(&lws, lwsb));
+        for (int wmma = 1; wmma >= 0; wmma--)
+            for (int max7 = 0; max7 < 2; max7++) {
+                struct kern_score_args b = a;
+                b.pool = max7 ? KERN_POOL_MAX : KERN_POOL_AVG, b.pool_kernel = max7 ? 7 : 5;
+                struct kern_score_out lo = {.indicator = ref};
+                kern_score_layer_ref(&b, &lo);
+                kern_cuda_score_set_wmma(wmma);
+                CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S));
+                int rc = kern_cuda_score_layer_pool(&dkv, dq, dlse, H, nq, S, 200.0f, b.pool,
+                                                    b.pool_kernel / 2, dind, &E, &V, lws, lwsb, NULL);
+                EXPECT(rc == 0, "lse score rc %d", rc);
+                CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+                double e = rel_err(ref, got, Hkv, S);
+                EXPECT(fabs(E - lo.entropy) <= 1e-4 * fabs(lo.entropy) &&
+                           fabs(V - lo.variance) <= 1e-4 * fabs(lo.variance) && e <= 1e-3,
+                       "%s n=%u wmma=%d max7=%d with lse: entropy %.9g vs %.9g, variance %.9g vs "
+                       "%.9g, indicator rel err %.3g", name, n, wmma, max7, E, lo.entropy, V,
+                       lo.variance, e);
+            }
+        kern_cuda_score_set_wmma(0);
+        cudaFree(lws);
+    }
+    free(lse);
+    cudaFree(dlse);
+    kern_score_layer_ref(&a, &ro);
     /* the baselines' indicators: other poolings (SnapKV's max over 7, none, a wider average),
      * the mean alone (gamma 0), each against the double reference; then one ranking for every
      * kv head (TOVA) and StreamingLLM's positions against the C code's */
@@ -136,7 +199,7 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
         struct kern_score_args b = a;
         b.pool = (enum kern_pool)pv[v].pool, b.pool_kernel = pv[v].k, b.gamma = pv[v].gamma;
         kern_score_layer_ref(&b, &ro);
-        EXPECT(kern_cuda_score_layer_pool(&dkv, dq, H, nq, S, pv[v].gamma, pv[v].pool, pv[v].k / 2,
+        EXPECT(kern_cuda_score_layer_pool(&dkv, dq, NULL, H, nq, S, pv[v].gamma, pv[v].pool, pv[v].k / 2,
                                           dind, NULL, NULL, pws, pwsb, NULL) == 0, "pool rc");
         CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
         double e = rel_err(ref, got, Hkv, S);

@@ -50,8 +50,36 @@ static void free_layer(struct layer *L)
     free(L->pages), free(L->q);
 }
 
+/* Each window row's log-sum-exp [H][nq] in double, as an engine's attention would give it
+ * (computed here, apart from the kernels). */
+static float *row_lse(const struct layer *L)
+{
+    float *lse = malloc(sizeof(float) * L->H * L->nq);
+    double scale = 1.0 / sqrt((double)L->d);
+    for (uint32_t h = 0; h < L->H; h++)
+        for (uint32_t i = 0; i < L->nq; i++) {
+            uint32_t lim = L->n - L->nq + i + 1;
+            double *z = malloc(sizeof(double) * lim), mx = -INFINITY, sum = 0.0;
+            for (uint32_t j = 0; j < lim; j++) {
+                const void *kp = kern_kv_key(&L->kv, h / (L->H / L->Hkv), j);
+                double dot = 0.0;
+                for (uint32_t x = 0; x < L->d; x++)
+                    dot += (double)kern_load(L->qt, L->q, ((size_t)h * L->nq + i) * L->d + x) *
+                           (double)kern_load(L->kt, kp, x);
+                z[j] = dot * scale, mx = fmax(mx, z[j]);
+            }
+            for (uint32_t j = 0; j < lim; j++)
+                sum += exp(z[j] - mx);
+            lse[h * L->nq + i] = (float)(mx + log(sum));
+            free(z);
+        }
+    return lse;
+}
+
+/* kern_score_layer (with lse: the engine's normalizers, one pass) against the reference
+ * (which computes its own). */
 static void check_args(struct layer *L, uint32_t S, float gamma, int threads, double tol,
-                       int var_only, enum kern_pool pool, uint32_t pool_kernel)
+                       int var_only, enum kern_pool pool, uint32_t pool_kernel, const float *lse)
 {
     struct kern_score_args a = {
         .q = L->q, .q_dtype = L->qt, .q_heads = L->H, .n_q = L->nq, .kv = &L->kv,
@@ -60,8 +88,9 @@ static void check_args(struct layer *L, uint32_t S, float gamma, int threads, do
     };
     float *got = malloc(sizeof(float) * L->Hkv * (S + 1)), *want = malloc(sizeof(float) * L->Hkv * (S + 1));
     struct kern_score_out o = {.indicator = got}, r = {.indicator = want};
-    cr_assert_eq(kern_score_layer(&a, &o), 0);
     cr_assert_eq(kern_score_layer_ref(&a, &r), 0);
+    a.lse = lse;
+    cr_assert_eq(kern_score_layer(&a, &o), 0);
     if (S) {
         cr_assert(fabs(o.entropy - r.entropy) <= tol * fabs(r.entropy),
                   "entropy %.9g vs %.9g (n=%u S=%u q=%s k=%s)", o.entropy, r.entropy, L->n, S,
@@ -84,7 +113,7 @@ static void check_args(struct layer *L, uint32_t S, float gamma, int threads, do
 
 static void check_against_ref(struct layer *L, uint32_t S, float gamma, int threads, double tol)
 {
-    check_args(L, S, gamma, threads, tol, 0, KERN_POOL_AVG, 0);
+    check_args(L, S, gamma, threads, tol, 0, KERN_POOL_AVG, 0, NULL);
 }
 
 /* The baseline policies' indicators: mean alone (gamma 0), variance alone, max / avg / no
@@ -100,7 +129,7 @@ Test(score, indicator_variants_match_reference)
         make_layer(&L, Hkv * G, Hkv, 32, n, nq, 1 + tu_below(200), KERN_BF16, KERN_BF16);
         int var_only = rep % 3 == 2;
         float gamma = rep % 3 == 0 ? 0.0f : 200.0f;
-        check_args(&L, n - nq, gamma, 1 + tu_below(3), 2e-4, var_only, pools[rep / 3], k);
+        check_args(&L, n - nq, gamma, 1 + tu_below(3), 2e-4, var_only, pools[rep / 3], k, NULL);
         free_layer(&L);
     }
     /* an even kernel or an unknown pooling is refused */
@@ -113,6 +142,44 @@ Test(score, indicator_variants_match_reference)
     cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
     a.pool_kernel = 3, a.pool = (enum kern_pool)7;
     cr_assert_eq(kern_score_layer(&a, &o), -EINVAL);
+    free_layer(&L);
+}
+
+/* With the engine's log-sum-exp of each window row (computed apart, in double), one pass
+ * gives the reference's indicator, entropy and variance: every dtype, GQA groups of 1..4,
+ * paged layouts, CAKE's pooling and the SnapKV family's. And the lse is what is used: one
+ * that is ln 2 too large halves every probability (gamma 0, no pooling: half the mean). */
+Test(score, one_pass_with_the_engines_lse_matches_the_reference)
+{
+    tu_seed();
+    enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
+    for (int rep = 0; rep < 9; rep++) {
+        struct layer L;
+        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 1 + tu_below(32);
+        uint32_t n = nq + 20 + tu_below(2000);
+        make_layer(&L, Hkv * G, Hkv, 64, n, nq, 1 + tu_below(300), ts[rep % 3], ts[rep / 3]);
+        float *lse = row_lse(&L);
+        int max7 = rep % 2;
+        check_args(&L, n - nq, 200.0f, 1 + tu_below(3), 2e-4, 0,
+                   max7 ? KERN_POOL_MAX : KERN_POOL_AVG, max7 ? 7 : 0, lse);
+        free(lse);
+        free_layer(&L);
+    }
+    struct layer L;
+    make_layer(&L, 4, 2, 32, 500, 8, 64, KERN_F32, KERN_F32);
+    float *lse = row_lse(&L), got[2 * 492], want[2 * 492];
+    struct kern_score_args a = {.q = L.q, .q_dtype = L.qt, .q_heads = 4, .n_q = 8, .kv = &L.kv,
+                                .n_scored = 492, .pool = KERN_POOL_NONE};
+    struct kern_score_out o = {.indicator = got}, r = {.indicator = want};
+    cr_assert_eq(kern_score_layer(&a, &r), 0);
+    for (int i = 0; i < 4 * 8; i++)
+        lse[i] += (float)M_LN2;
+    a.lse = lse;
+    cr_assert_eq(kern_score_layer(&a, &o), 0);
+    for (int j = 0; j < 2 * 492; j++)
+        cr_assert(fabsf(got[j] - want[j] / 2) <= 1e-4f * fabsf(want[j]) + 1e-9f,
+                  "slot %d: %g, half of %g", j, got[j], want[j]);
+    free(lse);
     free_layer(&L);
 }
 
