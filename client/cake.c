@@ -906,6 +906,14 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
     kv_pool_of(c, lay, &s->kv_base, &s->kv_bytes);
     s->gpu = NULL;
     s->v_offset = (size_t)hdr.kv_heads * hdr.tokens_per_page * s->row_bytes;
+    { /* the log-sum-exps' area, where this caked keeps one (it fits the window) */
+        uint64_t ind = hdr.prompt_len > hdr.window ? hdr.prompt_len - hdr.window : 0;
+        uint64_t off = hdr.indicator_offset + ((ind * hdr.kv_heads * 4 + 63) & ~UINT64_C(63));
+        uint64_t bytes = (uint64_t)hdr.layers * hdr.q_heads * hdr.window * 4;
+        s->lse_off = hdr.layers <= CAKE_MAX_LAYERS && off <= s->win_bytes &&
+                             bytes <= s->win_bytes - off ? off : 0;
+        memset(s->lse_put, 0, sizeof s->lse_put);
+    }
     c->seqs[c->n_seqs++] = s;
     *out = s;
     return 0;
@@ -1022,6 +1030,10 @@ int cake_prefill_observe(cake_seq *s, uint32_t layer, double *preference)
 {
     Cake__LayerRef m = CAKE__LAYER_REF__INIT;
     m.seq_id = s->id, m.layer = layer;
+    if (layer < s->hdr.layers && layer < CAKE_MAX_LAYERS) { /* what cake_put_lse wrote is used once */
+        m.lse = s->lse_put[layer] != 0;
+        s->lse_put[layer] = 0;
+    }
     return prefill(s, MSG_PREFILL_OBSERVE, &m.base, preference);
 }
 
@@ -1180,6 +1192,26 @@ int cake_put_queries(cake_seq *s, uint32_t layer, const void *q, uint32_t n, voi
     uint32_t m = n < s->hdr.window ? n : s->hdr.window; /* the last w rows of each head */
     const uint8_t *src = q ? (const uint8_t *)q + (size_t)(n - m) * s->row_bytes : NULL;
     return put_rows(s, layer, src, (size_t)n * s->row_bytes, m, 0, stream);
+}
+
+int cake_put_lse(cake_seq *s, uint32_t layer, const float *lse, uint32_t n, void *stream)
+{
+    if (!s->lse_off)
+        return cake_set_err(s->ctx, -ENOTSUP, "this caked keeps no log-sum-exps (an older one)");
+    if (layer >= s->hdr.layers || !lse || !n)
+        return cake_set_err(s->ctx, CAKE_EINVAL, "no such layer, or no log-sum-exps");
+    uint32_t w = s->hdr.window, m = n < w ? n : w; /* the last w rows of each head, slots 0.. */
+    float *dst = (float *)(s->win + s->lse_off) + (size_t)layer * s->hdr.q_heads * w;
+    int rc = 0;
+    if (s->hdr.placement == SHM_PLACE_GPU) /* host or device memory, on the engine's stream */
+        rc = cake_gpu_copy_2d(s, dst, w * sizeof(float), lse + (n - m), (size_t)n * sizeof(float),
+                              m * sizeof(float), s->hdr.q_heads, stream);
+    else
+        for (uint32_t h = 0; h < s->hdr.q_heads; h++)
+            memcpy(dst + (size_t)h * w, lse + (size_t)h * n + (n - m), m * sizeof(float));
+    if (!rc)
+        s->lse_put[layer] = 1;
+    return rc;
 }
 
 int cake_put_decode_query(cake_seq *s, uint32_t layer, const void *q, void *stream)

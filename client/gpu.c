@@ -182,6 +182,14 @@ int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_s
     return e == cudaSuccess ? 0 : cake_set_err(c, -EIO, "queries: %s", cudaGetErrorString(e));
 }
 
+int cake_gpu_copy_2d(cake_seq *s, void *dst, size_t dpitch, const void *src, size_t spitch,
+                     size_t width, size_t rows, void *stream)
+{
+    cudaError_t e = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDefault,
+                                      (cudaStream_t)stream);
+    return e == cudaSuccess ? 0 : cake_set_err(s->ctx, -EIO, "copy: %s", cudaGetErrorString(e));
+}
+
 /* ---- device page tables ---------------------------------------------------- */
 
 /* The CUDA device of the sequence's GPU pool made current; the previous one in *prev. */

@@ -13,6 +13,13 @@ int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_s
     return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
 }
 
+int cake_gpu_copy_2d(cake_seq *s, void *dst, size_t dpitch, const void *src, size_t spitch,
+                     size_t width, size_t rows, void *stream)
+{
+    (void)dst, (void)dpitch, (void)src, (void)spitch, (void)width, (void)rows, (void)stream;
+    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
+}
+
 int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
 {
     (void)q, (void)out, (void)stream;

@@ -15,6 +15,7 @@
 struct seq_gpu;
 
 #define CAKE_MAX_GPUS FRAME_MAX_GPUS /* proto/frame.h: the wire's limit */
+#define CAKE_MAX_LAYERS 512 /* layers of a sequence caked opens (its SEQ_MAX_LAYERS) */
 #define CAKE_FD_GROUPS 4 /* fd groups received and not yet taken by their frames */
 #define CAKE_FD_GROUP_MAX 64 /* fds one frame carries at most (caked's SERVER_MAP_FDS) */
 
@@ -84,6 +85,11 @@ struct cake_seq {
     size_t row_bytes;
     struct seq_gpu *gpu; /* cake_decode_attention's buffers (gpu.c), NULL until used */
     uint32_t reslices_seen; /* the descriptor's re-slice count its device tables reflect */
+    /* The window rows' log-sum-exps (cake_put_lse): [layers][q_heads][window] f32 at this
+     * window offset, after the indicator (0: this caked keeps none); lse_put[l]: written
+     * since layer l's last observe, which then says so to caked. */
+    uint64_t lse_off;
+    uint8_t lse_put[CAKE_MAX_LAYERS];
 };
 
 /* Layer l's entry in the shared descriptor, located by the copy taken at open. */
@@ -127,5 +133,9 @@ uint8_t *cake_ring_row(const cake_seq *s, uint32_t l, uint32_t h, uint32_t slot)
  * device memory) to ring slots slot0 + i of layer l, asynchronously on stream. */
 int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_stride,
                       uint32_t n, uint32_t slot0, void *stream);
+/* gpu.c: rows x width bytes from src (pitch spitch; host or device memory) to dst (pitch
+ * dpitch), asynchronously on stream. -ENOTSUP without CUDA. */
+int cake_gpu_copy_2d(cake_seq *s, void *dst, size_t dpitch, const void *src, size_t spitch,
+                     size_t width, size_t rows, void *stream);
 
 #endif

@@ -37,7 +37,7 @@ int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const str
         struct kern_score_out o = {.indicator = ind};
         rc = kern_score_layer(&a, &o);
     } else { /* the policy's indicator over the ring */
-        rc = indicator_layer(cfg, kv, q, q_dtype, q_heads, n_q, S, n_threads, ind, NULL, NULL);
+        rc = indicator_layer(cfg, kv, q, NULL, q_dtype, q_heads, n_q, S, n_threads, ind, NULL, NULL);
     }
     free(last);
     if (rc)

@@ -179,15 +179,17 @@ static int gather_ring(const struct gpu_ring *r, size_t row, uint32_t first, uin
 
 /* The indicator of the layer in kv by rk, from the gathered window rows q ([q_heads][n_q],
  * the newest last); the statistics too when asked (the full window's, as CAKE's preference
- * takes them, whatever rk ranks by). */
-static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t q_heads,
-                      uint32_t n_q, uint32_t S, const struct gpu_rank *rk, float *ind,
-                      double *entropy, double *variance, void *ws, size_t wsb, cudaStream_t st)
+ * takes them, whatever rk ranks by). lse (NULL: none): the rows' log-sum-exps [q_heads][n_q]
+ * on the device, lse_last the newest row's of each head ([q_heads]). */
+static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, const float *lse,
+                      const float *lse_last, uint32_t q_heads, uint32_t n_q, uint32_t S,
+                      const struct gpu_rank *rk, float *ind, double *entropy, double *variance,
+                      void *ws, size_t wsb, cudaStream_t st)
 {
     int rc = 0;
     if ((rk->last || rk->position) && (entropy || variance)) /* the statistics alone */
-        rc = kern_cuda_score_layer(kv, q, q_heads, n_q, S, rk->gamma, ind, entropy, variance, ws,
-                                   wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, KERN_POOL_AVG, 2,
+                                        ind, entropy, variance, ws, wsb, st);
     if (!rc && rk->position)
         return kern_cuda_position_indicator(ind, kv->kv_heads, S, rk->sinks, st);
     size_t row = (size_t)kv->head_dim * 2;
@@ -200,11 +202,11 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, uint32_t 
         q = one, n_q = 1;
     }
     if (!rc && rk->last) {
-        rc = kern_cuda_score_layer_pool(kv, q, NULL, q_heads, 1, S, 0.0f, rk->pool, rk->radius, ind,
-                                        NULL, NULL, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse_last, q_heads, 1, S, 0.0f, rk->pool, rk->radius,
+                                        ind, NULL, NULL, ws, wsb, st);
     } else if (!rc && !rk->position) {
-        rc = kern_cuda_score_layer_pool(kv, q, NULL, q_heads, n_q, S, rk->gamma, rk->pool, rk->radius,
-                                        ind, entropy, variance, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, rk->pool,
+                                        rk->radius, ind, entropy, variance, ws, wsb, st);
     }
     if (!rc && rk->shared)
         rc = kern_cuda_rows_mean(ind, kv->kv_heads, S, st);
@@ -221,22 +223,33 @@ static size_t rank_ws(const struct gpu_layer *l, uint32_t q_heads, uint32_t n_q,
 }
 
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
-                 uint32_t S, const struct gpu_rank *rk, float *ind_dev, double *entropy,
-                 double *variance)
+                 const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
+                 double *entropy, double *variance)
 {
     size_t row = (size_t)l->head_dim * 2;
     size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
     size_t qb = al(row * r->q_heads * r->w);
     size_t ws = al(rank_ws(l, r->q_heads, r->w, S, rk->pool));
-    if (reserve(c, pg + rg + qb + ws, pg + rg))
+    size_t lb = lse ? sizeof(float) * r->q_heads * (r->w + 1) : 0; /* the rows', the newest's */
+    if (reserve(c, pg + rg + qb + ws + lb, pg + rg + lb))
         return -ENOMEM;
     struct kern_cuda_kv kv;
     upload_pages(c, l, &kv);
     uint8_t *q = c->dbuf + pg + rg;
     int rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
+    float *dl = NULL;
+    if (!rc && lse) { /* staged beside the ring's offsets, uploaded after the workspace */
+        float *hl = (float *)(c->hbuf + pg + rg);
+        memcpy(hl, lse, sizeof(float) * r->q_heads * r->w);
+        for (uint32_t h = 0; h < r->q_heads; h++)
+            hl[r->q_heads * r->w + h] = lse[(size_t)h * r->w + r->w - 1];
+        dl = (float *)(q + qb + ws);
+        if (cudaMemcpyAsync(dl, hl, lb, cudaMemcpyHostToDevice, c->stream) != cudaSuccess)
+            rc = -EIO;
+    }
     if (!rc)
-        rc = rank_layer(&kv, q, r->q_heads, r->w, S, rk, ind_dev, entropy, variance, q + qb, ws,
-                        c->stream);
+        rc = rank_layer(&kv, q, dl, dl ? dl + r->q_heads * r->w : NULL, r->q_heads, r->w, S, rk,
+                        ind_dev, entropy, variance, q + qb, ws, c->stream);
     return finish(c, rc);
 }
 
@@ -402,7 +415,8 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     /* the ring's rows, oldest first, as [q_heads][n_q][d] */
     int rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
     if (!rc)
-        rc = rank_layer(&kv, q, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, NULL, ws, p->ws, st);
+        rc = rank_layer(&kv, q, NULL, NULL, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, NULL, ws,
+                        p->ws, st);
     if (!rc)
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)

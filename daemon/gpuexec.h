@@ -57,10 +57,12 @@ struct gpu_rank {
 /* Prefill scoring: the layer's n_scored prefix tokens against the window queries in the
  * ring (all w rows, oldest first from row 0), ranked by rk. Writes the indicator
  * [kv_heads][n_scored] to ind_dev (device) and, when asked (non-NULL), the entropy and
- * variance sums of the window's attention (CAKE's preference, whatever rk ranks by). */
+ * variance sums of the window's attention (CAKE's preference, whatever rk ranks by). lse
+ * (host, NULL: none): the engine's log-sum-exps of the rows, [q_heads][w]: one pass over
+ * the keys. */
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *ring,
-                 uint32_t n_scored, const struct gpu_rank *rk, float *ind_dev, double *entropy,
-                 double *variance);
+                 const float *lse, uint32_t n_scored, const struct gpu_rank *rk, float *ind_dev,
+                 double *entropy, double *variance);
 
 /* A cascading stage's evictions, all on the GPU, layers side by side on the context's
  * streams, one wait: each layer's indicator ind_dev ([kv_heads][old], device) picks the top

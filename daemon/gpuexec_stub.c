@@ -19,10 +19,10 @@ struct gpuctx *gpuexec_take(struct gpuexec *g)
 }
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c) { (void)g, (void)c; }
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
-                 uint32_t n_scored, const struct gpu_rank *rk, float *ind, double *entropy,
-                 double *variance)
+                 const float *lse, uint32_t n_scored, const struct gpu_rank *rk, float *ind,
+                 double *entropy, double *variance)
 {
-    (void)c, (void)l, (void)r, (void)n_scored, (void)rk;
+    (void)c, (void)l, (void)r, (void)lse, (void)n_scored, (void)rk;
     (void)ind, (void)entropy, (void)variance;
     return -ENOTSUP;
 }

@@ -300,9 +300,10 @@ static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage
     uint64_t id;
     uint32_t layer;
     double pref = 0;
+    int lse = 0;
     if (observe) {
         const Cake__LayerRef *m = (const Cake__LayerRef *)msg;
-        id = m->seq_id, layer = m->layer;
+        id = m->seq_id, layer = m->layer, lse = m->lse;
     } else {
         const Cake__PrefillSubmit *m = (const Cake__PrefillSubmit *)msg;
         id = m->seq_id, layer = m->layer, pref = m->preference;
@@ -314,8 +315,11 @@ static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage
     }
     const char *why = "";
     int rc = seq_prefill_check(q, layer, &why);
+    if (!rc) /* the engine's log-sum-exps: copied out and checked before the job */
+        rc = seq_take_lse(&s->env, q, layer, lse, &why);
     if (rc) {
-        srv_reply_error(s, c, rc, "%s", why);
+        srv_reply_error(s, c, rc == -ENOMEM ? CAKE_EINTERNAL : rc, "%s",
+                        rc == -ENOMEM ? "out of memory" : why);
         return;
     }
     struct seq **one = malloc(sizeof(*one));

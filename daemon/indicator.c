@@ -13,8 +13,8 @@ static enum kern_pool kern_pool_of(enum policy_pool p)
 }
 
 int indicator_layer(const struct policy_cfg *cfg, const struct kern_kv *kv, const void *q,
-                    enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q, uint32_t S,
-                    int n_threads, float *ind, double *ent, double *var)
+                    const float *lse, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
+                    uint32_t S, int n_threads, float *ind, double *ent, double *var)
 {
     uint32_t Hkv = kv->kv_heads;
     int parity = cfg->mode == POLICY_PARITY;
@@ -22,7 +22,7 @@ int indicator_layer(const struct policy_cfg *cfg, const struct kern_kv *kv, cons
         .q = q, .q_dtype = q_dtype, .q_heads = q_heads, .n_q = n_q, .kv = kv, .n_scored = S,
         .gamma = cfg->gamma, .stats = parity ? KERN_STATS_REF : KERN_STATS_FP32,
         .round_dtype = cfg->model_dtype, .n_threads = n_threads,
-        .pool = kern_pool_of(cfg->pool), .pool_kernel = cfg->pool_kernel,
+        .pool = kern_pool_of(cfg->pool), .pool_kernel = cfg->pool_kernel, .lse = lse,
     };
     struct kern_score_out o = {.indicator = ind};
     double e = 0.0, v = 0.0;
@@ -47,12 +47,16 @@ int indicator_layer(const struct policy_cfg *cfg, const struct kern_kv *kv, cons
     case POLICY_IND_LAST: {
         /* the newest query of every head alone: it sees every key */
         size_t row = (size_t)kv->head_dim * kern_dtype_size(q_dtype);
-        char *last = malloc(row * q_heads);
+        char *last = malloc(row * q_heads + sizeof(float) * q_heads);
         if (!last)
             return -ENOMEM;
-        for (uint32_t h = 0; h < q_heads; h++)
+        float *last_lse = (float *)(last + row * q_heads);
+        for (uint32_t h = 0; h < q_heads; h++) {
             memcpy(last + h * row, (const char *)q + ((size_t)h * n_q + n_q - 1) * row, row);
-        a.q = last, a.n_q = 1, a.gamma = 0.0f;
+            if (lse)
+                last_lse[h] = lse[(size_t)h * n_q + n_q - 1];
+        }
+        a.q = last, a.n_q = 1, a.gamma = 0.0f, a.lse = lse ? last_lse : NULL;
         /* S <= n - n_q <= n - 1: the single row's own column is never among them */
         rc = kern_score_layer(&a, &o);
         free(last);

@@ -16,10 +16,11 @@
  * kv are scored (S <= kv->n_tokens - n_q). ind receives [kv_heads][S]. ent and var (may be
  * NULL) receive the window's entropy and variance sums when the policy allocates by
  * preference, else 0. POLICY_IND_POSITION ranks slot j by j (slots are in positional
- * order in fixed mode) with the first cfg->sinks slots above every other. Returns 0,
- * -EINVAL or -ENOMEM. */
+ * order in fixed mode) with the first cfg->sinks slots above every other. lse (may be
+ * NULL): the rows' log-sum-exps, [q_heads][n_q] (kern.h: one pass over the keys). Returns
+ * 0, -EINVAL or -ENOMEM. */
 int indicator_layer(const struct policy_cfg *cfg, const struct kern_kv *kv, const void *q,
-                    enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q, uint32_t S,
-                    int n_threads, float *ind, double *ent, double *var);
+                    const float *lse, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
+                    uint32_t S, int n_threads, float *ind, double *ent, double *var);
 
 #endif

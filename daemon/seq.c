@@ -1,5 +1,6 @@
 /* seq.c - sequences in the pool (see seq.h). */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -53,6 +54,47 @@ static uint64_t host_ring_bytes(const struct seq *s)
 float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s)
 {
     return (float *)((uint8_t *)scratch_ptr(e, s) + host_ring_bytes(s));
+}
+
+/* Bytes of the indicator area, 64-aligned; after it (either placement) the engine's
+ * log-sum-exps [L][H][w] f32 (cake_put_lse: libcake finds them there the same way). */
+static uint64_t ind_area_bytes(uint64_t kv_heads, uint64_t S)
+{
+    return (kv_heads * S * 4 + 63) & ~UINT64_C(63);
+}
+
+static uint64_t lse_area_bytes(uint64_t layers, uint64_t q_heads, uint64_t w)
+{
+    return layers * q_heads * w * 4;
+}
+
+static const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
+{
+    return (const float *)((const uint8_t *)seq_indicator_ptr(e, s) +
+                           ind_area_bytes(s->Hkv, seq_scored_len(s))) +
+           (size_t)l * s->H * s->cfg.window;
+}
+
+int seq_take_lse(const struct seq_env *e, struct seq *s, uint32_t layer, int take,
+                 const char **why)
+{
+    size_t n = (size_t)s->H * s->cfg.window;
+    if (!take) {
+        free(s->lse);
+        s->lse = NULL;
+        return 0;
+    }
+    if (!s->lse && !(s->lse = malloc(sizeof(float) * n))) /* charged at open (heap_bytes) */
+        return -ENOMEM;
+    memcpy(s->lse, seq_lse_ptr(e, s, layer), sizeof(float) * n); /* the engine may write on */
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(s->lse[i])) {
+            free(s->lse);
+            s->lse = NULL;
+            *why = "a window row's log-sum-exp is not finite";
+            return CAKE_EINVAL;
+        }
+    return 0;
 }
 
 
@@ -252,7 +294,9 @@ static struct geom geometry(const struct seq_env *e, const struct seq_open_args 
     g.desc_bytes = (shm_desc_bytes(a->layers, g.max_pages, a->kv_heads, g.ring.pages) + 63) & ~63ull;
     uint64_t ring_layer = ((uint64_t)a->q_heads * cfg->window * row + 63) & ~UINT64_C(63);
     uint64_t S = a->prompt_len > cfg->window ? a->prompt_len - cfg->window : 0;
-    uint64_t scratch = (a->gpu ? 0 : (uint64_t)a->layers * ring_layer) + (uint64_t)a->kv_heads * S * 4;
+    uint64_t scratch = (a->gpu ? 0 : (uint64_t)a->layers * ring_layer) +
+                       ind_area_bytes(a->kv_heads, S) +
+                       lse_area_bytes(a->layers, a->q_heads, cfg->window);
     g.win_n = (g.desc_bytes + scratch + pb - 1) / pb;
     g.rp = (uint64_t)a->layers * g.ring.pages;
     return g;
@@ -320,7 +364,8 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->gpu = a->gpu, s->gpu_dev = a->gpu ? a->gpu_dev : 0;
     s->ring = geo.ring;
     uint64_t desc_bytes = geo.desc_bytes, win_n = geo.win_n, rp = geo.rp;
-    CAKE_CHECK(geo.desc_bytes + host_ring_bytes(s) + (uint64_t)s->Hkv * seq_scored_len(s) * 4 <=
+    CAKE_CHECK(geo.desc_bytes + host_ring_bytes(s) + ind_area_bytes(s->Hkv, seq_scored_len(s)) +
+                   lse_area_bytes(s->L, s->H, cfg.window) <=
                win_n * pb);
     if (win_n > e->pool->pages || (s->gpu && rp > GPOOL(e, s)->pages)) {
         /* also keeps the counts below inside 32 bits */
@@ -349,6 +394,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->heap_bytes = cakeseq_heap_bytes(&cfg, s->Hkv, s->n) +
                     (uint64_t)s->L * (sizeof(*s->layer) + sizeof(*s->pub) + 4ull * s->max_pages) +
                     4ull * (win_n + rp + 1) + 4ull * s->Hkv * S /* pending indicator */ +
+                    4ull * s->H * cfg.window /* the engine's log-sum-exps (seq_take_lse) */ +
                     (s->gpu ? 4ull * s->L * s->Hkv * S : 0) /* the GPU's indicators */ +
                     (cfg.accumulate ? 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1) : 0) +
                     seq_positions_bound(s);
@@ -484,6 +530,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     free(s->layer);
     free(s->pub);
     free(s->pend_ind);
+    free(s->lse);
     seq_exec(s)->prefill_done(e, s); /* what the executor kept for the prefill */
     if (s->gpu) { /* H2O's, which outlive the prefill */
         gpuexec_dev_free(GEXEC(e, s), s->ind_dev);

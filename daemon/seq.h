@@ -91,6 +91,9 @@ struct seq {
     /* a layer scored but not yet allocated (seq_prefill_score -> seq_prefill_apply; a shard
      * group's two jobs): the worker of the job that has the sequence owns them */
     float *pend_ind;
+    /* the engine's log-sum-exps for the layer observed next (seq_take_lse): a private copy,
+     * checked; NULL when the observe did not bring them */
+    float *lse;
     float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
                                 the GPU (selection happens there); NULL otherwise (H2O keeps
                                 them until its first decode step) */
@@ -172,6 +175,12 @@ int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const ch
 
 /* Prefill observe/submit: check (loop), work (worker), commit (loop). */
 int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why);
+/* Observe with the engine's log-sum-exps of the layer's window rows (cake_put_lse): copies
+ * them out of the window into s->lse and checks them (loop, before the job; the job uses
+ * the copy, one pass over the keys); take = 0: this observe has none (s->lse freed).
+ * Returns 0, CAKE_EINVAL (one not finite) or -ENOMEM. */
+int seq_take_lse(const struct seq_env *e, struct seq *s, uint32_t layer, int take,
+                 const char **why);
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
                       double pref, struct seq_result *r);
 /* The same in two halves, for shard groups: score (indicator kept in the sequence, the

@@ -84,7 +84,8 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
         struct gpu_rank rk = gpu_rank_of(s);
         /* the window's statistics where indicator.c takes them (the preference) */
         int stats = !(rk.last || rk.position) || s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
-        rc = gpuctx_score(gc, &gl, &gr, S, &rk, dst, stats ? &r->ent : NULL, stats ? &r->var : NULL);
+        rc = gpuctx_score(gc, &gl, &gr, s->lse, S, &rk, dst, stats ? &r->ent : NULL,
+                          stats ? &r->var : NULL);
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }

@@ -21,7 +21,7 @@ static int host_score(const struct seq_env *e, struct seq *s, uint32_t layer, in
         if (!pages)
             return -ENOMEM;
         struct kern_kv kv = seq_layer_view(e, s, layer, pages);
-        int rc = indicator_layer(&s->cfg, &kv, seq_ring_ptr(e, s, layer), s->dt, s->H,
+        int rc = indicator_layer(&s->cfg, &kv, seq_ring_ptr(e, s, layer), s->lse, s->dt, s->H,
                                  s->cfg.window, S, e->threads, ind, &r->ent, &r->var);
         free(pages);
         return rc;

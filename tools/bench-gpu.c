@@ -330,6 +330,42 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     printf("  GPU sequence, %u layers x %u tokens: prefill observe round trip per layer %.1f us median "
            "(layer 0 %.1f us, layer %u %.1f us)\n", L, n, dmedian(obs_sorted, (int)L), obs[0], L - 1,
            obs[L - 1]);
+    { /* the same prompt again, each layer with the engine's log-sum-exps (cake_put_lse, from
+         the device): one pass over the keys; the values random rows give, ln(keys seen) +
+         var(logit) / 2 (they do not change the time) */
+        cake_seq *s2 = NULL;
+        float *lh = malloc(sizeof(float) * H * W), *dl;
+        for (uint32_t r = 0; r < (uint32_t)(H * W); r++)
+            lh[r] = logf((float)(n - W + r % W + 1)) + 1.0f / 18.0f;
+        CK(cudaMalloc((void **)&dl, sizeof(float) * H * W));
+        CK(cudaMemcpy(dl, lh, sizeof(float) * H * W, cudaMemcpyHostToDevice));
+        free(lh);
+        rc = cake_seq_open(c, &lay, &pol, n, steps + 1, &s2);
+        for (uint32_t l = 0; l < L && !rc; l++) {
+            if ((rc = cake_prefill_reserve(s2, l)))
+                break;
+            uint32_t np;
+            const uint64_t *pg = cake_layer_pages(s2, l, &np);
+            for (uint32_t i = 0; i < np; i++)
+                CK(cudaMemcpyAsync(base + pg[i], src + (i * page_kv) % (rnd_bytes - page_kv),
+                                   page_kv, cudaMemcpyDeviceToDevice, 0));
+            if ((rc = cake_put_queries(s2, l, qsrc, W, NULL)) || (rc = cake_put_lse(s2, l, dl, W, NULL)))
+                break;
+            CK(cudaStreamSynchronize(0));
+            double t0 = util_now_s();
+            rc = cake_prefill_observe(s2, l, NULL);
+            obs[l] = (util_now_s() - t0) * 1e6;
+        }
+        if (rc)
+            printf("  with log-sum-exps: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        else
+            printf("  the same with the engine's log-sum-exps (cake_put_lse): %.1f us median per layer\n",
+                   dmedian(obs, (int)L));
+        if (s2)
+            cake_seq_close(s2);
+        cudaFree(dl);
+        rc = 0;
+    }
     double dec[64];
     cake_seq *one[1] = {s};
     uint32_t t_before = cake_layer_tokens(s, 0);

@@ -5,7 +5,8 @@ on the GPU; reading the pool through FlashInfer's HND description (kv_cache, tab
 plain torch gives, slot for slot, the original rows at the positions caked reports
 (kept_positions), after prefill and after decode steps; Batch's one launch per layer equals
 a float32 torch reference (GQA) over that cache; a CUDA graph captured once replays the
-same after further decode steps (the device tables change under it). Exit 77 without
+same after further decode steps (the device tables change under it); with the rows'
+log-sum-exps from torch the scoring is one pass and keeps what two passes keep. Exit 77 without
 torch's CUDA or a GPU. Needs CAKE_LIB and CAKED_BIN."""
 import os
 import shutil
@@ -185,6 +186,49 @@ class GpuHFCache(unittest.TestCase):
                                        return_dict_in_generate=True,
                                        **({self.hf.cache_kwarg(self.model): cache} if cache else {}),
                                        **kw)
+
+    def test_prefill_with_the_models_lse(self):
+        """The window rows' log-sum-exps as a device tensor (cg.put_lse, computed here with
+        torch.logsumexp as a model's attention would return them): caked scores each layer
+        in one pass over its keys on the GPU, with the preferences (1e-3) and kept tokens
+        (up to near-ties) of the two-pass scoring; a NaN among them is refused."""
+        dev = torch.device("cuda")
+        gen = torch.Generator(device=dev).manual_seed(int(time.time()))
+        n = 900
+        a, b = (self.c.open_sequence(L, H, HKV, D, n, dtype="bf16", cache_size=C, window=W,
+                                     placement="gpu") for _ in range(2))
+        dev = cg.device_of(a)
+        for l in range(L):
+            k = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
+            v = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
+            q = torch.randn(H, n, D, device=dev, generator=gen).bfloat16()
+            z = torch.einsum("hwd,htd->hwt", q[:, -W:].double(),
+                             k.double().repeat_interleave(H // HKV, dim=0)) / D ** 0.5
+            z = z.masked_fill(torch.arange(n, device=dev)[None, None, :] >
+                              (n - W + torch.arange(W, device=dev))[None, :, None], float("-inf"))
+            lse = torch.logsumexp(z, dim=-1).float()  # [H][W]
+            for s in (a, b):
+                s.reserve(l)
+                cg.write_kv(s, l, k, v)
+                cg.put_queries(s, l, q)
+            if l == 0:
+                bad = lse.clone()
+                bad[2, 5] = float("nan")
+                cg.put_lse(b, l, bad)
+                torch.cuda.synchronize()
+                with self.assertRaisesRegex(caked.InvalidArgument, "log-sum-exp"):
+                    b.observe(l)
+            cg.put_lse(b, l, lse)
+            torch.cuda.synchronize()
+            pa, pb = a.observe(l), b.observe(l)
+            self.assertLessEqual(abs(pa - pb), 1e-3 * abs(pa), f"layer {l}: {pa} vs {pb}")
+        for l in range(L):
+            self.assertLessEqual(abs(a.budget(l) - b.budget(l)), 1)
+            for g in range(HKV):
+                ka, kb = set(a.kept_positions(l, g)), set(b.kept_positions(l, g))
+                self.assertLessEqual(len(ka ^ kb), 2 + len(ka) // 50,
+                                     f"layer {l} head {g}: kept sets differ beyond near-ties")
+        a.close(), b.close()
 
     def test_full_policy_and_batches_on_the_gpu(self):
         lens = (700, 333, 512)

@@ -137,6 +137,76 @@ class Policies(unittest.TestCase):
                     assert_topk(self, pos[g][:b], ind[g], b, f"layer {l} head {g}")
         return True
 
+    def test_observe_with_the_engines_lse(self):
+        """With each window row's log-sum-exp from the engine (cake_put_lse; computed here in
+        float64), caked scores in one pass: the same preferences as without (1e-4), every
+        layer's kept set the top of the reference indicator at its budget, for CAKE and for
+        TOVA (the newest row's alone). An lse off by one moves the preference (it is what is
+        used); a NaN is refused with the reason and the layer can be observed again."""
+        def lse_of(q, k):
+            z = np.stack([q[h].astype(np.float64) @ k[h // G].astype(np.float64).T / np.sqrt(D)
+                          for h in range(H)])
+            n = k.shape[1]
+            for i in range(W):
+                z[:, i, n - W + i + 1:] = -np.inf
+            m = z.max(axis=-1, keepdims=True)
+            return (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))).astype(np.float32)
+
+        rng = np.random.default_rng()
+        with caked.Client(self.d.sock) as c:
+            for pol, how in (({}, "mean+var"), ({"policy": "tova"}, "last")):
+                a = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W, **pol)
+                b = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W, **pol)
+                data = []
+                for l in range(L):
+                    k = rng.standard_normal((HKV, N, D)).astype(np.float32)
+                    k[:, 0] *= 4
+                    v = rng.standard_normal((HKV, N, D)).astype(np.float32)
+                    q = rng.standard_normal((H, W, D)).astype(np.float32)
+                    pa, pb = [], []
+                    for s, p in ((a, pa), (b, pb)):
+                        s.reserve(l)
+                        s.write_layer(l, k, v)
+                        s.queries(l)[:] = q
+                    if l == 0:
+                        with self.assertRaises(ValueError):
+                            b.put_lse(l, np.zeros((H + 1, W), np.float32))
+                        bad = lse_of(q, k)
+                        bad[1, 3] = np.nan
+                        b.put_lse(l, bad)
+                        with self.assertRaisesRegex(caked.InvalidArgument, "log-sum-exp"):
+                            b.observe(l)
+                    b.put_lse(l, lse_of(q, k))
+                    P_a, P_b = a.observe(l), b.observe(l)
+                    self.assertAlmostEqual(P_b, P_a, delta=1e-4 * abs(P_a) + 1e-12, msg=f"layer {l}")
+                    data.append((k, v, q))
+                for l, (k, _, q) in enumerate(data):
+                    self.assertLessEqual(abs(a.budget(l) - b.budget(l)), 1)
+                    ind = indicator(window_attention(q, k), S, how, "avg" if how != "last" else "none",
+                                    5 if how != "last" else 1)
+                    if how == "last":
+                        ind[:] = ind.mean(axis=0)  # TOVA: one ranking for every kv head
+                    for g, found in enumerate(self.positions(b, l, k)):
+                        assert_topk(self, found[:len(found) - W], ind[g], len(found) - W,
+                                    f"{how} layer {l} head {g}")
+                a.close(), b.close()
+            # an lse off by one (every row's probabilities e times too small): another preference
+            s = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W)
+            k = rng.standard_normal((HKV, N, D)).astype(np.float32)
+            q = rng.standard_normal((H, W, D)).astype(np.float32)
+            s.reserve(0)
+            s.write_layer(0, k, k)
+            s.queries(0)[:] = q
+            s.put_lse(0, lse_of(q, k) + 1)
+            P_off = s.observe(0)
+            t = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W)
+            t.reserve(0)
+            t.write_layer(0, k, k)
+            t.queries(0)[:] = q
+            P_true = t.observe(0)
+            self.assertGreater(abs(P_off - P_true), 1e-2 * abs(P_true), "the lse given is used")
+            s.close(), t.close()
+
     def test_snapkv_h2o_tova_streaming_select_as_the_reference(self):
         with caked.Client(self.d.sock, service="py-policies") as c:
             for pol, how, pooling, ksz, shared, streaming in [

@@ -315,6 +315,19 @@ CAKE_API void *cake_value(const cake_seq *seq, uint32_t layer, uint32_t kv_head,
 CAKE_API int cake_put_queries(cake_seq *seq, uint32_t layer, const void *q, uint32_t n,
                               void *stream);
 CAKE_API int cake_put_decode_query(cake_seq *seq, uint32_t layer, const void *q, void *stream);
+/* The log-sum-exp of each window query row, lse [q_heads][n] f32 (the last min(n, w) of
+ * each head, like cake_put_queries' rows): ln sum_j exp(q.k_j / sqrt(head_dim)) over the keys
+ * the row attends to, as the engine's own attention over the prompt computes it
+ * (FlashAttention's softmax_lse, torch's flex_attention with return_lse). Written before
+ * cake_prefill_observe of that layer, it lets caked score the layer in one pass over its keys
+ * instead of two; that observe alone uses it (a later one of the layer needs it again). lse
+ * may be host memory, or device memory for GPU sequences (queued on stream and complete
+ * before the observe, like the queries). caked refuses an observe whose values are not
+ * finite (CAKE_EINVAL); values that are not the rows' normalizers give scores that are not
+ * CAKE's. Returns 0, CAKE_EINVAL (no such layer, NULL lse or n == 0), -ENOTSUP (a caked
+ * without room for them, or device memory without CUDA in libcake) or -EIO. */
+CAKE_API int cake_put_lse(cake_seq *seq, uint32_t layer, const float *lse, uint32_t n,
+                          void *stream);
 /* The ring slot of the query of the token cake_decode_step reserved last (UINT32_MAX: no
  * such layer). */
 CAKE_API uint32_t cake_decode_slot(const cake_seq *seq, uint32_t layer);

@@ -144,6 +144,7 @@ def _load():
         "cake_seq_on_gpu": (I, [P]),
         "cake_seq_page_layout": (I, [P, ctypes.POINTER(U64), ctypes.POINTER(U64)]),
         "cake_put_queries": (I, [P, U32, P, U32, P]),
+        "cake_put_lse": (I, [P, U32, P, U32, P]),
         "cake_put_decode_query": (I, [P, U32, P, P]),
         "cake_gpu_count": (U32, [P]),
         "cake_gpu_uuid_at": (ctypes.c_char_p, [P, U32]),
@@ -430,6 +431,17 @@ class Sequence:
         it = np.dtype(self._np).itemsize
         return _view(addr, (self.q_heads, self.head_dim), self._np,
                      strides=(self.window * self.head_dim * it, it))
+
+    def put_lse(self, layer, lse):
+        """The log-sum-exp of each window query row, lse [q_heads][n] (host memory; the last
+        `window` of each head): the next observe of the layer scores in one pass with them
+        (cake_put_lse). GPU sequences take device tensors through caked.gpu.put_lse."""
+        lse = np.ascontiguousarray(lse, dtype=np.float32)
+        if lse.ndim != 2 or lse.shape[0] != self.q_heads:
+            raise ValueError(f"lse must be [q_heads={self.q_heads}][n], not {list(lse.shape)}")
+        _check(self._ctx(), _L().cake_put_lse(self._handle, layer,
+                                              lse.ctypes.data_as(ctypes.c_void_p), lse.shape[1],
+                                              None))
 
     def indicator(self):
         """Zero-copy view of the indicator area for submit(): [kv_heads][prompt_len - window]."""

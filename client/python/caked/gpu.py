@@ -117,6 +117,17 @@ def put_queries(seq, layer, q):
                                              q.shape[1], _stream()))
 
 
+def put_lse(seq, layer, lse):
+    """lse [q_heads][n] (a float32 device tensor, or a host one): each window row's
+    log-sum-exp, as the model's attention returned it; the next observe of the layer scores
+    in one pass with them (cake_put_lse), on torch's current stream."""
+    lse = lse.to(torch.float32).contiguous()
+    if lse.dim() != 2 or lse.shape[0] != seq.q_heads:
+        raise ValueError(f"lse must be [q_heads={seq.q_heads}][n], not {list(lse.shape)}")
+    _check(seq._ctx(), _L().cake_put_lse(seq._handle, layer, ctypes.c_void_p(lse.data_ptr()),
+                                         lse.shape[1], _stream()))
+
+
 def put_decode_query(seq, layer, q):
     """The newest token's query [q_heads][head_dim] into the ring (after a decode step)."""
     q = q.to(_TORCH[seq.dtype][0]).contiguous()
