@@ -142,6 +142,49 @@ class GpuTorch(unittest.TestCase):
         for s in seqs:
             s.close()
 
+    def test_prefill_with_the_engines_lse(self):
+        """The window rows' log-sum-exps as a device tensor (cg.put_lse, computed here with
+        torch.logsumexp as a model's attention would return them): caked scores each layer
+        in one pass over its keys on the GPU, with the preferences (1e-3) and kept tokens
+        (up to near-ties) of the two-pass scoring; a NaN among them is refused."""
+        dev = torch.device("cuda")
+        gen = torch.Generator(device=dev).manual_seed(int(time.time()))
+        n = 900
+        a, b = (self.c.open_sequence(L, H, HKV, D, n, dtype="bf16", cache_size=C, window=W,
+                                     placement="gpu") for _ in range(2))
+        dev = cg.device_of(a)
+        for l in range(L):
+            k = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
+            v = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
+            q = torch.randn(H, n, D, device=dev, generator=gen).bfloat16()
+            z = torch.einsum("hwd,htd->hwt", q[:, -W:].double(),
+                             k.double().repeat_interleave(H // HKV, dim=0)) / D ** 0.5
+            z = z.masked_fill(torch.arange(n, device=dev)[None, None, :] >
+                              (n - W + torch.arange(W, device=dev))[None, :, None], float("-inf"))
+            lse = torch.logsumexp(z, dim=-1).float()  # [H][W]
+            for s in (a, b):
+                s.reserve(l)
+                cg.write_kv(s, l, k, v)
+                cg.put_queries(s, l, q)
+            if l == 0:
+                bad = lse.clone()
+                bad[2, 5] = float("nan")
+                cg.put_lse(b, l, bad)
+                torch.cuda.synchronize()
+                with self.assertRaisesRegex(caked.InvalidArgument, "log-sum-exp"):
+                    b.observe(l)
+            cg.put_lse(b, l, lse)
+            torch.cuda.synchronize()
+            pa, pb = a.observe(l), b.observe(l)
+            self.assertLessEqual(abs(pa - pb), 1e-3 * abs(pa), f"layer {l}: {pa} vs {pb}")
+        for l in range(L):
+            self.assertLessEqual(abs(a.budget(l) - b.budget(l)), 1)
+            for g in range(HKV):
+                ka, kb = set(a.kept_positions(l, g)), set(b.kept_positions(l, g))
+                self.assertLessEqual(len(ka ^ kb), 2 + len(ka) // 50,
+                                     f"layer {l} head {g}: kept sets differ beyond near-ties")
+        a.close(), b.close()
+
 
 class GpuHFCache(unittest.TestCase):
     """caked.hf.CakedCache on GPU sequences under generate (a small random fp16 Llama on the
@@ -187,49 +230,6 @@ class GpuHFCache(unittest.TestCase):
                                        **({self.hf.cache_kwarg(self.model): cache} if cache else {}),
                                        **kw)
 
-    def test_prefill_with_the_models_lse(self):
-        """The window rows' log-sum-exps as a device tensor (cg.put_lse, computed here with
-        torch.logsumexp as a model's attention would return them): caked scores each layer
-        in one pass over its keys on the GPU, with the preferences (1e-3) and kept tokens
-        (up to near-ties) of the two-pass scoring; a NaN among them is refused."""
-        dev = torch.device("cuda")
-        gen = torch.Generator(device=dev).manual_seed(int(time.time()))
-        n = 900
-        a, b = (self.c.open_sequence(L, H, HKV, D, n, dtype="bf16", cache_size=C, window=W,
-                                     placement="gpu") for _ in range(2))
-        dev = cg.device_of(a)
-        for l in range(L):
-            k = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
-            v = torch.randn(HKV, n, D, device=dev, generator=gen).bfloat16()
-            q = torch.randn(H, n, D, device=dev, generator=gen).bfloat16()
-            z = torch.einsum("hwd,htd->hwt", q[:, -W:].double(),
-                             k.double().repeat_interleave(H // HKV, dim=0)) / D ** 0.5
-            z = z.masked_fill(torch.arange(n, device=dev)[None, None, :] >
-                              (n - W + torch.arange(W, device=dev))[None, :, None], float("-inf"))
-            lse = torch.logsumexp(z, dim=-1).float()  # [H][W]
-            for s in (a, b):
-                s.reserve(l)
-                cg.write_kv(s, l, k, v)
-                cg.put_queries(s, l, q)
-            if l == 0:
-                bad = lse.clone()
-                bad[2, 5] = float("nan")
-                cg.put_lse(b, l, bad)
-                torch.cuda.synchronize()
-                with self.assertRaisesRegex(caked.InvalidArgument, "log-sum-exp"):
-                    b.observe(l)
-            cg.put_lse(b, l, lse)
-            torch.cuda.synchronize()
-            pa, pb = a.observe(l), b.observe(l)
-            self.assertLessEqual(abs(pa - pb), 1e-3 * abs(pa), f"layer {l}: {pa} vs {pb}")
-        for l in range(L):
-            self.assertLessEqual(abs(a.budget(l) - b.budget(l)), 1)
-            for g in range(HKV):
-                ka, kb = set(a.kept_positions(l, g)), set(b.kept_positions(l, g))
-                self.assertLessEqual(len(ka ^ kb), 2 + len(ka) // 50,
-                                     f"layer {l} head {g}: kept sets differ beyond near-ties")
-        a.close(), b.close()
-
     def test_full_policy_and_batches_on_the_gpu(self):
         lens = (700, 333, 512)
         rows = [torch.randint(3, 320, (1, n), device="cuda") for n in lens]
@@ -261,6 +261,29 @@ class GpuHFCache(unittest.TestCase):
                                  alone.sequences[0, lens[b]:], alone.logits, b, f"row {b}")
         print(f"CakedCache on GPU sequences: full policy = transformers' tokens (logits within "
               f"{worst:.3g}), 3 ragged rows = each alone under CAKE (up to near ties)")
+
+    def test_cake_prefill_with_the_models_lse(self):
+        """CakedCache hands caked each layer's window rows' log-sum-exps from torch's flash
+        attention over the prompt (batch 1, no padding): every layer scored in one pass, the
+        same tokens kept (up to near ties) and generated (up to ties) as with two passes."""
+        ids = torch.randint(3, 320, (1, 900), device="cuda")
+        got = {}
+        for lse in (True, False):
+            cache = self.hf.CakedCache(self.c, self.cfg, max_new_tokens=16, policy="cake",
+                                       cache_size=128, window=16, lse=lse)
+            out = self.generate(ids, cache)
+            kept = [[set(cache.seq.kept_positions(l, g)) for g in range(2)] for l in range(3)]
+            got[lse] = (out, kept, cache.lse_layers)
+            cache.close()
+        self.assertEqual(got[True][2], 3, "every layer had the model's log-sum-exps")
+        self.assertEqual(got[False][2], 0)
+        for l in range(3):
+            for g in range(2):
+                a, b = got[True][1][l][g], got[False][1][l][g]
+                self.assertLessEqual(len(a ^ b), 2 + len(a) // 20, f"layer {l} head {g}")
+        self.same_up_to_ties(got[True][0].sequences[0, 900:], got[True][0].logits,
+                             got[False][0].sequences[0, 900:], got[False][0].logits, 0,
+                             "one-pass against two-pass scoring")
 
 
 if __name__ == "__main__":

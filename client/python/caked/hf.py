@@ -112,10 +112,14 @@ class CakedCache(Cache):
     client: a connected caked.Client (map_pool=True). config: the model's config.
     max_new_tokens: tokens generate may add after the prompt (each sequence's decode room).
     placement: "auto" (the GPU pool where the model's device has one and its dtype is f16 or
-    bf16), "gpu" or "host". Policy keywords go to Client.open_sequence (policy, cache_size,
-    window, gamma, alloc, indicator, ...)."""
+    bf16), "gpu" or "host". lse: on GPU sequences, run the prompt's attention through torch's
+    flash kernel, which returns each row's log-sum-exp, and hand the window rows' to caked
+    (cake_put_lse: one pass over each layer's keys instead of two) where it can - a CUDA
+    model, no padding mask (batch 1 or equal lengths); elsewhere SDPA as before
+    (`lse_layers` counts the layers that had them). Policy keywords go to
+    Client.open_sequence (policy, cache_size, window, gamma, alloc, indicator, ...)."""
 
-    def __init__(self, client, config, max_new_tokens, placement="auto", **policy):
+    def __init__(self, client, config, max_new_tokens, placement="auto", lse=True, **policy):
         cfg = config.get_text_config(decoder=True)
         if placement not in ("auto", "gpu", "host"):
             raise InvalidArgument(-5005, "placement must be 'auto', 'gpu' or 'host'")
@@ -125,6 +129,7 @@ class CakedCache(Cache):
         self.policy = dict(policy)
         self.seqs, self.real, self.batch, self.gpu = [], [], None, None
         self.prefilled, self.decoded, self.seen = 0, 0, 0
+        self.lse, self.lse_layers = lse, 0
         self._masks = {}
         super().__init__(layers=[CakedLayer(self, l) for l in range(self.n_layers)])
 
@@ -156,7 +161,7 @@ class CakedCache(Cache):
                 self.n_layers, self.q_heads, key.shape[1], key.shape[-1], len(idx), dtype=dt,
                 max_new_tokens=self.max_new, **self.policy, **kw))
 
-    def _prefill(self, l, query, key, value, mask):
+    def _prefill(self, l, query, key, value, mask, lse=None):
         if not self.seqs:
             if l != 0:
                 raise StateError(-5009, "prefill must start at layer 0")
@@ -164,26 +169,39 @@ class CakedCache(Cache):
         w = self.seqs[0].window
         rows = [(key[b][:, i], value[b][:, i], query[b][:, i[-w:]])
                 for b, i in enumerate(self.real)]
-        self._prefill_rows(l, rows, key.shape[-2])
+        lses = None
+        if lse is not None and self.gpu is not None:  # the rows' from the model's attention
+            lses = [lse[b][:, i[-w:]] for b, i in enumerate(self.real)]
+        self._prefill_rows(l, rows, key.shape[-2], lses)
 
-    def _prefill_rows(self, l, rows, seen):
+    def _lse_ok(self, query, key, mask):
+        """May the prompt's attention of this forward give caked its rows' log-sum-exps?"""
+        return (self.lse and self.placement != "host" and mask is None and query.is_cuda and
+                query.dtype in (torch.float16, torch.bfloat16) and
+                query.shape[-2] == key.shape[-2])
+
+    def _prefill_rows(self, l, rows, seen, lses=None):
         """Layer l of every row: (keys, values [kv_heads][n][d], queries [H][>= 1][d], the
-        last `window` of them used) into its sequence, then caked scores and evicts."""
+        last `window` of them used) into its sequence, then caked scores and evicts; lses
+        (GPU sequences): each row's window rows' log-sum-exps [H][window]."""
         if l != self.prefilled:
             raise StateError(-5009, f"prefill of layer {l} out of order")
-        for s, (k, v, q) in zip(self.seqs, rows):
+        for b, (s, (k, v, q)) in enumerate(zip(self.seqs, rows)):
             w = s.window
             s.reserve(l)
             if self.gpu is not None:
                 from . import gpu as cg
                 cg.write_kv(s, l, k, v)
                 cg.put_queries(s, l, q[:, -w:])
+                if lses is not None:
+                    cg.put_lse(s, l, lses[b])
             else:
                 s.write_layer(l, _np_of(k), _np_of(v))
                 qn = _np_of(q[:, -w:])  # [H][<=w][d], oldest first
                 s.queries(l)[:, w - qn.shape[1]:] = qn
         if self.gpu is not None:  # caked reads what torch's stream wrote
             torch.cuda.current_stream(rows[0][0].device).synchronize()
+        self.lse_layers += lses is not None
         for s in self.seqs:
             s.observe(l)
         self.prefilled += 1
@@ -367,6 +385,27 @@ def decode(model, cache, tokens):
     return torch.stack(out)
 
 
+def _flash_with_lse(query, key, value, scaling):
+    """The prompt's causal attention (query, key, value [B][heads][n][d], no padding) through
+    torch's flash kernel, which also returns each row's log-sum-exp: (out [B][n][H][d], as
+    sdpa_attention_forward gives it, lse [B][H][n] f32), or (None, None) where that kernel
+    does not run here (SDPA runs instead)."""
+    G = query.shape[1] // key.shape[1]
+    if G * key.shape[1] != query.shape[1]:
+        return None, None
+    k = key.repeat_interleave(G, dim=1) if G > 1 else key  # head h reads kv head h // G
+    v = value.repeat_interleave(G, dim=1) if G > 1 else value
+    try:
+        r = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False,
+                                                               scale=scaling)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None, None
+    lse = r[1]
+    if lse.dim() != 3 or lse.shape[-1] < query.shape[-2]:
+        return None, None
+    return r[0].transpose(1, 2).contiguous(), lse[..., :query.shape[-2]].float()
+
+
 def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                     is_causal=None, **kwargs):
     """The "caked" attention: the model's own attention over the prompt (then the layer goes
@@ -385,10 +424,14 @@ def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         cache.rec_q[l] = query[0, :, -cache.window:].detach().clone()
         return out, None
     if phase == "prefill":
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                        dropout=dropout, scaling=scaling, is_causal=is_causal,
-                                        **kwargs)
-        cache._prefill(l, query, key, value, attention_mask)
+        out = lse = None
+        if dropout == 0.0 and cache._lse_ok(query, key, attention_mask):
+            out, lse = _flash_with_lse(query, key, value, scaling)
+        if out is None:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                            dropout=dropout, scaling=scaling,
+                                            is_causal=is_causal, **kwargs)
+        cache._prefill(l, query, key, value, attention_mask, lse)
         return out, None
     out = cache._decode_attention(l, query, key, value, scaling)
     cache._after_decode_attention(l, query)
