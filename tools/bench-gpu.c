@@ -426,6 +426,47 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     return 0;
 }
 
+/* One layer's inputs and buffers for time_score. */
+struct score_run {
+    struct kern_cuda_kv *kv;
+    uint32_t n;
+    const void *q;
+    float *ind;
+    uint32_t *idx;
+    void *tmp, *ws;
+    size_t wsb;
+    void *tws;
+    size_t twsb;
+    cudaEvent_t e0, e1;
+    int reps;
+};
+
+/* Median ms over reps runs (after 3 to warm up) of the layer's scoring (lse: one pass with
+ * them; NULL: two passes), with `select` its top-k and compaction too (the layer's n tokens
+ * restored before each run: compaction moves data). -1 when a kernel fails. */
+static double time_score(struct score_run *r, const float *lse, int select)
+{
+    float t[64];
+    uint32_t S = r->n - W;
+    for (int i = -3; i < r->reps; i++) {
+        r->kv->n_tokens = r->n;
+        cudaEventRecord(r->e0, 0);
+        if (kern_cuda_score_layer_pool(r->kv, r->q, lse, H, W, S, 200.0f, KERN_POOL_AVG, 2, r->ind,
+                                       NULL, NULL, r->ws, r->wsb, NULL))
+            return -1;
+        if (select) {
+            kern_cuda_topk_ws(r->ind, HKV, S, KEEP, r->idx, r->tws, r->twsb, NULL);
+            kern_cuda_compact(r->kv, r->idx, KEEP, S, W, r->tmp, NULL);
+        }
+        cudaEventRecord(r->e1, 0);
+        CK(cudaEventSynchronize(r->e1));
+        CK(cudaGetLastError());
+        if (i >= 0)
+            cudaEventElapsedTime(&t[i], r->e0, r->e1);
+    }
+    return median(t, r->reps);
+}
+
 static void attention(double bw, int reps, int torch);
 
 int main(int argc, char **argv)
@@ -442,7 +483,7 @@ int main(int argc, char **argv)
             for (char *t = strtok(optarg, ","); t && ns < 8; t = strtok(NULL, ","))
                 sizes[ns++] = (uint32_t)strtoul(t, NULL, 0);
         } else if (o == 'r') {
-            reps = atoi(optarg) > 0 ? atoi(optarg) : 1;
+            reps = atoi(optarg) > 0 ? (atoi(optarg) < 64 ? atoi(optarg) : 64) : 1; /* up to 64 */
         } else if (o == 'n') {
             torch = 0;
         } else if (o == 'a') {
@@ -504,7 +545,6 @@ int main(int argc, char **argv)
         size_t wsb = kern_cuda_score_workspace(HKV, H, W, n, S);
         CK(cudaMalloc(&ws, wsb));
         struct kern_cuda_kv kv = {KERN_BF16, HKV, D, n, n, page, off, half};
-        float t[64], t2[64], t3[64], t4[64], t5[64];
         /* the engine's log-sum-exps (one pass): their values do not change the time; these
          * are what random rows give, ln(keys seen) + var(logit) / 2 */
         float *hl = malloc(sizeof(float) * H * W), *lse;
@@ -513,59 +553,16 @@ int main(int argc, char **argv)
         CK(cudaMalloc((void **)&lse, sizeof(float) * H * W));
         CK(cudaMemcpy(lse, hl, sizeof(float) * H * W, cudaMemcpyHostToDevice));
         free(hl);
+        struct score_run sr = {&kv, n, q, ind, idx, tmp, ws, wsb, tws, twsb, e0, e1, reps};
         kern_cuda_score_set_wmma(1);
-        for (int r = -3; r < reps; r++) {
-            cudaEventRecord(e0, 0);
-            if (kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL))
-                return 1;
-            cudaEventRecord(e1, 0);
-            CK(cudaEventSynchronize(e1));
-            if (r >= 0)
-                cudaEventElapsedTime(&t3[r], e0, e1);
-        }
+        double ms3 = time_score(&sr, NULL, 0); /* the WMMA passes */
         kern_cuda_score_set_wmma(0);
-        for (int r = -3; r < reps; r++) {
-            cudaEventRecord(e0, 0);
-            if (kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL))
-                return 1;
-            cudaEventRecord(e1, 0);
-            CK(cudaEventSynchronize(e1));
-            if (r >= 0)
-                cudaEventElapsedTime(&t[r], e0, e1);
-        }
-        for (int r = -3; r < reps; r++) { /* compaction moves data: restore n tokens each time */
-            kv.n_tokens = n;
-            cudaEventRecord(e0, 0);
-            kern_cuda_score_layer(&kv, q, H, W, S, 200.0f, ind, NULL, NULL, ws, wsb, NULL);
-            kern_cuda_topk_ws(ind, HKV, S, KEEP, idx, tws, twsb, NULL);
-            kern_cuda_compact(&kv, idx, KEEP, S, W, tmp, NULL);
-            cudaEventRecord(e1, 0);
-            CK(cudaEventSynchronize(e1));
-            CK(cudaGetLastError());
-            if (r >= 0)
-                cudaEventElapsedTime(&t2[r], e0, e1);
-        }
-        for (int pass = 0; pass < 2; pass++) /* with the engine's lse: score; + select, compact */
-            for (int r = -3; r < reps; r++) {
-                kv.n_tokens = n;
-                cudaEventRecord(e0, 0);
-                if (kern_cuda_score_layer_pool(&kv, q, lse, H, W, S, 200.0f, KERN_POOL_AVG, 2, ind,
-                                               NULL, NULL, ws, wsb, NULL))
-                    return 1;
-                if (pass) {
-                    kern_cuda_topk_ws(ind, HKV, S, KEEP, idx, tws, twsb, NULL);
-                    kern_cuda_compact(&kv, idx, KEEP, S, W, tmp, NULL);
-                }
-                cudaEventRecord(e1, 0);
-                CK(cudaEventSynchronize(e1));
-                CK(cudaGetLastError());
-                if (r >= 0)
-                    cudaEventElapsedTime(pass ? &t5[r] : &t4[r], e0, e1);
-            }
+        double ms = time_score(&sr, NULL, 0), ms2 = time_score(&sr, NULL, 1);
+        double ms4 = time_score(&sr, lse, 0), ms5 = time_score(&sr, lse, 1);
+        if (ms < 0 || ms2 < 0 || ms3 < 0 || ms4 < 0 || ms5 < 0)
+            return 1;
         /* the floor: the layer's key bytes read once at the rate the copy moved bytes
          * (read + write counted), which is what the memory sustains */
-        double ms = median(t, reps), ms2 = median(t2, reps), ms3 = median(t3, reps);
-        double ms4 = median(t4, reps), ms5 = median(t5, reps);
         double floor_us = (double)half / bw * 1e6;
         char why[160] = "--no-torch", tcol[48] = "         -        -";
         double tms = torch ? torch_ms(n, "score", why, sizeof why) : -1;
