@@ -251,10 +251,10 @@ class GpuHFCache(unittest.TestCase):
         out = self.generate(ids, cache, attention_mask=am, pad_token_id=0)
         self.assertEqual(len(cache.seqs), 3)
         for s in cache.seqs:  # CAKE's layers split (128 - 16) * 3 by preference: each layer
-            # within its own budget, the window and the token the last step reserved
+            # within its own budget, the window and the tokens generated (as gpu_smollm checks)
             self.assertLessEqual(sum(s.budget(l) for l in range(3)), (128 - 16) * 3)
             for l in range(3):
-                self.assertLessEqual(s.tokens(l), s.budget(l) + 16 + 1, f"layer {l}")
+                self.assertLessEqual(s.tokens(l), s.budget(l) + 16 + 16, f"layer {l}")
         cache.close()
         for b, r in enumerate(rows):
             one = self.hf.CakedCache(self.c, self.cfg, max_new_tokens=16, policy="cake",
