@@ -318,8 +318,7 @@ static void h_prefill(struct server *s, struct client *c, const ProtobufCMessage
     if (!rc) /* the engine's log-sum-exps: copied out and checked before the job */
         rc = seq_take_lse(&s->env, q, layer, lse, &why);
     if (rc) {
-        srv_reply_error(s, c, rc == -ENOMEM ? CAKE_EINTERNAL : rc, "%s",
-                        rc == -ENOMEM ? "out of memory" : why);
+        srv_reply_error(s, c, rc, "%s", why);
         return;
     }
     struct seq **one = malloc(sizeof(*one));

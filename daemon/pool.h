@@ -116,9 +116,9 @@ void pool_free_run(struct pool *p, uint32_t first, uint32_t n);
 /* n pages for owner: one run if there is one, else (flags & POOL_SCATTER) any free pages it
  * may have (all or nothing) into out[n]. 0 or -1. Pages that move (the default) keep out of
  * segments holding pinned pages while there is room elsewhere, and pinned pages crowd into
- * them: the fewer segments a pinned page holds, the more of a tenant can drain. Pages need not be contiguous: a structure that
- * wants to read as one range maps them side by side (pool_window); the GPU pool's are
- * reached through page tables. */
+ * them: the fewer segments a pinned page holds, the more of a tenant can drain. Pages need
+ * not be contiguous: a structure that wants to read as one range maps them side by side
+ * (pool_window); the GPU pool's are reached through page tables. */
 int pool_alloc_list(struct pool *p, uint32_t n, uint32_t owner, int flags, uint32_t *out);
 void pool_free_list(struct pool *p, const uint32_t *pages, uint32_t n);
 /* Can pool_window map scattered pages (a host pool whose pages map one by one)? Not

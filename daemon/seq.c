@@ -84,8 +84,10 @@ int seq_take_lse(const struct seq_env *e, struct seq *s, uint32_t layer, int tak
         s->lse = NULL;
         return 0;
     }
-    if (!s->lse && !(s->lse = malloc(sizeof(float) * n))) /* charged at open (heap_bytes) */
-        return -ENOMEM;
+    if (!s->lse && !(s->lse = malloc(sizeof(float) * n))) { /* charged at open (heap_bytes) */
+        *why = "out of memory";
+        return CAKE_EINTERNAL;
+    }
     memcpy(s->lse, seq_lse_ptr(e, s, layer), sizeof(float) * n); /* the engine may write on */
     for (size_t i = 0; i < n; i++)
         if (!isfinite(s->lse[i])) {

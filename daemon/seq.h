@@ -178,7 +178,7 @@ int seq_prefill_check(const struct seq *s, uint32_t layer, const char **why);
 /* Observe with the engine's log-sum-exps of the layer's window rows (cake_put_lse): copies
  * them out of the window into s->lse and checks them (loop, before the job; the job uses
  * the copy, one pass over the keys); take = 0: this observe has none (s->lse freed).
- * Returns 0, CAKE_EINVAL (one not finite) or -ENOMEM. */
+ * Returns 0, CAKE_EINVAL (one not finite) or CAKE_EINTERNAL (out of memory), *why set. */
 int seq_take_lse(const struct seq_env *e, struct seq *s, uint32_t layer, int take,
                  const char **why);
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
