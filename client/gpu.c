@@ -22,8 +22,9 @@ struct seq_gpu {
     float *ws;
     size_t ws_bytes;
     cudaEvent_t copied;
-    /* the device page tables (cake_device_tables): int32 tokens[L], then pages[L][max_pages]
-     * page indices; tab_host is their pinned shadow (what the device holds), refreshed on
+    /* the device page tables (cake_device_tables): int32 tokens[L], the decode query's ring
+     * slot of each layer slots[L] (-1: none reserved), then pages[L][max_pages] page
+     * indices; tab_host is their pinned shadow (what the device holds), refreshed on
      * tab_stream after every call that may change them */
     int32_t *tab_dev, *tab_host;
     cudaStream_t tab_stream;
@@ -234,18 +235,20 @@ static int tables_push(cake_seq *s, int full)
     cudaError_t e = cudaSuccess;
     for (uint32_t l = 0; l < L; l++) {
         uint32_t lo, hi;
-        int32_t *row = g->tab_host + L + (size_t)l * mp;
+        int32_t *row = g->tab_host + 2 * (size_t)L + (size_t)l * mp;
         int r = shadow_layer(s, l, &g->tab_host[l], row, &lo, &hi);
+        uint32_t slot = cake_decode_slot(s, l);
+        g->tab_host[L + l] = slot < s->hdr.window ? (int32_t)slot : -1;
         rc = rc ? rc : r;
         if (full)
             lo = 0, hi = mp;
         if (lo < hi && e == cudaSuccess)
-            e = cudaMemcpyAsync(g->tab_dev + L + (size_t)l * mp + lo, row + lo,
+            e = cudaMemcpyAsync(g->tab_dev + 2 * (size_t)L + (size_t)l * mp + lo, row + lo,
                                 sizeof(int32_t) * (hi - lo), cudaMemcpyHostToDevice, g->tab_stream);
     }
     if (e == cudaSuccess)
-        e = cudaMemcpyAsync(g->tab_dev, g->tab_host, sizeof(int32_t) * L, cudaMemcpyHostToDevice,
-                            g->tab_stream);
+        e = cudaMemcpyAsync(g->tab_dev, g->tab_host, sizeof(int32_t) * 2 * L,
+                            cudaMemcpyHostToDevice, g->tab_stream); /* counts and slots */
     if (e != cudaSuccess)
         return cake_set_err(s->ctx, -EIO, "device page tables: %s", cudaGetErrorString(e));
     return rc ? cake_set_err(s->ctx, rc, "a layer's page table disagrees with the GPU pool") : 0;
@@ -277,7 +280,7 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
     if (!g)
         return cake_set_err(c, -ENOMEM, "out of memory");
     if (!g->tab_dev) {
-        size_t n = (size_t)s->hdr.layers * (1 + (size_t)s->hdr.max_pages);
+        size_t n = (size_t)s->hdr.layers * (2 + (size_t)s->hdr.max_pages);
         int prev, rc = on_device(s, &prev);
         if (!rc && (cudaStreamCreateWithFlags(&g->tab_stream, cudaStreamNonBlocking) != cudaSuccess ||
                     cudaMalloc((void **)&g->tab_dev, sizeof(int32_t) * n) != cudaSuccess ||
@@ -297,7 +300,7 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
     if (tokens)
         *tokens = g->tab_dev;
     if (pages)
-        *pages = g->tab_dev + s->hdr.layers;
+        *pages = g->tab_dev + 2 * (size_t)s->hdr.layers;
     if (max_pages)
         *max_pages = s->hdr.max_pages;
     return 0;
@@ -311,7 +314,10 @@ struct cake_batch {
     uint32_t n, layers, capacity; /* capacity: the most tokens a sequence's pages hold */
     int device;
     struct kern_cuda_paged pk;
-    const int32_t **ptrs;         /* device [layers][2][n]: page rows, then counts */
+    const int32_t **ptrs;         /* device [layers][3][n]: page rows, counts, ring slots */
+    uint8_t **rings;              /* device [layers][n][q_heads][ring_parts]: where the rows of
+                                   * each head's ring part begin (rings never move) */
+    uint32_t ring_parts, ring_rows; /* parts a head's ring spans, rows in each part */
     float *ws;
     size_t ws_bytes;
 };
@@ -333,6 +339,7 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
         if (d->layers != d0->layers || d->q_heads != d0->q_heads || d->kv_heads != d0->kv_heads ||
             d->head_dim != d0->head_dim || d->dtype != d0->dtype ||
             d->tokens_per_page != d0->tokens_per_page || d->page_bytes != d0->page_bytes ||
+            d->window != d0->window ||
             seqs[i]->v_offset != s0->v_offset)
             return cake_set_err(c, CAKE_EINVAL, "sequence %zu's layout differs from the first's", i);
         cap_pages = d->max_pages > cap_pages ? d->max_pages : cap_pages;
@@ -352,17 +359,30 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
         .base = s0->kv_base, .page_bytes = d0->page_bytes,
         .pool_pages = s0->kv_bytes / d0->page_bytes, .v_offset_bytes = s0->v_offset,
     };
-    size_t np = (size_t)b->layers * 2 * n;
+    uint32_t L = b->layers, H = d0->q_heads, w = d0->window;
+    b->ring_parts = s0->ring.pages_per_head;
+    b->ring_rows = b->ring_parts == 1 ? w : s0->ring.rows_per_page;
+    size_t np = (size_t)L * 3 * n, nr = (size_t)L * n * H * b->ring_parts;
     const int32_t **host = malloc(sizeof(*host) * np);
-    int rc = host ? 0 : -ENOMEM;
+    uint8_t **rings = malloc(sizeof(*rings) * nr);
+    int rc = host && rings ? 0 : cake_set_err(c, -ENOMEM, "out of memory");
     for (size_t i = 0; i < n && !rc; i++) {
         const int32_t *tok, *pg;
         uint32_t mp;
         if ((rc = cake_device_tables(seqs[i], &tok, &pg, &mp)))
             break;
-        for (uint32_t l = 0; l < b->layers; l++) {
-            host[((size_t)l * 2) * n + i] = pg + (size_t)l * mp;
-            host[((size_t)l * 2 + 1) * n + i] = tok + l;
+        for (uint32_t l = 0; l < L; l++) {
+            host[((size_t)l * 3) * n + i] = pg + (size_t)l * mp;
+            host[((size_t)l * 3 + 1) * n + i] = tok + l;
+            host[((size_t)l * 3 + 2) * n + i] = tok + L + l; /* the ring slot */
+            for (uint32_t h = 0; h < H && !rc; h++)
+                for (uint32_t j = 0; j < b->ring_parts && !rc; j++) {
+                    uint8_t *row = cake_ring_row(seqs[i], l, h, j * b->ring_rows);
+                    rings[(((size_t)l * n + i) * H + h) * b->ring_parts + j] = row;
+                    if (!row)
+                        rc = cake_set_err(c, CAKE_EPROTO, "sequence %zu's layer %u query ring "
+                                                          "is outside this process's mapping", i, l);
+                }
         }
     }
     int prev;
@@ -371,12 +391,15 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
     if (!rc && (cudaSetDevice(b->device) != cudaSuccess ||
                 cudaMalloc((void **)&b->ptrs, sizeof(*host) * np) != cudaSuccess ||
                 cudaMemcpy(b->ptrs, host, sizeof(*host) * np, cudaMemcpyHostToDevice) != cudaSuccess ||
+                cudaMalloc((void **)&b->rings, sizeof(*rings) * nr) != cudaSuccess ||
+                cudaMemcpy(b->rings, rings, sizeof(*rings) * nr, cudaMemcpyHostToDevice) != cudaSuccess ||
                 cudaMalloc((void **)&b->ws, b->ws_bytes) != cudaSuccess)) {
         cudaGetLastError(); /* not sticky: the next launch's check must not see it */
         rc = cake_set_err(c, -ENOMEM, "a batch: no device memory for its tables and workspace");
     }
     cudaSetDevice(prev);
     free(host);
+    free(rings);
     if (rc) {
         cake_batch_destroy(b);
         return rc;
@@ -390,6 +413,7 @@ void cake_batch_destroy(cake_batch *b)
     if (!b)
         return;
     cudaFree(b->ptrs); /* waits for the device */
+    cudaFree(b->rings);
     cudaFree(b->ws);
     free(b->seqs);
     free(b);
@@ -409,7 +433,7 @@ int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out
     if (max_tokens > b->capacity)
         return cake_set_err(c, CAKE_EINVAL, "max_tokens %u exceeds what the sequences' pages "
                                             "hold (%u)", max_tokens, b->capacity);
-    const int32_t *const *pg = b->ptrs + (size_t)layer * 2 * b->n;
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 3 * b->n;
     int rc = kern_cuda_paged_decode(&b->pk, pg, pg + b->n, b->n, max_tokens ? max_tokens : 1, q,
                                     out, b->ws, b->ws_bytes, stream);
     if (rc == -EINVAL)
@@ -422,7 +446,19 @@ int cake_batch_append(cake_batch *b, uint32_t layer, const void *k, const void *
 {
     if (layer >= b->layers)
         return cake_set_err(b->ctx, CAKE_EINVAL, "layer %u of %u", layer, b->layers);
-    const int32_t *const *pg = b->ptrs + (size_t)layer * 2 * b->n;
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 3 * b->n;
     int rc = kern_cuda_paged_append(&b->pk, pg, pg + b->n, b->n, k, v, stream);
     return rc ? cake_set_err(b->ctx, rc, "batched K/V append: CUDA launch failed") : 0;
+}
+
+int cake_batch_put_decode_query(cake_batch *b, uint32_t layer, const void *q, void *stream)
+{
+    if (layer >= b->layers || !q)
+        return cake_set_err(b->ctx, CAKE_EINVAL, "layer %u of %u, or no queries", layer, b->layers);
+    const cake_seq *s0 = b->seqs[0];
+    const int32_t *const *slots = b->ptrs + ((size_t)layer * 3 + 2) * b->n;
+    int rc = kern_cuda_ring_put(b->rings + (size_t)layer * b->n * s0->hdr.q_heads * b->ring_parts,
+                                slots, b->n, s0->hdr.q_heads, b->ring_parts, b->ring_rows,
+                                s0->hdr.window, (uint32_t)s0->row_bytes, q, stream);
+    return rc ? cake_set_err(b->ctx, rc, "batched decode queries: CUDA launch failed") : 0;
 }

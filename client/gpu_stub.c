@@ -60,3 +60,9 @@ int cake_batch_append(cake_batch *b, uint32_t layer, const void *k, const void *
     (void)b, (void)layer, (void)k, (void)v, (void)stream;
     return -ENOTSUP; /* never reached: no batch is ever made */
 }
+
+int cake_batch_put_decode_query(cake_batch *b, uint32_t layer, const void *q, void *stream)
+{
+    (void)b, (void)layer, (void)q, (void)stream;
+    return -ENOTSUP; /* never reached: no batch is ever made */
+}

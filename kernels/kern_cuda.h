@@ -98,6 +98,15 @@ int kern_cuda_ring_gather(void *dst, const uint8_t *base, const uint64_t *page_o
                           uint32_t q_heads, uint32_t w, uint32_t row_bytes,
                           uint32_t rows_per_page, uint32_t heads_per_page,
                           uint32_t pages_per_head, uint32_t first, uint32_t n_q, void *stream);
+/* One decode query row per (sequence, query head) of a batch into its ring, the slot read
+ * on the device (graph capturable): sequence b's head h row goes to
+ *   rows[(b * q_heads + h) * parts + slot / part_rows] + (slot % part_rows) * row_bytes
+ * with slot = *slots[b] (rows: device pointers to where each part of a head's ring begins;
+ * slots: [batch] device pointers). A slot outside [0, w) skips the sequence. q: device
+ * [batch][q_heads][row_bytes]. Asynchronous; 0, -EINVAL or -EIO. */
+int kern_cuda_ring_put(uint8_t *const *rows, const int32_t *const *slots, uint32_t batch,
+                       uint32_t q_heads, uint32_t parts, uint32_t part_rows, uint32_t w,
+                       uint32_t row_bytes, const void *q, void *stream);
 
 /* Decode attention for one new token, over many layers in one launch (split-K, flash-
  * decoding style): for layer l and query head h (kv head h / (q_heads / kv_heads)),

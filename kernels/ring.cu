@@ -61,3 +61,47 @@ extern "C" int kern_cuda_ring_gather(void *dst, const uint8_t *base, const uint6
     CK(cudaGetLastError());
     return 0;
 }
+
+struct pparams {
+    uint8_t *const *rows;
+    const int32_t *const *slots;
+    const uint8_t *q;
+    uint32_t H, parts, part_rows, w, row, vec;
+};
+
+// one block per (sequence, head): its decode query row into the ring slot the device tables
+// hold now (read when the launch runs, so a captured launch follows every step)
+template <typename T>
+__global__ void ring_put(pparams p)
+{
+    uint32_t b = blockIdx.x, h = blockIdx.y;
+    int32_t slot = *p.slots[b];
+    if (slot < 0 || (uint32_t)slot >= p.w)
+        return;
+    uint8_t *dst = p.rows[((size_t)b * p.H + h) * p.parts + (uint32_t)slot / p.part_rows] +
+                   (size_t)((uint32_t)slot % p.part_rows) * p.row;
+    const T *src = (const T *)(p.q + ((size_t)b * p.H + h) * p.row);
+    for (uint32_t v = threadIdx.x; v < p.vec; v += blockDim.x)
+        ((T *)dst)[v] = src[v];
+}
+
+extern "C" int kern_cuda_ring_put(uint8_t *const *rows, const int32_t *const *slots,
+                                  uint32_t batch, uint32_t q_heads, uint32_t parts,
+                                  uint32_t part_rows, uint32_t w, uint32_t row_bytes,
+                                  const void *q, void *stream)
+{
+    if (!batch || !q_heads || !parts || !part_rows || !w || !row_bytes || row_bytes % 2 ||
+        (parts == 1 && part_rows < w) || (parts > 1 && (uint64_t)parts * part_rows < w))
+        return -EINVAL;
+    int wide = row_bytes % 16 == 0 && (uintptr_t)q % 16 == 0;
+    pparams p = {rows, slots, (const uint8_t *)q, q_heads, parts, part_rows, w, row_bytes,
+                 wide ? row_bytes / 16 : row_bytes / 2};
+    cudaStream_t st = (cudaStream_t)stream;
+    dim3 grid(batch, q_heads);
+    if (wide)
+        ring_put<uint4><<<grid, 64, 0, st>>>(p);
+    else
+        ring_put<uint16_t><<<grid, 64, 0, st>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}

@@ -10,8 +10,8 @@
  *    row in positional order, the window is intact; decode steps evict on the GPU.
  *  - cake_decode_attention against a double-precision reference over the read-back cache.
  *  - kept positions: caked's account equals the bytes' (GPU and host).
- *  - a batch: device page tables, K/V appended and attention in one launch per layer, a
- *    CUDA graph (test_batch).
+ *  - a batch: device page tables, K/V appended, attention and the decode queries into the
+ *    rings in one launch per layer each, a CUDA graph (test_batch).
  *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
  *    pages gives them all back.
  * Exit 77 without a GPU. */
@@ -455,9 +455,11 @@ static void test_batch(cake_ctx *c)
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    for (int l = 0; l < L; l++)
+    for (int l = 0; l < L; l++) {
         CHECK(cake_batch_attention(bt, l, q_dev, (uint16_t *)g_dev + (size_t)l * NB * H * D,
                                    N + 4, st) == 0, "captured attention of layer %d", l);
+        CHECK(cake_batch_put_decode_query(bt, l, q_dev, st) == 0, "captured queries of layer %d", l);
+    }
     CU(cudaStreamEndCapture(st, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     double max_err = 0;
@@ -493,6 +495,17 @@ static void test_batch(cake_ctx *c)
                     qb[i][h][j] = kern_f32_to_bf16(gauss());
         CU(cudaMemcpy(q_dev, qb, sizeof qb, cudaMemcpyHostToDevice));
         CU(cudaGraphLaunch(exec, st));
+        CU(cudaStreamSynchronize(st));
+        for (int i = 0; i < NB; i++) /* the replay put each query at this step's ring slot */
+            for (int l = 0; l < L; l++)
+                for (int h = 0; h < H && !fails; h++) {
+                    static uint16_t row[D];
+                    uint32_t slot = cake_decode_slot(b[i], l);
+                    CHECK(slot < W, "sequence %d layer %d: no decode slot", i, l);
+                    get(b[i], row, cake_query_row(b[i], l, h, slot), ROW);
+                    CHECK(!memcmp(row, qb[i][h], ROW), "step %d: sequence %d layer %d head %d: "
+                          "the ring's slot %u is not the query", step, i, l, h, slot);
+                }
         for (int l = 0; l < L && !fails; l++) {
             CHECK(cake_batch_attention(bt, l, q_dev, o_dev, 0, st) == 0, "attention: %s",
                   cake_errstr(c));
@@ -525,9 +538,10 @@ static void test_batch(cake_ctx *c)
     CHECK(!isnan(kern_bf16_to_f32(on[2][0][0])) && !memcmp(on[2], og[0][2], sizeof on[2]),
           "the others differ under a smaller bound");
     CHECK(cake_batch_attention(bt, L, q_dev, o_dev, 0, st) == CAKE_EINVAL, "layer out of range");
+    CHECK(cake_batch_put_decode_query(bt, L, q_dev, st) == CAKE_EINVAL, "queries: layer out of range");
     printf("batch: %d GPU sequences (%u, %u, %u prompt tokens), device tables equal the "
            "descriptors, one launch per layer within %.2g of doubles, a CUDA graph replays "
-           "after caked compacted\n", NB, len[0], len[1], len[2], max_err);
+           "after caked compacted and puts each step's queries in their ring slots\n", NB, len[0], len[1], len[2], max_err);
     cudaGraphExecDestroy(exec), cudaGraphDestroy(graph), cudaStreamDestroy(st);
     cudaFree(q_dev), cudaFree(o_dev), cudaFree(g_dev);
     cake_batch_destroy(bt);

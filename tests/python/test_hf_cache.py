@@ -165,6 +165,48 @@ class HFCache(unittest.TestCase):
                         self.assertLessEqual((x[b] - y[0]).abs().max().item(), 1e-4,
                                              f"{pol} row {b}")
 
+    def test_join_rows_prefilled_apart(self):
+        """Prompts prefilled one at a time (each its own forward and cache) and joined into one
+        cache (CakedCache.join) decode as a batch, each row with its own positions, to the
+        logits each row gives alone; the parts are left empty and a second join of them, or
+        a join of an unprefilled cache, is refused."""
+        lens, steps = (40, 33), 6
+        kw = caked.hf.cache_kwarg(self.model)
+        toks = torch.randint(3, self.cfg.vocab_size, (len(lens), steps))
+
+        def prefill(c, r):
+            cache = caked.hf.CakedCache(c, self.cfg, max_new_tokens=steps, policy="cake",
+                                        cache_size=16, window=8)
+            with torch.no_grad():
+                self.model(r, use_cache=True, **{kw: cache})
+            return cache
+
+        def step(cache, tok, pos):
+            with torch.no_grad():
+                return self.model(tok, position_ids=pos, use_cache=True, cache_position=torch.tensor(
+                    [int(pos.max())]), **{kw: cache}).logits[:, -1]
+
+        with caked.Client(self.d.sock, service="hf-join") as c:
+            parts = [prefill(c, self.ids[:, :n]) for n in lens]
+            joined = caked.hf.CakedCache.join(parts)
+            self.assertEqual([len(joined.seqs), [len(p.seqs) for p in parts], joined.seen],
+                             [2, [0, 0], max(lens)])
+            with self.assertRaises(caked.StateError):
+                caked.hf.CakedCache.join(parts)
+            got = [step(joined, toks[:, i:i + 1], torch.tensor([[n + i] for n in lens]))
+                   for i in range(steps)]
+            for b, n in enumerate(lens):
+                alone = prefill(c, self.ids[:, :n])
+                for i in range(steps):
+                    want = step(alone, toks[b:b + 1, i:i + 1], torch.tensor([[n + i]]))
+                    self.assertLessEqual((got[i][b] - want[0]).abs().max().item(), 1e-4,
+                                         f"row {b} step {i}")
+                self.assertEqual(joined.layer_tokens(b), alone.layer_tokens(0), f"row {b}")
+                alone.close()
+            joined.close()
+            with self.assertRaises(caked.StateError):
+                caked.hf.CakedCache.join([caked.hf.CakedCache(c, self.cfg, max_new_tokens=1)])
+
     def test_record_once_replay_for_every_policy(self):
         """A prompt recorded once (caked.hf.record) and replayed into a cache of each
         policy (CakedCache.replay, no forward of the model) keeps, layer by layer and head by

@@ -411,6 +411,14 @@ CAKE_API void cake_batch_destroy(cake_batch *batch);
  * the batch; asynchronous on stream, graph capturable. Returns 0, CAKE_EINVAL, -EIO. */
 CAKE_API int cake_batch_append(cake_batch *batch, uint32_t layer, const void *k, const void *v,
                                void *stream);
+/* Each sequence's new token's query (after a decode step: ring slot cake_decode_slot()) from
+ * device q [n][q_heads][head_dim] (the attention's q) into the layer's ring, one launch for
+ * the batch: cake_put_decode_query for all of them. The slots are read on the device from
+ * the tables libcake refreshes at each decode step, so a captured launch writes each step's
+ * slot. Asynchronous on stream; complete it before the next decode step. Returns 0,
+ * CAKE_EINVAL (no such layer, NULL q), -EIO. */
+CAKE_API int cake_batch_put_decode_query(cake_batch *batch, uint32_t layer, const void *q,
+                                         void *stream);
 
 /* Decode attention straight from the pool, for engines without a paged kernel of their
  * own (GPU sequences; libcake built with CUDA): for every layer l and query head h,

@@ -155,6 +155,7 @@ def _load():
         "cake_batch_attention": (I, [P, U32, P, P, U32, P]),
         "cake_batch_destroy": (None, [P]),
         "cake_batch_append": (I, [P, U32, P, P, P]),
+        "cake_batch_put_decode_query": (I, [P, U32, P, P]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

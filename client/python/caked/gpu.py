@@ -5,8 +5,8 @@ cache, [pages][2][kv_heads][tokens_per_page][head_dim] (kv_cache); each layer's 
 and token count are int32 device tensors that libcake keeps up to date after every call
 that changes them (tables); K/V go into the pages by torch's own indexing kernels
 (write_kv), queries into the rings on the device (put_queries, put_decode_query), and
-Batch runs one layer's decode attention for many sequences in one launch, capturable in a
-CUDA graph. Needs torch with CUDA and libcake built with CUDA.
+Batch runs one layer's decode attention, K/V append and decode queries for many sequences
+in one launch each, capturable in a CUDA graph. Needs torch with CUDA and libcake built with CUDA.
 """
 import ctypes
 
@@ -164,6 +164,14 @@ class Batch:
         _check(self._client._ctx, _L().cake_batch_append(
             self._h, layer, ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
             _stream()))
+
+    def put_decode_query(self, layer, q):
+        """q [n][q_heads][head_dim] (the sequences' dtype): each sequence's newest token's
+        query into its ring slot, one launch that reads the slots on the device (capturable),
+        on torch's current stream."""
+        q = q.contiguous()
+        _check(self._client._ctx, _L().cake_batch_put_decode_query(
+            self._h, layer, ctypes.c_void_p(q.data_ptr()), _stream()))
 
     def close(self):
         if self._h:

@@ -31,6 +31,7 @@ CakedCache, so an enabled model still runs with transformers' own caches.
 import inspect
 import math
 import threading
+import time
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from . import InvalidArgument, StateError, torch_view, _L
 
 _TORCH_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_TORCH_REV = {v: k for k, v in _TORCH_DTYPES.items()}
 _active = threading.local()  # the cache layer whose attention runs next on this thread
 
 
@@ -131,6 +133,9 @@ class CakedCache(Cache):
         self.prefilled, self.decoded, self.seen = 0, 0, 0
         self.lse, self.lse_layers = lse, 0
         self._masks = {}
+        self._device = None
+        self._driven, self._bound = False, 0  # set by a GraphDecoder: it asks for the steps
+        self.step_s = 0.0  # seconds spent in caked's decode steps (the requests alone)
         super().__init__(layers=[CakedLayer(self, l) for l in range(self.n_layers)])
 
     @property
@@ -149,6 +154,7 @@ class CakedCache(Cache):
             raise InvalidArgument(-5005, "placement='gpu' needs an f16/bf16 model on a GPU "
                                          "where caked has a GPU pool")
         self.gpu = pool if self.placement != "host" else None
+        self._device = key.device
         for b in range(B):  # the row's real tokens: those the last query attends to
             if mask is None:
                 idx = torch.arange(n, device=key.device)
@@ -230,16 +236,62 @@ class CakedCache(Cache):
             raise
         return cache
 
+    @classmethod
+    def join(cls, caches):
+        """One cache of B rows from B prefilled caches (each of one prompt run alone, e.g. a
+        batch too large for one forward of its prompts): their sequences, in order, become
+        the rows; the parts are emptied (closing them frees nothing). The same model, policy
+        and placement throughout; positions seen are the longest row's (pass each row's
+        positions to the decode of rows of different lengths)."""
+        caches = list(caches)
+        if not caches:
+            raise InvalidArgument(-5005, "join needs at least one cache")
+        a = caches[0]
+        for c in caches:
+            if c.prefilled != c.n_layers or c.decoded or not c.seqs:
+                raise StateError(-5009, "join takes caches whose prompt ran, before decode")
+            if (c.n_layers, c.q_heads, c.gpu, c.client, c.policy) != \
+                    (a.n_layers, a.q_heads, a.gpu, a.client, a.policy):
+                raise InvalidArgument(-5005, "join takes caches of one model, client, policy "
+                                             "and placement")
+        out = cls.__new__(cls)
+        Cache.__init__(out, layers=[CakedLayer(out, l) for l in range(a.n_layers)])
+        out.client, out.max_new, out.placement = a.client, a.max_new, a.placement
+        out.n_layers, out.q_heads, out.policy = a.n_layers, a.q_heads, dict(a.policy)
+        out.seqs = [s for c in caches for s in c.seqs]
+        out.real = [r for c in caches for r in c.real]
+        out.batch, out.gpu, out._device = None, a.gpu, a._device
+        out.prefilled, out.decoded = a.n_layers, 0
+        out.seen = max(c.seen for c in caches)
+        out.lse, out.lse_layers = a.lse, sum(c.lse_layers for c in caches)
+        out._masks, out._driven, out._bound, out.step_s = {}, False, 0, 0.0
+        for l in range(a.n_layers):  # the layers' own state (device, dtype) from the parts'
+            out.layers[l].__dict__.update({k: v for k, v in a.layers[l].__dict__.items()
+                                           if k not in ("cache", "layer")})
+        for c in caches:
+            if c.batch is not None:
+                c.batch.close()
+            c.seqs, c.real, c.batch = [], [], None
+        return out
+
     # -- decode --------------------------------------------------------------------------
+    def _begin_step(self, rows):
+        """The decode step's request: caked evicts by the steps before and reserves a slot."""
+        if self.prefilled != self.n_layers:
+            raise StateError(-5009, "decode before the prompt was prefilled")
+        if rows != len(self.seqs):
+            raise InvalidArgument(-5005, "the batch changed size after the prompt")
+        if self.gpu is not None:  # caked reads the rings and pages the last step wrote
+            torch.cuda.current_stream(self._device).synchronize()
+        t = time.perf_counter()
+        self.client.decode_step(self.seqs)
+        self.step_s += time.perf_counter() - t
+        self.decoded += 1
+        self.seen += 1
+
     def _decode(self, l, k, v):
-        if l == 0:
-            if self.prefilled != self.n_layers:
-                raise StateError(-5009, "decode before the prompt was prefilled")
-            if k.shape[0] != len(self.seqs):
-                raise InvalidArgument(-5005, "the batch changed size after the prompt")
-            self.client.decode_step(self.seqs)  # evicts by the steps before, reserves a slot
-            self.decoded += 1
-            self.seen += 1
+        if l == 0 and not self._driven:
+            self._begin_step(k.shape[0])
         if self.gpu is not None:
             if self.batch is None:
                 from . import gpu as cg
@@ -270,7 +322,7 @@ class CakedCache(Cache):
             q = query[:, :, 0]
             if scaling is not None and not math.isclose(scaling, d ** -0.5, rel_tol=1e-6):
                 q = q * (scaling * math.sqrt(d))  # the kernel scales by 1/sqrt(d)
-            out = self.batch.attention(l, q.to(key.dtype))  # [B][H][d]
+            out = self.batch.attention(l, q.to(key.dtype), max_tokens=self._bound)  # [B][H][d]
             return out.unsqueeze(1)
         g = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(g, dim=1) if g > 1 else key
@@ -280,12 +332,11 @@ class CakedCache(Cache):
         return out.transpose(1, 2).contiguous()
 
     def _after_decode_attention(self, l, query):
+        if self.gpu is not None:  # every row's into its ring, one launch
+            self.batch.put_decode_query(l, query[:, :, -1].to(_TORCH_REV[self.seqs[0].dtype]))
+            return
         for b, s in enumerate(self.seqs):
-            if self.gpu is not None:
-                from . import gpu as cg
-                cg.put_decode_query(s, l, query[b, :, -1])
-            else:
-                s.decode_query(l)[:] = _np_of(query[b, :, -1])
+            s.decode_query(l)[:] = _np_of(query[b, :, -1])
 
     def _hole_mask(self, s, l, n):
         """[H, n] bool (True: attend) when the layer has Ada-KV holes, else None."""
@@ -319,6 +370,7 @@ class CakedCache(Cache):
 
     def close(self):
         """Frees the sequences in caked (also done when the client closes)."""
+        self._driven, self._bound = False, 0
         if self.batch is not None:
             self.batch.close()
             self.batch = None
@@ -331,6 +383,85 @@ class CakedCache(Cache):
 
     def crop(self, max_length):
         raise InvalidArgument(-5005, "CakedCache cannot crop (assisted decoding)")
+
+
+class GraphDecoder:
+    """Decode steps of `model` over a prefilled CakedCache on GPU sequences, each one request
+    to caked (it evicts by the steps before and reserves the new token's slot) and one replay
+    of a CUDA graph of the whole forward: every layer's K/V append, attention and decode query
+    are captured launches that read the device page tables and ring slots libcake refreshes
+    at each step, so the host's per-layer Python (transformers' own loop) leaves the step,
+    as engines do with CUDA graphs. The first step runs the forward eagerly (warming up
+    kernels and the allocator) and captures the graph; later steps replay it. From then on
+    the decoder drives the cache's decode (close() gives it back; the cache's next eager
+    forward then asks for its steps again).
+
+        dec = caked.hf.GraphDecoder(model, cache)   # after the prompt's forward
+        for _ in range(n): logits = dec.step(tok); tok = logits.argmax(-1)
+
+    step(tokens [B], positions [B] or None) -> logits [B][vocab] of the new tokens (a view
+    of the graph's output: copy it to keep it past the next step); positions default to the
+    next position after everything the cache has seen (equal-length rows)."""
+
+    def __init__(self, model, cache):
+        if cache.gpu is None or not cache.seqs:
+            raise InvalidArgument(-5005, "GraphDecoder needs a CakedCache on GPU sequences "
+                                         "whose prompt ran")
+        if cache.prefilled != cache.n_layers:
+            raise StateError(-5009, "decode before the prompt was prefilled")
+        self.model, self.cache = model, cache
+        dev, B = cache._device, len(cache.seqs)
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.cpos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = self.logits = None
+        # the attention's launch is sized once: no layer grows by more than a token a step
+        held = max(t for r in range(B) for t in cache.layer_tokens(r))
+        self.bound = held + cache.max_new - cache.decoded
+
+    def _forward(self):
+        kw = {cache_kwarg(self.model): self.cache}
+        return self.model(self.ids, position_ids=self.pos, cache_position=self.cpos,
+                          use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
+
+    def step(self, tokens, positions=None):
+        c = self.cache
+        if not c.seqs:
+            raise StateError(-5009, "the cache was closed")
+        c._begin_step(tokens.numel())
+        self.ids.copy_(tokens.reshape(-1, 1))
+        if positions is None:
+            self.pos.fill_(c.seen - 1)
+        else:
+            self.pos.copy_(positions.reshape(-1, 1))
+        self.cpos.fill_(c.seen - 1)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        dev = c._device
+        c._driven, c._bound = True, self.bound
+        _active.no_mask = True  # the batch attention needs none: no mask of a moving size
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side), torch.no_grad():
+                out = self._forward().clone()  # this step, eagerly
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g), torch.no_grad():
+                self.logits = self._forward()  # captured, not run
+            self.graph = g
+        except BaseException:
+            c._driven, c._bound = False, 0
+            raise
+        finally:
+            _active.no_mask = False
+        return out
+
+    def close(self):
+        """Drops the graph; the cache's own forward asks for its steps again."""
+        self.graph = self.logits = None
+        self.cache._driven, self.cache._bound = False, 0
 
 
 class Record:
@@ -445,10 +576,19 @@ def cache_kwarg(model):
     return "cache" if "cache" in params else "past_key_values"
 
 
+def caked_mask(*args, **kwargs):
+    """SDPA's mask, but none while a GraphDecoder runs or captures its forward (its batch
+    attention reads each row's tokens from the page tables; a mask would change size every
+    step, which a graph cannot)."""
+    if getattr(_active, "no_mask", False):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def enable(model):
     """Registers the "caked" attention and makes `model` use it (falls back to SDPA when
     its cache is not a CakedCache). Returns the model."""
     AttentionInterface.register("caked", caked_attention)
-    AttentionMaskInterface.register("caked", sdpa_mask)
+    AttentionMaskInterface.register("caked", caked_mask)
     model.set_attn_implementation("caked")
     return model
