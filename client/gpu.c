@@ -183,11 +183,32 @@ int cake_gpu_put_rows(cake_seq *s, uint32_t l, const uint8_t *src, size_t head_s
     return e == cudaSuccess ? 0 : cake_set_err(c, -EIO, "queries: %s", cudaGetErrorString(e));
 }
 
+/* The host pool's segments are registered with CUDA one by one (cake.c, host_seg_map), and
+ * CUDA refuses a copy whose host range spans two registrations even where the segments lie
+ * side by side: a destination in the pool that crosses a segment's end is copied row by row,
+ * each row split there. */
 int cake_gpu_copy_2d(cake_seq *s, void *dst, size_t dpitch, const void *src, size_t spitch,
                      size_t width, size_t rows, void *stream)
 {
-    cudaError_t e = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDefault,
-                                      (cudaStream_t)stream);
+    const cake_ctx *c = s->ctx;
+    uint8_t *d = dst;
+    const uint8_t *from = src;
+    size_t span = rows ? (rows - 1) * dpitch + width : 0;
+    cudaError_t e = cudaSuccess;
+    if (!span || d < c->pool || d >= c->pool + c->pool_bytes || !c->seg_bytes ||
+        (size_t)(d - c->pool) / c->seg_bytes == (size_t)(d + span - 1 - c->pool) / c->seg_bytes)
+        e = cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDefault,
+                              (cudaStream_t)stream);
+    else
+        for (size_t r = 0; r < rows && e == cudaSuccess; r++)
+            for (size_t at = 0; at < width && e == cudaSuccess;) {
+                size_t off = (size_t)(d + r * dpitch + at - c->pool);
+                size_t room = c->seg_bytes - off % c->seg_bytes, k = width - at;
+                k = k < room ? k : room;
+                e = cudaMemcpyAsync(d + r * dpitch + at, from + r * spitch + at, k,
+                                    cudaMemcpyDefault, (cudaStream_t)stream);
+                at += k;
+            }
     return e == cudaSuccess ? 0 : cake_set_err(s->ctx, -EIO, "copy: %s", cudaGetErrorString(e));
 }
 

@@ -142,6 +142,19 @@ class GpuTorch(unittest.TestCase):
         for s in seqs:
             s.close()
 
+    def test_lse_area_wider_than_a_segment(self):
+        """Log-sum-exps from device memory into a window whose area for them (64 layers x
+        64 heads x 256 rows, 4 MiB) is wider than a host segment (4 MiB): every layer's copy
+        is taken, the one over a segment's end included (each segment is registered with
+        CUDA apart, and one copy across two registrations is refused)."""
+        s = self.c.open_sequence(64, 64, 8, 64, 1000, dtype="bf16", cache_size=512, window=256,
+                                 placement="gpu")
+        lse = torch.rand(64, 256, device=cg.device_of(s)) + 5
+        for l in range(64):
+            cg.put_lse(s, l, lse)
+        torch.cuda.synchronize()
+        s.close()
+
     def test_prefill_with_the_engines_lse(self):
         """The window rows' log-sum-exps as a device tensor (cg.put_lse, computed here with
         torch.logsumexp as a model's attention would return them): caked scores each layer

@@ -114,11 +114,11 @@ class CakedCache(Cache):
     client: a connected caked.Client (map_pool=True). config: the model's config.
     max_new_tokens: tokens generate may add after the prompt (each sequence's decode room).
     placement: "auto" (the GPU pool where the model's device has one and its dtype is f16 or
-    bf16), "gpu" or "host". lse: on GPU sequences, run the prompt's attention through torch's
-    flash kernel, which returns each row's log-sum-exp, and hand the window rows' to caked
+    bf16), "gpu" or "host". lse: on GPU sequences, run the prompt's attention through cuDNN's
+    kernel, which returns each row's log-sum-exp, and hand the window rows' to caked
     (cake_put_lse: one pass over each layer's keys instead of two) where it can - a CUDA
-    model, no padding mask (batch 1 or equal lengths); elsewhere SDPA as before
-    (`lse_layers` counts the layers that had them). Policy keywords go to
+    model, no padding mask (batch 1 or equal lengths), torch with cuDNN attention; elsewhere
+    SDPA as before (`lse_layers` counts the layers that had them). Policy keywords go to
     Client.open_sequence (policy, cache_size, window, gamma, alloc, indicator, ...)."""
 
     def __init__(self, client, config, max_new_tokens, placement="auto", lse=True, **policy):
@@ -516,25 +516,28 @@ def decode(model, cache, tokens):
     return torch.stack(out)
 
 
-def _flash_with_lse(query, key, value, scaling):
+def _attention_with_lse(query, key, value, scaling):
     """The prompt's causal attention (query, key, value [B][heads][n][d], no padding) through
-    torch's flash kernel, which also returns each row's log-sum-exp: (out [B][n][H][d], as
-    sdpa_attention_forward gives it, lse [B][H][n] f32), or (None, None) where that kernel
-    does not run here (SDPA runs instead)."""
+    cuDNN's kernel, which also returns each row's log-sum-exp at no extra cost: (out
+    [B][n][H][d], as sdpa_attention_forward gives it, lse [B][H][n] f32), or (None, None)
+    where it does not run here (SDPA runs instead, and caked scores in two passes). Not
+    torch's flash kernel: on an H200 it takes twice SDPA's time (tools/bench-lse), more
+    than the pass it saves caked."""
     G = query.shape[1] // key.shape[1]
     if G * key.shape[1] != query.shape[1]:
         return None, None
     k = key.repeat_interleave(G, dim=1) if G > 1 else key  # head h reads kv head h // G
     v = value.repeat_interleave(G, dim=1) if G > 1 else value
     try:
-        r = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False,
-                                                               scale=scaling)
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(query, k, v, None, True, 0.0, True,
+                                                               False, scale=scaling)
     except (RuntimeError, NotImplementedError, AttributeError):
         return None, None
+    B, H, n = query.shape[:3]
     lse = r[1]
-    if lse.dim() != 3 or lse.shape[-1] < query.shape[-2]:
+    if lse.numel() < B * H * n or lse.shape[:2] != (B, H):
         return None, None
-    return r[0].transpose(1, 2).contiguous(), lse[..., :query.shape[-2]].float()
+    return r[0].transpose(1, 2).contiguous(), lse.reshape(B, H, -1)[..., :n].float()
 
 
 def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -557,7 +560,7 @@ def caked_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if phase == "prefill":
         out = lse = None
         if dropout == 0.0 and cache._lse_ok(query, key, attention_mask):
-            out, lse = _flash_with_lse(query, key, value, scaling)
+            out, lse = _attention_with_lse(query, key, value, scaling)
         if out is None:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
                                             dropout=dropout, scaling=scaling,
