@@ -24,6 +24,10 @@ queries go into the rings on the device, caked scores and compacts on the GPU, a
 attention is one launch per layer for the batch (caked.gpu.Batch) - no K/V crosses to the
 host. Otherwise (placement="host") the pool is host memory and K/V are copied in and out.
 
+Decode as one CUDA graph: GraphDecoder replays a capture of the whole forward each step
+after one request to caked (transformers' own loop is host-bound). Rows prefilled one at a
+time join into a batch cache (CakedCache.join).
+
 Limits: the prompt in one forward, then one token per forward (what generate does); no beam
 search or cropping. The "caked" attention falls back to SDPA for any forward not driven by a
 CakedCache, so an enabled model still runs with transformers' own caches.
