@@ -143,6 +143,7 @@ struct work {
     int phase;
     struct shard_group *group;
     int pressure;      /* made by pressure.c to make room (pressure_job_done completes it) */
+    uint32_t parts;    /* a decode step split over workers: parts still running (work.c) */
 };
 
 double srv_now_s(void);

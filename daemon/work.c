@@ -1,6 +1,7 @@
 /* work.c - requests that run on the workers (prefill observe/submit, decode steps): a job
- * per request, its run on a worker (each sequence's layers, skipped once its owner is gone),
- * and its completion on the loop (commit, accounting, the reply). Shard groups' two phases
+ * per request, its run on a worker (each sequence's layers, skipped once its owner is gone;
+ * a decode step of several sequences split over the workers), and its completion on the
+ * loop (commit, accounting, the reply). Shard groups' two phases
  * meet at shard.c's barrier. See server_int.h for who owns what while a job runs. */
 #define _GNU_SOURCE /* struct ucred (server_int.h) */
 #include <errno.h>
@@ -25,6 +26,45 @@ static int cancelled(struct seq *q, struct seq_result *r)
     return 1;
 }
 
+/* The decode step of sequences [from, to) of w: each sequence's own work, so parts of one
+ * step run on several workers at once (work_start splits it). */
+static void decode_run(struct work *w, uint32_t from, uint32_t to)
+{
+    const struct seq_env *e = &w->srv->env;
+    for (uint32_t i = from; i < to; i++) {
+        struct seq *q = w->seqs[i];
+        /* a parked sequence comes back first (its commit reads q->parked) */
+        if (q->moving && (seq_move_work(e, q, &w->res[i]), w->res[i].rc))
+            continue;
+        if (!cancelled(q, &w->res[i]) && seq_decode_needs_evict(q))
+            seq_decode_evict_work(e, q, &w->res[i]);
+        if (q->reloc) /* after the eviction: only what stays moves */
+            seq_reloc_work(e, q, &w->res[i]);
+    }
+}
+
+/* One worker's part of a split decode step; the step completes when its last part does. */
+struct work_part {
+    struct job job;
+    struct work *w;
+    uint32_t from, to;
+};
+
+static void part_run(struct job *j)
+{
+    struct work_part *p = (struct work_part *)j;
+    decode_run(p->w, p->from, p->to);
+}
+
+static void part_done(struct job *j) /* the loop thread, like every done */
+{
+    struct work_part *p = (struct work_part *)j;
+    struct work *w = p->w;
+    free(p);
+    if (--w->parts == 0)
+        work_done(&w->job);
+}
+
 static void work_run(struct job *j)
 {
     struct work *w = (struct work *)j;
@@ -37,16 +77,7 @@ static void work_run(struct job *j)
         for (uint32_t i = 0; i < w->n; i++)
             seq_move_work(e, w->seqs[i], &w->res[i]);
     } else if (w->type == MSG_DECODE_STEP) {
-        for (uint32_t i = 0; i < w->n; i++) {
-            struct seq *q = w->seqs[i];
-            /* a parked sequence comes back first (its commit reads q->parked) */
-            if (q->moving && (seq_move_work(e, q, &w->res[i]), w->res[i].rc))
-                continue;
-            if (!cancelled(q, &w->res[i]) && seq_decode_needs_evict(q))
-                seq_decode_evict_work(e, q, &w->res[i]);
-            if (q->reloc) /* after the eviction: only what stays moves */
-                seq_reloc_work(e, q, &w->res[i]);
-        }
+        decode_run(w, 0, w->n);
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
         if (!cancelled(w->seqs[0], &w->res[0]))
             seq_prefill_score(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
@@ -180,6 +211,37 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
         seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
 }
 
+/* A decode step of many sequences in parts, one per worker (sequences are independent in
+ * a step; each part takes a run of them); 0 where the parts could not be made (the step
+ * then runs whole on one worker). */
+static int split_decode(struct server *s, struct work *w)
+{
+    uint32_t k = (uint32_t)workers_count(s->workers);
+    k = k < w->n ? k : w->n;
+    struct work_part **p = calloc(k, sizeof(*p));
+    int ok = p != NULL;
+    for (uint32_t i = 0; i < k && ok; i++)
+        ok = (p[i] = calloc(1, sizeof(**p))) != NULL;
+    if (!ok) {
+        for (uint32_t i = 0; p && i < k; i++)
+            free(p[i]);
+        free(p);
+        return 0;
+    }
+    w->parts = k;
+    for (uint32_t i = 0; i < k; i++) {
+        p[i]->job = (struct job){.run = part_run, .done = part_done, .urgent = 1,
+                                 .owner = w->job.owner, .weight = w->job.weight};
+        p[i]->w = w;
+        p[i]->from = (uint32_t)((uint64_t)w->n * i / k);
+        p[i]->to = (uint32_t)((uint64_t)w->n * (i + 1) / k);
+    }
+    for (uint32_t i = 0; i < k; i++)
+        workers_submit(s->workers, &p[i]->job);
+    free(p);
+    return 1;
+}
+
 void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
                        uint32_t n, uint32_t layer, int observe, double pref)
 {
@@ -204,6 +266,8 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
+    if (type == MSG_DECODE_STEP && n > 1 && workers_count(s->workers) > 1 && split_decode(s, w))
+        return;
     workers_submit(s->workers, &w->job);
 }
 

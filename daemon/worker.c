@@ -150,6 +150,8 @@ void workers_submit(struct workers *w, struct job *j)
 int workers_fd(const struct workers *w) { return w->efd; }
 int workers_pending(const struct workers *w) { return w->pending; }
 
+int workers_count(const struct workers *w) { return w->n; }
+
 int workers_reap(struct workers *w)
 {
     uint64_t v;

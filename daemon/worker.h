@@ -36,5 +36,7 @@ int workers_fd(const struct workers *w);
 int workers_reap(struct workers *w);
 /* Jobs submitted and not yet reaped. */
 int workers_pending(const struct workers *w);
+/* The number of threads. */
+int workers_count(const struct workers *w);
 
 #endif

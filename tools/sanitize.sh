@@ -20,16 +20,17 @@ echo "== ASan + UBSan: unit and integration tests (tests and caked instrumented)
 # requests waiting for room, re-slice jobs, parking's refusals: the Python test drives an
 # instrumented caked (a report makes caked exit non-zero, which the test asserts)
 py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build/CMakeCache.txt)
-pressure() { # pressure CAKED: python.pressure, then python.policies (every policy, the
-    # engine's log-sum-exps and their refusal) against that caked
-    for t in test_pressure test_policies; do
+pytests() { # pytests CAKED: python.pressure, python.policies (every policy, the engine's
+    # log-sum-exps and their refusal) and python.hf_cache (batched decode steps, split over
+    # the workers) against that caked
+    for t in test_pressure test_policies test_hf_cache; do
         CAKE_LIB=$root/build/client/libcake.so CAKED_BIN=$1 CACHECTL_BIN=$root/build/tools/cachectl \
             "$py" "$root/tests/python/$t.py" || return 1
     done
 }
 if [ -n "$py" ]; then
-    echo "== ASan + UBSan: caked under pressure and every policy (tests/python)"
-    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 pressure "$root/build/asan/daemon/caked"
+    echo "== ASan + UBSan: caked under pressure, every policy, batched decode (tests/python)"
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 pytests "$root/build/asan/daemon/caked"
 fi
 
 # Criterion cannot run under TSan (its arena collides with TSan's shadow memory): the normal
@@ -48,8 +49,8 @@ echo "== TSan: caked under the integration tests"
 (cd build && OMP_NUM_THREADS=1 CAKE_TEST_CAKED_WRAP="$wrap" TSAN_OPTIONS="log_path=$logs/caked" \
     ctest --output-on-failure -j"$jobs" -R "^integration\." -E "^integration\.daemon")
 if [ -n "$py" ]; then
-    echo "== TSan: caked under pressure and every policy"
-    OMP_NUM_THREADS=1 TSAN_OPTIONS="log_path=$logs/caked" pressure "$root/build/tsan/daemon/caked"
+    echo "== TSan: caked under pressure, every policy, batched decode"
+    OMP_NUM_THREADS=1 TSAN_OPTIONS="log_path=$logs/caked" pytests "$root/build/tsan/daemon/caked"
 fi
 if ls "$logs"/caked.* >/dev/null 2>&1; then
     echo "TSan reported:"

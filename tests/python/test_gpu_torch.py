@@ -147,7 +147,7 @@ class GpuTorch(unittest.TestCase):
         64 heads x 256 rows, 4 MiB) is wider than a host segment (4 MiB): every layer's copy
         is taken, the one over a segment's end included (each segment is registered with
         CUDA apart, and one copy across two registrations is refused)."""
-        s = self.c.open_sequence(64, 64, 8, 64, 1000, dtype="bf16", cache_size=512, window=256,
+        s = self.c.open_sequence(64, 64, 64, 64, 1000, dtype="bf16", cache_size=512, window=256,
                                  placement="gpu")
         lse = torch.rand(64, 256, device=cg.device_of(s)) + 5
         for l in range(64):
