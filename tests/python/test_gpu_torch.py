@@ -136,8 +136,16 @@ class GpuTorch(unittest.TestCase):
                     ref = reference(q_static[i], k, v)
                     worst = max(worst, (direct[i].float() - ref).abs().max().item())
         self.assertLess(worst, 2e-2, "batched attention against float32 torch")
+        for bad in (q_static[:1], q_static.float(), q_static.cpu(), q_static[:, :, :D // 2]):
+            with self.assertRaises(caked.InvalidArgument):  # refused before any launch
+                batch.attention(0, bad)
+            with self.assertRaises(caked.InvalidArgument):
+                batch.put_decode_query(0, bad)
+        with self.assertRaises(caked.InvalidArgument):
+            batch.append(0, q_static, q_static)  # q_heads rows where kv_heads are wanted
         print(f"batched decode attention within {worst:.3g} of torch over {len(seqs)} "
-              f"sequences; graph replays equal")
+              f"sequences; graph replays equal; tensors of another shape, dtype or device "
+              f"refused")
         batch.close()
         for s in seqs:
             s.close()

@@ -146,12 +146,25 @@ class Batch:
         _check(client._ctx, _L().cake_batch_create(client._ctx, arr, len(seqs), ctypes.byref(h)))
         self._h = h
 
+    def _check_rows(self, what, t, heads):
+        """t must be a CUDA tensor [n][heads][head_dim] in the sequences' dtype."""
+        s0 = self.seqs[0]
+        want = (len(self.seqs), heads, s0.head_dim)
+        if not t.is_cuda or tuple(t.shape) != want or t.dtype != _TORCH[s0.dtype][0]:
+            raise InvalidArgument(-5005, f"{what} must be a CUDA {_TORCH[s0.dtype][0]} tensor "
+                                         f"{list(want)}, not {t.dtype} {list(t.shape)} on "
+                                         f"{t.device}")
+
     def attention(self, layer, q, out=None, max_tokens=0):
         """q [n][q_heads][head_dim] -> out, the same shape and dtype (softmax(q K^T/sqrt(d)) V
         over each sequence's tokens); on torch's current stream. max_tokens: a bound on
         every count (fixed: for CUDA graphs), 0 the counts now."""
+        self._check_rows("q", q, self.seqs[0].q_heads)
         q = q.contiguous()
         out = torch.empty_like(q) if out is None else out
+        self._check_rows("out", out, self.seqs[0].q_heads)
+        if not out.is_contiguous():
+            raise InvalidArgument(-5005, "out must be contiguous")
         _check(self._client._ctx, _L().cake_batch_attention(
             self._h, layer, ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(out.data_ptr()),
             max_tokens, _stream()))
@@ -160,6 +173,8 @@ class Batch:
     def append(self, layer, k, v):
         """k, v [n][kv_heads][head_dim]: each sequence's newest token (after a decode step)
         into its reserved slot, one launch, on torch's current stream."""
+        self._check_rows("k", k, self.seqs[0].kv_heads)
+        self._check_rows("v", v, self.seqs[0].kv_heads)
         k, v = k.contiguous(), v.contiguous()
         _check(self._client._ctx, _L().cake_batch_append(
             self._h, layer, ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
@@ -169,6 +184,7 @@ class Batch:
         """q [n][q_heads][head_dim] (the sequences' dtype): each sequence's newest token's
         query into its ring slot, one launch that reads the slots on the device (capturable),
         on torch's current stream."""
+        self._check_rows("q", q, self.seqs[0].q_heads)
         q = q.contiguous()
         _check(self._client._ctx, _L().cake_batch_put_decode_query(
             self._h, layer, ctypes.c_void_p(q.data_ptr()), _stream()))
