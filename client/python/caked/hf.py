@@ -243,10 +243,12 @@ class CakedCache(Cache):
     @classmethod
     def join(cls, caches):
         """One cache of B rows from B prefilled caches (each of one prompt run alone, e.g. a
-        batch too large for one forward of its prompts): their sequences, in order, become
-        the rows; the parts are emptied (closing them frees nothing). The same model, policy
-        and placement throughout; positions seen are the longest row's (pass each row's
-        positions to the decode of rows of different lengths)."""
+        batch too large for one forward of its prompts, or one record replayed under several
+        policies): their sequences, in order, become the rows, each keeping its own policy
+        and budget in caked; the parts are emptied (closing them frees nothing). One model,
+        client and placement throughout (GPU rows: one window); positions seen are the
+        longest row's (pass each row's positions to the decode of rows of different
+        lengths)."""
         caches = list(caches)
         if not caches:
             raise InvalidArgument(-5005, "join needs at least one cache")
@@ -254,14 +256,16 @@ class CakedCache(Cache):
         for c in caches:
             if c.prefilled != c.n_layers or c.decoded or not c.seqs:
                 raise StateError(-5009, "join takes caches whose prompt ran, before decode")
-            if (c.n_layers, c.q_heads, c.gpu, c.client, c.policy) != \
-                    (a.n_layers, a.q_heads, a.gpu, a.client, a.policy):
-                raise InvalidArgument(-5005, "join takes caches of one model, client, policy "
-                                             "and placement")
+            if (c.n_layers, c.q_heads, c.gpu, c.client) != (a.n_layers, a.q_heads, a.gpu,
+                                                               a.client):
+                raise InvalidArgument(-5005, "join takes caches of one model, client and "
+                                             "placement")
         out = cls.__new__(cls)
         Cache.__init__(out, layers=[CakedLayer(out, l) for l in range(a.n_layers)])
-        out.client, out.max_new, out.placement = a.client, a.max_new, a.placement
-        out.n_layers, out.q_heads, out.policy = a.n_layers, a.q_heads, dict(a.policy)
+        out.client, out.placement = a.client, a.placement
+        out.max_new = max(c.max_new for c in caches)
+        out.n_layers, out.q_heads = a.n_layers, a.q_heads
+        out.policy = dict(a.policy) if all(c.policy == a.policy for c in caches) else {}
         out.seqs = [s for c in caches for s in c.seqs]
         out.real = [r for c in caches for r in c.real]
         out.batch, out.gpu, out._device = None, a.gpu, a._device
@@ -507,17 +511,22 @@ def record(model, ids, window=32):
 
 def decode(model, cache, tokens):
     """Feeds tokens [n] one at a time after what `cache` holds (positions go on from
-    cache.get_seq_length()); returns the logits after each, [n][vocab] (teacher forcing)."""
+    cache.get_seq_length()); returns the logits after each, [n][vocab] (teacher forcing).
+    tokens [B][n] feeds a cache of B rows (e.g. CakedCache.join of one record replayed
+    under B policies) one step for all rows at a time: logits [B][n][vocab]."""
     kw = {cache_kwarg(model): cache}
+    dev = model.device
+    rows = tokens.dim() == 2
+    ids = (tokens if rows else tokens[None]).to(dev)
     out = []
     with torch.no_grad():
-        for t in tokens.tolist():
+        for i in range(ids.shape[1]):
             pos = cache.get_seq_length()
-            dev = model.device
-            r = model(torch.tensor([[t]], device=dev), use_cache=True,
+            r = model(ids[:, i:i + 1], use_cache=True,
                       cache_position=torch.tensor([pos], device=dev), **kw)
-            out.append(r.logits[0, -1])
-    return torch.stack(out)
+            out.append(r.logits[:, -1])
+    lg = torch.stack(out, 1)
+    return lg if rows else lg[0]
 
 
 def _attention_with_lse(query, key, value, scaling):
