@@ -212,12 +212,18 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
 }
 
 /* A decode step of many sequences in parts, one per worker (sequences are independent in
- * a step; each part takes a run of them); 0 where the parts could not be made (the step
+ * a step; each part takes a run of them); 0 where fewer than two sequences have work in
+ * the step (parts would only add their overhead) or the parts could not be made (the step
  * then runs whole on one worker). */
 static int split_decode(struct server *s, struct work *w)
 {
+    uint32_t busy = 0; /* sequences with work in this step: a step without is not split */
+    for (uint32_t i = 0; i < w->n; i++)
+        busy += w->seqs[i]->moving || w->seqs[i]->reloc || seq_decode_needs_evict(w->seqs[i]);
     uint32_t k = (uint32_t)workers_count(s->workers);
     k = k < w->n ? k : w->n;
+    if (busy < 2)
+        return 0;
     struct work_part **p = calloc(k, sizeof(*p));
     int ok = p != NULL;
     for (uint32_t i = 0; i < k && ok; i++)
