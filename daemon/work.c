@@ -211,15 +211,19 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
         seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
 }
 
-/* A decode step of many sequences in parts, one per worker (sequences are independent in
- * a step; each part takes a run of them); 0 where fewer than two sequences have work in
- * the step (parts would only add their overhead) or the parts could not be made (the step
- * then runs whole on one worker). */
+/* A decode step of many GPU sequences in parts, one per worker (sequences are independent
+ * in a step; each part takes a run of them): a GPU eviction is bound by the host issuing its
+ * launches, which several workers do side by side (bench-e2e: caked's step at batch 32 on
+ * an H200, 50 -> 20-25 ms). Host sequences' evictions already spread over the cores
+ * (--kernel-threads) and gained nothing split (cake-workload, 8 sequences, 2 cores). 0 where
+ * fewer than two GPU sequences have work in the step or the parts could not be made (the
+ * step then runs whole on one worker). */
 static int split_decode(struct server *s, struct work *w)
 {
-    uint32_t busy = 0; /* sequences with work in this step: a step without is not split */
+    uint32_t busy = 0; /* GPU sequences with work in this step */
     for (uint32_t i = 0; i < w->n; i++)
-        busy += w->seqs[i]->moving || w->seqs[i]->reloc || seq_decode_needs_evict(w->seqs[i]);
+        busy += w->seqs[i]->gpu && (w->seqs[i]->moving || w->seqs[i]->reloc ||
+                                    seq_decode_needs_evict(w->seqs[i]));
     uint32_t k = (uint32_t)workers_count(s->workers);
     k = k < w->n ? k : w->n;
     if (busy < 2)
