@@ -193,6 +193,8 @@ class HFCache(unittest.TestCase):
                              [2, [0, 0], max(lens)])
             with self.assertRaises(caked.StateError):
                 caked.hf.CakedCache.join(parts)
+            with self.assertRaises(caked.InvalidArgument):  # a CUDA graph needs GPU sequences
+                caked.hf.GraphDecoder(self.model, joined)
             got = [step(joined, toks[:, i:i + 1], torch.tensor([[n + i] for n in lens]))
                    for i in range(steps)]
             for b, n in enumerate(lens):
