@@ -214,10 +214,10 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
 /* A decode step of many GPU sequences in parts, one per worker (sequences are independent
  * in a step; each part takes a run of them): a GPU eviction is bound by the host issuing its
  * launches, which several workers do side by side (bench-e2e: caked's step at batch 32 on
- * an H200, 50 -> 20-25 ms). Host sequences' evictions already spread over the cores
- * (--kernel-threads) and gained nothing split (cake-workload, 8 sequences, 2 cores). 0 where
- * fewer than two GPU sequences have work in the step or the parts could not be made (the
- * step then runs whole on one worker). */
+ * an H200, 50 -> 20-25 ms). Host sequences gained nothing split (cake-workload, 8
+ * sequences, this project's 2-core VM) and stay one job. 0 where fewer than two GPU
+ * sequences have work in the step or the parts could not be made (the step then runs whole
+ * on one worker). */
 static int split_decode(struct server *s, struct work *w)
 {
     uint32_t busy = 0; /* GPU sequences with work in this step */
