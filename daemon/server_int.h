@@ -143,7 +143,16 @@ struct work {
     int phase;
     struct shard_group *group;
     int pressure;      /* made by pressure.c to make room (pressure_job_done completes it) */
-    uint32_t parts;    /* a decode step split over workers: parts still running (work.c) */
+    /* a decode step split over the workers (work.c): its parts, and how many still run */
+    struct work_part *part;
+    uint32_t parts;
+};
+
+/* One worker's part of a split decode step: sequences [from, to) of w. */
+struct work_part {
+    struct job job;
+    struct work *w;
+    uint32_t from, to;
 };
 
 double srv_now_s(void);

@@ -43,13 +43,6 @@ static void decode_run(struct work *w, uint32_t from, uint32_t to)
     }
 }
 
-/* One worker's part of a split decode step; the step completes when its last part does. */
-struct work_part {
-    struct job job;
-    struct work *w;
-    uint32_t from, to;
-};
-
 static void part_run(struct job *j)
 {
     struct work_part *p = (struct work_part *)j;
@@ -58,11 +51,9 @@ static void part_run(struct job *j)
 
 static void part_done(struct job *j) /* the loop thread, like every done */
 {
-    struct work_part *p = (struct work_part *)j;
-    struct work *w = p->w;
-    free(p);
+    struct work *w = ((struct work_part *)j)->w;
     if (--w->parts == 0)
-        work_done(&w->job);
+        work_done(&w->job); /* frees the parts with the work */
 }
 
 static void work_run(struct job *j)
@@ -110,7 +101,7 @@ static struct work *work_new(struct server *s, struct seq **seqs, uint32_t n)
 
 void work_free(struct work *w)
 {
-    free(w->seqs), free(w->res), free(w);
+    free(w->part), free(w->seqs), free(w->res), free(w);
 }
 
 static void work_done(struct job *j)
@@ -221,35 +212,22 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
  * on one worker). */
 static int split_decode(struct server *s, struct work *w)
 {
-    uint32_t busy = 0; /* GPU sequences with work in this step */
-    for (uint32_t i = 0; i < w->n; i++)
+    uint32_t busy = 0, k = (uint32_t)workers_count(s->workers);
+    for (uint32_t i = 0; i < w->n; i++) /* GPU sequences with work in this step */
         busy += w->seqs[i]->gpu && (w->seqs[i]->moving || w->seqs[i]->reloc ||
                                     seq_decode_needs_evict(w->seqs[i]));
-    uint32_t k = (uint32_t)workers_count(s->workers);
     k = k < w->n ? k : w->n;
-    if (busy < 2)
+    if (busy < 2 || k < 2 || !(w->part = calloc(k, sizeof(*w->part))))
         return 0;
-    struct work_part **p = calloc(k, sizeof(*p));
-    int ok = p != NULL;
-    for (uint32_t i = 0; i < k && ok; i++)
-        ok = (p[i] = calloc(1, sizeof(**p))) != NULL;
-    if (!ok) {
-        for (uint32_t i = 0; p && i < k; i++)
-            free(p[i]);
-        free(p);
-        return 0;
-    }
     w->parts = k;
-    for (uint32_t i = 0; i < k; i++) {
-        p[i]->job = (struct job){.run = part_run, .done = part_done, .urgent = 1,
-                                 .owner = w->job.owner, .weight = w->job.weight};
-        p[i]->w = w;
-        p[i]->from = (uint32_t)((uint64_t)w->n * i / k);
-        p[i]->to = (uint32_t)((uint64_t)w->n * (i + 1) / k);
-    }
     for (uint32_t i = 0; i < k; i++)
-        workers_submit(s->workers, &p[i]->job);
-    free(p);
+        w->part[i] = (struct work_part){
+            .job = {.run = part_run, .done = part_done, .urgent = 1, .owner = w->job.owner,
+                    .weight = w->job.weight},
+            .w = w, .from = (uint32_t)((uint64_t)w->n * i / k),
+            .to = (uint32_t)((uint64_t)w->n * (i + 1) / k)};
+    for (uint32_t i = 0; i < k; i++)
+        workers_submit(s->workers, &w->part[i].job);
     return 1;
 }
 
@@ -277,7 +255,7 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
-    if (type == MSG_DECODE_STEP && n > 1 && workers_count(s->workers) > 1 && split_decode(s, w))
+    if (type == MSG_DECODE_STEP && split_decode(s, w))
         return;
     workers_submit(s->workers, &w->job);
 }
