@@ -428,6 +428,100 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     return rc;
 }
 
+/* A decode step's layers in one launch (kern_cuda_decode_evict): -ENOTSUP where they differ
+ * in shapes or ranking or the kernel does not take them (the caller runs them layer by
+ * layer). The job table and every page table go up in one copy, the removed slots come back
+ * in one. */
+static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    const struct gpu_evict *a = &ev[0];
+    const struct gpu_rank *rk = &a->rk;
+    if (rk->last || rk->position || rk->shared)
+        return -ENOTSUP;
+    struct kern_cuda_evict ke = {
+        .dtype = a->l.dtype, .q_heads = a->ring.q_heads, .kv_heads = a->l.kv_heads,
+        .head_dim = a->l.head_dim, .tokens_per_page = a->l.tokens_per_page, .w = a->ring.w,
+        .base = a->l.base, .v_offset_bytes = a->l.v_offset_bytes,
+        .ring_rows_per_page = a->ring.rows_per_page, .ring_heads_per_page = a->ring.heads_per_page,
+        .ring_pages_per_head = a->ring.pages_per_head, .first = a->first, .n_q = a->n_q,
+        .gamma = rk->gamma, .pool = rk->pool, .radius = rk->radius,
+    };
+    uint32_t max_S = 0;
+    size_t tabs = al(sizeof(struct kern_cuda_evict_job) * n), evb = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct gpu_evict *e = &ev[i];
+        if (e->l.dtype != ke.dtype || e->l.kv_heads != ke.kv_heads || e->l.head_dim != ke.head_dim ||
+            e->l.tokens_per_page != ke.tokens_per_page || e->l.base != ke.base ||
+            e->l.v_offset_bytes != ke.v_offset_bytes || e->ring.base != ke.base ||
+            e->ring.q_heads != ke.q_heads || e->ring.w != ke.w ||
+            e->ring.rows_per_page != ke.ring_rows_per_page ||
+            e->ring.heads_per_page != ke.ring_heads_per_page ||
+            e->ring.pages_per_head != ke.ring_pages_per_head || e->first != ke.first ||
+            e->n_q != ke.n_q || memcmp(&e->rk, rk, sizeof(*rk)))
+            return -ENOTSUP;
+        uint32_t S = e->l.n_tokens - ke.w;
+        max_S = S > max_S ? S : max_S;
+        tabs += al(sizeof(uint64_t) * e->l.n_pages) + al(sizeof(uint64_t) * e->ring.n_pages);
+        evb += sizeof(uint32_t) * ke.kv_heads * (S - e->k);
+    }
+    if (kern_cuda_decode_evict_check(&ke, max_S))
+        return -ENOTSUP;
+    if (reserve(c, tabs + evb, tabs + evb))
+        return -ENOMEM;
+    /* staging and device alike: the jobs, each job's page offsets and ring offsets; then the
+     * removed slots (device, then back) */
+    struct kern_cuda_evict_job *jobs = (struct kern_cuda_evict_job *)c->hbuf;
+    size_t at = al(sizeof(*jobs) * n), out = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct gpu_evict *e = &ev[i];
+        uint64_t *po = (uint64_t *)(c->hbuf + at), *ro;
+        for (uint32_t p = 0; p < e->l.n_pages; p++)
+            po[p] = (uint64_t)e->l.pages[p] * e->l.page_bytes;
+        jobs[i].page_off = (const uint64_t *)(c->dbuf + at);
+        at += al(sizeof(uint64_t) * e->l.n_pages);
+        ro = (uint64_t *)(c->hbuf + at);
+        for (uint32_t p = 0; p < e->ring.n_pages; p++)
+            ro[p] = (uint64_t)e->ring.pages[p] * e->ring.page_bytes;
+        jobs[i].ring_off = (const uint64_t *)(c->dbuf + at);
+        at += al(sizeof(uint64_t) * e->ring.n_pages);
+        jobs[i].n_tokens = e->l.n_tokens, jobs[i].k = e->k, jobs[i].ind = NULL;
+        jobs[i].evicted = (uint32_t *)(c->dbuf + tabs + out);
+        out += sizeof(uint32_t) * ke.kv_heads * (e->l.n_tokens - ke.w - e->k);
+    }
+    int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
+                 ? 0 : -EIO;
+    if (!rc)
+        rc = kern_cuda_decode_evict(&ke, (const struct kern_cuda_evict_job *)c->dbuf, n, max_S,
+                                    c->stream);
+    if (!rc && evb &&
+        cudaMemcpyAsync(c->hbuf + tabs, c->dbuf + tabs, evb, cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
+        rc = -EIO;
+    if ((rc = finish(c, rc)))
+        return rc == -ENOTSUP ? -EIO : rc; /* launched: no second try layer by layer */
+    out = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        size_t b = sizeof(uint32_t) * ke.kv_heads * (ev[i].l.n_tokens - ke.w - ev[i].k);
+        memcpy(ev[i].evicted, c->hbuf + tabs + out, b);
+        out += b;
+    }
+    return 0;
+}
+
+/* The removed slots of each head's first S from its kept ones keep [hkv][k] (ascending). */
+static void kept_to_evicted(const uint32_t *keep, uint32_t hkv, uint32_t k, uint32_t S, uint32_t *ev)
+{
+    for (uint32_t g = 0; g < hkv; g++) {
+        const uint32_t *kp = keep + (size_t)g * k;
+        uint32_t *o = ev + (size_t)g * (S - k), i = 0;
+        for (uint32_t j = 0; j < S; j++) {
+            if (i < k && kp[i] == j)
+                i++;
+            else
+                *o++ = j;
+        }
+    }
+}
+
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     size_t dev = 0, host = 0;
@@ -440,9 +534,14 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         struct evict_plan p = plan_evict(e);
         dev += p.dev, host += p.host;
     }
+    if (!n)
+        return 0;
+    int rc = decode_evict_fused(c, ev, n);
+    if (rc != -ENOTSUP)
+        return rc;
     if (reserve(c, dev, host))
         return -ENOMEM;
-    int rc = 0;
+    rc = 0;
     size_t d = 0, h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct evict_plan p = plan_evict(&ev[i]);
@@ -456,7 +555,8 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct evict_plan p = plan_evict(&ev[i]);
-        memcpy(ev[i].keep, c->hbuf + h + p.pg + p.rg, sizeof(uint32_t) * ev[i].l.kv_heads * ev[i].k);
+        kept_to_evicted((const uint32_t *)(c->hbuf + h + p.pg + p.rg), ev[i].l.kv_heads, ev[i].k,
+                        ev[i].l.n_tokens - ev[i].ring.w, ev[i].evicted);
         h += p.host;
     }
     return rc;

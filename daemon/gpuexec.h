@@ -107,7 +107,8 @@ struct gpu_evict {
     struct gpu_ring ring;
     uint32_t first, n_q, k;
     struct gpu_rank rk;
-    uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
+    uint32_t *evicted;           /* host [kv_heads][n_tokens - w - k]: receives the removed
+                                    slots, ascending */
 };
 
 /* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's
@@ -128,9 +129,12 @@ int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j);
 int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src, uint32_t rows,
                     uint32_t n, float scale);
 
-/* Runs n evictions (a decode step's layers) side by side on the context's streams and
- * waits for all of them. Returns 0 or the first error (then the layers' contents are
- * undefined: the CUDA context has failed). */
+/* Runs n evictions (a decode step's layers) and waits for all of them: in one launch
+ * (kern_cuda_decode_evict) where the layers share their shapes and ranking and the kernel
+ * takes them (mean + gamma * var ranked with average or no pooling: CAKE's and its
+ * ablations'), else layer by
+ * layer, side by side on the context's streams. Returns 0 or the first error (then the
+ * layers' contents are undefined: the CUDA context has failed). */
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 
 #endif

@@ -179,6 +179,41 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
     return 0;
 }
 
+int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                        uint32_t n_ev, uint32_t old, uint32_t win)
+{
+    if (n_ev > old)
+        return -EIO;
+    for (uint32_t g = 0; g < s->Hkv; g++) /* the kernel's answer, checked before memory moves */
+        for (uint32_t i = 0; i < n_ev; i++) {
+            uint32_t e = ev[(size_t)g * n_ev + i];
+            if (e >= old || (i && e <= ev[(size_t)g * n_ev + i - 1]))
+                return -EIO;
+        }
+    if (!ly->pos) { /* first compaction: slot i held position i */
+        uint32_t cap = old - n_ev + win + (s->max_new - s->decoded) + 1;
+        cap = cap > old + win ? cap : old + win;
+        if (!(ly->pos = malloc(sizeof(uint32_t) * (size_t)s->Hkv * cap)))
+            return -ENOMEM;
+        ly->pos_cap = cap;
+        for (uint32_t g = 0; g < s->Hkv; g++)
+            for (uint32_t j = 0; j < old + win; j++)
+                ly->pos[(size_t)g * cap + j] = j;
+    }
+    CAKE_CHECK(old + win <= ly->pos_cap);
+    for (uint32_t g = 0; g < s->Hkv && n_ev; g++) {
+        uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+        const uint32_t *e = ev + (size_t)g * n_ev;
+        uint32_t at = e[0];
+        for (uint32_t i = 0; i < n_ev; i++) { /* the run between two evicted slots moves down */
+            uint32_t from = e[i] + 1, to = i + 1 < n_ev ? e[i + 1] : old + win;
+            memmove(p + at, p + from, sizeof(uint32_t) * (to - from));
+            at += to - from;
+        }
+    }
+    return 0;
+}
+
 uint32_t seq_positions(const struct seq *s, uint32_t l, uint32_t g, uint32_t from, uint32_t n,
                        uint32_t *out)
 {

@@ -189,19 +189,22 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
     free(keep);
 }
 
-/* The same on the GPU for every layer over budget at once: score, top-k and compaction on
- * the context's streams, layers side by side, nothing comes back to the host. */
+/* The same on the GPU for every layer over budget at once (one launch where the kernel
+ * takes the policy's ranking): score, top-k and compaction, only the removed slots come back
+ * to the host. */
 static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
                             uint32_t nover, uint32_t valid, uint32_t *evicted)
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
-    size_t keep_n = 0;
-    for (uint32_t i = 0; i < nover; i++)
-        keep_n += (size_t)s->Hkv * (s->layer[over[i]].tokens - w);
-    uint32_t *keep = malloc(sizeof(uint32_t) * (keep_n + 1)); /* the kept slots come back */
-    if (!ev || !keep) {
-        free(ev), free(keep);
+    size_t ev_n = 0;
+    for (uint32_t i = 0; i < nover; i++) {
+        uint32_t S = s->layer[over[i]].tokens - w, budget = cakeseq_budget(s->cs, over[i]);
+        ev_n += (size_t)s->Hkv * (S - (budget < S ? budget : S));
+    }
+    uint32_t *gone = malloc(sizeof(uint32_t) * (ev_n + 1)); /* the removed slots come back */
+    if (!ev || !gone) {
+        free(ev), free(gone);
         return -ENOMEM;
     }
     for (uint32_t i = 0, at = 0; i < nover; i++) {
@@ -210,9 +213,9 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
-            .keep = keep + at,
+            .evicted = gone + at,
         };
-        at += s->Hkv * ev[i].k;
+        at += s->Hkv * (S - ev[i].k);
     }
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
@@ -222,9 +225,9 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         uint32_t S = ly->tokens - w;
         evicted[i] = S - ev[i].k;
         ly->tokens = ev[i].k + w;
-        rc = seq_positions_compact(s, ly, ev[i].keep, ev[i].k, S, w);
+        rc = seq_positions_evict(s, ly, ev[i].evicted, S - ev[i].k, S, w);
     }
-    free(ev), free(keep);
+    free(ev), free(gone);
     return rc;
 }
 

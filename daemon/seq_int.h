@@ -29,6 +29,11 @@ struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint
  * positions follow its tokens. 0 or -ENOMEM (charged at open: seq_open's heap bound). */
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win);
+/* The same from what left instead of what stayed: per kv head g, the slots ev[g * n_ev ..
+ * + n_ev) (ascending, below old) of the first `old` are gone, the rest (the window's `win`
+ * after them) moved down in order. 0, -ENOMEM, or -EIO for a list out of order or range. */
+int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                        uint32_t n_ev, uint32_t old, uint32_t win);
 
 struct seq_exec {
     /* Prefill: the layer's indicator where its selection will run - scored from the window

@@ -152,6 +152,40 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
                            const int32_t *const *n_tokens, uint32_t batch, const void *k,
                            const void *v, void *stream);
 
+/* A decode step's evictions in one launch (evict.cu): job j is one layer with n_tokens
+ * slots, the last w its window; its prefix (the first S = n_tokens - w) is scored against
+ * the window's queries read from the layer's paged ring (rows (first + i) mod w, i < n_q,
+ * oldest first; row i sees the keys up to n_tokens - n_q + i), as kern_cuda_score_layer_pool
+ * scores and pools it, without statistics; each kv head keeps its top k (ties to the lower
+ * position), the kept slots then the window compacted to the front, in place. The removed
+ * slots (S - k a head, ascending) go to the job's `evicted`; with `ind` set, the indicator
+ * too. Every job shares the launch-wide shapes and ranking; 0 < S <= max_S and k < S for
+ * every job (a job outside these does nothing). Asynchronous; 0, -EINVAL, -ENOTSUP (shapes
+ * or a ranking the one launch does not take: kern_cuda_decode_evict_check says so first) or
+ * -EIO. */
+struct kern_cuda_evict {
+    int dtype;                  /* KERN_BF16 or KERN_F16 */
+    uint32_t q_heads, kv_heads, head_dim, tokens_per_page, w;
+    uint8_t *base;              /* the pool (device) */
+    size_t v_offset_bytes;      /* page start -> its V block */
+    uint32_t ring_rows_per_page, ring_heads_per_page, ring_pages_per_head; /* shm_ring */
+    uint32_t first, n_q;
+    float gamma;
+    int pool;                   /* KERN_POOL_AVG, _NONE, or _MAX with one query head per kv head */
+    uint32_t radius;
+};
+struct kern_cuda_evict_job {
+    const uint64_t *page_off;   /* device: the layer's page offsets from base */
+    const uint64_t *ring_off;   /* device: its ring's page offsets from base */
+    uint32_t n_tokens, k;
+    uint32_t *evicted;          /* device [kv_heads][n_tokens - w - k] */
+    float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
+};
+int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S);
+int kern_cuda_decode_evict(const struct kern_cuda_evict *e,
+                           const struct kern_cuda_evict_job *jobs_dev, uint32_t n_jobs,
+                           uint32_t max_S, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

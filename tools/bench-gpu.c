@@ -10,7 +10,9 @@
  * before (wmma_us: kern_cuda_score_set_wmma, same inputs); and score + select (992 kept per
  * kv head) + compact; then both again in one pass with the engine's log-sum-exps (lse_us:
  * kern_cuda_score_layer_pool with lse, the values random rows would give). Median of R runs timed with CUDA events. Then a decode step's attention over 32
- * layers (full cache vs CAKE, and torch SDPA), and, through a caked started with a GPU pool
+ * layers (full cache vs CAKE, and torch SDPA), a decode step's eviction of 32 layers by the
+ * per-layer kernels and by the one launch (kern_cuda_decode_evict), and, through a caked
+ * started with a GPU pool
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
  * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
  * a GPU-resident sequence of 32 layers: prefill observe per layer as the engine sees it (round
@@ -159,6 +161,98 @@ static double attn_us(uint32_t n, int reps)
     return median(t, reps) * 1e3;
 }
 
+
+/* A decode step's eviction of one token in each of 32 layers (1024 kept + 1 new before a
+ * window of W, CAKE's ranking), two ways on the same data: the per-layer kernels caked ran
+ * before (ring gather, scoring passes, pooling, top-k, compaction: one stream, no page
+ * uploads, so a lower bound on that path), and kern_cuda_decode_evict's one launch. Prints
+ * the GPU time (events) and the wall time from the first launch to the end (the host's issue
+ * cost included), medians of reps. */
+static void decode_evict(int reps)
+{
+    enum { L = 32 };
+    uint32_t S = 1025, n = S + W, k = 1024;
+    size_t half = (size_t)HKV * n * D * 2, layer = 2 * half, ring = (size_t)H * W * D * 2;
+    uint8_t *base;
+    CK(cudaMalloc((void **)&base, (layer + ring) * L));
+    uint16_t *h = malloc(layer + ring);
+    uint64_t seed = 0x853c49e6748fea9bull;
+    for (size_t i = 0; i < (layer + ring) / 2; i++) {
+        seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+        h[i] = kern_f32_to_bf16((float)((seed >> 40) * (2.0 / 16777216.0) - 1.0));
+    }
+    for (int l = 0; l < L; l++)
+        CK(cudaMemcpy(base + l * (layer + ring), h, layer + ring, cudaMemcpyHostToDevice));
+    free(h);
+    /* per layer: its page offset, its ring's (one page each), the removed slots */
+    uint64_t ho[2 * L], *doff;
+    for (int l = 0; l < L; l++)
+        ho[2 * l] = (uint64_t)l * (layer + ring), ho[2 * l + 1] = ho[2 * l] + layer;
+    CK(cudaMalloc((void **)&doff, sizeof ho));
+    CK(cudaMemcpy(doff, ho, sizeof ho, cudaMemcpyHostToDevice));
+    uint32_t *dev_ev;
+    CK(cudaMalloc((void **)&dev_ev, sizeof(uint32_t) * L * HKV * (S - k)));
+    struct kern_cuda_evict_job jobs[L], *djobs;
+    for (int l = 0; l < L; l++)
+        jobs[l] = (struct kern_cuda_evict_job){doff + 2 * l, doff + 2 * l + 1, n, k,
+                                              dev_ev + l * HKV * (S - k), NULL};
+    CK(cudaMalloc((void **)&djobs, sizeof jobs));
+    CK(cudaMemcpy(djobs, jobs, sizeof jobs, cudaMemcpyHostToDevice));
+    struct kern_cuda_evict ke = {
+        .dtype = KERN_BF16, .q_heads = H, .kv_heads = HKV, .head_dim = D, .tokens_per_page = n,
+        .w = W, .base = base, .v_offset_bytes = half, .ring_rows_per_page = H * W,
+        .ring_heads_per_page = H, .ring_pages_per_head = 1, .first = 0, .n_q = W, .gamma = 200.0f,
+        .pool = KERN_POOL_AVG, .radius = 2,
+    };
+    /* the per-layer path's buffers */
+    void *q, *ws, *tws, *tmp;
+    float *ind;
+    uint32_t *idx;
+    size_t wsb = kern_cuda_score_pool_workspace(HKV, H, W, n, S, KERN_POOL_AVG);
+    size_t twsb = kern_cuda_topk_workspace(HKV, S);
+    CK(cudaMalloc(&q, ring));
+    CK(cudaMalloc(&ws, wsb));
+    CK(cudaMalloc(&tws, twsb));
+    CK(cudaMalloc(&tmp, 2 * (size_t)HKV * (k + W) * D * 2));
+    CK(cudaMalloc((void **)&ind, sizeof(float) * HKV * S));
+    CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    float tg[2][64];
+    double tw[2][64];
+    for (int way = 0; way < 2; way++)
+        for (int r = -3; r < reps; r++) {
+            double t0 = util_now_s();
+            cudaEventRecord(e0, 0);
+            if (way == 0) {
+                for (int l = 0; l < L; l++) {
+                    struct kern_cuda_kv kv = {KERN_BF16, HKV, D, n, n, base, doff + 2 * l, half};
+                    if (kern_cuda_ring_gather(q, base, doff + 2 * l + 1, H, W, D * 2, H * W, H, 1, 0, W, NULL) ||
+                        kern_cuda_score_layer_pool(&kv, q, NULL, H, W, S, 200.0f, KERN_POOL_AVG, 2, ind, NULL,
+                                                   NULL, ws, wsb, NULL) ||
+                        kern_cuda_topk_ws(ind, HKV, S, k, idx, tws, twsb, NULL) ||
+                        kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
+                        exit(1);
+                }
+            } else if (kern_cuda_decode_evict(&ke, djobs, L, S, NULL)) {
+                exit(1);
+            }
+            cudaEventRecord(e1, 0);
+            CK(cudaEventSynchronize(e1));
+            if (r >= 0) {
+                tw[way][r] = (util_now_s() - t0) * 1e6;
+                cudaEventElapsedTime(&tg[way][r], e0, e1);
+            }
+        }
+    float g0 = median(tg[0], reps) * 1e3f, g1 = median(tg[1], reps) * 1e3f;
+    double w0 = dmedian(tw[0], reps), w1 = dmedian(tw[1], reps);
+    printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking):\n", k, S, W);
+    printf("  per-layer kernels (~10 launches a layer, one stream): GPU %8.1f us, wall %8.1f us\n", g0, w0);
+    printf("  one launch (kern_cuda_decode_evict):                 GPU %8.1f us, wall %8.1f us   "
+           "(%.1fx, %.1fx)\n", g1, w1, g0 / g1, w0 / w1);
+    cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
+    cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);
+}
 
 /* ---- through caked ------------------------------------------------------------------ */
 
@@ -579,6 +673,7 @@ int main(int argc, char **argv)
     }
     if (attn)
         attention(bw, reps, torch);
+    decode_evict(reps);
     if (caked) {
         size_t rb = 64u << 20; /* random bf16 for the sequence's pages */
         uint16_t *rnd = malloc(rb);

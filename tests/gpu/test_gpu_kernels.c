@@ -4,8 +4,10 @@
  * slices of query columns, padded windows, heads over two slices - and the WMMA passes,
  * forced, on the same inputs; each also in one pass with the engine's log-sum-exps), the same
  * bytes on a second run, top-k and compaction exactly
- * equal to the CPU kernels on the same data. Exit 77 without a GPU. */
+ * equal to the CPU kernels on the same data; a decode step's eviction in one launch against
+ * the same references. Exit 77 without a GPU. */
 #include <cuda_runtime.h>
+#include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
@@ -454,6 +456,143 @@ static void run_ring_gather(void)
     printf("ring gather: 40 random paged rings equal to the host's reading\n");
 }
 
+/* A decode step's eviction in one launch (kern_cuda_decode_evict) against the C reference:
+ * several layers of random lengths, K/V and query rings in scattered pages of one pool, the
+ * window read from the ring at a random start (and part of a window), keeps from 0 to S - 1.
+ * Per layer and kv head: the indicator within 1e-3 of the double reference, the removed
+ * slots exactly the complement of the CPU's top-k of that indicator, the compacted K/V the
+ * CPU compaction's bytes, the rings untouched; shapes and rankings it does not take are
+ * refused with -ENOTSUP. */
+static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t w,
+                             uint32_t nq, uint32_t tpp, int pool, uint32_t radius, float gamma)
+{
+    enum { L = 6 };
+    size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
+    struct shm_ring rg = shm_ring_geom(H, w, (uint32_t)row, pb);
+    uint32_t n[L], k[L], np[L], S[L], max_S = 0, first = (uint32_t)(urand() * w), P = 0;
+    for (int l = 0; l < L; l++) {
+        S[l] = 40 + (uint32_t)(urand() * 1500), n[l] = S[l] + w;
+        k[l] = l == 0 ? 0 : l == 1 ? S[l] - 1 : (uint32_t)(urand() * S[l]);
+        np[l] = (n[l] + tpp - 1) / tpp, P += np[l] + rg.pages;
+        max_S = S[l] > max_S ? S[l] : max_S;
+    }
+    uint32_t *perm = malloc(sizeof(uint32_t) * P);
+    for (uint32_t i = 0; i < P; i++)
+        perm[i] = i;
+    for (uint32_t i = P - 1; i > 0; i--) {
+        uint32_t j = (uint32_t)(urand() * (i + 1)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    uint8_t *host = malloc(pb * P);
+    for (size_t i = 0; i < pb * P / 2; i++) { /* values in [-1, 1): no NaN or inf bit patterns */
+        float f = (float)(2 * urand() - 1);
+        kern_from_f32(dt, &f, host + 2 * i, 1);
+    }
+    uint64_t *off[L], *roff[L];
+    void **pages[L];
+    struct kern_kv kv[L];
+    for (uint32_t l = 0, at = 0; l < L; l++) {
+        off[l] = malloc(sizeof(uint64_t) * np[l]), roff[l] = malloc(sizeof(uint64_t) * rg.pages);
+        pages[l] = malloc(sizeof(void *) * np[l]);
+        for (uint32_t i = 0; i < np[l]; i++)
+            off[l][i] = perm[at++] * pb, pages[l][i] = host + off[l][i];
+        for (uint32_t i = 0; i < rg.pages; i++)
+            roff[l][i] = perm[at++] * pb;
+        kv[l] = (struct kern_kv){dt, Hkv, d, tpp, n[l], pages[l], half};
+    }
+    uint8_t *dbase, *back = malloc(pb * P);
+    CK(cudaMalloc((void **)&dbase, pb * P));
+    CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
+    size_t tab = 0;
+    for (int l = 0; l < L; l++)
+        tab += sizeof(uint64_t) * (np[l] + rg.pages) + sizeof(uint32_t) * Hkv * S[l] + sizeof(float) * Hkv * S[l];
+    uint8_t *dtab;
+    CK(cudaMalloc((void **)&dtab, tab));
+    struct kern_cuda_evict_job jobs[L], *djobs;
+    CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
+    size_t at = 0;
+    for (int l = 0; l < L; l++) {
+        CK(cudaMemcpy(dtab + at, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
+        jobs[l].page_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * np[l];
+        CK(cudaMemcpy(dtab + at, roff[l], sizeof(uint64_t) * rg.pages, cudaMemcpyHostToDevice));
+        jobs[l].ring_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * rg.pages;
+        jobs[l].n_tokens = n[l], jobs[l].k = k[l];
+        jobs[l].evicted = (uint32_t *)(dtab + at), at += sizeof(uint32_t) * Hkv * S[l];
+        jobs[l].ind = (float *)(dtab + at), at += sizeof(float) * Hkv * S[l];
+    }
+    CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
+    struct kern_cuda_evict ke = {
+        .dtype = dt, .q_heads = H, .kv_heads = Hkv, .head_dim = d, .tokens_per_page = tpp, .w = w,
+        .base = dbase, .v_offset_bytes = half, .ring_rows_per_page = rg.rows_per_page,
+        .ring_heads_per_page = rg.heads_per_page, .ring_pages_per_head = rg.pages_per_head,
+        .first = first, .n_q = nq, .gamma = gamma, .pool = pool, .radius = radius,
+    };
+    int rc = kern_cuda_decode_evict(&ke, djobs, L, max_S, NULL);
+    CK(cudaDeviceSynchronize());
+    EXPECT(rc == 0, "decode evict rc %d", rc);
+    CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
+    const char *name = dt == KERN_BF16 ? "bf16" : "f16";
+    double worst = 0;
+    int same_ev = 1, same_kv = 1, same_ring = 1;
+    uint16_t *q = malloc((size_t)H * nq * row);
+    for (int l = 0; l < L; l++) {
+        for (uint32_t h = 0; h < H; h++) /* the window, oldest first, as the host reads the ring */
+            for (uint32_t i = 0; i < nq; i++) {
+                uint32_t pg;
+                uint64_t o = shm_ring_at(&rg, w, (uint32_t)row, h, (first + i) % w, &pg);
+                memcpy((uint8_t *)q + ((size_t)h * nq + i) * row, host + roff[l][pg] + o, row);
+            }
+        float *ref = malloc(sizeof(float) * Hkv * S[l]), *got = malloc(sizeof(float) * Hkv * S[l]);
+        uint32_t *ev = malloc(sizeof(uint32_t) * Hkv * S[l] + 4), *keep = malloc(sizeof(uint32_t) * (k[l] + 1));
+        struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = nq, .kv = &kv[l],
+                                    .n_scored = S[l], .gamma = gamma, .stats = KERN_STATS_FP32,
+                                    .pool = (enum kern_pool)pool, .pool_kernel = 2 * radius + 1};
+        struct kern_score_out ro = {.indicator = ref};
+        kern_score_layer_ref(&a, &ro);
+        CK(cudaMemcpy(got, jobs[l].ind, sizeof(float) * Hkv * S[l], cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(ev, jobs[l].evicted, sizeof(uint32_t) * Hkv * (S[l] - k[l]), cudaMemcpyDeviceToHost));
+        double e = rel_err(ref, got, Hkv, S[l]);
+        worst = e > worst ? e : worst;
+        EXPECT(e <= 1e-3, "%s layer %d (S %u, k %u): indicator rel err %.3g", name, l, S[l], k[l], e);
+        for (uint32_t g = 0; g < Hkv; g++) {
+            kern_topk(got + (size_t)g * S[l], S[l], k[l], KERN_ORDER_POSITION, keep);
+            for (uint32_t j = 0, i = 0, o = 0; j < S[l]; j++) { /* the complement, ascending */
+                if (i < k[l] && keep[i] == j)
+                    i++;
+                else
+                    same_ev &= ev[(size_t)g * (S[l] - k[l]) + o++] == j;
+            }
+            kern_compact_head(&kv[l], g, keep, k[l], S[l], w, NULL);
+            for (uint32_t t = 0; t < k[l] + w; t++) {
+                size_t o = (size_t)((uint8_t *)kern_kv_key(&kv[l], g, t) - host);
+                same_kv &= !memcmp(back + o, host + o, row) && !memcmp(back + o + half, host + o + half, row);
+            }
+        }
+        for (uint32_t i = 0; i < rg.pages; i++)
+            same_ring &= !memcmp(back + roff[l][i], host + roff[l][i], pb);
+        free(ref), free(got), free(ev), free(keep);
+    }
+    EXPECT(same_ev, "%s H %u Hkv %u d %u w %u nq %u: evicted slots differ from the CPU top-k's", name, H, Hkv, d, w, nq);
+    EXPECT(same_kv, "%s H %u Hkv %u d %u w %u nq %u: compacted bytes differ", name, H, Hkv, d, w, nq);
+    EXPECT(same_ring, "%s: a ring changed", name);
+    printf("%-5s H=%u Hkv=%u d=%u w=%u nq=%u tpp=%u pool %d/%u gamma %g, %d layers in one launch: "
+           "indicator rel %.2e, evicted %s, compaction %s\n", name, H, Hkv, d, w, nq, tpp, pool, radius,
+           gamma, L, worst, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS");
+    /* what the one launch does not take */
+    struct kern_cuda_evict bad = ke;
+    bad.pool = KERN_POOL_MAX;
+    EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == (H > Hkv ? -ENOTSUP : 0), "max pooling over a group");
+    bad = ke, bad.head_dim = 48;
+    EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -ENOTSUP, "head_dim 48");
+    bad = ke, bad.n_q = w + 1;
+    EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -EINVAL, "more rows than the window");
+    EXPECT(kern_cuda_decode_evict_check(&ke, 1u << 20) == -ENOTSUP, "a prefix beyond shared memory");
+    for (int l = 0; l < L; l++)
+        free(off[l]), free(roff[l]), free(pages[l]);
+    cudaFree(dbase), cudaFree(dtab), cudaFree(djobs);
+    free(host), free(back), free(perm), free(q);
+}
+
 int main(void)
 {
     int n = 0;
@@ -479,6 +618,10 @@ int main(void)
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
         run_attention(ts[i]);
+        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f); /* CAKE at 8B shapes */
+        run_decode_evict(ts[i], 8, 2, 64, 16, 11, 7, KERN_POOL_NONE, 0, 0.0f);     /* part of a window */
+        run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f);     /* G = 1: max pooling */
+        run_decode_evict(ts[i], 12, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f); /* a head over 2 slices */
     }
     run_topk_many();
     run_ring_gather();

@@ -10,6 +10,7 @@
 #include "cake/cake.h"
 #include "metrics.h"
 #include "seq.h"
+#include "seq_int.h"
 #include "shard.h"
 #include "testutil.h"
 
@@ -369,4 +370,53 @@ Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
     seq_free(&f.env, s);
     cr_assert_eq(f.pool.used, 0);
     teardown(&f);
+}
+
+/* A GPU decode eviction answers with the removed slots (seq_positions_evict), the host path
+ * and prefill with the kept ones (seq_positions_compact): the same removals give the same
+ * positions, on a layer never compacted and on one compacted before; lists out of order or
+ * range are refused before anything moves. */
+Test(seq, positions_evict_equals_compact)
+{
+    struct seq s = {.Hkv = 3, .max_new = 40, .decoded = 5};
+    uint64_t r = 99;
+    for (int round = 0; round < 50; round++) {
+        struct seq_layer a = {0}, b = {0};
+        uint32_t win = 1 + (uint32_t)(round % 8), old = 20 + (uint32_t)(round * 7 % 60);
+        for (int pass = 0; pass < 3; pass++) { /* three evictions in a row */
+            uint32_t n_ev = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 60) % (old / 2);
+            uint32_t k = old - n_ev, keep[3 * 128], gone[3 * 128];
+            for (uint32_t g = 0; g < s.Hkv; g++) { /* n_ev distinct slots below old, ascending */
+                uint8_t out[128] = {0};
+                for (uint32_t c = 0; c < n_ev;) {
+                    uint32_t j = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % old;
+                    c += !out[j], out[j] = 1;
+                }
+                for (uint32_t j = 0, ik = 0, ie = 0; j < old; j++)
+                    if (out[j])
+                        gone[g * n_ev + ie++] = j;
+                    else
+                        keep[g * k + ik++] = j;
+            }
+            cr_assert_eq(seq_positions_compact(&s, &a, keep, k, old, win), 0);
+            cr_assert_eq(seq_positions_evict(&s, &b, gone, n_ev, old, win), 0);
+            for (uint32_t g = 0; g < s.Hkv; g++)
+                cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, b.pos + (size_t)g * b.pos_cap,
+                                 sizeof(uint32_t) * (k + win), "round %d pass %d head %u", round, pass, g);
+            old = k + 1; /* a decoded token joined the prefix */
+            for (uint32_t g = 0; g < s.Hkv; g++) {
+                a.pos[(size_t)g * a.pos_cap + k + win] = 1000u + (uint32_t)pass;
+                b.pos[(size_t)g * b.pos_cap + k + win] = 1000u + (uint32_t)pass;
+            }
+            if (old < 4)
+                break;
+        }
+        uint32_t bad[3] = {5, 5, 6}, snap[8];
+        memcpy(snap, b.pos, sizeof(snap));
+        cr_assert_eq(seq_positions_evict(&s, &b, bad, 1, 5, win), -EIO, "a slot past the prefix");
+        uint32_t twice[6] = {1, 1, 0, 2, 0, 3};
+        cr_assert_eq(seq_positions_evict(&s, &b, twice, 2, 6, win), -EIO, "not ascending");
+        cr_assert_arr_eq(b.pos, snap, sizeof(snap), "a refused list moved nothing");
+        free(a.pos), free(b.pos);
+    }
 }

@@ -1,0 +1,312 @@
+// evict.cu - a decode step's eviction in one launch (see kern_cuda.h): one block per (layer,
+// kv head) scores the layer's prefix against the window's queries read from the paged ring
+// (score_mma_dev.cuh's two passes over the whole head), pools, picks the top k and compacts
+// the head's K/V in place - the work that took a ring gather, the scoring passes, a merge,
+// a pooling, a top-k and a compaction launch per layer, each issued by the host.
+//
+// The block keeps its head's indicator in shared memory beside two cp.async stages (two
+// blocks fit an SM at 8B shapes with 1K-token caches). Top-k is a radix select over the
+// indicator's sort keys (4 passes of 8 bits) and one ordered scan that lists the kept and
+// the evicted slots; the compaction then moves kept tokens down in rounds that read every
+// source before writing any destination (a source is never below its destination, so no
+// round overwrites what a later one reads).
+#include <cub/block/block_scan.cuh>
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <stdio.h>
+
+#include "cuda_internal.h"
+#include "kern.h"
+#include "kern_cuda.h"
+#include "score_mma.h"
+#include "score_mma_dev.cuh"
+
+using namespace smma;
+
+namespace {
+
+constexpr int EST = 2; // cp.async stages
+
+struct eparams {
+    kern_cuda_evict e;
+    const kern_cuda_evict_job *jobs;
+    uint32_t nqp, Rp, hps, sph, max_S;
+    size_t stage_bytes, part_bytes;
+    float scale, c2;
+};
+
+// select.cu's order: larger floats larger keys, NaN lowest
+__device__ __forceinline__ uint32_t sort_key(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
+{
+    return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
+}
+
+template <typename T, int KS, int NSP, int HPS>
+__global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
+{
+    extern __shared__ uint4 smem4[];
+    uint8_t *smem = (uint8_t *)smem4;
+    typedef cub::BlockScan<uint32_t, THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage scan_tmp;
+    __shared__ mparams sp;
+    __shared__ kern_cuda_evict_job job;
+    __shared__ uint32_t hist[256], sh_digit, sh_need, sh_first;
+    const kern_cuda_evict &e = ep.e;
+    uint32_t g = blockIdx.x, tid = threadIdx.x;
+    if (tid == 0) {
+        job = ep.jobs[blockIdx.y];
+        mparams q = {};
+        q.base = e.base, q.page_off = job.page_off;
+        set_tpp(q, e.tokens_per_page);
+        q.n = job.n_tokens, q.wb = job.n_tokens - e.n_q, q.d = e.head_dim;
+        q.G = e.q_heads / e.kv_heads, q.nq = e.n_q, q.nqp = ep.nqp, q.Rp = ep.Rp;
+        q.hps = ep.hps, q.sph = ep.sph, q.S = job.n_tokens - e.w;
+        q.scale = ep.scale, q.c2 = ep.c2, q.gamma = e.gamma;
+        q.ring_off = job.ring_off, q.w = e.w, q.rpp = e.ring_rows_per_page;
+        q.hpp = e.ring_heads_per_page, q.pph = e.ring_pages_per_head, q.first = e.first;
+        sp = q;
+        sh_first = 0;
+    }
+    __syncthreads();
+    const mparams &p = sp;
+    uint32_t S = p.S, k = job.k;
+    if (job.n_tokens <= e.w || S > ep.max_S || k >= S)
+        return; // the host checks these (kern_cuda_decode_evict's contract): nothing to do
+    float *acc = (float *)(smem + ep.stage_bytes + ep.part_bytes), *ind = acc + ep.max_S;
+    float *rowM = ind + ep.max_S, *rowL = rowM + p.Rp;
+
+    // ---- scoring: pass 1 over every key, pass 2 over the prefix, the pooling
+    uint32_t key_t = 0xffffffffu, need = 0; // k = 0: no key reaches the threshold
+    if (k || job.ind) {
+        pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
+        __syncthreads();
+        for (uint32_t c = tid; c < p.Rp; c += THREADS)
+            rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
+        __syncthreads();
+        double e_sum = 0.0, v_sum = 0.0;
+        pass2_body<T, KS, NSP, HPS, EST>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
+        __syncthreads();
+        // score.cu's pool5 and pool_any, to the same rounding; then the group mean
+        float post = 1.0f / p.G;
+        uint32_t r = e.radius;
+        for (uint32_t j = tid; j < S; j += THREADS) {
+            float v;
+            if (e.pool == KERN_POOL_AVG && r == 2) {
+                v = acc[j];
+                if (j >= 1) v += acc[j - 1];
+                if (j >= 2) v += acc[j - 2];
+                if (j + 1 < S) v += acc[j + 1];
+                if (j + 2 < S) v += acc[j + 2];
+                v = v / 5.0f;
+            } else {
+                uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
+                if (e.pool == KERN_POOL_AVG) {
+                    v = 0.0f;
+                    for (uint32_t t = lo; t <= hi; t++)
+                        v += acc[t];
+                    v /= (float)(2 * r + 1);
+                } else if (e.pool == KERN_POOL_MAX) {
+                    v = acc[lo];
+                    for (uint32_t t = lo + 1; t <= hi; t++)
+                        v = acc[t] > v ? acc[t] : v;
+                } else {
+                    v = acc[j];
+                }
+            }
+            ind[j] = v * post;
+            if (job.ind)
+                job.ind[(size_t)g * S + j] = ind[j];
+        }
+        __syncthreads();
+        need = k;
+    }
+
+    // ---- top-k: the k-th largest key, 8 bits a pass; `need` of the keys equal to it stay
+    if (k) {
+        uint32_t prefix = 0, mask = 0;
+        for (int pass = 0; pass < 4; pass++) {
+            int shift = 24 - 8 * pass;
+            hist[tid] = 0; // THREADS == 256 bins
+            __syncthreads();
+            for (uint32_t j = tid; j < S; j += THREADS) {
+                uint32_t key = sort_key(ind[j]);
+                if ((key & mask) == prefix)
+                    atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            uint32_t c = hist[255 - tid], incl; // counted from the top bin down
+            scan_t(scan_tmp).InclusiveSum(c, incl);
+            if (incl - c < need && incl >= need)
+                sh_digit = 255 - tid, sh_need = need - (incl - c);
+            __syncthreads();
+            prefix |= sh_digit << shift, mask |= 0xffu << shift, need = sh_need;
+            __syncthreads();
+        }
+        key_t = prefix;
+    }
+
+    // ---- one ordered walk: kept slots (for the compaction) and evicted ones (the answer)
+    uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
+    uint32_t ne = S - k, kept = 0, evd = 0, eq_seen = 0;
+    uint32_t *evo = job.evicted + (size_t)g * ne;
+    for (uint32_t b0 = 0; b0 < S; b0 += THREADS) {
+        uint32_t j = b0 + tid, in = j < S, key = in && k ? sort_key(ind[j]) : 0;
+        uint32_t eq = in && k && key == key_t, gt = in && k && key > key_t, eqr, eq_tot;
+        scan_t(scan_tmp).ExclusiveSum(eq, eqr, eq_tot);
+        __syncthreads();
+        uint32_t kp = gt || (eq && eq_seen + eqr < need), kr, k_tot;
+        scan_t(scan_tmp).ExclusiveSum(kp, kr, k_tot);
+        __syncthreads();
+        if (kp) {
+            keep_src[kept + kr] = j;
+        } else if (in) {
+            uint32_t at = evd + (tid - kr);
+            evo[at] = j;
+            if (at == 0)
+                sh_first = j;
+        }
+        uint32_t here = S - b0 < THREADS ? S - b0 : THREADS;
+        eq_seen += eq_tot, kept += k_tot, evd += here - k_tot;
+    }
+    __syncthreads();
+
+    // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
+    // below the first evicted one stay
+    uint32_t total = k + e.w, vec = p.d * 2 / 16;
+    uint32_t ch = (uint32_t)(ep.stage_bytes / (2 * (size_t)p.d * 2)); // tokens a round
+    uint4 *buf = (uint4 *)smem;
+    for (uint32_t d0 = sh_first; d0 < total; d0 += ch) {
+        uint32_t cnt = total - d0 < ch ? total - d0 : ch, pieces = cnt * 2 * vec;
+        for (uint32_t x = tid; x < pieces; x += THREADS) {
+            uint32_t t = x / (2 * vec), r = x % (2 * vec), i = d0 + t;
+            uint32_t src = i < k ? keep_src[i] : S + i - k;
+            buf[x] = *((const uint4 *)(slot_ptr(p, g, src) + (r / vec) * e.v_offset_bytes) + r % vec);
+        }
+        __syncthreads();
+        for (uint32_t x = tid; x < pieces; x += THREADS) {
+            uint32_t t = x / (2 * vec), r = x % (2 * vec);
+            *((uint4 *)(slot_ptr(p, g, d0 + t) + (r / vec) * e.v_offset_bytes) + r % vec) = buf[x];
+        }
+        __syncthreads();
+    }
+}
+
+struct plan {
+    uint32_t G, nqp, Rp, hps, sph, nsp, ks;
+    size_t stage_bytes, part_bytes, smem;
+};
+
+int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
+{
+    if (!e || !e->kv_heads || !e->q_heads || e->q_heads % e->kv_heads || !e->w || !e->n_q ||
+        e->n_q > e->w || e->first >= e->w || !e->tokens_per_page || !e->ring_rows_per_page ||
+        !e->ring_heads_per_page || !e->ring_pages_per_head ||
+        (e->ring_pages_per_head == 1 && e->ring_heads_per_page * e->w > e->ring_rows_per_page) ||
+        e->pool < KERN_POOL_AVG || e->pool > KERN_POOL_NONE || e->radius > 1024 || !e->base)
+        return -EINVAL;
+    if ((e->dtype != KERN_BF16 && e->dtype != KERN_F16) || !score_mma_rows(e->q_heads / e->kv_heads, e->n_q, e->head_dim))
+        return -ENOTSUP;
+    plan p = {};
+    p.G = e->q_heads / e->kv_heads;
+    if (e->pool == KERN_POOL_MAX && p.G > 1) /* the reference pools each query head apart */
+        return -ENOTSUP;
+    p.nqp = pad_nq(e->n_q), p.Rp = p.G * p.nqp;
+    p.hps = p.nqp < 32 ? 32 / p.nqp : 1, p.sph = p.nqp > 32 ? p.nqp / 32 : 1;
+    uint32_t ns = (p.Rp + 31) / 32;
+    p.nsp = ns <= 1 ? 1 : ns <= 2 ? 2 : ns <= 4 ? 4 : 8;
+    p.ks = e->head_dim / 16;
+    size_t ldk = p.ks * 16 + 8;
+    p.stage_bytes = EST * (size_t)TK * ldk * 2;
+    p.part_bytes = (size_t)2 * TK * p.nsp * p.hps * 2 * sizeof(float);
+    p.smem = p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp);
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return -EIO;
+    }
+    if (p.smem + 4096 > (size_t)optin) /* the static shared memory beside it */
+        return -ENOTSUP;
+    *pl = p;
+    return 0;
+}
+
+template <typename T, int KS, int NSP, int HPS>
+int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cudaStream_t st)
+{
+    static size_t set[SCORE_MAX_DEV];
+    int dev = 0;
+    CK(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= SCORE_MAX_DEV)
+        return -EINVAL;
+    {
+        score_attr_lock lock;
+        if (smem > set[dev]) {
+            CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+            set[dev] = smem;
+        }
+    }
+    devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+template <typename T, int KS, int NSP>
+int run_h(const eparams &ep, const plan &pl, uint32_t n_jobs, cudaStream_t st)
+{
+    uint32_t hkv = ep.e.kv_heads;
+    return pl.hps == 1 ? run<T, KS, NSP, 1>(ep, hkv, n_jobs, pl.smem, st)
+         : pl.hps == 2 ? run<T, KS, NSP, 2>(ep, hkv, n_jobs, pl.smem, st)
+                       : run<T, KS, NSP, 4>(ep, hkv, n_jobs, pl.smem, st);
+}
+
+template <typename T, int KS>
+int run_ns(const eparams &ep, const plan &pl, uint32_t n_jobs, cudaStream_t st)
+{
+    switch (pl.nsp) {
+    case 1: return run_h<T, KS, 1>(ep, pl, n_jobs, st);
+    case 2: return run_h<T, KS, 2>(ep, pl, n_jobs, st);
+    case 4: return run_h<T, KS, 4>(ep, pl, n_jobs, st);
+    default: return run_h<T, KS, 8>(ep, pl, n_jobs, st);
+    }
+}
+
+} // namespace
+
+extern "C" int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S)
+{
+    plan pl;
+    return make_plan(e, max_S, &pl);
+}
+
+extern "C" int kern_cuda_decode_evict(const struct kern_cuda_evict *e,
+                                      const struct kern_cuda_evict_job *jobs_dev, uint32_t n_jobs,
+                                      uint32_t max_S, void *stream)
+{
+    plan pl;
+    int rc = make_plan(e, max_S, &pl);
+    if (rc)
+        return rc;
+    if (!jobs_dev || n_jobs > 65535)
+        return -EINVAL;
+    if (!n_jobs)
+        return 0;
+    eparams ep = {};
+    ep.e = *e, ep.jobs = jobs_dev, ep.nqp = pl.nqp, ep.Rp = pl.Rp, ep.hps = pl.hps, ep.sph = pl.sph;
+    ep.max_S = max_S, ep.stage_bytes = pl.stage_bytes, ep.part_bytes = pl.part_bytes;
+    ep.scale = 1.0f / sqrtf((float)e->head_dim), ep.c2 = ep.scale * LOG2E;
+    cudaStream_t st = (cudaStream_t)stream;
+    bool bf = e->dtype == KERN_BF16;
+    if (pl.ks == 8)
+        return bf ? run_ns<__nv_bfloat16, 8>(ep, pl, n_jobs, st) : run_ns<__half, 8>(ep, pl, n_jobs, st);
+    return bf ? run_ns<__nv_bfloat16, 4>(ep, pl, n_jobs, st) : run_ns<__half, 4>(ep, pl, n_jobs, st);
+}

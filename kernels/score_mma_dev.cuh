@@ -1,0 +1,490 @@
+// score_mma_dev.cuh - internal to the CUDA kernels: the device side of the mma.sync
+// scoring passes (score_mma.cu's plan, see there), as bodies a kernel runs over a range of
+// one kv head's keys: score_mma.cu's passes (many blocks a head, partials merged after) and
+// evict.cu's one-launch decode eviction (one block a head) share them. C++ only.
+#ifndef CAKE_SCORE_MMA_DEV_CUH
+#define CAKE_SCORE_MMA_DEV_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <type_traits>
+
+namespace smma {
+#ifndef SCORE_MMA_BPS
+#define SCORE_MMA_BPS 2 // blocks per SM (the registers a thread may use follow)
+#endif
+#ifndef SCORE_MMA_NM
+#define SCORE_MMA_NM 1  // m-tiles a warp multiplies side by side (2: same speed on the H200, spills)
+#endif
+constexpr int THREADS = 256, TK = 128;
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+struct mparams {
+    const uint8_t *base;
+    const uint64_t *page_off;
+    uint32_t tpp, tpp_mul, tpp_shr; // tokens per page and its fast divisor
+    uint32_t n, wb, d, G, nq, nqp, Rp, hps, sph, S, chunk, chunks1; // wb = n - nq
+    float scale, c2, gamma;         // c2 = scale * log2(e)
+    const void *q;
+    float *m, *l;                   // pass 1: [hkv][chunks1][Rp]
+    const float *rowM, *rowLnL;     // merged: [hkv][Rp]
+    float *acc;                     // [hkv][S]
+    double *ent, *var;              // [hkv][chunks2]
+    // queries read from a paged ring (evict.cu) instead of q: row i of query head h is the
+    // ring's row (first + i) mod w (kern_cuda_ring_gather's layout); NULL: q
+    const uint64_t *ring_off;
+    uint32_t w, rpp, hpp, pph, first;
+};
+
+__device__ __forceinline__ float ex2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int KS> struct shape {
+    static constexpr int LDK = KS * 16 + 8; // halves per staged key row (+8: no bank conflicts)
+    static constexpr int D8 = KS * 2;       // 16-byte pieces per key row
+    static constexpr int RSTEP = THREADS / D8;
+    static constexpr size_t STAGE_BYTES = (size_t)TK * LDK * 2;
+};
+
+// Column c of the padded query space: head c / nqp, window query c % nqp (padding past nq).
+__device__ __forceinline__ bool col_valid(const mparams &p, uint32_t c)
+{
+    return c < p.Rp && c % p.nqp < p.nq;
+}
+
+// The B fragments (Q^T) of the warp's 32 query columns, all k steps: 4 n-tiles x KS x 2.
+template <typename T, int KS>
+__device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_t lane, uint32_t (&bq)[4][KS][2])
+{
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        uint32_t c = slice * 32 + t * 8 + lane / 4;
+        bool ok = col_valid(p, c);
+        uint32_t r = c / p.nqp * p.nq + c % p.nqp;
+        const T *row = (const T *)p.q + ((size_t)g * p.G * p.nq + (ok ? r : 0)) * p.d;
+        if (p.ring_off) { // query head g * G + c / nqp, window row c % nqp
+            uint32_t hq = g * p.G + (ok ? c / p.nqp : 0), slot = (p.first + (ok ? c % p.nqp : 0)) % p.w;
+            size_t rb = (size_t)p.d * 2;
+            row = (const T *)(p.pph == 1 ? p.base + p.ring_off[hq / p.hpp] + ((size_t)(hq % p.hpp) * p.w + slot) * rb
+                                         : p.base + p.ring_off[(size_t)hq * p.pph + slot / p.rpp] + (size_t)(slot % p.rpp) * rb);
+        }
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            bq[t][k][0] = ok ? *(const uint32_t *)(row + k * 16 + 2 * (lane % 4)) : 0u;
+            bq[t][k][1] = ok ? *(const uint32_t *)(row + k * 16 + 8 + 2 * (lane % 4)) : 0u;
+        }
+    }
+}
+
+// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled). Each
+// thread copies one 16-byte piece of every RSTEP-th row; the page of a row follows from
+// the previous one without a division.
+template <int KS>
+__device__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
+{
+    using sh = shape<KS>;
+    uint32_t v = threadIdx.x % sh::D8, r = threadIdx.x / sh::D8, j = j0 + r;
+    uint32_t pg = __umulhi(j, p.tpp_mul) >> p.tpp_shr;
+    if (p.tpp == 1)
+        pg = j;
+    uint32_t w = j - pg * p.tpp;
+    size_t row_bytes = (size_t)p.d * 2;
+#pragma unroll
+    for (int u = 0; u < TK / sh::RSTEP; u++, r += sh::RSTEP, j += sh::RSTEP) {
+        bool ok = j < end;
+        const uint8_t *src = p.base;
+        if (ok)
+            src = p.base + p.page_off[pg] + ((size_t)g * p.tpp + w) * row_bytes + v * 16;
+        cp_async16(stage + ((size_t)r * sh::LDK + v * 8) * 2, src, ok);
+        w += sh::RSTEP;
+        while (w >= p.tpp)
+            w -= p.tpp, pg++;
+    }
+}
+
+// acc[i][t] = keys[m-tile mt0 + i * mstep] . Q^T[n-tile t] over all k: NM m-tiles side by side
+// (independent accumulator chains for the tensor pipe).
+template <typename T, int KS, int NM>
+__device__ __forceinline__ void mma_tiles(const uint8_t *st, uint32_t mt0, uint32_t mstep, const uint32_t (&bq)[4][KS][2],
+                                          float (&acc)[NM][4][4], uint32_t lane)
+{
+    using sh = shape<KS>;
+    const uint8_t *ap[NM];
+#pragma unroll
+    for (int i = 0; i < NM; i++) {
+        ap[i] = st + ((size_t)((mt0 + i * mstep) * 16 + lane % 16) * sh::LDK + (lane / 16) * 8) * 2;
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+            acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < KS; k++) {
+        uint32_t a[NM][4];
+#pragma unroll
+        for (int i = 0; i < NM; i++)
+            ldmatrix_x4(a[i], ap[i] + k * 32);
+#pragma unroll
+        for (int i = 0; i < NM; i++)
+#pragma unroll
+            for (int t = 0; t < 4; t++)
+                mma16816<T>(acc[i][t], a[i], bq[t][k]);
+    }
+}
+
+// an exp-sum relative to base b (log2 units) made relative to base nb >= b
+__device__ __forceinline__ float rebase(float s, float b, float nb)
+{
+    return b == -INFINITY ? 0.0f : s * ex2(b - nb);
+}
+
+// Pass 1 of one block: keys [c0, c1) of kv head g against the group's queries, in ST
+// cp.async stages at smem. Writes each padded query column's max (natural-log units of the
+// scaled logits, -inf for none) and exp-sum relative to it to m_out[col], l_out[col].
+template <typename T, int KS, int NSP, int ST>
+__device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
+                           float *m_out, float *l_out)
+{
+    using sh = shape<KS>;
+    constexpr int KW = 8 / NSP; // warps sharing a slice of 32 query columns
+    constexpr int NM = NSP >= 2 ? SCORE_MMA_NM : 1; // m-tiles multiplied side by side
+    uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
+    uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // rows below clean: no mask
+    uint32_t bq[4][KS][2];
+    load_bfrag<T, KS>(p, g, slice, lane, bq);
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < (int)nt)
+            load_tile<KS>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    // Per column: b = the exponent base (a running max in log2 units, raised only when a
+    // value passes it by more than 8: terms stay below 2^8) and the exp-sum relative to it.
+    float b[8], sm[8];
+#pragma unroll
+    for (int c = 0; c < 8; c++)
+        b[c] = -INFINITY, sm[c] = 0.0f;
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<ST - 2>();
+        __syncthreads();
+        if (k + ST - 1 < nt)
+            load_tile<KS>(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        cp_async_commit();
+        const uint8_t *st = smem + (k % ST) * sh::STAGE_BYTES;
+        uint32_t j0 = c0 + k * TK;
+        bool full = j0 + TK <= clean;
+        // the warp's NSP m-tiles of the stage, NM at a time
+        for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            float acc[NM][4][4];
+            mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
+            if (full) { // straight-line: one vote decides whether any base must rise
+                bool up = false;
+                float tm[8];
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    tm[c] = -INFINITY;
+#pragma unroll
+                    for (int i = 0; i < NM; i++)
+                        tm[c] = fmaxf(tm[c], fmaxf(acc[i][c / 2][c % 2], acc[i][c / 2][c % 2 + 2]));
+                    up |= fmaf(tm[c], p.c2, -b[c]) > 8.0f;
+                }
+                if (__any_sync(0xffffffffu, up))
+#pragma unroll
+                    for (int c = 0; c < 8; c++) {
+                        float nb = fmaxf(b[c], tm[c] * p.c2);
+                        sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - nb);
+                        b[c] = nb;
+                    }
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    float s2 = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < NM; i++)
+                        s2 += ex2(fmaf(acc[i][c / 2][c % 2], p.c2, -b[c])) + ex2(fmaf(acc[i][c / 2][c % 2 + 2], p.c2, -b[c]));
+                    sm[c] += s2;
+                }
+                continue;
+            }
+            // past the chunk, or window keys a query must not see
+#pragma unroll
+            for (int mi = 0; mi < NM; mi++) {
+                uint32_t ja = j0 + (kw + (u + mi) * KW) * 16 + lane / 4;
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+                    uint32_t i = col % p.nqp; // window query i sees keys up to n - nq + i
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        uint32_t j = ja + e * 8;
+                        float v = acc[mi][c / 2][c % 2 + 2 * e];
+                        if (j >= c1 || j > p.wb + i)
+                            continue;
+                        if (v * p.c2 > b[c]) {
+                            sm[c] = b[c] == -INFINITY ? 0.0f : sm[c] * ex2(b[c] - v * p.c2);
+                            b[c] = v * p.c2;
+                        }
+                        sm[c] += ex2(fmaf(v, p.c2, -b[c]));
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // lanes with the same lane % 4 hold the same columns; then the KW warps of a slice
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            float bo = __shfl_xor_sync(0xffffffffu, b[c], o), so = __shfl_xor_sync(0xffffffffu, sm[c], o);
+            float nb = fmaxf(b[c], bo);
+            sm[c] = rebase(sm[c], b[c], nb) + rebase(so, bo, nb);
+            b[c] = nb;
+        }
+    __syncthreads(); // every warp is done with the stages: reuse them
+    float *rb = (float *)smem, *rl = rb + KW * NSP * 32;
+    if (lane < 4)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            uint32_t col = slice * 32 + (c / 2) * 8 + 2 * lane + c % 2;
+            rb[kw * NSP * 32 + col] = b[c], rl[kw * NSP * 32 + col] = sm[c];
+        }
+    __syncthreads();
+    for (uint32_t col = threadIdx.x; col < p.Rp; col += THREADS) {
+        float B = -INFINITY, L = 0.0f;
+        for (int w = 0; w < KW; w++) {
+            float bo = rb[w * NSP * 32 + col], nb = fmaxf(B, bo);
+            L = rebase(L, B, nb) + rebase(rl[w * NSP * 32 + col], bo, nb);
+            B = nb;
+        }
+        bool ok = col_valid(p, col) && B != -INFINITY;
+        m_out[col] = ok ? B * LN2 : -INFINITY; // natural-log units of the scaled logits, as merge reads them
+        l_out[col] = ok ? L : 0.0f;
+    }
+}
+
+// HPS: heads a slice's 32 columns hold (32 / nqp, or 1), known when compiled so that the
+// segment sums unroll into straight-line code
+// Pass 2 of one block: keys [c0, c1) of kv head g (c1 <= S) against the group's queries
+// normalized by rowM/rowLnL (kv head g's merged rows). acc[j] = the sum over the group's heads
+// of mean + gamma * var of key j's probabilities; e_sum gains the thread's share of
+// sum p log2 p (the entropy is -ln 2 times the block's total), v_sum of the variances. ST cp.async stages at smem, then the
+// partial sums.
+template <typename T, int KS, int NSP, int HPS, int ST>
+__device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
+                           const float *rowM, const float *rowLnL, float *acc, double &e_sum,
+                           double &v_sum)
+{
+    using sh = shape<KS>;
+    constexpr int KW = 8 / NSP;
+    constexpr int NM = NSP >= 2 ? SCORE_MMA_NM : 1;
+    constexpr uint32_t SEG = NSP * HPS; // (slice, head within slice) partial sums per key
+    float *part = (float *)(smem + ST * sh::STAGE_BYTES); // [2][TK][SEG][2]
+    uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % NSP, kw = warp / NSP;
+    uint32_t nt = (c1 - c0 + TK - 1) / TK;
+    uint32_t bq[4][KS][2];
+    load_bfrag<T, KS>(p, g, slice, lane, bq);
+    float B2[8]; // log2 of each column's normalizer, prescaled; padding gets no probability
+    uint32_t vbits = 0; // which of the thread's 8 columns are queries
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+        uint32_t col = slice * 32 + (c / 2) * 8 + 2 * (lane % 4) + c % 2;
+        bool ok = col_valid(p, col);
+        B2[c] = ok ? (rowM[col] + rowLnL[col]) * LOG2E : 1e30f;
+        vbits |= (uint32_t)ok << c;
+    }
+    // backwards: tile of step k is nt - 1 - k
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < (int)nt)
+            load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    float ent[NM * 2] = {}; // one chain per key the thread holds
+    const float inq = 1.0f / p.nq, inq1 = p.nq > 1 ? 1.0f / (p.nq - 1) : 0.0f;
+    // queries in a segment: the head's window when it fits the slice, else 32 (only a head's
+    // last segment may hold fewer, and it is the one that gets padding)
+    uint32_t seg_q = p.nqp <= 32 ? p.nq : (slice % p.sph == p.sph - 1 ? p.nq - (p.sph - 1) * 32 : 32);
+    const float nseg_inv = 1.0f / seg_q;
+    // Per key of a finished step: each head's mean and unbiased variance over its queries.
+    auto finish = [&](uint32_t k) {
+        uint32_t j = c0 + (nt - 1 - k) * TK + threadIdx.x;
+        if (threadIdx.x >= TK || j >= c1)
+            return;
+        const float *pp = part + ((size_t)(k & 1) * TK + threadIdx.x) * SEG * 2;
+        float I = 0.0f;
+        for (uint32_t h = 0; h < p.G; h++) {
+            // nqp <= 32: segment h is the head; else sph segments of 32 queries (the last may
+            // hold fewer): deviations about the head's mean from each segment's (Chan et al.)
+            float s1 = 0.0f, m2 = 0.0f;
+            for (uint32_t u = 0; u < p.sph; u++)
+                s1 += pp[(h * p.sph + u) * 2];
+            float mean = s1 * inq;
+            for (uint32_t u = 0; u < p.sph; u++) {
+                const float *q = pp + (h * p.sph + u) * 2;
+                float nu = p.sph == 1 ? (float)p.nq : (float)min(32u, p.nq - u * 32), dm = q[0] / nu - mean;
+                m2 += q[1] + nu * dm * dm;
+            }
+            float var = m2 * inq1;
+            I += mean + p.gamma * var;
+            v_sum += var;
+        }
+        acc[j] = I;
+    };
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<ST - 2>();
+        __syncthreads();
+        if (k + ST - 1 < nt)
+            load_tile<KS>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
+                          smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        cp_async_commit();
+        if (k)
+            finish(k - 1);
+        const uint8_t *st = smem + (k % ST) * sh::STAGE_BYTES;
+        uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        bool full = j0 + TK <= c1;
+        float *pk = part + (size_t)(k & 1) * TK * SEG * 2;
+        for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            float acc[NM][4][4];
+            mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
+            // the thread's two keys of each m-tile; a tail tile's rows past the chunk count nothing
+            // Per key and segment (a head's window queries within the slice): the sum of the
+            // probabilities and, about the segment's own mean, the sum of squared deviations
+            // (two passes over registers: sums of squares cancel at peaked attention).
+            auto epilogue = [&](auto tail, auto padded) {
+#pragma unroll
+                for (int i2 = 0; i2 < NM * 2; i2++) {
+                    int mi = i2 / 2, e2 = i2 % 2;
+                    uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
+                    float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4];
+                    float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
+#pragma unroll
+                    for (int t = 0; t < 4; t++) {
+                        a1[t] = 0.0f;
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float x = fmaf(pv[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
+                            if (decltype(tail)::value)
+                                pr *= live;
+                            pv[t][e2 * 2 + e] = pr;
+                            a1[t] += pr, ent[i2] = fmaf(pr, x, ent[i2]);
+                        }
+                    }
+                    // the 4 n-tiles hold HPS segments: each one's sum, then the quad's
+#pragma unroll
+                    for (int hs = 0; hs < HPS; hs++) {
+                        float v1 = 0.0f, v2 = 0.0f;
+#pragma unroll
+                        for (int t = 0; t < 4; t++)
+                            if (t * HPS / 4 == hs)
+                                v1 += a1[t];
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+                        v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
+                        float mean = v1 * nseg_inv;
+#pragma unroll
+                        for (int t = 0; t < 4; t++)
+                            if (t * HPS / 4 == hs)
+#pragma unroll
+                                for (int e = 0; e < 2; e++) {
+                                    float dl = pv[t][e2 * 2 + e] - mean;
+                                    if (decltype(padded)::value) // padding columns are no queries
+                                        dl = (vbits >> (t * 2 + e)) & 1 ? dl : 0.0f;
+                                    v2 = fmaf(dl, dl, v2);
+                                }
+                        v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
+                        v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
+                        if (lane % 4 == 0) {
+                            float *q = pk + ((size_t)row * SEG + slice * HPS + hs) * 2;
+                            q[0] = v1, q[1] = v2;
+                        }
+                    }
+                }
+            };
+            if (p.nq != p.nqp) {
+                if (full)
+                    epilogue(std::false_type(), std::true_type());
+                else
+                    epilogue(std::true_type(), std::true_type());
+                continue;
+            }
+            if (full)
+                epilogue(std::false_type(), std::false_type());
+            else
+                epilogue(std::true_type(), std::false_type());
+        }
+#pragma unroll
+        for (int i = 0; i < NM * 2; i++)
+            e_sum += ent[i], ent[i] = 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (nt)
+        finish(nt - 1);
+}
+
+// Query columns padded per head to nqp: 8, 16 or 32 (a divisor of a warp's 32 columns) or
+// a multiple of 32, so no n-tile mixes heads.
+__host__ __device__ inline uint32_t pad_nq(uint32_t nq)
+{
+    uint32_t n8 = (nq + 7) / 8 * 8;
+    if (n8 <= 32)
+        return 32 % n8 ? 32 : n8;
+    return (nq + 31) / 32 * 32;
+}
+
+// The fast divisor of tokens per page (load_tile): p.tpp_mul, p.tpp_shr.
+__host__ __device__ inline void set_tpp(mparams &p, uint32_t tpp)
+{
+    uint32_t lg = 0;
+    while ((1ull << lg) < tpp)
+        lg++;
+    p.tpp = tpp;
+    p.tpp_mul = tpp <= 1 ? 0u : (uint32_t)(((1ull << (31 + lg)) + tpp - 1) / tpp);
+    p.tpp_shr = tpp <= 1 ? 0u : lg - 1;
+}
+
+} // namespace smma
+
+#endif
