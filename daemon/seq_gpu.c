@@ -2,6 +2,7 @@
  * compacted by the CUDA kernels (through gpuexec) over its GPU pool pages; the indicators
  * stay in device memory during the prefill. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -217,9 +218,11 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         };
         at += s->Hkv * (S - ev[i].k);
     }
+    double t0 = e->trace ? seq_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
     gpuexec_put(GEXEC(e, s), gc);
+    double t1 = e->trace ? seq_now_s() : 0;
     for (uint32_t i = 0; i < nover && !rc; i++) {
         struct seq_layer *ly = &s->layer[over[i]];
         uint32_t S = ly->tokens - w;
@@ -227,6 +230,10 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         ly->tokens = ev[i].k + w;
         rc = seq_positions_evict(s, ly, ev[i].evicted, S - ev[i].k, S, w);
     }
+    if (e->trace)
+        fprintf(stderr, "caked trace: seq %#llx decode: %u layers evicted on the GPU %.0f us, "
+                "positions %.0f us\n", (unsigned long long)s->id, nover, (t1 - t0) * 1e6,
+                (seq_now_s() - t1) * 1e6);
     free(ev), free(gone);
     return rc;
 }

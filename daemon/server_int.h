@@ -146,6 +146,7 @@ struct work {
     /* a decode step split over the workers (work.c): its parts, and how many still run */
     struct work_part *part;
     uint32_t parts;
+    double t_start;    /* when it was submitted (CAKED_TRACE's decode lines) */
 };
 
 /* One worker's part of a split decode step: sequences [from, to) of w. */

@@ -177,7 +177,12 @@ static void work_done(struct job *j)
         } else if (lost) {
             srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
         } else if (w->type == MSG_DECODE_STEP) {
+            double t0 = s->env.trace ? srv_now_s() : 0;
             work_decode_reply(s, c, w->seqs, w->n, evictions);
+            if (s->env.trace)
+                fprintf(stderr, "caked trace: decode step of %u sequences: %.0f us submitted to "
+                        "commit, reserve and reply %.0f us\n", w->n, (t0 - w->t_start) * 1e6,
+                        (srv_now_s() - t0) * 1e6);
         } else if (w->type == MSG_PARK) {
             srv_reply(s, c, MSG_PARK, NULL);
         } else {
@@ -255,6 +260,7 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
+    w->t_start = now;
     if (type == MSG_DECODE_STEP && split_decode(s, w))
         return;
     workers_submit(s->workers, &w->job);

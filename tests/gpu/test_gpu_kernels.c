@@ -584,6 +584,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == (H > Hkv ? -ENOTSUP : 0), "max pooling over a group");
     bad = ke, bad.head_dim = 48;
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -ENOTSUP, "head_dim 48");
+    bad = ke, bad.q_heads = 24 * Hkv; /* 24 heads of 32 padded rows a kv head: past the 256 rows */
+    EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -ENOTSUP, "too many rows a kv head");
     bad = ke, bad.n_q = w + 1;
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -EINVAL, "more rows than the window");
     EXPECT(kern_cuda_decode_evict_check(&ke, 1u << 20) == -ENOTSUP, "a prefix beyond shared memory");
@@ -621,7 +623,7 @@ int main(void)
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f); /* CAKE at 8B shapes */
         run_decode_evict(ts[i], 8, 2, 64, 16, 11, 7, KERN_POOL_NONE, 0, 0.0f);     /* part of a window */
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f);     /* G = 1: max pooling */
-        run_decode_evict(ts[i], 12, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f); /* a head over 2 slices */
+        run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f);  /* a head over 2 slices */
     }
     run_topk_many();
     run_ring_gather();
