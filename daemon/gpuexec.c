@@ -468,24 +468,30 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
         return -ENOTSUP;
     if (reserve(c, tabs + evb, tabs + evb))
         return -ENOMEM;
-    /* staging and device alike: the jobs, each job's page offsets and ring offsets; then the
-     * removed slots (device, then back) */
+    /* staging and device alike: the jobs, longest prefix first (the blocks of a long layer
+     * set the step's time: they start in the first wave), each job's page offsets and ring
+     * offsets; then the removed slots (device, then back) in the caller's order */
     struct kern_cuda_evict_job *jobs = (struct kern_cuda_evict_job *)c->hbuf;
     size_t at = al(sizeof(*jobs) * n), out = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];
+        uint32_t j = i; /* insertion by n_tokens, descending (the window is the same) */
+        while (j > 0 && jobs[j - 1].n_tokens < e->l.n_tokens) {
+            jobs[j] = jobs[j - 1];
+            j--;
+        }
         uint64_t *po = (uint64_t *)(c->hbuf + at), *ro;
         for (uint32_t p = 0; p < e->l.n_pages; p++)
             po[p] = (uint64_t)e->l.pages[p] * e->l.page_bytes;
-        jobs[i].page_off = (const uint64_t *)(c->dbuf + at);
+        jobs[j].page_off = (const uint64_t *)(c->dbuf + at);
         at += al(sizeof(uint64_t) * e->l.n_pages);
         ro = (uint64_t *)(c->hbuf + at);
         for (uint32_t p = 0; p < e->ring.n_pages; p++)
             ro[p] = (uint64_t)e->ring.pages[p] * e->ring.page_bytes;
-        jobs[i].ring_off = (const uint64_t *)(c->dbuf + at);
+        jobs[j].ring_off = (const uint64_t *)(c->dbuf + at);
         at += al(sizeof(uint64_t) * e->ring.n_pages);
-        jobs[i].n_tokens = e->l.n_tokens, jobs[i].k = e->k, jobs[i].ind = NULL;
-        jobs[i].evicted = (uint32_t *)(c->dbuf + tabs + out);
+        jobs[j].n_tokens = e->l.n_tokens, jobs[j].k = e->k, jobs[j].ind = NULL;
+        jobs[j].evicted = (uint32_t *)(c->dbuf + tabs + out);
         out += sizeof(uint32_t) * ke.kv_heads * (e->l.n_tokens - ke.w - e->k);
     }
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess

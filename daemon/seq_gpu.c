@@ -230,10 +230,16 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         ly->tokens = ev[i].k + w;
         rc = seq_positions_evict(s, ly, ev[i].evicted, S - ev[i].k, S, w);
     }
-    if (e->trace)
-        fprintf(stderr, "caked trace: seq %#llx decode: %u layers evicted on the GPU %.0f us, "
-                "positions %.0f us\n", (unsigned long long)s->id, nover, (t1 - t0) * 1e6,
-                (seq_now_s() - t1) * 1e6);
+    if (e->trace) {
+        uint32_t lo = UINT32_MAX, hi = 0;
+        for (uint32_t i = 0; i < nover; i++) {
+            uint32_t S = ev[i].k + (evicted[i] ? evicted[i] : 0);
+            lo = S < lo ? S : lo, hi = S > hi ? S : hi;
+        }
+        fprintf(stderr, "caked trace: seq %#llx decode: %u layers (prefixes %u-%u) evicted on the "
+                "GPU %.0f us, positions %.0f us\n", (unsigned long long)s->id, nover, lo, hi,
+                (t1 - t0) * 1e6, (seq_now_s() - t1) * 1e6);
+    }
     free(ev), free(gone);
     return rc;
 }
