@@ -163,47 +163,57 @@ static double attn_us(uint32_t n, int reps)
 
 
 /* A decode step's eviction of one token in each of 32 layers (1024 kept + 1 new before a
- * window of W, CAKE's ranking), two ways on the same data: the per-layer kernels caked ran
- * before (ring gather, scoring passes, pooling, top-k, compaction: one stream, no page
- * uploads, so a lower bound on that path), and kern_cuda_decode_evict's one launch. Prints
- * the GPU time (events) and the wall time from the first launch to the end (the host's issue
- * cost included), medians of reps. */
+ * window of W, CAKE's ranking), three ways on the same random values: the per-layer kernels
+ * caked ran before (ring gather, scoring passes, pooling, top-k, compaction: one stream, no
+ * page uploads, so a lower bound on that path) and kern_cuda_decode_evict's one launch, each
+ * layer one page; then the one launch over caked's layout (64 KiB pages of 16 tokens, in
+ * reverse order). Prints the GPU time (events) and the wall time from the first launch to
+ * the end (the host's issue cost included), medians of reps. */
 static void decode_evict(int reps)
 {
-    enum { L = 32 };
-    uint32_t S = 1025, n = S + W, k = 1024;
+    enum { L = 32, TPP = 16 };
+    uint32_t S = 1025, n = S + W, k = 1024, np = (n + TPP - 1) / TPP;
     size_t half = (size_t)HKV * n * D * 2, layer = 2 * half, ring = (size_t)H * W * D * 2;
+    size_t pb = 2 * (size_t)HKV * TPP * D * 2, player = np * pb; /* caked's 64 KiB pages */
+    size_t span = (layer > player ? layer : player) + ring;
     uint8_t *base;
-    CK(cudaMalloc((void **)&base, (layer + ring) * L));
-    uint16_t *h = malloc(layer + ring);
+    CK(cudaMalloc((void **)&base, span * L));
+    uint16_t *h = malloc(span);
     uint64_t seed = 0x853c49e6748fea9bull;
-    for (size_t i = 0; i < (layer + ring) / 2; i++) {
+    for (size_t i = 0; i < span / 2; i++) {
         seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
         h[i] = kern_f32_to_bf16((float)((seed >> 40) * (2.0 / 16777216.0) - 1.0));
     }
-    for (int l = 0; l < L; l++)
-        CK(cudaMemcpy(base + l * (layer + ring), h, layer + ring, cudaMemcpyHostToDevice));
-    free(h);
-    /* per layer: its page offset, its ring's (one page each), the removed slots */
-    uint64_t ho[2 * L], *doff;
-    for (int l = 0; l < L; l++)
-        ho[2 * l] = (uint64_t)l * (layer + ring), ho[2 * l + 1] = ho[2 * l] + layer;
-    CK(cudaMalloc((void **)&doff, sizeof ho));
-    CK(cudaMemcpy(doff, ho, sizeof ho, cudaMemcpyHostToDevice));
+    /* per layer: its page offsets (one page; then np pages), its ring's, the removed slots */
+    uint64_t *ho = malloc(sizeof(uint64_t) * L * (2 + np + 1)), *doff;
+    uint64_t *po = ho + 2 * L;
+    for (int l = 0; l < L; l++) {
+        ho[2 * l] = (uint64_t)l * span, ho[2 * l + 1] = ho[2 * l] + span - ring;
+        for (uint32_t i = 0; i < np; i++)
+            po[(size_t)l * (np + 1) + i] = ho[2 * l] + (uint64_t)(np - 1 - i) * pb;
+        po[(size_t)l * (np + 1) + np] = ho[2 * l + 1];
+    }
+    CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * L * (2 + np + 1)));
+    CK(cudaMemcpy(doff, ho, sizeof(uint64_t) * L * (2 + np + 1), cudaMemcpyHostToDevice));
+    uint64_t *dpo = doff + 2 * L;
     uint32_t *dev_ev;
     CK(cudaMalloc((void **)&dev_ev, sizeof(uint32_t) * L * HKV * (S - k)));
-    struct kern_cuda_evict_job jobs[L], *djobs;
-    for (int l = 0; l < L; l++)
-        jobs[l] = (struct kern_cuda_evict_job){doff + 2 * l, doff + 2 * l + 1, n, k,
-                                              dev_ev + l * HKV * (S - k), NULL};
+    struct kern_cuda_evict_job jobs[2][L], *djobs;
+    for (int l = 0; l < L; l++) {
+        jobs[0][l] = (struct kern_cuda_evict_job){doff + 2 * l, doff + 2 * l + 1, n, k,
+                                                 dev_ev + l * HKV * (S - k), NULL};
+        jobs[1][l] = (struct kern_cuda_evict_job){dpo + (size_t)l * (np + 1), dpo + (size_t)l * (np + 1) + np,
+                                                 n, k, dev_ev + l * HKV * (S - k), NULL};
+    }
     CK(cudaMalloc((void **)&djobs, sizeof jobs));
     CK(cudaMemcpy(djobs, jobs, sizeof jobs, cudaMemcpyHostToDevice));
-    struct kern_cuda_evict ke = {
+    struct kern_cuda_evict ke[2] = {{
         .dtype = KERN_BF16, .q_heads = H, .kv_heads = HKV, .head_dim = D, .tokens_per_page = n,
         .w = W, .base = base, .v_offset_bytes = half, .ring_rows_per_page = H * W,
         .ring_heads_per_page = H, .ring_pages_per_head = 1, .first = 0, .n_q = W, .gamma = 200.0f,
         .pool = KERN_POOL_AVG, .radius = 2,
-    };
+    }};
+    ke[1] = ke[0], ke[1].tokens_per_page = TPP, ke[1].v_offset_bytes = pb / 2;
     /* the per-layer path's buffers */
     void *q, *ws, *tws, *tmp;
     float *ind;
@@ -218,9 +228,11 @@ static void decode_evict(int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[2][64];
-    double tw[2][64];
-    for (int way = 0; way < 2; way++)
+    float tg[3][64];
+    double tw[3][64];
+    for (int way = 0; way < 3; way++) {
+        for (int l = 0; l < L; l++) /* the same values each way */
+            CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
         for (int r = -3; r < reps; r++) {
             double t0 = util_now_s();
             cudaEventRecord(e0, 0);
@@ -234,7 +246,7 @@ static void decode_evict(int reps)
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
                         exit(1);
                 }
-            } else if (kern_cuda_decode_evict(&ke, djobs, L, S, NULL)) {
+            } else if (kern_cuda_decode_evict(&ke[way - 1], djobs + (way - 1) * L, L, S, NULL)) {
                 exit(1);
             }
             cudaEventRecord(e1, 0);
@@ -244,14 +256,20 @@ static void decode_evict(int reps)
                 cudaEventElapsedTime(&tg[way][r], e0, e1);
             }
         }
-    float g0 = median(tg[0], reps) * 1e3f, g1 = median(tg[1], reps) * 1e3f;
-    double w0 = dmedian(tw[0], reps), w1 = dmedian(tw[1], reps);
+    }
+    float g[3];
+    double w[3];
+    for (int i = 0; i < 3; i++)
+        g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking):\n", k, S, W);
-    printf("  per-layer kernels (~10 launches a layer, one stream): GPU %8.1f us, wall %8.1f us\n", g0, w0);
+    printf("  per-layer kernels (~10 launches a layer, one stream): GPU %8.1f us, wall %8.1f us\n", g[0], w[0]);
     printf("  one launch (kern_cuda_decode_evict):                 GPU %8.1f us, wall %8.1f us   "
-           "(%.1fx, %.1fx)\n", g1, w1, g0 / g1, w0 / w1);
+           "(%.1fx, %.1fx)\n", g[1], w[1], g[0] / g[1], w[0] / w[1]);
+    printf("  one launch, caked's 64 KiB pages of %d tokens:       GPU %8.1f us, wall %8.1f us\n", TPP,
+           g[2], w[2]);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
     cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);
+    free(h), free(ho);
 }
 
 /* ---- through caked ------------------------------------------------------------------ */
