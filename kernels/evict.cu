@@ -94,33 +94,10 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         double e_sum = 0.0, v_sum = 0.0;
         pass2_body<T, KS, NSP, HPS, EST>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
-        // score.cu's pool5 and pool_any, to the same rounding; then the group mean
+        // score.cu's pooling (pool_value), to the same rounding; then the group mean
         float post = 1.0f / p.G;
-        uint32_t r = e.radius;
         for (uint32_t j = tid; j < S; j += THREADS) {
-            float v;
-            if (e.pool == KERN_POOL_AVG && r == 2) {
-                v = acc[j];
-                if (j >= 1) v += acc[j - 1];
-                if (j >= 2) v += acc[j - 2];
-                if (j + 1 < S) v += acc[j + 1];
-                if (j + 2 < S) v += acc[j + 2];
-                v = v / 5.0f;
-            } else {
-                uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
-                if (e.pool == KERN_POOL_AVG) {
-                    v = 0.0f;
-                    for (uint32_t t = lo; t <= hi; t++)
-                        v += acc[t];
-                    v /= (float)(2 * r + 1);
-                } else if (e.pool == KERN_POOL_MAX) {
-                    v = acc[lo];
-                    for (uint32_t t = lo + 1; t <= hi; t++)
-                        v = acc[t] > v ? acc[t] : v;
-                } else {
-                    v = acc[j];
-                }
-            }
+            float v = pool_value(acc, S, j, e.pool, e.radius);
             ind[j] = v * post;
             if (job.ind)
                 job.ind[(size_t)g * S + j] = ind[j];

@@ -350,47 +350,16 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
     }
 }
 
-// ind[g][j] = (acc[j-2] + ... + acc[j+2]) / 5 / G, zero padded.
-__global__ void pool5(const float *acc, float *ind, uint32_t S, uint32_t hkv, float post)
+// ind[g][j] = the pooled group sum (pool_value: kern.h's kern_pool over [j - r, j + r]) * post
+// (the group mean).
+__global__ void pool_rows(const float *acc, float *ind, uint32_t S, uint32_t hkv, float post,
+                          int kind, uint32_t r)
 {
     size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= (size_t)hkv * S)
         return;
     uint32_t g = x / S, j = x % S;
-    const float *a = acc + (size_t)g * S;
-    float s = a[j];
-    if (j >= 1) s += a[j - 1];
-    if (j >= 2) s += a[j - 2];
-    if (j + 1 < S) s += a[j + 1];
-    if (j + 2 < S) s += a[j + 2];
-    ind[x] = s / 5.0f * post;
-}
-
-// The other poolings (kern.h's kern_pool): average over [j-r, j+r] (zero padded, / (2r+1)),
-// max over it inside [0, S), or none; then * post (the group mean).
-__global__ void pool_any(const float *acc, float *ind, uint32_t S, uint32_t hkv, float post,
-                         int kind, uint32_t r)
-{
-    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= (size_t)hkv * S)
-        return;
-    uint32_t g = x / S, j = x % S;
-    const float *a = acc + (size_t)g * S;
-    uint32_t lo = j > r ? j - r : 0, hi = j + r < S ? j + r : S - 1;
-    float v;
-    if (kind == KERN_POOL_AVG) {
-        v = 0.0f;
-        for (uint32_t t = lo; t <= hi; t++)
-            v += a[t];
-        v /= (float)(2 * r + 1);
-    } else if (kind == KERN_POOL_MAX) {
-        v = a[lo];
-        for (uint32_t t = lo + 1; t <= hi; t++)
-            v = a[t] > v ? a[t] : v;
-    } else {
-        v = a[j];
-    }
-    ind[x] = v * post;
+    ind[x] = pool_value(acc + (size_t)g * S, S, j, kind, r) * post;
 }
 
 // One ranking for every row (TOVA): each column's mean over the rows, in double as the C
@@ -652,11 +621,8 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
     }
     if (rc)
         return rc;
-    if (pool == KERN_POOL_AVG && radius == 2) /* CAKE's */
-        pool5<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G);
-    else
-        pool_any<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G,
-                                                                 pool, radius);
+    pool_rows<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G,
+                                                              pool, radius);
     CK(cudaGetLastError());
     if (entropy || variance) {
         uint32_t nb = p.hkv * div_up(S, p.chunk);

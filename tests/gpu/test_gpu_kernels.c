@@ -402,6 +402,19 @@ static void run_attention(enum kern_dtype dt)
     free(host), free(off), free(row), free(qf), free(out), free(q), free(got);
 }
 
+/* 0..n-1 in random order (Fisher-Yates): pages scattered over a buffer (malloc'd; free it). */
+static uint32_t *shuffled(uint32_t n)
+{
+    uint32_t *perm = malloc(sizeof(uint32_t) * (n ? n : 1));
+    for (uint32_t i = 0; i < n; i++)
+        perm[i] = i;
+    for (uint32_t i = n ? n - 1 : 0; i > 0; i--) {
+        uint32_t j = (uint32_t)(urand() * (i + 1)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    return perm;
+}
+
 /* The paged query ring (shm_ring) gathered oldest first, against the host's reading of the
  * same layout: pages scattered over a buffer in random order, random geometry (whole heads
  * a page, or a head over several pages; rows a multiple of 16 bytes or not), random start
@@ -418,13 +431,7 @@ static void run_ring_gather(void)
         uint8_t *host = malloc(pb * P), *want = malloc((size_t)H * nq * row + 1);
         uint8_t *got = malloc((size_t)H * nq * row + 1);
         uint64_t *off = malloc(sizeof(uint64_t) * g.pages);
-        uint32_t *perm = malloc(sizeof(uint32_t) * P);
-        for (uint32_t i = 0; i < P; i++)
-            perm[i] = i;
-        for (uint32_t i = P - 1; i > 0; i--) {
-            uint32_t j = (uint32_t)(urand() * (i + 1)), t = perm[i];
-            perm[i] = perm[j], perm[j] = t;
-        }
+        uint32_t *perm = shuffled(P);
         for (uint32_t i = 0; i < g.pages; i++)
             off[i] = perm[i] * pb;
         for (size_t i = 0; i < pb * P; i++)
@@ -476,13 +483,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         np[l] = (n[l] + tpp - 1) / tpp, P += np[l] + rg.pages;
         max_S = S[l] > max_S ? S[l] : max_S;
     }
-    uint32_t *perm = malloc(sizeof(uint32_t) * P);
-    for (uint32_t i = 0; i < P; i++)
-        perm[i] = i;
-    for (uint32_t i = P - 1; i > 0; i--) {
-        uint32_t j = (uint32_t)(urand() * (i + 1)), t = perm[i];
-        perm[i] = perm[j], perm[j] = t;
-    }
+    uint32_t *perm = shuffled(P);
     uint8_t *host = malloc(pb * P);
     for (size_t i = 0; i < pb * P / 2; i++) { /* values in [-1, 1): no NaN or inf bit patterns */
         float f = (float)(2 * urand() - 1);
