@@ -606,6 +606,17 @@ int main(void)
     rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
     printf("seed %llu\n", (unsigned long long)rs);
     enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
+    if (getenv("CAKE_GPU_TEST_QUICK")) { /* one scoring case a dtype and the one-launch eviction
+                                             (a check on a short device lease; ctest runs all) */
+        printf("CAKE_GPU_TEST_QUICK: a subset\n");
+        for (int i = 0; i < 2; i++) {
+            run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
+            run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f);
+            run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f);
+        }
+        printf("%s\n", failures ? "FAILED" : "the subset passed");
+        return failures ? 1 : 0;
+    }
     for (int i = 0; i < 2; i++) {
         run_case(ts[i], 8, 2, 64, 3000 + (uint32_t)(urand() * 1000), 16, 3000 + 1000, 200);
         run_case(ts[i], 32, 8, 128, 5000 + (uint32_t)(urand() * 3000), 32, 16, 992);
