@@ -233,7 +233,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     if (e->trace) {
         uint32_t lo = UINT32_MAX, hi = 0;
         for (uint32_t i = 0; i < nover; i++) {
-            uint32_t S = ev[i].k + (evicted[i] ? evicted[i] : 0);
+            uint32_t S = ev[i].l.n_tokens - w; /* the view taken before the step */
             lo = S < lo ? S : lo, hi = S > hi ? S : hi;
         }
         fprintf(stderr, "caked trace: seq %#llx decode: %u layers (prefixes %u-%u) evicted on the "

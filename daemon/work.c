@@ -208,9 +208,10 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
 }
 
 /* A decode step of many GPU sequences in parts, one per worker (sequences are independent
- * in a step; each part takes a run of them): a GPU eviction is bound by the host issuing its
- * launches, which several workers do side by side (bench-e2e: caked's step at batch 32 on
- * an H200, 50 -> 20-25 ms). A host sequence's eviction already spreads its layers over
+ * in a step; each part takes a run of them): each sequence's eviction is a launch and a wait
+ * on its worker's own stream, so several workers keep the GPU busy side by side (bench-e2e
+ * at batch 32 on an H200: caked's step 50 -> 20-25 ms split, when each layer was still its
+ * own launches; 6.5 ms with one launch a sequence). A host sequence's eviction already spreads its layers over
  * every core (OpenMP, seq_host.c): host sequences gained nothing split (cake-workload, 8
  * sequences, this project's 2-core VM) and stay one job. 0 where fewer than two GPU
  * sequences have work in the step or the parts could not be made (the step then runs whole

@@ -585,7 +585,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == (H > Hkv ? -ENOTSUP : 0), "max pooling over a group");
     bad = ke, bad.head_dim = 48;
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -ENOTSUP, "head_dim 48");
-    bad = ke, bad.q_heads = 24 * Hkv; /* 24 heads of 32 padded rows a kv head: past the 256 rows */
+    bad = ke, bad.q_heads = 33 * Hkv, bad.pool = KERN_POOL_AVG, bad.radius = 2; /* 33 heads of at
+                                               least 8 padded rows a kv head: past the 256 rows */
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -ENOTSUP, "too many rows a kv head");
     bad = ke, bad.n_q = w + 1;
     EXPECT(kern_cuda_decode_evict_check(&bad, max_S) == -EINVAL, "more rows than the window");
