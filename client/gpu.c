@@ -24,8 +24,9 @@ struct seq_gpu {
     cudaEvent_t copied;
     /* the device page tables (cake_device_tables): int32 tokens[L], the decode query's ring
      * slot of each layer slots[L] (-1: none reserved), then pages[L][max_pages] page
-     * indices; tab_host is their pinned shadow (what the device holds), refreshed on
-     * tab_stream after every call that may change them */
+     * indices, then holes[L][kv_heads][2] (cake_device_holes); tab_host is their pinned
+     * shadow (what the device holds), refreshed on tab_stream after every call that may
+     * change them */
     int32_t *tab_dev, *tab_host;
     cudaStream_t tab_stream;
 };
@@ -90,6 +91,21 @@ static int grow(cake_seq *s, size_t bytes, size_t ws_bytes)
     return 0;
 }
 
+/* Every layer's and kv head's hole (Ada-KV: the first slot and count that hold no token;
+ * 0, 0 where none) into out [layers][kv_heads][2]; 1 if there is any. */
+static int holes_of(const cake_seq *s, int32_t *out)
+{
+    int any = 0;
+    for (uint32_t l = 0; l < s->hdr.layers; l++)
+        for (uint32_t g = 0; g < s->hdr.kv_heads; g++) {
+            uint32_t first = 0, n = cake_head_holes(s, l, g, &first);
+            n = first > INT32_MAX || n > INT32_MAX ? 0 : n;
+            out[0] = n ? (int32_t)first : 0, out[1] = (int32_t)n;
+            any |= n != 0, out += 2;
+        }
+    return any;
+}
+
 int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
 {
     cake_ctx *c = s->ctx;
@@ -104,7 +120,8 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
         max_tok = tokens > max_tok ? tokens : max_tok;
         stride = pages > stride ? pages : stride;
     }
-    size_t o_ntok = al(sizeof(void *) * L), o_off = o_ntok + al(sizeof(uint32_t) * L);
+    size_t o_ntok = al(sizeof(void *) * L), o_holes = o_ntok + al(sizeof(uint32_t) * L);
+    size_t o_off = o_holes + al(sizeof(int32_t) * 2 * L * d->kv_heads);
     size_t bytes = o_off + sizeof(uint64_t) * L * (size_t)(stride ? stride : 1);
     size_t ws = kern_cuda_attn_workspace(L, d->q_heads, d->head_dim, max_tok);
     int rc = grow(s, bytes, ws);
@@ -114,6 +131,8 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
     cudaEventSynchronize(g->copied); /* the previous call's upload has read the staging */
     const uint64_t **ptrs = (const uint64_t **)g->host;
     uint32_t *ntok = (uint32_t *)(g->host + o_ntok);
+    int32_t *holes = (int32_t *)(g->host + o_holes);
+    int any_hole = holes_of(s, holes);
     for (uint32_t l = 0; l < L; l++) {
         /* read once: another writer of the pool cannot make the counts disagree with what
          * was checked above */
@@ -136,7 +155,9 @@ int cake_decode_attention(cake_seq *s, const void *q, float *out, void *stream)
         cudaEventRecord(g->copied, st) != cudaSuccess)
         return cake_set_err(c, -EIO, "cake_decode_attention: %s", cudaGetErrorString(cudaGetLastError()));
     rc = kern_cuda_decode_attention((int)d->dtype, s->kv_base, (const uint64_t *const *)g->dev,
-                                    (const uint32_t *)(g->dev + o_ntok), max_tok, L, d->q_heads,
+                                    (const uint32_t *)(g->dev + o_ntok),
+                                    any_hole ? (const int32_t *)(g->dev + o_holes) : NULL,
+                                    max_tok, L, d->q_heads,
                                     d->kv_heads, d->head_dim, d->tokens_per_page, s->v_offset, q,
                                     out, g->ws, g->ws_bytes, st);
     if (rc == -EINVAL)
@@ -270,6 +291,14 @@ static int tables_push(cake_seq *s, int full)
     if (e == cudaSuccess)
         e = cudaMemcpyAsync(g->tab_dev, g->tab_host, sizeof(int32_t) * 2 * L,
                             cudaMemcpyHostToDevice, g->tab_stream); /* counts and slots */
+    size_t o_holes = (size_t)L * (2 + (size_t)mp), nh = (size_t)L * s->hdr.kv_heads * 2;
+    int32_t *hs = g->tab_host + o_holes + nh; /* the holes now, beside what the device holds */
+    holes_of(s, hs);
+    if (e == cudaSuccess && (full || memcmp(hs, hs - nh, sizeof(int32_t) * nh))) {
+        memcpy(hs - nh, hs, sizeof(int32_t) * nh);
+        e = cudaMemcpyAsync(g->tab_dev + o_holes, hs - nh, sizeof(int32_t) * nh,
+                            cudaMemcpyHostToDevice, g->tab_stream);
+    }
     if (e != cudaSuccess)
         return cake_set_err(s->ctx, -EIO, "device page tables: %s", cudaGetErrorString(e));
     return rc ? cake_set_err(s->ctx, rc, "a layer's page table disagrees with the GPU pool") : 0;
@@ -301,11 +330,14 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
     if (!g)
         return cake_set_err(c, -ENOMEM, "out of memory");
     if (!g->tab_dev) {
-        size_t n = (size_t)s->hdr.layers * (2 + (size_t)s->hdr.max_pages);
+        size_t n = (size_t)s->hdr.layers * (2 + (size_t)s->hdr.max_pages + 2 * s->hdr.kv_heads);
         int prev, rc = on_device(s, &prev);
         if (!rc && (cudaStreamCreateWithFlags(&g->tab_stream, cudaStreamNonBlocking) != cudaSuccess ||
                     cudaMalloc((void **)&g->tab_dev, sizeof(int32_t) * n) != cudaSuccess ||
-                    cudaMallocHost((void **)&g->tab_host, sizeof(int32_t) * n) != cudaSuccess))
+                    /* the shadow has a second copy of the holes: what they are now */
+                    cudaMallocHost((void **)&g->tab_host, sizeof(int32_t) * (n + 2ull * s->hdr.layers *
+                                                                             s->hdr.kv_heads)) !=
+                        cudaSuccess))
             rc = -ENOMEM;
         cudaGetLastError();
         cudaSetDevice(prev);
@@ -327,6 +359,16 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
     return 0;
 }
 
+int cake_device_holes(cake_seq *s, const int32_t **holes)
+{
+    const int32_t *pages;
+    uint32_t mp;
+    int rc = cake_device_tables(s, NULL, &pages, &mp);
+    if (!rc)
+        *holes = pages + (size_t)s->hdr.layers * mp;
+    return rc;
+}
+
 /* ---- one layer of a batch ---------------------------------------------------- */
 
 struct cake_batch {
@@ -335,7 +377,8 @@ struct cake_batch {
     uint32_t n, layers, capacity; /* capacity: the most tokens a sequence's pages hold */
     int device;
     struct kern_cuda_paged pk;
-    const int32_t **ptrs;         /* device [layers][3][n]: page rows, counts, ring slots */
+    const int32_t **ptrs;         /* device [layers][4][n]: page rows, counts, ring slots,
+                                   * holes ([kv_heads][2]) */
     uint8_t **rings;              /* device [layers][n][q_heads][ring_parts]: where the rows of
                                    * each head's ring part begin (rings never move) */
     uint32_t ring_parts, ring_rows; /* parts a head's ring spans, rows in each part */
@@ -383,7 +426,7 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
     uint32_t L = b->layers, H = d0->q_heads, w = d0->window;
     b->ring_parts = s0->ring.pages_per_head;
     b->ring_rows = b->ring_parts == 1 ? w : s0->ring.rows_per_page;
-    size_t np = (size_t)L * 3 * n, nr = (size_t)L * n * H * b->ring_parts;
+    size_t np = (size_t)L * 4 * n, nr = (size_t)L * n * H * b->ring_parts;
     const int32_t **host = malloc(sizeof(*host) * np);
     uint8_t **rings = malloc(sizeof(*rings) * nr);
     int rc = host && rings ? 0 : cake_set_err(c, -ENOMEM, "out of memory");
@@ -393,9 +436,10 @@ int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch *
         if ((rc = cake_device_tables(seqs[i], &tok, &pg, &mp)))
             break;
         for (uint32_t l = 0; l < L; l++) {
-            host[((size_t)l * 3) * n + i] = pg + (size_t)l * mp;
-            host[((size_t)l * 3 + 1) * n + i] = tok + l;
-            host[((size_t)l * 3 + 2) * n + i] = tok + L + l; /* the ring slot */
+            host[((size_t)l * 4) * n + i] = pg + (size_t)l * mp;
+            host[((size_t)l * 4 + 1) * n + i] = tok + l;
+            host[((size_t)l * 4 + 2) * n + i] = tok + L + l; /* the ring slot */
+            host[((size_t)l * 4 + 3) * n + i] = pg + (size_t)L * mp + (size_t)l * d0->kv_heads * 2;
             for (uint32_t h = 0; h < H && !rc; h++)
                 for (uint32_t j = 0; j < b->ring_parts && !rc; j++) {
                     uint8_t *row = cake_ring_row(seqs[i], l, h, j * b->ring_rows);
@@ -454,8 +498,9 @@ int cake_batch_attention(cake_batch *b, uint32_t layer, const void *q, void *out
     if (max_tokens > b->capacity)
         return cake_set_err(c, CAKE_EINVAL, "max_tokens %u exceeds what the sequences' pages "
                                             "hold (%u)", max_tokens, b->capacity);
-    const int32_t *const *pg = b->ptrs + (size_t)layer * 3 * b->n;
-    int rc = kern_cuda_paged_decode(&b->pk, pg, pg + b->n, b->n, max_tokens ? max_tokens : 1, q,
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 4 * b->n;
+    int rc = kern_cuda_paged_decode(&b->pk, pg, pg + b->n, pg + 3 * b->n, b->n,
+                                    max_tokens ? max_tokens : 1, q,
                                     out, b->ws, b->ws_bytes, stream);
     if (rc == -EINVAL)
         return cake_set_err(c, CAKE_EINVAL, "batched decode attention supports head_dim 32, 64, "
@@ -467,7 +512,7 @@ int cake_batch_append(cake_batch *b, uint32_t layer, const void *k, const void *
 {
     if (layer >= b->layers)
         return cake_set_err(b->ctx, CAKE_EINVAL, "layer %u of %u", layer, b->layers);
-    const int32_t *const *pg = b->ptrs + (size_t)layer * 3 * b->n;
+    const int32_t *const *pg = b->ptrs + (size_t)layer * 4 * b->n;
     int rc = kern_cuda_paged_append(&b->pk, pg, pg + b->n, b->n, k, v, stream);
     return rc ? cake_set_err(b->ctx, rc, "batched K/V append: CUDA launch failed") : 0;
 }
@@ -477,7 +522,7 @@ int cake_batch_put_decode_query(cake_batch *b, uint32_t layer, const void *q, vo
     if (layer >= b->layers || !q)
         return cake_set_err(b->ctx, CAKE_EINVAL, "layer %u of %u, or no queries", layer, b->layers);
     const cake_seq *s0 = b->seqs[0];
-    const int32_t *const *slots = b->ptrs + ((size_t)layer * 3 + 2) * b->n;
+    const int32_t *const *slots = b->ptrs + ((size_t)layer * 4 + 2) * b->n;
     int rc = kern_cuda_ring_put(b->rings + (size_t)layer * b->n * s0->hdr.q_heads * b->ring_parts,
                                 slots, b->n, s0->hdr.q_heads, b->ring_parts, b->ring_rows,
                                 s0->hdr.window, (uint32_t)s0->row_bytes, q, stream);

@@ -39,6 +39,12 @@ int cake_device_tables(cake_seq *s, const int32_t **tokens, const int32_t **page
     return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
 }
 
+int cake_device_holes(cake_seq *s, const int32_t **holes)
+{
+    (void)holes;
+    return cake_set_err(s->ctx, -ENOTSUP, "this libcake was built without CUDA");
+}
+
 int cake_batch_create(cake_ctx *c, cake_seq *const *seqs, size_t n, cake_batch **out)
 {
     (void)seqs, (void)n;

@@ -188,8 +188,8 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, const flo
 {
     int rc = 0;
     if ((rk->last || rk->position) && (entropy || variance)) /* the statistics alone */
-        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, KERN_POOL_AVG, 2,
-                                        ind, entropy, variance, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, 0, KERN_POOL_AVG,
+                                        2, ind, entropy, variance, ws, wsb, st);
     if (!rc && rk->position)
         return kern_cuda_position_indicator(ind, kv->kv_heads, S, rk->sinks, st);
     size_t row = (size_t)kv->head_dim * 2;
@@ -202,11 +202,11 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, const flo
         q = one, n_q = 1;
     }
     if (!rc && rk->last) {
-        rc = kern_cuda_score_layer_pool(kv, q, lse_last, q_heads, 1, S, 0.0f, rk->pool, rk->radius,
-                                        ind, NULL, NULL, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse_last, q_heads, 1, S, 0.0f, 0, rk->pool,
+                                        rk->radius, ind, NULL, NULL, ws, wsb, st);
     } else if (!rc && !rk->position) {
-        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, rk->pool,
-                                        rk->radius, ind, entropy, variance, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, rk->var_only,
+                                        rk->pool, rk->radius, ind, entropy, variance, ws, wsb, st);
     }
     if (!rc && rk->shared)
         rc = kern_cuda_rows_mean(ind, kv->kv_heads, S, st);
@@ -265,6 +265,12 @@ int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t byt
         e = cudaMemcpyAsync(d, p, k, cudaMemcpyHostToDevice, c->stream);
         p += k, d += k, bytes -= k;
     }
+    return finish(c, e == cudaSuccess ? 0 : -EIO);
+}
+
+int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes)
+{
+    cudaError_t e = cudaMemcpyAsync(dst, src_dev, bytes, cudaMemcpyDeviceToHost, c->stream);
     return finish(c, e == cudaSuccess ? 0 : -EIO);
 }
 
@@ -346,8 +352,18 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         uint32_t *keep = (uint32_t *)(c->dbuf + d + pg);
         float *gat = (float *)(c->dbuf + d + pg + kb + tb);
         size_t gat_b = al(sizeof(float) * hkv * j->k);
-        rc = kern_cuda_topk_ws(j->ind_dev, hkv, j->old, j->k, keep, (uint8_t *)gat + gat_b,
-                               gb - gat_b, st);
+        if (j->slots) { /* the host's choice, staged behind the page offsets */
+            for (size_t x = 0; x < (size_t)hkv * j->k && !rc; x++)
+                rc = j->slots[x] < j->old ? 0 : -EINVAL;
+            memcpy(c->hbuf + h + pg, j->slots, sizeof(uint32_t) * hkv * j->k);
+            if (!rc && j->k &&
+                cudaMemcpyAsync(keep, c->hbuf + h + pg, sizeof(uint32_t) * hkv * j->k,
+                                cudaMemcpyHostToDevice, st) != cudaSuccess)
+                rc = -EIO;
+        } else {
+            rc = kern_cuda_topk_ws(j->ind_dev, hkv, j->old, j->k, keep, (uint8_t *)gat + gat_b,
+                                   gb - gat_b, st);
+        }
         if (!rc)
             rc = kern_cuda_compact(&kv, keep, j->k, j->win_start, j->win_len, c->dbuf + d + pg + kb,
                                    st);
@@ -444,7 +460,7 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
         .base = a->l.base, .v_offset_bytes = a->l.v_offset_bytes,
         .ring_rows_per_page = a->ring.rows_per_page, .ring_heads_per_page = a->ring.heads_per_page,
         .ring_pages_per_head = a->ring.pages_per_head, .first = a->first, .n_q = a->n_q,
-        .gamma = rk->gamma, .pool = rk->pool, .radius = rk->radius,
+        .gamma = rk->gamma, .var_only = rk->var_only, .pool = rk->pool, .radius = rk->radius,
     };
     uint32_t max_S = 0;
     size_t tabs = al(sizeof(struct kern_cuda_evict_job) * n), evb = 0;
@@ -609,7 +625,7 @@ int gpuctx_h2o(struct gpuctx *c, const struct gpu_h2o *j)
     if (j->add) { /* the newest query's attention, its own column not counted */
         rc = gather_ring(r, row, j->newest, 1, c->hbuf + pg, c->dbuf + pg, q, st);
         if (!rc)
-            rc = kern_cuda_score_layer_pool(&kv, q, NULL, r->q_heads, 1, S1, 0.0f, KERN_POOL_NONE, 0, ind,
+            rc = kern_cuda_score_layer_pool(&kv, q, NULL, r->q_heads, 1, S1, 0.0f, 0, KERN_POOL_NONE, 0, ind,
                                             NULL, NULL, q + qb, ws, st);
         for (uint32_t g = 0; g < hkv && !rc; g++)
             rc = kern_cuda_accumulate(j->acc + (size_t)g * j->cap, ind + (size_t)g * S1, S1, 1.0f, 0, st);

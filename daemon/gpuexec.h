@@ -46,6 +46,7 @@ struct gpu_ring {
  * variance alone). */
 struct gpu_rank {
     float gamma;      /* mean + gamma * var of the window's attention */
+    int var_only;     /* the variance alone (the ablation) */
     int pool;         /* kern.h's KERN_POOL_AVG, _MAX or _NONE */
     uint32_t radius;  /* pooling over [j - radius, j + radius] */
     int last;         /* the newest query alone (TOVA) */
@@ -66,19 +67,22 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
 
 /* A cascading stage's evictions, all on the GPU, layers side by side on the context's
  * streams, one wait: each layer's indicator ind_dev ([kv_heads][old], device) picks the top
- * k per kv head (positional order, ties to the lower position), the K/V compact behind them
- * with the window [win_start = old, + win_len) after, and the indicator follows its tokens
+ * k per kv head (positional order, ties to the lower position) - or the host chose them
+ * (slots: per-head budgets, whose holes the host fills) - the K/V compact behind them with
+ * the window [win_start = old, + win_len) after, and the indicator follows its tokens
  * ([kv_heads][k] at ind_dev); the kept slots come back in keep. Returns 0 or the first
  * error. */
 struct gpu_select {
     struct gpu_layer l;
     float *ind_dev;
     uint32_t old, k, win_start, win_len;
+    const uint32_t *slots;       /* host [kv_heads][k] slots below old to keep, or NULL */
     uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
 };
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
-/* Host (registered) -> device copy on the context's stream, waited for. */
+/* Device -> host (any memory) copy on the context's stream, waited for. 0 or -EIO. */
+int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes);
 /* Copies host memory of the host pool to the device, in pieces that never cross a segment
  * boundary (base + k * seg_bytes): each host segment is registered with CUDA on its own, and
  * one copy over two registrations is refused. */

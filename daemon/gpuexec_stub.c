@@ -31,6 +31,11 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     (void)c, (void)jobs, (void)n;
     return -ENOTSUP;
 }
+int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes)
+{
+    (void)c, (void)dst, (void)src_dev, (void)bytes;
+    return -ENOTSUP;
+}
 int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
                     const void *base, size_t seg_bytes)
 {

@@ -303,10 +303,9 @@ static const char *gpu_layout_check(const struct seq_env *e, const struct seq_op
      * the variance alone, any pooling, one token set per kv head or one for all (TOVA):
      * seq_gpu.c's gpu_rank_of */
     int keeps_all = cfg->alloc == POLICY_ALLOC_NONE;
-    if (cfg->per_head_budgets ||
-        (!keeps_all && (cfg->indicator == POLICY_IND_VAR || cfg->pool_kernel > 63)))
-        return "GPU sequences run every policy but Ada-KV (per-head budgets), and every CAKE "
-               "ablation but the variance-alone indicator; those run on host sequences";
+    if (!keeps_all && cfg->pool_kernel > 63)
+        return "GPU sequences pool over at most 63 tokens (pool_kernel); wider kernels run on "
+               "host sequences";
     return NULL;
 }
 
@@ -866,7 +865,9 @@ int seq_reslice_ok(const struct seq *s)
         return 0;
     if (mid_prompt(s))
         return s->next_observe > 0 && cakeseq_can_restage(s->cs);
-    return s->cfg.alloc != POLICY_ALLOC_NONE;
+    /* per-head budgets (Ada-KV) leave holes the decode rule's ranking cannot see: cutting
+     * such a layer would bring hole slots back as tokens and mask real ones */
+    return s->cfg.alloc != POLICY_ALLOC_NONE && !s->cfg.per_head_budgets;
 }
 
 /* The prefix tokens layer l holds within its budget: what a cut starts from. */

@@ -15,6 +15,7 @@ static struct gpu_rank gpu_rank_of(const struct seq *s)
     const struct policy_cfg *c = &s->cfg;
     return (struct gpu_rank){
         .gamma = c->indicator == POLICY_IND_MEAN || c->indicator == POLICY_IND_LAST ? 0.0f : c->gamma,
+        .var_only = c->indicator == POLICY_IND_VAR,
         .pool = c->pool == POLICY_POOL_MAX    ? KERN_POOL_MAX
                 : c->pool == POLICY_POOL_NONE ? KERN_POOL_NONE
                                               : KERN_POOL_AVG,
@@ -73,8 +74,8 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
                      struct seq_result *r)
 {
     uint32_t S = seq_scored_len(s);
-    if (!S)
-        return 0;
+    if (!S) /* nothing to score; per-head budgets select on the host all the same */
+        return s->cfg.per_head_budgets && !(s->pend_ind = malloc(sizeof(float))) ? -ENOMEM : 0;
     size_t ib = sizeof(float) * (size_t)s->Hkv * S;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = s->ind_dev ? 0 : gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
@@ -90,14 +91,25 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
+    /* per-head budgets (Ada-KV) split a layer's tokens among its heads by the indicator on
+     * the host (cakeseq): a copy there, charged at open as the pending indicator */
+    if (!rc && s->cfg.per_head_budgets) {
+        if (!(s->pend_ind = malloc(ib)))
+            rc = -ENOMEM;
+        else if (observe)
+            rc = gpuctx_copy_d2h(gc, s->pend_ind, dst, ib);
+        else
+            memcpy(s->pend_ind, seq_indicator_ptr(e, s), ib);
+    }
     gpuexec_put(GEXEC(e, s), gc);
     return rc;
 }
 
+/* Budgets on the host and the kept sets on the GPU (gpu_compact), NULL; or, for per-head
+ * budgets, the host's copy of the indicator: the host selects and the GPU compacts. */
 static const float *gpu_selection(const struct seq *s)
 {
-    (void)s;
-    return NULL; /* budgets on the host, the kept sets on the GPU (gpu_compact) */
+    return s->pend_ind;
 }
 
 /* Every layer of a cascading stage side by side on the GPU: top-k, compaction and the
@@ -120,7 +132,7 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            .keep = keep + at,
+            .slots = ev[i].slots, .keep = keep + at,
         };
         at += s->Hkv * ev[i].kept;
     }

@@ -30,16 +30,28 @@ struct aparams {
     float *part; // [L][H][splits][d + 2]: acc, m, l
     float *out;
     float scale;
+    const int32_t *holes; // [L][hkv][2]: each head's hole (first slot, count), or NULL
 };
+
+// A head's hole from a table of (first, count) pairs (NULL: none); a pair that is not a
+// range of slots masks nothing.
+__device__ __forceinline__ void hole_of(const int32_t *pair, uint32_t *first, uint32_t *n)
+{
+    *first = 0, *n = 0;
+    if (pair && pair[0] >= 0 && pair[1] > 0)
+        *first = (uint32_t)pair[0], *n = (uint32_t)pair[1];
+}
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 
-// One block's share of split-K decode attention: the tokens [t0, t1) of kv head g, its
-// group's G query heads (qb: their rows, d apart), K of token t at row_at(t) and V voff
-// bytes after it; writes each head's partial (acc[d], max, sum) to part_at(h).
+// One block's share of split-K decode attention: the tokens [t0, t1) of kv head g but the
+// hole_n from hole (Ada-KV's holes: slots that hold no token), its group's G query heads
+// (qb: their rows, d apart), K of token t at row_at(t) and V voff bytes after it; writes
+// each head's partial (acc[d], max, sum) to part_at(h).
 template <typename T, int E, typename RowAt, typename PartAt>
-__device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, const T *qb, uint32_t G,
+__device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t hole,
+                                              uint32_t hole_n, const T *qb, uint32_t G,
                                               uint32_t d, float scale, size_t voff,
                                               RowAt row_at, PartAt part_at)
 {
@@ -57,6 +69,10 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, const T 
     }
     uint32_t per = (SPLIT + AW - 1) / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
     for (uint32_t t = w0; t < w1; t++) {
+        if (t - hole < hole_n) { // warp-uniform: the whole hole skipped at once
+            t = hole + hole_n - 1;
+            continue;
+        }
         const T *k = (const T *)row_at(t);
         const T *v = (const T *)((const uint8_t *)k + voff);
         float kf[E], vf[E];
@@ -134,8 +150,10 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
     uint32_t n = p.ntok[l], t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
     const T *qb = (const T *)p.q + ((size_t)l * p.H + g * p.G) * p.d;
     const uint64_t *po = p.page_offs[l];
+    uint32_t hole, hole_n;
+    hole_of(p.holes ? p.holes + ((size_t)l * p.hkv + g) * 2 : NULL, &hole, &hole_n);
     split_partial<T, E>(
-        t0, t1, qb, p.G, p.d, p.scale, p.voff,
+        t0, t1, hole, hole_n, qb, p.G, p.d, p.scale, p.voff,
         [&](uint32_t t) { return p.base + po[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.row; },
         [&](uint32_t h) {
             return p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
@@ -158,6 +176,7 @@ struct bparams {
     uint64_t page_bytes, pool_pages;
     const int32_t *const *pages; // [B] device pointers: each sequence's page indices
     const int32_t *const *ntok;  // [B] device pointers: its token count
+    const int32_t *const *holes; // [B] device pointers: its heads' holes [hkv][2], or NULL
     uint32_t B, H, hkv, G, d, tpp, splits, max_pages, max_tokens;
     size_t voff, row;
     const void *q;               // [B][H][d]
@@ -196,8 +215,10 @@ __global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
         return;
     }
     const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
+    uint32_t hole, hole_n;
+    hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &hole, &hole_n);
     split_partial<T, E>(
-        t0, t1, qb, p.G, p.d, p.scale, p.voff,
+        t0, t1, hole, hole_n, qb, p.G, p.d, p.scale, p.voff,
         [&](uint32_t t) {
             return p.base + (uint64_t)pg[t / p.tpp] * p.page_bytes +
                    ((size_t)g * p.tpp + t % p.tpp) * p.row;
@@ -229,7 +250,8 @@ extern "C" size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_he
 }
 
 extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
-                                      const int32_t *const *n_tokens, uint32_t batch,
+                                      const int32_t *const *n_tokens,
+                                      const int32_t *const *holes, uint32_t batch,
                                       uint32_t max_tokens, const void *q, void *out, void *ws,
                                       size_t ws_bytes, void *stream)
 {
@@ -238,7 +260,7 @@ extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const in
         (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16) || !batch || !max_tokens ||
         ws_bytes < kern_cuda_paged_decode_workspace(batch, H, d, max_tokens))
         return -EINVAL;
-    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, batch, H, hkv, H / hkv,
+    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, holes, batch, H, hkv, H / hkv,
                  d, pk->tokens_per_page, (max_tokens + SPLIT - 1) / SPLIT, pk->max_pages,
                  max_tokens, pk->v_offset_bytes, (size_t)d * 2, q, out, (float *)ws, 1.0f / sqrtf((float)d)};
     cudaStream_t st = (cudaStream_t)stream;
@@ -293,7 +315,7 @@ extern "C" int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const in
 {
     if (!batch || !pk->kv_heads || (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16))
         return -EINVAL;
-    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, batch, pk->q_heads,
+    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, NULL, batch, pk->q_heads,
                  pk->kv_heads, 1, pk->head_dim, pk->tokens_per_page, 1, pk->max_pages,
                  pk->max_pages * pk->tokens_per_page, pk->v_offset_bytes,
                  (size_t)pk->head_dim * 2, NULL, NULL, NULL, 0.0f};
@@ -331,7 +353,8 @@ static void launch(aparams &p, cudaStream_t st)
 }
 
 extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *page_offs,
-                                          const uint32_t *n_tokens, uint32_t max_tokens, uint32_t L,
+                                          const uint32_t *n_tokens, const int32_t *holes,
+                                          uint32_t max_tokens, uint32_t L,
                                           uint32_t H, uint32_t hkv, uint32_t d, uint32_t tpp,
                                           size_t voff, const void *q, float *out, void *ws,
                                           size_t ws_bytes, void *stream)
@@ -342,7 +365,7 @@ extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64
         return -EINVAL;
     aparams p = {base, page_offs, n_tokens, L, H, hkv, H / hkv, d, tpp,
                  (max_tokens + SPLIT - 1) / SPLIT, voff, (size_t)d * 2, q, (float *)ws, out,
-                 1.0f / sqrtf((float)d)};
+                 1.0f / sqrtf((float)d), holes};
     if (!p.splits)
         p.splits = 1;
     cudaStream_t st = (cudaStream_t)stream;

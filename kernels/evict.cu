@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         q.n = job.n_tokens, q.wb = job.n_tokens - e.n_q, q.d = e.head_dim;
         q.G = e.q_heads / e.kv_heads, q.nq = e.n_q, q.nqp = ep.nqp, q.Rp = ep.Rp;
         q.hps = ep.hps, q.sph = ep.sph, q.S = job.n_tokens - e.w;
-        q.scale = ep.scale, q.c2 = ep.c2, q.gamma = e.gamma;
+        q.scale = ep.scale, q.c2 = ep.c2;
+        q.mw = e.var_only ? 0.0f : 1.0f, q.gamma = e.var_only ? 1.0f : e.gamma;
         q.ring_off = job.ring_off, q.w = e.w, q.rpp = e.ring_rows_per_page;
         q.hpp = e.ring_heads_per_page, q.pph = e.ring_pages_per_head, q.first = e.first;
         sp = q;

@@ -42,13 +42,14 @@ int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *q_dev, uint
  * reference does (the max, which does not commute with the mean, runs one query head of
  * every group at a time). ws_bytes: kern_cuda_score_pool_workspace. lse_dev (NULL: computed
  * by a first pass over the keys): each window row's log-sum-exp, [q_heads][n_q] f32 on the
- * device (kern.h's kern_score_args.lse): one pass over the keys instead of two. */
+ * device (kern.h's kern_score_args.lse): one pass over the keys instead of two. var_only:
+ * the indicator is the variance alone (kern.h's kern_score_args.var_only; gamma unused). */
 size_t kern_cuda_score_pool_workspace(uint32_t kv_heads, uint32_t q_heads, uint32_t n_q,
                                       uint32_t n_tokens, uint32_t n_scored, int pool);
 int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev,
                                const float *lse_dev, uint32_t q_heads, uint32_t n_q,
-                               uint32_t n_scored, float gamma, int pool, uint32_t radius,
-                               float *ind_dev, double *entropy, double *variance, void *ws,
+                               uint32_t n_scored, float gamma, int var_only, int pool,
+                               uint32_t radius, float *ind_dev, double *entropy, double *variance, void *ws,
                                size_t ws_bytes, void *stream);
 /* dst[i] = (first ? 0 : dst[i]) + scale * src[i], i < n. Asynchronous. */
 int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
@@ -114,10 +115,13 @@ int kern_cuda_ring_put(uint8_t *const *rows, const int32_t *const *slots, uint32
  * K/V read from the pool's pages of each layer (page_offs[l] is a device pointer to that
  * layer's page offsets; page_offs and n_tokens are device arrays of `layers` entries).
  * q: [layers][q_heads][d] in dtype; out: [layers][q_heads][d] f32. head_dim 128 (or any
- * multiple of 32 up to 256). ws: kern_cuda_attn_workspace() bytes. Asynchronous. */
+ * multiple of 32 up to 256). holes (NULL: none): device [layers][kv_heads][2] int32, the
+ * slots (first, count) kv head g of layer l holds no token in (Ada-KV), left out of its
+ * softmax. ws: kern_cuda_attn_workspace() bytes. Asynchronous. */
 size_t kern_cuda_attn_workspace(uint32_t layers, uint32_t q_heads, uint32_t head_dim, uint32_t max_tokens);
 int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *page_offs,
-                               const uint32_t *n_tokens, uint32_t max_tokens, uint32_t layers,
+                               const uint32_t *n_tokens, const int32_t *holes,
+                               uint32_t max_tokens, uint32_t layers,
                                uint32_t q_heads, uint32_t kv_heads, uint32_t head_dim,
                                uint32_t tokens_per_page, size_t v_offset_bytes, const void *q,
                                float *out, void *ws, size_t ws_bytes, void *stream);
@@ -131,8 +135,10 @@ int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *
  * device pointers, read by the kernel (the tables may change between launches, the arrays
  * not). q, out: [batch][q_heads][d] in dtype. max_tokens bounds every count (it sizes the
  * grid); a count above it or above max_pages pages, or a page index outside the pool's
- * pool_pages, makes that sequence's rows NaN. ws: kern_cuda_paged_decode_workspace() bytes.
- * Asynchronous; 0 or -EINVAL / -EIO. */
+ * pool_pages, makes that sequence's rows NaN. holes (NULL: none): `batch` device pointers,
+ * each to the sequence's [kv_heads][2] int32 (first slot, count) of slots kv head g holds no
+ * token in (Ada-KV's per-head budgets), left out of its softmax.
+ * ws: kern_cuda_paged_decode_workspace() bytes. Asynchronous; 0 or -EINVAL / -EIO. */
 struct kern_cuda_paged {
     int dtype;
     uint32_t q_heads, kv_heads, head_dim, tokens_per_page, max_pages;
@@ -143,7 +149,8 @@ struct kern_cuda_paged {
 size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads, uint32_t head_dim,
                                         uint32_t max_tokens);
 int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
-                           const int32_t *const *n_tokens, uint32_t batch, uint32_t max_tokens,
+                           const int32_t *const *n_tokens, const int32_t *const *holes,
+                           uint32_t batch, uint32_t max_tokens,
                            const void *q, void *out, void *ws, size_t ws_bytes, void *stream);
 /* The same tables: k, v [batch][kv_heads][d] (dtype) into each sequence's newest slot
  * (*n_tokens[b] - 1). A sequence whose count or page is out of bounds is skipped.
@@ -171,6 +178,7 @@ struct kern_cuda_evict {
     uint32_t ring_rows_per_page, ring_heads_per_page, ring_pages_per_head; /* shm_ring */
     uint32_t first, n_q;
     float gamma;
+    int var_only;               /* the variance alone (gamma unused) */
     int pool;                   /* KERN_POOL_AVG, _NONE, or _MAX with one query head per kv head */
     uint32_t radius;
 };

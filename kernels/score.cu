@@ -48,7 +48,7 @@ struct params {
     const uint8_t *base;
     const uint64_t *page_off;
     uint32_t tpp, n, d, G, nq, R, RP, S, hkv, chunks, chunk; /* chunk: columns per block */
-    float scale, gamma;
+    float scale, mw, gamma; // the indicator: mw * mean + gamma * var
     const void *q;
     float *m, *l;          // pass 1 partials [hkv][chunks][RP]
     float *rowM, *rowLnL;  // merged [hkv][RP]
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(THREADS) pass2(params p)
                 }
                 var /= (p.nq - 1);
             }
-            i0[x] = mean + p.gamma * var;
+            i0[x] = p.mw * mean + p.gamma * var;
             e_sum += e, v_sum += var;
         }
         __syncthreads();
@@ -523,13 +523,13 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
                                      double *entropy, double *variance, void *ws, size_t ws_bytes,
                                      void *stream)
 {
-    return kern_cuda_score_layer_pool(kv, q, NULL, q_heads, n_q, S, gamma, KERN_POOL_AVG, 2, ind,
+    return kern_cuda_score_layer_pool(kv, q, NULL, q_heads, n_q, S, gamma, 0, KERN_POOL_AVG, 2, ind,
                                       entropy, variance, ws, ws_bytes, stream);
 }
 
 extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q,
                                           const float *lse, uint32_t q_heads, uint32_t n_q,
-                                          uint32_t S, float gamma,
+                                          uint32_t S, float gamma, int var_only,
                                           int pool, uint32_t radius, float *ind, double *entropy,
                                           double *variance, void *ws, size_t ws_bytes, void *stream)
 {
@@ -561,7 +561,7 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
             if (lse && cudaMemcpy2DAsync(li, n_q * 4, lse + (size_t)i * n_q, (size_t)G * n_q * 4,
                                          n_q * 4, hkv, cudaMemcpyDeviceToDevice, st) != cudaSuccess)
                 return -EIO;
-            rc = kern_cuda_score_layer_pool(kv, qi, li, hkv, n_q, S, gamma, pool, radius, part,
+            rc = kern_cuda_score_layer_pool(kv, qi, li, hkv, n_q, S, gamma, var_only, pool, radius, part,
                                             entropy ? &ei : NULL, variance ? &vi : NULL, ws, base,
                                             stream);
             if (!rc)
@@ -585,7 +585,8 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
     p.base = kv->base, p.page_off = kv->page_off, p.tpp = kv->tokens_per_page, p.n = kv->n_tokens;
     p.d = kv->head_dim, p.S = S, p.hkv = kv->kv_heads, p.chunk = chunk_cols(p.n, p.hkv);
     p.chunks = div_up(p.n, p.chunk);
-    p.scale = 1.0f / sqrtf((float)p.d), p.gamma = gamma, p.q = q, p.lse = lse;
+    p.scale = 1.0f / sqrtf((float)p.d), p.q = q, p.lse = lse;
+    p.mw = var_only ? 0.0f : 1.0f, p.gamma = var_only ? 1.0f : gamma;
     ws_layout w = layout_ws(p.hkv, p.RP, p.n, S);
     if (ws_bytes < w.total)
         return -EINVAL;
@@ -605,7 +606,7 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
         score_mma_args a = {};
         a.base = p.base, a.page_off = p.page_off, a.tpp = p.tpp, a.n = p.n, a.d = p.d, a.G = p.G;
         a.nq = n_q, a.S = S, a.hkv = p.hkv, a.chunk = p.chunk, a.chunks1 = p.chunks;
-        a.chunks2 = div_up(S, p.chunk), a.gamma = gamma, a.bf16 = kv->dtype == KERN_BF16;
+        a.chunks2 = div_up(S, p.chunk), a.mw = p.mw, a.gamma = p.gamma, a.bf16 = kv->dtype == KERN_BF16;
         a.q = q, a.lse = lse, a.acc = p.acc, a.ent = p.ent, a.var = p.var, a.stream = stream;
         ws_layout wm = layout_ws(p.hkv, mrows, p.n, S);
         if (ws_bytes < wm.total)

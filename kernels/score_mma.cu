@@ -163,7 +163,7 @@ int score_mma_run(score_mma_args &a)
     p.n = a.n, p.wb = a.n - a.nq, p.d = a.d, p.G = a.G, p.nq = a.nq, p.nqp = pad_nq(a.nq), p.Rp = p.G * p.nqp;
     p.hps = p.nqp < 32 ? 32 / p.nqp : 1, p.sph = p.nqp > 32 ? p.nqp / 32 : 1;
     p.S = a.S, p.chunk = a.chunk, p.chunks1 = a.chunks1;
-    p.scale = 1.0f / sqrtf((float)a.d), p.c2 = p.scale * LOG2E, p.gamma = a.gamma;
+    p.scale = 1.0f / sqrtf((float)a.d), p.c2 = p.scale * LOG2E, p.mw = a.mw, p.gamma = a.gamma;
     p.q = a.q, p.m = a.m, p.l = a.l, p.rowM = a.rowM, p.rowLnL = a.rowLnL, p.acc = a.acc;
     p.ent = a.ent, p.var = a.var;
     if (p.Rp != score_mma_rows(a.G, a.nq, a.d))

@@ -13,13 +13,13 @@ struct score_mma_args {
     const uint8_t *base;
     const uint64_t *page_off;
     uint32_t tpp, n, d, G, nq, S, hkv, chunk, chunks1, chunks2; /* chunk: keys per block */
-    float gamma;
+    float mw, gamma;       /* the indicator: mw * mean + gamma * var */
     int bf16, dev;
     const void *q;
     const float *lse;      /* the engine's row log-sum-exps [G * hkv][nq], or NULL: pass 1 */
     float *m, *l;          /* pass 1 partials [hkv][chunks1][score_mma_rows()] */
     float *rowM, *rowLnL;  /* merged [hkv][score_mma_rows()] */
-    float *acc;            /* [hkv][S]: sum over the group's heads of mean + gamma * var */
+    float *acc;            /* [hkv][S]: sum over the group's heads of mw * mean + gamma * var */
     double *ent, *var;     /* [hkv][chunks2] */
     void *stream;
 };

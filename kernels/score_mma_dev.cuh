@@ -27,7 +27,7 @@ struct mparams {
     const uint64_t *page_off;
     uint32_t tpp, tpp_mul, tpp_shr; // tokens per page and its fast divisor
     uint32_t n, wb, d, G, nq, nqp, Rp, hps, sph, S, chunk, chunks1; // wb = n - nq
-    float scale, c2, gamma;         // c2 = scale * log2(e)
+    float scale, c2, mw, gamma;     // c2 = scale * log2(e); the indicator mw * mean + gamma * var
     const void *q;
     float *m, *l;                   // pass 1: [hkv][chunks1][Rp]
     const float *rowM, *rowLnL;     // merged: [hkv][Rp]
@@ -368,7 +368,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                 m2 += q[1] + nu * dm * dm;
             }
             float var = m2 * inq1;
-            I += mean + p.gamma * var;
+            I += p.mw * mean + p.gamma * var;
             v_sum += var;
         }
         acc[j] = I;

@@ -149,7 +149,7 @@ static double attn_us(uint32_t n, int reps)
     float t[64];
     for (int r = -3; r < reps; r++) {
         cudaEventRecord(e0, 0);
-        if (kern_cuda_decode_attention(KERN_BF16, kv, (const uint64_t *const *)dptrs, dn, n, L, H, HKV, D,
+        if (kern_cuda_decode_attention(KERN_BF16, kv, (const uint64_t *const *)dptrs, dn, NULL, n, L, H, HKV, D,
                                        n, half, q, out, ws, wsb, NULL))
             exit(1);
         cudaEventRecord(e1, 0);
@@ -241,7 +241,7 @@ static void decode_evict(double bw, int reps)
                 for (int l = 0; l < L; l++) {
                     struct kern_cuda_kv kv = {KERN_BF16, HKV, D, n, n, base, doff + 2 * l, half};
                     if (kern_cuda_ring_gather(q, base, doff + 2 * l + 1, H, W, D * 2, H * W, H, 1, 0, W, NULL) ||
-                        kern_cuda_score_layer_pool(&kv, q, NULL, H, W, S, 200.0f, KERN_POOL_AVG, 2, ind, NULL,
+                        kern_cuda_score_layer_pool(&kv, q, NULL, H, W, S, 200.0f, 0, KERN_POOL_AVG, 2, ind, NULL,
                                                    NULL, ws, wsb, NULL) ||
                         kern_cuda_topk_ws(ind, HKV, S, k, idx, tws, twsb, NULL) ||
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
@@ -566,7 +566,7 @@ static double time_score(struct score_run *r, const float *lse, int select)
     for (int i = -3; i < r->reps; i++) {
         r->kv->n_tokens = r->n;
         cudaEventRecord(r->e0, 0);
-        if (kern_cuda_score_layer_pool(r->kv, r->q, lse, H, W, S, 200.0f, KERN_POOL_AVG, 2, r->ind,
+        if (kern_cuda_score_layer_pool(r->kv, r->q, lse, H, W, S, 200.0f, 0, KERN_POOL_AVG, 2, r->ind,
                                        NULL, NULL, r->ws, r->wsb, NULL))
             return -1;
         if (select) {

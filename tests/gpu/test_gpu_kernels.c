@@ -170,7 +170,7 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                 kern_score_layer_ref(&b, &lo);
                 kern_cuda_score_set_wmma(wmma);
                 CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S));
-                int rc = kern_cuda_score_layer_pool(&dkv, dq, dlse, H, nq, S, 200.0f, b.pool,
+                int rc = kern_cuda_score_layer_pool(&dkv, dq, dlse, H, nq, S, 200.0f, 0, b.pool,
                                                     b.pool_kernel / 2, dind, &E, &V, lws, lwsb, NULL);
                 EXPECT(rc == 0, "lse score rc %d", rc);
                 CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
@@ -190,9 +190,9 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     /* the baselines' indicators: other poolings (SnapKV's max over 7, none, a wider average),
      * the mean alone (gamma 0), each against the double reference; then one ranking for every
      * kv head (TOVA) and StreamingLLM's positions against the C code's */
-    static const struct { int pool; uint32_t k; float gamma; } pv[] = {
-        {KERN_POOL_MAX, 7, 0.0f}, {KERN_POOL_NONE, 1, 0.0f}, {KERN_POOL_AVG, 7, 200.0f},
-        {KERN_POOL_MAX, 3, 200.0f},
+    static const struct { int pool; uint32_t k; float gamma; int var_only; } pv[] = {
+        {KERN_POOL_MAX, 7, 0.0f, 0}, {KERN_POOL_NONE, 1, 0.0f, 0}, {KERN_POOL_AVG, 7, 200.0f, 0},
+        {KERN_POOL_MAX, 3, 200.0f, 0}, {KERN_POOL_AVG, 5, 200.0f, 1}, /* the variance alone */
     };
     void *pws;
     size_t pwsb = kern_cuda_score_pool_workspace(Hkv, H, nq, n, S, KERN_POOL_MAX);
@@ -200,13 +200,15 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     for (size_t v = 0; v < sizeof pv / sizeof pv[0]; v++) {
         struct kern_score_args b = a;
         b.pool = (enum kern_pool)pv[v].pool, b.pool_kernel = pv[v].k, b.gamma = pv[v].gamma;
+        b.var_only = pv[v].var_only;
         kern_score_layer_ref(&b, &ro);
-        EXPECT(kern_cuda_score_layer_pool(&dkv, dq, NULL, H, nq, S, pv[v].gamma, pv[v].pool, pv[v].k / 2,
-                                          dind, NULL, NULL, pws, pwsb, NULL) == 0, "pool rc");
+        EXPECT(kern_cuda_score_layer_pool(&dkv, dq, NULL, H, nq, S, pv[v].gamma, pv[v].var_only,
+                                          pv[v].pool, pv[v].k / 2, dind, NULL, NULL, pws, pwsb,
+                                          NULL) == 0, "pool rc");
         CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
         double e = rel_err(ref, got, Hkv, S);
-        EXPECT(e <= 1e-3, "%s n=%u pool %d/%u gamma %g: indicator rel err %.3g", name, n,
-               pv[v].pool, pv[v].k, pv[v].gamma, e);
+        EXPECT(e <= 1e-3, "%s n=%u pool %d/%u gamma %g%s: indicator rel err %.3g", name, n,
+               pv[v].pool, pv[v].k, pv[v].gamma, pv[v].var_only ? " (variance alone)" : "", e);
     }
     cudaFree(pws);
     CK(cudaMemcpy(ref, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
@@ -315,11 +317,23 @@ static void run_topk_many(void)
     }
 }
 
-/* Decode attention over several layers of different lengths, paged, against doubles. */
-static void run_attention(enum kern_dtype dt)
+/* Decode attention over several layers of different lengths, paged, against doubles; with
+ * holes, each (layer, kv head) leaves a random run of slots out (Ada-KV's), one of them a
+ * whole split of the kernel's and more. */
+static void run_attention(enum kern_dtype dt, int with_holes)
 {
     enum { L = 3, H = 32, HKV = 8, D = 128, TPP = 16 };
     uint32_t ntok[L] = {1 + (uint32_t)(urand() * 100), 1000 + (uint32_t)(urand() * 600), 3000};
+    int32_t hl[L][HKV][2] = {{{0}}};
+    for (int l = 0; l < L && with_holes; l++)
+        for (int g = 0; g < HKV; g++)
+            if (ntok[l] > 1 && g % 4 != 3) { /* every fourth head has none */
+                uint32_t first = 1 + (uint32_t)(urand() * (ntok[l] - 1));
+                hl[l][g][0] = (int32_t)first;
+                hl[l][g][1] = (int32_t)(urand() * (ntok[l] - first));
+            }
+    if (with_holes)
+        hl[2][0][0] = 400, hl[2][0][1] = 1200; /* slots 512-1023 (a split) all holes */
     size_t page_bytes = 2 * (size_t)HKV * TPP * D * 2, half = page_bytes / 2;
     uint32_t npages[L], total = 0;
     for (int l = 0; l < L; l++)
@@ -345,9 +359,14 @@ static void run_attention(enum kern_dtype dt)
         for (uint32_t h = 0; h < H; h++) {
             uint32_t g = h / (H / HKV);
             double *sc = malloc(sizeof(double) * ntok[l]), mx = -INFINITY, sum = 0, o[D] = {0};
+            uint32_t h0 = (uint32_t)hl[l][g][0], h1 = h0 + (uint32_t)hl[l][g][1];
             for (uint32_t t = 0; t < ntok[l]; t++) {
                 const uint8_t *k = host + off[first + t / TPP] + ((size_t)g * TPP + t % TPP) * D * 2;
                 double dot = 0;
+                if (t >= h0 && t < h1) {
+                    sc[t] = -INFINITY;
+                    continue;
+                }
                 for (uint32_t x = 0; x < D; x++)
                     dot += (double)kern_load(dt, q, ((size_t)l * H + h) * D + x) * kern_load(dt, k, x);
                 sc[t] = dot / sqrt((double)D);
@@ -369,6 +388,7 @@ static void run_attention(enum kern_dtype dt)
     uint8_t *dbase;
     uint64_t *doff, *ptrs[L], **dptrs;
     uint32_t *dn;
+    int32_t *dholes = NULL;
     void *dq, *ws;
     float *dout, *got = malloc(sizeof(float) * qn);
     CK(cudaMalloc((void **)&dbase, page_bytes * total));
@@ -386,19 +406,24 @@ static void run_attention(enum kern_dtype dt)
     CK(cudaMemcpy(dq, q, qn * 2, cudaMemcpyHostToDevice));
     CK(cudaMalloc((void **)&dout, sizeof(float) * qn));
     CK(cudaMemset(dout, 0xff, sizeof(float) * qn));
+    if (with_holes) {
+        CK(cudaMalloc((void **)&dholes, sizeof hl));
+        CK(cudaMemcpy(dholes, hl, sizeof hl, cudaMemcpyHostToDevice));
+    }
     size_t wsb = kern_cuda_attn_workspace(L, H, D, 3000);
     CK(cudaMalloc(&ws, wsb));
-    int rc = kern_cuda_decode_attention(dt, dbase, (const uint64_t *const *)dptrs, dn, 3000, L, H, HKV, D,
-                                        TPP, half, dq, dout, ws, wsb, NULL);
+    int rc = kern_cuda_decode_attention(dt, dbase, (const uint64_t *const *)dptrs, dn, dholes, 3000,
+                                        L, H, HKV, D, TPP, half, dq, dout, ws, wsb, NULL);
     EXPECT(rc == 0, "attention rc %d", rc);
     CK(cudaMemcpy(got, dout, sizeof(float) * qn, cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < qn; i++)
         err += ((double)got[i] - out[i]) * ((double)got[i] - out[i]), nrm += (double)out[i] * out[i];
     double rel = sqrt(err / nrm);
     EXPECT(rel <= 1e-4, "attention rel err %.3g", rel);
-    printf("%-5s decode attention, %d layers of %u/%u/%u tokens, paged: rel err %.2e\n",
-           dt == KERN_BF16 ? "bf16" : "f16", L, ntok[0], ntok[1], ntok[2], rel);
-    cudaFree(dbase), cudaFree(doff), cudaFree(dptrs), cudaFree(dn), cudaFree(dq), cudaFree(dout), cudaFree(ws);
+    printf("%-5s decode attention, %d layers of %u/%u/%u tokens, paged%s: rel err %.2e\n",
+           dt == KERN_BF16 ? "bf16" : "f16", L, ntok[0], ntok[1], ntok[2],
+           with_holes ? ", holes masked" : "", rel);
+    cudaFree(dholes), cudaFree(dbase), cudaFree(doff), cudaFree(dptrs), cudaFree(dn), cudaFree(dq), cudaFree(dout), cudaFree(ws);
     free(host), free(off), free(row), free(qf), free(out), free(q), free(got);
 }
 
@@ -471,7 +496,8 @@ static void run_ring_gather(void)
  * CPU compaction's bytes, the rings untouched; shapes and rankings it does not take are
  * refused with -ENOTSUP. */
 static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t w,
-                             uint32_t nq, uint32_t tpp, int pool, uint32_t radius, float gamma)
+                             uint32_t nq, uint32_t tpp, int pool, uint32_t radius, float gamma,
+                             int var_only)
 {
     enum { L = 6 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
@@ -526,7 +552,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         .dtype = dt, .q_heads = H, .kv_heads = Hkv, .head_dim = d, .tokens_per_page = tpp, .w = w,
         .base = dbase, .v_offset_bytes = half, .ring_rows_per_page = rg.rows_per_page,
         .ring_heads_per_page = rg.heads_per_page, .ring_pages_per_head = rg.pages_per_head,
-        .first = first, .n_q = nq, .gamma = gamma, .pool = pool, .radius = radius,
+        .first = first, .n_q = nq, .gamma = gamma, .var_only = var_only, .pool = pool, .radius = radius,
     };
     int rc = kern_cuda_decode_evict(&ke, djobs, L, max_S, NULL);
     CK(cudaDeviceSynchronize());
@@ -546,7 +572,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         float *ref = malloc(sizeof(float) * Hkv * S[l]), *got = malloc(sizeof(float) * Hkv * S[l]);
         uint32_t *ev = malloc(sizeof(uint32_t) * Hkv * S[l] + 4), *keep = malloc(sizeof(uint32_t) * (k[l] + 1));
         struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = nq, .kv = &kv[l],
-                                    .n_scored = S[l], .gamma = gamma, .stats = KERN_STATS_FP32,
+                                    .n_scored = S[l], .gamma = gamma, .var_only = var_only,
+                                    .stats = KERN_STATS_FP32,
                                     .pool = (enum kern_pool)pool, .pool_kernel = 2 * radius + 1};
         struct kern_score_out ro = {.indicator = ref};
         kern_score_layer_ref(&a, &ro);
@@ -576,9 +603,9 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     EXPECT(same_ev, "%s H %u Hkv %u d %u w %u nq %u: evicted slots differ from the CPU top-k's", name, H, Hkv, d, w, nq);
     EXPECT(same_kv, "%s H %u Hkv %u d %u w %u nq %u: compacted bytes differ", name, H, Hkv, d, w, nq);
     EXPECT(same_ring, "%s: a ring changed", name);
-    printf("%-5s H=%u Hkv=%u d=%u w=%u nq=%u tpp=%u pool %d/%u gamma %g, %d layers in one launch: "
+    printf("%-5s H=%u Hkv=%u d=%u w=%u nq=%u tpp=%u pool %d/%u gamma %g%s, %d layers in one launch: "
            "indicator rel %.2e, evicted %s, compaction %s\n", name, H, Hkv, d, w, nq, tpp, pool, radius,
-           gamma, L, worst, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS");
+           gamma, var_only ? " (variance alone)" : "", L, worst, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS");
     /* what the one launch does not take */
     struct kern_cuda_evict bad = ke;
     bad.pool = KERN_POOL_MAX;
@@ -612,8 +639,10 @@ int main(void)
         printf("CAKE_GPU_TEST_QUICK: a subset\n");
         for (int i = 0; i < 2; i++) {
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
-            run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f);
-            run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f);
+            run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
+            run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
+            run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
+            run_attention(ts[i], 1);
         }
         printf("%s\n", failures ? "FAILED" : "the subset passed");
         return failures ? 1 : 0;
@@ -632,11 +661,12 @@ int main(void)
         run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
-        run_attention(ts[i]);
-        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f); /* CAKE at 8B shapes */
-        run_decode_evict(ts[i], 8, 2, 64, 16, 11, 7, KERN_POOL_NONE, 0, 0.0f);     /* part of a window */
-        run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f);     /* G = 1: max pooling */
-        run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f);  /* a head over 2 slices */
+        run_attention(ts[i], 0), run_attention(ts[i], 1);
+        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0); /* CAKE at 8B shapes */
+        run_decode_evict(ts[i], 8, 2, 64, 16, 11, 7, KERN_POOL_NONE, 0, 0.0f, 0);     /* part of a window */
+        run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
+        run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
+        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
     }
     run_topk_many();
     run_ring_gather();

@@ -564,14 +564,20 @@ static void test_refusals(cake_ctx *c)
     CHECK(cake_seq_open(c, &odd, &pol, 100, 0, &s) == CAKE_EINVAL, "head_dim 72 on the GPU accepted");
     pol.mode = CAKE_MODE_PARITY;
     CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == CAKE_EINVAL, "parity mode on the GPU accepted");
-    pol.mode = CAKE_MODE_FIXED, pol.kind = CAKE_POLICY_ADAKV;
-    CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == CAKE_EINVAL, "Ada-KV on the GPU accepted");
-    pol.kind = CAKE_POLICY_FULL; /* the full cache runs there */
-    CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == 0 && cake_seq_close(s) == 0,
-          "the full policy on the GPU: %s", cake_errstr(c));
+    pol.mode = CAKE_MODE_FIXED, pol.pool_kernel = 65;
+    CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == CAKE_EINVAL, "a 65-wide pooling accepted");
+    pol.pool_kernel = 0;
+    /* every policy and ablation runs there: the full cache, Ada-KV, the variance alone */
+    static const enum cake_policy_kind kinds[] = {CAKE_POLICY_FULL, CAKE_POLICY_ADAKV, CAKE_POLICY_CAKE};
+    for (int i = 0; i < 3; i++) {
+        pol.kind = kinds[i], pol.indicator = i == 2 ? CAKE_IND_VAR : CAKE_IND_DEFAULT;
+        CHECK(cake_seq_open(c, &ok, &pol, 100, 0, &s) == 0 && cake_seq_close(s) == 0,
+              "policy %d on the GPU: %s", (int)kinds[i], cake_errstr(c));
+    }
     ok.placement = (enum cake_placement)7;
     CHECK(cake_seq_open(c, &ok, NULL, 100, 0, &s) == CAKE_EINVAL, "placement 7 accepted");
-    printf("refusals: f32, head_dim 72, parity mode, Ada-KV, bad placement (full accepted)\n");
+    printf("refusals: f32, head_dim 72, parity mode, a 65-wide pooling, bad placement (full, "
+           "Ada-KV, the variance alone accepted)\n");
 }
 
 /* Fills the GPU pool with one-page sequences until it refuses, then closes every other:

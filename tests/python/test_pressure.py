@@ -13,7 +13,8 @@ pages do not fit waits while caked lowers the budgets of its tenant's running se
   for the requester, its sequences shrink and move at their own steps, byte for byte; a
   drain is withdrawn when its request stops waiting; a tenant in refuse mode is not cut;
 - pressure=refuse, the floors (--min-tokens) and the wait's end refuse as before, and change
-  nothing; another tenant within its share is never touched;
+  nothing; another tenant within its share is never touched; Ada-KV sequences (holes) are
+  never cut;
 - metrics and cachectl's listings count what happened.
 K/V are f32 so caked's scores and the reference's agree to rounding. Needs CAKE_LIB,
 CAKED_BIN and CACHECTL_BIN."""
@@ -187,6 +188,28 @@ class Pressure(unittest.TestCase):
             svc = [t for t in json.loads(d.cachectl("--json", "tenants"))["tenants"]
                    if t["name"] == "svc"][0]
             self.assertEqual((svc["pressure"], svc["min_tokens"]), ("reslice", 64))
+
+    def test_adakv_sequences_are_not_resliced(self):
+        """Ada-KV's heads hold different counts (holes the decode rule's ranking does not
+        see): under pressure the tenant's other sequences give the room, it keeps all."""
+        rng = np.random.default_rng()
+        with Daemon("9M") as d, caked.Client(d.sock, service="svc", shrink_idle=True) as c:
+            x = c.open_sequence(L, H, HKV, D, 2048, dtype="f32", cache_size=1500, window=W,
+                                max_new_tokens=4, policy="adakv")
+            prefill(x, 2048, rng)
+            a = c.open_sequence(L, H, HKV, D, 4096, dtype="f32", cache_size=3000, window=W,
+                                max_new_tokens=4)
+            prefill(a, 4096, rng)
+            xb = [(x.budget(l), x.holes(l), held(x, l)) for l in range(L)]
+            self.assertTrue(any(cnt for _, h, _ in xb for _, cnt in h), "Ada-KV left no holes")
+            f = c.open_sequence(L, H, HKV, D, 8192, dtype="f32", policy="full", window=W)
+            prefill(f, 8192, rng)
+            self.assertGreaterEqual(a.reslices(), 1, "the CAKE sequence gave the room")
+            self.assertEqual(x.reslices(), 0)
+            self.assertEqual([(x.budget(l), x.holes(l), held(x, l)) for l in range(L)], xb)
+            x.decode_step()
+            for l in range(L):
+                self.assertEqual(x.tokens(l), len(xb[l][2][0]) + 1)
 
     def test_prompt_that_does_not_fit_alone_completes(self):
         rng = np.random.default_rng()

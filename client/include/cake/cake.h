@@ -387,6 +387,11 @@ CAKE_API int cake_seq_page_layout(const cake_seq *seq, uint64_t *page_bytes, uin
  * CAKE_EINVAL (a host sequence), -ENOMEM, -ENOTSUP (no CUDA). */
 CAKE_API int cake_device_tables(cake_seq *seq, const int32_t **tokens, const int32_t **pages,
                                 uint32_t *max_pages);
+/* The holes of per-head budgets (CAKE_POLICY_ADAKV) beside those tables: device int32
+ * [layers][kv_heads][2], each kv head's first hole slot and count (cake_head_holes; 0, 0
+ * where none), kept up to date and at a fixed address the same way, for paged kernels that
+ * mask them. Returns as cake_device_tables. */
+CAKE_API int cake_device_holes(cake_seq *seq, const int32_t **holes);
 
 /* One layer's decode attention for a batch of GPU sequences in one launch, for engines
  * without paged kernels of their own. A batch is sequences of one context and one GPU with
@@ -396,8 +401,8 @@ CAKE_API int cake_device_tables(cake_seq *seq, const int32_t **tokens, const int
  * (call it after the new token's K/V are written); q, out: device [n][q_heads][head_dim] in
  * the sequences' dtype. max_tokens bounds every sequence's count and sizes the launch (0:
  * the counts now, read on the host - not for a graph); a sequence over it gets NaN rows.
- * Asynchronous on stream (a cudaStream_t; NULL the legacy stream). Ada-KV's holes are not
- * masked. A batch must be destroyed before any of its sequences is closed (unchecked).
+ * Asynchronous on stream (a cudaStream_t; NULL the legacy stream). Ada-KV's holes are
+ * left out (cake_device_holes). A batch must be destroyed before any of its sequences is closed (unchecked).
  * Returns 0, CAKE_EINVAL (mixed sequences or layouts, head_dim other than 32, 64, 128, 256,
  * more than 8 query heads per kv head, max_tokens over what their pages hold), -ENOMEM,
  * -ENOTSUP (no CUDA), -EIO. */
@@ -423,8 +428,8 @@ CAKE_API int cake_batch_put_decode_query(cake_batch *batch, uint32_t layer, cons
 /* Decode attention straight from the pool, for engines without a paged kernel of their
  * own (GPU sequences; libcake built with CUDA): for every layer l and query head h,
  *   out[l][h] = softmax(q[l][h] . K_l^T / sqrt(head_dim)) V_l
- * over the layer's cake_layer_tokens(seq, l) slots - call it after writing the new token's
- * K/V. q: device [layers][q_heads][head_dim] in the sequence's dtype; out: device
+ * over the layer's cake_layer_tokens(seq, l) slots but Ada-KV's holes (cake_head_holes) -
+ * call it after writing the new token's K/V. q: device [layers][q_heads][head_dim] in the sequence's dtype; out: device
  * [layers][q_heads][head_dim] f32; stream: a cudaStream_t (NULL: the legacy default
  * stream). Asynchronous on that stream (split-K over every layer in one launch). Returns 0,
  * CAKE_EINVAL (a host sequence, or an unsupported layout), -ENOTSUP (no CUDA), -ENOMEM,

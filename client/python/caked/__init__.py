@@ -151,6 +151,7 @@ def _load():
         "cake_gpu_pool_base_at": (U64, [P, U32]),
         "cake_gpu_pool_bytes_at": (SZ, [P, U32]),
         "cake_device_tables": (I, [P, ctypes.POINTER(P), ctypes.POINTER(P), ctypes.POINTER(U32)]),
+        "cake_device_holes": (I, [P, ctypes.POINTER(P)]),
         "cake_batch_create": (I, [P, ctypes.POINTER(P), SZ, ctypes.POINTER(P)]),
         "cake_batch_attention": (I, [P, U32, P, P, U32, P]),
         "cake_batch_destroy": (None, [P]),

@@ -78,6 +78,16 @@ def tables(seq):
     return tokens, pages
 
 
+def holes(seq):
+    """[layers][kv_heads][2] int32 device tensor: each kv head's Ada-KV hole (first slot,
+    count; 0, 0 where none), beside tables(seq) and refreshed with them."""
+    _need_gpu(seq)
+    h = ctypes.c_void_p()
+    _check(seq._ctx(), _L().cake_device_holes(seq._handle, ctypes.byref(h)))
+    return _raw(h.value, seq.layers * seq.kv_heads * 2, "i32", device_of(seq)).view(
+        seq.layers, seq.kv_heads, 2)
+
+
 def slot_index(seq, layer, slots):
     """(page indices, offsets in page) of slots (an int64 device tensor) of a layer."""
     _, pages = tables(seq)
