@@ -1,10 +1,16 @@
 // attn.cu - paged decode attention over the compacted cache (see kern_cuda.h).
 //
-// Split-K: a block owns (split of tokens, kv head, layer); each of its warps walks a
-// contiguous run of tokens with lanes across head_dim (8-byte loads, a whole row per warp
-// per step), keeping for every query head of the GQA group an online softmax (max, sum, and
-// the weighted V in registers). Warps merge in shared memory; a second kernel merges the
-// splits. All layers go in one launch, so a 1K-token cache is not launch bound.
+// Split-K: a block owns (split of tokens, kv head, layer or sequence); each of its warps walks
+// a contiguous run of the split in tiles of U tokens, with lanes across head_dim. A tile's
+// K and V rows are all loaded first (U rows of each in flight per warp: the loads, not the
+// arithmetic, bound a decode step); its U * GP partial dot products (GP: the GQA group,
+// padded to a power of two) are reduced across the warp by a reduce-scatter (31 shuffles for
+// 32 sums, where reducing each would take 5 apiece), so each lane ends with one (token,
+// head) score; the online softmax (base 2: the queries carry log2(e) / sqrt(d)) updates per
+// head, the tile's probabilities go through shared memory to every lane, which adds them
+// times its slice of V. Warps merge in shared memory; a second kernel merges the splits.
+// Tokens a split holds follow the longest count (split_of), so short caches still fill the
+// GPU with blocks and long ones keep the merge small. All layers go in one launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,19 +21,29 @@
 #include "kern_cuda.h"
 
 #define AW 4          // warps per block
-#define SPLIT 512     // tokens per block
 #define MAXG 8        // query heads per kv head
-#define MAXE 8        // head_dim / 32 elements per lane
+#define LOG2E 1.4426950408889634f
 
+// Tokens a block holds for a launch whose longest count is n: a multiple of AW * 8.
+static uint32_t split_of(uint32_t n) { return n <= 2048 ? 128 : n <= 16384 ? 512 : 2048; }
+static __host__ __device__ uint32_t div_up(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
+// The most splits any launch with counts up to n uses (its workspace).
+static uint32_t splits_bound(uint32_t n)
+{
+    uint32_t a = div_up(n < 2048 ? n : 2048, 128), b = div_up(n < 16384 ? n : 16384, 512);
+    uint32_t c = div_up(n, 2048), m = a > b ? a : b;
+    m = m > c ? m : c;
+    return m ? m : 1;
+}
 
 struct aparams {
     uint8_t *base;
     const uint64_t *const *page_offs;
     const uint32_t *ntok;
-    uint32_t L, H, hkv, G, d, tpp, splits;
+    uint32_t L, H, hkv, G, d, tpp, splits, split;
     size_t voff, row;
     const void *q;
-    float *part; // [L][H][splits][d + 2]: acc, m, l
+    float *part; // [L][H][splits][d + 2]: acc, m (base 2), l
     float *out;
     float scale;
     const int32_t *holes; // [L][hkv][2]: each head's hole (first slot, count), or NULL
@@ -42,66 +58,147 @@ __device__ __forceinline__ void hole_of(const int32_t *pair, uint32_t *first, ui
         *first = (uint32_t)pair[0], *n = (uint32_t)pair[1];
 }
 
+// E consecutive 16-bit elements: one load.
+template <int E> struct raw;
+template <> struct raw<1> { unsigned short v; };
+template <> struct raw<2> { unsigned int v; };
+template <> struct raw<4> { uint2 v; };
+template <> struct raw<8> { uint4 v; };
+
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T, int E> __device__ __forceinline__ float elem(const raw<E> &r, int e)
+{
+    return to_f(reinterpret_cast<const T *>(&r)[e]);
+}
+
+// Sums x[i] of every lane, scattered: the step over lanes `off` apart keeps the half of the
+// sums the lane's bit selects, added to its partner's; lane L ends with sum L / (32 / V) in
+// x[0] (partial over the lanes sharing it, which the caller adds up).
+template <int V, int HALF> __device__ __forceinline__ void reduce_scatter(float (&x)[V], int lane)
+{
+    if constexpr (HALF >= 1) {
+        constexpr int off = HALF * 32 / V;
+        bool up = lane & off;
+#pragma unroll
+        for (int i = 0; i < HALF; i++) {
+            float lo = x[i], hi = x[i + HALF];
+            float send = up ? lo : hi, keep = up ? hi : lo;
+            x[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+        reduce_scatter<V, HALF / 2>(x, lane);
+    }
+}
 
 // One block's share of split-K decode attention: the tokens [t0, t1) of kv head g but the
 // hole_n from hole (Ada-KV's holes: slots that hold no token), its group's G query heads
-// (qb: their rows, d apart), K of token t at row_at(t) and V voff bytes after it; writes
-// each head's partial (acc[d], max, sum) to part_at(h).
-template <typename T, int E, typename RowAt, typename PartAt>
-__device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t hole,
-                                              uint32_t hole_n, const T *qb, uint32_t G,
-                                              uint32_t d, float scale, size_t voff,
-                                              RowAt row_at, PartAt part_at)
+// (qb: their rows, d apart; G <= GP), the K row of token t at page_at(t / tpp) + (t % tpp) *
+// row and its V voff bytes after; `split` tokens a block (AW warps of split / AW). Writes each
+// head's partial (acc[d], max in base 2, sum) to part_at(h).
+template <typename T, int E, int GP, typename PageAt, typename PartAt>
+__device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t split,
+                                              uint32_t hole, uint32_t hole_n, const T *qb,
+                                              uint32_t G, uint32_t d, float scale, uint32_t tpp,
+                                              size_t row, size_t voff, PageAt page_at,
+                                              PartAt part_at)
 {
+    constexpr int V = GP >= 4 ? 32 : 8 * GP; // (token, head) sums a tile reduces
+    constexpr int U = V / GP;                // tokens a tile
+    constexpr int R = V == 32 ? 0 : V == 16 ? 1 : V == 8 ? 2 : 3; // lanes sharing a sum: 2^R
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    __shared__ float sm_m[AW][MAXG], sm_l[AW][MAXG], sm_acc[AW][MAXG][MAXE * 32];
-    float q[MAXG][E], m[MAXG], s[MAXG], acc[MAXG][E];
+    __shared__ float sm_m[AW][GP], sm_l[AW][GP], sm_acc[AW][GP][E * 32];
+    __shared__ float sm_p[AW][V];
+    float q[GP][E], m[GP], s[GP], acc[GP][E];
 #pragma unroll
-    for (int h = 0; h < MAXG; h++) {
+    for (int h = 0; h < GP; h++) {
         m[h] = -INFINITY, s[h] = 0.0f;
 #pragma unroll
         for (int e = 0; e < E; e++) {
             acc[h][e] = 0.0f;
-            q[h][e] = h < (int)G ? to_f(qb[(size_t)h * d + lane * E + e]) * scale : 0.0f;
+            q[h][e] = h < (int)G ? to_f(qb[(size_t)h * d + lane * E + e]) * scale * LOG2E : 0.0f;
         }
     }
-    uint32_t per = (SPLIT + AW - 1) / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
-    for (uint32_t t = w0; t < w1; t++) {
-        if (t - hole < hole_n) { // warp-uniform: the whole hole skipped at once
-            t = hole + hole_n - 1;
-            continue;
+    const int idx = lane >> R, u_own = idx / GP, h_own = idx % GP;
+    uint32_t per = split / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
+    for (uint32_t tb = w0; tb < w1; tb += U) {
+        uint32_t te = min(tb + U, w1);
+        if (hole_n && tb >= hole && te - hole <= hole_n)
+            continue; // the whole tile is a hole
+        raw<E> kr[U], vr[U];
+        uint32_t pi = tb / tpp, pr = tb - pi * tpp;
+        const uint8_t *pg = page_at(pi);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            uint32_t t = tb + u;
+            if (t < te && t - hole >= hole_n) {
+                const uint8_t *k = pg + pr * row + (size_t)lane * E * 2;
+                kr[u] = *reinterpret_cast<const raw<E> *>(k);
+                vr[u] = *reinterpret_cast<const raw<E> *>(k + voff);
+            } else {
+                kr[u] = raw<E>{}, vr[u] = raw<E>{};
+            }
+            if (++pr == tpp && t + 1 < te)
+                pr = 0, pg = page_at(++pi);
         }
-        const T *k = (const T *)row_at(t);
-        const T *v = (const T *)((const uint8_t *)k + voff);
-        float kf[E], vf[E];
+        float x[V];
 #pragma unroll
-        for (int e = 0; e < E; e++)
-            kf[e] = to_f(k[lane * E + e]), vf[e] = to_f(v[lane * E + e]);
+        for (int u = 0; u < U; u++)
 #pragma unroll
-        for (int h = 0; h < MAXG; h++) {
-            if (h >= (int)G)
-                break;
-            float dot = 0.0f;
+            for (int h = 0; h < GP; h++) {
+                float dot = 0.0f;
 #pragma unroll
-            for (int e = 0; e < E; e++)
-                dot += q[h][e] * kf[e];
+                for (int e = 0; e < E; e++)
+                    dot += q[h][e] * elem<T, E>(kr[u], e);
+                x[u * GP + h] = dot;
+            }
+        // lane L ends with the sum L >> R, its lanes' partials added after
+        reduce_scatter<V, V / 2>(x, lane);
 #pragma unroll
-            for (int o = 16; o; o >>= 1)
-                dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            float mn = fmaxf(m[h], dot), corr = __expf(m[h] - mn), pe = __expf(dot - mn);
-            s[h] = s[h] * corr + pe;
+        for (int off = (1 << R) / 2; off >= 1; off /= 2)
+            x[0] += __shfl_xor_sync(0xffffffffu, x[0], off);
+        uint32_t t_own = tb + u_own;
+        float sc = t_own < te && t_own - hole >= hole_n && h_own < (int)G ? x[0] : -INFINITY;
+        // the tile's max per head (lanes of one head differ in the token bits), then to all
+        float mx = sc;
 #pragma unroll
-            for (int e = 0; e < E; e++)
-                acc[h][e] = acc[h][e] * corr + pe * vf[e];
+        for (int off = GP << R; off < 32; off *= 2)
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float corr[GP], mo = 0.0f;
+#pragma unroll
+        for (int h = 0; h < GP; h++) {
+            float mn = fmaxf(m[h], __shfl_sync(0xffffffffu, mx, h << R));
+            corr[h] = mn == -INFINITY ? 1.0f : exp2f(m[h] - mn);
             m[h] = mn;
+            mo = h == h_own ? mn : mo;
         }
+        float pe = sc == -INFINITY ? 0.0f : exp2f(sc - mo), ps = pe;
+#pragma unroll
+        for (int off = GP << R; off < 32; off *= 2)
+            ps += __shfl_xor_sync(0xffffffffu, ps, off);
+#pragma unroll
+        for (int h = 0; h < GP; h++)
+            s[h] = s[h] * corr[h] + __shfl_sync(0xffffffffu, ps, h << R);
+        if ((lane & ((1 << R) - 1)) == 0)
+            sm_p[warp][idx] = pe;
+        __syncwarp();
+#pragma unroll
+        for (int h = 0; h < GP; h++)
+#pragma unroll
+            for (int e = 0; e < E; e++)
+                acc[h][e] *= corr[h];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int h = 0; h < GP; h++) {
+                float pv = sm_p[warp][u * GP + h];
+#pragma unroll
+                for (int e = 0; e < E; e++)
+                    acc[h][e] += pv * elem<T, E>(vr[u], e);
+            }
+        __syncwarp(); // the next tile's probabilities overwrite these
     }
 #pragma unroll
-    for (int h = 0; h < MAXG; h++) { /* constant indices: the arrays stay in registers */
-        if (h >= (int)G)
-            break;
+    for (int h = 0; h < GP; h++) { /* constant indices: the arrays stay in registers */
         if (lane == 0)
             sm_m[warp][h] = m[h], sm_l[warp][h] = s[h];
 #pragma unroll
@@ -117,7 +214,7 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t
             M = fmaxf(M, sm_m[w][h]);
         float S = 0.0f, A = 0.0f;
         for (int w = 0; w < AW; w++) {
-            float c = sm_m[w][h] == -INFINITY ? 0.0f : __expf(sm_m[w][h] - M);
+            float c = sm_m[w][h] == -INFINITY ? 0.0f : exp2f(sm_m[w][h] - M);
             S += sm_l[w][h] * c, A += sm_acc[w][h][e] * c;
         }
         float *dst = part_at(h);
@@ -137,24 +234,26 @@ __device__ __forceinline__ float merge_splits(const float *part, uint32_t used, 
     float S = 0.0f, A = 0.0f;
     for (uint32_t s = 0; s < used; s++) {
         const float *ps = part + (size_t)s * (d + 2);
-        float c = ps[d] == -INFINITY ? 0.0f : __expf(ps[d] - M);
+        float c = ps[d] == -INFINITY ? 0.0f : exp2f(ps[d] - M);
         S += ps[d + 1] * c, A += ps[e] * c;
     }
     return S > 0.0f ? A / S : 0.0f;
 }
 
-template <typename T, int E>
+template <typename T, int E, int GP>
 __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
 {
     uint32_t split = blockIdx.x, g = blockIdx.y, l = blockIdx.z;
-    uint32_t n = p.ntok[l], t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
+    uint32_t n = p.ntok[l], t0 = split * p.split, t1 = min(t0 + p.split, n);
+    if (split && t0 >= n)
+        return; // the merge uses only the splits that hold tokens
     const T *qb = (const T *)p.q + ((size_t)l * p.H + g * p.G) * p.d;
     const uint64_t *po = p.page_offs[l];
     uint32_t hole, hole_n;
     hole_of(p.holes ? p.holes + ((size_t)l * p.hkv + g) * 2 : NULL, &hole, &hole_n);
-    split_partial<T, E>(
-        t0, t1, hole, hole_n, qb, p.G, p.d, p.scale, p.voff,
-        [&](uint32_t t) { return p.base + po[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.row; },
+    split_partial<T, E, GP>(
+        t0, t1, p.split, hole, hole_n, qb, p.G, p.d, p.scale, p.tpp, p.row, p.voff,
+        [&](uint32_t i) { return (const uint8_t *)p.base + po[i] + (size_t)g * p.tpp * p.row; },
         [&](uint32_t h) {
             return p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
         });
@@ -163,7 +262,7 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
 __global__ void attn_merge(aparams p)
 {
     uint32_t lh = blockIdx.x, l = lh / p.H; // one block per (layer, head)
-    uint32_t n = p.ntok[l], used = (n + SPLIT - 1) / SPLIT;
+    uint32_t n = p.ntok[l], used = div_up(n, p.split);
     const float *part = p.part + (size_t)lh * p.splits * (p.d + 2);
     for (uint32_t e = threadIdx.x; e < p.d; e += blockDim.x)
         p.out[(size_t)lh * p.d + e] = merge_splits(part, used, p.d, e);
@@ -177,7 +276,7 @@ struct bparams {
     const int32_t *const *pages; // [B] device pointers: each sequence's page indices
     const int32_t *const *ntok;  // [B] device pointers: its token count
     const int32_t *const *holes; // [B] device pointers: its heads' holes [hkv][2], or NULL
-    uint32_t B, H, hkv, G, d, tpp, splits, max_pages, max_tokens;
+    uint32_t B, H, hkv, G, d, tpp, splits, split, max_pages, max_tokens;
     size_t voff, row;
     const void *q;               // [B][H][d]
     void *out;                   // [B][H][d], the same dtype
@@ -195,14 +294,14 @@ __device__ __forceinline__ uint32_t batch_tokens(const bparams &p, uint32_t b)
                : (uint32_t)n;
 }
 
-template <typename T, int E>
+template <typename T, int E, int GP>
 __global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
 {
     uint32_t split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
     uint32_t n = batch_tokens(p, b);
-    if (n == UINT32_MAX || (split && split * SPLIT >= n))
+    if (n == UINT32_MAX || (split && split * p.split >= n))
         return; // the merge uses only the splits that hold tokens
-    uint32_t t0 = split * SPLIT, t1 = min(t0 + SPLIT, n);
+    uint32_t t0 = split * p.split, t1 = min(t0 + p.split, n);
     const int32_t *pg = p.pages[b];
     // every page this block reads lies in the pool, or the row is NaN (the merge sees it)
     int bad = 0;
@@ -217,11 +316,10 @@ __global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
     const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
     uint32_t hole, hole_n;
     hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &hole, &hole_n);
-    split_partial<T, E>(
-        t0, t1, hole, hole_n, qb, p.G, p.d, p.scale, p.voff,
-        [&](uint32_t t) {
-            return p.base + (uint64_t)pg[t / p.tpp] * p.page_bytes +
-                   ((size_t)g * p.tpp + t % p.tpp) * p.row;
+    split_partial<T, E, GP>(
+        t0, t1, p.split, hole, hole_n, qb, p.G, p.d, p.scale, p.tpp, p.row, p.voff,
+        [&](uint32_t i) {
+            return (const uint8_t *)p.base + (uint64_t)pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
         },
         [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); });
 }
@@ -233,7 +331,7 @@ template <typename T>
 __global__ void battn_merge(bparams p)
 {
     uint32_t bh = blockIdx.x, b = bh / p.H; // one block per (sequence, head)
-    uint32_t n = batch_tokens(p, b), used = n == UINT32_MAX ? 0 : (n + SPLIT - 1) / SPLIT;
+    uint32_t n = batch_tokens(p, b), used = n == UINT32_MAX ? 0 : div_up(n, p.split);
     const float *part = p.part + (size_t)bh * p.splits * (p.d + 2);
     int bad = n == UINT32_MAX;
     for (uint32_t s = 0; s < used; s++)
@@ -242,11 +340,19 @@ __global__ void battn_merge(bparams p)
         store((T *)p.out + (size_t)bh * p.d + e, bad ? NAN : merge_splits(part, used, p.d, e));
 }
 
+// The split kernel for a dtype, head_dim (E = d / 32) and group (padded to GP).
+#define PICK_GP(KER, T, E)                                                                     \
+    (gp == 1 ? KER<T, E, 1> : gp == 2 ? KER<T, E, 2> : gp == 4 ? KER<T, E, 4> : KER<T, E, 8>)
+#define PICK(KER, T)                                                                           \
+    (E == 1 ? PICK_GP(KER, T, 1) : E == 2 ? PICK_GP(KER, T, 2) : E == 4 ? PICK_GP(KER, T, 4)   \
+            : PICK_GP(KER, T, 8))
+
+static uint32_t group_pad(uint32_t G) { return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8; }
+
 extern "C" size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads,
                                                    uint32_t head_dim, uint32_t max_tokens)
 {
-    uint32_t splits = (max_tokens + SPLIT - 1) / SPLIT;
-    return sizeof(float) * (size_t)batch * q_heads * (splits ? splits : 1) * (head_dim + 2);
+    return sizeof(float) * (size_t)batch * q_heads * splits_bound(max_tokens) * (head_dim + 2);
 }
 
 extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const int32_t *const *pages,
@@ -258,28 +364,23 @@ extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const in
     uint32_t H = pk->q_heads, hkv = pk->kv_heads, d = pk->head_dim;
     if (!hkv || H % hkv || H / hkv > MAXG || (d != 32 && d != 64 && d != 128 && d != 256) ||
         (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16) || !batch || !max_tokens ||
-        ws_bytes < kern_cuda_paged_decode_workspace(batch, H, d, max_tokens))
+        !pk->tokens_per_page || ws_bytes < kern_cuda_paged_decode_workspace(batch, H, d, max_tokens))
         return -EINVAL;
-    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, holes, batch, H, hkv, H / hkv,
-                 d, pk->tokens_per_page, (max_tokens + SPLIT - 1) / SPLIT, pk->max_pages,
-                 max_tokens, pk->v_offset_bytes, (size_t)d * 2, q, out, (float *)ws, 1.0f / sqrtf((float)d)};
+    uint32_t split = split_of(max_tokens);
+    bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, holes, batch, H, hkv,
+                 H / hkv, d, pk->tokens_per_page, div_up(max_tokens, split), split,
+                 pk->max_pages, max_tokens, pk->v_offset_bytes, (size_t)d * 2, q, out,
+                 (float *)ws, 1.0f / sqrtf((float)d)};
     cudaStream_t st = (cudaStream_t)stream;
     dim3 grid(p.splits, hkv, batch);
-#define BATTN(T)                                                                           \
-    do {                                                                                   \
-        switch (d / 32) {                                                                  \
-        case 1: battn_split<T, 1><<<grid, AW * 32, 0, st>>>(p); break;                     \
-        case 2: battn_split<T, 2><<<grid, AW * 32, 0, st>>>(p); break;                     \
-        case 4: battn_split<T, 4><<<grid, AW * 32, 0, st>>>(p); break;                     \
-        default: battn_split<T, 8><<<grid, AW * 32, 0, st>>>(p); break;                    \
-        }                                                                                  \
-        battn_merge<T><<<batch * H, 128, 0, st>>>(p);                                      \
-    } while (0)
-    if (pk->dtype == KERN_BF16)
-        BATTN(__nv_bfloat16);
-    else
-        BATTN(__half);
-#undef BATTN
+    uint32_t E = d / 32, gp = group_pad(p.G);
+    if (pk->dtype == KERN_BF16) {
+        PICK(battn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
+        battn_merge<__nv_bfloat16><<<batch * H, 128, 0, st>>>(p);
+    } else {
+        PICK(battn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
+        battn_merge<__half><<<batch * H, 128, 0, st>>>(p);
+    }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) {
         fprintf(stderr, "caked cuda: paged decode attention: %s\n", cudaGetErrorString(e));
@@ -316,7 +417,7 @@ extern "C" int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const in
     if (!batch || !pk->kv_heads || (pk->dtype != KERN_BF16 && pk->dtype != KERN_F16))
         return -EINVAL;
     bparams p = {pk->base, pk->page_bytes, pk->pool_pages, pages, n_tokens, NULL, batch, pk->q_heads,
-                 pk->kv_heads, 1, pk->head_dim, pk->tokens_per_page, 1, pk->max_pages,
+                 pk->kv_heads, 1, pk->head_dim, pk->tokens_per_page, 1, 128, pk->max_pages,
                  pk->max_pages * pk->tokens_per_page, pk->v_offset_bytes,
                  (size_t)pk->head_dim * 2, NULL, NULL, NULL, 0.0f};
     cudaStream_t st = (cudaStream_t)stream;
@@ -336,20 +437,7 @@ extern "C" int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const in
 
 extern "C" size_t kern_cuda_attn_workspace(uint32_t L, uint32_t H, uint32_t d, uint32_t max_tokens)
 {
-    uint32_t splits = (max_tokens + SPLIT - 1) / SPLIT;
-    return sizeof(float) * (size_t)L * H * (splits ? splits : 1) * (d + 2);
-}
-
-template <typename T>
-static void launch(aparams &p, cudaStream_t st)
-{
-    dim3 grid(p.splits, p.hkv, p.L);
-    switch (p.d / 32) {
-    case 1: attn_split<T, 1><<<grid, AW * 32, 0, st>>>(p); break;
-    case 2: attn_split<T, 2><<<grid, AW * 32, 0, st>>>(p); break;
-    case 4: attn_split<T, 4><<<grid, AW * 32, 0, st>>>(p); break;
-    default: attn_split<T, 8><<<grid, AW * 32, 0, st>>>(p); break;
-    }
+    return sizeof(float) * (size_t)L * H * splits_bound(max_tokens) * (d + 2);
 }
 
 extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64_t *const *page_offs,
@@ -360,19 +448,19 @@ extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64
                                           size_t ws_bytes, void *stream)
 {
     if (!hkv || H % hkv || H / hkv > MAXG || (d != 32 && d != 64 && d != 128 && d != 256) ||
-        (dtype != KERN_BF16 && dtype != KERN_F16) || !L ||
+        (dtype != KERN_BF16 && dtype != KERN_F16) || !L || !tpp ||
         ws_bytes < kern_cuda_attn_workspace(L, H, d, max_tokens))
         return -EINVAL;
-    aparams p = {base, page_offs, n_tokens, L, H, hkv, H / hkv, d, tpp,
-                 (max_tokens + SPLIT - 1) / SPLIT, voff, (size_t)d * 2, q, (float *)ws, out,
-                 1.0f / sqrtf((float)d), holes};
-    if (!p.splits)
-        p.splits = 1;
+    uint32_t split = split_of(max_tokens), splits = div_up(max_tokens, split);
+    aparams p = {base, page_offs, n_tokens, L, H, hkv, H / hkv, d, tpp, splits ? splits : 1,
+                 split, voff, (size_t)d * 2, q, (float *)ws, out, 1.0f / sqrtf((float)d), holes};
     cudaStream_t st = (cudaStream_t)stream;
+    dim3 grid(p.splits, hkv, L);
+    uint32_t E = d / 32, gp = group_pad(p.G);
     if (dtype == KERN_BF16)
-        launch<__nv_bfloat16>(p, st);
+        PICK(attn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
     else
-        launch<__half>(p, st);
+        PICK(attn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess) {
         attn_merge<<<L * H, 128, 0, st>>>(p);
