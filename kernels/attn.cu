@@ -120,15 +120,12 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t
     }
     const int idx = lane >> R, u_own = idx / GP, h_own = idx % GP;
     uint32_t per = split / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
-    // the next tile in the warp's run that is not wholly a hole
-    auto next_tile = [&](uint32_t tb) {
-        while (tb < w1 && hole_n && tb >= hole && min(tb + U, w1) - hole <= hole_n)
-            tb += U;
-        return tb;
-    };
-    // a tile's K and V rows (zeros outside the run and in the hole)
-    auto load = [&](uint32_t tb, raw<E>(&kr)[U], raw<E>(&vr)[U]) {
-        uint32_t te = min(tb + U, w1), pi = tb / tpp, pr = tb - pi * tpp;
+    for (uint32_t tb = w0; tb < w1; tb += U) {
+        uint32_t te = min(tb + U, w1);
+        if (hole_n && tb >= hole && te - hole <= hole_n)
+            continue; // the whole tile is a hole
+        raw<E> kr[U], vr[U];
+        uint32_t pi = tb / tpp, pr = tb - pi * tpp;
         const uint8_t *pg = page_at(pi);
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -143,16 +140,6 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t
             if (++pr == tpp && t + 1 < te)
                 pr = 0, pg = page_at(++pi);
         }
-    };
-    raw<E> kr[U], vr[U];
-    uint32_t tb = next_tile(w0);
-    if (tb < w1)
-        load(tb, kr, vr);
-    while (tb < w1) { // each tile's arithmetic runs while the next one's rows load
-        uint32_t te = min(tb + U, w1), nb = next_tile(tb + U);
-        raw<E> kn[U], vn[U];
-        if (nb < w1)
-            load(nb, kn, vn);
         float x[V];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -209,10 +196,6 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t
                     acc[h][e] += pv * elem<T, E>(vr[u], e);
             }
         __syncwarp(); // the next tile's probabilities overwrite these
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            kr[u] = kn[u], vr[u] = vn[u];
-        tb = nb;
     }
 #pragma unroll
     for (int h = 0; h < GP; h++) { /* constant indices: the arrays stay in registers */
