@@ -14,11 +14,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <atomic>
 #include <errno.h>
 #include <stdio.h>
 
 #include "dtype.h"
 #include "kern_cuda.h"
+#include "mma_dev.cuh"
+
+using namespace cakeptx;
 
 #define AW 4          // warps per block
 #define MAXG 8        // query heads per kv head
@@ -224,6 +228,217 @@ __device__ __forceinline__ void split_partial(uint32_t t0, uint32_t t1, uint32_t
     }
 }
 
+// ---- the same on the tensor cores (mma.sync), head_dim 64 or 128 ----
+//
+// The group's query heads are the rows of a 16-row A tile (G real, the rest zero), a tile of
+// 16 tokens the columns: S = Q K^T by ldmatrix from the staged keys, the online softmax on
+// the accumulators (base 2; a row's 4 lanes share its max), then O += P V with P from the
+// same registers (the accumulator layout is the A layout) and V by ldmatrix.trans. P goes
+// in as two halves of the 16-bit type (P = hi + lo), so the output keeps f32 accuracy.
+// Each warp streams its run through TC_ST cp.async stages of K and V rows of its own
+// (padded: ldmatrix reads without bank conflicts); rows outside the run or in a hole are
+// zero filled without a read.
+#define TC_ST 2 // cp.async stages a warp
+#define TC_TT 16 // tokens a tile
+
+template <int D> struct tc_geo {
+    static constexpr int LD = D + 8;                 // halves a staged row
+    static constexpr int STAGE = 2 * TC_TT * LD * 2; // bytes: K rows, then V rows
+    static constexpr int PR = D / 8;                 // 16-byte pieces a row
+    static constexpr int RS = 32 / PR;               // rows a warp copies side by side
+    static constexpr int KS = D / 16;                // k steps of Q K^T
+    static constexpr int NV = D / 8;                 // n tiles of P V
+};
+
+// Shared memory bytes of a tensor-core block: the warps' stages, reused for their merge.
+template <int D> constexpr size_t tc_smem()
+{
+    size_t st = (size_t)AW * TC_ST * tc_geo<D>::STAGE, mg = sizeof(float) * AW * 16 * (2 + D);
+    return st > mg ? st : mg;
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b)
+{
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+// x rounded to T and back
+template <typename T> __device__ __forceinline__ float round_to(float x);
+template <> __device__ __forceinline__ float round_to<__nv_bfloat16>(float x)
+{
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+template <> __device__ __forceinline__ float round_to<__half>(float x)
+{
+    return __half2float(__float2half_rn(x));
+}
+
+// smem: tc_smem<D>() bytes (dynamic shared memory).
+template <typename T, int D, typename PageAt, typename PartAt>
+__device__ __forceinline__ void split_partial_tc(uint32_t t0, uint32_t t1, uint32_t split,
+                                                 uint32_t hole, uint32_t hole_n, const T *qb,
+                                                 uint32_t G, float scale, uint32_t tpp,
+                                                 size_t row, size_t voff, PageAt page_at,
+                                                 PartAt part_at, uint8_t *smem)
+{
+    using gm = tc_geo<D>;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    uint8_t *mine = smem + (size_t)warp * TC_ST * gm::STAGE;
+    uint32_t per = split / AW, w0 = t0 + warp * per, w1 = min(w0 + per, t1);
+    uint32_t nt = w1 > w0 ? (w1 - w0 + TC_TT - 1) / TC_TT : 0;
+    // Q as the A tile, every k step: rows lane / 4 and lane / 4 + 8
+    uint32_t qa[gm::KS][4];
+    {
+        uint32_t r0 = lane / 4, r1 = r0 + 8, c = (lane % 4) * 2;
+#pragma unroll
+        for (int k = 0; k < gm::KS; k++) {
+            const T *a = qb + (size_t)r0 * D + k * 16 + c, *b = qb + (size_t)r1 * D + k * 16 + c;
+            qa[k][0] = r0 < G ? *(const uint32_t *)a : 0u;
+            qa[k][1] = r1 < G ? *(const uint32_t *)b : 0u;
+            qa[k][2] = r0 < G ? *(const uint32_t *)(a + 8) : 0u;
+            qa[k][3] = r1 < G ? *(const uint32_t *)(b + 8) : 0u;
+        }
+    }
+    // tile i's K and V rows into stage i % TC_ST
+    auto load = [&](uint32_t i) {
+        uint8_t *st = mine + (size_t)(i % TC_ST) * gm::STAGE;
+        uint32_t tb = w0 + i * TC_TT, r = lane / gm::PR, v = lane % gm::PR, t = tb + r;
+        uint32_t pg = t / tpp, w = t - pg * tpp;
+#pragma unroll
+        for (int j = 0; j < TC_TT / gm::RS; j++, r += gm::RS, t += gm::RS) {
+            bool ok = t < w1 && t - hole >= hole_n;
+            const uint8_t *src = ok ? page_at(pg) + w * row + v * 16 : (const uint8_t *)qb;
+            cp_async16(st + ((size_t)r * gm::LD + v * 8) * 2, src, ok);
+            cp_async16(st + ((size_t)(TC_TT + r) * gm::LD + v * 8) * 2, src + (ok ? voff : 0), ok);
+            w += gm::RS;
+            while (w >= tpp)
+                w -= tpp, pg++;
+        }
+    };
+    float o[gm::NV][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < gm::NV; n++)
+        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    const float c2 = scale * LOG2E;
+#pragma unroll
+    for (int i = 0; i < TC_ST - 1; i++) {
+        if (i < (int)nt)
+            load(i);
+        cp_async_commit();
+    }
+    for (uint32_t i = 0; i < nt; i++) {
+        if (i + TC_ST - 1 < nt)
+            load(i + TC_ST - 1);
+        cp_async_commit();
+        cp_async_wait<TC_ST - 1>();
+        __syncwarp();
+        const uint8_t *st = mine + (size_t)(i % TC_ST) * gm::STAGE;
+        // S = Q K^T: two n tiles of 8 tokens
+        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        const uint8_t *kp = st + ((size_t)((lane / 16) * 8 + lane % 8) * gm::LD + ((lane / 8) % 2) * 8) * 2;
+#pragma unroll
+        for (int k = 0; k < gm::KS; k++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, kp + k * 32);
+            uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+            mma16816<T>(sc[0], qa[k], b0);
+            mma16816<T>(sc[1], qa[k], b1);
+        }
+        // online softmax: rows lane / 4 (e < 2) and + 8 (e >= 2); token j * 8 + (lane % 4) * 2 + e % 2
+        uint32_t tb = w0 + i * TC_TT;
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                uint32_t t = tb + j * 8 + (lane % 4) * 2 + e % 2;
+                float x = t < w1 && t - hole >= hole_n ? sc[j][e] * c2 : -INFINITY;
+                sc[j][e] = x;
+                mx[e / 2] = fmaxf(mx[e / 2], x);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float mn = fmaxf(m[r], mx[r]);
+            corr[r] = mn == -INFINITY ? 1.0f : ex2(m[r] - mn);
+            m[r] = mn;
+            l[r] *= corr[r];
+        }
+        uint32_t ph[4], pl[4]; // P as the A tile, in two halves
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) { // row half h: elements 2h, 2h + 1
+                float p0 = sc[j][2 * h] == -INFINITY ? 0.0f : ex2(sc[j][2 * h] - m[h]);
+                float p1 = sc[j][2 * h + 1] == -INFINITY ? 0.0f : ex2(sc[j][2 * h + 1] - m[h]);
+                l[h] += p0 + p1;
+                float r0 = round_to<T>(p0), r1 = round_to<T>(p1);
+                ph[j * 2 + h] = pack2<T>(r0, r1);
+                pl[j * 2 + h] = pack2<T>(p0 - r0, p1 - r1);
+            }
+#pragma unroll
+        for (int n = 0; n < gm::NV; n++)
+            o[n][0] *= corr[0], o[n][1] *= corr[0], o[n][2] *= corr[1], o[n][3] *= corr[1];
+        // O += P V: V rows by ldmatrix.trans, two n tiles (16 dims) at once
+        const uint8_t *vp = st + ((size_t)(TC_TT + ((lane / 8) % 2) * 8 + lane % 8) * gm::LD + (lane / 16) * 8) * 2;
+#pragma unroll
+        for (int n = 0; n < gm::NV; n += 2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, vp + n * 16);
+            uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+            mma16816<T>(o[n], ph, b0);
+            mma16816<T>(o[n], pl, b0);
+            mma16816<T>(o[n + 1], ph, b1);
+            mma16816<T>(o[n + 1], pl, b1);
+        }
+        __syncwarp(); // the stage is reloaded TC_ST - 1 tiles later
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    // the warps merged in shared memory (the stages no longer needed): row h of warp w
+    __syncthreads();
+    float *sm_m = (float *)smem, *sm_l = sm_m + AW * 16, *sm_o = sm_l + AW * 16; // [AW][16][D]
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        uint32_t h = lane / 4 + r * 8;
+        if (lane % 4 == 0)
+            sm_m[warp * 16 + h] = m[r], sm_l[warp * 16 + h] = l[r];
+#pragma unroll
+        for (int n = 0; n < gm::NV; n++) {
+            float *dst = sm_o + ((size_t)warp * 16 + h) * D + n * 8 + (lane % 4) * 2;
+            dst[0] = o[n][2 * r], dst[1] = o[n][2 * r + 1];
+        }
+    }
+    __syncthreads();
+    for (uint32_t x = threadIdx.x; x < G * D; x += blockDim.x) {
+        uint32_t h = x / D, e = x % D;
+        float M = -INFINITY;
+        for (int w = 0; w < AW; w++)
+            M = fmaxf(M, sm_m[w * 16 + h]);
+        float S = 0.0f, A = 0.0f;
+        for (int w = 0; w < AW; w++) {
+            float c = sm_m[w * 16 + h] == -INFINITY ? 0.0f : ex2(sm_m[w * 16 + h] - M);
+            S += sm_l[w * 16 + h] * c, A += sm_o[((size_t)w * 16 + h) * D + e] * c;
+        }
+        float *dst = part_at(h);
+        dst[e] = A;
+        if (e == 0)
+            dst[D] = M, dst[D + 1] = S;
+    }
+}
+
 // The splits' partials of one (row, head) merged: element e of the output.
 __device__ __forceinline__ float merge_splits(const float *part, uint32_t used, uint32_t d,
                                               uint32_t e)
@@ -257,6 +472,27 @@ __global__ void __launch_bounds__(AW * 32) attn_split(aparams p)
         [&](uint32_t h) {
             return p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
         });
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(AW * 32) attn_split_tc(aparams p)
+{
+    extern __shared__ __align__(16) uint8_t dsm[];
+    uint32_t split = blockIdx.x, g = blockIdx.y, l = blockIdx.z;
+    uint32_t n = p.ntok[l], t0 = split * p.split, t1 = min(t0 + p.split, n);
+    if (split && t0 >= n)
+        return;
+    const T *qb = (const T *)p.q + ((size_t)l * p.H + g * p.G) * p.d;
+    const uint64_t *po = p.page_offs[l];
+    uint32_t hole, hole_n;
+    hole_of(p.holes ? p.holes + ((size_t)l * p.hkv + g) * 2 : NULL, &hole, &hole_n);
+    split_partial_tc<T, D>(
+        t0, t1, p.split, hole, hole_n, qb, p.G, p.scale, p.tpp, p.row, p.voff,
+        [&](uint32_t i) { return (const uint8_t *)p.base + po[i] + (size_t)g * p.tpp * p.row; },
+        [&](uint32_t h) {
+            return p.part + (((size_t)l * p.H + g * p.G + h) * p.splits + split) * (p.d + 2);
+        },
+        dsm);
 }
 
 __global__ void attn_merge(aparams p)
@@ -324,6 +560,57 @@ __global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
         [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); });
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(AW * 32) battn_split_tc(bparams p)
+{
+    extern __shared__ __align__(16) uint8_t dsm[];
+    uint32_t split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    uint32_t n = batch_tokens(p, b);
+    if (n == UINT32_MAX || (split && split * p.split >= n))
+        return;
+    uint32_t t0 = split * p.split, t1 = min(t0 + p.split, n);
+    const int32_t *pg = p.pages[b];
+    int bad = 0;
+    for (uint32_t i = t0 / p.tpp + threadIdx.x; t1 > t0 && i <= (t1 - 1) / p.tpp; i += blockDim.x)
+        bad |= pg[i] < 0 || (uint64_t)pg[i] >= p.pool_pages;
+    float *rowpart = p.part + ((size_t)b * p.H + g * p.G) * p.splits * (p.d + 2);
+    if (__syncthreads_or(bad)) {
+        for (uint32_t h = threadIdx.x; h < p.G; h += blockDim.x)
+            rowpart[((size_t)h * p.splits + split) * (p.d + 2) + p.d] = NAN;
+        return;
+    }
+    const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
+    uint32_t hole, hole_n;
+    hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &hole, &hole_n);
+    split_partial_tc<T, D>(
+        t0, t1, p.split, hole, hole_n, qb, p.G, p.scale, p.tpp, p.row, p.voff,
+        [&](uint32_t i) {
+            return (const uint8_t *)p.base + (uint64_t)pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
+        },
+        [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); }, dsm);
+}
+
+// The tensor-core kernel K<T, D> launched (its shared memory allowed once).
+template <typename P, void (*K)(P), int D>
+static cudaError_t launch_tc(dim3 grid, cudaStream_t st, const P &p)
+{
+    static std::atomic<int> ready;
+    if (!ready.load()) {
+        cudaError_t e = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)tc_smem<D>());
+        if (e != cudaSuccess)
+            return e;
+        ready.store(1);
+    }
+    K<<<grid, AW * 32, tc_smem<D>(), st>>>(p);
+    return cudaGetLastError();
+}
+
+static std::atomic<int> force_simt;
+extern "C" int kern_cuda_attn_set_simt(int on) { return force_simt.exchange(on ? 1 : 0); }
+// Whether a launch runs on the tensor cores.
+static bool use_tc(uint32_t d) { return (d == 64 || d == 128) && !force_simt.load(); }
+
 __device__ __forceinline__ void store(__nv_bfloat16 *o, float x) { *o = __float2bfloat16(x); }
 __device__ __forceinline__ void store(__half *o, float x) { *o = __float2half(x); }
 
@@ -374,14 +661,24 @@ extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const in
     cudaStream_t st = (cudaStream_t)stream;
     dim3 grid(p.splits, hkv, batch);
     uint32_t E = d / 32, gp = group_pad(p.G);
-    if (pk->dtype == KERN_BF16) {
+    bool bf = pk->dtype == KERN_BF16;
+    cudaError_t e = cudaSuccess;
+    if (use_tc(d) && bf)
+        e = d == 64 ? launch_tc<bparams, battn_split_tc<__nv_bfloat16, 64>, 64>(grid, st, p)
+                    : launch_tc<bparams, battn_split_tc<__nv_bfloat16, 128>, 128>(grid, st, p);
+    else if (use_tc(d))
+        e = d == 64 ? launch_tc<bparams, battn_split_tc<__half, 64>, 64>(grid, st, p)
+                    : launch_tc<bparams, battn_split_tc<__half, 128>, 128>(grid, st, p);
+    else if (bf)
         PICK(battn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
-        battn_merge<__nv_bfloat16><<<batch * H, 128, 0, st>>>(p);
-    } else {
+    else
         PICK(battn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
+    if (e == cudaSuccess && bf)
+        battn_merge<__nv_bfloat16><<<batch * H, 128, 0, st>>>(p);
+    else if (e == cudaSuccess)
         battn_merge<__half><<<batch * H, 128, 0, st>>>(p);
-    }
-    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess)
+        e = cudaGetLastError();
     if (e != cudaSuccess) {
         fprintf(stderr, "caked cuda: paged decode attention: %s\n", cudaGetErrorString(e));
         return -EIO;
@@ -457,11 +754,20 @@ extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64
     cudaStream_t st = (cudaStream_t)stream;
     dim3 grid(p.splits, hkv, L);
     uint32_t E = d / 32, gp = group_pad(p.G);
-    if (dtype == KERN_BF16)
+    bool bf = dtype == KERN_BF16;
+    cudaError_t e = cudaSuccess;
+    if (use_tc(d) && bf)
+        e = d == 64 ? launch_tc<aparams, attn_split_tc<__nv_bfloat16, 64>, 64>(grid, st, p)
+                    : launch_tc<aparams, attn_split_tc<__nv_bfloat16, 128>, 128>(grid, st, p);
+    else if (use_tc(d))
+        e = d == 64 ? launch_tc<aparams, attn_split_tc<__half, 64>, 64>(grid, st, p)
+                    : launch_tc<aparams, attn_split_tc<__half, 128>, 128>(grid, st, p);
+    else if (bf)
         PICK(attn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
     else
         PICK(attn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
-    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess)
+        e = cudaGetLastError();
     if (e == cudaSuccess) {
         attn_merge<<<L * H, 128, 0, st>>>(p);
         e = cudaGetLastError();

@@ -67,6 +67,11 @@ int kern_cuda_position_indicator(float *ind_dev, uint32_t rows, uint32_t n, uint
  * passes everywhere (for tests and benchmarks that compare the two). Process-wide; returns
  * the previous setting. */
 int kern_cuda_score_set_wmma(int on);
+/* Decode attention (kern_cuda_decode_attention, kern_cuda_paged_decode) runs on the tensor
+ * cores (mma.sync) where head_dim is 64 or 128, else on CUDA cores; nonzero forces the CUDA
+ * cores everywhere (tests and benchmarks that compare the two). Process-wide; returns the
+ * previous setting. */
+int kern_cuda_attn_set_simt(int on);
 
 /* Top-k of each of `rows` score rows of length n (row stride n): positions ascending, ties
  * to the lower position (kern_topk's KERN_ORDER_POSITION). idx_dev: [rows][k]. */

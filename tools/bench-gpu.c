@@ -107,13 +107,15 @@ static double torch_ms(uint32_t n, const char *what, char *why, size_t wl)
     return t > 0 ? t * 1e3 : -1;
 }
 
-/* One decode step's attention over 32 layers of n tokens each (our kernel, one launch). */
-static double attn_us(uint32_t n, int reps)
+/* One decode step's attention over 32 layers of n tokens each (our kernel, one launch), in
+ * pages of tpp tokens ([2][kv heads][tpp][d]; n a multiple of tpp), on CUDA cores (simt)
+ * or the tensor cores. */
+static double attn_us(uint32_t n, int reps, uint32_t tpp, int simt)
 {
     enum { L = 32 };
-    size_t half = (size_t)HKV * n * D * 2, layer = 2 * half;
+    size_t half = (size_t)HKV * tpp * D * 2, layer = (size_t)2 * HKV * n * D * 2, np = n / tpp;
     uint8_t *kv;
-    uint64_t *offs, host_off[L], *ptrs[L], **dptrs;
+    uint64_t *offs, *host_off = malloc(sizeof(uint64_t) * L * np), *ptrs[L], **dptrs;
     uint32_t *dn, ntok[L];
     void *q, *ws;
     float *out;
@@ -129,12 +131,16 @@ static double attn_us(uint32_t n, int reps)
     for (int l = 0; l < L; l++)
         CK(cudaMemcpy(kv + l * layer, h, layer, cudaMemcpyHostToDevice));
     free(h);
-    CK(cudaMalloc((void **)&offs, sizeof host_off));
+    CK(cudaMalloc((void **)&offs, sizeof(uint64_t) * L * np));
+    for (int l = 0; l < L; l++) {
+        ntok[l] = n;
+        for (size_t i = 0; i < np; i++)
+            host_off[l * np + i] = (uint64_t)l * layer + i * 2 * half;
+    }
+    CK(cudaMemcpy(offs, host_off, sizeof(uint64_t) * L * np, cudaMemcpyHostToDevice));
+    free(host_off);
     for (int l = 0; l < L; l++)
-        host_off[l] = (uint64_t)l * layer, ntok[l] = n;
-    CK(cudaMemcpy(offs, host_off, sizeof host_off, cudaMemcpyHostToDevice));
-    for (int l = 0; l < L; l++)
-        ptrs[l] = offs + l;
+        ptrs[l] = offs + l * np;
     CK(cudaMalloc((void **)&dptrs, sizeof ptrs));
     CK(cudaMemcpy(dptrs, ptrs, sizeof ptrs, cudaMemcpyHostToDevice));
     CK(cudaMalloc((void **)&dn, sizeof ntok));
@@ -144,19 +150,21 @@ static double attn_us(uint32_t n, int reps)
     CK(cudaMalloc((void **)&out, sizeof(float) * L * H * D));
     size_t wsb = kern_cuda_attn_workspace(L, H, D, n);
     CK(cudaMalloc(&ws, wsb));
+    int was = kern_cuda_attn_set_simt(simt);
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
     float t[64];
     for (int r = -3; r < reps; r++) {
         cudaEventRecord(e0, 0);
         if (kern_cuda_decode_attention(KERN_BF16, kv, (const uint64_t *const *)dptrs, dn, NULL, n, L, H, HKV, D,
-                                       n, half, q, out, ws, wsb, NULL))
+                                       tpp, half, q, out, ws, wsb, NULL))
             exit(1);
         cudaEventRecord(e1, 0);
         CK(cudaEventSynchronize(e1));
         if (r >= 0)
             cudaEventElapsedTime(&t[r], e0, e1);
     }
+    kern_cuda_attn_set_simt(was);
     cudaFree(kv), cudaFree(offs), cudaFree(dptrs), cudaFree(dn), cudaFree(q), cudaFree(out), cudaFree(ws);
     return median(t, reps) * 1e3;
 }
@@ -711,17 +719,31 @@ int main(int argc, char **argv)
 
 static void attention(double bw, int reps, int torch)
 {
-    /* a decode step's attention over 32 layers: full 128K cache vs CAKE at 1024 + window */
-    double full = attn_us(131072, reps), cake = attn_us(1024 + W, reps);
-    double data_full = 32.0 * 2 * HKV * 131072 * D * 2, data_cake = 32.0 * 2 * HKV * (1024 + W) * D * 2;
-    printf("decode attention, 32 layers (H=%d Hkv=%d d=%d bf16), our paged kernel, one launch:\n", H, HKV, D);
-    printf("  full cache 131072 tokens/layer: %9.1f us (floor %.1f us)\n", full, data_full / bw * 1e6);
-    printf("  CAKE 1024+%d tokens/layer:      %9.1f us (floor %.1f us)   full / CAKE = %.1fx\n", W, cake,
-           data_cake / bw * 1e6, full / cake);
+    /* a decode step's attention over 32 layers: full 128K cache vs CAKE at 1024 + window, a
+     * layer in one run of pages and in caked's 64 KiB pages of 16 tokens */
+    uint32_t len[2] = {131072, 1024 + W};
+    double us[2][3];
+    for (int i = 0; i < 2; i++)
+        us[i][0] = attn_us(len[i], reps, len[i], 0), us[i][1] = attn_us(len[i], reps, len[i], 1),
+        us[i][2] = attn_us(len[i], reps, 16, 0);
+    printf("decode attention, 32 layers (H=%d Hkv=%d d=%d bf16), our paged kernel, one launch;\n"
+           "floor = every layer's K and V read once:\n", H, HKV, D);
+    printf("  %-24s %13s %11s %14s %10s %8s\n", "", "tensor cores", "CUDA cores", "64 KiB pages", "floor",
+           "x_floor");
+    for (int i = 0; i < 2; i++) {
+        double floor_us = 32.0 * 2 * HKV * len[i] * D * 2 / bw * 1e6;
+        char name[32];
+        snprintf(name, sizeof name, i ? "CAKE %u+%d tokens/layer" : "full %u tokens/layer", i ? 1024 : len[i], W);
+        printf("  %-24s %10.1f us %8.1f us %11.1f us %7.1f us %7.2fx\n", name, us[i][0], us[i][1], us[i][2],
+               floor_us, us[i][0] / floor_us);
+    }
+    printf("  full / CAKE = %.1fx (tensor cores)\n", us[0][0] / us[1][0]);
     char why[160] = "--no-torch";
     double sd = torch ? torch_ms(131072, "sdpa", why, sizeof why) : -1;
     if (sd > 0)
-        printf("  torch SDPA, full cache, 32 calls: %7.1f us   torch full / CAKE = %.1fx\n", sd * 1e3, sd * 1e3 / cake);
+        printf("  torch SDPA, full cache, 32 calls: %.1f us; ours (tensor cores) / SDPA = %.2fx, "
+               "64 KiB pages / SDPA = %.2fx; SDPA / CAKE = %.1fx\n", sd * 1e3, us[0][0] / (sd * 1e3),
+               us[0][2] / (sd * 1e3), sd * 1e3 / us[1][0]);
     else
         printf("  torch SDPA: %s\n", why);
 }

@@ -317,23 +317,25 @@ static void run_topk_many(void)
     }
 }
 
-/* Decode attention over several layers of different lengths, paged, against doubles; with
- * holes, each (layer, kv head) leaves a random run of slots out (Ada-KV's), one of them a
- * whole split of the kernel's and more. */
-static void run_attention(enum kern_dtype dt, int with_holes)
+/* Decode attention over several layers of different lengths, paged, against doubles, on the
+ * tensor cores and on CUDA cores (kern_cuda_attn_set_simt); with holes, each (layer, kv
+ * head) leaves a random run of slots out (Ada-KV's), one of them a whole split of the
+ * kernel's and more. tpp tokens a page (a tile of 16 may straddle pages). */
+static void run_attention(enum kern_dtype dt, int with_holes, uint32_t H, uint32_t HKV, uint32_t D,
+                          uint32_t TPP)
 {
-    enum { L = 3, H = 32, HKV = 8, D = 128, TPP = 16 };
+    enum { L = 3 };
     uint32_t ntok[L] = {1 + (uint32_t)(urand() * 100), 1000 + (uint32_t)(urand() * 600), 3000};
-    int32_t hl[L][HKV][2] = {{{0}}};
+    int32_t *hl = calloc((size_t)L * HKV * 2, sizeof(int32_t)); /* [L][HKV][2] */
     for (int l = 0; l < L && with_holes; l++)
-        for (int g = 0; g < HKV; g++)
+        for (uint32_t g = 0; g < HKV; g++)
             if (ntok[l] > 1 && g % 4 != 3) { /* every fourth head has none */
                 uint32_t first = 1 + (uint32_t)(urand() * (ntok[l] - 1));
-                hl[l][g][0] = (int32_t)first;
-                hl[l][g][1] = (int32_t)(urand() * (ntok[l] - first));
+                hl[(l * HKV + g) * 2] = (int32_t)first;
+                hl[(l * HKV + g) * 2 + 1] = (int32_t)(urand() * (ntok[l] - first));
             }
-    if (with_holes)
-        hl[2][0][0] = 400, hl[2][0][1] = 1200; /* slots 512-1023 (a split) all holes */
+    if (with_holes) /* slots 512-1023 (a split at every length) all holes */
+        hl[(2 * HKV) * 2] = 400, hl[(2 * HKV) * 2 + 1] = 1200;
     size_t page_bytes = 2 * (size_t)HKV * TPP * D * 2, half = page_bytes / 2;
     uint32_t npages[L], total = 0;
     for (int l = 0; l < L; l++)
@@ -342,7 +344,6 @@ static void run_attention(enum kern_dtype dt, int with_holes)
     uint64_t *off = malloc(sizeof(uint64_t) * total);
     for (uint32_t p = 0; p < total; p++) /* layers' pages interleaved in reverse */
         off[p] = (uint64_t)(total - 1 - p) * page_bytes;
-    float *row = malloc(sizeof(float) * D);
     for (size_t i = 0; i < page_bytes * total / 2; i++) {
         float x = (float)(2 * urand() - 1);
         kern_from_f32(dt, &x, host + 2 * i, 1);
@@ -350,16 +351,17 @@ static void run_attention(enum kern_dtype dt, int with_holes)
     size_t qn = (size_t)L * H * D;
     float *qf = malloc(sizeof(float) * qn), *out = malloc(sizeof(float) * qn);
     uint16_t *q = malloc(qn * 2);
+    double *o = malloc(sizeof(double) * D);
     for (size_t i = 0; i < qn; i++)
         qf[i] = (float)(4 * urand() - 2);
     kern_from_f32(dt, qf, q, qn);
-    double err = 0, nrm = 0;
     uint32_t first = 0;
     for (int l = 0; l < L; l++) {
         for (uint32_t h = 0; h < H; h++) {
             uint32_t g = h / (H / HKV);
-            double *sc = malloc(sizeof(double) * ntok[l]), mx = -INFINITY, sum = 0, o[D] = {0};
-            uint32_t h0 = (uint32_t)hl[l][g][0], h1 = h0 + (uint32_t)hl[l][g][1];
+            double *sc = malloc(sizeof(double) * ntok[l]), mx = -INFINITY, sum = 0;
+            memset(o, 0, sizeof(double) * D);
+            uint32_t h0 = (uint32_t)hl[(l * HKV + g) * 2], h1 = h0 + (uint32_t)hl[(l * HKV + g) * 2 + 1];
             for (uint32_t t = 0; t < ntok[l]; t++) {
                 const uint8_t *k = host + off[first + t / TPP] + ((size_t)g * TPP + t % TPP) * D * 2;
                 double dot = 0;
@@ -405,26 +407,33 @@ static void run_attention(enum kern_dtype dt, int with_holes)
     CK(cudaMalloc(&dq, qn * 2));
     CK(cudaMemcpy(dq, q, qn * 2, cudaMemcpyHostToDevice));
     CK(cudaMalloc((void **)&dout, sizeof(float) * qn));
-    CK(cudaMemset(dout, 0xff, sizeof(float) * qn));
     if (with_holes) {
-        CK(cudaMalloc((void **)&dholes, sizeof hl));
-        CK(cudaMemcpy(dholes, hl, sizeof hl, cudaMemcpyHostToDevice));
+        CK(cudaMalloc((void **)&dholes, sizeof(int32_t) * L * HKV * 2));
+        CK(cudaMemcpy(dholes, hl, sizeof(int32_t) * L * HKV * 2, cudaMemcpyHostToDevice));
     }
     size_t wsb = kern_cuda_attn_workspace(L, H, D, 3000);
     CK(cudaMalloc(&ws, wsb));
-    int rc = kern_cuda_decode_attention(dt, dbase, (const uint64_t *const *)dptrs, dn, dholes, 3000,
-                                        L, H, HKV, D, TPP, half, dq, dout, ws, wsb, NULL);
-    EXPECT(rc == 0, "attention rc %d", rc);
-    CK(cudaMemcpy(got, dout, sizeof(float) * qn, cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < qn; i++)
-        err += ((double)got[i] - out[i]) * ((double)got[i] - out[i]), nrm += (double)out[i] * out[i];
-    double rel = sqrt(err / nrm);
-    EXPECT(rel <= 1e-4, "attention rel err %.3g", rel);
-    printf("%-5s decode attention, %d layers of %u/%u/%u tokens, paged%s: rel err %.2e\n",
-           dt == KERN_BF16 ? "bf16" : "f16", L, ntok[0], ntok[1], ntok[2],
-           with_holes ? ", holes masked" : "", rel);
+    double rel[2];
+    for (int simt = 0; simt < 2; simt++) { /* the tensor cores (d 64, 128), then CUDA cores */
+        int was = kern_cuda_attn_set_simt(simt);
+        CK(cudaMemset(dout, 0xff, sizeof(float) * qn));
+        int rc = kern_cuda_decode_attention(dt, dbase, (const uint64_t *const *)dptrs, dn, dholes,
+                                            3000, L, H, HKV, D, TPP, half, dq, dout, ws, wsb, NULL);
+        kern_cuda_attn_set_simt(was);
+        EXPECT(rc == 0, "attention rc %d", rc);
+        CK(cudaMemcpy(got, dout, sizeof(float) * qn, cudaMemcpyDeviceToHost));
+        double err = 0, nrm = 0;
+        for (size_t i = 0; i < qn; i++)
+            err += ((double)got[i] - out[i]) * ((double)got[i] - out[i]), nrm += (double)out[i] * out[i];
+        rel[simt] = sqrt(err / nrm);
+        EXPECT(rel[simt] <= 1e-4, "attention (%s) rel err %.3g", simt ? "CUDA cores" : "tensor cores",
+               rel[simt]);
+    }
+    printf("%-5s decode attention H=%u Hkv=%u d=%u tpp=%u, %d layers of %u/%u/%u tokens, paged%s: "
+           "rel err %.2e (tensor cores), %.2e (CUDA cores)\n", dt == KERN_BF16 ? "bf16" : "f16", H,
+           HKV, D, TPP, L, ntok[0], ntok[1], ntok[2], with_holes ? ", holes masked" : "", rel[0], rel[1]);
     cudaFree(dholes), cudaFree(dbase), cudaFree(doff), cudaFree(dptrs), cudaFree(dn), cudaFree(dq), cudaFree(dout), cudaFree(ws);
-    free(host), free(off), free(row), free(qf), free(out), free(q), free(got);
+    free(host), free(off), free(qf), free(out), free(q), free(got), free(o), free(hl);
 }
 
 /* 0..n-1 in random order (Fisher-Yates): pages scattered over a buffer (malloc'd; free it). */
@@ -642,7 +651,8 @@ int main(void)
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
-            run_attention(ts[i], 1);
+            run_attention(ts[i], 1, 32, 8, 128, 16);
+            run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
         }
         printf("%s\n", failures ? "FAILED" : "the subset passed");
         return failures ? 1 : 0;
@@ -661,7 +671,10 @@ int main(void)
         run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
-        run_attention(ts[i], 0), run_attention(ts[i], 1);
+        run_attention(ts[i], 0, 32, 8, 128, 16), run_attention(ts[i], 1, 32, 8, 128, 16);
+        run_attention(ts[i], 1, 9, 3, 64, 85);   /* SmolLM2's heads, a tile across two pages */
+        run_attention(ts[i], 1, 16, 2, 256, 4);  /* d 256 (CUDA cores), 8 heads a group */
+        run_attention(ts[i], 0, 8, 8, 32, 1);    /* d 32, no group, a page a token */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0); /* CAKE at 8B shapes */
         run_decode_evict(ts[i], 8, 2, 64, 16, 11, 7, KERN_POOL_NONE, 0, 0.0f, 0);     /* part of a window */
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
