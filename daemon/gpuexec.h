@@ -41,9 +41,8 @@ struct gpu_ring {
     uint32_t n_pages, q_heads, w, rows_per_page, heads_per_page, pages_per_head;
 };
 
-/* How a layer's tokens are ranked on the GPU: the indicators of policy.h the kernels cover
- * (indicator.c's, for CAKE, SnapKV, PyramidKV, TOVA, StreamingLLM and the ablations but the
- * variance alone). */
+/* How a layer's tokens are ranked on the GPU: the indicators of policy.h (indicator.c's, for
+ * CAKE, SnapKV, PyramidKV, Ada-KV, TOVA, StreamingLLM and the ablations). */
 struct gpu_rank {
     float gamma;      /* mean + gamma * var of the window's attention */
     int var_only;     /* the variance alone (the ablation) */

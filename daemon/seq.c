@@ -299,9 +299,9 @@ static const char *gpu_layout_check(const struct seq_env *e, const struct seq_op
     if (cfg->mode != POLICY_FIXED)
         return "GPU sequences run fixed mode (parity mode reproduces the reference's "
                "double-precision arithmetic on the host)";
-    /* budgets are the host's (any allocation); the GPU ranks tokens by every indicator but
-     * the variance alone, any pooling, one token set per kv head or one for all (TOVA):
-     * seq_gpu.c's gpu_rank_of */
+    /* budgets are the host's (any allocation; Ada-KV's per-head split too); the GPU ranks
+     * tokens by every indicator, any pooling up to 63 wide, one token set per kv head or one
+     * for all (TOVA): seq_gpu.c's gpu_rank_of */
     int keeps_all = cfg->alloc == POLICY_ALLOC_NONE;
     if (!keeps_all && cfg->pool_kernel > 63)
         return "GPU sequences pool over at most 63 tokens (pool_kernel); wider kernels run on "

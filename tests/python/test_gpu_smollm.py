@@ -109,7 +109,7 @@ class SmolLM2OnGpu(unittest.TestCase):
 
     def test_every_gpu_policy_generates(self):
         p = self.ids(50, 5)
-        for pol in ("streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "cake"):
+        for pol in ("streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "adakv", "cake"):
             with self.subTest(policy=pol):
                 cache = caked.hf.CakedCache(self.c, self.cfg, max_new_tokens=NEW, policy=pol,
                                             cache_size=128, window=32)
@@ -117,7 +117,9 @@ class SmolLM2OnGpu(unittest.TestCase):
                 self.assertTrue(cache.seq.on_gpu)
                 s = cache.seq  # every layer within its budget, the window and the new tokens
                 for l in range(self.cfg.num_hidden_layers):
-                    self.assertLessEqual(s.tokens(l), s.budget(l) + 32 + NEW, f"{pol} layer {l}")
+                    # Ada-KV's heads hold different counts (holes): on average the budget
+                    held = s.tokens(l) - sum(c for _, c in s.holes(l)) / s.kv_heads
+                    self.assertLessEqual(held, s.budget(l) + 32 + NEW, f"{pol} layer {l}")
                     self.assertLess(s.budget(l), p.shape[1] - 32, f"{pol} layer {l} evicted")
                 self.assertEqual(out.sequences.shape[1], p.shape[1] + NEW)
                 cache.close()
