@@ -590,17 +590,22 @@ __global__ void __launch_bounds__(AW * 32) battn_split_tc(bparams p)
         [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); }, dsm);
 }
 
-// The tensor-core kernel K<T, D> launched (its shared memory allowed once).
+// The tensor-core kernel K<T, D> launched (its shared memory allowed once a device: the
+// attribute is each device's).
 template <typename P, void (*K)(P), int D>
 static cudaError_t launch_tc(dim3 grid, cudaStream_t st, const P &p)
 {
-    static std::atomic<int> ready;
-    if (!ready.load()) {
-        cudaError_t e = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)tc_smem<D>());
+    static std::atomic<uint64_t> ready; // a bit a device (beyond 64: every launch)
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return e;
+    uint64_t bit = dev >= 0 && dev < 64 ? 1ull << dev : 0;
+    if (!bit || !(ready.load() & bit)) {
+        e = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_smem<D>());
         if (e != cudaSuccess)
             return e;
-        ready.store(1);
+        ready.fetch_or(bit);
     }
     K<<<grid, AW * 32, tc_smem<D>(), st>>>(p);
     return cudaGetLastError();
