@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cuda_runtime.h>
 
@@ -21,6 +22,9 @@ struct gpuctx {
     uint8_t *hbuf;   /* pinned staging */
     size_t hcap;
     int taken;
+    int timing;      /* gpuexec_set_timing: events around the one-launch eviction */
+    cudaEvent_t ev0, ev1;
+    struct gpu_evict_times times;
 };
 
 struct gpuexec {
@@ -73,6 +77,8 @@ void gpuexec_destroy(struct gpuexec *g)
                 cudaStreamDestroy(g->ctx[i].sub[j]);
         cudaFree(g->ctx[i].dbuf);
         cudaFreeHost(g->ctx[i].hbuf);
+        if (g->ctx[i].ev0)
+            cudaEventDestroy(g->ctx[i].ev0), cudaEventDestroy(g->ctx[i].ev1);
     }
     pthread_cond_destroy(&g->cv);
     pthread_mutex_destroy(&g->mu);
@@ -448,9 +454,36 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
  * in shapes or ranking or the kernel does not take them (the caller runs them layer by
  * layer). The job table and every page table go up in one copy, the removed slots come back
  * in one. */
+static double now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+void gpuexec_set_timing(struct gpuexec *g, int on)
+{
+    cudaSetDevice(g->device);
+    for (int i = 0; i < g->n; i++) {
+        struct gpuctx *c = &g->ctx[i];
+        if (on && !c->ev0 && (cudaEventCreate(&c->ev0) != cudaSuccess ||
+                              cudaEventCreate(&c->ev1) != cudaSuccess)) {
+            cudaGetLastError();
+            continue; /* no timing for this context */
+        }
+        c->timing = on;
+    }
+}
+
+void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
+{
+    *t = c->times;
+}
+
 static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     const struct gpu_evict *a = &ev[0];
+    double t0 = c->timing ? now_us() : 0;
     const struct gpu_rank *rk = &a->rk;
     if (rk->last || rk->position || rk->shared)
         return -ENOTSUP;
@@ -512,9 +545,14 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
     }
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
+    double t1 = c->timing ? now_us() : 0;
+    if (c->timing)
+        cudaEventRecord(c->ev0, c->stream);
     if (!rc)
         rc = kern_cuda_decode_evict(&ke, (const struct kern_cuda_evict_job *)c->dbuf, n, max_S,
                                     c->stream);
+    if (c->timing)
+        cudaEventRecord(c->ev1, c->stream);
     if (!rc && evb &&
         cudaMemcpyAsync(c->hbuf + tabs, c->dbuf + tabs, evb, cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
         rc = -EIO;
@@ -525,6 +563,12 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
         size_t b = sizeof(uint32_t) * ke.kv_heads * (ev[i].l.n_tokens - ke.w - ev[i].k);
         memcpy(ev[i].evicted, c->hbuf + tabs + out, b);
         out += b;
+    }
+    if (c->timing) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
+        c->times = (struct gpu_evict_times){.prep_us = t1 - t0, .kernel_us = ms * 1e3,
+                                            .total_us = now_us() - t0};
     }
     return 0;
 }
@@ -547,6 +591,7 @@ static void kept_to_evicted(const uint32_t *keep, uint32_t hkv, uint32_t k, uint
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     size_t dev = 0, host = 0;
+    c->times = (struct gpu_evict_times){0};
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];
         uint32_t w = e->ring.w;

@@ -140,4 +140,14 @@ int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src
  * layers' contents are undefined: the CUDA context has failed). */
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 
+/* Timing of decode evictions (CAKED_TRACE): with it on, each context keeps where its last
+ * one-launch eviction spent its time - host work before the launch (job and page tables
+ * made and sent), the kernel's own time on the device (CUDA events around it), and the
+ * whole call - in microseconds; all 0 after a layer-by-layer one. */
+struct gpu_evict_times {
+    double prep_us, kernel_us, total_us;
+};
+void gpuexec_set_timing(struct gpuexec *g, int on);
+void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t);
+
 #endif

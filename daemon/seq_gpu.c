@@ -233,6 +233,8 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     double t0 = e->trace ? seq_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
+    struct gpu_evict_times gt;
+    gpuctx_evict_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
     double t1 = e->trace ? seq_now_s() : 0;
     for (uint32_t i = 0; i < nover && !rc; i++) {
@@ -249,8 +251,9 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
             lo = S < lo ? S : lo, hi = S > hi ? S : hi;
         }
         fprintf(stderr, "caked trace: seq %#llx decode: %u layers (prefixes %u-%u) evicted on the "
-                "GPU %.0f us, positions %.0f us\n", (unsigned long long)s->id, nover, lo, hi,
-                (t1 - t0) * 1e6, (seq_now_s() - t1) * 1e6);
+                "GPU %.0f us (tables %.0f, kernel %.0f on the device, call %.0f), positions "
+                "%.0f us\n", (unsigned long long)s->id, nover, lo, hi, (t1 - t0) * 1e6,
+                gt.prep_us, gt.kernel_us, gt.total_us, (seq_now_s() - t1) * 1e6);
     }
     free(ev), free(gone);
     return rc;

@@ -401,6 +401,8 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             srv_logl(SRV_LOG_ERROR, "GPU pool %u: %s", i, why);
             goto fail;
         }
+        if (getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"))
+            gpuexec_set_timing(g->x, 1); /* the decode trace's kernel times */
     }
     struct pool_ops hops = {.retire = srv_retire_seg, .ud = s};
     /* where a GPU exists, each host segment is registered for fast copies as it is mapped

@@ -21,7 +21,7 @@ prof() { # name, kernel regex, launches to skip, bench-gpu args
     ncu --clock-control none -k "regex:$k" --launch-skip "$skip" -c 1 --metrics "$m" "$b" "$@" \
         >"$out/ncu-$name.log" 2>&1 || { echo "$name: ncu failed (see $out/ncu-$name.log)"; return; }
     echo "== $name"
-    grep -E "^  [a-z].*\(|duration|throughput|pipe_tensor|warps_active|issue_active" "$out/ncu-$name.log"
+    grep -E "^  void |duration|throughput|pipe_tensor|warps_active|issue_active" "$out/ncu-$name.log"
 }
 prof score-pass1 mpass1 0 --sizes 131072 --reps 1 --no-torch --no-attn --no-caked
 prof score-pass2 mpass2 0 --sizes 131072 --reps 1 --no-torch --no-attn --no-caked
