@@ -450,10 +450,6 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     return rc;
 }
 
-/* A decode step's layers in one launch (kern_cuda_decode_evict): -ENOTSUP where they differ
- * in shapes or ranking or the kernel does not take them (the caller runs them layer by
- * layer). The job table and every page table go up in one copy, the removed slots come back
- * in one. */
 static double now_us(void)
 {
     struct timespec ts;
@@ -480,6 +476,10 @@ void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
     *t = c->times;
 }
 
+/* A decode step's layers in one launch (kern_cuda_decode_evict): -ENOTSUP where they differ
+ * in shapes or ranking or the kernel does not take them (the caller runs them layer by
+ * layer). The job table and every page table go up in one copy, the removed slots come back
+ * in one. */
 static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     const struct gpu_evict *a = &ev[0];
