@@ -1,16 +1,19 @@
 // attn.cu - paged decode attention over the compacted cache (see kern_cuda.h).
 //
-// Split-K: a block owns (split of tokens, kv head, layer or sequence); each of its warps walks
-// a contiguous run of the split in tiles of U tokens, with lanes across head_dim. A tile's
-// K and V rows are all loaded first (U rows of each in flight per warp: the loads, not the
-// arithmetic, bound a decode step); its U * GP partial dot products (GP: the GQA group,
-// padded to a power of two) are reduced across the warp by a reduce-scatter (31 shuffles for
-// 32 sums, where reducing each would take 5 apiece), so each lane ends with one (token,
-// head) score; the online softmax (base 2: the queries carry log2(e) / sqrt(d)) updates per
-// head, the tile's probabilities go through shared memory to every lane, which adds them
-// times its slice of V. Warps merge in shared memory; a second kernel merges the splits.
-// Tokens a split holds follow the longest count (split_of), so short caches still fill the
-// GPU with blocks and long ones keep the merge small. All layers go in one launch.
+// Split-K: a block owns (split of tokens, kv head, layer or sequence); its AW warps each walk
+// a contiguous run of the split; warps merge in shared memory and a second kernel merges the
+// splits. Tokens a split holds follow the longest count (split_of), so short caches still
+// fill the GPU with blocks and long ones keep the merge small. All layers of a sequence, or
+// one layer of a batch, go in one launch. Two bodies:
+// - on the tensor cores (head_dim 64 and 128; split_partial_tc, below): S = Q K^T and
+//   O += P V by mma.sync over 16-token tiles staged by cp.async;
+// - on CUDA cores (any head_dim of 32 to 256; split_partial): a tile's K and V rows loaded at
+//   once (U rows of each in flight per warp: the loads, not the arithmetic, bound a decode
+//   step), its U * GP partial dot products (GP: the GQA group padded to a power of two)
+//   reduced across the warp by one reduce-scatter (31 shuffles for 32 sums, where reducing
+//   each would take 5 apiece), the tile's probabilities through shared memory to every lane,
+//   which adds them times its slice of V.
+// Both keep the online softmax in base 2 (the scores carry log2(e) / sqrt(d)).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
