@@ -223,6 +223,42 @@ static void decode_evict(double bw, int reps)
         .pool = KERN_POOL_AVG, .radius = 2,
     }};
     ke[1] = ke[0], ke[1].tokens_per_page = TPP, ke[1].v_offset_bytes = pb / 2;
+    /* caked's pool: the same 64 KiB pages scattered in random order over 10 GiB (the layers'
+     * pages and rings wherever a page was free) */
+    size_t big = (size_t)10 << 30, slots = big / pb, rs = (ring + pb - 1) / pb;
+    uint8_t *pool = NULL;
+    uint64_t *so = malloc(sizeof(uint64_t) * L * (np + 1)), *dso = NULL;
+    struct kern_cuda_evict_job sjobs[L], *dsjobs = NULL;
+    if (cudaMalloc((void **)&pool, big) != cudaSuccess) {
+        cudaGetLastError();
+        pool = NULL;
+    }
+    if (pool) {
+        uint8_t *used = calloc(slots, 1);
+        for (int l = 0; l < L; l++)
+            for (uint32_t i = 0; i <= np; i++) { /* np pages, then the ring's rs pages */
+                size_t at;
+                do {
+                    seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+                    at = (size_t)(seed % (slots - rs));
+                } while (used[at] || (i == np && memchr(used + at, 1, rs)));
+                memset(used + at, 1, i == np ? rs : 1);
+                so[(size_t)l * (np + 1) + i] = (uint64_t)at * pb;
+                /* the same bytes the contiguous layout has at this page */
+                CK(cudaMemcpy(pool + at * pb, (const uint8_t *)h + (i == np ? span - ring : (size_t)(np - 1 - i) * pb),
+                              i == np ? ring : pb, cudaMemcpyHostToDevice));
+            }
+        free(used);
+        CK(cudaMalloc((void **)&dso, sizeof(uint64_t) * L * (np + 1)));
+        CK(cudaMemcpy(dso, so, sizeof(uint64_t) * L * (np + 1), cudaMemcpyHostToDevice));
+        for (int l = 0; l < L; l++)
+            sjobs[l] = (struct kern_cuda_evict_job){dso + (size_t)l * (np + 1), dso + (size_t)l * (np + 1) + np,
+                                                    n, k, dev_ev + l * HKV * (S - k), NULL};
+        CK(cudaMalloc((void **)&dsjobs, sizeof sjobs));
+        CK(cudaMemcpy(dsjobs, sjobs, sizeof sjobs, cudaMemcpyHostToDevice));
+    }
+    struct kern_cuda_evict kes = ke[1];
+    kes.base = pool;
     /* the per-layer path's buffers */
     void *q, *ws, *tws, *tmp;
     float *ind;
@@ -237,10 +273,27 @@ static void decode_evict(double bw, int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[3][64];
-    double tw[3][64];
-    for (int way = 0; way < 3; way++) {
-        for (int l = 0; l < L; l++) /* the same values each way */
+    float tg[6][64];
+    double tw[6][64];
+    pid_t hold = -1;
+    for (int way = 0; way < 6; way++) {
+        /* ways 3-5: 64 KiB pages scattered over 10 GiB; then 64 KiB pages with another
+         * process's CUDA context open and idle on the GPU (an engine waiting for caked's
+         * reply), contiguous and scattered */
+        if (way >= 3 && !pool)
+            break;
+        if (way == 4 && (hold = fork()) == 0) { /* exec at once: nothing of this CUDA state */
+            char me[4096];
+            ssize_t ml = readlink("/proc/self/exe", me, sizeof me - 1);
+            if (ml > 0) {
+                me[ml] = 0;
+                execl(me, me, "--hold-context", "30", (char *)NULL);
+            }
+            _exit(127);
+        }
+        if (way == 4)
+            sleep(3); /* its context made */
+        for (int l = 0; l < L && way < 3; l++) /* the same values each way */
             CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
         for (int r = -3; r < reps; r++) {
             double t0 = util_now_s();
@@ -255,7 +308,10 @@ static void decode_evict(double bw, int reps)
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
                         exit(1);
                 }
-            } else if (kern_cuda_decode_evict(&ke[way - 1], djobs + (way - 1) * L, L, S, NULL)) {
+            } else if (way == 1 || way == 2 || way == 4) {
+                if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : L), L, S, NULL))
+                    exit(1);
+            } else if (kern_cuda_decode_evict(&kes, dsjobs, L, S, NULL)) {
                 exit(1);
             }
             cudaEventRecord(e1, 0);
@@ -266,9 +322,13 @@ static void decode_evict(double bw, int reps)
             }
         }
     }
-    float g[3];
-    double w[3];
-    for (int i = 0; i < 3; i++)
+    if (hold > 0) {
+        kill(hold, SIGTERM);
+        waitpid(hold, NULL, 0);
+    }
+    float g[6];
+    double w[6];
+    for (int i = 0; i < (pool ? 6 : 3); i++)
         g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     double floor_us = (double)L * HKV * n * D * 2 / bw * 1e6; /* the layers' keys read once */
     printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking; floor %.1f us = "
@@ -278,6 +338,16 @@ static void decode_evict(double bw, int reps)
            "(%.1fx, %.1fx; %.1fx the floor)\n", g[1], w[1], g[0] / g[1], w[0] / w[1], g[1] / floor_us);
     printf("  one launch, caked's 64 KiB pages of %d tokens:       GPU %8.1f us, wall %8.1f us\n", TPP,
            g[2], w[2]);
+    if (pool) {
+        printf("  the same pages scattered over 10 GiB:                GPU %8.1f us, wall %8.1f us\n",
+               g[3], w[3]);
+        printf("  with another process's idle CUDA context: contiguous GPU %8.1f us, scattered %8.1f us\n",
+               g[4], g[5]);
+    } else {
+        printf("  the same pages scattered over 10 GiB: no room for 10 GiB\n");
+    }
+    cudaFree(pool), cudaFree(dso), cudaFree(dsjobs);
+    free(so);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
     cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);
     free(h), free(ho);
@@ -600,6 +670,11 @@ int main(int argc, char **argv)
         {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {"no-attn", 0, 0, 'a'},
         {"no-caked", 0, 0, 'c'},
         {0, 0, 0, 0}};
+    if (argc == 3 && !strcmp(argv[1], "--hold-context")) { /* decode_evict's idle neighbour */
+        cudaFree(0);
+        sleep((unsigned)atoi(argv[2]));
+        return 0;
+    }
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (o == 's') {
             ns = 0;
