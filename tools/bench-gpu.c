@@ -273,10 +273,10 @@ static void decode_evict(double bw, int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[6][64];
-    double tw[6][64];
+    float tg[7][64];
+    double tw[7][64];
     pid_t hold = -1;
-    for (int way = 0; way < 6; way++) {
+    for (int way = 0; way < 7; way++) {
         /* ways 3-5: 64 KiB pages scattered over 10 GiB; then 64 KiB pages with another
          * process's CUDA context open and idle on the GPU (an engine waiting for caked's
          * reply), contiguous and scattered */
@@ -296,6 +296,8 @@ static void decode_evict(double bw, int reps)
         for (int l = 0; l < L && way < 3; l++) /* the same values each way */
             CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
         for (int r = -3; r < reps; r++) {
+            if (way == 6) /* the GPU idle between launches, as between a caked's steps */
+                usleep(1000);
             double t0 = util_now_s();
             cudaEventRecord(e0, 0);
             if (way == 0) {
@@ -308,7 +310,7 @@ static void decode_evict(double bw, int reps)
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
                         exit(1);
                 }
-            } else if (way == 1 || way == 2 || way == 4) {
+            } else if (way == 1 || way == 2 || way == 4 || way == 6) {
                 if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : L), L, S, NULL))
                     exit(1);
             } else if (kern_cuda_decode_evict(&kes, dsjobs, L, S, NULL)) {
@@ -326,9 +328,9 @@ static void decode_evict(double bw, int reps)
         kill(hold, SIGTERM);
         waitpid(hold, NULL, 0);
     }
-    float g[6];
-    double w[6];
-    for (int i = 0; i < (pool ? 6 : 3); i++)
+    float g[7];
+    double w[7];
+    for (int i = 0; i < (pool ? 7 : 3); i++)
         g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     double floor_us = (double)L * HKV * n * D * 2 / bw * 1e6; /* the layers' keys read once */
     printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking; floor %.1f us = "
@@ -343,6 +345,8 @@ static void decode_evict(double bw, int reps)
                g[3], w[3]);
         printf("  with another process's idle CUDA context: contiguous GPU %8.1f us, scattered %8.1f us\n",
                g[4], g[5]);
+        printf("  launched after 1 ms of an idle GPU (caked's steps):  GPU %8.1f us, wall %8.1f us\n",
+               g[6], w[6]);
     } else {
         printf("  the same pages scattered over 10 GiB: no room for 10 GiB\n");
     }
