@@ -462,10 +462,15 @@ void gpuexec_set_timing(struct gpuexec *g, int on)
     cudaSetDevice(g->device);
     for (int i = 0; i < g->n; i++) {
         struct gpuctx *c = &g->ctx[i];
-        if (on && !c->ev0 && (cudaEventCreate(&c->ev0) != cudaSuccess ||
-                              cudaEventCreate(&c->ev1) != cudaSuccess)) {
-            cudaGetLastError();
-            continue; /* no timing for this context */
+        if (on && !c->ev0) {
+            cudaEvent_t a = NULL, b = NULL;
+            if (cudaEventCreate(&a) != cudaSuccess || cudaEventCreate(&b) != cudaSuccess) {
+                if (a)
+                    cudaEventDestroy(a);
+                cudaGetLastError();
+                continue; /* no timing for this context */
+            }
+            c->ev0 = a, c->ev1 = b;
         }
         c->timing = on;
     }
