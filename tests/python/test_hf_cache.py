@@ -246,6 +246,34 @@ class HFCache(unittest.TestCase):
             with self.assertRaises(caked.InvalidArgument):  # window 32 from 8 recorded rows
                 caked.hf.CakedCache.replay(c, self.cfg, rec, NEW, policy="cake", cache_size=48)
 
+    def test_replay_with_the_engines_own_scores(self):
+        """replay(select=...): the engine's indicator and preferences replace caked's scoring
+        (cake_prefill_submit). Given CAKE's own preferences (a replay's `preferences`), the
+        budgets are CAKE's; given an indicator that ranks earlier tokens higher, every head
+        of every layer keeps exactly the first tokens its budget allows, then the window."""
+        rec = caked.hf.record(self.model, self.ids, window=8)
+        n, w = self.ids.shape[1], 8
+        kw = dict(policy="cake", cache_size=48, window=w)
+        with caked.Client(self.d.sock, service="hf-select") as c:
+            cake = caked.hf.CakedCache.replay(c, self.cfg, rec, NEW, **kw)
+            prefs = [p[0] for p in cake.preferences]
+            self.assertEqual(len(prefs), self.cfg.num_hidden_layers)
+            first = -np.arange(n - w, dtype=np.float32)  # earlier is better
+            hkv = self.cfg.num_key_value_heads
+            own = caked.hf.CakedCache.replay(
+                c, self.cfg, rec, NEW, select=lambda l, b: (np.tile(first, (hkv, 1)), prefs[l]),
+                **kw)
+            self.assertEqual([p[0] for p in own.preferences], prefs)
+            budgets = [own.seq.budget(l) for l in range(self.cfg.num_hidden_layers)]
+            self.assertEqual(budgets, [cake.seq.budget(l) for l in range(len(budgets))])
+            self.assertLess(min(budgets), n - w, "CAKE evicted nothing: the test would be vacuous")
+            for l, b in enumerate(budgets):
+                for g in range(hkv):
+                    self.assertEqual(own.seq.kept_positions(l, g).tolist(),
+                                     list(range(min(b, n - w))) + list(range(n - w, n)),
+                                     f"layer {l} head {g}")
+            cake.close(), own.close()
+
     @unittest.skipUnless(os.path.isdir(TINY), "needs ../shared/models beside the clone")
     def test_tinystories_full_policy_is_exact(self):
         from transformers import AutoModelForCausalLM

@@ -140,6 +140,7 @@ class CakedCache(Cache):
         self._device = None
         self._driven, self._bound = False, 0  # set by a GraphDecoder: it asks for the steps
         self.step_s = 0.0  # seconds spent in caked's decode steps (the requests alone)
+        self.preferences = []  # per layer, each row's preference P_l (caked's, or select's)
         super().__init__(layers=[CakedLayer(self, l) for l in range(self.n_layers)])
 
     @property
@@ -190,10 +191,12 @@ class CakedCache(Cache):
                 query.dtype in (torch.float16, torch.bfloat16) and
                 query.shape[-2] == key.shape[-2])
 
-    def _prefill_rows(self, l, rows, seen, lses=None):
+    def _prefill_rows(self, l, rows, seen, lses=None, select=None):
         """Layer l of every row: (keys, values [kv_heads][n][d], queries [H][>= 1][d], the
         last `window` of them used) into its sequence, then caked scores and evicts; lses
-        (GPU sequences): each row's window rows' log-sum-exps [H][window]."""
+        (GPU sequences): each row's window rows' log-sum-exps [H][window]. select(l, b): the
+        engine's own scores for row b instead, (indicator [kv_heads][n - window], preference)
+        that caked allocates and selects by (cake_prefill_submit)."""
         if l != self.prefilled:
             raise StateError(-5009, f"prefill of layer {l} out of order")
         for b, (s, (k, v, q)) in enumerate(zip(self.seqs, rows)):
@@ -212,18 +215,30 @@ class CakedCache(Cache):
         if self.gpu is not None:  # caked reads what torch's stream wrote
             torch.cuda.current_stream(rows[0][0].device).synchronize()
         self.lse_layers += lses is not None
-        for s in self.seqs:
-            s.observe(l)
+        prefs = []
+        for b, s in enumerate(self.seqs):
+            if select is None:
+                prefs.append(s.observe(l))
+                continue
+            ind, pref = select(l, b)
+            if s.indicator().size:
+                s.indicator()[:] = ind
+            s.submit(l, pref)
+            prefs.append(pref)
+        self.preferences.append(prefs)
         self.prefilled += 1
         if l == self.n_layers - 1:
             self.seen = seen
 
     @classmethod
-    def replay(cls, client, config, rec, max_new_tokens, placement="auto", **policy):
+    def replay(cls, client, config, rec, max_new_tokens, placement="auto", select=None,
+               **policy):
         """A cache prefilled from a Record (record()) with no forward of the model: every
         layer's recorded keys, values and last queries go to caked, which scores and evicts
         under this cache's policy as if the prompt had just run. Exact: each policy's
-        prefill attends to the whole prompt, which the record did."""
+        prefill attends to the whole prompt, which the record did. select(l, 0): the
+        engine's own (indicator, preference) for layer l instead of caked's scoring (see
+        _prefill_rows)."""
         cache = cls(client, config, max_new_tokens, placement=placement, **policy)
         if len(rec.keys) != cache.n_layers:
             raise InvalidArgument(-5005, "the record is of another model")
@@ -234,7 +249,8 @@ class CakedCache(Cache):
         try:
             cache._open(rec.keys[0].unsqueeze(0), None)
             for l in range(cache.n_layers):
-                cache._prefill_rows(l, [(rec.keys[l], rec.values[l], rec.queries[l])], rec.n)
+                cache._prefill_rows(l, [(rec.keys[l], rec.values[l], rec.queries[l])], rec.n,
+                                    select=select)
         except BaseException:
             cache.close()  # a refusal midway (OutOfMemory) leaves nothing open in caked
             raise
@@ -375,6 +391,7 @@ class CakedCache(Cache):
     def reset(self):
         self.close()
         self.prefilled = self.decoded = self.seen = 0
+        self.preferences = []
 
     def close(self):
         """Frees the sequences in caked (also done when the client closes)."""
