@@ -49,8 +49,8 @@ size_t kern_cuda_score_pool_workspace(uint32_t kv_heads, uint32_t q_heads, uint3
 int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev,
                                const float *lse_dev, uint32_t q_heads, uint32_t n_q,
                                uint32_t n_scored, float gamma, int var_only, int pool,
-                               uint32_t radius, float *ind_dev, double *entropy, double *variance, void *ws,
-                               size_t ws_bytes, void *stream);
+                               uint32_t radius, float *ind_dev, double *entropy,
+                               double *variance, void *ws, size_t ws_bytes, void *stream);
 /* dst[i] = (first ? 0 : dst[i]) + scale * src[i], i < n. Asynchronous. */
 int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
                          void *stream);

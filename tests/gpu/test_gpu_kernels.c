@@ -430,8 +430,9 @@ static void run_attention(enum kern_dtype dt, int with_holes, uint32_t H, uint32
                rel[simt]);
     }
     printf("%-5s decode attention H=%u Hkv=%u d=%u tpp=%u, %d layers of %u/%u/%u tokens, paged%s: "
-           "rel err %.2e (tensor cores), %.2e (CUDA cores)\n", dt == KERN_BF16 ? "bf16" : "f16", H,
-           HKV, D, TPP, L, ntok[0], ntok[1], ntok[2], with_holes ? ", holes masked" : "", rel[0], rel[1]);
+           "rel err %.2e (%s), %.2e (CUDA cores forced)\n", dt == KERN_BF16 ? "bf16" : "f16", H,
+           HKV, D, TPP, L, ntok[0], ntok[1], ntok[2], with_holes ? ", holes masked" : "", rel[0],
+           D == 64 || D == 128 ? "tensor cores" : "CUDA cores: no tensor-core body at this d", rel[1]);
     cudaFree(dholes), cudaFree(dbase), cudaFree(doff), cudaFree(dptrs), cudaFree(dn), cudaFree(dq), cudaFree(dout), cudaFree(ws);
     free(host), free(off), free(qf), free(out), free(q), free(got), free(o), free(hl);
 }

@@ -221,8 +221,9 @@ class CakedCache(Cache):
                 prefs.append(s.observe(l))
                 continue
             ind, pref = select(l, b)
-            if s.indicator().size:
-                s.indicator()[:] = ind
+            area = s.indicator()
+            if area.size:
+                area[:] = ind
             s.submit(l, pref)
             prefs.append(pref)
         self.preferences.append(prefs)
