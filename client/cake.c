@@ -842,7 +842,7 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
     p.decode_slack = pol->decode_slack;
     p.kind = pol->kind, p.alloc = pol->alloc, p.indicator = pol->indicator, p.pool = pol->pool;
     p.pool_kernel = pol->pool_kernel, p.decode = pol->decode, p.sinks = pol->sinks;
-    p.pyramid_beta = pol->pyramid_beta, p.ada_alpha = pol->ada_alpha;
+    p.pyramid_beta = pol->pyramid_beta, p.ada_alpha = pol->ada_alpha, p.run_width = pol->run_width;
     Cake__SeqOpen m = CAKE__SEQ_OPEN__INIT;
     m.layers = lay->layers, m.q_heads = lay->q_heads, m.kv_heads = lay->kv_heads;
     m.head_dim = lay->head_dim, m.dtype = lay->dtype, m.prompt_len = prompt_len;

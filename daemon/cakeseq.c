@@ -256,6 +256,34 @@ static int evict_layers(struct cakeseq *s, struct evict_job *jobs, uint32_t n,
     return 0;
 }
 
+/* A layer's scores become run ranks once, when it is scored: every later stage and cut of
+ * the cascade takes a top of the same ranking, so what a layer keeps stays whole runs (the
+ * last one cut may be partial) and each stage's set holds the next one's. */
+static int runs_rank_layer(struct cakeseq *s, float *ind)
+{
+    uint32_t Hkv = s->kv_heads, S = s->S;
+    int nth = s->threads == 1 || (uint64_t)S * Hkv < 65536 ? 1 : kern_threads(s->threads);
+    if (nth > (int)s->cfg.layers)
+        nth = (int)s->cfg.layers; /* one scratch row of ltmp per thread */
+    if (nth > (int)Hkv)
+        nth = (int)Hkv;
+    uint8_t *taken = malloc((size_t)S * nth);
+    if (!taken)
+        return -ENOMEM;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1)
+    for (uint32_t g = 0; g < Hkv; g++) {
+#ifdef _OPENMP
+        int t = omp_get_thread_num();
+#else
+        int t = 0;
+#endif
+        policy_runs_rank(ind + (size_t)g * S, S, s->cfg.run_width,
+                         (uint64_t *)(s->ltmp + (size_t)t * 2 * S), taken + (size_t)t * S);
+    }
+    free(taken);
+    return 0;
+}
+
 int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const float *indicator,
                           struct cakeseq_evict *ev, uint32_t *n_ev)
 {
@@ -266,8 +294,8 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
         return -EINVAL;
     if (layer == 0)
         s->external = !indicator;
-    if ((indicator == NULL) != s->external || (s->external && (cfg->mode != POLICY_FIXED ||
-                                                      cfg->per_head_budgets)))
+    if ((indicator == NULL) != s->external ||
+        (s->external && (cfg->mode != POLICY_FIXED || policy_host_selects(cfg))))
         return -EINVAL;
     struct layer_state *ls = &s->ls[layer];
     ls->pref = pref;
@@ -282,6 +310,11 @@ int cakeseq_prefill_layer(struct cakeseq *s, uint32_t layer, double pref, const 
         for (uint32_t g = 0; g < Hkv; g++)
             for (uint32_t j = 0; j < S; j++)
                 ls->pos[(size_t)g * S + j] = j;
+        if (policy_keeps_runs(cfg)) {
+            int rc = runs_rank_layer(s, ls->ind);
+            if (rc)
+                return rc;
+        }
     }
     s->next_layer++;
 

@@ -186,6 +186,7 @@ static void h_seq_open(struct server *s, struct client *c, const ProtobufCMessag
         a.cfg.decode = (enum policy_decode)m->policy->decode;
         a.cfg.sinks = m->policy->sinks;
         a.cfg.pyramid_beta = m->policy->pyramid_beta, a.cfg.ada_alpha = m->policy->ada_alpha;
+        a.cfg.run_width = m->policy->run_width;
     }
     if (bad_gpu) {
         srv_reply_error(s, c, CAKE_EINVAL, "caked has no GPU pool on that GPU");

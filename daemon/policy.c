@@ -98,6 +98,12 @@ const char *policy_cfg_check(const struct policy_cfg *in)
          cfg->alloc == POLICY_ALLOC_PREFERENCE))
         return "per-head budgets (Ada-KV) need prefill-only decoding, per-head token sets and "
                "static layer budgets (uniform or pyramid)";
+    if (cfg->run_width > 1 &&
+        (cfg->run_width % 2 == 0 || cfg->run_width > 255 || cfg->mode == POLICY_PARITY ||
+         cfg->per_head_budgets || cfg->accumulate || cfg->indicator == POLICY_IND_POSITION))
+        return "run_width (odd, up to 255) reshapes a scored prefill selection in fixed mode: "
+               "not with parity mode, per-head budgets (Ada-KV), accumulated scores (H2O) or "
+               "the position indicator (StreamingLLM)";
     if (cfg->mode != POLICY_PARITY && cfg->mode != POLICY_FIXED)
         return "unknown policy mode";
     if (cfg->layers == 0 || cfg->layers > POLICY_MAX_LAYERS)
@@ -235,6 +241,49 @@ int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t
         bg[best]--, got--;
     }
     return 0;
+}
+
+/* A float's order as an unsigned integer's (larger float, larger integer; NaN above +inf
+ * with its sign bit clear, below -inf with it set: any fixed order will do). */
+static inline uint32_t float_order(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+static int u64_cmp(const void *x, const void *y)
+{
+    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return a < b ? -1 : a > b;
+}
+
+void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uint8_t *taken)
+{
+    /* best score first, the earlier position first among equals */
+    for (uint32_t j = 0; j < S; j++)
+        key[j] = (uint64_t)~float_order(ind[j]) << 32 | j;
+    qsort(key, S, sizeof *key, u64_cmp);
+    memset(taken, 0, S);
+    uint32_t h = width / 2, r = S;
+    for (uint32_t i = 0; i < S; i++) {
+        uint32_t c = (uint32_t)key[i], lo = c > h ? c - h : 0, hi = c + h < S ? c + h : S - 1;
+        int free_run = 1;
+        for (uint32_t t = lo; t <= hi && free_run; t++)
+            free_run = !taken[t];
+        if (!free_run)
+            continue;
+        ind[c] = (float)r--, taken[c] = 1;
+        for (uint32_t dd = 1; dd <= h; dd++) {
+            if (c >= lo + dd)
+                ind[c - dd] = (float)r--, taken[c - dd] = 1;
+            if (c + dd <= hi)
+                ind[c + dd] = (float)r--, taken[c + dd] = 1;
+        }
+    }
+    for (uint32_t i = 0; i < S; i++) /* what no run took, by score */
+        if (!taken[(uint32_t)key[i]])
+            ind[(uint32_t)key[i]] = (float)r--;
 }
 
 const char *policy_mode_name(enum policy_mode m)

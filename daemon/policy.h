@@ -87,10 +87,20 @@ struct policy_cfg {
     uint32_t sinks;         /* StreamingLLM: first tokens always kept (0: 4) */
     float pyramid_beta;     /* PyramidKV: smallest layer gets (C - w) / beta (0: 20) */
     float ada_alpha;        /* Ada-KV: share of a head's budget guaranteed (0: 0.2; < 0: none) */
+    uint32_t run_width;     /* prefill keeps runs of this many positions (odd; 0, 1: top tokens) */
     int per_head_budgets;   /* Ada-KV: heads of a layer keep different counts */
     int shared_heads;       /* TOVA: one token set for every kv head of a layer */
     int accumulate;         /* H2O: scores carried across decode steps */
 };
+
+/* The prefill selection keeps runs (policy_runs_rank) rather than top tokens. */
+static inline int policy_keeps_runs(const struct policy_cfg *cfg) { return cfg->run_width > 1; }
+/* The kept set is chosen on the host even for GPU sequences (Ada-KV's per-head split, runs):
+ * the GPU scores, the host selects from a copy of the indicator, the GPU compacts. */
+static inline int policy_host_selects(const struct policy_cfg *cfg)
+{
+    return cfg->per_head_budgets || policy_keeps_runs(cfg);
+}
 
 /* Default CAKE parameters (paper: w 32, gamma 200; tau 1 where not tuned). */
 void policy_cfg_default(struct policy_cfg *cfg, uint32_t layers, uint32_t cache_size);
@@ -121,6 +131,15 @@ int policy_budgets_static(const struct policy_cfg *cfg, int64_t S, int64_t *b);
  * that sum B_g = kv_heads * B and B_g <= S. ind is [kv_heads][S]. Returns 0 or -ENOMEM. */
 int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t kv_heads,
                         uint32_t S, uint32_t B, uint32_t *bg);
+
+/* Rewrites one head's scores ind[0..S) into ranks (S for the first kept, down to 1) whose
+ * top b, for any b, is whole runs of `width` (odd) consecutive positions: greedy over the
+ * positions by score (ties: the earlier first), each takes the window of width positions
+ * centered on it (clipped at 0 and S) unless a position of it is already taken, its
+ * positions ranked center first, then outward (the earlier of two at one distance first);
+ * then every position left, by score (ranks exact below 2^24 positions). key: S uint64 of
+ * scratch; taken: S bytes. */
+void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uint8_t *taken);
 
 const char *policy_mode_name(enum policy_mode m);
 int policy_mode_parse(const char *s); /* -1 if unknown */

@@ -74,8 +74,8 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
                      struct seq_result *r)
 {
     uint32_t S = seq_scored_len(s);
-    if (!S) /* nothing to score; per-head budgets select on the host all the same */
-        return s->cfg.per_head_budgets && !(s->pend_ind = malloc(sizeof(float))) ? -ENOMEM : 0;
+    if (!S) /* nothing to score; host selections (Ada-KV, runs) stay on the host all the same */
+        return policy_host_selects(&s->cfg) && !(s->pend_ind = malloc(sizeof(float))) ? -ENOMEM : 0;
     size_t ib = sizeof(float) * (size_t)s->Hkv * S;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = s->ind_dev ? 0 : gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
@@ -91,9 +91,10 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
-    /* per-head budgets (Ada-KV) split a layer's tokens among its heads by the indicator on
-     * the host (cakeseq): a copy there, charged at open as the pending indicator */
-    if (!rc && s->cfg.per_head_budgets) {
+    /* per-head budgets (Ada-KV) split a layer's tokens among its heads, and runs reshape the
+     * kept set, by the indicator on the host (cakeseq): a copy there, charged at open as the
+     * pending indicator */
+    if (!rc && policy_host_selects(&s->cfg)) {
         if (!(s->pend_ind = malloc(ib)))
             rc = -ENOMEM;
         else if (observe)
@@ -105,8 +106,9 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     return rc;
 }
 
-/* Budgets on the host and the kept sets on the GPU (gpu_compact), NULL; or, for per-head
- * budgets, the host's copy of the indicator: the host selects and the GPU compacts. */
+/* Budgets on the host and the kept sets on the GPU (gpu_compact), NULL; or, for selections
+ * made on the host (policy_host_selects), the host's copy of the indicator: the host selects
+ * and the GPU compacts. */
 static const float *gpu_selection(const struct seq *s)
 {
     return s->pend_ind;

@@ -26,7 +26,7 @@ static int same_policy(const struct policy_cfg *a, const struct policy_cfg *b)
            a->kind == b->kind && a->alloc == b->alloc && a->indicator == b->indicator &&
            a->pool == b->pool && a->pool_kernel == b->pool_kernel && a->decode == b->decode &&
            a->sinks == b->sinks && a->pyramid_beta == b->pyramid_beta &&
-           a->ada_alpha == b->ada_alpha;
+           a->ada_alpha == b->ada_alpha && a->run_width == b->run_width;
 }
 
 const char *shard_join_check(const struct shard_group *g, const struct seq_open_args *a,

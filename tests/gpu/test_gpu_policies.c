@@ -1,11 +1,13 @@
 /* Every policy GPU sequences run (StreamingLLM, TOVA, H2O, SnapKV and PyramidKV evicting
  * while decoding, Ada-KV's per-head budgets, CAKE with SnapKV's pooling, the mean alone, the
- * variance alone and the last query) against a host twin fed the same keys, values and
- * queries: the same budgets, the same tokens kept after the prompt and after every decode
- * step (up to near-ties of the float scores: StreamingLLM's positions exactly; TOVA one token
- * set for every kv head; Ada-KV's heads the same counts within a token or two, the layer's
- * total exactly, holes where cake_head_holes says), the bytes where caked's account says, the
- * window intact. Exit 77 without a GPU. */
+ * variance alone and the last query, CAKE and SnapKV keeping runs) against a host twin fed
+ * the same keys, values and queries: the same budgets, the same tokens kept after the prompt
+ * and after every decode step (up to near-ties of the float scores: StreamingLLM's positions
+ * exactly; TOVA one token set for every kv head; Ada-KV's heads the same counts within a
+ * token or two, the layer's total exactly, holes where cake_head_holes says; runs from the
+ * engine's own indicator exactly, from caked's scores within a run or so, since a near-tie
+ * there moves a whole run), the bytes where caked's account says, the window intact. Exit 77
+ * without a GPU. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -71,8 +73,12 @@ struct pcase {
     enum cake_pool pool;
     uint32_t pool_kernel;
     enum cake_decode decode;
-    int exact; /* no float ranking: the same tokens, exactly */
+    int exact;  /* no float ranking: the same tokens, exactly */
+    uint32_t runs;  /* run_width */
+    int submit; /* the engine's own indicator (cake_prefill_submit), the same floats for both */
 };
+
+static float Ind[L][HKV][N];
 
 static cake_seq *open_one(cake_ctx *c, const struct pcase *pc, int gpu)
 {
@@ -80,6 +86,7 @@ static cake_seq *open_one(cake_ctx *c, const struct pcase *pc, int gpu)
     cake_policy_default(&pol);
     pol.cache_size = C, pol.window = W, pol.kind = pc->kind, pol.indicator = pc->ind;
     pol.pool = pc->pool, pol.pool_kernel = pc->pool_kernel, pol.decode = pc->decode;
+    pol.run_width = pc->runs;
     struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
                               .dtype = CAKE_BF16, .placement = gpu ? CAKE_PLACE_GPU : CAKE_PLACE_HOST};
     cake_seq *s = NULL;
@@ -90,7 +97,8 @@ static cake_seq *open_one(cake_ctx *c, const struct pcase *pc, int gpu)
 }
 
 /* GPU against host, every layer and head: equal counts, kept sets within near-ties */
-static double compare(const struct pcase *pc, cake_seq *gs, cake_seq *hs, const char *when)
+static double compare(const struct pcase *pc, cake_seq *gs, cake_seq *hs, const char *when,
+                      int exact)
 {
     static uint32_t pg[T], ph[T], p0[T];
     double worst = 1;
@@ -108,7 +116,7 @@ static double compare(const struct pcase *pc, cake_seq *gs, cake_seq *hs, const 
                 return 0;
             double o = overlap(pg, ng, ph, nh);
             worst = o < worst ? o : worst;
-            if (pc->exact)
+            if (exact)
                 CHECK(!memcmp(pg, ph, 4 * ng), "%s %s layer %d head %d: not the same tokens",
                       pc->name, when, l, g);
             if (pc->kind == CAKE_POLICY_TOVA && g == 0)
@@ -120,7 +128,8 @@ static double compare(const struct pcase *pc, cake_seq *gs, cake_seq *hs, const 
         CHECK(sum_g == sum_h, "%s %s layer %d: GPU holds %u tokens, host %u", pc->name, when, l,
               sum_g, sum_h);
     }
-    CHECK(worst >= 0.97, "%s %s: GPU and host keep different tokens (overlap %.3f)", pc->name,
+    double least = pc->runs && !pc->submit ? 0.9 : 0.97;
+    CHECK(worst >= least, "%s %s: GPU and host keep different tokens (overlap %.3f)", pc->name,
           when, worst);
     return worst;
 }
@@ -145,11 +154,19 @@ static void run(cake_ctx *c, const struct pcase *pc)
                     put(s, cake_query_row(s, l, h, i), Q[l][h][i], ROW);
         }
         double pg = 0, ph = 0;
-        int a = cake_prefill_observe(gs, l, &pg), b = cake_prefill_observe(hs, l, &ph);
+        int a, b;
+        if (pc->submit) {
+            for (int k = 0; k < 2; k++)
+                memcpy(cake_indicator(both[k]), Ind[l], sizeof Ind[l]);
+            a = cake_prefill_submit(gs, l, 1.0 + l), b = cake_prefill_submit(hs, l, 1.0 + l);
+        } else {
+            a = cake_prefill_observe(gs, l, &pg), b = cake_prefill_observe(hs, l, &ph);
+        }
         CHECK(a == 0 && b == 0, "%s observe %d: %s / %s (%s)", pc->name, l, cake_strerror(a),
               cake_strerror(b), cake_errstr(c));
     }
-    double worst = compare(pc, gs, hs, "after the prompt");
+    /* the engine's own indicator: both select from the same floats */
+    double worst = compare(pc, gs, hs, "after the prompt", pc->exact || pc->submit);
     uint32_t holes = 0;
     for (int l = 0; l < L; l++)
         for (int g = 0; g < HKV; g++)
@@ -158,6 +175,18 @@ static void run(cake_ctx *c, const struct pcase *pc)
         CHECK(holes > 0, "%s: no holes on the GPU", pc->name);
     else
         CHECK(holes == 0, "%s: %u holes", pc->name, holes);
+    /* the prompt's kept prefix: whole runs of consecutive positions, but for the two ends'
+     * clipped ones and the last one cut */
+    if (pc->runs)
+        for (int l = 0; l < L && !fails; l++)
+            for (int g = 0; g < HKV; g++) {
+                static uint32_t pos[T];
+                uint32_t n = account(gs, l, g, pos), b = cake_layer_budget(gs, l), runs = 0;
+                for (uint32_t i = 0; i < b && i < n; i++)
+                    runs += i == 0 || pos[i] != pos[i - 1] + 1;
+                CHECK(runs <= b / pc->runs + 3, "%s layer %d head %d: %u "
+                      "tokens in %u runs", pc->name, l, g, b, runs);
+            }
     for (int st = 0; st < STEPS && !fails; st++) {
         for (int k = 0; k < 2 && !fails; k++) {
             cake_seq *s = both[k];
@@ -175,11 +204,12 @@ static void run(cake_ctx *c, const struct pcase *pc)
             fails++;
         char when[32];
         snprintf(when, sizeof when, "after step %d", st);
-        double o = compare(pc, gs, hs, when);
+        double o = compare(pc, gs, hs, when, pc->exact);
         worst = o < worst ? o : worst;
     }
     printf("%-22s GPU = host: budgets equal, kept sets overlap >= %.3f%s, through %d decode steps\n",
-           pc->name, worst, pc->exact ? " (exact)" : "", STEPS);
+           pc->name, worst, pc->exact ? " (exact)" : pc->submit ? " (exact after the prompt)" : "",
+           STEPS);
     cake_seq_close(gs), cake_seq_close(hs);
 }
 
@@ -191,6 +221,10 @@ int main(void)
         return 77;
     }
     fill();
+    for (int l = 0; l < L; l++)
+        for (int g = 0; g < HKV; g++)
+            for (int j = 0; j < N; j++)
+                Ind[l][g][j] = (float)gauss();
     struct harness h;
     const char *extra[] = {"--gpu-pool", "256M", NULL};
     if (harness_start(&h, extra)) {
@@ -203,16 +237,19 @@ int main(void)
         return 1;
     }
     static const struct pcase cases[] = {
-        {"streamingllm", CAKE_POLICY_STREAMINGLLM, 0, 0, 0, 0, 1},
-        {"tova", CAKE_POLICY_TOVA, 0, 0, 0, 0, 0},
-        {"h2o", CAKE_POLICY_H2O, 0, 0, 0, 0, 0},
-        {"snapkv (decode evict)", CAKE_POLICY_SNAPKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
-        {"pyramidkv (evict)", CAKE_POLICY_PYRAMIDKV, 0, 0, 0, CAKE_DECODE_EVICT, 0},
-        {"adakv", CAKE_POLICY_ADAKV, 0, 0, 0, 0, 0},
-        {"cake pool=max7", CAKE_POLICY_CAKE, 0, CAKE_POOL_MAX, 7, 0, 0},
-        {"cake ind=mean", CAKE_POLICY_CAKE, CAKE_IND_MEAN, 0, 0, 0, 0},
-        {"cake ind=var", CAKE_POLICY_CAKE, CAKE_IND_VAR, 0, 0, 0, 0},
-        {"cake ind=last", CAKE_POLICY_CAKE, CAKE_IND_LAST, CAKE_POOL_NONE, 0, 0, 0},
+        {"streamingllm", CAKE_POLICY_STREAMINGLLM, 0, 0, 0, 0, 1, 0, 0},
+        {"tova", CAKE_POLICY_TOVA, 0, 0, 0, 0, 0, 0, 0},
+        {"h2o", CAKE_POLICY_H2O, 0, 0, 0, 0, 0, 0, 0},
+        {"snapkv (decode evict)", CAKE_POLICY_SNAPKV, 0, 0, 0, CAKE_DECODE_EVICT, 0, 0, 0},
+        {"pyramidkv (evict)", CAKE_POLICY_PYRAMIDKV, 0, 0, 0, CAKE_DECODE_EVICT, 0, 0, 0},
+        {"adakv", CAKE_POLICY_ADAKV, 0, 0, 0, 0, 0, 0, 0},
+        {"cake pool=max7", CAKE_POLICY_CAKE, 0, CAKE_POOL_MAX, 7, 0, 0, 0, 0},
+        {"cake ind=mean", CAKE_POLICY_CAKE, CAKE_IND_MEAN, 0, 0, 0, 0, 0, 0},
+        {"cake ind=var", CAKE_POLICY_CAKE, CAKE_IND_VAR, 0, 0, 0, 0, 0, 0},
+        {"cake ind=last", CAKE_POLICY_CAKE, CAKE_IND_LAST, CAKE_POOL_NONE, 0, 0, 0, 0, 0},
+        {"cake runs=9", CAKE_POLICY_CAKE, 0, 0, 0, 0, 0, 9, 0},
+        {"snapkv runs=15 (evict)", CAKE_POLICY_SNAPKV, 0, 0, 0, CAKE_DECODE_EVICT, 0, 15, 0},
+        {"cake runs=15 submitted", CAKE_POLICY_CAKE, 0, 0, 0, 0, 0, 15, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0] && !fails; i++)
         run(c, &cases[i]);

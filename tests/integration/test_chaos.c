@@ -298,12 +298,13 @@ static void random_policy(struct rng *r, struct cake_policy *p)
         p->pool = (enum cake_pool)below(r, 4), p->pool_kernel = chance(r, 50) ? 0 : below(r, 9);
         p->decode = (enum cake_decode)below(r, 3), p->decode_slack = below(r, 4);
         p->sinks = below(r, 8), p->cascading = (int)below(r, 2);
+        p->run_width = chance(r, 70) ? 0 : below(r, 20);
     } else {
         p->mode = (enum cake_mode)u32_any(r), p->cache_size = u32_any(r), p->window = u32_any(r);
         p->kind = (enum cake_policy_kind)u32_any(r), p->alloc = (enum cake_alloc)u32_any(r);
         p->indicator = (enum cake_indicator)u32_any(r), p->pool = (enum cake_pool)u32_any(r);
         p->pool_kernel = u32_any(r), p->decode = (enum cake_decode)u32_any(r);
-        p->decode_slack = u32_any(r), p->sinks = u32_any(r);
+        p->decode_slack = u32_any(r), p->sinks = u32_any(r), p->run_width = u32_any(r);
     }
     if (chance(r, 30)) {
         p->tau1 = f32_any(r), p->tau2 = f32_any(r), p->gamma = f32_any(r);

@@ -18,7 +18,7 @@ INCLUDE = os.path.join(HERE, "..", "..", "client", "include")
 LAYOUT = ["layers", "q_heads", "kv_heads", "head_dim", "dtype", "placement", "gpu", "reserved"]
 POLICY = ["mode", "cache_size", "window", "tau1", "tau2", "gamma", "cascading", "decode_slack",
           "kind", "alloc", "indicator", "pool", "pool_kernel", "decode", "sinks",
-          "pyramid_beta", "ada_alpha", "reserved"]
+          "pyramid_beta", "ada_alpha", "run_width", "reserved"]
 ENUMS = {  # Python name -> C constant
     "policy:cake": "CAKE_POLICY_CAKE", "policy:full": "CAKE_POLICY_FULL",
     "policy:streamingllm": "CAKE_POLICY_STREAMINGLLM", "policy:h2o": "CAKE_POLICY_H2O",

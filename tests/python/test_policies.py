@@ -262,6 +262,40 @@ class Policies(unittest.TestCase):
                     self.assertEqual(pos[g][kmax:], list(range(S, N)))
                 self.assertEqual(sum(want), HKV * B)
 
+    def test_runs_keep_whole_windows_of_the_engines_scores(self):
+        """run_width: each head keeps the top of one ranking made when its layer is scored
+        (windows of width around the best free positions), through every cascading stage."""
+        rng = np.random.default_rng()
+        with caked.Client(self.d.sock, service="py-runs") as c:
+            for width in (3, 9):
+                with self.subTest(run_width=width):
+                    s = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W,
+                                        policy="cake", run_width=width)
+                    data, inds = [], []
+                    for l in range(L):
+                        k = rng.standard_normal((HKV, N, D)).astype(np.float32)
+                        v = rng.standard_normal((HKV, N, D)).astype(np.float32)
+                        ind = rng.standard_normal((HKV, S)).astype(np.float32)
+                        s.reserve(l)
+                        s.write_layer(l, k, v)
+                        s.indicator()[:] = ind
+                        s.submit(l, float(rng.uniform(0.1, 2.0)))
+                        data.append(k)
+                        inds.append(ind)
+                    self.assertEqual(sum(s.budget(l) for l in range(L)), B * L)
+                    for l in range(L):
+                        b, pos = s.budget(l), self.positions(s, l, data[l])
+                        for g in range(HKV):
+                            rank = runs_rank(inds[l][g], width)
+                            want = sorted(np.argsort(-rank, kind="stable")[:b].tolist())
+                            self.assertEqual(sorted(pos[g][:b]), want, f"layer {l} head {g}")
+                            self.assertEqual(pos[g][b:], list(range(S, N)))
+                    s.close()
+            for bad in (dict(run_width=4), dict(run_width=257), dict(policy="adakv", run_width=9),
+                        dict(policy="h2o", run_width=9), dict(mode="parity", run_width=9)):
+                with self.subTest(refused=bad), self.assertRaises(caked.InvalidArgument):
+                    c.open_sequence(L, H, HKV, D, N, **bad)
+
     def test_full_keeps_everything_and_prefill_only_grows(self):
         rng = np.random.default_rng()
         with caked.Client(self.d.sock, service="py-full") as c:
@@ -358,6 +392,25 @@ class Policies(unittest.TestCase):
         # TOVA: one token set for the layer (same P for every head), ranked by the newest
         # query's attention averaged over all heads
         return None, sum(attn(h)[:n - W] for h in range(H)) / H
+
+
+def runs_rank(score, width):
+    """cake_policy.run_width's ranking (daemon/policy.h), by repeated search rather than one
+    sort: the best-scored position (the earlier among equals) whose whole window of width is
+    free takes it, center first then outward (the earlier first at each distance); what no
+    window took follows by score. Larger ranks are kept first."""
+    n, h = len(score), width // 2
+    rank, taken, r = np.zeros(n), np.zeros(n, bool), n
+    while True:
+        free = [c for c in range(n) if not taken[max(0, c - h):c + h + 1].any()]
+        if not free:
+            break
+        c = max(free, key=lambda t: (score[t], -t))
+        for t in sorted(range(max(0, c - h), min(n, c + h + 1)), key=lambda t: (abs(t - c), t)):
+            taken[t], rank[t], r = True, r, r - 1
+    for t in sorted(np.flatnonzero(~taken), key=lambda t: (-score[t], t)):
+        rank[t], r = r, r - 1
+    return rank
 
 
 def pyramid_budgets(avg, Sx, layers, beta):

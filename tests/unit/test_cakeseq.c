@@ -59,6 +59,44 @@ Test(cakeseq, parity_stage_budgets_match_cake_md_vector)
     cakeseq_destroy(s);
 }
 
+/* Run ranks by another route than policy_runs_rank's (which sorts once and skips): again and
+ * again the best-scored position (ties: the earlier) whose whole window is free takes it,
+ * center first, then outward; what is left goes by score. rank: larger is kept first. */
+static void runs_rank_ref(const float *v, uint32_t S, uint32_t width, float *rank)
+{
+    uint8_t *taken = calloc(S + 1, 1);
+    int h = (int)width / 2;
+    float r = (float)S;
+    for (;;) {
+        int best = -1;
+        for (int c = 0; c < (int)S; c++) {
+            int ok = 1;
+            for (int t = c - h; t <= c + h && ok; t++)
+                ok = t < 0 || t >= (int)S || !taken[t];
+            if (ok && (best < 0 || v[c] > v[best]))
+                best = c;
+        }
+        if (best < 0)
+            break;
+        for (int dd = 0; dd <= h; dd++)
+            for (int sgn = -1; sgn <= 1; sgn += 2) {
+                int t = best + sgn * dd;
+                if ((dd || sgn < 0) && t >= 0 && t < (int)S && !taken[t])
+                    taken[t] = 1, rank[t] = r--;
+            }
+    }
+    for (;;) {
+        int best = -1;
+        for (int c = 0; c < (int)S; c++)
+            if (!taken[c] && (best < 0 || v[c] > v[best]))
+                best = c;
+        if (best < 0)
+            break;
+        taken[best] = 1, rank[best] = r--;
+    }
+    free(taken);
+}
+
 static void run_fixed(int cascading)
 {
     uint32_t L = 1 + tu_below(12), Hkv = 1 + tu_below(4), w = 1 + tu_below(32);
@@ -66,6 +104,8 @@ static void run_fixed(int cascading)
     struct policy_cfg c;
     policy_cfg_default(&c, L, C);
     c.window = w, c.cascading = cascading;
+    if (tu_below(3) == 0) /* a third keep runs: one ranking for every stage of the cascade */
+        c.run_width = 3 + 2 * tu_below(10);
     struct cakeseq *s;
     cr_assert_eq(cakeseq_create(&c, Hkv, n, &s, NULL), 0);
     uint32_t S = cakeseq_scored_len(s);
@@ -98,6 +138,7 @@ static void run_fixed(int cascading)
                     cr_assert(ev[e].slots[g * ev[e].kept + i] > ev[e].slots[g * ev[e].kept + i - 1]);
     }
     uint32_t *want = malloc(sizeof(uint32_t) * (S + 1));
+    float *rank = malloc(sizeof(float) * (S + 1));
     if (tu_below(2)) { /* the daemon frees the selection buffers after the last layer */
         cakeseq_prefill_done(s);
         uint32_t nev2;
@@ -110,12 +151,15 @@ static void run_fixed(int cascading)
         else
             cr_assert_eq(k, S);
         for (uint32_t g = 0; g < Hkv; g++) {
-            topk_ref(ind + ((size_t)l * Hkv + g) * S, S, k, want);
+            const float *v = ind + ((size_t)l * Hkv + g) * S;
+            if (c.run_width > 1)
+                runs_rank_ref(v, S, c.run_width, rank), v = rank;
+            topk_ref(v, S, k, want);
             cr_assert(k == 0 || !memcmp(cakeseq_positions(s, l, g), want, sizeof(uint32_t) * k),
                       "layer %u head %u: kept set or order differs", l, g);
         }
     }
-    free(want), free(ind);
+    free(want), free(rank), free(ind);
     cakeseq_destroy(s);
 }
 
@@ -124,6 +168,37 @@ Test(cakeseq, fixed_cascading_properties_on_random_inputs)
     tu_seed();
     for (int rep = 0; rep < 300; rep++)
         run_fixed(1);
+}
+
+/* Run ranks made by several threads (one scratch row each) equal one thread's. */
+Test(cakeseq, runs_on_threads_equal_one_thread)
+{
+    tu_seed();
+    uint32_t L = 3, Hkv = 4, n = 40000, S = n - 32;
+    struct policy_cfg c;
+    policy_cfg_default(&c, L, 2048);
+    c.run_width = 15;
+    struct cakeseq *s[2];
+    float *ind = malloc(sizeof(float) * L * Hkv * S);
+    for (size_t i = 0; i < (size_t)L * Hkv * S; i++)
+        ind[i] = (float)tu_below(1000);
+    struct cakeseq_evict ev[4];
+    uint32_t nev;
+    for (int k = 0; k < 2; k++) {
+        cr_assert_eq(cakeseq_create(&c, Hkv, n, &s[k], NULL), 0);
+        cakeseq_set_threads(s[k], k ? 4 : 1);
+        for (uint32_t l = 0; l < L; l++)
+            cr_assert_eq(cakeseq_prefill_layer(s[k], l, 1.0 + l, ind + (size_t)l * Hkv * S, ev, &nev), 0);
+    }
+    for (uint32_t l = 0; l < L; l++)
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t k = cakeseq_prefix_len(s[0], l);
+            cr_assert_eq(k, cakeseq_prefix_len(s[1], l));
+            cr_assert(!memcmp(cakeseq_positions(s[0], l, g), cakeseq_positions(s[1], l, g),
+                              sizeof(uint32_t) * k), "layer %u head %u", l, g);
+        }
+    cakeseq_destroy(s[0]), cakeseq_destroy(s[1]);
+    free(ind);
 }
 
 Test(cakeseq, fixed_one_shot_properties_on_random_inputs)

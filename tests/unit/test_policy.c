@@ -185,6 +185,58 @@ Test(policy, kinds_resolve_and_validate)
     cr_assert_eq(policy_kind_parse("nope"), -1);
 }
 
+/* run_width reshapes a scored prefill selection: odd, up to 255, fixed mode, and only where
+ * the kept set is one top of a score that the prefill fixes. */
+Test(policy, run_width_validates)
+{
+    struct policy_cfg c;
+    static const enum policy_kind ok[] = {POLICY_CAKE, POLICY_SNAPKV, POLICY_PYRAMIDKV,
+                                          POLICY_TOVA, POLICY_FULL};
+    static const enum policy_kind refused[] = {POLICY_ADAKV, POLICY_H2O, POLICY_STREAMING};
+    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
+        policy_cfg_default(&c, 8, 256);
+        c.kind = ok[i], c.run_width = 15;
+        cr_assert_null(policy_cfg_check(&c), "%s: %s", policy_kind_name(c.kind), policy_cfg_check(&c));
+    }
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        policy_cfg_default(&c, 8, 256);
+        c.kind = refused[i], c.run_width = 15;
+        cr_assert_not_null(policy_cfg_check(&c), "%s", policy_kind_name(c.kind));
+        c.run_width = 1; /* off */
+        cr_assert_null(policy_cfg_check(&c));
+    }
+    static const uint32_t bad[] = {2, 14, 257, 0xffffffffu};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        policy_cfg_default(&c, 8, 256);
+        c.run_width = bad[i];
+        cr_assert_not_null(policy_cfg_check(&c), "run_width %u", bad[i]);
+    }
+    policy_cfg_default(&c, 8, 256);
+    c.run_width = 255;
+    cr_assert_null(policy_cfg_check(&c));
+    c.mode = POLICY_PARITY;
+    cr_assert_not_null(policy_cfg_check(&c));
+    policy_cfg_default(&c, 8, 256);
+    c.indicator = POLICY_IND_POSITION, c.run_width = 3;
+    cr_assert_not_null(policy_cfg_check(&c));
+}
+
+/* The ranking worked by hand (width 3): 1 takes [0, 2]; 5 takes [4, 6]; 4 is taken; 8 takes
+ * [7, 9]; 10 meets 9; 11 takes [10, 11] (clipped at the end); 3 is left, ranked last. */
+Test(policy, runs_rank_worked_example)
+{
+    float v[12] = {0.1f, 0.9f, 0.2f, 0.3f, 0.8f, 0.85f, 0.0f, 0.05f, 0.7f, 0.4f, 0.6f, 0.5f};
+    static const float want[12] = {11, 12, 10, 1, 8, 9, 7, 5, 6, 4, 2, 3};
+    uint64_t key[12];
+    uint8_t taken[12];
+    policy_runs_rank(v, 12, 3, key, taken);
+    for (int j = 0; j < 12; j++)
+        cr_assert_eq(v[j], want[j], "position %d: rank %g, want %g", j, v[j], want[j]);
+    float one[1] = {-INFINITY};
+    policy_runs_rank(one, 1, 255, key, taken); /* a run wider than the prefix */
+    cr_assert_eq(one[0], 1.0f);
+}
+
 /* PyramidKV's arithmetic: the shared test vector below follows KVCache-Factory's formula by
  * hand (avg 96, beta 20: min 4, max 188, step 26 over 8 layers). */
 Test(policy, pyramid_and_uniform_budgets)

@@ -157,8 +157,8 @@ struct cake_layout {
     /* CAKE_PLACE_GPU: K/V pages and query rings in caked's GPU pool (cake_gpu_pool_base_at()
      * must be mapped), scored and compacted there by caked's CUDA kernels. Needs f16 or
      * bf16, head_dim a multiple of 16 up to 128, (q_heads / kv_heads) * window <= 256,
-     * fixed mode, and CAKE (its ablations of allocation and the mean indicator included) or
-     * the full policy. Zero (the default of a zeroed struct) is the host pool. */
+     * fixed mode, and pooling at most 63 wide (every policy and component runs). Zero (the
+     * default of a zeroed struct) is the host pool. */
     enum cake_placement placement;
     uint32_t gpu; /* CAKE_PLACE_GPU: which of caked's GPU pools (cake_gpu_uuid_at); 0 first */
     uint32_t reserved[9];
@@ -210,7 +210,13 @@ struct cake_policy {
     uint32_t sinks;             /* StreamingLLM (0: 4) */
     float pyramid_beta;         /* PyramidKV (0: 20) */
     float ada_alpha;            /* Ada-KV floor share (0: 0.2; negative: none) */
-    uint32_t reserved[15];
+    /* The prefill keeps each kv head's tokens as runs of run_width consecutive positions
+     * (odd, up to 255) around its best-scoring ones instead of its top tokens, at the same
+     * budgets; decode evictions and cuts after the prompt keep the kind's rule. 0 or 1: the
+     * kind's top tokens. Not with parity mode, Ada-KV, H2O or StreamingLLM (docs/eval.md:
+     * why). */
+    uint32_t run_width;
+    uint32_t reserved[14];
 };
 
 CAKE_API void cake_policy_default(struct cake_policy *p);

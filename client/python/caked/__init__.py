@@ -72,7 +72,8 @@ class _Policy(ctypes.Structure):
                 ("alloc", ctypes.c_int), ("indicator", ctypes.c_int), ("pool", ctypes.c_int),
                 ("pool_kernel", ctypes.c_uint32), ("decode", ctypes.c_int),
                 ("sinks", ctypes.c_uint32), ("pyramid_beta", ctypes.c_float),
-                ("ada_alpha", ctypes.c_float), ("reserved", ctypes.c_uint32 * 15)]
+                ("ada_alpha", ctypes.c_float), ("run_width", ctypes.c_uint32),
+                ("reserved", ctypes.c_uint32 * 14)]
 
 
 # names of cake.h's policy enums (0 is always "the kind's own")
@@ -248,12 +249,14 @@ class Client:
                       max_new_tokens=0, mode="fixed", cache_size=1024, window=32, tau1=1.0,
                       tau2=1.0, gamma=200.0, cascading=True, decode_slack=0, policy="cake",
                       alloc=None, indicator=None, pool=None, pool_kernel=0, decode=None,
-                      sinks=0, pyramid_beta=0.0, ada_alpha=0.0, shard_group=0, shards=0,
-                      shard=0, placement="host", gpu=0):
+                      sinks=0, pyramid_beta=0.0, ada_alpha=0.0, run_width=0, shard_group=0,
+                      shards=0, shard=0, placement="host", gpu=0):
         """Opens a sequence. `policy` is one of POLICIES; alloc ("preference", "uniform",
         "pyramid", "none"), indicator ("mean+var", "mean", "var", "last", "position"), pool
         ("avg", "max", "none"), decode ("evict", "prefill-only") override the kind's own
-        components (the paper's ablations); None keeps them. shard_group, shards, shard: one
+        components (the paper's ablations); None keeps them. run_width (odd): the prefill keeps
+        runs of that many positions around each head's best tokens (cake_policy.run_width;
+        0 or 1: its top tokens). shard_group, shards, shard: one
         shard of a tensor-parallel sequence (cake_seq_open_shard). placement="gpu" puts K/V
         and the query rings in caked's GPU pool number `gpu` (caked.gpu works on them as
         torch tensors)."""
@@ -271,7 +274,7 @@ class Client:
                       1 if cascading else 0, decode_slack, POLICIES.index(policy),
                       _enum(_ALLOCS, alloc, "alloc"), _enum(_INDICATORS, indicator, "indicator"),
                       _enum(_POOLS, pool, "pool"), pool_kernel, _enum(_DECODES, decode, "decode"),
-                      sinks, pyramid_beta, ada_alpha)
+                      sinks, pyramid_beta, ada_alpha, run_width)
         h = ctypes.c_void_p()
         if shards:
             _check(self._ctx, _L().cake_seq_open_shard(
