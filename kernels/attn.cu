@@ -533,34 +533,49 @@ __device__ __forceinline__ uint32_t batch_tokens(const bparams &p, uint32_t b)
                : (uint32_t)n;
 }
 
+// A batch block's share: split `split` of sequence b's tokens for kv head g. False where it
+// has nothing to do - no tokens there, or a page outside the pool (its rows' partials then
+// marked NaN, which the merge turns into NaN rows). Block-uniform.
+struct bblock {
+    uint32_t t0, t1, hole, hole_n;
+    const int32_t *pg; // the sequence's page indices
+    float *rowpart;    // its group's partials [G][splits][d + 2]
+};
+__device__ __forceinline__ bool batch_block(const bparams &p, uint32_t split, uint32_t g,
+                                            uint32_t b, bblock &k)
+{
+    uint32_t n = batch_tokens(p, b);
+    if (n == UINT32_MAX || (split && split * p.split >= n))
+        return false; // the merge uses only the splits that hold tokens
+    k.t0 = split * p.split, k.t1 = min(k.t0 + p.split, n), k.pg = p.pages[b];
+    int bad = 0;
+    for (uint32_t i = k.t0 / p.tpp + threadIdx.x; k.t1 > k.t0 && i <= (k.t1 - 1) / p.tpp;
+         i += blockDim.x)
+        bad |= k.pg[i] < 0 || (uint64_t)k.pg[i] >= p.pool_pages;
+    k.rowpart = p.part + ((size_t)b * p.H + g * p.G) * p.splits * (p.d + 2);
+    if (__syncthreads_or(bad)) {
+        for (uint32_t h = threadIdx.x; h < p.G; h += blockDim.x)
+            k.rowpart[((size_t)h * p.splits + split) * (p.d + 2) + p.d] = NAN;
+        return false;
+    }
+    hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &k.hole, &k.hole_n);
+    return true;
+}
+
 template <typename T, int E, int GP>
 __global__ void __launch_bounds__(AW * 32) battn_split(bparams p)
 {
     uint32_t split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    uint32_t n = batch_tokens(p, b);
-    if (n == UINT32_MAX || (split && split * p.split >= n))
-        return; // the merge uses only the splits that hold tokens
-    uint32_t t0 = split * p.split, t1 = min(t0 + p.split, n);
-    const int32_t *pg = p.pages[b];
-    // every page this block reads lies in the pool, or the row is NaN (the merge sees it)
-    int bad = 0;
-    for (uint32_t i = t0 / p.tpp + threadIdx.x; t1 > t0 && i <= (t1 - 1) / p.tpp; i += blockDim.x)
-        bad |= pg[i] < 0 || (uint64_t)pg[i] >= p.pool_pages;
-    float *rowpart = p.part + ((size_t)b * p.H + g * p.G) * p.splits * (p.d + 2);
-    if (__syncthreads_or(bad)) {
-        for (uint32_t h = threadIdx.x; h < p.G; h += blockDim.x)
-            rowpart[((size_t)h * p.splits + split) * (p.d + 2) + p.d] = NAN;
+    bblock k;
+    if (!batch_block(p, split, g, b, k))
         return;
-    }
     const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
-    uint32_t hole, hole_n;
-    hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &hole, &hole_n);
     split_partial<T, E, GP>(
-        t0, t1, p.split, hole, hole_n, qb, p.G, p.d, p.scale, p.tpp, p.row, p.voff,
+        k.t0, k.t1, p.split, k.hole, k.hole_n, qb, p.G, p.d, p.scale, p.tpp, p.row, p.voff,
         [&](uint32_t i) {
-            return (const uint8_t *)p.base + (uint64_t)pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
+            return (const uint8_t *)p.base + (uint64_t)k.pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
         },
-        [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); });
+        [&](uint32_t h) { return k.rowpart + ((size_t)h * p.splits + split) * (p.d + 2); });
 }
 
 template <typename T, int D>
@@ -568,29 +583,16 @@ __global__ void __launch_bounds__(AW * 32) battn_split_tc(bparams p)
 {
     extern __shared__ __align__(16) uint8_t dsm[];
     uint32_t split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-    uint32_t n = batch_tokens(p, b);
-    if (n == UINT32_MAX || (split && split * p.split >= n))
+    bblock k;
+    if (!batch_block(p, split, g, b, k))
         return;
-    uint32_t t0 = split * p.split, t1 = min(t0 + p.split, n);
-    const int32_t *pg = p.pages[b];
-    int bad = 0;
-    for (uint32_t i = t0 / p.tpp + threadIdx.x; t1 > t0 && i <= (t1 - 1) / p.tpp; i += blockDim.x)
-        bad |= pg[i] < 0 || (uint64_t)pg[i] >= p.pool_pages;
-    float *rowpart = p.part + ((size_t)b * p.H + g * p.G) * p.splits * (p.d + 2);
-    if (__syncthreads_or(bad)) {
-        for (uint32_t h = threadIdx.x; h < p.G; h += blockDim.x)
-            rowpart[((size_t)h * p.splits + split) * (p.d + 2) + p.d] = NAN;
-        return;
-    }
     const T *qb = (const T *)p.q + ((size_t)b * p.H + g * p.G) * p.d;
-    uint32_t hole, hole_n;
-    hole_of(p.holes ? p.holes[b] + (size_t)g * 2 : NULL, &hole, &hole_n);
     split_partial_tc<T, D>(
-        t0, t1, p.split, hole, hole_n, qb, p.G, p.scale, p.tpp, p.row, p.voff,
+        k.t0, k.t1, p.split, k.hole, k.hole_n, qb, p.G, p.scale, p.tpp, p.row, p.voff,
         [&](uint32_t i) {
-            return (const uint8_t *)p.base + (uint64_t)pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
+            return (const uint8_t *)p.base + (uint64_t)k.pg[i] * p.page_bytes + (size_t)g * p.tpp * p.row;
         },
-        [&](uint32_t h) { return rowpart + ((size_t)h * p.splits + split) * (p.d + 2); }, dsm);
+        [&](uint32_t h) { return k.rowpart + ((size_t)h * p.splits + split) * (p.d + 2); }, dsm);
 }
 
 // The tensor-core kernel K<T, D> launched (its shared memory allowed once a device: the
@@ -644,6 +646,36 @@ __global__ void battn_merge(bparams p)
 
 static uint32_t group_pad(uint32_t G) { return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8; }
 
+// The split kernels of a launch's parameters: all layers of a sequence, or a batch.
+template <typename P> struct splits_of;
+template <> struct splits_of<aparams> {
+    template <typename T, int D> static constexpr void (*tc)(aparams) = attn_split_tc<T, D>;
+    template <typename T, int E, int GP> static constexpr void (*simt)(aparams) = attn_split<T, E, GP>;
+};
+template <> struct splits_of<bparams> {
+    template <typename T, int D> static constexpr void (*tc)(bparams) = battn_split_tc<T, D>;
+    template <typename T, int E, int GP> static constexpr void (*simt)(bparams) = battn_split<T, E, GP>;
+};
+
+// The split kernel launched: on the tensor cores where use_tc(d), else on CUDA cores.
+template <typename P>
+static cudaError_t launch_split(const P &p, dim3 grid, cudaStream_t st, bool bf)
+{
+    using K = splits_of<P>;
+    uint32_t d = p.d, E = d / 32, gp = group_pad(p.G);
+    if (use_tc(d) && bf)
+        return d == 64 ? launch_tc<P, K::template tc<__nv_bfloat16, 64>, 64>(grid, st, p)
+                       : launch_tc<P, K::template tc<__nv_bfloat16, 128>, 128>(grid, st, p);
+    if (use_tc(d))
+        return d == 64 ? launch_tc<P, K::template tc<__half, 64>, 64>(grid, st, p)
+                       : launch_tc<P, K::template tc<__half, 128>, 128>(grid, st, p);
+    if (bf)
+        PICK(K::template simt, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
+    else
+        PICK(K::template simt, __half)<<<grid, AW * 32, 0, st>>>(p);
+    return cudaGetLastError();
+}
+
 extern "C" size_t kern_cuda_paged_decode_workspace(uint32_t batch, uint32_t q_heads,
                                                    uint32_t head_dim, uint32_t max_tokens)
 {
@@ -668,19 +700,8 @@ extern "C" int kern_cuda_paged_decode(const struct kern_cuda_paged *pk, const in
                  (float *)ws, 1.0f / sqrtf((float)d)};
     cudaStream_t st = (cudaStream_t)stream;
     dim3 grid(p.splits, hkv, batch);
-    uint32_t E = d / 32, gp = group_pad(p.G);
     bool bf = pk->dtype == KERN_BF16;
-    cudaError_t e = cudaSuccess;
-    if (use_tc(d) && bf)
-        e = d == 64 ? launch_tc<bparams, battn_split_tc<__nv_bfloat16, 64>, 64>(grid, st, p)
-                    : launch_tc<bparams, battn_split_tc<__nv_bfloat16, 128>, 128>(grid, st, p);
-    else if (use_tc(d))
-        e = d == 64 ? launch_tc<bparams, battn_split_tc<__half, 64>, 64>(grid, st, p)
-                    : launch_tc<bparams, battn_split_tc<__half, 128>, 128>(grid, st, p);
-    else if (bf)
-        PICK(battn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
-    else
-        PICK(battn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
+    cudaError_t e = launch_split(p, grid, st, bf);
     if (e == cudaSuccess && bf)
         battn_merge<__nv_bfloat16><<<batch * H, 128, 0, st>>>(p);
     else if (e == cudaSuccess)
@@ -761,21 +782,7 @@ extern "C" int kern_cuda_decode_attention(int dtype, uint8_t *base, const uint64
                  split, voff, (size_t)d * 2, q, (float *)ws, out, 1.0f / sqrtf((float)d), holes};
     cudaStream_t st = (cudaStream_t)stream;
     dim3 grid(p.splits, hkv, L);
-    uint32_t E = d / 32, gp = group_pad(p.G);
-    bool bf = dtype == KERN_BF16;
-    cudaError_t e = cudaSuccess;
-    if (use_tc(d) && bf)
-        e = d == 64 ? launch_tc<aparams, attn_split_tc<__nv_bfloat16, 64>, 64>(grid, st, p)
-                    : launch_tc<aparams, attn_split_tc<__nv_bfloat16, 128>, 128>(grid, st, p);
-    else if (use_tc(d))
-        e = d == 64 ? launch_tc<aparams, attn_split_tc<__half, 64>, 64>(grid, st, p)
-                    : launch_tc<aparams, attn_split_tc<__half, 128>, 128>(grid, st, p);
-    else if (bf)
-        PICK(attn_split, __nv_bfloat16)<<<grid, AW * 32, 0, st>>>(p);
-    else
-        PICK(attn_split, __half)<<<grid, AW * 32, 0, st>>>(p);
-    if (e == cudaSuccess)
-        e = cudaGetLastError();
+    cudaError_t e = launch_split(p, grid, st, dtype == KERN_BF16);
     if (e == cudaSuccess) {
         attn_merge<<<L * H, 128, 0, st>>>(p);
         e = cudaGetLastError();
