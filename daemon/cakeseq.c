@@ -263,13 +263,14 @@ static int runs_rank_layer(struct cakeseq *s, float *ind)
 {
     uint32_t Hkv = s->kv_heads, S = s->S;
     int nth = s->threads == 1 || (uint64_t)S * Hkv < 65536 ? 1 : kern_threads(s->threads);
-    if (nth > (int)s->cfg.layers)
-        nth = (int)s->cfg.layers; /* one scratch row of ltmp per thread */
     if (nth > (int)Hkv)
         nth = (int)Hkv;
+    uint64_t *key = malloc(sizeof(uint64_t) * 2 * S * nth);
     uint8_t *taken = malloc((size_t)S * nth);
-    if (!taken)
+    if (!key || !taken) {
+        free(key), free(taken);
         return -ENOMEM;
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1)
     for (uint32_t g = 0; g < Hkv; g++) {
 #ifdef _OPENMP
@@ -277,10 +278,10 @@ static int runs_rank_layer(struct cakeseq *s, float *ind)
 #else
         int t = 0;
 #endif
-        policy_runs_rank(ind + (size_t)g * S, S, s->cfg.run_width,
-                         (uint64_t *)(s->ltmp + (size_t)t * 2 * S), taken + (size_t)t * S);
+        policy_runs_rank(ind + (size_t)g * S, S, s->cfg.run_width, key + (size_t)t * 2 * S,
+                         taken + (size_t)t * S);
     }
-    free(taken);
+    free(key), free(taken);
     return 0;
 }
 

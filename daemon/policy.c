@@ -252,10 +252,29 @@ static inline uint32_t float_order(float f)
     return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
-static int u64_cmp(const void *x, const void *y)
+/* Stable LSD radix sort of a[0..n) by each entry's upper 32 bits (4 passes of 8 bits; a
+ * digit all entries share is skipped); tmp: n more. The result is in a. */
+static void sort_hi32(uint64_t *a, uint64_t *tmp, uint32_t n)
 {
-    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
-    return a < b ? -1 : a > b;
+    uint64_t *out = a;
+    for (int shift = 32; shift < 64; shift += 8) {
+        uint32_t count[257] = {0};
+        for (uint32_t i = 0; i < n; i++)
+            count[((a[i] >> shift) & 0xff) + 1]++;
+        int one = 0;
+        for (int d = 1; d <= 256 && !one; d++)
+            one = count[d] == n;
+        if (one)
+            continue;
+        for (int d = 1; d <= 256; d++)
+            count[d] += count[d - 1];
+        for (uint32_t i = 0; i < n; i++)
+            tmp[count[(a[i] >> shift) & 0xff]++] = a[i];
+        uint64_t *t = a;
+        a = tmp, tmp = t;
+    }
+    if (a != out) /* an odd number of passes ran: the sorted copy is in the scratch */
+        memcpy(out, a, sizeof *a * n);
 }
 
 void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uint8_t *taken)
@@ -263,7 +282,7 @@ void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uin
     /* best score first, the earlier position first among equals */
     for (uint32_t j = 0; j < S; j++)
         key[j] = (uint64_t)~float_order(ind[j]) << 32 | j;
-    qsort(key, S, sizeof *key, u64_cmp);
+    sort_hi32(key, key + S, S); /* stable: the earlier of equal scores stays first */
     memset(taken, 0, S);
     uint32_t h = width / 2, r = S;
     for (uint32_t i = 0; i < S; i++) {

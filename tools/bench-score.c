@@ -1,14 +1,17 @@
 /* bench-score - one layer's CAKE score + select + compact on the CPU.
  *
  *   bench-score [--sizes 4096,32768,131072] [--threads N] [--reps R] [--no-torch]
- *               [--keep K] [--mode fixed|parity]
+ *               [--keep K] [--mode fixed|parity] [--runs W]
  *
  * Llama-3.1-8B shapes: 32 query heads, 8 kv heads, head_dim 128, window 32, bf16 keys
  * and values. For each prompt length n it times kern_score_layer + kern_topk per kv head
  * (keep K = 992 prefix tokens: C = 1024 with the window) + in-place compaction of K and V,
  * and prints tokens/s (n / time). In the same run it times the same computation written in
  * PyTorch (tools/bench_score_torch.py, the reference's code path) on the same cores and
- * prints the ratio; without torch that column says why it is empty. Best of R runs. */
+ * prints the ratio; without torch that column says why it is empty. Best of R runs.
+ * --runs W: the selection keeps runs of W (cake_policy.run_width): each head's indicator is
+ * ranked by policy_runs_rank before its top K, and that ranking's own time (the heads one
+ * after another, on one thread) is printed beside the layer's. */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -19,6 +22,7 @@
 #include <unistd.h>
 
 #include "kern.h"
+#include "policy.h"
 #include "util.h"
 
 #define H 32
@@ -34,7 +38,8 @@ static float frand(void) /* xorshift, uniform in [-1, 1) */
 }
 
 /* Times one layer; returns seconds (best of reps). */
-static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum kern_stats st)
+static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum kern_stats st,
+                         uint32_t runs, double *runs_s)
 {
     uint32_t S = n - W;
     size_t kv_elems = (size_t)HKV * n * D;
@@ -43,7 +48,9 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
     uint16_t *q = malloc(sizeof(uint16_t) * H * W * D);
     float *ind = malloc(sizeof(float) * HKV * S);
     uint32_t *idx = malloc(sizeof(uint32_t) * S);
-    if (!page || !pristine || !q || !ind || !idx) {
+    uint64_t *key = malloc(sizeof(uint64_t) * 2 * S);
+    uint8_t *taken = malloc(S);
+    if (!page || !pristine || !q || !ind || !idx || !key || !taken) {
         fprintf(stderr, "bench-score: out of memory at n=%u\n", n);
         exit(1);
     }
@@ -58,6 +65,7 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
         .n_tokens = n, .pages = pages, .v_offset_bytes = kv_elems * 2,
     };
     double best = INFINITY;
+    *runs_s = INFINITY;
     for (int r = 0; r < reps; r++) {
         memcpy(page, pristine, kv_elems * 2 * 2);
         double t0 = util_now_s();
@@ -70,6 +78,12 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
             fprintf(stderr, "bench-score: scoring failed\n");
             exit(1);
         }
+        double r0 = util_now_s();
+        for (uint32_t g = 0; g < HKV && runs > 1; g++)
+            policy_runs_rank(ind + (size_t)g * S, S, runs, key, taken);
+        double rt = util_now_s() - r0;
+        if (runs > 1 && rt < *runs_s)
+            *runs_s = rt;
         for (uint32_t g = 0; g < HKV; g++) {
             uint32_t k = kern_topk(ind + (size_t)g * S, S, keep, KERN_ORDER_POSITION, idx);
             kern_compact_head(&kv, g, idx, k, S, W, NULL);
@@ -78,7 +92,7 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
         if (t < best)
             best = t;
     }
-    free(page), free(pristine), free(q), free(ind), free(idx);
+    free(page), free(pristine), free(q), free(ind), free(idx), free(key), free(taken);
     return best;
 }
 
@@ -108,17 +122,17 @@ static double time_torch(const char *self_dir, uint32_t n, uint32_t keep, int th
 
 int main(int argc, char **argv)
 {
-    uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3, keep = 992;
+    uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3, keep = 992, runs = 0;
     int threads = 0, reps = 5, torch = 1;
     enum kern_stats st = KERN_STATS_FP32;
     static const struct option opts[] = {
         {"sizes", required_argument, 0, 's'}, {"threads", required_argument, 0, 't'},
         {"reps", required_argument, 0, 'r'}, {"no-torch", no_argument, 0, 'n'},
         {"keep", required_argument, 0, 'k'}, {"mode", required_argument, 0, 'm'},
-        {0, 0, 0, 0},
+        {"runs", required_argument, 0, 'w'}, {0, 0, 0, 0},
     };
     int o;
-    while ((o = getopt_long(argc, argv, "s:t:r:nk:m:", opts, NULL)) != -1) {
+    while ((o = getopt_long(argc, argv, "s:t:r:nk:m:w:", opts, NULL)) != -1) {
         switch (o) {
         case 's': {
             ns = 0;
@@ -131,9 +145,10 @@ int main(int argc, char **argv)
         case 'n': torch = 0; break;
         case 'k': keep = (uint32_t)strtoul(optarg, NULL, 0); break;
         case 'm': st = strcmp(optarg, "parity") ? KERN_STATS_FP32 : KERN_STATS_REF; break;
+        case 'w': runs = (uint32_t)strtoul(optarg, NULL, 0); break;
         default:
             fprintf(stderr, "usage: bench-score [--sizes N,..] [--threads N] [--reps R] "
-                            "[--no-torch] [--keep K] [--mode fixed|parity]\n");
+                            "[--no-torch] [--keep K] [--mode fixed|parity] [--runs W]\n");
             return 2;
         }
     }
@@ -151,7 +166,7 @@ int main(int argc, char **argv)
             printf("%8u skipped: n must exceed keep + window\n", n);
             continue;
         }
-        double t = time_layer(n, keep, threads, reps, st);
+        double rs = 0, t = time_layer(n, keep, threads, reps, st, runs, &rs);
         char why[256] = "";
         double tt = torch ? time_torch(dir, n, keep, threads, n > 40000 ? 1 : reps, why,
                                        sizeof why) : -1;
@@ -163,6 +178,9 @@ int main(int argc, char **argv)
         else
             printf("%8u %12.2f %14.0f %12s %14s %8s  (torch: %s)\n", n, t * 1e3, n / t, "-",
                    "-", "-", why);
+        if (runs > 1)
+            printf("%8s   of which the runs of %u ranking %.2f ms (%d kv heads on one thread)\n",
+                   "", runs, rs * 1e3, HKV);
         fflush(stdout);
     }
     return 0;

@@ -227,7 +227,7 @@ Test(policy, runs_rank_worked_example)
 {
     float v[12] = {0.1f, 0.9f, 0.2f, 0.3f, 0.8f, 0.85f, 0.0f, 0.05f, 0.7f, 0.4f, 0.6f, 0.5f};
     static const float want[12] = {11, 12, 10, 1, 8, 9, 7, 5, 6, 4, 2, 3};
-    uint64_t key[12];
+    uint64_t key[24];
     uint8_t taken[12];
     policy_runs_rank(v, 12, 3, key, taken);
     for (int j = 0; j < 12; j++)
