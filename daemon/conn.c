@@ -209,7 +209,7 @@ static void srv_queue_maps(struct server *s, struct client *c)
 
 static void finish_request(struct server *s, struct client *c)
 {
-    metrics_observe_latency(&s->m, c->h.type, srv_now_s() - c->t0);
+    metrics_observe_latency(&s->m, c->h.type, clock_now_s() - c->t0);
     c->state = C_IDLE;
     c->body = NULL;
     if (client_flush(s, c) == 1 && !c->reading)
@@ -244,7 +244,7 @@ void srv_reply_error(struct server *s, struct client *c, int code, const char *f
 static void bad_frame(struct server *s, struct client *c, int rc)
 {
     c->h = c->rd.bad;
-    c->t0 = srv_now_s();
+    c->t0 = clock_now_s();
     c->close_after_flush = 1;
     if (rc == CAKE_ETOOBIG && !c->tenant)
         /* nothing large is held for a client that has not said who it is */
@@ -278,7 +278,7 @@ void srv_client_read(struct server *s, struct client *c)
         size_t room;
         uint8_t *p = frame_reader_space(&c->rd, &room);
         if (!p) {
-            c->t0 = srv_now_s();
+            c->t0 = clock_now_s();
             c->close_after_flush = 1;
             srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
             break;
@@ -417,7 +417,7 @@ static void refuse(struct server *s, int fd, const char *why)
     }
     close(fd);
     s->m.clients_refused++;
-    double now = srv_now_s();
+    double now = clock_now_s();
     if (now - s->t_refuse_log >= 1.0) {
         s->t_refuse_log = now;
         srv_log("refusing connections: %s (%llu so far)", why,
@@ -448,8 +448,8 @@ void srv_on_accept(void *arg, uint32_t ev)
                     continue;
                 }
             }
-            if (errno != EAGAIN && srv_now_s() - s->t_refuse_log >= 1.0) { /* once a second */
-                s->t_refuse_log = srv_now_s();
+            if (errno != EAGAIN && clock_now_s() - s->t_refuse_log >= 1.0) { /* once a second */
+                s->t_refuse_log = clock_now_s();
                 srv_log("accept: %s", strerror(errno));
             }
             return;
@@ -494,7 +494,7 @@ void srv_on_accept(void *arg, uint32_t ev)
         c->srv = s, c->id = ++s->next_client_id, c->fd = fd, c->cred = cred;
         c->state = C_IDLE;
         frame_reader_init(&c->rd, SERVER_PREHELLO_MAX_BODY);
-        c->t_accept = srv_now_s();
+        c->t_accept = clock_now_s();
         s->clients[s->n_clients++] = c;
         s->m.clients_total++;
         srv_client_read(s, c); /* data may have arrived before the watch */
@@ -505,7 +505,7 @@ void srv_on_accept(void *arg, uint32_t ev)
  * must not hold the client slots engines need. At most once a quarter second. */
 void srv_sweep_hello(struct server *s)
 {
-    double now = srv_now_s();
+    double now = clock_now_s();
     if (now - s->t_sweep < 0.25)
         return;
     s->t_sweep = now;
@@ -536,7 +536,7 @@ void srv_oom(struct server *s, struct client *c, const char *why)
 {
     struct tenant *t = c->tenant;
     tenant_oom(t);
-    double now = srv_now_s();
+    double now = clock_now_s();
     if (now - t->t_oom_log < 1.0)
         return; /* counted; the next line says how many went unlogged */
     uint64_t unlogged = t->oom_errors - t->oom_logged - 1;

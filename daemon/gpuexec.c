@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include "clock.h"
 #include "gpuexec.h"
 #include "kern.h"
 #include "kern_cuda.h"
@@ -450,12 +451,6 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     return rc;
 }
 
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
 
 void gpuexec_set_timing(struct gpuexec *g, int on)
 {
@@ -488,7 +483,7 @@ void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
 static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     const struct gpu_evict *a = &ev[0];
-    double t0 = c->timing ? now_us() : 0;
+    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_rank *rk = &a->rk;
     if (rk->last || rk->position || rk->shared)
         return -ENOTSUP;
@@ -550,7 +545,7 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
     }
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
-    double t1 = c->timing ? now_us() : 0;
+    double t1 = c->timing ? clock_now_s() * 1e6 : 0;
     if (c->timing)
         cudaEventRecord(c->ev0, c->stream);
     if (!rc)
@@ -573,7 +568,7 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
         float ms = 0;
         cudaEventElapsedTime(&ms, c->ev0, c->ev1);
         c->times = (struct gpu_evict_times){.prep_us = t1 - t0, .kernel_us = ms * 1e3,
-                                            .total_us = now_us() - t0};
+                                            .total_us = clock_now_s() * 1e6 - t0};
     }
     return 0;
 }

@@ -482,7 +482,7 @@ static void h_status(struct server *s, struct client *c, const ProtobufCMessage 
     r.daemon_version = (char *)CAKE_VERSION;
     r.protocol_version = CAKE_PROTOCOL_VERSION;
     r.io_backend = (char *)s->io_name;
-    r.uptime_ms = (uint64_t)((srv_now_s() - s->t_start) * 1e3);
+    r.uptime_ms = (uint64_t)((clock_now_s() - s->t_start) * 1e3);
     r.pool_bytes = s->pool.bytes, r.page_bytes = s->pool.page_bytes;
     r.pages_total = s->pool.pages, r.pages_used = s->pool.used;
     for (uint32_t i = 0; i < s->tenants.n; i++) /* the ones TENANTS lists */
@@ -839,7 +839,7 @@ static const struct {
 void srv_dispatch(struct server *s, struct client *c)
 {
     unsigned t = c->h.type;
-    c->t0 = srv_now_s();
+    c->t0 = clock_now_s();
     if (t & FRAME_REPLY || t == MSG_ERROR) {
         srv_reply_error(s, c, CAKE_EPROTO, "clients send requests, not replies (type %#x)", t);
         return;

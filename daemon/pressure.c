@@ -343,7 +343,7 @@ static uint64_t plan_others(struct server *s, struct client *c, int gpu, uint32_
                  (unsigned long long)got, d->name, (unsigned long long)moving,
                  (unsigned long long)cut_pages);
         d->drained += got, s->m.pages_drained += got;
-        t->drain_until = srv_now_s() + s->cfg.pressure_wait_s;
+        t->drain_until = clock_now_s() + s->cfg.pressure_wait_s;
         coming += got;
     }
     free(give);
@@ -378,7 +378,7 @@ static struct waiter *waiter_new(struct server *s, struct client *c, uint16_t ty
     if (!x)
         return NULL;
     x->client_id = c->id, x->tenant_id = c->tenant->id, x->type = type;
-    x->t0 = srv_now_s(), x->deadline = x->t0 + s->cfg.pressure_wait_s;
+    x->t0 = clock_now_s(), x->deadline = x->t0 + s->cfg.pressure_wait_s;
     snprintf(x->why, sizeof x->why, "%s", why);
     return x;
 }
@@ -579,7 +579,7 @@ static void undrain_idle(struct server *s)
             if (!to || x)
                 continue;
             if (now < 0)
-                now = srv_now_s();
+                now = clock_now_s();
             const struct tenant *t = to <= s->tenants.n ? &s->tenants.t[to - 1] : NULL;
             if (!t || !t->in_use || now >= t->drain_until)
                 pool_undrain(p, to);
@@ -598,7 +598,7 @@ void pressure_poll(struct server *s)
      * clients): the list is taken off first, and what still waits goes back ahead of
      * whatever came meanwhile */
     s->polling = 1;
-    double now = srv_now_s();
+    double now = clock_now_s();
     struct waiter *list = s->waiters, *keep = NULL, **kt = &keep;
     s->waiters = NULL;
     while (list) {

@@ -12,12 +12,6 @@
 #include "seq_int.h"
 #include "indicator.h"
 
-double seq_now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 _Static_assert(TENANT_MAX <= POOL_MAX_OWNERS, "tenant ids own pool segments");
 
@@ -630,7 +624,7 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
                        double pref, struct seq_result *r)
 {
     uint32_t S = seq_scored_len(s);
-    double t0 = e->trace ? seq_now_s() : 0;
+    double t0 = e->trace ? clock_now_s() : 0;
     *r = (struct seq_result){0};
     free(s->pend_ind);
     s->pend_ind = NULL;
@@ -639,7 +633,7 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
         pref = S ? policy_preference(&s->cfg, r->ent, r->var) : 0.0;
     r->pref = pref;
     if (e->trace)
-        s->t_score = seq_now_s() - t0;
+        s->t_score = clock_now_s() - t0;
 }
 
 void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
@@ -649,10 +643,10 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     uint32_t nev = 0;
     const struct seq_exec *x = seq_exec(s);
     r->pref = pref;
-    double t0 = e->trace ? seq_now_s() : 0;
+    double t0 = e->trace ? clock_now_s() : 0;
     if (!r->rc) /* budgets; the kept set too where the indicator is on the host */
         r->rc = cakeseq_prefill_layer(s->cs, layer, pref, x->selection(s), ev, &nev);
-    double t1 = e->trace ? seq_now_s() : 0;
+    double t1 = e->trace ? clock_now_s() : 0;
     if (!r->rc && nev) /* a cascading stage re-compacts every earlier layer whose budget shrank */
         r->rc = x->compact(e, s, ev, nev, r);
     free(s->pend_ind);
@@ -670,7 +664,7 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
         fprintf(stderr, "caked trace: seq %#llx layer %u: score %.0f us, select %.0f us, "
                 "compact %.0f us (%u layers, %llu tokens per head kept)\n",
                 (unsigned long long)s->id, layer, s->t_score * 1e6, (t1 - t0) * 1e6,
-                (seq_now_s() - t1) * 1e6, nev, (unsigned long long)moved);
+                (clock_now_s() - t1) * 1e6, nev, (unsigned long long)moved);
     }
 }
 

@@ -232,13 +232,13 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         };
         at += s->Hkv * (S - ev[i].k);
     }
-    double t0 = e->trace ? seq_now_s() : 0;
+    double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
     struct gpu_evict_times gt;
     gpuctx_evict_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
-    double t1 = e->trace ? seq_now_s() : 0;
+    double t1 = e->trace ? clock_now_s() : 0;
     for (uint32_t i = 0; i < nover && !rc; i++) {
         struct seq_layer *ly = &s->layer[over[i]];
         uint32_t S = ly->tokens - w;
@@ -255,7 +255,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         fprintf(stderr, "caked trace: seq %#llx decode: %u layers (prefixes %u-%u) evicted on the "
                 "GPU %.0f us (tables %.0f, kernel %.0f on the device, call %.0f), positions "
                 "%.0f us\n", (unsigned long long)s->id, nover, lo, hi, (t1 - t0) * 1e6,
-                gt.prep_us, gt.kernel_us, gt.total_us, (seq_now_s() - t1) * 1e6);
+                gt.prep_us, gt.kernel_us, gt.total_us, (clock_now_s() - t1) * 1e6);
     }
     free(ev), free(gone);
     return rc;

@@ -13,7 +13,7 @@
 #define GPOOL(e, s) ((e)->gpu_pools[(s)->gpu_dev])
 #define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
 
-double seq_now_s(void);
+#include "clock.h" /* clock_now_s */
 /* Prompt tokens before the window (the scored prefix). */
 uint32_t seq_scored_len(const struct seq *s);
 /* Host sequences: layer l's query ring [q_heads][w][head_dim] in the window. */

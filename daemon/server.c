@@ -28,12 +28,6 @@
 #include "pressure.h"
 #include "server_int.h"
 
-double srv_now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* --log-level: lines above it are not written (error 0, warning 1, info 2, debug 3) */
 static int log_level = SRV_LOG_INFO;
@@ -334,7 +328,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     log_level = cfg->log_level ? cfg->log_level - 1 : SRV_LOG_INFO; /* 0: the default */
     s->listen_fd = s->sig_fd = s->spare_fd = -1;
     s->owner_uid = geteuid();
-    s->t_start = srv_now_s();
+    s->t_start = clock_now_s();
     s->admin_gid = (gid_t)-1;
     if (cfg->admin_group[0]) {
         struct group *g = getgrnam(cfg->admin_group);

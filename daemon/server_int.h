@@ -156,7 +156,7 @@ struct work_part {
     uint32_t from, to;
 };
 
-double srv_now_s(void);
+#include "clock.h" /* clock_now_s */
 /* The GPU pools' bytes, all together (0: none). */
 uint64_t srv_gpu_bytes(const struct server *s);
 /* The log (standard error, a timestamp and caked[pid] first): srv_log at info level,

@@ -177,12 +177,12 @@ static void work_done(struct job *j)
         } else if (lost) {
             srv_reply_error(s, c, CAKE_ENOSEQ, "a sequence was closed by its owner's exit meanwhile");
         } else if (w->type == MSG_DECODE_STEP) {
-            double t0 = s->env.trace ? srv_now_s() : 0;
+            double t0 = s->env.trace ? clock_now_s() : 0;
             work_decode_reply(s, c, w->seqs, w->n, evictions);
             if (s->env.trace)
                 fprintf(stderr, "caked trace: decode step of %u sequences: %.0f us submitted to "
                         "commit, reserve and reply %.0f us\n", w->n, (t0 - w->t_start) * 1e6,
-                        (srv_now_s() - t0) * 1e6);
+                        (clock_now_s() - t0) * 1e6);
         } else if (w->type == MSG_PARK) {
             srv_reply(s, c, MSG_PARK, NULL);
         } else {
@@ -257,7 +257,7 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
     w->client_id = c->id, w->request_id = c->h.request_id, w->type = type;
     w->layer = layer, w->observe = observe, w->pref = pref;
     w->phase = type != MSG_DECODE_STEP && seqs[0]->group ? 1 : 0;
-    double now = srv_now_s();
+    double now = clock_now_s();
     for (uint32_t i = 0; i < n; i++)
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
