@@ -451,7 +451,6 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     return rc;
 }
 
-
 void gpuexec_set_timing(struct gpuexec *g, int on)
 {
     cudaSetDevice(g->device);
