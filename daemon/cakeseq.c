@@ -171,6 +171,12 @@ static int evict_plan(struct cakeseq *s, struct evict_job *j)
     return 0;
 }
 
+/* Threads for a selection of `work` scores: one below 64K (not worth a team). */
+static int sel_threads(const struct cakeseq *s, uint64_t work)
+{
+    return s->threads == 1 || work < 65536 ? 1 : kern_threads(s->threads);
+}
+
 /* scr: 2 * S uint32 of scratch. */
 static void evict_select(struct cakeseq *s, const struct evict_job *j, uint32_t g, uint32_t *scr)
 {
@@ -236,7 +242,7 @@ static int evict_layers(struct cakeseq *s, struct evict_job *jobs, uint32_t n,
         return 0;
     }
     uint32_t Hkv = s->kv_heads, pairs = n * Hkv;
-    int nth = s->threads == 1 || work * Hkv < 65536 ? 1 : kern_threads(s->threads);
+    int nth = sel_threads(s, work * Hkv);
     if (nth > (int)s->cfg.layers)
         nth = (int)s->cfg.layers; /* one scratch row of ltmp per thread */
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -262,7 +268,7 @@ static int evict_layers(struct cakeseq *s, struct evict_job *jobs, uint32_t n,
 static int runs_rank_layer(struct cakeseq *s, float *ind)
 {
     uint32_t Hkv = s->kv_heads, S = s->S;
-    int nth = s->threads == 1 || (uint64_t)S * Hkv < 65536 ? 1 : kern_threads(s->threads);
+    int nth = sel_threads(s, (uint64_t)S * Hkv);
     if (nth > (int)Hkv)
         nth = (int)Hkv;
     uint64_t *key = malloc(sizeof(uint64_t) * 2 * S * nth);

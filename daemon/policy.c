@@ -5,6 +5,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "../kernels/kern.h"
 #include "policy.h"
 
 void policy_cfg_default(struct policy_cfg *cfg, uint32_t layers, uint32_t cache_size)
@@ -243,15 +244,6 @@ int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t
     return 0;
 }
 
-/* A float's order as an unsigned integer's (larger float, larger integer; NaN above +inf
- * with its sign bit clear, below -inf with it set: any fixed order will do). */
-static inline uint32_t float_order(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u & 0x80000000u ? ~u : u | 0x80000000u;
-}
-
 /* Stable LSD radix sort of a[0..n) by each entry's upper 32 bits (4 passes of 8 bits; a
  * digit all entries share is skipped); tmp: n more. The result is in a. */
 static void sort_hi32(uint64_t *a, uint64_t *tmp, uint32_t n)
@@ -281,7 +273,7 @@ void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uin
 {
     /* best score first, the earlier position first among equals */
     for (uint32_t j = 0; j < S; j++)
-        key[j] = (uint64_t)~float_order(ind[j]) << 32 | j;
+        key[j] = (uint64_t)~kern_sort_key(ind[j]) << 32 | j;
     sort_hi32(key, key + S, S); /* stable: the earlier of equal scores stays first */
     memset(taken, 0, S);
     uint32_t h = width / 2, r = S;

@@ -134,11 +134,11 @@ int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t
 
 /* Rewrites one head's scores ind[0..S) into ranks (S for the first kept, down to 1) whose
  * top b, for any b, is whole runs of `width` (odd) consecutive positions: greedy over the
- * positions by score (ties: the earlier first), each takes the window of width positions
- * centered on it (clipped at 0 and S) unless a position of it is already taken, its
- * positions ranked center first, then outward (the earlier of two at one distance first);
- * then every position left, by score (ranks exact below 2^24 positions). key: 2 S uint64
- * of scratch; taken: S bytes. */
+ * positions by score (ties: the earlier first; NaN lowest, as kern_topk), each takes the
+ * window of width positions centered on it (clipped at 0 and S) unless a position of it is
+ * already taken, its positions ranked center first, then outward (the earlier of two at one
+ * distance first); then every position left, by score (ranks exact below 2^24 positions).
+ * key: 2 S uint64 of scratch; taken: S bytes. */
 void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uint8_t *taken);
 
 const char *policy_mode_name(enum policy_mode m);

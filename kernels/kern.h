@@ -106,6 +106,16 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
  * same contract, no rounding, O(n) memory per row. */
 int kern_score_layer_ref(const struct kern_score_args *a, struct kern_score_out *out);
 
+/* A score's rank as an unsigned integer: larger score, larger key; NaN lowest (the order
+ * kern_topk and the daemon's run ranking select by). */
+static inline uint32_t kern_sort_key(float f)
+{
+    uint32_t u = kern_f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 /* Top-k of one score vector.
  * Picks the k largest of score[0..n) with ties broken by lower position (NaN ranks
  * lowest). Writes the chosen positions to idx[0..k): ascending positions when

@@ -10,14 +10,6 @@
 
 #include "kern.h"
 
-static inline uint32_t sort_key(float f)
-{
-    uint32_t u = kern_f32_to_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0; /* NaN: lowest */
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 struct ranked {
     uint32_t key;
     uint32_t pos;
@@ -92,7 +84,7 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
     uint32_t prefix, need;
     if (keys) {
         for (uint32_t j = 0; j < n; j++)
-            keys[j] = sort_key(score[j]);
+            keys[j] = kern_sort_key(score[j]);
         prefix = threshold(keys, n, k, keys + n, &need);
     } else { /* no memory: the same passes over the scores, slower */
         static const int shift[3] = {21, 10, 0};
@@ -104,7 +96,7 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
             for (uint32_t b = 0; b < nb; b++)
                 hist[b] = 0;
             for (uint32_t j = 0; j < n; j++) {
-                uint32_t key = sort_key(score[j]);
+                uint32_t key = kern_sort_key(score[j]);
                 if ((key & mask) == prefix)
                     hist[(key >> shift[pass]) & (nb - 1)]++;
             }
@@ -130,7 +122,7 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
         }
     } else {
         for (uint32_t j = 0; j < n; j++) {
-            uint32_t key = sort_key(score[j]);
+            uint32_t key = kern_sort_key(score[j]);
             if (key > prefix || (key == prefix && ties && ties--))
                 idx[m++] = j;
         }
@@ -139,7 +131,7 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
         struct ranked *r = malloc(sizeof(*r) * m);
         if (r) {
             for (uint32_t i = 0; i < m; i++)
-                r[i] = (struct ranked){sort_key(score[idx[i]]), idx[i]};
+                r[i] = (struct ranked){kern_sort_key(score[idx[i]]), idx[i]};
             qsort(r, m, sizeof(*r), by_score_then_pos);
             for (uint32_t i = 0; i < m; i++)
                 idx[i] = r[i].pos;
@@ -147,9 +139,9 @@ uint32_t kern_topk_ws(const float *score, uint32_t n, uint32_t k, enum kern_orde
         } else {
             /* no memory: insertion sort keeps the contract, only slower */
             for (uint32_t i = 1; i < m; i++) {
-                uint32_t p = idx[i], kp = sort_key(score[p]), q = i;
+                uint32_t p = idx[i], kp = kern_sort_key(score[p]), q = i;
                 for (; q > 0; q--) {
-                    uint32_t kq = sort_key(score[idx[q - 1]]);
+                    uint32_t kq = kern_sort_key(score[idx[q - 1]]);
                     if (kq > kp || (kq == kp && idx[q - 1] < p))
                         break;
                     idx[q] = idx[q - 1];
