@@ -607,6 +607,8 @@ static void h_seq_info(struct server *s, struct client *c, const ProtobufCMessag
     }
     Cake__SeqInfo r;
     fill_seq(s, &r, q);
+    char comp[POLICY_DESCRIBE_MAX];
+    r.components = policy_describe(&q->cfg, comp, sizeof comp);
     Cake__LayerInfo *li = calloc(q->L, sizeof(*li));
     Cake__LayerInfo **lp = calloc(q->L, sizeof(*lp));
     if (!li || !lp) {

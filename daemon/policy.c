@@ -1,6 +1,7 @@
 /* policy.c - layer-budget allocation (see policy.h). */
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -149,6 +150,52 @@ const char *policy_ind_name(enum policy_ind i)
     return (unsigned)i <= POLICY_IND_POSITION ? ind_names[i] : "?";
 }
 int policy_ind_parse(const char *s) { return name_parse(ind_names, 6, s); }
+
+static const char *const pool_names[] = {"default", "avg", "max", "none"};
+static const char *const decode_names[] = {"default", "evict", "prefill-only"};
+
+char *policy_describe(const struct policy_cfg *cfg, char *buf, size_t n)
+{
+    size_t at = 0;
+#define PUT(...)                                                             \
+    do {                                                                     \
+        int k_ = snprintf(buf + at, at < n ? n - at : 0, __VA_ARGS__);       \
+        at += k_ > 0 ? (size_t)k_ : 0;                                       \
+    } while (0)
+    if (!n)
+        return buf;
+    buf[0] = 0;
+    PUT("alloc %s", policy_alloc_name(cfg->alloc));
+    if (cfg->alloc == POLICY_ALLOC_PREFERENCE)
+        PUT(" (tau %g/%g, gamma %g%s)", cfg->tau1, cfg->tau2, cfg->gamma,
+            cfg->cascading ? "" : ", no cascade");
+    else if (cfg->alloc == POLICY_ALLOC_PYRAMID)
+        PUT(" (beta %g)", cfg->pyramid_beta);
+    PUT(", indicator %s", policy_ind_name(cfg->indicator));
+    if (cfg->accumulate)
+        PUT(" accumulated");
+    if ((unsigned)cfg->pool <= POLICY_POOL_NONE)
+        PUT(", pool %s", pool_names[cfg->pool]);
+    if (cfg->pool != POLICY_POOL_NONE)
+        PUT(" %u", cfg->pool_kernel);
+    if ((unsigned)cfg->decode <= POLICY_DECODE_PREFILL_ONLY)
+        PUT(", decode %s", decode_names[cfg->decode]);
+    if (cfg->decode_slack)
+        PUT(" (slack %u)", cfg->decode_slack);
+    PUT(", window %u", cfg->window);
+    if (cfg->indicator == POLICY_IND_POSITION)
+        PUT(", sinks %u", cfg->sinks);
+    if (cfg->per_head_budgets)
+        PUT(", per-head budgets (alpha %g)", cfg->ada_alpha);
+    if (cfg->shared_heads)
+        PUT(", one set for all heads");
+    if (policy_keeps_runs(cfg))
+        PUT(", runs of %u", cfg->run_width);
+#undef PUT
+    if (at >= n && n > 4) /* cut short: say so */
+        memcpy(buf + n - 4, "...", 4);
+    return buf;
+}
 
 int policy_budgets_static(const struct policy_cfg *cfg, int64_t S, int64_t *b)
 {

@@ -141,6 +141,13 @@ int policy_head_budgets(const struct policy_cfg *cfg, const float *ind, uint32_t
  * key: 2 S uint64 of scratch; taken: S bytes. */
 void policy_runs_rank(float *ind, uint32_t S, uint32_t width, uint64_t *key, uint8_t *taken);
 
+/* cfg (resolved) in words, every component as it runs: "alloc preference (tau 1/1, gamma 200),
+ * indicator mean+var, pool avg 5, decode evict, window 32" and what the kind adds (sinks, per-
+ * head budgets, runs, ...). Writes at most n bytes (NUL included; cut short if smaller than
+ * POLICY_DESCRIBE_MAX) and returns buf. */
+#define POLICY_DESCRIBE_MAX 256
+char *policy_describe(const struct policy_cfg *cfg, char *buf, size_t n);
+
 const char *policy_mode_name(enum policy_mode m);
 int policy_mode_parse(const char *s); /* -1 if unknown */
 

@@ -5,7 +5,8 @@
  *     tenants                tenants: weight, minimum, cap, bytes used, sequences
  *     sequences              open sequences (every tenant's for administrators: root,
  *                            caked's uid, --admin-group; else the caller's tenant's)
- *     seq ID                 one sequence, layer by layer: preference, budget, kept
+ *     seq ID                 one sequence: its policy's components, then layer by
+ *                            layer: preference, budget, kept
  *     metrics                Prometheus text
  *     quota TENANT [--uid UID] [--weight N] [--min SIZE] [--max SIZE]   (administrators;
  *                            changes only the values given)
@@ -243,6 +244,8 @@ static json_t *seq_json(const Cake__SeqInfo *q)
     if (q->gpu_uuid && q->gpu_uuid[0])
         json_object_set_new(o, "gpu_uuid", json_string(q->gpu_uuid));
     json_object_set_new(o, "placement", json_string(place_name(q->placement)));
+    if (q->components && q->components[0])
+        json_object_set_new(o, "components", json_string(q->components));
     return o;
 }
 
@@ -313,6 +316,8 @@ static int cmd_seq(cake_ctx *c, const char *arg)
                q->tenant, q->layers, q->kv_heads, q->head_dim, dtype_name(q->dtype),
                q->prompt_len, q->decoded_tokens, q->mode ? "fixed" : "parity", policy_of(q),
                q->cache_size, by);
+        if (q->components && q->components[0])
+            printf("%s\n", q->components);
         if (q->reslices)
             printf("re-sliced %u times to make room: %u tokens per layer now\n", q->reslices,
                    q->effective_cache);

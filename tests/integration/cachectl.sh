@@ -58,9 +58,17 @@ L = q["layer"]
 assert len(L) == 4 and q["prefilled_layers"] == 4, q
 # fixed mode, cascading: the budgets share exactly (C - w) * L scored tokens
 assert sum(l["budget"] for l in L) == (128 - 32) * 4, [l["budget"] for l in L]
-assert all(l["prefix"] == l["budget"] and l["tokens"] == l["budget"] + 32 for l in L), L' \
+assert all(l["prefix"] == l["budget"] and l["tokens"] == l["budget"] + 32 for l in L), L
+assert q["components"] == ("alloc preference (tau 1/1, gamma 200), indicator mean+var, "
+                           "pool avg 5, decode evict, window 32"), q["components"]' \
     || fail "seq json"
 "$ctl" --socket "$sock" seq "$id" | grep -q "PREFERENCE" || fail "seq table"
+"$ctl" --socket "$sock" seq "$id" | grep -qx "alloc preference (tau 1/1, gamma 200), indicator mean+var, pool avg 5, decode evict, window 32" \
+    || fail "seq components"
+"$ctl" --socket "$sock" --json sequences | python3 -c '
+import json, sys
+assert all("components" not in q for q in json.load(sys.stdin)["sequences"])' \
+    || fail "the list carries no components (seq ID does)"
 "$ctl" --socket "$sock" tenants | grep -q "engine-1" || fail "tenants table"
 "$ctl" --socket "$sock" metrics | grep -q '^caked_requests_total{type="prefill_observe"} [1-9]' \
     || fail "metrics"

@@ -185,6 +185,48 @@ Test(policy, kinds_resolve_and_validate)
     cr_assert_eq(policy_kind_parse("nope"), -1);
 }
 
+/* What cachectl seq shows: every component as the policy runs, the kind's own filled in. */
+static const char *describe(enum policy_kind k, uint32_t run_width, enum policy_decode d)
+{
+    static char buf[POLICY_DESCRIBE_MAX];
+    struct policy_cfg c;
+    policy_cfg_default(&c, 8, 256);
+    c.kind = k, c.run_width = run_width, c.decode = d;
+    cr_assert_null(policy_cfg_check(&c));
+    policy_cfg_resolve(&c);
+    return policy_describe(&c, buf, sizeof buf);
+}
+
+Test(policy, describe_names_every_component)
+{
+    cr_assert_str_eq(describe(POLICY_CAKE, 0, 0), "alloc preference (tau 1/1, gamma 200), "
+                     "indicator mean+var, pool avg 5, decode evict, window 32");
+    cr_assert_str_eq(describe(POLICY_SNAPKV, 15, POLICY_DECODE_EVICT), "alloc uniform, "
+                     "indicator mean, pool max 7, decode evict, window 32, runs of 15");
+    cr_assert_str_eq(describe(POLICY_ADAKV, 0, 0), "alloc uniform, indicator mean, pool max 7, "
+                     "decode prefill-only, window 32, per-head budgets (alpha 0.2)");
+    cr_assert_str_eq(describe(POLICY_STREAMING, 0, 0), "alloc uniform, indicator position, "
+                     "pool none, decode evict, window 32, sinks 4");
+    cr_assert_str_eq(describe(POLICY_H2O, 0, 0), "alloc uniform, indicator mean accumulated, "
+                     "pool none, decode evict, window 32");
+    cr_assert_str_eq(describe(POLICY_TOVA, 0, 0), "alloc uniform, indicator last, pool none, "
+                     "decode evict, window 32, one set for all heads");
+    cr_assert_str_eq(describe(POLICY_PYRAMIDKV, 0, 0), "alloc pyramid (beta 20), indicator "
+                     "mean, pool max 7, decode prefill-only, window 32");
+    struct policy_cfg c;
+    policy_cfg_default(&c, 8, 256);
+    c.tau1 = 0.5f, c.tau2 = 4.0f, c.cascading = 0, c.decode_slack = 8;
+    policy_cfg_resolve(&c);
+    char buf[POLICY_DESCRIBE_MAX];
+    cr_assert_str_eq(policy_describe(&c, buf, sizeof buf), "alloc preference (tau 0.5/4, "
+                     "gamma 200, no cascade), indicator mean+var, pool avg 5, decode evict "
+                     "(slack 8), window 32");
+    char small[16];
+    memset(small, 'x', sizeof small);
+    cr_assert_str_eq(policy_describe(&c, small, sizeof small), "alloc prefer...",
+                     "a short buffer is cut and says so");
+}
+
 /* run_width reshapes a scored prefill selection: odd, up to 255, fixed mode, and only where
  * the kept set is one top of a score that the prefill fixes. */
 Test(policy, run_width_validates)
