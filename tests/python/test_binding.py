@@ -131,6 +131,43 @@ class Binding(unittest.TestCase):
             with self.assertRaises(caked.TooBig):  # max_new_tokens reached
                 s.decode_step()
 
+    def test_layer_copies_across_pages(self):
+        """write_layer at any start (pieces crossing page boundaries) and read_layer, into new
+        arrays or the caller's, give back exactly what was written; pages(l, a, b) are those
+        of pages(l)."""
+        rng = np.random.default_rng()
+        Hkv, D, n = 2, 64, 900
+        with caked.Client(self.d.sock, service="py-pages") as c:
+            s = c.open_sequence(1, 4, Hkv, D, n, dtype="f32", cache_size=1024, window=16)
+            s.reserve(0)
+            tpp = s.tokens_per_page
+            self.assertGreater(n, 3 * tpp, "the layer spans several pages")
+            k = rng.standard_normal((Hkv, n, D)).astype(np.float32)
+            v = rng.standard_normal((Hkv, n, D)).astype(np.float32)
+            at = 0
+            while at < n:
+                t = min(n - at, int(rng.integers(1, 2 * tpp)))
+                s.write_layer(0, k[:, at:at + t], v[:, at:at + t], start=at)
+                at += t
+            self.assertEqual(s.tokens(0), n)
+            kk, vv = s.read_layer(0)
+            self.assertTrue((kk == k).all() and (vv == v).all())
+            K, V = np.zeros((Hkv, n + 5, D), np.float32), np.zeros((Hkv, n + 5, D), np.float32)
+            k2, v2 = s.read_layer(0, out=(K, V))
+            self.assertEqual(k2.shape, (Hkv, n, D))
+            self.assertTrue(np.shares_memory(k2, K) and np.shares_memory(v2, V))
+            self.assertTrue((K[:, :n] == k).all() and (V[:, :n] == v).all())
+            self.assertTrue((K[:, n:] == 0).all() and (V[:, n:] == 0).all(), "past n: untouched")
+            with self.assertRaises(caked.InvalidArgument):
+                s.read_layer(0, out=(K[:, :n - 1], V))
+            with self.assertRaises(caked.InvalidArgument):
+                s.read_layer(0, out=(K.astype(np.float16), V))
+            every, some = s.pages(0), s.pages(0, 1, 3)
+            self.assertEqual(len(some), 2)
+            for (pk, pv), (qk, qv) in zip(some, every[1:3]):
+                self.assertTrue(np.shares_memory(pk, qk) and (pk == qk).all() and (pv == qv).all())
+            self.assertTrue((every[1][0][:, :5] == k[:, tpp:tpp + 5]).all())
+
     def test_typed_errors(self):
         with caked.Client(self.d.sock, service="py-errors") as c:
             with self.assertRaises(caked.InvalidArgument):
@@ -163,6 +200,62 @@ class Binding(unittest.TestCase):
             self.assertEqual(t.dtype, torch.bfloat16)
             t[:] = 1.5
             self.assertTrue((s.queries(0) == bf16(1.5)).all())
+
+
+class PrivateDaemon(unittest.TestCase):
+    """caked.daemon.Private: a tool's own caked ends with the tool, however the tool ends."""
+
+    CHILD = """
+import os, sys, time
+sys.path.insert(0, %r)
+import caked.daemon
+d = caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "64M").start()
+print(d.proc.pid, d.dir, flush=True)
+if sys.argv[1] == "raise":
+    raise RuntimeError("the tool fails")
+time.sleep(60)
+"""
+
+    def gone(self, pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    def test_with_block(self):
+        import caked.daemon
+        with caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "64M") as d:
+            with caked.Client(d.sock) as c:
+                c.ping()
+            pid, where = d.proc.pid, d.dir
+        self.assertEqual(d.proc.returncode, 0, "caked exits cleanly on SIGTERM")
+        self.assertTrue(self.gone(pid) and not os.path.exists(where))
+        self.assertIsNotNone(d.stop(), "stop() again is harmless")
+
+    def test_ends_with_a_failing_or_stopped_tool(self):
+        pkg = os.path.join(os.path.dirname(__file__), "..", "..", "client", "python")
+        for how in ("raise", "sigterm"):
+            child = subprocess.Popen([sys.executable, "-c", self.CHILD % pkg, how],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+            pid, where = child.stdout.readline().split()
+            pid = int(pid)
+            self.assertFalse(self.gone(pid), "caked runs while the tool does")
+            if how == "sigterm":
+                child.terminate()
+            self.assertNotEqual(child.wait(30), 0)
+            child.stdout.close()
+            self.assertTrue(self.gone(pid), f"caked outlived a tool that ended by {how}")
+            self.assertFalse(os.path.exists(where), how)
+
+    def test_refused_start_says_so(self):
+        import caked.daemon
+        d = caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "nonsense")
+        with self.assertRaises(RuntimeError):
+            d.start()
+        self.assertIsNotNone(d.proc.returncode)
+        self.assertFalse(os.path.exists(d.dir))
 
 
 if __name__ == "__main__":

@@ -124,8 +124,7 @@ def main():
                 alone, slots1 = ev.run_row(model, model.config, client, rec, gold, r, b, opts, tau)
                 assert slots == slots1 and (lg - alone).abs().max().item() < 1e-4, (r, slots)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        assert proc.stop() == 0, "caked did not exit cleanly"
     print("cake-eval: one process and two workers give the same numbers, --from-csv the same "
           "table; the full policy through caked gives transformers' "
           "log-probabilities and NLLs; every row holds its budget; rows replayed as one "

@@ -215,8 +215,10 @@ class Client:
             self._ctx = None
             raise
         self._seqs = []
+        self._pool_arr = None
 
     def close(self):
+        self._pool_arr = None
         if self._ctx:
             for s in self._seqs:
                 s._handle = None
@@ -244,6 +246,14 @@ class Client:
         if not base:
             raise InvalidArgument(-5005, "connected without the pool (map_pool=False)")
         return base, size
+
+    def _pool_bytes(self):
+        """The host pool as one uint8 array (no copy): pages are slices of it. Only the
+        pages caked gave this client are mapped; nothing else of it may be touched."""
+        if self._pool_arr is None:
+            base, size = self._pool()
+            self._pool_arr = np.frombuffer((ctypes.c_char * size).from_address(base), np.uint8)
+        return self._pool_arr
 
     def open_sequence(self, layers, q_heads, kv_heads, head_dim, prompt_len, dtype="bf16",
                       max_new_tokens=0, mode="fixed", cache_size=1024, window=32, tau1=1.0,
@@ -394,36 +404,53 @@ class Sequence:
                 return out[:n.value].copy()
             out = np.empty(n.value, np.uint32)
 
-    def pages(self, layer):
-        """Zero-copy (K, V) views of each page: [kv_heads][tokens_per_page][head_dim]."""
+    def pages(self, layer, first=0, last=None):
+        """Zero-copy (K, V) views of each page: [kv_heads][tokens_per_page][head_dim]
+        (pages first..last - 1 of the layer's; all by default)."""
         self._ctx()
-        base, _ = self._client._pool()
+        pool = self._client._pool_bytes()
         n = ctypes.c_uint32()
         offs = _L().cake_layer_pages(self._handle, layer, ctypes.byref(n))
-        tpp, shape = self.tokens_per_page, (self.kv_heads, self.tokens_per_page, self.head_dim)
-        half = self.kv_heads * tpp * self.head_dim * np.dtype(self._np).itemsize
-        return [(_view(base + offs[i], shape, self._np), _view(base + offs[i] + half, shape, self._np))
-                for i in range(n.value)]
+        shape = (2, self.kv_heads, self.tokens_per_page, self.head_dim)  # K then V
+        dt = np.dtype(self._np)
+        span = 2 * self.kv_heads * self.tokens_per_page * self.head_dim * dt.itemsize
+        out = []
+        for i in range(first, n.value if last is None else min(last, n.value)):
+            kv = pool[offs[i]:offs[i] + span].view(dt).reshape(shape)
+            out.append((kv[0], kv[1]))
+        return out
 
     def write_layer(self, layer, k, v, start=0):
         """Copies k, v ([kv_heads][t][head_dim]) into slots start.. of the layer."""
         k, v = np.asarray(k, dtype=self._np), np.asarray(v, dtype=self._np)
-        tpp = self.tokens_per_page
-        for i, (pk, pv) in enumerate(self.pages(layer)):
-            a, b = max(start, i * tpp), min(start + k.shape[1], (i + 1) * tpp)
-            if a < b:
-                pk[:, a - i * tpp:b - i * tpp] = k[:, a - start:b - start]
-                pv[:, a - i * tpp:b - i * tpp] = v[:, a - start:b - start]
+        tpp, t = self.tokens_per_page, k.shape[1]
+        if not t:
+            return
+        p0 = start // tpp
+        for i, (pk, pv) in enumerate(self.pages(layer, p0, (start + t - 1) // tpp + 1), p0):
+            a, b = max(start, i * tpp), min(start + t, (i + 1) * tpp)
+            pk[:, a - i * tpp:b - i * tpp] = k[:, a - start:b - start]
+            pv[:, a - i * tpp:b - i * tpp] = v[:, a - start:b - start]
 
-    def read_layer(self, layer):
-        """Copies of the layer's held K and V: [kv_heads][tokens(layer)][head_dim] each."""
-        n, pages = self.tokens(layer), self.pages(layer)
-        if not pages:
-            z = np.zeros((self.kv_heads, 0, self.head_dim), self._np)
-            return z, z.copy()
-        k = np.concatenate([p[0] for p in pages], axis=1)[:, :n].copy()
-        v = np.concatenate([p[1] for p in pages], axis=1)[:, :n].copy()
-        return k, v
+    def read_layer(self, layer, out=None):
+        """Copies of the layer's held K and V: [kv_heads][tokens(layer)][head_dim] each;
+        into out = (k, v), arrays of this dtype [kv_heads][>= tokens][head_dim], when given
+        (their first tokens(layer) slots; returned as views of them)."""
+        n, tpp = self.tokens(layer), self.tokens_per_page
+        if out is None:
+            k = np.empty((self.kv_heads, n, self.head_dim), self._np)
+            v = np.empty_like(k)
+        else:
+            k, v = out
+            if k.dtype != np.dtype(self._np) or v.dtype != k.dtype or k.shape[1] < n or \
+                    v.shape[1] < n:
+                raise InvalidArgument(-5005, f"read_layer needs {self._np.__name__} arrays "
+                                             f"of at least {n} tokens")
+        for i, (pk, pv) in enumerate(self.pages(layer, 0, (n + tpp - 1) // tpp)):
+            a, b = i * tpp, min(n, (i + 1) * tpp)
+            k[:, a:b] = pk[:, :b - a]
+            v[:, a:b] = pv[:, :b - a]
+        return k[:, :n], v[:, :n]
 
     def queries(self, layer):
         """Zero-copy view of the layer's window queries: [q_heads][window][head_dim]."""

@@ -327,16 +327,20 @@ class CakedCache(Cache):
         for b, s in enumerate(self.seqs):
             t = s.tokens(l)
             s.write_layer(l, _np_of(k[b]), _np_of(v[b]), start=t - 1)
-            hk, hv = s.read_layer(l)
-            to_t = torch_view if s.dtype == "bf16" else torch.from_numpy
-            held.append((to_t(hk), to_t(hv), self._hole_mask(s, l, hk.shape[1])))
-        T = max(h[0].shape[1] for h in held)
+            held.append(t)
+        T = max(held)
         K = k.new_zeros(len(held), k.shape[1], T, k.shape[-1])
         V = torch.zeros_like(K)
         mask = torch.zeros(len(held), self.q_heads, 1, T, dtype=torch.bool, device=k.device)
-        for b, (hk, hv, hm) in enumerate(held):
-            n = hk.shape[1]
-            K[b, :, :n], V[b, :, :n] = hk.to(k.device), hv.to(k.device)
+        direct = K.device.type == "cpu" and K.dtype == torch.float32
+        for b, (s, n) in enumerate(zip(self.seqs, held)):
+            if direct and s.dtype == "f32":  # straight from the pages into the batch
+                s.read_layer(l, out=(K[b].numpy(), V[b].numpy()))
+            else:
+                hk, hv = s.read_layer(l)
+                to_t = torch_view if s.dtype == "bf16" else torch.from_numpy
+                K[b, :, :n], V[b, :, :n] = to_t(hk).to(k.device), to_t(hv).to(k.device)
+            hm = self._hole_mask(s, l, n)
             mask[b, :, 0, :n] = True if hm is None else hm.to(k.device)
         self._masks[l] = None if len(held) == 1 and bool(mask.all()) else mask
         return K, V
