@@ -4,14 +4,13 @@ environment; the package is imported from client/python."""
 import os
 import subprocess
 import sys
-import tempfile
-import time
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "client", "python"))
 import caked  # noqa: E402
+import caked.daemon  # noqa: E402
 
 
 def bf16(x):
@@ -21,31 +20,16 @@ def bf16(x):
     return (u >> 16).astype(np.uint16)
 
 
-class Daemon:
-    """A private caked (args: more options, which win over the defaults); its log in
-    self.log when log is set (else discarded)."""
+class Daemon(caked.daemon.Private):
+    """A private caked for a test (args: more options, which win over the defaults); its log
+    to `log` when given (else discarded); its exit on SIGTERM must be clean."""
 
     def __init__(self, *args, log=None):
-        self.args, self.log = list(args), log
-
-    def __enter__(self):
-        self.dir = tempfile.mkdtemp(prefix="caked-py-")
-        self.sock = os.path.join(self.dir, "caked.sock")
-        self.proc = subprocess.Popen([os.environ["CAKED_BIN"], "--socket", self.sock,
-                                      "--host-pool", "128M", "--workers", "2", *self.args],
-                                     stderr=self.log or subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                caked.Client(self.sock, map_pool=False).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("caked did not start")
+        super().__init__(os.environ["CAKED_BIN"], "--host-pool", "128M", "--workers", "2",
+                         *args, stderr=log or subprocess.DEVNULL)
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        assert self.proc.wait(10) == 0
-        os.rmdir(self.dir) if not os.listdir(self.dir) else None
+        assert self.stop() == 0, "caked did not exit cleanly"
 
 
 class Binding(unittest.TestCase):
@@ -224,7 +208,6 @@ time.sleep(60)
         return False
 
     def test_with_block(self):
-        import caked.daemon
         with caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "64M") as d:
             with caked.Client(d.sock) as c:
                 c.ping()
@@ -250,7 +233,6 @@ time.sleep(60)
             self.assertFalse(os.path.exists(where), how)
 
     def test_refused_start_says_so(self):
-        import caked.daemon
         d = caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "nonsense")
         with self.assertRaises(RuntimeError):
             d.start()
