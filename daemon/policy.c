@@ -159,7 +159,8 @@ char *policy_describe(const struct policy_cfg *cfg, char *buf, size_t n)
     size_t at = 0;
 #define PUT(...)                                                             \
     do {                                                                     \
-        int k_ = snprintf(buf + at, at < n ? n - at : 0, __VA_ARGS__);       \
+        int k_ = snprintf(at < n ? buf + at : NULL, at < n ? n - at : 0,     \
+                          __VA_ARGS__);                                      \
         at += k_ > 0 ? (size_t)k_ : 0;                                       \
     } while (0)
     if (!n)
