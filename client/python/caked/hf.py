@@ -531,15 +531,29 @@ def record(model, ids, window=32):
                   out.logits[0, -1].detach().clone())  # a copy: a view keeps every position's
 
 
-def decode(model, cache, tokens):
+def decode(model, cache, tokens, graph=False):
     """Feeds tokens [n] one at a time after what `cache` holds (positions go on from
     cache.get_seq_length()); returns the logits after each, [n][vocab] (teacher forcing).
     tokens [B][n] feeds a cache of B rows (e.g. CakedCache.join of one record replayed
-    under B policies) one step for all rows at a time: logits [B][n][vocab]."""
-    kw = {cache_kwarg(model): cache}
+    under B policies) one step for all rows at a time: logits [B][n][vocab]. graph: a
+    CakedCache on GPU sequences, each step one CUDA graph (GraphDecoder; the eager
+    forward's logits to bf16 rounding) instead of transformers' per-layer loop."""
     dev = model.device
     rows = tokens.dim() == 2
     ids = (tokens if rows else tokens[None]).to(dev)
+    if graph:
+        dec = GraphDecoder(model, cache)
+        try:
+            lg = None
+            for i in range(ids.shape[1]):
+                step = dec.step(ids[:, i])
+                if lg is None:
+                    lg = step.new_empty(ids.shape[0], ids.shape[1], step.shape[-1])
+                lg[:, i] = step  # a view of the graph's output: copied before the next
+        finally:
+            dec.close()
+        return lg if rows else lg[0]
+    kw = {cache_kwarg(model): cache}
     out = []
     with torch.no_grad():
         for i in range(ids.shape[1]):
