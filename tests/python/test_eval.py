@@ -126,7 +126,8 @@ def main():
             assert ev.row_policy("/".join([kind] + parts[::-1])) == kw, name
     assert ev.row_policy("cake/pool=none/runs=15") == \
         {"policy": "cake", "pool": "none", "run_width": 15}
-    for bad in ("cake/runs=4", "cake/alloc=foo", "full/pool=none", "cake/pool=none5", "x/runs=5"):
+    for bad in ("cake/runs=4", "cake/alloc=foo", "full/pool=none", "cake/pool=none5", "x/runs=5",
+                "cake/pool=max6", "cake/pool=avg257"):
         assert ev.row_policy(bad) is None, bad
     torch.set_num_threads(2)
     model, tok = ev.load_model("smollm2")
