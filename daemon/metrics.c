@@ -39,9 +39,8 @@ const char *metrics_err_name(enum metrics_err e)
     return n[e];
 }
 
-void metrics_observe_latency(struct metrics *m, unsigned type, double s)
+static void lat_observe(struct metrics_lat *h, double s)
 {
-    struct metrics_lat *h = &m->lat[type <= MSG_TYPE_MAX ? type : 0];
     for (int i = 0; i < METRICS_LAT_BUCKETS; i++)
         if (s <= metrics_lat_bounds_s[i]) {
             h->bucket[i]++;
@@ -49,6 +48,21 @@ void metrics_observe_latency(struct metrics *m, unsigned type, double s)
         }
     h->sum_s += s;
     h->count++;
+}
+
+void metrics_observe_latency(struct metrics *m, unsigned type, double s)
+{
+    lat_observe(&m->lat[type <= MSG_TYPE_MAX ? type : 0], s);
+}
+
+void metrics_observe_work(struct metrics *m, enum metrics_work kind, const struct job *j,
+                          double now)
+{
+    if (!j->t_end)
+        return;
+    lat_observe(&m->work[kind][STAGE_QUEUED], j->t_start - j->t_submit);
+    lat_observe(&m->work[kind][STAGE_RUN], j->t_end - j->t_start);
+    lat_observe(&m->work[kind][STAGE_RETURN], now - j->t_end);
 }
 
 int strbuf_printf(struct strbuf *b, const char *fmt, ...)
@@ -73,6 +87,23 @@ int strbuf_printf(struct strbuf *b, const char *fmt, ...)
             return -ENOMEM;
         b->s = s, b->cap = cap;
     }
+}
+
+/* One histogram's series (cumulative buckets, +Inf, sum, count) with its labels. */
+static int histogram(struct strbuf *b, const char *name, const char *labels,
+                     const struct metrics_lat *h)
+{
+    int rc = 0;
+    uint64_t cum = 0;
+    for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
+        cum += h->bucket[i];
+        rc |= strbuf_printf(b, "%s_bucket{%s,le=\"%g\"} %llu\n", name, labels,
+                            metrics_lat_bounds_s[i], (unsigned long long)cum);
+    }
+    rc |= strbuf_printf(b, "%s_bucket{%s,le=\"+Inf\"} %llu\n%s_sum{%s} %.9f\n%s_count{%s} %llu\n",
+                        name, labels, (unsigned long long)h->count, name, labels, h->sum_s,
+                        name, labels, (unsigned long long)h->count);
+    return rc;
 }
 
 /* One per-tenant series of a uint64_t field of struct tenant (at `field`): c's own tenant's
@@ -197,20 +228,25 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "# TYPE caked_request_duration_seconds histogram\n");
     for (unsigned t = 0; t <= MSG_TYPE_MAX; t++) {
         const struct metrics_lat *h = &s->m.lat[t];
-        const char *type = t ? frame_type_name(t) : "unknown";
+        char labels[64];
         if (t == MSG_MAP || (!t && !h->count))
             continue; /* MAP is never a request; unknown types only once seen */
-        uint64_t cum = 0;
-        for (int i = 0; i < METRICS_LAT_BUCKETS; i++) {
-            cum += h->bucket[i];
-            P("caked_request_duration_seconds_bucket{type=\"%s\",le=\"%g\"} %llu\n", type,
-              metrics_lat_bounds_s[i], (unsigned long long)cum);
-        }
-        P("caked_request_duration_seconds_bucket{type=\"%s\",le=\"+Inf\"} %llu\n"
-          "caked_request_duration_seconds_sum{type=\"%s\"} %.9f\n"
-          "caked_request_duration_seconds_count{type=\"%s\"} %llu\n",
-          type, (unsigned long long)h->count, type, h->sum_s, type, (unsigned long long)h->count);
+        snprintf(labels, sizeof labels, "type=\"%s\"", t ? frame_type_name(t) : "unknown");
+        rc |= histogram(b, "caked_request_duration_seconds", labels, h);
     }
+    P("# HELP caked_work_seconds The workers' jobs by kind (prefill: a layer's scoring and "
+      "compaction; decode: a step's evictions; pressure: re-slicing and parking) and stage "
+      "(queued: submitted until a worker takes it; run: on the worker; return: run done until "
+      "the event loop completes it).\n"
+      "# TYPE caked_work_seconds histogram\n");
+    static const char *const kinds[WORK_KINDS] = {"prefill", "decode", "pressure"};
+    static const char *const stages[STAGE_KINDS] = {"queued", "run", "return"};
+    for (int k = 0; k < WORK_KINDS; k++)
+        for (int g = 0; g < STAGE_KINDS; g++) {
+            char labels[64];
+            snprintf(labels, sizeof labels, "kind=\"%s\",stage=\"%s\"", kinds[k], stages[g]);
+            rc |= histogram(b, "caked_work_seconds", labels, &s->m.work[k][g]);
+        }
 #undef P
     return rc;
 }

@@ -10,6 +10,10 @@
 
 #define METRICS_LAT_BUCKETS 13
 
+/* The workers' jobs (worker.h), by kind and stage: caked_work_seconds. */
+enum metrics_work { WORK_PREFILL, WORK_DECODE, WORK_PRESSURE, WORK_KINDS };
+enum metrics_stage { STAGE_QUEUED, STAGE_RUN, STAGE_RETURN, STAGE_KINDS };
+
 enum metrics_err {
     ERR_PROTO, ERR_VERSION, ERR_OOM, ERR_NOSEQ, ERR_INVAL, ERR_PERM, ERR_TOOBIG, ERR_STATE,
     ERR_INTERNAL, ERR_KINDS,
@@ -23,6 +27,7 @@ struct metrics {
         double sum_s;
         uint64_t count;
     } lat[MSG_TYPE_MAX + 1];
+    struct metrics_lat work[WORK_KINDS][STAGE_KINDS];
     uint64_t evictions_prefill, evictions_decode; /* layer compactions */
     uint64_t tokens_evicted;
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
@@ -42,6 +47,11 @@ enum metrics_err metrics_err_kind(int code);
 const char *metrics_err_name(enum metrics_err e);
 /* One request of `type` (any value; unknown types count as 0) took `seconds`. */
 void metrics_observe_latency(struct metrics *m, unsigned type, double seconds);
+/* A job of `kind` that ran: its stages from its times (worker.h) up to `now` (returned to
+ * the loop). A job that never ran (the workers stopped first) counts nothing. */
+struct job;
+void metrics_observe_work(struct metrics *m, enum metrics_work kind, const struct job *j,
+                          double now);
 
 /* Appends printf-formatted text to a growing buffer; returns 0 or -ENOMEM. */
 struct strbuf {

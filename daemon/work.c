@@ -52,6 +52,7 @@ static void part_run(struct job *j)
 static void part_done(struct job *j) /* the loop thread, like every done */
 {
     struct work *w = ((struct work_part *)j)->w;
+    metrics_observe_work(&w->srv->m, WORK_DECODE, j, clock_now_s());
     if (--w->parts == 0)
         work_done(&w->job); /* frees the parts with the work */
 }
@@ -108,6 +109,9 @@ static void work_done(struct job *j)
 {
     struct work *w = (struct work *)j;
     struct server *s = w->srv;
+    double t_done = clock_now_s();
+    metrics_observe_work(&s->m, w->pressure ? WORK_PRESSURE : w->type == MSG_DECODE_STEP
+                         ? WORK_DECODE : WORK_PREFILL, j, t_done); /* a split step's: its parts' */
     for (uint32_t i = 0; i < w->n; i++)
         s->m.jobs_cancelled += w->res[i].rc == -ECANCELED;
     if (w->pressure) {
@@ -179,10 +183,16 @@ static void work_done(struct job *j)
         } else if (w->type == MSG_DECODE_STEP) {
             double t0 = s->env.trace ? clock_now_s() : 0;
             work_decode_reply(s, c, w->seqs, w->n, evictions);
-            if (s->env.trace)
+            if (s->env.trace && j->t_end) /* one job: its stages */
                 fprintf(stderr, "caked trace: decode step of %u sequences: %.0f us submitted to "
-                        "commit, reserve and reply %.0f us\n", w->n, (t0 - w->t_start) * 1e6,
-                        (clock_now_s() - t0) * 1e6);
+                        "commit (queued %.0f, run %.0f, back to the loop %.0f), reserve and "
+                        "reply %.0f us\n", w->n, (t0 - w->t_start) * 1e6,
+                        (j->t_start - j->t_submit) * 1e6, (j->t_end - j->t_start) * 1e6,
+                        (t_done - j->t_end) * 1e6, (clock_now_s() - t0) * 1e6);
+            else if (s->env.trace)
+                fprintf(stderr, "caked trace: decode step of %u sequences over the workers: %.0f "
+                        "us submitted to commit, reserve and reply %.0f us\n", w->n,
+                        (t0 - w->t_start) * 1e6, (clock_now_s() - t0) * 1e6);
         } else if (w->type == MSG_PARK) {
             srv_reply(s, c, MSG_PARK, NULL);
         } else {

@@ -8,6 +8,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "worker.h"
 
 #define WORKER_OWNERS 4097 /* owner ids 0..4096 (tenant ids) */
@@ -67,7 +68,9 @@ static void *main_fn(void *arg)
             return NULL;
         }
         pthread_mutex_unlock(&w->mu);
+        j->t_start = clock_now_s();
         j->run(j);
+        j->t_end = clock_now_s();
         pthread_mutex_lock(&w->mu);
         j->next = w->done, w->done = j;
         pthread_mutex_unlock(&w->mu);
@@ -131,6 +134,7 @@ void workers_stop(struct workers *w)
 void workers_submit(struct workers *w, struct job *j)
 {
     j->next = NULL;
+    j->t_submit = clock_now_s(), j->t_start = j->t_end = 0;
     if (j->owner >= WORKER_OWNERS)
         j->owner = 0;
     pthread_mutex_lock(&w->mu);

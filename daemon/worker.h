@@ -19,6 +19,9 @@ struct job {
     int urgent;                   /* decode steps: run before any queued prefill work */
     uint32_t owner;               /* whose work (tenant id; 0 = caked's own) */
     uint32_t weight;              /* the owner's share (0 = 1) */
+    /* set by the workers (CLOCK_MONOTONIC seconds): submitted, taken by a worker, run done;
+     * done() reads them (caked_work_seconds, CAKED_TRACE) */
+    double t_submit, t_start, t_end;
     struct job *next;
 };
 

@@ -68,6 +68,9 @@ class MetricsOverHttp(unittest.TestCase):
         before = families(self.scrape())
         pings0 = (samples(before, "caked_request_duration_seconds",
                           "caked_request_duration_seconds_count", type="ping") or [0])[0]
+        work = "caked_work_seconds"
+        work0 = {(s.labels["kind"], s.labels["stage"]): s.value for s in before[work].samples
+                 if s.name == work + "_count"}
         L, H, Hkv, D, n = 2, 4, 2, 32, 256
         with caked.Client(self.sock, service="http-metrics") as c:
             for _ in range(7):
@@ -77,7 +80,9 @@ class MetricsOverHttp(unittest.TestCase):
             for layer in range(L):
                 s.reserve(layer)
                 s.observe(layer)
-            for _ in range(3):
+            evicting = 0  # steps after the first (which only reserves the new token's slot)
+            for i in range(3):  # that find a layer over its budget: a worker evicts
+                evicting += i > 0 and any(s.tokens(x) > s.budget(x) for x in range(L))
                 s.decode_step()
             s.close()
             # curl: a real HTTP client other than Python's (while the engine is attached:
@@ -101,6 +106,19 @@ class MetricsOverHttp(unittest.TestCase):
             self.assertEqual(values, sorted(values), "cumulative buckets never decrease")
             self.assertEqual(buckets[-1], ("+Inf", count(t)))
             self.assertGreater(samples(fams, hist, hist + "_sum", type=t)[0], 0)
+        # the workers' jobs: a prefill job per observed layer, a decode job per step that
+        # evicted, each through its three stages
+        self.assertEqual(fams[work].type, "histogram")
+        self.assertGreaterEqual(evicting, 2)
+        for kind, jobs in (("prefill", L), ("decode", evicting), ("pressure", 0)):
+            for stage in ("queued", "run", "return"):
+                n_ = samples(fams, work, work + "_count", kind=kind, stage=stage)[0]
+                self.assertEqual(n_ - work0[(kind, stage)], jobs, (kind, stage))
+                buckets = [s.value for s in fams[work].samples if s.name == work + "_bucket"
+                           and s.labels["kind"] == kind and s.labels["stage"] == stage]
+                self.assertEqual(buckets, sorted(buckets))
+                self.assertEqual(buckets[-1], n_)
+        self.assertGreater(samples(fams, work, work + "_sum", kind="prefill", stage="run")[0], 0)
         # the other families parse and agree with the requests made
         reqs = samples(fams, "caked_requests", "caked_requests_total", type="decode_step")
         self.assertEqual(reqs, [3.0])

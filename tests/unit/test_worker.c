@@ -5,6 +5,7 @@
 #include <stdatomic.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "worker.h"
 
 struct tjob {
@@ -82,6 +83,42 @@ Test(worker, urgent_jobs_overtake_queued_ones)
     cr_assert_eq(order[0], 0);
     cr_assert_eq(order[1], 2, "the urgent job should run before the queued one");
     cr_assert_eq(order[2], 1);
+    workers_stop(w);
+}
+
+/* Each job's times (caked_work_seconds): submitted <= taken <= run done <= reaped; a job
+ * queued behind a held worker counts the hold as queued, not run; the holder's run counts it. */
+Test(worker, jobs_carry_their_queued_and_run_times)
+{
+    struct workers *w;
+    cr_assert_eq(workers_start(&w, 1), 0);
+    atomic_int ran = 0, release = 0, started = 0;
+    int dn = 0;
+    struct tjob blocker = {.j = {.run = run, .done = done}, .ran = &ran, .done = &dn,
+                           .owner = pthread_self(), .gate = 1, .release = &release,
+                           .started = &started};
+    struct tjob queued = {.j = {.run = run, .done = done}, .id = 1, .ran = &ran, .done = &dn,
+                          .owner = pthread_self(), .release = &release};
+    workers_submit(w, &blocker.j);
+    while (!atomic_load(&started))
+        usleep(100);
+    workers_submit(w, &queued.j);
+    double held = clock_now_s();
+    usleep(30000);
+    atomic_store(&release, 1);
+    while (dn < 2)
+        workers_reap(w);
+    double reaped = clock_now_s();
+    held = reaped - held;
+    for (int i = 0; i < 2; i++) {
+        const struct job *j = i ? &queued.j : &blocker.j;
+        cr_assert(j->t_submit > 0 && j->t_submit <= j->t_start && j->t_start <= j->t_end &&
+                  j->t_end <= reaped, "job %d: %f %f %f %f", i, j->t_submit, j->t_start,
+                  j->t_end, reaped);
+    }
+    cr_assert_geq(queued.j.t_start - queued.j.t_submit, 0.029, "it waited for the held worker");
+    cr_assert_leq(queued.j.t_start - queued.j.t_submit, held);
+    cr_assert_geq(blocker.j.t_end - blocker.j.t_start, 0.029, "the holder ran while held");
     workers_stop(w);
 }
 
