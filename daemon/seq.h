@@ -210,8 +210,8 @@ int seq_decode_admit(const struct seq_env *e, struct tenant *t, struct seq *cons
  * CAKE_EOOM if the pool ran dry (nothing changed then). */
 int seq_decode_reserve(const struct seq_env *e, struct seq *s);
 
-/* Pressure: re-slicing a sequence (pressure.c decides whom and how far; loop thread but
- * seq_reslice_work). A sequence can be re-sliced when it is idle and not a shard, and
+/* Pressure: re-slicing a sequence (pressure.c decides whom and how far; seq_room.c acts;
+ * loop thread but seq_reslice_work). A sequence can be re-sliced when it is idle and not a shard, and
  * - prefilled: its policy keeps a budget; per layer it holds a prefix within its budget
  *   and has a floor (min_tokens minus the window, at most what it holds), and a cut lowers
  *   the layers' budgets, evicted by the decode rule;

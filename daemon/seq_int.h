@@ -1,6 +1,6 @@
-/* seq_int.h - what seq.c shares with its two executors: where a sequence's pieces are, and
- * the executor interface. The sequence (its pages, accounting, descriptor, window) is
- * seq.c's; how its layers are scored, selected and compacted is an executor's: seq_host.c
+/* seq_int.h - what seq.c shares with its two executors and with seq_room.c (re-slicing,
+ * parking, relocation): where a sequence's pieces are, its page accounting, and the executor
+ * interface. The sequence (its pages, accounting, descriptor, window) is seq.c's; how its layers are scored, selected and compacted is an executor's: seq_host.c
  * (the CPU kernels over host pool pages) or seq_gpu.c (the CUDA kernels over GPU pool pages,
  * through gpuexec). Executors run on the worker that has the sequence (seq.h's ownership
  * rule). Not for the rest of the daemon. */
@@ -14,6 +14,14 @@
 #define GEXEC(e, s) ((e)->gpus[(s)->gpu_dev])
 
 #include "clock.h" /* clock_now_s */
+/* The pool holding the sequence's K/V pages (a parked GPU sequence's are in the host's). */
+struct pool *seq_kv_pool(const struct seq_env *e, const struct seq *s);
+/* Pages the sequence holds (negative: gives back), charged to its tenant: host pool pages,
+ * GPU pool pages, or K/V pages wherever seq_kv_pool says they are. */
+void seq_account(const struct seq_env *e, struct seq *s, int64_t pages);
+void seq_account_gpu(const struct seq_env *e, struct seq *s, int64_t pages);
+void seq_account_kv(const struct seq_env *e, struct seq *s, int64_t pages);
+
 /* Prompt tokens before the window (the scored prefix). */
 uint32_t seq_scored_len(const struct seq *s);
 /* Host sequences: layer l's query ring [q_heads][w][head_dim] in the window. */
