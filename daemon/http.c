@@ -1,4 +1,5 @@
-/* http.c - the Prometheus endpoint: GET /metrics over HTTP on --metrics-listen (see http.h).
+/* http.c - the Prometheus endpoint: GET /metrics over HTTP on --metrics-listen (see http.h),
+ * and GET /healthz: 200 "ok" whenever the loop answers (a liveness probe's target).
  *
  * libmicrohttpd in its external-loop mode with epoll: its epoll fd is one more fd of caked's
  * loop, and every request is parsed and answered on the loop thread by MHD_run, so the
@@ -85,9 +86,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     struct http *h = cls;
     /* answered at the headers: a body, if any, is not read (MHD closes that connection) */
     if (strcmp(method, "GET") && strcmp(method, "HEAD"))
-        return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "caked serves GET /metrics only\n");
+        return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "caked serves GET /metrics and /healthz only\n");
+    if (!strcmp(url, "/healthz")) /* answered by the loop that serves the engines */
+        return reply(conn, MHD_HTTP_OK, "ok\n");
     if (strcmp(url, "/metrics"))
-        return reply(conn, MHD_HTTP_NOT_FOUND, "caked serves /metrics only\n");
+        return reply(conn, MHD_HTTP_NOT_FOUND, "caked serves /metrics and /healthz only\n");
     struct strbuf b = {0};
     if (metrics_render(h->srv, NULL, &b)) {
         free(b.s);

@@ -52,7 +52,8 @@ static void usage(FILE *f)
             "  --log-level LEVEL     error, warning, info (default: attaches, departures,\n"
             "                        refusals) or debug\n"
             "  --metrics-listen [HOST:]PORT  serve Prometheus metrics at http://HOST:PORT/metrics\n"
-            "                        (HOST default 127.0.0.1; * every address; default off)\n"
+            "                        and /healthz (HOST default 127.0.0.1; * every address;\n"
+            "                        default off)\n"
             "  --config FILE         options and tenants (caked.conf(5))\n"
             "  -V, --version, -h, --help\n"
             "man caked, man caked.conf, man cachectl\n");

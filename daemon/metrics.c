@@ -234,6 +234,16 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
         snprintf(labels, sizeof labels, "type=\"%s\"", t ? frame_type_name(t) : "unknown");
         rc |= histogram(b, "caked_request_duration_seconds", labels, h);
     }
+    struct workers_load wl;
+    workers_load(s->workers, clock_now_s(), &wl);
+    P("# HELP caked_work_queued Jobs waiting for a worker thread.\n"
+      "# TYPE caked_work_queued gauge\ncaked_work_queued %u\n"
+      "# HELP caked_work_running Jobs on a worker thread.\n"
+      "# TYPE caked_work_running gauge\ncaked_work_running %u\n"
+      "# HELP caked_work_oldest_seconds Age of the oldest job waiting or running (0: none): "
+      "a stuck worker or a saturated pool shows here.\n"
+      "# TYPE caked_work_oldest_seconds gauge\ncaked_work_oldest_seconds %.6f\n",
+      wl.queued, wl.running, wl.oldest_s);
     P("# HELP caked_work_seconds The workers' jobs by kind (prefill: a layer's scoring and "
       "compaction; decode: a step's evictions; pressure: re-slicing and parking) and stage "
       "(queued: submitted until a worker takes it; run: on the worker; return: run done until "

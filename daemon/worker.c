@@ -26,7 +26,14 @@ struct workers {
     int stop;
     int n;
     int pending;
+    uint32_t waiting;          /* jobs queued (both lists) */
+    double *since;             /* [n]: when each thread's current job started, 0 if idle */
     pthread_t *th;
+};
+
+struct worker_arg {
+    struct workers *w;
+    int i;
 };
 
 /* The first queued job of the backlogged owner with the lowest virtual time (w->mu held). */
@@ -50,7 +57,9 @@ static struct job *take_fair(struct workers *w)
 
 static void *main_fn(void *arg)
 {
-    struct workers *w = arg;
+    struct workers *w = ((struct worker_arg *)arg)->w;
+    int me = ((struct worker_arg *)arg)->i;
+    free(arg);
     for (;;) {
         pthread_mutex_lock(&w->mu);
         while (!w->head && !w->uhead && !w->stop)
@@ -67,11 +76,13 @@ static void *main_fn(void *arg)
             pthread_mutex_unlock(&w->mu);
             return NULL;
         }
+        w->waiting--;
+        w->since[me] = j->t_start = clock_now_s();
         pthread_mutex_unlock(&w->mu);
-        j->t_start = clock_now_s();
         j->run(j);
         j->t_end = clock_now_s();
         pthread_mutex_lock(&w->mu);
+        w->since[me] = 0;
         j->next = w->done, w->done = j;
         pthread_mutex_unlock(&w->mu);
         uint64_t one = 1;
@@ -94,16 +105,21 @@ int workers_start(struct workers **out, int n)
     pthread_cond_init(&w->cv, NULL);
     w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     w->th = calloc((size_t)n, sizeof(pthread_t));
+    w->since = calloc((size_t)n, sizeof(double));
     w->vt = calloc(WORKER_OWNERS, sizeof(double));
     w->queued = calloc(WORKER_OWNERS, sizeof(uint32_t));
-    if (w->efd < 0 || !w->th || !w->vt || !w->queued) {
+    if (w->efd < 0 || !w->th || !w->since || !w->vt || !w->queued) {
         if (w->efd >= 0)
             close(w->efd);
-        free(w->th), free(w->vt), free(w->queued), free(w);
+        free(w->th), free(w->since), free(w->vt), free(w->queued), free(w);
         return -ENOMEM;
     }
     for (int i = 0; i < n; i++) {
-        if (pthread_create(&w->th[i], NULL, main_fn, w)) {
+        struct worker_arg *a = malloc(sizeof(*a));
+        if (a)
+            *a = (struct worker_arg){w, i};
+        if (!a || pthread_create(&w->th[i], NULL, main_fn, a)) {
+            free(a);
             w->n = i;
             workers_stop(w);
             return -EAGAIN;
@@ -128,7 +144,7 @@ void workers_stop(struct workers *w)
     close(w->efd);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
-    free(w->th), free(w->vt), free(w->queued), free(w);
+    free(w->th), free(w->since), free(w->vt), free(w->queued), free(w);
 }
 
 void workers_submit(struct workers *w, struct job *j)
@@ -146,7 +162,7 @@ void workers_submit(struct workers *w, struct job *j)
     else
         *head = j;
     *tail = j;
-    w->pending++;
+    w->pending++, w->waiting++;
     pthread_cond_signal(&w->cv);
     pthread_mutex_unlock(&w->mu);
 }
@@ -155,6 +171,26 @@ int workers_fd(const struct workers *w) { return w->efd; }
 int workers_pending(const struct workers *w) { return w->pending; }
 
 int workers_count(const struct workers *w) { return w->n; }
+
+void workers_load(struct workers *w, double now, struct workers_load *l)
+{
+    *l = (struct workers_load){0};
+    pthread_mutex_lock(&w->mu);
+    l->queued = w->waiting;
+    /* the lists are in submission order: their heads are the oldest waiting */
+    double oldest = now;
+    if (w->head && w->head->t_submit < oldest)
+        oldest = w->head->t_submit;
+    if (w->uhead && w->uhead->t_submit < oldest)
+        oldest = w->uhead->t_submit;
+    for (int i = 0; i < w->n; i++)
+        if (w->since[i] > 0) {
+            l->running++;
+            oldest = w->since[i] < oldest ? w->since[i] : oldest;
+        }
+    pthread_mutex_unlock(&w->mu);
+    l->oldest_s = now - oldest;
+}
 
 int workers_reap(struct workers *w)
 {

@@ -119,6 +119,10 @@ class MetricsOverHttp(unittest.TestCase):
                 self.assertEqual(buckets, sorted(buckets))
                 self.assertEqual(buckets[-1], n_)
         self.assertGreater(samples(fams, work, work + "_sum", kind="prefill", stage="run")[0], 0)
+        # nothing waits or runs now (the engine's calls all returned)
+        for g in ("caked_work_queued", "caked_work_running", "caked_work_oldest_seconds"):
+            self.assertEqual(fams[g].type, "gauge")
+            self.assertEqual(samples(fams, g, g), [0.0], g)
         # the other families parse and agree with the requests made
         reqs = samples(fams, "caked_requests", "caked_requests_total", type="decode_step")
         self.assertEqual(reqs, [3.0])
@@ -126,8 +130,10 @@ class MetricsOverHttp(unittest.TestCase):
         tenants = {s.labels["tenant"] for s in fams["caked_tenant_used_bytes"].samples}
         self.assertIn("http-metrics", tenants, "the scrape sees every tenant")
 
-    def test_only_get_metrics_is_served(self):
+    def test_only_get_metrics_and_healthz_are_served(self):
         base = self.url.rsplit("/", 1)[0]
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as r:  # liveness
+            self.assertEqual((r.status, r.read()), (200, b"ok\n"))
         for path in ("/", "/metrics/x", "/other"):
             with self.assertRaises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(base + path, timeout=10)

@@ -122,6 +122,47 @@ Test(worker, jobs_carry_their_queued_and_run_times)
     workers_stop(w);
 }
 
+/* workers_load (caked_work_queued, _running, _oldest_seconds): nothing when idle; with the
+ * only worker held and two jobs behind it, one running, two waiting, the oldest as old as
+ * the hold; nothing again once all are reaped. */
+Test(worker, load_counts_waiting_and_running_jobs_and_the_oldest_age)
+{
+    struct workers *w;
+    struct workers_load l;
+    cr_assert_eq(workers_start(&w, 1), 0);
+    workers_load(w, clock_now_s(), &l);
+    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_s == 0);
+    atomic_int ran = 0, release = 0, started = 0;
+    int dn = 0;
+    struct tjob blocker = {.j = {.run = run, .done = done}, .ran = &ran, .done = &dn,
+                           .owner = pthread_self(), .gate = 1, .release = &release,
+                           .started = &started};
+    struct tjob more[2];
+    double t0 = clock_now_s();
+    workers_submit(w, &blocker.j);
+    while (!atomic_load(&started))
+        usleep(100);
+    for (int i = 0; i < 2; i++) {
+        more[i] = (struct tjob){.j = {.run = run, .done = done, .urgent = i}, .id = i + 1,
+                                .ran = &ran, .done = &dn, .owner = pthread_self(), .release = &release};
+        workers_submit(w, &more[i].j);
+    }
+    usleep(20000);
+    double now = clock_now_s();
+    workers_load(w, now, &l);
+    cr_assert_eq(l.queued, 2);
+    cr_assert_eq(l.running, 1);
+    cr_assert_geq(l.oldest_s, 0.019, "the held job started at least 20 ms ago");
+    cr_assert_leq(l.oldest_s, now - t0);
+    atomic_store(&release, 1);
+    while (dn < 3)
+        workers_reap(w);
+    workers_load(w, clock_now_s(), &l);
+    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_s == 0, "%u %u %f", l.queued, l.running,
+              l.oldest_s);
+    workers_stop(w);
+}
+
 /* Owners share the workers by weight: with one worker held, owner 1 (weight 1) queues 12 jobs
  * first, then owner 2 (weight 1) 6 and owner 3 (weight 3) 12; once released, every prefix
  * of the run order gives each owner still waiting a share of the jobs run proportional to its
