@@ -1,4 +1,5 @@
-/* seq.c - sequences in the pool (see seq.h). */
+/* seq.c - sequences in the pool (see seq.h): layout, accounting, open and free, prefill and
+ * decode steps, positions; what gives room under pressure is seq_room.c. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>

@@ -21,9 +21,10 @@ echo "== ASan + UBSan: unit and integration tests (tests and caked instrumented)
 # instrumented caked (a report makes caked exit non-zero, which the test asserts)
 py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build/CMakeCache.txt)
 pytests() { # pytests CAKED: python.pressure, python.policies (every policy, the engine's
-    # log-sum-exps and their refusal) and python.hf_cache (batched decode steps, split over
-    # the workers) against that caked
-    for t in test_pressure test_policies test_hf_cache; do
+    # log-sum-exps and their refusal), python.hf_cache (batched decode steps, split over
+    # the workers) and python.metrics_http (the HTTP endpoint, the metrics and the workers'
+    # load read on the loop) against that caked
+    for t in test_pressure test_policies test_hf_cache test_metrics_http; do
         CAKE_LIB=$root/build/client/libcake.so CAKED_BIN=$1 CACHECTL_BIN=$root/build/tools/cachectl \
             "$py" "$root/tests/python/$t.py" || return 1
     done

@@ -102,8 +102,8 @@ Test(worker, jobs_carry_their_queued_and_run_times)
     workers_submit(w, &blocker.j);
     while (!atomic_load(&started))
         usleep(100);
+    double held = clock_now_s(); /* before its submission: the wait fits inside */
     workers_submit(w, &queued.j);
-    double held = clock_now_s();
     usleep(30000);
     atomic_store(&release, 1);
     while (dn < 2)
