@@ -10,10 +10,14 @@
  *     a Unix socket (started here), with the ratio of the p50s;
  *  2. one batched decode step for 64 sequences x 32 layers (Llama-3.1-8B layout, no
  *     eviction due): p50/p99;
- *  3. a decode client's step latency while another client prefills a 32K-token prompt
+ *  3. a decode step that evicts on a worker (one small host sequence, so the eviction is
+ *     short): p50/p99 round trip, and caked's own account of where its job's time went
+ *     (caked_work_seconds through cachectl: waiting for a worker, running, back to the
+ *     event loop), the hand-off between caked's loop and its workers;
+ *  4. a decode client's step latency while another client prefills a 32K-token prompt
  *     (Llama-3.1-8B layout, caked scoring every layer): scoring runs on worker threads,
  *     so the decode client is not stalled for a layer's scoring time;
- *  4. what per-tenant memory costs (each tenant maps only its own pool segments): attach
+ *  5. what per-tenant memory costs (each tenant maps only its own pool segments): attach
  *     (connect + HELLO + reserving the pool's range), a new tenant's first sequence open,
  *     and growth: reserving and writing one 32K-token layer (Llama-3.1-8B layout, 128 MiB)
  *     in a tenant that holds no segments yet (segments never used, then segments another
@@ -246,6 +250,56 @@ static int decode_batch(int nseq, int steps, double *p50, double *p99)
     return 0;
 }
 
+/* Decode steps that evict on a worker: one small sequence (4 layers of 8/2 heads, d 64,
+ * a 512-token prompt kept to 128), each step evicting one token in every layer. Round trip
+ * p50/p99 and the mean of each stage of caked's decode jobs over the steps (*hand: queued,
+ * run, return). */
+static int decode_evicting(int steps, double *p50, double *p99, double hand[3])
+{
+    cake_ctx *c;
+    cake_create(&c);
+    cake_set_service(c, "bench-evict");
+    if (cake_connect(c, sock, 1))
+        return -1;
+    struct cake_layout lay = {.layers = 4, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 128;
+    cake_seq *s;
+    int rc = cake_seq_open(c, &lay, &pol, 512, (uint32_t)steps + 8, &s);
+    for (uint32_t l = 0; !rc && l < lay.layers; l++)
+        if (!(rc = cake_prefill_reserve(s, l)))
+            rc = cake_prefill_observe(s, l, NULL);
+    if (!rc)
+        rc = cake_decode_step(c, &s, 1); /* the first step only reserves the new token */
+    double sum0[3] = {0}, n0[3] = {0}, sum1[3] = {0}, n1[3] = {0};
+    if (rc || util_work_seconds(CACHECTL_BIN, sock, "decode", sum0, n0)) {
+        fprintf(stderr, "bench-rpc: evicting decode setup: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        return -1;
+    }
+    double *lat = malloc(sizeof(double) * (size_t)steps);
+    for (int i = 0; i < steps && !rc; i++) {
+        double a = util_now_s();
+        rc = cake_decode_step(c, &s, 1);
+        lat[i] = util_now_s() - a;
+    }
+    if (rc || util_work_seconds(CACHECTL_BIN, sock, "decode", sum1, n1) || n1[0] - n0[0] != steps) {
+        fprintf(stderr, "bench-rpc: evicting decode: %s (%s), %g jobs for %d steps\n", cake_strerror(rc),
+                cake_errstr(c), n1[0] - n0[0], steps);
+        free(lat);
+        return -1;
+    }
+    for (int g = 0; g < 3; g++)
+        hand[g] = (sum1[g] - sum0[g]) / steps;
+    qsort(lat, (size_t)steps, sizeof(double), util_cmp_double);
+    *p50 = pct(lat, (size_t)steps, 0.5), *p99 = pct(lat, (size_t)steps, 0.99);
+    free(lat);
+    cake_seq_close(s);
+    cake_destroy(c);
+    return 0;
+}
+
 /* Decode-step latency of one small client, alone or while another client prefills. */
 static int decode_beside_prefill(int with_prefill, double *p50, double *p99, double *mx,
                                  double *prefill_s)
@@ -474,6 +528,12 @@ int main(int argc, char **argv)
     if (!decode_batch(64, 300, &p50, &p99))
         printf("decode step, 64 sequences x 32 layers (Llama-3.1-8B layout): p50 %.1f us, p99 %.1f us\n",
                p50 * 1e6, p99 * 1e6);
+    fflush(stdout);
+    double hand[3];
+    if (!decode_evicting(300, &p50, &p99, hand))
+        printf("decode step evicting on a worker (1 sequence, 4 small layers): p50 %.1f us, p99 %.1f us; "
+               "caked's account, mean: waiting for a worker %.1f us, run %.1f us, back to the loop %.1f us\n",
+               p50 * 1e6, p99 * 1e6, hand[0] * 1e6, hand[1] * 1e6, hand[2] * 1e6);
     fflush(stdout);
     if (!decode_beside_prefill(0, &p50, &p99, &mx, &pf))
         printf("decode step of 1 sequence x 32 layers, alone:                  p50 %.1f us, p99 %.1f us, max %.1f us\n",
