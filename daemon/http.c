@@ -57,7 +57,8 @@ int http_parse_listen(const char *spec, char *host, size_t hlen, char *port, siz
     return 0;
 }
 
-static void mhd_log(void *cls, const char *fmt, va_list ap)
+/* MHD's messages: its format strings, not ours */
+__attribute__((format(printf, 2, 0))) static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     char line[256];
     vsnprintf(line, sizeof line, fmt, ap);

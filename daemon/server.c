@@ -32,7 +32,7 @@
 /* --log-level: lines above it are not written (error 0, warning 1, info 2, debug 3) */
 static int log_level = SRV_LOG_INFO;
 
-static void vlog(int level, const char *fmt, va_list ap)
+__attribute__((format(printf, 2, 0))) static void vlog(int level, const char *fmt, va_list ap)
 {
     static const char *const tag[] = {"error: ", "warning: ", "", ""};
     if (level > log_level)

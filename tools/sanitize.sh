@@ -2,7 +2,7 @@
 # sanitize.sh [--long] - the C tests under AddressSanitizer + UndefinedBehaviorSanitizer, and
 # caked under ThreadSanitizer while the integration tests drive it. CI runs it after
 # tools/test.sh (which built build/); --long adds 200 chaos rounds per event loop under
-# ASan and, with clang, 300 s each of the frame and server fuzzers. Builds in build/asan, build/tsan (inside the ignored build/).
+# ASan and, with clang, 300 s each of the frame, server and configuration fuzzers. Builds in build/asan, build/tsan (inside the ignored build/).
 # Exit status 0 only if every test passed and TSan reported nothing.
 set -e
 cd "$(dirname "$0")/.."
@@ -68,8 +68,8 @@ if [ $long = 1 ]; then
     done
     if command -v clang >/dev/null; then
         CC=clang cmake -S . -B build/fuzz -DCAKE_FUZZ=ON -DCAKE_CUDA=OFF >/dev/null
-        cmake --build build/fuzz -j"$jobs" --target fuzz_frame fuzz_server >/dev/null
-        for t in frame server; do
+        cmake --build build/fuzz -j"$jobs" --target fuzz_frame fuzz_server fuzz_config >/dev/null
+        for t in frame server config; do
             echo "== libFuzzer: $t, 300 s"
             mkdir -p build/fuzz/corpus-$t && cp "$root"/tests/fuzz/corpus/$t/* build/fuzz/corpus-$t/
             build/fuzz/tests/fuzz_$t -max_total_time=300 -timeout=30 build/fuzz/corpus-$t

@@ -196,6 +196,7 @@ import caked.daemon
 d = caked.daemon.Private(os.environ["CAKED_BIN"], "--host-pool", "64M").start()
 print(d.proc.pid, d.dir, flush=True)
 if sys.argv[1] == "raise":
+    sys.stdin.readline()  # the test has seen caked running
     raise RuntimeError("the tool fails")
 time.sleep(60)
 """
@@ -220,11 +221,14 @@ time.sleep(60)
         pkg = os.path.join(os.path.dirname(__file__), "..", "..", "client", "python")
         for how in ("raise", "sigterm"):
             child = subprocess.Popen([sys.executable, "-c", self.CHILD % pkg, how],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
             pid, where = child.stdout.readline().split()
             pid = int(pid)
+            # the failing tool waits for this line before it raises: no race with its end
             self.assertFalse(self.gone(pid), "caked runs while the tool does")
+            child.stdin.write("go\n")
+            child.stdin.close()
             if how == "sigterm":
                 child.terminate()
             self.assertNotEqual(child.wait(30), 0)
