@@ -499,6 +499,11 @@ static void h_status(struct server *s, struct client *c, const ProtobufCMessage 
         gpp[i] = &gp[i];
     }
     r.n_gpus = s->n_gpus, r.gpus = gpp;
+    struct workers_load wl;
+    workers_load(s->workers, clock_now_s(), &wl);
+    r.workers = (uint32_t)workers_count(s->workers);
+    r.jobs_queued = wl.queued, r.jobs_running = wl.running;
+    r.oldest_job_us = (uint64_t)(wl.oldest_s * 1e6);
     srv_reply(s, c, MSG_STATUS, &r.base);
 }
 

@@ -36,7 +36,11 @@ s = json.load(sys.stdin)
 assert s["sequences"] == 2 and s["pages_used"] > 0 and s["pool_bytes"] == 256 << 20, s
 assert s["io"] in ("io_uring", "epoll"), s
 assert s["gpu_pool_bytes"] == 0 and s["gpus"] == [] and "gpu_uuid" not in s, s
-assert s["socket"] == sys.argv[1], (s["socket"], sys.argv[1])' "$sock" || fail "status json"
+assert s["socket"] == sys.argv[1], (s["socket"], sys.argv[1])
+# the engines hold (no call in flight): 2 workers (the file), idle
+assert s["workers"] == 2 and s["jobs_queued"] == 0 and s["jobs_running"] == 0, s
+assert s["oldest_job_us"] == 0, s' "$sock" || fail "status json"
+"$ctl" --socket "$sock" status | grep -q '^workers    2: 0 running, 0 waiting$' || fail "status table: workers"
 nt=$("$ctl" --socket "$sock" --json tenants | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["tenants"]))')
 ns=$("$ctl" --socket "$sock" --json status | python3 -c 'import json, sys; print(json.load(sys.stdin)["tenants"])')
 [ "$nt" = "$ns" ] || fail "status counts $ns tenants, tenants lists $nt"
