@@ -142,6 +142,7 @@ struct seq_env {
     int threads;        /* kernel threads per prefill work item (a decode step's layer
                            evictions, and GPU sequences' selections, spread over all cores) */
     int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */
+    unsigned job_delay_us; /* CAKED_TEST_JOB_DELAY_MS: each job sleeps first (tests: a stall) */
 };
 
 struct seq_open_args {

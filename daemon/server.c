@@ -411,6 +411,9 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
+        .job_delay_us = getenv("CAKED_TEST_JOB_DELAY_MS")
+                            ? (unsigned)strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10) % 60000 * 1000
+                            : 0,
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,
@@ -468,13 +471,44 @@ fail:
 }
 
 
+/* systemd's watchdog (WatchdogSec in the unit): WATCHDOG=1 twice an interval, from the loop
+ * that serves the engines - and only while no worker job is older than the interval, so a
+ * wedged loop or a worker stuck in a call that never returns (a hung GPU) gets caked
+ * restarted. */
+static void watchdog(struct server *s)
+{
+    double now = clock_now_s();
+    if (!s->wd_s || now - s->t_wd < s->wd_s / 2)
+        return;
+    struct workers_load wl;
+    workers_load(s->workers, now, &wl);
+    if (wl.oldest_s >= s->wd_s) {
+        if (!s->wd_withheld)
+            srv_logl(SRV_LOG_ERROR, "a worker job has run or waited %.1f s, past the watchdog's "
+                     "%.1f s: systemd is no longer told caked is alive", wl.oldest_s, s->wd_s);
+        s->wd_withheld = 1;
+        return;
+    }
+    if (s->wd_withheld)
+        srv_log("the workers move again (the oldest job %.1f s): watchdog pings resume",
+                wl.oldest_s);
+    s->wd_withheld = 0;
+    s->t_wd = now;
+    sd_notify(0, "WATCHDOG=1");
+}
+
 int server_run(struct server *s)
 {
     /* systemd (Type=notify): serving from now on */
     sd_notifyf(0, "READY=1\nSTATUS=listening on %s\nMAINPID=%lu", s->cfg.socket_path,
                (unsigned long)getpid());
+    uint64_t wd_us = 0;
+    if (sd_watchdog_enabled(0, &wd_us) > 0 && wd_us)
+        s->wd_s = wd_us * 1e-6, s->t_wd = -1e9;
+    int tick_ms = s->wd_s && s->wd_s * 250 < 250 ? (int)(s->wd_s * 250) + 1 : 250;
     while (!s->stopping) {
-        int rc = loop_wait(s->loop, 250);
+        watchdog(s);
+        int rc = loop_wait(s->loop, tick_ms);
         http_run(s->http); /* its timeouts */
         pressure_poll(s);   /* requests waiting for room: retried, or out of time */
         srv_sweep_hello(s);
@@ -495,8 +529,10 @@ int server_run(struct server *s)
         srv_client_goodbye(s, s->clients[0], CAKE_ESHUTDOWN, "caked is shutting down");
     }
     srv_free_dead(s);
-    while (workers_pending(s->workers))
-        loop_wait(s->loop, 100);
+    while (workers_pending(s->workers)) { /* still alive while the running work finishes */
+        watchdog(s);
+        loop_wait(s->loop, tick_ms < 100 ? tick_ms : 100);
+    }
     srv_log("stopped");
     return 0;
 }

@@ -104,6 +104,9 @@ struct server {
     uint32_t max_per_uid;  /* connections one uid may hold (--max-clients-per-uid) */
     double t_sweep;        /* last look for connections overdue for HELLO */
     double t_refuse_log;   /* last time a refusal was logged (at most once a second) */
+    double wd_s;           /* systemd's watchdog interval (WatchdogSec), 0: none */
+    double t_wd;           /* last WATCHDOG=1 */
+    int wd_withheld;       /* the last look found a job older than wd_s (logged once) */
     struct client **clients;
     uint32_t n_clients;
     struct seq_slot *slots;

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cake/cake.h"
 #include "frame.h"
@@ -43,9 +44,17 @@ static void decode_run(struct work *w, uint32_t from, uint32_t to)
     }
 }
 
+/* CAKED_TEST_JOB_DELAY_MS (tests only): a job that takes that much longer, as a stuck one */
+static void test_delay(const struct seq_env *e)
+{
+    if (e->job_delay_us)
+        usleep(e->job_delay_us);
+}
+
 static void part_run(struct job *j)
 {
     struct work_part *p = (struct work_part *)j;
+    test_delay(&p->w->srv->env);
     decode_run(p->w, p->from, p->to);
 }
 
@@ -61,6 +70,7 @@ static void work_run(struct job *j)
 {
     struct work *w = (struct work *)j;
     const struct seq_env *e = &w->srv->env;
+    test_delay(e);
     if (w->type == MSG_RESLICE) {
         for (uint32_t i = 0; i < w->n; i++)
             if (!cancelled(w->seqs[i], &w->res[i]))

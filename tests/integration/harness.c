@@ -143,28 +143,45 @@ int harness_status(const struct harness *h, unsigned long long *pages_used, unsi
     return harness_status_gpu(h, pages_used, seqs, &g);
 }
 
+/* One STATUS, unpacked (NULL on failure); free with status_free. */
+static Cake__Status *status_get(const struct harness *h, cake_ctx **c, ProtobufCAllocator *al)
+{
+    cake_create(c);
+    uint8_t *b;
+    size_t n;
+    if (cake_connect(*c, h->sock, 0) || cake_internal_rpc(*c, MSG_STATUS, NULL, &b, &n))
+        return NULL;
+    *al = cake_internal_allocator(*c);
+    Cake__Status *s = cake__status__unpack(al, n, b);
+    cake_internal_free(*c, b);
+    return s;
+}
+
+int harness_status_jobs(const struct harness *h, unsigned *running, unsigned *queued,
+                        unsigned long long *oldest_us)
+{
+    cake_ctx *c;
+    ProtobufCAllocator al;
+    Cake__Status *s = status_get(h, &c, &al);
+    if (s) {
+        *running = s->jobs_running, *queued = s->jobs_queued, *oldest_us = s->oldest_job_us;
+        cake__status__free_unpacked(s, &al);
+    }
+    cake_destroy(c);
+    return s ? 0 : -1;
+}
+
 int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, unsigned *seqs,
                        unsigned long long *gpu_pages_used)
 {
     cake_ctx *c;
-    cake_create(&c);
-    int rc = cake_connect(c, h->sock, 0);
-    uint8_t *b;
-    size_t n;
-    if (!rc)
-        rc = cake_internal_rpc(c, MSG_STATUS, NULL, &b, &n);
-    if (!rc) {
-        ProtobufCAllocator al = cake_internal_allocator(c);
-        Cake__Status *s = cake__status__unpack(&al, n, b);
-        cake_internal_free(c, b);
-        if (s) {
-            *pages_used = s->pages_used, *seqs = s->sequences;
-            *gpu_pages_used = s->gpu_pages_used;
-            cake__status__free_unpacked(s, &al);
-        } else {
-            rc = -1;
-        }
+    ProtobufCAllocator al;
+    Cake__Status *s = status_get(h, &c, &al);
+    if (s) {
+        *pages_used = s->pages_used, *seqs = s->sequences;
+        *gpu_pages_used = s->gpu_pages_used;
+        cake__status__free_unpacked(s, &al);
     }
     cake_destroy(c);
-    return rc;
+    return s ? 0 : -1;
 }

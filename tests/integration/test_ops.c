@@ -1,12 +1,14 @@
 /* caked as a systemd service: readiness, reload and stopping told to the service manager
  * (sd_notify: READY=1 with the socket in STATUS, RELOADING=1 then READY=1 on SIGHUP,
- * STOPPING=1 on SIGTERM), and socket activation (the listening socket passed as fd 3 is
+ * STOPPING=1 on SIGTERM), the watchdog (WATCHDOG=1 while the workers move, withheld while a
+ * job is stuck), and socket activation (the listening socket passed as fd 3 is
  * served, its path reported, and never removed: it is the socket unit's). */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cake/cake.h"
@@ -70,6 +73,114 @@ Test(ops, tells_systemd_ready_reloading_and_stopping, .timeout = 60)
     cr_assert_eq(harness_stop(&h), 0);
     close(fd);
     unlink(path), unlink(conf), rmdir(dir);
+}
+
+/* An engine's observe in its own thread: the call blocks while its job is held. */
+struct observer {
+    const char *sock;
+    int rc;
+    double t_done;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void *observe_one(void *arg)
+{
+    struct observer *o = arg;
+    cake_ctx *c = harness_client(o->sock, "wd-engine", 1, 0);
+    struct cake_layout lay = {.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = 64;
+    cake_seq *s = NULL;
+    o->rc = c ? cake_seq_open(c, &lay, &pol, 256, 4, &s) : -1;
+    if (!o->rc)
+        o->rc = cake_prefill_reserve(s, 0);
+    if (!o->rc)
+        o->rc = cake_prefill_observe(s, 0, NULL); /* its job sleeps CAKED_TEST_JOB_DELAY_MS */
+    o->t_done = now_s();
+    if (s)
+        cake_seq_close(s);
+    if (c)
+        cake_destroy(c);
+    return NULL;
+}
+
+/* WatchdogSec=0.4 s (WATCHDOG_USEC): WATCHDOG=1 comes at least every 0.4 s while the workers
+ * are idle; a job held 2 s (CAKED_TEST_JOB_DELAY_MS, as a call that never returns would be)
+ * shows in STATUS as running and old, and stops the pings once it is older than 0.4 s (so
+ * systemd would restart caked), with one error line in the log; they resume when it ends. */
+Test(ops, pings_the_watchdog_only_while_the_workers_move, .timeout = 60)
+{
+    char dir[] = "/tmp/caked-wd-XXXXXX", path[64];
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/notify", dir);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    setenv("NOTIFY_SOCKET", path, 1);
+    setenv("WATCHDOG_USEC", "400000", 1);
+    setenv("CAKED_TEST_JOB_DELAY_MS", "2000", 1);
+    struct harness h;
+    int started = harness_start(&h, NULL);
+    unsetenv("NOTIFY_SOCKET"), unsetenv("WATCHDOG_USEC"), unsetenv("CAKED_TEST_JOB_DELAY_MS");
+    cr_assert_eq(started, 0);
+    char note[512];
+    double t0 = now_s(), last = t0, gap = 0;
+    int pings = 0;
+    while (now_s() - t0 < 1.0) { /* idle: pings at half the interval */
+        next_note(fd, note, sizeof note);
+        if (strstr(note, "WATCHDOG=1"))
+            pings++, gap = now_s() - last > gap ? now_s() - last : gap, last = now_s();
+    }
+    cr_assert_geq(pings, 2, "%d pings in 1 s of a 0.4 s watchdog", pings);
+    cr_assert_lt(gap, 0.4, "idle, the longest wait for a ping was %.2f s", gap);
+    struct observer o = {.sock = h.sock};
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, observe_one, &o), 0);
+    usleep(1000000); /* the job is held, past the interval */
+    unsigned running = 0, queued = 0;
+    unsigned long long oldest = 0;
+    cr_assert_eq(harness_status_jobs(&h, &running, &queued, &oldest), 0);
+    cr_assert(running == 1 && queued == 0 && oldest >= 500000,
+              "STATUS while held: %u running, %u waiting, oldest %llu us", running, queued, oldest);
+    /* no ping from 0.4 s after the job began until it ends (the notes of the held second
+     * are read now: the last one came before the hold had lasted the interval) */
+    double held_from = now_s();
+    int late = 0;
+    while (now_s() - held_from < 0.5) {
+        struct pollfd p = {fd, POLLIN, 0};
+        if (poll(&p, 1, 50) == 1) {
+            next_note(fd, note, sizeof note);
+            late += strstr(note, "WATCHDOG=1") != NULL && now_s() - held_from > 0.05;
+        }
+    }
+    cr_assert_eq(late, 0, "%d pings while a job was held past the interval", late);
+    pthread_join(th, NULL);
+    cr_assert_eq(o.rc, 0, "the held observe completes");
+    next_note(fd, note, sizeof note);
+    cr_assert(strstr(note, "WATCHDOG=1") && now_s() - o.t_done < 1.0,
+              "pings resume when the job ends: %s", note);
+    kill(h.pid, SIGTERM);
+    char log[8192] = "";
+    FILE *f = fopen(h.log, "r");
+    if (f) {
+        size_t n = fread(log, 1, sizeof log - 1, f);
+        log[n] = 0;
+        fclose(f);
+    }
+    cr_assert_not_null(strstr(log, "systemd is no longer told caked is alive"), "%s", log);
+    cr_assert_not_null(strstr(log, "watchdog pings resume"), "%s", log);
+    cr_assert_eq(harness_stop(&h), 0);
+    close(fd);
+    unlink(path), rmdir(dir);
 }
 
 Test(ops, serves_the_socket_systemd_passes, .timeout = 60)
