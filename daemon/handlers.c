@@ -503,7 +503,8 @@ static void h_status(struct server *s, struct client *c, const ProtobufCMessage 
     workers_load(s->workers, clock_now_s(), &wl);
     r.workers = (uint32_t)workers_count(s->workers);
     r.jobs_queued = wl.queued, r.jobs_running = wl.running;
-    r.oldest_job_us = (uint64_t)(wl.oldest_s * 1e6);
+    r.longest_running_us = (uint64_t)(wl.oldest_running_s * 1e6);
+    r.oldest_queued_us = (uint64_t)(wl.oldest_queued_s * 1e6);
     srv_reply(s, c, MSG_STATUS, &r.base);
 }
 

@@ -240,10 +240,12 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "# TYPE caked_work_queued gauge\ncaked_work_queued %u\n"
       "# HELP caked_work_running Jobs on a worker thread.\n"
       "# TYPE caked_work_running gauge\ncaked_work_running %u\n"
-      "# HELP caked_work_oldest_seconds Age of the oldest job waiting or running (0: none): "
-      "a stuck worker or a saturated pool shows here.\n"
-      "# TYPE caked_work_oldest_seconds gauge\ncaked_work_oldest_seconds %.6f\n",
-      wl.queued, wl.running, wl.oldest_s);
+      "# HELP caked_work_oldest_seconds The longest a job now running has run (a stuck call "
+      "shows here) and the longest a job now waiting has waited (a saturated pool), 0: none.\n"
+      "# TYPE caked_work_oldest_seconds gauge\n"
+      "caked_work_oldest_seconds{state=\"running\"} %.6f\n"
+      "caked_work_oldest_seconds{state=\"queued\"} %.6f\n",
+      wl.queued, wl.running, wl.oldest_running_s, wl.oldest_queued_s);
     P("# HELP caked_work_seconds The workers' jobs by kind (prefill: a layer's scoring and "
       "compaction; decode: a step's evictions; pressure: re-slicing and parking) and stage "
       "(queued: submitted until a worker takes it; run: on the worker; return: run done until "

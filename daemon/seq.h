@@ -142,7 +142,8 @@ struct seq_env {
     int threads;        /* kernel threads per prefill work item (a decode step's layer
                            evictions, and GPU sequences' selections, spread over all cores) */
     int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */
-    unsigned job_delay_us; /* CAKED_TEST_JOB_DELAY_MS: each job sleeps first (tests: a stall) */
+    unsigned job_delay_us; /* CAKED_TEST_JOB_DELAY_MS (at most 60 s): each job sleeps first
+                              (tests: a stuck call) */
 };
 
 struct seq_open_args {

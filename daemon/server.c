@@ -411,8 +411,10 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
-        .job_delay_us = getenv("CAKED_TEST_JOB_DELAY_MS")
-                            ? (unsigned)strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10) % 60000 * 1000
+        .job_delay_us = getenv("CAKED_TEST_JOB_DELAY_MS") /* at most 60 s */
+                            ? (unsigned)(strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10) < 60000
+                                         ? strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10)
+                                         : 60000) * 1000
                             : 0,
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
@@ -472,9 +474,9 @@ fail:
 
 
 /* systemd's watchdog (WatchdogSec in the unit): WATCHDOG=1 twice an interval, from the loop
- * that serves the engines - and only while no worker job is older than the interval, so a
- * wedged loop or a worker stuck in a call that never returns (a hung GPU) gets caked
- * restarted. */
+ * that serves the engines - and only while no worker job has run longer than the interval,
+ * so a wedged loop or a worker stuck in a call that never returns (a hung GPU) gets caked
+ * restarted. Jobs waiting long (a saturated pool) do not stop it. */
 static void watchdog(struct server *s)
 {
     double now = clock_now_s();
@@ -482,16 +484,16 @@ static void watchdog(struct server *s)
         return;
     struct workers_load wl;
     workers_load(s->workers, now, &wl);
-    if (wl.oldest_s >= s->wd_s) {
+    if (wl.oldest_running_s >= s->wd_s) { /* stuck; a long queue alone is load, not a hang */
         if (!s->wd_withheld)
-            srv_logl(SRV_LOG_ERROR, "a worker job has run or waited %.1f s, past the watchdog's "
-                     "%.1f s: systemd is no longer told caked is alive", wl.oldest_s, s->wd_s);
+            srv_logl(SRV_LOG_ERROR, "a worker job has run %.1f s, past the watchdog's %.1f s: "
+                     "systemd is no longer told caked is alive", wl.oldest_running_s, s->wd_s);
         s->wd_withheld = 1;
         return;
     }
     if (s->wd_withheld)
-        srv_log("the workers move again (the oldest job %.1f s): watchdog pings resume",
-                wl.oldest_s);
+        srv_log("the workers move again (the longest running job %.1f s): watchdog pings resume",
+                wl.oldest_running_s);
     s->wd_withheld = 0;
     s->t_wd = now;
     sd_notify(0, "WATCHDOG=1");

@@ -178,18 +178,18 @@ void workers_load(struct workers *w, double now, struct workers_load *l)
     pthread_mutex_lock(&w->mu);
     l->queued = w->waiting;
     /* the lists are in submission order: their heads are the oldest waiting */
-    double oldest = now;
-    if (w->head && w->head->t_submit < oldest)
-        oldest = w->head->t_submit;
-    if (w->uhead && w->uhead->t_submit < oldest)
-        oldest = w->uhead->t_submit;
+    double waited = now, ran = now;
+    if (w->head && w->head->t_submit < waited)
+        waited = w->head->t_submit;
+    if (w->uhead && w->uhead->t_submit < waited)
+        waited = w->uhead->t_submit;
     for (int i = 0; i < w->n; i++)
         if (w->since[i] > 0) {
             l->running++;
-            oldest = w->since[i] < oldest ? w->since[i] : oldest;
+            ran = w->since[i] < ran ? w->since[i] : ran;
         }
     pthread_mutex_unlock(&w->mu);
-    l->oldest_s = now - oldest;
+    l->oldest_queued_s = now - waited, l->oldest_running_s = now - ran;
 }
 
 int workers_reap(struct workers *w)

@@ -41,11 +41,12 @@ int workers_reap(struct workers *w);
 int workers_pending(const struct workers *w);
 /* The number of threads. */
 int workers_count(const struct workers *w);
-/* What the workers have now: jobs waiting for a thread, jobs running, and the age of the
- * oldest of them (waiting since submitted, running since started; 0 with none). */
+/* What the workers have now: jobs waiting for a thread and how long the oldest has waited
+ * (a saturated pool), jobs running and how long the longest has run (a stuck call); 0 with
+ * none. */
 struct workers_load {
     uint32_t queued, running;
-    double oldest_s;
+    double oldest_queued_s, oldest_running_s;
 };
 void workers_load(struct workers *w, double now, struct workers_load *l);
 

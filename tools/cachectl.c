@@ -126,7 +126,8 @@ static int cmd_status(cake_ctx *c)
         json_object_set_new(o, "workers", ju(s->workers));
         json_object_set_new(o, "jobs_queued", ju(s->jobs_queued));
         json_object_set_new(o, "jobs_running", ju(s->jobs_running));
-        json_object_set_new(o, "oldest_job_us", ju(s->oldest_job_us));
+        json_object_set_new(o, "longest_running_us", ju(s->longest_running_us));
+        json_object_set_new(o, "oldest_queued_us", ju(s->oldest_queued_us));
         json_out(o);
     } else {
         char pb[32], pg[32], ub[32];
@@ -146,9 +147,12 @@ static int cmd_status(cake_ctx *c)
             printf("GPU pool   %s on %s; %s used\n", gb, s->gpus[i]->uuid, gu);
         }
         printf("tenants    %u   sequences %u   clients %u\n", s->tenants, s->sequences, s->clients);
-        printf("workers    %u: %u running, %u waiting", s->workers, s->jobs_running, s->jobs_queued);
-        if (s->jobs_running || s->jobs_queued)
-            printf(" (the oldest for %.1f ms)", s->oldest_job_us / 1e3);
+        printf("workers    %u: %u running", s->workers, s->jobs_running);
+        if (s->jobs_running)
+            printf(" (the longest for %.1f ms)", s->longest_running_us / 1e3);
+        printf(", %u waiting", s->jobs_queued);
+        if (s->jobs_queued)
+            printf(" (the oldest for %.1f ms)", s->oldest_queued_us / 1e3);
         printf("\n");
     }
     cake__status__free_unpacked(s, &al_);

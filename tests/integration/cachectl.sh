@@ -39,7 +39,7 @@ assert s["gpu_pool_bytes"] == 0 and s["gpus"] == [] and "gpu_uuid" not in s, s
 assert s["socket"] == sys.argv[1], (s["socket"], sys.argv[1])
 # the engines hold (no call in flight): 2 workers (the file), idle
 assert s["workers"] == 2 and s["jobs_queued"] == 0 and s["jobs_running"] == 0, s
-assert s["oldest_job_us"] == 0, s' "$sock" || fail "status json"
+assert s["longest_running_us"] == 0 and s["oldest_queued_us"] == 0, s' "$sock" || fail "status json"
 "$ctl" --socket "$sock" status | grep -q '^workers    2: 0 running, 0 waiting$' || fail "status table: workers"
 nt=$("$ctl" --socket "$sock" --json tenants | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["tenants"]))')
 ns=$("$ctl" --socket "$sock" --json status | python3 -c 'import json, sys; print(json.load(sys.stdin)["tenants"])')

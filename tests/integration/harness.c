@@ -157,14 +157,15 @@ static Cake__Status *status_get(const struct harness *h, cake_ctx **c, ProtobufC
     return s;
 }
 
-int harness_status_jobs(const struct harness *h, unsigned *running, unsigned *queued,
-                        unsigned long long *oldest_us)
+int harness_status_jobs(const struct harness *h, unsigned *running, unsigned long long *running_us,
+                        unsigned *queued, unsigned long long *queued_us)
 {
     cake_ctx *c;
     ProtobufCAllocator al;
     Cake__Status *s = status_get(h, &c, &al);
     if (s) {
-        *running = s->jobs_running, *queued = s->jobs_queued, *oldest_us = s->oldest_job_us;
+        *running = s->jobs_running, *running_us = s->longest_running_us;
+        *queued = s->jobs_queued, *queued_us = s->oldest_queued_us;
         cake__status__free_unpacked(s, &al);
     }
     cake_destroy(c);

@@ -32,8 +32,9 @@ int harness_status(const struct harness *h, unsigned long long *pages_used, unsi
 /* The same, with GPU pool pages in use (caked --gpu-pool). */
 int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, unsigned *seqs,
                        unsigned long long *gpu_pages_used);
-/* The workers' load from STATUS: jobs running, waiting, the oldest's age in microseconds. */
-int harness_status_jobs(const struct harness *h, unsigned *running, unsigned *queued,
-                        unsigned long long *oldest_us);
+/* The workers' load from STATUS: jobs running and the longest's run, jobs waiting and the
+ * oldest's wait (microseconds). */
+int harness_status_jobs(const struct harness *h, unsigned *running, unsigned long long *running_us,
+                        unsigned *queued, unsigned long long *queued_us);
 
 #endif

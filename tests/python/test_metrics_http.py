@@ -120,9 +120,13 @@ class MetricsOverHttp(unittest.TestCase):
                 self.assertEqual(buckets[-1], n_)
         self.assertGreater(samples(fams, work, work + "_sum", kind="prefill", stage="run")[0], 0)
         # nothing waits or runs now (the engine's calls all returned)
-        for g in ("caked_work_queued", "caked_work_running", "caked_work_oldest_seconds"):
+        for g in ("caked_work_queued", "caked_work_running"):
             self.assertEqual(fams[g].type, "gauge")
             self.assertEqual(samples(fams, g, g), [0.0], g)
+        g = "caked_work_oldest_seconds"
+        self.assertEqual(fams[g].type, "gauge")
+        for state in ("running", "queued"):
+            self.assertEqual(samples(fams, g, g, state=state), [0.0], state)
         # the other families parse and agree with the requests made
         reqs = samples(fams, "caked_requests", "caked_requests_total", type="decode_step")
         self.assertEqual(reqs, [3.0])

@@ -123,15 +123,16 @@ Test(worker, jobs_carry_their_queued_and_run_times)
 }
 
 /* workers_load (caked_work_queued, _running, _oldest_seconds): nothing when idle; with the
- * only worker held and two jobs behind it, one running, two waiting, the oldest as old as
- * the hold; nothing again once all are reaped. */
-Test(worker, load_counts_waiting_and_running_jobs_and_the_oldest_age)
+ * only worker held 40 ms and two jobs submitted 20 ms into the hold, one running for the
+ * hold's age and two waiting for 20 ms (the two ages apart: a stuck call and a long queue are
+ * different things); nothing again once all are reaped. */
+Test(worker, load_counts_waiting_and_running_jobs_and_their_ages)
 {
     struct workers *w;
     struct workers_load l;
     cr_assert_eq(workers_start(&w, 1), 0);
     workers_load(w, clock_now_s(), &l);
-    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_s == 0);
+    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_queued_s == 0 && l.oldest_running_s == 0);
     atomic_int ran = 0, release = 0, started = 0;
     int dn = 0;
     struct tjob blocker = {.j = {.run = run, .done = done}, .ran = &ran, .done = &dn,
@@ -142,6 +143,8 @@ Test(worker, load_counts_waiting_and_running_jobs_and_the_oldest_age)
     workers_submit(w, &blocker.j);
     while (!atomic_load(&started))
         usleep(100);
+    usleep(20000);
+    double t1 = clock_now_s();
     for (int i = 0; i < 2; i++) {
         more[i] = (struct tjob){.j = {.run = run, .done = done, .urgent = i}, .id = i + 1,
                                 .ran = &ran, .done = &dn, .owner = pthread_self(), .release = &release};
@@ -152,14 +155,16 @@ Test(worker, load_counts_waiting_and_running_jobs_and_the_oldest_age)
     workers_load(w, now, &l);
     cr_assert_eq(l.queued, 2);
     cr_assert_eq(l.running, 1);
-    cr_assert_geq(l.oldest_s, 0.019, "the held job started at least 20 ms ago");
-    cr_assert_leq(l.oldest_s, now - t0);
+    cr_assert_geq(l.oldest_running_s, 0.039, "the held job started at least 40 ms ago");
+    cr_assert_leq(l.oldest_running_s, now - t0);
+    cr_assert_geq(l.oldest_queued_s, 0.019, "the waiting ones came 20 ms ago");
+    cr_assert_leq(l.oldest_queued_s, now - t1);
     atomic_store(&release, 1);
     while (dn < 3)
         workers_reap(w);
     workers_load(w, clock_now_s(), &l);
-    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_s == 0, "%u %u %f", l.queued, l.running,
-              l.oldest_s);
+    cr_assert(l.queued == 0 && l.running == 0 && l.oldest_queued_s == 0 && l.oldest_running_s == 0,
+              "%u %u %f %f", l.queued, l.running, l.oldest_queued_s, l.oldest_running_s);
     workers_stop(w);
 }
 
