@@ -143,46 +143,51 @@ int harness_status(const struct harness *h, unsigned long long *pages_used, unsi
     return harness_status_gpu(h, pages_used, seqs, &g);
 }
 
-/* One STATUS, unpacked (NULL on failure); free with status_free. */
-static Cake__Status *status_get(const struct harness *h, cake_ctx **c, ProtobufCAllocator *al)
+/* One STATUS request: what the tests read of it. 0 or -1. */
+struct status_fields {
+    unsigned long long pages_used, gpu_pages_used, running_us, queued_us;
+    unsigned seqs, running, queued;
+};
+
+static int status_read(const struct harness *h, struct status_fields *f)
 {
-    cake_create(c);
+    cake_ctx *c;
+    cake_create(&c);
     uint8_t *b;
     size_t n;
-    if (cake_connect(*c, h->sock, 0) || cake_internal_rpc(*c, MSG_STATUS, NULL, &b, &n))
-        return NULL;
-    *al = cake_internal_allocator(*c);
-    Cake__Status *s = cake__status__unpack(al, n, b);
-    cake_internal_free(*c, b);
-    return s;
+    Cake__Status *s = NULL;
+    ProtobufCAllocator al = cake_internal_allocator(c);
+    if (!cake_connect(c, h->sock, 0) && !cake_internal_rpc(c, MSG_STATUS, NULL, &b, &n)) {
+        s = cake__status__unpack(&al, n, b);
+        cake_internal_free(c, b);
+    }
+    if (s) {
+        *f = (struct status_fields){
+            .pages_used = s->pages_used, .gpu_pages_used = s->gpu_pages_used,
+            .running_us = s->longest_running_us, .queued_us = s->oldest_queued_us,
+            .seqs = s->sequences, .running = s->jobs_running, .queued = s->jobs_queued};
+        cake__status__free_unpacked(s, &al);
+    }
+    cake_destroy(c);
+    return s ? 0 : -1;
 }
 
 int harness_status_jobs(const struct harness *h, unsigned *running, unsigned long long *running_us,
                         unsigned *queued, unsigned long long *queued_us)
 {
-    cake_ctx *c;
-    ProtobufCAllocator al;
-    Cake__Status *s = status_get(h, &c, &al);
-    if (s) {
-        *running = s->jobs_running, *running_us = s->longest_running_us;
-        *queued = s->jobs_queued, *queued_us = s->oldest_queued_us;
-        cake__status__free_unpacked(s, &al);
-    }
-    cake_destroy(c);
-    return s ? 0 : -1;
+    struct status_fields f;
+    if (status_read(h, &f))
+        return -1;
+    *running = f.running, *running_us = f.running_us, *queued = f.queued, *queued_us = f.queued_us;
+    return 0;
 }
 
 int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, unsigned *seqs,
                        unsigned long long *gpu_pages_used)
 {
-    cake_ctx *c;
-    ProtobufCAllocator al;
-    Cake__Status *s = status_get(h, &c, &al);
-    if (s) {
-        *pages_used = s->pages_used, *seqs = s->sequences;
-        *gpu_pages_used = s->gpu_pages_used;
-        cake__status__free_unpacked(s, &al);
-    }
-    cake_destroy(c);
-    return s ? 0 : -1;
+    struct status_fields f;
+    if (status_read(h, &f))
+        return -1;
+    *pages_used = f.pages_used, *seqs = f.seqs, *gpu_pages_used = f.gpu_pages_used;
+    return 0;
 }
