@@ -184,6 +184,63 @@ Test(ops, pings_the_watchdog_only_while_the_workers_move, .timeout = 60)
     unlink(path), rmdir(dir);
 }
 
+/* A long queue is load, not a hang: one worker, each job held 0.2 s, ten engines observing
+ * at once (from 0.6 s to ~1.8 s some job has waited past the 0.6 s watchdog, while none runs
+ * longer than 0.2 s): STATUS shows jobs waiting longer than the interval, and WATCHDOG=1
+ * keeps coming (counting the waits too, the pings stopped for over a second). */
+Test(ops, a_long_queue_does_not_stop_the_watchdog, .timeout = 60)
+{
+    char dir[] = "/tmp/caked-wdq-XXXXXX", path[64];
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/notify", dir);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    setenv("NOTIFY_SOCKET", path, 1);
+    setenv("WATCHDOG_USEC", "600000", 1);
+    setenv("CAKED_TEST_JOB_DELAY_MS", "200", 1);
+    struct harness h;
+    const char *extra[] = {"--workers", "1", NULL};
+    int started = harness_start(&h, extra);
+    unsetenv("NOTIFY_SOCKET"), unsetenv("WATCHDOG_USEC"), unsetenv("CAKED_TEST_JOB_DELAY_MS");
+    cr_assert_eq(started, 0);
+    enum { E = 10 };
+    struct observer o[E];
+    pthread_t th[E];
+    for (int i = 0; i < E; i++) {
+        o[i] = (struct observer){.sock = h.sock};
+        cr_assert_eq(pthread_create(&th[i], NULL, observe_one, &o[i]), 0);
+    }
+    char note[512];
+    double t0 = now_s(), last = t0, gap = 0;
+    unsigned long long waited_max = 0;
+    int pings = 0;
+    while (now_s() - t0 < 2.5) { /* the queue drains in ~2 s */
+        struct pollfd p = {fd, POLLIN, 0};
+        if (poll(&p, 1, 50) == 1) {
+            next_note(fd, note, sizeof note);
+            if (strstr(note, "WATCHDOG=1"))
+                pings++, gap = now_s() - last > gap ? now_s() - last : gap, last = now_s();
+        }
+        unsigned running, queued;
+        unsigned long long ran_us, waited_us;
+        if (!harness_status_jobs(&h, &running, &ran_us, &queued, &waited_us))
+            waited_max = waited_us > waited_max ? waited_us : waited_max;
+    }
+    for (int i = 0; i < E; i++) {
+        pthread_join(th[i], NULL);
+        cr_assert_eq(o[i].rc, 0, "observe %d", i);
+    }
+    cr_assert_gt(waited_max, 600000, "a job waited past the interval (%llu us at most)", waited_max);
+    cr_assert_geq(pings, 5, "%d pings in 2.5 s", pings);
+    cr_assert_lt(gap, 0.6, "the longest wait for a ping was %.2f s", gap);
+    kill(h.pid, SIGTERM);
+    cr_assert_eq(harness_stop(&h), 0);
+    close(fd);
+    unlink(path), rmdir(dir);
+}
+
 Test(ops, serves_the_socket_systemd_passes, .timeout = 60)
 {
     char dir[] = "/tmp/caked-activate-XXXXXX", path[64], unused[64];
