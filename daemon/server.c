@@ -408,14 +408,13 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     pool_set_ops(&s->pool, &hops);
     if ((rc = apply_tenants(s, tcfg, n_tenants)))
         goto fail;
+    const char *jd = getenv("CAKED_TEST_JOB_DELAY_MS"); /* tests only: at most 60 s */
+    unsigned long job_delay_ms = jd ? strtoul(jd, NULL, 10) : 0;
+    job_delay_ms = job_delay_ms < 60000 ? job_delay_ms : 60000;
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
-        .job_delay_us = getenv("CAKED_TEST_JOB_DELAY_MS") /* at most 60 s */
-                            ? (unsigned)(strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10) < 60000
-                                         ? strtoul(getenv("CAKED_TEST_JOB_DELAY_MS"), NULL, 10)
-                                         : 60000) * 1000
-                            : 0,
+        .job_delay_us = (unsigned)job_delay_ms * 1000,
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,

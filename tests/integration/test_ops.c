@@ -34,27 +34,46 @@ static void next_note(int fd, char *buf, size_t len)
     }
 }
 
+/* A datagram socket at DIR/notify standing for systemd's (path: its address), bound. */
+static int notify_socket(char *dir, char *path, size_t len)
+{
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, len, "%s/notify", dir);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    return fd;
+}
+
+/* caked told to notify `path`, with a watchdog of wd_usec (NULL: none) and every worker job
+ * held job_ms (NULL: not held); the environment as it was after. */
+static void start_notifying(struct harness *h, const char *path, const char *wd_usec,
+                            const char *job_ms, const char *const *extra)
+{
+    setenv("NOTIFY_SOCKET", path, 1);
+    if (wd_usec)
+        setenv("WATCHDOG_USEC", wd_usec, 1);
+    if (job_ms)
+        setenv("CAKED_TEST_JOB_DELAY_MS", job_ms, 1);
+    int started = harness_start(h, extra);
+    unsetenv("NOTIFY_SOCKET"), unsetenv("WATCHDOG_USEC"), unsetenv("CAKED_TEST_JOB_DELAY_MS");
+    cr_assert_eq(started, 0);
+}
+
 Test(ops, tells_systemd_ready_reloading_and_stopping, .timeout = 60)
 {
     char dir[] = "/tmp/caked-notify-XXXXXX", path[64], conf[64];
-    cr_assert_not_null(mkdtemp(dir));
-    snprintf(path, sizeof path, "%s/notify", dir);
+    int fd = notify_socket(dir, path, sizeof path);
     snprintf(conf, sizeof conf, "%s/caked.conf", dir);
     FILE *f = fopen(conf, "w");
     cr_assert_not_null(f);
     fprintf(f, "tenant svc weight=2\n");
     fclose(f);
     chmod(conf, 0600);
-    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    setenv("NOTIFY_SOCKET", path, 1);
     struct harness h;
     const char *extra[] = {"--config", conf, NULL};
-    int started = harness_start(&h, extra);
-    unsetenv("NOTIFY_SOCKET");
-    cr_assert_eq(started, 0);
+    start_notifying(&h, path, NULL, NULL, extra);
     char note[512];
     next_note(fd, note, sizeof note);
     cr_assert(strstr(note, "READY=1"), "first notification: %s", note);
@@ -89,6 +108,17 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* A note that is WATCHDOG=1: 1, and *gap grows to the time since the last one (*last). */
+static int ping_seen(const char *note, double *last, double *gap)
+{
+    if (!strstr(note, "WATCHDOG=1"))
+        return 0;
+    double t = now_s();
+    *gap = t - *last > *gap ? t - *last : *gap;
+    *last = t;
+    return 1;
+}
+
 static void *observe_one(void *arg)
 {
     struct observer *o = arg;
@@ -119,26 +149,15 @@ static void *observe_one(void *arg)
 Test(ops, pings_the_watchdog_only_while_the_workers_move, .timeout = 60)
 {
     char dir[] = "/tmp/caked-wd-XXXXXX", path[64];
-    cr_assert_not_null(mkdtemp(dir));
-    snprintf(path, sizeof path, "%s/notify", dir);
-    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    setenv("NOTIFY_SOCKET", path, 1);
-    setenv("WATCHDOG_USEC", "400000", 1);
-    setenv("CAKED_TEST_JOB_DELAY_MS", "2000", 1);
+    int fd = notify_socket(dir, path, sizeof path);
     struct harness h;
-    int started = harness_start(&h, NULL);
-    unsetenv("NOTIFY_SOCKET"), unsetenv("WATCHDOG_USEC"), unsetenv("CAKED_TEST_JOB_DELAY_MS");
-    cr_assert_eq(started, 0);
+    start_notifying(&h, path, "400000", "2000", NULL);
     char note[512];
     double t0 = now_s(), last = t0, gap = 0;
     int pings = 0;
     while (now_s() - t0 < 1.0) { /* idle: pings at half the interval */
         next_note(fd, note, sizeof note);
-        if (strstr(note, "WATCHDOG=1"))
-            pings++, gap = now_s() - last > gap ? now_s() - last : gap, last = now_s();
+        pings += ping_seen(note, &last, &gap);
     }
     cr_assert_geq(pings, 2, "%d pings in 1 s of a 0.4 s watchdog", pings);
     cr_assert_lt(gap, 0.4, "idle, the longest wait for a ping was %.2f s", gap);
@@ -191,20 +210,10 @@ Test(ops, pings_the_watchdog_only_while_the_workers_move, .timeout = 60)
 Test(ops, a_long_queue_does_not_stop_the_watchdog, .timeout = 60)
 {
     char dir[] = "/tmp/caked-wdq-XXXXXX", path[64];
-    cr_assert_not_null(mkdtemp(dir));
-    snprintf(path, sizeof path, "%s/notify", dir);
-    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    setenv("NOTIFY_SOCKET", path, 1);
-    setenv("WATCHDOG_USEC", "600000", 1);
-    setenv("CAKED_TEST_JOB_DELAY_MS", "200", 1);
+    int fd = notify_socket(dir, path, sizeof path);
     struct harness h;
     const char *extra[] = {"--workers", "1", NULL};
-    int started = harness_start(&h, extra);
-    unsetenv("NOTIFY_SOCKET"), unsetenv("WATCHDOG_USEC"), unsetenv("CAKED_TEST_JOB_DELAY_MS");
-    cr_assert_eq(started, 0);
+    start_notifying(&h, path, "600000", "200", extra);
     enum { E = 10 };
     struct observer o[E];
     pthread_t th[E];
@@ -220,8 +229,7 @@ Test(ops, a_long_queue_does_not_stop_the_watchdog, .timeout = 60)
         struct pollfd p = {fd, POLLIN, 0};
         if (poll(&p, 1, 50) == 1) {
             next_note(fd, note, sizeof note);
-            if (strstr(note, "WATCHDOG=1"))
-                pings++, gap = now_s() - last > gap ? now_s() - last : gap, last = now_s();
+            pings += ping_seen(note, &last, &gap);
         }
         unsigned running, queued;
         unsigned long long ran_us, waited_us;
