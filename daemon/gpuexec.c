@@ -324,79 +324,81 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
     cudaFreeAsync(p, 0); /* the legacy stream: ours are non-blocking, so nothing waits */
 }
 
-/* Device and staging bytes of one selection + compaction: page offsets, keep lists, the
- * compaction's scratch, the indicator's gather. */
-static void plan_select(const struct gpu_select *j, size_t *pg, size_t *kb, size_t *tb,
-                        size_t *gb)
-{
-    const struct gpu_layer *l = &j->l;
-    *pg = al(sizeof(uint64_t) * l->n_pages);
-    *kb = al(sizeof(uint32_t) * l->kv_heads * j->k);
-    *tb = al(2 * (size_t)l->kv_heads * (j->k + j->win_len) * l->head_dim * 2);
-    *gb = al(sizeof(float) * l->kv_heads * j->k) + al(kern_cuda_topk_workspace(l->kv_heads, j->old));
-}
-
+/* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
+ * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
+ * slots; on the device behind them the kept slots (one copy back) and each job's scratch. */
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
-    size_t dev = 0, host = 0, pg, kb, tb, gb;
+    if (!n)
+        return 0;
+    const struct gpu_layer *l0 = &jobs[0].l;
+    size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), keeps = 0, tmps = 0;
+    uint32_t max_rows = 0;
     for (uint32_t i = 0; i < n; i++) {
-        if (jobs[i].k > jobs[i].old || jobs[i].win_start != jobs[i].old)
-            return -EINVAL;
-        plan_select(&jobs[i], &pg, &kb, &tb, &gb);
-        dev += pg + kb + tb + gb, host += pg + kb;
-    }
-    if (reserve(c, dev, host))
-        return -ENOMEM;
-    int rc = 0;
-    size_t d = 0, h = 0;
-    for (uint32_t i = 0; i < n && !rc; i++) {
         const struct gpu_select *j = &jobs[i];
-        cudaStream_t st = c->sub[i % SUBSTREAMS];
-        uint32_t hkv = j->l.kv_heads;
-        plan_select(j, &pg, &kb, &tb, &gb);
-        struct kern_cuda_kv kv;
-        upload_pages_at(&j->l, c->hbuf + h, c->dbuf + d, st, &kv);
-        uint32_t *keep = (uint32_t *)(c->dbuf + d + pg);
-        float *gat = (float *)(c->dbuf + d + pg + kb + tb);
-        size_t gat_b = al(sizeof(float) * hkv * j->k);
-        if (j->slots) { /* the host's choice, staged behind the page offsets */
-            for (size_t x = 0; x < (size_t)hkv * j->k && !rc; x++)
-                rc = j->slots[x] < j->old ? 0 : -EINVAL;
-            memcpy(c->hbuf + h + pg, j->slots, sizeof(uint32_t) * hkv * j->k);
-            if (!rc && j->k &&
-                cudaMemcpyAsync(keep, c->hbuf + h + pg, sizeof(uint32_t) * hkv * j->k,
-                                cudaMemcpyHostToDevice, st) != cudaSuccess)
-                rc = -EIO;
-        } else {
-            rc = kern_cuda_topk_ws(j->ind_dev, hkv, j->old, j->k, keep, (uint8_t *)gat + gat_b,
-                                   gb - gat_b, st);
+        const struct gpu_layer *l = &j->l;
+        if (j->k > j->old || j->win_start != j->old || (!j->slots && !j->ind_dev) ||
+            l->dtype != l0->dtype || l->kv_heads != l0->kv_heads || l->head_dim != l0->head_dim ||
+            l->tokens_per_page != l0->tokens_per_page || l->base != l0->base ||
+            l->v_offset_bytes != l0->v_offset_bytes)
+            return -EINVAL;
+        size_t kb = sizeof(uint32_t) * l->kv_heads * j->k;
+        for (size_t x = 0; j->slots && x < (size_t)l->kv_heads * j->k; x++)
+            if (j->slots[x] >= j->old)
+                return -EINVAL;
+        staged += al(sizeof(uint64_t) * l->n_pages) + (j->slots ? al(kb) : 0);
+        keeps += al(kb);
+        tmps += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
+        max_rows = j->k + j->win_len > max_rows ? j->k + j->win_len : max_rows;
+    }
+    if (reserve(c, staged + keeps + tmps, staged + keeps))
+        return -ENOMEM;
+    struct kern_cuda_compact_job *kj = (struct kern_cuda_compact_job *)c->hbuf;
+    size_t at = al(sizeof(*kj) * n), kat = staged, tat = staged + keeps;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct gpu_select *j = &jobs[i];
+        const struct gpu_layer *l = &j->l;
+        size_t kb = sizeof(uint32_t) * l->kv_heads * j->k;
+        uint64_t *po = (uint64_t *)(c->hbuf + at);
+        for (uint32_t p = 0; p < l->n_pages; p++)
+            po[p] = (uint64_t)l->pages[p] * l->page_bytes;
+        kj[i] = (struct kern_cuda_compact_job){
+            .page_off = (const uint64_t *)(c->dbuf + at), .ind = j->ind_dev,
+            .keep = (uint32_t *)(c->dbuf + kat), .tmp = c->dbuf + tat,
+            .old = j->old, .k = j->k, .win = j->win_len,
+        };
+        at += al(sizeof(uint64_t) * l->n_pages);
+        if (j->slots) { /* the host's choice */
+            memcpy(c->hbuf + at, j->slots, kb);
+            kj[i].slots = (const uint32_t *)(c->dbuf + at);
+            at += al(kb);
         }
-        if (!rc)
-            rc = kern_cuda_compact(&kv, keep, j->k, j->win_start, j->win_len, c->dbuf + d + pg + kb,
-                                   st);
-        if (!rc) /* the indicator follows its tokens: [kv_heads][k] at the front */
-            rc = kern_cuda_gather_rows_f32(j->ind_dev, hkv, j->old, keep, j->k, gat, st);
-        if (!rc && j->k &&
-            cudaMemcpyAsync(j->ind_dev, gat, sizeof(float) * hkv * j->k, cudaMemcpyDeviceToDevice,
-                            st) != cudaSuccess)
-            rc = -EIO;
-        if (!rc && j->k && /* the kept slots, for the sequence's positions */
-            cudaMemcpyAsync(c->hbuf + h + pg, keep, sizeof(uint32_t) * hkv * j->k,
-                            cudaMemcpyDeviceToHost, st) != cudaSuccess)
-            rc = -EIO;
-        d += pg + kb + tb + gb, h += pg + kb;
+        kat += al(kb);
+        tat += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
     }
-    for (int s = 0; s < SUBSTREAMS; s++)
-        if (cudaStreamSynchronize(c->sub[s]) != cudaSuccess && !rc)
-            rc = -EIO;
-    cudaGetLastError();
-    h = 0;
-    for (uint32_t i = 0; i < n && !rc; i++) {
-        plan_select(&jobs[i], &pg, &kb, &tb, &gb);
-        memcpy(jobs[i].keep, c->hbuf + h + pg, sizeof(uint32_t) * jobs[i].l.kv_heads * jobs[i].k);
-        h += pg + kb;
+    struct kern_cuda_layout lay = {
+        .dtype = l0->dtype, .kv_heads = l0->kv_heads, .head_dim = l0->head_dim,
+        .tokens_per_page = l0->tokens_per_page, .base = l0->base,
+        .v_offset_bytes = l0->v_offset_bytes,
+    };
+    int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
+                 ? 0 : -EIO;
+    if (!rc)
+        rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
+                                    c->stream);
+    if (!rc && keeps && /* the kept slots, for the sequence's positions */
+        cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, keeps, cudaMemcpyDeviceToHost,
+                        c->stream) != cudaSuccess)
+        rc = -EIO;
+    if ((rc = finish(c, rc)))
+        return rc;
+    kat = staged;
+    for (uint32_t i = 0; i < n; i++) {
+        size_t kb = sizeof(uint32_t) * jobs[i].l.kv_heads * jobs[i].k;
+        memcpy(jobs[i].keep, c->hbuf + kat, kb);
+        kat += al(kb);
     }
-    return rc;
+    return 0;
 }
 
 /* Device and staging bytes one eviction needs, and where its pieces go. */

@@ -1,11 +1,15 @@
-// compact.cu - compaction of kept tokens in the pool's pages on the GPU (see kern_cuda.h).
+// compact.cu - compaction of kept tokens in the pool's pages on the GPU (see kern_cuda.h): one
+// layer (kern_cuda_compact), or a cascading stage's every layer with its top-k and the
+// indicator's gather in three launches (kern_cuda_compact_many).
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "cuda_internal.h"
+#include "kern.h"
 #include "kern_cuda.h"
+#include "select_dev.cuh"
 
 // ---- compaction -----------------------------------------------------------
 
@@ -66,6 +70,146 @@ extern "C" int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *
     gather<<<div_up(total, 256), 256, 0, st>>>(p);
     CK(cudaGetLastError());
     scatter<<<div_up(total, 256), 256, 0, st>>>(p);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+// ---- a cascading stage: every layer in three launches -------------------------
+
+namespace {
+
+constexpr uint32_t CM_ROWS = 64; // K/V rows (tokens of one kv head) a gather/scatter block moves
+
+struct cmparams {
+    kern_cuda_layout lay;
+    const kern_cuda_compact_job *jobs;
+    size_t row; // bytes of one K (or V) row
+};
+
+__host__ __device__ inline size_t al16(size_t x) { return (x + 15) & ~(size_t)15; }
+
+// A job's scratch: [kv_heads][k + win] rows of K then V, the gathered indicator
+// [kv_heads][k], each head's first moved row [kv_heads].
+struct cm_tmp {
+    uint8_t *rows;
+    float *ind;
+    uint32_t *first;
+};
+
+__host__ __device__ inline cm_tmp tmp_of(const kern_cuda_compact_job &j, uint32_t hkv, size_t row)
+{
+    uint8_t *b = (uint8_t *)j.tmp;
+    size_t r = al16((size_t)hkv * (j.k + j.win) * 2 * row), f = al16(sizeof(float) * hkv * j.k);
+    return cm_tmp{b, (float *)(b + r), (uint32_t *)(b + r + f)};
+}
+
+__device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_compact_job &j,
+                                           uint32_t g, uint32_t t)
+{
+    return p.lay.base + j.page_off[t / p.lay.tokens_per_page] +
+           ((size_t)g * p.lay.tokens_per_page + t % p.lay.tokens_per_page) * p.row;
+}
+
+// grid (kv_heads, jobs): the kept slots of each head, and the first row that moves (rows
+// below it keep their slot: the top-k's first removed slot, or the first listed slot out
+// of place)
+__global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
+{
+    __shared__ seldev::smem sh;
+    __shared__ kern_cuda_compact_job j;
+    uint32_t g = blockIdx.x, tid = threadIdx.x;
+    if (tid == 0)
+        j = p.jobs[blockIdx.y];
+    __syncthreads();
+    if (j.k > j.old)
+        return; // the host checks it
+    uint32_t *keep = j.keep + (size_t)g * j.k, first;
+    if (j.slots) {
+        if (tid == 0)
+            sh.first = j.k;
+        __syncthreads();
+        for (uint32_t i = tid; i < j.k; i += seldev::THREADS) {
+            uint32_t v = j.slots[(size_t)g * j.k + i];
+            keep[i] = v;
+            if (v != i)
+                atomicMin(&sh.first, i);
+        }
+        __syncthreads();
+        first = sh.first;
+    } else {
+        first = seldev::topk_list(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
+    }
+    if (tid == 0)
+        tmp_of(j, p.lay.kv_heads, p.row).first[g] = first;
+}
+
+// grid (row blocks, kv_heads, jobs): gather (out = 0: slots into the scratch, the kept
+// indicator beside them) or scatter (out = 1: the scratch to rows from the first that
+// moves, the indicator to [kv_heads][k])
+template <int OUT>
+__global__ void __launch_bounds__(256) cm_move(cmparams p)
+{
+    __shared__ kern_cuda_compact_job j;
+    uint32_t g = blockIdx.y, tid = threadIdx.x, hkv = p.lay.kv_heads;
+    if (tid == 0)
+        j = p.jobs[blockIdx.z];
+    __syncthreads();
+    uint32_t rows = j.k + j.win, r0 = blockIdx.x * CM_ROWS;
+    if (j.k > j.old || r0 >= rows)
+        return;
+    cm_tmp t = tmp_of(j, hkv, p.row);
+    const uint32_t *keep = j.keep + (size_t)g * j.k;
+    uint32_t first = t.first[g], vec = (uint32_t)(p.row / 16), n = rows - r0;
+    n = n < CM_ROWS ? n : CM_ROWS;
+    for (uint32_t x = tid; x < n * 2 * vec; x += 256) {
+        uint32_t i = r0 + x / (2 * vec), r = x % (2 * vec), v = r % vec;
+        if (i < first)
+            continue;
+        size_t half = (size_t)(r / vec);
+        uint4 *tp = (uint4 *)(t.rows + (((size_t)g * rows + i) * 2 + half) * p.row) + v;
+        if (OUT) {
+            *((uint4 *)(cm_row(p, j, g, i) + half * p.lay.v_offset_bytes) + v) = *tp;
+        } else {
+            uint32_t src = i < j.k ? keep[i] : j.old + (i - j.k);
+            *tp = *((const uint4 *)(cm_row(p, j, g, src) + half * p.lay.v_offset_bytes) + v);
+        }
+    }
+    if (j.ind)
+        for (uint32_t i = r0 + tid; i < r0 + n && i < j.k; i += 256) {
+            if (OUT)
+                j.ind[(size_t)g * j.k + i] = t.ind[(size_t)g * j.k + i];
+            else
+                t.ind[(size_t)g * j.k + i] = j.ind[(size_t)g * j.old + keep[i]];
+        }
+}
+
+} // namespace
+
+extern "C" size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k,
+                                             uint32_t win)
+{
+    return al16((size_t)kv_heads * (k + win) * 2 * head_dim * 2) + al16(sizeof(float) * kv_heads * k) +
+           al16(sizeof(uint32_t) * kv_heads);
+}
+
+extern "C" int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
+                                      const struct kern_cuda_compact_job *jobs, uint32_t n_jobs,
+                                      uint32_t max_rows, void *stream)
+{
+    if (!lay || !lay->kv_heads || !lay->tokens_per_page || !lay->base || (lay->head_dim * 2) % 16 ||
+        (lay->dtype != KERN_BF16 && lay->dtype != KERN_F16) || (n_jobs && !jobs) || n_jobs > 65535 ||
+        lay->kv_heads > 65535)
+        return -EINVAL;
+    if (!n_jobs || !max_rows)
+        return 0;
+    cmparams p = {*lay, jobs, (size_t)lay->head_dim * 2};
+    cudaStream_t st = (cudaStream_t)stream;
+    cm_select<<<dim3(lay->kv_heads, n_jobs), seldev::THREADS, 0, st>>>(p);
+    CK(cudaGetLastError());
+    dim3 grid(div_up(max_rows, CM_ROWS), lay->kv_heads, n_jobs);
+    cm_move<0><<<grid, 256, 0, st>>>(p);
+    CK(cudaGetLastError());
+    cm_move<1><<<grid, 256, 0, st>>>(p);
     CK(cudaGetLastError());
     return 0;
 }

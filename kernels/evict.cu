@@ -10,7 +10,6 @@
 // the evicted slots; the compaction then moves kept tokens down in rounds that read every
 // source before writing any destination (a source is never below its destination, so no
 // round overwrites what a later one reads).
-#include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdio.h>
@@ -20,8 +19,10 @@
 #include "kern_cuda.h"
 #include "score_mma.h"
 #include "score_mma_dev.cuh"
+#include "select_dev.cuh"
 
 using namespace smma;
+static_assert(THREADS == seldev::THREADS, "a histogram bin a thread");
 
 namespace {
 
@@ -35,15 +36,6 @@ struct eparams {
     float scale, c2;
 };
 
-// select.cu's order: larger floats larger keys, NaN lowest
-__device__ __forceinline__ uint32_t sort_key(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
 {
     return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
@@ -54,11 +46,9 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 {
     extern __shared__ uint4 smem4[];
     uint8_t *smem = (uint8_t *)smem4;
-    typedef cub::BlockScan<uint32_t, THREADS> scan_t;
-    __shared__ typename scan_t::TempStorage scan_tmp;
+    __shared__ seldev::smem sel;
     __shared__ mparams sp;
     __shared__ kern_cuda_evict_job job;
-    __shared__ uint32_t hist[256], sh_digit, sh_need, sh_first;
     const kern_cuda_evict &e = ep.e;
     uint32_t g = blockIdx.x, tid = threadIdx.x;
     if (tid == 0) {
@@ -74,7 +64,6 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         q.ring_off = job.ring_off, q.w = e.w, q.rpp = e.ring_rows_per_page;
         q.hpp = e.ring_heads_per_page, q.pph = e.ring_pages_per_head, q.first = e.first;
         sp = q;
-        sh_first = 0;
     }
     __syncthreads();
     const mparams &p = sp;
@@ -85,7 +74,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     float *rowM = ind + ep.max_S, *rowL = rowM + p.Rp;
 
     // ---- scoring: pass 1 over every key, pass 2 over the prefix, the pooling
-    uint32_t key_t = 0xffffffffu, need = 0; // k = 0: no key reaches the threshold
+    uint32_t need = 0; // k = 0 (or no indicator): every slot goes
     if (k || job.ind) {
         pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
         __syncthreads();
@@ -107,61 +96,17 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         need = k;
     }
 
-    // ---- top-k: the k-th largest key, 8 bits a pass; `need` of the keys equal to it stay
-    if (k) {
-        uint32_t prefix = 0, mask = 0;
-        for (int pass = 0; pass < 4; pass++) {
-            int shift = 24 - 8 * pass;
-            hist[tid] = 0; // THREADS == 256 bins
-            __syncthreads();
-            for (uint32_t j = tid; j < S; j += THREADS) {
-                uint32_t key = sort_key(ind[j]);
-                if ((key & mask) == prefix)
-                    atomicAdd(&hist[(key >> shift) & 255u], 1u);
-            }
-            __syncthreads();
-            uint32_t c = hist[255 - tid], incl; // counted from the top bin down
-            scan_t(scan_tmp).InclusiveSum(c, incl);
-            if (incl - c < need && incl >= need)
-                sh_digit = 255 - tid, sh_need = need - (incl - c);
-            __syncthreads();
-            prefix |= sh_digit << shift, mask |= 0xffu << shift, need = sh_need;
-            __syncthreads();
-        }
-        key_t = prefix;
-    }
-
-    // ---- one ordered walk: kept slots (for the compaction) and evicted ones (the answer)
+    // ---- top-k and one ordered walk: kept slots (for the compaction) and evicted ones (the
+    // answer; select_dev.cuh)
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
-    uint32_t ne = S - k, kept = 0, evd = 0, eq_seen = 0;
-    uint32_t *evo = job.evicted + (size_t)g * ne;
-    for (uint32_t b0 = 0; b0 < S; b0 += THREADS) {
-        uint32_t j = b0 + tid, in = j < S, key = in && k ? sort_key(ind[j]) : 0;
-        uint32_t eq = in && k && key == key_t, gt = in && k && key > key_t, eqr, eq_tot;
-        scan_t(scan_tmp).ExclusiveSum(eq, eqr, eq_tot);
-        __syncthreads();
-        uint32_t kp = gt || (eq && eq_seen + eqr < need), kr, k_tot;
-        scan_t(scan_tmp).ExclusiveSum(kp, kr, k_tot);
-        __syncthreads();
-        if (kp) {
-            keep_src[kept + kr] = j;
-        } else if (in) {
-            uint32_t at = evd + (tid - kr);
-            evo[at] = j;
-            if (at == 0)
-                sh_first = j;
-        }
-        uint32_t here = S - b0 < THREADS ? S - b0 : THREADS;
-        eq_seen += eq_tot, kept += k_tot, evd += here - k_tot;
-    }
-    __syncthreads();
+    uint32_t first = seldev::topk_list(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
 
     // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
     // below the first evicted one stay
     uint32_t total = k + e.w, vec = p.d * 2 / 16;
     uint32_t ch = (uint32_t)(ep.stage_bytes / (2 * (size_t)p.d * 2)); // tokens a round
     uint4 *buf = (uint4 *)smem;
-    for (uint32_t d0 = sh_first; d0 < total; d0 += ch) {
+    for (uint32_t d0 = first; d0 < total; d0 += ch) {
         uint32_t cnt = total - d0 < ch ? total - d0 : ch, pieces = cnt * 2 * vec;
         for (uint32_t x = tid; x < pieces; x += THREADS) {
             uint32_t t = x / (2 * vec), r = x % (2 * vec), i = d0 + t;

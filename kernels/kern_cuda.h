@@ -96,6 +96,35 @@ int kern_cuda_gather_rows_f32(const float *in_dev, uint32_t rows, uint32_t n_in,
 int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, uint32_t k,
                       uint32_t win_start, uint32_t win_len, void *tmp_dev, void *stream);
 
+/* A cascading stage's compactions, every layer in three launches (top-k, gather, scatter;
+ * the per-layer calls above take ~15 a layer): job j is a layer whose kv head g keeps k of
+ * its first `old` slots - the top k of ind[g][0..old) (kern_cuda_topk's choice: ties to the
+ * lower position, NaN lowest) or, with `slots` set, the ones listed there ([kv_heads][k],
+ * below old) - then the window [old, old + win), compacted to the front in that order. The
+ * kept slots go to keep [kv_heads][k] and the indicator follows its tokens (ind [kv_heads]
+ * [old] becomes [kv_heads][k]; NULL: none, with slots only). tmp: the job's device scratch,
+ * kern_cuda_compact_many_tmp bytes. jobs: a device array; max_rows at least every job's
+ * k + win (it sizes the grid); k <= old for every job (one above it does nothing). The
+ * layout is every job's. Asynchronous; 0, -EINVAL or -EIO. */
+struct kern_cuda_layout {
+    int dtype;                  /* KERN_BF16 or KERN_F16 */
+    uint32_t kv_heads, head_dim, tokens_per_page;
+    uint8_t *base;              /* the pool (device) */
+    size_t v_offset_bytes;      /* page start -> its V block */
+};
+struct kern_cuda_compact_job {
+    const uint64_t *page_off;   /* device: the layer's page offsets from base */
+    float *ind;                 /* device [kv_heads][old] -> [kv_heads][k], or NULL */
+    const uint32_t *slots;      /* device [kv_heads][k], or NULL: the top k of ind */
+    uint32_t *keep;             /* device [kv_heads][k]: the kept slots */
+    void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win) */
+    uint32_t old, k, win;
+};
+size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win);
+int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
+                           const struct kern_cuda_compact_job *jobs_dev, uint32_t n_jobs,
+                           uint32_t max_rows, void *stream);
+
 /* A layer's query ring in pool pages (proto/shm.h's shm_ring: heads_per_page whole heads per
  * page when pages_per_head is 1, else pages_per_head pages of rows_per_page rows per head;
  * page p at base + page_off[p], page_off on the device) gathered into dst [q_heads][n_q]

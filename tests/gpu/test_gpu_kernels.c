@@ -4,8 +4,9 @@
  * slices of query columns, padded windows, heads over two slices - and the WMMA passes,
  * forced, on the same inputs; each also in one pass with the engine's log-sum-exps), the same
  * bytes on a second run, top-k and compaction exactly
- * equal to the CPU kernels on the same data; a decode step's eviction in one launch against
- * the same references. Exit 77 without a GPU. */
+ * equal to the CPU kernels on the same data; a decode step's eviction in one launch and a
+ * cascading stage's compactions in one pass against the same references. Exit 77 without
+ * a GPU. */
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <float.h>
@@ -634,6 +635,134 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     free(host), free(back), free(perm), free(q);
 }
 
+/* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: six
+ * layers of one layout over pages scattered through one pool, prefixes from 40 to ~40,000
+ * slots (the longest walks the block's list many times), keeps of none, all and some,
+ * windows of 0 to 40; indicators with ties (quantized) and a NaN or two; two layers with the
+ * host's own slots (Ada-KV's per-head choice, not a top-k). Each head's kept slots must be
+ * kern_topk's (or the host's), the first k + win slots the bytes kern_compact_head leaves,
+ * the indicator [kv_heads][k] kern_gather_f32's, and the slots past them untouched. */
+static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
+{
+    enum { L = 6 };
+    size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
+    uint32_t old[L], k[L], win[L], np[L], P = 0, max_rows = 0;
+    for (int l = 0; l < L; l++) {
+        old[l] = l == 0 ? 30000 + (uint32_t)(urand() * 10000) : 40 + (uint32_t)(urand() * 3000);
+        k[l] = l == 1 ? 0 : l == 2 ? old[l] : (uint32_t)(urand() * old[l]);
+        win[l] = l == 3 ? 0 : (uint32_t)(urand() * 41);
+        np[l] = (old[l] + win[l] + tpp - 1) / tpp, P += np[l];
+        max_rows = k[l] + win[l] > max_rows ? k[l] + win[l] : max_rows;
+    }
+    uint32_t *perm = shuffled(P);
+    uint8_t *host = malloc(pb * P), *back = malloc(pb * P);
+    for (size_t i = 0; i < pb * P / 2; i++) {
+        float f = (float)(2 * urand() - 1);
+        kern_from_f32(dt, &f, host + 2 * i, 1);
+    }
+    uint64_t *off[L];
+    void **pages[L];
+    float *ind[L];
+    uint32_t *slots[L];
+    struct kern_kv kv[L];
+    for (uint32_t l = 0, at = 0; l < L; l++) {
+        off[l] = malloc(sizeof(uint64_t) * np[l]), pages[l] = malloc(sizeof(void *) * np[l]);
+        for (uint32_t i = 0; i < np[l]; i++)
+            off[l][i] = perm[at++] * pb, pages[l][i] = host + off[l][i];
+        kv[l] = (struct kern_kv){dt, Hkv, d, tpp, old[l] + win[l], pages[l], half};
+        ind[l] = malloc(sizeof(float) * Hkv * old[l] + 4);
+        int levels = l % 2 ? 50 : 1 << 20; /* many ties, or few */
+        for (size_t i = 0; i < (size_t)Hkv * old[l]; i++)
+            ind[l][i] = (float)(floor(urand() * levels) / levels);
+        ind[l][(size_t)(urand() * Hkv * old[l])] = NAN;
+        slots[l] = NULL;
+        if (l >= 4 && k[l]) { /* the host's choice: any k of the first old, ascending */
+            slots[l] = malloc(sizeof(uint32_t) * Hkv * k[l]);
+            for (uint32_t g = 0; g < Hkv; g++) {
+                uint32_t *sp = slots[l] + (size_t)g * k[l], need = k[l];
+                for (uint32_t j = 0; j < old[l] && need; j++)
+                    if (urand() * (old[l] - j) < need)
+                        sp[k[l] - need--] = j;
+            }
+        }
+    }
+    uint8_t *dbase, *dtab;
+    CK(cudaMalloc((void **)&dbase, pb * P));
+    CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
+    size_t tab = 0;
+    for (int l = 0; l < L; l++)
+        tab += 16 * 5 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] +
+               2 * sizeof(uint32_t) * Hkv * k[l] + kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l]);
+    CK(cudaMalloc((void **)&dtab, tab));
+    struct kern_cuda_compact_job jobs[L], *djobs;
+    CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
+    size_t at = 0;
+#define TAKE(b) (at = (at + 15) & ~(size_t)15, at += (b), dtab + at - (b))
+    for (int l = 0; l < L; l++) {
+        jobs[l] = (struct kern_cuda_compact_job){.old = old[l], .k = k[l], .win = win[l]};
+        uint8_t *x = TAKE(sizeof(uint64_t) * np[l]);
+        CK(cudaMemcpy(x, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
+        jobs[l].page_off = (const uint64_t *)x;
+        jobs[l].ind = (float *)TAKE(sizeof(float) * Hkv * old[l]);
+        CK(cudaMemcpy(jobs[l].ind, ind[l], sizeof(float) * Hkv * old[l], cudaMemcpyHostToDevice));
+        if (slots[l]) {
+            x = TAKE(sizeof(uint32_t) * Hkv * k[l]);
+            CK(cudaMemcpy(x, slots[l], sizeof(uint32_t) * Hkv * k[l], cudaMemcpyHostToDevice));
+            jobs[l].slots = (const uint32_t *)x;
+        }
+        jobs[l].keep = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv * k[l]);
+        jobs[l].tmp = TAKE(kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l]));
+    }
+#undef TAKE
+    CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
+    struct kern_cuda_layout lay = {.dtype = dt, .kv_heads = Hkv, .head_dim = d,
+                                   .tokens_per_page = tpp, .base = dbase, .v_offset_bytes = half};
+    int rc = kern_cuda_compact_many(&lay, djobs, L, max_rows, NULL);
+    CK(cudaDeviceSynchronize());
+    EXPECT(rc == 0, "compact many rc %d", rc);
+    CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
+    int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1;
+    for (int l = 0; l < L; l++) {
+        uint32_t *got = malloc(sizeof(uint32_t) * Hkv * k[l] + 4), *keep = malloc(sizeof(uint32_t) * k[l] + 4);
+        float *gi = malloc(sizeof(float) * Hkv * k[l] + 4), *ci = malloc(sizeof(float) * k[l] + 4);
+        CK(cudaMemcpy(got, jobs[l].keep, sizeof(uint32_t) * Hkv * k[l], cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(gi, jobs[l].ind, sizeof(float) * Hkv * k[l], cudaMemcpyDeviceToHost));
+        for (uint32_t g = 0; g < Hkv; g++) {
+            if (slots[l])
+                memcpy(keep, slots[l] + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
+            else
+                kern_topk(ind[l] + (size_t)g * old[l], old[l], k[l], KERN_ORDER_POSITION, keep);
+            same_keep &= !memcmp(keep, got + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
+            kern_gather_f32(ind[l] + (size_t)g * old[l], keep, k[l], ci);
+            same_ind &= !memcmp(ci, gi + (size_t)g * k[l], sizeof(float) * k[l]);
+            kern_compact_head(&kv[l], g, keep, k[l], old[l], win[l], NULL);
+            for (uint32_t t = 0; t < old[l] + win[l]; t++) {
+                size_t o = (size_t)((uint8_t *)kern_kv_key(&kv[l], g, t) - host);
+                int eq = !memcmp(back + o, host + o, row) && !memcmp(back + o + half, host + o + half, row);
+                if (t < k[l] + win[l])
+                    same_kv &= eq;
+                else
+                    rest &= eq; /* kern_compact_head leaves them too */
+            }
+        }
+        free(got), free(keep), free(gi), free(ci);
+    }
+    const char *name = dt == KERN_BF16 ? "bf16" : "f16";
+    EXPECT(same_keep, "%s Hkv %u d %u tpp %u: kept slots differ from kern_topk's", name, Hkv, d, tpp);
+    EXPECT(same_ind, "%s Hkv %u d %u tpp %u: the gathered indicator differs", name, Hkv, d, tpp);
+    EXPECT(same_kv, "%s Hkv %u d %u tpp %u: compacted bytes differ", name, Hkv, d, tpp);
+    EXPECT(rest, "%s Hkv %u d %u tpp %u: slots past the kept ones changed", name, Hkv, d, tpp);
+    lay.head_dim = 4; /* rows of 8 bytes: not whole 16-byte pieces */
+    EXPECT(kern_cuda_compact_many(&lay, djobs, L, max_rows, NULL) == -EINVAL, "head_dim 4 taken");
+    printf("%-5s Hkv=%u d=%u tpp=%u, %d layers (prefixes up to %u) in one pass: kept slots %s, "
+           "indicator %s, compaction %s\n", name, Hkv, d, tpp, L, old[0], same_keep ? "equal" : "DIFFER",
+           same_ind ? "equal" : "DIFFERS", same_kv && rest ? "equal" : "DIFFERS");
+    for (int l = 0; l < L; l++)
+        free(off[l]), free(pages[l]), free(ind[l]), free(slots[l]);
+    cudaFree(dbase), cudaFree(dtab), cudaFree(djobs);
+    free(host), free(back), free(perm);
+}
+
 int main(void)
 {
     int n = 0;
@@ -644,8 +773,9 @@ int main(void)
     rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
     printf("seed %llu\n", (unsigned long long)rs);
     enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
-    if (getenv("CAKE_GPU_TEST_QUICK")) { /* one scoring case a dtype and the one-launch eviction
-                                             (a check on a short device lease; ctest runs all) */
+    if (getenv("CAKE_GPU_TEST_QUICK")) { /* one scoring case a dtype, the one-launch eviction
+                                             and the one-pass compaction (a check on a short
+                                             device lease; ctest runs all) */
         printf("CAKE_GPU_TEST_QUICK: a subset\n");
         for (int i = 0; i < 2; i++) {
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
@@ -654,6 +784,9 @@ int main(void)
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
+            run_compact_many(ts[i], 8, 128, 16);
+            run_compact_many(ts[i], 3, 64, 85);
+            run_compact_many(ts[i], 1, 8, 7);
         }
         printf("%s\n", failures ? "FAILED" : "the subset passed");
         return failures ? 1 : 0;
@@ -681,6 +814,9 @@ int main(void)
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
         run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
+        run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
+        run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
+        run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
     }
     run_topk_many();
     run_ring_gather();
