@@ -9,18 +9,13 @@
 
 #include "cuda_internal.h"
 #include "kern_cuda.h"
+#include "select_dev.cuh"
 
 // ---- top-k ---------------------------------------------------------------
 
 #define TK_THREADS 1024
 
-__device__ __forceinline__ uint32_t sort_key(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+using seldev::sort_key; // the order every top-k here shares (kern.h's kern_sort_key)
 
 __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint32_t n, uint32_t k,
                                                         uint32_t *idx)

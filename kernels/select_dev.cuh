@@ -13,7 +13,7 @@ namespace seldev {
 
 constexpr int THREADS = 256; // one histogram bin a thread
 
-// select.cu's order: larger floats larger keys, NaN lowest
+// kern.h's kern_sort_key on the device: larger floats larger keys, NaN lowest
 __device__ __forceinline__ uint32_t sort_key(float f)
 {
     uint32_t u = __float_as_uint(f);
