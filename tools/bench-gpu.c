@@ -11,7 +11,8 @@
  * kv head) + compact; then both again in one pass with the engine's log-sum-exps (lse_us:
  * kern_cuda_score_layer_pool with lse, the values random rows would give). Median of R runs timed with CUDA events. Then a decode step's attention over 32
  * layers (full cache vs CAKE, and torch SDPA), a decode step's eviction of 32 layers by the
- * per-layer kernels and by the one launch (kern_cuda_decode_evict), and, through a caked
+ * per-layer kernels and by the one launch (kern_cuda_decode_evict), a cascading stage's
+ * compactions layer by layer and in one pass (kern_cuda_compact_many), and, through a caked
  * started with a GPU pool
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
  * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
@@ -355,6 +356,107 @@ static void decode_evict(double bw, int reps)
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
     cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);
     free(h), free(ho);
+}
+
+/* A cascading stage's compactions (what caked does after each prefill layer's scoring): nl
+ * layers of caked's 64 KiB pages, each keeping k of its first `old` slots by its indicator,
+ * the window of W after them. The per-layer path caked took before (top-k over many blocks,
+ * the compaction, the indicator's gather and copy, the kept slots back: ~15 launches a layer
+ * on 8 streams) against kern_cuda_compact_many (three launches); wall time from the first
+ * launch to the wait's end, the data restored before each run. Floor: the moved rows read
+ * and written once at the copy rate. */
+static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32_t k)
+{
+    enum { TPP = 16, NS = 8 };
+    uint32_t n = old + W, np = (n + TPP - 1) / TPP;
+    size_t pb = 2 * (size_t)HKV * TPP * D * 2, lb = np * pb, ib = sizeof(float) * HKV * old;
+    size_t kb = sizeof(uint32_t) * HKV * k, tb = kern_cuda_compact_many_tmp(HKV, D, k, W);
+    size_t twsb = kern_cuda_topk_workspace(HKV, old), sb = (tb + kb + twsb + 255) & ~(size_t)255;
+    uint8_t *base, *orig, *scratch;
+    float *ind, *iorig;
+    CK(cudaMalloc((void **)&base, lb * nl));
+    CK(cudaMalloc((void **)&orig, lb * nl));
+    CK(cudaMalloc((void **)&ind, ib * nl));
+    CK(cudaMalloc((void **)&iorig, ib * nl));
+    CK(cudaMalloc((void **)&scratch, sb * nl)); /* a layer's: rows, kept slots, top-k's */
+    uint16_t *h = malloc(lb);
+    float *hi = malloc(ib);
+    uint64_t seed = 0x9e3779b97f4a7c15ull, *off = malloc(sizeof(uint64_t) * np * nl), *doff;
+    for (uint32_t l = 0; l < nl; l++) {
+        for (size_t i = 0; i < lb / 2; i++) {
+            seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+            h[i] = kern_f32_to_bf16((float)((seed >> 40) * (2.0 / 16777216.0) - 1.0));
+        }
+        for (size_t i = 0; i < (size_t)HKV * old; i++) {
+            seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+            hi[i] = (float)((seed >> 40) * (1.0 / 16777216.0));
+        }
+        CK(cudaMemcpy(orig + l * lb, h, lb, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(iorig + (size_t)l * HKV * old, hi, ib, cudaMemcpyHostToDevice));
+        for (uint32_t i = 0; i < np; i++) /* the layer's pages in reverse order */
+            off[(size_t)l * np + i] = l * lb + (uint64_t)(np - 1 - i) * pb;
+    }
+    CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * np * nl));
+    CK(cudaMemcpy(doff, off, sizeof(uint64_t) * np * nl, cudaMemcpyHostToDevice));
+    struct kern_cuda_compact_job *jobs = malloc(sizeof(*jobs) * nl), *djobs;
+    for (uint32_t l = 0; l < nl; l++) {
+        uint8_t *sc = scratch + (size_t)l * sb;
+        jobs[l] = (struct kern_cuda_compact_job){
+            .page_off = doff + (size_t)l * np, .ind = ind + (size_t)l * HKV * old,
+            .keep = (uint32_t *)(sc + tb), .tmp = sc, .old = old, .k = k, .win = W};
+    }
+    CK(cudaMalloc((void **)&djobs, sizeof(*jobs) * nl));
+    CK(cudaMemcpy(djobs, jobs, sizeof(*jobs) * nl, cudaMemcpyHostToDevice));
+    uint32_t *hkeep;
+    CK(cudaMallocHost((void **)&hkeep, kb * nl));
+    cudaStream_t st[NS];
+    for (int i = 0; i < NS; i++)
+        CK(cudaStreamCreateWithFlags(&st[i], cudaStreamNonBlocking));
+    struct kern_cuda_layout lay = {KERN_BF16, HKV, D, TPP, base, pb / 2};
+    double tw[2][64];
+    for (int way = 0; way < 2; way++)
+        for (int r = -2; r < reps; r++) {
+            CK(cudaMemcpy(base, orig, lb * nl, cudaMemcpyDeviceToDevice));
+            CK(cudaMemcpy(ind, iorig, ib * nl, cudaMemcpyDeviceToDevice));
+            CK(cudaDeviceSynchronize());
+            double t0 = util_now_s();
+            if (way == 0) {
+                for (uint32_t l = 0; l < nl; l++) {
+                    cudaStream_t s = st[l % NS];
+                    struct kern_cuda_kv kv = {KERN_BF16, HKV, D, TPP, n, base, doff + (size_t)l * np, pb / 2};
+                    uint8_t *sc = (uint8_t *)jobs[l].tmp; /* compaction's rows, then the gather */
+                    if (kern_cuda_topk_ws(jobs[l].ind, HKV, old, k, jobs[l].keep, sc + tb + kb, twsb, s) ||
+                        kern_cuda_compact(&kv, jobs[l].keep, k, old, W, sc, s) ||
+                        kern_cuda_gather_rows_f32(jobs[l].ind, HKV, old, jobs[l].keep, k, (float *)sc, s) ||
+                        cudaMemcpyAsync(jobs[l].ind, sc, sizeof(float) * HKV * k, cudaMemcpyDeviceToDevice, s) ||
+                        cudaMemcpyAsync(hkeep + (size_t)l * HKV * k, jobs[l].keep, kb, cudaMemcpyDeviceToHost, s))
+                        exit(1);
+                }
+                for (int i = 0; i < NS; i++)
+                    CK(cudaStreamSynchronize(st[i]));
+            } else {
+                if (kern_cuda_compact_many(&lay, djobs, nl, k + W, st[0]))
+                    exit(1);
+                for (uint32_t l = 0; l < nl; l++)
+                    CK(cudaMemcpyAsync(hkeep + (size_t)l * HKV * k, jobs[l].keep, kb, cudaMemcpyDeviceToHost, st[0]));
+                CK(cudaStreamSynchronize(st[0]));
+            }
+            if (r >= 0)
+                tw[way][r] = (util_now_s() - t0) * 1e6;
+        }
+    double a = dmedian(tw[0], reps), b = dmedian(tw[1], reps);
+    double floor_us = 2.0 * nl * HKV * (k + W) * 2 * D * 2 / bw * 1e6; /* K and V rows, read + written */
+    printf("cascading stage, %u layers each from %u to %u kept (window %d, 64 KiB pages; floor %.1f us = "
+           "the rows moved, read and written once):\n", nl, old, k, W, floor_us);
+    printf("  per layer (~15 launches a layer, 8 streams):  wall %8.1f us\n", a);
+    printf("  one pass (kern_cuda_compact_many):            wall %8.1f us   (%.1fx; %.1fx the floor)\n",
+           b, a / b, b / floor_us);
+    for (int i = 0; i < NS; i++)
+        cudaStreamDestroy(st[i]);
+    cudaFreeHost(hkeep);
+    cudaFree(base), cudaFree(orig), cudaFree(ind), cudaFree(iorig), cudaFree(scratch), cudaFree(doff);
+    cudaFree(djobs);
+    free(h), free(hi), free(off), free(jobs);
 }
 
 /* ---- through caked ------------------------------------------------------------------ */
@@ -782,6 +884,8 @@ int main(int argc, char **argv)
     if (attn)
         attention(bw, reps, torch);
     decode_evict(bw, reps);
+    cascade_stage(bw, reps, 1, 32736, 16368); /* stage 1 of a 32K prompt: layer 0 halves */
+    cascade_stage(bw, reps, 20, 1638, 1560);  /* stage 20: every earlier layer shrinks a little */
     if (caked) {
         size_t rb = 64u << 20; /* random bf16 for the sequence's pages */
         uint16_t *rnd = malloc(rb);
