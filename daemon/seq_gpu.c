@@ -114,8 +114,8 @@ static const float *gpu_selection(const struct seq *s)
     return s->pend_ind;
 }
 
-/* Every layer of a cascading stage side by side on the GPU: top-k, compaction and the
- * indicator's gather, one wait. */
+/* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
+ * compaction and the indicator's gather, one upload, one wait. */
 static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
                        uint32_t n, struct seq_result *r)
 {
