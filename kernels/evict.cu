@@ -36,6 +36,13 @@ struct eparams {
     float scale, c2;
 };
 
+__device__ __forceinline__ unsigned long long global_ns()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
 {
     return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
@@ -70,6 +77,15 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     uint32_t S = p.S, k = job.k;
     if (job.n_tokens <= e.w || S > ep.max_S || k >= S)
         return; // the host checks these (kern_cuda_decode_evict's contract): nothing to do
+    // the block's phase i ends (0: it starts); the pointer is read from the parameters at
+    // each mark, so no register holds it through the kernel (held, it spilled)
+    auto mark = [&](int i) { // i past KERN_EVICT_PHASES: the global timer
+        if (ep.e.phase_clock && threadIdx.x == 0)
+            ep.e.phase_clock[((size_t)blockIdx.y * gridDim.x + blockIdx.x) * KERN_EVICT_CLOCKS + i] =
+                i > KERN_EVICT_PHASES ? global_ns() : clock64();
+    };
+    mark(KERN_EVICT_PHASES + 1);
+    mark(0);
     float *acc = (float *)(smem + ep.stage_bytes + ep.part_bytes), *ind = acc + ep.max_S;
     float *rowM = ind + ep.max_S, *rowL = rowM + p.Rp;
 
@@ -81,6 +97,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         for (uint32_t c = tid; c < p.Rp; c += THREADS)
             rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
         __syncthreads();
+        mark(1);
         double e_sum = 0.0, v_sum = 0.0;
         pass2_body<T, KS, NSP, HPS, EST>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
@@ -94,12 +111,17 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         }
         __syncthreads();
         need = k;
+    } else {
+        mark(1);
     }
+    mark(2);
 
     // ---- top-k and one ordered walk: kept slots (for the compaction) and evicted ones (the
     // answer; select_dev.cuh)
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
     uint32_t first = seldev::topk_list(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
+    __syncthreads();
+    mark(3);
 
     // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
     // below the first evicted one stay
@@ -120,6 +142,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         }
         __syncthreads();
     }
+    mark(4);
+    mark(KERN_EVICT_PHASES + 2);
 }
 
 struct plan {

@@ -215,7 +215,14 @@ struct kern_cuda_evict {
     int var_only;               /* the variance alone (gamma unused) */
     int pool;                   /* KERN_POOL_AVG, _NONE, or _MAX with one query head per kv head */
     uint32_t radius;
+    /* NULL, or device [n_jobs][kv_heads][KERN_EVICT_CLOCKS]: where each block's time goes
+     * (tools/bench-gpu): its SM clock (clock64) when it starts and as each phase ends -
+     * pass 1, pass 2 and pooling, top-k with the ordered walk, compaction - then the
+     * global timer (ns) at its start and end; a block with nothing to do writes nothing */
+    unsigned long long *phase_clock;
 };
+#define KERN_EVICT_PHASES 4
+#define KERN_EVICT_CLOCKS (KERN_EVICT_PHASES + 3)
 struct kern_cuda_evict_job {
     const uint64_t *page_off;   /* device: the layer's page offsets from base */
     const uint64_t *ring_off;   /* device: its ring's page offsets from base */

@@ -11,8 +11,9 @@
  * kv head) + compact; then both again in one pass with the engine's log-sum-exps (lse_us:
  * kern_cuda_score_layer_pool with lse, the values random rows would give). Median of R runs timed with CUDA events. Then a decode step's attention over 32
  * layers (full cache vs CAKE, and torch SDPA), a decode step's eviction of 32 layers by the
- * per-layer kernels and by the one launch (kern_cuda_decode_evict), a cascading stage's
- * compactions layer by layer and in one pass (kern_cuda_compact_many), and, through a caked
+ * per-layer kernels and by the one launch (kern_cuda_decode_evict) with where the launch's
+ * time goes (each block's phases from its clocks), a cascading stage's compactions layer by
+ * layer and in one pass (kern_cuda_compact_many), and, through a caked
  * started with a GPU pool
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
  * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
@@ -170,6 +171,59 @@ static double attn_us(uint32_t n, int reps, uint32_t tpp, int simt)
     return median(t, reps) * 1e3;
 }
 
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Where the one launch's time goes: one more launch over caked's page layout with each
+ * block's clocks (kern_cuda_evict.phase_clock); the median block's phases at the SM's
+ * nominal clock, its whole run, and the launch's span from the first block's start to the
+ * last one's end (the global timer). */
+static void evict_phases(const struct kern_cuda_evict *ke, const struct kern_cuda_evict_job *djobs,
+                         uint32_t L, uint32_t S)
+{
+    uint32_t nb = L * ke->kv_heads;
+    size_t bytes = sizeof(unsigned long long) * nb * KERN_EVICT_CLOCKS;
+    unsigned long long *dpc, *pc = calloc(1, bytes);
+    uint64_t *col = malloc(sizeof(uint64_t) * nb);
+    int khz = 0;
+    CK(cudaMalloc((void **)&dpc, bytes));
+    CK(cudaMemset(dpc, 0, bytes));
+    CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+    struct kern_cuda_evict kp = *ke;
+    kp.phase_clock = dpc;
+    if (kern_cuda_decode_evict(&kp, djobs, L, S, NULL))
+        exit(1);
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(pc, dpc, bytes, cudaMemcpyDeviceToHost));
+    static const char *const name[KERN_EVICT_PHASES + 1] = {
+        "pass 1", "pass 2 + pooling", "top-k and ordered walk", "compaction", "the block"};
+    printf("  where the one launch goes (caked's pages; median block at the nominal %d MHz):", khz / 1000);
+    for (int ph = 0; ph <= KERN_EVICT_PHASES; ph++) {
+        uint32_t m = 0;
+        for (uint32_t b = 0; b < nb; b++) {
+            const unsigned long long *c = pc + (size_t)b * KERN_EVICT_CLOCKS;
+            if (c[KERN_EVICT_PHASES]) /* the block ran */
+                col[m++] = ph < KERN_EVICT_PHASES ? c[ph + 1] - c[ph] : c[KERN_EVICT_PHASES] - c[0];
+        }
+        qsort(col, m, sizeof *col, cmp_u64);
+        printf("%s %s %.1f us", ph ? "," : "", name[ph], m ? col[m / 2] / (khz * 1e-3) : 0.0);
+    }
+    uint64_t t0 = UINT64_MAX, t1 = 0;
+    for (uint32_t b = 0; b < nb; b++) {
+        const unsigned long long *c = pc + (size_t)b * KERN_EVICT_CLOCKS;
+        if (c[KERN_EVICT_PHASES]) {
+            t0 = c[KERN_EVICT_PHASES + 1] < t0 ? c[KERN_EVICT_PHASES + 1] : t0;
+            t1 = c[KERN_EVICT_PHASES + 2] > t1 ? c[KERN_EVICT_PHASES + 2] : t1;
+        }
+    }
+    printf("; the launch's blocks span %.1f us\n", t1 > t0 ? (t1 - t0) * 1e-3 : 0.0);
+    cudaFree(dpc);
+    free(pc), free(col);
+}
 
 /* A decode step's eviction of one token in each of 32 layers (1024 kept + 1 new before a
  * window of W, CAKE's ranking), three ways on the same random values: the per-layer kernels
@@ -351,6 +405,7 @@ static void decode_evict(double bw, int reps)
     } else {
         printf("  the same pages scattered over 10 GiB: no room for 10 GiB\n");
     }
+    evict_phases(&ke[1], djobs + L, L, S);
     cudaFree(pool), cudaFree(dso), cudaFree(dsjobs);
     free(so);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);

@@ -565,9 +565,33 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         .ring_heads_per_page = rg.heads_per_page, .ring_pages_per_head = rg.pages_per_head,
         .first = first, .n_q = nq, .gamma = gamma, .var_only = var_only, .pool = pool, .radius = radius,
     };
+    /* bf16 runs with the blocks' clocks (bench-gpu's breakdown): the same results, and each
+     * block's phases in order */
+    unsigned long long *dpc = NULL, *pc = NULL;
+    size_t pcb = sizeof(unsigned long long) * L * Hkv * KERN_EVICT_CLOCKS;
+    if (dt == KERN_BF16) {
+        CK(cudaMalloc((void **)&dpc, pcb));
+        CK(cudaMemset(dpc, 0, pcb));
+        ke.phase_clock = dpc;
+    }
     int rc = kern_cuda_decode_evict(&ke, djobs, L, max_S, NULL);
     CK(cudaDeviceSynchronize());
     EXPECT(rc == 0, "decode evict rc %d", rc);
+    if (dpc) {
+        int ordered = 1;
+        pc = malloc(pcb);
+        CK(cudaMemcpy(pc, dpc, pcb, cudaMemcpyDeviceToHost));
+        for (uint32_t b = 0; b < L * Hkv; b++) {
+            const unsigned long long *c = pc + (size_t)b * KERN_EVICT_CLOCKS;
+            for (int i = 1; i <= KERN_EVICT_PHASES; i++)
+                ordered &= c[i] >= c[i - 1];
+            ordered &= c[KERN_EVICT_PHASES] > 0 && c[KERN_EVICT_PHASES + 2] >= c[KERN_EVICT_PHASES + 1] &&
+                       c[KERN_EVICT_PHASES + 1] > 0;
+        }
+        EXPECT(ordered, "a block's phase clocks are missing or out of order");
+        ke.phase_clock = NULL;
+        cudaFree(dpc), free(pc);
+    }
     CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     double worst = 0;
