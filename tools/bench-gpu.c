@@ -18,7 +18,8 @@
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
  * registration), host<->GPU bandwidth between the registered host pool and the GPU pool, and
  * a GPU-resident sequence of 32 layers: prefill observe per layer as the engine sees it (round
- * trip: score, select, compact in caked), decode steps that evict every layer on the GPU, and
+ * trip: score, select, compact in caked), decode steps that evict every layer on the GPU (each
+ * with caked's own account of its jobs: waiting for a worker, run, back to the loop), and
  * cake_decode_attention over the compacted cache. */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -656,7 +657,8 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     uint8_t *src; /* random K/V to copy into the pages */
     CK(cudaMalloc((void **)&src, rnd_bytes));
     CK(cudaMemcpy(src, rnd, rnd_bytes, cudaMemcpyHostToDevice));
-    double obs[64];
+    double obs[64], js0[3] = {0}, jn0[3] = {0}, js1[3] = {0}, jn1[3] = {0};
+    int jobs_ok = !util_work_seconds(CACHECTL_BIN, csock, "prefill", js0, jn0);
     for (uint32_t l = 0; l < L; l++) {
         if ((rc = cake_prefill_reserve(s, l)))
             break;
@@ -684,6 +686,11 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     printf("  GPU sequence, %u layers x %u tokens: prefill observe round trip per layer %.1f us median "
            "(layer 0 %.1f us, layer %u %.1f us)\n", L, n, dmedian(obs_sorted, (int)L), obs[0], L - 1,
            obs[L - 1]);
+    if (jobs_ok && !util_work_seconds(CACHECTL_BIN, csock, "prefill", js1, jn1) && jn1[1] > jn0[1])
+        printf("    caked's account of those observes' jobs (caked_work_seconds, mean of %.0f): waiting "
+               "for a worker %.1f us, run %.1f us, back to the loop %.1f us\n", jn1[1] - jn0[1],
+               (js1[0] - js0[0]) / (jn1[0] - jn0[0]) * 1e6, (js1[1] - js0[1]) / (jn1[1] - jn0[1]) * 1e6,
+               (js1[2] - js0[2]) / (jn1[2] - jn0[2]) * 1e6);
     { /* the same prompt again, each layer with the engine's log-sum-exps (cake_put_lse, from
          the device): one pass over the keys; the values random rows give, ln(keys seen) +
          var(logit) / 2 (they do not change the time) */
@@ -723,6 +730,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     double dec[64];
     cake_seq *one[1] = {s};
     uint32_t t_before = cake_layer_tokens(s, 0);
+    jobs_ok = !util_work_seconds(CACHECTL_BIN, csock, "decode", js0, jn0);
     for (uint32_t st = 0; st < steps; st++) {
         /* the new token's K/V and query (stream-ordered, then synchronized) */
         double t0 = util_now_s();
@@ -750,6 +758,11 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     }
     printf("  decode step with every layer evicting on the GPU (%u -> %u tokens in layer 0): %.1f us "
            "median of %u\n", t_before, cake_layer_tokens(s, 0), dmedian(dec + 1, (int)steps - 1), steps - 1);
+    if (jobs_ok && !util_work_seconds(CACHECTL_BIN, csock, "decode", js1, jn1) && jn1[1] > jn0[1])
+        printf("    caked's account of those steps' jobs (caked_work_seconds, mean of %.0f): waiting for "
+               "a worker %.1f us, run %.1f us, back to the loop %.1f us\n", jn1[1] - jn0[1],
+               (js1[0] - js0[0]) / (jn1[0] - jn0[0]) * 1e6, (js1[1] - js0[1]) / (jn1[1] - jn0[1]) * 1e6,
+               (js1[2] - js0[2]) / (jn1[2] - jn0[2]) * 1e6);
     void *qa;
     float *out;
     CK(cudaMalloc(&qa, (size_t)L * H * D * 2));
