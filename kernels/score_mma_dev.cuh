@@ -307,30 +307,45 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     // last segment may hold fewer, and it is the one that gets padding)
     uint32_t seg_q = p.nqp <= 32 ? p.nq : (slice % p.sph == p.sph - 1 ? p.nq - (p.sph - 1) * 32 : 32);
     const float nseg_inv = 1.0f / seg_q;
+    // the last segment of a head split over slices holds nq - (sph - 1) * 32 queries
+    const float inlast = p.sph > 1 ? 1.0f / (p.nq - (p.sph - 1) * 32) : 0.0f;
     // Per key of a finished step: each head's mean and unbiased variance over its queries.
+    // Two threads a key (every thread of the block: the warps finish together), half of the
+    // group's heads each, summed over the pair.
+    static_assert(THREADS == 2 * TK, "two threads a key");
     auto finish = [&](uint32_t k) {
-        uint32_t j = c0 + (nt - 1 - k) * TK + threadIdx.x;
-        if (threadIdx.x >= TK || j >= c1)
-            return;
-        const float *pp = part + ((size_t)(k & 1) * TK + threadIdx.x) * SEG * 2;
-        float I = 0.0f;
-        for (uint32_t h = 0; h < p.G; h++) {
-            // nqp <= 32: segment h is the head; else sph segments of 32 queries (the last may
-            // hold fewer): deviations about the head's mean from each segment's (Chan et al.)
-            float s1 = 0.0f, m2 = 0.0f;
-            for (uint32_t u = 0; u < p.sph; u++)
-                s1 += pp[(h * p.sph + u) * 2];
-            float mean = s1 * inq;
-            for (uint32_t u = 0; u < p.sph; u++) {
-                const float *q = pp + (h * p.sph + u) * 2;
-                float nu = p.sph == 1 ? (float)p.nq : (float)min(32u, p.nq - u * 32), dm = q[0] / nu - mean;
-                m2 += q[1] + nu * dm * dm;
+        uint32_t kk = threadIdx.x / 2, half = threadIdx.x % 2;
+        uint32_t j = c0 + (nt - 1 - k) * TK + kk;
+        const float *pp = part + ((size_t)(k & 1) * TK + kk) * SEG * 2;
+        float I = 0.0f, V = 0.0f;
+        if (j < c1)
+            for (uint32_t h = half; h < p.G; h += 2) {
+                float mean, m2;
+                if (p.sph == 1) { // one segment: its deviations are the head's
+                    mean = pp[h * 2] * inq, m2 = pp[h * 2 + 1];
+                } else { // deviations about the head's mean from each segment's (Chan et al.)
+                    const float *q = pp + h * p.sph * 2;
+                    float s1 = 0.0f;
+                    for (uint32_t u = 0; u < p.sph; u++)
+                        s1 += q[u * 2];
+                    mean = s1 * inq, m2 = 0.0f;
+                    for (uint32_t u = 0; u < p.sph; u++) {
+                        bool last = u == p.sph - 1;
+                        float nu = last ? (float)(p.nq - u * 32) : 32.0f;
+                        float dm = q[u * 2] * (last ? inlast : 1.0f / 32) - mean;
+                        m2 += q[u * 2 + 1] + nu * dm * dm;
+                    }
+                }
+                float var = m2 * inq1;
+                I += p.mw * mean + p.gamma * var;
+                V += var;
             }
-            float var = m2 * inq1;
-            I += p.mw * mean + p.gamma * var;
-            v_sum += var;
+        I += __shfl_xor_sync(0xffffffffu, I, 1);
+        V += __shfl_xor_sync(0xffffffffu, V, 1);
+        if (j < c1 && !half) {
+            acc[j] = I;
+            v_sum += V;
         }
-        acc[j] = I;
     };
     for (uint32_t k = 0; k < nt; k++) {
         cp_async_wait<ST - 2>();
@@ -361,7 +376,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                     float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
 #pragma unroll
                     for (int t = 0; t < 4; t++) {
-                        a1[t] = 0.0f;
+                        a1[t] = -0.0f; // x + -0 is x: the first add folds away
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
                             float x = fmaf(pv[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
@@ -374,7 +389,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                     // the 4 n-tiles hold HPS segments: each one's sum, then the quad's
 #pragma unroll
                     for (int hs = 0; hs < HPS; hs++) {
-                        float v1 = 0.0f, v2 = 0.0f;
+                        float v1 = -0.0f, v2 = 0.0f;
 #pragma unroll
                         for (int t = 0; t < 4; t++)
                             if (t * HPS / 4 == hs)
