@@ -65,12 +65,12 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
                  double *entropy, double *variance);
 
 /* A cascading stage's evictions, all on the GPU, every layer in one pass (three launches,
- * one upload, one wait; every job of one layout): each layer's indicator ind_dev ([kv_heads][old], device) picks the top
- * k per kv head (positional order, ties to the lower position) - or the host chose them
- * (slots: per-head budgets, whose holes the host fills) - the K/V compact behind them with
- * the window [win_start = old, + win_len) after, and the indicator follows its tokens
- * ([kv_heads][k] at ind_dev); the kept slots come back in keep. Returns 0, -EINVAL (a job
- * out of range or of another layout), -ENOMEM or -EIO. */
+ * one upload, one wait; every job of one layout): each layer's indicator ind_dev
+ * ([kv_heads][old], device) picks the top k per kv head (positional order, ties to the
+ * lower position) - or the host chose them (slots: per-head budgets, whose holes the host
+ * fills) - the K/V compact behind them with the window [win_start = old, + win_len) after,
+ * and the indicator follows its tokens ([kv_heads][k] at ind_dev); the kept slots come back
+ * in keep. Returns 0, -EINVAL (a job out of range or of another layout), -ENOMEM or -EIO. */
 struct gpu_select {
     struct gpu_layer l;
     float *ind_dev;
