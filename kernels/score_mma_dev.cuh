@@ -45,7 +45,6 @@ struct mparams {
 template <int KS> struct shape {
     static constexpr int LDK = KS * 16 + 8; // halves per staged key row (+8: no bank conflicts)
     static constexpr int D8 = KS * 2;       // 16-byte pieces per key row
-    static constexpr int RSTEP = THREADS / D8;
     static constexpr size_t STAGE_BYTES = (size_t)TK * LDK * 2;
 };
 
@@ -79,29 +78,31 @@ __device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_
     }
 }
 
-// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled). Each
-// thread copies one 16-byte piece of every RSTEP-th row; the page of a row follows from
-// the previous one without a division.
+// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled). Each warp
+// copies TK / 8 consecutive rows: lane l finds row l's address once (its page from the fast
+// divisor and the page table), and the warp's copies take it by shuffle, a row's 16-byte
+// pieces on consecutive lanes (a per-thread walk over the pages cost ~280 instructions a
+// tile and thread, most of a tile's integer work).
 template <int KS>
-__device__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
+__device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
 {
     using sh = shape<KS>;
-    uint32_t v = threadIdx.x % sh::D8, r = threadIdx.x / sh::D8, j = j0 + r;
-    uint32_t pg = __umulhi(j, p.tpp_mul) >> p.tpp_shr;
-    if (p.tpp == 1)
-        pg = j;
-    uint32_t w = j - pg * p.tpp;
-    size_t row_bytes = (size_t)p.d * 2;
+    constexpr int RPW = TK / (THREADS / 32); // rows a warp copies
+    constexpr int RPI = 32 / sh::D8;         // rows one copy instruction of the warp covers
+    static_assert(RPW <= 32 && RPW % RPI == 0, "a warp's rows: one lane each");
+    uint32_t lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * RPW, j = j0 + r0 + lane % RPW;
+    bool ok = j < end;
+    uint64_t src = (uint64_t)p.base; // a valid address for the zero-filling copies
+    if (ok) {
+        uint32_t pg = p.tpp == 1 ? j : __umulhi(j, p.tpp_mul) >> p.tpp_shr;
+        src += p.page_off[pg] + ((uint64_t)g * p.tpp + (j - pg * p.tpp)) * p.d * 2;
+    }
+    uint32_t v = lane % sh::D8, rl = lane / sh::D8, okr = __ballot_sync(0xffffffffu, ok) >> rl;
+    uint8_t *dst = stage + ((size_t)(r0 + rl) * sh::LDK + v * 8) * 2;
 #pragma unroll
-    for (int u = 0; u < TK / sh::RSTEP; u++, r += sh::RSTEP, j += sh::RSTEP) {
-        bool ok = j < end;
-        const uint8_t *src = p.base;
-        if (ok)
-            src = p.base + p.page_off[pg] + ((size_t)g * p.tpp + w) * row_bytes + v * 16;
-        cp_async16(stage + ((size_t)r * sh::LDK + v * 8) * 2, src, ok);
-        w += sh::RSTEP;
-        while (w >= p.tpp)
-            w -= p.tpp, pg++;
+    for (int u = 0; u < RPW / RPI; u++) {
+        uint64_t s = __shfl_sync(0xffffffffu, src, u * RPI + rl);
+        cp_async16(dst + (size_t)u * RPI * sh::LDK * 2, (const void *)(s + v * 16), (okr >> (u * RPI)) & 1);
     }
 }
 
