@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
             rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
         __syncthreads();
         mark(1);
-        double e_sum = 0.0, v_sum = 0.0;
-        pass2_body<T, KS, NSP, HPS, EST>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
+        double e_sum = 0.0, v_sum = 0.0; // a step reads neither
+        pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
         // score.cu's pooling (pool_value), to the same rounding; then the group mean
         float post = 1.0f / p.G;

@@ -270,9 +270,10 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
 // Pass 2 of one block: keys [c0, c1) of kv head g (c1 <= S) against the group's queries
 // normalized by rowM/rowLnL (kv head g's merged rows). acc[j] = the sum over the group's heads
 // of mean + gamma * var of key j's probabilities; e_sum gains the thread's share of
-// sum p log2 p (the entropy is -ln 2 times the block's total), v_sum of the variances. ST cp.async stages at smem, then the
-// partial sums.
-template <typename T, int KS, int NSP, int HPS, int ST>
+// sum p log2 p (the entropy is -ln 2 times the block's total; ENT false: left alone, one FMA
+// an element saved where nobody reads it), v_sum of the variances. ST cp.async stages at smem,
+// then the partial sums.
+template <typename T, int KS, int NSP, int HPS, int ST, bool ENT = true>
 __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
                            const float *rowM, const float *rowLnL, float *acc, double &e_sum,
                            double &v_sum)
@@ -384,7 +385,9 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                             if (decltype(tail)::value)
                                 pr *= live;
                             pv[t][e2 * 2 + e] = pr;
-                            a1[t] += pr, ent[i2] = fmaf(pr, x, ent[i2]);
+                            a1[t] += pr;
+                            if (ENT)
+                                ent[i2] = fmaf(pr, x, ent[i2]);
                         }
                     }
                     // the 4 n-tiles hold HPS segments: each one's sum, then the quad's
