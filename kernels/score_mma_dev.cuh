@@ -42,11 +42,30 @@ struct mparams {
     uint32_t w, rpp, hpp, pph, first;
 };
 
+// A stage holds TK keys in 128-byte swizzled atoms, the layout TMA's 128-byte swizzle writes
+// and wgmma reads: atom a (elements [64a, 64a + 64) of every row) is TK rows of 128 bytes,
+// 16-byte chunk c of row r at ((c ^ (r % 8)) * 16), so ldmatrix's 8 rows of one chunk fall in
+// 8 different bank groups. Stages start 1024-byte aligned.
 template <int KS> struct shape {
-    static constexpr int LDK = KS * 16 + 8; // halves per staged key row (+8: no bank conflicts)
     static constexpr int D8 = KS * 2;       // 16-byte pieces per key row
-    static constexpr size_t STAGE_BYTES = (size_t)TK * LDK * 2;
+    static constexpr int ATOMS = (KS + 3) / 4;
+    static constexpr size_t ATOM_BYTES = (size_t)TK * 128;
+    static constexpr size_t STAGE_BYTES = ATOMS * ATOM_BYTES;
+    static_assert(KS % 4 == 0, "head_dim 64 or 128: whole atoms");
 };
+
+// byte offset of 16-byte piece v (of a key row's D8) of stage row r
+template <int KS> __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v)
+{
+    return (v / 8) * (uint32_t)shape<KS>::ATOM_BYTES + r * 128 + (((v % 8) ^ (r % 8)) << 4);
+}
+
+// The dynamic shared memory, 1024-byte aligned (kernels ask for SMEM_ALIGN bytes more).
+constexpr size_t SMEM_ALIGN = 1024;
+__device__ __forceinline__ uint8_t *smem_aligned(void *p)
+{
+    return (uint8_t *)(((uintptr_t)p + SMEM_ALIGN - 1) & ~(uintptr_t)(SMEM_ALIGN - 1));
+}
 
 // Column c of the padded query space: head c / nqp, window query c % nqp (padding past nq).
 __device__ __forceinline__ bool col_valid(const mparams &p, uint32_t c)
@@ -78,18 +97,18 @@ __device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_
     }
 }
 
-// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled). Each warp
-// copies TK / 8 consecutive rows: lane l finds row l's address once (its page from the fast
-// divisor and the page table), and the warp's copies take it by shuffle, a row's 16-byte
-// pieces on consecutive lanes (a per-thread walk over the pages cost ~280 instructions a
-// tile and thread, most of a tile's integer work).
+// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled) by cp.async:
+// each warp copies TK / 8 consecutive rows; lane l finds row l's address once (its page from
+// the fast divisor and the page table), and the warp's copies take it by shuffle, a row's
+// 16-byte pieces on consecutive lanes (a per-thread walk over the pages cost ~280
+// instructions a tile and thread).
 template <int KS>
 __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
 {
     using sh = shape<KS>;
     constexpr int RPW = TK / (THREADS / 32); // rows a warp copies
     constexpr int RPI = 32 / sh::D8;         // rows one copy instruction of the warp covers
-    static_assert(RPW <= 32 && RPW % RPI == 0, "a warp's rows: one lane each");
+    static_assert(RPW <= 32 && RPW % RPI == 0 && RPW % 8 == 0, "a warp's rows: one lane each");
     uint32_t lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * RPW, j = j0 + r0 + lane % RPW;
     bool ok = j < end;
     uint64_t src = (uint64_t)p.base; // a valid address for the zero-filling copies
@@ -98,13 +117,70 @@ __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t
         src += p.page_off[pg] + ((uint64_t)g * p.tpp + (j - pg * p.tpp)) * p.d * 2;
     }
     uint32_t v = lane % sh::D8, rl = lane / sh::D8, okr = __ballot_sync(0xffffffffu, ok) >> rl;
-    uint8_t *dst = stage + ((size_t)(r0 + rl) * sh::LDK + v * 8) * 2;
 #pragma unroll
     for (int u = 0; u < RPW / RPI; u++) {
         uint64_t s = __shfl_sync(0xffffffffu, src, u * RPI + rl);
-        cp_async16(dst + (size_t)u * RPI * sh::LDK * 2, (const void *)(s + v * 16), (okr >> (u * RPI)) & 1);
+        cp_async16(stage + swz<KS>(r0 + u * RPI + rl, v), (const void *)(s + v * 16), (okr >> (u * RPI)) & 1);
     }
 }
+
+// Where a pass's key tiles come from, a stage each: with a tensor map (tm: the pool as rows of
+// d elements, boxes of 64 elements x bx rows, 128-byte swizzle) warp 0 issues a tile's boxes,
+// a page's run of rows each, and the stage's mbarrier counts their bytes; without one (tm
+// NULL: pages whose rows do not tile into boxes) every warp copies (load_tile). Tile k of a
+// pass goes to stage k % ST: its barrier's (k / ST)-th phase. TMA is a compile-time choice
+// (kernels come in both kinds): with the choice made at run time inside the loop, both
+// paths' registers stayed live and the passes spilled.
+template <int KS, int ST, bool TMA> struct tiles {
+    const void *tm;
+    uint64_t *bar; // [ST], shared
+
+    // every thread, before the first load: the barriers, and earlier generic writes to the
+    // stages ordered before the copies
+    __device__ __forceinline__ void start()
+    {
+        if (TMA && threadIdx.x == 0) {
+            for (int s = 0; s < ST; s++)
+                mbar_init(&bar[s], 1);
+            fence_mbar_init();
+        }
+        fence_async_shared();
+        __syncthreads();
+    }
+
+    __device__ __forceinline__ void load(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage,
+                                         int s)
+    {
+        if (!TMA) {
+            load_tile<KS>(p, g, j0, end, stage);
+            return;
+        }
+        if (threadIdx.x >= 32)
+            return;
+        using sh = shape<KS>;
+        uint32_t lane = threadIdx.x, bx = p.tpp < TK ? p.tpp : TK, rows = min(end - j0, (uint32_t)TK);
+        uint32_t boxes = (rows + bx - 1) / bx;
+        if (lane == 0)
+            mbar_expect_tx(&bar[s], boxes * bx * 128 * sh::ATOMS);
+        __syncwarp();
+        for (uint32_t b = lane; b < boxes; b += 32) {
+            uint32_t j = j0 + b * bx, pg = p.tpp == 1 ? j : __umulhi(j, p.tpp_mul) >> p.tpp_shr;
+            constexpr uint32_t rb = KS * 32; // a key row's bytes (d = 16 KS)
+            int y = (int)(p.page_off[pg] / rb) + (int)(g * p.tpp + (j - pg * p.tpp));
+#pragma unroll
+            for (int a = 0; a < sh::ATOMS; a++)
+                tma_2d(stage + a * sh::ATOM_BYTES + (size_t)b * bx * 128, tm, a * 64, y, &bar[s]);
+        }
+    }
+
+    __device__ __forceinline__ void wait(uint32_t k)
+    {
+        if (!TMA)
+            cp_async_wait<ST - 2>();
+        else
+            mbar_wait(&bar[k % ST], (k / ST) & 1);
+    }
+};
 
 // acc[i][t] = keys[m-tile mt0 + i * mstep] . Q^T[n-tile t] over all k: NM m-tiles side by side
 // (independent accumulator chains for the tensor pipe).
@@ -113,20 +189,23 @@ __device__ __forceinline__ void mma_tiles(const uint8_t *st, uint32_t mt0, uint3
                                           float (&acc)[NM][4][4], uint32_t lane)
 {
     using sh = shape<KS>;
+    // lane l reads row l % 16 of the m-tile, chunk 2 (k % 4) + l / 16 of atom k / 4: its
+    // swizzled place is that chunk ^ (row % 8), and row % 8 = l % 8
     const uint8_t *ap[NM];
+    uint32_t x0 = ((lane / 16) ^ (lane % 8)) << 4;
 #pragma unroll
     for (int i = 0; i < NM; i++) {
-        ap[i] = st + ((size_t)((mt0 + i * mstep) * 16 + lane % 16) * sh::LDK + (lane / 16) * 8) * 2;
+        ap[i] = st + ((mt0 + i * mstep) * 16 + lane % 16) * 128;
 #pragma unroll
         for (int t = 0; t < 4; t++)
             acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.0f;
     }
 #pragma unroll
     for (int k = 0; k < KS; k++) {
-        uint32_t a[NM][4];
+        uint32_t a[NM][4], off = (k / 4) * (uint32_t)sh::ATOM_BYTES + (x0 ^ ((k % 4) << 5));
 #pragma unroll
         for (int i = 0; i < NM; i++)
-            ldmatrix_x4(a[i], ap[i] + k * 32);
+            ldmatrix_x4(a[i], ap[i] + off);
 #pragma unroll
         for (int i = 0; i < NM; i++)
 #pragma unroll
@@ -144,9 +223,9 @@ __device__ __forceinline__ float rebase(float s, float b, float nb)
 // Pass 1 of one block: keys [c0, c1) of kv head g against the group's queries, in ST
 // cp.async stages at smem. Writes each padded query column's max (natural-log units of the
 // scaled logits, -inf for none) and exp-sum relative to it to m_out[col], l_out[col].
-template <typename T, int KS, int NSP, int ST>
+template <typename T, int KS, int NSP, int ST, bool TMA>
 __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
-                           float *m_out, float *l_out)
+                           const void *tm, float *m_out, float *l_out)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP; // warps sharing a slice of 32 query columns
@@ -155,10 +234,13 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // rows below clean: no mask
     uint32_t bq[4][KS][2];
     load_bfrag<T, KS>(p, g, slice, lane, bq);
+    __shared__ uint64_t bar[ST];
+    tiles<KS, ST, TMA> ld{tm, bar};
+    ld.start();
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nt)
-            load_tile<KS>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
+            ld.load(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES, s);
         cp_async_commit();
     }
     // Per column: b = the exponent base (a running max in log2 units, raised only when a
@@ -168,10 +250,11 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     for (int c = 0; c < 8; c++)
         b[c] = -INFINITY, sm[c] = 0.0f;
     for (uint32_t k = 0; k < nt; k++) {
-        cp_async_wait<ST - 2>();
+        ld.wait(k);
         __syncthreads();
         if (k + ST - 1 < nt)
-            load_tile<KS>(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+            ld.load(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES,
+                    (k + ST - 1) % ST);
         cp_async_commit();
         const uint8_t *st = smem + (k % ST) * sh::STAGE_BYTES;
         uint32_t j0 = c0 + k * TK;
@@ -273,10 +356,10 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
 // sum p log2 p (the entropy is -ln 2 times the block's total; ENT false: left alone, one FMA
 // an element saved where nobody reads it), v_sum of the variances. ST cp.async stages at smem,
 // then the partial sums.
-template <typename T, int KS, int NSP, int HPS, int ST, bool ENT = true>
+template <typename T, int KS, int NSP, int HPS, int ST, bool TMA, bool ENT = true>
 __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
-                           const float *rowM, const float *rowLnL, float *acc, double &e_sum,
-                           double &v_sum)
+                           const void *tm, const float *rowM, const float *rowLnL, float *acc,
+                           double &e_sum, double &v_sum)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP;
@@ -297,10 +380,13 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         vbits |= (uint32_t)ok << c;
     }
     // backwards: tile of step k is nt - 1 - k
+    __shared__ uint64_t bar[ST];
+    tiles<KS, ST, TMA> ld{tm, bar};
+    ld.start();
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nt)
-            load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+            ld.load(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES, s);
         cp_async_commit();
     }
     float ent[NM * 2] = {}; // one chain per key the thread holds
@@ -350,11 +436,11 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         }
     };
     for (uint32_t k = 0; k < nt; k++) {
-        cp_async_wait<ST - 2>();
+        ld.wait(k);
         __syncthreads();
         if (k + ST - 1 < nt)
-            load_tile<KS>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
-                          smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+            ld.load(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
+                    smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES, (k + ST - 1) % ST);
         cp_async_commit();
         if (k)
             finish(k - 1);
@@ -374,7 +460,8 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                 for (int i2 = 0; i2 < NM * 2; i2++) {
                     int mi = i2 / 2, e2 = i2 % 2;
                     uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
-                    float live = j0 + row < c1 ? 1.0f : 0.0f, a1[4];
+                    bool live = j0 + row < c1; // a row past the chunk may hold anything (NaN)
+                    float a1[4];
                     float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
 #pragma unroll
                     for (int t = 0; t < 4; t++) {
@@ -383,7 +470,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                         for (int e = 0; e < 2; e++) {
                             float x = fmaf(pv[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
                             if (decltype(tail)::value)
-                                pr *= live;
+                                pr = live ? pr : 0.0f, x = live ? x : 0.0f;
                             pv[t][e2 * 2 + e] = pr;
                             a1[t] += pr;
                             if (ENT)
