@@ -96,11 +96,21 @@ struct cm_tmp {
     uint32_t *first;
 };
 
+// the three parts' sizes (kern_cuda_compact_many_tmp is their sum)
+struct cm_tmp_size {
+    size_t rows, ind, first;
+};
+__host__ __device__ inline cm_tmp_size tmp_size(uint32_t hkv, uint32_t k, uint32_t win, size_t row)
+{
+    return cm_tmp_size{al16((size_t)hkv * (k + win) * 2 * row), al16(sizeof(float) * hkv * k),
+                       al16(sizeof(uint32_t) * hkv)};
+}
+
 __host__ __device__ inline cm_tmp tmp_of(const kern_cuda_compact_job &j, uint32_t hkv, size_t row)
 {
     uint8_t *b = (uint8_t *)j.tmp;
-    size_t r = al16((size_t)hkv * (j.k + j.win) * 2 * row), f = al16(sizeof(float) * hkv * j.k);
-    return cm_tmp{b, (float *)(b + r), (uint32_t *)(b + r + f)};
+    cm_tmp_size z = tmp_size(hkv, j.k, j.win, row);
+    return cm_tmp{b, (float *)(b + z.rows), (uint32_t *)(b + z.rows + z.ind)};
 }
 
 __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_compact_job &j,
@@ -188,8 +198,8 @@ __global__ void __launch_bounds__(256) cm_move(cmparams p)
 extern "C" size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k,
                                              uint32_t win)
 {
-    return al16((size_t)kv_heads * (k + win) * 2 * head_dim * 2) + al16(sizeof(float) * kv_heads * k) +
-           al16(sizeof(uint32_t) * kv_heads);
+    cm_tmp_size z = tmp_size(kv_heads, k, win, (size_t)head_dim * 2);
+    return z.rows + z.ind + z.first;
 }
 
 extern "C" int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
