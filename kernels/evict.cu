@@ -48,8 +48,8 @@ __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint3
     return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
 }
 
-template <typename T, int KS, int NSP, int HPS, bool TMA>
-__global__ void __launch_bounds__(THREADS, 2) devict(eparams ep, const __grid_constant__ CUtensorMap tm)
+template <typename T, int KS, int NSP, int HPS>
+__global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 {
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
@@ -92,14 +92,14 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep, const __grid_co
     // ---- scoring: pass 1 over every key, pass 2 over the prefix, the pooling
     uint32_t need = 0; // k = 0 (or no indicator): every slot goes
     if (k || job.ind) {
-        pass1_body<T, KS, NSP, EST, TMA>(p, g, 0, p.n, smem, &tm, rowM, rowL);
+        pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
         __syncthreads();
         for (uint32_t c = tid; c < p.Rp; c += THREADS)
             rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
         __syncthreads();
         mark(1);
         double e_sum = 0.0, v_sum = 0.0; // a step reads neither
-        pass2_body<T, KS, NSP, HPS, EST, TMA, false>(p, g, 0, S, smem, &tm, rowM, rowL, acc, e_sum, v_sum);
+        pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
         // score.cu's pooling (pool_value), to the same rounding; then the group mean
         float post = 1.0f / p.G;
@@ -185,8 +185,8 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
     return 0;
 }
 
-template <typename T, int KS, int NSP, int HPS, bool TMA>
-int run(const eparams &ep, const CUtensorMap &tm, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cudaStream_t st)
+template <typename T, int KS, int NSP, int HPS>
+int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cudaStream_t st)
 {
     static size_t set[SCORE_MAX_DEV];
     int dev = 0;
@@ -196,40 +196,34 @@ int run(const eparams &ep, const CUtensorMap &tm, uint32_t kv_heads, uint32_t n_
     {
         score_attr_lock lock;
         if (smem > set[dev]) {
-            CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS, TMA>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+            CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem));
             set[dev] = smem;
         }
     }
-    devict<T, KS, NSP, HPS, TMA><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep, tm);
+    devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
     CK(cudaGetLastError());
     return 0;
 }
 
-template <typename T, int KS, int NSP, bool TMA>
-int run_h(const eparams &ep, const CUtensorMap &tm, const plan &pl, uint32_t n_jobs, cudaStream_t st)
+template <typename T, int KS, int NSP>
+int run_h(const eparams &ep, const plan &pl, uint32_t n_jobs, cudaStream_t st)
 {
     uint32_t hkv = ep.e.kv_heads;
-    return pl.hps == 1 ? run<T, KS, NSP, 1, TMA>(ep, tm, hkv, n_jobs, pl.smem, st)
-         : pl.hps == 2 ? run<T, KS, NSP, 2, TMA>(ep, tm, hkv, n_jobs, pl.smem, st)
-                       : run<T, KS, NSP, 4, TMA>(ep, tm, hkv, n_jobs, pl.smem, st);
-}
-
-template <typename T, int KS, bool TMA>
-int run_ns(const eparams &ep, const CUtensorMap &tm, const plan &pl, uint32_t n_jobs, cudaStream_t st)
-{
-    switch (pl.nsp) {
-    case 1: return run_h<T, KS, 1, TMA>(ep, tm, pl, n_jobs, st);
-    case 2: return run_h<T, KS, 2, TMA>(ep, tm, pl, n_jobs, st);
-    case 4: return run_h<T, KS, 4, TMA>(ep, tm, pl, n_jobs, st);
-    default: return run_h<T, KS, 8, TMA>(ep, tm, pl, n_jobs, st);
-    }
+    return pl.hps == 1 ? run<T, KS, NSP, 1>(ep, hkv, n_jobs, pl.smem, st)
+         : pl.hps == 2 ? run<T, KS, NSP, 2>(ep, hkv, n_jobs, pl.smem, st)
+                       : run<T, KS, NSP, 4>(ep, hkv, n_jobs, pl.smem, st);
 }
 
 template <typename T, int KS>
-int run_tma(const eparams &ep, const CUtensorMap &tm, bool tma, const plan &pl, uint32_t n_jobs, cudaStream_t st)
+int run_ns(const eparams &ep, const plan &pl, uint32_t n_jobs, cudaStream_t st)
 {
-    return tma ? run_ns<T, KS, true>(ep, tm, pl, n_jobs, st) : run_ns<T, KS, false>(ep, tm, pl, n_jobs, st);
+    switch (pl.nsp) {
+    case 1: return run_h<T, KS, 1>(ep, pl, n_jobs, st);
+    case 2: return run_h<T, KS, 2>(ep, pl, n_jobs, st);
+    case 4: return run_h<T, KS, 4>(ep, pl, n_jobs, st);
+    default: return run_h<T, KS, 8>(ep, pl, n_jobs, st);
+    }
 }
 
 } // namespace
@@ -256,11 +250,9 @@ extern "C" int kern_cuda_decode_evict(const struct kern_cuda_evict *e,
     ep.e = *e, ep.jobs = jobs_dev, ep.nqp = pl.nqp, ep.Rp = pl.Rp, ep.hps = pl.hps, ep.sph = pl.sph;
     ep.max_S = max_S, ep.stage_bytes = pl.stage_bytes, ep.part_bytes = pl.part_bytes;
     ep.scale = 1.0f / sqrtf((float)e->head_dim), ep.c2 = ep.scale * LOG2E;
-    CUtensorMap tm = {};
-    bool tma = score_tensor_map(&tm, e->base, e->head_dim, e->tokens_per_page) == 0;
     cudaStream_t st = (cudaStream_t)stream;
     bool bf = e->dtype == KERN_BF16;
     if (pl.ks == 8)
-        return bf ? run_tma<__nv_bfloat16, 8>(ep, tm, tma, pl, n_jobs, st) : run_tma<__half, 8>(ep, tm, tma, pl, n_jobs, st);
-    return bf ? run_tma<__nv_bfloat16, 4>(ep, tm, tma, pl, n_jobs, st) : run_tma<__half, 4>(ep, tm, tma, pl, n_jobs, st);
+        return bf ? run_ns<__nv_bfloat16, 8>(ep, pl, n_jobs, st) : run_ns<__half, 8>(ep, pl, n_jobs, st);
+    return bf ? run_ns<__nv_bfloat16, 4>(ep, pl, n_jobs, st) : run_ns<__half, 4>(ep, pl, n_jobs, st);
 }

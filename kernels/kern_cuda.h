@@ -67,11 +67,6 @@ int kern_cuda_position_indicator(float *ind_dev, uint32_t rows, uint32_t n, uint
  * passes everywhere (for tests and benchmarks that compare the two). Process-wide; returns
  * the previous setting. */
 int kern_cuda_score_set_wmma(int on);
-/* The mma.sync scoring passes and the one-launch eviction load key tiles with TMA where the
- * pool's pages tile into its boxes (tokens per page a power of two from 8, or a multiple of
- * 128), else with cp.async copies; 0 forces the copies everywhere (tests and benchmarks that
- * compare the two). Process-wide; returns the previous setting. */
-int kern_cuda_score_set_tma(int on);
 /* Decode attention (kern_cuda_decode_attention, kern_cuda_paged_decode) runs on the tensor
  * cores (mma.sync) where head_dim is 64 or 128, else on CUDA cores; nonzero forces the CUDA
  * cores everywhere (tests and benchmarks that compare the two). Process-wide; returns the

@@ -1,7 +1,6 @@
 // mma_dev.cuh - internal to the CUDA kernels: the PTX the tensor-core kernels share (cp.async
-// copies into shared memory, TMA tile copies and the mbarriers that count their bytes,
-// ldmatrix, mma.sync m16n8k16 in bf16 or f16 with f32 accumulators, the base-2 exponential).
-// C++ only.
+// copies into shared memory, ldmatrix, mma.sync m16n8k16 in bf16 or f16 with f32
+// accumulators, the base-2 exponential). C++ only.
 #ifndef CAKE_MMA_DEV_CUH
 #define CAKE_MMA_DEV_CUH
 
@@ -33,36 +32,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait()
 {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// mbarriers (shared memory, 8 bytes): init with an arrival count; one arrival that also expects
-// `bytes` of asynchronous copies; a wait for the phase of the given parity to complete
-__device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count)
-{
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes)
-{
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
-{
-    asm volatile("{\n.reg .pred P1;\nWAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-                 "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(smem_addr(bar)), "r"(parity)
-                 : "memory");
-}
-// barriers' initialization, and earlier shared-memory writes, before the async proxy (TMA) sees them
-__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// One box of a 2-D tensor map (tm: a CUtensorMap in kernel parameter or global memory) at
-// element coordinates (x, y) into shared memory at dst; its bytes complete on bar.
-__device__ __forceinline__ void tma_2d(void *dst, const void *tm, int x, int y, uint64_t *bar)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(smem_addr(dst)), "l"((uint64_t)tm), "r"(x), "r"(y), "r"(smem_addr(bar))
-                 : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void *p)

@@ -1,7 +1,7 @@
 // score_mma.cu - CAKE's window scoring on mma.sync with the keys as rows (see score_mma.h).
 //
 // The product is taken as K . Q^T: a 16-key m-tile of the keys (staged in shared memory by a
-// 3-stage cp.async pipeline, read with ldmatrix) times the group's queries, whose fragments
+// 3-stage cp.async pipeline in 128-byte swizzled rows, read with ldmatrix) times the group's queries, whose fragments
 // stay in registers for the whole block. In that orientation a thread's accumulators hold 2
 // keys x 8 query columns, so
 //  - pass 1 (each query's max and exp-sum over the keys) is a running max/sum per thread and
@@ -18,7 +18,6 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
-#include <atomic>
 #include <type_traits>
 
 #include "cuda_internal.h"
@@ -31,25 +30,25 @@ using namespace smma;
 
 constexpr int STAGES = SCORE_MMA_BPS == 1 ? 4 : 3;
 
-template <typename T, int KS, int NSP, bool TMA>
-__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p, const __grid_constant__ CUtensorMap tm)
+template <typename T, int KS, int NSP>
+__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
 {
     extern __shared__ uint4 smem4[];
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.n);
     size_t at = ((size_t)g * p.chunks1 + blockIdx.x) * p.Rp;
-    pass1_body<T, KS, NSP, STAGES, TMA>(p, g, c0, c1, smem_aligned(smem4), &tm, p.m + at, p.l + at);
+    pass1_body<T, KS, NSP, STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at);
 }
 
 // HPS: heads a slice's 32 columns hold (32 / nqp, or 1), known when compiled so that the
 // segment sums unroll into straight-line code
-template <typename T, int KS, int NSP, int HPS, bool TMA>
-__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p, const __grid_constant__ CUtensorMap tm)
+template <typename T, int KS, int NSP, int HPS>
+__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 {
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
     double e_sum = 0.0, v_sum = 0.0;
-    pass2_body<T, KS, NSP, HPS, STAGES, TMA>(p, g, c0, c1, smem, &tm, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
+    pass2_body<T, KS, NSP, HPS, STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
                                         p.acc + (size_t)g * p.S, e_sum, v_sum);
     double *red_e = (double *)smem, *red_v = red_e + THREADS; // the stages are free
     red_e[threadIdx.x] = -LN2 * e_sum, red_v[threadIdx.x] = v_sum;
@@ -79,58 +78,52 @@ int smem_limit(K kernel, size_t (&set)[SCORE_MAX_DEV], int dev, size_t bytes)
     return 0;
 }
 
-template <typename T, int KS, int NSP, int HPS, bool TMA>
-int launch_pass2(mparams &p, const CUtensorMap &tm, const score_mma_args &a)
+template <typename T, int KS, int NSP, int HPS>
+int launch_pass2(mparams &p, const score_mma_args &a)
 {
     static size_t set[SCORE_MAX_DEV];
     size_t bytes = SMEM_ALIGN + STAGES * shape<KS>::STAGE_BYTES + (size_t)2 * TK * NSP * HPS * 2 * sizeof(float);
-    if (int rc = smem_limit(mpass2<T, KS, NSP, HPS, TMA>, set, a.dev, bytes))
+    if (int rc = smem_limit(mpass2<T, KS, NSP, HPS>, set, a.dev, bytes))
         return rc;
-    mpass2<T, KS, NSP, HPS, TMA><<<dim3(a.chunks2, a.hkv), THREADS, bytes, (cudaStream_t)a.stream>>>(p, tm);
+    mpass2<T, KS, NSP, HPS><<<dim3(a.chunks2, a.hkv), THREADS, bytes, (cudaStream_t)a.stream>>>(p);
     CK(cudaGetLastError());
     return 0;
 }
 
-template <typename T, int KS, int NSP, bool TMA>
-int launch(mparams &p, const CUtensorMap &tm, const score_mma_args &a)
+template <typename T, int KS, int NSP>
+int launch(mparams &p, const score_mma_args &a)
 {
     static size_t set1[SCORE_MAX_DEV];
     size_t sm1 = SMEM_ALIGN + STAGES * shape<KS>::STAGE_BYTES;
     if (a.dev < 0 || a.dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    if (int rc = smem_limit(mpass1<T, KS, NSP, TMA>, set1, a.dev, sm1))
+    if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1))
         return rc;
     cudaStream_t st = (cudaStream_t)a.stream;
     int rc;
     if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
     } else {
-        mpass1<T, KS, NSP, TMA><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p, tm);
+        mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
         CK(cudaGetLastError());
         rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     }
     if (rc)
         return rc;
-    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1, TMA>(p, tm, a)
-         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2, TMA>(p, tm, a)
-                      : launch_pass2<T, KS, NSP, 4, TMA>(p, tm, a);
-}
-
-template <typename T, int KS, bool TMA>
-int launch_ns(mparams &p, const CUtensorMap &tm, const score_mma_args &a, uint32_t nsp)
-{
-    switch (nsp) {
-    case 1: return launch<T, KS, 1, TMA>(p, tm, a);
-    case 2: return launch<T, KS, 2, TMA>(p, tm, a);
-    case 4: return launch<T, KS, 4, TMA>(p, tm, a);
-    default: return launch<T, KS, 8, TMA>(p, tm, a);
-    }
+    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a)
+         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a)
+                      : launch_pass2<T, KS, NSP, 4>(p, a);
 }
 
 template <typename T, int KS>
-int launch_tma(mparams &p, const CUtensorMap &tm, bool tma, const score_mma_args &a, uint32_t nsp)
+int launch_ns(mparams &p, const score_mma_args &a, uint32_t nsp)
 {
-    return tma ? launch_ns<T, KS, true>(p, tm, a, nsp) : launch_ns<T, KS, false>(p, tm, a, nsp);
+    switch (nsp) {
+    case 1: return launch<T, KS, 1>(p, a);
+    case 2: return launch<T, KS, 2>(p, a);
+    case 4: return launch<T, KS, 4>(p, a);
+    default: return launch<T, KS, 8>(p, a);
+    }
 }
 
 } // namespace
@@ -176,47 +169,8 @@ int score_mma_run(score_mma_args &a)
     if (p.Rp != score_mma_rows(a.G, a.nq, a.d))
         return -EINVAL;
     uint32_t ns = (p.Rp + 31) / 32, nsp = ns <= 1 ? 1 : ns <= 2 ? 2 : ns <= 4 ? 4 : 8;
-    CUtensorMap tm = {};
-    bool tma = score_tensor_map(&tm, a.base, a.d, a.tpp) == 0, bf = a.bf16;
+    bool bf = a.bf16;
     if (a.d == 128)
-        return bf ? launch_tma<__nv_bfloat16, 8>(p, tm, tma, a, nsp) : launch_tma<__half, 8>(p, tm, tma, a, nsp);
-    return bf ? launch_tma<__nv_bfloat16, 4>(p, tm, tma, a, nsp) : launch_tma<__half, 4>(p, tm, tma, a, nsp);
-}
-
-// ---- the pool as a tensor for TMA
-
-typedef CUresult (*encode_tiled_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                                    const cuuint64_t *, const cuuint32_t *, const cuuint32_t *,
-                                    CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
-                                    CUtensorMapFloatOOBfill);
-static std::atomic<int> tma_off;
-
-extern "C" int kern_cuda_score_set_tma(int on) { return !tma_off.exchange(on ? 0 : 1); }
-
-int score_tensor_map(CUtensorMap *tm, const void *base, uint32_t d, uint32_t tpp)
-{
-    static std::atomic<encode_tiled_fn> encode;
-    static std::atomic<int> absent;
-    if (tma_off.load() || absent.load() || (d != 64 && d != 128) || tpp < 8 ||
-        (TK % tpp && tpp % TK) || (uintptr_t)base % 16)
-        return -ENOTSUP;
-    encode_tiled_fn fn = encode.load();
-    if (!fn) {
-        cudaDriverEntryPointQueryResult q;
-        void *f = nullptr;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
-                cudaSuccess || q != cudaDriverEntryPointSuccess || !f) {
-            cudaGetLastError();
-            absent.store(1);
-            return -ENOTSUP;
-        }
-        encode.store(fn = (encode_tiled_fn)f);
-    }
-    // row coordinates are 32-bit: the pool's first 2^31 rows (256 GiB at d = 64)
-    cuuint64_t dim[2] = {d, (cuuint64_t)1 << 31}, stride[1] = {(cuuint64_t)d * 2};
-    cuuint32_t box[2] = {64, tpp < TK ? tpp : (cuuint32_t)TK}, es[2] = {1, 1};
-    CUresult r = fn(tm, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void *>(base), dim, stride, box, es,
-                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    return r == CUDA_SUCCESS ? 0 : -ENOTSUP;
+        return bf ? launch_ns<__nv_bfloat16, 8>(p, a, nsp) : launch_ns<__half, 8>(p, a, nsp);
+    return bf ? launch_ns<__nv_bfloat16, 4>(p, a, nsp) : launch_ns<__half, 4>(p, a, nsp);
 }

@@ -4,7 +4,6 @@
 #ifndef CAKE_SCORE_MMA_H
 #define CAKE_SCORE_MMA_H
 
-#include <cuda.h> /* CUtensorMap (a type only: the driver is reached through the runtime) */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -43,13 +42,6 @@ int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint
  * head c / nqp, window row c % nqp; rows beyond get 0), in place of pass 1 and the merge. */
 int score_lse_rows(const float *lse, float *rowM, float *rowLnL, uint32_t hkv, uint32_t G,
                    uint32_t nq, uint32_t nqp, uint32_t RP, void *stream);
-/* The pool at base as a 2-D tensor for TMA (score_mma_dev.cuh's tiles): rows of d elements
- * (64 or 128) of 2 bytes, boxes of 64 elements x min(tpp, 128) rows, 128-byte swizzle. 0, or
- * -ENOTSUP where the pages' rows do not tile into such boxes (tpp < 8, or neither tpp nor
- * 128 a multiple of the other), the driver has no TMA, or kern_cuda_score_set_tma(0) asked
- * for the copies. */
-int score_tensor_map(CUtensorMap *tm, const void *base, uint32_t d, uint32_t tpp);
-
 struct score_attr_lock {
     score_attr_lock();
     ~score_attr_lock();

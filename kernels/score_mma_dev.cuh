@@ -42,10 +42,10 @@ struct mparams {
     uint32_t w, rpp, hpp, pph, first;
 };
 
-// A stage holds TK keys in 128-byte swizzled atoms, the layout TMA's 128-byte swizzle writes
-// and wgmma reads: atom a (elements [64a, 64a + 64) of every row) is TK rows of 128 bytes,
-// 16-byte chunk c of row r at ((c ^ (r % 8)) * 16), so ldmatrix's 8 rows of one chunk fall in
-// 8 different bank groups. Stages start 1024-byte aligned.
+// A stage holds TK keys in 128-byte swizzled atoms (the layout of TMA's 128-byte swizzle, which
+// wgmma reads): atom a (elements [64a, 64a + 64) of every row) is TK rows of 128 bytes, 16-byte
+// chunk c of row r at ((c ^ (r % 8)) * 16), so ldmatrix's 8 rows of one chunk fall in 8
+// different bank groups, with no padding. Stages start 1024-byte aligned.
 template <int KS> struct shape {
     static constexpr int D8 = KS * 2;       // 16-byte pieces per key row
     static constexpr int ATOMS = (KS + 3) / 4;
@@ -124,64 +124,6 @@ __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t
     }
 }
 
-// Where a pass's key tiles come from, a stage each: with a tensor map (tm: the pool as rows of
-// d elements, boxes of 64 elements x bx rows, 128-byte swizzle) warp 0 issues a tile's boxes,
-// a page's run of rows each, and the stage's mbarrier counts their bytes; without one (tm
-// NULL: pages whose rows do not tile into boxes) every warp copies (load_tile). Tile k of a
-// pass goes to stage k % ST: its barrier's (k / ST)-th phase. TMA is a compile-time choice
-// (kernels come in both kinds): with the choice made at run time inside the loop, both
-// paths' registers stayed live and the passes spilled.
-template <int KS, int ST, bool TMA> struct tiles {
-    const void *tm;
-    uint64_t *bar; // [ST], shared
-
-    // every thread, before the first load: the barriers, and earlier generic writes to the
-    // stages ordered before the copies
-    __device__ __forceinline__ void start()
-    {
-        if (TMA && threadIdx.x == 0) {
-            for (int s = 0; s < ST; s++)
-                mbar_init(&bar[s], 1);
-            fence_mbar_init();
-        }
-        fence_async_shared();
-        __syncthreads();
-    }
-
-    __device__ __forceinline__ void load(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage,
-                                         int s)
-    {
-        if (!TMA) {
-            load_tile<KS>(p, g, j0, end, stage);
-            return;
-        }
-        if (threadIdx.x >= 32)
-            return;
-        using sh = shape<KS>;
-        uint32_t lane = threadIdx.x, bx = p.tpp < TK ? p.tpp : TK, rows = min(end - j0, (uint32_t)TK);
-        uint32_t boxes = (rows + bx - 1) / bx;
-        if (lane == 0)
-            mbar_expect_tx(&bar[s], boxes * bx * 128 * sh::ATOMS);
-        __syncwarp();
-        for (uint32_t b = lane; b < boxes; b += 32) {
-            uint32_t j = j0 + b * bx, pg = p.tpp == 1 ? j : __umulhi(j, p.tpp_mul) >> p.tpp_shr;
-            constexpr uint32_t rb = KS * 32; // a key row's bytes (d = 16 KS)
-            int y = (int)(p.page_off[pg] / rb) + (int)(g * p.tpp + (j - pg * p.tpp));
-#pragma unroll
-            for (int a = 0; a < sh::ATOMS; a++)
-                tma_2d(stage + a * sh::ATOM_BYTES + (size_t)b * bx * 128, tm, a * 64, y, &bar[s]);
-        }
-    }
-
-    __device__ __forceinline__ void wait(uint32_t k)
-    {
-        if (!TMA)
-            cp_async_wait<ST - 2>();
-        else
-            mbar_wait(&bar[k % ST], (k / ST) & 1);
-    }
-};
-
 // acc[i][t] = keys[m-tile mt0 + i * mstep] . Q^T[n-tile t] over all k: NM m-tiles side by side
 // (independent accumulator chains for the tensor pipe).
 template <typename T, int KS, int NM>
@@ -223,9 +165,9 @@ __device__ __forceinline__ float rebase(float s, float b, float nb)
 // Pass 1 of one block: keys [c0, c1) of kv head g against the group's queries, in ST
 // cp.async stages at smem. Writes each padded query column's max (natural-log units of the
 // scaled logits, -inf for none) and exp-sum relative to it to m_out[col], l_out[col].
-template <typename T, int KS, int NSP, int ST, bool TMA>
+template <typename T, int KS, int NSP, int ST>
 __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
-                           const void *tm, float *m_out, float *l_out)
+                           float *m_out, float *l_out)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP; // warps sharing a slice of 32 query columns
@@ -234,13 +176,10 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // rows below clean: no mask
     uint32_t bq[4][KS][2];
     load_bfrag<T, KS>(p, g, slice, lane, bq);
-    __shared__ uint64_t bar[ST];
-    tiles<KS, ST, TMA> ld{tm, bar};
-    ld.start();
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nt)
-            ld.load(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES, s);
+            load_tile<KS>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
         cp_async_commit();
     }
     // Per column: b = the exponent base (a running max in log2 units, raised only when a
@@ -250,11 +189,10 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     for (int c = 0; c < 8; c++)
         b[c] = -INFINITY, sm[c] = 0.0f;
     for (uint32_t k = 0; k < nt; k++) {
-        ld.wait(k);
+        cp_async_wait<ST - 2>();
         __syncthreads();
         if (k + ST - 1 < nt)
-            ld.load(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES,
-                    (k + ST - 1) % ST);
+            load_tile<KS>(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
         cp_async_commit();
         const uint8_t *st = smem + (k % ST) * sh::STAGE_BYTES;
         uint32_t j0 = c0 + k * TK;
@@ -356,10 +294,10 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
 // sum p log2 p (the entropy is -ln 2 times the block's total; ENT false: left alone, one FMA
 // an element saved where nobody reads it), v_sum of the variances. ST cp.async stages at smem,
 // then the partial sums.
-template <typename T, int KS, int NSP, int HPS, int ST, bool TMA, bool ENT = true>
+template <typename T, int KS, int NSP, int HPS, int ST, bool ENT = true>
 __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
-                           const void *tm, const float *rowM, const float *rowLnL, float *acc,
-                           double &e_sum, double &v_sum)
+                           const float *rowM, const float *rowLnL, float *acc, double &e_sum,
+                           double &v_sum)
 {
     using sh = shape<KS>;
     constexpr int KW = 8 / NSP;
@@ -380,13 +318,10 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         vbits |= (uint32_t)ok << c;
     }
     // backwards: tile of step k is nt - 1 - k
-    __shared__ uint64_t bar[ST];
-    tiles<KS, ST, TMA> ld{tm, bar};
-    ld.start();
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nt)
-            ld.load(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES, s);
+            load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
         cp_async_commit();
     }
     float ent[NM * 2] = {}; // one chain per key the thread holds
@@ -436,11 +371,11 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         }
     };
     for (uint32_t k = 0; k < nt; k++) {
-        ld.wait(k);
+        cp_async_wait<ST - 2>();
         __syncthreads();
         if (k + ST - 1 < nt)
-            ld.load(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
-                    smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES, (k + ST - 1) % ST);
+            load_tile<KS>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
+                          smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
         cp_async_commit();
         if (k)
             finish(k - 1);

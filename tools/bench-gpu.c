@@ -329,17 +329,15 @@ static void decode_evict(double bw, int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[8][64];
-    double tw[8][64];
+    float tg[7][64];
+    double tw[7][64];
     pid_t hold = -1;
-    for (int way = 0; way < 8; way++) {
+    for (int way = 0; way < 7; way++) {
         /* ways 3-5: 64 KiB pages scattered over 10 GiB; then 64 KiB pages with another
          * process's CUDA context open and idle on the GPU (an engine waiting for caked's
-         * reply), contiguous and scattered; way 7: way 2 with its key tiles copied by cp.async
-         * instead of TMA */
-        if (way >= 3 && way < 7 && !pool)
-            continue;
-        kern_cuda_score_set_tma(way != 7);
+         * reply), contiguous and scattered */
+        if (way >= 3 && !pool)
+            break;
         if (way == 4 && (hold = fork()) == 0) { /* exec at once: nothing of this CUDA state */
             char me[4096];
             ssize_t ml = readlink("/proc/self/exe", me, sizeof me - 1);
@@ -368,7 +366,7 @@ static void decode_evict(double bw, int reps)
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
                         exit(1);
                 }
-            } else if (way == 1 || way == 2 || way == 4 || way >= 6) {
+            } else if (way == 1 || way == 2 || way == 4 || way == 6) {
                 if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : L), L, S, NULL))
                     exit(1);
             } else if (kern_cuda_decode_evict(&kes, dsjobs, L, S, NULL)) {
@@ -386,22 +384,18 @@ static void decode_evict(double bw, int reps)
         kill(hold, SIGTERM);
         waitpid(hold, NULL, 0);
     }
-    kern_cuda_score_set_tma(1);
-    float g[8];
-    double w[8];
-    for (int i = 0; i < 8; i++)
-        if (i < 3 || i == 7 || pool)
-            g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
+    float g[7];
+    double w[7];
+    for (int i = 0; i < (pool ? 7 : 3); i++)
+        g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     double floor_us = (double)L * HKV * n * D * 2 / bw * 1e6; /* the layers' keys read once */
     printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking; floor %.1f us = "
            "the keys read once):\n", k, S, W, floor_us);
     printf("  per-layer kernels (~10 launches a layer, one stream): GPU %8.1f us, wall %8.1f us\n", g[0], w[0]);
     printf("  one launch (kern_cuda_decode_evict):                 GPU %8.1f us, wall %8.1f us   "
            "(%.1fx, %.1fx; %.1fx the floor)\n", g[1], w[1], g[0] / g[1], w[0] / w[1], g[1] / floor_us);
-    printf("  one launch, caked's 64 KiB pages of %d tokens:       GPU %8.1f us, wall %8.1f us   (key tiles by TMA)\n", TPP,
+    printf("  one launch, caked's 64 KiB pages of %d tokens:       GPU %8.1f us, wall %8.1f us\n", TPP,
            g[2], w[2]);
-    printf("  the same, key tiles by cp.async copies:              GPU %8.1f us, wall %8.1f us   (TMA %.2fx)\n",
-           g[7], w[7], g[7] / g[2]);
     if (pool) {
         printf("  the same pages scattered over 10 GiB:                GPU %8.1f us, wall %8.1f us\n",
                g[3], w[3]);
@@ -941,10 +935,7 @@ int main(int argc, char **argv)
         kern_cuda_score_set_wmma(0);
         double ms = time_score(&sr, NULL, 0), ms2 = time_score(&sr, NULL, 1);
         double ms4 = time_score(&sr, lse, 0), ms5 = time_score(&sr, lse, 1);
-        kern_cuda_score_set_tma(0); /* the key tiles by cp.async copies, for the ratio */
-        double ms6 = time_score(&sr, NULL, 0), ms7 = time_score(&sr, lse, 0);
-        kern_cuda_score_set_tma(1);
-        if (ms < 0 || ms2 < 0 || ms3 < 0 || ms4 < 0 || ms5 < 0 || ms6 < 0 || ms7 < 0)
+        if (ms < 0 || ms2 < 0 || ms3 < 0 || ms4 < 0 || ms5 < 0)
             return 1;
         /* the floor: the layer's key bytes read once at the rate the copy moved bytes
          * (read + write counted), which is what the memory sustains */
@@ -957,8 +948,6 @@ int main(int argc, char **argv)
                ms * 1e3, floor_us, ms * 1e3 / floor_us, tcol, ms3 * 1e3, ms3 / ms, ms2 * 1e3,
                ms2 * 1e3 / floor_us, ms4 * 1e3, ms4 * 1e3 / floor_us, ms5 * 1e3, ms5 * 1e3 / floor_us,
                tms > 0 ? "" : "  (torch: ", tms > 0 ? "" : why, tms > 0 ? "" : ")");
-        printf("%8s key tiles by cp.async copies instead of TMA: scoring %.1f us (TMA %.2fx), lse %.1f us (TMA %.2fx)\n",
-               "", ms6 * 1e3, ms6 / ms, ms7 * 1e3, ms7 / ms4);
         fflush(stdout);
         cudaFree(page), cudaFree(off), cudaFree(q), cudaFree(ind), cudaFree(idx), cudaFree(tmp), cudaFree(ws), cudaFree(tws);
         cudaFree(lse);

@@ -84,18 +84,6 @@ static float *host_lse(const struct kern_kv *kv, const void *q, enum kern_dtype 
     return lse;
 }
 
-/* key tiles by TMA where the pages allow (the default) or by cp.async copies; printed with the results */
-static int tma_on = 1;
-static void set_tma(int on)
-{
-    kern_cuda_score_set_tma(on);
-    tma_on = on;
-}
-static const char *tiles_by(uint32_t tpp)
-{
-    return tma_on && tpp >= 8 && (128 % tpp == 0 || tpp % 128 == 0) ? ", tiles by TMA" : ", tiles by copies";
-}
-
 static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
                      uint32_t tpp, uint32_t keep)
 {
@@ -289,8 +277,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
             same = !memcmp(back + o, host + o, d * 2) && !memcmp(back + o + half, host + o + half, d * 2);
         }
     EXPECT(same, "%s n=%u compaction bytes differ", name, n);
-    printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u%s q x%.0f: entropy rel %.2e, variance rel %.2e, indicator rel %.2e, "
-           "topk %s, compaction %s\n", name, H, Hkv, d, n, nq, tpp, tiles_by(tpp), q_amp, fabs(E - ro.entropy) / fabs(ro.entropy),
+    printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u q x%.0f: entropy rel %.2e, variance rel %.2e, indicator rel %.2e, "
+           "topk %s, compaction %s\n", name, H, Hkv, d, n, nq, tpp, q_amp, fabs(E - ro.entropy) / fabs(ro.entropy),
            fabs(V - ro.variance) / fabs(ro.variance), worst, failures ? "?" : "equal", same ? "equal" : "DIFFERS");
     cudaFree(dbase), cudaFree(doff), cudaFree(dq), cudaFree(dind), cudaFree(ws), cudaFree(didx), cudaFree(tmp);
     free(host), free(pages), free(off), free(row), free(qf), free(q), free(ref), free(got), free(idx), free(cidx), free(back);
@@ -650,8 +638,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     EXPECT(same_ev, "%s H %u Hkv %u d %u w %u nq %u: evicted slots differ from the CPU top-k's", name, H, Hkv, d, w, nq);
     EXPECT(same_kv, "%s H %u Hkv %u d %u w %u nq %u: compacted bytes differ", name, H, Hkv, d, w, nq);
     EXPECT(same_ring, "%s: a ring changed", name);
-    printf("%-5s H=%u Hkv=%u d=%u w=%u nq=%u tpp=%u%s pool %d/%u gamma %g%s, %d layers in one launch: "
-           "indicator rel %.2e, evicted %s, compaction %s\n", name, H, Hkv, d, w, nq, tpp, tiles_by(tpp), pool, radius,
+    printf("%-5s H=%u Hkv=%u d=%u w=%u nq=%u tpp=%u pool %d/%u gamma %g%s, %d layers in one launch: "
+           "indicator rel %.2e, evicted %s, compaction %s\n", name, H, Hkv, d, w, nq, tpp, pool, radius,
            gamma, var_only ? " (variance alone)" : "", L, worst, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS");
     /* what the one launch does not take */
     struct kern_cuda_evict bad = ke;
@@ -815,10 +803,6 @@ int main(void)
         printf("CAKE_GPU_TEST_QUICK: a subset\n");
         for (int i = 0; i < 2; i++) {
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
-            set_tma(0); /* the same layout through the cp.async copies */
-            run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
-            run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
-            set_tma(1);
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
@@ -854,13 +838,6 @@ int main(void)
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
         run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
-        /* the key tiles through cp.async copies where TMA boxes would take them (pages of
-         * 16 and 512 tokens; the cases above with 5, 7, 33 or ~4000 tokens a page copy) */
-        set_tma(0);
-        run_case(ts[i], 32, 8, 128, 5000 + (uint32_t)(urand() * 3000), 32, 16, 992);
-        run_case(ts[i], 32, 4, 128, 3000 + (uint32_t)(urand() * 1000), 32, 512, 500);
-        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
-        set_tma(1);
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
