@@ -170,7 +170,7 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
     uint32_t ns = (p.Rp + 31) / 32;
     p.nsp = ns <= 1 ? 1 : ns <= 2 ? 2 : ns <= 4 ? 4 : 8;
     p.ks = e->head_dim / 16;
-    p.stage_bytes = EST * (size_t)TK * 128 * ((p.ks + 3) / 4); // shape<KS>::STAGE_BYTES a stage
+    p.stage_bytes = EST * (p.ks == 8 ? shape<8>::STAGE_BYTES : shape<4>::STAGE_BYTES);
     p.part_bytes = (size_t)2 * TK * p.nsp * p.hps * 2 * sizeof(float);
     p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp);
     int dev = 0, optin = 0;

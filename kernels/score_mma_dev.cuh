@@ -395,7 +395,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
                 for (int i2 = 0; i2 < NM * 2; i2++) {
                     int mi = i2 / 2, e2 = i2 % 2;
                     uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
-                    bool live = j0 + row < c1; // a row past the chunk may hold anything (NaN)
+                    bool live = j0 + row < c1; // rows past the chunk (zero filled) count nothing
                     float a1[4];
                     float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
 #pragma unroll
