@@ -26,6 +26,12 @@ struct gpuctx {
     int timing;      /* gpuexec_set_timing: events around the one-launch eviction */
     cudaEvent_t ev0, ev1;
     struct gpu_evict_times times;
+    int device;
+    /* a launch in flight (gpuctx_decode_evict_launch): its end on the stream, where its
+     * removed slots land in hbuf, and when the call began (the timing's total) */
+    cudaEvent_t done;
+    size_t fl_tabs;
+    double fl_t0;
 };
 
 struct gpuexec {
@@ -53,7 +59,13 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
         gpuexec_destroy(g);
         return -EIO;
     }
-    for (int i = 0; i < g->n; i++)
+    for (int i = 0; i < g->n; i++) {
+        g->ctx[i].device = device;
+        if (cudaEventCreateWithFlags(&g->ctx[i].done, cudaEventDisableTiming) != cudaSuccess) {
+            *why = "cudaEventCreate failed";
+            gpuexec_destroy(g);
+            return -EIO;
+        }
         for (int j = -1; j < SUBSTREAMS; j++)
             if (cudaStreamCreateWithFlags(j < 0 ? &g->ctx[i].stream : &g->ctx[i].sub[j],
                                           cudaStreamNonBlocking) != cudaSuccess) {
@@ -61,6 +73,7 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
                 gpuexec_destroy(g);
                 return -EIO;
             }
+    }
     *out = g;
     return 0;
 }
@@ -80,6 +93,8 @@ void gpuexec_destroy(struct gpuexec *g)
         cudaFreeHost(g->ctx[i].hbuf);
         if (g->ctx[i].ev0)
             cudaEventDestroy(g->ctx[i].ev0), cudaEventDestroy(g->ctx[i].ev1);
+        if (g->ctx[i].done)
+            cudaEventDestroy(g->ctx[i].done);
     }
     pthread_cond_destroy(&g->cv);
     pthread_mutex_destroy(&g->mu);
@@ -102,6 +117,19 @@ struct gpuctx *gpuexec_take(struct gpuexec *g)
     c->taken = 1;
     pthread_mutex_unlock(&g->mu);
     cudaSetDevice(g->device); /* per thread: the worker may be new to CUDA */
+    return c;
+}
+
+struct gpuctx *gpuexec_try_take(struct gpuexec *g)
+{
+    struct gpuctx *c = NULL;
+    pthread_mutex_lock(&g->mu); /* held only for the scan, never while a worker waits */
+    for (int i = 0; i < g->n && !c; i++)
+        if (!g->ctx[i].taken)
+            c = &g->ctx[i];
+    if (c)
+        c->taken = 1;
+    pthread_mutex_unlock(&g->mu);
     return c;
 }
 
@@ -477,14 +505,17 @@ void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
     *t = c->times;
 }
 
-/* A decode step's layers in one launch (kern_cuda_decode_evict): -ENOTSUP where they differ
- * in shapes or ranking or the kernel does not take them (the caller runs them layer by
- * layer). The job table and every page table go up in one copy, the removed slots come back
- * in one. */
-static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+/* A decode step's layers in one launch (kern_cuda_decode_evict), not waited for: -ENOTSUP
+ * where they differ in shapes or ranking or the kernel does not take them (the caller runs
+ * them layer by layer), or -ENOMEM, with nothing launched (*issued 0); else the launch's
+ * result with work on the stream (*issued 1), c->done recorded after it. The job table and
+ * every page table go up in one copy, the removed slots come back to hbuf + c->fl_tabs in
+ * one (fused_land takes them out). */
+static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n, int *issued)
 {
     const struct gpu_evict *a = &ev[0];
-    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
+    *issued = 0;
+    c->fl_t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_rank *rk = &a->rk;
     if (rk->last || rk->position || rk->shared)
         return -ENOTSUP;
@@ -544,9 +575,12 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
         jobs[j].evicted = (uint32_t *)(c->dbuf + tabs + out);
         out += sizeof(uint32_t) * ke.kv_heads * (e->l.n_tokens - ke.w - e->k);
     }
+    c->fl_tabs = tabs;
+    *issued = 1;
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
     double t1 = c->timing ? clock_now_s() * 1e6 : 0;
+    c->times = (struct gpu_evict_times){.prep_us = t1 - c->fl_t0};
     if (c->timing)
         cudaEventRecord(c->ev0, c->stream);
     if (!rc)
@@ -557,21 +591,26 @@ static int decode_evict_fused(struct gpuctx *c, const struct gpu_evict *ev, uint
     if (!rc && evb &&
         cudaMemcpyAsync(c->hbuf + tabs, c->dbuf + tabs, evb, cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
         rc = -EIO;
-    if ((rc = finish(c, rc)))
-        return rc == -ENOTSUP ? -EIO : rc; /* launched: no second try layer by layer */
-    out = 0;
+    if (!rc && cudaEventRecord(c->done, c->stream) != cudaSuccess)
+        rc = -EIO;
+    return rc == -ENOTSUP ? -EIO : rc; /* launched: no second try layer by layer */
+}
+
+/* After fused_launch's work is done: the removed slots to each ev[i].evicted, the timing. */
+static void fused_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    size_t out = 0;
     for (uint32_t i = 0; i < n; i++) {
-        size_t b = sizeof(uint32_t) * ke.kv_heads * (ev[i].l.n_tokens - ke.w - ev[i].k);
-        memcpy(ev[i].evicted, c->hbuf + tabs + out, b);
+        size_t b = sizeof(uint32_t) * ev[i].l.kv_heads * (ev[i].l.n_tokens - ev[i].ring.w - ev[i].k);
+        memcpy(ev[i].evicted, c->hbuf + c->fl_tabs + out, b);
         out += b;
     }
     if (c->timing) {
         float ms = 0;
         cudaEventElapsedTime(&ms, c->ev0, c->ev1);
-        c->times = (struct gpu_evict_times){.prep_us = t1 - t0, .kernel_us = ms * 1e3,
-                                            .total_us = clock_now_s() * 1e6 - t0};
+        c->times.kernel_us = ms * 1e3;
+        c->times.total_us = clock_now_s() * 1e6 - c->fl_t0;
     }
-    return 0;
 }
 
 /* The removed slots of each head's first S from its kept ones keep [hkv][k] (ascending). */
@@ -589,10 +628,11 @@ static void kept_to_evicted(const uint32_t *keep, uint32_t hkv, uint32_t k, uint
     }
 }
 
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+/* -EINVAL where an eviction is out of range; else 0, with what the layer-by-layer way needs
+ * (device and staging bytes) in *dev and *host. */
+static int evict_check(const struct gpu_evict *ev, uint32_t n, size_t *dev, size_t *host)
 {
-    size_t dev = 0, host = 0;
-    c->times = (struct gpu_evict_times){0};
+    *dev = *host = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];
         uint32_t w = e->ring.w;
@@ -600,11 +640,26 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
             e->k > e->l.n_tokens - w)
             return -EINVAL;
         struct evict_plan p = plan_evict(e);
-        dev += p.dev, host += p.host;
+        *dev += p.dev, *host += p.host;
     }
+    return 0;
+}
+
+int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    size_t dev, host;
+    c->times = (struct gpu_evict_times){0};
+    if (evict_check(ev, n, &dev, &host))
+        return -EINVAL;
     if (!n)
         return 0;
-    int rc = decode_evict_fused(c, ev, n);
+    int issued, rc = fused_launch(c, ev, n, &issued);
+    if (issued) {
+        if ((rc = finish(c, rc)))
+            return rc;
+        fused_land(c, ev, n);
+        return 0;
+    }
     if (rc != -ENOTSUP)
         return rc;
     if (reserve(c, dev, host))
@@ -627,6 +682,40 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
                         ev[i].l.n_tokens - ev[i].ring.w, ev[i].evicted);
         h += p.host;
     }
+    return rc;
+}
+
+int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    size_t dev, host;
+    c->times = (struct gpu_evict_times){0};
+    if (evict_check(ev, n, &dev, &host))
+        return -EINVAL;
+    if (!n)
+        return -ENOTSUP;
+    cudaSetDevice(c->device); /* the loop's thread: any GPU's sequences */
+    int issued, rc = fused_launch(c, ev, n, &issued);
+    if (issued && rc)
+        return finish(c, rc); /* what was issued is done before the context goes back */
+    return rc;
+}
+
+int gpuctx_ready(struct gpuctx *c)
+{
+    cudaError_t e = cudaEventQuery(c->done);
+    if (e == cudaErrorNotReady)
+        return 0;
+    if (e == cudaSuccess)
+        return 1;
+    cudaGetLastError(); /* not left sticky for the next job */
+    return -EIO;
+}
+
+int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    int rc = finish(c, 0); /* done already (gpuctx_ready): returns at once, or the error */
+    if (!rc)
+        fused_land(c, ev, n);
     return rc;
 }
 

@@ -4,7 +4,9 @@
  * A worker takes a context (its own stream, device workspace and pinned staging) for the
  * length of one job and puts it back; contexts are never shared while taken, so jobs of
  * different sequences run on the GPU side by side. Every operation is synchronous for the
- * calling worker (it waits on its own stream) and never touches the event loop. Without
+ * calling worker (it waits on its own stream) and never touches the event loop, except the
+ * decode eviction's launch/ready/land, which the loop itself uses (work.c) with a context
+ * it takes without waiting. Without
  * CUDA, gpuexec_stub.c stands in: every function returns -ENOTSUP. */
 #ifndef CAKE_GPUEXEC_H
 #define CAKE_GPUEXEC_H
@@ -30,6 +32,8 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why);
 void gpuexec_destroy(struct gpuexec *g);
 /* Blocks until a context is free. */
 struct gpuctx *gpuexec_take(struct gpuexec *g);
+/* A free context, or NULL where every one is taken: never waits (the event loop's). */
+struct gpuctx *gpuexec_try_take(struct gpuexec *g);
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c);
 
 /* One layer's query ring in the GPU pool (proto/shm.h's shm_ring): page i of it is page
@@ -139,6 +143,17 @@ int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src
  * layer, side by side on the context's streams. Returns 0 or the first error (then the
  * layers' contents are undefined: the CUDA context has failed). */
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
+
+/* The same one launch for a caller that must not wait (the event loop), on any thread:
+ * gpuctx_decode_evict_launch returns 0 with the work in flight on the context's stream,
+ * -ENOTSUP where only gpuctx_decode_evict can run these layers (layer by layer), -EINVAL or
+ * -ENOMEM with nothing launched, -EIO after a failed launch (waited for). While in flight
+ * gpuctx_ready answers 1 (done), 0 (running) or -EIO, never waiting; once it is not 0,
+ * gpuctx_decode_evict_land (ev as launched, still valid) writes each ev[i].evicted and
+ * returns 0 or -EIO. The context stays taken from the launch to the land. */
+int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
+int gpuctx_ready(struct gpuctx *c);
+int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 
 /* Timing of decode evictions (CAKED_TRACE): with it on, each context keeps where its last
  * one-launch eviction spent its time - host work before the launch (job and page tables

@@ -17,6 +17,11 @@ struct gpuctx *gpuexec_take(struct gpuexec *g)
     (void)g;
     return NULL;
 }
+struct gpuctx *gpuexec_try_take(struct gpuexec *g)
+{
+    (void)g;
+    return NULL;
+}
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c) { (void)g, (void)c; }
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
                  const float *lse, uint32_t n_scored, const struct gpu_rank *rk, float *ind,
@@ -69,6 +74,21 @@ void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
     *t = (struct gpu_evict_times){0};
 }
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    (void)c, (void)ev, (void)n;
+    return -ENOTSUP;
+}
+int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+{
+    (void)c, (void)ev, (void)n;
+    return -ENOTSUP;
+}
+int gpuctx_ready(struct gpuctx *c)
+{
+    (void)c;
+    return -EIO;
+}
+int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     (void)c, (void)ev, (void)n;
     return -ENOTSUP;

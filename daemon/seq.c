@@ -726,27 +726,22 @@ int seq_decode_needs_evict(const struct seq *s)
     return 0;
 }
 
-void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
+/* The layers a decode step evicts (non-H2O), in over[], and how many of the ring's rows are
+ * valid queries. */
+static uint32_t decode_over(const struct seq *s, uint32_t *over, uint32_t *valid)
 {
-    uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
-    int rcs[SEQ_MAX_LAYERS] = {0};
-    *r = (struct seq_result){0};
-    if (s->cfg.accumulate) { /* H2O: every layer adds the step's attention */
-        for (uint32_t l = 0; l < s->L; l++)
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, nover = 0;
+    *valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+    for (uint32_t l = 0; l < s->L; l++)
+        if (layer_over(s, l))
             over[nover++] = l;
-        if (s->gpu)
-            seq_gpu_h2o(e, s, s->decoded > 0, evicted, rcs);
-        else
-            seq_host_h2o_step(e, s, evicted, rcs);
-    } else {
-        uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-        uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
-        for (uint32_t l = 0; l < s->L; l++)
-            if (layer_over(s, l))
-                over[nover++] = l;
-        if (nover)
-            seq_exec(s)->decode_evict(e, s, over, nover, valid, evicted, rcs);
-    }
+    return nover;
+}
+
+/* A decode eviction's result r from each layer's count and error. */
+static void decode_result(struct seq *s, const uint32_t *over, uint32_t nover,
+                          const uint32_t *evicted, const int *rcs, struct seq_result *r)
+{
     for (uint32_t i = 0; i < nover; i++) {
         if (rcs[i]) {
             if (!r->rc)
@@ -760,6 +755,69 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
     }
     if (!r->rc)
         s->rs_pending = 0; /* a re-slice's budgets are held now */
+}
+
+void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r)
+{
+    uint32_t over[SEQ_MAX_LAYERS], nover = 0, evicted[SEQ_MAX_LAYERS] = {0};
+    int rcs[SEQ_MAX_LAYERS] = {0};
+    *r = (struct seq_result){0};
+    if (s->cfg.accumulate) { /* H2O: every layer adds the step's attention */
+        for (uint32_t l = 0; l < s->L; l++)
+            over[nover++] = l;
+        if (s->gpu)
+            seq_gpu_h2o(e, s, s->decoded > 0, evicted, rcs);
+        else
+            seq_host_h2o_step(e, s, evicted, rcs);
+    } else {
+        uint32_t valid;
+        nover = decode_over(s, over, &valid);
+        if (nover)
+            seq_exec(s)->decode_evict(e, s, over, nover, valid, evicted, rcs);
+    }
+    decode_result(s, over, nover, evicted, rcs, r);
+}
+
+struct seq_flight {
+    uint32_t over[SEQ_MAX_LAYERS], nover;
+    struct gpu_flight *g;
+};
+
+int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_flight **out)
+{
+    if (!s->gpu || s->cfg.accumulate || s->moving || s->reloc || s->parked)
+        return -ENOTSUP;
+    struct seq_flight *f = malloc(sizeof(*f));
+    if (!f)
+        return -ENOTSUP; /* a worker's turn */
+    uint32_t valid;
+    int rc = (f->nover = decode_over(s, f->over, &valid))
+                 ? seq_gpu_evict_launch(e, s, f->over, f->nover, valid, &f->g) : -ENOTSUP;
+    if (rc == -ENOMEM)
+        rc = -ENOTSUP; /* this process's heap, or the context's staging: the worker's way */
+    if (rc) {
+        free(f);
+        return rc;
+    }
+    *out = f;
+    return 0;
+}
+
+int seq_flight_ready(struct seq_flight *f)
+{
+    return seq_gpu_evict_ready(f->g);
+}
+
+void seq_flight_land(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                     struct seq_result *r)
+{
+    uint32_t evicted[SEQ_MAX_LAYERS] = {0};
+    int rcs[SEQ_MAX_LAYERS], rc = seq_gpu_evict_land(e, s, f->over, f->nover, f->g, evicted);
+    for (uint32_t i = 0; i < f->nover; i++)
+        rcs[i] = rc;
+    *r = (struct seq_result){0};
+    decode_result(s, f->over, f->nover, evicted, rcs, r);
+    free(f);
 }
 
 uint32_t seq_decode_pages_needed(const struct seq *s)

@@ -7,7 +7,8 @@
  * job has it (busy) a worker runs seq_prefill_work/score/apply or seq_decode_evict_work on
  * the sequence's own pages and per-layer state, writing what it did to the job's
  * struct seq_result, and the loop touches nothing of it but `cancel` (atomic) until the job
- * completes; then the loop commits (seq_prefill_commit, seq_trim_pages, seq_publish) and
+ * completes (a decode eviction the loop launched itself, seq_decode_evict_launch, is the
+ * same: nothing touches the layers until it lands); then the loop commits (seq_prefill_commit, seq_trim_pages, seq_publish) and
  * reads the result. What other requests show (SEQ_INFO) is `pub`, written at commit. */
 #ifndef CAKE_SEQ_H
 #define CAKE_SEQ_H
@@ -144,6 +145,8 @@ struct seq_env {
     int trace;          /* CAKED_TRACE=1: log each prefill layer's phase times on stderr */
     unsigned job_delay_us; /* CAKED_TEST_JOB_DELAY_MS (at most 60 s): each job sleeps first
                               (tests: a stuck call) */
+    int workers_only;   /* CAKED_DECODE_ON_WORKERS=1: no decode eviction launched by the loop
+                           (benchmarks: the hand-off it saves, side by side) */
 };
 
 struct seq_open_args {
@@ -199,6 +202,20 @@ void seq_prefill_commit(const struct seq_env *e, struct seq *s, const struct seq
 int seq_decode_needs_evict(const struct seq *s);
 int seq_decode_check(const struct seq *s, const char **why);
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r);
+/* The same eviction launched by the loop itself, for a GPU sequence whose layers one launch
+ * takes (CAKE's ranking and its ablations; not H2O, not while parked, moving or relocating):
+ * no worker and no wait, the loop polls the flight and lands it (work.c). Returns 0 with *f
+ * in flight, -EAGAIN (no GPU context free now) or -ENOTSUP (the worker's way:
+ * seq_decode_evict_work), nothing launched, or another -errno (the launch failed: the
+ * sequence's step has that error). seq_flight_ready: 1 once the GPU is done with it (or it
+ * failed), never waits; then seq_flight_land (loop; frees f) commits to the layers what
+ * the kernel did and writes r as seq_decode_evict_work would. The sequence stays busy from
+ * the launch to the land. */
+struct seq_flight;
+int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_flight **f);
+int seq_flight_ready(struct seq_flight *f);
+void seq_flight_land(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                     struct seq_result *r);
 /* After eviction: frees emptied pages (loop). */
 void seq_trim_pages(const struct seq_env *e, struct seq *s);
 /* Publishes every reserved layer to the descriptor and `pub` (loop, after a job). */

@@ -204,11 +204,11 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
     free(keep);
 }
 
-/* The same on the GPU for every layer over budget at once (one launch where the kernel
- * takes the policy's ranking): score, top-k and compaction, only the removed slots come back
- * to the host. */
-static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
-                            uint32_t nover, uint32_t valid, uint32_t *evicted)
+/* A decode eviction's jobs for layers over[n]: ev[i] for layer over[i], scored by the
+ * ring's `valid` newest rows, each evicting to its budget; the removed slots come back in
+ * one buffer (ev[0].evicted, freed with ev). 0 or -ENOMEM. */
+static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32_t *over,
+                      uint32_t nover, uint32_t valid, struct gpu_evict **evp)
 {
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
@@ -217,7 +217,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         uint32_t S = s->layer[over[i]].tokens - w, budget = cakeseq_budget(s->cs, over[i]);
         ev_n += (size_t)s->Hkv * (S - (budget < S ? budget : S));
     }
-    uint32_t *gone = malloc(sizeof(uint32_t) * (ev_n + 1)); /* the removed slots come back */
+    uint32_t *gone = malloc(sizeof(uint32_t) * (ev_n + 1));
     if (!ev || !gone) {
         free(ev), free(gone);
         return -ENOMEM;
@@ -232,13 +232,26 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
         };
         at += s->Hkv * (S - ev[i].k);
     }
-    double t0 = e->trace ? clock_now_s() : 0;
-    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-    int rc = gpuctx_decode_evict(gc, ev, nover);
-    struct gpu_evict_times gt;
-    gpuctx_evict_times(gc, &gt);
-    gpuexec_put(GEXEC(e, s), gc);
-    double t1 = e->trace ? clock_now_s() : 0;
+    *evp = ev;
+    return 0;
+}
+
+static void evict_jobs_free(struct gpu_evict *ev)
+{
+    if (ev)
+        free(ev[0].evicted);
+    free(ev);
+}
+
+/* After the eviction ev[n] of layers over[n] ran (rc its result): the layers' token counts
+ * and positions follow, evicted[i] gets layer over[i]'s count; CAKED_TRACE's line (how: who
+ * launched it; t0..t1 the eviction's time on this thread, gt the context's timing). Returns
+ * rc or the positions' error. */
+static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                       const struct gpu_evict *ev, uint32_t nover, int rc, uint32_t *evicted,
+                       const char *how, double t0, double t1, const struct gpu_evict_times *gt)
+{
+    uint32_t w = s->cfg.window;
     for (uint32_t i = 0; i < nover && !rc; i++) {
         struct seq_layer *ly = &s->layer[over[i]];
         uint32_t S = ly->tokens - w;
@@ -253,11 +266,80 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
             lo = S < lo ? S : lo, hi = S > hi ? S : hi;
         }
         fprintf(stderr, "caked trace: seq %#llx decode: %u layers (prefixes %u-%u) evicted on the "
-                "GPU %.0f us (tables %.0f, kernel %.0f on the device, call %.0f), positions "
-                "%.0f us\n", (unsigned long long)s->id, nover, lo, hi, (t1 - t0) * 1e6,
-                gt.prep_us, gt.kernel_us, gt.total_us, (clock_now_s() - t1) * 1e6);
+                "GPU %s %.0f us (tables %.0f, kernel %.0f on the device, call %.0f), positions "
+                "%.0f us\n", (unsigned long long)s->id, nover, lo, hi, how, (t1 - t0) * 1e6,
+                gt->prep_us, gt->kernel_us, gt->total_us, (clock_now_s() - t1) * 1e6);
     }
-    free(ev), free(gone);
+    return rc;
+}
+
+/* The same on the GPU for every layer over budget at once (one launch where the kernel
+ * takes the policy's ranking): score, top-k and compaction, only the removed slots come back
+ * to the host. The worker waits for it. */
+static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                            uint32_t nover, uint32_t valid, uint32_t *evicted)
+{
+    struct gpu_evict *ev;
+    if (evict_jobs(e, s, over, nover, valid, &ev))
+        return -ENOMEM;
+    double t0 = e->trace ? clock_now_s() : 0;
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    int rc = gpuctx_decode_evict(gc, ev, nover);
+    struct gpu_evict_times gt;
+    gpuctx_evict_times(gc, &gt);
+    gpuexec_put(GEXEC(e, s), gc);
+    rc = evict_apply(e, s, over, ev, nover, rc, evicted, "on a worker", t0,
+                     e->trace ? clock_now_s() : 0, &gt);
+    evict_jobs_free(ev);
+    return rc;
+}
+
+struct gpu_flight {
+    struct gpuctx *gc;
+    struct gpu_evict *ev;
+    double t0;
+};
+
+int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                         uint32_t nover, uint32_t valid, struct gpu_flight **out)
+{
+    struct gpu_flight *f = malloc(sizeof(*f));
+    if (!f)
+        return -ENOMEM;
+    if (evict_jobs(e, s, over, nover, valid, &f->ev)) {
+        free(f);
+        return -ENOMEM;
+    }
+    f->t0 = e->trace ? clock_now_s() : 0;
+    int rc = -EAGAIN;
+    if ((f->gc = gpuexec_try_take(GEXEC(e, s))) &&
+        (rc = gpuctx_decode_evict_launch(f->gc, f->ev, nover)))
+        gpuexec_put(GEXEC(e, s), f->gc);
+    if (rc) {
+        evict_jobs_free(f->ev);
+        free(f);
+        return rc;
+    }
+    *out = f;
+    return 0;
+}
+
+int seq_gpu_evict_ready(struct gpu_flight *f)
+{
+    return gpuctx_ready(f->gc) != 0;
+}
+
+int seq_gpu_evict_land(const struct seq_env *e, struct seq *s, const uint32_t *over,
+                       uint32_t nover, struct gpu_flight *f, uint32_t *evicted)
+{
+    int rc = gpuctx_decode_evict_land(f->gc, f->ev, nover);
+    struct gpu_evict_times gt;
+    gpuctx_evict_times(f->gc, &gt);
+    gpuexec_put(GEXEC(e, s), f->gc);
+    rc = evict_apply(e, s, over, f->ev, nover, rc, evicted, "launched by the loop", f->t0,
+                     e->trace ? clock_now_s() : 0, &gt);
+    evict_jobs_free(f->ev);
+    free(f);
     return rc;
 }
 

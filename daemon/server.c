@@ -415,6 +415,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
         .job_delay_us = (unsigned)job_delay_ms * 1000,
+        .workers_only = getenv("CAKED_DECODE_ON_WORKERS") && !strcmp(getenv("CAKED_DECODE_ON_WORKERS"), "1"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,
@@ -509,7 +510,9 @@ int server_run(struct server *s)
     int tick_ms = s->wd_s && s->wd_s * 250 < 250 ? (int)(s->wd_s * 250) + 1 : 250;
     while (!s->stopping) {
         watchdog(s);
-        int rc = loop_wait(s->loop, tick_ms);
+        /* GPU work the loop launched: polled between events, not slept on */
+        int rc = loop_wait(s->loop, s->flights ? 0 : tick_ms);
+        work_poll_flights(s);
         http_run(s->http); /* its timeouts */
         pressure_poll(s);   /* requests waiting for room: retried, or out of time */
         srv_sweep_hello(s);
@@ -530,9 +533,9 @@ int server_run(struct server *s)
         srv_client_goodbye(s, s->clients[0], CAKE_ESHUTDOWN, "caked is shutting down");
     }
     srv_free_dead(s);
-    while (workers_pending(s->workers)) { /* still alive while the running work finishes */
+    while (workers_pending(s->workers) || work_poll_flights(s)) { /* the running work finishes */
         watchdog(s);
-        loop_wait(s->loop, tick_ms < 100 ? tick_ms : 100);
+        loop_wait(s->loop, s->flights ? 0 : tick_ms < 100 ? tick_ms : 100);
     }
     srv_log("stopped");
     return 0;

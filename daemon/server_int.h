@@ -125,6 +125,7 @@ struct server {
     struct waiter *waiters;  /* requests waiting for room, in arrival order (pressure.c) */
     uint32_t n_waiting;
     int polling;             /* inside pressure_poll */
+    struct work *flights;    /* decode steps with evictions the loop launched (work.c) */
 };
 
 /* A job in flight: prefill observe/submit of one sequence, or the evictions of a decode
@@ -146,9 +147,16 @@ struct work {
     int phase;
     struct shard_group *group;
     int pressure;      /* made by pressure.c to make room (pressure_job_done completes it) */
-    /* a decode step split over the workers (work.c): its parts, and how many still run */
+    /* a decode step split over the workers (work.c): its parts, and how many still run
+     * (the loop's flights count as one) */
     struct work_part *part;
     uint32_t parts;
+    /* a decode step's evictions the loop launched itself: fl[i] for seqs[i] (NULL: none, or
+     * a worker's), how many, and when the last launch was issued; on s->flights by next_fl */
+    struct seq_flight **fl;
+    uint32_t n_fl;
+    double t_launched;
+    struct work *next_fl;
     double t_start;    /* when it was submitted (CAKED_TRACE's decode lines) */
 };
 
@@ -227,6 +235,9 @@ int work_start_group(struct server *s, struct shard_group *g, struct seq **all, 
  * (MSG_RESLICE) or parking (MSG_PARK, each prepared: seq_move_prepare); c's reply waits. */
 void work_start_pressure(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
                          uint32_t n);
+/* Lands the loop's decode evictions the GPU has finished and completes their steps; returns
+ * whether any is still in flight (the loop then polls instead of sleeping). */
+int work_poll_flights(struct server *s);
 /* handlers.c: opens an unsharded sequence for c and replies; or returns CAKE_EINVAL,
  * CAKE_EOOM, ... with *why (no reply). */
 int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,

@@ -1,7 +1,8 @@
 /* work.c - requests that run on the workers (prefill observe/submit, decode steps): a job
  * per request, its run on a worker (each sequence's layers, skipped once its owner is gone;
- * a decode step of several sequences split over the workers), and its completion on the
- * loop (commit, accounting, the reply). Shard groups' two phases
+ * a decode step of several sequences split over the workers, or its GPU evictions launched
+ * by the loop itself and polled), and its completion on the loop (commit, accounting, the
+ * reply). Shard groups' two phases
  * meet at shard.c's barrier. See server_int.h for who owns what while a job runs. */
 #define _GNU_SOURCE /* struct ucred (server_int.h) */
 #include <errno.h>
@@ -28,12 +29,15 @@ static int cancelled(struct seq *q, struct seq_result *r)
 }
 
 /* The decode step of sequences [from, to) of w: each sequence's own work, so parts of one
- * step run on several workers at once (work_start splits it). */
+ * step run on several workers at once (work_start splits it); the loop's own launches
+ * (w->fl, and any whose launch failed) are not redone. */
 static void decode_run(struct work *w, uint32_t from, uint32_t to)
 {
     const struct seq_env *e = &w->srv->env;
     for (uint32_t i = from; i < to; i++) {
         struct seq *q = w->seqs[i];
+        if (w->fl && (w->fl[i] || w->res[i].rc))
+            continue;
         /* a parked sequence comes back first (its commit reads q->parked) */
         if (q->moving && (seq_move_work(e, q, &w->res[i]), w->res[i].rc))
             continue;
@@ -112,7 +116,7 @@ static struct work *work_new(struct server *s, struct seq **seqs, uint32_t n)
 
 void work_free(struct work *w)
 {
-    free(w->part), free(w->seqs), free(w->res), free(w);
+    free(w->part), free(w->fl), free(w->seqs), free(w->res), free(w);
 }
 
 static void work_done(struct job *j)
@@ -199,6 +203,12 @@ static void work_done(struct job *j)
                         "reply %.0f us\n", w->n, (t0 - w->t_start) * 1e6,
                         (j->t_start - j->t_submit) * 1e6, (j->t_end - j->t_start) * 1e6,
                         (t_done - j->t_end) * 1e6, (clock_now_s() - t0) * 1e6);
+            else if (s->env.trace && w->n_fl)
+                fprintf(stderr, "caked trace: decode step of %u sequences, %u launched by the "
+                        "loop: %.0f us submitted to commit (launches %.0f, then until landed "
+                        "%.0f), reserve and reply %.0f us\n", w->n, w->n_fl,
+                        (t0 - w->t_start) * 1e6, (w->t_launched - w->t_start) * 1e6,
+                        (t_done - w->t_launched) * 1e6, (clock_now_s() - t0) * 1e6);
             else if (s->env.trace)
                 fprintf(stderr, "caked trace: decode step of %u sequences over the workers: %.0f "
                         "us submitted to commit, reserve and reply %.0f us\n", w->n,
@@ -227,6 +237,16 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
         seq_expect(&s->env, q, 0, 0); /* a re-slice's room has come */
 }
 
+/* Whether sequence i of a decode step has work left for a worker (the loop's launches
+ * have none). */
+static int worker_has(const struct work *w, uint32_t i)
+{
+    const struct seq *q = w->seqs[i];
+    if (w->fl && (w->fl[i] || w->res[i].rc))
+        return 0;
+    return q->moving || q->reloc || seq_decode_needs_evict(q);
+}
+
 /* A decode step of many GPU sequences in parts, one per worker (sequences are independent
  * in a step; each part takes a run of them): each sequence's eviction is a launch and a wait
  * on its worker's own stream, so several workers keep the GPU busy side by side (bench-e2e
@@ -235,17 +255,21 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
  * every core (OpenMP, seq_host.c): host sequences gained nothing split (cake-workload, 8
  * sequences, this project's 2-core VM) and stay one job. 0 where fewer than two GPU
  * sequences have work in the step or the parts could not be made (the step then runs whole
- * on one worker). */
-static int split_decode(struct server *s, struct work *w)
+ * on one worker). With the loop's flights (parts: the step completes by parts, never as
+ * one job) a single part is made for whatever is left, and -ENOMEM if none could be. */
+static int split_decode(struct server *s, struct work *w, int parts)
 {
     uint32_t busy = 0, k = (uint32_t)workers_count(s->workers);
     for (uint32_t i = 0; i < w->n; i++) /* GPU sequences with work in this step */
-        busy += w->seqs[i]->gpu && (w->seqs[i]->moving || w->seqs[i]->reloc ||
-                                    seq_decode_needs_evict(w->seqs[i]));
+        busy += w->seqs[i]->gpu && worker_has(w, i);
     k = k < w->n ? k : w->n;
-    if (busy < 2 || k < 2 || !(w->part = calloc(k, sizeof(*w->part))))
+    if (parts)
+        k = k < busy ? k : busy ? busy : 1;
+    else if (busy < 2 || k < 2)
         return 0;
-    w->parts = k;
+    if (!(w->part = calloc(k, sizeof(*w->part))))
+        return parts ? -ENOMEM : 0;
+    w->parts += k;
     for (uint32_t i = 0; i < k; i++)
         w->part[i] = (struct work_part){
             .job = {.run = part_run, .done = part_done, .urgent = 1, .owner = w->job.owner,
@@ -255,6 +279,63 @@ static int split_decode(struct server *s, struct work *w)
     for (uint32_t i = 0; i < k; i++)
         workers_submit(s->workers, &w->part[i].job);
     return 1;
+}
+
+/* A decode step's GPU evictions the loop launches itself, up to this many sequences a step
+ * (each launch's host work - job and page tables, two copies and the kernel issued - runs
+ * on the loop, 20-60 us; a larger batch's sequences are split over the workers instead).
+ * The hand-off to a worker and back (two thread wake-ups, ~70 us a step on an H100 host,
+ * docs/benchmarks.md) is what this saves; the loop polls the GPU while anything is in
+ * flight (work_poll_flights) and serves every other connection meanwhile. */
+#define LOOP_LAUNCH_MAX 4
+
+/* Launches what it can of w's evictions from the loop; returns how many are in flight. */
+static uint32_t launch_on_loop(struct server *s, struct work *w)
+{
+    uint32_t want = 0, n = 0;
+    for (uint32_t i = 0; i < w->n; i++)
+        want += w->seqs[i]->gpu && seq_decode_needs_evict(w->seqs[i]);
+    if (!want || want > LOOP_LAUNCH_MAX || s->env.job_delay_us || s->env.workers_only ||
+        !(w->fl = calloc(w->n, sizeof(*w->fl))))
+        return 0;
+    for (uint32_t i = 0; i < w->n; i++) {
+        if (!w->seqs[i]->gpu || !seq_decode_needs_evict(w->seqs[i]))
+            continue;
+        int rc = seq_decode_evict_launch(&s->env, w->seqs[i], &w->fl[i]);
+        if (!rc)
+            n++;
+        else if (rc != -ENOTSUP && rc != -EAGAIN)
+            w->res[i].rc = rc; /* launched and failed: the step answers it */
+    }
+    return n;
+}
+
+int work_poll_flights(struct server *s)
+{
+    struct work **pp = &s->flights;
+    while (*pp) {
+        struct work *w = *pp;
+        uint32_t i = 0;
+        while (i < w->n && (!w->fl[i] || seq_flight_ready(w->fl[i])))
+            i++;
+        if (i < w->n) { /* one still runs */
+            pp = &w->next_fl;
+            continue;
+        }
+        *pp = w->next_fl; /* off the list before its step completes (which may start more) */
+        double now = clock_now_s();
+        for (i = 0; i < w->n; i++)
+            if (w->fl[i]) {
+                seq_flight_land(&w->srv->env, w->seqs[i], w->fl[i], &w->res[i]);
+                w->fl[i] = NULL;
+            }
+        /* caked_work_seconds: the launches' host work as the wait, the GPU's as the run */
+        struct job j = {.t_submit = w->t_start, .t_start = w->t_launched, .t_end = now};
+        metrics_observe_work(&s->m, WORK_DECODE, &j, clock_now_s());
+        if (--w->parts == 0)
+            work_done(&w->job);
+    }
+    return s->flights != NULL;
 }
 
 void work_start(struct server *s, struct client *c, uint16_t type, struct seq **seqs,
@@ -282,7 +363,20 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
     w->t_start = now;
-    if (type == MSG_DECODE_STEP && split_decode(s, w))
+    if (type == MSG_DECODE_STEP && (w->n_fl = launch_on_loop(s, w))) {
+        w->t_launched = clock_now_s();
+        w->parts = 1; /* the flights */
+        w->next_fl = s->flights, s->flights = w;
+        int left = 0;
+        for (uint32_t i = 0; i < w->n; i++)
+            left |= worker_has(w, i);
+        if (left && split_decode(s, w, 1) < 0)
+            for (uint32_t i = 0; i < w->n; i++) /* no memory for a part: those fail */
+                if (worker_has(w, i))
+                    w->res[i].rc = -ENOMEM;
+        return;
+    }
+    if (type == MSG_DECODE_STEP && split_decode(s, w, 0))
         return;
     workers_submit(s->workers, &w->job);
 }

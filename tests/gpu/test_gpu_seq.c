@@ -12,6 +12,8 @@
  *  - kept positions: caked's account equals the bytes' (GPU and host).
  *  - a batch: device page tables, K/V appended, attention and the decode queries into the
  *    rings in one launch per layer each, a CUDA graph (test_batch).
+ *  - decode evictions launched by caked's loop (a step of one sequence) and by its workers
+ *    (a step of five) keep the same tokens (test_loop_launch).
  *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
  *    pages gives them all back.
  * Exit 77 without a GPU. */
@@ -374,6 +376,80 @@ static void test_observe_decode(cake_ctx *c)
     CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
 }
 
+/* A decode step's evictions launched by caked's loop itself (up to 4 GPU sequences with
+ * work in a step) and by its workers (more): six GPU sequences given the same tokens and
+ * queries, the first stepped alone, the other five in one step, keep the same tokens in
+ * every layer and head after each step (the kernels are deterministic: integer atomics
+ * only), and the steps did evict. */
+static void test_loop_launch(cake_ctx *c)
+{
+    enum { NS = 6 };
+    fill_random();
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    cake_seq *s[NS];
+    for (int i = 0; i < NS; i++) {
+        int rc = cake_seq_open(c, &lay, &pol, N, MAXNEW, &s[i]);
+        CHECK(rc == 0, "GPU sequence %d open: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
+        if (rc)
+            return;
+    }
+    static uint16_t q[H][W][D];
+    for (int l = 0; l < L && !fails; l++) {
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
+        for (int i = 0; i < NS; i++) {
+            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
+            for (int t = 0; t < N; t++)
+                write_token(s[i], l, t, t);
+            write_queries(s[i], l, &q[0][0][0]);
+            CHECK(cake_prefill_observe(s[i], l, NULL) == 0, "observe %d: %s", l, cake_errstr(c));
+        }
+    }
+    static int p0[N + MAXNEW], pi[N + MAXNEW];
+    uint16_t qd[H][D];
+    uint32_t evicted = 0;
+    for (int step = 0; step < MAXNEW && !fails; step++) {
+        uint32_t before = cake_layer_tokens(s[0], 0);
+        int a = cake_decode_step(c, s, 1), b = cake_decode_step(c, s + 1, NS - 1);
+        CHECK(a == 0 && b == 0, "decode step %d: %s / %s (%s)", step, cake_strerror(a),
+              cake_strerror(b), cake_errstr(c));
+        evicted += cake_layer_tokens(s[0], 0) <= before; /* the new slot came with an eviction */
+        for (int l = 0; l < L && !fails; l++) {
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < D; j++)
+                    qd[h][j] = kern_f32_to_bf16(gauss());
+            for (int i = 0; i < NS; i++) {
+                write_token(s[i], l, cake_layer_tokens(s[i], l) - 1, N + step);
+                CHECK(cake_put_decode_query(s[i], l, qd, NULL) == 0, "decode query %d", l);
+            }
+            uint32_t n0 = cake_layer_tokens(s[0], l);
+            for (int g = 0; g < HKV && !fails; g++) {
+                positions(s[0], l, g, p0, n0);
+                check_told(s[0], l, g, p0, n0, "stepped alone (the loop's launch)");
+                for (int i = 1; i < NS && !fails; i++) {
+                    uint32_t ni = cake_layer_tokens(s[i], l);
+                    positions(s[i], l, g, pi, ni);
+                    CHECK(ni == n0 && !memcmp(p0, pi, sizeof(int) * n0), "step %d layer %d head %d: "
+                          "sequence %d (five in a step: the workers') keeps other tokens than the "
+                          "one stepped alone (the loop's launch): %u vs %u tokens", step, l, g, i,
+                          ni, n0);
+                }
+            }
+        }
+    }
+    CHECK(evicted >= MAXNEW / 2, "only %u of %d decode steps evicted in layer 0", evicted, MAXNEW);
+    printf("decode evictions launched by the loop (one sequence a step) and by the workers (five): "
+           "the same tokens kept after each of %d steps (%u evicted in layer 0)\n", MAXNEW, evicted);
+    for (int i = 0; i < NS; i++)
+        CHECK(cake_seq_close(s[i]) == 0, "close %d", i);
+}
+
 /* A batch of GPU sequences of different lengths: the device page tables equal the
  * descriptors' after prefill and after decode steps; one launch per layer gives every
  * sequence the doubles' attention over its read-back cache; a CUDA graph captured once
@@ -623,6 +699,8 @@ static int engine(const char *sock, int crash)
         test_observe_decode(c);
     if (!fails)
         test_batch(c);
+    if (!fails)
+        test_loop_launch(c);
     if (!fails) { /* again with the GPU pool's free pages scattered: paged rings */
         static cake_seq *f[8192];
         uint32_t nf = fragment_gpu_pool(c, f, 8192);
