@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "dtype.h"
+#include "gpupool.h"
 #include "kern.h"
 #include "kern_cuda.h"
 #include "util.h"
@@ -406,6 +407,44 @@ static void decode_evict(double bw, int reps)
     } else {
         printf("  the same pages scattered over 10 GiB: no room for 10 GiB\n");
     }
+    if (pool) { /* caked's kind of memory: the scattered pages' bytes at the same offsets of a
+                   VMM pool (cuMemCreate segments mapped into one reserved range, gpupool.h,
+                   segments as caked cuts a pool of this size: at most 1024) */
+        struct gpupool vp = {0};
+        const char *why = "";
+        uint64_t gran = 2u << 20, seg;
+        int ok = !gpupool_granularity(NULL, &gran, &why);
+        seg = (big / 1024 + gran - 1) / gran * gran;
+        ok = ok && !gpupool_create(&vp, big, seg, NULL, &why);
+        for (uint32_t i = 0; ok && i < vp.n_segs; i++)
+            ok = !gpupool_seg_fresh(&vp, i, &why);
+        if (ok) {
+            for (int l = 0; l < L; l++)
+                for (uint32_t i = 0; i <= np; i++) {
+                    size_t at = so[(size_t)l * (np + 1) + i];
+                    CK(cudaMemcpy((uint8_t *)(uintptr_t)vp.va + at, pool + at, i == np ? ring : pb,
+                                  cudaMemcpyDeviceToDevice));
+                }
+            struct kern_cuda_evict kv = kes;
+            kv.base = (uint8_t *)(uintptr_t)vp.va;
+            float tv[64];
+            for (int r = -3; r < reps; r++) {
+                cudaEventRecord(e0, 0);
+                if (kern_cuda_decode_evict(&kv, dsjobs, L, S, NULL))
+                    exit(1);
+                cudaEventRecord(e1, 0);
+                CK(cudaEventSynchronize(e1));
+                if (r >= 0)
+                    cudaEventElapsedTime(&tv[r], e0, e1);
+            }
+            printf("  the scattered pages in a VMM pool like caked's (%llu MiB segments): GPU %8.1f us\n",
+                   (unsigned long long)(seg >> 20), median(tv, reps) * 1e3);
+        } else {
+            printf("  the scattered pages in a VMM pool like caked's: %s\n", why);
+        }
+        if (vp.va)
+            gpupool_destroy(&vp);
+    }
     evict_phases(&ke[1], djobs + L, L, S);
     cudaFree(pool), cudaFree(dso), cudaFree(dsjobs);
     free(so);
@@ -642,7 +681,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     struct cake_policy pol;
     cake_policy_default(&pol); /* fixed mode, cache 1024, window 32 */
     cake_seq *s;
-    int rc = cake_seq_open(c, &lay, &pol, n, steps + 1, &s);
+    int rc = cake_seq_open(c, &lay, &pol, n, steps + 16, &s); /* 8 more steps below */
     if (rc) {
         printf("through caked: open: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
         stop_caked(pid);
@@ -767,6 +806,27 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
                "a worker %.1f us, run %.1f us, back to the loop %.1f us\n", jn1[1] - jn0[1],
                (js1[0] - js0[0]) / (jn1[0] - jn0[0]) * 1e6, (js1[1] - js0[1]) / (jn1[1] - jn0[1]) * 1e6,
                (js1[2] - js0[2]) / (jn1[2] - jn0[2]) * 1e6);
+    { /* what surrounds the step: the same steps with nothing done on the GPU by this process
+         between them (no K/V written, no query put: whether another context's work just
+         before the launch slows caked's kernel), and the socket's own round trip */
+        double idle[8], png[31];
+        for (int st = 0; st < 8 && !rc; st++) {
+            double t0 = util_now_s();
+            rc = cake_decode_step(c, one, 1);
+            idle[st] = (util_now_s() - t0) * 1e6;
+        }
+        for (int i = 0; i < 31 && !rc; i++) {
+            double t0 = util_now_s();
+            rc = cake_ping(c);
+            png[i] = (util_now_s() - t0) * 1e6;
+        }
+        if (rc)
+            printf("  steps with the GPU idle / ping: %s (%s)\n", cake_strerror(rc), cake_errstr(c));
+        else
+            printf("  the same steps with this process idle on the GPU between them: %.1f us median of "
+                   "8; cake_ping round trip %.1f us median of 31\n", dmedian(idle, 8), dmedian(png, 31));
+        rc = 0;
+    }
     void *qa;
     float *out;
     CK(cudaMalloc(&qa, (size_t)L * H * D * 2));
