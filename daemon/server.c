@@ -474,9 +474,9 @@ fail:
 
 
 /* systemd's watchdog (WatchdogSec in the unit): WATCHDOG=1 twice an interval, from the loop
- * that serves the engines - and only while no worker job has run longer than the interval,
- * so a wedged loop or a worker stuck in a call that never returns (a hung GPU) gets caked
- * restarted. Jobs waiting long (a saturated pool) do not stop it. */
+ * that serves the engines - and only while no worker job (nor GPU work the loop launched) has
+ * run longer than the interval, so a wedged loop or a worker stuck in a call that never
+ * returns (a hung GPU) gets caked restarted. Jobs waiting long (a saturated pool) do not stop it. */
 static void watchdog(struct server *s)
 {
     double now = clock_now_s();
@@ -484,6 +484,9 @@ static void watchdog(struct server *s)
         return;
     struct workers_load wl;
     workers_load(s->workers, now, &wl);
+    for (const struct work *w = s->flights; w; w = w->next_fl) /* the loop's launches too */
+        if (now - w->t_launched > wl.oldest_running_s)
+            wl.oldest_running_s = now - w->t_launched;
     if (wl.oldest_running_s >= s->wd_s) { /* stuck; a long queue alone is load, not a hang */
         if (!s->wd_withheld)
             srv_logl(SRV_LOG_ERROR, "a worker job has run %.1f s, past the watchdog's %.1f s: "
