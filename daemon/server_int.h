@@ -152,8 +152,12 @@ struct work {
     struct work_part *part;
     uint32_t parts;
     /* a decode step's evictions the loop launched itself: fl[i] for seqs[i] (NULL: none, or
-     * a worker's), how many, and when the last launch was issued; on s->flights by next_fl */
+     * a worker's, or landed), on_loop[i] whether the loop has seqs[i] (launched, or its launch
+     * failed: set before any part is submitted and never changed, so the workers' parts read
+     * it while the loop lands), how many were launched, and when the last was issued; on
+     * s->flights by next_fl */
     struct seq_flight **fl;
+    uint8_t *on_loop;
     uint32_t n_fl;
     double t_launched;
     struct work *next_fl;

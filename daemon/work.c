@@ -29,14 +29,14 @@ static int cancelled(struct seq *q, struct seq_result *r)
 }
 
 /* The decode step of sequences [from, to) of w: each sequence's own work, so parts of one
- * step run on several workers at once (work_start splits it); the loop's own launches
- * (w->fl, and any whose launch failed) are not redone. */
+ * step run on several workers at once (work_start splits it); what the loop has
+ * (w->on_loop: launched by it, or launched and failed) is not redone. */
 static void decode_run(struct work *w, uint32_t from, uint32_t to)
 {
     const struct seq_env *e = &w->srv->env;
     for (uint32_t i = from; i < to; i++) {
         struct seq *q = w->seqs[i];
-        if (w->fl && (w->fl[i] || w->res[i].rc))
+        if (w->on_loop && w->on_loop[i])
             continue;
         /* a parked sequence comes back first (its commit reads q->parked) */
         if (q->moving && (seq_move_work(e, q, &w->res[i]), w->res[i].rc))
@@ -116,7 +116,7 @@ static struct work *work_new(struct server *s, struct seq **seqs, uint32_t n)
 
 void work_free(struct work *w)
 {
-    free(w->part), free(w->fl), free(w->seqs), free(w->res), free(w);
+    free(w->part), free(w->fl), free(w->on_loop), free(w->seqs), free(w->res), free(w);
 }
 
 static void work_done(struct job *j)
@@ -242,7 +242,7 @@ void work_commit_seq(struct server *s, struct seq *q, const struct seq_result *r
 static int worker_has(const struct work *w, uint32_t i)
 {
     const struct seq *q = w->seqs[i];
-    if (w->fl && (w->fl[i] || w->res[i].rc))
+    if (w->on_loop && w->on_loop[i])
         return 0;
     return q->moving || q->reloc || seq_decode_needs_evict(q);
 }
@@ -295,9 +295,15 @@ static uint32_t launch_on_loop(struct server *s, struct work *w)
     uint32_t want = 0, n = 0;
     for (uint32_t i = 0; i < w->n; i++)
         want += w->seqs[i]->gpu && seq_decode_needs_evict(w->seqs[i]);
-    if (!want || want > LOOP_LAUNCH_MAX || s->env.job_delay_us || s->env.workers_only ||
-        !(w->fl = calloc(w->n, sizeof(*w->fl))))
+    if (!want || want > LOOP_LAUNCH_MAX || s->env.job_delay_us || s->env.workers_only)
         return 0;
+    w->fl = calloc(w->n, sizeof(*w->fl));
+    w->on_loop = calloc(w->n, 1);
+    if (!w->fl || !w->on_loop) {
+        free(w->fl), free(w->on_loop);
+        w->fl = NULL, w->on_loop = NULL;
+        return 0;
+    }
     for (uint32_t i = 0; i < w->n; i++) {
         if (!w->seqs[i]->gpu || !seq_decode_needs_evict(w->seqs[i]))
             continue;
@@ -306,6 +312,7 @@ static uint32_t launch_on_loop(struct server *s, struct work *w)
             n++;
         else if (rc != -ENOTSUP && rc != -EAGAIN)
             w->res[i].rc = rc; /* launched and failed: the step answers it */
+        w->on_loop[i] = rc != -ENOTSUP && rc != -EAGAIN;
     }
     return n;
 }
