@@ -10,7 +10,6 @@
 // the evicted slots; the compaction then moves kept tokens down in rounds that read every
 // source before writing any destination (a source is never below its destination, so no
 // round overwrites what a later one reads).
-#include <stdlib.h>
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdio.h>
@@ -199,9 +198,6 @@ int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cuda
         if (smem > set[dev]) {
             CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem));
-            if (getenv("KERN_EVICT_CARVEOUT")) /* experiment: the SMs' shared memory at its most */
-                CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS>,
-                                        cudaFuncAttributePreferredSharedMemoryCarveout, 100));
             set[dev] = smem;
         }
     }

@@ -197,16 +197,9 @@ static void evict_phases(const struct kern_cuda_evict *ke, const struct kern_cud
     CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
     struct kern_cuda_evict kp = *ke;
     kp.phase_clock = dpc;
-    cudaEvent_t e0, e1;
-    float ev_ms = 0;
-    cudaEventCreate(&e0), cudaEventCreate(&e1);
-    cudaEventRecord(e0, 0);
     if (kern_cuda_decode_evict(&kp, djobs, L, S, NULL))
         exit(1);
-    cudaEventRecord(e1, 0);
     CK(cudaDeviceSynchronize());
-    cudaEventElapsedTime(&ev_ms, e0, e1);
-    cudaEventDestroy(e0), cudaEventDestroy(e1);
     CK(cudaMemcpy(pc, dpc, bytes, cudaMemcpyDeviceToHost));
     static const char *const name[KERN_EVICT_PHASES + 1] = {
         "pass 1", "pass 2 + pooling", "top-k and ordered walk", "compaction", "the block"};
@@ -229,8 +222,7 @@ static void evict_phases(const struct kern_cuda_evict *ke, const struct kern_cud
             t1 = c[KERN_EVICT_PHASES + 2] > t1 ? c[KERN_EVICT_PHASES + 2] : t1;
         }
     }
-    printf("; the launch's blocks span %.1f us (GPU %.1f us by events)\n", t1 > t0 ? (t1 - t0) * 1e-3 : 0.0,
-           ev_ms * 1e3);
+    printf("; the launch's blocks span %.1f us\n", t1 > t0 ? (t1 - t0) * 1e-3 : 0.0);
     cudaFree(dpc);
     free(pc), free(col);
 }
