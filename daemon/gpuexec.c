@@ -27,6 +27,8 @@ struct gpuctx {
     cudaEvent_t ev0, ev1;
     struct gpu_evict_times times;
     int device;
+    int *fused_ran;  /* the gpuexec's: a one-launch eviction has run on a worker (below) */
+    int no_grow;     /* the loop's launch: -EAGAIN rather than allocate (reserve) */
     /* a launch in flight (gpuctx_decode_evict_launch): its end on the stream, where its
      * removed slots land in hbuf, and when the call began (the timing's total) */
     cudaEvent_t done;
@@ -36,6 +38,10 @@ struct gpuctx {
 
 struct gpuexec {
     int device, n;
+    /* Set (atomically) once a worker's one-launch eviction has run: the kernel's module is
+     * loaded in this process (CUDA loads a kernel at its first launch), so a launch from the
+     * loop no longer pays that. */
+    int fused_ran;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct gpuctx *ctx;
@@ -60,7 +66,7 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
         return -EIO;
     }
     for (int i = 0; i < g->n; i++) {
-        g->ctx[i].device = device;
+        g->ctx[i].device = device, g->ctx[i].fused_ran = &g->fused_ran;
         if (cudaEventCreateWithFlags(&g->ctx[i].done, cudaEventDisableTiming) != cudaSuccess) {
             *why = "cudaEventCreate failed";
             gpuexec_destroy(g);
@@ -144,6 +150,8 @@ void gpuexec_put(struct gpuexec *g, struct gpuctx *c)
 /* Grows the workspaces (rarely: they keep the largest size seen). */
 static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
 {
+    if (c->no_grow && (dbytes > c->dcap || hbytes > c->hcap))
+        return -EAGAIN; /* the loop never allocates: cudaFree waits for the device */
     if (dbytes > c->dcap) {
         cudaFree(c->dbuf);
         c->dbuf = NULL, c->dcap = 0;
@@ -547,8 +555,9 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     }
     if (kern_cuda_decode_evict_check(&ke, max_S))
         return -ENOTSUP;
-    if (reserve(c, tabs + evb, tabs + evb))
-        return -ENOMEM;
+    int rc = reserve(c, tabs + evb, tabs + evb);
+    if (rc)
+        return rc;
     /* staging and device alike: the jobs, longest prefix first (the blocks of a long layer
      * set the step's time: they start in the first wave), each job's page offsets and ring
      * offsets; then the removed slots (device, then back) in the caller's order */
@@ -577,8 +586,8 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     }
     c->fl_tabs = tabs;
     *issued = 1;
-    int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
-                 ? 0 : -EIO;
+    rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
+             ? 0 : -EIO;
     double t1 = c->timing ? clock_now_s() * 1e6 : 0;
     c->times = (struct gpu_evict_times){.prep_us = t1 - c->fl_t0};
     if (c->timing)
@@ -658,6 +667,7 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         if ((rc = finish(c, rc)))
             return rc;
         fused_land(c, ev, n);
+        __atomic_store_n(c->fused_ran, 1, __ATOMIC_RELEASE);
         return 0;
     }
     if (rc != -ENOTSUP)
@@ -693,8 +703,12 @@ int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uin
         return -EINVAL;
     if (!n)
         return -ENOTSUP;
+    if (!__atomic_load_n(c->fused_ran, __ATOMIC_ACQUIRE))
+        return -EAGAIN; /* the first one (the kernel's loading) on a worker */
     cudaSetDevice(c->device); /* the loop's thread: any GPU's sequences */
+    c->no_grow = 1;
     int issued, rc = fused_launch(c, ev, n, &issued);
+    c->no_grow = 0;
     if (issued && rc)
         return finish(c, rc); /* what was issued is done before the context goes back */
     return rc;

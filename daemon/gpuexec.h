@@ -146,8 +146,10 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
 
 /* The same one launch for a caller that must not wait (the event loop), on any thread:
  * gpuctx_decode_evict_launch returns 0 with the work in flight on the context's stream,
- * -ENOTSUP where only gpuctx_decode_evict can run these layers (layer by layer), -EINVAL or
- * -ENOMEM with nothing launched, -EIO after a failed launch (waited for). While in flight
+ * -ENOTSUP where only gpuctx_decode_evict can run these layers (layer by layer), -EAGAIN
+ * where it would have to wait (the kernel not yet loaded in this process - a worker's
+ * gpuctx_decode_evict runs the first one - or the context's buffers too small: it never
+ * allocates), -EINVAL with nothing launched, -EIO after a failed launch (waited for). While in flight
  * gpuctx_ready answers 1 (done), 0 (running) or -EIO, never waiting; once it is not 0,
  * gpuctx_decode_evict_land (ev as launched, still valid) writes each ev[i].evicted and
  * returns 0 or -EIO. The context stays taken from the launch to the land. */

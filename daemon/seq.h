@@ -205,7 +205,8 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
 /* The same eviction launched by the loop itself, for a GPU sequence whose layers one launch
  * takes (CAKE's ranking and its ablations; not H2O, not while parked, moving or relocating):
  * no worker and no wait, the loop polls the flight and lands it (work.c). Returns 0 with *f
- * in flight, -EAGAIN (no GPU context free now) or -ENOTSUP (the worker's way:
+ * in flight, -EAGAIN (it would wait: no GPU context free now, the kernel's first
+ * load, buffers to grow) or -ENOTSUP (the worker's way:
  * seq_decode_evict_work), nothing launched, or another -errno (the launch failed: the
  * sequence's step has that error). seq_flight_ready: 1 once the GPU is done with it (or it
  * failed), never waits; then seq_flight_land (loop; frees f) commits to the layers what

@@ -81,7 +81,7 @@ void seq_host_h2o_step(const struct seq_env *e, struct seq *s, uint32_t *evicted
 void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evicted, int *rcs);
 /* seq_gpu.c: the one-launch decode eviction of layers over[n] (seq.h's
  * seq_decode_evict_launch) for the loop: launch (a context taken without waiting: -EAGAIN
- * where none is free; -ENOTSUP where the layers need the worker's way; nothing in flight
+ * where it would wait; -ENOTSUP where the layers need the worker's way; nothing in flight
  * unless 0), ready (1 once done or failed, never waits), land (positions and counts as
  * decode_evict's; frees f; 0 or -errno). */
 struct gpu_flight;
