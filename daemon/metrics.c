@@ -181,6 +181,11 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "caked_evictions_total{phase=\"reslice\"} %llu\n",
       (unsigned long long)s->m.evictions_prefill, (unsigned long long)s->m.evictions_decode,
       (unsigned long long)s->m.evictions_reslice);
+    P("# HELP caked_decode_evictions_total Sequences' decode-step evictions by where they ran: "
+      "launched by caked's loop itself (GPU sequences, no worker hand-off) or on a worker.\n"
+      "# TYPE caked_decode_evictions_total counter\n"
+      "caked_decode_evictions_total{by=\"loop\"} %llu\ncaked_decode_evictions_total{by=\"worker\"} %llu\n",
+      (unsigned long long)s->m.decode_by_loop, (unsigned long long)s->m.decode_by_worker);
     P("# HELP caked_reslices_total Sequences whose budgets were lowered to make room.\n"
       "# TYPE caked_reslices_total counter\ncaked_reslices_total %llu\n"
       "# HELP caked_reslice_tokens_total Layer tokens given up by re-slices (sum over layers).\n"

@@ -32,6 +32,8 @@ struct metrics {
     uint64_t tokens_evicted;
     uint64_t clients_total, clients_killed;       /* killed: closed while owning sequences */
     uint64_t jobs_cancelled;                      /* sequences' work skipped: owner gone */
+    uint64_t decode_by_loop, decode_by_worker;    /* sequences' decode evictions: launched by
+                                                     the loop (GPU, no hand-off), on a worker */
     uint64_t clients_refused;                     /* over the client or fd limit */
     /* pressure (pressure.h) */
     uint64_t reslices, reslice_tokens;            /* sequences' budgets lowered; tokens given up */

@@ -168,6 +168,8 @@ static void work_done(struct job *j)
             struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
             work_commit_seq(s, q, &mr, 0);
             s->m.evictions_decode += r->n_ev;
+            if (r->n_ev) /* the loop's are counted as they land */
+                s->m.decode_by_worker += !(w->on_loop && w->on_loop[i]);
         } else {
             s->m.pages_relocated += seq_reloc_commit(&s->env, q);
             seq_prefill_commit(&s->env, q, r);
@@ -335,6 +337,7 @@ int work_poll_flights(struct server *s)
             if (w->fl[i]) {
                 seq_flight_land(&w->srv->env, w->seqs[i], w->fl[i], &w->res[i]);
                 w->fl[i] = NULL;
+                s->m.decode_by_loop++;
             }
         /* caked_work_seconds: the launches' host work as the wait, the GPU's as the run */
         struct job j = {.t_submit = w->t_start, .t_start = w->t_launched, .t_end = now};

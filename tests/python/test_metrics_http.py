@@ -71,6 +71,8 @@ class MetricsOverHttp(unittest.TestCase):
         work = "caked_work_seconds"
         work0 = {(s.labels["kind"], s.labels["stage"]): s.value for s in before[work].samples
                  if s.name == work + "_count"}
+        dec = "caked_decode_evictions"
+        dec0 = {s.labels["by"]: s.value for s in before[dec].samples}
         L, H, Hkv, D, n = 2, 4, 2, 32, 256
         with caked.Client(self.sock, service="http-metrics") as c:
             for _ in range(7):
@@ -119,6 +121,10 @@ class MetricsOverHttp(unittest.TestCase):
                 self.assertEqual(buckets, sorted(buckets))
                 self.assertEqual(buckets[-1], n_)
         self.assertGreater(samples(fams, work, work + "_sum", kind="prefill", stage="run")[0], 0)
+        # a host sequence's decode evictions run on a worker, never launched by the loop
+        self.assertEqual(fams[dec].type, "counter")
+        self.assertEqual(samples(fams, dec, dec + "_total", by="worker")[0] - dec0["worker"], evicting)
+        self.assertEqual(samples(fams, dec, dec + "_total", by="loop")[0] - dec0["loop"], 0)
         # nothing waits or runs now (the engine's calls all returned)
         for g in ("caked_work_queued", "caked_work_running"):
             self.assertEqual(fams[g].type, "gauge")
