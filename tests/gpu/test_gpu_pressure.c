@@ -382,24 +382,6 @@ out:
     return NULL;
 }
 
-/* A metric of caked's (cachectl metrics), or -1. */
-static double metric(const char *sock, const char *name)
-{
-    const char *ctl = getenv("CACHECTL_BIN");
-    char cmd[1024], line[512];
-    double v = -1;
-    if (!ctl)
-        return -1;
-    snprintf(cmd, sizeof cmd, "%s --socket %s metrics", ctl, sock);
-    FILE *f = popen(cmd, "r");
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, name, strlen(name)) && line[strlen(name)] == ' ')
-            v = atof(line + strlen(name) + 1);
-    if (f)
-        pclose(f);
-    return v;
-}
-
 /* Three GPU sequences of "gbig" fill the pool alone; "gsmall" attaches (big's share halves)
  * and prefills a full-cache prompt that fits only in a segment of big's. */
 static void test_cross_tenant(const char *sock)
@@ -458,7 +440,7 @@ static void test_cross_tenant(const char *sock)
                 CHECK(subset(pos, m, bpos[i][l][g], nb[i][l][g]), "big %d layer %d head %d: a "
                       "token it had not kept", i, l, g);
             }
-    double moved = metric(sock, "caked_pages_relocated_total");
+    double moved = harness_metric(sock, "caked_pages_relocated_total");
     if (!getenv("CACHECTL_BIN"))
         printf("cross-tenant: CACHECTL_BIN unset, the pages moved not counted\n");
     else

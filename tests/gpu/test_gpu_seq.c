@@ -381,29 +381,11 @@ static void test_observe_decode(cake_ctx *c)
  * queries, the first stepped alone, the other five in one step, keep the same tokens in
  * every layer and head after each step (the kernels are deterministic: integer atomics
  * only), and the steps did evict. */
-/* A counter of caked's (cachectl metrics, CACHECTL_BIN), or -1. */
-static double metric(const char *sock, const char *name)
-{
-    const char *ctl = getenv("CACHECTL_BIN");
-    char cmd[1024], line[512];
-    double v = -1;
-    if (!ctl)
-        return -1;
-    snprintf(cmd, sizeof cmd, "%s --socket %s metrics", ctl, sock);
-    FILE *f = popen(cmd, "r");
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, name, strlen(name)) && line[strlen(name)] == ' ')
-            v = atof(line + strlen(name) + 1);
-    if (f)
-        pclose(f);
-    return v;
-}
-
 static void test_loop_launch(cake_ctx *c, const char *sock)
 {
     const char *by_loop = "caked_decode_evictions_total{by=\"loop\"}";
     const char *by_worker = "caked_decode_evictions_total{by=\"worker\"}";
-    double loop0 = metric(sock, by_loop), worker0 = metric(sock, by_worker);
+    double loop0 = harness_metric(sock, by_loop), worker0 = harness_metric(sock, by_worker);
     enum { NS = 6 };
     fill_random();
     struct cake_policy pol;
@@ -467,7 +449,7 @@ static void test_loop_launch(cake_ctx *c, const char *sock)
     CHECK(evicted >= MAXNEW / 2, "only %u of %d decode steps evicted in layer 0", evicted, MAXNEW);
     if (loop0 >= 0 && worker0 >= 0) { /* the two paths were taken (a launch the loop could not
                                           make without waiting goes to a worker: rare) */
-        double dl = metric(sock, by_loop) - loop0, dw = metric(sock, by_worker) - worker0;
+        double dl = harness_metric(sock, by_loop) - loop0, dw = harness_metric(sock, by_worker) - worker0;
         CHECK(dl >= evicted / 2 && dw >= evicted, "evictions launched by the loop %.0f, on "
               "workers %.0f, over %u evicting steps", dl, dw, evicted);
         printf("caked_decode_evictions_total: %.0f launched by the loop, %.0f on workers\n", dl, dw);

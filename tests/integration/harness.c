@@ -191,3 +191,20 @@ int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, 
     *pages_used = f.pages_used, *seqs = f.seqs, *gpu_pages_used = f.gpu_pages_used;
     return 0;
 }
+
+double harness_metric(const char *sock, const char *name)
+{
+    const char *ctl = getenv("CACHECTL_BIN");
+    char cmd[1024], line[512];
+    double v = -1;
+    if (!ctl)
+        return -1;
+    snprintf(cmd, sizeof cmd, "%s --socket %s metrics", ctl, sock);
+    FILE *f = popen(cmd, "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, name, strlen(name)) && line[strlen(name)] == ' ')
+            v = atof(line + strlen(name) + 1);
+    if (f)
+        pclose(f);
+    return v;
+}

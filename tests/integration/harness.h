@@ -37,4 +37,9 @@ int harness_status_gpu(const struct harness *h, unsigned long long *pages_used, 
 int harness_status_jobs(const struct harness *h, unsigned *running, unsigned long long *running_us,
                         unsigned *queued, unsigned long long *queued_us);
 
+/* A sample of caked's metrics (`cachectl --socket sock metrics`, the binary named by
+ * CACHECTL_BIN) whose name, labels included, is exactly `name`; -1 where CACHECTL_BIN is
+ * unset or no such line came. */
+double harness_metric(const char *sock, const char *name);
+
 #endif
