@@ -232,7 +232,8 @@ static void evict_phases(const struct kern_cuda_evict *ke, const struct kern_cud
  * caked ran before (ring gather, scoring passes, pooling, top-k, compaction: one stream, no
  * page uploads, so a lower bound on that path) and kern_cuda_decode_evict's one launch, each
  * layer one page; then the one launch over caked's layout (64 KiB pages of 16 tokens, in
- * reverse order). Prints the GPU time (events) and the wall time from the first launch to
+ * reverse order; scattered over 10 GiB; beside another process's idle context; after an
+ * idle GPU; in a VMM pool of cuMemCreate segments, caked's kind of memory). Prints the GPU time (events) and the wall time from the first launch to
  * the end (the host's issue cost included), medians of reps, and the floor: the 32 layers'
  * key bytes read once at the measured copy rate (as the scoring table's). */
 static void decode_evict(double bw, int reps)
