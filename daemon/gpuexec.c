@@ -26,8 +26,7 @@ struct gpuctx {
     int timing;      /* gpuexec_set_timing: events around the one-launch eviction */
     cudaEvent_t ev0, ev1;
     struct gpu_evict_times times;
-    int device;
-    int *fused_ran;  /* the gpuexec's: a one-launch eviction has run on a worker (below) */
+    struct gpuexec *g; /* the contexts' owner: its device, whether an eviction has run */
     int no_grow;     /* the loop's launch: -EAGAIN rather than allocate (reserve) */
     /* a launch in flight (gpuctx_decode_evict_launch): its end on the stream, where its
      * removed slots land in hbuf, and when the call began (the timing's total) */
@@ -66,7 +65,7 @@ int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
         return -EIO;
     }
     for (int i = 0; i < g->n; i++) {
-        g->ctx[i].device = device, g->ctx[i].fused_ran = &g->fused_ran;
+        g->ctx[i].g = g;
         if (cudaEventCreateWithFlags(&g->ctx[i].done, cudaEventDisableTiming) != cudaSuccess) {
             *why = "cudaEventCreate failed";
             gpuexec_destroy(g);
@@ -637,10 +636,13 @@ static void kept_to_evicted(const uint32_t *keep, uint32_t hkv, uint32_t k, uint
     }
 }
 
-/* -EINVAL where an eviction is out of range; else 0, with what the layer-by-layer way needs
- * (device and staging bytes) in *dev and *host. */
-static int evict_check(const struct gpu_evict *ev, uint32_t n, size_t *dev, size_t *host)
+/* Both entries' start: the context's timing cleared; -EINVAL where an eviction is out of
+ * range, else 0 with what the layer-by-layer way needs (device and staging bytes) in *dev
+ * and *host. */
+static int evict_check(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n, size_t *dev,
+                       size_t *host)
 {
+    c->times = (struct gpu_evict_times){0};
     *dev = *host = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];
@@ -657,8 +659,7 @@ static int evict_check(const struct gpu_evict *ev, uint32_t n, size_t *dev, size
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     size_t dev, host;
-    c->times = (struct gpu_evict_times){0};
-    if (evict_check(ev, n, &dev, &host))
+    if (evict_check(c, ev, n, &dev, &host))
         return -EINVAL;
     if (!n)
         return 0;
@@ -667,7 +668,7 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         if ((rc = finish(c, rc)))
             return rc;
         fused_land(c, ev, n);
-        __atomic_store_n(c->fused_ran, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&c->g->fused_ran, 1, __ATOMIC_RELEASE);
         return 0;
     }
     if (rc != -ENOTSUP)
@@ -698,14 +699,13 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
 int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {
     size_t dev, host;
-    c->times = (struct gpu_evict_times){0};
-    if (evict_check(ev, n, &dev, &host))
+    if (evict_check(c, ev, n, &dev, &host))
         return -EINVAL;
     if (!n)
         return -ENOTSUP;
-    if (!__atomic_load_n(c->fused_ran, __ATOMIC_ACQUIRE))
+    if (!__atomic_load_n(&c->g->fused_ran, __ATOMIC_ACQUIRE))
         return -EAGAIN; /* the first one (the kernel's loading) on a worker */
-    cudaSetDevice(c->device); /* the loop's thread: any GPU's sequences */
+    cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
     c->no_grow = 1;
     int issued, rc = fused_launch(c, ev, n, &issued);
     c->no_grow = 0;
