@@ -153,14 +153,25 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
         return 0;
     }
     CAKE_CHECK(k + win <= ly->pos_cap && old + win <= ly->pos_cap);
-    uint32_t *tmp = malloc(sizeof(uint32_t) * ((size_t)k + 1)); /* keep may be in any order */
-    if (!tmp)
-        return -ENOMEM;
+    uint32_t *tmp = NULL;
     for (uint32_t g = 0; g < s->Hkv; g++) {
         uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
-        for (uint32_t j = 0; j < k; j++)
-            tmp[j] = p[keep[(size_t)g * k + j]];
-        memcpy(p, tmp, sizeof(uint32_t) * k);
+        const uint32_t *kp = keep + (size_t)g * k;
+        uint32_t j = 0;
+        while (j < k && kp[j] >= j)
+            j++;
+        if (j == k) { /* every source at or above its slot (an ordered compaction, or holes
+                         filled from above k): in place, ascending, reads before writes */
+            for (j = 0; j < k; j++)
+                if (kp[j] != j)
+                    p[j] = p[kp[j]];
+        } else { /* any order (the host's slots with per-head holes) */
+            if (!tmp && !(tmp = malloc(sizeof(uint32_t) * ((size_t)k + 1))))
+                return -ENOMEM;
+            for (j = 0; j < k; j++)
+                tmp[j] = p[kp[j]];
+            memcpy(p, tmp, sizeof(uint32_t) * k);
+        }
         memmove(p + k, p + old, sizeof(uint32_t) * win);
     }
     free(tmp);

@@ -43,6 +43,13 @@ __device__ __forceinline__ unsigned long long global_ns()
     return t;
 }
 
+__device__ __forceinline__ unsigned smid()
+{
+    unsigned id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+}
+
 __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
 {
     return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
@@ -79,11 +86,12 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         return; // the host checks these (kern_cuda_decode_evict's contract): nothing to do
     // the block's phase i ends (0: it starts); the pointer is read from the parameters at
     // each mark, so no register holds it through the kernel (held, it spilled)
-    auto mark = [&](int i) { // i past KERN_EVICT_PHASES: the global timer
+    auto mark = [&](int i) { // i past KERN_EVICT_PHASES: the global timer, then the SM
         if (ep.e.phase_clock && threadIdx.x == 0)
             ep.e.phase_clock[((size_t)blockIdx.y * gridDim.x + blockIdx.x) * KERN_EVICT_CLOCKS + i] =
-                i > KERN_EVICT_PHASES ? global_ns() : clock64();
+                i == KERN_EVICT_PHASES + 3 ? smid() : i > KERN_EVICT_PHASES ? global_ns() : clock64();
     };
+    mark(KERN_EVICT_PHASES + 3);
     mark(KERN_EVICT_PHASES + 1);
     mark(0);
     float *acc = (float *)(smem + ep.stage_bytes + ep.part_bytes), *ind = acc + ep.max_S;
@@ -188,19 +196,16 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
 template <typename T, int KS, int NSP, int HPS>
 int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cudaStream_t st)
 {
-    static size_t set[SCORE_MAX_DEV];
+    static kern_attrs set[SCORE_MAX_DEV];
     int dev = 0;
     CK(cudaGetDevice(&dev));
     if (dev < 0 || dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    {
-        score_attr_lock lock;
-        if (smem > set[dev]) {
-            CK(cudaFuncSetAttribute(devict<T, KS, NSP, HPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem));
-            set[dev] = smem;
-        }
-    }
+    /* all of the SM's shared memory: with the driver's own split the same blocks took twice
+     * as long (an H100: events 224-245 us, blocks spanning 217-237, against 114 and 108 at
+     * 100%; bench-gpu's phase clocks, 2026-12-06) */
+    if (int rc = smem_limit(devict<T, KS, NSP, HPS>, set, dev, smem, 100))
+        return rc;
     devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
     CK(cudaGetLastError());
     return 0;

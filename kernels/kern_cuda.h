@@ -72,6 +72,13 @@ int kern_cuda_score_set_wmma(int on);
  * cores everywhere (tests and benchmarks that compare the two). Process-wide; returns the
  * previous setting. */
 int kern_cuda_attn_set_simt(int on);
+/* The shared-memory carveout (percent of an SM's unified L1 and shared memory) the kernels
+ * that fit two big blocks an SM - the scoring passes and the one-launch eviction - ask the
+ * driver for from their next launch on (cudaFuncAttributePreferredSharedMemoryCarveout);
+ * -1 the driver's own choice; -2 (the default) each kernel's own: 100 for the eviction, the
+ * driver's for the scoring passes. Process-wide; returns the previous. For tools/bench-gpu's
+ * side by side runs. */
+int kern_cuda_set_carveout(int percent);
 
 /* Top-k of each of `rows` score rows of length n (row stride n): positions ascending, ties
  * to the lower position (kern_topk's KERN_ORDER_POSITION). idx_dev: [rows][k]. */
@@ -218,11 +225,12 @@ struct kern_cuda_evict {
     /* NULL, or device [n_jobs][kv_heads][KERN_EVICT_CLOCKS]: where each block's time goes
      * (tools/bench-gpu): its SM clock (clock64) when it starts and as each phase ends -
      * pass 1, pass 2 and pooling, top-k with the ordered walk, compaction - then the
-     * global timer (ns) at its start and end; a block with nothing to do writes nothing */
+     * global timer (ns) at its start and end, then the SM it ran on; a block with nothing
+     * to do writes nothing */
     unsigned long long *phase_clock;
 };
 #define KERN_EVICT_PHASES 4
-#define KERN_EVICT_CLOCKS (KERN_EVICT_PHASES + 3)
+#define KERN_EVICT_CLOCKS (KERN_EVICT_PHASES + 4)
 struct kern_cuda_evict_job {
     const uint64_t *page_off;   /* device: the layer's page offsets from base */
     const uint64_t *ring_off;   /* device: its ring's page offsets from base */
@@ -231,6 +239,7 @@ struct kern_cuda_evict_job {
     float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
 };
 int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S);
+
 int kern_cuda_decode_evict(const struct kern_cuda_evict *e,
                            const struct kern_cuda_evict_job *jobs_dev, uint32_t n_jobs,
                            uint32_t max_S, void *stream);

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <atomic>
 #include <type_traits>
 
 #include "cuda_internal.h"
@@ -64,26 +65,12 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
     }
 }
 
-// Raises a kernel's dynamic shared-memory limit on this device when a larger size comes
-// (per kernel and device: caked drives several GPUs from several threads; score.cu keeps
-// the lock).
-template <typename K>
-int smem_limit(K kernel, size_t (&set)[SCORE_MAX_DEV], int dev, size_t bytes)
-{
-    score_attr_lock lock;
-    if (bytes > set[dev]) {
-        CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-        set[dev] = bytes;
-    }
-    return 0;
-}
-
 template <typename T, int KS, int NSP, int HPS>
 int launch_pass2(mparams &p, const score_mma_args &a)
 {
-    static size_t set[SCORE_MAX_DEV];
+    static kern_attrs set[SCORE_MAX_DEV];
     size_t bytes = SMEM_ALIGN + STAGES * shape<KS>::STAGE_BYTES + (size_t)2 * TK * NSP * HPS * 2 * sizeof(float);
-    if (int rc = smem_limit(mpass2<T, KS, NSP, HPS>, set, a.dev, bytes))
+    if (int rc = smem_limit(mpass2<T, KS, NSP, HPS>, set, a.dev, bytes, -1))
         return rc;
     mpass2<T, KS, NSP, HPS><<<dim3(a.chunks2, a.hkv), THREADS, bytes, (cudaStream_t)a.stream>>>(p);
     CK(cudaGetLastError());
@@ -93,11 +80,11 @@ int launch_pass2(mparams &p, const score_mma_args &a)
 template <typename T, int KS, int NSP>
 int launch(mparams &p, const score_mma_args &a)
 {
-    static size_t set1[SCORE_MAX_DEV];
+    static kern_attrs set1[SCORE_MAX_DEV];
     size_t sm1 = SMEM_ALIGN + STAGES * shape<KS>::STAGE_BYTES;
     if (a.dev < 0 || a.dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1))
+    if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1, -1))
         return rc;
     cudaStream_t st = (cudaStream_t)a.stream;
     int rc;
@@ -127,6 +114,21 @@ int launch_ns(mparams &p, const score_mma_args &a, uint32_t nsp)
 }
 
 } // namespace
+
+// kern_cuda_set_carveout's setting; CARVE_OWN: none, each kernel asks for its own
+constexpr int CARVE_OWN = -2;
+static std::atomic<int> carveout{CARVE_OWN};
+
+int score_carveout(int own)
+{
+    int cv = carveout.load();
+    return cv == CARVE_OWN ? own : cv;
+}
+
+extern "C" int kern_cuda_set_carveout(int percent)
+{
+    return carveout.exchange(percent < -2 ? CARVE_OWN : percent < 0 ? percent : percent > 100 ? 100 : percent);
+}
 
 uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d)
 {

@@ -49,4 +49,40 @@ struct score_attr_lock {
     score_attr_lock &operator=(const score_attr_lock &) = delete;
 };
 
+/* The shared-memory carveout a big-tile kernel asks for: kern_cuda_set_carveout's where
+ * one was set, else the kernel's own (own; -1: the driver's choice). score_mma.cu owns
+ * the setting. */
+int score_carveout(int own);
+
+/* What a kernel was last given on a device: its dynamic shared-memory limit and carveout
+ * (plus one: 0 none yet). */
+struct kern_attrs {
+    size_t smem;
+    int carve1;
+};
+
+#ifdef __CUDACC__
+/* Raises a kernel's dynamic shared-memory limit on this device when a larger size comes,
+ * and asks for the carveout score_carveout(own) says when it changed (per kernel and
+ * device: caked drives several GPUs from several threads; score.cu keeps the lock). 0 or
+ * -EIO. */
+template <typename K>
+int smem_limit(K kernel, kern_attrs (&set)[SCORE_MAX_DEV], int dev, size_t bytes, int own)
+{
+    score_attr_lock lock;
+    if (bytes > set[dev].smem) {
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
+            return -EIO;
+        set[dev].smem = bytes;
+    }
+    int cv = score_carveout(own);
+    if (cv + 1 != set[dev].carve1) {
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cv) != cudaSuccess)
+            return -EIO;
+        set[dev].carve1 = cv + 1;
+    }
+    return 0;
+}
+#endif
+
 #endif

@@ -1,7 +1,12 @@
 /* bench-gpu - CAKE's GPU kernels at Llama-3.1-8B shapes, on the card this runs on.
  *
  *   bench-gpu [--sizes 4096,32768,131072] [--reps R] [--no-torch] [--no-attn] [--no-caked]
+ *             [--carveout P]
  *
+ * --carveout: the shared-memory carveout this process's scoring and eviction kernels ask for
+ * (kern_cuda_set_carveout: a percent, -1 the driver's choice; default each kernel's own).
+ * Compare in two processes: an SM seems to keep the split a kernel asked for, so a later
+ * launch without a preference inherits it.
  * Prints, in one run: the card and its measured device-to-device copy bandwidth (bytes read
  * plus written); per prompt length the scoring time of one layer (32 query heads, 8 kv
  * heads, head_dim 128, window 32, bf16) against the floor (the layer's key bytes read once at
@@ -180,51 +185,91 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Where the one launch's time goes: one more launch over caked's page layout with each
- * block's clocks (kern_cuda_evict.phase_clock); the median block's phases at the SM's
- * nominal clock, its whole run, and the launch's span from the first block's start to the
- * last one's end (the global timer). */
-static void evict_phases(const struct kern_cuda_evict *ke, const struct kern_cuda_evict_job *djobs,
-                         uint32_t L, uint32_t S)
+/* Where the one launch's time goes: reps more launches over caked's page layout with each
+ * block's clocks (kern_cuda_evict.phase_clock) and events around each; the medians of the
+ * events' time, of the launch's span (the first block's start to the last one's end, by the
+ * global timer), of the blocks that started only after another had ended (a second wave),
+ * of the most blocks one SM ran at once, and of the SM clock the blocks ran at (their
+ * cycles over their global-timer time); then the last launch's median block, phase by
+ * phase, at the SM's nominal clock. */
+static void evict_phases(const char *label, const struct kern_cuda_evict *ke,
+                         const struct kern_cuda_evict_job *djobs, uint32_t L, uint32_t S, int reps)
 {
+    enum { C = KERN_EVICT_CLOCKS, P = KERN_EVICT_PHASES };
     uint32_t nb = L * ke->kv_heads;
-    size_t bytes = sizeof(unsigned long long) * nb * KERN_EVICT_CLOCKS;
+    size_t bytes = sizeof(unsigned long long) * nb * C;
     unsigned long long *dpc, *pc = calloc(1, bytes);
     uint64_t *col = malloc(sizeof(uint64_t) * nb);
+    double ev[64], span[64], late[64], most[64], mhz[64], *clk = malloc(sizeof(double) * nb);
     int khz = 0;
     CK(cudaMalloc((void **)&dpc, bytes));
-    CK(cudaMemset(dpc, 0, bytes));
     CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
     struct kern_cuda_evict kp = *ke;
     kp.phase_clock = dpc;
-    if (kern_cuda_decode_evict(&kp, djobs, L, S, NULL))
-        exit(1);
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemcpy(pc, dpc, bytes, cudaMemcpyDeviceToHost));
-    static const char *const name[KERN_EVICT_PHASES + 1] = {
-        "pass 1", "pass 2 + pooling", "top-k and ordered walk", "compaction", "the block"};
-    printf("  where the one launch goes (caked's pages; median block at the nominal %d MHz):", khz / 1000);
-    for (int ph = 0; ph <= KERN_EVICT_PHASES; ph++) {
+    reps = reps > 64 ? 64 : reps;
+    for (int r = -1; r < reps; r++) {
+        CK(cudaMemset(dpc, 0, bytes));
+        CK(cudaDeviceSynchronize());
+        cudaEventRecord(e0, 0);
+        if (kern_cuda_decode_evict(&kp, djobs, L, S, NULL))
+            exit(1);
+        cudaEventRecord(e1, 0);
+        CK(cudaEventSynchronize(e1));
+        CK(cudaMemcpy(pc, dpc, bytes, cudaMemcpyDeviceToHost));
+        if (r < 0)
+            continue;
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        ev[r] = ms * 1e3;
+        uint64_t t0 = UINT64_MAX, t1 = 0, first_end = UINT64_MAX;
+        uint32_t m = 0, n_late = 0, top = 0;
+        for (uint32_t b = 0; b < nb; b++) {
+            const unsigned long long *c = pc + (size_t)b * C;
+            if (!c[P]) /* the block did not run */
+                continue;
+            t0 = c[P + 1] < t0 ? c[P + 1] : t0, t1 = c[P + 2] > t1 ? c[P + 2] : t1;
+            first_end = c[P + 2] < first_end ? c[P + 2] : first_end;
+            if (c[P + 2] > c[P + 1])
+                clk[m++] = (double)(c[P] - c[0]) / (double)(c[P + 2] - c[P + 1]) * 1e3;
+        }
+        for (uint32_t b = 0; b < nb; b++) { /* late starters; the most blocks at once on an SM */
+            const unsigned long long *c = pc + (size_t)b * C;
+            if (!c[P])
+                continue;
+            n_late += c[P + 1] >= first_end;
+            uint32_t at = 1;
+            for (uint32_t o = 0; o < nb; o++) {
+                const unsigned long long *x = pc + (size_t)o * C;
+                at += o != b && x[P] && x[P + 3] == c[P + 3] && x[P + 1] <= c[P + 1] && x[P + 2] > c[P + 1];
+            }
+            top = at > top ? at : top;
+        }
+        span[r] = t1 > t0 ? (t1 - t0) * 1e-3 : 0.0, late[r] = n_late, most[r] = top;
+        mhz[r] = m ? dmedian(clk, (int)m) : 0.0;
+    }
+    printf("  where the one launch goes (%s, caked's pages; medians of %d): events %.1f us, blocks span %.1f us, "
+           "%.0f of %u blocks started after another ended, at most %.0f blocks at once on an SM, SM clock %.0f MHz "
+           "(nominal %d)\n", label, reps, dmedian(ev, reps), dmedian(span, reps), dmedian(late, reps), nb,
+           dmedian(most, reps), dmedian(mhz, reps), khz / 1000);
+    static const char *const name[P + 1] = {"pass 1", "pass 2 + pooling", "top-k and ordered walk",
+                                            "compaction", "the block"};
+    printf("    the last launch's median block at the nominal clock:");
+    for (int ph = 0; ph <= P; ph++) {
         uint32_t m = 0;
         for (uint32_t b = 0; b < nb; b++) {
-            const unsigned long long *c = pc + (size_t)b * KERN_EVICT_CLOCKS;
-            if (c[KERN_EVICT_PHASES]) /* the block ran */
-                col[m++] = ph < KERN_EVICT_PHASES ? c[ph + 1] - c[ph] : c[KERN_EVICT_PHASES] - c[0];
+            const unsigned long long *c = pc + (size_t)b * C;
+            if (c[P]) /* the block ran */
+                col[m++] = ph < P ? c[ph + 1] - c[ph] : c[P] - c[0];
         }
         qsort(col, m, sizeof *col, cmp_u64);
         printf("%s %s %.1f us", ph ? "," : "", name[ph], m ? col[m / 2] / (khz * 1e-3) : 0.0);
     }
-    uint64_t t0 = UINT64_MAX, t1 = 0;
-    for (uint32_t b = 0; b < nb; b++) {
-        const unsigned long long *c = pc + (size_t)b * KERN_EVICT_CLOCKS;
-        if (c[KERN_EVICT_PHASES]) {
-            t0 = c[KERN_EVICT_PHASES + 1] < t0 ? c[KERN_EVICT_PHASES + 1] : t0;
-            t1 = c[KERN_EVICT_PHASES + 2] > t1 ? c[KERN_EVICT_PHASES + 2] : t1;
-        }
-    }
-    printf("; the launch's blocks span %.1f us\n", t1 > t0 ? (t1 - t0) * 1e-3 : 0.0);
+    printf("\n");
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
     cudaFree(dpc);
-    free(pc), free(col);
+    free(pc), free(col), free(clk);
 }
 
 /* A decode step's eviction of one token in each of 32 layers (1024 kept + 1 new before a
@@ -334,6 +379,9 @@ static void decode_evict(double bw, int reps)
     float tg[7][64];
     double tw[7][64];
     pid_t hold = -1;
+    for (int l = 0; l < L; l++) /* the values the ways start from */
+        CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
+    evict_phases("first", &ke[1], djobs + L, L, S, reps);
     for (int way = 0; way < 7; way++) {
         /* ways 3-5: 64 KiB pages scattered over 10 GiB; then 64 KiB pages with another
          * process's CUDA context open and idle on the GPU (an engine waiting for caked's
@@ -446,7 +494,7 @@ static void decode_evict(double bw, int reps)
         if (vp.va)
             gpupool_destroy(&vp);
     }
-    evict_phases(&ke[1], djobs + L, L, S);
+    evict_phases("last", &ke[1], djobs + L, L, S, reps);
     cudaFree(pool), cudaFree(dso), cudaFree(dsjobs);
     free(so);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
@@ -559,6 +607,8 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
 
 static char cdir[64], csock[128];
 
+static double caked_start_ms; /* start_caked's: from fork to the socket answering */
+
 static pid_t start_caked(const char *gpu_pool)
 {
     snprintf(cdir, sizeof cdir, "/tmp/bench-gpu-XXXXXX");
@@ -574,14 +624,17 @@ static pid_t start_caked(const char *gpu_pool)
               NULL);
         _exit(127);
     }
-    for (int i = 0; i < 500; i++) {
+    double t0 = util_now_s();
+    for (int i = 0; i < 2000; i++) {
         cake_ctx *c;
         cake_create(&c);
         int rc = cake_connect(c, csock, 0);
         cake_destroy(c);
-        if (!rc)
+        if (!rc) {
+            caked_start_ms = (util_now_s() - t0) * 1e3;
             return p;
-        usleep(20000);
+        }
+        usleep(5000);
     }
     kill(p, SIGKILL);
     return -1;
@@ -618,8 +671,8 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
             return 1;
         }
     }
-    printf("through caked (%s, GPU pool %.0f GiB on %s):\n", CAKED_BIN,
-           cake_gpu_pool_bytes_at(c, 0) / 1073741824.0, cake_gpu_uuid_at(c, 0));
+    printf("through caked (%s, GPU pool %.0f GiB on %s; answering %.0f ms after it was started):\n",
+           CAKED_BIN, cake_gpu_pool_bytes_at(c, 0) / 1073741824.0, cake_gpu_uuid_at(c, 0), caked_start_ms);
     printf("  attach (connect + GPU pool range reservation; segments map as they are used): %.2f ms median of %d\n",
            dmedian(at, na), na);
     /* host <-> GPU between a host sequence's pages and a GPU sequence's (each tenant maps
@@ -904,10 +957,10 @@ static void attention(double bw, int reps, int torch);
 int main(int argc, char **argv)
 {
     uint32_t sizes[8] = {4096, 32768, 131072}, ns = 3;
-    int reps = 20, torch = 1, attn = 1, caked = 1, o;
+    int reps = 20, torch = 1, attn = 1, caked = 1, carve = -2, o;
     static const struct option opts[] = {
         {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {"no-attn", 0, 0, 'a'},
-        {"no-caked", 0, 0, 'c'},
+        {"no-caked", 0, 0, 'c'}, {"carveout", 1, 0, 'v'},
         {0, 0, 0, 0}};
     if (argc == 3 && !strcmp(argv[1], "--hold-context")) { /* decode_evict's idle neighbour */
         cudaFree(0);
@@ -927,8 +980,11 @@ int main(int argc, char **argv)
             attn = 0;
         } else if (o == 'c') {
             caked = 0;
+        } else if (o == 'v') {
+            carve = atoi(optarg);
         } else {
-            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn] [--no-caked]\n");
+            fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn] [--no-caked] "
+                    "[--carveout P]\n");
             return 2;
         }
     }
@@ -940,8 +996,10 @@ int main(int argc, char **argv)
     struct cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     double bw = copy_bandwidth();
-    printf("bench-gpu: %s, %d SMs; device copy %.2f TB/s (read + write)\n", prop.name,
-           prop.multiProcessorCount, bw / 1e12);
+    kern_cuda_set_carveout(carve);
+    printf("bench-gpu: %s, %d SMs; device copy %.2f TB/s (read + write); scoring and eviction kernels' "
+           "carveout: %s\n", prop.name, prop.multiProcessorCount, bw / 1e12, carve == -2 ? "their own"
+           : carve == -1 ? "the driver's" : carve >= 100 ? "100% shared" : "partial");
     printf("one layer: H=%d Hkv=%d d=%d w=%d bf16; median of %d; floor = key bytes / copy bandwidth\n",
            H, HKV, D, W, reps);
     printf("%8s %10s %10s %8s %10s %8s %9s %7s %14s %8s %9s %8s %14s %8s\n", "n", "score_us", "floor_us",

@@ -578,7 +578,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     CK(cudaDeviceSynchronize());
     EXPECT(rc == 0, "decode evict rc %d", rc);
     if (dpc) {
-        int ordered = 1;
+        int ordered = 1, nsm = 0;
+        CK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, 0));
         pc = malloc(pcb);
         CK(cudaMemcpy(pc, dpc, pcb, cudaMemcpyDeviceToHost));
         for (uint32_t b = 0; b < L * Hkv; b++) {
@@ -586,9 +587,9 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
             for (int i = 1; i <= KERN_EVICT_PHASES; i++)
                 ordered &= c[i] >= c[i - 1];
             ordered &= c[KERN_EVICT_PHASES] > 0 && c[KERN_EVICT_PHASES + 2] >= c[KERN_EVICT_PHASES + 1] &&
-                       c[KERN_EVICT_PHASES + 1] > 0;
+                       c[KERN_EVICT_PHASES + 1] > 0 && c[KERN_EVICT_PHASES + 3] < (unsigned long long)nsm;
         }
-        EXPECT(ordered, "a block's phase clocks are missing or out of order");
+        EXPECT(ordered, "a block's phase clocks are missing or out of order, or its SM out of range");
         ke.phase_clock = NULL;
         cudaFree(dpc), free(pc);
     }

@@ -372,6 +372,66 @@ Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
     teardown(&f);
 }
 
+/* seq_positions_compact takes keep in any order: kept slots ascending (an ordered
+ * compaction), holes below k filled from the kept slots above it (a GPU prefill's), and the
+ * host's own order (per-head holes filled from below) all give new[j] = old[keep[j]] and the
+ * window after them, on a layer compacted before. */
+Test(seq, positions_compact_any_order)
+{
+    struct seq s = {.Hkv = 2, .max_new = 8};
+    uint64_t r = 7;
+    for (int round = 0; round < 60; round++) {
+        uint32_t old = 10 + (uint32_t)(round * 13 % 90), win = (uint32_t)(round % 5);
+        uint32_t k = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % (old + 1);
+        struct seq_layer a = {0};
+        uint32_t first[2 * 128]; /* a first compaction: slot j of old + win holds position 3 j */
+        for (uint32_t g = 0; g < s.Hkv; g++)
+            for (uint32_t j = 0; j < old + win; j++)
+                first[g * (old + win) + j] = j;
+        cr_assert_eq(seq_positions_compact(&s, &a, first, old + win, old + win, 0), 0);
+        for (uint32_t g = 0; g < s.Hkv; g++)
+            for (uint32_t j = 0; j < old + win; j++)
+                a.pos[(size_t)g * a.pos_cap + j] = 3 * j + g;
+        uint32_t keep[2 * 128], want[2 * 136];
+        int kind = round % 3;
+        for (uint32_t g = 0; g < s.Hkv; g++) {
+            uint8_t in[128] = {0};
+            uint32_t *kp = keep + g * k, asc[128];
+            for (uint32_t c = 0; c < k;) { /* k distinct slots below old */
+                uint32_t j = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % old;
+                c += !in[j], in[j] = 1;
+            }
+            for (uint32_t j = 0, m = 0; j < old; j++)
+                if (in[j])
+                    asc[m++] = j;
+            uint32_t c = 0; /* kept below k */
+            while (c < k && asc[c] < k)
+                c++;
+            for (uint32_t j = 0, rank = 0, a2 = 0; j < k; j++) {
+                if (kind == 0) {
+                    kp[j] = asc[j];
+                } else if (kind == 1) { /* holes filled from above k */
+                    if (a2 < c && asc[a2] == j)
+                        kp[j] = j, a2++;
+                    else
+                        kp[j] = asc[c + rank++];
+                } else {
+                    kp[j] = asc[(j + 1) % k]; /* rotated: a source below its slot */
+                }
+            }
+            for (uint32_t j = 0; j < k; j++)
+                want[g * (k + win) + j] = 3 * kp[j] + g;
+            for (uint32_t j = 0; j < win; j++)
+                want[g * (k + win) + k + j] = 3 * (old + j) + g;
+        }
+        cr_assert_eq(seq_positions_compact(&s, &a, keep, k, old, win), 0);
+        for (uint32_t g = 0; g < s.Hkv; g++)
+            cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, want + g * (k + win),
+                             sizeof(uint32_t) * (k + win), "round %d kind %d head %u", round, kind, g);
+        free(a.pos);
+    }
+}
+
 /* A GPU decode eviction answers with the removed slots (seq_positions_evict), the host path
  * and prefill with the kept ones (seq_positions_compact): the same removals give the same
  * positions, on a layer never compacted and on one compacted before; lists out of order or
