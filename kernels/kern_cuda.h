@@ -239,7 +239,6 @@ struct kern_cuda_evict_job {
     float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
 };
 int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S);
-
 int kern_cuda_decode_evict(const struct kern_cuda_evict *e,
                            const struct kern_cuda_evict_job *jobs_dev, uint32_t n_jobs,
                            uint32_t max_S, void *stream);

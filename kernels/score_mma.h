@@ -62,6 +62,8 @@ struct kern_attrs {
 };
 
 #ifdef __CUDACC__
+#include "cuda_internal.h"
+
 /* Raises a kernel's dynamic shared-memory limit on this device when a larger size comes,
  * and asks for the carveout score_carveout(own) says when it changed (per kernel and
  * device: caked drives several GPUs from several threads; score.cu keeps the lock). 0 or
@@ -71,14 +73,12 @@ int smem_limit(K kernel, kern_attrs (&set)[SCORE_MAX_DEV], int dev, size_t bytes
 {
     score_attr_lock lock;
     if (bytes > set[dev].smem) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
-            return -EIO;
+        CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
         set[dev].smem = bytes;
     }
     int cv = score_carveout(own);
     if (cv + 1 != set[dev].carve1) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cv) != cudaSuccess)
-            return -EIO;
+        CK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cv));
         set[dev].carve1 = cv + 1;
     }
     return 0;
