@@ -17,7 +17,8 @@
  * kern_cuda_score_layer_pool with lse, the values random rows would give). Median of R runs timed with CUDA events. Then a decode step's attention over 32
  * layers (full cache vs CAKE, and torch SDPA), a decode step's eviction of 32 layers by the
  * per-layer kernels and by the one launch (kern_cuda_decode_evict) with where the launch's
- * time goes (each block's phases from its clocks), a cascading stage's compactions layer by
+ * time goes (each block's phases from its clocks; the launch's events against its blocks'
+ * span, the SMs they ran on and the SM clock), a cascading stage's compactions layer by
  * layer and in one pass (kern_cuda_compact_many), and, through a caked
  * started with a GPU pool
  * (--no-caked skips it): the attach cost (connect + GPU pool import + map + host pool
