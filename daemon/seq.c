@@ -160,8 +160,8 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
         uint32_t j = 0;
         while (j < k && kp[j] >= j)
             j++;
-        if (j == k) { /* every source at or above its slot (an ordered compaction, or holes
-                         filled from above k): in place, ascending, reads before writes */
+        if (j == k) { /* every source at or above its slot (an ordered compaction): in
+                         place, ascending, each read before its slot is written */
             for (j = 0; j < k; j++)
                 if (kp[j] != j)
                     p[j] = p[kp[j]];

@@ -341,7 +341,7 @@ int work_poll_flights(struct server *s)
             }
         /* caked_work_seconds: the launches' host work as the wait, the GPU's as the run */
         struct job j = {.t_submit = w->t_start, .t_start = w->t_launched, .t_end = now};
-        metrics_observe_work(&s->m, WORK_DECODE, &j, clock_now_s());
+        metrics_observe_work(&s->m, WORK_DECODE, &j, now);
         if (--w->parts == 0)
             work_done(&w->job);
     }

@@ -373,9 +373,10 @@ Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
 }
 
 /* seq_positions_compact takes keep in any order: kept slots ascending (an ordered
- * compaction), holes below k filled from the kept slots above it (a GPU prefill's), and the
- * host's own order (per-head holes filled from below) all give new[j] = old[keep[j]] and the
- * window after them, on a layer compacted before. */
+ * compaction, updated in place), holes below k filled from the kept slots above it (in
+ * place too: every source at or above its slot), and a source below its slot (the host's
+ * own order, per-head holes filled from below: through a copy) all give new[j] =
+ * old[keep[j]] and the window after them, on a layer compacted before. */
 Test(seq, positions_compact_any_order)
 {
     struct seq s = {.Hkv = 2, .max_new = 8};
