@@ -23,9 +23,9 @@ struct gpuctx {
     uint8_t *hbuf;   /* pinned staging */
     size_t hcap;
     int taken;
-    int timing;      /* gpuexec_set_timing: events around the one-launch eviction */
+    int timing;      /* gpuexec_set_timing: events around the one-launch eviction and a stage */
     cudaEvent_t ev0, ev1;
-    struct gpu_evict_times times;
+    struct gpu_times times;
     struct gpuexec *g; /* the contexts' owner: its device, whether an eviction has run */
     int no_grow;     /* the loop's launch: -EAGAIN rather than allocate (reserve) */
     /* a launch in flight (gpuctx_decode_evict_launch): its end on the stream, where its
@@ -151,6 +151,8 @@ static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
 {
     if (c->no_grow && (dbytes > c->dcap || hbytes > c->hcap))
         return -EAGAIN; /* the loop never allocates: cudaFree waits for the device */
+    if (dbytes > c->dcap || hbytes > c->hcap)
+        c->times.grew = 1;
     if (dbytes > c->dcap) {
         cudaFree(c->dbuf);
         c->dbuf = NULL, c->dcap = 0;
@@ -364,8 +366,10 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
  * slots; on the device behind them the kept slots (one copy back) and each job's scratch. */
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
+    c->times = (struct gpu_times){0};
     if (!n)
         return 0;
+    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_layer *l0 = &jobs[0].l;
     size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), keeps = 0, tmps = 0;
     uint32_t max_rows = 0;
@@ -418,9 +422,15 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     };
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
+    if (c->timing) {
+        c->times.prep_us = clock_now_s() * 1e6 - t0;
+        cudaEventRecord(c->ev0, c->stream);
+    }
     if (!rc)
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);
+    if (c->timing)
+        cudaEventRecord(c->ev1, c->stream);
     if (!rc && keeps && /* the kept slots, for the sequence's positions */
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, keeps, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
@@ -432,6 +442,12 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         size_t kb = sizeof(uint32_t) * jobs[i].l.kv_heads * jobs[i].k;
         memcpy(jobs[i].keep, c->hbuf + kat, kb);
         kat += al(kb);
+    }
+    if (c->timing) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
+        c->times.kernel_us = ms * 1e3;
+        c->times.total_us = clock_now_s() * 1e6 - t0;
     }
     return 0;
 }
@@ -507,7 +523,7 @@ void gpuexec_set_timing(struct gpuexec *g, int on)
     }
 }
 
-void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
+void gpuctx_times(const struct gpuctx *c, struct gpu_times *t)
 {
     *t = c->times;
 }
@@ -588,7 +604,7 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
              ? 0 : -EIO;
     double t1 = c->timing ? clock_now_s() * 1e6 : 0;
-    c->times = (struct gpu_evict_times){.prep_us = t1 - c->fl_t0};
+    c->times.prep_us = t1 - c->fl_t0;
     if (c->timing)
         cudaEventRecord(c->ev0, c->stream);
     if (!rc)
@@ -642,7 +658,7 @@ static void kept_to_evicted(const uint32_t *keep, uint32_t hkv, uint32_t k, uint
 static int evict_check(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n, size_t *dev,
                        size_t *host)
 {
-    c->times = (struct gpu_evict_times){0};
+    c->times = (struct gpu_times){0};
     *dev = *host = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_evict *e = &ev[i];

@@ -68,10 +68,10 @@ int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
 }
 void gpuexec_dev_free(struct gpuexec *g, void *p) { (void)g, (void)p; }
 void gpuexec_set_timing(struct gpuexec *g, int on) { (void)g, (void)on; }
-void gpuctx_evict_times(const struct gpuctx *c, struct gpu_evict_times *t)
+void gpuctx_times(const struct gpuctx *c, struct gpu_times *t)
 {
     (void)c;
-    *t = (struct gpu_evict_times){0};
+    *t = (struct gpu_times){0};
 }
 int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
 {

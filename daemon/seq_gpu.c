@@ -138,9 +138,14 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
         };
         at += s->Hkv * ev[i].kept;
     }
+    double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    double t1 = e->trace ? clock_now_s() : 0;
     int rc = gpuctx_select_compact_many(gc, jobs, n);
+    struct gpu_times gt;
+    gpuctx_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
+    double t2 = e->trace ? clock_now_s() : 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
         uint32_t win = ly->tokens - ev[i].old_prefix;
@@ -149,6 +154,12 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
         r->ev_layers[r->n_ev++] = ev[i].layer;
         rc = seq_positions_compact(s, ly, jobs[i].keep, ev[i].kept, ev[i].old_prefix, win);
     }
+    if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
+        fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU: context %.0f us, "
+                "tables %.0f us%s, kernels %.0f us on the device, call %.0f us, positions %.0f us\n",
+                (unsigned long long)s->id, n, (t1 - t0) * 1e6, gt.prep_us,
+                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
+                (clock_now_s() - t2) * 1e6);
     free(keep);
     return rc;
 }
@@ -249,7 +260,7 @@ static void evict_jobs_free(struct gpu_evict *ev)
  * rc or the positions' error. */
 static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *over,
                        const struct gpu_evict *ev, uint32_t nover, int rc, uint32_t *evicted,
-                       const char *how, double t0, double t1, const struct gpu_evict_times *gt)
+                       const char *how, double t0, double t1, const struct gpu_times *gt)
 {
     uint32_t w = s->cfg.window;
     for (uint32_t i = 0; i < nover && !rc; i++) {
@@ -285,8 +296,8 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     int rc = gpuctx_decode_evict(gc, ev, nover);
-    struct gpu_evict_times gt;
-    gpuctx_evict_times(gc, &gt);
+    struct gpu_times gt;
+    gpuctx_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
     rc = evict_apply(e, s, over, ev, nover, rc, evicted, "on a worker", t0,
                      e->trace ? clock_now_s() : 0, &gt);
@@ -333,8 +344,8 @@ int seq_gpu_evict_land(const struct seq_env *e, struct seq *s, const uint32_t *o
                        uint32_t nover, struct gpu_flight *f, uint32_t *evicted)
 {
     int rc = gpuctx_decode_evict_land(f->gc, f->ev, nover);
-    struct gpu_evict_times gt;
-    gpuctx_evict_times(f->gc, &gt);
+    struct gpu_times gt;
+    gpuctx_times(f->gc, &gt);
     gpuexec_put(GEXEC(e, s), f->gc);
     rc = evict_apply(e, s, over, f->ev, nover, rc, evicted, "launched by the loop", f->t0,
                      e->trace ? clock_now_s() : 0, &gt);

@@ -396,7 +396,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             goto fail;
         }
         if (getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"))
-            gpuexec_set_timing(g->x, 1); /* the decode trace's kernel times */
+            gpuexec_set_timing(g->x, 1); /* the trace's kernel times (decode steps, stages) */
     }
     struct pool_ops hops = {.retire = srv_retire_seg, .ud = s};
     /* where a GPU exists, each host segment is registered for fast copies as it is mapped
