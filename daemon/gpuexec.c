@@ -404,7 +404,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         kj[i] = (struct kern_cuda_compact_job){
             .page_off = (const uint64_t *)(c->dbuf + at), .ind = j->ind_dev,
             .keep = (uint32_t *)(c->dbuf + kat), .tmp = c->dbuf + tat,
-            .old = j->old, .k = j->k, .win = j->win_len,
+            .old = j->old, .k = j->k, .win = j->win_len, .fill = j->fill && !j->slots,
         };
         at += al(sizeof(uint64_t) * l->n_pages);
         if (j->slots) { /* the host's choice */

@@ -70,17 +70,21 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
 
 /* A cascading stage's evictions, all on the GPU, every layer in one pass (three launches,
  * one upload, one wait; every job of one layout): each layer's indicator ind_dev
- * ([kv_heads][old], device) picks the top k per kv head (positional order, ties to the
- * lower position) - or the host chose them (slots: per-head budgets, whose holes the host
- * fills) - the K/V compact behind them with the window [win_start = old, + win_len) after,
- * and the indicator follows its tokens ([kv_heads][k] at ind_dev); the kept slots come back
- * in keep. Returns 0, -EINVAL (a job out of range or of another layout), -ENOMEM or -EIO. */
+ * ([kv_heads][old], device) picks the top k per kv head (ties to the lower slot) - or the
+ * host chose them (slots: per-head budgets, whose holes the host fills; or a permutation,
+ * k = old) - the K/V compact into slots [0, k) with the window [win_start = old, + win_len)
+ * after, and the indicator follows its tokens ([kv_heads][k] at ind_dev); keep receives the
+ * slot each new slot's token came from. The host's slots go in its order, a top k in
+ * ascending slot order, or, with fill, where the fewest rows move (kern_cuda_compact_many: a
+ * kept token below k stays, the holes below k take the kept tokens above it). Returns 0,
+ * -EINVAL (a job out of range or of another layout), -ENOMEM or -EIO. */
 struct gpu_select {
     struct gpu_layer l;
     float *ind_dev;
     uint32_t old, k, win_start, win_len;
     const uint32_t *slots;       /* host [kv_heads][k] slots below old to keep, or NULL */
-    uint32_t *keep;              /* host [kv_heads][k]: receives the kept slots (positions) */
+    uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot */
+    int fill;                    /* top-k jobs: fill the holes below k rather than keep order */
 };
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 

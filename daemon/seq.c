@@ -178,6 +178,21 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
     return 0;
 }
 
+void seq_positions_order(const struct seq_layer *ly, uint32_t g, uint32_t k, uint32_t S,
+                         uint64_t *bits, uint32_t *slot_of, uint32_t *perm)
+{
+    const uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+    for (uint32_t j = 0; j < k; j++) { /* a bit per position; which slot holds it */
+        bits[p[j] / 64] |= 1ull << (p[j] % 64);
+        slot_of[p[j]] = j;
+    }
+    for (uint32_t wd = 0, o = 0; wd < (S + 63) / 64; wd++) { /* the bits in order */
+        for (uint64_t b = bits[wd]; b; b &= b - 1)
+            perm[o++] = slot_of[wd * 64 + (uint32_t)__builtin_ctzll(b)];
+        bits[wd] = 0;
+    }
+}
+
 int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
                         uint32_t n_ev, uint32_t old, uint32_t win)
 {
@@ -657,6 +672,8 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     s->pend_ind = NULL;
     if (!r->rc && s->cfg.cascading)
         s->rs_pending = 0; /* this stage re-selected every layer at the (lowered) total */
+    if (!r->rc && layer == s->L - 1 && x->prefill_order) /* slots ascend again for decode */
+        r->rc = x->prefill_order(e, s, r);
     if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
         x->prefill_done(e, s);

@@ -147,6 +147,8 @@ struct seq_env {
                               (tests: a stuck call) */
     int workers_only;   /* CAKED_DECODE_ON_WORKERS=1: no decode eviction launched by the loop
                            (benchmarks: the hand-off it saves, side by side) */
+    int ordered;        /* CAKED_COMPACT_ORDERED=1: a GPU prefill's stages keep positional
+                           order (benchmarks: the rows that hole filling saves) */
 };
 
 struct seq_open_args {

@@ -134,7 +134,7 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            .slots = ev[i].slots, .keep = keep + at,
+            .slots = ev[i].slots, .keep = keep + at, .fill = !e->ordered,
         };
         at += s->Hkv * ev[i].kept;
     }
@@ -161,6 +161,74 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
                 gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
                 (clock_now_s() - t2) * 1e6);
     free(keep);
+    return rc;
+}
+
+/* prefill_order: a stage that filled holes (gpu_compact) leaves a layer's kept slots out of
+ * position order, and a decode step's ranking pools neighbouring slots; once the prompt's
+ * last layer is applied, every such layer's prefix is permuted into position order in one
+ * pass (slot jobs, k = old; the indicator follows, for H2O). Layers with per-head holes
+ * (the host's slots, never filled) are left as they are. */
+static int gpu_prefill_order(const struct seq_env *e, struct seq *s, struct seq_result *r)
+{
+    (void)r;
+    uint32_t S = seq_scored_len(s), Hkv = s->Hkv, n = 0, ls[SEQ_MAX_LAYERS];
+    size_t total = 0;
+    for (uint32_t l = 0; l < s->L; l++) {
+        const struct seq_layer *ly = &s->layer[l];
+        uint32_t k = cakeseq_prefix_len(s->cs, l);
+        if (!ly->pos || cakeseq_head_kept(s->cs, l) || k > ly->tokens || k > S)
+            continue;
+        int sorted = 1;
+        for (uint32_t g = 0; g < Hkv && sorted; g++) {
+            const uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+            for (uint32_t j = 0; j < k; j++)
+                if (p[j] >= S) /* a prefix slot holds a prompt position below S */
+                    return -EIO;
+                else if (j && p[j] < p[j - 1])
+                    sorted = 0;
+        }
+        if (!sorted)
+            ls[n++] = l, total += (size_t)Hkv * k;
+    }
+    if (!n)
+        return 0;
+    double t0 = e->trace ? clock_now_s() : 0;
+    uint32_t *perm = malloc(sizeof(uint32_t) * (2 * total + 1)), *slot_of = malloc(sizeof(uint32_t) * S);
+    uint64_t *bits = calloc((S + 63) / 64, sizeof(uint64_t));
+    int rc = perm && slot_of && bits ? 0 : -ENOMEM;
+    struct gpu_select jobs[SEQ_MAX_LAYERS];
+    for (uint32_t i = 0, at = 0; i < n && !rc; i++) {
+        const struct seq_layer *ly = &s->layer[ls[i]];
+        uint32_t k = cakeseq_prefix_len(s->cs, ls[i]);
+        for (uint32_t g = 0; g < Hkv; g++)
+            seq_positions_order(ly, g, k, S, bits, slot_of, perm + at + (size_t)g * k);
+        jobs[i] = (struct gpu_select){
+            .l = gpu_layer_view(e, s, ls[i]),
+            .ind_dev = s->ind_dev ? s->ind_dev + (size_t)ls[i] * Hkv * S : NULL,
+            .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
+            .slots = perm + at, .keep = perm + total + at,
+        };
+        at += Hkv * k;
+    }
+    double t1 = e->trace ? clock_now_s() : 0;
+    struct gpu_times gt = {0};
+    if (!rc) {
+        struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+        rc = gpuctx_select_compact_many(gc, jobs, n);
+        gpuctx_times(gc, &gt);
+        gpuexec_put(GEXEC(e, s), gc);
+    }
+    double t2 = e->trace ? clock_now_s() : 0;
+    for (uint32_t i = 0; i < n && !rc; i++)
+        rc = seq_positions_compact(s, &s->layer[ls[i]], jobs[i].keep, jobs[i].k, jobs[i].k,
+                                   jobs[i].win_len);
+    if (e->trace)
+        fprintf(stderr, "caked trace: seq %#llx prefill end: %u layers back in position order "
+                "on the GPU: order %.0f us, call %.0f us (kernels %.0f us on the device), "
+                "positions %.0f us\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
+                (t2 - t1) * 1e6, gt.kernel_us, (clock_now_s() - t2) * 1e6);
+    free(perm), free(slot_of), free(bits);
     return rc;
 }
 
@@ -364,5 +432,5 @@ static void gpu_decode_evict(const struct seq_env *e, struct seq *s, const uint3
 
 const struct seq_exec seq_exec_gpu = {
     .score = gpu_score, .selection = gpu_selection, .compact = gpu_compact,
-    .prefill_done = gpu_prefill_done, .decode_evict = gpu_decode_evict,
+    .prefill_order = gpu_prefill_order, .prefill_done = gpu_prefill_done, .decode_evict = gpu_decode_evict,
 };

@@ -37,6 +37,11 @@ struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint
  * positions follow its tokens. 0 or -ENOMEM (charged at open: seq_open's heap bound). */
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win);
+/* Head g's first k slots of ly (every position below S, each once) by ascending position:
+ * perm[i] = the slot holding the i-th lowest (for a positions-ordering compaction). bits:
+ * (S + 63) / 64 zero words, left zero; slot_of: S entries of scratch. O(k + S / 64). */
+void seq_positions_order(const struct seq_layer *ly, uint32_t g, uint32_t k, uint32_t S,
+                         uint64_t *bits, uint32_t *slot_of, uint32_t *perm);
 /* The same from what left instead of what stayed: per kv head g, the slots ev[g * n_ev ..
  * + n_ev) (ascending, below old) of the first `old` are gone, the rest (the window's `win`
  * after them) moved down in order. 0, -ENOMEM, or -EIO for a list out of order or range. */
@@ -56,6 +61,10 @@ struct seq_exec {
      * (r: tokens evicted, layers compacted). 0 or -errno. */
     int (*compact)(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
                    uint32_t n, struct seq_result *r);
+    /* The prompt's last layer applied: each layer's kept tokens back into positional order
+     * where compact left them out of it (decode pools neighbouring slots); NULL: compact
+     * keeps order. 0 or -errno. */
+    int (*prefill_order)(const struct seq_env *e, struct seq *s, struct seq_result *r);
     /* Prefill done (or the sequence freed): what score kept goes. */
     void (*prefill_done)(const struct seq_env *e, struct seq *s);
     /* Decode: layers over[n] over budget, scored by the ring's `valid` newest rows, evicted

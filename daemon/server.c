@@ -416,6 +416,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
         .job_delay_us = (unsigned)job_delay_ms * 1000,
         .workers_only = getenv("CAKED_DECODE_ON_WORKERS") && !strcmp(getenv("CAKED_DECODE_ON_WORKERS"), "1"),
+        .ordered = getenv("CAKED_COMPACT_ORDERED") && !strcmp(getenv("CAKED_COMPACT_ORDERED"), "1"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,

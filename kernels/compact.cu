@@ -122,7 +122,9 @@ __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_co
 
 // grid (kv_heads, jobs): the kept slots of each head, and the first row that moves (rows
 // below it keep their slot: the top-k's first removed slot, or the first listed slot out
-// of place)
+// of place). A fill job's keep then becomes the slot each new slot takes its token from:
+// itself for a kept slot below k, else (a hole, the r-th removed slot below k) the r-th
+// kept slot from k on.
 __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
 {
     __shared__ seldev::smem sh;
@@ -134,6 +136,7 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
     if (j.k > j.old)
         return; // the host checks it
     uint32_t *keep = j.keep + (size_t)g * j.k, first;
+    cm_tmp t = tmp_of(j, p.lay.kv_heads, p.row);
     if (j.slots) {
         if (tid == 0)
             sh.first = j.k;
@@ -148,14 +151,46 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
         first = sh.first;
     } else {
         first = seldev::topk_list(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
+        if (j.fill && first < j.k) {
+            __syncthreads(); // every slot of keep written
+            // c: the kept slots below k (keep is ascending); slot h of [first, k) is kept
+            // when it is listed among them, else a hole of rank h - (kept slots below h)
+            uint32_t lo = 0, hi = j.k;
+            while (lo < hi) {
+                uint32_t m = (lo + hi) / 2;
+                if (keep[m] < j.k)
+                    lo = m + 1;
+                else
+                    hi = m;
+            }
+            uint32_t c = lo;
+            uint32_t *map = (uint32_t *)t.rows + (size_t)g * (j.k + j.win) * 2 * p.row / 4;
+            for (uint32_t h = first + tid; h < j.k; h += seldev::THREADS) {
+                uint32_t a = 0, b = c;
+                while (a < b) {
+                    uint32_t m = (a + b) / 2;
+                    if (keep[m] < h)
+                        a = m + 1;
+                    else
+                        b = m;
+                }
+                map[h - first] = a < c && keep[a] == h ? h : keep[c + (h - a)];
+            }
+            __syncthreads(); // every read of keep done
+            for (uint32_t h = first + tid; h < j.k; h += seldev::THREADS)
+                keep[h] = map[h - first];
+        }
     }
     if (tid == 0)
-        tmp_of(j, p.lay.kv_heads, p.row).first[g] = first;
+        t.first[g] = first;
 }
 
 // grid (row blocks, kv_heads, jobs): gather (out = 0: slots into the scratch, the kept
 // indicator beside them) or scatter (out = 1: the scratch to rows from the first that
-// moves, the indicator to [kv_heads][k])
+// moves, the indicator to [kv_heads][k]). A fill job's kept rows move in the gather, each
+// straight from its source (from k on) to its hole (below k): none is read after a write;
+// only its window goes through the scratch, as its slots [k, k + win) may still be holes'
+// sources until every gather block is done.
 template <int OUT>
 __global__ void __launch_bounds__(256) cm_move(cmparams p)
 {
@@ -170,12 +205,19 @@ __global__ void __launch_bounds__(256) cm_move(cmparams p)
     cm_tmp t = tmp_of(j, hkv, p.row);
     const uint32_t *keep = j.keep + (size_t)g * j.k;
     uint32_t first = t.first[g], vec = (uint32_t)(p.row / 16), n = rows - r0;
+    int fill = j.fill && !j.slots;
     n = n < CM_ROWS ? n : CM_ROWS;
     for (uint32_t x = tid; x < n * 2 * vec; x += 256) {
         uint32_t i = r0 + x / (2 * vec), r = x % (2 * vec), v = r % vec;
         if (i < first)
             continue;
         size_t half = (size_t)(r / vec);
+        if (fill && i < j.k) { /* a hole takes its token in the gather; a kept slot stays */
+            if (!OUT && keep[i] != i)
+                *((uint4 *)(cm_row(p, j, g, i) + half * p.lay.v_offset_bytes) + v) =
+                    *((const uint4 *)(cm_row(p, j, g, keep[i]) + half * p.lay.v_offset_bytes) + v);
+            continue;
+        }
         uint4 *tp = (uint4 *)(t.rows + (((size_t)g * rows + i) * 2 + half) * p.row) + v;
         if (OUT) {
             *((uint4 *)(cm_row(p, j, g, i) + half * p.lay.v_offset_bytes) + v) = *tp;

@@ -107,9 +107,14 @@ int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, u
  * the per-layer calls above take ~15 a layer): job j is a layer whose kv head g keeps k of
  * its first `old` slots - the top k of ind[g][0..old) (kern_cuda_topk's choice: ties to the
  * lower position, NaN lowest) or, with `slots` set, the ones listed there ([kv_heads][k],
- * below old) - then the window [old, old + win), compacted to the front in that order. The
- * kept slots go to keep [kv_heads][k] and the indicator follows its tokens (ind [kv_heads]
- * [old] becomes [kv_heads][k]; NULL: none, with slots only). tmp: the job's device scratch,
+ * below old) - then the window [old, old + win), moved to [k, k + win). The kept tokens go
+ * to slots [0, k): in that order (ascending slots for the top k), or, for a top-k job with
+ * `fill` set, where the fewest rows move: a kept token below k stays in its slot and the
+ * holes below k (the removed slots there, ascending) take the kept tokens from k on
+ * (ascending), so slot order no longer follows position order (attention does not care;
+ * the caller's positions follow `keep`). keep [kv_heads][k] receives the slot each new
+ * slot's token came from, and the indicator follows its tokens (ind [kv_heads][old]
+ * becomes [kv_heads][k]; NULL: none, with slots only). tmp: the job's device scratch,
  * kern_cuda_compact_many_tmp bytes. jobs: a device array; max_rows at least every job's
  * k + win (it sizes the grid); k <= old for every job (one above it does nothing). The
  * layout is every job's. Asynchronous; 0, -EINVAL or -EIO. */
@@ -126,6 +131,7 @@ struct kern_cuda_compact_job {
     uint32_t *keep;             /* device [kv_heads][k]: the kept slots */
     void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win) */
     uint32_t old, k, win;
+    int fill;                   /* top-k jobs: fill the holes below k (see above) */
 };
 size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win);
 int kern_cuda_compact_many(const struct kern_cuda_layout *lay,

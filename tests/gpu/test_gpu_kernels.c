@@ -664,9 +664,25 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * layers of one layout over pages scattered through one pool, prefixes from 40 to ~40,000
  * slots (the longest walks the block's list many times), keeps of none, all and some,
  * windows of 0 to 40; indicators with ties (quantized) and a NaN or two; two layers with the
- * host's own slots (Ada-KV's per-head choice, not a top-k). Each head's kept slots must be
- * kern_topk's (or the host's), the first k + win slots the bytes kern_compact_head leaves,
- * the indicator [kv_heads][k] kern_gather_f32's, and the slots past them untouched. */
+ * host's own slots (Ada-KV's per-head choice, not a top-k; `fill` asked and ignored). The
+ * top-k layers fill their holes (`fill`: the long one among them) but layer 2, which keeps
+ * order. Each head's keep must be kern_topk's kept slots in ascending order (or the host's),
+ * or for a fill job the holes-filled map built from them (fill_map), the first k + win
+ * slots the bytes kern_compact_head leaves with that keep, the indicator [kv_heads][k]
+ * kern_gather_f32's by it, and the slots past them untouched. */
+static void fill_map(const uint32_t *asc, uint32_t k, uint32_t *map)
+{
+    uint32_t c = 0, rank = 0, at = 0;
+    while (c < k && asc[c] < k)
+        c++;
+    for (uint32_t h = 0; h < k; h++) {
+        if (at < c && asc[at] == h)
+            map[h] = h, at++;
+        else
+            map[h] = asc[c + rank++];
+    }
+}
+
 static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
 {
     enum { L = 6 };
@@ -724,7 +740,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     size_t at = 0;
 #define TAKE(b) (at = (at + 15) & ~(size_t)15, at += (b), dtab + at - (b))
     for (int l = 0; l < L; l++) {
-        jobs[l] = (struct kern_cuda_compact_job){.old = old[l], .k = k[l], .win = win[l]};
+        jobs[l] = (struct kern_cuda_compact_job){.old = old[l], .k = k[l], .win = win[l], .fill = l != 2};
         uint8_t *x = TAKE(sizeof(uint64_t) * np[l]);
         CK(cudaMemcpy(x, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
         jobs[l].page_off = (const uint64_t *)x;
@@ -749,18 +765,23 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1;
     for (int l = 0; l < L; l++) {
         uint32_t *got = malloc(sizeof(uint32_t) * Hkv * k[l] + 4), *keep = malloc(sizeof(uint32_t) * k[l] + 4);
+        uint32_t *asc = malloc(sizeof(uint32_t) * k[l] + 4);
+        uint8_t *scr = malloc(2 * row * k[l] + 16);
         float *gi = malloc(sizeof(float) * Hkv * k[l] + 4), *ci = malloc(sizeof(float) * k[l] + 4);
         CK(cudaMemcpy(got, jobs[l].keep, sizeof(uint32_t) * Hkv * k[l], cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(gi, jobs[l].ind, sizeof(float) * Hkv * k[l], cudaMemcpyDeviceToHost));
         for (uint32_t g = 0; g < Hkv; g++) {
             if (slots[l])
                 memcpy(keep, slots[l] + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
-            else
+            else if (!jobs[l].fill)
                 kern_topk(ind[l] + (size_t)g * old[l], old[l], k[l], KERN_ORDER_POSITION, keep);
+            else
+                kern_topk(ind[l] + (size_t)g * old[l], old[l], k[l], KERN_ORDER_POSITION, asc),
+                fill_map(asc, k[l], keep);
             same_keep &= !memcmp(keep, got + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
             kern_gather_f32(ind[l] + (size_t)g * old[l], keep, k[l], ci);
             same_ind &= !memcmp(ci, gi + (size_t)g * k[l], sizeof(float) * k[l]);
-            kern_compact_head(&kv[l], g, keep, k[l], old[l], win[l], NULL);
+            EXPECT(kern_compact_head(&kv[l], g, keep, k[l], old[l], win[l], scr) == 0, "the CPU's compaction");
             for (uint32_t t = 0; t < old[l] + win[l]; t++) {
                 size_t o = (size_t)((uint8_t *)kern_kv_key(&kv[l], g, t) - host);
                 int eq = !memcmp(back + o, host + o, row) && !memcmp(back + o + half, host + o + half, row);
@@ -770,7 +791,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                     rest &= eq; /* kern_compact_head leaves them too */
             }
         }
-        free(got), free(keep), free(gi), free(ci);
+        free(got), free(keep), free(gi), free(ci), free(asc), free(scr);
     }
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     EXPECT(same_keep, "%s Hkv %u d %u tpp %u: kept slots differ from kern_topk's", name, Hkv, d, tpp);

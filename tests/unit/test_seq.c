@@ -433,6 +433,59 @@ Test(seq, positions_compact_any_order)
     }
 }
 
+/* A GPU prefill's stages leave a layer's kept slots in any order; seq_positions_order gives
+ * the permutation that puts them back by position (every slot once, positions ascending,
+ * its bitmap left clear for the next head), and compacting by it (k = old) leaves the
+ * layer's positions ascending with the window after them. Prompts of 1..300 positions
+ * cross the bitmap's 64-bit words at every offset. */
+Test(seq, positions_order_sorts_any_slot_order)
+{
+    struct seq s = {.Hkv = 3, .max_new = 4};
+    uint64_t r = 12345, bits[5] = {0};
+    for (int round = 0; round < 200; round++) {
+        uint32_t S = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % 300, win = round % 4;
+        uint32_t k = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % (S + 1);
+        struct seq_layer a = {0};
+        uint32_t ident[3 * 304], slot_of[300], perm[3 * 300];
+        for (uint32_t g = 0; g < s.Hkv; g++)
+            for (uint32_t j = 0; j < k + win; j++)
+                ident[g * (k + win) + j] = j;
+        cr_assert_eq(seq_positions_compact(&s, &a, ident, k + win, k + win, 0), 0);
+        for (uint32_t g = 0; g < s.Hkv; g++) { /* k distinct positions below S, shuffled */
+            uint32_t *p = a.pos + (size_t)g * a.pos_cap;
+            uint8_t in[300] = {0};
+            for (uint32_t c = 0; c < k;) {
+                uint32_t x = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % S;
+                if (!in[x])
+                    in[x] = 1, p[c++] = x;
+            }
+            for (uint32_t j = 0; j < win; j++)
+                p[k + j] = S + j;
+        }
+        for (uint32_t g = 0; g < s.Hkv; g++) {
+            seq_positions_order(&a, g, k, S, bits, slot_of, perm + g * k);
+            uint8_t seen[300] = {0};
+            const uint32_t *p = a.pos + (size_t)g * a.pos_cap;
+            for (uint32_t i = 0; i < k; i++) {
+                cr_assert(perm[g * k + i] < k && !seen[perm[g * k + i]], "round %d head %u: slot %u "
+                          "listed twice or out of range", round, g, perm[g * k + i]);
+                seen[perm[g * k + i]] = 1;
+                cr_assert(i == 0 || p[perm[g * k + i]] > p[perm[g * k + i - 1]],
+                          "round %d head %u: not ascending at %u", round, g, i);
+            }
+            for (int w = 0; w < 5; w++)
+                cr_assert_eq(bits[w], 0, "round %d: bitmap word %d left set", round, w);
+        }
+        cr_assert_eq(seq_positions_compact(&s, &a, perm, k, k, win), 0);
+        for (uint32_t g = 0; g < s.Hkv; g++) {
+            const uint32_t *p = a.pos + (size_t)g * a.pos_cap;
+            for (uint32_t j = 1; j < k + win; j++)
+                cr_assert_gt(p[j], p[j - 1], "round %d head %u slot %u", round, g, j);
+        }
+        free(a.pos);
+    }
+}
+
 /* A GPU decode eviction answers with the removed slots (seq_positions_evict), the host path
  * and prefill with the kept ones (seq_positions_compact): the same removals give the same
  * positions, on a layer never compacted and on one compacted before; lists out of order or
