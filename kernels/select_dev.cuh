@@ -1,7 +1,9 @@
 // select_dev.cuh - one block's top-k of one indicator row, listed in position order: the
 // device code the one-launch eviction (evict.cu) and the one-pass compaction of many layers
 // (compact.cu) share. A radix select finds the k-th largest sort key (4 passes of 8 bits over
-// the row), then one ordered walk lists the kept slots (ascending) and the removed ones.
+// the row; a warp's lanes that fall in one bin add once), then one walk lists the kept slots
+// (ascending) and the removed ones: each warp a contiguous chunk of the row, its offsets from
+// the warps before it and its lanes' ballots (no block-wide scan inside the loop).
 // Ties go to the lower position and NaN ranks lowest (select.cu's and kern_topk's
 // KERN_ORDER_POSITION), so both equal the CPU's choice on the same row.
 #pragma once
@@ -22,9 +24,12 @@ __device__ __forceinline__ uint32_t sort_key(float f)
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+constexpr int WARPS = THREADS / 32;
+
 struct smem {
     typename cub::BlockScan<uint32_t, THREADS>::TempStorage scan;
     uint32_t hist[256], digit, need, first;
+    uint32_t wgt[WARPS], weq[WARPS]; // each warp's keys above / at the threshold
 };
 
 // Block-wide (blockDim.x == THREADS, every thread calls it): the top k of ind[0..S) (shared
@@ -35,7 +40,7 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
                                               uint32_t *keep, uint32_t *evo, smem &sh)
 {
     typedef cub::BlockScan<uint32_t, THREADS> scan_t;
-    uint32_t tid = threadIdx.x, key_t = 0xffffffffu, need = 0; // k = 0: no key reaches it
+    uint32_t tid = threadIdx.x, lane = tid % 32, w = tid / 32, key_t = 0xffffffffu, need = 0;
     if (tid == 0)
         sh.first = S;
     if (k) { // the k-th largest key, 8 bits a pass; `need` of the keys equal to it stay
@@ -45,10 +50,18 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
             int shift = 24 - 8 * pass;
             sh.hist[tid] = 0;
             __syncthreads();
-            for (uint32_t j = tid; j < S; j += THREADS) {
-                uint32_t key = sort_key(ind[j]);
-                if ((key & mask) == prefix)
-                    atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
+            // scores crowd into a few bins (their exponents): one add per bin and warp, or
+            // the shared-memory atomics on those bins queue up
+            for (uint32_t j0 = tid - lane; j0 < S; j0 += THREADS) {
+                uint32_t j = j0 + lane, bin = 0xffffffffu;
+                if (j < S) {
+                    uint32_t key = sort_key(ind[j]);
+                    if ((key & mask) == prefix)
+                        bin = (key >> shift) & 255u;
+                }
+                uint32_t peers = __match_any_sync(0xffffffffu, bin);
+                if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+                    atomicAdd(&sh.hist[bin], (uint32_t)__popc(peers));
             }
             __syncthreads();
             uint32_t c = sh.hist[255 - tid], incl; // counted from the top bin down
@@ -61,27 +74,43 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
         }
         key_t = prefix;
     }
-    // one ordered walk: kept slots to keep, removed ones to evo
-    uint32_t kept = 0, evd = 0, eq_seen = 0;
-    for (uint32_t b0 = 0; b0 < S; b0 += THREADS) {
-        uint32_t j = b0 + tid, in = j < S, key = in && k ? sort_key(ind[j]) : 0;
-        uint32_t eq = in && k && key == key_t, gt = in && k && key > key_t, eqr, eq_tot;
-        scan_t(sh.scan).ExclusiveSum(eq, eqr, eq_tot);
-        __syncthreads();
-        uint32_t kp = gt || (eq && eq_seen + eqr < need), kr, k_tot;
-        scan_t(sh.scan).ExclusiveSum(kp, kr, k_tot);
-        __syncthreads();
+    // warp w walks [a, e): first its counts above / at the threshold (coalesced), then its
+    // offsets from the warps before it, then the lists, a ballot per 32 slots
+    uint32_t cw = ((S + WARPS - 1) / WARPS + 31) & ~31u;
+    uint32_t a = w * cw < S ? w * cw : S, e = a + cw < S ? a + cw : S;
+    uint32_t gt = 0, eq = 0;
+    for (uint32_t j = a + lane; k && j < e; j += 32) {
+        uint32_t key = sort_key(ind[j]);
+        gt += key > key_t, eq += key == key_t;
+    }
+    for (int o = 16; o; o >>= 1)
+        gt += __shfl_xor_sync(0xffffffffu, gt, o), eq += __shfl_xor_sync(0xffffffffu, eq, o);
+    if (lane == 0)
+        sh.wgt[w] = gt, sh.weq[w] = eq;
+    __syncthreads();
+    uint32_t gt_before = 0, eq_before = 0;
+    for (uint32_t i = 0; i < w; i++)
+        gt_before += sh.wgt[i], eq_before += sh.weq[i];
+    // equal keys stay in slot order: the first `need` of them in the row
+    uint32_t take = eq_before >= need ? 0 : (eq < need - eq_before ? eq : need - eq_before);
+    uint32_t off = gt_before + (eq_before < need ? eq_before : need); // kept before the chunk
+    uint32_t ro = a - off, eq_seen = 0, lt = (1u << lane) - 1;         // removed before it
+    for (uint32_t j0 = a; j0 < e; j0 += 32) {
+        uint32_t j = j0 + lane, in = j < e, key = in && k ? sort_key(ind[j]) : 0;
+        uint32_t is_gt = in && k && key > key_t, is_eq = in && k && key == key_t;
+        uint32_t beq = __ballot_sync(0xffffffffu, is_eq);
+        uint32_t kp = is_gt || (is_eq && eq_seen + __popc(beq & lt) < take);
+        uint32_t bk = __ballot_sync(0xffffffffu, kp), bin = __ballot_sync(0xffffffffu, in);
         if (kp) {
-            keep[kept + kr] = j;
+            keep[off + __popc(bk & lt)] = j;
         } else if (in) {
-            uint32_t at = evd + (tid - kr);
+            uint32_t at = ro + __popc(bin & ~bk & lt);
             if (evo)
                 evo[at] = j;
             if (at == 0)
                 sh.first = j;
         }
-        uint32_t here = S - b0 < THREADS ? S - b0 : THREADS;
-        eq_seen += eq_tot, kept += k_tot, evd += here - k_tot;
+        off += __popc(bk), ro += __popc(bin & ~bk), eq_seen += __popc(beq);
     }
     __syncthreads();
     return sh.first;
