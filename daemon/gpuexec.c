@@ -275,6 +275,8 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
     size_t qb = al(row * r->q_heads * r->w);
     size_t ws = al(rank_ws(l, r->q_heads, r->w, S, rk->pool));
     size_t lb = lse ? sizeof(float) * r->q_heads * (r->w + 1) : 0; /* the rows', the newest's */
+    c->times = (struct gpu_times){0};
+    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     if (reserve(c, pg + rg + qb + ws + lb, pg + rg + lb))
         return -ENOMEM;
     struct kern_cuda_kv kv;
@@ -291,10 +293,23 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
         if (cudaMemcpyAsync(dl, hl, lb, cudaMemcpyHostToDevice, c->stream) != cudaSuccess)
             rc = -EIO;
     }
+    if (c->timing) {
+        c->times.prep_us = clock_now_s() * 1e6 - t0;
+        cudaEventRecord(c->ev0, c->stream);
+    }
     if (!rc)
         rc = rank_layer(&kv, q, dl, dl ? dl + r->q_heads * r->w : NULL, r->q_heads, r->w, S, rk,
                         ind_dev, entropy, variance, q + qb, ws, c->stream);
-    return finish(c, rc);
+    if (c->timing)
+        cudaEventRecord(c->ev1, c->stream);
+    rc = finish(c, rc);
+    if (c->timing) { /* the kernels and the statistics' copy back (rank_layer waits for it) */
+        float ms = 0;
+        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
+        c->times.kernel_us = ms * 1e3;
+        c->times.total_us = clock_now_s() * 1e6 - t0;
+    }
+    return rc;
 }
 
 int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,

@@ -161,12 +161,12 @@ int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uin
 int gpuctx_ready(struct gpuctx *c);
 int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 
-/* Timing (CAKED_TRACE): with it on, each context keeps where its last one-launch eviction
- * or cascading stage (gpuctx_select_compact_many) spent its time - host work before the
- * launch (job and page tables made and sent, the buffers grown), the kernels' own time on
- * the device (CUDA events around them), and the whole call - in microseconds, and whether
- * the call grew the context's buffers (cudaFree and cudaMallocHost wait for the device);
- * all 0 after a layer-by-layer eviction. */
+/* Timing (CAKED_TRACE): with it on, each context keeps where its last one-launch eviction,
+ * scoring (gpuctx_score) or cascading stage (gpuctx_select_compact_many) spent its time -
+ * host work before the launch (job and page tables made and sent, the buffers grown), the
+ * kernels' own time on the device (CUDA events around them), and the whole call - in
+ * microseconds, and whether the call grew the context's buffers (cudaFree and
+ * cudaMallocHost wait for the device); all 0 after a layer-by-layer eviction. */
 struct gpu_times {
     double prep_us, kernel_us, total_us;
     int grew;

@@ -88,6 +88,13 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
         int stats = !(rk.last || rk.position) || s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
         rc = gpuctx_score(gc, &gl, &gr, s->lse, S, &rk, dst, stats ? &r->ent : NULL,
                           stats ? &r->var : NULL);
+        struct gpu_times gt;
+        gpuctx_times(gc, &gt);
+        if (e->trace)
+            fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU: tables and ring "
+                    "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us\n",
+                    (unsigned long long)s->id, layer, gt.prep_us, gt.grew ? " (buffers grown)" : "",
+                    gt.kernel_us, gt.total_us);
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
