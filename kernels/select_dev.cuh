@@ -25,6 +25,7 @@ __device__ __forceinline__ uint32_t sort_key(float f)
 }
 
 constexpr int WARPS = THREADS / 32;
+constexpr int UNROLL = 4; // a histogram pass's loads in flight per thread
 
 struct smem {
     typename cub::BlockScan<uint32_t, THREADS>::TempStorage scan;
@@ -52,16 +53,26 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
             __syncthreads();
             // scores crowd into a few bins (their exponents): one add per bin and warp, or
             // the shared-memory atomics on those bins queue up
-            for (uint32_t j0 = tid - lane; j0 < S; j0 += THREADS) {
-                uint32_t j = j0 + lane, bin = 0xffffffffu;
-                if (j < S) {
-                    uint32_t key = sort_key(ind[j]);
-                    if ((key & mask) == prefix)
-                        bin = (key >> shift) & 255u;
+            // (UNROLL loads in flight a thread: a long row's passes wait on memory)
+            for (uint32_t j0 = tid - lane; j0 < S; j0 += UNROLL * THREADS) {
+                float v[UNROLL];
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    uint32_t j = j0 + u * THREADS + lane;
+                    v[u] = j < S ? ind[j] : 0.0f;
                 }
-                uint32_t peers = __match_any_sync(0xffffffffu, bin);
-                if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
-                    atomicAdd(&sh.hist[bin], (uint32_t)__popc(peers));
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    uint32_t j = j0 + u * THREADS + lane, bin = 0xffffffffu;
+                    if (j < S) {
+                        uint32_t key = sort_key(v[u]);
+                        if ((key & mask) == prefix)
+                            bin = (key >> shift) & 255u;
+                    }
+                    uint32_t peers = __match_any_sync(0xffffffffu, bin);
+                    if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+                        atomicAdd(&sh.hist[bin], (uint32_t)__popc(peers));
+                }
             }
             __syncthreads();
             uint32_t c = sh.hist[255 - tid], incl; // counted from the top bin down
@@ -79,6 +90,7 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
     uint32_t cw = ((S + WARPS - 1) / WARPS + 31) & ~31u;
     uint32_t a = w * cw < S ? w * cw : S, e = a + cw < S ? a + cw : S;
     uint32_t gt = 0, eq = 0;
+#pragma unroll UNROLL
     for (uint32_t j = a + lane; k && j < e; j += 32) {
         uint32_t key = sort_key(ind[j]);
         gt += key > key_t, eq += key == key_t;
@@ -95,8 +107,10 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
     uint32_t take = eq_before >= need ? 0 : (eq < need - eq_before ? eq : need - eq_before);
     uint32_t off = gt_before + (eq_before < need ? eq_before : need); // kept before the chunk
     uint32_t ro = a - off, eq_seen = 0, lt = (1u << lane) - 1;         // removed before it
+    float nx = a + lane < e && k ? ind[a + lane] : 0.0f; // each slot's value a step ahead
     for (uint32_t j0 = a; j0 < e; j0 += 32) {
-        uint32_t j = j0 + lane, in = j < e, key = in && k ? sort_key(ind[j]) : 0;
+        uint32_t j = j0 + lane, in = j < e, key = in && k ? sort_key(nx) : 0;
+        nx = j + 32 < e && k ? ind[j + 32] : 0.0f;
         uint32_t is_gt = in && k && key > key_t, is_eq = in && k && key == key_t;
         uint32_t beq = __ballot_sync(0xffffffffu, is_eq);
         uint32_t kp = is_gt || (is_eq && eq_seen + __popc(beq & lt) < take);
