@@ -510,7 +510,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
                              uint32_t nq, uint32_t tpp, int pool, uint32_t radius, float gamma,
                              int var_only)
 {
-    enum { L = 6 };
+    enum { L = 7 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     struct shm_ring rg = shm_ring_geom(H, w, (uint32_t)row, pb);
     uint32_t n[L], k[L], np[L], S[L], max_S = 0, first = (uint32_t)(urand() * w), P = 0;
@@ -660,11 +660,12 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     free(host), free(back), free(perm), free(q);
 }
 
-/* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: six
+/* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: seven
  * layers of one layout over pages scattered through one pool, prefixes from 40 to ~40,000
  * slots (the longest walks the block's list many times), keeps of none, all and some,
  * windows of 0 to 40; indicators with ties (quantized) and a NaN or two; two layers with the
- * host's own slots (Ada-KV's per-head choice, not a top-k; `fill` asked and ignored). The
+ * host's own slots (Ada-KV's per-head choice, not a top-k; `fill` asked and ignored) and one
+ * whose slots are a shuffle of all of them (k = old: a prefill's end restoring order). The
  * top-k layers fill their holes (`fill`: the long one among them) but layer 2, which keeps
  * order. Each head's keep must be kern_topk's kept slots in ascending order (or the host's),
  * or for a fill job the holes-filled map built from them (fill_map), the first k + win
@@ -685,12 +686,12 @@ static void fill_map(const uint32_t *asc, uint32_t k, uint32_t *map)
 
 static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
 {
-    enum { L = 6 };
+    enum { L = 7 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     uint32_t old[L], k[L], win[L], np[L], P = 0, max_rows = 0;
     for (int l = 0; l < L; l++) {
         old[l] = l == 0 ? 30000 + (uint32_t)(urand() * 10000) : 40 + (uint32_t)(urand() * 3000);
-        k[l] = l == 1 ? 0 : l == 2 ? old[l] : (uint32_t)(urand() * old[l]);
+        k[l] = l == 1 ? 0 : l == 2 || l == 6 ? old[l] : (uint32_t)(urand() * old[l]);
         win[l] = l == 3 ? 0 : (uint32_t)(urand() * 41);
         np[l] = (old[l] + win[l] + tpp - 1) / tpp, P += np[l];
         max_rows = k[l] + win[l] > max_rows ? k[l] + win[l] : max_rows;
@@ -717,7 +718,14 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
             ind[l][i] = (float)(floor(urand() * levels) / levels);
         ind[l][(size_t)(urand() * Hkv * old[l])] = NAN;
         slots[l] = NULL;
-        if (l >= 4 && k[l]) { /* the host's choice: any k of the first old, ascending */
+        if (l == 6) { /* a permutation of every slot (a prefill's end restoring position order) */
+            slots[l] = malloc(sizeof(uint32_t) * Hkv * k[l]);
+            for (uint32_t g = 0; g < Hkv; g++) {
+                uint32_t *sh = shuffled(k[l]);
+                memcpy(slots[l] + (size_t)g * k[l], sh, sizeof(uint32_t) * k[l]);
+                free(sh);
+            }
+        } else if (l >= 4 && k[l]) { /* the host's choice: any k of the first old, ascending */
             slots[l] = malloc(sizeof(uint32_t) * Hkv * k[l]);
             for (uint32_t g = 0; g < Hkv; g++) {
                 uint32_t *sp = slots[l] + (size_t)g * k[l], need = k[l];
