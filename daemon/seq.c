@@ -673,7 +673,7 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
     if (!r->rc && s->cfg.cascading)
         s->rs_pending = 0; /* this stage re-selected every layer at the (lowered) total */
     if (!r->rc && layer == s->L - 1 && x->prefill_order) /* slots ascend again for decode */
-        r->rc = x->prefill_order(e, s, r);
+        r->rc = x->prefill_order(e, s);
     if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
         x->prefill_done(e, s);

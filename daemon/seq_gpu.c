@@ -176,9 +176,8 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
  * last layer is applied, every such layer's prefix is permuted into position order in one
  * pass (slot jobs, k = old; the indicator follows, for H2O). Layers with per-head holes
  * (the host's slots, never filled) are left as they are. */
-static int gpu_prefill_order(const struct seq_env *e, struct seq *s, struct seq_result *r)
+static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
 {
-    (void)r;
     uint32_t S = seq_scored_len(s), Hkv = s->Hkv, n = 0, ls[SEQ_MAX_LAYERS];
     size_t total = 0;
     for (uint32_t l = 0; l < s->L; l++) {
@@ -186,8 +185,8 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s, struct seq_
         uint32_t k = cakeseq_prefix_len(s->cs, l);
         if (!ly->pos || cakeseq_head_kept(s->cs, l) || k > ly->tokens || k > S)
             continue;
-        int sorted = 1;
-        for (uint32_t g = 0; g < Hkv && sorted; g++) {
+        int sorted = 1; /* every position checked: seq_positions_order indexes by them */
+        for (uint32_t g = 0; g < Hkv; g++) {
             const uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
             for (uint32_t j = 0; j < k; j++)
                 if (p[j] >= S) /* a prefix slot holds a prompt position below S */

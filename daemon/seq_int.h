@@ -64,7 +64,7 @@ struct seq_exec {
     /* The prompt's last layer applied: each layer's kept tokens back into positional order
      * where compact left them out of it (decode pools neighbouring slots); NULL: compact
      * keeps order. 0 or -errno. */
-    int (*prefill_order)(const struct seq_env *e, struct seq *s, struct seq_result *r);
+    int (*prefill_order)(const struct seq_env *e, struct seq *s);
     /* Prefill done (or the sequence freed): what score kept goes. */
     void (*prefill_done)(const struct seq_env *e, struct seq *s);
     /* Decode: layers over[n] over budget, scored by the ring's `valid` newest rows, evicted
