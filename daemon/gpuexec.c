@@ -302,8 +302,10 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
                         ind_dev, entropy, variance, q + qb, ws, c->stream);
     if (c->timing)
         cudaEventRecord(c->ev1, c->stream);
+    double ts = c->timing ? clock_now_s() * 1e6 : 0;
     rc = finish(c, rc);
     if (c->timing) { /* the kernels and the statistics' copy back (rank_layer waits for it) */
+        c->times.sync_us = clock_now_s() * 1e6 - ts;
         float ms = 0;
         cudaEventElapsedTime(&ms, c->ev0, c->ev1);
         c->times.kernel_us = ms * 1e3;
@@ -378,7 +380,14 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
  * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
- * slots; on the device behind them the kept slots (one copy back) and each job's scratch. */
+ * slots; on the device behind them what comes back in one copy (each job's kept slots, or a
+ * fill job's moves and their counts where the caller asked for those), then the kept slots
+ * that stay on the device, then each job's scratch. */
+static int wants_moves(const struct gpu_select *j)
+{
+    return j->moves && j->fill && !j->slots;
+}
+
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
     c->times = (struct gpu_times){0};
@@ -386,7 +395,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         return 0;
     double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_layer *l0 = &jobs[0].l;
-    size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), keeps = 0, tmps = 0;
+    size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), rets = 0, keeps = 0, tmps = 0;
     uint32_t max_rows = 0;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
@@ -401,14 +410,19 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             if (j->slots[x] >= j->old)
                 return -EINVAL;
         staged += al(sizeof(uint64_t) * l->n_pages) + (j->slots ? al(kb) : 0);
-        keeps += al(kb);
+        if (wants_moves(j))
+            rets += al(sizeof(uint32_t) * l->kv_heads) +
+                    al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k)),
+            keeps += al(kb);
+        else
+            rets += al(kb);
         tmps += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
         max_rows = j->k + j->win_len > max_rows ? j->k + j->win_len : max_rows;
     }
-    if (reserve(c, staged + keeps + tmps, staged + keeps))
+    if (reserve(c, staged + rets + keeps + tmps, staged + rets))
         return -ENOMEM;
     struct kern_cuda_compact_job *kj = (struct kern_cuda_compact_job *)c->hbuf;
-    size_t at = al(sizeof(*kj) * n), kat = staged, tat = staged + keeps;
+    size_t at = al(sizeof(*kj) * n), rat = staged, kat = staged + rets, tat = staged + rets + keeps;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
         const struct gpu_layer *l = &j->l;
@@ -417,8 +431,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         for (uint32_t p = 0; p < l->n_pages; p++)
             po[p] = (uint64_t)l->pages[p] * l->page_bytes;
         kj[i] = (struct kern_cuda_compact_job){
-            .page_off = (const uint64_t *)(c->dbuf + at), .ind = j->ind_dev,
-            .keep = (uint32_t *)(c->dbuf + kat), .tmp = c->dbuf + tat,
+            .page_off = (const uint64_t *)(c->dbuf + at), .ind = j->ind_dev, .tmp = c->dbuf + tat,
             .old = j->old, .k = j->k, .win = j->win_len, .fill = j->fill && !j->slots,
         };
         at += al(sizeof(uint64_t) * l->n_pages);
@@ -427,7 +440,17 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             kj[i].slots = (const uint32_t *)(c->dbuf + at);
             at += al(kb);
         }
-        kat += al(kb);
+        if (wants_moves(j)) {
+            kj[i].n_moves = (uint32_t *)(c->dbuf + rat);
+            rat += al(sizeof(uint32_t) * l->kv_heads);
+            kj[i].moves = (uint32_t *)(c->dbuf + rat);
+            rat += al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k));
+            kj[i].keep = (uint32_t *)(c->dbuf + kat);
+            kat += al(kb);
+        } else {
+            kj[i].keep = (uint32_t *)(c->dbuf + rat);
+            rat += al(kb);
+        }
         tat += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
     }
     struct kern_cuda_layout lay = {
@@ -446,17 +469,30 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
                                     c->stream);
     if (c->timing)
         cudaEventRecord(c->ev1, c->stream);
-    if (!rc && keeps && /* the kept slots, for the sequence's positions */
-        cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, keeps, cudaMemcpyDeviceToHost,
+    if (!rc && rets && /* the kept slots or the moves, for the sequence's positions */
+        cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
+    double ts = c->timing ? clock_now_s() * 1e6 : 0;
     if ((rc = finish(c, rc)))
         return rc;
-    kat = staged;
+    if (c->timing)
+        c->times.sync_us = clock_now_s() * 1e6 - ts;
+    rat = staged;
     for (uint32_t i = 0; i < n; i++) {
-        size_t kb = sizeof(uint32_t) * jobs[i].l.kv_heads * jobs[i].k;
-        memcpy(jobs[i].keep, c->hbuf + kat, kb);
-        kat += al(kb);
+        const struct gpu_select *j = &jobs[i];
+        uint32_t hkv = j->l.kv_heads;
+        if (wants_moves(j)) {
+            size_t mb = 2 * sizeof(uint32_t) * hkv * kern_cuda_compact_moves(j->old, j->k);
+            memcpy(j->n_moves, c->hbuf + rat, sizeof(uint32_t) * hkv);
+            rat += al(sizeof(uint32_t) * hkv);
+            memcpy(j->moves, c->hbuf + rat, mb);
+            rat += al(mb);
+        } else {
+            size_t kb = sizeof(uint32_t) * hkv * j->k;
+            memcpy(j->keep, c->hbuf + rat, kb);
+            rat += al(kb);
+        }
     }
     if (c->timing) {
         float ms = 0;

@@ -85,7 +85,16 @@ struct gpu_select {
     const uint32_t *slots;       /* host [kv_heads][k] slots below old to keep, or NULL */
     uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot */
     int fill;                    /* top-k jobs: fill the holes below k rather than keep order */
+    /* fill jobs, or NULL: receive only what moved instead of keep (which is then left as it
+     * is) - head g's holes below k as (hole, source) pairs at moves[g * bound * 2 ..] and
+     * their count in n_moves[g], bound = gpu_select_moves(old, k) */
+    uint32_t *moves, *n_moves;
 };
+/* The (hole, source) pairs a fill job's head can have (kern_cuda_compact_moves). */
+static inline uint32_t gpu_select_moves(uint32_t old, uint32_t k)
+{
+    return old - k < k ? old - k : k;
+}
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
 /* Device -> host (any memory) copy on the context's stream, waited for. 0 or -EIO. */
@@ -168,7 +177,7 @@ int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint3
  * microseconds, and whether the call grew the context's buffers (cudaFree and
  * cudaMallocHost wait for the device); all 0 after a layer-by-layer eviction. */
 struct gpu_times {
-    double prep_us, kernel_us, total_us;
+    double prep_us, kernel_us, total_us, sync_us; /* sync: the wait for the stream at the end */
     int grew;
 };
 void gpuexec_set_timing(struct gpuexec *g, int on);

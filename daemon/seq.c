@@ -135,14 +135,53 @@ static uint64_t seq_positions_bound(const struct seq *s)
     return 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1);
 }
 
+/* A layer's first compaction: room for its k + win slots and every decode token. */
+static int positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win)
+{
+    uint32_t cap = k + win + (s->max_new - s->decoded) + 1;
+    if (!(ly->pos = malloc(sizeof(uint32_t) * (size_t)s->Hkv * cap)))
+        return -ENOMEM;
+    ly->pos_cap = cap;
+    return 0;
+}
+
+int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *moves,
+                       const uint32_t *n_moves, uint32_t bound, uint32_t k, uint32_t old,
+                       uint32_t win)
+{
+    for (uint32_t g = 0; g < s->Hkv; g++) { /* checked before anything changes */
+        const uint32_t *mv = moves + (size_t)g * bound * 2;
+        if (n_moves[g] > bound)
+            return -EIO;
+        for (uint32_t m = 0; m < n_moves[g]; m++)
+            if (mv[2 * m] >= k || mv[2 * m + 1] < k || mv[2 * m + 1] >= old)
+                return -EIO;
+    }
+    int first = !ly->pos; /* slot i held position i */
+    if (first && positions_alloc(s, ly, k, win))
+        return -ENOMEM;
+    CAKE_CHECK(k + win <= ly->pos_cap && (first || old + win <= ly->pos_cap));
+    for (uint32_t g = 0; g < s->Hkv; g++) {
+        uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+        const uint32_t *mv = moves + (size_t)g * bound * 2;
+        if (first)
+            for (uint32_t j = 0; j < k; j++)
+                p[j] = j;
+        for (uint32_t m = 0; m < n_moves[g]; m++) /* a source (from k on) is never a hole */
+            p[mv[2 * m]] = first ? mv[2 * m + 1] : p[mv[2 * m + 1]];
+        for (uint32_t j = 0; j < win; j++)
+            p[k + j] = first ? old + j : p[old + j]; /* old >= k: ascending is safe */
+    }
+    return 0;
+}
+
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win)
 {
     if (!ly->pos) { /* first compaction: slot i held position i */
-        uint32_t cap = k + win + (s->max_new - s->decoded) + 1;
-        if (!(ly->pos = malloc(sizeof(uint32_t) * (size_t)s->Hkv * cap)))
+        if (positions_alloc(s, ly, k, win))
             return -ENOMEM;
-        ly->pos_cap = cap;
+        uint32_t cap = ly->pos_cap;
         for (uint32_t g = 0; g < s->Hkv; g++) {
             uint32_t *p = ly->pos + (size_t)g * cap;
             for (uint32_t j = 0; j < k; j++)

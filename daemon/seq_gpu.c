@@ -92,9 +92,9 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
         gpuctx_times(gc, &gt);
         if (e->trace)
             fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU: tables and ring "
-                    "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us\n",
-                    (unsigned long long)s->id, layer, gt.prep_us, gt.grew ? " (buffers grown)" : "",
-                    gt.kernel_us, gt.total_us);
+                    "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us (its "
+                    "wait at the end %.0f us)\n", (unsigned long long)s->id, layer, gt.prep_us,
+                    gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us);
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
@@ -127,23 +127,34 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
                        uint32_t n, struct seq_result *r)
 {
     struct gpu_select jobs[SEQ_MAX_LAYERS];
-    uint32_t S = seq_scored_len(s);
-    size_t keep_n = 0;
+    uint32_t S = seq_scored_len(s), Hkv = s->Hkv;
+    /* what comes back: a top-k job's moves (fill: the holes it filled, far fewer than its
+     * kept slots once a layer has been compacted), the host's slots' kept slots */
+    size_t back_n = 0;
     for (uint32_t i = 0; i < n; i++)
-        keep_n += (size_t)s->Hkv * ev[i].kept;
-    uint32_t *keep = malloc(sizeof(uint32_t) * (keep_n + 1)); /* the kept slots come back */
-    if (!keep)
+        back_n += !e->ordered && !ev[i].slots
+                      ? (size_t)Hkv * (2 * gpu_select_moves(ev[i].old_prefix, ev[i].kept) + 1)
+                      : (size_t)Hkv * ev[i].kept;
+    uint32_t *back = malloc(sizeof(uint32_t) * (back_n + 1));
+    if (!back)
         return -ENOMEM;
     for (uint32_t i = 0, at = 0; i < n; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
-            .ind_dev = s->ind_dev + (size_t)ev[i].layer * s->Hkv * S,
+            .ind_dev = s->ind_dev + (size_t)ev[i].layer * Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            .slots = ev[i].slots, .keep = keep + at, .fill = !e->ordered,
+            .slots = ev[i].slots, .fill = !e->ordered,
         };
-        at += s->Hkv * ev[i].kept;
+        if (!e->ordered && !ev[i].slots) {
+            jobs[i].n_moves = back + at;
+            jobs[i].moves = back + at + Hkv;
+            at += Hkv * (2 * gpu_select_moves(ev[i].old_prefix, ev[i].kept) + 1);
+        } else {
+            jobs[i].keep = back + at;
+            at += Hkv * ev[i].kept;
+        }
     }
     double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
@@ -155,19 +166,21 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
     double t2 = e->trace ? clock_now_s() : 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
-        uint32_t win = ly->tokens - ev[i].old_prefix;
-        r->evicted_tokens += ev[i].old_prefix - ev[i].kept;
-        ly->tokens = ev[i].kept + win;
+        uint32_t win = ly->tokens - ev[i].old_prefix, k = ev[i].kept, old = ev[i].old_prefix;
+        r->evicted_tokens += old - k;
+        ly->tokens = k + win;
         r->ev_layers[r->n_ev++] = ev[i].layer;
-        rc = seq_positions_compact(s, ly, jobs[i].keep, ev[i].kept, ev[i].old_prefix, win);
+        rc = jobs[i].moves ? seq_positions_fill(s, ly, jobs[i].moves, jobs[i].n_moves,
+                                                gpu_select_moves(old, k), k, old, win)
+                           : seq_positions_compact(s, ly, jobs[i].keep, k, old, win);
     }
     if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
         fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU: context %.0f us, "
-                "tables %.0f us%s, kernels %.0f us on the device, call %.0f us, positions %.0f us\n",
-                (unsigned long long)s->id, n, (t1 - t0) * 1e6, gt.prep_us,
-                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
-                (clock_now_s() - t2) * 1e6);
-    free(keep);
+                "tables %.0f us%s, kernels %.0f us on the device, call %.0f us (its wait at the "
+                "end %.0f us), positions %.0f us\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
+                gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
+                gt.sync_us, (clock_now_s() - t2) * 1e6);
+    free(back);
     return rc;
 }
 

@@ -37,6 +37,13 @@ struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint
  * positions follow its tokens. 0 or -ENOMEM (charged at open: seq_open's heap bound). */
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win);
+/* The same after a fill compaction from what moved only (gpu_select's moves): per kv head
+ * g, n_moves[g] pairs (hole below k, source from k on, below old) at moves[g * bound * 2],
+ * every other slot below k kept its token, the `win` slots from `old` follow at k. 0,
+ * -ENOMEM, or -EIO for a move out of range (nothing changed). */
+int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *moves,
+                       const uint32_t *n_moves, uint32_t bound, uint32_t k, uint32_t old,
+                       uint32_t win);
 /* Head g's first k slots of ly (every position below S, each once) by ascending position:
  * perm[i] = the slot holding the i-th lowest (for a positions-ordering compaction). bits:
  * (S + 63) / 64 zero words, left zero; slot_of: S entries of scratch. O(k + S / 64). */

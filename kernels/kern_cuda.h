@@ -132,7 +132,19 @@ struct kern_cuda_compact_job {
     void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win) */
     uint32_t old, k, win;
     int fill;                   /* top-k jobs: fill the holes below k (see above) */
+    /* fill jobs, or NULL: what moved, for a caller that follows it without all of keep -
+     * head g's holes below k, ascending, as (hole, source slot) pairs at moves[g *
+     * kern_cuda_compact_moves(old, k) * 2 ..], and how many in n_moves[g] (device) */
+    uint32_t *moves, *n_moves;
 };
+/* The (hole, source) pairs a fill job's head can have: min(k, old - k). */
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline uint32_t kern_cuda_compact_moves(uint32_t old, uint32_t k)
+{
+    return old - k < k ? old - k : k;
+}
 size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win);
 int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
                            const struct kern_cuda_compact_job *jobs_dev, uint32_t n_jobs,

@@ -433,6 +433,77 @@ Test(seq, positions_compact_any_order)
     }
 }
 
+/* A GPU prefill's fill compaction answers with its moves only (each hole below k with its
+ * source): seq_positions_fill must leave exactly what seq_positions_compact leaves with the
+ * whole holes-filled keep, on a layer never compacted and on one compacted before; a move
+ * out of range (a hole at or above k, a source below k or at or above old, more moves than
+ * the bound) is refused with nothing changed. */
+Test(seq, positions_fill_equals_compact)
+{
+    struct seq s = {.Hkv = 2, .max_new = 6};
+    uint64_t r = 4242;
+    for (int round = 0; round < 120; round++) {
+        uint32_t old = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % 150, win = round % 4;
+        uint32_t k = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % (old + 1);
+        uint32_t bound = old - k < k ? old - k : k;
+        struct seq_layer a = {0}, b = {0};
+        if (round % 2) { /* compacted before: slot j holds 5 j + g */
+            uint32_t id[2 * 160];
+            for (uint32_t g = 0; g < s.Hkv; g++)
+                for (uint32_t j = 0; j < old + win; j++)
+                    id[g * (old + win) + j] = j;
+            cr_assert_eq(seq_positions_compact(&s, &a, id, old + win, old + win, 0), 0);
+            cr_assert_eq(seq_positions_compact(&s, &b, id, old + win, old + win, 0), 0);
+            for (uint32_t g = 0; g < s.Hkv; g++)
+                for (uint32_t j = 0; j < old + win; j++)
+                    a.pos[(size_t)g * a.pos_cap + j] = b.pos[(size_t)g * b.pos_cap + j] = 5 * j + g;
+        }
+        uint32_t keep[2 * 150], moves[2 * 2 * 150], n_moves[2];
+        for (uint32_t g = 0; g < s.Hkv; g++) {
+            uint8_t in[150] = {0};
+            uint32_t asc[150], c = 0, rank = 0, at = 0;
+            for (uint32_t m = 0; m < k;) {
+                uint32_t j = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % old;
+                m += !in[j], in[j] = 1;
+            }
+            for (uint32_t j = 0, m = 0; j < old; j++)
+                if (in[j])
+                    asc[m++] = j;
+            while (c < k && asc[c] < k)
+                c++;
+            n_moves[g] = 0;
+            for (uint32_t h = 0; h < k; h++) {
+                keep[g * k + h] = at < c && asc[at] == h ? (at++, h) : asc[c + rank++];
+                if (keep[g * k + h] != h) {
+                    moves[(g * bound + n_moves[g]) * 2] = h;
+                    moves[(g * bound + n_moves[g]) * 2 + 1] = keep[g * k + h];
+                    n_moves[g]++;
+                }
+            }
+            cr_assert_leq(n_moves[g], bound);
+        }
+        cr_assert_eq(seq_positions_compact(&s, &a, keep, k, old, win), 0);
+        cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), 0);
+        for (uint32_t g = 0; g < s.Hkv; g++)
+            cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, b.pos + (size_t)g * b.pos_cap,
+                             sizeof(uint32_t) * (k + win), "round %d head %u", round, g);
+        if (n_moves[0]) { /* out of range: refused, nothing changed */
+            uint32_t saved[160], *p = b.pos, h = moves[0], src = moves[1];
+            memcpy(saved, p, sizeof(uint32_t) * (k + win));
+            moves[0] = k;
+            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, k, win), -EIO);
+            moves[0] = h, moves[1] = k - 1;
+            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, k, win), -EIO);
+            moves[1] = old;
+            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), -EIO);
+            moves[1] = src, n_moves[0] = bound + 1;
+            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), -EIO);
+            cr_assert_arr_eq(p, saved, sizeof(uint32_t) * (k + win), "round %d: changed", round);
+        }
+        free(a.pos), free(b.pos);
+    }
+}
+
 /* A GPU prefill's stages leave a layer's kept slots in any order; seq_positions_order gives
  * the permutation that puts them back by position (every slot once, positions ascending,
  * its bitmap left clear for the next head), and compacting by it (k = old) leaves the
