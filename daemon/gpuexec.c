@@ -23,7 +23,7 @@ struct gpuctx {
     uint8_t *hbuf;   /* pinned staging */
     size_t hcap;
     int taken;
-    int timing;      /* gpuexec_set_timing: events around the one-launch eviction and a stage */
+    int timing;      /* gpuexec_set_timing: events around an eviction, a scoring, a stage */
     cudaEvent_t ev0, ev1;
     struct gpu_times times;
     struct gpuexec *g; /* the contexts' owner: its device, whether an eviction has run */
