@@ -201,9 +201,9 @@ int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cuda
     CK(cudaGetDevice(&dev));
     if (dev < 0 || dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    /* all of the SM's shared memory: with the driver's own split the same blocks took twice
-     * as long (an H100: events 224-245 us, blocks spanning 217-237, against 114 and 108 at
-     * 100%; bench-gpu's phase clocks, 2026-12-06) */
+    /* all of the SM's shared memory: once, on an H100, the driver's own split gave twice
+     * the time (events 224-245 us against 114 at 100%); later runs on an H100 and an H200
+     * read 228-232 us either way (kernels/README.md) - kept, as it never cost anything */
     if (int rc = smem_limit(devict<T, KS, NSP, HPS>, set, dev, smem, 100))
         return rc;
     devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
