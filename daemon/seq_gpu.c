@@ -1,13 +1,23 @@
 /* seq_gpu.c - the GPU executor (seq_int.h): a GPU sequence's layers scored, selected and
  * compacted by the CUDA kernels (through gpuexec) over its GPU pool pages; the indicators
  * stay in device memory during the prefill. */
+#define _GNU_SOURCE /* RUSAGE_THREAD */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "cake/cake.h"
 #include "seq_int.h"
+
+/* CAKED_TRACE: this thread's minor page faults so far (fresh memory touched: a host cost the
+ * trace's times alone do not name). */
+static long thread_faults(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_THREAD, &ru) ? 0 : ru.ru_minflt;
+}
 
 /* How the policy ranks a layer's tokens, for the GPU kernels (indicator.c's rules). */
 static struct gpu_rank gpu_rank_of(const struct seq *s)
@@ -157,6 +167,7 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
         }
     }
     double t0 = e->trace ? clock_now_s() : 0;
+    long f0 = e->trace ? thread_faults() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
     double t1 = e->trace ? clock_now_s() : 0;
     int rc = gpuctx_select_compact_many(gc, jobs, n);
@@ -164,6 +175,7 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
     gpuctx_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
     double t2 = e->trace ? clock_now_s() : 0;
+    long f1 = e->trace ? thread_faults() : 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
         uint32_t win = ly->tokens - ev[i].old_prefix, k = ev[i].kept, old = ev[i].old_prefix;
@@ -177,9 +189,10 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
     if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
         fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU: context %.0f us, "
                 "tables %.0f us%s, kernels %.0f us on the device, call %.0f us (its wait at the "
-                "end %.0f us), positions %.0f us\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
-                gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
-                gt.sync_us, (clock_now_s() - t2) * 1e6);
+                "end %.0f us), positions %.0f us; page faults %ld in the call, %ld in the "
+                "positions\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6, gt.prep_us,
+                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us,
+                (clock_now_s() - t2) * 1e6, f1 - f0, thread_faults() - f1);
     free(back);
     return rc;
 }
@@ -213,6 +226,7 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
     if (!n)
         return 0;
     double t0 = e->trace ? clock_now_s() : 0;
+    long f0 = e->trace ? thread_faults() : 0;
     uint32_t *perm = malloc(sizeof(uint32_t) * (2 * total + 1)), *slot_of = malloc(sizeof(uint32_t) * S);
     uint64_t *bits = calloc((S + 63) / 64, sizeof(uint64_t));
     int rc = perm && slot_of && bits ? 0 : -ENOMEM;
@@ -245,8 +259,9 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
     if (e->trace)
         fprintf(stderr, "caked trace: seq %#llx prefill end: %u layers back in position order "
                 "on the GPU: order %.0f us, call %.0f us (kernels %.0f us on the device), "
-                "positions %.0f us\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
-                (t2 - t1) * 1e6, gt.kernel_us, (clock_now_s() - t2) * 1e6);
+                "positions %.0f us; page faults %ld\n", (unsigned long long)s->id, n,
+                (t1 - t0) * 1e6, (t2 - t1) * 1e6, gt.kernel_us, (clock_now_s() - t2) * 1e6,
+                thread_faults() - f0);
     free(perm), free(slot_of), free(bits);
     return rc;
 }
