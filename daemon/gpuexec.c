@@ -200,11 +200,43 @@ static void upload_pages(struct gpuctx *c, const struct gpu_layer *l, struct ker
 
 static int finish(struct gpuctx *c, int rc)
 {
+    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     cudaError_t e = cudaStreamSynchronize(c->stream);
     if (!rc && e != cudaSuccess)
         rc = -EIO;
     cudaGetLastError(); /* clear a sticky launch error for the next job */
+    if (c->timing)
+        c->times.sync_us = clock_now_s() * 1e6 - t0;
     return rc;
+}
+
+/* The context's timing (gpuexec_set_timing), in us: time_start clears it and returns the
+ * call's start; time_kernels(c, t0, 0) ends the host's work before the kernels (prep) and
+ * marks their start on the stream, time_kernels(c, t0, 1) their end; time_done reads the
+ * kernels' time between the marks and the whole call's. Each does nothing with timing off. */
+static double time_start(struct gpuctx *c)
+{
+    c->times = (struct gpu_times){0};
+    return c->timing ? clock_now_s() * 1e6 : 0;
+}
+
+static void time_kernels(struct gpuctx *c, double t0, int end)
+{
+    if (!c->timing)
+        return;
+    if (!end)
+        c->times.prep_us = clock_now_s() * 1e6 - t0;
+    cudaEventRecord(end ? c->ev1 : c->ev0, c->stream);
+}
+
+static void time_done(struct gpuctx *c, double t0)
+{
+    if (!c->timing)
+        return;
+    float ms = 0;
+    cudaEventElapsedTime(&ms, c->ev0, c->ev1);
+    c->times.kernel_us = ms * 1e3;
+    c->times.total_us = clock_now_s() * 1e6 - t0;
 }
 
 /* Uploads the ring's page offsets (staged at hb, to db) and gathers its rows first..
@@ -275,8 +307,7 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
     size_t qb = al(row * r->q_heads * r->w);
     size_t ws = al(rank_ws(l, r->q_heads, r->w, S, rk->pool));
     size_t lb = lse ? sizeof(float) * r->q_heads * (r->w + 1) : 0; /* the rows', the newest's */
-    c->times = (struct gpu_times){0};
-    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
+    double t0 = time_start(c);
     if (reserve(c, pg + rg + qb + ws + lb, pg + rg + lb))
         return -ENOMEM;
     struct kern_cuda_kv kv;
@@ -293,24 +324,13 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
         if (cudaMemcpyAsync(dl, hl, lb, cudaMemcpyHostToDevice, c->stream) != cudaSuccess)
             rc = -EIO;
     }
-    if (c->timing) {
-        c->times.prep_us = clock_now_s() * 1e6 - t0;
-        cudaEventRecord(c->ev0, c->stream);
-    }
-    if (!rc)
+    time_kernels(c, t0, 0);
+    if (!rc) /* (the kernels' time includes the statistics' copy back: rank_layer waits) */
         rc = rank_layer(&kv, q, dl, dl ? dl + r->q_heads * r->w : NULL, r->q_heads, r->w, S, rk,
                         ind_dev, entropy, variance, q + qb, ws, c->stream);
-    if (c->timing)
-        cudaEventRecord(c->ev1, c->stream);
-    double ts = c->timing ? clock_now_s() * 1e6 : 0;
+    time_kernels(c, t0, 1);
     rc = finish(c, rc);
-    if (c->timing) { /* the kernels and the statistics' copy back (rank_layer waits for it) */
-        c->times.sync_us = clock_now_s() * 1e6 - ts;
-        float ms = 0;
-        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
-        c->times.kernel_us = ms * 1e3;
-        c->times.total_us = clock_now_s() * 1e6 - t0;
-    }
+    time_done(c, t0);
     return rc;
 }
 
@@ -390,10 +410,9 @@ static int wants_moves(const struct gpu_select *j)
 
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
-    c->times = (struct gpu_times){0};
+    double t0 = time_start(c);
     if (!n)
         return 0;
-    double t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_layer *l0 = &jobs[0].l;
     size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), rets = 0, keeps = 0, tmps = 0;
     uint32_t max_rows = 0;
@@ -460,24 +479,17 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     };
     int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
-    if (c->timing) {
-        c->times.prep_us = clock_now_s() * 1e6 - t0;
-        cudaEventRecord(c->ev0, c->stream);
-    }
+    time_kernels(c, t0, 0);
     if (!rc)
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);
-    if (c->timing)
-        cudaEventRecord(c->ev1, c->stream);
+    time_kernels(c, t0, 1);
     if (!rc && rets && /* the kept slots or the moves, for the sequence's positions */
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
-    double ts = c->timing ? clock_now_s() * 1e6 : 0;
     if ((rc = finish(c, rc)))
         return rc;
-    if (c->timing)
-        c->times.sync_us = clock_now_s() * 1e6 - ts;
     rat = staged;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
@@ -494,12 +506,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rat += al(kb);
         }
     }
-    if (c->timing) {
-        float ms = 0;
-        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
-        c->times.kernel_us = ms * 1e3;
-        c->times.total_us = clock_now_s() * 1e6 - t0;
-    }
+    time_done(c, t0);
     return 0;
 }
 
@@ -654,15 +661,11 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     *issued = 1;
     rc = cudaMemcpyAsync(c->dbuf, c->hbuf, tabs, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
              ? 0 : -EIO;
-    double t1 = c->timing ? clock_now_s() * 1e6 : 0;
-    c->times.prep_us = t1 - c->fl_t0;
-    if (c->timing)
-        cudaEventRecord(c->ev0, c->stream);
+    time_kernels(c, c->fl_t0, 0);
     if (!rc)
         rc = kern_cuda_decode_evict(&ke, (const struct kern_cuda_evict_job *)c->dbuf, n, max_S,
                                     c->stream);
-    if (c->timing)
-        cudaEventRecord(c->ev1, c->stream);
+    time_kernels(c, c->fl_t0, 1);
     if (!rc && evb &&
         cudaMemcpyAsync(c->hbuf + tabs, c->dbuf + tabs, evb, cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
         rc = -EIO;
@@ -680,12 +683,7 @@ static void fused_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
         memcpy(ev[i].evicted, c->hbuf + c->fl_tabs + out, b);
         out += b;
     }
-    if (c->timing) {
-        float ms = 0;
-        cudaEventElapsedTime(&ms, c->ev0, c->ev1);
-        c->times.kernel_us = ms * 1e3;
-        c->times.total_us = clock_now_s() * 1e6 - c->fl_t0;
-    }
+    time_done(c, c->fl_t0);
 }
 
 /* The removed slots of each head's first S from its kept ones keep [hkv][k] (ascending). */

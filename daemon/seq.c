@@ -713,7 +713,7 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
         s->rs_pending = 0; /* this stage re-selected every layer at the (lowered) total */
     if (!r->rc && layer == s->L - 1 && x->prefill_order) /* slots ascend again for decode */
         r->rc = x->prefill_order(e, s);
-    if (!r->rc && layer == s->L - 1) { /* the selection buffers are done with */
+    if (!r->rc && layer == s->L - 1) { /* then the selection buffers are done with */
         cakeseq_prefill_done(s->cs);
         x->prefill_done(e, s);
     }

@@ -133,38 +133,45 @@ static const float *gpu_selection(const struct seq *s)
 
 /* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
  * compaction and the indicator's gather, one upload, one wait. */
+/* Whether a stage's job for ev fills holes (a GPU top-k, unless CAKED_COMPACT_ORDERED), and
+ * the words of what comes back for it: a fill job's moves and their counts (the holes it
+ * filled, far fewer than its kept slots once a layer has been compacted), else its kept
+ * slots. */
+static int job_fills(const struct seq_env *e, const struct cakeseq_evict *ev)
+{
+    return !e->ordered && !ev->slots;
+}
+
+static size_t job_back(const struct seq_env *e, const struct cakeseq_evict *ev, uint32_t Hkv)
+{
+    return job_fills(e, ev) ? (size_t)Hkv * (2 * gpu_select_moves(ev->old_prefix, ev->kept) + 1)
+                            : (size_t)Hkv * ev->kept;
+}
+
 static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
                        uint32_t n, struct seq_result *r)
 {
     struct gpu_select jobs[SEQ_MAX_LAYERS];
     uint32_t S = seq_scored_len(s), Hkv = s->Hkv;
-    /* what comes back: a top-k job's moves (fill: the holes it filled, far fewer than its
-     * kept slots once a layer has been compacted), the host's slots' kept slots */
     size_t back_n = 0;
     for (uint32_t i = 0; i < n; i++)
-        back_n += !e->ordered && !ev[i].slots
-                      ? (size_t)Hkv * (2 * gpu_select_moves(ev[i].old_prefix, ev[i].kept) + 1)
-                      : (size_t)Hkv * ev[i].kept;
+        back_n += job_back(e, &ev[i], Hkv);
     uint32_t *back = malloc(sizeof(uint32_t) * (back_n + 1));
     if (!back)
         return -ENOMEM;
     for (uint32_t i = 0, at = 0; i < n; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
+        int fills = job_fills(e, &ev[i]);
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            .slots = ev[i].slots, .fill = !e->ordered,
+            .slots = ev[i].slots, .fill = fills,
+            .n_moves = fills ? back + at : NULL, .moves = fills ? back + at + Hkv : NULL,
+            .keep = fills ? NULL : back + at,
         };
-        if (!e->ordered && !ev[i].slots) {
-            jobs[i].n_moves = back + at;
-            jobs[i].moves = back + at + Hkv;
-            at += Hkv * (2 * gpu_select_moves(ev[i].old_prefix, ev[i].kept) + 1);
-        } else {
-            jobs[i].keep = back + at;
-            at += Hkv * ev[i].kept;
-        }
+        at += job_back(e, &ev[i], Hkv);
     }
     double t0 = e->trace ? clock_now_s() : 0;
     long f0 = e->trace ? thread_faults() : 0;

@@ -318,6 +318,13 @@ static void srv_host_seg_mapped(void *ud, struct pool *p, uint32_t i, int mapped
         gpupool_unregister_host(at);
 }
 
+/* A switch from the environment (CAKED_TRACE and the benchmarks' comparisons): set to "1". */
+static int env_on(const char *name)
+{
+    const char *v = getenv(name);
+    return v && !strcmp(v, "1");
+}
+
 int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, int n_tenants,
                   struct server **out)
 {
@@ -395,7 +402,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
             srv_logl(SRV_LOG_ERROR, "GPU pool %u: %s", i, why);
             goto fail;
         }
-        if (getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"))
+        if (env_on("CAKED_TRACE"))
             gpuexec_set_timing(g->x, 1); /* the trace's kernel times (decode steps, stages) */
     }
     struct pool_ops hops = {.retire = srv_retire_seg, .ud = s};
@@ -413,10 +420,10 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     job_delay_ms = job_delay_ms < 60000 ? job_delay_ms : 60000;
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
-        .trace = getenv("CAKED_TRACE") && !strcmp(getenv("CAKED_TRACE"), "1"),
+        .trace = env_on("CAKED_TRACE"),
         .job_delay_us = (unsigned)job_delay_ms * 1000,
-        .workers_only = getenv("CAKED_DECODE_ON_WORKERS") && !strcmp(getenv("CAKED_DECODE_ON_WORKERS"), "1"),
-        .ordered = getenv("CAKED_COMPACT_ORDERED") && !strcmp(getenv("CAKED_COMPACT_ORDERED"), "1"),
+        .workers_only = env_on("CAKED_DECODE_ON_WORKERS"),
+        .ordered = env_on("CAKED_COMPACT_ORDERED"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,
