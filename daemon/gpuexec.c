@@ -147,6 +147,17 @@ void gpuexec_put(struct gpuexec *g, struct gpuctx *c)
 }
 
 /* Grows the workspaces (rarely: they keep the largest size seen). */
+int gpuexec_peek(struct gpuexec *g, void *dst, const void *src_dev, size_t bytes)
+{
+    struct gpuctx *c = gpuexec_try_take(g);
+    if (!c)
+        return -EAGAIN;
+    cudaSetDevice(g->device); /* the loop's thread: any GPU's sequences */
+    int rc = gpuctx_copy_d2h(c, dst, src_dev, bytes);
+    gpuexec_put(g, c);
+    return rc;
+}
+
 static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
 {
     if (c->no_grow && (dbytes > c->dcap || hbytes > c->hcap))
@@ -355,6 +366,33 @@ int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t byt
     return finish(c, e == cudaSuccess ? 0 : -EIO);
 }
 
+int gpuctx_fetch_rows(struct gpuctx *c, const struct gpu_rows *r, uint32_t n)
+{
+    size_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += al(sizeof(uint32_t) * r[i].width * r[i].rows);
+    if (!total)
+        return 0;
+    if (reserve(c, 0, total))
+        return -ENOMEM;
+    cudaError_t e = cudaSuccess;
+    for (size_t i = 0, at = 0; i < n && e == cudaSuccess; i++) {
+        size_t wb = sizeof(uint32_t) * r[i].width;
+        if (wb && r[i].rows)
+            e = cudaMemcpy2DAsync(c->hbuf + at, wb, r[i].src, sizeof(uint32_t) * r[i].src_pitch, wb,
+                                  r[i].rows, cudaMemcpyDeviceToHost, c->stream);
+        at += al(wb * r[i].rows);
+    }
+    int rc = finish(c, e == cudaSuccess ? 0 : -EIO);
+    for (size_t i = 0, at = 0; i < n && !rc; i++) {
+        size_t wb = sizeof(uint32_t) * r[i].width;
+        for (uint32_t y = 0; y < r[i].rows; y++)
+            memcpy(r[i].dst + y * r[i].dst_pitch, c->hbuf + at + y * wb, wb);
+        at += al(wb * r[i].rows);
+    }
+    return rc;
+}
+
 int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, uint8_t *host_base,
                       const uint32_t *host, uint32_t n, uint64_t page_bytes, int to_host)
 {
@@ -419,7 +457,10 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
         const struct gpu_layer *l = &j->l;
-        if (j->k > j->old || j->win_start != j->old || (!j->slots && !j->ind_dev) ||
+        if (j->k > j->old || j->win_start != j->old || (!j->slots && !j->ind_dev && !j->order) ||
+            (j->pos_dev && j->old > j->pos_stride) ||
+            (j->order && (j->k != j->old || !j->pos_dev || j->slots || j->fill || !j->pos_span ||
+                          !j->n_sorted)) ||
             l->dtype != l0->dtype || l->kv_heads != l0->kv_heads || l->head_dim != l0->head_dim ||
             l->tokens_per_page != l0->tokens_per_page || l->base != l0->base ||
             l->v_offset_bytes != l0->v_offset_bytes)
@@ -433,9 +474,14 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rets += al(sizeof(uint32_t) * l->kv_heads) +
                     al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k)),
             keeps += al(kb);
-        else
+        else if (j->keep)
             rets += al(kb);
-        tmps += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
+        else
+            keeps += al(kb);
+        if (j->order)
+            rets += al(sizeof(uint32_t) * l->kv_heads);
+        tmps += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len,
+                                              j->order ? j->pos_span : 0));
         max_rows = j->k + j->win_len > max_rows ? j->k + j->win_len : max_rows;
     }
     if (reserve(c, staged + rets + keeps + tmps, staged + rets))
@@ -452,6 +498,8 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         kj[i] = (struct kern_cuda_compact_job){
             .page_off = (const uint64_t *)(c->dbuf + at), .ind = j->ind_dev, .tmp = c->dbuf + tat,
             .old = j->old, .k = j->k, .win = j->win_len, .fill = j->fill && !j->slots,
+            .pos = j->pos_dev, .pos_stride = j->pos_stride, .pos_init = j->pos_init,
+            .order = j->order, .pos_span = j->pos_span,
         };
         at += al(sizeof(uint64_t) * l->n_pages);
         if (j->slots) { /* the host's choice */
@@ -466,11 +514,19 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rat += al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k));
             kj[i].keep = (uint32_t *)(c->dbuf + kat);
             kat += al(kb);
-        } else {
+        } else if (j->keep) {
             kj[i].keep = (uint32_t *)(c->dbuf + rat);
             rat += al(kb);
+        } else { /* stays on the device */
+            kj[i].keep = (uint32_t *)(c->dbuf + kat);
+            kat += al(kb);
         }
-        tat += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len));
+        if (j->order) {
+            kj[i].n_sorted = (uint32_t *)(c->dbuf + rat);
+            rat += al(sizeof(uint32_t) * l->kv_heads);
+        }
+        tat += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len,
+                                              j->order ? j->pos_span : 0));
     }
     struct kern_cuda_layout lay = {
         .dtype = l0->dtype, .kv_heads = l0->kv_heads, .head_dim = l0->head_dim,
@@ -500,10 +556,14 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rat += al(sizeof(uint32_t) * hkv);
             memcpy(j->moves, c->hbuf + rat, mb);
             rat += al(mb);
-        } else {
+        } else if (j->keep) {
             size_t kb = sizeof(uint32_t) * hkv * j->k;
             memcpy(j->keep, c->hbuf + rat, kb);
             rat += al(kb);
+        }
+        if (j->order) {
+            memcpy(j->n_sorted, c->hbuf + rat, sizeof(uint32_t) * hkv);
+            rat += al(sizeof(uint32_t) * hkv);
         }
     }
     time_done(c, t0);

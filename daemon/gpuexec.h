@@ -34,6 +34,9 @@ void gpuexec_destroy(struct gpuexec *g);
 struct gpuctx *gpuexec_take(struct gpuexec *g);
 /* A free context, or NULL where every one is taken: never waits (the event loop's). */
 struct gpuctx *gpuexec_try_take(struct gpuexec *g);
+/* A small device -> host copy from any thread (the loop: it never waits for a context), on a
+ * free context, waited for. 0, -EAGAIN (every context taken) or -EIO. */
+int gpuexec_peek(struct gpuexec *g, void *dst, const void *src_dev, size_t bytes);
 void gpuexec_put(struct gpuexec *g, struct gpuctx *c);
 
 /* One layer's query ring in the GPU pool (proto/shm.h's shm_ring): page i of it is page
@@ -83,12 +86,24 @@ struct gpu_select {
     float *ind_dev;
     uint32_t old, k, win_start, win_len;
     const uint32_t *slots;       /* host [kv_heads][k] slots below old to keep, or NULL */
-    uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot */
+    uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot, or
+                                    NULL: nothing comes back */
     int fill;                    /* top-k jobs: fill the holes below k rather than keep order */
     /* fill jobs, or NULL: receive only what moved instead of keep (which is then left as it
      * is) - head g's holes below k as (hole, source) pairs at moves[g * bound * 2 ..] and
      * their count in n_moves[g], bound = gpu_select_moves(old, k) */
     uint32_t *moves, *n_moves;
+    /* the prefix slots' positions on the device ([kv_heads][pos_stride], old <= pos_stride),
+     * or NULL: they follow the tokens (pos_init: none written yet, slot i held position i) */
+    uint32_t *pos_dev;
+    uint32_t pos_stride;
+    int pos_init;
+    /* order: the prefix put back in position order (k == old, pos_dev, no slots, no fill; ind_dev
+     * may be NULL), every position below pos_span; n_sorted (host [kv_heads]) receives each
+     * head's distinct positions below pos_span, k when sound (else the head did not move) */
+    int order;
+    uint32_t pos_span;
+    uint32_t *n_sorted;
 };
 /* The (hole, source) pairs a fill job's head can have (kern_cuda_compact_moves). */
 static inline uint32_t gpu_select_moves(uint32_t old, uint32_t k)
@@ -99,6 +114,16 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
 
 /* Device -> host (any memory) copy on the context's stream, waited for. 0 or -EIO. */
 int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes);
+/* Rows of 32-bit words from the device to the host, many at once (through the context's
+ * pinned staging, one wait): for each r, rows x width words from src (device, row pitch
+ * src_pitch words) to dst (host, dst_pitch words). 0, -ENOMEM or -EIO. */
+struct gpu_rows {
+    uint32_t *dst;
+    const uint32_t *src;
+    size_t dst_pitch, src_pitch;
+    uint32_t width, rows;
+};
+int gpuctx_fetch_rows(struct gpuctx *c, const struct gpu_rows *r, uint32_t n);
 /* Copies host memory of the host pool to the device, in pieces that never cross a segment
  * boundary (base + k * seg_bytes): each host segment is registered with CUDA on its own, and
  * one copy over two registrations is refused. */

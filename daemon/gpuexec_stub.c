@@ -41,6 +41,16 @@ int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t byt
     (void)c, (void)dst, (void)src_dev, (void)bytes;
     return -ENOTSUP;
 }
+int gpuexec_peek(struct gpuexec *g, void *dst, const void *src_dev, size_t bytes)
+{
+    (void)g, (void)dst, (void)src_dev, (void)bytes;
+    return -ENOTSUP;
+}
+int gpuctx_fetch_rows(struct gpuctx *c, const struct gpu_rows *r, uint32_t n)
+{
+    (void)c, (void)r, (void)n;
+    return -ENOTSUP;
+}
 int gpuctx_copy_h2d(struct gpuctx *c, void *dst_dev, const void *src, size_t bytes,
                     const void *base, size_t seg_bytes)
 {

@@ -664,9 +664,19 @@ static void h_positions(struct server *s, struct client *c, const ProtobufCMessa
         srv_reply_error(s, c, CAKE_EINTERNAL, "out of memory");
         return;
     }
+    int got = seq_positions(&s->env, q, m->layer, m->kv_head, m->from, n, pos);
+    if (got < 0) {
+        free(pos);
+        if (got == -EAGAIN)
+            srv_reply_error(s, c, CAKE_ESTATE, "the layer's positions are on the GPU until the "
+                            "prompt is prefilled, and every GPU context is busy: ask again");
+        else
+            srv_reply_error(s, c, CAKE_EINTERNAL, "positions from the GPU: %s", strerror(-got));
+        return;
+    }
     Cake__Positions r = CAKE__POSITIONS__INIT;
     r.tokens = tokens;
-    r.n_position = seq_positions(q, m->layer, m->kv_head, m->from, n, pos);
+    r.n_position = (size_t)got;
     r.position = pos;
     srv_reply(s, c, MSG_POSITIONS, &r.base);
     free(pos);

@@ -135,8 +135,7 @@ static uint64_t seq_positions_bound(const struct seq *s)
     return 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1);
 }
 
-/* A layer's first compaction: room for its k + win slots and every decode token. */
-static int positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win)
+int seq_positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win)
 {
     uint32_t cap = k + win + (s->max_new - s->decoded) + 1;
     if (!(ly->pos = malloc(sizeof(uint32_t) * (size_t)s->Hkv * cap)))
@@ -145,41 +144,11 @@ static int positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k
     return 0;
 }
 
-int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *moves,
-                       const uint32_t *n_moves, uint32_t bound, uint32_t k, uint32_t old,
-                       uint32_t win)
-{
-    for (uint32_t g = 0; g < s->Hkv; g++) { /* checked before anything changes */
-        const uint32_t *mv = moves + (size_t)g * bound * 2;
-        if (n_moves[g] > bound)
-            return -EIO;
-        for (uint32_t m = 0; m < n_moves[g]; m++)
-            if (mv[2 * m] >= k || mv[2 * m + 1] < k || mv[2 * m + 1] >= old)
-                return -EIO;
-    }
-    int first = !ly->pos; /* slot i held position i */
-    if (first && positions_alloc(s, ly, k, win))
-        return -ENOMEM;
-    CAKE_CHECK(k + win <= ly->pos_cap && (first || old + win <= ly->pos_cap));
-    for (uint32_t g = 0; g < s->Hkv; g++) {
-        uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
-        const uint32_t *mv = moves + (size_t)g * bound * 2;
-        if (first)
-            for (uint32_t j = 0; j < k; j++)
-                p[j] = j;
-        for (uint32_t m = 0; m < n_moves[g]; m++) /* a source (from k on) is never a hole */
-            p[mv[2 * m]] = first ? mv[2 * m + 1] : p[mv[2 * m + 1]];
-        for (uint32_t j = 0; j < win; j++)
-            p[k + j] = first ? old + j : p[old + j]; /* old >= k: ascending is safe */
-    }
-    return 0;
-}
-
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win)
 {
     if (!ly->pos) { /* first compaction: slot i held position i */
-        if (positions_alloc(s, ly, k, win))
+        if (seq_positions_alloc(s, ly, k, win))
             return -ENOMEM;
         uint32_t cap = ly->pos_cap;
         for (uint32_t g = 0; g < s->Hkv; g++) {
@@ -217,21 +186,6 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
     return 0;
 }
 
-void seq_positions_order(const struct seq_layer *ly, uint32_t g, uint32_t k, uint32_t S,
-                         uint64_t *bits, uint32_t *slot_of, uint32_t *perm)
-{
-    const uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
-    for (uint32_t j = 0; j < k; j++) { /* a bit per position; which slot holds it */
-        bits[p[j] / 64] |= 1ull << (p[j] % 64);
-        slot_of[p[j]] = j;
-    }
-    for (uint32_t wd = 0, o = 0; wd < (S + 63) / 64; wd++) { /* the bits in order */
-        for (uint64_t b = bits[wd]; b; b &= b - 1)
-            perm[o++] = slot_of[wd * 64 + (uint32_t)__builtin_ctzll(b)];
-        bits[wd] = 0;
-    }
-}
-
 int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
                         uint32_t n_ev, uint32_t old, uint32_t win)
 {
@@ -267,23 +221,27 @@ int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_
     return 0;
 }
 
-uint32_t seq_positions(const struct seq *s, uint32_t l, uint32_t g, uint32_t from, uint32_t n,
-                       uint32_t *out)
+int seq_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
+                  uint32_t from, uint32_t n, uint32_t *out)
 {
     if (l >= s->L || g >= s->Hkv || from >= s->layer[l].tokens)
         return 0;
     const struct seq_layer *ly = &s->layer[l];
     if (n > ly->tokens - from)
         n = ly->tokens - from;
+    int rc = ly->pos_gpu ? seq_gpu_positions(e, s, l, g, from, n, out) : 0;
+    if (rc)
+        return rc;
     const uint32_t *hk = l < s->next_observe ? cakeseq_head_kept(s->cs, l) : NULL;
     uint32_t prefix = l < s->next_observe ? cakeseq_prefix_len(s->cs, l) : 0;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t slot = from + i;
         out[i] = hk && slot >= hk[g] && slot < prefix ? SEQ_NO_POSITION
+                 : ly->pos_gpu                       ? out[i]
                  : ly->pos                           ? ly->pos[(size_t)g * ly->pos_cap + slot]
                                                      : slot;
     }
-    return n;
+    return (int)n;
 }
 
 /* Publishes layer l's state to the shared descriptor. */

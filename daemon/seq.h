@@ -42,6 +42,8 @@ struct seq_layer {
     uint32_t *pos;       /* original position of each slot, [kv_head][pos_cap]; NULL until
                             the layer is first compacted: slot i holds position i */
     uint32_t pos_cap;
+    int pos_gpu;         /* a GPU sequence's layer compacted during the prefill: its prefix
+                            positions are in the sequence's pos_dev, pos is NULL */
 };
 
 struct shard_group;
@@ -98,6 +100,9 @@ struct seq {
     float *ind_dev;          /* GPU sequences while prefilling: [L][kv_heads][S] indicators on
                                 the GPU (selection happens there); NULL otherwise (H2O keeps
                                 them until its first decode step) */
+    uint32_t *pos_dev;       /* GPU sequences while prefilling: [L][kv_heads][S] the prefix
+                                positions of the layers compacted so far (seq_layer.pos_gpu),
+                                on the GPU; to the host at the prompt's end */
     float *acc_dev;          /* H2O on the GPU: [L][kv_heads][n + max_new + 1] accumulated scores */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
     /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
@@ -172,10 +177,12 @@ void seq_free(const struct seq_env *e, struct seq *s);
 /* Original positions (prompt index, or prompt_len + t for the t-th decoded token) of the
  * slots [from, from + n) of layer l's kv head g, into out; a hole (Ada-KV's per-head
  * budgets) reads SEQ_NO_POSITION. The loop thread, while no job has the sequence. Returns
- * the slots copied (fewer than n past the layer's tokens). */
+ * the slots copied (fewer than n past the layer's tokens), or, for a GPU sequence's layer
+ * compacted during its prefill (the positions on the device until the prompt's end),
+ * -EAGAIN when every GPU context is in use, -EIO. */
 #define SEQ_NO_POSITION UINT32_MAX
-uint32_t seq_positions(const struct seq *s, uint32_t l, uint32_t g, uint32_t from, uint32_t n,
-                       uint32_t *out);
+int seq_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
+                  uint32_t from, uint32_t n, uint32_t *out);
 
 /* Pages for prompt_len tokens of the next layer. */
 int seq_reserve(const struct seq_env *e, struct seq *s, uint32_t layer, const char **why);

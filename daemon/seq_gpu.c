@@ -131,150 +131,152 @@ static const float *gpu_selection(const struct seq *s)
     return s->pend_ind;
 }
 
-/* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
- * compaction and the indicator's gather, one upload, one wait. */
-/* Whether a stage's job for ev fills holes (a GPU top-k, unless CAKED_COMPACT_ORDERED), and
- * the words of what comes back for it: a fill job's moves and their counts (the holes it
- * filled, far fewer than its kept slots once a layer has been compacted), else its kept
- * slots. */
+/* A stage's job for ev fills holes (a GPU top-k, unless CAKED_COMPACT_ORDERED): the fewest
+ * rows move, slot order stops following position order until gpu_prefill_order. */
 static int job_fills(const struct seq_env *e, const struct cakeseq_evict *ev)
 {
     return !e->ordered && !ev->slots;
 }
 
-static size_t job_back(const struct seq_env *e, const struct cakeseq_evict *ev, uint32_t Hkv)
+/* Layer l's prefix positions on the device while the prompt is prefilled: [kv_heads][S]. */
+static uint32_t *pos_of(const struct seq *s, uint32_t l)
 {
-    return job_fills(e, ev) ? (size_t)Hkv * (2 * gpu_select_moves(ev->old_prefix, ev->kept) + 1)
-                            : (size_t)Hkv * ev->kept;
+    return s->pos_dev + (size_t)l * s->Hkv * seq_scored_len(s);
 }
 
+/* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
+ * compaction, the indicator's and the positions' gather, one upload, one wait; nothing comes
+ * back (the positions stay on the device until the prompt's end, gpu_prefill_order). */
 static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
                        uint32_t n, struct seq_result *r)
 {
     struct gpu_select jobs[SEQ_MAX_LAYERS];
     uint32_t S = seq_scored_len(s), Hkv = s->Hkv;
-    size_t back_n = 0;
-    for (uint32_t i = 0; i < n; i++)
-        back_n += job_back(e, &ev[i], Hkv);
-    uint32_t *back = malloc(sizeof(uint32_t) * (back_n + 1));
-    if (!back)
-        return -ENOMEM;
-    for (uint32_t i = 0, at = 0; i < n; i++) {
+    double t0 = e->trace ? clock_now_s() : 0;
+    long f0 = e->trace ? thread_faults() : 0;
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    double t1 = e->trace ? clock_now_s() : 0;
+    int rc = s->pos_dev || !S ? 0 : gpuctx_dev_alloc(gc, (void **)&s->pos_dev, sizeof(uint32_t) * s->L * Hkv * S);
+    for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
-        int fills = job_fills(e, &ev[i]);
+        if (ev[i].old_prefix > S || ly->pos) /* host positions only once the prompt is done */
+            rc = -EIO;
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * Hkv * S,
             .old = ev[i].old_prefix, .k = ev[i].kept,
             .win_start = ev[i].old_prefix, .win_len = ly->tokens - ev[i].old_prefix,
-            .slots = ev[i].slots, .fill = fills,
-            .n_moves = fills ? back + at : NULL, .moves = fills ? back + at + Hkv : NULL,
-            .keep = fills ? NULL : back + at,
+            .slots = ev[i].slots, .fill = job_fills(e, &ev[i]),
+            .pos_dev = pos_of(s, ev[i].layer), .pos_stride = S, .pos_init = !ly->pos_gpu,
         };
-        at += job_back(e, &ev[i], Hkv);
     }
-    double t0 = e->trace ? clock_now_s() : 0;
-    long f0 = e->trace ? thread_faults() : 0;
-    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-    double t1 = e->trace ? clock_now_s() : 0;
-    int rc = gpuctx_select_compact_many(gc, jobs, n);
+    if (!rc)
+        rc = gpuctx_select_compact_many(gc, jobs, n);
     struct gpu_times gt;
     gpuctx_times(gc, &gt);
     gpuexec_put(GEXEC(e, s), gc);
-    double t2 = e->trace ? clock_now_s() : 0;
-    long f1 = e->trace ? thread_faults() : 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
-        uint32_t win = ly->tokens - ev[i].old_prefix, k = ev[i].kept, old = ev[i].old_prefix;
-        r->evicted_tokens += old - k;
+        uint32_t win = ly->tokens - ev[i].old_prefix, k = ev[i].kept;
+        r->evicted_tokens += ev[i].old_prefix - k;
         ly->tokens = k + win;
+        ly->pos_gpu = 1;
         r->ev_layers[r->n_ev++] = ev[i].layer;
-        rc = jobs[i].moves ? seq_positions_fill(s, ly, jobs[i].moves, jobs[i].n_moves,
-                                                gpu_select_moves(old, k), k, old, win)
-                           : seq_positions_compact(s, ly, jobs[i].keep, k, old, win);
     }
     if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
         fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU: context %.0f us, "
                 "tables %.0f us%s, kernels %.0f us on the device, call %.0f us (its wait at the "
-                "end %.0f us), positions %.0f us; page faults %ld in the call, %ld in the "
-                "positions\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6, gt.prep_us,
-                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us,
-                (clock_now_s() - t2) * 1e6, f1 - f0, thread_faults() - f1);
-    free(back);
+                "end %.0f us); page faults %ld\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
+                gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
+                gt.sync_us, thread_faults() - f0);
     return rc;
 }
 
 /* prefill_order: a stage that filled holes (gpu_compact) leaves a layer's kept slots out of
  * position order, and a decode step's ranking pools neighbouring slots; once the prompt's
- * last layer is applied, every such layer's prefix is permuted into position order in one
- * pass (slot jobs, k = old; the indicator follows, for H2O). Layers with per-head holes
- * (the host's slots, never filled) are left as they are. */
+ * last layer is applied, every compacted layer's prefix is put back in position order on
+ * the GPU in one pass (order jobs: each head's positions ranked there, the rows and the
+ * indicator, for H2O, permuted), then the positions come to the host, where decode keeps
+ * them. Layers with per-head holes (the host's slots, never filled) keep their order. */
 static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
 {
-    uint32_t S = seq_scored_len(s), Hkv = s->Hkv, n = 0, ls[SEQ_MAX_LAYERS];
-    size_t total = 0;
-    for (uint32_t l = 0; l < s->L; l++) {
-        const struct seq_layer *ly = &s->layer[l];
-        uint32_t k = cakeseq_prefix_len(s->cs, l);
-        if (!ly->pos || cakeseq_head_kept(s->cs, l) || k > ly->tokens || k > S)
-            continue;
-        int sorted = 1; /* every position checked: seq_positions_order indexes by them */
-        for (uint32_t g = 0; g < Hkv; g++) {
-            const uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
-            for (uint32_t j = 0; j < k; j++)
-                if (p[j] >= S) /* a prefix slot holds a prompt position below S */
-                    return -EIO;
-                else if (j && p[j] < p[j - 1])
-                    sorted = 0;
-        }
-        if (!sorted)
-            ls[n++] = l, total += (size_t)Hkv * k;
-    }
-    if (!n)
-        return 0;
-    double t0 = e->trace ? clock_now_s() : 0;
-    long f0 = e->trace ? thread_faults() : 0;
-    uint32_t *perm = malloc(sizeof(uint32_t) * (2 * total + 1)), *slot_of = malloc(sizeof(uint32_t) * S);
-    uint64_t *bits = calloc((S + 63) / 64, sizeof(uint64_t));
-    int rc = perm && slot_of && bits ? 0 : -ENOMEM;
+    uint32_t S = seq_scored_len(s), Hkv = s->Hkv, n = 0, nf = 0;
     struct gpu_select jobs[SEQ_MAX_LAYERS];
-    for (uint32_t i = 0, at = 0; i < n && !rc; i++) {
-        const struct seq_layer *ly = &s->layer[ls[i]];
-        uint32_t k = cakeseq_prefix_len(s->cs, ls[i]);
-        for (uint32_t g = 0; g < Hkv; g++)
-            seq_positions_order(ly, g, k, S, bits, slot_of, perm + at + (size_t)g * k);
-        jobs[i] = (struct gpu_select){
-            .l = gpu_layer_view(e, s, ls[i]),
-            .ind_dev = s->ind_dev ? s->ind_dev + (size_t)ls[i] * Hkv * S : NULL,
-            .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
-            .slots = perm + at, .keep = perm + total + at,
-        };
-        at += Hkv * k;
+    struct gpu_rows rows[SEQ_MAX_LAYERS];
+    uint32_t *sorted = malloc(sizeof(uint32_t) * ((size_t)s->L * Hkv + 1));
+    if (!sorted)
+        return -ENOMEM;
+    int rc = 0;
+    for (uint32_t l = 0; l < s->L && !rc; l++) {
+        struct seq_layer *ly = &s->layer[l];
+        uint32_t k = cakeseq_prefix_len(s->cs, l);
+        if (!ly->pos_gpu)
+            continue;
+        if (k > ly->tokens || k > S) {
+            rc = -EIO;
+            break;
+        }
+        if (!cakeseq_head_kept(s->cs, l))
+            jobs[n++] = (struct gpu_select){
+                .l = gpu_layer_view(e, s, l),
+                .ind_dev = s->ind_dev ? s->ind_dev + (size_t)l * Hkv * S : NULL,
+                .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
+                .pos_dev = pos_of(s, l), .pos_stride = S, .order = 1, .pos_span = S,
+                .n_sorted = sorted + (size_t)n * Hkv,
+            };
+        rc = seq_positions_alloc(s, ly, k, ly->tokens - k);
+        rows[nf++] = (struct gpu_rows){.dst = ly->pos, .src = pos_of(s, l), .dst_pitch = ly->pos_cap,
+                                       .src_pitch = S, .width = k, .rows = Hkv};
     }
-    double t1 = e->trace ? clock_now_s() : 0;
+    double t0 = e->trace ? clock_now_s() : 0;
     struct gpu_times gt = {0};
-    if (!rc) {
+    if (!rc && nf) {
         struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
         rc = gpuctx_select_compact_many(gc, jobs, n);
         gpuctx_times(gc, &gt);
+        for (uint32_t i = 0; i < n * Hkv && !rc; i++)
+            if (sorted[i] != jobs[i / Hkv].k) /* positions not k distinct ones below S */
+                rc = -EIO;
+        if (!rc)
+            rc = gpuctx_fetch_rows(gc, rows, nf);
         gpuexec_put(GEXEC(e, s), gc);
     }
-    double t2 = e->trace ? clock_now_s() : 0;
-    for (uint32_t i = 0; i < n && !rc; i++)
-        rc = seq_positions_compact(s, &s->layer[ls[i]], jobs[i].keep, jobs[i].k, jobs[i].k,
-                                   jobs[i].win_len);
+    double t1 = e->trace ? clock_now_s() : 0;
+    for (uint32_t l = 0; l < s->L && !rc; l++) { /* the window: the prompt's last tokens */
+        struct seq_layer *ly = &s->layer[l];
+        if (!ly->pos_gpu)
+            continue;
+        uint32_t k = cakeseq_prefix_len(s->cs, l);
+        for (uint32_t g = 0; g < Hkv; g++)
+            for (uint32_t j = k; j < ly->tokens; j++)
+                ly->pos[(size_t)g * ly->pos_cap + j] = S + (j - k);
+        ly->pos_gpu = 0;
+    }
     if (e->trace)
         fprintf(stderr, "caked trace: seq %#llx prefill end: %u layers back in position order "
-                "on the GPU: order %.0f us, call %.0f us (kernels %.0f us on the device), "
-                "positions %.0f us; page faults %ld\n", (unsigned long long)s->id, n,
-                (t1 - t0) * 1e6, (t2 - t1) * 1e6, gt.kernel_us, (clock_now_s() - t2) * 1e6,
-                thread_faults() - f0);
-    free(perm), free(slot_of), free(bits);
+                "on the GPU, %u layers' positions to the host: call %.0f us (kernels %.0f us on "
+                "the device), window %.0f us\n", (unsigned long long)s->id, n, nf,
+                (t1 - t0) * 1e6, gt.kernel_us, (clock_now_s() - t1) * 1e6);
+    free(sorted);
     return rc;
+}
+
+int seq_gpu_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
+                      uint32_t from, uint32_t n, uint32_t *out)
+{
+    uint32_t S = seq_scored_len(s), k = cakeseq_prefix_len(s->cs, l);
+    uint32_t m = from < k ? (k - from < n ? k - from : n) : 0; /* slots on the device */
+    for (uint32_t i = m; i < n; i++) /* the window's */
+        out[i] = S + (from + i - k);
+    return m ? gpuexec_peek(GEXEC(e, s), out, pos_of(s, l) + (size_t)g * S + from,
+                            sizeof(uint32_t) * m)
+             : 0;
 }
 
 static void gpu_prefill_done(const struct seq_env *e, struct seq *s)
 {
+    gpuexec_dev_free(GEXEC(e, s), s->pos_dev);
+    s->pos_dev = NULL;
     if (s->cfg.accumulate && !s->acc_dev)
         return; /* H2O's scores start from the kept indicators (seq_gpu_h2o); seq_free frees */
     gpuexec_dev_free(GEXEC(e, s), s->ind_dev);

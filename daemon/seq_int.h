@@ -32,23 +32,14 @@ float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s);
 struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
                               void **pages);
 
+/* A layer's first compaction (host positions): room for its k + win slots and every
+ * decode token. 0 or -ENOMEM. */
+int seq_positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win);
 /* Executors, after compacting layer l: per kv head g, the slots keep[g * k .. + k) of the
  * first `old` (ascending) now lead, the `win` slots from `old` follow them; the layer's
  * positions follow its tokens. 0 or -ENOMEM (charged at open: seq_open's heap bound). */
 int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint32_t *keep,
                           uint32_t k, uint32_t old, uint32_t win);
-/* The same after a fill compaction from what moved only (gpu_select's moves): per kv head
- * g, n_moves[g] pairs (hole below k, source from k on, below old) at moves[g * bound * 2],
- * every other slot below k kept its token, the `win` slots from `old` follow at k. 0,
- * -ENOMEM, or -EIO for a move out of range (nothing changed). */
-int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *moves,
-                       const uint32_t *n_moves, uint32_t bound, uint32_t k, uint32_t old,
-                       uint32_t win);
-/* Head g's first k slots of ly (every position below S, each once) by ascending position:
- * perm[i] = the slot holding the i-th lowest (for a positions-ordering compaction). bits:
- * (S + 63) / 64 zero words, left zero; slot_of: S entries of scratch. O(k + S / 64). */
-void seq_positions_order(const struct seq_layer *ly, uint32_t g, uint32_t k, uint32_t S,
-                         uint64_t *bits, uint32_t *slot_of, uint32_t *perm);
 /* The same from what left instead of what stayed: per kv head g, the slots ev[g * n_ev ..
  * + n_ev) (ascending, below old) of the first `old` are gone, the rest (the window's `win`
  * after them) moved down in order. 0, -ENOMEM, or -EIO for a list out of order or range. */
@@ -101,6 +92,11 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
  * unless 0), ready (1 once done or failed, never waits), land (positions and counts as
  * decode_evict's; frees f; 0 or -errno). */
 struct gpu_flight;
+/* seq_gpu.c: seq_positions' slots [from, from + n) of a layer whose positions are still on
+ * the GPU (pos_gpu), copied from there on a free context (the loop never waits for one:
+ * -EAGAIN). 0 or -errno. */
+int seq_gpu_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
+                      uint32_t from, uint32_t n, uint32_t *out);
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out);
 int seq_gpu_evict_ready(struct gpu_flight *f);

@@ -89,28 +89,81 @@ struct cmparams {
 __host__ __device__ inline size_t al16(size_t x) { return (x + 15) & ~(size_t)15; }
 
 // A job's scratch: [kv_heads][k + win] rows of K then V, the gathered indicator
-// [kv_heads][k], each head's first moved row [kv_heads].
+// [kv_heads][k], each head's first moved row [kv_heads], the gathered positions
+// [kv_heads][k], and an order job's bitmap of positions with each word's rank
+// [kv_heads][2][words of pos_span].
 struct cm_tmp {
     uint8_t *rows;
     float *ind;
-    uint32_t *first;
+    uint32_t *first, *pos, *bits;
 };
 
-// the three parts' sizes (kern_cuda_compact_many_tmp is their sum)
+__host__ __device__ inline uint32_t span_words(uint32_t span) { return (span + 31) / 32; }
+
+// the parts' sizes (kern_cuda_compact_many_tmp is their sum)
 struct cm_tmp_size {
-    size_t rows, ind, first;
+    size_t rows, ind, first, pos, bits;
 };
-__host__ __device__ inline cm_tmp_size tmp_size(uint32_t hkv, uint32_t k, uint32_t win, size_t row)
+__host__ __device__ inline cm_tmp_size tmp_size(uint32_t hkv, uint32_t k, uint32_t win, size_t row,
+                                               uint32_t span)
 {
     return cm_tmp_size{al16((size_t)hkv * (k + win) * 2 * row), al16(sizeof(float) * hkv * k),
-                       al16(sizeof(uint32_t) * hkv)};
+                       al16(sizeof(uint32_t) * hkv), al16(sizeof(uint32_t) * hkv * k),
+                       al16(sizeof(uint32_t) * hkv * 2 * span_words(span))};
 }
 
 __host__ __device__ inline cm_tmp tmp_of(const kern_cuda_compact_job &j, uint32_t hkv, size_t row)
 {
     uint8_t *b = (uint8_t *)j.tmp;
-    cm_tmp_size z = tmp_size(hkv, j.k, j.win, row);
-    return cm_tmp{b, (float *)(b + z.rows), (uint32_t *)(b + z.rows + z.ind)};
+    cm_tmp_size z = tmp_size(hkv, j.k, j.win, row, j.order ? j.pos_span : 0);
+    size_t o = z.rows + z.ind;
+    return cm_tmp{b, (float *)(b + z.rows), (uint32_t *)(b + o), (uint32_t *)(b + o + z.first),
+                  (uint32_t *)(b + o + z.first + z.pos)};
+}
+
+// An order job's kept slots: keep[r] = the slot holding head g's r-th smallest position (a
+// bitmap of the positions, each word's rank by a block scan of their counts, then each
+// slot's rank). Returns the first slot out of place (k when sorted, or when the positions
+// are not k distinct ones below pos_span: then keep is the identity and n_sorted says so).
+__device__ uint32_t order_by_pos(const kern_cuda_compact_job &j, const cm_tmp &t, uint32_t g,
+                                 uint32_t *keep, seldev::smem &sh)
+{
+    typedef cub::BlockScan<uint32_t, seldev::THREADS> scan_t;
+    uint32_t tid = threadIdx.x, nw = span_words(j.pos_span), k = j.k;
+    uint32_t *bits = t.bits + (size_t)g * 2 * nw, *rank = bits + nw;
+    const uint32_t *pos = j.pos + (size_t)g * j.pos_stride;
+    for (uint32_t w = tid; w < nw; w += seldev::THREADS)
+        bits[w] = 0;
+    __syncthreads();
+    for (uint32_t i = tid; i < k; i += seldev::THREADS) {
+        uint32_t p = j.pos_init ? i : pos[i];
+        if (p < j.pos_span)
+            atomicOr(&bits[p / 32], 1u << (p % 32));
+    }
+    __syncthreads();
+    uint32_t per = (nw + seldev::THREADS - 1) / seldev::THREADS, w0 = tid * per;
+    uint32_t w1 = w0 + per < nw ? w0 + per : nw, c = 0, before, total;
+    for (uint32_t w = w0; w < w1; w++)
+        c += __popc(bits[w]);
+    scan_t(sh.scan).ExclusiveSum(c, before, total);
+    for (uint32_t w = w0; w < w1; w++)
+        rank[w] = before, before += __popc(bits[w]);
+    if (tid == 0) {
+        sh.first = k;
+        if (j.n_sorted)
+            j.n_sorted[g] = total;
+    }
+    __syncthreads(); // every rank written
+    int sound = total == k;
+    for (uint32_t i = tid; i < k; i += seldev::THREADS) {
+        uint32_t p = j.pos_init ? i : pos[i];
+        uint32_t r = sound ? rank[p / 32] + __popc(bits[p / 32] & ((1u << (p % 32)) - 1)) : i;
+        keep[r] = i;
+        if (r != i)
+            atomicMin(&sh.first, r < i ? r : i);
+    }
+    __syncthreads();
+    return sh.first;
 }
 
 __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_compact_job &j,
@@ -137,7 +190,11 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
         return; // the host checks it
     uint32_t *keep = j.keep + (size_t)g * j.k, first;
     cm_tmp t = tmp_of(j, p.lay.kv_heads, p.row);
-    if (j.slots) {
+    if (j.order) {
+        if (j.k != j.old || !j.pos || j.slots)
+            return; // the host checks it
+        first = order_by_pos(j, t, g, keep, sh);
+    } else if (j.slots) {
         if (tid == 0)
             sh.first = j.k;
         __syncthreads();
@@ -191,7 +248,7 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
     }
     if (tid == 0)
         t.first[g] = first;
-    if (tid == 0 && j.n_moves && !(j.fill && !j.slots && first < j.k))
+    if (tid == 0 && j.n_moves && !(j.fill && !j.slots && !j.order && first < j.k))
         j.n_moves[g] = 0; // nothing moved below k
 }
 
@@ -215,7 +272,7 @@ __global__ void __launch_bounds__(256) cm_move(cmparams p)
     cm_tmp t = tmp_of(j, hkv, p.row);
     const uint32_t *keep = j.keep + (size_t)g * j.k;
     uint32_t first = t.first[g], vec = (uint32_t)(p.row / 16), n = rows - r0;
-    int fill = j.fill && !j.slots;
+    int fill = j.fill && !j.slots && !j.order;
     n = n < CM_ROWS ? n : CM_ROWS;
     for (uint32_t x = tid; x < n * 2 * vec; x += 256) {
         uint32_t i = r0 + x / (2 * vec), r = x % (2 * vec), v = r % vec;
@@ -243,15 +300,23 @@ __global__ void __launch_bounds__(256) cm_move(cmparams p)
             else
                 t.ind[(size_t)g * j.k + i] = j.ind[(size_t)g * j.old + keep[i]];
         }
+    if (j.pos) // the positions the same way, at a fixed stride
+        for (uint32_t i = r0 + tid; i < r0 + n && i < j.k; i += 256) {
+            uint32_t *pg = j.pos + (size_t)g * j.pos_stride;
+            if (OUT)
+                pg[i] = t.pos[(size_t)g * j.k + i];
+            else
+                t.pos[(size_t)g * j.k + i] = j.pos_init ? keep[i] : pg[keep[i]];
+        }
 }
 
 } // namespace
 
 extern "C" size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k,
-                                             uint32_t win)
+                                             uint32_t win, uint32_t pos_span)
 {
-    cm_tmp_size z = tmp_size(kv_heads, k, win, (size_t)head_dim * 2);
-    return z.rows + z.ind + z.first;
+    cm_tmp_size z = tmp_size(kv_heads, k, win, (size_t)head_dim * 2, pos_span);
+    return z.rows + z.ind + z.first + z.pos + z.bits;
 }
 
 extern "C" int kern_cuda_compact_many(const struct kern_cuda_layout *lay,

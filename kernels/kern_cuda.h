@@ -117,7 +117,13 @@ int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, u
  * becomes [kv_heads][k]; NULL: none, with slots only). tmp: the job's device scratch,
  * kern_cuda_compact_many_tmp bytes. jobs: a device array; max_rows at least every job's
  * k + win (it sizes the grid); k <= old for every job (one above it does nothing). The
- * layout is every job's. Asynchronous; 0, -EINVAL or -EIO. */
+ * layout is every job's. With pos set, the original positions of the prefix slots
+ * ([kv_heads][pos_stride], device) follow their tokens the same way (pos_init: none written
+ * yet, slot i held position i). An order job (k == old, pos set, no slots) puts the prefix
+ * back in position order: keep becomes the slots sorted by their positions (each below
+ * pos_span, all distinct), and n_sorted[g] receives how many distinct positions below
+ * pos_span head g holds (k when sound; otherwise that head moves nothing). Asynchronous; 0,
+ * -EINVAL or -EIO. */
 struct kern_cuda_layout {
     int dtype;                  /* KERN_BF16 or KERN_F16 */
     uint32_t kv_heads, head_dim, tokens_per_page;
@@ -136,6 +142,12 @@ struct kern_cuda_compact_job {
      * head g's holes below k, ascending, as (hole, source slot) pairs at moves[g *
      * kern_cuda_compact_moves(old, k) * 2 ..], and how many in n_moves[g] (device) */
     uint32_t *moves, *n_moves;
+    uint32_t *pos;              /* device [kv_heads][pos_stride] positions, or NULL */
+    uint32_t pos_stride;
+    int pos_init;               /* pos not written yet: slot i holds position i */
+    int order;                  /* the prefix sorted by pos (k == old, no slots) */
+    uint32_t pos_span;          /* order jobs: every position is below it */
+    uint32_t *n_sorted;         /* order jobs: device [kv_heads], the distinct positions */
 };
 /* The (hole, source) pairs a fill job's head can have: min(k, old - k). */
 #ifdef __CUDACC__
@@ -145,7 +157,8 @@ static inline uint32_t kern_cuda_compact_moves(uint32_t old, uint32_t k)
 {
     return old - k < k ? old - k : k;
 }
-size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win);
+size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win,
+                                  uint32_t pos_span);
 int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
                            const struct kern_cuda_compact_job *jobs_dev, uint32_t n_jobs,
                            uint32_t max_rows, void *stream);

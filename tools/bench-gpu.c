@@ -515,7 +515,7 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
     enum { TPP = 16, NS = 8 };
     uint32_t n = old + W, np = (n + TPP - 1) / TPP;
     size_t pb = 2 * (size_t)HKV * TPP * D * 2, lb = np * pb, ib = sizeof(float) * HKV * old;
-    size_t kb = sizeof(uint32_t) * HKV * k, tb = kern_cuda_compact_many_tmp(HKV, D, k, W);
+    size_t kb = sizeof(uint32_t) * HKV * k, tb = kern_cuda_compact_many_tmp(HKV, D, k, W, 0);
     size_t twsb = kern_cuda_topk_workspace(HKV, old), sb = (tb + kb + twsb + 255) & ~(size_t)255;
     uint8_t *base, *orig, *scratch;
     float *ind, *iorig;

@@ -660,7 +660,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     free(host), free(back), free(perm), free(q);
 }
 
-/* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: seven
+/* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: nine
  * layers of one layout over pages scattered through one pool, prefixes from 40 to ~40,000
  * slots (the longest walks the block's list many times), keeps of none, all and some,
  * windows of 0 to 40; indicators with ties (quantized) and a NaN or two; two layers with the
@@ -671,7 +671,12 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * or for a fill job the holes-filled map built from them (fill_map) and its moves (each
  * hole below k with its source, ascending; none for the other jobs), the first k + win
  * slots the bytes kern_compact_head leaves with that keep, the indicator [kv_heads][k]
- * kern_gather_f32's by it, and the slots past them untouched. */
+ * kern_gather_f32's by it, and the slots past them untouched. Every layer's positions
+ * (random, at a stride beyond its prefix; layer 3's not yet written: slot i's is i) follow
+ * keep, the rest of each row untouched. The last two are order jobs (k = old, positions
+ * distinct below a span and shuffled): keep must sort the prefix by position, n_sorted be
+ * k - except layer 8's head 0, given a position twice, which must count fewer and move
+ * nothing. */
 static void fill_map(const uint32_t *asc, uint32_t k, uint32_t *map)
 {
     uint32_t c = 0, rank = 0, at = 0;
@@ -685,14 +690,26 @@ static void fill_map(const uint32_t *asc, uint32_t k, uint32_t *map)
     }
 }
 
+/* The slots of pos[0..k) by ascending position (distinct). */
+static void order_of(const uint32_t *pos, uint32_t k, uint32_t *keep)
+{
+    for (uint32_t i = 0; i < k; i++)
+        keep[i] = i;
+    for (uint32_t i = 1; i < k; i++) /* insertion sort: k is at most a few thousand */
+        for (uint32_t j = i; j > 0 && pos[keep[j - 1]] > pos[keep[j]]; j--) {
+            uint32_t t = keep[j];
+            keep[j] = keep[j - 1], keep[j - 1] = t;
+        }
+}
+
 static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
 {
-    enum { L = 7 };
+    enum { L = 9, ORDER = 7 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     uint32_t old[L], k[L], win[L], np[L], P = 0, max_rows = 0;
     for (int l = 0; l < L; l++) {
         old[l] = l == 0 ? 30000 + (uint32_t)(urand() * 10000) : 40 + (uint32_t)(urand() * 3000);
-        k[l] = l == 1 ? 0 : l == 2 || l == 6 ? old[l] : (uint32_t)(urand() * old[l]);
+        k[l] = l == 1 ? 0 : l == 2 || l >= 6 ? old[l] : (uint32_t)(urand() * old[l]);
         win[l] = l == 3 ? 0 : (uint32_t)(urand() * 41);
         np[l] = (old[l] + win[l] + tpp - 1) / tpp, P += np[l];
         max_rows = k[l] + win[l] > max_rows ? k[l] + win[l] : max_rows;
@@ -706,7 +723,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     uint64_t *off[L];
     void **pages[L];
     float *ind[L];
-    uint32_t *slots[L];
+    uint32_t *slots[L], *pos[L], stride[L], span[L];
     struct kern_kv kv[L];
     for (uint32_t l = 0, at = 0; l < L; l++) {
         off[l] = malloc(sizeof(uint64_t) * np[l]), pages[l] = malloc(sizeof(void *) * np[l]);
@@ -718,6 +735,20 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
         for (size_t i = 0; i < (size_t)Hkv * old[l]; i++)
             ind[l][i] = (float)(floor(urand() * levels) / levels);
         ind[l][(size_t)(urand() * Hkv * old[l])] = NAN;
+        stride[l] = old[l] + (uint32_t)(urand() * 100), span[l] = l >= ORDER ? old[l] + 1 + (uint32_t)(urand() * 3000) : 0;
+        pos[l] = malloc(sizeof(uint32_t) * Hkv * stride[l]);
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t *pg = pos[l] + (size_t)g * stride[l];
+            for (uint32_t j = 0; j < stride[l]; j++)
+                pg[j] = (uint32_t)(urand() * 4e9);
+            if (l >= ORDER) { /* k distinct positions below the span, shuffled */
+                uint32_t *sh = shuffled(span[l]);
+                memcpy(pg, sh, sizeof(uint32_t) * k[l]);
+                free(sh);
+                if (l == ORDER + 1 && g == 0 && k[l] > 1)
+                    pg[k[l] - 1] = pg[0]; /* a position twice: not sound */
+            }
+        }
         slots[l] = NULL;
         if (l == 6) { /* a permutation of every slot (a prefill's end restoring position order) */
             slots[l] = malloc(sizeof(uint32_t) * Hkv * k[l]);
@@ -742,15 +773,22 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     size_t tab = 0;
     for (int l = 0; l < L; l++)
         tab += 16 * 5 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] +
-               2 * sizeof(uint32_t) * Hkv * k[l] + kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l]) +
-               2 * sizeof(uint32_t) * Hkv * kern_cuda_compact_moves(old[l], k[l]) + sizeof(uint32_t) * Hkv + 32;
+               2 * sizeof(uint32_t) * Hkv * k[l] + kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]) +
+               2 * sizeof(uint32_t) * Hkv * kern_cuda_compact_moves(old[l], k[l]) + sizeof(uint32_t) * Hkv + 32 +
+               16 * 2 + sizeof(uint32_t) * Hkv * stride[l] + sizeof(uint32_t) * Hkv;
     CK(cudaMalloc((void **)&dtab, tab));
     struct kern_cuda_compact_job jobs[L], *djobs;
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
     size_t at = 0;
 #define TAKE(b) (at = (at + 15) & ~(size_t)15, at += (b), dtab + at - (b))
     for (int l = 0; l < L; l++) {
-        jobs[l] = (struct kern_cuda_compact_job){.old = old[l], .k = k[l], .win = win[l], .fill = l != 2};
+        jobs[l] = (struct kern_cuda_compact_job){.old = old[l], .k = k[l], .win = win[l],
+                                                 .fill = l != 2 && l < ORDER, .pos_stride = stride[l],
+                                                 .pos_init = l == 3, .order = l >= ORDER, .pos_span = span[l]};
+        jobs[l].pos = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv * stride[l]);
+        CK(cudaMemcpy(jobs[l].pos, pos[l], sizeof(uint32_t) * Hkv * stride[l], cudaMemcpyHostToDevice));
+        if (l >= ORDER)
+            jobs[l].n_sorted = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv);
         uint8_t *x = TAKE(sizeof(uint64_t) * np[l]);
         CK(cudaMemcpy(x, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
         jobs[l].page_off = (const uint64_t *)x;
@@ -762,7 +800,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
             jobs[l].slots = (const uint32_t *)x;
         }
         jobs[l].keep = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv * k[l]);
-        jobs[l].tmp = TAKE(kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l]));
+        jobs[l].tmp = TAKE(kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]));
         if (l != 3) { /* the moves too (every job but one: n_moves 0 where nothing filled) */
             jobs[l].moves = (uint32_t *)TAKE(2 * sizeof(uint32_t) * Hkv * kern_cuda_compact_moves(old[l], k[l]));
             jobs[l].n_moves = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv);
@@ -776,8 +814,12 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     CK(cudaDeviceSynchronize());
     EXPECT(rc == 0, "compact many rc %d", rc);
     CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
-    int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1, same_moves = 1;
+    int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1, same_moves = 1, same_pos = 1, counted = 1;
     for (int l = 0; l < L; l++) {
+        uint32_t *pos_got = malloc(sizeof(uint32_t) * Hkv * stride[l]), n_sorted[64] = {0};
+        CK(cudaMemcpy(pos_got, jobs[l].pos, sizeof(uint32_t) * Hkv * stride[l], cudaMemcpyDeviceToHost));
+        if (jobs[l].n_sorted)
+            CK(cudaMemcpy(n_sorted, jobs[l].n_sorted, sizeof(uint32_t) * Hkv, cudaMemcpyDeviceToHost));
         uint32_t *got = malloc(sizeof(uint32_t) * Hkv * k[l] + 4), *keep = malloc(sizeof(uint32_t) * k[l] + 4);
         uint32_t *asc = malloc(sizeof(uint32_t) * k[l] + 4);
         uint8_t *scr = malloc(2 * row * k[l] + 16);
@@ -785,7 +827,16 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
         CK(cudaMemcpy(got, jobs[l].keep, sizeof(uint32_t) * Hkv * k[l], cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(gi, jobs[l].ind, sizeof(float) * Hkv * k[l], cudaMemcpyDeviceToHost));
         for (uint32_t g = 0; g < Hkv; g++) {
-            if (slots[l])
+            const uint32_t *p0 = pos[l] + (size_t)g * stride[l], *p1 = pos_got + (size_t)g * stride[l];
+            int sound = !(l == ORDER + 1 && g == 0 && k[l] > 1);
+            if (jobs[l].order) {
+                if (sound)
+                    order_of(p0, k[l], keep);
+                else
+                    for (uint32_t i = 0; i < k[l]; i++)
+                        keep[i] = i;
+                counted &= sound ? n_sorted[g] == k[l] : n_sorted[g] < k[l];
+            } else if (slots[l])
                 memcpy(keep, slots[l] + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
             else if (!jobs[l].fill)
                 kern_topk(ind[l] + (size_t)g * old[l], old[l], k[l], KERN_ORDER_POSITION, keep);
@@ -807,6 +858,8 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                 same_moves &= nm == m;
                 free(mv);
             }
+            for (uint32_t i = 0; i < stride[l]; i++) /* the positions follow; the rest stays */
+                same_pos &= p1[i] == (i >= k[l] ? p0[i] : jobs[l].pos_init ? keep[i] : p0[keep[i]]);
             kern_gather_f32(ind[l] + (size_t)g * old[l], keep, k[l], ci);
             same_ind &= !memcmp(ci, gi + (size_t)g * k[l], sizeof(float) * k[l]);
             EXPECT(kern_compact_head(&kv[l], g, keep, k[l], old[l], win[l], scr) == 0, "the CPU's compaction");
@@ -819,7 +872,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                     rest &= eq; /* kern_compact_head leaves them too */
             }
         }
-        free(got), free(keep), free(gi), free(ci), free(asc), free(scr);
+        free(got), free(keep), free(gi), free(ci), free(asc), free(scr), free(pos_got);
     }
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     EXPECT(same_keep, "%s Hkv %u d %u tpp %u: kept slots differ from kern_topk's", name, Hkv, d, tpp);
@@ -827,14 +880,17 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     EXPECT(same_kv, "%s Hkv %u d %u tpp %u: compacted bytes differ", name, Hkv, d, tpp);
     EXPECT(rest, "%s Hkv %u d %u tpp %u: slots past the kept ones changed", name, Hkv, d, tpp);
     EXPECT(same_moves, "%s Hkv %u d %u tpp %u: the fill jobs' moves differ", name, Hkv, d, tpp);
+    EXPECT(same_pos, "%s Hkv %u d %u tpp %u: the positions did not follow the tokens", name, Hkv, d, tpp);
+    EXPECT(counted, "%s Hkv %u d %u tpp %u: an order job's distinct positions miscounted", name, Hkv, d, tpp);
     lay.head_dim = 4; /* rows of 8 bytes: not whole 16-byte pieces */
     EXPECT(kern_cuda_compact_many(&lay, djobs, L, max_rows, NULL) == -EINVAL, "head_dim 4 taken");
-    printf("%-5s Hkv=%u d=%u tpp=%u, %d layers (prefixes up to %u) in one pass: kept slots %s, "
-           "moves %s, indicator %s, compaction %s\n", name, Hkv, d, tpp, L, old[0],
-           same_keep ? "equal" : "DIFFER", same_moves ? "equal" : "DIFFER",
-           same_ind ? "equal" : "DIFFERS", same_kv && rest ? "equal" : "DIFFERS");
+    printf("%-5s Hkv=%u d=%u tpp=%u, %d layers (prefixes up to %u; 2 put in position order) in "
+           "one pass: kept slots %s, moves %s, positions %s, indicator %s, compaction %s\n", name,
+           Hkv, d, tpp, L, old[0], same_keep ? "equal" : "DIFFER", same_moves ? "equal" : "DIFFER",
+           same_pos && counted ? "equal" : "DIFFER", same_ind ? "equal" : "DIFFERS",
+           same_kv && rest ? "equal" : "DIFFERS");
     for (int l = 0; l < L; l++)
-        free(off[l]), free(pages[l]), free(ind[l]), free(slots[l]);
+        free(off[l]), free(pages[l]), free(ind[l]), free(slots[l]), free(pos[l]);
     cudaFree(dbase), cudaFree(dtab), cudaFree(djobs);
     free(host), free(back), free(perm);
 }

@@ -9,7 +9,8 @@
  *    sequence scored on the CPU (within float tolerance), every kept row is an original
  *    row in positional order, the window is intact; decode steps evict on the GPU.
  *  - cake_decode_attention against a double-precision reference over the read-back cache.
- *  - kept positions: caked's account equals the bytes' (GPU and host).
+ *  - kept positions: caked's account equals the bytes' (GPU and host), also mid-prompt,
+ *    while a GPU sequence's are still on the device.
  *  - a batch: device page tables, K/V appended, attention and the decode queries into the
  *    rings in one launch per layer each, a CUDA graph (test_batch).
  *  - decode evictions launched by caked's loop (a step of one sequence) and by its workers
@@ -283,6 +284,15 @@ static void test_observe_decode(cake_ctx *c)
         double rel = fabs(pg - ph) / (fabs(ph) + 1e-12);
         max_rel = rel > max_rel ? rel : max_rel;
         CHECK(rel < 1e-3, "layer %d preference: GPU %.9g, host %.9g", l, pg, ph);
+        for (int m = 0; m <= l && l < L - 1 && !fails; m++) { /* mid-prompt: the stages' slots
+                                     (out of position order) and their positions, still on the GPU */
+            static int pm[N + MAXNEW];
+            uint32_t nm = cake_layer_tokens(gs, m);
+            for (int g = 0; g < HKV; g++) {
+                positions(gs, m, g, pm, nm);
+                check_told(gs, m, g, pm, nm, "GPU mid-prompt");
+            }
+        }
     }
     uint32_t sum_g = 0, sum_h = 0;
     double worst = 1;

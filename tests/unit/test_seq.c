@@ -296,7 +296,7 @@ Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
         held[l] = s->layer[l].tokens - w;
         want_room += held[l], want_floor += held[l] < fl ? held[l] : fl;
         for (uint32_t g = 0; g < 2; g++)
-            nb[l] = seq_positions(s, l, g, 0, 2048, before[l][g]);
+            nb[l] = (uint32_t)seq_positions(&f.env, s, l, g, 0, 2048, before[l][g]);
     }
     uint64_t floor = 0, room = seq_reslice_room(s, mt, &floor);
     cr_assert_eq(room, want_room);
@@ -331,7 +331,7 @@ Test(seq, a_reslice_keeps_the_top_of_what_each_layer_held)
         cr_assert_eq(s->layer[l].tokens, b[l] + w, "layer %u", l);
         cr_assert_eq(cakeseq_budget(s->cs, l), b[l]);
         for (uint32_t g = 0; g < 2; g++) {
-            uint32_t now[2048], n = seq_positions(s, l, g, 0, 2048, now), k = 0;
+            uint32_t now[2048], n = (uint32_t)seq_positions(&f.env, s, l, g, 0, 2048, now), k = 0;
             cr_assert_eq(n, b[l] + w);
             for (uint32_t i = 0; i < n; i++) { /* in order, and among what it held */
                 while (k < nb[l] && before[l][g][k] != now[i])
@@ -429,130 +429,6 @@ Test(seq, positions_compact_any_order)
         for (uint32_t g = 0; g < s.Hkv; g++)
             cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, want + g * (k + win),
                              sizeof(uint32_t) * (k + win), "round %d kind %d head %u", round, kind, g);
-        free(a.pos);
-    }
-}
-
-/* A GPU prefill's fill compaction answers with its moves only (each hole below k with its
- * source): seq_positions_fill must leave exactly what seq_positions_compact leaves with the
- * whole holes-filled keep, on a layer never compacted and on one compacted before; a move
- * out of range (a hole at or above k, a source below k or at or above old, more moves than
- * the bound) is refused with nothing changed. */
-Test(seq, positions_fill_equals_compact)
-{
-    struct seq s = {.Hkv = 2, .max_new = 6};
-    uint64_t r = 4242;
-    for (int round = 0; round < 120; round++) {
-        uint32_t old = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % 150, win = round % 4;
-        uint32_t k = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % (old + 1);
-        uint32_t bound = old - k < k ? old - k : k;
-        struct seq_layer a = {0}, b = {0};
-        if (round % 2) { /* compacted before: slot j holds 5 j + g */
-            uint32_t id[2 * 160];
-            for (uint32_t g = 0; g < s.Hkv; g++)
-                for (uint32_t j = 0; j < old + win; j++)
-                    id[g * (old + win) + j] = j;
-            cr_assert_eq(seq_positions_compact(&s, &a, id, old + win, old + win, 0), 0);
-            cr_assert_eq(seq_positions_compact(&s, &b, id, old + win, old + win, 0), 0);
-            for (uint32_t g = 0; g < s.Hkv; g++)
-                for (uint32_t j = 0; j < old + win; j++)
-                    a.pos[(size_t)g * a.pos_cap + j] = b.pos[(size_t)g * b.pos_cap + j] = 5 * j + g;
-        }
-        uint32_t keep[2 * 150], moves[2 * 2 * 150], n_moves[2];
-        for (uint32_t g = 0; g < s.Hkv; g++) {
-            uint8_t in[150] = {0};
-            uint32_t asc[150], c = 0, rank = 0, at = 0;
-            for (uint32_t m = 0; m < k;) {
-                uint32_t j = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % old;
-                m += !in[j], in[j] = 1;
-            }
-            for (uint32_t j = 0, m = 0; j < old; j++)
-                if (in[j])
-                    asc[m++] = j;
-            while (c < k && asc[c] < k)
-                c++;
-            n_moves[g] = 0;
-            for (uint32_t h = 0; h < k; h++) {
-                keep[g * k + h] = at < c && asc[at] == h ? (at++, h) : asc[c + rank++];
-                if (keep[g * k + h] != h) {
-                    moves[(g * bound + n_moves[g]) * 2] = h;
-                    moves[(g * bound + n_moves[g]) * 2 + 1] = keep[g * k + h];
-                    n_moves[g]++;
-                }
-            }
-            cr_assert_leq(n_moves[g], bound);
-        }
-        cr_assert_eq(seq_positions_compact(&s, &a, keep, k, old, win), 0);
-        cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), 0);
-        for (uint32_t g = 0; g < s.Hkv; g++)
-            cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, b.pos + (size_t)g * b.pos_cap,
-                             sizeof(uint32_t) * (k + win), "round %d head %u", round, g);
-        if (n_moves[0]) { /* out of range: refused, nothing changed */
-            uint32_t saved[160], *p = b.pos, h = moves[0], src = moves[1];
-            memcpy(saved, p, sizeof(uint32_t) * (k + win));
-            moves[0] = k;
-            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, k, win), -EIO);
-            moves[0] = h, moves[1] = k - 1;
-            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, k, win), -EIO);
-            moves[1] = old;
-            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), -EIO);
-            moves[1] = src, n_moves[0] = bound + 1;
-            cr_assert_eq(seq_positions_fill(&s, &b, moves, n_moves, bound, k, old, win), -EIO);
-            cr_assert_arr_eq(p, saved, sizeof(uint32_t) * (k + win), "round %d: changed", round);
-        }
-        free(a.pos), free(b.pos);
-    }
-}
-
-/* A GPU prefill's stages leave a layer's kept slots in any order; seq_positions_order gives
- * the permutation that puts them back by position (every slot once, positions ascending,
- * its bitmap left clear for the next head), and compacting by it (k = old) leaves the
- * layer's positions ascending with the window after them. Prompts of 1..300 positions
- * cross the bitmap's 64-bit words at every offset. */
-Test(seq, positions_order_sorts_any_slot_order)
-{
-    struct seq s = {.Hkv = 3, .max_new = 4};
-    uint64_t r = 12345, bits[5] = {0};
-    for (int round = 0; round < 200; round++) {
-        uint32_t S = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % 300, win = round % 4;
-        uint32_t k = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % (S + 1);
-        struct seq_layer a = {0};
-        uint32_t ident[3 * 304], slot_of[300], perm[3 * 300];
-        for (uint32_t g = 0; g < s.Hkv; g++)
-            for (uint32_t j = 0; j < k + win; j++)
-                ident[g * (k + win) + j] = j;
-        cr_assert_eq(seq_positions_compact(&s, &a, ident, k + win, k + win, 0), 0);
-        for (uint32_t g = 0; g < s.Hkv; g++) { /* k distinct positions below S, shuffled */
-            uint32_t *p = a.pos + (size_t)g * a.pos_cap;
-            uint8_t in[300] = {0};
-            for (uint32_t c = 0; c < k;) {
-                uint32_t x = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % S;
-                if (!in[x])
-                    in[x] = 1, p[c++] = x;
-            }
-            for (uint32_t j = 0; j < win; j++)
-                p[k + j] = S + j;
-        }
-        for (uint32_t g = 0; g < s.Hkv; g++) {
-            seq_positions_order(&a, g, k, S, bits, slot_of, perm + g * k);
-            uint8_t seen[300] = {0};
-            const uint32_t *p = a.pos + (size_t)g * a.pos_cap;
-            for (uint32_t i = 0; i < k; i++) {
-                cr_assert(perm[g * k + i] < k && !seen[perm[g * k + i]], "round %d head %u: slot %u "
-                          "listed twice or out of range", round, g, perm[g * k + i]);
-                seen[perm[g * k + i]] = 1;
-                cr_assert(i == 0 || p[perm[g * k + i]] > p[perm[g * k + i - 1]],
-                          "round %d head %u: not ascending at %u", round, g, i);
-            }
-            for (int w = 0; w < 5; w++)
-                cr_assert_eq(bits[w], 0, "round %d: bitmap word %d left set", round, w);
-        }
-        cr_assert_eq(seq_positions_compact(&s, &a, perm, k, k, win), 0);
-        for (uint32_t g = 0; g < s.Hkv; g++) {
-            const uint32_t *p = a.pos + (size_t)g * a.pos_cap;
-            for (uint32_t j = 1; j < k + win; j++)
-                cr_assert_gt(p[j], p[j - 1], "round %d head %u slot %u", round, g, j);
-        }
         free(a.pos);
     }
 }
