@@ -159,8 +159,12 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
     int rc = s->pos_dev || !S ? 0 : gpuctx_dev_alloc(gc, (void **)&s->pos_dev, sizeof(uint32_t) * s->L * Hkv * S);
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
-        if (ev[i].old_prefix > S || ly->pos) /* host positions only once the prompt is done */
+        if (ev[i].old_prefix > S || ly->pos) { /* host positions only once the prompt is done */
+            fprintf(stderr, "caked: seq %#llx: a stage's layer %u: prefix %u of %u, host positions "
+                    "%s\n", (unsigned long long)s->id, ev[i].layer, ev[i].old_prefix, S,
+                    ly->pos ? "already" : "none");
             rc = -EIO;
+        }
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
             .ind_dev = s->ind_dev + (size_t)ev[i].layer * Hkv * S,
@@ -213,20 +217,25 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
         if (!ly->pos_gpu)
             continue;
         if (k > ly->tokens || k > S) {
+            fprintf(stderr, "caked: seq %#llx: at the prompt's end, layer %u keeps %u of %u "
+                    "tokens (prompt prefix %u)\n", (unsigned long long)s->id, l, k, ly->tokens, S);
             rc = -EIO;
             break;
         }
-        if (!cakeseq_head_kept(s->cs, l))
-            jobs[n++] = (struct gpu_select){
+        if (!cakeseq_head_kept(s->cs, l)) {
+            jobs[n] = (struct gpu_select){
                 .l = gpu_layer_view(e, s, l),
                 .ind_dev = s->ind_dev ? s->ind_dev + (size_t)l * Hkv * S : NULL,
                 .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
                 .pos_dev = pos_of(s, l), .pos_stride = S, .order = 1, .pos_span = S,
                 .n_sorted = sorted + (size_t)n * Hkv,
             };
+            n++;
+        }
         rc = seq_positions_alloc(s, ly, k, ly->tokens - k);
-        rows[nf++] = (struct gpu_rows){.dst = ly->pos, .src = pos_of(s, l), .dst_pitch = ly->pos_cap,
-                                       .src_pitch = S, .width = k, .rows = Hkv};
+        rows[nf] = (struct gpu_rows){.dst = ly->pos, .src = pos_of(s, l), .dst_pitch = ly->pos_cap,
+                                     .src_pitch = S, .width = k, .rows = Hkv};
+        nf++;
     }
     double t0 = e->trace ? clock_now_s() : 0;
     struct gpu_times gt = {0};
@@ -235,10 +244,18 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
         rc = gpuctx_select_compact_many(gc, jobs, n);
         gpuctx_times(gc, &gt);
         for (uint32_t i = 0; i < n * Hkv && !rc; i++)
-            if (sorted[i] != jobs[i / Hkv].k) /* positions not k distinct ones below S */
+            if (sorted[i] != jobs[i / Hkv].k) { /* positions not k distinct ones below S */
+                fprintf(stderr, "caked: seq %#llx: at the prompt's end, kv head %u of a layer "
+                        "holds %u distinct positions in its %u prefix slots\n",
+                        (unsigned long long)s->id, i % Hkv, sorted[i], jobs[i / Hkv].k);
                 rc = -EIO;
-        if (!rc)
-            rc = gpuctx_fetch_rows(gc, rows, nf);
+            }
+        if (rc && rc != -EIO)
+            fprintf(stderr, "caked: seq %#llx: at the prompt's end, ordering %u layers on the "
+                    "GPU: %s\n", (unsigned long long)s->id, n, strerror(-rc));
+        if (!rc && (rc = gpuctx_fetch_rows(gc, rows, nf)))
+            fprintf(stderr, "caked: seq %#llx: at the prompt's end, the positions of %u layers "
+                    "from the GPU: %s\n", (unsigned long long)s->id, nf, strerror(-rc));
         gpuexec_put(GEXEC(e, s), gc);
     }
     double t1 = e->trace ? clock_now_s() : 0;

@@ -757,7 +757,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                 memcpy(slots[l] + (size_t)g * k[l], sh, sizeof(uint32_t) * k[l]);
                 free(sh);
             }
-        } else if (l >= 4 && k[l]) { /* the host's choice: any k of the first old, ascending */
+        } else if (l >= 4 && l < ORDER && k[l]) { /* the host's choice: any k of the first old, ascending */
             slots[l] = malloc(sizeof(uint32_t) * Hkv * k[l]);
             for (uint32_t g = 0; g < Hkv; g++) {
                 uint32_t *sp = slots[l] + (size_t)g * k[l], need = k[l];

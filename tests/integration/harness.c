@@ -126,6 +126,12 @@ int harness_stop(struct harness *h)
     int child = atoi(kids);
     kill(child > 0 ? child : h->pid, SIGTERM);
     waitpid(h->pid, &st, 0);
+    if (getenv("CAKE_TEST_SHOW_LOG") && (f = fopen(h->log, "r"))) { /* caked's own words */
+        char line[512];
+        while (fgets(line, sizeof line, f))
+            fprintf(stderr, "caked log: %s", line);
+        fclose(f);
+    }
     unlink(h->log);
     unlink(h->sock); /* gone already unless caked died */
     char run[200];
