@@ -438,13 +438,9 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
  * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
- * slots; on the device behind them what comes back in one copy (each job's kept slots, or a
- * fill job's moves and their counts where the caller asked for those), then the kept slots
- * that stay on the device, then each job's scratch. */
-static int wants_moves(const struct gpu_select *j)
-{
-    return j->moves && j->fill && !j->slots;
-}
+ * slots; on the device behind them what comes back in one copy (the kept slots where the
+ * caller asked for them, an order job's counts), then the kept slots that stay on the
+ * device, then each job's scratch. */
 
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
@@ -470,11 +466,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             if (j->slots[x] >= j->old)
                 return -EINVAL;
         staged += al(sizeof(uint64_t) * l->n_pages) + (j->slots ? al(kb) : 0);
-        if (wants_moves(j))
-            rets += al(sizeof(uint32_t) * l->kv_heads) +
-                    al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k)),
-            keeps += al(kb);
-        else if (j->keep)
+        if (j->keep)
             rets += al(kb);
         else
             keeps += al(kb);
@@ -507,14 +499,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             kj[i].slots = (const uint32_t *)(c->dbuf + at);
             at += al(kb);
         }
-        if (wants_moves(j)) {
-            kj[i].n_moves = (uint32_t *)(c->dbuf + rat);
-            rat += al(sizeof(uint32_t) * l->kv_heads);
-            kj[i].moves = (uint32_t *)(c->dbuf + rat);
-            rat += al(2 * sizeof(uint32_t) * l->kv_heads * kern_cuda_compact_moves(j->old, j->k));
-            kj[i].keep = (uint32_t *)(c->dbuf + kat);
-            kat += al(kb);
-        } else if (j->keep) {
+        if (j->keep) {
             kj[i].keep = (uint32_t *)(c->dbuf + rat);
             rat += al(kb);
         } else { /* stays on the device */
@@ -540,7 +525,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);
     time_kernels(c, t0, 1);
-    if (!rc && rets && /* the kept slots or the moves, for the sequence's positions */
+    if (!rc && rets && /* the kept slots, the order jobs' counts */
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
@@ -550,13 +535,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
         uint32_t hkv = j->l.kv_heads;
-        if (wants_moves(j)) {
-            size_t mb = 2 * sizeof(uint32_t) * hkv * kern_cuda_compact_moves(j->old, j->k);
-            memcpy(j->n_moves, c->hbuf + rat, sizeof(uint32_t) * hkv);
-            rat += al(sizeof(uint32_t) * hkv);
-            memcpy(j->moves, c->hbuf + rat, mb);
-            rat += al(mb);
-        } else if (j->keep) {
+        if (j->keep) {
             size_t kb = sizeof(uint32_t) * hkv * j->k;
             memcpy(j->keep, c->hbuf + rat, kb);
             rat += al(kb);

@@ -89,10 +89,6 @@ struct gpu_select {
     uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot, or
                                     NULL: nothing comes back */
     int fill;                    /* top-k jobs: fill the holes below k rather than keep order */
-    /* fill jobs, or NULL: receive only what moved instead of keep (which is then left as it
-     * is) - head g's holes below k as (hole, source) pairs at moves[g * bound * 2 ..] and
-     * their count in n_moves[g], bound = gpu_select_moves(old, k) */
-    uint32_t *moves, *n_moves;
     /* the prefix slots' positions on the device ([kv_heads][pos_stride], old <= pos_stride),
      * or NULL: they follow the tokens (pos_init: none written yet, slot i held position i) */
     uint32_t *pos_dev;
@@ -105,11 +101,6 @@ struct gpu_select {
     uint32_t pos_span;
     uint32_t *n_sorted;
 };
-/* The (hole, source) pairs a fill job's head can have (kern_cuda_compact_moves). */
-static inline uint32_t gpu_select_moves(uint32_t old, uint32_t k)
-{
-    return old - k < k ? old - k : k;
-}
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
 /* Device -> host (any memory) copy on the context's stream, waited for. 0 or -EIO. */

@@ -233,14 +233,7 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
                 }
                 int hole = !(a < c && keep[a] == h); // the (h - a)-th hole below k
                 map[h - first] = hole ? keep[c + (h - a)] : h;
-                uint32_t bound = kern_cuda_compact_moves(j.old, j.k);
-                if (hole && j.moves && h - a < bound) {
-                    uint32_t *mv = j.moves + ((size_t)g * bound + (h - a)) * 2;
-                    mv[0] = h, mv[1] = keep[c + (h - a)];
-                }
             }
-            if (tid == 0 && j.n_moves)
-                j.n_moves[g] = j.k - c; // the kept slots from k on: one hole each
             __syncthreads(); // every read of keep done
             for (uint32_t h = first + tid; h < j.k; h += seldev::THREADS)
                 keep[h] = map[h - first];
@@ -248,8 +241,6 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
     }
     if (tid == 0)
         t.first[g] = first;
-    if (tid == 0 && j.n_moves && !(j.fill && !j.slots && !j.order && first < j.k))
-        j.n_moves[g] = 0; // nothing moved below k
 }
 
 // grid (row blocks, kv_heads, jobs): gather (out = 0: slots into the scratch, the kept

@@ -138,10 +138,6 @@ struct kern_cuda_compact_job {
     void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win) */
     uint32_t old, k, win;
     int fill;                   /* top-k jobs: fill the holes below k (see above) */
-    /* fill jobs, or NULL: what moved, for a caller that follows it without all of keep -
-     * head g's holes below k, ascending, as (hole, source slot) pairs at moves[g *
-     * kern_cuda_compact_moves(old, k) * 2 ..], and how many in n_moves[g] (device) */
-    uint32_t *moves, *n_moves;
     uint32_t *pos;              /* device [kv_heads][pos_stride] positions, or NULL */
     uint32_t pos_stride;
     int pos_init;               /* pos not written yet: slot i holds position i */
@@ -149,14 +145,6 @@ struct kern_cuda_compact_job {
     uint32_t pos_span;          /* order jobs: every position is below it */
     uint32_t *n_sorted;         /* order jobs: device [kv_heads], the distinct positions */
 };
-/* The (hole, source) pairs a fill job's head can have: min(k, old - k). */
-#ifdef __CUDACC__
-__host__ __device__
-#endif
-static inline uint32_t kern_cuda_compact_moves(uint32_t old, uint32_t k)
-{
-    return old - k < k ? old - k : k;
-}
 size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win,
                                   uint32_t pos_span);
 int kern_cuda_compact_many(const struct kern_cuda_layout *lay,

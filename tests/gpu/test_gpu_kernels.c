@@ -668,8 +668,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * whose slots are a shuffle of all of them (k = old: a prefill's end restoring order). The
  * top-k layers fill their holes (`fill`: the long one among them) but layer 2, which keeps
  * order. Each head's keep must be kern_topk's kept slots in ascending order (or the host's),
- * or for a fill job the holes-filled map built from them (fill_map) and its moves (each
- * hole below k with its source, ascending; none for the other jobs), the first k + win
+ * or for a fill job the holes-filled map built from them (fill_map), the first k + win
  * slots the bytes kern_compact_head leaves with that keep, the indicator [kv_heads][k]
  * kern_gather_f32's by it, and the slots past them untouched. Every layer's positions
  * (random, at a stride beyond its prefix; layer 3's not yet written: slot i's is i) follow
@@ -772,10 +771,9 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
     size_t tab = 0;
     for (int l = 0; l < L; l++)
-        tab += 16 * 5 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] +
+        tab += 16 * 8 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] +
                2 * sizeof(uint32_t) * Hkv * k[l] + kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]) +
-               2 * sizeof(uint32_t) * Hkv * kern_cuda_compact_moves(old[l], k[l]) + sizeof(uint32_t) * Hkv + 32 +
-               16 * 2 + sizeof(uint32_t) * Hkv * stride[l] + sizeof(uint32_t) * Hkv;
+               sizeof(uint32_t) * Hkv * stride[l] + sizeof(uint32_t) * Hkv;
     CK(cudaMalloc((void **)&dtab, tab));
     struct kern_cuda_compact_job jobs[L], *djobs;
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
@@ -801,10 +799,6 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
         }
         jobs[l].keep = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv * k[l]);
         jobs[l].tmp = TAKE(kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]));
-        if (l != 3) { /* the moves too (every job but one: n_moves 0 where nothing filled) */
-            jobs[l].moves = (uint32_t *)TAKE(2 * sizeof(uint32_t) * Hkv * kern_cuda_compact_moves(old[l], k[l]));
-            jobs[l].n_moves = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv);
-        }
     }
 #undef TAKE
     CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
@@ -814,7 +808,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     CK(cudaDeviceSynchronize());
     EXPECT(rc == 0, "compact many rc %d", rc);
     CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
-    int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1, same_moves = 1, same_pos = 1, counted = 1;
+    int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1, same_pos = 1, counted = 1;
     for (int l = 0; l < L; l++) {
         uint32_t *pos_got = malloc(sizeof(uint32_t) * Hkv * stride[l]), n_sorted[64] = {0};
         CK(cudaMemcpy(pos_got, jobs[l].pos, sizeof(uint32_t) * Hkv * stride[l], cudaMemcpyDeviceToHost));
@@ -844,20 +838,6 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                 kern_topk(ind[l] + (size_t)g * old[l], old[l], k[l], KERN_ORDER_POSITION, asc),
                 fill_map(asc, k[l], keep);
             same_keep &= !memcmp(keep, got + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
-            if (jobs[l].n_moves) { /* a fill job's holes, ascending, with their sources; else none */
-                uint32_t bound = kern_cuda_compact_moves(old[l], k[l]), nm = 0, m = 0;
-                uint32_t *mv = malloc(2 * sizeof(uint32_t) * bound + 8);
-                CK(cudaMemcpy(&nm, jobs[l].n_moves + g, sizeof(uint32_t), cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(mv, jobs[l].moves + (size_t)g * bound * 2, 2 * sizeof(uint32_t) * bound,
-                              cudaMemcpyDeviceToHost));
-                for (uint32_t h = 0; h < k[l] && jobs[l].fill && !slots[l]; h++)
-                    if (keep[h] != h) {
-                        same_moves &= m < nm && m < bound && mv[2 * m] == h && mv[2 * m + 1] == keep[h];
-                        m++;
-                    }
-                same_moves &= nm == m;
-                free(mv);
-            }
             for (uint32_t i = 0; i < stride[l]; i++) /* the positions follow; the rest stays */
                 same_pos &= p1[i] == (i >= k[l] ? p0[i] : jobs[l].pos_init ? keep[i] : p0[keep[i]]);
             kern_gather_f32(ind[l] + (size_t)g * old[l], keep, k[l], ci);
@@ -879,14 +859,13 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     EXPECT(same_ind, "%s Hkv %u d %u tpp %u: the gathered indicator differs", name, Hkv, d, tpp);
     EXPECT(same_kv, "%s Hkv %u d %u tpp %u: compacted bytes differ", name, Hkv, d, tpp);
     EXPECT(rest, "%s Hkv %u d %u tpp %u: slots past the kept ones changed", name, Hkv, d, tpp);
-    EXPECT(same_moves, "%s Hkv %u d %u tpp %u: the fill jobs' moves differ", name, Hkv, d, tpp);
     EXPECT(same_pos, "%s Hkv %u d %u tpp %u: the positions did not follow the tokens", name, Hkv, d, tpp);
     EXPECT(counted, "%s Hkv %u d %u tpp %u: an order job's distinct positions miscounted", name, Hkv, d, tpp);
     lay.head_dim = 4; /* rows of 8 bytes: not whole 16-byte pieces */
     EXPECT(kern_cuda_compact_many(&lay, djobs, L, max_rows, NULL) == -EINVAL, "head_dim 4 taken");
     printf("%-5s Hkv=%u d=%u tpp=%u, %d layers (prefixes up to %u; 2 put in position order) in "
-           "one pass: kept slots %s, moves %s, positions %s, indicator %s, compaction %s\n", name,
-           Hkv, d, tpp, L, old[0], same_keep ? "equal" : "DIFFER", same_moves ? "equal" : "DIFFER",
+           "one pass: kept slots %s, positions %s, indicator %s, compaction %s\n", name,
+           Hkv, d, tpp, L, old[0], same_keep ? "equal" : "DIFFER",
            same_pos && counted ? "equal" : "DIFFER", same_ind ? "equal" : "DIFFERS",
            same_kv && rest ? "equal" : "DIFFERS");
     for (int l = 0; l < L; l++)
