@@ -369,7 +369,8 @@ CAKE_API uint32_t cake_head_holes(const cake_seq *seq, uint32_t layer, uint32_t 
  * may exceed cap (call again with room for it). caked follows every compaction, on host
  * and GPU sequences alike; this asks it (a round trip, more for over 65,536 slots). Returns
  * 0, CAKE_ENOSEQ, CAKE_EINVAL (layer or head out of range, pos NULL with cap > 0),
- * CAKE_ESTATE (the sequence is busy in another call). */
+ * CAKE_ESTATE (the sequence is busy in another call; or, while a GPU sequence's prompt is
+ * prefilled, every GPU context of caked's is busy: ask again). */
 #define CAKE_NO_POSITION 0xffffffffu
 CAKE_API int cake_kept_positions(cake_seq *seq, uint32_t layer, uint32_t kv_head, uint32_t *pos,
                                  size_t cap, uint32_t *n_tokens);
