@@ -438,8 +438,9 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
  * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
- * slots; on the device behind them what comes back in one copy (the kept slots where the
- * caller asked for them, an order job's counts), then the kept slots that stay on the
+ * slots; on the device behind them what comes back in one copy (the kept slots and the
+ * positions where the caller asked for them, an order job's counts), then the kept slots
+ * that stay on the
  * device, then each job's scratch. */
 
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
@@ -472,6 +473,8 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             keeps += al(kb);
         if (j->order)
             rets += al(sizeof(uint32_t) * l->kv_heads);
+        if (j->pos_back)
+            rets += al(kb);
         tmps += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len,
                                               j->order ? j->pos_span : 0));
         max_rows = j->k + j->win_len > max_rows ? j->k + j->win_len : max_rows;
@@ -510,6 +513,10 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             kj[i].n_sorted = (uint32_t *)(c->dbuf + rat);
             rat += al(sizeof(uint32_t) * l->kv_heads);
         }
+        if (j->pos_back) {
+            kj[i].pos_out = (uint32_t *)(c->dbuf + rat);
+            rat += al(kb);
+        }
         tat += al(kern_cuda_compact_many_tmp(l->kv_heads, l->head_dim, j->k, j->win_len,
                                               j->order ? j->pos_span : 0));
     }
@@ -525,7 +532,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);
     time_kernels(c, t0, 1);
-    if (!rc && rets && /* the kept slots, the order jobs' counts */
+    if (!rc && rets && /* the kept slots, the order jobs' counts, the positions asked */
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
@@ -543,6 +550,10 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         if (j->order) {
             memcpy(j->n_sorted, c->hbuf + rat, sizeof(uint32_t) * hkv);
             rat += al(sizeof(uint32_t) * hkv);
+        }
+        if (j->pos_back) {
+            memcpy(j->pos_back, c->hbuf + rat, sizeof(uint32_t) * hkv * j->k);
+            rat += al(sizeof(uint32_t) * hkv * j->k);
         }
     }
     time_done(c, t0);

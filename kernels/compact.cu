@@ -294,9 +294,11 @@ __global__ void __launch_bounds__(256) cm_move(cmparams p)
     if (j.pos) // the positions the same way, at a fixed stride
         for (uint32_t i = r0 + tid; i < r0 + n && i < j.k; i += 256) {
             uint32_t *pg = j.pos + (size_t)g * j.pos_stride;
-            if (OUT)
+            if (OUT) {
                 pg[i] = t.pos[(size_t)g * j.k + i];
-            else
+                if (j.pos_out)
+                    j.pos_out[(size_t)g * j.k + i] = t.pos[(size_t)g * j.k + i];
+            } else
                 t.pos[(size_t)g * j.k + i] = j.pos_init ? keep[i] : pg[keep[i]];
         }
 }

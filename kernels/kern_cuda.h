@@ -119,7 +119,7 @@ int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, u
  * k + win (it sizes the grid); k <= old for every job (one above it does nothing). The
  * layout is every job's. With pos set, the original positions of the prefix slots
  * ([kv_heads][pos_stride], device) follow their tokens the same way (pos_init: none written
- * yet, slot i held position i). An order job (k == old, pos set, no slots) puts the prefix
+ * yet, slot i held position i), and with pos_out also land packed there. An order job (k == old, pos set, no slots) puts the prefix
  * back in position order: keep becomes the slots sorted by their positions (each below
  * pos_span, all distinct), and n_sorted[g] receives how many distinct positions below
  * pos_span head g holds (k when sound; otherwise that head moves nothing). Asynchronous; 0,
@@ -139,6 +139,8 @@ struct kern_cuda_compact_job {
     uint32_t old, k, win;
     int fill;                   /* top-k jobs: fill the holes below k (see above) */
     uint32_t *pos;              /* device [kv_heads][pos_stride] positions, or NULL */
+    uint32_t *pos_out;          /* device [kv_heads][k], or NULL: the new positions again,
+                                   packed (for one copy to the host) */
     uint32_t pos_stride;
     int pos_init;               /* pos not written yet: slot i holds position i */
     int order;                  /* the prefix sorted by pos (k == old, no slots) */

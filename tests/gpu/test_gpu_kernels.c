@@ -672,7 +672,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * slots the bytes kern_compact_head leaves with that keep, the indicator [kv_heads][k]
  * kern_gather_f32's by it, and the slots past them untouched. Every layer's positions
  * (random, at a stride beyond its prefix; layer 3's not yet written: slot i's is i) follow
- * keep, the rest of each row untouched. The last two are order jobs (k = old, positions
+ * keep, the rest of each row untouched, and land packed where asked (layers 0, 4, 7, 8). The
+ * last two are order jobs (k = old, positions
  * distinct below a span and shuffled): keep must sort the prefix by position, n_sorted be
  * k - except layer 8's head 0, given a position twice, which must count fewer and move
  * nothing. */
@@ -771,7 +772,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
     size_t tab = 0;
     for (int l = 0; l < L; l++)
-        tab += 16 * 8 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] +
+        tab += 16 * 9 + sizeof(uint64_t) * np[l] + sizeof(float) * Hkv * old[l] + sizeof(uint32_t) * Hkv * k[l] +
                2 * sizeof(uint32_t) * Hkv * k[l] + kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]) +
                sizeof(uint32_t) * Hkv * stride[l] + sizeof(uint32_t) * Hkv;
     CK(cudaMalloc((void **)&dtab, tab));
@@ -787,6 +788,8 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
         CK(cudaMemcpy(jobs[l].pos, pos[l], sizeof(uint32_t) * Hkv * stride[l], cudaMemcpyHostToDevice));
         if (l >= ORDER)
             jobs[l].n_sorted = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv);
+        if (l >= ORDER || l == 0 || l == 4) /* the new positions packed too */
+            jobs[l].pos_out = (uint32_t *)TAKE(sizeof(uint32_t) * Hkv * k[l]);
         uint8_t *x = TAKE(sizeof(uint64_t) * np[l]);
         CK(cudaMemcpy(x, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
         jobs[l].page_off = (const uint64_t *)x;
@@ -811,7 +814,10 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     int same_keep = 1, same_kv = 1, same_ind = 1, rest = 1, same_pos = 1, counted = 1;
     for (int l = 0; l < L; l++) {
         uint32_t *pos_got = malloc(sizeof(uint32_t) * Hkv * stride[l]), n_sorted[64] = {0};
+        uint32_t *packed = malloc(sizeof(uint32_t) * Hkv * k[l] + 4);
         CK(cudaMemcpy(pos_got, jobs[l].pos, sizeof(uint32_t) * Hkv * stride[l], cudaMemcpyDeviceToHost));
+        if (jobs[l].pos_out)
+            CK(cudaMemcpy(packed, jobs[l].pos_out, sizeof(uint32_t) * Hkv * k[l], cudaMemcpyDeviceToHost));
         if (jobs[l].n_sorted)
             CK(cudaMemcpy(n_sorted, jobs[l].n_sorted, sizeof(uint32_t) * Hkv, cudaMemcpyDeviceToHost));
         uint32_t *got = malloc(sizeof(uint32_t) * Hkv * k[l] + 4), *keep = malloc(sizeof(uint32_t) * k[l] + 4);
@@ -840,6 +846,8 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
             same_keep &= !memcmp(keep, got + (size_t)g * k[l], sizeof(uint32_t) * k[l]);
             for (uint32_t i = 0; i < stride[l]; i++) /* the positions follow; the rest stays */
                 same_pos &= p1[i] == (i >= k[l] ? p0[i] : jobs[l].pos_init ? keep[i] : p0[keep[i]]);
+            if (jobs[l].pos_out) /* and land packed */
+                same_pos &= !memcmp(packed + (size_t)g * k[l], p1, sizeof(uint32_t) * k[l]);
             kern_gather_f32(ind[l] + (size_t)g * old[l], keep, k[l], ci);
             same_ind &= !memcmp(ci, gi + (size_t)g * k[l], sizeof(float) * k[l]);
             EXPECT(kern_compact_head(&kv[l], g, keep, k[l], old[l], win[l], scr) == 0, "the CPU's compaction");
@@ -852,7 +860,7 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
                     rest &= eq; /* kern_compact_head leaves them too */
             }
         }
-        free(got), free(keep), free(gi), free(ci), free(asc), free(scr), free(pos_got);
+        free(got), free(keep), free(gi), free(ci), free(asc), free(scr), free(pos_got), free(packed);
     }
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     EXPECT(same_keep, "%s Hkv %u d %u tpp %u: kept slots differ from kern_topk's", name, Hkv, d, tpp);
