@@ -552,7 +552,9 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rat += al(sizeof(uint32_t) * hkv);
         }
         if (j->pos_back) {
-            memcpy(j->pos_back, c->hbuf + rat, sizeof(uint32_t) * hkv * j->k);
+            for (uint32_t g = 0; g < hkv; g++)
+                memcpy(j->pos_back + g * j->pos_back_pitch,
+                       c->hbuf + rat + sizeof(uint32_t) * g * j->k, sizeof(uint32_t) * j->k);
             rat += al(sizeof(uint32_t) * hkv * j->k);
         }
     }

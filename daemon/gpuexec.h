@@ -94,7 +94,9 @@ struct gpu_select {
     uint32_t *pos_dev;
     uint32_t pos_stride;
     int pos_init;
-    uint32_t *pos_back;          /* host [kv_heads][k], or NULL: receives the new positions */
+    uint32_t *pos_back;          /* host, or NULL: receives the new positions, head g's k at
+                                    pos_back + g * pos_back_pitch */
+    size_t pos_back_pitch;
     /* order: the prefix put back in position order (k == old, pos_dev, no slots, no fill; ind_dev
      * may be NULL), every position below pos_span; n_sorted (host [kv_heads]) receives each
      * head's distinct positions below pos_span, k when sound (else the head did not move) */

@@ -200,16 +200,16 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
  * position order, and a decode step's ranking pools neighbouring slots; once the prompt's
  * last layer is applied, every compacted layer's prefix is put back in position order on
  * the GPU in one pass (order jobs: each head's positions ranked there, the rows and the
- * indicator, for H2O, permuted), and the sorted positions come back in the same copy, to
- * the host, where decode keeps them. Layers with per-head holes (the host's slots, never
- * filled) keep their order; only their positions come back (one more copy). */
+ * indicator, for H2O, permuted), and the sorted positions come back in the same copy,
+ * straight into the layers' new host positions, where decode keeps them. Layers with
+ * per-head holes (the host's slots, never filled) keep their order; only their positions
+ * come back (one more copy). */
 static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
 {
     uint32_t S = seq_scored_len(s), Hkv = s->Hkv, n = 0, nf = 0;
     struct gpu_select jobs[SEQ_MAX_LAYERS];
     struct gpu_rows rows[SEQ_MAX_LAYERS];
     uint32_t ls[SEQ_MAX_LAYERS];
-    size_t back_n = 0;
     for (uint32_t l = 0; l < s->L; l++) {
         const struct seq_layer *ly = &s->layer[l];
         uint32_t k = cakeseq_prefix_len(s->cs, l);
@@ -220,31 +220,27 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
                     "tokens (prompt prefix %u)\n", (unsigned long long)s->id, l, k, ly->tokens, S);
             return -EIO;
         }
-        if (!cakeseq_head_kept(s->cs, l))
-            ls[n++] = l, back_n += (size_t)Hkv * (k + 1); /* its positions and its count */
     }
-    uint32_t *back = malloc(sizeof(uint32_t) * (back_n + 1)), *at = back;
-    int rc = back ? 0 : -ENOMEM;
-    for (uint32_t i = 0; i < n; i++) {
-        const struct seq_layer *ly = &s->layer[ls[i]];
-        uint32_t k = cakeseq_prefix_len(s->cs, ls[i]);
-        jobs[i] = (struct gpu_select){
-            .l = gpu_layer_view(e, s, ls[i]),
-            .ind_dev = s->ind_dev ? s->ind_dev + (size_t)ls[i] * Hkv * S : NULL,
-            .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
-            .pos_dev = pos_of(s, ls[i]), .pos_stride = S, .order = 1, .pos_span = S,
-            .n_sorted = at, .pos_back = at + Hkv,
-        };
-        at += (size_t)Hkv * (k + 1);
-    }
-    for (uint32_t l = 0; l < s->L && !rc; l++) { /* host positions, and the unordered layers' */
+    uint32_t *sorted = malloc(sizeof(uint32_t) * ((size_t)s->L * Hkv + 1));
+    int rc = sorted ? 0 : -ENOMEM;
+    for (uint32_t l = 0; l < s->L && !rc; l++) { /* host positions, which the copy fills */
         struct seq_layer *ly = &s->layer[l];
         uint32_t k = cakeseq_prefix_len(s->cs, l);
         if (!ly->pos_gpu || (rc = seq_positions_alloc(s, ly, k, ly->tokens - k)))
             continue;
-        if (cakeseq_head_kept(s->cs, l))
+        if (cakeseq_head_kept(s->cs, l)) { /* in slot order: their positions alone */
             rows[nf++] = (struct gpu_rows){.dst = ly->pos, .src = pos_of(s, l), .dst_pitch = ly->pos_cap,
                                            .src_pitch = S, .width = k, .rows = Hkv};
+            continue;
+        }
+        jobs[n] = (struct gpu_select){
+            .l = gpu_layer_view(e, s, l),
+            .ind_dev = s->ind_dev ? s->ind_dev + (size_t)l * Hkv * S : NULL,
+            .old = k, .k = k, .win_start = k, .win_len = ly->tokens - k,
+            .pos_dev = pos_of(s, l), .pos_stride = S, .order = 1, .pos_span = S,
+            .n_sorted = sorted + (size_t)n * Hkv, .pos_back = ly->pos, .pos_back_pitch = ly->pos_cap,
+        };
+        ls[n++] = l;
     }
     double t0 = e->trace ? clock_now_s() : 0, t1 = t0;
     struct gpu_times gt = {0};
@@ -262,6 +258,7 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
                     "GPU: %s\n", (unsigned long long)s->id, n, strerror(-rc));
     }
     double t2 = e->trace ? clock_now_s() : 0;
+    long f2 = e->trace ? thread_faults() : 0;
     for (uint32_t i = 0; i < n && !rc; i++) { /* checked before any layer takes them */
         for (uint32_t g = 0; g < Hkv; g++)
             if (jobs[i].n_sorted[g] != jobs[i].k) { /* not k distinct positions below S */
@@ -270,12 +267,6 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
                         (unsigned long long)s->id, ls[i], g, jobs[i].n_sorted[g], jobs[i].k);
                 rc = -EIO;
             }
-    }
-    for (uint32_t i = 0; i < n && !rc; i++) {
-        struct seq_layer *ly = &s->layer[ls[i]];
-        for (uint32_t g = 0; g < Hkv; g++)
-            memcpy(ly->pos + (size_t)g * ly->pos_cap, jobs[i].pos_back + (size_t)g * jobs[i].k,
-                   sizeof(uint32_t) * jobs[i].k);
     }
     for (uint32_t l = 0; l < s->L && !rc; l++) { /* the window: the prompt's last tokens */
         struct seq_layer *ly = &s->layer[l];
@@ -290,10 +281,11 @@ static int gpu_prefill_order(const struct seq_env *e, struct seq *s)
     if (e->trace)
         fprintf(stderr, "caked trace: seq %#llx prefill end: %u layers back in position order "
                 "on the GPU, their positions with them: call %.0f us%s (kernels %.0f us on the "
-                "device); %u layers' positions alone %.0f us; to the layers %.0f us\n",
-                (unsigned long long)s->id, n, (t1 - t0) * 1e6, gt.grew ? " (buffers grown)" : "",
-                gt.kernel_us, nf, (t2 - t1) * 1e6, (clock_now_s() - t2) * 1e6);
-    free(back);
+                "device); %u layers' positions alone %.0f us; to the layers %.0f us (page faults "
+                "%ld)\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
+                gt.grew ? " (buffers grown)" : "", gt.kernel_us, nf, (t2 - t1) * 1e6,
+                (clock_now_s() - t2) * 1e6, thread_faults() - f2);
+    free(sorted);
     return rc;
 }
 
