@@ -1,6 +1,7 @@
 // compact.cu - compaction of kept tokens in the pool's pages on the GPU (see kern_cuda.h): one
 // layer (kern_cuda_compact), or a cascading stage's every layer with its top-k and the
-// indicator's gather in three launches (kern_cuda_compact_many).
+// indicator's and positions' gather in three launches (kern_cuda_compact_many), which also
+// puts a prefix back in position order.
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdint.h>
@@ -173,9 +174,9 @@ __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_co
            ((size_t)g * p.lay.tokens_per_page + t % p.lay.tokens_per_page) * p.row;
 }
 
-// grid (kv_heads, jobs): the kept slots of each head, and the first row that moves (rows
-// below it keep their slot: the top-k's first removed slot, or the first listed slot out
-// of place). A fill job's keep then becomes the slot each new slot takes its token from:
+// grid (kv_heads, jobs): the kept slots of each head (the top k, the host's slots, or an
+// order job's slots by position), and the first row that moves (rows below it keep their
+// slot: the top-k's first removed slot, or the first listed slot out of place). A fill job's keep then becomes the slot each new slot takes its token from:
 // itself for a kept slot below k, else (a hole, the r-th removed slot below k) the r-th
 // kept slot from k on.
 __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
