@@ -393,7 +393,9 @@ class Sequence:
     def kept_positions(self, layer, kv_head):
         """Original positions of the tokens in the layer's slots for kv head `kv_head`, in
         slot order (numpy uint32: prompt tokens 0 .. prompt_len - 1, the t-th decoded token
-        prompt_len + t, NO_POSITION for a hole). Asks caked (a round trip)."""
+        prompt_len + t, NO_POSITION for a hole). Asks caked (a round trip); while a GPU
+        sequence's prompt is prefilled caked reads them from the GPU and, when every GPU
+        context of its is busy, raises the CAKE_ESTATE error: ask again."""
         ctx, n = self._ctx(), ctypes.c_uint32()
         out = np.empty(max(self.tokens(layer), 1), np.uint32)
         while True:
