@@ -146,7 +146,6 @@ void gpuexec_put(struct gpuexec *g, struct gpuctx *c)
     pthread_mutex_unlock(&g->mu);
 }
 
-/* Grows the workspaces (rarely: they keep the largest size seen). */
 int gpuexec_peek(struct gpuexec *g, void *dst, const void *src_dev, size_t bytes)
 {
     struct gpuctx *c = gpuexec_try_take(g);
@@ -158,6 +157,7 @@ int gpuexec_peek(struct gpuexec *g, void *dst, const void *src_dev, size_t bytes
     return rc;
 }
 
+/* Grows the workspaces (rarely: they keep the largest size seen). */
 static int reserve(struct gpuctx *c, size_t dbytes, size_t hbytes)
 {
     if (c->no_grow && (dbytes > c->dcap || hbytes > c->hcap))
@@ -438,11 +438,9 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
  * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
- * slots; on the device behind them what comes back in one copy (the kept slots and the
- * positions where the caller asked for them, an order job's counts), then the kept slots
- * that stay on the
- * device, then each job's scratch. */
-
+ * slots; on the device behind them what comes back in one copy (an order job's counts, the
+ * positions where the caller asked for them), then the kept slots, then each job's
+ * scratch. */
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
     double t0 = time_start(c);
@@ -467,10 +465,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             if (j->slots[x] >= j->old)
                 return -EINVAL;
         staged += al(sizeof(uint64_t) * l->n_pages) + (j->slots ? al(kb) : 0);
-        if (j->keep)
-            rets += al(kb);
-        else
-            keeps += al(kb);
+        keeps += al(kb);
         if (j->order)
             rets += al(sizeof(uint32_t) * l->kv_heads);
         if (j->pos_back)
@@ -502,13 +497,8 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             kj[i].slots = (const uint32_t *)(c->dbuf + at);
             at += al(kb);
         }
-        if (j->keep) {
-            kj[i].keep = (uint32_t *)(c->dbuf + rat);
-            rat += al(kb);
-        } else { /* stays on the device */
-            kj[i].keep = (uint32_t *)(c->dbuf + kat);
-            kat += al(kb);
-        }
+        kj[i].keep = (uint32_t *)(c->dbuf + kat);
+        kat += al(kb);
         if (j->order) {
             kj[i].n_sorted = (uint32_t *)(c->dbuf + rat);
             rat += al(sizeof(uint32_t) * l->kv_heads);
@@ -532,7 +522,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);
     time_kernels(c, t0, 1);
-    if (!rc && rets && /* the kept slots, the order jobs' counts, the positions asked */
+    if (!rc && rets && /* the order jobs' counts, the positions asked for */
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
@@ -542,11 +532,6 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
         uint32_t hkv = j->l.kv_heads;
-        if (j->keep) {
-            size_t kb = sizeof(uint32_t) * hkv * j->k;
-            memcpy(j->keep, c->hbuf + rat, kb);
-            rat += al(kb);
-        }
         if (j->order) {
             memcpy(j->n_sorted, c->hbuf + rat, sizeof(uint32_t) * hkv);
             rat += al(sizeof(uint32_t) * hkv);

@@ -76,8 +76,8 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
  * ([kv_heads][old], device) picks the top k per kv head (ties to the lower slot) - or the
  * host chose them (slots: per-head budgets, whose holes the host fills; or a permutation,
  * k = old) - the K/V compact into slots [0, k) with the window [win_start = old, + win_len)
- * after, and the indicator follows its tokens ([kv_heads][k] at ind_dev); keep receives the
- * slot each new slot's token came from. The host's slots go in its order, a top k in
+ * after, and the indicator and the positions (pos_dev) follow their tokens ([kv_heads][k]
+ * at ind_dev). The host's slots go in its order, a top k in
  * ascending slot order, or, with fill, where the fewest rows move (kern_cuda_compact_many: a
  * kept token below k stays, the holes below k take the kept tokens above it). Returns 0,
  * -EINVAL (a job out of range or of another layout), -ENOMEM or -EIO. */
@@ -86,8 +86,6 @@ struct gpu_select {
     float *ind_dev;
     uint32_t old, k, win_start, win_len;
     const uint32_t *slots;       /* host [kv_heads][k] slots below old to keep, or NULL */
-    uint32_t *keep;              /* host [kv_heads][k]: receives each new slot's old slot, or
-                                    NULL: nothing comes back */
     int fill;                    /* top-k jobs: fill the holes below k rather than keep order */
     /* the prefix slots' positions on the device ([kv_heads][pos_stride], old <= pos_stride),
      * or NULL: they follow the tokens (pos_init: none written yet, slot i held position i) */
