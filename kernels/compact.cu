@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
         __syncthreads();
         first = sh.first;
     } else {
-        first = seldev::topk_list(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
+        first = seldev::topk_list<16>(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
         if (j.fill && first < j.k) {
             __syncthreads(); // every slot of keep written
             // c: the kept slots below k (keep is ascending); slot h of [first, k) is kept

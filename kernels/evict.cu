@@ -9,7 +9,8 @@
 // indicator's sort keys (4 passes of 8 bits) and one ordered scan that lists the kept and
 // the evicted slots; the compaction then moves kept tokens down in rounds that read every
 // source before writing any destination (a source is never below its destination, so no
-// round overwrites what a later one reads).
+// round overwrites what a later one reads), the next round's reads in flight while one is
+// written.
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdio.h>
@@ -50,9 +51,11 @@ __device__ __forceinline__ unsigned smid()
     return id;
 }
 
+// slot t of kv head g (its page by the fast divisor, as load_tile finds it)
 __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
 {
-    return (uint8_t *)p.base + p.page_off[t / p.tpp] + ((size_t)g * p.tpp + t % p.tpp) * p.d * 2;
+    uint32_t pg = p.tpp == 1 ? t : __umulhi(t, p.tpp_mul) >> p.tpp_shr;
+    return (uint8_t *)p.base + p.page_off[pg] + ((size_t)g * p.tpp + (t - pg * p.tpp)) * p.d * 2;
 }
 
 template <typename T, int KS, int NSP, int HPS>
@@ -127,29 +130,51 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     // ---- top-k and one ordered walk: kept slots (for the compaction) and evicted ones (the
     // answer; select_dev.cuh)
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
-    uint32_t first = seldev::topk_list(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
+    uint32_t first = seldev::topk_list<4>(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
     __syncthreads();
     mark(3);
 
     // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
-    // below the first evicted one stay
-    uint32_t total = k + e.w, vec = p.d * 2 / 16;
-    uint32_t ch = (uint32_t)(ep.stage_bytes / (2 * (size_t)p.d * 2)); // tokens a round
-    uint4 *buf = (uint4 *)smem;
-    for (uint32_t d0 = first; d0 < total; d0 += ch) {
-        uint32_t cnt = total - d0 < ch ? total - d0 : ch, pieces = cnt * 2 * vec;
-        for (uint32_t x = tid; x < pieces; x += THREADS) {
-            uint32_t t = x / (2 * vec), r = x % (2 * vec), i = d0 + t;
-            uint32_t src = i < k ? keep_src[i] : S + i - k;
-            buf[x] = *((const uint4 *)(slot_ptr(p, g, src) + (r / vec) * e.v_offset_bytes) + r % vec);
+    // below the first evicted one stay. Rounds of CH tokens through the two halves of the
+    // stages, a warp's lanes on one token's pieces (its page looked up once, a broadcast):
+    // every piece of a round comes in by cp.async, unrolled so the loads are all in flight
+    // at once (a load then a shared store a piece, in a loop, waited on memory's latency
+    // every piece: 120 us for a head whose first slot went), and round r + 1's copies are
+    // issued before round r is written out. That needs no more care than the rounds did: a
+    // source is never below its destination, so round r + 1's sources lie past every
+    // destination of round r, and round r + 1 writes only after round r's sources were read.
+    constexpr uint32_t VEC = 2 * KS, PER = 2 * VEC, TPI = 32 / PER; // pieces a row, a token (K, V)
+    constexpr uint32_t CH = (uint32_t)(EST * shape<KS>::STAGE_BYTES / 2 / (16 * PER)); // tokens a round
+    constexpr uint32_t TPW = CH / (THREADS / 32);                                     // a warp's
+    constexpr size_t HALF = (size_t)CH * PER * 16;
+    static_assert(32 % PER == 0 && TPW % TPI == 0 && 2 * HALF <= EST * shape<KS>::STAGE_BYTES, "rounds fit the stages");
+    uint32_t total = k + e.w, warp = tid / 32, tl = tid % 32 / PER, r = tid % PER;
+    size_t roff = (r / VEC) * e.v_offset_bytes + (r % VEC) * 16;
+    auto fetch = [&](uint32_t d0) {
+        uint8_t *buf = smem + (d0 - first) / CH % 2 * HALF;
+#pragma unroll
+        for (uint32_t u = 0; u < TPW / TPI; u++) {
+            uint32_t t = warp * TPW + u * TPI + tl, i = d0 + t;
+            if (i < total)
+                cp_async16(buf + ((size_t)t * PER + r) * 16, slot_ptr(p, g, i < k ? keep_src[i] : S + i - k) + roff, true);
         }
+        cp_async_commit(); // past the end an empty group: wait_group's counts stay right
+    };
+    fetch(first);
+    for (uint32_t d0 = first; d0 < total; d0 += CH) {
+        fetch(d0 + CH);
+        cp_async_wait<1>();
         __syncthreads();
-        for (uint32_t x = tid; x < pieces; x += THREADS) {
-            uint32_t t = x / (2 * vec), r = x % (2 * vec);
-            *((uint4 *)(slot_ptr(p, g, d0 + t) + (r / vec) * e.v_offset_bytes) + r % vec) = buf[x];
+        const uint8_t *buf = smem + (d0 - first) / CH % 2 * HALF;
+#pragma unroll
+        for (uint32_t u = 0; u < TPW / TPI; u++) {
+            uint32_t t = warp * TPW + u * TPI + tl, i = d0 + t;
+            if (i < total)
+                *(uint4 *)(slot_ptr(p, g, i) + roff) = *(const uint4 *)(buf + ((size_t)t * PER + r) * 16);
         }
-        __syncthreads();
+        __syncthreads(); // the buffer is fetched into again two rounds on
     }
+    cp_async_wait<0>();
     mark(4);
     mark(KERN_EVICT_PHASES + 2);
 }
@@ -201,9 +226,9 @@ int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cuda
     CK(cudaGetDevice(&dev));
     if (dev < 0 || dev >= SCORE_MAX_DEV)
         return -EINVAL;
-    /* all of the SM's shared memory: once, on an H100, the driver's own split gave twice
-     * the time (events 224-245 us against 114 at 100%); later runs on an H100 and an H200
-     * read 228-232 us either way (kernels/README.md) - kept, as it never cost anything */
+    /* all of the SM's shared memory: asked for when a launch's 114 us against 224-245 us
+     * was put down to the carveout; it was where the data's evicted slots fell (the
+     * compaction's length, kernels/README.md) - kept, as it never cost anything */
     if (int rc = smem_limit(devict<T, KS, NSP, HPS>, set, dev, smem, 100))
         return rc;
     devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);

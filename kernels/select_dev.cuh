@@ -25,7 +25,6 @@ __device__ __forceinline__ uint32_t sort_key(float f)
 }
 
 constexpr int WARPS = THREADS / 32;
-constexpr int UNROLL = 4; // a histogram pass's loads in flight per thread
 
 struct smem {
     typename cub::BlockScan<uint32_t, THREADS>::TempStorage scan;
@@ -36,7 +35,11 @@ struct smem {
 // Block-wide (blockDim.x == THREADS, every thread calls it): the top k of ind[0..S) (shared
 // or global memory) in ascending slot order to keep[0..k), the removed slots ascending to
 // evo[0..S-k) unless evo is NULL. Returns the first removed slot (S when k == S), the same
-// in every thread. k == 0 removes every slot.
+// in every thread. k == 0 removes every slot. UNROLL: the loads a thread keeps in flight in
+// every pass over the row and in the walk: 4 for a row in shared memory, more for one in
+// global memory, whose passes otherwise wait on its latency (a 32K-slot row in one block:
+// 113 us at 4 and one load ahead in the walk).
+template <int UNROLL>
 __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint32_t k,
                                               uint32_t *keep, uint32_t *evo, smem &sh)
 {
@@ -90,10 +93,18 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
     uint32_t cw = ((S + WARPS - 1) / WARPS + 31) & ~31u;
     uint32_t a = w * cw < S ? w * cw : S, e = a + cw < S ? a + cw : S;
     uint32_t gt = 0, eq = 0;
-#pragma unroll UNROLL
-    for (uint32_t j = a + lane; k && j < e; j += 32) {
-        uint32_t key = sort_key(ind[j]);
-        gt += key > key_t, eq += key == key_t;
+    for (uint32_t j1 = a; k && j1 < e; j1 += 32 * UNROLL) {
+        float v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            uint32_t j = j1 + u * 32 + lane;
+            v[u] = j < e ? ind[j] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            uint32_t key = sort_key(v[u]), in = j1 + u * 32 + lane < e;
+            gt += in && key > key_t, eq += in && key == key_t;
+        }
     }
     for (int o = 16; o; o >>= 1)
         gt += __shfl_xor_sync(0xffffffffu, gt, o), eq += __shfl_xor_sync(0xffffffffu, eq, o);
@@ -107,24 +118,31 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
     uint32_t take = eq_before >= need ? 0 : (eq < need - eq_before ? eq : need - eq_before);
     uint32_t off = gt_before + (eq_before < need ? eq_before : need); // kept before the chunk
     uint32_t ro = a - off, eq_seen = 0, lt = (1u << lane) - 1;         // removed before it
-    float nx = a + lane < e && k ? ind[a + lane] : 0.0f; // each slot's value a step ahead
-    for (uint32_t j0 = a; j0 < e; j0 += 32) {
-        uint32_t j = j0 + lane, in = j < e, key = in && k ? sort_key(nx) : 0;
-        nx = j + 32 < e && k ? ind[j + 32] : 0.0f;
-        uint32_t is_gt = in && k && key > key_t, is_eq = in && k && key == key_t;
-        uint32_t beq = __ballot_sync(0xffffffffu, is_eq);
-        uint32_t kp = is_gt || (is_eq && eq_seen + __popc(beq & lt) < take);
-        uint32_t bk = __ballot_sync(0xffffffffu, kp), bin = __ballot_sync(0xffffffffu, in);
-        if (kp) {
-            keep[off + __popc(bk & lt)] = j;
-        } else if (in) {
-            uint32_t at = ro + __popc(bin & ~bk & lt);
-            if (evo)
-                evo[at] = j;
-            if (at == 0)
-                sh.first = j;
+    for (uint32_t j1 = a; j1 < e; j1 += 32 * UNROLL) { // UNROLL steps' values read ahead
+        float v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            uint32_t j = j1 + u * 32 + lane;
+            v[u] = j < e && k ? ind[j] : 0.0f;
         }
-        off += __popc(bk), ro += __popc(bin & ~bk), eq_seen += __popc(beq);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            uint32_t j = j1 + u * 32 + lane, in = j < e, key = in && k ? sort_key(v[u]) : 0;
+            uint32_t is_gt = in && k && key > key_t, is_eq = in && k && key == key_t;
+            uint32_t beq = __ballot_sync(0xffffffffu, is_eq);
+            uint32_t kp = is_gt || (is_eq && eq_seen + __popc(beq & lt) < take);
+            uint32_t bk = __ballot_sync(0xffffffffu, kp), bin = __ballot_sync(0xffffffffu, in);
+            if (kp) {
+                keep[off + __popc(bk & lt)] = j;
+            } else if (in) {
+                uint32_t at = ro + __popc(bin & ~bk & lt);
+                if (evo)
+                    evo[at] = j;
+                if (at == 0)
+                    sh.first = j;
+            }
+            off += __popc(bk), ro += __popc(bin & ~bk), eq_seen += __popc(beq);
+        }
     }
     __syncthreads();
     return sh.first;

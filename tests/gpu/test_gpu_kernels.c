@@ -906,6 +906,7 @@ int main(void)
             run_compact_many(ts[i], 8, 128, 16);
             run_compact_many(ts[i], 3, 64, 85);
             run_compact_many(ts[i], 1, 8, 7);
+            run_compact_many(ts[i], 2, 256, 4);
         }
         printf("%s\n", failures ? "FAILED" : "the subset passed");
         return failures ? 1 : 0;
@@ -936,6 +937,7 @@ int main(void)
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
+        run_compact_many(ts[i], 2, 256, 4);   /* rows of 512 bytes: a block's pieces in two rounds */
     }
     run_topk_many();
     run_ring_gather();
