@@ -196,6 +196,8 @@ static void evict_spread(const unsigned long long *pc, uint32_t nb, uint32_t kv_
     uint64_t *dur = malloc(sizeof(uint64_t) * nb), *start = malloc(sizeof(uint64_t) * nb);
     uint32_t *order = malloc(sizeof(uint32_t) * nb), per_sm[1024] = {0}, m = 0, sms = 0;
     uint64_t t0 = UINT64_MAX;
+    if (!dur || !start || !order)
+        goto out;
     for (uint32_t b = 0; b < nb; b++)
         if (pc[(size_t)b * C + P])
             t0 = pc[(size_t)b * C + P + 1] < t0 ? pc[(size_t)b * C + P + 1] : t0;
@@ -218,8 +220,8 @@ static void evict_spread(const unsigned long long *pc, uint32_t nb, uint32_t kv_
     uint64_t late = 0;
     for (uint32_t i = 0; i < m; i++)
         late = start[i] > late ? start[i] : late;
-    printf("    the last launch's blocks (global timer): %u blocks on %u SMs; duration max %.1f, p10 %.1f, median %.1f, "
-           "p90 %.1f, min %.1f us; the latest start %.1f us after the first\n",
+    printf("    the last launch's blocks (global timer): %u blocks on %u SMs; duration max %.1f, p90 %.1f, median %.1f, "
+           "p10 %.1f, min %.1f us; the latest start %.1f us after the first\n",
            m, sms, dur[0] * 1e-3, dur[m / 10] * 1e-3, dur[m / 2] * 1e-3, dur[m - 1 - m / 10] * 1e-3,
            dur[m - 1] * 1e-3, late * 1e-3);
     for (uint32_t i = 0; i < m && i < SHOW; i++) {
