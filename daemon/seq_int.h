@@ -86,17 +86,17 @@ void seq_host_h2o_step(const struct seq_env *e, struct seq *s, uint32_t *evicted
  * attention to its tokens' scores on the device, then an over-budget (or re-sliced) layer
  * keeps its top by them; per layer evicted[l], rcs[l]. */
 void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evicted, int *rcs);
+/* seq_gpu.c: seq_positions' slots [from, from + n) of a layer whose positions are still on
+ * the GPU (pos_gpu), copied from there on a free context (the loop never waits for one:
+ * -EAGAIN). 0 or -errno. */
+int seq_gpu_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
+                      uint32_t from, uint32_t n, uint32_t *out);
 /* seq_gpu.c: the one-launch decode eviction of layers over[n] (seq.h's
  * seq_decode_evict_launch) for the loop: launch (a context taken without waiting: -EAGAIN
  * where it would wait; -ENOTSUP where the layers need the worker's way; nothing in flight
  * unless 0), ready (1 once done or failed, never waits), land (positions and counts as
  * decode_evict's; frees f; 0 or -errno). */
 struct gpu_flight;
-/* seq_gpu.c: seq_positions' slots [from, from + n) of a layer whose positions are still on
- * the GPU (pos_gpu), copied from there on a free context (the loop never waits for one:
- * -EAGAIN). 0 or -errno. */
-int seq_gpu_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
-                      uint32_t from, uint32_t n, uint32_t *out);
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out);
 int seq_gpu_evict_ready(struct gpu_flight *f);

@@ -176,9 +176,9 @@ __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_co
 
 // grid (kv_heads, jobs): the kept slots of each head (the top k, the host's slots, or an
 // order job's slots by position), and the first row that moves (rows below it keep their
-// slot: the top-k's first removed slot, or the first listed slot out of place). A fill job's keep then becomes the slot each new slot takes its token from:
-// itself for a kept slot below k, else (a hole, the r-th removed slot below k) the r-th
-// kept slot from k on.
+// slot: the top-k's first removed slot, or the first listed slot out of place). A fill
+// job's keep then becomes the slot each new slot takes its token from: itself for a kept
+// slot below k, else (a hole, the r-th removed slot below k) the r-th kept slot from k on.
 __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
 {
     __shared__ seldev::smem sh;

@@ -119,11 +119,11 @@ int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, u
  * k + win (it sizes the grid); k <= old for every job (one above it does nothing). The
  * layout is every job's. With pos set, the original positions of the prefix slots
  * ([kv_heads][pos_stride], device) follow their tokens the same way (pos_init: none written
- * yet, slot i held position i), and with pos_out also land packed there. An order job (k == old, pos set, no slots) puts the prefix
- * back in position order: keep becomes the slots sorted by their positions (each below
- * pos_span, all distinct), and n_sorted[g] receives how many distinct positions below
- * pos_span head g holds (k when sound; otherwise that head moves nothing). Asynchronous; 0,
- * -EINVAL or -EIO. */
+ * yet, slot i held position i), and with pos_out also land packed there. An order job
+ * (k == old, pos set, no slots) puts the prefix back in position order: keep becomes the
+ * slots sorted by their positions (each below pos_span, all distinct), and n_sorted[g]
+ * receives how many distinct positions below pos_span head g holds (k when sound;
+ * otherwise that head moves nothing). Asynchronous; 0, -EINVAL or -EIO. */
 struct kern_cuda_layout {
     int dtype;                  /* KERN_BF16 or KERN_F16 */
     uint32_t kv_heads, head_dim, tokens_per_page;
@@ -135,7 +135,8 @@ struct kern_cuda_compact_job {
     float *ind;                 /* device [kv_heads][old] -> [kv_heads][k], or NULL */
     const uint32_t *slots;      /* device [kv_heads][k], or NULL: the top k of ind */
     uint32_t *keep;             /* device [kv_heads][k]: the kept slots */
-    void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win) */
+    void *tmp;                  /* device: kern_cuda_compact_many_tmp(kv_heads, head_dim, k, win,
+                                   order ? pos_span : 0) */
     uint32_t old, k, win;
     int fill;                   /* top-k jobs: fill the holes below k (see above) */
     uint32_t *pos;              /* device [kv_heads][pos_stride] positions, or NULL */
