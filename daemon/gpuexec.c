@@ -419,11 +419,22 @@ int gpuctx_copy_pages_d2d(struct gpuctx *c, uint8_t *base, const uint32_t *src, 
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
 {
     /* stream-ordered: freeing it later (gpuexec_dev_free, from any thread) never waits for
-     * the device */
+     * the device; the context's device, whatever the thread's (the loop serves every GPU) */
+    cudaSetDevice(c->g->device);
     if (cudaMallocAsync(p, bytes, c->stream) != cudaSuccess) {
         cudaGetLastError();
         *p = NULL;
         return -ENOMEM;
+    }
+    return 0;
+}
+
+int gpuctx_dev_fill(struct gpuctx *c, void *p, int byte, size_t bytes)
+{
+    cudaSetDevice(c->g->device);
+    if (cudaMemsetAsync(p, byte, bytes, c->stream) != cudaSuccess) {
+        cudaGetLastError();
+        return -EIO;
     }
     return 0;
 }
@@ -592,6 +603,9 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)
         rc = kern_cuda_compact(&kv, keep, e->k, S, w, tmp, st);
+    if (!rc && e->lse && /* this way keeps no log-sum-exps: the next step computes them */
+        cudaMemsetAsync(e->lse, 0xff, sizeof(float) * e->ring.q_heads * w, st) != cudaSuccess)
+        rc = -EIO;
     if (!rc && e->k && /* the kept slots, for the sequence's positions: after p->pg + p->rg */
         cudaMemcpyAsync(hb + p->pg + p->rg, keep, sizeof(uint32_t) * l->kv_heads * e->k,
                         cudaMemcpyDeviceToHost, st) != cudaSuccess)
@@ -691,6 +705,7 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         jobs[j].ring_off = (const uint64_t *)(c->dbuf + at);
         at += al(sizeof(uint64_t) * e->ring.n_pages);
         jobs[j].n_tokens = e->l.n_tokens, jobs[j].k = e->k, jobs[j].ind = NULL;
+        jobs[j].lse = e->lse, jobs[j].carry = e->lse && e->carry;
         jobs[j].evicted = (uint32_t *)(c->dbuf + tabs + out);
         out += sizeof(uint32_t) * ke.kv_heads * (e->l.n_tokens - ke.w - e->k);
     }

@@ -130,9 +130,12 @@ int gpuctx_copy_pages(struct gpuctx *c, uint8_t *dev_base, const uint32_t *dev, 
  * differ, page_bytes each; on the context's stream, waited for. 0 or -EIO. */
 int gpuctx_copy_pages_d2d(struct gpuctx *c, uint8_t *base, const uint32_t *src, const uint32_t *dst,
                           uint32_t n, uint64_t page_bytes);
-/* Device memory for a sequence's prefill indicators, stream-ordered on this context;
- * gpuexec_dev_free (any thread, NULL ok) never waits for the device. */
+/* Device memory for a sequence's prefill indicators (or its decode steps' log-sum-exps),
+ * stream-ordered on this context; gpuexec_dev_free (any thread, NULL ok) never waits for the
+ * device. gpuctx_dev_fill sets its bytes to `byte` on the context's stream, not waited for:
+ * ordered before the context's next work. 0, -ENOMEM or -EIO. */
 int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes);
+int gpuctx_dev_fill(struct gpuctx *c, void *p, int byte, size_t bytes);
 void gpuexec_dev_free(struct gpuexec *g, void *p);
 
 /* Decode eviction of one layer, all on the GPU: the ring's oldest-first rows are the n_q
@@ -146,6 +149,10 @@ struct gpu_evict {
     struct gpu_rank rk;
     uint32_t *evicted;           /* host [kv_heads][n_tokens - w - k]: receives the removed
                                     slots, ascending */
+    float *lse;                  /* device [q_heads][w] or NULL: the window rows' log-sum-exps
+                                    carried from step to step (kern_cuda_evict_job.lse); the
+                                    layer-by-layer way sets them NaN (not carried) */
+    int carry;                   /* lse holds the rows' from the layer's previous step */
 };
 
 /* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's

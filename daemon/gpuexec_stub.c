@@ -76,6 +76,11 @@ int gpuctx_dev_alloc(struct gpuctx *c, void **p, size_t bytes)
     *p = NULL;
     return -ENOTSUP;
 }
+int gpuctx_dev_fill(struct gpuctx *c, void *p, int byte, size_t bytes)
+{
+    (void)c, (void)p, (void)byte, (void)bytes;
+    return -ENOTSUP;
+}
 void gpuexec_dev_free(struct gpuexec *g, void *p) { (void)g, (void)p; }
 void gpuexec_set_timing(struct gpuexec *g, int on) { (void)g, (void)on; }
 void gpuctx_times(const struct gpuctx *c, struct gpu_times *t)

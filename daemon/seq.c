@@ -582,6 +582,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     if (s->gpu) { /* H2O's, which outlive the prefill */
         gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
         gpuexec_dev_free(GEXEC(e, s), s->acc_dev);
+        gpuexec_dev_free(GEXEC(e, s), s->lse_dev);
     }
     cakeseq_destroy(s->cs);
     free(s);

@@ -44,6 +44,10 @@ struct seq_layer {
     uint32_t pos_cap;
     int pos_gpu;         /* a GPU sequence's layer compacted during the prefill: its prefix
                             positions are in the sequence's pos_dev, pos is NULL */
+    /* GPU sequences: the decode step whose eviction may take the layer's window rows'
+     * log-sum-exps from lse_dev (the step after the one that left them) and the tokens the
+     * layer must hold then (those it was left with, plus the step's one); 0: none left */
+    uint32_t lse_next, lse_tokens;
 };
 
 struct shard_group;
@@ -104,6 +108,9 @@ struct seq {
                                 positions of the layers compacted so far (seq_layer.pos_gpu),
                                 on the GPU; to the host at the prompt's end */
     float *acc_dev;          /* H2O on the GPU: [L][kv_heads][n + max_new + 1] accumulated scores */
+    float *lse_dev;          /* GPU sequences decoding: [L][q_heads][w] the window rows'
+                                log-sum-exps by ring slot, carried from one step's eviction to
+                                the next (seq_layer.lse_next); NaN-filled when made */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
     /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
      * job that has the sequence (its decode step, or a re-slice job) - set by the loop,
@@ -154,6 +161,8 @@ struct seq_env {
                            (benchmarks: the hand-off it saves, side by side) */
     int ordered;        /* CAKED_COMPACT_ORDERED=1: a GPU prefill's stages keep positional
                            order (benchmarks: the rows that hole filling saves) */
+    int recompute;      /* CAKED_DECODE_RECOMPUTE=1: GPU decode evictions carry no window
+                           log-sum-exps, both passes every step (benchmarks: side by side) */
 };
 
 struct seq_open_args {

@@ -354,9 +354,33 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
     free(keep);
 }
 
+/* The decode steps' carried log-sum-exps (lse_dev), made at the sequence's first GPU decode
+ * eviction on gc's stream (ordered before the eviction), NaN-filled: nothing carried. Where
+ * it cannot be made (or CAKED_DECODE_RECOMPUTE), the steps run without: both passes. */
+static void lse_make(const struct seq_env *e, struct seq *s, struct gpuctx *gc)
+{
+    size_t b = sizeof(float) * s->L * s->H * s->cfg.window;
+    if (s->lse_dev || e->recompute || gpuctx_dev_alloc(gc, (void **)&s->lse_dev, b))
+        return;
+    if (gpuctx_dev_fill(gc, s->lse_dev, 0xff, b)) {
+        gpuexec_dev_free(GEXEC(e, s), s->lse_dev);
+        s->lse_dev = NULL;
+    }
+}
+
+/* Whether layer l's eviction this step may carry its rows' log-sum-exps: the previous step's
+ * eviction left them and the layer only gained this step's token since (any other eviction -
+ * the host's, H2O's, a step that skipped the layer - leaves lse_next behind). */
+static int lse_carry(const struct seq *s, uint32_t l)
+{
+    const struct seq_layer *ly = &s->layer[l];
+    return s->lse_dev && ly->lse_next && ly->lse_next == s->decoded && ly->tokens == ly->lse_tokens + 1;
+}
+
 /* A decode eviction's jobs for layers over[n]: ev[i] for layer over[i], scored by the
- * ring's `valid` newest rows, each evicting to its budget; the removed slots come back in
- * one buffer (ev[0].evicted, freed with ev). 0 or -ENOMEM. */
+ * ring's `valid` newest rows, each evicting to its budget, with the layer's log-sum-exps
+ * where the sequence keeps them; the removed slots come back in one buffer (ev[0].evicted,
+ * freed with ev). 0 or -ENOMEM. */
 static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32_t *over,
                       uint32_t nover, uint32_t valid, struct gpu_evict **evp)
 {
@@ -379,6 +403,7 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
             .evicted = gone + at,
+            .lse = s->lse_dev ? s->lse_dev + (size_t)l * s->H * w : NULL, .carry = lse_carry(s, l),
         };
         at += s->Hkv * (S - ev[i].k);
     }
@@ -402,11 +427,15 @@ static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *o
                        const char *how, double t0, double t1, const struct gpu_times *gt)
 {
     uint32_t w = s->cfg.window;
+    for (uint32_t i = 0; i < nover; i++) /* the next step carries what this one left */
+        s->layer[over[i]].lse_next = 0;
     for (uint32_t i = 0; i < nover && !rc; i++) {
         struct seq_layer *ly = &s->layer[over[i]];
         uint32_t S = ly->tokens - w;
         evicted[i] = S - ev[i].k;
         ly->tokens = ev[i].k + w;
+        if (ev[i].lse)
+            ly->lse_next = s->decoded + 1, ly->lse_tokens = ly->tokens;
         rc = seq_positions_evict(s, ly, ev[i].evicted, S - ev[i].k, S, w);
     }
     if (e->trace) {
@@ -430,10 +459,13 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
                             uint32_t nover, uint32_t valid, uint32_t *evicted)
 {
     struct gpu_evict *ev;
-    if (evict_jobs(e, s, over, nover, valid, &ev))
-        return -ENOMEM;
     double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    lse_make(e, s, gc);
+    if (evict_jobs(e, s, over, nover, valid, &ev)) {
+        gpuexec_put(GEXEC(e, s), gc);
+        return -ENOMEM;
+    }
     int rc = gpuctx_decode_evict(gc, ev, nover);
     struct gpu_times gt;
     gpuctx_times(gc, &gt);
@@ -456,17 +488,17 @@ int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t 
     struct gpu_flight *f = malloc(sizeof(*f));
     if (!f)
         return -ENOMEM;
-    if (evict_jobs(e, s, over, nover, valid, &f->ev)) {
-        free(f);
-        return -ENOMEM;
-    }
     f->t0 = e->trace ? clock_now_s() : 0;
-    int rc = -EAGAIN;
-    if ((f->gc = gpuexec_try_take(GEXEC(e, s))) &&
-        (rc = gpuctx_decode_evict_launch(f->gc, f->ev, nover)))
-        gpuexec_put(GEXEC(e, s), f->gc);
-    if (rc) {
+    if (!(f->gc = gpuexec_try_take(GEXEC(e, s)))) {
+        free(f);
+        return -EAGAIN;
+    }
+    lse_make(e, s, f->gc);
+    int rc = evict_jobs(e, s, over, nover, valid, &f->ev);
+    if (!rc && (rc = gpuctx_decode_evict_launch(f->gc, f->ev, nover)))
         evict_jobs_free(f->ev);
+    if (rc) {
+        gpuexec_put(GEXEC(e, s), f->gc);
         free(f);
         return rc;
     }

@@ -424,6 +424,7 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
         .job_delay_us = (unsigned)job_delay_ms * 1000,
         .workers_only = env_on("CAKED_DECODE_ON_WORKERS"),
         .ordered = env_on("CAKED_COMPACT_ORDERED"),
+        .recompute = env_on("CAKED_DECODE_RECOMPUTE"),
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,

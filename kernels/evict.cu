@@ -28,6 +28,10 @@ static_assert(THREADS == seldev::THREADS, "a histogram bin a thread");
 namespace {
 
 constexpr int EST = 2; // cp.async stages
+// the newest row alone (carried log-sum-exps): one query a head, padded to 8 columns; its
+// pass 1 runs over nsp1(NSP) slices of 32 columns (a quarter of the full window's at w = 32)
+constexpr uint32_t NQP1 = 8;
+__host__ __device__ constexpr int nsp1(int nsp) { return nsp >= 4 ? nsp / 4 : 1; }
 
 struct eparams {
     kern_cuda_evict e;
@@ -51,11 +55,57 @@ __device__ __forceinline__ unsigned smid()
     return id;
 }
 
-// slot t of kv head g (its page by the fast divisor, as load_tile finds it)
+// slot t of kv head g (as load_tile finds it)
 __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint32_t t)
 {
-    uint32_t pg = p.tpp == 1 ? t : __umulhi(t, p.tpp_mul) >> p.tpp_shr;
-    return (uint8_t *)p.base + p.page_off[pg] + ((size_t)g * p.tpp + (t - pg * p.tpp)) * p.d * 2;
+    return (uint8_t *)p.base + key_off(p, g, t);
+}
+
+// The window rows' log-sum-exps over the cache the step leaves, to job.lse by ring slot: each
+// row's (rowM + rowL, natural-log units) less the evicted keys' terms, ln(1 - sum of
+// exp(s_e - lse)); NaN where those held more than half of the row's weight (the difference
+// would lose its digits: the next step runs pass 1) or no scoring ran (k = 0). A thread a
+// row; the evicted keys go through the stages, EC at a time. Ends with the block synced.
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
+
+template <typename T, int KS>
+__device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job &job, uint32_t k,
+                        const float *rowM, const float *rowL, uint8_t *smem)
+{
+    typedef typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type T2;
+    constexpr uint32_t EC = 32, PIECES = 2 * KS; // 16-byte pieces a row
+    uint32_t tid = threadIdx.x, S = p.S, ne = S - k, h = tid / p.nq, i = tid % p.nq;
+    bool mine = tid < p.G * p.nq;
+    float L = mine && k ? rowM[h * p.nqp + i] + rowL[h * p.nqp + i] : NAN, sum = 0.0f;
+    const uint4 *qr = mine ? (const uint4 *)ring_row(p, g * p.G + h, (p.first + i) % p.w) : NULL;
+    const uint32_t *evl = job.evicted + (size_t)g * ne;
+    for (uint32_t e0 = 0; k && e0 < ne; e0 += EC) {
+        uint32_t n = ne - e0 < EC ? ne - e0 : EC;
+        for (uint32_t x = tid; x < n * PIECES; x += THREADS)
+            ((uint4 *)smem)[x] = *(const uint4 *)(p.base + key_off(p, g, evl[e0 + x / PIECES]) + x % PIECES * 16);
+        __syncthreads();
+        if (mine)
+            for (uint32_t t = 0; t < n; t++) {
+                const uint4 *kr = (const uint4 *)smem + (size_t)t * PIECES;
+                float dot = 0.0f;
+#pragma unroll
+                for (uint32_t v = 0; v < PIECES; v++) {
+                    uint4 a = qr[v], b = kr[v]; // unrolled: the row's loads all in flight
+                    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        float2 x = to_f2(*(const T2 *)&av[c]), y = to_f2(*(const T2 *)&bv[c]);
+                        dot = fmaf(x.x, y.x, fmaf(x.y, y.y, dot));
+                    }
+                }
+                sum += expf(dot * p.scale - L);
+            }
+        __syncthreads();
+    }
+    if (mine)
+        job.lse[(size_t)(g * p.G + h) * p.w + (p.first + i) % p.w] = sum <= 0.5f ? L + log1pf(-sum) : NAN;
+    __syncthreads();
 }
 
 template <typename T, int KS, int NSP, int HPS>
@@ -64,7 +114,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
     __shared__ seldev::smem sel;
-    __shared__ mparams sp;
+    __shared__ mparams sp, sp1; // sp1: the newest row alone (carried log-sum-exps)
     __shared__ kern_cuda_evict_job job;
     const kern_cuda_evict &e = ep.e;
     uint32_t g = blockIdx.x, tid = threadIdx.x;
@@ -81,6 +131,9 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         q.ring_off = job.ring_off, q.w = e.w, q.rpp = e.ring_rows_per_page;
         q.hpp = e.ring_heads_per_page, q.pph = e.ring_pages_per_head, q.first = e.first;
         sp = q;
+        q.nq = 1, q.nqp = NQP1, q.Rp = q.G * NQP1, q.hps = 32 / NQP1, q.sph = 1;
+        q.first = (e.first + e.n_q - 1) % e.w, q.wb = job.n_tokens - 1;
+        sp1 = q;
     }
     __syncthreads();
     const mparams &p = sp;
@@ -98,15 +151,35 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     mark(KERN_EVICT_PHASES + 1);
     mark(0);
     float *acc = (float *)(smem + ep.stage_bytes + ep.part_bytes), *ind = acc + ep.max_S;
-    float *rowM = ind + ep.max_S, *rowL = rowM + p.Rp;
+    float *rowM = ind + ep.max_S, *rowL = rowM + p.Rp, *m1 = rowL + p.Rp, *l1 = m1 + sp1.Rp;
 
-    // ---- scoring: pass 1 over every key, pass 2 over the prefix, the pooling
+    // ---- scoring: pass 1 over every key (or the newest row's alone, the others' log-sum-exps
+    // carried from the step before), pass 2 over the prefix, the pooling
     uint32_t need = 0; // k = 0 (or no indicator): every slot goes
+    const float *carried = job.lse ? job.lse + (size_t)g * p.G * p.w : NULL; // [G][w] by ring slot
     if (k || job.ind) {
-        pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
-        __syncthreads();
-        for (uint32_t c = tid; c < p.Rp; c += THREADS)
-            rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
+        int bad = !(job.lse && job.carry && p.nq > 1 && sp1.Rp <= nsp1(NSP) * 32);
+        if (!bad) // every older row's value finite (a NaN: not carried; run pass 1)
+            for (uint32_t c = tid; c < p.G * (p.nq - 1); c += THREADS)
+                bad |= !isfinite(carried[c / (p.nq - 1) * p.w + (p.first + c % (p.nq - 1)) % p.w]);
+        if (!__syncthreads_or(bad)) {
+            pass1_body<T, KS, nsp1(NSP), EST>(sp1, g, 0, p.n, smem, m1, l1);
+            __syncthreads();
+            for (uint32_t c = tid; c < p.Rp; c += THREADS) { // natural-log units, rowL = 0
+                uint32_t h = c / p.nqp, i = c % p.nqp;
+                float v = -INFINITY;
+                if (i + 1 == p.nq)
+                    v = l1[h * NQP1] > 0.0f ? m1[h * NQP1] + logf(l1[h * NQP1]) : -INFINITY;
+                else if (i < p.nq)
+                    v = carried[h * p.w + (p.first + i) % p.w];
+                rowM[c] = v, rowL[c] = 0.0f;
+            }
+        } else {
+            pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
+            __syncthreads();
+            for (uint32_t c = tid; c < p.Rp; c += THREADS)
+                rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;
+        }
         __syncthreads();
         mark(1);
         double e_sum = 0.0, v_sum = 0.0; // a step reads neither
@@ -132,6 +205,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
     uint32_t first = seldev::topk_list<4>(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
     __syncthreads();
+    if (job.lse) // before the compaction moves the evicted keys' slots
+        lse_out<T, KS>(p, g, job, k, rowM, rowL, smem);
     mark(3);
 
     // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
@@ -205,7 +280,7 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
     p.ks = e->head_dim / 16;
     p.stage_bytes = EST * (p.ks == 8 ? shape<8>::STAGE_BYTES : shape<4>::STAGE_BYTES);
     p.part_bytes = (size_t)2 * TK * p.nsp * p.hps * 2 * sizeof(float);
-    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp);
+    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp + p.G * NQP1);
     int dev = 0, optin = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {

@@ -232,7 +232,17 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
  * too. Every job shares the launch-wide shapes and ranking; 0 < S <= max_S and k < S for
  * every job (a job outside these does nothing). Asynchronous; 0, -EINVAL, -ENOTSUP (shapes
  * or a ranking the one launch does not take: kern_cuda_decode_evict_check says so first) or
- * -EIO. */
+ * -EIO.
+ *
+ * A job's `lse` (device [q_heads][w] floats by ring slot, or NULL) carries its window rows'
+ * log-sum-exps (natural log of the scaled logits' exp-sum over the keys a row sees) from one
+ * step to the next: the launch writes each of its n_q rows' over the cache it leaves (after
+ * the eviction; NaN where the evicted keys held more than half a row's weight, or k = 0).
+ * With `carry` set, rows 0..n_q - 2 take theirs from `lse` instead of a first pass over the
+ * keys and only the newest row is computed - right when the previous step's launch wrote
+ * them and since then the layer only gained its newest token (a row never sees a later key,
+ * and every evicted key's term was taken out); a row's value that is not finite makes the
+ * head run both passes. Bytes of other rows are left alone. */
 struct kern_cuda_evict {
     int dtype;                  /* KERN_BF16 or KERN_F16 */
     uint32_t q_heads, kv_heads, head_dim, tokens_per_page, w;
@@ -259,6 +269,8 @@ struct kern_cuda_evict_job {
     uint32_t n_tokens, k;
     uint32_t *evicted;          /* device [kv_heads][n_tokens - w - k] */
     float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
+    float *lse;                 /* device [q_heads][w], or NULL: the rows' log-sum-exps */
+    uint32_t carry;             /* 1: lse holds the rows' from the step before (above) */
 };
 int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S);
 int kern_cuda_decode_evict(const struct kern_cuda_evict *e,

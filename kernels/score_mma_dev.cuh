@@ -73,6 +73,15 @@ __device__ __forceinline__ bool col_valid(const mparams &p, uint32_t c)
     return c < p.Rp && c % p.nqp < p.nq;
 }
 
+// Query head hq's row in ring slot `slot` (p.ring_off's paged ring, kern_cuda_ring_gather's
+// layout: whole heads a page, or a head over pph pages of rpp rows).
+__device__ __forceinline__ const uint8_t *ring_row(const mparams &p, uint32_t hq, uint32_t slot)
+{
+    size_t rb = (size_t)p.d * 2;
+    return p.pph == 1 ? p.base + p.ring_off[hq / p.hpp] + ((size_t)(hq % p.hpp) * p.w + slot) * rb
+                      : p.base + p.ring_off[(size_t)hq * p.pph + slot / p.rpp] + (size_t)(slot % p.rpp) * rb;
+}
+
 // The B fragments (Q^T) of the warp's 32 query columns, all k steps: 4 n-tiles x KS x 2.
 template <typename T, int KS>
 __device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_t lane, uint32_t (&bq)[4][KS][2])
@@ -83,18 +92,22 @@ __device__ void load_bfrag(const mparams &p, uint32_t g, uint32_t slice, uint32_
         bool ok = col_valid(p, c);
         uint32_t r = c / p.nqp * p.nq + c % p.nqp;
         const T *row = (const T *)p.q + ((size_t)g * p.G * p.nq + (ok ? r : 0)) * p.d;
-        if (p.ring_off) { // query head g * G + c / nqp, window row c % nqp
-            uint32_t hq = g * p.G + (ok ? c / p.nqp : 0), slot = (p.first + (ok ? c % p.nqp : 0)) % p.w;
-            size_t rb = (size_t)p.d * 2;
-            row = (const T *)(p.pph == 1 ? p.base + p.ring_off[hq / p.hpp] + ((size_t)(hq % p.hpp) * p.w + slot) * rb
-                                         : p.base + p.ring_off[(size_t)hq * p.pph + slot / p.rpp] + (size_t)(slot % p.rpp) * rb);
-        }
+        if (p.ring_off) // query head g * G + c / nqp, window row c % nqp
+            row = (const T *)ring_row(p, g * p.G + (ok ? c / p.nqp : 0), (p.first + (ok ? c % p.nqp : 0)) % p.w);
 #pragma unroll
         for (int k = 0; k < KS; k++) {
             bq[t][k][0] = ok ? *(const uint32_t *)(row + k * 16 + 2 * (lane % 4)) : 0u;
             bq[t][k][1] = ok ? *(const uint32_t *)(row + k * 16 + 8 + 2 * (lane % 4)) : 0u;
         }
     }
+}
+
+// Slot t of kv head g: its key row's byte offset from p.base (the page by the fast
+// divisor; the V row is v_offset_bytes further).
+__device__ __forceinline__ uint64_t key_off(const mparams &p, uint32_t g, uint32_t t)
+{
+    uint32_t pg = p.tpp == 1 ? t : __umulhi(t, p.tpp_mul) >> p.tpp_shr;
+    return p.page_off[pg] + ((uint64_t)g * p.tpp + (t - pg * p.tpp)) * p.d * 2;
 }
 
 // Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled) by cp.async:
@@ -112,10 +125,8 @@ __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t
     uint32_t lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * RPW, j = j0 + r0 + lane % RPW;
     bool ok = j < end;
     uint64_t src = (uint64_t)p.base; // a valid address for the zero-filling copies
-    if (ok) {
-        uint32_t pg = p.tpp == 1 ? j : __umulhi(j, p.tpp_mul) >> p.tpp_shr;
-        src += p.page_off[pg] + ((uint64_t)g * p.tpp + (j - pg * p.tpp)) * p.d * 2;
-    }
+    if (ok)
+        src += key_off(p, g, j);
     uint32_t v = lane % sh::D8, rl = lane / sh::D8, okr = __ballot_sync(0xffffffffu, ok) >> rl;
 #pragma unroll
     for (int u = 0; u < RPW / RPI; u++) {

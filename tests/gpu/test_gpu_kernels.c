@@ -546,7 +546,7 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         tab += sizeof(uint64_t) * (np[l] + rg.pages) + sizeof(uint32_t) * Hkv * S[l] + sizeof(float) * Hkv * S[l];
     uint8_t *dtab;
     CK(cudaMalloc((void **)&dtab, tab));
-    struct kern_cuda_evict_job jobs[L], *djobs;
+    struct kern_cuda_evict_job jobs[L] = {{0}}, *djobs;
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
     size_t at = 0;
     for (int l = 0; l < L; l++) {
@@ -658,6 +658,206 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
         free(off[l]), free(roff[l]), free(pages[l]);
     cudaFree(dbase), cudaFree(dtab), cudaFree(djobs);
     free(host), free(back), free(perm), free(q);
+}
+
+/* Decode steps of one-launch evictions carrying the window rows' log-sum-exps (the job's lse
+ * and carry): three layers, each step one new token (random K/V in its next slot) and one new
+ * query row in the ring (the oldest row's slot), the launch evicting one token a head - four
+ * in layer 2 at step 5, seven eighths of layer 1's prefix at step 8 (where the evicted keys
+ * held more than half a row's weight, the kernel writes NaN and the next step recomputes).
+ * Every step checks what run_decode_evict does (the indicator within 1e-3 of the double
+ * reference over the cache the step found, the removed slots the CPU top-k's complement,
+ * the compacted bytes) and each written log-sum-exp within 1e-4 of the double one over the
+ * cache the step left (host_lse), or NaN exactly where that weight passed a half. Step 3
+ * first sets one older row's value of layer 0's second kv head to NaN (that head runs both
+ * passes, still right); the last step adds 3 to one older row's value of layer 0's first
+ * q head and that kv head's indicator must move (the carried values are what it read). */
+static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d,
+                                   uint32_t w, uint32_t tpp)
+{
+    enum { L = 3, STEPS = 12 };
+    size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
+    struct shm_ring rg = shm_ring_geom(H, w, (uint32_t)row, pb);
+    uint32_t n[L], np[L], P = 0, first = (uint32_t)(urand() * w), G = H / Hkv, n_max = 0;
+    for (int l = 0; l < L; l++) {
+        n[l] = 200 + (uint32_t)(urand() * 1300) + w;
+        np[l] = (n[l] + STEPS + tpp - 1) / tpp, P += np[l] + rg.pages;
+        n_max = n[l] + STEPS > n_max ? n[l] + STEPS : n_max;
+    }
+    uint32_t *perm = shuffled(P);
+    uint8_t *host = malloc(pb * P), *back = malloc(pb * P);
+    for (size_t i = 0; i < pb * P / 2; i++) {
+        float f = (float)(2 * urand() - 1);
+        kern_from_f32(dt, &f, host + 2 * i, 1);
+    }
+    uint64_t *off[L], *roff[L];
+    void **pages[L], **bpages[L];
+    for (uint32_t l = 0, at = 0; l < L; l++) {
+        off[l] = malloc(sizeof(uint64_t) * np[l]), roff[l] = malloc(sizeof(uint64_t) * rg.pages);
+        pages[l] = malloc(sizeof(void *) * np[l]), bpages[l] = malloc(sizeof(void *) * np[l]);
+        for (uint32_t i = 0; i < np[l]; i++)
+            off[l][i] = perm[at++] * pb, pages[l][i] = host + off[l][i], bpages[l][i] = back + off[l][i];
+        for (uint32_t i = 0; i < rg.pages; i++)
+            roff[l][i] = perm[at++] * pb;
+    }
+    uint8_t *dbase, *dtab;
+    float *dlse;
+    size_t tab = 0, lseb = sizeof(float) * H * w;
+    for (int l = 0; l < L; l++)
+        tab += sizeof(uint64_t) * (np[l] + rg.pages) + (sizeof(uint32_t) + sizeof(float)) * Hkv * n[l];
+    CK(cudaMalloc((void **)&dbase, pb * P));
+    CK(cudaMalloc((void **)&dtab, tab));
+    CK(cudaMalloc((void **)&dlse, lseb * L));
+    CK(cudaMemset(dlse, 0, lseb * L)); /* finite garbage: step 0 does not carry */
+    struct kern_cuda_evict_job jobs[L] = {{0}}, *djobs;
+    CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
+    size_t at = 0;
+    for (int l = 0; l < L; l++) {
+        CK(cudaMemcpy(dtab + at, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
+        jobs[l].page_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * np[l];
+        CK(cudaMemcpy(dtab + at, roff[l], sizeof(uint64_t) * rg.pages, cudaMemcpyHostToDevice));
+        jobs[l].ring_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * rg.pages;
+        jobs[l].evicted = (uint32_t *)(dtab + at), at += sizeof(uint32_t) * Hkv * n[l];
+        jobs[l].ind = (float *)(dtab + at), at += sizeof(float) * Hkv * n[l];
+        jobs[l].lse = dlse + (size_t)l * H * w;
+    }
+    const char *name = dt == KERN_BF16 ? "bf16" : "f16";
+    uint16_t *q = malloc((size_t)H * w * row);
+    float *lse = malloc(lseb), *ref = malloc(sizeof(float) * Hkv * n_max);
+    double worst_ind = 0, worst_lse = 0;
+    int same_ev = 1, same_kv = 1, nan_ok = 1, moved = 1, nans = 0;
+    for (int step = 0; step < STEPS; step++) {
+        if (step) { /* a token: its K/V in each layer's next slot, its queries in the ring */
+            for (int l = 0; l < L; l++) {
+                struct kern_kv kv = {dt, Hkv, d, tpp, n[l] + 1, pages[l], half};
+                for (uint32_t g = 0; g < Hkv; g++)
+                    for (uint32_t x = 0; x < d; x++) {
+                        float f = (float)(2 * urand() - 1), v = (float)(2 * urand() - 1);
+                        kern_from_f32(dt, &f, (uint8_t *)kern_kv_key(&kv, g, n[l]) + 2 * x, 1);
+                        kern_from_f32(dt, &v, (uint8_t *)kern_kv_key(&kv, g, n[l]) + half + 2 * x, 1);
+                    }
+                n[l]++;
+                for (uint32_t h = 0; h < H; h++) {
+                    uint32_t pg;
+                    uint64_t o = shm_ring_at(&rg, w, (uint32_t)row, h, first, &pg);
+                    for (uint32_t x = 0; x < d; x++) {
+                        float f = (float)(2 * urand() - 1);
+                        kern_from_f32(dt, &f, host + roff[l][pg] + o + 2 * x, 1);
+                    }
+                }
+            }
+            first = (first + 1) % w;
+        }
+        CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
+        uint32_t k[L];
+        for (int l = 0; l < L; l++) {
+            uint32_t S = n[l] - w;
+            k[l] = l == 2 && step == 5 ? S - 4 : l == 1 && step == 8 ? S / 8 : S - 1;
+            jobs[l].n_tokens = n[l], jobs[l].k = k[l], jobs[l].carry = step > 0;
+        }
+        if (step == 3) { /* layer 0, kv head 1's first q head, its second-oldest row: NaN */
+            float nan = NAN;
+            CK(cudaMemcpy(dlse + (size_t)G * w + (first + 1) % w, &nan, sizeof nan, cudaMemcpyHostToDevice));
+        }
+        int poke = step == STEPS - 1; /* layer 0, q head 0, its oldest row: 3 more */
+        if (poke) {
+            float v;
+            CK(cudaMemcpy(&v, dlse + first, sizeof v, cudaMemcpyDeviceToHost));
+            v += 3.0f;
+            CK(cudaMemcpy(dlse + first, &v, sizeof v, cudaMemcpyHostToDevice));
+        }
+        CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
+        struct kern_cuda_evict ke = {
+            .dtype = dt, .q_heads = H, .kv_heads = Hkv, .head_dim = d, .tokens_per_page = tpp, .w = w,
+            .base = dbase, .v_offset_bytes = half, .ring_rows_per_page = rg.rows_per_page,
+            .ring_heads_per_page = rg.heads_per_page, .ring_pages_per_head = rg.pages_per_head,
+            .first = first, .n_q = w, .gamma = 200.0f, .pool = KERN_POOL_AVG, .radius = 2,
+        };
+        uint32_t max_S = 0;
+        for (int l = 0; l < L; l++)
+            max_S = n[l] - w > max_S ? n[l] - w : max_S;
+        int rc = kern_cuda_decode_evict(&ke, djobs, L, max_S, NULL);
+        CK(cudaDeviceSynchronize());
+        EXPECT(rc == 0, "%s carry step %d: rc %d", name, step, rc);
+        CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
+        for (int l = 0; l < L; l++) {
+            uint32_t S = n[l] - w;
+            struct kern_kv kv = {dt, Hkv, d, tpp, n[l], pages[l], half};
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t i = 0; i < w; i++) {
+                    uint32_t pg;
+                    uint64_t o = shm_ring_at(&rg, w, (uint32_t)row, h, (first + i) % w, &pg);
+                    memcpy((uint8_t *)q + ((size_t)h * w + i) * row, host + roff[l][pg] + o, row);
+                }
+            float *got = malloc(sizeof(float) * Hkv * S);
+            uint32_t *ev = malloc(sizeof(uint32_t) * Hkv * S + 4), *keep = malloc(sizeof(uint32_t) * (k[l] + 1));
+            struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = w, .kv = &kv,
+                                        .n_scored = S, .gamma = 200.0f, .stats = KERN_STATS_FP32,
+                                        .pool = KERN_POOL_AVG, .pool_kernel = 5};
+            struct kern_score_out ro = {.indicator = ref};
+            kern_score_layer_ref(&a, &ro);
+            CK(cudaMemcpy(got, jobs[l].ind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(ev, jobs[l].evicted, sizeof(uint32_t) * Hkv * (S - k[l]), cudaMemcpyDeviceToHost));
+            for (uint32_t g = 0; g < Hkv; g++) {
+                double e = rel_err(ref + (size_t)g * S, got + (size_t)g * S, 1, S);
+                if (poke && l == 0 && g == 0)
+                    moved = e > 1e-3;
+                else
+                    worst_ind = e > worst_ind ? e : worst_ind;
+                kern_topk(got + (size_t)g * S, S, k[l], KERN_ORDER_POSITION, keep);
+                for (uint32_t j = 0, i = 0, o = 0; j < S; j++) {
+                    if (i < k[l] && keep[i] == j)
+                        i++;
+                    else
+                        same_ev &= ev[(size_t)g * (S - k[l]) + o++] == j;
+                }
+                kern_compact_head(&kv, g, keep, k[l], S, w, NULL);
+            }
+            for (uint32_t g = 0; g < Hkv; g++)
+                for (uint32_t t = 0; t < k[l] + w; t++) {
+                    size_t o = (size_t)((uint8_t *)kern_kv_key(&kv, g, t) - host);
+                    same_kv &= !memcmp(back + o, host + o, row) && !memcmp(back + o + half, host + o + half, row);
+                }
+            /* the log-sum-exps over the cache left (the compaction's bytes, checked equal) */
+            uint32_t nl = k[l] + w;
+            struct kern_kv left = {dt, Hkv, d, tpp, nl, bpages[l], half}, before = kv;
+            float *want = host_lse(&left, q, dt, H, w), *was = host_lse(&before, q, dt, H, w);
+            CK(cudaMemcpy(lse, jobs[l].lse, lseb, cudaMemcpyDeviceToHost));
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t i = 0; i < w; i++) {
+                    float v = lse[h * w + (first + i) % w], x = want[h * w + i];
+                    double gone = 1 - exp((double)x - was[h * w + i]); /* the evicted weight */
+                    if (poke && l == 0 && h == 0 && i == 0)
+                        continue;
+                    if (isnan(v)) {
+                        nans++;
+                        nan_ok &= gone > 0.5 - 1e-3;
+                    } else {
+                        nan_ok &= gone < 0.5 + 1e-3;
+                        double e = fabs((double)v - x);
+                        worst_lse = e > worst_lse ? e : worst_lse;
+                    }
+                }
+            free(want), free(was), free(got), free(ev), free(keep);
+            n[l] = nl;
+        }
+        memcpy(host, back, pb * P);
+    }
+    EXPECT(worst_ind <= 1e-3, "%s carry: indicator rel err %.3g", name, worst_ind);
+    EXPECT(worst_lse <= 1e-4, "%s carry: log-sum-exp err %.3g", name, worst_lse);
+    EXPECT(same_ev, "%s carry: evicted slots differ from the CPU top-k's", name);
+    EXPECT(same_kv, "%s carry: compacted bytes differ", name);
+    EXPECT(nan_ok && nans, "%s carry: NaN not where the evicted weight passed a half (%d NaN)", name, nans);
+    EXPECT(moved, "%s carry: a carried value changed, the indicator did not (not read?)", name);
+    printf("%-5s H=%u Hkv=%u d=%u w=%u tpp=%u, %d layers x %d decode steps carrying the rows' "
+           "log-sum-exps: indicator rel %.2e, log-sum-exp err %.2e (%d NaN where over half the "
+           "weight went), evicted %s, compaction %s, a carried value %s\n", name, H, Hkv, d, w, tpp,
+           L, STEPS, worst_ind, worst_lse, nans, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS",
+           moved ? "read" : "NOT READ");
+    for (int l = 0; l < L; l++)
+        free(off[l]), free(roff[l]), free(pages[l]), free(bpages[l]);
+    cudaFree(dbase), cudaFree(dtab), cudaFree(djobs), cudaFree(dlse);
+    free(host), free(back), free(perm), free(q), free(lse), free(ref);
 }
 
 /* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: nine
@@ -901,6 +1101,8 @@ int main(void)
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16);
+            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
             run_compact_many(ts[i], 8, 128, 16);
@@ -934,6 +1136,9 @@ int main(void)
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
         run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16);  /* carried log-sum-exps, G = 4 */
+        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7);    /* G = 3, window 16, pages across tokens */
+        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32); /* G = 8: the newest rows over 2 slices */
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
