@@ -355,8 +355,9 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
 }
 
 /* The decode steps' carried log-sum-exps (lse_dev), made at the sequence's first GPU decode
- * eviction on gc's stream (ordered before the eviction), NaN-filled: nothing carried. Where
- * it cannot be made (or CAKED_DECODE_RECOMPUTE), the steps run without: both passes. */
+ * eviction on a worker (the loop launches only once it exists) on gc's stream, ordered before
+ * the eviction, NaN-filled: nothing carried. Where it cannot be made (or
+ * CAKED_DECODE_RECOMPUTE), the steps run without: both passes. */
 static void lse_make(const struct seq_env *e, struct seq *s, struct gpuctx *gc)
 {
     size_t b = sizeof(float) * s->L * s->H * s->cfg.window;
@@ -485,6 +486,8 @@ struct gpu_flight {
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out)
 {
+    if (!s->lse_dev && !e->recompute)
+        return -EAGAIN; /* its first allocation on a worker, as a context's buffers grow */
     struct gpu_flight *f = malloc(sizeof(*f));
     if (!f)
         return -ENOMEM;
@@ -493,7 +496,6 @@ int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t 
         free(f);
         return -EAGAIN;
     }
-    lse_make(e, s, f->gc);
     int rc = evict_jobs(e, s, over, nover, valid, &f->ev);
     if (!rc && (rc = gpuctx_decode_evict_launch(f->gc, f->ev, nover)))
         evict_jobs_free(f->ev);

@@ -138,8 +138,13 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     __syncthreads();
     const mparams &p = sp;
     uint32_t S = p.S, k = job.k;
-    if (job.n_tokens <= e.w || S > ep.max_S || k >= S)
-        return; // the host checks these (kern_cuda_decode_evict's contract): nothing to do
+    if (job.n_tokens <= e.w || S > ep.max_S || k >= S) {
+        // the host checks these (kern_cuda_decode_evict's contract): nothing to do, but no
+        // row's log-sum-exp is known (the newest was never computed): none carried next step
+        for (uint32_t c = tid; job.lse && c < p.G * p.nq; c += THREADS)
+            job.lse[(size_t)(g * p.G + c / p.nq) * p.w + (p.first + c % p.nq) % p.w] = NAN;
+        return;
+    }
     // the block's phase i ends (0: it starts); the pointer is read from the parameters at
     // each mark, so no register holds it through the kernel (held, it spilled)
     auto mark = [&](int i) { // i past KERN_EVICT_PHASES: the global timer, then the SM

@@ -230,9 +230,9 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
  * position), the kept slots then the window compacted to the front, in place. The removed
  * slots (S - k a head, ascending) go to the job's `evicted`; with `ind` set, the indicator
  * too. Every job shares the launch-wide shapes and ranking; 0 < S <= max_S and k < S for
- * every job (a job outside these does nothing). Asynchronous; 0, -EINVAL, -ENOTSUP (shapes
- * or a ranking the one launch does not take: kern_cuda_decode_evict_check says so first) or
- * -EIO.
+ * every job (a job outside these does nothing but set its rows' `lse` NaN). Asynchronous;
+ * 0, -EINVAL, -ENOTSUP (shapes or a ranking the one launch does not take:
+ * kern_cuda_decode_evict_check says so first) or -EIO.
  *
  * A job's `lse` (device [q_heads][w] floats by ring slot, or NULL) carries its window rows'
  * log-sum-exps (natural log of the scaled logits' exp-sum over the keys a row sees) from one
