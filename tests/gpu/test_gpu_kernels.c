@@ -499,6 +499,29 @@ static void run_ring_gather(void)
     printf("ring gather: 40 random paged rings equal to the host's reading\n");
 }
 
+/* Each layer's page and ring offsets to the device and its evicted and indicator buffers of
+ * cap[l] slots a kv head, all in one allocation (returned; cudaFree it): jobs[l]'s pointers.
+ * The jobs' other fields are the caller's. */
+static uint8_t *upload_evict_jobs(int L, uint64_t *const *off, const uint32_t *np, uint64_t *const *roff,
+                                  uint32_t ring_pages, const uint32_t *cap, uint32_t Hkv,
+                                  struct kern_cuda_evict_job *jobs)
+{
+    size_t tab = 0, at = 0;
+    for (int l = 0; l < L; l++)
+        tab += sizeof(uint64_t) * (np[l] + ring_pages) + (sizeof(uint32_t) + sizeof(float)) * Hkv * cap[l];
+    uint8_t *dtab;
+    CK(cudaMalloc((void **)&dtab, tab));
+    for (int l = 0; l < L; l++) {
+        CK(cudaMemcpy(dtab + at, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
+        jobs[l].page_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * np[l];
+        CK(cudaMemcpy(dtab + at, roff[l], sizeof(uint64_t) * ring_pages, cudaMemcpyHostToDevice));
+        jobs[l].ring_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * ring_pages;
+        jobs[l].evicted = (uint32_t *)(dtab + at), at += sizeof(uint32_t) * Hkv * cap[l];
+        jobs[l].ind = (float *)(dtab + at), at += sizeof(float) * Hkv * cap[l];
+    }
+    return dtab;
+}
+
 /* A decode step's eviction in one launch (kern_cuda_decode_evict) against the C reference:
  * several layers of random lengths, K/V and query rings in scattered pages of one pool, the
  * window read from the ring at a random start (and part of a window), keeps from 0 to S - 1.
@@ -541,23 +564,11 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
     uint8_t *dbase, *back = malloc(pb * P);
     CK(cudaMalloc((void **)&dbase, pb * P));
     CK(cudaMemcpy(dbase, host, pb * P, cudaMemcpyHostToDevice));
-    size_t tab = 0;
-    for (int l = 0; l < L; l++)
-        tab += sizeof(uint64_t) * (np[l] + rg.pages) + sizeof(uint32_t) * Hkv * S[l] + sizeof(float) * Hkv * S[l];
-    uint8_t *dtab;
-    CK(cudaMalloc((void **)&dtab, tab));
     struct kern_cuda_evict_job jobs[L] = {{0}}, *djobs;
+    uint8_t *dtab = upload_evict_jobs(L, off, np, roff, rg.pages, S, Hkv, jobs);
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
-    size_t at = 0;
-    for (int l = 0; l < L; l++) {
-        CK(cudaMemcpy(dtab + at, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
-        jobs[l].page_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * np[l];
-        CK(cudaMemcpy(dtab + at, roff[l], sizeof(uint64_t) * rg.pages, cudaMemcpyHostToDevice));
-        jobs[l].ring_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * rg.pages;
+    for (int l = 0; l < L; l++)
         jobs[l].n_tokens = n[l], jobs[l].k = k[l];
-        jobs[l].evicted = (uint32_t *)(dtab + at), at += sizeof(uint32_t) * Hkv * S[l];
-        jobs[l].ind = (float *)(dtab + at), at += sizeof(float) * Hkv * S[l];
-    }
     CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
     struct kern_cuda_evict ke = {
         .dtype = dt, .q_heads = H, .kv_heads = Hkv, .head_dim = d, .tokens_per_page = tpp, .w = w,
@@ -701,27 +712,17 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
         for (uint32_t i = 0; i < rg.pages; i++)
             roff[l][i] = perm[at++] * pb;
     }
-    uint8_t *dbase, *dtab;
+    uint8_t *dbase;
     float *dlse;
-    size_t tab = 0, lseb = sizeof(float) * H * w;
-    for (int l = 0; l < L; l++)
-        tab += sizeof(uint64_t) * (np[l] + rg.pages) + (sizeof(uint32_t) + sizeof(float)) * Hkv * n[l];
+    size_t lseb = sizeof(float) * H * w;
     CK(cudaMalloc((void **)&dbase, pb * P));
-    CK(cudaMalloc((void **)&dtab, tab));
     CK(cudaMalloc((void **)&dlse, lseb * L));
     CK(cudaMemset(dlse, 0, lseb * L)); /* finite garbage: step 0 does not carry */
     struct kern_cuda_evict_job jobs[L] = {{0}}, *djobs;
+    uint8_t *dtab = upload_evict_jobs(L, off, np, roff, rg.pages, n, Hkv, jobs);
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
-    size_t at = 0;
-    for (int l = 0; l < L; l++) {
-        CK(cudaMemcpy(dtab + at, off[l], sizeof(uint64_t) * np[l], cudaMemcpyHostToDevice));
-        jobs[l].page_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * np[l];
-        CK(cudaMemcpy(dtab + at, roff[l], sizeof(uint64_t) * rg.pages, cudaMemcpyHostToDevice));
-        jobs[l].ring_off = (const uint64_t *)(dtab + at), at += sizeof(uint64_t) * rg.pages;
-        jobs[l].evicted = (uint32_t *)(dtab + at), at += sizeof(uint32_t) * Hkv * n[l];
-        jobs[l].ind = (float *)(dtab + at), at += sizeof(float) * Hkv * n[l];
+    for (int l = 0; l < L; l++)
         jobs[l].lse = dlse + (size_t)l * H * w;
-    }
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     uint16_t *q = malloc((size_t)H * w * row);
     float *lse = malloc(lseb), *ref = malloc(sizeof(float) * Hkv * n_max);
