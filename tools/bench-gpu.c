@@ -333,9 +333,10 @@ static void evict_phases(const char *label, const struct kern_cuda_evict *ke,
  * reverse order; carrying the window rows' log-sum-exps from step to step, so one scoring
  * pass; scattered over 10 GiB; beside another process's idle context; after an idle GPU; in
  * a VMM pool of cuMemCreate segments, caked's kind of memory). Prints the GPU time (events)
- * and the wall time from the first launch to
- * the end (the host's issue cost included), medians of reps, and the floor: the 32 layers'
- * key bytes read once at the measured copy rate (as the scoring table's). */
+ * and the wall time from the first launch to the end (the host's issue cost included),
+ * medians of reps, and the floor: the 32 layers' key bytes read once at the measured copy
+ * rate (as the scoring table's). The carried way relaunches on the same values, so its
+ * log-sum-exps are not the cache's: its time is the one-pass launch's, not its answer. */
 static void decode_evict(double bw, int reps)
 {
     enum { L = 32, TPP = 16 };
