@@ -573,8 +573,8 @@ static struct evict_plan plan_evict(const struct gpu_evict *e)
         .pg = al(sizeof(uint64_t) * l->n_pages), .rg = al(sizeof(uint64_t) * r->n_pages),
         .ws = al(rank_ws(l, r->q_heads, e->n_q, S, e->rk.pool)),
         .ib = al(sizeof(float) * l->kv_heads * S), .qb = al(row * r->q_heads * e->n_q),
-        .kb = al(sizeof(uint32_t) * l->kv_heads * e->k),
-        .tb = al(2 * (size_t)l->kv_heads * (e->k + r->w) * row),
+        .kb = al(sizeof(uint32_t) * l->kv_heads * (e->order_n ? S : e->k)), /* S: the order's */
+        .tb = al(2 * (size_t)l->kv_heads * ((e->order_n ? S : e->k) + r->w) * row),
         .xb = al(kern_cuda_topk_workspace(l->kv_heads, S)),
     };
     p.dev = p.pg + p.rg + p.ws + p.ib + p.qb + p.kb + p.tb + p.xb, p.host = p.pg + p.rg + p.kb;
@@ -594,8 +594,13 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     uint8_t *q = (uint8_t *)ind + p->ib;
     uint32_t *keep = (uint32_t *)(q + p->qb);
     uint8_t *tmp = (uint8_t *)keep + p->kb;
+    int rc = 0;
+    if (e->order_n) /* a prefix the one launch filled: back in position order first */
+        if (!(rc = kern_cuda_order_expand(keep, e->order, e->order_n, e->order_cap, l->kv_heads, S, st)))
+            rc = kern_cuda_compact(&kv, keep, S, S, w, tmp, st);
     /* the ring's rows, oldest first, as [q_heads][n_q][d] */
-    int rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
+    if (!rc)
+        rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
     if (!rc)
         rc = rank_layer(&kv, q, NULL, NULL, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, NULL, ws,
                         p->ws, st);
@@ -649,7 +654,7 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     *issued = 0;
     c->fl_t0 = c->timing ? clock_now_s() * 1e6 : 0;
     const struct gpu_rank *rk = &a->rk;
-    if (rk->last || rk->position || rk->shared)
+    if (rk->last || rk->position || rk->shared || a->layerwise)
         return -ENOTSUP;
     struct kern_cuda_evict ke = {
         .dtype = a->l.dtype, .q_heads = a->ring.q_heads, .kv_heads = a->l.kv_heads,
@@ -705,7 +710,8 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
         jobs[j].ring_off = (const uint64_t *)(c->dbuf + at);
         at += al(sizeof(uint64_t) * e->ring.n_pages);
         jobs[j].n_tokens = e->l.n_tokens, jobs[j].k = e->k, jobs[j].ind = NULL;
-        jobs[j].lse = e->lse, jobs[j].carry = e->lse && e->carry;
+        jobs[j].lse = e->lse, jobs[j].carry = e->carry;
+        jobs[j].order = e->order, jobs[j].order_n = e->order_n, jobs[j].order_cap = e->order_cap;
         jobs[j].evicted = (uint32_t *)(c->dbuf + tabs + out);
         out += sizeof(uint32_t) * ke.kv_heads * (e->l.n_tokens - ke.w - e->k);
     }
@@ -727,10 +733,11 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
 }
 
 /* After fused_launch's work is done: the removed slots to each ev[i].evicted, the timing. */
-static void fused_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+static void fused_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     size_t out = 0;
     for (uint32_t i = 0; i < n; i++) {
+        ev[i].filled = ev[i].order != NULL;
         size_t b = sizeof(uint32_t) * ev[i].l.kv_heads * (ev[i].l.n_tokens - ev[i].ring.w - ev[i].k);
         memcpy(ev[i].evicted, c->hbuf + c->fl_tabs + out, b);
         out += b;
@@ -765,7 +772,8 @@ static int evict_check(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n,
         const struct gpu_evict *e = &ev[i];
         uint32_t w = e->ring.w;
         if (e->l.n_tokens <= w || e->first >= w || !e->n_q || e->n_q > w ||
-            e->k > e->l.n_tokens - w)
+            e->k > e->l.n_tokens - w || e->order_n > e->l.n_tokens - w ||
+            (e->order && (e->k > e->order_cap || e->order_n > e->order_cap)) || (!e->order && e->order_n))
             return -EINVAL;
         struct evict_plan p = plan_evict(e);
         *dev += p.dev, *host += p.host;
@@ -773,7 +781,7 @@ static int evict_check(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n,
     return 0;
 }
 
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     size_t dev, host;
     if (evict_check(c, ev, n, &dev, &host))
@@ -796,6 +804,7 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
     size_t d = 0, h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct evict_plan p = plan_evict(&ev[i]);
+        ev[i].filled = 0;
         rc = evict_one(&ev[i], &p, c->dbuf + d, c->hbuf + h, c->sub[i % SUBSTREAMS]);
         d += p.dev, h += p.host;
     }
@@ -842,7 +851,7 @@ int gpuctx_ready(struct gpuctx *c)
     return -EIO;
 }
 
-int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+int gpuctx_decode_evict_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     int rc = finish(c, 0); /* done already (gpuctx_ready): returns at once, or the error */
     if (!rc)

@@ -153,6 +153,16 @@ struct gpu_evict {
                                     carried from step to step (kern_cuda_evict_job.lse); the
                                     layer-by-layer way sets them NaN (not carried) */
     int carry;                   /* lse holds the rows' from the layer's previous step */
+    uint32_t *order;             /* device [kv_heads][order_cap] or NULL: the prefix's slots in
+                                    position order for its first order_n tokens
+                                    (kern_cuda_evict_job.order); the one launch then fills
+                                    the step's holes and rewrites it, the layer-by-layer way
+                                    first puts the prefix back in position order */
+    uint32_t order_n, order_cap;
+    int layerwise;               /* run layer by layer even where one launch could (tests) */
+    int filled;                  /* out: 1 where the one launch filled holes (the caller's
+                                    positions follow seq_positions_fill, order_n becomes k); 0
+                                    where the kept slots shifted in position order */
 };
 
 /* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's
@@ -179,7 +189,7 @@ int gpuctx_h2o_init(struct gpuctx *c, float *acc, uint32_t cap, const float *src
  * ablations'), else layer by
  * layer, side by side on the context's streams. Returns 0 or the first error (then the
  * layers' contents are undefined: the CUDA context has failed). */
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
+int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n);
 
 /* The same one launch for a caller that must not wait (the event loop), on any thread:
  * gpuctx_decode_evict_launch returns 0 with the work in flight on the context's stream,
@@ -189,10 +199,10 @@ int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
  * allocates), -EINVAL with nothing launched, -EIO after a failed launch (waited for). While in flight
  * gpuctx_ready answers 1 (done), 0 (running) or -EIO, never waiting; once it is not 0,
  * gpuctx_decode_evict_land (ev as launched, still valid) writes each ev[i].evicted and
- * returns 0 or -EIO. The context stays taken from the launch to the land. */
+ * .filled and returns 0 or -EIO. The context stays taken from the launch to the land. */
 int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 int gpuctx_ready(struct gpuctx *c);
-int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
+int gpuctx_decode_evict_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n);
 
 /* Timing (CAKED_TRACE): with it on, each context keeps where its last one-launch eviction,
  * scoring (gpuctx_score) or cascading stage (gpuctx_select_compact_many) spent its time -

@@ -88,7 +88,7 @@ void gpuctx_times(const struct gpuctx *c, struct gpu_times *t)
     (void)c;
     *t = (struct gpu_times){0};
 }
-int gpuctx_decode_evict(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     (void)c, (void)ev, (void)n;
     return -ENOTSUP;
@@ -103,7 +103,7 @@ int gpuctx_ready(struct gpuctx *c)
     (void)c;
     return -EIO;
 }
-int gpuctx_decode_evict_land(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n)
+int gpuctx_decode_evict_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     (void)c, (void)ev, (void)n;
     return -ENOTSUP;

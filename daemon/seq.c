@@ -186,8 +186,10 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
     return 0;
 }
 
-int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
-                        uint32_t n_ev, uint32_t old, uint32_t win)
+/* seq_positions_evict's and seq_positions_fill's start: the removed slots checked before
+ * memory moves, the layer's positions made where it had none (slot i held position i). */
+static int positions_removing(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                              uint32_t n_ev, uint32_t old, uint32_t win)
 {
     if (n_ev > old)
         return -EIO;
@@ -208,7 +210,14 @@ int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_
                 ly->pos[(size_t)g * cap + j] = j;
     }
     CAKE_CHECK(old + win <= ly->pos_cap);
-    for (uint32_t g = 0; g < s->Hkv && n_ev; g++) {
+    return 0;
+}
+
+int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                        uint32_t n_ev, uint32_t old, uint32_t win)
+{
+    int rc = positions_removing(s, ly, ev, n_ev, old, win);
+    for (uint32_t g = 0; g < s->Hkv && n_ev && !rc; g++) {
         uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
         const uint32_t *e = ev + (size_t)g * n_ev;
         uint32_t at = e[0];
@@ -218,7 +227,40 @@ int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_
             at += to - from;
         }
     }
-    return 0;
+    return rc;
+}
+
+int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                       uint32_t n_ev, uint32_t old, uint32_t win)
+{
+    int rc = positions_removing(s, ly, ev, n_ev, old, win);
+    uint32_t k = old - n_ev;
+    for (uint32_t g = 0; g < s->Hkv && n_ev && !rc; g++) {
+        uint32_t *p = ly->pos + (size_t)g * ly->pos_cap;
+        const uint32_t *e = ev + (size_t)g * n_ev;
+        uint32_t h = 0, at = 0, src = k; /* e[at..]: the removed slots from k on */
+        while (at < n_ev && e[at] < k)
+            at++;
+        for (; h < n_ev && e[h] < k; h++) { /* hole e[h] takes the next kept slot from k */
+            while (at < n_ev && e[at] == src)
+                src++, at++;
+            p[e[h]] = p[src++];
+        }
+        memmove(p + k, p + old, sizeof(uint32_t) * win);
+    }
+    return rc;
+}
+
+static int pos_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+void seq_positions_sort(const struct seq *s, struct seq_layer *ly, uint32_t n)
+{
+    for (uint32_t g = 0; ly->pos && g < s->Hkv; g++)
+        qsort(ly->pos + (size_t)g * ly->pos_cap, n, sizeof(uint32_t), pos_cmp);
 }
 
 int seq_positions(const struct seq_env *e, const struct seq *s, uint32_t l, uint32_t g,
@@ -583,6 +625,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
         gpuexec_dev_free(GEXEC(e, s), s->ind_dev);
         gpuexec_dev_free(GEXEC(e, s), s->acc_dev);
         gpuexec_dev_free(GEXEC(e, s), s->lse_dev);
+        gpuexec_dev_free(GEXEC(e, s), s->ord_dev);
     }
     cakeseq_destroy(s->cs);
     free(s);

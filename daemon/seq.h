@@ -48,6 +48,10 @@ struct seq_layer {
      * log-sum-exps from lse_dev (the step after the one that left them) and the tokens the
      * layer must hold then (those it was left with, plus the step's one); 0: none left */
     uint32_t lse_next, lse_tokens;
+    /* GPU sequences: entries of the layer's order in ord_dev that hold (a one-launch decode
+     * eviction filled the prefix's holes: slot order no longer follows position order past
+     * the prompt); 0: the prefix is in position order */
+    uint32_t ord_n;
 };
 
 struct shard_group;
@@ -111,6 +115,11 @@ struct seq {
     float *lse_dev;          /* GPU sequences decoding: [L][q_heads][w] the window rows'
                                 log-sum-exps by ring slot, carried from one step's eviction to
                                 the next (seq_layer.lse_next); NaN-filled when made */
+    uint32_t *ord_dev;       /* GPU sequences decoding: [L][kv_heads][ord_cap] each prefix's
+                                slots in position order (seq_layer.ord_n of them), so a step
+                                fills its holes instead of shifting every row after them */
+    uint32_t ord_cap;        /* the largest budget when it was made (budgets only fall) */
+    int dec_bufs;            /* lse_dev and ord_dev were made (or could not be) */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
     /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
      * job that has the sequence (its decode step, or a re-slice job) - set by the loop,
@@ -163,6 +172,11 @@ struct seq_env {
                            order (benchmarks: the rows that hole filling saves) */
     int recompute;      /* CAKED_DECODE_RECOMPUTE=1: GPU decode evictions carry no window
                            log-sum-exps, both passes every step (benchmarks: side by side) */
+    int shift;          /* CAKED_DECODE_SHIFT=1: GPU decode evictions keep position order,
+                           shifting every row after a hole (benchmarks: side by side) */
+    unsigned layerwise; /* CAKED_TEST_LAYERWISE=N (at most 1000): a GPU sequence's every Nth
+                           decode step evicts layer by layer, not in one launch (tests: the
+                           way back from filled holes) */
 };
 
 struct seq_open_args {

@@ -354,19 +354,30 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
     free(keep);
 }
 
-/* The decode steps' carried log-sum-exps (lse_dev), made at the sequence's first GPU decode
- * eviction on a worker (the loop launches only once it exists) on gc's stream, ordered before
- * the eviction, NaN-filled: nothing carried. Where it cannot be made (or
- * CAKED_DECODE_RECOMPUTE), the steps run without: both passes. */
-static void lse_make(const struct seq_env *e, struct seq *s, struct gpuctx *gc)
+/* The decode steps' buffers, made at the sequence's first GPU decode eviction on a worker
+ * (the loop launches only once they were tried) on gc's stream, ordered before the eviction:
+ * the carried log-sum-exps (lse_dev, NaN-filled: nothing carried) and the prefixes' position
+ * orders (ord_dev, each layer's ord_n 0: in position order until a step fills a hole). Where
+ * one cannot be made (or CAKED_DECODE_RECOMPUTE, CAKED_DECODE_SHIFT), the steps run without
+ * it: both passes, rows shifted. */
+static void decode_bufs(const struct seq_env *e, struct seq *s, struct gpuctx *gc)
 {
-    size_t b = sizeof(float) * s->L * s->H * s->cfg.window;
-    if (s->lse_dev || e->recompute || gpuctx_dev_alloc(gc, (void **)&s->lse_dev, b))
+    if (s->dec_bufs)
         return;
-    if (gpuctx_dev_fill(gc, s->lse_dev, 0xff, b)) {
+    s->dec_bufs = 1;
+    size_t b = sizeof(float) * s->L * s->H * s->cfg.window;
+    if (!e->recompute && !gpuctx_dev_alloc(gc, (void **)&s->lse_dev, b) &&
+        gpuctx_dev_fill(gc, s->lse_dev, 0xff, b)) {
         gpuexec_dev_free(GEXEC(e, s), s->lse_dev);
         s->lse_dev = NULL;
     }
+    uint32_t cap = 0;
+    for (uint32_t l = 0; l < s->L; l++) {
+        uint32_t bl = cakeseq_budget(s->cs, l);
+        cap = bl > cap ? bl : cap;
+    }
+    if (!e->shift && cap && !gpuctx_dev_alloc(gc, (void **)&s->ord_dev, sizeof(uint32_t) * s->L * s->Hkv * cap))
+        s->ord_cap = cap;
 }
 
 /* Whether layer l's eviction this step may carry its rows' log-sum-exps: the previous step's
@@ -405,6 +416,9 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
             .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
             .evicted = gone + at,
             .lse = s->lse_dev ? s->lse_dev + (size_t)l * s->H * w : NULL, .carry = lse_carry(s, l),
+            .order = s->ord_dev ? s->ord_dev + (size_t)l * s->Hkv * s->ord_cap : NULL,
+            .order_n = s->layer[l].ord_n, .order_cap = s->ord_cap,
+            .layerwise = e->layerwise && s->decoded % e->layerwise == e->layerwise - 1,
         };
         at += s->Hkv * (S - ev[i].k);
     }
@@ -432,12 +446,20 @@ static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *o
         s->layer[over[i]].lse_next = 0;
     for (uint32_t i = 0; i < nover && !rc; i++) {
         struct seq_layer *ly = &s->layer[over[i]];
-        uint32_t S = ly->tokens - w;
-        evicted[i] = S - ev[i].k;
+        uint32_t S = ly->tokens - w, n_ev = S - ev[i].k;
+        evicted[i] = n_ev;
         ly->tokens = ev[i].k + w;
         if (ev[i].lse)
             ly->lse_next = s->decoded + 1, ly->lse_tokens = ly->tokens;
-        rc = seq_positions_evict(s, ly, ev[i].evicted, S - ev[i].k, S, w);
+        if (ev[i].filled) { /* holes filled: the order holds the k slots left */
+            rc = seq_positions_fill(s, ly, ev[i].evicted, n_ev, S, w);
+            ly->ord_n = n_ev ? ev[i].k : ly->ord_n;
+            continue;
+        }
+        if (ly->ord_n) /* the layer-by-layer way put the prefix back in position order */
+            seq_positions_sort(s, ly, S);
+        ly->ord_n = 0;
+        rc = seq_positions_evict(s, ly, ev[i].evicted, n_ev, S, w);
     }
     if (e->trace) {
         uint32_t lo = UINT32_MAX, hi = 0;
@@ -462,7 +484,7 @@ static int decode_evict_gpu(const struct seq_env *e, struct seq *s, const uint32
     struct gpu_evict *ev;
     double t0 = e->trace ? clock_now_s() : 0;
     struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-    lse_make(e, s, gc);
+    decode_bufs(e, s, gc);
     if (evict_jobs(e, s, over, nover, valid, &ev)) {
         gpuexec_put(GEXEC(e, s), gc);
         return -ENOMEM;
@@ -486,7 +508,7 @@ struct gpu_flight {
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out)
 {
-    if (!s->lse_dev && !e->recompute)
+    if (!s->dec_bufs)
         return -EAGAIN; /* its first allocation on a worker, as a context's buffers grow */
     struct gpu_flight *f = malloc(sizeof(*f));
     if (!f)

@@ -45,6 +45,14 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
  * after them) moved down in order. 0, -ENOMEM, or -EIO for a list out of order or range. */
 int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
                         uint32_t n_ev, uint32_t old, uint32_t win);
+/* The same where the holes were filled (a GPU decode step's one launch, gpu_evict.filled):
+ * the removed slots below k = old - n_ev (ascending) take the kept slots from k on
+ * (ascending), the window moves down to k. */
+int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
+                       uint32_t n_ev, uint32_t old, uint32_t win);
+/* Each kv head's first n positions put in ascending order (the prefix of a layer whose
+ * filled holes the GPU just put back in position order). */
+void seq_positions_sort(const struct seq *s, struct seq_layer *ly, uint32_t n);
 
 struct seq_exec {
     /* Prefill: the layer's indicator where its selection will run - scored from the window

@@ -75,6 +75,29 @@ extern "C" int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *
     return 0;
 }
 
+__global__ void order_expand(uint32_t *keep, const uint32_t *order, uint32_t n_order,
+                             uint32_t stride, uint32_t rows, uint32_t n)
+{
+    size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (size_t)rows * n)
+        return;
+    uint32_t r = (uint32_t)(x / n), i = (uint32_t)(x % n);
+    keep[x] = i < n_order ? order[(size_t)r * stride + i] : i;
+}
+
+extern "C" int kern_cuda_order_expand(uint32_t *keep, const uint32_t *order, uint32_t n_order,
+                                      uint32_t order_stride, uint32_t rows, uint32_t n, void *stream)
+{
+    if (n_order > n || (n_order && (!order || order_stride < n_order)))
+        return -EINVAL;
+    if (!rows || !n)
+        return 0;
+    order_expand<<<div_up((uint64_t)rows * n, 256), 256, 0, (cudaStream_t)stream>>>(keep, order, n_order,
+                                                                                    order_stride, rows, n);
+    CK(cudaGetLastError());
+    return 0;
+}
+
 // ---- a cascading stage: every layer in three launches -------------------------
 
 namespace {

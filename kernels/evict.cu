@@ -7,10 +7,13 @@
 // The block keeps its head's indicator in shared memory beside two cp.async stages (two
 // blocks fit an SM at 8B shapes with 1K-token caches). Top-k is a radix select over the
 // indicator's sort keys (4 passes of 8 bits) and one ordered scan that lists the kept and
-// the evicted slots; the compaction then moves kept tokens down in rounds that read every
-// source before writing any destination (a source is never below its destination, so no
-// round overwrites what a later one reads), the next round's reads in flight while one is
-// written.
+// the evicted slots; the compaction then moves tokens down in rounds that read every source
+// before writing any destination (a source is never below its destination, so no round
+// overwrites what a later one reads), the next round's reads in flight while one is written.
+// With a job's `order` the prefix's slots need not follow position order: the scores are
+// pooled and ranked in position order through it, the holes below k take the kept tokens
+// from k on (a bitmap of the removed slots and its words' counts find the i-th of either),
+// only those and the window move, and the order is rewritten for the slots left.
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdio.h>
@@ -61,6 +64,45 @@ __device__ __forceinline__ uint8_t *slot_ptr(const mparams &p, uint32_t g, uint3
     return (uint8_t *)p.base + key_off(p, g, t);
 }
 
+// where the carried log-sum-exp of q head h of kv head g's group, window row i (oldest
+// first), sits in a job's lse ([q_heads][w] by ring slot)
+__device__ __forceinline__ size_t lse_at(const mparams &p, uint32_t g, uint32_t h, uint32_t i)
+{
+    return (size_t)(g * p.G + h) * p.w + (p.first + i) % p.w;
+}
+
+// The t-th set bit (t-th clear bit with CLEAR) of the bitmap bits[0..nw) whose words' set
+// bits before each are cnt[0..nw): that many exist (the caller's count says so).
+template <bool CLEAR>
+__device__ __forceinline__ uint32_t nth_bit(const uint32_t *bits, const uint32_t *cnt, uint32_t nw,
+                                            uint32_t t)
+{
+    uint32_t lo = 0, hi = nw - 1; // the last word whose count before it is at most t
+    while (lo < hi) {
+        uint32_t mid = (lo + hi + 1) / 2, before = CLEAR ? 32 * mid - cnt[mid] : cnt[mid];
+        if (before <= t)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    uint32_t b = CLEAR ? ~bits[lo] : bits[lo];
+    for (uint32_t j = t - (CLEAR ? 32 * lo - cnt[lo] : cnt[lo]); j; j--)
+        b &= b - 1;
+    return 32 * lo + (uint32_t)(__ffs(b) - 1);
+}
+
+// the slot of kv head g's r-th prefix token in position order (kern_cuda_evict_job.order)
+__device__ __forceinline__ uint32_t ord_at(const kern_cuda_evict_job &job, uint32_t g, uint32_t r)
+{
+    return r < job.order_n ? job.order[(size_t)g * job.order_cap + r] : r;
+}
+
+// set bits of bits[] below slot s
+__device__ __forceinline__ uint32_t bits_before(const uint32_t *bits, const uint32_t *cnt, uint32_t s)
+{
+    return cnt[s / 32] + (s % 32 ? (uint32_t)__popc(bits[s / 32] & ((1u << (s % 32)) - 1)) : 0u);
+}
+
 // The window rows' log-sum-exps over the cache the step leaves, to job.lse by ring slot: each
 // row's (rowM + rowL, natural-log units) less the evicted keys' terms, ln(1 - sum of
 // exp(s_e - lse)); NaN where those held more than half of the row's weight (the difference
@@ -104,7 +146,7 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
         __syncthreads();
     }
     if (mine)
-        job.lse[(size_t)(g * p.G + h) * p.w + (p.first + i) % p.w] = sum <= 0.5f ? L + log1pf(-sum) : NAN;
+        job.lse[lse_at(p, g, h, i)] = sum <= 0.5f ? L + log1pf(-sum) : NAN;
     __syncthreads();
 }
 
@@ -142,7 +184,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         // the host checks these (kern_cuda_decode_evict's contract): nothing to do, but no
         // row's log-sum-exp is known (the newest was never computed): none carried next step
         for (uint32_t c = tid; job.lse && c < p.G * p.nq; c += THREADS)
-            job.lse[(size_t)(g * p.G + c / p.nq) * p.w + (p.first + c % p.nq) % p.w] = NAN;
+            job.lse[lse_at(p, g, c / p.nq, c % p.nq)] = NAN;
         return;
     }
     // the block's phase i ends (0: it starts); the pointer is read from the parameters at
@@ -161,12 +203,11 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     // ---- scoring: pass 1 over every key (or the newest row's alone, the others' log-sum-exps
     // carried from the step before), pass 2 over the prefix, the pooling
     uint32_t need = 0; // k = 0 (or no indicator): every slot goes
-    const float *carried = job.lse ? job.lse + (size_t)g * p.G * p.w : NULL; // [G][w] by ring slot
     if (k || job.ind) {
         int bad = !(job.lse && job.carry && p.nq > 1 && sp1.Rp <= nsp1(NSP) * 32);
         if (!bad) // every older row's value finite (a NaN: not carried; run pass 1)
             for (uint32_t c = tid; c < p.G * (p.nq - 1); c += THREADS)
-                bad |= !isfinite(carried[c / (p.nq - 1) * p.w + (p.first + c % (p.nq - 1)) % p.w]);
+                bad |= !isfinite(job.lse[lse_at(p, g, c / (p.nq - 1), c % (p.nq - 1))]);
         if (!__syncthreads_or(bad)) {
             pass1_body<T, KS, nsp1(NSP), EST>(sp1, g, 0, p.n, smem, m1, l1);
             __syncthreads();
@@ -176,7 +217,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
                 if (i + 1 == p.nq)
                     v = l1[h * NQP1] > 0.0f ? m1[h * NQP1] + logf(l1[h * NQP1]) : -INFINITY;
                 else if (i < p.nq)
-                    v = carried[h * p.w + (p.first + i) % p.w];
+                    v = job.lse[lse_at(p, g, h, i)];
                 rowM[c] = v, rowL[c] = 0.0f;
             }
         } else {
@@ -190,6 +231,14 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         double e_sum = 0.0, v_sum = 0.0; // a step reads neither
         pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
+        if (job.order && job.order_n) { // the slots' sums in position order, for the pooling
+            for (uint32_t j = tid; j < S; j += THREADS)
+                ind[j] = acc[ord_at(job, g, j)];
+            __syncthreads();
+            for (uint32_t j = tid; j < S; j += THREADS)
+                acc[j] = ind[j];
+            __syncthreads();
+        }
         // score.cu's pooling (pool_value), to the same rounding; then the group mean
         float post = 1.0f / p.G;
         for (uint32_t j = tid; j < S; j += THREADS) {
@@ -206,51 +255,106 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     mark(2);
 
     // ---- top-k and one ordered walk: kept slots (for the compaction) and evicted ones (the
-    // answer; select_dev.cuh)
+    // answer; select_dev.cuh) - ranks in position order where the job fills holes
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
-    uint32_t first = seldev::topk_list<4>(ind, S, need, keep_src, job.evicted + (size_t)g * (S - k), sel);
+    uint32_t *evg = job.evicted + (size_t)g * (S - k);
+    uint32_t first = seldev::topk_list<4>(ind, S, need, keep_src, evg, sel);
     __syncthreads();
+    // holes filled (job.order): the removed slots' bitmap and each word's count of set bits
+    // before it ([0, nw]: the last the total); hole i takes hsrc[i]
+    const bool fill = job.order != NULL;
+    uint32_t *ebits = (uint32_t *)(ind + ep.max_S + 2 * p.Rp + 2 * sp1.Rp), *ecnt = ebits + ep.max_S / 32 + 2;
+    uint32_t nh = 0, *hole = keep_src, *hsrc = keep_src;
+    if (fill) {
+        auto ord = [&](uint32_t r) { return ord_at(job, g, r); };
+        // the removed ranks' slots in a bitmap, its words' counts before each
+        uint32_t nw = (S + 31) / 32, per = (nw + THREADS - 1) / THREADS;
+        for (uint32_t x = tid; x < nw; x += THREADS)
+            ebits[x] = 0;
+        __syncthreads();
+        for (uint32_t i = tid; i < S - k; i += THREADS) {
+            uint32_t s = ord(evg[i]);
+            atomicOr(&ebits[s / 32], 1u << (s % 32));
+        }
+        __syncthreads();
+        uint32_t c0 = tid * per < nw ? tid * per : nw, c1 = c0 + per < nw ? c0 + per : nw, mine = 0;
+        for (uint32_t x = c0; x < c1; x++)
+            mine += (uint32_t)__popc(ebits[x]);
+        cub::BlockScan<uint32_t, THREADS>(sel.scan).ExclusiveSum(mine, mine);
+        for (uint32_t x = c0; x < c1; x++)
+            ecnt[x] = mine, mine += (uint32_t)__popc(ebits[x]);
+        if (tid == 0)
+            ecnt[nw] = S - k;
+        __syncthreads();
+        // the new order: the kept ranks' slots (ascending by position), a slot from k on
+        // taking the hole it fills (the t-th kept slot from k fills the t-th hole)
+        nh = k < S ? bits_before(ebits, ecnt, k) : 0;
+        uint32_t *nord = (uint32_t *)ind; // the indicator is no longer read
+        for (uint32_t i = tid; i < k; i += THREADS) {
+            uint32_t s = ord(keep_src[i]);
+            nord[i] = s < k ? s : nth_bit<false>(ebits, ecnt, nw, s - bits_before(ebits, ecnt, s) - (k - nh));
+        }
+        __syncthreads(); // every read of the old order and of the ranks done
+        for (uint32_t x = tid; x < nw; x += THREADS) // the removed slots, ascending: the answer
+            for (uint32_t b = ebits[x], at = ecnt[x]; b; b &= b - 1)
+                evg[at++] = 32 * x + (uint32_t)(__ffs(b) - 1);
+        for (uint32_t i = tid; i < k; i += THREADS)
+            job.order[(size_t)g * job.order_cap + i] = nord[i];
+        hole = keep_src, hsrc = keep_src + nh; // both at most half the prefix
+        for (uint32_t t = tid; t < nh; t += THREADS)
+            hole[t] = nth_bit<false>(ebits, ecnt, nw, t), hsrc[t] = nth_bit<true>(ebits, ecnt, nw, k - nh + t);
+        __syncthreads();
+    }
     if (job.lse) // before the compaction moves the evicted keys' slots
         lse_out<T, KS>(p, g, job, k, rowM, rowL, smem);
     mark(3);
 
     // ---- compaction: slot i < k gets keep_src[i], slot k + i the window's i-th; slots
-    // below the first evicted one stay. Rounds of CH tokens through the two halves of the
-    // stages, a warp's lanes on one token's pieces (its page looked up once, a broadcast):
+    // below the first evicted one stay (holes filled: hole[i] gets hsrc[i], then the window
+    // moves; nothing else). Move x of the list: rounds of CH moves through the two halves of
+    // the stages, a warp's lanes on one token's pieces (its page looked up once, a broadcast):
     // every piece of a round comes in by cp.async, unrolled so the loads are all in flight
     // at once (a load then a shared store a piece, in a loop, waited on memory's latency
     // every piece: 120 us for a head whose first slot went), and round r + 1's copies are
     // issued before round r is written out. That needs no more care than the rounds did: a
     // source is never below its destination, so round r + 1's sources lie past every
     // destination of round r, and round r + 1 writes only after round r's sources were read.
+    // Filling holes keeps that: the holes lie below k, where nothing is read; the window's
+    // destination k + i is read (as a kept slot) only by an earlier move, and its source
+    // S + i is written only by a later one.
     constexpr uint32_t VEC = 2 * KS, PER = 2 * VEC, TPI = 32 / PER; // pieces a row, a token (K, V)
     constexpr uint32_t CH = (uint32_t)(EST * shape<KS>::STAGE_BYTES / 2 / (16 * PER)); // tokens a round
     constexpr uint32_t TPW = CH / (THREADS / 32);                                     // a warp's
     constexpr size_t HALF = (size_t)CH * PER * 16;
     static_assert(32 % PER == 0 && TPW % TPI == 0 && 2 * HALF <= EST * shape<KS>::STAGE_BYTES, "rounds fit the stages");
-    uint32_t total = k + e.w, warp = tid / 32, tl = tid % 32 / PER, r = tid % PER;
+    uint32_t moves = fill ? nh + e.w : k + e.w - first, warp = tid / 32, tl = tid % 32 / PER, r = tid % PER;
     size_t roff = (r / VEC) * e.v_offset_bytes + (r % VEC) * 16;
-    auto fetch = [&](uint32_t d0) {
-        uint8_t *buf = smem + (d0 - first) / CH % 2 * HALF;
+    auto dst_of = [&](uint32_t x) { return fill ? (x < nh ? hole[x] : k + x - nh) : first + x; };
+    auto src_of = [&](uint32_t x) {
+        uint32_t i = first + x;
+        return fill ? (x < nh ? hsrc[x] : S + x - nh) : i < k ? keep_src[i] : S + i - k;
+    };
+    auto fetch = [&](uint32_t x0) {
+        uint8_t *buf = smem + x0 / CH % 2 * HALF;
 #pragma unroll
         for (uint32_t u = 0; u < TPW / TPI; u++) {
-            uint32_t t = warp * TPW + u * TPI + tl, i = d0 + t;
-            if (i < total)
-                cp_async16(buf + ((size_t)t * PER + r) * 16, slot_ptr(p, g, i < k ? keep_src[i] : S + i - k) + roff, true);
+            uint32_t t = warp * TPW + u * TPI + tl, x = x0 + t;
+            if (x < moves)
+                cp_async16(buf + ((size_t)t * PER + r) * 16, slot_ptr(p, g, src_of(x)) + roff, true);
         }
         cp_async_commit(); // past the end an empty group: wait_group's counts stay right
     };
-    fetch(first);
-    for (uint32_t d0 = first; d0 < total; d0 += CH) {
-        fetch(d0 + CH);
+    fetch(0);
+    for (uint32_t x0 = 0; x0 < moves; x0 += CH) {
+        fetch(x0 + CH);
         cp_async_wait<1>();
         __syncthreads();
-        const uint8_t *buf = smem + (d0 - first) / CH % 2 * HALF;
+        const uint8_t *buf = smem + x0 / CH % 2 * HALF;
 #pragma unroll
         for (uint32_t u = 0; u < TPW / TPI; u++) {
-            uint32_t t = warp * TPW + u * TPI + tl, i = d0 + t;
-            if (i < total)
-                *(uint4 *)(slot_ptr(p, g, i) + roff) = *(const uint4 *)(buf + ((size_t)t * PER + r) * 16);
+            uint32_t t = warp * TPW + u * TPI + tl, x = x0 + t;
+            if (x < moves)
+                *(uint4 *)(slot_ptr(p, g, dst_of(x)) + roff) = *(const uint4 *)(buf + ((size_t)t * PER + r) * 16);
         }
         __syncthreads(); // the buffer is fetched into again two rounds on
     }
@@ -285,7 +389,8 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
     p.ks = e->head_dim / 16;
     p.stage_bytes = EST * (p.ks == 8 ? shape<8>::STAGE_BYTES : shape<4>::STAGE_BYTES);
     p.part_bytes = (size_t)2 * TK * p.nsp * p.hps * 2 * sizeof(float);
-    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp + p.G * NQP1);
+    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp + p.G * NQP1) +
+             2 * sizeof(uint32_t) * ((size_t)max_S / 32 + 2); /* the holes' bitmap, its counts */
     int dev = 0, optin = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {

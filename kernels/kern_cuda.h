@@ -102,6 +102,11 @@ int kern_cuda_gather_rows_f32(const float *in_dev, uint32_t rows, uint32_t n_in,
  * and V (2 * kv_heads * (k + win_len) * head_dim * esize bytes). */
 int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *keep_dev, uint32_t k,
                       uint32_t win_start, uint32_t win_len, void *tmp_dev, void *stream);
+/* keep[r][i] = i < n_order ? order[r * order_stride + i] : i for rows r < rows, i < n (keep:
+ * row stride n): a decode order (kern_cuda_evict_job.order) as the permutation that puts the
+ * prefix back in position order (kern_cuda_compact with k = n). Asynchronous. */
+int kern_cuda_order_expand(uint32_t *keep_dev, const uint32_t *order_dev, uint32_t n_order,
+                           uint32_t order_stride, uint32_t rows, uint32_t n, void *stream);
 
 /* A cascading stage's compactions, every layer in three launches (top-k, gather, scatter;
  * the per-layer calls above take ~15 a layer): job j is a layer whose kv head g keeps k of
@@ -242,7 +247,20 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
  * keys and only the newest row is computed - right when the previous step's launch wrote
  * them and since then the layer only gained its newest token (a row never sees a later key,
  * and every evicted key's term was taken out); a row's value that is not finite makes the
- * head run both passes. Bytes of other rows are left alone. */
+ * head run both passes. Bytes of other rows are left alone.
+ *
+ * A job's `order` (device [kv_heads][order_cap] slots, or NULL) lets a step fill its holes
+ * instead of shifting every row after them: entry r of a head is the slot holding the
+ * prefix's r-th token in position order for r < order_n (order_n <= S, k <= order_cap),
+ * and slot r itself past them (tokens that joined the prefix since, in position order).
+ * The launch pools the scores in that order (neighbours by position, as CAKE pools), keeps
+ * the top k of them (ties to the lower position), and moves the fewest rows: the removed
+ * slots below k (ascending) take the kept tokens of slots k..S (ascending), the window
+ * moves down to [k, k + w); `evicted` still lists the removed slots ascending, `ind` is in
+ * position order, and the head's first k entries of `order` are rewritten for the slots
+ * left (the caller's order_n becomes k). With order NULL the prefix is taken to be in
+ * position order and the kept slots shift down in order (every row after the first hole
+ * moves). */
 struct kern_cuda_evict {
     int dtype;                  /* KERN_BF16 or KERN_F16 */
     uint32_t q_heads, kv_heads, head_dim, tokens_per_page, w;
@@ -271,6 +289,8 @@ struct kern_cuda_evict_job {
     float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
     float *lse;                 /* device [q_heads][w], or NULL: the rows' log-sum-exps */
     uint32_t carry;             /* 1: lse holds the rows' from the step before (above) */
+    uint32_t *order;            /* device [kv_heads][order_cap], or NULL: fill holes (below) */
+    uint32_t order_n, order_cap;
 };
 int kern_cuda_decode_evict_check(const struct kern_cuda_evict *e, uint32_t max_S);
 int kern_cuda_decode_evict(const struct kern_cuda_evict *e,

@@ -331,8 +331,10 @@ static void evict_phases(const char *label, const struct kern_cuda_evict *ke,
  * page uploads, so a lower bound on that path) and kern_cuda_decode_evict's one launch, each
  * layer one page; then the one launch over caked's layout (64 KiB pages of 16 tokens, in
  * reverse order; carrying the window rows' log-sum-exps from step to step, so one scoring
- * pass; scattered over 10 GiB; beside another process's idle context; after an idle GPU; in
- * a VMM pool of cuMemCreate segments, caked's kind of memory). Prints the GPU time (events)
+ * pass; then also filling the step's holes through each prefix's position order instead of
+ * shifting every row after them; scattered over 10 GiB; beside another process's idle
+ * context; after an idle GPU; in a VMM pool of cuMemCreate segments, caked's kind of
+ * memory). Prints the GPU time (events)
  * and the wall time from the first launch to the end (the host's issue cost included),
  * medians of reps, and the floor: the 32 layers' key bytes read once at the measured copy
  * rate (as the scoring table's). The carried way relaunches on the same values, so its
@@ -367,17 +369,26 @@ static void decode_evict(double bw, int reps)
     uint32_t *dev_ev;
     CK(cudaMalloc((void **)&dev_ev, sizeof(uint32_t) * L * HKV * (S - k)));
     /* jobs[2]: jobs[1] carrying the window rows' log-sum-exps (the first launch finds NaN and
-     * runs both passes; every later one carries) */
-    struct kern_cuda_evict_job jobs[3][L], *djobs;
+     * runs both passes; every later one carries); jobs[3]: jobs[2] filling holes, each prefix's
+     * order (identity at first) rewritten by every launch */
+    struct kern_cuda_evict_job jobs[4][L], *djobs;
     float *dlse;
+    uint32_t *dord, *hord = malloc(sizeof(uint32_t) * L * HKV * k);
     CK(cudaMalloc((void **)&dlse, sizeof(float) * L * H * W));
     CK(cudaMemset(dlse, 0xff, sizeof(float) * L * H * W));
+    for (size_t i = 0; i < (size_t)L * HKV * k; i++)
+        hord[i] = (uint32_t)(i % k);
+    CK(cudaMalloc((void **)&dord, sizeof(uint32_t) * L * HKV * k));
+    CK(cudaMemcpy(dord, hord, sizeof(uint32_t) * L * HKV * k, cudaMemcpyHostToDevice));
     for (int l = 0; l < L; l++) {
-        jobs[0][l] = (struct kern_cuda_evict_job){doff + 2 * l, doff + 2 * l + 1, n, k,
-                                                 dev_ev + l * HKV * (S - k), NULL, NULL, 0};
-        jobs[1][l] = (struct kern_cuda_evict_job){dpo + (size_t)l * (np + 1), dpo + (size_t)l * (np + 1) + np,
-                                                 n, k, dev_ev + l * HKV * (S - k), NULL, NULL, 0};
+        jobs[0][l] = (struct kern_cuda_evict_job){.page_off = doff + 2 * l, .ring_off = doff + 2 * l + 1,
+                                                 .n_tokens = n, .k = k, .evicted = dev_ev + l * HKV * (S - k)};
+        jobs[1][l] = (struct kern_cuda_evict_job){.page_off = dpo + (size_t)l * (np + 1),
+                                                 .ring_off = dpo + (size_t)l * (np + 1) + np, .n_tokens = n,
+                                                 .k = k, .evicted = dev_ev + l * HKV * (S - k)};
         jobs[2][l] = jobs[1][l], jobs[2][l].lse = dlse + (size_t)l * H * W, jobs[2][l].carry = 1;
+        jobs[3][l] = jobs[2][l], jobs[3][l].order = dord + (size_t)l * HKV * k;
+        jobs[3][l].order_n = k, jobs[3][l].order_cap = k;
     }
     CK(cudaMalloc((void **)&djobs, sizeof jobs));
     CK(cudaMemcpy(djobs, jobs, sizeof jobs, cudaMemcpyHostToDevice));
@@ -417,8 +428,9 @@ static void decode_evict(double bw, int reps)
         CK(cudaMalloc((void **)&dso, sizeof(uint64_t) * L * (np + 1)));
         CK(cudaMemcpy(dso, so, sizeof(uint64_t) * L * (np + 1), cudaMemcpyHostToDevice));
         for (int l = 0; l < L; l++)
-            sjobs[l] = (struct kern_cuda_evict_job){dso + (size_t)l * (np + 1), dso + (size_t)l * (np + 1) + np,
-                                                    n, k, dev_ev + l * HKV * (S - k), NULL, NULL, 0};
+            sjobs[l] = (struct kern_cuda_evict_job){.page_off = dso + (size_t)l * (np + 1),
+                                                    .ring_off = dso + (size_t)l * (np + 1) + np, .n_tokens = n,
+                                                    .k = k, .evicted = dev_ev + l * HKV * (S - k)};
         CK(cudaMalloc((void **)&dsjobs, sizeof sjobs));
         CK(cudaMemcpy(dsjobs, sjobs, sizeof sjobs, cudaMemcpyHostToDevice));
     }
@@ -438,20 +450,23 @@ static void decode_evict(double bw, int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[8][64];
-    double tw[8][64];
+    float tg[9][64];
+    double tw[9][64];
     pid_t hold = -1;
     for (int l = 0; l < L; l++) /* the values the ways start from */
         CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
     evict_phases("first", &ke[1], djobs + L, L, S, reps);
-    static const int ways[8] = {0, 1, 2, 7, 3, 4, 5, 6};
-    for (int wi = 0; wi < 8; wi++) {
-        /* way 7: way 2 carrying the rows' log-sum-exps; ways 3-5: 64 KiB pages scattered over
+    static const int ways[9] = {0, 1, 2, 7, 8, 3, 4, 5, 6};
+    for (int wi = 0; wi < 9; wi++) {
+        /* way 7: way 2 carrying the rows' log-sum-exps, way 8 filling holes too (the values
+         * as way 7 left them: the two run back to back); ways 3-5: 64 KiB pages scattered over
          * 10 GiB; then 64 KiB pages with another process's CUDA context open and idle on the
          * GPU (an engine waiting for caked's reply), contiguous and scattered */
         int way = ways[wi];
         if (way >= 3 && way < 7 && !pool)
             break;
+        if (way == 8) /* way 7's launches left log-sum-exps the fill's first one carries */
+            CK(cudaMemset(dlse, 0xff, sizeof(float) * L * H * W));
         if (way == 4 && (hold = fork()) == 0) { /* exec at once: nothing of this CUDA state */
             char me[4096];
             ssize_t ml = readlink("/proc/self/exe", me, sizeof me - 1);
@@ -463,7 +478,7 @@ static void decode_evict(double bw, int reps)
         }
         if (way == 4)
             sleep(3); /* its context made */
-        for (int l = 0; l < L && (way < 3 || way == 7); l++) /* the same values each way */
+        for (int l = 0; l < L && (way < 3 || way >= 7); l++) /* the same values each way */
             CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
         for (int r = -3; r < reps; r++) {
             if (way == 6) /* the GPU idle between launches, as between a caked's steps */
@@ -480,8 +495,8 @@ static void decode_evict(double bw, int reps)
                         kern_cuda_compact(&kv, idx, k, S, W, tmp, NULL))
                         exit(1);
                 }
-            } else if (way == 1 || way == 2 || way == 4 || way == 6 || way == 7) {
-                if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : way == 7 ? 2 * L : L), L, S, NULL))
+            } else if (way == 1 || way == 2 || way == 4 || way == 6 || way >= 7) {
+                if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : way >= 7 ? (way - 5) * L : L), L, S, NULL))
                     exit(1);
             } else if (kern_cuda_decode_evict(&kes, dsjobs, L, S, NULL)) {
                 exit(1);
@@ -498,10 +513,10 @@ static void decode_evict(double bw, int reps)
         kill(hold, SIGTERM);
         waitpid(hold, NULL, 0);
     }
-    float g[8];
-    double w[8];
-    for (int i = 0; i < 8; i++)
-        if (i < 3 || i == 7 || pool)
+    float g[9];
+    double w[9];
+    for (int i = 0; i < 9; i++)
+        if (i < 3 || i >= 7 || pool)
             g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     double floor_us = (double)L * HKV * n * D * 2 / bw * 1e6; /* the layers' keys read once */
     printf("decode eviction, 32 layers (%u kept of %u, window %d, CAKE's ranking; floor %.1f us = "
@@ -513,6 +528,8 @@ static void decode_evict(double bw, int reps)
            g[2], w[2]);
     printf("  the same carrying the rows' log-sum-exps (one pass): GPU %8.1f us, wall %8.1f us   "
            "(%.2fx; %.1fx the floor)\n", g[7], w[7], g[2] / g[7], g[7] / floor_us);
+    printf("  the same filling its holes (a prefix order):          GPU %8.1f us, wall %8.1f us   "
+           "(%.2fx; %.1fx the floor)\n", g[8], w[8], g[7] / g[8], g[8] / floor_us);
     if (pool) {
         printf("  the same pages scattered over 10 GiB:                GPU %8.1f us, wall %8.1f us\n",
                g[3], w[3]);
@@ -563,7 +580,9 @@ static void decode_evict(double bw, int reps)
     }
     evict_phases("last", &ke[1], djobs + L, L, S, reps);
     evict_phases("carrying the log-sum-exps", &ke[1], djobs + 2 * L, L, S, reps);
-    cudaFree(pool), cudaFree(dso), cudaFree(dsjobs), cudaFree(dlse);
+    evict_phases("filling holes", &ke[1], djobs + 3 * L, L, S, reps);
+    cudaFree(pool), cudaFree(dso), cudaFree(dsjobs), cudaFree(dlse), cudaFree(dord);
+    free(hord);
     free(so);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
     cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -43,9 +44,19 @@ static inline float gauss(void)
 
 /* The tokens two ascending position lists share, over the shorter one (top-k sets at two
  * budgets are nested: the smaller inside the larger). */
-static inline double overlap(const uint32_t *a, uint32_t na, const uint32_t *b, uint32_t nb)
+static inline int gputest_u32_cmp(const void *x, const void *y)
+{
+    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* a, b in any order (a GPU decode step fills holes: slots stop following positions) */
+static inline double overlap(const uint32_t *a0, uint32_t na, const uint32_t *b0, uint32_t nb)
 {
     uint32_t same = 0, n = na < nb ? na : nb;
+    uint32_t *a = (uint32_t *)malloc(sizeof(uint32_t) * (na + 1)), *b = (uint32_t *)malloc(sizeof(uint32_t) * (nb + 1));
+    memcpy(a, a0, sizeof(uint32_t) * na), memcpy(b, b0, sizeof(uint32_t) * nb);
+    qsort(a, na, sizeof(uint32_t), gputest_u32_cmp), qsort(b, nb, sizeof(uint32_t), gputest_u32_cmp);
     for (uint32_t i = 0, j = 0; i < na && j < nb;) {
         if (a[i] == b[j])
             same++, i++, j++;
@@ -54,6 +65,7 @@ static inline double overlap(const uint32_t *a, uint32_t na, const uint32_t *b, 
         else
             j++;
     }
+    free(a), free(b);
     return n ? (double)same / n : 1.0;
 }
 

@@ -439,6 +439,12 @@ static void run_attention(enum kern_dtype dt, int with_holes, uint32_t H, uint32
 }
 
 /* 0..n-1 in random order (Fisher-Yates): pages scattered over a buffer (malloc'd; free it). */
+static int u32_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
 static uint32_t *shuffled(uint32_t n)
 {
     uint32_t *perm = malloc(sizeof(uint32_t) * (n ? n : 1));
@@ -683,9 +689,49 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * row NaN in layer 0 at step 9, which keeps all its slots (k = S: nothing to do). Step 3
  * first sets one older row's value of layer 0's second kv head to NaN (that head runs both
  * passes, still right); the last step adds 3 to one older row's value of layer 0's first
- * q head and that kv head's indicator must move (the carried values are what it read). */
+ * q head and that kv head's indicator must move (the carried values are what it read).
+ *
+ * With `fill` the steps also fill their holes (the job's order): layers 0 and 1 start with
+ * their prefixes' slots shuffled (all of layer 0's, the first three quarters of layer 1's:
+ * the order's later entries are the slots themselves), layer 2 in position order (order_n
+ * 0). Then the indicator is in position order, checked against the double reference over
+ * the layer put in position order; the removed slots are those of the ranks the CPU's top-k
+ * of it drops; the bytes are the CPU's fill (the holes below k, ascending, take the kept
+ * slots from k on, ascending; the window moves down to k) and the order the launch writes
+ * is the kept tokens' slots after it, in position order. */
+static void *val_at(const struct kern_kv *kv, uint32_t g, uint32_t t)
+{
+    return (uint8_t *)kern_kv_key(kv, g, t) + kv->v_offset_bytes;
+}
+
+static void fill_model(const struct kern_kv *kv, uint32_t g, const uint32_t *ev, uint32_t m,
+                       uint32_t S, uint32_t w, const uint32_t *ord, uint32_t *ord_out, const uint32_t *keep)
+{
+    uint32_t k = S - m, *dst_of = malloc(sizeof(uint32_t) * (S + 1)), at = 0, src = k;
+    size_t row = (size_t)kv->head_dim * 2;
+    for (uint32_t j = 0; j < S; j++)
+        dst_of[j] = j;
+    while (at < m && ev[at] < k)
+        at++;
+    for (uint32_t h = 0; h < m && ev[h] < k; h++) {
+        while (at < m && ev[at] == src)
+            src++, at++;
+        dst_of[src] = ev[h];
+        memcpy(kern_kv_key(kv, g, ev[h]), kern_kv_key(kv, g, src), row);
+        memcpy(val_at(kv, g, ev[h]), val_at(kv, g, src), row);
+        src++;
+    }
+    for (uint32_t i = 0; i < w; i++) {
+        memmove(kern_kv_key(kv, g, k + i), kern_kv_key(kv, g, S + i), row);
+        memmove(val_at(kv, g, k + i), val_at(kv, g, S + i), row);
+    }
+    for (uint32_t i = 0; i < k; i++)
+        ord_out[i] = dst_of[ord[keep[i]]];
+    free(dst_of);
+}
+
 static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d,
-                                   uint32_t w, uint32_t tpp)
+                                   uint32_t w, uint32_t tpp, int fill)
 {
     enum { L = 3, STEPS = 12 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
@@ -712,6 +758,30 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
         for (uint32_t i = 0; i < rg.pages; i++)
             roff[l][i] = perm[at++] * pb;
     }
+    /* fill: each layer's order [Hkv][cap] (rank -> slot) on the host and the device; layers
+     * 0 and 1 start with (part of) their prefixes' rows shuffled */
+    uint32_t cap = n_max, on[L] = {0}, *ordh = calloc((size_t)L * Hkv * cap, sizeof(uint32_t)), *dord = NULL;
+    for (int l = 0; fill && l < L; l++) {
+        uint32_t S = n[l] - w;
+        on[l] = l == 0 ? S : l == 1 ? S * 3 / 4 : 0;
+        struct kern_kv kv = {dt, Hkv, d, tpp, n[l], pages[l], half};
+        uint8_t *tmp = malloc(2 * row * (on[l] + 1));
+        for (uint32_t g = 0; g < Hkv; g++) {
+            uint32_t *sh = shuffled(on[l]), *o = ordh + ((size_t)l * Hkv + g) * cap;
+            for (uint32_t r = 0; r < on[l]; r++) /* position r's row to slot sh[r] */
+                memcpy(tmp + 2 * row * sh[r], kern_kv_key(&kv, g, r), row),
+                    memcpy(tmp + 2 * row * sh[r] + row, val_at(&kv, g, r), row), o[r] = sh[r];
+            for (uint32_t t = 0; t < on[l]; t++)
+                memcpy(kern_kv_key(&kv, g, t), tmp + 2 * row * t, row),
+                    memcpy(val_at(&kv, g, t), tmp + 2 * row * t + row, row);
+            free(sh);
+        }
+        free(tmp);
+    }
+    if (fill) {
+        CK(cudaMalloc((void **)&dord, sizeof(uint32_t) * L * Hkv * cap));
+        CK(cudaMemcpy(dord, ordh, sizeof(uint32_t) * L * Hkv * cap, cudaMemcpyHostToDevice));
+    }
     uint8_t *dbase;
     float *dlse;
     size_t lseb = sizeof(float) * H * w;
@@ -721,13 +791,21 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
     struct kern_cuda_evict_job jobs[L] = {{0}}, *djobs;
     uint8_t *dtab = upload_evict_jobs(L, off, np, roff, rg.pages, n, Hkv, jobs);
     CK(cudaMalloc((void **)&djobs, sizeof(jobs)));
-    for (int l = 0; l < L; l++)
+    for (int l = 0; l < L; l++) {
         jobs[l].lse = dlse + (size_t)l * H * w;
+        if (fill)
+            jobs[l].order = dord + (size_t)l * Hkv * cap, jobs[l].order_cap = cap;
+    }
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
     uint16_t *q = malloc((size_t)H * w * row);
     float *lse = malloc(lseb), *ref = malloc(sizeof(float) * Hkv * n_max);
     double worst_ind = 0, worst_lse = 0;
-    int same_ev = 1, same_kv = 1, nan_ok = 1, moved = 1, nans = 0;
+    int same_ev = 1, same_kv = 1, same_ord = 1, nan_ok = 1, moved = 1, nans = 0;
+    uint8_t *pv = malloc(pb * (n_max / tpp + 2)); /* a layer in position order (fill) */
+    void **pvp = malloc(sizeof(void *) * (n_max / tpp + 2));
+    for (uint32_t i = 0; i < n_max / tpp + 2; i++)
+        pvp[i] = pv + pb * i;
+    uint32_t *nord = malloc(sizeof(uint32_t) * cap), *evs = malloc(sizeof(uint32_t) * cap);
     for (int step = 0; step < STEPS; step++) {
         if (step) { /* a token: its K/V in each layer's next slot, its queries in the ring */
             for (int l = 0; l < L; l++) {
@@ -755,7 +833,7 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
         for (int l = 0; l < L; l++) {
             uint32_t S = n[l] - w;
             k[l] = l == 2 && step == 5 ? S - 4 : l == 1 && step == 8 ? S / 8 : l == 0 && step == 9 ? S : S - 1;
-            jobs[l].n_tokens = n[l], jobs[l].k = k[l], jobs[l].carry = step > 0;
+            jobs[l].n_tokens = n[l], jobs[l].k = k[l], jobs[l].carry = step > 0, jobs[l].order_n = on[l];
         }
         if (step == 3) { /* layer 0, kv head 1's first q head, its second-oldest row: NaN */
             float nan = NAN;
@@ -784,7 +862,16 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
         CK(cudaMemcpy(back, dbase, pb * P, cudaMemcpyDeviceToHost));
         for (int l = 0; l < L; l++) {
             uint32_t S = n[l] - w;
-            struct kern_kv kv = {dt, Hkv, d, tpp, n[l], pages[l], half};
+            struct kern_kv kv = {dt, Hkv, d, tpp, n[l], pages[l], half}, pk = kv;
+            uint32_t *ol = ordh + (size_t)l * Hkv * cap;
+            if (fill) { /* the reference reads the layer in position order */
+                pk.pages = pvp;
+                for (uint32_t g = 0; g < Hkv; g++)
+                    for (uint32_t t = 0; t < n[l]; t++) {
+                        uint32_t from = t < on[l] ? ol[(size_t)g * cap + t] : t;
+                        memcpy(kern_kv_key(&pk, g, t), kern_kv_key(&kv, g, from), row);
+                    }
+            }
             for (uint32_t h = 0; h < H; h++)
                 for (uint32_t i = 0; i < w; i++) {
                     uint32_t pg;
@@ -793,7 +880,7 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
                 }
             float *got = malloc(sizeof(float) * Hkv * S);
             uint32_t *ev = malloc(sizeof(uint32_t) * Hkv * S + 4), *keep = malloc(sizeof(uint32_t) * (k[l] + 1));
-            struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = w, .kv = &kv,
+            struct kern_score_args a = {.q = q, .q_dtype = dt, .q_heads = H, .n_q = w, .kv = &pk,
                                         .n_scored = S, .gamma = 200.0f, .stats = KERN_STATS_FP32,
                                         .pool = KERN_POOL_AVG, .pool_kernel = 5};
             struct kern_score_out ro = {.indicator = ref};
@@ -809,14 +896,34 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
                 else
                     worst_ind = e > worst_ind ? e : worst_ind;
                 kern_topk(got + (size_t)g * S, S, k[l], KERN_ORDER_POSITION, keep);
-                for (uint32_t j = 0, i = 0, o = 0; j < S; j++) {
+                uint32_t m = S - k[l], *og = ol + (size_t)g * cap;
+                for (uint32_t j = 0, i = 0, o = 0; j < S; j++) { /* the dropped ranks' slots */
                     if (i < k[l] && keep[i] == j)
                         i++;
                     else
-                        same_ev &= ev[(size_t)g * (S - k[l]) + o++] == j;
+                        evs[o++] = fill && j < on[l] ? og[j] : j;
                 }
-                kern_compact_head(&kv, g, keep, k[l], S, w, NULL);
+                if (fill) /* ascending */
+                    qsort(evs, m, sizeof(uint32_t), u32_cmp);
+                for (uint32_t o = 0; o < m; o++)
+                    same_ev &= ev[(size_t)g * m + o] == evs[o];
+                if (!fill) {
+                    kern_compact_head(&kv, g, keep, k[l], S, w, NULL);
+                    continue;
+                }
+                for (uint32_t r = on[l]; r < S; r++) /* the order in full */
+                    og[r] = r;
+                if (m) {
+                    fill_model(&kv, g, evs, m, S, w, og, nord, keep);
+                    uint32_t *dv = malloc(sizeof(uint32_t) * (k[l] + 1));
+                    CK(cudaMemcpy(dv, jobs[l].order + (size_t)g * cap, sizeof(uint32_t) * k[l], cudaMemcpyDeviceToHost));
+                    same_ord &= !memcmp(dv, nord, sizeof(uint32_t) * k[l]);
+                    memcpy(og, nord, sizeof(uint32_t) * k[l]);
+                    free(dv);
+                }
             }
+            if (fill && k[l] < S)
+                on[l] = k[l];
             for (uint32_t g = 0; g < Hkv; g++)
                 for (uint32_t t = 0; t < k[l] + w; t++) {
                     size_t o = (size_t)((uint8_t *)kern_kv_key(&kv, g, t) - host);
@@ -857,15 +964,18 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
     EXPECT(same_kv, "%s carry: compacted bytes differ", name);
     EXPECT(nan_ok && nans, "%s carry: NaN not where the evicted weight passed a half (%d NaN)", name, nans);
     EXPECT(moved, "%s carry: a carried value changed, the indicator did not (not read?)", name);
+    EXPECT(same_ord, "%s carry, holes filled: the order written differs from the CPU's", name);
     printf("%-5s H=%u Hkv=%u d=%u w=%u tpp=%u, %d layers x %d decode steps carrying the rows' "
-           "log-sum-exps: indicator rel %.2e, log-sum-exp err %.2e (%d NaN where over half the "
-           "weight went), evicted %s, compaction %s, a carried value %s\n", name, H, Hkv, d, w, tpp,
-           L, STEPS, worst_ind, worst_lse, nans, same_ev ? "equal" : "DIFFER", same_kv ? "equal" : "DIFFERS",
+           "log-sum-exps%s: indicator rel %.2e, log-sum-exp err %.2e (%d NaN where over half the "
+           "weight went), evicted %s, compaction %s%s, a carried value %s\n", name, H, Hkv, d, w, tpp,
+           L, STEPS, fill ? ", filling holes" : "", worst_ind, worst_lse, nans, same_ev ? "equal" : "DIFFER",
+           same_kv ? "equal" : "DIFFERS", fill ? (same_ord ? ", order equal" : ", order DIFFERS") : "",
            moved ? "read" : "NOT READ");
     for (int l = 0; l < L; l++)
         free(off[l]), free(roff[l]), free(pages[l]), free(bpages[l]);
-    cudaFree(dbase), cudaFree(dtab), cudaFree(djobs), cudaFree(dlse);
+    cudaFree(dbase), cudaFree(dtab), cudaFree(djobs), cudaFree(dlse), cudaFree(dord);
     free(host), free(back), free(perm), free(q), free(lse), free(ref);
+    free(ordh), free(pv), free(pvp), free(nord), free(evs);
 }
 
 /* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: nine
@@ -1109,8 +1219,10 @@ int main(void)
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
-            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16);
-            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0);
+            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1);
+            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
             run_compact_many(ts[i], 8, 128, 16);
@@ -1144,9 +1256,12 @@ int main(void)
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
         run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
-        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16);  /* carried log-sum-exps, G = 4 */
-        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7);    /* G = 3, window 16, pages across tokens */
-        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32); /* G = 8: the newest rows over 2 slices */
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0);  /* carried log-sum-exps, G = 4 */
+        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0);    /* G = 3, window 16, pages across tokens */
+        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 0); /* G = 8: the newest rows over 2 slices */
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1);  /* the same filling holes */
+        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1);
+        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 1);
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */

@@ -7,14 +7,17 @@
  *    gets the same budgets and the same bytes.
  *  - observe + decode: caked scores on the GPU; budgets and kept tokens agree with a host
  *    sequence scored on the CPU (within float tolerance), every kept row is an original
- *    row in positional order, the window is intact; decode steps evict on the GPU.
+ *    row in positional order, the window is intact; decode steps evict on the GPU (the
+ *    prefix then in any order, each position once).
  *  - cake_decode_attention against a double-precision reference over the read-back cache.
  *  - kept positions: caked's account equals the bytes' (GPU and host), also mid-prompt,
  *    while a GPU sequence's are still on the device.
  *  - a batch: device page tables, K/V appended, attention and the decode queries into the
  *    rings in one launch per layer each, a CUDA graph (test_batch).
  *  - decode evictions launched by caked's loop (a step of one sequence) and by its workers
- *    (a step of five) keep the same tokens (test_loop_launch).
+ *    (a step of five) keep the same tokens (test_loop_launch); they fill holes (a prefix
+ *    leaves position order, its positions still the bytes'), and every fifth step
+ *    (CAKED_TEST_LAYERWISE) runs layer by layer, which puts the prefix back in order first.
  *  - layouts the GPU path does not take are refused; an engine killed while holding GPU
  *    pages gives them all back.
  * Exit 77 without a GPU. */
@@ -197,16 +200,32 @@ static double overlap_any(const int *a, uint32_t na, const int *b, uint32_t nb)
 }
 
 /* every row original, strictly increasing positions, the newest `recent` rows the newest
- * positions */
-static void check_rows(const int *pos, uint32_t n, int newest, uint32_t recent, const char *what, int l)
+ * positions; with any_prefix the rows before those may be in any order (a decode step's one
+ * launch fills holes), each once and older than them. Returns whether they were out of
+ * order. */
+static int check_rows(const int *pos, uint32_t n, int newest, uint32_t recent, const char *what, int l,
+                      int any_prefix)
 {
+    static char seen[T];
+    int unordered = 0;
+    memset(seen, 0, sizeof seen);
     for (uint32_t i = 0; i < n; i++) {
         CHECK(pos[i] >= 0, "%s layer %d slot %u is not an original row (%d)", what, l, i, pos[i]);
-        CHECK(i == 0 || pos[i] > pos[i - 1], "%s layer %d: positions out of order at slot %u", what, l, i);
+        int up = i == 0 || pos[i] > pos[i - 1];
+        if (any_prefix && i + recent < n) {
+            unordered |= !up;
+            CHECK(pos[i] < 0 || (pos[i] <= newest - (int)recent && !seen[pos[i]]), "%s layer %d: "
+                  "slot %u holds position %d twice or after the window", what, l, i, pos[i]);
+            if (pos[i] >= 0 && pos[i] < T)
+                seen[pos[i]] = 1;
+        } else {
+            CHECK(up, "%s layer %d: positions out of order at slot %u", what, l, i);
+        }
     }
     for (uint32_t i = 0; i < recent; i++)
         CHECK(pos[n - 1 - i] == newest - (int)i, "%s layer %d: slot %u holds %d, the window wants %d",
               what, l, n - 1 - i, pos[n - 1 - i], newest - (int)i);
+    return unordered;
 }
 
 static void write_queries(cake_seq *s, int l, const uint16_t *q /* [H][W][D] */)
@@ -307,7 +326,7 @@ static void test_observe_decode(cake_ctx *c)
             positions(hs, l, g, ph, nh);
             check_told(gs, l, g, pg, ng, "GPU observe");
             check_told(hs, l, g, ph, nh, "host observe");
-            check_rows(pg, ng, N - 1, W, "GPU", l);
+            check_rows(pg, ng, N - 1, W, "GPU", l, 0);
             double o = overlap_any(pg, ng - W, ph, nh - W);
             worst = o < worst ? o : worst;
         }
@@ -345,7 +364,7 @@ static void test_observe_decode(cake_ctx *c)
             positions(hs, l, g, ph, nh);
             check_told(gs, l, g, pg, ng, "GPU decode");
             check_told(hs, l, g, ph, nh, "host decode");
-            check_rows(pg, ng, T - 1, W + 1, "GPU decode", l);
+            check_rows(pg, ng, T - 1, W + 1, "GPU decode", l, 1);
             double o = overlap_any(pg, ng, ph, nh);
             worst = o < worst ? o : worst;
         }
@@ -426,7 +445,7 @@ static void test_loop_launch(cake_ctx *c, const char *sock)
     }
     static int p0[N + MAXNEW], pi[N + MAXNEW];
     uint16_t qd[H][D];
-    uint32_t evicted = 0;
+    uint32_t evicted = 0, unordered = 0;
     for (int step = 0; step < MAXNEW && !fails; step++) {
         uint32_t before = cake_layer_tokens(s[0], 0);
         int a = cake_decode_step(c, s, 1), b = cake_decode_step(c, s + 1, NS - 1);
@@ -445,6 +464,7 @@ static void test_loop_launch(cake_ctx *c, const char *sock)
             for (int g = 0; g < HKV && !fails; g++) {
                 positions(s[0], l, g, p0, n0);
                 check_told(s[0], l, g, p0, n0, "stepped alone (the loop's launch)");
+                unordered += check_rows(p0, n0, N + step, W + 1, "stepped alone", l, 1);
                 for (int i = 1; i < NS && !fails; i++) {
                     uint32_t ni = cake_layer_tokens(s[i], l);
                     positions(s[i], l, g, pi, ni);
@@ -457,6 +477,11 @@ static void test_loop_launch(cake_ctx *c, const char *sock)
         }
     }
     CHECK(evicted >= MAXNEW / 2, "only %u of %d decode steps evicted in layer 0", evicted, MAXNEW);
+    const char *shift = getenv("CAKED_DECODE_SHIFT");
+    CHECK(unordered > 0 || (shift && !strcmp(shift, "1")), "no step filled a hole (every prefix "
+          "stayed in position order)");
+    printf("holes filled: a prefix out of position order in %u (layer, head, step)s; every %s "
+           "step layer by layer, putting them back first\n", unordered, getenv("CAKED_TEST_LAYERWISE"));
     if (loop0 >= 0 && worker0 >= 0) { /* the two paths were taken (a launch the loop could not
                                           make without waiting goes to a worker: rare) */
         double dl = harness_metric(sock, by_loop) - loop0, dw = harness_metric(sock, by_worker) - worker0;
@@ -756,6 +781,7 @@ int main(void)
     }
     struct harness h;
     const char *extra[] = {"--gpu-pool", "256M", NULL};
+    setenv("CAKED_TEST_LAYERWISE", "5", 0); /* every fifth step the layer-by-layer way */
     if (harness_start(&h, extra)) {
         fprintf(stderr, "FAIL: caked did not start with a GPU pool\n");
         return 1;

@@ -481,3 +481,77 @@ Test(seq, positions_evict_equals_compact)
         free(a.pos), free(b.pos);
     }
 }
+
+/* A GPU decode step that fills its holes (seq_positions_fill) equals a compaction given the
+ * fill's keep (the removed slots below k, ascending, take the kept slots from k on,
+ * ascending: seq_positions_compact's "holes filled from above k"), step after step, on a
+ * layer never compacted and on one compacted before; seq_positions_sort then puts each
+ * head's prefix in ascending order (what the layer-by-layer way does to the rows); lists
+ * out of order or range are refused before anything moves. */
+Test(seq, positions_fill_equals_compact)
+{
+    struct seq s = {.Hkv = 2, .max_new = 40, .decoded = 3};
+    uint64_t r = 1234;
+    for (int round = 0; round < 50; round++) {
+        struct seq_layer a = {0}, b = {0};
+        uint32_t win = 1 + (uint32_t)(round % 6), old = 12 + (uint32_t)(round * 11 % 70), k = 0;
+        for (int pass = 0; pass < 4; pass++) {
+            uint32_t n_ev = 1 + (uint32_t)((r = r * 6364136223846793005ull + 1) >> 60) % (old / 2);
+            uint32_t keep[2 * 128], gone[2 * 128];
+            k = old - n_ev;
+            for (uint32_t g = 0; g < s.Hkv; g++) {
+                uint8_t out[128] = {0};
+                for (uint32_t c = 0; c < n_ev;) {
+                    uint32_t j = (uint32_t)((r = r * 6364136223846793005ull + 1) >> 33) % old;
+                    c += !out[j], out[j] = 1;
+                }
+                uint32_t src = k;
+                for (uint32_t j = 0, ie = 0; j < old; j++)
+                    if (out[j])
+                        gone[g * n_ev + ie++] = j;
+                for (uint32_t j = 0; j < k; j++) { /* a kept slot below k stays; a hole fills */
+                    if (!out[j]) {
+                        keep[g * k + j] = j;
+                        continue;
+                    }
+                    while (out[src])
+                        src++;
+                    keep[g * k + j] = src++;
+                }
+            }
+            cr_assert_eq(seq_positions_compact(&s, &a, keep, k, old, win), 0);
+            cr_assert_eq(seq_positions_fill(&s, &b, gone, n_ev, old, win), 0);
+            for (uint32_t g = 0; g < s.Hkv; g++)
+                cr_assert_arr_eq(a.pos + (size_t)g * a.pos_cap, b.pos + (size_t)g * b.pos_cap,
+                                 sizeof(uint32_t) * (k + win), "round %d pass %d head %u", round, pass, g);
+            old = k + 1;
+            for (uint32_t g = 0; g < s.Hkv; g++) {
+                a.pos[(size_t)g * a.pos_cap + k + win] = 1000u + (uint32_t)pass;
+                b.pos[(size_t)g * b.pos_cap + k + win] = 1000u + (uint32_t)pass;
+            }
+            if (old < 4)
+                break;
+        }
+        seq_positions_sort(&s, &b, k);
+        for (uint32_t g = 0; g < s.Hkv; g++) {
+            const uint32_t *p = b.pos + (size_t)g * b.pos_cap;
+            uint32_t sorted[128];
+            memcpy(sorted, a.pos + (size_t)g * a.pos_cap, sizeof(uint32_t) * k);
+            for (uint32_t i = 1; i < k; i++) /* insertion sort: the model */
+                for (uint32_t j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
+                    uint32_t t = sorted[j];
+                    sorted[j] = sorted[j - 1], sorted[j - 1] = t;
+                }
+            cr_assert_arr_eq(p, sorted, sizeof(uint32_t) * k, "round %d head %u: sorted", round, g);
+            cr_assert_arr_eq(p + k, a.pos + (size_t)g * a.pos_cap + k, sizeof(uint32_t) * (win + 1),
+                             "round %d head %u: the sort moved the window", round, g);
+        }
+        uint32_t bad[2] = {7, 7}, snap[8];
+        memcpy(snap, b.pos, sizeof(snap));
+        cr_assert_eq(seq_positions_fill(&s, &b, bad, 1, 7, win), -EIO, "a slot past the prefix");
+        uint32_t twice[4] = {1, 1, 0, 2};
+        cr_assert_eq(seq_positions_fill(&s, &b, twice, 2, 6, win), -EIO, "not ascending");
+        cr_assert_arr_eq(b.pos, snap, sizeof(snap), "a refused list moved nothing");
+        free(a.pos), free(b.pos);
+    }
+}
