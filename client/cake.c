@@ -913,6 +913,7 @@ static int seq_open(cake_ctx *c, const struct cake_layout *lay, const struct cak
         s->lse_off = hdr.layers <= CAKE_MAX_LAYERS && off <= s->win_bytes &&
                              bytes <= s->win_bytes - off ? off : 0;
         memset(s->lse_put, 0, sizeof s->lse_put);
+        memset(s->dlse_put, 0, sizeof s->dlse_put);
     }
     c->seqs[c->n_seqs++] = s;
     *out = s;
@@ -1059,9 +1060,28 @@ int cake_decode_step(cake_ctx *c, cake_seq *const *seqs, size_t n)
     }
     Cake__DecodeStep m = CAKE__DECODE_STEP__INIT;
     m.n_seq_ids = n, m.seq_ids = ids;
+    /* which layers' decode log-sum-exps each sequence wrote (cake_put_decode_lse): sent where
+     * any did; the bits go with this step */
+    size_t any = 0;
+    for (size_t i = 0; i < n && !any; i++)
+        for (size_t j = 0; j < sizeof seqs[i]->dlse_put && !any; j++)
+            any = seqs[i]->dlse_put[j] != 0;
+    ProtobufCBinaryData stack_lse[256], *lse = !any ? NULL : n <= 256 ? stack_lse : c_alloc(c, sizeof(*lse) * n);
+    if (any && !lse) {
+        if (ids != stack_ids)
+            c_free(c, ids);
+        return cake_set_err(c, -ENOMEM, "out of memory for %zu sequences' log-sum-exp bits", n);
+    }
+    for (size_t i = 0; any && i < n; i++)
+        lse[i] = (ProtobufCBinaryData){.len = (seqs[i]->hdr.layers + 7) / 8, .data = seqs[i]->dlse_put};
+    m.n_decode_lse = any ? n : 0, m.decode_lse = lse;
     uint8_t *b = NULL;
     size_t bl = 0;
     int rc = rpc(c, MSG_DECODE_STEP, &m.base, &b, &bl);
+    for (size_t i = 0; i < n; i++) /* sent (or the step failed: written for a step that did not come) */
+        memset(seqs[i]->dlse_put, 0, sizeof seqs[i]->dlse_put);
+    if (lse && lse != stack_lse)
+        c_free(c, lse);
     if (ids != stack_ids)
         c_free(c, ids);
     if (!rc)
@@ -1211,6 +1231,27 @@ int cake_put_lse(cake_seq *s, uint32_t layer, const float *lse, uint32_t n, void
             memcpy(dst + (size_t)h * w, lse + (size_t)h * n + (n - m), m * sizeof(float));
     if (!rc)
         s->lse_put[layer] = 1;
+    return rc;
+}
+
+int cake_put_decode_lse(cake_seq *s, uint32_t layer, const float *lse, void *stream)
+{
+    if (!s->lse_off)
+        return cake_set_err(s->ctx, -ENOTSUP, "this caked keeps no log-sum-exps (an older one)");
+    uint32_t slot = cake_decode_slot(s, layer);
+    if (slot == UINT32_MAX || !lse)
+        return cake_set_err(s->ctx, CAKE_EINVAL, "no such layer, or no log-sum-exps");
+    uint32_t w = s->hdr.window; /* [layers][q_heads][w] by ring slot */
+    float *dst = (float *)(s->win + s->lse_off) + (size_t)layer * s->hdr.q_heads * w + slot;
+    int rc = 0;
+    if (s->hdr.placement == SHM_PLACE_GPU) /* host or device memory, on the engine's stream */
+        rc = cake_gpu_copy_2d(s, dst, w * sizeof(float), lse, sizeof(float), sizeof(float),
+                              s->hdr.q_heads, stream);
+    else
+        for (uint32_t h = 0; h < s->hdr.q_heads; h++)
+            dst[(size_t)h * w] = lse[h];
+    if (!rc)
+        s->dlse_put[layer / 8] |= (uint8_t)(1u << (layer % 8));
     return rc;
 }
 

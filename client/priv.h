@@ -90,6 +90,9 @@ struct cake_seq {
      * since layer l's last observe, which then says so to caked. */
     uint64_t lse_off;
     uint8_t lse_put[CAKE_MAX_LAYERS];
+    /* cake_put_decode_lse: bit l set where layer l's newest token's log-sum-exps were
+     * written (same area, by ring slot) since the last cake_decode_step, which says so */
+    uint8_t dlse_put[CAKE_MAX_LAYERS / 8];
 };
 
 /* Layer l's entry in the shared descriptor, located by the copy taken at open. */

@@ -679,7 +679,8 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
             return -ENOTSUP;
         uint32_t S = e->l.n_tokens - ke.w;
         max_S = S > max_S ? S : max_S;
-        tabs += al(sizeof(uint64_t) * e->l.n_pages) + al(sizeof(uint64_t) * e->ring.n_pages);
+        tabs += al(sizeof(uint64_t) * e->l.n_pages) + al(sizeof(uint64_t) * e->ring.n_pages) +
+                (e->lse_new ? al(sizeof(float) * ke.q_heads) : 0);
         evb += sizeof(uint32_t) * ke.kv_heads * (S - e->k);
     }
     if (kern_cuda_decode_evict_check(&ke, max_S))
@@ -709,6 +710,12 @@ static int fused_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n
             ro[p] = (uint64_t)e->ring.pages[p] * e->ring.page_bytes;
         jobs[j].ring_off = (const uint64_t *)(c->dbuf + at);
         at += al(sizeof(uint64_t) * e->ring.n_pages);
+        jobs[j].lse_new = NULL;
+        if (e->lse_new && e->carry) { /* the engine's newest row, beside the tables */
+            memcpy(c->hbuf + at, e->lse_new, sizeof(float) * ke.q_heads);
+            jobs[j].lse_new = (const float *)(c->dbuf + at);
+        }
+        at += e->lse_new ? al(sizeof(float) * ke.q_heads) : 0;
         jobs[j].n_tokens = e->l.n_tokens, jobs[j].k = e->k, jobs[j].ind = NULL;
         jobs[j].lse = e->lse, jobs[j].carry = e->carry;
         jobs[j].order = e->order, jobs[j].order_n = e->order_n, jobs[j].order_cap = e->order_cap;
@@ -737,7 +744,7 @@ static void fused_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     size_t out = 0;
     for (uint32_t i = 0; i < n; i++) {
-        ev[i].filled = ev[i].order != NULL;
+        ev[i].filled = ev[i].order != NULL, ev[i].fused = 1;
         size_t b = sizeof(uint32_t) * ev[i].l.kv_heads * (ev[i].l.n_tokens - ev[i].ring.w - ev[i].k);
         memcpy(ev[i].evicted, c->hbuf + c->fl_tabs + out, b);
         out += b;
@@ -804,7 +811,7 @@ int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
     size_t d = 0, h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct evict_plan p = plan_evict(&ev[i]);
-        ev[i].filled = 0;
+        ev[i].filled = ev[i].fused = 0;
         rc = evict_one(&ev[i], &p, c->dbuf + d, c->hbuf + h, c->sub[i % SUBSTREAMS]);
         d += p.dev, h += p.host;
     }

@@ -153,6 +153,8 @@ struct gpu_evict {
                                     carried from step to step (kern_cuda_evict_job.lse); the
                                     layer-by-layer way sets them NaN (not carried) */
     int carry;                   /* lse holds the rows' from the layer's previous step */
+    const float *lse_new;        /* host [q_heads] or NULL: with carry, the newest row's
+                                    (the engine's, finite), so no pass runs for it */
     uint32_t *order;             /* device [kv_heads][order_cap] or NULL: the prefix's slots in
                                     position order for its first order_n tokens
                                     (kern_cuda_evict_job.order); the one launch then fills
@@ -163,6 +165,7 @@ struct gpu_evict {
     int filled;                  /* out: 1 where the one launch filled holes (the caller's
                                     positions follow seq_positions_fill, order_n becomes k); 0
                                     where the kept slots shifted in position order */
+    int fused;                   /* out: 1 where the one launch ran it, 0 layer by layer */
 };
 
 /* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's

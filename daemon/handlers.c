@@ -341,6 +341,22 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
         srv_reply_error(s, c, n ? CAKE_ETOOBIG : CAKE_EINVAL, "decode step of %zu sequences", n);
         return;
     }
+    if (m->n_decode_lse && m->n_decode_lse != n) {
+        srv_reply_error(s, c, CAKE_EINVAL, "decode step of %zu sequences with %zu log-sum-exp "
+                        "layer sets", n, m->n_decode_lse);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) { /* which layers' log-sum-exps the engine wrote for this
+                                        step: any other step's are not these (dlse_at) */
+        struct seq *q = srv_seq_of(s, c, m->seq_ids[i]);
+        if (!q || q->busy) /* refused below: nothing of it changes */
+            continue;
+        memset(q->dlse, 0, sizeof q->dlse);
+        if (m->n_decode_lse)
+            memcpy(q->dlse, m->decode_lse[i].data,
+                   m->decode_lse[i].len < sizeof q->dlse ? m->decode_lse[i].len : sizeof q->dlse);
+        q->dlse_at = q->decoded;
+    }
     srv_decode(s, c, m->seq_ids, n);
 }
 

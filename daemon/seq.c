@@ -61,7 +61,7 @@ static uint64_t lse_area_bytes(uint64_t layers, uint64_t q_heads, uint64_t w)
     return layers * q_heads * w * 4;
 }
 
-static const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
+const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t l)
 {
     return (const float *)((const uint8_t *)seq_indicator_ptr(e, s) +
                            ind_area_bytes(s->Hkv, seq_scored_len(s))) +
@@ -824,6 +824,8 @@ static void decode_result(struct seq *s, const uint32_t *over, uint32_t nover,
     }
     if (!r->rc)
         s->rs_pending = 0; /* a re-slice's budgets are held now */
+    r->lse_given = s->dlse_used;
+    s->dlse_used = 0;
 }
 
 void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_result *r)

@@ -119,6 +119,11 @@ struct seq {
                                 slots in position order (seq_layer.ord_n of them), so a step
                                 fills its holes instead of shifting every row after them */
     uint32_t ord_cap;        /* the largest budget when it was made (budgets only fall) */
+    /* the engine's decode log-sum-exps (cake_put_decode_lse): bit l where it wrote layer l's
+     * newest token's for the step at decoded == dlse_at (set by the loop from the step's
+     * request, read by that step's eviction); dlse_used, layers whose eviction took them */
+    uint8_t dlse[SEQ_MAX_LAYERS / 8];
+    uint32_t dlse_at, dlse_used;
     int dec_bufs;            /* lse_dev and ord_dev were made (or could not be) */
     double t_score;          /* seconds the last seq_prefill_score took (CAKED_TRACE) */
     /* pressure (pressure.c): budgets lowered below what a layer holds, evicted by the next
@@ -151,6 +156,7 @@ struct seq_result {
     double ent, var;         /* prefill: the layer's entropy and variance sums (shard groups) */
     uint32_t ev_layers[SEQ_MAX_LAYERS], n_ev; /* layers compacted */
     uint32_t evicted_tokens;
+    uint32_t lse_given;      /* decode: layers whose eviction took the engine's log-sum-exps */
 };
 
 struct seq_env {

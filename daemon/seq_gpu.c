@@ -3,6 +3,7 @@
  * stay in device memory during the prefill. */
 #define _GNU_SOURCE /* RUSAGE_THREAD */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -403,11 +404,14 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
         uint32_t S = s->layer[over[i]].tokens - w, budget = cakeseq_budget(s->cs, over[i]);
         ev_n += (size_t)s->Hkv * (S - (budget < S ? budget : S));
     }
-    uint32_t *gone = malloc(sizeof(uint32_t) * (ev_n + 1));
+    /* the removed slots, then the engine's newest log-sum-exps ([nover][q_heads]) */
+    uint32_t *gone = malloc(sizeof(uint32_t) * (ev_n + 1) + sizeof(float) * nover * s->H);
     if (!ev || !gone) {
         free(ev), free(gone);
         return -ENOMEM;
     }
+    float *given = (float *)(gone + ev_n + 1);
+    uint32_t newest = (v0 + s->decoded + w - 1) % w; /* the ring slot of the step's token */
     for (uint32_t i = 0, at = 0; i < nover; i++) {
         uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
         ev[i] = (struct gpu_evict){
@@ -421,6 +425,14 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
             .layerwise = e->layerwise && s->decoded % e->layerwise == e->layerwise - 1,
         };
         at += s->Hkv * (S - ev[i].k);
+        if (ev[i].carry && s->dlse_at == s->decoded && (s->dlse[l / 8] >> (l % 8) & 1)) {
+            const float *src = seq_lse_ptr(e, s, l); /* copied, then checked: the engine may write on */
+            float *mine = given + (size_t)i * s->H;
+            int ok = 1;
+            for (uint32_t h = 0; h < s->H; h++)
+                mine[h] = src[(size_t)h * w + newest], ok &= isfinite(mine[h]);
+            ev[i].lse_new = ok ? mine : NULL;
+        }
     }
     *evp = ev;
     return 0;
@@ -449,8 +461,9 @@ static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *o
         uint32_t S = ly->tokens - w, n_ev = S - ev[i].k;
         evicted[i] = n_ev;
         ly->tokens = ev[i].k + w;
-        if (ev[i].lse)
+        if (ev[i].lse && ev[i].fused) /* the layer-by-layer way left them NaN */
             ly->lse_next = s->decoded + 1, ly->lse_tokens = ly->tokens;
+        s->dlse_used += ev[i].fused && ev[i].lse_new;
         if (ev[i].filled) { /* holes filled: the order holds the k slots left */
             rc = seq_positions_fill(s, ly, ev[i].evicted, n_ev, S, w);
             ly->ord_n = n_ev ? ev[i].k : ly->ord_n;

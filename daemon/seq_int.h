@@ -32,6 +32,11 @@ float *seq_indicator_ptr(const struct seq_env *e, const struct seq *s);
 struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint32_t l,
                               void **pages);
 
+/* The engine's log-sum-exps of layer l in the window (shared, the engine may write on):
+ * [q_heads][w] f32, the window rows' by row at an observe (cake_put_lse), the decode
+ * token's by ring slot at a step (cake_put_decode_lse). */
+const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t l);
+
 /* A layer's first compaction (host positions): room for its k + win slots and every
  * decode token. 0 or -ENOMEM. */
 int seq_positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win);

@@ -173,6 +173,7 @@ void seq_reslice_work(const struct seq_env *e, struct seq *s, struct seq_result 
         uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
         uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
         seq_exec(s)->decode_evict(e, s, over, nover, valid, evicted, rcs);
+        s->dlse_used = 0; /* caked_decode_lse_layers_total counts decode steps' */
     }
     for (uint32_t i = 0; i < nover; i++) {
         if (rcs[i] && !r->rc)

@@ -168,6 +168,7 @@ static void work_done(struct job *j)
             struct seq_result mr = {.rc = q->parked ? (r->rc ? r->rc : -EIO) : 0};
             work_commit_seq(s, q, &mr, 0);
             s->m.evictions_decode += r->n_ev;
+            s->m.decode_lse_layers += r->lse_given;
             if (r->n_ev) /* the loop's are counted as they land */
                 s->m.decode_by_worker += !(w->on_loop && w->on_loop[i]);
         } else {

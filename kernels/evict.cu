@@ -209,12 +209,21 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
             for (uint32_t c = tid; c < p.G * (p.nq - 1); c += THREADS)
                 bad |= !isfinite(job.lse[lse_at(p, g, c / (p.nq - 1), c % (p.nq - 1))]);
         if (!__syncthreads_or(bad)) {
-            pass1_body<T, KS, nsp1(NSP), EST>(sp1, g, 0, p.n, smem, m1, l1);
-            __syncthreads();
+            // the newest row's from the engine where every one of the group's is finite
+            int given = job.lse_new != NULL;
+            for (uint32_t h = tid; given && h < p.G; h += THREADS)
+                given = isfinite(job.lse_new[g * p.G + h]);
+            given = __syncthreads_and(given);
+            if (!given) {
+                pass1_body<T, KS, nsp1(NSP), EST>(sp1, g, 0, p.n, smem, m1, l1);
+                __syncthreads();
+            }
             for (uint32_t c = tid; c < p.Rp; c += THREADS) { // natural-log units, rowL = 0
                 uint32_t h = c / p.nqp, i = c % p.nqp;
                 float v = -INFINITY;
-                if (i + 1 == p.nq)
+                if (i + 1 == p.nq && given)
+                    v = job.lse_new[g * p.G + h];
+                else if (i + 1 == p.nq)
                     v = l1[h * NQP1] > 0.0f ? m1[h * NQP1] + logf(l1[h * NQP1]) : -INFINITY;
                 else if (i < p.nq)
                     v = job.lse[lse_at(p, g, h, i)];

@@ -247,7 +247,10 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
  * keys and only the newest row is computed - right when the previous step's launch wrote
  * them and since then the layer only gained its newest token (a row never sees a later key,
  * and every evicted key's term was taken out); a row's value that is not finite makes the
- * head run both passes. Bytes of other rows are left alone.
+ * head run both passes. With `lse_new` too (the newest row's of each q head, as the engine's
+ * decode attention computed it over the same keys) no pass runs for the newest row either: a
+ * finite one is taken as is (not finite: that head's first pass runs). Bytes of other rows
+ * are left alone.
  *
  * A job's `order` (device [kv_heads][order_cap] slots, or NULL) lets a step fill its holes
  * instead of shifting every row after them: entry r of a head is the slot holding the
@@ -289,6 +292,7 @@ struct kern_cuda_evict_job {
     float *ind;                 /* device [kv_heads][n_tokens - w], or NULL */
     float *lse;                 /* device [q_heads][w], or NULL: the rows' log-sum-exps */
     uint32_t carry;             /* 1: lse holds the rows' from the step before (above) */
+    const float *lse_new;       /* device [q_heads] or NULL: with carry, the newest row's */
     uint32_t *order;            /* device [kv_heads][order_cap], or NULL: fill holes (below) */
     uint32_t order_n, order_cap;
 };

@@ -371,9 +371,13 @@ static void decode_evict(double bw, int reps)
     /* jobs[2]: jobs[1] carrying the window rows' log-sum-exps (the first launch finds NaN and
      * runs both passes; every later one carries); jobs[3]: jobs[2] filling holes, each prefix's
      * order (identity at first) rewritten by every launch */
-    struct kern_cuda_evict_job jobs[4][L], *djobs;
-    float *dlse;
+    struct kern_cuda_evict_job jobs[5][L], *djobs;
+    float *dlse, *dnew, *hnew = malloc(sizeof(float) * L * H);
     uint32_t *dord, *hord = malloc(sizeof(uint32_t) * L * HKV * k);
+    for (int i = 0; i < L * H; i++) /* what random rows give, ln(keys) + var(logit) / 2 */
+        hnew[i] = logf((float)n) + 1.0f / 18.0f;
+    CK(cudaMalloc((void **)&dnew, sizeof(float) * L * H));
+    CK(cudaMemcpy(dnew, hnew, sizeof(float) * L * H, cudaMemcpyHostToDevice));
     CK(cudaMalloc((void **)&dlse, sizeof(float) * L * H * W));
     CK(cudaMemset(dlse, 0xff, sizeof(float) * L * H * W));
     for (size_t i = 0; i < (size_t)L * HKV * k; i++)
@@ -389,6 +393,7 @@ static void decode_evict(double bw, int reps)
         jobs[2][l] = jobs[1][l], jobs[2][l].lse = dlse + (size_t)l * H * W, jobs[2][l].carry = 1;
         jobs[3][l] = jobs[2][l], jobs[3][l].order = dord + (size_t)l * HKV * k;
         jobs[3][l].order_n = k, jobs[3][l].order_cap = k;
+        jobs[4][l] = jobs[3][l], jobs[4][l].lse_new = dnew + (size_t)l * H;
     }
     CK(cudaMalloc((void **)&djobs, sizeof jobs));
     CK(cudaMemcpy(djobs, jobs, sizeof jobs, cudaMemcpyHostToDevice));
@@ -450,22 +455,22 @@ static void decode_evict(double bw, int reps)
     CK(cudaMalloc((void **)&idx, sizeof(uint32_t) * HKV * k));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
-    float tg[9][64];
-    double tw[9][64];
+    float tg[10][64];
+    double tw[10][64];
     pid_t hold = -1;
     for (int l = 0; l < L; l++) /* the values the ways start from */
         CK(cudaMemcpy(base + l * span, h, span, cudaMemcpyHostToDevice));
     evict_phases("first", &ke[1], djobs + L, L, S, reps);
-    static const int ways[9] = {0, 1, 2, 7, 8, 3, 4, 5, 6};
-    for (int wi = 0; wi < 9; wi++) {
-        /* way 7: way 2 carrying the rows' log-sum-exps, way 8 filling holes too (the values
-         * as way 7 left them: the two run back to back); ways 3-5: 64 KiB pages scattered over
+    static const int ways[10] = {0, 1, 2, 7, 8, 9, 3, 4, 5, 6};
+    for (int wi = 0; wi < 10; wi++) {
+        /* way 7: way 2 carrying the rows' log-sum-exps, way 8 filling holes too, way 9 given
+         * the newest row's as well (no pass over the keys for it); ways 3-5: 64 KiB pages scattered over
          * 10 GiB; then 64 KiB pages with another process's CUDA context open and idle on the
          * GPU (an engine waiting for caked's reply), contiguous and scattered */
         int way = ways[wi];
         if (way >= 3 && way < 7 && !pool)
             break;
-        if (way == 8) /* way 7's launches left log-sum-exps the fill's first one carries */
+        if (way >= 8) /* way 7's launches left log-sum-exps the fill's first one carries */
             CK(cudaMemset(dlse, 0xff, sizeof(float) * L * H * W));
         if (way == 4 && (hold = fork()) == 0) { /* exec at once: nothing of this CUDA state */
             char me[4096];
@@ -496,7 +501,7 @@ static void decode_evict(double bw, int reps)
                         exit(1);
                 }
             } else if (way == 1 || way == 2 || way == 4 || way == 6 || way >= 7) {
-                if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : way >= 7 ? (way - 5) * L : L), L, S, NULL))
+                if (kern_cuda_decode_evict(&ke[way == 1 ? 0 : 1], djobs + (way == 1 ? 0 : way >= 7 ? (size_t)(way - 5) * L : L), L, S, NULL))
                     exit(1);
             } else if (kern_cuda_decode_evict(&kes, dsjobs, L, S, NULL)) {
                 exit(1);
@@ -513,9 +518,9 @@ static void decode_evict(double bw, int reps)
         kill(hold, SIGTERM);
         waitpid(hold, NULL, 0);
     }
-    float g[9];
-    double w[9];
-    for (int i = 0; i < 9; i++)
+    float g[10];
+    double w[10];
+    for (int i = 0; i < 10; i++)
         if (i < 3 || i >= 7 || pool)
             g[i] = median(tg[i], reps) * 1e3f, w[i] = dmedian(tw[i], reps);
     double floor_us = (double)L * HKV * n * D * 2 / bw * 1e6; /* the layers' keys read once */
@@ -530,6 +535,8 @@ static void decode_evict(double bw, int reps)
            "(%.2fx; %.1fx the floor)\n", g[7], w[7], g[2] / g[7], g[7] / floor_us);
     printf("  the same filling its holes (a prefix order):          GPU %8.1f us, wall %8.1f us   "
            "(%.2fx; %.1fx the floor)\n", g[8], w[8], g[7] / g[8], g[8] / floor_us);
+    printf("  the same given the newest row's (no pass for it):    GPU %8.1f us, wall %8.1f us   "
+           "(%.2fx; %.1fx the floor)\n", g[9], w[9], g[8] / g[9], g[9] / floor_us);
     if (pool) {
         printf("  the same pages scattered over 10 GiB:                GPU %8.1f us, wall %8.1f us\n",
                g[3], w[3]);
@@ -581,8 +588,9 @@ static void decode_evict(double bw, int reps)
     evict_phases("last", &ke[1], djobs + L, L, S, reps);
     evict_phases("carrying the log-sum-exps", &ke[1], djobs + 2 * L, L, S, reps);
     evict_phases("filling holes", &ke[1], djobs + 3 * L, L, S, reps);
-    cudaFree(pool), cudaFree(dso), cudaFree(dsjobs), cudaFree(dlse), cudaFree(dord);
-    free(hord);
+    evict_phases("given the newest row's", &ke[1], djobs + 4 * L, L, S, reps);
+    cudaFree(pool), cudaFree(dso), cudaFree(dsjobs), cudaFree(dlse), cudaFree(dord), cudaFree(dnew);
+    free(hord), free(hnew);
     free(so);
     cudaFree(base), cudaFree(doff), cudaFree(dev_ev), cudaFree(djobs), cudaFree(q), cudaFree(ws);
     cudaFree(tws), cudaFree(tmp), cudaFree(ind), cudaFree(idx);
@@ -733,6 +741,10 @@ static void stop_caked(pid_t p)
     waitpid(p, NULL, 0);
     rmdir(cdir);
 }
+
+/* --decode-lse: the caked section's engine also puts each decode token's log-sum-exps
+ * (cake_put_decode_lse; the values random rows give), so caked's steps skip that pass */
+static int decode_lse;
 
 static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
 {
@@ -911,6 +923,11 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     }
     double dec[64];
     cake_seq *one[1] = {s};
+    float hnl[256], *dnl; /* the decode token's log-sum-exps (--decode-lse): random rows' */
+    for (int h = 0; h < H && h < 256; h++)
+        hnl[h] = logf((float)(1024 + W + 1)) + 1.0f / 18.0f;
+    CK(cudaMalloc((void **)&dnl, sizeof(float) * H));
+    CK(cudaMemcpy(dnl, hnl, sizeof(float) * H, cudaMemcpyHostToDevice));
     uint32_t t_before = cake_layer_tokens(s, 0);
     jobs_ok = 0; /* from the second step on, as the median */
     for (uint32_t st = 0; st < steps; st++) {
@@ -928,7 +945,8 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
                 CK(cudaMemcpyAsync(cake_key(s, l, g, slot), src + g * 256, D * 2, cudaMemcpyDeviceToDevice, 0));
                 CK(cudaMemcpyAsync(cake_value(s, l, g, slot), src + g * 512, D * 2, cudaMemcpyDeviceToDevice, 0));
             }
-            if ((rc = cake_put_decode_query(s, l, qsrc, NULL)))
+            if ((rc = cake_put_decode_query(s, l, qsrc, NULL)) ||
+                (decode_lse && (rc = cake_put_decode_lse(s, l, dnl, NULL))))
                 break;
         }
         CK(cudaStreamSynchronize(0));
@@ -940,8 +958,9 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
         stop_caked(pid);
         return 1;
     }
-    printf("  decode step with every layer evicting on the GPU (%u -> %u tokens in layer 0): %.1f us "
-           "median of %u\n", t_before, cake_layer_tokens(s, 0), dmedian(dec + 1, (int)steps - 1), steps - 1);
+    printf("  decode step with every layer evicting on the GPU (%u -> %u tokens in layer 0%s): %.1f us "
+           "median of %u\n", t_before, cake_layer_tokens(s, 0), decode_lse ? "; the engine's log-sum-exps" : "",
+           dmedian(dec + 1, (int)steps - 1), steps - 1);
     if (jobs_ok && !util_work_seconds(CACHECTL_BIN, csock, "decode", js1, jn1) && jn1[1] > jn0[1])
         printf("    caked's account of those steps' jobs (caked_work_seconds, mean of the %.0f after the first): waiting for "
                "a worker %.1f us, run %.1f us, back to the loop %.1f us\n", jn1[1] - jn0[1],
@@ -952,8 +971,10 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
          before the launch slows caked's kernel), and the socket's own round trip */
         double idle[8], png[31];
         for (int st = 0; st < 8 && !rc; st++) {
+            for (uint32_t l = 0; decode_lse && l < L && !rc; l++) /* from host memory */
+                rc = cake_put_decode_lse(s, l, hnl, NULL);
             double t0 = util_now_s();
-            rc = cake_decode_step(c, one, 1);
+            rc = rc ? rc : cake_decode_step(c, one, 1);
             idle[st] = (util_now_s() - t0) * 1e6;
         }
         for (int i = 0; i < 31 && !rc; i++) {
@@ -991,7 +1012,7 @@ static int caked_section(uint32_t n, int reps, uint16_t *rnd, size_t rnd_bytes)
     else
         printf("  cake_decode_attention over the compacted cache (%u tokens in layer 0, page tables "
                "uploaded each call): %.1f us\n", cake_layer_tokens(s, 0), median(ta, nr) * 1e3);
-    cudaFree(qa), cudaFree(out), cudaFree(src), cudaFree(qsrc);
+    cudaFree(qa), cudaFree(out), cudaFree(src), cudaFree(qsrc), cudaFree(dnl);
     cake_seq_close(s);
     cake_destroy(c);
     stop_caked(pid);
@@ -1047,7 +1068,7 @@ int main(int argc, char **argv)
     int reps = 20, torch = 1, attn = 1, caked = 1, carve = -2, o;
     static const struct option opts[] = {
         {"sizes", 1, 0, 's'}, {"reps", 1, 0, 'r'}, {"no-torch", 0, 0, 'n'}, {"no-attn", 0, 0, 'a'},
-        {"no-caked", 0, 0, 'c'}, {"carveout", 1, 0, 'v'},
+        {"no-caked", 0, 0, 'c'}, {"carveout", 1, 0, 'v'}, {"decode-lse", 0, 0, 'l'},
         {0, 0, 0, 0}};
     if (argc == 3 && !strcmp(argv[1], "--hold-context")) { /* decode_evict's idle neighbour */
         cudaFree(0);
@@ -1069,9 +1090,11 @@ int main(int argc, char **argv)
             caked = 0;
         } else if (o == 'v') {
             carve = atoi(optarg);
+        } else if (o == 'l') {
+            decode_lse = 1;
         } else {
             fprintf(stderr, "usage: bench-gpu [--sizes N,..] [--reps R] [--no-torch] [--no-attn] [--no-caked] "
-                    "[--carveout P]\n");
+                    "[--carveout P] [--decode-lse]\n");
             return 2;
         }
     }

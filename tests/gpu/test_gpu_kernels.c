@@ -698,7 +698,12 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
  * the layer put in position order; the removed slots are those of the ranks the CPU's top-k
  * of it drops; the bytes are the CPU's fill (the holes below k, ascending, take the kept
  * slots from k on, ascending; the window moves down to k) and the order the launch writes
- * is the kept tokens' slots after it, in position order. */
+ * is the kept tokens' slots after it, in position order.
+ *
+ * With `given` every step after the first also hands the launch the newest row's
+ * log-sum-exps (the job's lse_new: the double ones over the cache the step finds, as an
+ * engine's decode attention gives them), so no pass runs for that row; the last step adds 3
+ * to layer 0's first q head's newest value instead of an older one's. */
 static void *val_at(const struct kern_kv *kv, uint32_t g, uint32_t t)
 {
     return (uint8_t *)kern_kv_key(kv, g, t) + kv->v_offset_bytes;
@@ -731,7 +736,7 @@ static void fill_model(const struct kern_kv *kv, uint32_t g, const uint32_t *ev,
 }
 
 static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d,
-                                   uint32_t w, uint32_t tpp, int fill)
+                                   uint32_t w, uint32_t tpp, int fill, int given)
 {
     enum { L = 3, STEPS = 12 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
@@ -806,6 +811,8 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
     for (uint32_t i = 0; i < n_max / tpp + 2; i++)
         pvp[i] = pv + pb * i;
     uint32_t *nord = malloc(sizeof(uint32_t) * cap), *evs = malloc(sizeof(uint32_t) * cap);
+    float *newest = malloc(sizeof(float) * L * H), *dnew;
+    CK(cudaMalloc((void **)&dnew, sizeof(float) * L * H));
     for (int step = 0; step < STEPS; step++) {
         if (step) { /* a token: its K/V in each layer's next slot, its queries in the ring */
             for (int l = 0; l < L; l++) {
@@ -839,8 +846,24 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
             float nan = NAN;
             CK(cudaMemcpy(dlse + (size_t)G * w + (first + 1) % w, &nan, sizeof nan, cudaMemcpyHostToDevice));
         }
-        int poke = step == STEPS - 1; /* layer 0, q head 0, its oldest row: 3 more */
-        if (poke) {
+        int poke = step == STEPS - 1; /* layer 0, q head 0, its oldest row (newest, given): 3 more */
+        for (int l = 0; given && step && l < L; l++) { /* the newest row's, over the cache now */
+            struct kern_kv kv = {dt, Hkv, d, tpp, n[l], pages[l], half};
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t i = 0; i < w; i++) {
+                    uint32_t pg;
+                    uint64_t o = shm_ring_at(&rg, w, (uint32_t)row, h, (first + i) % w, &pg);
+                    memcpy((uint8_t *)q + ((size_t)h * w + i) * row, host + roff[l][pg] + o, row);
+                }
+            float *now = host_lse(&kv, q, dt, H, w);
+            for (uint32_t h = 0; h < H; h++)
+                newest[(size_t)l * H + h] = now[h * w + w - 1] + (poke && l == 0 && h == 0 ? 3.0f : 0.0f);
+            free(now);
+            jobs[l].lse_new = dnew + (size_t)l * H;
+        }
+        if (given && step)
+            CK(cudaMemcpy(dnew, newest, sizeof(float) * L * H, cudaMemcpyHostToDevice));
+        if (poke && !given) {
             float v;
             CK(cudaMemcpy(&v, dlse + first, sizeof v, cudaMemcpyDeviceToHost));
             v += 3.0f;
@@ -938,7 +961,7 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
                 for (uint32_t i = 0; i < w; i++) {
                     float v = lse[h * w + (first + i) % w], x = want[h * w + i];
                     double gone = 1 - exp((double)x - was[h * w + i]); /* the evicted weight */
-                    if (poke && l == 0 && h == 0 && i == 0)
+                    if (poke && l == 0 && h == 0 && i == (given ? w - 1 : 0))
                         continue;
                     if (k[l] == S) { /* nothing done: no row's value known */
                         nan_ok &= isnan(v);
@@ -966,16 +989,17 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
     EXPECT(moved, "%s carry: a carried value changed, the indicator did not (not read?)", name);
     EXPECT(same_ord, "%s carry, holes filled: the order written differs from the CPU's", name);
     printf("%-5s H=%u Hkv=%u d=%u w=%u tpp=%u, %d layers x %d decode steps carrying the rows' "
-           "log-sum-exps%s: indicator rel %.2e, log-sum-exp err %.2e (%d NaN where over half the "
-           "weight went), evicted %s, compaction %s%s, a carried value %s\n", name, H, Hkv, d, w, tpp,
-           L, STEPS, fill ? ", filling holes" : "", worst_ind, worst_lse, nans, same_ev ? "equal" : "DIFFER",
+           "log-sum-exps%s%s: indicator rel %.2e, log-sum-exp err %.2e (%d NaN where over half the "
+           "weight went), evicted %s, compaction %s%s, a %s value %s\n", name, H, Hkv, d, w, tpp,
+           L, STEPS, given ? ", the newest given" : "", fill ? ", filling holes" : "", worst_ind, worst_lse, nans, same_ev ? "equal" : "DIFFER",
            same_kv ? "equal" : "DIFFERS", fill ? (same_ord ? ", order equal" : ", order DIFFERS") : "",
-           moved ? "read" : "NOT READ");
+           given ? "given" : "carried", moved ? "read" : "NOT READ");
     for (int l = 0; l < L; l++)
         free(off[l]), free(roff[l]), free(pages[l]), free(bpages[l]);
     cudaFree(dbase), cudaFree(dtab), cudaFree(djobs), cudaFree(dlse), cudaFree(dord);
     free(host), free(back), free(perm), free(q), free(lse), free(ref);
-    free(ordh), free(pv), free(pvp), free(nord), free(evs);
+    free(ordh), free(pv), free(pvp), free(nord), free(evs), free(newest);
+    cudaFree(dnew);
 }
 
 /* A cascading stage's compactions in one pass (kern_cuda_compact_many) against the CPU: nine
@@ -1219,10 +1243,10 @@ int main(void)
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
-            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0);
-            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0);
-            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1);
-            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0, 0);
+            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0, 0);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
+            run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
             run_compact_many(ts[i], 8, 128, 16);
@@ -1256,12 +1280,12 @@ int main(void)
         run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);     /* G = 1: max pooling */
         run_decode_evict(ts[i], 4, 2, 128, 40, 40, 64, KERN_POOL_AVG, 3, 200.0f, 0);  /* a head over 2 slices */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 1); /* the variance alone */
-        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0);  /* carried log-sum-exps, G = 4 */
-        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0);    /* G = 3, window 16, pages across tokens */
-        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 0); /* G = 8: the newest rows over 2 slices */
-        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1);  /* the same filling holes */
-        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1);
-        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 1);
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0, 0);  /* carried log-sum-exps, G = 4 */
+        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0, 0);    /* G = 3, window 16, pages across tokens */
+        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 0, 0); /* G = 8: the newest rows over 2 slices */
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);  /* the same filling holes, the newest given */
+        run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
+        run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 1, 1);
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */

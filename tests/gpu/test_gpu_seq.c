@@ -14,6 +14,8 @@
  *    while a GPU sequence's are still on the device.
  *  - a batch: device page tables, K/V appended, attention and the decode queries into the
  *    rings in one launch per layer each, a CUDA graph (test_batch).
+ *  - the engine's decode log-sum-exps (cake_put_decode_lse) taken by the eviction, the
+ *    same tokens kept as without them (test_decode_lse).
  *  - decode evictions launched by caked's loop (a step of one sequence) and by its workers
  *    (a step of five) keep the same tokens (test_loop_launch); they fill holes (a prefix
  *    leaves position order, its positions still the bytes'), and every fifth step
@@ -725,6 +727,125 @@ static uint32_t fragment_gpu_pool(cake_ctx *c, cake_seq **f, uint32_t cap)
     return n;
 }
 
+/* The decode token's log-sum-exp per query head over layer l of s as its bytes stand (what
+ * an engine's decode attention returns), in double from the bf16 rows. */
+static void decode_lse(cake_seq *s, int l, const uint16_t qd[H][D], float *lse)
+{
+    static uint16_t kr[HKV][T][D];
+    uint32_t n = cake_layer_tokens(s, l);
+    for (int g = 0; g < HKV; g++)
+        for (uint32_t t = 0; t < n; t++)
+            get(s, kr[g][t], cake_key(s, l, g, t), ROW);
+    for (int h = 0; h < H; h++) {
+        int g = h / (H / HKV);
+        double z[T], mx = -INFINITY, sum = 0;
+        for (uint32_t t = 0; t < n; t++) {
+            double dot = 0;
+            for (int j = 0; j < D; j++)
+                dot += (double)kern_bf16_to_f32(qd[h][j]) * kern_bf16_to_f32(kr[g][t][j]);
+            z[t] = dot / sqrt((double)D), mx = fmax(mx, z[t]);
+        }
+        for (uint32_t t = 0; t < n; t++)
+            sum += exp(z[t] - mx);
+        lse[h] = (float)(mx + log(sum));
+    }
+}
+
+/* cake_put_decode_lse: two GPU sequences given the same tokens and queries, the first also
+ * each step's newest log-sum-exps (decode_lse, as an engine's decode attention gives them):
+ * caked's eviction takes them (caked_decode_lse_layers_total grows, at most a layer a step)
+ * and both keep the same tokens, to the few near-ties the two roundings can split (overlap
+ * >= 0.98 every step), their positions the bytes'; a host sequence takes the call too, and
+ * out-of-range calls are refused. */
+static void test_decode_lse(cake_ctx *c, const char *sock)
+{
+    const char *given_m = "caked_decode_lse_layers_total";
+    double given0 = harness_metric(sock, given_m);
+    fill_random();
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    cake_seq *s[2];
+    for (int i = 0; i < 2; i++) {
+        int rc = cake_seq_open(c, &lay, &pol, N, MAXNEW, &s[i]);
+        CHECK(rc == 0, "GPU sequence %d open: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
+        if (rc)
+            return;
+    }
+    static uint16_t q[H][W][D];
+    for (int l = 0; l < L && !fails; l++) {
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
+        for (int i = 0; i < 2; i++) {
+            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
+            for (int t = 0; t < N; t++)
+                write_token(s[i], l, t, t);
+            write_queries(s[i], l, &q[0][0][0]);
+            CHECK(cake_prefill_observe(s[i], l, NULL) == 0, "observe %d: %s", l, cake_errstr(c));
+        }
+    }
+    float lse[H];
+    static int p0[T], p1[T];
+    uint16_t qd[H][D];
+    double worst = 1;
+    for (int step = 0; step < MAXNEW && !fails; step++) {
+        int rc = cake_decode_step(c, s, 2);
+        CHECK(rc == 0, "decode step %d: %s (%s)", step, cake_strerror(rc), cake_errstr(c));
+        for (int l = 0; l < L && !fails; l++) {
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < D; j++)
+                    qd[h][j] = kern_f32_to_bf16(gauss());
+            for (int i = 0; i < 2; i++) {
+                write_token(s[i], l, cake_layer_tokens(s[i], l) - 1, N + step);
+                CHECK(cake_put_decode_query(s[i], l, qd, NULL) == 0, "decode query %d", l);
+            }
+            uint32_t n0 = cake_layer_tokens(s[0], l), n1 = cake_layer_tokens(s[1], l);
+            CHECK(n0 == n1, "step %d layer %d: %u tokens against %u", step, l, n0, n1);
+            for (int g = 0; g < HKV && !fails; g++) {
+                positions(s[0], l, g, p0, n0);
+                positions(s[1], l, g, p1, n1);
+                check_told(s[0], l, g, p0, n0, "given log-sum-exps");
+                uint32_t a[T], b[T];
+                for (uint32_t t = 0; t < n0; t++)
+                    a[t] = (uint32_t)p0[t], b[t] = (uint32_t)p1[t];
+                double o = overlap(a, n0, b, n1);
+                worst = o < worst ? o : worst;
+            }
+            decode_lse(s[0], l, qd, lse);
+            CHECK(cake_put_decode_lse(s[0], l, lse, NULL) == 0, "decode log-sum-exps %d: %s", l,
+                  cake_errstr(c));
+        }
+    }
+    CHECK(worst >= 0.98, "given the engine's log-sum-exps, the kept tokens overlap the computed "
+          "ones' by %.3f only", worst);
+    CHECK(cake_put_decode_lse(s[0], L, lse, NULL) == CAKE_EINVAL, "a layer out of range");
+    CHECK(cake_put_decode_lse(s[0], 0, NULL, NULL) == CAKE_EINVAL, "no values");
+    double given = harness_metric(sock, given_m) - given0;
+    if (given0 >= 0) /* CACHECTL_BIN set: caked's own count */
+        CHECK(given >= MAXNEW / 2 && given <= (double)MAXNEW * L, "caked took the engine's "
+              "log-sum-exps in %.0f layer evictions over %d steps of %d layers", given, MAXNEW, L);
+    cake_seq *hs = NULL;
+    lay.placement = CAKE_PLACE_HOST;
+    CHECK(cake_seq_open(c, &lay, &pol, N, 2, &hs) == 0, "host sequence open");
+    for (int l = 0; l < L && hs && !fails; l++) {
+        CHECK(cake_prefill_reserve(hs, l) == 0, "host reserve %d", l);
+        CHECK(cake_prefill_observe(hs, l, NULL) == 0, "host observe %d", l);
+    }
+    CHECK(hs && cake_decode_step(c, &hs, 1) == 0 && cake_put_decode_lse(hs, 0, lse, NULL) == 0 &&
+              cake_decode_step(c, &hs, 1) == 0, "a host sequence's decode log-sum-exps: %s",
+          cake_errstr(c));
+    printf("decode log-sum-exps given (cake_put_decode_lse): kept tokens overlap the computed "
+           "ones' >= %.3f over %d steps; caked took them in %.0f layer evictions\n", worst,
+           MAXNEW, given);
+    if (hs)
+        cake_seq_close(hs);
+    cake_seq_close(s[0]), cake_seq_close(s[1]);
+}
+
 static int engine(const char *sock, int crash)
 {
     cake_ctx *c;
@@ -748,6 +869,8 @@ static int engine(const char *sock, int crash)
         test_batch(c);
     if (!fails)
         test_loop_launch(c, sock);
+    if (!fails)
+        test_decode_lse(c, sock);
     if (!fails) { /* again with the GPU pool's free pages scattered: paged rings */
         static cake_seq *f[8192];
         uint32_t nf = fragment_gpu_pool(c, f, 8192);

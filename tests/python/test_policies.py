@@ -207,6 +207,39 @@ class Policies(unittest.TestCase):
             self.assertGreater(abs(P_off - P_true), 1e-2 * abs(P_true), "the lse given is used")
             s.close(), t.close()
 
+    def test_decode_lse_on_a_host_sequence(self):
+        """cake_put_decode_lse on a host sequence: refused for a layer out of range or the
+        wrong shape, taken after each step (its eviction scores as before: the same tokens
+        as a twin given none); the step carries the layers' bits."""
+        rng = np.random.default_rng()
+        with caked.Client(self.d.sock) as c:
+            a = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W, max_new_tokens=4)
+            b = c.open_sequence(L, H, HKV, D, N, dtype="f32", cache_size=C, window=W, max_new_tokens=4)
+            for l in range(L):
+                k = rng.standard_normal((HKV, N, D)).astype(np.float32)
+                q = rng.standard_normal((H, W, D)).astype(np.float32)
+                for s in (a, b):
+                    s.reserve(l)
+                    s.write_layer(l, k, k)
+                    s.queries(l)[:] = q
+                    s.observe(l)
+            for step in range(3):
+                a.decode_step(), b.decode_step()
+                for l in range(L):
+                    dq = rng.standard_normal((H, D)).astype(np.float32)
+                    for s in (a, b):
+                        s.decode_query(l)[:] = dq
+                    a.put_decode_lse(l, np.full(H, 5.0, np.float32))
+                with self.assertRaises(ValueError):
+                    a.put_decode_lse(0, np.zeros(H + 1, np.float32))
+                with self.assertRaises(caked.InvalidArgument):
+                    a.put_decode_lse(L, np.zeros(H, np.float32))
+            for l in range(L):
+                self.assertEqual(a.tokens(l), b.tokens(l))
+                for g in range(HKV):
+                    self.assertEqual(a.kept_positions(l, g).tolist(), b.kept_positions(l, g).tolist())
+            a.close(), b.close()
+
     def test_snapkv_h2o_tova_streaming_select_as_the_reference(self):
         with caked.Client(self.d.sock, service="py-policies") as c:
             for pol, how, pooling, ksz, shared, streaming in [

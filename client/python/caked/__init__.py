@@ -147,6 +147,7 @@ def _load():
         "cake_put_queries": (I, [P, U32, P, U32, P]),
         "cake_put_lse": (I, [P, U32, P, U32, P]),
         "cake_put_decode_query": (I, [P, U32, P, P]),
+        "cake_put_decode_lse": (I, [P, U32, P, P]),
         "cake_gpu_count": (U32, [P]),
         "cake_gpu_uuid_at": (ctypes.c_char_p, [P, U32]),
         "cake_gpu_pool_base_at": (U64, [P, U32]),
@@ -476,6 +477,17 @@ class Sequence:
         _check(self._ctx(), _L().cake_put_lse(self._handle, layer,
                                               lse.ctypes.data_as(ctypes.c_void_p), lse.shape[1],
                                               None))
+
+    def put_decode_lse(self, layer, lse):
+        """The log-sum-exp of the decode token's query rows, lse [q_heads] (host memory), as the
+        engine's decode attention returned it: the next decode step's eviction of the layer
+        skips its pass over the keys for them (cake_put_decode_lse; GPU sequences; device
+        tensors through caked.gpu.put_decode_lse)."""
+        lse = np.ascontiguousarray(lse, dtype=np.float32).reshape(-1)
+        if lse.shape[0] != self.q_heads:
+            raise ValueError(f"lse must be [q_heads={self.q_heads}], not {list(lse.shape)}")
+        _check(self._ctx(), _L().cake_put_decode_lse(self._handle, layer,
+                                                     lse.ctypes.data_as(ctypes.c_void_p), None))
 
     def indicator(self):
         """Zero-copy view of the indicator area for submit(): [kv_heads][prompt_len - window]."""

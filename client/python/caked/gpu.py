@@ -138,6 +138,18 @@ def put_lse(seq, layer, lse):
                                          lse.shape[1], _stream()))
 
 
+def put_decode_lse(seq, layer, lse):
+    """lse [q_heads] (a float32 device tensor, or a host one): the decode token's log-sum-exp
+    per query head, as the model's decode attention returned it; the next decode step's
+    eviction of the layer skips its pass over the keys for them (cake_put_decode_lse), on
+    torch's current stream."""
+    lse = lse.to(torch.float32).contiguous().reshape(-1)
+    if lse.shape[0] != seq.q_heads:
+        raise ValueError(f"lse must be [q_heads={seq.q_heads}], not {list(lse.shape)}")
+    _check(seq._ctx(), _L().cake_put_decode_lse(seq._handle, layer, ctypes.c_void_p(lse.data_ptr()),
+                                                _stream()))
+
+
 def put_decode_query(seq, layer, q):
     """The newest token's query [q_heads][head_dim] into the ring (after a decode step)."""
     q = q.to(_TORCH[seq.dtype][0]).contiguous()
