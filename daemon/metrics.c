@@ -186,9 +186,9 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "# TYPE caked_decode_evictions_total counter\n"
       "caked_decode_evictions_total{by=\"loop\"} %llu\ncaked_decode_evictions_total{by=\"worker\"} %llu\n",
       (unsigned long long)s->m.decode_by_loop, (unsigned long long)s->m.decode_by_worker);
-    P("# HELP caked_decode_lse_layers_total Layers whose decode-step eviction on the GPU took the "
-      "engine's log-sum-exps for the newest token (cake_put_decode_lse) instead of a pass over "
-      "the keys.\n# TYPE caked_decode_lse_layers_total counter\ncaked_decode_lse_layers_total %llu\n",
+    P("# HELP caked_decode_lse_layers_total Layers whose decode-step eviction on the GPU was given "
+      "the engine's log-sum-exps for the newest token (cake_put_decode_lse) beside the older "
+      "rows' carried ones: no pass over the keys.\n# TYPE caked_decode_lse_layers_total counter\ncaked_decode_lse_layers_total %llu\n",
       (unsigned long long)s->m.decode_lse_layers);
     P("# HELP caked_reslices_total Sequences whose budgets were lowered to make room.\n"
       "# TYPE caked_reslices_total counter\ncaked_reslices_total %llu\n"

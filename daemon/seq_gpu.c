@@ -355,6 +355,8 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
     free(keep);
 }
 
+enum { ORD_MAX = 32768 };
+
 /* The decode steps' buffers, made at the sequence's first GPU decode eviction on a worker
  * (the loop launches only once they were tried) on gc's stream, ordered before the eviction:
  * the carried log-sum-exps (lse_dev, NaN-filled: nothing carried) and the prefixes' position
@@ -377,7 +379,11 @@ static void decode_bufs(const struct seq_env *e, struct seq *s, struct gpuctx *g
         uint32_t bl = cakeseq_budget(s->cs, l);
         cap = bl > cap ? bl : cap;
     }
-    if (!e->shift && cap && !gpuctx_dev_alloc(gc, (void **)&s->ord_dev, sizeof(uint32_t) * s->L * s->Hkv * cap))
+    /* past ORD_MAX tokens a prefix never fits the one launch (over 8 bytes of a block's
+     * shared memory a token, 227 KB at most on sm_90): no order, whose bytes would grow with
+     * the budget for nothing */
+    if (!e->shift && cap && cap <= ORD_MAX &&
+        !gpuctx_dev_alloc(gc, (void **)&s->ord_dev, sizeof(uint32_t) * s->L * s->Hkv * cap))
         s->ord_cap = cap;
 }
 
