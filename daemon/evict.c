@@ -7,8 +7,8 @@
 #include "indicator.h"
 
 int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const struct kern_kv *kv,
-                        const void *q, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
-                        uint32_t *slots, float *ind, int n_threads)
+                        const void *q, const float *lse, enum kern_dtype q_dtype, uint32_t q_heads,
+                        uint32_t n_q, uint32_t *slots, float *ind, int n_threads)
 {
     uint32_t N = kv->n_tokens, w = cfg->window;
     if (N <= w || n_q == 0 || n_q > N)
@@ -37,7 +37,7 @@ int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const str
         struct kern_score_out o = {.indicator = ind};
         rc = kern_score_layer(&a, &o);
     } else { /* the policy's indicator over the ring */
-        rc = indicator_layer(cfg, kv, q, NULL, q_dtype, q_heads, n_q, S, n_threads, ind, NULL, NULL);
+        rc = indicator_layer(cfg, kv, q, lse, q_dtype, q_heads, n_q, S, n_threads, ind, NULL, NULL);
     }
     free(last);
     if (rc)

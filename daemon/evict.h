@@ -17,12 +17,14 @@
 #include "policy.h"
 
 /* kv: the layer as held (n_tokens = N). q: [q_heads][n_q][head_dim] in q_dtype, the
- * most recent query last (parity uses only that one). slots receives [kv_heads][kept]
+ * most recent query last (parity uses only that one). lse (NULL: computed): the rows'
+ * log-sum-exps [q_heads][n_q] (kern_score_args.lse; fixed mode: one pass over the keys).
+ * slots receives [kv_heads][kept]
  * storage slots to keep among the first N - w, for kern_compact_head; ind is scratch of
  * kv_heads * (N - w) floats. Returns kept (min(budget, N - w)) or -EINVAL / -ENOMEM. */
 int evict_decode_select(const struct policy_cfg *cfg, uint32_t budget, const struct kern_kv *kv,
-                        const void *q, enum kern_dtype q_dtype, uint32_t q_heads, uint32_t n_q,
-                        uint32_t *slots, float *ind, int n_threads);
+                        const void *q, const float *lse, enum kern_dtype q_dtype, uint32_t q_heads,
+                        uint32_t n_q, uint32_t *slots, float *ind, int n_threads);
 
 /* H2O's decode rule (accumulating kinds): acc [kv_heads][cap] holds each held token's
  * attention accumulated over the window and every decode query. evict_h2o_add adds the

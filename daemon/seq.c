@@ -68,6 +68,34 @@ const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t 
            (size_t)l * s->H * s->cfg.window;
 }
 
+/* (any other eviction - H2O's, a step that skipped the layer, the GPU's layer-by-layer way -
+ * leaves lse_next behind) */
+int seq_lse_carry(const struct seq *s, uint32_t l)
+{
+    const struct seq_layer *ly = &s->layer[l];
+    return (s->gpu ? s->lse_dev != NULL : s->lse_host != NULL) && ly->lse_next &&
+           ly->lse_next == s->decoded && ly->tokens == ly->lse_tokens + 1;
+}
+
+int seq_host_carries(const struct seq_env *e, const struct policy_cfg *cfg)
+{
+    return !e->recompute && cfg->mode == POLICY_FIXED && !cfg->accumulate &&
+           cfg->indicator != POLICY_IND_LAST && cfg->indicator != POLICY_IND_POSITION;
+}
+
+int seq_decode_lse_given(const struct seq_env *e, const struct seq *s, uint32_t l, float *out)
+{
+    if (s->dlse_at != s->decoded || !(s->dlse[l / 8] >> (l % 8) & 1))
+        return 0;
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    uint32_t newest = (v0 + s->decoded + w - 1) % w; /* the ring slot of the step's token */
+    const float *src = seq_lse_ptr(e, s, l); /* copied, then checked: the engine may write on */
+    int ok = 1;
+    for (uint32_t h = 0; h < s->H; h++)
+        out[h] = src[(size_t)h * w + newest], ok &= isfinite(out[h]) != 0;
+    return ok;
+}
+
 int seq_take_lse(const struct seq_env *e, struct seq *s, uint32_t layer, int take,
                  const char **why)
 {
@@ -485,6 +513,7 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
                     4ull * (win_n + rp + 1) + 4ull * s->Hkv * S /* pending indicator */ +
                     4ull * s->H * cfg.window /* the engine's log-sum-exps (seq_take_lse) */ +
                     (s->gpu ? 4ull * s->L * s->Hkv * S : 0) /* the GPU's indicators */ +
+                    (!s->gpu && seq_host_carries(e, &cfg) ? 4ull * s->L * s->H * cfg.window : 0) +
                     (cfg.accumulate ? 4ull * s->L * s->Hkv * ((uint64_t)s->n + s->max_new + 1) : 0) +
                     seq_positions_bound(s);
     if (tenant_admit_heap(e->tenants, t, s->heap_bytes,
@@ -502,6 +531,13 @@ int seq_open(const struct seq_env *e, const struct seq_open_args *a, struct tena
     s->ring_pg = malloc(sizeof(uint32_t) * (rp + 1));
     if (!s->layer || !s->pub || !s->win_pages || !s->ring_pg)
         goto fail;
+    if (!s->gpu && seq_host_carries(e, &cfg)) { /* the decode steps' carried log-sum-exps */
+        size_t nl = (size_t)s->L * s->H * cfg.window;
+        if (!(s->lse_host = malloc(sizeof(float) * nl)))
+            goto fail;
+        for (size_t i = 0; i < nl; i++)
+            s->lse_host[i] = NAN;
+    }
     for (uint32_t l = 0; l < s->L; l++)
         if (!(s->layer[l].pages = malloc(sizeof(uint32_t) * s->max_pages)))
             goto fail;
@@ -620,6 +656,7 @@ void seq_free(const struct seq_env *e, struct seq *s)
     free(s->pub);
     free(s->pend_ind);
     free(s->lse);
+    free(s->lse_host);
     seq_exec(s)->prefill_done(e, s); /* what the executor kept for the prefill */
     if (s->gpu) { /* H2O's, which outlive the prefill */
         gpuexec_dev_free(GEXEC(e, s), s->ind_dev);

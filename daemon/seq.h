@@ -115,6 +115,9 @@ struct seq {
     float *lse_dev;          /* GPU sequences decoding: [L][q_heads][w] the window rows'
                                 log-sum-exps by ring slot, carried from one step's eviction to
                                 the next (seq_layer.lse_next); NaN-filled when made */
+    float *lse_host;         /* host sequences whose decode ranking reads every window row
+                                (seq_host_carries): the same as lse_dev in caked's memory,
+                                NaN-filled at open */
     uint32_t *ord_dev;       /* GPU sequences decoding: [L][kv_heads][ord_cap] each prefix's
                                 slots in position order (seq_layer.ord_n of them), so a step
                                 fills its holes instead of shifting every row after them */

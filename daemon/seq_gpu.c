@@ -387,15 +387,6 @@ static void decode_bufs(const struct seq_env *e, struct seq *s, struct gpuctx *g
         s->ord_cap = cap;
 }
 
-/* Whether layer l's eviction this step may carry its rows' log-sum-exps: the previous step's
- * eviction left them and the layer only gained this step's token since (any other eviction -
- * the host's, H2O's, a step that skipped the layer - leaves lse_next behind). */
-static int lse_carry(const struct seq *s, uint32_t l)
-{
-    const struct seq_layer *ly = &s->layer[l];
-    return s->lse_dev && ly->lse_next && ly->lse_next == s->decoded && ly->tokens == ly->lse_tokens + 1;
-}
-
 /* A decode eviction's jobs for layers over[n]: ev[i] for layer over[i], scored by the
  * ring's `valid` newest rows, each evicting to its budget, with the layer's log-sum-exps
  * where the sequence keeps them; the removed slots come back in one buffer (ev[0].evicted,
@@ -417,7 +408,6 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
         return -ENOMEM;
     }
     float *given = (float *)(gone + ev_n + 1);
-    uint32_t newest = (v0 + s->decoded + w - 1) % w; /* the ring slot of the step's token */
     for (uint32_t i = 0, at = 0; i < nover; i++) {
         uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
         ev[i] = (struct gpu_evict){
@@ -425,20 +415,15 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
             .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
             .evicted = gone + at,
-            .lse = s->lse_dev ? s->lse_dev + (size_t)l * s->H * w : NULL, .carry = lse_carry(s, l),
+            .lse = s->lse_dev ? s->lse_dev + (size_t)l * s->H * w : NULL, .carry = seq_lse_carry(s, l),
             .order = s->ord_dev ? s->ord_dev + (size_t)l * s->Hkv * s->ord_cap : NULL,
             .order_n = s->layer[l].ord_n, .order_cap = s->ord_cap,
             .layerwise = e->layerwise && s->decoded % e->layerwise == e->layerwise - 1,
         };
         at += s->Hkv * (S - ev[i].k);
-        if (ev[i].carry && s->dlse_at == s->decoded && (s->dlse[l / 8] >> (l % 8) & 1)) {
-            const float *src = seq_lse_ptr(e, s, l); /* copied, then checked: the engine may write on */
-            float *mine = given + (size_t)i * s->H;
-            int ok = 1;
-            for (uint32_t h = 0; h < s->H; h++)
-                mine[h] = src[(size_t)h * w + newest], ok &= isfinite(mine[h]);
-            ev[i].lse_new = ok ? mine : NULL;
-        }
+        float *mine = given + (size_t)i * s->H;
+        if (ev[i].carry && seq_decode_lse_given(e, s, l, mine))
+            ev[i].lse_new = mine;
     }
     *evp = ev;
     return 0;

@@ -1,6 +1,7 @@
 /* seq_host.c - the host executor (seq_int.h): a host sequence's layers scored, selected and
  * compacted by the CPU kernels over its host pool pages; H2O's decode step. */
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,6 +76,89 @@ static void host_prefill_done(const struct seq_env *e, struct seq *s)
     (void)e, (void)s; /* the pending indicator is seq.c's to free */
 }
 
+/* The window rows' log-sum-exps for layer l's decode eviction, rows [q_heads][valid] (q:
+ * the rows, oldest first, ring slots from `first`): the older rows' carried from the step
+ * before (seq_lse_carry, every one finite), the newest's the engine's (cake_put_decode_lse)
+ * or a first pass for that row alone; else a first pass for them all. 0 or -ENOMEM/-EINVAL;
+ * *given: the engine's were taken with carried ones. */
+static int window_lse(const struct seq_env *e, struct seq *s, uint32_t l, const struct kern_kv *kv,
+                      const uint8_t *q, uint32_t valid, uint32_t first, float *rows, int *given)
+{
+    uint32_t w = s->cfg.window, H = s->H;
+    size_t row = (size_t)s->d * kern_dtype_size(s->dt);
+    const float *c = s->lse_host + (size_t)l * H * w;
+    int carry = seq_lse_carry(s, l) && valid > 1;
+    for (uint32_t h = 0; carry && h < H; h++)
+        for (uint32_t i = 0; carry && i + 1 < valid; i++)
+            carry = isfinite(rows[(size_t)h * valid + i] = c[(size_t)h * w + (first + i) % w]) != 0;
+    struct kern_score_args a = {.q = q, .q_dtype = s->dt, .q_heads = H, .n_q = valid, .kv = kv,
+                                .n_threads = 1};
+    *given = 0;
+    if (!carry) /* the first pass for every row */
+        return kern_score_lse(&a, rows);
+    float *newest = malloc(sizeof(float) * H + row * H);
+    if (!newest)
+        return -ENOMEM;
+    int rc = 0;
+    if ((*given = seq_decode_lse_given(e, s, l, newest)) == 0) { /* a pass for the newest row */
+        uint8_t *qn = (uint8_t *)(newest + H);
+        for (uint32_t h = 0; h < H; h++)
+            memcpy(qn + h * row, q + ((size_t)h * valid + valid - 1) * row, row);
+        a.q = qn, a.n_q = 1;
+        rc = kern_score_lse(&a, newest);
+    }
+    for (uint32_t h = 0; !rc && h < H; h++)
+        rows[(size_t)h * valid + valid - 1] = newest[h];
+    free(newest);
+    return rc;
+}
+
+/* After layer l's selection (slots [Hkv][kept] ascending) and before its compaction: each
+ * window row's log-sum-exp over the cache the eviction leaves, to lse_host by ring slot - its
+ * value less the removed keys' terms, ln(1 - sum exp(s_e - lse)), NaN where they held more
+ * than half the row's weight (the next step computes it again). */
+static int carry_lse(struct seq *s, uint32_t l, const struct kern_kv *kv, const uint8_t *q,
+                     uint32_t valid, uint32_t first, const float *rows, const uint32_t *slots,
+                     uint32_t kept, uint32_t S)
+{
+    uint32_t w = s->cfg.window, H = s->H, G = s->H / s->Hkv, d = s->d, R = G * valid;
+    float *qf = malloc(sizeof(float) * ((size_t)H * valid * d + d));
+    double *sum = malloc(sizeof(double) * R);
+    if (!qf || !sum) {
+        free(qf), free(sum);
+        return -ENOMEM;
+    }
+    float *kf = qf + (size_t)H * valid * d, scale = 1.0f / sqrtf((float)d);
+    float *out = s->lse_host + (size_t)l * H * w;
+    kern_to_f32(s->dt, q, qf, (size_t)H * valid * d);
+    for (uint32_t g = 0; g < s->Hkv; g++) {
+        for (uint32_t r = 0; r < R; r++)
+            sum[r] = 0.0;
+        const uint32_t *kp = slots + (size_t)g * kept;
+        for (uint32_t j = 0, at = 0; j < S; j++) { /* the removed slots: the kept ones' complement */
+            if (at < kept && kp[at] == j) {
+                at++;
+                continue;
+            }
+            kern_to_f32(kv->dtype, kern_kv_key(kv, g, j), kf, d);
+            for (uint32_t r = 0; r < R; r++) {
+                const float *qr = qf + ((size_t)(g * G) * valid + r) * d;
+                float dot = 0.0f;
+                for (uint32_t x = 0; x < d; x++)
+                    dot += qr[x] * kf[x];
+                sum[r] += exp((double)dot * scale - rows[(size_t)g * R + r]);
+            }
+        }
+        for (uint32_t r = 0; r < R; r++) {
+            uint32_t h = g * G + r / valid, i = r % valid;
+            float L = rows[(size_t)g * R + r];
+            out[(size_t)h * w + (first + i) % w] = sum[r] <= 0.5 ? L + (float)log1p(-sum[r]) : NAN;
+        }
+    }
+    free(qf), free(sum);
+    return 0;
+}
+
 /* Evicts layer l of a decode step (one OpenMP thread per layer; layers share nothing). */
 static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t valid,
                               uint32_t *evicted)
@@ -83,24 +167,29 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
     struct seq_layer *ly = &s->layer[l];
     uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
-    uint32_t budget = cakeseq_budget(s->cs, l);
+    uint32_t budget = cakeseq_budget(s->cs, l), first = (v0 + s->decoded - valid) % w;
     uint8_t *q = malloc(row * s->H * valid);
     uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
     float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
+    float *rows = s->lse_host ? malloc(sizeof(float) * s->H * valid) : NULL;
     void **pages = malloc(sizeof(void *) * (ly->n_pages + 1));
     void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
-    int rc = -ENOMEM;
-    if (q && slots && ind && pages && scratch) {
+    int rc = -ENOMEM, given = 0;
+    if (q && slots && ind && pages && scratch && (rows || !s->lse_host)) {
         /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
         const uint8_t *ring = seq_ring_ptr(e, s, l);
         for (uint32_t h = 0; h < s->H; h++)
             for (uint32_t i = 0; i < valid; i++) {
-                uint32_t slot = (v0 + s->decoded - valid + i) % w;
+                uint32_t slot = (first + i) % w;
                 memcpy(q + ((size_t)h * valid + i) * row, ring + ((size_t)h * w + slot) * row, row);
             }
         struct kern_kv kv = seq_layer_view(e, s, l, pages);
-        int kept = evict_decode_select(&s->cfg, budget, &kv, q, s->dt, s->H, valid, slots, ind, 1);
+        rc = rows ? window_lse(e, s, l, &kv, q, valid, first, rows, &given) : 0;
+        ly->lse_next = 0; /* until this eviction leaves them */
+        int kept = rc ? rc : evict_decode_select(&s->cfg, budget, &kv, q, rows, s->dt, s->H, valid, slots, ind, 1);
         rc = kept < 0 ? kept : 0;
+        if (!rc && rows && !(rc = carry_lse(s, l, &kv, q, valid, first, rows, slots, (uint32_t)kept, S)))
+            ly->lse_next = s->decoded + 1, ly->lse_tokens = (uint32_t)kept + w;
         if (!rc) {
             for (uint32_t g = 0; g < s->Hkv; g++)
                 kern_compact_head(&kv, g, slots + (size_t)g * kept, (uint32_t)kept, S, w, scratch);
@@ -109,7 +198,9 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
             rc = seq_positions_compact(s, ly, slots, (uint32_t)kept, S, w);
         }
     }
-    free(q), free(slots), free(ind), free(pages), free(scratch);
+    if (!rc && given)
+        __atomic_add_fetch(&s->dlse_used, 1, __ATOMIC_RELAXED); /* the layers run side by side */
+    free(q), free(slots), free(ind), free(rows), free(pages), free(scratch);
     return rc;
 }
 

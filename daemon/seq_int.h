@@ -37,6 +37,18 @@ struct kern_kv seq_layer_view(const struct seq_env *e, const struct seq *s, uint
  * token's by ring slot at a step (cake_put_decode_lse). */
 const float *seq_lse_ptr(const struct seq_env *e, const struct seq *s, uint32_t l);
 
+/* Whether a decode step may carry layer l's window rows' log-sum-exps from the step before
+ * (lse_dev or lse_host): that step's eviction left them and the layer only gained this
+ * step's token since. */
+int seq_lse_carry(const struct seq *s, uint32_t l);
+/* Whether a host sequence of this policy carries them (lse_host): fixed mode, a ranking
+ * over every window row (not TOVA's newest alone, not positions), not H2O's. */
+int seq_host_carries(const struct seq_env *e, const struct policy_cfg *cfg);
+/* The engine's log-sum-exps of layer l's newest token for this step (cake_put_decode_lse,
+ * the step's request said so): copied to out [q_heads] and checked finite. 1 if so, else 0
+ * (out undefined). */
+int seq_decode_lse_given(const struct seq_env *e, const struct seq *s, uint32_t l, float *out);
+
 /* A layer's first compaction (host positions): room for its k + win slots and every
  * decode token. 0 or -ENOMEM. */
 int seq_positions_alloc(const struct seq *s, struct seq_layer *ly, uint32_t k, uint32_t win);

@@ -102,6 +102,12 @@ struct kern_score_out {
 /* Returns 0, or -EINVAL for inconsistent arguments, -ENOMEM. */
 int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out);
 
+/* The first pass alone: each query row's log-sum-exp, lse [q_heads][n_q] f32 (natural log,
+ * over the keys the row sees, as kern_score_layer's `lse` takes it; q, q_dtype, q_heads,
+ * n_q, kv and n_threads of a are read). A decode step's eviction computes the newest row's
+ * this way and carries the older rows' (daemon/seq_host.c). Returns 0, -EINVAL, -ENOMEM. */
+int kern_score_lse(const struct kern_score_args *a, float *lse);
+
 /* Straightforward double-precision version of kern_score_layer (tests' yardstick):
  * same contract, no rounding, O(n) memory per row. */
 int kern_score_layer_ref(const struct kern_score_args *a, struct kern_score_out *out);

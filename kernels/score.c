@@ -462,6 +462,41 @@ static int softmax_rows(struct ctx *c, struct item *items, uint32_t ni1, int nt,
     return 0;
 }
 
+int kern_score_lse(const struct kern_score_args *a, float *lse)
+{
+    const struct kern_kv *kv = a->kv;
+    if (!kv || !a->q || !lse || kv->kv_heads == 0 || a->q_heads % kv->kv_heads || a->n_q == 0 ||
+        kv->head_dim == 0 || kv->tokens_per_page == 0 || a->n_q > kv->n_tokens)
+        return -EINVAL;
+    struct ctx c = {
+        .a = a, .G = a->q_heads / kv->kv_heads, .n = kv->n_tokens, .d = kv->head_dim,
+        .scale = 1.0f / sqrtf((float)kv->head_dim),
+    };
+    c.R = c.G * a->n_q;
+    uint32_t Hkv = kv->kv_heads, ni1 = Hkv * ((c.n + CHUNK - 1) / CHUNK);
+    int rc = -ENOMEM;
+    float *qf = malloc(sizeof(float) * (size_t)Hkv * c.R * c.d);
+    struct item *items = malloc(sizeof(*items) * ni1);
+    float *ml = malloc(sizeof(float) * 2 * ((size_t)ni1 * c.R + 1));
+    float *rowml = malloc(sizeof(float) * 2 * (size_t)Hkv * c.R);
+    if (!qf || !items || !ml || !rowml)
+        goto out;
+#ifdef HAVE_BF16_DP
+    if (a->q_dtype == KERN_BF16 && kv->dtype == KERN_BF16 && c.d % 2 == 0)
+        c.qp = a->q;
+#endif
+    if (!c.qp)
+        kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * c.d);
+    c.qf = qf, c.m = ml, c.l = ml + (size_t)ni1 * c.R;
+    if ((rc = softmax_rows(&c, items, ni1, kern_threads(a->n_threads), rowml)))
+        goto out;
+    for (size_t r = 0; r < (size_t)Hkv * c.R; r++) /* [Hkv][R] is [q_heads][n_q] */
+        lse[r] = rowml[r] + rowml[(size_t)Hkv * c.R + r];
+out:
+    free(qf), free(items), free(ml), free(rowml);
+    return rc;
+}
+
 int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out)
 {
     const struct kern_kv *kv = a->kv;

@@ -11,7 +11,9 @@
  * prints the ratio; without torch that column says why it is empty. Best of R runs.
  * --runs W: the selection keeps runs of W (cake_policy.run_width): each head's indicator is
  * ranked by policy_runs_rank before its top K, and that ranking's own time (the heads one
- * after another, on one thread) is printed beside the layer's. */
+ * after another, on one thread) is printed beside the layer's. Last, a decode step's scoring
+ * of one layer three ways (both passes; the older rows' log-sum-exps carried; the newest
+ * row's from the engine too: daemon/seq_host.c), side by side. */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -94,6 +96,65 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
     }
     free(page), free(pristine), free(q), free(ind), free(idx), free(key), free(taken);
     return best;
+}
+
+/* A decode step's scoring of one layer (1025 prefix tokens before the window: C = 1024
+ * plus the step's), the three ways a host sequence's eviction runs it: both passes over
+ * the keys for the window's rows; the newest row's first pass (kern_score_lse) and one pass
+ * with the older rows' log-sum-exps carried; one pass with the newest row's from the
+ * engine too. Best of reps, seconds in t[3]. */
+static void time_decode(int threads, int reps, double t[3])
+{
+    uint32_t n = 1025 + W, S = n - W;
+    size_t kv_elems = (size_t)HKV * n * D;
+    uint16_t *page = malloc(kv_elems * 2 * 2), *q = malloc(sizeof(uint16_t) * H * W * D);
+    uint16_t *qn = malloc(sizeof(uint16_t) * H * D);
+    float *ind = malloc(sizeof(float) * HKV * S), *lse = malloc(sizeof(float) * H * W);
+    float *newest = malloc(sizeof(float) * H);
+    if (!page || !q || !qn || !ind || !lse || !newest) {
+        fprintf(stderr, "bench-score: out of memory\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < kv_elems * 2; i++)
+        page[i] = kern_f32_to_bf16(frand());
+    for (size_t i = 0; i < (size_t)H * W * D; i++)
+        q[i] = kern_f32_to_bf16(frand() * 2.0f);
+    for (uint32_t h = 0; h < H; h++)
+        memcpy(qn + (size_t)h * D, q + ((size_t)h * W + W - 1) * D, sizeof(uint16_t) * D);
+    void *pages[1] = {page};
+    struct kern_kv kv = {.dtype = KERN_BF16, .kv_heads = HKV, .head_dim = D, .tokens_per_page = n,
+                         .n_tokens = n, .pages = pages, .v_offset_bytes = kv_elems * 2};
+    struct kern_score_args a = {.q = q, .q_dtype = KERN_BF16, .q_heads = H, .n_q = W, .kv = &kv,
+                                .n_scored = S, .gamma = 200.0f, .n_threads = threads};
+    struct kern_score_args a1 = {.q = qn, .q_dtype = KERN_BF16, .q_heads = H, .n_q = 1, .kv = &kv,
+                                 .n_threads = threads};
+    struct kern_score_out o = {.indicator = ind};
+    if (kern_score_lse(&a, lse)) { /* the rows' values, as carried */
+        fprintf(stderr, "bench-score: first pass failed\n");
+        exit(1);
+    }
+    for (int way = 0; way < 3; way++) {
+        t[way] = INFINITY;
+        for (int r = 0; r < reps; r++) {
+            double t0 = util_now_s();
+            int rc = 0;
+            if (way == 0) {
+                a.lse = NULL;
+            } else {
+                if (way == 1 && (rc = kern_score_lse(&a1, newest)) == 0)
+                    for (uint32_t h = 0; h < H; h++)
+                        lse[(size_t)h * W + W - 1] = newest[h];
+                a.lse = lse;
+            }
+            if (rc || kern_score_layer(&a, &o)) {
+                fprintf(stderr, "bench-score: decode scoring failed\n");
+                exit(1);
+            }
+            double dt = util_now_s() - t0;
+            t[way] = dt < t[way] ? dt : t[way];
+        }
+    }
+    free(page), free(q), free(qn), free(ind), free(lse), free(newest);
 }
 
 /* Runs the PyTorch version; returns seconds or a negative value (reason in why). */
@@ -183,5 +244,11 @@ int main(int argc, char **argv)
                    "", runs, rs * 1e3, HKV);
         fflush(stdout);
     }
+    double td[3];
+    time_decode(threads, reps, td);
+    printf("decode step, one layer's scoring (1025 prefix tokens, window %d): both passes %.3f ms; "
+           "the window's older rows carried, the newest row's first pass %.3f ms (%.2fx); "
+           "the newest row's from the engine too %.3f ms (%.2fx)\n", W, td[0] * 1e3, td[1] * 1e3,
+           td[0] / td[1], td[2] * 1e3, td[0] / td[2]);
     return 0;
 }

@@ -155,7 +155,7 @@ static int engine(const char *sock, int mode, int submit, uint64_t seed)
                                m.ring[l] + ((size_t)h * m.w + (v0 + decoded - valid + i) % m.w) * m.d, m.d * 2);
                 void *pg;
                 struct kern_kv kx = view(&m, l, &pg);
-                int kept = evict_decode_select(&cfg, budget, &kx, q, KERN_BF16, m.H, valid, slots, ind2, 1);
+                int kept = evict_decode_select(&cfg, budget, &kx, q, NULL, KERN_BF16, m.H, valid, slots, ind2, 1);
                 if (kept < 0)
                     FAILF("evict_decode_select, layer %u", l);
                 uint32_t Sx = m.tokens[l] - m.w;

@@ -40,7 +40,7 @@ static void run(enum policy_mode mode)
     uint32_t S = N - w;
     uint32_t *slots = malloc(sizeof(uint32_t) * Hkv * S);
     float *ind = malloc(sizeof(float) * Hkv * S), *ref = malloc(sizeof(float) * Hkv * S);
-    int kept = evict_decode_select(&cfg, budget, &kv, qf, KERN_F32, H, nq, slots, ind, 2);
+    int kept = evict_decode_select(&cfg, budget, &kv, qf, NULL, KERN_F32, H, nq, slots, ind, 2);
     cr_assert_eq(kept, (int)budget);
     /* the expected scores: parity = last query only, mean; fixed = all nq rows, mean+g*var */
     const float *qsel = qf;
@@ -115,7 +115,7 @@ Test(evict, refuses_a_layer_without_candidates)
     cfg.window = 4;
     uint32_t slots[4];
     float ind[4];
-    cr_assert_eq(evict_decode_select(&cfg, 2, &kv, q, KERN_F32, 1, 1, slots, ind, 1), -EINVAL);
+    cr_assert_eq(evict_decode_select(&cfg, 2, &kv, q, NULL, KERN_F32, 1, 1, slots, ind, 1), -EINVAL);
 }
 
 /* H2O's rule against a brute-force ranking: accumulated scores added, the top `kept` of the

@@ -183,6 +183,40 @@ Test(score, one_pass_with_the_engines_lse_matches_the_reference)
     free_layer(&L);
 }
 
+/* kern_score_lse (the first pass alone) against row_lse's doubles: every dtype pair, paged
+ * layouts, GQA groups, 1 to 32 rows (causal), any thread count; bad arguments refused. */
+Test(score, first_pass_lse_matches_doubles)
+{
+    tu_seed();
+    enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
+    for (int rep = 0; rep < 9; rep++) {
+        struct layer L;
+        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(8), nq = rep < 3 ? 1 : 1 + tu_below(32);
+        uint32_t n = nq + 1 + tu_below(3000);
+        make_layer(&L, Hkv * G, Hkv, rep % 2 ? 128 : 64, n, nq, 1 + tu_below(300), ts[rep % 3],
+                   ts[rep / 3]);
+        float *want = row_lse(&L), *got = malloc(sizeof(float) * L.H * nq);
+        struct kern_score_args a = {.q = L.q, .q_dtype = L.qt, .q_heads = L.H, .n_q = nq,
+                                    .kv = &L.kv, .n_threads = 1 + (int)tu_below(3)};
+        cr_assert_eq(kern_score_lse(&a, got), 0);
+        for (uint32_t r = 0; r < L.H * nq; r++)
+            cr_assert(fabsf(got[r] - want[r]) <= 2e-5f * fmaxf(1.0f, fabsf(want[r])),
+                      "rep %d row %u: %.7g, doubles %.7g", rep, r, got[r], want[r]);
+        free(want), free(got);
+        free_layer(&L);
+    }
+    struct layer L;
+    make_layer(&L, 4, 2, 32, 50, 4, 8, KERN_F32, KERN_F32);
+    float out[16];
+    struct kern_score_args a = {.q = L.q, .q_dtype = L.qt, .q_heads = 4, .n_q = 4, .kv = &L.kv};
+    cr_assert_eq(kern_score_lse(&a, NULL), -EINVAL);
+    a.q_heads = 3;
+    cr_assert_eq(kern_score_lse(&a, out), -EINVAL, "q_heads not a multiple of kv_heads");
+    a.q_heads = 4, a.n_q = 51;
+    cr_assert_eq(kern_score_lse(&a, out), -EINVAL, "more rows than keys");
+    free_layer(&L);
+}
+
 Test(score, matches_double_reference_all_dtypes)
 {
     tu_seed();

@@ -4,6 +4,7 @@
  * same either way; every page, byte of caked's own memory and tenant charge comes back. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -554,4 +555,119 @@ Test(seq, positions_fill_equals_compact)
         cr_assert_arr_eq(b.pos, snap, sizeof(snap), "a refused list moved nothing");
         free(a.pos), free(b.pos);
     }
+}
+
+/* Each window row's log-sum-exp in double over layer l's cache as it stands: row i of the
+ * `valid` newest (oldest first, ring slot (first + i) mod w) sees the keys up to
+ * n - valid + i. */
+static double row_lse_double(const struct fixture *f, const struct seq *s, uint32_t l,
+                             uint32_t h, uint32_t i, uint32_t valid, uint32_t first)
+{
+    void *pages[64];
+    struct kern_kv kv = seq_layer_view(&f->env, s, l, pages);
+    const uint16_t *ring = seq_ring_ptr(&f->env, s, l);
+    uint32_t w = s->cfg.window, d = s->d, lim = kv.n_tokens - valid + i + 1;
+    const uint16_t *q = ring + ((size_t)h * w + (first + i) % w) * d;
+    double mx = -INFINITY, sum = 0.0, *z = malloc(sizeof(double) * lim);
+    for (uint32_t j = 0; j < lim; j++) {
+        const uint16_t *k = kern_kv_key(&kv, h / (s->H / s->Hkv), j);
+        double dot = 0.0;
+        for (uint32_t x = 0; x < d; x++)
+            dot += (double)kern_bf16_to_f32(q[x]) * kern_bf16_to_f32(k[x]);
+        z[j] = dot / sqrt((double)d), mx = fmax(mx, z[j]);
+    }
+    for (uint32_t j = 0; j < lim; j++)
+        sum += exp(z[j] - mx);
+    free(z);
+    return mx + log(sum);
+}
+
+/* A host sequence's decode steps carry the window rows' log-sum-exps (lse_host): after every
+ * eviction each row's value is its normalizer over the cache left, within 1e-4 of doubles
+ * (or NaN, where the evicted keys held over half its weight), and the kept tokens are what
+ * a twin computing them every step (CAKED_DECODE_RECOMPUTE) keeps, up to near-ties. */
+Test(seq, host_decode_carries_the_window_rows_log_sum_exps)
+{
+    struct fixture f, g;
+    setup(&f, 64u << 20), setup(&g, 64u << 20);
+    g.env.recompute = 1;
+    struct seq_open_args a = args(3, 8, 2, 300);
+    a.max_new = 12;
+    struct seq *s, *t;
+    const char *why = "";
+    cr_assert_eq(seq_open(&f.env, &a, f.t, 1, 1, &s, &why), 0, "%s", why);
+    cr_assert_eq(seq_open(&g.env, &a, g.t, 1, 1, &t, &why), 0, "%s", why);
+    cr_assert_not_null(s->lse_host, "a host sequence of CAKE's ranking carries them");
+    cr_assert_null(t->lse_host);
+    for (uint32_t l = 0; l < s->L; l++)
+        prefill_layer(&f, s, l), prefill_layer(&g, t, l);
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, checked = 0, nans = 0, carried = 0;
+    double worst = 0;
+    for (uint32_t st = 0; st < 10; st++) {
+        struct fixture *fx[2] = {&f, &g};
+        struct seq *sq[2] = {s, t};
+        uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w;
+        uint32_t first = (v0 + s->decoded - valid) % w;
+        for (int k = 0; k < 2; k++) {
+            struct seq_result r = {0};
+            carried += k == 0 && st > 1 && seq_lse_carry(s, 0);
+            if (seq_decode_needs_evict(sq[k]))
+                seq_decode_evict_work(&fx[k]->env, sq[k], &r);
+            cr_assert_eq(r.rc, 0);
+        }
+        for (uint32_t l = 0; l < s->L; l++) {
+            if (s->layer[l].lse_next != s->decoded + 1)
+                continue; /* not evicted this step */
+            for (uint32_t h = 0; h < s->H; h++)
+                for (uint32_t i = 0; i < valid; i++) {
+                    float v = s->lse_host[((size_t)l * s->H + h) * w + (first + i) % w];
+                    checked++;
+                    if (isnan(v)) {
+                        nans++;
+                        continue;
+                    }
+                    double e = fabs(v - row_lse_double(&f, s, l, h, i, valid, first));
+                    worst = e > worst ? e : worst;
+                }
+        }
+        for (int k = 0; k < 2; k++) {
+            seq_trim_pages(&fx[k]->env, sq[k]);
+            struct seq *one[1] = {sq[k]};
+            cr_assert_eq(seq_decode_admit(&fx[k]->env, sq[k]->tenant, one, 1, &why), 0, "%s", why);
+            cr_assert_eq(seq_decode_reserve(&fx[k]->env, sq[k]), 0);
+            seq_publish(&fx[k]->env, sq[k]);
+            for (uint32_t l = 0; l < s->L; l++) { /* the new token's K/V, the same in both */
+                struct seq *q = sq[k];
+                uint32_t tk = q->layer[l].tokens - 1;
+                uint8_t *pg = pool_ptr(&fx[k]->pool, q->layer[l].pages[tk / q->tpp]);
+                for (uint32_t gh = 0; gh < q->Hkv; gh++) {
+                    uint16_t *kk = (uint16_t *)(pg + ((size_t)gh * q->tpp + tk % q->tpp) * 128);
+                    uint16_t *vv = (uint16_t *)((uint8_t *)kk + (size_t)q->Hkv * q->tpp * 128);
+                    for (uint32_t i = 0; i < 64; i++)
+                        kk[i] = (uint16_t)(0x3c00 + (st * 13u + gh * 7u + i * 3u) % 1019),
+                        vv[i] = (uint16_t)(0x3c00 + (st * 17u + gh * 5u + i) % 1013);
+                }
+            }
+        }
+    }
+    cr_log_info("carried log-sum-exps: %u rows checked, %u NaN, worst %.3g; %u steps carried",
+                checked, nans, worst, carried);
+    cr_assert_gt(checked, 0, "no eviction checked");
+    cr_assert_gt(carried, 0, "no step carried");
+    cr_assert_leq(worst, 1e-4, "a carried log-sum-exp off by %g", worst);
+    cr_assert_lt(nans, checked / 2, "%u of %u NaN", nans, checked);
+    for (uint32_t l = 0; l < s->L; l++) {
+        cr_assert_eq(s->layer[l].tokens, t->layer[l].tokens);
+        for (uint32_t gh = 0; gh < s->Hkv; gh++) {
+            uint32_t ps[1024], pt[1024], n = s->layer[l].tokens, same = 0;
+            cr_assert_eq(seq_positions(&f.env, s, l, gh, 0, n, ps), (int)n);
+            cr_assert_eq(seq_positions(&g.env, t, l, gh, 0, n, pt), (int)n);
+            for (uint32_t i = 0; i < n; i++)
+                for (uint32_t j = 0; j < n; j++)
+                    same += ps[i] == pt[j];
+            cr_assert_geq(same, n - n / 50, "layer %u head %u: %u of %u the same", l, gh, same, n);
+        }
+    }
+    seq_free(&f.env, s), seq_free(&g.env, t);
+    teardown(&f), teardown(&g);
 }
