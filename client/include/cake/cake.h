@@ -338,10 +338,10 @@ CAKE_API int cake_put_lse(cake_seq *seq, uint32_t layer, const float *lse, uint3
  * cake_decode_step reserved last, ln sum_j exp(q.k_j / sqrt(head_dim)) over the keys its
  * attention read (the layer's cache, its own key included), as the engine's decode attention
  * returns it (FlashInfer's return_lse, FlashAttention's softmax_lse). Written for a layer
- * before the next cake_decode_step, it lets that step's eviction of the layer on the GPU skip
- * its first pass over the keys (the window's older rows carry theirs from step to step); that
- * step alone uses it. Host or device memory for GPU sequences (queued on stream and complete
- * before the step, like the decode query); a host sequence takes it and scores as before.
+ * before the next cake_decode_step, it lets that step's eviction of the layer skip its first
+ * pass over the keys (the window's older rows carry theirs from step to step; fixed mode,
+ * rankings over the whole window); that step alone uses it. Host memory, or device memory
+ * for GPU sequences (queued on stream and complete before the step, like the decode query).
  * caked ignores values that are not finite; values that are not the row's normalizer give
  * scores that are not CAKE's. Returns 0, CAKE_EINVAL (no such layer, NULL lse), -ENOTSUP (a
  * caked without room for them, or device memory without CUDA in libcake) or -EIO. */

@@ -481,7 +481,7 @@ class Sequence:
     def put_decode_lse(self, layer, lse):
         """The log-sum-exp of the decode token's query rows, lse [q_heads] (host memory), as the
         engine's decode attention returned it: the next decode step's eviction of the layer
-        skips its pass over the keys for them (cake_put_decode_lse; GPU sequences; device
+        skips its pass over the keys for them (cake_put_decode_lse; GPU sequences take device
         tensors through caked.gpu.put_decode_lse)."""
         lse = np.ascontiguousarray(lse, dtype=np.float32).reshape(-1)
         if lse.shape[0] != self.q_heads:
