@@ -407,6 +407,40 @@ static void test_observe_decode(cake_ctx *c)
     CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
 }
 
+/* ns GPU sequences (CAKE's policy at CACHE, window W, MAXNEW decode tokens) prefilled
+ * alike from fill_random's rows: the same K/V and window queries in every layer. 0, or -1
+ * with the failure checked. */
+static int open_alike(cake_ctx *c, cake_seq **s, int ns)
+{
+    fill_random();
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    for (int i = 0; i < ns; i++) {
+        int rc = cake_seq_open(c, &lay, &pol, N, MAXNEW, &s[i]);
+        CHECK(rc == 0, "GPU sequence %d open: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
+        if (rc)
+            return -1;
+    }
+    static uint16_t q[H][W][D];
+    for (int l = 0; l < L && !fails; l++) {
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
+        for (int i = 0; i < ns; i++) {
+            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
+            for (int t = 0; t < N; t++)
+                write_token(s[i], l, t, t);
+            write_queries(s[i], l, &q[0][0][0]);
+            CHECK(cake_prefill_observe(s[i], l, NULL) == 0, "observe %d: %s", l, cake_errstr(c));
+        }
+    }
+    return fails ? -1 : 0;
+}
+
 /* A decode step's evictions launched by caked's loop itself (up to 4 GPU sequences with
  * work in a step) and by its workers (more): six GPU sequences given the same tokens and
  * queries, the first stepped alone, the other five in one step, keep the same tokens in
@@ -418,33 +452,9 @@ static void test_loop_launch(cake_ctx *c, const char *sock)
     const char *by_worker = "caked_decode_evictions_total{by=\"worker\"}";
     double loop0 = harness_metric(sock, by_loop), worker0 = harness_metric(sock, by_worker);
     enum { NS = 6 };
-    fill_random();
-    struct cake_policy pol;
-    cake_policy_default(&pol);
-    pol.cache_size = CACHE, pol.window = W;
-    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
-                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     cake_seq *s[NS];
-    for (int i = 0; i < NS; i++) {
-        int rc = cake_seq_open(c, &lay, &pol, N, MAXNEW, &s[i]);
-        CHECK(rc == 0, "GPU sequence %d open: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
-        if (rc)
-            return;
-    }
-    static uint16_t q[H][W][D];
-    for (int l = 0; l < L && !fails; l++) {
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < W; i++)
-                for (int j = 0; j < D; j++)
-                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
-        for (int i = 0; i < NS; i++) {
-            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
-            for (int t = 0; t < N; t++)
-                write_token(s[i], l, t, t);
-            write_queries(s[i], l, &q[0][0][0]);
-            CHECK(cake_prefill_observe(s[i], l, NULL) == 0, "observe %d: %s", l, cake_errstr(c));
-        }
-    }
+    if (open_alike(c, s, NS))
+        return;
     static int p0[N + MAXNEW], pi[N + MAXNEW];
     uint16_t qd[H][D];
     uint32_t evicted = 0, unordered = 0;
@@ -761,33 +771,9 @@ static void test_decode_lse(cake_ctx *c, const char *sock)
 {
     const char *given_m = "caked_decode_lse_layers_total";
     double given0 = harness_metric(sock, given_m);
-    fill_random();
-    struct cake_policy pol;
-    cake_policy_default(&pol);
-    pol.cache_size = CACHE, pol.window = W;
-    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
-                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
     cake_seq *s[2];
-    for (int i = 0; i < 2; i++) {
-        int rc = cake_seq_open(c, &lay, &pol, N, MAXNEW, &s[i]);
-        CHECK(rc == 0, "GPU sequence %d open: %s (%s)", i, cake_strerror(rc), cake_errstr(c));
-        if (rc)
-            return;
-    }
-    static uint16_t q[H][W][D];
-    for (int l = 0; l < L && !fails; l++) {
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < W; i++)
-                for (int j = 0; j < D; j++)
-                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
-        for (int i = 0; i < 2; i++) {
-            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
-            for (int t = 0; t < N; t++)
-                write_token(s[i], l, t, t);
-            write_queries(s[i], l, &q[0][0][0]);
-            CHECK(cake_prefill_observe(s[i], l, NULL) == 0, "observe %d: %s", l, cake_errstr(c));
-        }
-    }
+    if (open_alike(c, s, 2))
+        return;
     float lse[H];
     static int p0[T], p1[T];
     uint16_t qd[H][D];
@@ -829,7 +815,11 @@ static void test_decode_lse(cake_ctx *c, const char *sock)
         CHECK(given >= MAXNEW / 2 && given <= (double)MAXNEW * L, "caked took the engine's "
               "log-sum-exps in %.0f layer evictions over %d steps of %d layers", given, MAXNEW, L);
     cake_seq *hs = NULL;
-    lay.placement = CAKE_PLACE_HOST;
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_HOST};
     CHECK(cake_seq_open(c, &lay, &pol, N, 2, &hs) == 0, "host sequence open");
     for (int l = 0; l < L && hs && !fails; l++) {
         CHECK(cake_prefill_reserve(hs, l) == 0, "host reserve %d", l);
