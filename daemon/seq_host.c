@@ -89,8 +89,11 @@ static int window_lse(const struct seq_env *e, struct seq *s, uint32_t l, const 
     const float *c = s->lse_host + (size_t)l * H * w;
     int carry = seq_lse_carry(s, l) && valid > 1;
     for (uint32_t h = 0; carry && h < H; h++)
-        for (uint32_t i = 0; carry && i + 1 < valid; i++)
-            carry = isfinite(rows[(size_t)h * valid + i] = c[(size_t)h * w + (first + i) % w]) != 0;
+        for (uint32_t i = 0; carry && i + 1 < valid; i++) {
+            float v = c[(size_t)h * w + (first + i) % w];
+            rows[(size_t)h * valid + i] = v;
+            carry = isfinite(v) != 0;
+        }
     struct kern_score_args a = {.q = q, .q_dtype = s->dt, .q_heads = H, .n_q = valid, .kv = kv,
                                 .n_threads = 1};
     *given = 0;
@@ -116,12 +119,21 @@ static int window_lse(const struct seq_env *e, struct seq *s, uint32_t l, const 
 /* After layer l's selection (slots [Hkv][kept] ascending) and before its compaction: each
  * window row's log-sum-exp over the cache the eviction leaves, to lse_host by ring slot - its
  * value less the removed keys' terms, ln(1 - sum exp(s_e - lse)), NaN where they held more
- * than half the row's weight (the next step computes it again). */
+ * than half the row's weight (the next step computes it again). Where over half the prefix
+ * goes (a re-slice), every row NaN: a first pass over the keys left costs less than the
+ * removed ones' terms. */
 static int carry_lse(struct seq *s, uint32_t l, const struct kern_kv *kv, const uint8_t *q,
                      uint32_t valid, uint32_t first, const float *rows, const uint32_t *slots,
                      uint32_t kept, uint32_t S)
 {
     uint32_t w = s->cfg.window, H = s->H, G = s->H / s->Hkv, d = s->d, R = G * valid;
+    float *out = s->lse_host + (size_t)l * H * w;
+    if (2 * (S - kept) > S) {
+        for (uint32_t h = 0; h < H; h++)
+            for (uint32_t i = 0; i < valid; i++)
+                out[(size_t)h * w + (first + i) % w] = NAN;
+        return 0;
+    }
     float *qf = malloc(sizeof(float) * ((size_t)H * valid * d + d));
     double *sum = malloc(sizeof(double) * R);
     if (!qf || !sum) {
@@ -129,7 +141,6 @@ static int carry_lse(struct seq *s, uint32_t l, const struct kern_kv *kv, const 
         return -ENOMEM;
     }
     float *kf = qf + (size_t)H * valid * d, scale = 1.0f / sqrtf((float)d);
-    float *out = s->lse_host + (size_t)l * H * w;
     kern_to_f32(s->dt, q, qf, (size_t)H * valid * d);
     for (uint32_t g = 0; g < s->Hkv; g++) {
         for (uint32_t r = 0; r < R; r++)
