@@ -585,7 +585,9 @@ static double row_lse_double(const struct fixture *f, const struct seq *s, uint3
 /* A host sequence's decode steps carry the window rows' log-sum-exps (lse_host): after every
  * eviction each row's value is its normalizer over the cache left, within 1e-4 of doubles
  * (or NaN, where the evicted keys held over half its weight), and the kept tokens are what
- * a twin computing them every step (CAKED_DECODE_RECOMPUTE) keeps, up to near-ties. */
+ * a twin computing them every step (CAKED_DECODE_RECOMPUTE) keeps, up to near-ties. A
+ * re-slice removing three quarters of a layer's prefix leaves its rows NaN, and the step
+ * after computes them again, right. */
 Test(seq, host_decode_carries_the_window_rows_log_sum_exps)
 {
     struct fixture f, g;
@@ -668,6 +670,35 @@ Test(seq, host_decode_carries_the_window_rows_log_sum_exps)
             cr_assert_geq(same, n - n / 50, "layer %u head %u: %u of %u the same", l, gh, same, n);
         }
     }
+    /* a re-slice removing over half of layer 0's prefix: its rows NaN, so the next step
+     * computes them again (and they are right after it) */
+    uint32_t b0 = cakeseq_budget(s->cs, 0);
+    cakeseq_lower_budget(s->cs, 0, b0 / 4);
+    s->rs_pending = 1;
+    struct seq_result rr;
+    seq_reslice_work(&f.env, s, &rr);
+    cr_assert_eq(rr.rc, 0);
+    cr_assert_eq(s->layer[0].tokens, b0 / 4 + w, "the re-slice evicted");
+    uint32_t valid = v0 + s->decoded < w ? v0 + s->decoded : w, first = (v0 + s->decoded - valid) % w;
+    for (uint32_t h = 0; h < s->H; h++)
+        for (uint32_t i = 0; i < valid; i++)
+            cr_assert(isnan(s->lse_host[(size_t)h * w + (first + i) % w]), "head %u row %u", h, i);
+    seq_trim_pages(&f.env, s);
+    struct seq *one[1] = {s};
+    cr_assert_eq(seq_decode_admit(&f.env, s->tenant, one, 1, &why), 0, "%s", why);
+    cr_assert_eq(seq_decode_reserve(&f.env, s), 0);
+    struct seq_result r2 = {0};
+    cr_assert(seq_decode_needs_evict(s), "layer 0 is a token over its budget");
+    valid = v0 + s->decoded < w ? v0 + s->decoded : w, first = (v0 + s->decoded - valid) % w;
+    seq_decode_evict_work(&f.env, s, &r2);
+    cr_assert_eq(r2.rc, 0);
+    cr_assert_eq(s->layer[0].lse_next, s->decoded + 1, "that step left them");
+    for (uint32_t h = 0; h < s->H; h++)
+        for (uint32_t i = 0; i < valid; i++) {
+            float v = s->lse_host[(size_t)h * w + (first + i) % w];
+            cr_assert(isfinite(v) && fabs(v - row_lse_double(&f, s, 0, h, i, valid, first)) <= 1e-4,
+                      "after the re-slice, head %u row %u: %g", h, i, v);
+        }
     seq_free(&f.env, s), seq_free(&g.env, t);
     teardown(&f), teardown(&g);
 }
