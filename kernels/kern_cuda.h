@@ -248,8 +248,9 @@ int kern_cuda_paged_append(const struct kern_cuda_paged *pk, const int32_t *cons
  * them and since then the layer only gained its newest token (a row never sees a later key,
  * and every evicted key's term was taken out); a row's value that is not finite makes the
  * head run both passes. With `lse_new` too (the newest row's of each q head, as the engine's
- * decode attention computed it over the same keys) no pass runs for the newest row either: a
- * finite one is taken as is (not finite: that head's first pass runs). Bytes of other rows
+ * decode attention computed it over the same keys) no pass runs for the newest row either:
+ * finite ones are taken as they are (one not finite: that kv head's group runs the newest
+ * row's first pass). Bytes of other rows
  * are left alone.
  *
  * A job's `order` (device [kv_heads][order_cap] slots, or NULL) lets a step fill its holes
