@@ -744,7 +744,7 @@ static void fused_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
 {
     size_t out = 0;
     for (uint32_t i = 0; i < n; i++) {
-        ev[i].filled = ev[i].order != NULL, ev[i].fused = 1;
+        ev[i].fused = 1;
         size_t b = sizeof(uint32_t) * ev[i].l.kv_heads * (ev[i].l.n_tokens - ev[i].ring.w - ev[i].k);
         memcpy(ev[i].evicted, c->hbuf + c->fl_tabs + out, b);
         out += b;
@@ -811,7 +811,7 @@ int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
     size_t d = 0, h = 0;
     for (uint32_t i = 0; i < n && !rc; i++) {
         struct evict_plan p = plan_evict(&ev[i]);
-        ev[i].filled = ev[i].fused = 0;
+        ev[i].fused = 0;
         rc = evict_one(&ev[i], &p, c->dbuf + d, c->hbuf + h, c->sub[i % SUBSTREAMS]);
         d += p.dev, h += p.host;
     }

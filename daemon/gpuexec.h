@@ -162,10 +162,10 @@ struct gpu_evict {
                                     first puts the prefix back in position order */
     uint32_t order_n, order_cap;
     int layerwise;               /* run layer by layer even where one launch could (tests) */
-    int filled;                  /* out: 1 where the one launch filled holes (the caller's
-                                    positions follow seq_positions_fill, order_n becomes k); 0
-                                    where the kept slots shifted in position order */
-    int fused;                   /* out: 1 where the one launch ran it, 0 layer by layer */
+    int fused;                   /* out: 1 where the one launch ran it (with order: holes
+                                    filled, the caller's positions follow seq_positions_fill
+                                    and order_n becomes k), 0 layer by layer (the kept slots
+                                    shifted in position order) */
 };
 
 /* H2O on the GPU, one layer: acc (device [kv_heads][cap]) gains the attention of the ring's
@@ -202,7 +202,7 @@ int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n);
  * allocates), -EINVAL with nothing launched, -EIO after a failed launch (waited for). While in flight
  * gpuctx_ready answers 1 (done), 0 (running) or -EIO, never waiting; once it is not 0,
  * gpuctx_decode_evict_land (ev as launched, still valid) writes each ev[i].evicted and
- * .filled and returns 0 or -EIO. The context stays taken from the launch to the land. */
+ * .fused and returns 0 or -EIO. The context stays taken from the launch to the land. */
 int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uint32_t n);
 int gpuctx_ready(struct gpuctx *c);
 int gpuctx_decode_evict_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n);

@@ -346,21 +346,11 @@ static void h_decode(struct server *s, struct client *c, const ProtobufCMessage 
                         "layer sets", n, m->n_decode_lse);
         return;
     }
-    for (size_t i = 0; i < n; i++) { /* which layers' log-sum-exps the engine wrote for this
-                                        step: any other step's are not these (dlse_at) */
-        struct seq *q = srv_seq_of(s, c, m->seq_ids[i]);
-        if (!q || q->busy) /* refused below: nothing of it changes */
-            continue;
-        memset(q->dlse, 0, sizeof q->dlse);
-        if (m->n_decode_lse)
-            memcpy(q->dlse, m->decode_lse[i].data,
-                   m->decode_lse[i].len < sizeof q->dlse ? m->decode_lse[i].len : sizeof q->dlse);
-        q->dlse_at = q->decoded;
-    }
-    srv_decode(s, c, m->seq_ids, n);
+    srv_decode(s, c, m->seq_ids, n, 1, m->n_decode_lse ? m->decode_lse : NULL);
 }
 
-void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n)
+void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n, int record,
+                const ProtobufCBinaryData *lse)
 {
     struct seq **seqs = malloc(sizeof(*seqs) * n);
     if (!seqs) {
@@ -391,8 +381,18 @@ void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t 
             return;
         }
     }
-    for (size_t i = 0; i < n; i++)
-        seqs[i]->busy = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct seq *q = seqs[i];
+        q->busy = 0;
+        if (!record) /* a retry keeps what its first try recorded */
+            continue;
+        /* which layers' log-sum-exps the engine wrote for this step; any other step's are
+         * not these (dlse_at) */
+        memset(q->dlse, 0, sizeof q->dlse);
+        if (lse)
+            memcpy(q->dlse, lse[i].data, lse[i].len < sizeof q->dlse ? lse[i].len : sizeof q->dlse);
+        q->dlse_at = q->decoded;
+    }
     /* parked sequences come back to the GPU first, inside this step's job */
     for (size_t i = 0; i < n; i++) {
         if (!seqs[i]->parked)

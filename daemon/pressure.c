@@ -538,7 +538,7 @@ static int retry(struct server *s, struct client *c, struct waiter *x)
         int fits = 0;
         if (!make_room(s, c, x, &fits) || !fits)
             return 0;
-        srv_decode(s, c, x->ids, x->n);
+        srv_decode(s, c, x->ids, x->n, 0, NULL); /* the bits its first try recorded */
         return 1;
     }
     struct seq **seqs = malloc(sizeof(*seqs) * x->n);

@@ -455,7 +455,7 @@ static int evict_apply(const struct seq_env *e, struct seq *s, const uint32_t *o
         if (ev[i].lse && ev[i].fused) /* the layer-by-layer way left them NaN */
             ly->lse_next = s->decoded + 1, ly->lse_tokens = ly->tokens;
         s->dlse_used += ev[i].fused && ev[i].lse_new;
-        if (ev[i].filled) { /* holes filled: the order holds the k slots left */
+        if (ev[i].fused && ev[i].order) { /* holes filled: the order holds the k slots left */
             rc = seq_positions_fill(s, ly, ev[i].evicted, n_ev, S, w);
             ly->ord_n = n_ev ? ev[i].k : ly->ord_n;
             continue;

@@ -62,7 +62,7 @@ int seq_positions_compact(const struct seq *s, struct seq_layer *ly, const uint3
  * after them) moved down in order. 0, -ENOMEM, or -EIO for a list out of order or range. */
 int seq_positions_evict(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,
                         uint32_t n_ev, uint32_t old, uint32_t win);
-/* The same where the holes were filled (a GPU decode step's one launch, gpu_evict.filled):
+/* The same where the holes were filled (a GPU decode step's one launch given an order):
  * the removed slots below k = old - n_ev (ascending) take the kept slots from k on
  * (ascending), the window moves down to k. */
 int seq_positions_fill(const struct seq *s, struct seq_layer *ly, const uint32_t *ev,

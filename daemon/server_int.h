@@ -247,8 +247,11 @@ int work_poll_flights(struct server *s);
 int srv_seq_open(struct server *s, struct client *c, const struct seq_open_args *a,
                  const char **why);
 /* A decode step of c's sequences ids[n] (parked ones restored first): replied, waiting, or
- * handed to a job. */
-void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n);
+ * handed to a job. With `record`, each sequence's layers whose decode log-sum-exps the
+ * engine wrote for this step are lse[i] (DecodeStep.decode_lse; lse NULL: none); without
+ * (a step's retry) what its first try recorded stays. */
+void srv_decode(struct server *s, struct client *c, const uint64_t *ids, size_t n, int record,
+                const ProtobufCBinaryData *lse);
 void work_free(struct work *w);
 /* After a job that evicted or moved q's pages (loop): a restore's or a park's move (r) and a
  * relocation committed, the pages it emptied given back, the descriptor published, a
