@@ -85,10 +85,9 @@ int seq_host_carries(const struct seq_env *e, const struct policy_cfg *cfg)
 
 int seq_decode_lse_given(const struct seq_env *e, const struct seq *s, uint32_t l, float *out)
 {
-    if (s->dlse_at != s->decoded || !(s->dlse[l / 8] >> (l % 8) & 1))
-        return 0;
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    uint32_t newest = (v0 + s->decoded + w - 1) % w; /* the ring slot of the step's token */
+    if (!s->decoded || s->dlse_at != s->decoded || !(s->dlse[l / 8] >> (l % 8) & 1))
+        return 0; /* (no decode token before the first step: nothing was given) */
+    uint32_t w = s->cfg.window, newest = seq_ring_newest(s); /* the last step's token */
     const float *src = seq_lse_ptr(e, s, l); /* copied, then checked: the engine may write on */
     int ok = 1;
     for (uint32_t h = 0; h < s->H; h++)
@@ -332,8 +331,9 @@ static void sync_layer(const struct seq_env *e, struct seq *s, uint32_t l)
     for (uint32_t g = 0; g < s->Hkv; g++)
         dk[g] = hk ? hk[g] : sl->prefix;
     sl->holes = hk != NULL;
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
-    sl->ring_next = s->decoded ? (v0 + s->decoded - 1) % w : 0;
+    /* the slot of the token the last decode step reserved; none (w) before the first: the
+     * engine's decode query or log-sum-exp has nowhere to go yet (CAKE_EINVAL) */
+    sl->ring_next = s->decoded ? seq_ring_newest(s) : s->cfg.window;
     s->pub[l] = (struct seq_layer_pub){
         .budget = sl->budget, .prefix = sl->prefix, .tokens = ly->tokens, .pages = ly->n_pages,
         .preference = l < s->next_observe ? cakeseq_preference(s->cs, l) : 0,

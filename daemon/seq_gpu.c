@@ -342,7 +342,7 @@ void seq_gpu_h2o(const struct seq_env *e, struct seq *s, int add, uint32_t *evic
             continue;
         struct gpu_h2o j = {
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
-            .newest = (v0 + s->decoded - 1) % w, .k = over ? (budget < S ? budget : S) : UINT32_MAX,
+            .newest = seq_ring_newest(s), .k = over ? (budget < S ? budget : S) : UINT32_MAX,
             .cap = cap, .add = add, .acc = s->acc_dev + (size_t)l * Hkv * cap, .keep = keep,
         };
         if ((rcs[l] = gpuctx_h2o(gc, &j)) || !over)

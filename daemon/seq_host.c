@@ -286,7 +286,7 @@ int seq_host_h2o_trim(const struct seq_env *e, struct seq *s, uint32_t l, uint32
 static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
                             uint32_t *evicted)
 {
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w, Hkv = s->Hkv;
+    uint32_t w = s->cfg.window, Hkv = s->Hkv;
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
     struct seq_layer *ly = &s->layer[l];
     uint32_t N = ly->tokens;
@@ -306,7 +306,7 @@ static int decode_h2o_layer(const struct seq_env *e, struct seq *s, uint32_t l,
     if (!q || !ind || !pages)
         goto out;
     const uint8_t *ring = seq_ring_ptr(e, s, l);
-    uint32_t newest = (v0 + s->decoded - 1) % w;
+    uint32_t newest = seq_ring_newest(s);
     for (uint32_t h = 0; h < s->H; h++)
         memcpy(q + h * row, ring + ((size_t)h * w + newest) * row, row);
     struct kern_kv kv = seq_layer_view(e, s, l, pages);

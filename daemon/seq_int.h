@@ -103,6 +103,14 @@ static inline const struct seq_exec *seq_exec(const struct seq *s)
     return s->gpu ? &seq_exec_gpu : &seq_exec_host;
 }
 
+/* The query ring's slot of the newest row: the last decode step's token's, or before the
+ * first step the prompt's last (the prompt's rows fill slots 0.. oldest first). */
+static inline uint32_t seq_ring_newest(const struct seq *s)
+{
+    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    return (v0 + s->decoded + w - 1) % w;
+}
+
 /* H2O's decode step (host sequences): every layer adds the newest query's attention to its
  * tokens' accumulated scores and, over budget, keeps the top by them; per layer evicted[l],
  * rcs[l]. */

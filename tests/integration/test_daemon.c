@@ -142,7 +142,13 @@ static int engine(const char *sock, int mode, int submit, uint64_t seed)
     uint32_t v0 = m.n < m.w ? m.n : m.w, decoded = 0;
     uint16_t *q = malloc((size_t)m.H * m.w * m.d * 2), row[64];
     uint32_t *slots = malloc(sizeof(uint32_t) * m.Hkv * m.cap);
-    float *ind2 = malloc(sizeof(float) * m.Hkv * m.cap);
+    float *ind2 = malloc(sizeof(float) * m.Hkv * m.cap), lse0[256] = {0};
+    /* before the first decode step no token has a ring slot: the prompt's rows are not
+     * overwritten by a decode query or log-sum-exp written too early */
+    if (m.H > 256 || cake_decode_slot(s, 0) != UINT32_MAX || cake_decode_query(s, 0) ||
+        cake_put_decode_query(s, 0, q, NULL) != CAKE_EINVAL ||
+        cake_put_decode_lse(s, 0, lse0, NULL) != CAKE_EINVAL)
+        FAILF("a decode slot before the first decode step (%u)", cake_decode_slot(s, 0));
     for (int step = 0; step < 30; step++) {
         OK(cake_decode_step(ctx, &s, 1));
         for (uint32_t l = 0; l < m.L; l++) {

@@ -343,11 +343,13 @@ CAKE_API int cake_put_lse(cake_seq *seq, uint32_t layer, const float *lse, uint3
  * rankings over the whole window); that step alone uses it. Host memory, or device memory
  * for GPU sequences (queued on stream and complete before the step, like the decode query).
  * caked ignores values that are not finite; values that are not the row's normalizer give
- * scores that are not CAKE's. Returns 0, CAKE_EINVAL (no such layer, NULL lse), -ENOTSUP (a
- * caked without room for them, or device memory without CUDA in libcake) or -EIO. */
+ * scores that are not CAKE's. Returns 0, CAKE_EINVAL (no such layer, NULL lse, no decode
+ * token reserved yet), -ENOTSUP (a caked without room for them, or device memory without
+ * CUDA in libcake) or -EIO. */
 CAKE_API int cake_put_decode_lse(cake_seq *seq, uint32_t layer, const float *lse, void *stream);
 /* The ring slot of the query of the token cake_decode_step reserved last (UINT32_MAX: no
- * such layer). */
+ * such layer, or no decode step yet - the ring still holds the prompt's rows, and
+ * cake_put_decode_query / cake_put_decode_lse answer CAKE_EINVAL). */
 CAKE_API uint32_t cake_decode_slot(const cake_seq *seq, uint32_t layer);
 /* One ring row (head q_head, slot), host or device address; NULL when out of range. GPU rings
  * are paged (no two rows of different pages need be adjacent): write rows one by one here,
