@@ -7,7 +7,8 @@
 // The block keeps its head's indicator in shared memory beside two cp.async stages (two
 // blocks fit an SM at 8B shapes with 1K-token caches). Top-k is a radix select over the
 // indicator's sort keys (4 passes of 8 bits) and one ordered scan that lists the kept and
-// the evicted slots; the compaction then moves tokens down in rounds that read every source
+// the evicted slots (where at most 16 go, as a decode step's one a head: a block minimum a
+// removed slot, select_dev.cuh's topk_few); the compaction then moves tokens down in rounds that read every source
 // before writing any destination (a source is never below its destination, so no round
 // overwrites what a later one reads), the next round's reads in flight while one is written.
 // With a job's `order` the prefix's slots need not follow position order: the scores are
@@ -267,7 +268,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
     // answer; select_dev.cuh) - ranks in position order where the job fills holes
     uint32_t *keep_src = (uint32_t *)acc; // the raw sums are no longer read
     uint32_t *evg = job.evicted + (size_t)g * (S - k);
-    uint32_t first = seldev::topk_list<4>(ind, S, need, keep_src, evg, sel);
+    uint32_t first = need && S - need <= seldev::FEW ? seldev::topk_few(ind, S, need, keep_src, evg, sel)
+                                                     : seldev::topk_list<4>(ind, S, need, keep_src, evg, sel);
     __syncthreads();
     // holes filled (job.order): the removed slots' bitmap and each word's count of set bits
     // before it ([0, nw]: the last the total); hole i takes hsrc[i]

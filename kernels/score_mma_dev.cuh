@@ -60,11 +60,15 @@ template <int KS> __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v
     return (v / 8) * (uint32_t)shape<KS>::ATOM_BYTES + r * 128 + (((v % 8) ^ (r % 8)) << 4);
 }
 
-// The dynamic shared memory, 1024-byte aligned (kernels ask for SMEM_ALIGN bytes more).
+// The dynamic shared memory, 1024-byte aligned (kernels ask for SMEM_ALIGN bytes more). The
+// pointer moves by an offset from the shared array itself (not through an integer), so the
+// compiler still knows it points to shared memory: its loads and stores are LDS and STS, not
+// generic accesses with 64-bit addresses.
 constexpr size_t SMEM_ALIGN = 1024;
 __device__ __forceinline__ uint8_t *smem_aligned(void *p)
 {
-    return (uint8_t *)(((uintptr_t)p + SMEM_ALIGN - 1) & ~(uintptr_t)(SMEM_ALIGN - 1));
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint8_t *)p + ((uint32_t)SMEM_ALIGN - s % (uint32_t)SMEM_ALIGN) % (uint32_t)SMEM_ALIGN;
 }
 
 // Column c of the padded query space: head c / nqp, window query c % nqp (padding past nq).
@@ -210,6 +214,8 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         bool full = j0 + TK <= clean;
         // the warp's NSP m-tiles of the stage, NM at a time
         for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            if (!full && (kw + u * KW) * 16 >= c1 - j0)
+                continue; // m-tiles wholly past the chunk (a warp's choice: no shuffle waits)
             float acc[NM][4][4];
             mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
             if (full) { // straight-line: one vote decides whether any base must rise
@@ -335,12 +341,12 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
             load_tile<KS>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
         cp_async_commit();
     }
-    float ent[NM * 2] = {}; // one chain per key the thread holds
+    float ent[NM * 2][2] = {}; // two chains per key the thread holds
     const float inq = 1.0f / p.nq, inq1 = p.nq > 1 ? 1.0f / (p.nq - 1) : 0.0f;
     // queries in a segment: the head's window when it fits the slice, else 32 (only a head's
     // last segment may hold fewer, and it is the one that gets padding)
     uint32_t seg_q = p.nqp <= 32 ? p.nq : (slice % p.sph == p.sph - 1 ? p.nq - (p.sph - 1) * 32 : 32);
-    const float nseg_inv = 1.0f / seg_q;
+    const float nseg = (float)seg_q, nseg_inv = 1.0f / seg_q;
     // the last segment of a head split over slices holds nq - (sph - 1) * 32 queries
     const float inlast = p.sph > 1 ? 1.0f / (p.nq - (p.sph - 1) * 32) : 0.0f;
     // Per key of a finished step: each head's mean and unbiased variance over its queries.
@@ -395,60 +401,62 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         bool full = j0 + TK <= c1;
         float *pk = part + (size_t)(k & 1) * TK * SEG * 2;
         for (uint32_t u = 0; u < (uint32_t)NSP; u += NM) {
+            // m-tiles wholly past the chunk: none of their keys is read (a decode step's
+            // prefix of k + 1 keys leaves one in its last tile)
+            if (!full && (kw + u * KW) * 16 >= c1 - j0)
+                continue;
             float acc[NM][4][4];
             mma_tiles<T, KS, NM>(st, kw + u * KW, KW, bq, acc, lane);
             // the thread's two keys of each m-tile; a tail tile's rows past the chunk count nothing
             // Per key and segment (a head's window queries within the slice): the sum of the
-            // probabilities and, about the segment's own mean, the sum of squared deviations
-            // (two passes over registers: sums of squares cancel at peaked attention).
+            // probabilities and the sum of squared deviations about the segment's mean, from
+            // sums of the deviations from the segment's first probability p0 (quad lane 0's,
+            // one shuffle): with p0 one of the values, the squares exceed the deviations about
+            // the mean at most (n + 1)-fold, so the difference keeps its digits where plain
+            // sums of squares cancel (peaked attention), and no reduction waits on another.
             auto epilogue = [&](auto tail, auto padded) {
 #pragma unroll
                 for (int i2 = 0; i2 < NM * 2; i2++) {
                     int mi = i2 / 2, e2 = i2 % 2;
                     uint32_t row = (kw + (u + mi) * KW) * 16 + lane / 4 + e2 * 8;
                     bool live = j0 + row < c1; // rows past the chunk (zero filled) count nothing
-                    float a1[4];
                     float(&pv)[4][4] = acc[mi]; // probabilities replace the logits
 #pragma unroll
-                    for (int t = 0; t < 4; t++) {
-                        a1[t] = -0.0f; // x + -0 is x: the first add folds away
+                    for (int t = 0; t < 4; t++)
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
                             float x = fmaf(pv[t][e2 * 2 + e], p.c2, -B2[t * 2 + e]), pr = ex2(x);
                             if (decltype(tail)::value)
                                 pr = live ? pr : 0.0f, x = live ? x : 0.0f;
                             pv[t][e2 * 2 + e] = pr;
-                            a1[t] += pr;
                             if (ENT)
-                                ent[i2] = fmaf(pr, x, ent[i2]);
+                                ent[i2][e] = fmaf(pr, x, ent[i2][e]);
                         }
-                    }
-                    // the 4 n-tiles hold HPS segments: each one's sum, then the quad's
+                    // the 4 n-tiles hold HPS segments: each one's sums, then the quad's
 #pragma unroll
                     for (int hs = 0; hs < HPS; hs++) {
-                        float v1 = -0.0f, v2 = 0.0f;
+                        constexpr int TS = 4 / HPS; // n-tiles a segment
+                        float p0 = __shfl_sync(0xffffffffu, pv[hs * TS][e2 * 2], lane & ~3u);
+                        float s1[2] = {-0.0f, -0.0f}, s2[2] = {0.0f, 0.0f};
 #pragma unroll
-                        for (int t = 0; t < 4; t++)
-                            if (t * HPS / 4 == hs)
-                                v1 += a1[t];
-                        v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
-                        v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
-                        float mean = v1 * nseg_inv;
+                        for (int t = hs * TS; t < hs * TS + TS; t++)
 #pragma unroll
-                        for (int t = 0; t < 4; t++)
-                            if (t * HPS / 4 == hs)
-#pragma unroll
-                                for (int e = 0; e < 2; e++) {
-                                    float dl = pv[t][e2 * 2 + e] - mean;
-                                    if (decltype(padded)::value) // padding columns are no queries
-                                        dl = (vbits >> (t * 2 + e)) & 1 ? dl : 0.0f;
-                                    v2 = fmaf(dl, dl, v2);
-                                }
-                        v2 += __shfl_xor_sync(0xffffffffu, v2, 1);
-                        v2 += __shfl_xor_sync(0xffffffffu, v2, 2);
+                            for (int e = 0; e < 2; e++) {
+                                float dl = pv[t][e2 * 2 + e] - p0;
+                                if (decltype(padded)::value) // padding columns are no queries
+                                    dl = (vbits >> (t * 2 + e)) & 1 ? dl : 0.0f;
+                                s1[t % 2] += dl;
+                                s2[t % 2] = fmaf(dl, dl, s2[t % 2]);
+                            }
+                        float a = s1[0] + s1[1], b = s2[0] + s2[1];
+                        a += __shfl_xor_sync(0xffffffffu, a, 1);
+                        b += __shfl_xor_sync(0xffffffffu, b, 1);
+                        a += __shfl_xor_sync(0xffffffffu, a, 2);
+                        b += __shfl_xor_sync(0xffffffffu, b, 2);
                         if (lane % 4 == 0) {
                             float *q = pk + ((size_t)row * SEG + slice * HPS + hs) * 2;
-                            q[0] = v1, q[1] = v2;
+                            q[0] = fmaf(nseg, p0, a);                             // the sum
+                            q[1] = fmaxf(fmaf(-a * nseg_inv, a, b), 0.0f);        // about the mean
                         }
                     }
                 }
@@ -467,7 +475,7 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         }
 #pragma unroll
         for (int i = 0; i < NM * 2; i++)
-            e_sum += ent[i], ent[i] = 0.0f;
+            e_sum += ent[i][0] + ent[i][1], ent[i][0] = ent[i][1] = 0.0f;
     }
     cp_async_wait<0>();
     __syncthreads();

@@ -26,10 +26,14 @@ __device__ __forceinline__ uint32_t sort_key(float f)
 
 constexpr int WARPS = THREADS / 32;
 
+constexpr uint32_t FEW = 16; // topk_few: at most this many slots removed
+
 struct smem {
     typename cub::BlockScan<uint32_t, THREADS>::TempStorage scan;
     uint32_t hist[256], digit, need, first;
     uint32_t wgt[WARPS], weq[WARPS]; // each warp's keys above / at the threshold
+    unsigned long long wmin[WARPS];  // topk_few: each warp's least
+    uint32_t gone[FEW];              // topk_few: the removed slots, as found
 };
 
 // Block-wide (blockDim.x == THREADS, every thread calls it): the top k of ind[0..S) (shared
@@ -143,6 +147,57 @@ __device__ __forceinline__ uint32_t topk_list(const float *ind, uint32_t S, uint
             }
             off += __popc(bk), ro += __popc(bin & ~bk), eq_seen += __popc(beq);
         }
+    }
+    __syncthreads();
+    return sh.first;
+}
+
+// topk_list's answer where few slots go (1 <= S - k <= FEW; a decode step removes one a
+// head): the removed slots are the S - k least in the order (key, then position descending:
+// ties keep the lower position, NaN goes first), found one a round as the block's least of
+// those past the round before (a key and the position's complement in 64 bits), against the
+// radix select's 4 passes, scans and walk; then one pass lists the kept slots.
+__device__ __forceinline__ uint32_t topk_few(const float *ind, uint32_t S, uint32_t k, uint32_t *keep,
+                                             uint32_t *evo, smem &sh)
+{
+    uint32_t tid = threadIdx.x, lane = tid % 32, w = tid / 32, e = S - k;
+    unsigned long long last = 0;
+    for (uint32_t r = 0; r < e; r++) {
+        unsigned long long best = ~0ull;
+        for (uint32_t j = tid; j < S; j += THREADS) {
+            unsigned long long c = (unsigned long long)sort_key(ind[j]) << 32 | (uint32_t)~j;
+            best = (r == 0 || c > last) && c < best ? c : best;
+        }
+        for (int o = 16; o; o >>= 1) {
+            unsigned long long x = __shfl_xor_sync(0xffffffffu, best, o);
+            best = x < best ? x : best;
+        }
+        if (lane == 0)
+            sh.wmin[w] = best;
+        __syncthreads();
+        best = sh.wmin[0];
+        for (int i = 1; i < WARPS; i++)
+            best = sh.wmin[i] < best ? sh.wmin[i] : best;
+        last = best;
+        if (tid == 0)
+            sh.gone[r] = ~(uint32_t)best;
+        __syncthreads(); // wmin is written again next round
+    }
+    if (tid < e) { // the removed slots ascending: each one's rank among them
+        uint32_t mine = sh.gone[tid], at = 0;
+        for (uint32_t i = 0; i < e; i++)
+            at += sh.gone[i] < mine;
+        if (evo)
+            evo[at] = mine;
+        if (at == 0)
+            sh.first = mine;
+    }
+    for (uint32_t j = tid; j < S; j += THREADS) {
+        uint32_t below = 0, out = 0;
+        for (uint32_t i = 0; i < e; i++)
+            below += sh.gone[i] < j, out |= sh.gone[i] == j;
+        if (!out)
+            keep[j - below] = j;
     }
     __syncthreads();
     return sh.first;

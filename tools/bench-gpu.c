@@ -186,6 +186,18 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* A block of the last launch: its duration and start (global timer, ns), its index. */
+struct blk {
+    uint64_t dur, start;
+    uint32_t b;
+};
+
+static int slower_first(const void *a, const void *b)
+{
+    uint64_t x = ((const struct blk *)a)->dur, y = ((const struct blk *)b)->dur;
+    return x > y ? -1 : x < y;
+}
+
 /* The last launch's blocks by their global-timer time: the spread of their durations and
  * starts, how many SMs ran them, and the slowest few with their phases (at the nominal
  * clock), their SM and how many of the launch's blocks that SM ran: whether the launch's
@@ -193,11 +205,11 @@ static int cmp_u64(const void *a, const void *b)
 static void evict_spread(const unsigned long long *pc, uint32_t nb, uint32_t kv_heads, int khz)
 {
     enum { C = KERN_EVICT_CLOCKS, P = KERN_EVICT_PHASES, SHOW = 4 };
-    uint64_t *dur = malloc(sizeof(uint64_t) * nb), *start = malloc(sizeof(uint64_t) * nb);
-    uint32_t *order = malloc(sizeof(uint32_t) * nb), per_sm[1024] = {0}, m = 0, sms = 0;
-    uint64_t t0 = UINT64_MAX;
-    if (!dur || !start || !order)
-        goto out;
+    struct blk *bl = malloc(sizeof(*bl) * (nb + 1));
+    uint32_t per_sm[1024] = {0}, m = 0, sms = 0;
+    uint64_t t0 = UINT64_MAX, late = 0;
+    if (!bl)
+        return;
     for (uint32_t b = 0; b < nb; b++)
         if (pc[(size_t)b * C + P])
             t0 = pc[(size_t)b * C + P + 1] < t0 ? pc[(size_t)b * C + P + 1] : t0;
@@ -207,34 +219,28 @@ static void evict_spread(const unsigned long long *pc, uint32_t nb, uint32_t kv_
             continue;
         uint32_t sm = (uint32_t)c[P + 3] & 1023;
         sms += !per_sm[sm]++;
-        order[m] = b, dur[m] = c[P + 2] - c[P + 1], start[m] = c[P + 1] - t0, m++;
+        bl[m++] = (struct blk){.dur = c[P + 2] - c[P + 1], .start = c[P + 1] - t0, .b = b};
+        late = c[P + 1] - t0 > late ? c[P + 1] - t0 : late;
     }
-    if (!m)
-        goto out;
-    for (uint32_t i = 1; i < m; i++) /* slowest first (insertion sort: a few hundred blocks) */
-        for (uint32_t j = i; j > 0 && dur[j] > dur[j - 1]; j--) {
-            uint64_t x = dur[j]; dur[j] = dur[j - 1], dur[j - 1] = x;
-            x = start[j], start[j] = start[j - 1], start[j - 1] = x;
-            uint32_t o = order[j]; order[j] = order[j - 1], order[j - 1] = o;
-        }
-    uint64_t late = 0;
-    for (uint32_t i = 0; i < m; i++)
-        late = start[i] > late ? start[i] : late;
+    if (!m) {
+        free(bl);
+        return;
+    }
+    qsort(bl, m, sizeof(*bl), slower_first);
     printf("    the last launch's blocks (global timer): %u blocks on %u SMs; duration max %.1f, p90 %.1f, median %.1f, "
            "p10 %.1f, min %.1f us; the latest start %.1f us after the first\n",
-           m, sms, dur[0] * 1e-3, dur[m / 10] * 1e-3, dur[m / 2] * 1e-3, dur[m - 1 - m / 10] * 1e-3,
-           dur[m - 1] * 1e-3, late * 1e-3);
+           m, sms, bl[0].dur * 1e-3, bl[m / 10].dur * 1e-3, bl[m / 2].dur * 1e-3,
+           bl[m - 1 - m / 10].dur * 1e-3, bl[m - 1].dur * 1e-3, late * 1e-3);
     for (uint32_t i = 0; i < m && i < SHOW; i++) {
-        uint32_t b = order[i];
-        const unsigned long long *c = pc + (size_t)b * C;
+        const unsigned long long *c = pc + (size_t)bl[i].b * C;
         printf("      slow block %u (layer %u, kv head %u) on SM %llu (%u blocks there): start +%.1f, %.1f us;",
-               b, b / kv_heads, b % kv_heads, c[P + 3], per_sm[c[P + 3] & 1023], start[i] * 1e-3, dur[i] * 1e-3);
+               bl[i].b, bl[i].b / kv_heads, bl[i].b % kv_heads, c[P + 3], per_sm[c[P + 3] & 1023],
+               bl[i].start * 1e-3, bl[i].dur * 1e-3);
         for (int ph = 0; ph < P; ph++)
             printf(" %.1f", (c[ph + 1] - c[ph]) / (khz * 1e-3));
         printf(" us by phase\n");
     }
-out:
-    free(dur), free(start), free(order);
+    free(bl);
 }
 
 /* Where the one launch's time goes: reps more launches over caked's page layout with each
