@@ -8,9 +8,10 @@
 // blocks fit an SM at 8B shapes with 1K-token caches). Top-k is a radix select over the
 // indicator's sort keys (4 passes of 8 bits) and one ordered scan that lists the kept and
 // the evicted slots (where at most 16 go, as a decode step's one a head: a block minimum a
-// removed slot, select_dev.cuh's topk_few); the compaction then moves tokens down in rounds that read every source
-// before writing any destination (a source is never below its destination, so no round
-// overwrites what a later one reads), the next round's reads in flight while one is written.
+// removed slot, select_dev.cuh's topk_few); the compaction then moves tokens down in rounds
+// that read every source before writing any destination (a source is never below its
+// destination, so no round overwrites what a later one reads), the next round's reads in
+// flight while one is written.
 // With a job's `order` the prefix's slots need not follow position order: the scores are
 // pooled and ranked in position order through it, the holes below k take the kept tokens
 // from k on (a bitmap of the removed slots and its words' counts find the i-th of either),
