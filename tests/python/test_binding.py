@@ -101,6 +101,12 @@ class Binding(unittest.TestCase):
             for l in range(L):
                 s.reserve(l)
                 s.observe(l)
+            # before the first step no token has a slot: a clear error, not a view over the
+            # prompt's oldest query row
+            with self.assertRaises(ValueError):
+                s.decode_query(0)
+            with self.assertRaises(ValueError):
+                s.decode_query(L)
             for step in range(8):
                 c.decode_step([s])
                 for l in range(L):

@@ -305,8 +305,11 @@ class Client:
         _check(self._ctx, _L().cake_decode_step(self._ctx, arr, len(seqs)))
 
 
-def _view(addr, shape, dtype, strides=None):
-    """A numpy array over `addr` in the shared pool (no copy)."""
+def _view(addr, shape, dtype, strides=None, why="no such view"):
+    """A numpy array over `addr` in the shared pool (no copy); ValueError(why) where libcake
+    gave none (NULL)."""
+    if not addr:
+        raise ValueError(why)
     dt = np.dtype(dtype)
     n = int(np.prod(shape))
     if strides is None:
@@ -456,16 +459,23 @@ class Sequence:
         return k[:, :n], v[:, :n]
 
     def queries(self, layer):
-        """Zero-copy view of the layer's window queries: [q_heads][window][head_dim]."""
+        """Zero-copy view of the layer's window queries: [q_heads][window][head_dim] (host
+        sequences; ValueError for a GPU sequence's paged rings or no such layer)."""
         addr = _L().cake_queries(self._handle, layer)
-        return _view(addr, (self.q_heads, self.window, self.head_dim), self._np)
+        return _view(addr, (self.q_heads, self.window, self.head_dim), self._np,
+                     why=f"no query ring view for layer {layer} (no such layer, or a GPU "
+                         "sequence: caked.gpu.put_queries)")
 
     def decode_query(self, layer):
-        """Zero-copy view where the reserved token's query goes: [q_heads][head_dim]."""
+        """Zero-copy view where the reserved token's query goes: [q_heads][head_dim]. ValueError
+        before the first decode_step (no token reserved: the ring holds the prompt's rows), for
+        no such layer, or for a GPU sequence (caked.gpu.put_decode_query)."""
         addr = _L().cake_decode_query(self._handle, layer)
         it = np.dtype(self._np).itemsize
         return _view(addr, (self.q_heads, self.head_dim), self._np,
-                     strides=(self.window * self.head_dim * it, it))
+                     strides=(self.window * self.head_dim * it, it),
+                     why=f"no decode query slot in layer {layer}: no decode step has reserved "
+                         "a token yet (or no such layer, or a GPU sequence)")
 
     def put_lse(self, layer, lse):
         """The log-sum-exp of each window query row, lse [q_heads][n] (host memory; the last
