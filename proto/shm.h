@@ -23,7 +23,8 @@ struct shm_layer {
     uint32_t pages;      /* pages holding them */
     uint32_t budget;     /* recorded budget (scored tokens) */
     uint32_t prefix;     /* scored-prefix tokens still held */
-    uint32_t ring_next;  /* ring row for the next decode query */
+    uint32_t ring_next;  /* ring row of the reserved decode token's query; the window (no
+                            row) until the first decode step */
     uint32_t holes;      /* 1: heads keep different counts (Ada-KV): head g's prefix slots
                             [head_kept[layer][g], prefix) hold no token and must be masked */
 };
