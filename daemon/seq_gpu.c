@@ -394,7 +394,7 @@ static void decode_bufs(const struct seq_env *e, struct seq *s, struct gpuctx *g
 static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32_t *over,
                       uint32_t nover, uint32_t valid, struct gpu_evict **evp)
 {
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    uint32_t w = s->cfg.window;
     struct gpu_evict *ev = malloc(sizeof(*ev) * nover);
     size_t ev_n = 0;
     for (uint32_t i = 0; i < nover; i++) {
@@ -412,7 +412,7 @@ static int evict_jobs(const struct seq_env *e, const struct seq *s, const uint32
         uint32_t l = over[i], S = s->layer[l].tokens - w, budget = cakeseq_budget(s->cs, l);
         ev[i] = (struct gpu_evict){
             .l = gpu_layer_view(e, s, l), .ring = gpu_ring_view(e, s, l),
-            .first = (v0 + s->decoded - valid) % w, /* the oldest valid ring row */
+            .first = seq_ring_first(s, valid), /* the oldest valid ring row */
             .n_q = valid, .k = budget < S ? budget : S, .rk = gpu_rank_of(s),
             .evicted = gone + at,
             .lse = s->lse_dev ? s->lse_dev + (size_t)l * s->H * w : NULL, .carry = seq_lse_carry(s, l),

@@ -174,11 +174,11 @@ static int carry_lse(struct seq *s, uint32_t l, const struct kern_kv *kv, const 
 static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t valid,
                               uint32_t *evicted)
 {
-    uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
+    uint32_t w = s->cfg.window;
     size_t row = (size_t)s->d * kern_dtype_size(s->dt);
     struct seq_layer *ly = &s->layer[l];
     uint32_t N = ly->tokens, S = N - w; /* N > budget + w >= valid */
-    uint32_t budget = cakeseq_budget(s->cs, l), first = (v0 + s->decoded - valid) % w;
+    uint32_t budget = cakeseq_budget(s->cs, l), first = seq_ring_first(s, valid);
     uint8_t *q = malloc(row * s->H * valid);
     uint32_t *slots = malloc(sizeof(uint32_t) * ((size_t)s->Hkv * S + 1));
     float *ind = malloc(sizeof(float) * ((size_t)s->Hkv * S + 1));
@@ -187,7 +187,7 @@ static int decode_evict_layer(const struct seq_env *e, struct seq *s, uint32_t l
     void *scratch = malloc(2 * row * (budget < S ? budget : S) + 1);
     int rc = -ENOMEM, given = 0;
     if (q && slots && ind && pages && scratch && (rows || !s->lse_host)) {
-        /* the ring's valid rows, oldest first: the newest is at slot (v0 + decoded - 1) % w */
+        /* the ring's valid rows, oldest first (the newest at seq_ring_newest) */
         const uint8_t *ring = seq_ring_ptr(e, s, l);
         for (uint32_t h = 0; h < s->H; h++)
             for (uint32_t i = 0; i < valid; i++) {

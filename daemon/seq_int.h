@@ -110,6 +110,12 @@ static inline uint32_t seq_ring_newest(const struct seq *s)
     uint32_t w = s->cfg.window, v0 = s->n < w ? s->n : w;
     return (v0 + s->decoded + w - 1) % w;
 }
+/* The slot of the oldest of the ring's `valid` newest rows (valid <= w). */
+static inline uint32_t seq_ring_first(const struct seq *s, uint32_t valid)
+{
+    uint32_t w = s->cfg.window;
+    return (seq_ring_newest(s) + w + 1 - valid) % w;
+}
 
 /* H2O's decode step (host sequences): every layer adds the newest query's attention to its
  * tokens' accumulated scores and, over budget, keeps the top by them; per layer evicted[l],
