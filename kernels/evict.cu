@@ -152,7 +152,9 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
     __syncthreads();
 }
 
-template <typename T, int KS, int NSP, int HPS>
+// WG: pass 2 on wgmma (score_mma_dev.cuh's pass2_body_wg; its shape only), a kernel of its
+// own so that neither body's registers weigh on the other
+template <typename T, int KS, int NSP, int HPS, bool WG = false>
 __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 {
     extern __shared__ uint4 smem4[];
@@ -240,7 +242,10 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         __syncthreads();
         mark(1);
         double e_sum = 0.0, v_sum = 0.0; // a step reads neither
-        pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
+        if constexpr (WG)
+            pass2_body_wg<T, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
+        else
+            pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
         if (job.order && job.order_n) { // the slots' sums in position order, for the pooling
             for (uint32_t j = tid; j < S; j += THREADS)
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 }
 
 struct plan {
-    uint32_t G, nqp, Rp, hps, sph, nsp, ks;
+    uint32_t G, nqp, Rp, hps, sph, nsp, ks, wg;
     size_t stage_bytes, part_bytes, smem;
 };
 
@@ -401,21 +406,24 @@ int make_plan(const kern_cuda_evict *e, uint32_t max_S, plan *pl)
     p.ks = e->head_dim / 16;
     p.stage_bytes = EST * (p.ks == 8 ? shape<8>::STAGE_BYTES : shape<4>::STAGE_BYTES);
     p.part_bytes = (size_t)2 * TK * p.nsp * p.hps * 2 * sizeof(float);
-    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp + p.G * NQP1) +
-             2 * sizeof(uint32_t) * ((size_t)max_S / 32 + 2); /* the holes' bitmap, its counts */
     int dev = 0, optin = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
         cudaGetLastError();
         return -EIO;
     }
+    p.wg = score_wg_on(dev) && wg_shape(p.ks, p.G, e->n_q, p.nqp);
+    if (p.wg) /* the queries' tile takes part's place (and holds it where wgmma is not built) */
+        p.part_bytes = WG_Q_BYTES;
+    p.smem = SMEM_ALIGN + p.stage_bytes + p.part_bytes + 2 * sizeof(float) * ((size_t)max_S + p.Rp + p.G * NQP1) +
+             2 * sizeof(uint32_t) * ((size_t)max_S / 32 + 2); /* the holes' bitmap, its counts */
     if (p.smem + 4096 > (size_t)optin) /* the static shared memory beside it */
         return -ENOTSUP;
     *pl = p;
     return 0;
 }
 
-template <typename T, int KS, int NSP, int HPS>
+template <typename T, int KS, int NSP, int HPS, bool WG = false>
 int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cudaStream_t st)
 {
     static kern_attrs set[SCORE_MAX_DEV];
@@ -426,9 +434,9 @@ int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cuda
     /* all of the SM's shared memory: asked for when a launch's 114 us against 224-245 us
      * was put down to the carveout; it was where the data's evicted slots fell (the
      * compaction's length, kernels/README.md) - kept, as it never cost anything */
-    if (int rc = smem_limit(devict<T, KS, NSP, HPS>, set, dev, smem, 100))
+    if (int rc = smem_limit(devict<T, KS, NSP, HPS, WG>, set, dev, smem, 100))
         return rc;
-    devict<T, KS, NSP, HPS><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
+    devict<T, KS, NSP, HPS, WG><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
     CK(cudaGetLastError());
     return 0;
 }
@@ -437,6 +445,9 @@ template <typename T, int KS, int NSP>
 int run_h(const eparams &ep, const plan &pl, uint32_t n_jobs, cudaStream_t st)
 {
     uint32_t hkv = ep.e.kv_heads;
+    if constexpr (KS == 8 && NSP == 4)
+        if (pl.wg) /* wg_shape: one segment a slice */
+            return run<T, KS, NSP, 1, true>(ep, hkv, n_jobs, pl.smem, st);
     return pl.hps == 1 ? run<T, KS, NSP, 1>(ep, hkv, n_jobs, pl.smem, st)
          : pl.hps == 2 ? run<T, KS, NSP, 2>(ep, hkv, n_jobs, pl.smem, st)
                        : run<T, KS, NSP, 4>(ep, hkv, n_jobs, pl.smem, st);

@@ -18,6 +18,8 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <atomic>
 #include <type_traits>
 
@@ -42,15 +44,10 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
 
 // HPS: heads a slice's 32 columns hold (32 / nqp, or 1), known when compiled so that the
 // segment sums unroll into straight-line code
-template <typename T, int KS, int NSP, int HPS>
-__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
+// the block's entropy and variance sums, in a fixed order, to p.ent / p.var (smem free)
+__device__ void block_sums(const mparams &p, uint8_t *smem, double e_sum, double v_sum)
 {
-    extern __shared__ uint4 smem4[];
-    uint8_t *smem = smem_aligned(smem4);
-    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
-    double e_sum = 0.0, v_sum = 0.0;
-    pass2_body<T, KS, NSP, HPS, STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
-                                        p.acc + (size_t)g * p.S, e_sum, v_sum);
+    uint32_t g = blockIdx.y;
     double *red_e = (double *)smem, *red_v = red_e + THREADS; // the stages are free
     red_e[threadIdx.x] = -LN2 * e_sum, red_v[threadIdx.x] = v_sum;
     __syncthreads();
@@ -66,8 +63,45 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 }
 
 template <typename T, int KS, int NSP, int HPS>
+__global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
+{
+    extern __shared__ uint4 smem4[];
+    uint8_t *smem = smem_aligned(smem4);
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
+    double e_sum = 0.0, v_sum = 0.0;
+    pass2_body<T, KS, NSP, HPS, STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
+                                        p.acc + (size_t)g * p.S, e_sum, v_sum);
+    block_sums(p, smem, e_sum, v_sum);
+}
+
+// The same on wgmma (score_mma_dev.cuh's pass2_body_wg, its shape): two stages and the
+// queries' room, two blocks an SM.
+constexpr int WG_STAGES = 2;
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p)
+{
+    extern __shared__ uint4 smem4[];
+    uint8_t *smem = smem_aligned(smem4);
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
+    double e_sum = 0.0, v_sum = 0.0;
+    pass2_body_wg<T, WG_STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
+                                p.acc + (size_t)g * p.S, e_sum, v_sum);
+    block_sums(p, smem, e_sum, v_sum);
+}
+
+template <typename T, int KS, int NSP, int HPS>
 int launch_pass2(mparams &p, const score_mma_args &a)
 {
+    if constexpr (KS == 8 && NSP == 4 && HPS == 1)
+        if (score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
+            static kern_attrs wset[SCORE_MAX_DEV];
+            size_t wb = SMEM_ALIGN + WG_STAGES * shape<8>::STAGE_BYTES + WG_Q_BYTES;
+            if (int rc = smem_limit(mpass2_wg<T>, wset, a.dev, wb, -1))
+                return rc;
+            mpass2_wg<T><<<dim3(a.chunks2, a.hkv), THREADS, wb, (cudaStream_t)a.stream>>>(p);
+            CK(cudaGetLastError());
+            return 0;
+        }
     static kern_attrs set[SCORE_MAX_DEV];
     size_t bytes = SMEM_ALIGN + STAGES * shape<KS>::STAGE_BYTES + (size_t)2 * TK * NSP * HPS * 2 * sizeof(float);
     if (int rc = smem_limit(mpass2<T, KS, NSP, HPS>, set, a.dev, bytes, -1))
@@ -128,6 +162,46 @@ int score_carveout(int own)
 extern "C" int kern_cuda_set_carveout(int percent)
 {
     return carveout.exchange(percent < -2 ? CARVE_OWN : percent < 0 ? percent : percent > 100 ? 100 : percent);
+}
+
+// kern_cuda_score_set_wgmma's setting; -1: CAKE_WGMMA's ("0": off), read at first use
+static std::atomic<int> wg_allowed{-1};
+
+static int wg_setting()
+{
+    int v = wg_allowed.load();
+    if (v < 0) {
+        const char *env = getenv("CAKE_WGMMA");
+        int want = env && !strcmp(env, "0") ? 0 : 1;
+        wg_allowed.compare_exchange_strong(v, want);
+        v = wg_allowed.load();
+    }
+    return v;
+}
+
+extern "C" int kern_cuda_score_set_wgmma(int on)
+{
+    int prev = wg_setting();
+    wg_allowed.store(on ? 1 : 0);
+    return prev;
+}
+
+bool score_wg_on(int dev)
+{
+    static std::atomic<int> cc[SCORE_MAX_DEV]; // major * 10 + minor, plus one (0: not asked)
+    if (!wg_setting() || dev < 0 || dev >= SCORE_MAX_DEV)
+        return false;
+    int v = cc[dev].load();
+    if (!v) {
+        int ma = 0, mi = 0;
+        if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        cc[dev].store(v = ma * 10 + mi + 1);
+    }
+    return v == 91; /* 9.0: the sm_90a code's wgmma */
 }
 
 uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d)

@@ -483,6 +483,154 @@ __device__ void pass2_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
         finish(nt - 1);
 }
 
+// ---- pass 2 on Hopper's wgmma (sm_90a): the block's two warpgroups each multiply 64 keys of
+// a stage by all 128 query columns of the kv head in one chain of 8 m64n128k16 (A the keys,
+// B the queries, both from shared memory in the stages' 128-byte swizzled rows, which are
+// wgmma's K-major layout with a 128-byte swizzle), so no query fragments sit in registers
+// and the tensor work is 8 instructions a warpgroup and stage, not 128 mma.sync a warp. A
+// thread then holds 2 keys x 32 columns: every head's 8 values of its keys, so a key's sum
+// over the heads needs one quad's shuffles and no shared memory (no `part`, no finish).
+// The shape: head_dim 128, 4 heads of 32 window rows a kv head (8B models' GQA with CAKE's
+// default window), the queries' 32 KB beside ST stages. Compiled for other targets (no
+// wgmma) the same entry runs pass2_body, the queries' room holding its partial sums.
+__host__ __device__ constexpr bool wg_shape(uint32_t ks, uint32_t G, uint32_t nq, uint32_t nqp)
+{
+    return ks == 8 && G == 4 && nq == 32 && nqp == 32;
+}
+constexpr size_t WG_Q_BYTES = 2 * (size_t)TK * 128; // 128 query rows, two 64-element atoms
+static_assert(WG_Q_BYTES >= (size_t)2 * TK * 4 * 1 * 2 * sizeof(float), "the fallback's partial sums fit");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// a K-major operand in 128-byte swizzled rows: 8-row groups 1024 bytes apart
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr)
+{
+    return (uint64_t)((saddr & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 |
+           (uint64_t)1 << 62;
+}
+template <typename T> __device__ __forceinline__ void wg_mma(float (&d)[64], uint64_t da, uint64_t db, int acc);
+template <> __device__ __forceinline__ void wg_mma<__nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wg_mma<__half>(float (&d)[64], uint64_t da, uint64_t db, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+#endif
+
+// pass2_body's contract (keys [c0, c1) of kv head g, acc[j], e_sum, v_sum) for wg_shape's
+// shape, with ST stages and then WG_Q_BYTES of the queries at smem.
+template <typename T, int ST, bool ENT = true>
+__device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
+                              const float *rowM, const float *rowLnL, float *acc, double &e_sum,
+                              double &v_sum)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using sh = shape<8>;
+    uint8_t *qs = smem + ST * sh::STAGE_BYTES;
+    uint32_t tid = threadIdx.x, wg = tid / 128, wi = tid % 128 / 32, lane = tid % 32;
+    uint32_t nt = (c1 - c0 + TK - 1) / TK;
+    for (uint32_t x = tid; x < 128 * 16; x += THREADS) { // column c's row, 16 pieces
+        uint32_t c = x / 16, v = x % 16;
+        const uint8_t *row = p.ring_off ? ring_row(p, g * p.G + c / p.nqp, (p.first + c % p.nqp) % p.w)
+                                        : (const uint8_t *)p.q + ((size_t)g * p.G * p.nq + c) * p.d * 2;
+        cp_async16(qs + swz<8>(c, v), row + v * 16, true);
+    }
+    // backwards, as pass2_body (the tail pass 1 read last is still in L2)
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < (int)nt)
+            load_tile<8>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    float B2[32]; // the thread's columns 8i + 2 (lane % 4) + e: log2 of their normalizers
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            uint32_t c = 8 * i + 2 * (lane % 4) + e;
+            B2[2 * i + e] = (rowM[c] + rowLnL[c]) * LOG2E;
+        }
+    const float nq = (float)p.nq, inq = 1.0f / p.nq, inq1 = 1.0f / (p.nq - 1);
+    uint32_t qa = (uint32_t)__cvta_generic_to_shared(qs);
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<ST - 2>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
+        __syncthreads();
+        if (k + ST - 1 < nt)
+            load_tile<8>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
+                         smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        cp_async_commit();
+        uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem + (k % ST) * sh::STAGE_BYTES) + wg * 64 * 128;
+        uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        float d[64]; // the first step overwrites it (scale-d 0)
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) { // k16 steps: 32 bytes into an atom's rows, 4 an atom
+            uint32_t off = (kk / 4) * (uint32_t)sh::ATOM_BYTES + (kk % 4) * 32;
+            wg_mma<T>(d, wg_desc(sa + off), wg_desc(qa + off), kk > 0);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
+            asm volatile("" : "+f"(d[i])::"memory");
+        float ent[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++) { // the thread's keys: rows lane / 4 and + 8 of its warp's 16
+            uint32_t j = j0 + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
+            bool live = j < c1;
+            float I = 0.0f, V = 0.0f;
+#pragma unroll
+            for (int h = 0; h < 4; h++) { // head h: n8 chunks 4h..4h+3, two columns each
+                float pv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int i = 4 * h + u / 2, e = u % 2;
+                    float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
+                    pr = live ? pr : 0.0f, x = live ? x : 0.0f;
+                    pv[u] = pr;
+                    if (ENT)
+                        ent[e] = fmaf(pr, x, ent[e]);
+                }
+                // deviations from the head's first probability (quad lane 0's), as pass2_body
+                float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
+                float s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    float dl = pv[u] - p0;
+                    s1[u % 2] += dl, s2[u % 2] = fmaf(dl, dl, s2[u % 2]);
+                }
+                float a = s1[0] + s1[1], b = s2[0] + s2[1];
+                a += __shfl_xor_sync(0xffffffffu, a, 1);
+                b += __shfl_xor_sync(0xffffffffu, b, 1);
+                a += __shfl_xor_sync(0xffffffffu, a, 2);
+                b += __shfl_xor_sync(0xffffffffu, b, 2);
+                float mean = fmaf(nq, p0, a) * inq, var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1;
+                I += p.mw * mean + p.gamma * var;
+                V += var;
+            }
+            if (live && lane % 4 == 0) {
+                acc[j] = I;
+                v_sum += V;
+            }
+        }
+        if (ENT)
+            e_sum += ent[0] + ent[1];
+    }
+    cp_async_wait<0>();
+    __syncthreads(); // the stages are free for the caller
+#else
+    pass2_body<T, 8, 4, 1, ST, ENT>(p, g, c0, c1, smem, rowM, rowLnL, acc, e_sum, v_sum);
+#endif
+}
+
 // Query columns padded per head to nqp: 8, 16 or 32 (a divisor of a warp's 32 columns) or
 // a multiple of 32, so no n-tile mixes heads.
 __host__ __device__ inline uint32_t pad_nq(uint32_t nq)

@@ -137,18 +137,19 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     struct kern_cuda_kv dkv = {dt, Hkv, d, tpp, n, dbase, doff, half};
     double E, V, E2, V2;
     const char *name = dt == KERN_BF16 ? "bf16" : "f16";
-    for (int wmma = 1; wmma >= 0; wmma--) { /* the WMMA passes, then the default */
-        kern_cuda_score_set_wmma(wmma);
+    for (int mode = 2; mode >= 0; mode--) { /* the WMMA passes, mma.sync, the default (wgmma where it fits) */
+        int wmma = mode == 2;
+        kern_cuda_score_set_wmma(wmma), kern_cuda_score_set_wgmma(mode == 0);
         int rc = kern_cuda_score_layer(&dkv, dq, H, nq, S, 200.0f, dind, &E, &V, ws, wsb, NULL);
         EXPECT(rc == 0, "score rc %d", rc);
         CK(cudaMemcpy(got, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
         /* cake-parity's rule for the layer statistics (they set the budgets): 1e-4 */
-        EXPECT(fabs(E - ro.entropy) <= 1e-4 * fabs(ro.entropy), "%s n=%u wmma=%d entropy %.9g vs %.9g", name, n,
-               wmma, E, ro.entropy);
-        EXPECT(fabs(V - ro.variance) <= 1e-4 * fabs(ro.variance), "%s n=%u wmma=%d variance %.9g vs %.9g", name,
-               n, wmma, V, ro.variance);
+        EXPECT(fabs(E - ro.entropy) <= 1e-4 * fabs(ro.entropy), "%s n=%u mode=%d entropy %.9g vs %.9g", name, n,
+               mode, E, ro.entropy);
+        EXPECT(fabs(V - ro.variance) <= 1e-4 * fabs(ro.variance), "%s n=%u mode=%d variance %.9g vs %.9g", name,
+               n, mode, V, ro.variance);
         double worst = rel_err(ref, got, Hkv, S);
-        EXPECT(worst <= 1e-3, "%s n=%u wmma=%d indicator rel err %.3g", name, n, wmma, worst);
+        EXPECT(worst <= 1e-3, "%s n=%u mode=%d indicator rel err %.3g", name, n, mode, worst);
         if (wmma)
             printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u, WMMA passes: entropy rel %.2e, variance rel %.2e, "
                    "indicator rel %.2e\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
@@ -163,13 +164,14 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
         size_t lwsb = kern_cuda_score_pool_workspace(Hkv, H, nq, n, S, KERN_POOL_MAX);
         void *lws;
         CK(cudaMalloc(&lws, lwsb));
-        for (int wmma = 1; wmma >= 0; wmma--)
+        for (int mode = 2; mode >= 0; mode--) /* WMMA, mma.sync, the default (wgmma) */
             for (int max7 = 0; max7 < 2; max7++) {
+                int wmma = mode == 2;
                 struct kern_score_args b = a;
                 b.pool = max7 ? KERN_POOL_MAX : KERN_POOL_AVG, b.pool_kernel = max7 ? 7 : 5;
                 struct kern_score_out lo = {.indicator = ref};
                 kern_score_layer_ref(&b, &lo);
-                kern_cuda_score_set_wmma(wmma);
+                kern_cuda_score_set_wmma(wmma), kern_cuda_score_set_wgmma(mode == 0);
                 CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S));
                 int rc = kern_cuda_score_layer_pool(&dkv, dq, dlse, H, nq, S, 200.0f, 0, b.pool,
                                                     b.pool_kernel / 2, dind, &E, &V, lws, lwsb, NULL);
@@ -178,8 +180,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                 double e = rel_err(ref, got, Hkv, S);
                 EXPECT(fabs(E - lo.entropy) <= 1e-4 * fabs(lo.entropy) &&
                            fabs(V - lo.variance) <= 1e-4 * fabs(lo.variance) && e <= 1e-3,
-                       "%s n=%u wmma=%d max7=%d with lse: entropy %.9g vs %.9g, variance %.9g vs "
-                       "%.9g, indicator rel err %.3g", name, n, wmma, max7, E, lo.entropy, V,
+                       "%s n=%u mode=%d max7=%d with lse: entropy %.9g vs %.9g, variance %.9g vs "
+                       "%.9g, indicator rel err %.3g", name, n, mode, max7, E, lo.entropy, V,
                        lo.variance, e);
             }
         kern_cuda_score_set_wmma(0);
@@ -1247,6 +1249,10 @@ int main(void)
             run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0, 0);
             run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
             run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
+            kern_cuda_score_set_wgmma(0); /* pass 2 on mma.sync where wgmma takes it */
+            run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
+            run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
+            kern_cuda_score_set_wgmma(1);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
             run_compact_many(ts[i], 8, 128, 16);
@@ -1286,6 +1292,11 @@ int main(void)
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);  /* the same filling holes, the newest given */
         run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
         run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 1, 1);
+        kern_cuda_score_set_wgmma(0); /* pass 2 on mma.sync where wgmma takes it */
+        run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0, 0);
+        run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
+        kern_cuda_score_set_wgmma(1);
         run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
         run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
         run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
