@@ -1,6 +1,6 @@
 #!/bin/sh
-# device-wgmma.sh - for the branch wip/wgmma-pass2 on a GPU machine (the device tool: carry .debs, .data, .golden):
-# CAKE_WGMMA=0/1 side by side (bench-gpu). carry [".debs", ".data", ".golden"]
+# device-wgmma.sh - the branch wip/wgmma-pass2 on a GPU machine: the standalone prototype's check and
+# timing, the GPU tests, parity, then CAKE_WGMMA=0/1 side by side (device tool: carry .debs, .data, .golden).
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgp2 tools/wgp2.cu && timeout 60 /tmp/wgp2 2>&1 | tee $OUT/wgp2.txt
