@@ -582,45 +582,53 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
         for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
             asm volatile("" : "+f"(d[i])::"memory");
         float ent[2] = {0.0f, 0.0f};
+        // a tile wholly inside the chunk needs no test of its keys (two selects a probability)
+        auto epilogue = [&](auto tail) {
 #pragma unroll
-        for (int e2 = 0; e2 < 2; e2++) { // the thread's keys: rows lane / 4 and + 8 of its warp's 16
-            uint32_t j = j0 + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
-            bool live = j < c1;
-            float I = 0.0f, V = 0.0f;
+            for (int e2 = 0; e2 < 2; e2++) { // the thread's keys: rows lane / 4 and + 8 of its warp's 16
+                uint32_t j = j0 + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
+                bool live = !decltype(tail)::value || j < c1;
+                float I = 0.0f, V = 0.0f;
 #pragma unroll
-            for (int h = 0; h < 4; h++) { // head h: n8 chunks 4h..4h+3, two columns each
-                float pv[8];
+                for (int h = 0; h < 4; h++) { // head h: n8 chunks 4h..4h+3, two columns each
+                    float pv[8];
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    int i = 4 * h + u / 2, e = u % 2;
-                    float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
-                    pr = live ? pr : 0.0f, x = live ? x : 0.0f;
-                    pv[u] = pr;
-                    if (ENT)
-                        ent[e] = fmaf(pr, x, ent[e]);
+                    for (int u = 0; u < 8; u++) {
+                        int i = 4 * h + u / 2, e = u % 2;
+                        float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
+                        if (decltype(tail)::value)
+                            pr = live ? pr : 0.0f, x = live ? x : 0.0f;
+                        pv[u] = pr;
+                        if (ENT)
+                            ent[e] = fmaf(pr, x, ent[e]);
+                    }
+                    // deviations from the head's first probability (quad lane 0's), as pass2_body
+                    float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
+                    float s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        float dl = pv[u] - p0;
+                        s1[u % 2] += dl, s2[u % 2] = fmaf(dl, dl, s2[u % 2]);
+                    }
+                    float a = s1[0] + s1[1], b = s2[0] + s2[1];
+                    a += __shfl_xor_sync(0xffffffffu, a, 1);
+                    b += __shfl_xor_sync(0xffffffffu, b, 1);
+                    a += __shfl_xor_sync(0xffffffffu, a, 2);
+                    b += __shfl_xor_sync(0xffffffffu, b, 2);
+                    float mean = fmaf(nq, p0, a) * inq, var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1;
+                    I += p.mw * mean + p.gamma * var;
+                    V += var;
                 }
-                // deviations from the head's first probability (quad lane 0's), as pass2_body
-                float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
-                float s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    float dl = pv[u] - p0;
-                    s1[u % 2] += dl, s2[u % 2] = fmaf(dl, dl, s2[u % 2]);
+                if (live && lane % 4 == 0) {
+                    acc[j] = I;
+                    v_sum += V;
                 }
-                float a = s1[0] + s1[1], b = s2[0] + s2[1];
-                a += __shfl_xor_sync(0xffffffffu, a, 1);
-                b += __shfl_xor_sync(0xffffffffu, b, 1);
-                a += __shfl_xor_sync(0xffffffffu, a, 2);
-                b += __shfl_xor_sync(0xffffffffu, b, 2);
-                float mean = fmaf(nq, p0, a) * inq, var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1;
-                I += p.mw * mean + p.gamma * var;
-                V += var;
             }
-            if (live && lane % 4 == 0) {
-                acc[j] = I;
-                v_sum += V;
-            }
-        }
+        };
+        if (j0 + TK <= c1)
+            epilogue(std::false_type());
+        else
+            epilogue(std::true_type());
         if (ENT)
             e_sum += ent[0] + ent[1];
     }
