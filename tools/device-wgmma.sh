@@ -3,8 +3,11 @@
 # timing, the GPU tests, parity, then CAKE_WGMMA=0/1 side by side (device tool: carry .debs, .data, .golden).
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
+# the project builds (CPU) while the prototype runs (GPU)
+(TARGETS="test_gpu_kernels test_gpu_seq test_gpu_pressure test_gpu_policies test_gpu_daemon test_gpu_share bench-gpu caked cake cachectl cake-parity" sh tools/device-build.sh > $OUT/devbuild.txt 2>&1; echo $? > /tmp/build.rc) &
 nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgp2 tools/wgp2.cu && timeout 60 /tmp/wgp2 2>&1 | tee $OUT/wgp2.txt
-TARGETS="test_gpu_kernels test_gpu_seq test_gpu_pressure test_gpu_policies test_gpu_daemon test_gpu_share bench-gpu caked cake cachectl cake-parity" sh tools/device-build.sh || { cp /tmp/devbuild/*.log $OUT 2>/dev/null; echo build failed; exit 1; }
+wait
+[ "$(cat /tmp/build.rc)" = 0 ] || { cat $OUT/devbuild.txt; echo build failed; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 B=/tmp/devbuild
 (CAKE_GPU_TEST_QUICK=1 timeout 200 $B/tests/test_gpu_kernels > $OUT/kernels.log 2>&1; echo "kernels rc=$?"; grep -E "FAIL|subset|illegal|DIFFER|mode=" $OUT/kernels.log | cut -c1-200 | head -12)

@@ -215,6 +215,7 @@ int main(int argc, char **argv)
             CK(cudaMemcpy(acc.data(), dacc, acc.size() * 4, cudaMemcpyDeviceToHost));
             CK(cudaMemcpy(tot, dst, 16, cudaMemcpyDeviceToHost));
             double worst = 0, rent = 0, rvar = 0;
+            int shown = 0;
             for (uint32_t g = 0; g < HKV; g++) {
                 std::vector<double> ref(S);
                 double big = 0;
@@ -235,7 +236,12 @@ int main(int argc, char **argv)
                     }
                     ref[j] = I, big = fmax(big, fabs(I));
                 }
-                for (uint32_t j = 0; j < S; j++) worst = fmax(worst, fabs(acc[(size_t)g * S + j] - ref[j]) / big);
+                for (uint32_t j = 0; j < S; j++) {
+                    double err = fabs(acc[(size_t)g * S + j] - ref[j]) / big;
+                    if (err > 1e-4 && shown < 8) // where a layout error shows: the key's place in its tile
+                        printf("  g %u key %u (tile row %u): %.6g, reference %.6g\n", g, j, j % TK, acc[(size_t)g * S + j], ref[j]), shown++;
+                    worst = fmax(worst, err);
+                }
             }
             printf("check n=%u: indicator error %.3g of the head's largest (tolerance 1e-4); entropy %.6g vs %.6g, "
                    "variance %.6g vs %.6g\n", n, worst, tot[0], rent, tot[1], rvar);
