@@ -152,8 +152,8 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
     __syncthreads();
 }
 
-// WG: pass 2 on wgmma (score_mma_dev.cuh's pass2_body_wg; its shape only), a kernel of its
-// own so that neither body's registers weigh on the other
+// WG: passes 1 and 2 on wgmma (score_mma_dev.cuh's pass1_body_wg and pass2_body_wg; their
+// shape only), a kernel of its own so that neither body's registers weigh on the other
 template <typename T, int KS, int NSP, int HPS, bool WG = false>
 __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 {
@@ -234,7 +234,10 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
                 rowM[c] = v, rowL[c] = 0.0f;
             }
         } else {
-            pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
+            if constexpr (WG)
+                pass1_body_wg<T, EST>(p, g, 0, p.n, smem, rowM, rowL);
+            else
+                pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
             __syncthreads();
             for (uint32_t c = tid; c < p.Rp; c += THREADS)
                 rowL[c] = rowL[c] > 0.0f ? logf(rowL[c]) : -INFINITY;

@@ -42,8 +42,18 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
     pass1_body<T, KS, NSP, STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at);
 }
 
-// HPS: heads a slice's 32 columns hold (32 / nqp, or 1), known when compiled so that the
-// segment sums unroll into straight-line code
+// Pass 1 on wgmma (score_mma_dev.cuh's pass1_body_wg, its shape): the queries in registers,
+// three stages, two blocks an SM.
+constexpr int WG1_STAGES = 3;
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 2) mpass1_wg(mparams p)
+{
+    extern __shared__ uint4 smem4[];
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.n);
+    size_t at = ((size_t)g * p.chunks1 + blockIdx.x) * p.Rp;
+    pass1_body_wg<T, WG1_STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at);
+}
+
 // the block's entropy and variance sums, in a fixed order, to p.ent / p.var (smem free)
 __device__ void block_sums(const mparams &p, uint8_t *smem, double e_sum, double v_sum)
 {
@@ -124,6 +134,14 @@ int launch(mparams &p, const score_mma_args &a)
     int rc;
     if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
+    } else if (KS == 8 && NSP == 4 && score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
+        static kern_attrs wset[SCORE_MAX_DEV];
+        size_t wb = SMEM_ALIGN + WG1_STAGES * shape<8>::STAGE_BYTES;
+        if (int rc1 = smem_limit(mpass1_wg<T>, wset, a.dev, wb, -1))
+            return rc1;
+        mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p);
+        CK(cudaGetLastError());
+        rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     } else {
         mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
         CK(cudaGetLastError());

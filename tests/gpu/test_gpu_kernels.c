@@ -1242,6 +1242,9 @@ int main(void)
         printf("CAKE_GPU_TEST_QUICK: a subset\n");
         for (int i = 0; i < 2; i++) {
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
+            q_amp = 4.0; /* pass 1 raises its bases mid-chunk (wgmma's lazy base too) */
+            run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
+            q_amp = 1.0;
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
@@ -1249,7 +1252,7 @@ int main(void)
             run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 0, 0);
             run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
             run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
-            kern_cuda_score_set_wgmma(0); /* pass 2 on mma.sync where wgmma takes it */
+            kern_cuda_score_set_wgmma(0); /* passes 1 and 2 on mma.sync where wgmma takes them */
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
             kern_cuda_score_set_wgmma(1);
@@ -1273,7 +1276,7 @@ int main(void)
         run_case(ts[i], 4, 2, 64, 2000 + (uint32_t)(urand() * 500), 64, 33, 300);    /* a head over 2 slices */
         run_case(ts[i], 16, 2, 128, 1500 + (uint32_t)(urand() * 500), 4, 64, 200);   /* window 4: 4 heads a slice */
         run_case(ts[i], 1, 1, 64, 28, 8, 5, 10); /* short prompt: peaked attention, variance from cancellation */
-        q_amp = 4.0; /* logits over a range of ~2^17: pass 1 raises its exponent bases mid-chunk */
+        q_amp = 4.0; /* logits over a range of ~2^17: pass 1 raises its exponent bases mid-chunk (wgmma's lazily) */
         run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
@@ -1292,7 +1295,7 @@ int main(void)
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);  /* the same filling holes, the newest given */
         run_decode_evict_carry(ts[i], 6, 2, 64, 16, 7, 1, 0);
         run_decode_evict_carry(ts[i], 16, 2, 128, 32, 32, 1, 1);
-        kern_cuda_score_set_wgmma(0); /* pass 2 on mma.sync where wgmma takes it */
+        kern_cuda_score_set_wgmma(0); /* passes 1 and 2 on mma.sync where wgmma takes them */
         run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0, 0);
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
