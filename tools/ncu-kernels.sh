@@ -9,7 +9,7 @@
 # also why warps wait (stall reasons per issued instruction: long/short scoreboard, barrier,
 # wait, math pipe, ...) and the special-function pipe's share. A cascading stage's launches over
 # one 32K layer (select, gather, scatter) come last. Logs in $OUT.
-# Usage: [BUILD=dir] [STALLS=1] sh tools/ncu-kernels.sh
+# Usage: [BUILD=dir] [STALLS=1] [ONLY="score-pass1 evict ..."] sh tools/ncu-kernels.sh
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 b=${BUILD:-build}/tools/bench-gpu
@@ -22,6 +22,7 @@ m=$m,smsp__issue_active.avg.pct_of_peak_sustained_active
     m=regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,$m,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active
 prof() { # name, kernel regex, launches to skip, bench-gpu args
     name=$1 k=$2 skip=$3
+    case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac
     shift 3
     ncu --clock-control none -k "regex:$k" --launch-skip "$skip" -c 1 --metrics "$m" "$b" "$@" \
         >"$out/ncu-$name.log" 2>&1 || { echo "$name: ncu failed (see $out/ncu-$name.log)"; return; }

@@ -52,7 +52,18 @@ __device__ __forceinline__ void wgmma(float (&d)[64], uint64_t da, uint64_t db, 
                  : "l"(da), "l"(db), "r"(acc));
 }
 
-template <int ST, int BPS> __global__ void __launch_bounds__(THREADS, BPS) wgp2(params p)
+__device__ __forceinline__ void wgmma64(float (&d)[32], uint64_t da, uint64_t db, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+
+// MODE 0: as score_mma_dev.cuh; 1: no epilogue (the loads and the multiplies alone); 2: no
+// multiply (the loads and the epilogue over made-up values); 3: the 128 columns as two
+// m64n64 chains, the first half's epilogue (heads 0, 1) while the second half multiplies
+template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, BPS) wgp2(params p)
 {
     extern __shared__ uint8_t smraw[];
     uint8_t *sm = smraw + ((1024 - su32(smraw) % 1024) % 1024);
@@ -102,52 +113,102 @@ template <int ST, int BPS> __global__ void __launch_bounds__(THREADS, BPS) wgp2(
             load(k + ST - 1, sm + ((k + ST - 1) % ST) * STAGE);
         asm volatile("cp.async.commit_group;\n");
         const uint8_t *st = sm + (k % ST) * STAGE;
-        float d[64]; // the first step overwrites it (scale-d 0)
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        float d[64]; // the first step overwrites it (scale-d 0); MODE 3: [0, 32) heads 0-1, [32, 64) heads 2-3
+        float(&dA)[32] = *reinterpret_cast<float(*)[32]>(&d[0]);
+        float(&dB)[32] = *reinterpret_cast<float(*)[32]>(&d[32]);
+        if (MODE == 2) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t off = (kk / 4) * ATOM + (kk % 4) * 32;
-            wgmma(d, desc(su32(st) + off + wg * 64 * 128), desc(su32(qs) + (kk / 4) * (COLS * 128) + (kk % 4) * 32), kk > 0);
+            for (int i = 0; i < 64; i++)
+                d[i] = (float)(k & 7) * 0.01f + (float)i * 0.003f;
+        } else {
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            if (MODE == 3) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t off = (kk / 4) * ATOM + (kk % 4) * 32;
+                    wgmma64(dA, desc(su32(st) + off + wg * 64 * 128), desc(su32(qs) + (kk / 4) * (COLS * 128) + (kk % 4) * 32), kk > 0);
+                }
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t off = (kk / 4) * ATOM + (kk % 4) * 32;
+                    wgmma64(dB, desc(su32(st) + off + wg * 64 * 128), desc(su32(qs) + 64 * 128 + (kk / 4) * (COLS * 128) + (kk % 4) * 32), kk > 0);
+                }
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#pragma unroll
+                for (int i = 0; i < 32; i++)
+                    asm volatile("" : "+f"(dA[i])::"memory");
+            } else {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t off = (kk / 4) * ATOM + (kk % 4) * 32;
+                    wgmma(d, desc(su32(st) + off + wg * 64 * 128), desc(su32(qs) + (kk / 4) * (COLS * 128) + (kk % 4) * 32), kk > 0);
+                }
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+                for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
+                    asm volatile("" : "+f"(d[i])::"memory");
+            }
         }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (MODE == 1) {
+            if (lane % 4 == 0 && d[0] == 12345.0f) // keeps the multiplies' results live
+                p.acc[(size_t)g * p.S + c0] = d[63];
+            continue;
+        }
+        float I[2] = {0.0f, 0.0f}, V[2] = {0.0f, 0.0f};
+        // heads [h0, h1): in MODE 3 head h's values sit at d[32 (h / 2) + 4 (4 (h % 2) + u / 2) + ...],
+        // which is the full layout's d[4 (4h + u / 2) + ...] as well
+        auto heads = [&](int h0, int h1) {
 #pragma unroll
-        for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
-            asm volatile("" : "+f"(d[i])::"memory");
+            for (int e2 = 0; e2 < 2; e2++) {
+                uint32_t j = c0 + k * TK + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
+                bool live = j < c1;
+#pragma unroll
+                for (int h = h0; h < h1; h++) {
+                    float pv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) { // chunk 4h + u / 2, column e = u % 2
+                        int i = 4 * h + u / 2, e = u % 2;
+                        float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
+                        pr = live ? pr : 0.0f, x = live ? x : 0.0f;
+                        pv[u] = pr;
+                        if (u % 2) ent1 = fmaf(pr, x, ent1); else ent0 = fmaf(pr, x, ent0);
+                    }
+                    float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
+                    float s1a = 0.0f, s1b = 0.0f, s2a = 0.0f, s2b = 0.0f;
+#pragma unroll
+                    for (int u = 0; u < 8; u += 2) {
+                        float da = pv[u] - p0, db = pv[u + 1] - p0;
+                        s1a += da, s2a = fmaf(da, da, s2a), s1b += db, s2b = fmaf(db, db, s2b);
+                    }
+                    float a = s1a + s1b, b = s2a + s2b;
+                    a += __shfl_xor_sync(0xffffffffu, a, 1);
+                    b += __shfl_xor_sync(0xffffffffu, b, 1);
+                    a += __shfl_xor_sync(0xffffffffu, a, 2);
+                    b += __shfl_xor_sync(0xffffffffu, b, 2);
+                    float var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1, mean = fmaf(nq, p0, a) * inq;
+                    I[e2] += mean + p.gamma * var, V[e2] += var;
+                }
+            }
+        };
+        if (MODE == 3) {
+            heads(0, 2);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                asm volatile("" : "+f"(dB[i])::"memory");
+            heads(2, 4);
+        } else {
+            heads(0, 4);
+        }
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
             uint32_t j = c0 + k * TK + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
-            bool live = j < c1;
-            float I = 0.0f, V = 0.0f;
-#pragma unroll
-            for (int h = 0; h < G; h++) {
-                float pv[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) { // chunk 4h + u / 2, column e = u % 2
-                    int i = 4 * h + u / 2, e = u % 2;
-                    float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
-                    pr = live ? pr : 0.0f, x = live ? x : 0.0f;
-                    pv[u] = pr;
-                    if (u % 2) ent1 = fmaf(pr, x, ent1); else ent0 = fmaf(pr, x, ent0);
-                }
-                float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
-                float s1a = 0.0f, s1b = 0.0f, s2a = 0.0f, s2b = 0.0f;
-#pragma unroll
-                for (int u = 0; u < 8; u += 2) {
-                    float da = pv[u] - p0, db = pv[u + 1] - p0;
-                    s1a += da, s2a = fmaf(da, da, s2a), s1b += db, s2b = fmaf(db, db, s2b);
-                }
-                float a = s1a + s1b, b = s2a + s2b;
-                a += __shfl_xor_sync(0xffffffffu, a, 1);
-                b += __shfl_xor_sync(0xffffffffu, b, 1);
-                a += __shfl_xor_sync(0xffffffffu, a, 2);
-                b += __shfl_xor_sync(0xffffffffu, b, 2);
-                float var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1, mean = fmaf(nq, p0, a) * inq;
-                I += mean + p.gamma * var, V += var;
-            }
-            if (live && lane % 4 == 0) {
-                p.acc[(size_t)g * p.S + j] = I;
-                vsum += V;
+            if (j < c1 && lane % 4 == 0) {
+                p.acc[(size_t)g * p.S + j] = I[e2];
+                vsum += V[e2];
             }
         }
     }
@@ -171,8 +232,11 @@ int main(int argc, char **argv)
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    struct variant { void (*k)(params); int st, bps; } vs[] = {
-        {wgp2<2, 2>, 2, 2}, {wgp2<3, 1>, 3, 1}, {wgp2<4, 1>, 4, 1}, {wgp2<5, 1>, 5, 1}};
+    struct variant { void (*k)(params); int st, bps, mode; } vs[] = {
+        {wgp2<2, 2, 0>, 2, 2, 0}, {wgp2<2, 2, 3>, 2, 2, 3}, {wgp2<2, 2, 1>, 2, 2, 1}, {wgp2<2, 2, 2>, 2, 2, 2},
+        {wgp2<4, 1, 0>, 4, 1, 0}, {wgp2<4, 1, 3>, 4, 1, 3}};
+    static const char *modes[] = {"", ", split in two n64 halves", ", no epilogue (loads and multiplies)",
+                                  ", no multiply (loads and epilogue)"};
     for (auto &v : vs)
         CK(cudaFuncSetAttribute(v.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(v.st * STAGE + QBYTES + 1024)));
     float scale = 1.0f / sqrtf((float)D), gamma = 200.0f;
@@ -246,6 +310,8 @@ int main(int argc, char **argv)
             v.k<<<grid, THREADS, smem>>>(p);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
+            if (pass == 0 && (v.mode == 1 || v.mode == 2))
+                continue; // not CAKE's values
             if (pass == 0) { // every key's indicator against the double reference
                 std::vector<float> acc((size_t)HKV * S);
                 double tot[2], worst = 0;
@@ -260,9 +326,9 @@ int main(int argc, char **argv)
                                    acc[(size_t)g * S + j], ref[(size_t)g * S + j]), shown++;
                         worst = fmax(worst, err != err ? INFINITY : err);
                     }
-                printf("check n=%u, %d stages, %d blocks an SM: indicator error %.3g of the head's largest "
-                       "(tolerance 1e-4); entropy %.6g vs %.6g, variance %.6g vs %.6g\n", n, v.st, v.bps, worst,
-                       tot[0], rent, tot[1], rvar);
+                printf("check n=%u, %d stages, %d blocks an SM%s: indicator error %.3g of the head's largest "
+                       "(tolerance 1e-4); entropy %.6g vs %.6g, variance %.6g vs %.6g\n", n, v.st, v.bps,
+                       modes[v.mode], worst, tot[0], rent, tot[1], rvar);
                 continue;
             }
             cudaEvent_t e0, e1;
@@ -281,8 +347,8 @@ int main(int argc, char **argv)
                 best = fminf(best, ms);
             }
             double bw = 2.0 * hk.size() * 2 / (cp * 1e-3), floor_us = hk.size() * 2 / bw * 1e6;
-            printf("%s, n=%u, %d stages, %d blocks an SM: wgmma pass 2 (LSEs given) %.1f us best of 11; floor %.1f us "
-                   "(%.2f TB/s copy): %.2fx; grid %u x %u, chunk %u\n", prop.name, n, v.st, v.bps, best * 1e3,
+            printf("%s, n=%u, %d stages, %d blocks an SM%s: wgmma pass 2 (LSEs given) %.1f us best of 11; floor %.1f us "
+                   "(%.2f TB/s copy): %.2fx; grid %u x %u, chunk %u\n", prop.name, n, v.st, v.bps, modes[v.mode], best * 1e3,
                    floor_us, bw / 1e12, best * 1e3 / floor_us, grid.x, grid.y, chunk);
             cudaFree(tmp);
             cudaEventDestroy(e0), cudaEventDestroy(e1);
