@@ -157,7 +157,6 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
 template <typename T, int KS, int NSP, int HPS, bool WG = false>
 __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
 {
-    static_assert(!WG || (KS == 8 && WG_Q_BYTES == shape<8>::STAGE_BYTES), "pass 1's third stage is the queries' room");
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
     __shared__ seldev::smem sel;
@@ -235,8 +234,8 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
                 rowM[c] = v, rowL[c] = 0.0f;
             }
         } else {
-            if constexpr (WG) // a third stage in the queries' room, which pass 1 leaves free
-                pass1_body_wg<T, EST + 1>(p, g, 0, p.n, smem, rowM, rowL);
+            if constexpr (WG)
+                pass1_body_wg<T, EST>(p, g, 0, p.n, smem, rowM, rowL);
             else
                 pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
             __syncthreads();
