@@ -2,7 +2,8 @@
 # device-wgmma.sh - the wgmma passes on a GPU machine (Hopper, sm_90a): the standalone pass-2
 # prototype's check and timing (tools/wgp2.cu, its stage/occupancy variants), the GPU kernel
 # tests' subset, golden parity, then CAKE_WGMMA=0/1 side by side in bench-gpu and through
-# caked, then the GPU sequence tests. Device tool: carry .debs and .golden; logs under $OUT.
+# caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels.
+# Device tool: carry .debs and .golden; logs under $OUT.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 # the project builds (CPU) while the prototype runs (GPU)
@@ -24,4 +25,6 @@ for v in 0 1; do
 done
 cp /tmp/bs-*.log /tmp/bc-*.log $OUT/
 (cd $B && CACHECTL_BIN=$B/tools/cachectl timeout 150 ctest -R "gpu\.(sequences|pressure|policies|daemon|share)" > /tmp/ctest.log 2>&1; echo "ctest rc=$?"; grep -E "FAIL|tests passed" /tmp/ctest.log | cut -c1-200 | head -6)
+# NCU=1: where the wgmma kernels stand (Nsight Compute, stall reasons)
+[ -z "${NCU:-}" ] || { OUT=/tmp/ncu BUILD=$B STALLS=1 ONLY="score-pass1 score-pass2 evict" timeout 150 sh tools/ncu-kernels.sh > $OUT/ncu.txt 2>&1; tail -60 $OUT/ncu.txt | cut -c1-160; }
 echo "all $(( $(date +%s) - t0 )) s"
