@@ -1233,6 +1233,7 @@ int main(void)
         printf("SKIP: no CUDA device\n");
         return 77;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a run cut by a timeout still shows how far it got */
     rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
     printf("seed %llu\n", (unsigned long long)rs);
     enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
