@@ -11,7 +11,9 @@
 // Exponentials are base 2 with the scale folded into one FMA. Pass 2 walks its chunk
 // backwards: the tail pass 1 read last is still in L2. Per-block partial sums are reduced
 // in a fixed order, so results are reproducible run to run. The passes' bodies are in
-// score_mma_dev.cuh (evict.cu runs them too); the kernels here give them their chunk.
+// score_mma_dev.cuh (evict.cu runs them too); the kernels here give them their chunk. At
+// 8B models' shape on Hopper both passes run on wgmma instead (mpass1_wg, mpass2_wg:
+// score_mma_dev.cuh's *_body_wg), the same contract.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

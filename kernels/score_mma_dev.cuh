@@ -1,7 +1,8 @@
-// score_mma_dev.cuh - internal to the CUDA kernels: the device side of the mma.sync
-// scoring passes (score_mma.cu's plan, see there), as bodies a kernel runs over a range of
-// one kv head's keys: score_mma.cu's passes (many blocks a head, partials merged after) and
-// evict.cu's one-launch decode eviction (one block a head) share them. C++ only.
+// score_mma_dev.cuh - internal to the CUDA kernels: the device side of the scoring passes
+// on mma.sync, and on Hopper's wgmma at one shape (score_mma.cu's plan, see there), as
+// bodies a kernel runs over a range of one kv head's keys: score_mma.cu's passes (many
+// blocks a head, partials merged after) and evict.cu's one-launch decode eviction (one block
+// a head) share them. C++ only.
 #ifndef CAKE_SCORE_MMA_DEV_CUH
 #define CAKE_SCORE_MMA_DEV_CUH
 
