@@ -178,6 +178,20 @@ __device__ __forceinline__ float rebase(float s, float b, float nb)
     return b == -INFINITY ? 0.0f : s * ex2(b - nb);
 }
 
+// Each (base, exp-sum) pair merged with lane ^ o's, for o = o0, 2 o0, ... below o1
+template <int N> __device__ __forceinline__ void merge_xor(float (&b)[N], float (&s)[N], int o0, int o1)
+{
+#pragma unroll
+    for (int o = o0; o < o1; o <<= 1)
+#pragma unroll
+        for (int c = 0; c < N; c++) {
+            float bo = __shfl_xor_sync(0xffffffffu, b[c], o), so = __shfl_xor_sync(0xffffffffu, s[c], o);
+            float nb = fmaxf(b[c], bo);
+            s[c] = rebase(s[c], b[c], nb) + rebase(so, bo, nb);
+            b[c] = nb;
+        }
+}
+
 // Pass 1 of one block: keys [c0, c1) of kv head g against the group's queries, in ST
 // cp.async stages at smem. Writes each padded query column's max (natural-log units of the
 // scaled logits, -inf for none) and exp-sum relative to it to m_out[col], l_out[col].
@@ -273,15 +287,7 @@ __device__ void pass1_body(const mparams &p, uint32_t g, uint32_t c0, uint32_t c
     }
     cp_async_wait<0>();
     // lanes with the same lane % 4 hold the same columns; then the KW warps of a slice
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1)
-#pragma unroll
-        for (int c = 0; c < 8; c++) {
-            float bo = __shfl_xor_sync(0xffffffffu, b[c], o), so = __shfl_xor_sync(0xffffffffu, sm[c], o);
-            float nb = fmaxf(b[c], bo);
-            sm[c] = rebase(sm[c], b[c], nb) + rebase(so, bo, nb);
-            b[c] = nb;
-        }
+    merge_xor(b, sm, 4, 32);
     __syncthreads(); // every warp is done with the stages: reuse them
     float *rb = (float *)smem, *rl = rb + KW * NSP * 32;
     if (lane < 4)
@@ -752,16 +758,7 @@ __device__ void pass1_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
         }
     }
     cp_async_wait<0>();
-    // a row's 32 keys a tile are on its quad's four lanes
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; e2++) {
-            float bo = __shfl_xor_sync(0xffffffffu, b[e2], o), so = __shfl_xor_sync(0xffffffffu, sm[e2], o);
-            float nb = fmaxf(b[e2], bo);
-            sm[e2] = rebase(sm[e2], b[e2], nb) + rebase(so, bo, nb);
-            b[e2] = nb;
-        }
+    merge_xor(b, sm, 1, 4); // a row's 32 keys a tile are on its quad's four lanes
     if (lane % 4 == 0)
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++) {
