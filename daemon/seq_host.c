@@ -117,57 +117,24 @@ static int window_lse(const struct seq_env *e, struct seq *s, uint32_t l, const 
 }
 
 /* After layer l's selection (slots [Hkv][kept] ascending) and before its compaction: each
- * window row's log-sum-exp over the cache the eviction leaves, to lse_host by ring slot - its
- * value less the removed keys' terms, ln(1 - sum exp(s_e - lse)), NaN where they held more
- * than half the row's weight (the next step computes it again). Where over half the prefix
- * goes (a re-slice), every row NaN: a first pass over the keys left costs less than the
- * removed ones' terms. */
+ * window row's log-sum-exp over the cache the eviction leaves, to lse_host by ring slot
+ * (kern_lse_carry: its value less the removed keys' terms, NaN where they held more than half
+ * the row's weight; rows, [H][valid], are overwritten). Where over half the prefix goes (a
+ * re-slice), every row NaN: a first pass over the keys left costs less than the removed
+ * ones' terms. */
 static int carry_lse(struct seq *s, uint32_t l, const struct kern_kv *kv, const uint8_t *q,
-                     uint32_t valid, uint32_t first, const float *rows, const uint32_t *slots,
+                     uint32_t valid, uint32_t first, float *rows, const uint32_t *slots,
                      uint32_t kept, uint32_t S)
 {
-    uint32_t w = s->cfg.window, H = s->H, G = s->H / s->Hkv, d = s->d, R = G * valid;
+    uint32_t w = s->cfg.window, H = s->H;
     float *out = s->lse_host + (size_t)l * H * w;
-    if (2 * (S - kept) > S) {
-        for (uint32_t h = 0; h < H; h++)
-            for (uint32_t i = 0; i < valid; i++)
-                out[(size_t)h * w + (first + i) % w] = NAN;
-        return 0;
-    }
-    float *qf = malloc(sizeof(float) * ((size_t)H * valid * d + d));
-    double *sum = malloc(sizeof(double) * R);
-    if (!qf || !sum) {
-        free(qf), free(sum);
-        return -ENOMEM;
-    }
-    float *kf = qf + (size_t)H * valid * d, scale = 1.0f / sqrtf((float)d);
-    kern_to_f32(s->dt, q, qf, (size_t)H * valid * d);
-    for (uint32_t g = 0; g < s->Hkv; g++) {
-        for (uint32_t r = 0; r < R; r++)
-            sum[r] = 0.0;
-        const uint32_t *kp = slots + (size_t)g * kept;
-        for (uint32_t j = 0, at = 0; j < S; j++) { /* the removed slots: the kept ones' complement */
-            if (at < kept && kp[at] == j) {
-                at++;
-                continue;
-            }
-            kern_to_f32(kv->dtype, kern_kv_key(kv, g, j), kf, d);
-            for (uint32_t r = 0; r < R; r++) {
-                const float *qr = qf + ((size_t)(g * G) * valid + r) * d;
-                float dot = 0.0f;
-                for (uint32_t x = 0; x < d; x++)
-                    dot += qr[x] * kf[x];
-                sum[r] += exp((double)dot * scale - rows[(size_t)g * R + r]);
-            }
-        }
-        for (uint32_t r = 0; r < R; r++) {
-            uint32_t h = g * G + r / valid, i = r % valid;
-            float L = rows[(size_t)g * R + r];
-            out[(size_t)h * w + (first + i) % w] = sum[r] <= 0.5 ? L + (float)log1p(-sum[r]) : NAN;
-        }
-    }
-    free(qf), free(sum);
-    return 0;
+    struct kern_score_args a = {.q = q, .q_dtype = s->dt, .q_heads = H, .n_q = valid, .kv = kv,
+                                .n_scored = S, .n_threads = 1};
+    int reslice = 2 * (S - kept) > S, rc = reslice ? 0 : kern_lse_carry(&a, rows, slots, kept, rows);
+    for (uint32_t h = 0; !rc && h < H; h++)
+        for (uint32_t i = 0; i < valid; i++)
+            out[(size_t)h * w + (first + i) % w] = reslice ? NAN : rows[(size_t)h * valid + i];
+    return rc;
 }
 
 /* Evicts layer l of a decode step (one OpenMP thread per layer; layers share nothing). */

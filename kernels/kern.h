@@ -108,6 +108,18 @@ int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out
  * this way and carries the older rows' (daemon/seq_host.c). Returns 0, -EINVAL, -ENOMEM. */
 int kern_score_lse(const struct kern_score_args *a, float *lse);
 
+/* The same rows' log-sum-exps carried over an eviction: from each row's value before it
+ * (lse, kern_score_lse's layout) less the removed keys' terms, lse + ln(1 - sum over the
+ * removed keys e of exp(s_e - lse)), into out (the same layout; out may be lse). kept holds
+ * each kv head's k kept slots, [kv_heads][k], ascending and below a->n_scored; the prefix's
+ * other slots are the removed ones (the window past n_scored stays). A row whose removed keys
+ * held more than half its weight gets NaN (the difference would lose its digits: compute it
+ * again), as does a row whose lse is NaN. q, q_dtype, q_heads, n_q, kv and n_scored of a are
+ * read. The host's twin of the GPU eviction's (kernels/evict.cu, lse_out). Returns 0,
+ * -EINVAL, -ENOMEM. */
+int kern_lse_carry(const struct kern_score_args *a, const float *lse, const uint32_t *kept, uint32_t k,
+                   float *out);
+
 /* Straightforward double-precision version of kern_score_layer (tests' yardstick):
  * same contract, no rounding, O(n) memory per row. */
 int kern_score_layer_ref(const struct kern_score_args *a, struct kern_score_out *out);

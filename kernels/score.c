@@ -497,6 +497,64 @@ out:
     return rc;
 }
 
+int kern_lse_carry(const struct kern_score_args *a, const float *lse, const uint32_t *kept, uint32_t k,
+                   float *out)
+{
+    const struct kern_kv *kv = a->kv;
+    uint32_t S = a->n_scored;
+    if (!kv || !a->q || !lse || !out || (k && !kept) || kv->kv_heads == 0 || a->q_heads % kv->kv_heads ||
+        a->n_q == 0 || kv->head_dim == 0 || kv->tokens_per_page == 0 || S > kv->n_tokens || k > S)
+        return -EINVAL;
+    uint32_t Hkv = kv->kv_heads, d = kv->head_dim, R = a->q_heads / Hkv * a->n_q;
+    for (uint32_t g = 0; g < Hkv; g++) /* ascending and below S: the walk below relies on it */
+        for (uint32_t i = 0; i < k; i++)
+            if (kept[(size_t)g * k + i] >= S || (i && kept[(size_t)g * k + i] <= kept[(size_t)g * k + i - 1]))
+                return -EINVAL;
+    float *qf = malloc(sizeof(float) * (size_t)a->q_heads * a->n_q * d), scale = 1.0f / sqrtf((float)d);
+    double *sum = malloc(sizeof(double) * R);
+    struct scratch s;
+    int rc = -ENOMEM, have_s = 0;
+    if (!qf || !sum || !(have_s = !scratch_init(&s, R, d)))
+        goto out;
+    kern_to_f32(a->q_dtype, a->q, qf, (size_t)a->q_heads * a->n_q * d);
+    for (uint32_t g = 0; g < Hkv; g++) {
+        const uint32_t *kp = kept + (size_t)g * k;
+        const float *L = lse + (size_t)g * R;
+        uint32_t slot[TILE], tj = 0, at = 0;
+        for (uint32_t r = 0; r < R; r++)
+            sum[r] = 0.0;
+        for (uint32_t j = 0; j <= S; j++) { /* the removed slots, TILE at a time: kept's complement */
+            if (j < S && at < k && kp[at] == j) {
+                at++;
+                continue;
+            }
+            if (j < S)
+                slot[tj++] = j;
+            if (tj == TILE || (j == S && tj)) {
+                memset(s.kt, 0, sizeof(float) * d * TILE);
+                for (uint32_t t = 0; t < tj; t++) {
+                    kern_to_f32(kv->dtype, kern_kv_key(kv, g, slot[t]), s.row, d);
+                    for (uint32_t x = 0; x < d; x++)
+                        s.kt[(size_t)x * TILE + t] = s.row[x];
+                }
+                gemm_tile(qf + (size_t)g * R * d, R, d, s.kt, s.z);
+                for (uint32_t r = 0; r < R; r++)
+                    for (uint32_t t = 0; t < tj; t++)
+                        sum[r] += exp((double)s.z[(size_t)r * TILE + t] * scale - L[r]);
+                tj = 0;
+            }
+        }
+        for (uint32_t r = 0; r < R; r++) /* L before out: out may be lse */
+            out[(size_t)g * R + r] = sum[r] <= 0.5 ? L[r] + (float)log1p(-sum[r]) : NAN;
+    }
+    rc = 0;
+out:
+    free(qf), free(sum);
+    if (have_s)
+        scratch_free(&s);
+    return rc;
+}
+
 int kern_score_layer(const struct kern_score_args *a, struct kern_score_out *out)
 {
     const struct kern_kv *kv = a->kv;

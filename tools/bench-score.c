@@ -102,7 +102,9 @@ static double time_layer(uint32_t n, uint32_t keep, int threads, int reps, enum 
  * plus the step's), the three ways a host sequence's eviction runs it: both passes over
  * the keys for the window's rows; the newest row's first pass (kern_score_lse) and one pass
  * with the older rows' log-sum-exps carried; one pass with the newest row's from the
- * engine too. Best of reps, seconds in t[3]. */
+ * engine too. The carried ways include carrying the rows' values over the step's eviction
+ * (kern_lse_carry, one slot a kv head removed), as daemon/seq_host.c runs it. Best of reps,
+ * seconds in t[3]. */
 static void time_decode(int threads, int reps, double t[3])
 {
     uint32_t n = 1025 + W, S = n - W;
@@ -110,8 +112,9 @@ static void time_decode(int threads, int reps, double t[3])
     uint16_t *page = malloc(kv_elems * 2 * 2), *q = malloc(sizeof(uint16_t) * H * W * D);
     uint16_t *qn = malloc(sizeof(uint16_t) * H * D);
     float *ind = malloc(sizeof(float) * HKV * S), *lse = malloc(sizeof(float) * H * W);
-    float *newest = malloc(sizeof(float) * H);
-    if (!page || !q || !qn || !ind || !lse || !newest) {
+    float *newest = malloc(sizeof(float) * H), *carried = malloc(sizeof(float) * H * W);
+    uint32_t *kept = malloc(sizeof(uint32_t) * HKV * (S - 1)); /* slot 7 + g removed */
+    if (!page || !q || !qn || !ind || !lse || !newest || !carried || !kept) {
         fprintf(stderr, "bench-score: out of memory\n");
         exit(1);
     }
@@ -121,6 +124,10 @@ static void time_decode(int threads, int reps, double t[3])
         q[i] = kern_f32_to_bf16(frand() * 2.0f);
     for (uint32_t h = 0; h < H; h++)
         memcpy(qn + (size_t)h * D, q + ((size_t)h * W + W - 1) * D, sizeof(uint16_t) * D);
+    for (uint32_t g = 0; g < HKV; g++)
+        for (uint32_t j = 0, at = 0; j < S; j++)
+            if (j != 7 + g)
+                kept[(size_t)g * (S - 1) + at++] = j;
     void *pages[1] = {page};
     struct kern_kv kv = {.dtype = KERN_BF16, .kv_heads = HKV, .head_dim = D, .tokens_per_page = n,
                          .n_tokens = n, .pages = pages, .v_offset_bytes = kv_elems * 2};
@@ -146,7 +153,7 @@ static void time_decode(int threads, int reps, double t[3])
                         lse[(size_t)h * W + W - 1] = newest[h];
                 a.lse = lse;
             }
-            if (rc || kern_score_layer(&a, &o)) {
+            if (rc || kern_score_layer(&a, &o) || (way && kern_lse_carry(&a, lse, kept, S - 1, carried))) {
                 fprintf(stderr, "bench-score: decode scoring failed\n");
                 exit(1);
             }
@@ -154,7 +161,7 @@ static void time_decode(int threads, int reps, double t[3])
             t[way] = dt < t[way] ? dt : t[way];
         }
     }
-    free(page), free(q), free(qn), free(ind), free(lse), free(newest);
+    free(page), free(q), free(qn), free(ind), free(lse), free(newest), free(carried), free(kept);
 }
 
 /* Runs the PyTorch version; returns seconds or a negative value (reason in why). */
@@ -247,7 +254,7 @@ int main(int argc, char **argv)
     double td[3];
     time_decode(threads, reps, td);
     printf("decode step, one layer's scoring (1025 prefix tokens, window %d): both passes %.3f ms; "
-           "the window's older rows carried, the newest row's first pass %.3f ms (%.2fx); "
+           "the window's older rows carried (and carried over the step's eviction), the newest row's first pass %.3f ms (%.2fx); "
            "the newest row's from the engine too %.3f ms (%.2fx)\n", W, td[0] * 1e3, td[1] * 1e3,
            td[0] / td[1], td[2] * 1e3, td[0] / td[2]);
     return 0;

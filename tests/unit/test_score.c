@@ -52,7 +52,14 @@ static void free_layer(struct layer *L)
 
 /* Each window row's log-sum-exp [H][nq] in double, as an engine's attention would give it
  * (computed here, apart from the kernels). */
+static float *row_lse_without(const struct layer *L, const uint8_t *gone);
 static float *row_lse(const struct layer *L)
+{
+    return row_lse_without(L, NULL);
+}
+
+/* The same over the keys that stay: gone[g * n + j] marks kv head g's removed slot j. */
+static float *row_lse_without(const struct layer *L, const uint8_t *gone)
 {
     float *lse = malloc(sizeof(float) * L->H * L->nq);
     double scale = 1.0 / sqrt((double)L->d);
@@ -69,7 +76,8 @@ static float *row_lse(const struct layer *L)
                 z[j] = dot * scale, mx = fmax(mx, z[j]);
             }
             for (uint32_t j = 0; j < lim; j++)
-                sum += exp(z[j] - mx);
+                if (!gone || !gone[(size_t)(h / (L->H / L->Hkv)) * L->n + j])
+                    sum += exp(z[j] - mx);
             lse[h * L->nq + i] = (float)(mx + log(sum));
             free(z);
         }
@@ -215,6 +223,74 @@ Test(score, first_pass_lse_matches_doubles)
     a.q_heads = 4, a.n_q = 51;
     cr_assert_eq(kern_score_lse(&a, out), -EINVAL, "more rows than keys");
     free_layer(&L);
+}
+
+/* kern_lse_carry against the rows' log-sum-exps over the keys that stay, in doubles: a decode
+ * step's one removed slot a head up to a fifth of the prefix, every dtype pair, paged layouts;
+ * NaN where the removed keys held over half a row's weight, and for a NaN row; in place;
+ * unsorted or out-of-range kept slots refused. */
+Test(score, carried_lse_matches_the_cache_left)
+{
+    tu_seed();
+    enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
+    for (int rep = 0; rep < 9; rep++) {
+        struct layer L;
+        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 1 + tu_below(32);
+        uint32_t n = nq + 50 + tu_below(2000), S = n - nq;
+        make_layer(&L, Hkv * G, Hkv, rep % 2 ? 128 : 64, n, nq, 1 + tu_below(200), ts[rep % 3], ts[rep / 3]);
+        uint32_t gone_n = rep < 3 ? 1 : 1 + tu_below(S / 5), k = S - gone_n;
+        uint8_t *gone = calloc((size_t)Hkv * n, 1);
+        uint32_t *kept = malloc(sizeof(uint32_t) * Hkv * (k + 1));
+        for (uint32_t g = 0; g < Hkv; g++) {
+            for (uint32_t m = 0; m < gone_n;) { /* gone_n distinct slots of the prefix */
+                uint32_t j = tu_below(S);
+                if (!gone[(size_t)g * n + j])
+                    gone[(size_t)g * n + j] = 1, m++;
+            }
+            for (uint32_t j = 0, at = 0; j < S; j++)
+                if (!gone[(size_t)g * n + j])
+                    kept[(size_t)g * k + at++] = j;
+        }
+        float *before = row_lse(&L), *want = row_lse_without(&L, gone);
+        float *got = malloc(sizeof(float) * L.H * nq);
+        struct kern_score_args a = {.q = L.q, .q_dtype = L.qt, .q_heads = L.H, .n_q = nq, .kv = &L.kv,
+                                    .n_scored = S};
+        cr_assert_eq(kern_lse_carry(&a, before, kept, k, got), 0);
+        for (uint32_t r = 0; r < L.H * nq; r++) {
+            /* the removed keys' weight in doubles: over half, NaN; else the value left */
+            double w = 1.0 - exp((double)want[r] - (double)before[r]);
+            if (w > 0.5 + 1e-3) {
+                cr_assert(isnan(got[r]), "rep %d row %u: removed weight %.4f, got %g", rep, r, w, got[r]);
+            } else if (w < 0.5 - 1e-3) {
+                cr_assert(fabsf(got[r] - want[r]) <= 1e-4f * fmaxf(1.0f, fabsf(want[r])),
+                          "rep %d row %u: %.7g, doubles %.7g (before %.7g)", rep, r, got[r], want[r], before[r]);
+            }
+        }
+        cr_assert_eq(kern_lse_carry(&a, before, kept, k, before), 0, "in place");
+        cr_assert_eq(memcmp(before, got, sizeof(float) * L.H * nq), 0, "in place: the same values");
+        if (k >= 2) {
+            uint32_t t = kept[0];
+            kept[0] = kept[1], kept[1] = t;
+            cr_assert_eq(kern_lse_carry(&a, want, kept, k, got), -EINVAL, "kept slots not ascending");
+            kept[1] = kept[0], kept[0] = t;
+        }
+        uint32_t last = kept[k - 1];
+        kept[k - 1] = S;
+        cr_assert_eq(kern_lse_carry(&a, want, kept, k, got), -EINVAL, "a kept slot past the prefix");
+        kept[k - 1] = last;
+        a.n_scored = n + 1;
+        cr_assert_eq(kern_lse_carry(&a, want, kept, k, got), -EINVAL, "a prefix past the cache");
+        a.n_scored = S;
+        /* the NaN rule on its own: a row whose given value is 30 below the truth makes the
+         * removed keys' terms e^30 times their weight (past half); a NaN row stays NaN */
+        float *low = row_lse(&L);
+        low[0] -= 30.0f, low[L.H * nq - 1] = NAN;
+        cr_assert_eq(kern_lse_carry(&a, low, kept, k, got), 0);
+        cr_assert(isnan(got[0]) && isnan(got[L.H * nq - 1]), "rep %d: %g, %g", rep, got[0], got[L.H * nq - 1]);
+        free(low);
+        free(before), free(want), free(got), free(gone), free(kept);
+        free_layer(&L);
+    }
 }
 
 Test(score, matches_double_reference_all_dtypes)
