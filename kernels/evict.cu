@@ -25,6 +25,7 @@
 #include "kern_cuda.h"
 #include "score_mma.h"
 #include "score_mma_dev.cuh"
+#include "score_wg_dev.cuh"
 #include "select_dev.cuh"
 
 using namespace smma;
@@ -152,7 +153,7 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
     __syncthreads();
 }
 
-// WG: passes 1 and 2 on wgmma (score_mma_dev.cuh's pass1_body_wg and pass2_body_wg; their
+// WG: passes 1 and 2 on wgmma (score_wg_dev.cuh's pass1_body_wg and pass2_body_wg; their
 // shape only), a kernel of its own so that neither body's registers weigh on the other
 template <typename T, int KS, int NSP, int HPS, bool WG = false>
 __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)

@@ -13,7 +13,7 @@
 // in a fixed order, so results are reproducible run to run. The passes' bodies are in
 // score_mma_dev.cuh (evict.cu runs them too); the kernels here give them their chunk. At
 // 8B models' shape on Hopper both passes run on wgmma instead (mpass1_wg, mpass2_wg:
-// score_mma_dev.cuh's *_body_wg), the same contract.
+// score_wg_dev.cuh's *_body_wg), the same contract.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +28,7 @@
 #include "cuda_internal.h"
 #include "score_mma.h"
 #include "score_mma_dev.cuh"
+#include "score_wg_dev.cuh"
 
 namespace {
 
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
     pass1_body<T, KS, NSP, STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at);
 }
 
-// Pass 1 on wgmma (score_mma_dev.cuh's pass1_body_wg, its shape): the queries in registers,
+// Pass 1 on wgmma (score_wg_dev.cuh's pass1_body_wg, its shape): the queries in registers,
 // three stages, two blocks an SM.
 constexpr int WG1_STAGES = 3;
 template <typename T>
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
     block_sums(p, smem, e_sum, v_sum);
 }
 
-// The same on wgmma (score_mma_dev.cuh's pass2_body_wg, its shape): two stages and the
+// The same on wgmma (score_wg_dev.cuh's pass2_body_wg, its shape): two stages and the
 // queries' room, two blocks an SM.
 constexpr int WG_STAGES = 2;
 template <typename T>

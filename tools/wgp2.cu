@@ -1,11 +1,12 @@
 // wgp2.cu - a prototype, not part of the build: CAKE's pass 2 with the engine's log-sum-exps
 // (one pass over the keys) on Hopper's wgmma, to see how near the key-read floor it comes
-// before it replaces score_mma_dev.cuh's mma.sync body. One block = two warpgroups, each
-// multiplying 64 keys of a 128-key stage (the same 128-byte swizzled rows as
-// score_mma_dev.cuh, which is wgmma's canonical K-major layout) by all 128 query columns of
-// a kv head (4 heads x 32 window rows) in one m64n128k16 chain of 8; a thread then holds 2
-// keys x 32 columns: every head's 8 values a key, so the per-key indicator (mean + gamma var
-// summed over the heads) needs one quad's shuffles and no shared memory.
+// (it became score_wg_dev.cuh's pass2_body_wg), and variants of it timed side by side. One
+// block = two warpgroups, each multiplying 64 keys of a 128-key stage (the same 128-byte
+// swizzled rows as score_mma_dev.cuh, which is wgmma's canonical K-major layout) by all 128
+// query columns of a kv head (4 heads x 32 window rows) in one m64n128k16 chain of 8; a
+// thread then holds 2 keys x 32 columns: every head's 8 values a key, so the per-key
+// indicator (mean + gamma var summed over the heads) needs one quad's shuffles and no
+// shared memory.
 // Build and run (H100/H200): nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o wgp2 wgp2.cu && ./wgp2
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -60,7 +61,7 @@ __device__ __forceinline__ void wgmma64(float (&d)[32], uint64_t da, uint64_t db
                  : "l"(da), "l"(db), "r"(acc));
 }
 
-// MODE 0: as score_mma_dev.cuh; 1: no epilogue (the loads and the multiplies alone); 2: no
+// MODE 0: as score_wg_dev.cuh; 1: no epilogue (the loads and the multiplies alone); 2: no
 // multiply (the loads and the epilogue over made-up values); 3: the 128 columns as two
 // m64n64 chains, the first half's epilogue (heads 0, 1) while the second half multiplies
 template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, BPS) wgp2(params p)

@@ -1,0 +1,300 @@
+// score_wg_dev.cuh - internal to the CUDA kernels: the scoring passes on Hopper's wgmma
+// (sm_90a) at one shape, 8B models' GQA with CAKE's default window (wg_shape), as bodies
+// with score_mma_dev.cuh's contracts (a built target without wgmma runs its mma.sync bodies
+// in their place). score_mma.cu's mpass1_wg and mpass2_wg and evict.cu's devict<..., WG>
+// run them. C++ only.
+#ifndef CAKE_SCORE_WG_DEV_CUH
+#define CAKE_SCORE_WG_DEV_CUH
+
+#include <type_traits>
+
+#include "score_mma_dev.cuh"
+
+namespace smma {
+
+// Pass 2 on Hopper's wgmma (sm_90a): the block's two warpgroups each multiply 64 keys of
+// a stage by all 128 query columns of the kv head in one chain of 8 m64n128k16 (A the keys,
+// B the queries, both from shared memory in the stages' 128-byte swizzled rows, which are
+// wgmma's K-major layout with a 128-byte swizzle), so no query fragments sit in registers
+// and the tensor work is 8 instructions a warpgroup and stage, not 128 mma.sync a warp. A
+// thread then holds 2 keys x 32 columns: every head's 8 values of its keys, so a key's sum
+// over the heads needs one quad's shuffles and no shared memory (no `part`, no finish).
+// The shape: head_dim 128, 4 heads of 32 window rows a kv head (8B models' GQA with CAKE's
+// default window), the queries' 32 KB beside ST stages. Compiled for other targets (no
+// wgmma) the same entry runs pass2_body, the queries' room holding its partial sums.
+__host__ __device__ constexpr bool wg_shape(uint32_t ks, uint32_t G, uint32_t nq, uint32_t nqp)
+{
+    return ks == 8 && G == 4 && nq == 32 && nqp == 32;
+}
+constexpr size_t WG_Q_BYTES = 2 * (size_t)TK * 128; // 128 query rows, two 64-element atoms
+static_assert(WG_Q_BYTES >= (size_t)2 * TK * 4 * 1 * 2 * sizeof(float), "the fallback's partial sums fit");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// a K-major operand in 128-byte swizzled rows: 8-row groups 1024 bytes apart
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr)
+{
+    return (uint64_t)((saddr & 0x3ffff) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 |
+           (uint64_t)1 << 62;
+}
+template <typename T> __device__ __forceinline__ void wg_mma(float (&d)[64], uint64_t da, uint64_t db, int acc);
+template <> __device__ __forceinline__ void wg_mma<__nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wg_mma<__half>(float (&d)[64], uint64_t da, uint64_t db, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+// The same with A (64 rows x 16) in registers, mma.sync's m16n8k16 A fragment for each warp's
+// 16 rows: {a0, a1, a2, a3} = rows r, r + 8 at k 2 (lane % 4), then both at k + 8.
+template <typename T> __device__ __forceinline__ void wg_mma_ra(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int acc);
+#define CAKE_WG_MMA_RA(TY, PTX)                                                                                              \
+    template <> __device__ __forceinline__ void wg_mma_ra<TY>(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int acc) \
+    {                                                                                                                        \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                           \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));                                            \
+    }
+CAKE_WG_MMA_RA(__nv_bfloat16, "bf16")
+CAKE_WG_MMA_RA(__half, "f16")
+#undef CAKE_WG_MMA_RA
+#endif
+
+// pass2_body's contract (keys [c0, c1) of kv head g, acc[j], e_sum, v_sum) for wg_shape's
+// shape, with ST stages and then WG_Q_BYTES of the queries at smem.
+template <typename T, int ST, bool ENT = true>
+__device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
+                              const float *rowM, const float *rowLnL, float *acc, double &e_sum,
+                              double &v_sum)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using sh = shape<8>;
+    uint8_t *qs = smem + ST * sh::STAGE_BYTES;
+    uint32_t tid = threadIdx.x, wg = tid / 128, wi = tid % 128 / 32, lane = tid % 32;
+    uint32_t nt = (c1 - c0 + TK - 1) / TK;
+    for (uint32_t x = tid; x < 128 * 16; x += THREADS) { // column c's row, 16 pieces
+        uint32_t c = x / 16, v = x % 16;
+        const uint8_t *row = p.ring_off ? ring_row(p, g * p.G + c / p.nqp, (p.first + c % p.nqp) % p.w)
+                                        : (const uint8_t *)p.q + ((size_t)g * p.G * p.nq + c) * p.d * 2;
+        cp_async16(qs + swz<8>(c, v), row + v * 16, true);
+    }
+    // backwards, as pass2_body (the tail pass 1 read last is still in L2)
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < (int)nt)
+            load_tile<8>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    float B2[32]; // the thread's columns 8i + 2 (lane % 4) + e: log2 of their normalizers
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            uint32_t c = 8 * i + 2 * (lane % 4) + e;
+            B2[2 * i + e] = (rowM[c] + rowLnL[c]) * LOG2E;
+        }
+    const float nq = (float)p.nq, inq = 1.0f / p.nq, inq1 = 1.0f / (p.nq - 1);
+    uint32_t qa = (uint32_t)__cvta_generic_to_shared(qs);
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<ST - 2>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
+        __syncthreads();
+        if (k + ST - 1 < nt)
+            load_tile<8>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
+                         smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        cp_async_commit();
+        uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem + (k % ST) * sh::STAGE_BYTES) + wg * 64 * 128;
+        uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        float d[64]; // the first step overwrites it (scale-d 0)
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) { // k16 steps: 32 bytes into an atom's rows, 4 an atom
+            uint32_t off = (kk / 4) * (uint32_t)sh::ATOM_BYTES + (kk % 4) * 32;
+            wg_mma<T>(d, wg_desc(sa + off), wg_desc(qa + off), kk > 0);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
+            asm volatile("" : "+f"(d[i])::"memory");
+        float ent[2] = {0.0f, 0.0f};
+        // a tile wholly inside the chunk needs no test of its keys (two selects a probability)
+        auto epilogue = [&](auto tail) {
+#pragma unroll
+            for (int e2 = 0; e2 < 2; e2++) { // the thread's keys: rows lane / 4 and + 8 of its warp's 16
+                uint32_t j = j0 + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
+                bool live = !decltype(tail)::value || j < c1;
+                float I = 0.0f, V = 0.0f;
+#pragma unroll
+                for (int h = 0; h < 4; h++) { // head h: n8 chunks 4h..4h+3, two columns each
+                    float pv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int i = 4 * h + u / 2, e = u % 2;
+                        float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
+                        if (decltype(tail)::value)
+                            pr = live ? pr : 0.0f, x = live ? x : 0.0f;
+                        pv[u] = pr;
+                        if (ENT)
+                            ent[e] = fmaf(pr, x, ent[e]);
+                    }
+                    // deviations from the head's first probability (quad lane 0's), as pass2_body
+                    float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
+                    float s1[2] = {0.0f, 0.0f}, s2[2] = {0.0f, 0.0f};
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        float dl = pv[u] - p0;
+                        s1[u % 2] += dl, s2[u % 2] = fmaf(dl, dl, s2[u % 2]);
+                    }
+                    float a = s1[0] + s1[1], b = s2[0] + s2[1];
+                    a += __shfl_xor_sync(0xffffffffu, a, 1);
+                    b += __shfl_xor_sync(0xffffffffu, b, 1);
+                    a += __shfl_xor_sync(0xffffffffu, a, 2);
+                    b += __shfl_xor_sync(0xffffffffu, b, 2);
+                    float mean = fmaf(nq, p0, a) * inq, var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1;
+                    I += p.mw * mean + p.gamma * var;
+                    V += var;
+                }
+                if (live && lane % 4 == 0) {
+                    acc[j] = I;
+                    v_sum += V;
+                }
+            }
+        };
+        if (j0 + TK <= c1)
+            epilogue(std::false_type());
+        else
+            epilogue(std::true_type());
+        if (ENT)
+            e_sum += ent[0] + ent[1];
+    }
+    cp_async_wait<0>();
+    __syncthreads(); // the stages are free for the caller
+#else
+    pass2_body<T, 8, 4, 1, ST, ENT>(p, g, c0, c1, smem, rowM, rowLnL, acc, e_sum, v_sum);
+#endif
+}
+
+// Pass 1 on wgmma (pass1_body's contract: keys [c0, c1) of kv head g, each query column's
+// max and exp-sum to m_out, l_out; wg_shape's shape, ST stages at smem). Oriented the other
+// way from pass 2: the queries are A, in registers (warpgroup wg's 64 rows: its two heads),
+// the stage's 128 keys B, so a thread's 64 accumulators are 2 query rows x 32 keys and its
+// running max and sum are 2 pairs of registers; a row's four lanes merge once at the end
+// (no shared memory, no cross-warp finish), and the queries take no shared memory, so three
+// stages fit two blocks an SM. The base of a row's sum (log2 units) rises lazily: a tile's
+// terms are summed against the base as it stands, and only where that sum passes 2^16 (some
+// term then passes 2^11; on the first tile the base is -inf and the sum inf or NaN) is the
+// tile's max taken and the sum redone against it: no term kept is above 2^16, none
+// overflows, and the common tile costs an FMA, an exponential and an add a term.
+template <typename T, int ST>
+__device__ void pass1_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
+                              float *m_out, float *l_out)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using sh = shape<8>;
+    uint32_t tid = threadIdx.x, wg = tid / 128, wi = tid % 128 / 32, lane = tid % 32;
+    uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // keys below clean: no mask
+#pragma unroll
+    for (int s = 0; s < ST - 1; s++) {
+        if (s < (int)nt)
+            load_tile<8>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
+        cp_async_commit();
+    }
+    // the thread's query rows: column 64 wg + 16 wi + lane / 4 and 8 more (head c / 32, window row c % 32)
+    uint32_t qa[8][4];
+#pragma unroll
+    for (int e2 = 0; e2 < 2; e2++) {
+        uint32_t c = 64 * wg + 16 * wi + lane / 4 + 8 * e2;
+        const T *row = p.ring_off ? (const T *)ring_row(p, g * p.G + c / p.nqp, (p.first + c % p.nqp) % p.w)
+                                  : (const T *)p.q + ((size_t)g * p.G * p.nq + c) * p.d;
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            qa[kk][e2] = *(const uint32_t *)(row + kk * 16 + 2 * (lane % 4));
+            qa[kk][2 + e2] = *(const uint32_t *)(row + kk * 16 + 8 + 2 * (lane % 4));
+        }
+    }
+    const uint32_t qi[2] = {(16 * wi + lane / 4) % 32, (16 * wi + lane / 4 + 8) % 32}; // window rows
+    float b[2] = {-INFINITY, -INFINITY}, sm[2] = {0.0f, 0.0f};
+    for (uint32_t k = 0; k < nt; k++) {
+        cp_async_wait<ST - 2>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
+        __syncthreads();
+        if (k + ST - 1 < nt)
+            load_tile<8>(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        cp_async_commit();
+        uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem + (k % ST) * sh::STAGE_BYTES);
+        uint32_t j0 = c0 + k * TK;
+        float d[64]; // the first step overwrites it (scale-d 0)
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++)
+            wg_mma_ra<T>(d, qa[kk], wg_desc(sa + (kk / 4) * (uint32_t)sh::ATOM_BYTES + (kk % 4) * 32), kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 64; i++) // the accumulators are read after the wait, not before
+            asm volatile("" : "+f"(d[i])::"memory");
+        if (j0 + TK > clean) // keys past the chunk, or window keys a query must not see: -inf
+#pragma unroll
+            for (int i = 0; i < 16; i++)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; e2++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        uint32_t j = j0 + 8 * i + 2 * (lane % 4) + e;
+                        if (j >= c1 || j > p.wb + qi[e2])
+                            d[4 * i + 2 * e2 + e] = -INFINITY;
+                    }
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++) { // row e2: d[4 i + 2 e2 + e], key 8 i + 2 (lane % 4) + e
+            float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                s0 += ex2(fmaf(d[4 * i + 2 * e2], p.c2, -b[e2]));
+                s1 += ex2(fmaf(d[4 * i + 2 * e2 + 1], p.c2, -b[e2]));
+            }
+            float s = s0 + s1;
+            if (!(s <= 65536.0f)) { // the first tile, or a term past 2^11: the tile's max as base
+                float tm = -INFINITY;
+#pragma unroll
+                for (int i = 0; i < 32; i++)
+                    tm = fmaxf(tm, d[4 * (i / 2) + 2 * e2 + i % 2]);
+                float nb = fmaxf(b[e2], tm * p.c2);
+                s = 0.0f;
+                if (nb != -INFINITY) { // else every key so far masked: nothing to add
+                    sm[e2] = rebase(sm[e2], b[e2], nb);
+                    b[e2] = nb;
+#pragma unroll
+                    for (int i = 0; i < 32; i++)
+                        s += ex2(fmaf(d[4 * (i / 2) + 2 * e2 + i % 2], p.c2, -nb));
+                }
+            }
+            sm[e2] += s;
+        }
+    }
+    cp_async_wait<0>();
+    merge_xor(b, sm, 1, 4); // a row's 32 keys a tile are on its quad's four lanes
+    if (lane % 4 == 0)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++) {
+            uint32_t c = 64 * wg + 16 * wi + lane / 4 + 8 * e2;
+            bool ok = b[e2] != -INFINITY;
+            m_out[c] = ok ? b[e2] * LN2 : -INFINITY; // natural-log units, as pass1_body
+            l_out[c] = ok ? sm[e2] : 0.0f;
+        }
+    __syncthreads(); // the stages are free for the caller
+#else
+    pass1_body<T, 8, 4, ST>(p, g, c0, c1, smem, m_out, l_out);
+#endif
+}
+
+} // namespace smma
+
+#endif
