@@ -52,6 +52,15 @@ static void free_layer(struct layer *L)
 
 /* Each window row's log-sum-exp [H][nq] in double, as an engine's attention would give it
  * (computed here, apart from the kernels). */
+/* make_layer with a random GQA shape (1 to 3 kv heads, groups of 1 to 4) and pages of 1 to
+ * tpp_max tokens. */
+static void make_gqa_layer(struct layer *L, uint32_t d, uint32_t n, uint32_t nq, uint32_t tpp_max,
+                           enum kern_dtype qt, enum kern_dtype kt)
+{
+    uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4);
+    make_layer(L, Hkv * G, Hkv, d, n, nq, 1 + tu_below(tpp_max), qt, kt);
+}
+
 static float *row_lse_without(const struct layer *L, const uint8_t *gone);
 static float *row_lse(const struct layer *L)
 {
@@ -132,9 +141,8 @@ Test(score, indicator_variants_match_reference)
     enum kern_pool pools[3] = {KERN_POOL_AVG, KERN_POOL_MAX, KERN_POOL_NONE};
     for (int rep = 0; rep < 9; rep++) {
         struct layer L;
-        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 2 + tu_below(20);
-        uint32_t n = nq + 20 + tu_below(3000), k = 1 + 2 * tu_below(5);
-        make_layer(&L, Hkv * G, Hkv, 32, n, nq, 1 + tu_below(200), KERN_BF16, KERN_BF16);
+        uint32_t nq = 2 + tu_below(20), n = nq + 20 + tu_below(3000), k = 1 + 2 * tu_below(5);
+        make_gqa_layer(&L, 32, n, nq, 200, KERN_BF16, KERN_BF16);
         int var_only = rep % 3 == 2;
         float gamma = rep % 3 == 0 ? 0.0f : 200.0f;
         check_args(&L, n - nq, gamma, 1 + tu_below(3), 2e-4, var_only, pools[rep / 3], k, NULL);
@@ -163,9 +171,8 @@ Test(score, one_pass_with_the_engines_lse_matches_the_reference)
     enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
     for (int rep = 0; rep < 9; rep++) {
         struct layer L;
-        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 1 + tu_below(32);
-        uint32_t n = nq + 20 + tu_below(2000);
-        make_layer(&L, Hkv * G, Hkv, 64, n, nq, 1 + tu_below(300), ts[rep % 3], ts[rep / 3]);
+        uint32_t nq = 1 + tu_below(32), n = nq + 20 + tu_below(2000);
+        make_gqa_layer(&L, 64, n, nq, 300, ts[rep % 3], ts[rep / 3]);
         float *lse = row_lse(&L);
         int max7 = rep % 2;
         check_args(&L, n - nq, 200.0f, 1 + tu_below(3), 2e-4, 0,
@@ -235,9 +242,9 @@ Test(score, carried_lse_matches_the_cache_left)
     enum kern_dtype ts[3] = {KERN_F32, KERN_F16, KERN_BF16};
     for (int rep = 0; rep < 9; rep++) {
         struct layer L;
-        uint32_t Hkv = 1 + tu_below(3), G = 1 + tu_below(4), nq = 1 + tu_below(32);
-        uint32_t n = nq + 50 + tu_below(2000), S = n - nq;
-        make_layer(&L, Hkv * G, Hkv, rep % 2 ? 128 : 64, n, nq, 1 + tu_below(200), ts[rep % 3], ts[rep / 3]);
+        uint32_t nq = 1 + tu_below(32), n = nq + 50 + tu_below(2000), S = n - nq;
+        make_gqa_layer(&L, rep % 2 ? 128 : 64, n, nq, 200, ts[rep % 3], ts[rep / 3]);
+        uint32_t Hkv = L.Hkv;
         uint32_t gone_n = rep < 3 ? 1 : 1 + tu_below(S / 5), k = S - gone_n;
         uint8_t *gone = calloc((size_t)Hkv * n, 1);
         uint32_t *kept = malloc(sizeof(uint32_t) * Hkv * (k + 1));
