@@ -8,7 +8,9 @@
 // indicator (mean + gamma var summed over the heads) needs one quad's shuffles and no
 // shared memory.
 // Build and run (H100/H200): nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o wgp2 wgp2.cu && ./wgp2
+#include <cuda.h>
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +37,26 @@ struct params {
 
 __device__ __forceinline__ uint32_t su32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v) { return (v / 8) * ATOM + r * 128 + (((v % 8) ^ (r % 8)) << 4); }
+constexpr uint32_t ATOM64 = 64 * 128, STAGE64 = 2 * ATOM64; // wgpi's stages: 64 keys
+__device__ __forceinline__ uint32_t swz64(uint32_t r, uint32_t v) { return (v / 8) * ATOM64 + r * 128 + (((v % 8) ^ (r % 8)) << 4); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// the bulk tensor copy (TMA): a stage's arrival barrier, its expected bytes, the wait for a phase
+__device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
+__device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a),
+                 "r"(parity) : "memory");
+}
+// box {64 elements, 64 rows} at (x, y) of the keys' map, 128-byte swizzled, to dst; completes on mbar
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap &tm, uint32_t x, uint32_t y, uint32_t mbar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(dst), "l"((uint64_t)&tm), "r"(x), "r"(y), "r"(mbar) : "memory");
+}
 __device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ void cpa16(uint32_t dst, const void *src, bool ok)
 {
@@ -61,10 +83,63 @@ __device__ __forceinline__ void wgmma64(float (&d)[32], uint64_t da, uint64_t db
                  : "l"(da), "l"(db), "r"(acc));
 }
 
+// the block's totals: the warp's entropy terms (log2 units) and variances, one atomic each
+__device__ __forceinline__ void totals(const params &p, float e, float vsum)
+{
+    for (int o = 16; o; o >>= 1)
+        e += __shfl_xor_sync(0xffffffffu, e, o), vsum += __shfl_xor_sync(0xffffffffu, vsum, o);
+    if (threadIdx.x % 32 == 0) {
+        atomicAdd(p.ent, -0.6931471805599453 * e);
+        atomicAdd(p.var, (double)vsum);
+    }
+}
+
+// The epilogue of heads [h0, h1) for the thread's two keys jr and jr + 8 (those at or past c1
+// count nothing): each head's mean and variance over its 32 window rows, summed into I and V;
+// the entropy terms into ent0, ent1. In wgp2's MODE 3 head h's values sit at
+// d[32 (h / 2) + 4 (4 (h % 2) + u / 2) + ...], which is the full layout's d[4 (4h + u / 2) + ...].
+__device__ __forceinline__ void heads_epi(const float (&d)[64], const float (&B2)[32], uint32_t jr, uint32_t c1, float c2,
+                                          float gamma, int h0, int h1, float &ent0, float &ent1, float (&I)[2], float (&V)[2])
+{
+    const float inq = 1.0f / NQ, inq1 = 1.0f / (NQ - 1), nq = NQ;
+    uint32_t lane = threadIdx.x % 32;
+#pragma unroll
+    for (int e2 = 0; e2 < 2; e2++) {
+        bool live = jr + 8 * e2 < c1;
+#pragma unroll
+        for (int h = h0; h < h1; h++) {
+            float pv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) { // chunk 4h + u / 2, column e = u % 2
+                int i = 4 * h + u / 2, e = u % 2;
+                float x = fmaf(d[4 * i + 2 * e2 + e], c2, -B2[2 * i + e]), pr = ex2(x);
+                pr = live ? pr : 0.0f, x = live ? x : 0.0f;
+                pv[u] = pr;
+                if (u % 2) ent1 = fmaf(pr, x, ent1); else ent0 = fmaf(pr, x, ent0);
+            }
+            float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
+            float s1a = 0.0f, s1b = 0.0f, s2a = 0.0f, s2b = 0.0f;
+#pragma unroll
+            for (int u = 0; u < 8; u += 2) {
+                float da = pv[u] - p0, db = pv[u + 1] - p0;
+                s1a += da, s2a = fmaf(da, da, s2a), s1b += db, s2b = fmaf(db, db, s2b);
+            }
+            float a = s1a + s1b, b = s2a + s2b;
+            a += __shfl_xor_sync(0xffffffffu, a, 1);
+            b += __shfl_xor_sync(0xffffffffu, b, 1);
+            a += __shfl_xor_sync(0xffffffffu, a, 2);
+            b += __shfl_xor_sync(0xffffffffu, b, 2);
+            float var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1, mean = fmaf(nq, p0, a) * inq;
+            I[e2] += mean + gamma * var, V[e2] += var;
+        }
+    }
+}
+
 // MODE 0: as score_wg_dev.cuh; 1: no epilogue (the loads and the multiplies alone); 2: no
 // multiply (the loads and the epilogue over made-up values); 3: the 128 columns as two
-// m64n64 chains, the first half's epilogue (heads 0, 1) while the second half multiplies
-template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, BPS) wgp2(params p)
+// m64n64 chains, the first half's epilogue (heads 0, 1) while the second half multiplies;
+// 4: the loads alone
+template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, BPS) wgp2(params p, const __grid_constant__ CUtensorMap)
 {
     extern __shared__ uint8_t smraw[];
     uint8_t *sm = smraw + ((1024 - su32(smraw) % 1024) % 1024);
@@ -99,7 +174,6 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
             uint32_t c = 8 * i + 2 * (lane % 4) + e;
             B2[2 * i + e] = p.lse[(size_t)(g * G + c / NQ) * NQ + c % NQ] * LOG2E;
         }
-    const float inq = 1.0f / NQ, inq1 = 1.0f / (NQ - 1), nq = NQ;
     float ent0 = 0.0f, ent1 = 0.0f, vsum = 0.0f;
     for (uint32_t k = 0; k < nt; k++) {
         if (ST == 2)
@@ -117,6 +191,8 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
         float d[64]; // the first step overwrites it (scale-d 0); MODE 3: [0, 32) heads 0-1, [32, 64) heads 2-3
         float(&dA)[32] = *reinterpret_cast<float(*)[32]>(&d[0]);
         float(&dB)[32] = *reinterpret_cast<float(*)[32]>(&d[32]);
+        if (MODE == 4)
+            continue;
         if (MODE == 2) {
 #pragma unroll
             for (int i = 0; i < 64; i++)
@@ -159,41 +235,8 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
             continue;
         }
         float I[2] = {0.0f, 0.0f}, V[2] = {0.0f, 0.0f};
-        // heads [h0, h1): in MODE 3 head h's values sit at d[32 (h / 2) + 4 (4 (h % 2) + u / 2) + ...],
-        // which is the full layout's d[4 (4h + u / 2) + ...] as well
-        auto heads = [&](int h0, int h1) {
-#pragma unroll
-            for (int e2 = 0; e2 < 2; e2++) {
-                uint32_t j = c0 + k * TK + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
-                bool live = j < c1;
-#pragma unroll
-                for (int h = h0; h < h1; h++) {
-                    float pv[8];
-#pragma unroll
-                    for (int u = 0; u < 8; u++) { // chunk 4h + u / 2, column e = u % 2
-                        int i = 4 * h + u / 2, e = u % 2;
-                        float x = fmaf(d[4 * i + 2 * e2 + e], p.c2, -B2[2 * i + e]), pr = ex2(x);
-                        pr = live ? pr : 0.0f, x = live ? x : 0.0f;
-                        pv[u] = pr;
-                        if (u % 2) ent1 = fmaf(pr, x, ent1); else ent0 = fmaf(pr, x, ent0);
-                    }
-                    float p0 = __shfl_sync(0xffffffffu, pv[0], lane & ~3u);
-                    float s1a = 0.0f, s1b = 0.0f, s2a = 0.0f, s2b = 0.0f;
-#pragma unroll
-                    for (int u = 0; u < 8; u += 2) {
-                        float da = pv[u] - p0, db = pv[u + 1] - p0;
-                        s1a += da, s2a = fmaf(da, da, s2a), s1b += db, s2b = fmaf(db, db, s2b);
-                    }
-                    float a = s1a + s1b, b = s2a + s2b;
-                    a += __shfl_xor_sync(0xffffffffu, a, 1);
-                    b += __shfl_xor_sync(0xffffffffu, b, 1);
-                    a += __shfl_xor_sync(0xffffffffu, a, 2);
-                    b += __shfl_xor_sync(0xffffffffu, b, 2);
-                    float var = fmaxf(fmaf(-a * inq, a, b), 0.0f) * inq1, mean = fmaf(nq, p0, a) * inq;
-                    I[e2] += mean + p.gamma * var, V[e2] += var;
-                }
-            }
-        };
+        uint32_t jr = c0 + k * TK + wg * 64 + wi * 16 + lane / 4;
+        auto heads = [&](int h0, int h1) { heads_epi(d, B2, jr, c1, p.c2, p.gamma, h0, h1, ent0, ent1, I, V); };
         if (MODE == 3) {
             heads(0, 2);
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -214,13 +257,128 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
         }
     }
     asm volatile("cp.async.wait_group 0;\n");
-    float e = ent0 + ent1;
-    for (int o = 16; o; o >>= 1)
-        e += __shfl_xor_sync(0xffffffffu, e, o), vsum += __shfl_xor_sync(0xffffffffu, vsum, o);
-    if (lane == 0) {
-        atomicAdd(p.ent, -0.6931471805599453 * e);
-        atomicAdd(p.var, (double)vsum);
+    totals(p, ent0 + ent1, vsum);
+}
+
+// MODE as wgp2's (0, 1, 4), with the block's NW warpgroups independent: each has its own ring
+// of STW stages of 64 keys (the chunk's 64-key tiles wg, wg + NW, ...), loads and consumes
+// them alone and waits only on its own 128 threads (a named barrier), so a warpgroup's next
+// loads never wait for another's epilogue; with NW = 4 at one block an SM the SM holds twice
+// the stages in flight of wgp2 at two. The queries (shared) are loaded once before. TMA: a
+// stage comes by two bulk tensor copies (TMA, tm: the keys as rows of 128 elements, boxes of
+// 64 x 64 in the same 128-byte swizzle) that one thread issues, and arrives on the stage's
+// barrier; else by cp.async from every thread of the warpgroup.
+template <int NW, int STW, int BPS, int MODE, bool TMA>
+__global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_constant__ CUtensorMap tm)
+{
+    extern __shared__ uint8_t smraw[];
+    __shared__ alignas(8) uint64_t full[NW][STW];
+    uint8_t *sm = smraw + ((1024 - su32(smraw) % 1024) % 1024);
+    uint8_t *qs = sm + NW * STW * STAGE64;
+    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
+    uint32_t tid = threadIdx.x, wg = tid / 128, t = tid % 128, wi = t / 32, lane = t % 32;
+    if (c0 >= c1)
+        return;
+    uint8_t *ring = sm + wg * STW * STAGE64;
+    uint32_t nt = (c1 - c0 + 63) / 64, nl = nt > wg ? (nt - wg + NW - 1) / NW : 0;
+    auto load = [&](uint32_t i, uint32_t s) { // the warpgroup's tile i (keys from c0 + 64 (wg + NW i)) to stage s
+        uint32_t jb = c0 + 64 * (wg + NW * i);
+        uint8_t *st = ring + s * STAGE64;
+        if (TMA) {
+            if (t == 0) {
+                uint32_t mb = su32(&full[wg][s]);
+                mbar_expect(mb, STAGE64);
+                tma_box(su32(st), tm, 0, g * p.n + jb, mb);
+                tma_box(su32(st + ATOM64), tm, 64, g * p.n + jb, mb);
+            }
+            return;
+        }
+        for (uint32_t x = t; x < 64 * 16; x += 128) {
+            uint32_t r = x / 16, v = x % 16, j = jb + r;
+            const __nv_bfloat16 *src = p.k + ((size_t)g * p.n + (j < c1 ? j : c0)) * D + v * 8;
+            cpa16(su32(st + swz64(r, v)), src, j < c1);
+        }
+    };
+    if (TMA && t == 0) {
+        for (int s = 0; s < STW; s++)
+            mbar_init(su32(&full[wg][s]));
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    for (uint32_t x = tid; x < COLS * 16; x += NW * 128) {
+        uint32_t c = x / 16, v = x % 16;
+        cpa16(su32(qs + swz(c, v)), p.q + ((size_t)(g * G + c / NQ) * NQ + c % NQ) * D + v * 8, true);
+    }
+    asm volatile("cp.async.commit_group;\n");
+    for (int s = 0; s < STW - 1; s++) {
+        if (s < (int)nl)
+            load(s, s);
+        asm volatile("cp.async.commit_group;\n");
+    }
+    float B2[32];
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            uint32_t c = 8 * i + 2 * (lane % 4) + e;
+            B2[2 * i + e] = p.lse[(size_t)(g * G + c / NQ) * NQ + c % NQ] * LOG2E;
+        }
+    cp_wait<STW - 1>(); // the queries (every thread's copies of them)
+    asm volatile("fence.proxy.async.shared::cta;\n");
+    __syncthreads();
+    float ent0 = 0.0f, ent1 = 0.0f, vsum = 0.0f;
+    for (uint32_t i = 0; i < nl; i++) {
+        if (TMA) {
+            mbar_wait(su32(&full[wg][i % STW]), (i / STW) & 1);
+        } else {
+            cp_wait<STW - 2>();
+            asm volatile("fence.proxy.async.shared::cta;\n");
+        }
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); // stage (i - 1) % STW read by all
+        if (i + STW - 1 < nl)
+            load(i + STW - 1, (i + STW - 1) % STW);
+        asm volatile("cp.async.commit_group;\n");
+        if (MODE == 4)
+            continue;
+        uint32_t sa = su32(ring + (i % STW) * STAGE64);
+        float d[64];
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma(d, desc(sa + (kk / 4) * ATOM64 + (kk % 4) * 32), desc(su32(qs) + (kk / 4) * (COLS * 128) + (kk % 4) * 32), kk > 0);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int u = 0; u < 64; u++)
+            asm volatile("" : "+f"(d[u])::"memory");
+        if (MODE == 1) {
+            if (lane % 4 == 0 && d[0] == 12345.0f)
+                p.acc[(size_t)g * p.S + c0] = d[63];
+            continue;
+        }
+        float I[2] = {0.0f, 0.0f}, V[2] = {0.0f, 0.0f};
+        uint32_t jr = c0 + 64 * (wg + NW * i) + wi * 16 + lane / 4;
+        heads_epi(d, B2, jr, c1, p.c2, p.gamma, 0, 4, ent0, ent1, I, V);
+#pragma unroll
+        for (int e2 = 0; e2 < 2; e2++)
+            if (jr + 8 * e2 < c1 && lane % 4 == 0) {
+                p.acc[(size_t)g * p.S + jr + 8 * e2] = I[e2];
+                vsum += V[e2];
+            }
+    }
+    asm volatile("cp.async.wait_group 0;\n");
+    totals(p, ent0 + ent1, vsum);
+}
+
+// the keys read once and nothing else (16 bytes a thread a step, every SM): a read floor beside the copy's
+__global__ void readk(const uint4 *k, size_t n16, uint32_t *out)
+{
+    uint32_t x = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n16; i += (size_t)gridDim.x * blockDim.x) {
+        uint4 v = __ldcs(k + i);
+        x ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (x == 0x9e3779b9u)
+        *out = x;
 }
 
 static float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -233,13 +391,32 @@ int main(int argc, char **argv)
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    struct variant { void (*k)(params); int st, bps, mode; } vs[] = {
-        {wgp2<2, 2, 0>, 2, 2, 0}, {wgp2<2, 2, 3>, 2, 2, 3}, {wgp2<2, 2, 1>, 2, 2, 1}, {wgp2<2, 2, 2>, 2, 2, 2},
-        {wgp2<4, 1, 0>, 4, 1, 0}, {wgp2<4, 1, 3>, 4, 1, 3}};
+    // nw = 0: wgp2 (st stages of 128 keys for the block); else wgpi (nw warpgroups, st stages of 64 keys each)
+    struct variant { void (*k)(params, CUtensorMap); int st, bps, mode, nw, tma; } vs[] = {
+        {wgp2<2, 2, 0>, 2, 2, 0, 0, 0}, {wgp2<2, 2, 4>, 2, 2, 4, 0, 0},
+        {wgpi<2, 2, 2, 0, false>, 2, 2, 0, 2, 0}, {wgpi<4, 3, 1, 0, false>, 3, 1, 0, 4, 0},
+        {wgpi<2, 2, 2, 0, true>, 2, 2, 0, 2, 1}, {wgpi<2, 2, 2, 4, true>, 2, 2, 4, 2, 1},
+        {wgpi<4, 3, 1, 0, true>, 3, 1, 0, 4, 1}, {wgpi<4, 3, 1, 1, true>, 3, 1, 1, 4, 1},
+        {wgpi<4, 3, 1, 4, true>, 3, 1, 4, 4, 1}, {wgpi<3, 4, 1, 0, true>, 4, 1, 0, 3, 1}};
     static const char *modes[] = {"", ", no epilogue (loads and multiplies)", ", no multiply (loads and epilogue)",
-                                  ", split in two n64 halves"}; // by MODE (the kernel's first comment)
+                                  ", split in two n64 halves", ", the loads alone"}; // by MODE (the kernels' comments)
+    auto smem_of = [](const variant &v) { return (size_t)(v.nw ? v.nw * v.st * STAGE64 : v.st * STAGE) + QBYTES + 1024; };
+    auto name_of = [](const variant &v, char *b, size_t n) {
+        if (v.nw)
+            snprintf(b, n, "%d independent warpgroups of %d stages (64 keys)%s, %d blocks an SM%s", v.nw, v.st,
+                     v.tma ? " by TMA" : "", v.bps, modes[v.mode]);
+        else
+            snprintf(b, n, "%d stages, %d blocks an SM%s", v.st, v.bps, modes[v.mode]);
+    };
     for (auto &v : vs)
-        CK(cudaFuncSetAttribute(v.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(v.st * STAGE + QBYTES + 1024)));
+        CK(cudaFuncSetAttribute(v.k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_of(v)));
+    PFN_cuTensorMapEncodeTiled_v12000 encode = NULL;
+    cudaDriverEntryPointQueryResult qr;
+    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void **)&encode, 12000, cudaEnableDefault, &qr));
+    if (!encode) {
+        fprintf(stderr, "no cuTensorMapEncodeTiled\n");
+        return 1;
+    }
     float scale = 1.0f / sqrtf((float)D), gamma = 200.0f;
     for (int pass = 0; pass < 3; pass++) {
         uint32_t n = pass == 0 ? check_n : sizes[pass - 1], S = n - NQ;
@@ -276,6 +453,18 @@ int main(int argc, char **argv)
         CK(cudaMalloc(&dk, hk.size() * 2)); CK(cudaMalloc(&dq, hq.size() * 2));
         CK(cudaMalloc(&dl, hl.size() * 4)); CK(cudaMalloc(&dacc, (size_t)HKV * S * 4)); CK(cudaMalloc(&dst, 16));
         CK(cudaMemcpy(dk, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
+        CUtensorMap tm; // the keys as HKV n rows of D elements; boxes of 64 x 64, 128-byte swizzle
+        {
+            cuuint64_t dims[2] = {D, (cuuint64_t)HKV * n}, strides[1] = {D * 2};
+            cuuint32_t box[2] = {64, 64}, es[2] = {1, 1};
+            CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, dk, dims, strides, box, es,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+            if (r != CUDA_SUCCESS) {
+                fprintf(stderr, "cuTensorMapEncodeTiled: %d\n", (int)r);
+                return 1;
+            }
+        }
         CK(cudaMemcpy(dq, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(dl, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice));
         std::vector<double> ref, big(HKV); // check only: every key's indicator, each head's largest
@@ -301,17 +490,41 @@ int main(int argc, char **argv)
                     ref[(size_t)g * S + j] = I, big[g] = fmax(big[g], fabs(I));
                 }
         }
+        if (pass > 0) { // the read floor: the keys read once by a plain kernel, beside the copy
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+            float ms, best = 1e30f, cp = 1e30f;
+            void *tmp;
+            CK(cudaMalloc(&tmp, hk.size() * 2));
+            for (int r = 0; r < 11; r++) {
+                CK(cudaEventRecord(e0));
+                CK(cudaMemcpyAsync(tmp, dk, hk.size() * 2, cudaMemcpyDeviceToDevice));
+                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
+                cp = fminf(cp, ms);
+                CK(cudaEventRecord(e0));
+                readk<<<sms * 4, 512>>>((const uint4 *)dk, hk.size() * 2 / 16, (uint32_t *)tmp);
+                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
+                best = fminf(best, ms);
+            }
+            printf("%s, n=%u: the keys read alone (a plain kernel, 16 bytes a thread) %.1f us best of 11 (%.2f TB/s); "
+                   "the copy's floor %.1f us\n", prop.name, n, best * 1e3, hk.size() * 2 / (best * 1e-3) / 1e12, cp * 1e3 / 2);
+            cudaFree(tmp);
+            cudaEventDestroy(e0), cudaEventDestroy(e1);
+        }
         for (auto &v : vs) {
-            size_t smem = v.st * STAGE + QBYTES + 1024;
+            size_t smem = smem_of(v);
+            char name[160];
+            name_of(v, name, sizeof name);
+            int threads = v.nw ? v.nw * 128 : THREADS;
             uint32_t per = (uint32_t)(v.bps * sms) / HKV, chunk = ((S + per - 1) / per + TK - 1) / TK * TK;
             params p = {dk, dq, dl, dacc, dst, dst + 1, n, S, chunk, scale * LOG2E, gamma};
             dim3 grid((S + chunk - 1) / chunk, HKV);
             CK(cudaMemset(dst, 0, 16));
             CK(cudaMemset(dacc, 0xff, (size_t)HKV * S * 4));
-            v.k<<<grid, THREADS, smem>>>(p);
+            v.k<<<grid, threads, smem>>>(p, tm);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
-            if (pass == 0 && (v.mode == 1 || v.mode == 2))
+            if (pass == 0 && v.mode != 0 && v.mode != 3)
                 continue; // not CAKE's values
             if (pass == 0) { // every key's indicator against the double reference
                 std::vector<float> acc((size_t)HKV * S);
@@ -327,9 +540,9 @@ int main(int argc, char **argv)
                                    acc[(size_t)g * S + j], ref[(size_t)g * S + j]), shown++;
                         worst = fmax(worst, err != err ? INFINITY : err);
                     }
-                printf("check n=%u, %d stages, %d blocks an SM%s: indicator error %.3g of the head's largest "
-                       "(tolerance 1e-4); entropy %.6g vs %.6g, variance %.6g vs %.6g\n", n, v.st, v.bps,
-                       modes[v.mode], worst, tot[0], rent, tot[1], rvar);
+                printf("check n=%u, %s: indicator error %.3g of the head's largest "
+                       "(tolerance 1e-4); entropy %.6g vs %.6g, variance %.6g vs %.6g\n", n, name, worst, tot[0], rent,
+                       tot[1], rvar);
                 continue;
             }
             cudaEvent_t e0, e1;
@@ -343,13 +556,13 @@ int main(int argc, char **argv)
                 CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
                 cp = fminf(cp, ms);
                 CK(cudaEventRecord(e0));
-                v.k<<<grid, THREADS, smem>>>(p);
+                v.k<<<grid, threads, smem>>>(p, tm);
                 CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
                 best = fminf(best, ms);
             }
             double bw = 2.0 * hk.size() * 2 / (cp * 1e-3), floor_us = hk.size() * 2 / bw * 1e6;
-            printf("%s, n=%u, %d stages, %d blocks an SM%s: wgmma pass 2 (LSEs given) %.1f us best of 11; floor %.1f us "
-                   "(%.2f TB/s copy): %.2fx; grid %u x %u, chunk %u\n", prop.name, n, v.st, v.bps, modes[v.mode], best * 1e3,
+            printf("%s, n=%u, %s: wgmma pass 2 (LSEs given) %.1f us best of 11; floor %.1f us "
+                   "(%.2f TB/s copy): %.2fx; grid %u x %u, chunk %u\n", prop.name, n, name, best * 1e3,
                    floor_us, bw / 1e12, best * 1e3 / floor_us, grid.x, grid.y, chunk);
             cudaFree(tmp);
             cudaEventDestroy(e0), cudaEventDestroy(e1);
