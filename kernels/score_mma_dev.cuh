@@ -55,10 +55,12 @@ template <int KS> struct shape {
     static_assert(KS % 4 == 0, "head_dim 64 or 128: whole atoms");
 };
 
-// byte offset of 16-byte piece v (of a key row's D8) of stage row r
-template <int KS> __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v)
+// byte offset of 16-byte piece v (of a key row's D8) of stage row r, in a stage of ROWS rows
+// (atoms of ROWS x 128 bytes; pass2_body_wg's warpgroups stage 64 keys each)
+template <int KS, int ROWS = TK> __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v)
 {
-    return (v / 8) * (uint32_t)shape<KS>::ATOM_BYTES + r * 128 + (((v % 8) ^ (r % 8)) << 4);
+    static_assert(ROWS % 8 == 0, "whole 8-row swizzle groups");
+    return (v / 8) * (uint32_t)ROWS * 128 + r * 128 + (((v % 8) ^ (r % 8)) << 4);
 }
 
 // The dynamic shared memory, 1024-byte aligned (kernels ask for SMEM_ALIGN bytes more). The
@@ -115,19 +117,21 @@ __device__ __forceinline__ uint64_t key_off(const mparams &p, uint32_t g, uint32
     return p.page_off[pg] + ((uint64_t)g * p.tpp + (t - pg * p.tpp)) * p.d * 2;
 }
 
-// Keys [j0, j0 + TK) of head g into a stage (rows at or past `end` zero filled) by cp.async:
-// each warp copies TK / 8 consecutive rows; lane l finds row l's address once (its page from
-// the fast divisor and the page table), and the warp's copies take it by shuffle, a row's
-// 16-byte pieces on consecutive lanes (a per-thread walk over the pages cost ~280
+// Keys [j0, j0 + ROWS) of head g into a stage of ROWS rows (rows at or past `end` zero
+// filled) by cp.async from NT threads (the block's, or a warpgroup's: threadIdx.x % NT): each
+// warp copies ROWS / (NT / 32) consecutive rows; lane l finds row l's address once (its page
+// from the fast divisor and the page table), and the warp's copies take it by shuffle, a
+// row's 16-byte pieces on consecutive lanes (a per-thread walk over the pages cost ~280
 // instructions a tile and thread).
-template <int KS>
+template <int KS, int ROWS = TK, int NT = THREADS>
 __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t j0, uint32_t end, uint8_t *stage)
 {
     using sh = shape<KS>;
-    constexpr int RPW = TK / (THREADS / 32); // rows a warp copies
-    constexpr int RPI = 32 / sh::D8;         // rows one copy instruction of the warp covers
+    constexpr int RPW = ROWS / (NT / 32); // rows a warp copies
+    constexpr int RPI = 32 / sh::D8;      // rows one copy instruction of the warp covers
     static_assert(RPW <= 32 && RPW % RPI == 0 && RPW % 8 == 0, "a warp's rows: one lane each");
-    uint32_t lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * RPW, j = j0 + r0 + lane % RPW;
+    uint32_t lane = threadIdx.x % 32, r0 = (NT == THREADS ? threadIdx.x : threadIdx.x % NT) / 32 * RPW;
+    uint32_t j = j0 + r0 + lane % RPW;
     bool ok = j < end;
     uint64_t src = (uint64_t)p.base; // a valid address for the zero-filling copies
     if (ok)
@@ -136,7 +140,7 @@ __device__ __forceinline__ void load_tile(const mparams &p, uint32_t g, uint32_t
 #pragma unroll
     for (int u = 0; u < RPW / RPI; u++) {
         uint64_t s = __shfl_sync(0xffffffffu, src, u * RPI + rl);
-        cp_async16(stage + swz<KS>(r0 + u * RPI + rl, v), (const void *)(s + v * 16), (okr >> (u * RPI)) & 1);
+        cp_async16(stage + swz<KS, ROWS>(r0 + u * RPI + rl, v), (const void *)(s + v * 16), (okr >> (u * RPI)) & 1);
     }
 }
 

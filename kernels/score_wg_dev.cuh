@@ -13,7 +13,7 @@
 namespace smma {
 
 // Pass 2 on Hopper's wgmma (sm_90a): the block's two warpgroups each multiply 64 keys of
-// a stage by all 128 query columns of the kv head in one chain of 8 m64n128k16 (A the keys,
+// a stage of their own by all 128 query columns of the kv head in one chain of 8 m64n128k16 (A the keys,
 // B the queries, both from shared memory in the stages' 128-byte swizzled rows, which are
 // wgmma's K-major layout with a 128-byte swizzle), so no query fragments sit in registers
 // and the tensor work is 8 instructions a warpgroup and stage, not 128 mma.sync a warp. A
@@ -74,7 +74,14 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
 #endif
 
 // pass2_body's contract (keys [c0, c1) of kv head g, acc[j], e_sum, v_sum) for wg_shape's
-// shape, with ST stages and then WG_Q_BYTES of the queries at smem.
+// shape, with ST stages of TK keys and then WG_Q_BYTES of the queries at smem. The two
+// warpgroups run apart: the stages' room is two rings of ST stages of 64 keys (WG_ROWS),
+// one a warpgroup, and warpgroup w takes the chunk's 64-key tiles w, w + 2, ... (from the
+// end, as pass2_body: the tail pass 1 read last is still in L2), loading and reading its
+// own ring and waiting only on its own 128 threads (a named barrier) - so one warpgroup's
+// next loads never wait for the other's epilogue (the prototype, tools/wgp2.cu: 1.43x the
+// floor at 128K against 1.51x with the block's barrier, H100).
+constexpr int WG_ROWS = 64;
 template <typename T, int ST, bool ENT = true>
 __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
                               const float *rowM, const float *rowLnL, float *acc, double &e_sum,
@@ -82,20 +89,24 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using sh = shape<8>;
+    constexpr uint32_t WST = WG_ROWS * 256, WATOM = WG_ROWS * 128; // a ring's stage, its atoms
+    static_assert(2 * ST * WST == ST * sh::STAGE_BYTES, "two rings fill the stages' room");
     uint8_t *qs = smem + ST * sh::STAGE_BYTES;
     uint32_t tid = threadIdx.x, wg = tid / 128, wi = tid % 128 / 32, lane = tid % 32;
-    uint32_t nt = (c1 - c0 + TK - 1) / TK;
+    uint8_t *ring = smem + wg * ST * WST;
+    uint32_t nt = (c1 - c0 + WG_ROWS - 1) / WG_ROWS, nl = nt > wg ? (nt - wg + 1) / 2 : 0;
+    auto key0 = [&](uint32_t i) { return c0 + (nt - 1 - (wg + 2 * i)) * WG_ROWS; }; // the ring's tile i
     for (uint32_t x = tid; x < 128 * 16; x += THREADS) { // column c's row, 16 pieces
         uint32_t c = x / 16, v = x % 16;
         const uint8_t *row = p.ring_off ? ring_row(p, g * p.G + c / p.nqp, (p.first + c % p.nqp) % p.w)
                                         : (const uint8_t *)p.q + ((size_t)g * p.G * p.nq + c) * p.d * 2;
         cp_async16(qs + swz<8>(c, v), row + v * 16, true);
     }
-    // backwards, as pass2_body (the tail pass 1 read last is still in L2)
+    cp_async_commit();
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
-        if (s < (int)nt)
-            load_tile<8>(p, g, c0 + (nt - 1 - s) * TK, c1, smem + s * sh::STAGE_BYTES);
+        if (s < (int)nl)
+            load_tile<8, WG_ROWS, 128>(p, g, key0(s), c1, ring + s * WST);
         cp_async_commit();
     }
     float B2[32]; // the thread's columns 8i + 2 (lane % 4) + e: log2 of their normalizers
@@ -108,22 +119,29 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
         }
     const float nq = (float)p.nq, inq = 1.0f / p.nq, inq1 = 1.0f / (p.nq - 1);
     uint32_t qa = (uint32_t)__cvta_generic_to_shared(qs);
-    for (uint32_t k = 0; k < nt; k++) {
+    cp_async_wait<ST - 1>(); // the queries, every thread's copies of them
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
+    __syncthreads();
+    for (uint32_t k = 0; k < nl; k++) {
         cp_async_wait<ST - 2>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
-        __syncthreads();
-        if (k + ST - 1 < nt)
-            load_tile<8>(p, g, c0 + (nt - 1 - (k + ST - 1)) * TK, c1,
-                         smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        // the warpgroup's 128 threads: tile k landed for all, and all are done with the stage
+        // the next load takes (read in step k - 1)
+        if (wg == 0) // (immediate ids: a register id reserves all 16 barriers)
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");
+        else
+            asm volatile("bar.sync 2, 128;\n" ::: "memory");
+        if (k + ST - 1 < nl)
+            load_tile<8, WG_ROWS, 128>(p, g, key0(k + ST - 1), c1, ring + ((k + ST - 1) % ST) * WST);
         cp_async_commit();
-        uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem + (k % ST) * sh::STAGE_BYTES) + wg * 64 * 128;
-        uint32_t j0 = c0 + (nt - 1 - k) * TK;
+        uint32_t sa = (uint32_t)__cvta_generic_to_shared(ring + (k % ST) * WST);
+        uint32_t j0 = key0(k);
         float d[64]; // the first step overwrites it (scale-d 0)
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) { // k16 steps: 32 bytes into an atom's rows, 4 an atom
             uint32_t off = (kk / 4) * (uint32_t)sh::ATOM_BYTES + (kk % 4) * 32;
-            wg_mma<T>(d, wg_desc(sa + off), wg_desc(qa + off), kk > 0);
+            wg_mma<T>(d, wg_desc(sa + (kk / 4) * WATOM + (kk % 4) * 32), wg_desc(qa + off), kk > 0);
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -133,7 +151,7 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
         auto epilogue = [&](auto tail) {
 #pragma unroll
             for (int e2 = 0; e2 < 2; e2++) { // the thread's keys: rows lane / 4 and + 8 of its warp's 16
-                uint32_t j = j0 + wg * 64 + wi * 16 + lane / 4 + e2 * 8;
+                uint32_t j = j0 + wi * 16 + lane / 4 + e2 * 8;
                 bool live = !decltype(tail)::value || j < c1;
                 float I = 0.0f, V = 0.0f;
 #pragma unroll
@@ -172,7 +190,7 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
                 }
             }
         };
-        if (j0 + TK <= c1)
+        if (j0 + WG_ROWS <= c1)
             epilogue(std::false_type());
         else
             epilogue(std::true_type());
