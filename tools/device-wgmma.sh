@@ -2,20 +2,22 @@
 # device-wgmma.sh - the wgmma passes on a GPU machine (Hopper, sm_90a): the standalone pass-2
 # prototype's check and timing (tools/wgp2.cu, its stage/occupancy variants), the GPU kernel
 # tests' subset, golden parity, then CAKE_WGMMA=0/1 side by side in bench-gpu and through
-# caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels.
+# caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels;
+# SIDES="0 1" runs the kernels' side by side once (default twice); MPS=1 adds caked's run
+# under MPS, traced.
 # Device tool: carry .debs and .golden; logs under $OUT.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 # the project builds (CPU) while the prototype runs (GPU)
 (OUT=/tmp/dbl TARGETS="test_gpu_kernels test_gpu_seq test_gpu_pressure test_gpu_policies test_gpu_daemon test_gpu_share bench-gpu caked cake cachectl cake-parity" sh tools/device-build.sh > /tmp/devbuild.txt 2>&1; echo $? > /tmp/build.rc) &
-nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgp2 tools/wgp2.cu && timeout 90 /tmp/wgp2 2>&1 | tee $OUT/wgp2.txt
+nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgp2 tools/wgp2.cu && timeout 150 /tmp/wgp2 2>&1 | tee $OUT/wgp2.txt
 wait
 [ "$(cat /tmp/build.rc)" = 0 ] || { cat /tmp/devbuild.txt; tail -30 /tmp/dbl/build.log; echo build failed; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 B=/tmp/devbuild
 (CAKE_GPU_TEST_QUICK=1 timeout 200 $B/tests/test_gpu_kernels > $OUT/kernels.log 2>&1; echo "kernels rc=$?"; grep -E "FAIL|subset|illegal|DIFFER|mode=" $OUT/kernels.log | cut -c1-200 | head -12)
 for m in parity fixed; do timeout 60 $B/tools/cake-parity --mode $m --device gpu .golden/cake-parity > /tmp/parity-$m.log 2>&1; echo "parity $m rc=$? $(tail -1 /tmp/parity-$m.log)"; done; cat /tmp/parity-*.log > $OUT/parity.log
-for v in 0 1 0 1; do
+for v in ${SIDES:-0 1 0 1}; do
   CAKE_WGMMA=$v timeout 90 $B/tools/bench-gpu --sizes 32768,131072 --reps 5 --no-attn --no-torch --no-caked > /tmp/bs-$v.log 2>&1
   echo "== wgmma $v rc=$?"; grep -E "^ +(32768|131072)|one launch \(kern|carrying the rows|filling its holes \(|given the newest row's \(" /tmp/bs-$v.log | cut -c1-190
 done
@@ -23,8 +25,17 @@ for v in 0 1; do
   CAKE_WGMMA=$v timeout 100 $B/tools/bench-gpu --sizes 4096 --reps 5 --no-attn --no-torch --decode-lse > /tmp/bc-$v.log 2>&1
   echo "== caked wgmma $v rc=$?"; grep -E "observe round trip|engine's log-sum-exps \(cake|decode step|idle on the GPU" /tmp/bc-$v.log | cut -c1-200
 done
+# MPS=1: the same through caked with both processes in one GPU context (MPS), traced
+if [ -n "${MPS:-}" ]; then
+  nvidia-cuda-mps-control -d && sleep 1
+  CAKED_TRACE=1 BENCH_CAKED_LOG=$OUT/caked-mps.log timeout 100 $B/tools/bench-gpu --sizes 4096 --reps 5 --no-attn --no-torch --decode-lse > /tmp/bc-mps.log 2>&1
+  echo "== caked under MPS, traced rc=$?"; grep -E "observe round trip|account|engine's log-sum-exps \(cake|decode step|idle on the GPU" /tmp/bc-mps.log | cut -c1-200
+  echo quit | nvidia-cuda-mps-control
+fi
 cp /tmp/bs-*.log /tmp/bc-*.log $OUT/
 (cd $B && CACHECTL_BIN=$B/tools/cachectl timeout 150 ctest -R "gpu\.(sequences|pressure|policies|daemon|share)" > /tmp/ctest.log 2>&1; echo "ctest rc=$?"; grep -E "FAIL|tests passed" /tmp/ctest.log | cut -c1-200 | head -6)
 # NCU=1: where the wgmma kernels stand (Nsight Compute, stall reasons)
 [ -z "${NCU:-}" ] || { OUT=/tmp/ncu BUILD=$B STALLS=1 ONLY="score-pass1 score-pass2 evict" timeout 150 sh tools/ncu-kernels.sh > $OUT/ncu.txt 2>&1; tail -60 $OUT/ncu.txt | cut -c1-160; }
+# the logs in one file (a call brings back at most 8)
+(cd $OUT && tar czf logs.tgz *.log && rm -f *.log)
 echo "all $(( $(date +%s) - t0 )) s"
