@@ -3,8 +3,8 @@
 # prototype's check and timing (tools/wgp2.cu, its stage/occupancy variants), the GPU kernel
 # tests' subset, golden parity, then CAKE_WGMMA=0/1 side by side in bench-gpu and through
 # caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels;
-# SIDES="0 1" runs the kernels' side by side once (default twice); MPS=1 adds caked's run
-# under MPS, traced.
+# SIDES="0 1" runs the kernels' side by side once (default twice), CAKED_SIDES="1" caked's
+# with wgmma alone; MPS=1 adds caked's run under MPS, traced; CTEST_S: the GPU tests' limit.
 # Device tool: carry .debs and .golden; logs under $OUT.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -21,7 +21,7 @@ for v in ${SIDES:-0 1 0 1}; do
   CAKE_WGMMA=$v timeout 90 $B/tools/bench-gpu --sizes 32768,131072 --reps 5 --no-attn --no-torch --no-caked > /tmp/bs-$v.log 2>&1
   echo "== wgmma $v rc=$?"; grep -E "^ +(32768|131072)|one launch \(kern|carrying the rows|filling its holes \(|given the newest row's \(" /tmp/bs-$v.log | cut -c1-190
 done
-for v in 0 1; do
+for v in ${CAKED_SIDES:-0 1}; do
   CAKE_WGMMA=$v timeout 100 $B/tools/bench-gpu --sizes 4096 --reps 5 --no-attn --no-torch --decode-lse > /tmp/bc-$v.log 2>&1
   echo "== caked wgmma $v rc=$?"; grep -E "observe round trip|engine's log-sum-exps \(cake|decode step|idle on the GPU" /tmp/bc-$v.log | cut -c1-200
 done
@@ -33,7 +33,7 @@ if [ -n "${MPS:-}" ]; then
   echo quit | nvidia-cuda-mps-control
 fi
 cp /tmp/bs-*.log /tmp/bc-*.log $OUT/
-(cd $B && CACHECTL_BIN=$B/tools/cachectl timeout 150 ctest -R "gpu\.(sequences|pressure|policies|daemon|share)" > /tmp/ctest.log 2>&1; echo "ctest rc=$?"; grep -E "FAIL|tests passed" /tmp/ctest.log | cut -c1-200 | head -6)
+(cd $B && CACHECTL_BIN=$B/tools/cachectl timeout ${CTEST_S:-150} ctest -R "gpu\.(sequences|pressure|policies|daemon|share)" > /tmp/ctest.log 2>&1; echo "ctest rc=$?"; grep -E "FAIL|tests passed" /tmp/ctest.log | cut -c1-200 | head -6)
 # NCU=1: where the wgmma kernels stand (Nsight Compute, stall reasons)
 [ -z "${NCU:-}" ] || { OUT=/tmp/ncu BUILD=$B STALLS=1 ONLY="score-pass1 score-pass2 evict" timeout 150 sh tools/ncu-kernels.sh > $OUT/ncu.txt 2>&1; tail -60 $OUT/ncu.txt | cut -c1-160; }
 # the logs in one file (a call brings back at most 8)
