@@ -6,7 +6,10 @@
 // query columns of a kv head (4 heads x 32 window rows) in one m64n128k16 chain of 8; a
 // thread then holds 2 keys x 32 columns: every head's 8 values a key, so the per-key
 // indicator (mean + gamma var summed over the heads) needs one quad's shuffles and no
-// shared memory.
+// shared memory. Beside it (wgpi): the block's warpgroups apart, each with its own ring of
+// 64-key stages (what pass2_body_wg became), their stages by cp.async or by TMA (in 64- or
+// 16-row boxes: caked's pages hold 16 tokens), and the loads alone; a plain read of the keys
+// beside the copy's floor.
 // Build and run (H100/H200): nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o wgp2 wgp2.cu && ./wgp2
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -267,8 +270,9 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
 // the stages in flight of wgp2 at two. The queries (shared) are loaded once before. TMA: a
 // stage comes by two bulk tensor copies (TMA, tm: the keys as rows of 128 elements, boxes of
 // 64 x 64 in the same 128-byte swizzle) that one thread issues, and arrives on the stage's
-// barrier; else by cp.async from every thread of the warpgroup.
-template <int NW, int STW, int BPS, int MODE, bool TMA>
+// barrier; else by cp.async from every thread of the warpgroup. BOXR: rows a box (64; 16 as
+// caked's 64 KiB pages hold 16 tokens of 8 kv heads, K and V: 8 boxes of 2 KB a stage).
+template <int NW, int STW, int BPS, int MODE, bool TMA, int BOXR = 64>
 __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_constant__ CUtensorMap tm)
 {
     extern __shared__ uint8_t smraw[];
@@ -288,8 +292,11 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
             if (t == 0) {
                 uint32_t mb = su32(&full[wg][s]);
                 mbar_expect(mb, STAGE64);
-                tma_box(su32(st), tm, 0, g * p.n + jb, mb);
-                tma_box(su32(st + ATOM64), tm, 64, g * p.n + jb, mb);
+#pragma unroll
+                for (int b = 0; b < 64 / BOXR; b++) { // boxes of BOXR rows (a page's run of a head's keys)
+                    tma_box(su32(st + b * BOXR * 128), tm, 0, g * p.n + jb + b * BOXR, mb);
+                    tma_box(su32(st + ATOM64 + b * BOXR * 128), tm, 64, g * p.n + jb + b * BOXR, mb);
+                }
             }
             return;
         }
@@ -392,19 +399,20 @@ int main(int argc, char **argv)
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     // nw = 0: wgp2 (st stages of 128 keys for the block); else wgpi (nw warpgroups, st stages of 64 keys each)
-    struct variant { void (*k)(params, CUtensorMap); int st, bps, mode, nw, tma; } vs[] = {
+    struct variant { void (*k)(params, CUtensorMap); int st, bps, mode, nw, tma, boxr = 64; } vs[] = {
         {wgp2<2, 2, 0>, 2, 2, 0, 0, 0}, {wgp2<2, 2, 4>, 2, 2, 4, 0, 0},
         {wgpi<2, 2, 2, 0, false>, 2, 2, 0, 2, 0}, {wgpi<4, 3, 1, 0, false>, 3, 1, 0, 4, 0},
         {wgpi<2, 2, 2, 0, true>, 2, 2, 0, 2, 1}, {wgpi<2, 2, 2, 4, true>, 2, 2, 4, 2, 1},
         {wgpi<4, 3, 1, 0, true>, 3, 1, 0, 4, 1}, {wgpi<4, 3, 1, 1, true>, 3, 1, 1, 4, 1},
-        {wgpi<4, 3, 1, 4, true>, 3, 1, 4, 4, 1}, {wgpi<3, 4, 1, 0, true>, 4, 1, 0, 3, 1}};
+        {wgpi<4, 3, 1, 4, true>, 3, 1, 4, 4, 1}, {wgpi<3, 4, 1, 0, true>, 4, 1, 0, 3, 1},
+        {wgpi<2, 2, 2, 0, true, 16>, 2, 2, 0, 2, 1, 16}, {wgpi<2, 2, 2, 4, true, 16>, 2, 2, 4, 2, 1, 16}};
     static const char *modes[] = {"", ", no epilogue (loads and multiplies)", ", no multiply (loads and epilogue)",
                                   ", split in two n64 halves", ", the loads alone"}; // by MODE (the kernels' comments)
     auto smem_of = [](const variant &v) { return (size_t)(v.nw ? v.nw * v.st * STAGE64 : v.st * STAGE) + QBYTES + 1024; };
     auto name_of = [](const variant &v, char *b, size_t n) {
         if (v.nw)
-            snprintf(b, n, "%d independent warpgroups of %d stages (64 keys)%s, %d blocks an SM%s", v.nw, v.st,
-                     v.tma ? " by TMA" : "", v.bps, modes[v.mode]);
+            snprintf(b, n, "%d independent warpgroups of %d stages (64 keys)%s%s, %d blocks an SM%s", v.nw, v.st,
+                     v.tma ? " by TMA" : "", v.boxr != 64 ? " in 16-row boxes" : "", v.bps, modes[v.mode]);
         else
             snprintf(b, n, "%d stages, %d blocks an SM%s", v.st, v.bps, modes[v.mode]);
     };
@@ -453,11 +461,11 @@ int main(int argc, char **argv)
         CK(cudaMalloc(&dk, hk.size() * 2)); CK(cudaMalloc(&dq, hq.size() * 2));
         CK(cudaMalloc(&dl, hl.size() * 4)); CK(cudaMalloc(&dacc, (size_t)HKV * S * 4)); CK(cudaMalloc(&dst, 16));
         CK(cudaMemcpy(dk, hk.data(), hk.size() * 2, cudaMemcpyHostToDevice));
-        CUtensorMap tm; // the keys as HKV n rows of D elements; boxes of 64 x 64, 128-byte swizzle
-        {
+        CUtensorMap tm, tm16; // the keys as HKV n rows of D elements; boxes of 64 x 64 (16), 128-byte swizzle
+        for (int m = 0; m < 2; m++) {
             cuuint64_t dims[2] = {D, (cuuint64_t)HKV * n}, strides[1] = {D * 2};
-            cuuint32_t box[2] = {64, 64}, es[2] = {1, 1};
-            CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, dk, dims, strides, box, es,
+            cuuint32_t box[2] = {64, m ? 16u : 64u}, es[2] = {1, 1};
+            CUresult r = encode(m ? &tm16 : &tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, dk, dims, strides, box, es,
                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
             if (r != CUDA_SUCCESS) {
@@ -521,7 +529,7 @@ int main(int argc, char **argv)
             dim3 grid((S + chunk - 1) / chunk, HKV);
             CK(cudaMemset(dst, 0, 16));
             CK(cudaMemset(dacc, 0xff, (size_t)HKV * S * 4));
-            v.k<<<grid, threads, smem>>>(p, tm);
+            v.k<<<grid, threads, smem>>>(p, v.boxr == 16 ? tm16 : tm);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
             if (pass == 0 && v.mode != 0 && v.mode != 3)
@@ -556,7 +564,7 @@ int main(int argc, char **argv)
                 CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
                 cp = fminf(cp, ms);
                 CK(cudaEventRecord(e0));
-                v.k<<<grid, threads, smem>>>(p, tm);
+                v.k<<<grid, threads, smem>>>(p, v.boxr == 16 ? tm16 : tm);
                 CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
                 best = fminf(best, ms);
             }
