@@ -10,6 +10,7 @@
 // 64-key stages (what pass2_body_wg became), their stages by cp.async or by TMA (in 64- or
 // 16-row boxes: caked's pages hold 16 tokens), and the loads alone; a plain read of the keys
 // beside the copy's floor.
+// WGP2_ONLY=text: the baseline and the variants whose names hold text.
 // Build and run (H100/H200): nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o wgp2 wgp2.cu && ./wgp2
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -523,6 +524,9 @@ int main(int argc, char **argv)
             size_t smem = smem_of(v);
             char name[160];
             name_of(v, name, sizeof name);
+            const char *only = getenv("WGP2_ONLY"); // only the variants whose names hold it (and the first, the baseline)
+            if (only && &v != &vs[0] && !strstr(name, only))
+                continue;
             int threads = v.nw ? v.nw * 128 : THREADS;
             uint32_t per = (uint32_t)(v.bps * sms) / HKV, chunk = ((S + per - 1) / per + TK - 1) / TK * TK;
             params p = {dk, dq, dl, dacc, dst, dst + 1, n, S, chunk, scale * LOG2E, gamma};
