@@ -79,8 +79,9 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
 // one a warpgroup, and warpgroup w takes the chunk's 64-key tiles w, w + 2, ... (from the
 // end, as pass2_body: the tail pass 1 read last is still in L2), loading and reading its
 // own ring and waiting only on its own 128 threads (a named barrier) - so one warpgroup's
-// next loads never wait for the other's epilogue (the prototype, tools/wgp2.cu: 1.43x the
-// floor at 128K against 1.51x with the block's barrier, H100).
+// next loads never wait for the other's epilogue (the prototype, tools/wgp2.cu, on two H100
+// hosts: 1.43x and 1.47x the copy's floor at 128K against 1.51x and 1.53x with the block's
+// barrier).
 constexpr int WG_ROWS = 64;
 template <typename T, int ST, bool ENT = true>
 __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,

@@ -4,7 +4,8 @@
 # tests' subset, golden parity, then CAKE_WGMMA=0/1 side by side in bench-gpu and through
 # caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels;
 # SIDES="0 1" runs the kernels' side by side once (default twice), CAKED_SIDES="1" caked's
-# with wgmma alone; MPS=1 adds caked's run under MPS, traced; CTEST_S: the GPU tests' limit.
+# with wgmma alone; MPS=1 adds caked's run under MPS, traced; CTEST_S, KTEST_S: the GPU
+# tests' and the kernel tests' limits in seconds (a slow host's kernel subset needs ~250).
 # Device tool: carry .debs and .golden; logs under $OUT.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -15,7 +16,7 @@ wait
 [ "$(cat /tmp/build.rc)" = 0 ] || { cat /tmp/devbuild.txt; tail -30 /tmp/dbl/build.log; echo build failed; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 B=/tmp/devbuild
-(CAKE_GPU_TEST_QUICK=1 timeout 200 $B/tests/test_gpu_kernels > $OUT/kernels.log 2>&1; echo "kernels rc=$?"; grep -E "FAIL|subset|illegal|DIFFER|mode=" $OUT/kernels.log | cut -c1-200 | head -12)
+(CAKE_GPU_TEST_QUICK=1 timeout ${KTEST_S:-200} $B/tests/test_gpu_kernels > $OUT/kernels.log 2>&1; echo "kernels rc=$?"; grep -E "FAIL|subset|illegal|DIFFER|mode=" $OUT/kernels.log | cut -c1-200 | head -12)
 for m in parity fixed; do timeout 60 $B/tools/cake-parity --mode $m --device gpu .golden/cake-parity > /tmp/parity-$m.log 2>&1; echo "parity $m rc=$? $(tail -1 /tmp/parity-$m.log)"; done; cat /tmp/parity-*.log > $OUT/parity.log
 for v in ${SIDES:-0 1 0 1}; do
   CAKE_WGMMA=$v timeout 90 $B/tools/bench-gpu --sizes 32768,131072 --reps 5 --no-attn --no-torch --no-caked > /tmp/bs-$v.log 2>&1
