@@ -13,10 +13,11 @@
 namespace smma {
 
 // Pass 2 on Hopper's wgmma (sm_90a): the block's two warpgroups each multiply 64 keys of
-// a stage of their own by all 128 query columns of the kv head in one chain of 8 m64n128k16 (A the keys,
-// B the queries, both from shared memory in the stages' 128-byte swizzled rows, which are
-// wgmma's K-major layout with a 128-byte swizzle), so no query fragments sit in registers
-// and the tensor work is 8 instructions a warpgroup and stage, not 128 mma.sync a warp. A
+// a stage of their own by all 128 query columns of the kv head in one chain of 8
+// m64n128k16 (A the keys, B the queries, both from shared memory in the stages' 128-byte
+// swizzled rows, which are wgmma's K-major layout with a 128-byte swizzle), so no query
+// fragments sit in registers and the tensor work is 8 instructions a warpgroup and stage,
+// not 128 mma.sync a warp. A
 // thread then holds 2 keys x 32 columns: every head's 8 values of its keys, so a key's sum
 // over the heads needs one quad's shuffles and no shared memory (no `part`, no finish).
 // The shape: head_dim 128, 4 heads of 32 window rows a kv head (8B models' GQA with CAKE's
