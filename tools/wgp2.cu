@@ -389,6 +389,30 @@ __global__ void readk(const uint4 *k, size_t n16, uint32_t *out)
         *out = x;
 }
 
+// Best of 11 each, alternated: a device copy of the keys (bytes at dk; its time is the
+// floor's, twice the bytes moved) and f(a scratch buffer of that size), in ms.
+template <typename F> static void time_vs_copy(const void *dk, size_t bytes, float &best, float &cp, F f)
+{
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    float ms;
+    void *tmp;
+    CK(cudaMalloc(&tmp, bytes));
+    best = cp = 1e30f;
+    for (int r = 0; r < 11; r++) {
+        CK(cudaEventRecord(e0));
+        CK(cudaMemcpyAsync(tmp, dk, bytes, cudaMemcpyDeviceToDevice));
+        CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
+        cp = fminf(cp, ms);
+        CK(cudaEventRecord(e0));
+        f(tmp);
+        CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
+        best = fminf(best, ms);
+    }
+    cudaFree(tmp);
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
+}
+
 static float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static uint16_t tobf(float f) { uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16); }
 
@@ -500,25 +524,12 @@ int main(int argc, char **argv)
                 }
         }
         if (pass > 0) { // the read floor: the keys read once by a plain kernel, beside the copy
-            cudaEvent_t e0, e1;
-            CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-            float ms, best = 1e30f, cp = 1e30f;
-            void *tmp;
-            CK(cudaMalloc(&tmp, hk.size() * 2));
-            for (int r = 0; r < 11; r++) {
-                CK(cudaEventRecord(e0));
-                CK(cudaMemcpyAsync(tmp, dk, hk.size() * 2, cudaMemcpyDeviceToDevice));
-                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
-                cp = fminf(cp, ms);
-                CK(cudaEventRecord(e0));
+            float best, cp;
+            time_vs_copy(dk, hk.size() * 2, best, cp, [&](void *tmp) {
                 readk<<<sms * 4, 512>>>((const uint4 *)dk, hk.size() * 2 / 16, (uint32_t *)tmp);
-                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
-                best = fminf(best, ms);
-            }
+            });
             printf("%s, n=%u: the keys read alone (a plain kernel, 16 bytes a thread) %.1f us best of 11 (%.2f TB/s); "
                    "the copy's floor %.1f us\n", prop.name, n, best * 1e3, hk.size() * 2 / (best * 1e-3) / 1e12, cp * 1e3 / 2);
-            cudaFree(tmp);
-            cudaEventDestroy(e0), cudaEventDestroy(e1);
         }
         for (auto &v : vs) {
             size_t smem = smem_of(v);
@@ -557,27 +568,12 @@ int main(int argc, char **argv)
                        tot[1], rvar);
                 continue;
             }
-            cudaEvent_t e0, e1;
-            CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-            float ms, best = 1e30f, cp = 1e30f;
-            void *tmp;
-            CK(cudaMalloc(&tmp, hk.size() * 2));
-            for (int r = 0; r < 11; r++) {
-                CK(cudaEventRecord(e0));
-                CK(cudaMemcpyAsync(tmp, dk, hk.size() * 2, cudaMemcpyDeviceToDevice));
-                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
-                cp = fminf(cp, ms);
-                CK(cudaEventRecord(e0));
-                v.k<<<grid, threads, smem>>>(p, v.boxr == 16 ? tm16 : tm);
-                CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
-                best = fminf(best, ms);
-            }
+            float best, cp;
+            time_vs_copy(dk, hk.size() * 2, best, cp, [&](void *) { v.k<<<grid, threads, smem>>>(p, v.boxr == 16 ? tm16 : tm); });
             double bw = 2.0 * hk.size() * 2 / (cp * 1e-3), floor_us = hk.size() * 2 / bw * 1e6;
             printf("%s, n=%u, %s: wgmma pass 2 (LSEs given) %.1f us best of 11; floor %.1f us "
                    "(%.2f TB/s copy): %.2fx; grid %u x %u, chunk %u\n", prop.name, n, name, best * 1e3,
                    floor_us, bw / 1e12, best * 1e3 / floor_us, grid.x, grid.y, chunk);
-            cudaFree(tmp);
-            cudaEventDestroy(e0), cudaEventDestroy(e1);
         }
         cudaFree(dk), cudaFree(dq), cudaFree(dl), cudaFree(dacc), cudaFree(dst);
     }
