@@ -87,6 +87,19 @@ __device__ __forceinline__ void wgmma64(float (&d)[32], uint64_t da, uint64_t db
                  : "l"(da), "l"(db), "r"(acc));
 }
 
+// the thread's 32 columns (chunk i of 16, 2 (lane % 4) + e): their log2 normalizers
+__device__ __forceinline__ void lse2(const params &p, uint32_t g, float (&B2)[32])
+{
+    uint32_t lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            uint32_t c = 8 * i + 2 * (lane % 4) + e;
+            B2[2 * i + e] = p.lse[(size_t)(g * G + c / NQ) * NQ + c % NQ] * LOG2E;
+        }
+}
+
 // the block's totals: the warp's entropy terms (log2 units) and variances, one atomic each
 __device__ __forceinline__ void totals(const params &p, float e, float vsum)
 {
@@ -169,15 +182,8 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
             load(s, sm + s * STAGE);
         asm volatile("cp.async.commit_group;\n");
     }
-    // the thread's 32 columns: chunk i (0..15), 2 (lane % 4) + e; their log2 normalizers
     float B2[32];
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            uint32_t c = 8 * i + 2 * (lane % 4) + e;
-            B2[2 * i + e] = p.lse[(size_t)(g * G + c / NQ) * NQ + c % NQ] * LOG2E;
-        }
+    lse2(p, g, B2);
     float ent0 = 0.0f, ent1 = 0.0f, vsum = 0.0f;
     for (uint32_t k = 0; k < nt; k++) {
         if (ST == 2)
@@ -323,13 +329,7 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
         asm volatile("cp.async.commit_group;\n");
     }
     float B2[32];
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            uint32_t c = 8 * i + 2 * (lane % 4) + e;
-            B2[2 * i + e] = p.lse[(size_t)(g * G + c / NQ) * NQ + c % NQ] * LOG2E;
-        }
+    lse2(p, g, B2);
     cp_wait<STW - 1>(); // the queries (every thread's copies of them)
     asm volatile("fence.proxy.async.shared::cta;\n");
     __syncthreads();
