@@ -137,19 +137,16 @@ int launch(mparams &p, const score_mma_args &a)
     int rc;
     if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
+    } else if (KS == 8 && NSP == 4 && score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
+        static kern_attrs wset[SCORE_MAX_DEV];
+        size_t wb = SMEM_ALIGN + WG1_STAGES * shape<8>::STAGE_BYTES;
+        if (int rc1 = smem_limit(mpass1_wg<T>, wset, a.dev, wb, -1))
+            return rc1;
+        mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p);
+        CK(cudaGetLastError());
+        rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     } else {
-        bool wg = false; // pass 1 on wgmma: its shape (KS 8, NSP 4 alone instantiate it) on sm_90
-        if constexpr (KS == 8 && NSP == 4)
-            if (score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
-                static kern_attrs wset[SCORE_MAX_DEV];
-                size_t wb = SMEM_ALIGN + WG1_STAGES * shape<8>::STAGE_BYTES;
-                if (int rc1 = smem_limit(mpass1_wg<T>, wset, a.dev, wb, -1))
-                    return rc1;
-                mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p);
-                wg = true;
-            }
-        if (!wg)
-            mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
+        mpass1<T, KS, NSP><<<dim3(a.chunks1, a.hkv), THREADS, sm1, st>>>(p);
         CK(cudaGetLastError());
         rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     }
