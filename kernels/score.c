@@ -152,15 +152,16 @@ static void load_keys_bf16(const struct kern_kv *kv, uint32_t g, uint32_t j, uin
 }
 #endif
 
-/* Loads keys [j, j + tj) of head g transposed into kt[d][TILE] (zero padded). */
+/* Loads keys [j, j + tj) of head g (or, given slot, keys slot[0..tj)) transposed into
+ * kt[d][TILE] (zero padded). */
 static void load_keys(const struct kern_kv *kv, uint32_t g, uint32_t j, uint32_t tj,
-                      float *restrict kt, float *restrict row)
+                      const uint32_t *slot, float *restrict kt, float *restrict row)
 {
     uint32_t d = kv->head_dim;
     if (tj < TILE)
         memset(kt, 0, sizeof(float) * d * TILE);
     for (uint32_t t = 0; t < tj; t++) { /* a tile may span pages: address each row */
-        kern_to_f32(kv->dtype, kern_kv_key(kv, g, j + t), row, d);
+        kern_to_f32(kv->dtype, kern_kv_key(kv, g, slot ? slot[t] : j + t), row, d);
         for (uint32_t k = 0; k < d; k++)
             kt[(size_t)k * TILE + t] = row[k];
     }
@@ -222,7 +223,7 @@ static void logits_tile(const struct ctx *c, uint32_t g, uint32_t j, uint32_t tj
         return;
     }
 #endif
-    load_keys(c->a->kv, g, j, tj, s->kt, s->row);
+    load_keys(c->a->kv, g, j, tj, NULL, s->kt, s->row);
     gemm_tile(c->qf + (size_t)g * c->R * c->d, c->R, c->d, s->kt, s->z);
 }
 
@@ -531,12 +532,7 @@ int kern_lse_carry(const struct kern_score_args *a, const float *lse, const uint
             if (j < S)
                 slot[tj++] = j;
             if (tj == TILE || (j == S && tj)) {
-                memset(s.kt, 0, sizeof(float) * d * TILE);
-                for (uint32_t t = 0; t < tj; t++) {
-                    kern_to_f32(kv->dtype, kern_kv_key(kv, g, slot[t]), s.row, d);
-                    for (uint32_t x = 0; x < d; x++)
-                        s.kt[(size_t)x * TILE + t] = s.row[x];
-                }
+                load_keys(kv, g, 0, tj, slot, s.kt, s.row);
                 gemm_tile(qf + (size_t)g * R * d, R, d, s.kt, s.z);
                 for (uint32_t r = 0; r < R; r++)
                     for (uint32_t t = 0; t < tj; t++)

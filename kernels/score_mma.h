@@ -43,8 +43,8 @@ int score_merge(const float *m, const float *l, float *rowM, float *rowLnL, uint
 int score_lse_rows(const float *lse, float *rowM, float *rowLnL, uint32_t hkv, uint32_t G,
                    uint32_t nq, uint32_t nqp, uint32_t RP, void *stream);
 /* score_mma.cu: whether the passes run on wgmma (score_wg_dev.cuh's pass1_body_wg and
- * pass2_body_wg, where their shape fits) on device dev: a compute capability 9.0 device (the build's sm_90a code), unless turned off
- * (kern_cuda_score_set_wgmma, CAKE_WGMMA=0). */
+ * pass2_body_wg, where their shape fits) on device dev: a compute capability 9.0 device (the
+ * build's sm_90a code), unless turned off (kern_cuda_score_set_wgmma, CAKE_WGMMA=0). */
 bool score_wg_on(int dev);
 struct score_attr_lock {
     score_attr_lock();

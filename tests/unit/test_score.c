@@ -50,8 +50,6 @@ static void free_layer(struct layer *L)
     free(L->pages), free(L->q);
 }
 
-/* Each window row's log-sum-exp [H][nq] in double, as an engine's attention would give it
- * (computed here, apart from the kernels). */
 /* make_layer with a random GQA shape (1 to 3 kv heads, groups of 1 to 4) and pages of 1 to
  * tpp_max tokens. */
 static void make_gqa_layer(struct layer *L, uint32_t d, uint32_t n, uint32_t nq, uint32_t tpp_max,
@@ -62,6 +60,8 @@ static void make_gqa_layer(struct layer *L, uint32_t d, uint32_t n, uint32_t nq,
 }
 
 static float *row_lse_without(const struct layer *L, const uint8_t *gone);
+/* Each window row's log-sum-exp [H][nq] in double, as an engine's attention would give it
+ * (computed here, apart from the kernels). */
 static float *row_lse(const struct layer *L)
 {
     return row_lse_without(L, NULL);
