@@ -156,7 +156,7 @@ __device__ void lse_out(const mparams &p, uint32_t g, const kern_cuda_evict_job 
 // WG: passes 1 and 2 on wgmma (score_wg_dev.cuh's pass1_body_wg and pass2_body_wg; their
 // shape only), a kernel of its own so that neither body's registers weigh on the other
 template <typename T, int KS, int NSP, int HPS, bool WG = false>
-__global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
+__global__ void __launch_bounds__(THREADS, 2) devict(eparams ep, const __grid_constant__ wg_tma tm)
 {
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
             }
         } else {
             if constexpr (WG)
-                pass1_body_wg<T, EST>(p, g, 0, p.n, smem, rowM, rowL);
+                pass1_body_wg<T, EST>(p, g, 0, p.n, smem, rowM, rowL, &tm);
             else
                 pass1_body<T, KS, NSP, EST>(p, g, 0, p.n, smem, rowM, rowL);
             __syncthreads();
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(THREADS, 2) devict(eparams ep)
         mark(1);
         double e_sum = 0.0, v_sum = 0.0; // a step reads neither
         if constexpr (WG)
-            pass2_body_wg<T, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
+            pass2_body_wg<T, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum, &tm);
         else
             pass2_body<T, KS, NSP, HPS, EST, false>(p, g, 0, S, smem, rowM, rowL, acc, e_sum, v_sum);
         __syncthreads();
@@ -440,7 +440,12 @@ int run(const eparams &ep, uint32_t kv_heads, uint32_t n_jobs, size_t smem, cuda
      * compaction's length, kernels/README.md) - kept, as it never cost anything */
     if (int rc = smem_limit(devict<T, KS, NSP, HPS, WG>, set, dev, smem, 100))
         return rc;
-    devict<T, KS, NSP, HPS, WG><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep);
+    wg_tma tm;
+    if (WG)
+        tm = wg_tma_for(dev, ep.e.base, ep.e.tokens_per_page, ep.e.head_dim);
+    else
+        memset(&tm, 0, sizeof tm);
+    devict<T, KS, NSP, HPS, WG><<<dim3(kv_heads, n_jobs), THREADS, smem, st>>>(ep, tm);
     CK(cudaGetLastError());
     return 0;
 }

@@ -70,7 +70,9 @@ int kern_cuda_score_set_wmma(int on);
 /* Both scoring passes (scoring and the one-launch eviction) run on wgmma on a compute
  * capability 9.0 device where their shape fits (head_dim 128, 4 query heads of 32 window rows
  * a kv head), else on mma.sync; zero keeps mma.sync everywhere (the environment's
- * CAKE_WGMMA=0 sets it at start). Process-wide; returns the previous setting. */
+ * CAKE_WGMMA=0 sets it at start). Process-wide; returns the previous setting. There the
+ * passes stage the keys by TMA where the pages allow (kernels/README.md; CAKE_TMA=0 keeps
+ * cp.async). */
 int kern_cuda_score_set_wgmma(int on);
 /* Decode attention (kern_cuda_decode_attention, kern_cuda_paged_decode) runs on the tensor
  * cores (mma.sync) where head_dim is 64 or 128, else on CUDA cores; nonzero forces the CUDA

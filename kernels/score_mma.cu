@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -49,12 +50,12 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass1(mparams p)
 // three stages, two blocks an SM.
 constexpr int WG1_STAGES = 3;
 template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) mpass1_wg(mparams p)
+__global__ void __launch_bounds__(THREADS, 2) mpass1_wg(mparams p, const __grid_constant__ wg_tma tm)
 {
     extern __shared__ uint4 smem4[];
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.n);
     size_t at = ((size_t)g * p.chunks1 + blockIdx.x) * p.Rp;
-    pass1_body_wg<T, WG1_STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at);
+    pass1_body_wg<T, WG1_STAGES>(p, g, c0, c1, smem_aligned(smem4), p.m + at, p.l + at, &tm);
 }
 
 // the block's entropy and variance sums, in a fixed order, to p.ent / p.var (smem free)
@@ -91,14 +92,14 @@ __global__ void __launch_bounds__(THREADS, SCORE_MMA_BPS) mpass2(mparams p)
 // queries' room, two blocks an SM.
 constexpr int WG_STAGES = 2;
 template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p)
+__global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p, const __grid_constant__ wg_tma tm)
 {
     extern __shared__ uint4 smem4[];
     uint8_t *smem = smem_aligned(smem4);
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
     double e_sum = 0.0, v_sum = 0.0;
     pass2_body_wg<T, WG_STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
-                                p.acc + (size_t)g * p.S, e_sum, v_sum);
+                                p.acc + (size_t)g * p.S, e_sum, v_sum, &tm);
     block_sums(p, smem, e_sum, v_sum);
 }
 
@@ -111,7 +112,8 @@ int launch_pass2(mparams &p, const score_mma_args &a)
             size_t wb = SMEM_ALIGN + WG_STAGES * shape<8>::STAGE_BYTES + WG_Q_BYTES;
             if (int rc = smem_limit(mpass2_wg<T>, wset, a.dev, wb, -1))
                 return rc;
-            mpass2_wg<T><<<dim3(a.chunks2, a.hkv), THREADS, wb, (cudaStream_t)a.stream>>>(p);
+            wg_tma tm = wg_tma_for(a.dev, a.base, a.tpp, a.d);
+            mpass2_wg<T><<<dim3(a.chunks2, a.hkv), THREADS, wb, (cudaStream_t)a.stream>>>(p, tm);
             CK(cudaGetLastError());
             return 0;
         }
@@ -142,7 +144,8 @@ int launch(mparams &p, const score_mma_args &a)
         size_t wb = SMEM_ALIGN + WG1_STAGES * shape<8>::STAGE_BYTES;
         if (int rc1 = smem_limit(mpass1_wg<T>, wset, a.dev, wb, -1))
             return rc1;
-        mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p);
+        wg_tma tm = wg_tma_for(a.dev, a.base, a.tpp, a.d);
+        mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p, tm);
         CK(cudaGetLastError());
         rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
     } else {
@@ -205,6 +208,44 @@ extern "C" int kern_cuda_score_set_wgmma(int on)
     int prev = wg_setting();
     wg_allowed.store(on ? 1 : 0);
     return prev;
+}
+
+// CAKE_TMA ("0": off), read at first use
+static std::atomic<int> tma_allowed{-1};
+
+smma::wg_tma smma::wg_tma_for(int dev, const void *base, uint32_t tpp, uint32_t d)
+{
+    wg_tma t;
+    memset(&t, 0, sizeof t);
+    int v = tma_allowed.load();
+    if (v < 0) {
+        const char *env = getenv("CAKE_TMA");
+        tma_allowed.compare_exchange_strong(v, env && !strcmp(env, "0") ? 0 : 1);
+        v = tma_allowed.load();
+    }
+    uint32_t rows = tpp & (~tpp + 1); // the largest power of two dividing tpp
+    rows = rows > 64 ? 64 : rows;
+    if (!v || !score_wg_on(dev) || d != 128 || rows < 16 || (uintptr_t)base % 256)
+        return t;
+    static std::atomic<PFN_cuTensorMapEncodeTiled_v12000> enc{nullptr};
+    PFN_cuTensorMapEncodeTiled_v12000 fn = enc.load();
+    if (!fn) {
+        cudaDriverEntryPointQueryResult q;
+        void *f = nullptr;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess || !f) {
+            cudaGetLastError();
+            return t;
+        }
+        enc.store(fn = (PFN_cuTensorMapEncodeTiled_v12000)f);
+    }
+    // the pool as 2^31 rows of 128 two-byte elements from base: only the pages' rows are read
+    cuuint64_t dims[2] = {128, (cuuint64_t)1 << 31}, strides[1] = {256};
+    cuuint32_t box[2] = {64, rows}, es[2] = {1, 1};
+    if (fn(&t.map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, (void *)base, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS)
+        t.rows = rows;
+    return t;
 }
 
 bool score_wg_on(int dev)

@@ -6,11 +6,29 @@
 #ifndef CAKE_SCORE_WG_DEV_CUH
 #define CAKE_SCORE_WG_DEV_CUH
 
+#include <cuda.h>
 #include <type_traits>
 
 #include "score_mma_dev.cuh"
 
 namespace smma {
+
+// The wgmma passes' stages by the bulk tensor copy (TMA) where a layer's pages tile: the key
+// pool as rows of 128 elements (256 bytes) from its base, boxes of `rows` x 64 elements in
+// the stages' 128-byte swizzle (rows: a power of two dividing the pages' tokens, 16 to 64);
+// rows 0: none, the cp.async copies. A kernel parameter (__grid_constant__: TMA reads it there).
+// A key row's map row is its byte offset / 256: a block whose chunk has a page offset that
+// is not a multiple of 256 bytes (or past the map's 2^31 rows) copies by cp.async instead
+// (caked's pages are 64 KiB apart, so in caked all are).
+struct wg_tma {
+    CUtensorMap map;
+    uint32_t rows;
+};
+// score_mma.cu: the map for keys at base (tokens_per_page tpp, head_dim d) on device dev;
+// rows 0 where it does not apply (no wgmma, head_dim not 128, pages of fewer than 16 tokens
+// or not a multiple of 16, base not 256-byte aligned, no encoder in the driver) or is turned
+// off (CAKE_TMA=0).
+wg_tma wg_tma_for(int dev, const void *base, uint32_t tpp, uint32_t d);
 
 // Pass 2 on Hopper's wgmma (sm_90a): the block's two warpgroups each multiply 64 keys of
 // a stage of their own by all 128 query columns of the kv head in one chain of 8
@@ -72,6 +90,58 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
     for (int i = 0; i < 64; i++)
         asm volatile("" : "+f"(d[i])::"memory");
 }
+// a stage's arrival barrier (one arrival: the issuing thread's, with the bytes it expects),
+// the wait for its phase, and one box of the keys' map into shared memory counted on it
+__device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
+__device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a),
+                 "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, uint32_t x, uint32_t y, uint32_t mbar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(dst), "l"((uint64_t)map), "r"(x), "r"(y), "r"(mbar) : "memory");
+}
+// Whether the block copies keys [c0, c1) by TMA: tm's map applies and every page offset of
+// the chunk is a multiple of 256 bytes within the map's rows (else cp.async: any page table
+// stays correct). Every thread of the block calls it.
+__device__ __forceinline__ bool tma_usable(const mparams &p, const wg_tma *tm, uint32_t c0, uint32_t c1)
+{
+    if (!tm || !tm->rows || c1 <= c0)
+        return false;
+    bool odd = false;
+    for (uint32_t q = c0 / p.tpp + threadIdx.x; q <= (c1 - 1) / p.tpp; q += THREADS)
+        odd |= (p.page_off[q] % 256) != 0 || (p.page_off[q] >> 38) != 0;
+    return !__syncthreads_or(odd);
+}
+// The map row of box `lane` (tm's rows R) of the tile of `rows` keys from j0 (head g); ~0u
+// for none: a lane past the tile's boxes or a box wholly past c1 (j0 = c1: no tile)
+__device__ __forceinline__ uint32_t tma_row(const mparams &p, const wg_tma *tm, uint32_t g, uint32_t j0,
+                                            uint32_t c1, uint32_t rows, uint32_t lane)
+{
+    uint32_t j = j0 + lane * tm->rows;
+    return lane < rows / tm->rows && j < c1 ? (uint32_t)(key_off(p, g, j) / 256) : ~0u;
+}
+// One warp's copy of a tile into the stage at st (its two halves of 64 columns HALF bytes
+// apart, 128-byte rows, the 128-byte swizzle), counted on the mbarrier at mb: lane b copies
+// box b from map row `row` (tma_row's; a box lies in one page: its rows divide the page's)
+template <uint32_t HALF>
+__device__ __forceinline__ void tma_tile(const wg_tma *tm, uint32_t st, uint32_t mb, uint32_t row, uint32_t lane)
+{
+    uint32_t R = tm->rows, nb = __popc(__ballot_sync(0xffffffffu, row != ~0u));
+    if (lane == 0)
+        mbar_expect(mb, nb * R * 256);
+    __syncwarp();
+    if (row != ~0u) {
+        tma_box(st + lane * R * 128, &tm->map, 0, row, mb);
+        tma_box(st + HALF + lane * R * 128, &tm->map, 64, row, mb);
+    }
+}
 #endif
 
 // pass2_body's contract (keys [c0, c1) of kv head g, acc[j], e_sum, v_sum) for wg_shape's
@@ -84,12 +154,16 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
 // hosts: 1.43x and 1.47x the copy's floor at 128K against 1.51x and 1.53x with the block's
 // barrier).
 constexpr int WG_ROWS = 64;
+// tm (rows nonzero): the stages by TMA, the first warp of each warpgroup issuing its ring's
+// boxes (boxes wholly past c1 left out), an mbarrier a stage; else by cp.async from all its
+// threads.
 template <typename T, int ST, bool ENT = true>
 __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
                               const float *rowM, const float *rowLnL, float *acc, double &e_sum,
-                              double &v_sum)
+                              double &v_sum, const wg_tma *tm = nullptr)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ alignas(8) uint64_t full[2][ST];
     using sh = shape<8>;
     constexpr uint32_t WST = WG_ROWS * 256, WATOM = WG_ROWS * 128; // a ring's stage, its atoms
     static_assert(2 * ST * WST == ST * sh::STAGE_BYTES, "two rings fill the stages' room");
@@ -98,6 +172,24 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
     uint8_t *ring = smem + wg * ST * WST;
     uint32_t nt = (c1 - c0 + WG_ROWS - 1) / WG_ROWS, nl = nt > wg ? (nt - wg + 1) / 2 : 0;
     auto key0 = [&](uint32_t i) { return c0 + (nt - 1 - (wg + 2 * i)) * WG_ROWS; }; // the ring's tile i
+    // TMA: the warpgroup's first warp copies a tile (tma_tile), the map rows of the next tile
+    // it loads read from the page table a tile ahead (nxt), off the loop's path (one thread
+    // walking the boxes' pages as it issued ran the library's scoring at 1.46x the floor at
+    // 128K where the prototype's 16-row boxes read 1.32x)
+    const bool tma = tma_usable(p, tm, c0, c1);
+    auto box_row = [&](uint32_t i) { return tma_row(p, tm, g, i < nl ? key0(i) : c1, c1, WG_ROWS, lane); };
+    auto load = [&](uint32_t i, uint32_t s, uint32_t row) { // the ring's tile i into its stage s
+        if (!tma)
+            load_tile<8, WG_ROWS, 128>(p, g, key0(i), c1, ring + s * WST);
+        else if (!wi)
+            tma_tile<WATOM>(tm, (uint32_t)__cvta_generic_to_shared(ring + s * WST),
+                            (uint32_t)__cvta_generic_to_shared(&full[wg][s]), row, lane);
+    };
+    if (tma && tid % 128 == 0) {
+        for (int s = 0; s < ST; s++)
+            mbar_init((uint32_t)__cvta_generic_to_shared(&full[wg][s]));
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
     for (uint32_t x = tid; x < 128 * 16; x += THREADS) { // column c's row, 16 pieces
         uint32_t c = x / 16, v = x % 16;
         const uint8_t *row = p.ring_off ? ring_row(p, g * p.G + c / p.nqp, (p.first + c % p.nqp) % p.w)
@@ -108,9 +200,10 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nl)
-            load_tile<8, WG_ROWS, 128>(p, g, key0(s), c1, ring + s * WST);
+            load(s, s, tma && !wi ? box_row(s) : ~0u);
         cp_async_commit();
     }
+    uint32_t nxt = tma && !wi ? box_row(ST - 1) : ~0u; // (TMA) the next load's box
     float B2[32]; // the thread's columns 8i + 2 (lane % 4) + e: log2 of their normalizers
 #pragma unroll
     for (int i = 0; i < 16; i++)
@@ -125,16 +218,23 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
     __syncthreads();
     for (uint32_t k = 0; k < nl; k++) {
-        cp_async_wait<ST - 2>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (tma) {
+            mbar_wait((uint32_t)__cvta_generic_to_shared(&full[wg][k % ST]), (k / ST) & 1);
+        } else {
+            cp_async_wait<ST - 2>();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        }
         // the warpgroup's 128 threads: tile k landed for all, and all are done with the stage
         // the next load takes (read in step k - 1)
         if (wg == 0) // (immediate ids: a register id reserves all 16 barriers)
             asm volatile("bar.sync 1, 128;\n" ::: "memory");
         else
             asm volatile("bar.sync 2, 128;\n" ::: "memory");
-        if (k + ST - 1 < nl)
-            load_tile<8, WG_ROWS, 128>(p, g, key0(k + ST - 1), c1, ring + ((k + ST - 1) % ST) * WST);
+        if (k + ST - 1 < nl) {
+            load(k + ST - 1, (k + ST - 1) % ST, nxt);
+            if (tma && !wi)
+                nxt = box_row(k + ST);
+        }
         cp_async_commit();
         uint32_t sa = (uint32_t)__cvta_generic_to_shared(ring + (k % ST) * WST);
         uint32_t j0 = key0(k);
@@ -202,6 +302,7 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
     cp_async_wait<0>();
     __syncthreads(); // the stages are free for the caller
 #else
+    (void)tm;
     pass2_body<T, 8, 4, 1, ST, ENT>(p, g, c0, c1, smem, rowM, rowLnL, acc, e_sum, v_sum);
 #endif
 }
@@ -219,18 +320,38 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
 // overflows, and the common tile costs an FMA, an exponential and an add a term.
 template <typename T, int ST>
 __device__ void pass1_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
-                              float *m_out, float *l_out)
+                              float *m_out, float *l_out, const wg_tma *tm = nullptr)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ alignas(8) uint64_t full[ST];
     using sh = shape<8>;
     uint32_t tid = threadIdx.x, wg = tid / 128, wi = tid % 128 / 32, lane = tid % 32;
     uint32_t nt = (c1 - c0 + TK - 1) / TK, clean = min(c1, p.wb + 1); // keys below clean: no mask
+    // TMA: the block's first warp copies a tile (tma_tile), its rows read a tile ahead
+    const bool tma = tma_usable(p, tm, c0, c1);
+    auto box_row = [&](uint32_t k) { return tma_row(p, tm, g, k < nt ? c0 + k * TK : c1, c1, TK, lane); };
+    auto load = [&](uint32_t k, uint32_t s, uint32_t row) { // tile k into stage s
+        if (!tma)
+            load_tile<8>(p, g, c0 + k * TK, c1, smem + s * sh::STAGE_BYTES);
+        else if (tid < 32)
+            tma_tile<(uint32_t)sh::ATOM_BYTES>(tm, (uint32_t)__cvta_generic_to_shared(smem + s * sh::STAGE_BYTES),
+                                               (uint32_t)__cvta_generic_to_shared(&full[s]), row, lane);
+    };
+    if (tma) {
+        if (tid == 0) {
+            for (int s = 0; s < ST; s++)
+                mbar_init((uint32_t)__cvta_generic_to_shared(&full[s]));
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+        __syncthreads(); // the barriers' init before anyone waits on them
+    }
 #pragma unroll
     for (int s = 0; s < ST - 1; s++) {
         if (s < (int)nt)
-            load_tile<8>(p, g, c0 + s * TK, c1, smem + s * sh::STAGE_BYTES);
+            load(s, s, tma && tid < 32 ? box_row(s) : ~0u);
         cp_async_commit();
     }
+    uint32_t nxt = tma && tid < 32 ? box_row(ST - 1) : ~0u; // (TMA) the next load's boxes
     // the thread's query rows: column 64 wg + 16 wi + lane / 4 and 8 more (head c / 32, window row c % 32)
     uint32_t qa[8][4];
 #pragma unroll
@@ -247,11 +368,18 @@ __device__ void pass1_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
     const uint32_t qi[2] = {(16 * wi + lane / 4) % 32, (16 * wi + lane / 4 + 8) % 32}; // window rows
     float b[2] = {-INFINITY, -INFINITY}, sm[2] = {0.0f, 0.0f};
     for (uint32_t k = 0; k < nt; k++) {
-        cp_async_wait<ST - 2>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
-        __syncthreads();
-        if (k + ST - 1 < nt)
-            load_tile<8>(p, g, c0 + (k + ST - 1) * TK, c1, smem + ((k + ST - 1) % ST) * sh::STAGE_BYTES);
+        if (tma) {
+            mbar_wait((uint32_t)__cvta_generic_to_shared(&full[k % ST]), (k / ST) & 1);
+        } else {
+            cp_async_wait<ST - 2>();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // cp.async -> wgmma
+        }
+        __syncthreads(); // tile k landed for all, and all are done with the stage the next load takes
+        if (k + ST - 1 < nt) {
+            load(k + ST - 1, (k + ST - 1) % ST, nxt);
+            if (tma && tid < 32)
+                nxt = box_row(k + ST);
+        }
         cp_async_commit();
         uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem + (k % ST) * sh::STAGE_BYTES);
         uint32_t j0 = c0 + k * TK;
@@ -313,6 +441,7 @@ __device__ void pass1_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
         }
     __syncthreads(); // the stages are free for the caller
 #else
+    (void)tm;
     pass1_body<T, 8, 4, ST>(p, g, c0, c1, smem, m_out, l_out);
 #endif
 }

@@ -22,6 +22,12 @@ for v in ${SIDES:-0 1 0 1}; do
   CAKE_WGMMA=$v timeout 90 $B/tools/bench-gpu --sizes 32768,131072 --reps 5 --no-attn --no-torch --no-caked > /tmp/bs-$v.log 2>&1
   echo "== wgmma $v rc=$?"; grep -E "^ +(32768|131072)|one launch \(kern|carrying the rows|filling its holes \(|given the newest row's \(" /tmp/bs-$v.log | cut -c1-190
 done
+# TMA_SIDES="1 0": pass 2's stages by TMA and by cp.async side by side (CAKE_TMA), wgmma on
+for t in ${TMA_SIDES:-}; do
+  CAKE_TMA=$t timeout 90 $B/tools/bench-gpu --sizes 32768,131072 --reps 5 --no-attn --no-torch --no-caked > /tmp/bt-$t.log 2>&1
+  echo "== tma $t rc=$?"; grep -E "^ +(32768|131072)|one launch \(kern|carrying the rows|filling its holes \(|given the newest row's \(" /tmp/bt-$t.log | cut -c1-190
+  cp /tmp/bt-$t.log $OUT/
+done
 for v in ${CAKED_SIDES:-0 1}; do
   CAKE_WGMMA=$v timeout 100 $B/tools/bench-gpu --sizes 4096 --reps 5 --no-attn --no-torch --decode-lse > /tmp/bc-$v.log 2>&1
   echo "== caked wgmma $v rc=$?"; grep -E "observe round trip|engine's log-sum-exps \(cake|decode step|idle on the GPU" /tmp/bc-$v.log | cut -c1-200

@@ -38,6 +38,7 @@ static double urand(void)
 
 static int failures;
 static double q_amp = 1.0; /* query scale: larger makes attention peaked, logits far apart */
+static size_t page_pad;     /* run_case's bytes between pages: offsets off the 256-byte rows TMA reads */
 #define EXPECT(c, ...) do { if (!(c)) { failures++; fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } while (0)
 
 /* worst |got - ref| over the rows, each relative to its row's largest |ref| (NaN: infinite) */
@@ -89,14 +90,15 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
 {
     uint32_t npages = (n + tpp - 1) / tpp, S = n - nq;
     size_t page_bytes = 2 * (size_t)Hkv * tpp * d * 2, half = page_bytes / 2;
-    uint8_t *host = malloc(page_bytes * npages);
+    size_t pool = (page_bytes + page_pad) * npages;
+    uint8_t *host = malloc(pool);
     void **pages = malloc(sizeof(void *) * npages);
     uint64_t *off = malloc(sizeof(uint64_t) * npages);
     for (uint32_t p = 0; p < npages; p++) /* pages in reverse order: a real page table */
-        off[p] = (uint64_t)(npages - 1 - p) * page_bytes, pages[p] = host + off[p];
+        off[p] = (uint64_t)(npages - 1 - p) * (page_bytes + page_pad), pages[p] = host + off[p];
     struct kern_kv kv = {dt, Hkv, d, tpp, n, pages, half};
     float *row = malloc(sizeof(float) * d);
-    memset(host, 0, page_bytes * npages);
+    memset(host, 0, pool);
     for (uint32_t g = 0; g < Hkv; g++)
         for (uint32_t t = 0; t < n; t++) {
             double amp = (t == 0 || urand() < 0.03) ? 3.0 : 1.0;
@@ -124,11 +126,11 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     uint64_t *doff;
     void *dq, *ws;
     float *dind;
-    CK(cudaMalloc((void **)&dbase, page_bytes * npages));
+    CK(cudaMalloc((void **)&dbase, pool));
     CK(cudaMalloc((void **)&doff, sizeof(uint64_t) * npages));
     CK(cudaMalloc(&dq, qn * 2));
     CK(cudaMalloc((void **)&dind, sizeof(float) * Hkv * S));
-    CK(cudaMemcpy(dbase, host, page_bytes * npages, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dbase, host, pool, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(doff, off, sizeof(uint64_t) * npages, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(dq, q, qn * 2, cudaMemcpyHostToDevice));
     CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S)); /* poison: NaN everywhere */
@@ -268,8 +270,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
     CK(cudaMalloc(&tmp, 2 * (size_t)Hkv * (keep + nq) * d * 2));
     EXPECT(kern_cuda_compact(&dkv, didx, keep, S, nq, tmp, NULL) == 0, "compact rc");
     CK(cudaDeviceSynchronize());
-    uint8_t *back = malloc(page_bytes * npages);
-    CK(cudaMemcpy(back, dbase, page_bytes * npages, cudaMemcpyDeviceToHost));
+    uint8_t *back = malloc(pool);
+    CK(cudaMemcpy(back, dbase, pool, cudaMemcpyDeviceToHost));
     for (uint32_t g = 0; g < Hkv; g++)
         kern_compact_head(&kv, g, idx + (size_t)g * keep, keep, S, nq, NULL);
     int same = 1;
@@ -279,8 +281,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
             same = !memcmp(back + o, host + o, d * 2) && !memcmp(back + o + half, host + o + half, d * 2);
         }
     EXPECT(same, "%s n=%u compaction bytes differ", name, n);
-    printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u q x%.0f: entropy rel %.2e, variance rel %.2e, indicator rel %.2e, "
-           "topk %s, compaction %s\n", name, H, Hkv, d, n, nq, tpp, q_amp, fabs(E - ro.entropy) / fabs(ro.entropy),
+    printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u pad=%zu q x%.0f: entropy rel %.2e, variance rel %.2e, indicator rel %.2e, "
+           "topk %s, compaction %s\n", name, H, Hkv, d, n, nq, tpp, page_pad, q_amp, fabs(E - ro.entropy) / fabs(ro.entropy),
            fabs(V - ro.variance) / fabs(ro.variance), worst, failures ? "?" : "equal", same ? "equal" : "DIFFERS");
     cudaFree(dbase), cudaFree(doff), cudaFree(dq), cudaFree(dind), cudaFree(ws), cudaFree(didx), cudaFree(tmp);
     free(host), free(pages), free(off), free(row), free(qf), free(q), free(ref), free(got), free(idx), free(cidx), free(back);
@@ -1246,6 +1248,10 @@ int main(void)
             q_amp = 4.0; /* pass 1 raises its bases mid-chunk (wgmma's lazy base too) */
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
             q_amp = 1.0;
+            run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 64, 500); /* 64-row boxes */
+            page_pad = 16; /* pages 16 bytes apart: pass 2 copies by cp.async, not TMA */
+            run_case(ts[i], 32, 8, 128, 2000 + (uint32_t)(urand() * 1000), 32, 16, 300);
+            page_pad = 0;
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
             run_decode_evict(ts[i], 4, 4, 128, 8, 8, 5, KERN_POOL_MAX, 3, 200.0f, 0);
             run_decode_evict(ts[i], 8, 2, 64, 16, 16, 16, KERN_POOL_AVG, 2, 200.0f, 1);
@@ -1281,6 +1287,10 @@ int main(void)
         run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
+        run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 64, 500); /* TMA's 64-row boxes */
+        page_pad = 16; /* page offsets off TMA's 256-byte rows: pass 2 by cp.async */
+        run_case(ts[i], 32, 8, 128, 2000 + (uint32_t)(urand() * 1000), 32, 16, 300);
+        page_pad = 0;
         run_attention(ts[i], 0, 32, 8, 128, 16), run_attention(ts[i], 1, 32, 8, 128, 16);
         run_attention(ts[i], 1, 9, 3, 64, 85);   /* SmolLM2's heads, a tile across two pages */
         run_attention(ts[i], 1, 16, 2, 256, 4);  /* d 256 (CUDA cores), 8 heads a group */
