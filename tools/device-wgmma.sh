@@ -5,7 +5,8 @@
 # caked, then the GPU sequence tests; NCU=1 adds tools/ncu-kernels.sh for the wgmma kernels;
 # SIDES="0 1" runs the kernels' side by side once (default twice), CAKED_SIDES="1" caked's
 # with wgmma alone; MPS=1 adds caked's run under MPS, traced; CTEST_S, KTEST_S: the GPU
-# tests' and the kernel tests' limits in seconds (a slow host's kernel subset needs ~250).
+# tests' and the kernel tests' limits in seconds (a slow host's kernel subset needs ~250);
+# TMA_SIDES="1 0": the kernels with CAKE_TMA=1/0 side by side (stages by TMA or cp.async).
 # Device tool: carry .debs and .golden; logs under $OUT.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
