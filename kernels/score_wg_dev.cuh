@@ -16,8 +16,8 @@ namespace smma {
 // The wgmma passes' stages by the bulk tensor copy (TMA) where a layer's pages tile: the key
 // pool as rows of 128 elements (256 bytes) from its base, boxes of `rows` x 64 elements in
 // the stages' 128-byte swizzle (rows: a power of two dividing the pages' tokens, 16 to 64);
-// rows 0: none, the cp.async copies. A kernel parameter (__grid_constant__: TMA reads it there).
-// A key row's map row is its byte offset / 256: a block whose chunk has a page offset that
+// rows 0: none, the cp.async copies. A kernel parameter (__grid_constant__: TMA reads it
+// there). A key row's map row is its byte offset / 256: a block whose chunk has a page offset that
 // is not a multiple of 256 bytes (or past the map's 2^31 rows) copies by cp.async instead
 // (caked's pages are 64 KiB apart, so in caked all are).
 struct wg_tma {
@@ -90,8 +90,9 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
     for (int i = 0; i < 64; i++)
         asm volatile("" : "+f"(d[i])::"memory");
 }
-// a stage's arrival barrier (one arrival: the issuing thread's, with the bytes it expects),
-// the wait for its phase, and one box of the keys' map into shared memory counted on it
+// a stage's arrival barrier (one arrival: the copying warp's lane 0, with the bytes the
+// stage expects), the wait for its phase, and one box of the keys' map into shared memory
+// counted on it
 __device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
 __device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
 {
