@@ -6,12 +6,12 @@
 #   here:    sh tools/device-pack.sh [TARGET-PATH ...]   (builds them first)
 #   carry:   [".bin/pack.tar.xz", ".golden"]   (64 MiB a call in all)
 #   device:  eval "$(sh tools/device-pack.sh --unpack)"; $B/tests/test_gpu_kernels ...
-# TARGET-PATHs are paths under build/ (default: the kernel tests, bench-gpu, cake-parity and
-# caked: 18 MiB, ~2-5 min here, as xz -9 finds the device code the binaries share); each goes
-# stripped (its device code is not a symbol: it stays) with the shared libraries it loads
-# from outside the C library, found by ldd. --unpack unpacks to /tmp/pack, links this
-# machine's build path there (binaries name caked by it: CAKED_BIN) and ../shared's golden
-# cases to a carried .golden, and prints the exports for eval: B (the build) and
+# TARGET-PATHs are paths under build/ (default: device-wgmma.sh's - the GPU tests, bench-gpu,
+# cake-parity, caked, cachectl; ~2-5 min here, as xz -9 finds the device code the binaries
+# share); each goes stripped (its device code is not a symbol: it stays) with the shared
+# libraries it loads from outside the C library, found by ldd. --unpack unpacks to /tmp/pack,
+# links this machine's build path there (binaries name caked by it: CAKED_BIN) and ../shared's
+# golden cases to a carried .golden, and prints the exports for eval: B (the build) and
 # LD_LIBRARY_PATH (the packed libraries first, for the packed binaries' commands only).
 set -e
 n=
@@ -27,7 +27,8 @@ if [ "${1:-}" = "--unpack" ]; then
     exit 0
 fi
 [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "device-pack: the tree has changes: commit first" >&2; exit 1; }
-[ $# -gt 0 ] || set -- tests/test_gpu_kernels tools/bench-gpu tools/cake-parity daemon/caked
+[ $# -gt 0 ] || set -- tests/test_gpu_kernels tools/bench-gpu tools/cake-parity daemon/caked tools/cachectl \
+    tests/test_gpu_seq tests/test_gpu_pressure tests/test_gpu_policies tests/test_gpu_daemon tests/test_gpu_share
 for t in "$@"; do n="$n ${t##*/}"; done
 cmake --build build -j2 --target $n >/dev/null || { echo "device-pack: the build failed" >&2; exit 1; }
 tmp=$(mktemp -d)
