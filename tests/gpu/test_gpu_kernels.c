@@ -1249,7 +1249,7 @@ int main(void)
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 300);
             q_amp = 1.0;
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 64, 500); /* 64-row boxes */
-            page_pad = 16; /* pages 16 bytes apart: pass 2 copies by cp.async, not TMA */
+            page_pad = 16; /* pages 16 bytes apart: both passes copy by cp.async, not TMA */
             run_case(ts[i], 32, 8, 128, 2000 + (uint32_t)(urand() * 1000), 32, 16, 300);
             page_pad = 0;
             run_decode_evict(ts[i], 32, 8, 128, 32, 32, 16, KERN_POOL_AVG, 2, 200.0f, 0);
@@ -1288,7 +1288,7 @@ int main(void)
         q_amp = 1.0;
         run_case(ts[i], 6, 2, 64, 700 + (uint32_t)(urand() * 300), 40, 16, 100);   /* window 40: a padded 2nd segment */
         run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 64, 500); /* TMA's 64-row boxes */
-        page_pad = 16; /* page offsets off TMA's 256-byte rows: pass 2 by cp.async */
+        page_pad = 16; /* page offsets off TMA's 256-byte rows: both passes by cp.async */
         run_case(ts[i], 32, 8, 128, 2000 + (uint32_t)(urand() * 1000), 32, 16, 300);
         page_pad = 0;
         run_attention(ts[i], 0, 32, 8, 128, 16), run_attention(ts[i], 1, 32, 8, 128, 16);
