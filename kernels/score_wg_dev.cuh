@@ -48,6 +48,24 @@ __host__ __device__ constexpr bool wg_shape(uint32_t ks, uint32_t G, uint32_t nq
 constexpr size_t WG_Q_BYTES = 2 * (size_t)TK * 128; // 128 query rows, two 64-element atoms
 static_assert(WG_Q_BYTES >= (size_t)2 * TK * 4 * 1 * 2 * sizeof(float), "the fallback's partial sums fit");
 
+// The bulk tensor copy (TMA; tools/wgp2.cu uses these too): a stage's arrival barrier (one
+// arrival: the copying warp's lane 0, with the bytes the stage expects), the wait for its
+// phase, and one box of the keys' map into shared memory counted on it
+__device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
+__device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity)
+{
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a),
+                 "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, uint32_t x, uint32_t y, uint32_t mbar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(dst), "l"((uint64_t)map), "r"(x), "r"(y), "r"(mbar) : "memory");
+}
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // a K-major operand in 128-byte swizzled rows: 8-row groups 1024 bytes apart
 __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr)
@@ -89,24 +107,6 @@ __device__ __forceinline__ void wg_hold(float (&d)[64])
 #pragma unroll
     for (int i = 0; i < 64; i++)
         asm volatile("" : "+f"(d[i])::"memory");
-}
-// a stage's arrival barrier (one arrival: the copying warp's lane 0, with the bytes the
-// stage expects), the wait for its phase, and one box of the keys' map into shared memory
-// counted on it
-__device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
-__device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
-{
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity)
-{
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a),
-                 "r"(parity) : "memory");
-}
-__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap *map, uint32_t x, uint32_t y, uint32_t mbar)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(dst), "l"((uint64_t)map), "r"(x), "r"(y), "r"(mbar) : "memory");
 }
 // Whether the block copies keys [c0, c1) by TMA: tm's map applies and every page offset of
 // the chunk is a multiple of 256 bytes within the map's rows (else cp.async: any page table

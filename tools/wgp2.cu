@@ -23,6 +23,8 @@
 #include <string.h>
 #include <vector>
 
+#include "../kernels/score_wg_dev.cuh"
+
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
 
 constexpr int TK = 128, D = 128, NQ = 32, G = 4, COLS = G * NQ, THREADS = 256, HKV = 8;
@@ -44,23 +46,10 @@ __device__ __forceinline__ uint32_t swz(uint32_t r, uint32_t v) { return (v / 8)
 constexpr uint32_t ATOM64 = 64 * 128, STAGE64 = 2 * ATOM64; // wgpi's stages: 64 keys
 __device__ __forceinline__ uint32_t swz64(uint32_t r, uint32_t v) { return (v / 8) * ATOM64 + r * 128 + (((v % 8) ^ (r % 8)) << 4); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-// the bulk tensor copy (TMA): a stage's arrival barrier, its expected bytes, the wait for a phase
-__device__ __forceinline__ void mbar_init(uint32_t a) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a)); }
-__device__ __forceinline__ void mbar_expect(uint32_t a, uint32_t bytes)
-{
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity)
-{
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a),
-                 "r"(parity) : "memory");
-}
-// box {64 elements, 64 rows} at (x, y) of the keys' map, 128-byte swizzled, to dst; completes on mbar
-__device__ __forceinline__ void tma_box(uint32_t dst, const CUtensorMap &tm, uint32_t x, uint32_t y, uint32_t mbar)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(dst), "l"((uint64_t)&tm), "r"(x), "r"(y), "r"(mbar) : "memory");
-}
+// the bulk tensor copy (TMA): the library's (a stage's arrival barrier, its expected bytes,
+// the wait for a phase, a box of the keys' map: {64 elements, BOXR rows} at (x, y), 128-byte
+// swizzled, completing on the barrier)
+using smma::mbar_expect, smma::mbar_init, smma::mbar_wait, smma::tma_box;
 __device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ void cpa16(uint32_t dst, const void *src, bool ok)
 {
@@ -301,8 +290,8 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
                 mbar_expect(mb, STAGE64);
 #pragma unroll
                 for (int b = 0; b < 64 / BOXR; b++) { // boxes of BOXR rows (a page's run of a head's keys)
-                    tma_box(su32(st + b * BOXR * 128), tm, 0, g * p.n + jb + b * BOXR, mb);
-                    tma_box(su32(st + ATOM64 + b * BOXR * 128), tm, 64, g * p.n + jb + b * BOXR, mb);
+                    tma_box(su32(st + b * BOXR * 128), &tm, 0, g * p.n + jb + b * BOXR, mb);
+                    tma_box(su32(st + ATOM64 + b * BOXR * 128), &tm, 64, g * p.n + jb + b * BOXR, mb);
                 }
             }
             return;
