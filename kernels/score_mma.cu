@@ -103,8 +103,9 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p, const __grid_
     block_sums(p, smem, e_sum, v_sum);
 }
 
+// tm: the keys' map for the wgmma passes (launch's, made once for both)
 template <typename T, int KS, int NSP, int HPS>
-int launch_pass2(mparams &p, const score_mma_args &a)
+int launch_pass2(mparams &p, const score_mma_args &a, const wg_tma &tm)
 {
     if constexpr (KS == 8 && NSP == 4 && HPS == 1)
         if (score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
@@ -112,7 +113,6 @@ int launch_pass2(mparams &p, const score_mma_args &a)
             size_t wb = SMEM_ALIGN + WG_STAGES * shape<8>::STAGE_BYTES + WG_Q_BYTES;
             if (int rc = smem_limit(mpass2_wg<T>, wset, a.dev, wb, -1))
                 return rc;
-            wg_tma tm = wg_tma_for(a.dev, a.base, a.tpp, a.d);
             mpass2_wg<T><<<dim3(a.chunks2, a.hkv), THREADS, wb, (cudaStream_t)a.stream>>>(p, tm);
             CK(cudaGetLastError());
             return 0;
@@ -136,15 +136,20 @@ int launch(mparams &p, const score_mma_args &a)
     if (int rc = smem_limit(mpass1<T, KS, NSP>, set1, a.dev, sm1, -1))
         return rc;
     cudaStream_t st = (cudaStream_t)a.stream;
+    const bool wg = KS == 8 && NSP == 4 && score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp);
+    wg_tma tm; // the keys' map for both wgmma passes, encoded once
+    if (wg)
+        tm = wg_tma_for(a.dev, a.base, a.tpp, a.d);
+    else
+        memset(&tm, 0, sizeof tm);
     int rc;
     if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
-    } else if (KS == 8 && NSP == 4 && score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
+    } else if (wg) {
         static kern_attrs wset[SCORE_MAX_DEV];
         size_t wb = SMEM_ALIGN + WG1_STAGES * shape<8>::STAGE_BYTES;
         if (int rc1 = smem_limit(mpass1_wg<T>, wset, a.dev, wb, -1))
             return rc1;
-        wg_tma tm = wg_tma_for(a.dev, a.base, a.tpp, a.d);
         mpass1_wg<T><<<dim3(a.chunks1, a.hkv), THREADS, wb, st>>>(p, tm);
         CK(cudaGetLastError());
         rc = score_merge(a.m, a.l, a.rowM, a.rowLnL, a.hkv, a.chunks1, p.Rp, p.Rp, st);
@@ -155,9 +160,9 @@ int launch(mparams &p, const score_mma_args &a)
     }
     if (rc)
         return rc;
-    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a)
-         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a)
-                      : launch_pass2<T, KS, NSP, 4>(p, a);
+    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a, tm)
+         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a, tm)
+                      : launch_pass2<T, KS, NSP, 4>(p, a, tm);
 }
 
 template <typename T, int KS>
@@ -188,20 +193,23 @@ extern "C" int kern_cuda_set_carveout(int percent)
     return carveout.exchange(percent < -2 ? CARVE_OWN : percent < 0 ? percent : percent > 100 ? 100 : percent);
 }
 
-// kern_cuda_score_set_wgmma's setting; -1: CAKE_WGMMA's ("0": off), read at first use
-static std::atomic<int> wg_allowed{-1};
-
-static int wg_setting()
+// A switch that is on unless the environment's `name` is "0", read at its first use (-1:
+// not yet); a setter may have stored 0 or 1 before
+static int env_switch(std::atomic<int> &sw, const char *name)
 {
-    int v = wg_allowed.load();
+    int v = sw.load();
     if (v < 0) {
-        const char *env = getenv("CAKE_WGMMA");
-        int want = env && !strcmp(env, "0") ? 0 : 1;
-        wg_allowed.compare_exchange_strong(v, want);
-        v = wg_allowed.load();
+        const char *env = getenv(name);
+        sw.compare_exchange_strong(v, env && !strcmp(env, "0") ? 0 : 1);
+        v = sw.load();
     }
     return v;
 }
+
+// kern_cuda_score_set_wgmma's setting; -1: CAKE_WGMMA's, read at first use
+static std::atomic<int> wg_allowed{-1};
+
+static int wg_setting() { return env_switch(wg_allowed, "CAKE_WGMMA"); }
 
 extern "C" int kern_cuda_score_set_wgmma(int on)
 {
@@ -217,15 +225,9 @@ smma::wg_tma smma::wg_tma_for(int dev, const void *base, uint32_t tpp, uint32_t 
 {
     wg_tma t;
     memset(&t, 0, sizeof t);
-    int v = tma_allowed.load();
-    if (v < 0) {
-        const char *env = getenv("CAKE_TMA");
-        tma_allowed.compare_exchange_strong(v, env && !strcmp(env, "0") ? 0 : 1);
-        v = tma_allowed.load();
-    }
     uint32_t rows = tpp & (~tpp + 1); // the largest power of two dividing tpp
     rows = rows > 64 ? 64 : rows;
-    if (!v || !score_wg_on(dev) || d != 128 || rows < 16 || (uintptr_t)base % 256)
+    if (!env_switch(tma_allowed, "CAKE_TMA") || !score_wg_on(dev) || d != 128 || rows < 16 || (uintptr_t)base % 256)
         return t;
     static std::atomic<PFN_cuTensorMapEncodeTiled_v12000> enc{nullptr};
     PFN_cuTensorMapEncodeTiled_v12000 fn = enc.load();
