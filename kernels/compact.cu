@@ -33,6 +33,8 @@ __global__ void gather(cparams p)
 {
     uint32_t rows = p.k + p.win_len, vec = (uint32_t)(p.row / 16);
     size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)p.hkv * rows * vec;
+    pdl_wait(); // keep (a programmatic launch after the top-k), the rows (after their writer)
+    pdl_trigger();
     if (x >= total)
         return;
     uint32_t v = x % vec, i = (x / vec) % rows, g = x / vec / rows;
@@ -47,6 +49,7 @@ __global__ void scatter(cparams p)
 {
     uint32_t rows = p.k + p.win_len, vec = (uint32_t)(p.row / 16);
     size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)p.hkv * rows * vec;
+    pdl_wait(); // every gather done before a row is overwritten
     if (x >= total)
         return;
     uint32_t v = x % vec, i = (x / vec) % rows, g = x / vec / rows;
@@ -68,10 +71,8 @@ extern "C" int kern_cuda_compact(const struct kern_cuda_kv *kv, const uint32_t *
     if (!total)
         return 0;
     cudaStream_t st = (cudaStream_t)stream;
-    gather<<<div_up(total, 256), 256, 0, st>>>(p);
-    CK(cudaGetLastError());
-    scatter<<<div_up(total, 256), 256, 0, st>>>(p);
-    CK(cudaGetLastError());
+    CK(launch_pdl(gather, dim3(div_up(total, 256)), dim3(256), 0, st, 0, p));
+    CK(launch_pdl(scatter, dim3(div_up(total, 256)), dim3(256), 0, st, 0, p));
     return 0;
 }
 

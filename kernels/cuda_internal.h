@@ -1,13 +1,18 @@
 /* cuda_internal.h - what the CUDA kernel files share (C++, internal): the error check that
- * logs a failed CUDA call and returns -EIO, a rounding-up division, and the indicator's
- * pooling of one column. */
+ * logs a failed CUDA call and returns -EIO, a rounding-up division, a process-wide switch
+ * an environment variable sets, programmatic dependent launches, and the indicator's pooling
+ * of one column. */
 #ifndef CAKE_CUDA_INTERNAL_H
 #define CAKE_CUDA_INTERNAL_H
 
+#include <atomic>
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <utility>
 
 #include "kern.h"
 
@@ -22,6 +27,78 @@
     } while (0)
 
 static inline uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
+
+/* A process-wide on/off switch (sw -1: not yet read): the environment's `name` at first use
+ * ("0": off, any other value: on, unset: dflt), then whatever a kern_cuda_*_set_* call stores. */
+static inline int env_switch(std::atomic<int> &sw, const char *name, int dflt = 1)
+{
+    int v = sw.load();
+    if (v < 0) {
+        const char *env = getenv(name);
+        sw.compare_exchange_strong(v, env ? strcmp(env, "0") != 0 : dflt != 0);
+        v = sw.load();
+    }
+    return v;
+}
+
+/* Programmatic dependent launch (compute capability 9.0): a kernel launched by launch_pdl
+ * may start its blocks while the kernel before it in the stream ends, so its launch's
+ * latency hides behind that kernel's tail. It calls pdl_wait() before it reads anything the
+ * kernel before it wrote or writes anything that kernel reads (the wait returns once that
+ * kernel has completed and its writes are visible); a kernel calling pdl_trigger() lets the
+ * next one launch before all its own blocks have exited. Both are no-ops on other targets,
+ * and launch_pdl a plain launch on other devices or with CAKE_PDL=0. */
+__device__ __forceinline__ void pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+/* whether launches on the current device may be programmatic (CAKE_PDL, compute capability) */
+inline bool pdl_on()
+{
+    static std::atomic<int> sw{-1}, cc[64]; // cc: 0 not asked, 1 yes, 2 no
+    int dev = 0;
+    if (!env_switch(sw, "CAKE_PDL") || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return false;
+    int v = cc[dev].load();
+    if (!v) {
+        int ma = 0;
+        bool yes = cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && ma >= 9;
+        cudaGetLastError();
+        cc[dev].store(v = yes ? 1 : 2);
+    }
+    return v == 1;
+}
+/* k<<<grid, block, smem, st>>>(args...), programmatic where pdl_on(); with `cluster` > 0
+ * the blocks also form clusters of `cluster` along x */
+template <typename... KA, typename... A>
+static inline cudaError_t launch_pdl(void (*k)(KA...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                     unsigned cluster, A &&...args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[2];
+    unsigned n = 0;
+    if (cluster) {
+        at[n].id = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = cluster, at[n].val.clusterDim.y = 1, at[n].val.clusterDim.z = 1;
+        n++;
+    }
+    if (pdl_on()) {
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = st;
+    cfg.attrs = at, cfg.numAttrs = n;
+    return cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...);
+}
 
 /* Column j of a group's summed scores acc[0..S) pooled (kern.h's kern_pool): the average
  * over [j - r, j + r] (zero padded, / (2r + 1); CAKE's r = 2 summed centre first, as the C

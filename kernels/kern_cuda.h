@@ -93,11 +93,18 @@ int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k
                    void *stream);
 
 /* The same over many blocks per row (rows of thousands of keys would keep a few SMs busy):
- * ws of kern_cuda_topk_workspace(rows, n) bytes; without it (or for short rows) it is
- * kern_cuda_topk. Same result. */
+ * a launch per step over blocks of 4096 keys, with ws of kern_cuda_topk_workspace(rows, n)
+ * bytes; without it (or for short rows) it is kern_cuda_topk. Same result. With the clusters
+ * on (below), a compute capability 9.0 device takes rows of up to 256K keys in one launch of
+ * a cluster of 8 blocks a row instead (ws unused). */
 size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n);
 int kern_cuda_topk_ws(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k,
                       uint32_t *idx_dev, void *ws, size_t ws_bytes, void *stream);
+/* Nonzero lets kern_cuda_topk_ws run its clusters; off by default (the environment's
+ * CAKE_TOPK_CLUSTER=1 sets it at start) until test_gpu_kernels' comparison of their choices
+ * with the CPU's has run on a GPU (it tests both paths). Process-wide; returns the previous
+ * setting. */
+int kern_cuda_topk_set_cluster(int on);
 
 /* out[r][i] = in[r][keep[r][i]] for rows r < rows, i < k (in: row stride n_in; keep, out: row
  * stride k): a score vector following the tokens a top-k kept. out must not overlap in. */

@@ -356,6 +356,8 @@ __global__ void pool_rows(const float *acc, float *ind, uint32_t S, uint32_t hkv
                           int kind, uint32_t r)
 {
     size_t x = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    pdl_wait(); // the scoring pass's sums (launched programmatically after it)
+    pdl_trigger();
     if (x >= (size_t)hkv * S)
         return;
     uint32_t g = x / S, j = x % S;
@@ -622,9 +624,8 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
     }
     if (rc)
         return rc;
-    pool_rows<<<div_up((size_t)p.hkv * S, 256), 256, 0, st>>>(p.acc, ind, S, p.hkv, 1.0f / p.G,
-                                                              pool, radius);
-    CK(cudaGetLastError());
+    CK(launch_pdl(pool_rows, dim3(div_up((size_t)p.hkv * S, 256)), dim3(256), 0, st, 0, (const float *)p.acc, ind,
+                  S, p.hkv, 1.0f / p.G, pool, radius));
     if (entropy || variance) {
         uint32_t nb = p.hkv * div_up(S, p.chunk);
         double *he = (double *)malloc(sizeof(double) * nb * 2);

@@ -98,8 +98,9 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p, const __grid_
     uint8_t *smem = smem_aligned(smem4);
     uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
     double e_sum = 0.0, v_sum = 0.0;
-    pass2_body_wg<T, WG_STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL + g * p.Rp,
+    pass2_body_wg<T, WG_STAGES>(p, g, c0, c1, smem, p.rowM + g * p.Rp, p.rowLnL ? p.rowLnL + g * p.Rp : nullptr,
                                 p.acc + (size_t)g * p.S, e_sum, v_sum, &tm);
+    pdl_trigger(); // the pooling may launch (it waits for this grid's end before it reads)
     block_sums(p, smem, e_sum, v_sum);
 }
 
@@ -143,7 +144,10 @@ int launch(mparams &p, const score_mma_args &a)
     else
         memset(&tm, 0, sizeof tm);
     int rc;
-    if (a.lse) { /* the engine's normalizers: one pass over the keys */
+    if (a.lse && wg && p.hps == 1) { /* one pass on wgmma (launch_pass2's test): its rows of a kv
+                                         head are the engine's [G][nq] normalizers as they lie */
+        p.rowM = a.lse, p.rowLnL = nullptr, rc = 0;
+    } else if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
     } else if (wg) {
         static kern_attrs wset[SCORE_MAX_DEV];
@@ -191,19 +195,6 @@ int score_carveout(int own)
 extern "C" int kern_cuda_set_carveout(int percent)
 {
     return carveout.exchange(percent < -2 ? CARVE_OWN : percent < 0 ? percent : percent > 100 ? 100 : percent);
-}
-
-// A switch that is on unless the environment's `name` is "0", read at its first use (-1:
-// not yet); a setter may have stored 0 or 1 before
-static int env_switch(std::atomic<int> &sw, const char *name)
-{
-    int v = sw.load();
-    if (v < 0) {
-        const char *env = getenv(name);
-        sw.compare_exchange_strong(v, env && !strcmp(env, "0") ? 0 : 1);
-        v = sw.load();
-    }
-    return v;
 }
 
 // kern_cuda_score_set_wgmma's setting; -1: CAKE_WGMMA's, read at first use

@@ -157,7 +157,8 @@ __device__ __forceinline__ void tma_tile(const wg_tma *tm, uint32_t st, uint32_t
 constexpr int WG_ROWS = 64;
 // tm (rows nonzero): the stages by TMA, the first warp of each warpgroup issuing its ring's
 // boxes (boxes wholly past c1 left out), an mbarrier a stage; else by cp.async from all its
-// threads.
+// threads. rowLnL NULL: the rows' log-normalizers are rowM alone (the engine's log-sum-exps,
+// which wg_shape's rows read where the engine put them: no lse_rows launch).
 template <typename T, int ST, bool ENT = true>
 __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_t c1, uint8_t *smem,
                               const float *rowM, const float *rowLnL, float *acc, double &e_sum,
@@ -211,7 +212,7 @@ __device__ void pass2_body_wg(const mparams &p, uint32_t g, uint32_t c0, uint32_
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             uint32_t c = 8 * i + 2 * (lane % 4) + e;
-            B2[2 * i + e] = (rowM[c] + rowLnL[c]) * LOG2E;
+            B2[2 * i + e] = (rowM[c] + (rowLnL ? rowLnL[c] : 0.0f)) * LOG2E;
         }
     const float nq = (float)p.nq, inq = 1.0f / p.nq, inq1 = 1.0f / (p.nq - 1);
     uint32_t qa = (uint32_t)__cvta_generic_to_shared(qs);

@@ -1,5 +1,7 @@
-// select.cu - top-k on the GPU (one block per row, or many blocks per row for long rows)
-// and a score vector following the tokens a top-k kept (see kern_cuda.h).
+// select.cu - top-k on the GPU (one block per row, or many blocks per row for long rows:
+// a cluster of blocks in one launch on Hopper, else a launch per step) and a score vector
+// following the tokens a top-k kept (see kern_cuda.h).
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
@@ -287,6 +289,153 @@ __global__ void tkm_set_need(tkm_state *st, uint32_t rows, uint32_t k)
         st[r].need = k;
 }
 
+// ---- top-k over a cluster of blocks a row (compute capability 9.0) ----------------------
+//
+// The same result in one launch where thread block clusters exist: a row's TKC_BLOCKS blocks
+// are a cluster, each a contiguous segment of the row. Each pass's histogram is every block's
+// own, and each block sums the cluster's (their shared memory, read across the cluster), so
+// every block picks the same bucket - no global histogram, no memset, no launch between
+// passes (tkm's path above is 11 launches and two memsets a call). Then each block's keys above
+// and at the threshold, read by the blocks after it, give its emit's offset and its share of
+// the ties. A row longer than TKC_MAX keys goes to tkm's path (more blocks a row).
+
+#define TKC_THREADS 1024
+#define TKC_BLOCKS 8
+#define TKC_MAX (TKC_BLOCKS * 32768u)
+
+__global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint32_t n, uint32_t k, uint32_t *idx)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    const int shift[3] = {21, 10, 0};
+    const uint32_t width[3] = {11, 11, 10};
+    typedef cub::BlockScan<uint32_t, TKC_THREADS> scan_t;
+    __shared__ typename scan_t::TempStorage tmp;
+    __shared__ uint32_t hist[2048], tot[2048];
+    __shared__ uint32_t sh_prefix, sh_mask, sh_need, sh_off, sh_take;
+    __shared__ uint2 counts; // the block's keys above / at the threshold
+    uint32_t rank = cl.block_rank(), tid = threadIdx.x, lane = tid % 32;
+    uint32_t seg = (n + TKC_BLOCKS - 1) / TKC_BLOCKS, a0 = min(rank * seg, n), e0 = min(a0 + seg, n);
+    const float *s = score + (size_t)blockIdx.y * n;
+    if (tid == 0)
+        sh_prefix = 0, sh_mask = 0, sh_need = k;
+    pdl_wait(); // the scores (a programmatic launch after the kernel that wrote them)
+    pdl_trigger();
+    for (int pass = 0; pass < 3; pass++) {
+        uint32_t nb = 1u << width[pass];
+        for (uint32_t b = tid; b < nb; b += TKC_THREADS)
+            hist[b] = 0;
+        __syncthreads();
+        uint32_t prefix = sh_prefix, mask = sh_mask;
+        for (uint32_t j0 = a0 + tid - lane; j0 < e0; j0 += TKC_THREADS) { // warp-aggregated, as tkm_hist
+            uint32_t j = j0 + lane, bin = 0xffffffffu;
+            if (j < e0) {
+                uint32_t key = sort_key(s[j]);
+                if ((key & mask) == prefix)
+                    bin = (key >> shift[pass]) & (nb - 1);
+            }
+            uint32_t peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+                atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+        }
+        cl.sync(); // every block's histogram is complete
+        for (uint32_t b = tid; b < nb; b += TKC_THREADS) {
+            uint32_t t = 0;
+            for (uint32_t r = 0; r < TKC_BLOCKS; r++)
+                t += cl.map_shared_rank(hist, r)[b];
+            tot[b] = t;
+        }
+        cl.sync(); // every block has read them: the next pass may clear its own
+        // the bucket holding the need-th largest key, as topk_rows: the same in every block
+        uint32_t need = sh_need, x[2], cum[2];
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = tid * 2 + i;
+            x[i] = r < nb ? tot[nb - 1 - r] : 0;
+        }
+        scan_t(tmp).InclusiveSum(x, cum);
+        for (int i = 0; i < 2; i++) {
+            uint32_t r = tid * 2 + i;
+            if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
+                sh_need = need - (cum[i] - x[i]);
+                sh_prefix = prefix | ((nb - 1 - r) << shift[pass]);
+                sh_mask = mask | ((nb - 1) << shift[pass]);
+            }
+        }
+        __syncthreads();
+    }
+    // emit in positional order: each thread a contiguous run of the segment, offsets from a
+    // block scan and from the cluster's blocks before this one
+    uint32_t thr = sh_prefix, need = sh_need, len = e0 - a0, per = (len + TKC_THREADS - 1) / TKC_THREADS;
+    uint32_t a = a0 + min(tid * per, len), e = min(a + per, e0), gt = 0, eq = 0;
+    for (uint32_t j = a; j < e; j++) {
+        uint32_t key = sort_key(s[j]);
+        gt += key > thr, eq += key == thr;
+    }
+    uint32_t eq_before, eq_all, gt_before, gt_all;
+    scan_t(tmp).ExclusiveSum(eq, eq_before, eq_all);
+    __syncthreads();
+    scan_t(tmp).ExclusiveSum(gt, gt_before, gt_all);
+    if (tid == 0)
+        counts = make_uint2(gt_all, eq_all);
+    cl.sync(); // every block's counts
+    if (tid == 0) { /* where this segment's winners go, and how many ties it takes */
+        uint32_t off = 0, eq_seen = 0;
+        for (uint32_t r = 0; r < rank; r++) {
+            uint2 c = *cl.map_shared_rank(&counts, r);
+            off += c.x + (eq_seen >= need ? 0 : min(c.y, need - eq_seen)), eq_seen += c.y;
+        }
+        sh_off = off, sh_take = eq_seen >= need ? 0 : min(eq_all, need - eq_seen);
+    }
+    cl.sync(); // the counts are read (no block leaves while another may read its memory)
+    uint32_t take = eq_before >= sh_take ? 0 : min(eq, sh_take - eq_before);
+    uint32_t mine = gt + take, off;
+    scan_t(tmp).ExclusiveSum(mine, off);
+    off += sh_off;
+    uint32_t *out = idx + (size_t)blockIdx.y * k;
+    for (uint32_t j = a; j < e && mine; j++) {
+        uint32_t key = sort_key(s[j]);
+        if (key > thr || (key == thr && take && take--))
+            out[off++] = j, mine--;
+    }
+#else
+    (void)score, (void)n, (void)k, (void)idx;
+    __trap(); // tkc_on sends only devices with this kernel built for them here
+#endif
+}
+
+// kern_cuda_topk_set_cluster's setting; -1: CAKE_TOPK_CLUSTER's, read at first use. Off
+// unless asked for: test_gpu_kernels' comparison of its choices with the CPU's has not yet
+// run on a GPU (kern_cuda.h)
+static std::atomic<int> tkc_setting{-1};
+
+extern "C" int kern_cuda_topk_set_cluster(int on)
+{
+    int prev = env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0);
+    tkc_setting.store(on ? 1 : 0);
+    return prev;
+}
+
+// whether the current device runs tkc_rows: compute capability 9.0 or later and the kernel
+// built for it (not an older target's code run as PTX)
+static bool tkc_on(void)
+{
+    static std::atomic<int> ok[64]; // 0: not asked; 1: yes; 2: no
+    int dev = 0;
+    if (!env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0) || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return false;
+    int v = ok[dev].load();
+    if (!v) {
+        int ma = 0;
+        cudaFuncAttributes fa;
+        bool yes = cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && ma >= 9 &&
+                   cudaFuncGetAttributes(&fa, tkc_rows) == cudaSuccess && fa.binaryVersion >= 90;
+        cudaGetLastError();
+        ok[dev].store(v = yes ? 1 : 2);
+    }
+    return v == 1;
+}
+
 extern "C" size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n)
 {
     uint32_t segs = div_up(n ? n : 1, TKM_SEG);
@@ -300,9 +449,15 @@ extern "C" int kern_cuda_topk_ws(const float *score, uint32_t rows, uint32_t n, 
         return -EINVAL;
     if (!k || !rows)
         return 0;
-    if (n <= TKM_SEG || !ws || ws_bytes < kern_cuda_topk_workspace(rows, n))
+    if (n <= TKM_SEG)
         return kern_cuda_topk(score, rows, n, k, idx, stream); /* one block per row is enough */
     cudaStream_t st = (cudaStream_t)stream;
+    if (n <= TKC_MAX && rows <= 65535 && tkc_on()) { /* a cluster a row, one launch */
+        CK(launch_pdl(tkc_rows, dim3(TKC_BLOCKS, rows), dim3(TKC_THREADS), 0, st, TKC_BLOCKS, score, n, k, idx));
+        return 0;
+    }
+    if (!ws || ws_bytes < kern_cuda_topk_workspace(rows, n))
+        return kern_cuda_topk(score, rows, n, k, idx, stream);
     uint32_t segs = div_up(n, TKM_SEG);
     uint32_t *hist = (uint32_t *)ws;
     tkm_state *state = (tkm_state *)(hist + (size_t)rows * 2048);

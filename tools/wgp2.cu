@@ -8,8 +8,9 @@
 // indicator (mean + gamma var summed over the heads) needs one quad's shuffles and no
 // shared memory. Beside it (wgpi): the block's warpgroups apart, each with its own ring of
 // 64-key stages (what pass2_body_wg became), their stages by cp.async or by TMA (in 64- or
-// 16-row boxes: caked's pages hold 16 tokens), and the loads alone; a plain read of the keys
-// beside the copy's floor.
+// 16-row boxes: caked's pages hold 16 tokens), and the loads alone (also without the block's
+// totals or its prologue), the launch alone, and tiles strided across a head's blocks; a plain
+// read of the keys beside the copy's floor.
 // WGP2_ONLY=text: the baseline and the variants whose names hold text.
 // Build and run (H100/H200): nvcc -O2 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o wgp2 wgp2.cu && ./wgp2
 #include <cuda.h>
@@ -268,21 +269,29 @@ template <int ST, int BPS, int MODE> __global__ void __launch_bounds__(THREADS, 
 // 64 x 64 in the same 128-byte swizzle) that one thread issues, and arrives on the stage's
 // barrier; else by cp.async from every thread of the warpgroup. BOXR: rows a box (64; 16 as
 // caked's 64 KiB pages hold 16 tokens of 8 kv heads, K and V: 8 boxes of 2 KB a stage).
-template <int NW, int STW, int BPS, int MODE, bool TMA, int BOXR = 64>
+// MODE 5: the loads alone without the block's totals (atomics); 6: the loads alone without
+// the queries' copy, the normalizers' reads or the totals; 7: nothing (the launch alone).
+// STRIDED: the block's tiles are the head's tiles x, x + gridDim.x, ... (at any moment the
+// head's blocks read neighbouring tiles) instead of a chunk of its own.
+template <int NW, int STW, int BPS, int MODE, bool TMA, int BOXR = 64, bool STRIDED = false>
 __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_constant__ CUtensorMap tm)
 {
     extern __shared__ uint8_t smraw[];
     __shared__ alignas(8) uint64_t full[NW][STW];
     uint8_t *sm = smraw + ((1024 - su32(smraw) % 1024) % 1024);
     uint8_t *qs = sm + NW * STW * STAGE64;
-    uint32_t g = blockIdx.y, c0 = blockIdx.x * p.chunk, c1 = min(c0 + p.chunk, p.S);
+    uint32_t g = blockIdx.y, c0 = STRIDED ? 0 : blockIdx.x * p.chunk, c1 = STRIDED ? p.S : min(c0 + p.chunk, p.S);
     uint32_t tid = threadIdx.x, wg = tid / 128, t = tid % 128, wi = t / 32, lane = t % 32;
-    if (c0 >= c1)
+    if (MODE == 7 || c0 >= c1)
         return;
     uint8_t *ring = sm + wg * STW * STAGE64;
-    uint32_t nt = (c1 - c0 + 63) / 64, nl = nt > wg ? (nt - wg + NW - 1) / NW : 0;
-    auto load = [&](uint32_t i, uint32_t s) { // the warpgroup's tile i (keys from c0 + 64 (wg + NW i)) to stage s
-        uint32_t jb = c0 + 64 * (wg + NW * i);
+    uint32_t NT = (p.S + 63) / 64;
+    uint32_t nt = STRIDED ? (NT > blockIdx.x ? (NT - blockIdx.x + gridDim.x - 1) / gridDim.x : 0) : (c1 - c0 + 63) / 64;
+    uint32_t nl = nt > wg ? (nt - wg + NW - 1) / NW : 0;
+    // the first key of the warpgroup's tile i
+    auto tile0 = [&](uint32_t i) { uint32_t T = wg + NW * i; return STRIDED ? 64 * (blockIdx.x + gridDim.x * T) : c0 + 64 * T; };
+    auto load = [&](uint32_t i, uint32_t s) { // the warpgroup's tile i (keys from tile0(i)) to stage s
+        uint32_t jb = tile0(i);
         uint8_t *st = ring + s * STAGE64;
         if (TMA) {
             if (t == 0) {
@@ -307,10 +316,11 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
             mbar_init(su32(&full[wg][s]));
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    for (uint32_t x = tid; x < COLS * 16; x += NW * 128) {
-        uint32_t c = x / 16, v = x % 16;
-        cpa16(su32(qs + swz(c, v)), p.q + ((size_t)(g * G + c / NQ) * NQ + c % NQ) * D + v * 8, true);
-    }
+    if (MODE != 6)
+        for (uint32_t x = tid; x < COLS * 16; x += NW * 128) {
+            uint32_t c = x / 16, v = x % 16;
+            cpa16(su32(qs + swz(c, v)), p.q + ((size_t)(g * G + c / NQ) * NQ + c % NQ) * D + v * 8, true);
+        }
     asm volatile("cp.async.commit_group;\n");
     for (int s = 0; s < STW - 1; s++) {
         if (s < (int)nl)
@@ -318,7 +328,8 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
         asm volatile("cp.async.commit_group;\n");
     }
     float B2[32];
-    lse2(p, g, B2);
+    if (MODE != 6)
+        lse2(p, g, B2);
     cp_wait<STW - 1>(); // the queries (every thread's copies of them)
     asm volatile("fence.proxy.async.shared::cta;\n");
     __syncthreads();
@@ -334,7 +345,7 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
         if (i + STW - 1 < nl)
             load(i + STW - 1, (i + STW - 1) % STW);
         asm volatile("cp.async.commit_group;\n");
-        if (MODE == 4)
+        if (MODE >= 4)
             continue;
         uint32_t sa = su32(ring + (i % STW) * STAGE64);
         float d[64];
@@ -353,7 +364,7 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
             continue;
         }
         float I[2] = {0.0f, 0.0f}, V[2] = {0.0f, 0.0f};
-        uint32_t jr = c0 + 64 * (wg + NW * i) + wi * 16 + lane / 4;
+        uint32_t jr = tile0(i) + wi * 16 + lane / 4;
         heads_epi(d, B2, jr, c1, p.c2, p.gamma, 0, 4, ent0, ent1, I, V);
 #pragma unroll
         for (int e2 = 0; e2 < 2; e2++)
@@ -363,7 +374,8 @@ __global__ void __launch_bounds__(NW * 128, BPS) wgpi(params p, const __grid_con
             }
     }
     asm volatile("cp.async.wait_group 0;\n");
-    totals(p, ent0 + ent1, vsum);
+    if (MODE < 5)
+        totals(p, ent0 + ent1, vsum);
 }
 
 // the keys read once and nothing else (16 bytes a thread a step, every SM): a read floor beside the copy's
@@ -413,20 +425,29 @@ int main(int argc, char **argv)
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     // nw = 0: wgp2 (st stages of 128 keys for the block); else wgpi (nw warpgroups, st stages of 64 keys each)
-    struct variant { void (*k)(params, CUtensorMap); int st, bps, mode, nw, tma, boxr = 64; } vs[] = {
+    struct variant { void (*k)(params, CUtensorMap); int st, bps, mode, nw, tma, boxr = 64, strided = 0; } vs[] = {
         {wgp2<2, 2, 0>, 2, 2, 0, 0, 0}, {wgp2<2, 2, 4>, 2, 2, 4, 0, 0},
         {wgpi<2, 2, 2, 0, false>, 2, 2, 0, 2, 0}, {wgpi<4, 3, 1, 0, false>, 3, 1, 0, 4, 0},
         {wgpi<2, 2, 2, 0, true>, 2, 2, 0, 2, 1}, {wgpi<2, 2, 2, 4, true>, 2, 2, 4, 2, 1},
         {wgpi<4, 3, 1, 0, true>, 3, 1, 0, 4, 1}, {wgpi<4, 3, 1, 1, true>, 3, 1, 1, 4, 1},
         {wgpi<4, 3, 1, 4, true>, 3, 1, 4, 4, 1}, {wgpi<3, 4, 1, 0, true>, 4, 1, 0, 3, 1},
-        {wgpi<2, 2, 2, 0, true, 16>, 2, 2, 0, 2, 1, 16}, {wgpi<2, 2, 2, 4, true, 16>, 2, 2, 4, 2, 1, 16}};
+        {wgpi<2, 2, 2, 0, true, 16>, 2, 2, 0, 2, 1, 16}, {wgpi<2, 2, 2, 4, true, 16>, 2, 2, 4, 2, 1, 16},
+        // where the loads' constant goes: the totals, the prologue, the launch; tiles strided
+        {wgpi<2, 2, 2, 5, true>, 2, 2, 5, 2, 1}, {wgpi<2, 2, 2, 6, true>, 2, 2, 6, 2, 1},
+        {wgpi<2, 2, 2, 7, true>, 2, 2, 7, 2, 1}, {wgpi<2, 2, 2, 0, true, 64, true>, 2, 2, 0, 2, 1, 64, 1},
+        {wgpi<2, 2, 2, 4, true, 64, true>, 2, 2, 4, 2, 1, 64, 1}, {wgpi<2, 2, 2, 6, true, 64, true>, 2, 2, 6, 2, 1, 64, 1},
+        {wgpi<2, 2, 2, 0, false, 64, true>, 2, 2, 0, 2, 0, 64, 1}, {wgpi<2, 4, 2, 6, true>, 4, 2, 6, 2, 1},
+        {wgpi<2, 4, 2, 6, true, 64, true>, 4, 2, 6, 2, 1, 64, 1}, {wgpi<2, 2, 2, 0, true, 16, true>, 2, 2, 0, 2, 1, 16, 1}};
     static const char *modes[] = {"", ", no epilogue (loads and multiplies)", ", no multiply (loads and epilogue)",
-                                  ", split in two n64 halves", ", the loads alone"}; // by MODE (the kernels' comments)
+                                  ", split in two n64 halves", ", the loads alone",
+                                  ", the loads alone, no totals", ", the loads alone, no prologue or totals",
+                                  ", nothing (the launch)"}; // by MODE (the kernels' comments)
     auto smem_of = [](const variant &v) { return (size_t)(v.nw ? v.nw * v.st * STAGE64 : v.st * STAGE) + QBYTES + 1024; };
     auto name_of = [](const variant &v, char *b, size_t n) {
         if (v.nw)
-            snprintf(b, n, "%d independent warpgroups of %d stages (64 keys)%s%s, %d blocks an SM%s", v.nw, v.st,
-                     v.tma ? " by TMA" : "", v.boxr != 64 ? " in 16-row boxes" : "", v.bps, modes[v.mode]);
+            snprintf(b, n, "%d independent warpgroups of %d stages (64 keys)%s%s, %d blocks an SM%s%s", v.nw, v.st,
+                     v.tma ? " by TMA" : "", v.boxr != 64 ? " in 16-row boxes" : "", v.bps, modes[v.mode],
+                     v.strided ? ", tiles strided" : "");
         else
             snprintf(b, n, "%d stages, %d blocks an SM%s", v.st, v.bps, modes[v.mode]);
     };

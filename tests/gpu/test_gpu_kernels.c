@@ -289,16 +289,25 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
 }
 
 /* The many-blocks top-k against the CPU's, on long rows with many ties (quantized scores)
- * and k from 1 to n. */
+ * and k from 1 to n: the cluster path (Hopper; asked for here, off by default) and the
+ * launch-per-step one, and rows past the cluster path's 256K keys. */
 static void run_topk_many(void)
 {
-    for (int rep = 0; rep < 6; rep++) {
-        uint32_t rows = 1 + (uint32_t)(urand() * 8), n = 4097 + (uint32_t)(urand() * 70000);
-        uint32_t k = rep == 0 ? n : rep == 1 ? 1 : 1 + (uint32_t)(urand() * (n - 1));
+    for (int rep = 0; rep < 14; rep++) {
+        int cl = rep < 6 || rep >= 12; /* 6-11: the launch-per-step path on the same kinds of rows */
+        kern_cuda_topk_set_cluster(cl);
+        uint32_t rows = 1 + (uint32_t)(urand() * 8), n = 4097 + (uint32_t)(urand() * 140000);
+        if (rep == 12) /* rows a cluster does not take (past 256K keys): the other path */
+            rows = 2, n = 8 * 32768 + 1 + (uint32_t)(urand() * 5000);
+        if (rep == 13) /* short segments (~513 keys a block of 1024 threads), NaN and infinities */
+            n = 4097 + (uint32_t)(urand() * 16);
+        uint32_t k = rep % 6 == 0 ? n : rep % 6 == 1 ? 1 : 1 + (uint32_t)(urand() * (n - 1));
         int levels = rep % 2 ? 40 : 1 << 20;
         float *s = malloc(sizeof(float) * rows * n);
         for (size_t i = 0; i < (size_t)rows * n; i++)
             s[i] = (float)(floor(urand() * levels) / levels * 1e-3);
+        for (size_t i = 0; rep == 13 && i < (size_t)rows * n; i += 37)
+            s[i] = i % 3 == 0 ? NAN : i % 3 == 1 ? INFINITY : -INFINITY;
         float *ds;
         uint32_t *didx, *idx = malloc(sizeof(uint32_t) * rows * k), *cidx = malloc(sizeof(uint32_t) * k);
         size_t wsb = kern_cuda_topk_workspace(rows, n);
@@ -316,10 +325,11 @@ static void run_topk_many(void)
         }
         EXPECT(same, "many-block top-k differs from the CPU's: rows %u n %u k %u levels %d", rows,
                n, k, levels);
-        printf("top-k over blocks: rows %u n %u k %u (%s ties): %s\n", rows, n, k,
-               levels < 100 ? "many" : "few", same ? "equal" : "DIFFERS");
+        printf("top-k over blocks (%s): rows %u n %u k %u (%s ties): %s\n", cl ? "clusters" : "a launch a step",
+               rows, n, k, levels < 100 ? "many" : "few", same ? "equal" : "DIFFERS");
         cudaFree(ds), cudaFree(didx), cudaFree(ws), free(s), free(idx), free(cidx);
     }
+    kern_cuda_topk_set_cluster(1);
 }
 
 /* Decode attention over several layers of different lengths, paged, against doubles, on the
@@ -1243,6 +1253,7 @@ int main(void)
                                              and the one-pass compaction (a check on a short
                                              device lease; ctest runs all) */
         printf("CAKE_GPU_TEST_QUICK: a subset\n");
+        run_topk_many();
         for (int i = 0; i < 2; i++) {
             run_case(ts[i], 32, 8, 128, 3000 + (uint32_t)(urand() * 1000), 32, 16, 992);
             q_amp = 4.0; /* pass 1 raises its bases mid-chunk (wgmma's lazy base too) */
