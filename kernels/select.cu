@@ -19,6 +19,52 @@
 
 using seldev::sort_key; // the order every top-k here shares (kern.h's kern_sort_key)
 
+// One radix pass's histogram of s[a, e) (the block's threads, `step` apart): keys whose masked
+// bits equal prefix, binned by their nb bins at `shift`. Scores crowd into a few buckets:
+// lanes of a warp with the same bucket add once (warp-aggregated atomics), or the
+// shared-memory atomics queue up.
+__device__ __forceinline__ void hist_pass(const float *s, uint32_t a, uint32_t e, uint32_t step, uint32_t prefix,
+                                          uint32_t mask, int shift, uint32_t nb, uint32_t *hist)
+{
+    uint32_t lane = threadIdx.x % 32;
+    for (uint32_t j0 = a + threadIdx.x - lane; j0 < e; j0 += step) {
+        uint32_t j = j0 + lane, bin = 0xffffffffu;
+        if (j < e) {
+            uint32_t key = sort_key(s[j]);
+            if ((key & mask) == prefix)
+                bin = (key >> shift) & (nb - 1);
+        }
+        uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
+            atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+    }
+}
+
+// The bucket of hist[0, nb) (NT threads, two bins each) holding the need-th largest key,
+// counted from the top bucket down by a block scan: the one thread that finds it narrows
+// *need, *prefix and *mask to it (every thread calls it; the caller syncs before reading them)
+template <int NT>
+__device__ __forceinline__ void pick_bucket(const uint32_t *hist, uint32_t nb, int shift, uint32_t need,
+                                            uint32_t prefix, uint32_t mask,
+                                            typename cub::BlockScan<uint32_t, NT>::TempStorage &tmp,
+                                            uint32_t *sh_need, uint32_t *sh_prefix, uint32_t *sh_mask)
+{
+    uint32_t x[2], cum[2];
+    for (int i = 0; i < 2; i++) {
+        uint32_t r = threadIdx.x * 2 + i;
+        x[i] = r < nb ? hist[nb - 1 - r] : 0;
+    }
+    cub::BlockScan<uint32_t, NT>(tmp).InclusiveSum(x, cum);
+    for (int i = 0; i < 2; i++) {
+        uint32_t r = threadIdx.x * 2 + i;
+        if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
+            *sh_need = need - (cum[i] - x[i]);
+            *sh_prefix = prefix | ((nb - 1 - r) << shift);
+            *sh_mask = mask | ((nb - 1) << shift);
+        }
+    }
+}
+
 __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint32_t n, uint32_t k,
                                                         uint32_t *idx)
 {
@@ -38,37 +84,11 @@ __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint
             hist[b] = 0;
         __syncthreads();
         uint32_t prefix = sh_prefix, mask = sh_mask;
-        /* scores crowd into a few buckets: lanes of a warp with the same bucket add once
-         * (warp-aggregated atomics), or the shared-memory atomics queue up */
-        uint32_t lane = threadIdx.x % 32;
-        for (uint32_t j0 = threadIdx.x - lane; j0 < n; j0 += blockDim.x) {
-            uint32_t j = j0 + lane, bin = 0xffffffffu;
-            if (j < n) {
-                uint32_t key = sort_key(s[j]);
-                if ((key & mask) == prefix)
-                    bin = (key >> shift[pass]) & (nb - 1);
-            }
-            uint32_t peers = __match_any_sync(0xffffffffu, bin);
-            if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
-                atomicAdd(&hist[bin], (uint32_t)__popc(peers));
-        }
+        hist_pass(s, 0, n, blockDim.x, prefix, mask, shift[pass], nb, hist);
         __syncthreads();
-        /* the bucket holding the need-th largest key: counts from the top bucket down, summed
-         * by a block scan (thread 0 walking 2048 buckets alone took most of the launch) */
-        uint32_t need = sh_need, x[2], cum[2];
-        for (int i = 0; i < 2; i++) {
-            uint32_t r = threadIdx.x * 2 + i;
-            x[i] = r < nb ? hist[nb - 1 - r] : 0;
-        }
-        pick_scan_t(pick_tmp).InclusiveSum(x, cum);
-        for (int i = 0; i < 2; i++) {
-            uint32_t r = threadIdx.x * 2 + i;
-            if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
-                sh_need = need - (cum[i] - x[i]);
-                sh_prefix = prefix | ((nb - 1 - r) << shift[pass]);
-                sh_mask = mask | ((nb - 1) << shift[pass]);
-            }
-        }
+        /* a block scan (thread 0 walking 2048 buckets alone took most of the launch) */
+        pick_bucket<TK_THREADS>(hist, nb, shift[pass], sh_need, prefix, mask, pick_tmp, &sh_need, &sh_prefix,
+                                &sh_mask);
         __syncthreads();
     }
     // emit in positional order: each thread a contiguous segment, block scans for offsets
@@ -160,19 +180,8 @@ tkm_hist(const float *score, uint32_t n, const tkm_state *st, uint32_t *ghist, i
         hist[b] = 0;
     __syncthreads();
     const float *s = score + (size_t)row * n;
-    uint32_t prefix = st[row].prefix, mask = st[row].mask, lane = threadIdx.x % 32;
     uint32_t a = blockIdx.x * TKM_SEG, e = min(a + TKM_SEG, n);
-    for (uint32_t j0 = a + threadIdx.x - lane; j0 < e; j0 += blockDim.x) {
-        uint32_t j = j0 + lane, bin = 0xffffffffu;
-        if (j < e) {
-            uint32_t key = sort_key(s[j]);
-            if ((key & mask) == prefix)
-                bin = (key >> shift[pass]) & (nb - 1);
-        }
-        uint32_t peers = __match_any_sync(0xffffffffu, bin);
-        if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
-            atomicAdd(&hist[bin], (uint32_t)__popc(peers));
-    }
+    hist_pass(s, a, e, blockDim.x, st[row].prefix, st[row].mask, shift[pass], nb, hist);
     __syncthreads();
     uint32_t *g = ghist + (size_t)row * 2048;
     for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
@@ -315,7 +324,7 @@ __global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint
     __shared__ uint32_t hist[2048], tot[2048];
     __shared__ uint32_t sh_prefix, sh_mask, sh_need, sh_off, sh_take;
     __shared__ uint2 counts; // the block's keys above / at the threshold
-    uint32_t rank = cl.block_rank(), tid = threadIdx.x, lane = tid % 32;
+    uint32_t rank = cl.block_rank(), tid = threadIdx.x;
     uint32_t seg = (n + TKC_BLOCKS - 1) / TKC_BLOCKS, a0 = min(rank * seg, n), e0 = min(a0 + seg, n);
     const float *s = score + (size_t)blockIdx.y * n;
     if (tid == 0)
@@ -328,17 +337,7 @@ __global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint
             hist[b] = 0;
         __syncthreads();
         uint32_t prefix = sh_prefix, mask = sh_mask;
-        for (uint32_t j0 = a0 + tid - lane; j0 < e0; j0 += TKC_THREADS) { // warp-aggregated, as tkm_hist
-            uint32_t j = j0 + lane, bin = 0xffffffffu;
-            if (j < e0) {
-                uint32_t key = sort_key(s[j]);
-                if ((key & mask) == prefix)
-                    bin = (key >> shift[pass]) & (nb - 1);
-            }
-            uint32_t peers = __match_any_sync(0xffffffffu, bin);
-            if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
-                atomicAdd(&hist[bin], (uint32_t)__popc(peers));
-        }
+        hist_pass(s, a0, e0, TKC_THREADS, prefix, mask, shift[pass], nb, hist);
         cl.sync(); // every block's histogram is complete
         for (uint32_t b = tid; b < nb; b += TKC_THREADS) {
             uint32_t t = 0;
@@ -347,21 +346,8 @@ __global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint
             tot[b] = t;
         }
         cl.sync(); // every block has read them: the next pass may clear its own
-        // the bucket holding the need-th largest key, as topk_rows: the same in every block
-        uint32_t need = sh_need, x[2], cum[2];
-        for (int i = 0; i < 2; i++) {
-            uint32_t r = tid * 2 + i;
-            x[i] = r < nb ? tot[nb - 1 - r] : 0;
-        }
-        scan_t(tmp).InclusiveSum(x, cum);
-        for (int i = 0; i < 2; i++) {
-            uint32_t r = tid * 2 + i;
-            if (r < nb && cum[i] >= need && cum[i] - x[i] < need) { /* exactly one thread */
-                sh_need = need - (cum[i] - x[i]);
-                sh_prefix = prefix | ((nb - 1 - r) << shift[pass]);
-                sh_mask = mask | ((nb - 1) << shift[pass]);
-            }
-        }
+        // the same bucket in every block
+        pick_bucket<TKC_THREADS>(tot, nb, shift[pass], sh_need, prefix, mask, tmp, &sh_need, &sh_prefix, &sh_mask);
         __syncthreads();
     }
     // emit in positional order: each thread a contiguous run of the segment, offsets from a
