@@ -104,12 +104,13 @@ __global__ void __launch_bounds__(THREADS, 2) mpass2_wg(mparams p, const __grid_
     block_sums(p, smem, e_sum, v_sum);
 }
 
-// tm: the keys' map for the wgmma passes (launch's, made once for both)
+// wg: launch's choice of wgmma (taken once: the LSE path reads the rows where wgmma's pass 2
+// runs, and the setting may change meanwhile); tm: the keys' map for the wgmma passes
 template <typename T, int KS, int NSP, int HPS>
-int launch_pass2(mparams &p, const score_mma_args &a, const wg_tma &tm)
+int launch_pass2(mparams &p, const score_mma_args &a, bool wg, const wg_tma &tm)
 {
     if constexpr (KS == 8 && NSP == 4 && HPS == 1)
-        if (score_wg_on(a.dev) && wg_shape(KS, p.G, p.nq, p.nqp)) {
+        if (wg) {
             static kern_attrs wset[SCORE_MAX_DEV];
             size_t wb = SMEM_ALIGN + WG_STAGES * shape<8>::STAGE_BYTES + WG_Q_BYTES;
             if (int rc = smem_limit(mpass2_wg<T>, wset, a.dev, wb, -1))
@@ -144,8 +145,8 @@ int launch(mparams &p, const score_mma_args &a)
     else
         memset(&tm, 0, sizeof tm);
     int rc;
-    if (a.lse && wg && p.hps == 1) { /* one pass on wgmma (launch_pass2's test): its rows of a kv
-                                         head are the engine's [G][nq] normalizers as they lie */
+    if (a.lse && wg && p.hps == 1) { /* one pass on wgmma (launch_pass2 takes this wg): a kv
+                                         head's rows are the engine's [G][nq] LSEs as they lie */
         p.rowM = a.lse, p.rowLnL = nullptr, rc = 0;
     } else if (a.lse) { /* the engine's normalizers: one pass over the keys */
         rc = score_lse_rows(a.lse, a.rowM, a.rowLnL, a.hkv, p.G, p.nq, p.nqp, p.Rp, st);
@@ -164,9 +165,9 @@ int launch(mparams &p, const score_mma_args &a)
     }
     if (rc)
         return rc;
-    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a, tm)
-         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a, tm)
-                      : launch_pass2<T, KS, NSP, 4>(p, a, tm);
+    return p.hps == 1 ? launch_pass2<T, KS, NSP, 1>(p, a, wg, tm)
+         : p.hps == 2 ? launch_pass2<T, KS, NSP, 2>(p, a, wg, tm)
+                      : launch_pass2<T, KS, NSP, 4>(p, a, wg, tm);
 }
 
 template <typename T, int KS>
