@@ -41,6 +41,26 @@ static inline int env_switch(std::atomic<int> &sw, const char *name, int dflt = 
     return v;
 }
 
+/* Device dev's compute capability as major * 10 + minor (90 for Hopper), asked once a
+ * device; 0 where it cannot be known */
+inline int device_cc(int dev)
+{
+    static std::atomic<int> cc[64]; // the capability plus one; 0: not asked
+    if (dev < 0 || dev >= 64)
+        return 0;
+    int v = cc[dev].load();
+    if (!v) {
+        int ma = 0, mi = 0;
+        if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+        cc[dev].store(v = ma * 10 + mi + 1);
+    }
+    return v - 1;
+}
+
 /* Programmatic dependent launch (compute capability 9.0): a kernel launched by launch_pdl
  * may start its blocks while the kernel before it in the stream ends, so its launch's
  * latency hides behind that kernel's tail. It calls pdl_wait() before it reads anything the
@@ -63,18 +83,9 @@ __device__ __forceinline__ void pdl_trigger()
 /* whether launches on the current device may be programmatic (CAKE_PDL, compute capability) */
 inline bool pdl_on()
 {
-    static std::atomic<int> sw{-1}, cc[64]; // cc: 0 not asked, 1 yes, 2 no
+    static std::atomic<int> sw{-1};
     int dev = 0;
-    if (!env_switch(sw, "CAKE_PDL") || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
-        return false;
-    int v = cc[dev].load();
-    if (!v) {
-        int ma = 0;
-        bool yes = cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && ma >= 9;
-        cudaGetLastError();
-        cc[dev].store(v = yes ? 1 : 2);
-    }
-    return v == 1;
+    return env_switch(sw, "CAKE_PDL") && cudaGetDevice(&dev) == cudaSuccess && device_cc(dev) >= 90;
 }
 /* k<<<grid, block, smem, st>>>(args...), programmatic where pdl_on(); with `cluster` > 0
  * the blocks also form clusters of `cluster` along x */

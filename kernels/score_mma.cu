@@ -244,20 +244,7 @@ smma::wg_tma smma::wg_tma_for(int dev, const void *base, uint32_t tpp, uint32_t 
 
 bool score_wg_on(int dev)
 {
-    static std::atomic<int> cc[SCORE_MAX_DEV]; // major * 10 + minor, plus one (0: not asked)
-    if (!wg_setting() || dev < 0 || dev >= SCORE_MAX_DEV)
-        return false;
-    int v = cc[dev].load();
-    if (!v) {
-        int ma = 0, mi = 0;
-        if (cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return false;
-        }
-        cc[dev].store(v = ma * 10 + mi + 1);
-    }
-    return v == 91; /* 9.0: the sm_90a code's wgmma */
+    return wg_setting() && device_cc(dev) == 90; /* 9.0: the sm_90a code's wgmma */
 }
 
 uint32_t score_mma_rows(uint32_t G, uint32_t nq, uint32_t d)

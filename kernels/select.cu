@@ -406,16 +406,14 @@ extern "C" int kern_cuda_topk_set_cluster(int on)
 // built for it (not an older target's code run as PTX)
 static bool tkc_on(void)
 {
-    static std::atomic<int> ok[64]; // 0: not asked; 1: yes; 2: no
+    static std::atomic<int> ok[64]; // the kernel's code for the device: 0 not asked, 1 yes, 2 no
     int dev = 0;
-    if (!env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0) || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+    if (!env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0) || cudaGetDevice(&dev) != cudaSuccess || device_cc(dev) < 90)
         return false;
     int v = ok[dev].load();
     if (!v) {
-        int ma = 0;
         cudaFuncAttributes fa;
-        bool yes = cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && ma >= 9 &&
-                   cudaFuncGetAttributes(&fa, tkc_rows) == cudaSuccess && fa.binaryVersion >= 90;
+        bool yes = cudaFuncGetAttributes(&fa, tkc_rows) == cudaSuccess && fa.binaryVersion >= 90;
         cudaGetLastError();
         ok[dev].store(v = yes ? 1 : 2);
     }
