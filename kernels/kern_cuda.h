@@ -100,10 +100,8 @@ int kern_cuda_topk(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k
 size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n);
 int kern_cuda_topk_ws(const float *score_dev, uint32_t rows, uint32_t n, uint32_t k,
                       uint32_t *idx_dev, void *ws, size_t ws_bytes, void *stream);
-/* Nonzero lets kern_cuda_topk_ws run its clusters; off by default (the environment's
- * CAKE_TOPK_CLUSTER=1 sets it at start) until test_gpu_kernels' comparison of their choices
- * with the CPU's has run on a GPU (it tests both paths). Process-wide; returns the previous
- * setting. */
+/* Nonzero (the default; the environment's CAKE_TOPK_CLUSTER=0 clears it at start) lets
+ * kern_cuda_topk_ws run its clusters. Process-wide; returns the previous setting. */
 int kern_cuda_topk_set_cluster(int on);
 
 /* out[r][i] = in[r][keep[r][i]] for rows r < rows, i < k (in: row stride n_in; keep, out: row

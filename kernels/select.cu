@@ -19,26 +19,33 @@
 
 using seldev::sort_key; // the order every top-k here shares (kern.h's kern_sort_key)
 
-// One radix pass's histogram of s[a, e) (the block's threads, `step` apart): keys whose masked
-// bits equal prefix, binned by their nb bins at `shift`. Scores crowd into a few buckets:
-// lanes of a warp with the same bucket add once (warp-aggregated atomics), or the
-// shared-memory atomics queue up.
-__device__ __forceinline__ void hist_pass(const float *s, uint32_t a, uint32_t e, uint32_t step, uint32_t prefix,
+// One radix pass's histogram of keys [a, e) (key(j): j's sort key; the block's threads,
+// `step` apart): keys whose masked bits equal prefix, binned by their nb bins at `shift`.
+// Scores crowd into a few buckets: lanes of a warp with the same bucket add once
+// (warp-aggregated atomics), or the shared-memory atomics queue up.
+template <typename Key>
+__device__ __forceinline__ void hist_pass(Key key, uint32_t a, uint32_t e, uint32_t step, uint32_t prefix,
                                           uint32_t mask, int shift, uint32_t nb, uint32_t *hist)
 {
     uint32_t lane = threadIdx.x % 32;
     for (uint32_t j0 = a + threadIdx.x - lane; j0 < e; j0 += step) {
         uint32_t j = j0 + lane, bin = 0xffffffffu;
         if (j < e) {
-            uint32_t key = sort_key(s[j]);
-            if ((key & mask) == prefix)
-                bin = (key >> shift) & (nb - 1);
+            uint32_t k = key(j);
+            if ((k & mask) == prefix)
+                bin = (k >> shift) & (nb - 1);
         }
         uint32_t peers = __match_any_sync(0xffffffffu, bin);
         if (bin != 0xffffffffu && lane == (uint32_t)(__ffs(peers) - 1))
             atomicAdd(&hist[bin], (uint32_t)__popc(peers));
     }
 }
+
+// the sort key of a row's score j (hist_pass's key for rows read from global memory)
+struct row_key {
+    const float *s;
+    __device__ __forceinline__ uint32_t operator()(uint32_t j) const { return sort_key(s[j]); }
+};
 
 // The bucket of hist[0, nb) (NT threads, two bins each) holding the need-th largest key,
 // counted from the top bucket down by a block scan: the one thread that finds it narrows
@@ -65,6 +72,57 @@ __device__ __forceinline__ void pick_bucket(const uint32_t *hist, uint32_t nb, i
     }
 }
 
+// The emit after the passes, for a block's part [a, e) of a row: each warp a contiguous run,
+// read 32 keys at a time (coalesced, and conflict-free where the keys lie in shared memory).
+// warp_counts: the run's keys above thr and equal to it, into gt[warp] / eq[warp] (the caller
+// syncs before reading them).
+__device__ __forceinline__ void warp_run(uint32_t a, uint32_t e, uint32_t *wa, uint32_t *we)
+{
+    uint32_t nw = blockDim.x / 32, per = ((e - a + nw - 1) / nw + 31) / 32 * 32;
+    *wa = min(a + threadIdx.x / 32 * per, e), *we = min(*wa + per, e);
+}
+
+template <typename Key>
+__device__ __forceinline__ void warp_counts(Key key, uint32_t a, uint32_t e, uint32_t thr, uint32_t *gt,
+                                            uint32_t *eq)
+{
+    uint32_t wa, we, g = 0, q = 0, lane = threadIdx.x % 32;
+    warp_run(a, e, &wa, &we);
+    for (uint32_t j = wa + lane; j < we; j += 32) {
+        uint32_t k = key(j);
+        g += k > thr, q += k == thr;
+    }
+    for (int o = 16; o; o >>= 1)
+        g += __shfl_xor_sync(0xffffffffu, g, o), q += __shfl_xor_sync(0xffffffffu, q, o);
+    if (!lane)
+        gt[threadIdx.x / 32] = g, eq[threadIdx.x / 32] = q;
+}
+
+// emit_runs: writes base + j for every key above thr and the first `need` equal to it (ties
+// to the lower position), in position order; gt0 / eq0 count the row's keys above / at thr
+// before a, gt / eq warp_counts' counts. The row's result: positions ascending.
+template <typename Key>
+__device__ __forceinline__ void emit_runs(Key key, uint32_t a, uint32_t e, uint32_t thr, uint32_t need,
+                                          uint32_t gt0, uint32_t eq0, const uint32_t *gt, const uint32_t *eq,
+                                          uint32_t *out, uint32_t base)
+{
+    uint32_t wa, we, w = threadIdx.x / 32, lane = threadIdx.x % 32, below = (1u << lane) - 1;
+    warp_run(a, e, &wa, &we);
+    for (uint32_t i = 0; i < w; i++)
+        gt0 += gt[i], eq0 += eq[i];
+    uint32_t off = gt0 + min(eq0, need); /* the row's winners before this run */
+    for (uint32_t j0 = wa; j0 < we; j0 += 32) {
+        uint32_t j = j0 + lane, k = j < we ? key(j) : 0;
+        bool above = j < we && k > thr, at = j < we && k == thr;
+        uint32_t ties = __ballot_sync(0xffffffffu, at);
+        bool pick = above || (at && eq0 + __popc(ties & below) < need);
+        uint32_t picks = __ballot_sync(0xffffffffu, pick);
+        if (pick)
+            out[off + __popc(picks & below)] = base + j;
+        off += __popc(picks), eq0 += __popc(ties);
+    }
+}
+
 __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint32_t n, uint32_t k,
                                                         uint32_t *idx)
 {
@@ -84,34 +142,18 @@ __global__ void __launch_bounds__(TK_THREADS) topk_rows(const float *score, uint
             hist[b] = 0;
         __syncthreads();
         uint32_t prefix = sh_prefix, mask = sh_mask;
-        hist_pass(s, 0, n, blockDim.x, prefix, mask, shift[pass], nb, hist);
+        hist_pass(row_key{s}, 0, n, blockDim.x, prefix, mask, shift[pass], nb, hist);
         __syncthreads();
         /* a block scan (thread 0 walking 2048 buckets alone took most of the launch) */
         pick_bucket<TK_THREADS>(hist, nb, shift[pass], sh_need, prefix, mask, pick_tmp, &sh_need, &sh_prefix,
                                 &sh_mask);
         __syncthreads();
     }
-    // emit in positional order: each thread a contiguous segment, block scans for offsets
-    uint32_t thr = sh_prefix, need = sh_need;
-    uint32_t seg = (n + blockDim.x - 1) / blockDim.x, a = threadIdx.x * seg, e = min(a + seg, n);
-    uint32_t gt = 0, eq = 0;
-    for (uint32_t j = a; j < e; j++) {
-        uint32_t key = sort_key(s[j]);
-        gt += key > thr, eq += key == thr;
-    }
-    typedef cub::BlockScan<uint32_t, TK_THREADS> scan_t;
-    __shared__ typename scan_t::TempStorage tmp;
-    uint32_t eq_before;
-    scan_t(tmp).ExclusiveSum(eq, eq_before);
+    // emit in positional order
+    __shared__ uint32_t wgt[TK_THREADS / 32], weq[TK_THREADS / 32];
+    warp_counts(row_key{s}, 0, n, sh_prefix, wgt, weq);
     __syncthreads();
-    uint32_t take = eq_before >= need ? 0 : min(eq, need - eq_before);
-    uint32_t mine = gt + take, off;
-    scan_t(tmp).ExclusiveSum(mine, off);
-    for (uint32_t j = a; j < e && mine; j++) {
-        uint32_t key = sort_key(s[j]);
-        if (key > thr || (key == thr && take && take--))
-            out[off++] = j, mine--;
-    }
+    emit_runs(row_key{s}, 0, n, sh_prefix, sh_need, 0, 0, wgt, weq, out, 0);
 }
 
 extern "C" int kern_cuda_topk(const float *score, uint32_t rows, uint32_t n, uint32_t k, uint32_t *idx,
@@ -181,7 +223,7 @@ tkm_hist(const float *score, uint32_t n, const tkm_state *st, uint32_t *ghist, i
     __syncthreads();
     const float *s = score + (size_t)row * n;
     uint32_t a = blockIdx.x * TKM_SEG, e = min(a + TKM_SEG, n);
-    hist_pass(s, a, e, blockDim.x, st[row].prefix, st[row].mask, shift[pass], nb, hist);
+    hist_pass(row_key{s}, a, e, blockDim.x, st[row].prefix, st[row].mask, shift[pass], nb, hist);
     __syncthreads();
     uint32_t *g = ghist + (size_t)row * 2048;
     for (uint32_t b = threadIdx.x; b < nb; b += blockDim.x)
@@ -251,44 +293,21 @@ __global__ void __launch_bounds__(TKM_THREADS)
 tkm_emit(const float *score, uint32_t n, uint32_t k, const tkm_state *st, const uint2 *cnt,
          uint32_t segs, uint32_t *idx)
 {
-    uint32_t row = blockIdx.y, thr = st[row].prefix, need = st[row].need;
+    uint32_t row = blockIdx.y;
     const float *s = score + (size_t)row * n;
-    uint32_t *out = idx + (size_t)row * k;
-    __shared__ uint32_t sh_off, sh_take;
-    if (threadIdx.x == 0) { /* where this segment's winners go, and how many ties it takes */
-        uint32_t off = 0, eq_before = 0;
+    __shared__ uint32_t sh_gt, sh_eq, wgt[TKM_THREADS / 32], weq[TKM_THREADS / 32];
+    if (threadIdx.x == 0) { /* the row's keys above / at the threshold before this segment */
+        uint32_t gt = 0, eq = 0;
         for (uint32_t b = 0; b < blockIdx.x; b++) {
             uint2 c = cnt[(size_t)row * segs + b];
-            uint32_t t = eq_before >= need ? 0 : min(c.y, need - eq_before);
-            off += c.x + t, eq_before += c.y;
+            gt += c.x, eq += c.y;
         }
-        uint2 c = cnt[(size_t)row * segs + blockIdx.x];
-        sh_off = off;
-        sh_take = eq_before >= need ? 0 : min(c.y, need - eq_before);
+        sh_gt = gt, sh_eq = eq;
     }
+    uint32_t a0 = blockIdx.x * TKM_SEG, e0 = min(a0 + TKM_SEG, n), thr = st[row].prefix;
+    warp_counts(row_key{s}, a0, e0, thr, wgt, weq);
     __syncthreads();
-    /* inside the segment: each thread a contiguous run, a block scan for offsets */
-    uint32_t a0 = blockIdx.x * TKM_SEG, e0 = min(a0 + TKM_SEG, n);
-    uint32_t seg = (e0 - a0 + blockDim.x - 1) / blockDim.x, a = a0 + threadIdx.x * seg;
-    uint32_t e = min(a + seg, e0), gt = 0, eq = 0;
-    for (uint32_t j = a; j < e; j++) {
-        uint32_t key = sort_key(s[j]);
-        gt += key > thr, eq += key == thr;
-    }
-    typedef cub::BlockScan<uint32_t, TKM_THREADS> scan_t;
-    __shared__ typename scan_t::TempStorage tmp;
-    uint32_t eq_before;
-    scan_t(tmp).ExclusiveSum(eq, eq_before);
-    __syncthreads();
-    uint32_t take = eq_before >= sh_take ? 0 : min(eq, sh_take - eq_before);
-    uint32_t mine = gt + take, off;
-    scan_t(tmp).ExclusiveSum(mine, off);
-    off += sh_off;
-    for (uint32_t j = a; j < e && mine; j++) {
-        uint32_t key = sort_key(s[j]);
-        if (key > thr || (key == thr && take && take--))
-            out[off++] = j, mine--;
-    }
+    emit_runs(row_key{s}, a0, e0, thr, st[row].need, sh_gt, sh_eq, wgt, weq, idx + (size_t)row * k, 0);
 }
 
 __global__ void tkm_set_need(tkm_state *st, uint32_t rows, uint32_t k)
@@ -302,7 +321,8 @@ __global__ void tkm_set_need(tkm_state *st, uint32_t rows, uint32_t k)
 //
 // The same result in one launch where thread block clusters exist: a row's TKC_BLOCKS blocks
 // are a cluster, each a contiguous segment of the row. Each pass's histogram is every block's
-// own, and each block sums the cluster's (their shared memory, read across the cluster), so
+// own (over its segment's sort keys, read once into shared memory: up to 32K keys, 128 KiB),
+// and each block sums the cluster's (their shared memory, read across the cluster), so
 // every block picks the same bucket - no global histogram, no memset, no launch between
 // passes (tkm's path above is 11 launches and two memsets a call). Then each block's keys above
 // and at the threshold, read by the blocks after it, give its emit's offset and its share of
@@ -322,22 +342,27 @@ __global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint
     typedef cub::BlockScan<uint32_t, TKC_THREADS> scan_t;
     __shared__ typename scan_t::TempStorage tmp;
     __shared__ uint32_t hist[2048], tot[2048];
-    __shared__ uint32_t sh_prefix, sh_mask, sh_need, sh_off, sh_take;
+    __shared__ uint32_t sh_prefix, sh_mask, sh_need;
     __shared__ uint2 counts; // the block's keys above / at the threshold
+    extern __shared__ uint32_t keys[]; // the segment's sort keys
     uint32_t rank = cl.block_rank(), tid = threadIdx.x;
-    uint32_t seg = (n + TKC_BLOCKS - 1) / TKC_BLOCKS, a0 = min(rank * seg, n), e0 = min(a0 + seg, n);
-    const float *s = score + (size_t)blockIdx.y * n;
+    uint32_t seg = (n + TKC_BLOCKS - 1) / TKC_BLOCKS, a0 = min(rank * seg, n), len = min(a0 + seg, n) - a0;
+    const float *s = score + (size_t)blockIdx.y * n + a0;
     if (tid == 0)
         sh_prefix = 0, sh_mask = 0, sh_need = k;
     pdl_wait(); // the scores (a programmatic launch after the kernel that wrote them)
     pdl_trigger();
+#pragma unroll 8
+    for (uint32_t j = tid; j < len; j += TKC_THREADS)
+        keys[j] = sort_key(s[j]);
+    auto staged = [&](uint32_t j) { return keys[j]; };
     for (int pass = 0; pass < 3; pass++) {
         uint32_t nb = 1u << width[pass];
         for (uint32_t b = tid; b < nb; b += TKC_THREADS)
             hist[b] = 0;
         __syncthreads();
         uint32_t prefix = sh_prefix, mask = sh_mask;
-        hist_pass(s, a0, e0, TKC_THREADS, prefix, mask, shift[pass], nb, hist);
+        hist_pass(staged, 0, len, TKC_THREADS, prefix, mask, shift[pass], nb, hist);
         cl.sync(); // every block's histogram is complete
         for (uint32_t b = tid; b < nb; b += TKC_THREADS) {
             uint32_t t = 0;
@@ -350,70 +375,61 @@ __global__ void __launch_bounds__(TKC_THREADS) tkc_rows(const float *score, uint
         pick_bucket<TKC_THREADS>(tot, nb, shift[pass], sh_need, prefix, mask, tmp, &sh_need, &sh_prefix, &sh_mask);
         __syncthreads();
     }
-    // emit in positional order: each thread a contiguous run of the segment, offsets from a
-    // block scan and from the cluster's blocks before this one
-    uint32_t thr = sh_prefix, need = sh_need, len = e0 - a0, per = (len + TKC_THREADS - 1) / TKC_THREADS;
-    uint32_t a = a0 + min(tid * per, len), e = min(a + per, e0), gt = 0, eq = 0;
-    for (uint32_t j = a; j < e; j++) {
-        uint32_t key = sort_key(s[j]);
-        gt += key > thr, eq += key == thr;
-    }
-    uint32_t eq_before, eq_all, gt_before, gt_all;
-    scan_t(tmp).ExclusiveSum(eq, eq_before, eq_all);
+    // emit in positional order, after the keys above / at the threshold in the cluster's blocks
+    // before this one
+    __shared__ uint32_t wgt[TKC_THREADS / 32], weq[TKC_THREADS / 32], sh_gt, sh_eq;
+    uint32_t thr = sh_prefix;
+    warp_counts(staged, 0, len, thr, wgt, weq);
     __syncthreads();
-    scan_t(tmp).ExclusiveSum(gt, gt_before, gt_all);
-    if (tid == 0)
-        counts = make_uint2(gt_all, eq_all);
+    if (tid < 32) { /* the block's counts, for the blocks after it */
+        uint32_t g = wgt[tid], q = weq[tid];
+        for (int o = 16; o; o >>= 1)
+            g += __shfl_xor_sync(0xffffffffu, g, o), q += __shfl_xor_sync(0xffffffffu, q, o);
+        if (!tid)
+            counts = make_uint2(g, q);
+    }
     cl.sync(); // every block's counts
-    if (tid == 0) { /* where this segment's winners go, and how many ties it takes */
-        uint32_t off = 0, eq_seen = 0;
+    if (tid == 0) {
+        uint32_t g = 0, q = 0;
         for (uint32_t r = 0; r < rank; r++) {
             uint2 c = *cl.map_shared_rank(&counts, r);
-            off += c.x + (eq_seen >= need ? 0 : min(c.y, need - eq_seen)), eq_seen += c.y;
+            g += c.x, q += c.y;
         }
-        sh_off = off, sh_take = eq_seen >= need ? 0 : min(eq_all, need - eq_seen);
+        sh_gt = g, sh_eq = q;
     }
     cl.sync(); // the counts are read (no block leaves while another may read its memory)
-    uint32_t take = eq_before >= sh_take ? 0 : min(eq, sh_take - eq_before);
-    uint32_t mine = gt + take, off;
-    scan_t(tmp).ExclusiveSum(mine, off);
-    off += sh_off;
-    uint32_t *out = idx + (size_t)blockIdx.y * k;
-    for (uint32_t j = a; j < e && mine; j++) {
-        uint32_t key = sort_key(s[j]);
-        if (key > thr || (key == thr && take && take--))
-            out[off++] = j, mine--;
-    }
+    emit_runs(staged, 0, len, thr, sh_need, sh_gt, sh_eq, wgt, weq, idx + (size_t)blockIdx.y * k, a0);
 #else
     (void)score, (void)n, (void)k, (void)idx;
     __trap(); // tkc_on sends only devices with this kernel built for them here
 #endif
 }
 
-// kern_cuda_topk_set_cluster's setting; -1: CAKE_TOPK_CLUSTER's, read at first use. Off
-// unless asked for: test_gpu_kernels' comparison of its choices with the CPU's has not yet
-// run on a GPU (kern_cuda.h)
+// kern_cuda_topk_set_cluster's setting; -1: CAKE_TOPK_CLUSTER's (on unless 0), read at first
+// use (kern_cuda.h)
 static std::atomic<int> tkc_setting{-1};
 
 extern "C" int kern_cuda_topk_set_cluster(int on)
 {
-    int prev = env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0);
+    int prev = env_switch(tkc_setting, "CAKE_TOPK_CLUSTER");
     tkc_setting.store(on ? 1 : 0);
     return prev;
 }
 
-// whether the current device runs tkc_rows: compute capability 9.0 or later and the kernel
-// built for it (not an older target's code run as PTX)
+// whether the current device runs tkc_rows: compute capability 9.0 or later, the kernel built
+// for it (not an older target's code run as PTX) and its segment's keys in shared memory
 static bool tkc_on(void)
 {
     static std::atomic<int> ok[64]; // the kernel's code for the device: 0 not asked, 1 yes, 2 no
     int dev = 0;
-    if (!env_switch(tkc_setting, "CAKE_TOPK_CLUSTER", 0) || cudaGetDevice(&dev) != cudaSuccess || device_cc(dev) < 90)
+    if (!env_switch(tkc_setting, "CAKE_TOPK_CLUSTER") || cudaGetDevice(&dev) != cudaSuccess || device_cc(dev) < 90)
         return false;
     int v = ok[dev].load();
     if (!v) {
         cudaFuncAttributes fa;
-        bool yes = cudaFuncGetAttributes(&fa, tkc_rows) == cudaSuccess && fa.binaryVersion >= 90;
+        bool yes = cudaFuncGetAttributes(&fa, tkc_rows) == cudaSuccess && fa.binaryVersion >= 90 &&
+                   cudaFuncSetAttribute(tkc_rows, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(TKC_MAX / TKC_BLOCKS * sizeof(uint32_t))) == cudaSuccess;
         cudaGetLastError();
         ok[dev].store(v = yes ? 1 : 2);
     }
@@ -437,7 +453,8 @@ extern "C" int kern_cuda_topk_ws(const float *score, uint32_t rows, uint32_t n, 
         return kern_cuda_topk(score, rows, n, k, idx, stream); /* one block per row is enough */
     cudaStream_t st = (cudaStream_t)stream;
     if (n <= TKC_MAX && rows <= 65535 && tkc_on()) { /* a cluster a row, one launch */
-        CK(launch_pdl(tkc_rows, dim3(TKC_BLOCKS, rows), dim3(TKC_THREADS), 0, st, TKC_BLOCKS, score, n, k, idx));
+        size_t keys = (n + TKC_BLOCKS - 1) / TKC_BLOCKS * sizeof(uint32_t); /* a segment's */
+        CK(launch_pdl(tkc_rows, dim3(TKC_BLOCKS, rows), dim3(TKC_THREADS), keys, st, TKC_BLOCKS, score, n, k, idx));
         return 0;
     }
     if (!ws || ws_bytes < kern_cuda_topk_workspace(rows, n))

@@ -289,10 +289,11 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
 }
 
 /* The many-blocks top-k against the CPU's, on long rows with many ties (quantized scores)
- * and k from 1 to n: the cluster path (Hopper; asked for here, off by default) and the
+ * and k from 1 to n: the cluster path (Hopper) and the
  * launch-per-step one, and rows past the cluster path's 256K keys. */
 static void run_topk_many(void)
 {
+    int was = kern_cuda_topk_set_cluster(1);
     for (int rep = 0; rep < 14; rep++) {
         int cl = rep < 6 || rep >= 12; /* 6-11: the launch-per-step path on the same kinds of rows */
         kern_cuda_topk_set_cluster(cl);
@@ -329,7 +330,7 @@ static void run_topk_many(void)
                rows, n, k, levels < 100 ? "many" : "few", same ? "equal" : "DIFFERS");
         cudaFree(ds), cudaFree(didx), cudaFree(ws), free(s), free(idx), free(cidx);
     }
-    kern_cuda_topk_set_cluster(1);
+    kern_cuda_topk_set_cluster(was);
 }
 
 /* Decode attention over several layers of different lengths, paged, against doubles, on the
