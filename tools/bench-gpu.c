@@ -1219,6 +1219,7 @@ int main(int argc, char **argv)
         cudaFree(lse);
         free(hk), free(hq);
     }
+    gpu_hold_free(&hold);
     if (attn)
         attention(bw, reps, torch);
     decode_evict(bw, reps);

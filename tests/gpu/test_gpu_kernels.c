@@ -289,8 +289,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
 }
 
 /* The many-blocks top-k against the CPU's, on long rows with many ties (quantized scores)
- * and k from 1 to n: the cluster path (Hopper) and the
- * launch-per-step one, and rows past the cluster path's 256K keys. */
+ * and k from 1 to n: the cluster path (Hopper) and the launch-per-step one, and rows past the
+ * cluster path's 256K keys. */
 static void run_topk_many(void)
 {
     int was = kern_cuda_topk_set_cluster(1);
