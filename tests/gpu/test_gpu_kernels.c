@@ -39,6 +39,18 @@ static double urand(void)
 static int failures;
 static double q_amp = 1.0; /* query scale: larger makes attention peaked, logits far apart */
 static size_t page_pad;     /* run_case's bytes between pages: offsets off the 256-byte rows TMA reads */
+/* CAKE_GPU_TEST_ONLY=topk,score,...: only those parts (topk, score, attn, ring, evict,
+ * compact) run, for a short device call after a change to one of them; unset, all run */
+static int part(const char *name)
+{
+    const char *only = getenv("CAKE_GPU_TEST_ONLY");
+    size_t n = strlen(name);
+    for (const char *p = only; p && *p; p += strcspn(p, ","), p += *p == ',')
+        if (strcspn(p, ",") == n && !strncmp(p, name, n))
+            return 1;
+    return !only || !*only;
+}
+
 #define EXPECT(c, ...) do { if (!(c)) { failures++; fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } while (0)
 
 /* worst |got - ref| over the rows, each relative to its row's largest |ref| (NaN: infinite) */
@@ -88,6 +100,8 @@ static float *host_lse(const struct kern_kv *kv, const void *q, enum kern_dtype 
 static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
                      uint32_t tpp, uint32_t keep)
 {
+    if (!part("score"))
+        return;
     uint32_t npages = (n + tpp - 1) / tpp, S = n - nq;
     size_t page_bytes = 2 * (size_t)Hkv * tpp * d * 2, half = page_bytes / 2;
     size_t pool = (page_bytes + page_pad) * npages;
@@ -293,6 +307,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
  * cluster path's 256K keys. */
 static void run_topk_many(void)
 {
+    if (!part("topk"))
+        return;
     int was = kern_cuda_topk_set_cluster(1);
     for (int rep = 0; rep < 14; rep++) {
         int cl = rep < 6 || rep >= 12; /* 6-11: the launch-per-step path on the same kinds of rows */
@@ -340,6 +356,8 @@ static void run_topk_many(void)
 static void run_attention(enum kern_dtype dt, int with_holes, uint32_t H, uint32_t HKV, uint32_t D,
                           uint32_t TPP)
 {
+    if (!part("attn"))
+        return;
     enum { L = 3 };
     uint32_t ntok[L] = {1 + (uint32_t)(urand() * 100), 1000 + (uint32_t)(urand() * 600), 3000};
     int32_t *hl = calloc((size_t)L * HKV * 2, sizeof(int32_t)); /* [L][HKV][2] */
@@ -478,6 +496,8 @@ static uint32_t *shuffled(uint32_t n)
  * and length; every byte equal. */
 static void run_ring_gather(void)
 {
+    if (!part("ring"))
+        return;
     for (int round = 0; round < 40; round++) {
         uint32_t H = 1 + (uint32_t)(urand() * 40), w = 1 + (uint32_t)(urand() * 300);
         uint32_t row = 2 * (1 + (uint32_t)(urand() * 130)); /* 2..262 bytes */
@@ -554,6 +574,8 @@ static void run_decode_evict(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint3
                              uint32_t nq, uint32_t tpp, int pool, uint32_t radius, float gamma,
                              int var_only)
 {
+    if (!part("evict"))
+        return;
     enum { L = 7 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     struct shm_ring rg = shm_ring_geom(H, w, (uint32_t)row, pb);
@@ -753,6 +775,8 @@ static void fill_model(const struct kern_kv *kv, uint32_t g, const uint32_t *ev,
 static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d,
                                    uint32_t w, uint32_t tpp, int fill, int given)
 {
+    if (!part("evict"))
+        return;
     enum { L = 3, STEPS = 12 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     struct shm_ring rg = shm_ring_geom(H, w, (uint32_t)row, pb);
@@ -1061,6 +1085,8 @@ static void order_of(const uint32_t *pos, uint32_t k, uint32_t *keep)
 
 static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
 {
+    if (!part("compact"))
+        return;
     enum { L = 9, ORDER = 7 };
     size_t row = (size_t)d * 2, half = (size_t)Hkv * tpp * row, pb = 2 * half;
     uint32_t old[L], k[L], win[L], np[L], P = 0, max_rows = 0;
@@ -1249,6 +1275,8 @@ int main(void)
     setvbuf(stdout, NULL, _IOLBF, 0); /* a run cut by a timeout still shows how far it got */
     rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
     printf("seed %llu\n", (unsigned long long)rs);
+    if (getenv("CAKE_GPU_TEST_ONLY") && *getenv("CAKE_GPU_TEST_ONLY"))
+        printf("CAKE_GPU_TEST_ONLY=%s: the other parts are skipped\n", getenv("CAKE_GPU_TEST_ONLY"));
     enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
     if (getenv("CAKE_GPU_TEST_QUICK")) { /* one scoring case a dtype, the one-launch eviction
                                              and the one-pass compaction (a check on a short
