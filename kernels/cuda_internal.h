@@ -29,13 +29,13 @@
 static inline uint32_t div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
 
 /* A process-wide on/off switch (sw -1: not yet read): the environment's `name` at first use
- * ("0": off, any other value: on, unset: dflt), then whatever a kern_cuda_*_set_* call stores. */
-static inline int env_switch(std::atomic<int> &sw, const char *name, int dflt = 1)
+ * ("0": off, anything else or unset: on), then whatever a kern_cuda_*_set_* call stores. */
+static inline int env_switch(std::atomic<int> &sw, const char *name)
 {
     int v = sw.load();
     if (v < 0) {
         const char *env = getenv(name);
-        sw.compare_exchange_strong(v, env ? strcmp(env, "0") != 0 : dflt != 0);
+        sw.compare_exchange_strong(v, !env || strcmp(env, "0") != 0);
         v = sw.load();
     }
     return v;

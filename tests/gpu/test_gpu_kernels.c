@@ -40,15 +40,40 @@ static int failures;
 static double q_amp = 1.0; /* query scale: larger makes attention peaked, logits far apart */
 static size_t page_pad;     /* run_case's bytes between pages: offsets off the 256-byte rows TMA reads */
 /* CAKE_GPU_TEST_ONLY=topk,score,...: only those parts (topk, score, attn, ring, evict,
- * compact) run, for a short device call after a change to one of them; unset, all run */
+ * compact) run, for a short device call after a change to one of them; unset, all run.
+ * in_list: whether the comma-separated list holds name. */
+static int in_list(const char *list, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = list; *p; p += strcspn(p, ","), p += *p == ',')
+        if (strcspn(p, ",") == n && !strncmp(p, name, n))
+            return 1;
+    return 0;
+}
+
 static int part(const char *name)
 {
     const char *only = getenv("CAKE_GPU_TEST_ONLY");
-    size_t n = strlen(name);
-    for (const char *p = only; p && *p; p += strcspn(p, ","), p += *p == ',')
-        if (strcspn(p, ",") == n && !strncmp(p, name, n))
-            return 1;
-    return !only || !*only;
+    return !only || !*only || in_list(only, name);
+}
+
+/* every name CAKE_GPU_TEST_ONLY gives is a part (a misspelt one would skip everything and
+ * pass) */
+static int parts_known(const char *only)
+{
+    static const char *const names[] = {"topk", "score", "attn", "ring", "evict", "compact"};
+    for (const char *p = only; *p; p += strcspn(p, ","), p += *p == ',') {
+        char one[16] = "";
+        size_t n = strcspn(p, ",");
+        if (n && n < sizeof one)
+            memcpy(one, p, n);
+        int known = 0;
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+            known |= !strcmp(one, names[i]);
+        if (!known)
+            return 0;
+    }
+    return 1;
 }
 
 #define EXPECT(c, ...) do { if (!(c)) { failures++; fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); } } while (0)
@@ -1275,8 +1300,14 @@ int main(void)
     setvbuf(stdout, NULL, _IOLBF, 0); /* a run cut by a timeout still shows how far it got */
     rs = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull | 1;
     printf("seed %llu\n", (unsigned long long)rs);
-    if (getenv("CAKE_GPU_TEST_ONLY") && *getenv("CAKE_GPU_TEST_ONLY"))
-        printf("CAKE_GPU_TEST_ONLY=%s: the other parts are skipped\n", getenv("CAKE_GPU_TEST_ONLY"));
+    const char *only = getenv("CAKE_GPU_TEST_ONLY");
+    if (only && *only) {
+        if (!parts_known(only)) {
+            fprintf(stderr, "CAKE_GPU_TEST_ONLY=%s: parts are topk, score, attn, ring, evict, compact\n", only);
+            return 2;
+        }
+        printf("CAKE_GPU_TEST_ONLY=%s: the other parts are skipped\n", only);
+    }
     enum kern_dtype ts[2] = {KERN_BF16, KERN_F16};
     if (getenv("CAKE_GPU_TEST_QUICK")) { /* one scoring case a dtype, the one-launch eviction
                                              and the one-pass compaction (a check on a short
