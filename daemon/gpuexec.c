@@ -448,7 +448,7 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 }
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
- * wait). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
+ * wait; a long row's top-k a launch before them, kern_cuda_compact_split). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
  * slots; on the device behind them what comes back in one copy (an order job's counts, the
  * positions where the caller asked for them), then the kept slots, then each job's
  * scratch. */
@@ -526,9 +526,13 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         .tokens_per_page = l0->tokens_per_page, .base = l0->base,
         .v_offset_bytes = l0->v_offset_bytes,
     };
-    int rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
-                 ? 0 : -EIO;
+    /* (the kernels' time from here: the long rows' top-k come before the jobs' upload, which
+     * carries the marks they leave) */
     time_kernels(c, t0, 0);
+    int rc = kern_cuda_compact_split(kj, n, l0->kv_heads, c->stream);
+    if (rc >= 0)
+        rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
+                 ? 0 : -EIO;
     if (!rc)
         rc = kern_cuda_compact_many(&lay, (const struct kern_cuda_compact_job *)c->dbuf, n, max_rows,
                                     c->stream);

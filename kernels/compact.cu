@@ -1,7 +1,8 @@
 // compact.cu - compaction of kept tokens in the pool's pages on the GPU (see kern_cuda.h): one
 // layer (kern_cuda_compact), or a cascading stage's every layer with its top-k and the
 // indicator's and positions' gather in three launches (kern_cuda_compact_many), which also
-// puts a prefix back in position order.
+// puts a prefix back in position order; a long row's top-k goes to the clusters of
+// select.cu first (kern_cuda_compact_split).
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <stdint.h>
@@ -198,8 +199,28 @@ __device__ __forceinline__ uint8_t *cm_row(const cmparams &p, const kern_cuda_co
            ((size_t)g * p.lay.tokens_per_page + t % p.lay.tokens_per_page) * p.row;
 }
 
-// grid (kv_heads, jobs): the kept slots of each head (the top k, the host's slots, or an
-// order job's slots by position), and the first row that moves (rows below it keep their
+// A head's k kept slots as listed (ascending for a top k): copied to keep (unless nullptr:
+// they are keep already); returns the first slot whose token moves (the first listed out of
+// its own place; k when none). Ends with the block synced.
+__device__ uint32_t listed(const uint32_t *list, uint32_t k, uint32_t *keep, seldev::smem &sh)
+{
+    if (threadIdx.x == 0)
+        sh.first = k;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < k; i += seldev::THREADS) {
+        uint32_t v = list[i];
+        if (keep)
+            keep[i] = v;
+        if (v != i)
+            atomicMin(&sh.first, i);
+    }
+    __syncthreads();
+    return sh.first;
+}
+
+// grid (kv_heads, jobs): the kept slots of each head (the top k - chosen here, or already in
+// keep for a keep_given job -, the host's slots, or an order job's slots by position), and
+// the first row that moves (rows below it keep their
 // slot: the top-k's first removed slot, or the first listed slot out of place). A fill
 // job's keep then becomes the slot each new slot takes its token from: itself for a kept
 // slot below k, else (a hole, the r-th removed slot below k) the r-th kept slot from k on.
@@ -220,19 +241,10 @@ __global__ void __launch_bounds__(seldev::THREADS) cm_select(cmparams p)
             return; // the host checks it
         first = order_by_pos(j, t, g, keep, sh);
     } else if (j.slots) {
-        if (tid == 0)
-            sh.first = j.k;
-        __syncthreads();
-        for (uint32_t i = tid; i < j.k; i += seldev::THREADS) {
-            uint32_t v = j.slots[(size_t)g * j.k + i];
-            keep[i] = v;
-            if (v != i)
-                atomicMin(&sh.first, i);
-        }
-        __syncthreads();
-        first = sh.first;
+        first = listed(j.slots + (size_t)g * j.k, j.k, keep, sh);
     } else {
-        first = seldev::topk_list<16>(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
+        first = j.keep_given ? listed(keep, j.k, nullptr, sh)
+                             : seldev::topk_list<16>(j.ind + (size_t)g * j.old, j.old, j.k, keep, NULL, sh);
         if (j.fill && first < j.k) {
             __syncthreads(); // every slot of keep written
             // c: the kept slots below k (keep is ascending); slot h of [first, k) is kept
@@ -335,6 +347,24 @@ extern "C" size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_di
 {
     cm_tmp_size z = tmp_size(kv_heads, k, win, (size_t)head_dim * 2, pos_span);
     return z.rows + z.ind + z.first + z.pos + z.bits;
+}
+
+extern "C" int kern_cuda_compact_split(struct kern_cuda_compact_job *jobs, uint32_t n_jobs,
+                                       uint32_t kv_heads, void *stream)
+{
+    if ((n_jobs && !jobs) || !kv_heads)
+        return -EINVAL;
+    int taken = 0;
+    for (uint32_t i = 0; i < n_jobs; i++) {
+        kern_cuda_compact_job &j = jobs[i];
+        if (!j.ind || j.slots || j.order || j.keep_given || !j.k || j.k >= j.old ||
+            !topk_in_cluster(kv_heads, j.old))
+            continue;
+        if (int rc = kern_cuda_topk_ws(j.ind, kv_heads, j.old, j.k, j.keep, nullptr, 0, stream))
+            return rc;
+        j.keep_given = 1, taken++;
+    }
+    return taken;
 }
 
 extern "C" int kern_cuda_compact_many(const struct kern_cuda_layout *lay,

@@ -1,7 +1,7 @@
 /* cuda_internal.h - what the CUDA kernel files share (C++, internal): the error check that
  * logs a failed CUDA call and returns -EIO, a rounding-up division, a process-wide switch
- * an environment variable sets, programmatic dependent launches, and the indicator's pooling
- * of one column. */
+ * an environment variable sets, programmatic dependent launches, whether a top-k runs in
+ * clusters, and the indicator's pooling of one column. */
 #ifndef CAKE_CUDA_INTERNAL_H
 #define CAKE_CUDA_INTERNAL_H
 
@@ -110,6 +110,10 @@ static inline cudaError_t launch_pdl(void (*k)(KA...), dim3 grid, dim3 block, si
     cfg.attrs = at, cfg.numAttrs = n;
     return cudaLaunchKernelEx(&cfg, k, std::forward<A>(args)...);
 }
+
+/* whether kern_cuda_topk_ws takes `rows` rows of n keys in one launch of a cluster of blocks
+ * a row (select.cu), with no workspace */
+bool topk_in_cluster(uint32_t rows, uint32_t n);
 
 /* Column j of a group's summed scores acc[0..S) pooled (kern.h's kern_pool): the average
  * over [j - r, j + r] (zero padded, / (2r + 1); CAKE's r = 2 summed centre first, as the C

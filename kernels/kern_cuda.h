@@ -164,12 +164,23 @@ struct kern_cuda_compact_job {
     int order;                  /* the prefix sorted by pos (k == old, no slots) */
     uint32_t pos_span;          /* order jobs: every position is below it */
     uint32_t *n_sorted;         /* order jobs: device [kv_heads], the distinct positions */
+    int keep_given;             /* top-k jobs: keep already holds each head's top k of ind,
+                                   ascending (kern_cuda_compact_split put it there) */
 };
 size_t kern_cuda_compact_many_tmp(uint32_t kv_heads, uint32_t head_dim, uint32_t k, uint32_t win,
                                   uint32_t pos_span);
 int kern_cuda_compact_many(const struct kern_cuda_layout *lay,
                            const struct kern_cuda_compact_job *jobs_dev, uint32_t n_jobs,
                            uint32_t max_rows, void *stream);
+/* Before kern_cuda_compact_many, on the host's copy of its jobs (uploaded after this call):
+ * the top k of each top-k job (ind set, no slots, not an order job, 0 < k < old) whose rows
+ * kern_cuda_topk_ws runs over several blocks without a workspace - a cluster of blocks a row
+ * on Hopper, rows of 4K-256K slots - is taken now into its keep, on stream, and the job
+ * marked keep_given: kern_cuda_compact_many's first launch, one block a head, would select
+ * such a row alone (a prompt's newest layer at 32K: ~110 us on an H100). Returns how many
+ * jobs it took, or a negative errno. */
+int kern_cuda_compact_split(struct kern_cuda_compact_job *jobs_host, uint32_t n_jobs,
+                            uint32_t kv_heads, void *stream);
 
 /* A layer's query ring in pool pages (proto/shm.h's shm_ring: heads_per_page whole heads per
  * page when pages_per_head is 1, else pages_per_head pages of rows_per_page rows per head;

@@ -436,6 +436,11 @@ static bool tkc_on(void)
     return v == 1;
 }
 
+bool topk_in_cluster(uint32_t rows, uint32_t n)
+{
+    return n > TKM_SEG && n <= TKC_MAX && rows <= 65535 && tkc_on();
+}
+
 extern "C" size_t kern_cuda_topk_workspace(uint32_t rows, uint32_t n)
 {
     uint32_t segs = div_up(n ? n : 1, TKM_SEG);
@@ -452,7 +457,7 @@ extern "C" int kern_cuda_topk_ws(const float *score, uint32_t rows, uint32_t n, 
     if (n <= TKM_SEG)
         return kern_cuda_topk(score, rows, n, k, idx, stream); /* one block per row is enough */
     cudaStream_t st = (cudaStream_t)stream;
-    if (n <= TKC_MAX && rows <= 65535 && tkc_on()) { /* a cluster a row, one launch */
+    if (topk_in_cluster(rows, n)) { /* a cluster a row, one launch */
         size_t keys = (n + TKC_BLOCKS - 1) / TKC_BLOCKS * sizeof(uint32_t); /* a segment's */
         CK(launch_pdl(tkc_rows, dim3(TKC_BLOCKS, rows), dim3(TKC_THREADS), keys, st, TKC_BLOCKS, score, n, k, idx));
         return 0;

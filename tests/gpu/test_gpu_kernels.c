@@ -1082,7 +1082,8 @@ static void run_decode_evict_carry(enum kern_dtype dt, uint32_t H, uint32_t Hkv,
  * last two are order jobs (k = old, positions
  * distinct below a span and shuffled): keep must sort the prefix by position, n_sorted be
  * k - except layer 8's head 0, given a position twice, which must count fewer and move
- * nothing. */
+ * nothing. With `split`, kern_cuda_compact_split takes the long row's top-k first (layer 0,
+ * where clusters run: a compute capability 9.0 device). */
 static void fill_map(const uint32_t *asc, uint32_t k, uint32_t *map)
 {
     uint32_t c = 0, rank = 0, at = 0;
@@ -1108,7 +1109,7 @@ static void order_of(const uint32_t *pos, uint32_t k, uint32_t *keep)
         }
 }
 
-static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp)
+static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint32_t tpp, int split)
 {
     if (!part("compact"))
         return;
@@ -1212,6 +1213,16 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
         jobs[l].tmp = TAKE(kern_cuda_compact_many_tmp(Hkv, d, k[l], win[l], span[l]));
     }
 #undef TAKE
+    /* split: the long top-k rows taken first, as caked's stages do (layer 0 alone is long) */
+    int taken = split ? kern_cuda_compact_split(jobs, L, Hkv, NULL) : 0;
+    if (split) {
+        int dev = 0, major = 0;
+        CK(cudaGetDevice(&dev));
+        CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        int clusters = major >= 9 && kern_cuda_topk_set_cluster(1);
+        kern_cuda_topk_set_cluster(clusters);
+        EXPECT(taken == (clusters && k[0] > 0 && k[0] < old[0]), "the split took %d jobs", taken);
+    }
     CK(cudaMemcpy(djobs, jobs, sizeof(jobs), cudaMemcpyHostToDevice));
     struct kern_cuda_layout lay = {.dtype = dt, .kv_heads = Hkv, .head_dim = d,
                                    .tokens_per_page = tpp, .base = dbase, .v_offset_bytes = half};
@@ -1280,8 +1291,9 @@ static void run_compact_many(enum kern_dtype dt, uint32_t Hkv, uint32_t d, uint3
     lay.head_dim = 4; /* rows of 8 bytes: not whole 16-byte pieces */
     EXPECT(kern_cuda_compact_many(&lay, djobs, L, max_rows, NULL) == -EINVAL, "head_dim 4 taken");
     printf("%-5s Hkv=%u d=%u tpp=%u, %d layers (prefixes up to %u; 2 put in position order) in "
-           "one pass: kept slots %s, positions %s, indicator %s, compaction %s\n", name,
-           Hkv, d, tpp, L, old[0], same_keep ? "equal" : "DIFFER",
+           "one pass%s: kept slots %s, positions %s, indicator %s, compaction %s\n", name,
+           Hkv, d, tpp, L, old[0], !split ? "" : taken ? ", the long row's top-k split first"
+           : ", nothing split (no clusters here)", same_keep ? "equal" : "DIFFER",
            same_pos && counted ? "equal" : "DIFFER", same_ind ? "equal" : "DIFFERS",
            same_kv && rest ? "equal" : "DIFFERS");
     for (int l = 0; l < L; l++)
@@ -1336,10 +1348,11 @@ int main(void)
             kern_cuda_score_set_wgmma(1);
             run_attention(ts[i], 1, 32, 8, 128, 16);
             run_attention(ts[i], 1, 9, 3, 64, 85); /* SmolLM2's heads, pages of 85 tokens */
-            run_compact_many(ts[i], 8, 128, 16);
-            run_compact_many(ts[i], 3, 64, 85);
-            run_compact_many(ts[i], 1, 8, 7);
-            run_compact_many(ts[i], 2, 256, 4);
+            run_compact_many(ts[i], 8, 128, 16, 0);
+            run_compact_many(ts[i], 8, 128, 16, 1);
+            run_compact_many(ts[i], 3, 64, 85, 1);
+            run_compact_many(ts[i], 1, 8, 7, 0);
+            run_compact_many(ts[i], 2, 256, 4, 0);
         }
         printf("%s\n", failures ? "FAILED" : "the subset passed");
         return failures ? 1 : 0;
@@ -1382,10 +1395,12 @@ int main(void)
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 0, 0);
         run_decode_evict_carry(ts[i], 8, 2, 128, 32, 16, 1, 1);
         kern_cuda_score_set_wgmma(1);
-        run_compact_many(ts[i], 8, 128, 16);  /* 8B shapes, caked's 64 KiB pages */
-        run_compact_many(ts[i], 3, 64, 85);   /* SmolLM2's kv heads, pages across tokens */
-        run_compact_many(ts[i], 1, 8, 7);     /* rows of 16 bytes */
-        run_compact_many(ts[i], 2, 256, 4);   /* rows of 512 bytes: a block's pieces in two rounds */
+        run_compact_many(ts[i], 8, 128, 16, 0);  /* 8B shapes, caked's 64 KiB pages */
+        run_compact_many(ts[i], 8, 128, 16, 1);  /* the same, the long row's top-k split first */
+        run_compact_many(ts[i], 3, 64, 85, 0);   /* SmolLM2's kv heads, pages across tokens */
+        run_compact_many(ts[i], 3, 64, 85, 1);
+        run_compact_many(ts[i], 1, 8, 7, 1);     /* rows of 16 bytes (one head: one cluster) */
+        run_compact_many(ts[i], 2, 256, 4, 0);   /* rows of 512 bytes: a block's pieces in two rounds */
     }
     run_topk_many();
     run_ring_gather();
