@@ -4,7 +4,8 @@
  *
  *  - submit: the engine's own indicator (distinct values) decides exactly which tokens
  *    each layer keeps, so every byte of every layer is known; a host sequence fed the same
- *    gets the same budgets and the same bytes.
+ *    gets the same budgets and the same bytes; again at 9000 tokens, where a stage's long
+ *    rows are selected over several blocks first (test_submit_long).
  *  - observe + decode: caked scores on the GPU; budgets and kept tokens agree with a host
  *    sequence scored on the CPU (within float tolerance), every kept row is an original
  *    row in positional order, the window is intact; decode steps evict on the GPU (the
@@ -189,6 +190,93 @@ static void test_submit(cake_ctx *c)
     CHECK(evicted == L, "every layer should have been compacted (%d were)", evicted);
     CHECK(cake_seq_close(gs) == 0 && cake_seq_close(hs) == 0, "close");
     printf("submit: %d layers compacted in the GPU pool byte for byte as predicted\n", L);
+}
+
+/* submit at a length whose stages select over rows of thousands of slots: a long row's top-k
+ * runs over several blocks before the stage's one launch (kern_cuda_compact_split, a cluster
+ * a row on Hopper), and the result must be the same bytes as the host's. Rows carry their
+ * position in K's first two elements (the rest a hash), so no table of the originals. */
+enum { NL = 9000, LL = 2, SL = NL - W };
+static void long_row(int l, int g, int t, uint16_t *k, uint16_t *v)
+{
+    k[0] = (uint16_t)t, k[1] = (uint16_t)(t >> 16);
+    for (int j = 0; j < D; j++) {
+        uint64_t x = mix(((uint64_t)l << 48) | ((uint64_t)g << 40) | ((uint64_t)t << 8) | (uint64_t)j);
+        if (j >= 2)
+            k[j] = (uint16_t)x;
+        v[j] = (uint16_t)(x >> 16);
+    }
+}
+
+static void test_submit_long(cake_ctx *c)
+{
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = LL, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    cake_seq *sq[2] = {NULL, NULL}; /* GPU, host */
+    int rc = cake_seq_open(c, &lay, &pol, NL, 0, &sq[0]);
+    lay.placement = CAKE_PLACE_HOST;
+    int rc2 = cake_seq_open(c, &lay, &pol, NL, 0, &sq[1]);
+    CHECK(rc == 0 && rc2 == 0, "long sequences open: %s / %s (%s)", cake_strerror(rc), cake_strerror(rc2),
+          cake_errstr(c));
+    if (fails)
+        return;
+    static float ind[LL][HKV][SL];
+    uint16_t k[D], v[D];
+    for (int l = 0; l < LL && !fails; l++) {
+        for (int g = 0; g < HKV; g++) { /* a random permutation of 0..SL-1: no ties */
+            for (int t = 0; t < SL; t++)
+                ind[l][g][t] = (float)t;
+            for (int t = SL - 1; t > 0; t--) {
+                int u = (int)(unif() * (t + 1));
+                float x = ind[l][g][t];
+                ind[l][g][t] = ind[l][g][u], ind[l][g][u] = x;
+            }
+        }
+        double pref = 0.5 + l;
+        for (int i = 0; i < 2; i++) {
+            CHECK(cake_prefill_reserve(sq[i], l) == 0, "long reserve %d", l);
+            for (int t = 0; t < NL; t++)
+                for (int g = 0; g < HKV; g++) {
+                    long_row(l, g, t, k, v);
+                    put(sq[i], cake_key(sq[i], l, g, t), k, ROW);
+                    put(sq[i], cake_value(sq[i], l, g, t), v, ROW);
+                }
+            memcpy(cake_indicator(sq[i]), ind[l], sizeof ind[l]);
+            rc = cake_prefill_submit(sq[i], l, pref);
+            CHECK(rc == 0, "long submit %d: %s (%s)", l, cake_strerror(rc), cake_errstr(c));
+        }
+    }
+    for (int l = 0; l < LL && !fails; l++) {
+        uint32_t n = cake_layer_tokens(sq[0], l), kk = n - W;
+        CHECK(n == cake_layer_tokens(sq[1], l) && n < NL, "long layer %d: GPU %u tokens, host %u", l, n,
+              cake_layer_tokens(sq[1], l));
+        for (int g = 0; g < HKV && !fails; g++) {
+            /* expected: the kk largest values (SL - kk and up) in positional order, the window */
+            for (int i = 0; i < 2; i++) {
+                uint32_t at = 0;
+                for (int t = 0; t < NL && !fails; t++) {
+                    if (t < SL && ind[l][g][t] < (float)(SL - kk))
+                        continue;
+                    long_row(l, g, t, k, v);
+                    uint16_t gk[D], gv[D];
+                    get(sq[i], gk, cake_key(sq[i], l, g, at), ROW);
+                    get(sq[i], gv, cake_value(sq[i], l, g, at), ROW);
+                    CHECK(!memcmp(gk, k, ROW) && !memcmp(gv, v, ROW), "%s long layer %d head %d slot %u: "
+                          "position %u there, want %d", i ? "host" : "GPU", l, g, at,
+                          gk[0] | (uint32_t)gk[1] << 16, t);
+                    at++;
+                }
+                CHECK(at == n, "long layer %d head %d: %u rows expected, %u kept", l, g, at, n);
+            }
+        }
+    }
+    CHECK(cake_seq_close(sq[0]) == 0 && cake_seq_close(sq[1]) == 0, "long close");
+    if (!fails)
+        printf("submit at %d tokens: %d layers compacted in the GPU pool as the host's, byte for byte "
+               "(stages over rows of %d slots)\n", NL, LL, SL);
 }
 
 /* the share of a's entries found in b, in any order (positions may be -1) */
@@ -853,6 +941,8 @@ static int engine(const char *sock, int crash)
     }
     test_refusals(c);
     test_submit(c);
+    if (!fails)
+        test_submit_long(c);
     if (!fails)
         test_observe_decode(c);
     if (!fails)
