@@ -140,7 +140,8 @@ int kern_cuda_order_expand(uint32_t *keep_dev, const uint32_t *order_dev, uint32
  * (k == old, pos set, no slots) puts the prefix back in position order: keep becomes the
  * slots sorted by their positions (each below pos_span, all distinct), and n_sorted[g]
  * receives how many distinct positions below pos_span head g holds (k when sound;
- * otherwise that head moves nothing). Asynchronous; 0, -EINVAL or -EIO. */
+ * otherwise that head moves nothing). A top-k job with keep_given takes keep as its top k
+ * (kern_cuda_compact_split, below, fills it). Asynchronous; 0, -EINVAL or -EIO. */
 struct kern_cuda_layout {
     int dtype;                  /* KERN_BF16 or KERN_F16 */
     uint32_t kv_heads, head_dim, tokens_per_page;

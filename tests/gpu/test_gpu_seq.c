@@ -120,6 +120,18 @@ static void fill_random(void)
                 }
 }
 
+/* ind[0..n) a random permutation of 0..n-1: an indicator without ties */
+static void permutation(float *ind, int n)
+{
+    for (int t = 0; t < n; t++)
+        ind[t] = (float)t;
+    for (int t = n - 1; t > 0; t--) {
+        int u = (int)(unif() * (t + 1));
+        float x = ind[t];
+        ind[t] = ind[u], ind[u] = x;
+    }
+}
+
 /* submit: the engine's indicator decides; every byte is predictable */
 static void test_submit(cake_ctx *c)
 {
@@ -135,15 +147,8 @@ static void test_submit(cake_ctx *c)
             write_token(gs, l, t, t);
             write_token(hs, l, t, t);
         }
-        for (int g = 0; g < HKV; g++) { /* a random permutation of 0..S-1: no ties */
-            for (int t = 0; t < S; t++)
-                ind[l][g][t] = (float)t;
-            for (int t = S - 1; t > 0; t--) {
-                int u = (int)(unif() * (t + 1));
-                float x = ind[l][g][t];
-                ind[l][g][t] = ind[l][g][u], ind[l][g][u] = x;
-            }
-        }
+        for (int g = 0; g < HKV; g++)
+            permutation(ind[l][g], S);
         memcpy(cake_indicator(gs), ind[l], sizeof ind[l]);
         memcpy(cake_indicator(hs), ind[l], sizeof ind[l]);
         double pref = 0.5 + (double)(mix((uint64_t)l) % 100) / 40.0;
@@ -226,15 +231,8 @@ static void test_submit_long(cake_ctx *c)
     static float ind[LL][HKV][SL];
     uint16_t k[D], v[D];
     for (int l = 0; l < LL && !fails; l++) {
-        for (int g = 0; g < HKV; g++) { /* a random permutation of 0..SL-1: no ties */
-            for (int t = 0; t < SL; t++)
-                ind[l][g][t] = (float)t;
-            for (int t = SL - 1; t > 0; t--) {
-                int u = (int)(unif() * (t + 1));
-                float x = ind[l][g][t];
-                ind[l][g][t] = ind[l][g][u], ind[l][g][u] = x;
-            }
-        }
+        for (int g = 0; g < HKV; g++)
+            permutation(ind[l][g], SL);
         double pref = 0.5 + l;
         for (int i = 0; i < 2; i++) {
             CHECK(cake_prefill_reserve(sq[i], l) == 0, "long reserve %d", l);
