@@ -609,19 +609,23 @@ static void decode_evict(double bw, int reps)
 }
 
 /* A cascading stage's compactions (what caked does after each prefill layer's scoring): nl
- * layers of caked's 64 KiB pages, each keeping k of its first `old` slots by its indicator,
- * the window of W after them. The per-layer path caked took before (top-k over many blocks,
- * the compaction, the indicator's gather and copy, the kept slots back: ~15 launches a layer
- * on 8 streams) against kern_cuda_compact_many (three launches); wall time from the first
- * launch to the wait's end, the data restored before each run. Floor: the moved rows read
- * and written once at the copy rate. */
-static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32_t k)
+ * layers of caked's 64 KiB pages, each keeping k of its first `old` slots by its indicator
+ * (the first layer `old0` of them, where old0 is not 0: a prompt's newest, full-length
+ * layer), the window of W after them; with `fill`, holes filled as caked's stages do. Wall
+ * time from the first launch to the wait's end, the data restored before each run, of: the
+ * per-layer path caked took before (top-k over many blocks, the compaction, the indicator's
+ * gather and copy, the kept slots back: ~15 launches a layer on 8 streams; not with fill,
+ * which it does not do), kern_cuda_compact_many (three launches), and the same with the long
+ * rows' top-k taken first (kern_cuda_compact_split). Floor: the kept rows and windows read
+ * and written once at the copy rate (what a stage without fill moves; one with fill moves
+ * fewer). */
+static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old0, uint32_t old, uint32_t k, int fill)
 {
     enum { TPP = 16, NS = 8 };
-    uint32_t n = old + W, np = (n + TPP - 1) / TPP;
-    size_t pb = 2 * (size_t)HKV * TPP * D * 2, lb = np * pb, ib = sizeof(float) * HKV * old;
+    uint32_t mx = old0 > old ? old0 : old, n = mx + W, np = (n + TPP - 1) / TPP;
+    size_t pb = 2 * (size_t)HKV * TPP * D * 2, lb = np * pb, ib = sizeof(float) * HKV * mx;
     size_t kb = sizeof(uint32_t) * HKV * k, tb = kern_cuda_compact_many_tmp(HKV, D, k, W, 0);
-    size_t twsb = kern_cuda_topk_workspace(HKV, old), sb = (tb + kb + twsb + 255) & ~(size_t)255;
+    size_t twsb = kern_cuda_topk_workspace(HKV, mx), sb = (tb + kb + twsb + 255) & ~(size_t)255;
     uint8_t *base, *orig, *scratch;
     float *ind, *iorig;
     CK(cudaMalloc((void **)&base, lb * nl));
@@ -637,12 +641,12 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
             seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
             h[i] = kern_f32_to_bf16((float)((seed >> 40) * (2.0 / 16777216.0) - 1.0));
         }
-        for (size_t i = 0; i < (size_t)HKV * old; i++) {
+        for (size_t i = 0; i < (size_t)HKV * mx; i++) {
             seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
             hi[i] = (float)((seed >> 40) * (1.0 / 16777216.0));
         }
         CK(cudaMemcpy(orig + l * lb, h, lb, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(iorig + (size_t)l * HKV * old, hi, ib, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(iorig + (size_t)l * HKV * mx, hi, ib, cudaMemcpyHostToDevice));
         for (uint32_t i = 0; i < np; i++) /* the layer's pages in reverse order */
             off[(size_t)l * np + i] = l * lb + (uint64_t)(np - 1 - i) * pb;
     }
@@ -652,8 +656,9 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
     for (uint32_t l = 0; l < nl; l++) {
         uint8_t *sc = scratch + (size_t)l * sb;
         jobs[l] = (struct kern_cuda_compact_job){
-            .page_off = doff + (size_t)l * np, .ind = ind + (size_t)l * HKV * old,
-            .keep = (uint32_t *)(sc + tb), .tmp = sc, .old = old, .k = k, .win = W};
+            .page_off = doff + (size_t)l * np, .ind = ind + (size_t)l * HKV * mx,
+            .keep = (uint32_t *)(sc + tb), .tmp = sc, .old = l == 0 && old0 ? old0 : old, .k = k,
+            .win = W, .fill = fill};
     }
     CK(cudaMalloc((void **)&djobs, sizeof(*jobs) * 2 * nl));
     CK(cudaMemcpy(djobs, jobs, sizeof(*jobs) * nl, cudaMemcpyHostToDevice));
@@ -673,7 +678,7 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
         CK(cudaStreamCreateWithFlags(&st[i], cudaStreamNonBlocking));
     struct kern_cuda_layout lay = {KERN_BF16, HKV, D, TPP, base, pb / 2};
     double tw[3][64];
-    for (int way = 0; way < 3; way++)
+    for (int way = fill ? 1 : 0; way < 3; way++)
         for (int r = -2; r < reps; r++) {
             CK(cudaMemcpy(base, orig, lb * nl, cudaMemcpyDeviceToDevice));
             CK(cudaMemcpy(ind, iorig, ib * nl, cudaMemcpyDeviceToDevice));
@@ -682,11 +687,12 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
             if (way == 0) {
                 for (uint32_t l = 0; l < nl; l++) {
                     cudaStream_t s = st[l % NS];
-                    struct kern_cuda_kv kv = {KERN_BF16, HKV, D, TPP, n, base, doff + (size_t)l * np, pb / 2};
+                    uint32_t o = jobs[l].old;
+                    struct kern_cuda_kv kv = {KERN_BF16, HKV, D, TPP, o + W, base, doff + (size_t)l * np, pb / 2};
                     uint8_t *sc = (uint8_t *)jobs[l].tmp; /* compaction's rows, then the gather */
-                    if (kern_cuda_topk_ws(jobs[l].ind, HKV, old, k, jobs[l].keep, sc + tb + kb, twsb, s) ||
-                        kern_cuda_compact(&kv, jobs[l].keep, k, old, W, sc, s) ||
-                        kern_cuda_gather_rows_f32(jobs[l].ind, HKV, old, jobs[l].keep, k, (float *)sc, s) ||
+                    if (kern_cuda_topk_ws(jobs[l].ind, HKV, o, k, jobs[l].keep, sc + tb + kb, twsb, s) ||
+                        kern_cuda_compact(&kv, jobs[l].keep, k, o, W, sc, s) ||
+                        kern_cuda_gather_rows_f32(jobs[l].ind, HKV, o, jobs[l].keep, k, (float *)sc, s) ||
                         cudaMemcpyAsync(jobs[l].ind, sc, sizeof(float) * HKV * k, cudaMemcpyDeviceToDevice, s) ||
                         cudaMemcpyAsync(hkeep + (size_t)l * HKV * k, jobs[l].keep, kb, cudaMemcpyDeviceToHost, s))
                         exit(1);
@@ -708,13 +714,22 @@ static void cascade_stage(double bw, int reps, uint32_t nl, uint32_t old, uint32
             if (r >= 0)
                 tw[way][r] = (util_now_s() - t0) * 1e6;
         }
-    double a = dmedian(tw[0], reps), b = dmedian(tw[1], reps), c = dmedian(tw[2], reps);
+    double a = fill ? 0 : dmedian(tw[0], reps), b = dmedian(tw[1], reps), c = dmedian(tw[2], reps);
     double floor_us = 2.0 * nl * HKV * (k + W) * 2 * D * 2 / bw * 1e6; /* K and V rows, read + written */
-    printf("cascading stage, %u layers each from %u to %u kept (window %d, 64 KiB pages; floor %.1f us = "
-           "the rows moved, read and written once):\n", nl, old, k, W, floor_us);
-    printf("  per layer (~15 launches a layer, 8 streams):  wall %8.1f us\n", a);
-    printf("  one pass (kern_cuda_compact_many):            wall %8.1f us   (%.1fx; %.1fx the floor)\n",
-           b, a / b, b / floor_us);
+    char first[48] = "";
+    if (old0)
+        snprintf(first, sizeof first, "the first from %u, the others ", old0);
+    printf("cascading stage, %u layers, %sfrom %u to %u kept (window %d, 64 KiB pages%s; floor %.1f us = "
+           "the rows kept, read and written once):\n", nl, first, old, k, W, fill ? ", filling holes" : "",
+           floor_us);
+    if (!fill)
+        printf("  per layer (~15 launches a layer, 8 streams):  wall %8.1f us\n", a);
+    if (fill)
+        printf("  one pass (kern_cuda_compact_many):            wall %8.1f us   (%.1fx the floor)\n", b,
+               b / floor_us);
+    else
+        printf("  one pass (kern_cuda_compact_many):            wall %8.1f us   (%.1fx; %.1fx the floor)\n",
+               b, a / b, b / floor_us);
     printf("  the same, long rows' top-k first (%u of %u layers over clusters, kern_cuda_compact_split):"
            " wall %8.1f us   (%.2fx the one pass; %.1fx the floor)\n", (unsigned)n_split, nl, c, b / c,
            c / floor_us);
@@ -1240,8 +1255,11 @@ int main(int argc, char **argv)
     if (attn)
         attention(bw, reps, torch);
     decode_evict(bw, reps);
-    cascade_stage(bw, reps, 1, 32736, 16368); /* stage 1 of a 32K prompt: layer 0 halves */
-    cascade_stage(bw, reps, 20, 1638, 1560);  /* stage 20: every earlier layer shrinks a little */
+    cascade_stage(bw, reps, 1, 0, 32736, 16368, 0); /* stage 1 of a 32K prompt: layer 0 halves */
+    cascade_stage(bw, reps, 20, 0, 1638, 1560, 0);  /* stage 20: every earlier layer shrinks a little */
+    /* stage 16 of a 32K prompt (C 1024, 32 layers) as caked runs it: the newest layer from
+     * the whole prompt, the 16 before it from 1984 each, all to 1867, holes filled */
+    cascade_stage(bw, reps, 17, 32736, 1984, 1867, 1);
     if (caked) {
         size_t rb = 64u << 20; /* random bf16 for the sequence's pages */
         uint16_t *rnd = malloc(rb);
