@@ -448,10 +448,10 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
 }
 
 /* Every layer of a cascading stage in one pass (kern_cuda_compact_many: three launches, one
- * wait; a long row's top-k a launch before them, kern_cuda_compact_split). Staged and uploaded at once: the jobs, each one's page offsets and host-chosen
- * slots; on the device behind them what comes back in one copy (an order job's counts, the
- * positions where the caller asked for them), then the kept slots, then each job's
- * scratch. */
+ * wait; a long row's top-k a launch before them, kern_cuda_compact_split). Staged and
+ * uploaded at once: the jobs, each one's page offsets and host-chosen slots; on the device
+ * behind them what comes back in one copy (an order job's counts, the positions where the
+ * caller asked for them), then the kept slots, then each job's scratch. */
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
     double t0 = time_start(c);
