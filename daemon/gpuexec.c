@@ -15,6 +15,8 @@
 
 #define SUBSTREAMS 8 /* a decode step's layers run side by side on these */
 
+enum { RAN_SCORE = 1, RAN_SCORE_LSE = 2, RAN_STAGE = 4 }; /* gpuexec.prefill_ran */
+
 struct gpuctx {
     cudaStream_t stream;
     cudaStream_t sub[SUBSTREAMS];
@@ -41,6 +43,9 @@ struct gpuexec {
      * loaded in this process (CUDA loads a kernel at its first launch), so a launch from the
      * loop no longer pays that. */
     int fused_ran;
+    /* The same for the prefill's kernels, a bit a kind (RAN_*): a worker's gpuctx_score or
+     * gpuctx_select_compact_many has run them, so the loop's launches may. */
+    int prefill_ran;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct gpuctx *ctx;
@@ -265,18 +270,19 @@ static int gather_ring(const struct gpu_ring *r, size_t row, uint32_t first, uin
 }
 
 /* The indicator of the layer in kv by rk, from the gathered window rows q ([q_heads][n_q],
- * the newest last); the statistics too when asked (the full window's, as CAKE's preference
- * takes them, whatever rk ranks by). lse (NULL: none): the rows' log-sum-exps [q_heads][n_q]
- * on the device, lse_last the newest row's of each head ([q_heads]). */
+ * the newest last); the statistics too where stats_dev (device, [2]: the entropy, the
+ * variance) is given (the full window's, as CAKE's preference takes them, whatever rk ranks
+ * by). Nothing waited for. lse (NULL: none): the rows' log-sum-exps [q_heads][n_q] on the
+ * device, lse_last the newest row's of each head ([q_heads]). */
 static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, const float *lse,
                       const float *lse_last, uint32_t q_heads, uint32_t n_q, uint32_t S,
-                      const struct gpu_rank *rk, float *ind, double *entropy, double *variance,
-                      void *ws, size_t wsb, cudaStream_t st)
+                      const struct gpu_rank *rk, float *ind, double *stats_dev, void *ws,
+                      size_t wsb, cudaStream_t st)
 {
     int rc = 0;
-    if ((rk->last || rk->position) && (entropy || variance)) /* the statistics alone */
-        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, 0, KERN_POOL_AVG,
-                                        2, ind, entropy, variance, ws, wsb, st);
+    if ((rk->last || rk->position) && stats_dev) /* the statistics alone */
+        rc = kern_cuda_score_layer_pool_dev(kv, q, lse, q_heads, n_q, S, rk->gamma, 0,
+                                            KERN_POOL_AVG, 2, ind, stats_dev, 0, ws, wsb, st);
     if (!rc && rk->position)
         return kern_cuda_position_indicator(ind, kv->kv_heads, S, rk->sinks, st);
     size_t row = (size_t)kv->head_dim * 2;
@@ -289,11 +295,11 @@ static int rank_layer(const struct kern_cuda_kv *kv, const uint8_t *q, const flo
         q = one, n_q = 1;
     }
     if (!rc && rk->last) {
-        rc = kern_cuda_score_layer_pool(kv, q, lse_last, q_heads, 1, S, 0.0f, 0, rk->pool,
-                                        rk->radius, ind, NULL, NULL, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool_dev(kv, q, lse_last, q_heads, 1, S, 0.0f, 0, rk->pool,
+                                            rk->radius, ind, NULL, 0, ws, wsb, st);
     } else if (!rc && !rk->position) {
-        rc = kern_cuda_score_layer_pool(kv, q, lse, q_heads, n_q, S, rk->gamma, rk->var_only,
-                                        rk->pool, rk->radius, ind, entropy, variance, ws, wsb, st);
+        rc = kern_cuda_score_layer_pool_dev(kv, q, lse, q_heads, n_q, S, rk->gamma, rk->var_only,
+                                            rk->pool, rk->radius, ind, stats_dev, 0, ws, wsb, st);
     }
     if (!rc && rk->shared)
         rc = kern_cuda_rows_mean(ind, kv->kv_heads, S, st);
@@ -309,22 +315,28 @@ static size_t rank_ws(const struct gpu_layer *l, uint32_t q_heads, uint32_t n_q,
            (size_t)q_heads * l->head_dim * 2;
 }
 
-int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
-                 const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
-                 double *entropy, double *variance)
+/* gpuctx_score up to its wait: tables and ring up, the kernels, the statistics (stats) back
+ * to the staging at c->fl_tabs, c->done recorded after them. -ENOMEM / -EAGAIN (reserve)
+ * with nothing issued; another error after issuing (the caller waits before the context
+ * goes back). */
+static int score_issue(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                       const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
+                       int stats)
 {
     size_t row = (size_t)l->head_dim * 2;
     size_t pg = al(sizeof(uint64_t) * l->n_pages), rg = al(sizeof(uint64_t) * r->n_pages);
     size_t qb = al(row * r->q_heads * r->w);
     size_t ws = al(rank_ws(l, r->q_heads, r->w, S, rk->pool));
-    size_t lb = lse ? sizeof(float) * r->q_heads * (r->w + 1) : 0; /* the rows', the newest's */
-    double t0 = time_start(c);
-    if (reserve(c, pg + rg + qb + ws + lb, pg + rg + lb))
-        return -ENOMEM;
+    size_t lb = lse ? al(sizeof(float) * r->q_heads * (r->w + 1)) : 0; /* the rows', the newest's */
+    size_t sb = stats ? al(2 * sizeof(double)) : 0;
+    c->fl_t0 = time_start(c);
+    int rc = reserve(c, pg + rg + qb + ws + lb + sb, pg + rg + lb + sb);
+    if (rc)
+        return rc;
     struct kern_cuda_kv kv;
     upload_pages(c, l, &kv);
     uint8_t *q = c->dbuf + pg + rg;
-    int rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
+    rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
     float *dl = NULL;
     if (!rc && lse) { /* staged beside the ring's offsets, uploaded after the workspace */
         float *hl = (float *)(c->hbuf + pg + rg);
@@ -332,16 +344,70 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
         for (uint32_t h = 0; h < r->q_heads; h++)
             hl[r->q_heads * r->w + h] = lse[(size_t)h * r->w + r->w - 1];
         dl = (float *)(q + qb + ws);
-        if (cudaMemcpyAsync(dl, hl, lb, cudaMemcpyHostToDevice, c->stream) != cudaSuccess)
+        if (cudaMemcpyAsync(dl, hl, sizeof(float) * r->q_heads * (r->w + 1), cudaMemcpyHostToDevice,
+                            c->stream) != cudaSuccess)
             rc = -EIO;
     }
-    time_kernels(c, t0, 0);
-    if (!rc) /* (the kernels' time includes the statistics' copy back: rank_layer waits) */
+    double *sd = stats ? (double *)(q + qb + ws + lb) : NULL;
+    c->fl_tabs = pg + rg + lb; /* the statistics' staging */
+    time_kernels(c, c->fl_t0, 0);
+    if (!rc)
         rc = rank_layer(&kv, q, dl, dl ? dl + r->q_heads * r->w : NULL, r->q_heads, r->w, S, rk,
-                        ind_dev, entropy, variance, q + qb, ws, c->stream);
-    time_kernels(c, t0, 1);
-    rc = finish(c, rc);
-    time_done(c, t0);
+                        ind_dev, sd, q + qb, ws, c->stream);
+    time_kernels(c, c->fl_t0, 1);
+    if (!rc && sd && cudaMemcpyAsync(c->hbuf + c->fl_tabs, sd, 2 * sizeof(double),
+                                     cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
+        rc = -EIO;
+    if (!rc && cudaEventRecord(c->done, c->stream) != cudaSuccess)
+        rc = -EIO;
+    return rc ? (rc == -ENOMEM || rc == -EAGAIN ? -EIO : rc) : 0;
+}
+
+/* After score_issue's work is done: the statistics, the timing. */
+static void score_land(struct gpuctx *c, double *entropy, double *variance)
+{
+    const double *st = (const double *)(c->hbuf + c->fl_tabs);
+    if (entropy)
+        *entropy = st[0];
+    if (variance)
+        *variance = st[1];
+    time_done(c, c->fl_t0);
+}
+
+int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                 const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
+                 double *entropy, double *variance)
+{
+    int rc = score_issue(c, l, r, lse, S, rk, ind_dev, entropy || variance);
+    if (rc == -ENOMEM || rc == -EAGAIN)
+        return -ENOMEM;
+    if ((rc = finish(c, rc)))
+        return rc;
+    score_land(c, entropy, variance);
+    __atomic_fetch_or(&c->g->prefill_ran, lse ? RAN_SCORE_LSE : RAN_SCORE, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int gpuctx_score_launch(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                        const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
+                        int stats)
+{
+    if (!(__atomic_load_n(&c->g->prefill_ran, __ATOMIC_ACQUIRE) & (lse ? RAN_SCORE_LSE : RAN_SCORE)))
+        return -EAGAIN; /* the first of its kind (the kernels' loading) on a worker */
+    cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
+    c->no_grow = 1;
+    int rc = score_issue(c, l, r, lse, S, rk, ind_dev, stats);
+    c->no_grow = 0;
+    if (rc && rc != -ENOMEM && rc != -EAGAIN)
+        return finish(c, rc); /* what was issued is done before the context goes back */
+    return rc;
+}
+
+int gpuctx_score_land(struct gpuctx *c, double *entropy, double *variance)
+{
+    int rc = finish(c, 0); /* done already (gpuctx_ready): returns at once, or the error */
+    if (!rc)
+        score_land(c, entropy, variance);
     return rc;
 }
 
@@ -452,11 +518,9 @@ void gpuexec_dev_free(struct gpuexec *g, void *p)
  * uploaded at once: the jobs, each one's page offsets and host-chosen slots; on the device
  * behind them what comes back in one copy (an order job's counts, the positions where the
  * caller asked for them), then the kept slots, then each job's scratch. */
-int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+static int compact_issue(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
 {
-    double t0 = time_start(c);
-    if (!n)
-        return 0;
+    double t0 = c->fl_t0 = time_start(c);
     const struct gpu_layer *l0 = &jobs[0].l;
     size_t staged = al(sizeof(struct kern_cuda_compact_job) * n), rets = 0, keeps = 0, tmps = 0;
     uint32_t max_rows = 0;
@@ -485,8 +549,9 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
                                               j->order ? j->pos_span : 0));
         max_rows = j->k + j->win_len > max_rows ? j->k + j->win_len : max_rows;
     }
-    if (reserve(c, staged + rets + keeps + tmps, staged + rets))
-        return -ENOMEM;
+    int rc = reserve(c, staged + rets + keeps + tmps, staged + rets);
+    if (rc)
+        return rc;
     struct kern_cuda_compact_job *kj = (struct kern_cuda_compact_job *)c->hbuf;
     size_t at = al(sizeof(*kj) * n), rat = staged, kat = staged + rets, tat = staged + rets + keeps;
     for (uint32_t i = 0; i < n; i++) {
@@ -529,7 +594,8 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     /* (the kernels' time from here: the long rows' top-k come before the jobs' upload, which
      * carries the marks they leave) */
     time_kernels(c, t0, 0);
-    int rc = kern_cuda_compact_split(kj, n, l0->kv_heads, c->stream);
+    c->fl_tabs = staged; /* what comes back, at the same offset in both buffers */
+    rc = kern_cuda_compact_split(kj, n, l0->kv_heads, c->stream);
     if (rc >= 0)
         rc = cudaMemcpyAsync(c->dbuf, c->hbuf, staged, cudaMemcpyHostToDevice, c->stream) == cudaSuccess
                  ? 0 : -EIO;
@@ -541,9 +607,16 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
         cudaMemcpyAsync(c->hbuf + staged, c->dbuf + staged, rets, cudaMemcpyDeviceToHost,
                         c->stream) != cudaSuccess)
         rc = -EIO;
-    if ((rc = finish(c, rc)))
-        return rc;
-    rat = staged;
+    if (!rc && cudaEventRecord(c->done, c->stream) != cudaSuccess)
+        rc = -EIO;
+    return rc ? (rc == -ENOMEM || rc == -EAGAIN ? -EIO : rc) : 0;
+}
+
+/* After compact_issue's work is done: the order jobs' counts and the positions asked for,
+ * the timing. */
+static void compact_land(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    size_t rat = c->fl_tabs;
     for (uint32_t i = 0; i < n; i++) {
         const struct gpu_select *j = &jobs[i];
         uint32_t hkv = j->l.kv_heads;
@@ -558,8 +631,44 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
             rat += al(sizeof(uint32_t) * hkv * j->k);
         }
     }
-    time_done(c, t0);
+    time_done(c, c->fl_t0);
+}
+
+int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    if (!n)
+        return 0;
+    int rc = compact_issue(c, jobs, n);
+    if (rc == -EAGAIN || rc == -ENOMEM)
+        return -ENOMEM;
+    if ((rc = finish(c, rc)))
+        return rc;
+    compact_land(c, jobs, n);
+    __atomic_fetch_or(&c->g->prefill_ran, RAN_STAGE, __ATOMIC_RELEASE);
     return 0;
+}
+
+int gpuctx_select_compact_many_launch(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    if (!n)
+        return -EINVAL;
+    if (!(__atomic_load_n(&c->g->prefill_ran, __ATOMIC_ACQUIRE) & RAN_STAGE))
+        return -EAGAIN; /* the first (the kernels' loading) on a worker */
+    cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
+    c->no_grow = 1;
+    int rc = compact_issue(c, jobs, n);
+    c->no_grow = 0;
+    if (rc && rc != -ENOMEM && rc != -EAGAIN && rc != -EINVAL)
+        return finish(c, rc); /* what was issued is done before the context goes back */
+    return rc;
+}
+
+int gpuctx_select_compact_many_land(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    int rc = finish(c, 0); /* done already (gpuctx_ready): returns at once, or the error */
+    if (!rc)
+        compact_land(c, jobs, n);
+    return rc;
 }
 
 /* Device and staging bytes one eviction needs, and where its pieces go. */
@@ -606,8 +715,8 @@ static int evict_one(const struct gpu_evict *e, const struct evict_plan *p, uint
     if (!rc)
         rc = gather_ring(&e->ring, row, e->first, e->n_q, hb + p->pg, db + p->pg, q, st);
     if (!rc)
-        rc = rank_layer(&kv, q, NULL, NULL, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, NULL, ws,
-                        p->ws, st);
+        rc = rank_layer(&kv, q, NULL, NULL, e->ring.q_heads, e->n_q, S, &e->rk, ind, NULL, ws, p->ws,
+                        st);
     if (!rc)
         rc = kern_cuda_topk_ws(ind, l->kv_heads, S, e->k, keep, tmp + p->tb, p->xb, st);
     if (!rc)

@@ -70,6 +70,17 @@ struct gpu_rank {
 int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *ring,
                  const float *lse, uint32_t n_scored, const struct gpu_rank *rk, float *ind_dev,
                  double *entropy, double *variance);
+/* The same for a caller that must not wait (the event loop), as gpuctx_decode_evict_launch:
+ * gpuctx_score_launch returns 0 with the work in flight (the statistics coming back where
+ * stats), -EAGAIN where it would have to wait (the scoring's kernels not yet run in this
+ * process - a worker's gpuctx_score runs the first of each kind - or the context's buffers
+ * too small: it never allocates), -EIO after a failed launch (waited for); gpuctx_ready
+ * polls it; gpuctx_score_land then gives the statistics (NULL: not wanted) and returns 0 or
+ * -EIO. The context stays taken from the launch to the land. */
+int gpuctx_score_launch(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *ring,
+                        const float *lse, uint32_t n_scored, const struct gpu_rank *rk,
+                        float *ind_dev, int stats);
+int gpuctx_score_land(struct gpuctx *c, double *entropy, double *variance);
 
 /* A cascading stage's evictions, all on the GPU, every layer in one pass (three launches,
  * one upload, one wait; every job of one layout): each layer's indicator ind_dev
@@ -103,6 +114,12 @@ struct gpu_select {
     uint32_t *n_sorted;
 };
 int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
+/* The same launched and landed apart, as gpuctx_score_launch (-EAGAIN: the stage's kernels
+ * not yet run in this process, or the buffers too small; -EINVAL: a job out of range, nothing
+ * launched); jobs stays valid until gpuctx_select_compact_many_land, which writes what the
+ * jobs asked back (n_sorted, pos_back). */
+int gpuctx_select_compact_many_launch(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
+int gpuctx_select_compact_many_land(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n);
 
 /* Device -> host (any memory) copy on the context's stream, waited for. 0 or -EIO. */
 int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes);

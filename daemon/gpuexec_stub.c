@@ -36,6 +36,28 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     (void)c, (void)jobs, (void)n;
     return -ENOTSUP;
 }
+int gpuctx_score_launch(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_ring *r,
+                        const float *lse, uint32_t n_scored, const struct gpu_rank *rk, float *ind,
+                        int stats)
+{
+    (void)c, (void)l, (void)r, (void)lse, (void)n_scored, (void)rk, (void)ind, (void)stats;
+    return -ENOTSUP;
+}
+int gpuctx_score_land(struct gpuctx *c, double *entropy, double *variance)
+{
+    (void)c, (void)entropy, (void)variance;
+    return -ENOTSUP;
+}
+int gpuctx_select_compact_many_launch(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    (void)c, (void)jobs, (void)n;
+    return -ENOTSUP;
+}
+int gpuctx_select_compact_many_land(struct gpuctx *c, const struct gpu_select *jobs, uint32_t n)
+{
+    (void)c, (void)jobs, (void)n;
+    return -ENOTSUP;
+}
 int gpuctx_copy_d2h(struct gpuctx *c, void *dst, const void *src_dev, size_t bytes)
 {
     (void)c, (void)dst, (void)src_dev, (void)bytes;

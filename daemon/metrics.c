@@ -186,6 +186,11 @@ int metrics_render(struct server *s, const struct client *c, struct strbuf *b)
       "# TYPE caked_decode_evictions_total counter\n"
       "caked_decode_evictions_total{by=\"loop\"} %llu\ncaked_decode_evictions_total{by=\"worker\"} %llu\n",
       (unsigned long long)s->m.decode_by_loop, (unsigned long long)s->m.decode_by_worker);
+    P("# HELP caked_prefill_observes_total GPU sequences' prefill observes by where they ran: "
+      "launched by caked's loop itself (no worker hand-off) or on a worker.\n"
+      "# TYPE caked_prefill_observes_total counter\n"
+      "caked_prefill_observes_total{by=\"loop\"} %llu\ncaked_prefill_observes_total{by=\"worker\"} %llu\n",
+      (unsigned long long)s->m.observe_by_loop, (unsigned long long)s->m.observe_by_worker);
     P("# HELP caked_decode_lse_layers_total Layers whose decode-step eviction was given "
       "the engine's log-sum-exps for the newest token (cake_put_decode_lse) beside the older "
       "rows' carried ones: no pass over the keys.\n# TYPE caked_decode_lse_layers_total counter\ncaked_decode_lse_layers_total %llu\n",

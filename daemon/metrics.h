@@ -34,6 +34,8 @@ struct metrics {
     uint64_t jobs_cancelled;                      /* sequences' work skipped: owner gone */
     uint64_t decode_by_loop, decode_by_worker;    /* sequences' decode evictions: launched by
                                                      the loop (GPU, no hand-off), on a worker */
+    uint64_t observe_by_loop, observe_by_worker;  /* GPU sequences' prefill observes: scored
+                                                     by the loop's launch, on a worker */
     uint64_t decode_lse_layers;                   /* layers a decode eviction gave the engine's
                                                      newest log-sum-exps (cake_put_decode_lse) */
     uint64_t clients_refused;                     /* over the client or fd limit */

@@ -733,19 +733,14 @@ void seq_prefill_score(const struct seq_env *e, struct seq *s, uint32_t layer, i
         s->t_score = clock_now_s() - t0;
 }
 
-void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
-                       struct seq_result *r)
+/* A prefill layer's end, after its stage (ev[nev], compacted unless r->rc): the cascade's
+ * re-selection noted, the prompt's end, CAKED_TRACE's line (t0 the budgets' start, t1 the
+ * stage's, how: who ran it). */
+static void prefill_end(const struct seq_env *e, struct seq *s, uint32_t layer,
+                        const struct cakeseq_evict *ev, uint32_t nev, struct seq_result *r,
+                        double t0, double t1, const char *how)
 {
-    struct cakeseq_evict ev[SEQ_MAX_LAYERS];
-    uint32_t nev = 0;
     const struct seq_exec *x = seq_exec(s);
-    r->pref = pref;
-    double t0 = e->trace ? clock_now_s() : 0;
-    if (!r->rc) /* budgets; the kept set too where the indicator is on the host */
-        r->rc = cakeseq_prefill_layer(s->cs, layer, pref, x->selection(s), ev, &nev);
-    double t1 = e->trace ? clock_now_s() : 0;
-    if (!r->rc && nev) /* a cascading stage re-compacts every earlier layer whose budget shrank */
-        r->rc = x->compact(e, s, ev, nev, r);
     free(s->pend_ind);
     s->pend_ind = NULL;
     if (!r->rc && s->cfg.cascading)
@@ -760,11 +755,27 @@ void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, d
         uint64_t moved = 0;
         for (uint32_t i = 0; i < nev; i++)
             moved += ev[i].kept;
-        fprintf(stderr, "caked trace: seq %#llx layer %u: score %.0f us, select %.0f us, "
+        fprintf(stderr, "caked trace: seq %#llx layer %u %s: score %.0f us, select %.0f us, "
                 "compact %.0f us (%u layers, %llu tokens per head kept)\n",
-                (unsigned long long)s->id, layer, s->t_score * 1e6, (t1 - t0) * 1e6,
+                (unsigned long long)s->id, layer, how, s->t_score * 1e6, (t1 - t0) * 1e6,
                 (clock_now_s() - t1) * 1e6, nev, (unsigned long long)moved);
     }
+}
+
+void seq_prefill_apply(const struct seq_env *e, struct seq *s, uint32_t layer, double pref,
+                       struct seq_result *r)
+{
+    struct cakeseq_evict ev[SEQ_MAX_LAYERS];
+    uint32_t nev = 0;
+    const struct seq_exec *x = seq_exec(s);
+    r->pref = pref;
+    double t0 = e->trace ? clock_now_s() : 0;
+    if (!r->rc) /* budgets; the kept set too where the indicator is on the host */
+        r->rc = cakeseq_prefill_layer(s->cs, layer, pref, x->selection(s), ev, &nev);
+    double t1 = e->trace ? clock_now_s() : 0;
+    if (!r->rc && nev) /* a cascading stage re-compacts every earlier layer whose budget shrank */
+        r->rc = x->compact(e, s, ev, nev, r);
+    prefill_end(e, s, layer, ev, nev, r, t0, t1, "on a worker");
 }
 
 void seq_prefill_work(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
@@ -886,16 +897,30 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
     decode_result(s, over, nover, evicted, rcs, r);
 }
 
+/* Work the loop launched (seq_decode_evict_launch, seq_prefill_launch): a decode step's
+ * layers over[nover], or a prefill observe's layer and - once scored - its stage ev[nev]
+ * (staged: launched), on the GPU as g. */
 struct seq_flight {
     uint32_t over[SEQ_MAX_LAYERS], nover;
     struct gpu_flight *g;
+    int prefill, staged;
+    uint32_t layer, nev;
+    double t_score, t_select, t_stage; /* CAKED_TRACE: when each began */
+    struct cakeseq_evict *ev;          /* [s->L] */
 };
+
+static void flight_free(struct seq_flight *f)
+{
+    if (f)
+        free(f->ev);
+    free(f);
+}
 
 int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_flight **out)
 {
     if (!s->gpu || s->cfg.accumulate || s->moving || s->reloc || s->parked)
         return -ENOTSUP;
-    struct seq_flight *f = malloc(sizeof(*f));
+    struct seq_flight *f = calloc(1, sizeof(*f));
     if (!f)
         return -ENOTSUP; /* a worker's turn */
     uint32_t valid;
@@ -914,6 +939,77 @@ int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_f
 int seq_flight_ready(struct seq_flight *f)
 {
     return seq_gpu_evict_ready(f->g);
+}
+
+int seq_prefill_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
+                       struct seq_flight **out)
+{
+    if (!s->gpu || s->group || layer + 1 >= s->L || policy_host_selects(&s->cfg) || s->moving ||
+        s->reloc || s->parked || !seq_scored_len(s))
+        return -ENOTSUP; /* the prompt's last layer puts every layer in order: a worker's */
+    struct seq_flight *f = calloc(1, sizeof(*f));
+    if (!f || !(f->ev = malloc(sizeof(*f->ev) * s->L))) {
+        flight_free(f);
+        return -ENOTSUP;
+    }
+    f->prefill = 1, f->layer = layer;
+    f->t_score = e->trace ? clock_now_s() : 0;
+    int rc = seq_gpu_score_launch(e, s, layer, &f->g);
+    if (rc) {
+        flight_free(f);
+        return rc == -ENOMEM ? -ENOTSUP : rc;
+    }
+    free(s->pend_ind);
+    s->pend_ind = NULL;
+    *out = f;
+    return 0;
+}
+
+int seq_prefill_advance(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                        struct seq_result *r)
+{
+    double now = e->trace ? clock_now_s() : 0;
+    if (f->staged) {
+        r->rc = seq_gpu_stage_land(e, s, f->ev, f->nev, f->g, r);
+    } else {
+        *r = (struct seq_result){0};
+        r->rc = seq_gpu_score_land(e, s, f->layer, f->g, r);
+        uint32_t S = seq_scored_len(s);
+        r->pref = S ? policy_preference(&s->cfg, r->ent, r->var) : 0.0;
+        s->t_score = now - f->t_score;
+        f->t_select = now;
+        if (!r->rc) /* budgets (the kept sets are the GPU's) */
+            r->rc = cakeseq_prefill_layer(s->cs, f->layer, r->pref, NULL, f->ev, &f->nev);
+        f->t_stage = e->trace ? clock_now_s() : 0;
+        if (!r->rc && f->nev) {
+            int rc = e->stage_worker && f->layer % e->stage_worker == 0
+                         ? -EAGAIN /* (tests: as where the buffers must grow) */
+                         : seq_gpu_stage_launch(e, s, f->ev, f->nev, f->g);
+            if (!rc) {
+                f->staged = 1;
+                return 1;
+            }
+            if (rc == -EAGAIN || rc == -ENOMEM) {
+                seq_gpu_flight_end(e, s, f->g); /* the context back: the worker takes one */
+                f->g = NULL;
+                return -EAGAIN;
+            }
+            r->rc = rc; /* launched and failed (waited for) */
+        }
+    }
+    seq_gpu_flight_end(e, s, f->g);
+    prefill_end(e, s, f->layer, f->ev, f->nev, r, f->t_select, f->t_stage, "launched by the loop");
+    flight_free(f);
+    return 0;
+}
+
+void seq_prefill_rest(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                      struct seq_result *r)
+{
+    r->rc = seq_exec(s)->compact(e, s, f->ev, f->nev, r);
+    prefill_end(e, s, f->layer, f->ev, f->nev, r, f->t_select, f->t_stage,
+                "scored by the loop, its stage on a worker");
+    flight_free(f);
 }
 
 void seq_flight_land(const struct seq_env *e, struct seq *s, struct seq_flight *f,

@@ -177,6 +177,11 @@ struct seq_env {
                               (tests: a stuck call) */
     int workers_only;   /* CAKED_DECODE_ON_WORKERS=1: no decode eviction launched by the loop
                            (benchmarks: the hand-off it saves, side by side) */
+    int observe_workers; /* CAKED_OBSERVE_ON_WORKERS=1: no prefill observe launched by the
+                            loop (benchmarks: side by side) */
+    unsigned stage_worker; /* CAKED_TEST_STAGE_ON_WORKER=N (tests only): a prefill observe
+                              the loop launched sends the stage of every layer l with
+                              l % N == 0 to a worker (as where its buffers must grow) */
     int ordered;        /* CAKED_COMPACT_ORDERED=1: a GPU prefill's stages keep positional
                            order (benchmarks: the rows that hole filling saves) */
     int recompute;      /* CAKED_DECODE_RECOMPUTE=1: GPU decode evictions carry no window
@@ -258,6 +263,23 @@ int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_f
 int seq_flight_ready(struct seq_flight *f);
 void seq_flight_land(const struct seq_env *e, struct seq *s, struct seq_flight *f,
                      struct seq_result *r);
+/* A GPU sequence's prefill observe run by the loop itself, as the decode step's eviction
+ * above: no worker and no wait. seq_prefill_launch issues the layer's scoring (CAKE's
+ * ranking and its ablations by mean and variance; not the prompt's last layer, not a shard,
+ * not where the host selects, not while parked, moving or relocating) and returns 0 with *f
+ * in flight, -EAGAIN or -ENOTSUP (the worker's way: seq_prefill_work), nothing launched, or
+ * another -errno (launched and failed: the observe's error). Once seq_flight_ready,
+ * seq_prefill_advance (loop) takes the statistics, sets the budgets and issues the
+ * cascading stage: 1 with the stage in flight (ready, advance again); 0 when the observe is
+ * done (r as seq_prefill_work writes it, f freed); -EAGAIN when the stage needs a worker (a
+ * context's buffers to grow): seq_prefill_rest runs it there (frees f). The sequence stays
+ * busy throughout. */
+int seq_prefill_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
+                       struct seq_flight **f);
+int seq_prefill_advance(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                        struct seq_result *r);
+void seq_prefill_rest(const struct seq_env *e, struct seq *s, struct seq_flight *f,
+                      struct seq_result *r);
 /* After eviction: frees emptied pages (loop). */
 void seq_trim_pages(const struct seq_env *e, struct seq *s);
 /* Publishes every reserved layer to the descriptor and `pub` (loop, after a job). */

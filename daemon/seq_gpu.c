@@ -81,6 +81,35 @@ static int indicator_to_gpu(const struct seq_env *e, const struct seq *s, struct
     return rc;
 }
 
+/* What a layer's scoring reads: its keys, its window's ring, the ranking, and whether the
+ * window's statistics are wanted (where indicator.c takes them: the preference). */
+struct score_view {
+    struct gpu_layer l;
+    struct gpu_ring r;
+    struct gpu_rank rk;
+    int stats;
+};
+
+static struct score_view score_view(const struct seq_env *e, const struct seq *s, uint32_t layer)
+{
+    struct score_view v = {.l = gpu_layer_view(e, s, layer), .r = gpu_ring_view(e, s, layer),
+                           .rk = gpu_rank_of(s)};
+    v.stats = !(v.rk.last || v.rk.position) || s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
+    return v;
+}
+
+static void score_trace(const struct seq_env *e, const struct seq *s, uint32_t layer,
+                        struct gpuctx *gc, const char *how)
+{
+    struct gpu_times gt;
+    gpuctx_times(gc, &gt);
+    if (e->trace)
+        fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU%s: tables and ring "
+                "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us (its "
+                "wait at the end %.0f us)\n", (unsigned long long)s->id, layer, how, gt.prep_us,
+                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us);
+}
+
 static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
                      struct seq_result *r)
 {
@@ -92,20 +121,10 @@ static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int
     int rc = s->ind_dev ? 0 : gpuctx_dev_alloc(gc, (void **)&s->ind_dev, ib * s->L);
     float *dst = s->ind_dev ? s->ind_dev + (size_t)layer * s->Hkv * S : NULL;
     if (!rc && observe) {
-        struct gpu_layer gl = gpu_layer_view(e, s, layer);
-        struct gpu_ring gr = gpu_ring_view(e, s, layer);
-        struct gpu_rank rk = gpu_rank_of(s);
-        /* the window's statistics where indicator.c takes them (the preference) */
-        int stats = !(rk.last || rk.position) || s->cfg.alloc == POLICY_ALLOC_PREFERENCE;
-        rc = gpuctx_score(gc, &gl, &gr, s->lse, S, &rk, dst, stats ? &r->ent : NULL,
-                          stats ? &r->var : NULL);
-        struct gpu_times gt;
-        gpuctx_times(gc, &gt);
-        if (e->trace)
-            fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU: tables and ring "
-                    "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us (its "
-                    "wait at the end %.0f us)\n", (unsigned long long)s->id, layer, gt.prep_us,
-                    gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us);
+        struct score_view v = score_view(e, s, layer);
+        rc = gpuctx_score(gc, &v.l, &v.r, s->lse, S, &v.rk, dst, v.stats ? &r->ent : NULL,
+                          v.stats ? &r->var : NULL);
+        score_trace(e, s, layer, gc, "");
     } else if (!rc) { /* the engine's own, from the host pool (registered) */
         rc = indicator_to_gpu(e, s, gc, dst, ib);
     }
@@ -145,26 +164,20 @@ static uint32_t *pos_of(const struct seq *s, uint32_t l)
     return s->pos_dev + (size_t)l * s->Hkv * seq_scored_len(s);
 }
 
-/* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
- * compaction, the indicator's and the positions' gather, one upload, one wait; nothing comes
- * back (the positions stay on the device until the prompt's end, gpu_prefill_order). */
-static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
-                       uint32_t n, struct seq_result *r)
+/* A cascading stage's jobs (jobs[n]) for the controller's decisions ev[n]: each layer's
+ * indicator picks its kept tokens (or the host's slots), the positions follow on the device.
+ * 0 or -EIO (a layer not in the state a stage takes). */
+static int stage_jobs(const struct seq_env *e, const struct seq *s, const struct cakeseq_evict *ev,
+                      uint32_t n, struct gpu_select *jobs)
 {
-    struct gpu_select jobs[SEQ_MAX_LAYERS];
     uint32_t S = seq_scored_len(s), Hkv = s->Hkv;
-    double t0 = e->trace ? clock_now_s() : 0;
-    long f0 = e->trace ? thread_faults() : 0;
-    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
-    double t1 = e->trace ? clock_now_s() : 0;
-    int rc = s->pos_dev || !S ? 0 : gpuctx_dev_alloc(gc, (void **)&s->pos_dev, sizeof(uint32_t) * s->L * Hkv * S);
-    for (uint32_t i = 0; i < n && !rc; i++) {
-        struct seq_layer *ly = &s->layer[ev[i].layer];
+    for (uint32_t i = 0; i < n; i++) {
+        const struct seq_layer *ly = &s->layer[ev[i].layer];
         if (ev[i].old_prefix > S || ly->pos) { /* host positions only once the prompt is done */
             fprintf(stderr, "caked: seq %#llx: a stage's layer %u: prefix %u of %u, host positions "
                     "%s\n", (unsigned long long)s->id, ev[i].layer, ev[i].old_prefix, S,
                     ly->pos ? "already" : "none");
-            rc = -EIO;
+            return -EIO;
         }
         jobs[i] = (struct gpu_select){
             .l = gpu_layer_view(e, s, ev[i].layer),
@@ -175,12 +188,14 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
             .pos_dev = pos_of(s, ev[i].layer), .pos_stride = S, .pos_init = !ly->pos_gpu,
         };
     }
-    if (!rc)
-        rc = gpuctx_select_compact_many(gc, jobs, n);
-    struct gpu_times gt;
-    gpuctx_times(gc, &gt);
-    gpuexec_put(GEXEC(e, s), gc);
-    for (uint32_t i = 0; i < n && !rc; i++) {
+    return 0;
+}
+
+/* After a stage's jobs for ev[n] ran: each layer's count, r's evicted tokens and layers. */
+static void stage_applied(struct seq *s, const struct cakeseq_evict *ev, uint32_t n,
+                          struct seq_result *r)
+{
+    for (uint32_t i = 0; i < n; i++) {
         struct seq_layer *ly = &s->layer[ev[i].layer];
         uint32_t win = ly->tokens - ev[i].old_prefix, k = ev[i].kept;
         r->evicted_tokens += ev[i].old_prefix - k;
@@ -188,12 +203,44 @@ static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cake
         ly->pos_gpu = 1;
         r->ev_layers[r->n_ev++] = ev[i].layer;
     }
+}
+
+/* CAKED_TRACE's line for a stage of n layers (context: the wait for one; f0 the page faults
+ * before it). */
+static void stage_trace(const struct seq_env *e, const struct seq *s, uint32_t n, struct gpuctx *gc,
+                        double context_s, long f0, const char *how)
+{
+    struct gpu_times gt;
+    gpuctx_times(gc, &gt);
     if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
-        fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU: context %.0f us, "
+        fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU%s: context %.0f us, "
                 "tables %.0f us%s, kernels %.0f us on the device, call %.0f us (its wait at the "
-                "end %.0f us); page faults %ld\n", (unsigned long long)s->id, n, (t1 - t0) * 1e6,
-                gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us,
-                gt.sync_us, thread_faults() - f0);
+                "end %.0f us); page faults %ld\n", (unsigned long long)s->id, n, how,
+                context_s * 1e6, gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us,
+                gt.total_us, gt.sync_us, thread_faults() - f0);
+}
+
+/* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
+ * compaction, the indicator's and the positions' gather, one upload, one wait; nothing comes
+ * back (the positions stay on the device until the prompt's end, gpu_prefill_order). */
+static int gpu_compact(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       uint32_t n, struct seq_result *r)
+{
+    struct gpu_select jobs[SEQ_MAX_LAYERS];
+    uint32_t S = seq_scored_len(s);
+    double t0 = e->trace ? clock_now_s() : 0;
+    long f0 = e->trace ? thread_faults() : 0;
+    struct gpuctx *gc = gpuexec_take(GEXEC(e, s));
+    double t1 = e->trace ? clock_now_s() : 0;
+    int rc = s->pos_dev || !S ? 0 : gpuctx_dev_alloc(gc, (void **)&s->pos_dev, sizeof(uint32_t) * s->L * s->Hkv * S);
+    if (!rc)
+        rc = stage_jobs(e, s, ev, n, jobs);
+    if (!rc)
+        rc = gpuctx_select_compact_many(gc, jobs, n);
+    stage_trace(e, s, n, gc, t1 - t0, f0, "");
+    gpuexec_put(GEXEC(e, s), gc);
+    if (!rc)
+        stage_applied(s, ev, n, r);
     return rc;
 }
 
@@ -507,14 +554,84 @@ struct gpu_flight {
     struct gpuctx *gc;
     struct gpu_evict *ev;
     double t0;
+    struct gpu_select *jobs; /* a prefill stage's (seq_gpu_stage_launch) */
+    long f0;                 /* CAKED_TRACE: the page faults before it */
 };
+
+int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
+                         struct gpu_flight **out)
+{
+    uint32_t S = seq_scored_len(s);
+    if (!s->ind_dev || !s->pos_dev)
+        return -EAGAIN; /* made on a worker (cudaMalloc waits for the device) */
+    struct score_view v = score_view(e, s, layer);
+    if (v.rk.last || v.rk.position || v.rk.shared || v.rk.pool == KERN_POOL_MAX)
+        return -ENOTSUP; /* more kernels than the loop's checks know: a worker's */
+    struct gpu_flight *f = calloc(1, sizeof(*f));
+    if (!f)
+        return -ENOMEM;
+    f->t0 = e->trace ? clock_now_s() : 0;
+    if (!(f->gc = gpuexec_try_take(GEXEC(e, s)))) {
+        free(f);
+        return -EAGAIN;
+    }
+    int rc = gpuctx_score_launch(f->gc, &v.l, &v.r, s->lse, S, &v.rk,
+                                 s->ind_dev + (size_t)layer * s->Hkv * S, v.stats);
+    if (rc) {
+        gpuexec_put(GEXEC(e, s), f->gc);
+        free(f);
+        return rc;
+    }
+    *out = f;
+    return 0;
+}
+
+int seq_gpu_score_land(const struct seq_env *e, struct seq *s, uint32_t layer,
+                       struct gpu_flight *f, struct seq_result *r)
+{
+    int rc = gpuctx_score_land(f->gc, &r->ent, &r->var);
+    score_trace(e, s, layer, f->gc, " (launched by the loop)");
+    return rc;
+}
+
+int seq_gpu_stage_launch(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                         uint32_t n, struct gpu_flight *f)
+{
+    f->t0 = e->trace ? clock_now_s() : 0;
+    f->f0 = e->trace ? thread_faults() : 0;
+    if (!(f->jobs = malloc(sizeof(*f->jobs) * n)))
+        return -ENOMEM;
+    int rc = stage_jobs(e, s, ev, n, f->jobs);
+    if (!rc)
+        rc = gpuctx_select_compact_many_launch(f->gc, f->jobs, n);
+    return rc;
+}
+
+int seq_gpu_stage_land(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       uint32_t n, struct gpu_flight *f, struct seq_result *r)
+{
+    int rc = gpuctx_select_compact_many_land(f->gc, f->jobs, n);
+    stage_trace(e, s, n, f->gc, 0, f->f0, " (launched by the loop)");
+    if (!rc)
+        stage_applied(s, ev, n, r);
+    return rc;
+}
+
+void seq_gpu_flight_end(const struct seq_env *e, struct seq *s, struct gpu_flight *f)
+{
+    if (!f)
+        return;
+    gpuexec_put(GEXEC(e, s), f->gc);
+    free(f->jobs);
+    free(f);
+}
 
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out)
 {
     if (!s->dec_bufs)
         return -EAGAIN; /* its first allocation on a worker, as a context's buffers grow */
-    struct gpu_flight *f = malloc(sizeof(*f));
+    struct gpu_flight *f = calloc(1, sizeof(*f));
     if (!f)
         return -ENOMEM;
     f->t0 = e->trace ? clock_now_s() : 0;

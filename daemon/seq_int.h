@@ -141,6 +141,23 @@ int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t 
 int seq_gpu_evict_ready(struct gpu_flight *f);
 int seq_gpu_evict_land(const struct seq_env *e, struct seq *s, const uint32_t *over,
                        uint32_t nover, struct gpu_flight *f, uint32_t *evicted);
+/* seq_gpu.c: a prefill observe's GPU work for the loop (seq.h's seq_prefill_launch), on
+ * one context taken without waiting from the scoring's launch to the flight's end: the
+ * scoring (-EAGAIN: no context free, the sequence's device buffers not yet made, the
+ * kernels not yet run in this process or the context's buffers too small; nothing in
+ * flight unless 0), its land (the statistics into r->ent, r->var), the stage of ev[n] on
+ * the same context (-EAGAIN / -ENOMEM: a worker's; another error: launched, failed, waited
+ * for), its land (the layers' counts as gpu_compact leaves them, into r), and the end (the
+ * context back; f freed; NULL: nothing). seq_gpu_evict_ready polls either launch. */
+int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
+                         struct gpu_flight **out);
+int seq_gpu_score_land(const struct seq_env *e, struct seq *s, uint32_t layer,
+                       struct gpu_flight *f, struct seq_result *r);
+int seq_gpu_stage_launch(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                         uint32_t n, struct gpu_flight *f);
+int seq_gpu_stage_land(const struct seq_env *e, struct seq *s, const struct cakeseq_evict *ev,
+                       uint32_t n, struct gpu_flight *f, struct seq_result *r);
+void seq_gpu_flight_end(const struct seq_env *e, struct seq *s, struct gpu_flight *f);
 /* H2O's re-slice of layer l: over its lowered budget, keeps the top by the scores
  * accumulated so far (nothing added). 0 or -errno. */
 int seq_host_h2o_trim(const struct seq_env *e, struct seq *s, uint32_t l, uint32_t *evicted);

@@ -420,14 +420,18 @@ int server_create(const struct server_cfg *cfg, const struct tenant_cfg *tcfg, i
     job_delay_ms = job_delay_ms < 60000 ? job_delay_ms : 60000;
     const char *lw = getenv("CAKED_TEST_LAYERWISE"); /* tests only */
     unsigned long layerwise = lw ? strtoul(lw, NULL, 10) : 0;
+    const char *sw = getenv("CAKED_TEST_STAGE_ON_WORKER"); /* tests only */
+    unsigned long stage_worker = sw ? strtoul(sw, NULL, 10) : 0;
     s->env = (struct seq_env){
         .pool = &s->pool, .tenants = &s->tenants, .n_gpus = s->n_gpus,
         .trace = env_on("CAKED_TRACE"),
         .job_delay_us = (unsigned)job_delay_ms * 1000,
         .workers_only = env_on("CAKED_DECODE_ON_WORKERS"),
+        .observe_workers = env_on("CAKED_OBSERVE_ON_WORKERS"),
         .ordered = env_on("CAKED_COMPACT_ORDERED"),
         .recompute = env_on("CAKED_DECODE_RECOMPUTE"), .shift = env_on("CAKED_DECODE_SHIFT"),
         .layerwise = layerwise < 1000 ? (unsigned)layerwise : 1000,
+        .stage_worker = stage_worker < 1000 ? (unsigned)stage_worker : 1000,
         .threads = cfg->kernel_threads > 0 ? cfg->kernel_threads : 1,
         .heap_limit = cfg->heap_limit_bytes ? cfg->heap_limit_bytes : s->pool.bytes,
         .heap_used = &s->heap_used,

@@ -125,7 +125,8 @@ struct server {
     struct waiter *waiters;  /* requests waiting for room, in arrival order (pressure.c) */
     uint32_t n_waiting;
     int polling;             /* inside pressure_poll */
-    struct work *flights;    /* decode steps with evictions the loop launched (work.c) */
+    struct work *flights;    /* decode steps with evictions, and prefill observes, the loop
+                                launched (work.c) */
 };
 
 /* A job in flight: prefill observe/submit of one sequence, or the evictions of a decode
@@ -157,6 +158,7 @@ struct work {
      * it while the loop lands), how many were launched, and when the last was issued; on
      * s->flights by next_fl */
     struct seq_flight **fl;
+    struct seq_flight *rest; /* phase 3: a prefill observe the loop scored, its stage on a worker */
     uint8_t *on_loop;
     uint32_t n_fl;
     double t_launched;

@@ -87,6 +87,9 @@ static void work_run(struct job *j)
     } else if (w->phase == 1) { /* a shard scores its heads; the group allocates later */
         if (!cancelled(w->seqs[0], &w->res[0]))
             seq_prefill_score(e, w->seqs[0], w->layer, w->observe, w->pref, &w->res[0]);
+    } else if (w->phase == 3) { /* the loop scored it; its stage needs a worker */
+        seq_prefill_rest(e, w->seqs[0], w->rest, &w->res[0]);
+        w->rest = NULL;
     } else if (w->phase == 2) {
         for (uint32_t i = 0; i < w->n; i++)
             if (!cancelled(w->seqs[i], &w->res[i]))
@@ -172,6 +175,10 @@ static void work_done(struct job *j)
             if (r->n_ev) /* the loop's are counted as they land */
                 s->m.decode_by_worker += !(w->on_loop && w->on_loop[i]);
         } else {
+            if (w->type == MSG_PREFILL_OBSERVE && q->gpu) {
+                s->m.observe_by_loop += w->n_fl != 0;
+                s->m.observe_by_worker += w->n_fl == 0;
+            }
             s->m.pages_relocated += seq_reloc_commit(&s->env, q);
             seq_prefill_commit(&s->env, q, r);
             if (!q->rs_pending)
@@ -320,6 +327,59 @@ static uint32_t launch_on_loop(struct server *s, struct work *w)
     return n;
 }
 
+/* A GPU sequence's prefill observe the loop runs itself (seq_prefill_launch): its scoring,
+ * then its cascading stage, each polled between the loop's other events (work_poll_flights)
+ * - no worker woken, none waking the loop: the two hand-offs took 60-310 us a layer on H100
+ * hosts (docs/benchmarks.md). 1 where w is the loop's now (in flight, or done and answered),
+ * 0 where a worker takes it. */
+static int observe_on_loop(struct server *s, struct work *w)
+{
+    if (w->n != 1 || w->phase || !w->seqs[0]->gpu || s->env.job_delay_us ||
+        s->env.observe_workers || !(w->fl = calloc(1, sizeof(*w->fl))))
+        return 0;
+    int rc = seq_prefill_launch(&s->env, w->seqs[0], w->layer, &w->fl[0]);
+    if (rc == -EAGAIN || rc == -ENOTSUP) {
+        free(w->fl);
+        w->fl = NULL;
+        return 0;
+    }
+    w->n_fl = 1;
+    w->t_launched = clock_now_s();
+    if (rc) { /* launched and failed: the observe's answer */
+        w->res[0].rc = rc;
+        work_done(&w->job);
+        return 1;
+    }
+    w->parts = 1;
+    w->next_fl = s->flights, s->flights = w;
+    return 1;
+}
+
+/* A prefill observe's flight whose GPU work is done (off the flights): it lands, or its
+ * stage goes on (1: w back on the list at *pp), or goes to a worker. */
+static int observe_landed(struct server *s, struct work *w, struct work **pp)
+{
+    struct seq_flight *f = w->fl[0];
+    int rc = seq_prefill_advance(&s->env, w->seqs[0], f, &w->res[0]);
+    if (rc == 1) { /* its stage in flight */
+        w->next_fl = *pp, *pp = w;
+        return 1;
+    }
+    w->fl[0] = NULL;
+    if (rc == -EAGAIN) { /* the stage's buffers to grow: a worker's (its times are the job's) */
+        w->phase = 3, w->rest = f;
+        workers_submit(s->workers, &w->job);
+        return 0;
+    }
+    /* caked_work_seconds: the launch's host work as the wait, the GPU's and the loop's as
+     * the run */
+    double now = clock_now_s();
+    struct job j = {.t_submit = w->t_start, .t_start = w->t_launched, .t_end = now};
+    metrics_observe_work(&s->m, WORK_PREFILL, &j, now);
+    work_done(&w->job);
+    return 0;
+}
+
 int work_poll_flights(struct server *s)
 {
     struct work **pp = &s->flights;
@@ -333,6 +393,11 @@ int work_poll_flights(struct server *s)
             continue;
         }
         *pp = w->next_fl; /* off the list before its step completes (which may start more) */
+        if (w->type != MSG_DECODE_STEP) {
+            if (observe_landed(s, w, pp)) /* back on the list, in flight again */
+                pp = &w->next_fl;
+            continue;
+        }
         double now = clock_now_s();
         for (i = 0; i < w->n; i++)
             if (w->fl[i]) {
@@ -374,6 +439,8 @@ void work_start(struct server *s, struct client *c, uint16_t type, struct seq **
         seqs[i]->busy = 1, seqs[i]->t_used = now;
     c->state = C_BUSY;
     w->t_start = now;
+    if (type == MSG_PREFILL_OBSERVE && observe_on_loop(s, w))
+        return;
     if (type == MSG_DECODE_STEP && (w->n_fl = launch_on_loop(s, w))) {
         w->t_launched = clock_now_s();
         w->parts = 1; /* the flights */

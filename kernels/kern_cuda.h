@@ -51,6 +51,14 @@ int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q_dev,
                                uint32_t n_scored, float gamma, int var_only, int pool,
                                uint32_t radius, float *ind_dev, double *entropy,
                                double *variance, void *ws, size_t ws_bytes, void *stream);
+/* The same with the statistics left on the device and nothing waited for: stats_dev[0] the
+ * entropy, [1] the variance (the same sums in the same order as the host's; added to what
+ * they hold where accumulate), NULL: none. For a caller that must not block (caked's loop). */
+int kern_cuda_score_layer_pool_dev(const struct kern_cuda_kv *kv, const void *q_dev,
+                                   const float *lse_dev, uint32_t q_heads, uint32_t n_q,
+                                   uint32_t n_scored, float gamma, int var_only, int pool,
+                                   uint32_t radius, float *ind_dev, double *stats_dev,
+                                   int accumulate, void *ws, size_t ws_bytes, void *stream);
 /* dst[i] = (first ? 0 : dst[i]) + scale * src[i], i < n. Asynchronous. */
 int kern_cuda_accumulate(float *dst, const float *src, size_t n, float scale, int first,
                          void *stream);

@@ -529,11 +529,28 @@ extern "C" int kern_cuda_score_layer(const struct kern_cuda_kv *kv, const void *
                                       entropy, variance, ws, ws_bytes, stream);
 }
 
-extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q,
-                                          const float *lse, uint32_t q_heads, uint32_t n_q,
-                                          uint32_t S, float gamma, int var_only,
-                                          int pool, uint32_t radius, float *ind, double *entropy,
-                                          double *variance, void *ws, size_t ws_bytes, void *stream)
+/* The statistics' block sums ent[nb], var[nb] added up in order by one thread (the host's
+ * order before: the same doubles), into out_e[0], out_v[0] - added to what they hold where
+ * acc. out_e may be ent itself (read before written). */
+__global__ void stats_sum(const double *ent, const double *var, uint32_t nb, double *out_e,
+                          double *out_v, int acc)
+{
+    if (threadIdx.x || blockIdx.x)
+        return;
+    double E = 0, V = 0;
+    for (uint32_t i = 0; i < nb; i++)
+        E += ent[i], V += var[i];
+    *out_e = acc ? *out_e + E : E;
+    *out_v = acc ? *out_v + V : V;
+}
+
+/* kern_cuda_score_layer_pool's body. The statistics (where asked) go to stats_dev[0..1] on
+ * the device (added where acc), or where stats_dev is NULL and entropy / variance are not,
+ * to the host after a wait. */
+static int score_pool(const struct kern_cuda_kv *kv, const void *q, const float *lse,
+                      uint32_t q_heads, uint32_t n_q, uint32_t S, float gamma, int var_only,
+                      int pool, uint32_t radius, float *ind, double *entropy, double *variance,
+                      double *stats_dev, int acc, void *ws, size_t ws_bytes, void *stream)
 {
     if (pool < KERN_POOL_AVG || pool > KERN_POOL_NONE || radius > 1024)
         return -EINVAL;
@@ -555,7 +572,7 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
         double e = 0, v = 0;
         int rc = 0;
         for (uint32_t i = 0; i < G && !rc; i++) {
-            double ei = 0, vi = 0;
+            double ei = 0, vi = 0; /* (on the host; on the device stats_dev adds them up) */
             if (cudaMemcpy2DAsync(qi, n_q * row, (const uint8_t *)q + (size_t)i * n_q * row,
                                   (size_t)G * n_q * row, n_q * row, hkv, cudaMemcpyDeviceToDevice,
                                   st) != cudaSuccess)
@@ -563,9 +580,9 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
             if (lse && cudaMemcpy2DAsync(li, n_q * 4, lse + (size_t)i * n_q, (size_t)G * n_q * 4,
                                          n_q * 4, hkv, cudaMemcpyDeviceToDevice, st) != cudaSuccess)
                 return -EIO;
-            rc = kern_cuda_score_layer_pool(kv, qi, li, hkv, n_q, S, gamma, var_only, pool, radius, part,
-                                            entropy ? &ei : NULL, variance ? &vi : NULL, ws, base,
-                                            stream);
+            rc = score_pool(kv, qi, li, hkv, n_q, S, gamma, var_only, pool, radius, part,
+                            entropy ? &ei : NULL, variance ? &vi : NULL, stats_dev, acc || i > 0,
+                            ws, base, stream);
             if (!rc)
                 rc = kern_cuda_accumulate(ind, part, (size_t)hkv * S, 1.0f / G, i == 0, stream);
             e += ei, v += vi;
@@ -600,6 +617,8 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
     if (S == 0) {
         if (entropy) *entropy = 0;
         if (variance) *variance = 0;
+        if (stats_dev && !acc && cudaMemsetAsync(stats_dev, 0, 2 * sizeof(double), st) != cudaSuccess)
+            return -EIO;
         return 0;
     }
     uint32_t mrows = force_wmma.load() ? 0 : score_mma_rows(p.G, n_q, p.d);
@@ -626,20 +645,40 @@ extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const v
         return rc;
     CK(launch_pdl(pool_rows, dim3(div_up((size_t)p.hkv * S, 256)), dim3(256), 0, st, 0, (const float *)p.acc, ind,
                   S, p.hkv, 1.0f / p.G, pool, radius));
-    if (entropy || variance) {
+    if (stats_dev || entropy || variance) { /* one sum, in place where the host takes it */
         uint32_t nb = p.hkv * div_up(S, p.chunk);
-        double *he = (double *)malloc(sizeof(double) * nb * 2);
-        if (!he)
-            return -EIO;
-        CK(cudaMemcpyAsync(he, p.ent, sizeof(double) * nb, cudaMemcpyDeviceToHost, st));
-        CK(cudaMemcpyAsync(he + nb, p.var, sizeof(double) * nb, cudaMemcpyDeviceToHost, st));
-        CK(cudaStreamSynchronize(st));
-        double E = 0, V = 0;
-        for (uint32_t i = 0; i < nb; i++)
-            E += he[i], V += he[nb + i];
-        free(he);
-        if (entropy) *entropy = E;
-        if (variance) *variance = V;
+        double *oe = stats_dev ? stats_dev : p.ent, *ov = stats_dev ? stats_dev + 1 : p.var;
+        stats_sum<<<1, 32, 0, st>>>(p.ent, p.var, nb, oe, ov, stats_dev ? acc : 0);
+        CK(cudaGetLastError());
+        if (!stats_dev) {
+            double ev[2];
+            CK(cudaMemcpyAsync(&ev[0], p.ent, sizeof(double), cudaMemcpyDeviceToHost, st));
+            CK(cudaMemcpyAsync(&ev[1], p.var, sizeof(double), cudaMemcpyDeviceToHost, st));
+            CK(cudaStreamSynchronize(st));
+            if (entropy) *entropy = ev[0];
+            if (variance) *variance = ev[1];
+        }
     }
     return 0;
+}
+
+extern "C" int kern_cuda_score_layer_pool(const struct kern_cuda_kv *kv, const void *q,
+                                          const float *lse, uint32_t q_heads, uint32_t n_q,
+                                          uint32_t S, float gamma, int var_only,
+                                          int pool, uint32_t radius, float *ind, double *entropy,
+                                          double *variance, void *ws, size_t ws_bytes, void *stream)
+{
+    return score_pool(kv, q, lse, q_heads, n_q, S, gamma, var_only, pool, radius, ind, entropy,
+                      variance, NULL, 0, ws, ws_bytes, stream);
+}
+
+extern "C" int kern_cuda_score_layer_pool_dev(const struct kern_cuda_kv *kv, const void *q,
+                                              const float *lse, uint32_t q_heads, uint32_t n_q,
+                                              uint32_t S, float gamma, int var_only, int pool,
+                                              uint32_t radius, float *ind, double *stats_dev,
+                                              int accumulate, void *ws, size_t ws_bytes,
+                                              void *stream)
+{
+    return score_pool(kv, q, lse, q_heads, n_q, S, gamma, var_only, pool, radius, ind, NULL, NULL,
+                      stats_dev, accumulate, ws, ws_bytes, stream);
 }

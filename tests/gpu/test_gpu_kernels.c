@@ -122,6 +122,40 @@ static float *host_lse(const struct kern_kv *kv, const void *q, enum kern_dtype 
     return lse;
 }
 
+/* kern_cuda_score_layer_pool_dev (the statistics left on the device, as caked's loop takes
+ * them) against the host's call just made (E, V, its indicator got): the same doubles and
+ * the same bytes; then accumulating onto what the buffer holds. */
+static void check_dev_stats(const struct kern_cuda_kv *dkv, const void *dq, const float *dlse,
+                            uint32_t H, uint32_t nq, uint32_t S, int pool, uint32_t radius,
+                            void *ws, size_t wsb, float *dind, const float *got, double E, double V,
+                            const char *what)
+{
+    uint32_t Hkv = dkv->kv_heads;
+    double *dst, sv[2], base[2] = {1.5, -2.25};
+    float *got2 = malloc(sizeof(float) * Hkv * S);
+    CK(cudaMalloc((void **)&dst, sizeof sv));
+    CK(cudaMemset(dst, 0xff, sizeof sv));
+    CK(cudaMemset(dind, 0xff, sizeof(float) * Hkv * S));
+    int rc = kern_cuda_score_layer_pool_dev(dkv, dq, dlse, H, nq, S, 200.0f, 0, pool, radius, dind,
+                                            dst, 0, ws, wsb, NULL);
+    CK(cudaMemcpy(sv, dst, sizeof sv, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(got2, dind, sizeof(float) * Hkv * S, cudaMemcpyDeviceToHost));
+    EXPECT(rc == 0 && sv[0] == E && sv[1] == V && !memcmp(got, got2, sizeof(float) * Hkv * S),
+           "%s: statistics on the device rc %d, entropy %.17g vs %.17g, variance %.17g vs %.17g, "
+           "indicator %s", what, rc, sv[0], E, sv[1], V,
+           memcmp(got, got2, sizeof(float) * Hkv * S) ? "differs" : "equal");
+    CK(cudaMemcpy(dst, base, sizeof base, cudaMemcpyHostToDevice));
+    rc = kern_cuda_score_layer_pool_dev(dkv, dq, dlse, H, nq, S, 200.0f, 0, pool, radius, dind,
+                                        dst, 1, ws, wsb, NULL);
+    CK(cudaMemcpy(sv, dst, sizeof sv, cudaMemcpyDeviceToHost));
+    EXPECT(rc == 0 && fabs(sv[0] - (base[0] + E)) <= 1e-12 * fabs(base[0] + E) + 1e-12 &&
+               fabs(sv[1] - (base[1] + V)) <= 1e-12 * fabs(base[1] + V) + 1e-12,
+           "%s: statistics accumulated rc %d, %.17g / %.17g vs %.17g / %.17g", what, rc, sv[0],
+           sv[1], base[0] + E, base[1] + V);
+    cudaFree(dst);
+    free(got2);
+}
+
 static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, uint32_t n, uint32_t nq,
                      uint32_t tpp, uint32_t keep)
 {
@@ -191,6 +225,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                n, mode, V, ro.variance);
         double worst = rel_err(ref, got, Hkv, S);
         EXPECT(worst <= 1e-3, "%s n=%u mode=%d indicator rel err %.3g", name, n, mode, worst);
+        check_dev_stats(&dkv, dq, NULL, H, nq, S, KERN_POOL_AVG, 2, ws, wsb, dind, got, E, V,
+                        name);
         if (wmma)
             printf("%-5s H=%u Hkv=%u d=%u n=%u w=%u tpp=%u, WMMA passes: entropy rel %.2e, variance rel %.2e, "
                    "indicator rel %.2e\n", name, H, Hkv, d, n, nq, tpp, fabs(E - ro.entropy) / fabs(ro.entropy),
@@ -224,6 +260,8 @@ static void run_case(enum kern_dtype dt, uint32_t H, uint32_t Hkv, uint32_t d, u
                        "%s n=%u mode=%d max7=%d with lse: entropy %.9g vs %.9g, variance %.9g vs "
                        "%.9g, indicator rel err %.3g", name, n, mode, max7, E, lo.entropy, V,
                        lo.variance, e);
+                check_dev_stats(&dkv, dq, dlse, H, nq, S, b.pool, b.pool_kernel / 2, lws, lwsb, dind,
+                                got, E, V, max7 ? "with lse, max over 7" : "with lse");
             }
         kern_cuda_score_set_wmma(0);
         cudaFree(lws);

@@ -922,6 +922,96 @@ static void test_decode_lse(cake_ctx *c, const char *sock)
     cake_seq_close(s[0]), cake_seq_close(s[1]);
 }
 
+/* The prefill observe caked's loop runs itself (its scoring and its stage launched and
+ * polled by the loop; every even layer's stage sent on to a worker, CAKED_TEST_STAGE_ON_WORKER
+ * =2, as where a context's buffers must grow) against the workers' way (a second caked with
+ * CAKED_OBSERVE_ON_WORKERS=1): the same prompt in both keeps the same tokens in the same
+ * slots with the same preferences and budgets, layer after layer (the kernels are
+ * deterministic), and each caked's metrics say which way its observes went (the prompt's
+ * first layer makes the sequence's device buffers and its last puts every layer back in
+ * position order: a worker's in both). */
+static int engine_paths(const char *sock_loop, const char *sock_workers)
+{
+    const char *socks[2] = {sock_loop, sock_workers};
+    const char *by_loop = "caked_prefill_observes_total{by=\"loop\"}";
+    const char *by_worker = "caked_prefill_observes_total{by=\"worker\"}";
+    double m0[2][2];
+    cake_ctx *c[2];
+    cake_seq *s[2];
+    struct cake_policy pol;
+    cake_policy_default(&pol);
+    pol.cache_size = CACHE, pol.window = W;
+    struct cake_layout lay = {.layers = L, .q_heads = H, .kv_heads = HKV, .head_dim = D,
+                              .dtype = CAKE_BF16, .placement = CAKE_PLACE_GPU};
+    for (int i = 0; i < 2; i++) {
+        cake_create(&c[i]);
+        if (cake_connect(c[i], socks[i], 1) || !cake_gpu_pool_base_at(c[i], 0)) {
+            fprintf(stderr, "connect / GPU pool: %s\n", cake_errstr(c[i]));
+            return 2;
+        }
+        m0[i][0] = harness_metric(socks[i], by_loop), m0[i][1] = harness_metric(socks[i], by_worker);
+        int rc = cake_seq_open(c[i], &lay, &pol, N, MAXNEW, &s[i]);
+        CHECK(rc == 0, "open in caked %d: %s (%s)", i, cake_strerror(rc), cake_errstr(c[i]));
+    }
+    fill_random();
+    static uint16_t q[H][W][D];
+    static int p0[N + MAXNEW], p1[N + MAXNEW];
+    for (int l = 0; l < L && !fails; l++) {
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < W; i++)
+                for (int j = 0; j < D; j++)
+                    q[h][i][j] = kern_f32_to_bf16(gauss() * (1.0f + (float)l));
+        double pref[2] = {0, 0};
+        for (int i = 0; i < 2; i++) {
+            CHECK(cake_prefill_reserve(s[i], l) == 0, "reserve %d", l);
+            for (int t = 0; t < N; t++)
+                write_token(s[i], l, t, t);
+            write_queries(s[i], l, &q[0][0][0]);
+            CHECK(cake_prefill_observe(s[i], l, &pref[i]) == 0, "observe %d in caked %d: %s", l,
+                  i, cake_errstr(c[i]));
+        }
+        CHECK(pref[0] == pref[1], "layer %d preference: the loop's %.17g, the workers' %.17g", l,
+              pref[0], pref[1]);
+        for (int m = 0; m <= l && !fails; m++) { /* every layer so far, slot for slot */
+            uint32_t n0 = cake_layer_tokens(s[0], m), n1 = cake_layer_tokens(s[1], m);
+            CHECK(n0 == n1 && cake_layer_budget(s[0], m) == cake_layer_budget(s[1], m),
+                  "after layer %d, layer %d: %u / %u tokens, budgets %u / %u", l, m, n0, n1,
+                  cake_layer_budget(s[0], m), cake_layer_budget(s[1], m));
+            for (int g = 0; g < HKV && !fails; g++) {
+                positions(s[0], m, g, p0, n0);
+                positions(s[1], m, g, p1, n1);
+                check_told(s[0], m, g, p0, n0, "the loop's observes");
+                CHECK(n0 == n1 && !memcmp(p0, p1, sizeof(int) * n0), "after layer %d, layer %d "
+                      "head %d: the loop's observes keep other tokens or slots than the workers'",
+                      l, m, g);
+            }
+        }
+    }
+    double d[2][2];
+    for (int i = 0; i < 2; i++) {
+        d[i][0] = harness_metric(socks[i], by_loop) - m0[i][0];
+        d[i][1] = harness_metric(socks[i], by_worker) - m0[i][1];
+    }
+    if (m0[0][0] >= 0 && m0[1][0] >= 0) {
+        CHECK(d[0][0] == L - 2 && d[0][1] == 2 && d[1][0] == 0 && d[1][1] == L,
+              "observes by the loop / on workers: %.0f / %.0f (want %d / 2), with "
+              "CAKED_OBSERVE_ON_WORKERS=1 %.0f / %.0f (want 0 / %d)", d[0][0], d[0][1], L - 2,
+              d[1][0], d[1][1], L);
+        printf("prefill observes: %.0f of %d launched by the loop (every other stage on a worker), "
+               "0 of %d with CAKED_OBSERVE_ON_WORKERS=1\n", d[0][0], L, L);
+    } else {
+        printf("CACHECTL_BIN unset: which way each observe went is not checked\n");
+    }
+    printf("prefill observe by the loop against the workers: the same preferences, budgets and "
+           "slots in all %d layers\n", L);
+    for (int i = 0; i < 2; i++) {
+        CHECK(cake_seq_close(s[i]) == 0, "close %d", i);
+        cake_destroy(c[i]);
+    }
+    fflush(stdout);
+    return fails ? 1 : 0;
+}
+
 static int engine(const char *sock, int crash)
 {
     cake_ctx *c;
@@ -983,6 +1073,8 @@ int main(void)
     struct harness h;
     const char *extra[] = {"--gpu-pool", "256M", NULL};
     setenv("CAKED_TEST_LAYERWISE", "5", 0); /* every fifth step the layer-by-layer way */
+    setenv("CAKED_TEST_STAGE_ON_WORKER", "2", 0); /* the loop's observes: every even layer's
+                                                     stage on a worker */
     if (harness_start(&h, extra)) {
         fprintf(stderr, "FAIL: caked did not start with a GPU pool\n");
         return 1;
@@ -990,6 +1082,31 @@ int main(void)
     int rc = run_engine(h.sock, 0);
     if (rc)
         fprintf(stderr, "FAIL: the engine exited %d\n", rc);
+    { /* the loop's prefill observes against a second caked's workers */
+        struct harness hw;
+        setenv("CAKED_OBSERVE_ON_WORKERS", "1", 1);
+        int started = harness_start(&hw, extra);
+        unsetenv("CAKED_OBSERVE_ON_WORKERS");
+        if (started) {
+            fprintf(stderr, "FAIL: a second caked did not start with a GPU pool\n");
+            rc = 1;
+        } else {
+            pid_t p = fork();
+            if (p == 0)
+                _exit(engine_paths(h.sock, hw.sock));
+            int st;
+            waitpid(p, &st, 0);
+            if (!WIFEXITED(st) || WEXITSTATUS(st)) {
+                fprintf(stderr, "FAIL: the engine of the two paths exited %d\n",
+                        WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+                rc = 1;
+            }
+            if (harness_stop(&hw)) {
+                fprintf(stderr, "FAIL: the second caked did not stop cleanly\n");
+                rc = 1;
+            }
+        }
+    }
     unsigned long long used = 1, gused = 1;
     unsigned seqs = 1;
     for (int crash = 0; crash < 2; crash++) {
