@@ -240,8 +240,11 @@ static void time_kernels(struct gpuctx *c, double t0, int end)
 {
     if (!c->timing)
         return;
+    double now = clock_now_s() * 1e6 - t0;
     if (!end)
-        c->times.prep_us = clock_now_s() * 1e6 - t0;
+        c->times.prep_us = now;
+    else
+        c->times.issue_us = now - c->times.prep_us;
     cudaEventRecord(end ? c->ev1 : c->ev0, c->stream);
 }
 
@@ -335,6 +338,8 @@ static int score_issue(struct gpuctx *c, const struct gpu_layer *l, const struct
         return rc;
     struct kern_cuda_kv kv;
     upload_pages(c, l, &kv);
+    if (c->timing)
+        c->times.tables_us = clock_now_s() * 1e6 - c->fl_t0;
     uint8_t *q = c->dbuf + pg + rg;
     rc = gather_ring(r, row, 0, r->w, c->hbuf + pg, c->dbuf + pg, q, c->stream);
     float *dl = NULL;

@@ -232,6 +232,8 @@ int gpuctx_decode_evict_land(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
  * cudaMallocHost wait for the device); all 0 after a layer-by-layer eviction. */
 struct gpu_times {
     double prep_us, kernel_us, total_us, sync_us; /* sync: the wait for the stream at the end */
+    double issue_us;   /* the host's time issuing the kernels (their launches' API calls) */
+    double tables_us;  /* a scoring's: the part of prep_us up to its page table's upload */
     int grew;
 };
 void gpuexec_set_timing(struct gpuexec *g, int on);

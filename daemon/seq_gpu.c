@@ -105,9 +105,10 @@ static void score_trace(const struct seq_env *e, const struct seq *s, uint32_t l
     gpuctx_times(gc, &gt);
     if (e->trace)
         fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU%s: tables and ring "
-                "%.0f us%s, kernels and statistics %.0f us on the device, call %.0f us (its "
-                "wait at the end %.0f us)\n", (unsigned long long)s->id, layer, how, gt.prep_us,
-                gt.grew ? " (buffers grown)" : "", gt.kernel_us, gt.total_us, gt.sync_us);
+                "%.0f us (the page table's upload issued at %.0f us)%s, kernels issued in %.0f us, kernels and statistics %.0f us on the "
+                "device, call %.0f us (its wait at the end %.0f us)\n", (unsigned long long)s->id,
+                layer, how, gt.prep_us, gt.tables_us, gt.grew ? " (buffers grown)" : "", gt.issue_us,
+                gt.kernel_us, gt.total_us, gt.sync_us);
 }
 
 static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
@@ -214,10 +215,10 @@ static void stage_trace(const struct seq_env *e, const struct seq *s, uint32_t n
     gpuctx_times(gc, &gt);
     if (e->trace) /* where a stage's time goes: the context, the host's tables, the device */
         fprintf(stderr, "caked trace: seq %#llx stage of %u layers on the GPU%s: context %.0f us, "
-                "tables %.0f us%s, kernels %.0f us on the device, call %.0f us (its wait at the "
-                "end %.0f us); page faults %ld\n", (unsigned long long)s->id, n, how,
-                context_s * 1e6, gt.prep_us, gt.grew ? " (buffers grown)" : "", gt.kernel_us,
-                gt.total_us, gt.sync_us, thread_faults() - f0);
+                "tables %.0f us%s, kernels issued in %.0f us, kernels %.0f us on the device, call "
+                "%.0f us (its wait at the end %.0f us); page faults %ld\n", (unsigned long long)s->id,
+                n, how, context_s * 1e6, gt.prep_us, gt.grew ? " (buffers grown)" : "",
+                gt.issue_us, gt.kernel_us, gt.total_us, gt.sync_us, thread_faults() - f0);
 }
 
 /* Every layer of a cascading stage in one pass on the GPU (gpuctx_select_compact_many): top-k,
