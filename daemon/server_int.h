@@ -127,6 +127,7 @@ struct server {
     int polling;             /* inside pressure_poll */
     struct work *flights;    /* decode steps with evictions, and prefill observes, the loop
                                 launched (work.c) */
+    uint32_t observes_on_loop; /* of those, prefill observes */
 };
 
 /* A job in flight: prefill observe/submit of one sequence, or the evictions of a decode

@@ -330,12 +330,17 @@ static uint32_t launch_on_loop(struct server *s, struct work *w)
 /* A GPU sequence's prefill observe the loop runs itself (seq_prefill_launch): its scoring,
  * then its cascading stage, each polled between the loop's other events (work_poll_flights)
  * - no worker woken, none waking the loop: the two hand-offs took 60-310 us a layer on H100
- * hosts (docs/benchmarks.md). 1 where w is the loop's now (in flight, or done and answered),
- * 0 where a worker takes it. */
+ * hosts (docs/benchmarks.md). Each launch's host work runs on the loop (the scoring's ~150 us
+ * at 32K on an H100 host, mostly its CUDA calls; the stage's less), so at most
+ * LOOP_OBSERVES_MAX are the loop's at once and the rest go to the workers, side by side.
+ * 1 where w is the loop's now (in flight, or done and answered), 0 where a worker takes it. */
+#define LOOP_OBSERVES_MAX 4
+
 static int observe_on_loop(struct server *s, struct work *w)
 {
     if (w->n != 1 || w->phase || !w->seqs[0]->gpu || s->env.job_delay_us ||
-        s->env.observe_workers || !(w->fl = calloc(1, sizeof(*w->fl))))
+        s->env.observe_workers || s->observes_on_loop >= LOOP_OBSERVES_MAX ||
+        !(w->fl = calloc(1, sizeof(*w->fl))))
         return 0;
     int rc = seq_prefill_launch(&s->env, w->seqs[0], w->layer, &w->fl[0]);
     if (rc == -EAGAIN || rc == -ENOTSUP) {
@@ -352,6 +357,7 @@ static int observe_on_loop(struct server *s, struct work *w)
     }
     w->parts = 1;
     w->next_fl = s->flights, s->flights = w;
+    s->observes_on_loop++;
     return 1;
 }
 
@@ -366,6 +372,7 @@ static int observe_landed(struct server *s, struct work *w, struct work **pp)
         return 1;
     }
     w->fl[0] = NULL;
+    s->observes_on_loop--;
     if (rc == -EAGAIN) { /* the stage's buffers to grow: a worker's (its times are the job's) */
         w->phase = 3, w->rest = f;
         workers_submit(s->workers, &w->job);
