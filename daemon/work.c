@@ -330,8 +330,8 @@ static uint32_t launch_on_loop(struct server *s, struct work *w)
 /* A GPU sequence's prefill observe the loop runs itself (seq_prefill_launch): its scoring,
  * then its cascading stage, each polled between the loop's other events (work_poll_flights)
  * - no worker woken, none waking the loop: the two hand-offs took 60-310 us a layer on H100
- * hosts (docs/benchmarks.md). Each launch's host work runs on the loop (the scoring's ~150 us
- * at 32K on an H100 host, mostly its CUDA calls; the stage's less), so at most
+ * hosts (docs/benchmarks.md). Each launch's host work runs on the loop (the scoring's 45-167 us
+ * at 32K by H100 host, mostly its CUDA calls; the stage's ~20 us), so at most
  * LOOP_OBSERVES_MAX are the loop's at once and the rest go to the workers, side by side.
  * 1 where w is the loop's now (in flight, or done and answered), 0 where a worker takes it. */
 #define LOOP_OBSERVES_MAX 4
