@@ -559,6 +559,22 @@ struct gpu_flight {
     long f0;                 /* CAKED_TRACE: the page faults before it */
 };
 
+/* A flight for the loop with a context taken without waiting; NULL with *rc -ENOMEM, or
+ * -EAGAIN where none is free. */
+static struct gpu_flight *flight_take(const struct seq_env *e, const struct seq *s, int *rc)
+{
+    struct gpu_flight *f = calloc(1, sizeof(*f));
+    *rc = f ? -EAGAIN : -ENOMEM;
+    if (!f)
+        return NULL;
+    f->t0 = e->trace ? clock_now_s() : 0;
+    if (!(f->gc = gpuexec_try_take(GEXEC(e, s)))) {
+        free(f);
+        return NULL;
+    }
+    return f;
+}
+
 int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
                          struct gpu_flight **out)
 {
@@ -568,15 +584,11 @@ int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
     struct score_view v = score_view(e, s, layer);
     if (v.rk.last || v.rk.position || v.rk.shared || v.rk.pool == KERN_POOL_MAX)
         return -ENOTSUP; /* more kernels than the loop's checks know: a worker's */
-    struct gpu_flight *f = calloc(1, sizeof(*f));
+    int rc;
+    struct gpu_flight *f = flight_take(e, s, &rc);
     if (!f)
-        return -ENOMEM;
-    f->t0 = e->trace ? clock_now_s() : 0;
-    if (!(f->gc = gpuexec_try_take(GEXEC(e, s)))) {
-        free(f);
-        return -EAGAIN;
-    }
-    int rc = gpuctx_score_launch(f->gc, &v.l, &v.r, s->lse, S, &v.rk,
+        return rc;
+    rc = gpuctx_score_launch(f->gc, &v.l, &v.r, s->lse, S, &v.rk,
                                  s->ind_dev + (size_t)layer * s->Hkv * S, v.stats);
     if (rc) {
         gpuexec_put(GEXEC(e, s), f->gc);
@@ -632,15 +644,11 @@ int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t 
 {
     if (!s->dec_bufs)
         return -EAGAIN; /* its first allocation on a worker, as a context's buffers grow */
-    struct gpu_flight *f = calloc(1, sizeof(*f));
+    int rc;
+    struct gpu_flight *f = flight_take(e, s, &rc);
     if (!f)
-        return -ENOMEM;
-    f->t0 = e->trace ? clock_now_s() : 0;
-    if (!(f->gc = gpuexec_try_take(GEXEC(e, s)))) {
-        free(f);
-        return -EAGAIN;
-    }
-    int rc = evict_jobs(e, s, over, nover, valid, &f->ev);
+        return rc;
+    rc = evict_jobs(e, s, over, nover, valid, &f->ev);
     if (!rc && (rc = gpuctx_decode_evict_launch(f->gc, f->ev, nover)))
         evict_jobs_free(f->ev);
     if (rc) {
