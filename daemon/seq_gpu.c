@@ -105,10 +105,11 @@ static void score_trace(const struct seq_env *e, const struct seq *s, uint32_t l
     gpuctx_times(gc, &gt);
     if (e->trace)
         fprintf(stderr, "caked trace: seq %#llx layer %u scored on the GPU%s: tables and ring "
-                "%.0f us (the page table's upload issued at %.0f us)%s, kernels issued in %.0f us, kernels and statistics %.0f us on the "
-                "device, call %.0f us (its wait at the end %.0f us)\n", (unsigned long long)s->id,
-                layer, how, gt.prep_us, gt.tables_us, gt.grew ? " (buffers grown)" : "", gt.issue_us,
-                gt.kernel_us, gt.total_us, gt.sync_us);
+                "%.0f us (the page table's upload issued at %.0f us)%s, kernels issued in %.0f "
+                "us, kernels and statistics %.0f us on the device, call %.0f us (its wait at the "
+                "end %.0f us)\n", (unsigned long long)s->id, layer, how, gt.prep_us, gt.tables_us,
+                gt.grew ? " (buffers grown)" : "", gt.issue_us, gt.kernel_us, gt.total_us,
+                gt.sync_us);
 }
 
 static int gpu_score(const struct seq_env *e, struct seq *s, uint32_t layer, int observe,
@@ -589,7 +590,7 @@ int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
     if (!f)
         return rc;
     rc = gpuctx_score_launch(f->gc, &v.l, &v.r, s->lse, S, &v.rk,
-                                 s->ind_dev + (size_t)layer * s->Hkv * S, v.stats);
+                             s->ind_dev + (size_t)layer * s->Hkv * S, v.stats);
     if (rc) {
         gpuexec_put(GEXEC(e, s), f->gc);
         free(f);
