@@ -35,7 +35,6 @@ struct gpuctx {
     cudaEvent_t done;
     size_t fl_tabs;
     double fl_t0;
-    int fl_stats;    /* a scoring's: the statistics come back (at hbuf + fl_tabs) */
 };
 
 struct gpuexec {
@@ -355,7 +354,7 @@ static int score_issue(struct gpuctx *c, const struct gpu_layer *l, const struct
             rc = -EIO;
     }
     double *sd = stats ? (double *)(q + qb + ws + lb) : NULL;
-    c->fl_tabs = pg + rg + lb, c->fl_stats = stats; /* the statistics' staging */
+    c->fl_tabs = pg + rg + lb; /* the statistics' staging */
     time_kernels(c, c->fl_t0, 0);
     if (!rc)
         rc = rank_layer(&kv, q, dl, dl ? dl + r->q_heads * r->w : NULL, r->q_heads, r->w, S, rk,
@@ -374,9 +373,9 @@ static void score_land(struct gpuctx *c, double *entropy, double *variance)
 {
     const double *st = (const double *)(c->hbuf + c->fl_tabs);
     if (entropy)
-        *entropy = c->fl_stats ? st[0] : 0;
+        *entropy = st[0];
     if (variance)
-        *variance = c->fl_stats ? st[1] : 0;
+        *variance = st[1];
     time_done(c, c->fl_t0);
 }
 
