@@ -15,7 +15,8 @@
 
 #define SUBSTREAMS 8 /* a decode step's layers run side by side on these */
 
-enum { RAN_SCORE = 1, RAN_SCORE_LSE = 2, RAN_STAGE = 4 }; /* gpuexec.prefill_ran */
+/* The kinds of launch whose kernels a worker has run in this process (gpuexec.ran) */
+enum { RAN_EVICT = 1, RAN_SCORE = 2, RAN_SCORE_LSE = 4, RAN_STAGE = 8 };
 
 struct gpuctx {
     cudaStream_t stream;
@@ -39,19 +40,19 @@ struct gpuctx {
 
 struct gpuexec {
     int device, n;
-    /* Set (atomically) once a worker's one-launch eviction has run: the kernel's module is
-     * loaded in this process (CUDA loads a kernel at its first launch), so a launch from the
-     * loop no longer pays that. */
-    int fused_ran;
-    /* The same for the prefill's kernels, a bit a kind (RAN_*): a worker's gpuctx_score or
-     * gpuctx_select_compact_many has run them, so the loop's launches may. */
-    int prefill_ran;
+    /* A bit a kind (RAN_*), set (atomically) once a worker has run that launch's kernels:
+     * CUDA loads a kernel at its first launch, so from then on a launch from the loop (the
+     * one-launch eviction, a prefill's scoring or stage) no longer pays that. */
+    int ran;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct gpuctx *ctx;
 };
 
 static size_t al(size_t x) { return (x + 255) & ~(size_t)255; }
+
+static void ran_set(struct gpuexec *g, int kind) { __atomic_fetch_or(&g->ran, kind, __ATOMIC_RELEASE); }
+static int has_run(struct gpuexec *g, int kind) { return __atomic_load_n(&g->ran, __ATOMIC_ACQUIRE) & kind; }
 
 int gpuexec_create(struct gpuexec **out, int device, int n, const char **why)
 {
@@ -389,7 +390,7 @@ int gpuctx_score(struct gpuctx *c, const struct gpu_layer *l, const struct gpu_r
     if ((rc = finish(c, rc)))
         return rc;
     score_land(c, entropy, variance);
-    __atomic_fetch_or(&c->g->prefill_ran, lse ? RAN_SCORE_LSE : RAN_SCORE, __ATOMIC_RELEASE);
+    ran_set(c->g, lse ? RAN_SCORE_LSE : RAN_SCORE);
     return 0;
 }
 
@@ -397,7 +398,7 @@ int gpuctx_score_launch(struct gpuctx *c, const struct gpu_layer *l, const struc
                         const float *lse, uint32_t S, const struct gpu_rank *rk, float *ind_dev,
                         int stats)
 {
-    if (!(__atomic_load_n(&c->g->prefill_ran, __ATOMIC_ACQUIRE) & (lse ? RAN_SCORE_LSE : RAN_SCORE)))
+    if (!has_run(c->g, lse ? RAN_SCORE_LSE : RAN_SCORE))
         return -EAGAIN; /* the first of its kind (the kernels' loading) on a worker */
     cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
     c->no_grow = 1;
@@ -649,7 +650,7 @@ int gpuctx_select_compact_many(struct gpuctx *c, const struct gpu_select *jobs, 
     if ((rc = finish(c, rc)))
         return rc;
     compact_land(c, jobs, n);
-    __atomic_fetch_or(&c->g->prefill_ran, RAN_STAGE, __ATOMIC_RELEASE);
+    ran_set(c->g, RAN_STAGE);
     return 0;
 }
 
@@ -657,7 +658,7 @@ int gpuctx_select_compact_many_launch(struct gpuctx *c, const struct gpu_select 
 {
     if (!n)
         return -EINVAL;
-    if (!(__atomic_load_n(&c->g->prefill_ran, __ATOMIC_ACQUIRE) & RAN_STAGE))
+    if (!has_run(c->g, RAN_STAGE))
         return -EAGAIN; /* the first (the kernels' loading) on a worker */
     cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
     c->no_grow = 1;
@@ -918,7 +919,7 @@ int gpuctx_decode_evict(struct gpuctx *c, struct gpu_evict *ev, uint32_t n)
         if ((rc = finish(c, rc)))
             return rc;
         fused_land(c, ev, n);
-        __atomic_store_n(&c->g->fused_ran, 1, __ATOMIC_RELEASE);
+        ran_set(c->g, RAN_EVICT);
         return 0;
     }
     if (rc != -ENOTSUP)
@@ -954,7 +955,7 @@ int gpuctx_decode_evict_launch(struct gpuctx *c, const struct gpu_evict *ev, uin
         return -EINVAL;
     if (!n)
         return -ENOTSUP;
-    if (!__atomic_load_n(&c->g->fused_ran, __ATOMIC_ACQUIRE))
+    if (!has_run(c->g, RAN_EVICT))
         return -EAGAIN; /* the first one (the kernel's loading) on a worker */
     cudaSetDevice(c->g->device); /* the loop's thread: any GPU's sequences */
     c->no_grow = 1;

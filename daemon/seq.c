@@ -903,7 +903,7 @@ void seq_decode_evict_work(const struct seq_env *e, struct seq *s, struct seq_re
 struct seq_flight {
     uint32_t over[SEQ_MAX_LAYERS], nover;
     struct gpu_flight *g;
-    int prefill, staged;
+    int staged;
     uint32_t layer, nev;
     double t_score, t_select, t_stage; /* CAKED_TRACE: when each began */
     struct cakeseq_evict *ev;          /* [s->L] */
@@ -938,7 +938,7 @@ int seq_decode_evict_launch(const struct seq_env *e, struct seq *s, struct seq_f
 
 int seq_flight_ready(struct seq_flight *f)
 {
-    return seq_gpu_evict_ready(f->g);
+    return seq_gpu_flight_ready(f->g);
 }
 
 int seq_prefill_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
@@ -952,7 +952,7 @@ int seq_prefill_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
         flight_free(f);
         return -ENOTSUP;
     }
-    f->prefill = 1, f->layer = layer;
+    f->layer = layer;
     f->t_score = e->trace ? clock_now_s() : 0;
     int rc = seq_gpu_score_launch(e, s, layer, &f->g);
     if (rc) {

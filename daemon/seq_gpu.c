@@ -661,7 +661,7 @@ int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t 
     return 0;
 }
 
-int seq_gpu_evict_ready(struct gpu_flight *f)
+int seq_gpu_flight_ready(struct gpu_flight *f)
 {
     return gpuctx_ready(f->gc) != 0;
 }

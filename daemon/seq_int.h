@@ -138,7 +138,7 @@ int seq_gpu_positions(const struct seq_env *e, const struct seq *s, uint32_t l, 
 struct gpu_flight;
 int seq_gpu_evict_launch(const struct seq_env *e, struct seq *s, const uint32_t *over,
                          uint32_t nover, uint32_t valid, struct gpu_flight **out);
-int seq_gpu_evict_ready(struct gpu_flight *f);
+int seq_gpu_flight_ready(struct gpu_flight *f);
 int seq_gpu_evict_land(const struct seq_env *e, struct seq *s, const uint32_t *over,
                        uint32_t nover, struct gpu_flight *f, uint32_t *evicted);
 /* seq_gpu.c: a prefill observe's GPU work for the loop (seq.h's seq_prefill_launch), on
@@ -148,7 +148,7 @@ int seq_gpu_evict_land(const struct seq_env *e, struct seq *s, const uint32_t *o
  * flight unless 0), its land (the statistics into r->ent, r->var), the stage of ev[n] on
  * the same context (-EAGAIN / -ENOMEM: a worker's; another error: launched, failed, waited
  * for), its land (the layers' counts as gpu_compact leaves them, into r), and the end (the
- * context back; f freed; NULL: nothing). seq_gpu_evict_ready polls either launch. */
+ * context back; f freed; NULL: nothing). seq_gpu_flight_ready polls either launch. */
 int seq_gpu_score_launch(const struct seq_env *e, struct seq *s, uint32_t layer,
                          struct gpu_flight **out);
 int seq_gpu_score_land(const struct seq_env *e, struct seq *s, uint32_t layer,
